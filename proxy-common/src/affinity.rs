@@ -1,0 +1,32 @@
+//! ClientIP session affinity entries.
+
+use crate::pod;
+
+/// Key of `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    /// `ServiceValue::port_id`: affinity is per Service port, across its frontends.
+    pub port_id: u32,
+    /// `CLIENT_*`: how `client` identifies the client.
+    pub client_kind: u32,
+    /// `CLIENT_NETNS`: the network namespace cookie in the first 8 bytes (native order); at
+    /// the socket layer a pod is its network namespace, which stands for its IP.
+    /// `CLIENT_ADDR`: the source address, network byte order (IPv4 in the first 4 bytes).
+    pub client: [u8; 16],
+}
+
+pub const CLIENT_NETNS: u32 = 1;
+pub const CLIENT_ADDR: u32 = 2;
+
+/// Value of `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at the last new connection through this entry (semantics 6.5).
+    pub last_used_ns: u64,
+}
+
+pod!(AffinityKey, AffinityValue);

@@ -1,0 +1,39 @@
+//! Backends (endpoint address, port and protocol) by id.
+
+use crate::pod;
+
+/// Value of `LB_BACKENDS`, keyed by a `u32` backend id that stays stable while the backend
+/// exists, so affinity entries stay valid across syncs and restarts.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    /// Address in network byte order; an IPv4 backend uses the first 4 bytes, the rest are 0.
+    pub addr: [u8; 16],
+    /// Backend port, host byte order.
+    pub port: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// `BACKEND_*` bits, informational for inspection (eligibility is decided in userspace).
+    pub flags: u8,
+    pub _pad: u8,
+    /// Relative weight (1 for Kubernetes endpoints); the number of slots a backend holds.
+    pub weight: u16,
+}
+
+/// The endpoint is on this node.
+pub const BACKEND_LOCAL: u8 = 1 << 0;
+/// The endpoint is terminating (used only as a fallback, semantics 3.3).
+pub const BACKEND_TERMINATING: u8 = 1 << 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+impl BackendValue {
+    pub fn addr4(&self) -> [u8; 4] {
+        [self.addr[0], self.addr[1], self.addr[2], self.addr[3]]
+    }
+}
+
+pod!(BackendValue);

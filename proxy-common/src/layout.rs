@@ -1,0 +1,23 @@
+//! Compile-time checks that every shared type has the size both sides expect and no implicit
+//! padding (a padding byte would make equal keys hash differently).
+
+use core::mem::size_of;
+
+use crate::{affinity::*, backend::*, revnat::*, service::*};
+
+const _: () = {
+    assert!(size_of::<Service4Key>() == 8);
+    assert!(size_of::<Service6Key>() == 20);
+    assert!(size_of::<ServiceValue>() == 20);
+    assert!(size_of::<SlotKey>() == 8);
+    assert!(size_of::<SlotValue>() == 4);
+    assert!(size_of::<MemberKey>() == 8);
+    assert!(size_of::<MemberValue>() == 4);
+    assert!(size_of::<BackendValue>() == 24);
+    assert!(size_of::<AffinityKey>() == 24);
+    assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<SockRevNat4Key>() == 16);
+    assert!(size_of::<SockRevNat4Value>() == 12);
+    assert!(size_of::<SockRevNat6Key>() == 32);
+    assert!(size_of::<SockRevNat6Value>() == 24);
+};

@@ -1,0 +1,41 @@
+//! Map names (equal to their pin names; at most 15 bytes, the kernel's limit) and default sizes.
+
+/// Frontends of IPv4 Services: `Service4Key` → `ServiceValue`.
+pub const LB4_SERVICES: &str = "LB4_SERVICES";
+/// Frontends of IPv6 Services: `Service6Key` → `ServiceValue`.
+pub const LB6_SERVICES: &str = "LB6_SERVICES";
+/// Backend slots of every frontend: `SlotKey` → `SlotValue`.
+pub const LB_SLOTS: &str = "LB_SLOTS";
+/// Which backends belong to a frontend: `MemberKey` → `MemberValue`.
+pub const LB_MEMBERS: &str = "LB_MEMBERS";
+/// Backends by id: `u32` → `BackendValue`.
+pub const LB_BACKENDS: &str = "LB_BACKENDS";
+/// ClientIP session affinity: `AffinityKey` → `AffinityValue` (LRU).
+pub const LB_AFFINITY: &str = "LB_AFFINITY";
+/// Reverse translation for IPv4 sockets: `SockRevNat4Key` → `SockRevNat4Value` (LRU).
+pub const SOCK4_REVNAT: &str = "SOCK4_REVNAT";
+/// Reverse translation for IPv6 sockets: `SockRevNat6Key` → `SockRevNat6Value` (LRU).
+pub const SOCK6_REVNAT: &str = "SOCK6_REVNAT";
+/// Per-CPU counters indexed by `reason::Reason`.
+pub const LB_STATS: &str = "LB_STATS";
+
+/// Every map the agent pins, in the order `cleanup` and `status` list them.
+pub const ALL: [&str; 9] = [
+    LB4_SERVICES,
+    LB6_SERVICES,
+    LB_SLOTS,
+    LB_MEMBERS,
+    LB_BACKENDS,
+    LB_AFFINITY,
+    SOCK4_REVNAT,
+    SOCK6_REVNAT,
+    LB_STATS,
+];
+
+/// Default capacities (entries). The agent can override them at load time.
+pub const SERVICES_MAX: usize = 65_536;
+pub const SLOTS_MAX: usize = 1_048_576;
+pub const MEMBERS_MAX: usize = 1_048_576;
+pub const BACKENDS_MAX: usize = 262_144;
+pub const AFFINITY_MAX: usize = 262_144;
+pub const SOCK_REVNAT_MAX: usize = 262_144;

@@ -1,0 +1,121 @@
+//! Service frontends and their backend slots.
+//!
+//! A frontend is one (address, port, protocol) a client can reach. Its `ServiceValue` names the
+//! generation of slots currently in use (`rev & 1`) and how many there are. Userspace never edits
+//! the live generation: it writes the other one, flips `rev`/`count` in one map update, then
+//! deletes the old slots, so a connecting socket never sees a half-written backend set.
+
+use crate::pod;
+
+/// Key of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Service4Key {
+    /// Frontend address, network byte order.
+    pub addr: [u8; 4],
+    /// Frontend port, host byte order.
+    pub port: u16,
+    /// IANA protocol number (`proto::TCP`, `UDP`, `SCTP`).
+    pub proto: u8,
+    /// `SCOPE_*`: which traffic class this entry serves.
+    pub scope: u8,
+}
+
+/// Key of `LB6_SERVICES`; fields as in `Service4Key`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Service6Key {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub scope: u8,
+}
+
+/// Traffic from this node (pods and host processes) at the socket hooks.
+pub const SCOPE_INTERNAL: u8 = 0;
+
+/// Value of `LB4_SERVICES` and `LB6_SERVICES`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Frontend id: keys this frontend's slots and members. Stable across agent restarts.
+    pub id: u32,
+    /// Service-port id (namespace/name/port/protocol/family): the scope of session affinity,
+    /// shared by every frontend of that Service port (semantics 6.2).
+    pub port_id: u32,
+    /// Revision, bumped on every change of the backend set; slots are read at generation
+    /// `rev & 1`.
+    pub rev: u32,
+    /// ClientIP affinity timeout in seconds; meaningful with `FLAG_AFFINITY`.
+    pub affinity_timeout_secs: u32,
+    /// Number of slots in the live generation; 0 means no usable backend.
+    pub count: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
+}
+
+/// Session affinity ClientIP is on.
+pub const FLAG_AFFINITY: u16 = 1 << 0;
+/// With no slots: the Service has endpoints but none this traffic class may use
+/// (internalTrafficPolicy Local without local endpoints): drop instead of reject (semantics 3.8).
+pub const FLAG_NO_LOCAL: u16 = 1 << 1;
+
+impl ServiceValue {
+    pub const fn has_affinity(&self) -> bool {
+        self.flags & FLAG_AFFINITY != 0
+    }
+    pub const fn is_no_local(&self) -> bool {
+        self.flags & FLAG_NO_LOCAL != 0
+    }
+    /// The slot generation in use.
+    pub const fn generation(&self) -> u16 {
+        (self.rev & 1) as u16
+    }
+}
+
+/// Key of `LB_SLOTS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SlotKey {
+    /// `ServiceValue::id`.
+    pub svc_id: u32,
+    /// 0 or 1; see `ServiceValue::rev`.
+    pub generation: u16,
+    /// 0 .. `ServiceValue::count`. A backend with weight w holds w slots.
+    pub slot: u16,
+}
+
+/// Value of `LB_SLOTS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SlotValue {
+    /// Key of `LB_BACKENDS`.
+    pub backend_id: u32,
+}
+
+/// Key of `LB_MEMBERS`: lets the datapath check that a remembered backend (session affinity)
+/// is still one this frontend may use (semantics 6.6).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberKey {
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
+/// Value of `LB_MEMBERS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MemberValue {
+    /// Slots this backend holds in the frontend (its weight).
+    pub slots: u32,
+}
+
+pod!(
+    Service4Key,
+    Service6Key,
+    ServiceValue,
+    SlotKey,
+    SlotValue,
+    MemberKey,
+    MemberValue
+);

@@ -1,0 +1,74 @@
+//! Entry points only: each program is named after its hook and returns what the inner
+//! function decided.
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+mod sock;
+mod stats;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// connect() of TCP, UDP and SCTP sockets to an IPv4 address. Returns 1 (proceed) unless the
+/// Service has no usable backend, then 0 with ECONNREFUSED (or EPERM for a policy drop).
+#[cgroup_sock_addr(connect4)]
+pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
+    sock::verdict(sock::fwd4(&ctx))
+}
+
+/// sendmsg()/sendto() with a destination on unconnected UDP sockets, IPv4. Verdicts as connect4.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::verdict(sock::fwd4(&ctx))
+}
+
+/// recvmsg()/recvfrom() on UDP, IPv4: the source shown is the Service address. Always 1.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::rev4(&ctx);
+    1
+}
+
+/// getpeername(), IPv4: the peer shown is the Service address. Always 1.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::rev4(&ctx);
+    1
+}
+
+/// connect(), IPv6 (and IPv4-mapped IPv6). Verdicts as connect4.
+#[cgroup_sock_addr(connect6)]
+pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
+    sock::verdict(sock::fwd6(&ctx))
+}
+
+/// sendmsg(), IPv6. Verdicts as connect4.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::verdict(sock::fwd6(&ctx))
+}
+
+/// recvmsg(), IPv6. Always 1.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::rev6(&ctx);
+    1
+}
+
+/// getpeername(), IPv6. Always 1.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::rev6(&ctx);
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

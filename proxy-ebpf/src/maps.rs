@@ -1,0 +1,60 @@
+//! Every map of the datapath. Keys and values are defined in proxy-common; userspace writes the
+//! LB_* maps, the programs write affinity and reverse-translation entries and counters.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::BackendValue,
+    maps::*,
+    reason::REASON_COUNT,
+    revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
+    service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
+};
+
+/// Hash maps written by userspace allocate entries on demand: they are sized for the largest
+/// cluster but usually hold far fewer entries.
+const NO_PREALLOC: usize = 1;
+
+/// Frontends, IPv4. Written by the agent; read at connect4/sendmsg4.
+#[btf_map]
+pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue, SERVICES_MAX, NO_PREALLOC> =
+    HashMap::new();
+
+/// Frontends, IPv6. Written by the agent; read at connect6/sendmsg6.
+#[btf_map]
+pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue, SERVICES_MAX, NO_PREALLOC> =
+    HashMap::new();
+
+/// Backend slots of both generations of every frontend. Written by the agent.
+#[btf_map]
+pub static LB_SLOTS: HashMap<SlotKey, SlotValue, SLOTS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// (frontend, backend) pairs that are currently valid, for checking affinity entries.
+#[btf_map]
+pub static LB_MEMBERS: HashMap<MemberKey, MemberValue, MEMBERS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// Backends by id. Written by the agent.
+#[btf_map]
+pub static LB_BACKENDS: HashMap<u32, BackendValue, BACKENDS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// Session affinity, written by the programs on each new connection of an affinity Service.
+/// LRU: an entry past its timeout is dead anyway, so evicting the oldest is always safe.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, AFFINITY_MAX> = LruHashMap::new();
+
+/// Reverse translation for IPv4 sockets. LRU: entries of closed sockets age out.
+#[btf_map]
+pub static SOCK4_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value, SOCK_REVNAT_MAX> =
+    LruHashMap::new();
+
+/// Reverse translation for IPv6 sockets. LRU as above.
+#[btf_map]
+pub static SOCK6_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6Value, SOCK_REVNAT_MAX> =
+    LruHashMap::new();
+
+/// Counters per `Reason`, per CPU.
+#[btf_map]
+pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();

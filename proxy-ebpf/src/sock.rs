@@ -1,0 +1,234 @@
+//! Socket-layer translation: connect/sendmsg rewrite a Service address to a backend once per
+//! connection (or datagram); recvmsg/getpeername show the Service address back.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    affinity::{AffinityKey, CLIENT_NETNS},
+    reason::Reason,
+    revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
+    service::{SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue},
+};
+
+use crate::{
+    lb::{self, Choice},
+    maps::{LB4_SERVICES, LB6_SERVICES, SOCK4_REVNAT, SOCK6_REVNAT},
+    stats,
+};
+
+const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
+
+/// Turns the outcome of a forward translation into the program's return value, in one place.
+///
+/// Only the Service's own rules fail the syscall: no backends rejects with ECONNREFUSED
+/// (kube-proxy's REJECT, semantics 3.7), a policy drop fails with EPERM (semantics 3.8: the
+/// socket layer cannot silently lose a connect, so it fails fast instead of hanging). Every other
+/// reason leaves the socket as the application wrote it.
+#[inline(always)]
+pub fn verdict(outcome: Result<Reason, Reason>) -> i32 {
+    let reason = match outcome {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count(reason);
+    let errno = match reason {
+        Reason::NoBackends => ECONNREFUSED,
+        Reason::NoLocalBackends => EPERM,
+        _ => return 1,
+    };
+    // SAFETY: plain helper call; the kernel turns retval into the syscall's error.
+    unsafe { bpf_set_retval(-errno) };
+    0
+}
+
+#[inline(always)]
+fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let mut client = [0u8; 16];
+    let bytes = cookie.to_ne_bytes();
+    let mut i = 0;
+    while i < 8 {
+        client[i] = bytes[i];
+        i += 1;
+    }
+    AffinityKey {
+        port_id,
+        client_kind: CLIENT_NETNS,
+        client,
+    }
+}
+
+/// The port field of `bpf_sock_addr` holds the port in network order in its low 16 bits.
+#[inline(always)]
+fn port_from_ctx(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn port_to_ctx(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+/// Forward translation, IPv4. Ok(reason) when the socket was translated or is not ours.
+#[inline(always)]
+pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = Service4Key {
+        addr: sa.user_ip4.to_ne_bytes(),
+        port: port_from_ctx(sa.user_port),
+        proto: sa.protocol as u8,
+        scope: SCOPE_INTERNAL,
+    };
+    let Some(svc) = (unsafe { LB4_SERVICES.get(&key) }) else {
+        return Ok(Reason::NotService);
+    };
+    let svc: ServiceValue = *svc;
+    let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    let backend_addr = backend.addr4();
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key = SockRevNat4Key {
+        cookie,
+        addr: backend_addr,
+        port: backend.port,
+        _pad: 0,
+    };
+    let rev_value = SockRevNat4Value {
+        addr: key.addr,
+        port: key.port,
+        _pad: 0,
+        svc_id: svc.id,
+    };
+    // Without a reverse entry the application would see the backend's address in replies;
+    // better to leave this socket untranslated than half translated.
+    SOCK4_REVNAT
+        .insert(&rev_key, &rev_value, 0)
+        .map_err(|_| Reason::RevNatFailed)?;
+    sa.user_ip4 = u32::from_ne_bytes(backend_addr);
+    sa.user_port = port_to_ctx(backend.port);
+    Ok(reason)
+}
+
+/// Reverse translation, IPv4: backend address → Service address, if this socket was translated.
+#[inline(always)]
+pub fn rev4(ctx: &SockAddrContext) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = SockRevNat4Key {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: sa.user_ip4.to_ne_bytes(),
+        port: port_from_ctx(sa.user_port),
+        _pad: 0,
+    };
+    if let Some(frontend) = unsafe { SOCK4_REVNAT.get(&key) } {
+        sa.user_ip4 = u32::from_ne_bytes(frontend.addr);
+        sa.user_port = port_to_ctx(frontend.port);
+        stats::count(Reason::RevTranslated);
+    }
+}
+
+#[inline(always)]
+fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn ip6_words(bytes: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] = u32::from_ne_bytes([
+            bytes[i * 4],
+            bytes[i * 4 + 1],
+            bytes[i * 4 + 2],
+            bytes[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    out
+}
+
+/// Forward translation, IPv6. Verdicts as `fwd4`.
+#[inline(always)]
+pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // The context's user_ip6 must be read one 32-bit word at a time.
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let key = Service6Key {
+        addr: ip6_bytes(&words),
+        port: port_from_ctx(sa.user_port),
+        proto: sa.protocol as u8,
+        scope: SCOPE_INTERNAL,
+    };
+    let Some(svc) = (unsafe { LB6_SERVICES.get(&key) }) else {
+        return Ok(Reason::NotService);
+    };
+    let svc: ServiceValue = *svc;
+    let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key = SockRevNat6Key {
+        cookie,
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let rev_value = SockRevNat6Value {
+        addr: key.addr,
+        port: key.port,
+        _pad: 0,
+        svc_id: svc.id,
+    };
+    SOCK6_REVNAT
+        .insert(&rev_key, &rev_value, 0)
+        .map_err(|_| Reason::RevNatFailed)?;
+    let w = ip6_words(&backend.addr);
+    sa.user_ip6[0] = w[0];
+    sa.user_ip6[1] = w[1];
+    sa.user_ip6[2] = w[2];
+    sa.user_ip6[3] = w[3];
+    sa.user_port = port_to_ctx(backend.port);
+    Ok(reason)
+}
+
+/// Reverse translation, IPv6.
+#[inline(always)]
+pub fn rev6(ctx: &SockAddrContext) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let key = SockRevNat6Key {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: ip6_bytes(&words),
+        port: port_from_ctx(sa.user_port),
+        _pad: [0; 6],
+    };
+    if let Some(frontend) = unsafe { SOCK6_REVNAT.get(&key) } {
+        let w = ip6_words(&frontend.addr);
+        sa.user_ip6[0] = w[0];
+        sa.user_ip6[1] = w[1];
+        sa.user_ip6[2] = w[2];
+        sa.user_ip6[3] = w[3];
+        sa.user_port = port_to_ctx(frontend.port);
+        stats::count(Reason::RevTranslated);
+    }
+}

@@ -1,0 +1,187 @@
+//! EndpointSlices → the merged, de-duplicated endpoint list of each Service port
+//! (semantics 1.7, 1.8, 2.2–2.8).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{Family, PortName, Problem, Proto};
+
+/// One endpoint of one Service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// `nodeName`, if set.
+    pub node_name: Option<String>,
+    /// Set by `categorize` callers through `SliceIndex`: nodeName equals this node's name.
+    pub local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// `hints.forZones[].name`; `None` when the endpoint has no zone hint.
+    pub zone_hints: Option<Vec<String>>,
+    /// `hints.forNodes[].name`; `None` when the endpoint has no node hint.
+    pub node_hints: Option<Vec<String>>,
+}
+
+impl Endpoint {
+    /// kube-proxy keys and sorts endpoints by this string (semantics 2.5).
+    fn sort_key(&self) -> String {
+        match self.addr {
+            IpAddr::V4(a) => format!("{a}:{}", self.port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
+        }
+    }
+}
+
+/// The slices of each Service, by (namespace, service name).
+pub struct SliceIndex<'a> {
+    by_service: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
+    node_name: String,
+}
+
+impl<'a> SliceIndex<'a> {
+    pub fn build(
+        slices: &'a [EndpointSlice],
+        node_name: &str,
+        problems: &mut Vec<Problem>,
+    ) -> Self {
+        let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+        // Merging is order-sensitive for duplicates (semantics 2.6): use a stable order.
+        sorted.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        for slice in sorted {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .filter(|s| !s.is_empty());
+            let (Some(service), Some(namespace), Some(_)) = (
+                service,
+                slice.metadata.namespace.as_ref(),
+                slice.metadata.name.as_ref(),
+            ) else {
+                problems.push(Problem {
+                    object: format!(
+                        "EndpointSlice {}/{}",
+                        slice.metadata.namespace.as_deref().unwrap_or(""),
+                        slice.metadata.name.as_deref().unwrap_or("")
+                    ),
+                    message: "no kubernetes.io/service-name label, name or namespace; ignored"
+                        .into(),
+                });
+                continue;
+            };
+            by_service
+                .entry((namespace.clone(), service.clone()))
+                .or_default()
+                .push(slice);
+        }
+        SliceIndex {
+            by_service,
+            node_name: node_name.to_lowercase(),
+        }
+    }
+
+    /// The endpoints of one Service port, merged over all its slices of that family,
+    /// de-duplicated by IP:port and sorted as kube-proxy sorts them.
+    pub fn endpoints_for(&self, port: &PortName) -> Vec<Endpoint> {
+        let key = (port.namespace.clone(), port.name.clone());
+        let Some(slices) = self.by_service.get(&key) else {
+            return Vec::new();
+        };
+        let address_type = match port.family {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        };
+        let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+        for slice in slices.iter().filter(|s| s.address_type == address_type) {
+            for slice_port in slice.ports.iter().flatten() {
+                // semantics 2.3: a nil name or a nil/zero port number is skipped.
+                let (Some(name), Some(number)) = (slice_port.name.as_ref(), slice_port.port) else {
+                    continue;
+                };
+                if *name != port.port
+                    || Proto::parse(slice_port.protocol.as_deref()) != Some(port.proto)
+                {
+                    continue;
+                }
+                let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
+                    continue;
+                };
+                for ep in slice.endpoints.iter().flatten() {
+                    let Some(endpoint) = self.endpoint(ep, number, port.family) else {
+                        continue;
+                    };
+                    let key = endpoint.sort_key();
+                    match merged.get(&key) {
+                        // semantics 2.6: keep the first unless a later copy is not terminating.
+                        Some(first) if !first.terminating || endpoint.terminating => {}
+                        _ => {
+                            merged.insert(key, endpoint);
+                        }
+                    }
+                }
+            }
+        }
+        merged.into_values().collect()
+    }
+
+    fn endpoint(
+        &self,
+        ep: &k8s_openapi::api::discovery::v1::Endpoint,
+        port: u16,
+        family: Family,
+    ) -> Option<Endpoint> {
+        // semantics 2.7: only addresses[0]; parsed leniently (leading zeros) and re-printed.
+        let raw = ep.addresses.first()?;
+        let addr = parse_lenient(raw).filter(|a| Family::of(a) == family)?;
+        let conditions = ep.conditions.as_ref();
+        let node_name = ep.node_name.clone().filter(|n| !n.is_empty());
+        let local = !self.node_name.is_empty() && node_name.as_deref() == Some(&self.node_name);
+        let hints = ep.hints.as_ref();
+        Some(Endpoint {
+            addr,
+            port,
+            local,
+            node_name,
+            // semantics 3.1
+            ready: conditions.and_then(|c| c.ready) != Some(false),
+            serving: conditions.and_then(|c| c.serving) != Some(false),
+            terminating: conditions.and_then(|c| c.terminating) == Some(true),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .filter(|z| !z.is_empty())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .filter(|n| !n.is_empty())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+        })
+    }
+}
+
+/// Parses an IP address, accepting IPv4 octets with leading zeros ("010.0.0.1" is 10.0.0.1).
+pub fn parse_lenient(raw: &str) -> Option<IpAddr> {
+    let raw = raw.trim();
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let octets: Vec<&str> = raw.split('.').collect();
+    if octets.len() != 4 {
+        return None;
+    }
+    let mut out = [0u8; 4];
+    for (o, s) in out.iter_mut().zip(octets) {
+        if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = s.parse().ok()?;
+    }
+    Some(IpAddr::from(out))
+}

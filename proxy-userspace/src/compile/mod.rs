@@ -1,0 +1,517 @@
+//! PURE: Kubernetes objects → the frontends and backends the datapath must hold, following
+//! kube-proxy's rules (../shared/kube-proxy-semantics.md). No I/O, no clock.
+
+mod eligibility;
+mod endpoints;
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::api::core::v1::Service;
+
+pub use self::eligibility::{Categorized, categorize};
+pub use self::endpoints::Endpoint;
+use crate::snapshot::Snapshot;
+
+/// Layer-4 protocol of a Service port.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    /// Parses a Kubernetes protocol name; absent means TCP (the API default).
+    pub fn parse(s: Option<&str>) -> Option<Proto> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Proto::Tcp),
+            "UDP" => Some(Proto::Udp),
+            "SCTP" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proxy_common::proto::TCP,
+            Proto::Udp => proxy_common::proto::UDP,
+            Proto::Sctp => proxy_common::proto::SCTP,
+        }
+    }
+    pub fn from_number(n: u8) -> Option<Proto> {
+        [Proto::Tcp, Proto::Udp, Proto::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+            Proto::Sctp => "SCTP",
+        }
+    }
+}
+
+/// IP family of a proxier (semantics 1.4, 10.3).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Family {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+    fn api_name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// A Service port in one family: kube-proxy's ServicePortName plus the family.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortName {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name, "" when unnamed.
+    pub port: String,
+    pub proto: Proto,
+    pub family: Family,
+}
+
+impl fmt::Display for PortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.proto.as_str())?;
+        if self.family == Family::V6 {
+            write!(f, "/v6")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a frontend comes from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// One address:port/protocol clients reach a Service port at.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendAddr {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl fmt::Display for FrontendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto.as_str()),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto.as_str()),
+        }
+    }
+}
+
+/// A backend as the datapath sees it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub local: bool,
+    pub terminating: bool,
+    /// Relative weight; Kubernetes endpoints all have 1.
+    pub weight: u16,
+}
+
+/// What one frontend must do at the socket layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub port: PortName,
+    pub kind: FrontendKind,
+    /// The backends new connections may go to; empty means reject or drop.
+    pub backends: Vec<Backend>,
+    /// `Some(timeout)` with sessionAffinity ClientIP.
+    pub affinity_secs: Option<u32>,
+    /// Empty because of internalTrafficPolicy Local although endpoints exist elsewhere:
+    /// drop, not reject (semantics 3.8).
+    pub no_local: bool,
+}
+
+/// Everything known about one Service port in one family, for every traffic class; the
+/// socket-layer frontends are derived from it, the packet paths will use the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: PortName,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    pub lb_ips: Vec<IpAddr>,
+    pub source_ranges: Vec<String>,
+    pub health_check_node_port: Option<u16>,
+    pub itp_local: bool,
+    pub etp_local: bool,
+    pub affinity_secs: Option<u32>,
+    pub endpoints: Categorized,
+}
+
+/// An object (or part of one) that was not programmed, and why. Logged and counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}
+
+/// The result of compiling a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendAddr, FrontendState>,
+    pub ports: BTreeMap<PortName, ServicePort>,
+    pub problems: Vec<Problem>,
+}
+
+/// Default ClientIP affinity timeout (semantics 6.1).
+pub const DEFAULT_AFFINITY_SECS: u32 = 10_800;
+
+/// Compiles a snapshot into the desired datapath state.
+pub fn compile(snapshot: &Snapshot) -> Desired {
+    let mut desired = Desired::default();
+    let index =
+        endpoints::SliceIndex::build(&snapshot.slices, &snapshot.node.name, &mut desired.problems);
+    let mut services: Vec<&Service> = snapshot.services.iter().collect();
+    // Deterministic order: when two Services claim one frontend, the first by name wins.
+    services.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for svc in services {
+        compile_service(svc, &index, snapshot, &mut desired);
+    }
+    desired
+}
+
+fn object_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    format!(
+        "{kind} {}/{}",
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Why a Service is not proxied at all, if it is not (semantics 1.1, 1.3).
+fn skip_reason(svc: &Service) -> Option<&'static str> {
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key("service.kubernetes.io/service-proxy-name")) {
+        return Some("labelled service.kubernetes.io/service-proxy-name");
+    }
+    if labels.is_some_and(|l| l.contains_key("service.kubernetes.io/headless")) {
+        return Some("labelled service.kubernetes.io/headless");
+    }
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Some("type ExternalName");
+    }
+    match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => Some("headless (no cluster IP)"),
+        Some(_) => None,
+    }
+}
+
+/// The cluster IP of `family`, if the Service has one (semantics 1.4).
+fn cluster_ip_of(svc: &Service, family: Family, problems: &mut Vec<Problem>) -> Option<IpAddr> {
+    let spec = svc.spec.as_ref()?;
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let raw = if families.is_empty() {
+        spec.cluster_ip.clone()
+    } else {
+        let idx = families.iter().position(|f| f == family.api_name())?;
+        spec.cluster_ips
+            .as_ref()
+            .and_then(|ips| ips.get(idx).cloned())
+            .or_else(|| (idx == 0).then(|| spec.cluster_ip.clone()).flatten())
+    }?;
+    match raw.parse::<IpAddr>() {
+        Ok(ip) if Family::of(&ip) == family => Some(ip),
+        Ok(_) => None,
+        Err(_) => {
+            problems.push(Problem {
+                object: object_name("Service", &svc.metadata),
+                message: format!("cluster IP {raw:?} is not an IP address"),
+            });
+            None
+        }
+    }
+}
+
+/// Parses a list of addresses, keeping those of `family`; unparsable ones are problems
+/// (semantics 7.6, 12.8).
+fn ips_of_family<'a>(
+    raw: impl Iterator<Item = &'a str>,
+    family: Family,
+    what: &str,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for s in raw {
+        match s.trim().parse::<IpAddr>() {
+            Ok(ip) if Family::of(&ip) == family => {
+                if !out.contains(&ip) {
+                    out.push(ip)
+                }
+            }
+            Ok(_) => {}
+            Err(_) => problems.push(Problem {
+                object: object.to_string(),
+                message: format!("{what} {s:?} is not an IP address; ignored"),
+            }),
+        }
+    }
+    out
+}
+
+fn compile_service(
+    svc: &Service,
+    index: &endpoints::SliceIndex,
+    snapshot: &Snapshot,
+    desired: &mut Desired,
+) {
+    let object = object_name("Service", &svc.metadata);
+    if skip_reason(svc).is_some() {
+        return;
+    }
+    let (Some(spec), Some(namespace), Some(name)) = (
+        svc.spec.as_ref(),
+        svc.metadata.namespace.as_deref(),
+        svc.metadata.name.as_deref(),
+    ) else {
+        desired.problems.push(Problem {
+            object,
+            message: "no spec, namespace or name".into(),
+        });
+        return;
+    };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let affinity_secs = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .filter(|t| *t > 0 && *t <= 86_400)
+            .map_or(DEFAULT_AFFINITY_SECS, |t| t as u32)
+    });
+    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let has_external_ips = spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
+    // semantics 4.2
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
+        && (matches!(svc_type, "LoadBalancer" | "NodePort") || has_external_ips);
+    let health_check_node_port = (svc_type == "LoadBalancer" && etp_local)
+        .then_some(spec.health_check_node_port)
+        .flatten()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+
+    for family in [Family::V4, Family::V6] {
+        let Some(cluster_ip) = cluster_ip_of(svc, family, &mut desired.problems) else {
+            continue;
+        };
+        let external_ips = ips_of_family(
+            spec.external_ips.iter().flatten().map(String::as_str),
+            family,
+            "externalIP",
+            &object,
+            &mut desired.problems,
+        );
+        // semantics 7.7: status IPs only, hostname-only entries ignored, ipMode Proxy skipped.
+        let lb_ips = ips_of_family(
+            svc.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_deref()),
+            family,
+            "load balancer IP",
+            &object,
+            &mut desired.problems,
+        );
+        let source_ranges = spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .map(|r| r.trim().to_string())
+            .filter(|r| range_of_family(r, family))
+            .collect::<Vec<_>>();
+        let mut seen_ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = Proto::parse(port.protocol.as_deref()) else {
+                desired.problems.push(Problem {
+                    object: object.clone(),
+                    message: format!(
+                        "port {:?}: unknown protocol {:?}; port ignored",
+                        port.name.as_deref().unwrap_or(""),
+                        port.protocol.as_deref().unwrap_or("")
+                    ),
+                });
+                continue;
+            };
+            let Ok(number) = u16::try_from(port.port)
+                .map_err(|_| ())
+                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+            else {
+                desired.problems.push(Problem {
+                    object: object.clone(),
+                    message: format!("port {} is not in 1-65535; port ignored", port.port),
+                });
+                continue;
+            };
+            let port_name = port.name.clone().unwrap_or_default();
+            if seen_ports.contains(&(port_name.clone(), proto)) {
+                desired.problems.push(Problem {
+                    object: object.clone(),
+                    message: format!(
+                        "duplicate port name {port_name:?}/{}; later one ignored",
+                        proto.as_str()
+                    ),
+                });
+                continue;
+            }
+            seen_ports.push((port_name.clone(), proto));
+            let name = PortName {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                port: port_name,
+                proto,
+                family,
+            };
+            let node_port = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0);
+            let externally_accessible =
+                node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
+            let endpoints = index.endpoints_for(&name);
+            let categorized = categorize(
+                &endpoints,
+                &snapshot.node,
+                !itp_local || externally_accessible,
+                itp_local || (etp_local && externally_accessible),
+            );
+            let service_port = ServicePort {
+                name: name.clone(),
+                cluster_ip,
+                port: number,
+                node_port,
+                external_ips: external_ips.clone(),
+                lb_ips: lb_ips.clone(),
+                source_ranges: source_ranges.clone(),
+                health_check_node_port,
+                itp_local,
+                etp_local,
+                affinity_secs,
+                endpoints: categorized,
+            };
+            add_frontends(&service_port, &object, desired);
+            desired.ports.insert(name, service_port);
+        }
+    }
+}
+
+fn range_of_family(range: &str, family: Family) -> bool {
+    let addr = range.split('/').next().unwrap_or("");
+    addr.parse::<IpAddr>()
+        .is_ok_and(|ip| Family::of(&ip) == family)
+}
+
+fn to_backends(endpoints: &[Endpoint], proto: Proto) -> Vec<Backend> {
+    endpoints
+        .iter()
+        .map(|e| Backend {
+            addr: e.addr,
+            port: e.port,
+            proto,
+            local: e.local,
+            terminating: e.terminating,
+            weight: 1,
+        })
+        .collect()
+}
+
+/// The socket-layer frontends of one Service port: its ClusterIP uses the internal set
+/// (semantics 4.6); externalIPs and load balancer IPs reached from this node use the cluster
+/// set (semantics 4.7 a/b: pods and the host are short-circuited to it).
+fn add_frontends(sp: &ServicePort, object: &str, desired: &mut Desired) {
+    let proto = sp.name.proto;
+    let internal = if sp.itp_local {
+        &sp.endpoints.local
+    } else {
+        &sp.endpoints.cluster
+    };
+    let mut add = |addr: IpAddr, kind: FrontendKind, backends: &[Endpoint], no_local: bool| {
+        let key = FrontendAddr {
+            addr,
+            port: sp.port,
+            proto,
+        };
+        if let Some(existing) = desired.frontends.get(&key) {
+            desired.problems.push(Problem {
+                object: object.to_string(),
+                message: format!("{key} is already used by {}; not programmed", existing.port),
+            });
+            return;
+        }
+        desired.frontends.insert(
+            key,
+            FrontendState {
+                port: sp.name.clone(),
+                kind,
+                backends: to_backends(backends, proto),
+                affinity_secs: sp.affinity_secs,
+                no_local,
+            },
+        );
+    };
+    add(
+        sp.cluster_ip,
+        FrontendKind::ClusterIp,
+        internal,
+        sp.itp_local && internal.is_empty() && sp.endpoints.has_any,
+    );
+    for ip in &sp.external_ips {
+        add(*ip, FrontendKind::ExternalIp, &sp.endpoints.cluster, false);
+    }
+    for ip in &sp.lb_ips {
+        add(
+            *ip,
+            FrontendKind::LoadBalancer,
+            &sp.endpoints.cluster,
+            false,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

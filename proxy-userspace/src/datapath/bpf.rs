@@ -1,0 +1,283 @@
+//! The only module that touches the kernel: loads the embedded BPF object, pins its maps, attaches
+//! the socket hooks to a cgroup, and reads and writes the maps.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use proxy_common::{
+    backend::BackendValue,
+    maps as names,
+    reason::{REASON_COUNT, Reason},
+    service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
+};
+
+use super::MapIo;
+use crate::plan::{MapState, Op, ServiceKey};
+
+/// The BPF object built by build.rs (aya-build), embedded so the binary is self-contained.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
+
+/// The socket-hook programs, by their function names in proxy-ebpf.
+pub const SOCK_PROGRAMS: [&str; 8] = [
+    "sock4_connect",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock4_getpeername",
+    "sock6_connect",
+    "sock6_sendmsg",
+    "sock6_recvmsg",
+    "sock6_getpeername",
+];
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kube-bpf-proxy";
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Loaded programs (attached while this lives) and handles on the pinned maps.
+pub struct Datapath {
+    /// Keeps the programs and their links alive: dropping it detaches the hooks.
+    _ebpf: Ebpf,
+    services4: HashMap<MapData, Service4Key, ServiceValue>,
+    services6: HashMap<MapData, Service6Key, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
+    members: HashMap<MapData, MemberKey, MemberValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    stats: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure `pin_dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is there.
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&probe) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(default) && !is_bpffs(default) {
+        log::info!("mounting bpffs at {}", default.display());
+        fs::create_dir_all(default).ok();
+        let src = c"bpf";
+        let target = c"/sys/fs/bpf";
+        // SAFETY: static C strings.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mount bpffs at /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or pass --bpffs",
+        pin_dir.display()
+    )
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> anyhow::Result<HashMap<MapData, K, V>> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))?;
+    HashMap::try_from(map).with_context(|| format!("map {name}: unexpected type or layout"))
+}
+
+impl Datapath {
+    /// Loads the programs, creates or reuses the pinned maps under `pin_dir`, and attaches the
+    /// socket hooks to the cgroup v2 directory `cgroup`.
+    pub fn load(pin_dir: &Path, cgroup: &Path) -> anyhow::Result<Self> {
+        raise_memlock();
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("create pin directory {}", pin_dir.display()))?;
+        let mut loader = EbpfLoader::new();
+        for name in names::ALL {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
+        let cgroup_dir =
+            File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+            program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+        }
+        let services4 = take(&mut ebpf, names::LB4_SERVICES)?;
+        let services6 = take(&mut ebpf, names::LB6_SERVICES)?;
+        let slots = take(&mut ebpf, names::LB_SLOTS)?;
+        let members = take(&mut ebpf, names::LB_MEMBERS)?;
+        let backends = take(&mut ebpf, names::LB_BACKENDS)?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map(names::LB_STATS)
+                .ok_or_else(|| anyhow!("map LB_STATS missing"))?,
+        )?;
+        log::info!(
+            "attached {} socket hooks to {}; maps pinned under {}",
+            SOCK_PROGRAMS.len(),
+            cgroup.display(),
+            pin_dir.display()
+        );
+        Ok(Datapath {
+            _ebpf: ebpf,
+            services4,
+            services6,
+            slots,
+            members,
+            backends,
+            stats,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Datapath counters summed over CPUs.
+    pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
+        let mut out = Vec::new();
+        for reason in Reason::ALL {
+            let index = reason as u32;
+            debug_assert!(index < REASON_COUNT);
+            let values = self.stats.get(&index, 0)?;
+            out.push((reason, values.iter().sum()));
+        }
+        Ok(out)
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless on newer ones.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not lift RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+fn dump_map<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    what: &str,
+) -> anyhow::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok(kv) => out.push(kv),
+            // An entry deleted while we iterate is simply gone.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e).with_context(|| format!("read map {what}")),
+        }
+    }
+    Ok(out)
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
+impl MapIo for Datapath {
+    fn dump(&self) -> anyhow::Result<MapState> {
+        let mut state = MapState::default();
+        for (k, v) in dump_map(&self.services4, names::LB4_SERVICES)? {
+            state.services.insert(ServiceKey::V4(k), v);
+        }
+        for (k, v) in dump_map(&self.services6, names::LB6_SERVICES)? {
+            state.services.insert(ServiceKey::V6(k), v);
+        }
+        state.slots.extend(dump_map(&self.slots, names::LB_SLOTS)?);
+        state
+            .members
+            .extend(dump_map(&self.members, names::LB_MEMBERS)?);
+        state
+            .backends
+            .extend(dump_map(&self.backends, names::LB_BACKENDS)?);
+        Ok(state)
+    }
+
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+        let result = match op {
+            Op::PutBackend(k, v) => self.backends.insert(k, v, 0),
+            Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
+            Op::PutMember(k, v) => self.members.insert(k, v, 0),
+            Op::PutService(ServiceKey::V4(k), v) => self.services4.insert(k, v, 0),
+            Op::PutService(ServiceKey::V6(k), v) => self.services6.insert(k, v, 0),
+            Op::DelService(ServiceKey::V4(k)) => ignore_missing(self.services4.remove(k)),
+            Op::DelService(ServiceKey::V6(k)) => ignore_missing(self.services6.remove(k)),
+            Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::DelMember(k) => ignore_missing(self.members.remove(k)),
+            Op::DelBackend(k) => ignore_missing(self.backends.remove(k)),
+        };
+        result.with_context(|| format!("map write {op:?}"))
+    }
+}
+
+/// Removes every pin the agent created under `pin_dir` (the maps disappear once no program
+/// uses them).
+pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for name in names::ALL {
+        let path = pin_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+        }
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("could not remove {}: {e}", pin_dir.display()),
+    }
+    Ok(removed)
+}

@@ -1,0 +1,24 @@
+//! The datapath behind one trait: the BPF maps in the kernel (`bpf`, the only module that
+//! touches the kernel) or an in-memory `MapState` for unprivileged tests.
+
+pub mod bpf;
+
+use crate::plan::{MapState, Op};
+
+/// Reads and writes the maps the agent owns.
+pub trait MapIo {
+    /// Reads everything back (at start-up, to adopt what an earlier agent left).
+    fn dump(&self) -> anyhow::Result<MapState>;
+    /// Performs one write. Deleting a missing key is not an error.
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
+}
+
+impl MapIo for MapState {
+    fn dump(&self) -> anyhow::Result<MapState> {
+        Ok(self.clone())
+    }
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+        MapState::apply(self, op);
+        Ok(())
+    }
+}

@@ -1,0 +1,9 @@
+//! kube-bpf-proxy's agent as a library: source → snapshot → compile (pure) → plan (pure) →
+//! datapath (the only kernel I/O).
+
+pub mod agent;
+pub mod compile;
+pub mod datapath;
+pub mod plan;
+pub mod snapshot;
+pub mod source;

@@ -1,0 +1,400 @@
+//! PURE: (desired frontends, what the maps hold) → the ordered map writes that turn one into
+//! the other without ever exposing a half-updated Service.
+//!
+//! Order: backends are added first; a changed frontend gets its new slots written in the
+//! generation it does not use, then its entry is flipped in one update, then the old slots and
+//! members are removed; removed frontends go before unused backends. Ids are reused from the
+//! maps, so an agent restart (which reads the maps back) writes only what changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use proxy_common::{
+    backend::{BACKEND_LOCAL, BACKEND_TERMINATING, BackendValue, FAMILY_V4, FAMILY_V6},
+    service::{
+        FLAG_AFFINITY, FLAG_NO_LOCAL, MemberKey, MemberValue, SCOPE_INTERNAL, Service4Key,
+        Service6Key, ServiceValue, SlotKey, SlotValue,
+    },
+};
+
+use crate::compile::{Backend, Desired, FrontendAddr, PortName, Proto};
+
+/// A frontend key of either family.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceKey {
+    V4(Service4Key),
+    V6(Service6Key),
+}
+
+impl ServiceKey {
+    pub fn of(frontend: &FrontendAddr) -> Self {
+        let (port, proto, scope) = (frontend.port, frontend.proto.number(), SCOPE_INTERNAL);
+        match frontend.addr {
+            IpAddr::V4(a) => ServiceKey::V4(Service4Key {
+                addr: a.octets(),
+                port,
+                proto,
+                scope,
+            }),
+            IpAddr::V6(a) => ServiceKey::V6(Service6Key {
+                addr: a.octets(),
+                port,
+                proto,
+                scope,
+            }),
+        }
+    }
+
+    /// The frontend this key stands for, if its protocol is one we know.
+    pub fn frontend(&self) -> Option<FrontendAddr> {
+        let (addr, port, proto) = match self {
+            ServiceKey::V4(k) => (IpAddr::from(k.addr), k.port, k.proto),
+            ServiceKey::V6(k) => (IpAddr::from(k.addr), k.port, k.proto),
+        };
+        Some(FrontendAddr {
+            addr,
+            port,
+            proto: Proto::from_number(proto)?,
+        })
+    }
+}
+
+/// The contents of the maps the agent owns, as plain collections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub slots: BTreeMap<SlotKey, SlotValue>,
+    pub members: BTreeMap<MemberKey, MemberValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend(u32, BackendValue),
+    PutSlot(SlotKey, SlotValue),
+    PutMember(MemberKey, MemberValue),
+    PutService(ServiceKey, ServiceValue),
+    DelService(ServiceKey),
+    DelSlot(SlotKey),
+    DelMember(MemberKey),
+    DelBackend(u32),
+}
+
+impl MapState {
+    /// Applies one write, as the kernel would.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend(id, v) => {
+                self.backends.insert(id, v);
+            }
+            Op::PutSlot(k, v) => {
+                self.slots.insert(k, v);
+            }
+            Op::PutMember(k, v) => {
+                self.members.insert(k, v);
+            }
+            Op::PutService(k, v) => {
+                self.services.insert(k, v);
+            }
+            Op::DelService(k) => {
+                self.services.remove(&k);
+            }
+            Op::DelSlot(k) => {
+                self.slots.remove(&k);
+            }
+            Op::DelMember(k) => {
+                self.members.remove(&k);
+            }
+            Op::DelBackend(id) => {
+                self.backends.remove(&id);
+            }
+        }
+    }
+
+    /// The backend ids of a frontend's live slots, in slot order; `None` for a slot that is
+    /// missing or names a missing backend.
+    pub fn live_slots(&self, svc: &ServiceValue) -> Vec<Option<u32>> {
+        (0..svc.count)
+            .map(|slot| {
+                let key = SlotKey {
+                    svc_id: svc.id,
+                    generation: svc.generation(),
+                    slot,
+                };
+                self.slots
+                    .get(&key)
+                    .map(|s| s.backend_id)
+                    .filter(|id| self.backends.contains_key(id))
+            })
+            .collect()
+    }
+
+    /// Every frontend's live slots exist and name existing backends: what a connecting socket
+    /// relies on at every instant.
+    pub fn consistent(&self) -> Result<(), String> {
+        for (key, svc) in &self.services {
+            if let Some(i) = self.live_slots(svc).iter().position(Option::is_none) {
+                return Err(format!("{key:?}: live slot {i} missing or dangling"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Identity of a backend in `LB_BACKENDS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct BackendIdentity {
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+}
+
+fn identity_of(v: &BackendValue) -> BackendIdentity {
+    let addr = if v.family == FAMILY_V4 {
+        IpAddr::from(v.addr4())
+    } else {
+        IpAddr::from(v.addr)
+    };
+    BackendIdentity {
+        addr,
+        port: v.port,
+        proto: v.proto,
+    }
+}
+
+fn backend_value(b: &Backend) -> BackendValue {
+    let (addr, family) = match b.addr {
+        IpAddr::V4(a) => {
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&a.octets());
+            (addr, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    };
+    let mut flags = 0;
+    if b.local {
+        flags |= BACKEND_LOCAL;
+    }
+    if b.terminating {
+        flags |= BACKEND_TERMINATING;
+    }
+    BackendValue {
+        addr,
+        port: b.port,
+        proto: b.proto.number(),
+        family,
+        flags,
+        _pad: 0,
+        weight: b.weight.max(1),
+    }
+}
+
+/// Allocates the lowest id not in `used` (ids start at 1; 0 is never used).
+fn allocate(used: &mut BTreeSet<u32>) -> u32 {
+    let mut id = 1;
+    for &u in used.iter() {
+        if u > id {
+            break;
+        }
+        if u == id {
+            id += 1;
+        }
+    }
+    used.insert(id);
+    id
+}
+
+/// Largest number of slots one frontend may have (the slot index is 16 bits).
+pub const MAX_SLOTS: usize = u16::MAX as usize;
+
+/// Computes the writes that turn `current` into `desired`.
+pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
+    let mut adds = Vec::new(); // backends
+    let mut stage = Vec::new(); // new slots and members
+    let mut flips = Vec::new(); // service entries
+    let mut removes = Vec::new(); // old slots and members, removed services
+    let mut backend_removes = Vec::new();
+
+    // Backends: reuse ids by identity.
+    let mut backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
+    let mut used_backend_ids: BTreeSet<u32> = current.backends.keys().copied().collect();
+    for (id, v) in &current.backends {
+        backend_ids.entry(identity_of(v)).or_insert(*id);
+    }
+    let mut wanted_backends: BTreeMap<u32, BackendValue> = BTreeMap::new();
+    for state in desired.frontends.values() {
+        for b in &state.backends {
+            let value = backend_value(b);
+            let identity = identity_of(&value);
+            let id = *backend_ids
+                .entry(identity)
+                .or_insert_with(|| allocate(&mut used_backend_ids));
+            // The same endpoint can be local in one set and not another: flags are the same
+            // for one node, so the first value wins.
+            wanted_backends.entry(id).or_insert(value);
+        }
+    }
+    for (id, value) in &wanted_backends {
+        if current.backends.get(id) != Some(value) {
+            adds.push(Op::PutBackend(*id, *value));
+        }
+    }
+
+    // Frontend and Service-port ids.
+    let mut used_svc_ids: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
+    let mut used_port_ids: BTreeSet<u32> = current.services.values().map(|v| v.port_id).collect();
+    let mut port_ids: BTreeMap<&PortName, u32> = BTreeMap::new();
+    for (frontend, state) in &desired.frontends {
+        if let Some(v) = current.services.get(&ServiceKey::of(frontend)) {
+            port_ids.entry(&state.port).or_insert(v.port_id);
+        }
+    }
+    // A port id may only be kept by one port: if two ports claim one (frontends moved between
+    // Services), the later one gets a fresh id.
+    let mut claimed = BTreeSet::new();
+    for id in port_ids.values_mut() {
+        if !claimed.insert(*id) {
+            *id = allocate(&mut used_port_ids);
+        }
+    }
+
+    let mut live_svc_ids = BTreeSet::new();
+    for (frontend, state) in &desired.frontends {
+        let key = ServiceKey::of(frontend);
+        let existing = current.services.get(&key);
+        let port_id = *port_ids
+            .entry(&state.port)
+            .or_insert_with(|| allocate(&mut used_port_ids));
+        let mut slots: Vec<u32> = Vec::new();
+        for b in &state.backends {
+            let id = backend_ids[&identity_of(&backend_value(b))];
+            for _ in 0..b.weight.max(1) {
+                slots.push(id);
+            }
+        }
+        slots.truncate(MAX_SLOTS);
+        let mut flags = 0;
+        if state.affinity_secs.is_some() {
+            flags |= FLAG_AFFINITY;
+        }
+        if state.no_local {
+            flags |= FLAG_NO_LOCAL;
+        }
+        let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
+        live_svc_ids.insert(id);
+        let mut value = ServiceValue {
+            id,
+            port_id,
+            rev: existing.map_or(0, |v| v.rev),
+            affinity_timeout_secs: state.affinity_secs.unwrap_or(0),
+            count: slots.len() as u16,
+            flags,
+        };
+        let live: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| current.live_slots(v));
+        let slots_same =
+            existing.is_some() && live.iter().copied().eq(slots.iter().copied().map(Some));
+        let wanted_members: BTreeMap<u32, u32> = slots.iter().fold(BTreeMap::new(), |mut m, id| {
+            *m.entry(*id).or_insert(0) += 1;
+            m
+        });
+        if !slots_same {
+            if existing.is_some() {
+                value.rev = value.rev.wrapping_add(1);
+            }
+            let generation = value.generation();
+            for (slot, backend_id) in slots.iter().enumerate() {
+                let k = SlotKey {
+                    svc_id: id,
+                    generation,
+                    slot: slot as u16,
+                };
+                let v = SlotValue {
+                    backend_id: *backend_id,
+                };
+                if current.slots.get(&k) != Some(&v) {
+                    stage.push(Op::PutSlot(k, v));
+                }
+            }
+        }
+        for (backend_id, count) in &wanted_members {
+            let k = MemberKey {
+                svc_id: id,
+                backend_id: *backend_id,
+            };
+            let v = MemberValue { slots: *count };
+            if current.members.get(&k) != Some(&v) {
+                stage.push(Op::PutMember(k, v));
+            }
+        }
+        if existing != Some(&value) {
+            flips.push(Op::PutService(key, value));
+        }
+        // Everything of this frontend id that is not in its new live generation goes.
+        let generation = value.generation();
+        for k in current.slots.range(
+            SlotKey {
+                svc_id: id,
+                generation: 0,
+                slot: 0,
+            }..=SlotKey {
+                svc_id: id,
+                generation: u16::MAX,
+                slot: u16::MAX,
+            },
+        ) {
+            let key = *k.0;
+            if key.generation != generation || key.slot as usize >= slots.len() {
+                removes.push(Op::DelSlot(key));
+            }
+        }
+        for k in current.members.keys().filter(|k| k.svc_id == id) {
+            if !wanted_members.contains_key(&k.backend_id) {
+                removes.push(Op::DelMember(*k));
+            }
+        }
+    }
+
+    // Frontends that are no longer wanted, and leftovers of ids nobody owns.
+    for (key, value) in &current.services {
+        let wanted = key
+            .frontend()
+            .is_some_and(|f| desired.frontends.contains_key(&f));
+        if !wanted && !live_svc_ids.contains(&value.id) {
+            flips.push(Op::DelService(*key));
+        }
+    }
+    for k in current.slots.keys() {
+        if !live_svc_ids.contains(&k.svc_id) {
+            removes.push(Op::DelSlot(*k));
+        }
+    }
+    for k in current.members.keys() {
+        if !live_svc_ids.contains(&k.svc_id) {
+            removes.push(Op::DelMember(*k));
+        }
+    }
+    for id in current.backends.keys() {
+        if !wanted_backends.contains_key(id) {
+            backend_removes.push(Op::DelBackend(*id));
+        }
+    }
+
+    // Deletions of services must precede nothing they depend on: a removed service stops
+    // being reachable before its slots go.
+    let (puts, dels): (Vec<Op>, Vec<Op>) = flips
+        .into_iter()
+        .partition(|op| matches!(op, Op::PutService(..)));
+    adds.into_iter()
+        .chain(stage)
+        .chain(puts)
+        .chain(dels)
+        .chain(removes)
+        .chain(backend_removes)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,34 @@
+//! A consistent view of the cluster objects the proxy reads, as a source delivers them.
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Everything compile needs, taken at one moment. Sources always deliver whole snapshots,
+/// never deltas, so a lost delete event cannot leave stale state behind.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    pub node: NodeInfo,
+}
+
+/// What the proxy needs to know about its own node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// This node's name (`--hostname-override`, lower-cased, or the hostname); endpoints whose
+    /// `nodeName` equals it are local (semantics 2.8).
+    pub name: String,
+    /// Label `topology.kubernetes.io/zone` of this node's Node object (semantics 5.3).
+    pub zone: Option<String>,
+}
+
+impl NodeInfo {
+    /// Reads the zone label from this node's Node object.
+    pub fn with_node(name: String, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("topology.kubernetes.io/zone"))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        NodeInfo { name, zone }
+    }
+}

@@ -1,0 +1,177 @@
+//! A directory of YAML manifests (Service, EndpointSlice, Node; `List`s and multi-document
+//! files too), re-read when any file changes. Used by `cargo xtask run` and the tests.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::mpsc::Sender,
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize as _;
+
+use super::Source;
+use crate::snapshot::{NodeInfo, Snapshot};
+
+/// Objects parsed from one file.
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    nodes: Vec<Node>,
+}
+
+pub struct ManifestSource {
+    dir: PathBuf,
+    node_name: String,
+    poll: Duration,
+}
+
+impl ManifestSource {
+    pub fn new(dir: PathBuf, node_name: String) -> Self {
+        ManifestSource {
+            dir,
+            node_name,
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
+
+fn fingerprint(dir: &Path) -> anyhow::Result<Fingerprint> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let is_yaml = path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
+        if !is_yaml {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_file() {
+            out.insert(path, (meta.modified()?, meta.len()));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_document(value: serde_yaml::Value, into: &mut FileObjects) -> anyhow::Result<()> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or("")
+        .to_string();
+    match kind.as_str() {
+        "Service" => into.services.push(Service::deserialize(value)?),
+        "EndpointSlice" => into.slices.push(EndpointSlice::deserialize(value)?),
+        "Node" => into.nodes.push(Node::deserialize(value)?),
+        "List" => {
+            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+                for item in items.clone() {
+                    parse_document(item, into)?;
+                }
+            }
+        }
+        "" => {}
+        other => log::debug!("ignoring manifest of kind {other}"),
+    }
+    Ok(())
+}
+
+/// Parses one manifest file; any error rejects the whole file.
+fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
+    let text = fs::read_to_string(path)?;
+    let mut objects = FileObjects::default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue;
+        }
+        parse_document(value, &mut objects)?;
+    }
+    // Objects without a namespace default to "default", as kubectl apply would do.
+    for s in &mut objects.services {
+        s.metadata.namespace.get_or_insert_with(|| "default".into());
+    }
+    for s in &mut objects.slices {
+        s.metadata.namespace.get_or_insert_with(|| "default".into());
+    }
+    Ok(objects)
+}
+
+impl Source for ManifestSource {
+    fn name(&self) -> String {
+        format!("manifests {}", self.dir.display())
+    }
+
+    fn run(self: Box<Self>, tx: Sender<Snapshot>) -> anyhow::Result<()> {
+        // Last good parse per file: a file caught mid-write, or broken by an edit, keeps its
+        // previous objects instead of deleting them.
+        let mut cache: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
+        let mut last: Option<Fingerprint> = None;
+        loop {
+            let now = match fingerprint(&self.dir) {
+                Ok(f) => f,
+                Err(e) => {
+                    log::warn!("manifests: {e:#}; keeping the last state");
+                    thread::sleep(self.poll * 10);
+                    continue;
+                }
+            };
+            if last.as_ref() != Some(&now) {
+                cache.retain(|path, _| now.contains_key(path));
+                for path in now.keys() {
+                    let changed = last.as_ref().and_then(|l| l.get(path)) != now.get(path);
+                    if !changed && cache.contains_key(path) {
+                        continue;
+                    }
+                    match parse_file(path) {
+                        Ok(objects) => {
+                            cache.insert(path.clone(), objects);
+                        }
+                        Err(e) => log::warn!(
+                            "manifests: {} rejected: {e:#}; keeping its previous objects",
+                            path.display()
+                        ),
+                    }
+                }
+                last = Some(now);
+                let snapshot = self.snapshot(&cache);
+                if tx.send(snapshot).is_err() {
+                    return Ok(());
+                }
+            }
+            thread::sleep(self.poll);
+        }
+    }
+}
+
+impl ManifestSource {
+    fn snapshot(&self, cache: &BTreeMap<PathBuf, FileObjects>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut node = None;
+        for objects in cache.values() {
+            snapshot.services.extend(objects.services.iter().cloned());
+            snapshot.slices.extend(objects.slices.iter().cloned());
+            if let Some(n) = objects
+                .nodes
+                .iter()
+                .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            {
+                node = Some(n.clone());
+            }
+        }
+        snapshot.node = NodeInfo::with_node(self.node_name.clone(), node.as_ref());
+        snapshot
+    }
+}

@@ -1,0 +1,91 @@
+//! The agent under test: `kube-bpf-proxy run` on a manifests directory, attached to the test
+//! cgroup, with maps pinned in a per-test bpffs directory. Killed and unpinned on drop.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use super::process::workspace_binary;
+
+pub struct Agent {
+    child: Option<std::process::Child>,
+    pub manifests: PathBuf,
+    pub pin_dir: PathBuf,
+    cgroup: PathBuf,
+    node_name: String,
+}
+
+impl Agent {
+    /// Prepares (does not start) an agent for test `id`, with an empty manifests directory.
+    pub fn new(id: &str, cgroup: &Path, node_name: &str) -> Agent {
+        let manifests = std::env::temp_dir().join(format!("{id}-manifests"));
+        fs::create_dir_all(&manifests).expect("create manifests dir");
+        Agent {
+            child: None,
+            manifests,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
+            cgroup: cgroup.to_path_buf(),
+            node_name: node_name.into(),
+        }
+    }
+
+    /// Writes (or replaces) manifest file `name`.
+    pub fn write_manifest(&self, name: &str, yaml: &str) {
+        // Write then rename, so the agent never reads half a file.
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        fs::write(&tmp, yaml).expect("write manifest");
+        fs::rename(&tmp, self.manifests.join(name)).expect("rename manifest");
+    }
+
+    pub fn remove_manifest(&self, name: &str) {
+        fs::remove_file(self.manifests.join(name)).expect("remove manifest");
+    }
+
+    /// Starts the agent process (stderr goes to the test's output).
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let child = Command::new(workspace_binary("kube-bpf-proxy"))
+            .args(["run", "--manifests"])
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.pin_dir)
+            .args(["--hostname-override", &self.node_name])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kube-bpf-proxy");
+        self.child = Some(child);
+    }
+
+    /// Sends SIGKILL and reaps the agent.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Panics if the agent exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!("agent exited: {status}");
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.manifests);
+        if self.pin_dir.exists() {
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The end-to-end harness: network namespaces, veth links and a bridge laid out as in
+//! ../shared/testbed.md, a test cgroup, echo servers and clients inside pods, and the agent.
+//! Everything it creates is named `kbp-<pid>-<n>`-style and removed on drop, even on panic;
+//! `sweep` removes what a crashed run left.
+
+pub mod harness;
+
+pub use harness::{
+    agent::Agent,
+    cgroup::TestCgroup,
+    netns::NetNs,
+    process::{ChildGuard, Reply},
+    sweep::sweep,
+    topology::{Pod, Topology},
+    wait::poll_until,
+};

@@ -1,0 +1,180 @@
+//! Shared setup for the end-to-end tests: root check, sweep, a topology with echo servers and a
+//! running agent, and YAML builders for Services and EndpointSlices.
+#![allow(dead_code)]
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Once, time::Duration};
+
+use tests::{Agent, Reply, Topology, harness::topology::Proto, poll_until, sweep};
+
+pub const NODE: &str = "node-a";
+pub const BACKEND_PORT: u16 = 8080;
+
+static SWEEP: Once = Once::new();
+
+/// Skips (returns false) unless root; sweeps leftovers of crashed runs once per process.
+pub fn privileged() -> bool {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: end-to-end tests need root (run `cargo xtask test`)");
+        return false;
+    }
+    SWEEP.call_once(sweep);
+    true
+}
+
+/// A topology with `pods` pods (pod 0 is the client), echo servers on BACKEND_PORT in every
+/// other pod, and a started agent.
+pub struct Env {
+    pub agent: Agent,
+    pub topo: Topology,
+}
+
+impl Env {
+    pub fn new(pods: usize) -> Env {
+        let mut topo = Topology::new(pods);
+        for i in 1..pods {
+            topo.serve(i, BACKEND_PORT);
+        }
+        let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
+        agent.write_manifest("node.yaml", &node_yaml(NODE, None));
+        agent.start();
+        Env { agent, topo }
+    }
+
+    pub fn request(&self, proto: Proto, to: SocketAddr, count: usize) -> Vec<Reply> {
+        self.topo.request(0, proto, to, count)
+    }
+
+    /// Waits until requests to `to` are answered by exactly `backends` (each seen at least
+    /// once in a probe round), i.e. the agent programmed what the manifests say.
+    pub fn wait_for_backends(&mut self, proto: Proto, to: SocketAddr, backends: &[&str]) {
+        let want: std::collections::BTreeSet<String> =
+            backends.iter().map(|s| s.to_string()).collect();
+        let agent = &mut self.agent;
+        let topo = &self.topo;
+        poll_until(
+            &format!("{to} served by {want:?}"),
+            Duration::from_secs(10),
+            || {
+                agent.assert_running();
+                let replies = topo.request(0, proto, to, 8 * want.len().max(1));
+                let seen: std::collections::BTreeSet<String> = replies
+                    .iter()
+                    .filter(|r| r.ok)
+                    .map(|r| r.backend.clone())
+                    .collect();
+                if seen == want && replies.iter().all(|r| r.ok) {
+                    Ok(())
+                } else {
+                    Err(format!("{replies:?}"))
+                }
+            },
+        );
+    }
+}
+
+/// Counts replies per backend; panics on any failed request.
+pub fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in replies {
+        assert!(r.ok, "request failed: {r:?}");
+        *out.entry(r.backend.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+pub fn node_yaml(name: &str, zone: Option<&str>) -> String {
+    let labels = zone
+        .map(|z| format!("\n  labels: {{topology.kubernetes.io/zone: {z}}}"))
+        .unwrap_or_default();
+    format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}{labels}\n")
+}
+
+/// A Service port for `service_yaml`.
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub proto: &'a str,
+}
+
+pub const HTTP: Port<'static> = Port {
+    name: "http",
+    port: 80,
+    proto: "TCP",
+};
+pub const DNS: Port<'static> = Port {
+    name: "dns",
+    port: 53,
+    proto: "UDP",
+};
+
+/// A Service with the given cluster IPs (one per family) and ports; `extra` is appended to spec.
+pub fn service_yaml(name: &str, cluster_ips: &[&str], ports: &[Port], extra: &str) -> String {
+    let families: Vec<&str> = cluster_ips
+        .iter()
+        .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+        .collect();
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{{name: {}, port: {}, protocol: {}}}",
+                p.name, p.port, p.proto
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  ports: [{}]\n{extra}",
+        cluster_ips[0],
+        cluster_ips.join(", "),
+        families.join(", "),
+        ports.join(", ")
+    )
+}
+
+/// An endpoint for `slice_yaml`: (address, node name, conditions YAML or "").
+pub struct Ep<'a> {
+    pub addr: String,
+    pub node: &'a str,
+    pub conditions: &'a str,
+}
+
+pub fn ep(addr: impl ToString) -> Ep<'static> {
+    Ep {
+        addr: addr.to_string(),
+        node: NODE,
+        conditions: "",
+    }
+}
+
+/// An EndpointSlice of `service` with the given ports (all to BACKEND_PORT) and endpoints.
+pub fn slice_yaml(name: &str, service: &str, family: &str, ports: &[Port], eps: &[Ep]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{{name: {}, port: {BACKEND_PORT}, protocol: {}}}",
+                p.name, p.proto
+            )
+        })
+        .collect();
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|e| {
+            let cond = if e.conditions.is_empty() {
+                String::new()
+            } else {
+                format!(", conditions: {{{}}}", e.conditions)
+            };
+            format!(
+                "- {{addresses: [\"{}\"], nodeName: {}{cond}}}",
+                e.addr, e.node
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: {family}\nports: [{}]\nendpoints:\n{}\n",
+        ports.join(", "),
+        eps.join("\n")
+    )
+}

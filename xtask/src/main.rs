@@ -1,0 +1,46 @@
+//! `cargo xtask <command>`: one subcommand per module, dispatch only.
+
+mod exec;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and tests need (idempotent): rust-src for nightly, bpf-linker,
+    /// Debian packages, a bpffs at /sys/fs/bpf.
+    Setup,
+    /// Build the agent (with its embedded BPF object) and the test binaries.
+    Build(exec::BuildOptions),
+    /// Run the proxy on its embedded default: a sandbox of namespaces and example manifests.
+    Run(run::Options),
+    /// Run every check and test: fmt, clippy, unit tests, end-to-end tests.
+    Test(test::Options),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => {
+            eprintln!("usage: cargo xtask <setup|build|run|test>  (cargo xtask --help)");
+            std::process::exit(2);
+        }
+        Some(Command::Setup) => setup::setup(),
+        Some(Command::Build(opts)) => setup::setup().and_then(|()| exec::build(&opts)),
+        Some(Command::Run(opts)) => run::run(opts),
+        Some(Command::Test(opts)) => test::test(opts),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
