@@ -72,6 +72,41 @@ fn port_to_ctx(port: u16) -> u32 {
     port.to_be() as u32
 }
 
+/// The frontend for `key`. A miss on an address that is a ClusterIP (it has the port-0,
+/// protocol-0 entry) is rejected like a Service without endpoints (nftables mode,
+/// semantics 3.12); any other miss leaves the socket alone.
+#[inline(always)]
+fn lookup4(key: &Service4Key) -> Result<ServiceValue, Reason> {
+    if let Some(svc) = unsafe { LB4_SERVICES.get(key) } {
+        return Ok(*svc);
+    }
+    let any_port = Service4Key {
+        port: 0,
+        proto: 0,
+        ..*key
+    };
+    match unsafe { LB4_SERVICES.get(&any_port) } {
+        Some(_) => Err(Reason::NoBackends),
+        None => Err(Reason::NotService),
+    }
+}
+
+#[inline(always)]
+fn lookup6(key: &Service6Key) -> Result<ServiceValue, Reason> {
+    if let Some(svc) = unsafe { LB6_SERVICES.get(key) } {
+        return Ok(*svc);
+    }
+    let any_port = Service6Key {
+        port: 0,
+        proto: 0,
+        ..*key
+    };
+    match unsafe { LB6_SERVICES.get(&any_port) } {
+        Some(_) => Err(Reason::NoBackends),
+        None => Err(Reason::NotService),
+    }
+}
+
 /// Forward translation, IPv4. Ok(reason) when the socket was translated or is not ours.
 #[inline(always)]
 pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
@@ -82,10 +117,7 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         proto: sa.protocol as u8,
         scope: SCOPE_INTERNAL,
     };
-    let Some(svc) = (unsafe { LB4_SERVICES.get(&key) }) else {
-        return Ok(Reason::NotService);
-    };
-    let svc: ServiceValue = *svc;
+    let svc = lookup4(&key)?;
     let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
     let backend_addr = backend.addr4();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -159,7 +191,26 @@ fn ip6_words(bytes: &[u8; 16]) -> [u32; 4] {
     out
 }
 
-/// Forward translation, IPv6. Verdicts as `fwd4`.
+/// `::ffff:a.b.c.d`: an IPv4 peer reached through an IPv6 socket.
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[0]
+        | addr[1]
+        | addr[2]
+        | addr[3]
+        | addr[4]
+        | addr[5]
+        | addr[6]
+        | addr[7]
+        | addr[8]
+        | addr[9]
+        == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff
+}
+
+/// Forward translation, IPv6. An IPv4-mapped destination is looked up among the IPv4
+/// frontends and translated to the IPv4-mapped backend address. Verdicts as `fwd4`.
 #[inline(always)]
 pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -176,15 +227,30 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         proto: sa.protocol as u8,
         scope: SCOPE_INTERNAL,
     };
-    let Some(svc) = (unsafe { LB6_SERVICES.get(&key) }) else {
-        return Ok(Reason::NotService);
+    let mapped = is_v4_mapped(&key.addr);
+    let svc = if mapped {
+        lookup4(&Service4Key {
+            addr: [key.addr[12], key.addr[13], key.addr[14], key.addr[15]],
+            port: key.port,
+            proto: key.proto,
+            scope: key.scope,
+        })?
+    } else {
+        lookup6(&key)?
     };
-    let svc: ServiceValue = *svc;
     let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    let mut backend_addr = backend.addr;
+    if mapped {
+        backend_addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        backend_addr[12] = backend.addr[0];
+        backend_addr[13] = backend.addr[1];
+        backend_addr[14] = backend.addr[2];
+        backend_addr[15] = backend.addr[3];
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNat6Key {
         cookie,
-        addr: backend.addr,
+        addr: backend_addr,
         port: backend.port,
         _pad: [0; 6],
     };
@@ -197,7 +263,7 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     SOCK6_REVNAT
         .insert(&rev_key, &rev_value, 0)
         .map_err(|_| Reason::RevNatFailed)?;
-    let w = ip6_words(&backend.addr);
+    let w = ip6_words(&backend_addr);
     sa.user_ip6[0] = w[0];
     sa.user_ip6[1] = w[1];
     sa.user_ip6[2] = w[2];

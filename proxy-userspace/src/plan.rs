@@ -19,7 +19,7 @@ use proxy_common::{
     },
 };
 
-use crate::compile::{Backend, Desired, FrontendAddr, PortName, Proto};
+use crate::compile::{Backend, Desired, FrontendAddr, FrontendKind, PortName, Proto};
 
 /// A frontend key of either family.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,6 +44,40 @@ impl ServiceKey {
                 proto,
                 scope,
             }),
+        }
+    }
+
+    /// The entry that marks `addr` as a ClusterIP: ports without a frontend of their own are
+    /// rejected (nftables mode, semantics 3.12).
+    pub fn any_port(addr: IpAddr) -> Self {
+        let (port, proto, scope) = (0, 0, SCOPE_INTERNAL);
+        match addr {
+            IpAddr::V4(a) => ServiceKey::V4(Service4Key {
+                addr: a.octets(),
+                port,
+                proto,
+                scope,
+            }),
+            IpAddr::V6(a) => ServiceKey::V6(Service6Key {
+                addr: a.octets(),
+                port,
+                proto,
+                scope,
+            }),
+        }
+    }
+
+    pub fn is_any_port(&self) -> bool {
+        match self {
+            ServiceKey::V4(k) => k.port == 0 && k.proto == 0,
+            ServiceKey::V6(k) => k.port == 0 && k.proto == 0,
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        match self {
+            ServiceKey::V4(k) => IpAddr::from(k.addr),
+            ServiceKey::V6(k) => IpAddr::from(k.addr),
         }
     }
 
@@ -245,6 +279,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
 
     // Frontend and Service-port ids.
     let mut used_svc_ids: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
+    used_svc_ids.remove(&0);
     let mut used_port_ids: BTreeSet<u32> = current.services.values().map(|v| v.port_id).collect();
     let mut port_ids: BTreeMap<&PortName, u32> = BTreeMap::new();
     for (frontend, state) in &desired.frontends {
@@ -357,8 +392,36 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
     }
 
+    // ClusterIP markers (no id, no slots: every lookup that lands on one is rejected).
+    let cluster_ips: BTreeSet<IpAddr> = desired
+        .frontends
+        .iter()
+        .filter(|(_, state)| state.kind == FrontendKind::ClusterIp)
+        .map(|(frontend, _)| frontend.addr)
+        .collect();
+    let marker = ServiceValue {
+        id: 0,
+        port_id: 0,
+        rev: 0,
+        affinity_timeout_secs: 0,
+        count: 0,
+        flags: 0,
+    };
+    for ip in &cluster_ips {
+        let key = ServiceKey::any_port(*ip);
+        if current.services.get(&key) != Some(&marker) {
+            flips.push(Op::PutService(key, marker));
+        }
+    }
+
     // Frontends that are no longer wanted, and leftovers of ids nobody owns.
     for (key, value) in &current.services {
+        if key.is_any_port() {
+            if !cluster_ips.contains(&key.addr()) {
+                flips.push(Op::DelService(*key));
+            }
+            continue;
+        }
         let wanted = key
             .frontend()
             .is_some_and(|f| desired.frontends.contains_key(&f));

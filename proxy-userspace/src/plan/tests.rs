@@ -64,10 +64,68 @@ fn plan_then_replan_is_empty() {
     let mut state = MapState::default();
     let d = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
     apply_checked(&mut state, &d);
-    assert_eq!(state.services.len(), 1);
+    assert_eq!(state.services.len(), 2, "frontend and its ClusterIP marker");
     assert_eq!(state.slots.len(), 2);
     assert_eq!(state.backends.len(), 2);
     assert!(plan(&d, &state).is_empty());
+}
+
+fn frontends(state: &MapState) -> Vec<&ServiceValue> {
+    state
+        .services
+        .iter()
+        .filter(|(k, _)| !k.is_any_port())
+        .map(|(_, v)| v)
+        .collect()
+}
+
+#[test]
+fn clusterip_marker_follows_the_address() {
+    // semantics 3.12: other ports of an active ClusterIP are rejected, so the address is marked.
+    let mut state = MapState::default();
+    apply_checked(&mut state, &desired(&[("10.96.0.1", &["10.244.0.2"])]));
+    let marker = ServiceKey::any_port("10.96.0.1".parse().unwrap());
+    assert_eq!(state.services[&marker].count, 0);
+    apply_checked(&mut state, &desired(&[("10.96.0.2", &["10.244.0.2"])]));
+    assert!(!state.services.contains_key(&marker));
+    assert!(
+        state
+            .services
+            .contains_key(&ServiceKey::any_port("10.96.0.2".parse().unwrap()))
+    );
+}
+
+#[test]
+fn weights_become_slots() {
+    let mut d = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
+    d.frontends.values_mut().next().unwrap().backends[0].weight = 3;
+    let mut state = MapState::default();
+    apply_checked(&mut state, &d);
+    let svc = frontends(&state)[0];
+    assert_eq!(svc.count, 4);
+    let heavy = state.members.values().map(|m| m.slots).max().unwrap();
+    assert_eq!(heavy, 3);
+}
+
+#[test]
+fn restart_adopts_the_maps_without_writes() {
+    // The agent reads the maps back at start-up; an unchanged cluster plans no write.
+    let mut state = MapState::default();
+    let d = desired(&[
+        ("10.96.0.1", &["10.244.0.2"]),
+        ("10.96.0.2", &["10.244.0.3"]),
+    ]);
+    apply_checked(&mut state, &d);
+    let adopted = state.clone();
+    assert!(plan(&d, &adopted).is_empty());
+    // One change after a restart writes only what concerns that Service.
+    let d2 = desired(&[
+        ("10.96.0.1", &["10.244.0.2"]),
+        ("10.96.0.2", &["10.244.0.4"]),
+    ]);
+    let ops = plan(&d2, &adopted);
+    // New backend, its slot and member, the flip, then the old slot, member and backend.
+    assert_eq!(ops.len(), 7, "{ops:?}");
 }
 
 #[test]
@@ -75,7 +133,7 @@ fn changing_backends_flips_generation_and_keeps_ids() {
     let mut state = MapState::default();
     let before = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
     apply_checked(&mut state, &before);
-    let svc_id = state.services.values().next().unwrap().id;
+    let svc_id = frontends(&state)[0].id;
     let kept_id = *state
         .backends
         .iter()
@@ -84,7 +142,7 @@ fn changing_backends_flips_generation_and_keeps_ids() {
         .0;
     let after = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.4"])]);
     apply_checked(&mut state, &after);
-    let svc = state.services.values().next().unwrap();
+    let svc = frontends(&state)[0];
     assert_eq!(svc.id, svc_id);
     assert_eq!(svc.rev, 1);
     assert_eq!(state.slots.len(), 2, "old generation removed");
@@ -104,7 +162,7 @@ fn removing_a_service_removes_everything_it_owned() {
     apply_checked(&mut state, &d);
     let d = desired(&[("10.96.0.2", &["10.244.0.5"])]);
     apply_checked(&mut state, &d);
-    assert_eq!(state.services.len(), 1);
+    assert_eq!(frontends(&state).len(), 1);
     assert_eq!(state.slots.len(), 1);
     assert_eq!(state.members.len(), 1);
     assert_eq!(state.backends.len(), 1);
@@ -115,7 +173,7 @@ fn no_backends_is_a_service_with_zero_slots() {
     let mut state = MapState::default();
     let d = desired(&[("10.96.0.1", &[])]);
     apply_checked(&mut state, &d);
-    let svc = state.services.values().next().unwrap();
+    let svc = frontends(&state)[0];
     assert_eq!(svc.count, 0);
     assert!(state.slots.is_empty());
 }

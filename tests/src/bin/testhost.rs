@@ -3,8 +3,9 @@
 //! line per reply (backend, address seen by the backend, peer address the client saw).
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     thread,
     time::Duration,
 };
@@ -20,6 +21,11 @@ fn serve(name: String, port: u16) {
     // [::] with IPV6_V6ONLY off (Linux default) accepts both families.
     let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
     let tcp = TcpListener::bind(any).unwrap_or_else(|e| panic!("bind tcp {any}: {e}"));
+    // SCTP (one-to-one style) behaves like TCP at the socket API; only where the kernel has it.
+    if let Ok(sctp) = sctp_listener(port) {
+        let name = name.clone();
+        thread::spawn(move || accept_loop(sctp, name));
+    }
     let udp = UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind udp {any}: {e}"));
     let udp_name = name.clone();
     thread::spawn(move || {
@@ -33,17 +39,111 @@ fn serve(name: String, port: u16) {
         }
     });
     println!("ready");
-    for stream in tcp.incoming() {
+    accept_loop(tcp, name);
+}
+
+/// Answers every line of every connection with the server's name and the peer it saw.
+fn accept_loop(listener: TcpListener, name: String) {
+    for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let name = name.clone();
         thread::spawn(move || {
             let Ok(peer) = stream.peer_addr() else { return };
-            let _ = stream.set_read_timeout(Some(TIMEOUT));
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
+            let mut reader = BufReader::new(reader);
             let mut line = String::new();
-            let _ = BufReader::new(&stream).read_line(&mut line);
-            let _ = stream.write_all(format!("{name} {}\n", canonical(peer)).as_bytes());
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                line.clear();
+                let reply = format!("{name} {}\n", canonical(peer));
+                if stream.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+            }
         });
     }
+}
+
+fn sctp_socket(v6: bool) -> std::io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn sctp_listener(port: u16) -> std::io::Result<TcpListener> {
+    let fd = sctp_socket(true)?;
+    let (addr, len) = sockaddr_of(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    // SAFETY: valid fd and sockaddr.
+    unsafe {
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        ) != 0
+            || libc::listen(fd.as_raw_fd(), 128) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(TcpListener::from(fd))
+}
+
+fn sctp_connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    let fd = sctp_socket(to.is_ipv6())?;
+    let (addr, len) = sockaddr_of(to);
+    // SAFETY: valid fd and sockaddr.
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(fd))
 }
 
 fn parse_reply(text: &str) -> (String, String) {
@@ -54,15 +154,37 @@ fn parse_reply(text: &str) -> (String, String) {
     )
 }
 
-fn tcp_once(to: SocketAddr) -> std::io::Result<(String, String, String)> {
-    let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+type Answer = (String, String, String);
+
+/// One request on an open stream: (backend, address it saw, our peer address).
+fn ask(stream: &mut TcpStream) -> std::io::Result<Answer> {
     stream.set_read_timeout(Some(TIMEOUT))?;
     let peer = canonical(stream.peer_addr()?);
     stream.write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    // Byte by byte, so nothing past the newline is consumed (the stream may be asked again).
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 {
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0] as char);
+    }
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no reply",
+        ));
+    }
     let (backend, seen) = parse_reply(&line);
     Ok((backend, seen, peer))
+}
+
+fn stream_connect(proto: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    match proto {
+        "sctp" => sctp_connect(to),
+        _ => TcpStream::connect_timeout(&to, TIMEOUT),
+    }
 }
 
 fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String, String)> {
@@ -87,28 +209,45 @@ fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String,
     Ok((backend, seen, canonical(peer)))
 }
 
-fn request(proto: &str, to: SocketAddr, count: usize, connected: bool) {
+fn print_answer(result: std::io::Result<Answer>) {
+    let line = match result {
+        Ok((backend, seen, peer)) => serde_json::json!({
+            "ok": true, "backend": backend, "seen": seen, "peer": peer,
+        }),
+        Err(e) => serde_json::json!({
+            "ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
+        }),
+    };
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn request(proto: &str, to: SocketAddr, count: usize, mode: &str) {
+    if mode == "hold" {
+        // One connection: answer once, then again for every line on stdin.
+        let mut stream = match stream_connect(proto, to) {
+            Ok(s) => s,
+            Err(e) => return print_answer(Err(e)),
+        };
+        print_answer(ask(&mut stream));
+        for _ in std::io::stdin().lines() {
+            print_answer(ask(&mut stream));
+        }
+        return;
+    }
     for _ in 0..count {
         let result = match proto {
-            "tcp" => tcp_once(to),
-            "udp" => udp_once(to, connected),
+            "tcp" | "sctp" => stream_connect(proto, to).and_then(|mut s| ask(&mut s)),
+            "udp" => udp_once(to, mode == "connected"),
             other => panic!("unknown protocol {other}"),
         };
-        let line = match result {
-            Ok((backend, seen, peer)) => serde_json::json!({
-                "ok": true, "backend": backend, "seen": seen, "peer": peer,
-            }),
-            Err(e) => serde_json::json!({
-                "ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
-            }),
-        };
-        println!("{line}");
+        print_answer(result);
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp ADDR:PORT COUNT [connected]"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold]"
     );
     std::process::exit(2)
 }
@@ -123,7 +262,7 @@ fn main() {
             &args[1],
             args[2].parse().unwrap_or_else(|_| usage()),
             args[3].parse().unwrap_or_else(|_| usage()),
-            args.get(4).is_some_and(|a| a == "connected"),
+            args.get(4).map_or("", String::as_str),
         ),
         _ => usage(),
     }

@@ -3,8 +3,12 @@
 //! fd00:244::(i+2) with default routes via the bridge. A test cgroup holds the clients.
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    process::{ChildStdin, Stdio},
+    sync::mpsc,
+    thread,
     time::Duration,
 };
 
@@ -42,6 +46,8 @@ pub enum Proto {
     Udp,
     /// Connected UDP: connect + send + recv.
     UdpConnected,
+    /// SCTP, one-to-one style (where the kernel has SCTP).
+    Sctp,
 }
 
 fn no_dad(ns: &NetNs) {
@@ -144,6 +150,7 @@ impl Topology {
             Proto::Tcp => ("tcp", ""),
             Proto::Udp => ("udp", ""),
             Proto::UdpConnected => ("udp", "connected"),
+            Proto::Sctp => ("sctp", ""),
         };
         let to = to.to_string();
         let count_arg = count.to_string();
@@ -164,7 +171,70 @@ impl Topology {
         parse_replies(&stdout)
     }
 
+    /// Opens one TCP connection from pod `from` (in the test cgroup) to `to` and keeps it;
+    /// returns it with the first reply.
+    pub fn hold(&self, from: usize, to: SocketAddr) -> (Held, Reply) {
+        let netns = self.pods[from].ns.path();
+        let procs = self.cgroup.procs_file();
+        let to = to.to_string();
+        let mut cmd = command_in(
+            &Placement {
+                netns: &netns,
+                cgroup_procs: Some(procs.as_path()),
+            },
+            &workspace_binary("testhost"),
+            &["request", "tcp", &to, "1", "hold"],
+        );
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn testhost hold");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut held = Held {
+            guard: ChildGuard {
+                name: "held connection".into(),
+                child,
+            },
+            stdin,
+            lines: rx,
+        };
+        let first = held.next_reply();
+        (held, first)
+    }
+
     pub fn cgroup_path(&self) -> &Path {
         &self.cgroup.path
+    }
+}
+
+/// A long-lived TCP connection made through `Topology::hold`.
+pub struct Held {
+    guard: ChildGuard,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Held {
+    fn next_reply(&mut self) -> Reply {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{}: no reply within 5 s: {e}", self.guard.name));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+    }
+
+    /// Sends one more request over the same connection.
+    pub fn again(&mut self) -> Reply {
+        writeln!(self.stdin).expect("write to held connection");
+        self.stdin.flush().expect("flush");
+        self.next_reply()
     }
 }

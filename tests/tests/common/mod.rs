@@ -91,6 +91,7 @@ pub fn node_yaml(name: &str, zone: Option<&str>) -> String {
 }
 
 /// A Service port for `service_yaml`.
+#[derive(Clone, Copy)]
 pub struct Port<'a> {
     pub name: &'a str,
     pub port: u16,
