@@ -118,7 +118,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         })?;
     agent::run(&mut datapath, rx, SyncTiming::default(), &STOP)?;
-    log::info!("stopping: detaching hooks; pinned maps stay for the next agent");
+    log::info!(
+        "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
+    );
     Ok(())
 }
 

@@ -2,7 +2,9 @@
 //! the socket hooks to a cgroup, and reads and writes the maps.
 
 use std::{
+    ffi::CString,
     fs::{self, File},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -10,7 +12,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use proxy_common::{
     backend::BackendValue,
@@ -36,6 +38,9 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock6_recvmsg",
     "sock6_getpeername",
 ];
+
+/// Subdirectory of the pin directory holding the pinned program links.
+pub const LINKS_DIR: &str = "links";
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kube-bpf-proxy";
@@ -133,6 +138,10 @@ impl Datapath {
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
+        let links_dir = pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("create {}", links_dir.display()))?;
+        let (mut attached, mut replaced) = (0, 0);
         for name in SOCK_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -142,10 +151,38 @@ impl Datapath {
             program
                 .load()
                 .with_context(|| format!("verifier rejected {name}"))?;
-            program
+            let pin = links_dir.join(name);
+            if pin.exists() {
+                // An earlier agent left its hook attached: swap the program inside the link,
+                // so there is no instant without a hook.
+                match replace_program(&pin, program.fd()?.as_fd()) {
+                    Ok(()) => {
+                        replaced += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
+                        let _ = fs::remove_file(&pin);
+                    }
+                }
+            }
+            let link_id = program
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            let link: FdLink = program
+                .take_link(link_id)?
+                .try_into()
+                .with_context(|| format!("{name}: not an fd link"))?;
+            // Pinned, the hook outlives this process: an agent restart or crash leaves it in
+            // place (`kube-bpf-proxy cleanup` removes it).
+            link.pin(&pin)
+                .with_context(|| format!("pin link {}", pin.display()))?;
+            attached += 1;
         }
+        log::info!(
+            "socket hooks on {}: {attached} attached, {replaced} replaced in place",
+            cgroup.display()
+        );
         let services4 = take(&mut ebpf, names::LB4_SERVICES)?;
         let services6 = take(&mut ebpf, names::LB6_SERVICES)?;
         let slots = take(&mut ebpf, names::LB_SLOTS)?;
@@ -155,12 +192,7 @@ impl Datapath {
             ebpf.take_map(names::LB_STATS)
                 .ok_or_else(|| anyhow!("map LB_STATS missing"))?,
         )?;
-        log::info!(
-            "attached {} socket hooks to {}; maps pinned under {}",
-            SOCK_PROGRAMS.len(),
-            cgroup.display(),
-            pin_dir.display()
-        );
+        log::info!("maps pinned under {}", pin_dir.display());
         Ok(Datapath {
             _ebpf: ebpf,
             services4,
@@ -188,6 +220,43 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `bpf(cmd, attr)` with a zeroed, 128-byte attribute buffer the caller has filled.
+fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, large-enough bpf_attr buffer for both commands used here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr) as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Replaces the program of the pinned link at `pin` with `prog` (BPF_LINK_UPDATE; aya 0.14 does
+/// not expose it for cgroup links).
+fn replace_program(pin: &Path, prog: BorrowedFd<'_>) -> anyhow::Result<()> {
+    let path = CString::new(pin.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64; // bpf_attr.pathname
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr).context("BPF_OBJ_GET")?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 16];
+    // bpf_attr.link_update: link_fd (u32), new_prog_fd (u32), flags (u32), old_prog_fd (u32).
+    attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
+    bpf_syscall(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless on newer ones.
@@ -262,10 +331,24 @@ impl MapIo for Datapath {
     }
 }
 
-/// Removes every pin the agent created under `pin_dir` (the maps disappear once no program
-/// uses them).
+/// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the
+/// hooks once no process holds them), then the maps (freed once no program uses them).
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     let mut removed = 0;
+    let links_dir = pin_dir.join(LINKS_DIR);
+    for name in SOCK_PROGRAMS {
+        let path = links_dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+        }
+    }
+    match fs::remove_dir(&links_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("could not remove {}: {e}", links_dir.display()),
+    }
     for name in names::ALL {
         let path = pin_dir.join(name);
         match fs::remove_file(&path) {

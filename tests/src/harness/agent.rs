@@ -3,14 +3,20 @@
 
 use std::{
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
 };
 
 use super::process::workspace_binary;
 
 pub struct Agent {
     child: Option<std::process::Child>,
+    /// Every line the agent (all its runs) wrote to stderr, in order.
+    logs: Arc<Mutex<Vec<String>>>,
     pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     cgroup: PathBuf,
@@ -24,6 +30,7 @@ impl Agent {
         fs::create_dir_all(&manifests).expect("create manifests dir");
         Agent {
             child: None,
+            logs: Arc::default(),
             manifests,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
             cgroup: cgroup.to_path_buf(),
@@ -56,10 +63,48 @@ impl Agent {
             .args(["--hostname-override", &self.node_name])
             .env("RUST_LOG", "info")
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kube-bpf-proxy");
+        let mut child = child;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logs = Arc::clone(&self.logs);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("agent: {line}");
+                logs.lock().expect("log lock").push(line);
+            }
+        });
         self.child = Some(child);
+    }
+
+    /// Number of log lines so far (a position for `wait_for_log`).
+    pub fn log_position(&self) -> usize {
+        self.logs.lock().expect("log lock").len()
+    }
+
+    /// Waits (bounded) for a log line after position `from` containing `needle`; returns it.
+    pub fn wait_for_log(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
+        let logs = Arc::clone(&self.logs);
+        super::wait::poll_until(
+            &format!("agent log line containing {needle:?}"),
+            timeout,
+            || {
+                let logs = logs.lock().expect("log lock");
+                logs.iter()
+                    .skip(from)
+                    .find(|l| l.contains(needle))
+                    .cloned()
+                    .ok_or_else(|| {
+                        logs.iter()
+                            .skip(from)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+            },
+        )
     }
 
     /// Sends SIGKILL and reaps the agent.
