@@ -85,8 +85,10 @@ fn topology_filter(endpoints: &[Endpoint], node: &NodeInfo) -> Vec<Endpoint> {
                 .collect::<Vec<_>>()
         })
     };
-    if !node.name.is_empty()
-        && let Some(set) = by_hint(|e| e.node_hints.as_ref(), &node.name)
+    // kube-proxy's node name is lower-cased (semantics 2.8), also when matching forNodes.
+    let node_name = node.name.to_lowercase();
+    if !node_name.is_empty()
+        && let Some(set) = by_hint(|e| e.node_hints.as_ref(), &node_name)
     {
         return set;
     }

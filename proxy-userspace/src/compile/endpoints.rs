@@ -35,6 +35,12 @@ impl Endpoint {
     }
 }
 
+/// Labels that hide a Service or EndpointSlice from kube-proxy (semantics 1.1).
+pub(super) const IGNORED_LABELS: [&str; 2] = [
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
 /// The slices of each Service, by (namespace, service name).
 pub struct SliceIndex<'a> {
     by_service: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
@@ -55,10 +61,13 @@ impl<'a> SliceIndex<'a> {
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
         for slice in sorted {
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
+            let labels = slice.metadata.labels.as_ref();
+            // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
+            // labels (the controller copies a Service's proxy-name label onto its slices).
+            if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
+                continue;
+            }
+            let service = labels
                 .and_then(|l| l.get("kubernetes.io/service-name"))
                 .filter(|s| !s.is_empty());
             let (Some(service), Some(namespace), Some(_)) = (

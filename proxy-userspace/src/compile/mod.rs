@@ -222,11 +222,11 @@ fn object_name(
 /// Why a Service is not proxied at all, if it is not (semantics 1.1, 1.3).
 fn skip_reason(svc: &Service) -> Option<&'static str> {
     let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key("service.kubernetes.io/service-proxy-name")) {
-        return Some("labelled service.kubernetes.io/service-proxy-name");
-    }
-    if labels.is_some_and(|l| l.contains_key("service.kubernetes.io/headless")) {
-        return Some("labelled service.kubernetes.io/headless");
+    if let Some(label) = endpoints::IGNORED_LABELS
+        .into_iter()
+        .find(|k| labels.is_some_and(|l| l.contains_key(*k)))
+    {
+        return Some(label);
     }
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -245,11 +245,12 @@ fn cluster_ip_of(svc: &Service, family: Family, problems: &mut Vec<Problem>) -> 
     let raw = if families.is_empty() {
         spec.cluster_ip.clone()
     } else {
+        // Only the clusterIPs entry at the family's index counts; no fallback to clusterIP
+        // when clusterIPs is shorter (kube-proxy's GetClusterIPByFamily).
         let idx = families.iter().position(|f| f == family.api_name())?;
         spec.cluster_ips
             .as_ref()
             .and_then(|ips| ips.get(idx).cloned())
-            .or_else(|| (idx == 0).then(|| spec.cluster_ip.clone()).flatten())
     }?;
     match raw.parse::<IpAddr>() {
         Ok(ip) if Family::of(&ip) == family => Some(ip),

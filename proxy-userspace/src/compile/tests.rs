@@ -1,4 +1,11 @@
 //! Table-driven tests of kube-proxy's rules: YAML in, backends per frontend out.
+//!
+//! Every case cites the facts of `../shared/kube-proxy-semantics.md` it checks. Unless a case
+//! says otherwise, the proxy runs on node `node-a` without a zone label, and the Service is
+//! `default/web` (ClusterIP 10.96.0.10, port `http` 80/TCP) whose slices expose `http` on
+//! 8080/TCP.
+
+use std::net::IpAddr;
 
 use super::*;
 use crate::snapshot::{NodeInfo, Snapshot};
@@ -22,16 +29,1334 @@ fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
     s
 }
 
-fn backends_of(d: &Desired, frontend: &str) -> Vec<String> {
-    let f = d
-        .frontends
+/// "IP:port" as kube-proxy prints it (IPv6 in brackets).
+fn host_port(addr: &IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn frontend_of<'a>(d: &'a Desired, frontend: &str) -> Option<&'a FrontendState> {
+    d.frontends
         .iter()
         .find(|(k, _)| k.to_string() == frontend)
+        .map(|(_, v)| v)
+}
+
+fn backends_of(d: &Desired, frontend: &str) -> Vec<String> {
+    let f = frontend_of(d, frontend)
         .unwrap_or_else(|| panic!("no frontend {frontend} in {:?}", d.frontends.keys()));
-    f.1.backends
+    f.backends
         .iter()
-        .map(|b| format!("{}:{}", b.addr, b.port))
+        .map(|b| host_port(&b.addr, b.port))
         .collect()
+}
+
+fn port_of<'a>(d: &'a Desired, port: &str) -> Option<&'a ServicePort> {
+    d.ports.values().find(|p| p.name.to_string() == port)
+}
+
+fn strings(endpoints: &[Endpoint]) -> Vec<String> {
+    endpoints
+        .iter()
+        .map(|e| host_port(&e.addr, e.port))
+        .collect()
+}
+
+// ---- YAML builders -------------------------------------------------------------------------
+
+/// Joins YAML documents into one snapshot.
+fn docs(parts: &[&str]) -> String {
+    parts.join("\n---\n")
+}
+
+/// A Service; `meta` and `spec` are YAML flow mappings without their braces.
+fn service(meta: &str, spec: &str) -> String {
+    format!("kind: Service\nmetadata: {{{meta}}}\nspec: {{{spec}}}")
+}
+
+/// `default/web`, ClusterIP 10.96.0.10, port `http` 80/TCP, plus `extra` spec entries.
+fn web(extra: &str) -> String {
+    let sep = if extra.is_empty() { "" } else { ", " };
+    service(
+        "name: web, namespace: default",
+        &format!(
+            "clusterIP: 10.96.0.10, ports: [{{name: http, port: 80, protocol: TCP}}]{sep}{extra}"
+        ),
+    )
+}
+
+/// An EndpointSlice; `meta` is a flow mapping without braces, `ports` a flow list, each
+/// endpoint a flow mapping.
+fn slice_of(meta: &str, address_type: &str, ports: &str, endpoints: &[&str]) -> String {
+    format!(
+        "kind: EndpointSlice\nmetadata: {{{meta}}}\naddressType: {address_type}\nports: {ports}\nendpoints: [{}]",
+        endpoints.join(", ")
+    )
+}
+
+/// An IPv4 slice of `default/web` exposing `http` on 8080/TCP.
+fn slice(name: &str, endpoints: &[&str]) -> String {
+    slice_ports(name, "[{name: http, port: 8080, protocol: TCP}]", endpoints)
+}
+
+/// An IPv4 slice of `default/web` with the given ports.
+fn slice_ports(name: &str, ports: &str, endpoints: &[&str]) -> String {
+    slice_of(
+        &format!("name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}"),
+        "IPv4",
+        ports,
+        endpoints,
+    )
+}
+
+/// An IPv6 slice of `default/web` exposing `http` on 8080/TCP.
+fn slice6(name: &str, endpoints: &[&str]) -> String {
+    slice_of(
+        &format!("name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}"),
+        "IPv6",
+        "[{name: http, port: 8080, protocol: TCP}]",
+        endpoints,
+    )
+}
+
+// ---- The table -----------------------------------------------------------------------------
+
+/// The ClusterIP frontend and the Service port of `default/web`.
+const FE: &str = "10.96.0.10:80/TCP";
+const P: &str = "default/web:http/TCP";
+const EXT: &str = "203.0.113.7:80/TCP";
+
+/// A ready endpoint on this node and one on another node.
+const LOCAL_A: &str = "{addresses: [10.244.1.1], nodeName: node-a}";
+const REMOTE_B: &str = "{addresses: [10.244.2.1], nodeName: node-b}";
+
+#[derive(Debug)]
+enum Expect {
+    /// The frontend exists; new connections go to exactly these backends, in this order.
+    Backends(&'static str, &'static [&'static str]),
+    /// Exactly these frontends are programmed.
+    Frontends(&'static [&'static str]),
+    /// Exactly these Service ports are known.
+    Ports(&'static [&'static str]),
+    /// `ServicePort.endpoints.cluster` of the port.
+    Cluster(&'static str, &'static [&'static str]),
+    /// `ServicePort.endpoints.local` of the port.
+    Local(&'static str, &'static [&'static str]),
+    /// `ServicePort.endpoints.all` of the port (after merging and de-duplication).
+    All(&'static str, &'static [&'static str]),
+    /// `FrontendState.no_local` of the frontend (drop instead of reject).
+    NoLocal(&'static str, bool),
+    /// `ServicePort.endpoints.has_any` of the port.
+    HasAny(&'static str, bool),
+    /// `ServicePort.etp_local` of the port.
+    EtpLocal(&'static str, bool),
+    /// `ServicePort.health_check_node_port` of the port.
+    HealthCheck(&'static str, Option<u16>),
+    /// `FrontendState.affinity_secs` of the frontend.
+    Affinity(&'static str, Option<u32>),
+    /// Some problem's text contains this.
+    Problem(&'static str),
+    /// No problem was recorded.
+    NoProblems,
+}
+use Expect::*;
+
+struct Case {
+    name: &'static str,
+    yaml: String,
+    node: &'static str,
+    zone: Option<&'static str>,
+    expect: Vec<Expect>,
+}
+
+fn case(name: &'static str, yaml: String, expect: Vec<Expect>) -> Case {
+    Case {
+        name,
+        yaml,
+        node: "node-a",
+        zone: None,
+        expect,
+    }
+}
+
+impl Case {
+    fn on(mut self, node: &'static str, zone: Option<&'static str>) -> Case {
+        self.node = node;
+        self.zone = zone;
+        self
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // ---- 1. Which Services and EndpointSlices are ignored ----
+        // semantics 1.1
+        case(
+            "service-proxy-name label hides the Service",
+            docs(&[
+                &service(
+                    "name: web, namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[]), Ports(&[]), NoProblems],
+        ),
+        // semantics 1.1
+        case(
+            "headless label hides the Service",
+            docs(&[
+                &service(
+                    "name: web, namespace: default, labels: {service.kubernetes.io/headless: ''}",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[]), NoProblems],
+        ),
+        // semantics 1.3
+        case(
+            "clusterIP None is headless",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: None, clusterIPs: [None], ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[]), NoProblems],
+        ),
+        // semantics 1.3
+        case(
+            "empty or missing clusterIP is skipped",
+            docs(&[
+                &service("name: web, namespace: default", "clusterIP: '', ports: [{name: http, port: 80}]"),
+                &service("name: api, namespace: default", "ports: [{name: http, port: 80}]"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[]), Ports(&[]), NoProblems],
+        ),
+        // semantics 1.3
+        case(
+            "ExternalName is skipped even with a clusterIP",
+            docs(&[
+                &web("type: ExternalName, externalName: db.example.com"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[]), NoProblems],
+        ),
+        // semantics 1.1, 1.2
+        case(
+            "slices labelled service-proxy-name or headless are invisible",
+            docs(&[
+                &web(""),
+                &slice("web-1", &[LOCAL_A]),
+                &slice_of(
+                    "name: web-2, namespace: default, labels: {kubernetes.io/service-name: web, service.kubernetes.io/service-proxy-name: other}",
+                    "IPv4",
+                    "[{name: http, port: 8080, protocol: TCP}]",
+                    &[REMOTE_B],
+                ),
+                &slice_of(
+                    "name: web-3, namespace: default, labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: ''}",
+                    "IPv4",
+                    "[{name: http, port: 8080, protocol: TCP}]",
+                    &["{addresses: [10.244.3.1]}"],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 1.5, 7.7, 12.6
+        case(
+            "LoadBalancer type proxied; spec.loadBalancerIP, class and selector not read",
+            docs(&[
+                &(web(
+                    "type: LoadBalancer, loadBalancerIP: 198.51.100.9, loadBalancerClass: example.com/lb, selector: {app: nope}",
+                ) + "\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![
+                Frontends(&[FE, "198.51.100.1:80/TCP"]),
+                Backends(FE, &["10.244.1.1:8080"]),
+                Backends("198.51.100.1:80/TCP", &["10.244.1.1:8080"]),
+            ],
+        ),
+        // semantics 1.4, 10.3
+        case(
+            "dual-stack: each family uses its own clusterIPs entry and slices",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.10], ipFamilies: [IPv6, IPv4], ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-4", &[LOCAL_A]),
+                &slice6("web-6", &["{addresses: ['fd00:244::1'], nodeName: node-a}"]),
+            ]),
+            vec![
+                Ports(&[P, "default/web:http/TCP/v6"]),
+                Backends(FE, &["10.244.1.1:8080"]),
+                Backends("[fd00::10]:80/TCP", &["[fd00:244::1]:8080"]),
+            ],
+        ),
+        // semantics 1.4
+        case(
+            "empty ipFamilies: clusterIP serves its own family only",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 'fd00::10', ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-4", &[LOCAL_A]),
+                &slice6("web-6", &["{addresses: ['fd00:244::1']}"]),
+            ]),
+            vec![
+                Frontends(&["[fd00::10]:80/TCP"]),
+                Backends("[fd00::10]:80/TCP", &["[fd00:244::1]:8080"]),
+            ],
+        ),
+        // semantics 1.4
+        case(
+            "ipFamilies without a clusterIPs entry: that family is absent (no clusterIP fallback)",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10], ipFamilies: [IPv4, IPv6], ports: [{name: http, port: 80}]",
+                ),
+                &service(
+                    "name: api, namespace: default",
+                    "clusterIP: 10.96.0.11, ipFamilies: [IPv4], ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Frontends(&[FE]), Ports(&[P])],
+        ),
+        // semantics 1.4, 7.6, 7.7, 10.3
+        case(
+            "single-stack IPv4: IPv6 externalIPs, LB IPs and slices unused",
+            docs(&[
+                &(web("type: LoadBalancer, externalIPs: [203.0.113.7, '2001:db8::7']")
+                    + "\nstatus: {loadBalancer: {ingress: [{ip: '2001:db8::8'}]}}"),
+                &slice("web-4", &[LOCAL_A]),
+                &slice6("web-6", &["{addresses: ['fd00:244::1']}"]),
+            ]),
+            vec![Frontends(&[FE, EXT]), Ports(&[P]), NoProblems],
+        ),
+        // semantics 1.7
+        case(
+            "slices of another addressType (IPv6, FQDN) are ignored",
+            docs(&[
+                &web(""),
+                &slice("web-4", &[LOCAL_A]),
+                &slice6("web-6", &["{addresses: ['fd00:244::1']}"]),
+                &slice_of(
+                    "name: web-f, namespace: default, labels: {kubernetes.io/service-name: web}",
+                    "FQDN",
+                    "[{name: http, port: 8080, protocol: TCP}]",
+                    &["{addresses: [pod.example.com]}"],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"]), NoProblems],
+        ),
+        // semantics 1.7, 2.7
+        case(
+            "endpoint with an address of the wrong family is ignored",
+            docs(&[
+                &web(""),
+                &slice("web-1", &["{addresses: ['fd00:244::1'], nodeName: node-a}", LOCAL_A]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 1.8
+        case(
+            "slice without (or with empty) service-name label is ignored",
+            docs(&[
+                &web(""),
+                &slice("web-1", &[LOCAL_A]),
+                &slice_of(
+                    "name: web-2, namespace: default",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    &[REMOTE_B],
+                ),
+                &slice_of(
+                    "name: web-3, namespace: default, labels: {kubernetes.io/service-name: ''}",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    &["{addresses: [10.244.3.1]}"],
+                ),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080"]),
+                Problem("EndpointSlice default/web-2"),
+                Problem("EndpointSlice default/web-3"),
+            ],
+        ),
+        // semantics 1.8
+        case(
+            "selector-less Service with a hand-made slice from any manager",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+                ),
+                &slice_of(
+                    "name: handmade, namespace: default, labels: {kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: my-operator}",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    &["{addresses: [192.0.2.10]}"],
+                ),
+            ]),
+            vec![Backends(FE, &["192.0.2.10:8080"])],
+        ),
+        // semantics 1.8
+        case(
+            "slice of a same-named Service in another namespace is not used",
+            docs(&[
+                &web(""),
+                &slice_of(
+                    "name: web-1, namespace: other, labels: {kubernetes.io/service-name: web}",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    &[LOCAL_A],
+                ),
+            ]),
+            vec![Backends(FE, &[]), HasAny(P, false)],
+        ),
+        // ---- 2. Port matching, merging and de-duplication ----
+        // semantics 2.2
+        case(
+            "unnamed Service port matches slice port named \"\" only",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+                ),
+                &slice_ports("web-1", "[{name: '', port: 8080}]", &[LOCAL_A]),
+                &slice_ports("web-2", "[{name: http, port: 9090}]", &[REMOTE_B]),
+            ]),
+            vec![Ports(&["default/web/TCP"]), Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 2.2, 2.4, 12.2
+        case(
+            "port name must match; Service port number and targetPort play no part",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 9999}]",
+                ),
+                &slice_ports("web-1", "[{name: http, port: 8080}]", &[LOCAL_A]),
+                &slice_ports("web-2", "[{name: web, port: 80}]", &[REMOTE_B]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 2.1, 2.2, 12.1
+        case(
+            "same port number on UDP and TCP are independent; protocol must match",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]",
+                ),
+                &slice_ports(
+                    "web-1",
+                    "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}, {name: dns, port: 6000, protocol: TCP}]",
+                    &[LOCAL_A],
+                ),
+            ]),
+            vec![
+                Frontends(&["10.96.0.10:53/TCP", "10.96.0.10:53/UDP"]),
+                Backends("10.96.0.10:53/UDP", &["10.244.1.1:5353"]),
+                Backends("10.96.0.10:53/TCP", &["10.244.1.1:5354"]),
+            ],
+        ),
+        // semantics 12.1
+        case(
+            "SCTP ports are proxied like TCP and UDP",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: sig, port: 3868, protocol: SCTP}]",
+                ),
+                &slice_ports("web-1", "[{name: sig, port: 3868, protocol: SCTP}]", &[LOCAL_A]),
+            ]),
+            vec![Backends("10.96.0.10:3868/SCTP", &["10.244.1.1:3868"])],
+        ),
+        // semantics 2.3
+        case(
+            "slice port with a nil name is skipped (it does not match an unnamed port)",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{port: 80}]",
+                ),
+                &slice_ports("web-1", "[{port: 8080}]", &[LOCAL_A]),
+            ]),
+            vec![Backends(FE, &[]), HasAny("default/web/TCP", false)],
+        ),
+        // semantics 2.3
+        case(
+            "slice port with a nil or zero number is skipped",
+            docs(&[
+                &web(""),
+                &slice_ports("web-1", "[{name: http}]", &[REMOTE_B]),
+                &slice_ports("web-2", "[{name: http, port: 0}]", &["{addresses: [10.244.3.1]}"]),
+                &slice("web-3", &[LOCAL_A]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 2.3
+        case(
+            "slice port without protocol is TCP",
+            docs(&[&web(""), &slice_ports("web-1", "[{name: http, port: 8080}]", &[LOCAL_A])]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 2.4
+        case(
+            "backend port comes from each slice",
+            docs(&[
+                &web(""),
+                &slice_ports("web-1", "[{name: http, port: 8080}]", &[LOCAL_A]),
+                &slice_ports("web-2", "[{name: http, port: 9090}]", &[REMOTE_B]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:9090"])],
+        ),
+        // semantics 2.5
+        case(
+            "slices merged and sorted by the IP:port string",
+            docs(&[
+                &web(""),
+                &slice("web-a", &["{addresses: [10.244.0.9]}"]),
+                &slice("web-b", &["{addresses: [10.244.0.10]}", "{addresses: [10.244.0.100]}"]),
+            ]),
+            vec![Backends(
+                FE,
+                &["10.244.0.100:8080", "10.244.0.10:8080", "10.244.0.9:8080"],
+            )],
+        ),
+        // semantics 2.5
+        case(
+            "same IP on two backend ports is two endpoints",
+            docs(&[
+                &web(""),
+                &slice_ports("web-1", "[{name: http, port: 8080}]", &[LOCAL_A]),
+                &slice_ports("web-2", "[{name: http, port: 9090}]", &[LOCAL_A]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.1.1:9090"])],
+        ),
+        // semantics 2.6 (the copy on this node does not win, unlike pre-1.36 code)
+        case(
+            "duplicate IP:port: first copy kept over a later non-terminating one",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice("web-1", &["{addresses: [10.244.0.5], nodeName: node-b}"]),
+                &slice("web-2", &["{addresses: [10.244.0.5], nodeName: node-a}"]),
+            ]),
+            vec![
+                All(P, &["10.244.0.5:8080"]),
+                Local(P, &[]),
+                Backends(FE, &[]),
+                NoLocal(FE, true),
+            ],
+        ),
+        // semantics 2.6
+        case(
+            "duplicate IP:port: a non-terminating copy replaces a terminating one",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &["{addresses: [10.244.0.5], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}"],
+                ),
+                &slice("web-2", &["{addresses: [10.244.0.5], nodeName: node-a}"]),
+            ]),
+            vec![
+                All(P, &["10.244.0.5:8080"]),
+                Local(P, &["10.244.0.5:8080"]),
+                Backends(FE, &["10.244.0.5:8080"]),
+            ],
+        ),
+        // semantics 2.6
+        case(
+            "duplicate IP:port in one slice: a terminating copy does not replace",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.0.5], nodeName: node-b}",
+                        "{addresses: [10.244.0.5], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                    ],
+                ),
+            ]),
+            vec![All(P, &["10.244.0.5:8080"]), Local(P, &[]), NoLocal(FE, true)],
+        ),
+        // semantics 2.7
+        case(
+            "only addresses[0] is used; endpoints without addresses skipped",
+            docs(&[
+                &web(""),
+                &slice("web-1", &["{addresses: [10.244.1.1, 10.244.1.2]}", "{addresses: []}"]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 2.7
+        case(
+            "IPv4 with leading zeros parsed leniently and printed canonically",
+            docs(&[&web(""), &slice("web-1", &["{addresses: ['010.244.001.007']}"])]),
+            vec![Backends(FE, &["10.244.1.7:8080"])],
+        ),
+        // semantics 2.8
+        case(
+            "local iff nodeName equals the lower-cased node name",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], nodeName: node-a}",
+                        "{addresses: [10.244.1.2], nodeName: Node-A}",
+                        "{addresses: [10.244.1.3]}",
+                        "{addresses: [10.244.1.4], nodeName: node-b}",
+                    ],
+                ),
+            ]),
+            vec![Local(P, &["10.244.1.1:8080"]), Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("Node-A", None),
+        // semantics 2.8
+        case(
+            "without a node name nothing is local; endpoint.zone is not read",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice("web-1", &["{addresses: [10.244.1.3], zone: zone-a}"]),
+            ]),
+            vec![Local(P, &[]), NoLocal(FE, true)],
+        )
+        .on("", Some("zone-a")),
+        // semantics 2.10, 3.7
+        case(
+            "Service port without a matching slice port has no endpoints",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {name: metrics, port: 9100}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080"]),
+                Backends("10.96.0.10:9100/TCP", &[]),
+                NoLocal("10.96.0.10:9100/TCP", false),
+                HasAny("default/web:metrics/TCP", false),
+            ],
+        ),
+        // ---- 3. Endpoint conditions and terminating fallback ----
+        // semantics 3.1
+        case(
+            "missing conditions mean ready",
+            docs(&[
+                &web(""),
+                &slice("web-1", &["{addresses: [10.244.1.1]}", "{addresses: [10.244.1.2], conditions: {}}"]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.1.2:8080"])],
+        ),
+        // semantics 3.1, 3.5, 3.6
+        case(
+            "ready=false serving=true not terminating is never used",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &["{addresses: [10.244.1.1], conditions: {ready: false, serving: true, terminating: false}}"],
+                ),
+            ]),
+            vec![Backends(FE, &[]), HasAny(P, false), All(P, &["10.244.1.1:8080"])],
+        ),
+        // semantics 1.5, 12.2
+        case(
+            "publishNotReadyAddresses is not read by the proxy",
+            docs(&[
+                &web("publishNotReadyAddresses: true"),
+                &slice("web-1", &["{addresses: [10.244.1.1], conditions: {ready: false}}"]),
+            ]),
+            vec![Backends(FE, &[])],
+        ),
+        // semantics 3.2
+        case(
+            "ready and terminating counts as ready, alongside other ready endpoints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], conditions: {ready: true, serving: true, terminating: true}}",
+                        "{addresses: [10.244.1.2], conditions: {ready: true}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.1.2:8080"])],
+        ),
+        // semantics 3.3, 3.6
+        case(
+            "terminating fallback: serving and terminating when nothing is ready",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                        "{addresses: [10.244.2.1], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}",
+                        "{addresses: [10.244.3.1], nodeName: node-c, conditions: {ready: false, serving: true, terminating: true}}",
+                    ],
+                ),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080", "10.244.3.1:8080"]),
+                HasAny(P, true),
+            ],
+        ),
+        // semantics 3.1, 3.3
+        case(
+            "terminating with serving unset counts as serving",
+            docs(&[
+                &web(""),
+                &slice("web-1", &["{addresses: [10.244.1.1], conditions: {ready: false, terminating: true}}"]),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 3.3
+        case(
+            "no terminating fallback while any endpoint is ready",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                        REMOTE_B,
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.2.1:8080"])],
+        ),
+        // ---- internalTrafficPolicy Local ----
+        // semantics 3.4, 4.4, 4.6, 4.9
+        case(
+            "ITP Local: ClusterIP uses local ready endpoints only",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        LOCAL_A,
+                        REMOTE_B,
+                        "{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                    ],
+                ),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080"]),
+                Local(P, &["10.244.1.1:8080"]),
+                Cluster(P, &[]),
+                NoLocal(FE, false),
+            ],
+        ),
+        // semantics 3.4
+        case(
+            "ITP Local: local serving-terminating fallback although remote ready exist",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                        "{addresses: [10.244.1.3], nodeName: node-a, conditions: {ready: false, serving: false, terminating: true}}",
+                        REMOTE_B,
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.2:8080"]), NoLocal(FE, false)],
+        ),
+        // semantics 3.8, 3.6
+        case(
+            "ITP Local: endpoints elsewhere but none local -> drop (no_local)",
+            docs(&[&web("internalTrafficPolicy: Local"), &slice("web-1", &[REMOTE_B])]),
+            vec![Backends(FE, &[]), NoLocal(FE, true), HasAny(P, true)],
+        ),
+        // semantics 3.7, 3.8
+        case(
+            "ITP Local: no usable endpoint anywhere -> reject, not drop",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.2.1], nodeName: node-b, conditions: {ready: false, serving: true}}",
+                        "{addresses: [10.244.1.1], nodeName: node-a, conditions: {ready: false, serving: false, terminating: true}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &[]), NoLocal(FE, false), HasAny(P, false)],
+        ),
+        // semantics 3.7, 3.8
+        case(
+            "ITP Local: no slices at all -> reject",
+            web("internalTrafficPolicy: Local"),
+            vec![Backends(FE, &[]), NoLocal(FE, false)],
+        ),
+        // semantics 4.4, 4.10
+        case(
+            "ITP Local + ETP Cluster: ClusterIP local set, externalIP cluster set",
+            docs(&[
+                &web("internalTrafficPolicy: Local, externalIPs: [203.0.113.7]"),
+                &slice("web-1", &[LOCAL_A, REMOTE_B]),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080"]),
+                Backends(EXT, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+                Cluster(P, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+                NoLocal(EXT, false),
+            ],
+        ),
+        // ---- externalTrafficPolicy Local ----
+        // semantics 4.2, 4.4
+        case(
+            "ETP Local on a plain ClusterIP Service has no effect",
+            docs(&[
+                &web("externalTrafficPolicy: Local"),
+                &slice("web-1", &[LOCAL_A, REMOTE_B]),
+            ]),
+            vec![
+                EtpLocal(P, false),
+                Local(P, &[]),
+                Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+            ],
+        ),
+        // semantics 4.2, 4.3, 4.4, 4.6
+        case(
+            "ETP Local on NodePort: local set computed, ClusterIP keeps the cluster set",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "type: NodePort, externalTrafficPolicy: Local, clusterIP: 10.96.0.10, ports: [{name: http, port: 80, nodePort: 30080}]",
+                ),
+                &slice("web-1", &[LOCAL_A, REMOTE_B]),
+            ]),
+            vec![
+                EtpLocal(P, true),
+                Local(P, &["10.244.1.1:8080"]),
+                Cluster(P, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+                Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+                HealthCheck(P, None),
+            ],
+        ),
+        // semantics 4.2, 4.7
+        case(
+            "ETP Local with externalIPs on a ClusterIP Service: node-local clients use the cluster set",
+            docs(&[
+                &web("externalTrafficPolicy: Local, externalIPs: [203.0.113.7]"),
+                &slice("web-1", &[LOCAL_A, REMOTE_B]),
+            ]),
+            vec![
+                EtpLocal(P, true),
+                Local(P, &["10.244.1.1:8080"]),
+                Backends(EXT, &["10.244.1.1:8080", "10.244.2.1:8080"]),
+            ],
+        ),
+        // semantics 3.9, 4.7
+        case(
+            "ETP Local, no local endpoint: local set empty, short-circuit still served",
+            docs(&[
+                &web("externalTrafficPolicy: Local, externalIPs: [203.0.113.7]"),
+                &slice("web-1", &[REMOTE_B]),
+            ]),
+            vec![
+                Local(P, &[]),
+                Backends(EXT, &["10.244.2.1:8080"]),
+                Backends(FE, &["10.244.2.1:8080"]),
+                NoLocal(FE, false),
+                NoLocal(EXT, false),
+            ],
+        ),
+        // semantics 8.1
+        case(
+            "LoadBalancer with ETP Local has its healthCheckNodePort",
+            docs(&[
+                &(web("type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000")
+                    + "\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![HealthCheck(P, Some(32000)), EtpLocal(P, true)],
+        ),
+        // ---- 5. Topology ----
+        // semantics 5.6, 5.8
+        case(
+            "zone hints: every ready endpoint hinted and this zone present -> same zone",
+            docs(&[
+                &web("externalIPs: [203.0.113.7]"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], nodeName: node-x, hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], nodeName: node-y, hints: {forZones: [{name: zone-b}]}}",
+                        "{addresses: [10.244.1.2], nodeName: node-z, hints: {forZones: [{name: zone-b}, {name: zone-a}]}}",
+                    ],
+                ),
+            ]),
+            vec![
+                Backends(FE, &["10.244.1.1:8080", "10.244.1.2:8080"]),
+                Backends(EXT, &["10.244.1.1:8080", "10.244.1.2:8080"]),
+            ],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.7
+        case(
+            "partial zone hints -> all ready endpoints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1]}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.7
+        case(
+            "empty forZones list counts as no hint",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forZones: []}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.6, 5.7
+        case(
+            "this zone not among the hints -> all ready endpoints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"])],
+        )
+        .on("node-a", Some("zone-c")),
+        // semantics 5.3, 5.6
+        case(
+            "node without a zone label ignores zone hints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"])],
+        ),
+        // semantics 5.4
+        case(
+            "non-ready endpoints are ignored when checking that all are hinted",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forZones: [{name: zone-b}]}}",
+                        "{addresses: [10.244.3.1], conditions: {ready: false}}",
+                        "{addresses: [10.244.3.2], conditions: {ready: false, serving: true, terminating: true}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.5
+        case(
+            "node hints are preferred over zone hints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.1.2], hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.5, 5.7
+        case(
+            "partial node hints fall back to zone hints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.1.2], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forNodes: [{name: node-c}], forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.1.2:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.5, 5.6
+        case(
+            "node hints not naming this node fall back to zone hints",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forNodes: [{name: node-b}], forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("node-c", Some("zone-a")),
+        // semantics 2.8, 5.5
+        case(
+            "node hints are matched against the lower-cased node name",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forNodes: [{name: node-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forNodes: [{name: node-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("Node-A", None),
+        // semantics 5.8, 3.4
+        case(
+            "topology does not filter the local set",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], nodeName: node-a, hints: {forZones: [{name: zone-b}]}}",
+                        "{addresses: [10.244.2.1], nodeName: node-b, hints: {forZones: [{name: zone-a}]}}",
+                    ],
+                ),
+            ]),
+            vec![Local(P, &["10.244.1.1:8080"]), Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.4, 5.8, 3.3
+        case(
+            "topology does not filter the terminating fallback",
+            docs(&[
+                &web(""),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080", "10.244.2.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // semantics 5.1
+        case(
+            "hints are used whatever the annotation or trafficDistribution say",
+            docs(&[
+                &service(
+                    "name: web, namespace: default, annotations: {service.kubernetes.io/topology-mode: Disabled}",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+                ),
+                &slice(
+                    "web-1",
+                    &[
+                        "{addresses: [10.244.1.1], hints: {forZones: [{name: zone-a}]}}",
+                        "{addresses: [10.244.2.1], hints: {forZones: [{name: zone-b}]}}",
+                    ],
+                ),
+            ]),
+            vec![Backends(FE, &["10.244.1.1:8080"])],
+        )
+        .on("node-a", Some("zone-a")),
+        // ---- 6. Session affinity ----
+        // semantics 6.1, 6.2
+        case(
+            "ClientIP affinity defaults to 10800 s on every frontend of the port",
+            docs(&[
+                &web("sessionAffinity: ClientIP, externalIPs: [203.0.113.7]"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Affinity(FE, Some(DEFAULT_AFFINITY_SECS)), Affinity(EXT, Some(10_800))],
+        ),
+        // semantics 6.1
+        case(
+            "ClientIP affinity with an explicit timeout",
+            docs(&[
+                &web("sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Affinity(FE, Some(60))],
+        ),
+        // semantics 6.1
+        case(
+            "sessionAffinity None ignores sessionAffinityConfig",
+            docs(&[
+                &web("sessionAffinity: None, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Affinity(FE, None)],
+        ),
+        // ---- 7. externalIPs and load balancer IPs ----
+        // semantics 7.6, 12.8
+        case(
+            "externalIPs: own family only, unparsable ones are a problem and skipped",
+            docs(&[
+                &web("externalIPs: [203.0.113.7, '2001:db8::7', not-an-ip]"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![
+                Frontends(&[FE, EXT]),
+                Backends(EXT, &["10.244.1.1:8080"]),
+                Problem("not-an-ip"),
+            ],
+        ),
+        // semantics 7.7, 4.1
+        case(
+            "LB ingress: nil and VIP ipMode programmed, Proxy and hostname-only not",
+            docs(&[
+                &(web("type: LoadBalancer")
+                    + "\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1}, {ip: 198.51.100.2, ipMode: VIP}, {ip: 198.51.100.3, ipMode: Proxy}, {hostname: lb.example.com}]}}"),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![
+                Frontends(&[FE, "198.51.100.1:80/TCP", "198.51.100.2:80/TCP"]),
+                Backends("198.51.100.2:80/TCP", &["10.244.1.1:8080"]),
+                NoProblems,
+            ],
+        ),
+        // ---- invalid input never aborts (12.8) ----
+        // semantics 12.8
+        case(
+            "Service port 0 is a problem; other ports still programmed",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: bad, port: 0}, {name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Problem("port 0"), Ports(&[P]), Backends(FE, &["10.244.1.1:8080"])],
+        ),
+        // semantics 12.8
+        case(
+            "Service port above 65535 is a problem",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: big, port: 70000}, {name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Problem("port 70000"), Ports(&[P])],
+        ),
+        // semantics 12.1, 12.8
+        case(
+            "unknown protocol is a problem",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: icmp, port: 81, protocol: ICMP}, {name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Problem("ICMP"), Ports(&[P]), Frontends(&[FE])],
+        ),
+        // semantics 2.1, 12.8
+        case(
+            "duplicate port name and protocol: first kept, problem recorded",
+            docs(&[
+                &service(
+                    "name: web, namespace: default",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {name: http, port: 81}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+            ]),
+            vec![Problem("duplicate port name"), Ports(&[P]), Frontends(&[FE])],
+        ),
+        // semantics 12.8
+        case(
+            "two Services claim one frontend: first by namespace/name wins",
+            docs(&[
+                &web(""),
+                &service(
+                    "name: zeta, namespace: apps",
+                    "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+                ),
+                &slice("web-1", &[LOCAL_A]),
+                &slice_of(
+                    "name: zeta-1, namespace: apps, labels: {kubernetes.io/service-name: zeta}",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    &[REMOTE_B],
+                ),
+            ]),
+            vec![
+                Frontends(&[FE]),
+                Backends(FE, &["10.244.2.1:8080"]),
+                Problem("already used by apps/zeta:http/TCP"),
+            ],
+        ),
+    ]
+}
+
+/// Checks one case; returns what did not match.
+fn check(case: &Case) -> Vec<String> {
+    let d = compile(&snapshot(&case.yaml, case.node, case.zone));
+    let mut errors = Vec::new();
+    let mut expect = |ok: bool, e: &Expect, got: String| {
+        if !ok {
+            errors.push(format!("{e:?}: got {got}"));
+        }
+    };
+    let want = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    for e in &case.expect {
+        match e {
+            Backends(fe, list) => match frontend_of(&d, fe) {
+                Some(_) => {
+                    let got = backends_of(&d, fe);
+                    expect(got == want(list), e, format!("{got:?}"));
+                }
+                None => expect(
+                    false,
+                    e,
+                    format!("no such frontend in {:?}", d.frontends.keys()),
+                ),
+            },
+            Frontends(list) => {
+                let mut got: Vec<String> = d.frontends.keys().map(|k| k.to_string()).collect();
+                got.sort();
+                let mut want = want(list);
+                want.sort();
+                expect(got == want, e, format!("{got:?}"));
+            }
+            Ports(list) => {
+                let mut got: Vec<String> = d.ports.keys().map(|k| k.to_string()).collect();
+                got.sort();
+                let mut want = want(list);
+                want.sort();
+                expect(got == want, e, format!("{got:?}"));
+            }
+            Cluster(port, list) | Local(port, list) | All(port, list) => match port_of(&d, port) {
+                Some(sp) => {
+                    let set = match e {
+                        Cluster(..) => &sp.endpoints.cluster,
+                        Local(..) => &sp.endpoints.local,
+                        _ => &sp.endpoints.all,
+                    };
+                    let got = strings(set);
+                    expect(got == want(list), e, format!("{got:?}"));
+                }
+                None => expect(false, e, "no such port".into()),
+            },
+            NoLocal(fe, want) => match frontend_of(&d, fe) {
+                Some(f) => expect(f.no_local == *want, e, format!("{}", f.no_local)),
+                None => expect(false, e, "no such frontend".into()),
+            },
+            Affinity(fe, want) => match frontend_of(&d, fe) {
+                Some(f) => expect(
+                    f.affinity_secs == *want,
+                    e,
+                    format!("{:?}", f.affinity_secs),
+                ),
+                None => expect(false, e, "no such frontend".into()),
+            },
+            HasAny(port, want) => match port_of(&d, port) {
+                Some(sp) => expect(
+                    sp.endpoints.has_any == *want,
+                    e,
+                    format!("{}", sp.endpoints.has_any),
+                ),
+                None => expect(false, e, "no such port".into()),
+            },
+            EtpLocal(port, want) => match port_of(&d, port) {
+                Some(sp) => expect(sp.etp_local == *want, e, format!("{}", sp.etp_local)),
+                None => expect(false, e, "no such port".into()),
+            },
+            HealthCheck(port, want) => match port_of(&d, port) {
+                Some(sp) => expect(
+                    sp.health_check_node_port == *want,
+                    e,
+                    format!("{:?}", sp.health_check_node_port),
+                ),
+                None => expect(false, e, "no such port".into()),
+            },
+            Problem(text) => expect(
+                d.problems.iter().any(|p| p.to_string().contains(text)),
+                e,
+                format!("{:?}", d.problems),
+            ),
+            NoProblems => expect(d.problems.is_empty(), e, format!("{:?}", d.problems)),
+        }
+    }
+    errors
+}
+
+#[test]
+fn semantics_table() {
+    let cases = cases();
+    let mut failures = Vec::new();
+    for case in &cases {
+        for error in check(case) {
+            failures.push(format!("[{}] {error}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed expectation(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn table_has_enough_distinct_cases() {
+    let cases = cases();
+    let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), cases.len(), "duplicate case names");
+    assert!(cases.len() >= 40, "only {} cases", cases.len());
+    assert!(cases.iter().all(|c| !c.expect.is_empty()));
 }
 
 const SVC: &str = "kind: Service
@@ -56,4 +1381,53 @@ fn clusterip_ready_endpoints_only() {
     // semantics 3.1, 3.2, 3.5
     let d = compile(&snapshot(SVC, "node-a", None));
     assert_eq!(backends_of(&d, "10.96.0.10:80/TCP"), ["10.244.0.2:8080"]);
+}
+
+#[test]
+fn backends_carry_protocol_locality_and_terminating() {
+    // semantics 2.8, 3.3: the fallback set is flagged terminating; locality per nodeName.
+    let yaml = docs(&[
+        &web(""),
+        &slice(
+            "web-1",
+            &[
+                "{addresses: [10.244.1.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                "{addresses: [10.244.2.1], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}",
+            ],
+        ),
+    ]);
+    let d = compile(&snapshot(&yaml, "node-a", None));
+    let f = frontend_of(&d, FE).unwrap();
+    assert_eq!(f.kind, FrontendKind::ClusterIp);
+    let flags: Vec<_> = f
+        .backends
+        .iter()
+        .map(|b| (b.proto, b.local, b.terminating, b.weight))
+        .collect();
+    assert_eq!(
+        flags,
+        [(Proto::Tcp, true, true, 1), (Proto::Tcp, false, true, 1)]
+    );
+}
+
+#[test]
+fn compile_is_deterministic_whatever_the_input_order() {
+    // semantics 2.5, 2.6: merging and frontend claims do not depend on list order.
+    let yaml = docs(&[
+        &web(""),
+        &service(
+            "name: zeta, namespace: apps",
+            "clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]",
+        ),
+        &slice("web-2", &["{addresses: [10.244.0.5], nodeName: node-a}"]),
+        &slice(
+            "web-1",
+            &["{addresses: [10.244.0.5], nodeName: node-b}", REMOTE_B],
+        ),
+    ]);
+    let forward = snapshot(&yaml, "node-a", None);
+    let mut reversed = forward.clone();
+    reversed.services.reverse();
+    reversed.slices.reverse();
+    assert_eq!(compile(&forward), compile(&reversed));
 }
