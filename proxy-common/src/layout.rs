@@ -3,7 +3,7 @@
 
 use core::mem::size_of;
 
-use crate::{affinity::*, backend::*, revnat::*, service::*};
+use crate::{affinity::*, backend::*, info::*, revnat::*, service::*};
 
 const _: () = {
     assert!(size_of::<Service4Key>() == 8);
@@ -20,4 +20,6 @@ const _: () = {
     assert!(size_of::<SockRevNat4Value>() == 12);
     assert!(size_of::<SockRevNat6Key>() == 32);
     assert!(size_of::<SockRevNat6Value>() == 24);
+    assert!(size_of::<ServiceInfo>() == 256);
+    assert!(size_of::<AgentState>() == 64);
 };

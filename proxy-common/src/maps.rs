@@ -19,8 +19,13 @@ pub const SOCK6_REVNAT: &str = "SOCK6_REVNAT";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
+/// Which Service each frontend belongs to: `u32` frontend id → `info::ServiceInfo`.
+pub const LB_SVC_INFO: &str = "LB_SVC_INFO";
+/// The agent's own state: one `info::AgentState` at key 0.
+pub const LB_AGENT: &str = "LB_AGENT";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 11] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -30,6 +35,8 @@ pub const ALL: [&str; 9] = [
     SOCK4_REVNAT,
     SOCK6_REVNAT,
     LB_STATS,
+    LB_SVC_INFO,
+    LB_AGENT,
 ];
 
 /// Default capacities (entries). The agent can override them at load time.

@@ -8,7 +8,10 @@ mod maps;
 mod sock;
 mod stats;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, socket_filter},
+    programs::{SkBuffContext, SockAddrContext},
+};
 
 /// connect() of TCP, UDP and SCTP sockets to an IPv4 address. Returns 1 (proceed) unless the
 /// Service has no usable backend, then 0 with ECONNREFUSED (or EPERM for a policy drop).
@@ -61,6 +64,15 @@ pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     sock::rev6(&ctx);
     1
+}
+
+/// Never loaded or attached. It references the inspection-only maps, which no hook reads, so
+/// that the linker keeps them in the object and the agent creates and pins them with the rest.
+#[socket_filter]
+pub fn maps_anchor(_ctx: SkBuffContext) -> i64 {
+    let _ = maps::LB_SVC_INFO.get_ptr(0u32);
+    let _ = maps::LB_AGENT.get_ptr(0);
+    0
 }
 
 #[cfg(not(test))]

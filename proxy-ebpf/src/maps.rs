@@ -2,12 +2,13 @@
 //! LB_* maps, the programs write affinity and reverse-translation entries and counters.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
+    info::{AgentState, ServiceInfo},
     maps::*,
     reason::REASON_COUNT,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
@@ -58,3 +59,12 @@ pub static SOCK6_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6Value, SOCK_REVNA
 /// Counters per `Reason`, per CPU.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Which Service each frontend belongs to, for inspection only (no program reads it). Defined
+/// here so it is created and pinned with the others.
+#[btf_map]
+pub static LB_SVC_INFO: HashMap<u32, ServiceInfo, SERVICES_MAX, NO_PREALLOC> = HashMap::new();
+
+/// The agent's own state, for inspection only.
+#[btf_map]
+pub static LB_AGENT: Array<AgentState, 1> = Array::new();

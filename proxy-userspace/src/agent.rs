@@ -119,7 +119,9 @@ pub fn run(
             continue;
         }
         let (snapshot, first, _) = pending.take().expect("due implies pending");
-        match sync_once(io, &mut current, &snapshot, &mut logged) {
+        let result = sync_once(io, &mut current, &snapshot, &mut logged);
+        io.synced(result.is_ok());
+        match result {
             Ok(report) => log::info!(
                 "synced: {} frontends, {} map writes, {} rejected objects, {:?} (change to programmed {:?})",
                 report.frontends,

@@ -8,18 +8,25 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::IpAddr,
 };
 
 use proxy_common::{
     backend::{BACKEND_LOCAL, BACKEND_TERMINATING, BackendValue, FAMILY_V4, FAMILY_V6},
+    info::{
+        INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+        ServiceInfo,
+    },
     service::{
         FLAG_AFFINITY, FLAG_NO_LOCAL, MemberKey, MemberValue, SCOPE_INTERNAL, Service4Key,
         Service6Key, ServiceValue, SlotKey, SlotValue,
     },
 };
 
-use crate::compile::{Backend, Desired, FrontendAddr, FrontendKind, PortName, Proto};
+use crate::compile::{
+    Backend, Desired, FrontendAddr, FrontendKind, FrontendState, PortName, Proto,
+};
 
 /// A frontend key of either family.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -102,6 +109,8 @@ pub struct MapState {
     pub slots: BTreeMap<SlotKey, SlotValue>,
     pub members: BTreeMap<MemberKey, MemberValue>,
     pub backends: BTreeMap<u32, BackendValue>,
+    /// Inspection-only: which Service port each frontend id belongs to.
+    pub infos: BTreeMap<u32, ServiceInfo>,
 }
 
 /// One map write.
@@ -115,6 +124,24 @@ pub enum Op {
     DelSlot(SlotKey),
     DelMember(MemberKey),
     DelBackend(u32),
+    PutInfo(u32, Box<ServiceInfo>),
+    DelInfo(u32),
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::PutInfo(id, info) => write!(
+                f,
+                "PutInfo({id}, {} kind {} flags {:#x} port_id {})",
+                info.name(),
+                info.kind,
+                info.flags,
+                info.port_id
+            ),
+            other => write!(f, "{other:?}"),
+        }
+    }
 }
 
 impl MapState {
@@ -144,6 +171,12 @@ impl MapState {
             }
             Op::DelBackend(id) => {
                 self.backends.remove(&id);
+            }
+            Op::PutInfo(id, ref v) => {
+                self.infos.insert(id, **v);
+            }
+            Op::DelInfo(id) => {
+                self.infos.remove(&id);
             }
         }
     }
@@ -239,6 +272,36 @@ fn allocate(used: &mut BTreeSet<u32>) -> u32 {
     }
     used.insert(id);
     id
+}
+
+/// The inspection record of a frontend.
+pub fn service_info(desired: &Desired, state: &FrontendState, port_id: u32) -> ServiceInfo {
+    let mut name = [0u8; 248];
+    let text = state.port.to_string();
+    let mut len = text.len().min(name.len());
+    while !text.is_char_boundary(len) {
+        len -= 1;
+    }
+    name[..len].copy_from_slice(&text.as_bytes()[..len]);
+    let port = desired.ports.get(&state.port);
+    let mut flags = 0;
+    if port.is_some_and(|p| p.itp_local) {
+        flags |= INFO_ITP_LOCAL;
+    }
+    if port.is_some_and(|p| p.etp_local) {
+        flags |= INFO_ETP_LOCAL;
+    }
+    ServiceInfo {
+        port_id,
+        kind: match state.kind {
+            FrontendKind::ClusterIp => KIND_CLUSTER_IP,
+            FrontendKind::ExternalIp => KIND_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => KIND_LOAD_BALANCER,
+        },
+        flags,
+        name_len: len as u16,
+        name,
+    }
 }
 
 /// Largest number of slots one frontend may have (the slot index is 16 bits).
@@ -364,6 +427,10 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
                 stage.push(Op::PutMember(k, v));
             }
         }
+        let info = service_info(desired, state, port_id);
+        if current.infos.get(&id) != Some(&info) {
+            stage.push(Op::PutInfo(id, Box::new(info)));
+        }
         if existing != Some(&value) {
             flips.push(Op::PutService(key, value));
         }
@@ -437,6 +504,11 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     for k in current.members.keys() {
         if !live_svc_ids.contains(&k.svc_id) {
             removes.push(Op::DelMember(*k));
+        }
+    }
+    for id in current.infos.keys() {
+        if !live_svc_ids.contains(id) {
+            removes.push(Op::DelInfo(*id));
         }
     }
     for id in current.backends.keys() {

@@ -3,6 +3,7 @@
 
 mod eligibility;
 mod endpoints;
+pub mod explain;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 

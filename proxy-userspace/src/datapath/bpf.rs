@@ -11,11 +11,16 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
+    info::{AgentState, ServiceInfo},
     maps as names,
     reason::{REASON_COUNT, Reason},
     service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
@@ -47,17 +52,25 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kube-bpf-proxy";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
-/// Loaded programs (attached while this lives) and handles on the pinned maps.
-pub struct Datapath {
-    /// Keeps the programs and their links alive: dropping it detaches the hooks.
-    _ebpf: Ebpf,
+/// Typed handles on the maps the agent reads and writes.
+pub struct Maps {
     services4: HashMap<MapData, Service4Key, ServiceValue>,
     services6: HashMap<MapData, Service6Key, ServiceValue>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     members: HashMap<MapData, MemberKey, MemberValue>,
     backends: HashMap<MapData, u32, BackendValue>,
+    infos: HashMap<MapData, u32, ServiceInfo>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
+    agent: Array<MapData, AgentState>,
+}
+
+/// Loaded programs (their links are pinned) and the maps.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    maps: Maps,
     pin_dir: PathBuf,
+    started: AgentState,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -111,14 +124,135 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn take<K: aya::Pod, V: aya::Pod>(
-    ebpf: &mut Ebpf,
-    name: &str,
-) -> anyhow::Result<HashMap<MapData, K, V>> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))?;
-    HashMap::try_from(map).with_context(|| format!("map {name}: unexpected type or layout"))
+/// Where a map handle comes from: the object being loaded, or a pin (for inspection).
+enum MapSource<'a> {
+    Object(&'a mut Ebpf),
+    Pins(&'a Path),
+}
+
+impl MapSource<'_> {
+    fn take<T>(&mut self, name: &str) -> anyhow::Result<T>
+    where
+        T: TryFrom<Map, Error = MapError>,
+    {
+        let map = match self {
+            MapSource::Object(ebpf) => ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))?,
+            MapSource::Pins(dir) => {
+                let path = dir.join(name);
+                let data = MapData::from_pin(&path).with_context(|| {
+                    format!(
+                        "open pinned map {} (is the agent installed here?)",
+                        path.display()
+                    )
+                })?;
+                let info = data.info()?;
+                map_of_type(info.map_type()?, data)
+                    .ok_or_else(|| anyhow!("{}: unexpected map type", path.display()))?
+            }
+        };
+        T::try_from(map).with_context(|| format!("map {name}: unexpected type or layout"))
+    }
+}
+
+fn map_of_type(map_type: MapType, data: MapData) -> Option<Map> {
+    Some(match map_type {
+        MapType::Hash => Map::HashMap(data),
+        MapType::LruHash => Map::LruHashMap(data),
+        MapType::PerCpuArray => Map::PerCpuArray(data),
+        MapType::Array => Map::Array(data),
+        _ => return None,
+    })
+}
+
+impl Maps {
+    fn from_source(mut source: MapSource<'_>) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            services4: source.take(names::LB4_SERVICES)?,
+            services6: source.take(names::LB6_SERVICES)?,
+            slots: source.take(names::LB_SLOTS)?,
+            members: source.take(names::LB_MEMBERS)?,
+            backends: source.take(names::LB_BACKENDS)?,
+            infos: source.take(names::LB_SVC_INFO)?,
+            affinity: source.take(names::LB_AFFINITY)?,
+            stats: source.take(names::LB_STATS)?,
+            agent: source.take(names::LB_AGENT)?,
+        })
+    }
+
+    /// Opens the maps pinned under `pin_dir` without loading any program.
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Maps> {
+        Maps::from_source(MapSource::Pins(pin_dir))
+    }
+
+    /// Datapath counters summed over CPUs.
+    pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
+        let mut out = Vec::new();
+        for reason in Reason::ALL {
+            let index = reason as u32;
+            debug_assert!(index < REASON_COUNT);
+            let values = self.stats.get(&index, 0)?;
+            out.push((reason, values.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Session affinity entries.
+    pub fn affinity(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>> {
+        dump_map(&self.affinity, names::LB_AFFINITY)
+    }
+
+    /// What the agent last recorded about itself.
+    pub fn agent_state(&self) -> anyhow::Result<AgentState> {
+        Ok(self.agent.get(&0, 0)?)
+    }
+}
+
+/// Entries in use and capacity of every pinned map, for `status` and metrics.
+pub fn map_fill(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u32, u32)>> {
+    let mut out = Vec::new();
+    for name in names::ALL {
+        let path = pin_dir.join(name);
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("read map info of {}", path.display()))?;
+        let used = match info.map_type()? {
+            // Arrays always hold max_entries entries.
+            MapType::Array | MapType::PerCpuArray => info.max_entries(),
+            _ => {
+                let data = MapData::from_pin(&path)?;
+                count_entries(data.fd().as_fd(), info.key_size(), info.max_entries())?
+            }
+        };
+        out.push((name, used, info.max_entries()));
+    }
+    Ok(out)
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Counts the keys of a hash map by walking BPF_MAP_GET_NEXT_KEY (bounded by `max`).
+fn count_entries(map: BorrowedFd<'_>, key_size: u32, max: u32) -> anyhow::Result<u32> {
+    let mut key = vec![0u8; key_size as usize];
+    let mut next = vec![0u8; key_size as usize];
+    let mut count = 0u32;
+    let mut first = true;
+    while count <= max {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u32 as u64;
+        attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+        attr[2] = next.as_mut_ptr() as u64;
+        match bpf_syscall(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                count += 1;
+                first = false;
+                key.copy_from_slice(&next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+        }
+    }
+    Ok(count)
 }
 
 impl Datapath {
@@ -183,42 +317,56 @@ impl Datapath {
             "socket hooks on {}: {attached} attached, {replaced} replaced in place",
             cgroup.display()
         );
-        let services4 = take(&mut ebpf, names::LB4_SERVICES)?;
-        let services6 = take(&mut ebpf, names::LB6_SERVICES)?;
-        let slots = take(&mut ebpf, names::LB_SLOTS)?;
-        let members = take(&mut ebpf, names::LB_MEMBERS)?;
-        let backends = take(&mut ebpf, names::LB_BACKENDS)?;
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map(names::LB_STATS)
-                .ok_or_else(|| anyhow!("map LB_STATS missing"))?,
-        )?;
+        let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         log::info!("maps pinned under {}", pin_dir.display());
-        Ok(Datapath {
+        let mut version = [0u8; 32];
+        let v = env!("CARGO_PKG_VERSION").as_bytes();
+        let n = v.len().min(version.len());
+        version[..n].copy_from_slice(&v[..n]);
+        let started = AgentState {
+            last_sync_unix_ms: 0,
+            syncs: 0,
+            sync_failures: 0,
+            pid: std::process::id(),
+            version_len: n as u32,
+            version,
+        };
+        let mut datapath = Datapath {
             _ebpf: ebpf,
-            services4,
-            services6,
-            slots,
-            members,
-            backends,
-            stats,
+            maps,
             pin_dir: pin_dir.to_path_buf(),
-        })
+            started,
+        };
+        datapath.write_agent_state()?;
+        Ok(datapath)
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
 
-    /// Datapath counters summed over CPUs.
-    pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
-        let mut out = Vec::new();
-        for reason in Reason::ALL {
-            let index = reason as u32;
-            debug_assert!(index < REASON_COUNT);
-            let values = self.stats.get(&index, 0)?;
-            out.push((reason, values.iter().sum()));
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    fn write_agent_state(&mut self) -> anyhow::Result<()> {
+        self.maps
+            .agent
+            .set(0, self.started, 0)
+            .context("write LB_AGENT")
+    }
+
+    /// Records a sync outcome in `LB_AGENT` for `status`.
+    pub fn record_sync(&mut self, ok: bool) -> anyhow::Result<()> {
+        if ok {
+            self.started.syncs += 1;
+            self.started.last_sync_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+        } else {
+            self.started.sync_failures += 1;
         }
-        Ok(out)
+        self.write_agent_state()
     }
 }
 
@@ -295,7 +443,7 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-impl MapIo for Datapath {
+impl MapIo for Maps {
     fn dump(&self) -> anyhow::Result<MapState> {
         let mut state = MapState::default();
         for (k, v) in dump_map(&self.services4, names::LB4_SERVICES)? {
@@ -311,6 +459,9 @@ impl MapIo for Datapath {
         state
             .backends
             .extend(dump_map(&self.backends, names::LB_BACKENDS)?);
+        state
+            .infos
+            .extend(dump_map(&self.infos, names::LB_SVC_INFO)?);
         Ok(state)
     }
 
@@ -326,6 +477,8 @@ impl MapIo for Datapath {
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
             Op::DelMember(k) => ignore_missing(self.members.remove(k)),
             Op::DelBackend(k) => ignore_missing(self.backends.remove(k)),
+            Op::PutInfo(k, v) => self.infos.insert(k, **v, 0),
+            Op::DelInfo(k) => ignore_missing(self.infos.remove(k)),
         };
         result.with_context(|| format!("map write {op:?}"))
     }
@@ -363,4 +516,45 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
         Err(e) => log::warn!("could not remove {}: {e}", pin_dir.display()),
     }
     Ok(removed)
+}
+
+impl MapIo for Datapath {
+    fn dump(&self) -> anyhow::Result<MapState> {
+        self.maps.dump()
+    }
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+        self.maps.apply(op)
+    }
+    fn synced(&mut self, ok: bool) {
+        if let Err(e) = self.record_sync(ok) {
+            log::warn!("could not record the sync in LB_AGENT: {e:#}");
+        }
+    }
+}
+
+/// One socket hook as its pinned link shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HookInfo {
+    pub hook: &'static str,
+    /// Kernel link id, if the link pin exists and opens.
+    pub link_id: Option<u32>,
+    /// Id of the program running in the link.
+    pub program_id: Option<u32>,
+}
+
+/// The pinned hook links under `pin_dir`.
+pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
+    SOCK_PROGRAMS
+        .iter()
+        .map(|name| {
+            let info = PinnedLink::from_pin(pin_dir.join(LINKS_DIR).join(name))
+                .ok()
+                .and_then(|l| FdLink::from(l).info().ok());
+            HookInfo {
+                hook: name,
+                link_id: info.as_ref().map(|i| i.id()),
+                program_id: info.as_ref().map(|i| i.program_id()),
+            }
+        })
+        .collect()
 }

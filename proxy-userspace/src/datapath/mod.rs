@@ -11,6 +11,8 @@ pub trait MapIo {
     fn dump(&self) -> anyhow::Result<MapState>;
     /// Performs one write. Deleting a missing key is not an error.
     fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
+    /// Told after every sync attempt (the kernel datapath records it for `status`).
+    fn synced(&mut self, _ok: bool) {}
 }
 
 impl MapIo for MapState {

@@ -1,0 +1,136 @@
+//! The `kube-bpf-proxy` command line: the agent (`run`) and the inspection commands, which read
+//! the pinned maps and need no API server (`explain` and `verify` also read the source).
+
+mod explain;
+pub mod output;
+mod run;
+mod status;
+mod verify;
+pub mod view;
+
+use std::{path::PathBuf, sync::mpsc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use self::output::Format;
+use crate::{
+    datapath::bpf,
+    snapshot::Snapshot,
+    source::{Source, manifests::ManifestSource},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kube-bpf-proxy",
+    version,
+    about = "A Kubernetes service proxy in BPF"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: watch a source and keep the BPF maps equal to it.
+    Run(run::RunArgs),
+    /// Attached hooks, map fill levels, agent version and last sync, datapath counters.
+    Status(InspectArgs),
+    /// Every frontend with its backends, as the kernel's maps hold them.
+    Services(InspectArgs),
+    /// Why a client's next connection to a frontend goes where it goes.
+    Explain(explain::ExplainArgs),
+    /// Compare the kernel's maps with the state computed from the source; exit 1 on drift.
+    Verify(verify::VerifyArgs),
+    /// Detach every hook and remove every pinned map and link the agent created.
+    Cleanup {
+        /// Pin directory on a bpffs.
+        #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+    },
+}
+
+/// Options of the commands that read the pinned maps.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Pin directory on a bpffs.
+    #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
+    pub bpffs: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// Where Services, EndpointSlices and the Node come from.
+#[derive(clap::Args, Clone)]
+pub struct SourceArgs {
+    /// Read Services, EndpointSlices and Nodes from YAML files in this directory (re-read on
+    /// change) instead of an API server.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// This node's name, as in EndpointSlice nodeName (default: the hostname, lower-cased).
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+}
+
+impl SourceArgs {
+    pub fn node_name(&self) -> String {
+        self.hostname_override
+            .clone()
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default()
+            })
+            .to_lowercase()
+    }
+
+    pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
+        match &self.manifests {
+            Some(dir) => Ok(Box::new(ManifestSource::new(dir.clone(), self.node_name()))),
+            None => bail!(
+                "no source given: pass --manifests DIR (the Kubernetes API source is not built yet)"
+            ),
+        }
+    }
+
+    /// Runs the source until its first complete snapshot.
+    pub fn first_snapshot(&self, timeout: Duration) -> anyhow::Result<Snapshot> {
+        let source = self.source()?;
+        let name = source.name();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Err(e) = source.run(tx) {
+                log::error!("source stopped: {e:#}");
+            }
+        });
+        rx.recv_timeout(timeout)
+            .with_context(|| format!("no snapshot from {name} within {timeout:?}"))
+    }
+}
+
+pub fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Status(args) => status::status(&args),
+        Command::Services(args) => status::services(&args),
+        Command::Explain(args) => explain::explain(&args),
+        Command::Verify(args) => verify::verify(&args),
+        Command::Cleanup { bpffs } => bpf::remove_pins(&bpffs).map(|n| {
+            println!(
+                "removed {n} pins (hooks detached, maps freed) from {}",
+                bpffs.display()
+            );
+        }),
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) => {
+            log::error!("{e:#}");
+            std::process::exit(if e.is::<verify::Drift>() { 1 } else { 2 });
+        }
+    }
+}

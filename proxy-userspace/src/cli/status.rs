@@ -1,0 +1,211 @@
+//! `status` and `services`: what the kernel holds, read from the pinned maps and links.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::{
+    InspectArgs,
+    output::{Format, json, table},
+    view,
+};
+use crate::datapath::{
+    MapIo as _,
+    bpf::{self, HookInfo, Maps},
+};
+
+#[derive(Serialize)]
+struct AgentView {
+    version: String,
+    pid: u32,
+    running: bool,
+    last_sync_unix_ms: u64,
+    last_sync_age_secs: Option<f64>,
+    syncs: u64,
+    sync_failures: u64,
+}
+
+#[derive(Serialize)]
+struct MapFill {
+    map: &'static str,
+    entries: u32,
+    max_entries: u32,
+    percent: f64,
+}
+
+#[derive(Serialize)]
+struct Counter {
+    reason: &'static str,
+    count: u64,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    agent: AgentView,
+    mode: &'static str,
+    pin_dir: String,
+    hooks: Vec<HookInfo>,
+    maps: Vec<MapFill>,
+    counters: Vec<Counter>,
+}
+
+pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&args.bpffs)?;
+    let agent = maps.agent_state()?;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let version_len = (agent.version_len as usize).min(agent.version.len());
+    let view = StatusView {
+        agent: AgentView {
+            version: String::from_utf8_lossy(&agent.version[..version_len]).into_owned(),
+            pid: agent.pid,
+            running: agent.pid != 0
+                && std::path::Path::new(&format!("/proc/{}", agent.pid)).exists(),
+            last_sync_unix_ms: agent.last_sync_unix_ms,
+            last_sync_age_secs: (agent.last_sync_unix_ms > 0)
+                .then(|| now_ms.saturating_sub(agent.last_sync_unix_ms) as f64 / 1000.0),
+            syncs: agent.syncs,
+            sync_failures: agent.sync_failures,
+        },
+        mode: "socket (cgroup connect/sendmsg/recvmsg/getpeername hooks)",
+        pin_dir: args.bpffs.display().to_string(),
+        hooks: bpf::hooks(&args.bpffs),
+        maps: bpf::map_fill(&args.bpffs)?
+            .into_iter()
+            .map(|(map, entries, max_entries)| MapFill {
+                map,
+                entries,
+                max_entries,
+                percent: if max_entries == 0 {
+                    0.0
+                } else {
+                    (entries as f64 * 1000.0 / max_entries as f64).round() / 10.0
+                },
+            })
+            .collect(),
+        counters: maps
+            .stats()?
+            .into_iter()
+            .map(|(reason, count)| Counter {
+                reason: reason.name(),
+                count,
+            })
+            .collect(),
+    };
+    if args.output == Format::Json {
+        return json(&view);
+    }
+    let a = &view.agent;
+    println!(
+        "agent:    version {}, pid {} ({}), {} syncs, {} failed, last sync {}",
+        a.version,
+        a.pid,
+        if a.running { "running" } else { "not running" },
+        a.syncs,
+        a.sync_failures,
+        a.last_sync_age_secs
+            .map_or("never".to_string(), |s| format!("{s:.1} s ago"))
+    );
+    println!("mode:     {}", view.mode);
+    println!("pins:     {}\n", view.pin_dir);
+    let hooks: Vec<Vec<String>> = view
+        .hooks
+        .iter()
+        .map(|h| {
+            vec![
+                h.hook.to_string(),
+                h.link_id.map_or("-".into(), |i| i.to_string()),
+                h.program_id.map_or("-".into(), |i| i.to_string()),
+                if h.link_id.is_some() {
+                    "attached"
+                } else {
+                    "NOT ATTACHED"
+                }
+                .to_string(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["HOOK", "LINK", "PROGRAM", "STATE"], &hooks));
+    println!();
+    let maps: Vec<Vec<String>> = view
+        .maps
+        .iter()
+        .map(|m| {
+            vec![
+                m.map.to_string(),
+                m.entries.to_string(),
+                m.max_entries.to_string(),
+                format!("{:.1}%", m.percent),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["MAP", "ENTRIES", "MAX", "FILL"], &maps));
+    println!();
+    let counters: Vec<Vec<String>> = view
+        .counters
+        .iter()
+        .map(|c| vec![c.reason.to_string(), c.count.to_string()])
+        .collect();
+    print!("{}", table(&["DATAPATH EVENT", "COUNT"], &counters));
+    Ok(())
+}
+
+pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
+    let maps = Maps::open_pinned(&args.bpffs)?;
+    let state = maps.dump()?;
+    let frontends = view::frontends(&state);
+    if args.output == Format::Json {
+        return json(&frontends);
+    }
+    let mut rows = Vec::new();
+    for f in &frontends {
+        let backends = if f.backends.is_empty() {
+            "-".to_string()
+        } else {
+            f.backends
+                .iter()
+                .map(|b| {
+                    let mut s = b.address.clone();
+                    let mut tags = Vec::new();
+                    if b.local {
+                        tags.push("local");
+                    }
+                    if b.terminating {
+                        tags.push("terminating");
+                    }
+                    if b.slots != 1 {
+                        s.push_str(&format!(" x{}", b.slots));
+                    }
+                    if !tags.is_empty() {
+                        s.push_str(&format!(" ({})", tags.join(",")));
+                    }
+                    s
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        rows.push(vec![
+            f.frontend.clone(),
+            f.kind.clone(),
+            f.service.clone(),
+            f.action.clone(),
+            if f.policies.is_empty() {
+                "-".into()
+            } else {
+                f.policies.join(" ")
+            },
+            backends,
+        ]);
+    }
+    print!(
+        "{}",
+        table(
+            &[
+                "FRONTEND", "TYPE", "SERVICE", "ACTION", "POLICIES", "BACKENDS"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}

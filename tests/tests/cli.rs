@@ -1,0 +1,270 @@
+//! The inspection commands against a live agent: `status`, `services`, `explain`, `verify`,
+//! `cleanup`, in both output formats.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::*;
+use tests::harness::{process::workspace_binary, topology::Proto};
+
+/// Runs `kube-bpf-proxy ARGS --bpffs <pins>`; returns (exit code, stdout).
+fn cli(env: &Env, args: &[&str]) -> (i32, String) {
+    let out = Command::new(workspace_binary("kube-bpf-proxy"))
+        .args(args)
+        .arg("--bpffs")
+        .arg(&env.agent.pin_dir)
+        .output()
+        .expect("run kube-bpf-proxy");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "$ kube-bpf-proxy {}\n{stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// Service `web` whose endpoints cover every reason an endpoint can be passed over:
+/// pod-2 ready in zone-a, pod-3 terminating, pod-4 not ready, pod-5 ready but hinted to zone-b.
+fn web(env: &mut Env) {
+    env.agent
+        .write_manifest("node.yaml", &node_yaml(NODE, Some("zone-a")));
+    env.agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    let ip = |i: usize| env.topo.pods[i].ip4.to_string();
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forZones: [{{name: zone-a}}]}}}}\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, conditions: {{ready: false, serving: true, terminating: true}}}}\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, conditions: {{ready: false}}}}\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forZones: [{{name: zone-b}}]}}}}\n",
+        ip(1),
+        ip(2),
+        ip(3),
+        ip(4)
+    );
+    env.agent.write_manifest("slice.yaml", &slice);
+    env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
+}
+
+#[test]
+fn status_and_services_show_the_kernel_state() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(5);
+    web(&mut env);
+    let (code, table) = cli(&env, &["status"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("running"), "{table}");
+    assert_eq!(table.matches("attached").count(), 8, "{table}");
+    let (code, out) = cli(&env, &["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    let status = json(&out);
+    assert_eq!(status["agent"]["running"], true);
+    assert!(status["agent"]["syncs"].as_u64().unwrap() >= 1);
+    let maps = status["maps"].as_array().unwrap();
+    let services = maps.iter().find(|m| m["map"] == "LB4_SERVICES").unwrap();
+    assert_eq!(
+        services["entries"], 2,
+        "the frontend and its ClusterIP marker"
+    );
+    let backends = maps.iter().find(|m| m["map"] == "LB_BACKENDS").unwrap();
+    assert_eq!(backends["entries"], 1);
+    let translated = status["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["reason"] == "translated")
+        .unwrap();
+    assert!(translated["count"].as_u64().unwrap() >= 1);
+
+    let (code, table) = cli(&env, &["services"]);
+    assert_eq!(code, 0);
+    let pod2 = format!("{}:{BACKEND_PORT}", env.topo.pods[1].ip4);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("10.96.0.10:80/TCP"))
+        .unwrap_or_else(|| panic!("no row for the frontend: {table}"));
+    assert!(
+        row.contains("ClusterIP") && row.contains("default/web:http/TCP"),
+        "{row}"
+    );
+    assert!(row.contains(&pod2) && row.contains("balance"), "{row}");
+    let (code, out) = cli(&env, &["services", "--output", "json"]);
+    assert_eq!(code, 0);
+    let frontends = json(&out);
+    let f = &frontends.as_array().unwrap()[0];
+    assert_eq!(f["frontend"], "10.96.0.10:80/TCP");
+    assert_eq!(f["service"], "default/web:http/TCP");
+    assert_eq!(f["backends"][0]["address"], pod2.as_str());
+    assert_eq!(f["backends"][0]["local"], true);
+}
+
+#[test]
+fn explain_names_the_reason_for_every_excluded_endpoint() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(5);
+    web(&mut env);
+    let manifests = env.agent.manifests.display().to_string();
+    let client = env.topo.pods[0].ip4.to_string();
+    let args = [
+        "explain",
+        client.as_str(),
+        "10.96.0.10:80/TCP",
+        "--manifests",
+        manifests.as_str(),
+        "--hostname-override",
+        NODE,
+    ];
+    let (code, out) = cli(&env, &[&args[..], &["-o", "json"]].concat());
+    assert_eq!(code, 0);
+    let v = json(&out);
+    assert_eq!(v["matched"]["service"], "default/web:http/TCP");
+    let eligible = v["eligible"].as_array().unwrap();
+    assert_eq!(eligible.len(), 1);
+    assert_eq!(eligible[0]["probability"], 1.0);
+    let reasons: Vec<(String, String)> = v["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["endpoint"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let reason_of = |pod: usize| {
+        let ep = format!("{}:{BACKEND_PORT}", env.topo.pods[pod].ip4);
+        reasons
+            .iter()
+            .find(|(e, _)| *e == ep)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("{ep} not listed as excluded: {reasons:?}"))
+    };
+    assert!(reason_of(2).starts_with("terminating"), "{reasons:?}");
+    assert_eq!(reason_of(3), "not ready");
+    assert!(reason_of(4).contains("zone"), "{reasons:?}");
+    assert_eq!(reasons.len(), 3);
+    assert!(v["next_connection"].as_str().unwrap().contains("100%"));
+
+    let (code, table) = cli(&env, &args);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("not ready") && table.contains("next connection: random"),
+        "{table}"
+    );
+    // An undefined port of the ClusterIP, and an address that is no Service.
+    let (_, out) = cli(&env, &["explain", &client, "10.96.0.10:81/TCP"]);
+    assert!(out.contains("rejected (ECONNREFUSED)"), "{out}");
+    let (_, out) = cli(&env, &["explain", &client, "10.96.0.99:80/TCP"]);
+    assert!(out.contains("untouched"), "{out}");
+}
+
+#[test]
+fn verify_reports_injected_drift_and_nothing_otherwise() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(5);
+    web(&mut env);
+    let manifests = env.agent.manifests.display().to_string();
+    let source = [
+        "--manifests",
+        manifests.as_str(),
+        "--hostname-override",
+        NODE,
+    ];
+    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("in sync"), "{out}");
+    let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["in_sync"], true);
+
+    // Change the only backend's port behind the agent's back, with bpftool.
+    let (_, services) = cli(&env, &["services", "-o", "json"]);
+    let backend_id = json(&services)[0]["backends"][0]["id"].as_u64().unwrap() as u32;
+    let map = env.agent.pin_dir.join("LB_BACKENDS");
+    let key: Vec<String> = backend_id
+        .to_le_bytes()
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    let mut value = [0u8; 24];
+    value[..4].copy_from_slice(&env.topo.pods[1].ip4.octets());
+    value[16..18].copy_from_slice(&9999u16.to_le_bytes());
+    value[18] = 6; // TCP
+    value[19] = 4; // IPv4
+    value[22..24].copy_from_slice(&1u16.to_le_bytes());
+    let value: Vec<String> = value.iter().map(|b| b.to_string()).collect();
+    let status = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&map)
+        .arg("key")
+        .args(&key)
+        .arg("value")
+        .args(&value)
+        .status()
+        .expect("run bpftool");
+    assert!(status.success());
+    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    assert_eq!(code, 1, "drift must exit 1: {out}");
+    assert!(out.contains("DRIFT") && out.contains("PutBackend"), "{out}");
+    let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
+    assert_eq!(code, 1);
+    assert_eq!(json(&out)["in_sync"], false);
+}
+
+#[test]
+fn cleanup_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    env.agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    env.agent.write_manifest(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
+    );
+    let vip = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    env.agent.kill();
+    // The hooks outlive the agent...
+    assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
+    let (code, out) = cli(&env, &["cleanup"]);
+    assert_eq!(code, 0, "{out}");
+    // ...until cleanup: no pin, no program on the cgroup, no translation.
+    assert!(!env.agent.pin_dir.exists(), "pin directory left behind");
+    let attached = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(env.topo.cgroup_path())
+        .output()
+        .expect("bpftool cgroup show");
+    let attached = String::from_utf8_lossy(&attached.stdout);
+    assert!(
+        attached.trim().is_empty(),
+        "programs still attached: {attached}"
+    );
+    tests::poll_until("VIP no longer translated", Duration::from_secs(5), || {
+        let r = env.request(Proto::Tcp, vip, 1);
+        if r[0].ok {
+            Err(format!("{r:?}"))
+        } else {
+            Ok(())
+        }
+    });
+}
