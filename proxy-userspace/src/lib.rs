@@ -4,6 +4,9 @@
 pub mod agent;
 pub mod compile;
 pub mod datapath;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod plan;
 pub mod snapshot;
 pub mod source;
