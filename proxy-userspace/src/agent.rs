@@ -9,12 +9,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
 use crate::{
-    compile::compile,
+    compile::{Family, Problem, compile},
     datapath::MapIo,
+    health::Health,
+    metrics::Metrics,
     plan::{MapState, plan},
     snapshot::Snapshot,
 };
+
+/// Where the loop reports what it does (both optional, for tests).
+#[derive(Clone, Default)]
+pub struct Observers {
+    pub metrics: Option<Arc<Metrics>>,
+    pub health: Option<Arc<Health>>,
+}
 
 /// How bursts of changes are coalesced.
 #[derive(Clone, Copy, Debug)]
@@ -42,8 +53,10 @@ impl Default for SyncTiming {
 pub struct SyncReport {
     pub frontends: usize,
     pub writes: usize,
-    pub problems: usize,
+    pub problems: Vec<Problem>,
     pub duration: Duration,
+    /// Frontends dropping ClusterIP traffic for lack of local endpoints, per family.
+    pub no_local: Vec<(Family, u64)>,
 }
 
 /// Applies one snapshot: compile, plan against `current`, write. On a failed write `current` is
@@ -73,11 +86,23 @@ pub fn sync_once(
         }
         current.apply(op);
     }
+    let no_local = [Family::V4, Family::V6]
+        .into_iter()
+        .map(|family| {
+            let n = desired
+                .frontends
+                .values()
+                .filter(|f| f.no_local && f.port.family == family)
+                .count() as u64;
+            (family, n)
+        })
+        .collect();
     Ok(SyncReport {
         frontends: desired.frontends.len(),
         writes: ops.len(),
-        problems: desired.problems.len(),
+        problems: desired.problems,
         duration: started.elapsed(),
+        no_local,
     })
 }
 
@@ -87,7 +112,11 @@ pub fn run(
     rx: Receiver<Snapshot>,
     timing: SyncTiming,
     stop: &AtomicBool,
+    observers: &Observers,
 ) -> anyhow::Result<()> {
+    let agent_started = SystemTime::now();
+    let mut previous: Option<Snapshot> = None;
+    let mut triggers = TriggerTimes::default();
     let mut current = io.dump()?;
     log::info!(
         "adopted {} frontends and {} backends from the pinned maps",
@@ -100,6 +129,12 @@ pub fn run(
     while !stop.load(Ordering::Relaxed) {
         match rx.recv_timeout(tick) {
             Ok(snapshot) => {
+                if let Some(h) = &observers.health {
+                    h.queued(SystemTime::now());
+                }
+                if let Some(m) = &observers.metrics {
+                    m.observe_queued(SystemTime::now());
+                }
                 let now = Instant::now();
                 let first = pending.as_ref().map_or(now, |p| p.1);
                 pending = Some((snapshot, first, now));
@@ -119,18 +154,45 @@ pub fn run(
             continue;
         }
         let (snapshot, first, _) = pending.take().expect("due implies pending");
+        let attempt = Instant::now();
         let result = sync_once(io, &mut current, &snapshot, &mut logged);
         io.synced(result.is_ok());
+        if let Some(m) = &observers.metrics {
+            m.observe_sync(attempt.elapsed(), result.is_ok());
+        }
         match result {
-            Ok(report) => log::info!(
-                "synced: {} frontends, {} map writes, {} rejected objects, {:?} (change to programmed {:?})",
-                report.frontends,
-                report.writes,
-                report.problems,
-                report.duration,
-                first.elapsed()
-            ),
+            Ok(report) => {
+                log::info!(
+                    "synced: {} frontends, {} map writes, {} rejected objects, {:?} (change to programmed {:?})",
+                    report.frontends,
+                    report.writes,
+                    report.problems.len(),
+                    report.duration,
+                    first.elapsed()
+                );
+                if let Some(h) = &observers.health {
+                    h.synced(SystemTime::now());
+                }
+                if let Some(m) = &observers.metrics {
+                    m.set_rejected_problems(&report.problems);
+                    for (family, n) in &report.no_local {
+                        m.set_no_local_endpoints(*family, *n, 0);
+                    }
+                    let (services, endpoints) = changes(previous.as_ref(), &snapshot);
+                    m.add_service_changes(services);
+                    for (family, n) in endpoints {
+                        m.add_endpoint_changes(family, n);
+                    }
+                    for (family, latency) in triggers.new_latencies(&snapshot, agent_started) {
+                        m.observe_programming_latency(family, latency);
+                    }
+                }
+                previous = Some(snapshot);
+            }
             Err(e) => {
+                if let Some(m) = &observers.metrics {
+                    m.map_update_error(map_of_error(&e));
+                }
                 log::error!("sync failed: {e:#}; keeping the programmed state, retrying");
                 std::thread::sleep(timing.retry);
                 pending = Some((snapshot, first, Instant::now()));
@@ -138,4 +200,177 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// The map named in a failed write's error, for the map_update_errors metric.
+fn map_of_error(e: &anyhow::Error) -> &'static str {
+    let text = format!("{e:#}");
+    proxy_common::maps::ALL
+        .into_iter()
+        .find(|name| text.contains(name))
+        .unwrap_or("unknown")
+}
+
+/// Services and EndpointSlices (per family) added, changed or removed since `previous`.
+fn changes(previous: Option<&Snapshot>, now: &Snapshot) -> (u64, Vec<(Family, u64)>) {
+    fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    }
+    fn diff<T: PartialEq>(
+        before: &[T],
+        after: &[T],
+        meta: impl Fn(&T) -> (String, String),
+    ) -> Vec<(String, String)> {
+        let old: BTreeMap<_, &T> = before.iter().map(|o| (meta(o), o)).collect();
+        let new: BTreeMap<_, &T> = after.iter().map(|o| (meta(o), o)).collect();
+        let mut changed: Vec<_> = new
+            .iter()
+            .filter(|(k, v)| old.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        changed.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
+        changed
+    }
+    let empty = Snapshot::default();
+    let before = previous.unwrap_or(&empty);
+    let services = diff(&before.services, &now.services, |s| key(&s.metadata)).len() as u64;
+    let family_of = |t: &str| if t == "IPv6" { Family::V6 } else { Family::V4 };
+    let mut per_family: BTreeMap<Family, u64> = BTreeMap::new();
+    let all: Vec<_> = before.slices.iter().chain(&now.slices).collect();
+    for changed in diff(&before.slices, &now.slices, |s| key(&s.metadata)) {
+        if let Some(slice) = all.iter().find(|s| key(&s.metadata) == changed) {
+            *per_family
+                .entry(family_of(&slice.address_type))
+                .or_default() += 1;
+        }
+    }
+    (services, per_family.into_iter().collect())
+}
+
+/// EndpointSlice trigger times already observed, so each change is measured once (fact 11.3).
+#[derive(Default)]
+struct TriggerTimes {
+    seen: BTreeMap<(String, String), String>,
+}
+
+const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+impl TriggerTimes {
+    /// Latencies from each new trigger time to now, skipping those before the agent started.
+    fn new_latencies(
+        &mut self,
+        snapshot: &Snapshot,
+        started: SystemTime,
+    ) -> Vec<(Family, Duration)> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        let mut seen = BTreeMap::new();
+        for slice in &snapshot.slices {
+            let key = (
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                slice.metadata.name.clone().unwrap_or_default(),
+            );
+            let Some(raw) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_ANNOTATION))
+            else {
+                continue;
+            };
+            if self.seen.get(&key) != Some(raw)
+                && let Some(t) = parse_rfc3339(raw)
+                && t >= started
+                && let Ok(latency) = now.duration_since(t)
+            {
+                let family = if slice.address_type == "IPv6" {
+                    Family::V6
+                } else {
+                    Family::V4
+                };
+                out.push((family, latency));
+            }
+            seen.insert(key, raw.clone());
+        }
+        self.seen = seen;
+        out
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)`.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        let mut n: u64 = frac[..digits].parse().ok()?;
+        for _ in digits..9 {
+            n *= 10;
+        }
+        for _ in 9..digits {
+            n /= 10;
+        }
+        nanos = n as u32;
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    // Days from the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::parse_rfc3339;
+
+    #[test]
+    fn rfc3339_parses_utc_fractions_and_offsets() {
+        let t = |s| parse_rfc3339(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap());
+        assert_eq!(t("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(
+            t("2024-02-29T12:34:56Z"),
+            Some(Duration::from_secs(1_709_210_096))
+        );
+        assert_eq!(
+            t("2024-02-29T12:34:56.5Z"),
+            Some(Duration::new(1_709_210_096, 500_000_000))
+        );
+        assert_eq!(
+            t("2024-02-29T14:34:56+02:00"),
+            Some(Duration::from_secs(1_709_210_096))
+        );
+        assert_eq!(t("not a time"), None);
+    }
 }

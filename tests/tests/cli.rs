@@ -268,3 +268,51 @@ fn cleanup_leaves_nothing_behind() {
         }
     });
 }
+
+/// /metrics carries kube-proxy's sync metrics, map fill levels and datapath counters;
+/// /healthz and /livez answer 200 once the agent has synced.
+#[test]
+fn metrics_and_health_endpoints() {
+    if !privileged() {
+        return;
+    }
+    use tests::harness::agent::http_get;
+    let mut env = Env::new(5);
+    web(&mut env);
+    let (code, body) = http_get(env.agent.health_port, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["healthy"], true);
+    let (code, _) = http_get(env.agent.health_port, "/livez");
+    assert_eq!(code, 200);
+    let port = env.agent.metrics_port;
+    let body = tests::poll_until(
+        "datapath counters in /metrics",
+        Duration::from_secs(15),
+        || {
+            let (code, body) = http_get(port, "/metrics");
+            let translated = body
+                .lines()
+                .find(|l| {
+                    l.starts_with("kube_bpf_proxy_datapath_events_total{reason=\"translated\"}")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if code == 200 && translated >= 1.0 {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        },
+    );
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kube_bpf_proxy_map_entries{map=\"LB_BACKENDS\"} 1",
+        "kube_bpf_proxy_map_max_entries{map=\"LB_BACKENDS\"}",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+}

@@ -3,18 +3,24 @@
 use std::{
     path::PathBuf,
     sync::{
+        Arc,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
     thread,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
 
 use super::SourceArgs;
 use crate::{
-    agent::{self, SyncTiming},
+    agent::{self, Observers, SyncTiming},
+    compile::Family,
     datapath::bpf::{self, Datapath},
+    health::{DEFAULT_HEALTH_TIMEOUT, Health},
+    http::{self, HttpState},
+    metrics::Metrics,
 };
 
 #[derive(clap::Args)]
@@ -28,6 +34,48 @@ pub struct RunArgs {
     /// Pin directory on a bpffs.
     #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
     pub bpffs: PathBuf,
+    /// Address for /metrics (Prometheus); empty disables it.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: String,
+    /// Address for /healthz and /livez; empty disables it.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: String,
+}
+
+/// Serves the HTTP endpoints; a bind failure is logged, not fatal (kube-proxy retries too).
+fn serve(what: &str, addr: &str, state: &Arc<HttpState>) {
+    if addr.is_empty() {
+        return;
+    }
+    match http::serve(addr, Arc::clone(state)) {
+        Ok(_) => log::info!("serving {what} on {addr}"),
+        Err(e) => log::error!("cannot serve {what} on {addr}: {e}"),
+    }
+}
+
+/// Refreshes map fill levels and datapath counters in the metrics every few seconds.
+fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
+    thread::spawn(move || {
+        loop {
+            match bpf::map_fill(&pin_dir) {
+                Ok(fill) => {
+                    for (map, used, max) in fill {
+                        metrics.set_map_fill(map, used.into(), max.into());
+                    }
+                }
+                Err(e) => log::debug!("map fill: {e:#}"),
+            }
+            match bpf::Maps::open_pinned(&pin_dir).and_then(|m| m.stats()) {
+                Ok(stats) => {
+                    let totals: Vec<(&str, u64)> =
+                        stats.iter().map(|(r, n)| (r.name(), *n)).collect();
+                    metrics.set_datapath_totals(&totals);
+                }
+                Err(e) => log::debug!("datapath counters: {e:#}"),
+            }
+            thread::sleep(Duration::from_secs(5));
+        }
+    });
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -75,7 +123,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 log::error!("source stopped: {e:#}");
             }
         })?;
-    agent::run(&mut datapath, rx, SyncTiming::default(), &STOP)?;
+    let families = [Family::V4, Family::V6];
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
+    let health = Arc::new(Health::new(
+        DEFAULT_HEALTH_TIMEOUT,
+        &families,
+        SystemTime::now(),
+    ));
+    let http_state = Arc::new(HttpState {
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+    });
+    serve("metrics", &args.metrics_bind_address, &http_state);
+    serve("health checks", &args.healthz_bind_address, &http_state);
+    poll_kernel_counters(args.bpffs.clone(), Arc::clone(&metrics));
+    let observers = Observers {
+        metrics: Some(metrics),
+        health: Some(health),
+    };
+    agent::run(&mut datapath, rx, SyncTiming::default(), &STOP, &observers)?;
     log::info!(
         "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
     );

@@ -21,6 +21,17 @@ pub struct Agent {
     pub pin_dir: PathBuf,
     cgroup: PathBuf,
     node_name: String,
+    /// 127.0.0.1 ports of /metrics and of /healthz, /livez.
+    pub metrics_port: u16,
+    pub health_port: u16,
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 impl Agent {
@@ -35,6 +46,8 @@ impl Agent {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
             cgroup: cgroup.to_path_buf(),
             node_name: node_name.into(),
+            metrics_port: free_port(),
+            health_port: free_port(),
         }
     }
 
@@ -61,6 +74,10 @@ impl Agent {
             .arg("--bpffs")
             .arg(&self.pin_dir)
             .args(["--hostname-override", &self.node_name])
+            .arg("--metrics-bind-address")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .arg("--healthz-bind-address")
+            .arg(format!("127.0.0.1:{}", self.health_port))
             .env("RUST_LOG", "info")
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
@@ -133,4 +150,30 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(&self.pin_dir);
         }
     }
+}
+
+/// GET `path` from 127.0.0.1:`port`; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (code, body)
 }
