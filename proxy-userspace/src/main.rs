@@ -9,12 +9,12 @@ use std::{
     thread,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use proxy_userspace::{
     agent::{self, SyncTiming},
     datapath::bpf::{self, Datapath},
-    source::{Source, manifests::ManifestSource},
+    source::{Source, kube::KubeSource, manifests::ManifestSource},
 };
 
 #[derive(Parser)]
@@ -46,6 +46,16 @@ struct RunArgs {
     /// change) instead of an API server.
     #[arg(long)]
     manifests: Option<PathBuf>,
+    /// API server URL, e.g. https://192.0.2.10:6443 (the real address, not the `kubernetes`
+    /// Service's ClusterIP, which this proxy programs), or http://127.0.0.1:8001 through
+    /// `kubectl proxy`. Overrides the kubeconfig's server. With https and a mounted service
+    /// account, the pod's token and CA are used.
+    #[arg(long, conflicts_with = "manifests")]
+    master: Option<String>,
+    /// Kubeconfig file for the API server (default: in-cluster config, then $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory to attach the socket hooks to (default: the cgroup2 root, so every
     /// process on the node, pods and host, is covered).
     #[arg(long)]
@@ -98,9 +108,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = node_name(args.hostname_override);
     let source: Box<dyn Source> = match args.manifests {
         Some(dir) => Box::new(ManifestSource::new(dir, node.clone())),
-        None => bail!(
-            "no source given: pass --manifests DIR (the Kubernetes API source is not built yet)"
-        ),
+        None => Box::new(KubeSource::from_flags(
+            args.master.as_deref(),
+            args.kubeconfig,
+            node.clone(),
+        )?),
     };
     let cgroup = match args.cgroup {
         Some(c) => c,
