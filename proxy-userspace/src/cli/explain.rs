@@ -133,7 +133,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             probability: b.slots as f64 / total.max(1) as f64,
         })
         .collect();
-    if args.source.manifests.is_some() {
+    if args.source.given() {
         let snapshot = args
             .source
             .first_snapshot(std::time::Duration::from_secs(30))?;

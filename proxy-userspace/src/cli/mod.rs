@@ -10,14 +10,14 @@ pub mod view;
 
 use std::{path::PathBuf, sync::mpsc, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use self::output::Format;
 use crate::{
     datapath::bpf,
     snapshot::Snapshot,
-    source::{Source, manifests::ManifestSource},
+    source::{Source, kube::KubeSource, manifests::ManifestSource},
 };
 
 #[derive(Parser)]
@@ -69,6 +69,16 @@ pub struct SourceArgs {
     /// change) instead of an API server.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
+    /// API server URL, e.g. https://192.0.2.10:6443 (the real address, not the `kubernetes`
+    /// Service's ClusterIP, which this proxy programs), or http://127.0.0.1:8001 through
+    /// `kubectl proxy`. Overrides the kubeconfig's server. With https and a mounted service
+    /// account, the pod's token and CA are used.
+    #[arg(long, conflicts_with = "manifests")]
+    pub master: Option<String>,
+    /// Kubeconfig file for the API server (default: in-cluster config, then $KUBECONFIG or
+    /// ~/.kube/config).
+    #[arg(long, conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
     /// This node's name, as in EndpointSlice nodeName (default: the hostname, lower-cased).
     #[arg(long)]
     pub hostname_override: Option<String>,
@@ -86,13 +96,22 @@ impl SourceArgs {
             .to_lowercase()
     }
 
+    /// The manifests source with --manifests, else the API server (--master, --kubeconfig,
+    /// in-cluster configuration, $KUBECONFIG, in that order).
     pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
-        match &self.manifests {
-            Some(dir) => Ok(Box::new(ManifestSource::new(dir.clone(), self.node_name()))),
-            None => bail!(
-                "no source given: pass --manifests DIR (the Kubernetes API source is not built yet)"
-            ),
-        }
+        Ok(match &self.manifests {
+            Some(dir) => Box::new(ManifestSource::new(dir.clone(), self.node_name())),
+            None => Box::new(KubeSource::from_flags(
+                self.master.as_deref(),
+                self.kubeconfig.clone(),
+                self.node_name(),
+            )?),
+        })
+    }
+
+    /// Whether a source was named explicitly (for commands where it is optional).
+    pub fn given(&self) -> bool {
+        self.manifests.is_some() || self.master.is_some() || self.kubeconfig.is_some()
     }
 
     /// Runs the source until its first complete snapshot.

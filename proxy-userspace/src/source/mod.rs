@@ -1,6 +1,7 @@
 //! Where cluster objects come from. Every source delivers whole `Snapshot`s on a channel, so the
 //! agent cannot tell them apart.
 
+pub mod kube;
 pub mod manifests;
 
 use std::sync::mpsc::Sender;

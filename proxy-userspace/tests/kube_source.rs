@@ -1,0 +1,733 @@
+//! The Kubernetes API source against an in-process API server double (`support`): initial
+//! lists, watch events, bookmarks, 410 relists, cut connections, server errors, undecodable
+//! objects. No root needed.
+
+mod support;
+
+use std::{
+    path::PathBuf,
+    sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use proxy_userspace::{
+    snapshot::Snapshot,
+    source::{Source, kube::KubeSource},
+};
+use serde_json::{Value, json};
+use support::{ApiServer, Request, Res};
+
+const NODE: &str = "node-a";
+/// Generous: the source backs off 0.8 s after the first error, doubling up to 30 s.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-svc-{ns}-{name}")},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ipFamilies": ["IPv4"],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}],
+            "selector": {"app": name},
+        },
+        "status": {"loadBalancer": {}},
+    })
+}
+
+fn slice(ns: &str, service: &str, name: &str, addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            json!({
+                "addresses": [a],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": NODE,
+                "zone": "zone-1",
+            })
+        })
+        .collect();
+    json!({
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+fn node(name: &str, zone: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone},
+        },
+        "spec": {"podCIDR": "10.244.0.0/24"},
+    })
+}
+
+/// A compact, comparable view of a snapshot.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    services: Vec<String>,
+    slices: Vec<String>,
+    zone: Option<String>,
+}
+
+fn seen(s: &Snapshot) -> Seen {
+    let services = s
+        .services
+        .iter()
+        .map(|svc| {
+            let spec = svc.spec.as_ref().unwrap();
+            format!(
+                "{}/{} {} {}",
+                svc.metadata.namespace.as_deref().unwrap(),
+                svc.metadata.name.as_deref().unwrap(),
+                spec.cluster_ip.as_deref().unwrap_or("-"),
+                spec.ports.as_ref().map_or(0, |p| p[0].port),
+            )
+        })
+        .collect();
+    let slices = s
+        .slices
+        .iter()
+        .map(|sl| {
+            let addrs: Vec<&str> = sl
+                .endpoints
+                .iter()
+                .flatten()
+                .flat_map(|e| e.addresses.iter().map(String::as_str))
+                .collect();
+            format!(
+                "{}/{} {}",
+                sl.metadata.namespace.as_deref().unwrap(),
+                sl.metadata.name.as_deref().unwrap(),
+                addrs.join(",")
+            )
+        })
+        .collect();
+    assert_eq!(s.node.name, NODE);
+    Seen {
+        services,
+        slices,
+        zone: s.node.zone.clone(),
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(ToString::to_string).collect()
+}
+
+/// The baseline cluster: two services with a slice each, and this node in zone-1.
+fn populate(server: &ApiServer) {
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 80));
+    server.apply(Res::Services, service("kube-system", "b", "10.96.0.20", 53));
+    server.apply(
+        Res::Slices,
+        slice("default", "a", "a-1", &["10.244.0.5", "10.244.0.6"]),
+    );
+    server.apply(
+        Res::Slices,
+        slice("kube-system", "b", "b-1", &["10.244.0.7"]),
+    );
+    server.apply(Res::Nodes, node(NODE, "zone-1"));
+    // Another node must not be picked up (the source selects its own by name).
+    server.apply(Res::Nodes, node("node-b", "zone-2"));
+}
+
+fn baseline() -> Seen {
+    Seen {
+        services: strings(&["default/a 10.96.0.10 80", "kube-system/b 10.96.0.20 53"]),
+        slices: strings(&[
+            "default/a-1 10.244.0.5,10.244.0.6",
+            "kube-system/b-1 10.244.0.7",
+        ]),
+        zone: Some("zone-1".into()),
+    }
+}
+
+fn start_source(server: &ApiServer) -> Receiver<Snapshot> {
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_level(log::LevelFilter::Info)
+        .try_init();
+    let config = kube::Config::new(server.url().parse().unwrap());
+    let source = Box::new(KubeSource::with_config(config, NODE.into()));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        if let Err(e) = source.run(tx) {
+            panic!("source failed: {e:#}");
+        }
+    });
+    rx
+}
+
+/// Receives snapshots until one matches `want`; every snapshot received is appended to `log`.
+fn wait_for(rx: &Receiver<Snapshot>, log: &mut Vec<Seen>, want: &Seen) -> Snapshot {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => {
+                let view = seen(&s);
+                let done = &view == want;
+                log.push(view);
+                if done {
+                    return s;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("timed out waiting for {want:#?}; received {log:#?}")
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("source stopped; received {log:#?}"),
+        }
+    }
+}
+
+/// Drains what has been sent so far without waiting.
+fn drain(rx: &Receiver<Snapshot>, log: &mut Vec<Seen>) -> usize {
+    let mut n = 0;
+    loop {
+        match rx.try_recv() {
+            Ok(s) => {
+                log.push(seen(&s));
+                n += 1;
+            }
+            Err(TryRecvError::Empty) => return n,
+            Err(TryRecvError::Disconnected) => panic!("source stopped"),
+        }
+    }
+}
+
+fn lists(requests: &[Request], res: Res) -> usize {
+    requests
+        .iter()
+        .filter(|r| r.res == Some(res) && !r.watch && r.status == 200)
+        .count()
+}
+
+fn watches(requests: &[Request], res: Res) -> Vec<Request> {
+    requests
+        .iter()
+        .filter(|r| r.res == Some(res) && r.watch)
+        .cloned()
+        .collect()
+}
+
+fn wait_watching(server: &ApiServer, res: Res) {
+    let deadline = Instant::now() + WAIT;
+    while server.live_watches(res) == 0 {
+        assert!(Instant::now() < deadline, "no live {res:?} watch");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn initial_lists_give_the_first_snapshot() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    let first = wait_for(&rx, &mut log, &baseline());
+    assert_eq!(log.len(), 1, "the first snapshot is already complete");
+    // Real-shaped objects come through intact.
+    let a = &first.services[0];
+    assert_eq!(
+        a.spec.as_ref().unwrap().ports.as_ref().unwrap()[0]
+            .name
+            .as_deref(),
+        Some("http")
+    );
+    let slice = &first.slices[0];
+    assert_eq!(
+        slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
+        "a"
+    );
+    let endpoint = &slice.endpoints.as_ref().unwrap()[0];
+    assert_eq!(endpoint.conditions.as_ref().unwrap().ready, Some(true));
+    assert_eq!(endpoint.node_name.as_deref(), Some(NODE));
+
+    // Lists then watches from the listed version, with bookmarks, for all three kinds; the
+    // Node ones select this node by name.
+    let requests = server.requests();
+    for res in Res::ALL {
+        assert_eq!(lists(&requests, res), 1, "{res:?}");
+    }
+    for res in Res::ALL {
+        wait_watching(&server, res);
+    }
+    for w in Res::ALL
+        .iter()
+        .flat_map(|r| watches(&server.requests(), *r))
+    {
+        assert!(w.bookmarks, "watch without bookmarks: {w:?}");
+        assert!(w.resource_version.is_some());
+    }
+}
+
+#[test]
+fn first_snapshot_waits_for_all_three_lists() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.hold_lists(Res::Nodes);
+    let rx = start_source(&server);
+    // Once Services and EndpointSlices are being watched, the source has handled their
+    // completed lists; the Node list is still held, so nothing may have been sent.
+    server.wait_for_requests("services and slices watches", WAIT, |r| {
+        !watches(r, Res::Services).is_empty() && !watches(r, Res::Slices).is_empty()
+    });
+    // Meanwhile events on the listed kinds must not produce a snapshot either.
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    server.delete(Res::Services, "default/c");
+    server.wait_for_requests("held node list", WAIT, |r| {
+        r.iter()
+            .any(|r| r.res == Some(Res::Nodes) && !r.watch && r.status == 0)
+    });
+    let mut log = Vec::new();
+    assert_eq!(
+        drain(&rx, &mut log),
+        0,
+        "snapshot sent before the node list: {log:#?}"
+    );
+    server.release_lists(Res::Nodes);
+    wait_for(&rx, &mut log, &baseline());
+    // The first snapshot is complete: everything listed, the node's zone included (service
+    // `c` may still be in it if its deletion was not handled yet).
+    let (first, want) = (&log[0], baseline());
+    assert_eq!((&first.slices, &first.zone), (&want.slices, &want.zone));
+    assert!(
+        want.services.iter().all(|s| first.services.contains(s)),
+        "{first:#?}"
+    );
+}
+
+#[test]
+fn missing_node_still_counts_as_listed() {
+    let server = ApiServer::start();
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 80));
+    server.apply(Res::Nodes, node("node-b", "zone-2"));
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(
+        &rx,
+        &mut log,
+        &Seen {
+            services: strings(&["default/a 10.96.0.10 80"]),
+            slices: vec![],
+            zone: None,
+        },
+    );
+    // The node appears later: its zone follows.
+    server.apply(Res::Nodes, node(NODE, "zone-3"));
+    wait_for(
+        &rx,
+        &mut log,
+        &Seen {
+            services: strings(&["default/a 10.96.0.10 80"]),
+            slices: vec![],
+            zone: Some("zone-3".into()),
+        },
+    );
+    // The other node's changes never show (the watch selects this node only).
+    assert!(log.iter().all(|s| s.zone.as_deref() != Some("zone-2")));
+}
+
+#[test]
+fn watch_events_are_reflected() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+
+    // ADDED
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    server.apply(Res::Slices, slice("default", "c", "c-1", &["10.244.1.2"]));
+    // MODIFIED
+    server.apply(
+        Res::Slices,
+        slice("default", "a", "a-1", &["10.244.0.5", "10.244.0.9"]),
+    );
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 8081));
+    server.apply(Res::Nodes, node(NODE, "zone-9"));
+    // DELETED
+    server.delete(Res::Services, "kube-system/b");
+    server.delete(Res::Slices, "kube-system/b-1");
+
+    wait_for(
+        &rx,
+        &mut log,
+        &Seen {
+            services: strings(&["default/a 10.96.0.10 8081", "default/c 10.96.0.30 8080"]),
+            slices: strings(&[
+                "default/a-1 10.244.0.5,10.244.0.9",
+                "default/c-1 10.244.1.2",
+            ]),
+            zone: Some("zone-9".into()),
+        },
+    );
+    // One snapshot per event after the first (the agent coalesces them), never an empty one.
+    assert!(log.len() >= 2 && log.len() <= 8, "{log:#?}");
+    assert!(log.iter().all(|s| !s.services.is_empty()));
+    // Only the initial lists: events never cause a relist.
+    let requests = server.requests();
+    for res in Res::ALL {
+        assert_eq!(lists(&requests, res), 1, "{res:?}");
+    }
+}
+
+#[test]
+fn bookmarks_are_harmless_and_advance_the_resume_point() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    wait_watching(&server, Res::Services);
+
+    // Changes elsewhere move the resourceVersion past the last services event; a bookmark
+    // tells the services watcher, which must not turn it into a snapshot.
+    server.apply(Res::Nodes, node("node-b", "zone-4"));
+    server.apply(Res::Nodes, node("node-c", "zone-4"));
+    let bookmark = server.bookmark(Res::Services);
+    // The cut follows the bookmark on the same connection, so the watcher has handled the
+    // bookmark before it re-watches, from the bookmark's version and without a relist.
+    server.cut_watches(Res::Services);
+    server.wait_for_requests("services re-watch", WAIT, |r| {
+        watches(r, Res::Services).len() >= 2
+    });
+    let rewatch = watches(&server.requests(), Res::Services)[1].clone();
+    assert_eq!(rewatch.resource_version, Some(bookmark.to_string()));
+    assert_eq!(lists(&server.requests(), Res::Services), 1);
+
+    // The next snapshot is the next change: the bookmark produced none.
+    let before = log.len();
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    let mut want = baseline();
+    want.services.insert(1, "default/c 10.96.0.30 8080".into());
+    wait_for(&rx, &mut log, &want);
+    assert_eq!(
+        log.len(),
+        before + 1,
+        "the bookmark produced a snapshot: {log:#?}"
+    );
+}
+
+#[test]
+fn expired_watch_relists_and_drops_what_was_deleted_meanwhile() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    wait_watching(&server, Res::Services);
+    wait_watching(&server, Res::Slices);
+
+    // Changes whose events are lost to compaction, then the live watches end with 410.
+    server.delete_unseen(Res::Services, "kube-system/b");
+    server.delete_unseen(Res::Slices, "kube-system/b-1");
+    server.apply_unseen(Res::Services, service("default", "d", "10.96.0.40", 443));
+    server.apply_unseen(Res::Slices, slice("default", "d", "d-1", &["10.244.2.2"]));
+    server.compact(Res::Services);
+    server.compact(Res::Slices);
+    server.expire_watches(Res::Services);
+    server.expire_watches(Res::Slices);
+
+    let want = Seen {
+        services: strings(&["default/a 10.96.0.10 80", "default/d 10.96.0.40 443"]),
+        slices: strings(&[
+            "default/a-1 10.244.0.5,10.244.0.6",
+            "default/d-1 10.244.2.2",
+        ]),
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    let requests = server.requests();
+    assert_eq!(lists(&requests, Res::Services), 2);
+    assert_eq!(lists(&requests, Res::Slices), 2);
+    assert!(
+        log.iter()
+            .all(|s| !s.services.is_empty() && !s.slices.is_empty())
+    );
+
+    // And it keeps following events after the relist.
+    server.delete(Res::Services, "default/d");
+    server.delete(Res::Slices, "default/d-1");
+    wait_for(
+        &rx,
+        &mut log,
+        &Seen {
+            services: strings(&["default/a 10.96.0.10 80"]),
+            slices: strings(&["default/a-1 10.244.0.5,10.244.0.6"]),
+            zone: Some("zone-1".into()),
+        },
+    );
+}
+
+#[test]
+fn resuming_from_a_compacted_version_gets_410_and_relists() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    wait_watching(&server, Res::Services);
+
+    server.delete_unseen(Res::Services, "default/a");
+    server.compact(Res::Services);
+    server.cut_watches(Res::Services);
+
+    let mut want = baseline();
+    want.services.remove(0);
+    wait_for(&rx, &mut log, &want);
+    let requests = server.requests();
+    assert!(
+        watches(&requests, Res::Services).iter().any(|w| w.expired),
+        "the re-watch was not answered with 410: {requests:#?}"
+    );
+    assert_eq!(lists(&requests, Res::Services), 2);
+    assert_eq!(
+        lists(&requests, Res::Slices),
+        1,
+        "only the expired kind relists"
+    );
+}
+
+#[test]
+fn cut_connections_resume_and_converge() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    for res in Res::ALL {
+        wait_watching(&server, res);
+    }
+
+    for res in Res::ALL {
+        server.cut_watches(res);
+    }
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    server.apply(Res::Slices, slice("default", "c", "c-1", &["10.244.1.2"]));
+    server.delete(Res::Slices, "default/a-1");
+    server.apply(Res::Nodes, node(NODE, "zone-7"));
+
+    let want = Seen {
+        services: strings(&[
+            "default/a 10.96.0.10 80",
+            "default/c 10.96.0.30 8080",
+            "kube-system/b 10.96.0.20 53",
+        ]),
+        slices: strings(&["default/c-1 10.244.1.2", "kube-system/b-1 10.244.0.7"]),
+        zone: Some("zone-7".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    // Resumed from the last version seen, not relisted.
+    let requests = server.requests();
+    for res in Res::ALL {
+        assert_eq!(lists(&requests, res), 1, "{res:?} relisted");
+    }
+    assert!(log.iter().all(|s| s.services.len() >= 2));
+
+    // A second cut, to be sure the resumed watches are live too.
+    for res in Res::ALL {
+        wait_watching(&server, res);
+        server.cut_watches(res);
+    }
+    server.delete(Res::Services, "default/c");
+    server.delete(Res::Slices, "default/c-1");
+    wait_for(
+        &rx,
+        &mut log,
+        &Seen {
+            services: strings(&["default/a 10.96.0.10 80", "kube-system/b 10.96.0.20 53"]),
+            slices: strings(&["kube-system/b-1 10.244.0.7"]),
+            zone: Some("zone-7".into()),
+        },
+    );
+}
+
+#[test]
+fn server_errors_at_start_delay_the_first_snapshot() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.fail_with(Some(500));
+    let rx = start_source(&server);
+    // Retried with backoff: a second failed list of each kind.
+    server.wait_for_requests("two failed lists per kind", WAIT, |r| {
+        Res::ALL.iter().all(|res| {
+            r.iter()
+                .filter(|q| q.res == Some(*res) && q.status == 500)
+                .count()
+                >= 2
+        })
+    });
+    let mut log = Vec::new();
+    assert_eq!(drain(&rx, &mut log), 0, "sent while failing: {log:#?}");
+    server.fail_with(None);
+    wait_for(&rx, &mut log, &baseline());
+    assert_eq!(log.len(), 1);
+}
+
+#[test]
+fn server_errors_while_watching_keep_the_last_state() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    for res in Res::ALL {
+        wait_watching(&server, res);
+    }
+
+    // The API server goes bad: watches are cut and every retry gets 500.
+    server.fail_with(Some(500));
+    for res in Res::ALL {
+        server.cut_watches(res);
+    }
+    server.wait_for_requests("two failed re-watches of services", WAIT, |r| {
+        r.iter()
+            .filter(|q| q.res == Some(Res::Services) && q.watch && q.status == 500)
+            .count()
+            >= 2
+    });
+    // Nothing changed in the stores, so nothing was sent, and certainly no empty snapshot.
+    assert_eq!(drain(&rx, &mut log), 0, "sent while failing: {log:#?}");
+
+    // Changes during the outage (recorded by the server, not seen yet by the source). The
+    // watcher must resume from its version: a relist would be held, and the test time out.
+    server.hold_lists(Res::Services);
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    server.delete(Res::Services, "kube-system/b");
+    server.fail_with(None);
+
+    let want = Seen {
+        services: strings(&["default/a 10.96.0.10 80", "default/c 10.96.0.30 8080"]),
+        slices: baseline().slices,
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    assert!(
+        log.iter()
+            .all(|s| !s.services.is_empty() && !s.slices.is_empty())
+    );
+    assert_eq!(lists(&server.requests(), Res::Services), 1);
+    server.release_lists(Res::Services);
+}
+
+#[test]
+fn undecodable_objects_are_skipped_without_stopping_the_watch() {
+    let server = ApiServer::start();
+    populate(&server);
+    // Valid JSON with valid metadata, but a spec this build cannot decode.
+    let mut broken = service("default", "broken", "10.96.0.99", 80);
+    broken["spec"]["ports"] = json!("not-a-list");
+    server.apply(Res::Services, broken.clone());
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+
+    // A watch event carrying an undecodable object, then a good one: the stream goes on.
+    let mut broken_a = service("default", "a", "10.96.0.10", 80);
+    broken_a["spec"]["clusterIP"] = json!(12);
+    server.apply(Res::Services, broken_a);
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    // The undecodable version of `a` is left out (its last decodable version is not kept).
+    let want = Seen {
+        services: strings(&["default/c 10.96.0.30 8080", "kube-system/b 10.96.0.20 53"]),
+        slices: baseline().slices,
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+
+    // Fixing the objects brings them back.
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 80));
+    server.apply(
+        Res::Services,
+        service("default", "broken", "10.96.0.99", 80),
+    );
+    let want = Seen {
+        services: strings(&[
+            "default/a 10.96.0.10 80",
+            "default/broken 10.96.0.99 80",
+            "default/c 10.96.0.30 8080",
+            "kube-system/b 10.96.0.20 53",
+        ]),
+        slices: baseline().slices,
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    assert_eq!(lists(&server.requests(), Res::Services), 1);
+}
+
+fn start_source_with_flags(
+    master: Option<&str>,
+    kubeconfig: Option<PathBuf>,
+) -> Receiver<Snapshot> {
+    let source = Box::new(KubeSource::from_flags(master, kubeconfig, NODE.into()).unwrap());
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || source.run(tx));
+    rx
+}
+
+fn write_kubeconfig(name: &str, server: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "kube-source-test-{}-{name}.yaml",
+        std::process::id()
+    ));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+         users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    \
+         user: u\ncurrent-context: x\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn command_line_flags_select_the_api_server() {
+    let server = ApiServer::start();
+    populate(&server);
+    let mut log = Vec::new();
+
+    // --master alone, plain HTTP as through `kubectl proxy`.
+    let rx = start_source_with_flags(Some(&server.url()), None);
+    wait_for(&rx, &mut log, &baseline());
+
+    // --kubeconfig alone.
+    let good = write_kubeconfig("good", &server.url());
+    let rx = start_source_with_flags(None, Some(good.clone()));
+    wait_for(&rx, &mut log, &baseline());
+
+    // --master overrides the kubeconfig's server (which points nowhere).
+    let bad = write_kubeconfig("bad", "http://127.0.0.1:1");
+    let rx = start_source_with_flags(Some(&server.url()), Some(bad.clone()));
+    wait_for(&rx, &mut log, &baseline());
+    std::fs::remove_file(good).unwrap();
+    std::fs::remove_file(bad).unwrap();
+
+    // Malformed URLs are refused up front.
+    for url in ["127.0.0.1:6443", "ftp://x", "http://", "not a url"] {
+        assert!(
+            KubeSource::from_flags(Some(url), None, NODE.into()).is_err(),
+            "{url}"
+        );
+    }
+    // A kubeconfig that does not exist is refused up front too, before the datapath loads.
+    let err = KubeSource::from_flags(None, Some("/nonexistent/kubeconfig".into()), NODE.into())
+        .err()
+        .expect("a missing kubeconfig was accepted");
+    assert!(
+        format!("{err:#}").contains("/nonexistent/kubeconfig"),
+        "{err:#}"
+    );
+}

@@ -1,0 +1,576 @@
+//! An in-process stand-in for the Kubernetes API server, just enough for list + watch of
+//! Services, EndpointSlices and Nodes, over plain HTTP/1.1 on 127.0.0.1.
+//!
+//! It behaves like the real one where the source can tell: a list returns the objects and the
+//! current resourceVersion; `?watch=true&resourceVersion=N` streams (chunked, one JSON event per
+//! line) every change after N and then live ones; a resourceVersion older than the last
+//! compaction gets an ERROR event with a 410 `Expired` Status. Faults are injected by the test:
+//! failing every request, holding lists, expiring or cutting live watches, and changing objects
+//! without telling anyone (as if those events had been compacted away).
+
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Res {
+    Services,
+    Slices,
+    Nodes,
+}
+
+impl Res {
+    pub const ALL: [Res; 3] = [Res::Services, Res::Slices, Res::Nodes];
+
+    fn from_path(path: &str) -> Option<Res> {
+        match path {
+            "/api/v1/services" => Some(Res::Services),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Res::Slices),
+            "/api/v1/nodes" => Some(Res::Nodes),
+            _ => None,
+        }
+    }
+
+    fn list_kind(self) -> (&'static str, &'static str) {
+        match self {
+            Res::Services => ("ServiceList", "v1"),
+            Res::Slices => ("EndpointSliceList", "discovery.k8s.io/v1"),
+            Res::Nodes => ("NodeList", "v1"),
+        }
+    }
+
+    fn kind(self) -> (&'static str, &'static str) {
+        match self {
+            Res::Services => ("Service", "v1"),
+            Res::Slices => ("EndpointSlice", "discovery.k8s.io/v1"),
+            Res::Nodes => ("Node", "v1"),
+        }
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub res: Option<Res>,
+    pub watch: bool,
+    pub resource_version: Option<String>,
+    pub bookmarks: bool,
+    /// HTTP status sent (0: a list that arrived while lists were held); for watches, 200 even
+    /// when the stream then carries a 410 ERROR.
+    pub status: u16,
+    /// For watches: the stream began with a 410 ERROR event.
+    pub expired: bool,
+}
+
+enum Msg {
+    /// One JSON line to send.
+    Line(String),
+    /// End the stream cleanly (terminating chunk).
+    End,
+    /// Write half an event, then close the socket without ending the chunked body.
+    Cut,
+}
+
+struct Watch {
+    tx: mpsc::UnboundedSender<Msg>,
+    name: Option<String>,
+    bookmarks: bool,
+}
+
+#[derive(Default)]
+struct Collection {
+    /// Keyed by "namespace/name" ("name" for cluster-scoped objects).
+    objects: BTreeMap<String, Value>,
+    /// (resourceVersion, type, object) of every change since the last compaction.
+    log: Vec<(u64, &'static str, Value)>,
+    /// Watches from a resourceVersion below this get 410.
+    compacted: u64,
+    watches: Vec<Watch>,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    collections: BTreeMap<Res, Collection>,
+    fail: Option<u16>,
+    held: HashSet<Res>,
+    requests: Vec<Request>,
+}
+
+impl State {
+    fn collection(&mut self, res: Res) -> &mut Collection {
+        self.collections.entry(res).or_default()
+    }
+}
+
+pub struct ApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn key_of(object: &Value) -> String {
+    let meta = &object["metadata"];
+    let name = meta["name"].as_str().expect("object without a name");
+    match meta["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn event_line(kind: &str, object: &Value) -> String {
+    let mut line = serde_json::to_string(&json!({"type": kind, "object": object})).unwrap();
+    line.push('\n');
+    line
+}
+
+impl ApiServer {
+    pub fn start() -> ApiServer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            rv: 100,
+            ..State::default()
+        }));
+        let shared = state.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(handle(socket, shared.clone()));
+            }
+        });
+        ApiServer {
+            addr,
+            state,
+            runtime: Some(runtime),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Creates or replaces an object; live watches see ADDED or MODIFIED.
+    pub fn apply(&self, res: Res, object: Value) {
+        self.change(res, object, true);
+    }
+
+    /// Deletes an object; live watches see DELETED.
+    pub fn delete(&self, res: Res, key: &str) {
+        self.remove(res, key, true);
+    }
+
+    /// Creates or replaces an object without an event anyone could watch (call `compact`
+    /// after, or a resumed watch would miss it, which the real server never allows).
+    pub fn apply_unseen(&self, res: Res, object: Value) {
+        self.change(res, object, false);
+    }
+
+    pub fn delete_unseen(&self, res: Res, key: &str) {
+        self.remove(res, key, false);
+    }
+
+    fn change(&self, res: Res, mut object: Value, seen: bool) {
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = state.rv;
+        let (kind, api_version) = res.kind();
+        object["kind"] = json!(kind);
+        object["apiVersion"] = json!(api_version);
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = key_of(&object);
+        let c = state.collection(res);
+        let existed = c.objects.insert(key, object.clone()).is_some();
+        if seen {
+            let kind = if existed { "MODIFIED" } else { "ADDED" };
+            c.log.push((rv, kind, object.clone()));
+            broadcast(c, kind, &object);
+        }
+    }
+
+    fn remove(&self, res: Res, key: &str, seen: bool) {
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = state.rv;
+        let c = state.collection(res);
+        let mut object = c.objects.remove(key).expect("delete of a missing object");
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if seen {
+            c.log.push((rv, "DELETED", object.clone()));
+            broadcast(c, "DELETED", &object);
+        }
+    }
+
+    /// Forgets the event history: any watch from an older resourceVersion gets 410.
+    pub fn compact(&self, res: Res) {
+        let mut state = self.lock();
+        let rv = state.rv;
+        let c = state.collection(res);
+        c.compacted = rv;
+        c.log.clear();
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion to live watches that asked for them;
+    /// returns that resourceVersion.
+    pub fn bookmark(&self, res: Res) -> u64 {
+        let mut state = self.lock();
+        let rv = state.rv;
+        let (kind, api_version) = res.kind();
+        let object = json!({
+            "kind": kind,
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": rv.to_string()},
+        });
+        let line = event_line("BOOKMARK", &object);
+        for w in &state.collection(res).watches {
+            if w.bookmarks {
+                let _ = w.tx.send(Msg::Line(line.clone()));
+            }
+        }
+        rv
+    }
+
+    /// Ends live watches with a 410 ERROR event, as the server does when a watcher falls too
+    /// far behind.
+    pub fn expire_watches(&self, res: Res) {
+        let mut state = self.lock();
+        let line = event_line("ERROR", &status(410, "Expired", "too old resource version"));
+        for w in state.collection(res).watches.drain(..) {
+            let _ = w.tx.send(Msg::Line(line.clone()));
+            let _ = w.tx.send(Msg::End);
+        }
+    }
+
+    /// Cuts live watch connections in the middle of an event.
+    pub fn cut_watches(&self, res: Res) {
+        let mut state = self.lock();
+        for w in state.collection(res).watches.drain(..) {
+            let _ = w.tx.send(Msg::Cut);
+        }
+    }
+
+    /// Answers every request with this HTTP status (None: serve normally again).
+    pub fn fail_with(&self, code: Option<u16>) {
+        self.lock().fail = code;
+    }
+
+    /// Holds list requests for `res` until `release`.
+    pub fn hold_lists(&self, res: Res) {
+        self.lock().held.insert(res);
+    }
+
+    pub fn release_lists(&self, res: Res) {
+        self.lock().held.remove(&res);
+    }
+
+    pub fn live_watches(&self, res: Res) -> usize {
+        self.lock().collection(res).watches.len()
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.lock().requests.clone()
+    }
+
+    /// Polls the request log until `done` holds; panics after `timeout`.
+    pub fn wait_for_requests(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Request]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(&self.lock().requests) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; requests: {:#?}",
+                    self.lock().requests
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn broadcast(c: &mut Collection, kind: &'static str, object: &Value) {
+    let line = event_line(kind, object);
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    c.watches.retain(|w| {
+        if w.name.as_deref().is_some_and(|n| n != name) {
+            return !w.tx.is_closed();
+        }
+        w.tx.send(Msg::Line(line.clone())).is_ok()
+    });
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn query_params(query: &str) -> BTreeMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+async fn write_response(socket: &mut TcpStream, code: u16, body: &Value) {
+    let body = serde_json::to_vec(body).unwrap();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(head.as_bytes()).await;
+    let _ = socket.write_all(&body).await;
+    let _ = socket.shutdown().await;
+}
+
+async fn write_chunk(socket: &mut TcpStream, data: &str) -> std::io::Result<()> {
+    let chunk = format!("{:x}\r\n{data}\r\n", data.len());
+    socket.write_all(chunk.as_bytes()).await?;
+    socket.flush().await
+}
+
+async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
+    // Read the request head (GET only, so no body).
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let params = query_params(query);
+    let res = Res::from_path(path);
+    let watch = params.get("watch").is_some_and(|w| w == "true");
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|w| w == "true");
+    let resource_version = params.get("resourceVersion").cloned();
+    let mut request = Request {
+        res,
+        watch,
+        resource_version: resource_version.clone(),
+        bookmarks,
+        status: 200,
+        expired: false,
+    };
+
+    let record = |request: Request| state.lock().unwrap().requests.push(request);
+
+    let fail = state.lock().unwrap().fail;
+    if let Some(code) = fail {
+        request.status = code;
+        record(request);
+        let body = status(code, "InternalError", "etcdserver: request timed out");
+        return write_response(&mut socket, code, &body).await;
+    }
+    let Some(res) = res else {
+        request.status = 404;
+        record(request);
+        return write_response(&mut socket, 404, &status(404, "NotFound", "no such path")).await;
+    };
+    // Only `metadata.name=X` is supported, which is all the source uses.
+    let name = match params.get("fieldSelector") {
+        None => None,
+        Some(sel) => match sel.strip_prefix("metadata.name=") {
+            Some(name) => Some(name.to_string()),
+            None => {
+                request.status = 400;
+                record(request);
+                let body = status(400, "BadRequest", "unsupported field selector");
+                return write_response(&mut socket, 400, &body).await;
+            }
+        },
+    };
+    let matches = |object: &Value| {
+        name.as_deref()
+            .is_none_or(|n| object["metadata"]["name"].as_str() == Some(n))
+    };
+
+    if !watch {
+        let mut recorded = false;
+        while state.lock().unwrap().held.contains(&res) {
+            if !std::mem::replace(&mut recorded, true) {
+                // Status 0: arrived and held.
+                record(Request {
+                    status: 0,
+                    ..request.clone()
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let body = {
+            let mut state = state.lock().unwrap();
+            let rv = state.rv;
+            let items: Vec<Value> = state
+                .collection(res)
+                .objects
+                .values()
+                .filter(|o| matches(o))
+                .map(|o| {
+                    // Items of a typed list carry no kind/apiVersion.
+                    let mut o = o.clone();
+                    let map = o.as_object_mut().unwrap();
+                    map.remove("kind");
+                    map.remove("apiVersion");
+                    o
+                })
+                .collect();
+            let (kind, api_version) = res.list_kind();
+            state.requests.push(request);
+            json!({
+                "kind": kind,
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": rv.to_string()},
+                "items": items,
+            })
+        };
+        return write_response(&mut socket, 200, &body).await;
+    }
+
+    // A watch: replay what happened after the requested version, then follow live changes.
+    let from: u64 = match resource_version.as_deref().map(str::parse) {
+        Some(Ok(v)) => v,
+        _ => {
+            request.status = 400;
+            record(request);
+            let body = status(400, "BadRequest", "watch needs a numeric resourceVersion");
+            return write_response(&mut socket, 400, &body).await;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let replay: Result<Vec<String>, u64> = {
+        let mut state = state.lock().unwrap();
+        let c = state.collection(res);
+        let replay = if from < c.compacted {
+            Err(c.compacted)
+        } else {
+            let lines = c
+                .log
+                .iter()
+                .filter(|(rv, _, o)| *rv > from && matches(o))
+                .map(|(_, kind, o)| event_line(kind, o))
+                .collect();
+            c.watches.push(Watch {
+                tx,
+                name: name.clone(),
+                bookmarks,
+            });
+            Ok(lines)
+        };
+        request.expired = replay.is_err();
+        state.requests.push(request);
+        replay
+    };
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    if socket.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let lines = match replay {
+        Ok(lines) => lines,
+        Err(compacted) => {
+            let message = format!("too old resource version: {from} ({compacted})");
+            let line = event_line("ERROR", &status(410, "Expired", &message));
+            let _ = write_chunk(&mut socket, &line).await;
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+    };
+    for line in lines {
+        if write_chunk(&mut socket, &line).await.is_err() {
+            return;
+        }
+    }
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Msg::Line(line) => {
+                if write_chunk(&mut socket, &line).await.is_err() {
+                    return;
+                }
+            }
+            Msg::End => {
+                let _ = socket.write_all(b"0\r\n\r\n").await;
+                let _ = socket.shutdown().await;
+                return;
+            }
+            Msg::Cut => {
+                let _ = socket
+                    .write_all(b"40\r\n{\"type\":\"MODIFIED\",\"obj")
+                    .await;
+                let _ = socket.flush().await;
+                return;
+            }
+        }
+    }
+}
