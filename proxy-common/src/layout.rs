@@ -3,7 +3,7 @@
 
 use core::mem::size_of;
 
-use crate::{affinity::*, backend::*, info::*, revnat::*, service::*};
+use crate::{affinity::*, backend::*, config::*, info::*, revnat::*, service::*};
 
 const _: () = {
     assert!(size_of::<Service4Key>() == 8);
@@ -22,4 +22,5 @@ const _: () = {
     assert!(size_of::<SockRevNat6Value>() == 24);
     assert!(size_of::<ServiceInfo>() == 256);
     assert!(size_of::<AgentState>() == 64);
+    assert!(size_of::<ConfigValue>() == 8);
 };

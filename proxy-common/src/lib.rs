@@ -7,6 +7,7 @@
 
 pub mod affinity;
 pub mod backend;
+pub mod config;
 pub mod info;
 pub mod maps;
 pub mod reason;

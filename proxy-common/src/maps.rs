@@ -24,8 +24,11 @@ pub const LB_SVC_INFO: &str = "LB_SVC_INFO";
 /// The agent's own state: one `info::AgentState` at key 0.
 pub const LB_AGENT: &str = "LB_AGENT";
 
+/// Runtime switches: one `config::ConfigValue` at key 0.
+pub const LB_CONFIG: &str = "LB_CONFIG";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -37,6 +40,7 @@ pub const ALL: [&str; 11] = [
     LB_STATS,
     LB_SVC_INFO,
     LB_AGENT,
+    LB_CONFIG,
 ];
 
 /// Default capacities (entries). The agent can override them at load time.

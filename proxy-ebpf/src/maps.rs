@@ -8,6 +8,7 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
+    config::ConfigValue,
     info::{AgentState, ServiceInfo},
     maps::*,
     reason::REASON_COUNT,
@@ -68,3 +69,7 @@ pub static LB_SVC_INFO: HashMap<u32, ServiceInfo, SERVICES_MAX, NO_PREALLOC> = H
 /// The agent's own state, for inspection only.
 #[btf_map]
 pub static LB_AGENT: Array<AgentState, 1> = Array::new();
+
+/// Runtime switches (`config::CONFIG_*`), read by every hook.
+#[btf_map]
+pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();

@@ -13,7 +13,10 @@ use proxy_common::{
     service::{SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue},
 };
 
+use aya_log_ebpf::info;
+
 use crate::{
+    debug,
     lb::{self, Choice},
     maps::{LB4_SERVICES, LB6_SERVICES, SOCK4_REVNAT, SOCK6_REVNAT},
     stats,
@@ -29,7 +32,7 @@ const EPERM: i32 = 1;
 /// socket layer cannot silently lose a connect, so it fails fast instead of hanging). Every other
 /// reason leaves the socket as the application wrote it.
 #[inline(always)]
-pub fn verdict(outcome: Result<Reason, Reason>) -> i32 {
+pub fn verdict(ctx: &SockAddrContext, outcome: Result<Reason, Reason>) -> i32 {
     let reason = match outcome {
         Ok(reason) | Err(reason) => reason,
     };
@@ -39,6 +42,12 @@ pub fn verdict(outcome: Result<Reason, Reason>) -> i32 {
         Reason::NoLocalBackends => EPERM,
         _ => return 1,
     };
+    if debug::enabled() {
+        info!(
+            ctx,
+            "kbp: refused with errno {} (reason {})", errno, reason as u32
+        );
+    }
     // SAFETY: plain helper call; the kernel turns retval into the syscall's error.
     unsafe { bpf_set_retval(-errno) };
     0
@@ -140,6 +149,18 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         .map_err(|_| Reason::RevNatFailed)?;
     sa.user_ip4 = u32::from_ne_bytes(backend_addr);
     sa.user_port = port_to_ctx(backend.port);
+    if debug::enabled() {
+        info!(
+            ctx,
+            "kbp: {:i}:{} proto {} -> {:i}:{} (frontend {})",
+            key.addr,
+            key.port,
+            key.proto,
+            backend_addr,
+            backend.port,
+            svc.id
+        );
+    }
     Ok(reason)
 }
 
@@ -269,6 +290,18 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     sa.user_ip6[2] = w[2];
     sa.user_ip6[3] = w[3];
     sa.user_port = port_to_ctx(backend.port);
+    if debug::enabled() {
+        info!(
+            ctx,
+            "kbp: [{:i}]:{} proto {} -> [{:i}]:{} (frontend {})",
+            key.addr,
+            key.port,
+            key.proto,
+            backend_addr,
+            backend.port,
+            svc.id
+        );
+    }
     Ok(reason)
 }
 

@@ -156,9 +156,9 @@ fn baseline() -> Seen {
 }
 
 fn start_source(server: &ApiServer) -> Receiver<Snapshot> {
-    let _ = env_logger::builder()
-        .is_test(true)
-        .filter_level(log::LevelFilter::Info)
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
         .try_init();
     let config = kube::Config::new(server.url().parse().unwrap());
     let source = Box::new(KubeSource::with_config(config, NODE.into()));

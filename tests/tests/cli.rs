@@ -316,3 +316,49 @@ fn metrics_and_health_endpoints() {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
 }
+
+/// `debug-log on` makes the programs log each translation into the agent's log at runtime;
+/// `off` stops it.
+#[test]
+fn bpf_debug_logs_switch_at_runtime() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    env.agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    env.agent.write_manifest(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
+    );
+    let vip = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    let quiet = env.agent.log_position();
+    let (code, _) = cli(&env, &["debug-log", "on"]);
+    assert_eq!(code, 0);
+    assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
+    let backend = format!("-> {}:{BACKEND_PORT}", env.topo.pods[1].ip4);
+    let line = env
+        .agent
+        .wait_for_log(quiet, "kbp: 10.96.0.10:80 proto 6", Duration::from_secs(10));
+    assert!(line.contains(&backend), "{line}");
+    let (code, _) = cli(&env, &["debug-log", "off"]);
+    assert_eq!(code, 0);
+    let off = env.agent.log_position();
+    for r in env.request(Proto::Tcp, vip, 5) {
+        assert!(r.ok);
+    }
+    // Turn it back on and make one marker connection: records are delivered in order, so
+    // anything logged while off would show up before the marker's line.
+    cli(&env, &["debug-log", "on"]);
+    assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
+    env.agent
+        .wait_for_log(off, "kbp: 10.96.0.10:80", Duration::from_secs(10));
+    let count = env.agent.count_logs(off, "kbp: 10.96.0.10:80");
+    assert_eq!(
+        count, 1,
+        "translations were logged while debug logs were off"
+    );
+}

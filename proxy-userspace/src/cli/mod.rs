@@ -27,8 +27,38 @@ use crate::{
     about = "A Kubernetes service proxy in BPF"
 )]
 pub struct Cli {
+    /// Log level: error, warn, info, debug, trace, or a filter such as
+    /// `info,proxy_userspace::agent=debug` (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log format: text for people, json for log pipelines (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Structured logging through `tracing`; `log` records (ours and aya's) are forwarded to it.
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("logging not initialised: {e}");
+    }
 }
 
 #[derive(Subcommand)]
@@ -43,12 +73,26 @@ enum Command {
     Explain(explain::ExplainArgs),
     /// Compare the kernel's maps with the state computed from the source; exit 1 on drift.
     Verify(verify::VerifyArgs),
+    /// Turn the BPF programs' debug logs on or off at runtime (they appear in the agent's log).
+    DebugLog {
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Pin directory on a bpffs.
+        #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+    },
     /// Detach every hook and remove every pinned map and link the agent created.
     Cleanup {
         /// Pin directory on a bpffs.
         #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 /// Options of the commands that read the pinned maps.
@@ -130,14 +174,22 @@ impl SourceArgs {
 }
 
 pub fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(&args),
         Command::Services(args) => status::services(&args),
         Command::Explain(args) => explain::explain(&args),
         Command::Verify(args) => verify::verify(&args),
+        Command::DebugLog { state, bpffs } => bpf::Maps::open_pinned(&bpffs)
+            .and_then(|mut maps| maps.set_debug_log(state == OnOff::On))
+            .map(|()| {
+                println!(
+                    "BPF debug logs {}",
+                    if state == OnOff::On { "on" } else { "off" }
+                )
+            }),
         Command::Cleanup { bpffs } => bpf::remove_pins(&bpffs).map(|n| {
             println!(
                 "removed {n} pins (hooks detached, maps freed) from {}",

@@ -20,6 +20,7 @@ use aya::{
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
+    config::{CONFIG_DEBUG_LOG, ConfigValue},
     info::{AgentState, ServiceInfo},
     maps as names,
     reason::{REASON_COUNT, Reason},
@@ -63,6 +64,7 @@ pub struct Maps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, u64>,
     agent: Array<MapData, AgentState>,
+    config: Array<MapData, ConfigValue>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
@@ -178,6 +180,7 @@ impl Maps {
             affinity: source.take(names::LB_AFFINITY)?,
             stats: source.take(names::LB_STATS)?,
             agent: source.take(names::LB_AGENT)?,
+            config: source.take(names::LB_CONFIG)?,
         })
     }
 
@@ -201,6 +204,21 @@ impl Maps {
     /// Session affinity entries.
     pub fn affinity(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>> {
         dump_map(&self.affinity, names::LB_AFFINITY)
+    }
+
+    /// Turns the BPF debug logs on or off (takes effect at the next connection).
+    pub fn set_debug_log(&mut self, on: bool) -> anyhow::Result<()> {
+        let mut value = self.config.get(&0, 0)?;
+        if on {
+            value.flags |= CONFIG_DEBUG_LOG;
+        } else {
+            value.flags &= !CONFIG_DEBUG_LOG;
+        }
+        self.config.set(0, value, 0).context("write LB_CONFIG")
+    }
+
+    pub fn debug_log(&self) -> anyhow::Result<bool> {
+        Ok(self.config.get(&0, 0)?.flags & CONFIG_DEBUG_LOG != 0)
     }
 
     /// What the agent last recorded about itself.
@@ -317,6 +335,7 @@ impl Datapath {
             "socket hooks on {}: {attached} attached, {replaced} replaced in place",
             cgroup.display()
         );
+        forward_bpf_logs(&mut ebpf);
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         log::info!("maps pinned under {}", pin_dir.display());
         let mut version = [0u8; 32];
@@ -405,6 +424,44 @@ fn replace_program(pin: &Path, prog: BorrowedFd<'_>) -> anyhow::Result<()> {
     attr[0] = (link.as_raw_fd() as u32 as u64) | ((prog.as_raw_fd() as u32 as u64) << 32);
     bpf_syscall(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
     Ok(())
+}
+
+/// Forwards the programs' aya-log records (only written while `CONFIG_DEBUG_LOG` is on) to
+/// the agent's log, from a thread that waits on the ring buffer.
+fn forward_bpf_logs(ebpf: &mut Ebpf) {
+    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!("BPF debug logs unavailable: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("bpf-log".into())
+        .spawn(move || {
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: logger.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
+                if rc < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    log::warn!(
+                        "BPF debug logs stopped: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    return;
+                }
+                logger.flush();
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("BPF debug logs unavailable: {e}");
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless on newer ones.

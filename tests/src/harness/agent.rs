@@ -101,6 +101,15 @@ impl Agent {
         self.logs.lock().expect("log lock").len()
     }
 
+    /// Number of log lines after position `from` containing `needle`.
+    pub fn count_logs(&self, from: usize, needle: &str) -> usize {
+        let logs = self.logs.lock().expect("log lock");
+        logs.iter()
+            .skip(from)
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Waits (bounded) for a log line after position `from` containing `needle`; returns it.
     pub fn wait_for_log(&mut self, from: usize, needle: &str, timeout: Duration) -> String {
         let logs = Arc::clone(&self.logs);

@@ -1,0 +1,18 @@
+//! Runtime switches the agent or the CLI flips without reloading the programs.
+
+use crate::pod;
+
+/// The single value of `LB_CONFIG` (key 0).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigValue {
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Log every translation and rejection from the BPF programs (aya-log). Costs ~20 us per
+/// connection, so it is off unless an operator turns it on (`kube-bpf-proxy debug-log on`).
+pub const CONFIG_DEBUG_LOG: u32 = 1 << 0;
+
+pod!(ConfigValue);

@@ -1,0 +1,14 @@
+//! Debug logging through aya-log (at info level: it only exists while switched on), behind the `CONFIG_DEBUG_LOG` runtime switch (off by default:
+//! a log call costs more than the whole translation).
+
+use proxy_common::config::CONFIG_DEBUG_LOG;
+
+use crate::maps::LB_CONFIG;
+
+/// Whether an operator turned BPF debug logs on.
+#[inline(always)]
+pub fn enabled() -> bool {
+    LB_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_DEBUG_LOG != 0)
+}
