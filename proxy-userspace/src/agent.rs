@@ -12,6 +12,7 @@ use std::{
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
+    capacity::fit,
     compile::{Family, Problem, compile},
     datapath::MapIo,
     health::Health,
@@ -68,7 +69,10 @@ pub fn sync_once(
     logged: &mut BTreeSet<String>,
 ) -> anyhow::Result<SyncReport> {
     let started = Instant::now();
-    let desired = compile(snapshot);
+    let mut desired = compile(snapshot);
+    if let Some(capacity) = io.capacity() {
+        fit(&mut desired, current, &capacity);
+    }
     let mut now_logged = BTreeSet::new();
     for problem in &desired.problems {
         let line = problem.to_string();
@@ -186,6 +190,15 @@ pub fn run(
                     for (family, latency) in triggers.new_latencies(&snapshot, agent_started) {
                         m.observe_programming_latency(family, latency);
                     }
+                }
+                // Refused for lack of map space: try again shortly, space may have freed.
+                if report
+                    .problems
+                    .iter()
+                    .any(|p| p.message.contains("is full"))
+                {
+                    let later = Instant::now() + timing.retry;
+                    pending = Some((snapshot.clone(), later, later));
                 }
                 previous = Some(snapshot);
             }

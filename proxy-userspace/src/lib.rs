@@ -2,6 +2,7 @@
 //! datapath (the only kernel I/O).
 
 pub mod agent;
+pub mod capacity;
 pub mod cli;
 pub mod compile;
 pub mod datapath;

@@ -310,10 +310,6 @@ pub const MAX_SLOTS: usize = u16::MAX as usize;
 /// Computes the writes that turn `current` into `desired`.
 pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     let mut adds = Vec::new(); // backends
-    let mut stage = Vec::new(); // new slots and members
-    let mut flips = Vec::new(); // service entries
-    let mut removes = Vec::new(); // old slots and members, removed services
-    let mut backend_removes = Vec::new();
 
     // Backends: reuse ids by identity.
     let mut backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
@@ -340,8 +336,12 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
     }
 
-    // Frontend and Service-port ids.
+    // Frontend and Service-port ids. Ids seen anywhere in the maps are never handed out again,
+    // so leftovers of an interrupted run cannot be mistaken for a new frontend's entries.
     let mut used_svc_ids: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
+    used_svc_ids.extend(current.slots.keys().map(|k| k.svc_id));
+    used_svc_ids.extend(current.members.keys().map(|k| k.svc_id));
+    used_svc_ids.extend(current.infos.keys().copied());
     used_svc_ids.remove(&0);
     let mut used_port_ids: BTreeSet<u32> = current.services.values().map(|v| v.port_id).collect();
     let mut port_ids: BTreeMap<&PortName, u32> = BTreeMap::new();
@@ -359,7 +359,79 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
     }
 
-    let mut live_svc_ids = BTreeSet::new();
+    // Ids that stay: frontends present now and still wanted.
+    let kept_ids: BTreeSet<u32> = current
+        .services
+        .iter()
+        .filter(|(k, _)| !k.is_any_port())
+        .filter(|(k, _)| {
+            k.frontend()
+                .is_some_and(|f| desired.frontends.contains_key(&f))
+        })
+        .map(|(_, v)| v.id)
+        .collect();
+
+    // ClusterIP markers (no id, no slots: every lookup that lands on one is rejected).
+    let cluster_ips: BTreeSet<IpAddr> = desired
+        .frontends
+        .iter()
+        .filter(|(_, state)| state.kind == FrontendKind::ClusterIp)
+        .map(|(frontend, _)| frontend.addr)
+        .collect();
+
+    // First what goes away, which frees map space for what comes: unwanted frontends stop
+    // being reachable before their slots, members and info are removed.
+    let mut gone = Vec::new();
+    for (key, value) in &current.services {
+        let unwanted = if key.is_any_port() {
+            !cluster_ips.contains(&key.addr())
+        } else {
+            !kept_ids.contains(&value.id)
+        };
+        if unwanted {
+            gone.push(Op::DelService(*key));
+        }
+    }
+    gone.extend(
+        current
+            .slots
+            .keys()
+            .filter(|k| !kept_ids.contains(&k.svc_id))
+            .map(|k| Op::DelSlot(*k)),
+    );
+    gone.extend(
+        current
+            .members
+            .keys()
+            .filter(|k| !kept_ids.contains(&k.svc_id))
+            .map(|k| Op::DelMember(*k)),
+    );
+    gone.extend(
+        current
+            .infos
+            .keys()
+            .filter(|id| !kept_ids.contains(id))
+            .map(|id| Op::DelInfo(*id)),
+    );
+
+    let marker = ServiceValue {
+        id: 0,
+        port_id: 0,
+        rev: 0,
+        affinity_timeout_secs: 0,
+        count: 0,
+        flags: 0,
+    };
+    let mut updates = Vec::new();
+    for ip in &cluster_ips {
+        let key = ServiceKey::any_port(*ip);
+        if current.services.get(&key) != Some(&marker) {
+            updates.push(Op::PutService(key, marker));
+        }
+    }
+
+    // Then each wanted frontend, one at a time: new slots in the generation it does not use,
+    // members, info, the flip, and only then its old slots and stale members.
     for (frontend, state) in &desired.frontends {
         let key = ServiceKey::of(frontend);
         let existing = current.services.get(&key);
@@ -382,7 +454,6 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             flags |= FLAG_NO_LOCAL;
         }
         let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
-        live_svc_ids.insert(id);
         let mut value = ServiceValue {
             id,
             port_id,
@@ -413,7 +484,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
                     backend_id: *backend_id,
                 };
                 if current.slots.get(&k) != Some(&v) {
-                    stage.push(Op::PutSlot(k, v));
+                    updates.push(Op::PutSlot(k, v));
                 }
             }
         }
@@ -424,19 +495,21 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             };
             let v = MemberValue { slots: *count };
             if current.members.get(&k) != Some(&v) {
-                stage.push(Op::PutMember(k, v));
+                updates.push(Op::PutMember(k, v));
             }
         }
         let info = service_info(desired, state, port_id);
         if current.infos.get(&id) != Some(&info) {
-            stage.push(Op::PutInfo(id, Box::new(info)));
+            updates.push(Op::PutInfo(id, Box::new(info)));
         }
         if existing != Some(&value) {
-            flips.push(Op::PutService(key, value));
+            updates.push(Op::PutService(key, value));
         }
-        // Everything of this frontend id that is not in its new live generation goes.
+        if existing.is_none() {
+            continue;
+        }
         let generation = value.generation();
-        for k in current.slots.range(
+        let own_slots = current.slots.range(
             SlotKey {
                 svc_id: id,
                 generation: 0,
@@ -446,87 +519,29 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
                 generation: u16::MAX,
                 slot: u16::MAX,
             },
-        ) {
-            let key = *k.0;
-            if key.generation != generation || key.slot as usize >= slots.len() {
-                removes.push(Op::DelSlot(key));
+        );
+        for (k, _) in own_slots {
+            if k.generation != generation || k.slot as usize >= slots.len() {
+                updates.push(Op::DelSlot(*k));
             }
         }
         for k in current.members.keys().filter(|k| k.svc_id == id) {
             if !wanted_members.contains_key(&k.backend_id) {
-                removes.push(Op::DelMember(*k));
+                updates.push(Op::DelMember(*k));
             }
         }
     }
 
-    // ClusterIP markers (no id, no slots: every lookup that lands on one is rejected).
-    let cluster_ips: BTreeSet<IpAddr> = desired
-        .frontends
-        .iter()
-        .filter(|(_, state)| state.kind == FrontendKind::ClusterIp)
-        .map(|(frontend, _)| frontend.addr)
-        .collect();
-    let marker = ServiceValue {
-        id: 0,
-        port_id: 0,
-        rev: 0,
-        affinity_timeout_secs: 0,
-        count: 0,
-        flags: 0,
-    };
-    for ip in &cluster_ips {
-        let key = ServiceKey::any_port(*ip);
-        if current.services.get(&key) != Some(&marker) {
-            flips.push(Op::PutService(key, marker));
-        }
-    }
+    // Last, backends nothing points at any more.
+    let backend_removes = current
+        .backends
+        .keys()
+        .filter(|id| !wanted_backends.contains_key(id))
+        .map(|id| Op::DelBackend(*id));
 
-    // Frontends that are no longer wanted, and leftovers of ids nobody owns.
-    for (key, value) in &current.services {
-        if key.is_any_port() {
-            if !cluster_ips.contains(&key.addr()) {
-                flips.push(Op::DelService(*key));
-            }
-            continue;
-        }
-        let wanted = key
-            .frontend()
-            .is_some_and(|f| desired.frontends.contains_key(&f));
-        if !wanted && !live_svc_ids.contains(&value.id) {
-            flips.push(Op::DelService(*key));
-        }
-    }
-    for k in current.slots.keys() {
-        if !live_svc_ids.contains(&k.svc_id) {
-            removes.push(Op::DelSlot(*k));
-        }
-    }
-    for k in current.members.keys() {
-        if !live_svc_ids.contains(&k.svc_id) {
-            removes.push(Op::DelMember(*k));
-        }
-    }
-    for id in current.infos.keys() {
-        if !live_svc_ids.contains(id) {
-            removes.push(Op::DelInfo(*id));
-        }
-    }
-    for id in current.backends.keys() {
-        if !wanted_backends.contains_key(id) {
-            backend_removes.push(Op::DelBackend(*id));
-        }
-    }
-
-    // Deletions of services must precede nothing they depend on: a removed service stops
-    // being reachable before its slots go.
-    let (puts, dels): (Vec<Op>, Vec<Op>) = flips
-        .into_iter()
-        .partition(|op| matches!(op, Op::PutService(..)));
     adds.into_iter()
-        .chain(stage)
-        .chain(puts)
-        .chain(dels)
-        .chain(removes)
+        .chain(gone)
+        .chain(updates)
         .chain(backend_removes)
         .collect()
 }

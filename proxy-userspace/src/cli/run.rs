@@ -17,7 +17,10 @@ use super::SourceArgs;
 use crate::{
     agent::{self, Observers, SyncTiming},
     compile::Family,
-    datapath::bpf::{self, Datapath},
+    datapath::{
+        bpf::{self, Datapath, MapSizes},
+        caps,
+    },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
     metrics::Metrics,
@@ -34,6 +37,21 @@ pub struct RunArgs {
     /// Pin directory on a bpffs.
     #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
     pub bpffs: PathBuf,
+    /// Capacity of the frontend maps (per family) when they are created.
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    pub max_services: u32,
+    /// Capacity of the backend map.
+    #[arg(long, default_value_t = MapSizes::default().backends)]
+    pub max_backends: u32,
+    /// Capacity of the slot and member maps (backends summed over frontends, weights counted).
+    #[arg(long, default_value_t = MapSizes::default().slots)]
+    pub max_slots: u32,
+    /// Capacity of the session affinity map (LRU).
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    pub max_affinity: u32,
+    /// Capacity of the socket reverse-translation maps (LRU).
+    #[arg(long, default_value_t = MapSizes::default().sock_revnat)]
+    pub max_sock_revnat: u32,
     /// Address for /metrics (Prometheus); empty disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
@@ -113,7 +131,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => cgroup2_root()?,
     };
     install_signal_handlers();
-    let mut datapath = Datapath::load(&args.bpffs, &cgroup)?;
+    let sizes = MapSizes {
+        services: args.max_services,
+        backends: args.max_backends,
+        slots: args.max_slots,
+        affinity: args.max_affinity,
+        sock_revnat: args.max_sock_revnat,
+    };
+    let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
+    // Everything privileged is done; capabilities are per thread, so drop them before any
+    // thread is started.
+    match caps::drop_to_kept() {
+        Ok(()) => log::info!("capabilities dropped to CAP_BPF and CAP_NET_ADMIN"),
+        Err(e) => log::warn!("could not drop capabilities: {e}"),
+    }
+    datapath.forward_logs();
     log::info!("node {node:?}, source {}", source.name());
     let (tx, rx) = mpsc::channel();
     thread::Builder::new()

@@ -11,7 +11,9 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
@@ -28,6 +30,7 @@ use proxy_common::{
 };
 
 use super::MapIo;
+use crate::capacity::Capacity;
 use crate::plan::{MapState, Op, ServiceKey};
 
 /// The BPF object built by build.rs (aya-build), embedded so the binary is self-contained.
@@ -70,6 +73,7 @@ pub struct Maps {
 /// Loaded programs (their links are pinned) and the maps.
 pub struct Datapath {
     _ebpf: Ebpf,
+    logger: Option<BpfLogger>,
     maps: Maps,
     pin_dir: PathBuf,
     started: AgentState,
@@ -206,6 +210,19 @@ impl Maps {
         dump_map(&self.affinity, names::LB_AFFINITY)
     }
 
+    /// The capacity of every map the agent writes.
+    pub fn capacity(&self) -> Option<Capacity> {
+        let max = |m: &MapData| m.info().ok().map(|i| u64::from(i.max_entries()));
+        Some(Capacity {
+            services4: max(self.services4.map())?,
+            services6: max(self.services6.map())?,
+            slots: max(self.slots.map())?,
+            members: max(self.members.map())?,
+            backends: max(self.backends.map())?,
+            infos: max(self.infos.map())?,
+        })
+    }
+
     /// Turns the BPF debug logs on or off (takes effect at the next connection).
     pub fn set_debug_log(&mut self, on: bool) -> anyhow::Result<()> {
         let mut value = self.config.get(&0, 0)?;
@@ -273,17 +290,70 @@ fn count_entries(map: BorrowedFd<'_>, key_size: u32, max: u32) -> anyhow::Result
     Ok(count)
 }
 
+/// Capacities of the maps, set when they are created (a pinned map keeps its size: resizing
+/// needs `cleanup` and a restart).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+    pub affinity: u32,
+    pub sock_revnat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: names::SERVICES_MAX as u32,
+            backends: names::BACKENDS_MAX as u32,
+            slots: names::SLOTS_MAX as u32,
+            affinity: names::AFFINITY_MAX as u32,
+            sock_revnat: names::SOCK_REVNAT_MAX as u32,
+        }
+    }
+}
+
+impl MapSizes {
+    fn of(&self, map: &str) -> Option<u32> {
+        Some(match map {
+            names::LB4_SERVICES | names::LB6_SERVICES | names::LB_SVC_INFO => self.services,
+            names::LB_BACKENDS => self.backends,
+            names::LB_SLOTS | names::LB_MEMBERS => self.slots,
+            names::LB_AFFINITY => self.affinity,
+            names::SOCK4_REVNAT | names::SOCK6_REVNAT => self.sock_revnat,
+            _ => return None,
+        })
+    }
+}
+
 impl Datapath {
     /// Loads the programs, creates or reuses the pinned maps under `pin_dir`, and attaches the
     /// socket hooks to the cgroup v2 directory `cgroup`.
-    pub fn load(pin_dir: &Path, cgroup: &Path) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: &Path, cgroup: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
         raise_memlock();
         ensure_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir)
             .with_context(|| format!("create pin directory {}", pin_dir.display()))?;
+        // Pins are 0600 (the kernel's default); the directory is root-only too.
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restrict {}", pin_dir.display()))?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL {
-            loader.map_pin_path(name, pin_dir.join(name));
+            let pin = pin_dir.join(name);
+            if let Some(size) = sizes.of(name) {
+                loader.map_max_entries(name, size);
+                if let Ok(info) = MapInfo::from_pin(&pin)
+                    && info.max_entries() != size
+                {
+                    log::warn!(
+                        "{name} is pinned with {} entries, not the {size} asked for; it keeps its \
+                         size until `kube-bpf-proxy cleanup`",
+                        info.max_entries()
+                    );
+                }
+            }
+            loader.map_pin_path(name, pin);
         }
         let mut ebpf = loader
             .load(OBJECT)
@@ -335,7 +405,13 @@ impl Datapath {
             "socket hooks on {}: {attached} attached, {replaced} replaced in place",
             cgroup.display()
         );
-        forward_bpf_logs(&mut ebpf);
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("BPF debug logs unavailable: {e}");
+                None
+            }
+        };
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         log::info!("maps pinned under {}", pin_dir.display());
         let mut version = [0u8; 32];
@@ -352,6 +428,7 @@ impl Datapath {
         };
         let mut datapath = Datapath {
             _ebpf: ebpf,
+            logger,
             maps,
             pin_dir: pin_dir.to_path_buf(),
             started,
@@ -362,6 +439,13 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Starts forwarding the programs' debug logs to the agent's log (a thread).
+    pub fn forward_logs(&mut self) {
+        if let Some(logger) = self.logger.take() {
+            forward_bpf_logs(logger);
+        }
     }
 
     pub fn maps(&self) -> &Maps {
@@ -426,16 +510,11 @@ fn replace_program(pin: &Path, prog: BorrowedFd<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+type BpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 /// Forwards the programs' aya-log records (only written while `CONFIG_DEBUG_LOG` is on) to
 /// the agent's log, from a thread that waits on the ring buffer.
-fn forward_bpf_logs(ebpf: &mut Ebpf) {
-    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(l) => l,
-        Err(e) => {
-            log::warn!("BPF debug logs unavailable: {e}");
-            return;
-        }
-    };
+fn forward_bpf_logs(mut logger: BpfLogger) {
     let spawned = std::thread::Builder::new()
         .name("bpf-log".into())
         .spawn(move || {
@@ -578,6 +657,9 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
 impl MapIo for Datapath {
     fn dump(&self) -> anyhow::Result<MapState> {
         self.maps.dump()
+    }
+    fn capacity(&self) -> Option<Capacity> {
+        self.maps.capacity()
     }
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
         self.maps.apply(op)

@@ -2,8 +2,12 @@
 //! touches the kernel) or an in-memory `MapState` for unprivileged tests.
 
 pub mod bpf;
+pub mod caps;
 
-use crate::plan::{MapState, Op};
+use crate::{
+    capacity::Capacity,
+    plan::{MapState, Op},
+};
 
 /// Reads and writes the maps the agent owns.
 pub trait MapIo {
@@ -13,6 +17,10 @@ pub trait MapIo {
     fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
     /// Told after every sync attempt (the kernel datapath records it for `status`).
     fn synced(&mut self, _ok: bool) {}
+    /// The maps' capacities; `None` means unlimited (in-memory tests).
+    fn capacity(&self) -> Option<Capacity> {
+        None
+    }
 }
 
 impl MapIo for MapState {

@@ -24,6 +24,8 @@ pub struct Agent {
     /// 127.0.0.1 ports of /metrics and of /healthz, /livez.
     pub metrics_port: u16,
     pub health_port: u16,
+    /// More `run` arguments (e.g. map sizes), used from the next `start`.
+    pub extra_args: Vec<String>,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -48,6 +50,7 @@ impl Agent {
             node_name: node_name.into(),
             metrics_port: free_port(),
             health_port: free_port(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -78,6 +81,7 @@ impl Agent {
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .arg("--healthz-bind-address")
             .arg(format!("127.0.0.1:{}", self.health_port))
+            .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
@@ -94,6 +98,23 @@ impl Agent {
             }
         });
         self.child = Some(child);
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Resident set size of the running agent, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read agent status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     /// Number of log lines so far (a position for `wait_for_log`).
