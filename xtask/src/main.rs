@@ -25,6 +25,12 @@ enum Command {
     Run(run::Options),
     /// Run every check and test: fmt, clippy, unit tests, end-to-end tests.
     Test(test::Options),
+    /// The endpoint-churn soak for longer than CI runs it (default 5 minutes).
+    Soak {
+        /// Duration in seconds.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+    },
 }
 
 fn main() {
@@ -38,6 +44,7 @@ fn main() {
         Some(Command::Build(opts)) => setup::setup().and_then(|()| exec::build(&opts)),
         Some(Command::Run(opts)) => run::run(opts),
         Some(Command::Test(opts)) => test::test(opts),
+        Some(Command::Soak { secs }) => test::soak(secs),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

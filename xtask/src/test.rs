@@ -85,6 +85,19 @@ pub fn test(opts: Options) -> anyhow::Result<()> {
     }
 }
 
+/// Runs the churn soak test for `secs` seconds.
+pub fn soak(secs: u64) -> anyhow::Result<()> {
+    setup()?;
+    build(&BuildOptions::default())?;
+    step(
+        &format!("endpoint churn soak, {secs} s"),
+        cargo()
+            .args(["test", "-p", "tests", "--test", "reliability", "--"])
+            .args(["endpoint_churn", "--nocapture", "--test-threads=1"])
+            .env("KBP_SOAK_SECS", secs.to_string()),
+    )
+}
+
 #[derive(Default)]
 struct Totals {
     passed: u64,

@@ -26,6 +26,8 @@ pub struct Agent {
     pub health_port: u16,
     /// More `run` arguments (e.g. map sizes), used from the next `start`.
     pub extra_args: Vec<String>,
+    /// Another agent binary to start instead of the workspace's (an "upgrade").
+    pub binary: Option<PathBuf>,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -51,6 +53,7 @@ impl Agent {
             metrics_port: free_port(),
             health_port: free_port(),
             extra_args: Vec::new(),
+            binary: None,
         }
     }
 
@@ -69,7 +72,11 @@ impl Agent {
     /// Starts the agent process (stderr goes to the test's output).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "agent already running");
-        let child = Command::new(workspace_binary("kube-bpf-proxy"))
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| workspace_binary("kube-bpf-proxy"));
+        let child = Command::new(binary)
             .args(["run", "--manifests"])
             .arg(&self.manifests)
             .arg("--cgroup")
