@@ -197,3 +197,64 @@ fn agent_drops_capabilities_and_pins_are_root_only() {
     }
     env.agent.assert_running();
 }
+
+/// Mixed traffic from one client: Service and non-Service destinations interleaved, over TCP and
+/// UDP. Every non-Service exchange reaches exactly the addressed pod with both addresses
+/// unaltered, compared against what the same exchange gives with no agent at all.
+#[test]
+fn mixed_traffic_leaves_non_service_destinations_unaltered() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(3);
+    svc(&env, "a", "10.96.0.10", 1);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    let direct: Vec<SocketAddr> = [
+        format!("{}:{BACKEND_PORT}", env.topo.pods[1].ip4),
+        format!("{}:{BACKEND_PORT}", env.topo.pods[2].ip4),
+        format!("[{}]:{BACKEND_PORT}", env.topo.pods[2].ip6),
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let strip_port = |r: &tests::Reply| {
+        let seen: SocketAddr = r.seen.parse().unwrap();
+        (r.ok, r.backend.clone(), seen.ip(), r.peer.clone())
+    };
+    let mut with_agent = Vec::new();
+    for round in 0..10 {
+        let proto = if round % 2 == 0 {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        };
+        assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
+        for to in &direct {
+            let r = &env.request(proto, *to, 1)[0];
+            assert!(r.ok, "{to}: {r:?}");
+            assert_eq!(r.peer, to.to_string());
+            with_agent.push((proto, *to, strip_port(r)));
+        }
+    }
+    // The same exchanges with the hooks gone.
+    env.agent.kill();
+    let (code, _) = {
+        let out =
+            std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+                .args(["cleanup", "--bpffs"])
+                .arg(&env.agent.pin_dir)
+                .output()
+                .expect("cleanup");
+        (out.status.code(), out.stdout)
+    };
+    assert_eq!(code, Some(0));
+    for (proto, to, seen_with_agent) in with_agent {
+        let r = &env.request(proto, to, 1)[0];
+        assert_eq!(
+            strip_port(r),
+            seen_with_agent,
+            "{to} {proto:?} differs without the agent"
+        );
+    }
+}
