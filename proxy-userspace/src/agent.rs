@@ -14,10 +14,10 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 use crate::{
     capacity::fit,
     compile::{Family, Problem, compile},
-    datapath::MapIo,
+    datapath::{MapIo, Removed},
     health::Health,
     metrics::Metrics,
-    plan::{MapState, plan},
+    plan::{MapState, Op, ServiceKey, plan},
     snapshot::Snapshot,
 };
 
@@ -52,6 +52,8 @@ impl Default for SyncTiming {
 /// Outcome of one sync, for logs and metrics.
 #[derive(Clone, Debug, Default)]
 pub struct SyncReport {
+    /// Backends that stopped being eligible for a frontend in this sync.
+    pub removed: Vec<Removed>,
     pub frontends: usize,
     pub writes: usize,
     pub problems: Vec<Problem>,
@@ -83,6 +85,7 @@ pub fn sync_once(
     }
     *logged = now_logged;
     let ops = plan(&desired, current);
+    let removed = removed_members(&ops, current);
     for op in &ops {
         if let Err(e) = io.apply(op) {
             *current = io.dump().unwrap_or_else(|_| current.clone());
@@ -102,6 +105,7 @@ pub fn sync_once(
         })
         .collect();
     Ok(SyncReport {
+        removed,
         frontends: desired.frontends.len(),
         writes: ops.len(),
         problems: desired.problems,
@@ -177,6 +181,36 @@ pub fn run(
                 if let Some(h) = &observers.health {
                     h.synced(SystemTime::now());
                 }
+                if let Some(t) = io.terminate(&report.removed) {
+                    for (proto, n) in &t.destroyed {
+                        log::info!(
+                            "terminated {n} {} socket(s) connected to removed backends",
+                            if *proto == proxy_common::proto::TCP {
+                                "TCP"
+                            } else {
+                                "UDP"
+                            }
+                        );
+                        if let Some(m) = &observers.metrics {
+                            m.sockets_terminated
+                                .with(&[(
+                                    "protocol",
+                                    if *proto == proxy_common::proto::TCP {
+                                        "TCP"
+                                    } else {
+                                        "UDP"
+                                    },
+                                )])
+                                .inc_by(*n);
+                        }
+                    }
+                    for e in &t.errors {
+                        log::warn!("socket termination: {e}");
+                        if let Some(m) = &observers.metrics {
+                            m.socket_termination_errors.with(&[]).inc();
+                        }
+                    }
+                }
                 if let Some(m) = &observers.metrics {
                     m.set_rejected_problems(&report.problems);
                     for (family, n) in &report.no_local {
@@ -213,6 +247,40 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// The (frontend, backend) pairs a plan removes, read from the state before it is applied:
+/// every deleted member is a backend that stopped being eligible for its frontend.
+fn removed_members(ops: &[Op], before: &MapState) -> Vec<Removed> {
+    let mut proto_of: Option<BTreeMap<u32, u8>> = None;
+    let mut out = Vec::new();
+    for op in ops {
+        let Op::DelMember(member) = op else { continue };
+        let protos = proto_of.get_or_insert_with(|| {
+            before
+                .services
+                .iter()
+                .map(|(k, v)| {
+                    let proto = match k {
+                        ServiceKey::V4(k) => k.proto,
+                        ServiceKey::V6(k) => k.proto,
+                    };
+                    (v.id, proto)
+                })
+                .collect()
+        });
+        if let (Some(proto), Some(backend)) = (
+            protos.get(&member.svc_id),
+            before.backends.get(&member.backend_id),
+        ) {
+            out.push(Removed {
+                proto: *proto,
+                svc_id: member.svc_id,
+                backend: *backend,
+            });
+        }
+    }
+    out
 }
 
 /// The map named in a failed write's error, for the map_update_errors metric.

@@ -534,6 +534,10 @@ pub struct Metrics {
     pub datapath_events: Arc<Family<Counter>>,
     /// kube_bpf_proxy_build_info [version], always 1.
     pub build_info: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_sockets_terminated_total [protocol].
+    pub sockets_terminated: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_socket_termination_errors_total.
+    pub socket_termination_errors: Arc<Family<Counter>>,
 }
 
 /// 1 ms x 2^n, 15 buckets (kube-proxy's sync duration buckets).
@@ -597,6 +601,14 @@ impl Metrics {
             livez_requests: r.counter(
                 "kubeproxy_proxy_livez_total",
                 "Cumulative proxy livez HTTP status",
+            ),
+            sockets_terminated: r.counter(
+                "kube_bpf_proxy_sockets_terminated_total",
+                "Sockets destroyed because their Service backend went away",
+            ),
+            socket_termination_errors: r.counter(
+                "kube_bpf_proxy_socket_termination_errors_total",
+                "Failures while terminating sockets of removed backends",
             ),
             sync_failures: r.counter(
                 "kube_bpf_proxy_sync_failures_total",

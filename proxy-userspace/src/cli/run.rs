@@ -52,6 +52,13 @@ pub struct RunArgs {
     /// Capacity of the socket reverse-translation maps (LRU).
     #[arg(long, default_value_t = MapSizes::default().sock_revnat)]
     pub max_sock_revnat: u32,
+    /// Also cut TCP connections to a removed backend (kube-proxy leaves them; connected UDP
+    /// sockets are always terminated).
+    #[arg(long)]
+    pub terminate_tcp: bool,
+    /// Do not terminate sockets connected to removed backends at all.
+    #[arg(long, conflicts_with = "terminate_tcp")]
+    pub no_socket_termination: bool,
     /// Address for /metrics (Prometheus); empty disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
@@ -139,6 +146,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         sock_revnat: args.max_sock_revnat,
     };
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
+    if !args.no_socket_termination
+        && let Err(e) = datapath.enable_termination(cgroup.clone(), args.terminate_tcp)
+    {
+        log::warn!("sockets of removed backends will not be terminated: {e:#}");
+    }
     // Everything privileged is done; capabilities are per thread, so drop them before any
     // thread is started.
     match caps::drop_to_kept() {

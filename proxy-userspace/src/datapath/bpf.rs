@@ -2,8 +2,10 @@
 //! the socket hooks to a cgroup, and reads and writes the maps.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs::{self, File},
+    net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -24,12 +26,16 @@ use proxy_common::{
     backend::BackendValue,
     config::{CONFIG_DEBUG_LOG, ConfigValue},
     info::{AgentState, ServiceInfo},
-    maps as names,
+    maps as names, proto as proto_common,
     reason::{REASON_COUNT, Reason},
+    revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
 };
 
-use super::MapIo;
+use super::{
+    MapIo, Removed,
+    sockdiag::{Report, SockDiag, SocketTerminator, Target},
+};
 use crate::capacity::Capacity;
 use crate::plan::{MapState, Op, ServiceKey};
 
@@ -68,12 +74,15 @@ pub struct Maps {
     stats: PerCpuArray<MapData, u64>,
     agent: Array<MapData, AgentState>,
     config: Array<MapData, ConfigValue>,
+    sock4_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
+    sock6_revnat: HashMap<MapData, SockRevNat6Key, SockRevNat6Value>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
 pub struct Datapath {
     _ebpf: Ebpf,
     logger: Option<BpfLogger>,
+    terminator: Option<(Box<dyn SocketTerminator>, bool)>,
     maps: Maps,
     pin_dir: PathBuf,
     started: AgentState,
@@ -185,6 +194,8 @@ impl Maps {
             stats: source.take(names::LB_STATS)?,
             agent: source.take(names::LB_AGENT)?,
             config: source.take(names::LB_CONFIG)?,
+            sock4_revnat: source.take(names::SOCK4_REVNAT)?,
+            sock6_revnat: source.take(names::SOCK6_REVNAT)?,
         })
     }
 
@@ -208,6 +219,54 @@ impl Maps {
     /// Session affinity entries.
     pub fn affinity(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>> {
         dump_map(&self.affinity, names::LB_AFFINITY)
+    }
+
+    /// Termination targets: for each removed (frontend, backend), the cookies of the sockets
+    /// the hooks translated to that backend through that frontend.
+    pub fn termination_targets(&self, removed: &[Removed]) -> anyhow::Result<Vec<Target>> {
+        let mut targets: BTreeMap<(u8, IpAddr, u16), BTreeSet<u64>> = BTreeMap::new();
+        let wanted: BTreeMap<(u32, IpAddr, u16), u8> = removed
+            .iter()
+            .map(|r| {
+                let ip = if r.backend.family == proxy_common::backend::FAMILY_V4 {
+                    IpAddr::from(r.backend.addr4())
+                } else {
+                    IpAddr::from(r.backend.addr)
+                };
+                ((r.svc_id, ip, r.backend.port), r.proto)
+            })
+            .collect();
+        for entry in self.sock4_revnat.iter() {
+            let Ok((k, v)) = entry else { continue };
+            let key = (v.svc_id, IpAddr::from(k.addr), k.port);
+            if let Some(proto) = wanted.get(&key) {
+                targets
+                    .entry((*proto, key.1, key.2))
+                    .or_default()
+                    .insert(k.cookie);
+            }
+        }
+        for entry in self.sock6_revnat.iter() {
+            let Ok((k, v)) = entry else { continue };
+            let ip = std::net::Ipv6Addr::from(k.addr);
+            let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+            let key = (v.svc_id, ip, k.port);
+            if let Some(proto) = wanted.get(&key) {
+                targets
+                    .entry((*proto, key.1, key.2))
+                    .or_default()
+                    .insert(k.cookie);
+            }
+        }
+        Ok(targets
+            .into_iter()
+            .map(|((proto, dst, dport), cookies)| Target {
+                proto,
+                dst,
+                dport,
+                cookies,
+            })
+            .collect())
     }
 
     /// The capacity of every map the agent writes.
@@ -429,6 +488,7 @@ impl Datapath {
         let mut datapath = Datapath {
             _ebpf: ebpf,
             logger,
+            terminator: None,
             maps,
             pin_dir: pin_dir.to_path_buf(),
             started,
@@ -439,6 +499,14 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Terminates sockets of removed backends from now on: connected UDP sockets, and TCP
+    /// connections too with `tcp`. Must be called before capabilities are dropped.
+    pub fn enable_termination(&mut self, cgroup: PathBuf, tcp: bool) -> anyhow::Result<()> {
+        let diag = SockDiag::start(cgroup).context("start the socket terminator")?;
+        self.terminator = Some((Box::new(diag), tcp));
+        Ok(())
     }
 
     /// Starts forwarding the programs' debug logs to the agent's log (a thread).
@@ -657,6 +725,30 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
 impl MapIo for Datapath {
     fn dump(&self) -> anyhow::Result<MapState> {
         self.maps.dump()
+    }
+    fn terminate(&mut self, removed: &[Removed]) -> Option<Report> {
+        let (terminator, tcp) = self.terminator.as_mut()?;
+        let removed: Vec<Removed> = removed
+            .iter()
+            .filter(|r| r.proto == proto_common::UDP || (*tcp && r.proto == proto_common::TCP))
+            .copied()
+            .collect();
+        if removed.is_empty() {
+            return None;
+        }
+        let targets = match self.maps.termination_targets(&removed) {
+            Ok(t) => t,
+            Err(e) => {
+                return Some(Report {
+                    errors: vec![format!("read the reverse-translation maps: {e:#}")],
+                    ..Report::default()
+                });
+            }
+        };
+        if targets.is_empty() {
+            return None;
+        }
+        Some(terminator.terminate(targets))
     }
     fn capacity(&self) -> Option<Capacity> {
         self.maps.capacity()

@@ -4,6 +4,8 @@
 //! agent starts its threads.
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_BPF: u32 = 39;
 const CAP_LAST: u32 = 40;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -25,10 +27,19 @@ struct CapData {
 /// The capabilities the agent keeps, as a 64-bit mask.
 pub const KEPT: u64 = (1 << CAP_BPF) | (1 << CAP_NET_ADMIN);
 
+/// What the socket-termination thread keeps: entering other network namespaces needs
+/// CAP_SYS_ADMIN, opening other users' /proc/PID/ns/net needs CAP_SYS_PTRACE.
+pub const TERMINATOR: u64 = KEPT | (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE);
+
 /// Drops every capability but `KEPT` from the bounding set and the calling thread's sets.
 pub fn drop_to_kept() -> std::io::Result<()> {
+    drop_to(KEPT)
+}
+
+/// Drops every capability but those in `keep` from the calling thread.
+pub fn drop_to(keep: u64) -> std::io::Result<()> {
     for cap in 0..=CAP_LAST {
-        if KEPT & (1 << cap) == 0 {
+        if keep & (1 << cap) == 0 {
             // SAFETY: plain prctl; EINVAL for caps this kernel does not know is fine.
             unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         }
@@ -37,8 +48,8 @@ pub fn drop_to_kept() -> std::io::Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let low = KEPT as u32;
-    let high = (KEPT >> 32) as u32;
+    let low = keep as u32;
+    let high = (keep >> 32) as u32;
     let data = [
         CapData {
             effective: low,

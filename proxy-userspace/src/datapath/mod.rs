@@ -3,6 +3,15 @@
 
 pub mod bpf;
 pub mod caps;
+pub mod sockdiag;
+
+/// A backend that stopped being eligible for a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub proto: u8,
+    pub svc_id: u32,
+    pub backend: proxy_common::backend::BackendValue,
+}
 
 use crate::{
     capacity::Capacity,
@@ -17,6 +26,11 @@ pub trait MapIo {
     fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
     /// Told after every sync attempt (the kernel datapath records it for `status`).
     fn synced(&mut self, _ok: bool) {}
+    /// Terminates the sockets still connected to backends that left a frontend (`removed`:
+    /// frontend protocol, backend, frontend id). `None` when this datapath cannot.
+    fn terminate(&mut self, _removed: &[Removed]) -> Option<sockdiag::Report> {
+        None
+    }
     /// The maps' capacities; `None` means unlimited (in-memory tests).
     fn capacity(&self) -> Option<Capacity> {
         None

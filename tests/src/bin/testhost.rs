@@ -245,9 +245,75 @@ fn request(proto: &str, to: SocketAddr, count: usize, mode: &str) {
     }
 }
 
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// Sends a datagram every 50 ms for `secs` seconds over one socket (connected, or unconnected
+/// with sendto), printing each answer or error with a timestamp. On an error other than a
+/// timeout the socket is replaced, as a resolver would do.
+fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let open = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        if connected {
+            s.connect(to)?;
+        }
+        Ok(s)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut socket = open().expect("udp socket");
+    let mut buf = [0u8; 1500];
+    while std::time::Instant::now() < deadline {
+        let sent = if connected {
+            socket.send(b"hello\n")
+        } else {
+            socket.send_to(b"hello\n", to)
+        };
+        let result = sent.and_then(|_| {
+            if connected {
+                socket.recv(&mut buf)
+            } else {
+                socket.recv_from(&mut buf).map(|(n, _)| n)
+            }
+        });
+        let line = match result {
+            Ok(n) => {
+                let (backend, _) = parse_reply(&String::from_utf8_lossy(&buf[..n]));
+                serde_json::json!({"t": now_ms() as u64, "backend": backend})
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                serde_json::json!({"t": now_ms() as u64, "event": "timeout"})
+            }
+            Err(e) => {
+                let line = serde_json::json!({"t": now_ms() as u64, "event": "error", "errno": e.raw_os_error()});
+                if let Ok(s) = open() {
+                    socket = s;
+                }
+                line
+            }
+        };
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold]"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold] | testhost udp-stream ADDR:PORT SECS [unconnected]"
     );
     std::process::exit(2)
 }
@@ -263,6 +329,11 @@ fn main() {
             args[2].parse().unwrap_or_else(|_| usage()),
             args[3].parse().unwrap_or_else(|_| usage()),
             args.get(4).map_or("", String::as_str),
+        ),
+        Some("udp-stream") if args.len() >= 3 => udp_stream(
+            args[1].parse().unwrap_or_else(|_| usage()),
+            args[2].parse().unwrap_or_else(|_| usage()),
+            args.get(3).is_none_or(|a| a != "unconnected"),
         ),
         _ => usage(),
     }

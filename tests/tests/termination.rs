@@ -1,0 +1,194 @@
+//! When a backend goes away: connected UDP sockets that the Service sent to it are terminated,
+//! so the application learns at once and reconnects through the Service; unconnected sockets
+//! and sockets connected straight to a pod are never touched; TCP is cut only with
+//! --terminate-tcp.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::*;
+use serde_json::Value;
+use tests::harness::topology::Proto;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn dns_env(backends: &[usize]) -> Env {
+    let env = Env::new(4);
+    env.agent.write_manifest(
+        "dns.yaml",
+        &service_yaml("dns", &["10.96.0.53"], &[DNS], ""),
+    );
+    set_backends(&env, backends);
+    env
+}
+
+fn set_backends(env: &Env, backends: &[usize]) {
+    let eps: Vec<Ep> = backends.iter().map(|i| ep(env.topo.pods[*i].ip4)).collect();
+    env.agent.write_manifest(
+        "dns-slice.yaml",
+        &slice_yaml("dns-1", "dns", "IPv4", &[DNS], &eps),
+    );
+}
+
+fn answers(lines: &[Value]) -> Vec<(u64, String)> {
+    lines
+        .iter()
+        .filter_map(|l| Some((l["t"].as_u64()?, l["backend"].as_str()?.to_string())))
+        .collect()
+}
+
+fn errors(lines: &[Value]) -> Vec<(u64, i64)> {
+    lines
+        .iter()
+        .filter(|l| l["event"] == "error")
+        .map(|l| (l["t"].as_u64().unwrap(), l["errno"].as_i64().unwrap_or(-1)))
+        .collect()
+}
+
+#[test]
+fn connected_udp_socket_to_a_removed_backend_is_terminated() {
+    if !privileged() {
+        return;
+    }
+    let mut env = dns_env(&[1]);
+    let vip: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    env.wait_for_backends(Proto::Udp, vip, &["pod-2"]);
+    let direct: SocketAddr = format!("{}:{BACKEND_PORT}", env.topo.pods[1].ip4)
+        .parse()
+        .unwrap();
+    let (connected, unconnected, straight, removed_at) = std::thread::scope(|s| {
+        let topo = &env.topo;
+        let connected = s.spawn(move || topo.udp_stream(0, vip, 6, true));
+        let unconnected = s.spawn(move || topo.udp_stream(0, vip, 6, false));
+        let straight = s.spawn(move || topo.udp_stream(0, direct, 6, true));
+        // Let the streams settle on pod-2, then take pod-2 out of the Service.
+        std::thread::sleep(Duration::from_millis(1500));
+        let removed_at = now_ms();
+        set_backends(&env, &[2, 3]);
+        (
+            connected.join().unwrap(),
+            unconnected.join().unwrap(),
+            straight.join().unwrap(),
+            removed_at,
+        )
+    });
+    // The connected socket talked to pod-2, got an error after the removal, and its
+    // replacement is served by the remaining backends; pod-2 answers it nothing afterwards.
+    let errs = errors(&connected);
+    assert_eq!(
+        errs.len(),
+        1,
+        "exactly one error for the connected socket: {connected:?}"
+    );
+    let (error_at, errno) = errs[0];
+    // The kernel aborts the socket (ECONNABORTED) and disconnects it, so the next send may
+    // report EDESTADDRREQ first; either way the application learns at once.
+    assert!(
+        errno == libc::ECONNABORTED as i64 || errno == libc::EDESTADDRREQ as i64,
+        "{connected:?}"
+    );
+    eprintln!(
+        "termination: connected UDP socket saw the error {} ms after the slice changed",
+        error_at.saturating_sub(removed_at)
+    );
+    assert!(
+        error_at >= removed_at,
+        "error before the removal: {connected:?}"
+    );
+    let before: Vec<_> = answers(&connected)
+        .into_iter()
+        .filter(|(t, _)| *t < removed_at)
+        .collect();
+    assert!(
+        !before.is_empty() && before.iter().all(|(_, b)| b == "pod-2"),
+        "{connected:?}"
+    );
+    let after: Vec<_> = answers(&connected)
+        .into_iter()
+        .filter(|(t, _)| *t > error_at)
+        .collect();
+    assert!(
+        after.len() > 10,
+        "the client must keep getting answers: {connected:?}"
+    );
+    assert!(
+        after.iter().all(|(_, b)| b == "pod-3" || b == "pod-4"),
+        "{after:?}"
+    );
+    // Unconnected: never an error; balanced afresh per datagram, so pod-2 disappears by itself.
+    assert!(errors(&unconnected).is_empty(), "{unconnected:?}");
+    let late: Vec<_> = answers(&unconnected)
+        .into_iter()
+        .filter(|(t, _)| *t > removed_at + 1500)
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|(_, b)| b != "pod-2"),
+        "{late:?}"
+    );
+    // Straight to the pod, not through the Service: untouched, still answered by pod-2.
+    assert!(errors(&straight).is_empty(), "{straight:?}");
+    assert!(answers(&straight).iter().all(|(_, b)| b == "pod-2"));
+    let from = 0;
+    let line = env
+        .agent
+        .wait_for_log(from, "terminated 1 UDP socket", Duration::from_secs(5));
+    assert!(line.contains("removed backends"), "{line}");
+}
+
+fn held_env(terminate_tcp: bool) -> Env {
+    let mut env = Env::new(4);
+    if terminate_tcp {
+        env.agent.kill();
+        env.agent.extra_args = vec!["--terminate-tcp".into()];
+        env.agent.start();
+    }
+    env.agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    env.agent.write_manifest(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
+    );
+    env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
+    env
+}
+
+#[test]
+fn tcp_connections_to_a_removed_backend_are_cut_only_with_the_flag() {
+    if !privileged() {
+        return;
+    }
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    for cut in [false, true] {
+        let mut env = held_env(cut);
+        let (mut held, first) = env.topo.hold(0, vip);
+        assert_eq!(first.backend, "pod-2");
+        env.agent.write_manifest(
+            "slice.yaml",
+            &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[2].ip4)]),
+        );
+        env.wait_for_backends(Proto::Tcp, vip, &["pod-3"]);
+        if cut {
+            env.agent
+                .wait_for_log(0, "terminated 1 TCP socket", Duration::from_secs(5));
+            let again = held.again();
+            assert!(
+                !again.ok,
+                "with --terminate-tcp the connection must be cut: {again:?}"
+            );
+        } else {
+            let again = held.again();
+            assert!(again.ok && again.backend == "pod-2", "{again:?}");
+        }
+    }
+}
