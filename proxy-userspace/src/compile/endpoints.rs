@@ -48,25 +48,22 @@ pub struct SliceIndex<'a> {
 }
 
 impl<'a> SliceIndex<'a> {
+    /// Indexes `slices`, which must be in a stable order with unique namespace/name (see
+    /// `compile::unique`): merging is order-sensitive for duplicates (semantics 2.6).
     pub fn build(
-        slices: &'a [EndpointSlice],
+        slices: Vec<&'a EndpointSlice>,
         node_name: &str,
         problems: &mut Vec<Problem>,
     ) -> Self {
         let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
-        // Merging is order-sensitive for duplicates (semantics 2.6): use a stable order.
-        sorted.sort_by(|a, b| {
-            (&a.metadata.namespace, &a.metadata.name)
-                .cmp(&(&b.metadata.namespace, &b.metadata.name))
-        });
-        for slice in sorted {
+        for slice in slices {
             let labels = slice.metadata.labels.as_ref();
             // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
             // labels (the controller copies a Service's proxy-name label onto its slices).
             if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
                 continue;
             }
+            let object = slice_name(slice);
             let service = labels
                 .and_then(|l| l.get("kubernetes.io/service-name"))
                 .filter(|s| !s.is_empty());
@@ -76,16 +73,30 @@ impl<'a> SliceIndex<'a> {
                 slice.metadata.name.as_ref(),
             ) else {
                 problems.push(Problem {
-                    object: format!(
-                        "EndpointSlice {}/{}",
-                        slice.metadata.namespace.as_deref().unwrap_or(""),
-                        slice.metadata.name.as_deref().unwrap_or("")
-                    ),
+                    object,
                     message: "no kubernetes.io/service-name label, name or namespace; ignored"
                         .into(),
                 });
                 continue;
             };
+            // semantics 1.7: only IPv4 and IPv6 slices are ever used; FQDN ones are ignored
+            // silently, anything else is not a valid addressType.
+            let family = match slice.address_type.as_str() {
+                "IPv4" => Family::V4,
+                "IPv6" => Family::V6,
+                "FQDN" => continue,
+                other => {
+                    problems.push(Problem {
+                        object,
+                        message: format!(
+                            "addressType {other:?} is not IPv4, IPv6 or FQDN; slice ignored"
+                        ),
+                    });
+                    continue;
+                }
+            };
+            check_ports(slice, &object, problems);
+            check_addresses(slice, family, &object, problems);
             by_service
                 .entry((namespace.clone(), service.clone()))
                 .or_default()
@@ -98,8 +109,9 @@ impl<'a> SliceIndex<'a> {
     }
 
     /// The endpoints of one Service port, merged over all its slices of that family,
-    /// de-duplicated by IP:port and sorted as kube-proxy sorts them.
-    pub fn endpoints_for(&self, port: &PortName) -> Vec<Endpoint> {
+    /// de-duplicated by IP:port and sorted as kube-proxy sorts them. Copies of one IP:port
+    /// that disagree (conditions, node, hints) are reported: only one of them is used.
+    pub fn endpoints_for(&self, port: &PortName, problems: &mut Vec<Problem>) -> Vec<Endpoint> {
         let key = (port.namespace.clone(), port.name.clone());
         let Some(slices) = self.by_service.get(&key) else {
             return Vec::new();
@@ -108,10 +120,12 @@ impl<'a> SliceIndex<'a> {
             Family::V4 => "IPv4",
             Family::V6 => "IPv6",
         };
-        let mut merged: BTreeMap<String, Endpoint> = BTreeMap::new();
+        // IP:port → (endpoint, the slice it came from).
+        let mut merged: BTreeMap<String, (Endpoint, &EndpointSlice)> = BTreeMap::new();
         for slice in slices.iter().filter(|s| s.address_type == address_type) {
             for slice_port in slice.ports.iter().flatten() {
-                // semantics 2.3: a nil name or a nil/zero port number is skipped.
+                // semantics 2.3: a nil name or a nil/zero port number is skipped (reported
+                // once per slice by `check_ports`).
                 let (Some(name), Some(number)) = (slice_port.name.as_ref(), slice_port.port) else {
                     continue;
                 };
@@ -129,16 +143,35 @@ impl<'a> SliceIndex<'a> {
                     };
                     let key = endpoint.sort_key();
                     match merged.get(&key) {
+                        Some((first, _)) if *first == endpoint => {}
                         // semantics 2.6: keep the first unless a later copy is not terminating.
-                        Some(first) if !first.terminating || endpoint.terminating => {}
-                        _ => {
-                            merged.insert(key, endpoint);
+                        Some((first, from)) => {
+                            let replace = first.terminating && !endpoint.terminating;
+                            let (used, unused) = if replace {
+                                ((&endpoint, *slice), (first, *from))
+                            } else {
+                                ((first, *from), (&endpoint, *slice))
+                            };
+                            problems.push(Problem {
+                                object: slice_name(unused.1),
+                                message: format!(
+                                    "endpoint {key} of port {port} is also in {} with {}; that copy is used",
+                                    slice_name(used.1),
+                                    differences(unused.0, used.0)
+                                ),
+                            });
+                            if replace {
+                                merged.insert(key, (endpoint, slice));
+                            }
+                        }
+                        None => {
+                            merged.insert(key, (endpoint, slice));
                         }
                     }
                 }
             }
         }
-        merged.into_values().collect()
+        merged.into_values().map(|(e, _)| e).collect()
     }
 
     fn endpoint(
@@ -172,6 +205,129 @@ impl<'a> SliceIndex<'a> {
                 .filter(|n| !n.is_empty())
                 .map(|n| n.iter().map(|n| n.name.clone()).collect()),
         })
+    }
+}
+
+/// How two copies of one endpoint differ, "here" being `this`.
+fn differences(this: &Endpoint, that: &Endpoint) -> String {
+    let mut out = Vec::new();
+    let mut compare = |what: &str, here: String, there: String| {
+        if here != there {
+            out.push(format!("{what} {here} here, {there} there"));
+        }
+    };
+    compare("ready", this.ready.to_string(), that.ready.to_string());
+    compare(
+        "serving",
+        this.serving.to_string(),
+        that.serving.to_string(),
+    );
+    compare(
+        "terminating",
+        this.terminating.to_string(),
+        that.terminating.to_string(),
+    );
+    let node = |e: &Endpoint| e.node_name.clone().unwrap_or_else(|| "<none>".into());
+    compare("nodeName", node(this), node(that));
+    compare(
+        "zone hints",
+        format!("{:?}", this.zone_hints),
+        format!("{:?}", that.zone_hints),
+    );
+    compare(
+        "node hints",
+        format!("{:?}", this.node_hints),
+        format!("{:?}", that.node_hints),
+    );
+    out.join(", ")
+}
+
+fn slice_name(slice: &EndpointSlice) -> String {
+    format!(
+        "EndpointSlice {}/{}",
+        slice.metadata.namespace.as_deref().unwrap_or(""),
+        slice.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// Reports the ports of a slice that can never match (semantics 2.3, 12.8: skipped with an
+/// error log).
+fn check_ports(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) {
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let what = match &p.name {
+            Some(name) => format!("port {name:?}"),
+            None => format!("port #{i}"),
+        };
+        let message = match (&p.name, p.port) {
+            (None, _) => "has no name (not even \"\"); skipped".to_string(),
+            _ if Proto::parse(p.protocol.as_deref()).is_none() => format!(
+                "has unknown protocol {:?}; skipped",
+                p.protocol.as_deref().unwrap_or("")
+            ),
+            (_, None) => "has no port number; skipped".to_string(),
+            (_, Some(n)) if !(1..=65535).contains(&n) => {
+                format!("number {n} is not in 1-65535; skipped")
+            }
+            _ => continue,
+        };
+        problems.push(Problem {
+            object: object.to_string(),
+            message: format!("{what} {message}"),
+        });
+    }
+}
+
+/// Reports endpoints whose first address cannot be used in a slice of `family`: missing,
+/// unparsable or of the other family (semantics 1.7, 2.7). One line per kind of fault, so a
+/// slice of 10k bad endpoints does not flood the log.
+fn check_addresses(
+    slice: &EndpointSlice,
+    family: Family,
+    object: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let (mut missing, mut garbage, mut wrong) = (0usize, Vec::new(), Vec::new());
+    for ep in slice.endpoints.iter().flatten() {
+        match ep.addresses.first() {
+            None => missing += 1,
+            Some(raw) => match parse_lenient(raw) {
+                None => garbage.push(raw.as_str()),
+                Some(ip) if Family::of(&ip) != family => wrong.push(raw.as_str()),
+                Some(_) => {}
+            },
+        }
+    }
+    if missing > 0 {
+        problems.push(Problem {
+            object: object.to_string(),
+            message: format!("{missing} endpoint(s) without an address; skipped"),
+        });
+    }
+    let examples = |list: &[&str]| {
+        let shown: Vec<String> = list.iter().take(3).map(|s| format!("{s:?}")).collect();
+        let more = if list.len() > 3 { ", ..." } else { "" };
+        format!("{}{more}", shown.join(", "))
+    };
+    if !garbage.is_empty() {
+        problems.push(Problem {
+            object: object.to_string(),
+            message: format!(
+                "{} endpoint address(es) are not IP addresses ({}); skipped",
+                garbage.len(),
+                examples(&garbage)
+            ),
+        });
+    }
+    if !wrong.is_empty() {
+        problems.push(Problem {
+            object: object.to_string(),
+            message: format!(
+                "{} endpoint address(es) are not {} like the slice's addressType ({}); skipped",
+                wrong.len(),
+                family.api_name(),
+                examples(&wrong)
+            ),
+        });
     }
 }
 

@@ -7,7 +7,7 @@ pub mod explain;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
@@ -196,23 +196,75 @@ pub const DEFAULT_AFFINITY_SECS: u32 = 10_800;
 /// Compiles a snapshot into the desired datapath state.
 pub fn compile(snapshot: &Snapshot) -> Desired {
     let mut desired = Desired::default();
-    let index =
-        endpoints::SliceIndex::build(&snapshot.slices, &snapshot.node.name, &mut desired.problems);
-    let mut services: Vec<&Service> = snapshot.services.iter().collect();
+    let slices = unique(&snapshot.slices, "EndpointSlice", &mut desired.problems);
+    let index = endpoints::SliceIndex::build(slices, &snapshot.node.name, &mut desired.problems);
     // Deterministic order: when two Services claim one frontend, the first by name wins.
-    services.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    for svc in services {
+    for svc in unique(&snapshot.services, "Service", &mut desired.problems) {
         compile_service(svc, &index, snapshot, &mut desired);
     }
+    // One line per fault, even when it was found once per family.
+    let mut seen = std::collections::BTreeSet::new();
+    desired.problems.retain(|p| seen.insert(p.to_string()));
     desired
 }
 
-fn object_name(
-    kind: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> String {
+/// The objects sorted by namespace/name with one object per name. A snapshot can hold two
+/// objects of one name (a manifest directory with an old and a new copy, a Service deleted and
+/// recreated while a source still holds the old one): the newest by creationTimestamp is kept,
+/// ties broken by uid and then by content, so the input order never matters; the others are
+/// reported.
+fn unique<'a, K>(objects: &'a [K], kind: &str, problems: &mut Vec<Problem>) -> Vec<&'a K>
+where
+    K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize,
+{
+    let name = |o: &K| {
+        let m = o.metadata();
+        (m.namespace.clone(), m.name.clone())
+    };
+    let mut sorted: Vec<&K> = objects.iter().collect();
+    sorted.sort_by(|a, b| {
+        let (ma, mb) = (a.metadata(), b.metadata());
+        (&ma.namespace, &ma.name)
+            .cmp(&(&mb.namespace, &mb.name))
+            // Newest first.
+            .then_with(|| mb.creation_timestamp.cmp(&ma.creation_timestamp))
+            .then_with(|| ma.uid.cmp(&mb.uid))
+            .then_with(|| {
+                let json = |o: &K| serde_json::to_string(o).unwrap_or_default();
+                json(a).cmp(&json(b))
+            })
+    });
+    let mut out: Vec<&K> = Vec::with_capacity(sorted.len());
+    for object in sorted {
+        match out.last() {
+            Some(kept) if name(kept) == name(object) => {
+                // Identical copies (the same file read twice) are harmless.
+                if serde_json::to_value(*kept).ok() != serde_json::to_value(object).ok() {
+                    let uid = |o: &K| o.metadata().uid.clone().unwrap_or_else(|| "none".into());
+                    let why = if kept.metadata().creation_timestamp
+                        == object.metadata().creation_timestamp
+                    {
+                        "same creationTimestamp, first by uid and content"
+                    } else {
+                        "the newest"
+                    };
+                    problems.push(Problem {
+                        object: object_name(kind, object.metadata()),
+                        message: format!(
+                            "another object of this name exists (uid {} ignored, uid {} used: {why})",
+                            uid(object),
+                            uid(kept)
+                        ),
+                    });
+                }
+            }
+            _ => out.push(object),
+        }
+    }
+    out
+}
+
+fn object_name(kind: &str, meta: &ObjectMeta) -> String {
     format!(
         "{kind} {}/{}",
         meta.namespace.as_deref().unwrap_or(""),
@@ -243,24 +295,49 @@ fn skip_reason(svc: &Service) -> Option<&'static str> {
 fn cluster_ip_of(svc: &Service, family: Family, problems: &mut Vec<Problem>) -> Option<IpAddr> {
     let spec = svc.spec.as_ref()?;
     let families = spec.ip_families.as_deref().unwrap_or_default();
-    let raw = if families.is_empty() {
-        spec.cluster_ip.clone()
+    let problem = |message: String| Problem {
+        object: object_name("Service", &svc.metadata),
+        message,
+    };
+    let (raw, what) = if families.is_empty() {
+        (spec.cluster_ip.clone()?, "cluster IP".to_string())
     } else {
         // Only the clusterIPs entry at the family's index counts; no fallback to clusterIP
         // when clusterIPs is shorter (kube-proxy's GetClusterIPByFamily).
         let idx = families.iter().position(|f| f == family.api_name())?;
-        spec.cluster_ips
-            .as_ref()
-            .and_then(|ips| ips.get(idx).cloned())
-    }?;
+        match spec.cluster_ips.as_ref().and_then(|ips| ips.get(idx)) {
+            Some(raw) => (raw.clone(), format!("clusterIPs[{idx}]")),
+            None => {
+                problems.push(problem(format!(
+                    "ipFamilies[{idx}] is {} but clusterIPs has no entry {idx}; not proxied in {}",
+                    family.api_name(),
+                    family.api_name()
+                )));
+                return None;
+            }
+        }
+    };
     match raw.parse::<IpAddr>() {
         Ok(ip) if Family::of(&ip) == family => Some(ip),
-        Ok(_) => None,
+        // A single-stack Service of the other family (empty ipFamilies): not ours.
+        Ok(_) if families.is_empty() => None,
+        Ok(ip) => {
+            problems.push(problem(format!(
+                "{what} {ip} is not {} as ipFamilies says; not proxied in {}",
+                family.api_name(),
+                family.api_name()
+            )));
+            None
+        }
         Err(_) => {
-            problems.push(Problem {
-                object: object_name("Service", &svc.metadata),
-                message: format!("cluster IP {raw:?} is not an IP address"),
-            });
+            problems.push(problem(format!(
+                "{what} {raw:?} is not an IP address; not proxied in {}",
+                if families.is_empty() {
+                    "any family"
+                } else {
+                    family.api_name()
+                }
+            )));
             None
         }
     }
@@ -315,24 +392,53 @@ fn compile_service(
         return;
     };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    // semantics 6.1: the API defaults the timeout and rejects values outside 1-86400.
     let affinity_secs = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
+        let timeout = spec
+            .session_affinity_config
             .as_ref()
             .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .filter(|t| *t > 0 && *t <= 86_400)
-            .map_or(DEFAULT_AFFINITY_SECS, |t| t as u32)
+            .and_then(|c| c.timeout_seconds);
+        match timeout {
+            None => DEFAULT_AFFINITY_SECS,
+            Some(t @ 1..=86_400) => t as u32,
+            Some(t) => {
+                desired.problems.push(Problem {
+                    object: object.clone(),
+                    message: format!(
+                        "sessionAffinity timeoutSeconds {t} is not in 1-86400; using {DEFAULT_AFFINITY_SECS}"
+                    ),
+                });
+                DEFAULT_AFFINITY_SECS
+            }
+        }
     });
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let has_external_ips = spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
     // semantics 4.2
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
         && (matches!(svc_type, "LoadBalancer" | "NodePort") || has_external_ips);
-    let health_check_node_port = (svc_type == "LoadBalancer" && etp_local)
+    // semantics 8.1, 12.8: a missing or invalid healthCheckNodePort is logged; the Service is
+    // still served, without a health check.
+    let needs_health_check = svc_type == "LoadBalancer" && etp_local;
+    let health_check_node_port = needs_health_check
         .then_some(spec.health_check_node_port)
         .flatten()
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0);
+    if needs_health_check && health_check_node_port.is_none() {
+        desired.problems.push(Problem {
+            object: object.clone(),
+            message: match spec.health_check_node_port {
+                None => "LoadBalancer with externalTrafficPolicy Local has no \
+                         healthCheckNodePort; served without a health check"
+                    .to_string(),
+                Some(p) => format!(
+                    "healthCheckNodePort {p} is not in 1-65535; served without a health check"
+                ),
+            },
+        });
+    }
 
     for family in [Family::V4, Family::V6] {
         let Some(cluster_ip) = cluster_ip_of(svc, family, &mut desired.problems) else {
@@ -409,13 +515,25 @@ fn compile_service(
                 proto,
                 family,
             };
-            let node_port = port
-                .node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0);
+            let node_port = match port.node_port.unwrap_or(0) {
+                0 => None,
+                p => {
+                    let valid = u16::try_from(p).ok();
+                    if valid.is_none() {
+                        desired.problems.push(Problem {
+                            object: object.clone(),
+                            message: format!(
+                                "port {:?}: nodePort {p} is not in 1-65535; no NodePort",
+                                name.port
+                            ),
+                        });
+                    }
+                    valid
+                }
+            };
             let externally_accessible =
                 node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
-            let endpoints = index.endpoints_for(&name);
+            let endpoints = index.endpoints_for(&name, &mut desired.problems);
             let categorized = categorize(
                 &endpoints,
                 &snapshot.node,
