@@ -1473,7 +1473,9 @@ endpoints: [{addresses: [10.244.9.1], nodeName: node-a, conditions: {ready: fals
     // the one reported.
     #[test]
     fn slices_disagree_and_the_later_copy_wins() {
-        let d = check(
+        // Two running copies that disagree (different nodes): the first is used and the other
+        // is reported.
+        check(
             "kind: Service
 metadata: {name: bad, namespace: default}
 spec: {clusterIP: 10.96.0.9, ports: [{name: http, port: 80}]}
@@ -1482,18 +1484,37 @@ kind: EndpointSlice
 metadata: {name: bad-1, namespace: default, labels: {kubernetes.io/service-name: bad}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.244.9.1], conditions: {ready: false, serving: true, terminating: true}}]
+endpoints: [{addresses: [10.244.9.1], nodeName: node-a}]
 ---
 kind: EndpointSlice
 metadata: {name: bad-2, namespace: default, labels: {kubernetes.io/service-name: bad}}
 addressType: IPv4
 ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.244.9.1]}]",
-            "EndpointSlice default/bad-1",
-            "is also in EndpointSlice default/bad-2 with ready false here, true there, \
-             terminating true here, false there; that copy is used",
+endpoints: [{addresses: [10.244.9.1], nodeName: node-b}]",
+            "EndpointSlice default/bad-2",
+            "is also in EndpointSlice default/bad-1",
         );
-        let fe = frontends_of(&d, |p| p.name == "bad")
+        // semantics 2.6: a running copy replaces a terminating one (a reused pod IP); that is
+        // normal and not reported.
+        let d = compile(&snap(&format!(
+            "{GOOD}\n---\nkind: Service
+metadata: {{name: reused, namespace: default}}
+spec: {{clusterIP: 10.96.0.9, ports: [{{name: http, port: 80}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: reused-1, namespace: default, labels: {{kubernetes.io/service-name: reused}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.9.1], conditions: {{ready: false, serving: true, terminating: true}}}}]
+---
+kind: EndpointSlice
+metadata: {{name: reused-2, namespace: default, labels: {{kubernetes.io/service-name: reused}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.244.9.1]}}]"
+        )));
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        let fe = frontends_of(&d, |p| p.name == "reused")
             .into_values()
             .next()
             .unwrap();

@@ -152,7 +152,10 @@ impl<'a> SliceIndex<'a> {
                             } else {
                                 ((first, *from), (&endpoint, *slice))
                             };
-                            problems.push(Problem {
+                            // A terminating copy losing to a running one is the normal case of
+                            // a reused pod IP: not a problem worth a log line.
+                            if !unused.0.terminating || used.0.terminating {
+                                problems.push(Problem {
                                 object: slice_name(unused.1),
                                 message: format!(
                                     "endpoint {key} of port {port} is also in {} with {}; that copy is used",
@@ -160,6 +163,7 @@ impl<'a> SliceIndex<'a> {
                                     differences(unused.0, used.0)
                                 ),
                             });
+                            }
                             if replace {
                                 merged.insert(key, (endpoint, slice));
                             }
