@@ -259,15 +259,20 @@ fn backend_value(b: &Backend) -> BackendValue {
     }
 }
 
-/// Allocates the lowest id not in `used` (ids start at 1; 0 is never used).
+/// Allocates an id not in `used` (ids start at 1; 0 is never used).
 fn allocate(used: &mut BTreeSet<u32>) -> u32 {
-    let mut id = 1;
-    for &u in used.iter() {
-        if u > id {
-            break;
-        }
-        if u == id {
-            id += 1;
+    // Above the highest id in use (amortised O(log n) per id); only when the space above is
+    // exhausted, the lowest gap from 1.
+    let mut id = used.last().map_or(1, |m| m.saturating_add(1));
+    if id == u32::MAX || used.contains(&id) {
+        id = 1;
+        for &u in used.iter() {
+            if u > id {
+                break;
+            }
+            if u == id {
+                id += 1;
+            }
         }
     }
     used.insert(id);
@@ -525,7 +530,16 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
                 updates.push(Op::DelSlot(*k));
             }
         }
-        for k in current.members.keys().filter(|k| k.svc_id == id) {
+        let own_members = current.members.range(
+            MemberKey {
+                svc_id: id,
+                backend_id: 0,
+            }..=MemberKey {
+                svc_id: id,
+                backend_id: u32::MAX,
+            },
+        );
+        for (k, _) in own_members {
             if !wanted_members.contains_key(&k.backend_id) {
                 updates.push(Op::DelMember(*k));
             }
