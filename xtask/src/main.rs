@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: one subcommand per module, dispatch only.
 
+mod bench;
 mod exec;
 mod run;
 mod setup;
@@ -25,19 +26,23 @@ enum Command {
     Run(run::Options),
     /// Run every check and test: fmt, clippy, unit tests, end-to-end tests.
     Test(test::Options),
+    /// Benchmark the data path, control plane and memory against kube-proxy's iptables and
+    /// nftables shapes; prints a table, writes target/bench/bench.{md,json,png}.
+    Bench(bench::Options),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         None => {
-            eprintln!("usage: cargo xtask <setup|build|run|test>  (cargo xtask --help)");
+            eprintln!("usage: cargo xtask <setup|build|run|test|bench>  (cargo xtask --help)");
             std::process::exit(2);
         }
         Some(Command::Setup) => setup::setup(),
         Some(Command::Build(opts)) => setup::setup().and_then(|()| exec::build(&opts)),
         Some(Command::Run(opts)) => run::run(opts),
         Some(Command::Test(opts)) => test::test(opts),
+        Some(Command::Bench(opts)) => bench::bench(opts),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");
