@@ -16,8 +16,17 @@ fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
         ));
         let endpoints: Vec<String> = (0..eps)
             .map(|e| {
-                let e = if changed == Some(i) && e == 0 { eps + 1 } else { e };
-                format!("{{addresses: [10.{}.{}.{}]}}", 100 + i / 250, i % 250, e + 1)
+                let e = if changed == Some(i) && e == 0 {
+                    eps + 1
+                } else {
+                    e
+                };
+                format!(
+                    "{{addresses: [10.{}.{}.{}]}}",
+                    100 + i / 250,
+                    i % 250,
+                    e + 1
+                )
             })
             .collect();
         yaml.push_str(&format!(
@@ -26,7 +35,10 @@ fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
         ));
     }
     let mut s = Snapshot {
-        node: NodeInfo { name: "n".into(), zone: None },
+        node: NodeInfo {
+            name: "n".into(),
+            zone: None,
+        },
         ..Default::default()
     };
     use serde::Deserialize;
@@ -55,11 +67,18 @@ fn main() {
     for op in &ops {
         state.apply(op);
     }
-    println!("full: compile {compiled:?}, plan {planned:?}, {} ops", ops.len());
+    println!(
+        "full: compile {compiled:?}, plan {planned:?}, {} ops",
+        ops.len()
+    );
     let t = Instant::now();
     let d2 = compile(&changed);
     let compiled = t.elapsed();
     let t = Instant::now();
     let ops = plan(&d2, &state);
-    println!("one change: compile {compiled:?}, plan {:?}, {} ops", t.elapsed(), ops.len());
+    println!(
+        "one change: compile {compiled:?}, plan {:?}, {} ops",
+        t.elapsed(),
+        ops.len()
+    );
 }

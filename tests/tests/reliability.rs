@@ -168,7 +168,11 @@ fn agent_drops_capabilities_and_pins_are_root_only() {
     let kept: u64 = (1 << 39) | (1 << 12);
     // The socket terminator thread also enters other network namespaces.
     let terminator: u64 = kept | (1 << 21) | (1 << 19);
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", env.agent.pid())).expect("tasks");
+    let tasks = std::fs::read_dir(format!(
+        "/proc/{}/task",
+        env.agent.pid().expect("agent running")
+    ))
+    .expect("tasks");
     let mut threads = 0;
     for task in tasks {
         let task = task.expect("task").path();

@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: one subcommand per module, dispatch only.
 
+mod bench;
 mod exec;
 mod run;
 mod setup;
@@ -31,13 +32,16 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
+    /// Benchmark the data path, control plane and memory against kube-proxy's iptables and
+    /// nftables shapes; prints a table, writes target/bench/bench.{md,json,png}.
+    Bench(bench::Options),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         None => {
-            eprintln!("usage: cargo xtask <setup|build|run|test>  (cargo xtask --help)");
+            eprintln!("usage: cargo xtask <setup|build|run|test|bench>  (cargo xtask --help)");
             std::process::exit(2);
         }
         Some(Command::Setup) => setup::setup(),
@@ -45,6 +49,7 @@ fn main() {
         Some(Command::Run(opts)) => run::run(opts),
         Some(Command::Test(opts)) => test::test(opts),
         Some(Command::Soak { secs }) => test::soak(secs),
+        Some(Command::Bench(opts)) => bench::bench(opts),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

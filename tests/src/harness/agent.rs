@@ -6,7 +6,10 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -17,6 +20,8 @@ pub struct Agent {
     child: Option<std::process::Child>,
     /// Every line the agent (all its runs) wrote to stderr, in order.
     logs: Arc<Mutex<Vec<String>>>,
+    /// Whether log lines are echoed to our stderr as they arrive (default on).
+    echo: Arc<AtomicBool>,
     pub manifests: PathBuf,
     pub pin_dir: PathBuf,
     cgroup: PathBuf,
@@ -46,6 +51,7 @@ impl Agent {
         Agent {
             child: None,
             logs: Arc::default(),
+            echo: Arc::new(AtomicBool::new(true)),
             manifests,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
             cgroup: cgroup.to_path_buf(),
@@ -97,25 +103,39 @@ impl Agent {
         let mut child = child;
         let stderr = child.stderr.take().expect("piped stderr");
         let logs = Arc::clone(&self.logs);
+        let echo = Arc::clone(&self.echo);
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("agent: {line}");
+                if echo.load(Ordering::Relaxed) {
+                    eprintln!("agent: {line}");
+                }
                 logs.lock().expect("log lock").push(line);
             }
         });
         self.child = Some(child);
     }
 
+    /// Turns echoing the agent's log lines to stderr on or off (they are captured either way).
+    pub fn set_echo(&self, on: bool) {
+        self.echo.store(on, Ordering::Relaxed);
+    }
+
     /// Process id of the running agent.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("agent running").id()
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Log lines after position `from` (up to now).
+    pub fn logs_since(&self, from: usize) -> Vec<String> {
+        let logs = self.logs.lock().expect("log lock");
+        logs.iter().skip(from).cloned().collect()
     }
 
     /// Resident set size of the running agent, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("read agent status");
+        let pid = self.pid().expect("agent running");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read agent status");
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
