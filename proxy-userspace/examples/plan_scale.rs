@@ -2,6 +2,7 @@
 use std::time::Instant;
 
 use proxy_userspace::{
+    capacity::{Capacity, fit},
     compile::compile,
     plan::{MapState, plan},
     snapshot::{NodeInfo, Snapshot},
@@ -71,13 +72,24 @@ fn main() {
         "full: compile {compiled:?}, plan {planned:?}, {} ops",
         ops.len()
     );
+    let cap = Capacity {
+        services4: 65_536,
+        services6: 65_536,
+        slots: 1 << 20,
+        members: 1 << 20,
+        backends: 1 << 18,
+        infos: 65_536,
+    };
     let t = Instant::now();
-    let d2 = compile(&changed);
+    let mut d2 = compile(&changed);
     let compiled = t.elapsed();
+    let t = Instant::now();
+    fit(&mut d2, &state, &cap);
+    let fitted = t.elapsed();
     let t = Instant::now();
     let ops = plan(&d2, &state);
     println!(
-        "one change: compile {compiled:?}, plan {:?}, {} ops",
+        "one change: compile {compiled:?}, fit {fitted:?}, plan {:?}, {} ops",
         t.elapsed(),
         ops.len()
     );

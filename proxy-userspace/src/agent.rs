@@ -123,7 +123,7 @@ pub fn run(
     observers: &Observers,
 ) -> anyhow::Result<()> {
     let agent_started = SystemTime::now();
-    let mut previous: Option<Snapshot> = None;
+    let mut previous = Fingerprints::default();
     let mut triggers = TriggerTimes::default();
     let mut current = io.dump()?;
     log::info!(
@@ -216,7 +216,9 @@ pub fn run(
                     for (family, n) in &report.no_local {
                         m.set_no_local_endpoints(*family, *n, 0);
                     }
-                    let (services, endpoints) = changes(previous.as_ref(), &snapshot);
+                    let now = Fingerprints::of(&snapshot);
+                    let (services, endpoints) = previous.changes(&now);
+                    previous = now;
                     m.add_service_changes(services);
                     for (family, n) in endpoints {
                         m.add_endpoint_changes(family, n);
@@ -234,7 +236,6 @@ pub fn run(
                     let later = Instant::now() + timing.retry;
                     pending = Some((snapshot.clone(), later, later));
                 }
-                previous = Some(snapshot);
             }
             Err(e) => {
                 if let Some(m) = &observers.metrics {
@@ -292,43 +293,85 @@ fn map_of_error(e: &anyhow::Error) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Services and EndpointSlices (per family) added, changed or removed since `previous`.
-fn changes(previous: Option<&Snapshot>, now: &Snapshot) -> (u64, Vec<(Family, u64)>) {
-    fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-        (
-            m.namespace.clone().unwrap_or_default(),
-            m.name.clone().unwrap_or_default(),
-        )
+/// A fingerprint per Service and EndpointSlice of the last synced snapshot, to count what
+/// changed without keeping a copy of every object.
+#[derive(Default)]
+struct Fingerprints {
+    services: BTreeMap<(String, String), u64>,
+    slices: BTreeMap<(String, String), (u64, Family)>,
+}
+
+type Meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+fn object_key(m: &Meta) -> (String, String) {
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The resourceVersion where the object has one (API server), else a hash of its content.
+fn fingerprint<T: serde::Serialize>(meta: &Meta, object: &T) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match meta.resource_version.as_deref() {
+        Some(rv) if !rv.is_empty() => rv.hash(&mut h),
+        _ => serde_json::to_vec(object).unwrap_or_default().hash(&mut h),
     }
-    fn diff<T: PartialEq>(
-        before: &[T],
-        after: &[T],
-        meta: impl Fn(&T) -> (String, String),
-    ) -> Vec<(String, String)> {
-        let old: BTreeMap<_, &T> = before.iter().map(|o| (meta(o), o)).collect();
-        let new: BTreeMap<_, &T> = after.iter().map(|o| (meta(o), o)).collect();
-        let mut changed: Vec<_> = new
-            .iter()
-            .filter(|(k, v)| old.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone())
-            .collect();
-        changed.extend(old.keys().filter(|k| !new.contains_key(*k)).cloned());
-        changed
-    }
-    let empty = Snapshot::default();
-    let before = previous.unwrap_or(&empty);
-    let services = diff(&before.services, &now.services, |s| key(&s.metadata)).len() as u64;
-    let family_of = |t: &str| if t == "IPv6" { Family::V6 } else { Family::V4 };
-    let mut per_family: BTreeMap<Family, u64> = BTreeMap::new();
-    let all: Vec<_> = before.slices.iter().chain(&now.slices).collect();
-    for changed in diff(&before.slices, &now.slices, |s| key(&s.metadata)) {
-        if let Some(slice) = all.iter().find(|s| key(&s.metadata) == changed) {
-            *per_family
-                .entry(family_of(&slice.address_type))
-                .or_default() += 1;
+    h.finish()
+}
+
+impl Fingerprints {
+    fn of(snapshot: &Snapshot) -> Fingerprints {
+        Fingerprints {
+            services: snapshot
+                .services
+                .iter()
+                .map(|s| (object_key(&s.metadata), fingerprint(&s.metadata, s)))
+                .collect(),
+            slices: snapshot
+                .slices
+                .iter()
+                .map(|s| {
+                    let family = if s.address_type == "IPv6" {
+                        Family::V6
+                    } else {
+                        Family::V4
+                    };
+                    (
+                        object_key(&s.metadata),
+                        (fingerprint(&s.metadata, s), family),
+                    )
+                })
+                .collect(),
         }
     }
-    (services, per_family.into_iter().collect())
+
+    /// Services, and EndpointSlices per family, added, changed or removed since `self`.
+    fn changes(&self, now: &Fingerprints) -> (u64, Vec<(Family, u64)>) {
+        let services = now
+            .services
+            .iter()
+            .filter(|(k, v)| self.services.get(*k) != Some(*v))
+            .count()
+            + self
+                .services
+                .keys()
+                .filter(|k| !now.services.contains_key(*k))
+                .count();
+        let mut per_family: BTreeMap<Family, u64> = BTreeMap::new();
+        for (k, v) in &now.slices {
+            if self.slices.get(k) != Some(v) {
+                *per_family.entry(v.1).or_default() += 1;
+            }
+        }
+        for (k, v) in &self.slices {
+            if !now.slices.contains_key(k) {
+                *per_family.entry(v.1).or_default() += 1;
+            }
+        }
+        (services as u64, per_family.into_iter().collect())
+    }
 }
 
 /// EndpointSlice trigger times already observed, so each change is measured once (fact 11.3).

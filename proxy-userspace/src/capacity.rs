@@ -3,7 +3,10 @@
 //! first, so a full map never costs a working Service its entries; refused ones get in once
 //! space frees.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use crate::{
     compile::{Desired, FrontendAddr, FrontendKind, PortName, Problem},
@@ -21,45 +24,63 @@ pub struct Capacity {
     pub infos: u64,
 }
 
-#[derive(Default, Clone)]
+/// What the admitted Service ports use so far.
+#[derive(Default)]
 struct Usage {
     services4: BTreeSet<ServiceKey>,
     services6: BTreeSet<ServiceKey>,
-    slots: u64,
-    members: u64,
-    largest: u64,
-    largest_members: u64,
-    backends: BTreeSet<(std::net::IpAddr, u16, u8)>,
     frontends: u64,
+    slots: u64,
+    largest: u64,
+    members: u64,
+    largest_members: u64,
+    backends: BTreeSet<(IpAddr, u16, u8)>,
+    /// Admitted backends that are already in the map.
+    reused: u64,
 }
 
-impl Usage {
-    /// The first map this usage would overflow, with (needed, capacity).
-    fn overflow(&self, cap: &Capacity, current_backends: u64) -> Option<(&'static str, u64, u64)> {
-        let checks = [
-            ("LB4_SERVICES", self.services4.len() as u64, cap.services4),
-            ("LB6_SERVICES", self.services6.len() as u64, cap.services6),
-            ("LB_SVC_INFO", self.frontends, cap.infos),
-            // One frontend at a time holds two generations while it is updated.
-            ("LB_SLOTS", self.slots + self.largest, cap.slots),
-            (
-                "LB_MEMBERS",
-                self.members + self.largest_members,
-                cap.members,
-            ),
-            // New backends are added before unused ones are removed.
-            (
-                "LB_BACKENDS",
-                self.backends.len() as u64 + current_backends,
-                cap.backends,
-            ),
-        ];
-        checks.into_iter().find(|(_, need, cap)| need > cap)
+/// What one Service port would add to `Usage`.
+#[derive(Default)]
+struct Addition {
+    services4: BTreeSet<ServiceKey>,
+    services6: BTreeSet<ServiceKey>,
+    frontends: u64,
+    slots: u64,
+    largest: u64,
+    members: u64,
+    largest_members: u64,
+    backends: BTreeSet<(IpAddr, u16, u8)>,
+}
+
+/// A cheap upper bound of every map's use (each frontend with its own marker, every backend
+/// counted as new): when even that fits, nothing needs refusing.
+fn surely_fits(desired: &Desired, current: &MapState, cap: &Capacity) -> bool {
+    let frontends = desired.frontends.len() as u64;
+    let (mut slots, mut largest, mut members, mut largest_members) = (0u64, 0u64, 0u64, 0u64);
+    for state in desired.frontends.values() {
+        let s: u64 = state
+            .backends
+            .iter()
+            .map(|b| u64::from(b.weight.max(1)))
+            .sum();
+        slots += s;
+        largest = largest.max(s);
+        members += state.backends.len() as u64;
+        largest_members = largest_members.max(state.backends.len() as u64);
     }
+    2 * frontends <= cap.services4.min(cap.services6)
+        && frontends <= cap.infos
+        && slots + largest <= cap.slots
+        && members + largest_members <= cap.members
+        && members + current.backends.len() as u64 <= cap.backends
 }
 
-/// Removes from `desired` the Service ports that would overflow a map; records why.
+/// Removes from `desired` the Service ports that would overflow a map; records why. Runs in
+/// O(n log n) over frontends and backends.
 pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
+    if surely_fits(desired, current, cap) {
+        return;
+    }
     let mut by_port: BTreeMap<PortName, Vec<FrontendAddr>> = BTreeMap::new();
     for (frontend, state) in &desired.frontends {
         by_port
@@ -75,54 +96,110 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
     let mut order: Vec<(&PortName, &Vec<FrontendAddr>)> = by_port.iter().collect();
     order.sort_by_key(|(name, frontends)| (!programmed(frontends), (*name).clone()));
 
-    // Backends already in the map stay there until the end of a sync: count those that the
-    // desired state will not reuse.
-    let current_backend_ids: BTreeSet<_> = current
+    // Backends already in the map stay there until the end of a sync.
+    let current_backends: BTreeSet<(IpAddr, u16, u8)> = current
         .backends
         .values()
         .map(|v| {
             let addr = if v.family == proxy_common::backend::FAMILY_V4 {
-                std::net::IpAddr::from(v.addr4())
+                IpAddr::from(v.addr4())
             } else {
-                std::net::IpAddr::from(v.addr)
+                IpAddr::from(v.addr)
             };
             (addr, v.port, v.proto)
         })
         .collect();
+    let current_count = current_backends.len() as u64;
 
     let mut usage = Usage::default();
     let mut refused: Vec<(PortName, String)> = Vec::new();
     for (name, frontends) in order {
-        let mut next = usage.clone();
+        let mut add = Addition::default();
         for f in frontends {
             let state = &desired.frontends[f];
             let key = ServiceKey::of(f);
-            let set = match key {
-                ServiceKey::V4(_) => &mut next.services4,
-                ServiceKey::V6(_) => &mut next.services6,
+            let (set, used) = match key {
+                ServiceKey::V4(_) => (&mut add.services4, &usage.services4),
+                ServiceKey::V6(_) => (&mut add.services6, &usage.services6),
             };
-            set.insert(key);
-            if state.kind == FrontendKind::ClusterIp {
-                set.insert(ServiceKey::any_port(f.addr));
+            for k in [
+                Some(key),
+                (state.kind == FrontendKind::ClusterIp).then(|| ServiceKey::any_port(f.addr)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if !used.contains(&k) {
+                    set.insert(k);
+                }
             }
-            next.frontends += 1;
+            add.frontends += 1;
             let slots: u64 = state
                 .backends
                 .iter()
                 .map(|b| u64::from(b.weight.max(1)))
                 .sum();
-            next.slots += slots;
-            next.largest = next.largest.max(slots);
+            add.slots += slots;
+            add.largest = add.largest.max(slots);
             let members = state.backends.len() as u64;
-            next.members += members;
-            next.largest_members = next.largest_members.max(members);
+            add.members += members;
+            add.largest_members = add.largest_members.max(members);
             for b in &state.backends {
-                next.backends.insert((b.addr, b.port, b.proto.number()));
+                let k = (b.addr, b.port, b.proto.number());
+                if !usage.backends.contains(&k) {
+                    add.backends.insert(k);
+                }
             }
         }
-        let stale = current_backend_ids.difference(&next.backends).count() as u64;
-        match next.overflow(cap, stale) {
-            None => usage = next,
+        let reused = usage.reused
+            + add
+                .backends
+                .iter()
+                .filter(|k| current_backends.contains(*k))
+                .count() as u64;
+        let admitted_backends = usage.backends.len() as u64 + add.backends.len() as u64;
+        let checks = [
+            (
+                "LB4_SERVICES",
+                (usage.services4.len() + add.services4.len()) as u64,
+                cap.services4,
+            ),
+            (
+                "LB6_SERVICES",
+                (usage.services6.len() + add.services6.len()) as u64,
+                cap.services6,
+            ),
+            ("LB_SVC_INFO", usage.frontends + add.frontends, cap.infos),
+            // One frontend at a time holds two generations while it is updated.
+            (
+                "LB_SLOTS",
+                usage.slots + add.slots + usage.largest.max(add.largest),
+                cap.slots,
+            ),
+            (
+                "LB_MEMBERS",
+                usage.members + add.members + usage.largest_members.max(add.largest_members),
+                cap.members,
+            ),
+            // New backends are added before unused ones are removed.
+            (
+                "LB_BACKENDS",
+                admitted_backends + (current_count - reused),
+                cap.backends,
+            ),
+        ];
+        match checks.into_iter().find(|(_, need, cap)| need > cap) {
+            None => {
+                usage.services4.extend(add.services4);
+                usage.services6.extend(add.services6);
+                usage.frontends += add.frontends;
+                usage.slots += add.slots;
+                usage.largest = usage.largest.max(add.largest);
+                usage.members += add.members;
+                usage.largest_members = usage.largest_members.max(add.largest_members);
+                usage.backends.extend(add.backends);
+                usage.reused = reused;
+            }
             Some((map, need, capacity)) => refused.push((
                 name.clone(),
                 format!(
@@ -131,11 +208,17 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
             )),
         }
     }
-    for (name, message) in refused {
-        desired.frontends.retain(|_, state| state.port != name);
+    if refused.is_empty() {
+        return;
+    }
+    let refused_names: BTreeSet<&PortName> = refused.iter().map(|(n, _)| n).collect();
+    desired
+        .frontends
+        .retain(|_, state| !refused_names.contains(&state.port));
+    for (name, message) in &refused {
         desired.problems.push(Problem {
             object: format!("Service {}/{} port {name}", name.namespace, name.name),
-            message,
+            message: message.clone(),
         });
     }
 }
