@@ -36,9 +36,9 @@ pub enum ServiceKey {
 }
 
 impl ServiceKey {
-    pub fn of(frontend: &FrontendAddr) -> Self {
-        let (port, proto, scope) = (frontend.port, frontend.proto.number(), SCOPE_INTERNAL);
-        match frontend.addr {
+    fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+        let scope = SCOPE_INTERNAL;
+        match addr {
             IpAddr::V4(a) => ServiceKey::V4(Service4Key {
                 addr: a.octets(),
                 port,
@@ -54,24 +54,14 @@ impl ServiceKey {
         }
     }
 
+    pub fn of(frontend: &FrontendAddr) -> Self {
+        ServiceKey::new(frontend.addr, frontend.port, frontend.proto.number())
+    }
+
     /// The entry that marks `addr` as a ClusterIP: ports without a frontend of their own are
     /// rejected (nftables mode, semantics 3.12).
     pub fn any_port(addr: IpAddr) -> Self {
-        let (port, proto, scope) = (0, 0, SCOPE_INTERNAL);
-        match addr {
-            IpAddr::V4(a) => ServiceKey::V4(Service4Key {
-                addr: a.octets(),
-                port,
-                proto,
-                scope,
-            }),
-            IpAddr::V6(a) => ServiceKey::V6(Service6Key {
-                addr: a.octets(),
-                port,
-                proto,
-                scope,
-            }),
-        }
+        ServiceKey::new(addr, 0, 0)
     }
 
     pub fn is_any_port(&self) -> bool {

@@ -8,7 +8,7 @@ use proxy_common::affinity::{CLIENT_ADDR, CLIENT_NETNS};
 use serde::Serialize;
 
 use super::{
-    SourceArgs,
+    InspectArgs, SourceArgs,
     output::{Format, json},
     view::{self, FrontendView},
 };
@@ -28,12 +28,8 @@ pub struct ExplainArgs {
     pub frontend: String,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Pin directory on a bpffs.
-    #[arg(long, default_value = crate::datapath::bpf::DEFAULT_PIN_DIR)]
-    pub bpffs: std::path::PathBuf,
-    /// Output format.
-    #[arg(long, short, value_enum, default_value_t = Format::Table)]
-    pub output: Format,
+    #[command(flatten)]
+    pub inspect: InspectArgs,
 }
 
 #[derive(Serialize)]
@@ -99,7 +95,7 @@ fn monotonic_ns() -> u64 {
 
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let frontend = parse_frontend(&args.frontend)?;
-    let maps = Maps::open_pinned(&args.bpffs)?;
+    let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let state = maps.dump()?;
     let (matched, marked) = view::lookup(&state, &frontend);
     let mut out = ExplainView {
@@ -122,7 +118,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         } else {
             "not a Service frontend: the socket hooks leave this connection untouched".into()
         };
-        return print(args.output, &out);
+        return print(args.inspect.output, &out);
     };
     let total: u32 = f.backends.iter().map(|b| b.slots).sum();
     out.eligible = f
@@ -223,7 +219,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         (action, _) => action.to_string(),
     };
     out.matched = Some(f);
-    print(args.output, &out)
+    print(args.inspect.output, &out)
 }
 
 fn print(format: Format, out: &ExplainView) -> anyhow::Result<()> {

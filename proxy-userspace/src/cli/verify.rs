@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{
-    SourceArgs,
+    InspectArgs, SourceArgs,
     output::{Format, json},
 };
 use crate::{
@@ -19,12 +19,8 @@ use crate::{
 pub struct VerifyArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Pin directory on a bpffs.
-    #[arg(long, default_value = crate::datapath::bpf::DEFAULT_PIN_DIR)]
-    pub bpffs: std::path::PathBuf,
-    /// Output format.
-    #[arg(long, short, value_enum, default_value_t = Format::Table)]
-    pub output: Format,
+    #[command(flatten)]
+    pub inspect: InspectArgs,
 }
 
 /// The maps differ from the source (exit status 1).
@@ -42,7 +38,7 @@ struct VerifyView {
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let snapshot = args.source.first_snapshot(Duration::from_secs(30))?;
     let desired = compile(&snapshot);
-    let maps = Maps::open_pinned(&args.bpffs)?;
+    let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let current = maps.dump()?;
     let ops = plan(&desired, &current);
     let view = VerifyView {
@@ -50,7 +46,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         frontends: desired.frontends.len(),
         differences: ops.iter().map(ToString::to_string).collect(),
     };
-    if args.output == Format::Json {
+    if args.inspect.output == Format::Json {
         json(&view)?;
     } else if view.in_sync {
         println!("in sync: {} frontends match the source", view.frontends);
