@@ -232,14 +232,7 @@ fn cleanup_leaves_nothing_behind() {
         return;
     }
     let mut env = Env::new(2);
-    env.agent.write_manifest(
-        "web.yaml",
-        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
-    );
-    env.agent.write_manifest(
-        "slice.yaml",
-        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
-    );
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
     let vip = "10.96.0.10:80".parse().unwrap();
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
     env.agent.kill();
@@ -325,14 +318,7 @@ fn bpf_debug_logs_switch_at_runtime() {
         return;
     }
     let mut env = Env::new(2);
-    env.agent.write_manifest(
-        "web.yaml",
-        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
-    );
-    env.agent.write_manifest(
-        "slice.yaml",
-        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
-    );
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
     let vip = "10.96.0.10:80".parse().unwrap();
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
     let quiet = env.agent.log_position();

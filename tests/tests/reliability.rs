@@ -12,23 +12,6 @@ use std::{
 use common::*;
 use tests::harness::topology::Proto;
 
-fn svc(env: &Env, name: &str, vip: &str, pod: usize) {
-    env.agent.write_manifest(
-        &format!("{name}.yaml"),
-        &service_yaml(name, &[vip], &[HTTP], ""),
-    );
-    env.agent.write_manifest(
-        &format!("{name}-slice.yaml"),
-        &slice_yaml(
-            &format!("{name}-1"),
-            name,
-            "IPv4",
-            &[HTTP],
-            &[ep(env.topo.pods[pod].ip4)],
-        ),
-    );
-}
-
 /// With room for two Services, a third is refused by name (log line) while the first two keep
 /// working; once one is deleted, the refused one is programmed.
 #[test]
@@ -44,11 +27,11 @@ fn full_maps_refuse_what_does_not_fit_and_recover() {
     let from = topo_env.agent.log_position();
     topo_env.agent.start();
     let mut env = topo_env;
-    svc(&env, "a", "10.96.0.10", 1);
-    svc(&env, "b", "10.96.0.11", 2);
+    service_with_one_backend(&env, "a", "10.96.0.10", 1);
+    service_with_one_backend(&env, "b", "10.96.0.11", 2);
     env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
     env.wait_for_backends(Proto::Tcp, "10.96.0.11:80".parse().unwrap(), &["pod-3"]);
-    svc(&env, "c", "10.96.0.12", 3);
+    service_with_one_backend(&env, "c", "10.96.0.12", 3);
     let line = env
         .agent
         .wait_for_log(from, "map LB4_SERVICES is full", Duration::from_secs(10));
@@ -163,7 +146,7 @@ fn agent_drops_capabilities_and_pins_are_root_only() {
     }
     use std::os::unix::fs::PermissionsExt as _;
     let mut env = Env::new(2);
-    svc(&env, "a", "10.96.0.10", 1);
+    service_with_one_backend(&env, "a", "10.96.0.10", 1);
     env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
     let kept: u64 = (1 << 39) | (1 << 12);
     // The socket terminator thread also enters other network namespaces.
@@ -219,7 +202,7 @@ fn mixed_traffic_leaves_non_service_destinations_unaltered() {
         return;
     }
     let mut env = Env::new(3);
-    svc(&env, "a", "10.96.0.10", 1);
+    service_with_one_backend(&env, "a", "10.96.0.10", 1);
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
     let direct: Vec<SocketAddr> = [

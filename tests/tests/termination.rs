@@ -151,14 +151,7 @@ fn held_env(terminate_tcp: bool) -> Env {
         env.agent.extra_args = vec!["--terminate-tcp".into()];
         env.agent.start();
     }
-    env.agent.write_manifest(
-        "web.yaml",
-        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
-    );
-    env.agent.write_manifest(
-        "slice.yaml",
-        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[1].ip4)]),
-    );
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
     env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
     env
 }
@@ -174,7 +167,7 @@ fn tcp_connections_to_a_removed_backend_are_cut_only_with_the_flag() {
         let (mut held, first) = env.topo.hold(0, vip);
         assert_eq!(first.backend, "pod-2");
         env.agent.write_manifest(
-            "slice.yaml",
+            "web-slice.yaml",
             &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(env.topo.pods[2].ip4)]),
         );
         env.wait_for_backends(Proto::Tcp, vip, &["pod-3"]);

@@ -179,3 +179,22 @@ pub fn slice_yaml(name: &str, service: &str, family: &str, ports: &[Port], eps: 
         eps.join("\n")
     )
 }
+
+/// Service `name` (ClusterIP `vip`, port `http` 80/TCP) whose one endpoint is pod `pod`, written
+/// as two manifests (`<name>.yaml`, `<name>-slice.yaml`).
+pub fn service_with_one_backend(env: &Env, name: &str, vip: &str, pod: usize) {
+    env.agent.write_manifest(
+        &format!("{name}.yaml"),
+        &service_yaml(name, &[vip], &[HTTP], ""),
+    );
+    env.agent.write_manifest(
+        &format!("{name}-slice.yaml"),
+        &slice_yaml(
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[HTTP],
+            &[ep(env.topo.pods[pod].ip4)],
+        ),
+    );
+}
