@@ -16,3 +16,7 @@ pub struct ConfigValue {
 pub const CONFIG_DEBUG_LOG: u32 = 1 << 0;
 
 pod!(ConfigValue);
+
+/// Set by the agent while it terminates sockets of removed backends (the kernel supports
+/// SOCK_DESTROY and termination is not turned off); read by `status`. The programs ignore it.
+pub const CONFIG_SOCKET_TERMINATION: u32 = 1 << 1;

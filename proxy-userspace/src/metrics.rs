@@ -538,6 +538,9 @@ pub struct Metrics {
     pub sockets_terminated: Arc<Family<Counter>>,
     /// kube_bpf_proxy_socket_termination_errors_total.
     pub socket_termination_errors: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_socket_termination_active: 1 while sockets of removed backends are
+    /// terminated, 0 when the kernel cannot or it is turned off.
+    pub socket_termination_active: Arc<Family<Gauge>>,
 }
 
 /// 1 ms x 2^n, 15 buckets (kube-proxy's sync duration buckets).
@@ -609,6 +612,10 @@ impl Metrics {
             socket_termination_errors: r.counter(
                 "kube_bpf_proxy_socket_termination_errors_total",
                 "Failures while terminating sockets of removed backends",
+            ),
+            socket_termination_active: r.gauge(
+                "kube_bpf_proxy_socket_termination_active",
+                "1 while sockets connected to removed backends are terminated (kernel support and not turned off)",
             ),
             sync_failures: r.counter(
                 "kube_bpf_proxy_sync_failures_total",

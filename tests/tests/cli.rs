@@ -69,6 +69,10 @@ fn status_and_services_show_the_kernel_state() {
     assert_eq!(code, 0);
     let status = json(&out);
     assert_eq!(status["agent"]["running"], true);
+    assert_eq!(
+        status["socket_termination"], true,
+        "this kernel has SOCK_DESTROY"
+    );
     assert!(status["agent"]["syncs"].as_u64().unwrap() >= 1);
     let maps = status["maps"].as_array().unwrap();
     let services = maps.iter().find(|m| m["map"] == "LB4_SERVICES").unwrap();
@@ -304,6 +308,7 @@ fn metrics_and_health_endpoints() {
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "kube_bpf_proxy_map_entries{map=\"LB_BACKENDS\"} 1",
+        "kube_bpf_proxy_socket_termination_active 1",
         "kube_bpf_proxy_map_max_entries{map=\"LB_BACKENDS\"}",
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");

@@ -146,11 +146,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         sock_revnat: args.max_sock_revnat,
     };
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
-    if !args.no_socket_termination
-        && let Err(e) = datapath.enable_termination(cgroup.clone(), args.terminate_tcp)
-    {
-        log::warn!("sockets of removed backends will not be terminated: {e:#}");
-    }
+    let terminating = if args.no_socket_termination {
+        datapath.disable_termination()?;
+        false
+    } else {
+        match datapath.enable_termination(cgroup.clone(), args.terminate_tcp) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("sockets of removed backends will not be terminated: {e:#}");
+                false
+            }
+        }
+    };
     // Everything privileged is done; capabilities are per thread, so drop them before any
     // thread is started.
     match caps::drop_to_kept() {
@@ -181,6 +188,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     serve("metrics", &args.metrics_bind_address, &http_state);
     serve("health checks", &args.healthz_bind_address, &http_state);
     poll_kernel_counters(args.bpffs.clone(), Arc::clone(&metrics));
+    metrics
+        .socket_termination_active
+        .with(&[])
+        .set(if terminating { 1.0 } else { 0.0 });
     let observers = Observers {
         metrics: Some(metrics),
         health: Some(health),

@@ -43,6 +43,8 @@ struct Counter {
 struct StatusView {
     agent: AgentView,
     mode: &'static str,
+    /// Sockets connected to removed backends are terminated (kernel support, not turned off).
+    socket_termination: bool,
     pin_dir: String,
     hooks: Vec<HookInfo>,
     maps: Vec<MapFill>,
@@ -69,6 +71,7 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
             sync_failures: agent.sync_failures,
         },
         mode: "socket (cgroup connect/sendmsg/recvmsg/getpeername hooks)",
+        socket_termination: maps.socket_termination()?,
         pin_dir: args.bpffs.display().to_string(),
         hooks: bpf::hooks(&args.bpffs),
         maps: bpf::map_fill(&args.bpffs)?
@@ -108,6 +111,14 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
             .map_or("never".to_string(), |s| format!("{s:.1} s ago"))
     );
     println!("mode:     {}", view.mode);
+    println!(
+        "sockets of removed backends: {}",
+        if view.socket_termination {
+            "terminated"
+        } else {
+            "NOT terminated (kernel without SOCK_DESTROY, or --no-socket-termination)"
+        }
+    );
     println!("pins:     {}\n", view.pin_dir);
     let hooks: Vec<Vec<String>> = view
         .hooks

@@ -24,7 +24,7 @@ use aya::{
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
-    config::{CONFIG_DEBUG_LOG, ConfigValue},
+    config::{CONFIG_DEBUG_LOG, CONFIG_SOCKET_TERMINATION, ConfigValue},
     info::{AgentState, ServiceInfo},
     maps as names, proto as proto_common,
     reason::{REASON_COUNT, Reason},
@@ -297,6 +297,21 @@ impl Maps {
         Ok(self.config.get(&0, 0)?.flags & CONFIG_DEBUG_LOG != 0)
     }
 
+    /// Records whether sockets of removed backends are being terminated (for `status`).
+    pub fn set_socket_termination(&mut self, on: bool) -> anyhow::Result<()> {
+        let mut value = self.config.get(&0, 0)?;
+        if on {
+            value.flags |= CONFIG_SOCKET_TERMINATION;
+        } else {
+            value.flags &= !CONFIG_SOCKET_TERMINATION;
+        }
+        self.config.set(0, value, 0).context("write LB_CONFIG")
+    }
+
+    pub fn socket_termination(&self) -> anyhow::Result<bool> {
+        Ok(self.config.get(&0, 0)?.flags & CONFIG_SOCKET_TERMINATION != 0)
+    }
+
     /// What the agent last recorded about itself.
     pub fn agent_state(&self) -> anyhow::Result<AgentState> {
         Ok(self.agent.get(&0, 0)?)
@@ -504,9 +519,17 @@ impl Datapath {
     /// Terminates sockets of removed backends from now on: connected UDP sockets, and TCP
     /// connections too with `tcp`. Must be called before capabilities are dropped.
     pub fn enable_termination(&mut self, cgroup: PathBuf, tcp: bool) -> anyhow::Result<()> {
-        let diag = SockDiag::start(cgroup).context("start the socket terminator")?;
+        let started = SockDiag::start(cgroup);
+        self.maps.set_socket_termination(started.is_ok())?;
+        let diag = started.context("start the socket terminator")?;
         self.terminator = Some((Box::new(diag), tcp));
         Ok(())
+    }
+
+    /// Records that socket termination is off (turned off by flag).
+    pub fn disable_termination(&mut self) -> anyhow::Result<()> {
+        self.terminator = None;
+        self.maps.set_socket_termination(false)
     }
 
     /// Starts forwarding the programs' debug logs to the agent's log (a thread).

@@ -229,6 +229,31 @@ fn destroy_matching(family: u8, proto: u8, targets: &[&Target]) -> io::Result<u6
     Ok(destroyed)
 }
 
+/// Whether this kernel can destroy sockets: SOCK_DESTROY of a socket that does not exist
+/// answers ENOENT where it can, EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY.
+fn probe() -> io::Result<()> {
+    let sock = DiagSocket::open()?;
+    let udp = libc::IPPROTO_UDP as u8;
+    sock.send(&request(
+        SOCK_DESTROY,
+        NLM_F_ACK,
+        libc::AF_INET as u8,
+        udp,
+        1 << STATE_ESTABLISHED,
+        &[0; 48],
+    ))?;
+    match sock.receive(|_, _| {})? {
+        0 | libc::ENOENT => Ok(()),
+        code => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "this kernel cannot destroy sockets (SOCK_DESTROY: {}; needs CONFIG_INET_DIAG_DESTROY)",
+                io::Error::from_raw_os_error(code)
+            ),
+        )),
+    }
+}
+
 /// One network namespace per inode, with a process in it, for every process in `cgroup` and
 /// its descendants.
 fn namespaces_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
@@ -287,6 +312,7 @@ impl SockDiag {
     /// Starts the worker for the processes of `cgroup`. Must be called before capabilities
     /// are dropped. Says once whether this kernel can destroy sockets.
     pub fn start(cgroup: PathBuf) -> io::Result<SockDiag> {
+        probe()?;
         let (tx, rx) = mpsc::channel::<Job>();
         thread::Builder::new()
             .name("terminator".into())
