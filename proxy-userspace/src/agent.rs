@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
     capacity::fit,
-    compile::{Family, Problem, compile},
+    compile::{Family, Problem, Proto, compile},
     datapath::{MapIo, Removed},
     health::Health,
     metrics::Metrics,
@@ -183,25 +183,12 @@ pub fn run(
                 }
                 if let Some(t) = io.terminate(&report.removed) {
                     for (proto, n) in &t.destroyed {
+                        let proto = Proto::from_number(*proto).map_or("?", Proto::as_str);
                         log::info!(
-                            "terminated {n} {} socket(s) connected to removed backends",
-                            if *proto == proxy_common::proto::TCP {
-                                "TCP"
-                            } else {
-                                "UDP"
-                            }
+                            "terminated {n} {proto} socket(s) connected to removed backends"
                         );
                         if let Some(m) = &observers.metrics {
-                            m.sockets_terminated
-                                .with(&[(
-                                    "protocol",
-                                    if *proto == proxy_common::proto::TCP {
-                                        "TCP"
-                                    } else {
-                                        "UDP"
-                                    },
-                                )])
-                                .inc_by(*n);
+                            m.sockets_terminated.with(&[("protocol", proto)]).inc_by(*n);
                         }
                     }
                     for e in &t.errors {

@@ -312,45 +312,27 @@ mod tests {
         first
             .frontends
             .retain(|f, _| f.addr >= "10.96.0.4".parse::<std::net::IpAddr>().unwrap());
-        fit(&mut first, &state, &cap);
-        for op in plan(&first, &state) {
-            state.apply(&op);
-        }
-        let mut all = desired(5, 2);
-        fit(&mut all, &state, &cap);
-        let kept: Vec<String> = all
-            .frontends
-            .values()
-            .map(|f| f.port.name.clone())
-            .collect();
+        fit_and_apply(first, &mut state, &cap);
+        let kept = fit_and_apply(desired(5, 2), &mut state, &cap);
         assert_eq!(kept, ["svc-000", "svc-003", "svc-004"]);
-        for op in plan(&all, &state) {
-            state.apply(&op);
-        }
         assert!(state.backends.len() <= 6);
         // svc-004 is deleted: its space goes to the next refused Service.
-        let mut fewer = desired(4, 2);
-        fit(&mut fewer, &state, &cap);
-        let kept: Vec<String> = fewer
-            .frontends
-            .values()
-            .map(|f| f.port.name.clone())
-            .collect();
+        let kept = fit_and_apply(desired(4, 2), &mut state, &cap);
         assert_eq!(
             kept,
             ["svc-000", "svc-003"],
             "stale backends still occupy the map"
         );
-        for op in plan(&fewer, &state) {
+        let kept = fit_and_apply(desired(4, 2), &mut state, &cap);
+        assert_eq!(kept, ["svc-000", "svc-001", "svc-003"]);
+    }
+
+    /// Fits `d` into `state`, applies the plan, and returns the Services that got in.
+    fn fit_and_apply(mut d: Desired, state: &mut MapState, cap: &Capacity) -> Vec<String> {
+        fit(&mut d, state, cap);
+        for op in plan(&d, state) {
             state.apply(&op);
         }
-        let mut again = desired(4, 2);
-        fit(&mut again, &state, &cap);
-        let kept: Vec<String> = again
-            .frontends
-            .values()
-            .map(|f| f.port.name.clone())
-            .collect();
-        assert_eq!(kept, ["svc-000", "svc-001", "svc-003"]);
+        d.frontends.values().map(|f| f.port.name.clone()).collect()
     }
 }

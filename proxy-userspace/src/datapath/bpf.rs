@@ -284,32 +284,34 @@ impl Maps {
 
     /// Turns the BPF debug logs on or off (takes effect at the next connection).
     pub fn set_debug_log(&mut self, on: bool) -> anyhow::Result<()> {
-        let mut value = self.config.get(&0, 0)?;
-        if on {
-            value.flags |= CONFIG_DEBUG_LOG;
-        } else {
-            value.flags &= !CONFIG_DEBUG_LOG;
-        }
-        self.config.set(0, value, 0).context("write LB_CONFIG")
+        self.set_config_flag(CONFIG_DEBUG_LOG, on)
     }
 
     pub fn debug_log(&self) -> anyhow::Result<bool> {
-        Ok(self.config.get(&0, 0)?.flags & CONFIG_DEBUG_LOG != 0)
+        self.config_flag(CONFIG_DEBUG_LOG)
     }
 
     /// Records whether sockets of removed backends are being terminated (for `status`).
     pub fn set_socket_termination(&mut self, on: bool) -> anyhow::Result<()> {
+        self.set_config_flag(CONFIG_SOCKET_TERMINATION, on)
+    }
+
+    pub fn socket_termination(&self) -> anyhow::Result<bool> {
+        self.config_flag(CONFIG_SOCKET_TERMINATION)
+    }
+
+    fn set_config_flag(&mut self, flag: u32, on: bool) -> anyhow::Result<()> {
         let mut value = self.config.get(&0, 0)?;
         if on {
-            value.flags |= CONFIG_SOCKET_TERMINATION;
+            value.flags |= flag;
         } else {
-            value.flags &= !CONFIG_SOCKET_TERMINATION;
+            value.flags &= !flag;
         }
         self.config.set(0, value, 0).context("write LB_CONFIG")
     }
 
-    pub fn socket_termination(&self) -> anyhow::Result<bool> {
-        Ok(self.config.get(&0, 0)?.flags & CONFIG_SOCKET_TERMINATION != 0)
+    fn config_flag(&self, flag: u32) -> anyhow::Result<bool> {
+        Ok(self.config.get(&0, 0)?.flags & flag != 0)
     }
 
     /// What the agent last recorded about itself.
@@ -714,33 +716,27 @@ impl MapIo for Maps {
 /// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the
 /// hooks once no process holds them), then the maps (freed once no program uses them).
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
-    let mut removed = 0;
     let links_dir = pin_dir.join(LINKS_DIR);
-    for name in SOCK_PROGRAMS {
-        let path = links_dir.join(name);
+    let mut removed = remove_files_and_dir(&links_dir, &SOCK_PROGRAMS)?;
+    removed += remove_files_and_dir(pin_dir, &names::ALL)?;
+    Ok(removed)
+}
+
+/// Removes the files `names` in `dir` (missing ones are fine), then `dir` if it is empty.
+fn remove_files_and_dir(dir: &Path, names: &[&str]) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for name in names {
+        let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
         }
     }
-    match fs::remove_dir(&links_dir) {
+    match fs::remove_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!("could not remove {}: {e}", links_dir.display()),
-    }
-    for name in names::ALL {
-        let path = pin_dir.join(name);
-        match fs::remove_file(&path) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("remove {}", path.display())),
-        }
-    }
-    match fs::remove_dir(pin_dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!("could not remove {}: {e}", pin_dir.display()),
+        Err(e) => log::warn!("could not remove {}: {e}", dir.display()),
     }
     Ok(removed)
 }
