@@ -33,6 +33,9 @@ pub struct Agent {
     pub extra_args: Vec<String>,
     /// Another agent binary to start instead of the workspace's (an "upgrade").
     pub binary: Option<PathBuf>,
+    /// Network namespace file the agent runs in (a node of a testbed); `None`: the test's own.
+    /// Its HTTP endpoints are then reached with `get`, which enters the namespace.
+    pub netns: Option<String>,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -60,6 +63,7 @@ impl Agent {
             health_port: free_port(),
             extra_args: Vec::new(),
             binary: None,
+            netns: None,
         }
     }
 
@@ -82,7 +86,18 @@ impl Agent {
             .binary
             .clone()
             .unwrap_or_else(|| workspace_binary("kube-bpf-proxy"));
-        let child = Command::new(binary)
+        let mut cmd = match &self.netns {
+            Some(netns) => super::process::command_in(
+                &super::process::Placement {
+                    netns,
+                    cgroup_procs: None,
+                },
+                &binary,
+                &[],
+            ),
+            None => Command::new(binary),
+        };
+        let child = cmd
             .args(["run", "--manifests"])
             .arg(&self.manifests)
             .arg("--cgroup")
@@ -209,11 +224,45 @@ impl Drop for Agent {
     }
 }
 
+impl Agent {
+    /// GET `path` from the agent's 127.0.0.1:`port`, inside its network namespace.
+    pub fn get(&self, port: u16, path: &str) -> (u16, String) {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        http_get_in(self.netns.as_deref(), addr, path)
+    }
+}
+
 /// GET `path` from 127.0.0.1:`port`; returns (status code, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_in(
+        None,
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        path,
+    )
+}
+
+/// GET `path` from `addr`, from inside network namespace `netns` (a namespace file) if given:
+/// a thread enters it (setns is per thread) and makes the request there.
+pub fn http_get_in(netns: Option<&str>, addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let netns = netns.map(|n| fs::File::open(n).unwrap_or_else(|e| panic!("open netns {n}: {e}")));
+    let path = path.to_string();
+    thread::spawn(move || {
+        if let Some(ns) = netns {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on an open namespace fd, for this thread only.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        }
+        http_get_at(addr, &path)
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
