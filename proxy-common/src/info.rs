@@ -23,6 +23,7 @@ pub struct ServiceInfo {
 pub const KIND_CLUSTER_IP: u8 = 1;
 pub const KIND_EXTERNAL_IP: u8 = 2;
 pub const KIND_LOAD_BALANCER: u8 = 3;
+pub const KIND_NODE_PORT: u8 = 4;
 
 /// internalTrafficPolicy: Local.
 pub const INFO_ITP_LOCAL: u8 = 1 << 0;

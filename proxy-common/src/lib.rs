@@ -8,6 +8,7 @@
 pub mod affinity;
 pub mod backend;
 pub mod config;
+pub mod ct;
 pub mod info;
 pub mod maps;
 pub mod reason;

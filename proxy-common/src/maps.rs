@@ -16,6 +16,14 @@ pub const LB_AFFINITY: &str = "LB_AFFINITY";
 pub const SOCK4_REVNAT: &str = "SOCK4_REVNAT";
 /// Reverse translation for IPv6 sockets: `SockRevNat6Key` → `SockRevNat6Value` (LRU).
 pub const SOCK6_REVNAT: &str = "SOCK6_REVNAT";
+/// Connection tracking of the packet path, IPv4: `Ct4Key` → `Ct4Value` (LRU).
+pub const LB_CT4: &str = "LB_CT4";
+/// Connection tracking of the packet path, IPv6: `Ct6Key` → `Ct6Value` (LRU).
+pub const LB_CT6: &str = "LB_CT6";
+/// loadBalancerSourceRanges, IPv4: LPM key over `SrcRange4` → `u8` (1).
+pub const LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
+/// loadBalancerSourceRanges, IPv6: LPM key over `SrcRange6` → `u8` (1).
+pub const LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
@@ -28,7 +36,7 @@ pub const LB_AGENT: &str = "LB_AGENT";
 pub const LB_CONFIG: &str = "LB_CONFIG";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 16] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -37,6 +45,10 @@ pub const ALL: [&str; 12] = [
     LB_AFFINITY,
     SOCK4_REVNAT,
     SOCK6_REVNAT,
+    LB_CT4,
+    LB_CT6,
+    LB4_SRC_RANGES,
+    LB6_SRC_RANGES,
     LB_STATS,
     LB_SVC_INFO,
     LB_AGENT,
@@ -50,3 +62,5 @@ pub const MEMBERS_MAX: usize = 1_048_576;
 pub const BACKENDS_MAX: usize = 262_144;
 pub const AFFINITY_MAX: usize = 262_144;
 pub const SOCK_REVNAT_MAX: usize = 262_144;
+pub const CT_MAX: usize = 262_144;
+pub const SRC_RANGES_MAX: usize = 65_536;

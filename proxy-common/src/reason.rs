@@ -23,10 +23,32 @@ pub enum Reason {
     RevNatFailed = 7,
     /// recvmsg/getpeername showed the Service address instead of the backend's.
     RevTranslated = 8,
+    /// tc: the first packet of a flow to an external frontend was translated to a backend.
+    NatNew = 9,
+    /// tc: a later packet of a tracked flow was translated.
+    NatEstablished = 10,
+    /// tc: a reply was translated back to the frontend.
+    NatReply = 11,
+    /// tc: the source is outside the Service's loadBalancerSourceRanges: dropped
+    /// (semantics 7.8).
+    SourceRangeDrop = 12,
+    /// tc: no free masquerading port for this client and backend: dropped.
+    SnatPortsExhausted = 13,
+    /// tc: translated, but the FIB had no forwarding route: handed to the stack.
+    FibPass = 14,
+    /// tc: connection tracking entries could not be written: left untouched.
+    CtFailed = 15,
+    /// tc: an IP fragment (no ports to match): left untouched.
+    Fragment = 16,
+    /// tc: no usable backend: answered with a TCP reset or an ICMP unreachable
+    /// (semantics 3.7).
+    Rejected = 17,
+    /// tc: an ICMP error about a translated flow was translated back.
+    IcmpTranslated = 18,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 9;
+pub const REASON_COUNT: u32 = 19;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -39,6 +61,16 @@ impl Reason {
         Reason::BackendMissing,
         Reason::RevNatFailed,
         Reason::RevTranslated,
+        Reason::NatNew,
+        Reason::NatEstablished,
+        Reason::NatReply,
+        Reason::SourceRangeDrop,
+        Reason::SnatPortsExhausted,
+        Reason::FibPass,
+        Reason::CtFailed,
+        Reason::Fragment,
+        Reason::Rejected,
+        Reason::IcmpTranslated,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -53,6 +85,16 @@ impl Reason {
             Reason::BackendMissing => "backend_missing",
             Reason::RevNatFailed => "revnat_failed",
             Reason::RevTranslated => "rev_translated",
+            Reason::NatNew => "nat_new",
+            Reason::NatEstablished => "nat_established",
+            Reason::NatReply => "nat_reply",
+            Reason::SourceRangeDrop => "source_range_drop",
+            Reason::SnatPortsExhausted => "snat_ports_exhausted",
+            Reason::FibPass => "fib_pass",
+            Reason::CtFailed => "ct_failed",
+            Reason::Fragment => "fragment",
+            Reason::Rejected => "rejected",
+            Reason::IcmpTranslated => "icmp_translated",
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Service6Key {
 
 /// Traffic from this node (pods and host processes) at the socket hooks.
 pub const SCOPE_INTERNAL: u8 = 0;
+/// Packets arriving at the node (tc): NodePorts, externalIPs and load balancer IPs reached from
+/// outside (semantics 4.1).
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Value of `LB4_SERVICES` and `LB6_SERVICES`.
 #[repr(C)]
@@ -59,6 +62,11 @@ pub const FLAG_AFFINITY: u16 = 1 << 0;
 /// With no slots: the Service has endpoints but none this traffic class may use
 /// (internalTrafficPolicy Local without local endpoints): drop instead of reject (semantics 3.8).
 pub const FLAG_NO_LOCAL: u16 = 1 << 1;
+/// Masquerade the client to a node address (externalTrafficPolicy Cluster, semantics 7.13).
+pub const FLAG_SNAT: u16 = 1 << 2;
+/// Only sources in `LB4_SRC_RANGES`/`LB6_SRC_RANGES` under this frontend's id may connect
+/// (loadBalancerSourceRanges, semantics 7.8).
+pub const FLAG_SOURCE_RANGES: u16 = 1 << 3;
 
 impl ServiceValue {
     pub const fn has_affinity(&self) -> bool {
@@ -66,6 +74,9 @@ impl ServiceValue {
     }
     pub const fn is_no_local(&self) -> bool {
         self.flags & FLAG_NO_LOCAL != 0
+    }
+    pub const fn has_flag(&self, flag: u16) -> bool {
+        self.flags & flag != 0
     }
     /// The slot generation in use.
     pub const fn generation(&self) -> u16 {
@@ -110,7 +121,27 @@ pub struct MemberValue {
     pub slots: u32,
 }
 
+/// Data of an `LB4_SRC_RANGES` LPM key: the frontend id (always matched in full: prefix
+/// lengths count its 32 bits first) then the allowed source prefix.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange4 {
+    /// Frontend id, big-endian bytes (LPM matches bytes in order).
+    pub svc_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Data of an `LB6_SRC_RANGES` LPM key; fields as in `SrcRange4`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange6 {
+    pub svc_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
 pod!(
+    SrcRange4,
+    SrcRange6,
     Service4Key,
     Service6Key,
     ServiceValue,

@@ -12,6 +12,7 @@ use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MEMBERS, LB_SLOTS};
 
 /// A chosen backend.
 pub struct Choice {
+    pub backend_id: u32,
     pub backend: BackendValue,
     pub reason: Reason,
 }
@@ -56,6 +57,7 @@ pub fn select(svc: &ServiceValue, client: &AffinityKey) -> Result<Choice, Reason
         let _ = LB_AFFINITY.insert(client, &value, 0);
     }
     Ok(Choice {
+        backend_id,
         backend,
         reason: Reason::Translated,
     })
@@ -81,6 +83,7 @@ fn affinity_hit(svc: &ServiceValue, client: &AffinityKey, now: u64) -> Option<Ch
     let backend = *unsafe { LB_BACKENDS.get(&backend_id) }?;
     unsafe { (*entry).last_used_ns = now };
     Some(Choice {
+        backend_id,
         backend,
         reason: Reason::AffinityHit,
     })

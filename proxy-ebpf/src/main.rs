@@ -6,12 +6,15 @@
 mod debug;
 mod lb;
 mod maps;
+mod nodeport;
+mod packet;
+mod reject;
 mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, socket_filter},
-    programs::{SkBuffContext, SockAddrContext},
+    macros::{cgroup_sock_addr, classifier, socket_filter},
+    programs::{SkBuffContext, SockAddrContext, TcContext},
 };
 
 /// connect() of TCP, UDP and SCTP sockets to an IPv4 address. Returns 1 (proceed) unless the
@@ -65,6 +68,13 @@ pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     sock::rev6(&ctx);
     1
+}
+
+/// tc ingress on the node's external and pod-facing interfaces: NodePort, externalIP and load
+/// balancer traffic from elsewhere, with connection tracking. Returns a tc action.
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    nodeport::ingress(&ctx)
 }
 
 /// Never loaded or attached. It references the inspection-only maps, which no hook reads, so

@@ -2,18 +2,22 @@
 //! LB_* maps, the programs write affinity and reverse-translation entries and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
     config::ConfigValue,
+    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
     maps::*,
     reason::REASON_COUNT,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
-    service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
+    service::{
+        MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
+        SrcRange4, SrcRange6,
+    },
 };
 
 /// Hash maps written by userspace allocate entries on demand: they are sized for the largest
@@ -56,6 +60,23 @@ pub static SOCK4_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value, SOCK_REVNA
 #[btf_map]
 pub static SOCK6_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6Value, SOCK_REVNAT_MAX> =
     LruHashMap::new();
+
+/// Connection tracking of the tc path, IPv4. Written by the programs, expired by the agent.
+/// LRU: when full, the least recently used flow is forgotten rather than a new one refused.
+#[btf_map]
+pub static LB_CT4: LruHashMap<Ct4Key, Ct4Value, CT_MAX> = LruHashMap::new();
+
+/// Connection tracking of the tc path, IPv6.
+#[btf_map]
+pub static LB_CT6: LruHashMap<Ct6Key, Ct6Value, CT_MAX> = LruHashMap::new();
+
+/// loadBalancerSourceRanges per frontend, IPv4. Written by the agent.
+#[btf_map]
+pub static LB4_SRC_RANGES: LpmTrie<SrcRange4, u8, SRC_RANGES_MAX> = LpmTrie::new();
+
+/// loadBalancerSourceRanges per frontend, IPv6.
+#[btf_map]
+pub static LB6_SRC_RANGES: LpmTrie<SrcRange6, u8, SRC_RANGES_MAX> = LpmTrie::new();
 
 /// Counters per `Reason`, per CPU.
 #[btf_map]

@@ -127,7 +127,9 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         scope: SCOPE_INTERNAL,
     };
     let svc = lookup4(&key)?;
-    let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    let Choice {
+        backend, reason, ..
+    } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
     let backend_addr = backend.addr4();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNat4Key {
@@ -259,7 +261,9 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     } else {
         lookup6(&key)?
     };
-    let Choice { backend, reason } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    let Choice {
+        backend, reason, ..
+    } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
     let mut backend_addr = backend.addr;
     if mapped {
         backend_addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];

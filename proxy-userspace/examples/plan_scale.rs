@@ -39,6 +39,7 @@ fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
         node: NodeInfo {
             name: "n".into(),
             zone: None,
+            addresses: Vec::new(),
         },
         ..Default::default()
     };

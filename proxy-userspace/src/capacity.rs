@@ -246,6 +246,7 @@ mod tests {
                     addr: format!("10.96.0.{}", i + 1).parse().unwrap(),
                     port: 80,
                     proto: Proto::Tcp,
+                    scope: Default::default(),
                 },
                 FrontendState {
                     port,
@@ -262,6 +263,8 @@ mod tests {
                         .collect(),
                     affinity_secs: None,
                     no_local: false,
+                    snat: false,
+                    source_ranges: Vec::new(),
                 },
             );
         }

@@ -16,16 +16,16 @@ use proxy_common::{
     backend::{BACKEND_LOCAL, BACKEND_TERMINATING, BackendValue, FAMILY_V4, FAMILY_V6},
     info::{
         INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
-        ServiceInfo,
+        KIND_NODE_PORT, ServiceInfo,
     },
     service::{
-        FLAG_AFFINITY, FLAG_NO_LOCAL, MemberKey, MemberValue, SCOPE_INTERNAL, Service4Key,
-        Service6Key, ServiceValue, SlotKey, SlotValue,
+        FLAG_AFFINITY, FLAG_NO_LOCAL, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey, MemberValue,
+        SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
     },
 };
 
 use crate::compile::{
-    Backend, Desired, FrontendAddr, FrontendKind, FrontendState, PortName, Proto,
+    Backend, Cidr, Desired, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scope,
 };
 
 /// A frontend key of either family.
@@ -36,8 +36,11 @@ pub enum ServiceKey {
 }
 
 impl ServiceKey {
-    fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
-        let scope = SCOPE_INTERNAL;
+    fn new(addr: IpAddr, port: u16, proto: u8, scope: Scope) -> Self {
+        let scope = match scope {
+            Scope::Internal => SCOPE_INTERNAL,
+            Scope::External => SCOPE_EXTERNAL,
+        };
         match addr {
             IpAddr::V4(a) => ServiceKey::V4(Service4Key {
                 addr: a.octets(),
@@ -55,13 +58,18 @@ impl ServiceKey {
     }
 
     pub fn of(frontend: &FrontendAddr) -> Self {
-        ServiceKey::new(frontend.addr, frontend.port, frontend.proto.number())
+        ServiceKey::new(
+            frontend.addr,
+            frontend.port,
+            frontend.proto.number(),
+            frontend.scope,
+        )
     }
 
     /// The entry that marks `addr` as a ClusterIP: ports without a frontend of their own are
     /// rejected (nftables mode, semantics 3.12).
     pub fn any_port(addr: IpAddr) -> Self {
-        ServiceKey::new(addr, 0, 0)
+        ServiceKey::new(addr, 0, 0, Scope::Internal)
     }
 
     pub fn is_any_port(&self) -> bool {
@@ -80,14 +88,19 @@ impl ServiceKey {
 
     /// The frontend this key stands for, if its protocol is one we know.
     pub fn frontend(&self) -> Option<FrontendAddr> {
-        let (addr, port, proto) = match self {
-            ServiceKey::V4(k) => (IpAddr::from(k.addr), k.port, k.proto),
-            ServiceKey::V6(k) => (IpAddr::from(k.addr), k.port, k.proto),
+        let (addr, port, proto, scope) = match self {
+            ServiceKey::V4(k) => (IpAddr::from(k.addr), k.port, k.proto, k.scope),
+            ServiceKey::V6(k) => (IpAddr::from(k.addr), k.port, k.proto, k.scope),
         };
         Some(FrontendAddr {
             addr,
             port,
             proto: Proto::from_number(proto)?,
+            scope: match scope {
+                SCOPE_INTERNAL => Scope::Internal,
+                SCOPE_EXTERNAL => Scope::External,
+                _ => return None,
+            },
         })
     }
 }
@@ -101,6 +114,15 @@ pub struct MapState {
     pub backends: BTreeMap<u32, BackendValue>,
     /// Inspection-only: which Service port each frontend id belongs to.
     pub infos: BTreeMap<u32, ServiceInfo>,
+    /// Allowed source prefixes per frontend id (loadBalancerSourceRanges).
+    pub source_ranges: BTreeSet<SourceRange>,
+}
+
+/// One allowed source prefix of a frontend.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub svc_id: u32,
+    pub cidr: Cidr,
 }
 
 /// One map write.
@@ -116,6 +138,8 @@ pub enum Op {
     DelBackend(u32),
     PutInfo(u32, Box<ServiceInfo>),
     DelInfo(u32),
+    PutSourceRange(SourceRange),
+    DelSourceRange(SourceRange),
 }
 
 impl fmt::Display for Op {
@@ -167,6 +191,12 @@ impl MapState {
             }
             Op::DelInfo(id) => {
                 self.infos.remove(&id);
+            }
+            Op::PutSourceRange(r) => {
+                self.source_ranges.insert(r);
+            }
+            Op::DelSourceRange(r) => {
+                self.source_ranges.remove(&r);
             }
         }
     }
@@ -292,6 +322,7 @@ pub fn service_info(desired: &Desired, state: &FrontendState, port_id: u32) -> S
             FrontendKind::ClusterIp => KIND_CLUSTER_IP,
             FrontendKind::ExternalIp => KIND_EXTERNAL_IP,
             FrontendKind::LoadBalancer => KIND_LOAD_BALANCER,
+            FrontendKind::NodePort => KIND_NODE_PORT,
         },
         flags,
         name_len: len as u16,
@@ -370,7 +401,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     let cluster_ips: BTreeSet<IpAddr> = desired
         .frontends
         .iter()
-        .filter(|(_, state)| state.kind == FrontendKind::ClusterIp)
+        .filter(|(f, state)| state.kind == FrontendKind::ClusterIp && f.scope == Scope::Internal)
         .map(|(frontend, _)| frontend.addr)
         .collect();
 
@@ -418,6 +449,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         flags: 0,
     };
     let mut updates = Vec::new();
+    let mut wanted_ranges: BTreeSet<SourceRange> = BTreeSet::new();
     for ip in &cluster_ips {
         let key = ServiceKey::any_port(*ip);
         if current.services.get(&key) != Some(&marker) {
@@ -448,7 +480,24 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         if state.no_local {
             flags |= FLAG_NO_LOCAL;
         }
+        if state.snat {
+            flags |= FLAG_SNAT;
+        }
+        if !state.source_ranges.is_empty() {
+            flags |= FLAG_SOURCE_RANGES;
+        }
         let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
+        // Allowed sources exist before the frontend says to check them.
+        for cidr in &state.source_ranges {
+            let range = SourceRange {
+                svc_id: id,
+                cidr: *cidr,
+            };
+            wanted_ranges.insert(range);
+            if !current.source_ranges.contains(&range) {
+                updates.push(Op::PutSourceRange(range));
+            }
+        }
         let mut value = ServiceValue {
             id,
             port_id,
@@ -543,10 +592,17 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         .filter(|id| !wanted_backends.contains_key(id))
         .map(|id| Op::DelBackend(*id));
 
+    // Prefixes no frontend allows any more go last: until then they only allow a little more.
+    let range_removes = current
+        .source_ranges
+        .difference(&wanted_ranges)
+        .map(|r| Op::DelSourceRange(*r));
+
     adds.into_iter()
         .chain(gone)
         .chain(updates)
         .chain(backend_removes)
+        .chain(range_removes)
         .collect()
 }
 

@@ -19,6 +19,9 @@ pub struct NodeInfo {
     pub name: String,
     /// Label `topology.kubernetes.io/zone` of this node's Node object (semantics 5.3).
     pub zone: Option<String>,
+    /// The node addresses NodePorts are served on (`compile::nodeport_addresses`), found by the
+    /// agent on its interfaces; empty: no NodePort frontends.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 impl NodeInfo {
@@ -29,6 +32,10 @@ impl NodeInfo {
             .and_then(|l| l.get("topology.kubernetes.io/zone"))
             .filter(|z| !z.is_empty())
             .cloned();
-        NodeInfo { name, zone }
+        NodeInfo {
+            name,
+            zone,
+            addresses: Vec::new(),
+        }
     }
 }

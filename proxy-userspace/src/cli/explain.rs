@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     compile::{
-        FrontendAddr, Proto, compile,
+        FrontendAddr, Proto, Scope, compile,
         explain::{EndpointVerdict, judge},
     },
     datapath::{MapIo as _, bpf::Maps},
@@ -66,8 +66,12 @@ struct ExplainView {
     next_connection: String,
 }
 
-/// Parses `ADDR:PORT/PROTO`.
+/// Parses `ADDR:PORT/PROTO`, or `external ADDR:PORT/PROTO` for the tc path's frontends.
 fn parse_frontend(s: &str) -> anyhow::Result<FrontendAddr> {
+    let (scope, s) = match s.trim().strip_prefix("external ") {
+        Some(rest) => (Scope::External, rest.trim()),
+        None => (Scope::Internal, s.trim()),
+    };
     let (addr, proto) = s
         .rsplit_once('/')
         .ok_or_else(|| anyhow!("expected ADDRESS:PORT/PROTOCOL, got {s:?}"))?;
@@ -80,6 +84,7 @@ fn parse_frontend(s: &str) -> anyhow::Result<FrontendAddr> {
         addr: addr.ip(),
         port: addr.port(),
         proto,
+        scope,
     })
 }
 

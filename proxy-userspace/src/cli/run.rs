@@ -1,6 +1,7 @@
 //! `kube-bpf-proxy run`: load and attach the datapath, then keep it equal to the source.
 
 use std::{
+    net::IpAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -16,14 +17,15 @@ use anyhow::Context as _;
 use super::SourceArgs;
 use crate::{
     agent::{self, Observers, SyncTiming},
-    compile::Family,
+    compile::{Cidr, Family, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps,
+        caps, netdev,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
     metrics::Metrics,
+    snapshot::Snapshot,
 };
 
 #[derive(clap::Args)]
@@ -59,6 +61,22 @@ pub struct RunArgs {
     /// Do not terminate sockets connected to removed backends at all.
     #[arg(long, conflicts_with = "terminate_tcp")]
     pub no_socket_termination: bool,
+    /// Capacity of the connection-tracking maps of the tc path (LRU, per family).
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    pub max_conntrack: u32,
+    /// Interfaces where traffic from outside the node arrives; tc translates NodePort,
+    /// externalIP and load balancer traffic there. Default: the interfaces of the default
+    /// routes. An empty value turns the tc path off.
+    #[arg(long, value_delimiter = ',')]
+    pub external_interfaces: Option<Vec<String>>,
+    /// Pod-facing interfaces (a CNI bridge such as cni0): tc there translates replies of local
+    /// backends and pod traffic to external frontends.
+    #[arg(long, value_delimiter = ',')]
+    pub pod_interfaces: Vec<String>,
+    /// CIDRs of the node addresses NodePorts are served on (kube-proxy's
+    /// --nodeport-addresses); a family without any CIDR uses all its addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
     /// Address for /metrics (Prometheus); empty disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
@@ -103,6 +121,87 @@ fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
     });
 }
 
+/// How often the node's addresses are re-read (semantics 7.2: kube-proxy reads them at each
+/// sync).
+const ADDRESS_POLL: Duration = Duration::from_secs(2);
+
+/// Passes snapshots on with the node's NodePort addresses filled in, and passes the latest
+/// snapshot again whenever those addresses change.
+fn add_node_addresses(
+    rx: mpsc::Receiver<Snapshot>,
+    tx: mpsc::Sender<Snapshot>,
+    cidrs: Vec<Cidr>,
+) -> anyhow::Result<()> {
+    thread::Builder::new()
+        .name("node-addresses".into())
+        .spawn(move || {
+            let mut latest: Option<Snapshot> = None;
+            let mut addresses: Vec<IpAddr> = Vec::new();
+            loop {
+                let fresh = match rx.recv_timeout(ADDRESS_POLL) {
+                    Ok(s) => {
+                        latest = Some(s);
+                        true
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => false,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let now = match netdev::local_addresses() {
+                    Ok(all) => nodeport_addresses(&all, &cidrs),
+                    Err(e) => {
+                        log::warn!("cannot read the node's addresses: {e}; keeping the last ones");
+                        addresses.clone()
+                    }
+                };
+                let changed = now != addresses;
+                if changed {
+                    log::info!("NodePort addresses: {now:?}");
+                    addresses = now;
+                }
+                if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
+                    let mut snapshot = snapshot.clone();
+                    snapshot.node.addresses = addresses.clone();
+                    if tx.send(snapshot).is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// How often idle connection-tracking entries are collected.
+const CONNTRACK_GC: Duration = Duration::from_secs(10);
+
+/// Removes idle connection-tracking entries every few seconds.
+fn collect_conntrack(pin_dir: PathBuf) {
+    thread::spawn(move || {
+        loop {
+            thread::sleep(CONNTRACK_GC);
+            let result = bpf::Maps::open_pinned(&pin_dir)
+                .and_then(|mut m| m.collect_conntrack(monotonic_ns()));
+            match result {
+                Ok((_, 0)) => {}
+                Ok((left, removed)) => {
+                    log::debug!("conntrack: {removed} idle entries removed, {left} left")
+                }
+                Err(e) => log::warn!("conntrack collection failed: {e:#}"),
+            }
+        }
+    });
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns().
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -144,8 +243,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         slots: args.max_slots,
         affinity: args.max_affinity,
         sock_revnat: args.max_sock_revnat,
+        conntrack: args.max_conntrack,
     };
+    let mut nodeport_cidrs = Vec::new();
+    for raw in args.nodeport_addresses.iter().filter(|r| !r.is_empty()) {
+        match Cidr::parse(raw) {
+            Some(c) => nodeport_cidrs.push(c),
+            None => anyhow::bail!("--nodeport-addresses: {raw:?} is not a CIDR"),
+        }
+    }
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
+    let mut interfaces: Vec<String> = match &args.external_interfaces {
+        Some(list) => list.clone(),
+        None => netdev::default_route_interfaces(),
+    };
+    interfaces.extend(args.pod_interfaces.iter().cloned());
+    interfaces.retain(|i| !i.is_empty());
+    interfaces.dedup();
+    for missing in interfaces.iter().filter(|i| !netdev::exists(i)) {
+        log::error!("interface {missing} does not exist; tc is not attached there");
+    }
+    interfaces.retain(|i| netdev::exists(i));
+    let attached = datapath.attach_tc(&interfaces)?;
+    if attached.is_empty() {
+        log::warn!(
+            "tc is attached nowhere: NodePort, externalIP and load balancer traffic from outside \
+             the node is not translated (see --external-interfaces)"
+        );
+    }
     let terminating = if args.no_socket_termination {
         datapath.disable_termination()?;
         false
@@ -166,14 +291,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     datapath.forward_logs();
     log::info!("node {node:?}, source {}", source.name());
-    let (tx, rx) = mpsc::channel();
+    let (source_tx, source_rx) = mpsc::channel();
     thread::Builder::new()
         .name("source".into())
         .spawn(move || {
-            if let Err(e) = source.run(tx) {
+            if let Err(e) = source.run(source_tx) {
                 log::error!("source stopped: {e:#}");
             }
         })?;
+    let (tx, rx) = mpsc::channel();
+    add_node_addresses(source_rx, tx, nodeport_cidrs)?;
+    collect_conntrack(args.bpffs.clone());
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
     let health = Arc::new(Health::new(

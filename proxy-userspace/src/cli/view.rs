@@ -5,7 +5,10 @@ use std::net::IpAddr;
 
 use proxy_common::{
     backend::{BACKEND_LOCAL, BACKEND_TERMINATING, BackendValue, FAMILY_V4},
-    info::{INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER},
+    info::{
+        INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+        KIND_NODE_PORT,
+    },
     service::ServiceValue,
 };
 use serde::Serialize;
@@ -65,6 +68,7 @@ fn frontend_view(state: &MapState, key: &ServiceKey, svc: &ServiceValue) -> Fron
         Some(KIND_CLUSTER_IP) => "ClusterIP",
         Some(KIND_EXTERNAL_IP) => "ExternalIP",
         Some(KIND_LOAD_BALANCER) => "LoadBalancer",
+        Some(KIND_NODE_PORT) => "NodePort",
         _ => "?",
     };
     let mut policies = Vec::new();

@@ -105,18 +105,117 @@ pub enum FrontendKind {
     ClusterIp,
     ExternalIp,
     LoadBalancer,
+    NodePort,
 }
 
-/// One address:port/protocol clients reach a Service port at.
+/// Which traffic a frontend serves (semantics 4.1).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Connections made on this node (pods and host processes), at the socket hooks.
+    #[default]
+    Internal,
+    /// Packets arriving from elsewhere, at tc on the node's interfaces.
+    External,
+}
+
+/// One address:port/protocol clients reach a Service port at, for one traffic scope.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
     pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
+    pub scope: Scope,
+}
+
+impl FrontendAddr {
+    pub fn internal(addr: IpAddr, port: u16, proto: Proto) -> Self {
+        FrontendAddr {
+            addr,
+            port,
+            proto,
+            scope: Scope::Internal,
+        }
+    }
+}
+
+/// An address prefix (`loadBalancerSourceRanges`, `--nodeport-addresses`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n` or `x::y/n` (a bare address is a full-length prefix); host bits are
+    /// cleared.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a.parse::<IpAddr>().ok()?, Some(l.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = len.unwrap_or(max);
+        if len > max {
+            return None;
+        }
+        Some(Cidr {
+            addr: mask(addr, len),
+            len,
+        })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        Family::of(ip) == Family::of(&self.addr) && mask(*ip, self.len) == self.addr
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn mask(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u32::from(a) & m).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u128::from(a) & m).to_be_bytes())
+        }
+    }
+}
+
+/// The node addresses NodePorts are served on: every address of the node except loopback and
+/// IPv6 link-local ones (semantics 7.1), restricted to `cidrs` where `cidrs` has prefixes of
+/// the address's family (semantics 7.2).
+pub fn nodeport_addresses(all: &[IpAddr], cidrs: &[Cidr]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .filter(|ip| !matches!(ip, IpAddr::V6(a) if a.is_unicast_link_local()))
+        .filter(|ip| {
+            let mine: Vec<&Cidr> = cidrs
+                .iter()
+                .filter(|c| Family::of(&c.addr) == Family::of(ip))
+                .collect();
+            mine.is_empty() || mine.iter().any(|c| c.contains(ip))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.scope == Scope::External {
+            write!(f, "external ")?;
+        }
         match self.addr {
             IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto.as_str()),
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto.as_str()),
@@ -145,9 +244,14 @@ pub struct FrontendState {
     pub backends: Vec<Backend>,
     /// `Some(timeout)` with sessionAffinity ClientIP.
     pub affinity_secs: Option<u32>,
-    /// Empty because of internalTrafficPolicy Local although endpoints exist elsewhere:
-    /// drop, not reject (semantics 3.8).
+    /// Empty because of a Local traffic policy although endpoints exist elsewhere: drop, not
+    /// reject (semantics 3.8, 3.9).
     pub no_local: bool,
+    /// Masquerade clients to a node address (external scope, externalTrafficPolicy Cluster,
+    /// semantics 7.13).
+    pub snat: bool,
+    /// loadBalancerSourceRanges of a load balancer frontend (semantics 7.8); empty: any source.
+    pub source_ranges: Vec<Cidr>,
 }
 
 /// Everything known about one Service port in one family, for every traffic class; the
@@ -160,7 +264,7 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     pub external_ips: Vec<IpAddr>,
     pub lb_ips: Vec<IpAddr>,
-    pub source_ranges: Vec<String>,
+    pub source_ranges: Vec<Cidr>,
     pub health_check_node_port: Option<u16>,
     pub itp_local: bool,
     pub etp_local: bool,
@@ -466,13 +570,20 @@ fn compile_service(
             &object,
             &mut desired.problems,
         );
-        let source_ranges = spec
-            .load_balancer_source_ranges
-            .iter()
-            .flatten()
-            .map(|r| r.trim().to_string())
-            .filter(|r| range_of_family(r, family))
-            .collect::<Vec<_>>();
+        // semantics 7.8: trimmed; invalid and other-family prefixes dropped.
+        let mut source_ranges = Vec::new();
+        for raw in spec.load_balancer_source_ranges.iter().flatten() {
+            match Cidr::parse(raw) {
+                Some(c) if Family::of(&c.addr) == family => source_ranges.push(c),
+                Some(_) => {}
+                None => desired.problems.push(Problem {
+                    object: object.clone(),
+                    message: format!(
+                        "loadBalancerSourceRanges entry {raw:?} is not a CIDR; ignored"
+                    ),
+                }),
+            }
+        }
         let mut seen_ports = Vec::new();
         for port in spec.ports.iter().flatten() {
             let Some(proto) = Proto::parse(port.protocol.as_deref()) else {
@@ -554,16 +665,10 @@ fn compile_service(
                 affinity_secs,
                 endpoints: categorized,
             };
-            add_frontends(&service_port, &object, desired);
+            add_frontends(&service_port, &object, &snapshot.node.addresses, desired);
             desired.ports.insert(name, service_port);
         }
     }
-}
-
-fn range_of_family(range: &str, family: Family) -> bool {
-    let addr = range.split('/').next().unwrap_or("");
-    addr.parse::<IpAddr>()
-        .is_ok_and(|ip| Family::of(&ip) == family)
 }
 
 fn to_backends(endpoints: &[Endpoint], proto: Proto) -> Vec<Backend> {
@@ -580,21 +685,37 @@ fn to_backends(endpoints: &[Endpoint], proto: Proto) -> Vec<Backend> {
         .collect()
 }
 
-/// The socket-layer frontends of one Service port: its ClusterIP uses the internal set
-/// (semantics 4.6); externalIPs and load balancer IPs reached from this node use the cluster
-/// set (semantics 4.7 a/b: pods and the host are short-circuited to it).
-fn add_frontends(sp: &ServicePort, object: &str, desired: &mut Desired) {
+/// The frontends of one Service port.
+///
+/// Socket layer (internal scope): the ClusterIP uses the internal set (semantics 4.6);
+/// externalIPs, load balancer IPs and NodePorts on node addresses reached from this node use
+/// the cluster set (semantics 4.7 a/b: pods and the host are short-circuited to it).
+///
+/// tc (external scope): NodePorts on `node_addresses`, externalIPs and load balancer IPs use the
+/// external set: the local set with externalTrafficPolicy Local (no masquerading, dropped when
+/// empty while endpoints exist elsewhere, semantics 3.9, 4.7c), else the cluster set with
+/// masquerading (semantics 7.13). Only load balancer IPs carry source ranges (semantics 7.5,
+/// 7.6, 7.8).
+fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desired: &mut Desired) {
     let proto = sp.name.proto;
+    let family = sp.name.family;
     let internal = if sp.itp_local {
         &sp.endpoints.local
     } else {
         &sp.endpoints.cluster
     };
-    let mut add = |addr: IpAddr, kind: FrontendKind, backends: &[Endpoint], no_local: bool| {
+    let external = if sp.etp_local {
+        &sp.endpoints.local
+    } else {
+        &sp.endpoints.cluster
+    };
+    let external_no_local = sp.etp_local && external.is_empty() && sp.endpoints.has_any;
+    let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, scope: Scope| {
         let key = FrontendAddr {
             addr,
-            port: sp.port,
+            port,
             proto,
+            scope,
         };
         if let Some(existing) = desired.frontends.get(&key) {
             desired.problems.push(Problem {
@@ -603,6 +724,15 @@ fn add_frontends(sp: &ServicePort, object: &str, desired: &mut Desired) {
             });
             return;
         }
+        let (backends, no_local) = match (scope, kind) {
+            (Scope::Internal, FrontendKind::ClusterIp) => (
+                internal,
+                sp.itp_local && internal.is_empty() && sp.endpoints.has_any,
+            ),
+            (Scope::Internal, _) => (&sp.endpoints.cluster, false),
+            (Scope::External, _) => (external, external_no_local),
+        };
+        let external_scope = scope == Scope::External;
         desired.frontends.insert(
             key,
             FrontendState {
@@ -611,25 +741,33 @@ fn add_frontends(sp: &ServicePort, object: &str, desired: &mut Desired) {
                 backends: to_backends(backends, proto),
                 affinity_secs: sp.affinity_secs,
                 no_local,
+                snat: external_scope && !sp.etp_local,
+                source_ranges: if external_scope && kind == FrontendKind::LoadBalancer {
+                    sp.source_ranges.clone()
+                } else {
+                    Vec::new()
+                },
             },
         );
     };
     add(
         sp.cluster_ip,
+        sp.port,
         FrontendKind::ClusterIp,
-        internal,
-        sp.itp_local && internal.is_empty() && sp.endpoints.has_any,
+        Scope::Internal,
     );
-    for ip in &sp.external_ips {
-        add(*ip, FrontendKind::ExternalIp, &sp.endpoints.cluster, false);
-    }
-    for ip in &sp.lb_ips {
-        add(
-            *ip,
-            FrontendKind::LoadBalancer,
-            &sp.endpoints.cluster,
-            false,
-        );
+    for scope in [Scope::Internal, Scope::External] {
+        for ip in &sp.external_ips {
+            add(*ip, sp.port, FrontendKind::ExternalIp, scope);
+        }
+        for ip in &sp.lb_ips {
+            add(*ip, sp.port, FrontendKind::LoadBalancer, scope);
+        }
+        if let Some(node_port) = sp.node_port {
+            for ip in node_addresses.iter().filter(|ip| Family::of(ip) == family) {
+                add(*ip, node_port, FrontendKind::NodePort, scope);
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@ fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
         node: NodeInfo {
             name: node.into(),
             zone: zone.map(String::from),
+            addresses: Vec::new(),
         },
         ..Default::default()
     };
@@ -127,6 +128,7 @@ fn slice6(name: &str, endpoints: &[&str]) -> String {
 const FE: &str = "10.96.0.10:80/TCP";
 const P: &str = "default/web:http/TCP";
 const EXT: &str = "203.0.113.7:80/TCP";
+const EXT_TC: &str = "external 203.0.113.7:80/TCP";
 
 /// A ready endpoint on this node and one on another node.
 const LOCAL_A: &str = "{addresses: [10.244.1.1], nodeName: node-a}";
@@ -278,7 +280,7 @@ fn cases() -> Vec<Case> {
                 &slice("web-1", &[LOCAL_A]),
             ]),
             vec![
-                Frontends(&[FE, "198.51.100.1:80/TCP"]),
+                Frontends(&[FE, "198.51.100.1:80/TCP", "external 198.51.100.1:80/TCP"]),
                 Backends(FE, &["10.244.1.1:8080"]),
                 Backends("198.51.100.1:80/TCP", &["10.244.1.1:8080"]),
             ],
@@ -341,7 +343,7 @@ fn cases() -> Vec<Case> {
                 &slice("web-4", &[LOCAL_A]),
                 &slice6("web-6", &["{addresses: ['fd00:244::1']}"]),
             ]),
-            vec![Frontends(&[FE, EXT]), Ports(&[P]), NoProblems],
+            vec![Frontends(&[FE, EXT, EXT_TC]), Ports(&[P]), NoProblems],
         ),
         // semantics 1.7
         case(
@@ -1145,7 +1147,7 @@ fn cases() -> Vec<Case> {
                 &slice("web-1", &[LOCAL_A]),
             ]),
             vec![
-                Frontends(&[FE, EXT]),
+                Frontends(&[FE, EXT, EXT_TC]),
                 Backends(EXT, &["10.244.1.1:8080"]),
                 Problem("not-an-ip"),
             ],
@@ -1159,7 +1161,13 @@ fn cases() -> Vec<Case> {
                 &slice("web-1", &[LOCAL_A]),
             ]),
             vec![
-                Frontends(&[FE, "198.51.100.1:80/TCP", "198.51.100.2:80/TCP"]),
+                Frontends(&[
+                    FE,
+                    "198.51.100.1:80/TCP",
+                    "198.51.100.2:80/TCP",
+                    "external 198.51.100.1:80/TCP",
+                    "external 198.51.100.2:80/TCP",
+                ]),
                 Backends("198.51.100.2:80/TCP", &["10.244.1.1:8080"]),
                 NoProblems,
             ],
@@ -1430,4 +1438,154 @@ fn compile_is_deterministic_whatever_the_input_order() {
     reversed.services.reverse();
     reversed.slices.reverse();
     assert_eq!(compile(&forward), compile(&reversed));
+}
+
+// ---- External scope (tc): NodePorts, externalIPs, load balancer IPs -------------------------
+
+/// `default/web` of type `svc_type` with NodePort 30080, externalIP 203.0.113.7, load balancer
+/// IP 198.51.100.1 and `extra` spec entries; one local and one remote endpoint.
+fn external_web(svc_type: &str, extra: &str) -> Snapshot {
+    let svc = format!(
+        "kind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{type: {svc_type}, \
+         clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], \
+         ports: [{{name: http, port: 80, nodePort: 30080, protocol: TCP}}]{extra}}}\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.1}}]}}}}"
+    );
+    let yaml = docs(&[
+        &svc,
+        &slice(
+            "web-1",
+            &[
+                "{addresses: [10.244.0.2], nodeName: node-a}",
+                "{addresses: [10.244.1.2], nodeName: node-b}",
+            ],
+        ),
+    ]);
+    let mut s = snapshot(&yaml, "node-a", None);
+    s.node.addresses = vec![
+        "192.168.77.1".parse().unwrap(),
+        "10.244.0.1".parse().unwrap(),
+        "fd00:77::1".parse().unwrap(),
+    ];
+    s
+}
+
+#[test]
+fn external_frontends_for_nodeports_external_ips_and_lb_ips() {
+    // semantics 4.1, 7.5-7.7: NodePorts on every node address of the family, externalIPs and
+    // LB IPs, each for traffic from this node (socket) and from elsewhere (tc).
+    let d = compile(&external_web("LoadBalancer", ""));
+    let mut got: Vec<String> = d.frontends.keys().map(|k| k.to_string()).collect();
+    got.sort();
+    let mut want = vec![
+        "10.96.0.10:80/TCP",
+        "203.0.113.7:80/TCP",
+        "198.51.100.1:80/TCP",
+        "192.168.77.1:30080/TCP",
+        "10.244.0.1:30080/TCP",
+        "external 203.0.113.7:80/TCP",
+        "external 198.51.100.1:80/TCP",
+        "external 192.168.77.1:30080/TCP",
+        "external 10.244.0.1:30080/TCP",
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    let ext = frontend_of(&d, "external 192.168.77.1:30080/TCP").unwrap();
+    assert_eq!(ext.kind, FrontendKind::NodePort);
+    // semantics 7.13: externalTrafficPolicy Cluster masquerades, over the cluster set.
+    assert!(ext.snat);
+    assert_eq!(
+        backends_of(&d, "external 192.168.77.1:30080/TCP"),
+        ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+    // The socket-layer NodePort never masquerades (semantics 4.7 a/b).
+    assert!(!frontend_of(&d, "192.168.77.1:30080/TCP").unwrap().snat);
+}
+
+#[test]
+fn external_traffic_policy_local_uses_local_endpoints_without_snat() {
+    // semantics 4.6, 4.7c, 7.13
+    let d = compile(&external_web(
+        "LoadBalancer",
+        ", externalTrafficPolicy: Local",
+    ));
+    for fe in [
+        "external 192.168.77.1:30080/TCP",
+        "external 203.0.113.7:80/TCP",
+        "external 198.51.100.1:80/TCP",
+    ] {
+        assert_eq!(backends_of(&d, fe), ["10.244.0.2:8080"], "{fe}");
+        let state = frontend_of(&d, fe).unwrap();
+        assert!(!state.snat && !state.no_local, "{fe}");
+    }
+    // semantics 4.7 a/b: this node's own clients are short-circuited to the cluster set.
+    assert_eq!(
+        backends_of(&d, "198.51.100.1:80/TCP"),
+        ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_without_local_endpoints_drops() {
+    // semantics 3.9: endpoints exist elsewhere only: drop (not reject) external traffic.
+    let mut s = external_web("NodePort", ", externalTrafficPolicy: Local");
+    s.node.name = "node-c".into();
+    let d = compile(&s);
+    let ext = frontend_of(&d, "external 192.168.77.1:30080/TCP").unwrap();
+    assert!(ext.backends.is_empty() && ext.no_local);
+}
+
+#[test]
+fn source_ranges_only_on_load_balancer_ips() {
+    // semantics 7.5, 7.6, 7.8: trimmed, invalid and other-family ranges dropped; NodePorts
+    // and externalIPs are not filtered.
+    let d = compile(&external_web(
+        "LoadBalancer",
+        ", loadBalancerSourceRanges: [' 192.168.77.0/25 ', 'fd00::/8', 'nonsense', 10.1.2.3/16]",
+    ));
+    let lb = frontend_of(&d, "external 198.51.100.1:80/TCP").unwrap();
+    let ranges: Vec<String> = lb.source_ranges.iter().map(|c| c.to_string()).collect();
+    assert_eq!(ranges, ["192.168.77.0/25", "10.1.0.0/16"]);
+    for fe in [
+        "external 192.168.77.1:30080/TCP",
+        "external 203.0.113.7:80/TCP",
+        "198.51.100.1:80/TCP",
+    ] {
+        assert!(
+            frontend_of(&d, fe).unwrap().source_ranges.is_empty(),
+            "{fe}"
+        );
+    }
+    assert!(
+        d.problems
+            .iter()
+            .any(|p| p.message.contains("\"nonsense\""))
+    );
+}
+
+#[test]
+fn nodeport_addresses_follow_the_cidrs_per_family() {
+    // semantics 7.1, 7.2
+    let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let all = ips(&[
+        "127.0.0.1",
+        "::1",
+        "fe80::1",
+        "192.168.77.1",
+        "10.244.0.1",
+        "fd00:77::1",
+    ]);
+    assert_eq!(
+        nodeport_addresses(&all, &[]),
+        ips(&["10.244.0.1", "192.168.77.1", "fd00:77::1"])
+    );
+    let cidrs = [Cidr::parse("192.168.77.0/24").unwrap()];
+    assert_eq!(
+        nodeport_addresses(&all, &cidrs),
+        ips(&["192.168.77.1", "fd00:77::1"])
+    );
+    assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    assert_eq!(Cidr::parse("fd00::5").unwrap().to_string(), "fd00::5/128");
+    assert!(Cidr::parse("10.0.0.0/33").is_none());
+    assert!(Cidr::parse("10.0.0.0/x").is_none());
 }

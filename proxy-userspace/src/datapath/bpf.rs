@@ -14,10 +14,11 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, IterableMap as _, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
+        PerCpuArray, lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
@@ -25,11 +26,15 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
     config::{CONFIG_DEBUG_LOG, CONFIG_SOCKET_TERMINATION, ConfigValue},
+    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
     maps as names, proto as proto_common,
     reason::{REASON_COUNT, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
-    service::{MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue},
+    service::{
+        MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
+        SrcRange4, SrcRange6,
+    },
 };
 
 use super::{
@@ -37,7 +42,8 @@ use super::{
     sockdiag::{Report, SockDiag, SocketTerminator, Target},
 };
 use crate::capacity::Capacity;
-use crate::plan::{MapState, Op, ServiceKey};
+use crate::compile::Cidr;
+use crate::plan::{MapState, Op, ServiceKey, SourceRange};
 
 /// The BPF object built by build.rs (aya-build), embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
@@ -53,6 +59,14 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock6_recvmsg",
     "sock6_getpeername",
 ];
+
+/// The tc program, attached at ingress of the node's external and pod-facing interfaces.
+pub const TC_PROGRAM: &str = "tc_ingress";
+
+/// Pin name of the tc link on `interface`.
+fn tc_link_name(interface: &str) -> String {
+    format!("tc-{interface}")
+}
 
 /// Subdirectory of the pin directory holding the pinned program links.
 pub const LINKS_DIR: &str = "links";
@@ -76,6 +90,10 @@ pub struct Maps {
     config: Array<MapData, ConfigValue>,
     sock4_revnat: HashMap<MapData, SockRevNat4Key, SockRevNat4Value>,
     sock6_revnat: HashMap<MapData, SockRevNat6Key, SockRevNat6Value>,
+    ct4: HashMap<MapData, Ct4Key, Ct4Value>,
+    ct6: HashMap<MapData, Ct6Key, Ct6Value>,
+    src_ranges4: LpmTrie<MapData, SrcRange4, u8>,
+    src_ranges6: LpmTrie<MapData, SrcRange6, u8>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
@@ -177,6 +195,7 @@ fn map_of_type(map_type: MapType, data: MapData) -> Option<Map> {
         MapType::LruHash => Map::LruHashMap(data),
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::Array => Map::Array(data),
+        MapType::LpmTrie => Map::LpmTrie(data),
         _ => return None,
     })
 }
@@ -196,6 +215,10 @@ impl Maps {
             config: source.take(names::LB_CONFIG)?,
             sock4_revnat: source.take(names::SOCK4_REVNAT)?,
             sock6_revnat: source.take(names::SOCK6_REVNAT)?,
+            ct4: source.take(names::LB_CT4)?,
+            ct6: source.take(names::LB_CT6)?,
+            src_ranges4: source.take(names::LB4_SRC_RANGES)?,
+            src_ranges6: source.take(names::LB6_SRC_RANGES)?,
         })
     }
 
@@ -280,6 +303,42 @@ impl Maps {
             backends: max(self.backends.map())?,
             infos: max(self.infos.map())?,
         })
+    }
+
+    /// Removes connection-tracking entry pairs idle for longer than their timeout
+    /// (`ct::ct_timeout_secs`) at monotonic time `now_ns`. Returns (entries left, removed).
+    pub fn collect_conntrack(&mut self, now_ns: u64) -> anyhow::Result<(u64, u64)> {
+        let (kept4, removed4) = collect(
+            &mut self.ct4,
+            now_ns,
+            names::LB_CT4,
+            |k, v| Ct4Key {
+                saddr: v.daddr,
+                daddr: v.saddr,
+                sport: v.dport,
+                dport: v.sport,
+                proto: k.proto,
+                _pad: [0; 3],
+            },
+            |v| (v.flags, v.last_seen_ns),
+            |k| k.proto,
+        )?;
+        let (kept6, removed6) = collect(
+            &mut self.ct6,
+            now_ns,
+            names::LB_CT6,
+            |k, v| Ct6Key {
+                saddr: v.daddr,
+                daddr: v.saddr,
+                sport: v.dport,
+                dport: v.sport,
+                proto: k.proto,
+                _pad: [0; 3],
+            },
+            |v| (v.flags, v.last_seen_ns),
+            |k| k.proto,
+        )?;
+        Ok((kept4 + kept6, removed4 + removed6))
     }
 
     /// Turns the BPF debug logs on or off (takes effect at the next connection).
@@ -375,6 +434,7 @@ pub struct MapSizes {
     pub slots: u32,
     pub affinity: u32,
     pub sock_revnat: u32,
+    pub conntrack: u32,
 }
 
 impl Default for MapSizes {
@@ -385,6 +445,7 @@ impl Default for MapSizes {
             slots: names::SLOTS_MAX as u32,
             affinity: names::AFFINITY_MAX as u32,
             sock_revnat: names::SOCK_REVNAT_MAX as u32,
+            conntrack: names::CT_MAX as u32,
         }
     }
 }
@@ -397,6 +458,7 @@ impl MapSizes {
             names::LB_SLOTS | names::LB_MEMBERS => self.slots,
             names::LB_AFFINITY => self.affinity,
             names::SOCK4_REVNAT | names::SOCK6_REVNAT => self.sock_revnat,
+            names::LB_CT4 | names::LB_CT6 => self.conntrack,
             _ => return None,
         })
     }
@@ -516,6 +578,68 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Attaches the tc program at ingress of `interfaces` (TCX links, pinned like the socket
+    /// hooks; a link an earlier agent left gets the new program swapped in). Links on
+    /// interfaces no longer listed are removed. Returns the interfaces attached.
+    pub fn attach_tc(&mut self, interfaces: &[String]) -> anyhow::Result<Vec<String>> {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        let wanted: BTreeSet<String> = interfaces.iter().map(|i| tc_link_name(i)).collect();
+        for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("tc-") && !wanted.contains(&name) {
+                log::info!("detaching tc from {}", &name[3..]);
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        if interfaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let program: &mut SchedClassifier = self
+            ._ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
+            .try_into()
+            .with_context(|| format!("program {TC_PROGRAM} is not a tc classifier"))?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
+        let mut attached = Vec::new();
+        for interface in interfaces {
+            let pin = links_dir.join(tc_link_name(interface));
+            if pin.exists() {
+                match replace_program(&pin, program.fd()?.as_fd()) {
+                    Ok(()) => {
+                        log::info!("tc on {interface}: program replaced in place");
+                        attached.push(interface.clone());
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
+                        let _ = fs::remove_file(&pin);
+                    }
+                }
+            }
+            let link_id = match program.attach(interface, TcAttachType::Ingress) {
+                Ok(id) => id,
+                Err(e) => {
+                    log::error!(
+                        "cannot attach tc to {interface}: {e}; NodePort, externalIP and load balancer traffic arriving there is not translated"
+                    );
+                    continue;
+                }
+            };
+            let link: FdLink = program
+                .take_link(link_id)?
+                .try_into()
+                .with_context(|| format!("tc link on {interface}: not an fd link"))?;
+            link.pin(&pin)
+                .with_context(|| format!("pin link {}", pin.display()))?;
+            log::info!("tc attached at ingress of {interface}");
+            attached.push(interface.clone());
+        }
+        Ok(attached)
     }
 
     /// Terminates sockets of removed backends from now on: connected UDP sockets, and TCP
@@ -664,6 +788,46 @@ fn dump_map<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
+/// One collection pass over a conntrack map. `other` gives the key of an entry's partner
+/// (the other direction), `meta` an entry's flags and last-seen time, `proto` a key's protocol.
+fn collect<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    now_ns: u64,
+    what: &str,
+    other: impl Fn(&K, &V) -> K,
+    meta: impl Fn(&V) -> (u32, u64),
+    proto: impl Fn(&K) -> u8,
+) -> anyhow::Result<(u64, u64)>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    use proxy_common::ct::{CT_REPLY, ct_timeout_secs};
+    let entries: BTreeMap<K, V> = dump_map(map, what)?.into_iter().collect();
+    let mut expired = Vec::new();
+    for (k, v) in &entries {
+        let (flags, seen) = meta(v);
+        let partner = entries.get(&other(k, v)).map(&meta);
+        let (fwd, rev) = match partner {
+            Some((pf, _)) if flags & CT_REPLY != 0 => (pf, flags),
+            Some((pf, _)) => (flags, pf),
+            None => (flags, flags),
+        };
+        let last = partner.map_or(seen, |(_, ps)| ps.max(seen));
+        let timeout_ns = ct_timeout_secs(proto(k), fwd, rev) * 1_000_000_000;
+        if now_ns.saturating_sub(last) > timeout_ns {
+            expired.push(*k);
+        }
+    }
+    let mut removed = 0u64;
+    for k in &expired {
+        if ignore_missing(map.remove(k)).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok((entries.len() as u64 - removed, removed))
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
@@ -691,6 +855,28 @@ impl MapIo for Maps {
         state
             .infos
             .extend(dump_map(&self.infos, names::LB_SVC_INFO)?);
+        for key in self.src_ranges4.keys() {
+            let key = key.with_context(|| format!("read map {}", names::LB4_SRC_RANGES))?;
+            let data = key.data();
+            state.source_ranges.insert(SourceRange {
+                svc_id: u32::from_be_bytes(data.svc_id),
+                cidr: Cidr {
+                    addr: IpAddr::from(data.addr),
+                    len: (key.prefix_len().saturating_sub(32)) as u8,
+                },
+            });
+        }
+        for key in self.src_ranges6.keys() {
+            let key = key.with_context(|| format!("read map {}", names::LB6_SRC_RANGES))?;
+            let data = key.data();
+            state.source_ranges.insert(SourceRange {
+                svc_id: u32::from_be_bytes(data.svc_id),
+                cidr: Cidr {
+                    addr: IpAddr::from(data.addr),
+                    len: (key.prefix_len().saturating_sub(32)) as u8,
+                },
+            });
+        }
         Ok(state)
     }
 
@@ -708,8 +894,43 @@ impl MapIo for Maps {
             Op::DelBackend(k) => ignore_missing(self.backends.remove(k)),
             Op::PutInfo(k, v) => self.infos.insert(k, **v, 0),
             Op::DelInfo(k) => ignore_missing(self.infos.remove(k)),
+            Op::PutSourceRange(r) => match lpm_key(r) {
+                LpmRange::V4(k) => self.src_ranges4.insert(&k, 1, 0),
+                LpmRange::V6(k) => self.src_ranges6.insert(&k, 1, 0),
+            },
+            Op::DelSourceRange(r) => match lpm_key(r) {
+                LpmRange::V4(k) => ignore_missing(self.src_ranges4.remove(&k)),
+                LpmRange::V6(k) => ignore_missing(self.src_ranges6.remove(&k)),
+            },
         };
         result.with_context(|| format!("map write {op:?}"))
+    }
+}
+
+enum LpmRange {
+    V4(LpmKey<SrcRange4>),
+    V6(LpmKey<SrcRange6>),
+}
+
+/// The LPM key of a source range: the frontend id's 32 bits, then the prefix.
+fn lpm_key(r: &SourceRange) -> LpmRange {
+    let svc_id = r.svc_id.to_be_bytes();
+    let len = 32 + u32::from(r.cidr.len);
+    match r.cidr.addr {
+        IpAddr::V4(a) => LpmRange::V4(LpmKey::new(
+            len,
+            SrcRange4 {
+                svc_id,
+                addr: a.octets(),
+            },
+        )),
+        IpAddr::V6(a) => LpmRange::V6(LpmKey::new(
+            len,
+            SrcRange6 {
+                svc_id,
+                addr: a.octets(),
+            },
+        )),
     }
 }
 
@@ -717,7 +938,15 @@ impl MapIo for Maps {
 /// hooks once no process holds them), then the maps (freed once no program uses them).
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     let links_dir = pin_dir.join(LINKS_DIR);
-    let mut removed = remove_files_and_dir(&links_dir, &SOCK_PROGRAMS)?;
+    let links: Vec<String> = fs::read_dir(&links_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| SOCK_PROGRAMS.contains(&n.as_str()) || n.starts_with("tc-"))
+        .collect();
+    let links: Vec<&str> = links.iter().map(String::as_str).collect();
+    let mut removed = remove_files_and_dir(&links_dir, &links)?;
     removed += remove_files_and_dir(pin_dir, &names::ALL)?;
     Ok(removed)
 }
@@ -785,19 +1014,31 @@ impl MapIo for Datapath {
 /// One socket hook as its pinned link shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct HookInfo {
-    pub hook: &'static str,
+    pub hook: String,
     /// Kernel link id, if the link pin exists and opens.
     pub link_id: Option<u32>,
     /// Id of the program running in the link.
     pub program_id: Option<u32>,
 }
 
-/// The pinned hook links under `pin_dir`.
+/// The pinned hook links under `pin_dir`: the socket hooks, then tc on each interface
+/// (`tc-IFNAME`).
 pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    let mut tc: Vec<String> = fs::read_dir(&links_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tc-"))
+        .collect();
+    tc.sort();
     SOCK_PROGRAMS
         .iter()
+        .map(|n| n.to_string())
+        .chain(tc)
         .map(|name| {
-            let info = PinnedLink::from_pin(pin_dir.join(LINKS_DIR).join(name))
+            let info = PinnedLink::from_pin(links_dir.join(&name))
                 .ok()
                 .and_then(|l| FdLink::from(l).info().ok());
             HookInfo {

@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod caps;
+pub mod netdev;
 pub mod sockdiag;
 
 /// A backend that stopped being eligible for a frontend.

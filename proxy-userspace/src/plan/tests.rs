@@ -11,6 +11,7 @@ fn frontend(ip: &str, port: u16) -> FrontendAddr {
         addr: ip.parse().unwrap(),
         port,
         proto: Proto::Tcp,
+        scope: Default::default(),
     }
 }
 
@@ -42,6 +43,8 @@ fn desired(entries: &[(&str, &[&str])]) -> Desired {
                 backends: backends.iter().map(|b| backend(b)).collect(),
                 affinity_secs: None,
                 no_local: false,
+                snat: false,
+                source_ranges: Vec::new(),
             },
         );
     }
@@ -176,4 +179,37 @@ fn no_backends_is_a_service_with_zero_slots() {
     let svc = frontends(&state)[0];
     assert_eq!(svc.count, 0);
     assert!(state.slots.is_empty());
+}
+
+#[test]
+fn source_ranges_exist_before_the_frontend_checks_them_and_go_last() {
+    use crate::compile::{Cidr, Scope};
+    let mut d = desired(&[("198.51.100.1", &["10.244.0.2"])]);
+    let (key, mut state) = d.frontends.pop_first().unwrap();
+    state.source_ranges = vec![Cidr::parse("192.168.77.0/24").unwrap()];
+    state.kind = FrontendKind::LoadBalancer;
+    let key = FrontendAddr {
+        scope: Scope::External,
+        ..key
+    };
+    d.frontends.insert(key, state);
+    let ops = plan(&d, &MapState::default());
+    let range = ops
+        .iter()
+        .position(|o| matches!(o, Op::PutSourceRange(_)))
+        .expect("a range is written");
+    let service = ops
+        .iter()
+        .position(|o| matches!(o, Op::PutService(..)))
+        .expect("the frontend is written");
+    assert!(range < service, "{ops:?}");
+    let mut state = MapState::default();
+    for op in &ops {
+        state.apply(op);
+    }
+    // Removing the Service removes its frontend before its ranges.
+    let ops = plan(&Desired::default(), &state);
+    let del_service = ops.iter().position(|o| matches!(o, Op::DelService(_)));
+    let del_range = ops.iter().position(|o| matches!(o, Op::DelSourceRange(_)));
+    assert!(del_service.unwrap() < del_range.unwrap(), "{ops:?}");
 }

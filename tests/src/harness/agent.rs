@@ -110,6 +110,13 @@ impl Agent {
             .arg("--healthz-bind-address")
             .arg(format!("127.0.0.1:{}", self.health_port))
             .args(&self.extra_args)
+            // Outside a testbed node the agent shares the test's own namespace: tc stays off
+            // its interfaces.
+            .args(if self.netns.is_none() {
+                &["--external-interfaces="][..]
+            } else {
+                &[][..]
+            })
             .env("RUST_LOG", "info")
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())

@@ -1,0 +1,101 @@
+//! Connection tracking of the packet path (tc): every translated flow has two entries, one per
+//! direction, each keyed by the tuple a packet arrives with and holding the tuple it leaves
+//! with. The forward entry (client → frontend) rewrites to the backend (and the node address
+//! when masquerading); the reply entry (backend → client or node) rewrites back to the
+//! frontend. Swapping the addresses and ports of either value gives the other entry's key.
+
+use crate::pod;
+
+/// Key of `LB_CT4`: a packet's tuple as it arrives.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ct4Key {
+    /// Network byte order.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// IANA protocol number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `LB_CT4`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Ct4Value {
+    /// The tuple the packet is rewritten to; fields as in the key.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// `CT_*` bits.
+    pub flags: u32,
+    /// Frontend id (`ServiceValue::id`).
+    pub svc_id: u32,
+    /// Backend id (`LB_BACKENDS`).
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet through this entry.
+    pub last_seen_ns: u64,
+}
+
+/// Key of `LB_CT6`; fields as in `Ct4Key`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ct6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `LB_CT6`; fields as in `Ct4Value`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Ct6Value {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub flags: u32,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub last_seen_ns: u64,
+}
+
+/// The entry translates replies (backend → client) back to the frontend.
+pub const CT_REPLY: u32 = 1 << 0;
+/// The flow's source was masqueraded to a node address (externalTrafficPolicy Cluster,
+/// semantics 7.13, or hairpin, 7.14).
+pub const CT_SNAT: u32 = 1 << 1;
+/// A TCP FIN was seen in this entry's direction.
+pub const CT_FIN: u32 = 1 << 2;
+/// A TCP RST was seen in this entry's direction.
+pub const CT_RST: u32 = 1 << 3;
+
+/// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of
+/// its two `last_seen_ns` is older than this; LRU eviction covers a full table.
+pub const CT_TIMEOUT_TCP_SECS: u64 = 6 * 3600;
+/// TCP after a RST, or FINs in both directions.
+pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 10;
+/// UDP and SCTP.
+pub const CT_TIMEOUT_OTHER_SECS: u64 = 120;
+
+/// The idle timeout of an entry pair with protocol `proto` and the flags of both entries.
+pub const fn ct_timeout_secs(proto: u8, forward_flags: u32, reply_flags: u32) -> u64 {
+    if proto != crate::proto::TCP {
+        return CT_TIMEOUT_OTHER_SECS;
+    }
+    let rst = (forward_flags | reply_flags) & CT_RST != 0;
+    let fins = forward_flags & reply_flags & CT_FIN != 0;
+    if rst || fins {
+        CT_TIMEOUT_TCP_CLOSING_SECS
+    } else {
+        CT_TIMEOUT_TCP_SECS
+    }
+}
+
+pod!(Ct4Key, Ct4Value, Ct6Key, Ct6Value);

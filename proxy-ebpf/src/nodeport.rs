@@ -1,0 +1,246 @@
+//! Traffic reaching the node from elsewhere (tc ingress on the node's external and pod-facing
+//! interfaces): NodePorts, externalIPs and load balancer IPs are translated to a backend with
+//! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
+//! replies translated back. Translated packets are routed here (FIB lookup, then
+//! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
+//! stack's input path would refuse as a martian.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_redirect_neigh},
+    programs::TcContext,
+};
+use proxy_common::{
+    affinity::{AffinityKey, CLIENT_ADDR},
+    ct::{CT_FIN, CT_REPLY, CT_RST, CT_SNAT},
+    proto,
+    reason::Reason,
+    service::{FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey},
+};
+
+use crate::{
+    lb,
+    maps::LB_MEMBERS,
+    packet::{
+        Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6, rewrite, route,
+    },
+    reject, stats,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// Attempts at finding a free masquerading port before giving up on a flow.
+const SNAT_TRIES: u32 = 8;
+/// Masquerading ports are taken from this range when the client's own port is in use.
+const SNAT_PORT_MIN: u32 = 32768;
+const SNAT_PORT_SPAN: u32 = 28232;
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return TC_ACT_OK as i32;
+    };
+    // The reject path runs after the translation path has returned, so their stack frames
+    // never add up (the verifier allows 512 bytes for a whole call chain).
+    match u16::from_be(ethertype) {
+        ETH_P_IP => match handle::<V4>(ctx) {
+            REJECT => reject::reject::<V4>(ctx),
+            action => action,
+        },
+        ETH_P_IPV6 => match handle::<V6>(ctx) {
+            REJECT => reject::reject::<V6>(ctx),
+            action => action,
+        },
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// Returned by `handle` for a new flow to a frontend without backends: not a tc action.
+const REJECT: i32 = i32::MIN;
+
+/// TCP flag bits recorded in a connection-tracking entry.
+#[inline(always)]
+fn ct_flags_of(tcp_flags: u8) -> u32 {
+    let mut f = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        f |= CT_FIN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        f |= CT_RST;
+    }
+    f
+}
+
+/// A tracked forward entry is replaced by a fresh choice when a new TCP connection reuses the
+/// tuple of a closed one, or when its backend is no longer one the frontend may use: a UDP
+/// flow is then balanced afresh at its next datagram (kube-proxy deletes such conntrack
+/// entries, semantics 9.2), while an established TCP connection keeps its backend.
+#[inline(always)]
+fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
+    let syn = pkt.t.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && e.flags & (CT_FIN | CT_RST) != 0 {
+        return true;
+    }
+    if pkt.t.proto == proto::TCP && !syn {
+        return false;
+    }
+    let member = MemberKey {
+        svc_id: e.svc_id,
+        backend_id: e.backend_id,
+    };
+    unsafe { LB_MEMBERS.get(&member) }.is_none()
+}
+
+#[inline(never)]
+fn handle<F: Family>(ctx: &TcContext) -> i32 {
+    let pkt = match F::parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => {
+            if let Some(r) = reason {
+                stats::count(r);
+            }
+            return TC_ACT_OK as i32;
+        }
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(ptr) = F::ct_lookup(&pkt.t) {
+        // SAFETY: `ptr` came from the lookup.
+        let mut e = unsafe { F::ct_read(ptr) };
+        let reply = e.flags & CT_REPLY != 0;
+        if reply || !stale(&e, &pkt) {
+            unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
+            e.to.proto = pkt.t.proto;
+            if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
+                stats::count(Reason::CtFailed);
+                return TC_ACT_SHOT as i32;
+            }
+            stats::count(if reply {
+                Reason::NatReply
+            } else {
+                Reason::NatEstablished
+            });
+            return forward::<F>(ctx, &e.to, None);
+        }
+    }
+    new_flow::<F>(ctx, &pkt, now)
+}
+
+#[inline(always)]
+fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 {
+    let Some(svc) = F::frontend(&pkt.t) else {
+        return TC_ACT_OK as i32;
+    };
+    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
+        stats::count(Reason::SourceRangeDrop);
+        return TC_ACT_SHOT as i32;
+    }
+    let client = AffinityKey {
+        port_id: svc.port_id,
+        client_kind: CLIENT_ADDR,
+        client: F::client_bytes(&pkt.t.saddr),
+    };
+    let choice = match lb::select(&svc, &client) {
+        Ok(c) => c,
+        Err(Reason::NoBackends) => return REJECT,
+        Err(Reason::NoLocalBackends) => {
+            // externalTrafficPolicy Local without a local endpoint: dropped (semantics 3.9).
+            stats::count(Reason::NoLocalBackends);
+            return TC_ACT_SHOT as i32;
+        }
+        Err(r) => {
+            stats::count(r);
+            return TC_ACT_OK as i32;
+        }
+    };
+    let backend = F::backend_addr(&choice.backend);
+    // Masquerade for externalTrafficPolicy Cluster (semantics 7.13) and when a client lands on
+    // itself (hairpin, semantics 7.14), so the reply comes back through this node.
+    let snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
+    let mut to = Tuple {
+        saddr: pkt.t.saddr,
+        daddr: backend,
+        sport: pkt.t.sport,
+        dport: choice.backend.port,
+        proto: pkt.t.proto,
+    };
+    let ifindex = match route::<F>(ctx, &to, snat) {
+        Ok(r) => {
+            if snat {
+                to.saddr = r.src;
+            }
+            Some(r.ifindex)
+        }
+        // No forwarding route (e.g. a host-network backend on this node): without
+        // masquerading the stack can still deliver it.
+        Err(_) if !snat => None,
+        Err(_) => {
+            stats::count(Reason::FibPass);
+            return TC_ACT_OK as i32;
+        }
+    };
+    let flags = if snat { CT_SNAT } else { 0 };
+    let reply = Entry {
+        to: pkt.t.reversed(),
+        flags: flags | CT_REPLY,
+        svc_id: svc.id,
+        backend_id: choice.backend_id,
+    };
+    // The reply entry claims the masquerading port: first the client's own, then random ones.
+    let mut claimed = false;
+    for i in 0..SNAT_TRIES {
+        if i > 0 {
+            if !snat {
+                break;
+            }
+            to.sport = (SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_SPAN) as u16;
+        }
+        let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
+        if F::ct_insert(&to.reversed(), &reply, now, map_flags).is_ok() {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        stats::count(if snat {
+            Reason::SnatPortsExhausted
+        } else {
+            Reason::CtFailed
+        });
+        return TC_ACT_SHOT as i32;
+    }
+    let forward_entry = Entry {
+        to,
+        flags,
+        svc_id: svc.id,
+        backend_id: choice.backend_id,
+    };
+    if F::ct_insert(&pkt.t, &forward_entry, now, BPF_ANY as u64).is_err() {
+        stats::count(Reason::CtFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    if rewrite::<F>(ctx, pkt, &to).is_err() {
+        stats::count(Reason::CtFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::count(Reason::NatNew);
+    forward::<F>(ctx, &to, ifindex)
+}
+
+/// Sends a translated packet on its way: straight to the egress interface the FIB names, or
+/// to the stack when the FIB has no forwarding route for it.
+#[inline(always)]
+fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: Option<u32>) -> i32 {
+    let ifindex = match ifindex {
+        Some(i) => i,
+        None => match route::<F>(ctx, t, false) {
+            Ok(r) => r.ifindex,
+            Err(_) => {
+                stats::count(Reason::FibPass);
+                return TC_ACT_OK as i32;
+            }
+        },
+    };
+    // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}

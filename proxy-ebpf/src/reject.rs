@@ -1,0 +1,321 @@
+//! Answers for new flows to a frontend without any usable backend (semantics 3.7: kube-proxy
+//! rejects them): a TCP segment gets a reset, a UDP datagram an ICMP port unreachable. The
+//! packet is turned into the answer in place and sent back out of the interface it came in on.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::{
+        bpf_redirect,
+        generated::{bpf_csum_diff, bpf_skb_change_tail},
+    },
+    programs::TcContext,
+};
+use proxy_common::{proto, reason::Reason};
+
+use crate::{
+    packet::{ETH_HLEN, Family, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+const AF_INET: u8 = 2;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const TTL: u8 = 64;
+
+/// Rejects the packet; a packet that cannot be answered (a RST, IP options, a helper failure)
+/// is dropped. Counted either way.
+#[inline(never)]
+pub fn reject<F: Family>(ctx: &TcContext) -> i32 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return TC_ACT_SHOT as i32;
+    };
+    let v4 = F::AF == AF_INET;
+    let answered = match pkt.t.proto {
+        proto::TCP if pkt.tcp_flags & TCP_RST == 0 => {
+            if v4 {
+                tcp_reset_v4(ctx, pkt.l4)
+            } else {
+                tcp_reset_v6(ctx)
+            }
+        }
+        proto::UDP => {
+            if v4 {
+                unreachable_v4(ctx, pkt.l4)
+            } else {
+                unreachable_v6(ctx)
+            }
+        }
+        _ => Err(0),
+    };
+    stats::count(Reason::NoBackends);
+    if answered.is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    if swap_macs(ctx).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    stats::count(Reason::Rejected);
+    // SAFETY: reading the context's own skb; plain helper call.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// Folds a 32-bit one's complement sum into a checksum field value.
+#[inline(always)]
+fn fold(sum: i64) -> u16 {
+    let mut s = sum as u32 as u64;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// One's complement sum of `buf` (length a multiple of 4) added to `seed`.
+#[inline(always)]
+fn sum(buf: &mut [u8], seed: i64) -> Result<i64, i64> {
+    // SAFETY: a stack buffer of the given length.
+    let s = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.as_mut_ptr().cast(),
+            buf.len() as u32,
+            seed as u32,
+        )
+    };
+    if s < 0 { Err(s) } else { Ok(s) }
+}
+
+#[inline(always)]
+fn store(ctx: &TcContext, off: usize, bytes: &[u8]) -> Result<(), i64> {
+    // SAFETY: plain helper call on this context with a stack buffer.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_skb_store_bytes(
+            ctx.as_ptr().cast(),
+            off as u32,
+            bytes.as_ptr().cast(),
+            bytes.len() as u32,
+            BPF_F_RECOMPUTE_CSUM as u64,
+        )
+    };
+    if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
+#[inline(always)]
+fn set_len(ctx: &TcContext, len: usize) -> Result<(), i64> {
+    // SAFETY: plain helper call on this context.
+    let rc = unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), len as u32, 0) };
+    if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
+#[inline(always)]
+fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
+    let mut macs = ctx.load::<[u8; 12]>(0)?;
+    let mut i = 0;
+    while i < 6 {
+        macs.swap(i, i + 6);
+        i += 1;
+    }
+    store(ctx, 0, &macs)
+}
+
+/// The reset answering a TCP segment with sequence `seq`, acknowledgment `ack`, `flags` and
+/// `payload` bytes (RFC 9293 3.10.7.1): source and destination ports swapped.
+#[inline(always)]
+fn reset_header(hdr: &[u8; 20], payload: u32) -> [u8; 20] {
+    let flags = hdr[13];
+    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let mut len = payload;
+        if flags & TCP_SYN != 0 {
+            len += 1;
+        }
+        if flags & TCP_FIN != 0 {
+            len += 1;
+        }
+        (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
+    };
+    let s = new_seq.to_be_bytes();
+    let a = new_ack.to_be_bytes();
+    [
+        hdr[2],
+        hdr[3],
+        hdr[0],
+        hdr[1],
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        5 << 4,
+        new_flags,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+}
+
+#[inline(always)]
+fn ipv4_header(tot_len: u16, proto_: u8, saddr: [u8; 4], daddr: [u8; 4]) -> Result<[u8; 20], i64> {
+    let l = tot_len.to_be_bytes();
+    let mut h = [
+        0x45, 0, l[0], l[1], 0, 0, 0, 0, TTL, proto_, 0, 0, saddr[0], saddr[1], saddr[2], saddr[3],
+        daddr[0], daddr[1], daddr[2], daddr[3],
+    ];
+    let c = fold(sum(&mut h, 0)?).to_ne_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    Ok(h)
+}
+
+#[inline(never)]
+fn tcp_reset_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
+    let l3 = ETH_HLEN;
+    if l4 != l3 + 20 {
+        return Err(0); // IP options: not answered
+    }
+    let ip = ctx.load::<[u8; 20]>(l3)?;
+    let tcp = ctx.load::<[u8; 20]>(l4)?;
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
+    let doff = ((tcp[12] >> 4) as u32) * 4;
+    let payload = tot_len.saturating_sub(20 + doff);
+    let saddr = [ip[16], ip[17], ip[18], ip[19]];
+    let daddr = [ip[12], ip[13], ip[14], ip[15]];
+    let mut rst = reset_header(&tcp, payload);
+    // Pseudo header: source, destination, zero, protocol, TCP length.
+    let mut pseudo = [
+        saddr[0],
+        saddr[1],
+        saddr[2],
+        saddr[3],
+        daddr[0],
+        daddr[1],
+        daddr[2],
+        daddr[3],
+        0,
+        proto::TCP,
+        0,
+        20,
+    ];
+    let c = fold(sum(&mut rst, sum(&mut pseudo, 0)?)?).to_ne_bytes();
+    rst[16] = c[0];
+    rst[17] = c[1];
+    set_len(ctx, l4 + 20)?;
+    store(ctx, l3, &ipv4_header(40, proto::TCP, saddr, daddr)?)?;
+    store(ctx, l4, &rst)
+}
+
+#[inline(never)]
+fn tcp_reset_v6(ctx: &TcContext) -> Result<(), i64> {
+    let l3 = ETH_HLEN;
+    let l4 = l3 + 40;
+    let ip = ctx.load::<[u8; 40]>(l3)?;
+    let tcp = ctx.load::<[u8; 20]>(l4)?;
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+    let doff = ((tcp[12] >> 4) as u32) * 4;
+    let mut rst = reset_header(&tcp, payload_len.saturating_sub(doff));
+    let mut hdr = ip;
+    // Swap the addresses, 20 bytes of payload, hop limit.
+    let mut i = 0;
+    while i < 16 {
+        hdr[8 + i] = ip[24 + i];
+        hdr[24 + i] = ip[8 + i];
+        i += 1;
+    }
+    hdr[4] = 0;
+    hdr[5] = 20;
+    hdr[7] = TTL;
+    let c = fold(sum(&mut rst, pseudo6_sum(&hdr, 20, proto::TCP)?)?).to_ne_bytes();
+    rst[16] = c[0];
+    rst[17] = c[1];
+    set_len(ctx, l4 + 20)?;
+    store(ctx, l3, &hdr)?;
+    store(ctx, l4, &rst)
+}
+
+/// Sum of the IPv6 pseudo header of a packet with header `hdr`.
+#[inline(always)]
+fn pseudo6_sum(hdr: &[u8; 40], len: u32, next: u8) -> Result<i64, i64> {
+    let mut p = [0u8; 40];
+    let mut i = 0;
+    while i < 32 {
+        p[i] = hdr[8 + i];
+        i += 1;
+    }
+    let l = len.to_be_bytes();
+    p[32] = l[0];
+    p[33] = l[1];
+    p[34] = l[2];
+    p[35] = l[3];
+    p[39] = next;
+    sum(&mut p, 0)
+}
+
+#[inline(never)]
+fn unreachable_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
+    let l3 = ETH_HLEN;
+    if l4 != l3 + 20 {
+        return Err(0);
+    }
+    // ICMP header (type 3 port unreachable, code 3) and the offending IP header + 8 bytes.
+    let mut icmp = [0u8; 36];
+    icmp[0] = 3;
+    icmp[1] = 3;
+    let orig = ctx.load::<[u8; 28]>(l3)?;
+    let mut i = 0;
+    while i < 28 {
+        icmp[8 + i] = orig[i];
+        i += 1;
+    }
+    let saddr = [icmp[24], icmp[25], icmp[26], icmp[27]];
+    let daddr = [icmp[20], icmp[21], icmp[22], icmp[23]];
+    let c = fold(sum(&mut icmp, 0)?).to_ne_bytes();
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    set_len(ctx, l3 + 28)?;
+    ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0)?;
+    store(ctx, l3, &ipv4_header(20 + 36, IPPROTO_ICMP, saddr, daddr)?)?;
+    store(ctx, l3 + 20, &icmp)
+}
+
+#[inline(never)]
+fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
+    let l3 = ETH_HLEN;
+    // ICMPv6 header (type 1 destination unreachable, code 4 port unreachable) and the
+    // offending IPv6 header + 8 bytes.
+    let mut icmp = [0u8; 56];
+    icmp[0] = 1;
+    icmp[1] = 4;
+    let orig = ctx.load::<[u8; 48]>(l3)?;
+    let mut i = 0;
+    while i < 48 {
+        icmp[8 + i] = orig[i];
+        i += 1;
+    }
+    let mut hdr = [0u8; 40];
+    hdr[0] = 0x60;
+    hdr[5] = 56;
+    hdr[6] = IPPROTO_ICMPV6;
+    hdr[7] = TTL;
+    i = 0;
+    while i < 16 {
+        hdr[8 + i] = icmp[8 + 24 + i];
+        hdr[24 + i] = icmp[8 + 8 + i];
+        i += 1;
+    }
+    let c = fold(sum(&mut icmp, pseudo6_sum(&hdr, 56, IPPROTO_ICMPV6)?)?).to_ne_bytes();
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    set_len(ctx, l3 + 48)?;
+    ctx.adjust_room(48, BPF_ADJ_ROOM_MAC, 0)?;
+    store(ctx, l3, &hdr)?;
+    store(ctx, l3 + 40, &icmp)
+}
