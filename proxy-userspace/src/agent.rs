@@ -26,6 +26,8 @@ use crate::{
 pub struct Observers {
     pub metrics: Option<Arc<Metrics>>,
     pub health: Option<Arc<Health>>,
+    /// The healthCheckNodePort servers, made to match each successful sync.
+    pub health_checks: Option<Arc<crate::healthcheck::HealthChecks>>,
 }
 
 /// How bursts of changes are coalesced.
@@ -60,6 +62,8 @@ pub struct SyncReport {
     pub duration: Duration,
     /// Frontends dropping ClusterIP traffic for lack of local endpoints, per family.
     pub no_local: Vec<(Family, u64)>,
+    /// The healthCheckNodePort servers wanted, by port (semantics 8.1).
+    pub health_checks: BTreeMap<u16, crate::healthcheck::ServiceHealth>,
 }
 
 /// Applies one snapshot: compile, plan against `current`, write. On a failed write `current` is
@@ -75,6 +79,8 @@ pub fn sync_once(
     if let Some(capacity) = io.capacity() {
         fit(&mut desired, current, &capacity);
     }
+    let (health_checks, conflicts) = crate::healthcheck::wanted(&desired);
+    desired.problems.extend(conflicts);
     let mut now_logged = BTreeSet::new();
     for problem in &desired.problems {
         let line = problem.to_string();
@@ -111,6 +117,7 @@ pub fn sync_once(
         problems: desired.problems,
         duration: started.elapsed(),
         no_local,
+        health_checks,
     })
 }
 
@@ -180,6 +187,9 @@ pub fn run(
                 );
                 if let Some(h) = &observers.health {
                     h.synced(SystemTime::now());
+                }
+                if let Some(hc) = &observers.health_checks {
+                    hc.update(&report.health_checks);
                 }
                 if let Some(t) = io.terminate(&report.removed) {
                     for (proto, n) in &t.destroyed {

@@ -1,16 +1,18 @@
-//! A minimal HTTP/1.1 server for /metrics, /healthz and /livez on std's TcpListener.
+//! A minimal HTTP/1.1 server on std's TcpListener: /metrics, /healthz and /livez here, and the
+//! per-Service health check servers of [`crate::healthcheck`] through [`Handler`].
 //!
 //! One thread accepts; each connection gets a short-lived thread (at most
 //! [`MAX_CONNECTIONS`] at once; beyond that new connections are closed unanswered). A request
 //! head may be at most [`MAX_REQUEST_HEAD`] bytes and must arrive within [`REQUEST_DEADLINE`].
-//! Only GET (and HEAD) are answered; every response closes the connection.
+//! Request bodies are never read. Every response closes the connection.
 
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs},
+    os::fd::AsRawFd as _,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant, SystemTime},
@@ -47,19 +49,90 @@ pub fn serve(addr: impl ToSocketAddrs, state: Arc<HttpState>) -> io::Result<Join
 
 /// [`serve`] on an already bound listener.
 pub fn serve_listener(listener: TcpListener, state: Arc<HttpState>) -> io::Result<JoinHandle<()>> {
+    spawn_accept(Arc::new(listener), state, Arc::new(AtomicBool::new(false)))
+}
+
+/// One parsed request, as a [`Handler`] sees it.
+pub(crate) struct Request<'a> {
+    pub method: &'a str,
+    /// The request target without query string or fragment.
+    pub path: &'a str,
+}
+
+/// Answers requests whose head parsed; HEAD responses lose their body afterwards.
+pub(crate) trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: &Request<'_>) -> Response;
+}
+
+/// A server started by [`Server::start`] that can be stopped: the health check servers come
+/// and go with Services, unlike /metrics and /healthz.
+pub(crate) struct Server {
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves `handler` on `listener` until [`Server::stop`] (or drop).
+    pub fn start(listener: TcpListener, handler: Arc<dyn Handler>) -> io::Result<Server> {
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn_accept(Arc::clone(&listener), handler, Arc::clone(&stop))?;
+        Ok(Server {
+            listener,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and closes the listening socket before returning, so the port is free
+    /// again (connections being answered finish on their own threads).
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::Release);
+        // Shutting a listening socket down makes a blocked accept() fail at once (Linux); the
+        // loop then sees the flag.
+        // SAFETY: shutdown(2) on a descriptor this Server keeps open.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = thread.join();
+        // The accept thread's reference is gone; dropping ours closes the socket.
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
+fn spawn_accept(
+    listener: Arc<TcpListener>,
+    handler: Arc<dyn Handler>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
     let name = match listener.local_addr() {
         Ok(a) => format!("http {a}"),
         Err(_) => "http".into(),
     };
     thread::Builder::new()
         .name(name)
-        .spawn(move || accept_loop(listener, state))
+        .spawn(move || accept_loop(&listener, handler, &stop))
 }
 
-fn accept_loop(listener: TcpListener, state: Arc<HttpState>) {
+fn accept_loop(listener: &TcpListener, handler: Arc<dyn Handler>, stop: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
-        let stream = match listener.accept() {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 // E.g. EMFILE; don't spin.
@@ -73,13 +146,13 @@ fn accept_loop(listener: TcpListener, state: Arc<HttpState>) {
             drop(stream);
             continue;
         }
-        let state = state.clone();
+        let handler = handler.clone();
         let guard = ActiveGuard(active.clone());
         let spawned = thread::Builder::new()
             .name("http conn".into())
             .spawn(move || {
                 let _guard = guard;
-                if let Err(e) = handle_connection(stream, &state) {
+                if let Err(e) = handle_connection(stream, handler.as_ref()) {
                     log::debug!("http connection: {e}");
                 }
             });
@@ -98,16 +171,17 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A response about to be written.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    extra_headers: Vec<(&'static str, &'static str)>,
-    body: Vec<u8>,
+/// A response about to be written. Content-Length, `X-Content-Type-Options: nosniff` and
+/// `Connection: close` are always added.
+pub(crate) struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub extra_headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Response {
-    fn text(status: u16, body: &str) -> Response {
+    pub fn text(status: u16, body: &str) -> Response {
         Response {
             status,
             content_type: "text/plain; charset=utf-8",
@@ -183,13 +257,13 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-fn handle_connection(mut stream: TcpStream, state: &HttpState) -> io::Result<()> {
+fn handle_connection(mut stream: TcpStream, handler: &dyn Handler) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let (response, head_only) = match read_head(&mut stream)? {
         Head::Closed => return Ok(()),
         Head::TimedOut => (Response::text(408, "request timeout\n"), false),
         Head::TooLarge => (Response::text(431, "request head too large\n"), false),
-        Head::Complete(head) => respond(&head, state),
+        Head::Complete(head) => respond(&head, handler),
     };
     write_response(&mut stream, &response, head_only)?;
     stream.flush()?;
@@ -216,8 +290,8 @@ fn drain(stream: &mut TcpStream) {
     }
 }
 
-/// Routes one request; the bool is true for HEAD (headers only).
-fn respond(head: &[u8], state: &HttpState) -> (Response, bool) {
+/// Parses one request head and asks `handler`; the bool is true for HEAD (headers only).
+fn respond(head: &[u8], handler: &dyn Handler) -> (Response, bool) {
     let Ok(head) = std::str::from_utf8(head) else {
         return (Response::text(400, "bad request\n"), false);
     };
@@ -234,43 +308,46 @@ fn respond(head: &[u8], state: &HttpState) -> (Response, bool) {
     if version != "HTTP/1.1" && version != "HTTP/1.0" {
         return (Response::text(505, "HTTP version not supported\n"), false);
     }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            let mut r = Response::text(405, "method not allowed\n");
-            r.extra_headers.push(("Allow", "GET, HEAD"));
-            return (r, false);
-        }
-    };
     let path = target.split(['?', '#']).next().unwrap_or("");
-    let response = match path {
-        "/metrics" => Response {
-            status: 200,
-            content_type: metrics::CONTENT_TYPE,
-            extra_headers: Vec::new(),
-            body: state.metrics.render().into_bytes(),
-        },
-        "/healthz" | "/livez" => {
-            let probe = if path == "/livez" {
-                Probe::Livez
-            } else {
-                Probe::Healthz
-            };
-            let (status, body) = state.health.probe(probe, SystemTime::now());
-            state
-                .metrics
-                .count_health_request(probe == Probe::Livez, status);
-            Response {
-                status,
-                content_type: "application/json",
-                extra_headers: Vec::new(),
-                body: body.into_bytes(),
-            }
+    let response = handler.handle(&Request { method, path });
+    (response, method == "HEAD")
+}
+
+impl Handler for HttpState {
+    /// GET (and HEAD) of /metrics, /healthz and /livez.
+    fn handle(&self, request: &Request<'_>) -> Response {
+        let path = request.path;
+        if !matches!(request.method, "GET" | "HEAD") {
+            let mut r = Response::text(405, "method not allowed\n");
+            r.extra_headers.push(("Allow", "GET, HEAD".into()));
+            return r;
         }
-        _ => Response::text(404, "404 page not found\n"),
-    };
-    (response, head_only)
+        match path {
+            "/metrics" => Response {
+                status: 200,
+                content_type: metrics::CONTENT_TYPE,
+                extra_headers: Vec::new(),
+                body: self.metrics.render().into_bytes(),
+            },
+            "/healthz" | "/livez" => {
+                let probe = if path == "/livez" {
+                    Probe::Livez
+                } else {
+                    Probe::Healthz
+                };
+                let (status, body) = self.health.probe(probe, SystemTime::now());
+                self.metrics
+                    .count_health_request(probe == Probe::Livez, status);
+                Response {
+                    status,
+                    content_type: "application/json",
+                    extra_headers: Vec::new(),
+                    body: body.into_bytes(),
+                }
+            }
+            _ => Response::text(404, "404 page not found\n"),
+        }
+    }
 }
 
 fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::Result<()> {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod compile;
 pub mod datapath;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod plan;

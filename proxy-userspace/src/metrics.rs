@@ -541,6 +541,12 @@ pub struct Metrics {
     /// kube_bpf_proxy_socket_termination_active: 1 while sockets of removed backends are
     /// terminated, 0 when the kernel cannot or it is turned off.
     pub socket_termination_active: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_healthcheck_bind_failures_total: failed attempts to bind a Service's
+    /// healthCheckNodePort (each is retried at the next sync).
+    pub healthcheck_bind_failures: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_healthcheck_ports [state]: healthCheckNodePorts served ("serving") and
+    /// wanted but not bound ("failing"), as of the last sync.
+    pub healthcheck_ports: Arc<Family<Gauge>>,
 }
 
 /// 1 ms x 2^n, 15 buckets (kube-proxy's sync duration buckets).
@@ -617,6 +623,14 @@ impl Metrics {
                 "kube_bpf_proxy_socket_termination_active",
                 "1 while sockets connected to removed backends are terminated (kernel support and not turned off)",
             ),
+            healthcheck_bind_failures: r.counter(
+                "kube_bpf_proxy_healthcheck_bind_failures_total",
+                "Failed attempts to bind a Service's healthCheckNodePort (retried at the next sync)",
+            ),
+            healthcheck_ports: r.gauge(
+                "kube_bpf_proxy_healthcheck_ports",
+                "healthCheckNodePorts served (state serving) and wanted but not bound (state failing)",
+            ),
             sync_failures: r.counter(
                 "kube_bpf_proxy_sync_failures_total",
                 "Syncs that failed to program the datapath (retried)",
@@ -644,6 +658,8 @@ impl Metrics {
         };
         m.build_info.with(&[("version", version)]).set(1.0);
         m.sync_failures.with(&[]);
+        m.healthcheck_bind_failures.with(&[]);
+        m.set_healthcheck_ports(0, 0);
         for kind in REJECTED_KINDS {
             m.rejected_objects.with(&[("kind", kind)]);
         }
@@ -781,6 +797,15 @@ impl Metrics {
             self.datapath_events
                 .with(&[("reason", reason)])
                 .set_total(*total);
+        }
+    }
+
+    /// Health check servers running and wanted-but-unbound after the last sync.
+    pub fn set_healthcheck_ports(&self, serving: u64, failing: u64) {
+        for (state, n) in [("serving", serving), ("failing", failing)] {
+            self.healthcheck_ports
+                .with(&[("state", state)])
+                .set(n as f64);
         }
     }
 
@@ -978,6 +1003,7 @@ mod tests {
         m.set_datapath_totals(&[("no_backend", 9)]);
         m.count_health_request(false, 200);
         m.count_health_request(true, 503);
+        m.set_healthcheck_ports(2, 1);
         let text = m.render();
         let types = check_exposition(&text);
 
@@ -1013,6 +1039,8 @@ mod tests {
             ("kube_bpf_proxy_map_max_entries", "gauge"),
             ("kube_bpf_proxy_datapath_events_total", "counter"),
             ("kube_bpf_proxy_build_info", "gauge"),
+            ("kube_bpf_proxy_healthcheck_bind_failures_total", "counter"),
+            ("kube_bpf_proxy_healthcheck_ports", "gauge"),
         ] {
             assert_eq!(types.get(name).map(String::as_str), Some(ty), "{name}");
         }
@@ -1044,6 +1072,9 @@ mod tests {
             "kube_bpf_proxy_datapath_events_total{reason=\"no_backend\"} 9",
             "kube_bpf_proxy_datapath_events_total{reason=\"reject\"} 3",
             "kube_bpf_proxy_build_info{version=\"0.1.0\"} 1",
+            "kube_bpf_proxy_healthcheck_bind_failures_total 0",
+            "kube_bpf_proxy_healthcheck_ports{state=\"serving\"} 2",
+            "kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -320,9 +320,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .socket_termination_active
         .with(&[])
         .set(if terminating { 1.0 } else { 0.0 });
+    let health_checks =
+        crate::healthcheck::HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics)));
     let observers = Observers {
         metrics: Some(metrics),
         health: Some(health),
+        health_checks: Some(Arc::new(health_checks)),
     };
     agent::run(&mut datapath, rx, SyncTiming::default(), &STOP, &observers)?;
     log::info!(

@@ -251,6 +251,27 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 /// GET `path` from `addr`, from inside network namespace `netns` (a namespace file) if given:
 /// a thread enters it (setns is per thread) and makes the request there.
 pub fn http_get_in(netns: Option<&str>, addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let reply =
+        try_http_get_in(netns, addr, path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    (reply.status, reply.body)
+}
+
+/// An HTTP response as `try_http_get_in` read it.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// `http_get_in` that returns failures to connect (e.g. `ConnectionRefused`) and read, and
+/// keeps the headers.
+pub fn try_http_get_in(
+    netns: Option<&str>,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> std::io::Result<HttpReply> {
     let netns = netns.map(|n| fs::File::open(n).unwrap_or_else(|e| panic!("open netns {n}: {e}")));
     let path = path.to_string();
     thread::spawn(move || {
@@ -266,27 +287,32 @@ pub fn http_get_in(netns: Option<&str>, addr: std::net::SocketAddr, path: &str) 
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+fn http_get_at(addr: std::net::SocketAddr, path: &str) -> std::io::Result<HttpReply> {
     use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write request");
+    )?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or((response.as_str(), ""));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (code, body)
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }

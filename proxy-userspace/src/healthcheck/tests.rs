@@ -1,0 +1,431 @@
+//! The health check set compiled from Services and EndpointSlices (semantics 8.1, 8.4, 3.13),
+//! the answers (8.2, 8.3), and the servers' life cycle on real loopback sockets.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use super::*;
+use crate::{
+    compile::compile,
+    health::DEFAULT_HEALTH_TIMEOUT,
+    snapshot::{NodeInfo, Snapshot},
+};
+
+// ---- wanted: pure ---------------------------------------------------------------------------
+
+/// A snapshot of YAML documents separated by `---`, on node `node-a`.
+fn snapshot(docs: &[String]) -> Snapshot {
+    let mut s = Snapshot {
+        node: NodeInfo {
+            name: "node-a".into(),
+            zone: None,
+        },
+        ..Default::default()
+    };
+    for doc in docs {
+        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
+            Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
+            _ => panic!("unexpected doc {doc}"),
+        }
+    }
+    s
+}
+
+/// Service `default/<name>`, ports `http` 80/TCP and `dns` 53/UDP; `spec` adds spec entries.
+fn service(name: &str, cluster_ip: &str, spec: &str) -> String {
+    format!(
+        "kind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, protocol: TCP}}, \
+         {{name: dns, port: 53, protocol: UDP}}], {spec}}}"
+    )
+}
+
+fn lb_local(name: &str, cluster_ip: &str, hc_port: u16) -> String {
+    service(
+        name,
+        cluster_ip,
+        &format!(
+            "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {hc_port}"
+        ),
+    )
+}
+
+/// An EndpointSlice of `default/<service>` with the given ports and endpoint flow mappings.
+fn slice(name: &str, service: &str, family: &str, ports: &str, endpoints: &[&str]) -> String {
+    format!(
+        "kind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, \
+         labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\n\
+         ports: {ports}\nendpoints: [{}]",
+        endpoints.join(", ")
+    )
+}
+
+const HTTP: &str = "[{name: http, port: 8080, protocol: TCP}]";
+const DNS: &str = "[{name: dns, port: 5353, protocol: UDP}]";
+
+fn wanted_of(docs: &[String]) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>) {
+    wanted(&compile(&snapshot(docs)))
+}
+
+fn health(name: &str, n: usize) -> ServiceHealth {
+    ServiceHealth {
+        namespace: "default".into(),
+        name: name.into(),
+        local_endpoints: n,
+    }
+}
+
+#[test]
+fn counts_distinct_ready_local_ips_over_ports() {
+    // semantics 8.4: distinct IPs of this node's ready endpoints, over all ports.
+    let (w, problems) = wanted_of(&[
+        lb_local("web", "10.96.0.10", 32001),
+        slice(
+            "web-http",
+            "web",
+            "IPv4",
+            HTTP,
+            &[
+                "{addresses: [10.0.0.1], nodeName: node-a}",
+                "{addresses: [10.0.0.2], nodeName: node-a}",
+                // Remote: not counted.
+                "{addresses: [10.0.1.1], nodeName: node-b}",
+                // No node: not local.
+                "{addresses: [10.0.1.2]}",
+            ],
+        ),
+        slice(
+            "web-dns",
+            "web",
+            "IPv4",
+            DNS,
+            &[
+                // The same pod on the other port counts once.
+                "{addresses: [10.0.0.1], nodeName: node-a}",
+                "{addresses: [10.0.0.3], nodeName: node-a}",
+            ],
+        ),
+    ]);
+    assert_eq!(problems, vec![]);
+    assert_eq!(w, BTreeMap::from([(32001, health("web", 3))]));
+}
+
+#[test]
+fn terminating_and_unready_local_endpoints_do_not_count() {
+    // semantics 3.13: a node whose local endpoints are all terminating reports 0, although
+    // the Local policy still uses them (3.4); not-ready ones are never used (3.5).
+    let (w, _) = wanted_of(&[
+        lb_local("web", "10.96.0.10", 32001),
+        slice(
+            "web-http",
+            "web",
+            "IPv4",
+            HTTP,
+            &[
+                "{addresses: [10.0.0.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+                "{addresses: [10.0.0.2], nodeName: node-a, conditions: {ready: false}}",
+                "{addresses: [10.0.1.1], nodeName: node-b}",
+            ],
+        ),
+    ]);
+    assert_eq!(w, BTreeMap::from([(32001, health("web", 0))]));
+
+    // semantics 3.2: ready and terminating (publishNotReadyAddresses) is ready.
+    let (w, _) = wanted_of(&[
+        lb_local("web", "10.96.0.10", 32001),
+        slice(
+            "web-http",
+            "web",
+            "IPv4",
+            HTTP,
+            &[
+                "{addresses: [10.0.0.1], nodeName: node-a, conditions: {ready: true, serving: true, terminating: true}}",
+            ],
+        ),
+    ]);
+    assert_eq!(w, BTreeMap::from([(32001, health("web", 1))]));
+}
+
+#[test]
+fn both_families_count() {
+    let svc = "kind: Service\nmetadata: {name: web, namespace: default}\n\
+               spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00:96::10'], \
+               ipFamilies: [IPv4, IPv6], ports: [{name: http, port: 80, protocol: TCP}], \
+               type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32001}";
+    let (w, _) = wanted_of(&[
+        svc.to_string(),
+        slice(
+            "web-4",
+            "web",
+            "IPv4",
+            HTTP,
+            &["{addresses: [10.0.0.1], nodeName: node-a}"],
+        ),
+        slice(
+            "web-6",
+            "web",
+            "IPv6",
+            HTTP,
+            &[
+                "{addresses: ['fd00::1'], nodeName: node-a}",
+                "{addresses: ['fd00::2'], nodeName: node-b}",
+            ],
+        ),
+    ]);
+    assert_eq!(w, BTreeMap::from([(32001, health("web", 2))]));
+}
+
+#[test]
+fn only_load_balancers_with_local_policy_and_a_port() {
+    // semantics 8.1: NeedsHealthCheck is type LoadBalancer and ETP Local; 0 means none.
+    let eps = ["{addresses: [10.0.0.1], nodeName: node-a}"];
+    for spec in [
+        "type: LoadBalancer, externalTrafficPolicy: Cluster, healthCheckNodePort: 32001",
+        "type: LoadBalancer, healthCheckNodePort: 32001",
+        "type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32001",
+        "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 0",
+        "type: LoadBalancer, externalTrafficPolicy: Local",
+        "type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 70000",
+    ] {
+        let (w, _) = wanted_of(&[
+            service("web", "10.96.0.10", spec),
+            slice("web-http", "web", "IPv4", HTTP, &eps),
+        ]);
+        assert!(w.is_empty(), "{spec}: {w:?}");
+    }
+    // A Service that is not proxied at all (headless) has no health check either.
+    let (w, _) = wanted_of(&[lb_local("web", "None", 32001)]);
+    assert!(w.is_empty(), "{w:?}");
+    // No endpoints at all: served, answering 0.
+    let (w, _) = wanted_of(&[lb_local("web", "10.96.0.10", 32001)]);
+    assert_eq!(w, BTreeMap::from([(32001, health("web", 0))]));
+}
+
+#[test]
+fn one_port_two_services_first_by_name_wins() {
+    let (w, problems) = wanted_of(&[
+        lb_local("zeta", "10.96.0.12", 32001),
+        lb_local("alpha", "10.96.0.11", 32001),
+        lb_local("beta", "10.96.0.13", 32002),
+        slice(
+            "zeta-http",
+            "zeta",
+            "IPv4",
+            HTTP,
+            &["{addresses: [10.0.0.9], nodeName: node-a}"],
+        ),
+    ]);
+    assert_eq!(
+        w,
+        BTreeMap::from([(32001, health("alpha", 0)), (32002, health("beta", 0))])
+    );
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].object, "Service default/zeta");
+    assert!(
+        problems[0]
+            .message
+            .contains("healthCheckNodePort 32001 is already used by Service default/alpha"),
+        "{}",
+        problems[0]
+    );
+}
+
+// ---- answers: pure --------------------------------------------------------------------------
+
+#[test]
+fn answer_is_200_only_with_local_endpoints_and_a_healthy_proxy() {
+    // semantics 8.2, 8.3
+    for (n, healthy, status) in [
+        (2, true, 200),
+        (0, true, 503),
+        (2, false, 503),
+        (0, false, 503),
+    ] {
+        let r = response(&health("web", n), healthy);
+        assert_eq!(r.status, status, "{n} {healthy}");
+        assert_eq!(r.content_type, "application/json");
+        assert_eq!(
+            r.extra_headers,
+            vec![("X-Load-Balancing-Endpoint-Weight", n.to_string())]
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "service": {"namespace": "default", "name": "web"},
+                "localEndpoints": n,
+                "serviceProxyHealthy": healthy,
+            })
+        );
+    }
+}
+
+// ---- servers: loopback sockets --------------------------------------------------------------
+
+/// A port that was free on both families a moment ago.
+fn free_port() -> u16 {
+    bind(0).unwrap().local_addr().unwrap().port()
+}
+
+fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+struct Reply {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+fn request(addr: SocketAddr, request: &str) -> io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(request.as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l.split_once(": ").unwrap();
+            (k.to_ascii_lowercase(), v.to_string())
+        })
+        .collect();
+    Ok(Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+fn get(port: u16, path: &str) -> io::Result<Reply> {
+    request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+}
+
+fn servers() -> (HealthChecks, Arc<Health>, Arc<Metrics>) {
+    let health = Arc::new(Health::new(DEFAULT_HEALTH_TIMEOUT, &[], SystemTime::now()));
+    let metrics = Arc::new(Metrics::new("v", &[]));
+    (
+        HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics))),
+        health,
+        metrics,
+    )
+}
+
+#[test]
+fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
+    let (hc, proxy, metrics) = servers();
+    let port = free_port();
+    hc.update(&BTreeMap::from([(port, health("web", 2))]));
+    assert_eq!(hc.serving(), vec![port]);
+
+    let r = get(port, "/").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    assert_eq!(r.headers["x-load-balancing-endpoint-weight"], "2");
+    let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["localEndpoints"], 2);
+    assert_eq!(body["serviceProxyHealthy"], true);
+
+    // semantics 8.2: any path, any method.
+    assert_eq!(get(port, "/healthz?x=1").unwrap().status, 200);
+    let post = request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "POST /anything HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(post.status, 200);
+    assert!(post.body.contains("\"localEndpoints\":2"), "{}", post.body);
+    let head = request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "HEAD / HTTP/1.1\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    if ipv6_loopback() {
+        let r = request(
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            "GET / HTTP/1.1\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+
+    // Counts change in place.
+    hc.update(&BTreeMap::from([(port, health("web", 0))]));
+    let r = get(port, "/").unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["x-load-balancing-endpoint-weight"], "0");
+    assert!(r.body.contains("\"localEndpoints\":0"), "{}", r.body);
+
+    // An unhealthy proxy fails the check whatever the endpoints (semantics 8.2, 8.6).
+    hc.update(&BTreeMap::from([(port, health("web", 1))]));
+    assert_eq!(get(port, "/").unwrap().status, 200);
+    proxy.queued(SystemTime::now() - DEFAULT_HEALTH_TIMEOUT - Duration::from_secs(1));
+    let r = get(port, "/").unwrap();
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body.contains("\"serviceProxyHealthy\":false"),
+        "{}",
+        r.body
+    );
+    proxy.synced(SystemTime::now());
+    assert_eq!(get(port, "/").unwrap().status, 200);
+
+    assert!(
+        metrics
+            .render()
+            .contains("kube_bpf_proxy_healthcheck_ports{state=\"serving\"} 1\n")
+    );
+
+    // Not wanted any more: the port is closed by the time update returns.
+    hc.update(&BTreeMap::new());
+    assert_eq!(hc.serving(), Vec::<u16>::new());
+    let e = get(port, "/").err().expect("connection refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    // And can be bound again at once.
+    hc.update(&BTreeMap::from([(port, health("web", 1))]));
+    assert_eq!(get(port, "/").unwrap().status, 200);
+}
+
+#[test]
+fn bind_failure_is_counted_and_retried() {
+    let (hc, _, metrics) = servers();
+    let port = free_port();
+    let taken = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).unwrap();
+    let other = free_port();
+    let wanted = BTreeMap::from([(port, health("web", 1)), (other, health("api", 1))]);
+    hc.update(&wanted);
+    hc.update(&wanted);
+    // The other port is unaffected.
+    assert_eq!(hc.serving(), vec![other]);
+    assert_eq!(get(other, "/").unwrap().status, 200);
+    let text = metrics.render();
+    assert!(
+        text.contains("kube_bpf_proxy_healthcheck_bind_failures_total 2\n"),
+        "{text}"
+    );
+    assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1\n"));
+
+    drop(taken);
+    hc.update(&wanted);
+    assert_eq!(hc.serving(), vec![port.min(other), port.max(other)]);
+    let r = get(port, "/").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("\"name\":\"web\""), "{}", r.body);
+    let text = metrics.render();
+    assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 0\n"));
+    assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"serving\"} 2\n"));
+}
