@@ -22,6 +22,7 @@ fn snapshot(docs: &[String]) -> Snapshot {
         node: NodeInfo {
             name: "node-a".into(),
             zone: None,
+            addresses: Vec::new(),
         },
         ..Default::default()
     };
