@@ -11,6 +11,7 @@ pub use harness::{
     netns::NetNs,
     process::{ChildGuard, Reply},
     sweep::sweep,
+    testbed::{Node, Testbed},
     topology::{Pod, Topology},
     wait::poll_until,
 };

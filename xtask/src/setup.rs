@@ -12,7 +12,9 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 /// BPF programs are built with this toolchain (it needs rust-src for -Z build-std=core).
 const BPF_TOOLCHAIN: &str = "nightly";
 /// Debian packages the tests, the demo and the benchmarks use.
-const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "iptables", "nftables", "procps"];
+const APT_PACKAGES: &[&str] = &[
+    "bpftool", "ethtool", "iproute2", "iptables", "nftables", "procps",
+];
 
 pub fn setup() -> anyhow::Result<()> {
     let mut changed = 0;

@@ -4,6 +4,7 @@ pub mod names;
 pub mod netns;
 pub mod process;
 pub mod sweep;
+pub mod testbed;
 pub mod topology;
 pub mod wait;
 

@@ -21,19 +21,16 @@ impl NetNs {
         run("ip", &all)
     }
 
+    /// `ip netns exec <ns> PROGRAM ARGS...`, which must succeed; returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
     /// `sysctl -w` inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.name,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ],
-        );
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]);
     }
 
     /// Path of the namespace file, for setns(2).

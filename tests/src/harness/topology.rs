@@ -1,6 +1,9 @@
 //! One node with pods on a bridge, as in ../shared/testbed.md: namespace `node` holds bridge
 //! `br0` (10.244.0.1/24, fd00:244::1/64); pod i has `eth0` at 10.244.0.(i+2) and
 //! fd00:244::(i+2) with default routes via the bridge. A test cgroup holds the clients.
+//!
+//! The pieces are shared with the multi-node `testbed`: the address plan, the pod bridge, pod
+//! creation, echo servers and request clients (`request_in`, `hold_in`) work in any namespace.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -29,6 +32,8 @@ pub struct Pod {
     pub ns: NetNs,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// The node-side end of the pod's veth (on the node's bridge `br0`).
+    pub host_if: String,
 }
 
 pub struct Topology {
@@ -50,39 +55,85 @@ pub enum Proto {
     Sctp,
 }
 
-fn no_dad(ns: &NetNs) {
+/// Turns IPv6 duplicate address detection off for interfaces created from now on.
+pub(crate) fn no_dad(ns: &NetNs) {
     ns.sysctl("net.ipv6.conf.all.accept_dad", "0");
     ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
 }
 
-impl Topology {
-    /// Builds a node with `pods` pods. Names are unique to this process and call.
-    pub fn new(pods: usize) -> Topology {
-        let id = names::unique();
-        let cgroup = TestCgroup::new(&id);
-        let node = NetNs::new(format!("{id}-node"));
-        no_dad(&node);
-        node.ip(&["link", "add", "br0", "type", "bridge"]);
-        node.ip(&["addr", "add", "10.244.0.1/24", "dev", "br0"]);
-        node.ip(&["addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"]);
-        node.ip(&["link", "set", "br0", "up"]);
-        let mut topo = Topology {
-            id,
-            pods: Vec::new(),
-            node,
-            cgroup,
-        };
-        for i in 0..pods {
-            topo.add_pod(i);
-        }
-        topo
-    }
+/// Address plan: the bridge `br0` of node `node` (the gateway of its pods).
+pub fn bridge_ip4(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node_octet(node), 1)
+}
 
-    fn add_pod(&mut self, i: usize) {
-        let name = format!("pod-{}", i + 1);
-        let ns = NetNs::new(format!("{}-{name}", self.id));
+pub fn bridge_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, node_octet(node).into(), 0, 0, 0, 0, 1)
+}
+
+/// Address plan: pod `pod` (0-based) of node `node`, 10.244.<node>.<pod+2>.
+pub fn pod_ip4(node: usize, pod: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, node_octet(node), pod_octet(pod))
+}
+
+pub fn pod_ip6(node: usize, pod: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x244,
+        node_octet(node).into(),
+        0,
+        0,
+        0,
+        0,
+        pod_octet(pod).into(),
+    )
+}
+
+fn node_octet(node: usize) -> u8 {
+    u8::try_from(node).expect("at most 256 nodes")
+}
+
+fn pod_octet(pod: usize) -> u8 {
+    u8::try_from(pod + 2)
+        .ok()
+        .filter(|o| *o < 255)
+        .expect("at most 253 pods per node")
+}
+
+/// Creates the pods' bridge `br0` of node `node` in namespace `ns`, with the gateway addresses.
+pub(crate) fn add_bridge(ns: &NetNs, node: usize) {
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", bridge_ip4(node)),
+        "dev",
+        "br0",
+    ]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", bridge_ip6(node)),
+        "dev",
+        "br0",
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", "br0", "up"]);
+}
+
+impl Pod {
+    /// Creates pod `index` (0-based) of node `node` (whose namespace is `node_ns`, with `br0`):
+    /// namespace `<id>-<name>`, `eth0` veth to `veth<index>` on the bridge, addresses from the
+    /// plan, default routes via the bridge.
+    pub(crate) fn create(
+        node_ns: &NetNs,
+        node: usize,
+        id: &str,
+        name: String,
+        index: usize,
+    ) -> Pod {
+        let ns = NetNs::new(format!("{id}-{name}"));
         no_dad(&ns);
-        let host_if = format!("veth{i}");
+        let host_if = format!("veth{index}");
         ns.ip(&[
             "link",
             "add",
@@ -93,41 +144,161 @@ impl Topology {
             "name",
             &host_if,
             "netns",
-            &self.node.name,
+            &node_ns.name,
         ]);
-        self.node
-            .ip(&["link", "set", &host_if, "master", "br0", "up"]);
-        let ip4 = Ipv4Addr::new(10, 244, 0, (i + 2) as u8);
-        let ip6: Ipv6Addr = format!("fd00:244::{:x}", i + 2).parse().expect("valid v6");
+        node_ns.ip(&["link", "set", &host_if, "master", "br0", "up"]);
+        let ip4 = pod_ip4(node, index);
+        let ip6 = pod_ip6(node, index);
         ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
         ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
         ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&["route", "add", "default", "via", "10.244.0.1"]);
-        ns.ip(&["-6", "route", "add", "default", "via", "fd00:244::1"]);
-        self.pods.push(Pod {
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &bridge_ip4(node).to_string(),
+        ]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &bridge_ip6(node).to_string(),
+        ]);
+        Pod {
             servers: Vec::new(),
             name,
             ns,
             ip4,
             ip6,
-        });
+            host_if,
+        }
+    }
+
+    /// Starts an echo server (TCP and UDP, both families) on `port`; it answers with the
+    /// pod's name. It is stopped when the pod is dropped.
+    pub fn serve(&mut self, port: u16) {
+        let server = spawn_echo(&self.ns, &self.name, port);
+        self.servers.push(server);
+    }
+}
+
+/// Starts an echo server (`testhost serve`) in `ns` answering with `name`; waits until it
+/// listens.
+pub(crate) fn spawn_echo(ns: &NetNs, name: &str, port: u16) -> ChildGuard {
+    let netns = ns.path();
+    let cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("testhost"),
+        &["serve", name, &port.to_string()],
+    );
+    ChildGuard::spawn_ready(&format!("echo server {name} in {}", ns.name), cmd)
+}
+
+/// Sends `count` requests from namespace `ns`, inside `cgroup` if given, to `to`.
+pub fn request_in(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    proto: Proto,
+    to: SocketAddr,
+    count: usize,
+) -> Vec<Reply> {
+    let netns = ns.path();
+    let procs = cgroup.map(TestCgroup::procs_file);
+    let (proto_arg, connected) = match proto {
+        Proto::Tcp => ("tcp", ""),
+        Proto::Udp => ("udp", ""),
+        Proto::UdpConnected => ("udp", "connected"),
+        Proto::Sctp => ("sctp", ""),
+    };
+    let to = to.to_string();
+    let count_arg = count.to_string();
+    let mut args = vec!["request", proto_arg, to.as_str(), count_arg.as_str()];
+    if !connected.is_empty() {
+        args.push(connected);
+    }
+    let cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: procs.as_deref(),
+        },
+        &workspace_binary("testhost"),
+        &args,
+    );
+    // Each request is bounded by testhost's 2 s timeouts.
+    let stdout = output_within(cmd, Duration::from_secs(5 + 3 * count as u64));
+    parse_replies(&stdout)
+}
+
+/// Opens one TCP connection from namespace `ns` (inside `cgroup` if given) to `to` and keeps
+/// it; returns it with the first reply.
+pub fn hold_in(ns: &NetNs, cgroup: Option<&TestCgroup>, to: SocketAddr) -> (Held, Reply) {
+    let netns = ns.path();
+    let procs = cgroup.map(TestCgroup::procs_file);
+    let to = to.to_string();
+    let mut cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: procs.as_deref(),
+        },
+        &workspace_binary("testhost"),
+        &["request", "tcp", &to, "1", "hold"],
+    );
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn testhost hold");
+    let stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut held = Held {
+        guard: ChildGuard {
+            name: format!("held connection from {} to {to}", ns.name),
+            child,
+        },
+        stdin,
+        lines: rx,
+    };
+    let first = held.next_reply();
+    (held, first)
+}
+
+impl Topology {
+    /// Builds a node with `pods` pods. Names are unique to this process and call.
+    pub fn new(pods: usize) -> Topology {
+        let id = names::unique();
+        let cgroup = TestCgroup::new(&id);
+        let node = NetNs::new(format!("{id}-node"));
+        no_dad(&node);
+        add_bridge(&node, 0);
+        let mut topo = Topology {
+            id,
+            pods: Vec::new(),
+            node,
+            cgroup,
+        };
+        for i in 0..pods {
+            let pod = Pod::create(&topo.node, 0, &topo.id, format!("pod-{}", i + 1), i);
+            topo.pods.push(pod);
+        }
+        topo
     }
 
     /// Starts an echo server (TCP and UDP, both families) on `port` in pod `i`; it answers
     /// with the pod's name.
     pub fn serve(&mut self, i: usize, port: u16) {
-        let pod = &mut self.pods[i];
-        let netns = pod.ns.path();
-        let cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: None,
-            },
-            &workspace_binary("testhost"),
-            &["serve", &pod.name, &port.to_string()],
-        );
-        let server = ChildGuard::spawn_ready(&format!("echo server in {}", pod.name), cmd);
-        pod.servers.push(server);
+        self.pods[i].serve(port);
     }
 
     /// Sends `count` requests from pod `from` (inside the test cgroup) to `to`.
@@ -144,70 +315,18 @@ impl Topology {
         to: SocketAddr,
         count: usize,
     ) -> Vec<Reply> {
-        let netns = ns.path();
-        let procs = self.cgroup.procs_file();
-        let (proto_arg, connected) = match proto {
-            Proto::Tcp => ("tcp", ""),
-            Proto::Udp => ("udp", ""),
-            Proto::UdpConnected => ("udp", "connected"),
-            Proto::Sctp => ("sctp", ""),
-        };
-        let to = to.to_string();
-        let count_arg = count.to_string();
-        let mut args = vec!["request", proto_arg, to.as_str(), count_arg.as_str()];
-        if !connected.is_empty() {
-            args.push(connected);
-        }
-        let cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: in_cgroup.then_some(procs.as_path()),
-            },
-            &workspace_binary("testhost"),
-            &args,
-        );
-        // Each request is bounded by testhost's 2 s timeouts.
-        let stdout = output_within(cmd, Duration::from_secs(5 + 3 * count as u64));
-        parse_replies(&stdout)
+        request_in(ns, in_cgroup.then_some(&self.cgroup), proto, to, count)
     }
 
     /// Opens one TCP connection from pod `from` (in the test cgroup) to `to` and keeps it;
     /// returns it with the first reply.
     pub fn hold(&self, from: usize, to: SocketAddr) -> (Held, Reply) {
-        let netns = self.pods[from].ns.path();
-        let procs = self.cgroup.procs_file();
-        let to = to.to_string();
-        let mut cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: Some(procs.as_path()),
-            },
-            &workspace_binary("testhost"),
-            &["request", "tcp", &to, "1", "hold"],
-        );
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn testhost hold");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut held = Held {
-            guard: ChildGuard {
-                name: "held connection".into(),
-                child,
-            },
-            stdin,
-            lines: rx,
-        };
-        let first = held.next_reply();
-        (held, first)
+        self.hold_from(&self.pods[from].ns, true, to)
+    }
+
+    /// Like `hold`, from namespace `ns`, inside the test cgroup or not.
+    pub fn hold_from(&self, ns: &NetNs, in_cgroup: bool, to: SocketAddr) -> (Held, Reply) {
+        hold_in(ns, in_cgroup.then_some(&self.cgroup), to)
     }
 
     /// Runs `testhost udp-stream` from pod `from` (in the test cgroup) for `secs` seconds and
@@ -247,7 +366,7 @@ impl Topology {
     }
 }
 
-/// A long-lived TCP connection made through `Topology::hold`.
+/// A long-lived TCP connection made through `hold_in` (`Topology::hold`, `Testbed::hold_from`).
 pub struct Held {
     guard: ChildGuard,
     stdin: ChildStdin,

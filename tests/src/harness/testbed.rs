@@ -1,0 +1,391 @@
+//! Several nodes on one LAN, and a client outside the cluster, as in ../shared/testbed.md: for
+//! NodePort / ExternalIP / LoadBalancer traffic that arrives at a node from outside.
+//!
+//! - `lan`: a bridge `lan0` (no address) joining everything below.
+//! - `ext`: the external client, `eth0` at 192.168.77.100/24 and fd00:77::100/64. It has no
+//!   route to pod addresses; Service addresses (10.96.0.0/16, fd00:96::/112) are routed via
+//!   node-a, as a cloud load balancer or a BGP announcement would.
+//! - node i (`node-a`, `node-b`, ...): `eth0` at 192.168.77.(i+1)/24 and fd00:77::(i+1)/64,
+//!   forwarding on, bridge `br0` at 10.244.i.1/24 and fd00:244:i::1/64 with its pods
+//!   (`a-pod-1`, ... at 10.244.i.(j+2)), routes to every other node's pod CIDRs via that node.
+//!
+//! Checksum offload is off on both ends of every veth, so receivers verify every checksum (a
+//! veth otherwise hands packets over as CHECKSUM_PARTIAL and a bad checksum written by the
+//! datapath would go unnoticed); `checksum_errors` reads the kernel's error counters.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::{
+    cgroup::TestCgroup,
+    names,
+    netns::NetNs,
+    process::{ChildGuard, Reply},
+    topology::{Held, Pod, Proto, add_bridge, hold_in, no_dad, request_in, spawn_echo},
+};
+
+/// The external client's LAN addresses.
+pub const EXT_IP4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 100);
+pub const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0x100);
+
+/// Service address ranges that `ext` routes via node-a.
+pub const SERVICE_CIDR4: &str = "10.96.0.0/16";
+pub const SERVICE_CIDR6: &str = "fd00:96::/112";
+
+/// LAN address of node `i` (0-based): 192.168.77.(i+1).
+pub fn lan_ip4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, lan_octet(i))
+}
+
+/// LAN address of node `i` (0-based): fd00:77::(i+1).
+pub fn lan_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, lan_octet(i).into())
+}
+
+fn lan_octet(i: usize) -> u8 {
+    u8::try_from(i + 1)
+        .ok()
+        .filter(|o| *o < 100)
+        .expect("at most 99 nodes")
+}
+
+/// Pod CIDRs of node `i`: 10.244.i.0/24 and fd00:244:i::/64.
+pub fn pod_cidrs(i: usize) -> (String, String) {
+    let i = u8::try_from(i).expect("at most 256 nodes");
+    (
+        format!("{}/24", Ipv4Addr::new(10, 244, i, 0)),
+        format!(
+            "{}/64",
+            Ipv6Addr::new(0xfd00, 0x244, i.into(), 0, 0, 0, 0, 0)
+        ),
+    )
+}
+
+/// Counters of /proc/net/snmp (`Group:Name`) and /proc/net/snmp6 that count packets dropped
+/// for a bad checksum, a bad IP header or a wrong destination address.
+const SNMP_ERRORS: &[&str] = &[
+    "Ip:InHdrErrors",
+    "Ip:InAddrErrors",
+    "Icmp:InCsumErrors",
+    "Tcp:InCsumErrors",
+    "Tcp:InErrs",
+    "Udp:InCsumErrors",
+    "Udp:InErrors",
+];
+const SNMP6_ERRORS: &[&str] = &[
+    "Ip6InHdrErrors",
+    "Ip6InAddrErrors",
+    "Icmp6InCsumErrors",
+    "Udp6InCsumErrors",
+    "Udp6InErrors",
+];
+
+/// A node: its namespace (where an agent would run), its LAN addresses, its pods.
+pub struct Node {
+    /// Dropped first: servers in the node's namespace, then the pods, then the namespace.
+    servers: Vec<ChildGuard>,
+    pub pods: Vec<Pod>,
+    /// `node-a`, `node-b`, ...
+    pub name: String,
+    pub ns: NetNs,
+    /// Its address on the LAN.
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+}
+
+pub struct Testbed {
+    // Fields drop in declaration order: nodes (their servers, pods, namespaces), then ext, then
+    // the LAN; the cgroup last.
+    pub nodes: Vec<Node>,
+    pub ext: NetNs,
+    pub lan: NetNs,
+    pub cgroup: TestCgroup,
+    pub id: String,
+}
+
+/// `ethtool -K DEV rx off tx off` in `ns`: the kernel computes and verifies checksums itself.
+fn no_checksum_offload(ns: &NetNs, dev: &str) {
+    ns.exec("ethtool", &["-K", dev, "rx", "off", "tx", "off"]);
+}
+
+/// Creates `eth0` in `ns`, plugged into `lan0` of `lan` as port `port`; both ends up, without
+/// checksum offload.
+fn plug_into_lan(lan: &NetNs, ns: &NetNs, port: &str) {
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &lan.name,
+    ]);
+    lan.ip(&["link", "set", port, "master", "lan0", "up"]);
+    no_checksum_offload(lan, port);
+    no_checksum_offload(ns, "eth0");
+}
+
+/// Adds `ip4`/24 and `ip6`/64 to `eth0` of `ns` and brings it up.
+fn lan_addresses(ns: &NetNs, ip4: Ipv4Addr, ip6: Ipv6Addr) {
+    ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+    ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+}
+
+/// Reads the error counters of one namespace: (counter, value) for every one in the lists.
+fn error_counters(ns: &NetNs) -> Vec<(String, u64)> {
+    let mut out = snmp_counters(&ns.exec("cat", &["/proc/net/snmp"]), SNMP_ERRORS);
+    out.extend(snmp6_counters(
+        &ns.exec("cat", &["/proc/net/snmp6"]),
+        SNMP6_ERRORS,
+    ));
+    out
+}
+
+/// /proc/net/snmp: pairs of lines `Group: Name1 Name2 ...` / `Group: v1 v2 ...`.
+fn snmp_counters(text: &str, wanted: &[&str]) -> Vec<(String, u64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((group, names)), Some((_, values))) =
+            (names.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            let counter = format!("{group}:{name}");
+            if wanted.contains(&counter.as_str()) {
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|e| panic!("bad value of {counter}: {value:?}: {e}"));
+                out.push((counter, value));
+            }
+        }
+    }
+    out
+}
+
+/// /proc/net/snmp6: one `Name value` per line.
+fn snmp6_counters(text: &str, wanted: &[&str]) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (name, value) = (f.next()?, f.next()?);
+            wanted.contains(&name).then(|| {
+                let value = value
+                    .parse()
+                    .unwrap_or_else(|e| panic!("bad value of {name}: {value:?}: {e}"));
+                (name.to_string(), value)
+            })
+        })
+        .collect()
+}
+
+impl Testbed {
+    /// Builds a LAN, the external client and one node per entry, node i with
+    /// `pods_per_node[i]` pods. Names are unique to this process and call.
+    pub fn new(pods_per_node: &[usize]) -> Testbed {
+        assert!(
+            (1..=26).contains(&pods_per_node.len()),
+            "a testbed has 1 to 26 nodes"
+        );
+        let id = names::unique();
+        let cgroup = TestCgroup::new(&id);
+        let lan = NetNs::new(format!("{id}-lan"));
+        no_dad(&lan);
+        lan.ip(&["link", "add", "lan0", "type", "bridge"]);
+        lan.ip(&["link", "set", "lan0", "up"]);
+
+        let ext = NetNs::new(format!("{id}-ext"));
+        no_dad(&ext);
+        plug_into_lan(&lan, &ext, "v-ext");
+        lan_addresses(&ext, EXT_IP4, EXT_IP6);
+        ext.ip(&[
+            "route",
+            "add",
+            SERVICE_CIDR4,
+            "via",
+            &lan_ip4(0).to_string(),
+        ]);
+        ext.ip(&[
+            "-6",
+            "route",
+            "add",
+            SERVICE_CIDR6,
+            "via",
+            &lan_ip6(0).to_string(),
+        ]);
+
+        let mut bed = Testbed {
+            nodes: Vec::new(),
+            ext,
+            lan,
+            cgroup,
+            id,
+        };
+        for (i, &pods) in pods_per_node.iter().enumerate() {
+            let node = bed.make_node(i, pods);
+            bed.nodes.push(node);
+        }
+        for (i, node) in bed.nodes.iter().enumerate() {
+            for k in (0..bed.nodes.len()).filter(|k| *k != i) {
+                let (cidr4, cidr6) = pod_cidrs(k);
+                node.ns
+                    .ip(&["route", "add", &cidr4, "via", &lan_ip4(k).to_string()]);
+                node.ns
+                    .ip(&["-6", "route", "add", &cidr6, "via", &lan_ip6(k).to_string()]);
+            }
+        }
+        bed
+    }
+
+    fn make_node(&self, i: usize, pods: usize) -> Node {
+        let letter = char::from(b'a' + u8::try_from(i).expect("at most 26 nodes"));
+        let name = format!("node-{letter}");
+        let ns = NetNs::new(format!("{}-{name}", self.id));
+        no_dad(&ns);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1");
+        plug_into_lan(&self.lan, &ns, &format!("v-{name}"));
+        let (ip4, ip6) = (lan_ip4(i), lan_ip6(i));
+        lan_addresses(&ns, ip4, ip6);
+        add_bridge(&ns, i);
+        let mut node = Node {
+            servers: Vec::new(),
+            pods: Vec::new(),
+            name,
+            ns,
+            ip4,
+            ip6,
+        };
+        for j in 0..pods {
+            let pod = Pod::create(&node.ns, i, &self.id, format!("{letter}-pod-{}", j + 1), j);
+            no_checksum_offload(&pod.ns, "eth0");
+            no_checksum_offload(&node.ns, &pod.host_if);
+            node.pods.push(pod);
+        }
+        node
+    }
+
+    /// Starts an echo server on `port` in pod `pod` of node `node`; it answers with the pod's
+    /// name (`b-pod-1`, ...).
+    pub fn serve(&mut self, node: usize, pod: usize, port: u16) {
+        self.nodes[node].pods[pod].serve(port);
+    }
+
+    /// Starts an echo server on `port` in node `node`'s own namespace (a host-network
+    /// process); it answers with the node's name.
+    pub fn serve_on_node(&mut self, node: usize, port: u16) {
+        let node = &mut self.nodes[node];
+        let server = spawn_echo(&node.ns, &node.name, port);
+        node.servers.push(server);
+    }
+
+    /// Sends `count` requests from namespace `ns`, inside the test cgroup or not.
+    pub fn request_from(
+        &self,
+        ns: &NetNs,
+        in_cgroup: bool,
+        proto: Proto,
+        to: SocketAddr,
+        count: usize,
+    ) -> Vec<Reply> {
+        request_in(ns, in_cgroup.then_some(&self.cgroup), proto, to, count)
+    }
+
+    /// Sends `count` requests from the external client (not in the test cgroup).
+    pub fn request_ext(&self, proto: Proto, to: SocketAddr, count: usize) -> Vec<Reply> {
+        self.request_from(&self.ext, false, proto, to, count)
+    }
+
+    /// Opens one TCP connection from namespace `ns` (inside the test cgroup or not) to `to`
+    /// and keeps it; returns it with the first reply.
+    pub fn hold_from(&self, ns: &NetNs, in_cgroup: bool, to: SocketAddr) -> (Held, Reply) {
+        hold_in(ns, in_cgroup.then_some(&self.cgroup), to)
+    }
+
+    /// Path of node `i`'s namespace file (for `Agent::netns`).
+    pub fn node_ns_path(&self, i: usize) -> String {
+        self.nodes[i].ns.path()
+    }
+
+    /// Every namespace of the testbed: lan, ext, then each node followed by its pods.
+    pub fn namespaces(&self) -> Vec<&NetNs> {
+        let mut all = vec![&self.lan, &self.ext];
+        for node in &self.nodes {
+            all.push(&node.ns);
+            all.extend(node.pods.iter().map(|p| &p.ns));
+        }
+        all
+    }
+
+    /// Every nonzero checksum, IP header and IP address error counter, in every namespace:
+    /// (namespace, counter, value). Empty when no receiver dropped anything as malformed.
+    pub fn checksum_errors(&self) -> Vec<(String, String, u64)> {
+        self.namespaces()
+            .into_iter()
+            .flat_map(|ns| {
+                error_counters(ns)
+                    .into_iter()
+                    .filter(|(_, value)| *value != 0)
+                    .map(|(counter, value)| (ns.name.clone(), counter, value))
+            })
+            .collect()
+    }
+
+    pub fn cgroup_path(&self) -> &std::path::Path {
+        &self.cgroup.path
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn snmp_counters_pair_names_with_values() {
+        let text = "Ip: Forwarding DefaultTTL InReceives InHdrErrors InAddrErrors\n\
+                    Ip: 1 64 10 2 0\n\
+                    Tcp: RtoAlgorithm MaxConn InErrs InCsumErrors\n\
+                    Tcp: 1 -1 0 3\n\
+                    Udp: InDatagrams InErrors InCsumErrors\n\
+                    Udp: 5 1 1\n\
+                    UdpLite: InDatagrams InErrors InCsumErrors\n\
+                    UdpLite: 0 9 9\n";
+        let got = snmp_counters(text, SNMP_ERRORS);
+        let want: Vec<(String, u64)> = [
+            ("Ip:InHdrErrors", 2),
+            ("Ip:InAddrErrors", 0),
+            ("Tcp:InErrs", 0),
+            ("Tcp:InCsumErrors", 3),
+            ("Udp:InErrors", 1),
+            ("Udp:InCsumErrors", 1),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn snmp6_counters_read_name_value_lines() {
+        let text = "Ip6InReceives                   \t12\nIp6InHdrErrors                  \t1\nUdp6InCsumErrors                \t0\nUdpLite6InCsumErrors            \t4\n";
+        let got = snmp6_counters(text, SNMP6_ERRORS);
+        assert_eq!(
+            got,
+            vec![
+                ("Ip6InHdrErrors".to_string(), 1),
+                ("Udp6InCsumErrors".to_string(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn address_plan() {
+        assert_eq!(lan_ip4(1).to_string(), "192.168.77.2");
+        assert_eq!(lan_ip6(0).to_string(), "fd00:77::1");
+        assert_eq!(EXT_IP6.to_string(), "fd00:77::100");
+        assert_eq!(
+            pod_cidrs(0),
+            ("10.244.0.0/24".to_string(), "fd00:244::/64".to_string())
+        );
+        assert_eq!(
+            pod_cidrs(1),
+            ("10.244.1.0/24".to_string(), "fd00:244:1::/64".to_string())
+        );
+    }
+}
