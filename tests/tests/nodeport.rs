@@ -1,0 +1,379 @@
+//! Traffic from outside the node (tc): an external client reaches NodePort, externalIP and load
+//! balancer frontends on node-a of a two-node testbed; backends run on node-a (local) and
+//! node-b (remote). Checksum offload is off on every veth, so a wrong checksum would be dropped
+//! and counted; every test ends by checking that no namespace counted one.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use common::*;
+use tests::{Agent, Reply, Testbed, harness::topology::Proto, poll_until};
+
+const NODE_PORT_HTTP: u16 = 30080;
+const NODE_PORT_DNS: u16 = 30053;
+const EXTERNAL_IP4: &str = "10.96.100.1";
+const EXTERNAL_IP6: &str = "fd00:96::101";
+const LB_IP4: &str = "10.96.200.1";
+const LB_IP6: &str = "fd00:96::201";
+/// node-a's addresses: on the LAN, and on its pod bridge.
+const NODE_A: [&str; 4] = ["192.168.77.1", "fd00:77::1", "10.244.0.1", "fd00:244::1"];
+
+/// A testbed with 2 pods on node-a and 1 on node-b, echo servers everywhere, and the agent on
+/// node-a with tc on its LAN and bridge interfaces.
+fn setup() -> (Testbed, Agent) {
+    let mut tb = Testbed::new(&[2, 1]);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let mut agent = Agent::new(&tb.id, tb.cgroup_path(), NODE);
+    agent.netns = Some(tb.node_ns_path(0));
+    agent.extra_args = ["--external-interfaces", "eth0", "--pod-interfaces", "br0"]
+        .map(String::from)
+        .to_vec();
+    agent.write_manifest("node.yaml", &node_yaml(NODE, None));
+    agent.start();
+    (tb, agent)
+}
+
+/// Service `web`: LoadBalancer with NodePorts, externalIPs and LB IPs in both families;
+/// `extra` is appended to its spec.
+fn web_yaml(extra: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, \"fd00:96::10\"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [{EXTERNAL_IP4}, \"{EXTERNAL_IP6}\"]
+  ports:
+  - {{name: http, port: 80, nodePort: {NODE_PORT_HTTP}, protocol: TCP}}
+  - {{name: dns, port: 53, nodePort: {NODE_PORT_DNS}, protocol: UDP}}
+{extra}status:
+  loadBalancer: {{ingress: [{{ip: {LB_IP4}}}, {{ip: \"{LB_IP6}\"}}]}}
+"
+    )
+}
+
+/// Slices of `web` in both families over the pods `pods` ((node, pod) pairs).
+fn web_endpoints(agent: &Agent, tb: &Testbed, pods: &[(usize, usize)]) {
+    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+        let eps: Vec<Ep> = pods
+            .iter()
+            .map(|&(n, p)| {
+                let pod = &tb.nodes[n].pods[p];
+                let addr = if v6 {
+                    pod.ip6.to_string()
+                } else {
+                    pod.ip4.to_string()
+                };
+                Ep {
+                    addr,
+                    node: if n == 0 { NODE } else { "node-b" },
+                    conditions: "",
+                }
+            })
+            .collect();
+        agent.write_manifest(
+            &format!("web-{family}.yaml"),
+            &slice_yaml(&format!("web-{family}"), "web", family, &[HTTP, DNS], &eps),
+        );
+    }
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Every external frontend of `web` for TCP (`http`) or UDP (`dns`).
+fn frontends(udp: bool) -> Vec<SocketAddr> {
+    let (node_port, port) = if udp {
+        (NODE_PORT_DNS, 53)
+    } else {
+        (NODE_PORT_HTTP, 80)
+    };
+    vec![
+        addr("192.168.77.1", node_port),
+        addr("fd00:77::1", node_port),
+        addr(EXTERNAL_IP4, port),
+        addr(EXTERNAL_IP6, port),
+        addr(LB_IP4, port),
+        addr(LB_IP6, port),
+    ]
+}
+
+fn seen_ip(r: &Reply) -> IpAddr {
+    r.seen
+        .parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("seen {:?}: {e}", r.seen))
+        .ip()
+}
+
+/// Waits until `to` answers from the external client (the agent has programmed it).
+fn wait_answered(tb: &Testbed, proto: Proto, to: SocketAddr) {
+    poll_until(&format!("{to} answered"), Duration::from_secs(10), || {
+        let r = tb.request_ext(proto, to, 1);
+        if r.iter().all(|r| r.ok) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+}
+
+fn assert_no_checksum_errors(tb: &Testbed) {
+    let errors = tb.checksum_errors();
+    assert!(errors.is_empty(), "error counters: {errors:?}");
+}
+
+/// A datapath counter from the agent's metrics.
+fn datapath_events(agent: &Agent, reason: &str) -> u64 {
+    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
+    // The agent refreshes the counters every 5 s: poll until it has a value.
+    poll_until(&format!("metric {needle}"), Duration::from_secs(15), || {
+        let (_, body) = agent.get(agent.metrics_port, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .map(|v| v as u64)
+            .ok_or(body)
+    })
+}
+
+#[test]
+fn external_clients_reach_every_frontend_with_cluster_policy() {
+    // semantics 4.1, 4.6, 7.5-7.7, 7.13: NodePorts on node addresses, externalIPs and LB IPs
+    // are served over TCP and UDP in both families; externalTrafficPolicy Cluster spreads
+    // over local and remote endpoints and masquerades the client to a node-a address.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    let all: BTreeSet<String> = ["a-pod-1", "a-pod-2", "b-pod-1"].map(String::from).into();
+    for udp in [false, true] {
+        let proto = if udp { Proto::Udp } else { Proto::Tcp };
+        for to in frontends(udp) {
+            wait_answered(&tb, proto, to);
+            let replies = tb.request_ext(proto, to, 30);
+            let mut backends = BTreeSet::new();
+            for r in &replies {
+                assert!(r.ok, "{to}: {r:?}");
+                // The answer comes from the frontend address the client used.
+                assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), to, "{r:?}");
+                // Masqueraded to a node-a address, whichever node the backend is on.
+                let seen = seen_ip(r);
+                assert!(NODE_A.contains(&seen.to_string().as_str()), "{to}: {r:?}");
+                backends.insert(r.backend.clone());
+            }
+            // 30 random picks over 3 backends miss one with probability 3 * (2/3)^30 < 2e-5.
+            assert_eq!(backends, all, "{to}");
+        }
+    }
+    assert!(datapath_events(&agent, "nat_new") > 0);
+    assert_no_checksum_errors(&tb);
+}
+
+#[test]
+fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
+    // semantics 4.7c, 7.13: only node-a's endpoints, client address preserved; 3.9: with
+    // endpoints only elsewhere the packets are dropped, not rejected.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    let local: BTreeSet<String> = ["a-pod-1", "a-pod-2"].map(String::from).into();
+    for udp in [false, true] {
+        let proto = if udp { Proto::Udp } else { Proto::Tcp };
+        for to in frontends(udp) {
+            wait_answered(&tb, proto, to);
+            let replies = tb.request_ext(proto, to, 20);
+            for r in &replies {
+                assert!(r.ok, "{to}: {r:?}");
+                assert!(local.contains(&r.backend), "{to}: {r:?}");
+                let client = if to.is_ipv4() {
+                    "192.168.77.100"
+                } else {
+                    "fd00:77::100"
+                };
+                assert_eq!(seen_ip(r).to_string(), client, "{to}: {r:?}");
+            }
+        }
+    }
+    // Only the remote endpoint left: dropped (the client times out), never refused.
+    web_endpoints(&agent, &tb, &[(1, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_HTTP);
+    poll_until("NodePort dropped", Duration::from_secs(10), || {
+        let r = tb.request_ext(Proto::Tcp, to, 1);
+        if r.iter().all(|r| !r.ok) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let r = tb.request_ext(Proto::Tcp, to, 1);
+    assert_ne!(r[0].errno, Some(111), "dropped, not rejected: {r:?}");
+    assert!(datapath_events(&agent, "no_local_backends") > 0);
+    assert_no_checksum_errors(&tb);
+}
+
+#[test]
+fn no_backends_gets_a_reset_or_port_unreachable() {
+    // semantics 3.7: TCP gets a reset, UDP an ICMP port unreachable, from every frontend in
+    // both families; the client sees ECONNREFUSED at once.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    wait_answered(&tb, Proto::Tcp, addr(EXTERNAL_IP4, 80));
+    web_endpoints(&agent, &tb, &[]);
+    for (proto, udp) in [(Proto::Tcp, false), (Proto::UdpConnected, true)] {
+        for to in frontends(udp) {
+            poll_until(&format!("{to} refused"), Duration::from_secs(10), || {
+                let r = tb.request_ext(proto, to, 1);
+                if r[0].errno == Some(111) {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            });
+        }
+    }
+    assert!(datapath_events(&agent, "rejected") >= 12);
+    assert_no_checksum_errors(&tb);
+}
+
+#[test]
+fn source_ranges_filter_load_balancer_ips_only() {
+    // semantics 7.8: outside loadBalancerSourceRanges the LB IP drops; 7.5, 7.6: NodePorts
+    // and externalIPs are not filtered.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    let ranges = |r: &str| format!("  loadBalancerSourceRanges: [{r}]\n");
+    agent.write_manifest(
+        "web.yaml",
+        &web_yaml(&ranges("192.168.77.0/30, \"fd00:77::/126\"")),
+    );
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    for to in [addr(EXTERNAL_IP4, 80), addr(EXTERNAL_IP6, 80)] {
+        wait_answered(&tb, Proto::Tcp, to);
+    }
+    for to in [
+        addr("192.168.77.1", NODE_PORT_HTTP),
+        addr("fd00:77::1", NODE_PORT_HTTP),
+    ] {
+        wait_answered(&tb, Proto::Tcp, to);
+    }
+    for to in [addr(LB_IP4, 80), addr(LB_IP6, 80)] {
+        let r = tb.request_ext(Proto::Tcp, to, 1);
+        assert!(!r[0].ok && r[0].errno != Some(111), "{to}: dropped: {r:?}");
+    }
+    assert!(datapath_events(&agent, "source_range_drop") > 0);
+    // The client's own address allowed: the LB IPs answer.
+    agent.write_manifest(
+        "web.yaml",
+        &web_yaml(&ranges("192.168.77.100/32, \"fd00:77::100/128\"")),
+    );
+    for to in [addr(LB_IP4, 80), addr(LB_IP6, 80)] {
+        wait_answered(&tb, Proto::Tcp, to);
+    }
+    assert_no_checksum_errors(&tb);
+}
+
+#[test]
+fn long_lived_connections_keep_their_backend_when_backends_change() {
+    // semantics 3.10, 9.3: established flows keep their backend through changes, even its
+    // removal from the Service (kube-proxy leaves conntrack entries of TCP alone).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0), (1, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_HTTP);
+    wait_answered(&tb, Proto::Tcp, to);
+    let (mut held, first) = tb.hold_from(&tb.ext, false, to);
+    assert!(first.ok, "{first:?}");
+    let mine = first.backend.clone();
+    let other = if mine == "a-pod-1" { (1, 0) } else { (0, 0) };
+    let other_name = if mine == "a-pod-1" {
+        "b-pod-1"
+    } else {
+        "a-pod-1"
+    };
+    // Its backend leaves the Service, a new one (a-pod-2) joins.
+    web_endpoints(&agent, &tb, &[other, (0, 1)]);
+    let want: BTreeSet<String> = [other_name, "a-pod-2"].map(String::from).into();
+    poll_until(
+        "new connections avoid the removed backend",
+        Duration::from_secs(10),
+        || {
+            let seen: BTreeSet<String> = tb
+                .request_ext(Proto::Tcp, to, 20)
+                .into_iter()
+                .filter(|r| r.ok)
+                .map(|r| r.backend)
+                .collect();
+            if seen == want {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    );
+    for _ in 0..3 {
+        let r = held.again();
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.backend, mine, "the held connection moved");
+    }
+    assert_no_checksum_errors(&tb);
+}
+
+#[test]
+fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
+    // semantics 7.14: a pod (outside the hooked cgroup, so tc handles it) that lands on itself
+    // through the Service is masqueraded, so the reply comes back through the node.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    let pod = &tb.nodes[0].pods[0];
+    for to in [addr(EXTERNAL_IP4, 80), addr(EXTERNAL_IP6, 80)] {
+        poll_until(
+            &format!("{to} from the pod"),
+            Duration::from_secs(10),
+            || {
+                let r = tb.request_from(&pod.ns, false, Proto::Tcp, to, 1);
+                if r[0].ok {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+        for r in tb.request_from(&pod.ns, false, Proto::Tcp, to, 5) {
+            assert!(r.ok, "{r:?}");
+            assert_eq!(r.backend, "a-pod-1");
+            let seen = seen_ip(&r).to_string();
+            assert!(NODE_A.contains(&seen.as_str()), "not masqueraded: {r:?}");
+        }
+    }
+    assert_no_checksum_errors(&tb);
+}
