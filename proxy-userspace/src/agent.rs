@@ -191,6 +191,20 @@ pub fn run(
                 if let Some(hc) = &observers.health_checks {
                     hc.update(&report.health_checks);
                 }
+                match io.forget_flows(&report.removed) {
+                    Ok(deleted) => {
+                        for (family, n) in deleted.into_iter().filter(|(_, n)| *n > 0) {
+                            log::info!(
+                                "conntrack: deleted {n} IPv{family} UDP entries of removed backends"
+                            );
+                            if let Some(m) = &observers.metrics {
+                                let family = if family == 4 { "IPv4" } else { "IPv6" };
+                                m.conntrack_deleted.with(&[("ip_family", family)]).inc_by(n);
+                            }
+                        }
+                    }
+                    Err(e) => log::warn!("conntrack cleanup of removed backends: {e:#}"),
+                }
                 if let Some(t) = io.terminate(&report.removed) {
                     for (proto, n) in &t.destroyed {
                         let proto = Proto::from_number(*proto).map_or("?", Proto::as_str);
@@ -274,6 +288,7 @@ fn removed_members(ops: &[Op], before: &MapState) -> Vec<Removed> {
             out.push(Removed {
                 proto: *proto,
                 svc_id: member.svc_id,
+                backend_id: member.backend_id,
                 backend: *backend,
             });
         }

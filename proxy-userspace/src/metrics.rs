@@ -538,6 +538,9 @@ pub struct Metrics {
     pub sockets_terminated: Arc<Family<Counter>>,
     /// kube_bpf_proxy_socket_termination_errors_total.
     pub socket_termination_errors: Arc<Family<Counter>>,
+    /// kubeproxy_conntrack_reconciler_deleted_entries_total [ip_family] (11.8): UDP
+    /// connection-tracking entries of the tc path deleted because their backend went away.
+    pub conntrack_deleted: Arc<Family<Counter>>,
     /// kube_bpf_proxy_socket_termination_active: 1 while sockets of removed backends are
     /// terminated, 0 when the kernel cannot or it is turned off.
     pub socket_termination_active: Arc<Family<Gauge>>,
@@ -614,6 +617,10 @@ impl Metrics {
             sockets_terminated: r.counter(
                 "kube_bpf_proxy_sockets_terminated_total",
                 "Sockets destroyed because their Service backend went away",
+            ),
+            conntrack_deleted: r.counter(
+                "kubeproxy_conntrack_reconciler_deleted_entries_total",
+                "UDP connection-tracking entries deleted because their backend went away",
             ),
             socket_termination_errors: r.counter(
                 "kube_bpf_proxy_socket_termination_errors_total",

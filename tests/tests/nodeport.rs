@@ -12,7 +12,11 @@ use std::{
 };
 
 use common::*;
-use tests::{Agent, Reply, Testbed, harness::topology::Proto, poll_until};
+use tests::{
+    Agent, Reply, Testbed,
+    harness::topology::{Proto, udp_stream_in},
+    poll_until,
+};
 
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
@@ -375,5 +379,65 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
             assert!(NODE_A.contains(&seen.as_str()), "not masqueraded: {r:?}");
         }
     }
+    assert_no_checksum_errors(&tb);
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn udp_flow_to_a_removed_backend_is_balanced_afresh() {
+    // semantics 9.2 (issue #12 on the packet path): a UDP flow from outside keeps its tuple,
+    // so only connection tracking ties it to a backend; when that backend leaves the Service
+    // the next datagram goes to a remaining one and the removed backend gets nothing more.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_DNS);
+    wait_answered(&tb, Proto::Udp, to);
+    let (lines, removed_at) = std::thread::scope(|s| {
+        let ext = &tb.ext;
+        let stream = s.spawn(move || udp_stream_in(ext, None, to, 5, true));
+        std::thread::sleep(Duration::from_millis(1500));
+        let removed_at = now_ms();
+        // a-pod-1 leaves, a-pod-2 and b-pod-1 join.
+        web_endpoints(&agent, &tb, &[(0, 1), (1, 0)]);
+        (stream.join().unwrap(), removed_at)
+    });
+    let answers: Vec<(u64, String)> = lines
+        .iter()
+        .filter_map(|l| Some((l["t"].as_u64()?, l["backend"].as_str()?.to_string())))
+        .collect();
+    let before: Vec<_> = answers.iter().filter(|(t, _)| *t < removed_at).collect();
+    assert!(
+        !before.is_empty() && before.iter().all(|(_, b)| b == "a-pod-1"),
+        "{lines:?}"
+    );
+    // Within a second of the change every answer comes from a remaining backend.
+    let late: Vec<_> = answers
+        .iter()
+        .filter(|(t, _)| *t > removed_at + 1000)
+        .collect();
+    assert!(late.len() >= 5, "the flow kept being answered: {lines:?}");
+    assert!(
+        late.iter().all(|(_, b)| b == "a-pod-2" || b == "b-pod-1"),
+        "the removed backend still answered: {lines:?}"
+    );
+    let moved_at = answers
+        .iter()
+        .find(|(t, b)| *t >= removed_at && b != "a-pod-1")
+        .map(|(t, _)| *t)
+        .expect("moved");
+    eprintln!(
+        "nodeport udp: flow moved {} ms after the slice changed",
+        moved_at - removed_at
+    );
     assert_no_checksum_errors(&tb);
 }

@@ -828,6 +828,34 @@ where
     Ok((entries.len() as u64 - removed, removed))
 }
 
+/// Deletes the UDP entries (both directions) whose (frontend id, backend id) is in `gone`.
+fn forget<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    what: &str,
+    gone: &BTreeSet<(u32, u32)>,
+    meta: impl Fn(&K, &V) -> (u8, u32, u32),
+) -> anyhow::Result<u64>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    let doomed: Vec<K> = dump_map(map, what)?
+        .into_iter()
+        .filter(|(k, v)| {
+            let (proto, svc_id, backend_id) = meta(k, v);
+            proto == proto_common::UDP && gone.contains(&(svc_id, backend_id))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    let mut deleted = 0;
+    for k in &doomed {
+        if ignore_missing(map.remove(k)).is_ok() {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
@@ -1000,6 +1028,24 @@ impl MapIo for Datapath {
     }
     fn capacity(&self) -> Option<Capacity> {
         self.maps.capacity()
+    }
+    fn forget_flows(&mut self, removed: &[Removed]) -> anyhow::Result<Vec<(u8, u64)>> {
+        let gone: BTreeSet<(u32, u32)> = removed
+            .iter()
+            .filter(|r| r.proto == proto_common::UDP)
+            .map(|r| (r.svc_id, r.backend_id))
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let maps = &mut self.maps;
+        let v4 = forget(&mut maps.ct4, names::LB_CT4, &gone, |k, v| {
+            (k.proto, v.svc_id, v.backend_id)
+        })?;
+        let v6 = forget(&mut maps.ct6, names::LB_CT6, &gone, |k, v| {
+            (k.proto, v.svc_id, v.backend_id)
+        })?;
+        Ok(vec![(4, v4), (6, v6)])
     }
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
         self.maps.apply(op)

@@ -11,6 +11,7 @@ pub mod sockdiag;
 pub struct Removed {
     pub proto: u8,
     pub svc_id: u32,
+    pub backend_id: u32,
     pub backend: proxy_common::backend::BackendValue,
 }
 
@@ -31,6 +32,12 @@ pub trait MapIo {
     /// frontend protocol, backend, frontend id). `None` when this datapath cannot.
     fn terminate(&mut self, _removed: &[Removed]) -> Option<sockdiag::Report> {
         None
+    }
+    /// Deletes the connection-tracking entries of the tc path's UDP flows to backends that
+    /// left a frontend (kube-proxy's conntrack cleanup, semantics 9.2). Returns the number
+    /// deleted per family (4, 6).
+    fn forget_flows(&mut self, _removed: &[Removed]) -> anyhow::Result<Vec<(u8, u64)>> {
+        Ok(Vec::new())
     }
     /// The maps' capacities; `None` means unlimited (in-memory tests).
     fn capacity(&self) -> Option<Capacity> {

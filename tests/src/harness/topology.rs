@@ -338,32 +338,44 @@ impl Topology {
         secs: u64,
         connected: bool,
     ) -> Vec<serde_json::Value> {
-        let netns = self.pods[from].ns.path();
-        let procs = self.cgroup.procs_file();
-        let to = to.to_string();
-        let secs_arg = secs.to_string();
-        let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
-        if !connected {
-            args.push("unconnected");
-        }
-        let cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: Some(procs.as_path()),
-            },
-            &workspace_binary("testhost"),
-            &args,
-        );
-        let stdout = output_within(cmd, Duration::from_secs(secs + 10));
-        stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-            .collect()
+        udp_stream_in(&self.pods[from].ns, Some(&self.cgroup), to, secs, connected)
     }
 
     pub fn cgroup_path(&self) -> &Path {
         &self.cgroup.path
     }
+}
+
+/// Runs `testhost udp-stream` in `ns` (inside `cgroup` if given) for `secs` seconds and returns
+/// its lines: `{"t", "backend"}` per answer, `{"t", "event", "errno"}` otherwise.
+pub fn udp_stream_in(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    to: SocketAddr,
+    secs: u64,
+    connected: bool,
+) -> Vec<serde_json::Value> {
+    let netns = ns.path();
+    let procs = cgroup.map(TestCgroup::procs_file);
+    let to = to.to_string();
+    let secs_arg = secs.to_string();
+    let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
+    if !connected {
+        args.push("unconnected");
+    }
+    let cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: procs.as_deref(),
+        },
+        &workspace_binary("testhost"),
+        &args,
+    );
+    let stdout = output_within(cmd, Duration::from_secs(secs + 10));
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
 }
 
 /// A long-lived TCP connection made through `hold_in` (`Topology::hold`, `Testbed::hold_from`).
