@@ -45,10 +45,14 @@ pub enum Reason {
     Rejected = 17,
     /// tc: an ICMP error about a translated flow was translated back.
     IcmpTranslated = 18,
+    /// A new socket record in `SOCK4_REVNAT` (for telling evictions of the LRU map).
+    RevNatNew4 = 19,
+    /// A new socket record in `SOCK6_REVNAT`.
+    RevNatNew6 = 20,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -71,6 +75,8 @@ impl Reason {
         Reason::Fragment,
         Reason::Rejected,
         Reason::IcmpTranslated,
+        Reason::RevNatNew4,
+        Reason::RevNatNew6,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -95,6 +101,8 @@ impl Reason {
             Reason::Fragment => "fragment",
             Reason::Rejected => "rejected",
             Reason::IcmpTranslated => "icmp_translated",
+            Reason::RevNatNew4 => "revnat4_new",
+            Reason::RevNatNew6 => "revnat6_new",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
@@ -146,9 +147,14 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     };
     // Without a reverse entry the application would see the backend's address in replies;
     // better to leave this socket untranslated than half translated.
-    SOCK4_REVNAT
-        .insert(&rev_key, &rev_value, 0)
-        .map_err(|_| Reason::RevNatFailed)?;
+    // A new record is counted, so the agent can tell evictions (records gone although
+    // nothing deleted them) from a map that merely holds many sockets.
+    match SOCK4_REVNAT.insert(&rev_key, &rev_value, BPF_NOEXIST as u64) {
+        Ok(()) => stats::count(Reason::RevNatNew4),
+        Err(_) => SOCK4_REVNAT
+            .insert(&rev_key, &rev_value, 0)
+            .map_err(|_| Reason::RevNatFailed)?,
+    }
     sa.user_ip4 = u32::from_ne_bytes(backend_addr);
     sa.user_port = port_to_ctx(backend.port);
     if debug::enabled() {
@@ -285,9 +291,14 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         _pad: 0,
         svc_id: svc.id,
     };
-    SOCK6_REVNAT
-        .insert(&rev_key, &rev_value, 0)
-        .map_err(|_| Reason::RevNatFailed)?;
+    // A new record is counted, so the agent can tell evictions (records gone although
+    // nothing deleted them) from a map that merely holds many sockets.
+    match SOCK6_REVNAT.insert(&rev_key, &rev_value, BPF_NOEXIST as u64) {
+        Ok(()) => stats::count(Reason::RevNatNew6),
+        Err(_) => SOCK6_REVNAT
+            .insert(&rev_key, &rev_value, 0)
+            .map_err(|_| Reason::RevNatFailed)?,
+    }
     let w = ip6_words(&backend_addr);
     sa.user_ip6[0] = w[0];
     sa.user_ip6[1] = w[1];

@@ -530,6 +530,9 @@ pub struct Metrics {
     pub map_entries: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_map_max_entries [map].
     pub map_max_entries: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_map_evictions [map]: records of the socket LRU maps evicted because the
+    /// map was full (created minus present; the agent deletes none).
+    pub map_evictions: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_datapath_events_total [reason].
     pub datapath_events: Arc<Family<Counter>>,
     /// kube_bpf_proxy_build_info [version], always 1.
@@ -652,6 +655,10 @@ impl Metrics {
             ),
             map_entries: r.gauge("kube_bpf_proxy_map_entries", "Entries in a BPF map"),
             map_max_entries: r.gauge("kube_bpf_proxy_map_max_entries", "Capacity of a BPF map"),
+            map_evictions: r.gauge(
+                "kube_bpf_proxy_map_evictions",
+                "Socket records evicted from a full LRU map",
+            ),
             datapath_events: r.counter(
                 "kube_bpf_proxy_datapath_events_total",
                 "Datapath events by reason, summed over CPUs",

@@ -189,3 +189,34 @@ fn tcp_connections_to_a_removed_backend_are_cut_only_with_the_flag() {
         }
     }
 }
+
+#[test]
+fn a_full_reverse_translation_map_is_reported_not_silent() {
+    // Issue #12: the map that remembers which socket went where is LRU; when it is full the
+    // oldest records are evicted, and the agent says so (log line and metric).
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(3);
+    env.agent.kill();
+    env.agent.extra_args = vec!["--max-sock-revnat".into(), "256".into()];
+    env.agent.start();
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    // Each connection's socket gets its own record: 600 connections overflow 256 entries.
+    let replies = env.request(Proto::Tcp, vip, 600);
+    assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+    let line = env
+        .agent
+        .wait_for_log(0, "map SOCK4_REVNAT is full: ", Duration::from_secs(15));
+    eprintln!("{line}");
+    let (_, body) = env.agent.get(env.agent.metrics_port, "/metrics");
+    let evicted: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("kube_bpf_proxy_map_evictions{map=\"SOCK4_REVNAT\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction metric: {body}"));
+    // 600 sockets, 256 places: at least 344 records were evicted.
+    assert!(evicted >= 344.0, "{evicted}: {line}");
+}

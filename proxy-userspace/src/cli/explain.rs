@@ -144,7 +144,10 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .values()
             .find(|p| p.name.to_string() == f.service)
         {
-            let local_policy = f.kind == "ClusterIP" && sp.itp_local;
+            // ClusterIP follows internalTrafficPolicy, traffic from outside the node
+            // externalTrafficPolicy (semantics 4.6).
+            let local_policy = (f.kind == "ClusterIP" && sp.itp_local)
+                || (frontend.scope == Scope::External && sp.etp_local);
             out.excluded = Some(
                 sp.endpoints
                     .all

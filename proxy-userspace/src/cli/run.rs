@@ -15,6 +15,8 @@ use std::{
 use anyhow::Context as _;
 
 use super::SourceArgs;
+use proxy_common::{maps as names, reason::Reason};
+
 use crate::{
     agent::{self, Observers, SyncTiming},
     compile::{Cidr, Family, nodeport_addresses},
@@ -99,12 +101,14 @@ fn serve(what: &str, addr: &str, state: &Arc<HttpState>) {
 /// Refreshes map fill levels and datapath counters in the metrics every few seconds.
 fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
     thread::spawn(move || {
+        let mut evicted_seen = [0u64; 2];
         loop {
             match bpf::map_fill(&pin_dir) {
                 Ok(fill) => {
-                    for (map, used, max) in fill {
-                        metrics.set_map_fill(map, used.into(), max.into());
+                    for (map, used, max) in &fill {
+                        metrics.set_map_fill(map, (*used).into(), (*max).into());
                     }
+                    report_evictions(&pin_dir, &fill, &metrics, &mut evicted_seen);
                 }
                 Err(e) => log::debug!("map fill: {e:#}"),
             }
@@ -119,6 +123,44 @@ fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
             thread::sleep(Duration::from_secs(5));
         }
     });
+}
+
+/// The socket records (`SOCK4_REVNAT`, `SOCK6_REVNAT`) are LRU maps: when full, the kernel
+/// evicts the oldest record and that socket can no longer show its Service address or be found
+/// for termination. The programs count new records; records missing although the agent deleted
+/// none were evicted. Reported as a log line (when the number grows) and a metric.
+fn report_evictions(
+    pin_dir: &std::path::Path,
+    fill: &[(&'static str, u32, u32)],
+    metrics: &Metrics,
+    seen: &mut [u64; 2],
+) {
+    let Ok(stats) = bpf::Maps::open_pinned(pin_dir).and_then(|m| m.stats()) else {
+        return;
+    };
+    let created = |reason: Reason| stats.iter().find(|(r, _)| *r == reason).map_or(0, |s| s.1);
+    let pairs = [
+        (names::SOCK4_REVNAT, Reason::RevNatNew4),
+        (names::SOCK6_REVNAT, Reason::RevNatNew6),
+    ];
+    for (i, (map, reason)) in pairs.into_iter().enumerate() {
+        let Some((_, used, max)) = fill.iter().find(|(m, _, _)| *m == map) else {
+            continue;
+        };
+        let evicted = created(reason).saturating_sub(u64::from(*used));
+        metrics
+            .map_evictions
+            .with(&[("map", map)])
+            .set(evicted as f64);
+        if evicted > seen[i] {
+            log::warn!(
+                "map {map} is full: {evicted} socket records evicted so far ({used} of {max} \
+                 entries in use); those sockets no longer show their Service address and cannot \
+                 be terminated; raise --max-sock-revnat"
+            );
+            seen[i] = evicted;
+        }
+    }
 }
 
 /// How often the node's addresses are re-read (semantics 7.2: kube-proxy reads them at each
