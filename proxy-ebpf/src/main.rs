@@ -4,6 +4,7 @@
 #![no_main]
 
 mod debug;
+mod icmp;
 mod lb;
 mod maps;
 mod nodeport;

@@ -19,10 +19,11 @@ use proxy_common::{
 };
 
 use crate::{
-    lb,
+    icmp, lb,
     maps::LB_MEMBERS,
     packet::{
-        Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6, rewrite, route,
+        ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6,
+        rewrite, route,
     },
     reject, stats,
 };
@@ -44,6 +45,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     // The reject path runs after the translation path has returned, so their stack frames
     // never add up (the verifier allows 512 bytes for a whole call chain).
     match u16::from_be(ethertype) {
+        ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(icmp::IPPROTO_ICMP) => icmp::icmp4(ctx),
+        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(icmp::IPPROTO_ICMPV6) => icmp::icmp6(ctx),
         ETH_P_IP => match handle::<V4>(ctx) {
             REJECT => reject::reject::<V4>(ctx),
             action => action,
@@ -224,13 +227,16 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
         return TC_ACT_SHOT as i32;
     }
     stats::count(Reason::NatNew);
+    if choice.reason == Reason::AffinityHit {
+        stats::count(Reason::AffinityHit);
+    }
     forward::<F>(ctx, &to, ifindex)
 }
 
 /// Sends a translated packet on its way: straight to the egress interface the FIB names, or
 /// to the stack when the FIB has no forwarding route for it.
 #[inline(always)]
-fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: Option<u32>) -> i32 {
+pub fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: Option<u32>) -> i32 {
     let ifindex = match ifindex {
         Some(i) => i,
         None => match route::<F>(ctx, t, false) {
