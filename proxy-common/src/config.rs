@@ -8,7 +8,8 @@ use crate::pod;
 pub struct ConfigValue {
     /// `CONFIG_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// Entries of every Maglev table (a prime); 0 until the agent sets it.
+    pub maglev_size: u32,
 }
 
 /// Log every translation and rejection from the BPF programs (aya-log). Costs ~20 us per

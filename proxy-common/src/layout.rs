@@ -3,7 +3,7 @@
 
 use core::mem::size_of;
 
-use crate::{affinity::*, backend::*, config::*, ct::*, info::*, revnat::*, service::*};
+use crate::{affinity::*, backend::*, config::*, ct::*, info::*, maglev::*, revnat::*, service::*};
 
 const _: () = {
     assert!(size_of::<Service4Key>() == 8);
@@ -24,6 +24,8 @@ const _: () = {
     assert!(size_of::<AgentState>() == 64);
     assert!(size_of::<ConfigValue>() == 8);
     assert!(size_of::<Ct4Key>() == 16);
+    assert!(size_of::<MaglevKey>() == 8);
+    assert!(size_of::<MaglevChunk>() == 1024);
     assert!(size_of::<Ct4Value>() == 32);
     assert!(size_of::<Ct6Key>() == 40);
     assert!(size_of::<Ct6Value>() == 56);

@@ -24,6 +24,8 @@ pub const LB_CT6: &str = "LB_CT6";
 pub const LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
 /// loadBalancerSourceRanges, IPv6: LPM key over `SrcRange6` → `u8` (1).
 pub const LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
+/// Maglev tables in chunks: `MaglevKey` → `MaglevChunk`.
+pub const LB_MAGLEV: &str = "LB_MAGLEV";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
@@ -36,7 +38,7 @@ pub const LB_AGENT: &str = "LB_AGENT";
 pub const LB_CONFIG: &str = "LB_CONFIG";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -49,6 +51,7 @@ pub const ALL: [&str; 16] = [
     LB_CT6,
     LB4_SRC_RANGES,
     LB6_SRC_RANGES,
+    LB_MAGLEV,
     LB_STATS,
     LB_SVC_INFO,
     LB_AGENT,
@@ -64,3 +67,4 @@ pub const AFFINITY_MAX: usize = 262_144;
 pub const SOCK_REVNAT_MAX: usize = 262_144;
 pub const CT_MAX: usize = 262_144;
 pub const SRC_RANGES_MAX: usize = 65_536;
+pub const MAGLEV_CHUNKS_MAX: usize = 65_536;

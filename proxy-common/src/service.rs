@@ -67,6 +67,8 @@ pub const FLAG_SNAT: u16 = 1 << 2;
 /// Only sources in `LB4_SRC_RANGES`/`LB6_SRC_RANGES` under this frontend's id may connect
 /// (loadBalancerSourceRanges, semantics 7.8).
 pub const FLAG_SOURCE_RANGES: u16 = 1 << 3;
+/// Pick backends by the frontend's Maglev table (`LB_MAGLEV`) instead of a random slot.
+pub const FLAG_MAGLEV: u16 = 1 << 4;
 
 impl ServiceValue {
     pub const fn has_affinity(&self) -> bool {

@@ -4,11 +4,51 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
+    maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
-    service::{MemberKey, ServiceValue, SlotKey},
+    service::{FLAG_MAGLEV, MemberKey, ServiceValue, SlotKey},
 };
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_MEMBERS, LB_SLOTS};
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_SLOTS};
+
+/// Mixes one 32-bit word into a flow hash (murmur3's block step). Every node runs the same
+/// code, so a flow hashes alike everywhere (Maglev's consistency across nodes).
+#[inline(always)]
+pub fn mix(h: u32, word: u32) -> u32 {
+    let mut k = word.wrapping_mul(0xcc9e_2d51);
+    k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+    let h = (h ^ k).rotate_left(13);
+    h.wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+/// murmur3's finalizer: spreads the mixed words over all 32 bits.
+#[inline(always)]
+pub fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The backend id of entry `hash % M` of the frontend's Maglev table, if it has one. Not
+/// inlined: the socket hooks' frames are near the verifier's 512-byte limit.
+#[inline(never)]
+fn maglev_pick(svc: &ServiceValue, hash: u32) -> Option<u32> {
+    let size = LB_CONFIG.get(0)?.maglev_size;
+    if size == 0 {
+        return None;
+    }
+    let index = hash % size;
+    let key = MaglevKey {
+        svc_id: svc.id,
+        generation: svc.generation(),
+        chunk: (index / MAGLEV_CHUNK as u32) as u16,
+    };
+    let chunk = unsafe { LB_MAGLEV.get(&key) }?;
+    let id = chunk.backend_ids[(index as usize) % MAGLEV_CHUNK];
+    (id != 0).then_some(id)
+}
 
 /// A chosen backend.
 pub struct Choice {
@@ -17,13 +57,14 @@ pub struct Choice {
     pub reason: Reason,
 }
 
-/// Picks the backend for a new connection (or datagram) of `client` to the frontend `svc`.
+/// Picks the backend for a new connection (or datagram) of `client` to the frontend `svc`;
+/// `hash` identifies the flow (the Maglev scheduler's input).
 ///
 /// Errors: `NoBackends` / `NoLocalBackends` when the frontend has no slot (the caller rejects or
 /// drops), `SlotMissing` / `BackendMissing` when userspace is mid-update (the caller leaves the
 /// socket untouched).
 #[inline(always)]
-pub fn select(svc: &ServiceValue, client: &AffinityKey) -> Result<Choice, Reason> {
+pub fn select(svc: &ServiceValue, client: &AffinityKey, hash: u32) -> Result<Choice, Reason> {
     if svc.count == 0 {
         return Err(if svc.is_no_local() {
             Reason::NoLocalBackends
@@ -37,15 +78,26 @@ pub fn select(svc: &ServiceValue, client: &AffinityKey) -> Result<Choice, Reason
     {
         return Ok(choice);
     }
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.count as u32;
-    let key = SlotKey {
-        svc_id: svc.id,
-        generation: svc.generation(),
-        slot: slot as u16,
+    let picked = if svc.has_flag(FLAG_MAGLEV) {
+        maglev_pick(svc, hash)
+    } else {
+        None
     };
-    let backend_id = unsafe { LB_SLOTS.get(&key) }
-        .ok_or(Reason::SlotMissing)?
-        .backend_id;
+    let backend_id = match picked {
+        Some(id) => id,
+        // Random, and the fallback of a Maglev frontend whose table is not (yet) there.
+        None => {
+            let slot = unsafe { bpf_get_prandom_u32() } % svc.count as u32;
+            let key = SlotKey {
+                svc_id: svc.id,
+                generation: svc.generation(),
+                slot: slot as u16,
+            };
+            unsafe { LB_SLOTS.get(&key) }
+                .ok_or(Reason::SlotMissing)?
+                .backend_id
+        }
+    };
     let backend = *unsafe { LB_BACKENDS.get(&backend_id) }.ok_or(Reason::BackendMissing)?;
     if svc.has_affinity() {
         let value = AffinityValue {

@@ -11,6 +11,7 @@ use proxy_common::{
     config::ConfigValue,
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
+    maglev::{MaglevChunk, MaglevKey},
     maps::*,
     reason::REASON_COUNT,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
@@ -77,6 +78,11 @@ pub static LB4_SRC_RANGES: LpmTrie<SrcRange4, u8, SRC_RANGES_MAX> = LpmTrie::new
 /// loadBalancerSourceRanges per frontend, IPv6.
 #[btf_map]
 pub static LB6_SRC_RANGES: LpmTrie<SrcRange6, u8, SRC_RANGES_MAX> = LpmTrie::new();
+
+/// Maglev tables of the frontends using that scheduler. Written by the agent.
+#[btf_map]
+pub static LB_MAGLEV: HashMap<MaglevKey, MaglevChunk, MAGLEV_CHUNKS_MAX, NO_PREALLOC> =
+    HashMap::new();
 
 /// Counters per `Reason`, per CPU.
 #[btf_map]

@@ -143,7 +143,7 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&pkt.t.saddr),
     };
-    let choice = match lb::select(&svc, &client) {
+    let choice = match lb::select(&svc, &client, F::hash(&pkt.t)) {
         Ok(c) => c,
         Err(Reason::NoBackends) => return REJECT,
         Err(Reason::NoLocalBackends) => {

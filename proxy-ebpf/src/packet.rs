@@ -19,6 +19,7 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6},
 };
 
+use crate::lb;
 use crate::maps::{LB_CT4, LB_CT6, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES};
 use aya_ebpf::btf_maps::lpm_trie::Key as LpmKey;
 
@@ -132,6 +133,15 @@ pub trait Family {
     const AF: u8;
     fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<Self::Addr>);
     fn fib_src(p: &bpf_fib_lookup) -> Self::Addr;
+    /// The flow's hash (addresses, ports, protocol), the same on every node.
+    fn hash(t: &Tuple<Self::Addr>) -> u32;
+}
+
+/// Hash of the ports and protocol, mixed into `h`.
+#[inline(always)]
+fn hash_ports<A>(h: u32, t: &Tuple<A>) -> u32 {
+    let h = lb::mix(h, (u32::from(t.sport) << 16) | u32::from(t.dport));
+    lb::finish(lb::mix(h, u32::from(t.proto)))
 }
 
 /// Loads the ports and TCP flags at `l4`.
@@ -375,6 +385,12 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn hash(t: &Tuple<[u8; 4]>) -> u32 {
+        let h = lb::mix(0, u32::from_be_bytes(t.saddr));
+        hash_ports(lb::mix(h, u32::from_be_bytes(t.daddr)), t)
+    }
+
+    #[inline(always)]
     fn fib_src(p: &bpf_fib_lookup) -> [u8; 4] {
         // SAFETY: the IPv4 member of a union the helper filled for AF_INET.
         unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes()
@@ -554,6 +570,24 @@ impl Family for V6 {
     fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 16]>) {
         p.__bindgen_anon_3.ipv6_src = words(&t.saddr);
         p.__bindgen_anon_4.ipv6_dst = words(&t.daddr);
+    }
+
+    #[inline(always)]
+    fn hash(t: &Tuple<[u8; 16]>) -> u32 {
+        let mut h = 0;
+        let mut i = 0;
+        while i < 16 {
+            h = lb::mix(
+                h,
+                u32::from_be_bytes([t.saddr[i], t.saddr[i + 1], t.saddr[i + 2], t.saddr[i + 3]]),
+            );
+            h = lb::mix(
+                h,
+                u32::from_be_bytes([t.daddr[i], t.daddr[i + 1], t.daddr[i + 2], t.daddr[i + 3]]),
+            );
+            i += 4;
+        }
+        hash_ports(h, t)
     }
 
     #[inline(always)]

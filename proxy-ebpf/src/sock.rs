@@ -71,6 +71,13 @@ fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
     }
 }
 
+/// The flow hash at the socket layer: the socket's cookie (one socket, one choice).
+#[inline(always)]
+fn socket_hash(ctx: &SockAddrContext) -> u32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    lb::finish(lb::mix(cookie as u32, (cookie >> 32) as u32))
+}
+
 /// The port field of `bpf_sock_addr` holds the port in network order in its low 16 bits.
 #[inline(always)]
 fn port_from_ctx(user_port: u32) -> u16 {
@@ -130,7 +137,7 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     let svc = lookup4(&key)?;
     let Choice {
         backend, reason, ..
-    } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    } = lb::select(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
     let backend_addr = backend.addr4();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNat4Key {
@@ -269,7 +276,7 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     };
     let Choice {
         backend, reason, ..
-    } = lb::select(&svc, &client_of(ctx, svc.port_id))?;
+    } = lb::select(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
     let mut backend_addr = backend.addr;
     if mapped {
         backend_addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];

@@ -265,6 +265,7 @@ mod tests {
                     no_local: false,
                     snat: false,
                     source_ranges: Vec::new(),
+                    scheduler: Default::default(),
                 },
             );
         }

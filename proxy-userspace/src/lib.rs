@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod health;
 pub mod healthcheck;
 pub mod http;
+pub mod maglev;
 pub mod metrics;
 pub mod plan;
 pub mod snapshot;

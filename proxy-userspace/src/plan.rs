@@ -18,14 +18,17 @@ use proxy_common::{
         INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
         KIND_NODE_PORT, ServiceInfo,
     },
+    maglev::{MAGLEV_CHUNK, MaglevChunk, MaglevKey},
     service::{
-        FLAG_AFFINITY, FLAG_NO_LOCAL, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey, MemberValue,
-        SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
+        FLAG_AFFINITY, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey,
+        MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue,
+        SlotKey, SlotValue,
     },
 };
 
 use crate::compile::{
-    Backend, Cidr, Desired, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scope,
+    Backend, Cidr, Desired, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scheduler,
+    Scope,
 };
 
 /// A frontend key of either family.
@@ -116,6 +119,8 @@ pub struct MapState {
     pub infos: BTreeMap<u32, ServiceInfo>,
     /// Allowed source prefixes per frontend id (loadBalancerSourceRanges).
     pub source_ranges: BTreeSet<SourceRange>,
+    /// Maglev table chunks.
+    pub maglev: BTreeMap<MaglevKey, Box<MaglevChunk>>,
 }
 
 /// One allowed source prefix of a frontend.
@@ -140,11 +145,14 @@ pub enum Op {
     DelInfo(u32),
     PutSourceRange(SourceRange),
     DelSourceRange(SourceRange),
+    PutMaglev(MaglevKey, Box<MaglevChunk>),
+    DelMaglev(MaglevKey),
 }
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Op::PutMaglev(k, _) => write!(f, "PutMaglev({k:?})"),
             Op::PutInfo(id, info) => write!(
                 f,
                 "PutInfo({id}, {} kind {} flags {:#x} port_id {})",
@@ -197,6 +205,12 @@ impl MapState {
             }
             Op::DelSourceRange(r) => {
                 self.source_ranges.remove(&r);
+            }
+            Op::PutMaglev(k, ref v) => {
+                self.maglev.insert(k, v.clone());
+            }
+            Op::DelMaglev(k) => {
+                self.maglev.remove(&k);
             }
         }
     }
@@ -330,6 +344,45 @@ pub fn service_info(desired: &Desired, state: &FrontendState, port_id: u32) -> S
     }
 }
 
+/// A frontend's Maglev table (`size` entries) in chunks, by backend id.
+fn maglev_chunks(
+    state: &FrontendState,
+    backend_ids: &BTreeMap<BackendIdentity, u32>,
+    size: u32,
+) -> Vec<(u16, MaglevChunk)> {
+    let named: Vec<(String, u32, u32)> = state
+        .backends
+        .iter()
+        .map(|b| {
+            let name = match b.addr {
+                IpAddr::V4(a) => format!("{a}:{}", b.port),
+                IpAddr::V6(a) => format!("[{a}]:{}", b.port),
+            };
+            let id = backend_ids[&identity_of(&backend_value(b))];
+            (name, u32::from(b.weight.max(1)), id)
+        })
+        .collect();
+    let members: Vec<crate::maglev::Member<'_>> = named
+        .iter()
+        .map(|(name, weight, id)| crate::maglev::Member {
+            name: name.as_bytes(),
+            weight: *weight,
+            id: *id,
+        })
+        .collect();
+    crate::maglev::table(&members, size)
+        .chunks(MAGLEV_CHUNK)
+        .enumerate()
+        .map(|(i, ids)| {
+            let mut chunk = MaglevChunk {
+                backend_ids: [0; MAGLEV_CHUNK],
+            };
+            chunk.backend_ids[..ids.len()].copy_from_slice(ids);
+            (i as u16, chunk)
+        })
+        .collect()
+}
+
 /// Largest number of slots one frontend may have (the slot index is 16 bits).
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
@@ -434,6 +487,13 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     );
     gone.extend(
         current
+            .maglev
+            .keys()
+            .filter(|k| !kept_ids.contains(&k.svc_id))
+            .map(|k| Op::DelMaglev(*k)),
+    );
+    gone.extend(
+        current
             .infos
             .keys()
             .filter(|id| !kept_ids.contains(id))
@@ -485,6 +545,10 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
         if !state.source_ranges.is_empty() {
             flags |= FLAG_SOURCE_RANGES;
+        }
+        let maglev = state.scheduler == Scheduler::Maglev && !slots.is_empty();
+        if maglev {
+            flags |= FLAG_MAGLEV;
         }
         let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
         // Allowed sources exist before the frontend says to check them.
@@ -542,6 +606,22 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
                 updates.push(Op::PutMember(k, v));
             }
         }
+        // The Maglev table of the generation about to be live, before the flip.
+        let mut wanted_chunks: BTreeSet<MaglevKey> = BTreeSet::new();
+        if maglev {
+            let generation = value.generation();
+            for (chunk, ids) in maglev_chunks(state, &backend_ids, desired.maglev_size) {
+                let k = MaglevKey {
+                    svc_id: id,
+                    generation,
+                    chunk,
+                };
+                wanted_chunks.insert(k);
+                if current.maglev.get(&k).map(|c| &**c) != Some(&ids) {
+                    updates.push(Op::PutMaglev(k, Box::new(ids)));
+                }
+            }
+        }
         let info = service_info(desired, state, port_id);
         if current.infos.get(&id) != Some(&info) {
             updates.push(Op::PutInfo(id, Box::new(info)));
@@ -551,6 +631,22 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
         if existing.is_none() {
             continue;
+        }
+        let own_chunks = current.maglev.range(
+            MaglevKey {
+                svc_id: id,
+                generation: 0,
+                chunk: 0,
+            }..=MaglevKey {
+                svc_id: id,
+                generation: u16::MAX,
+                chunk: u16::MAX,
+            },
+        );
+        for (k, _) in own_chunks {
+            if !wanted_chunks.contains(k) {
+                updates.push(Op::DelMaglev(*k));
+            }
         }
         let generation = value.generation();
         let own_slots = current.slots.range(

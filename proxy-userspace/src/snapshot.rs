@@ -9,6 +9,26 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
     pub node: NodeInfo,
+    /// The agent's own settings that shape the desired state.
+    pub config: ProxyConfig,
+}
+
+/// Settings from the agent's command line that compile needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Scheduler of Services without the scheduler annotation (`--scheduler`).
+    pub scheduler: crate::compile::Scheduler,
+    /// Entries of every Maglev table (`--maglev-table-size`, a prime).
+    pub maglev_size: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            scheduler: crate::compile::Scheduler::Random,
+            maglev_size: crate::maglev::DEFAULT_SIZE,
+        }
+    }
 }
 
 /// What the proxy needs to know about its own node.

@@ -676,6 +676,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
         services,
         slices,
         node,
+        config: Default::default(),
     })
 }
 
@@ -707,6 +708,7 @@ fn two_snapshots() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                     .map(|(_, s)| s.clone())
                     .collect(),
                 node: node.unwrap_or_else(|| a.node.clone()),
+                config: a.config.clone(),
             };
             b.services.extend(more_svc.into_iter().take(2));
             b.slices.extend(more_slices.into_iter().take(4));
@@ -1014,7 +1016,7 @@ proptest! {
             let services = Just(s.services.clone()).prop_shuffle();
             let slices = Just(s.slices.clone()).prop_shuffle();
             (Just(s.clone()), services, slices).prop_map(|(s, services, slices)| {
-                let shuffled = Snapshot { services, slices, node: s.node.clone() };
+                let shuffled = Snapshot { services, slices, node: s.node.clone(), config: s.config.clone() };
                 (s, shuffled)
             })
         })
@@ -1031,7 +1033,7 @@ proptest! {
         (bad_services, bad_slices) in hostile_objects(&["default", "iso"]),
         node in node(),
     ) {
-        let good = Snapshot { services: good_services, slices: good_slices, node };
+        let good = Snapshot { services: good_services, slices: good_slices, node, config: Default::default() };
         let mut mixed = good.clone();
         mixed.services.extend(bad_services);
         mixed.slices.extend(bad_slices);
@@ -1175,6 +1177,7 @@ fn ten_thousand_endpoints_in_one_slice() {
             zone: None,
             addresses: Vec::new(),
         },
+        config: Default::default(),
     };
     let started = Instant::now();
     let d = compile(&snap);
@@ -1245,6 +1248,7 @@ endpoints: [{addresses: [10.244.0.1], nodeName: node-a}, {addresses: [10.244.0.2
                 zone: None,
                 addresses: Vec::new(),
             },
+            config: Default::default(),
         }
     }
 

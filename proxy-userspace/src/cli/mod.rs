@@ -128,6 +128,17 @@ pub struct SourceArgs {
     /// This node's name, as in EndpointSlice nodeName (default: the hostname, lower-cased).
     #[arg(long)]
     pub hostname_override: Option<String>,
+    /// CIDRs of the node addresses NodePorts are served on (kube-proxy's
+    /// --nodeport-addresses); a family without any CIDR uses all its addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<String>,
+    /// Scheduler of Services without the `kube-bpf-proxy.io/scheduler` annotation: random
+    /// (kube-proxy's) or maglev (alias mh).
+    #[arg(long, default_value = "random")]
+    pub scheduler: String,
+    /// Entries of each Maglev table: a prime, well above 100 x the backends of a Service.
+    #[arg(long, default_value_t = crate::maglev::DEFAULT_SIZE)]
+    pub maglev_table_size: u32,
 }
 
 impl SourceArgs {
@@ -160,8 +171,47 @@ impl SourceArgs {
         self.manifests.is_some() || self.master.is_some() || self.kubeconfig.is_some()
     }
 
-    /// Runs the source until its first complete snapshot.
+    /// The settings compile takes from the command line.
+    pub fn config(&self) -> anyhow::Result<crate::snapshot::ProxyConfig> {
+        let scheduler = crate::compile::Scheduler::parse(&self.scheduler).with_context(|| {
+            format!("--scheduler {:?}: not random, maglev or mh", self.scheduler)
+        })?;
+        if !crate::maglev::is_prime(self.maglev_table_size) {
+            anyhow::bail!(
+                "--maglev-table-size {} is not a prime (e.g. {:?})",
+                self.maglev_table_size,
+                crate::maglev::SIZES
+            );
+        }
+        Ok(crate::snapshot::ProxyConfig {
+            scheduler,
+            maglev_size: self.maglev_table_size,
+        })
+    }
+
+    /// The CIDRs of --nodeport-addresses.
+    pub fn nodeport_cidrs(&self) -> anyhow::Result<Vec<crate::compile::Cidr>> {
+        self.nodeport_addresses
+            .iter()
+            .filter(|r| !r.is_empty())
+            .map(|raw| {
+                crate::compile::Cidr::parse(raw)
+                    .with_context(|| format!("--nodeport-addresses: {raw:?} is not a CIDR"))
+            })
+            .collect()
+    }
+
+    /// Runs the source until its first complete snapshot, completed with this node's NodePort
+    /// addresses and the command line's settings, as the agent completes its snapshots.
     pub fn first_snapshot(&self, timeout: Duration) -> anyhow::Result<Snapshot> {
+        let mut snapshot = self.source_snapshot(timeout)?;
+        snapshot.config = self.config()?;
+        let all = crate::datapath::netdev::local_addresses().unwrap_or_default();
+        snapshot.node.addresses = crate::compile::nodeport_addresses(&all, &self.nodeport_cidrs()?);
+        Ok(snapshot)
+    }
+
+    fn source_snapshot(&self, timeout: Duration) -> anyhow::Result<Snapshot> {
         let source = self.source()?;
         let name = source.name();
         let (tx, rx) = mpsc::channel();

@@ -27,7 +27,7 @@ use crate::{
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
     metrics::Metrics,
-    snapshot::Snapshot,
+    snapshot::{ProxyConfig, Snapshot},
 };
 
 #[derive(clap::Args)]
@@ -75,10 +75,6 @@ pub struct RunArgs {
     /// backends and pod traffic to external frontends.
     #[arg(long, value_delimiter = ',')]
     pub pod_interfaces: Vec<String>,
-    /// CIDRs of the node addresses NodePorts are served on (kube-proxy's
-    /// --nodeport-addresses); a family without any CIDR uses all its addresses.
-    #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<String>,
     /// Address for /metrics (Prometheus); empty disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
     pub metrics_bind_address: String,
@@ -167,12 +163,13 @@ fn report_evictions(
 /// sync).
 const ADDRESS_POLL: Duration = Duration::from_secs(2);
 
-/// Passes snapshots on with the node's NodePort addresses filled in, and passes the latest
-/// snapshot again whenever those addresses change.
+/// Passes snapshots on with the node's NodePort addresses and the command line's settings
+/// filled in, and passes the latest snapshot again whenever those addresses change.
 fn add_node_addresses(
     rx: mpsc::Receiver<Snapshot>,
     tx: mpsc::Sender<Snapshot>,
     cidrs: Vec<Cidr>,
+    config: ProxyConfig,
 ) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("node-addresses".into())
@@ -203,6 +200,7 @@ fn add_node_addresses(
                 if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
                     let mut snapshot = snapshot.clone();
                     snapshot.node.addresses = addresses.clone();
+                    snapshot.config = config.clone();
                     if tx.send(snapshot).is_err() {
                         return;
                     }
@@ -287,14 +285,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         sock_revnat: args.max_sock_revnat,
         conntrack: args.max_conntrack,
     };
-    let mut nodeport_cidrs = Vec::new();
-    for raw in args.nodeport_addresses.iter().filter(|r| !r.is_empty()) {
-        match Cidr::parse(raw) {
-            Some(c) => nodeport_cidrs.push(c),
-            None => anyhow::bail!("--nodeport-addresses: {raw:?} is not a CIDR"),
-        }
-    }
+    let nodeport_cidrs = args.source.nodeport_cidrs()?;
+    let config = args.source.config()?;
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
+    datapath.set_maglev_size(config.maglev_size)?;
     let mut interfaces: Vec<String> = match &args.external_interfaces {
         Some(list) => list.clone(),
         None => netdev::default_route_interfaces(),
@@ -342,7 +336,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         })?;
     let (tx, rx) = mpsc::channel();
-    add_node_addresses(source_rx, tx, nodeport_cidrs)?;
+    add_node_addresses(source_rx, tx, nodeport_cidrs, config)?;
     collect_conntrack(args.bpffs.clone());
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));

@@ -108,6 +108,38 @@ pub enum FrontendKind {
     NodePort,
 }
 
+/// How a frontend picks the backend of a new connection.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scheduler {
+    /// Uniformly at random over the slots (weights as slot counts): kube-proxy's behaviour
+    /// (semantics 4.11).
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow: the same flow picks the same backend on every
+    /// node, and a backend change moves only about 1/N of the flows.
+    Maglev,
+}
+
+/// The per-Service scheduler annotation.
+pub const SCHEDULER_ANNOTATION: &str = "kube-bpf-proxy.io/scheduler";
+
+impl Scheduler {
+    /// Parses a scheduler name; kube-proxy's `--ipvs-scheduler` name `mh` is an alias.
+    pub fn parse(s: &str) -> Option<Scheduler> {
+        match s.trim() {
+            "random" => Some(Scheduler::Random),
+            "maglev" | "mh" => Some(Scheduler::Maglev),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Random => "random",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+}
+
 /// Which traffic a frontend serves (semantics 4.1).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
@@ -252,6 +284,7 @@ pub struct FrontendState {
     pub snat: bool,
     /// loadBalancerSourceRanges of a load balancer frontend (semantics 7.8); empty: any source.
     pub source_ranges: Vec<Cidr>,
+    pub scheduler: Scheduler,
 }
 
 /// Everything known about one Service port in one family, for every traffic class; the
@@ -269,6 +302,7 @@ pub struct ServicePort {
     pub itp_local: bool,
     pub etp_local: bool,
     pub affinity_secs: Option<u32>,
+    pub scheduler: Scheduler,
     pub endpoints: Categorized,
 }
 
@@ -292,6 +326,8 @@ pub struct Desired {
     pub frontends: BTreeMap<FrontendAddr, FrontendState>,
     pub ports: BTreeMap<PortName, ServicePort>,
     pub problems: Vec<Problem>,
+    /// Entries of every Maglev table.
+    pub maglev_size: u32,
 }
 
 /// Default ClientIP affinity timeout (semantics 6.1).
@@ -299,7 +335,10 @@ pub const DEFAULT_AFFINITY_SECS: u32 = 10_800;
 
 /// Compiles a snapshot into the desired datapath state.
 pub fn compile(snapshot: &Snapshot) -> Desired {
-    let mut desired = Desired::default();
+    let mut desired = Desired {
+        maglev_size: snapshot.config.maglev_size,
+        ..Desired::default()
+    };
     let slices = unique(&snapshot.slices, "EndpointSlice", &mut desired.problems);
     let index = endpoints::SliceIndex::build(slices, &snapshot.node.name, &mut desired.problems);
     // Deterministic order: when two Services claim one frontend, the first by name wins.
@@ -517,6 +556,26 @@ fn compile_service(
             }
         }
     });
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_ANNOTATION));
+    let scheduler = match annotation.map(|a| (a, Scheduler::parse(a))) {
+        None => snapshot.config.scheduler,
+        Some((_, Some(s))) => s,
+        Some((raw, None)) => {
+            desired.problems.push(Problem {
+                object: object.clone(),
+                message: format!(
+                    "annotation {SCHEDULER_ANNOTATION}: unknown scheduler {raw:?} (random, \
+                     maglev); using the default, {}",
+                    snapshot.config.scheduler.as_str()
+                ),
+            });
+            snapshot.config.scheduler
+        }
+    };
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let has_external_ips = spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
     // semantics 4.2
@@ -663,6 +722,7 @@ fn compile_service(
                 itp_local,
                 etp_local,
                 affinity_secs,
+                scheduler,
                 endpoints: categorized,
             };
             add_frontends(&service_port, &object, &snapshot.node.addresses, desired);
@@ -747,6 +807,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desi
                 } else {
                     Vec::new()
                 },
+                scheduler: sp.scheduler,
             },
         );
     };

@@ -1589,3 +1589,43 @@ fn nodeport_addresses_follow_the_cidrs_per_family() {
     assert!(Cidr::parse("10.0.0.0/33").is_none());
     assert!(Cidr::parse("10.0.0.0/x").is_none());
 }
+
+#[test]
+fn scheduler_from_annotation_flag_or_default() {
+    // Issue #6: Maglev per Service (annotation) or globally (--scheduler); a bad value is
+    // reported and falls back to the global scheduler.
+    let with = |annotation: &str, global: Scheduler| {
+        let meta = if annotation.is_empty() {
+            "name: web, namespace: default".to_string()
+        } else {
+            format!(
+                "name: web, namespace: default, annotations: {{{SCHEDULER_ANNOTATION}: {annotation}}}"
+            )
+        };
+        let yaml = docs(&[
+            &service(
+                &meta,
+                "clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]",
+            ),
+            &slice("web-1", &["{addresses: [10.244.0.2]}"]),
+        ]);
+        let mut s = snapshot(&yaml, "node-a", None);
+        s.config.scheduler = global;
+        let d = compile(&s);
+        let scheduler = frontend_of(&d, FE).unwrap().scheduler;
+        (scheduler, d.problems)
+    };
+    assert_eq!(with("", Scheduler::Random).0, Scheduler::Random);
+    assert_eq!(with("", Scheduler::Maglev).0, Scheduler::Maglev);
+    assert_eq!(with("maglev", Scheduler::Random).0, Scheduler::Maglev);
+    assert_eq!(with("mh", Scheduler::Random).0, Scheduler::Maglev);
+    assert_eq!(with("random", Scheduler::Maglev).0, Scheduler::Random);
+    let (scheduler, problems) = with("fastest", Scheduler::Maglev);
+    assert_eq!(scheduler, Scheduler::Maglev);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.message.contains("unknown scheduler \"fastest\"")),
+        "{problems:?}"
+    );
+}

@@ -28,6 +28,7 @@ use proxy_common::{
     config::{CONFIG_DEBUG_LOG, CONFIG_SOCKET_TERMINATION, ConfigValue},
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
+    maglev::{MaglevChunk, MaglevKey},
     maps as names, proto as proto_common,
     reason::{REASON_COUNT, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
@@ -94,6 +95,7 @@ pub struct Maps {
     ct6: HashMap<MapData, Ct6Key, Ct6Value>,
     src_ranges4: LpmTrie<MapData, SrcRange4, u8>,
     src_ranges6: LpmTrie<MapData, SrcRange6, u8>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
@@ -219,6 +221,7 @@ impl Maps {
             ct6: source.take(names::LB_CT6)?,
             src_ranges4: source.take(names::LB4_SRC_RANGES)?,
             src_ranges6: source.take(names::LB6_SRC_RANGES)?,
+            maglev: source.take(names::LB_MAGLEV)?,
         })
     }
 
@@ -348,6 +351,13 @@ impl Maps {
 
     pub fn debug_log(&self) -> anyhow::Result<bool> {
         self.config_flag(CONFIG_DEBUG_LOG)
+    }
+
+    /// Sets the size of every Maglev table (read by the programs at each choice).
+    pub fn set_maglev_size(&mut self, size: u32) -> anyhow::Result<()> {
+        let mut value = self.config.get(&0, 0)?;
+        value.maglev_size = size;
+        self.config.set(0, value, 0).context("write LB_CONFIG")
     }
 
     /// Records whether sockets of removed backends are being terminated (for `status`).
@@ -578,6 +588,11 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Sets the size of every Maglev table.
+    pub fn set_maglev_size(&mut self, size: u32) -> anyhow::Result<()> {
+        self.maps.set_maglev_size(size)
     }
 
     /// Attaches the tc program at ingress of `interfaces` (TCX links, pinned like the socket
@@ -883,6 +898,9 @@ impl MapIo for Maps {
         state
             .infos
             .extend(dump_map(&self.infos, names::LB_SVC_INFO)?);
+        for (k, v) in dump_map(&self.maglev, names::LB_MAGLEV)? {
+            state.maglev.insert(k, Box::new(v));
+        }
         for key in self.src_ranges4.keys() {
             let key = key.with_context(|| format!("read map {}", names::LB4_SRC_RANGES))?;
             let data = key.data();
@@ -926,6 +944,8 @@ impl MapIo for Maps {
                 LpmRange::V4(k) => self.src_ranges4.insert(&k, 1, 0),
                 LpmRange::V6(k) => self.src_ranges6.insert(&k, 1, 0),
             },
+            Op::PutMaglev(k, v) => self.maglev.insert(k, **v, 0),
+            Op::DelMaglev(k) => ignore_missing(self.maglev.remove(k)),
             Op::DelSourceRange(r) => match lpm_key(r) {
                 LpmRange::V4(k) => ignore_missing(self.src_ranges4.remove(&k)),
                 LpmRange::V6(k) => ignore_missing(self.src_ranges6.remove(&k)),

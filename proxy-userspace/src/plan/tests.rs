@@ -45,6 +45,7 @@ fn desired(entries: &[(&str, &[&str])]) -> Desired {
                 no_local: false,
                 snat: false,
                 source_ranges: Vec::new(),
+                scheduler: Default::default(),
             },
         );
     }
@@ -212,4 +213,72 @@ fn source_ranges_exist_before_the_frontend_checks_them_and_go_last() {
     let del_service = ops.iter().position(|o| matches!(o, Op::DelService(_)));
     let del_range = ops.iter().position(|o| matches!(o, Op::DelSourceRange(_)));
     assert!(del_service.unwrap() < del_range.unwrap(), "{ops:?}");
+}
+
+#[test]
+fn maglev_tables_are_written_before_the_flip_and_replaced_by_generation() {
+    use crate::compile::Scheduler;
+    use proxy_common::{maglev::MAGLEV_CHUNK, service::FLAG_MAGLEV};
+    let maglev = |entries: &[(&str, &[&str])]| {
+        let mut d = desired(entries);
+        d.maglev_size = 1021;
+        for state in d.frontends.values_mut() {
+            state.scheduler = Scheduler::Maglev;
+        }
+        d
+    };
+    let chunks = 1021usize.div_ceil(MAGLEV_CHUNK);
+    let d = maglev(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
+    let ops = plan(&d, &MapState::default());
+    let is_frontend = |o: &Op| matches!(o, Op::PutService(k, _) if !k.is_any_port());
+    let first_service = ops.iter().position(is_frontend).unwrap();
+    let puts: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Op::PutMaglev(..)))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(puts.len(), chunks);
+    assert!(puts.iter().all(|i| *i < first_service));
+    let mut state = MapState::default();
+    for op in &ops {
+        state.apply(op);
+    }
+    let svc = state
+        .services
+        .iter()
+        .find(|(k, _)| !k.is_any_port())
+        .unwrap()
+        .1;
+    assert!(svc.flags & FLAG_MAGLEV != 0);
+    // Every entry names one of the two backends.
+    let ids: BTreeSet<u32> = state
+        .maglev
+        .values()
+        .flat_map(|c| c.backend_ids.iter().copied())
+        .filter(|id| *id != 0)
+        .collect();
+    assert_eq!(ids, state.backends.keys().copied().collect());
+    // A backend more: the other generation's table, then the flip, then the old one goes.
+    let d2 = maglev(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3", "10.244.0.4"])]);
+    let ops = plan(&d2, &state);
+    let flip = ops.iter().position(is_frontend).unwrap();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::PutMaglev(k, _) => assert!(i < flip && k.generation == 1, "{op}"),
+            Op::DelMaglev(k) => assert!(i > flip && k.generation == 0, "{op}"),
+            _ => {}
+        }
+    }
+    for op in &ops {
+        state.apply(op);
+    }
+    assert_eq!(state.maglev.len(), chunks);
+    assert!(plan(&d2, &state).is_empty(), "stable once written");
+    // The Service goes: its table too.
+    let ops = plan(&Desired::default(), &state);
+    for op in &ops {
+        state.apply(op);
+    }
+    assert!(state.maglev.is_empty());
 }

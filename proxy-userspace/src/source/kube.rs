@@ -287,6 +287,7 @@ impl Stores {
             services: valid_objects(&self.services),
             slices: valid_objects(&self.slices),
             node: NodeInfo::with_node(node_name.to_string(), node.as_ref()),
+            config: Default::default(),
         }
     }
 }

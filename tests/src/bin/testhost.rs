@@ -188,10 +188,15 @@ fn stream_connect(proto: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String, String)> {
+    // $TESTHOST_SOURCE_PORT pins the source port, so a test can send the same flow twice.
+    let port: u16 = std::env::var("TESTHOST_SOURCE_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     let bind: SocketAddr = if to.is_ipv4() {
-        "0.0.0.0:0".parse().unwrap()
+        SocketAddr::from(([0, 0, 0, 0], port))
     } else {
-        "[::]:0".parse().unwrap()
+        SocketAddr::from(([0u16; 8], port))
     };
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(TIMEOUT))?;

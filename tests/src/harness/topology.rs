@@ -208,6 +208,24 @@ pub fn request_in(
     to: SocketAddr,
     count: usize,
 ) -> Vec<Reply> {
+    request_with(ns, cgroup, proto, to, count, None)
+}
+
+/// One UDP request from `ns` (outside the cgroup) whose socket is bound to `source_port`: the
+/// same flow every time.
+pub fn udp_from_port(ns: &NetNs, to: SocketAddr, source_port: u16) -> Reply {
+    let mut replies = request_with(ns, None, Proto::Udp, to, 1, Some(source_port));
+    replies.pop().expect("one reply")
+}
+
+fn request_with(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    proto: Proto,
+    to: SocketAddr,
+    count: usize,
+    source_port: Option<u16>,
+) -> Vec<Reply> {
     let netns = ns.path();
     let procs = cgroup.map(TestCgroup::procs_file);
     let (proto_arg, connected) = match proto {
@@ -222,7 +240,7 @@ pub fn request_in(
     if !connected.is_empty() {
         args.push(connected);
     }
-    let cmd = command_in(
+    let mut cmd = command_in(
         &Placement {
             netns: &netns,
             cgroup_procs: procs.as_deref(),
@@ -230,6 +248,9 @@ pub fn request_in(
         &workspace_binary("testhost"),
         &args,
     );
+    if let Some(port) = source_port {
+        cmd.env("TESTHOST_SOURCE_PORT", port.to_string());
+    }
     // Each request is bounded by testhost's 2 s timeouts.
     let stdout = output_within(cmd, Duration::from_secs(5 + 3 * count as u64));
     parse_replies(&stdout)
