@@ -21,3 +21,7 @@ pod!(ConfigValue);
 /// Set by the agent while it terminates sockets of removed backends (the kernel supports
 /// SOCK_DESTROY and termination is not turned off); read by `status`. The programs ignore it.
 pub const CONFIG_SOCKET_TERMINATION: u32 = 1 << 1;
+
+/// NodePort mode DSR (`--nodeport-mode dsr`): IPv4 flows to backends on other nodes are not
+/// masqueraded; the backend's node answers the client directly.
+pub const CONFIG_DSR: u32 = 1 << 2;

@@ -75,6 +75,9 @@ pub const CT_SNAT: u32 = 1 << 1;
 pub const CT_FIN: u32 = 1 << 2;
 /// A TCP RST was seen in this entry's direction.
 pub const CT_RST: u32 = 1 << 3;
+/// Direct server return: sent to the backend's node with the frontend in an IP option (on the
+/// balancing node), or learnt from that option (on the backend's node). One direction only.
+pub const CT_DSR: u32 = 1 << 4;
 
 /// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of
 /// its two `last_seen_ns` is older than this; LRU eviction covers a full table.
@@ -90,7 +93,13 @@ pub const fn ct_timeout_secs(proto: u8, forward_flags: u32, reply_flags: u32) ->
         return CT_TIMEOUT_OTHER_SECS;
     }
     let rst = (forward_flags | reply_flags) & CT_RST != 0;
-    let fins = forward_flags & reply_flags & CT_FIN != 0;
+    // A DSR entry sees one direction only: its own FIN closes it.
+    let dsr = (forward_flags | reply_flags) & CT_DSR != 0;
+    let fins = if dsr {
+        (forward_flags | reply_flags) & CT_FIN != 0
+    } else {
+        forward_flags & reply_flags & CT_FIN != 0
+    };
     if rst || fins {
         CT_TIMEOUT_TCP_CLOSING_SECS
     } else {

@@ -49,10 +49,17 @@ pub enum Reason {
     RevNatNew4 = 19,
     /// A new socket record in `SOCK6_REVNAT`.
     RevNatNew6 = 20,
+    /// XDP: a packet of a flow to or from a backend on another node was translated and sent
+    /// back out at the driver (`XDP_TX`).
+    XdpForwarded = 21,
+    /// A packet left for a backend's node with the DSR option.
+    DsrSent = 22,
+    /// This node learnt a flow's frontend from a DSR option.
+    DsrLearned = 23,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 24;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -77,6 +84,9 @@ impl Reason {
         Reason::IcmpTranslated,
         Reason::RevNatNew4,
         Reason::RevNatNew6,
+        Reason::XdpForwarded,
+        Reason::DsrSent,
+        Reason::DsrLearned,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -103,6 +113,9 @@ impl Reason {
             Reason::IcmpTranslated => "icmp_translated",
             Reason::RevNatNew4 => "revnat4_new",
             Reason::RevNatNew6 => "revnat6_new",
+            Reason::XdpForwarded => "xdp_forwarded",
+            Reason::DsrSent => "dsr_sent",
+            Reason::DsrLearned => "dsr_learned",
         }
     }
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod debug;
+mod dsr;
 mod icmp;
 mod lb;
 mod maps;
@@ -12,10 +13,11 @@ mod packet;
 mod reject;
 mod sock;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, socket_filter},
-    programs::{SkBuffContext, SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, socket_filter, xdp},
+    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
 };
 
 /// connect() of TCP, UDP and SCTP sockets to an IPv4 address. Returns 1 (proceed) unless the
@@ -76,6 +78,13 @@ pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     nodeport::ingress(&ctx)
+}
+
+/// XDP on the node's external interfaces: flows to and from backends on other nodes are
+/// translated and sent back out before the stack; everything else passes to tc.
+#[xdp]
+pub fn xdp_ingress(ctx: XdpContext) -> u32 {
+    xdp::ingress(&ctx)
 }
 
 /// Never loaded or attached. It references the inspection-only maps, which no hook reads, so

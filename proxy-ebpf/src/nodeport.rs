@@ -12,14 +12,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
-    ct::{CT_FIN, CT_REPLY, CT_RST, CT_SNAT},
+    ct::{CT_DSR, CT_FIN, CT_REPLY, CT_RST, CT_SNAT},
     proto,
     reason::Reason,
     service::{FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey},
 };
 
 use crate::{
-    icmp, lb,
+    dsr, icmp, lb,
     maps::LB_MEMBERS,
     packet::{
         ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6,
@@ -47,24 +47,35 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     match u16::from_be(ethertype) {
         ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(icmp::IPPROTO_ICMP) => icmp::icmp4(ctx),
         ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(icmp::IPPROTO_ICMPV6) => icmp::icmp6(ctx),
-        ETH_P_IP => match handle::<V4>(ctx) {
-            REJECT => reject::reject::<V4>(ctx),
-            action => action,
-        },
+        ETH_P_IP => {
+            dsr::learn4(ctx);
+            match handle::<V4>(ctx) {
+                NEW => match new_flow::<V4>(ctx) {
+                    REJECT => reject::reject::<V4>(ctx),
+                    action => action,
+                },
+                action => action,
+            }
+        }
         ETH_P_IPV6 => match handle::<V6>(ctx) {
-            REJECT => reject::reject::<V6>(ctx),
+            NEW => match new_flow::<V6>(ctx) {
+                REJECT => reject::reject::<V6>(ctx),
+                action => action,
+            },
             action => action,
         },
         _ => TC_ACT_OK as i32,
     }
 }
 
-/// Returned by `handle` for a new flow to a frontend without backends: not a tc action.
+/// Returned by `new_flow` for a new flow to a frontend without backends: not a tc action.
 const REJECT: i32 = i32::MIN;
+/// Returned by `handle` for a packet of no tracked flow: not a tc action.
+const NEW: i32 = i32::MIN + 1;
 
 /// TCP flag bits recorded in a connection-tracking entry.
 #[inline(always)]
-fn ct_flags_of(tcp_flags: u8) -> u32 {
+pub fn ct_flags_of(tcp_flags: u8) -> u32 {
     let mut f = 0;
     if tcp_flags & TCP_FIN != 0 {
         f |= CT_FIN;
@@ -80,7 +91,7 @@ fn ct_flags_of(tcp_flags: u8) -> u32 {
 /// flow is then balanced afresh at its next datagram (kube-proxy deletes such conntrack
 /// entries, semantics 9.2), while an established TCP connection keeps its backend.
 #[inline(always)]
-fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
+pub fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
     let syn = pkt.t.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn && e.flags & (CT_FIN | CT_RST) != 0 {
         return true;
@@ -123,14 +134,23 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
             } else {
                 Reason::NatEstablished
             });
+            if e.flags & CT_DSR != 0 && !reply {
+                return dsr_forward::<F>(ctx, &e.to, &pkt.t);
+            }
             return forward::<F>(ctx, &e.to, None);
         }
     }
-    new_flow::<F>(ctx, &pkt, now)
+    NEW
 }
 
-#[inline(always)]
-fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 {
+#[inline(never)]
+fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
+    let pkt = match F::parse(ctx) {
+        Ok(p) => p,
+        Err(_) => return TC_ACT_OK as i32,
+    };
+    let pkt = &pkt;
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(svc) = F::frontend(&pkt.t) else {
         return TC_ACT_OK as i32;
     };
@@ -167,9 +187,13 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
         dport: choice.backend.port,
         proto: pkt.t.proto,
     };
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let mut dsr = false;
     let ifindex = match route::<F>(ctx, &to, snat) {
         Ok(r) => {
-            if snat {
+            // Direct server return for backends behind the interface the flow came in on.
+            dsr = snat && r.ifindex == here && dsr::enabled::<F>();
+            if snat && !dsr {
                 to.saddr = r.src;
             }
             Some(r.ifindex)
@@ -182,7 +206,13 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
             return TC_ACT_OK as i32;
         }
     };
-    let flags = if snat { CT_SNAT } else { 0 };
+    let flags = if dsr {
+        CT_DSR
+    } else if snat {
+        CT_SNAT
+    } else {
+        0
+    };
     let reply = Entry {
         to: pkt.t.reversed(),
         flags: flags | CT_REPLY,
@@ -190,8 +220,12 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
         backend_id: choice.backend_id,
     };
     // The reply entry claims the masquerading port: first the client's own, then random ones.
-    let mut claimed = false;
+    // With DSR the replies never come back here: no reply entry.
+    let mut claimed = dsr;
     for i in 0..SNAT_TRIES {
+        if dsr {
+            break;
+        }
         if i > 0 {
             if !snat {
                 break;
@@ -230,7 +264,22 @@ fn new_flow<F: Family>(ctx: &TcContext, pkt: &Packet<F::Addr>, now: u64) -> i32 
     if choice.reason == Reason::AffinityHit {
         stats::count(Reason::AffinityHit);
     }
+    if dsr {
+        return dsr_forward::<F>(ctx, &to, &pkt.t);
+    }
     forward::<F>(ctx, &to, ifindex)
+}
+
+/// Adds the DSR option naming the frontend of `orig` and sends the packet on.
+#[inline(always)]
+fn dsr_forward<F: Family>(ctx: &TcContext, to: &Tuple<F::Addr>, orig: &Tuple<F::Addr>) -> i32 {
+    let Some(frontend) = dsr::frontend4::<F>(orig) else {
+        return TC_ACT_SHOT as i32;
+    };
+    if dsr::add_option_tc(ctx, frontend, orig.dport).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    forward::<F>(ctx, to, None)
 }
 
 /// Sends a translated packet on its way: straight to the egress interface the FIB names, or

@@ -135,6 +135,8 @@ pub trait Family {
     fn fib_src(p: &bpf_fib_lookup) -> Self::Addr;
     /// The flow's hash (addresses, ports, protocol), the same on every node.
     fn hash(t: &Tuple<Self::Addr>) -> u32;
+    /// The address, if IPv4.
+    fn v4(a: &Self::Addr) -> Option<[u8; 4]>;
 }
 
 /// Hash of the ports and protocol, mixed into `h`.
@@ -385,6 +387,11 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    fn v4(a: &[u8; 4]) -> Option<[u8; 4]> {
+        Some(*a)
+    }
+
+    #[inline(always)]
     fn hash(t: &Tuple<[u8; 4]>) -> u32 {
         let h = lb::mix(0, u32::from_be_bytes(t.saddr));
         hash_ports(lb::mix(h, u32::from_be_bytes(t.daddr)), t)
@@ -570,6 +577,11 @@ impl Family for V6 {
     fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 16]>) {
         p.__bindgen_anon_3.ipv6_src = words(&t.saddr);
         p.__bindgen_anon_4.ipv6_dst = words(&t.daddr);
+    }
+
+    #[inline(always)]
+    fn v4(_: &[u8; 16]) -> Option<[u8; 4]> {
+        None
     }
 
     #[inline(always)]

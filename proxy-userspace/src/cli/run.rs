@@ -71,6 +71,14 @@ pub struct RunArgs {
     /// routes. An empty value turns the tc path off.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
+    /// XDP on the external interfaces: auto (driver mode where possible, else tc alone),
+    /// driver, generic, or off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp: bpf::XdpChoice,
+    /// NodePort traffic to backends on other nodes: snat (kube-proxy's masquerading) or dsr
+    /// (IPv4: the backend's node answers the client directly; every node must run the agent).
+    #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
+    pub nodeport_mode: String,
     /// Pod-facing interfaces (a CNI bridge such as cni0): tc there translates replies of local
     /// backends and pod traffic to external frontends.
     #[arg(long, value_delimiter = ',')]
@@ -289,10 +297,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.source.config()?;
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
     datapath.set_maglev_size(config.maglev_size)?;
-    let mut interfaces: Vec<String> = match &args.external_interfaces {
+    datapath.set_dsr(args.nodeport_mode == "dsr")?;
+    let mut external: Vec<String> = match &args.external_interfaces {
         Some(list) => list.clone(),
         None => netdev::default_route_interfaces(),
     };
+    external.retain(|i| !i.is_empty() && netdev::exists(i));
+    let xdp = datapath.attach_xdp(&external, args.xdp)?;
+    log::info!(
+        "NodePort mode {}; external interfaces {:?}, XDP {:?}",
+        args.nodeport_mode,
+        external,
+        xdp
+    );
+    let mut interfaces = external.clone();
     interfaces.extend(args.pod_interfaces.iter().cloned());
     interfaces.retain(|i| !i.is_empty());
     interfaces.dedup();

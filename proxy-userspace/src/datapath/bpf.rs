@@ -18,14 +18,14 @@ use aya::{
         PerCpuArray, lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
-    config::{CONFIG_DEBUG_LOG, CONFIG_SOCKET_TERMINATION, ConfigValue},
+    config::{CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_SOCKET_TERMINATION, ConfigValue},
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
@@ -63,6 +63,22 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
 
 /// The tc program, attached at ingress of the node's external and pod-facing interfaces.
 pub const TC_PROGRAM: &str = "tc_ingress";
+
+/// The XDP program, attached to the node's external interfaces.
+pub const XDP_PROGRAM: &str = "xdp_ingress";
+
+/// How XDP is attached (`--xdp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpChoice {
+    /// Native (driver) mode where the driver supports it, else none (tc handles everything).
+    Auto,
+    /// Native mode, or fail.
+    Driver,
+    /// Generic (skb) mode: works everywhere, slower than tc for forwarding.
+    Generic,
+    /// No XDP: tc handles all traffic from outside.
+    Off,
+}
 
 /// Pin name of the tc link on `interface`.
 fn tc_link_name(interface: &str) -> String {
@@ -369,7 +385,7 @@ impl Maps {
         self.config_flag(CONFIG_SOCKET_TERMINATION)
     }
 
-    fn set_config_flag(&mut self, flag: u32, on: bool) -> anyhow::Result<()> {
+    pub fn set_config_flag(&mut self, flag: u32, on: bool) -> anyhow::Result<()> {
         let mut value = self.config.get(&0, 0)?;
         if on {
             value.flags |= flag;
@@ -593,6 +609,97 @@ impl Datapath {
     /// Sets the size of every Maglev table.
     pub fn set_maglev_size(&mut self, size: u32) -> anyhow::Result<()> {
         self.maps.set_maglev_size(size)
+    }
+
+    /// Turns direct server return for NodePort traffic on or off.
+    pub fn set_dsr(&mut self, on: bool) -> anyhow::Result<()> {
+        self.maps.set_config_flag(CONFIG_DSR, on)
+    }
+
+    /// Attaches the XDP program to `interfaces` as `choice` says (pinned links `xdp-IFNAME`,
+    /// swapped in place on restart). Returns (interface, mode) for each attached one; where it
+    /// cannot attach, tc alone handles the interface, and the log says so.
+    pub fn attach_xdp(
+        &mut self,
+        interfaces: &[String],
+        choice: XdpChoice,
+    ) -> anyhow::Result<Vec<(String, &'static str)>> {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        let wanted: BTreeSet<String> = if choice == XdpChoice::Off {
+            BTreeSet::new()
+        } else {
+            interfaces.iter().map(|i| format!("xdp-{i}")).collect()
+        };
+        for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("xdp-") && !wanted.contains(&name) {
+                log::info!("detaching XDP from {}", &name[4..]);
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let program: &mut Xdp = self
+            ._ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
+            .try_into()
+            .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
+        program
+            .load()
+            .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
+        let mut attached = Vec::new();
+        for interface in interfaces {
+            let pin = links_dir.join(format!("xdp-{interface}"));
+            if pin.exists() {
+                match replace_program(&pin, program.fd()?.as_fd()) {
+                    Ok(()) => {
+                        log::info!("XDP on {interface}: program replaced in place");
+                        attached.push((interface.clone(), "kept"));
+                        continue;
+                    }
+                    Err(e) => {
+                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
+                        let _ = fs::remove_file(&pin);
+                    }
+                }
+            }
+            // A veth forwards XDP_TX frames in driver mode only into a peer that runs NAPI,
+            // which we cannot know from here; generic mode always works there.
+            let veth = super::netdev::driver(interface).as_deref() == Some("veth");
+            let modes: &[(XdpMode, &'static str)] = match choice {
+                XdpChoice::Auto if veth => &[(XdpMode::Skb, "generic")],
+                XdpChoice::Auto | XdpChoice::Driver => &[(XdpMode::Driver, "driver")],
+                XdpChoice::Generic => &[(XdpMode::Skb, "generic")],
+                XdpChoice::Off => &[],
+            };
+            let mut done = false;
+            for (mode, label) in modes {
+                match program.attach(interface, *mode) {
+                    Ok(id) => {
+                        let link: FdLink = program
+                            .take_link(id)?
+                            .try_into()
+                            .with_context(|| format!("XDP link on {interface}: not an fd link"))?;
+                        link.pin(&pin)
+                            .with_context(|| format!("pin link {}", pin.display()))?;
+                        log::info!("XDP attached to {interface} in {label} mode");
+                        attached.push((interface.clone(), *label));
+                        done = true;
+                        break;
+                    }
+                    Err(e) => log::warn!("XDP cannot attach to {interface} in {label} mode: {e}"),
+                }
+            }
+            if !done {
+                if choice == XdpChoice::Driver {
+                    bail!("XDP could not attach to {interface} in driver mode (--xdp driver)");
+                }
+                log::warn!("no XDP on {interface}: tc handles its NodePort traffic");
+            }
+        }
+        Ok(attached)
     }
 
     /// Attaches the tc program at ingress of `interfaces` (TCX links, pinned like the socket
@@ -991,7 +1098,9 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| SOCK_PROGRAMS.contains(&n.as_str()) || n.starts_with("tc-"))
+        .filter(|n| {
+            SOCK_PROGRAMS.contains(&n.as_str()) || n.starts_with("tc-") || n.starts_with("xdp-")
+        })
         .collect();
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
@@ -1096,7 +1205,7 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("tc-"))
+        .filter(|n| n.starts_with("tc-") || n.starts_with("xdp-"))
         .collect();
     tc.sort();
     SOCK_PROGRAMS
