@@ -17,20 +17,7 @@ use tests::{
 const LB_IP: &str = "10.96.200.1";
 
 fn agent_on(tb: &Testbed, node: usize, id: &str, cgroup: &std::path::Path) -> Agent {
-    let name = &tb.nodes[node].name;
-    let mut agent = Agent::new(id, cgroup, name);
-    agent.netns = Some(tb.node_ns_path(node));
-    agent.extra_args = [
-        "--external-interfaces",
-        "eth0",
-        "--pod-interfaces",
-        "br0",
-        "--scheduler",
-        "maglev",
-    ]
-    .map(String::from)
-    .to_vec();
-    agent.write_manifest("node.yaml", &node_yaml(name, None));
+    let mut agent = node_agent(tb, node, id, cgroup, &["--scheduler", "maglev"]);
     agent.write_manifest(
         "lb.yaml",
         &format!(

@@ -198,3 +198,39 @@ pub fn service_with_one_backend(env: &Env, name: &str, vip: &str, pod: usize) {
         ),
     );
 }
+
+/// An agent on testbed node `node` (in its namespace, tc on `eth0` and `br0`), with its own
+/// pin directory `id` and socket-hook cgroup, its Node manifest written, not yet started.
+pub fn node_agent(
+    tb: &tests::Testbed,
+    node: usize,
+    id: &str,
+    cgroup: &std::path::Path,
+    extra: &[&str],
+) -> Agent {
+    let name = &tb.nodes[node].name;
+    let mut agent = Agent::new(id, cgroup, name);
+    agent.netns = Some(tb.node_ns_path(node));
+    agent.extra_args = ["--external-interfaces", "eth0", "--pod-interfaces", "br0"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    agent.write_manifest("node.yaml", &node_yaml(name, None));
+    agent
+}
+
+/// A datapath counter of `agent` (polled: the agent refreshes them every 5 s); the first
+/// nonzero value.
+pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
+    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
+    poll_until(&format!("metric {needle}"), Duration::from_secs(15), || {
+        let (_, body) = agent.get(agent.metrics_port, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .map(|v| v as u64)
+            .ok_or(body)
+    })
+}
