@@ -26,6 +26,8 @@ pub const LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
 pub const LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
 /// Maglev tables in chunks: `MaglevKey` → `MaglevChunk`.
 pub const LB_MAGLEV: &str = "LB_MAGLEV";
+/// Round-robin cursors: `u32` frontend id → `u32` next turn. Written by the programs.
+pub const LB_RR: &str = "LB_RR";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
@@ -38,7 +40,7 @@ pub const LB_AGENT: &str = "LB_AGENT";
 pub const LB_CONFIG: &str = "LB_CONFIG";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -52,6 +54,7 @@ pub const ALL: [&str; 17] = [
     LB4_SRC_RANGES,
     LB6_SRC_RANGES,
     LB_MAGLEV,
+    LB_RR,
     LB_STATS,
     LB_SVC_INFO,
     LB_AGENT,

@@ -69,6 +69,12 @@ pub const FLAG_SNAT: u16 = 1 << 2;
 pub const FLAG_SOURCE_RANGES: u16 = 1 << 3;
 /// Pick backends by the frontend's Maglev table (`LB_MAGLEV`) instead of a random slot.
 pub const FLAG_MAGLEV: u16 = 1 << 4;
+/// Take the slots in turn (`LB_RR` holds the frontend's cursor): round-robin, weighted when the
+/// slots repeat backends by weight.
+pub const FLAG_ROUND_ROBIN: u16 = 1 << 5;
+/// Pick the slot by a hash of the client (its network namespace at the socket layer, its
+/// address at tc/XDP): stateless persistence.
+pub const FLAG_SOURCE_HASH: u16 = 1 << 6;
 
 impl ServiceValue {
     pub const fn has_affinity(&self) -> bool {

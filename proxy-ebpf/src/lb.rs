@@ -6,10 +6,40 @@ use proxy_common::{
     backend::BackendValue,
     maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
-    service::{FLAG_MAGLEV, MemberKey, ServiceValue, SlotKey},
+    service::{FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, MemberKey, ServiceValue, SlotKey},
 };
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_SLOTS};
+use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS};
+
+/// The next turn of a round-robin frontend.
+#[inline(always)]
+fn next_turn(svc_id: u32) -> u32 {
+    match LB_RR.get_ptr_mut(svc_id) {
+        Some(cursor) => {
+            // SAFETY: from the lookup; see LB_RR for the (benign) race.
+            let turn = unsafe { *cursor };
+            unsafe { *cursor = turn.wrapping_add(1) };
+            turn
+        }
+        None => {
+            let _ = LB_RR.insert(svc_id, 1, 0);
+            0
+        }
+    }
+}
+
+/// A hash of the client's identity (source hashing).
+#[inline(always)]
+fn client_hash(client: &AffinityKey) -> u32 {
+    let c = &client.client;
+    let mut h = 0;
+    let mut i = 0;
+    while i < 16 {
+        h = mix(h, u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]));
+        i += 4;
+    }
+    finish(h)
+}
 
 /// Mixes one 32-bit word into a flow hash (murmur3's block step). Every node runs the same
 /// code, so a flow hashes alike everywhere (Maglev's consistency across nodes).
@@ -87,7 +117,14 @@ pub fn select(svc: &ServiceValue, client: &AffinityKey, hash: u32) -> Result<Cho
         Some(id) => id,
         // Random, and the fallback of a Maglev frontend whose table is not (yet) there.
         None => {
-            let slot = unsafe { bpf_get_prandom_u32() } % svc.count as u32;
+            let draw = if svc.has_flag(FLAG_ROUND_ROBIN) {
+                next_turn(svc.id)
+            } else if svc.has_flag(FLAG_SOURCE_HASH) {
+                client_hash(client)
+            } else {
+                unsafe { bpf_get_prandom_u32() }
+            };
+            let slot = draw % svc.count as u32;
             let key = SlotKey {
                 svc_id: svc.id,
                 generation: svc.generation(),

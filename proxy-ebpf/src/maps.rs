@@ -84,6 +84,11 @@ pub static LB6_SRC_RANGES: LpmTrie<SrcRange6, u8, SRC_RANGES_MAX> = LpmTrie::new
 pub static LB_MAGLEV: HashMap<MaglevKey, MaglevChunk, MAGLEV_CHUNKS_MAX, NO_PREALLOC> =
     HashMap::new();
 
+/// Round-robin cursors per frontend id, advanced at each new connection of a round-robin
+/// frontend. Unlocked: two connects racing on two CPUs may take the same turn.
+#[btf_map]
+pub static LB_RR: HashMap<u32, u32, SERVICES_MAX, NO_PREALLOC> = HashMap::new();
+
 /// Counters per `Reason`, per CPU.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();

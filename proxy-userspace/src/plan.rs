@@ -20,9 +20,9 @@ use proxy_common::{
     },
     maglev::{MAGLEV_CHUNK, MaglevChunk, MaglevKey},
     service::{
-        FLAG_AFFINITY, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey,
-        MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue,
-        SlotKey, SlotValue,
+        FLAG_AFFINITY, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_HASH,
+        FLAG_SOURCE_RANGES, MemberKey, MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key,
+        Service6Key, ServiceValue, SlotKey, SlotValue,
     },
 };
 
@@ -526,9 +526,12 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             .entry(&state.port)
             .or_insert_with(|| allocate(&mut used_port_ids));
         let mut slots: Vec<u32> = Vec::new();
+        // Plain round-robin gives every backend one turn, whatever its weight.
+        let weighted = state.scheduler != Scheduler::RoundRobin;
         for b in &state.backends {
             let id = backend_ids[&identity_of(&backend_value(b))];
-            for _ in 0..b.weight.max(1) {
+            let turns = if weighted { b.weight.max(1) } else { 1 };
+            for _ in 0..turns {
                 slots.push(id);
             }
         }
@@ -547,9 +550,12 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             flags |= FLAG_SOURCE_RANGES;
         }
         let maglev = state.scheduler == Scheduler::Maglev && !slots.is_empty();
-        if maglev {
-            flags |= FLAG_MAGLEV;
-        }
+        flags |= match state.scheduler {
+            Scheduler::Maglev if maglev => FLAG_MAGLEV,
+            Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => FLAG_ROUND_ROBIN,
+            Scheduler::SourceHash => FLAG_SOURCE_HASH,
+            _ => 0,
+        };
         let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
         // Allowed sources exist before the frontend says to check them.
         for cidr in &state.source_ranges {

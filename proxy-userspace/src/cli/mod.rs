@@ -133,7 +133,8 @@ pub struct SourceArgs {
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
     /// Scheduler of Services without the `kube-bpf-proxy.io/scheduler` annotation: random
-    /// (kube-proxy's) or maglev (alias mh).
+    /// (kube-proxy's), round-robin (rr), weighted-round-robin (wrr), source-hash (sh) or
+    /// maglev (mh).
     #[arg(long, default_value = "random")]
     pub scheduler: String,
     /// Entries of each Maglev table: a prime, well above 100 x the backends of a Service.
@@ -173,9 +174,8 @@ impl SourceArgs {
 
     /// The settings compile takes from the command line.
     pub fn config(&self) -> anyhow::Result<crate::snapshot::ProxyConfig> {
-        let scheduler = crate::compile::Scheduler::parse(&self.scheduler).with_context(|| {
-            format!("--scheduler {:?}: not random, maglev or mh", self.scheduler)
-        })?;
+        let scheduler = crate::compile::Scheduler::parse(&self.scheduler)
+            .map_err(|why| anyhow::anyhow!("--scheduler: {why}"))?;
         if !crate::maglev::is_prime(self.maglev_table_size) {
             anyhow::bail!(
                 "--maglev-table-size {} is not a prime (e.g. {:?})",

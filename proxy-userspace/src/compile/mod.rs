@@ -108,13 +108,21 @@ pub enum FrontendKind {
     NodePort,
 }
 
-/// How a frontend picks the backend of a new connection.
+/// How a frontend picks the backend of a new connection. Session affinity, when set, wins
+/// over every scheduler (semantics 6.x).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scheduler {
     /// Uniformly at random over the slots (weights as slot counts): kube-proxy's behaviour
     /// (semantics 4.11).
     #[default]
     Random,
+    /// Each backend in turn, weights ignored.
+    RoundRobin,
+    /// Each backend in turn, as many turns as its weight.
+    WeightedRoundRobin,
+    /// By a hash of the client: the same client reaches the same backend while the set is
+    /// unchanged.
+    SourceHash,
     /// Maglev consistent hashing of the flow: the same flow picks the same backend on every
     /// node, and a backend change moves only about 1/N of the flows.
     Maglev,
@@ -122,19 +130,36 @@ pub enum Scheduler {
 
 /// The per-Service scheduler annotation.
 pub const SCHEDULER_ANNOTATION: &str = "kube-bpf-proxy.io/scheduler";
+/// The per-Service backend weights annotation: `IP=WEIGHT, ...` (default weight 1).
+pub const WEIGHTS_ANNOTATION: &str = "kube-bpf-proxy.io/weights";
+/// Largest weight (a backend holds one slot per unit of weight).
+pub const MAX_WEIGHT: u16 = 100;
 
 impl Scheduler {
-    /// Parses a scheduler name; kube-proxy's `--ipvs-scheduler` name `mh` is an alias.
-    pub fn parse(s: &str) -> Option<Scheduler> {
+    /// Parses a scheduler name; kube-proxy's `--ipvs-scheduler` names are aliases. Known
+    /// schedulers this proxy does not implement yet are an error with the reason.
+    pub fn parse(s: &str) -> Result<Scheduler, String> {
         match s.trim() {
-            "random" => Some(Scheduler::Random),
-            "maglev" | "mh" => Some(Scheduler::Maglev),
-            _ => None,
+            "random" => Ok(Scheduler::Random),
+            "round-robin" | "rr" => Ok(Scheduler::RoundRobin),
+            "weighted-round-robin" | "wrr" => Ok(Scheduler::WeightedRoundRobin),
+            "source-hash" | "sh" => Ok(Scheduler::SourceHash),
+            "maglev" | "mh" => Ok(Scheduler::Maglev),
+            "least-connection" | "lc" | "weighted-least-connection" | "wlc" => {
+                Err(format!("scheduler {s:?} is not implemented yet"))
+            }
+            other => Err(format!(
+                "unknown scheduler {other:?} (random, round-robin/rr, weighted-round-robin/wrr, \
+                 source-hash/sh, maglev/mh)"
+            )),
         }
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Scheduler::Random => "random",
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::WeightedRoundRobin => "weighted-round-robin",
+            Scheduler::SourceHash => "source-hash",
             Scheduler::Maglev => "maglev",
         }
     }
@@ -303,6 +328,8 @@ pub struct ServicePort {
     pub etp_local: bool,
     pub affinity_secs: Option<u32>,
     pub scheduler: Scheduler,
+    /// Backend weights by address (annotation `kube-bpf-proxy.io/weights`); others weigh 1.
+    pub weights: BTreeMap<IpAddr, u16>,
     pub endpoints: Categorized,
 }
 
@@ -561,21 +588,21 @@ fn compile_service(
         .annotations
         .as_ref()
         .and_then(|a| a.get(SCHEDULER_ANNOTATION));
-    let scheduler = match annotation.map(|a| (a, Scheduler::parse(a))) {
+    let scheduler = match annotation.map(|a| Scheduler::parse(a)) {
         None => snapshot.config.scheduler,
-        Some((_, Some(s))) => s,
-        Some((raw, None)) => {
+        Some(Ok(s)) => s,
+        Some(Err(why)) => {
             desired.problems.push(Problem {
                 object: object.clone(),
                 message: format!(
-                    "annotation {SCHEDULER_ANNOTATION}: unknown scheduler {raw:?} (random, \
-                     maglev); using the default, {}",
+                    "annotation {SCHEDULER_ANNOTATION}: {why}; using the default, {}",
                     snapshot.config.scheduler.as_str()
                 ),
             });
             snapshot.config.scheduler
         }
     };
+    let weights = weights_of(svc, &object, &mut desired.problems);
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let has_external_ips = spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
     // semantics 4.2
@@ -723,6 +750,7 @@ fn compile_service(
                 etp_local,
                 affinity_secs,
                 scheduler,
+                weights: weights.clone(),
                 endpoints: categorized,
             };
             add_frontends(&service_port, &object, &snapshot.node.addresses, desired);
@@ -731,7 +759,11 @@ fn compile_service(
     }
 }
 
-fn to_backends(endpoints: &[Endpoint], proto: Proto) -> Vec<Backend> {
+fn to_backends(
+    endpoints: &[Endpoint],
+    proto: Proto,
+    weights: &BTreeMap<IpAddr, u16>,
+) -> Vec<Backend> {
     endpoints
         .iter()
         .map(|e| Backend {
@@ -740,9 +772,46 @@ fn to_backends(endpoints: &[Endpoint], proto: Proto) -> Vec<Backend> {
             proto,
             local: e.local,
             terminating: e.terminating,
-            weight: 1,
+            weight: weights.get(&e.addr).copied().unwrap_or(1),
         })
         .collect()
+}
+
+/// Backend weights from the annotation; malformed entries are problems and weigh 1.
+fn weights_of(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> BTreeMap<IpAddr, u16> {
+    let mut out = BTreeMap::new();
+    let Some(raw) = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHTS_ANNOTATION))
+    else {
+        return out;
+    };
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let parsed = entry.split_once('=').and_then(|(ip, w)| {
+            let ip = ip.trim().parse::<IpAddr>().ok()?;
+            let w = w
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|w| (1..=MAX_WEIGHT).contains(w))?;
+            Some((ip, w))
+        });
+        match parsed {
+            Some((ip, w)) => {
+                out.insert(ip, w);
+            }
+            None => problems.push(Problem {
+                object: object.to_string(),
+                message: format!(
+                    "annotation {WEIGHTS_ANNOTATION}: {entry:?} is not IP=WEIGHT with a weight \
+                     in 1-{MAX_WEIGHT}; ignored"
+                ),
+            }),
+        }
+    }
+    out
 }
 
 /// The frontends of one Service port.
@@ -798,7 +867,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desi
             FrontendState {
                 port: sp.name.clone(),
                 kind,
-                backends: to_backends(backends, proto),
+                backends: to_backends(backends, proto, &sp.weights),
                 affinity_secs: sp.affinity_secs,
                 no_local,
                 snat: external_scope && !sp.etp_local,

@@ -1629,3 +1629,76 @@ fn scheduler_from_annotation_flag_or_default() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn scheduler_names_and_ipvs_aliases() {
+    // Issue #11: kube-proxy's --ipvs-scheduler names are aliases.
+    for (names, want) in [
+        (&["random"][..], Scheduler::Random),
+        (&["round-robin", "rr"], Scheduler::RoundRobin),
+        (
+            &["weighted-round-robin", "wrr"],
+            Scheduler::WeightedRoundRobin,
+        ),
+        (&["source-hash", "sh"], Scheduler::SourceHash),
+        (&["maglev", "mh"], Scheduler::Maglev),
+    ] {
+        for n in names {
+            assert_eq!(Scheduler::parse(n), Ok(want), "{n}");
+        }
+    }
+    assert!(
+        Scheduler::parse("lc")
+            .unwrap_err()
+            .contains("not implemented yet")
+    );
+    assert!(
+        Scheduler::parse("wlc")
+            .unwrap_err()
+            .contains("not implemented yet")
+    );
+    assert!(
+        Scheduler::parse("fifo")
+            .unwrap_err()
+            .contains("unknown scheduler")
+    );
+}
+
+#[test]
+fn weights_from_the_annotation() {
+    let yaml = docs(&[
+        &service(
+            "name: web, namespace: default, annotations: {kube-bpf-proxy.io/weights: '10.244.0.2=3, 10.244.0.3=0, junk, 10.244.0.4=1000'}",
+            "clusterIP: 10.96.0.10, ports: [{name: http, port: 80, protocol: TCP}]",
+        ),
+        &slice(
+            "web-1",
+            &[
+                "{addresses: [10.244.0.2]}",
+                "{addresses: [10.244.0.3]}",
+                "{addresses: [10.244.0.4]}",
+            ],
+        ),
+    ]);
+    let d = compile(&snapshot(&yaml, "node-a", None));
+    let weights: Vec<(String, u16)> = frontend_of(&d, FE)
+        .unwrap()
+        .backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("10.244.0.2".to_string(), 3),
+            ("10.244.0.3".to_string(), 1),
+            ("10.244.0.4".to_string(), 1)
+        ]
+    );
+    let bad = d
+        .problems
+        .iter()
+        .filter(|p| p.message.contains("IP=WEIGHT"))
+        .count();
+    assert_eq!(bad, 3, "{:?}", d.problems);
+}

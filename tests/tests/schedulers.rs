@@ -1,0 +1,153 @@
+//! Schedulers at the socket layer (issue #11): round-robin, weighted round-robin, source
+//! hashing, chosen per Service by annotation or globally by flag. (Maglev: tests/maglev.rs.)
+
+mod common;
+
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use common::*;
+use tests::harness::topology::Proto;
+
+/// Service `name` at `vip` over pods `pods`, with `annotations` (YAML flow-mapping entries).
+fn service(env: &Env, name: &str, vip: &str, pods: &[usize], annotations: &str) {
+    let svc = service_yaml(name, &[vip], &[HTTP], "").replacen(
+        &format!("metadata: {{name: {name}, namespace: default}}"),
+        &format!("metadata: {{name: {name}, namespace: default, annotations: {{{annotations}}}}}"),
+        1,
+    );
+    env.agent.write_manifest(&format!("{name}.yaml"), &svc);
+    let eps: Vec<Ep> = pods.iter().map(|p| ep(env.topo.pods[*p].ip4)).collect();
+    env.agent.write_manifest(
+        &format!("{name}-slice.yaml"),
+        &slice_yaml(&format!("{name}-1"), name, "IPv4", &[HTTP], &eps),
+    );
+}
+
+fn vip(s: &str) -> SocketAddr {
+    format!("{s}:80").parse().unwrap()
+}
+
+/// Round-robin from one client: every backend exactly its turn, in a fixed cycle.
+fn assert_round_robin(env: &Env, to: SocketAddr, backends: usize, rounds: usize) {
+    let replies = env.request(Proto::Tcp, to, backends * rounds);
+    let names: Vec<String> = replies
+        .iter()
+        .map(|r| {
+            assert!(r.ok, "{r:?}");
+            r.backend.clone()
+        })
+        .collect();
+    for window in names.chunks(backends) {
+        let distinct: BTreeSet<&String> = window.iter().collect();
+        assert_eq!(distinct.len(), backends, "not a full turn: {names:?}");
+    }
+    for (i, name) in names.iter().enumerate().skip(backends) {
+        assert_eq!(name, &names[i - backends], "the cycle changed: {names:?}");
+    }
+}
+
+#[test]
+fn round_robin_gives_each_backend_exactly_its_turn() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    service(
+        &env,
+        "rr",
+        "10.96.0.40",
+        &[1, 2, 3],
+        "kube-bpf-proxy.io/scheduler: rr",
+    );
+    env.wait_for_backends(Proto::Tcp, vip("10.96.0.40"), &["pod-2", "pod-3", "pod-4"]);
+    assert_round_robin(&env, vip("10.96.0.40"), 3, 10);
+}
+
+#[test]
+fn weighted_round_robin_splits_by_weight() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(3);
+    let weights = format!(
+        "kube-bpf-proxy.io/scheduler: wrr, kube-bpf-proxy.io/weights: '{}=3, {}=1'",
+        env.topo.pods[1].ip4, env.topo.pods[2].ip4
+    );
+    service(&env, "wrr", "10.96.0.41", &[1, 2], &weights);
+    env.wait_for_backends(Proto::Tcp, vip("10.96.0.41"), &["pod-2", "pod-3"]);
+    // Turns are taken in order, so 40 connections split exactly 30:10.
+    let t = tally(&env.request(Proto::Tcp, vip("10.96.0.41"), 40));
+    assert_eq!(t.get("pod-2"), Some(&30), "{t:?}");
+    assert_eq!(t.get("pod-3"), Some(&10), "{t:?}");
+}
+
+#[test]
+fn source_hash_keeps_a_client_on_one_backend_and_spreads_clients() {
+    if !privileged() {
+        return;
+    }
+    // Pods 1-3 serve; pod 0 and pods 4-10 are the clients.
+    let env = Env::new(11);
+    service(
+        &env,
+        "sh",
+        "10.96.0.42",
+        &[1, 2, 3],
+        "kube-bpf-proxy.io/scheduler: sh",
+    );
+    tests::poll_until("sh answered", std::time::Duration::from_secs(10), || {
+        let r = env.request(Proto::Tcp, vip("10.96.0.42"), 1);
+        if r[0].ok {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let mut chosen = BTreeSet::new();
+    for client in [0, 4, 5, 6, 7, 8, 9, 10] {
+        let t = tally(&env.topo.request(client, Proto::Tcp, vip("10.96.0.42"), 10));
+        assert_eq!(t.len(), 1, "client pod {client} moved: {t:?}");
+        chosen.extend(t.into_keys());
+    }
+    // 8 clients on one backend by chance: 3 * (1/3)^8 < 0.1%.
+    assert!(chosen.len() >= 2, "{chosen:?}");
+}
+
+#[test]
+fn annotation_overrides_the_flag_and_bad_values_fall_back() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    env.agent.kill();
+    env.agent.extra_args = vec!["--scheduler".into(), "rr".into()];
+    env.agent.start();
+    let from = env.agent.log_position();
+    service(&env, "plain", "10.96.0.43", &[1, 2, 3], "");
+    service(
+        &env,
+        "sticky",
+        "10.96.0.44",
+        &[1, 2, 3],
+        "kube-bpf-proxy.io/scheduler: sh",
+    );
+    service(
+        &env,
+        "odd",
+        "10.96.0.45",
+        &[1, 2, 3],
+        "kube-bpf-proxy.io/scheduler: fastest",
+    );
+    env.agent.wait_for_log(
+        from,
+        "unknown scheduler \"fastest\"",
+        std::time::Duration::from_secs(10),
+    );
+    env.wait_for_backends(Proto::Tcp, vip("10.96.0.43"), &["pod-2", "pod-3", "pod-4"]);
+    // The global round-robin, for the Service without annotation and the one with a bad value.
+    assert_round_robin(&env, vip("10.96.0.43"), 3, 4);
+    assert_round_robin(&env, vip("10.96.0.45"), 3, 4);
+    // Source hashing where the annotation says so.
+    let t = tally(&env.request(Proto::Tcp, vip("10.96.0.44"), 12));
+    assert_eq!(t.len(), 1, "{t:?}");
+}
