@@ -36,4 +36,14 @@ impl BackendValue {
     }
 }
 
-pod!(BackendValue);
+/// Value of `LB_SOCK` (socket-local storage): the backend a TCP socket's connection is counted
+/// against in `LB_CONNS`, released when the socket goes away.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SockConn {
+    pub backend_id: u32,
+    /// 1 while the connection is counted.
+    pub counted: u32,
+}
+
+pod!(BackendValue, SockConn);

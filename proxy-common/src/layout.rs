@@ -25,6 +25,7 @@ const _: () = {
     assert!(size_of::<ConfigValue>() == 8);
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<MaglevKey>() == 8);
+    assert!(size_of::<SockConn>() == 8);
     assert!(size_of::<MaglevChunk>() == 1024);
     assert!(size_of::<Ct4Value>() == 32);
     assert!(size_of::<Ct6Key>() == 40);

@@ -28,6 +28,10 @@ pub const LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
 pub const LB_MAGLEV: &str = "LB_MAGLEV";
 /// Round-robin cursors: `u32` frontend id → `u32` next turn. Written by the programs.
 pub const LB_RR: &str = "LB_RR";
+/// Active connections per backend id (`u32` → `u64`), for least-connection scheduling.
+pub const LB_CONNS: &str = "LB_CONNS";
+/// Socket-local storage of TCP sockets of least-connection frontends: `backend::SockConn`.
+pub const LB_SOCK: &str = "LB_SOCK";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
@@ -40,7 +44,7 @@ pub const LB_AGENT: &str = "LB_AGENT";
 pub const LB_CONFIG: &str = "LB_CONFIG";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 20] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -55,6 +59,8 @@ pub const ALL: [&str; 18] = [
     LB6_SRC_RANGES,
     LB_MAGLEV,
     LB_RR,
+    LB_CONNS,
+    LB_SOCK,
     LB_STATS,
     LB_SVC_INFO,
     LB_AGENT,

@@ -75,6 +75,10 @@ pub const FLAG_ROUND_ROBIN: u16 = 1 << 5;
 /// Pick the slot by a hash of the client (its network namespace at the socket layer, its
 /// address at tc/XDP): stateless persistence.
 pub const FLAG_SOURCE_HASH: u16 = 1 << 6;
+/// Pick the backend with the fewest active connections (`LB_CONNS`), counted by the datapath.
+pub const FLAG_LEAST_CONN: u16 = 1 << 7;
+/// With `FLAG_LEAST_CONN`: connections relative to the backend's weight.
+pub const FLAG_WEIGHTED: u16 = 1 << 8;
 
 impl ServiceValue {
     pub const fn has_affinity(&self) -> bool {

@@ -6,8 +6,51 @@ use proxy_common::{
     backend::BackendValue,
     maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
-    service::{FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, MemberKey, ServiceValue, SlotKey},
+    service::{
+        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED, MemberKey,
+        ServiceValue, SlotKey,
+    },
 };
+
+use crate::conns;
+
+/// Backends a least-connection choice compares (from a random slot on): all of them up to
+/// this many.
+const LC_SCAN: u32 = 32;
+
+/// The backend with the fewest active connections (relative to its weight with
+/// `FLAG_WEIGHTED`) among up to `LC_SCAN` slots; ties go to the first from a random start.
+#[inline(never)]
+fn least_conn(svc: &ServiceValue) -> u32 {
+    let count = svc.count as u32;
+    let start = unsafe { bpf_get_prandom_u32() };
+    let weighted = svc.has_flag(FLAG_WEIGHTED);
+    let (mut best, mut best_conns, mut best_weight) = (0u32, 0u64, 1u64);
+    for i in 0..LC_SCAN {
+        if i >= count {
+            break;
+        }
+        let key = SlotKey {
+            svc_id: svc.id,
+            generation: svc.generation(),
+            slot: (start.wrapping_add(i) % count) as u16,
+        };
+        let Some(slot) = (unsafe { LB_SLOTS.get(&key) }) else {
+            continue;
+        };
+        let id = slot.backend_id;
+        let conns = conns::of(id);
+        let weight = if weighted {
+            unsafe { LB_BACKENDS.get(&id) }.map_or(1, |b| u64::from(b.weight.max(1)))
+        } else {
+            1
+        };
+        if best == 0 || conns * best_weight < best_conns * weight {
+            (best, best_conns, best_weight) = (id, conns, weight);
+        }
+    }
+    best
+}
 
 use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS};
 
@@ -110,6 +153,8 @@ pub fn select(svc: &ServiceValue, client: &AffinityKey, hash: u32) -> Result<Cho
     }
     let picked = if svc.has_flag(FLAG_MAGLEV) {
         maglev_pick(svc, hash)
+    } else if svc.has_flag(FLAG_LEAST_CONN) {
+        Some(least_conn(svc)).filter(|id| *id != 0)
     } else {
         None
     };

@@ -2,7 +2,10 @@
 //! function decided.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod conns;
 mod debug;
 mod dsr;
 mod icmp;
@@ -16,8 +19,8 @@ mod stats;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, socket_filter, xdp},
-    programs::{SkBuffContext, SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, socket_filter, xdp},
+    programs::{SkBuffContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
 
 /// connect() of TCP, UDP and SCTP sockets to an IPv4 address. Returns 1 (proceed) unless the
@@ -70,6 +73,14 @@ pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
     sock::rev6(&ctx);
+    1
+}
+
+/// A socket of the hooked cgroup is released: a connection counted for least-connection
+/// scheduling is given back. Always 1.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    conns::release(&ctx);
     1
 }
 

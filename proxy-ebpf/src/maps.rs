@@ -2,12 +2,12 @@
 //! LB_* maps, the programs write affinity and reverse-translation entries and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
-    backend::BackendValue,
+    backend::{BackendValue, SockConn},
     config::ConfigValue,
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     info::{AgentState, ServiceInfo},
@@ -88,6 +88,15 @@ pub static LB_MAGLEV: HashMap<MaglevKey, MaglevChunk, MAGLEV_CHUNKS_MAX, NO_PREA
 /// frontend. Unlocked: two connects racing on two CPUs may take the same turn.
 #[btf_map]
 pub static LB_RR: HashMap<u32, u32, SERVICES_MAX, NO_PREALLOC> = HashMap::new();
+
+/// Active connections per backend id. Incremented at connect() of a TCP socket to a
+/// least-connection frontend, decremented when that socket is released; atomic adds only.
+#[btf_map]
+pub static LB_CONNS: Array<u64, BACKENDS_MAX> = Array::new();
+
+/// Which backend a counted socket's connection is counted against.
+#[btf_map]
+pub static LB_SOCK: SkStorage<SockConn> = SkStorage::new();
 
 /// Counters per `Reason`, per CPU.
 #[btf_map]

@@ -9,15 +9,16 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_NETNS},
+    proto,
     reason::Reason,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
-    service::{SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue},
+    service::{FLAG_LEAST_CONN, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue},
 };
 
 use aya_log_ebpf::info;
 
 use crate::{
-    debug,
+    conns, debug,
     lb::{self, Choice},
     maps::{LB4_SERVICES, LB6_SERVICES, SOCK4_REVNAT, SOCK6_REVNAT},
     stats,
@@ -136,8 +137,13 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     };
     let svc = lookup4(&key)?;
     let Choice {
-        backend, reason, ..
+        backend,
+        reason,
+        backend_id,
     } = lb::select(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
+    if svc.has_flag(FLAG_LEAST_CONN) && key.proto == proto::TCP {
+        conns::count(ctx, backend_id);
+    }
     let backend_addr = backend.addr4();
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNat4Key {
@@ -275,8 +281,13 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         lookup6(&key)?
     };
     let Choice {
-        backend, reason, ..
+        backend,
+        reason,
+        backend_id,
     } = lb::select(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
+    if svc.has_flag(FLAG_LEAST_CONN) && key.proto == proto::TCP {
+        conns::count(ctx, backend_id);
+    }
     let mut backend_addr = backend.addr;
     if mapped {
         backend_addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];

@@ -20,9 +20,9 @@ use proxy_common::{
     },
     maglev::{MAGLEV_CHUNK, MaglevChunk, MaglevKey},
     service::{
-        FLAG_AFFINITY, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_HASH,
-        FLAG_SOURCE_RANGES, MemberKey, MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key,
-        Service6Key, ServiceValue, SlotKey, SlotValue,
+        FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_ROUND_ROBIN, FLAG_SNAT,
+        FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES, FLAG_WEIGHTED, MemberKey, MemberValue,
+        SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
     },
 };
 
@@ -526,8 +526,12 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             .entry(&state.port)
             .or_insert_with(|| allocate(&mut used_port_ids));
         let mut slots: Vec<u32> = Vec::new();
-        // Plain round-robin gives every backend one turn, whatever its weight.
-        let weighted = state.scheduler != Scheduler::RoundRobin;
+        // Round-robin gives every backend one turn, whatever its weight; least-connection
+        // compares every backend once (weights count in the comparison, not in slots).
+        let weighted = !matches!(
+            state.scheduler,
+            Scheduler::RoundRobin | Scheduler::LeastConnection | Scheduler::WeightedLeastConnection
+        );
         for b in &state.backends {
             let id = backend_ids[&identity_of(&backend_value(b))];
             let turns = if weighted { b.weight.max(1) } else { 1 };
@@ -554,6 +558,8 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             Scheduler::Maglev if maglev => FLAG_MAGLEV,
             Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => FLAG_ROUND_ROBIN,
             Scheduler::SourceHash => FLAG_SOURCE_HASH,
+            Scheduler::LeastConnection => FLAG_LEAST_CONN,
+            Scheduler::WeightedLeastConnection => FLAG_LEAST_CONN | FLAG_WEIGHTED,
             _ => 0,
         };
         let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);

@@ -74,7 +74,7 @@ fn sigkill_and_restart_fail_no_connection() {
         env.agent.start();
         env.agent.wait_for_log(
             from,
-            "0 attached, 8 replaced in place",
+            "0 attached, 9 replaced in place",
             Duration::from_secs(10),
         );
         let synced = env
@@ -153,7 +153,7 @@ fn upgrade_after_a_change_writes_only_the_change() {
     env.agent.start();
     env.agent.wait_for_log(
         from,
-        "0 attached, 8 replaced in place",
+        "0 attached, 9 replaced in place",
         Duration::from_secs(10),
     );
     let synced = env

@@ -151,3 +151,88 @@ fn annotation_overrides_the_flag_and_bad_values_fall_back() {
     let t = tally(&env.request(Proto::Tcp, vip("10.96.0.44"), 12));
     assert_eq!(t.len(), 1, "{t:?}");
 }
+
+/// Active connections per backend address of the frontend `frontend`, from `services -o json`.
+fn connections(env: &Env, frontend: &str) -> std::collections::BTreeMap<String, u64> {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .args(["services", "-o", "json", "--bpffs"])
+            .arg(&env.agent.pin_dir)
+            .output()
+            .expect("run services");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
+    let f = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == frontend)
+        .unwrap_or_else(|| panic!("no {frontend} in {v}"));
+    assert_eq!(f["scheduler"], "least-connection");
+    f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    let lc = "kube-bpf-proxy.io/scheduler: lc";
+    let to = vip("10.96.0.46");
+    service(&env, "lc", "10.96.0.46", &[1], lc);
+    env.wait_for_backends(Proto::Tcp, to, &["pod-2"]);
+    // Three long connections on pod-2, then pod-3 joins.
+    let mut held: Vec<_> = (0..3).map(|_| env.topo.hold(0, to)).collect();
+    assert!(held.iter().all(|(_, r)| r.backend == "pod-2"));
+    service(&env, "lc", "10.96.0.46", &[1, 2], lc);
+    let busy = format!("{}:{BACKEND_PORT}", env.topo.pods[1].ip4);
+    let idle = format!("{}:{BACKEND_PORT}", env.topo.pods[2].ip4);
+    tests::poll_until(
+        "pod-3 in the Service",
+        std::time::Duration::from_secs(10),
+        || {
+            let c = connections(&env, "10.96.0.46:80/TCP");
+            if c.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    );
+    assert_eq!(connections(&env, "10.96.0.46:80/TCP")[&busy], 3);
+    // New connections (each closed before the next) all avoid the busy backend.
+    let t = tally(&env.request(Proto::Tcp, to, 20));
+    assert_eq!(t.get("pod-3"), Some(&20), "{t:?}");
+    for (h, _) in &mut held {
+        assert_eq!(h.again().backend, "pod-2");
+    }
+    // Thousands more, then the held clients are killed without closing their sockets.
+    let replies = env.request(Proto::Tcp, to, 2000);
+    assert!(replies.iter().all(|r| r.ok));
+    held.clear();
+    tests::poll_until(
+        "counts back to zero",
+        std::time::Duration::from_secs(10),
+        || {
+            let c = connections(&env, "10.96.0.46:80/TCP");
+            if c[&busy] == 0 && c[&idle] == 0 {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    );
+    // Idle again: new connections spread over both.
+    let t = tally(&env.request(Proto::Tcp, to, 40));
+    assert_eq!(t.len(), 2, "{t:?}");
+}

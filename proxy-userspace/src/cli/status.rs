@@ -165,7 +165,16 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
 pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
     let state = maps.dump()?;
-    let frontends = view::frontends(&state);
+    let mut frontends = view::frontends(&state);
+    // The inputs of a least-connection frontend's next decision: its backends' counts.
+    for f in frontends
+        .iter_mut()
+        .filter(|f| f.scheduler.contains("least-connection"))
+    {
+        for b in &mut f.backends {
+            b.connections = maps.connections(b.id).ok();
+        }
+    }
     if args.output == Format::Json {
         return json(&frontends);
     }
@@ -188,6 +197,9 @@ pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
                     if b.slots != 1 {
                         s.push_str(&format!(" x{}", b.slots));
                     }
+                    if let Some(n) = b.connections {
+                        s.push_str(&format!(" [{n} conn]"));
+                    }
                     if !tags.is_empty() {
                         s.push_str(&format!(" ({})", tags.join(",")));
                     }
@@ -201,6 +213,7 @@ pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
             f.kind.clone(),
             f.service.clone(),
             f.action.clone(),
+            f.scheduler.clone(),
             if f.policies.is_empty() {
                 "-".into()
             } else {
@@ -213,7 +226,13 @@ pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
         "{}",
         table(
             &[
-                "FRONTEND", "TYPE", "SERVICE", "ACTION", "POLICIES", "BACKENDS"
+                "FRONTEND",
+                "TYPE",
+                "SERVICE",
+                "ACTION",
+                "SCHEDULER",
+                "POLICIES",
+                "BACKENDS"
             ],
             &rows
         )

@@ -27,6 +27,9 @@ pub struct BackendView {
     pub local: bool,
     pub terminating: bool,
     pub weight: u16,
+    /// Active connections counted for least-connection scheduling (lc/wlc frontends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -40,11 +43,35 @@ pub struct FrontendView {
     /// "drop (no local endpoints)".
     pub action: String,
     pub policies: Vec<String>,
+    /// How new connections pick a backend.
+    pub scheduler: String,
     pub backends: Vec<BackendView>,
     #[serde(skip)]
     pub port_id: u32,
     #[serde(skip)]
     pub affinity_secs: Option<u32>,
+}
+
+/// The scheduler a frontend's flags name.
+pub fn scheduler_of(svc: &ServiceValue) -> &'static str {
+    use proxy_common::service::{
+        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED,
+    };
+    if svc.has_flag(FLAG_MAGLEV) {
+        "maglev"
+    } else if svc.has_flag(FLAG_LEAST_CONN) {
+        if svc.has_flag(FLAG_WEIGHTED) {
+            "weighted-least-connection"
+        } else {
+            "least-connection"
+        }
+    } else if svc.has_flag(FLAG_ROUND_ROBIN) {
+        "round-robin"
+    } else if svc.has_flag(FLAG_SOURCE_HASH) {
+        "source-hash"
+    } else {
+        "random"
+    }
 }
 
 pub fn backend_addr(v: &BackendValue) -> String {
@@ -107,6 +134,7 @@ fn frontend_view(state: &MapState, key: &ServiceKey, svc: &ServiceValue) -> Fron
             local: v.flags & BACKEND_LOCAL != 0,
             terminating: v.flags & BACKEND_TERMINATING != 0,
             weight: v.weight,
+            connections: None,
         });
     }
     FrontendView {
@@ -117,6 +145,7 @@ fn frontend_view(state: &MapState, key: &ServiceKey, svc: &ServiceValue) -> Fron
         revision: svc.rev,
         action: action.to_string(),
         policies,
+        scheduler: scheduler_of(svc).to_string(),
         backends,
         port_id: svc.port_id,
         affinity_secs: svc.has_affinity().then_some(svc.affinity_timeout_secs),

@@ -123,6 +123,10 @@ pub enum Scheduler {
     /// By a hash of the client: the same client reaches the same backend while the set is
     /// unchanged.
     SourceHash,
+    /// The backend with the fewest active connections (counted by the socket hooks).
+    LeastConnection,
+    /// The fewest active connections relative to the backend's weight.
+    WeightedLeastConnection,
     /// Maglev consistent hashing of the flow: the same flow picks the same backend on every
     /// node, and a backend change moves only about 1/N of the flows.
     Maglev,
@@ -145,12 +149,11 @@ impl Scheduler {
             "weighted-round-robin" | "wrr" => Ok(Scheduler::WeightedRoundRobin),
             "source-hash" | "sh" => Ok(Scheduler::SourceHash),
             "maglev" | "mh" => Ok(Scheduler::Maglev),
-            "least-connection" | "lc" | "weighted-least-connection" | "wlc" => {
-                Err(format!("scheduler {s:?} is not implemented yet"))
-            }
+            "least-connection" | "lc" => Ok(Scheduler::LeastConnection),
+            "weighted-least-connection" | "wlc" => Ok(Scheduler::WeightedLeastConnection),
             other => Err(format!(
                 "unknown scheduler {other:?} (random, round-robin/rr, weighted-round-robin/wrr, \
-                 source-hash/sh, maglev/mh)"
+                 least-connection/lc, weighted-least-connection/wlc, source-hash/sh, maglev/mh)"
             )),
         }
     }
@@ -160,6 +163,8 @@ impl Scheduler {
             Scheduler::RoundRobin => "round-robin",
             Scheduler::WeightedRoundRobin => "weighted-round-robin",
             Scheduler::SourceHash => "source-hash",
+            Scheduler::LeastConnection => "least-connection",
+            Scheduler::WeightedLeastConnection => "weighted-least-connection",
             Scheduler::Maglev => "maglev",
         }
     }

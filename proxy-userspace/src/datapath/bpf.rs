@@ -18,7 +18,7 @@ use aya::{
         PerCpuArray, lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
@@ -50,7 +50,7 @@ use crate::plan::{MapState, Op, ServiceKey, SourceRange};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
 /// The socket-hook programs, by their function names in proxy-ebpf.
-pub const SOCK_PROGRAMS: [&str; 8] = [
+pub const SOCK_PROGRAMS: [&str; 9] = [
     "sock4_connect",
     "sock4_sendmsg",
     "sock4_recvmsg",
@@ -59,6 +59,7 @@ pub const SOCK_PROGRAMS: [&str; 8] = [
     "sock6_sendmsg",
     "sock6_recvmsg",
     "sock6_getpeername",
+    "sock_release",
 ];
 
 /// The tc program, attached at ingress of the node's external and pod-facing interfaces.
@@ -112,6 +113,7 @@ pub struct Maps {
     src_ranges4: LpmTrie<MapData, SrcRange4, u8>,
     src_ranges6: LpmTrie<MapData, SrcRange6, u8>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    conns: Array<MapData, u64>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
@@ -238,6 +240,7 @@ impl Maps {
             src_ranges4: source.take(names::LB4_SRC_RANGES)?,
             src_ranges6: source.take(names::LB6_SRC_RANGES)?,
             maglev: source.take(names::LB_MAGLEV)?,
+            conns: source.take(names::LB_CONNS)?,
         })
     }
 
@@ -369,6 +372,11 @@ impl Maps {
         self.config_flag(CONFIG_DEBUG_LOG)
     }
 
+    /// Active connections of backend `id` (least-connection scheduling).
+    pub fn connections(&self, id: u32) -> anyhow::Result<u64> {
+        Ok(self.conns.get(&id, 0)?)
+    }
+
     /// Sets the size of every Maglev table (read by the programs at each choice).
     pub fn set_maglev_size(&mut self, size: u32) -> anyhow::Result<()> {
         let mut value = self.config.get(&0, 0)?;
@@ -415,6 +423,8 @@ pub fn map_fill(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u32, u32)>>
         let used = match info.map_type()? {
             // Arrays always hold max_entries entries.
             MapType::Array | MapType::PerCpuArray => info.max_entries(),
+            // Socket storage lives in the sockets: nothing to count here.
+            MapType::SkStorage => 0,
             _ => {
                 let data = MapData::from_pin(&path)?;
                 count_entries(data.fd().as_fd(), info.key_size(), info.max_entries())?
@@ -480,7 +490,7 @@ impl MapSizes {
     fn of(&self, map: &str) -> Option<u32> {
         Some(match map {
             names::LB4_SERVICES | names::LB6_SERVICES | names::LB_SVC_INFO => self.services,
-            names::LB_BACKENDS => self.backends,
+            names::LB_BACKENDS | names::LB_CONNS => self.backends,
             names::LB_SLOTS | names::LB_MEMBERS => self.slots,
             names::LB_AFFINITY => self.affinity,
             names::SOCK4_REVNAT | names::SOCK6_REVNAT => self.sock_revnat,
@@ -529,41 +539,37 @@ impl Datapath {
             .with_context(|| format!("create {}", links_dir.display()))?;
         let (mut attached, mut replaced) = (0, 0);
         for name in SOCK_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
-                .try_into()
-                .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
-            program
-                .load()
-                .with_context(|| format!("verifier rejected {name}"))?;
             let pin = links_dir.join(name);
-            if pin.exists() {
-                // An earlier agent left its hook attached: swap the program inside the link,
-                // so there is no instant without a hook.
-                match replace_program(&pin, program.fd()?.as_fd()) {
-                    Ok(()) => {
-                        replaced += 1;
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
-                        let _ = fs::remove_file(&pin);
-                    }
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?;
+            let was_replaced = match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    p.load()
+                        .with_context(|| format!("verifier rejected {name}"))?;
+                    let fd = p.fd()?.try_clone()?;
+                    pin_or_replace(&pin, fd.as_fd(), || {
+                        let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
+                        Ok(p.take_link(id)?.try_into()?)
+                    })
                 }
+                aya::programs::Program::CgroupSock(p) => {
+                    p.load()
+                        .with_context(|| format!("verifier rejected {name}"))?;
+                    let fd = p.fd()?.try_clone()?;
+                    pin_or_replace(&pin, fd.as_fd(), || {
+                        let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
+                        Ok(p.take_link(id)?.try_into()?)
+                    })
+                }
+                _ => bail!("program {name} is not a cgroup socket program"),
             }
-            let link_id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
-            let link: FdLink = program
-                .take_link(link_id)?
-                .try_into()
-                .with_context(|| format!("{name}: not an fd link"))?;
-            // Pinned, the hook outlives this process: an agent restart or crash leaves it in
-            // place (`kube-bpf-proxy cleanup` removes it).
-            link.pin(&pin)
-                .with_context(|| format!("pin link {}", pin.display()))?;
-            attached += 1;
+            .with_context(|| format!("attach {name} to {}", cgroup.display()))?;
+            if was_replaced {
+                replaced += 1;
+            } else {
+                attached += 1;
+            }
         }
         log::info!(
             "socket hooks on {}: {attached} attached, {replaced} replaced in place",
@@ -810,6 +816,29 @@ impl Datapath {
         }
         self.write_agent_state()
     }
+}
+
+/// Swaps `prog` into the link pinned at `pin` if an earlier agent left one (so there is no
+/// instant without the hook; returns true), else attaches afresh with `attach` and pins the link
+/// (pinned, the hook outlives this process: `kube-bpf-proxy cleanup` removes it).
+fn pin_or_replace(
+    pin: &Path,
+    prog: BorrowedFd<'_>,
+    attach: impl FnOnce() -> anyhow::Result<FdLink>,
+) -> anyhow::Result<bool> {
+    if pin.exists() {
+        match replace_program(pin, prog) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                log::warn!("{}: {e:#}; attaching afresh", pin.display());
+                let _ = fs::remove_file(pin);
+            }
+        }
+    }
+    let link = attach()?;
+    link.pin(pin)
+        .with_context(|| format!("pin link {}", pin.display()))?;
+    Ok(false)
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
