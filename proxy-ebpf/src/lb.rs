@@ -137,7 +137,14 @@ pub struct Choice {
 /// drops), `SlotMissing` / `BackendMissing` when userspace is mid-update (the caller leaves the
 /// socket untouched).
 #[inline(always)]
-pub fn select(svc: &ServiceValue, client: &AffinityKey, hash: u32) -> Result<Choice, Reason> {
+///
+/// `COUNTED`: whether the caller counts connections (the socket hooks); least-connection
+/// frontends are balanced at random where it does not (the packet paths, for now).
+pub fn select<const COUNTED: bool>(
+    svc: &ServiceValue,
+    client: &AffinityKey,
+    hash: u32,
+) -> Result<Choice, Reason> {
     if svc.count == 0 {
         return Err(if svc.is_no_local() {
             Reason::NoLocalBackends
@@ -153,7 +160,7 @@ pub fn select(svc: &ServiceValue, client: &AffinityKey, hash: u32) -> Result<Cho
     }
     let picked = if svc.has_flag(FLAG_MAGLEV) {
         maglev_pick(svc, hash)
-    } else if svc.has_flag(FLAG_LEAST_CONN) {
+    } else if COUNTED && svc.has_flag(FLAG_LEAST_CONN) {
         Some(least_conn(svc)).filter(|id| *id != 0)
     } else {
         None

@@ -163,7 +163,7 @@ fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&pkt.t.saddr),
     };
-    let choice = match lb::select(&svc, &client, F::hash(&pkt.t)) {
+    let choice = match lb::select::<false>(&svc, &client, F::hash(&pkt.t)) {
         Ok(c) => c,
         Err(Reason::NoBackends) => return REJECT,
         Err(Reason::NoLocalBackends) => {

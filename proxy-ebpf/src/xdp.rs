@@ -286,7 +286,7 @@ fn pick<F: Family>(
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&t.saddr),
     };
-    *out = lb::select(svc, &client, F::hash(t))?;
+    *out = lb::select::<false>(svc, &client, F::hash(t))?;
     Ok(())
 }
 
@@ -427,19 +427,17 @@ fn new_flow<F: XdpFamily>(ctx: &XdpContext) -> u32 {
         svc_id: svc.id,
         backend_id: choice.backend_id,
         now,
-        hop: h,
     };
-    commit::<F>(ctx, pkt, &mut to, &meta)
+    commit::<F>(ctx, pkt, &mut to, &meta, &h)
 }
 
 /// What `new_flow` decided, for `commit`.
-struct Meta<A> {
+struct Meta {
     /// `CT_SNAT`, `CT_DSR` or 0.
     flags: u32,
     svc_id: u32,
     backend_id: u32,
     now: u64,
-    hop: Hop<A>,
 }
 
 /// Records the flow (reply entry first: it claims the masquerading port), rewrites the packet
@@ -449,7 +447,8 @@ fn commit<F: XdpFamily>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
     to: &mut Tuple<F::Addr>,
-    meta: &Meta<F::Addr>,
+    meta: &Meta,
+    hop: &Hop<F::Addr>,
 ) -> u32 {
     let snat = meta.flags & CT_SNAT != 0;
     let dsr = meta.flags & CT_DSR != 0;
@@ -497,9 +496,9 @@ fn commit<F: XdpFamily>(
     stats::count(Reason::NatNew);
     stats::count(Reason::XdpForwarded);
     if dsr {
-        return dsr_out::<F>(ctx, &pkt.t, meta.hop.smac, meta.hop.dmac);
+        return dsr_out::<F>(ctx, &pkt.t, hop.smac, hop.dmac);
     }
-    transmit(ctx, meta.hop.smac, meta.hop.dmac)
+    transmit(ctx, hop.smac, hop.dmac)
 }
 
 /// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and transmits.

@@ -1647,15 +1647,10 @@ fn scheduler_names_and_ipvs_aliases() {
             assert_eq!(Scheduler::parse(n), Ok(want), "{n}");
         }
     }
-    assert!(
-        Scheduler::parse("lc")
-            .unwrap_err()
-            .contains("not implemented yet")
-    );
-    assert!(
-        Scheduler::parse("wlc")
-            .unwrap_err()
-            .contains("not implemented yet")
+    assert_eq!(Scheduler::parse("lc"), Ok(Scheduler::LeastConnection));
+    assert_eq!(
+        Scheduler::parse("wlc"),
+        Ok(Scheduler::WeightedLeastConnection)
     );
     assert!(
         Scheduler::parse("fifo")
