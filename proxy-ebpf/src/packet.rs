@@ -575,8 +575,8 @@ impl Family for V6 {
 
     #[inline(always)]
     fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 16]>) {
-        p.__bindgen_anon_3.ipv6_src = words(&t.saddr);
-        p.__bindgen_anon_4.ipv6_dst = words(&t.daddr);
+        p.__bindgen_anon_3.ipv6_src = ip6_words(&t.saddr);
+        p.__bindgen_anon_4.ipv6_dst = ip6_words(&t.daddr);
     }
 
     #[inline(always)]
@@ -605,28 +605,40 @@ impl Family for V6 {
     #[inline(always)]
     fn fib_src(p: &bpf_fib_lookup) -> [u8; 16] {
         // SAFETY: the IPv6 member of a union the helper filled for AF_INET6.
-        let w = unsafe { p.__bindgen_anon_3.ipv6_src };
-        let mut out = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let b = w[i].to_ne_bytes();
-            out[i * 4] = b[0];
-            out[i * 4 + 1] = b[1];
-            out[i * 4 + 2] = b[2];
-            out[i * 4 + 3] = b[3];
-            i += 1;
-        }
-        out
+        ip6_bytes(&unsafe { p.__bindgen_anon_3.ipv6_src })
     }
 }
 
-/// An address as the four native-order words of its memory layout.
+/// An IPv6 address from the four native-order words of its memory layout (as `bpf_sock_addr`
+/// and the FIB lookup hold it).
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
+pub fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// The four native-order words of an IPv6 address's memory layout.
+#[inline(always)]
+pub fn ip6_words(bytes: &[u8; 16]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] = u32::from_ne_bytes([
+            bytes[i * 4],
+            bytes[i * 4 + 1],
+            bytes[i * 4 + 2],
+            bytes[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    out
 }

@@ -21,6 +21,7 @@ use crate::{
     conns, debug,
     lb::{self, Choice},
     maps::{LB4_SERVICES, LB6_SERVICES, SOCK4_REVNAT, SOCK6_REVNAT},
+    packet::{ip6_bytes, ip6_words},
     stats,
 };
 
@@ -200,37 +201,6 @@ pub fn rev4(ctx: &SockAddrContext) {
         sa.user_port = port_to_ctx(frontend.port);
         stats::count(Reason::RevTranslated);
     }
-}
-
-#[inline(always)]
-fn ip6_bytes(words: &[u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        out[i * 4] = b[0];
-        out[i * 4 + 1] = b[1];
-        out[i * 4 + 2] = b[2];
-        out[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    out
-}
-
-#[inline(always)]
-fn ip6_words(bytes: &[u8; 16]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        out[i] = u32::from_ne_bytes([
-            bytes[i * 4],
-            bytes[i * 4 + 1],
-            bytes[i * 4 + 2],
-            bytes[i * 4 + 3],
-        ]);
-        i += 1;
-    }
-    out
 }
 
 /// `::ffff:a.b.c.d`: an IPv4 peer reached through an IPv6 socket.

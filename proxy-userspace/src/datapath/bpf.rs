@@ -636,13 +636,7 @@ impl Datapath {
         } else {
             interfaces.iter().map(|i| format!("xdp-{i}")).collect()
         };
-        for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("xdp-") && !wanted.contains(&name) {
-                log::info!("detaching XDP from {}", &name[4..]);
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+        prune_links(&links_dir, "xdp-", &wanted);
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
@@ -714,13 +708,7 @@ impl Datapath {
     pub fn attach_tc(&mut self, interfaces: &[String]) -> anyhow::Result<Vec<String>> {
         let links_dir = self.pin_dir.join(LINKS_DIR);
         let wanted: BTreeSet<String> = interfaces.iter().map(|i| tc_link_name(i)).collect();
-        for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("tc-") && !wanted.contains(&name) {
-                log::info!("detaching tc from {}", &name[3..]);
-                let _ = fs::remove_file(entry.path());
-            }
-        }
+        prune_links(&links_dir, "tc-", &wanted);
         if interfaces.is_empty() {
             return Ok(Vec::new());
         }
@@ -815,6 +803,23 @@ impl Datapath {
             self.started.sync_failures += 1;
         }
         self.write_agent_state()
+    }
+}
+
+/// Removes the pinned links `PREFIXIFNAME` under `links_dir` that are not `wanted`, which
+/// detaches their programs from interfaces no longer configured.
+fn prune_links(links_dir: &Path, prefix: &str, wanted: &BTreeSet<String>) {
+    for entry in fs::read_dir(links_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(interface) = name.strip_prefix(prefix)
+            && !wanted.contains(&name)
+        {
+            log::info!(
+                "detaching {} from {interface}",
+                prefix.trim_end_matches('-')
+            );
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
