@@ -61,6 +61,39 @@ fn round_robin_gives_each_backend_exactly_its_turn() {
     );
     env.wait_for_backends(Proto::Tcp, vip("10.96.0.40"), &["pod-2", "pod-3", "pod-4"]);
     assert_round_robin(&env, vip("10.96.0.40"), 3, 10);
+    // `explain` names the backend of the next connection from the cursor in the maps.
+    for _ in 0..3 {
+        let next = explain_next(&env, "10.96.0.40:80/TCP");
+        assert!(next.starts_with("round-robin: turn"), "{next}");
+        let r = env.request(Proto::Tcp, vip("10.96.0.40"), 1);
+        let pod = env
+            .topo
+            .pods
+            .iter()
+            .find(|p| p.name == r[0].backend)
+            .unwrap();
+        assert!(
+            next.ends_with(&format!("{}:{BACKEND_PORT}", pod.ip4)),
+            "explain said {next:?}, the connection went to {}",
+            pod.name
+        );
+    }
+}
+
+/// The `next_connection` line of `explain` for `frontend`.
+fn explain_next(env: &Env, frontend: &str) -> String {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .args(["explain", "10.244.0.2", frontend, "-o", "json", "--bpffs"])
+            .arg(&env.agent.pin_dir)
+            .output()
+            .expect("run explain");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    v["next_connection"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -210,6 +243,8 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
         },
     );
     assert_eq!(connections(&env, "10.96.0.46:80/TCP")[&busy], 3);
+    let next = explain_next(&env, "10.96.0.46:80/TCP");
+    assert!(next.contains(&format!("{busy} 3 connections")), "{next}");
     // New connections (each closed before the next) all avoid the busy backend.
     let t = tally(&env.request(Proto::Tcp, to, 20));
     assert_eq!(t.get("pod-3"), Some(&20), "{t:?}");

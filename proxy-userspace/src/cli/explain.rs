@@ -222,12 +222,68 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             } else {
                 ""
             };
-            format!("random: {}{note}", shares.join(", "))
+            let decision = scheduler_inputs(&maps, &state, &frontend, &f)?
+                .unwrap_or_else(|| format!("random: {}", shares.join(", ")));
+            format!("{decision}{note}")
         }
         (action, _) => action.to_string(),
     };
     out.matched = Some(f);
     print(args.inspect.output, &out)
+}
+
+/// What a non-random scheduler will decide next, from its inputs in the maps.
+fn scheduler_inputs(
+    maps: &Maps,
+    state: &crate::plan::MapState,
+    frontend: &FrontendAddr,
+    f: &view::FrontendView,
+) -> anyhow::Result<Option<String>> {
+    let Some(svc) = state.services.get(&crate::plan::ServiceKey::of(frontend)) else {
+        return Ok(None);
+    };
+    let name_of = |id: u32| {
+        state
+            .backends
+            .get(&id)
+            .map_or_else(|| format!("backend {id}"), view::backend_addr)
+    };
+    Ok(Some(match f.scheduler.as_str() {
+        "round-robin" => {
+            let slots: Vec<u32> = state.live_slots(svc).into_iter().flatten().collect();
+            if slots.is_empty() {
+                return Ok(None);
+            }
+            let turn = maps.rr_cursor(svc.id)?;
+            let next = slots[turn as usize % slots.len()];
+            format!(
+                "round-robin: turn {turn}, slot {} of {}: {}",
+                turn as usize % slots.len(),
+                slots.len(),
+                name_of(next)
+            )
+        }
+        scheduler @ ("least-connection" | "weighted-least-connection") => {
+            let counts: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| {
+                    let n = maps.connections(b.id).unwrap_or(0);
+                    format!("{} {n} connections (weight {})", b.address, b.weight)
+                })
+                .collect();
+            format!(
+                "{scheduler}: the fewest active connections among {}",
+                counts.join(", ")
+            )
+        }
+        "source-hash" => format!(
+            "source-hash over {} slots: each client (its network namespace here, its address at tc/XDP) always gets the same one",
+            f.backends.iter().map(|b| b.slots).sum::<u32>()
+        ),
+        "maglev" => "maglev: the flow's hash picks an entry of the frontend's table (the same on every node)".to_string(),
+        _ => return Ok(None),
+    }))
 }
 
 fn print(format: Format, out: &ExplainView) -> anyhow::Result<()> {

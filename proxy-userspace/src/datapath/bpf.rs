@@ -114,6 +114,7 @@ pub struct Maps {
     src_ranges6: LpmTrie<MapData, SrcRange6, u8>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     conns: Array<MapData, u64>,
+    rr: HashMap<MapData, u32, u32>,
 }
 
 /// Loaded programs (their links are pinned) and the maps.
@@ -241,6 +242,7 @@ impl Maps {
             src_ranges6: source.take(names::LB6_SRC_RANGES)?,
             maglev: source.take(names::LB_MAGLEV)?,
             conns: source.take(names::LB_CONNS)?,
+            rr: source.take(names::LB_RR)?,
         })
     }
 
@@ -370,6 +372,15 @@ impl Maps {
 
     pub fn debug_log(&self) -> anyhow::Result<bool> {
         self.config_flag(CONFIG_DEBUG_LOG)
+    }
+
+    /// The next turn of a round-robin frontend (0 before its first connection).
+    pub fn rr_cursor(&self, svc_id: u32) -> anyhow::Result<u32> {
+        match self.rr.get(&svc_id, 0) {
+            Ok(turn) => Ok(turn),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Active connections of backend `id` (least-connection scheduling).
