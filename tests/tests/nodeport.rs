@@ -127,11 +127,6 @@ fn wait_answered(tb: &Testbed, proto: Proto, to: SocketAddr) {
     });
 }
 
-fn assert_no_checksum_errors(tb: &Testbed) {
-    let errors = tb.checksum_errors();
-    assert!(errors.is_empty(), "error counters: {errors:?}");
-}
-
 #[test]
 fn external_clients_reach_every_frontend_with_cluster_policy() {
     // semantics 4.1, 4.6, 7.5-7.7, 7.13: NodePorts on node addresses, externalIPs and LB IPs
@@ -166,7 +161,7 @@ fn external_clients_reach_every_frontend_with_cluster_policy() {
     assert!(datapath_events(&agent, "nat_new") > 0);
     // The flows to node-b's backend were forwarded at XDP (generic mode on veth).
     assert!(datapath_events(&agent, "xdp_forwarded") > 0);
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -211,7 +206,7 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
     let r = tb.request_ext(Proto::Tcp, to, 1);
     assert_ne!(r[0].errno, Some(111), "dropped, not rejected: {r:?}");
     assert!(datapath_events(&agent, "no_local_backends") > 0);
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -239,7 +234,7 @@ fn no_backends_gets_a_reset_or_port_unreachable() {
         }
     }
     assert!(datapath_events(&agent, "rejected") >= 12);
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -278,7 +273,7 @@ fn source_ranges_filter_load_balancer_ips_only() {
     for to in [addr(LB_IP4, 80), addr(LB_IP6, 80)] {
         wait_answered(&tb, Proto::Tcp, to);
     }
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -327,7 +322,7 @@ fn long_lived_connections_keep_their_backend_when_backends_change() {
         assert!(r.ok, "{r:?}");
         assert_eq!(r.backend, mine, "the held connection moved");
     }
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -361,14 +356,7 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
             assert!(NODE_A.contains(&seen.as_str()), "not masqueraded: {r:?}");
         }
     }
-    assert_no_checksum_errors(&tb);
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -421,7 +409,7 @@ fn udp_flow_to_a_removed_backend_is_balanced_afresh() {
         "nodeport udp: flow moved {} ms after the slice changed",
         moved_at - removed_at
     );
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -457,7 +445,7 @@ fn icmp_errors_of_a_translated_flow_reach_the_client() {
         });
     }
     assert!(datapath_events(&agent, "icmp_translated") >= 6);
-    assert_no_checksum_errors(&tb);
+    tb.assert_no_checksum_errors();
 }
 
 #[test]

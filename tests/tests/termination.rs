@@ -5,21 +5,11 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use serde_json::Value;
 use tests::harness::topology::Proto;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn dns_env(backends: &[usize]) -> Env {
     let env = Env::new(4);

@@ -39,11 +39,6 @@ fn assert_answered(replies: &[Reply], to: SocketAddr, backend: &str, client: IpA
     }
 }
 
-fn assert_no_checksum_errors(bed: &Testbed) {
-    let errors = bed.checksum_errors();
-    assert!(errors.is_empty(), "receivers dropped packets: {errors:?}");
-}
-
 /// Pods on node-a and node-b talk over TCP and UDP, both families, both ways; the server sees
 /// the client pod's own address (routed between nodes, not NATed).
 #[test]
@@ -70,7 +65,7 @@ fn pods_on_different_nodes_reach_each_other_without_nat() {
     }
     assert_eq!(bed.nodes[0].pods[0].name, "a-pod-1");
     assert_eq!(bed.nodes[1].pods[0].name, "b-pod-1");
-    assert_no_checksum_errors(&bed);
+    bed.assert_no_checksum_errors();
 }
 
 /// The external client reaches a host-network server on node-a's LAN address, both families,
@@ -97,7 +92,7 @@ fn ext_reaches_a_node_on_its_lan_address() {
         let again = held.again();
         assert_answered(&[again], to, "node-a", ext_ip);
     }
-    assert_no_checksum_errors(&bed);
+    bed.assert_no_checksum_errors();
 }
 
 /// The external client has no route to pod addresses: requests fail at once with
@@ -134,7 +129,7 @@ fn ext_has_no_route_to_pod_addresses() {
             assert_answered(&replies, to, &pod.name, source);
         }
     }
-    assert_no_checksum_errors(&bed);
+    bed.assert_no_checksum_errors();
 }
 
 /// `ethtool -k` reports rx and tx checksumming off on both ends of every veth.
@@ -416,7 +411,7 @@ fn checksum_errors_counts_a_corrupt_datagram() {
         return;
     }
     let bed = Testbed::new(&[1, 1]);
-    assert_no_checksum_errors(&bed);
+    bed.assert_no_checksum_errors();
     let node = &bed.nodes[0];
     for (from, to) in [
         (IpAddr::from(EXT_IP4), IpAddr::from(node.ip4)),

@@ -92,8 +92,7 @@ fn dsr_the_backend_node_answers_the_client_directly() {
     assert!(datapath_events(&a, "xdp_forwarded") > 0);
     assert!(datapath_events(&a, "dsr_sent") > 0);
     assert!(datapath_events(&b, "dsr_learned") > 0);
-    let errors = tb.checksum_errors();
-    assert!(errors.is_empty(), "{errors:?}");
+    tb.assert_no_checksum_errors();
 }
 
 #[test]
@@ -135,6 +134,5 @@ fn traffic_that_is_no_service_passes_xdp_untouched() {
             "{r:?}"
         );
     }
-    let errors = tb.checksum_errors();
-    assert!(errors.is_empty(), "{errors:?}");
+    tb.assert_no_checksum_errors();
 }

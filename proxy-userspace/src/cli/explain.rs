@@ -17,7 +17,10 @@ use crate::{
         FrontendAddr, Proto, Scope, compile,
         explain::{EndpointVerdict, judge},
     },
-    datapath::{MapIo as _, bpf::Maps},
+    datapath::{
+        MapIo as _,
+        bpf::{Maps, monotonic_ns},
+    },
 };
 
 #[derive(clap::Args)]
@@ -86,16 +89,6 @@ fn parse_frontend(s: &str) -> anyhow::Result<FrontendAddr> {
         proto,
         scope,
     })
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC is bpf_ktime_get_ns()'s clock.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {

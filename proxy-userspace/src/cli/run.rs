@@ -227,7 +227,7 @@ fn collect_conntrack(pin_dir: PathBuf) {
         loop {
             thread::sleep(CONNTRACK_GC);
             let result = bpf::Maps::open_pinned(&pin_dir)
-                .and_then(|mut m| m.collect_conntrack(monotonic_ns()));
+                .and_then(|mut m| m.collect_conntrack(bpf::monotonic_ns()));
             match result {
                 Ok((_, 0)) => {}
                 Ok((left, removed)) => {
@@ -237,17 +237,6 @@ fn collect_conntrack(pin_dir: PathBuf) {
             }
         }
     });
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns().
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

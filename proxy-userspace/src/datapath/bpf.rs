@@ -663,18 +663,10 @@ impl Datapath {
         let mut attached = Vec::new();
         for interface in interfaces {
             let pin = links_dir.join(format!("xdp-{interface}"));
-            if pin.exists() {
-                match replace_program(&pin, program.fd()?.as_fd()) {
-                    Ok(()) => {
-                        log::info!("XDP on {interface}: program replaced in place");
-                        attached.push((interface.clone(), "kept"));
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
-                        let _ = fs::remove_file(&pin);
-                    }
-                }
+            if replace_pinned(&pin, program.fd()?.as_fd()) {
+                log::info!("XDP on {interface}: program replaced in place");
+                attached.push((interface.clone(), "kept"));
+                continue;
             }
             // A veth forwards XDP_TX frames in driver mode only into a peer that runs NAPI,
             // which we cannot know from here; generic mode always works there.
@@ -735,18 +727,10 @@ impl Datapath {
         let mut attached = Vec::new();
         for interface in interfaces {
             let pin = links_dir.join(tc_link_name(interface));
-            if pin.exists() {
-                match replace_program(&pin, program.fd()?.as_fd()) {
-                    Ok(()) => {
-                        log::info!("tc on {interface}: program replaced in place");
-                        attached.push(interface.clone());
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("{}: {e:#}; attaching afresh", pin.display());
-                        let _ = fs::remove_file(&pin);
-                    }
-                }
+            if replace_pinned(&pin, program.fd()?.as_fd()) {
+                log::info!("tc on {interface}: program replaced in place");
+                attached.push(interface.clone());
+                continue;
             }
             let link_id = match program.attach(interface, TcAttachType::Ingress) {
                 Ok(id) => id,
@@ -834,6 +818,34 @@ fn prune_links(links_dir: &Path, prefix: &str, wanted: &BTreeSet<String>) {
     }
 }
 
+/// Swaps `prog` into the link an earlier agent pinned at `pin`, if there is one: true when it
+/// did. A pin that cannot take it is removed (with a warning), so the caller attaches afresh.
+fn replace_pinned(pin: &Path, prog: BorrowedFd<'_>) -> bool {
+    if !pin.exists() {
+        return false;
+    }
+    match replace_program(pin, prog) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("{}: {e:#}; attaching afresh", pin.display());
+            let _ = fs::remove_file(pin);
+            false
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which the programs'
+/// timestamps (affinity, connection tracking) use.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Swaps `prog` into the link pinned at `pin` if an earlier agent left one (so there is no
 /// instant without the hook; returns true), else attaches afresh with `attach` and pins the link
 /// (pinned, the hook outlives this process: `kube-bpf-proxy cleanup` removes it).
@@ -842,14 +854,8 @@ fn pin_or_replace(
     prog: BorrowedFd<'_>,
     attach: impl FnOnce() -> anyhow::Result<FdLink>,
 ) -> anyhow::Result<bool> {
-    if pin.exists() {
-        match replace_program(pin, prog) {
-            Ok(()) => return Ok(true),
-            Err(e) => {
-                log::warn!("{}: {e:#}; attaching afresh", pin.display());
-                let _ = fs::remove_file(pin);
-            }
-        }
+    if replace_pinned(pin, prog) {
+        return Ok(true);
     }
     let link = attach()?;
     link.pin(pin)

@@ -313,6 +313,12 @@ impl Testbed {
         all
     }
 
+    /// Panics unless `checksum_errors` is empty: no receiver dropped a packet as malformed.
+    pub fn assert_no_checksum_errors(&self) {
+        let errors = self.checksum_errors();
+        assert!(errors.is_empty(), "receivers dropped packets: {errors:?}");
+    }
+
     /// Every nonzero checksum, IP header and IP address error counter, in every namespace:
     /// (namespace, counter, value). Empty when no receiver dropped anything as malformed.
     pub fn checksum_errors(&self) -> Vec<(String, String, u64)> {

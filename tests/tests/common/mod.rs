@@ -234,3 +234,11 @@ pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
             .ok_or(body)
     })
 }
+
+/// Wall-clock milliseconds, comparable with the `t` of `testhost udp-stream` lines.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
