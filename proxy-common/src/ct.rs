@@ -38,6 +38,11 @@ pub struct Ct4Value {
     pub backend_id: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet through this entry.
     pub last_seen_ns: u64,
+    /// Non-zero while this forward entry holds one active-connection count of `backend_id`
+    /// (least-connection frontends). Whoever swaps it to 0 — the datapath when the flow
+    /// closes or is replaced, the agent's release program when it expires — gives the count
+    /// back, so it is given back exactly once.
+    pub counted: u64,
 }
 
 /// Key of `LB_CT6`; fields as in `Ct4Key`.
@@ -64,6 +69,7 @@ pub struct Ct6Value {
     pub svc_id: u32,
     pub backend_id: u32,
     pub last_seen_ns: u64,
+    pub counted: u64,
 }
 
 /// The entry translates replies (backend → client) back to the frontend.
@@ -104,6 +110,32 @@ pub const fn ct_timeout_secs(proto: u8, forward_flags: u32, reply_flags: u32) ->
         CT_TIMEOUT_TCP_CLOSING_SECS
     } else {
         CT_TIMEOUT_TCP_SECS
+    }
+}
+
+impl Ct4Key {
+    /// The key as the datapath lays it out (for the agent's release program).
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..4].copy_from_slice(&self.saddr);
+        b[4..8].copy_from_slice(&self.daddr);
+        b[8..10].copy_from_slice(&self.sport.to_ne_bytes());
+        b[10..12].copy_from_slice(&self.dport.to_ne_bytes());
+        b[12] = self.proto;
+        b
+    }
+}
+
+impl Ct6Key {
+    /// The key as the datapath lays it out (for the agent's release program).
+    pub fn to_bytes(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0..16].copy_from_slice(&self.saddr);
+        b[16..32].copy_from_slice(&self.daddr);
+        b[32..34].copy_from_slice(&self.sport.to_ne_bytes());
+        b[34..36].copy_from_slice(&self.dport.to_ne_bytes());
+        b[36] = self.proto;
+        b
     }
 }
 

@@ -27,7 +27,7 @@ const _: () = {
     assert!(size_of::<MaglevKey>() == 8);
     assert!(size_of::<SockConn>() == 8);
     assert!(size_of::<MaglevChunk>() == 1024);
-    assert!(size_of::<Ct4Value>() == 32);
+    assert!(size_of::<Ct4Value>() == 40);
     assert!(size_of::<Ct6Key>() == 40);
-    assert!(size_of::<Ct6Value>() == 56);
+    assert!(size_of::<Ct6Value>() == 64);
 };

@@ -4,24 +4,61 @@
 //! the count is given back. Counts change only by atomic adds of +1 and -1, and -1 only where
 //! the socket's storage proves a +1, so they never go below zero and return to exactly zero.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::bpf_sk_storage_get,
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, XdpContext},
 };
-use proxy_common::backend::SockConn;
+use proxy_common::{
+    backend::SockConn,
+    ct::{Ct4Key, Ct6Key},
+};
 
-use crate::maps::{LB_CONNS, LB_SOCK};
+use crate::{
+    maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK},
+    packet::ETH_HLEN,
+    xdp,
+};
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.
 #[inline(always)]
-fn add(id: u32, delta: u64) {
+pub fn add(id: u32, delta: u64) {
     if let Some(count) = LB_CONNS.get_ptr_mut(id) {
         // SAFETY: a valid, aligned u64 in the array; the add is one atomic instruction (its
         // old value unused, so it needs no BPF_FETCH).
         let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, delta) };
     }
+}
+
+/// Counts a new connection-tracked flow against backend `id` (before its entry exists, so
+/// a count is never given back before it was taken).
+#[inline(always)]
+pub fn take(id: u32) {
+    add(id, 1);
+}
+
+/// Undoes `take` for a flow whose entry could not be written.
+#[inline(always)]
+pub fn untake(id: u32) {
+    add(id, u64::MAX);
+}
+
+/// Gives back the count a conntrack entry holds: whoever swaps `counted` from non-zero to 0
+/// (one atomic exchange) gives it back, so a count is given back exactly once however the
+/// close, the replacement and the agent's expiry race.
+///
+/// # Safety
+/// `counted` must point into a live conntrack entry (from a lookup).
+#[inline(always)]
+pub unsafe fn give_back(counted: *mut u64, id: u32) -> bool {
+    // SAFETY: the caller's pointer; 64-bit exchange (32-bit ones need ALU32).
+    let was = unsafe { atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(counted, 0) };
+    if was != 0 {
+        add(id, u64::MAX);
+    }
+    was != 0
 }
 
 /// Active connections of backend `id`.
@@ -75,4 +112,25 @@ pub fn release(ctx: &SockContext) {
         conn.counted = 0;
         add(conn.backend_id, u64::MAX);
     }
+}
+
+/// The agent's release of a flow it expires (`conn_release`, run through BPF_PROG_TEST_RUN):
+/// the frame is an Ethernet header whose type names the family, then the forward entry's key
+/// (`Ct4Key` or `Ct6Key`). `XDP_PASS` when a count was given back, `XDP_DROP` when the entry
+/// held none or is gone. Going through the datapath's own exchange keeps the agent's give-back
+/// exactly-once against a close racing with it.
+#[inline(always)]
+pub fn release_flow(ctx: &XdpContext) -> u32 {
+    let released = match xdp::read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) {
+        Some(0x0800) => xdp::read::<Ct4Key>(ctx, ETH_HLEN)
+            .and_then(|key| LB_CT4.get_ptr_mut(&key))
+            // SAFETY: from the lookup.
+            .is_some_and(|v| unsafe { give_back(&raw mut (*v).counted, (*v).backend_id) }),
+        Some(0x86dd) => xdp::read::<Ct6Key>(ctx, ETH_HLEN)
+            .and_then(|key| LB_CT6.get_ptr_mut(&key))
+            // SAFETY: from the lookup.
+            .is_some_and(|v| unsafe { give_back(&raw mut (*v).counted, (*v).backend_id) }),
+        _ => false,
+    };
+    if released { XDP_PASS } else { XDP_DROP }
 }

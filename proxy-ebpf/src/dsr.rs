@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_adj_room_mode::BPF_ADJ_ROOM_NET},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_skb_load_bytes},
     programs::TcContext,
 };
 use proxy_common::{
@@ -73,24 +73,34 @@ pub fn header_checksum(h: &[u8; 28]) -> [u8; 2] {
 /// tc: inserts the option after the IPv4 header of a translated packet.
 #[inline(never)]
 pub fn add_option_tc(ctx: &TcContext, frontend: [u8; 4], port: u16) -> Result<(), i64> {
-    let ip = ctx.load::<[u8; 20]>(ETH_HLEN)?;
-    if ip[0] != 0x45 {
+    // The header is read straight into the new one's first 20 bytes (one buffer: this frame
+    // sits at the end of new_flow's call chain).
+    let mut whole = [0u8; 28];
+    // SAFETY: a helper call writing 20 bytes into `whole` (aya's `load_bytes` clamps the
+    // length to the packet, which the verifier cannot bound away from zero).
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            ETH_HLEN as u32,
+            whole.as_mut_ptr().cast(),
+            20,
+        )
+    };
+    if rc != 0 {
+        return Err(rc);
+    }
+    if whole[0] != 0x45 {
         return Err(0);
     }
     ctx.adjust_room(8, BPF_ADJ_ROOM_NET, 0)?;
-    let mut whole = [0u8; 28];
-    let mut i = 0;
-    while i < 20 {
-        whole[i] = ip[i];
-        i += 1;
-    }
     let opt = option(frontend, port);
+    let mut i = 20;
     while i < 28 {
         whole[i] = opt[i - 20];
         i += 1;
     }
     whole[0] = 0x47;
-    let len = u16::from_be_bytes([ip[2], ip[3]])
+    let len = u16::from_be_bytes([whole[2], whole[3]])
         .wrapping_add(8)
         .to_be_bytes();
     whole[2] = len[0];
@@ -145,7 +155,7 @@ pub fn learn4(ctx: &TcContext) {
         backend_id: 0,
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    if V4::ct_insert(&reply_key, &entry, now, BPF_ANY as u64).is_ok() {
+    if V4::ct_insert(&reply_key, &entry, now, BPF_ANY as u64, 0).is_ok() {
         stats::count(Reason::DsrLearned);
     }
 }

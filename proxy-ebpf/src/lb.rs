@@ -21,7 +21,7 @@ const LC_SCAN: u32 = 32;
 /// The backend with the fewest active connections (relative to its weight with
 /// `FLAG_WEIGHTED`) among up to `LC_SCAN` slots; ties go to the first from a random start.
 #[inline(never)]
-fn least_conn(svc: &ServiceValue) -> u32 {
+pub fn least_conn(svc: &ServiceValue) -> u32 {
     let count = svc.count as u32;
     let start = unsafe { bpf_get_prandom_u32() };
     let weighted = svc.has_flag(FLAG_WEIGHTED);
@@ -123,6 +123,10 @@ fn maglev_pick(svc: &ServiceValue, hash: u32) -> Option<u32> {
     (id != 0).then_some(id)
 }
 
+/// `select`'s `least` when the caller has no least-connection answer (the frontend is not one,
+/// or its scan found nothing): a random slot then.
+pub const NO_PICK: u32 = u32::MAX;
+
 /// A chosen backend.
 pub struct Choice {
     pub backend_id: u32,
@@ -138,12 +142,14 @@ pub struct Choice {
 /// socket untouched).
 #[inline(always)]
 ///
-/// `COUNTED`: whether the caller counts connections (the socket hooks); least-connection
-/// frontends are balanced at random where it does not (the packet paths, for now).
-pub fn select<const COUNTED: bool>(
+/// Least-connection frontends: with `SCAN` the counts are compared here (the socket hooks);
+/// without, `least` is the caller's earlier `least_conn` answer (the tc path runs it in a
+/// frame of its own: its frames are near the verifier's limit), `NO_PICK` for none.
+pub fn select<const SCAN: bool>(
     svc: &ServiceValue,
     client: &AffinityKey,
     hash: u32,
+    least: u32,
 ) -> Result<Choice, Reason> {
     if svc.count == 0 {
         return Err(if svc.is_no_local() {
@@ -160,8 +166,9 @@ pub fn select<const COUNTED: bool>(
     }
     let picked = if svc.has_flag(FLAG_MAGLEV) {
         maglev_pick(svc, hash)
-    } else if COUNTED && svc.has_flag(FLAG_LEAST_CONN) {
-        Some(least_conn(svc)).filter(|id| *id != 0)
+    } else if svc.has_flag(FLAG_LEAST_CONN) {
+        let id = if SCAN { least_conn(svc) } else { least };
+        Some(id).filter(|id| *id != 0 && *id != NO_PICK)
     } else {
         None
     };

@@ -84,6 +84,13 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     1
 }
 
+/// Never attached: the agent runs it (BPF_PROG_TEST_RUN) to give back the least-connection
+/// count of a flow it expires. `XDP_PASS` when a count was given back.
+#[xdp]
+pub fn conn_release(ctx: XdpContext) -> u32 {
+    conns::release_flow(&ctx)
+}
+
 /// tc ingress on the node's external and pod-facing interfaces: NodePort, externalIP and load
 /// balancer traffic from elsewhere, with connection tracking. Returns a tc action.
 #[classifier]

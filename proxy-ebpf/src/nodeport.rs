@@ -15,11 +15,11 @@ use proxy_common::{
     ct::{CT_DSR, CT_FIN, CT_REPLY, CT_RST, CT_SNAT},
     proto,
     reason::Reason,
-    service::{FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey},
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey},
 };
 
 use crate::{
-    dsr, icmp, lb,
+    conns, dsr, icmp, lb,
     maps::LB_MEMBERS,
     packet::{
         ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6,
@@ -42,26 +42,19 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     let Ok(ethertype) = ctx.load::<u16>(12) else {
         return TC_ACT_OK as i32;
     };
-    // The reject path runs after the translation path has returned, so their stack frames
-    // never add up (the verifier allows 512 bytes for a whole call chain).
+    // Tracked flows first; a packet of none starts one (`start`).
     match u16::from_be(ethertype) {
         ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(icmp::IPPROTO_ICMP) => icmp::icmp4(ctx),
         ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(icmp::IPPROTO_ICMPV6) => icmp::icmp6(ctx),
         ETH_P_IP => {
             dsr::learn4(ctx);
             match handle::<V4>(ctx) {
-                NEW => match new_flow::<V4>(ctx) {
-                    REJECT => reject::reject::<V4>(ctx),
-                    action => action,
-                },
+                NEW => start::<V4>(ctx),
                 action => action,
             }
         }
         ETH_P_IPV6 => match handle::<V6>(ctx) {
-            NEW => match new_flow::<V6>(ctx) {
-                REJECT => reject::reject::<V6>(ctx),
-                action => action,
-            },
+            NEW => start::<V6>(ctx),
             action => action,
         },
         _ => TC_ACT_OK as i32,
@@ -72,6 +65,40 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 const REJECT: i32 = i32::MIN;
 /// Returned by `handle` for a packet of no tracked flow: not a tc action.
 const NEW: i32 = i32::MIN + 1;
+/// Returned by `new_flow` for a least-connection frontend before the counts were compared:
+/// not a tc action.
+const LEAST_CONN: i32 = i32::MIN + 2;
+
+/// The first packet of a flow. A least-connection frontend's counts are compared in a frame
+/// of their own (`least_conn`) and the answer handed to `new_flow`; the reject path runs after
+/// the translation path has returned. So no two of these frames add up (the verifier allows
+/// 512 bytes for a whole call chain).
+#[inline(always)]
+fn start<F: Family>(ctx: &TcContext) -> i32 {
+    let mut action = new_flow::<F>(ctx, 0);
+    if action == LEAST_CONN {
+        action = new_flow::<F>(ctx, least_conn::<F>(ctx));
+    }
+    if action == REJECT {
+        return reject::reject::<F>(ctx);
+    }
+    action
+}
+
+/// The least-connection choice for the packet's frontend (`lb::NO_PICK` for none).
+#[inline(never)]
+fn least_conn<F: Family>(ctx: &TcContext) -> u32 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return lb::NO_PICK;
+    };
+    match F::frontend(&pkt.t) {
+        Some(svc) if svc.count != 0 => match lb::least_conn(&svc) {
+            0 => lb::NO_PICK,
+            id => id,
+        },
+        _ => lb::NO_PICK,
+    }
+}
 
 /// TCP flag bits recorded in a connection-tracking entry.
 #[inline(always)]
@@ -122,7 +149,17 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
         // SAFETY: `ptr` came from the lookup.
         let mut e = unsafe { F::ct_read(ptr) };
         let reply = e.flags & CT_REPLY != 0;
-        if reply || !stale(&e, &pkt) {
+        let stale = !reply && stale(&e, &pkt);
+        // A closing or replaced flow gives its least-connection count back (a FIN or RST
+        // ends it as an active connection, as IPVS counts them).
+        if stale || pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            if reply {
+                give_back_forward::<F>(&e.to);
+            } else {
+                unsafe { F::ct_give_back(ptr) };
+            }
+        }
+        if !stale {
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             e.to.proto = pkt.t.proto;
             if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
@@ -143,8 +180,20 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
     NEW
 }
 
+/// Gives back the count of the flow whose reply entry translates to `to` (its forward entry
+/// is keyed by `to` reversed). Out of line: `handle`'s frame is near the limit.
 #[inline(never)]
-fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
+pub fn give_back_forward<F: Family>(to: &Tuple<F::Addr>) {
+    if let Some(ptr) = F::ct_lookup(&to.reversed()) {
+        // SAFETY: from the lookup.
+        unsafe { F::ct_give_back(ptr) };
+    }
+}
+
+/// A new flow: `least` is 0 until a least-connection frontend's counts were compared (then
+/// `LEAST_CONN` is returned), afterwards their answer.
+#[inline(never)]
+fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
     let pkt = match F::parse(ctx) {
         Ok(p) => p,
         Err(_) => return TC_ACT_OK as i32,
@@ -158,12 +207,16 @@ fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
         stats::count(Reason::SourceRangeDrop);
         return TC_ACT_SHOT as i32;
     }
+    let counted = svc.has_flag(FLAG_LEAST_CONN);
+    if counted && least == 0 {
+        return LEAST_CONN;
+    }
     let client = AffinityKey {
         port_id: svc.port_id,
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&pkt.t.saddr),
     };
-    let choice = match lb::select::<false>(&svc, &client, F::hash(&pkt.t)) {
+    let choice = match lb::select::<false>(&svc, &client, F::hash(&pkt.t), least) {
         Ok(c) => c,
         Err(Reason::NoBackends) => return REJECT,
         Err(Reason::NoLocalBackends) => {
@@ -213,7 +266,8 @@ fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
     } else {
         0
     };
-    let reply = Entry {
+    // One entry on the stack, written first as the reply entry, then as the forward one.
+    let mut entry = Entry {
         to: pkt.t.reversed(),
         flags: flags | CT_REPLY,
         svc_id: svc.id,
@@ -233,7 +287,7 @@ fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
             to.sport = (SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_SPAN) as u16;
         }
         let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
-        if F::ct_insert(&to.reversed(), &reply, now, map_flags).is_ok() {
+        if F::ct_insert(&to.reversed(), &entry, now, map_flags, 0).is_ok() {
             claimed = true;
             break;
         }
@@ -246,13 +300,16 @@ fn new_flow<F: Family>(ctx: &TcContext) -> i32 {
         });
         return TC_ACT_SHOT as i32;
     }
-    let forward_entry = Entry {
-        to,
-        flags,
-        svc_id: svc.id,
-        backend_id: choice.backend_id,
-    };
-    if F::ct_insert(&pkt.t, &forward_entry, now, BPF_ANY as u64).is_err() {
+    entry.to = to;
+    entry.flags = flags;
+    // A least-connection frontend's flow holds a count until it closes or expires.
+    if counted {
+        conns::take(choice.backend_id);
+    }
+    if F::ct_insert(&pkt.t, &entry, now, BPF_ANY as u64, counted as u64).is_err() {
+        if counted {
+            conns::untake(choice.backend_id);
+        }
         stats::count(Reason::CtFailed);
         return TC_ACT_SHOT as i32;
     }

@@ -19,8 +19,8 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6},
 };
 
-use crate::lb;
 use crate::maps::{LB_CT4, LB_CT6, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES};
+use crate::{conns, lb};
 use aya_ebpf::btf_maps::lpm_trie::Key as LpmKey;
 
 pub const ETH_HLEN: usize = 14;
@@ -117,7 +117,12 @@ pub trait Family {
         e: &Entry<Self::Addr>,
         now: u64,
         map_flags: u64,
+        counted: u64,
     ) -> Result<(), i64>;
+    /// Gives back the active-connection count the entry holds, if it still holds one.
+    /// # Safety
+    /// `v` must come from `ct_lookup`.
+    unsafe fn ct_give_back(v: *mut Self::CtValue);
 
     /// Rewrites one address at `off` (source or destination) with its checksums.
     fn set_addr(
@@ -341,11 +346,18 @@ impl Family for V4 {
     }
 
     #[inline(always)]
+    unsafe fn ct_give_back(v: *mut Ct4Value) {
+        // SAFETY: the caller's pointer from a lookup.
+        unsafe { conns::give_back(&raw mut (*v).counted, (*v).backend_id) };
+    }
+
+    #[inline(always)]
     fn ct_insert(
         t: &Tuple<[u8; 4]>,
         e: &Entry<[u8; 4]>,
         now: u64,
         map_flags: u64,
+        counted: u64,
     ) -> Result<(), i64> {
         let value = Ct4Value {
             saddr: e.to.saddr,
@@ -356,6 +368,7 @@ impl Family for V4 {
             svc_id: e.svc_id,
             backend_id: e.backend_id,
             last_seen_ns: now,
+            counted,
         };
         LB_CT4
             .insert(ct4_key(t), value, map_flags)
@@ -531,11 +544,18 @@ impl Family for V6 {
     }
 
     #[inline(always)]
+    unsafe fn ct_give_back(v: *mut Ct6Value) {
+        // SAFETY: the caller's pointer from a lookup.
+        unsafe { conns::give_back(&raw mut (*v).counted, (*v).backend_id) };
+    }
+
+    #[inline(always)]
     fn ct_insert(
         t: &Tuple<[u8; 16]>,
         e: &Entry<[u8; 16]>,
         now: u64,
         map_flags: u64,
+        counted: u64,
     ) -> Result<(), i64> {
         let value = Ct6Value {
             saddr: e.to.saddr,
@@ -546,6 +566,7 @@ impl Family for V6 {
             svc_id: e.svc_id,
             backend_id: e.backend_id,
             last_seen_ns: now,
+            counted,
         };
         LB_CT6
             .insert(ct6_key(t), value, map_flags)

@@ -141,7 +141,7 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         backend,
         reason,
         backend_id,
-    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
+    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx), 0)?;
     if svc.has_flag(FLAG_LEAST_CONN) && key.proto == proto::TCP {
         conns::count(ctx, backend_id);
     }
@@ -254,7 +254,7 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         backend,
         reason,
         backend_id,
-    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx))?;
+    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx), 0)?;
     if svc.has_flag(FLAG_LEAST_CONN) && key.proto == proto::TCP {
         conns::count(ctx, backend_id);
     }

@@ -24,13 +24,13 @@ use proxy_common::{
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
     proto,
     reason::Reason,
-    service::{FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
 };
 
 use crate::{
     dsr, lb,
-    nodeport::{ct_flags_of, stale},
-    packet::{ETH_HLEN, Entry, Family, Packet, Tuple, V4, V6},
+    nodeport::{ct_flags_of, give_back_forward, stale},
+    packet::{ETH_HLEN, Entry, Family, Packet, TCP_FIN, TCP_RST, Tuple, V4, V6},
     stats,
 };
 
@@ -49,7 +49,7 @@ fn ptr<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     // SAFETY: bounds checked by `ptr`; unaligned read of plain bytes.
     ptr::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
@@ -286,14 +286,14 @@ fn pick<F: Family>(
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&t.saddr),
     };
-    *out = lb::select::<false>(svc, &client, F::hash(t))?;
+    *out = lb::select::<false>(svc, &client, F::hash(t), lb::NO_PICK)?;
     Ok(())
 }
 
 /// `F::ct_insert`, out of line.
 #[inline(never)]
 fn insert<F: Family>(t: &Tuple<F::Addr>, e: &Entry<F::Addr>, now: u64, map_flags: u64) -> bool {
-    F::ct_insert(t, e, now, map_flags).is_ok()
+    F::ct_insert(t, e, now, map_flags, 0).is_ok()
 }
 
 /// Sends the rewritten frame back out of this interface to the next hop.
@@ -329,7 +329,16 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
         // SAFETY: from the lookup.
         let mut e = unsafe { F::ct_read(ptr) };
         let reply = e.flags & CT_REPLY != 0;
-        if reply || !stale(&e, &pkt) {
+        let stale = !reply && stale(&e, &pkt);
+        // As at tc: a closing or replaced flow gives its least-connection count back.
+        if stale || pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            if reply {
+                give_back_forward::<F>(&e.to);
+            } else {
+                unsafe { F::ct_give_back(ptr) };
+            }
+        }
+        if !stale {
             e.to.proto = pkt.t.proto;
             let mut h = Hop {
                 ifindex: 0,
@@ -368,6 +377,11 @@ fn new_flow<F: XdpFamily>(ctx: &XdpContext) -> u32 {
     if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
         stats::count(Reason::SourceRangeDrop);
         return XDP_DROP;
+    }
+    // A least-connection frontend's flows are started at tc, which compares and keeps the
+    // counts (a frame too many for this chain); their later packets are handled here.
+    if svc.has_flag(FLAG_LEAST_CONN) {
+        return XDP_PASS;
     }
     let mut choice = lb::Choice {
         backend_id: 0,

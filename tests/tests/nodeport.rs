@@ -508,3 +508,140 @@ fn closed_connections_leave_the_conntrack_table() {
         },
     );
 }
+
+#[test]
+fn least_connection_on_the_packet_path_counts_flows_until_they_close() {
+    // Issue #11: a least-connection frontend reached from outside is balanced on counts the
+    // datapath keeps per conntrack flow — taken when tc creates the flow, given back at the
+    // flow's first FIN or RST (or its expiry). The remote backend's packets go through XDP.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    let lc = web_yaml("").replace(
+        "metadata: {name: web, namespace: default}",
+        "metadata: {name: web, namespace: default, annotations: \
+         {kube-bpf-proxy.io/scheduler: lc}}",
+    );
+    agent.write_manifest("web.yaml", &lc);
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_HTTP);
+    let frontend = "192.168.77.1:30080/TCP";
+    wait_answered(&tb, Proto::Tcp, to);
+    // Three long connections on a-pod-1, then b-pod-1 (on node-b) joins.
+    let mut held: Vec<_> = (0..3).map(|_| tb.hold_from(&tb.ext, false, to)).collect();
+    let first: Vec<_> = held.iter().map(|(_, r)| r.backend.clone()).collect();
+    assert!(first.iter().all(|b| b == "a-pod-1"), "{first:?}");
+    web_endpoints(&agent, &tb, &[(0, 0), (1, 0)]);
+    let busy = format!("{}:{BACKEND_PORT}", tb.nodes[0].pods[0].ip4);
+    let idle = format!("{}:{BACKEND_PORT}", tb.nodes[1].pods[0].ip4);
+    poll_until("b-pod-1 in the Service", Duration::from_secs(10), || {
+        let c = lc_connections(&agent, frontend);
+        if c.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    assert_eq!(lc_connections(&agent, frontend)[&busy], 3);
+    // New connections, each closed before the next, all avoid the busy backend.
+    let t = tally(&tb.request_ext(Proto::Tcp, to, 20));
+    assert_eq!(t.get("b-pod-1"), Some(&20), "{t:?}");
+    for (h, _) in &mut held {
+        assert_eq!(h.again().backend, "a-pod-1");
+    }
+    assert!(datapath_events(&agent, "xdp_forwarded") > 0);
+    // Hundreds more, then the held clients are killed without closing their sockets.
+    let replies = tb.request_ext(Proto::Tcp, to, 300);
+    assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+    held.clear();
+    poll_until("counts back to zero", Duration::from_secs(10), || {
+        let c = lc_connections(&agent, frontend);
+        if c[&busy] == 0 && c[&idle] == 0 {
+            Ok(())
+        } else {
+            Err(format!("{c:?}"))
+        }
+    });
+    // Idle again: new connections spread over both.
+    let t = tally(&tb.request_ext(Proto::Tcp, to, 40));
+    assert_eq!(t.len(), 2, "{t:?}");
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
+fn least_connection_udp_flows_hold_counts_until_their_backend_goes() {
+    // Issue #11: a UDP flow holds its count until its conntrack entry goes: here the agent
+    // removes the flows of a backend that left the Service (semantics 9.2) and gives their
+    // counts back through the datapath (the same path as the collector's expiry).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    let lc = web_yaml("").replace(
+        "metadata: {name: web, namespace: default}",
+        "metadata: {name: web, namespace: default, annotations: \
+         {kube-bpf-proxy.io/scheduler: lc}}",
+    );
+    agent.write_manifest("web.yaml", &lc);
+    web_endpoints(&agent, &tb, &[(0, 0), (1, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_DNS);
+    let frontend = "192.168.77.1:30053/UDP";
+    wait_answered(&tb, Proto::Udp, to);
+    let local = format!("{}:{BACKEND_PORT}", tb.nodes[0].pods[0].ip4);
+    let remote = format!("{}:{BACKEND_PORT}", tb.nodes[1].pods[0].ip4);
+    // Each request is a new flow (a new source port) that stays counted: they alternate.
+    let replies = tb.request_ext(Proto::Udp, to, 10);
+    assert!(replies.iter().all(|r| r.ok), "{replies:?}");
+    let c = lc_connections(&agent, frontend);
+    assert_eq!(c[&local] + c[&remote], 11, "{c:?}");
+    assert!(c[&local].abs_diff(c[&remote]) <= 1, "{c:?}");
+    let local_flows = c[&local];
+    // b-pod-1 leaves: its flows are forgotten and their counts given back; a-pod-1 keeps its.
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    poll_until(
+        "the removed backend's counts given back",
+        Duration::from_secs(10),
+        || {
+            let c = lc_connections(&agent, frontend);
+            if c.len() == 1 && c[&local] == local_flows {
+                Ok(())
+            } else {
+                Err(format!("{c:?}"))
+            }
+        },
+    );
+    // Nothing leaked: the counts over every backend are a-pod-1's.
+    assert_eq!(conns_total(&agent), local_flows);
+    tb.assert_no_checksum_errors();
+}
+
+/// The sum of every backend's active-connection count (`LB_CONNS`, read with bpftool).
+fn conns_total(agent: &Agent) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_dir.join("LB_CONNS"))
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| match &e["value"] {
+            serde_json::Value::Number(n) => n.as_u64().unwrap_or(0),
+            // Without BTF: the value's bytes, little-endian, as hex strings.
+            serde_json::Value::Array(bytes) => bytes.iter().rev().fold(0, |acc, b| {
+                let b = b
+                    .as_str()
+                    .and_then(|s| u64::from_str_radix(&s[2..], 16).ok());
+                (acc << 8) | b.unwrap_or(0)
+            }),
+            other => panic!("LB_CONNS value {other}"),
+        })
+        .sum()
+}

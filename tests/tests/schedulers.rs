@@ -185,35 +185,6 @@ fn annotation_overrides_the_flag_and_bad_values_fall_back() {
     assert_eq!(t.len(), 1, "{t:?}");
 }
 
-/// Active connections per backend address of the frontend `frontend`, from `services -o json`.
-fn connections(env: &Env, frontend: &str) -> std::collections::BTreeMap<String, u64> {
-    let out =
-        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
-            .args(["services", "-o", "json", "--bpffs"])
-            .arg(&env.agent.pin_dir)
-            .output()
-            .expect("run services");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
-    let f = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend"] == frontend)
-        .unwrap_or_else(|| panic!("no {frontend} in {v}"));
-    assert_eq!(f["scheduler"], "least-connection");
-    f["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["address"].as_str().unwrap().to_string(),
-                b["connections"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
     if !privileged() {
@@ -234,7 +205,7 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
         "pod-3 in the Service",
         std::time::Duration::from_secs(10),
         || {
-            let c = connections(&env, "10.96.0.46:80/TCP");
+            let c = lc_connections(&env.agent, "10.96.0.46:80/TCP");
             if c.len() == 2 {
                 Ok(())
             } else {
@@ -242,7 +213,7 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
             }
         },
     );
-    assert_eq!(connections(&env, "10.96.0.46:80/TCP")[&busy], 3);
+    assert_eq!(lc_connections(&env.agent, "10.96.0.46:80/TCP")[&busy], 3);
     let next = explain_next(&env, "10.96.0.46:80/TCP");
     assert!(next.contains(&format!("{busy} 3 connections")), "{next}");
     // New connections (each closed before the next) all avoid the busy backend.
@@ -259,7 +230,7 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
         "counts back to zero",
         std::time::Duration::from_secs(10),
         || {
-            let c = connections(&env, "10.96.0.46:80/TCP");
+            let c = lc_connections(&env.agent, "10.96.0.46:80/TCP");
             if c[&busy] == 0 && c[&idle] == 0 {
                 Ok(())
             } else {

@@ -18,10 +18,12 @@ use aya::{
         PerCpuArray, lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
+        XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
+use aya_obj::programs::XdpAttachType;
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
@@ -115,7 +117,14 @@ pub struct Maps {
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     conns: Array<MapData, u64>,
     rr: HashMap<MapData, u32, u32>,
+    /// `conn_release`, where it is pinned (not before the first `load`).
+    release: Option<Xdp>,
 }
+
+/// Pin of `conn_release` under the pin directory: never attached, run by the agent
+/// (BPF_PROG_TEST_RUN) to give back the least-connection count of a flow it expires.
+const RELEASE_PIN: &str = "conn_release";
+const RELEASE_PROGRAM: &str = "conn_release";
 
 /// Loaded programs (their links are pinned) and the maps.
 pub struct Datapath {
@@ -243,6 +252,12 @@ impl Maps {
             maglev: source.take(names::LB_MAGLEV)?,
             conns: source.take(names::LB_CONNS)?,
             rr: source.take(names::LB_RR)?,
+            release: match source {
+                MapSource::Pins(dir) => {
+                    Xdp::from_pin(dir.join(RELEASE_PIN), XdpAttachType::Interface).ok()
+                }
+                MapSource::Object(_) => None,
+            },
         })
     }
 
@@ -332,6 +347,7 @@ impl Maps {
     /// Removes connection-tracking entry pairs idle for longer than their timeout
     /// (`ct::ct_timeout_secs`) at monotonic time `now_ns`. Returns (entries left, removed).
     pub fn collect_conntrack(&mut self, now_ns: u64) -> anyhow::Result<(u64, u64)> {
+        let release = self.release.as_ref();
         let (kept4, removed4) = collect(
             &mut self.ct4,
             now_ns,
@@ -346,6 +362,7 @@ impl Maps {
             },
             |v| (v.flags, v.last_seen_ns),
             |k| k.proto,
+            |k, v| v.counted == 0 || give_back(release, ETH_P_IP, &k.to_bytes()),
         )?;
         let (kept6, removed6) = collect(
             &mut self.ct6,
@@ -361,6 +378,7 @@ impl Maps {
             },
             |v| (v.flags, v.last_seen_ns),
             |k| k.proto,
+            |k, v| v.counted == 0 || give_back(release, ETH_P_IPV6, &k.to_bytes()),
         )?;
         Ok((kept4 + kept6, removed4 + removed6))
     }
@@ -593,8 +611,9 @@ impl Datapath {
                 None
             }
         };
-        let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
+        let mut maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         log::info!("maps pinned under {}", pin_dir.display());
+        maps.release = Some(pin_release(&mut ebpf, pin_dir)?);
         let mut version = [0u8; 32];
         let v = env!("CARGO_PKG_VERSION").as_bytes();
         let n = v.len().min(version.len());
@@ -961,8 +980,39 @@ fn dump_map<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(out)
 }
 
+/// Gives back, through the datapath's own exchange, the least-connection count a forward
+/// conntrack entry holds (`key`, of the family `ethertype` names). True if one was given back;
+/// false when it held none any more or `conn_release` is not pinned.
+fn give_back(program: Option<&Xdp>, ethertype: u16, key: &[u8]) -> bool {
+    let Some(program) = program else {
+        return false;
+    };
+    // An Ethernet header naming the family, then the key (conns::release_flow).
+    let mut frame = vec![0u8; 14];
+    frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(key);
+    let mut out = vec![0u8; frame.len()];
+    let opts = TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::new()
+    };
+    match program.test_run(opts) {
+        Ok(r) => r.return_value == XDP_PASS,
+        Err(e) => {
+            log::warn!("conn_release failed: {e}");
+            false
+        }
+    }
+}
+
+const XDP_PASS: u32 = 2;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
 /// One collection pass over a conntrack map. `other` gives the key of an entry's partner
-/// (the other direction), `meta` an entry's flags and last-seen time, `proto` a key's protocol.
+/// (the other direction), `meta` an entry's flags and last-seen time, `proto` a key's protocol,
+/// `release` gives back an entry's least-connection count before it goes (see `give_back`).
 fn collect<K, V>(
     map: &mut HashMap<MapData, K, V>,
     now_ns: u64,
@@ -970,6 +1020,7 @@ fn collect<K, V>(
     other: impl Fn(&K, &V) -> K,
     meta: impl Fn(&V) -> (u32, u64),
     proto: impl Fn(&K) -> u8,
+    release: impl Fn(&K, &V) -> bool,
 ) -> anyhow::Result<(u64, u64)>
 where
     K: aya::Pod + Ord,
@@ -994,6 +1045,9 @@ where
     }
     let mut removed = 0u64;
     for k in &expired {
+        if let Some(v) = entries.get(k) {
+            release(k, v);
+        }
         if ignore_missing(map.remove(k)).is_ok() {
             removed += 1;
         }
@@ -1007,21 +1061,22 @@ fn forget<K, V>(
     what: &str,
     gone: &BTreeSet<(u32, u32)>,
     meta: impl Fn(&K, &V) -> (u8, u32, u32),
+    release: impl Fn(&K, &V) -> bool,
 ) -> anyhow::Result<u64>
 where
     K: aya::Pod + Ord,
     V: aya::Pod,
 {
-    let doomed: Vec<K> = dump_map(map, what)?
+    let doomed: Vec<(K, V)> = dump_map(map, what)?
         .into_iter()
         .filter(|(k, v)| {
             let (proto, svc_id, backend_id) = meta(k, v);
             proto == proto_common::UDP && gone.contains(&(svc_id, backend_id))
         })
-        .map(|(k, _)| k)
         .collect();
     let mut deleted = 0;
-    for k in &doomed {
+    for (k, v) in &doomed {
+        release(k, v);
         if ignore_missing(map.remove(k)).is_ok() {
             deleted += 1;
         }
@@ -1140,6 +1195,28 @@ fn lpm_key(r: &SourceRange) -> LpmRange {
     }
 }
 
+/// Loads `conn_release` and pins it (replacing an earlier agent's), for the conntrack
+/// collector; returns it opened from that pin.
+fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(RELEASE_PROGRAM)
+        .ok_or_else(|| anyhow!("program {RELEASE_PROGRAM} missing from the BPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("verifier rejected {RELEASE_PROGRAM}"))?;
+    let pin = pin_dir.join(RELEASE_PIN);
+    match fs::remove_file(&pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove {}", pin.display())),
+    }
+    program
+        .pin(&pin)
+        .with_context(|| format!("pin {}", pin.display()))?;
+    Xdp::from_pin(&pin, XdpAttachType::Interface).with_context(|| format!("open {}", pin.display()))
+}
+
 /// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the
 /// hooks once no process holds them), then the maps (freed once no program uses them).
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
@@ -1155,7 +1232,9 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
         .collect();
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
-    removed += remove_files_and_dir(pin_dir, &names::ALL)?;
+    let mut files = names::ALL.to_vec();
+    files.push(RELEASE_PIN);
+    removed += remove_files_and_dir(pin_dir, &files)?;
     Ok(removed)
 }
 
@@ -1219,12 +1298,21 @@ impl MapIo for Datapath {
             return Ok(Vec::new());
         }
         let maps = &mut self.maps;
-        let v4 = forget(&mut maps.ct4, names::LB_CT4, &gone, |k, v| {
-            (k.proto, v.svc_id, v.backend_id)
-        })?;
-        let v6 = forget(&mut maps.ct6, names::LB_CT6, &gone, |k, v| {
-            (k.proto, v.svc_id, v.backend_id)
-        })?;
+        let release = maps.release.as_ref();
+        let v4 = forget(
+            &mut maps.ct4,
+            names::LB_CT4,
+            &gone,
+            |k, v| (k.proto, v.svc_id, v.backend_id),
+            |k, v| v.counted == 0 || give_back(release, ETH_P_IP, &k.to_bytes()),
+        )?;
+        let v6 = forget(
+            &mut maps.ct6,
+            names::LB_CT6,
+            &gone,
+            |k, v| (k.proto, v.svc_id, v.backend_id),
+            |k, v| v.counted == 0 || give_back(release, ETH_P_IPV6, &k.to_bytes()),
+        )?;
         Ok(vec![(4, v4), (6, v6)])
     }
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {

@@ -235,6 +235,36 @@ pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
     })
 }
 
+/// Active connections per backend address of a least-connection frontend (`services -o json`
+/// of `agent`; `frontend` as `services` names it, e.g. `10.96.0.46:80/TCP`).
+pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .args(["services", "-o", "json", "--bpffs"])
+            .arg(&agent.pin_dir)
+            .output()
+            .expect("run services");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
+    let f = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == frontend)
+        .unwrap_or_else(|| panic!("no {frontend} in {v}"));
+    assert_eq!(f["scheduler"], "least-connection");
+    f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Wall-clock milliseconds, comparable with the `t` of `testhost udp-stream` lines.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
