@@ -37,6 +37,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use proxy_common::service::{
+    FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED,
+};
 use serde::{Deserialize, Serialize};
 use tests::{
     Agent, Topology,
@@ -46,7 +49,7 @@ use tests::{
 
 use self::{
     maps::AgentMaps,
-    report::{MemRow, PairedRow, Report, Sample, Summary},
+    report::{MemRow, PairedRow, Report, Sample, SchedRow, Summary},
     workload::{
         BACKEND_PODS, BACKEND_PORT, CHANGE_FILE, NODE_NAME, SERVICE_PORT, Workload, pod_ip,
     },
@@ -998,6 +1001,9 @@ fn run(settings: &Settings, work: &Path, report: &mut Report) -> anyhow::Result<
 
         // Data path.
         datapath(&nodes, &w, settings, report)?;
+        if Some(&n) == settings.services.first() {
+            schedulers(&mut nodes, &maps, &w, settings, report)?;
+        }
 
         // Control plane: single endpoint changes.
         eprintln!(
@@ -1191,6 +1197,29 @@ fn datapath(
         .iter()
         .find(|n| n.config == Config::Bpf)
         .context("bpf node")?;
+    let (ratios, invalid) = paired_ratios(direct, bpf, w, settings)?;
+    report.paired.push(PairedRow {
+        services: w.services,
+        test: Test::Crr.name().into(),
+        target: Target::SvcMid.name().into(),
+        summary: Summary::of(&ratios),
+        ratios,
+        invalid,
+    });
+    report.add_datapath(w.services, &samples, settings.reps);
+    report.samples.extend(samples);
+    Ok(())
+}
+
+/// `settings.pairs` short back-to-back TCP_CRR runs to the middle Service, `direct` and `bpf`
+/// alternating which goes first: the rate ratios bpf/direct of the valid pairs, and how many
+/// pairs were invalid.
+fn paired_ratios(
+    direct: &Node,
+    bpf: &Node,
+    w: &Workload,
+    settings: &Settings,
+) -> anyhow::Result<(Vec<f64>, usize)> {
     let mut ratios = Vec::new();
     let mut invalid = 0;
     for pair in 0..settings.pairs {
@@ -1208,15 +1237,59 @@ fn datapath(
             invalid += 1;
         }
     }
-    report.paired.push(PairedRow {
-        services: w.services,
-        test: Test::Crr.name().into(),
-        target: Target::SvcMid.name().into(),
-        summary: Summary::of(&ratios),
-        ratios,
-        invalid,
-    });
-    report.add_datapath(w.services, &samples, settings.reps);
-    report.samples.extend(samples);
+    Ok((ratios, invalid))
+}
+
+/// The schedulers whose connect cost is measured (annotation value, the frontend flags that
+/// show it is programmed); random, the default, first.
+const SCHEDULERS: [(&str, u16); 7] = [
+    ("random", 0),
+    ("round-robin", FLAG_ROUND_ROBIN),
+    ("weighted-round-robin", FLAG_ROUND_ROBIN),
+    ("least-connection", FLAG_LEAST_CONN),
+    ("weighted-least-connection", FLAG_LEAST_CONN | FLAG_WEIGHTED),
+    ("source-hash", FLAG_SOURCE_HASH),
+    ("maglev", FLAG_MAGLEV),
+];
+const SCHEDULER_FLAGS: u16 =
+    FLAG_ROUND_ROBIN | FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SOURCE_HASH | FLAG_MAGLEV;
+
+/// The per-connect cost of each scheduler: the middle Service is re-annotated with each in
+/// turn (a full load of `w`), then measured in bpf/direct TCP_CRR pairs like the close call.
+/// `w` is loaded again at the end.
+fn schedulers(
+    nodes: &mut [Node],
+    maps: &AgentMaps,
+    w: &Workload,
+    settings: &Settings,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    for (name, flags) in SCHEDULERS {
+        check_stop()?;
+        eprintln!(
+            "    scheduler {name}: {} paired TCP_CRR runs",
+            settings.pairs
+        );
+        let ws = w.with_scheduler(name);
+        agent_load(&mut nodes[1], maps, &ws)?;
+        poll_maps(
+            &format!("the middle Service to use {name}"),
+            Duration::from_secs(30),
+            || {
+                Ok(maps
+                    .frontend(ws.vip(ws.mid()), SERVICE_PORT)?
+                    .is_some_and(|f| f.flags & SCHEDULER_FLAGS == flags))
+            },
+        )?;
+        let (ratios, invalid) = paired_ratios(&nodes[0], &nodes[1], &ws, settings)?;
+        report.schedulers.push(SchedRow {
+            services: w.services,
+            scheduler: name.into(),
+            summary: Summary::of(&ratios),
+            ratios,
+            invalid,
+        });
+    }
+    agent_load(&mut nodes[1], maps, w)?;
     Ok(())
 }

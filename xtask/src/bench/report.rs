@@ -127,6 +127,17 @@ pub struct PairedRow {
     pub invalid: usize,
 }
 
+/// One scheduler's connect cost: bpf/direct TCP_CRR ratios to the middle Service scheduled by
+/// it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SchedRow {
+    pub services: usize,
+    pub scheduler: String,
+    pub ratios: Vec<f64>,
+    pub summary: Option<Summary>,
+    pub invalid: usize,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CpRow {
     pub services: usize,
@@ -166,6 +177,9 @@ pub struct Report {
     pub skipped: Vec<String>,
     pub datapath: Vec<DpRow>,
     pub paired: Vec<PairedRow>,
+    /// Per-scheduler connect cost (absent from reports written before it existed).
+    #[serde(default)]
+    pub schedulers: Vec<SchedRow>,
     pub control_plane: Vec<CpRow>,
     pub memory: Vec<MemRow>,
     pub targets: Vec<TargetRow>,
@@ -186,6 +200,7 @@ impl Report {
             skipped: Vec::new(),
             datapath: Vec::new(),
             paired: Vec::new(),
+            schedulers: Vec::new(),
             control_plane: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
@@ -645,6 +660,46 @@ impl Report {
                                 String::new()
                             }
                         ))
+                );
+            }
+        }
+        if !self.schedulers.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nConnect cost per scheduler (the middle Service annotated with each in turn; \
+                 bpf/direct TCP_CRR back-to-back pairs as above). \"vs random\": the \
+                 scheduler's median ratio over random's; below 1 it costs connections per \
+                 second.\n\n| Services | scheduler | bpf/direct, median [min-max] | vs random |\n\
+                 |---:|---|---|---:|"
+            );
+            for r in &self.schedulers {
+                let random = self
+                    .schedulers
+                    .iter()
+                    .find(|x| x.services == r.services && x.scheduler == "random")
+                    .and_then(|x| x.summary.as_ref())
+                    .map(|x| x.p50);
+                let (ratio, vs) = match (&r.summary, random) {
+                    (Some(x), Some(base)) if base > 0.0 => (
+                        format!("{:.3} [{:.3}-{:.3}] over {}", x.p50, x.min, x.max, x.n),
+                        format!("{:.3}", x.p50 / base),
+                    ),
+                    (Some(x), _) => (
+                        format!("{:.3} [{:.3}-{:.3}] over {}", x.p50, x.min, x.max, x.n),
+                        "n/a".into(),
+                    ),
+                    (None, _) => ("no valid pair".into(), "n/a".into()),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {ratio}{} | {vs} |",
+                    r.services,
+                    r.scheduler,
+                    if r.invalid > 0 {
+                        format!(" ({} invalid)", r.invalid)
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }

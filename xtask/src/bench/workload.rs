@@ -62,6 +62,8 @@ pub struct Workload {
     pub services: usize,
     pub endpoints: usize,
     pub changed: bool,
+    /// The middle Service's `kube-bpf-proxy.io/scheduler` annotation, if any.
+    pub scheduler: Option<&'static str>,
 }
 
 /// 10.244.0.(i+2): pod i of a topology (harness address plan).
@@ -86,11 +88,20 @@ impl Workload {
             services,
             endpoints,
             changed: false,
+            scheduler: None,
         }
     }
 
     pub fn with_change(self, changed: bool) -> Workload {
         Workload { changed, ..self }
+    }
+
+    /// The same Services, the middle one scheduled by `scheduler` (our agent only).
+    pub fn with_scheduler(self, scheduler: &'static str) -> Workload {
+        Workload {
+            scheduler: Some(scheduler),
+            ..self
+        }
     }
 
     pub fn first(&self) -> usize {
@@ -181,8 +192,15 @@ impl Workload {
                 )
             })
             .collect();
+        let annotations = match self.scheduler {
+            Some(s) if i == self.mid() => {
+                format!(", annotations: {{kube-bpf-proxy.io/scheduler: {s}}}")
+            }
+            _ => String::new(),
+        };
         format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+            "---\napiVersion: v1\nkind: Service\n\
+             metadata: {{name: {name}, namespace: {NAMESPACE}{annotations}}}\n\
              spec: {{clusterIP: {vip}, clusterIPs: [{vip}], ipFamilies: [IPv4], ports: [{ports}]}}\n",
             name = self.name(i),
             ports = ports.join(", ")
