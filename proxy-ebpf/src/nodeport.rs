@@ -118,7 +118,7 @@ pub fn ct_flags_of(tcp_flags: u8) -> u32 {
 /// flow is then balanced afresh at its next datagram (kube-proxy deletes such conntrack
 /// entries, semantics 9.2), while an established TCP connection keeps its backend.
 #[inline(always)]
-pub fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
+fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
     let syn = pkt.t.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn && e.flags & (CT_FIN | CT_RST) != 0 {
         return true;
@@ -149,17 +149,7 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
         // SAFETY: `ptr` came from the lookup.
         let mut e = unsafe { F::ct_read(ptr) };
         let reply = e.flags & CT_REPLY != 0;
-        let stale = !reply && stale(&e, &pkt);
-        // A closing or replaced flow gives its least-connection count back (a FIN or RST
-        // ends it as an active connection, as IPVS counts them).
-        if stale || pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            if reply {
-                give_back_forward::<F>(&e.to);
-            } else {
-                unsafe { F::ct_give_back(ptr) };
-            }
-        }
-        if !stale {
+        if keeps_entry::<F>(ptr, &e, &pkt) {
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             e.to.proto = pkt.t.proto;
             if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
@@ -180,10 +170,32 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
     NEW
 }
 
+/// Whether a packet of a tracked flow goes on with its entry `e` (at `ptr`); false when the
+/// entry is stale and a new flow starts. A closing or replaced flow gives its least-connection
+/// count back: a FIN or RST either way ends it as an active connection, as IPVS counts them.
+#[inline(always)]
+pub fn keeps_entry<F: Family>(
+    ptr: *mut F::CtValue,
+    e: &Entry<F::Addr>,
+    pkt: &Packet<F::Addr>,
+) -> bool {
+    let reply = e.flags & CT_REPLY != 0;
+    let stale = !reply && stale(e, pkt);
+    if stale || pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if reply {
+            give_back_forward::<F>(&e.to);
+        } else {
+            // SAFETY: the caller's pointer from a lookup.
+            unsafe { F::ct_give_back(ptr) };
+        }
+    }
+    !stale
+}
+
 /// Gives back the count of the flow whose reply entry translates to `to` (its forward entry
 /// is keyed by `to` reversed). Out of line: `handle`'s frame is near the limit.
 #[inline(never)]
-pub fn give_back_forward<F: Family>(to: &Tuple<F::Addr>) {
+fn give_back_forward<F: Family>(to: &Tuple<F::Addr>) {
     if let Some(ptr) = F::ct_lookup(&to.reversed()) {
         // SAFETY: from the lookup.
         unsafe { F::ct_give_back(ptr) };

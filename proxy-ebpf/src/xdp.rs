@@ -24,13 +24,13 @@ use proxy_common::{
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
     proto,
     reason::Reason,
-    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
+    service::{FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
 };
 
 use crate::{
     dsr, lb,
-    nodeport::{ct_flags_of, give_back_forward, stale},
-    packet::{ETH_HLEN, Entry, Family, Packet, TCP_FIN, TCP_RST, Tuple, V4, V6},
+    nodeport::{ct_flags_of, keeps_entry},
+    packet::{ETH_HLEN, Entry, Family, Packet, Tuple, V4, V6},
     stats,
 };
 
@@ -328,17 +328,7 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
     if let Some(ptr) = F::ct_lookup(&pkt.t) {
         // SAFETY: from the lookup.
         let mut e = unsafe { F::ct_read(ptr) };
-        let reply = e.flags & CT_REPLY != 0;
-        let stale = !reply && stale(&e, &pkt);
-        // As at tc: a closing or replaced flow gives its least-connection count back.
-        if stale || pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            if reply {
-                give_back_forward::<F>(&e.to);
-            } else {
-                unsafe { F::ct_give_back(ptr) };
-            }
-        }
-        if !stale {
+        if keeps_entry::<F>(ptr, &e, &pkt) {
             e.to.proto = pkt.t.proto;
             let mut h = Hop {
                 ifindex: 0,
@@ -378,9 +368,10 @@ fn new_flow<F: XdpFamily>(ctx: &XdpContext) -> u32 {
         stats::count(Reason::SourceRangeDrop);
         return XDP_DROP;
     }
-    // A least-connection frontend's flows are started at tc, which compares and keeps the
-    // counts (a frame too many for this chain); their later packets are handled here.
-    if svc.has_flag(FLAG_LEAST_CONN) {
+    // Flows of stateful schedulers are started at tc, and their later packets handled here:
+    // least connection compares and keeps counts (a frame too many for this chain), and a
+    // round-robin turn taken here for a backend tc must handle (a local one) would be lost.
+    if svc.has_flag(FLAG_LEAST_CONN | FLAG_ROUND_ROBIN) {
         return XDP_PASS;
     }
     let mut choice = lb::Choice {

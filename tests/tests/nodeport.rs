@@ -509,6 +509,57 @@ fn closed_connections_leave_the_conntrack_table() {
     );
 }
 
+/// `web` scheduled by `scheduler` (the annotation's value).
+fn web_yaml_scheduled(scheduler: &str) -> String {
+    web_yaml("").replace(
+        "metadata: {name: web, namespace: default}",
+        &format!(
+            "metadata: {{name: web, namespace: default, annotations: \
+             {{kube-bpf-proxy.io/scheduler: {scheduler}}}}}"
+        ),
+    )
+}
+
+#[test]
+fn round_robin_and_source_hash_hold_on_the_packet_path() {
+    // Issue #11: the socket path's schedulers behave alike for traffic from outside (tc, and
+    // XDP for the remote backend's flows).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml_scheduled("rr"));
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_HTTP);
+    wait_answered(&tb, Proto::Tcp, to);
+    // Every backend exactly its turn, in a fixed cycle.
+    let order: Vec<String> = tb
+        .request_ext(Proto::Tcp, to, 9)
+        .into_iter()
+        .map(|r| r.backend)
+        .collect();
+    let cycle: BTreeSet<&String> = order[..3].iter().collect();
+    assert_eq!(cycle.len(), 3, "{order:?}");
+    for (i, b) in order.iter().enumerate() {
+        assert_eq!(b, &order[i % 3], "{order:?}");
+    }
+    // Source hashing: the one external client always lands on one backend.
+    agent.write_manifest("web.yaml", &web_yaml_scheduled("sh"));
+    poll_until(
+        "one backend for the client",
+        Duration::from_secs(10),
+        || {
+            let t = tally(&tb.request_ext(Proto::Tcp, to, 12));
+            if t.len() == 1 && t.values().sum::<usize>() == 12 {
+                Ok(())
+            } else {
+                Err(format!("{t:?}"))
+            }
+        },
+    );
+    tb.assert_no_checksum_errors();
+}
+
 #[test]
 fn least_connection_on_the_packet_path_counts_flows_until_they_close() {
     // Issue #11: a least-connection frontend reached from outside is balanced on counts the
@@ -518,12 +569,7 @@ fn least_connection_on_the_packet_path_counts_flows_until_they_close() {
         return;
     }
     let (tb, agent) = setup();
-    let lc = web_yaml("").replace(
-        "metadata: {name: web, namespace: default}",
-        "metadata: {name: web, namespace: default, annotations: \
-         {kube-bpf-proxy.io/scheduler: lc}}",
-    );
-    agent.write_manifest("web.yaml", &lc);
+    agent.write_manifest("web.yaml", &web_yaml_scheduled("lc"));
     web_endpoints(&agent, &tb, &[(0, 0)]);
     let to = addr("192.168.77.1", NODE_PORT_HTTP);
     let frontend = "192.168.77.1:30080/TCP";
@@ -578,12 +624,7 @@ fn least_connection_udp_flows_hold_counts_until_their_backend_goes() {
         return;
     }
     let (tb, agent) = setup();
-    let lc = web_yaml("").replace(
-        "metadata: {name: web, namespace: default}",
-        "metadata: {name: web, namespace: default, annotations: \
-         {kube-bpf-proxy.io/scheduler: lc}}",
-    );
-    agent.write_manifest("web.yaml", &lc);
+    agent.write_manifest("web.yaml", &web_yaml_scheduled("lc"));
     web_endpoints(&agent, &tb, &[(0, 0), (1, 0)]);
     let to = addr("192.168.77.1", NODE_PORT_DNS);
     let frontend = "192.168.77.1:30053/UDP";

@@ -366,7 +366,14 @@ impl Node {
             note = "no requests completed".into();
         } else {
             let to_service = self.config != Config::Direct && target != Target::Pod;
-            let want = if to_service { BACKEND_PODS } else { 1 };
+            // Source hashing keeps the one client on one backend by design.
+            let one_client_one_backend =
+                target == Target::SvcMid && w.scheduler == Some("source-hash");
+            let want = if to_service && !one_client_one_backend {
+                BACKEND_PODS
+            } else {
+                1
+            };
             // Every backend should answer a Service's new connections (one long connection,
             // and UDP through conntrack, stay with one).
             let check = test == Test::Crr || !to_service;
