@@ -56,10 +56,13 @@ pub enum Reason {
     DsrSent = 22,
     /// This node learnt a flow's frontend from a DSR option.
     DsrLearned = 23,
+    /// A translated packet whose TTL or hop limit would expire here went to the stack, which
+    /// answers with ICMP time exceeded, instead of being forwarded.
+    TtlExpired = 24,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 24;
+pub const REASON_COUNT: u32 = 25;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -87,6 +90,7 @@ impl Reason {
         Reason::XdpForwarded,
         Reason::DsrSent,
         Reason::DsrLearned,
+        Reason::TtlExpired,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -116,6 +120,7 @@ impl Reason {
             Reason::XdpForwarded => "xdp_forwarded",
             Reason::DsrSent => "dsr_sent",
             Reason::DsrLearned => "dsr_learned",
+            Reason::TtlExpired => "ttl_expired",
         }
     }
 }

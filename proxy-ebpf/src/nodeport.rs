@@ -22,8 +22,8 @@ use crate::{
     conns, dsr, icmp, lb,
     maps::LB_MEMBERS,
     packet::{
-        ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4, V6,
-        rewrite, route,
+        AF_INET, ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4,
+        V6, count_down_ttl, rewrite, route,
     },
     reject, stats,
 };
@@ -365,6 +365,11 @@ pub fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: Option<u
             }
         },
     };
+    // Forwarded here, not by the stack: the TTL is counted down here too.
+    if !count_down_ttl(ctx, F::AF == AF_INET) {
+        stats::count(Reason::TtlExpired);
+        return TC_ACT_OK as i32;
+    }
     // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
     unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -191,6 +191,33 @@ pub fn rewrite<F: Family>(
     Ok(())
 }
 
+/// Counts down the TTL (IPv4, with the header checksum) or the hop limit (IPv6) of a packet
+/// this program forwards itself, as a router does; false, untouched, when it would reach 0:
+/// the stack must forward that one (it answers with ICMP time exceeded). Out of line: it runs
+/// at the end of the translation paths' call chains.
+#[inline(never)]
+pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
+    if v4 {
+        // TTL and protocol: one 16-bit word of the header checksum.
+        let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
+            return false;
+        };
+        if word[0] <= 1 {
+            return false;
+        }
+        let new = [word[0] - 1, word[1]];
+        let (old, new) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+        ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2)
+            .and_then(|()| ctx.store(ETH_HLEN + 8, &new, 0))
+            .is_ok()
+    } else {
+        let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
+            return false;
+        };
+        hops > 1 && ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_ok()
+    }
+}
+
 /// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
 /// also the source address the node would use on it.
 #[inline(always)]
@@ -233,7 +260,7 @@ pub fn route<F: Family>(
 pub struct V4;
 pub struct V6;
 
-const AF_INET: u8 = 2;
+pub const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 impl Family for V4 {

@@ -139,6 +139,11 @@ impl XdpFamily for V4 {
         mut l4sum: [u8; 2],
     ) -> Option<[u8; 2]> {
         let mut ipsum = read::<[u8; 2]>(ctx, pkt.l3 + 10)?;
+        // Forwarded here: the TTL counts down (`ingress` passed those that would expire).
+        let ttl = read::<[u8; 2]>(ctx, pkt.l3 + 8)?;
+        let counted_down = [ttl[0].wrapping_sub(1), ttl[1]];
+        ipsum = csum_update(ipsum, &ttl, &counted_down);
+        write(ctx, pkt.l3 + 8, counted_down)?;
         for (off, old, new) in [(12, pkt.t.saddr, to.saddr), (16, pkt.t.daddr, to.daddr)] {
             if old != new {
                 ipsum = csum_update(ipsum, &old, &new);
@@ -310,6 +315,8 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
     // A new flow is handled after the tracked-flow path has returned, so their stack frames
     // never add up (the verifier allows 512 bytes per call chain).
     match read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) {
+        // A TTL about to expire: tc and the stack answer it (ICMP time exceeded).
+        Some(ETH_P_IP) if read::<u8>(ctx, ETH_HLEN + 8).is_some_and(|ttl| ttl <= 1) => XDP_PASS,
         Some(ETH_P_IP) => handle::<V4>(ctx).unwrap_or_else(|| new_flow::<V4>(ctx)),
         // IPv6 is translated at tc: the IPv6 path's frames do not fit the verifier's 512-byte
         // stack per call chain yet.

@@ -14,7 +14,7 @@ use std::{
 use common::*;
 use tests::{
     Agent, Reply, Testbed,
-    harness::topology::{Proto, udp_stream_in},
+    harness::topology::{Proto, udp_stream_in, udp_with_ttl},
     poll_until,
 };
 
@@ -685,4 +685,53 @@ fn conns_total(agent: &Agent) -> u64 {
             other => panic!("LB_CONNS value {other}"),
         })
         .sum()
+}
+
+#[test]
+fn forwarded_packets_count_their_ttl_down() {
+    // A node forwarding NodePort traffic is a router: kube-proxy's DNATed packets are forwarded
+    // by the stack, which counts the TTL (hop limit) down and answers an expiring one. Ours are
+    // forwarded at tc (local backend, both families) and XDP (remote backend, IPv4).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    for ip in ["192.168.77.1", "fd00:77::1"] {
+        let to = addr(ip, NODE_PORT_DNS);
+        wait_answered(&tb, Proto::Udp, to);
+        // One hop to a-pod-1: node-a's.
+        let r = udp_with_ttl(&tb.ext, to, 2);
+        assert!(r.ok && r.backend == "a-pod-1", "{to} TTL 2: {r:?}");
+        let r = udp_with_ttl(&tb.ext, to, 1);
+        assert!(!r.ok, "{to}: TTL 1 forwarded: {r:?}");
+    }
+    assert!(datapath_events(&agent, "ttl_expired") > 0);
+    // b-pod-1 is two hops away (node-a's XDP, node-b's stack).
+    web_endpoints(&agent, &tb, &[(1, 0)]);
+    let to = addr("192.168.77.1", NODE_PORT_DNS);
+    poll_until("b-pod-1 answers", Duration::from_secs(10), || {
+        let r = udp_with_ttl(&tb.ext, to, 3);
+        if r.ok && r.backend == "b-pod-1" {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    let r = udp_with_ttl(&tb.ext, to, 2);
+    assert!(!r.ok, "TTL 2 reached a backend two hops away: {r:?}");
+    assert!(datapath_events(&agent, "xdp_forwarded") > 0);
+    // The expired packets count as header errors where the stack dropped them (node-a for
+    // the hop limit of 1, node-b for the TTL XDP counted down to 1); nothing else may.
+    let errors: Vec<_> = tb
+        .checksum_errors()
+        .into_iter()
+        .filter(|(ns, counter, n)| {
+            let expired = (ns.ends_with("node-a") && counter == "Ip6InHdrErrors")
+                || (ns.ends_with("node-b") && counter == "Ip:InHdrErrors");
+            !(expired && *n <= 2)
+        })
+        .collect();
+    assert!(errors.is_empty(), "receivers dropped packets: {errors:?}");
 }

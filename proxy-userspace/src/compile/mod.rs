@@ -251,6 +251,24 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
     }
 }
 
+/// A load balancer IP's allowed sources: the Service's ranges and, when a node address of
+/// the VIP's family lies inside one of them, the VIP itself (semantics 7.9: a VIP assigned on
+/// the node makes host traffic loop back with the VIP as its source).
+fn with_node_exception(ranges: &[Cidr], vip: IpAddr, node_addresses: &[IpAddr]) -> Vec<Cidr> {
+    let mut out = ranges.to_vec();
+    let node_inside = node_addresses
+        .iter()
+        .any(|a| ranges.iter().any(|r| r.contains(a)));
+    if node_inside {
+        let len = if vip.is_ipv4() { 32 } else { 128 };
+        let own = Cidr { addr: vip, len };
+        if !out.contains(&own) {
+            out.push(own);
+        }
+    }
+    out
+}
+
 /// The node addresses NodePorts are served on: every address of the node except loopback and
 /// IPv6 link-local ones (semantics 7.1), restricted to `cidrs` where `cidrs` has prefixes of
 /// the address's family (semantics 7.2).
@@ -877,7 +895,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desi
                 no_local,
                 snat: external_scope && !sp.etp_local,
                 source_ranges: if external_scope && kind == FrontendKind::LoadBalancer {
-                    sp.source_ranges.clone()
+                    with_node_exception(&sp.source_ranges, addr, node_addresses)
                 } else {
                     Vec::new()
                 },

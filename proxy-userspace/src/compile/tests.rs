@@ -1536,6 +1536,28 @@ fn external_traffic_policy_local_without_local_endpoints_drops() {
 }
 
 #[test]
+fn the_vip_is_an_allowed_source_only_when_the_node_is() {
+    // semantics 7.9: the node exception follows the node's address, not the client's.
+    for (ranges, vip_allowed) in [
+        ("[10.1.0.0/16]", false),
+        ("[192.168.77.1/32]", true),
+        ("[0.0.0.0/0]", true),
+        ("['fd00:77::/64']", false),
+    ] {
+        let d = compile(&external_web(
+            "LoadBalancer",
+            &format!(", loadBalancerSourceRanges: {ranges}"),
+        ));
+        let lb = frontend_of(&d, "external 198.51.100.1:80/TCP").unwrap();
+        let own = lb
+            .source_ranges
+            .iter()
+            .any(|c| c.to_string() == "198.51.100.1/32");
+        assert_eq!(own, vip_allowed, "{ranges}: {:?}", lb.source_ranges);
+    }
+}
+
+#[test]
 fn source_ranges_only_on_load_balancer_ips() {
     // semantics 7.5, 7.6, 7.8: trimmed, invalid and other-family ranges dropped; NodePorts
     // and externalIPs are not filtered.
@@ -1545,7 +1567,11 @@ fn source_ranges_only_on_load_balancer_ips() {
     ));
     let lb = frontend_of(&d, "external 198.51.100.1:80/TCP").unwrap();
     let ranges: Vec<String> = lb.source_ranges.iter().map(|c| c.to_string()).collect();
-    assert_eq!(ranges, ["192.168.77.0/25", "10.1.0.0/16"]);
+    // The node (192.168.77.1) is inside a range: the VIP itself is allowed too (7.9).
+    assert_eq!(
+        ranges,
+        ["192.168.77.0/25", "10.1.0.0/16", "198.51.100.1/32"]
+    );
     for fe in [
         "external 192.168.77.1:30080/TCP",
         "external 203.0.113.7:80/TCP",

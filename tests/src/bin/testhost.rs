@@ -200,6 +200,13 @@ fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String,
     };
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(TIMEOUT))?;
+    // $TESTHOST_TTL sets the TTL (IPv4) or hop limit (IPv6) of the datagram.
+    if let Some(ttl) = std::env::var("TESTHOST_TTL")
+        .ok()
+        .and_then(|t| t.parse::<u32>().ok())
+    {
+        set_hops(&socket, to.is_ipv4(), ttl)?;
+    }
     let mut buf = [0u8; 1500];
     let (n, peer) = if connected {
         socket.connect(to)?;
@@ -212,6 +219,28 @@ fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String,
     };
     let (backend, seen) = parse_reply(&String::from_utf8_lossy(&buf[..n]));
     Ok((backend, seen, canonical(peer)))
+}
+
+fn set_hops(socket: &UdpSocket, v4: bool, hops: u32) -> std::io::Result<()> {
+    if v4 {
+        return socket.set_ttl(hops);
+    }
+    use std::os::fd::AsRawFd as _;
+    let value = hops as libc::c_int;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_UNICAST_HOPS,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn print_answer(result: std::io::Result<Answer>) {

@@ -208,13 +208,28 @@ pub fn request_in(
     to: SocketAddr,
     count: usize,
 ) -> Vec<Reply> {
-    request_with(ns, cgroup, proto, to, count, None)
+    request_with(ns, cgroup, proto, to, count, &[])
 }
 
 /// One UDP request from `ns` (outside the cgroup) whose socket is bound to `source_port`: the
 /// same flow every time.
 pub fn udp_from_port(ns: &NetNs, to: SocketAddr, source_port: u16) -> Reply {
-    let mut replies = request_with(ns, None, Proto::Udp, to, 1, Some(source_port));
+    let port = source_port.to_string();
+    let mut replies = request_with(
+        ns,
+        None,
+        Proto::Udp,
+        to,
+        1,
+        &[("TESTHOST_SOURCE_PORT", &port)],
+    );
+    replies.pop().expect("one reply")
+}
+
+/// One UDP request from `ns` (outside the cgroup) sent with TTL (hop limit) `ttl`.
+pub fn udp_with_ttl(ns: &NetNs, to: SocketAddr, ttl: u8) -> Reply {
+    let ttl = ttl.to_string();
+    let mut replies = request_with(ns, None, Proto::Udp, to, 1, &[("TESTHOST_TTL", &ttl)]);
     replies.pop().expect("one reply")
 }
 
@@ -224,7 +239,7 @@ fn request_with(
     proto: Proto,
     to: SocketAddr,
     count: usize,
-    source_port: Option<u16>,
+    env: &[(&str, &str)],
 ) -> Vec<Reply> {
     let netns = ns.path();
     let procs = cgroup.map(TestCgroup::procs_file);
@@ -248,8 +263,8 @@ fn request_with(
         &workspace_binary("testhost"),
         &args,
     );
-    if let Some(port) = source_port {
-        cmd.env("TESTHOST_SOURCE_PORT", port.to_string());
+    for (name, value) in env {
+        cmd.env(name, value);
     }
     // Each request is bounded by testhost's 2 s timeouts.
     let stdout = output_within(cmd, Duration::from_secs(5 + 3 * count as u64));
