@@ -175,3 +175,77 @@ fn upgrade_after_a_change_writes_only_the_change() {
     env.wait_for_backends(Proto::Tcp, vip7, &["pod-4"]);
     let _ = std::fs::remove_dir_all(&upgrade_dir);
 }
+
+/// Attributes of a pinned map as bpftool shows them.
+fn pinned_map(pin: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool map show pinned {}: {}{}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// An upgrade that changed a map's layout (here: the conntrack value grew, a counter was
+/// added): the new agent replaces those pinned maps instead of failing to load its programs
+/// against them, says so, and serves.
+#[test]
+fn upgrade_over_maps_of_an_older_layout_replaces_them() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    service_with_one_backend(&env, "web", "10.96.2.1", 1);
+    let to: SocketAddr = "10.96.2.1:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, to, &["pod-2"]);
+    env.agent.kill();
+    // The older layout: a 32-byte conntrack value, 24 counters.
+    let pins = env.agent.pin_dir.clone();
+    for (name, args) in [
+        ("LB_CT4", "type lru_hash key 16 value 32 entries 256"),
+        ("LB_STATS", "type percpu_array key 4 value 8 entries 24"),
+    ] {
+        let pin = pins.join(name);
+        std::fs::remove_file(&pin).expect("remove the pin");
+        let status = std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(args.split(' '))
+            .args(["name", name])
+            .status()
+            .expect("run bpftool");
+        assert!(status.success(), "bpftool map create {name}");
+        assert_eq!(pinned_map(&pin)["name"], name);
+    }
+    let from = env.agent.log_position();
+    env.agent.start();
+    env.agent.wait_for_log(
+        from,
+        "LB_CT4: the pinned map's layout differs from this version's (value size 32 -> 40)",
+        Duration::from_secs(10),
+    );
+    env.agent.wait_for_log(
+        from,
+        "LB_STATS: the pinned map's layout",
+        Duration::from_secs(10),
+    );
+    // The old links serve meanwhile; the new agent has loaded once it synced.
+    env.agent
+        .wait_for_log(from, "synced:", Duration::from_secs(30));
+    env.wait_for_backends(Proto::Tcp, to, &["pod-2"]);
+    assert_eq!(pinned_map(&pins.join("LB_CT4"))["bytes_value"], 40);
+    assert!(pinned_map(&pins.join("LB_STATS"))["max_entries"].as_u64() > Some(24));
+    // The counters read again (the metrics list every reason).
+    let (_, body) = env.agent.get(env.agent.metrics_port, "/metrics");
+    assert!(
+        body.contains("kube_bpf_proxy_datapath_events_total{reason=\"translated\"}"),
+        "{body}"
+    );
+}

@@ -272,8 +272,13 @@ impl Maps {
         for reason in Reason::ALL {
             let index = reason as u32;
             debug_assert!(index < REASON_COUNT);
-            let values = self.stats.get(&index, 0)?;
-            out.push((reason, values.iter().sum()));
+            // A counter the pinned map has no room for (it predates the reason) reads 0.
+            let sum = match self.stats.get(&index, 0) {
+                Ok(values) => values.iter().sum(),
+                Err(MapError::OutOfBounds { .. }) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((reason, sum));
         }
         Ok(out)
     }
@@ -541,6 +546,7 @@ impl Datapath {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restrict {}", pin_dir.display()))?;
+        replace_incompatible_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL {
             let pin = pin_dir.join(name);
@@ -1193,6 +1199,54 @@ fn lpm_key(r: &SourceRange) -> LpmRange {
             },
         )),
     }
+}
+
+/// Removes the pins of maps whose layout (type, key or value size, or the size of a map the
+/// agent does not size) differs from this build's, so that loading creates them afresh: an
+/// upgrade that changed a map would otherwise have its programs rejected against the old map.
+/// Their entries are lost, which the log says. Returns the names replaced.
+fn replace_incompatible_pins(
+    pin_dir: &Path,
+    sizes: &MapSizes,
+) -> anyhow::Result<Vec<&'static str>> {
+    let object = aya_obj::Object::parse(OBJECT).context("parse the BPF object")?;
+    let mut replaced = Vec::new();
+    for name in names::ALL {
+        let pin = pin_dir.join(name);
+        let (Ok(info), Some(def)) = (MapInfo::from_pin(&pin), object.maps.get(name)) else {
+            continue;
+        };
+        let mut changed = Vec::new();
+        if info.map_type().ok().map(|t| t as u32) != Some(def.map_type()) {
+            changed.push("type".to_string());
+        }
+        for (what, pinned, now) in [
+            ("key size", info.key_size(), def.key_size()),
+            ("value size", info.value_size(), def.value_size()),
+        ] {
+            if pinned != now {
+                changed.push(format!("{what} {pinned} -> {now}"));
+            }
+        }
+        if sizes.of(name).is_none() && info.max_entries() != def.max_entries() {
+            changed.push(format!(
+                "entries {} -> {}",
+                info.max_entries(),
+                def.max_entries()
+            ));
+        }
+        if changed.is_empty() {
+            continue;
+        }
+        log::warn!(
+            "{name}: the pinned map's layout differs from this version's ({}); replacing it, \
+             its entries are lost",
+            changed.join(", ")
+        );
+        fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+        replaced.push(name);
+    }
+    Ok(replaced)
 }
 
 /// Loads `conn_release` and pins it (replacing an earlier agent's), for the conntrack
