@@ -51,7 +51,8 @@ use self::{
     maps::AgentMaps,
     report::{MemRow, PairedRow, Report, Sample, SchedRow, Summary},
     workload::{
-        BACKEND_PODS, BACKEND_PORT, CHANGE_FILE, NODE_NAME, SERVICE_PORT, Workload, pod_ip,
+        BACKEND_PODS, BACKEND_PORT, CHANGE_FILE, EXTERNAL_IP, NODE_NAME, SERVICE_PORT, Workload,
+        pod_ip,
     },
 };
 use crate::{exec, setup};
@@ -210,6 +211,9 @@ pub enum Target {
     SvcFirst,
     SvcMid,
     SvcLast,
+    /// The middle Service's externalIP from a client outside the hooked cgroup (bpf only):
+    /// translated at tc on the node's bridge, with conntrack and masquerading.
+    ExternalIp,
 }
 
 impl Target {
@@ -219,6 +223,7 @@ impl Target {
             Target::SvcFirst => "svc-first",
             Target::SvcMid => "svc-mid",
             Target::SvcLast => "svc-last",
+            Target::ExternalIp => "external-ip",
         }
     }
     fn addr(self, w: &Workload) -> SocketAddrV4 {
@@ -228,6 +233,7 @@ impl Target {
             Target::SvcFirst => svc(w.first()),
             Target::SvcMid => svc(w.mid()),
             Target::SvcLast => svc(w.last()),
+            Target::ExternalIp => SocketAddrV4::new(EXTERNAL_IP, SERVICE_PORT),
         }
     }
 }
@@ -285,8 +291,14 @@ impl Node {
             cmd,
         )];
         let agent = if config == Config::Bpf {
-            let agent = Agent::new(&topo.id, topo.cgroup_path(), NODE_NAME);
+            let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE_NAME);
             agent.set_echo(false);
+            // tc on the node's bridge: the external data path (Target::ExternalIp); the agent
+            // runs in the node's namespace to see it.
+            agent.netns = Some(topo.node.path());
+            agent.extra_args = ["--pod-interfaces", "br0", "--external-interfaces", ""]
+                .map(String::from)
+                .to_vec();
             agent.write_manifest(
                 "node.yaml",
                 &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n"),
@@ -337,10 +349,12 @@ impl Node {
         };
         let netns = self.topo.pods[0].ns.path();
         let procs = self.topo.cgroup.procs_file();
+        // Outside the cgroup the socket hooks do not see the client: tc translates.
+        let in_cgroup = target != Target::ExternalIp;
         let cmd = command_in(
             &Placement {
                 netns: &netns,
-                cgroup_procs: Some(procs.as_path()),
+                cgroup_procs: in_cgroup.then_some(procs.as_path()),
             },
             &workspace_binary("loadgen"),
             &[
@@ -1204,29 +1218,31 @@ fn datapath(
         .iter()
         .find(|n| n.config == Config::Bpf)
         .context("bpf node")?;
-    let (ratios, invalid) = paired_ratios(direct, bpf, w, settings)?;
-    report.paired.push(PairedRow {
-        services: w.services,
-        test: Test::Crr.name().into(),
-        target: Target::SvcMid.name().into(),
-        summary: Summary::of(&ratios),
-        ratios,
-        invalid,
-    });
+    report
+        .paired
+        .push(paired(direct, bpf, Target::SvcMid, w, settings)?);
+    eprintln!(
+        "    paired bpf (external IP, tc)/direct TCP_CRR runs: {}",
+        settings.pairs
+    );
+    report
+        .external
+        .push(paired(direct, bpf, Target::ExternalIp, w, settings)?);
     report.add_datapath(w.services, &samples, settings.reps);
     report.samples.extend(samples);
     Ok(())
 }
 
-/// `settings.pairs` short back-to-back TCP_CRR runs to the middle Service, `direct` and `bpf`
+/// `settings.pairs` short back-to-back TCP_CRR runs, `direct` to a pod and `bpf` to `target`,
 /// alternating which goes first: the rate ratios bpf/direct of the valid pairs, and how many
 /// pairs were invalid.
-fn paired_ratios(
+fn paired(
     direct: &Node,
     bpf: &Node,
+    target: Target,
     w: &Workload,
     settings: &Settings,
-) -> anyhow::Result<(Vec<f64>, usize)> {
+) -> anyhow::Result<PairedRow> {
     let mut ratios = Vec::new();
     let mut invalid = 0;
     for pair in 0..settings.pairs {
@@ -1235,8 +1251,8 @@ fn paired_ratios(
         } else {
             (bpf, direct)
         };
-        let sa = a.measure(Test::Crr, Target::SvcMid, w, settings.pair_secs, settings)?;
-        let sb = b.measure(Test::Crr, Target::SvcMid, w, settings.pair_secs, settings)?;
+        let sa = a.measure(Test::Crr, target, w, settings.pair_secs, settings)?;
+        let sb = b.measure(Test::Crr, target, w, settings.pair_secs, settings)?;
         let (d, c) = if pair % 2 == 0 { (sa, sb) } else { (sb, sa) };
         if d.valid && c.valid && d.rate > 0.0 {
             ratios.push(c.rate / d.rate);
@@ -1244,7 +1260,14 @@ fn paired_ratios(
             invalid += 1;
         }
     }
-    Ok((ratios, invalid))
+    Ok(PairedRow {
+        services: w.services,
+        test: Test::Crr.name().into(),
+        target: target.name().into(),
+        summary: Summary::of(&ratios),
+        ratios,
+        invalid,
+    })
 }
 
 /// The schedulers whose connect cost is measured (annotation value, the frontend flags that
@@ -1288,13 +1311,13 @@ fn schedulers(
                     .is_some_and(|f| f.flags & SCHEDULER_FLAGS == flags))
             },
         )?;
-        let (ratios, invalid) = paired_ratios(&nodes[0], &nodes[1], &ws, settings)?;
+        let p = paired(&nodes[0], &nodes[1], Target::SvcMid, &ws, settings)?;
         report.schedulers.push(SchedRow {
             services: w.services,
             scheduler: name.into(),
-            summary: Summary::of(&ratios),
-            ratios,
-            invalid,
+            summary: p.summary,
+            ratios: p.ratios,
+            invalid: p.invalid,
         });
     }
     agent_load(&mut nodes[1], maps, w)?;

@@ -138,6 +138,26 @@ pub struct SchedRow {
     pub invalid: usize,
 }
 
+impl PairedRow {
+    /// "median [min-max] over n pairs (k invalid)".
+    fn line(&self) -> String {
+        self.summary.as_ref().map_or("no valid pair".into(), |x| {
+            format!(
+                "{:.3} [{:.3}-{:.3}] over {} pairs{}",
+                x.p50,
+                x.min,
+                x.max,
+                x.n,
+                if self.invalid > 0 {
+                    format!(" ({} invalid)", self.invalid)
+                } else {
+                    String::new()
+                }
+            )
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CpRow {
     pub services: usize,
@@ -180,6 +200,9 @@ pub struct Report {
     /// Per-scheduler connect cost (absent from reports written before it existed).
     #[serde(default)]
     pub schedulers: Vec<SchedRow>,
+    /// The external data path (tc): bpf to the middle Service's externalIP vs direct.
+    #[serde(default)]
+    pub external: Vec<PairedRow>,
     pub control_plane: Vec<CpRow>,
     pub memory: Vec<MemRow>,
     pub targets: Vec<TargetRow>,
@@ -196,11 +219,16 @@ impl Report {
             machine,
             settings,
             bpf_logging: "off (the BPF programs make no log calls)".into(),
-            external_datapath: "n/a (no tc/XDP path yet)".into(),
+            external_datapath: "bpf only: a client pod outside the agent's cgroup connects to the \
+                                middle Service's externalIP, which tc on the node's bridge \
+                                translates (conntrack, masquerading) both ways; kube-proxy's \
+                                externalIP rules are not loaded in the peers' tables"
+                .into(),
             skipped: Vec::new(),
             datapath: Vec::new(),
             paired: Vec::new(),
             schedulers: Vec::new(),
+            external: Vec::new(),
             control_plane: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
@@ -642,25 +670,7 @@ impl Report {
                 s.pair_secs
             );
             for p in &self.paired {
-                let _ = writeln!(
-                    out,
-                    "- {} Services: {}",
-                    p.services,
-                    p.summary
-                        .as_ref()
-                        .map_or("no valid pair".into(), |x| format!(
-                            "{:.3} [{:.3}-{:.3}] over {} pairs{}",
-                            x.p50,
-                            x.min,
-                            x.max,
-                            x.n,
-                            if p.invalid > 0 {
-                                format!(" ({} invalid)", p.invalid)
-                            } else {
-                                String::new()
-                            }
-                        ))
-                );
+                let _ = writeln!(out, "- {} Services: {}", p.services, p.line());
             }
         }
         if !self.schedulers.is_empty() {
@@ -705,9 +715,20 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n### Data path, external (NodePort through tc/XDP)\n\n{}",
+            "\n### Data path, external (through tc)\n\n{}.",
             self.external_datapath
         );
+        if !self.external.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nbpf (external IP)/direct, TCP_CRR back-to-back pairs of {} s, median paired \
+                 ratio [min-max]:",
+                s.pair_secs
+            );
+            for p in &self.external {
+                let _ = writeln!(out, "- {} Services: {}", p.services, p.line());
+            }
+        }
 
         let _ = writeln!(out, "\n### Control plane (ms)\n");
         let _ = writeln!(

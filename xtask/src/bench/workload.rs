@@ -20,6 +20,9 @@ const POOL: u32 = 100_000;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const NODE_NAME: &str = "node-a";
 pub const NAMESPACE: &str = "default";
+/// The middle Service's externalIP (our agent only): the external data path's target, reached
+/// from a pod outside the hooked cgroup and translated at tc on the node's bridge.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Proto {
@@ -147,9 +150,10 @@ impl Workload {
         out
     }
 
-    /// Frontends our agent programs (one per Service port, IPv4 only).
+    /// Frontends our agent programs (one per Service port, IPv4 only), and the middle
+    /// Service's externalIP for both of its ports, from this node and from elsewhere.
     pub fn frontends(&self) -> usize {
-        self.services + 1
+        self.services + 1 + 4
     }
 
     /// Endpoint 0 of the change target in the given variant.
@@ -192,6 +196,11 @@ impl Workload {
                 )
             })
             .collect();
+        let external = if i == self.mid() {
+            format!(", externalIPs: [{EXTERNAL_IP}]")
+        } else {
+            String::new()
+        };
         let annotations = match self.scheduler {
             Some(s) if i == self.mid() => {
                 format!(", annotations: {{kube-bpf-proxy.io/scheduler: {s}}}")
@@ -201,7 +210,8 @@ impl Workload {
         format!(
             "---\napiVersion: v1\nkind: Service\n\
              metadata: {{name: {name}, namespace: {NAMESPACE}{annotations}}}\n\
-             spec: {{clusterIP: {vip}, clusterIPs: [{vip}], ipFamilies: [IPv4], ports: [{ports}]}}\n",
+             spec: {{clusterIP: {vip}, clusterIPs: [{vip}], ipFamilies: [IPv4]{external}, \
+             ports: [{ports}]}}\n",
             name = self.name(i),
             ports = ports.join(", ")
         )
@@ -552,7 +562,13 @@ mod tests {
         assert!(!w.endpoints_of(w.change_target()).contains(&pod_ip(1)));
         assert_eq!(w.vip(0), Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!(w.vip(300), Ipv4Addr::new(10, 96, 1, 54));
-        assert_eq!(w.frontends(), w.ports().len());
+        // Every Service port, and the middle Service's externalIP on both its ports for this
+        // node (socket hooks) and from elsewhere (tc).
+        assert_eq!(w.frontends(), w.ports().len() + 2 * 2);
+        assert!(
+            w.service_yaml(w.mid())
+                .contains(&format!("externalIPs: [{EXTERNAL_IP}]"))
+        );
     }
 
     #[test]
