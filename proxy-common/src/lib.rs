@@ -23,6 +23,9 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
+    /// EtherTypes (the tc/XDP programs' frames, the agent's `conn_release` frame).
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86dd;
 }
 
 /// Marks types that userspace reads and writes through aya maps.

@@ -14,6 +14,7 @@ use aya_ebpf::{
 use proxy_common::{
     backend::SockConn,
     ct::{Ct4Key, Ct6Key},
+    proto::{ETH_P_IP, ETH_P_IPV6},
 };
 
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.
 #[inline(always)]
-pub fn add(id: u32, delta: u64) {
+fn add(id: u32, delta: u64) {
     if let Some(count) = LB_CONNS.get_ptr_mut(id) {
         // SAFETY: a valid, aligned u64 in the array; the add is one atomic instruction (its
         // old value unused, so it needs no BPF_FETCH).
@@ -122,11 +123,11 @@ pub fn release(ctx: &SockContext) {
 #[inline(always)]
 pub fn release_flow(ctx: &XdpContext) -> u32 {
     let released = match xdp::read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) {
-        Some(0x0800) => xdp::read::<Ct4Key>(ctx, ETH_HLEN)
+        Some(ETH_P_IP) => xdp::read::<Ct4Key>(ctx, ETH_HLEN)
             .and_then(|key| LB_CT4.get_ptr_mut(&key))
             // SAFETY: from the lookup.
             .is_some_and(|v| unsafe { give_back(&raw mut (*v).counted, (*v).backend_id) }),
-        Some(0x86dd) => xdp::read::<Ct6Key>(ctx, ETH_HLEN)
+        Some(ETH_P_IPV6) => xdp::read::<Ct6Key>(ctx, ETH_HLEN)
             .and_then(|key| LB_CT6.get_ptr_mut(&key))
             // SAFETY: from the lookup.
             .is_some_and(|v| unsafe { give_back(&raw mut (*v).counted, (*v).backend_id) }),

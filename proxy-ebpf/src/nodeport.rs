@@ -13,7 +13,7 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
     ct::{CT_DSR, CT_FIN, CT_REPLY, CT_RST, CT_SNAT},
-    proto,
+    proto::{self, ETH_P_IP, ETH_P_IPV6},
     reason::Reason,
     service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, MemberKey},
 };
@@ -27,9 +27,6 @@ use crate::{
     },
     reject, stats,
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 
 /// Attempts at finding a free masquerading port before giving up on a flow.
 const SNAT_TRIES: u32 = 8;

@@ -22,7 +22,7 @@ use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
     backend::BackendValue,
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
-    proto,
+    proto::{self, ETH_P_IP},
     reason::Reason,
     service::{FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
 };
@@ -34,7 +34,6 @@ use crate::{
     stats,
 };
 
-const ETH_P_IP: u16 = 0x0800;
 const SNAT_TRIES: u32 = 8;
 const SNAT_PORT_MIN: u32 = 32768;
 const SNAT_PORT_SPAN: u32 = 28232;

@@ -367,7 +367,7 @@ impl Maps {
             },
             |v| (v.flags, v.last_seen_ns),
             |k| k.proto,
-            |k, v| v.counted == 0 || give_back(release, ETH_P_IP, &k.to_bytes()),
+            release4(release),
         )?;
         let (kept6, removed6) = collect(
             &mut self.ct6,
@@ -383,7 +383,7 @@ impl Maps {
             },
             |v| (v.flags, v.last_seen_ns),
             |k| k.proto,
-            |k, v| v.counted == 0 || give_back(release, ETH_P_IPV6, &k.to_bytes()),
+            release6(release),
         )?;
         Ok((kept4 + kept6, removed4 + removed6))
     }
@@ -1013,8 +1013,15 @@ fn give_back(program: Option<&Xdp>, ethertype: u16, key: &[u8]) -> bool {
 }
 
 const XDP_PASS: u32 = 2;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// `give_back` for an `LB_CT4` entry: true when it held no count or gave it back.
+fn release4(program: Option<&Xdp>) -> impl Fn(&Ct4Key, &Ct4Value) -> bool + '_ {
+    move |k, v| v.counted == 0 || give_back(program, proto_common::ETH_P_IP, &k.to_bytes())
+}
+
+/// `give_back` for an `LB_CT6` entry, as `release4`.
+fn release6(program: Option<&Xdp>) -> impl Fn(&Ct6Key, &Ct6Value) -> bool + '_ {
+    move |k, v| v.counted == 0 || give_back(program, proto_common::ETH_P_IPV6, &k.to_bytes())
+}
 
 /// One collection pass over a conntrack map. `other` gives the key of an entry's partner
 /// (the other direction), `meta` an entry's flags and last-seen time, `proto` a key's protocol,
@@ -1358,14 +1365,14 @@ impl MapIo for Datapath {
             names::LB_CT4,
             &gone,
             |k, v| (k.proto, v.svc_id, v.backend_id),
-            |k, v| v.counted == 0 || give_back(release, ETH_P_IP, &k.to_bytes()),
+            release4(release),
         )?;
         let v6 = forget(
             &mut maps.ct6,
             names::LB_CT6,
             &gone,
             |k, v| (k.proto, v.svc_id, v.backend_id),
-            |k, v| v.counted == 0 || give_back(release, ETH_P_IPV6, &k.to_bytes()),
+            release6(release),
         )?;
         Ok(vec![(4, v4), (6, v6)])
     }
