@@ -55,4 +55,42 @@ pub struct AgentState {
     pub version: [u8; 32],
 }
 
-pod!(ServiceInfo, AgentState);
+/// Value of `LB_IFACES`, keyed by interface index: an interface the agent attached the tc
+/// program to, and why. Written by the agent when it attaches or detaches; read by `status`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// Interface index the link was made on (a recreated interface gets a new one).
+    pub ifindex: u32,
+    /// `IFACE_*`: why the interface carries the program.
+    pub why: u8,
+    /// Family of `addr`: 4, 6, or 0 when `addr` is unused.
+    pub family: u8,
+    /// Prefix length of `addr` (`IFACE_POD_CIDR`), or the full length for one address.
+    pub prefix_len: u8,
+    /// Length of the used part of `name`.
+    pub name_len: u8,
+    /// Interface name, zero-padded.
+    pub name: [u8; 16],
+    /// The pod address (`IFACE_POD_ROUTE`) or pod CIDR (`IFACE_POD_CIDR`) whose route leaves
+    /// here, in network order (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// For `IFACE_BRIDGE`: the name of the bridge port that led here, zero-padded.
+    pub via: [u8; 16],
+}
+
+/// Where traffic from outside the node arrives (`--external-interfaces`).
+pub const IFACE_EXTERNAL: u8 = 1;
+/// The kernel's route to a local endpoint leaves here.
+pub const IFACE_POD_ROUTE: u8 = 2;
+/// The kernel's route to the node's pod CIDR leaves here.
+pub const IFACE_POD_CIDR: u8 = 3;
+/// Its name matches a `--pod-interfaces` pattern.
+pub const IFACE_PATTERN: u8 = 4;
+/// Named in `--pod-interfaces`.
+pub const IFACE_NAMED: u8 = 5;
+/// A bridge one of whose ports was selected (by route or pattern): the bridge carries the
+/// program for it.
+pub const IFACE_BRIDGE: u8 = 6;
+
+pod!(ServiceInfo, AgentState, IfaceInfo);

@@ -22,6 +22,7 @@ const _: () = {
     assert!(size_of::<SockRevNat6Value>() == 24);
     assert!(size_of::<ServiceInfo>() == 256);
     assert!(size_of::<AgentState>() == 64);
+    assert!(size_of::<IfaceInfo>() == 56);
     assert!(size_of::<ConfigValue>() == 8);
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<MaglevKey>() == 8);

@@ -43,8 +43,11 @@ pub const LB_AGENT: &str = "LB_AGENT";
 /// Runtime switches: one `config::ConfigValue` at key 0.
 pub const LB_CONFIG: &str = "LB_CONFIG";
 
+/// Interfaces carrying the tc program and why: `u32` ifindex → `info::IfaceInfo`.
+pub const LB_IFACES: &str = "LB_IFACES";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 21] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -65,6 +68,7 @@ pub const ALL: [&str; 20] = [
     LB_SVC_INFO,
     LB_AGENT,
     LB_CONFIG,
+    LB_IFACES,
 ];
 
 /// Default capacities (entries). The agent can override them at load time.
@@ -77,3 +81,5 @@ pub const SOCK_REVNAT_MAX: usize = 262_144;
 pub const CT_MAX: usize = 262_144;
 pub const SRC_RANGES_MAX: usize = 65_536;
 pub const MAGLEV_CHUNKS_MAX: usize = 65_536;
+/// Interfaces the agent attaches tc to (external and pod-facing).
+pub const IFACES_MAX: usize = 16_384;

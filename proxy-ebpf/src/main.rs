@@ -111,6 +111,7 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 pub fn maps_anchor(_ctx: SkBuffContext) -> i64 {
     let _ = maps::LB_SVC_INFO.get_ptr(0u32);
     let _ = maps::LB_AGENT.get_ptr(0);
+    let _ = maps::LB_IFACES.get_ptr(0u32);
     0
 }
 

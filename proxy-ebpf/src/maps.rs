@@ -10,7 +10,7 @@ use proxy_common::{
     backend::{BackendValue, SockConn},
     config::ConfigValue,
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
-    info::{AgentState, ServiceInfo},
+    info::{AgentState, IfaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps::*,
     reason::REASON_COUNT,
@@ -114,3 +114,8 @@ pub static LB_AGENT: Array<AgentState, 1> = Array::new();
 /// Runtime switches (`config::CONFIG_*`), read by every hook.
 #[btf_map]
 pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();
+
+/// Interfaces carrying the tc program and why, for inspection only: ifindex → `IfaceInfo`.
+/// Written by the agent as it attaches and detaches.
+#[btf_map]
+pub static LB_IFACES: HashMap<u32, IfaceInfo, IFACES_MAX, NO_PREALLOC> = HashMap::new();

@@ -40,6 +40,7 @@ fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
             name: "n".into(),
             zone: None,
             addresses: Vec::new(),
+            ..Default::default()
         },
         ..Default::default()
     };

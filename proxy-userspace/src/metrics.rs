@@ -536,6 +536,9 @@ pub struct Metrics {
     /// kube_bpf_proxy_datapath_events_total [reason].
     pub datapath_events: Arc<Family<Counter>>,
     /// kube_bpf_proxy_build_info [version], always 1.
+    pub pod_interfaces: Arc<Family<Gauge>>,
+    pub interface_attach_failures: Arc<Family<Counter>>,
+    pub pod_endpoints_waiting: Arc<Family<Gauge>>,
     pub build_info: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_sockets_terminated_total [protocol].
     pub sockets_terminated: Arc<Family<Counter>>,
@@ -663,6 +666,18 @@ impl Metrics {
                 "kube_bpf_proxy_datapath_events_total",
                 "Datapath events by reason, summed over CPUs",
             ),
+            pod_interfaces: r.gauge(
+                "kube_bpf_proxy_pod_interfaces",
+                "Pod-facing interfaces carrying the tc program",
+            ),
+            interface_attach_failures: r.counter(
+                "kube_bpf_proxy_interface_attach_failures_total",
+                "Failed attempts to attach the tc program to an interface, by reason",
+            ),
+            pod_endpoints_waiting: r.gauge(
+                "kube_bpf_proxy_local_endpoints_waiting_for_interface",
+                "Local endpoints left out of tc-translated traffic until their interface carries the program",
+            ),
             build_info: r.gauge(
                 "kube_bpf_proxy_build_info",
                 "Always 1; the version label is the agent's version",
@@ -672,6 +687,8 @@ impl Metrics {
         };
         m.build_info.with(&[("version", version)]).set(1.0);
         m.sync_failures.with(&[]);
+        m.pod_interfaces.with(&[]);
+        m.pod_endpoints_waiting.with(&[]);
         m.healthcheck_bind_failures.with(&[]);
         m.set_healthcheck_ports(0, 0);
         for kind in REJECTED_KINDS {

@@ -42,9 +42,33 @@ pub struct NodeInfo {
     /// The node addresses NodePorts are served on (`compile::nodeport_addresses`), found by the
     /// agent on its interfaces; empty: no NodePort frontends.
     pub addresses: Vec<std::net::IpAddr>,
+    /// `spec.podCIDRs` of this node's Node object (unparsable entries left out).
+    pub pod_cidrs: Vec<crate::compile::Cidr>,
+    /// Local endpoints whose pod-facing interface does not carry the tc program yet, found by
+    /// the agent: they serve the socket layer only until it does (a packet translated at tc for
+    /// them would get no translated reply).
+    pub waiting: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 impl NodeInfo {
+    /// Addresses of this node's endpoints (EndpointSlice endpoints whose `nodeName` is this
+    /// node), every Service and family.
+    pub fn local_endpoints(
+        &self,
+        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+    ) -> std::collections::BTreeSet<std::net::IpAddr> {
+        if self.name.is_empty() {
+            return Default::default();
+        }
+        slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .filter(|e| e.node_name.as_deref() == Some(self.name.as_str()))
+            .flat_map(|e| e.addresses.iter())
+            .filter_map(|a| a.parse().ok())
+            .collect()
+    }
+
     /// Reads the zone label from this node's Node object.
     pub fn with_node(name: String, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
         let zone = node
@@ -52,10 +76,25 @@ impl NodeInfo {
             .and_then(|l| l.get("topology.kubernetes.io/zone"))
             .filter(|z| !z.is_empty())
             .cloned();
+        let pod_cidrs = node
+            .and_then(|n| n.spec.as_ref())
+            .map(|s| {
+                s.pod_cidrs
+                    .iter()
+                    .flatten()
+                    .chain(s.pod_cidr.iter())
+                    .filter_map(|c| crate::compile::Cidr::parse(c))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            })
+            .unwrap_or_default();
         NodeInfo {
             name,
             zone,
             addresses: Vec::new(),
+            pod_cidrs,
+            waiting: Default::default(),
         }
     }
 }

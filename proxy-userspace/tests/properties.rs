@@ -614,6 +614,7 @@ fn node() -> impl Strategy<Value = NodeInfo> {
                 "192.168.77.1".parse().unwrap(),
                 "fd00:77::1".parse().unwrap(),
             ],
+            ..Default::default()
         })
 }
 
@@ -1176,6 +1177,7 @@ fn ten_thousand_endpoints_in_one_slice() {
             name: "node-a".into(),
             zone: None,
             addresses: Vec::new(),
+            ..Default::default()
         },
         config: Default::default(),
     };
@@ -1247,6 +1249,7 @@ endpoints: [{addresses: [10.244.0.1], nodeName: node-a}, {addresses: [10.244.0.2
                 name: "node-a".into(),
                 zone: None,
                 addresses: Vec::new(),
+                ..Default::default()
             },
             config: Default::default(),
         }

@@ -1,5 +1,6 @@
-//! The end-to-end harness: network namespaces, veth links and a bridge laid out as in
-//! ../shared/testbed.md, a test cgroup, echo servers and clients inside pods, and the agent.
+//! The end-to-end harness: network namespaces, veth links and bridges (or routed pod veths,
+//! `Shape`) laid out as in ../shared/testbed.md, a test cgroup, echo servers and clients inside
+//! pods, and the agent.
 //! Everything it creates is named `kbp-<pid>-<n>`-style and removed on drop, even on panic;
 //! `sweep` removes what a crashed run left.
 
@@ -11,7 +12,7 @@ pub use harness::{
     netns::NetNs,
     process::{ChildGuard, Reply},
     sweep::sweep,
-    testbed::{Node, Testbed},
+    testbed::{Node, Shape, Testbed},
     topology::{Pod, Topology},
     wait::poll_until,
 };

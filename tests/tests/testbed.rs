@@ -1,7 +1,8 @@
 //! The multi-node testbed itself, without the agent: pods on different nodes reach each other
 //! by routing (no NAT), the external client reaches nodes on the LAN but not pods, checksum
 //! offload is off so receivers verify checksums, the error counters see a corrupt datagram,
-//! and everything goes away on drop.
+//! and everything goes away on drop. Each pod-network shape (bridge, ptp, calico) is wired as
+//! documented, and its pods answer, also after `recreate_pod_link` and `add_pod`.
 
 mod common;
 
@@ -15,9 +16,9 @@ use std::{
 
 use common::privileged;
 use tests::{
-    NetNs, Reply, Testbed,
+    NetNs, Reply, Shape, Testbed,
     harness::{
-        testbed::{EXT_IP4, EXT_IP6},
+        testbed::{CALICO_GW6, CALICO_MAC, EXT_IP4, EXT_IP6},
         topology::{Proto, bridge_ip4, bridge_ip6},
     },
     poll_until,
@@ -132,24 +133,13 @@ fn ext_has_no_route_to_pod_addresses() {
     bed.assert_no_checksum_errors();
 }
 
-/// `ethtool -k` reports rx and tx checksumming off on both ends of every veth.
-#[test]
-fn checksum_offload_is_off_on_every_veth() {
-    if !privileged() {
-        return;
-    }
-    let bed = Testbed::new(&[2, 1]);
+/// Checks with `ethtool -k` that rx and tx checksumming are off on every veth end of `bed`;
+/// returns how many ends there are.
+fn veth_ends_without_offload(bed: &Testbed) -> usize {
     let mut ends = 0;
     for ns in bed.namespaces() {
-        let links = ns.ip(&["-o", "link", "show", "type", "veth"]);
-        for line in links.lines() {
-            // `12: eth0@if11: <...> ...`
-            let dev = line
-                .split(':')
-                .nth(1)
-                .and_then(|d| d.trim().split('@').next())
-                .unwrap_or_else(|| panic!("unexpected link line {line:?}"));
-            let features = ns.exec("ethtool", &["-k", dev]);
+        for dev in links(ns, &["type", "veth"]) {
+            let features = ns.exec("ethtool", &["-k", &dev]);
             for feature in ["rx-checksumming", "tx-checksumming"] {
                 let state = features
                     .lines()
@@ -164,8 +154,287 @@ fn checksum_offload_is_off_on_every_veth() {
             ends += 1;
         }
     }
+    ends
+}
+
+/// Names of the links of `ns` that `ip -o link show FILTER...` lists.
+fn links(ns: &NetNs, filter: &[&str]) -> Vec<String> {
+    let mut args = vec!["-o", "link", "show"];
+    args.extend_from_slice(filter);
+    ns.ip(&args)
+        .lines()
+        .map(|line| {
+            // `12: eth0@if11: <...> ...`
+            line.split(':')
+                .nth(1)
+                .and_then(|d| d.trim().split('@').next())
+                .unwrap_or_else(|| panic!("unexpected link line {line:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// `ethtool -k` reports rx and tx checksumming off on both ends of every veth.
+#[test]
+fn checksum_offload_is_off_on_every_veth() {
+    if !privileged() {
+        return;
+    }
+    let bed = Testbed::new(&[2, 1]);
     // Two ends each: ext and two nodes on the LAN, three pods.
-    assert_eq!(ends, 2 * (1 + 2 + 3));
+    assert_eq!(veth_ends_without_offload(&bed), 2 * (1 + 2 + 3));
+}
+
+/// `/sys/class/net/DEV/FILE` in `ns`, trimmed.
+fn sys_net(ns: &NetNs, dev: &str, file: &str) -> String {
+    ns.exec("cat", &[&format!("/sys/class/net/{dev}/{file}")])
+        .trim()
+        .to_string()
+}
+
+/// Whether `name` is `prefix` followed by `digits` hex digits.
+fn named_like(name: &str, prefix: &str, digits: usize) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|hex| hex.len() == digits && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Pod `pod` of node `node` and the node's side of its veth are wired as `bed.shape` says:
+/// interface names, addresses, MAC, sysctls, the routes on both sides.
+fn assert_wired(bed: &Testbed, node: usize, pod: usize) {
+    let node_ns = &bed.nodes[node].ns;
+    let p = &bed.nodes[node].pods[pod];
+    let dev = p.host_if.as_str();
+    let what = format!("{} ({dev})", p.name);
+    let pod_addrs = p.ns.ip(&["-o", "addr", "show", "dev", "eth0"]);
+    let node_addrs = node_ns.ip(&["-o", "addr", "show", "dev", dev]);
+    let link = node_ns.ip(&["-o", "link", "show", "dev", dev]);
+    assert!(link.contains(",UP"), "{what}: {link}");
+    let bridges = links(node_ns, &["type", "bridge"]);
+    if bed.shape == Shape::Bridge {
+        assert_eq!(bridges, ["br0"], "{what}");
+        assert!(link.contains(" master br0 "), "{what}: {link}");
+        assert!(
+            pod_addrs.contains(&format!(" {}/24 ", p.ip4)),
+            "{what}: {pod_addrs}"
+        );
+        assert!(
+            pod_addrs.contains(&format!(" {}/64 ", p.ip6)),
+            "{what}: {pod_addrs}"
+        );
+        return;
+    }
+    assert!(bridges.is_empty(), "{what}: bridges {bridges:?}");
+    assert!(!link.contains(" master "), "{what}: {link}");
+    for want in [format!(" {}/32 ", p.ip4), format!(" {}/128 ", p.ip6)] {
+        assert!(pod_addrs.contains(&want), "{what}: no{want}in {pod_addrs}");
+    }
+    let route4 = node_ns.ip(&["route", "show", &format!("{}/32", p.ip4)]);
+    assert!(
+        route4.contains(&format!("dev {dev} scope link")),
+        "{what}: {route4}"
+    );
+    let route6 = node_ns.ip(&["-6", "route", "show", &format!("{}/128", p.ip6)]);
+    assert!(route6.contains(&format!("dev {dev} ")), "{what}: {route6}");
+    let pod_routes = p.ns.ip(&["route", "show"]) + &p.ns.ip(&["-6", "route", "show"]);
+    match bed.shape {
+        Shape::Bridge => unreachable!(),
+        Shape::Ptp => {
+            assert!(named_like(dev, "veth", 8), "{what}");
+            let (gw4, gw6) = (bridge_ip4(node), bridge_ip6(node));
+            for want in [format!(" {gw4}/32 "), format!(" {gw6}/128 ")] {
+                assert!(
+                    node_addrs.contains(&want),
+                    "{what}: no{want}in {node_addrs}"
+                );
+            }
+            for want in [
+                format!("default via {gw4} dev eth0"),
+                format!("{gw4} dev eth0 scope link"),
+                format!("default via {gw6} dev eth0"),
+                format!("{gw6} dev eth0"),
+            ] {
+                assert!(
+                    pod_routes.contains(&want),
+                    "{what}: no {want} in {pod_routes}"
+                );
+            }
+        }
+        Shape::Calico => {
+            assert!(named_like(dev, "cali", 11), "{what}");
+            assert_eq!(sys_net(node_ns, dev, "address"), CALICO_MAC, "{what}");
+            let proxy_arp = node_ns.exec(
+                "cat",
+                &[&format!("/proc/sys/net/ipv4/conf/{dev}/proxy_arp")],
+            );
+            assert_eq!(proxy_arp.trim(), "1", "{what}");
+            assert!(!node_addrs.contains(" inet "), "{what}: {node_addrs}");
+            assert!(
+                node_addrs.contains(&format!(" {CALICO_GW6}/64 ")),
+                "{what}: {node_addrs}"
+            );
+            for want in [
+                "default via 169.254.1.1 dev eth0".to_string(),
+                "169.254.1.1 dev eth0 scope link".to_string(),
+                format!("default via {CALICO_GW6} dev eth0"),
+            ] {
+                assert!(
+                    pod_routes.contains(&want),
+                    "{what}: no {want} in {pod_routes}"
+                );
+            }
+        }
+    }
+}
+
+/// The address node `node` sends from to its own pods: the gateway on the pod's veth (bridge,
+/// ptp), or its LAN address (calico: the veth has no address of global scope).
+fn node_source(bed: &Testbed, node: usize, v6: bool) -> IpAddr {
+    match (bed.shape, v6) {
+        (Shape::Bridge | Shape::Ptp, false) => bridge_ip4(node).into(),
+        (Shape::Bridge | Shape::Ptp, true) => bridge_ip6(node).into(),
+        (Shape::Calico, false) => bed.nodes[node].ip4.into(),
+        (Shape::Calico, true) => bed.nodes[node].ip6.into(),
+    }
+}
+
+/// Waits (bounded) until pod `pod` of node `node` (with an echo server on PORT) answers TCP
+/// and UDP in both families from its node's namespace, from another pod of its node if there
+/// is one, and from pod 0 of the next node; then asserts who answered and whom it saw.
+fn assert_pod_answers(bed: &Testbed, node: usize, pod: usize) {
+    let target = &bed.nodes[node].pods[pod];
+    let next = (node + 1) % bed.nodes.len();
+    let mut clients: Vec<(&NetNs, IpAddr, IpAddr)> = vec![(
+        &bed.nodes[node].ns,
+        node_source(bed, node, false),
+        node_source(bed, node, true),
+    )];
+    let siblings = &bed.nodes[node].pods;
+    if let Some(sibling) = (0..siblings.len()).find(|j| *j != pod) {
+        let s = &siblings[sibling];
+        clients.push((&s.ns, s.ip4.into(), s.ip6.into()));
+    }
+    if next != node {
+        let other = &bed.nodes[next].pods[0];
+        clients.push((&other.ns, other.ip4.into(), other.ip6.into()));
+    }
+    for (ns, src4, src6) in clients {
+        for (to, client) in [
+            (SocketAddr::new(target.ip4.into(), PORT), src4),
+            (SocketAddr::new(target.ip6.into(), PORT), src6),
+        ] {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                let replies = poll_until(
+                    &format!("{} answering {proto:?} {to} from {}", target.name, ns.name),
+                    Duration::from_secs(10),
+                    || {
+                        let replies = bed.request_from(ns, false, proto, to, 1);
+                        if replies.iter().all(|r| r.ok) {
+                            Ok(replies)
+                        } else {
+                            Err(format!("{replies:?}"))
+                        }
+                    },
+                );
+                assert_answered(&replies, to, &target.name, client);
+            }
+        }
+    }
+}
+
+/// Builds a two-node testbed of `shape` and checks its wiring and reachability, then replaces a
+/// pod's veth keeping its name, replaces it with a new name, and adds a pod; every pod answers
+/// each time.
+fn shape_works(shape: Shape) {
+    let mut bed = Testbed::with_shape(&[2, 1], shape);
+    assert_eq!(bed.shape, shape);
+    for (n, p) in [(0, 0), (0, 1), (1, 0)] {
+        bed.serve(n, p, PORT);
+        assert_wired(&bed, n, p);
+    }
+    for node in &bed.nodes {
+        let names: Vec<&str> = node.pods.iter().map(|p| p.host_if.as_str()).collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            names.len(),
+            "{}: node-side names {names:?}",
+            node.name
+        );
+    }
+    for (n, p) in [(0, 0), (0, 1), (1, 0)] {
+        assert_pod_answers(&bed, n, p);
+    }
+
+    // A new veth under the same name: a new interface (index), wired again.
+    let node_ns = &bed.nodes[0].ns;
+    let old = bed.nodes[0].pods[0].host_if.clone();
+    let old_index = sys_net(node_ns, &old, "ifindex");
+    let old_pod_index = sys_net(&bed.nodes[0].pods[0].ns, "eth0", "ifindex");
+    bed.recreate_pod_link(0, 0, true);
+    let pod = &bed.nodes[0].pods[0];
+    assert_eq!(pod.host_if, old);
+    assert_ne!(sys_net(&bed.nodes[0].ns, &old, "ifindex"), old_index);
+    assert_ne!(sys_net(&pod.ns, "eth0", "ifindex"), old_pod_index);
+    assert_wired(&bed, 0, 0);
+    assert_pod_answers(&bed, 0, 0);
+
+    // A new veth under a new name: the old one is gone.
+    bed.recreate_pod_link(0, 0, false);
+    let renamed = bed.nodes[0].pods[0].host_if.clone();
+    assert_ne!(renamed, old);
+    let node_links = links(&bed.nodes[0].ns, &[]);
+    assert!(!node_links.contains(&old), "{old} still in {node_links:?}");
+    assert!(
+        node_links.contains(&renamed),
+        "{renamed} not in {node_links:?}"
+    );
+    // The pod is wired again, the other pods are untouched (ptp: their copy of the gateway address
+    // stays).
+    for (n, p) in [(0, 0), (0, 1), (1, 0)] {
+        assert_wired(&bed, n, p);
+        assert_pod_answers(&bed, n, p);
+    }
+
+    // A pod added after construction: the plan's next addresses.
+    assert_eq!(bed.add_pod(0), 2);
+    let added = &bed.nodes[0].pods[2];
+    assert_eq!(added.name, "a-pod-3");
+    assert_eq!(added.ip4, Ipv4Addr::new(10, 244, 0, 4));
+    assert_eq!(added.ip6.to_string(), "fd00:244::4");
+    bed.serve(0, 2, PORT);
+    assert_wired(&bed, 0, 2);
+    assert_pod_answers(&bed, 0, 2);
+
+    // Two ends each: ext and two nodes on the LAN, four pods.
+    assert_eq!(veth_ends_without_offload(&bed), 2 * (1 + 2 + 4));
+    bed.assert_no_checksum_errors();
+}
+
+/// The bridge shape (`Testbed::new`): pods on `br0`; a recreated link is a bridge port again.
+#[test]
+fn bridge_shape_pods_answer_after_a_new_link_and_when_added() {
+    if !privileged() {
+        return;
+    }
+    shape_works(Shape::Bridge);
+}
+
+/// The ptp shape (kindnet): per-pod routed veths carrying the gateway, no bridge.
+#[test]
+fn ptp_shape_pods_answer_after_a_new_link_and_when_added() {
+    if !privileged() {
+        return;
+    }
+    shape_works(Shape::Ptp);
+}
+
+/// The calico shape: per-pod routed veths with proxy ARP and fe80::1, no bridge.
+#[test]
+fn calico_shape_pods_answer_after_a_new_link_and_when_added() {
+    if !privileged() {
+        return;
+    }
+    shape_works(Shape::Calico);
 }
 
 /// Ones' complement sum of 16-bit big-endian words.

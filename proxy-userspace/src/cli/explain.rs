@@ -128,9 +128,13 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         })
         .collect();
     if args.source.given() {
-        let snapshot = args
+        let mut snapshot = args
             .source
             .first_snapshot(std::time::Duration::from_secs(30))?;
+        let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
+        snapshot.node.waiting =
+            crate::datapath::podif::waiting_now(&args.inspect.bpffs, &endpoints)
+                .unwrap_or_default();
         let desired = compile(&snapshot);
         if let Some(sp) = desired
             .ports
@@ -146,6 +150,22 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
                     .all
                     .iter()
                     .filter_map(|ep| match judge(sp, ep, local_policy) {
+                        EndpointVerdict::Eligible
+                            if frontend.scope == Scope::External
+                                && ep.local
+                                && snapshot.node.waiting.contains(&ep.addr) =>
+                        {
+                            Some(Excluded {
+                                endpoint: match ep.addr {
+                                    IpAddr::V4(a) => format!("{a}:{}", ep.port),
+                                    IpAddr::V6(a) => format!("[{a}]:{}", ep.port),
+                                },
+                                reason: "local backend waiting for its interface: the tc \
+                                         program is not yet on the interface its route leaves \
+                                         through, so traffic from outside goes elsewhere"
+                                    .to_string(),
+                            })
+                        }
                         EndpointVerdict::Eligible => None,
                         EndpointVerdict::Excluded(reason) => Some(Excluded {
                             endpoint: match ep.addr {

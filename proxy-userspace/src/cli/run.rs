@@ -22,7 +22,7 @@ use crate::{
     compile::{Cidr, Family, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps, netdev,
+        caps, netdev, netlink, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
@@ -79,9 +79,11 @@ pub struct RunArgs {
     /// (IPv4: the backend's node answers the client directly; every node must run the agent).
     #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
     pub nodeport_mode: String,
-    /// Pod-facing interfaces (a CNI bridge such as cni0): tc there translates replies of local
-    /// backends and pod traffic to external frontends.
-    #[arg(long, value_delimiter = ',')]
+    /// Pod-facing interfaces, where tc translates replies of local backends and pod traffic to
+    /// external frontends: `auto` (the interfaces the kernel routes this node's endpoints and
+    /// pod CIDRs through, followed as pods come and go), interface names (attached when they
+    /// appear), glob patterns (`cali*`, `lxc*`, `veth*`, `eni*`, `gke*`), or `none`.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub pod_interfaces: Vec<String>,
     /// Address for /metrics (Prometheus); empty disables it.
     #[arg(long, default_value = "127.0.0.1:10249")]
@@ -171,21 +173,62 @@ fn report_evictions(
 /// sync).
 const ADDRESS_POLL: Duration = Duration::from_secs(2);
 
-/// Passes snapshots on with the node's NodePort addresses and the command line's settings
-/// filled in, and passes the latest snapshot again whenever those addresses change.
-fn add_node_addresses(
+/// How often the node thread looks for news from the pod-interface manager.
+const NODE_TICK: Duration = Duration::from_millis(50);
+
+/// The pod-interface manager as the node thread sees it.
+struct PodInterfaceLink {
+    manager: Arc<std::sync::Mutex<podif::Manager>>,
+    shared: Arc<podif::Shared>,
+    rtnl: netlink::Rtnl,
+    metrics: Arc<Metrics>,
+}
+
+impl PodInterfaceLink {
+    /// Tells the manager this node's endpoints and pod CIDRs; returns the endpoints whose
+    /// interface does not carry the program yet.
+    fn waiting(&mut self, snapshot: &Snapshot) -> std::collections::BTreeSet<IpAddr> {
+        let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
+        self.manager
+            .lock()
+            .expect("manager lock")
+            .set_inputs(podif::ClusterInputs {
+                endpoints: endpoints.clone(),
+                pod_cidrs: snapshot.node.pod_cidrs.clone(),
+            });
+        let attached = self.shared.attached.read().expect("attached lock").clone();
+        let links = self.rtnl.links().unwrap_or_default();
+        let rtnl = &mut self.rtnl;
+        let waiting = podif::waiting(&endpoints, &attached, &links, &mut |a| {
+            rtnl.route_get(a).unwrap_or(netlink::RouteHit::None)
+        });
+        self.metrics
+            .pod_endpoints_waiting
+            .with(&[])
+            .set(waiting.len() as f64);
+        waiting
+    }
+}
+
+/// Passes snapshots on with the node's NodePort addresses, the command line's settings and the
+/// local endpoints still waiting for their interface filled in; passes the latest snapshot again
+/// whenever those addresses change or the pod-interface manager attached or detached.
+fn add_node_state(
     rx: mpsc::Receiver<Snapshot>,
     tx: mpsc::Sender<Snapshot>,
     cidrs: Vec<Cidr>,
     config: ProxyConfig,
+    mut pods: Option<PodInterfaceLink>,
 ) -> anyhow::Result<()> {
     thread::Builder::new()
-        .name("node-addresses".into())
+        .name("node-state".into())
         .spawn(move || {
             let mut latest: Option<Snapshot> = None;
             let mut addresses: Vec<IpAddr> = Vec::new();
+            let mut read_at: Option<std::time::Instant> = None;
+            let mut generation = 0;
             loop {
-                let fresh = match rx.recv_timeout(ADDRESS_POLL) {
+                let fresh = match rx.recv_timeout(NODE_TICK) {
                     Ok(s) => {
                         latest = Some(s);
                         true
@@ -193,22 +236,38 @@ fn add_node_addresses(
                     Err(mpsc::RecvTimeoutError::Timeout) => false,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 };
-                let now = match netdev::local_addresses() {
-                    Ok(all) => nodeport_addresses(&all, &cidrs),
-                    Err(e) => {
-                        log::warn!("cannot read the node's addresses: {e}; keeping the last ones");
-                        addresses.clone()
+                let mut changed = false;
+                if fresh || read_at.is_none_or(|t| t.elapsed() >= ADDRESS_POLL) {
+                    read_at = Some(std::time::Instant::now());
+                    let now = match netdev::local_addresses() {
+                        Ok(all) => nodeport_addresses(&all, &cidrs),
+                        Err(e) => {
+                            log::warn!(
+                                "cannot read the node's addresses: {e}; keeping the last ones"
+                            );
+                            addresses.clone()
+                        }
+                    };
+                    changed = now != addresses;
+                    if changed {
+                        log::info!("NodePort addresses: {now:?}");
+                        addresses = now;
                     }
-                };
-                let changed = now != addresses;
-                if changed {
-                    log::info!("NodePort addresses: {now:?}");
-                    addresses = now;
+                }
+                if let Some(p) = &pods {
+                    let g = p.shared.generation.load(Ordering::Acquire);
+                    changed |= g != generation;
+                    generation = g;
                 }
                 if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
                     let mut snapshot = snapshot.clone();
                     snapshot.node.addresses = addresses.clone();
                     snapshot.config = config.clone();
+                    if let Some(p) = &mut pods {
+                        snapshot.node.waiting = p.waiting(&snapshot);
+                        // What that attached is in this snapshot already.
+                        generation = p.shared.generation.load(Ordering::Acquire);
+                    }
                     if tx.send(snapshot).is_err() {
                         return;
                     }
@@ -299,21 +358,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         external,
         xdp
     );
-    let mut interfaces = external.clone();
-    interfaces.extend(args.pod_interfaces.iter().cloned());
-    interfaces.retain(|i| !i.is_empty());
-    interfaces.dedup();
-    for missing in interfaces.iter().filter(|i| !netdev::exists(i)) {
-        log::error!("interface {missing} does not exist; tc is not attached there");
-    }
-    interfaces.retain(|i| netdev::exists(i));
-    let attached = datapath.attach_tc(&interfaces)?;
-    if attached.is_empty() {
+    let families = [Family::V4, Family::V6];
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
+    let pod_spec = podif::PodInterfaces::parse(&args.pod_interfaces)
+        .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
+    datapath.pin_tc_program()?;
+    let mut manager = if external.is_empty() && pod_spec.is_empty() {
         log::warn!(
             "tc is attached nowhere: NodePort, externalIP and load balancer traffic from outside \
-             the node is not translated (see --external-interfaces)"
+             the node is not translated (see --external-interfaces and --pod-interfaces)"
         );
-    }
+        // Links an earlier agent left on interfaces are removed.
+        podif::Manager::new(&args.bpffs, pod_spec.clone(), Vec::new(), None)?.reconcile();
+        None
+    } else {
+        let mut m = podif::Manager::new(
+            &args.bpffs,
+            pod_spec.clone(),
+            external.clone(),
+            Some(Arc::clone(&metrics)),
+        )?;
+        m.reconcile();
+        log::info!(
+            "tc at ingress of {:?} (pod interfaces: {:?}; followed as they come and go)",
+            m.attached_names(),
+            args.pod_interfaces
+        );
+        Some(m)
+    };
     let terminating = if args.no_socket_termination {
         datapath.disable_termination()?;
         false
@@ -342,11 +414,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 log::error!("source stopped: {e:#}");
             }
         })?;
+    let pods = match manager.take() {
+        Some(m) => {
+            let shared = m.shared();
+            let manager = Arc::new(std::sync::Mutex::new(m));
+            podif::Manager::follow(Arc::clone(&manager))?;
+            Some(PodInterfaceLink {
+                manager,
+                shared,
+                rtnl: netlink::Rtnl::new()?,
+                metrics: Arc::clone(&metrics),
+            })
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel();
-    add_node_addresses(source_rx, tx, nodeport_cidrs, config)?;
+    add_node_state(source_rx, tx, nodeport_cidrs, config, pods)?;
     collect_conntrack(args.bpffs.clone());
-    let families = [Family::V4, Family::V6];
-    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
     let health = Arc::new(Health::new(
         DEFAULT_HEALTH_TIMEOUT,
         &families,

@@ -12,6 +12,7 @@ use super::{
 use crate::datapath::{
     MapIo as _,
     bpf::{self, HookInfo, Maps},
+    tclinks,
 };
 
 #[derive(Serialize)]
@@ -39,6 +40,16 @@ struct Counter {
     count: u64,
 }
 
+/// An interface carrying the tc program, and why.
+#[derive(Serialize)]
+struct InterfaceView {
+    interface: String,
+    ifindex: u32,
+    link_id: u32,
+    /// `external`, `pod: route to endpoint 10.244.0.5`, `pod: name matches pattern cali*`, ...
+    why: String,
+}
+
 #[derive(Serialize)]
 struct StatusView {
     agent: AgentView,
@@ -47,6 +58,8 @@ struct StatusView {
     socket_termination: bool,
     pin_dir: String,
     hooks: Vec<HookInfo>,
+    /// Interfaces whose tc link is live (on the interface of that name now).
+    interfaces: Vec<InterfaceView>,
     maps: Vec<MapFill>,
     counters: Vec<Counter>,
 }
@@ -74,6 +87,7 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
         socket_termination: maps.socket_termination()?,
         pin_dir: args.bpffs.display().to_string(),
         hooks: bpf::hooks(&args.bpffs),
+        interfaces: interfaces(&args.bpffs),
         maps: bpf::map_fill(&args.bpffs)?
             .into_iter()
             .map(|(map, entries, max_entries)| MapFill {
@@ -139,6 +153,27 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
         .collect();
     print!("{}", table(&["HOOK", "LINK", "PROGRAM", "STATE"], &hooks));
     println!();
+    if view.interfaces.is_empty() {
+        println!("tc: attached to no interface\n");
+    } else {
+        let rows: Vec<Vec<String>> = view
+            .interfaces
+            .iter()
+            .map(|i| {
+                vec![
+                    i.interface.clone(),
+                    i.ifindex.to_string(),
+                    i.link_id.to_string(),
+                    i.why.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(&["TC INTERFACE", "IFINDEX", "LINK", "WHY"], &rows)
+        );
+        println!();
+    }
     let maps: Vec<Vec<String>> = view
         .maps
         .iter()
@@ -160,6 +195,22 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
         .collect();
     print!("{}", table(&["DATAPATH EVENT", "COUNT"], &counters));
     Ok(())
+}
+
+/// The live tc links with the reason the agent recorded for each.
+fn interfaces(pin_dir: &std::path::Path) -> Vec<InterfaceView> {
+    let recorded = tclinks::recorded(pin_dir).unwrap_or_default();
+    tclinks::live_links(pin_dir)
+        .into_iter()
+        .map(|(name, link)| InterfaceView {
+            interface: name,
+            ifindex: link.ifindex,
+            link_id: link.link_id,
+            why: recorded
+                .get(&link.ifindex)
+                .map_or("(no reason recorded)".to_string(), tclinks::describe),
+        })
+        .collect()
 }
 
 pub fn services(args: &InspectArgs) -> anyhow::Result<()> {

@@ -11,7 +11,11 @@ use super::{
 };
 use crate::{
     compile::compile,
-    datapath::{MapIo as _, bpf::Maps},
+    datapath::{
+        MapIo as _,
+        bpf::Maps,
+        podif::{self, PodInterfaces},
+    },
     plan::plan,
 };
 
@@ -21,6 +25,10 @@ pub struct VerifyArgs {
     pub source: SourceArgs,
     #[command(flatten)]
     pub inspect: InspectArgs,
+    /// The agent's `--pod-interfaces`: pod-facing interfaces it finds that do not carry the tc
+    /// program are reported as drift.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub pod_interfaces: Vec<String>,
 }
 
 /// The maps differ from the source (exit status 1).
@@ -33,35 +41,57 @@ struct VerifyView {
     in_sync: bool,
     frontends: usize,
     differences: Vec<String>,
+    /// Pod-facing interfaces that should carry the tc program but do not, with the reason
+    /// they should.
+    interfaces_missing: Vec<String>,
 }
 
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
-    let snapshot = args.source.first_snapshot(Duration::from_secs(30))?;
+    let spec = PodInterfaces::parse(&args.pod_interfaces)
+        .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
+    let mut snapshot = args.source.first_snapshot(Duration::from_secs(30))?;
+    let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
+    snapshot.node.waiting = podif::waiting_now(&args.inspect.bpffs, &endpoints)?;
     let desired = compile(&snapshot);
     let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let current = maps.dump()?;
     let ops = plan(&desired, &current);
+    let inputs = podif::ClusterInputs {
+        endpoints,
+        pod_cidrs: snapshot.node.pod_cidrs.clone(),
+    };
+    let interfaces_missing: Vec<String> = podif::unattached(&args.inspect.bpffs, &spec, &inputs)?
+        .into_iter()
+        .map(|(name, why)| format!("{name}: should carry the tc program ({why}) but does not"))
+        .collect();
+    let drift = ops.len() + interfaces_missing.len();
     let view = VerifyView {
-        in_sync: ops.is_empty(),
+        in_sync: drift == 0,
         frontends: desired.frontends.len(),
         differences: ops.iter().map(ToString::to_string).collect(),
+        interfaces_missing,
     };
     if args.inspect.output == Format::Json {
         json(&view)?;
     } else if view.in_sync {
         println!("in sync: {} frontends match the source", view.frontends);
     } else {
-        println!(
-            "DRIFT: {} difference(s); the writes that would repair them:",
-            ops.len()
-        );
-        for d in &view.differences {
-            println!("  {d}");
+        if !ops.is_empty() {
+            println!(
+                "DRIFT: {} difference(s); the writes that would repair them:",
+                ops.len()
+            );
+            for d in &view.differences {
+                println!("  {d}");
+            }
+        }
+        for m in &view.interfaces_missing {
+            println!("DRIFT: interface {m}");
         }
     }
-    if ops.is_empty() {
+    if drift == 0 {
         Ok(())
     } else {
-        Err(Drift(ops.len()).into())
+        Err(Drift(drift).into())
     }
 }

@@ -11,7 +11,7 @@ use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::Obj
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{NodeInfo, Snapshot};
 
 /// Layer-4 protocol of a Service port.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -776,7 +776,7 @@ fn compile_service(
                 weights: weights.clone(),
                 endpoints: categorized,
             };
-            add_frontends(&service_port, &object, &snapshot.node.addresses, desired);
+            add_frontends(&service_port, &object, &snapshot.node, desired);
             desired.ports.insert(name, service_port);
         }
     }
@@ -847,8 +847,11 @@ fn weights_of(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> BTree
 /// external set: the local set with externalTrafficPolicy Local (no masquerading, dropped when
 /// empty while endpoints exist elsewhere, semantics 3.9, 4.7c), else the cluster set with
 /// masquerading (semantics 7.13). Only load balancer IPs carry source ranges (semantics 7.5,
-/// 7.6, 7.8).
-fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desired: &mut Desired) {
+/// 7.6, 7.8). Local endpoints whose pod-facing interface does not carry the tc program yet
+/// (`NodeInfo::waiting`) are left out of the external set until it does: their replies would
+/// not be translated back.
+fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut Desired) {
+    let node_addresses = &node.addresses[..];
     let proto = sp.name.proto;
     let family = sp.name.family;
     let internal = if sp.itp_local {
@@ -860,6 +863,20 @@ fn add_frontends(sp: &ServicePort, object: &str, node_addresses: &[IpAddr], desi
         &sp.endpoints.local
     } else {
         &sp.endpoints.cluster
+    };
+    let ready: Vec<Endpoint>;
+    let external = if external
+        .iter()
+        .any(|e| e.local && node.waiting.contains(&e.addr))
+    {
+        ready = external
+            .iter()
+            .filter(|e| !(e.local && node.waiting.contains(&e.addr)))
+            .cloned()
+            .collect();
+        &ready
+    } else {
+        external
     };
     let external_no_local = sp.etp_local && external.is_empty() && sp.endpoints.has_any;
     let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, scope: Scope| {

@@ -16,6 +16,7 @@ fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
             name: node.into(),
             zone: zone.map(String::from),
             addresses: Vec::new(),
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -1522,6 +1523,40 @@ fn external_traffic_policy_local_uses_local_endpoints_without_snat() {
     assert_eq!(
         backends_of(&d, "198.51.100.1:80/TCP"),
         ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+}
+
+#[test]
+fn local_endpoint_waiting_for_its_interface_serves_the_socket_layer_only() {
+    // The tc program is not yet on the interface the route to 10.244.0.2 leaves through: its
+    // replies would not be translated, so tc-translated traffic goes elsewhere meanwhile.
+    let mut s = external_web("LoadBalancer", "");
+    s.node.waiting = ["10.244.0.2".parse().unwrap()].into();
+    let d = compile(&s);
+    assert_eq!(
+        backends_of(&d, "external 192.168.77.1:30080/TCP"),
+        ["10.244.1.2:8080"]
+    );
+    assert_eq!(
+        backends_of(&d, "10.96.0.10:80/TCP"),
+        ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+    assert_eq!(
+        backends_of(&d, "192.168.77.1:30080/TCP"),
+        ["10.244.0.2:8080", "10.244.1.2:8080"]
+    );
+    // With externalTrafficPolicy Local the only local endpoint waits: dropped, as with no
+    // local endpoint (semantics 3.9), until its interface carries the program.
+    let mut s = external_web("LoadBalancer", ", externalTrafficPolicy: Local");
+    s.node.waiting = ["10.244.0.2".parse().unwrap()].into();
+    let d = compile(&s);
+    let ext = frontend_of(&d, "external 203.0.113.7:80/TCP").unwrap();
+    assert!(ext.backends.is_empty() && ext.no_local);
+    s.node.waiting.clear();
+    let d = compile(&s);
+    assert_eq!(
+        backends_of(&d, "external 203.0.113.7:80/TCP"),
+        ["10.244.0.2:8080"]
     );
 }
 

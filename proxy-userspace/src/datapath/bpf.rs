@@ -18,8 +18,7 @@ use aya::{
         PerCpuArray, lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
-        XdpMode,
+        CgroupAttachMode, SchedClassifier, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
@@ -81,11 +80,6 @@ pub enum XdpChoice {
     Generic,
     /// No XDP: tc handles all traffic from outside.
     Off,
-}
-
-/// Pin name of the tc link on `interface`.
-fn tc_link_name(interface: &str) -> String {
-    format!("tc-{interface}")
 }
 
 /// Subdirectory of the pin directory holding the pinned program links.
@@ -730,16 +724,9 @@ impl Datapath {
         Ok(attached)
     }
 
-    /// Attaches the tc program at ingress of `interfaces` (TCX links, pinned like the socket
-    /// hooks; a link an earlier agent left gets the new program swapped in). Links on
-    /// interfaces no longer listed are removed. Returns the interfaces attached.
-    pub fn attach_tc(&mut self, interfaces: &[String]) -> anyhow::Result<Vec<String>> {
-        let links_dir = self.pin_dir.join(LINKS_DIR);
-        let wanted: BTreeSet<String> = interfaces.iter().map(|i| tc_link_name(i)).collect();
-        prune_links(&links_dir, "tc-", &wanted);
-        if interfaces.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Loads the tc program and pins it (replacing an earlier agent's pin) so that
+    /// `tclinks::TcLinks` can attach it to interfaces from another thread.
+    pub fn pin_tc_program(&mut self) -> anyhow::Result<()> {
         let program: &mut SchedClassifier = self
             ._ebpf
             .program_mut(TC_PROGRAM)
@@ -749,33 +736,15 @@ impl Datapath {
         program
             .load()
             .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
-        let mut attached = Vec::new();
-        for interface in interfaces {
-            let pin = links_dir.join(tc_link_name(interface));
-            if replace_pinned(&pin, program.fd()?.as_fd()) {
-                log::info!("tc on {interface}: program replaced in place");
-                attached.push(interface.clone());
-                continue;
-            }
-            let link_id = match program.attach(interface, TcAttachType::Ingress) {
-                Ok(id) => id,
-                Err(e) => {
-                    log::error!(
-                        "cannot attach tc to {interface}: {e}; NodePort, externalIP and load balancer traffic arriving there is not translated"
-                    );
-                    continue;
-                }
-            };
-            let link: FdLink = program
-                .take_link(link_id)?
-                .try_into()
-                .with_context(|| format!("tc link on {interface}: not an fd link"))?;
-            link.pin(&pin)
-                .with_context(|| format!("pin link {}", pin.display()))?;
-            log::info!("tc attached at ingress of {interface}");
-            attached.push(interface.clone());
+        let pin = self.pin_dir.join(super::tclinks::TC_PROGRAM_PIN);
+        match fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", pin.display())),
         }
-        Ok(attached)
+        program
+            .pin(&pin)
+            .with_context(|| format!("pin {}", pin.display()))
     }
 
     /// Terminates sockets of removed backends from now on: connected UDP sockets, and TCP
@@ -845,7 +814,7 @@ fn prune_links(links_dir: &Path, prefix: &str, wanted: &BTreeSet<String>) {
 
 /// Swaps `prog` into the link an earlier agent pinned at `pin`, if there is one: true when it
 /// did. A pin that cannot take it is removed (with a warning), so the caller attaches afresh.
-fn replace_pinned(pin: &Path, prog: BorrowedFd<'_>) -> bool {
+pub(super) fn replace_pinned(pin: &Path, prog: BorrowedFd<'_>) -> bool {
     if !pin.exists() {
         return false;
     }
@@ -892,7 +861,10 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `bpf(cmd, attr)` with a zeroed, 128-byte attribute buffer the caller has filled.
-fn bpf_syscall(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+pub(super) fn bpf_syscall(
+    cmd: libc::c_long,
+    attr: &mut [u64; 16],
+) -> std::io::Result<libc::c_long> {
     // SAFETY: attr is a valid, large-enough bpf_attr buffer for both commands used here.
     let rc = unsafe {
         libc::syscall(
@@ -1295,6 +1267,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
     let mut files = names::ALL.to_vec();
     files.push(RELEASE_PIN);
+    files.push(super::tclinks::TC_PROGRAM_PIN);
     removed += remove_files_and_dir(pin_dir, &files)?;
     Ok(removed)
 }
@@ -1412,6 +1385,18 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
         .iter()
         .map(|n| n.to_string())
         .chain(tc)
+        .filter(|name| {
+            // tc and XDP links count only while they are on the interface of their name (a
+            // recreated interface has a new index and none of our programs).
+            let interface = name
+                .strip_prefix("tc-")
+                .or_else(|| name.strip_prefix("xdp-"));
+            interface.is_none_or(|i| {
+                super::tclinks::link_state(&links_dir.join(name)).is_some_and(|s| {
+                    s.ifindex != 0 && super::tclinks::ifindex(i) == Some(s.ifindex)
+                })
+            })
+        })
         .map(|name| {
             let info = PinnedLink::from_pin(links_dir.join(&name))
                 .ok()

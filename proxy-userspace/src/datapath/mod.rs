@@ -4,7 +4,10 @@
 pub mod bpf;
 pub mod caps;
 pub mod netdev;
+pub mod netlink;
+pub mod podif;
 pub mod sockdiag;
+pub mod tclinks;
 
 /// A backend that stopped being eligible for a frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

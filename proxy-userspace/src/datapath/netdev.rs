@@ -1,9 +1,6 @@
 //! The node's own interfaces and addresses, as this network namespace shows them.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Every address configured on an interface that is up.
 pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
@@ -39,29 +36,22 @@ pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
-/// Interfaces that carry a default route (IPv4 or IPv6): the node's external interfaces when
-/// none are configured.
+/// Interfaces that carry a default route (IPv4 or IPv6, main table): the node's external
+/// interfaces when none are configured.
 pub fn default_route_interfaces() -> Vec<String> {
-    let mut out = BTreeSet::new();
-    if let Ok(routes) = std::fs::read_to_string("/proc/net/route") {
-        for line in routes.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // Iface Destination Gateway Flags ... Mask
-            if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
-                out.insert(f[0].to_string());
-            }
-        }
-    }
-    if let Ok(routes) = std::fs::read_to_string("/proc/net/ipv6_route") {
-        for line in routes.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // dst dst_len src src_len next_hop metric refcnt use flags iface
-            if f.len() > 9 && f[0].chars().all(|c| c == '0') && f[1] == "00" && f[9] != "lo" {
-                out.insert(f[9].to_string());
-            }
-        }
-    }
-    out.into_iter().collect()
+    let names = super::netlink::Rtnl::new().and_then(|mut rtnl| {
+        let indexes = rtnl.default_route_interfaces()?;
+        Ok(rtnl
+            .links()?
+            .into_iter()
+            .filter(|l| indexes.contains(&l.index) && !l.loopback)
+            .map(|l| l.name)
+            .collect::<Vec<_>>())
+    });
+    names.unwrap_or_else(|e| {
+        log::warn!("cannot read the default routes: {e}");
+        Vec::new()
+    })
 }
 
 /// Whether an interface of this name exists here.

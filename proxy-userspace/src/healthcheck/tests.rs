@@ -23,6 +23,7 @@ fn snapshot(docs: &[String]) -> Snapshot {
             name: "node-a".into(),
             zone: None,
             addresses: Vec::new(),
+            ..Default::default()
         },
         ..Default::default()
     };

@@ -113,7 +113,7 @@ impl Agent {
             // Outside a testbed node the agent shares the test's own namespace: tc stays off
             // its interfaces.
             .args(if self.netns.is_none() {
-                &["--external-interfaces="][..]
+                &["--external-interfaces=", "--pod-interfaces=none"][..]
             } else {
                 &[][..]
             })

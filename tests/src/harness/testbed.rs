@@ -6,8 +6,25 @@
 //!   route to pod addresses; Service addresses (10.96.0.0/16, fd00:96::/112) are routed via
 //!   node-a, as a cloud load balancer or a BGP announcement would.
 //! - node i (`node-a`, `node-b`, ...): `eth0` at 192.168.77.(i+1)/24 and fd00:77::(i+1)/64,
-//!   forwarding on, bridge `br0` at 10.244.i.1/24 and fd00:244:i::1/64 with its pods
-//!   (`a-pod-1`, ... at 10.244.i.(j+2)), routes to every other node's pod CIDRs via that node.
+//!   forwarding on, its pods (`a-pod-1`, ... at 10.244.i.(j+2) and fd00:244:i::(j+2)), routes
+//!   to every other node's pod CIDRs (10.244.k.0/24, fd00:244:k::/64) via that node's LAN
+//!   address. How a node reaches its own pods is the testbed's [`Shape`]:
+//!   - `Bridge`: bridge `br0` at 10.244.i.1/24 and fd00:244:i::1/64; each pod's veth
+//!     (`veth<j>`) is a port of it; pods have /24 and /64 addresses and default routes via the
+//!     bridge addresses.
+//!   - `Ptp` (kindnet, the CNI `ptp` plugin): no bridge; each pod's node-side veth
+//!     (`veth` + 8 hex digits) carries the gateway 10.244.i.1/32 and fd00:244:i::1/128, the
+//!     same on every one; pods have /32 and /128 addresses with a link route to the gateway and
+//!     default routes via it; the node routes each pod address (/32, /128) to its veth.
+//!   - `Calico`: no bridge; each pod's node-side veth (`cali` + 11 hex digits) has MAC
+//!     ee:ee:ee:ee:ee:ee, no IPv4 address, proxy ARP on (without delay) and the link-local
+//!     fe80::1/64; pods have /32 and /128 addresses, default routes via 169.254.1.1 (a link
+//!     route; the node answers its ARP by proxy) and fe80::1; the node routes each pod address
+//!     to its veth. A real node's default route makes proxy ARP answer for 169.254.1.1; nodes
+//!     here have none, so they get `169.254.1.1/32 dev eth0` in its place.
+//!
+//!   `Testbed::add_pod` adds a pod later, `Testbed::recreate_pod_link` replaces a pod's veth
+//!   as a pod restart with the same address would.
 //!
 //! Checksum offload is off on both ends of every veth, so receivers verify every checksum (a
 //! veth otherwise hands packets over as CHECKSUM_PARTIAL and a bad checksum written by the
@@ -20,7 +37,10 @@ use super::{
     names,
     netns::NetNs,
     process::{ChildGuard, Reply},
-    topology::{Held, Pod, Proto, add_bridge, hold_in, no_dad, request_in, spawn_echo},
+    topology::{
+        Held, Pod, Proto, add_bridge, add_veth, attach_to_bridge, bridge_ip4, bridge_ip6, hold_in,
+        no_dad, request_in, spawn_echo,
+    },
 };
 
 /// The external client's LAN addresses.
@@ -79,6 +99,50 @@ const SNMP6_ERRORS: &[&str] = &[
     "Udp6InErrors",
 ];
 
+/// How a node's pods are connected to it (see the module documentation for addresses and
+/// routes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Pods' veths are ports of bridge `br0`, which holds the gateway addresses (/24, /64);
+    /// node-side names `veth<j>`.
+    Bridge,
+    /// kindnet / the CNI `ptp` plugin: no bridge; every pod's node-side veth (`veth` + 8 hex
+    /// digits) carries the gateway 10.244.i.1/32 and fd00:244:i::1/128, and the node routes
+    /// each pod's /32 and /128 to its veth.
+    Ptp,
+    /// Calico: no bridge; node-side veths (`cali` + 11 hex digits) with MAC ee:ee:ee:ee:ee:ee,
+    /// no IPv4 address and proxy ARP (pods route via 169.254.1.1), link-local fe80::1 (pods'
+    /// IPv6 gateway); the node routes each pod's /32 and /128 to its veth.
+    Calico,
+}
+
+/// The MAC of every node-side veth in the Calico shape.
+pub const CALICO_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The IPv4 gateway of pods in the Calico shape (answered by proxy ARP).
+pub const CALICO_GW4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of pods in the Calico shape, on every node-side veth.
+pub const CALICO_GW6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// A fresh node-side interface name for pod `pod` of node `node`, the testbed's `link`-th
+/// veth: node, pod and link number in hex after `veth` (8 digits, kindnet's length) or `cali`
+/// (11 digits, Calico's).
+fn host_if_name(shape: Shape, node: usize, pod: usize, link: u32) -> String {
+    assert!(
+        node < 0x100 && pod < 0x100,
+        "node {node} / pod {pod} out of range"
+    );
+    match shape {
+        Shape::Bridge | Shape::Ptp => {
+            assert!(link < 0x1_0000, "at most 65536 veths per testbed");
+            format!("veth{node:02x}{pod:02x}{link:04x}")
+        }
+        Shape::Calico => {
+            assert!(link < 0x1000_0000, "at most 2^28 veths per testbed");
+            format!("cali{node:02x}{pod:02x}{link:07x}")
+        }
+    }
+}
+
 /// A node: its namespace (where an agent would run), its LAN addresses, its pods.
 pub struct Node {
     /// Dropped first: servers in the node's namespace, then the pods, then the namespace.
@@ -100,6 +164,10 @@ pub struct Testbed {
     pub lan: NetNs,
     pub cgroup: TestCgroup,
     pub id: String,
+    /// How pods are connected to their node.
+    pub shape: Shape,
+    /// Veths made so far (numbers the node-side names).
+    links: u32,
 }
 
 /// `ethtool -K DEV rx off tx off` in `ns`: the kernel computes and verifies checksums itself.
@@ -123,6 +191,53 @@ fn lan_addresses(ns: &NetNs, ip4: Ipv4Addr, ip6: Ipv6Addr) {
     ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
     ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
     ns.ip(&["link", "set", "eth0", "up"]);
+}
+
+/// `a`, `b`, ... for node 0, 1, ...
+fn node_letter(i: usize) -> char {
+    char::from(
+        b'a' + u8::try_from(i)
+            .ok()
+            .filter(|i| *i < 26)
+            .expect("at most 26 nodes"),
+    )
+}
+
+/// Routed shapes: `eth0` of `pod` up at its /32 and /128 addresses.
+fn pod_addresses(pod: &Pod) {
+    pod.ns
+        .ip(&["addr", "add", &format!("{}/32", pod.ip4), "dev", "eth0"]);
+    pod.ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/128", pod.ip6),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    pod.ns.ip(&["link", "set", "eth0", "up"]);
+}
+
+/// Routed shapes: the node routes `pod`'s /32 and /128 to its node-side veth.
+fn routes_to_pod(node_ns: &NetNs, pod: &Pod) {
+    let dev = pod.host_if.as_str();
+    node_ns.ip(&[
+        "route",
+        "add",
+        &format!("{}/32", pod.ip4),
+        "dev",
+        dev,
+        "scope",
+        "link",
+    ]);
+    node_ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{}/128", pod.ip6),
+        "dev",
+        dev,
+    ]);
 }
 
 /// Reads the error counters of one namespace: (counter, value) for every one in the lists.
@@ -177,8 +292,14 @@ fn snmp6_counters(text: &str, wanted: &[&str]) -> Vec<(String, u64)> {
 
 impl Testbed {
     /// Builds a LAN, the external client and one node per entry, node i with
-    /// `pods_per_node[i]` pods. Names are unique to this process and call.
+    /// `pods_per_node[i]` pods on a bridge (`Shape::Bridge`). Names are unique to this process
+    /// and call.
     pub fn new(pods_per_node: &[usize]) -> Testbed {
+        Testbed::with_shape(pods_per_node, Shape::Bridge)
+    }
+
+    /// Like `new`, with the pods connected to their nodes as `shape` says.
+    pub fn with_shape(pods_per_node: &[usize], shape: Shape) -> Testbed {
         assert!(
             (1..=26).contains(&pods_per_node.len()),
             "a testbed has 1 to 26 nodes"
@@ -216,10 +337,15 @@ impl Testbed {
             lan,
             cgroup,
             id,
+            shape,
+            links: 0,
         };
         for (i, &pods) in pods_per_node.iter().enumerate() {
-            let node = bed.make_node(i, pods);
+            let node = bed.make_node(i);
             bed.nodes.push(node);
+            for _ in 0..pods {
+                bed.add_pod(i);
+            }
         }
         for (i, node) in bed.nodes.iter().enumerate() {
             for k in (0..bed.nodes.len()).filter(|k| *k != i) {
@@ -233,9 +359,9 @@ impl Testbed {
         bed
     }
 
-    fn make_node(&self, i: usize, pods: usize) -> Node {
-        let letter = char::from(b'a' + u8::try_from(i).expect("at most 26 nodes"));
-        let name = format!("node-{letter}");
+    /// Node `i` without pods: its namespace, LAN interface and, in the bridge shape, `br0`.
+    fn make_node(&self, i: usize) -> Node {
+        let name = format!("node-{}", node_letter(i));
         let ns = NetNs::new(format!("{}-{name}", self.id));
         no_dad(&ns);
         ns.sysctl("net.ipv4.ip_forward", "1");
@@ -243,22 +369,144 @@ impl Testbed {
         plug_into_lan(&self.lan, &ns, &format!("v-{name}"));
         let (ip4, ip6) = (lan_ip4(i), lan_ip6(i));
         lan_addresses(&ns, ip4, ip6);
-        add_bridge(&ns, i);
-        let mut node = Node {
+        match self.shape {
+            Shape::Bridge => add_bridge(&ns, i),
+            Shape::Ptp => {}
+            // Proxy ARP answers only for addresses the node routes out of another interface;
+            // this stands in for a real node's default route.
+            Shape::Calico => {
+                ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("{CALICO_GW4}/32"),
+                    "dev",
+                    "eth0",
+                    "scope",
+                    "link",
+                ]);
+            }
+        }
+        Node {
             servers: Vec::new(),
             pods: Vec::new(),
             name,
             ns,
             ip4,
             ip6,
-        };
-        for j in 0..pods {
-            let pod = Pod::create(&node.ns, i, &self.id, format!("{letter}-pod-{}", j + 1), j);
-            no_checksum_offload(&pod.ns, "eth0");
-            no_checksum_offload(&node.ns, &pod.host_if);
-            node.pods.push(pod);
         }
-        node
+    }
+
+    /// Adds the next pod of node `node` (`<letter>-pod-<n>`, the plan's next addresses),
+    /// connected as the testbed's shape says; returns its index in `nodes[node].pods`.
+    pub fn add_pod(&mut self, node: usize) -> usize {
+        let index = self.nodes[node].pods.len();
+        let host_if = match self.shape {
+            Shape::Bridge => format!("veth{index}"),
+            Shape::Ptp | Shape::Calico => self.new_host_if(node, index),
+        };
+        let name = format!("{}-pod-{}", node_letter(node), index + 1);
+        let pod = Pod::unlinked(&self.id, name, node, index, host_if);
+        self.link_pod(node, &pod);
+        self.nodes[node].pods.push(pod);
+        index
+    }
+
+    /// Simulates a restart of pod `pod` of node `node` that keeps its addresses but gets a new
+    /// veth: deletes the node-side interface (and with it the pod's `eth0`), makes a new pair
+    /// (the same node-side name if `same_name`, else a fresh one) and configures it as at
+    /// creation. Servers in the pod keep running (they listen on wildcard addresses);
+    /// connections through the old veth are gone.
+    ///
+    /// The new `eth0` has a new MAC. In the routed shapes nobody remembers the old one (the
+    /// node's neighbour entries went with its old veth, other pods talk through the node). On a
+    /// bridge the node and the other pods still hold it; the CNI bridge plugin announces the
+    /// new one with a gratuitous ARP, here their entries for the pod's addresses are flushed.
+    pub fn recreate_pod_link(&mut self, node: usize, pod: usize, same_name: bool) {
+        let old = self.nodes[node].pods[pod].host_if.clone();
+        self.nodes[node].ns.ip(&["link", "del", &old]);
+        let host_if = if same_name {
+            old
+        } else {
+            self.new_host_if(node, pod)
+        };
+        self.nodes[node].pods[pod].host_if = host_if;
+        let n = &self.nodes[node];
+        let p = &n.pods[pod];
+        self.link_pod(node, p);
+        if self.shape == Shape::Bridge {
+            let (ip4, ip6) = (p.ip4.to_string(), p.ip6.to_string());
+            let others = n.pods.iter().filter(|o| o.name != p.name).map(|o| &o.ns);
+            for ns in std::iter::once(&n.ns).chain(others) {
+                ns.ip(&["neigh", "flush", "to", &ip4]);
+                ns.ip(&["-6", "neigh", "flush", "to", &ip6]);
+            }
+        }
+    }
+
+    /// A node-side interface name not used before in this testbed.
+    fn new_host_if(&mut self, node: usize, pod: usize) -> String {
+        let name = host_if_name(self.shape, node, pod, self.links);
+        self.links += 1;
+        name
+    }
+
+    /// Makes `pod`'s veth (`eth0` and `pod.host_if` in node `node`) and configures both ends
+    /// for the testbed's shape: addresses, routes, sysctls, no checksum offload.
+    fn link_pod(&self, node: usize, pod: &Pod) {
+        let node_ns = &self.nodes[node].ns;
+        let dev = pod.host_if.as_str();
+        add_veth(&pod.ns, node_ns, dev);
+        match self.shape {
+            Shape::Bridge => attach_to_bridge(node_ns, pod, node),
+            Shape::Ptp => {
+                let (gw4, gw6) = (bridge_ip4(node).to_string(), bridge_ip6(node).to_string());
+                node_ns.ip(&["addr", "add", &format!("{gw4}/32"), "dev", dev]);
+                node_ns.ip(&["addr", "add", &format!("{gw6}/128"), "dev", dev, "nodad"]);
+                node_ns.ip(&["link", "set", dev, "up"]);
+                pod_addresses(pod);
+                pod.ns
+                    .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
+                pod.ns
+                    .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
+                pod.ns.ip(&["-6", "route", "add", &gw6, "dev", "eth0"]);
+                pod.ns
+                    .ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"]);
+                routes_to_pod(node_ns, pod);
+            }
+            Shape::Calico => {
+                node_ns.ip(&["link", "set", dev, "address", CALICO_MAC]);
+                node_ns.sysctl(&format!("net.ipv4.conf.{dev}.proxy_arp"), "1");
+                node_ns.sysctl(&format!("net.ipv4.neigh.{dev}.proxy_delay"), "0");
+                node_ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{CALICO_GW6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ]);
+                node_ns.ip(&["link", "set", dev, "up"]);
+                pod_addresses(pod);
+                let gw4 = CALICO_GW4.to_string();
+                pod.ns
+                    .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
+                pod.ns
+                    .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
+                pod.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &CALICO_GW6.to_string(),
+                    "dev",
+                    "eth0",
+                ]);
+                routes_to_pod(node_ns, pod);
+            }
+        }
+        no_checksum_offload(&pod.ns, "eth0");
+        no_checksum_offload(node_ns, dev);
     }
 
     /// Starts an echo server on `port` in pod `pod` of node `node`; it answers with the pod's
@@ -378,6 +626,20 @@ mod unit {
                 ("Udp6InCsumErrors".to_string(), 0)
             ]
         );
+    }
+
+    #[test]
+    fn host_if_names_fit_and_look_like_the_cnis() {
+        assert_eq!(host_if_name(Shape::Ptp, 1, 2, 3), "veth01020003");
+        assert_eq!(host_if_name(Shape::Bridge, 0, 0, 0x1f), "veth0000001f");
+        assert_eq!(host_if_name(Shape::Calico, 25, 252, 7), "cali19fc0000007");
+        for (shape, prefix, digits) in [(Shape::Ptp, "veth", 8), (Shape::Calico, "cali", 11)] {
+            let name = host_if_name(shape, 25, 252, 0xffff);
+            assert!(name.len() <= 15, "{name}");
+            let hex = name.strip_prefix(prefix).expect(prefix);
+            assert_eq!(hex.len(), digits, "{name}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{name}");
+        }
     }
 
     #[test]

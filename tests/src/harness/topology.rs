@@ -32,7 +32,8 @@ pub struct Pod {
     pub ns: NetNs,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
-    /// The node-side end of the pod's veth (on the node's bridge `br0`).
+    /// The node-side end of the pod's veth: on the node's bridge `br0` in the bridge shape,
+    /// routed to (`veth…`, `cali…`) in the routed shapes of `testbed::Shape`.
     pub host_if: String,
 }
 
@@ -61,7 +62,8 @@ pub(crate) fn no_dad(ns: &NetNs) {
     ns.sysctl("net.ipv6.conf.default.accept_dad", "0");
 }
 
-/// Address plan: the bridge `br0` of node `node` (the gateway of its pods).
+/// Address plan: the gateway of node `node`'s pods, on its bridge `br0` (bridge shape) or on
+/// every pod's node-side veth (ptp shape).
 pub fn bridge_ip4(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, node_octet(node), 1)
 }
@@ -120,6 +122,56 @@ pub(crate) fn add_bridge(ns: &NetNs, node: usize) {
     ns.ip(&["link", "set", "br0", "up"]);
 }
 
+/// Creates a veth pair: `eth0` in `pod_ns`, its peer `host_if` in `node_ns`; both down and
+/// without addresses.
+pub(crate) fn add_veth(pod_ns: &NetNs, node_ns: &NetNs, host_if: &str) {
+    pod_ns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_if,
+        "netns",
+        &node_ns.name,
+    ]);
+}
+
+/// The bridge shape's plumbing of `pod` (pod of node `node`, its veth made by `add_veth`):
+/// its node side enslaved to `br0` and up; in the pod `eth0` at the plan's addresses (/24,
+/// /64) and default routes via the bridge.
+pub(crate) fn attach_to_bridge(node_ns: &NetNs, pod: &Pod, node: usize) {
+    node_ns.ip(&["link", "set", &pod.host_if, "master", "br0", "up"]);
+    let ns = &pod.ns;
+    ns.ip(&["addr", "add", &format!("{}/24", pod.ip4), "dev", "eth0"]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/64", pod.ip6),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &bridge_ip4(node).to_string(),
+    ]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &bridge_ip6(node).to_string(),
+    ]);
+}
+
 impl Pod {
     /// Creates pod `index` (0-based) of node `node` (whose namespace is `node_ns`, with `br0`):
     /// namespace `<id>-<name>`, `eth0` veth to `veth<index>` on the bridge, addresses from the
@@ -131,48 +183,29 @@ impl Pod {
         name: String,
         index: usize,
     ) -> Pod {
+        let pod = Pod::unlinked(id, name, node, index, format!("veth{index}"));
+        add_veth(&pod.ns, node_ns, &pod.host_if);
+        attach_to_bridge(node_ns, &pod, node);
+        pod
+    }
+
+    /// A pod's namespace `<id>-<name>` (DAD off), with the plan's addresses of pod `index` of
+    /// node `node` recorded but no interface yet: `add_veth` and a shape's plumbing follow.
+    pub(crate) fn unlinked(
+        id: &str,
+        name: String,
+        node: usize,
+        index: usize,
+        host_if: String,
+    ) -> Pod {
         let ns = NetNs::new(format!("{id}-{name}"));
         no_dad(&ns);
-        let host_if = format!("veth{index}");
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &host_if,
-            "netns",
-            &node_ns.name,
-        ]);
-        node_ns.ip(&["link", "set", &host_if, "master", "br0", "up"]);
-        let ip4 = pod_ip4(node, index);
-        let ip6 = pod_ip6(node, index);
-        ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
-        ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &bridge_ip4(node).to_string(),
-        ]);
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &bridge_ip6(node).to_string(),
-        ]);
         Pod {
             servers: Vec::new(),
             name,
             ns,
-            ip4,
-            ip6,
+            ip4: pod_ip4(node, index),
+            ip6: pod_ip6(node, index),
             host_if,
         }
     }

@@ -199,8 +199,9 @@ pub fn service_with_one_backend(env: &Env, name: &str, vip: &str, pod: usize) {
     );
 }
 
-/// An agent on testbed node `node` (in its namespace, tc on `eth0` and `br0`), with its own
-/// pin directory `id` and socket-hook cgroup, its Node manifest written, not yet started.
+/// An agent on testbed node `node` (in its namespace, tc on `eth0` and on the pod-facing
+/// interfaces it finds itself, `--pod-interfaces auto`), with its own pin directory `id` and
+/// socket-hook cgroup, its Node manifest written, not yet started.
 pub fn node_agent(
     tb: &tests::Testbed,
     node: usize,
@@ -211,7 +212,7 @@ pub fn node_agent(
     let name = &tb.nodes[node].name;
     let mut agent = Agent::new(id, cgroup, name);
     agent.netns = Some(tb.node_ns_path(node));
-    agent.extra_args = ["--external-interfaces", "eth0", "--pod-interfaces", "br0"]
+    agent.extra_args = ["--external-interfaces", "eth0"]
         .iter()
         .chain(extra)
         .map(|s| s.to_string())

@@ -1,0 +1,333 @@
+//! rtnetlink through netlink-packet-route: which interface the kernel's route to an address
+//! leaves through (RTM_GETROUTE, so policy rules and every table count), the node's links, and
+//! a subscription to link, address and route events.
+
+use std::{
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Where the kernel sends packets for one destination address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteHit {
+    /// Delivered to this node itself (a local address: a host-network endpoint).
+    Local,
+    /// Out of interface `oif`, straight to the destination (no gateway): the destination lives
+    /// behind that interface.
+    Direct { oif: u32 },
+    /// Out of interface `oif` through a gateway: the destination is elsewhere.
+    Gateway { oif: u32 },
+    /// No usable route (unreachable, blackhole, prohibit, or an error).
+    None,
+}
+
+/// One network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// Index of the device this one is enslaved to (a bridge port's bridge).
+    pub master: Option<u32>,
+    /// `veth`, `bridge`, ... (IFLA_INFO_KIND), where the kernel says.
+    pub kind: Option<String>,
+    pub up: bool,
+    pub loopback: bool,
+}
+
+/// A request/response rtnetlink socket.
+pub struct Rtnl {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Rtnl {
+    pub fn new() -> io::Result<Rtnl> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        set_recv_timeout(&socket, Duration::from_secs(2))?;
+        Ok(Rtnl {
+            socket,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Sends one request and collects every message answering it (until `Done` for a dump, or
+    /// the first answer otherwise). A netlink error answer becomes `Err`.
+    fn request(
+        &mut self,
+        message: RouteNetlinkMessage,
+        dump: bool,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut packet =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
+        packet.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        packet.header.sequence_number = seq;
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0)?;
+        let mut answers = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "rtnetlink answer"));
+            }
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            let mut offset = 0;
+            while offset < n {
+                let message: NetlinkMessage<RouteNetlinkMessage> =
+                    NetlinkMessage::deserialize(&self.buf[offset..n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = message.header.length as usize;
+                // Answers to an earlier request that timed out are skipped.
+                let ours = message.header.sequence_number == seq;
+                match message.payload {
+                    _ if !ours => {}
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(answers),
+                            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(m) => {
+                        answers.push(m);
+                        if !dump {
+                            return Ok(answers);
+                        }
+                    }
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                offset += len;
+            }
+        }
+    }
+
+    /// The kernel's route to `addr` (`ip route get ADDR`).
+    pub fn route_get(&mut self, addr: IpAddr) -> io::Result<RouteHit> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.destination_prefix_length = if addr.is_ipv4() { 32 } else { 128 };
+        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let answers = match self.request(RouteNetlinkMessage::GetRoute(msg), false) {
+            Ok(a) => a,
+            // Unreachable, no route, prohibited: not an interface.
+            Err(e) if e.raw_os_error().is_some() => return Ok(RouteHit::None),
+            Err(e) => return Err(e),
+        };
+        Ok(answers
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(route_hit(&r)),
+                _ => None,
+            })
+            .unwrap_or(RouteHit::None))
+    }
+
+    /// Every link of this network namespace.
+    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+        let answers = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_of(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Interfaces that carry a default route (any table of the main lookup, both families).
+    pub fn default_route_interfaces(&mut self) -> io::Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            let answers = self.request(RouteNetlinkMessage::GetRoute(msg), true)?;
+            for m in answers {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    continue;
+                };
+                if r.header.destination_prefix_length != 0
+                    || r.header.kind != RouteType::Unicast
+                    || r.header.table != RouteHeader::RT_TABLE_MAIN
+                {
+                    continue;
+                }
+                for a in &r.attributes {
+                    if let RouteAttribute::Oif(i) = a {
+                        out.push(*i);
+                    }
+                    if let RouteAttribute::MultiPath(hops) = a {
+                        out.extend(hops.iter().map(|h| h.interface_index));
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+fn route_hit(r: &RouteMessage) -> RouteHit {
+    match r.header.kind {
+        RouteType::Local => return RouteHit::Local,
+        RouteType::Unicast => {}
+        _ => return RouteHit::None,
+    }
+    let mut oif = None;
+    let mut gateway = false;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => gateway = true,
+            _ => {}
+        }
+    }
+    match (oif, gateway) {
+        (Some(oif), false) => RouteHit::Direct { oif },
+        (Some(oif), true) => RouteHit::Gateway { oif },
+        (None, _) => RouteHit::None,
+    }
+}
+
+fn link_of(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        name: String::new(),
+        master: None,
+        kind: None,
+        up: l.header.flags.contains(LinkFlags::Up),
+        loopback: l.header.flags.contains(LinkFlags::Loopback),
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Controller(m) => link.master = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = Some(kind_name(k));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Bridge => "bridge".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket and a timeval of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A subscription to link, address and route changes of this network namespace.
+pub struct Events {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+impl Events {
+    pub fn subscribe() -> io::Result<Events> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind_auto()?;
+        for group in [
+            libc::RTNLGRP_LINK,
+            libc::RTNLGRP_IPV4_IFADDR,
+            libc::RTNLGRP_IPV6_IFADDR,
+            libc::RTNLGRP_IPV4_ROUTE,
+            libc::RTNLGRP_IPV6_ROUTE,
+        ] {
+            socket.add_membership(group)?;
+        }
+        Ok(Events {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Waits up to `timeout` for events; true when at least one arrived (all that are queued
+    /// are consumed). An overrun (ENOBUFS: events were lost) counts as an event, so the caller
+    /// looks at everything again.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let mut any = false;
+        let mut wait_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+            if rc <= 0 {
+                return any;
+            }
+            // SAFETY: a valid socket; the buffer is ours.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                return any;
+            }
+            any = true;
+            // Drain what else is queued without waiting.
+            wait_ms = 0;
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! Pod-facing interfaces: which interfaces must carry the tc program so that replies of local
+//! backends (and pod traffic to external frontends) are translated, found from the kernel's
+//! routes to local endpoints and the node's pod CIDRs, from names and from name patterns; and the
+//! thread that keeps the program on exactly those interfaces as pods come and go.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use proxy_common::info::{
+    IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_CIDR, IFACE_POD_ROUTE,
+};
+
+use super::{
+    netlink::{Events, Link, RouteHit, Rtnl},
+    tclinks::{self, AttachError, TcLinks},
+};
+use crate::{compile::Cidr, metrics::Metrics};
+
+/// One entry of `--pod-interfaces`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    /// Interfaces the kernel routes local endpoints and the pod CIDRs through.
+    Auto,
+    /// One interface by name.
+    Name(String),
+    /// Interfaces whose names match a glob (`*` and `?`), e.g. `cali*`.
+    Pattern(String),
+}
+
+/// The parsed `--pod-interfaces`: empty means none (tc only on the external interfaces).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInterfaces(pub Vec<Selector>);
+
+impl PodInterfaces {
+    /// Parses the flag's values: `auto`, interface names, glob patterns; `none` or an empty
+    /// value alone turns pod interfaces off.
+    pub fn parse(values: &[String]) -> Result<PodInterfaces, String> {
+        let mut out = Vec::new();
+        for v in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            let selector = if v == "auto" {
+                Selector::Auto
+            } else if v == "none" {
+                continue;
+            } else if v.contains(['*', '?']) {
+                if v.len() > 64 {
+                    return Err(format!("pattern {v:?} is too long"));
+                }
+                Selector::Pattern(v.to_string())
+            } else if v.len() >= 16 || v.contains(['/', ' ']) {
+                return Err(format!(
+                    "{v:?} is not an interface name (at most 15 bytes, no '/')"
+                ));
+            } else {
+                Selector::Name(v.to_string())
+            };
+            if !out.contains(&selector) {
+                out.push(selector);
+            }
+        }
+        Ok(PodInterfaces(out))
+    }
+
+    pub fn auto(&self) -> bool {
+        self.0.contains(&Selector::Auto)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|s| match s {
+            Selector::Name(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().filter_map(|s| match s {
+            Selector::Pattern(p) => Some(p.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// Shell-style match of `name` against `pattern` (`*` any run, `?` one byte).
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+/// Why an interface carries the program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Why {
+    External,
+    Named,
+    /// The route to this local endpoint leaves here.
+    Route(IpAddr),
+    /// The route to the node's pod CIDR leaves here.
+    PodCidr(Cidr),
+    Pattern(String),
+    /// This bridge has a selected port (`port`), selected because of `because`.
+    Bridge {
+        port: String,
+        because: Box<Why>,
+    },
+}
+
+impl Why {
+    /// The `LB_IFACES` record of interface `name` (index `index`).
+    pub fn info(&self, name: &str, index: u32) -> proxy_common::info::IfaceInfo {
+        let (why, addr, via) = match self {
+            Why::External => (IFACE_EXTERNAL, None, None),
+            Why::Named => (IFACE_NAMED, None, None),
+            Why::Route(a) => (IFACE_POD_ROUTE, Some((*a, full_len(a))), None),
+            Why::PodCidr(c) => (IFACE_POD_CIDR, Some((c.addr, c.len)), None),
+            Why::Pattern(p) => (IFACE_PATTERN, None, Some(p.as_str())),
+            Why::Bridge { port, because } => {
+                let addr = match because.as_ref() {
+                    Why::Route(a) => Some((*a, full_len(a))),
+                    _ => None,
+                };
+                (IFACE_BRIDGE, addr, Some(port.as_str()))
+            }
+        };
+        tclinks::iface_info(name, index, why, addr, via)
+    }
+}
+
+fn full_len(a: &IpAddr) -> u8 {
+    if a.is_ipv4() { 32 } else { 128 }
+}
+
+impl std::fmt::Display for Why {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Why::External => write!(f, "external"),
+            Why::Named => write!(f, "pod: named in --pod-interfaces"),
+            Why::Route(a) => write!(f, "pod: route to endpoint {a}"),
+            Why::PodCidr(c) => write!(f, "pod: route to pod CIDR {c}"),
+            Why::Pattern(p) => write!(f, "pod: name matches pattern {p}"),
+            Why::Bridge { port, because } => write!(f, "bridge of {port} ({because})"),
+        }
+    }
+}
+
+/// An interface that should carry the program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub index: u32,
+    pub why: Why,
+}
+
+/// What the discovery found: the interfaces to carry the program (by name), and the names
+/// given in `--pod-interfaces` that do not exist.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Discovery {
+    pub wanted: BTreeMap<String, Wanted>,
+    pub missing: Vec<String>,
+}
+
+/// Inputs of the discovery that come from the cluster: this node's endpoint addresses and pod
+/// CIDRs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterInputs {
+    pub endpoints: BTreeSet<IpAddr>,
+    pub pod_cidrs: Vec<Cidr>,
+}
+
+/// A few addresses inside `cidr` to ask the routing table about (the network address itself
+/// and the first hosts: one of them is the gateway, which is local).
+fn probes(cidr: &Cidr) -> Vec<IpAddr> {
+    let count: u128 = match (cidr.addr, cidr.len) {
+        (IpAddr::V4(_), l) => 1u128 << (32 - l.min(32)).min(2),
+        (IpAddr::V6(_), l) => 1u128 << (128 - l.min(128)).min(2),
+    };
+    (0..count)
+        .filter_map(|i| match cidr.addr {
+            IpAddr::V4(a) => u32::from(a)
+                .checked_add(i as u32)
+                .map(|v| IpAddr::from(std::net::Ipv4Addr::from(v))),
+            IpAddr::V6(a) => u128::from(a)
+                .checked_add(i)
+                .map(|v| IpAddr::from(std::net::Ipv6Addr::from(v))),
+        })
+        .collect()
+}
+
+/// Decides which interfaces carry the program: `external` ones, the named ones, those the
+/// kernel routes local endpoints and pod CIDRs through directly (`auto`; routes via a gateway
+/// lead elsewhere, local routes to the node itself), and those matching a pattern. A selected
+/// bridge port is replaced by its bridge. `route` answers `ip route get`.
+pub fn discover(
+    spec: &PodInterfaces,
+    links: &[Link],
+    external: &[String],
+    inputs: &ClusterInputs,
+    route: &mut dyn FnMut(IpAddr) -> RouteHit,
+) -> Discovery {
+    let by_index: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+    let by_name: BTreeMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
+    let mut out = Discovery::default();
+    let add = |out: &mut Discovery, link: &Link, why: Why| {
+        if link.loopback {
+            return;
+        }
+        let (link, why) = match link.master.and_then(|m| by_index.get(&m)) {
+            Some(bridge) if bridge.kind.as_deref() == Some("bridge") => (
+                *bridge,
+                Why::Bridge {
+                    port: link.name.clone(),
+                    because: Box::new(why),
+                },
+            ),
+            _ => (link, why),
+        };
+        out.wanted.entry(link.name.clone()).or_insert(Wanted {
+            index: link.index,
+            why,
+        });
+    };
+    for name in external {
+        if let Some(link) = by_name.get(name.as_str()) {
+            out.wanted.entry(name.clone()).or_insert(Wanted {
+                index: link.index,
+                why: Why::External,
+            });
+        }
+    }
+    for name in spec.names() {
+        match by_name.get(name) {
+            Some(link) => {
+                out.wanted.entry(name.to_string()).or_insert(Wanted {
+                    index: link.index,
+                    why: Why::Named,
+                });
+            }
+            None => out.missing.push(name.to_string()),
+        }
+    }
+    if spec.auto() {
+        for ep in &inputs.endpoints {
+            if let RouteHit::Direct { oif } = route(*ep)
+                && let Some(link) = by_index.get(&oif)
+            {
+                add(&mut out, link, Why::Route(*ep));
+            }
+        }
+        for cidr in &inputs.pod_cidrs {
+            for probe in probes(cidr) {
+                if let RouteHit::Direct { oif } = route(probe)
+                    && let Some(link) = by_index.get(&oif)
+                {
+                    add(&mut out, link, Why::PodCidr(*cidr));
+                    break;
+                }
+            }
+        }
+    }
+    for pattern in spec.patterns() {
+        for link in links.iter().filter(|l| glob(pattern, &l.name)) {
+            add(&mut out, link, Why::Pattern(pattern.to_string()));
+        }
+    }
+    out
+}
+
+/// The local endpoints whose replies cannot be translated yet: the kernel routes them
+/// directly out of an interface (or a bridge port) that does not carry the program.
+/// Endpoints on the node itself, behind a gateway, or unreachable are never waiting.
+pub fn waiting(
+    endpoints: &BTreeSet<IpAddr>,
+    attached: &BTreeSet<u32>,
+    links: &[Link],
+    route: &mut dyn FnMut(IpAddr) -> RouteHit,
+) -> BTreeSet<IpAddr> {
+    let master: BTreeMap<u32, Option<u32>> = links.iter().map(|l| (l.index, l.master)).collect();
+    endpoints
+        .iter()
+        .copied()
+        .filter(|ep| match route(*ep) {
+            RouteHit::Direct { oif } => {
+                let bridge = master.get(&oif).copied().flatten();
+                !attached.contains(&oif) && !bridge.is_some_and(|b| attached.contains(&b))
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+/// What the manager thread shares with the rest of the agent.
+#[derive(Default)]
+pub struct Shared {
+    /// Interface indexes carrying the program now.
+    pub attached: RwLock<BTreeSet<u32>>,
+    /// Bumped whenever `attached` changes.
+    pub generation: AtomicU64,
+}
+
+/// How often everything is looked at again even without a netlink event (a lost event, an
+/// attach that failed for a transient reason).
+const RESCAN: Duration = Duration::from_secs(5);
+
+/// Keeps the tc program on the wanted interfaces: attaches on new ones, re-attaches on
+/// interfaces recreated under the same name, detaches from interfaces no longer wanted, and
+/// forgets interfaces that disappeared.
+pub struct Manager {
+    spec: PodInterfaces,
+    external: Vec<String>,
+    links: TcLinks,
+    rtnl: Rtnl,
+    /// What is attached: name → (index, why).
+    state: BTreeMap<String, (u32, Why)>,
+    inputs: ClusterInputs,
+    shared: Arc<Shared>,
+    metrics: Option<Arc<Metrics>>,
+    /// (interface, reason) pairs already logged, so a failing interface logs once.
+    logged: BTreeSet<(String, String)>,
+    /// Named interfaces already reported missing.
+    missing_logged: BTreeSet<String>,
+}
+
+impl Manager {
+    pub fn new(
+        pin_dir: &std::path::Path,
+        spec: PodInterfaces,
+        external: Vec<String>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> anyhow::Result<Manager> {
+        Ok(Manager {
+            spec,
+            external,
+            links: TcLinks::open(pin_dir)?,
+            rtnl: Rtnl::new()?,
+            state: BTreeMap::new(),
+            inputs: ClusterInputs::default(),
+            shared: Arc::default(),
+            metrics,
+            logged: BTreeSet::new(),
+            missing_logged: BTreeSet::new(),
+        })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// One pass: discover, then make the links match. Returns whether the attached set
+    /// changed.
+    pub fn reconcile(&mut self) -> bool {
+        let links = match self.rtnl.links() {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("pod interfaces: cannot list links: {e}");
+                return false;
+            }
+        };
+        let rtnl = &mut self.rtnl;
+        let found = discover(&self.spec, &links, &self.external, &self.inputs, &mut |a| {
+            rtnl.route_get(a).unwrap_or(RouteHit::None)
+        });
+        for name in &found.missing {
+            if self.missing_logged.insert(name.clone()) {
+                log::warn!(
+                    "interface {name} (--pod-interfaces) does not exist yet; tc is attached when \
+                     it appears"
+                );
+            }
+        }
+        self.missing_logged.retain(|n| found.missing.contains(n));
+        let before: BTreeSet<u32> = self.state.values().map(|(i, _)| *i).collect();
+        // Links of earlier agents or of interfaces that are gone or no longer wanted.
+        for (name, link) in self.links.pinned() {
+            let want = found.wanted.get(&name);
+            let live =
+                link.is_some_and(|s| s.ifindex != 0 && want.is_some_and(|w| w.index == s.ifindex));
+            if !live && !self.state.contains_key(&name) && want.is_none() {
+                log::info!("tc: removing the stale link on {name}");
+                self.links.detach(&name, link.map(|s| s.ifindex));
+            }
+        }
+        let attached: Vec<(String, (u32, Why))> =
+            std::mem::take(&mut self.state).into_iter().collect();
+        for (name, (index, why)) in attached {
+            match found.wanted.get(&name) {
+                Some(w) if w.index == index => {
+                    self.state.insert(name, (index, w.why.clone()));
+                }
+                Some(_) => {
+                    log::info!(
+                        "tc: {name} was recreated (index {index} is gone); attaching to the new one"
+                    );
+                    self.links.detach(&name, Some(index));
+                }
+                None => {
+                    let gone = !links.iter().any(|l| l.index == index);
+                    if gone {
+                        log::info!("tc: {name} is gone ({why}); forgetting it");
+                    } else {
+                        log::info!("tc: detaching from {name}: no longer wanted");
+                    }
+                    self.links.detach(&name, Some(index));
+                }
+            }
+        }
+        for (name, w) in &found.wanted {
+            if self.state.contains_key(name) {
+                continue;
+            }
+            let started = Instant::now();
+            match self.links.attach(name, w.index, w.why.info(name, w.index)) {
+                Ok(kept) => {
+                    log::info!(
+                        "tc {} {name} ({}) in {:?}",
+                        if kept {
+                            "kept on, program replaced in place:"
+                        } else {
+                            "attached at ingress of"
+                        },
+                        w.why,
+                        started.elapsed()
+                    );
+                    self.logged.retain(|(n, _)| n != name);
+                    self.state.insert(name.clone(), (w.index, w.why.clone()));
+                }
+                Err(AttachError::Gone) => {
+                    log::debug!("tc: {name} went away before the program was attached");
+                }
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        m.interface_attach_failures
+                            .with(&[("reason", e.reason())])
+                            .inc();
+                    }
+                    if self.logged.insert((name.clone(), e.reason().to_string())) {
+                        log::warn!(
+                            "cannot attach tc to {name} ({}): {e}; NodePort, externalIP and load \
+                             balancer traffic through it is not translated",
+                            w.why
+                        );
+                    }
+                }
+            }
+        }
+        let live: BTreeMap<String, u32> = self
+            .state
+            .iter()
+            .map(|(n, (i, _))| (n.clone(), *i))
+            .collect();
+        self.links.forget_stale(&live);
+        let after: BTreeSet<u32> = live.values().copied().collect();
+        if let Some(m) = &self.metrics {
+            let pods = self
+                .state
+                .values()
+                .filter(|(_, w)| *w != Why::External)
+                .count();
+            m.pod_interfaces.with(&[]).set(pods as f64);
+        }
+        if after != before {
+            *self.shared.attached.write().expect("attached lock") = after;
+            self.shared.generation.fetch_add(1, Ordering::Release);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The names attached now, for the start-up log line.
+    pub fn attached_names(&self) -> Vec<String> {
+        self.state.keys().cloned().collect()
+    }
+
+    /// Sets this node's endpoints and pod CIDRs; reconciles at once when they changed, so a
+    /// new local endpoint's interface carries the program before the endpoint is programmed.
+    pub fn set_inputs(&mut self, inputs: ClusterInputs) -> bool {
+        if inputs == self.inputs {
+            return false;
+        }
+        self.inputs = inputs;
+        self.reconcile()
+    }
+
+    /// Reconciles `manager` on its own thread at every netlink link, address or route event,
+    /// and every few seconds.
+    pub fn follow(manager: Arc<Mutex<Manager>>) -> anyhow::Result<()> {
+        let mut events = Events::subscribe()?;
+        std::thread::Builder::new()
+            .name("pod-interfaces".into())
+            .spawn(move || {
+                loop {
+                    events.wait(RESCAN);
+                    manager.lock().expect("manager lock").reconcile();
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Computes `waiting` with a fresh netlink socket (for `verify` and `explain`, which read what
+/// the agent attached from its pins).
+pub fn waiting_now(
+    pin_dir: &std::path::Path,
+    endpoints: &BTreeSet<IpAddr>,
+) -> anyhow::Result<BTreeSet<IpAddr>> {
+    let mut rtnl = Rtnl::new()?;
+    let links = rtnl.links()?;
+    let attached: BTreeSet<u32> = tclinks::live_links(pin_dir)
+        .values()
+        .map(|s| s.ifindex)
+        .collect();
+    if attached.is_empty() {
+        // tc runs nowhere: nothing is translated at tc, so nothing waits for it.
+        return Ok(BTreeSet::new());
+    }
+    Ok(waiting(endpoints, &attached, &links, &mut |a| {
+        rtnl.route_get(a).unwrap_or(RouteHit::None)
+    }))
+}
+
+/// A node-side view for `verify`: interfaces that should carry the program (by `spec`) but
+/// do not.
+pub fn unattached(
+    pin_dir: &std::path::Path,
+    spec: &PodInterfaces,
+    inputs: &ClusterInputs,
+) -> anyhow::Result<Vec<(String, Why)>> {
+    let mut rtnl = Rtnl::new()?;
+    let links = rtnl.links()?;
+    let found = discover(spec, &links, &[], inputs, &mut |a| {
+        rtnl.route_get(a).unwrap_or(RouteHit::None)
+    });
+    let live = tclinks::live_links(pin_dir);
+    Ok(found
+        .wanted
+        .into_iter()
+        .filter(|(name, w)| live.get(name).is_none_or(|s| s.ifindex != w.index))
+        .map(|(name, w)| (name, w.why))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

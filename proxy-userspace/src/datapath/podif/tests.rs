@@ -1,0 +1,206 @@
+use std::net::IpAddr;
+
+use super::*;
+
+fn link(index: u32, name: &str, master: Option<u32>, kind: Option<&str>) -> Link {
+    Link {
+        index,
+        name: name.into(),
+        master,
+        kind: kind.map(str::to_string),
+        up: true,
+        loopback: index == 1,
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// lo, eth0 (external), a bridge cni0 with port veth1, and two routed pod veths.
+fn links() -> Vec<Link> {
+    vec![
+        link(1, "lo", None, None),
+        link(2, "eth0", None, Some("veth")),
+        link(3, "cni0", None, Some("bridge")),
+        link(4, "veth1", Some(3), Some("veth")),
+        link(5, "calia1", None, Some("veth")),
+        link(6, "calib2", None, Some("veth")),
+    ]
+}
+
+/// Routes as a node with both shapes would have them.
+fn route(a: IpAddr) -> RouteHit {
+    match a.to_string().as_str() {
+        "10.244.0.5" => RouteHit::Direct { oif: 5 },
+        "10.244.0.6" => RouteHit::Direct { oif: 6 },
+        "10.244.1.2" => RouteHit::Direct { oif: 3 },
+        "10.244.9.9" => RouteHit::Gateway { oif: 2 },
+        "192.168.77.1" => RouteHit::Local,
+        "fd00:244::1" => RouteHit::Direct { oif: 4 },
+        _ => RouteHit::Gateway { oif: 2 },
+    }
+}
+
+#[test]
+fn glob_matches_like_a_shell() {
+    assert!(glob("cali*", "cali12345"));
+    assert!(glob("cali*", "cali"));
+    assert!(!glob("cali*", "eth0"));
+    assert!(glob("veth?", "veth1"));
+    assert!(!glob("veth?", "veth12"));
+    assert!(glob("*", "anything"));
+    assert!(glob("e*n*", "eni0abc"));
+    assert!(!glob("gke*x", "gke123"));
+}
+
+#[test]
+fn parse_accepts_auto_names_patterns_and_none() {
+    let p = PodInterfaces::parse(&["auto".into(), "cni0".into(), "cali*".into()]).unwrap();
+    assert_eq!(
+        p.0,
+        vec![
+            Selector::Auto,
+            Selector::Name("cni0".into()),
+            Selector::Pattern("cali*".into())
+        ]
+    );
+    assert!(PodInterfaces::parse(&["none".into()]).unwrap().is_empty());
+    assert!(PodInterfaces::parse(&["".into()]).unwrap().is_empty());
+    assert!(PodInterfaces::parse(&["a-name-longer-than-15".into()]).is_err());
+    assert!(PodInterfaces::parse(&["a/b".into()]).is_err());
+}
+
+#[test]
+fn auto_follows_routes_to_local_endpoints() {
+    let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
+    let inputs = ClusterInputs {
+        endpoints: [
+            ip("10.244.0.5"),
+            ip("10.244.1.2"),
+            ip("10.244.9.9"),
+            ip("192.168.77.1"),
+            ip("fd00:244::1"),
+        ]
+        .into(),
+        pod_cidrs: Vec::new(),
+    };
+    let found = discover(&spec, &links(), &["eth0".into()], &inputs, &mut route);
+    let got: Vec<(&str, String)> = found
+        .wanted
+        .iter()
+        .map(|(n, w)| (n.as_str(), w.why.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("calia1", "pod: route to endpoint 10.244.0.5".to_string()),
+            (
+                "cni0",
+                // The v6 endpoint's route leaves through a bridge port: the bridge carries it.
+                "pod: route to endpoint 10.244.1.2".to_string()
+            ),
+            ("eth0", "external".to_string()),
+        ]
+    );
+    assert_eq!(found.wanted["calia1"].index, 5);
+    assert!(found.missing.is_empty());
+}
+
+#[test]
+fn bridge_ports_count_as_their_bridge() {
+    let spec = PodInterfaces::parse(&["veth*".into()]).unwrap();
+    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    assert_eq!(found.wanted.len(), 1);
+    let w = &found.wanted["cni0"];
+    assert_eq!(w.index, 3);
+    assert_eq!(
+        w.why,
+        Why::Bridge {
+            port: "veth1".into(),
+            because: Box::new(Why::Pattern("veth*".into()))
+        }
+    );
+}
+
+#[test]
+fn patterns_and_missing_names() {
+    let spec = PodInterfaces::parse(&["cali*".into(), "cni9".into()]).unwrap();
+    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    assert_eq!(
+        found.wanted.keys().collect::<Vec<_>>(),
+        vec!["calia1", "calib2"]
+    );
+    assert_eq!(found.missing, vec!["cni9".to_string()]);
+    // A pattern matching nothing selects nothing, and is no error.
+    let spec = PodInterfaces::parse(&["lxc*".into()]).unwrap();
+    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    assert!(found.wanted.is_empty() && found.missing.is_empty());
+}
+
+#[test]
+fn pod_cidr_route_selects_its_interface() {
+    let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
+    let inputs = ClusterInputs {
+        endpoints: Default::default(),
+        pod_cidrs: vec![Cidr::parse("10.244.1.0/24").unwrap()],
+    };
+    let mut r = |a: IpAddr| {
+        if a.to_string().starts_with("10.244.1.") {
+            RouteHit::Direct { oif: 3 }
+        } else {
+            RouteHit::None
+        }
+    };
+    let found = discover(&spec, &links(), &[], &inputs, &mut r);
+    assert_eq!(
+        found.wanted["cni0"].why.to_string(),
+        "pod: route to pod CIDR 10.244.1.0/24"
+    );
+}
+
+#[test]
+fn waiting_until_the_interface_carries_the_program() {
+    let eps = [
+        ip("10.244.0.5"),
+        ip("10.244.0.6"),
+        ip("fd00:244::1"),
+        ip("192.168.77.1"),
+        ip("10.244.9.9"),
+    ]
+    .into();
+    let none = waiting(&eps, &BTreeSet::new(), &links(), &mut route);
+    assert_eq!(
+        none,
+        [ip("10.244.0.5"), ip("10.244.0.6"), ip("fd00:244::1")].into()
+    );
+    // calia1 and the bridge (whose port veth1 leads to fd00:244::1) carry it.
+    let some = waiting(&eps, &[5, 3].into(), &links(), &mut route);
+    assert_eq!(some, [ip("10.244.0.6")].into());
+}
+
+#[test]
+fn why_records_round_trip_to_words() {
+    let info = Why::Route(ip("10.244.0.5")).info("calia1", 5);
+    assert_eq!(
+        tclinks::describe(&info),
+        "pod: route to endpoint 10.244.0.5"
+    );
+    let info = Why::Bridge {
+        port: "veth1".into(),
+        because: Box::new(Why::Route(ip("fd00:244::1"))),
+    }
+    .info("cni0", 3);
+    assert_eq!(
+        tclinks::describe(&info),
+        "bridge: its port veth1 carries the route to endpoint fd00:244::1"
+    );
+    assert_eq!(
+        tclinks::describe(&Why::External.info("eth0", 2)),
+        "external"
+    );
+    assert_eq!(
+        tclinks::describe(&Why::Pattern("cali*".into()).info("calia1", 5)),
+        "pod: name matches pattern cali*"
+    );
+}

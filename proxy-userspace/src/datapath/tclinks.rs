@@ -1,0 +1,326 @@
+//! The tc program's links on interfaces: attached, replaced in place and detached one interface
+//! at a time (pins `links/tc-IFNAME`), each checked against the interface it was made on, and
+//! recorded with the reason in `LB_IFACES`.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{SchedClassifier, TcAttachType, links::FdLink},
+};
+use proxy_common::{info::IfaceInfo, maps as names};
+
+use super::bpf::{LINKS_DIR, bpf_syscall, replace_pinned};
+
+/// Pin of the loaded tc program under the pin directory, from which every attach is made.
+pub const TC_PROGRAM_PIN: &str = "tc_ingress";
+
+/// Pin name prefix of the tc links (`tc-IFNAME`).
+pub const TC_LINK_PREFIX: &str = "tc-";
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// What the kernel says about a pinned link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// Interface the link is on; 0 once that interface is gone (the link is then defunct).
+    pub ifindex: u32,
+}
+
+/// Reads a pinned link's id, program and interface (BPF_OBJ_GET_INFO_BY_FD on the link; aya
+/// 0.14's `LinkInfo` does not expose the interface).
+pub fn link_state(pin: &Path) -> Option<LinkState> {
+    let path = CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64; // bpf_attr.pathname
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr).ok()?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32 each), then at offset 16 the per-type
+    // union whose tcx and xdp members both start with the ifindex. Larger than any kernel's
+    // struct: the kernel only requires the tail it does not know to be zero.
+    let mut info = [0u32; 64];
+    let mut attr = [0u64; 16];
+    // bpf_attr.info: bpf_fd (u32), info_len (u32), info (u64 pointer).
+    attr[0] = (link.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
+    Some(LinkState {
+        link_id: info[1],
+        program_id: info[2],
+        ifindex: info[4],
+    })
+}
+
+/// Index of the interface named `name` now, if there is one.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// The tc links pinned under `pin_dir` that are really attached: interface name → link, only
+/// where the link's interface still exists under that name.
+pub fn live_links(pin_dir: &Path) -> BTreeMap<String, LinkState> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(name) = file.strip_prefix(TC_LINK_PREFIX) else {
+            continue;
+        };
+        if let Some(state) = link_state(&entry.path())
+            && state.ifindex != 0
+            && ifindex(name) == Some(state.ifindex)
+        {
+            out.insert(name.to_string(), state);
+        }
+    }
+    out
+}
+
+/// The entries of `LB_IFACES` under `pin_dir` (why each interface carries the program).
+pub fn recorded(pin_dir: &Path) -> anyhow::Result<BTreeMap<u32, IfaceInfo>> {
+    let map = ifaces_map(pin_dir)?;
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (k, v) = item?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn ifaces_map(pin_dir: &Path) -> anyhow::Result<HashMap<MapData, u32, IfaceInfo>> {
+    let path = pin_dir.join(names::LB_IFACES);
+    let data =
+        MapData::from_pin(&path).with_context(|| format!("open pinned map {}", path.display()))?;
+    HashMap::try_from(Map::HashMap(data)).context("map LB_IFACES: unexpected type or layout")
+}
+
+/// Why an attach failed, for the log line and the `{reason}` of the failure metric.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The interface went away (or was renamed) before or while the program was attached.
+    #[error("the interface is gone")]
+    Gone,
+    /// The kernel refused the link (an interface type without tc, a full TCX chain, ...).
+    #[error("the kernel refused the tc link: {0}")]
+    Refused(String),
+    /// The link was made but could not be pinned or recorded.
+    #[error("{0}")]
+    Pin(String),
+}
+
+impl AttachError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttachError::Gone => "gone",
+            AttachError::Refused(_) => "refused",
+            AttachError::Pin(_) => "pin",
+        }
+    }
+}
+
+/// Attaches and detaches the pinned tc program interface by interface; usable from any
+/// thread (it holds its own handles, opened from the pins).
+pub struct TcLinks {
+    program: SchedClassifier,
+    links_dir: PathBuf,
+    ifaces: HashMap<MapData, u32, IfaceInfo>,
+}
+
+impl TcLinks {
+    /// Opens the program pinned by `Datapath::pin_tc_program` and `LB_IFACES`.
+    pub fn open(pin_dir: &Path) -> anyhow::Result<TcLinks> {
+        let pin = pin_dir.join(TC_PROGRAM_PIN);
+        let program = SchedClassifier::from_pin(&pin)
+            .with_context(|| format!("open the tc program pinned at {}", pin.display()))?;
+        let links_dir = pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("create {}", links_dir.display()))?;
+        Ok(TcLinks {
+            program,
+            links_dir,
+            ifaces: ifaces_map(pin_dir)?,
+        })
+    }
+
+    fn pin(&self, name: &str) -> PathBuf {
+        self.links_dir.join(format!("{TC_LINK_PREFIX}{name}"))
+    }
+
+    /// Interfaces with a pinned tc link (live or not): name → link state.
+    pub fn pinned(&self) -> BTreeMap<String, Option<LinkState>> {
+        fs::read_dir(&self.links_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let name = file.strip_prefix(TC_LINK_PREFIX)?.to_string();
+                Some((name, link_state(&e.path())))
+            })
+            .collect()
+    }
+
+    /// Puts the program on interface `name`, whose index is `index`: swaps it into a live link
+    /// an earlier agent pinned there, else attaches afresh (TCX) and pins the link. Returns true
+    /// when the link was kept from an earlier agent. Records `info` in `LB_IFACES`.
+    pub fn attach(&mut self, name: &str, index: u32, info: IfaceInfo) -> Result<bool, AttachError> {
+        let pin = self.pin(name);
+        let kept = match link_state(&pin) {
+            Some(s) if s.ifindex == index => {
+                let fd = self
+                    .program
+                    .fd()
+                    .map_err(|e| AttachError::Pin(e.to_string()))?;
+                replace_pinned(&pin, fd.as_fd())
+            }
+            Some(_) => {
+                // A link on an interface of the same name that is gone (a pod restart).
+                let _ = fs::remove_file(&pin);
+                false
+            }
+            None => false,
+        };
+        if !kept {
+            if ifindex(name) != Some(index) {
+                return Err(AttachError::Gone);
+            }
+            let id = match self.program.attach(name, TcAttachType::Ingress) {
+                Ok(id) => id,
+                Err(_) if ifindex(name) != Some(index) => return Err(AttachError::Gone),
+                Err(e) => return Err(AttachError::Refused(format!("{e:#}"))),
+            };
+            let link: FdLink = self
+                .program
+                .take_link(id)
+                .map_err(|e| AttachError::Pin(e.to_string()))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| AttachError::Pin(e.to_string()))?;
+            link.pin(&pin)
+                .map_err(|e| AttachError::Pin(format!("pin {}: {e}", pin.display())))?;
+            // The name may have moved to another interface between the lookup and the attach.
+            match link_state(&pin) {
+                Some(s) if s.ifindex == index => {}
+                _ => {
+                    let _ = fs::remove_file(&pin);
+                    return Err(AttachError::Gone);
+                }
+            }
+        }
+        self.ifaces
+            .insert(index, info, 0)
+            .map_err(|e| AttachError::Pin(format!("record in LB_IFACES: {e}")))?;
+        Ok(kept)
+    }
+
+    /// Removes the program from interface `name` (its pin; the kernel detaches the link) and
+    /// forgets `index` in `LB_IFACES`.
+    pub fn detach(&mut self, name: &str, index: Option<u32>) {
+        let _ = fs::remove_file(self.pin(name));
+        if let Some(index) = index {
+            let _ = self.ifaces.remove(&index);
+        }
+    }
+
+    /// Drops `LB_IFACES` entries of interfaces that no longer carry a link of ours.
+    pub fn forget_stale(&mut self, live: &BTreeMap<String, u32>) {
+        let keep: std::collections::BTreeSet<u32> = live.values().copied().collect();
+        let stale: Vec<u32> = self
+            .ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.ifaces.remove(&k);
+        }
+    }
+}
+
+/// `IfaceInfo` for interface `name` with reason `why`, naming `addr`/`prefix_len` and the
+/// bridge port `via` where they apply.
+pub fn iface_info(
+    name: &str,
+    index: u32,
+    why: u8,
+    addr: Option<(std::net::IpAddr, u8)>,
+    via: Option<&str>,
+) -> IfaceInfo {
+    let mut info = IfaceInfo {
+        ifindex: index,
+        why,
+        family: 0,
+        prefix_len: 0,
+        name_len: 0,
+        name: [0; 16],
+        addr: [0; 16],
+        via: [0; 16],
+    };
+    let n = name.len().min(16);
+    info.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    info.name_len = n as u8;
+    if let Some((addr, len)) = addr {
+        info.prefix_len = len;
+        match addr {
+            std::net::IpAddr::V4(a) => {
+                info.family = 4;
+                info.addr[..4].copy_from_slice(&a.octets());
+            }
+            std::net::IpAddr::V6(a) => {
+                info.family = 6;
+                info.addr = a.octets();
+            }
+        }
+    }
+    if let Some(via) = via {
+        let n = via.len().min(16);
+        info.via[..n].copy_from_slice(&via.as_bytes()[..n]);
+    }
+    info
+}
+
+/// A readable reason of an `LB_IFACES` entry: `external`, `pod: route to 10.244.0.5`, ...
+pub fn describe(info: &IfaceInfo) -> String {
+    use proxy_common::info::*;
+    let addr = match info.family {
+        4 => Some(std::net::IpAddr::from([
+            info.addr[0],
+            info.addr[1],
+            info.addr[2],
+            info.addr[3],
+        ])),
+        6 => Some(std::net::IpAddr::from(info.addr)),
+        _ => None,
+    };
+    let text = |b: &[u8; 16]| {
+        let end = b.iter().position(|c| *c == 0).unwrap_or(16);
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    let addr = addr.map_or("?".to_string(), |a| a.to_string());
+    match info.why {
+        IFACE_EXTERNAL => "external".into(),
+        IFACE_POD_ROUTE => format!("pod: route to endpoint {addr}"),
+        IFACE_POD_CIDR => format!("pod: route to pod CIDR {addr}/{}", info.prefix_len),
+        IFACE_PATTERN => format!("pod: name matches pattern {}", text(&info.via)),
+        IFACE_NAMED => "pod: named in --pod-interfaces".into(),
+        IFACE_BRIDGE if info.family != 0 => format!(
+            "bridge: its port {} carries the route to endpoint {addr}",
+            text(&info.via)
+        ),
+        IFACE_BRIDGE => format!("bridge: its port {} was selected", text(&info.via)),
+        other => format!("unknown reason {other}"),
+    }
+}
