@@ -1,0 +1,422 @@
+//! External traffic to local backends on every pod-network shape (issue: any CNI). With the
+//! default `--pod-interfaces auto`, the agent must find the interfaces its local endpoints are
+//! routed through (a bridge, each pod's own veth with a /32 route, calico's proxy-ARP veths),
+//! put tc there, and follow pods as they come, restart on a new veth, and go.
+//!
+//! Each shape gets one test on a two-node testbed (node-a: 2 pods, node-b: 1 pod, the agent on
+//! node-a with XDP and tc on `eth0`):
+//! - from the external client, NodePort, externalIP and load balancer IP, TCP and UDP, IPv4
+//!   and IPv6: a backend on node-a with externalTrafficPolicy Cluster (it sees a node-a
+//!   address, semantics 7.13) and Local (it sees the client, semantics 4.7c), and a backend on
+//!   node-b (masqueraded);
+//! - hairpin: node-a's pods (outside the hooked cgroup, so translated at tc on their own
+//!   interface) reach the NodePort and land on a node-a backend, themselves included (7.14);
+//! - a pod created after the agent is up becomes reachable through a NodePort, and again after
+//!   it is recreated with the same address on a new veth (same name, then a new name); a veth
+//!   that goes away leaves nothing behind in `status` or the pins.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Output,
+    time::Duration,
+};
+
+use common::*;
+use tests::{
+    Agent, Shape, Testbed,
+    harness::{
+        process::{Placement, command_in, workspace_binary},
+        testbed::{EXT_IP4, EXT_IP6},
+        topology::Proto,
+    },
+    poll_until,
+};
+
+/// Every address of node-a a masqueraded flow may carry (its LAN and pod gateway addresses).
+const NODE_A: [&str; 4] = ["192.168.77.1", "fd00:77::1", "10.244.0.1", "fd00:244::1"];
+
+/// A Service of the test: one backend (node, pod), its NodePorts, its address suffix.
+struct Svc {
+    name: &'static str,
+    /// Last group of every address: ClusterIP 10.96.0.N, externalIP 10.96.100.N, LB IP
+    /// 10.96.200.N (and fd00:96::N, fd00:96::1NN, fd00:96::2NN, inside the /112 the external
+    /// client routes to node-a).
+    n: u8,
+    node_port_tcp: u16,
+    node_port_udp: u16,
+    local_policy: bool,
+}
+
+const NEAR: Svc = Svc {
+    name: "near",
+    n: 21,
+    node_port_tcp: 30021,
+    node_port_udp: 30022,
+    local_policy: false,
+};
+const NEAR_LOCAL: Svc = Svc {
+    name: "near-local",
+    n: 31,
+    node_port_tcp: 30031,
+    node_port_udp: 30032,
+    local_policy: true,
+};
+const FAR: Svc = Svc {
+    name: "far",
+    n: 41,
+    node_port_tcp: 30041,
+    node_port_udp: 30042,
+    local_policy: false,
+};
+const LATE: Svc = Svc {
+    name: "late",
+    n: 51,
+    node_port_tcp: 30051,
+    node_port_udp: 30052,
+    local_policy: false,
+};
+
+impl Svc {
+    fn yaml(&self) -> String {
+        let n = self.n;
+        let etp = if self.local_policy {
+            "  externalTrafficPolicy: Local\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.{n}
+  clusterIPs: [10.96.0.{n}, \"fd00:96::{n}\"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [10.96.100.{n}, \"fd00:96::1{n:02}\"]
+  ports:
+  - {{name: http, port: 80, nodePort: {tcp}, protocol: TCP}}
+  - {{name: dns, port: 53, nodePort: {udp}, protocol: UDP}}
+{etp}status:
+  loadBalancer: {{ingress: [{{ip: 10.96.200.{n}}}, {{ip: \"fd00:96::2{n:02}\"}}]}}
+",
+            name = self.name,
+            tcp = self.node_port_tcp,
+            udp = self.node_port_udp,
+        )
+    }
+
+    /// Writes the Service and its slices (both families) with pod `pod` of node `node` as the
+    /// one endpoint.
+    fn program(&self, agent: &Agent, tb: &Testbed, node: usize, pod: usize) {
+        agent.write_manifest(&format!("{}.yaml", self.name), &self.yaml());
+        let p = &tb.nodes[node].pods[pod];
+        for (family, addr) in [("IPv4", p.ip4.to_string()), ("IPv6", p.ip6.to_string())] {
+            let eps = [Ep {
+                addr,
+                node: if node == 0 { NODE } else { "node-b" },
+                conditions: "",
+            }];
+            agent.write_manifest(
+                &format!("{}-{family}.yaml", self.name),
+                &slice_yaml(
+                    &format!("{}-{family}", self.name),
+                    self.name,
+                    family,
+                    &[HTTP, DNS],
+                    &eps,
+                ),
+            );
+        }
+    }
+
+    /// Every external frontend for `proto`: NodePorts on node-a, externalIPs, LB IPs.
+    fn frontends(&self, proto: Proto) -> Vec<SocketAddr> {
+        let n = self.n;
+        let (node_port, port) = match proto {
+            Proto::Tcp => (self.node_port_tcp, 80),
+            _ => (self.node_port_udp, 53),
+        };
+        [
+            format!("192.168.77.1:{node_port}"),
+            format!("[fd00:77::1]:{node_port}"),
+            format!("10.96.100.{n}:{port}"),
+            format!("[fd00:96::1{n:02}]:{port}"),
+            format!("10.96.200.{n}:{port}"),
+            format!("[fd00:96::2{n:02}]:{port}"),
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect()
+    }
+}
+
+fn seen_ip(seen: &str) -> IpAddr {
+    seen.parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("seen {seen:?}: {e}"))
+        .ip()
+}
+
+/// Polls until `to` answers the external client from `backend`.
+fn wait_from_ext(tb: &Testbed, proto: Proto, to: SocketAddr, backend: &str) {
+    poll_until(
+        &format!("{to} answered by {backend} from outside"),
+        Duration::from_secs(15),
+        || {
+            let r = tb.request_ext(proto, to, 1);
+            if r.iter().all(|r| r.ok && r.backend == backend) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+}
+
+/// Asserts 3 requests from outside to every frontend of `svc` are answered by `backend`,
+/// which sees the client (`local_policy`) or a node-a address.
+fn check_from_outside(tb: &Testbed, svc: &Svc, backend: &str) {
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for to in svc.frontends(proto) {
+            wait_from_ext(tb, proto, to, backend);
+            for r in tb.request_ext(proto, to, 3) {
+                assert!(r.ok, "{to} {proto:?}: {r:?}");
+                assert_eq!(r.backend, backend, "{to} {proto:?}: {r:?}");
+                let seen = seen_ip(&r.seen);
+                if svc.local_policy {
+                    // semantics 4.7c: Local keeps the client address.
+                    let client: IpAddr = if to.is_ipv4() {
+                        EXT_IP4.into()
+                    } else {
+                        EXT_IP6.into()
+                    };
+                    assert_eq!(seen, client, "{to} {proto:?}: {r:?}");
+                } else {
+                    // semantics 7.13: Cluster masquerades to a node address.
+                    assert!(
+                        NODE_A.contains(&seen.to_string().as_str()),
+                        "{to} {proto:?} not masqueraded to node-a: {r:?}"
+                    );
+                }
+                assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: reply source {r:?}");
+            }
+        }
+    }
+}
+
+/// Runs `kube-bpf-proxy ARGS --bpffs PIN` in node-a's namespace.
+fn cli_in_node(tb: &Testbed, agent: &Agent, args: &[&str]) -> Output {
+    let netns = tb.node_ns_path(0);
+    command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("kube-bpf-proxy"),
+        args,
+    )
+    .arg("--bpffs")
+    .arg(&agent.pin_dir)
+    .output()
+    .expect("run kube-bpf-proxy")
+}
+
+/// `status -o json` in node-a's namespace.
+fn status(tb: &Testbed, agent: &Agent) -> serde_json::Value {
+    let out = cli_in_node(tb, agent, &["status", "-o", "json"]);
+    assert!(out.status.success(), "status: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// The interfaces `status` lists as carrying tc, with their reasons.
+fn tc_interfaces(status: &serde_json::Value) -> Vec<(String, String)> {
+    status["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| {
+            (
+                i["interface"].as_str().unwrap().to_string(),
+                i["why"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn hooks(status: &serde_json::Value) -> BTreeSet<String> {
+    status["hooks"]
+        .as_array()
+        .expect("hooks")
+        .iter()
+        .map(|h| h["hook"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until `status` and the pins show no trace of interface `name`.
+fn wait_forgotten(tb: &Testbed, agent: &Agent, name: &str) {
+    let pin = agent.pin_dir.join("links").join(format!("tc-{name}"));
+    poll_until(
+        &format!("{name} forgotten"),
+        Duration::from_secs(10),
+        || {
+            let s = status(tb, agent);
+            let listed = tc_interfaces(&s).iter().any(|(i, _)| i == name)
+                || hooks(&s).contains(&format!("tc-{name}"));
+            if listed || Path::new(&pin).exists() {
+                Err(format!("still there: {s}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+}
+
+fn pod_network(shape: Shape) {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[2, 1], shape);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    // The default --pod-interfaces (auto): nothing named.
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    NEAR_LOCAL.program(&agent, &tb, 0, 1);
+    FAR.program(&agent, &tb, 1, 0);
+
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    check_from_outside(&tb, &FAR, "b-pod-1");
+
+    // What carries tc, and why: the external interface, and where the routes to the local
+    // endpoints leave (the bridge, or each pod's own veth).
+    let s = status(&tb, &agent);
+    let tc = tc_interfaces(&s);
+    assert!(
+        tc.contains(&("eth0".to_string(), "external".to_string())),
+        "{tc:?}"
+    );
+    let pods = &tb.nodes[0].pods;
+    match shape {
+        Shape::Bridge => assert!(
+            tc.iter()
+                .any(|(i, why)| i == "br0" && why.starts_with("bridge")
+                    || i == "br0" && why.contains("route to")),
+            "{tc:?}"
+        ),
+        Shape::Ptp | Shape::Calico => {
+            for pod in pods {
+                assert!(
+                    tc.iter()
+                        .any(|(i, why)| *i == pod.host_if && why.contains("route to endpoint")),
+                    "{} not listed: {tc:?}",
+                    pod.host_if
+                );
+            }
+        }
+    }
+    // XDP runs in front of tc on eth0 and hands local-backend flows to tc: they were answered.
+    assert!(hooks(&s).contains("xdp-eth0"), "{s}");
+    // verify agrees: the maps match and every pod-facing interface carries the program.
+    let manifests = agent.manifests.display().to_string();
+    let out = cli_in_node(
+        &tb,
+        &agent,
+        &["verify", "--manifests", &manifests, "--hostname-override", NODE],
+    );
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Hairpin: node-a's pods, outside the hooked cgroup, to node-a's NodePort; answered by
+    // a-pod-1, including a-pod-1 itself, masqueraded (semantics 7.14).
+    for client in 0..2 {
+        for to in [
+            format!("192.168.77.1:{}", NEAR.node_port_tcp),
+            format!("[fd00:77::1]:{}", NEAR.node_port_tcp),
+        ] {
+            let to: SocketAddr = to.parse().unwrap();
+            let ns = &tb.nodes[0].pods[client].ns;
+            poll_until(
+                &format!("hairpin {to} from a-pod-{}", client + 1),
+                Duration::from_secs(10),
+                || {
+                    let r = tb.request_from(ns, false, Proto::Tcp, to, 1);
+                    if r[0].ok { Ok(()) } else { Err(format!("{r:?}")) }
+                },
+            );
+            for r in tb.request_from(ns, false, Proto::Tcp, to, 3) {
+                assert!(r.ok, "{r:?}");
+                assert_eq!(r.backend, "a-pod-1", "{r:?}");
+                assert!(
+                    NODE_A.contains(&seen_ip(&r.seen).to_string().as_str()),
+                    "hairpin not masqueraded: {r:?}"
+                );
+            }
+        }
+    }
+
+    // A pod created after the agent is up, behind its own Service.
+    let late = tb.add_pod(0);
+    tb.serve(0, late, BACKEND_PORT);
+    LATE.program(&agent, &tb, 0, late);
+    let backend = tb.nodes[0].pods[late].name.clone();
+    let node_port: SocketAddr = format!("192.168.77.1:{}", LATE.node_port_tcp)
+        .parse()
+        .unwrap();
+    let node_port6: SocketAddr = format!("[fd00:77::1]:{}", LATE.node_port_udp)
+        .parse()
+        .unwrap();
+    let reachable = |tb: &Testbed| {
+        wait_from_ext(tb, Proto::Tcp, node_port, &backend);
+        wait_from_ext(tb, Proto::Udp, node_port6, &backend);
+    };
+    reachable(&tb);
+
+    // Restarted with the same address on a new veth of the same name, then of a new name.
+    let first_if = tb.nodes[0].pods[late].host_if.clone();
+    tb.recreate_pod_link(0, late, true);
+    assert_eq!(tb.nodes[0].pods[late].host_if, first_if);
+    reachable(&tb);
+    tb.recreate_pod_link(0, late, false);
+    let second_if = tb.nodes[0].pods[late].host_if.clone();
+    assert_ne!(second_if, first_if);
+    reachable(&tb);
+    if shape != Shape::Bridge {
+        // The old veth left nothing behind; the new one is listed.
+        wait_forgotten(&tb, &agent, &first_if);
+        let tc = tc_interfaces(&status(&tb, &agent));
+        assert!(tc.iter().any(|(i, _)| *i == second_if), "{tc:?}");
+        // The veth goes away for good (the pod is deleted): forgotten too.
+        tb.nodes[0].ns.ip(&["link", "del", &second_if]);
+        wait_forgotten(&tb, &agent, &second_if);
+    }
+    // The older backends were not disturbed by any of it.
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
+fn pod_network_bridge_external_traffic_reaches_local_backends() {
+    pod_network(Shape::Bridge);
+}
+
+#[test]
+fn pod_network_ptp_external_traffic_reaches_local_backends() {
+    pod_network(Shape::Ptp);
+}
+
+#[test]
+fn pod_network_calico_external_traffic_reaches_local_backends() {
+    pod_network(Shape::Calico);
+}
