@@ -420,3 +420,81 @@ fn pod_network_ptp_external_traffic_reaches_local_backends() {
 fn pod_network_calico_external_traffic_reaches_local_backends() {
     pod_network(Shape::Calico);
 }
+
+/// A metric of `agent` (polled; the agent refreshes gauges as it attaches).
+fn metric(agent: &Agent, name: &str) -> Option<f64> {
+    let (_, body) = agent.get(agent.metrics_port, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn named_interfaces_appearing_later_and_patterns_are_followed() {
+    // Bad input of --pod-interfaces: a name that does not exist yet (a warning once, shown as
+    // missing, attached when it appears), a pattern matching nothing (no error), a pattern
+    // matching interfaces created later.
+    if !privileged() {
+        return;
+    }
+    let tb = Testbed::with_shape(&[1], Shape::Ptp);
+    let mut agent = node_agent(
+        &tb,
+        0,
+        &tb.id,
+        tb.cgroup_path(),
+        &["--pod-interfaces", "auto,late0,lxc*,vethq*"],
+    );
+    let pos = agent.log_position();
+    agent.start();
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    poll_until("late0 shown missing", Duration::from_secs(10), || {
+        let s = status(&tb, &agent);
+        if s["interfaces_missing"] == serde_json::json!(["late0"]) {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let node = &tb.nodes[0].ns;
+    node.ip(&["link", "add", "late0", "type", "veth", "peer", "name", "late0p"]);
+    node.ip(&["link", "add", "vethq1", "type", "veth", "peer", "name", "vethq1p"]);
+    for dev in ["late0", "late0p", "vethq1", "vethq1p"] {
+        node.ip(&["link", "set", dev, "up"]);
+    }
+    poll_until("late0 and vethq1 attached", Duration::from_secs(10), || {
+        let s = status(&tb, &agent);
+        let tc = tc_interfaces(&s);
+        let named = tc
+            .iter()
+            .any(|(i, why)| i == "late0" && why == "pod: named in --pod-interfaces");
+        let pattern = tc
+            .iter()
+            .any(|(i, why)| i == "vethq1" && why == "pod: name matches pattern vethq*");
+        let missing = s["interfaces_missing"].as_array().is_some_and(|m| m.is_empty());
+        if named && pattern && missing {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    // eth0 is external; the two new ones are pod interfaces.
+    poll_until("pod interface gauge", Duration::from_secs(10), || {
+        match metric(&agent, "kube_bpf_proxy_pod_interfaces") {
+            Some(v) if v >= 2.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert_eq!(agent.count_logs(pos, "late0 (--pod-interfaces) does not exist yet"), 1);
+    let complaints: Vec<String> = agent
+        .logs_since(pos)
+        .into_iter()
+        .filter(|l| l.contains("lxc") && (l.contains("WARN") || l.contains("ERROR")))
+        .collect();
+    assert!(complaints.is_empty(), "a pattern matching nothing is no error: {complaints:?}");
+    assert_eq!(agent.count_logs(pos, "ERROR"), 0);
+    // Gone again: forgotten without an error.
+    node.ip(&["link", "del", "vethq1"]);
+    wait_forgotten(&tb, &agent, "vethq1");
+    agent.assert_running();
+}

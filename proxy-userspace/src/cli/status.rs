@@ -60,6 +60,8 @@ struct StatusView {
     hooks: Vec<HookInfo>,
     /// Interfaces whose tc link is live (on the interface of that name now).
     interfaces: Vec<InterfaceView>,
+    /// Interfaces named in the agent's --pod-interfaces that do not exist (yet).
+    interfaces_missing: Vec<String>,
     maps: Vec<MapFill>,
     counters: Vec<Counter>,
 }
@@ -88,6 +90,12 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
         pin_dir: args.bpffs.display().to_string(),
         hooks: bpf::hooks(&args.bpffs),
         interfaces: interfaces(&args.bpffs),
+        interfaces_missing: tclinks::recorded(&args.bpffs)
+            .unwrap_or_default()
+            .values()
+            .filter(|i| i.ifindex == 0)
+            .map(tclinks::name_of)
+            .collect(),
         maps: bpf::map_fill(&args.bpffs)?
             .into_iter()
             .map(|(map, entries, max_entries)| MapFill {

@@ -342,6 +342,8 @@ pub struct Manager {
     logged: BTreeSet<(String, String)>,
     /// Named interfaces already reported missing.
     missing_logged: BTreeSet<String>,
+    /// Named interfaces recorded as missing in `LB_IFACES`.
+    missing_recorded: Vec<String>,
 }
 
 impl Manager {
@@ -362,6 +364,8 @@ impl Manager {
             metrics,
             logged: BTreeSet::new(),
             missing_logged: BTreeSet::new(),
+            // Not a name: the first pass replaces whatever an earlier agent recorded.
+            missing_recorded: vec!["/".into()],
         })
     }
 
@@ -390,6 +394,10 @@ impl Manager {
                      it appears"
                 );
             }
+        }
+        if found.missing != self.missing_recorded {
+            self.links.record_missing(&found.missing);
+            self.missing_recorded = found.missing.clone();
         }
         self.missing_logged.retain(|n| found.missing.contains(n));
         let before: BTreeSet<u32> = self.state.values().map(|(i, _)| *i).collect();

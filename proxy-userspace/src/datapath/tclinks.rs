@@ -242,10 +242,35 @@ impl TcLinks {
             .ifaces
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep.contains(k))
+            .filter(|k| !keep.contains(k) && *k < MISSING_KEYS)
             .collect();
         for k in stale {
             let _ = self.ifaces.remove(&k);
+        }
+    }
+}
+
+/// Keys of `LB_IFACES` from here on record interfaces named in `--pod-interfaces` that do not
+/// exist (their `ifindex` is 0); real interface indexes stay far below.
+pub const MISSING_KEYS: u32 = 0xffff_0000;
+
+impl TcLinks {
+    /// Records the named interfaces that do not exist, replacing the previous record.
+    pub fn record_missing(&mut self, names: &[String]) {
+        let old: Vec<u32> = self
+            .ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| *k >= MISSING_KEYS)
+            .collect();
+        for k in old {
+            let _ = self.ifaces.remove(&k);
+        }
+        for (i, name) in names.iter().take(0xffff).enumerate() {
+            let info = iface_info(name, 0, proxy_common::info::IFACE_NAMED, None, None);
+            if let Err(e) = self.ifaces.insert(MISSING_KEYS + i as u32, info, 0) {
+                log::debug!("LB_IFACES: cannot record missing {name}: {e}");
+            }
         }
     }
 }
@@ -292,6 +317,12 @@ pub fn iface_info(
     info
 }
 
+/// The name recorded in an `LB_IFACES` entry.
+pub fn name_of(info: &IfaceInfo) -> String {
+    let n = (info.name_len as usize).min(16);
+    String::from_utf8_lossy(&info.name[..n]).into_owned()
+}
+
 /// A readable reason of an `LB_IFACES` entry: `external`, `pod: route to 10.244.0.5`, ...
 pub fn describe(info: &IfaceInfo) -> String {
     use proxy_common::info::*;
@@ -310,6 +341,9 @@ pub fn describe(info: &IfaceInfo) -> String {
         String::from_utf8_lossy(&b[..end]).into_owned()
     };
     let addr = addr.map_or("?".to_string(), |a| a.to_string());
+    if info.ifindex == 0 {
+        return "named in --pod-interfaces, does not exist (attached when it appears)".into();
+    }
     match info.why {
         IFACE_EXTERNAL => "external".into(),
         IFACE_POD_ROUTE => format!("pod: route to endpoint {addr}"),
