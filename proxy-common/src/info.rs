@@ -92,5 +92,8 @@ pub const IFACE_NAMED: u8 = 5;
 /// A bridge one of whose ports was selected (by route or pattern): the bridge carries the
 /// program for it.
 pub const IFACE_BRIDGE: u8 = 6;
+/// Carried the program under the previous agent; kept until this agent has read which
+/// endpoints are local (so a restart never leaves local backends' replies untranslated).
+pub const IFACE_KEPT: u8 = 7;
 
 pod!(ServiceInfo, AgentState, IfaceInfo);

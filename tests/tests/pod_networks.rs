@@ -202,7 +202,11 @@ fn check_from_outside(tb: &Testbed, svc: &Svc, backend: &str) {
                         "{to} {proto:?} not masqueraded to node-a: {r:?}"
                     );
                 }
-                assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: reply source {r:?}");
+                assert_eq!(
+                    seen_ip(&r.peer),
+                    to.ip(),
+                    "{to} {proto:?}: reply source {r:?}"
+                );
             }
         }
     }
@@ -328,7 +332,13 @@ fn pod_network(shape: Shape) {
     let out = cli_in_node(
         &tb,
         &agent,
-        &["verify", "--manifests", &manifests, "--hostname-override", NODE],
+        &[
+            "verify",
+            "--manifests",
+            &manifests,
+            "--hostname-override",
+            NODE,
+        ],
     );
     assert!(
         out.status.success(),
@@ -351,7 +361,11 @@ fn pod_network(shape: Shape) {
                 Duration::from_secs(10),
                 || {
                     let r = tb.request_from(ns, false, Proto::Tcp, to, 1);
-                    if r[0].ok { Ok(()) } else { Err(format!("{r:?}")) }
+                    if r[0].ok {
+                        Ok(())
+                    } else {
+                        Err(format!("{r:?}"))
+                    }
                 },
             );
             for r in tb.request_from(ns, false, Proto::Tcp, to, 3) {
@@ -457,8 +471,12 @@ fn named_interfaces_appearing_later_and_patterns_are_followed() {
         }
     });
     let node = &tb.nodes[0].ns;
-    node.ip(&["link", "add", "late0", "type", "veth", "peer", "name", "late0p"]);
-    node.ip(&["link", "add", "vethq1", "type", "veth", "peer", "name", "vethq1p"]);
+    node.ip(&[
+        "link", "add", "late0", "type", "veth", "peer", "name", "late0p",
+    ]);
+    node.ip(&[
+        "link", "add", "vethq1", "type", "veth", "peer", "name", "vethq1p",
+    ]);
     for dev in ["late0", "late0p", "vethq1", "vethq1p"] {
         node.ip(&["link", "set", dev, "up"]);
     }
@@ -471,7 +489,9 @@ fn named_interfaces_appearing_later_and_patterns_are_followed() {
         let pattern = tc
             .iter()
             .any(|(i, why)| i == "vethq1" && why == "pod: name matches pattern vethq*");
-        let missing = s["interfaces_missing"].as_array().is_some_and(|m| m.is_empty());
+        let missing = s["interfaces_missing"]
+            .as_array()
+            .is_some_and(|m| m.is_empty());
         if named && pattern && missing {
             Ok(())
         } else {
@@ -479,22 +499,86 @@ fn named_interfaces_appearing_later_and_patterns_are_followed() {
         }
     });
     // eth0 is external; the two new ones are pod interfaces.
-    poll_until("pod interface gauge", Duration::from_secs(10), || {
-        match metric(&agent, "kube_bpf_proxy_pod_interfaces") {
+    poll_until(
+        "pod interface gauge",
+        Duration::from_secs(10),
+        || match metric(&agent, "kube_bpf_proxy_pod_interfaces") {
             Some(v) if v >= 2.0 => Ok(()),
             other => Err(format!("{other:?}")),
-        }
-    });
-    assert_eq!(agent.count_logs(pos, "late0 (--pod-interfaces) does not exist yet"), 1);
+        },
+    );
+    assert_eq!(
+        agent.count_logs(pos, "late0 (--pod-interfaces) does not exist yet"),
+        1
+    );
     let complaints: Vec<String> = agent
         .logs_since(pos)
         .into_iter()
         .filter(|l| l.contains("lxc") && (l.contains("WARN") || l.contains("ERROR")))
         .collect();
-    assert!(complaints.is_empty(), "a pattern matching nothing is no error: {complaints:?}");
+    assert!(
+        complaints.is_empty(),
+        "a pattern matching nothing is no error: {complaints:?}"
+    );
     assert_eq!(agent.count_logs(pos, "ERROR"), 0);
     // Gone again: forgotten without an error.
     node.ip(&["link", "del", "vethq1"]);
     wait_forgotten(&tb, &agent, "vethq1");
     agent.assert_running();
+}
+
+#[test]
+fn restart_keeps_pod_interface_links_and_connections() {
+    // A restarted agent swaps its program into the links the previous one pinned on pod
+    // veths, and keeps them before it has read the cluster: an external connection to a
+    // local backend (translated at tc on eth0, its replies at tc on the pod's veth) survives.
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[1], Shape::Ptp);
+    tb.serve(0, 0, BACKEND_PORT);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    let to: SocketAddr = format!("192.168.77.1:{}", NEAR.node_port_tcp)
+        .parse()
+        .unwrap();
+    wait_from_ext(&tb, Proto::Tcp, to, "a-pod-1");
+    let veth = tb.nodes[0].pods[0].host_if.clone();
+    let (mut held, first) = tb.hold_from(&tb.ext, false, to);
+    assert!(first.ok && first.backend == "a-pod-1", "{first:?}");
+    let link_before = status(&tb, &agent)["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["interface"] == veth.as_str())
+        .map(|i| i["link_id"].clone())
+        .expect("pod veth listed");
+    agent.kill();
+    let pos = agent.log_position();
+    agent.start();
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    for _ in 0..5 {
+        let r = held.again();
+        assert!(r.ok && r.backend == "a-pod-1", "after the restart: {r:?}");
+    }
+    let s = status(&tb, &agent);
+    let link_after = s["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["interface"] == veth.as_str())
+        .map(|i| i["link_id"].clone());
+    assert_eq!(
+        link_after,
+        Some(link_before),
+        "link kept, program replaced: {s}"
+    );
+    assert!(
+        tc_interfaces(&s)
+            .iter()
+            .any(|(i, why)| *i == veth && why.contains("route to endpoint")),
+        "{s}"
+    );
+    tb.assert_no_checksum_errors();
 }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use proxy_common::info::{
-    IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_CIDR, IFACE_POD_ROUTE,
+    IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_KEPT, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_CIDR,
+    IFACE_POD_ROUTE,
 };
 
 use super::{
@@ -128,6 +129,8 @@ pub enum Why {
         port: String,
         because: Box<Why>,
     },
+    /// Carried the program under the previous agent; kept until the cluster has been read.
+    Kept,
 }
 
 impl Why {
@@ -136,6 +139,7 @@ impl Why {
         let (why, addr, via) = match self {
             Why::External => (IFACE_EXTERNAL, None, None),
             Why::Named => (IFACE_NAMED, None, None),
+            Why::Kept => (IFACE_KEPT, None, None),
             Why::Route(a) => (IFACE_POD_ROUTE, Some((*a, full_len(a))), None),
             Why::PodCidr(c) => (IFACE_POD_CIDR, Some((c.addr, c.len)), None),
             Why::Pattern(p) => (IFACE_PATTERN, None, Some(p.as_str())),
@@ -164,6 +168,7 @@ impl std::fmt::Display for Why {
             Why::PodCidr(c) => write!(f, "pod: route to pod CIDR {c}"),
             Why::Pattern(p) => write!(f, "pod: name matches pattern {p}"),
             Why::Bridge { port, because } => write!(f, "bridge of {port} ({because})"),
+            Why::Kept => write!(f, "kept from the previous agent until endpoints are read"),
         }
     }
 }
@@ -344,6 +349,8 @@ pub struct Manager {
     missing_logged: BTreeSet<String>,
     /// Named interfaces recorded as missing in `LB_IFACES`.
     missing_recorded: Vec<String>,
+    /// Whether the cluster inputs have been set once (until then, earlier links are kept).
+    have_inputs: bool,
 }
 
 impl Manager {
@@ -366,6 +373,7 @@ impl Manager {
             missing_logged: BTreeSet::new(),
             // Not a name: the first pass replaces whatever an earlier agent recorded.
             missing_recorded: vec!["/".into()],
+            have_inputs: false,
         })
     }
 
@@ -384,9 +392,25 @@ impl Manager {
             }
         };
         let rtnl = &mut self.rtnl;
-        let found = discover(&self.spec, &links, &self.external, &self.inputs, &mut |a| {
+        let mut found = discover(&self.spec, &links, &self.external, &self.inputs, &mut |a| {
             rtnl.route_get(a).unwrap_or(RouteHit::None)
         });
+        if !self.have_inputs && self.spec.auto() {
+            // Until this node's endpoints are known, the links an earlier agent left on live
+            // interfaces stay (with this agent's program swapped in): dropping them would cut
+            // the replies of local backends during a restart.
+            for (name, state) in self.links.pinned() {
+                if let Some(s) = state
+                    && s.ifindex != 0
+                    && links.iter().any(|l| l.index == s.ifindex && l.name == name)
+                {
+                    found.wanted.entry(name).or_insert(Wanted {
+                        index: s.ifindex,
+                        why: Why::Kept,
+                    });
+                }
+            }
+        }
         for name in &found.missing {
             if self.missing_logged.insert(name.clone()) {
                 log::warn!(
@@ -403,10 +427,7 @@ impl Manager {
         let before: BTreeSet<u32> = self.state.values().map(|(i, _)| *i).collect();
         // Links of earlier agents or of interfaces that are gone or no longer wanted.
         for (name, link) in self.links.pinned() {
-            let want = found.wanted.get(&name);
-            let live =
-                link.is_some_and(|s| s.ifindex != 0 && want.is_some_and(|w| w.index == s.ifindex));
-            if !live && !self.state.contains_key(&name) && want.is_none() {
+            if !self.state.contains_key(&name) && !found.wanted.contains_key(&name) {
                 log::info!("tc: removing the stale link on {name}");
                 self.links.detach(&name, link.map(|s| s.ifindex));
             }
@@ -416,6 +437,9 @@ impl Manager {
         for (name, (index, why)) in attached {
             match found.wanted.get(&name) {
                 Some(w) if w.index == index => {
+                    if w.why != why {
+                        self.links.record(w.why.info(&name, index));
+                    }
                     self.state.insert(name, (index, w.why.clone()));
                 }
                 Some(_) => {
@@ -506,10 +530,11 @@ impl Manager {
     /// Sets this node's endpoints and pod CIDRs; reconciles at once when they changed, so a
     /// new local endpoint's interface carries the program before the endpoint is programmed.
     pub fn set_inputs(&mut self, inputs: ClusterInputs) -> bool {
-        if inputs == self.inputs {
+        if inputs == self.inputs && self.have_inputs {
             return false;
         }
         self.inputs = inputs;
+        self.have_inputs = true;
         self.reconcile()
     }
 

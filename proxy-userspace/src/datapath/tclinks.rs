@@ -235,6 +235,13 @@ impl TcLinks {
         }
     }
 
+    /// Replaces the `LB_IFACES` record of `info.ifindex` (its reason changed).
+    pub fn record(&mut self, info: IfaceInfo) {
+        if let Err(e) = self.ifaces.insert(info.ifindex, info, 0) {
+            log::debug!("LB_IFACES: cannot record {}: {e}", name_of(&info));
+        }
+    }
+
     /// Drops `LB_IFACES` entries of interfaces that no longer carry a link of ours.
     pub fn forget_stale(&mut self, live: &BTreeMap<String, u32>) {
         let keep: std::collections::BTreeSet<u32> = live.values().copied().collect();
@@ -355,6 +362,7 @@ pub fn describe(info: &IfaceInfo) -> String {
             text(&info.via)
         ),
         IFACE_BRIDGE => format!("bridge: its port {} was selected", text(&info.via)),
+        IFACE_KEPT => "kept from the previous agent until this node's endpoints are read".into(),
         other => format!("unknown reason {other}"),
     }
 }
