@@ -162,7 +162,7 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
     print!("{}", table(&["HOOK", "LINK", "PROGRAM", "STATE"], &hooks));
     println!();
     if view.interfaces.is_empty() {
-        println!("tc: attached to no interface\n");
+        println!("tc: on no interface\n");
     } else {
         let rows: Vec<Vec<String>> = view
             .interfaces
