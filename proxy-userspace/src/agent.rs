@@ -56,12 +56,15 @@ impl Default for SyncTiming {
 pub struct SyncReport {
     /// Backends that stopped being eligible for a frontend in this sync.
     pub removed: Vec<Removed>,
+    /// Frontends left as they were because their Maglev table could not be written.
+    pub maglev_failures: u64,
     pub frontends: usize,
     pub writes: usize,
     pub problems: Vec<Problem>,
     pub duration: Duration,
-    /// Frontends dropping ClusterIP traffic for lack of local endpoints, per family.
-    pub no_local: Vec<(Family, u64)>,
+    /// Service ports dropping traffic for lack of local endpoints although endpoints exist
+    /// elsewhere (semantics 3.8, 3.9, 11.5), per family: (family, internal, external).
+    pub no_local: Vec<(Family, u64, u64)>,
     /// The healthCheckNodePort servers wanted, by port (semantics 8.1).
     pub health_checks: BTreeMap<u16, crate::healthcheck::ServiceHealth>,
 }
@@ -92,26 +95,54 @@ pub fn sync_once(
     *logged = now_logged;
     let ops = plan(&desired, current);
     let removed = removed_members(&ops, current);
+    // Frontends whose Maglev table could not be written: the rest of their writes are skipped
+    // (the frontend keeps its previous table and backends), every other frontend goes on.
+    let mut failed: BTreeMap<u32, String> = BTreeMap::new();
+    let mut maglev_failures = 0;
     for op in &ops {
+        let svc = op.svc_id(current);
+        if svc.is_some_and(|id| failed.contains_key(&id)) {
+            continue;
+        }
+        if let Op::DelBackend(id) = op
+            && !failed.is_empty()
+            && current
+                .slots
+                .iter()
+                .any(|(k, v)| failed.contains_key(&k.svc_id) && v.backend_id == *id)
+        {
+            // Still in the previous table of a frontend left as it was.
+            continue;
+        }
         if let Err(e) = io.apply(op) {
+            if let (Op::PutMaglev(..), Some(id)) = (op, svc) {
+                maglev_failures += 1;
+                failed.insert(id, format!("{e:#}"));
+                continue;
+            }
             *current = io.dump().unwrap_or_else(|_| current.clone());
-            return Err(e);
+            return Err(e.context(FailedMap(op.map())));
         }
         current.apply(op);
     }
-    let no_local = [Family::V4, Family::V6]
-        .into_iter()
-        .map(|family| {
-            let n = desired
-                .frontends
-                .values()
-                .filter(|f| f.no_local && f.port.family == family)
-                .count() as u64;
-            (family, n)
-        })
-        .collect();
+    for (id, why) in &failed {
+        log::warn!("frontend {id}: {MAGLEV_WRITE_FAILED}: {why}");
+        let name = current
+            .infos
+            .get(id)
+            .map_or_else(|| format!("frontend {id}"), |i| i.name().to_string());
+        desired.problems.push(Problem {
+            object: format!("Service {name}"),
+            message: format!(
+                "{MAGLEV_WRITE_FAILED} ({why}); it keeps its previous state, other Services \
+                 are programmed; retried"
+            ),
+        });
+    }
+    let no_local = no_local_endpoints(&desired);
     Ok(SyncReport {
         removed,
+        maglev_failures,
         frontends: desired.frontends.len(),
         writes: ops.len(),
         problems: desired.problems,
@@ -224,8 +255,11 @@ pub fn run(
                 }
                 if let Some(m) = &observers.metrics {
                     m.set_rejected_problems(&report.problems);
-                    for (family, n) in &report.no_local {
-                        m.set_no_local_endpoints(*family, *n, 0);
+                    for (family, internal, external) in &report.no_local {
+                        m.set_no_local_endpoints(*family, *internal, *external);
+                    }
+                    for _ in 0..report.maglev_failures {
+                        m.map_update_error(proxy_common::maps::LB_MAGLEV);
                     }
                     let now = Fingerprints::of(&snapshot);
                     let (services, endpoints) = previous.changes(&now);
@@ -238,11 +272,13 @@ pub fn run(
                         m.observe_programming_latency(family, latency);
                     }
                 }
-                // Refused for lack of map space: try again shortly, space may have freed.
-                if report
-                    .problems
-                    .iter()
-                    .any(|p| p.message.contains("is full"))
+                // Refused for lack of map space, or a Maglev table not written: try again
+                // shortly, space may have freed.
+                if report.maglev_failures > 0
+                    || report
+                        .problems
+                        .iter()
+                        .any(|p| p.message.contains("is full"))
                 {
                     let later = Instant::now() + timing.retry;
                     pending = Some((snapshot.clone(), later, later));
@@ -296,13 +332,43 @@ fn removed_members(ops: &[Op], before: &MapState) -> Vec<Removed> {
     out
 }
 
+/// The map a failed sync's write went to (context of the error `sync_once` returns).
+#[derive(Debug, Clone, Copy)]
+pub struct FailedMap(pub &'static str);
+
+impl std::fmt::Display for FailedMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "write to {}", self.0)
+    }
+}
+
+/// What the problem of a frontend whose Maglev table failed to be written says.
+pub const MAGLEV_WRITE_FAILED: &str = "its Maglev table could not be written";
+
 /// The map named in a failed write's error, for the map_update_errors metric.
 fn map_of_error(e: &anyhow::Error) -> &'static str {
-    let text = format!("{e:#}");
-    proxy_common::maps::ALL
+    e.downcast_ref::<FailedMap>().map_or("unknown", |m| m.0)
+}
+
+/// Service ports hit by the drop cases of a Local traffic policy (semantics 11.5): internal
+/// with internalTrafficPolicy Local, external with externalTrafficPolicy Local on an externally
+/// reachable port; each when no local endpoint exists but endpoints exist elsewhere.
+pub fn no_local_endpoints(desired: &crate::compile::Desired) -> Vec<(Family, u64, u64)> {
+    [Family::V4, Family::V6]
         .into_iter()
-        .find(|name| text.contains(name))
-        .unwrap_or("unknown")
+        .map(|family| {
+            let ports = desired.ports.values().filter(|p| p.name.family == family);
+            let (mut internal, mut external) = (0, 0);
+            for p in ports {
+                let none_here = p.endpoints.local.is_empty() && p.endpoints.has_any;
+                let reachable =
+                    p.node_port.is_some() || !p.external_ips.is_empty() || !p.lb_ips.is_empty();
+                internal += u64::from(p.itp_local && none_here);
+                external += u64::from(p.etp_local && reachable && none_here);
+            }
+            (family, internal, external)
+        })
+        .collect()
 }
 
 /// A fingerprint per Service and EndpointSlice of the last synced snapshot, to count what
@@ -489,7 +555,207 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
-    use super::parse_rfc3339;
+    use super::*;
+    use crate::snapshot::{NodeInfo, Snapshot};
+
+    /// A datapath whose Maglev writes for frontend ids in `fail` fail (a full LB_MAGLEV), and
+    /// whose `fail_map` writes fail altogether.
+    struct Faulty {
+        state: MapState,
+        fail: BTreeSet<u32>,
+        fail_map: Option<&'static str>,
+    }
+
+    impl MapIo for Faulty {
+        fn dump(&self) -> anyhow::Result<MapState> {
+            Ok(self.state.clone())
+        }
+        fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+            if let Op::PutMaglev(k, _) = op
+                && self.fail.contains(&k.svc_id)
+            {
+                anyhow::bail!("map is full");
+            }
+            if self.fail_map == Some(op.map()) {
+                anyhow::bail!("no space left on device");
+            }
+            self.state.apply(op);
+            Ok(())
+        }
+    }
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let mut s = Snapshot {
+            node: NodeInfo {
+                name: "node-a".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        for doc in yaml.split("\n---\n") {
+            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            match v["kind"].as_str() {
+                Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
+                Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
+                other => panic!("unexpected kind {other:?}"),
+            }
+        }
+        s
+    }
+
+    /// Two Maglev Services, `a` (10.96.0.1) and `b` (10.96.0.2), with `eps` endpoints each.
+    fn two_maglev_services(eps: &[&str]) -> Snapshot {
+        let mut docs = Vec::new();
+        for (name, vip) in [("a", "10.96.0.1"), ("b", "10.96.0.2")] {
+            docs.push(format!(
+                "kind: Service\nmetadata: {{name: {name}, namespace: default, annotations: \
+                 {{kube-bpf-proxy.io/scheduler: maglev}}}}\nspec: {{clusterIP: {vip}, ports: \
+                 [{{name: http, port: 80, protocol: TCP}}]}}"
+            ));
+            docs.push(format!(
+                "kind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: \
+                 {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: \
+                 http, port: 8080, protocol: TCP}}]\nendpoints: [{}]",
+                eps.iter()
+                    .map(|e| format!("{{addresses: [{e}]}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        snapshot(&docs.join("\n---\n"))
+    }
+
+    fn frontend_id(state: &MapState, vip: &str) -> Option<u32> {
+        state.services.iter().find_map(|(k, v)| match k {
+            ServiceKey::V4(k)
+                if k.port == 80
+                    && std::net::Ipv4Addr::from(k.addr)
+                        == vip.parse::<std::net::Ipv4Addr>().unwrap() =>
+            {
+                Some(v.id)
+            }
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_failed_maglev_table_fails_its_service_alone() {
+        let mut io = Faulty {
+            state: MapState::default(),
+            fail: BTreeSet::new(),
+            fail_map: None,
+        };
+        let mut current = MapState::default();
+        let mut logged = BTreeSet::new();
+        sync_once(
+            &mut io,
+            &mut current,
+            &two_maglev_services(&["10.244.0.2"]),
+            &mut logged,
+        )
+        .unwrap();
+        let a = frontend_id(&current, "10.96.0.1").unwrap();
+        let b = frontend_id(&current, "10.96.0.2").unwrap();
+        let before_a = current
+            .services
+            .iter()
+            .find(|(_, v)| v.id == a)
+            .map(|(_, v)| *v);
+        // a's new table cannot be written: a keeps its old backends, b gets its new ones.
+        io.fail.insert(a);
+        let next = two_maglev_services(&["10.244.0.2", "10.244.0.3"]);
+        let report = sync_once(&mut io, &mut current, &next, &mut logged).unwrap();
+        assert_eq!(report.maglev_failures, 1);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.object == "Service default/a:http/TCP"
+                    && p.message.contains(MAGLEV_WRITE_FAILED)),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(io.state, current, "the mirror follows what was written");
+        let after_a = current
+            .services
+            .iter()
+            .find(|(_, v)| v.id == a)
+            .map(|(_, v)| *v);
+        assert_eq!(after_a, before_a, "a is left as it was");
+        let b_value = current.services.iter().find(|(_, v)| v.id == b).unwrap().1;
+        assert_eq!(b_value.count, 2, "b moved on");
+        assert_eq!(current.live_slots(&before_a.unwrap()).len(), 1);
+        // Space again: the next sync programs a too, and nothing else is left to do.
+        io.fail.clear();
+        let report = sync_once(&mut io, &mut current, &next, &mut logged).unwrap();
+        assert_eq!(report.maglev_failures, 0);
+        let a_value = current.services.iter().find(|(_, v)| v.id == a).unwrap().1;
+        assert_eq!(a_value.count, 2);
+        assert_eq!(crate::plan::plan(&compile(&next), &current), Vec::new());
+    }
+
+    #[test]
+    fn a_failed_write_names_its_map() {
+        let mut io = Faulty {
+            state: MapState::default(),
+            fail: BTreeSet::new(),
+            fail_map: Some(proxy_common::maps::LB_SLOTS),
+        };
+        let mut current = MapState::default();
+        let err = sync_once(
+            &mut io,
+            &mut current,
+            &two_maglev_services(&["10.244.0.2"]),
+            &mut BTreeSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(map_of_error(&err), "LB_SLOTS");
+    }
+
+    #[test]
+    fn no_local_endpoints_counts_service_ports_per_policy() {
+        // semantics 11.5: ports hit by the drops of 3.8 (internal) and 3.9 (external).
+        let svc = |name: &str, vip: &str, spec: &str| {
+            format!(
+                "kind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: \
+                 {vip}, ports: [{{name: http, port: 80, protocol: TCP, nodePort: 30080}}]{spec}}}"
+            )
+        };
+        let slice = |name: &str, node: &str| {
+            format!(
+                "kind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: \
+                 {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: \
+                 http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [10.244.9.9], \
+                 nodeName: {node}}}]"
+            )
+        };
+        let docs = [
+            // internal Local, endpoint elsewhere: counted internal.
+            svc("itp", "10.96.0.1", ", internalTrafficPolicy: Local"),
+            slice("itp", "node-b"),
+            // external Local on a NodePort, endpoint elsewhere: counted external.
+            svc(
+                "etp",
+                "10.96.0.2",
+                ", type: NodePort, externalTrafficPolicy: Local",
+            ),
+            slice("etp", "node-b"),
+            // external Local with a local endpoint: not counted.
+            svc(
+                "etp-here",
+                "10.96.0.3",
+                ", type: NodePort, externalTrafficPolicy: Local",
+            ),
+            slice("etp-here", "node-a"),
+            // internal Local without any endpoint: rejected, not dropped: not counted.
+            svc("itp-none", "10.96.0.4", ", internalTrafficPolicy: Local"),
+        ];
+        let d = compile(&snapshot(&docs.join("\n---\n")));
+        assert_eq!(
+            no_local_endpoints(&d),
+            vec![(Family::V4, 1, 1), (Family::V6, 0, 0)]
+        );
+    }
 
     #[test]
     fn rfc3339_parses_utc_fractions_and_offsets() {

@@ -149,6 +149,47 @@ pub enum Op {
     DelMaglev(MaglevKey),
 }
 
+impl Op {
+    /// The map this write goes to (its pin name).
+    pub fn map(&self) -> &'static str {
+        use proxy_common::maps as m;
+        match self {
+            Op::PutBackend(..) | Op::DelBackend(_) => m::LB_BACKENDS,
+            Op::PutSlot(..) | Op::DelSlot(_) => m::LB_SLOTS,
+            Op::PutMember(..) | Op::DelMember(_) => m::LB_MEMBERS,
+            Op::PutService(ServiceKey::V4(_), _) | Op::DelService(ServiceKey::V4(_)) => {
+                m::LB4_SERVICES
+            }
+            Op::PutService(ServiceKey::V6(_), _) | Op::DelService(ServiceKey::V6(_)) => {
+                m::LB6_SERVICES
+            }
+            Op::PutInfo(..) | Op::DelInfo(_) => m::LB_SVC_INFO,
+            Op::PutSourceRange(r) | Op::DelSourceRange(r) => match r.cidr.addr {
+                std::net::IpAddr::V4(_) => m::LB4_SRC_RANGES,
+                std::net::IpAddr::V6(_) => m::LB6_SRC_RANGES,
+            },
+            Op::PutMaglev(..) | Op::DelMaglev(_) => m::LB_MAGLEV,
+        }
+    }
+
+    /// The frontend id this write belongs to, where it belongs to one (`current` resolves the
+    /// id of a deleted frontend); backends are shared and belong to none, nor do the ClusterIP
+    /// markers (id 0).
+    pub fn svc_id(&self, current: &MapState) -> Option<u32> {
+        let id = match self {
+            Op::PutBackend(..) | Op::DelBackend(_) => None,
+            Op::PutSlot(k, _) | Op::DelSlot(k) => Some(k.svc_id),
+            Op::PutMember(k, _) | Op::DelMember(k) => Some(k.svc_id),
+            Op::PutService(_, v) => Some(v.id),
+            Op::DelService(k) => current.services.get(k).map(|v| v.id),
+            Op::PutInfo(id, _) | Op::DelInfo(id) => Some(*id),
+            Op::PutSourceRange(r) | Op::DelSourceRange(r) => Some(r.svc_id),
+            Op::PutMaglev(k, _) | Op::DelMaglev(k) => Some(k.svc_id),
+        };
+        id.filter(|id| *id != 0)
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
