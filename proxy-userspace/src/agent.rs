@@ -177,6 +177,23 @@ pub fn run(
             Ok(snapshot) => {
                 if let Some(h) = &observers.health {
                     h.queued(SystemTime::now());
+                    let eligible = snapshot.node.eligible;
+                    if h.node_eligible() != eligible {
+                        if eligible {
+                            log::info!(
+                                "node {} is eligible again: /healthz follows the proxy's health",
+                                snapshot.node.name
+                            );
+                        } else {
+                            log::warn!(
+                                "node {} is not eligible for load balancer traffic (deleted, \
+                                 marked by the cluster autoscaler, or no Node object): /healthz \
+                                 answers 503",
+                                snapshot.node.name
+                            );
+                        }
+                        h.set_node_eligible(eligible);
+                    }
                 }
                 if let Some(m) = &observers.metrics {
                     m.observe_queued(SystemTime::now());

@@ -48,6 +48,25 @@ pub struct NodeInfo {
     /// the agent: they serve the socket layer only until it does (a packet translated at tc for
     /// them would get no translated reply).
     pub waiting: std::collections::BTreeSet<std::net::IpAddr>,
+    /// Whether this node may receive load balancer traffic (semantics 8.8): its Node object
+    /// exists, has no deletionTimestamp and no ToBeDeletedByClusterAutoscaler taint. /healthz
+    /// answers 503 while it is false.
+    pub eligible: bool,
+}
+
+/// Taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// A Node is eligible for load balancer traffic unless it is being deleted (a deletionTimestamp)
+/// or the cluster autoscaler marked it for deletion (semantics 8.8).
+pub fn node_eligible(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !tainted
 }
 
 impl NodeInfo {
@@ -95,6 +114,7 @@ impl NodeInfo {
             addresses: Vec::new(),
             pod_cidrs,
             waiting: Default::default(),
+            eligible: node.is_some_and(node_eligible),
         }
     }
 }

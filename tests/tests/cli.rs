@@ -354,3 +354,53 @@ fn bpf_debug_logs_switch_at_runtime() {
         "translations were logged while debug logs were off"
     );
 }
+
+/// semantics 8.8, 8.9: /healthz answers 503 with `nodeEligible: false` while the Node is
+/// marked for deletion by the cluster autoscaler or has a deletionTimestamp; /livez ignores
+/// eligibility.
+#[test]
+fn healthz_follows_node_eligibility() {
+    if !privileged() {
+        return;
+    }
+    use tests::harness::agent::http_get;
+    let mut env = Env::new(2);
+    env.agent.wait_for_log(0, "synced", Duration::from_secs(20));
+    let port = env.agent.health_port;
+    let wait = |code: u16, eligible: bool| {
+        tests::poll_until(
+            &format!("/healthz {code} nodeEligible {eligible}"),
+            Duration::from_secs(10),
+            || {
+                let (got, body) = http_get(port, "/healthz");
+                let v: serde_json::Value =
+                    serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                if got == code && v["nodeEligible"] == eligible {
+                    Ok(())
+                } else {
+                    Err(format!("{got} {body}"))
+                }
+            },
+        );
+        let (live, body) = http_get(port, "/livez");
+        assert_eq!(live, 200, "{body}");
+    };
+    wait(200, true);
+    let tainted = format!(
+        "{}spec:\n  taints: [{{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}}]\n",
+        node_yaml(NODE, None)
+    );
+    env.agent.write_manifest("node.yaml", &tainted);
+    wait(503, false);
+    env.agent
+        .write_manifest("node.yaml", &node_yaml(NODE, None));
+    wait(200, true);
+    let deleting = format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n"
+    );
+    env.agent.write_manifest("node.yaml", &deleting);
+    wait(503, false);
+    env.agent
+        .write_manifest("node.yaml", &node_yaml(NODE, None));
+    wait(200, true);
+}
