@@ -11,6 +11,7 @@ pub use harness::{
     cgroup::TestCgroup,
     netns::NetNs,
     process::{ChildGuard, Reply},
+    skip::{current_test, probe_sctp, require_root, skip},
     sweep::sweep,
     testbed::{Node, Shape, Testbed},
     topology::{Pod, Topology},

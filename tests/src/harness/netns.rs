@@ -37,6 +37,26 @@ impl NetNs {
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
     }
+
+    /// Runs `f` on a thread of its own that entered this namespace (setns(2)), e.g. to probe
+    /// what the kernel offers there; a panic in `f` is resumed in the caller.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use std::os::fd::AsRawFd as _;
+        let ns = std::fs::File::open(self.path())
+            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.path()));
+        std::thread::scope(|s| {
+            let worker = s.spawn(move || {
+                // SAFETY: setns(2) on a file we hold; it changes this thread only.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    panic!("setns {}: {}", self.name, std::io::Error::last_os_error());
+                }
+                f()
+            });
+            worker
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
 }
 
 impl Drop for NetNs {

@@ -1,4 +1,4 @@
-//! Shared setup for the end-to-end tests: root check, sweep, a topology with echo servers and a
+//! Shared setup for the end-to-end tests: root check (or a recorded skip), sweep, a topology with echo servers and a
 //! running agent, and YAML builders for Services and EndpointSlices.
 #![allow(dead_code)]
 
@@ -11,11 +11,12 @@ pub const BACKEND_PORT: u16 = 8080;
 
 static SWEEP: Once = Once::new();
 
-/// Skips (returns false) unless root; sweeps leftovers of crashed runs once per process.
+/// True when the test may run (root); sweeps leftovers of crashed runs once per process.
+/// Not root: fails under `CI=true` or `KBP_REQUIRE_PRIVILEGES=1`, otherwise records the test as
+/// skipped by name (`cargo xtask test` lists it and counts it as skipped) and returns false, and
+/// the test returns.
 pub fn privileged() -> bool {
-    // SAFETY: plain getter.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: end-to-end tests need root (run `cargo xtask test`)");
+    if !tests::require_root() {
         return false;
     }
     SWEEP.call_once(sweep);
