@@ -36,14 +36,23 @@ impl BackendValue {
     }
 }
 
-/// Value of `LB_SOCK` (socket-local storage): the backend a TCP socket's connection is counted
-/// against in `LB_CONNS`, released when the socket goes away.
+/// Value of `LB_SOCK` (socket-local storage) of a translated socket: the backend its
+/// connection is counted against in `LB_CONNS` (least-connection), and the key of its latest
+/// record in `SOCK4_REVNAT`/`SOCK6_REVNAT`, both released when the socket goes away.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct SockConn {
     pub backend_id: u32,
     /// 1 while the connection is counted.
     pub counted: u32,
+    /// Backend address of the latest socket record (IPv4 in the first 4 bytes; IPv4-mapped
+    /// for an IPv4 peer of an IPv6 socket), network order.
+    pub rev_addr: [u8; 16],
+    /// Backend port of that record, host order.
+    pub rev_port: u16,
+    /// `FAMILY_V4` (the record is in `SOCK4_REVNAT`), `FAMILY_V6`, or 0: no record.
+    pub rev_family: u8,
+    pub _pad: u8,
 }
 
 pod!(BackendValue, SockConn);

@@ -26,7 +26,7 @@ const _: () = {
     assert!(size_of::<ConfigValue>() == 8);
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<MaglevKey>() == 8);
-    assert!(size_of::<SockConn>() == 8);
+    assert!(size_of::<SockConn>() == 28);
     assert!(size_of::<MaglevChunk>() == 1024);
     assert!(size_of::<Ct4Value>() == 40);
     assert!(size_of::<Ct6Key>() == 40);

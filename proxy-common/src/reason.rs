@@ -59,10 +59,14 @@ pub enum Reason {
     /// A translated packet whose TTL or hop limit would expire here went to the stack, which
     /// answers with ICMP time exceeded, instead of being forwarded.
     TtlExpired = 24,
+    /// A socket record in `SOCK4_REVNAT` deleted because its socket was released.
+    RevNatDel4 = 25,
+    /// A socket record in `SOCK6_REVNAT` deleted because its socket was released.
+    RevNatDel6 = 26,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 27;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -91,6 +95,8 @@ impl Reason {
         Reason::DsrSent,
         Reason::DsrLearned,
         Reason::TtlExpired,
+        Reason::RevNatDel4,
+        Reason::RevNatDel6,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -121,6 +127,8 @@ impl Reason {
             Reason::DsrSent => "dsr_sent",
             Reason::DsrLearned => "dsr_learned",
             Reason::TtlExpired => "ttl_expired",
+            Reason::RevNatDel4 => "revnat4_deleted",
+            Reason::RevNatDel6 => "revnat6_deleted",
         }
     }
 }

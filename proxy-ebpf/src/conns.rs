@@ -7,20 +7,23 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::{bpf_get_socket_cookie, generated::bpf_sk_storage_get},
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use proxy_common::{
-    backend::SockConn,
+    backend::{FAMILY_V4, SockConn},
     ct::{Ct4Key, Ct6Key},
     proto::{ETH_P_IP, ETH_P_IPV6},
+    reason::Reason,
+    revnat::{SockRevNat4Key, SockRevNat6Key},
 };
 
 use crate::{
-    maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK},
+    maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK, SOCK4_REVNAT, SOCK6_REVNAT},
     packet::ETH_HLEN,
-    xdp,
+    stats, xdp,
 };
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.
@@ -72,12 +75,7 @@ pub fn of(id: u32) -> u64 {
 /// against another one).
 #[inline(always)]
 pub fn count(ctx: &SockAddrContext, id: u32) {
-    let mut fresh = SockConn {
-        backend_id: 0,
-        counted: 0,
-    };
-    // SAFETY: the context's own socket.
-    let conn = unsafe { LB_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) };
+    let conn = storage(ctx);
     if conn.is_null() {
         return;
     }
@@ -91,7 +89,38 @@ pub fn count(ctx: &SockAddrContext, id: u32) {
     add(id, 1);
 }
 
-/// Gives the released socket's count back.
+/// The socket-local storage of the connecting socket, created empty if it has none.
+#[inline(always)]
+fn storage(ctx: &SockAddrContext) -> *mut SockConn {
+    let mut fresh = SockConn {
+        backend_id: 0,
+        counted: 0,
+        rev_addr: [0; 16],
+        rev_port: 0,
+        rev_family: 0,
+        _pad: 0,
+    };
+    // SAFETY: the context's own socket.
+    unsafe { LB_SOCK.get_or_insert_ptr_mut(ctx, Some(&mut fresh)) }
+}
+
+/// Remembers the key of the socket record just written (`family`, backend address and port),
+/// so the record is deleted when the socket is released. A socket that sends to several
+/// Services (unconnected UDP) has several records; the older ones age out of the LRU map.
+#[inline(always)]
+pub fn remember(ctx: &SockAddrContext, family: u8, addr: &[u8; 16], port: u16) {
+    let conn = storage(ctx);
+    if conn.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage of this socket; only this socket's hooks touch it.
+    let conn = unsafe { &mut *conn };
+    conn.rev_addr = *addr;
+    conn.rev_port = port;
+    conn.rev_family = family;
+}
+
+/// Deletes the released socket's latest socket record and gives its count back.
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
     // SAFETY: lookup only (no create) on the context's socket.
@@ -112,6 +141,43 @@ pub fn release(ctx: &SockContext) {
     if conn.counted != 0 {
         conn.counted = 0;
         add(conn.backend_id, u64::MAX);
+    }
+    if conn.rev_family == 0 {
+        return;
+    }
+    // SAFETY: plain helper call on the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let deleted = if conn.rev_family == FAMILY_V4 {
+        let key = SockRevNat4Key {
+            cookie,
+            addr: [
+                conn.rev_addr[0],
+                conn.rev_addr[1],
+                conn.rev_addr[2],
+                conn.rev_addr[3],
+            ],
+            port: conn.rev_port,
+            _pad: 0,
+        };
+        SOCK4_REVNAT
+            .remove(&key)
+            .is_ok()
+            .then_some(Reason::RevNatDel4)
+    } else {
+        let key = SockRevNat6Key {
+            cookie,
+            addr: conn.rev_addr,
+            port: conn.rev_port,
+            _pad: [0; 6],
+        };
+        SOCK6_REVNAT
+            .remove(&key)
+            .is_ok()
+            .then_some(Reason::RevNatDel6)
+    };
+    conn.rev_family = 0;
+    if let Some(reason) = deleted {
+        stats::count(reason);
     }
 }
 

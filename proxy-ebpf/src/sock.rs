@@ -9,6 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_NETNS},
+    backend::{FAMILY_V4, FAMILY_V6},
     proto,
     reason::Reason,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
@@ -169,6 +170,12 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
             .insert(&rev_key, &rev_value, 0)
             .map_err(|_| Reason::RevNatFailed)?,
     }
+    let mut remembered = [0u8; 16];
+    remembered[0] = backend_addr[0];
+    remembered[1] = backend_addr[1];
+    remembered[2] = backend_addr[2];
+    remembered[3] = backend_addr[3];
+    conns::remember(ctx, FAMILY_V4, &remembered, backend.port);
     sa.user_ip4 = u32::from_ne_bytes(backend_addr);
     sa.user_port = port_to_ctx(backend.port);
     if debug::enabled() {
@@ -287,6 +294,7 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
             .insert(&rev_key, &rev_value, 0)
             .map_err(|_| Reason::RevNatFailed)?,
     }
+    conns::remember(ctx, FAMILY_V6, &backend_addr, backend.port);
     let w = ip6_words(&backend_addr);
     sa.user_ip6[0] = w[0];
     sa.user_ip6[1] = w[1];

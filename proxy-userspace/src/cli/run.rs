@@ -109,12 +109,20 @@ fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
     thread::spawn(move || {
         let mut evicted_seen = [0u64; 2];
         loop {
+            // Counters are read before and after the entries are counted: evictions are then
+            // bounded from below (see `evicted_at_least`), never overestimated by sockets
+            // created or released meanwhile.
+            let before = bpf::Maps::open_pinned(&pin_dir).and_then(|m| m.stats());
             match bpf::map_fill(&pin_dir) {
                 Ok(fill) => {
                     for (map, used, max) in &fill {
                         metrics.set_map_fill(map, (*used).into(), (*max).into());
                     }
-                    report_evictions(&pin_dir, &fill, &metrics, &mut evicted_seen);
+                    if let Ok(before) = &before
+                        && let Ok(after) = bpf::Maps::open_pinned(&pin_dir).and_then(|m| m.stats())
+                    {
+                        report_evictions(before, &after, &fill, &metrics, &mut evicted_seen);
+                    }
                 }
                 Err(e) => log::debug!("map fill: {e:#}"),
             }
@@ -131,29 +139,40 @@ fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
     });
 }
 
-/// The socket records (`SOCK4_REVNAT`, `SOCK6_REVNAT`) are LRU maps: when full, the kernel
-/// evicts the oldest record and that socket can no longer show its Service address or be found
-/// for termination. The programs count new records; records missing although the agent deleted
-/// none were evicted. Reported as a log line (when the number grows) and a metric.
+/// Socket records evicted from an LRU map, at least: records created (read first) minus
+/// records deleted at release (read last) minus records present (counted in between). Every
+/// term errs towards fewer evictions, so a socket opened or closed during the reading is never
+/// taken for an eviction.
+pub fn evicted_at_least(created_before: u64, deleted_after: u64, present: u64) -> u64 {
+    created_before
+        .saturating_sub(deleted_after)
+        .saturating_sub(present)
+}
+
+/// The socket records (`SOCK4_REVNAT`, `SOCK6_REVNAT`) are LRU maps: records are deleted when
+/// their socket is released, and when the map is full the kernel evicts the oldest record, whose
+/// socket can then no longer show its Service address or be found for termination. Reported as
+/// a metric, and as a warning whenever the (conservative) count of evictions grew: only more
+/// live sockets than entries evict, closed sockets leave no records behind.
 fn report_evictions(
-    pin_dir: &std::path::Path,
+    before: &[(Reason, u64)],
+    after: &[(Reason, u64)],
     fill: &[(&'static str, u32, u32)],
     metrics: &Metrics,
     seen: &mut [u64; 2],
 ) {
-    let Ok(stats) = bpf::Maps::open_pinned(pin_dir).and_then(|m| m.stats()) else {
-        return;
+    let count = |stats: &[(Reason, u64)], reason: Reason| {
+        stats.iter().find(|(r, _)| *r == reason).map_or(0, |s| s.1)
     };
-    let created = |reason: Reason| stats.iter().find(|(r, _)| *r == reason).map_or(0, |s| s.1);
-    let pairs = [
-        (names::SOCK4_REVNAT, Reason::RevNatNew4),
-        (names::SOCK6_REVNAT, Reason::RevNatNew6),
+    let maps = [
+        (names::SOCK4_REVNAT, Reason::RevNatNew4, Reason::RevNatDel4),
+        (names::SOCK6_REVNAT, Reason::RevNatNew6, Reason::RevNatDel6),
     ];
-    for (i, (map, reason)) in pairs.into_iter().enumerate() {
+    for (i, (map, new, deleted)) in maps.into_iter().enumerate() {
         let Some((_, used, max)) = fill.iter().find(|(m, _, _)| *m == map) else {
             continue;
         };
-        let evicted = created(reason).saturating_sub(u64::from(*used));
+        let evicted = evicted_at_least(count(before, new), count(after, deleted), u64::from(*used));
         metrics
             .map_evictions
             .with(&[("map", map)])
@@ -164,8 +183,8 @@ fn report_evictions(
                  entries in use); those sockets no longer show their Service address and cannot \
                  be terminated; raise --max-sock-revnat"
             );
-            seen[i] = evicted;
         }
+        seen[i] = seen[i].max(evicted);
     }
 }
 
@@ -459,4 +478,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::evicted_at_least;
+
+    #[test]
+    fn evictions_are_never_overestimated() {
+        // 1000 records created, 700 deleted at release, 250 present: 50 evicted.
+        assert_eq!(evicted_at_least(1000, 700, 250), 50);
+        // Sockets created after the first read and released before the second: no eviction.
+        assert_eq!(evicted_at_least(1000, 760, 250), 0);
+        // Records created between the reads are present but not counted as created yet.
+        assert_eq!(evicted_at_least(1000, 700, 300), 0);
+    }
 }

@@ -269,6 +269,20 @@ fn request(proto: &str, to: SocketAddr, count: usize, mode: &str) {
         }
         return;
     }
+    if mode == "keep" {
+        // `count` connections, each answered once, all kept open until stdin closes.
+        let mut open = Vec::new();
+        for _ in 0..count {
+            let result = stream_connect(proto, to).and_then(|mut s| {
+                let answer = ask(&mut s)?;
+                open.push(s);
+                Ok(answer)
+            });
+            print_answer(result);
+        }
+        for _ in std::io::stdin().lines() {}
+        return;
+    }
     for _ in 0..count {
         let result = match proto {
             "tcp" | "sctp" => stream_connect(proto, to).and_then(|mut s| ask(&mut s)),
@@ -347,7 +361,7 @@ fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold] | testhost udp-stream ADDR:PORT SECS [unconnected]"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected]"
     );
     std::process::exit(2)
 }
