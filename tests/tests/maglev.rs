@@ -67,7 +67,7 @@ fn a_flow_reaches_the_same_backend_through_either_node() {
         tb.ext
             .ip(&["route", "replace", &format!("{LB_IP}/32"), "via", &gw]);
     };
-    let ports: Vec<u16> = (0..12).map(|i| 40_000 + 7 * i).collect();
+    let ports: Vec<u16> = (0..40).map(|i| 40_000 + 7 * i).collect();
     let mut first = Vec::new();
     via(0);
     poll_until("VIP answered via node-a", Duration::from_secs(10), || {
@@ -97,7 +97,14 @@ fn a_flow_reaches_the_same_backend_through_either_node() {
             "{r:?}"
         );
     }
-    // The flows spread over several backends (12 flows on one backend by chance: 4^-11).
+    // The flows spread over every backend: each of the 4 holds a quarter of the table, so 40
+    // flows of a well-mixed hash miss one with probability 4 * (3/4)^40 < 5e-5. (The old check,
+    // "more than one backend" over 12 flows, let a table that never names one backend pass.)
+    // The source ports are fixed and the hash has no seed, so the outcome is the same each run.
     let distinct: std::collections::BTreeSet<&String> = first.iter().collect();
-    assert!(distinct.len() > 1, "{first:?}");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "40 flows must reach all 4 backends: {first:?}"
+    );
 }
