@@ -24,8 +24,8 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 pub enum RouteHit {
     /// Delivered to this node itself (a local address: a host-network endpoint).
     Local,
-    /// Out of interface `oif`, straight to the destination (no gateway): the destination lives
-    /// behind that interface.
+    /// Out of interface `oif`, straight to the destination (no gateway, or a link-local one):
+    /// the destination lives behind that interface.
     Direct { oif: u32 },
     /// Out of interface `oif` through a gateway: the destination is elsewhere.
     Gateway { oif: u32 },
@@ -205,6 +205,9 @@ fn route_hit(r: &RouteMessage) -> RouteHit {
     for a in &r.attributes {
         match a {
             RouteAttribute::Oif(i) => oif = Some(*i),
+            // A link-local next hop (`via fe80::1 dev vethX`, as some CNIs route IPv6 to pods)
+            // only exists on that link: the destination is behind it, as with a direct route.
+            RouteAttribute::Gateway(g) if is_link_local(g) => {}
             RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => gateway = true,
             _ => {}
         }
@@ -213,6 +216,14 @@ fn route_hit(r: &RouteMessage) -> RouteHit {
         (Some(oif), false) => RouteHit::Direct { oif },
         (Some(oif), true) => RouteHit::Gateway { oif },
         (None, _) => RouteHit::None,
+    }
+}
+
+fn is_link_local(a: &RouteAddress) -> bool {
+    match a {
+        RouteAddress::Inet(v4) => v4.is_link_local(),
+        RouteAddress::Inet6(v6) => v6.is_unicast_link_local(),
+        _ => false,
     }
 }
 
@@ -329,5 +340,55 @@ impl Events {
             // Drain what else is queued without waiting.
             wait_ms = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(kind: RouteType, attributes: Vec<RouteAttribute>) -> RouteMessage {
+        let mut r = RouteMessage::default();
+        r.header.kind = kind;
+        r.attributes = attributes;
+        r
+    }
+
+    #[test]
+    fn route_answers_classify_where_the_destination_lives() {
+        let oif = RouteAttribute::Oif(5);
+        let gw =
+            |a: &str| RouteAttribute::Gateway(RouteAddress::from(a.parse::<IpAddr>().unwrap()));
+        assert_eq!(
+            route_hit(&route(RouteType::Unicast, vec![oif.clone()])),
+            RouteHit::Direct { oif: 5 }
+        );
+        assert_eq!(
+            route_hit(&route(
+                RouteType::Unicast,
+                vec![oif.clone(), gw("192.168.77.2")]
+            )),
+            RouteHit::Gateway { oif: 5 }
+        );
+        // A link-local next hop on a pod's veth: the pod is behind it.
+        assert_eq!(
+            route_hit(&route(RouteType::Unicast, vec![oif.clone(), gw("fe80::1")])),
+            RouteHit::Direct { oif: 5 }
+        );
+        assert_eq!(
+            route_hit(&route(
+                RouteType::Unicast,
+                vec![oif.clone(), gw("169.254.1.1")]
+            )),
+            RouteHit::Direct { oif: 5 }
+        );
+        assert_eq!(
+            route_hit(&route(RouteType::Local, vec![oif])),
+            RouteHit::Local
+        );
+        assert_eq!(
+            route_hit(&route(RouteType::BlackHole, vec![])),
+            RouteHit::None
+        );
     }
 }
