@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use support::{ApiServer, Outage, Request, Res};
 
 const NODE: &str = "node-a";
-/// Generous: the source backs off 0.8 s after the first error, doubling up to 30 s.
+/// Generous: the source backs off at most 3 s between retries; a slow machine gets the rest.
 const WAIT: Duration = Duration::from_secs(60);
 
 fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
