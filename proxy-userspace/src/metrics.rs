@@ -556,6 +556,19 @@ pub struct Metrics {
     /// kube_bpf_proxy_healthcheck_ports [state]: healthCheckNodePorts served ("serving") and
     /// wanted but not bound ("failing"), as of the last sync.
     pub healthcheck_ports: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_list_watch_errors_total [resource, operation]: lists and watches of the
+    /// Kubernetes source that failed (each retried after a backoff). kube-proxy has no such
+    /// metric; a 410 Gone is not counted here but in `watch_expired`.
+    pub list_watch_errors: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_watch_expired_total [resource]: watches answered 410 Gone (the
+    /// resourceVersion was compacted away), each followed at once by a relist.
+    pub watch_expired: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_undecodable_objects_total [kind]: object versions from the API server
+    /// that could not be decoded, each counted once.
+    pub undecodable_objects_total: Arc<Family<Counter>>,
+    /// kube_bpf_proxy_undecodable_objects [kind]: objects whose newest version cannot be
+    /// decoded; the last decodable version is used meanwhile (none if never decoded).
+    pub undecodable_objects: Arc<Family<Gauge>>,
 }
 
 /// 1 ms x 2^n, 15 buckets (kube-proxy's sync duration buckets).
@@ -643,6 +656,22 @@ impl Metrics {
             healthcheck_ports: r.gauge(
                 "kube_bpf_proxy_healthcheck_ports",
                 "healthCheckNodePorts served (state serving) and wanted but not bound (state failing)",
+            ),
+            list_watch_errors: r.counter(
+                "kube_bpf_proxy_list_watch_errors_total",
+                "Failed lists and watches of the API server, by resource and operation (retried after a backoff)",
+            ),
+            watch_expired: r.counter(
+                "kube_bpf_proxy_watch_expired_total",
+                "Watches answered 410 Gone, each followed by a relist, by resource",
+            ),
+            undecodable_objects_total: r.counter(
+                "kube_bpf_proxy_undecodable_objects_total",
+                "Object versions from the API server that could not be decoded, by kind",
+            ),
+            undecodable_objects: r.gauge(
+                "kube_bpf_proxy_undecodable_objects",
+                "Objects whose newest version cannot be decoded (the last decodable one is used), by kind",
             ),
             sync_failures: r.counter(
                 "kube_bpf_proxy_sync_failures_total",

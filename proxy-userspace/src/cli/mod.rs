@@ -157,13 +157,28 @@ impl SourceArgs {
     /// The manifests source with --manifests, else the API server (--master, --kubeconfig,
     /// in-cluster configuration, $KUBECONFIG, in that order).
     pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
+        self.source_with_metrics(None)
+    }
+
+    /// [`SourceArgs::source`], counting the API source's list/watch errors and undecodable
+    /// objects in `metrics`.
+    pub fn source_with_metrics(
+        &self,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> anyhow::Result<Box<dyn Source>> {
         Ok(match &self.manifests {
             Some(dir) => Box::new(ManifestSource::new(dir.clone(), self.node_name())),
-            None => Box::new(KubeSource::from_flags(
-                self.master.as_deref(),
-                self.kubeconfig.clone(),
-                self.node_name(),
-            )?),
+            None => {
+                let source = KubeSource::from_flags(
+                    self.master.as_deref(),
+                    self.kubeconfig.clone(),
+                    self.node_name(),
+                )?;
+                Box::new(match metrics {
+                    Some(m) => source.with_metrics(m),
+                    None => source,
+                })
+            }
         })
     }
 

@@ -346,7 +346,11 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = args.source.node_name();
-    let source = args.source.source()?;
+    let families = [Family::V4, Family::V6];
+    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
+    let source = args
+        .source
+        .source_with_metrics(Some(Arc::clone(&metrics)))?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root()?,
@@ -377,8 +381,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         external,
         xdp
     );
-    let families = [Family::V4, Family::V6];
-    let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
     let pod_spec = podif::PodInterfaces::parse(&args.pod_interfaces)
         .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
     datapath.pin_tc_program()?;

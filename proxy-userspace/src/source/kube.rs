@@ -1,15 +1,20 @@
 //! The Kubernetes API: Services and EndpointSlices in all namespaces, and this node's Node
-//! object, each followed by a kube-runtime watcher feeding a reflector store.
+//! object, each followed by a kube-runtime watcher feeding a store of our own ([`Objects`]).
 //!
 //! Every snapshot is built from the three stores, never accumulated from events, so it always
 //! equals what the API server last told us. The first one is sent once all three initial lists
 //! are complete; after that, one per change (the agent coalesces bursts).
 //!
 //! Failures never reach the agent as data: a watcher that cannot list or watch keeps its store
-//! as it was and retries with kube-runtime's default backoff (0.8 s doubling to 30 s). A watch
-//! whose resourceVersion has expired (410 Gone) relists, and the store is swapped only when the
-//! relist is complete. An object this build cannot decode is logged and left out; it does not
-//! stop the watch.
+//! as it was and retries after a backoff of 0.4 s doubling to 3 s, with jitter; the first
+//! watcher to get an answer again wakes the others, so all three resume together. A watch whose
+//! resourceVersion has expired (410 Gone, as after a long outage) relists at once, and the store
+//! is swapped only when the relist is complete. After an outage the source has the new state
+//! about as soon as the API server answers (at most one backoff, 3 s, plus the lists).
+//!
+//! An object version this build cannot decode does not stop the watch and does not replace the
+//! last version of that object that could be decoded: the datapath keeps it. One never decoded
+//! is left out. Either way it is logged (once per version) and counted.
 //!
 //! # Which API server
 //!
@@ -24,32 +29,41 @@
 //! should therefore pass `--master https://<API server address>:6443`; with an `https` URL and a
 //! mounted service account, the pod's token and CA are used for it.
 
-use std::{fmt, path::PathBuf, sync::mpsc::Sender};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, mpsc::Sender},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    core::DeserializeGuard,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    core::{DeserializeGuard, error_boundary::InvalidObject},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 
 use super::Source;
-use crate::snapshot::{NodeInfo, Snapshot};
+use crate::{
+    metrics::Metrics,
+    snapshot::{NodeInfo, Snapshot},
+};
 
 pub struct KubeSource {
     config: Config,
     node_name: String,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl KubeSource {
@@ -68,13 +82,23 @@ impl KubeSource {
             .build()
             .context("start the tokio runtime")?;
         let config = runtime.block_on(resolve(master, kubeconfig))?;
-        Ok(KubeSource { config, node_name })
+        Ok(KubeSource::with_config(config, node_name))
     }
 
     /// Uses `config` as it is, e.g. `kube::Config::new(url)` for an API server without
     /// authentication.
     pub fn with_config(config: Config, node_name: String) -> Self {
-        KubeSource { config, node_name }
+        KubeSource {
+            config,
+            node_name,
+            metrics: None,
+        }
+    }
+
+    /// Counts list/watch errors and undecodable objects in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -159,12 +183,26 @@ impl fmt::Display for Kind {
     }
 }
 
+impl Kind {
+    /// The resource name, as a metric label.
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Services => "services",
+            Kind::Slices => "endpointslices",
+            Kind::Node => "nodes",
+        }
+    }
+}
+
 /// What one watcher step did to its store.
 enum Step {
     /// An object was added, changed or deleted.
     Changed,
     /// A (re)list completed and its result replaced the store.
     Listed,
+    /// The API server answered, but the objects the snapshot is built from are as they were (an
+    /// update that could not be decoded).
+    Unchanged,
     /// Nothing visible yet (a relist in progress).
     Nothing,
     /// Listing or watching failed; the store is untouched and the watcher retries after a
@@ -177,51 +215,135 @@ struct Update {
     step: Step,
 }
 
-/// Runs one watcher into `writer`, turning its events into `Update`s and logging objects that
-/// could not be decoded.
+/// The first retry of a failed list or watch waits about this long; each further one twice as
+/// long, up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(400);
+/// The longest wait between retries. client-go's reflector (and kube-runtime's default) go up to
+/// 30 s, plus jitter; since the proxy converges only when the retry comes, that meant a minute
+/// of stale state after an outage. 3 s, with every node's retries spread by jitter, costs the
+/// API server one request per kind and node every 2-3 s while it is down.
+const RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// Exponential backoff with jitter: the n-th consecutive failure waits a random time in the upper
+/// half of `RETRY_MIN * 2^n`, capped at [`RETRY_MAX`].
+struct Backoff {
+    ceiling: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { ceiling: RETRY_MIN }
+    }
+
+    fn reset(&mut self) {
+        self.ceiling = RETRY_MIN;
+    }
+
+    /// The wait before the next retry.
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling;
+        self.ceiling = (ceiling * 2).min(RETRY_MAX);
+        ceiling.mul_f64(0.5 + 0.5 * random_fraction())
+    }
+}
+
+/// A number in [0, 1) from std's per-process random hash keys (good enough for jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher as _, RandomState};
+    (RandomState::new().hash_one(0u8) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Two 410 Gone less than this apart: the second relist waits (see [`paced`]).
+const RELIST_AGAIN_WITHIN: Duration = Duration::from_secs(10);
+
+/// Paces `stream`, a watcher's: after a failure, the next item is asked for only after the
+/// backoff, which ends early when another watcher finds the API server answering again (`wake`).
+/// A 410 Gone is an answer, not a failure: the watcher relists at once, unless the previous 410
+/// came less than [`RELIST_AGAIN_WITHIN`] before (a server whose watches expire as soon as they
+/// start would otherwise be relisted in a loop); such relists wait a backoff of their own. Any
+/// answer resets the failure backoff and, after failures, wakes the other watchers.
+fn paced<T: Send + 'static>(
+    stream: BoxStream<'static, Result<T, watcher::Error>>,
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
+) -> BoxStream<'static, Result<T, watcher::Error>> {
+    struct Pace<T> {
+        stream: BoxStream<'static, Result<T, watcher::Error>>,
+        backoff: Backoff,
+        relist_backoff: Backoff,
+        last_expired: Option<tokio::time::Instant>,
+        wait: Option<Duration>,
+        failing: bool,
+        wake: Arc<tokio::sync::watch::Sender<u64>>,
+        woken: tokio::sync::watch::Receiver<u64>,
+    }
+    let woken = wake.subscribe();
+    let pace = Pace {
+        stream,
+        backoff: Backoff::new(),
+        relist_backoff: Backoff::new(),
+        last_expired: None,
+        wait: None,
+        failing: false,
+        wake,
+        woken,
+    };
+    futures::stream::unfold(pace, |mut p| async move {
+        if let Some(wait) = p.wait.take() {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = p.woken.changed() => log::debug!("kubernetes: API server answering, retrying now"),
+            }
+        }
+        let item = p.stream.next().await?;
+        let expired = match &item {
+            Err(e) if !is_expired(e) => {
+                // Wake-ups from before this failure must not cut its backoff.
+                p.woken.borrow_and_update();
+                p.failing = true;
+                p.wait = Some(p.backoff.next_delay());
+                return Some((item, p));
+            }
+            Err(_) => true,
+            Ok(_) => false,
+        };
+        p.backoff.reset();
+        if std::mem::take(&mut p.failing) {
+            p.wake.send_modify(|n| *n += 1);
+        }
+        if expired {
+            let now = tokio::time::Instant::now();
+            match p.last_expired.replace(now) {
+                Some(last) if now.duration_since(last) < RELIST_AGAIN_WITHIN => {
+                    p.wait = Some(p.relist_backoff.next_delay());
+                }
+                _ => p.relist_backoff.reset(),
+            }
+        }
+        Some((item, p))
+    })
+    .boxed()
+}
+
+/// One watcher, paced by [`paced`]. Objects are decoded behind a [`DeserializeGuard`], so one
+/// that cannot be decoded arrives as such instead of failing the list or watch.
 fn follow<K>(
-    kind: Kind,
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
-    writer: reflector::store::Writer<DeserializeGuard<K>>,
-) -> BoxStream<'static, Update>
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
+) -> BoxStream<'static, WatcherItem<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
 {
-    watcher(api, config)
+    let events = watcher(api, config)
         // Nobody here reads managedFields; they are often the bulk of an object.
         .modify(|o: &mut DeserializeGuard<K>| o.meta_mut().managed_fields = None)
-        .default_backoff()
-        .reflect(writer)
-        .map(move |item| {
-            let step = match item {
-                Ok(event) => {
-                    let object = match &event {
-                        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => Some(o),
-                        _ => None,
-                    };
-                    if let Some(DeserializeGuard(Err(invalid))) = object {
-                        log::warn!(
-                            "kubernetes: ignoring {} {}: {}",
-                            K::kind(&()),
-                            qualified_name(&invalid.metadata),
-                            invalid.error
-                        );
-                    }
-                    match event {
-                        watcher::Event::Apply(_) | watcher::Event::Delete(_) => Step::Changed,
-                        watcher::Event::InitDone => Step::Listed,
-                        watcher::Event::Init | watcher::Event::InitApply(_) => Step::Nothing,
-                    }
-                }
-                Err(e) => Step::Failed(e),
-            };
-            Update { kind, step }
-        })
-        .boxed()
+        .boxed();
+    paced(events, wake)
 }
 
-fn qualified_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+type WatcherItem<K> = Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>;
+
+fn qualified_name(meta: &ObjectMeta) -> String {
     let name = meta.name.as_deref().unwrap_or("<unnamed>");
     match meta.namespace.as_deref() {
         Some(ns) => format!("{ns}/{name}"),
@@ -255,48 +377,193 @@ fn is_expired(e: &watcher::Error) -> bool {
     }
 }
 
-/// The decodable objects of a store, ordered by namespace and name so equal states give equal
-/// snapshots.
-fn valid_objects<K: Resource<DynamicType = ()> + Clone>(
-    store: &Store<DeserializeGuard<K>>,
-) -> Vec<K> {
-    let mut objects: Vec<K> = store
-        .state()
-        .iter()
-        .filter_map(|o| o.0.as_ref().ok().cloned())
-        .collect();
-    objects.sort_by(|a, b| {
-        let key = |o: &K| (o.meta().namespace.clone(), o.meta().name.clone());
-        key(a).cmp(&key(b))
-    });
-    objects
+/// Which call failed, as a metric label.
+fn operation(e: &watcher::Error) -> &'static str {
+    match e {
+        watcher::Error::InitialListFailed(_) => "list",
+        _ => "watch",
+    }
+}
+
+/// An object's place in a store: namespace ("" for cluster-scoped objects) and name. The order
+/// is the snapshot's, so equal states give equal snapshots.
+type Key = (String, String);
+
+fn key_of(meta: &ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The objects of one kind as the API server last described them, following the watcher's
+/// protocol (`Init`, `InitApply`..., `InitDone` swap in a relist whole; `Apply` and `Delete`
+/// change one object), except that a version that cannot be decoded does not replace the last
+/// decodable version of the same object (same uid): the datapath keeps what it has rather than
+/// losing a Service, its endpoints or the node's zone over one bad write. Such an object that
+/// was never decoded is left out. Each undecodable version is logged and counted once, however
+/// often relists bring it back. A deletion always deletes.
+struct Objects<K> {
+    kind: Kind,
+    objects: BTreeMap<Key, K>,
+    /// Objects whose newest version cannot be decoded, with that version's resourceVersion.
+    undecodable: BTreeMap<Key, String>,
+    /// A relist in progress, swapped in at `InitDone`.
+    relist: Option<(BTreeMap<Key, K>, BTreeMap<Key, String>)>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
+    fn new(kind: Kind, metrics: Option<Arc<Metrics>>) -> Objects<K> {
+        let objects = Objects {
+            kind,
+            objects: BTreeMap::new(),
+            undecodable: BTreeMap::new(),
+            relist: None,
+            metrics,
+        };
+        objects.count_undecodable();
+        objects
+    }
+
+    fn values(&self) -> impl Iterator<Item = &K> {
+        self.objects.values()
+    }
+
+    fn apply(&mut self, event: watcher::Event<DeserializeGuard<K>>) -> Step {
+        let step = match event {
+            watcher::Event::Init => {
+                self.relist = Some(Default::default());
+                Step::Nothing
+            }
+            watcher::Event::InitApply(DeserializeGuard(object)) => {
+                self.relist.get_or_insert_with(Default::default);
+                let kept = match object {
+                    Ok(object) => Some(object),
+                    Err(invalid) => self.kept_for(&invalid),
+                };
+                if let (Some(object), Some((objects, _))) = (kept, &mut self.relist) {
+                    objects.insert(key_of(object.meta()), object);
+                }
+                Step::Nothing
+            }
+            watcher::Event::InitDone => {
+                let (objects, undecodable) = self.relist.take().unwrap_or_default();
+                self.objects = objects;
+                self.undecodable = undecodable;
+                Step::Listed
+            }
+            watcher::Event::Apply(DeserializeGuard(Ok(object))) => {
+                let key = key_of(object.meta());
+                self.undecodable.remove(&key);
+                self.objects.insert(key, object);
+                Step::Changed
+            }
+            watcher::Event::Apply(DeserializeGuard(Err(invalid))) => {
+                let key = key_of(&invalid.metadata);
+                match self.kept_for(&invalid) {
+                    Some(_) => Step::Unchanged,
+                    // A different object under the same name, or none: nothing to keep.
+                    None if self.objects.remove(&key).is_some() => Step::Changed,
+                    None => Step::Unchanged,
+                }
+            }
+            watcher::Event::Delete(object) => {
+                let key = key_of(object.meta());
+                self.undecodable.remove(&key);
+                self.objects.remove(&key);
+                Step::Changed
+            }
+        };
+        self.count_undecodable();
+        step
+    }
+
+    /// Logs and counts `invalid` (once per version) and records it as undecodable (in the relist
+    /// in progress, if any); returns the last decodable version of the same object to use in
+    /// its place, if there is one.
+    fn kept_for(&mut self, invalid: &InvalidObject) -> Option<K> {
+        let meta = &invalid.metadata;
+        let key = key_of(meta);
+        let version = meta.resource_version.clone().unwrap_or_default();
+        let kept = self
+            .objects
+            .get(&key)
+            .filter(|o| o.meta().uid == meta.uid)
+            .cloned();
+        if self.undecodable.get(&key) != Some(&version) {
+            let kind = K::kind(&());
+            let name = qualified_name(meta);
+            match &kept {
+                Some(o) => log::warn!(
+                    "kubernetes: {kind} {name} resourceVersion {version} cannot be decoded: {}; \
+                     keeping resourceVersion {}, the last one that could",
+                    invalid.error,
+                    o.meta().resource_version.as_deref().unwrap_or("?")
+                ),
+                None => log::warn!(
+                    "kubernetes: {kind} {name} resourceVersion {version} cannot be decoded: {}; \
+                     left out until a version that can be decoded arrives",
+                    invalid.error
+                ),
+            }
+            if let Some(m) = &self.metrics {
+                m.undecodable_objects_total.with(&[("kind", &kind)]).inc();
+            }
+        }
+        match &mut self.relist {
+            Some((_, undecodable)) => undecodable.insert(key, version),
+            None => self.undecodable.insert(key, version),
+        };
+        kept
+    }
+
+    fn count_undecodable(&self) {
+        if let Some(m) = &self.metrics {
+            m.undecodable_objects
+                .with(&[("kind", &K::kind(&()))])
+                .set(self.undecodable.len() as f64);
+        }
+    }
 }
 
 struct Stores {
-    services: Store<DeserializeGuard<Service>>,
-    slices: Store<DeserializeGuard<EndpointSlice>>,
-    nodes: Store<DeserializeGuard<Node>>,
+    services: Objects<Service>,
+    slices: Objects<EndpointSlice>,
+    nodes: Objects<Node>,
 }
 
 impl Stores {
     fn snapshot(&self, node_name: &str) -> Snapshot {
-        let node = valid_objects(&self.nodes)
-            .into_iter()
+        let node = self
+            .nodes
+            .values()
             .find(|n| n.metadata.name.as_deref() == Some(node_name));
         Snapshot {
-            services: valid_objects(&self.services),
-            slices: valid_objects(&self.slices),
-            node: NodeInfo::with_node(node_name.to_string(), node.as_ref()),
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            node: NodeInfo::with_node(node_name.to_string(), node),
             config: Default::default(),
         }
     }
 }
 
-/// What the watchers have done so far, for readiness and logs.
+/// A run of failed lists or watches of one kind.
+struct Failing {
+    since: Instant,
+    errors: u64,
+    logged: Instant,
+}
+
+/// While a kind keeps failing, a reminder this often (each failure is logged at debug level).
+const FAILING_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// What the watchers have done so far, for readiness, logs and metrics.
 struct Progress {
     server: String,
     listed: [bool; 3],
-    failing: [bool; 3],
+    failing: [Option<Failing>; 3],
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Progress {
@@ -304,29 +571,67 @@ impl Progress {
         self.listed.iter().all(|l| *l)
     }
 
-    /// Logs what `update` means; true if it changed a store.
+    /// Logs and counts what `update` means; true if it changed a store.
     fn absorb(&mut self, Update { kind, step }: Update) -> bool {
         let k = kind as usize;
         match step {
             Step::Failed(e) if is_expired(&e) => {
                 log::info!("kubernetes: {kind}: resourceVersion expired, relisting");
+                if let Some(m) = &self.metrics {
+                    m.watch_expired.with(&[("resource", kind.resource())]).inc();
+                }
                 return false;
             }
             Step::Failed(e) => {
-                log::warn!(
-                    "kubernetes: {kind}: {} (API server {}); keeping the last state, retrying \
-                     with backoff",
-                    error_chain(&e),
-                    self.server
-                );
-                self.failing[k] = true;
+                if let Some(m) = &self.metrics {
+                    m.list_watch_errors
+                        .with(&[("resource", kind.resource()), ("operation", operation(&e))])
+                        .inc();
+                }
+                let now = Instant::now();
+                match &mut self.failing[k] {
+                    None => {
+                        log::warn!(
+                            "kubernetes: {kind}: {} (API server {}); keeping the last state, \
+                             retrying every {:?} at most",
+                            error_chain(&e),
+                            self.server,
+                            RETRY_MAX
+                        );
+                        self.failing[k] = Some(Failing {
+                            since: now,
+                            errors: 1,
+                            logged: now,
+                        });
+                    }
+                    Some(f) => {
+                        f.errors += 1;
+                        if now.duration_since(f.logged) >= FAILING_LOG_EVERY {
+                            f.logged = now;
+                            log::warn!(
+                                "kubernetes: {kind}: still failing after {:.0?} ({} errors), \
+                                 last: {}; keeping the last state",
+                                now.duration_since(f.since),
+                                f.errors,
+                                error_chain(&e)
+                            );
+                        } else {
+                            log::debug!("kubernetes: {kind}: {}", error_chain(&e));
+                        }
+                    }
+                }
                 return false;
             }
             Step::Nothing => return false,
-            Step::Changed | Step::Listed => {}
+            Step::Changed | Step::Listed | Step::Unchanged => {}
         }
-        if std::mem::take(&mut self.failing[k]) {
-            log::info!("kubernetes: {kind}: API server reachable again");
+        if let Some(f) = self.failing[k].take() {
+            log::info!(
+                "kubernetes: {kind}: API server answering again after {:.1?} ({} failed \
+                 attempts)",
+                f.since.elapsed(),
+                f.errors
+            );
         }
         if matches!(step, Step::Listed) && !self.listed[k] {
             self.listed[k] = true;
@@ -344,7 +649,38 @@ impl Progress {
                 );
             }
         }
-        true
+        !matches!(step, Step::Unchanged)
+    }
+}
+
+/// One item of any of the three watchers.
+enum Item {
+    // Boxed: the three differ in size by hundreds of bytes.
+    Service(Box<WatcherItem<Service>>),
+    Slice(Box<WatcherItem<EndpointSlice>>),
+    Node(Box<WatcherItem<Node>>),
+}
+
+impl Stores {
+    /// Applies `item` to its store.
+    fn apply(&mut self, item: Item) -> Update {
+        fn step<K: Resource<DynamicType = ()> + Clone>(
+            objects: &mut Objects<K>,
+            item: WatcherItem<K>,
+        ) -> Update {
+            Update {
+                kind: objects.kind,
+                step: match item {
+                    Ok(event) => objects.apply(event),
+                    Err(e) => Step::Failed(e),
+                },
+            }
+        }
+        match item {
+            Item::Service(i) => step(&mut self.services, *i),
+            Item::Slice(i) => step(&mut self.slices, *i),
+            Item::Node(i) => step(&mut self.nodes, *i),
+        }
     }
 }
 
@@ -356,49 +692,57 @@ impl KubeSource {
             "kubernetes: watching API server {server} for node {:?}",
             self.node_name
         );
+        let metrics = self.metrics;
+        if let Some(m) = &metrics {
+            for kind in KINDS {
+                m.watch_expired.with(&[("resource", kind.resource())]);
+                for op in ["list", "watch"] {
+                    m.list_watch_errors
+                        .with(&[("resource", kind.resource()), ("operation", op)]);
+                }
+                // Objects::new creates the undecodable gauges; the counters start at 0 too.
+            }
+            for kind in ["Service", "EndpointSlice", "Node"] {
+                m.undecodable_objects_total.with(&[("kind", kind)]);
+            }
+        }
 
-        let (services, services_writer) = reflector::store();
-        let (slices, slices_writer) = reflector::store();
-        let (nodes, nodes_writer) = reflector::store();
-        let stores = Stores {
-            services,
-            slices,
-            nodes,
+        let mut stores = Stores {
+            services: Objects::new(Kind::Services, metrics.clone()),
+            slices: Objects::new(Kind::Slices, metrics.clone()),
+            nodes: Objects::new(Kind::Node, metrics.clone()),
         };
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
         let every = watcher::Config::default;
-        let mut updates = futures::stream::select_all([
-            follow::<Service>(
-                Kind::Services,
-                Api::all(client.clone()),
-                every(),
-                services_writer,
-            ),
-            follow::<EndpointSlice>(
-                Kind::Slices,
-                Api::all(client.clone()),
-                every(),
-                slices_writer,
-            ),
+        let wake = Arc::new(tokio::sync::watch::channel(0).0);
+        let mut items = futures::stream::select_all([
+            follow::<Service>(Api::all(client.clone()), every(), wake.clone())
+                .map(|i| Item::Service(Box::new(i)))
+                .boxed(),
+            follow::<EndpointSlice>(Api::all(client.clone()), every(), wake.clone())
+                .map(|i| Item::Slice(Box::new(i)))
+                .boxed(),
             follow::<Node>(
-                Kind::Node,
                 Api::all(client),
                 every().fields(&format!("metadata.name={}", self.node_name)),
-                nodes_writer,
-            ),
+                wake,
+            )
+            .map(|i| Item::Node(Box::new(i)))
+            .boxed(),
         ]);
 
         let mut progress = Progress {
             server: server.to_string(),
             listed: [false; 3],
-            failing: [false; 3],
+            failing: [None, None, None],
+            metrics,
         };
-        while let Some(update) = updates.next().await {
-            let mut changed = progress.absorb(update);
+        while let Some(item) = items.next().await {
+            let mut changed = progress.absorb(stores.apply(item));
             // Take whatever else is already there (a burst, a relist), then send once.
-            while let Some(Some(update)) = updates.next().now_or_never() {
-                changed |= progress.absorb(update);
+            while let Some(Some(item)) = items.next().now_or_never() {
+                changed |= progress.absorb(stores.apply(item));
             }
             if changed
                 && progress.all_listed()
@@ -423,5 +767,95 @@ impl Source for KubeSource {
             .build()
             .context("start the tokio runtime")?;
         runtime.block_on(self.watch(tx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::stream;
+    use kube::core::Status;
+
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new();
+        let mut ceiling = RETRY_MIN;
+        for _ in 0..10 {
+            let d = b.next_delay();
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside {ceiling:?}"
+            );
+            ceiling = (ceiling * 2).min(RETRY_MAX);
+        }
+        assert_eq!(ceiling, RETRY_MAX);
+        // Jitter: ten draws at the cap are not all equal.
+        let draws: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(draws.iter().any(|d| *d != draws[0]), "{draws:?}");
+        b.reset();
+        assert!(b.next_delay() <= RETRY_MIN);
+    }
+
+    fn expired() -> watcher::Error {
+        watcher::Error::WatchError(Box::new(Status {
+            code: 410,
+            reason: "Expired".into(),
+            ..Status::default()
+        }))
+    }
+
+    fn unavailable() -> watcher::Error {
+        watcher::Error::WatchError(Box::new(Status {
+            code: 500,
+            ..Status::default()
+        }))
+    }
+
+    /// How long each item of `items`, paced, takes to arrive after the previous one.
+    async fn gaps(items: Vec<Result<u32, watcher::Error>>) -> Vec<Duration> {
+        let wake = Arc::new(tokio::sync::watch::channel(0).0);
+        let mut paced = paced(stream::iter(items).boxed(), wake);
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        while paced.next().await.is_some() {
+            out.push(last.elapsed());
+            last = Instant::now();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_410_relists_at_once_but_a_second_one_soon_after_waits() {
+        let gaps = gaps(vec![Err(expired()), Ok(1), Err(expired()), Ok(2)]).await;
+        let quick = Duration::from_millis(100);
+        assert!(
+            gaps[1] < quick,
+            "the relist after the first 410 waited: {gaps:?}"
+        );
+        assert!(gaps[2] < quick, "{gaps:?}");
+        assert!(
+            gaps[3] >= RETRY_MIN / 2,
+            "a second 410 relisted at once: {gaps:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_and_an_answer_resets_the_backoff() {
+        let gaps = gaps(vec![
+            Err(unavailable()),
+            Err(unavailable()),
+            Ok(1),
+            Err(unavailable()),
+            Ok(2),
+        ])
+        .await;
+        assert!(gaps[1] >= RETRY_MIN / 2, "{gaps:?}");
+        assert!(gaps[2] >= RETRY_MIN, "the backoff did not grow: {gaps:?}");
+        assert!(gaps[3] < Duration::from_millis(100), "{gaps:?}");
+        assert!(
+            gaps[4] >= RETRY_MIN / 2 && gaps[4] < RETRY_MIN * 2,
+            "not reset: {gaps:?}"
+        );
     }
 }

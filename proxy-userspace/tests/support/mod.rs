@@ -5,8 +5,10 @@
 //! current resourceVersion; `?watch=true&resourceVersion=N` streams (chunked, one JSON event per
 //! line) every change after N and then live ones; a resourceVersion older than the last
 //! compaction gets an ERROR event with a 410 `Expired` Status. Faults are injected by the test:
-//! failing every request, holding lists, expiring or cutting live watches, and changing objects
-//! without telling anyone (as if those events had been compacted away).
+//! failing every request, holding lists, expiring or cutting live watches, changing objects
+//! without telling anyone (as if those events had been compacted away), and outages in which the
+//! server is gone (connections refused) or resets every connection it accepts. Objects are
+//! JSON values stored as given, so a test can serve one the client cannot decode.
 
 #![allow(dead_code)]
 
@@ -21,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,6 +83,17 @@ enum Msg {
     End,
     /// Write half an event, then close the socket without ending the chunked body.
     Cut,
+    /// Abort the connection (RST), as a server that goes away does.
+    Reset,
+}
+
+/// How the server is unavailable during an outage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// Nothing listens on the port: connections are refused.
+    Refuse,
+    /// Connections are accepted and reset at once, before a request is read.
+    Reset,
 }
 
 struct Watch {
@@ -107,6 +120,8 @@ struct State {
     fail: Option<u16>,
     held: HashSet<Res>,
     requests: Vec<Request>,
+    /// Connections reset during an `Outage::Reset`.
+    resets: usize,
 }
 
 impl State {
@@ -118,6 +133,7 @@ impl State {
 pub struct ApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
+    outage: watch::Sender<Option<Outage>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -169,18 +185,12 @@ impl ApiServer {
             rv: 100,
             ..State::default()
         }));
-        let shared = state.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(handle(socket, shared.clone()));
-            }
-        });
+        let (outage, outage_rx) = watch::channel(None);
+        runtime.spawn(accept(listener, state.clone(), outage_rx));
         ApiServer {
             addr,
             state,
+            outage,
             runtime: Some(runtime),
         }
     }
@@ -292,6 +302,26 @@ impl ApiServer {
         }
     }
 
+    /// Starts an outage (`Some`): live watch connections are reset, and new connections refused
+    /// or reset as `mode` says, until `outage(None)`. Objects can still be changed meanwhile;
+    /// the port stays the same.
+    pub fn outage(&self, mode: Option<Outage>) {
+        if mode.is_some() {
+            let mut state = self.lock();
+            for c in state.collections.values_mut() {
+                for w in c.watches.drain(..) {
+                    let _ = w.tx.send(Msg::Reset);
+                }
+            }
+        }
+        self.outage.send_replace(mode);
+    }
+
+    /// Connections reset by an `Outage::Reset` so far.
+    pub fn resets(&self) -> usize {
+        self.lock().resets
+    }
+
     /// Answers every request with this HTTP status (None: serve normally again).
     pub fn fail_with(&self, code: Option<u16>) {
         self.lock().fail = code;
@@ -335,6 +365,61 @@ impl ApiServer {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// Accepts connections, following the outage switch: the listener is closed while connections
+/// are to be refused and bound again (same address) after.
+async fn accept(
+    listener: TcpListener,
+    state: Arc<Mutex<State>>,
+    mut outage: watch::Receiver<Option<Outage>>,
+) {
+    let addr = listener.local_addr().unwrap();
+    let mut listener = Some(listener);
+    loop {
+        let mode = *outage.borrow_and_update();
+        if mode == Some(Outage::Refuse) {
+            listener = None;
+        } else if listener.is_none() {
+            listener = Some(
+                TcpListener::bind(addr)
+                    .await
+                    .expect("bind the API port again"),
+            );
+        }
+        let Some(l) = &listener else {
+            if outage.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            accepted = l.accept() => {
+                let Ok((socket, _)) = accepted else {
+                    return;
+                };
+                if mode == Some(Outage::Reset) {
+                    state.lock().unwrap().resets += 1;
+                    reset(socket);
+                } else {
+                    tokio::spawn(handle(socket, state.clone()));
+                }
+            }
+            changed = outage.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Closes `socket` with a RST.
+fn reset(socket: TcpStream) {
+    // SO_LINGER 0 on a non-blocking socket: the close does not block, it aborts.
+    #[allow(deprecated)]
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    drop(socket);
 }
 
 fn broadcast(c: &mut Collection, kind: &'static str, object: &Value) {
@@ -571,6 +656,7 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
                 let _ = socket.flush().await;
                 return;
             }
+            Msg::Reset => return reset(socket),
         }
     }
 }
