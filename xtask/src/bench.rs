@@ -15,11 +15,16 @@
 //! are bridged, pass the node's netfilter hooks through `bridge-nf-call-iptables=1` (as on a
 //! real bridged node). Every node namespace gets the same sysctls, whatever its configuration.
 //!
+//! After them, the pod-network part (`podnet`: the external path through tc on the bridge and
+//! ptp shapes, pod veth to tc attached, the agent with 500 pod veths), which `--pod-networks`
+//! runs alone.
+//!
 //! Everything lives in namespaces and a cgroup named after this process; it is removed on exit,
 //! on error and on Ctrl-C (SIGINT/SIGTERM stop the run at the next check, then everything
 //! drops). Every loop is bounded in count and time.
 
 mod maps;
+mod podnet;
 mod report;
 mod workload;
 
@@ -49,7 +54,7 @@ use tests::{
 
 use self::{
     maps::AgentMaps,
-    report::{MemRow, PairedRow, Report, Sample, SchedRow, Summary},
+    report::{MemRow, PairedRow, PodNetReport, Report, Sample, SchedRow, Summary},
     workload::{
         BACKEND_PODS, BACKEND_PORT, CHANGE_FILE, EXTERNAL_IP, NODE_NAME, SERVICE_PORT, Workload,
         pod_ip,
@@ -78,6 +83,11 @@ pub struct Options {
     /// to it), re-evaluating the targets.
     #[arg(long, value_name = "BENCH_JSON")]
     pub render: Option<PathBuf>,
+    /// Only the pod-network part (also part of a full run): the external path through tc on
+    /// the bridge and ptp shapes, pod veth to tc attached, the agent with 500 pod veths; writes
+    /// target/bench/pod-networks.{md,json} (a full run's bench.* are left alone).
+    #[arg(long)]
+    pub pod_networks: bool,
 }
 
 /// Everything derived from the options.
@@ -95,6 +105,10 @@ pub struct Settings {
     pub change_samples: usize,
     pub client_cpu: usize,
     pub server_cpu: usize,
+    /// `--pod-networks`: this run measured the pod-network part alone (absent, false, in
+    /// reports written before it existed).
+    #[serde(default)]
+    pub only_pod_networks: bool,
 }
 
 impl Settings {
@@ -125,6 +139,7 @@ impl Settings {
             change_samples: if quick { 10 } else { 40 },
             client_cpu: 0,
             server_cpu: if cpus > 1 { 1 } else { 0 },
+            only_pod_networks: opts.pod_networks,
         }
     }
 }
@@ -859,6 +874,11 @@ fn render(json: &Path) -> anyhow::Result<()> {
     let dir = json.parent().unwrap_or(Path::new("."));
     let markdown = report.markdown();
     println!("{markdown}");
+    if report.settings.only_pod_networks {
+        fs::write(dir.join("pod-networks.md"), &markdown)?;
+        eprintln!("==> wrote {}/pod-networks.md", dir.display());
+        return Ok(());
+    }
     fs::write(dir.join("bench.md"), &markdown)?;
     report::plot(&report, &dir.join("bench.png"))?;
     eprintln!("==> wrote {}/bench.{{md,png}}", dir.display());
@@ -903,7 +923,7 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     sweep();
     let machine = report::Machine::probe();
     let settings = Settings::new(&opts, machine.cpus);
-    if settings.services.is_empty() {
+    if settings.services.is_empty() && !settings.only_pod_networks {
         bail!("no Service count >= 4 given");
     }
     let out_dir = target.join("bench");
@@ -911,18 +931,36 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     let work =
         WorkDir(std::env::temp_dir().join(format!("{}-bench", tests::harness::names::unique())));
     fs::create_dir_all(&work.0)?;
-    eprintln!(
-        "\n==> bench: {} CPUs, kernel {}, {}; Services {:?} x {} endpoints; {} s per measurement, {} repetition(s)",
-        machine.cpus,
-        machine.kernel,
-        machine.cpu_model,
-        settings.services,
-        settings.endpoints,
-        settings.secs,
-        settings.reps
-    );
+    if settings.only_pod_networks {
+        eprintln!(
+            "\n==> bench --pod-networks: {} CPUs, kernel {}, {}",
+            machine.cpus, machine.kernel, machine.cpu_model
+        );
+    } else {
+        eprintln!(
+            "\n==> bench: {} CPUs, kernel {}, {}; Services {:?} x {} endpoints; {} s per measurement, {} repetition(s)",
+            machine.cpus,
+            machine.kernel,
+            machine.cpu_model,
+            settings.services,
+            settings.endpoints,
+            settings.secs,
+            settings.reps
+        );
+    }
     let mut report = Report::new(machine, settings.clone());
-    let result = run(&settings, &work.0, &mut report);
+    let result = if settings.only_pod_networks {
+        Ok(())
+    } else {
+        run(&settings, &work.0, &mut report)
+    };
+    // The pod-network part: alone, or after the rest of a full run.
+    let result = result.and_then(|()| {
+        let mut pods = PodNetReport::default();
+        let result = podnet::run(&settings, &mut pods);
+        report.pod_networks = Some(pods);
+        result
+    });
     report.total_secs = started.elapsed().as_secs_f64();
     if let Err(e) = &result {
         let text = format!("{e:#}");
@@ -937,17 +975,27 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     report.finish();
     let markdown = report.markdown();
     println!("{markdown}");
-    fs::write(out_dir.join("bench.md"), &markdown)?;
+    // The pod-network part alone has its own files: a full run's bench.* stay as they were.
+    let stem = if settings.only_pod_networks {
+        "pod-networks"
+    } else {
+        "bench"
+    };
+    fs::write(out_dir.join(format!("{stem}.md")), &markdown)?;
     fs::write(
-        out_dir.join("bench.json"),
+        out_dir.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)?,
     )?;
-    match report::plot(&report, &out_dir.join("bench.png")) {
-        Ok(()) => eprintln!("==> wrote {}/bench.{{md,json,png}}", out_dir.display()),
-        Err(e) => eprintln!(
-            "==> wrote {}/bench.{{md,json}}; plot failed: {e:#}",
-            out_dir.display()
-        ),
+    if settings.only_pod_networks {
+        eprintln!("==> wrote {}/{stem}.{{md,json}}", out_dir.display());
+    } else {
+        match report::plot(&report, &out_dir.join("bench.png")) {
+            Ok(()) => eprintln!("==> wrote {}/bench.{{md,json,png}}", out_dir.display()),
+            Err(e) => eprintln!(
+                "==> wrote {}/bench.{{md,json}}; plot failed: {e:#}",
+                out_dir.display()
+            ),
+        }
     }
     eprintln!(
         "==> bench took {:.0} s; testbed removed",
