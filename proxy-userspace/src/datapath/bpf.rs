@@ -737,11 +737,7 @@ impl Datapath {
             .load()
             .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
         let pin = self.pin_dir.join(super::tclinks::TC_PROGRAM_PIN);
-        match fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("remove {}", pin.display())),
-        }
+        unpin(&pin)?;
         program
             .pin(&pin)
             .with_context(|| format!("pin {}", pin.display()))
@@ -1228,6 +1224,15 @@ fn replace_incompatible_pins(
     Ok(replaced)
 }
 
+/// Removes the program pin an earlier agent left at `pin`, if any, so this agent's can go there.
+fn unpin(pin: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", pin.display())),
+    }
+}
+
 /// Loads `conn_release` and pins it (replacing an earlier agent's), for the conntrack
 /// collector; returns it opened from that pin.
 fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
@@ -1239,11 +1244,7 @@ fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
         .load()
         .with_context(|| format!("verifier rejected {RELEASE_PROGRAM}"))?;
     let pin = pin_dir.join(RELEASE_PIN);
-    match fs::remove_file(&pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("remove {}", pin.display())),
-    }
+    unpin(&pin)?;
     program
         .pin(&pin)
         .with_context(|| format!("pin {}", pin.display()))?;
