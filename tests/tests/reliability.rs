@@ -4,13 +4,17 @@
 mod common;
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use common::*;
-use tests::harness::topology::Proto;
+use tests::{harness::topology::Proto, poll_until};
 
 /// With room for two Services, a third is refused by name (log line) while the first two keep
 /// working; once one is deleted, the refused one is programmed.
@@ -51,9 +55,95 @@ fn soak_secs() -> u64 {
         .unwrap_or(30)
 }
 
+/// The churn holds still for a checkpoint after this many endpoint changes.
+const CHECKPOINT_EVERY: u32 = 20;
+
+/// One batch of the churn client's connections.
+struct Batch {
+    started: Instant,
+    backends: BTreeSet<String>,
+}
+
+/// A checkpoint of the churn, right after a slice whose ready endpoints are `pods` (by index), a
+/// set no earlier change made: waits until the maps give new connections exactly these
+/// (`services -o json`), then asserts that new connections reach each of them and none other,
+/// and that the first batch the client under load started afterwards reached none other either.
+fn checkpoint(
+    agent: &tests::Agent,
+    topo: &tests::Topology,
+    vip: SocketAddr,
+    usable: &[usize],
+    batches: &Mutex<Vec<Batch>>,
+    after: u32,
+) {
+    let addrs: BTreeSet<String> = usable
+        .iter()
+        .map(|i| format!("{}:{BACKEND_PORT}", topo.pods[*i].ip4))
+        .collect();
+    let names: BTreeSet<String> = usable.iter().map(|i| topo.pods[*i].name.clone()).collect();
+    poll_until(
+        &format!("the maps to hold {addrs:?} after change {after}"),
+        Duration::from_secs(10),
+        || {
+            let got = programmed_backends(agent, "10.96.0.10:80/TCP");
+            if got == addrs {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    );
+    let settled = Instant::now();
+    let mut seen = BTreeSet::new();
+    poll_until(
+        &format!("new connections to reach each of {names:?} after change {after}"),
+        Duration::from_secs(10),
+        || {
+            for r in topo.request(0, Proto::Tcp, vip, 4 * names.len()) {
+                assert!(r.ok, "after change {after}: {r:?}");
+                assert!(
+                    names.contains(&r.backend),
+                    "after change {after} the maps hold {addrs:?}, yet a new connection reached {}",
+                    r.backend
+                );
+                seen.insert(r.backend);
+            }
+            if seen == names {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    );
+    let under_load = poll_until(
+        &format!("a client batch started after change {after} settled"),
+        Duration::from_secs(10),
+        || {
+            batches
+                .lock()
+                .expect("batches")
+                .iter()
+                .find(|b| b.started >= settled)
+                .map(|b| b.backends.clone())
+                .ok_or_else(|| "none yet".to_string())
+        },
+    );
+    assert!(
+        under_load.is_subset(&names),
+        "after change {after} the client under load reached {under_load:?}; the Service has {names:?}"
+    );
+}
+
 /// For a bounded time (KBP_SOAK_SECS, default 30 s) one endpoint of three flaps every 100 ms
-/// (removed, added back, terminating) while a client keeps connecting: no connection fails
-/// and the agent's memory does not grow.
+/// (removed, added back, terminating) while a client keeps connecting: no connection fails,
+/// the datapath follows the churn, and the agent's memory does not grow.
+///
+/// Following the churn (not only "clients succeeded"): every CHECKPOINT_EVERY-th change takes
+/// pod-2 or pod-3 out instead, and the churn holds still until the maps give new connections
+/// exactly the remaining endpoints, and new connections, the client's under load included,
+/// reach each of those and none other; the client under load was answered by every backend, the
+/// flapping one included; after the churn (only pod-2 left) the maps hold exactly pod-2 and only
+/// it answers.
 #[test]
 fn endpoint_churn_under_load_fails_no_connection() {
     if !privileged() {
@@ -79,6 +169,18 @@ fn endpoint_churn_under_load_fails_no_connection() {
         }
         slice_yaml("web-1", "web", "IPv4", &[HTTP], &eps)
     };
+    // A slice whose ready endpoints are exactly `pods`.
+    let slice_of = |pods: &[usize]| {
+        let eps: Vec<Ep> = pods.iter().map(|p| ep(&ips[*p])).collect();
+        slice_yaml("web-1", "web", "IPv4", &[HTTP], &eps)
+    };
+    // Checkpoints take pod-2 or pod-3 out in turn: sets the churn never makes (it always has
+    // both), so maps showing one prove the agent processed that very write. (A churn state
+    // would not: the maps can still show an earlier change that happens to give the same
+    // backends, e.g. pod-4 terminating where it is now removed, and the change in between,
+    // pod-4 back in, is yet to come.)
+    let checkpoint_pods =
+        |n: u32| -> Vec<usize> { if n % 2 == 1 { vec![2, 3] } else { vec![1, 3] } };
     env.agent.write_manifest("slice.yaml", &slice(0));
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2", "pod-3", "pod-4"]);
     // Let the agent settle before the baseline.
@@ -90,37 +192,68 @@ fn endpoint_churn_under_load_fails_no_connection() {
     let rss_before = env.agent.rss_kib();
     let duration = Duration::from_secs(soak_secs());
     let stop = AtomicBool::new(false);
+    let batches = Mutex::new(Vec::new());
     let started = Instant::now();
-    let (attempted, failed, flaps) = std::thread::scope(|s| {
+    let (attempted, failed, flaps, checkpoints) = std::thread::scope(|s| {
         let topo = &env.topo;
+        let agent = &env.agent;
         let stop = &stop;
+        let batches = &batches;
         let client = s.spawn(move || {
             let (mut attempted, mut failed) = (0usize, Vec::new());
             // Bounded by time and by count.
-            while !stop.load(Ordering::Relaxed) && attempted < 200_000 {
-                for r in topo.request(0, Proto::Tcp, vip, 20) {
+            while !stop.load(Ordering::Relaxed) && attempted < 5_000_000 {
+                let batch_started = Instant::now();
+                let mut backends = BTreeSet::new();
+                for r in topo.request(0, Proto::Tcp, vip, 10) {
                     attempted += 1;
-                    if !r.ok {
+                    if r.ok {
+                        backends.insert(r.backend);
+                    } else {
                         failed.push(r);
                     }
                 }
+                batches.lock().expect("batches").push(Batch {
+                    started: batch_started,
+                    backends,
+                });
             }
             (attempted, failed)
         });
-        let mut flaps = 0u32;
+        let (mut flaps, mut checkpoints) = (0u32, 0u32);
         while started.elapsed() < duration {
             flaps += 1;
-            env.agent.write_manifest("slice.yaml", &slice(flaps));
-            std::thread::sleep(Duration::from_millis(100));
+            if flaps % CHECKPOINT_EVERY == 0 {
+                checkpoints += 1;
+                let pods = checkpoint_pods(checkpoints);
+                agent.write_manifest("slice.yaml", &slice_of(&pods));
+                checkpoint(agent, topo, vip, &pods, batches, flaps);
+            } else {
+                agent.write_manifest("slice.yaml", &slice(flaps));
+                // The churn's pace: changes 100 ms apart are the load on the agent under test,
+                // not a wait for a condition.
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
+        // The end of the churn, with the client still running: only pod-2 left, a set no
+        // earlier change made.
+        flaps += 1;
+        agent.write_manifest("slice.yaml", &slice_of(&[1]));
+        checkpoint(agent, topo, vip, &[1], batches, flaps);
         stop.store(true, Ordering::Relaxed);
         let (attempted, failed) = client.join().expect("client thread");
-        (attempted, failed, flaps)
+        (attempted, failed, flaps, checkpoints)
     });
     env.agent.assert_running();
     let rss_after = env.agent.rss_kib();
+    let answered: BTreeSet<String> = batches
+        .into_inner()
+        .expect("batches")
+        .into_iter()
+        .flat_map(|b| b.backends)
+        .collect();
     eprintln!(
-        "churn: {:?}, {flaps} endpoint changes, {attempted} connections, {} failed, agent RSS {rss_before} -> {rss_after} KiB",
+        "churn: {:?}, {flaps} endpoint changes, {checkpoints} checkpoints, {attempted} connections, {} failed, agent RSS {rss_before} -> {rss_after} KiB",
         duration,
         failed.len()
     );
@@ -130,6 +263,11 @@ fn endpoint_churn_under_load_fails_no_connection() {
         "{} of {attempted} failed: {:?}",
         failed.len(),
         &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        answered,
+        BTreeSet::from(["pod-2", "pod-3", "pod-4"].map(String::from)),
+        "the client under load must have been answered by every backend, the flapping one too"
     );
     assert!(
         rss_after < rss_before + 8 * 1024,

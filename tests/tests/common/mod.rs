@@ -267,6 +267,31 @@ pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The backend addresses (`ip:port`) the maps give new connections of `frontend` (`services -o
+/// json` of `agent`: backends holding slots); empty if the frontend is not in the maps.
+pub fn programmed_backends(agent: &Agent, frontend: &str) -> std::collections::BTreeSet<String> {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .args(["services", "-o", "json", "--bpffs"])
+            .arg(&agent.pin_dir)
+            .output()
+            .expect("run services");
+    assert!(
+        out.status.success(),
+        "services: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
+    v.as_array()
+        .expect("a list of frontends")
+        .iter()
+        .filter(|f| f["frontend"] == frontend)
+        .flat_map(|f| f["backends"].as_array().cloned().unwrap_or_default())
+        .filter(|b| b["slots"].as_u64().unwrap_or(0) > 0)
+        .map(|b| b["address"].as_str().expect("address").to_string())
+        .collect()
+}
+
 /// Wall-clock milliseconds, comparable with the `t` of `testhost udp-stream` lines.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
