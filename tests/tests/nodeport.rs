@@ -14,7 +14,7 @@ use std::{
 use common::*;
 use tests::{
     Agent, Reply, Testbed,
-    harness::topology::{Proto, udp_stream_in, udp_with_ttl},
+    harness::topology::{Proto, UdpStream, udp_with_ttl},
     poll_until,
 };
 
@@ -372,15 +372,12 @@ fn udp_flow_to_a_removed_backend_is_balanced_afresh() {
     web_endpoints(&agent, &tb, &[(0, 0)]);
     let to = addr("192.168.77.1", NODE_PORT_DNS);
     wait_answered(&tb, Proto::Udp, to);
-    let (lines, removed_at) = std::thread::scope(|s| {
-        let ext = &tb.ext;
-        let stream = s.spawn(move || udp_stream_in(ext, None, to, 5, true));
-        std::thread::sleep(Duration::from_millis(1500));
-        let removed_at = now_ms();
-        // a-pod-1 leaves, a-pod-2 and b-pod-1 join.
-        web_endpoints(&agent, &tb, &[(0, 1), (1, 0)]);
-        (stream.join().unwrap(), removed_at)
-    });
+    let stream = UdpStream::start(&tb.ext, None, to, 5, true);
+    // Once the flow is answered by a-pod-1: a-pod-1 leaves, a-pod-2 and b-pod-1 join.
+    stream.wait_for_answers("a-pod-1", 3);
+    let removed_at = now_ms();
+    web_endpoints(&agent, &tb, &[(0, 1), (1, 0)]);
+    let lines = stream.finish();
     let answers: Vec<(u64, String)> = lines
         .iter()
         .filter_map(|l| Some((l["t"].as_u64()?, l["backend"].as_str()?.to_string())))

@@ -10,7 +10,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{ChildStdin, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     thread,
     time::Duration,
 };
@@ -22,6 +22,7 @@ use super::{
     process::{
         ChildGuard, Placement, Reply, command_in, output_within, parse_replies, workspace_binary,
     },
+    wait::poll_until,
 };
 
 /// A pod: a namespace with one interface, and the echo servers running in it.
@@ -410,6 +411,18 @@ impl Topology {
         udp_stream_in(&self.pods[from].ns, Some(&self.cgroup), to, secs, connected)
     }
 
+    /// Starts `testhost udp-stream` from pod `from` (in the test cgroup) for `secs` seconds;
+    /// its lines can be read while it runs (`UdpStream`).
+    pub fn start_udp_stream(
+        &self,
+        from: usize,
+        to: SocketAddr,
+        secs: u64,
+        connected: bool,
+    ) -> UdpStream {
+        UdpStream::start(&self.pods[from].ns, Some(&self.cgroup), to, secs, connected)
+    }
+
     pub fn cgroup_path(&self) -> &Path {
         &self.cgroup.path
     }
@@ -424,27 +437,109 @@ pub fn udp_stream_in(
     secs: u64,
     connected: bool,
 ) -> Vec<serde_json::Value> {
-    let netns = ns.path();
-    let procs = cgroup.map(TestCgroup::procs_file);
-    let to = to.to_string();
-    let secs_arg = secs.to_string();
-    let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
-    if !connected {
-        args.push("unconnected");
+    UdpStream::start(ns, cgroup, to, secs, connected).finish()
+}
+
+/// A running `testhost udp-stream` (one datagram every 50 ms), its lines collected as they
+/// come so that a test can wait on what the stream has seen instead of sleeping. Killed on
+/// drop.
+pub struct UdpStream {
+    guard: ChildGuard,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+    reader: Option<thread::JoinHandle<()>>,
+    secs: u64,
+}
+
+impl UdpStream {
+    /// Starts the stream in `ns` (inside `cgroup` if given) for `secs` seconds.
+    pub fn start(
+        ns: &NetNs,
+        cgroup: Option<&TestCgroup>,
+        to: SocketAddr,
+        secs: u64,
+        connected: bool,
+    ) -> UdpStream {
+        let netns = ns.path();
+        let procs = cgroup.map(TestCgroup::procs_file);
+        let to = to.to_string();
+        let secs_arg = secs.to_string();
+        let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
+        if !connected {
+            args.push("unconnected");
+        }
+        let mut cmd = command_in(
+            &Placement {
+                netns: &netns,
+                cgroup_procs: procs.as_deref(),
+            },
+            &workspace_binary("testhost"),
+            &args,
+        );
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn udp-stream in {}: {e}", ns.name));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("bad udp-stream line {line:?}: {e}"));
+                sink.lock().expect("udp-stream lines").push(v);
+            }
+        });
+        UdpStream {
+            guard: ChildGuard {
+                name: format!("udp-stream {to} in {}", ns.name),
+                child,
+            },
+            lines,
+            reader: Some(reader),
+            secs,
+        }
     }
-    let cmd = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: procs.as_deref(),
-        },
-        &workspace_binary("testhost"),
-        &args,
-    );
-    let stdout = output_within(cmd, Duration::from_secs(secs + 10));
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-        .collect()
+
+    /// The lines so far.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().expect("udp-stream lines").clone()
+    }
+
+    /// Waits (bounded) until the stream got `n` answers from `backend`; returns the lines.
+    pub fn wait_for_answers(&self, backend: &str, n: usize) -> Vec<serde_json::Value> {
+        poll_until(
+            &format!("{n} answers from {backend} on {}", self.guard.name),
+            Duration::from_secs(5),
+            || {
+                let lines = self.lines();
+                let got = lines.iter().filter(|l| l["backend"] == backend).count();
+                if got >= n {
+                    Ok(lines)
+                } else {
+                    Err(format!("{lines:?}"))
+                }
+            },
+        )
+    }
+
+    /// Waits (bounded: its duration plus 10 s) for the stream to end; returns all its lines.
+    pub fn finish(mut self) -> Vec<serde_json::Value> {
+        let child = &mut self.guard.child;
+        let status = poll_until(
+            &format!("{} to end", self.guard.name),
+            Duration::from_secs(self.secs + 10),
+            || match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".to_string()),
+                Err(e) => panic!("wait: {e}"),
+            },
+        );
+        assert!(status.success(), "{} failed: {status}", self.guard.name);
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("udp-stream reader");
+        }
+        self.lines()
+    }
 }
 
 /// A long-lived TCP connection made through `hold_in` (`Topology::hold`, `Testbed::hold_from`).
