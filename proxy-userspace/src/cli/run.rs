@@ -22,7 +22,7 @@ use crate::{
     compile::{Cidr, Family, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps, netdev, netlink, podif,
+        caps, netdev, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
@@ -199,7 +199,6 @@ const NODE_TICK: Duration = Duration::from_millis(50);
 struct PodInterfaceLink {
     manager: Arc<std::sync::Mutex<podif::Manager>>,
     shared: Arc<podif::Shared>,
-    rtnl: netlink::Rtnl,
     metrics: Arc<Metrics>,
 }
 
@@ -207,20 +206,12 @@ impl PodInterfaceLink {
     /// Tells the manager this node's endpoints and pod CIDRs; returns the endpoints whose
     /// interface does not carry the program yet.
     fn waiting(&mut self, snapshot: &Snapshot) -> std::collections::BTreeSet<IpAddr> {
-        let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
-        self.manager
-            .lock()
-            .expect("manager lock")
-            .set_inputs(podif::ClusterInputs {
-                endpoints: endpoints.clone(),
-                pod_cidrs: snapshot.node.pod_cidrs.clone(),
-            });
-        let attached = self.shared.attached.read().expect("attached lock").clone();
-        let links = self.rtnl.links().unwrap_or_default();
-        let rtnl = &mut self.rtnl;
-        let waiting = podif::waiting(&endpoints, &attached, &links, &mut |a| {
-            rtnl.route_get(a).unwrap_or(netlink::RouteHit::None)
+        let mut manager = self.manager.lock().expect("manager lock");
+        manager.set_inputs(podif::ClusterInputs {
+            endpoints: snapshot.node.local_endpoints(&snapshot.slices),
+            pod_cidrs: snapshot.node.pod_cidrs.clone(),
         });
+        let waiting = manager.waiting().clone();
         self.metrics
             .pod_endpoints_waiting
             .with(&[])
@@ -443,7 +434,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(PodInterfaceLink {
                 manager,
                 shared,
-                rtnl: netlink::Rtnl::new()?,
                 metrics: Arc::clone(&metrics),
             })
         }

@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -317,12 +317,10 @@ pub fn waiting(
         .collect()
 }
 
-/// What the manager thread shares with the rest of the agent.
+/// What the manager thread shares with the rest of the agent without taking its lock.
 #[derive(Default)]
 pub struct Shared {
-    /// Interface indexes carrying the program now.
-    pub attached: RwLock<BTreeSet<u32>>,
-    /// Bumped whenever `attached` changes.
+    /// Bumped whenever the interfaces carrying the program or the waiting endpoints change.
     pub generation: AtomicU64,
 }
 
@@ -351,6 +349,8 @@ pub struct Manager {
     missing_recorded: Vec<String>,
     /// Whether the cluster inputs have been set once (until then, earlier links are kept).
     have_inputs: bool,
+    /// The local endpoints whose interface does not carry the program, as of the last pass.
+    waiting: BTreeSet<IpAddr>,
 }
 
 impl Manager {
@@ -374,6 +374,7 @@ impl Manager {
             // Not a name: the first pass replaces whatever an earlier agent recorded.
             missing_recorded: vec!["/".into()],
             have_inputs: false,
+            waiting: BTreeSet::new(),
         })
     }
 
@@ -381,8 +382,8 @@ impl Manager {
         Arc::clone(&self.shared)
     }
 
-    /// One pass: discover, then make the links match. Returns whether the attached set
-    /// changed.
+    /// One pass: discover, then make the links match. Returns whether the attached set or the
+    /// waiting endpoints changed (then `Shared::generation` was bumped).
     pub fn reconcile(&mut self) -> bool {
         let links = match self.rtnl.links() {
             Ok(l) => l,
@@ -392,9 +393,14 @@ impl Manager {
             }
         };
         let rtnl = &mut self.rtnl;
-        let mut found = discover(&self.spec, &links, &self.external, &self.inputs, &mut |a| {
-            rtnl.route_get(a).unwrap_or(RouteHit::None)
-        });
+        // Each address's route is asked once per pass, for the discovery and for `waiting`.
+        let mut routes: BTreeMap<IpAddr, RouteHit> = BTreeMap::new();
+        let mut route = |a: IpAddr| {
+            *routes
+                .entry(a)
+                .or_insert_with(|| rtnl.route_get(a).unwrap_or(RouteHit::None))
+        };
+        let mut found = discover(&self.spec, &links, &self.external, &self.inputs, &mut route);
         if !self.have_inputs && self.spec.auto() {
             // Until this node's endpoints are known, the links an earlier agent left on live
             // interfaces stay (with this agent's program swapped in): dropping them would cut
@@ -505,6 +511,9 @@ impl Manager {
             .collect();
         self.links.forget_stale(&live);
         let after: BTreeSet<u32> = live.values().copied().collect();
+        let waiting = waiting(&self.inputs.endpoints, &after, &links, &mut route);
+        let waiting_changed = waiting != self.waiting;
+        self.waiting = waiting;
         if let Some(m) = &self.metrics {
             let pods = self
                 .state
@@ -513,8 +522,7 @@ impl Manager {
                 .count();
             m.pod_interfaces.with(&[]).set(pods as f64);
         }
-        if after != before {
-            *self.shared.attached.write().expect("attached lock") = after;
+        if after != before || waiting_changed {
             self.shared.generation.fetch_add(1, Ordering::Release);
             true
         } else {
@@ -536,6 +544,13 @@ impl Manager {
         self.inputs = inputs;
         self.have_inputs = true;
         self.reconcile()
+    }
+
+    /// The local endpoints (of the last `set_inputs`) whose interface does not carry the
+    /// program yet, as of the last pass (which every change of the inputs, and every netlink
+    /// event, triggers).
+    pub fn waiting(&self) -> &BTreeSet<IpAddr> {
+        &self.waiting
     }
 
     /// Reconciles `manager` on its own thread at every netlink link, address or route event,
