@@ -59,10 +59,17 @@ pub enum Reason {
     /// A translated packet whose TTL or hop limit would expire here went to the stack, which
     /// answers with ICMP time exceeded, instead of being forwarded.
     TtlExpired = 24,
+    /// A packet carrying the DSR option taught this node nothing: not in DSR mode, a malformed
+    /// option, a sender that is not a peer node or not this node's neighbour for it, a frontend
+    /// that is no Service frontend here, or an entry it would replace that is not a DSR entry.
+    DsrRefused = 25,
+    /// A packet carrying the DSR option taught this node nothing: its client address made this
+    /// node learn its budget of new entries in the current second.
+    DsrBudgetExceeded = 26,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 27;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -91,6 +98,8 @@ impl Reason {
         Reason::DsrSent,
         Reason::DsrLearned,
         Reason::TtlExpired,
+        Reason::DsrRefused,
+        Reason::DsrBudgetExceeded,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -121,6 +130,8 @@ impl Reason {
             Reason::DsrSent => "dsr_sent",
             Reason::DsrLearned => "dsr_learned",
             Reason::TtlExpired => "ttl_expired",
+            Reason::DsrRefused => "dsr_refused",
+            Reason::DsrBudgetExceeded => "dsr_budget_exceeded",
         }
     }
 }

@@ -167,6 +167,30 @@ impl SourceArgs {
         })
     }
 
+    /// `source`, also keeping `node_addresses` equal to the addresses of every Node object
+    /// when given (the agent in DSR mode).
+    pub fn source_with(
+        &self,
+        node_addresses: Option<std::sync::Arc<crate::source::NodeAddresses>>,
+    ) -> anyhow::Result<Box<dyn Source>> {
+        let Some(book) = node_addresses else {
+            return self.source();
+        };
+        Ok(match &self.manifests {
+            Some(dir) => Box::new(
+                ManifestSource::new(dir.clone(), self.node_name()).with_node_addresses(book),
+            ),
+            None => Box::new(
+                KubeSource::from_flags(
+                    self.master.as_deref(),
+                    self.kubeconfig.clone(),
+                    self.node_name(),
+                )?
+                .with_node_addresses(book),
+            ),
+        })
+    }
+
     /// Whether a source was named explicitly (for commands where it is optional).
     pub fn given(&self) -> bool {
         self.manifests.is_some() || self.master.is_some() || self.kubeconfig.is_some()

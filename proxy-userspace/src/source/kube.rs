@@ -44,12 +44,14 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::Source;
+use super::{NodeAddresses, Source, addresses_of};
 use crate::snapshot::{NodeInfo, Snapshot};
 
 pub struct KubeSource {
     config: Config,
     node_name: String,
+    /// Where the addresses of every Node object go, when asked for (`with_node_addresses`).
+    node_addresses: Option<std::sync::Arc<NodeAddresses>>,
 }
 
 impl KubeSource {
@@ -68,13 +70,23 @@ impl KubeSource {
             .build()
             .context("start the tokio runtime")?;
         let config = runtime.block_on(resolve(master, kubeconfig))?;
-        Ok(KubeSource { config, node_name })
+        Ok(KubeSource::with_config(config, node_name))
     }
 
     /// Uses `config` as it is, e.g. `kube::Config::new(url)` for an API server without
     /// authentication.
     pub fn with_config(config: Config, node_name: String) -> Self {
-        KubeSource { config, node_name }
+        KubeSource {
+            config,
+            node_name,
+            node_addresses: None,
+        }
+    }
+
+    /// Also keeps `book` equal to the addresses of every Node object (`follow_node_addresses`).
+    pub fn with_node_addresses(mut self, book: std::sync::Arc<NodeAddresses>) -> Self {
+        self.node_addresses = Some(book);
+        self
     }
 }
 
@@ -357,6 +369,9 @@ impl KubeSource {
             self.node_name
         );
 
+        if let Some(book) = self.node_addresses.clone() {
+            tokio::spawn(follow_node_addresses(Api::all(client.clone()), book));
+        }
         let (services, services_writer) = reflector::store();
         let (slices, slices_writer) = reflector::store();
         let (nodes, nodes_writer) = reflector::store();
@@ -408,6 +423,59 @@ impl KubeSource {
             }
         }
         bail!("the watch streams ended")
+    }
+}
+
+/// Keeps `book` equal to the addresses of every Node object (DSR peers). Apart from the
+/// snapshot's watchers on purpose: Node status changes often and must not cause syncs, and only
+/// names and addresses are kept, not the (large) objects. A failing watch keeps the last
+/// addresses and retries with backoff; a relist replaces them only once it is complete.
+async fn follow_node_addresses(
+    api: Api<DeserializeGuard<Node>>,
+    book: std::sync::Arc<NodeAddresses>,
+) {
+    type Book = std::collections::BTreeMap<String, Vec<std::net::IpAddr>>;
+    let entry = |o: &DeserializeGuard<Node>| -> Option<(String, Vec<std::net::IpAddr>)> {
+        let node = o.0.as_ref().ok()?;
+        Some((node.metadata.name.clone()?, addresses_of(node).collect()))
+    };
+    let mut live: Option<Book> = None;
+    let mut relist = Book::new();
+    let mut failing = false;
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relist.clear(),
+            Ok(watcher::Event::InitApply(o)) => relist.extend(entry(&o)),
+            Ok(watcher::Event::InitDone) => live = Some(std::mem::take(&mut relist)),
+            Ok(watcher::Event::Apply(o)) => {
+                if let (Some(live), Some((name, addrs))) = (live.as_mut(), entry(&o)) {
+                    live.insert(name, addrs);
+                }
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                if let (Some(live), Some(name)) = (live.as_mut(), o.meta().name.as_ref()) {
+                    live.remove(name);
+                }
+            }
+            Err(e) => {
+                if !failing && !is_expired(&e) {
+                    log::warn!(
+                        "kubernetes: nodes (DSR peers): {}; keeping the last addresses, retrying \
+                         with backoff",
+                        error_chain(&e)
+                    );
+                    failing = true;
+                }
+                continue;
+            }
+        }
+        failing = false;
+        if let Some(live) = &live {
+            book.set(live.values().flatten().copied().collect());
+        }
     }
 }
 
