@@ -76,8 +76,9 @@ pub fn read_ephemeral() -> Result<PortRange, String> {
 }
 
 /// The masquerading range to use: `configured` if it stays clear of `ephemeral`, else an
-/// error naming both; without one, the ports above the ephemeral range (61000-65535 with
-/// Linux's default 32768-60999), or else those below it, whichever holds at least 1024 ports.
+/// error naming both; without one, 61000-65535 (above Linux's default 32768-60999) when that
+/// is clear of it, else the ports above the ephemeral range, or else those below it, whichever
+/// holds at least 1024 ports.
 pub fn choose(configured: Option<PortRange>, ephemeral: PortRange) -> Result<PortRange, String> {
     if let Some(range) = configured {
         if range.overlaps(&ephemeral) {
@@ -89,6 +90,13 @@ pub fn choose(configured: Option<PortRange>, ephemeral: PortRange) -> Result<Por
             ));
         }
         return Ok(range);
+    }
+    let usual = PortRange {
+        first: proxy_common::config::SNAT_PORT_MIN_DEFAULT,
+        last: proxy_common::config::SNAT_PORT_MAX_DEFAULT,
+    };
+    if !usual.overlaps(&ephemeral) {
+        return Ok(usual);
     }
     if u32::from(ephemeral.last) + MIN_DEFAULT_PORTS <= 65535 {
         return Ok(PortRange {
@@ -136,6 +144,8 @@ mod tests {
     #[test]
     fn default_lies_outside_the_ephemeral_range() {
         assert_eq!(choose(None, r(32768, 60999)), Ok(r(61000, 65535)));
+        assert_eq!(choose(None, r(40000, 40063)), Ok(r(61000, 65535)));
+        assert_eq!(choose(None, r(32768, 61999)), Ok(r(62000, 65535)));
         // A range reaching the top: the ports below it.
         assert_eq!(choose(None, r(40000, 65000)), Ok(r(1024, 39999)));
         assert!(choose(None, r(1024, 65535)).is_err());
