@@ -345,3 +345,53 @@ fn dsr_option_from_a_non_node_source_creates_no_conntrack_entry() {
     }
     assert!(datapath_events(&b, "dsr_learned") > 0);
 }
+
+/// Hardening item 1: what one client address can make a node learn is bounded
+/// (`--dsr-learn-budget` new entries per second): past it, further new flows of that client
+/// are not learnt (their replies go out untranslated and are lost) and are counted.
+#[test]
+fn dsr_learning_is_bounded_per_client_address() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let dsr = ["--nodeport-mode", "dsr"];
+    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
+    let mut b = node_agent(
+        &tb,
+        1,
+        &format!("{}-b", tb.id),
+        &cgroup_b.path,
+        &["--nodeport-mode", "dsr", "--dsr-learn-budget", "2"],
+    );
+    let backend = tb.nodes[1].pods[0].ip4;
+    for agent in [&mut a, &mut b] {
+        web_on_node_b(agent, &backend.to_string());
+        agent.start();
+    }
+    let to: SocketAddr = format!("{LB_IP}:53").parse().unwrap();
+    tests::poll_until(
+        &format!("{to} answered"),
+        std::time::Duration::from_secs(10),
+        || {
+            let r = tb.request_ext(Proto::Udp, to, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    // Each request is a new flow (a new socket); only two per second are learnt. The others'
+    // replies leave node-b untranslated (from the backend's own address, which this
+    // unconnected client accepts too) or not at all.
+    let replies = tb.request_ext(Proto::Udp, to, 6);
+    let answered = replies
+        .iter()
+        .filter(|r| r.ok && r.peer.parse::<SocketAddr>().ok() == Some(to))
+        .count();
+    assert!(answered >= 1 && answered < 6, "{replies:?}");
+    assert!(datapath_events(&b, "dsr_budget_exceeded") > 0);
+}
