@@ -10,7 +10,25 @@ pub struct ConfigValue {
     pub flags: u32,
     /// Entries of every Maglev table (a prime); 0 until the agent sets it.
     pub maglev_size: u32,
+    /// First source port masquerading may use (`--masquerade-port-range`), host byte order;
+    /// with `snat_port_max` 0 until the agent sets them, and then `SNAT_PORT_MIN_DEFAULT` ..=
+    /// `SNAT_PORT_MAX_DEFAULT` apply.
+    pub snat_port_min: u16,
+    /// Last source port masquerading may use (inclusive), host byte order.
+    pub snat_port_max: u16,
+    /// New DSR reply entries one client address may make this node learn per second
+    /// (`DSR_BUDGET_DEFAULT` while 0).
+    pub dsr_budget: u32,
 }
+
+/// Masquerading ports until the agent writes its range: above Linux's default ephemeral
+/// range (`net.ipv4.ip_local_port_range` 32768-60999), so a masqueraded flow never takes the
+/// tuple of a socket of the node itself.
+pub const SNAT_PORT_MIN_DEFAULT: u16 = 61000;
+pub const SNAT_PORT_MAX_DEFAULT: u16 = 65535;
+
+/// New DSR reply entries per client address and second until the agent sets its own.
+pub const DSR_BUDGET_DEFAULT: u32 = 1000;
 
 /// Log every translation and rejection from the BPF programs (aya-log). Costs ~20 us per
 /// connection, so it is off unless an operator turns it on (`kube-bpf-proxy debug-log on`).
@@ -23,5 +41,6 @@ pod!(ConfigValue);
 pub const CONFIG_SOCKET_TERMINATION: u32 = 1 << 1;
 
 /// NodePort mode DSR (`--nodeport-mode dsr`): IPv4 flows to backends on other nodes are not
-/// masqueraded; the backend's node answers the client directly.
+/// masqueraded; the backend's node answers the client directly. Also the only mode in which
+/// this node learns reply entries from the DSR option of arriving packets.
 pub const CONFIG_DSR: u32 = 1 << 2;

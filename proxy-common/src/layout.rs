@@ -3,7 +3,9 @@
 
 use core::mem::size_of;
 
-use crate::{affinity::*, backend::*, config::*, ct::*, info::*, maglev::*, revnat::*, service::*};
+use crate::{
+    affinity::*, backend::*, config::*, ct::*, dsr::*, info::*, maglev::*, revnat::*, service::*,
+};
 
 const _: () = {
     assert!(size_of::<Service4Key>() == 8);
@@ -23,7 +25,8 @@ const _: () = {
     assert!(size_of::<ServiceInfo>() == 256);
     assert!(size_of::<AgentState>() == 64);
     assert!(size_of::<IfaceInfo>() == 56);
-    assert!(size_of::<ConfigValue>() == 8);
+    assert!(size_of::<ConfigValue>() == 16);
+    assert!(size_of::<DsrBudget>() == 16);
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<MaglevKey>() == 8);
     assert!(size_of::<SockConn>() == 28);

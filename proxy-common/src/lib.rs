@@ -9,6 +9,7 @@ pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod ct;
+pub mod dsr;
 pub mod info;
 pub mod maglev;
 pub mod maps;

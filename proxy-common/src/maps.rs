@@ -46,8 +46,15 @@ pub const LB_CONFIG: &str = "LB_CONFIG";
 /// Interfaces carrying the tc program and why: `u32` ifindex → `info::IfaceInfo`.
 pub const LB_IFACES: &str = "LB_IFACES";
 
+/// Node addresses allowed to send packets carrying the DSR option: `[u8; 4]` IPv4 address →
+/// `u8` (1). Written by the agent from the cluster's Node objects.
+pub const LB_DSR_PEERS: &str = "LB_DSR_PEERS";
+/// New DSR reply entries per client address in the current one-second window:
+/// `[u8; 4]` → `dsr::DsrBudget` (LRU). Written by the programs.
+pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 23] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -69,6 +76,8 @@ pub const ALL: [&str; 21] = [
     LB_AGENT,
     LB_CONFIG,
     LB_IFACES,
+    LB_DSR_PEERS,
+    LB_DSR_BUDGET,
 ];
 
 /// Default capacities (entries). The agent can override them at load time.
@@ -83,3 +92,7 @@ pub const SRC_RANGES_MAX: usize = 65_536;
 pub const MAGLEV_CHUNKS_MAX: usize = 65_536;
 /// Interfaces the agent attaches tc to (external and pod-facing).
 pub const IFACES_MAX: usize = 16_384;
+/// Node addresses (every address of every Node object).
+pub const DSR_PEERS_MAX: usize = 65_536;
+/// Client addresses whose DSR learning is counted at one time (LRU).
+pub const DSR_BUDGET_MAX: usize = 65_536;

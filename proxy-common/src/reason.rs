@@ -63,10 +63,17 @@ pub enum Reason {
     RevNatDel4 = 25,
     /// A socket record in `SOCK6_REVNAT` deleted because its socket was released.
     RevNatDel6 = 26,
+    /// A packet carrying the DSR option taught this node nothing: not in DSR mode, a malformed
+    /// option, a sender that is not a peer node or not this node's neighbour for it, a frontend
+    /// that is no Service frontend here, or an entry it would replace that is not a DSR entry.
+    DsrRefused = 27,
+    /// A packet carrying the DSR option taught this node nothing: its client address made this
+    /// node learn its budget of new entries in the current second.
+    DsrBudgetExceeded = 28,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 27;
+pub const REASON_COUNT: u32 = 29;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -97,6 +104,8 @@ impl Reason {
         Reason::TtlExpired,
         Reason::RevNatDel4,
         Reason::RevNatDel6,
+        Reason::DsrRefused,
+        Reason::DsrBudgetExceeded,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -129,6 +138,8 @@ impl Reason {
             Reason::TtlExpired => "ttl_expired",
             Reason::RevNatDel4 => "revnat4_deleted",
             Reason::RevNatDel6 => "revnat6_deleted",
+            Reason::DsrRefused => "dsr_refused",
+            Reason::DsrBudgetExceeded => "dsr_budget_exceeded",
         }
     }
 }

@@ -68,7 +68,7 @@ pub fn icmp4(ctx: &TcContext) -> i32 {
     match translate4(ctx) {
         Ok(Some(client)) => {
             stats::count(Reason::IcmpTranslated);
-            forward::<V4>(ctx, &client, None)
+            forward::<V4>(ctx, &client, 0)
         }
         _ => TC_ACT_OK as i32,
     }
@@ -174,7 +174,7 @@ pub fn icmp6(ctx: &TcContext) -> i32 {
     match translate6(ctx) {
         Ok(Some(client)) => {
             stats::count(Reason::IcmpTranslated);
-            forward::<V6>(ctx, &client, None)
+            forward::<V6>(ctx, &client, 0)
         }
         _ => TC_ACT_OK as i32,
     }

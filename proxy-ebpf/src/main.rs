@@ -14,6 +14,7 @@ mod maps;
 mod nodeport;
 mod packet;
 mod reject;
+mod snat;
 mod sock;
 mod stats;
 mod xdp;

@@ -10,6 +10,7 @@ use proxy_common::{
     backend::{BackendValue, SockConn},
     config::ConfigValue,
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
+    dsr::DsrBudget,
     info::{AgentState, IfaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps::*,
@@ -119,3 +120,13 @@ pub static LB_CONFIG: Array<ConfigValue, 1> = Array::new();
 /// Written by the agent as it attaches and detaches.
 #[btf_map]
 pub static LB_IFACES: HashMap<u32, IfaceInfo, IFACES_MAX, NO_PREALLOC> = HashMap::new();
+
+/// Node addresses allowed to send packets with the DSR option (IPv4, network order → 1).
+/// Written by the agent from the cluster's Node objects; read by `dsr::learn4`.
+#[btf_map]
+pub static LB_DSR_PEERS: HashMap<[u8; 4], u8, DSR_PEERS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// New DSR reply entries per client address in the current window, written by `dsr::learn4`.
+/// LRU: a client not seen for long loses its window, which only resets its count.
+#[btf_map]
+pub static LB_DSR_BUDGET: LruHashMap<[u8; 4], DsrBudget, DSR_BUDGET_MAX> = LruHashMap::new();

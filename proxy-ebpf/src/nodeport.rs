@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, generated::bpf_redirect_neigh},
+    helpers::{bpf_ktime_get_ns, generated::bpf_redirect_neigh},
     programs::TcContext,
 };
 use proxy_common::{
@@ -25,14 +25,8 @@ use crate::{
         AF_INET, ETH_HLEN, Entry, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple, V4,
         V6, count_down_ttl, rewrite, route,
     },
-    reject, stats,
+    reject, snat, stats,
 };
-
-/// Attempts at finding a free masquerading port before giving up on a flow.
-const SNAT_TRIES: u32 = 8;
-/// Masquerading ports are taken from this range when the client's own port is in use.
-const SNAT_PORT_MIN: u32 = 32768;
-const SNAT_PORT_SPAN: u32 = 28232;
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
@@ -159,9 +153,9 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
                 Reason::NatEstablished
             });
             if e.flags & CT_DSR != 0 && !reply {
-                return dsr_forward::<F>(ctx, &e.to, &pkt.t);
+                return dsr_established::<F>(ctx, &e.to, &pkt.t);
             }
-            return forward::<F>(ctx, &e.to, None);
+            return forward::<F>(ctx, &e.to, 0);
         }
     }
     NEW
@@ -251,18 +245,21 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
     };
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
+    // This node's address on the way to the backend (with masquerading or DSR).
+    let mut via = pkt.t.daddr;
     let ifindex = match route::<F>(ctx, &to, snat) {
         Ok(r) => {
+            via = r.src;
             // Direct server return for backends behind the interface the flow came in on.
             dsr = snat && r.ifindex == here && dsr::enabled::<F>();
             if snat && !dsr {
                 to.saddr = r.src;
             }
-            Some(r.ifindex)
+            r.ifindex
         }
         // No forwarding route (e.g. a host-network backend on this node): without
         // masquerading the stack can still deliver it.
-        Err(_) if !snat => None,
+        Err(_) if !snat => 0,
         Err(_) => {
             stats::count(Reason::FibPass);
             return TC_ACT_OK as i32;
@@ -282,18 +279,19 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         svc_id: svc.id,
         backend_id: choice.backend_id,
     };
-    // The reply entry claims the masquerading port: first the client's own, then random ones.
-    // With DSR the replies never come back here: no reply entry.
+    // The reply entry claims the masquerading port: the client's own if it lies in the
+    // masquerading range, else (and after a collision) random ones of the range. With DSR the
+    // replies never come back here: no reply entry.
     let mut claimed = dsr;
-    for i in 0..SNAT_TRIES {
+    let ports = snat::range();
+    for i in 0..snat::TRIES {
         if dsr {
             break;
         }
-        if i > 0 {
-            if !snat {
-                break;
-            }
-            to.sport = (SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_SPAN) as u16;
+        if snat {
+            to.sport = snat::port(i, to.sport, ports);
+        } else if i > 0 {
+            break;
         }
         let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
         if F::ct_insert(&to.reversed(), &entry, now, map_flags, 0).is_ok() {
@@ -331,36 +329,59 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         stats::count(Reason::AffinityHit);
     }
     if dsr {
-        return dsr_forward::<F>(ctx, &to, &pkt.t);
+        return dsr_forward::<F>(ctx, &to, &pkt.t, &via, ifindex);
     }
     forward::<F>(ctx, &to, ifindex)
 }
 
-/// Adds the DSR option naming the frontend of `orig` and sends the packet on.
-#[inline(always)]
-fn dsr_forward<F: Family>(ctx: &TcContext, to: &Tuple<F::Addr>, orig: &Tuple<F::Addr>) -> i32 {
-    let Some(frontend) = dsr::frontend4::<F>(orig) else {
-        return TC_ACT_SHOT as i32;
-    };
-    if dsr::add_option_tc(ctx, frontend, orig.dport).is_err() {
-        return TC_ACT_SHOT as i32;
+/// A packet of a tracked DSR flow: the route to the backend names this node's address on the
+/// way, which the option carries. Out of line: `handle`'s frame has no room for the lookup.
+#[inline(never)]
+fn dsr_established<F: Family>(ctx: &TcContext, to: &Tuple<F::Addr>, orig: &Tuple<F::Addr>) -> i32 {
+    match route::<F>(ctx, to, true) {
+        Ok(r) => dsr_forward::<F>(ctx, to, orig, &r.src, r.ifindex),
+        Err(_) => {
+            stats::count(Reason::FibPass);
+            TC_ACT_OK as i32
+        }
     }
-    forward::<F>(ctx, to, None)
 }
 
-/// Sends a translated packet on its way: straight to the egress interface the FIB names, or
-/// to the stack when the FIB has no forwarding route for it.
+/// Adds the DSR option naming the frontend of `orig` and this node (`node`, its address on
+/// the way to the backend) and sends the packet out of `ifindex`. Inlined: `new_flow`'s frame
+/// leaves room for `add_option_tc`'s and no more.
 #[inline(always)]
-pub fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: Option<u32>) -> i32 {
+fn dsr_forward<F: Family>(
+    ctx: &TcContext,
+    to: &Tuple<F::Addr>,
+    orig: &Tuple<F::Addr>,
+    node: &F::Addr,
+    ifindex: u32,
+) -> i32 {
+    let (Some(frontend), Some(node)) = (dsr::frontend4::<F>(orig), F::v4(node)) else {
+        return TC_ACT_SHOT as i32;
+    };
+    if dsr::add_option_tc(ctx, frontend, orig.dport, node).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    forward::<F>(ctx, to, ifindex)
+}
+
+/// Sends a translated packet on its way: straight to the egress interface the FIB names
+/// (`ifindex`, or looked up when 0), or to the stack when the FIB has no forwarding route for
+/// it. An index rather than an `Option`: a `None`'s undefined payload made LLVM store an
+/// unset register, which the verifier refuses ("R1 !read_ok").
+#[inline(always)]
+pub fn forward<F: Family>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 {
     let ifindex = match ifindex {
-        Some(i) => i,
-        None => match route::<F>(ctx, t, false) {
+        0 => match route::<F>(ctx, t, false) {
             Ok(r) => r.ifindex,
             Err(_) => {
                 stats::count(Reason::FibPass);
                 return TC_ACT_OK as i32;
             }
         },
+        i => i,
     };
     // Forwarded here, not by the stack: the TTL is counted down here too.
     if !count_down_ttl(ctx, F::AF == AF_INET) {

@@ -13,7 +13,7 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_ktime_get_ns,
         generated::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
     },
     programs::XdpContext,
@@ -31,12 +31,8 @@ use crate::{
     dsr, lb,
     nodeport::{ct_flags_of, keeps_entry},
     packet::{ETH_HLEN, Entry, Family, Packet, Tuple, V4, V6},
-    stats,
+    snat, stats,
 };
-
-const SNAT_TRIES: u32 = 8;
-const SNAT_PORT_MIN: u32 = 32768;
-const SNAT_PORT_SPAN: u32 = 28232;
 
 #[inline(always)]
 fn ptr<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -342,7 +338,9 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
                 dmac: [0; 6],
                 src: pkt.t.saddr,
             };
-            if !hop::<F>(ctx, &e.to, false, &mut h) || h.ifindex != here {
+            // DSR names this node in the option: its address on the way is needed.
+            let dsr = e.flags & CT_DSR != 0;
+            if !hop::<F>(ctx, &e.to, dsr, &mut h) || h.ifindex != here {
                 return Some(XDP_PASS);
             }
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
@@ -350,8 +348,8 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
                 return Some(XDP_DROP);
             }
             stats::count(Reason::XdpForwarded);
-            if e.flags & CT_DSR != 0 {
-                return Some(dsr_out::<F>(ctx, &pkt.t, h.smac, h.dmac));
+            if dsr {
+                return Some(dsr_out::<F>(ctx, &pkt.t, &h));
             }
             return Some(transmit(ctx, h.smac, h.dmac));
         }
@@ -472,13 +470,12 @@ fn commit<F: XdpFamily>(
             backend_id: meta.backend_id,
         };
         let mut claimed = false;
-        for i in 0..SNAT_TRIES {
-            if i > 0 {
-                if !snat {
-                    break;
-                }
-                to.sport =
-                    (SNAT_PORT_MIN + unsafe { bpf_get_prandom_u32() } % SNAT_PORT_SPAN) as u16;
+        let ports = snat::range();
+        for i in 0..snat::TRIES {
+            if snat {
+                to.sport = snat::port(i, to.sport, ports);
+            } else if i > 0 {
+                break;
             }
             let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
             if insert::<F>(&to.reversed(), &reply, meta.now, map_flags) {
@@ -507,61 +504,43 @@ fn commit<F: XdpFamily>(
     stats::count(Reason::NatNew);
     stats::count(Reason::XdpForwarded);
     if dsr {
-        return dsr_out::<F>(ctx, &pkt.t, hop.smac, hop.dmac);
+        return dsr_out::<F>(ctx, &pkt.t, hop);
     }
     transmit(ctx, hop.smac, hop.dmac)
 }
 
-/// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and transmits.
+/// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and this node's
+/// address on the way (`hop.src`), and transmits.
 #[inline(always)]
-fn dsr_out<F: XdpFamily>(
-    ctx: &XdpContext,
-    orig: &Tuple<F::Addr>,
-    smac: [u8; 6],
-    dmac: [u8; 6],
-) -> u32 {
-    let Some(frontend) = dsr::frontend4::<F>(orig) else {
+fn dsr_out<F: XdpFamily>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
+    let (Some(frontend), Some(node)) = (dsr::frontend4::<F>(orig), F::v4(&hop.src)) else {
         return XDP_DROP;
     };
-    if add_option(ctx, frontend, orig.dport).is_none() {
+    if add_option(ctx, frontend, orig.dport, node).is_none() {
         return XDP_DROP;
     }
     stats::count(Reason::DsrSent);
-    transmit(ctx, smac, dmac)
+    transmit(ctx, hop.smac, hop.dmac)
 }
 
-/// Grows the IPv4 header by the 8-byte DSR option (the frame is moved 8 bytes forward).
+/// Grows the IPv4 header by the DSR option (the frame is moved forward by its length).
 #[inline(never)]
-fn add_option(ctx: &XdpContext, frontend: [u8; 4], port: u16) -> Option<()> {
+fn add_option(ctx: &XdpContext, frontend: [u8; 4], port: u16, node: [u8; 4]) -> Option<()> {
+    const GROW: usize = proxy_common::dsr::OPTION_LEN as usize;
     // SAFETY: plain helper call on this context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -8) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
         return None;
     }
     // Ethernet and IPv4 headers back to the front.
-    let hdr = read::<[u8; 34]>(ctx, 8)?;
+    let hdr = read::<[u8; 34]>(ctx, GROW)?;
     write(ctx, 0, hdr)?;
-    let mut ip = read::<[u8; 20]>(ctx, ETH_HLEN)?;
-    let opt = dsr::option(frontend, port);
-    ip[0] = 0x47;
-    let len = u16::from_be_bytes([ip[2], ip[3]])
-        .wrapping_add(8)
-        .to_be_bytes();
-    ip[2] = len[0];
-    ip[3] = len[1];
-    ip[10] = 0;
-    ip[11] = 0;
-    let mut whole = [0u8; 28];
+    let ip = read::<[u8; 20]>(ctx, ETH_HLEN)?;
+    let mut whole = [0u8; 20 + GROW];
     let mut i = 0;
     while i < 20 {
         whole[i] = ip[i];
         i += 1;
     }
-    while i < 28 {
-        whole[i] = opt[i - 20];
-        i += 1;
-    }
-    let sum = dsr::header_checksum(&whole);
-    whole[10] = sum[0];
-    whole[11] = sum[1];
+    dsr::grow_header(&mut whole, &dsr::option(frontend, port, node));
     write(ctx, ETH_HLEN, whole)
 }

@@ -12,5 +12,6 @@ pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod plan;
+pub mod portrange;
 pub mod snapshot;
 pub mod source;

@@ -136,3 +136,262 @@ fn traffic_that_is_no_service_passes_xdp_untouched() {
     }
     tb.assert_no_checksum_errors();
 }
+
+/// The client port of forged packets: the reply entry they would teach is keyed by it.
+const SPOOF_PORT: u16 = 4444;
+
+/// One's-complement sum of `bytes` as 16-bit words.
+fn sum16(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn fold(mut s: u32) -> [u8; 2] {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    (!(s as u16)).to_be_bytes()
+}
+
+/// A TCP SYN from the external client (port SPOOF_PORT) to `backend`:8080 whose IPv4 header
+/// carries `option`, as hex for `testhost raw4`.
+fn forged_syn(backend: std::net::Ipv4Addr, option: &[u8]) -> String {
+    assert_eq!(option.len() % 4, 0);
+    let src = tests::harness::testbed::EXT_IP4.octets();
+    let dst = backend.octets();
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&SPOOF_PORT.to_be_bytes());
+    tcp[2..4].copy_from_slice(&BACKEND_PORT.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let sum = fold(sum16(&pseudo) + sum16(&tcp));
+    tcp[16..18].copy_from_slice(&sum);
+    let ihl = (20 + option.len()) / 4;
+    let total = (20 + option.len() + tcp.len()) as u16;
+    let mut ip = vec![0x40 | ihl as u8, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(option);
+    ip.extend_from_slice(&tcp);
+    ip.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The DSR option as this version writes it: frontend `LB_IP`:80 and sending node `node`.
+fn option_v2(node: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut o = vec![0x9a, 12, 0, 80];
+    o.extend_from_slice(&LB_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    o.extend_from_slice(&node.octets());
+    o
+}
+
+/// The DSR option of earlier versions (no sending node): frontend `LB_IP`:80.
+fn option_v1() -> Vec<u8> {
+    let mut o = vec![0x9a, 8, 0, 80];
+    o.extend_from_slice(&LB_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    o
+}
+
+/// Sends forged SYNs from the external client to `backend` on node `node` (a route through
+/// that node), with the option of earlier versions and with this version's naming node-a as
+/// the sender.
+fn send_forged(tb: &Testbed, node: usize, backend: std::net::Ipv4Addr) {
+    let via = tb.nodes[node].ip4.to_string();
+    tb.ext
+        .ip(&["route", "replace", &format!("{backend}/32"), "via", &via]);
+    let workspace = tests::harness::process::workspace_binary("testhost");
+    let workspace = workspace.to_str().unwrap();
+    for option in [option_v1(), option_v2(tb.nodes[0].ip4)] {
+        for _ in 0..3 {
+            tb.ext
+                .exec(workspace, &["raw4", &forged_syn(backend, &option)]);
+        }
+    }
+}
+
+/// Reply entries of `agent`'s IPv4 connection tracking whose key is (`backend`:8080 →
+/// client:SPOOF_PORT), read with bpftool.
+fn spoofed_entries(agent: &tests::Agent, backend: std::net::Ipv4Addr) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_dir.join("LB_CT4"))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let want: Vec<u8> = backend.octets().to_vec();
+    all.into_iter()
+        .filter(|e| {
+            let k = &e["formatted"]["key"];
+            let k = if k.is_null() { &e["key"] } else { k };
+            let saddr: Vec<u8> = k["saddr"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|b| b.as_u64())
+                        .map(|b| b as u8)
+                        .collect()
+                })
+                .unwrap_or_default();
+            saddr == want && k["dport"].as_u64() == Some(u64::from(SPOOF_PORT))
+        })
+        .collect()
+}
+
+/// Writes `web` with `backend` (on node-b) as its only endpoint.
+fn web_on_node_b(agent: &tests::Agent, backend: &str) {
+    agent.write_manifest("web.yaml", &web_yaml());
+    agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            &[HTTP, DNS],
+            &[Ep {
+                addr: backend.to_string(),
+                node: "node-b",
+                conditions: "",
+            }],
+        ),
+    );
+}
+
+/// Hardening item 1: a node in SNAT mode (the default) learns nothing from packets carrying
+/// the DSR option, whoever sends them: no reply entry appears, and the packets are counted as
+/// refused.
+#[test]
+fn dsr_option_in_snat_mode_creates_no_conntrack_entry() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let mut b = node_agent(&tb, 1, &format!("{}-b", tb.id), &cgroup_b.path, &[]);
+    let backend = tb.nodes[1].pods[0].ip4;
+    web_on_node_b(&b, &backend.to_string());
+    b.start();
+    b.wait_for_log(0, "synced:", std::time::Duration::from_secs(10));
+    send_forged(&tb, 1, backend);
+    assert!(datapath_events(&b, "dsr_refused") > 0);
+    let learnt = spoofed_entries(&b, backend);
+    assert!(
+        learnt.is_empty(),
+        "forged options taught node-b: {learnt:?}"
+    );
+}
+
+/// Hardening item 1: in DSR mode, packets carrying the option from a host that is no node (the
+/// external client, even naming node-a as the sender) teach nothing, and are counted as
+/// refused; DSR between the nodes still works afterwards.
+#[test]
+fn dsr_option_from_a_non_node_source_creates_no_conntrack_entry() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let dsr = ["--nodeport-mode", "dsr"];
+    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
+    let mut b = node_agent(&tb, 1, &format!("{}-b", tb.id), &cgroup_b.path, &dsr);
+    let backend = tb.nodes[1].pods[0].ip4;
+    for agent in [&mut a, &mut b] {
+        web_on_node_b(agent, &backend.to_string());
+        agent.start();
+    }
+    b.wait_for_log(
+        0,
+        "DSR peers: 1 node addresses",
+        std::time::Duration::from_secs(10),
+    );
+    b.wait_for_log(0, "synced:", std::time::Duration::from_secs(10));
+    send_forged(&tb, 1, backend);
+    assert!(datapath_events(&b, "dsr_refused") > 0);
+    let learnt = spoofed_entries(&b, backend);
+    assert!(
+        learnt.is_empty(),
+        "forged options taught node-b: {learnt:?}"
+    );
+    // The real thing still works: node-a balances, node-b learns and answers directly.
+    let to: SocketAddr = format!("{LB_IP}:80").parse().unwrap();
+    tests::poll_until(
+        &format!("{to} answered"),
+        std::time::Duration::from_secs(10),
+        || {
+            let r = tb.request_ext(Proto::Tcp, to, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    for r in tb.request_ext(Proto::Tcp, to, 3) {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.backend, "b-pod-1");
+        assert!(r.seen.starts_with("192.168.77.100:"), "{r:?}");
+        assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), to, "{r:?}");
+    }
+    assert!(datapath_events(&b, "dsr_learned") > 0);
+}
+
+/// Hardening item 1: what one client address can make a node learn is bounded
+/// (`--dsr-learn-budget` new entries per second): past it, further new flows of that client
+/// are not learnt (their replies go out untranslated and are lost) and are counted.
+#[test]
+fn dsr_learning_is_bounded_per_client_address() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let dsr = ["--nodeport-mode", "dsr"];
+    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
+    let mut b = node_agent(
+        &tb,
+        1,
+        &format!("{}-b", tb.id),
+        &cgroup_b.path,
+        &["--nodeport-mode", "dsr", "--dsr-learn-budget", "2"],
+    );
+    let backend = tb.nodes[1].pods[0].ip4;
+    for agent in [&mut a, &mut b] {
+        web_on_node_b(agent, &backend.to_string());
+        agent.start();
+    }
+    let to: SocketAddr = format!("{LB_IP}:53").parse().unwrap();
+    tests::poll_until(
+        &format!("{to} answered"),
+        std::time::Duration::from_secs(10),
+        || {
+            let r = tb.request_ext(Proto::Udp, to, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    // Each request is a new flow (a new socket); only two per second are learnt. The others'
+    // replies leave node-b untranslated (from the backend's own address, which this
+    // unconnected client accepts too) or not at all.
+    let replies = tb.request_ext(Proto::Udp, to, 6);
+    let answered = replies
+        .iter()
+        .filter(|r| r.ok && r.peer.parse::<SocketAddr>().ok() == Some(to))
+        .count();
+    assert!((1..6).contains(&answered), "{replies:?}");
+    assert!(datapath_events(&b, "dsr_budget_exceeded") > 0);
+}

@@ -157,27 +157,38 @@ impl SourceArgs {
     /// The manifests source with --manifests, else the API server (--master, --kubeconfig,
     /// in-cluster configuration, $KUBECONFIG, in that order).
     pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
-        self.source_with_metrics(None)
+        self.source_with(None, None)
     }
 
-    /// [`SourceArgs::source`], counting the API source's list/watch errors and undecodable
-    /// objects in `metrics`.
-    pub fn source_with_metrics(
+    /// [`SourceArgs::source`] for the agent: the API source counts its list/watch errors and
+    /// undecodable objects in `metrics`, and either source keeps `node_addresses` equal to the
+    /// addresses of every Node object when given (the agent in DSR mode).
+    pub fn source_with(
         &self,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+        node_addresses: Option<std::sync::Arc<crate::source::NodeAddresses>>,
     ) -> anyhow::Result<Box<dyn Source>> {
         Ok(match &self.manifests {
-            Some(dir) => Box::new(ManifestSource::new(dir.clone(), self.node_name())),
+            Some(dir) => {
+                let source = ManifestSource::new(dir.clone(), self.node_name());
+                Box::new(match node_addresses {
+                    Some(book) => source.with_node_addresses(book),
+                    None => source,
+                })
+            }
             None => {
-                let source = KubeSource::from_flags(
+                let mut source = KubeSource::from_flags(
                     self.master.as_deref(),
                     self.kubeconfig.clone(),
                     self.node_name(),
                 )?;
-                Box::new(match metrics {
-                    Some(m) => source.with_metrics(m),
-                    None => source,
-                })
+                if let Some(m) = metrics {
+                    source = source.with_metrics(m);
+                }
+                if let Some(book) = node_addresses {
+                    source = source.with_node_addresses(book);
+                }
+                Box::new(source)
             }
         })
     }

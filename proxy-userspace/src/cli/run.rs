@@ -27,7 +27,9 @@ use crate::{
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
     metrics::Metrics,
+    portrange::{self, PortRange},
     snapshot::{ProxyConfig, Snapshot},
+    source::NodeAddresses,
 };
 
 #[derive(clap::Args)]
@@ -79,6 +81,17 @@ pub struct RunArgs {
     /// (IPv4: the backend's node answers the client directly; every node must run the agent).
     #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
     pub nodeport_mode: String,
+    /// Source ports of masqueraded flows, LOW-HIGH. Must lie outside the node's ephemeral
+    /// ports (net.ipv4.ip_local_port_range), or the agent refuses to start: a masqueraded flow
+    /// and a connection of the node itself could claim the same tuple. Default: the ports above
+    /// the ephemeral range (61000-65535 with Linux's default 32768-60999), else those below it.
+    #[arg(long)]
+    pub masquerade_port_range: Option<PortRange>,
+    /// DSR mode: new reply entries one client address may make this node learn per second
+    /// from packets carrying the DSR option (more are refused and counted as
+    /// dsr_budget_exceeded).
+    #[arg(long, default_value_t = proxy_common::config::DSR_BUDGET_DEFAULT)]
+    pub dsr_learn_budget: u32,
     /// Pod-facing interfaces, where tc translates replies of local backends and pod traffic to
     /// external frontends: `auto` (the interfaces the kernel routes this node's endpoints and
     /// pod CIDRs through, followed as pods come and go), interface names (attached when they
@@ -108,7 +121,9 @@ fn serve(what: &str, addr: &str, state: &Arc<HttpState>) {
 fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
     thread::spawn(move || {
         let mut evicted_seen = [0u64; 2];
+        let mut refused_seen = [0u64; 2];
         loop {
+            report_dsr_refusals(&pin_dir, &mut refused_seen);
             // Counters are read before and after the entries are counted: evictions are then
             // bounded from below (see `evicted_at_least`), never overestimated by sockets
             // created or released meanwhile.
@@ -147,6 +162,76 @@ pub fn evicted_at_least(created_before: u64, deleted_after: u64, present: u64) -
     created_before
         .saturating_sub(deleted_after)
         .saturating_sub(present)
+}
+
+/// Packets carrying the DSR option that taught this node nothing (`dsr_refused`,
+/// `dsr_budget_exceeded`, also in the metrics): a log line whenever their number grew.
+fn report_dsr_refusals(pin_dir: &std::path::Path, seen: &mut [u64; 2]) {
+    let Ok(stats) = bpf::Maps::open_pinned(pin_dir).and_then(|m| m.stats()) else {
+        return;
+    };
+    let total = |reason: Reason| stats.iter().find(|(r, _)| *r == reason).map_or(0, |s| s.1);
+    let refused = total(Reason::DsrRefused);
+    if refused > seen[0] {
+        log::warn!(
+            "refused {} packets carrying the DSR option ({refused} so far): this node is not in \
+             DSR mode, or the sender is no peer node (LB_DSR_PEERS) or not its neighbour on the \
+             arrival interface, or the frontend is no Service frontend here, or the option is \
+             malformed",
+            refused - seen[0]
+        );
+        seen[0] = refused;
+    }
+    let over = total(Reason::DsrBudgetExceeded);
+    if over > seen[1] {
+        log::warn!(
+            "refused {} packets carrying the DSR option because their client address exceeded \
+             --dsr-learn-budget ({over} so far)",
+            over - seen[1]
+        );
+        seen[1] = over;
+    }
+}
+
+/// How often the DSR peer thread looks for new node addresses.
+const PEERS_TICK: Duration = Duration::from_millis(200);
+
+/// Keeps `LB_DSR_PEERS` equal to the IPv4 addresses of the cluster's Node objects as the
+/// source reports them in `book`; with no book (not in DSR mode) empties it once.
+fn follow_dsr_peers(pin_dir: PathBuf, book: Option<Arc<NodeAddresses>>) -> anyhow::Result<()> {
+    let Some(book) = book else {
+        bpf::DsrPeers::open_pinned(&pin_dir)?.sync(&Default::default())?;
+        return Ok(());
+    };
+    thread::Builder::new()
+        .name("dsr-peers".into())
+        .spawn(move || {
+            let mut done = 0;
+            loop {
+                let (generation, addresses) = book.get();
+                if generation != 0 && generation != done {
+                    let v4: std::collections::BTreeSet<std::net::Ipv4Addr> = addresses
+                        .iter()
+                        .filter_map(|a| match a {
+                            IpAddr::V4(a) => Some(*a),
+                            IpAddr::V6(_) => None,
+                        })
+                        .collect();
+                    match bpf::DsrPeers::open_pinned(&pin_dir).and_then(|mut m| m.sync(&v4)) {
+                        Ok((added, removed)) => {
+                            log::info!(
+                                "DSR peers: {} node addresses ({added} added, {removed} removed)",
+                                v4.len()
+                            );
+                            done = generation;
+                        }
+                        Err(e) => log::warn!("DSR peers: {e:#}; retrying"),
+                    }
+                }
+                thread::sleep(PEERS_TICK);
+            }
+        })?;
+    Ok(())
 }
 
 /// The socket records (`SOCK4_REVNAT`, `SOCK6_REVNAT`) are LRU maps: records are deleted when
@@ -339,9 +424,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = args.source.node_name();
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
+    let dsr = args.nodeport_mode == "dsr";
+    // Refused before anything is loaded: a range that collides with the node's own sockets.
+    let ephemeral = portrange::read_ephemeral().map_err(|e| anyhow::anyhow!(e))?;
+    let masquerade =
+        portrange::choose(args.masquerade_port_range, ephemeral).map_err(|e| anyhow::anyhow!(e))?;
+    let peers = dsr.then(|| Arc::new(NodeAddresses::default()));
     let source = args
         .source
-        .source_with_metrics(Some(Arc::clone(&metrics)))?;
+        .source_with(Some(Arc::clone(&metrics)), peers.clone())?;
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root()?,
@@ -359,7 +450,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.source.config()?;
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
     datapath.set_maglev_size(config.maglev_size)?;
-    datapath.set_dsr(args.nodeport_mode == "dsr")?;
+    datapath.set_dsr(dsr)?;
+    datapath.set_dsr_budget(args.dsr_learn_budget)?;
+    datapath.set_masquerade_ports(masquerade.first, masquerade.last)?;
     let mut external: Vec<String> = match &args.external_interfaces {
         Some(list) => list.clone(),
         None => netdev::default_route_interfaces(),
@@ -367,7 +460,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     external.retain(|i| !i.is_empty() && netdev::exists(i));
     let xdp = datapath.attach_xdp(&external, args.xdp)?;
     log::info!(
-        "NodePort mode {}; external interfaces {:?}, XDP {:?}",
+        "NodePort mode {}; external interfaces {:?}, XDP {:?}; masquerading ports {masquerade} \
+         (ephemeral ports {ephemeral})",
         args.nodeport_mode,
         external,
         xdp
@@ -417,6 +511,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }
     datapath.forward_logs();
+    follow_dsr_peers(args.bpffs.clone(), peers)?;
     log::info!("node {node:?}, source {}", source.name());
     let (source_tx, source_rx) = mpsc::channel();
     thread::Builder::new()

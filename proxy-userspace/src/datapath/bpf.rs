@@ -412,6 +412,27 @@ impl Maps {
         self.config.set(0, value, 0).context("write LB_CONFIG")
     }
 
+    /// Sets the masquerading source ports (`--masquerade-port-range`, inclusive).
+    pub fn set_masquerade_ports(&mut self, first: u16, last: u16) -> anyhow::Result<()> {
+        let mut value = self.config.get(&0, 0)?;
+        value.snat_port_min = first;
+        value.snat_port_max = last;
+        self.config.set(0, value, 0).context("write LB_CONFIG")
+    }
+
+    /// Sets how many new DSR reply entries one client address may make this node learn per
+    /// second (0: the programs' default).
+    pub fn set_dsr_budget(&mut self, per_second: u32) -> anyhow::Result<()> {
+        let mut value = self.config.get(&0, 0)?;
+        value.dsr_budget = per_second;
+        self.config.set(0, value, 0).context("write LB_CONFIG")
+    }
+
+    /// The configuration the programs read.
+    pub fn config(&self) -> anyhow::Result<ConfigValue> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
     /// Records whether sockets of removed backends are being terminated (for `status`).
     pub fn set_socket_termination(&mut self, on: bool) -> anyhow::Result<()> {
         self.set_config_flag(CONFIG_SOCKET_TERMINATION, on)
@@ -438,6 +459,51 @@ impl Maps {
     /// What the agent last recorded about itself.
     pub fn agent_state(&self) -> anyhow::Result<AgentState> {
         Ok(self.agent.get(&0, 0)?)
+    }
+}
+
+/// `LB_DSR_PEERS`: the node addresses this node accepts the DSR option from.
+pub struct DsrPeers {
+    map: HashMap<MapData, [u8; 4], u8>,
+}
+
+impl DsrPeers {
+    /// Opens the pinned map under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<DsrPeers> {
+        Ok(DsrPeers {
+            map: MapSource::Pins(pin_dir).take(names::LB_DSR_PEERS)?,
+        })
+    }
+
+    /// The addresses in the map.
+    pub fn addresses(&self) -> anyhow::Result<BTreeSet<std::net::Ipv4Addr>> {
+        let mut out = BTreeSet::new();
+        for key in self.map.keys() {
+            out.insert(std::net::Ipv4Addr::from(key.context("read LB_DSR_PEERS")?));
+        }
+        Ok(out)
+    }
+
+    /// Makes the map hold exactly `wanted`; returns (added, removed).
+    pub fn sync(
+        &mut self,
+        wanted: &BTreeSet<std::net::Ipv4Addr>,
+    ) -> anyhow::Result<(usize, usize)> {
+        let current = self.addresses()?;
+        let (mut added, mut removed) = (0, 0);
+        for a in wanted.difference(&current) {
+            self.map
+                .insert(a.octets(), 1, 0)
+                .with_context(|| format!("add {a} to LB_DSR_PEERS"))?;
+            added += 1;
+        }
+        for a in current.difference(wanted) {
+            match self.map.remove(&a.octets()) {
+                Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
+                Err(e) => return Err(e).with_context(|| format!("remove {a} from LB_DSR_PEERS")),
+            }
+        }
+        Ok((added, removed))
     }
 }
 
@@ -650,6 +716,16 @@ impl Datapath {
     /// Turns direct server return for NodePort traffic on or off.
     pub fn set_dsr(&mut self, on: bool) -> anyhow::Result<()> {
         self.maps.set_config_flag(CONFIG_DSR, on)
+    }
+
+    /// Sets the masquerading source ports (inclusive).
+    pub fn set_masquerade_ports(&mut self, first: u16, last: u16) -> anyhow::Result<()> {
+        self.maps.set_masquerade_ports(first, last)
+    }
+
+    /// Sets the DSR learning budget per client address and second.
+    pub fn set_dsr_budget(&mut self, per_second: u32) -> anyhow::Result<()> {
+        self.maps.set_dsr_budget(per_second)
     }
 
     /// Attaches the XDP program to `interfaces` as `choice` says (pinned links `xdp-IFNAME`,

@@ -54,7 +54,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::Source;
+use super::{NodeAddresses, Source, addresses_of};
 use crate::{
     metrics::Metrics,
     snapshot::{NodeInfo, Snapshot},
@@ -64,6 +64,8 @@ pub struct KubeSource {
     config: Config,
     node_name: String,
     metrics: Option<Arc<Metrics>>,
+    /// Where the addresses of every Node object go, when asked for (`with_node_addresses`).
+    node_addresses: Option<std::sync::Arc<NodeAddresses>>,
 }
 
 impl KubeSource {
@@ -92,12 +94,19 @@ impl KubeSource {
             config,
             node_name,
             metrics: None,
+            node_addresses: None,
         }
     }
 
     /// Counts list/watch errors and undecodable objects in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Also keeps `book` equal to the addresses of every Node object (`follow_node_addresses`).
+    pub fn with_node_addresses(mut self, book: std::sync::Arc<NodeAddresses>) -> Self {
+        self.node_addresses = Some(book);
         self
     }
 }
@@ -707,6 +716,9 @@ impl KubeSource {
             }
         }
 
+        if let Some(book) = self.node_addresses.clone() {
+            tokio::spawn(follow_node_addresses(Api::all(client.clone()), book));
+        }
         let mut stores = Stores {
             services: Objects::new(Kind::Services, metrics.clone()),
             slices: Objects::new(Kind::Slices, metrics.clone()),
@@ -752,6 +764,59 @@ impl KubeSource {
             }
         }
         bail!("the watch streams ended")
+    }
+}
+
+/// Keeps `book` equal to the addresses of every Node object (DSR peers). Apart from the
+/// snapshot's watchers on purpose: Node status changes often and must not cause syncs, and only
+/// names and addresses are kept, not the (large) objects. A failing watch keeps the last
+/// addresses and retries with backoff; a relist replaces them only once it is complete.
+async fn follow_node_addresses(
+    api: Api<DeserializeGuard<Node>>,
+    book: std::sync::Arc<NodeAddresses>,
+) {
+    type Book = std::collections::BTreeMap<String, Vec<std::net::IpAddr>>;
+    let entry = |o: &DeserializeGuard<Node>| -> Option<(String, Vec<std::net::IpAddr>)> {
+        let node = o.0.as_ref().ok()?;
+        Some((node.metadata.name.clone()?, addresses_of(node).collect()))
+    };
+    let mut live: Option<Book> = None;
+    let mut relist = Book::new();
+    let mut failing = false;
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => relist.clear(),
+            Ok(watcher::Event::InitApply(o)) => relist.extend(entry(&o)),
+            Ok(watcher::Event::InitDone) => live = Some(std::mem::take(&mut relist)),
+            Ok(watcher::Event::Apply(o)) => {
+                if let (Some(live), Some((name, addrs))) = (live.as_mut(), entry(&o)) {
+                    live.insert(name, addrs);
+                }
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                if let (Some(live), Some(name)) = (live.as_mut(), o.meta().name.as_ref()) {
+                    live.remove(name);
+                }
+            }
+            Err(e) => {
+                if !failing && !is_expired(&e) {
+                    log::warn!(
+                        "kubernetes: nodes (DSR peers): {}; keeping the last addresses, retrying \
+                         with backoff",
+                        error_chain(&e)
+                    );
+                    failing = true;
+                }
+                continue;
+            }
+        }
+        failing = false;
+        if let Some(live) = &live {
+            book.set(live.values().flatten().copied().collect());
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize as _;
 
-use super::Source;
+use super::{NodeAddresses, Source, addresses_of};
 use crate::snapshot::{NodeInfo, Snapshot};
 
 /// Objects parsed from one file.
@@ -32,6 +32,8 @@ pub struct ManifestSource {
     dir: PathBuf,
     node_name: String,
     poll: Duration,
+    /// Where the addresses of every Node object go, when asked for (`with_node_addresses`).
+    node_addresses: Option<std::sync::Arc<NodeAddresses>>,
 }
 
 impl ManifestSource {
@@ -40,7 +42,14 @@ impl ManifestSource {
             dir,
             node_name,
             poll: Duration::from_millis(100),
+            node_addresses: None,
         }
+    }
+
+    /// Also keeps `book` equal to the addresses of every Node object in the directory.
+    pub fn with_node_addresses(mut self, book: std::sync::Arc<NodeAddresses>) -> Self {
+        self.node_addresses = Some(book);
+        self
     }
 }
 
@@ -172,6 +181,15 @@ impl ManifestSource {
             }
         }
         snapshot.node = NodeInfo::with_node(self.node_name.clone(), node.as_ref());
+        if let Some(book) = &self.node_addresses {
+            book.set(
+                cache
+                    .values()
+                    .flat_map(|o| o.nodes.iter())
+                    .flat_map(addresses_of)
+                    .collect(),
+            );
+        }
         snapshot
     }
 }

@@ -293,6 +293,127 @@ fn request(proto: &str, to: SocketAddr, count: usize, mode: &str) {
     }
 }
 
+/// A TCP connection to `to` from source port `port` (bound explicitly), bounded by TIMEOUT.
+fn tcp_from_port(to: SocketAddr, port: u16) -> std::io::Result<TcpStream> {
+    let family = if to.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let timeout = libc::timeval {
+        tv_sec: TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    let local = if to.is_ipv6() {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], port))
+    };
+    let (local, local_len) = sockaddr_of(local);
+    let (remote, remote_len) = sockaddr_of(to);
+    // SAFETY: valid fd, option values of the right sizes and sockaddrs.
+    unsafe {
+        if libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+            // Bounds connect() too.
+            || libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) != 0
+            || libc::bind(
+                fd.as_raw_fd(),
+                (&local as *const libc::sockaddr_storage).cast(),
+                local_len,
+            ) != 0
+            || libc::connect(
+                fd.as_raw_fd(),
+                (&remote as *const libc::sockaddr_storage).cast(),
+                remote_len,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// One TCP request from each source port of `first..=last` to `to`, one answer line each. With
+/// `hold`, the connections stay open: every line on stdin asks each of them again.
+fn from_ports(to: SocketAddr, first: u16, last: u16, hold: bool) {
+    let mut streams = Vec::new();
+    for port in first..=last {
+        let mut stream = tcp_from_port(to, port);
+        let answer = stream
+            .as_mut()
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+        print_answer(answer.and_then(ask));
+        if let Ok(s) = stream {
+            streams.push(s);
+        }
+        if !hold {
+            streams.clear();
+        }
+    }
+    if hold {
+        for _ in std::io::stdin().lines() {
+            for s in &mut streams {
+                print_answer(ask(s));
+            }
+        }
+    }
+}
+
+/// Sends one IPv4 packet, header included as given (the kernel fills in the header checksum
+/// and total length), to the packet's destination over a raw socket.
+fn raw4(packet_hex: &str) {
+    let bytes: Vec<u8> = (0..packet_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&packet_hex[i..i + 2], 16).unwrap_or_else(|_| usage()))
+        .collect();
+    if bytes.len() < 20 {
+        usage();
+    }
+    let dst = SocketAddr::from(([bytes[16], bytes[17], bytes[18], bytes[19]], 0));
+    let (addr, len) = sockaddr_of(dst);
+    // SAFETY: plain socket(2); IPPROTO_RAW implies IP_HDRINCL.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh, valid descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: valid fd, buffer and sockaddr.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    assert!(
+        sent == bytes.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -361,7 +482,7 @@ fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected]"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected] | testhost from-ports ADDR:PORT FIRST LAST [hold] | testhost raw4 HEX"
     );
     std::process::exit(2)
 }
@@ -383,6 +504,13 @@ fn main() {
             args[2].parse().unwrap_or_else(|_| usage()),
             args.get(3).is_none_or(|a| a != "unconnected"),
         ),
+        Some("from-ports") if args.len() >= 4 => from_ports(
+            args[1].parse().unwrap_or_else(|_| usage()),
+            args[2].parse().unwrap_or_else(|_| usage()),
+            args[3].parse().unwrap_or_else(|_| usage()),
+            args.get(4).is_some_and(|a| a == "hold"),
+        ),
+        Some("raw4") if args.len() == 2 => raw4(&args[1]),
         _ => usage(),
     }
 }

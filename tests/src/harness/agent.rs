@@ -211,6 +211,18 @@ impl Agent {
         }
     }
 
+    /// Waits (bounded) for the agent to exit by itself; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("agent started");
+        let status = super::wait::poll_until("agent exited", timeout, || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".to_string()),
+            Err(e) => Err(e.to_string()),
+        });
+        self.child = None;
+        status
+    }
+
     /// Panics if the agent exited.
     pub fn assert_running(&mut self) {
         if let Some(child) = self.child.as_mut()

@@ -219,7 +219,26 @@ pub fn node_agent(
         .map(|s| s.to_string())
         .collect();
     agent.write_manifest("node.yaml", &node_yaml(name, None));
+    agent.write_manifest("peer-nodes.yaml", &peer_nodes_yaml(tb, node));
     agent
+}
+
+/// The Node objects of the testbed's other nodes, with their LAN addresses as InternalIPs (as
+/// a cluster's API server would hold them): the peers a node in DSR mode accepts the option
+/// from.
+pub fn peer_nodes_yaml(tb: &tests::Testbed, except: usize) -> String {
+    tb.nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != except)
+        .map(|(_, n)| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n  - {{type: InternalIP, address: \"{}\"}}\n",
+                n.name, n.ip4, n.ip6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 /// A datapath counter of `agent` (polled: the agent refreshes them every 5 s); the first
