@@ -85,6 +85,11 @@ fn masquerade_ports_stay_clear_of_the_nodes_own_connections() {
     );
     let backend = node.pods[0].ip4;
     let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    // The agent listens in node-a's namespace: on kube-proxy's own ports there, not on ports
+    // picked free in the test's namespace, which may fall inside the narrowed ephemeral range
+    // the node's connections below bind one by one.
+    agent.metrics_port = 10249;
+    agent.health_port = 10256;
     agent.write_manifest("web.yaml", &nodeport_yaml());
     agent.write_manifest(
         "web-slice.yaml",
