@@ -227,14 +227,9 @@ fn socket_records_go_with_their_sockets_and_real_pressure_is_reported() {
     });
     assert_eq!(env.agent.count_logs(pos, "map SOCK4_REVNAT is full"), 0);
     // 300 sockets open at once: more than 256 entries, records are evicted, and said so.
-    let netns = env.topo.pods[0].ns.path();
-    let procs = env.topo.cgroup.procs_file();
-    let mut cmd = tests::harness::process::command_in(
-        &tests::harness::process::Placement {
-            netns: &netns,
-            cgroup_procs: Some(&procs),
-        },
-        &tests::harness::process::workspace_binary("testhost"),
+    let mut cmd = tests::harness::topology::testhost_in(
+        &env.topo.pods[0].ns,
+        Some(&env.topo.cgroup),
         &["request", "tcp", "10.96.0.10:80", "300", "keep"],
     );
     cmd.stdin(std::process::Stdio::piped())

@@ -269,6 +269,25 @@ fn web_on_node_b(agent: &tests::Agent, backend: &str) {
 /// Hardening item 1: a node in SNAT mode (the default) learns nothing from packets carrying
 /// the DSR option, whoever sends them: no reply entry appears, and the packets are counted as
 /// refused.
+/// Two nodes in DSR mode, each with its agent (node-b's with `extra_b` too), both serving the
+/// Service whose backend is node-b's pod; started. Returns the testbed, node-b's socket-hook
+/// cgroup and the agents of node-a and node-b.
+fn dsr_nodes(extra_b: &[&str]) -> (Testbed, TestCgroup, tests::Agent, tests::Agent) {
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let dsr = ["--nodeport-mode", "dsr"];
+    let b_args: Vec<&str> = dsr.iter().chain(extra_b).copied().collect();
+    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
+    let mut b = node_agent(&tb, 1, &format!("{}-b", tb.id), &cgroup_b.path, &b_args);
+    let backend = tb.nodes[1].pods[0].ip4.to_string();
+    for agent in [&mut a, &mut b] {
+        web_on_node_b(agent, &backend);
+        agent.start();
+    }
+    (tb, cgroup_b, a, b)
+}
+
 #[test]
 fn dsr_option_in_snat_mode_creates_no_conntrack_entry() {
     if !privileged() {
@@ -299,17 +318,8 @@ fn dsr_option_from_a_non_node_source_creates_no_conntrack_entry() {
     if !privileged() {
         return;
     }
-    let mut tb = Testbed::new(&[1, 1]);
-    tb.serve(1, 0, BACKEND_PORT);
-    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
-    let dsr = ["--nodeport-mode", "dsr"];
-    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
-    let mut b = node_agent(&tb, 1, &format!("{}-b", tb.id), &cgroup_b.path, &dsr);
+    let (tb, _cgroup_b, _a, mut b) = dsr_nodes(&[]);
     let backend = tb.nodes[1].pods[0].ip4;
-    for agent in [&mut a, &mut b] {
-        web_on_node_b(agent, &backend.to_string());
-        agent.start();
-    }
     b.wait_for_log(
         0,
         "DSR peers: 1 node addresses",
@@ -354,23 +364,7 @@ fn dsr_learning_is_bounded_per_client_address() {
     if !privileged() {
         return;
     }
-    let mut tb = Testbed::new(&[1, 1]);
-    tb.serve(1, 0, BACKEND_PORT);
-    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
-    let dsr = ["--nodeport-mode", "dsr"];
-    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
-    let mut b = node_agent(
-        &tb,
-        1,
-        &format!("{}-b", tb.id),
-        &cgroup_b.path,
-        &["--nodeport-mode", "dsr", "--dsr-learn-budget", "2"],
-    );
-    let backend = tb.nodes[1].pods[0].ip4;
-    for agent in [&mut a, &mut b] {
-        web_on_node_b(agent, &backend.to_string());
-        agent.start();
-    }
+    let (tb, _cgroup_b, _a, b) = dsr_nodes(&["--dsr-learn-budget", "2"]);
     let to: SocketAddr = format!("{LB_IP}:53").parse().unwrap();
     tests::poll_until(
         &format!("{to} answered"),

@@ -219,18 +219,29 @@ impl Pod {
     }
 }
 
+/// `testhost ARGS` to run in namespace `ns`, inside `cgroup` when given (the socket hooks then
+/// see its sockets).
+pub fn testhost_in(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    args: &[&str],
+) -> std::process::Command {
+    let netns = ns.path();
+    let procs = cgroup.map(TestCgroup::procs_file);
+    command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: procs.as_deref(),
+        },
+        &workspace_binary("testhost"),
+        args,
+    )
+}
+
 /// Starts an echo server (`testhost serve`) in `ns` answering with `name`; waits until it
 /// listens.
 pub(crate) fn spawn_echo(ns: &NetNs, name: &str, port: u16) -> ChildGuard {
-    let netns = ns.path();
-    let cmd = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: None,
-        },
-        &workspace_binary("testhost"),
-        &["serve", name, &port.to_string()],
-    );
+    let cmd = testhost_in(ns, None, &["serve", name, &port.to_string()]);
     ChildGuard::spawn_ready(&format!("echo server {name} in {}", ns.name), cmd)
 }
 
@@ -275,8 +286,6 @@ fn request_with(
     count: usize,
     env: &[(&str, &str)],
 ) -> Vec<Reply> {
-    let netns = ns.path();
-    let procs = cgroup.map(TestCgroup::procs_file);
     let (proto_arg, connected) = match proto {
         Proto::Tcp => ("tcp", ""),
         Proto::Udp => ("udp", ""),
@@ -289,14 +298,7 @@ fn request_with(
     if !connected.is_empty() {
         args.push(connected);
     }
-    let mut cmd = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: procs.as_deref(),
-        },
-        &workspace_binary("testhost"),
-        &args,
-    );
+    let mut cmd = testhost_in(ns, cgroup, &args);
     for (name, value) in env {
         cmd.env(name, value);
     }
@@ -308,17 +310,8 @@ fn request_with(
 /// Opens one TCP connection from namespace `ns` (inside `cgroup` if given) to `to` and keeps
 /// it; returns it with the first reply.
 pub fn hold_in(ns: &NetNs, cgroup: Option<&TestCgroup>, to: SocketAddr) -> (Held, Reply) {
-    let netns = ns.path();
-    let procs = cgroup.map(TestCgroup::procs_file);
     let to = to.to_string();
-    let mut cmd = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: procs.as_deref(),
-        },
-        &workspace_binary("testhost"),
-        &["request", "tcp", &to, "1", "hold"],
-    );
+    let mut cmd = testhost_in(ns, cgroup, &["request", "tcp", &to, "1", "hold"]);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn testhost hold");
     let stdin = child.stdin.take().expect("piped stdin");
@@ -459,22 +452,13 @@ impl UdpStream {
         secs: u64,
         connected: bool,
     ) -> UdpStream {
-        let netns = ns.path();
-        let procs = cgroup.map(TestCgroup::procs_file);
         let to = to.to_string();
         let secs_arg = secs.to_string();
         let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
         if !connected {
             args.push("unconnected");
         }
-        let mut cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: procs.as_deref(),
-            },
-            &workspace_binary("testhost"),
-            &args,
-        );
+        let mut cmd = testhost_in(ns, cgroup, &args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd
             .spawn()
