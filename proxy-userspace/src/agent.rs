@@ -573,7 +573,7 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::snapshot::{NodeInfo, Snapshot};
+    use crate::snapshot::Snapshot;
 
     /// A datapath whose Maglev writes for frontend ids in `fail` fail (a full LB_MAGLEV), and
     /// whose `fail_map` writes fail altogether.
@@ -602,22 +602,7 @@ mod tests {
     }
 
     fn snapshot(yaml: &str) -> Snapshot {
-        let mut s = Snapshot {
-            node: NodeInfo {
-                name: "node-a".into(),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        for doc in yaml.split("\n---\n") {
-            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
-            match v["kind"].as_str() {
-                Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
-                Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
-                other => panic!("unexpected kind {other:?}"),
-            }
-        }
-        s
+        crate::compile::tests::snapshot(yaml, "node-a", None)
     }
 
     /// Two Maglev Services, `a` (10.96.0.1) and `b` (10.96.0.2), with `eps` endpoints each.

@@ -5,22 +5,14 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    process::Stdio,
-    sync::mpsc,
-    thread,
-    time::Duration,
-};
+use std::{io::Write as _, time::Duration};
 
 use common::*;
 use tests::{
     Testbed,
     harness::{
-        process::{
-            ChildGuard, Placement, command_in, output_within, parse_replies, workspace_binary,
-        },
-        topology::Proto,
+        process::{Placement, command_in, output_within, parse_replies, workspace_binary},
+        topology::{Proto, spawn_talking},
     },
 };
 
@@ -112,39 +104,12 @@ fn masquerade_ports_stay_clear_of_the_nodes_own_connections() {
         "{line}"
     );
     let frontend = format!("{}:{NODEPORT}", node.ip4);
-    tests::poll_until(
-        &format!("{frontend} answered"),
-        Duration::from_secs(10),
-        || {
-            let r = tb.request_ext(Proto::Tcp, frontend.parse().unwrap(), 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
+    wait_answered(&tb, Proto::Tcp, frontend.parse().unwrap());
 
     // The node's own connections, one from each of its ephemeral ports, held open.
     let count = usize::from(EPHEMERAL.1 - EPHEMERAL.0) + 1;
-    let mut cmd = from_ports(&node.ns.path(), &format!("{backend}:{BACKEND_PORT}"), true);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn testhost from-ports");
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let _guard = ChildGuard {
-        name: "host connections from node-a".into(),
-        child,
-    };
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let cmd = from_ports(&node.ns.path(), &format!("{backend}:{BACKEND_PORT}"), true);
+    let (_guard, mut stdin, rx) = spawn_talking(cmd, "host connections from node-a".into());
     let next_round = |what: &str| {
         let lines: Vec<String> = (0..count)
             .map(|i| {

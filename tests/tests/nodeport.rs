@@ -115,18 +115,6 @@ fn seen_ip(r: &Reply) -> IpAddr {
         .ip()
 }
 
-/// Waits until `to` answers from the external client (the agent has programmed it).
-fn wait_answered(tb: &Testbed, proto: Proto, to: SocketAddr) {
-    poll_until(&format!("{to} answered"), Duration::from_secs(10), || {
-        let r = tb.request_ext(proto, to, 1);
-        if r.iter().all(|r| r.ok) {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    });
-}
-
 #[test]
 fn external_clients_reach_every_frontend_with_cluster_policy() {
     // semantics 4.1, 4.6, 7.5-7.7, 7.13: NodePorts on node addresses, externalIPs and LB IPs

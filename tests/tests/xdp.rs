@@ -68,18 +68,7 @@ fn dsr_the_backend_node_answers_the_client_directly() {
         (Proto::Udp, format!("{LB_IP}:53").parse().unwrap()),
     ];
     for (proto, to) in &frontends {
-        tests::poll_until(
-            &format!("{to} answered"),
-            std::time::Duration::from_secs(10),
-            || {
-                let r = tb.request_ext(*proto, *to, 1);
-                if r[0].ok {
-                    Ok(())
-                } else {
-                    Err(format!("{r:?}"))
-                }
-            },
-        );
+        wait_answered(&tb, *proto, *to);
         for r in tb.request_ext(*proto, *to, 5) {
             assert!(r.ok, "{to}: {r:?}");
             assert_eq!(r.backend, "b-pod-1");
@@ -335,18 +324,7 @@ fn dsr_option_from_a_non_node_source_creates_no_conntrack_entry() {
     );
     // The real thing still works: node-a balances, node-b learns and answers directly.
     let to: SocketAddr = format!("{LB_IP}:80").parse().unwrap();
-    tests::poll_until(
-        &format!("{to} answered"),
-        std::time::Duration::from_secs(10),
-        || {
-            let r = tb.request_ext(Proto::Tcp, to, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
+    wait_answered(&tb, Proto::Tcp, to);
     for r in tb.request_ext(Proto::Tcp, to, 3) {
         assert!(r.ok, "{r:?}");
         assert_eq!(r.backend, "b-pod-1");
@@ -366,18 +344,7 @@ fn dsr_learning_is_bounded_per_client_address() {
     }
     let (tb, _cgroup_b, _a, b) = dsr_nodes(&["--dsr-learn-budget", "2"]);
     let to: SocketAddr = format!("{LB_IP}:53").parse().unwrap();
-    tests::poll_until(
-        &format!("{to} answered"),
-        std::time::Duration::from_secs(10),
-        || {
-            let r = tb.request_ext(Proto::Udp, to, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
+    wait_answered(&tb, Proto::Udp, to);
     // Each request is a new flow (a new socket); only two per second are learnt. The others'
     // replies leave node-b untranslated (from the backend's own address, which this
     // unconnected client accepts too) or not at all.

@@ -942,4 +942,4 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

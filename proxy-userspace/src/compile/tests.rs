@@ -10,7 +10,9 @@ use std::net::IpAddr;
 use super::*;
 use crate::snapshot::{NodeInfo, Snapshot};
 
-fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
+/// A snapshot of YAML documents (Services and EndpointSlices, separated by `---`) on node
+/// `node` in zone `zone`; also used by the agent's tests.
+pub(crate) fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
     let mut s = Snapshot {
         node: NodeInfo {
             name: node.into(),

@@ -307,13 +307,14 @@ fn request_with(
     parse_replies(&stdout)
 }
 
-/// Opens one TCP connection from namespace `ns` (inside `cgroup` if given) to `to` and keeps
-/// it; returns it with the first reply.
-pub fn hold_in(ns: &NetNs, cgroup: Option<&TestCgroup>, to: SocketAddr) -> (Held, Reply) {
-    let to = to.to_string();
-    let mut cmd = testhost_in(ns, cgroup, &["request", "tcp", &to, "1", "hold"]);
+/// Starts `cmd` with its stdin and stdout piped: the child (killed on drop, named `name`), its
+/// stdin, and its stdout's lines as they come.
+pub fn spawn_talking(
+    mut cmd: std::process::Command,
+    name: String,
+) -> (ChildGuard, ChildStdin, mpsc::Receiver<String>) {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn testhost hold");
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
@@ -325,13 +326,21 @@ pub fn hold_in(ns: &NetNs, cgroup: Option<&TestCgroup>, to: SocketAddr) -> (Held
             }
         }
     });
+    (ChildGuard { name, child }, stdin, rx)
+}
+
+/// Opens one TCP connection from namespace `ns` (inside `cgroup` if given) to `to` and keeps
+/// it; returns it with the first reply.
+pub fn hold_in(ns: &NetNs, cgroup: Option<&TestCgroup>, to: SocketAddr) -> (Held, Reply) {
+    let to = to.to_string();
+    let (guard, stdin, lines) = spawn_talking(
+        testhost_in(ns, cgroup, &["request", "tcp", &to, "1", "hold"]),
+        format!("held connection from {} to {to}", ns.name),
+    );
     let mut held = Held {
-        guard: ChildGuard {
-            name: format!("held connection from {} to {to}", ns.name),
-            child,
-        },
+        guard,
         stdin,
-        lines: rx,
+        lines,
     };
     let first = held.next_reply();
     (held, first)

@@ -74,6 +74,19 @@ impl Env {
     }
 }
 
+/// Waits (bounded) until `to` answers one request from the testbed's external client: the
+/// agent has programmed it.
+pub fn wait_answered(tb: &tests::Testbed, proto: Proto, to: SocketAddr) {
+    poll_until(&format!("{to} answered"), Duration::from_secs(10), || {
+        let r = tb.request_ext(proto, to, 1);
+        if r.iter().all(|r| r.ok) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+}
+
 /// Counts replies per backend; panics on any failed request.
 pub fn tally(replies: &[Reply]) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
