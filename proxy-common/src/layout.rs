@@ -34,4 +34,5 @@ const _: () = {
     assert!(size_of::<Ct4Value>() == 40);
     assert!(size_of::<Ct6Key>() == 40);
     assert!(size_of::<Ct6Value>() == 64);
+    assert!(size_of::<NetnsSource>() == 24);
 };

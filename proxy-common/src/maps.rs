@@ -53,8 +53,12 @@ pub const LB_DSR_PEERS: &str = "LB_DSR_PEERS";
 /// `[u8; 4]` → `dsr::DsrBudget` (LRU). Written by the programs.
 pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
 
+/// Source addresses of network namespaces, for loadBalancerSourceRanges at the socket layer:
+/// `u64` netns cookie → `service::NetnsSource`. Written by the agent.
+pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 24] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -78,6 +82,7 @@ pub const ALL: [&str; 23] = [
     LB_IFACES,
     LB_DSR_PEERS,
     LB_DSR_BUDGET,
+    LB_NETNS_SRC,
 ];
 
 /// Default capacities (entries). The agent can override them at load time.
@@ -96,3 +101,5 @@ pub const IFACES_MAX: usize = 16_384;
 pub const DSR_PEERS_MAX: usize = 65_536;
 /// Client addresses whose DSR learning is counted at one time (LRU).
 pub const DSR_BUDGET_MAX: usize = 65_536;
+/// Network namespaces on the node (pods, and the host's own).
+pub const NETNS_MAX: usize = 16_384;

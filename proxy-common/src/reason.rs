@@ -70,10 +70,17 @@ pub enum Reason {
     /// A packet carrying the DSR option taught this node nothing: its client address made this
     /// node learn its budget of new entries in the current second.
     DsrBudgetExceeded = 28,
+    /// Socket layer: a connection or datagram to a load balancer IP from a source outside its
+    /// loadBalancerSourceRanges (semantics 7.8): refused with EPERM.
+    SourceRefused = 29,
+    /// Socket layer: a load balancer IP with source ranges, from a socket whose source address
+    /// is not known yet (unbound, in a network namespace the agent has not seen): left
+    /// untranslated, for the packet path to check.
+    SourceUnknown = 30,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 29;
+pub const REASON_COUNT: u32 = 31;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -106,6 +113,8 @@ impl Reason {
         Reason::RevNatDel6,
         Reason::DsrRefused,
         Reason::DsrBudgetExceeded,
+        Reason::SourceRefused,
+        Reason::SourceUnknown,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -140,6 +149,8 @@ impl Reason {
             Reason::RevNatDel6 => "revnat6_deleted",
             Reason::DsrRefused => "dsr_refused",
             Reason::DsrBudgetExceeded => "dsr_budget_exceeded",
+            Reason::SourceRefused => "source_refused",
+            Reason::SourceUnknown => "source_unknown",
         }
     }
 }

@@ -151,7 +151,25 @@ pub struct SrcRange6 {
     pub addr: [u8; 16],
 }
 
+/// Value of `LB_NETNS_SRC`, keyed by a network namespace's cookie: the source address an
+/// unbound socket of that namespace uses towards load balancer IPs, per family, so that the
+/// socket hooks can apply loadBalancerSourceRanges before the kernel has picked one.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetnsSource {
+    pub v6: [u8; 16],
+    pub v4: [u8; 4],
+    /// `NETNS_HAS_V4` | `NETNS_HAS_V6`: which addresses are known.
+    pub flags: u32,
+}
+
+/// `NetnsSource::v4` is set.
+pub const NETNS_HAS_V4: u32 = 1;
+/// `NetnsSource::v6` is set.
+pub const NETNS_HAS_V6: u32 = 2;
+
 pod!(
+    NetnsSource,
     SrcRange4,
     SrcRange6,
     Service4Key,

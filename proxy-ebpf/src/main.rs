@@ -28,13 +28,13 @@ use aya_ebpf::{
 /// Service has no usable backend, then 0 with ECONNREFUSED (or EPERM for a policy drop).
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd4(&ctx))
+    sock::verdict(&ctx, sock::fwd4::<false>(&ctx))
 }
 
 /// sendmsg()/sendto() with a destination on unconnected UDP sockets, IPv4. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd4(&ctx))
+    sock::verdict(&ctx, sock::fwd4::<true>(&ctx))
 }
 
 /// recvmsg()/recvfrom() on UDP, IPv4: the source shown is the Service address. Always 1.
@@ -54,13 +54,13 @@ pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
 /// connect(), IPv6 (and IPv4-mapped IPv6). Verdicts as connect4.
 #[cgroup_sock_addr(connect6)]
 pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd6(&ctx))
+    sock::verdict(&ctx, sock::fwd6::<false>(&ctx))
 }
 
 /// sendmsg(), IPv6. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd6(&ctx))
+    sock::verdict(&ctx, sock::fwd6::<true>(&ctx))
 }
 
 /// recvmsg(), IPv6. Always 1.

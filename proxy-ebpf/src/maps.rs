@@ -17,8 +17,8 @@ use proxy_common::{
     reason::REASON_COUNT,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
-        MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
-        SrcRange4, SrcRange6,
+        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
+        SlotValue, SrcRange4, SrcRange6,
     },
 };
 
@@ -130,3 +130,9 @@ pub static LB_DSR_PEERS: HashMap<[u8; 4], u8, DSR_PEERS_MAX, NO_PREALLOC> = Hash
 /// LRU: a client not seen for long loses its window, which only resets its count.
 #[btf_map]
 pub static LB_DSR_BUDGET: LruHashMap<[u8; 4], DsrBudget, DSR_BUDGET_MAX> = LruHashMap::new();
+
+/// Source addresses of network namespaces, by netns cookie: what an unbound socket of a pod (or
+/// of the host) connects from, for loadBalancerSourceRanges at the socket layer. Written by the
+/// agent as namespaces come and go.
+#[btf_map]
+pub static LB_NETNS_SRC: HashMap<u64, NetnsSource, NETNS_MAX, NO_PREALLOC> = HashMap::new();

@@ -4,16 +4,20 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
+    btf_maps::lpm_trie::Key as LpmKey,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_NETNS},
-    backend::{FAMILY_V4, FAMILY_V6},
+    backend::{BackendValue, FAMILY_V4, FAMILY_V6},
     proto,
     reason::Reason,
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
-    service::{FLAG_LEAST_CONN, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue},
+    service::{
+        FLAG_LEAST_CONN, FLAG_SOURCE_RANGES, NETNS_HAS_V4, NETNS_HAS_V6, NetnsSource,
+        SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
+    },
 };
 
 use aya_log_ebpf::info;
@@ -21,7 +25,10 @@ use aya_log_ebpf::info;
 use crate::{
     conns, debug,
     lb::{self, Choice},
-    maps::{LB4_SERVICES, LB6_SERVICES, SOCK4_REVNAT, SOCK6_REVNAT},
+    maps::{
+        LB_NETNS_SRC, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES, SOCK4_REVNAT,
+        SOCK6_REVNAT,
+    },
     packet::{ip6_bytes, ip6_words},
     stats,
 };
@@ -43,7 +50,7 @@ pub fn verdict(ctx: &SockAddrContext, outcome: Result<Reason, Reason>) -> i32 {
     stats::count(reason);
     let errno = match reason {
         Reason::NoBackends => ECONNREFUSED,
-        Reason::NoLocalBackends => EPERM,
+        Reason::NoLocalBackends | Reason::SourceRefused => EPERM,
         _ => return 1,
     };
     if debug::enabled() {
@@ -127,9 +134,214 @@ fn lookup6(key: &Service6Key) -> Result<ServiceValue, Reason> {
     }
 }
 
-/// Forward translation, IPv4. Ok(reason) when the socket was translated or is not ours.
+/// The source address this socket's network namespace connects from, as the agent found it.
 #[inline(always)]
-pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+fn netns_source(ctx: &SockAddrContext) -> Option<&NetnsSource> {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { LB_NETNS_SRC.get(&cookie) }
+}
+
+/// Writes the IPv4 source of this connection or datagram into `out`, where known before the
+/// kernel picks one: the address given with the datagram (IP_PKTINFO, sendmsg only), the
+/// socket's bound address, or the address its network namespace uses (`LB_NETNS_SRC`).
+#[inline(always)]
+fn source4<const SEND: bool>(ctx: &SockAddrContext, out: &mut [u8; 4]) -> bool {
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = 0u32;
+    if SEND {
+        addr = sa.msg_src_ip4;
+    }
+    if addr == 0 {
+        // SAFETY: the kernel gives every sock_addr program its socket (never null).
+        addr = unsafe { (*sa.__bindgen_anon_1.sk).src_ip4 };
+    }
+    if addr != 0 {
+        *out = addr.to_ne_bytes();
+        return true;
+    }
+    match netns_source(ctx) {
+        Some(ns) if ns.flags & NETNS_HAS_V4 != 0 => {
+            *out = ns.v4;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Copies an address given as the context's four 32-bit words into `out` if it is set.
+#[inline(always)]
+fn put_words(w: [u32; 4], out: &mut [u8; 16]) -> bool {
+    if w[0] | w[1] | w[2] | w[3] == 0 {
+        return false;
+    }
+    // SAFETY: 16 bytes either way; unaligned writes.
+    unsafe { core::ptr::write_unaligned(out.as_mut_ptr().cast::<[u32; 4]>(), w) };
+    true
+}
+
+/// The IPv6 source, found as `source4` finds the IPv4 one; the namespace's address only when
+/// `ns_ok` (an IPv4-mapped frontend wants the IPv4 one instead).
+#[inline(always)]
+fn source6<const SEND: bool>(ctx: &SockAddrContext, out: &mut [u8; 16], ns_ok: bool) -> bool {
+    let sa = unsafe { &*ctx.sock_addr };
+    if SEND
+        && put_words(
+            [
+                sa.msg_src_ip6[0],
+                sa.msg_src_ip6[1],
+                sa.msg_src_ip6[2],
+                sa.msg_src_ip6[3],
+            ],
+            out,
+        )
+    {
+        return true;
+    }
+    // SAFETY: as in `source4`.
+    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
+    if put_words(
+        [sk.src_ip6[0], sk.src_ip6[1], sk.src_ip6[2], sk.src_ip6[3]],
+        out,
+    ) {
+        return true;
+    }
+    match netns_source(ctx) {
+        Some(ns) if ns_ok && ns.flags & NETNS_HAS_V6 != 0 => {
+            *out = ns.v6;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// loadBalancerSourceRanges at the socket layer (semantics 7.8, 7.9): a frontend with ranges
+/// (a load balancer IP) takes only sources inside them. A source outside is refused (EPERM,
+/// the socket-layer form of kube-proxy's DROP), before any affinity is read or written; an
+/// unknown source leaves the socket untranslated, so the packet path checks the real one.
+#[inline(always)]
+fn check_source4<const SEND: bool>(
+    ctx: &SockAddrContext,
+    svc: &ServiceValue,
+) -> Result<(), Reason> {
+    if !svc.has_flag(FLAG_SOURCE_RANGES) {
+        return Ok(());
+    }
+    from_code(source_code4::<SEND>(ctx, svc.id))
+}
+
+/// As `check_source4`, for an IPv6 socket: an IPv4-mapped frontend is checked with the IPv4
+/// source (the mapped bound address, or the namespace's IPv4 address).
+#[inline(always)]
+fn check_source6<const SEND: bool>(
+    ctx: &SockAddrContext,
+    flags: u16,
+    svc_id: u32,
+    mapped: bool,
+) -> Result<(), Reason> {
+    if flags & FLAG_SOURCE_RANGES == 0 {
+        return Ok(());
+    }
+    let code = if mapped {
+        source_code6_mapped::<SEND>(ctx, svc_id)
+    } else {
+        source_code6::<SEND>(ctx, svc_id)
+    };
+    from_code(code)
+}
+
+/// Source check verdicts, passed back from their own BPF function as a plain register value.
+const SOURCE_OK: u32 = 0;
+const SOURCE_REFUSED: u32 = 1;
+const SOURCE_UNKNOWN: u32 = 2;
+
+#[inline(always)]
+fn from_code(code: u32) -> Result<(), Reason> {
+    match code {
+        SOURCE_OK => Ok(()),
+        SOURCE_REFUSED => Err(Reason::SourceRefused),
+        _ => Err(Reason::SourceUnknown),
+    }
+}
+
+/// The IPv4 check, in a BPF function of its own with the LPM key filled in place: its stack
+/// does not add to the hook's, which is close to the verifier's 512 bytes already.
+#[inline(never)]
+fn source_code4<const SEND: bool>(ctx: &SockAddrContext, svc_id: u32) -> u32 {
+    let mut key = LpmKey::new(
+        64,
+        SrcRange4 {
+            svc_id: svc_id.to_be_bytes(),
+            addr: [0; 4],
+        },
+    );
+    if !source4::<SEND>(ctx, &mut key.data.addr) {
+        return SOURCE_UNKNOWN;
+    }
+    if LB4_SRC_RANGES.get(&key).is_some() {
+        SOURCE_OK
+    } else {
+        SOURCE_REFUSED
+    }
+}
+
+/// The IPv6 check, as `source_code4`.
+#[inline(never)]
+fn source_code6<const SEND: bool>(ctx: &SockAddrContext, svc_id: u32) -> u32 {
+    let mut key = LpmKey::new(
+        160,
+        SrcRange6 {
+            svc_id: svc_id.to_be_bytes(),
+            addr: [0; 16],
+        },
+    );
+    if !source6::<SEND>(ctx, &mut key.data.addr, true) {
+        return SOURCE_UNKNOWN;
+    }
+    if LB6_SRC_RANGES.get(&key).is_some() {
+        SOURCE_OK
+    } else {
+        SOURCE_REFUSED
+    }
+}
+
+/// An IPv4 frontend through an IPv6 socket: the IPv4-mapped bound address, else the namespace's
+/// IPv4 address.
+#[inline(never)]
+fn source_code6_mapped<const SEND: bool>(ctx: &SockAddrContext, svc_id: u32) -> u32 {
+    let mut key = LpmKey::new(
+        64,
+        SrcRange4 {
+            svc_id: svc_id.to_be_bytes(),
+            addr: [0; 4],
+        },
+    );
+    let mut bound = [0u8; 16];
+    let known = if source6::<SEND>(ctx, &mut bound, false) && is_v4_mapped(&bound) {
+        key.data.addr = [bound[12], bound[13], bound[14], bound[15]];
+        true
+    } else {
+        match netns_source(ctx) {
+            Some(ns) if ns.flags & NETNS_HAS_V4 != 0 => {
+                key.data.addr = ns.v4;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !known {
+        return SOURCE_UNKNOWN;
+    }
+    if LB4_SRC_RANGES.get(&key).is_some() {
+        SOURCE_OK
+    } else {
+        SOURCE_REFUSED
+    }
+}
+
+/// Forward translation, IPv4. Ok(reason) when the socket was translated or is not ours.
+/// `SEND`: called from sendmsg (the datagram may carry its own source address).
+#[inline(always)]
+pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = Service4Key {
         addr: sa.user_ip4.to_ne_bytes(),
@@ -138,6 +350,7 @@ pub fn fwd4(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         scope: SCOPE_INTERNAL,
     };
     let svc = lookup4(&key)?;
+    check_source4::<SEND>(ctx, &svc)?;
     let Choice {
         backend,
         reason,
@@ -231,7 +444,7 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 /// Forward translation, IPv6. An IPv4-mapped destination is looked up among the IPv4
 /// frontends and translated to the IPv4-mapped backend address. Verdicts as `fwd4`.
 #[inline(always)]
-pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+pub fn fwd6<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     let sa = unsafe { &mut *ctx.sock_addr };
     // The context's user_ip6 must be read one 32-bit word at a time.
     let words = [
@@ -257,6 +470,7 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     } else {
         lookup6(&key)?
     };
+    check_source6::<SEND>(ctx, svc.flags, svc.id, mapped)?;
     let Choice {
         backend,
         reason,
@@ -265,26 +479,44 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     if svc.has_flag(FLAG_LEAST_CONN) && key.proto == proto::TCP {
         conns::count(ctx, backend_id);
     }
-    let mut backend_addr = backend.addr;
-    if mapped {
-        backend_addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-        backend_addr[12] = backend.addr[0];
-        backend_addr[13] = backend.addr[1];
-        backend_addr[14] = backend.addr[2];
-        backend_addr[15] = backend.addr[3];
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rev_key = SockRevNat6Key {
-        cookie,
-        addr: backend_addr,
+    commit6(ctx, &key, &backend, svc.id, mapped)?;
+    Ok(reason)
+}
+
+/// The end of an IPv6 forward translation, in a BPF function of its own (the hook's stack is
+/// near the verifier's 512 bytes): records the socket's reverse entry, remembers the backend
+/// for least-connection, and rewrites the destination to `backend` (IPv4-mapped when `mapped`).
+#[inline(never)]
+fn commit6(
+    ctx: &SockAddrContext,
+    key: &Service6Key,
+    backend: &BackendValue,
+    svc_id: u32,
+    mapped: bool,
+) -> Result<(), Reason> {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // Addresses move as 32-bit words: byte-wise copies make the compiler spill every byte.
+    let words: [u32; 4] = if mapped {
+        // SAFETY: the first 4 of the backend's 16 address bytes, read unaligned.
+        let v4 = unsafe { core::ptr::read_unaligned(backend.addr.as_ptr().cast::<u32>()) };
+        [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), v4]
+    } else {
+        // SAFETY: 16 bytes read as four words, unaligned.
+        unsafe { core::ptr::read_unaligned(backend.addr.as_ptr().cast::<[u32; 4]>()) }
+    };
+    let mut rev_key = SockRevNat6Key {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: [0; 16],
         port: backend.port,
         _pad: [0; 6],
     };
+    // SAFETY: 16 bytes written as four words, unaligned.
+    unsafe { core::ptr::write_unaligned(rev_key.addr.as_mut_ptr().cast::<[u32; 4]>(), words) };
     let rev_value = SockRevNat6Value {
         addr: key.addr,
         port: key.port,
         _pad: 0,
-        svc_id: svc.id,
+        svc_id,
     };
     // A new record is counted, so the agent can tell evictions (records gone although
     // nothing deleted them) from a map that merely holds many sockets.
@@ -294,26 +526,31 @@ pub fn fwd6(ctx: &SockAddrContext) -> Result<Reason, Reason> {
             .insert(&rev_key, &rev_value, 0)
             .map_err(|_| Reason::RevNatFailed)?,
     }
-    conns::remember(ctx, FAMILY_V6, &backend_addr, backend.port);
-    let w = ip6_words(&backend_addr);
-    sa.user_ip6[0] = w[0];
-    sa.user_ip6[1] = w[1];
-    sa.user_ip6[2] = w[2];
-    sa.user_ip6[3] = w[3];
+    conns::remember(ctx, FAMILY_V6, &rev_key.addr, backend.port);
+    sa.user_ip6[0] = words[0];
+    sa.user_ip6[1] = words[1];
+    sa.user_ip6[2] = words[2];
+    sa.user_ip6[3] = words[3];
     sa.user_port = port_to_ctx(backend.port);
     if debug::enabled() {
-        info!(
-            ctx,
-            "kbp: [{:i}]:{} proto {} -> [{:i}]:{} (frontend {})",
-            key.addr,
-            key.port,
-            key.proto,
-            backend_addr,
-            backend.port,
-            svc.id
-        );
+        log6(ctx, key, &rev_key, svc_id);
     }
-    Ok(reason)
+    Ok(())
+}
+
+/// The debug line of an IPv6 translation; its formatting stack is kept out of the hook's.
+#[inline(never)]
+fn log6(ctx: &SockAddrContext, key: &Service6Key, to: &SockRevNat6Key, svc_id: u32) {
+    info!(
+        ctx,
+        "kbp: [{:i}]:{} proto {} -> [{:i}]:{} (frontend {})",
+        key.addr,
+        key.port,
+        key.proto,
+        to.addr,
+        to.port,
+        svc_id
+    );
 }
 
 /// Reverse translation, IPv6.

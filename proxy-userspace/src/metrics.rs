@@ -539,6 +539,9 @@ pub struct Metrics {
     pub pod_interfaces: Arc<Family<Gauge>>,
     pub interface_attach_failures: Arc<Family<Counter>>,
     pub pod_endpoints_waiting: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_network_namespaces_with_source: network namespaces of the hooked cgroup
+    /// whose source address the socket hooks know (for loadBalancerSourceRanges).
+    pub netns_sources: Arc<Family<Gauge>>,
     pub build_info: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_sockets_terminated_total [protocol].
     pub sockets_terminated: Arc<Family<Counter>>,
@@ -707,6 +710,10 @@ impl Metrics {
                 "kube_bpf_proxy_local_endpoints_waiting_for_interface",
                 "Local endpoints left out of tc-translated traffic until their interface carries the program",
             ),
+            netns_sources: r.gauge(
+                "kube_bpf_proxy_network_namespaces_with_source",
+                "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges",
+            ),
             build_info: r.gauge(
                 "kube_bpf_proxy_build_info",
                 "Always 1; the version label is the agent's version",
@@ -718,6 +725,7 @@ impl Metrics {
         m.sync_failures.with(&[]);
         m.pod_interfaces.with(&[]);
         m.pod_endpoints_waiting.with(&[]);
+        m.netns_sources.with(&[]);
         m.healthcheck_bind_failures.with(&[]);
         m.set_healthcheck_ports(0, 0);
         for kind in REJECTED_KINDS {

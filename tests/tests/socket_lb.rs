@@ -494,3 +494,214 @@ fn internal_traffic_policy_local_without_local_endpoints_drops() {
         }
     });
 }
+
+const LB4: &str = "10.96.200.1";
+const LB6: &str = "fd00:96::201";
+
+/// `web` as a LoadBalancer with ClientIP affinity, LB IPs `LB4` and `LB6`, and `ranges` as its
+/// loadBalancerSourceRanges.
+fn ranged_lb_yaml(ranges: &str) -> String {
+    service_yaml(
+        "web",
+        &[VIP4, VIP6],
+        &[HTTP, DNS],
+        &format!(
+            "  type: LoadBalancer\n  sessionAffinity: ClientIP\n  \
+             loadBalancerSourceRanges: [{ranges}]\nstatus:\n  \
+             loadBalancer: {{ingress: [{{ip: {LB4}}}, {{ip: \"{LB6}\"}}]}}\n"
+        ),
+    )
+}
+
+/// One request from `ns` (in the test cgroup) to `to`, until `want` says it went as expected.
+fn poll_request(
+    env: &Env,
+    ns: &tests::harness::netns::NetNs,
+    proto: Proto,
+    to: SocketAddr,
+    what: &str,
+    want: impl Fn(&tests::Reply) -> bool,
+) {
+    tests::poll_until(
+        &format!("{what}: {proto:?} to {to}"),
+        Duration::from_secs(15),
+        || {
+            let r = env.topo.request_from(ns, true, proto, to, 1);
+            if want(&r[0]) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+}
+
+/// semantics 7.8, 7.9: loadBalancerSourceRanges apply to pods and to the host too, each checked
+/// by its own source address; at the socket layer a source outside the ranges gets EPERM from
+/// connect() (TCP, connected UDP) and sendmsg() (unconnected UDP), in both families. Session
+/// affinity keeps working for the allowed client; the ClusterIP of the same Service is not
+/// filtered (7.8: LB IPs only); `services` and `explain` show the ranges.
+#[test]
+fn load_balancer_source_ranges_apply_to_pods_and_the_host() {
+    if !privileged() {
+        return;
+    }
+    // pod-1 connects from inside the ranges, pod-4 from outside; pod-2 and pod-3 are backends.
+    let env = Env::new(4);
+    let (inside, outside) = (&env.topo.pods[0], &env.topo.pods[3]);
+    let ranges = format!("{}/32, \"{}/128\"", inside.ip4, inside.ip6);
+    env.agent
+        .write_manifest("web.yaml", &ranged_lb_yaml(&ranges));
+    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+        let eps: Vec<Ep> = (1..=2)
+            .map(|i| {
+                let p = &env.topo.pods[i];
+                if v6 { ep(p.ip6) } else { ep(p.ip4) }
+            })
+            .collect();
+        env.agent.write_manifest(
+            &format!("web-{family}.yaml"),
+            &slice_yaml(&format!("web-{family}"), "web", family, &[HTTP, DNS], &eps),
+        );
+    }
+    // The node reaches the LB IPs through its pod bridge (its source there: 10.244.0.1).
+    env.topo
+        .node
+        .ip(&["route", "add", "10.96.200.0/24", "dev", "br0"]);
+    env.topo
+        .node
+        .ip(&["-6", "route", "add", "fd00:96::200/120", "dev", "br0"]);
+    let frontends = [
+        (Proto::Tcp, addr(LB4, 80)),
+        (Proto::Tcp, addr(LB6, 80)),
+        (Proto::Udp, addr(LB4, 53)),
+        (Proto::Udp, addr(LB6, 53)),
+        (Proto::UdpConnected, addr(LB4, 53)),
+        (Proto::UdpConnected, addr(LB6, 53)),
+    ];
+    for (proto, to) in frontends {
+        poll_request(
+            &env,
+            &inside.ns,
+            proto,
+            to,
+            "pod inside the ranges answered",
+            |r| r.ok,
+        );
+        let replies = env.topo.request_from(&inside.ns, true, proto, to, 10);
+        let backends = tally(&replies);
+        assert_eq!(
+            backends.values().sum::<usize>(),
+            10,
+            "{proto:?} {to}: {replies:?}"
+        );
+        assert_eq!(
+            backends.len(),
+            1,
+            "{proto:?} {to}: affinity keeps one backend: {backends:?}"
+        );
+        for r in &replies {
+            assert_eq!(
+                r.peer,
+                to.to_string(),
+                "the client sees the LB IP as its peer"
+            );
+            let seen: SocketAddr = r.seen.parse().unwrap();
+            let own = if to.is_ipv4() {
+                inside.ip4.to_string()
+            } else {
+                inside.ip6.to_string()
+            };
+            assert_eq!(seen.ip().to_string(), own, "the backend sees the pod");
+        }
+        poll_request(
+            &env,
+            &outside.ns,
+            proto,
+            to,
+            "pod outside the ranges refused",
+            |r| !r.ok && r.errno == Some(1),
+        );
+        poll_request(
+            &env,
+            &env.topo.node,
+            proto,
+            to,
+            "host outside the ranges refused",
+            |r| !r.ok && r.errno == Some(1),
+        );
+    }
+    // The ClusterIP is not filtered (semantics 7.8).
+    for to in [addr(VIP4, 80), addr(VIP6, 80)] {
+        let r = env.topo.request_from(&outside.ns, true, Proto::Tcp, to, 1);
+        assert!(r[0].ok, "{to} from outside the ranges: {r:?}");
+    }
+    assert!(datapath_events(&env.agent, "source_refused") >= 12);
+    // What the operator sees.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let out =
+            std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+                .args(args)
+                .args(["-o", "json", "--bpffs"])
+                .arg(&env.agent.pin_dir)
+                .output()
+                .expect("run the CLI");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let services = cli(&["services"]);
+    let lb = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["frontend"] == format!("{LB4}:80/TCP"))
+        .unwrap_or_else(|| panic!("no {LB4}:80/TCP in {services}"));
+    assert_eq!(
+        lb["source_ranges"],
+        serde_json::json!([format!("{}/32", inside.ip4)])
+    );
+    let refused = cli(&[
+        "explain",
+        &outside.ip4.to_string(),
+        &format!("{LB4}:80/TCP"),
+    ]);
+    assert!(
+        refused["next_connection"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused"),
+        "{refused}"
+    );
+    let allowed = cli(&["explain", &inside.ip4.to_string(), &format!("{LB4}:80/TCP")]);
+    assert!(
+        !allowed["next_connection"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused"),
+        "{allowed}"
+    );
+    // The node's own address in the ranges: the host is let through, by its source address.
+    let ranges = format!("{ranges}, 10.244.0.1/32, \"fd00:244::1/128\"");
+    env.agent
+        .write_manifest("web.yaml", &ranged_lb_yaml(&ranges));
+    for (proto, to) in frontends {
+        poll_request(
+            &env,
+            &env.topo.node,
+            proto,
+            to,
+            "host inside the ranges answered",
+            |r| r.ok,
+        );
+        let r = env.topo.request_from(&outside.ns, true, proto, to, 1);
+        assert_eq!(
+            r[0].errno,
+            Some(1),
+            "{proto:?} {to}: still refused for pod-4: {r:?}"
+        );
+    }
+}

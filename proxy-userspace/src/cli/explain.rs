@@ -118,6 +118,23 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         };
         return print(args.inspect.output, &out);
     };
+    // semantics 7.8: a source outside the ranges never reaches a backend.
+    if !f.source_ranges.is_empty()
+        && !f
+            .source_ranges
+            .iter()
+            .filter_map(|r| crate::compile::Cidr::parse(r))
+            .any(|r| r.contains(&args.client))
+    {
+        out.next_connection = format!(
+            "refused: {} is outside loadBalancerSourceRanges ({}); a pod or the host gets EPERM \
+             from connect()/sendmsg(), a client from outside is dropped",
+            args.client,
+            f.source_ranges.join(", ")
+        );
+        out.matched = Some(f);
+        return print(args.inspect.output, &out);
+    }
     let total: u32 = f.backends.iter().map(|b| b.slots).sum();
     out.eligible = f
         .backends

@@ -22,7 +22,7 @@ use crate::{
     compile::{Cidr, Family, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps, netdev, podif,
+        caps, netdev, netns, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
@@ -314,6 +314,7 @@ fn add_node_state(
     cidrs: Vec<Cidr>,
     config: ProxyConfig,
     mut pods: Option<PodInterfaceLink>,
+    ranged: Arc<std::sync::Mutex<netns::Targets>>,
 ) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("node-state".into())
@@ -325,6 +326,7 @@ fn add_node_state(
             loop {
                 let fresh = match rx.recv_timeout(NODE_TICK) {
                     Ok(s) => {
+                        *ranged.lock().expect("targets lock") = netns::Targets::of(&s.services);
                         latest = Some(s);
                         true
                     }
@@ -504,6 +506,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // The sources of pods and of the host, for loadBalancerSourceRanges at the socket layer:
+    // its thread keeps what entering namespaces needs, so it starts before the others drop it.
+    let ranged = Arc::new(std::sync::Mutex::new(netns::Targets::default()));
+    netns::follow(
+        args.bpffs.clone(),
+        cgroup.clone(),
+        Arc::clone(&ranged),
+        Some(Arc::clone(&metrics)),
+    )?;
     // Everything privileged is done; capabilities are per thread, so drop them before any
     // thread is started.
     match caps::drop_to_kept() {
@@ -535,7 +546,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = mpsc::channel();
-    add_node_state(source_rx, tx, nodeport_cidrs, config, pods)?;
+    add_node_state(source_rx, tx, nodeport_cidrs, config, pods, ranged)?;
     collect_conntrack(args.bpffs.clone());
     let health = Arc::new(Health::new(
         DEFAULT_HEALTH_TIMEOUT,

@@ -46,6 +46,10 @@ pub struct FrontendView {
     /// How new connections pick a backend.
     pub scheduler: String,
     pub backends: Vec<BackendView>,
+    /// loadBalancerSourceRanges (with the VIP itself where the node exception applies): the
+    /// only sources this frontend takes. Empty: every source.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
     #[serde(skip)]
     pub port_id: u32,
     #[serde(skip)]
@@ -111,6 +115,18 @@ fn frontend_view(state: &MapState, key: &ServiceKey, svc: &ServiceValue) -> Fron
             svc.affinity_timeout_secs
         ));
     }
+    let source_ranges: Vec<String> = state
+        .source_ranges
+        .iter()
+        .filter(|r| r.svc_id == svc.id)
+        .map(|r| r.cidr.to_string())
+        .collect();
+    if !source_ranges.is_empty() {
+        policies.push(format!(
+            "loadBalancerSourceRanges={}",
+            source_ranges.join(",")
+        ));
+    }
     let action = if svc.count > 0 {
         "balance"
     } else if svc.is_no_local() {
@@ -147,6 +163,7 @@ fn frontend_view(state: &MapState, key: &ServiceKey, svc: &ServiceValue) -> Fron
         policies,
         scheduler: scheduler_of(svc).to_string(),
         backends,
+        source_ranges,
         port_id: svc.port_id,
         affinity_secs: svc.has_affinity().then_some(svc.affinity_timeout_secs),
     }

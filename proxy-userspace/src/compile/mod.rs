@@ -911,7 +911,9 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
                 affinity_secs: sp.affinity_secs,
                 no_local,
                 snat: external_scope && !sp.etp_local,
-                source_ranges: if external_scope && kind == FrontendKind::LoadBalancer {
+                // Both scopes: traffic from outside at tc, pods and the host at the socket
+                // layer (semantics 7.8, 7.9).
+                source_ranges: if kind == FrontendKind::LoadBalancer {
                     with_node_exception(&sp.source_ranges, addr, node_addresses)
                 } else {
                     Vec::new()

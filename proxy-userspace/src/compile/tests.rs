@@ -1609,10 +1609,15 @@ fn source_ranges_only_on_load_balancer_ips() {
         ranges,
         ["192.168.77.0/25", "10.1.0.0/16", "198.51.100.1/32"]
     );
+    // Pods and the host reach the VIP through its internal frontend, checked at the socket
+    // layer with the same ranges (7.9: pods and the host by their own source IP).
+    let internal = frontend_of(&d, "198.51.100.1:80/TCP").unwrap();
+    assert_eq!(internal.source_ranges, lb.source_ranges);
     for fe in [
         "external 192.168.77.1:30080/TCP",
         "external 203.0.113.7:80/TCP",
-        "198.51.100.1:80/TCP",
+        "203.0.113.7:80/TCP",
+        "192.168.77.1:30080/TCP",
     ] {
         assert!(
             frontend_of(&d, fe).unwrap().source_ranges.is_empty(),

@@ -34,8 +34,8 @@ use proxy_common::{
     reason::{REASON_COUNT, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
-        MemberKey, MemberValue, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
-        SrcRange4, SrcRange6,
+        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
+        SlotValue, SrcRange4, SrcRange6,
     },
 };
 
@@ -504,6 +504,54 @@ impl DsrPeers {
             }
         }
         Ok((added, removed))
+    }
+}
+
+/// `LB_NETNS_SRC`: the source address of each network namespace, by netns cookie.
+pub struct NetnsSources {
+    map: HashMap<MapData, u64, NetnsSource>,
+}
+
+impl NetnsSources {
+    /// Opens the pinned map under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<NetnsSources> {
+        Ok(NetnsSources {
+            map: MapSource::Pins(pin_dir).take(names::LB_NETNS_SRC)?,
+        })
+    }
+
+    /// The map's entries.
+    pub fn entries(&self) -> anyhow::Result<BTreeMap<u64, NetnsSource>> {
+        let mut out = BTreeMap::new();
+        for entry in self.map.iter() {
+            let (k, v) = entry.context("read LB_NETNS_SRC")?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Makes the map hold exactly `wanted`; returns (written, removed).
+    pub fn sync(&mut self, wanted: &BTreeMap<u64, NetnsSource>) -> anyhow::Result<(usize, usize)> {
+        let current = self.entries()?;
+        let (mut written, mut removed) = (0, 0);
+        for (cookie, source) in wanted {
+            if current.get(cookie) != Some(source) {
+                self.map
+                    .insert(cookie, source, 0)
+                    .with_context(|| format!("write netns {cookie} to LB_NETNS_SRC"))?;
+                written += 1;
+            }
+        }
+        for cookie in current.keys().filter(|c| !wanted.contains_key(c)) {
+            match self.map.remove(cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("remove netns {cookie} from LB_NETNS_SRC"));
+                }
+            }
+        }
+        Ok((written, removed))
     }
 }
 

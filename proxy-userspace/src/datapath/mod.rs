@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod caps;
 pub mod netdev;
 pub mod netlink;
+pub mod netns;
 pub mod podif;
 pub mod sockdiag;
 pub mod tclinks;

@@ -125,6 +125,25 @@ impl Rtnl {
 
     /// The kernel's route to `addr` (`ip route get ADDR`).
     pub fn route_get(&mut self, addr: IpAddr) -> io::Result<RouteHit> {
+        Ok(self
+            .route_message(addr)?
+            .map_or(RouteHit::None, |r| route_hit(&r)))
+    }
+
+    /// The source address the kernel picks for a socket connecting to `addr` (the `src` of
+    /// `ip route get ADDR`); None without a route or a preferred source.
+    pub fn route_source(&mut self, addr: IpAddr) -> io::Result<Option<IpAddr>> {
+        Ok(self.route_message(addr)?.and_then(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                _ => None,
+            })
+        }))
+    }
+
+    /// The answer to RTM_GETROUTE for `addr`; None when the kernel has no usable route.
+    fn route_message(&mut self, addr: IpAddr) -> io::Result<Option<RouteMessage>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = match addr {
             IpAddr::V4(_) => AddressFamily::Inet,
@@ -137,16 +156,13 @@ impl Rtnl {
         let answers = match self.request(RouteNetlinkMessage::GetRoute(msg), false) {
             Ok(a) => a,
             // Unreachable, no route, prohibited: not an interface.
-            Err(e) if e.raw_os_error().is_some() => return Ok(RouteHit::None),
+            Err(e) if e.raw_os_error().is_some() => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(answers
-            .into_iter()
-            .find_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => Some(route_hit(&r)),
-                _ => None,
-            })
-            .unwrap_or(RouteHit::None))
+        Ok(answers.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(r),
+            _ => None,
+        }))
     }
 
     /// Every link of this network namespace.

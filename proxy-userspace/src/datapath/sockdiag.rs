@@ -257,6 +257,12 @@ fn probe() -> io::Result<()> {
 /// One network namespace per inode, with a process in it, for every process in `cgroup` and
 /// its descendants.
 fn namespaces_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
+    namespaces_by_link(cgroup).into_values().collect()
+}
+
+/// As `namespaces_of_cgroup`, keyed by what /proc/PID/ns/net links to (`net:[INODE]`, one key
+/// per namespace).
+pub(crate) fn namespaces_by_link(cgroup: &Path) -> BTreeMap<PathBuf, PathBuf> {
     let mut seen = BTreeMap::new();
     let mut dirs = vec![cgroup.to_path_buf()];
     let mut visited = 0;
@@ -282,10 +288,10 @@ fn namespaces_of_cgroup(cgroup: &Path) -> Vec<PathBuf> {
             );
         }
     }
-    seen.into_values().collect()
+    seen
 }
 
-fn enter(ns: &Path) -> io::Result<()> {
+pub(crate) fn enter(ns: &Path) -> io::Result<()> {
     let file = fs::File::open(ns)?;
     // SAFETY: valid namespace fd; affects only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
