@@ -287,7 +287,8 @@ fn agent_drops_capabilities_and_pins_are_root_only() {
     service_with_one_backend(&env, "a", "10.96.0.10", 1);
     env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
     let kept: u64 = (1 << 39) | (1 << 12);
-    // The socket terminator thread also enters other network namespaces.
+    // The socket terminator thread, and the thread learning each namespace's source address
+    // (loadBalancerSourceRanges), also enter other network namespaces.
     let terminator: u64 = kept | (1 << 21) | (1 << 19);
     let tasks = std::fs::read_dir(format!(
         "/proc/{}/task",
@@ -299,7 +300,7 @@ fn agent_drops_capabilities_and_pins_are_root_only() {
         let task = task.expect("task").path();
         let status = std::fs::read_to_string(task.join("status")).expect("task status");
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let kept = if comm.trim() == "terminator" {
+        let kept = if matches!(comm.trim(), "terminator" | "netns") {
             terminator
         } else {
             kept
