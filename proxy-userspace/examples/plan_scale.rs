@@ -48,8 +48,12 @@ fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
     for doc in serde_yaml::Deserializer::from_str(&yaml) {
         let v = serde_yaml::Value::deserialize(doc).unwrap();
         match v["kind"].as_str() {
-            Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
-            Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
+            Some("Service") => s
+                .services
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
+            Some("EndpointSlice") => s
+                .slices
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
             _ => {}
         }
     }

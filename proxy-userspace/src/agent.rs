@@ -422,7 +422,7 @@ impl Fingerprints {
             services: snapshot
                 .services
                 .iter()
-                .map(|s| (object_key(&s.metadata), fingerprint(&s.metadata, s)))
+                .map(|s| (object_key(&s.metadata), fingerprint(&s.metadata, &**s)))
                 .collect(),
             slices: snapshot
                 .slices
@@ -435,7 +435,7 @@ impl Fingerprints {
                     };
                     (
                         object_key(&s.metadata),
-                        (fingerprint(&s.metadata, s), family),
+                        (fingerprint(&s.metadata, &**s), family),
                     )
                 })
                 .collect(),

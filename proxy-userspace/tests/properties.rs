@@ -15,6 +15,7 @@
 //!
 //! Facts are cited as `semantics N.M` (../shared/kube-proxy-semantics.md).
 
+use std::sync::Arc;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -674,8 +675,8 @@ fn hostile_objects(
 
 fn snapshot() -> impl Strategy<Value = Snapshot> {
     (hostile_objects(NAMESPACES), node()).prop_map(|((services, slices), node)| Snapshot {
-        services,
-        slices,
+        services: arcs(services),
+        slices: arcs(slices),
         node,
         config: Default::default(),
     })
@@ -711,10 +712,17 @@ fn two_snapshots() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                 node: node.unwrap_or_else(|| a.node.clone()),
                 config: a.config.clone(),
             };
-            b.services.extend(more_svc.into_iter().take(2));
-            b.slices.extend(more_slices.into_iter().take(4));
+            b.services
+                .extend(more_svc.into_iter().take(2).map(Arc::new));
+            b.slices
+                .extend(more_slices.into_iter().take(4).map(Arc::new));
             (a, b)
         })
+}
+
+/// Objects as a snapshot holds them.
+fn arcs<T>(objects: Vec<T>) -> Vec<Arc<T>> {
+    objects.into_iter().map(Arc::new).collect()
 }
 
 // ---- Oracles --------------------------------------------------------------------------------
@@ -1034,10 +1042,10 @@ proptest! {
         (bad_services, bad_slices) in hostile_objects(&["default", "iso"]),
         node in node(),
     ) {
-        let good = Snapshot { services: good_services, slices: good_slices, node, config: Default::default() };
+        let good = Snapshot { services: arcs(good_services), slices: arcs(good_slices), node, config: Default::default() };
         let mut mixed = good.clone();
-        mixed.services.extend(bad_services);
-        mixed.slices.extend(bad_slices);
+        mixed.services.extend(arcs(bad_services));
+        mixed.slices.extend(arcs(bad_slices));
         let is_good = |p: &PortName| p.namespace == "iso" && p.name.starts_with("good-");
         let (alone, together) = (compile(&good), compile(&mixed));
         // NodePorts share one number space across Services (the API allocates them uniquely);
@@ -1171,8 +1179,8 @@ fn simple_service(namespace: &str, name: &str, cluster_ip: &str) -> Service {
 #[test]
 fn ten_thousand_endpoints_in_one_slice() {
     let snap = Snapshot {
-        services: vec![simple_service("default", "big", "10.96.0.50")],
-        slices: vec![big_slice("default", "big", "big-1", 10_000)],
+        services: vec![Arc::new(simple_service("default", "big", "10.96.0.50"))],
+        slices: vec![Arc::new(big_slice("default", "big", "big-1", 10_000))],
         node: NodeInfo {
             name: "node-a".into(),
             zone: None,
@@ -1243,8 +1251,8 @@ endpoints: [{addresses: [10.244.0.1], nodeName: node-a}, {addresses: [10.244.0.2
     fn snap(yaml: &str) -> Snapshot {
         let (services, slices) = objects(yaml);
         Snapshot {
-            services,
-            slices,
+            services: arcs(services),
+            slices: arcs(slices),
             node: NodeInfo {
                 name: "node-a".into(),
                 zone: None,
@@ -1633,8 +1641,9 @@ spec:
         let mut s = snap(GOOD);
         let alone = compile(&s);
         s.services
-            .push(simple_service("default", "big", "10.96.0.50"));
-        s.slices.push(big_slice("default", "big", "big-1", 10_000));
+            .push(Arc::new(simple_service("default", "big", "10.96.0.50")));
+        s.slices
+            .push(Arc::new(big_slice("default", "big", "big-1", 10_000)));
         let d = compile(&s);
         assert_eq!(good_only(&alone), good_only(&d));
         let big = frontends_of(&d, |p| p.name == "big");
