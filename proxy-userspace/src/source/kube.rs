@@ -412,6 +412,9 @@ fn key_of(meta: &ObjectMeta) -> Key {
 /// losing a Service, its endpoints or the node's zone over one bad write. Such an object that
 /// was never decoded is left out. Each undecodable version is logged and counted once, however
 /// often relists bring it back. A deletion always deletes.
+/// Objects and undecodable versions of a relist in progress.
+type Relist<K> = (BTreeMap<Key, Arc<K>>, BTreeMap<Key, String>);
+
 struct Objects<K> {
     kind: Kind,
     /// Shared with the snapshots: an object that does not change keeps its `Arc`, which is how
@@ -420,7 +423,7 @@ struct Objects<K> {
     /// Objects whose newest version cannot be decoded, with that version's resourceVersion.
     undecodable: BTreeMap<Key, String>,
     /// A relist in progress, swapped in at `InitDone`.
-    relist: Option<(BTreeMap<Key, Arc<K>>, BTreeMap<Key, String>)>,
+    relist: Option<Relist<K>>,
     metrics: Option<Arc<Metrics>>,
 }
 
