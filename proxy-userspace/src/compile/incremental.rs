@@ -209,7 +209,16 @@ impl Compiler {
                         self.desired.frontends.remove(addr);
                     }
                     Some(next) if owned => {
-                        let state = self.services[next].out.frontends[addr].clone();
+                        // The next claimant owns it now. Its Service port's other frontends
+                        // count as changed too: a plan settles a port's id over all of them.
+                        let next = &self.services[next].out;
+                        let state = next.frontends[addr].clone();
+                        changed.extend(
+                            next.frontends
+                                .iter()
+                                .filter(|(_, s)| s.port == state.port)
+                                .map(|(f, _)| *f),
+                        );
                         self.desired.frontends.insert(*addr, state);
                     }
                     Some(_) => {}

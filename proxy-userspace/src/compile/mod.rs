@@ -196,6 +196,16 @@ pub struct FrontendAddr {
 }
 
 impl FrontendAddr {
+    /// The first frontend of `addr` in key order, for ranges over one address.
+    pub fn lowest(addr: IpAddr) -> Self {
+        FrontendAddr {
+            addr,
+            port: 0,
+            proto: Proto::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
     pub fn internal(addr: IpAddr, port: u16, proto: Proto) -> Self {
         FrontendAddr {
             addr,
