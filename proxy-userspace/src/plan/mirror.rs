@@ -105,15 +105,11 @@ impl Mirror {
                 }
                 self.ids.backend.release(*id);
             }
-            Op::PutMember(k, _) => {
-                if !self.state.members.contains_key(k) {
-                    *self.backend_refs.entry(k.backend_id).or_default() += 1;
-                }
+            Op::PutMember(k, _) if !self.state.members.contains_key(k) => {
+                *self.backend_refs.entry(k.backend_id).or_default() += 1;
             }
-            Op::DelMember(k) => {
-                if self.state.members.contains_key(k) {
-                    self.unref_backend(k.backend_id);
-                }
+            Op::DelMember(k) if self.state.members.contains_key(k) => {
+                self.unref_backend(k.backend_id);
             }
             Op::PutService(k, v) if !k.is_any_port() => {
                 match self.state.services.get(k) {
