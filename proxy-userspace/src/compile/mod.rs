@@ -16,7 +16,7 @@ use k8s_openapi::{
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
-pub use self::incremental::{Compiler, Update};
+pub use self::incremental::{Compiler, Totals, Update};
 use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
 
 /// Layer-4 protocol of a Service port.

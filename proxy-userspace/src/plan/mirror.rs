@@ -28,6 +28,8 @@ pub struct Mirror {
     backend_refs: HashMap<u32, u32>,
     /// Frontend entries per Service-port id.
     port_refs: HashMap<u32, u32>,
+    /// The frontend entry of each frontend id.
+    keys: HashMap<u32, ServiceKey>,
 }
 
 impl Mirror {
@@ -46,6 +48,7 @@ impl Mirror {
         for (k, v) in &state.services {
             if !k.is_any_port() {
                 *m.port_refs.entry(v.port_id).or_default() += 1;
+                m.keys.insert(v.id, *k);
             }
         }
         m.state = state;
@@ -65,6 +68,9 @@ impl Mirror {
         if fresh.port_refs != self.port_refs {
             return Err("port reference counts differ from the state's".into());
         }
+        if fresh.keys != self.keys {
+            return Err("frontend keys by id differ from the state's".into());
+        }
         for (what, a, b) in [
             ("frontend", &fresh.ids.svc, &self.ids.svc),
             ("port", &fresh.ids.port, &self.ids.port),
@@ -75,6 +81,14 @@ impl Mirror {
             }
         }
         Ok(())
+    }
+
+    /// The protocol of the frontend with id `id`.
+    pub fn proto_of(&self, id: u32) -> Option<u8> {
+        self.keys.get(&id).map(|k| match k {
+            ServiceKey::V4(k) => k.proto,
+            ServiceKey::V6(k) => k.proto,
+        })
     }
 
     pub fn state(&self) -> &MapState {
@@ -123,11 +137,15 @@ impl Mirror {
                 }
                 self.ids.port.take(v.port_id);
                 self.ids.svc.take(v.id);
+                self.keys.insert(v.id, *k);
             }
             Op::DelService(k) if !k.is_any_port() => {
                 if let Some(old) = self.state.services.get(k) {
-                    let old = old.port_id;
-                    self.unref_port(old);
+                    let (port, id) = (old.port_id, old.id);
+                    self.unref_port(port);
+                    if self.keys.get(&id) == Some(k) {
+                        self.keys.remove(&id);
+                    }
                 }
             }
             Op::PutInfo(id, _) => self.ids.svc.take(*id),
