@@ -52,9 +52,10 @@ impl MapIo for Memory {
         Some(Capacity {
             services4: 65_536,
             services6: 65_536,
-            slots: 1 << 20,
-            members: 1 << 20,
-            backends: 1 << 18,
+            // Room for 10k x 100 (the agent's --max-* flags).
+            slots: 1 << 21,
+            members: 1 << 21,
+            backends: 1 << 21,
             infos: 65_536,
             maglev: 65_536,
         })
@@ -99,7 +100,13 @@ fn main() {
         let t = Instant::now();
         let report = sync_once(&mut io, &mut pipeline, &snapshot, &mut logged).unwrap();
         times.push(t.elapsed().as_secs_f64() * 1e3);
-        assert!(!report.planned_all && report.writes > 0, "{report:?}");
+        assert!(
+            !report.planned_all && report.writes > 0,
+            "change {c}: planned_all {}, {} writes, {} problems",
+            report.planned_all,
+            report.writes,
+            report.problems.len()
+        );
     }
     times.sort_by(f64::total_cmp);
     println!(

@@ -129,8 +129,10 @@ pub struct Compiler {
     slice_objects: HashMap<Key, Vec<Arc<EndpointSlice>>>,
     /// The objects of the last snapshot by address, to find what a new snapshot changed by
     /// pointer alone.
-    svc_ptrs: HashMap<usize, Key>,
-    slice_ptrs: HashMap<usize, Key>,
+    svc_ptrs: PtrMap<Seen>,
+    slice_ptrs: PtrMap<Seen>,
+    /// Updates so far.
+    round: u64,
     /// The slice used for each slice name, and which Service it belongs to.
     slices: HashMap<Key, (Arc<EndpointSlice>, Option<Key>)>,
     /// Slice names per Service, in name order.
@@ -142,6 +144,13 @@ pub struct Compiler {
     /// Whether the merged problem list must be assembled again.
     problems_stale: bool,
     desired: Desired,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 fn ptr<T>(object: &Arc<T>) -> usize {
@@ -161,26 +170,53 @@ where
     (kept, problems)
 }
 
+/// Hashes object addresses (already unique, well spread) with one multiplication.
+#[derive(Clone, Copy, Default)]
+pub struct PtrHash(u64);
+
+impl std::hash::Hasher for PtrHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 ^ (n as u64 >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type PtrMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<PtrHash>>;
+
+/// An object of the last snapshots, by address: its name, and the update that last saw it.
+struct Seen {
+    key: Key,
+    round: u64,
+}
+
 /// Diffs a snapshot's objects against the last ones by pointer: updates `objects` and `ptrs`,
-/// returns the names whose objects were added, replaced or removed.
+/// returns the names whose objects were added, replaced or removed. No allocation for an
+/// object that did not change.
 fn diff<K>(
     now: &[Arc<K>],
     objects: &mut HashMap<Key, Vec<Arc<K>>>,
-    ptrs: &mut HashMap<usize, Key>,
+    ptrs: &mut PtrMap<Seen>,
+    round: u64,
 ) -> BTreeSet<Key>
 where
     K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
 {
     let mut touched = BTreeSet::new();
-    let mut next: HashMap<usize, Key> = HashMap::with_capacity(now.len());
+    let mut fresh = 0;
     for object in now {
-        let p = ptr(object);
-        if next.contains_key(&p) {
-            continue;
-        }
-        match ptrs.remove(&p) {
-            Some(key) => {
-                next.insert(p, key);
+        match ptrs.get_mut(&ptr(object)) {
+            Some(seen) => {
+                if seen.round != round {
+                    seen.round = round;
+                    fresh += 1;
+                }
             }
             None => {
                 let key = key_of(object.metadata());
@@ -189,28 +225,28 @@ where
                     .or_default()
                     .push(Arc::clone(object));
                 touched.insert(key.clone());
-                next.insert(p, key);
+                ptrs.insert(ptr(object), Seen { key, round });
+                fresh += 1;
             }
         }
     }
-    for (p, key) in ptrs.drain() {
-        if let Some(copies) = objects.get_mut(&key) {
-            copies.retain(|o| ptr(o) != p);
-            if copies.is_empty() {
-                objects.remove(&key);
+    // Objects not seen this round are gone.
+    if ptrs.len() > fresh {
+        ptrs.retain(|p, seen| {
+            if seen.round == round {
+                return true;
             }
-        }
-        touched.insert(key);
+            if let Some(copies) = objects.get_mut(&seen.key) {
+                copies.retain(|o| ptr(o) != *p);
+                if copies.is_empty() {
+                    objects.remove(&seen.key);
+                }
+            }
+            touched.insert(seen.key.clone());
+            false
+        });
     }
-    *ptrs = next;
     touched
-}
-
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
-    (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    )
 }
 
 impl Compiler {
@@ -252,16 +288,19 @@ impl Compiler {
             self.desired.maglev_size = snapshot.config.maglev_size;
         }
         let (node, config) = self.inputs.clone().expect("set above");
+        self.round += 1;
         let mut touched_services = diff(
             &snapshot.services,
             &mut self.svc_objects,
             &mut self.svc_ptrs,
+            self.round,
         );
         update.services_changed = touched_services.len() as u64;
         let touched_slices = diff(
             &snapshot.slices,
             &mut self.slice_objects,
             &mut self.slice_ptrs,
+            self.round,
         );
 
         // The slice used for each touched name, and the Services that gain or lose it.
