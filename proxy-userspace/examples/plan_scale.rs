@@ -1,98 +1,119 @@
-//! Times compile + plan at 10k Services x 10 endpoints: a full sync and a one-endpoint change.
-use std::time::Instant;
+//! Times the agent's sync (compile + capacity + plan + writes into an in-memory map state) at
+//! N Services x E endpoints: a full sync, then one changed endpoint at a time.
+//!
+//! `cargo run --release -p proxy-userspace --example plan_scale -- [SERVICES] [ENDPOINTS] [CHANGES]`
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_userspace::{
-    capacity::{Capacity, fit},
-    compile::compile,
-    plan::{MapState, plan},
+    agent::{Pipeline, sync_once},
+    capacity::Capacity,
+    datapath::MapIo,
+    plan::{MapState, Op},
     snapshot::{NodeInfo, Snapshot},
 };
 
-fn snapshot(n: usize, eps: usize, changed: Option<usize>) -> Snapshot {
-    let mut yaml = String::new();
-    for i in 0..n {
-        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
-        yaml.push_str(&format!(
-            "kind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n---\n"
-        ));
-        let endpoints: Vec<String> = (0..eps)
-            .map(|e| {
-                let e = if changed == Some(i) && e == 0 {
-                    eps + 1
-                } else {
-                    e
-                };
-                format!(
-                    "{{addresses: [10.{}.{}.{}]}}",
-                    100 + i / 250,
-                    i % 250,
-                    e + 1
-                )
-            })
-            .collect();
-        yaml.push_str(&format!(
-            "kind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n---\n",
-            endpoints.join(", ")
-        ));
+fn service(i: usize) -> Service {
+    let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+    serde_yaml::from_str(&format!(
+        "kind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
+    ))
+    .unwrap()
+}
+
+fn slice(i: usize, eps: usize, generation: usize) -> EndpointSlice {
+    let endpoints: Vec<String> = (0..eps)
+        .map(|e| {
+            // Generation g moves endpoint 0 to a new address (at most 255 per Service).
+            let e = if e == 0 { (eps + generation) % 255 } else { e };
+            let addr = std::net::Ipv4Addr::from(0x0A00_0000 + (i as u32) * 256 + e as u32);
+            format!("{{addresses: [{addr}]}}")
+        })
+        .collect();
+    serde_yaml::from_str(&format!(
+        "kind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    ))
+    .unwrap()
+}
+
+/// An in-memory datapath with the default map capacities.
+struct Memory(MapState);
+
+impl MapIo for Memory {
+    fn dump(&self) -> anyhow::Result<MapState> {
+        Ok(self.0.clone())
     }
-    let mut s = Snapshot {
-        node: NodeInfo {
-            name: "n".into(),
-            zone: None,
-            addresses: Vec::new(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    use serde::Deserialize;
-    for doc in serde_yaml::Deserializer::from_str(&yaml) {
-        let v = serde_yaml::Value::deserialize(doc).unwrap();
-        match v["kind"].as_str() {
-            Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
-            Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
-            _ => {}
-        }
+    fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
+        self.0.apply(op);
+        Ok(())
     }
-    s
+    fn capacity(&self) -> Option<Capacity> {
+        Some(Capacity {
+            services4: 65_536,
+            services6: 65_536,
+            // Room for 10k x 100 (the agent's --max-* flags).
+            slots: 1 << 21,
+            members: 1 << 21,
+            backends: 1 << 21,
+            infos: 65_536,
+            maglev: 65_536,
+        })
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn main() {
-    let n = 10_000;
-    let full = snapshot(n, 10, None);
-    let changed = snapshot(n, 10, Some(4321));
-    let t = Instant::now();
-    let d = compile(&full);
-    let compiled = t.elapsed();
-    let mut state = MapState::default();
-    let t = Instant::now();
-    let ops = plan(&d, &state);
-    let planned = t.elapsed();
-    for op in &ops {
-        state.apply(op);
-    }
-    println!(
-        "full: compile {compiled:?}, plan {planned:?}, {} ops",
-        ops.len()
-    );
-    let cap = Capacity {
-        services4: 65_536,
-        services6: 65_536,
-        slots: 1 << 20,
-        members: 1 << 20,
-        backends: 1 << 18,
-        infos: 65_536,
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let n = args.first().copied().unwrap_or(10_000);
+    let eps = args.get(1).copied().unwrap_or(10);
+    let changes = args.get(2).copied().unwrap_or(50);
+    let mut snapshot = Snapshot {
+        services: (0..n).map(|i| Arc::new(service(i))).collect(),
+        slices: (0..n).map(|i| Arc::new(slice(i, eps, 0))).collect(),
+        node: NodeInfo {
+            name: "n".into(),
+            ..Default::default()
+        },
+        config: Default::default(),
     };
+    let mut io = Memory(MapState::default());
+    let mut pipeline = Pipeline::new(MapState::default());
+    let mut logged = BTreeSet::new();
     let t = Instant::now();
-    let mut d2 = compile(&changed);
-    let compiled = t.elapsed();
-    let t = Instant::now();
-    fit(&mut d2, &state, &cap);
-    let fitted = t.elapsed();
-    let t = Instant::now();
-    let ops = plan(&d2, &state);
+    let report = sync_once(&mut io, &mut pipeline, &snapshot, &mut logged).unwrap();
     println!(
-        "one change: compile {compiled:?}, fit {fitted:?}, plan {:?}, {} ops",
-        t.elapsed(),
-        ops.len()
+        "{n} x {eps}: full sync {:.1} ms, {} writes",
+        t.elapsed().as_secs_f64() * 1e3,
+        report.writes
     );
+    let mut times = Vec::new();
+    for c in 0..changes {
+        let i = (c * 7919) % n;
+        snapshot.slices[i] = Arc::new(slice(i, eps, c + 1));
+        let t = Instant::now();
+        let report = sync_once(&mut io, &mut pipeline, &snapshot, &mut logged).unwrap();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(
+            !report.planned_all && report.writes > 0,
+            "change {c}: planned_all {}, {} writes, {} problems",
+            report.planned_all,
+            report.writes,
+            report.problems.len()
+        );
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{n} x {eps}: one changed endpoint, sync p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({changes} changes)",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.last().unwrap()
+    );
+    assert_eq!(&io.0, pipeline.state(), "the mirror is what was written");
 }

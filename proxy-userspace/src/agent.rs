@@ -11,13 +11,17 @@ use std::{
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
+use std::borrow::Cow;
+
+use proxy_common::backend::BackendValue;
+
 use crate::{
-    capacity::fit,
-    compile::{Family, Problem, Proto, compile},
+    capacity::{fit, surely_fits},
+    compile::{Compiler, Desired, Family, Problem, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
     metrics::Metrics,
-    plan::{MapState, Op, ServiceKey, plan},
+    plan::{MapState, Mirror, Op},
     snapshot::Snapshot,
 };
 
@@ -67,25 +71,89 @@ pub struct SyncReport {
     pub no_local: Vec<(Family, u64, u64)>,
     /// The healthCheckNodePort servers wanted, by port (semantics 8.1).
     pub health_checks: BTreeMap<u16, crate::healthcheck::ServiceHealth>,
+    /// What changed in the objects, and how the sync planned it.
+    pub update: Update,
+    /// Planned over every frontend (first sync, node-level change, capacity refusals, a retry
+    /// after a failed write) rather than the changed ones only.
+    pub planned_all: bool,
 }
 
-/// Applies one snapshot: compile, plan against `current`, write. On a failed write `current` is
-/// re-read from the maps so the next attempt plans from the truth.
+/// The control plane between syncs: the compile cache (every Service's last compiled share)
+/// and the mirror of the maps it plans against. One sync costs what changed, not the cluster.
+pub struct Pipeline {
+    compiler: Compiler,
+    mirror: Mirror,
+    /// Plan every frontend next time: the last sync refused Services for lack of map space or
+    /// left a Maglev table unwritten, and those are retried.
+    full_next: bool,
+}
+
+impl Pipeline {
+    /// Starts from what the maps hold (an earlier agent's state, or nothing).
+    pub fn new(state: MapState) -> Pipeline {
+        Pipeline {
+            compiler: Compiler::default(),
+            mirror: Mirror::new(state),
+            full_next: true,
+        }
+    }
+
+    /// The maps as last written.
+    pub fn state(&self) -> &MapState {
+        self.mirror.state()
+    }
+
+    /// The desired state as last compiled.
+    pub fn desired(&self) -> &Desired {
+        self.compiler.desired()
+    }
+}
+
+/// Applies one snapshot: compile what changed, plan it against the mirror, write. On a failed
+/// write the mirror is read back from the maps so the next attempt plans from the truth.
 pub fn sync_once(
     io: &mut dyn MapIo,
-    current: &mut MapState,
+    pipeline: &mut Pipeline,
     snapshot: &Snapshot,
     logged: &mut BTreeSet<String>,
 ) -> anyhow::Result<SyncReport> {
     let started = Instant::now();
-    let mut desired = compile(snapshot);
-    if let Some(capacity) = io.capacity() {
-        fit(&mut desired, current, &capacity);
-    }
+    let update = pipeline.compiler.update(snapshot);
+    let compiled = pipeline.compiler.desired();
+    let capacity = io.capacity();
+    let fits = capacity.as_ref().is_none_or(|cap| {
+        surely_fits(
+            pipeline.compiler.totals(),
+            compiled.maglev_size,
+            pipeline.mirror.state().backends.len() as u64,
+            cap,
+        )
+    });
+    let planned_all = !fits || update.full || pipeline.full_next;
+    let (desired, ops): (Cow<Desired>, Vec<Op>) = if fits {
+        let ops = if planned_all {
+            pipeline.mirror.plan_full(compiled)
+        } else {
+            pipeline.mirror.plan_changed(compiled, &update.changed)
+        };
+        (Cow::Borrowed(compiled), ops)
+    } else {
+        // Near a map's capacity: Service ports that do not fit are refused whole.
+        let mut fitted = compiled.clone();
+        fit(
+            &mut fitted,
+            pipeline.mirror.state(),
+            capacity.as_ref().expect("not fits"),
+        );
+        let ops = pipeline.mirror.plan_full(&fitted);
+        (Cow::Owned(fitted), ops)
+    };
+    pipeline.full_next = !fits;
     let (health_checks, conflicts) = crate::healthcheck::wanted(&desired);
-    desired.problems.extend(conflicts);
+    let mut problems = desired.problems.clone();
+    problems.extend(conflicts);
     let mut now_logged = BTreeSet::new();
-    for problem in &desired.problems {
+    for problem in &problems {
         let line = problem.to_string();
         if !logged.contains(&line) {
             log::warn!("rejected: {line}");
@@ -93,20 +161,21 @@ pub fn sync_once(
         now_logged.insert(line);
     }
     *logged = now_logged;
-    let ops = plan(&desired, current);
-    let removed = removed_members(&ops, current);
+    let removed = removed_members(&ops, &pipeline.mirror);
     // Frontends whose Maglev table could not be written: the rest of their writes are skipped
     // (the frontend keeps its previous table and backends), every other frontend goes on.
     let mut failed: BTreeMap<u32, String> = BTreeMap::new();
     let mut maglev_failures = 0;
     for op in &ops {
-        let svc = op.svc_id(current);
+        let svc = op.svc_id(pipeline.mirror.state());
         if svc.is_some_and(|id| failed.contains_key(&id)) {
             continue;
         }
         if let Op::DelBackend(id) = op
             && !failed.is_empty()
-            && current
+            && pipeline
+                .mirror
+                .state()
                 .slots
                 .iter()
                 .any(|(k, v)| failed.contains_key(&k.svc_id) && v.backend_id == *id)
@@ -120,18 +189,27 @@ pub fn sync_once(
                 failed.insert(id, format!("{e:#}"));
                 continue;
             }
-            *current = io.dump().unwrap_or_else(|_| current.clone());
+            let truth = io
+                .dump()
+                .unwrap_or_else(|_| pipeline.mirror.state().clone());
+            pipeline.mirror = Mirror::new(truth);
+            pipeline.full_next = true;
             return Err(e.context(FailedMap(op.map())));
         }
-        current.apply(op);
+        pipeline.mirror.apply(op);
+    }
+    if !failed.is_empty() {
+        pipeline.full_next = true;
     }
     for (id, why) in &failed {
         log::warn!("frontend {id}: {MAGLEV_WRITE_FAILED}: {why}");
-        let name = current
+        let name = pipeline
+            .mirror
+            .state()
             .infos
             .get(id)
             .map_or_else(|| format!("frontend {id}"), |i| i.name().to_string());
-        desired.problems.push(Problem {
+        problems.push(Problem {
             object: format!("Service {name}"),
             message: format!(
                 "{MAGLEV_WRITE_FAILED} ({why}); it keeps its previous state, other Services \
@@ -140,15 +218,18 @@ pub fn sync_once(
         });
     }
     let no_local = no_local_endpoints(&desired);
+    let frontends = desired.frontends.len();
     Ok(SyncReport {
         removed,
         maglev_failures,
-        frontends: desired.frontends.len(),
+        frontends,
         writes: ops.len(),
-        problems: desired.problems,
+        problems,
         duration: started.elapsed(),
         no_local,
         health_checks,
+        update,
+        planned_all,
     })
 }
 
@@ -161,13 +242,12 @@ pub fn run(
     observers: &Observers,
 ) -> anyhow::Result<()> {
     let agent_started = SystemTime::now();
-    let mut previous = Fingerprints::default();
     let mut triggers = TriggerTimes::default();
-    let mut current = io.dump()?;
+    let mut pipeline = Pipeline::new(io.dump()?);
     log::info!(
         "adopted {} frontends and {} backends from the pinned maps",
-        current.services.len(),
-        current.backends.len()
+        pipeline.state().services.len(),
+        pipeline.state().backends.len()
     );
     let mut logged = BTreeSet::new();
     let mut pending: Option<(Snapshot, Instant, Instant)> = None; // (latest, first, last)
@@ -218,7 +298,7 @@ pub fn run(
         }
         let (snapshot, first, _) = pending.take().expect("due implies pending");
         let attempt = Instant::now();
-        let result = sync_once(io, &mut current, &snapshot, &mut logged);
+        let result = sync_once(io, &mut pipeline, &snapshot, &mut logged);
         io.synced(result.is_ok());
         if let Some(m) = &observers.metrics {
             m.observe_sync(attempt.elapsed(), result.is_ok());
@@ -278,14 +358,16 @@ pub fn run(
                     for _ in 0..report.maglev_failures {
                         m.map_update_error(proxy_common::maps::LB_MAGLEV);
                     }
-                    let now = Fingerprints::of(&snapshot);
-                    let (services, endpoints) = previous.changes(&now);
-                    previous = now;
-                    m.add_service_changes(services);
-                    for (family, n) in endpoints {
-                        m.add_endpoint_changes(family, n);
+                    m.add_service_changes(report.update.services_changed);
+                    for (kind, n) in &report.update.slices_changed {
+                        let family = if kind == "IPv6" {
+                            Family::V6
+                        } else {
+                            Family::V4
+                        };
+                        m.add_endpoint_changes(family, *n);
                     }
-                    for (family, latency) in triggers.new_latencies(&snapshot, agent_started) {
+                    for (family, latency) in triggers.new_latencies(&report.update, agent_started) {
                         m.observe_programming_latency(family, latency);
                     }
                 }
@@ -314,32 +396,41 @@ pub fn run(
     Ok(())
 }
 
-/// The (frontend, backend) pairs a plan removes, read from the state before it is applied:
-/// every deleted member is a backend that stopped being eligible for its frontend.
-fn removed_members(ops: &[Op], before: &MapState) -> Vec<Removed> {
-    let mut proto_of: Option<BTreeMap<u32, u8>> = None;
+/// The (frontend, backend) pairs a plan removes, read from the mirror before it is applied:
+/// every deleted member is a backend that stopped being eligible for its frontend, unless the
+/// same plan gives that frontend a new entry for the same endpoint (its flags or weight
+/// changed: it is still used).
+fn removed_members(ops: &[Op], mirror: &Mirror) -> Vec<Removed> {
+    let state = mirror.state();
+    let mut new_values: BTreeMap<u32, BackendValue> = BTreeMap::new();
+    let mut added: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::PutBackend(id, v) => {
+                new_values.insert(*id, *v);
+            }
+            Op::PutMember(k, _) => added.entry(k.svc_id).or_default().push(k.backend_id),
+            _ => {}
+        }
+    }
+    let value_of = |id: &u32| new_values.get(id).or_else(|| state.backends.get(id));
     let mut out = Vec::new();
     for op in ops {
         let Op::DelMember(member) = op else { continue };
-        let protos = proto_of.get_or_insert_with(|| {
-            before
-                .services
-                .iter()
-                .map(|(k, v)| {
-                    let proto = match k {
-                        ServiceKey::V4(k) => k.proto,
-                        ServiceKey::V6(k) => k.proto,
-                    };
-                    (v.id, proto)
-                })
-                .collect()
+        let (Some(proto), Some(backend)) = (
+            mirror.proto_of(member.svc_id),
+            state.backends.get(&member.backend_id),
+        ) else {
+            continue;
+        };
+        let still_used = added.get(&member.svc_id).is_some_and(|ids| {
+            ids.iter()
+                .filter_map(value_of)
+                .any(|v| crate::plan::same_endpoint(v, backend))
         });
-        if let (Some(proto), Some(backend)) = (
-            protos.get(&member.svc_id),
-            before.backends.get(&member.backend_id),
-        ) {
+        if !still_used {
             out.push(Removed {
-                proto: *proto,
+                proto,
                 svc_id: member.svc_id,
                 backend_id: member.backend_id,
                 backend: *backend,
@@ -388,87 +479,6 @@ pub fn no_local_endpoints(desired: &crate::compile::Desired) -> Vec<(Family, u64
         .collect()
 }
 
-/// A fingerprint per Service and EndpointSlice of the last synced snapshot, to count what
-/// changed without keeping a copy of every object.
-#[derive(Default)]
-struct Fingerprints {
-    services: BTreeMap<(String, String), u64>,
-    slices: BTreeMap<(String, String), (u64, Family)>,
-}
-
-type Meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-fn object_key(m: &Meta) -> (String, String) {
-    (
-        m.namespace.clone().unwrap_or_default(),
-        m.name.clone().unwrap_or_default(),
-    )
-}
-
-/// The resourceVersion where the object has one (API server), else a hash of its content.
-fn fingerprint<T: serde::Serialize>(meta: &Meta, object: &T) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match meta.resource_version.as_deref() {
-        Some(rv) if !rv.is_empty() => rv.hash(&mut h),
-        _ => serde_json::to_vec(object).unwrap_or_default().hash(&mut h),
-    }
-    h.finish()
-}
-
-impl Fingerprints {
-    fn of(snapshot: &Snapshot) -> Fingerprints {
-        Fingerprints {
-            services: snapshot
-                .services
-                .iter()
-                .map(|s| (object_key(&s.metadata), fingerprint(&s.metadata, s)))
-                .collect(),
-            slices: snapshot
-                .slices
-                .iter()
-                .map(|s| {
-                    let family = if s.address_type == "IPv6" {
-                        Family::V6
-                    } else {
-                        Family::V4
-                    };
-                    (
-                        object_key(&s.metadata),
-                        (fingerprint(&s.metadata, s), family),
-                    )
-                })
-                .collect(),
-        }
-    }
-
-    /// Services, and EndpointSlices per family, added, changed or removed since `self`.
-    fn changes(&self, now: &Fingerprints) -> (u64, Vec<(Family, u64)>) {
-        let services = now
-            .services
-            .iter()
-            .filter(|(k, v)| self.services.get(*k) != Some(*v))
-            .count()
-            + self
-                .services
-                .keys()
-                .filter(|k| !now.services.contains_key(*k))
-                .count();
-        let mut per_family: BTreeMap<Family, u64> = BTreeMap::new();
-        for (k, v) in &now.slices {
-            if self.slices.get(k) != Some(v) {
-                *per_family.entry(v.1).or_default() += 1;
-            }
-        }
-        for (k, v) in &self.slices {
-            if !now.slices.contains_key(k) {
-                *per_family.entry(v.1).or_default() += 1;
-            }
-        }
-        (services as u64, per_family.into_iter().collect())
-    }
-}
-
 /// EndpointSlice trigger times already observed, so each change is measured once (fact 11.3).
 #[derive(Default)]
 struct TriggerTimes {
@@ -478,20 +488,15 @@ struct TriggerTimes {
 const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl TriggerTimes {
-    /// Latencies from each new trigger time to now, skipping those before the agent started.
-    fn new_latencies(
-        &mut self,
-        snapshot: &Snapshot,
-        started: SystemTime,
-    ) -> Vec<(Family, Duration)> {
+    /// Latencies from each new trigger time of the slices that changed to now, skipping those
+    /// before the agent started.
+    fn new_latencies(&mut self, update: &Update, started: SystemTime) -> Vec<(Family, Duration)> {
         let now = SystemTime::now();
         let mut out = Vec::new();
-        let mut seen = BTreeMap::new();
-        for slice in &snapshot.slices {
-            let key = (
-                slice.metadata.namespace.clone().unwrap_or_default(),
-                slice.metadata.name.clone().unwrap_or_default(),
-            );
+        for key in &update.removed_slices {
+            self.seen.remove(key);
+        }
+        for slice in &update.new_slices {
             let Some(raw) = slice
                 .metadata
                 .annotations
@@ -500,6 +505,10 @@ impl TriggerTimes {
             else {
                 continue;
             };
+            let key = (
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                slice.metadata.name.clone().unwrap_or_default(),
+            );
             if self.seen.get(&key) != Some(raw)
                 && let Some(t) = parse_rfc3339(raw)
                 && t >= started
@@ -512,9 +521,8 @@ impl TriggerTimes {
                 };
                 out.push((family, latency));
             }
-            seen.insert(key, raw.clone());
+            self.seen.insert(key, raw.clone());
         }
-        self.seen = seen;
         out
     }
 }
@@ -629,7 +637,7 @@ mod tests {
 
     fn frontend_id(state: &MapState, vip: &str) -> Option<u32> {
         state.services.iter().find_map(|(k, v)| match k {
-            ServiceKey::V4(k)
+            crate::plan::ServiceKey::V4(k)
                 if k.port == 80
                     && std::net::Ipv4Addr::from(k.addr)
                         == vip.parse::<std::net::Ipv4Addr>().unwrap() =>
@@ -647,18 +655,19 @@ mod tests {
             fail: BTreeSet::new(),
             fail_map: None,
         };
-        let mut current = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
         let mut logged = BTreeSet::new();
         sync_once(
             &mut io,
-            &mut current,
+            &mut pipeline,
             &two_maglev_services(&["10.244.0.2"]),
             &mut logged,
         )
         .unwrap();
-        let a = frontend_id(&current, "10.96.0.1").unwrap();
-        let b = frontend_id(&current, "10.96.0.2").unwrap();
-        let before_a = current
+        let a = frontend_id(pipeline.state(), "10.96.0.1").unwrap();
+        let b = frontend_id(pipeline.state(), "10.96.0.2").unwrap();
+        let before_a = pipeline
+            .state()
             .services
             .iter()
             .find(|(_, v)| v.id == a)
@@ -666,7 +675,7 @@ mod tests {
         // a's new table cannot be written: a keeps its old backends, b gets its new ones.
         io.fail.insert(a);
         let next = two_maglev_services(&["10.244.0.2", "10.244.0.3"]);
-        let report = sync_once(&mut io, &mut current, &next, &mut logged).unwrap();
+        let report = sync_once(&mut io, &mut pipeline, &next, &mut logged).unwrap();
         assert_eq!(report.maglev_failures, 1);
         assert!(
             report
@@ -677,23 +686,43 @@ mod tests {
             "{:?}",
             report.problems
         );
-        assert_eq!(io.state, current, "the mirror follows what was written");
-        let after_a = current
+        assert_eq!(
+            &io.state,
+            pipeline.state(),
+            "the mirror follows what was written"
+        );
+        let after_a = pipeline
+            .state()
             .services
             .iter()
             .find(|(_, v)| v.id == a)
             .map(|(_, v)| *v);
         assert_eq!(after_a, before_a, "a is left as it was");
-        let b_value = current.services.iter().find(|(_, v)| v.id == b).unwrap().1;
+        let b_value = pipeline
+            .state()
+            .services
+            .iter()
+            .find(|(_, v)| v.id == b)
+            .unwrap()
+            .1;
         assert_eq!(b_value.count, 2, "b moved on");
-        assert_eq!(current.live_slots(&before_a.unwrap()).len(), 1);
+        assert_eq!(pipeline.state().live_slots(&before_a.unwrap()).len(), 1);
         // Space again: the next sync programs a too, and nothing else is left to do.
         io.fail.clear();
-        let report = sync_once(&mut io, &mut current, &next, &mut logged).unwrap();
+        let report = sync_once(&mut io, &mut pipeline, &next, &mut logged).unwrap();
         assert_eq!(report.maglev_failures, 0);
-        let a_value = current.services.iter().find(|(_, v)| v.id == a).unwrap().1;
+        let a_value = pipeline
+            .state()
+            .services
+            .iter()
+            .find(|(_, v)| v.id == a)
+            .unwrap()
+            .1;
         assert_eq!(a_value.count, 2);
-        assert_eq!(crate::plan::plan(&compile(&next), &current), Vec::new());
+        assert_eq!(
+            crate::plan::plan(&crate::compile::compile(&next), pipeline.state()),
+            Vec::new()
+        );
     }
 
     #[test]
@@ -703,10 +732,10 @@ mod tests {
             fail: BTreeSet::new(),
             fail_map: Some(proxy_common::maps::LB_SLOTS),
         };
-        let mut current = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
         let err = sync_once(
             &mut io,
-            &mut current,
+            &mut pipeline,
             &two_maglev_services(&["10.244.0.2"]),
             &mut BTreeSet::new(),
         )
@@ -752,7 +781,7 @@ mod tests {
             // internal Local without any endpoint: rejected, not dropped: not counted.
             svc("itp-none", "10.96.0.4", ", internalTrafficPolicy: Local"),
         ];
-        let d = compile(&snapshot(&docs.join("\n---\n")));
+        let d = crate::compile::compile(&snapshot(&docs.join("\n---\n")));
         assert_eq!(
             no_local_endpoints(&d),
             vec![(Family::V4, 1, 1), (Family::V6, 0, 0)]

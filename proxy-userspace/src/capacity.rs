@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    compile::{Desired, FrontendAddr, FrontendKind, PortName, Problem},
+    compile::{Desired, FrontendAddr, FrontendKind, PortName, Problem, Scheduler, Totals},
     plan::{MapState, ServiceKey},
 };
 
@@ -22,6 +22,13 @@ pub struct Capacity {
     pub members: u64,
     pub backends: u64,
     pub infos: u64,
+    /// `LB_MAGLEV` chunks (`MAGLEV_CHUNK` table entries each).
+    pub maglev: u64,
+}
+
+/// Chunks of one Maglev table of `size` entries.
+pub fn maglev_chunks(size: u32) -> u64 {
+    u64::from(size).div_ceil(proxy_common::maglev::MAGLEV_CHUNK as u64)
 }
 
 /// What the admitted Service ports use so far.
@@ -37,6 +44,8 @@ struct Usage {
     backends: BTreeSet<(IpAddr, u16, u8)>,
     /// Admitted backends that are already in the map.
     reused: u64,
+    /// Maglev chunks.
+    maglev: u64,
 }
 
 /// What one Service port would add to `Usage`.
@@ -50,37 +59,26 @@ struct Addition {
     members: u64,
     largest_members: u64,
     backends: BTreeSet<(IpAddr, u16, u8)>,
+    maglev: u64,
 }
 
 /// A cheap upper bound of every map's use (each frontend with its own marker, every backend
-/// counted as new): when even that fits, nothing needs refusing.
-fn surely_fits(desired: &Desired, current: &MapState, cap: &Capacity) -> bool {
-    let frontends = desired.frontends.len() as u64;
-    let (mut slots, mut largest, mut members, mut largest_members) = (0u64, 0u64, 0u64, 0u64);
-    for state in desired.frontends.values() {
-        let s: u64 = state
-            .backends
-            .iter()
-            .map(|b| u64::from(b.weight.max(1)))
-            .sum();
-        slots += s;
-        largest = largest.max(s);
-        members += state.backends.len() as u64;
-        largest_members = largest_members.max(state.backends.len() as u64);
-    }
-    2 * frontends <= cap.services4.min(cap.services6)
-        && frontends <= cap.infos
-        && slots + largest <= cap.slots
-        && members + largest_members <= cap.members
-        && members + current.backends.len() as u64 <= cap.backends
+/// counted as new, one frontend mid-update holding two generations): when even that fits,
+/// nothing needs refusing. O(1): `totals` are kept by the compiler as frontends change.
+pub fn surely_fits(totals: &Totals, maglev_size: u32, backends_now: u64, cap: &Capacity) -> bool {
+    let table = maglev_chunks(maglev_size);
+    2 * totals.frontends <= cap.services4.min(cap.services6)
+        && totals.frontends <= cap.infos
+        && totals.slots + totals.largest_slots() <= cap.slots
+        && totals.members + totals.largest_members() <= cap.members
+        && totals.members + backends_now <= cap.backends
+        && (totals.maglev_frontends + 1) * table <= cap.maglev
 }
 
 /// Removes from `desired` the Service ports that would overflow a map; records why. Runs in
 /// O(n log n) over frontends and backends.
 pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
-    if surely_fits(desired, current, cap) {
-        return;
-    }
+    let table = maglev_chunks(desired.maglev_size);
     let mut by_port: BTreeMap<PortName, Vec<FrontendAddr>> = BTreeMap::new();
     for (frontend, state) in &desired.frontends {
         by_port
@@ -141,6 +139,9 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
                 .sum();
             add.slots += slots;
             add.largest = add.largest.max(slots);
+            if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
+                add.maglev += table;
+            }
             let members = state.backends.len() as u64;
             add.members += members;
             add.largest_members = add.largest_members.max(members);
@@ -181,6 +182,8 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
                 usage.members + add.members + usage.largest_members.max(add.largest_members),
                 cap.members,
             ),
+            // One table mid-update has both generations.
+            ("LB_MAGLEV", usage.maglev + add.maglev + table, cap.maglev),
             // New backends are added before unused ones are removed.
             (
                 "LB_BACKENDS",
@@ -197,6 +200,7 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
                 usage.largest = usage.largest.max(add.largest);
                 usage.members += add.members;
                 usage.largest_members = usage.largest_members.max(add.largest_members);
+                usage.maglev += add.maglev;
                 usage.backends.extend(add.backends);
                 usage.reused = reused;
             }
@@ -279,6 +283,7 @@ mod tests {
         members: 1000,
         backends: 1000,
         infos: 1000,
+        maglev: 1000,
     };
 
     #[test]

@@ -286,12 +286,18 @@ impl MapState {
     }
 }
 
-/// Identity of a backend in `LB_BACKENDS`.
+/// Identity of a backend in `LB_BACKENDS`: its whole value. Frontends share an entry when
+/// they want the same value; an endpoint that two Services see differently (terminating in
+/// one slice, not yet in the other; different weights) gets one entry per value, so no
+/// frontend's view overrides another's, and planning one frontend never rewrites an entry
+/// another frontend uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct BackendIdentity {
     addr: IpAddr,
     port: u16,
     proto: u8,
+    flags: u8,
+    weight: u16,
 }
 
 fn identity_of(v: &BackendValue) -> BackendIdentity {
@@ -304,7 +310,15 @@ fn identity_of(v: &BackendValue) -> BackendIdentity {
         addr,
         port: v.port,
         proto: v.proto,
+        flags: v.flags,
+        weight: v.weight,
     }
+}
+
+/// Whether two backend entries are the same endpoint (address, port, protocol), whatever
+/// their flags and weight.
+pub fn same_endpoint(a: &BackendValue, b: &BackendValue) -> bool {
+    a.family == b.family && a.addr == b.addr && a.port == b.port && a.proto == b.proto
 }
 
 fn backend_value(b: &Backend) -> BackendValue {
@@ -334,35 +348,133 @@ fn backend_value(b: &Backend) -> BackendValue {
     }
 }
 
-/// Allocates an id not in `used` (ids start at 1; 0 is never used).
-fn allocate(used: &mut BTreeSet<u32>) -> u32 {
-    // Above the highest id in use (amortised O(log n) per id); only when the space above is
-    // exhausted, the lowest gap from 1.
-    let mut id = used.last().map_or(1, |m| m.saturating_add(1));
-    if id == u32::MAX || used.contains(&id) {
-        id = 1;
-        for &u in used.iter() {
-            if u > id {
-                break;
+/// Ids of one kind: those in use, and the gaps below the highest, handed out lowest first. Ids
+/// stay below the number in use plus the churn of one sync, so arrays indexed by id
+/// (`LB_CONNS` by backend id) never run out however long the agent churns. 0 is never used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdPool {
+    pub(crate) used: BTreeSet<u32>,
+    free: BTreeSet<u32>,
+}
+
+impl IdPool {
+    /// The pool whose used ids are `used` (every gap below the highest is free).
+    pub fn of(used: BTreeSet<u32>) -> IdPool {
+        let mut free = BTreeSet::new();
+        let mut next = 1;
+        for &id in &used {
+            free.extend(next..id);
+            next = id.saturating_add(1);
+        }
+        free.remove(&0);
+        IdPool { used, free }
+    }
+
+    /// The lowest free id, now used.
+    pub fn allocate(&mut self) -> u32 {
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None => self.used.last().map_or(1, |m| m.saturating_add(1)),
+        };
+        self.used.insert(id);
+        id
+    }
+
+    /// Marks `id` used (found in the maps, or written).
+    pub fn take(&mut self, id: u32) {
+        if id == 0 || !self.used.insert(id) {
+            return;
+        }
+        if !self.free.remove(&id) {
+            // Above the highest so far: the ids skipped become gaps.
+            let below = self.used.range(..id).next_back().copied().unwrap_or(0);
+            self.free.extend(below + 1..id);
+        }
+    }
+
+    /// Gives `id` back.
+    pub fn release(&mut self, id: u32) {
+        if !self.used.remove(&id) {
+            return;
+        }
+        match self.used.last() {
+            // The highest went: the gaps above the new highest are no gaps any more.
+            Some(&top) if top < id => {
+                let _ = self.free.split_off(&(top + 1));
             }
-            if u == id {
-                id += 1;
+            None => self.free.clear(),
+            Some(_) => {
+                self.free.insert(id);
             }
         }
     }
-    used.insert(id);
-    id
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.used.contains(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    /// The highest id in use (0 when none).
+    pub fn highest(&self) -> u32 {
+        self.used.last().copied().unwrap_or(0)
+    }
+}
+
+/// The id pools a plan allocates from: frontends, Service ports, backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ids {
+    pub svc: IdPool,
+    pub port: IdPool,
+    pub backend: IdPool,
+}
+
+impl Ids {
+    /// The ids `state` uses. A frontend id seen anywhere in the maps (an entry, slots, members
+    /// or info, even leftovers of an interrupted run) is never handed out again while it is.
+    pub fn of(state: &MapState) -> Ids {
+        let mut svc: BTreeSet<u32> = state.services.values().map(|v| v.id).collect();
+        svc.extend(state.slots.keys().map(|k| k.svc_id));
+        svc.extend(state.members.keys().map(|k| k.svc_id));
+        svc.extend(state.infos.keys().copied());
+        svc.extend(state.maglev.keys().map(|k| k.svc_id));
+        svc.remove(&0);
+        let mut port: BTreeSet<u32> = state.services.values().map(|v| v.port_id).collect();
+        port.remove(&0);
+        Ids {
+            svc: IdPool::of(svc),
+            port: IdPool::of(port),
+            backend: IdPool::of(state.backends.keys().copied().collect()),
+        }
+    }
+}
+
+/// Room for the port's name in `ServiceInfo`.
+const INFO_NAME_LEN: usize = 248;
+
+/// A port's name as its frontends' `ServiceInfo` holds it (cut at a character boundary).
+fn info_text(port: &PortName) -> String {
+    let mut text = port.to_string();
+    let mut len = text.len().min(INFO_NAME_LEN);
+    while !text.is_char_boundary(len) {
+        len -= 1;
+    }
+    text.truncate(len);
+    text
 }
 
 /// The inspection record of a frontend.
 pub fn service_info(desired: &Desired, state: &FrontendState, port_id: u32) -> ServiceInfo {
-    let mut name = [0u8; 248];
-    let text = state.port.to_string();
-    let mut len = text.len().min(name.len());
-    while !text.is_char_boundary(len) {
-        len -= 1;
-    }
-    name[..len].copy_from_slice(&text.as_bytes()[..len]);
+    let mut name = [0u8; INFO_NAME_LEN];
+    let text = info_text(&state.port);
+    let len = text.len();
+    name[..len].copy_from_slice(text.as_bytes());
     let port = desired.ports.get(&state.port);
     let mut flags = 0;
     if port.is_some_and(|p| p.itp_local) {
@@ -429,11 +541,15 @@ pub const MAX_SLOTS: usize = u16::MAX as usize;
 
 /// Computes the writes that turn `current` into `desired`.
 pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
+    plan_with(desired, current, &mut Ids::of(current))
+}
+
+/// As `plan`, allocating new ids from `ids` (which must hold at least every id `current` uses).
+pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op> {
     let mut adds = Vec::new(); // backends
 
     // Backends: reuse ids by identity.
     let mut backend_ids: BTreeMap<BackendIdentity, u32> = BTreeMap::new();
-    let mut used_backend_ids: BTreeSet<u32> = current.backends.keys().copied().collect();
     for (id, v) in &current.backends {
         backend_ids.entry(identity_of(v)).or_insert(*id);
     }
@@ -444,7 +560,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             let identity = identity_of(&value);
             let id = *backend_ids
                 .entry(identity)
-                .or_insert_with(|| allocate(&mut used_backend_ids));
+                .or_insert_with(|| ids.backend.allocate());
             // The same endpoint can be local in one set and not another: flags are the same
             // for one node, so the first value wins.
             wanted_backends.entry(id).or_insert(value);
@@ -456,18 +572,22 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         }
     }
 
-    // Frontend and Service-port ids. Ids seen anywhere in the maps are never handed out again,
-    // so leftovers of an interrupted run cannot be mistaken for a new frontend's entries.
-    let mut used_svc_ids: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
-    used_svc_ids.extend(current.slots.keys().map(|k| k.svc_id));
-    used_svc_ids.extend(current.members.keys().map(|k| k.svc_id));
-    used_svc_ids.extend(current.infos.keys().copied());
-    used_svc_ids.remove(&0);
-    let mut used_port_ids: BTreeSet<u32> = current.services.values().map(|v| v.port_id).collect();
+    // Frontend and Service-port ids. Ids seen anywhere in the maps are never handed out again
+    // (`Ids::of`), so leftovers of an interrupted run cannot be mistaken for a new frontend's
+    // entries.
     let mut port_ids: BTreeMap<&PortName, u32> = BTreeMap::new();
     for (frontend, state) in &desired.frontends {
         if let Some(v) = current.services.get(&ServiceKey::of(frontend)) {
-            port_ids.entry(&state.port).or_insert(v.port_id);
+            // Only a frontend that belonged to this port before hands its port id on: one
+            // that moved here from another Service's port (a frontend two Services claim)
+            // carries that port's id.
+            let same_port = current
+                .infos
+                .get(&v.id)
+                .is_some_and(|i| i.name() == info_text(&state.port));
+            if same_port {
+                port_ids.entry(&state.port).or_insert(v.port_id);
+            }
         }
     }
     // A port id may only be kept by one port: if two ports claim one (frontends moved between
@@ -475,7 +595,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     let mut claimed = BTreeSet::new();
     for id in port_ids.values_mut() {
         if !claimed.insert(*id) {
-            *id = allocate(&mut used_port_ids);
+            *id = ids.port.allocate();
         }
     }
 
@@ -565,7 +685,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         let existing = current.services.get(&key);
         let port_id = *port_ids
             .entry(&state.port)
-            .or_insert_with(|| allocate(&mut used_port_ids));
+            .or_insert_with(|| ids.port.allocate());
         let mut slots: Vec<u32> = Vec::new();
         // Round-robin gives every backend one turn, whatever its weight; least-connection
         // compares every backend once (weights count in the comparison, not in slots).
@@ -603,7 +723,7 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
             Scheduler::WeightedLeastConnection => FLAG_LEAST_CONN | FLAG_WEIGHTED,
             _ => 0,
         };
-        let id = existing.map_or_else(|| allocate(&mut used_svc_ids), |v| v.id);
+        let id = existing.map_or_else(|| ids.svc.allocate(), |v| v.id);
         // Allowed sources exist before the frontend says to check them.
         for cidr in &state.source_ranges {
             let range = SourceRange {
@@ -754,6 +874,10 @@ pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
         .chain(range_removes)
         .collect()
 }
+
+mod mirror;
+
+pub use mirror::Mirror;
 
 #[cfg(test)]
 mod tests;

@@ -1,13 +1,19 @@
 //! A consistent view of the cluster objects the proxy reads, as a source delivers them.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// Everything compile needs, taken at one moment. Sources always deliver whole snapshots,
 /// never deltas, so a lost delete event cannot leave stale state behind.
+///
+/// Objects are shared: a source hands the same `Arc` again for an object that did not change,
+/// so a snapshot costs one pointer per object to copy, and the agent's compile cache tells
+/// changed objects from unchanged ones by pointer (`Arc::ptr_eq`) without looking inside.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,
@@ -74,7 +80,7 @@ impl NodeInfo {
     /// node), every Service and family.
     pub fn local_endpoints(
         &self,
-        slices: &[k8s_openapi::api::discovery::v1::EndpointSlice],
+        slices: &[Arc<EndpointSlice>],
     ) -> std::collections::BTreeSet<std::net::IpAddr> {
         if self.name.is_empty() {
             return Default::default();

@@ -15,6 +15,7 @@
 //!
 //! Facts are cited as `semantics N.M` (../shared/kube-proxy-semantics.md).
 
+use std::sync::Arc;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -35,7 +36,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use proptest::{prelude::*, sample::select};
-use proxy_common::backend::{BackendValue, FAMILY_V4};
+use proxy_common::backend::{BACKEND_LOCAL, BACKEND_TERMINATING, BackendValue, FAMILY_V4};
 use proxy_userspace::{
     compile::{
         Desired, Family, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scope, compile,
@@ -674,8 +675,8 @@ fn hostile_objects(
 
 fn snapshot() -> impl Strategy<Value = Snapshot> {
     (hostile_objects(NAMESPACES), node()).prop_map(|((services, slices), node)| Snapshot {
-        services,
-        slices,
+        services: arcs(services),
+        slices: arcs(slices),
         node,
         config: Default::default(),
     })
@@ -711,10 +712,17 @@ fn two_snapshots() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                 node: node.unwrap_or_else(|| a.node.clone()),
                 config: a.config.clone(),
             };
-            b.services.extend(more_svc.into_iter().take(2));
-            b.slices.extend(more_slices.into_iter().take(4));
+            b.services
+                .extend(more_svc.into_iter().take(2).map(Arc::new));
+            b.slices
+                .extend(more_slices.into_iter().take(4).map(Arc::new));
             (a, b)
         })
+}
+
+/// Objects as a snapshot holds them.
+fn arcs<T>(objects: Vec<T>) -> Vec<Arc<T>> {
+    objects.into_iter().map(Arc::new).collect()
 }
 
 // ---- Oracles --------------------------------------------------------------------------------
@@ -935,17 +943,31 @@ fn check_state_matches(d: &Desired, state: &MapState) -> Result<(), TestCaseErro
             prop_assert!(keys.contains(key), "stale frontend {:?}", key);
         }
     }
-    let wanted: BTreeSet<(IpAddr, u16, u8)> = d
+    // One entry per backend value: an endpoint two Services see differently (terminating in
+    // one slice only, other weights) has one entry per view.
+    let wanted: BTreeSet<((IpAddr, u16, u8), u8, u16)> = d
         .frontends
         .values()
         .flat_map(|f| &f.backends)
-        .map(|b| (b.addr, b.port, b.proto.number()))
+        .map(|b| {
+            let flags = if b.local { BACKEND_LOCAL } else { 0 }
+                | if b.terminating {
+                    BACKEND_TERMINATING
+                } else {
+                    0
+                };
+            ((b.addr, b.port, b.proto.number()), flags, b.weight.max(1))
+        })
         .collect();
-    let have: BTreeSet<(IpAddr, u16, u8)> = state.backends.values().map(identity).collect();
+    let have: BTreeSet<((IpAddr, u16, u8), u8, u16)> = state
+        .backends
+        .values()
+        .map(|v| (identity(v), v.flags, v.weight))
+        .collect();
     prop_assert_eq!(
         have.len(),
         state.backends.len(),
-        "one backend under two ids"
+        "one backend value under two ids"
     );
     prop_assert_eq!(have, wanted);
     let ids: BTreeSet<u32> = state.services.values().map(|v| v.id).collect();
@@ -1034,10 +1056,10 @@ proptest! {
         (bad_services, bad_slices) in hostile_objects(&["default", "iso"]),
         node in node(),
     ) {
-        let good = Snapshot { services: good_services, slices: good_slices, node, config: Default::default() };
+        let good = Snapshot { services: arcs(good_services), slices: arcs(good_slices), node, config: Default::default() };
         let mut mixed = good.clone();
-        mixed.services.extend(bad_services);
-        mixed.slices.extend(bad_slices);
+        mixed.services.extend(arcs(bad_services));
+        mixed.slices.extend(arcs(bad_slices));
         let is_good = |p: &PortName| p.namespace == "iso" && p.name.starts_with("good-");
         let (alone, together) = (compile(&good), compile(&mixed));
         // NodePorts share one number space across Services (the API allocates them uniquely);
@@ -1083,7 +1105,7 @@ proptest! {
         check_state_matches(&da, &state)?;
 
         let backend_ids = |s: &MapState| s.backends.iter()
-            .map(|(id, v)| (identity(v), *id))
+            .map(|(id, v)| ((identity(v), v.flags, v.weight), *id))
             .collect::<BTreeMap<_, _>>();
         let frontend_ids = |s: &MapState| s.services.iter()
             .filter(|(k, _)| !k.is_any_port())
@@ -1171,8 +1193,8 @@ fn simple_service(namespace: &str, name: &str, cluster_ip: &str) -> Service {
 #[test]
 fn ten_thousand_endpoints_in_one_slice() {
     let snap = Snapshot {
-        services: vec![simple_service("default", "big", "10.96.0.50")],
-        slices: vec![big_slice("default", "big", "big-1", 10_000)],
+        services: vec![Arc::new(simple_service("default", "big", "10.96.0.50"))],
+        slices: vec![Arc::new(big_slice("default", "big", "big-1", 10_000))],
         node: NodeInfo {
             name: "node-a".into(),
             zone: None,
@@ -1243,8 +1265,8 @@ endpoints: [{addresses: [10.244.0.1], nodeName: node-a}, {addresses: [10.244.0.2
     fn snap(yaml: &str) -> Snapshot {
         let (services, slices) = objects(yaml);
         Snapshot {
-            services,
-            slices,
+            services: arcs(services),
+            slices: arcs(slices),
             node: NodeInfo {
                 name: "node-a".into(),
                 zone: None,
@@ -1633,8 +1655,9 @@ spec:
         let mut s = snap(GOOD);
         let alone = compile(&s);
         s.services
-            .push(simple_service("default", "big", "10.96.0.50"));
-        s.slices.push(big_slice("default", "big", "big-1", 10_000));
+            .push(Arc::new(simple_service("default", "big", "10.96.0.50")));
+        s.slices
+            .push(Arc::new(big_slice("default", "big", "big-1", 10_000)));
         let d = compile(&s);
         assert_eq!(good_only(&alone), good_only(&d));
         let big = frontends_of(&d, |p| p.name == "big");
@@ -1722,5 +1745,150 @@ endpoints: [{{addresses: [{endpoint}]}}]"
             assert!(good_state.is_none() || good_state == good);
             good_state = good;
         }
+    }
+}
+
+// ---- (h) Incremental compile and plan ----------------------------------------------------------
+
+/// A map state without its ids (which depend on history): each frontend with its flags,
+/// counts, live slots and Maglev table as backend identities, members, info and source
+/// ranges; the ClusterIP markers; the backends.
+#[derive(Debug, PartialEq, Eq)]
+struct Normal {
+    frontends: BTreeMap<ServiceKey, String>,
+    markers: BTreeSet<ServiceKey>,
+    backends: BTreeSet<String>,
+}
+
+fn normal(state: &MapState) -> Normal {
+    let name = |id: &u32| {
+        state.backends.get(id).map_or("?".to_string(), |v| {
+            format!(
+                "{:?}:{}/{} f{} w{}",
+                v.addr, v.port, v.proto, v.flags, v.weight
+            )
+        })
+    };
+    let mut out = Normal {
+        frontends: BTreeMap::new(),
+        markers: BTreeSet::new(),
+        backends: state.backends.keys().map(name).collect(),
+    };
+    for (key, v) in &state.services {
+        if key.is_any_port() {
+            out.markers.insert(*key);
+            continue;
+        }
+        let slots: Vec<String> = state
+            .live_slots(v)
+            .iter()
+            .map(|s| s.as_ref().map_or("-".into(), name))
+            .collect();
+        let members: BTreeMap<String, u32> = state
+            .members
+            .iter()
+            .filter(|(k, _)| k.svc_id == v.id)
+            .map(|(k, m)| (name(&k.backend_id), m.slots))
+            .collect();
+        let maglev: Vec<String> = state
+            .maglev
+            .iter()
+            .filter(|(k, _)| k.svc_id == v.id && k.generation == v.generation())
+            .flat_map(|(_, c)| c.backend_ids.iter().map(name).collect::<Vec<_>>())
+            .collect();
+        let ranges: Vec<String> = state
+            .source_ranges
+            .iter()
+            .filter(|r| r.svc_id == v.id)
+            .map(|r| r.cidr.to_string())
+            .collect();
+        let info = state
+            .infos
+            .get(&v.id)
+            .map(|i| (i.kind, i.flags, i.name().to_string()));
+        out.frontends.insert(
+            *key,
+            format!(
+                "flags {} affinity {} count {} slots {slots:?} members {members:?} maglev \
+                 {maglev:?} ranges {ranges:?} info {info:?}",
+                v.flags, v.affinity_timeout_secs, v.count
+            ),
+        );
+    }
+    out
+}
+
+/// Feeds `snapshots` one after another to a `Compiler` and a `Mirror` planning only what changed,
+/// checking after each that both equal a compile and a plan from scratch.
+fn incremental_equals_scratch(snapshots: &[&Snapshot]) -> Result<(), TestCaseError> {
+    use proxy_userspace::{compile::Compiler, plan::Mirror};
+    let mut compiler = Compiler::default();
+    let mut mirror = Mirror::default();
+    for (step, snapshot) in snapshots.iter().enumerate() {
+        let update = compiler.update(snapshot);
+        let ops = if update.full {
+            mirror.plan_full(compiler.desired())
+        } else {
+            mirror.plan_changed(compiler.desired(), &update.changed)
+        };
+        for op in &ops {
+            mirror.apply(op);
+            prop_assert!(
+                mirror.state().consistent().is_ok(),
+                "step {step}: {op} left {:?}",
+                mirror.state().consistent()
+            );
+        }
+        prop_assert_eq!(mirror.check(), Ok(()), "step {}", step);
+        let scratch = compile(snapshot);
+        prop_assert_eq!(
+            compiler.desired(),
+            &scratch,
+            "step {}: compiled state",
+            step
+        );
+        let mut fresh = MapState::default();
+        for op in plan(&scratch, &fresh) {
+            fresh.apply(&op);
+        }
+        prop_assert_eq!(
+            normal(mirror.state()),
+            normal(&fresh),
+            "step {}: maps",
+            step
+        );
+        // Planning again finds nothing to do.
+        let again = mirror.plan_full(compiler.desired());
+        prop_assert!(
+            again.is_empty(),
+            "step {step}: writes left: {:?}\nchanged {:?}\nfrontends {:?}\nmaps {:?}",
+            again.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            update.changed,
+            compiler
+                .desired()
+                .frontends
+                .iter()
+                .map(|(f, s)| format!("{f} {}", s.port))
+                .collect::<Vec<_>>(),
+            mirror
+                .state()
+                .services
+                .iter()
+                .map(|(k, v)| format!("{:?} id {} port {}", k.frontend(), v.id, v.port_id))
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// (h) Snapshot after snapshot, recompiling only the Services whose objects changed and
+    /// planning only the frontends that changed gives the maps a from-scratch compile and plan
+    /// give, map by map (ids aside); the mirror's indexes stay those of its state.
+    #[test]
+    fn incremental_compile_and_plan_equal_from_scratch((a, b) in two_snapshots()) {
+        incremental_equals_scratch(&[&a, &b, &a, &b])?;
     }
 }

@@ -326,7 +326,8 @@ fn add_node_state(
             loop {
                 let fresh = match rx.recv_timeout(NODE_TICK) {
                     Ok(s) => {
-                        *ranged.lock().expect("targets lock") = netns::Targets::of(&s.services);
+                        *ranged.lock().expect("targets lock") =
+                            netns::Targets::of(s.services.iter().map(|s| &**s));
                         latest = Some(s);
                         true
                     }

@@ -41,6 +41,34 @@ pub(super) const IGNORED_LABELS: [&str; 2] = [
     "service.kubernetes.io/headless",
 ];
 
+/// Whose slice this is, as `SliceIndex::build` decides it.
+pub enum Owner<'a> {
+    /// Hidden from the proxy by a label (semantics 1.1, 1.2).
+    Ignored,
+    /// The Service (namespace, name) its `kubernetes.io/service-name` label names.
+    Service(&'a str, &'a str),
+    /// No usable label, name or namespace: reported, never used.
+    Nobody,
+}
+
+pub fn owner(slice: &EndpointSlice) -> Owner<'_> {
+    let labels = slice.metadata.labels.as_ref();
+    if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
+        return Owner::Ignored;
+    }
+    let service = labels
+        .and_then(|l| l.get("kubernetes.io/service-name"))
+        .filter(|s| !s.is_empty());
+    match (
+        service,
+        slice.metadata.namespace.as_ref(),
+        slice.metadata.name.as_ref(),
+    ) {
+        (Some(service), Some(namespace), Some(_)) => Owner::Service(namespace, service),
+        _ => Owner::Nobody,
+    }
+}
+
 /// The slices of each Service, by (namespace, service name).
 pub struct SliceIndex<'a> {
     by_service: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,

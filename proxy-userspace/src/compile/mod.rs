@@ -5,13 +5,19 @@ mod eligibility;
 mod endpoints;
 pub mod explain;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+mod incremental;
 
-use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
-use crate::snapshot::{NodeInfo, Snapshot};
+pub use self::incremental::{Compiler, Totals, Update};
+use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
 
 /// Layer-4 protocol of a Service port.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -190,6 +196,16 @@ pub struct FrontendAddr {
 }
 
 impl FrontendAddr {
+    /// The first frontend of `addr` in key order, for ranges over one address.
+    pub fn lowest(addr: IpAddr) -> Self {
+        FrontendAddr {
+            addr,
+            port: 0,
+            proto: Proto::Tcp,
+            scope: Scope::Internal,
+        }
+    }
+
     pub fn internal(addr: IpAddr, port: u16, proto: Proto) -> Self {
         FrontendAddr {
             addr,
@@ -380,25 +396,53 @@ pub struct Desired {
     pub maglev_size: u32,
 }
 
+/// One Service's share of the desired state (`compile_one`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceOut {
+    /// `Service namespace/name`, for problems found when merging.
+    pub object: String,
+    pub frontends: BTreeMap<FrontendAddr, FrontendState>,
+    pub ports: BTreeMap<PortName, ServicePort>,
+    pub problems: Vec<Problem>,
+}
+
 /// Default ClientIP affinity timeout (semantics 6.1).
 pub const DEFAULT_AFFINITY_SECS: u32 = 10_800;
 
-/// Compiles a snapshot into the desired datapath state.
+/// Compiles a snapshot into the desired datapath state, from scratch: what an incremental
+/// `Compiler` fed any sequence of snapshots ending in this one holds.
 pub fn compile(snapshot: &Snapshot) -> Desired {
-    let mut desired = Desired {
-        maglev_size: snapshot.config.maglev_size,
-        ..Desired::default()
-    };
-    let slices = unique(&snapshot.slices, "EndpointSlice", &mut desired.problems);
-    let index = endpoints::SliceIndex::build(slices, &snapshot.node.name, &mut desired.problems);
-    // Deterministic order: when two Services claim one frontend, the first by name wins.
-    for svc in unique(&snapshot.services, "Service", &mut desired.problems) {
-        compile_service(svc, &index, snapshot, &mut desired);
+    let mut compiler = Compiler::default();
+    compiler.update(snapshot);
+    compiler.into_desired()
+}
+
+/// One Service compiled alone: from the Service, its EndpointSlices (in name order) and the
+/// node-level inputs, nothing else. Frontends another Service claimed first are resolved when
+/// the outputs are merged (`Compiler`).
+pub fn compile_one(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    config: &ProxyConfig,
+) -> ServiceOut {
+    let mut desired = Desired::default();
+    let index = endpoints::SliceIndex::build(slices.to_vec(), &node.name, &mut desired.problems);
+    compile_service(svc, &index, node, config, &mut desired);
+    ServiceOut {
+        object: object_name("Service", &svc.metadata),
+        frontends: desired.frontends,
+        ports: desired.ports,
+        problems: desired.problems,
     }
-    // One line per fault, even when it was found once per family.
-    let mut seen = std::collections::BTreeSet::new();
-    desired.problems.retain(|p| seen.insert(p.to_string()));
-    desired
+}
+
+/// Problems of EndpointSlices that belong to no Service (or name none): found by the same
+/// checks as a Service's slices.
+fn slice_problems(slices: &[&EndpointSlice], node: &NodeInfo) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    endpoints::SliceIndex::build(slices.to_vec(), &node.name, &mut problems);
+    problems
 }
 
 /// The objects sorted by namespace/name with one object per name. A snapshot can hold two
@@ -406,15 +450,15 @@ pub fn compile(snapshot: &Snapshot) -> Desired {
 /// recreated while a source still holds the old one): the newest by creationTimestamp is kept,
 /// ties broken by uid and then by content, so the input order never matters; the others are
 /// reported.
-fn unique<'a, K>(objects: &'a [K], kind: &str, problems: &mut Vec<Problem>) -> Vec<&'a K>
+fn unique<'a, K>(objects: &'a [Arc<K>], kind: &str, problems: &mut Vec<Problem>) -> Vec<&'a Arc<K>>
 where
     K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize,
 {
-    let name = |o: &K| {
-        let m = o.metadata();
-        (m.namespace.clone(), m.name.clone())
+    let same_name = |a: &K, b: &K| {
+        let (ma, mb) = (a.metadata(), b.metadata());
+        ma.namespace == mb.namespace && ma.name == mb.name
     };
-    let mut sorted: Vec<&K> = objects.iter().collect();
+    let mut sorted: Vec<&Arc<K>> = objects.iter().collect();
     sorted.sort_by(|a, b| {
         let (ma, mb) = (a.metadata(), b.metadata());
         (&ma.namespace, &ma.name)
@@ -423,16 +467,21 @@ where
             .then_with(|| mb.creation_timestamp.cmp(&ma.creation_timestamp))
             .then_with(|| ma.uid.cmp(&mb.uid))
             .then_with(|| {
+                if Arc::ptr_eq(a, b) {
+                    return std::cmp::Ordering::Equal;
+                }
                 let json = |o: &K| serde_json::to_string(o).unwrap_or_default();
                 json(a).cmp(&json(b))
             })
     });
-    let mut out: Vec<&K> = Vec::with_capacity(sorted.len());
+    let mut out: Vec<&Arc<K>> = Vec::with_capacity(sorted.len());
     for object in sorted {
         match out.last() {
-            Some(kept) if name(kept) == name(object) => {
+            Some(kept) if same_name(kept, object) => {
                 // Identical copies (the same file read twice) are harmless.
-                if serde_json::to_value(*kept).ok() != serde_json::to_value(object).ok() {
+                if !Arc::ptr_eq(kept, object)
+                    && serde_json::to_value(&***kept).ok() != serde_json::to_value(&**object).ok()
+                {
                     let uid = |o: &K| o.metadata().uid.clone().unwrap_or_else(|| "none".into());
                     let why = if kept.metadata().creation_timestamp
                         == object.metadata().creation_timestamp
@@ -566,7 +615,8 @@ fn ips_of_family<'a>(
 fn compile_service(
     svc: &Service,
     index: &endpoints::SliceIndex,
-    snapshot: &Snapshot,
+    node: &NodeInfo,
+    config: &ProxyConfig,
     desired: &mut Desired,
 ) {
     let object = object_name("Service", &svc.metadata);
@@ -612,17 +662,17 @@ fn compile_service(
         .as_ref()
         .and_then(|a| a.get(SCHEDULER_ANNOTATION));
     let scheduler = match annotation.map(|a| Scheduler::parse(a)) {
-        None => snapshot.config.scheduler,
+        None => config.scheduler,
         Some(Ok(s)) => s,
         Some(Err(why)) => {
             desired.problems.push(Problem {
                 object: object.clone(),
                 message: format!(
                     "annotation {SCHEDULER_ANNOTATION}: {why}; using the default, {}",
-                    snapshot.config.scheduler.as_str()
+                    config.scheduler.as_str()
                 ),
             });
-            snapshot.config.scheduler
+            config.scheduler
         }
     };
     let weights = weights_of(svc, &object, &mut desired.problems);
@@ -756,7 +806,7 @@ fn compile_service(
             let endpoints = index.endpoints_for(&name, &mut desired.problems);
             let categorized = categorize(
                 &endpoints,
-                &snapshot.node,
+                node,
                 !itp_local || externally_accessible,
                 itp_local || (etp_local && externally_accessible),
             );
@@ -776,7 +826,7 @@ fn compile_service(
                 weights: weights.clone(),
                 endpoints: categorized,
             };
-            add_frontends(&service_port, &object, &snapshot.node, desired);
+            add_frontends(&service_port, &object, node, desired);
             desired.ports.insert(name, service_port);
         }
     }

@@ -25,8 +25,12 @@ pub(crate) fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
     for doc in yaml.split("\n---\n") {
         let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
         match v["kind"].as_str() {
-            Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
-            Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
+            Some("Service") => s
+                .services
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
+            Some("EndpointSlice") => s
+                .slices
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
             _ => panic!("unexpected doc {doc}"),
         }
     }

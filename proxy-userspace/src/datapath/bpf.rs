@@ -340,6 +340,7 @@ impl Maps {
             members: max(self.members.map())?,
             backends: max(self.backends.map())?,
             infos: max(self.infos.map())?,
+            maglev: max(self.maglev.map())?,
         })
     }
 

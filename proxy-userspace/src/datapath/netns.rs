@@ -36,7 +36,7 @@ pub struct Targets {
 impl Targets {
     /// The lowest load balancer IP of each family among Services with
     /// loadBalancerSourceRanges (ipMode Proxy excluded: such IPs are not programmed).
-    pub fn of(services: &[Service]) -> Targets {
+    pub fn of<'a>(services: impl IntoIterator<Item = &'a Service>) -> Targets {
         let mut out = Targets::default();
         for svc in services {
             let ranged = svc

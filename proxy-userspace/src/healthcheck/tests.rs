@@ -30,8 +30,12 @@ fn snapshot(docs: &[String]) -> Snapshot {
     for doc in docs {
         let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
         match v["kind"].as_str() {
-            Some("Service") => s.services.push(serde_yaml::from_value(v).unwrap()),
-            Some("EndpointSlice") => s.slices.push(serde_yaml::from_value(v).unwrap()),
+            Some("Service") => s
+                .services
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
+            Some("EndpointSlice") => s
+                .slices
+                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
             _ => panic!("unexpected doc {doc}"),
         }
     }

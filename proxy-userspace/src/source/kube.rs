@@ -412,13 +412,18 @@ fn key_of(meta: &ObjectMeta) -> Key {
 /// losing a Service, its endpoints or the node's zone over one bad write. Such an object that
 /// was never decoded is left out. Each undecodable version is logged and counted once, however
 /// often relists bring it back. A deletion always deletes.
+/// Objects and undecodable versions of a relist in progress.
+type Relist<K> = (BTreeMap<Key, Arc<K>>, BTreeMap<Key, String>);
+
 struct Objects<K> {
     kind: Kind,
-    objects: BTreeMap<Key, K>,
+    /// Shared with the snapshots: an object that does not change keeps its `Arc`, which is how
+    /// the agent's compile cache knows it unchanged.
+    objects: BTreeMap<Key, Arc<K>>,
     /// Objects whose newest version cannot be decoded, with that version's resourceVersion.
     undecodable: BTreeMap<Key, String>,
     /// A relist in progress, swapped in at `InitDone`.
-    relist: Option<(BTreeMap<Key, K>, BTreeMap<Key, String>)>,
+    relist: Option<Relist<K>>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -435,8 +440,26 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
         objects
     }
 
-    fn values(&self) -> impl Iterator<Item = &K> {
+    fn values(&self) -> impl Iterator<Item = &Arc<K>> {
         self.objects.values()
+    }
+
+    /// Stores an object as the proxy needs it: without managedFields (never read, often the
+    /// largest part of an object). An object whose uid and resourceVersion are those of the
+    /// stored one (a relist after a watch expired) keeps the stored `Arc`.
+    fn stored(&self, mut object: K) -> Arc<K> {
+        object.meta_mut().managed_fields = None;
+        let key = key_of(object.meta());
+        match self.objects.get(&key) {
+            Some(old)
+                if old.meta().uid == object.meta().uid
+                    && old.meta().resource_version.is_some()
+                    && old.meta().resource_version == object.meta().resource_version =>
+            {
+                Arc::clone(old)
+            }
+            _ => Arc::new(object),
+        }
     }
 
     fn apply(&mut self, event: watcher::Event<DeserializeGuard<K>>) -> Step {
@@ -448,7 +471,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
             watcher::Event::InitApply(DeserializeGuard(object)) => {
                 self.relist.get_or_insert_with(Default::default);
                 let kept = match object {
-                    Ok(object) => Some(object),
+                    Ok(object) => Some(self.stored(object)),
                     Err(invalid) => self.kept_for(&invalid),
                 };
                 if let (Some(object), Some((objects, _))) = (kept, &mut self.relist) {
@@ -465,6 +488,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
             watcher::Event::Apply(DeserializeGuard(Ok(object))) => {
                 let key = key_of(object.meta());
                 self.undecodable.remove(&key);
+                let object = self.stored(object);
                 self.objects.insert(key, object);
                 Step::Changed
             }
@@ -491,7 +515,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
     /// Logs and counts `invalid` (once per version) and records it as undecodable (in the relist
     /// in progress, if any); returns the last decodable version of the same object to use in
     /// its place, if there is one.
-    fn kept_for(&mut self, invalid: &InvalidObject) -> Option<K> {
+    fn kept_for(&mut self, invalid: &InvalidObject) -> Option<Arc<K>> {
         let meta = &invalid.metadata;
         let key = key_of(meta);
         let version = meta.resource_version.clone().unwrap_or_default();
@@ -551,7 +575,7 @@ impl Stores {
         Snapshot {
             services: self.services.values().cloned().collect(),
             slices: self.slices.values().cloned().collect(),
-            node: NodeInfo::with_node(node_name.to_string(), node),
+            node: NodeInfo::with_node(node_name.to_string(), node.map(|n| &**n)),
             config: Default::default(),
         }
     }

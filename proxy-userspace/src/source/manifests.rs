@@ -23,8 +23,9 @@ use crate::snapshot::{NodeInfo, Snapshot};
 /// Objects parsed from one file.
 #[derive(Clone, Debug, Default)]
 struct FileObjects {
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    /// Shared with every snapshot until the file changes.
+    services: Vec<std::sync::Arc<Service>>,
+    slices: Vec<std::sync::Arc<EndpointSlice>>,
     nodes: Vec<Node>,
 }
 
@@ -81,8 +82,12 @@ fn parse_document(value: serde_yaml::Value, into: &mut FileObjects) -> anyhow::R
         .unwrap_or("")
         .to_string();
     match kind.as_str() {
-        "Service" => into.services.push(Service::deserialize(value)?),
-        "EndpointSlice" => into.slices.push(EndpointSlice::deserialize(value)?),
+        "Service" => into
+            .services
+            .push(std::sync::Arc::new(Service::deserialize(value)?)),
+        "EndpointSlice" => into
+            .slices
+            .push(std::sync::Arc::new(EndpointSlice::deserialize(value)?)),
         "Node" => into.nodes.push(Node::deserialize(value)?),
         "List" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
@@ -110,10 +115,16 @@ fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
     }
     // Objects without a namespace default to "default", as kubectl apply would do.
     for s in &mut objects.services {
-        s.metadata.namespace.get_or_insert_with(|| "default".into());
+        std::sync::Arc::make_mut(s)
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".into());
     }
     for s in &mut objects.slices {
-        s.metadata.namespace.get_or_insert_with(|| "default".into());
+        std::sync::Arc::make_mut(s)
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".into());
     }
     Ok(objects)
 }

@@ -1,0 +1,584 @@
+//! PURE: compiling snapshot after snapshot, recompiling only the Services whose Service object
+//! or EndpointSlices changed (told apart by pointer: sources hand the same `Arc` for an
+//! unchanged object). A change of the node-level inputs (node name, zone, addresses, pod CIDRs,
+//! interfaces waited for, the agent's settings) recompiles every Service.
+//!
+//! The merged result is the same as compiling from scratch: every Service is compiled alone
+//! (`compile_one`), and where two Services claim one frontend the first by namespace/name owns
+//! it whatever the order of changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    Desired, FrontendAddr, FrontendState, Problem, ServiceOut, compile_one,
+    endpoints::{Owner, owner},
+    slice_problems, unique,
+};
+use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
+
+/// A Service by (namespace, name).
+pub type Key = (String, String);
+
+/// One Service as last compiled.
+struct Cached {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    out: ServiceOut,
+}
+
+/// What one `Compiler::update` changed.
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    /// Every frontend was recompiled (first update, or node-level inputs changed).
+    pub full: bool,
+    /// Frontends whose desired state may differ from the previous update's.
+    pub changed: BTreeSet<FrontendAddr>,
+    /// Services compiled again (their object or slices changed, or `full`).
+    pub recompiled: usize,
+    /// Service objects added, changed or removed since the previous update.
+    pub services_changed: u64,
+    /// EndpointSlices added, changed or removed since the previous update, per address type
+    /// ("IPv4", "IPv6").
+    pub slices_changed: BTreeMap<String, u64>,
+    /// EndpointSlices added or changed since the previous update.
+    pub new_slices: Vec<Arc<EndpointSlice>>,
+    /// EndpointSlices removed since the previous update, by (namespace, name).
+    pub removed_slices: Vec<Key>,
+}
+
+/// What the merged frontends need of the maps, kept up to date as frontends come and go, so
+/// that a sync can tell in O(1) whether everything surely fits (`capacity::surely_fits`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub frontends: u64,
+    /// Slots of every frontend (a backend's weight counts in slots).
+    pub slots: u64,
+    /// Member entries (one per backend of a frontend).
+    pub members: u64,
+    /// Frontends with a Maglev table (Maglev scheduler, at least one backend).
+    pub maglev_frontends: u64,
+    /// How many frontends have each slot count / member count, for the largest.
+    slot_sizes: BTreeMap<u64, u64>,
+    member_sizes: BTreeMap<u64, u64>,
+}
+
+impl Totals {
+    fn count(&mut self, state: &FrontendState, add: bool) {
+        let slots: u64 = state
+            .backends
+            .iter()
+            .map(|b| u64::from(b.weight.max(1)))
+            .sum();
+        let members = state.backends.len() as u64;
+        let maglev =
+            u64::from(state.scheduler == super::Scheduler::Maglev && !state.backends.is_empty());
+        let bump = |sizes: &mut BTreeMap<u64, u64>, size: u64| {
+            if add {
+                *sizes.entry(size).or_default() += 1;
+            } else if let Some(n) = sizes.get_mut(&size) {
+                *n -= 1;
+                if *n == 0 {
+                    sizes.remove(&size);
+                }
+            }
+        };
+        bump(&mut self.slot_sizes, slots);
+        bump(&mut self.member_sizes, members);
+        if add {
+            self.frontends += 1;
+            self.slots += slots;
+            self.members += members;
+            self.maglev_frontends += maglev;
+        } else {
+            self.frontends -= 1;
+            self.slots -= slots;
+            self.members -= members;
+            self.maglev_frontends -= maglev;
+        }
+    }
+
+    /// Slots of the frontend with the most.
+    pub fn largest_slots(&self) -> u64 {
+        self.slot_sizes.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// Members of the frontend with the most.
+    pub fn largest_members(&self) -> u64 {
+        self.member_sizes.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+/// The compile cache and the merged desired state.
+#[derive(Default)]
+pub struct Compiler {
+    totals: Totals,
+    inputs: Option<(NodeInfo, ProxyConfig)>,
+    services: BTreeMap<Key, Cached>,
+    /// Who claims each frontend, in name order: the first owns it.
+    claims: BTreeMap<FrontendAddr, Vec<Key>>,
+    /// Frontends claimed by more than one Service.
+    conflicted: BTreeSet<FrontendAddr>,
+    /// Every object of the last snapshot by (namespace, name): usually one, more when a
+    /// snapshot holds several copies (`unique` picks one).
+    svc_objects: HashMap<Key, Vec<Arc<Service>>>,
+    slice_objects: HashMap<Key, Vec<Arc<EndpointSlice>>>,
+    /// The objects of the last snapshot by address, to find what a new snapshot changed by
+    /// pointer alone.
+    svc_ptrs: PtrMap<Seen>,
+    slice_ptrs: PtrMap<Seen>,
+    /// Updates so far.
+    round: u64,
+    /// The slice used for each slice name, and which Service it belongs to.
+    slices: HashMap<Key, (Arc<EndpointSlice>, Option<Key>)>,
+    /// Slice names per Service, in name order.
+    groups: HashMap<Key, BTreeSet<Key>>,
+    /// Problems of duplicate names, per kind and name.
+    dup_problems: BTreeMap<(&'static str, Key), Vec<Problem>>,
+    /// Problems of slices no Service takes (no label, or no such Service).
+    loose_problems: BTreeMap<Key, Vec<Problem>>,
+    /// Whether the merged problem list must be assembled again.
+    problems_stale: bool,
+    desired: Desired,
+}
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+fn ptr<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+/// The object `unique` keeps among copies of one name, with its problems.
+fn pick<K>(copies: &[Arc<K>], kind: &str) -> (Option<Arc<K>>, Vec<Problem>)
+where
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
+        + serde::Serialize,
+{
+    let mut problems = Vec::new();
+    let kept = unique(copies, kind, &mut problems)
+        .first()
+        .map(|o| Arc::clone(o));
+    (kept, problems)
+}
+
+/// Hashes object addresses (already unique, well spread) with one multiplication.
+#[derive(Clone, Copy, Default)]
+pub struct PtrHash(u64);
+
+impl std::hash::Hasher for PtrHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 ^ (n as u64 >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type PtrMap<V> = HashMap<usize, V, std::hash::BuildHasherDefault<PtrHash>>;
+
+/// An object of the last snapshots, by address: its name, and the update that last saw it.
+struct Seen {
+    key: Key,
+    round: u64,
+}
+
+/// Diffs a snapshot's objects against the last ones by pointer: updates `objects` and `ptrs`,
+/// returns the names whose objects were added, replaced or removed. No allocation for an
+/// object that did not change.
+fn diff<K>(
+    now: &[Arc<K>],
+    objects: &mut HashMap<Key, Vec<Arc<K>>>,
+    ptrs: &mut PtrMap<Seen>,
+    round: u64,
+) -> BTreeSet<Key>
+where
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+{
+    let mut touched = BTreeSet::new();
+    let mut fresh = 0;
+    for object in now {
+        match ptrs.get_mut(&ptr(object)) {
+            Some(seen) => {
+                if seen.round != round {
+                    seen.round = round;
+                    fresh += 1;
+                }
+            }
+            None => {
+                let key = key_of(object.metadata());
+                objects
+                    .entry(key.clone())
+                    .or_default()
+                    .push(Arc::clone(object));
+                touched.insert(key.clone());
+                ptrs.insert(ptr(object), Seen { key, round });
+                fresh += 1;
+            }
+        }
+    }
+    // Objects not seen this round are gone.
+    if ptrs.len() > fresh {
+        ptrs.retain(|p, seen| {
+            if seen.round == round {
+                return true;
+            }
+            if let Some(copies) = objects.get_mut(&seen.key) {
+                copies.retain(|o| ptr(o) != *p);
+                if copies.is_empty() {
+                    objects.remove(&seen.key);
+                }
+            }
+            touched.insert(seen.key.clone());
+            false
+        });
+    }
+    touched
+}
+
+impl Compiler {
+    /// The merged desired state (problems included) as of the last update.
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn into_desired(self) -> Desired {
+        self.desired
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// Sets (or with None removes) one merged frontend, keeping the totals.
+    fn set_frontend(&mut self, addr: FrontendAddr, state: Option<FrontendState>) {
+        let old = match state {
+            Some(state) => {
+                self.totals.count(&state, true);
+                self.desired.frontends.insert(addr, state)
+            }
+            None => self.desired.frontends.remove(&addr),
+        };
+        if let Some(old) = old {
+            self.totals.count(&old, false);
+        }
+    }
+
+    /// Takes in a snapshot; returns what changed. Costs a pointer comparison per object plus
+    /// the work for what changed; a change of the node-level inputs recompiles everything.
+    pub fn update(&mut self, snapshot: &Snapshot) -> Update {
+        let mut update = Update::default();
+        let inputs = (snapshot.node.clone(), snapshot.config.clone());
+        if self.inputs.as_ref() != Some(&inputs) {
+            update.full = true;
+            self.inputs = Some(inputs);
+            self.desired.maglev_size = snapshot.config.maglev_size;
+        }
+        let (node, config) = self.inputs.clone().expect("set above");
+        self.round += 1;
+        let mut touched_services = diff(
+            &snapshot.services,
+            &mut self.svc_objects,
+            &mut self.svc_ptrs,
+            self.round,
+        );
+        update.services_changed = touched_services.len() as u64;
+        let touched_slices = diff(
+            &snapshot.slices,
+            &mut self.slice_objects,
+            &mut self.slice_ptrs,
+            self.round,
+        );
+
+        // The slice used for each touched name, and the Services that gain or lose it.
+        let mut recheck_loose: BTreeSet<Key> = BTreeSet::new();
+        for key in &touched_slices {
+            let (kept, dups) = match self.slice_objects.get(key) {
+                Some(copies) => pick(copies, "EndpointSlice"),
+                None => (None, Vec::new()),
+            };
+            self.set_dup_problems("EndpointSlice", key, dups);
+            let old = self.slices.remove(key);
+            if let Some((_, Some(owner))) = &old
+                && let Some(group) = self.groups.get_mut(owner)
+            {
+                group.remove(key);
+                if group.is_empty() {
+                    self.groups.remove(owner);
+                }
+                touched_services.insert(owner.clone());
+            }
+            let kind = kept
+                .as_ref()
+                .or(old.as_ref().map(|(s, _)| s))
+                .map(|s| s.address_type.clone())
+                .unwrap_or_default();
+            if old.as_ref().map(|(s, _)| ptr(s)) != kept.as_ref().map(ptr) {
+                *update.slices_changed.entry(kind).or_default() += 1;
+                match &kept {
+                    Some(slice) => update.new_slices.push(Arc::clone(slice)),
+                    None => update.removed_slices.push(key.clone()),
+                }
+            }
+            recheck_loose.insert(key.clone());
+            let Some(slice) = kept else {
+                continue;
+            };
+            let owner = match owner(&slice) {
+                Owner::Ignored => {
+                    self.slices.insert(key.clone(), (slice, None));
+                    recheck_loose.remove(key);
+                    self.set_loose_problems(key, Vec::new());
+                    continue;
+                }
+                Owner::Service(ns, name) => Some((ns.to_string(), name.to_string())),
+                Owner::Nobody => None,
+            };
+            if let Some(owner) = &owner {
+                self.groups
+                    .entry(owner.clone())
+                    .or_default()
+                    .insert(key.clone());
+                touched_services.insert(owner.clone());
+            }
+            self.slices.insert(key.clone(), (slice, owner));
+        }
+
+        let keys: Vec<Key> = if update.full {
+            let mut all: BTreeSet<Key> = self.svc_objects.keys().cloned().collect();
+            all.extend(self.services.keys().cloned());
+            all.into_iter().collect()
+        } else {
+            touched_services.into_iter().collect()
+        };
+        for key in keys {
+            let (kept, dups) = match self.svc_objects.get(&key) {
+                Some(copies) => pick(copies, "Service"),
+                None => (None, Vec::new()),
+            };
+            self.set_dup_problems("Service", &key, dups);
+            // A Service coming or going changes whether its slices are loose.
+            let had = self.services.contains_key(&key);
+            if had != kept.is_some()
+                && let Some(group) = self.groups.get(&key)
+            {
+                recheck_loose.extend(group.iter().cloned());
+            }
+            let Some(svc) = kept else {
+                if had {
+                    self.replace(&key, None, &mut update.changed);
+                }
+                continue;
+            };
+            let group: Vec<Arc<EndpointSlice>> = self
+                .groups
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.get(k).map(|(s, _)| Arc::clone(s)))
+                .collect();
+            let cached = self.services.get(&key);
+            let same_objects = cached.is_some_and(|c| {
+                Arc::ptr_eq(&c.service, &svc)
+                    && c.slices.len() == group.len()
+                    && c.slices.iter().zip(&group).all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+            if same_objects && !update.full {
+                continue;
+            }
+            let refs: Vec<&EndpointSlice> = group.iter().map(|s| &**s).collect();
+            let out = compile_one(&svc, &refs, &node, &config);
+            update.recompiled += 1;
+            let new = Cached {
+                service: svc,
+                slices: group,
+                out,
+            };
+            if cached.is_some_and(|c| c.out == new.out) {
+                // Same result from new objects: keep them, nothing to merge.
+                self.services.insert(key, new);
+                continue;
+            }
+            self.replace(&key, Some(new), &mut update.changed);
+        }
+
+        // Slices no Service takes are still checked and reported.
+        for key in recheck_loose {
+            let loose = self.slices.get(&key).and_then(|(slice, owner)| {
+                let taken = owner
+                    .as_ref()
+                    .is_some_and(|o| self.services.contains_key(o));
+                (!taken).then(|| slice_problems(&[&**slice], &node))
+            });
+            self.set_loose_problems(&key, loose.unwrap_or_default());
+        }
+        if update.full {
+            // The node's name can change what a loose slice's checks say.
+            let loose: Vec<Key> = self.loose_problems.keys().cloned().collect();
+            for key in loose {
+                let problems = self
+                    .slices
+                    .get(&key)
+                    .map(|(slice, _)| slice_problems(&[&**slice], &node))
+                    .unwrap_or_default();
+                self.set_loose_problems(&key, problems);
+            }
+        }
+        if self.problems_stale {
+            self.desired.problems = self.problems();
+            self.problems_stale = false;
+        }
+        if update.full {
+            update.changed = self.desired.frontends.keys().copied().collect();
+        }
+        update
+    }
+
+    fn set_dup_problems(&mut self, kind: &'static str, key: &Key, problems: Vec<Problem>) {
+        let slot = (kind, key.clone());
+        let old = if problems.is_empty() {
+            self.dup_problems.remove(&slot)
+        } else {
+            self.dup_problems.insert(slot, problems.clone())
+        };
+        if old.unwrap_or_default() != problems {
+            self.problems_stale = true;
+        }
+    }
+
+    fn set_loose_problems(&mut self, key: &Key, problems: Vec<Problem>) {
+        let old = if problems.is_empty() {
+            self.loose_problems.remove(key)
+        } else {
+            self.loose_problems.insert(key.clone(), problems.clone())
+        };
+        if old.unwrap_or_default() != problems {
+            self.problems_stale = true;
+        }
+    }
+
+    /// Replaces a Service's share of the merged state (None: the Service is gone), recording
+    /// the frontends whose state may have changed.
+    fn replace(&mut self, key: &Key, new: Option<Cached>, changed: &mut BTreeSet<FrontendAddr>) {
+        let conflicts = self.conflicted.len();
+        self.replace_inner(key, new, changed);
+        // Conflicts name their owner's port: any conflict change, or a Service with problems
+        // coming or going, makes the list stale.
+        if self.conflicted.len() != conflicts || !self.conflicted.is_empty() {
+            self.problems_stale = true;
+        }
+    }
+
+    fn replace_inner(
+        &mut self,
+        key: &Key,
+        new: Option<Cached>,
+        changed: &mut BTreeSet<FrontendAddr>,
+    ) {
+        if let Some(old) = self.services.remove(key) {
+            if !old.out.problems.is_empty() {
+                self.problems_stale = true;
+            }
+            for name in old.out.ports.keys() {
+                self.desired.ports.remove(name);
+            }
+            for addr in old.out.frontends.keys() {
+                changed.insert(*addr);
+                let Some(claims) = self.claims.get_mut(addr) else {
+                    continue;
+                };
+                let owned = claims.first() == Some(key);
+                claims.retain(|k| k != key);
+                if claims.len() < 2 {
+                    self.conflicted.remove(addr);
+                }
+                match claims.first() {
+                    None => {
+                        self.claims.remove(addr);
+                        self.set_frontend(*addr, None);
+                    }
+                    Some(next) if owned => {
+                        // The next claimant owns it now. Its Service port's other frontends
+                        // count as changed too: a plan settles a port's id over all of them.
+                        let next = &self.services[next].out;
+                        let state = next.frontends[addr].clone();
+                        changed.extend(
+                            next.frontends
+                                .iter()
+                                .filter(|(_, s)| s.port == state.port)
+                                .map(|(f, _)| *f),
+                        );
+                        self.set_frontend(*addr, Some(state));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let Some(new) = new else {
+            return;
+        };
+        if !new.out.problems.is_empty() {
+            self.problems_stale = true;
+        }
+        for (name, port) in &new.out.ports {
+            self.desired.ports.insert(name.clone(), port.clone());
+        }
+        for (addr, state) in &new.out.frontends {
+            changed.insert(*addr);
+            let claims = self.claims.entry(*addr).or_default();
+            let at = claims.partition_point(|k| k < key);
+            claims.insert(at, key.clone());
+            if claims.len() > 1 {
+                self.conflicted.insert(*addr);
+            }
+            if at == 0 {
+                self.set_frontend(*addr, Some(state.clone()));
+            }
+        }
+        self.services.insert(key.clone(), new);
+    }
+
+    /// Every problem: duplicate names (Services, then slices), slices no Service takes, each
+    /// Service's in name order, then frontends claimed twice; one line per fault.
+    fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = Vec::new();
+        for kind in ["Service", "EndpointSlice"] {
+            out.extend(
+                self.dup_problems
+                    .iter()
+                    .filter(|((k, _), _)| *k == kind)
+                    .flat_map(|(_, p)| p.iter().cloned()),
+            );
+        }
+        out.extend(self.loose_problems.values().flatten().cloned());
+        for cached in self.services.values() {
+            out.extend(cached.out.problems.iter().cloned());
+        }
+        for addr in &self.conflicted {
+            let claims = &self.claims[addr];
+            let owner: &FrontendState = &self.services[&claims[0]].out.frontends[addr];
+            for other in &claims[1..] {
+                out.push(Problem {
+                    object: self.services[other].out.object.clone(),
+                    message: format!("{addr} is already used by {}; not programmed", owner.port),
+                });
+            }
+        }
+        let mut seen = BTreeSet::new();
+        out.retain(|p| seen.insert(p.to_string()));
+        out
+    }
+}

@@ -1,0 +1,328 @@
+//! PURE: the agent's copy of what the maps hold, with the indexes that let a change of a few
+//! frontends be planned by looking at those frontends only: backend ids by identity, how many
+//! member entries point at each backend, and the id pools.
+//!
+//! `plan_changed` plans the changed frontends against their own entries (and the backends they
+//! use or want) with the same `plan_with` a full plan uses, then drops what would touch
+//! entries other frontends still need: a backend another frontend points at, a ClusterIP
+//! marker another frontend of that address keeps.
+
+use std::collections::{BTreeSet, HashMap};
+
+use proxy_common::maglev::MaglevKey;
+use proxy_common::service::{MemberKey, SlotKey};
+
+use super::{
+    BackendIdentity, Ids, MapState, Op, ServiceKey, SourceRange, backend_value, identity_of,
+    plan_with,
+};
+use crate::compile::{Desired, FrontendAddr, FrontendKind, Scope};
+
+/// The maps as the agent last wrote them, indexed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mirror {
+    state: MapState,
+    ids: Ids,
+    by_identity: HashMap<BackendIdentity, u32>,
+    /// Member entries per backend id.
+    backend_refs: HashMap<u32, u32>,
+    /// Frontend entries per Service-port id.
+    port_refs: HashMap<u32, u32>,
+    /// The frontend entry of each frontend id.
+    keys: HashMap<u32, ServiceKey>,
+}
+
+impl Mirror {
+    /// Indexes `state` (read from the maps).
+    pub fn new(state: MapState) -> Mirror {
+        let mut m = Mirror {
+            ids: Ids::of(&state),
+            ..Mirror::default()
+        };
+        for (id, v) in &state.backends {
+            m.by_identity.entry(identity_of(v)).or_insert(*id);
+        }
+        for k in state.members.keys() {
+            *m.backend_refs.entry(k.backend_id).or_default() += 1;
+        }
+        for (k, v) in &state.services {
+            if !k.is_any_port() {
+                *m.port_refs.entry(v.port_id).or_default() += 1;
+                m.keys.insert(v.id, *k);
+            }
+        }
+        m.state = state;
+        m
+    }
+
+    /// Whether the indexes say what indexing the state afresh says (ids free below the highest
+    /// aside, which depend on history). For tests and `verify`.
+    pub fn check(&self) -> Result<(), String> {
+        let fresh = Mirror::new(self.state.clone());
+        if fresh.by_identity != self.by_identity {
+            return Err("backend identities differ from the state's".into());
+        }
+        if fresh.backend_refs != self.backend_refs {
+            return Err("backend reference counts differ from the state's".into());
+        }
+        if fresh.port_refs != self.port_refs {
+            return Err("port reference counts differ from the state's".into());
+        }
+        if fresh.keys != self.keys {
+            return Err("frontend keys by id differ from the state's".into());
+        }
+        for (what, a, b) in [
+            ("frontend", &fresh.ids.svc, &self.ids.svc),
+            ("port", &fresh.ids.port, &self.ids.port),
+            ("backend", &fresh.ids.backend, &self.ids.backend),
+        ] {
+            if a.used != b.used {
+                return Err(format!("{what} ids in use differ from the state's"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The protocol of the frontend with id `id`.
+    pub fn proto_of(&self, id: u32) -> Option<u8> {
+        self.keys.get(&id).map(|k| match k {
+            ServiceKey::V4(k) => k.proto,
+            ServiceKey::V6(k) => k.proto,
+        })
+    }
+
+    pub fn state(&self) -> &MapState {
+        &self.state
+    }
+
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
+    /// Applies one write, keeping the indexes.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend(id, v) => {
+                if let Some(old) = self.state.backends.get(id)
+                    && self.by_identity.get(&identity_of(old)) == Some(id)
+                {
+                    self.by_identity.remove(&identity_of(old));
+                }
+                self.by_identity.insert(identity_of(v), *id);
+                self.ids.backend.take(*id);
+            }
+            Op::DelBackend(id) => {
+                if let Some(old) = self.state.backends.get(id)
+                    && self.by_identity.get(&identity_of(old)) == Some(id)
+                {
+                    self.by_identity.remove(&identity_of(old));
+                }
+                self.ids.backend.release(*id);
+            }
+            Op::PutMember(k, _) if !self.state.members.contains_key(k) => {
+                *self.backend_refs.entry(k.backend_id).or_default() += 1;
+            }
+            Op::DelMember(k) if self.state.members.contains_key(k) => {
+                self.unref_backend(k.backend_id);
+            }
+            Op::PutService(k, v) if !k.is_any_port() => {
+                match self.state.services.get(k) {
+                    Some(old) if old.port_id == v.port_id => {}
+                    Some(old) => {
+                        let old = old.port_id;
+                        self.unref_port(old);
+                        *self.port_refs.entry(v.port_id).or_default() += 1;
+                    }
+                    None => *self.port_refs.entry(v.port_id).or_default() += 1,
+                }
+                self.ids.port.take(v.port_id);
+                self.ids.svc.take(v.id);
+                self.keys.insert(v.id, *k);
+            }
+            Op::DelService(k) if !k.is_any_port() => {
+                if let Some(old) = self.state.services.get(k) {
+                    let (port, id) = (old.port_id, old.id);
+                    self.unref_port(port);
+                    if self.keys.get(&id) == Some(k) {
+                        self.keys.remove(&id);
+                    }
+                }
+            }
+            Op::PutInfo(id, _) => self.ids.svc.take(*id),
+            // A frontend's info goes last of its entries (`plan_with`): its id is free again.
+            Op::DelInfo(id) => self.ids.svc.release(*id),
+            _ => {}
+        }
+        self.state.apply(op);
+    }
+
+    fn unref_backend(&mut self, id: u32) {
+        if let Some(n) = self.backend_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(&id);
+            }
+        }
+    }
+
+    fn unref_port(&mut self, id: u32) {
+        if let Some(n) = self.port_refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.port_refs.remove(&id);
+                self.ids.port.release(id);
+            }
+        }
+    }
+
+    /// The writes that make the maps hold `desired`, looking at everything.
+    pub fn plan_full(&mut self, desired: &Desired) -> Vec<Op> {
+        // Ids allocated here are taken in the pools at once (applying the writes takes them
+        // again); after a failed write the agent reads the maps back into a new mirror.
+        plan_with(desired, &self.state, &mut self.ids)
+    }
+
+    /// The writes that make the maps hold `desired` for the frontends in `changed`, every other
+    /// frontend being programmed already. Equal, once applied, to what `plan_full` leads to.
+    pub fn plan_changed(&mut self, desired: &Desired, changed: &BTreeSet<FrontendAddr>) -> Vec<Op> {
+        let mut sub = Desired {
+            maglev_size: desired.maglev_size,
+            ..Desired::default()
+        };
+        let mut cur = MapState::default();
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for f in changed {
+            if let Some(state) = desired.frontends.get(f) {
+                sub.frontends.insert(*f, state.clone());
+                if let Some(p) = desired.ports.get(&state.port) {
+                    sub.ports.insert(state.port.clone(), p.clone());
+                }
+            }
+            let key = ServiceKey::of(f);
+            if let Some(v) = self.state.services.get(&key) {
+                cur.services.insert(key, *v);
+                touched.insert(v.id);
+            }
+            if f.scope == Scope::Internal {
+                let marker = ServiceKey::any_port(f.addr);
+                if let Some(v) = self.state.services.get(&marker) {
+                    cur.services.insert(marker, *v);
+                }
+            }
+        }
+        for &id in &touched {
+            cur.slots.extend(
+                self.state
+                    .slots
+                    .range(slot_range(id))
+                    .map(|(k, v)| (*k, *v)),
+            );
+            cur.members.extend(
+                self.state
+                    .members
+                    .range(member_range(id))
+                    .map(|(k, v)| (*k, *v)),
+            );
+            cur.maglev.extend(
+                self.state
+                    .maglev
+                    .range(maglev_range(id))
+                    .map(|(k, v)| (*k, v.clone())),
+            );
+            if let Some(info) = self.state.infos.get(&id) {
+                cur.infos.insert(id, *info);
+            }
+            cur.source_ranges
+                .extend(self.state.source_ranges.range(range_range(id)).copied());
+        }
+        // The backends these frontends point at, and those they want that exist already.
+        let mut refs_here: HashMap<u32, u32> = HashMap::new();
+        for k in cur.members.keys() {
+            *refs_here.entry(k.backend_id).or_default() += 1;
+        }
+        for id in refs_here.keys() {
+            if let Some(v) = self.state.backends.get(id) {
+                cur.backends.insert(*id, *v);
+            }
+        }
+        for state in sub.frontends.values() {
+            for b in &state.backends {
+                if let Some(id) = self.by_identity.get(&identity_of(&backend_value(b)))
+                    && let Some(v) = self.state.backends.get(id)
+                {
+                    cur.backends.insert(*id, *v);
+                }
+            }
+        }
+        let mut ops = plan_with(&sub, &cur, &mut self.ids);
+        let used_elsewhere = |id: &u32| {
+            self.backend_refs.get(id).copied().unwrap_or(0)
+                > refs_here.get(id).copied().unwrap_or(0)
+        };
+        ops.retain(|op| match op {
+            // Another frontend still points at it.
+            Op::DelBackend(id) => !used_elsewhere(id),
+            // Another frontend uses it as it is (the first frontend's value wins in a full
+            // plan; here the one already written stays).
+            Op::PutBackend(id, _) => !(self.state.backends.contains_key(id) && used_elsewhere(id)),
+            // Another ClusterIP frontend of this address is still wanted.
+            Op::DelService(k) if k.is_any_port() => !has_cluster_ip(desired, k.addr()),
+            _ => true,
+        });
+        ops
+    }
+}
+
+/// Whether `desired` has a ClusterIP frontend (internal scope) on `addr`.
+fn has_cluster_ip(desired: &Desired, addr: std::net::IpAddr) -> bool {
+    desired
+        .frontends
+        .range(FrontendAddr::lowest(addr)..)
+        .take_while(|(f, _)| f.addr == addr)
+        .any(|(f, s)| f.scope == Scope::Internal && s.kind == FrontendKind::ClusterIp)
+}
+
+fn slot_range(id: u32) -> std::ops::RangeInclusive<SlotKey> {
+    SlotKey {
+        svc_id: id,
+        generation: 0,
+        slot: 0,
+    }..=SlotKey {
+        svc_id: id,
+        generation: u16::MAX,
+        slot: u16::MAX,
+    }
+}
+
+fn member_range(id: u32) -> std::ops::RangeInclusive<MemberKey> {
+    MemberKey {
+        svc_id: id,
+        backend_id: 0,
+    }..=MemberKey {
+        svc_id: id,
+        backend_id: u32::MAX,
+    }
+}
+
+fn maglev_range(id: u32) -> std::ops::RangeInclusive<MaglevKey> {
+    MaglevKey {
+        svc_id: id,
+        generation: 0,
+        chunk: 0,
+    }..=MaglevKey {
+        svc_id: id,
+        generation: u16::MAX,
+        chunk: u16::MAX,
+    }
+}
+
+fn range_range(id: u32) -> std::ops::Range<SourceRange> {
+    let lowest = |svc_id| SourceRange {
+        svc_id,
+        cidr: crate::compile::Cidr {
+            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            len: 0,
+        },
+    };
+    lowest(id)..lowest(id.saturating_add(1))
+}
