@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use proxy_common::backend::BackendValue;
 
 use crate::{
-    capacity::{fit, surely_fits},
+    capacity::{Capacity, fit, surely_fits},
     compile::{Compiler, Desired, Family, Problem, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
@@ -34,23 +34,26 @@ pub struct Observers {
     pub health_checks: Option<Arc<crate::healthcheck::HealthChecks>>,
 }
 
-/// How bursts of changes are coalesced.
+/// How bursts of changes are coalesced, and how often the maps are read back.
 #[derive(Clone, Copy, Debug)]
 pub struct SyncTiming {
-    /// Sync once no new snapshot arrived for this long...
-    pub quiet: Duration,
-    /// ...but never later than this after the first unsynced change.
-    pub max_delay: Duration,
+    /// At most one sync per this interval: a change arriving when the agent is idle (the last
+    /// sync ended longer ago) is programmed at once; changes arriving closer together are
+    /// coalesced into the next sync, which starts at most this long after the previous one.
+    pub min_interval: Duration,
     /// Wait before retrying a failed sync.
     pub retry: Duration,
+    /// Read every map back this often and repair any drift from what the agent wrote
+    /// (`--sync-period`); zero: only at start-up.
+    pub resync: Duration,
 }
 
 impl Default for SyncTiming {
     fn default() -> Self {
         SyncTiming {
-            quiet: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
+            min_interval: Duration::from_millis(20),
             retry: Duration::from_secs(1),
+            resync: Duration::from_secs(300),
         }
     }
 }
@@ -107,6 +110,34 @@ impl Pipeline {
     pub fn desired(&self) -> &Desired {
         self.compiler.desired()
     }
+
+    /// Takes `truth` (the maps read back) as what the maps hold; the next sync plans every
+    /// frontend against it, repairing any difference.
+    pub fn adopt(&mut self, truth: MapState) {
+        self.mirror = Mirror::new(truth);
+        self.full_next = true;
+    }
+}
+
+/// The desired state as the maps can hold it: `compiled` itself when everything surely fits
+/// (an O(1) check on the compiler's totals), else a copy with the Service ports that do not fit
+/// refused whole (`capacity::fit`). The agent and `verify` decide alike. The flag: it all fits.
+pub fn fit_to<'a>(
+    compiler: &'a Compiler,
+    current: &MapState,
+    capacity: Option<&Capacity>,
+) -> (Cow<'a, Desired>, bool) {
+    let compiled = compiler.desired();
+    let Some(cap) = capacity else {
+        return (Cow::Borrowed(compiled), true);
+    };
+    let backends_now = current.backends.len() as u64;
+    if surely_fits(compiler.totals(), compiled.maglev_size, backends_now, cap) {
+        return (Cow::Borrowed(compiled), true);
+    }
+    let mut fitted = compiled.clone();
+    fit(&mut fitted, current, cap);
+    (Cow::Owned(fitted), false)
 }
 
 /// Applies one snapshot: compile what changed, plan it against the mirror, write. On a failed
@@ -119,34 +150,17 @@ pub fn sync_once(
 ) -> anyhow::Result<SyncReport> {
     let started = Instant::now();
     let update = pipeline.compiler.update(snapshot);
-    let compiled = pipeline.compiler.desired();
     let capacity = io.capacity();
-    let fits = capacity.as_ref().is_none_or(|cap| {
-        surely_fits(
-            pipeline.compiler.totals(),
-            compiled.maglev_size,
-            pipeline.mirror.state().backends.len() as u64,
-            cap,
-        )
-    });
+    let (desired, fits) = fit_to(
+        &pipeline.compiler,
+        pipeline.mirror.state(),
+        capacity.as_ref(),
+    );
     let planned_all = !fits || update.full || pipeline.full_next;
-    let (desired, ops): (Cow<Desired>, Vec<Op>) = if fits {
-        let ops = if planned_all {
-            pipeline.mirror.plan_full(compiled)
-        } else {
-            pipeline.mirror.plan_changed(compiled, &update.changed)
-        };
-        (Cow::Borrowed(compiled), ops)
+    let ops = if planned_all {
+        pipeline.mirror.plan_full(&desired)
     } else {
-        // Near a map's capacity: Service ports that do not fit are refused whole.
-        let mut fitted = compiled.clone();
-        fit(
-            &mut fitted,
-            pipeline.mirror.state(),
-            capacity.as_ref().expect("not fits"),
-        );
-        let ops = pipeline.mirror.plan_full(&fitted);
-        (Cow::Owned(fitted), ops)
+        pipeline.mirror.plan_changed(&desired, &update.changed)
     };
     pipeline.full_next = !fits;
     let (health_checks, conflicts) = crate::healthcheck::wanted(&desired);
@@ -233,6 +247,23 @@ pub fn sync_once(
     })
 }
 
+/// A snapshot waiting to be synced.
+struct Pending {
+    snapshot: Snapshot,
+    /// When its first unsynced change arrived.
+    first: Instant,
+    /// Not before this (a retry waits).
+    not_before: Instant,
+}
+
+impl Pending {
+    /// When it is due: at once when idle, else `min_interval` after the last sync ended.
+    fn due(&self, last_end: Option<Instant>, min_interval: Duration) -> Instant {
+        let spaced = last_end.map_or(self.not_before, |t| t + min_interval);
+        spaced.max(self.not_before)
+    }
+}
+
 /// Runs until `stop` is set or the source ends.
 pub fn run(
     io: &mut dyn MapIo,
@@ -250,10 +281,21 @@ pub fn run(
         pipeline.state().backends.len()
     );
     let mut logged = BTreeSet::new();
-    let mut pending: Option<(Snapshot, Instant, Instant)> = None; // (latest, first, last)
+    let mut pending: Option<Pending> = None;
+    // The last snapshot synced, for repairing drift found by a read-back.
+    let mut last_synced: Option<Snapshot> = None;
+    let mut last_end: Option<Instant> = None;
+    let mut last_readback = Instant::now();
     let tick = Duration::from_millis(20);
     while !stop.load(Ordering::Relaxed) {
-        match rx.recv_timeout(tick) {
+        let wait = match &pending {
+            Some(p) => p
+                .due(last_end, timing.min_interval)
+                .saturating_duration_since(Instant::now())
+                .min(tick),
+            None => tick,
+        };
+        match rx.recv_timeout(wait) {
             Ok(snapshot) => {
                 if let Some(h) = &observers.health {
                     h.queued(SystemTime::now());
@@ -279,8 +321,13 @@ pub fn run(
                     m.observe_queued(SystemTime::now());
                 }
                 let now = Instant::now();
-                let first = pending.as_ref().map_or(now, |p| p.1);
-                pending = Some((snapshot, first, now));
+                // A new change is programmed at once (a retry's wait does not hold it up).
+                let first = pending.as_ref().map_or(now, |p| p.first);
+                pending = Some(Pending {
+                    snapshot,
+                    first,
+                    not_before: now,
+                });
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -290,15 +337,45 @@ pub fn run(
                 }
             }
         }
-        let due = pending.as_ref().is_some_and(|(_, first, last)| {
-            last.elapsed() >= timing.quiet || first.elapsed() >= timing.max_delay
-        });
+        if pending.is_none()
+            && !timing.resync.is_zero()
+            && last_readback.elapsed() >= timing.resync
+            && let Some(snapshot) = &last_synced
+        {
+            last_readback = Instant::now();
+            match io.dump() {
+                Ok(truth) if &truth != pipeline.state() => {
+                    log::warn!(
+                        "read-back: the maps differ from what this agent wrote (changed by \
+                         something else, or a write lost); repairing"
+                    );
+                    if let Some(m) = &observers.metrics {
+                        m.drift_repairs.with(&[]).inc();
+                    }
+                    pipeline.adopt(truth);
+                    let now = Instant::now();
+                    pending = Some(Pending {
+                        snapshot: snapshot.clone(),
+                        first: now,
+                        not_before: now,
+                    });
+                }
+                Ok(_) => log::debug!("read-back: the maps hold what this agent wrote"),
+                Err(e) => log::warn!("read-back of the maps failed: {e:#}"),
+            }
+        }
+        let due = pending
+            .as_ref()
+            .is_some_and(|p| p.due(last_end, timing.min_interval) <= Instant::now());
         if !due {
             continue;
         }
-        let (snapshot, first, _) = pending.take().expect("due implies pending");
+        let Pending {
+            snapshot, first, ..
+        } = pending.take().expect("due implies pending");
         let attempt = Instant::now();
         let result = sync_once(io, &mut pipeline, &snapshot, &mut logged);
+        last_end = Some(Instant::now());
         io.synced(result.is_ok());
         if let Some(m) = &observers.metrics {
             m.observe_sync(attempt.elapsed(), result.is_ok());
@@ -316,6 +393,7 @@ pub fn run(
                 if let Some(h) = &observers.health {
                     h.synced(SystemTime::now());
                 }
+                last_synced = Some(snapshot.clone());
                 if let Some(hc) = &observers.health_checks {
                     hc.update(&report.health_checks);
                 }
@@ -380,7 +458,11 @@ pub fn run(
                         .any(|p| p.message.contains("is full"))
                 {
                     let later = Instant::now() + timing.retry;
-                    pending = Some((snapshot.clone(), later, later));
+                    pending = Some(Pending {
+                        snapshot,
+                        first: later,
+                        not_before: later,
+                    });
                 }
             }
             Err(e) => {
@@ -388,8 +470,11 @@ pub fn run(
                     m.map_update_error(map_of_error(&e));
                 }
                 log::error!("sync failed: {e:#}; keeping the programmed state, retrying");
-                std::thread::sleep(timing.retry);
-                pending = Some((snapshot, first, Instant::now()));
+                pending = Some(Pending {
+                    snapshot,
+                    first,
+                    not_before: Instant::now() + timing.retry,
+                });
             }
         }
     }
@@ -723,6 +808,85 @@ mod tests {
             crate::plan::plan(&crate::compile::compile(&next), pipeline.state()),
             Vec::new()
         );
+    }
+
+    #[test]
+    fn a_read_back_that_finds_drift_repairs_it() {
+        let mut io = Faulty {
+            state: MapState::default(),
+            fail: BTreeSet::new(),
+            fail_map: None,
+        };
+        let mut pipeline = Pipeline::new(MapState::default());
+        let mut logged = BTreeSet::new();
+        let snap = two_maglev_services(&["10.244.0.2", "10.244.0.3"]);
+        sync_once(&mut io, &mut pipeline, &snap, &mut logged).unwrap();
+        let good = io.state.clone();
+        // Something else deletes a slot and a backend behind the agent's back.
+        let slot = *io.state.slots.keys().next().unwrap();
+        io.state.slots.remove(&slot);
+        let backend = *io.state.backends.keys().next().unwrap();
+        io.state.backends.remove(&backend);
+        // Nothing changed in the cluster, so the incremental sync would write nothing...
+        let report = sync_once(&mut io, &mut pipeline, &snap, &mut logged).unwrap();
+        assert_eq!(report.writes, 0);
+        // ...but the periodic read-back sees the difference and the next sync repairs it.
+        assert_ne!(&io.state, pipeline.state());
+        pipeline.adopt(io.dump().unwrap());
+        let report = sync_once(&mut io, &mut pipeline, &snap, &mut logged).unwrap();
+        assert!(report.planned_all && report.writes >= 2, "{report:?}");
+        // Repaired: consistent, and nothing left to write (ids and generations may differ
+        // from before: the deleted backend comes back under a new id).
+        assert!(io.state.consistent().is_ok(), "{:?}", io.state.consistent());
+        assert_eq!(
+            crate::plan::plan(&crate::compile::compile(&snap), &io.state),
+            Vec::new()
+        );
+        assert_eq!(io.state.services.len(), good.services.len());
+        assert_eq!(&io.state, pipeline.state());
+    }
+
+    #[test]
+    fn ids_stay_bounded_under_endpoint_churn() {
+        // 300,000 backend add/remove cycles: one Service's endpoint is replaced each sync. Ids
+        // are handed out lowest first, so they never grow past a few however long the churn
+        // (LB_CONNS is an array indexed by backend id), and the maps hold one Service's worth.
+        let slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>> = (0
+            ..1000u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0x0af4_0000 + i);
+                let yaml = format!(
+                    "kind: EndpointSlice\nmetadata: {{name: a-1, namespace: default, labels: \
+                     {{kubernetes.io/service-name: a}}}}\naddressType: IPv4\nports: [{{name: \
+                     http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [{ip}]}}]"
+                );
+                std::sync::Arc::new(serde_yaml::from_str(&yaml).unwrap())
+            })
+            .collect();
+        let mut snap = snapshot(
+            "kind: Service\nmetadata: {name: a, namespace: default}\nspec: {clusterIP: \
+             10.96.0.1, ports: [{name: http, port: 80, protocol: TCP}]}",
+        );
+        let mut io = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
+        let mut logged = BTreeSet::new();
+        let mut highest = (0, 0, 0);
+        for cycle in 0..300_000 {
+            snap.slices = vec![std::sync::Arc::clone(&slices[cycle % slices.len()])];
+            sync_once(&mut io, &mut pipeline, &snap, &mut logged).unwrap();
+            let ids = pipeline.mirror.ids();
+            highest = (
+                highest.0.max(ids.backend.highest()),
+                highest.1.max(ids.svc.highest()),
+                highest.2.max(ids.port.highest()),
+            );
+        }
+        assert!(highest.0 <= 2, "backend ids reached {}", highest.0);
+        assert_eq!((highest.1, highest.2), (1, 1), "frontend and port ids");
+        assert_eq!(io.backends.len(), 1);
+        assert_eq!(io.members.len(), 1);
+        assert_eq!(io.slots.len(), 1);
+        assert_eq!(&io, pipeline.state());
     }
 
     #[test]

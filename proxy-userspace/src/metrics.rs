@@ -542,6 +542,9 @@ pub struct Metrics {
     /// kube_bpf_proxy_network_namespaces_with_source: network namespaces of the hooked cgroup
     /// whose source address the socket hooks know (for loadBalancerSourceRanges).
     pub netns_sources: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_drift_repairs_total: read-backs that found the maps different from what
+    /// the agent wrote (each followed by a full sync that repairs them).
+    pub drift_repairs: Arc<Family<Counter>>,
     pub build_info: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_sockets_terminated_total [protocol].
     pub sockets_terminated: Arc<Family<Counter>>,
@@ -710,6 +713,10 @@ impl Metrics {
                 "kube_bpf_proxy_local_endpoints_waiting_for_interface",
                 "Local endpoints left out of tc-translated traffic until their interface carries the program",
             ),
+            drift_repairs: r.counter(
+                "kube_bpf_proxy_drift_repairs_total",
+                "Read-backs of the maps that found them different from what the agent wrote",
+            ),
             netns_sources: r.gauge(
                 "kube_bpf_proxy_network_namespaces_with_source",
                 "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges",
@@ -726,6 +733,7 @@ impl Metrics {
         m.pod_interfaces.with(&[]);
         m.pod_endpoints_waiting.with(&[]);
         m.netns_sources.with(&[]);
+        m.drift_repairs.with(&[]);
         m.healthcheck_bind_failures.with(&[]);
         m.set_healthcheck_ports(0, 0);
         for kind in REJECTED_KINDS {

@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// dsr_budget_exceeded).
     #[arg(long, default_value_t = proxy_common::config::DSR_BUDGET_DEFAULT)]
     pub dsr_learn_budget: u32,
+    /// How often every map is read back and compared with what the agent wrote; drift is
+    /// logged, counted (kube_bpf_proxy_drift_repairs_total) and repaired. kube-proxy's flag,
+    /// one unit: 300s, 5m, 1h; 0 reads back at start-up only.
+    #[arg(long, default_value = "5m", value_parser = parse_period)]
+    pub sync_period: Duration,
     /// Pod-facing interfaces, where tc translates replies of local backends and pod traffic to
     /// external frontends: `auto` (the interfaces the kernel routes this node's endpoints and
     /// pod CIDRs through, followed as pods come and go), interface names (attached when they
@@ -191,6 +196,24 @@ fn report_dsr_refusals(pin_dir: &std::path::Path, seen: &mut [u64; 2]) {
         );
         seen[1] = over;
     }
+}
+
+/// `N`, `Ns`, `Nm` or `Nh` (whole numbers).
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.trim().find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.trim().split_at(i),
+        None => (s.trim(), "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a whole number with s, m or h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 /// How often the DSR peer thread looks for new node addresses.
@@ -572,7 +595,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         health: Some(health),
         health_checks: Some(Arc::new(health_checks)),
     };
-    agent::run(&mut datapath, rx, SyncTiming::default(), &STOP, &observers)?;
+    let timing = SyncTiming {
+        resync: args.sync_period,
+        ..SyncTiming::default()
+    };
+    agent::run(&mut datapath, rx, timing, &STOP, &observers)?;
     log::info!(
         "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
     );

@@ -10,7 +10,8 @@ use super::{
     output::{Format, json},
 };
 use crate::{
-    compile::compile,
+    agent::fit_to,
+    compile::Compiler,
     datapath::{
         MapIo as _,
         bpf::Maps,
@@ -52,9 +53,13 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let mut snapshot = args.source.first_snapshot(Duration::from_secs(30))?;
     let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
     snapshot.node.waiting = podif::waiting_now(&args.inspect.bpffs, &endpoints)?;
-    let desired = compile(&snapshot);
+    let mut compiler = Compiler::default();
+    compiler.update(&snapshot);
     let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let current = maps.dump()?;
+    // What the agent programs: Service ports that do not fit the maps are refused alike, so
+    // they are no drift.
+    let (desired, _) = fit_to(&compiler, &current, maps.capacity().as_ref());
     let ops = plan(&desired, &current);
     let inputs = podif::ClusterInputs {
         endpoints,
