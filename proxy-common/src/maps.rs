@@ -85,21 +85,26 @@ pub const ALL: [&str; 24] = [
     LB_NETNS_SRC,
 ];
 
-/// Default capacities (entries). The agent can override them at load time.
+/// Default capacities (entries), chosen so that a node with 100 Services takes well under
+/// 32 MiB of map memory: the per-flow LRU maps (conntrack, socket records, affinity) are
+/// preallocated, and a hash map's bucket array (16 bytes per entry of capacity) is taken
+/// when it is created, however empty. The agent overrides them at load time: the per-flow
+/// maps from the node's memory, the others by flag (--max-services, --max-backends,
+/// --max-slots) for bigger clusters.
 pub const SERVICES_MAX: usize = 65_536;
-pub const SLOTS_MAX: usize = 1_048_576;
-pub const MEMBERS_MAX: usize = 1_048_576;
-pub const BACKENDS_MAX: usize = 262_144;
-pub const AFFINITY_MAX: usize = 262_144;
-pub const SOCK_REVNAT_MAX: usize = 262_144;
-pub const CT_MAX: usize = 262_144;
+pub const SLOTS_MAX: usize = 262_144;
+pub const MEMBERS_MAX: usize = 262_144;
+pub const BACKENDS_MAX: usize = 131_072;
+pub const AFFINITY_MAX: usize = 16_384;
+pub const SOCK_REVNAT_MAX: usize = 16_384;
+pub const CT_MAX: usize = 16_384;
 pub const SRC_RANGES_MAX: usize = 65_536;
 pub const MAGLEV_CHUNKS_MAX: usize = 65_536;
 /// Interfaces the agent attaches tc to (external and pod-facing).
 pub const IFACES_MAX: usize = 16_384;
 /// Node addresses (every address of every Node object).
-pub const DSR_PEERS_MAX: usize = 65_536;
+pub const DSR_PEERS_MAX: usize = 16_384;
 /// Client addresses whose DSR learning is counted at one time (LRU).
-pub const DSR_BUDGET_MAX: usize = 65_536;
+pub const DSR_BUDGET_MAX: usize = 16_384;
 /// Network namespaces on the node (pods, and the host's own).
 pub const NETNS_MAX: usize = 16_384;

@@ -530,6 +530,8 @@ pub struct Metrics {
     pub map_entries: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_map_max_entries [map].
     pub map_max_entries: Arc<Family<Gauge>>,
+    /// kube_bpf_proxy_map_memlock_bytes [map]: the kernel's memory accounting of the map.
+    pub map_memlock: Arc<Family<Gauge>>,
     /// kube_bpf_proxy_map_evictions [map]: records of the socket LRU maps evicted because the
     /// map was full (created minus present; the agent deletes none).
     pub map_evictions: Arc<Family<Gauge>>,
@@ -693,6 +695,10 @@ impl Metrics {
             ),
             map_entries: r.gauge("kube_bpf_proxy_map_entries", "Entries in a BPF map"),
             map_max_entries: r.gauge("kube_bpf_proxy_map_max_entries", "Capacity of a BPF map"),
+            map_memlock: r.gauge(
+                "kube_bpf_proxy_map_memlock_bytes",
+                "Kernel memory a BPF map takes (bpftool's memlock)",
+            ),
             map_evictions: r.gauge(
                 "kube_bpf_proxy_map_evictions",
                 "Socket records evicted from a full LRU map",

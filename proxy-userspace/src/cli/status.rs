@@ -32,6 +32,8 @@ struct MapFill {
     entries: u32,
     max_entries: u32,
     percent: f64,
+    /// The kernel's memory accounting of the map (bpftool's `memlock`).
+    memlock_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -68,6 +70,8 @@ struct StatusView {
 
 pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
+    let memlock: std::collections::BTreeMap<&str, u64> =
+        bpf::map_memlock(&args.bpffs)?.into_iter().collect();
     let agent = maps.agent_state()?;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -102,6 +106,7 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
                 map,
                 entries,
                 max_entries,
+                memlock_bytes: memlock.get(map).copied().unwrap_or(0),
                 percent: if max_entries == 0 {
                     0.0
                 } else {
@@ -191,10 +196,19 @@ pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
                 m.entries.to_string(),
                 m.max_entries.to_string(),
                 format!("{:.1}%", m.percent),
+                format!("{:.1}", m.memlock_bytes as f64 / (1 << 20) as f64),
             ]
         })
         .collect();
-    print!("{}", table(&["MAP", "ENTRIES", "MAX", "FILL"], &maps));
+    print!(
+        "{}",
+        table(&["MAP", "ENTRIES", "MAX", "FILL", "MEMLOCK MIB"], &maps)
+    );
+    let total: u64 = view.maps.iter().map(|m| m.memlock_bytes).sum();
+    println!(
+        "maps take {:.1} MiB of kernel memory",
+        total as f64 / (1 << 20) as f64
+    );
     println!();
     let counters: Vec<Vec<String>> = view
         .counters

@@ -25,10 +25,28 @@ use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
 pub type Key = (String, String);
 
 /// One Service as last compiled.
+/// The frontend and port states themselves live in the merged `Desired` only (one copy);
+/// a Service whose frontend another Service owns is compiled again when it takes it over.
 struct Cached {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
-    out: ServiceOut,
+    object: String,
+    frontends: Vec<FrontendAddr>,
+    ports: Vec<super::PortName>,
+    problems: Vec<Problem>,
+}
+
+impl Cached {
+    fn new(service: Arc<Service>, slices: Vec<Arc<EndpointSlice>>, out: &ServiceOut) -> Cached {
+        Cached {
+            service,
+            slices,
+            object: out.object.clone(),
+            frontends: out.frontends.keys().copied().collect(),
+            ports: out.ports.keys().cloned().collect(),
+            problems: out.problems.clone(),
+        }
+    }
 }
 
 /// What one `Compiler::update` changed.
@@ -402,17 +420,14 @@ impl Compiler {
             let refs: Vec<&EndpointSlice> = group.iter().map(|s| &**s).collect();
             let out = compile_one(&svc, &refs, &node, &config);
             update.recompiled += 1;
-            let new = Cached {
-                service: svc,
-                slices: group,
-                out,
-            };
-            if cached.is_some_and(|c| c.out == new.out) {
+            let same = cached.is_some_and(|c| self.merged_equals(&key, c, &out));
+            let new = Cached::new(svc, group, &out);
+            if same {
                 // Same result from new objects: keep them, nothing to merge.
                 self.services.insert(key, new);
                 continue;
             }
-            self.replace(&key, Some(new), &mut update.changed);
+            self.replace(&key, Some((new, out)), &mut update.changed);
         }
 
         // Slices no Service takes are still checked and reported.
@@ -472,7 +487,49 @@ impl Compiler {
 
     /// Replaces a Service's share of the merged state (None: the Service is gone), recording
     /// the frontends whose state may have changed.
-    fn replace(&mut self, key: &Key, new: Option<Cached>, changed: &mut BTreeSet<FrontendAddr>) {
+    /// Whether `out` is what the merged state holds for this Service already (a frontend it
+    /// claims without owning counts as different: rare, and then merged again).
+    fn merged_equals(&self, key: &Key, cached: &Cached, out: &ServiceOut) -> bool {
+        cached.problems == out.problems
+            && cached.frontends.iter().eq(out.frontends.keys())
+            && cached.ports.iter().eq(out.ports.keys())
+            && out.frontends.iter().all(|(addr, state)| {
+                self.claims.get(addr).and_then(|c| c.first()) == Some(key)
+                    && self.desired.frontends.get(addr) == Some(state)
+            })
+            && out
+                .ports
+                .iter()
+                .all(|(name, port)| self.desired.ports.get(name) == Some(port))
+    }
+
+    /// The state Service `key` wants for frontend `addr`: compiled again from its cached
+    /// objects (only when it takes over a frontend another Service owned).
+    fn state_of(
+        &self,
+        key: &Key,
+        addr: &FrontendAddr,
+    ) -> Option<(FrontendState, Vec<FrontendAddr>)> {
+        let cached = self.services.get(key)?;
+        let (node, config) = self.inputs.as_ref()?;
+        let refs: Vec<&EndpointSlice> = cached.slices.iter().map(|s| &**s).collect();
+        let out = compile_one(&cached.service, &refs, node, config);
+        let state = out.frontends.get(addr)?.clone();
+        let same_port = out
+            .frontends
+            .iter()
+            .filter(|(_, s)| s.port == state.port)
+            .map(|(f, _)| *f)
+            .collect();
+        Some((state, same_port))
+    }
+
+    fn replace(
+        &mut self,
+        key: &Key,
+        new: Option<(Cached, ServiceOut)>,
+        changed: &mut BTreeSet<FrontendAddr>,
+    ) {
         let conflicts = self.conflicted.len();
         self.replace_inner(key, new, changed);
         // Conflicts name their owner's port: any conflict change, or a Service with problems
@@ -485,17 +542,17 @@ impl Compiler {
     fn replace_inner(
         &mut self,
         key: &Key,
-        new: Option<Cached>,
+        new: Option<(Cached, ServiceOut)>,
         changed: &mut BTreeSet<FrontendAddr>,
     ) {
         if let Some(old) = self.services.remove(key) {
-            if !old.out.problems.is_empty() {
+            if !old.problems.is_empty() {
                 self.problems_stale = true;
             }
-            for name in old.out.ports.keys() {
+            for name in &old.ports {
                 self.desired.ports.remove(name);
             }
-            for addr in old.out.frontends.keys() {
+            for addr in &old.frontends {
                 changed.insert(*addr);
                 let Some(claims) = self.claims.get_mut(addr) else {
                     continue;
@@ -513,39 +570,35 @@ impl Compiler {
                     Some(next) if owned => {
                         // The next claimant owns it now. Its Service port's other frontends
                         // count as changed too: a plan settles a port's id over all of them.
-                        let next = &self.services[next].out;
-                        let state = next.frontends[addr].clone();
-                        changed.extend(
-                            next.frontends
-                                .iter()
-                                .filter(|(_, s)| s.port == state.port)
-                                .map(|(f, _)| *f),
-                        );
-                        self.set_frontend(*addr, Some(state));
+                        let next = next.clone();
+                        if let Some((state, same_port)) = self.state_of(&next, addr) {
+                            changed.extend(same_port);
+                            self.set_frontend(*addr, Some(state));
+                        }
                     }
                     Some(_) => {}
                 }
             }
         }
-        let Some(new) = new else {
+        let Some((new, out)) = new else {
             return;
         };
-        if !new.out.problems.is_empty() {
+        if !new.problems.is_empty() {
             self.problems_stale = true;
         }
-        for (name, port) in &new.out.ports {
-            self.desired.ports.insert(name.clone(), port.clone());
+        for (name, port) in out.ports {
+            self.desired.ports.insert(name, port);
         }
-        for (addr, state) in &new.out.frontends {
-            changed.insert(*addr);
-            let claims = self.claims.entry(*addr).or_default();
+        for (addr, state) in out.frontends {
+            changed.insert(addr);
+            let claims = self.claims.entry(addr).or_default();
             let at = claims.partition_point(|k| k < key);
             claims.insert(at, key.clone());
             if claims.len() > 1 {
-                self.conflicted.insert(*addr);
+                self.conflicted.insert(addr);
             }
             if at == 0 {
-                self.set_frontend(*addr, Some(state.clone()));
+                self.set_frontend(addr, Some(state));
             }
         }
         self.services.insert(key.clone(), new);
@@ -565,14 +618,16 @@ impl Compiler {
         }
         out.extend(self.loose_problems.values().flatten().cloned());
         for cached in self.services.values() {
-            out.extend(cached.out.problems.iter().cloned());
+            out.extend(cached.problems.iter().cloned());
         }
         for addr in &self.conflicted {
             let claims = &self.claims[addr];
-            let owner: &FrontendState = &self.services[&claims[0]].out.frontends[addr];
+            let Some(owner) = self.desired.frontends.get(addr) else {
+                continue;
+            };
             for other in &claims[1..] {
                 out.push(Problem {
-                    object: self.services[other].out.object.clone(),
+                    object: self.services[other].object.clone(),
                     message: format!("{addr} is already used by {}; not programmed", owner.port),
                 });
             }

@@ -578,6 +578,27 @@ pub fn map_fill(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u32, u32)>>
     Ok(out)
 }
 
+/// The kernel's memory accounting of every pinned map (`memlock` in the fdinfo of an open map,
+/// what `bpftool map show` prints): (map, bytes).
+pub fn map_memlock(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::new();
+    for name in names::ALL {
+        let data =
+            MapData::from_pin(pin_dir.join(name)).with_context(|| format!("open map {name}"))?;
+        let fdinfo = fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            data.fd().as_fd().as_raw_fd()
+        ))?;
+        let bytes = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        out.push((name, bytes));
+    }
+    Ok(out)
+}
+
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 /// Counts the keys of a hash map by walking BPF_MAP_GET_NEXT_KEY (bounded by `max`).
@@ -627,6 +648,33 @@ impl Default for MapSizes {
             conntrack: names::CT_MAX as u32,
         }
     }
+}
+
+/// Default share of the node's memory for the per-flow LRU maps (`flow_entries`).
+pub const FLOW_MEMORY_RATIO: f64 = 0.000_35;
+
+/// Bytes one entry costs in each per-flow map together (kernel element header, key and
+/// value): LB_CT4 104, LB_CT6 152, SOCK4_REVNAT 80, SOCK6_REVNAT 104, LB_AFFINITY 88.
+const FLOW_ENTRY_BYTES: u64 = 528;
+
+/// Entries of each per-flow map (LRU, preallocated: their memory is taken when they are
+/// created) for `memory` bytes of node memory: `ratio` of it, at least 16,384 and at most
+/// 2,097,152 entries per map.
+pub fn flow_entries(memory: u64, ratio: f64) -> u32 {
+    let budget = (memory as f64 * ratio.clamp(0.0, 0.5)) as u64;
+    (budget / FLOW_ENTRY_BYTES).clamp(16_384, 2_097_152) as u32
+}
+
+/// The node's memory (MemTotal), or 8 GiB when it cannot be read.
+pub fn node_memory() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib * 1024)
 }
 
 impl MapSizes {
