@@ -88,6 +88,11 @@ pub struct Options {
     /// target/bench/pod-networks.{md,json} (a full run's bench.* are left alone).
     #[arg(long)]
     pub pod_networks: bool,
+    /// Only the agent's control plane at 10,000 Services x 10 and x 100 endpoints (maps sized
+    /// for them with --max-backends/--max-slots): a full sync, single endpoint changes, the
+    /// agent's memory and the maps' memory; writes target/bench/control-plane.md.
+    #[arg(long)]
+    pub control_plane: bool,
 }
 
 /// Everything derived from the options.
@@ -109,6 +114,12 @@ pub struct Settings {
     /// reports written before it existed).
     #[serde(default)]
     pub only_pod_networks: bool,
+    /// The control-plane part alone (`--control-plane`).
+    #[serde(default)]
+    pub only_control_plane: bool,
+    /// Extra arguments of the bpf node's agent.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 impl Settings {
@@ -140,6 +151,14 @@ impl Settings {
             client_cpu: 0,
             server_cpu: if cpus > 1 { 1 } else { 0 },
             only_pod_networks: opts.pod_networks,
+            only_control_plane: opts.control_plane,
+            agent_args: if opts.control_plane {
+                ["--max-backends", "2097152", "--max-slots", "2097152"]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -314,6 +333,7 @@ impl Node {
             agent.extra_args = ["--pod-interfaces", "br0", "--external-interfaces", ""]
                 .map(String::from)
                 .to_vec();
+            agent.extra_args.extend(settings.agent_args.iter().cloned());
             agent.write_manifest(
                 "node.yaml",
                 &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n"),
@@ -923,6 +943,19 @@ pub fn bench(opts: Options) -> anyhow::Result<()> {
     sweep();
     let machine = report::Machine::probe();
     let settings = Settings::new(&opts, machine.cpus);
+    if settings.only_control_plane {
+        let out_dir = target.join("bench");
+        fs::create_dir_all(&out_dir)?;
+        let markdown = control_plane(&settings)?;
+        println!("{markdown}");
+        fs::write(out_dir.join("control-plane.md"), &markdown)?;
+        eprintln!(
+            "==> wrote {}/control-plane.md in {:.0} s; testbed removed",
+            out_dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     if settings.services.is_empty() && !settings.only_pod_networks {
         bail!("no Service count >= 4 given");
     }
@@ -1195,6 +1228,83 @@ fn run(settings: &Settings, work: &Path, report: &mut Report) -> anyhow::Result<
     drop(maps);
     drop(nodes);
     Ok(())
+}
+
+/// The control-plane figures of issue #20 at 10,000 Services x 10 and x 100: a full sync, 40
+/// single endpoint changes (manifest written -> maps; the agent's sync; its change to
+/// programmed), the agent's memory and the maps' memory. Returns the Markdown.
+fn control_plane(settings: &Settings) -> anyhow::Result<String> {
+    eprintln!("==> building the bpf node (node + client + 10 backend pods)");
+    let mut node = Node::new(Config::Bpf, None, settings)?;
+    let maps = AgentMaps::open(&node.agent().pin_dir.clone())?;
+    let mut jitter = Jitter::new();
+    let mut rows = String::from(
+        "| Services x endpoints | what | p50 | p99 | max | n |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    let mut memory = String::from(
+        "| Services x endpoints | agent RSS (MiB) | agent peak RSS (MiB) | BPF maps, memlock (MiB) |\n|---|---:|---:|---:|\n",
+    );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for (n, eps) in [(10_000, 10), (10_000, 100)] {
+        check_stop()?;
+        let w = Workload::new(n, eps);
+        eprintln!("    {n} x {eps}: full sync");
+        let (wall, sync, programmed) = agent_load(&mut node, &maps, &w)?;
+        let mut row = |what: &str, values: &[f64]| {
+            if let Some(s) = report::Summary::of(values) {
+                rows.push_str(&format!(
+                    "| {n} x {eps} | {what} | {:.1} | {:.1} | {:.1} | {} |\n",
+                    s.p50, s.p99, s.max, s.n
+                ));
+            }
+        };
+        row(
+            "full sync: manifests written -> maps hold all (ms)",
+            &[wall],
+        );
+        row(
+            "full sync: agent's sync duration (ms)",
+            &sync.into_iter().collect::<Vec<_>>(),
+        );
+        row(
+            "full sync: agent's change to programmed (ms)",
+            &programmed.into_iter().collect::<Vec<_>>(),
+        );
+        let agent = node.agent();
+        let (rss, hwm) = maps::rss(agent.pid().context("agent not running")?)?;
+        let (memlock, _) = maps::memlock(&agent.pin_dir)?;
+        memory.push_str(&format!(
+            "| {n} x {eps} | {:.1} | {:.1} | {:.1} |\n",
+            mib(rss),
+            mib(hwm),
+            mib(memlock)
+        ));
+        eprintln!(
+            "    {n} x {eps}: {} single-endpoint changes",
+            settings.change_samples
+        );
+        let (mut walls, mut syncs, mut programmed) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..settings.change_samples {
+            check_stop()?;
+            let next = w.with_change(k % 2 == 0);
+            let (wall, sync, prog) = agent_change(&mut node, &maps, &next, &mut jitter)?;
+            walls.push(wall);
+            syncs.extend(sync);
+            programmed.extend(prog);
+        }
+        row(
+            "one changed endpoint: manifest written -> maps hold it (ms)",
+            &walls,
+        );
+        row("one changed endpoint: agent's sync duration (ms)", &syncs);
+        row(
+            "one changed endpoint: agent's change to programmed (ms)",
+            &programmed,
+        );
+    }
+    Ok(format!(
+        "### Control plane at 10,000 Services (`cargo xtask bench --control-plane`)\n\n{rows}\n{memory}"
+    ))
 }
 
 fn memory(node: &mut Node, w: &Workload, report: &mut Report) -> anyhow::Result<()> {
