@@ -11,6 +11,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod maglev;
 pub mod metrics;
+pub mod model;
 pub mod plan;
 pub mod portrange;
 pub mod snapshot;

@@ -9,7 +9,7 @@ pub const SIZES: [u32; 10] = [
 ];
 
 /// Default table size (about 160 backends at 1% imbalance).
-pub const DEFAULT_SIZE: u32 = 16381;
+pub const DEFAULT_SIZE: u32 = crate::model::DEFAULT_MAGLEV_SIZE;
 
 /// A backend as Maglev sees it: a stable name (its address and port) and a weight.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,7 +23,7 @@ pub struct Snapshot {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyConfig {
     /// Scheduler of Services without the scheduler annotation (`--scheduler`).
-    pub scheduler: crate::compile::Scheduler,
+    pub scheduler: crate::model::Scheduler,
     /// Entries of every Maglev table (`--maglev-table-size`, a prime).
     pub maglev_size: u32,
 }
@@ -31,8 +31,8 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            scheduler: crate::compile::Scheduler::Random,
-            maglev_size: crate::maglev::DEFAULT_SIZE,
+            scheduler: crate::model::Scheduler::Random,
+            maglev_size: crate::model::DEFAULT_MAGLEV_SIZE,
         }
     }
 }
@@ -45,11 +45,11 @@ pub struct NodeInfo {
     pub name: String,
     /// Label `topology.kubernetes.io/zone` of this node's Node object (semantics 5.3).
     pub zone: Option<String>,
-    /// The node addresses NodePorts are served on (`compile::nodeport_addresses`), found by the
+    /// The node addresses NodePorts are served on (as the agent chooses them from its interfaces), found by the
     /// agent on its interfaces; empty: no NodePort frontends.
     pub addresses: Vec<std::net::IpAddr>,
     /// `spec.podCIDRs` of this node's Node object (unparsable entries left out).
-    pub pod_cidrs: Vec<crate::compile::Cidr>,
+    pub pod_cidrs: Vec<crate::model::Cidr>,
     /// Local endpoints whose pod-facing interface does not carry the tc program yet, found by
     /// the agent: they serve the socket layer only until it does (a packet translated at tc for
     /// them would get no translated reply).
@@ -108,7 +108,7 @@ impl NodeInfo {
                     .iter()
                     .flatten()
                     .chain(s.pod_cidr.iter())
-                    .filter_map(|c| crate::compile::Cidr::parse(c))
+                    .filter_map(|c| crate::model::Cidr::parse(c))
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect()

@@ -904,6 +904,8 @@ mod unit {
             client_cpu: 0,
             server_cpu: 1,
             only_pod_networks: only,
+            only_control_plane: false,
+            agent_args: Vec::new(),
         };
         let machine = super::super::report::Machine {
             cpus: 2,

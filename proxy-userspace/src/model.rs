@@ -1,0 +1,113 @@
+//! PURE: the plain values the proxy reasons about, shared by the sources, the snapshot and
+//! compile (which sit above this module; it imports none of them).
+
+use std::{fmt, net::IpAddr};
+
+/// Entries of a Maglev table by default (about 160 backends at 1% imbalance).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
+
+/// How a frontend picks the backend of a new connection. Session affinity, when set, wins
+/// over every scheduler (semantics 6.x).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scheduler {
+    /// Uniformly at random over the slots (weights as slot counts): kube-proxy's behaviour
+    /// (semantics 4.11).
+    #[default]
+    Random,
+    /// Each backend in turn, weights ignored.
+    RoundRobin,
+    /// Each backend in turn, as many turns as its weight.
+    WeightedRoundRobin,
+    /// By a hash of the client: the same client reaches the same backend while the set is
+    /// unchanged.
+    SourceHash,
+    /// The backend with the fewest active connections (counted by the socket hooks).
+    LeastConnection,
+    /// The fewest active connections relative to the backend's weight.
+    WeightedLeastConnection,
+    /// Maglev consistent hashing of the flow: the same flow picks the same backend on every
+    /// node, and a backend change moves only about 1/N of the flows.
+    Maglev,
+}
+
+impl Scheduler {
+    /// Parses a scheduler name; kube-proxy's `--ipvs-scheduler` names are aliases. Known
+    /// schedulers this proxy does not implement yet are an error with the reason.
+    pub fn parse(s: &str) -> Result<Scheduler, String> {
+        match s.trim() {
+            "random" => Ok(Scheduler::Random),
+            "round-robin" | "rr" => Ok(Scheduler::RoundRobin),
+            "weighted-round-robin" | "wrr" => Ok(Scheduler::WeightedRoundRobin),
+            "source-hash" | "sh" => Ok(Scheduler::SourceHash),
+            "maglev" | "mh" => Ok(Scheduler::Maglev),
+            "least-connection" | "lc" => Ok(Scheduler::LeastConnection),
+            "weighted-least-connection" | "wlc" => Ok(Scheduler::WeightedLeastConnection),
+            other => Err(format!(
+                "unknown scheduler {other:?} (random, round-robin/rr, weighted-round-robin/wrr, \
+                 least-connection/lc, weighted-least-connection/wlc, source-hash/sh, maglev/mh)"
+            )),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Random => "random",
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::WeightedRoundRobin => "weighted-round-robin",
+            Scheduler::SourceHash => "source-hash",
+            Scheduler::LeastConnection => "least-connection",
+            Scheduler::WeightedLeastConnection => "weighted-least-connection",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+}
+
+/// An address prefix (`loadBalancerSourceRanges`, `--nodeport-addresses`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n` or `x::y/n` (a bare address is a full-length prefix); host bits are
+    /// cleared.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let s = s.trim();
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a.parse::<IpAddr>().ok()?, Some(l.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = len.unwrap_or(max);
+        if len > max {
+            return None;
+        }
+        Some(Cidr {
+            addr: mask(addr, len),
+            len,
+        })
+    }
+
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(*ip, self.len) == self.addr
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn mask(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u32::from(a) & m).to_be_bytes())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::from((u128::from(a) & m).to_be_bytes())
+        }
+    }
+}
