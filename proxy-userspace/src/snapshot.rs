@@ -60,6 +60,15 @@ pub struct NodeInfo {
     pub eligible: bool,
 }
 
+/// The local endpoint addresses of each slice object last seen, for
+/// `NodeInfo::local_endpoints_cached` (each slice is looked into once, not at every snapshot).
+#[derive(Default)]
+pub struct LocalEndpoints {
+    node: String,
+    #[allow(clippy::type_complexity)]
+    slices: std::collections::HashMap<usize, (Arc<EndpointSlice>, Vec<std::net::IpAddr>)>,
+}
+
 /// Taint the cluster autoscaler puts on a node it is about to delete.
 pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
@@ -94,6 +103,39 @@ impl NodeInfo {
             .collect()
     }
 
+    /// As `local_endpoints`, looking only at the slices not seen by `cache` before: a slice
+    /// object's local addresses are kept while the snapshot holds it (by pointer).
+    pub fn local_endpoints_cached(
+        &self,
+        slices: &[Arc<EndpointSlice>],
+        cache: &mut LocalEndpoints,
+    ) -> std::collections::BTreeSet<std::net::IpAddr> {
+        if cache.node != self.name {
+            *cache = LocalEndpoints {
+                node: self.name.clone(),
+                ..LocalEndpoints::default()
+            };
+        }
+        let mut next = std::collections::HashMap::with_capacity(cache.slices.len());
+        let mut out = std::collections::BTreeSet::new();
+        for slice in slices {
+            let p = Arc::as_ptr(slice) as usize;
+            let addresses = match cache.slices.remove(&p) {
+                Some(known) => known,
+                None => (
+                    Arc::clone(slice),
+                    self.local_endpoints(std::slice::from_ref(slice))
+                        .into_iter()
+                        .collect(),
+                ),
+            };
+            out.extend(addresses.1.iter().copied());
+            next.insert(p, addresses);
+        }
+        cache.slices = next;
+        out
+    }
+
     /// Reads the zone label from this node's Node object.
     pub fn with_node(name: String, node: Option<&k8s_openapi::api::core::v1::Node>) -> Self {
         let zone = node
@@ -121,6 +163,49 @@ impl NodeInfo {
             pod_cidrs,
             waiting: Default::default(),
             eligible: node.is_some_and(node_eligible),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, eps: &[(&str, &str)]) -> Arc<EndpointSlice> {
+        let eps: Vec<String> = eps
+            .iter()
+            .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
+            .collect();
+        Arc::new(
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: {name}, namespace: default}}\naddressType: IPv4\nendpoints: [{}]",
+                eps.join(", ")
+            ))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn cached_local_endpoints_equal_a_full_scan() {
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ..NodeInfo::default()
+        };
+        let mut cache = LocalEndpoints::default();
+        let a = slice("a", &[("10.0.0.1", "node-a"), ("10.0.0.2", "node-b")]);
+        let b = slice("b", &[("10.0.0.3", "node-a")]);
+        let c = slice("a", &[("10.0.0.4", "node-a")]);
+        for slices in [
+            vec![a.clone(), b.clone()],
+            vec![a.clone()],
+            vec![c.clone(), b.clone()],
+            vec![],
+            vec![a, b, c],
+        ] {
+            assert_eq!(
+                node.local_endpoints_cached(&slices, &mut cache),
+                node.local_endpoints(&slices)
+            );
         }
     }
 }

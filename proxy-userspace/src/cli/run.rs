@@ -321,6 +321,7 @@ struct PodInterfaceLink {
     manager: Arc<std::sync::Mutex<podif::Manager>>,
     shared: Arc<podif::Shared>,
     metrics: Arc<Metrics>,
+    local: crate::snapshot::LocalEndpoints,
 }
 
 impl PodInterfaceLink {
@@ -329,7 +330,9 @@ impl PodInterfaceLink {
     fn waiting(&mut self, snapshot: &Snapshot) -> std::collections::BTreeSet<IpAddr> {
         let mut manager = self.manager.lock().expect("manager lock");
         manager.set_inputs(podif::ClusterInputs {
-            endpoints: snapshot.node.local_endpoints(&snapshot.slices),
+            endpoints: snapshot
+                .node
+                .local_endpoints_cached(&snapshot.slices, &mut self.local),
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
         });
         let waiting = manager.waiting().clone();
@@ -579,6 +582,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 manager,
                 shared,
                 metrics: Arc::clone(&metrics),
+                local: Default::default(),
             })
         }
         None => None,
