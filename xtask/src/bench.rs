@@ -1302,8 +1302,32 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
             &programmed,
         );
     }
+    // Through the Kubernetes source: the API server double of proxy-userspace's tests, the
+    // agent's sync into in-memory maps (a measurement run as an ignored test).
+    eprintln!("    10000 x 10 through the Kubernetes source (API server double)");
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "proxy-userspace",
+            "--test",
+            "kube_source",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "watch_event_to_maps_at_10k_services",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let kube: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("kube source"))
+        .map(|l| format!("- {l}"))
+        .collect();
     Ok(format!(
-        "### Control plane at 10,000 Services (`cargo xtask bench --control-plane`)\n\n{rows}\n{memory}"
+        "### Control plane at 10,000 Services (`cargo xtask bench --control-plane`)\n\n{rows}\n{memory}\nThrough the Kubernetes source (the tests' API server double, the agent's sync into in-memory maps):\n{}\n",
+        kube.join("\n")
     ))
 }
 
