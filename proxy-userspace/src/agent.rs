@@ -180,7 +180,41 @@ pub fn sync_once(
     // (the frontend keeps its previous table and backends), every other frontend goes on.
     let mut failed: BTreeMap<u32, String> = BTreeMap::new();
     let mut maglev_failures = 0;
-    for op in &ops {
+    let mut i = 0;
+    while i < ops.len() {
+        // Runs of slot, member and backend writes (of one frontend for slots and members) go
+        // to the kernel as one batch. A Maglev failure can only stop later frontends' writes,
+        // never split such a run.
+        if let Some(kind) = ops[i].batch_kind() {
+            let svc = ops[i].svc_id(pipeline.mirror.state());
+            let skip = svc.is_some_and(|id| failed.contains_key(&id))
+                || (!failed.is_empty() && matches!(ops[i], Op::DelBackend(_)));
+            if !skip {
+                let mut j = i + 1;
+                while j < ops.len()
+                    && ops[j].batch_kind() == Some(kind)
+                    && ops[j].svc_id(pipeline.mirror.state()) == svc
+                {
+                    j += 1;
+                }
+                if j - i > 1 {
+                    if let Err(e) = io.apply_run(&ops[i..j]) {
+                        let truth = io
+                            .dump()
+                            .unwrap_or_else(|_| pipeline.mirror.state().clone());
+                        pipeline.adopt(truth);
+                        return Err(e.context(FailedMap(ops[i].map())));
+                    }
+                    for op in &ops[i..j] {
+                        pipeline.mirror.apply(op);
+                    }
+                    i = j;
+                    continue;
+                }
+            }
+        }
+        let op = &ops[i];
+        i += 1;
         let svc = op.svc_id(pipeline.mirror.state());
         if svc.is_some_and(|id| failed.contains_key(&id)) {
             continue;

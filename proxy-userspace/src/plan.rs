@@ -149,7 +149,32 @@ pub enum Op {
     DelMaglev(MaglevKey),
 }
 
+/// Writes that may go to the kernel as one batch when they follow each other: slots, members
+/// and backends (the bulk of every plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchKind {
+    PutSlots,
+    DelSlots,
+    PutMembers,
+    DelMembers,
+    PutBackends,
+    DelBackends,
+}
+
 impl Op {
+    /// The batch this write can join, if any.
+    pub fn batch_kind(&self) -> Option<BatchKind> {
+        Some(match self {
+            Op::PutSlot(..) => BatchKind::PutSlots,
+            Op::DelSlot(..) => BatchKind::DelSlots,
+            Op::PutMember(..) => BatchKind::PutMembers,
+            Op::DelMember(..) => BatchKind::DelMembers,
+            Op::PutBackend(..) => BatchKind::PutBackends,
+            Op::DelBackend(..) => BatchKind::DelBackends,
+            _ => return None,
+        })
+    }
+
     /// The map this write goes to (its pin name).
     pub fn map(&self) -> &'static str {
         use proxy_common::maps as m;

@@ -1320,6 +1320,116 @@ impl MapIo for Maps {
         };
         result.with_context(|| format!("map write {op:?}"))
     }
+    fn apply_run(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        self.apply_batch(ops)
+    }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// Writes `keys` → `values` (or deletes `keys` when `values` is None) in one
+/// BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH call per chunk. A key missing from a delete is
+/// skipped (as `ignore_missing` does one by one).
+fn batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: Option<&[V]>) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < keys.len() {
+        let left = &keys[done..];
+        let mut attr = [0u64; 16];
+        attr[2] = left.as_ptr() as u64;
+        if let Some(values) = values {
+            attr[3] = values[done..].as_ptr() as u64;
+        }
+        attr[4] = (left.len() as u64) | ((map.as_raw_fd() as u32 as u64) << 32);
+        let cmd = if values.is_some() {
+            BPF_MAP_UPDATE_BATCH
+        } else {
+            BPF_MAP_DELETE_BATCH
+        };
+        let result = bpf_syscall(cmd, &mut attr);
+        // The kernel says in `count` how many it processed, error or not.
+        let processed = (attr[4] & 0xffff_ffff) as usize;
+        match result {
+            Ok(_) => done += processed.max(left.len()),
+            Err(e) if values.is_none() && e.raw_os_error() == Some(libc::ENOENT) => {
+                // Deleted up to the missing key; skip it.
+                done += processed + 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Maps {
+    /// `MapIo::apply_run` for the kernel maps: one batch syscall per run.
+    fn apply_batch(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        let first = &ops[0];
+        let result = match first {
+            Op::PutSlot(..) => {
+                let (k, v): (Vec<SlotKey>, Vec<SlotValue>) = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::PutSlot(k, v) => Some((*k, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch(self.slots.map().fd().as_fd(), &k, Some(&v))
+            }
+            Op::DelSlot(_) => {
+                let k: Vec<SlotKey> = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::DelSlot(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                batch::<SlotKey, ()>(self.slots.map().fd().as_fd(), &k, None)
+            }
+            Op::PutMember(..) => {
+                let (k, v): (Vec<MemberKey>, Vec<MemberValue>) = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::PutMember(k, v) => Some((*k, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch(self.members.map().fd().as_fd(), &k, Some(&v))
+            }
+            Op::DelMember(_) => {
+                let k: Vec<MemberKey> = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::DelMember(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                batch::<MemberKey, ()>(self.members.map().fd().as_fd(), &k, None)
+            }
+            Op::PutBackend(..) => {
+                let (k, v): (Vec<u32>, Vec<BackendValue>) = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::PutBackend(k, v) => Some((*k, *v)),
+                        _ => None,
+                    })
+                    .unzip();
+                batch(self.backends.map().fd().as_fd(), &k, Some(&v))
+            }
+            Op::DelBackend(_) => {
+                let k: Vec<u32> = ops
+                    .iter()
+                    .filter_map(|o| match o {
+                        Op::DelBackend(k) => Some(*k),
+                        _ => None,
+                    })
+                    .collect();
+                batch::<u32, ()>(self.backends.map().fd().as_fd(), &k, None)
+            }
+            _ => return ops.iter().try_for_each(|op| MapIo::apply(self, op)),
+        };
+        result.with_context(|| format!("batch of {} map writes from {first:?}", ops.len()))
+    }
 }
 
 enum LpmRange {
@@ -1525,6 +1635,9 @@ impl MapIo for Datapath {
     }
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
         self.maps.apply(op)
+    }
+    fn apply_run(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        self.maps.apply_run(ops)
     }
     fn synced(&mut self, ok: bool) {
         if let Err(e) = self.record_sync(ok) {

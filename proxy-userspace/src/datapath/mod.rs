@@ -30,6 +30,12 @@ pub trait MapIo {
     fn dump(&self) -> anyhow::Result<MapState>;
     /// Performs one write. Deleting a missing key is not an error.
     fn apply(&mut self, op: &Op) -> anyhow::Result<()>;
+    /// Performs a run of writes of one kind (`Op::batch_kind`) in order, as `apply` would one
+    /// by one; the kernel datapath makes one batch syscall of them. On an error, some of the
+    /// run may be written.
+    fn apply_run(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        ops.iter().try_for_each(|op| self.apply(op))
+    }
     /// Told after every sync attempt (the kernel datapath records it for `status`).
     fn synced(&mut self, _ok: bool) {}
     /// Terminates the sockets still connected to backends that left a frontend (`removed`:
