@@ -32,6 +32,9 @@ pub struct Observers {
     pub health: Option<Arc<Health>>,
     /// The healthCheckNodePort servers, made to match each successful sync.
     pub health_checks: Option<Arc<crate::healthcheck::HealthChecks>>,
+    /// Entries of the maps the agent writes, from its mirror, after each sync (for the fill
+    /// metrics, which need not walk those maps in the kernel).
+    pub map_counts: Option<Arc<std::sync::Mutex<BTreeMap<&'static str, u32>>>>,
 }
 
 /// How bursts of changes are coalesced, and how often the maps are read back.
@@ -428,6 +431,9 @@ pub fn run(
                     h.synced(SystemTime::now());
                 }
                 last_synced = Some(snapshot.clone());
+                if let Some(counts) = &observers.map_counts {
+                    *counts.lock().expect("map counts") = pipeline.state().counts();
+                }
                 if let Some(hc) = &observers.health_checks {
                     hc.update(&report.health_checks);
                 }

@@ -281,6 +281,35 @@ impl MapState {
         }
     }
 
+    /// Entries per map the agent writes, by map name.
+    pub fn counts(&self) -> BTreeMap<&'static str, u32> {
+        use proxy_common::maps as names;
+        let v4 = self
+            .services
+            .keys()
+            .filter(|k| matches!(k, ServiceKey::V4(_)))
+            .count();
+        let ranges4 = self
+            .source_ranges
+            .iter()
+            .filter(|r| r.cidr.addr.is_ipv4())
+            .count();
+        [
+            (names::LB4_SERVICES, v4),
+            (names::LB6_SERVICES, self.services.len() - v4),
+            (names::LB_SLOTS, self.slots.len()),
+            (names::LB_MEMBERS, self.members.len()),
+            (names::LB_BACKENDS, self.backends.len()),
+            (names::LB_SVC_INFO, self.infos.len()),
+            (names::LB_MAGLEV, self.maglev.len()),
+            (names::LB4_SRC_RANGES, ranges4),
+            (names::LB6_SRC_RANGES, self.source_ranges.len() - ranges4),
+        ]
+        .into_iter()
+        .map(|(name, n)| (name, n as u32))
+        .collect()
+    }
+
     /// The backend ids of a frontend's live slots, in slot order; `None` for a slot that is
     /// missing or names a missing backend.
     pub fn live_slots(&self, svc: &ServiceValue) -> Vec<Option<u32>> {

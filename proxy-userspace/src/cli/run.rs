@@ -131,7 +131,11 @@ fn serve(what: &str, addr: &str, state: &Arc<HttpState>) {
 }
 
 /// Refreshes map fill levels and datapath counters in the metrics every few seconds.
-fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
+fn poll_kernel_counters(
+    pin_dir: PathBuf,
+    metrics: Arc<Metrics>,
+    counts: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, u32>>>,
+) {
     thread::spawn(move || {
         let mut evicted_seen = [0u64; 2];
         let mut refused_seen = [0u64; 2];
@@ -146,7 +150,8 @@ fn poll_kernel_counters(pin_dir: PathBuf, metrics: Arc<Metrics>) {
                     metrics.map_memlock.with(&[("map", map)]).set(bytes as f64);
                 }
             }
-            match bpf::map_fill(&pin_dir) {
+            let known = counts.lock().expect("map counts").clone();
+            match bpf::map_fill_known(&pin_dir, &known) {
                 Ok(fill) => {
                     for (map, used, max) in &fill {
                         metrics.set_map_fill(map, (*used).into(), (*max).into());
@@ -601,7 +606,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     serve("metrics", &args.metrics_bind_address, &http_state);
     serve("health checks", &args.healthz_bind_address, &http_state);
-    poll_kernel_counters(args.bpffs.clone(), Arc::clone(&metrics));
+    let map_counts = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    poll_kernel_counters(
+        args.bpffs.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&map_counts),
+    );
     metrics
         .socket_termination_active
         .with(&[])
@@ -612,6 +622,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: Some(metrics),
         health: Some(health),
         health_checks: Some(Arc::new(health_checks)),
+        map_counts: Some(map_counts),
     };
     let timing = SyncTiming {
         resync: args.sync_period,
