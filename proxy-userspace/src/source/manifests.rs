@@ -54,6 +54,54 @@ impl ManifestSource {
     }
 }
 
+/// Wakes the source when the directory changes (inotify: a file closed after writing, renamed
+/// into or out of it, created or removed; not every partial write), so a change is read at once instead of at the next poll. The poll
+/// stays as the fallback (a directory on a filesystem without inotify, an overflow).
+struct DirWatch(std::os::fd::OwnedFd);
+
+impl DirWatch {
+    fn new(dir: &Path) -> Option<DirWatch> {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscall; the fd is owned at once.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_CREATE
+            | libc::IN_DELETE;
+        // SAFETY: valid fd and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
+            return None;
+        }
+        Some(DirWatch(owned))
+    }
+
+    /// Waits up to `timeout` for a change; drains what arrived.
+    fn wait(&self, timeout: Duration) {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        if ready > 0 {
+            let mut buf = [0u8; 4096];
+            // SAFETY: reading into our buffer from our non-blocking fd until it is empty.
+            while unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0
+            {
+            }
+        }
+    }
+}
+
 type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
 
 fn fingerprint(dir: &Path) -> anyhow::Result<Fingerprint> {
@@ -139,6 +187,14 @@ impl Source for ManifestSource {
         // previous objects instead of deleting them.
         let mut cache: BTreeMap<PathBuf, FileObjects> = BTreeMap::new();
         let mut last: Option<Fingerprint> = None;
+        let watch = DirWatch::new(&self.dir);
+        if watch.is_none() {
+            log::info!(
+                "manifests: no inotify on {}; polling every {:?}",
+                self.dir.display(),
+                self.poll
+            );
+        }
         loop {
             let now = match fingerprint(&self.dir) {
                 Ok(f) => f,
@@ -171,7 +227,10 @@ impl Source for ManifestSource {
                     return Ok(());
                 }
             }
-            thread::sleep(self.poll);
+            match &watch {
+                Some(w) => w.wait(self.poll),
+                None => thread::sleep(self.poll),
+            }
         }
     }
 }
