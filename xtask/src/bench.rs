@@ -1303,20 +1303,16 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
         );
     }
     // Through the Kubernetes source: the API server double of proxy-userspace's tests, the
-    // agent's sync into in-memory maps (a measurement run as an ignored test).
+    // agent's sync into in-memory maps (proxy-userspace/examples/kube_latency.rs).
     eprintln!("    10000 x 10 through the Kubernetes source (API server double)");
     let out = std::process::Command::new(env!("CARGO"))
         .args([
-            "test",
+            "run",
             "--release",
             "-p",
             "proxy-userspace",
-            "--test",
-            "kube_source",
-            "--",
-            "--ignored",
-            "--nocapture",
-            "watch_event_to_maps_at_10k_services",
+            "--example",
+            "kube_latency",
         ])
         .stderr(std::process::Stdio::null())
         .output()?;
