@@ -16,45 +16,9 @@ use std::{
 };
 
 use proxy_userspace::source::{Source, kube::KubeSource};
-use serde_json::{Value, json};
-use support::{ApiServer, Res};
+use support::{ApiServer, NODE, Res, node, service, slice};
 
-const NODE: &str = "node-a";
 const WAIT: Duration = Duration::from_secs(60);
-
-fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
-    json!({
-        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-svc-{ns}-{name}")},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip,
-            "clusterIPs": [cluster_ip],
-            "ipFamilies": ["IPv4"],
-            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}],
-        },
-    })
-}
-
-fn slice(ns: &str, service: &str, name: &str, addresses: &[&str]) -> Value {
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|a| json!({"addresses": [a], "conditions": {"ready": true}, "nodeName": NODE}))
-        .collect();
-    json!({
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "endpoints": endpoints,
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    })
-}
-
-fn node(name: &str) -> Value {
-    json!({"metadata": {"name": name}})
-}
 
 fn start_source(server: &ApiServer) -> mpsc::Receiver<proxy_userspace::snapshot::Snapshot> {
     let config = kube::Config::new(server.url().parse().unwrap());
@@ -96,7 +60,7 @@ fn main() {
             slice("default", &format!("s{i}"), &format!("s{i}-1"), &eps),
         );
     }
-    server.apply(Res::Nodes, node(NODE));
+    server.apply(Res::Nodes, node(NODE, "zone-1"));
     let rx = start_source(&server);
     let mut io = MapState::default();
     let mut pipeline = Pipeline::new(MapState::default());

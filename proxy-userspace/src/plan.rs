@@ -859,48 +859,20 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         if existing.is_none() {
             continue;
         }
-        let own_chunks = current.maglev.range(
-            MaglevKey {
-                svc_id: id,
-                generation: 0,
-                chunk: 0,
-            }..=MaglevKey {
-                svc_id: id,
-                generation: u16::MAX,
-                chunk: u16::MAX,
-            },
-        );
+        let own_chunks = current.maglev.range(maglev_range(id));
         for (k, _) in own_chunks {
             if !wanted_chunks.contains(k) {
                 updates.push(Op::DelMaglev(*k));
             }
         }
         let generation = value.generation();
-        let own_slots = current.slots.range(
-            SlotKey {
-                svc_id: id,
-                generation: 0,
-                slot: 0,
-            }..=SlotKey {
-                svc_id: id,
-                generation: u16::MAX,
-                slot: u16::MAX,
-            },
-        );
+        let own_slots = current.slots.range(slot_range(id));
         for (k, _) in own_slots {
             if k.generation != generation || k.slot as usize >= slots.len() {
                 updates.push(Op::DelSlot(*k));
             }
         }
-        let own_members = current.members.range(
-            MemberKey {
-                svc_id: id,
-                backend_id: 0,
-            }..=MemberKey {
-                svc_id: id,
-                backend_id: u32::MAX,
-            },
-        );
+        let own_members = current.members.range(member_range(id));
         for (k, _) in own_members {
             if !wanted_members.contains_key(&k.backend_id) {
                 updates.push(Op::DelMember(*k));
@@ -927,6 +899,55 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         .chain(backend_removes)
         .chain(range_removes)
         .collect()
+}
+
+/// Every slot key of frontend `id`.
+pub(crate) fn slot_range(id: u32) -> std::ops::RangeInclusive<SlotKey> {
+    SlotKey {
+        svc_id: id,
+        generation: 0,
+        slot: 0,
+    }..=SlotKey {
+        svc_id: id,
+        generation: u16::MAX,
+        slot: u16::MAX,
+    }
+}
+
+/// Every member key of frontend `id`.
+pub(crate) fn member_range(id: u32) -> std::ops::RangeInclusive<MemberKey> {
+    MemberKey {
+        svc_id: id,
+        backend_id: 0,
+    }..=MemberKey {
+        svc_id: id,
+        backend_id: u32::MAX,
+    }
+}
+
+/// Every Maglev chunk key of frontend `id`.
+pub(crate) fn maglev_range(id: u32) -> std::ops::RangeInclusive<MaglevKey> {
+    MaglevKey {
+        svc_id: id,
+        generation: 0,
+        chunk: 0,
+    }..=MaglevKey {
+        svc_id: id,
+        generation: u16::MAX,
+        chunk: u16::MAX,
+    }
+}
+
+/// Every source range of frontend `id`.
+pub(crate) fn range_range(id: u32) -> std::ops::Range<SourceRange> {
+    let lowest = |svc_id| SourceRange {
+        svc_id,
+        cidr: crate::compile::Cidr {
+            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            len: 0,
+        },
+    };
+    lowest(id)..lowest(id.saturating_add(1))
 }
 
 mod mirror;

@@ -20,64 +20,11 @@ use proxy_userspace::{
     snapshot::Snapshot,
     source::{Source, kube::KubeSource},
 };
-use serde_json::{Value, json};
-use support::{ApiServer, Outage, Request, Res};
+use serde_json::json;
+use support::{ApiServer, NODE, Outage, Request, Res, node, service, slice};
 
-const NODE: &str = "node-a";
 /// Generous: the source backs off at most 3 s between retries; a slow machine gets the rest.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
-    json!({
-        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-svc-{ns}-{name}")},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip,
-            "clusterIPs": [cluster_ip],
-            "ipFamilies": ["IPv4"],
-            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}],
-            "selector": {"app": name},
-        },
-        "status": {"loadBalancer": {}},
-    })
-}
-
-fn slice(ns: &str, service: &str, name: &str, addresses: &[&str]) -> Value {
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|a| {
-            json!({
-                "addresses": [a],
-                "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": NODE,
-                "zone": "zone-1",
-            })
-        })
-        .collect();
-    json!({
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {
-                "kubernetes.io/service-name": service,
-                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-            },
-        },
-        "addressType": "IPv4",
-        "endpoints": endpoints,
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    })
-}
-
-fn node(name: &str, zone: &str) -> Value {
-    json!({
-        "metadata": {
-            "name": name,
-            "labels": {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone},
-        },
-        "spec": {"podCIDR": "10.244.0.0/24"},
-    })
-}
 
 /// A compact, comparable view of a snapshot.
 #[derive(Debug, PartialEq, Eq)]

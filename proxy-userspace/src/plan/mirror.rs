@@ -9,12 +9,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use proxy_common::maglev::MaglevKey;
-use proxy_common::service::{MemberKey, SlotKey};
-
 use super::{
-    BackendIdentity, Ids, MapState, Op, ServiceKey, SourceRange, backend_value, identity_of,
-    plan_with,
+    BackendIdentity, Ids, MapState, Op, ServiceKey, backend_value, identity_of, maglev_range,
+    member_range, plan_with, range_range, slot_range,
 };
 use crate::compile::{Desired, FrontendAddr, FrontendKind, Scope};
 
@@ -280,49 +277,4 @@ fn has_cluster_ip(desired: &Desired, addr: std::net::IpAddr) -> bool {
         .range(FrontendAddr::lowest(addr)..)
         .take_while(|(f, _)| f.addr == addr)
         .any(|(f, s)| f.scope == Scope::Internal && s.kind == FrontendKind::ClusterIp)
-}
-
-fn slot_range(id: u32) -> std::ops::RangeInclusive<SlotKey> {
-    SlotKey {
-        svc_id: id,
-        generation: 0,
-        slot: 0,
-    }..=SlotKey {
-        svc_id: id,
-        generation: u16::MAX,
-        slot: u16::MAX,
-    }
-}
-
-fn member_range(id: u32) -> std::ops::RangeInclusive<MemberKey> {
-    MemberKey {
-        svc_id: id,
-        backend_id: 0,
-    }..=MemberKey {
-        svc_id: id,
-        backend_id: u32::MAX,
-    }
-}
-
-fn maglev_range(id: u32) -> std::ops::RangeInclusive<MaglevKey> {
-    MaglevKey {
-        svc_id: id,
-        generation: 0,
-        chunk: 0,
-    }..=MaglevKey {
-        svc_id: id,
-        generation: u16::MAX,
-        chunk: u16::MAX,
-    }
-}
-
-fn range_range(id: u32) -> std::ops::Range<SourceRange> {
-    let lowest = |svc_id| SourceRange {
-        svc_id,
-        cidr: crate::compile::Cidr {
-            addr: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            len: 0,
-        },
-    };
-    lowest(id)..lowest(id.saturating_add(1))
 }

@@ -660,3 +660,63 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         }
     }
 }
+
+// ---- Objects as the API server serves them ---------------------------------------------------
+
+/// The node the sources under test run on.
+pub const NODE: &str = "node-a";
+
+/// A ClusterIP Service with one TCP port.
+pub fn service(ns: &str, name: &str, cluster_ip: &str, port: u16) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-svc-{ns}-{name}")},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ipFamilies": ["IPv4"],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}],
+            "selector": {"app": name},
+        },
+        "status": {"loadBalancer": {}},
+    })
+}
+
+/// An IPv4 EndpointSlice of `service` with ready endpoints on `NODE`.
+pub fn slice(ns: &str, service: &str, name: &str, addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            json!({
+                "addresses": [a],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": NODE,
+                "zone": "zone-1",
+            })
+        })
+        .collect();
+    json!({
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    })
+}
+
+/// A Node with a zone label and a pod CIDR.
+pub fn node(name: &str, zone: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone},
+        },
+        "spec": {"podCIDR": "10.244.0.0/24"},
+    })
+}
