@@ -716,6 +716,17 @@ mod tests {
         fail_map: Option<&'static str>,
     }
 
+    impl Faulty {
+        /// Empty maps; every write to `fail_map` fails, no Maglev write does (yet).
+        fn failing(fail_map: Option<&'static str>) -> Faulty {
+            Faulty {
+                state: MapState::default(),
+                fail: BTreeSet::new(),
+                fail_map,
+            }
+        }
+    }
+
     impl MapIo for Faulty {
         fn dump(&self) -> anyhow::Result<MapState> {
             Ok(self.state.clone())
@@ -775,11 +786,7 @@ mod tests {
 
     #[test]
     fn a_failed_maglev_table_fails_its_service_alone() {
-        let mut io = Faulty {
-            state: MapState::default(),
-            fail: BTreeSet::new(),
-            fail_map: None,
-        };
+        let mut io = Faulty::failing(None);
         let mut pipeline = Pipeline::new(MapState::default());
         let mut logged = BTreeSet::new();
         sync_once(
@@ -852,11 +859,7 @@ mod tests {
 
     #[test]
     fn a_read_back_that_finds_drift_repairs_it() {
-        let mut io = Faulty {
-            state: MapState::default(),
-            fail: BTreeSet::new(),
-            fail_map: None,
-        };
+        let mut io = Faulty::failing(None);
         let mut pipeline = Pipeline::new(MapState::default());
         let mut logged = BTreeSet::new();
         let snap = two_maglev_services(&["10.244.0.2", "10.244.0.3"]);
@@ -931,11 +934,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_names_its_map() {
-        let mut io = Faulty {
-            state: MapState::default(),
-            fail: BTreeSet::new(),
-            fail_map: Some(proxy_common::maps::LB_SLOTS),
-        };
+        let mut io = Faulty::failing(Some(proxy_common::maps::LB_SLOTS));
         let mut pipeline = Pipeline::new(MapState::default());
         let err = sync_once(
             &mut io,

@@ -8,38 +8,13 @@ use std::{
 };
 
 use super::*;
-use crate::{
-    compile::compile,
-    health::DEFAULT_HEALTH_TIMEOUT,
-    snapshot::{NodeInfo, Snapshot},
-};
+use crate::{compile::compile, health::DEFAULT_HEALTH_TIMEOUT, snapshot::Snapshot};
 
 // ---- wanted: pure ---------------------------------------------------------------------------
 
-/// A snapshot of YAML documents separated by `---`, on node `node-a`.
+/// A snapshot of YAML documents, on node `node-a` (the compile tests' builder).
 fn snapshot(docs: &[String]) -> Snapshot {
-    let mut s = Snapshot {
-        node: NodeInfo {
-            name: "node-a".into(),
-            zone: None,
-            addresses: Vec::new(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    for doc in docs {
-        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
-        match v["kind"].as_str() {
-            Some("Service") => s
-                .services
-                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
-            Some("EndpointSlice") => s
-                .slices
-                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
-            _ => panic!("unexpected doc {doc}"),
-        }
-    }
-    s
+    crate::compile::tests::snapshot(&docs.join("\n---\n"), "node-a", None)
 }
 
 /// Service `default/<name>`, ports `http` 80/TCP and `dns` 53/UDP; `spec` adds spec entries.
