@@ -11,10 +11,12 @@ use k8s_openapi::api::{
 use libfuzzer_sys::fuzz_target;
 use proxy_userspace::{
     compile::compile,
+    objects::Slice,
     plan::{MapState, plan},
     snapshot::{NodeInfo, Snapshot},
 };
 use serde::Deserialize as _;
+use std::sync::Arc;
 
 /// Objects in input order; a document that does not parse as its kind is skipped (the
 /// manifest source would reject the file; here the rest is still worth compiling).
@@ -90,24 +92,34 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|| "node-a".into());
     let node = NodeInfo::with_node(node_name.to_lowercase(), objects.node.as_ref());
     let all = Snapshot {
-        services: objects.services.iter().map(|(_, s)| s.clone()).collect(),
-        slices: objects.slices.iter().map(|(_, s)| s.clone()).collect(),
+        services: objects
+            .services
+            .iter()
+            .map(|(_, s)| Arc::new(s.clone()))
+            .collect(),
+        slices: objects
+            .slices
+            .iter()
+            .map(|(_, s)| Arc::new(Slice::from(s)))
+            .collect(),
         node: node.clone(),
+        config: Default::default(),
     };
     let half = Snapshot {
         services: objects
             .services
             .iter()
             .filter(|(i, _)| i % 2 == 0)
-            .map(|(_, s)| s.clone())
+            .map(|(_, s)| Arc::new(s.clone()))
             .collect(),
         slices: objects
             .slices
             .iter()
             .filter(|(i, _)| i % 2 == 0)
-            .map(|(_, s)| s.clone())
+            .map(|(_, s)| Arc::new(Slice::from(s)))
             .collect(),
         node,
+        config: Default::default(),
     };
     let mut state = MapState::default();
     sync(&mut state, &all);

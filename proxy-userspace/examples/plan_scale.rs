@@ -4,11 +4,12 @@
 //! `cargo run --release -p proxy-userspace --example plan_scale -- [SERVICES] [ENDPOINTS] [CHANGES]`
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use proxy_userspace::{
     agent::{Pipeline, sync_once},
     capacity::Capacity,
     datapath::MapIo,
+    objects::Slice,
     plan::{MapState, Op},
     snapshot::{NodeInfo, Snapshot},
 };
@@ -21,7 +22,7 @@ fn service(i: usize) -> Service {
     .unwrap()
 }
 
-fn slice(i: usize, eps: usize, generation: usize) -> EndpointSlice {
+fn slice(i: usize, eps: usize, generation: usize) -> Slice {
     let endpoints: Vec<String> = (0..eps)
         .map(|e| {
             // Generation g moves endpoint 0 to a new address (at most 255 per Service).

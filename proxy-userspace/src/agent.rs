@@ -593,7 +593,7 @@ pub fn no_local_endpoints(desired: &crate::compile::Desired) -> Vec<(Family, u64
             let ports = desired.ports.values().filter(|p| p.name.family == family);
             let (mut internal, mut external) = (0, 0);
             for p in ports {
-                let none_here = p.endpoints.local.is_empty() && p.endpoints.has_any;
+                let none_here = p.endpoints.local().is_empty() && p.endpoints.has_any;
                 let reachable =
                     p.node_port.is_some() || !p.external_ips.is_empty() || !p.lb_ips.is_empty();
                 internal += u64::from(p.itp_local && none_here);
@@ -894,8 +894,7 @@ mod tests {
         // 300,000 backend add/remove cycles: one Service's endpoint is replaced each sync. Ids
         // are handed out lowest first, so they never grow past a few however long the churn
         // (LB_CONNS is an array indexed by backend id), and the maps hold one Service's worth.
-        let slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>> = (0
-            ..1000u32)
+        let slices: Vec<std::sync::Arc<crate::objects::Slice>> = (0..1000u32)
             .map(|i| {
                 let ip = std::net::Ipv4Addr::from(0x0af4_0000 + i);
                 let yaml = format!(

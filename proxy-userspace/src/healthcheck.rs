@@ -60,7 +60,7 @@ pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>)
         // count even while the Local policy still sends traffic to it (3.4).
         ips.extend(
             sp.endpoints
-                .all
+                .all()
                 .iter()
                 .filter(|e| e.local && e.ready)
                 .map(|e| e.addr),

@@ -12,6 +12,7 @@ pub mod http;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod objects;
 pub mod plan;
 pub mod portrange;
 pub mod snapshot;

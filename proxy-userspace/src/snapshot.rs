@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
+
+use crate::objects::{Address, Slice};
 
 /// Everything compile needs, taken at one moment. Sources always deliver whole snapshots,
 /// never deltas, so a lost delete event cannot leave stale state behind.
@@ -13,7 +15,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub slices: Vec<Arc<Slice>>,
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,
@@ -66,7 +68,7 @@ pub struct NodeInfo {
 pub struct LocalEndpoints {
     node: String,
     #[allow(clippy::type_complexity)]
-    slices: std::collections::HashMap<usize, (Arc<EndpointSlice>, Vec<std::net::IpAddr>)>,
+    slices: std::collections::HashMap<usize, (Arc<Slice>, Vec<std::net::IpAddr>)>,
 }
 
 /// Taint the cluster autoscaler puts on a node it is about to delete.
@@ -89,17 +91,19 @@ impl NodeInfo {
     /// node), every Service and family.
     pub fn local_endpoints(
         &self,
-        slices: &[Arc<EndpointSlice>],
+        slices: &[Arc<Slice>],
     ) -> std::collections::BTreeSet<std::net::IpAddr> {
         if self.name.is_empty() {
             return Default::default();
         }
         slices
             .iter()
-            .flat_map(|s| s.endpoints.iter().flatten())
+            .flat_map(|s| s.endpoints.iter())
             .filter(|e| e.node_name.as_deref() == Some(self.name.as_str()))
-            .flat_map(|e| e.addresses.iter())
-            .filter_map(|a| a.parse().ok())
+            .filter_map(|e| match e.address {
+                Address::Ip(ip) => Some(ip),
+                _ => None,
+            })
             .collect()
     }
 
@@ -107,7 +111,7 @@ impl NodeInfo {
     /// object's local addresses are kept while the snapshot holds it (by pointer).
     pub fn local_endpoints_cached(
         &self,
-        slices: &[Arc<EndpointSlice>],
+        slices: &[Arc<Slice>],
         cache: &mut LocalEndpoints,
     ) -> std::collections::BTreeSet<std::net::IpAddr> {
         if cache.node != self.name {
@@ -171,18 +175,17 @@ impl NodeInfo {
 mod tests {
     use super::*;
 
-    fn slice(name: &str, eps: &[(&str, &str)]) -> Arc<EndpointSlice> {
+    fn slice(name: &str, eps: &[(&str, &str)]) -> Arc<Slice> {
         let eps: Vec<String> = eps
             .iter()
             .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
             .collect();
-        Arc::new(
-            serde_yaml::from_str(&format!(
-                "metadata: {{name: {name}, namespace: default}}\naddressType: IPv4\nendpoints: [{}]",
-                eps.join(", ")
-            ))
-            .unwrap(),
-        )
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: default}}\naddressType: IPv4\nendpoints: [{}]",
+            eps.join(", ")
+        ))
+        .unwrap();
+        Arc::new(slice.into())
     }
 
     #[test]

@@ -41,6 +41,7 @@ use proxy_userspace::{
     compile::{
         Desired, Family, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scope, compile,
     },
+    objects::{Address, SliceEndpoint as KeptEndpoint},
     plan::{MAX_SLOTS, MapState, ServiceKey, plan},
     snapshot::{NodeInfo, Snapshot},
 };
@@ -713,16 +714,16 @@ fn two_snapshots() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                 config: a.config.clone(),
             };
             b.services
-                .extend(more_svc.into_iter().take(2).map(Arc::new));
+                .extend(arcs(more_svc.into_iter().take(2).collect()));
             b.slices
-                .extend(more_slices.into_iter().take(4).map(Arc::new));
+                .extend(arcs(more_slices.into_iter().take(4).collect()));
             (a, b)
         })
 }
 
 /// Objects as a snapshot holds them.
-fn arcs<T>(objects: Vec<T>) -> Vec<Arc<T>> {
-    objects.into_iter().map(Arc::new).collect()
+fn arcs<T, U: From<T>>(objects: Vec<T>) -> Vec<Arc<U>> {
+    objects.into_iter().map(|o| Arc::new(o.into())).collect()
 }
 
 // ---- Oracles --------------------------------------------------------------------------------
@@ -750,13 +751,12 @@ fn parse_endpoint_addr(raw: &str) -> Option<IpAddr> {
 
 /// Conditions of a raw endpoint as kube-proxy reads them (semantics 3.1, 2.8):
 /// (ready, serving, terminating, local).
-fn conditions(ep: &SliceEndpoint, node: &NodeInfo) -> (bool, bool, bool, bool) {
-    let c = ep.conditions.as_ref();
+fn conditions(ep: &KeptEndpoint, node: &NodeInfo) -> (bool, bool, bool, bool) {
     let node_name = node.name.to_lowercase();
     (
-        c.and_then(|c| c.ready) != Some(false),
-        c.and_then(|c| c.serving) != Some(false),
-        c.and_then(|c| c.terminating) == Some(true),
+        ep.ready != Some(false),
+        ep.serving != Some(false),
+        ep.terminating == Some(true),
         !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name.as_str()),
     )
 }
@@ -792,8 +792,8 @@ fn raw_copies(
         if !port_matches {
             continue;
         }
-        for ep in s.endpoints.iter().flatten() {
-            if ep.addresses.first().and_then(|a| parse_endpoint_addr(a)) == Some(addr) {
+        for ep in s.endpoints.iter() {
+            if ep.address == Address::Ip(addr) {
                 out.push(conditions(ep, &snap.node));
             }
         }
@@ -820,7 +820,7 @@ fn check_backends(snap: &Snapshot, d: &Desired) -> Result<(), TestCaseError> {
         // externalTrafficPolicy (semantics 4.6, 4.7).
         let local_policy = (state.kind == FrontendKind::ClusterIp && sp.itp_local)
             || (fe.scope == Scope::External && sp.etp_local);
-        let all = &sp.endpoints.all;
+        let all = sp.endpoints.all();
         let mut seen = BTreeSet::new();
         for b in &state.backends {
             prop_assert_eq!(Family::of(&b.addr), family, "{}: backend {:?}", fe, b);
@@ -1032,6 +1032,42 @@ proptest! {
         }
     }
 
+    /// What the sources keep of an endpoint (`objects::SliceEndpoint`) is what kube-proxy
+    /// reads of it: the first address parsed leniently (semantics 2.7), the conditions as
+    /// written, a non-empty nodeName, non-empty hints.
+    #[test]
+    fn kept_endpoints_read_as_kube_proxy_reads_them(
+        any_family in slice_endpoint(None),
+        v4 in slice_endpoint(Some(Family::V4)),
+        v6 in slice_endpoint(Some(Family::V6)),
+    ) {
+        for raw in [any_family, v4, v6] {
+            let kept = KeptEndpoint::from(raw.clone());
+            let want = match raw.addresses.first() {
+                None => Address::Missing,
+                Some(a) => match parse_endpoint_addr(a) {
+                    Some(ip) => Address::Ip(ip),
+                    None => Address::Invalid(a.as_str().into()),
+                },
+            };
+            prop_assert_eq!(&kept.address, &want);
+            let c = raw.conditions.clone().unwrap_or_default();
+            prop_assert_eq!((kept.ready, kept.serving, kept.terminating), (c.ready, c.serving, c.terminating));
+            prop_assert_eq!(
+                kept.node_name.as_deref(),
+                raw.node_name.as_deref().filter(|n| !n.is_empty())
+            );
+            let names = |l: Option<Vec<String>>| l.filter(|l| !l.is_empty());
+            let hints = raw.hints.clone();
+            let zones = names(hints.as_ref().and_then(|h| h.for_zones.clone()).map(|z| z.into_iter().map(|z| z.name).collect()));
+            let nodes = names(hints.as_ref().and_then(|h| h.for_nodes.clone()).map(|n| n.into_iter().map(|n| n.name).collect()));
+            let kept_names = |l: Option<&[Arc<str>]>| l.map(|l| l.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+            let kept_hints = kept.hints.as_deref();
+            prop_assert_eq!(kept_names(kept_hints.and_then(|h| h.zones.as_deref())), zones);
+            prop_assert_eq!(kept_names(kept_hints.and_then(|h| h.nodes.as_deref())), nodes);
+        }
+    }
+
     /// (b) The same objects in any order compile to the same result, problems included.
     #[test]
     fn compile_is_deterministic(
@@ -1194,7 +1230,9 @@ fn simple_service(namespace: &str, name: &str, cluster_ip: &str) -> Service {
 fn ten_thousand_endpoints_in_one_slice() {
     let snap = Snapshot {
         services: vec![Arc::new(simple_service("default", "big", "10.96.0.50"))],
-        slices: vec![Arc::new(big_slice("default", "big", "big-1", 10_000))],
+        slices: vec![Arc::new(
+            big_slice("default", "big", "big-1", 10_000).into(),
+        )],
         node: NodeInfo {
             name: "node-a".into(),
             zone: None,
@@ -1656,8 +1694,9 @@ spec:
         let alone = compile(&s);
         s.services
             .push(Arc::new(simple_service("default", "big", "10.96.0.50")));
-        s.slices
-            .push(Arc::new(big_slice("default", "big", "big-1", 10_000)));
+        s.slices.push(Arc::new(
+            big_slice("default", "big", "big-1", 10_000).into(),
+        ));
         let d = compile(&s);
         assert_eq!(good_only(&alone), good_only(&d));
         let big = frontends_of(&d, |p| p.name == "big");

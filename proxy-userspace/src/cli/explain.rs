@@ -164,7 +164,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
                 || (frontend.scope == Scope::External && sp.etp_local);
             out.excluded = Some(
                 sp.endpoints
-                    .all
+                    .all()
                     .iter()
                     .filter_map(|ep| match judge(sp, ep, local_policy) {
                         EndpointVerdict::Eligible

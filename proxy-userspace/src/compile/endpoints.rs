@@ -1,9 +1,9 @@
 //! EndpointSlices → the merged, de-duplicated endpoint list of each Service port
 //! (semantics 1.7, 1.8, 2.2–2.8).
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::objects::{Address, Hints, Slice, SliceEndpoint};
 
 use super::{Family, PortName, Problem, Proto};
 
@@ -13,19 +13,27 @@ pub struct Endpoint {
     pub addr: IpAddr,
     pub port: u16,
     /// `nodeName`, if set.
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// Set by `categorize` callers through `SliceIndex`: nodeName equals this node's name.
     pub local: bool,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// `hints.forZones[].name`; `None` when the endpoint has no zone hint.
-    pub zone_hints: Option<Vec<String>>,
-    /// `hints.forNodes[].name`; `None` when the endpoint has no node hint.
-    pub node_hints: Option<Vec<String>>,
+    /// Topology hints (shared with the slice the endpoint came from).
+    pub hints: Option<Arc<Hints>>,
 }
 
 impl Endpoint {
+    /// `hints.forZones[].name`; `None` when the endpoint has no zone hint.
+    pub fn zone_hints(&self) -> Option<&[Arc<str>]> {
+        self.hints.as_ref()?.zones.as_deref()
+    }
+
+    /// `hints.forNodes[].name`; `None` when the endpoint has no node hint.
+    pub fn node_hints(&self) -> Option<&[Arc<str>]> {
+        self.hints.as_ref()?.nodes.as_deref()
+    }
+
     /// kube-proxy keys and sorts endpoints by this string (semantics 2.5).
     fn sort_key(&self) -> String {
         match self.addr {
@@ -51,7 +59,7 @@ pub enum Owner<'a> {
     Nobody,
 }
 
-pub fn owner(slice: &EndpointSlice) -> Owner<'_> {
+pub fn owner(slice: &Slice) -> Owner<'_> {
     let labels = slice.metadata.labels.as_ref();
     if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
         return Owner::Ignored;
@@ -71,19 +79,15 @@ pub fn owner(slice: &EndpointSlice) -> Owner<'_> {
 
 /// The slices of each Service, by (namespace, service name).
 pub struct SliceIndex<'a> {
-    by_service: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
+    by_service: BTreeMap<(String, String), Vec<&'a Slice>>,
     node_name: String,
 }
 
 impl<'a> SliceIndex<'a> {
     /// Indexes `slices`, which must be in a stable order with unique namespace/name (see
     /// `compile::unique`): merging is order-sensitive for duplicates (semantics 2.6).
-    pub fn build(
-        slices: Vec<&'a EndpointSlice>,
-        node_name: &str,
-        problems: &mut Vec<Problem>,
-    ) -> Self {
-        let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    pub fn build(slices: Vec<&'a Slice>, node_name: &str, problems: &mut Vec<Problem>) -> Self {
+        let mut by_service: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
         for slice in slices {
             let labels = slice.metadata.labels.as_ref();
             // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
@@ -149,7 +153,7 @@ impl<'a> SliceIndex<'a> {
             Family::V6 => "IPv6",
         };
         // IP:port → (endpoint, the slice it came from).
-        let mut merged: BTreeMap<String, (Endpoint, &EndpointSlice)> = BTreeMap::new();
+        let mut merged: BTreeMap<String, (Endpoint, &Slice)> = BTreeMap::new();
         for slice in slices.iter().filter(|s| s.address_type == address_type) {
             for slice_port in slice.ports.iter().flatten() {
                 // semantics 2.3: a nil name or a nil/zero port number is skipped (reported
@@ -165,7 +169,7 @@ impl<'a> SliceIndex<'a> {
                 let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
                     continue;
                 };
-                for ep in slice.endpoints.iter().flatten() {
+                for ep in slice.endpoints.iter() {
                     let Some(endpoint) = self.endpoint(ep, number, port.family) else {
                         continue;
                     };
@@ -206,36 +210,26 @@ impl<'a> SliceIndex<'a> {
         merged.into_values().map(|(e, _)| e).collect()
     }
 
-    fn endpoint(
-        &self,
-        ep: &k8s_openapi::api::discovery::v1::Endpoint,
-        port: u16,
-        family: Family,
-    ) -> Option<Endpoint> {
+    fn endpoint(&self, ep: &SliceEndpoint, port: u16, family: Family) -> Option<Endpoint> {
         // semantics 2.7: only addresses[0]; parsed leniently (leading zeros) and re-printed.
-        let raw = ep.addresses.first()?;
-        let addr = parse_lenient(raw).filter(|a| Family::of(a) == family)?;
-        let conditions = ep.conditions.as_ref();
-        let node_name = ep.node_name.clone().filter(|n| !n.is_empty());
+        let Address::Ip(addr) = ep.address else {
+            return None;
+        };
+        if Family::of(&addr) != family {
+            return None;
+        }
+        let node_name = ep.node_name.clone();
         let local = !self.node_name.is_empty() && node_name.as_deref() == Some(&self.node_name);
-        let hints = ep.hints.as_ref();
         Some(Endpoint {
             addr,
             port,
             local,
             node_name,
             // semantics 3.1
-            ready: conditions.and_then(|c| c.ready) != Some(false),
-            serving: conditions.and_then(|c| c.serving) != Some(false),
-            terminating: conditions.and_then(|c| c.terminating) == Some(true),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .filter(|z| !z.is_empty())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect()),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .filter(|n| !n.is_empty())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect()),
+            ready: ep.ready != Some(false),
+            serving: ep.serving != Some(false),
+            terminating: ep.terminating == Some(true),
+            hints: ep.hints.clone(),
         })
     }
 }
@@ -259,32 +253,28 @@ fn differences(this: &Endpoint, that: &Endpoint) -> String {
         this.terminating.to_string(),
         that.terminating.to_string(),
     );
-    let node = |e: &Endpoint| e.node_name.clone().unwrap_or_else(|| "<none>".into());
+    let node = |e: &Endpoint| e.node_name.as_deref().unwrap_or("<none>").to_string();
     compare("nodeName", node(this), node(that));
     compare(
         "zone hints",
-        format!("{:?}", this.zone_hints),
-        format!("{:?}", that.zone_hints),
+        format!("{:?}", this.zone_hints()),
+        format!("{:?}", that.zone_hints()),
     );
     compare(
         "node hints",
-        format!("{:?}", this.node_hints),
-        format!("{:?}", that.node_hints),
+        format!("{:?}", this.node_hints()),
+        format!("{:?}", that.node_hints()),
     );
     out.join(", ")
 }
 
-fn slice_name(slice: &EndpointSlice) -> String {
-    format!(
-        "EndpointSlice {}/{}",
-        slice.metadata.namespace.as_deref().unwrap_or(""),
-        slice.metadata.name.as_deref().unwrap_or("")
-    )
+fn slice_name(slice: &Slice) -> String {
+    slice.object_name()
 }
 
 /// Reports the ports of a slice that can never match (semantics 2.3, 12.8: skipped with an
 /// error log).
-fn check_ports(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>) {
+fn check_ports(slice: &Slice, object: &str, problems: &mut Vec<Problem>) {
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let what = match &p.name {
             Some(name) => format!("port {name:?}"),
@@ -312,21 +302,14 @@ fn check_ports(slice: &EndpointSlice, object: &str, problems: &mut Vec<Problem>)
 /// Reports endpoints whose first address cannot be used in a slice of `family`: missing,
 /// unparsable or of the other family (semantics 1.7, 2.7). One line per kind of fault, so a
 /// slice of 10k bad endpoints does not flood the log.
-fn check_addresses(
-    slice: &EndpointSlice,
-    family: Family,
-    object: &str,
-    problems: &mut Vec<Problem>,
-) {
+fn check_addresses(slice: &Slice, family: Family, object: &str, problems: &mut Vec<Problem>) {
     let (mut missing, mut garbage, mut wrong) = (0usize, Vec::new(), Vec::new());
-    for ep in slice.endpoints.iter().flatten() {
-        match ep.addresses.first() {
-            None => missing += 1,
-            Some(raw) => match parse_lenient(raw) {
-                None => garbage.push(raw.as_str()),
-                Some(ip) if Family::of(&ip) != family => wrong.push(raw.as_str()),
-                Some(_) => {}
-            },
+    for ep in slice.endpoints.iter() {
+        match &ep.address {
+            Address::Missing => missing += 1,
+            Address::Invalid(raw) => garbage.push(raw.to_string()),
+            Address::Ip(ip) if Family::of(ip) != family => wrong.push(ip.to_string()),
+            Address::Ip(_) => {}
         }
     }
     if missing > 0 {
@@ -335,7 +318,7 @@ fn check_addresses(
             message: format!("{missing} endpoint(s) without an address; skipped"),
         });
     }
-    let examples = |list: &[&str]| {
+    let examples = |list: &[String]| {
         let shown: Vec<String> = list.iter().take(3).map(|s| format!("{s:?}")).collect();
         let more = if list.len() > 3 { ", ..." } else { "" };
         format!("{}{more}", shown.join(", "))
@@ -361,24 +344,4 @@ fn check_addresses(
             ),
         });
     }
-}
-
-/// Parses an IP address, accepting IPv4 octets with leading zeros ("010.0.0.1" is 10.0.0.1).
-pub fn parse_lenient(raw: &str) -> Option<IpAddr> {
-    let raw = raw.trim();
-    if let Ok(ip) = raw.parse::<IpAddr>() {
-        return Some(ip);
-    }
-    let octets: Vec<&str> = raw.split('.').collect();
-    if octets.len() != 4 {
-        return None;
-    }
-    let mut out = [0u8; 4];
-    for (o, s) in out.iter_mut().zip(octets) {
-        if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        *o = s.parse().ok()?;
-    }
-    Some(IpAddr::from(out))
 }

@@ -17,9 +17,9 @@ pub enum EndpointVerdict {
 /// the cluster set, semantics 4.7), following the same rules as `categorize`.
 pub fn judge(sp: &ServicePort, ep: &Endpoint, local_policy: bool) -> EndpointVerdict {
     let set = if local_policy {
-        &sp.endpoints.local
+        sp.endpoints.local()
     } else {
-        &sp.endpoints.cluster
+        sp.endpoints.cluster()
     };
     if set.iter().any(|e| e.addr == ep.addr && e.port == ep.port) {
         return EndpointVerdict::Eligible;
@@ -38,11 +38,11 @@ pub fn judge(sp: &ServicePort, ep: &Endpoint, local_policy: bool) -> EndpointVer
         }
     } else if !ep.ready && fallback {
         "terminating (ready endpoints exist, so terminating ones are only a fallback)".to_string()
-    } else if let Some(nodes) = &ep.node_hints
-        && set.iter().all(|e| e.node_hints.is_some())
+    } else if let Some(nodes) = ep.node_hints()
+        && set.iter().all(|e| e.node_hints().is_some())
     {
         format!("topology: hinted for nodes {nodes:?}, not this node")
-    } else if let Some(zones) = &ep.zone_hints {
+    } else if let Some(zones) = ep.zone_hints() {
         format!("topology: hinted for zones {zones:?}, not this node's zone")
     } else {
         "excluded by topology".to_string()

@@ -12,14 +12,17 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    Desired, FrontendAddr, FrontendState, Problem, ServiceOut, compile_one,
+    Desired, FrontendAddr, FrontendState, Object, Problem, ServiceOut, compile_one,
     endpoints::{Owner, owner},
     slice_problems, unique,
 };
-use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
+use crate::{
+    objects::Slice,
+    snapshot::{NodeInfo, ProxyConfig, Snapshot},
+};
 
 /// A Service by (namespace, name).
 pub type Key = (String, String);
@@ -29,7 +32,7 @@ pub type Key = (String, String);
 /// a Service whose frontend another Service owns is compiled again when it takes it over.
 struct Cached {
     service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
+    slices: Vec<Arc<Slice>>,
     object: String,
     frontends: Vec<FrontendAddr>,
     ports: Vec<super::PortName>,
@@ -37,7 +40,7 @@ struct Cached {
 }
 
 impl Cached {
-    fn new(service: Arc<Service>, slices: Vec<Arc<EndpointSlice>>, out: &ServiceOut) -> Cached {
+    fn new(service: Arc<Service>, slices: Vec<Arc<Slice>>, out: &ServiceOut) -> Cached {
         Cached {
             service,
             slices,
@@ -64,7 +67,7 @@ pub struct Update {
     /// ("IPv4", "IPv6").
     pub slices_changed: BTreeMap<String, u64>,
     /// EndpointSlices added or changed since the previous update.
-    pub new_slices: Vec<Arc<EndpointSlice>>,
+    pub new_slices: Vec<Arc<Slice>>,
     /// EndpointSlices removed since the previous update, by (namespace, name).
     pub removed_slices: Vec<Key>,
 }
@@ -144,7 +147,7 @@ pub struct Compiler {
     /// Every object of the last snapshot by (namespace, name): usually one, more when a
     /// snapshot holds several copies (`unique` picks one).
     svc_objects: HashMap<Key, Vec<Arc<Service>>>,
-    slice_objects: HashMap<Key, Vec<Arc<EndpointSlice>>>,
+    slice_objects: HashMap<Key, Vec<Arc<Slice>>>,
     /// The objects of the last snapshot by address, to find what a new snapshot changed by
     /// pointer alone.
     svc_ptrs: PtrMap<Seen>,
@@ -152,7 +155,7 @@ pub struct Compiler {
     /// Updates so far.
     round: u64,
     /// The slice used for each slice name, and which Service it belongs to.
-    slices: HashMap<Key, (Arc<EndpointSlice>, Option<Key>)>,
+    slices: HashMap<Key, (Arc<Slice>, Option<Key>)>,
     /// Slice names per Service, in name order.
     groups: HashMap<Key, BTreeSet<Key>>,
     /// Problems of duplicate names, per kind and name.
@@ -176,11 +179,7 @@ fn ptr<T>(object: &Arc<T>) -> usize {
 }
 
 /// The object `unique` keeps among copies of one name, with its problems.
-fn pick<K>(copies: &[Arc<K>], kind: &str) -> (Option<Arc<K>>, Vec<Problem>)
-where
-    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>
-        + serde::Serialize,
-{
+fn pick<K: Object>(copies: &[Arc<K>], kind: &str) -> (Option<Arc<K>>, Vec<Problem>) {
     let mut problems = Vec::new();
     let kept = unique(copies, kind, &mut problems)
         .first()
@@ -217,15 +216,12 @@ struct Seen {
 /// Diffs a snapshot's objects against the last ones by pointer: updates `objects` and `ptrs`,
 /// returns the names whose objects were added, replaced or removed. No allocation for an
 /// object that did not change.
-fn diff<K>(
+fn diff<K: Object>(
     now: &[Arc<K>],
     objects: &mut HashMap<Key, Vec<Arc<K>>>,
     ptrs: &mut PtrMap<Seen>,
     round: u64,
-) -> BTreeSet<Key>
-where
-    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
-{
+) -> BTreeSet<Key> {
     let mut touched = BTreeSet::new();
     let mut fresh = 0;
     for object in now {
@@ -237,7 +233,7 @@ where
                 }
             }
             None => {
-                let key = key_of(object.metadata());
+                let key = key_of(object.object_meta());
                 objects
                     .entry(key.clone())
                     .or_default()
@@ -401,7 +397,7 @@ impl Compiler {
                 }
                 continue;
             };
-            let group: Vec<Arc<EndpointSlice>> = self
+            let group: Vec<Arc<Slice>> = self
                 .groups
                 .get(&key)
                 .into_iter()
@@ -417,7 +413,7 @@ impl Compiler {
             if same_objects && !update.full {
                 continue;
             }
-            let refs: Vec<&EndpointSlice> = group.iter().map(|s| &**s).collect();
+            let refs: Vec<&Slice> = group.iter().map(|s| &**s).collect();
             let out = compile_one(&svc, &refs, &node, &config);
             update.recompiled += 1;
             let same = cached.is_some_and(|c| self.merged_equals(&key, c, &out));
@@ -512,7 +508,7 @@ impl Compiler {
     ) -> Option<(FrontendState, Vec<FrontendAddr>)> {
         let cached = self.services.get(key)?;
         let (node, config) = self.inputs.as_ref()?;
-        let refs: Vec<&EndpointSlice> = cached.slices.iter().map(|s| &**s).collect();
+        let refs: Vec<&Slice> = cached.slices.iter().map(|s| &**s).collect();
         let out = compile_one(&cached.service, &refs, node, config);
         let state = out.frontends.get(addr)?.clone();
         let same_port = out

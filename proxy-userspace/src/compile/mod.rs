@@ -9,15 +9,13 @@ mod incremental;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
 pub use self::incremental::{Compiler, Totals, Update};
 pub use crate::model::{Cidr, Scheduler};
+use crate::objects::Slice;
 use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};
 
 /// Layer-4 protocol of a Service port.
@@ -317,7 +315,7 @@ pub fn compile(snapshot: &Snapshot) -> Desired {
 /// the outputs are merged (`Compiler`).
 pub fn compile_one(
     svc: &Service,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeInfo,
     config: &ProxyConfig,
 ) -> ServiceOut {
@@ -334,7 +332,7 @@ pub fn compile_one(
 
 /// Problems of EndpointSlices that belong to no Service (or name none): found by the same
 /// checks as a Service's slices.
-fn slice_problems(slices: &[&EndpointSlice], node: &NodeInfo) -> Vec<Problem> {
+fn slice_problems(slices: &[&Slice], node: &NodeInfo) -> Vec<Problem> {
     let mut problems = Vec::new();
     endpoints::SliceIndex::build(slices.to_vec(), &node.name, &mut problems);
     problems
@@ -345,17 +343,18 @@ fn slice_problems(slices: &[&EndpointSlice], node: &NodeInfo) -> Vec<Problem> {
 /// recreated while a source still holds the old one): the newest by creationTimestamp is kept,
 /// ties broken by uid and then by content, so the input order never matters; the others are
 /// reported.
-fn unique<'a, K>(objects: &'a [Arc<K>], kind: &str, problems: &mut Vec<Problem>) -> Vec<&'a Arc<K>>
-where
-    K: k8s_openapi::Metadata<Ty = ObjectMeta> + serde::Serialize,
-{
+fn unique<'a, K: Object>(
+    objects: &'a [Arc<K>],
+    kind: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<&'a Arc<K>> {
     let same_name = |a: &K, b: &K| {
-        let (ma, mb) = (a.metadata(), b.metadata());
+        let (ma, mb) = (a.object_meta(), b.object_meta());
         ma.namespace == mb.namespace && ma.name == mb.name
     };
     let mut sorted: Vec<&Arc<K>> = objects.iter().collect();
     sorted.sort_by(|a, b| {
-        let (ma, mb) = (a.metadata(), b.metadata());
+        let (ma, mb) = (a.object_meta(), b.object_meta());
         (&ma.namespace, &ma.name)
             .cmp(&(&mb.namespace, &mb.name))
             // Newest first.
@@ -365,8 +364,7 @@ where
                 if Arc::ptr_eq(a, b) {
                     return std::cmp::Ordering::Equal;
                 }
-                let json = |o: &K| serde_json::to_string(o).unwrap_or_default();
-                json(a).cmp(&json(b))
+                a.content().cmp(&b.content())
             })
     });
     let mut out: Vec<&Arc<K>> = Vec::with_capacity(sorted.len());
@@ -374,19 +372,17 @@ where
         match out.last() {
             Some(kept) if same_name(kept, object) => {
                 // Identical copies (the same file read twice) are harmless.
-                if !Arc::ptr_eq(kept, object)
-                    && serde_json::to_value(&***kept).ok() != serde_json::to_value(&**object).ok()
-                {
-                    let uid = |o: &K| o.metadata().uid.clone().unwrap_or_else(|| "none".into());
-                    let why = if kept.metadata().creation_timestamp
-                        == object.metadata().creation_timestamp
+                if !Arc::ptr_eq(kept, object) && kept.content() != object.content() {
+                    let uid = |o: &K| o.object_meta().uid.clone().unwrap_or_else(|| "none".into());
+                    let why = if kept.object_meta().creation_timestamp
+                        == object.object_meta().creation_timestamp
                     {
                         "same creationTimestamp, first by uid and content"
                     } else {
                         "the newest"
                     };
                     problems.push(Problem {
-                        object: object_name(kind, object.metadata()),
+                        object: object_name(kind, object.object_meta()),
                         message: format!(
                             "another object of this name exists (uid {} ignored, uid {} used: {why})",
                             uid(object),
@@ -399,6 +395,31 @@ where
         }
     }
     out
+}
+
+/// What `unique` needs of an object kind.
+pub trait Object {
+    fn object_meta(&self) -> &ObjectMeta;
+    /// The object's content as text: copies of one name are told apart and ordered by it.
+    fn content(&self) -> String;
+}
+
+impl Object for Service {
+    fn object_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn content(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl Object for Slice {
+    fn object_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn content(&self) -> String {
+        format!("{self:?}")
+    }
 }
 
 fn object_name(kind: &str, meta: &ObjectMeta) -> String {
@@ -700,7 +721,7 @@ fn compile_service(
                 node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
             let endpoints = index.endpoints_for(&name, &mut desired.problems);
             let categorized = categorize(
-                &endpoints,
+                endpoints,
                 node,
                 !itp_local || externally_accessible,
                 itp_local || (etp_local && externally_accessible),
@@ -728,7 +749,7 @@ fn compile_service(
 }
 
 fn to_backends(
-    endpoints: &[Endpoint],
+    endpoints: &[&Endpoint],
     proto: Proto,
     weights: &BTreeMap<IpAddr, u16>,
 ) -> Vec<Backend> {
@@ -799,30 +820,21 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
     let node_addresses = &node.addresses[..];
     let proto = sp.name.proto;
     let family = sp.name.family;
-    let internal = if sp.itp_local {
-        &sp.endpoints.local
+    let internal: Vec<&Endpoint> = if sp.itp_local {
+        sp.endpoints.local().iter().collect()
     } else {
-        &sp.endpoints.cluster
+        sp.endpoints.cluster().iter().collect()
     };
     let external = if sp.etp_local {
-        &sp.endpoints.local
+        sp.endpoints.local()
     } else {
-        &sp.endpoints.cluster
+        sp.endpoints.cluster()
     };
-    let ready: Vec<Endpoint>;
-    let external = if external
+    let external: Vec<&Endpoint> = external
         .iter()
-        .any(|e| e.local && node.waiting.contains(&e.addr))
-    {
-        ready = external
-            .iter()
-            .filter(|e| !(e.local && node.waiting.contains(&e.addr)))
-            .cloned()
-            .collect();
-        &ready
-    } else {
-        external
-    };
+        .filter(|e| !(e.local && node.waiting.contains(&e.addr)))
+        .collect();
+    let cluster: Vec<&Endpoint> = sp.endpoints.cluster().iter().collect();
     let external_no_local = sp.etp_local && external.is_empty() && sp.endpoints.has_any;
     let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, scope: Scope| {
         let key = FrontendAddr {
@@ -840,11 +852,11 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
         }
         let (backends, no_local) = match (scope, kind) {
             (Scope::Internal, FrontendKind::ClusterIp) => (
-                internal,
+                &internal,
                 sp.itp_local && internal.is_empty() && sp.endpoints.has_any,
             ),
-            (Scope::Internal, _) => (&sp.endpoints.cluster, false),
-            (Scope::External, _) => (external, external_no_local),
+            (Scope::Internal, _) => (&cluster, false),
+            (Scope::External, _) => (&external, external_no_local),
         };
         let external_scope = scope == Scope::External;
         desired.frontends.insert(

@@ -1294,10 +1294,11 @@ fn check(case: &Case) -> Vec<String> {
             Cluster(port, list) | Local(port, list) | All(port, list) => match port_of(&d, port) {
                 Some(sp) => {
                     let set = match e {
-                        Cluster(..) => &sp.endpoints.cluster,
-                        Local(..) => &sp.endpoints.local,
-                        _ => &sp.endpoints.all,
+                        Cluster(..) => sp.endpoints.cluster().to_vec(),
+                        Local(..) => sp.endpoints.local().to_vec(),
+                        _ => sp.endpoints.all().to_vec(),
                     };
+                    let set = &set;
                     let got = strings(set);
                     expect(got == want(list), e, format!("{got:?}"));
                 }

@@ -57,6 +57,7 @@ use serde::de::DeserializeOwned;
 use super::{NodeAddresses, Source, addresses_of};
 use crate::{
     metrics::Metrics,
+    objects::Slice,
     snapshot::{NodeInfo, Snapshot},
 };
 
@@ -413,41 +414,50 @@ fn key_of(meta: &ObjectMeta) -> Key {
 /// was never decoded is left out. Each undecodable version is logged and counted once, however
 /// often relists bring it back. A deletion always deletes.
 /// Objects and undecodable versions of a relist in progress.
-type Relist<K> = (BTreeMap<Key, Arc<K>>, BTreeMap<Key, String>);
+type Relist<S> = (BTreeMap<Key, Arc<S>>, BTreeMap<Key, String>);
 
-struct Objects<K> {
+///
+/// `K` is the kind as the API serves it, `S` what is kept of each object (`Slice` for
+/// EndpointSlices: what the proxy reads of them; the object itself for the others).
+struct Objects<K, S = K> {
     kind: Kind,
     /// Shared with the snapshots: an object that does not change keeps its `Arc`, which is how
     /// the agent's compile cache knows it unchanged.
-    objects: BTreeMap<Key, Arc<K>>,
+    objects: BTreeMap<Key, Arc<S>>,
     /// Objects whose newest version cannot be decoded, with that version's resourceVersion.
     undecodable: BTreeMap<Key, String>,
     /// A relist in progress, swapped in at `InitDone`.
-    relist: Option<Relist<K>>,
+    relist: Option<Relist<S>>,
     metrics: Option<Arc<Metrics>>,
+    served: std::marker::PhantomData<fn(K)>,
 }
 
-impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
-    fn new(kind: Kind, metrics: Option<Arc<Metrics>>) -> Objects<K> {
+impl<K, S> Objects<K, S>
+where
+    K: Resource<DynamicType = ()> + Clone,
+    S: Resource<DynamicType = ()> + From<K>,
+{
+    fn new(kind: Kind, metrics: Option<Arc<Metrics>>) -> Objects<K, S> {
         let objects = Objects {
             kind,
             objects: BTreeMap::new(),
             undecodable: BTreeMap::new(),
             relist: None,
             metrics,
+            served: std::marker::PhantomData,
         };
         objects.count_undecodable();
         objects
     }
 
-    fn values(&self) -> impl Iterator<Item = &Arc<K>> {
+    fn values(&self) -> impl Iterator<Item = &Arc<S>> {
         self.objects.values()
     }
 
     /// Stores an object as the proxy needs it: without managedFields (never read, often the
     /// largest part of an object). An object whose uid and resourceVersion are those of the
     /// stored one (a relist after a watch expired) keeps the stored `Arc`.
-    fn stored(&self, mut object: K) -> Arc<K> {
+    fn stored(&self, mut object: K) -> Arc<S> {
         object.meta_mut().managed_fields = None;
         let key = key_of(object.meta());
         match self.objects.get(&key) {
@@ -458,7 +468,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
             {
                 Arc::clone(old)
             }
-            _ => Arc::new(object),
+            _ => Arc::new(S::from(object)),
         }
     }
 
@@ -515,7 +525,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
     /// Logs and counts `invalid` (once per version) and records it as undecodable (in the relist
     /// in progress, if any); returns the last decodable version of the same object to use in
     /// its place, if there is one.
-    fn kept_for(&mut self, invalid: &InvalidObject) -> Option<Arc<K>> {
+    fn kept_for(&mut self, invalid: &InvalidObject) -> Option<Arc<S>> {
         let meta = &invalid.metadata;
         let key = key_of(meta);
         let version = meta.resource_version.clone().unwrap_or_default();
@@ -562,7 +572,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Objects<K> {
 
 struct Stores {
     services: Objects<Service>,
-    slices: Objects<EndpointSlice>,
+    slices: Objects<EndpointSlice, Slice>,
     nodes: Objects<Node>,
 }
 
@@ -697,10 +707,11 @@ enum Item {
 impl Stores {
     /// Applies `item` to its store.
     fn apply(&mut self, item: Item) -> Update {
-        fn step<K: Resource<DynamicType = ()> + Clone>(
-            objects: &mut Objects<K>,
-            item: WatcherItem<K>,
-        ) -> Update {
+        fn step<K, S>(objects: &mut Objects<K, S>, item: WatcherItem<K>) -> Update
+        where
+            K: Resource<DynamicType = ()> + Clone,
+            S: Resource<DynamicType = ()> + From<K>,
+        {
             Update {
                 kind: objects.kind,
                 step: match item {

@@ -18,6 +18,7 @@ use k8s_openapi::api::{
 use serde::Deserialize as _;
 
 use super::{NodeAddresses, Source, addresses_of};
+use crate::objects::Slice;
 use crate::snapshot::{NodeInfo, Snapshot};
 
 /// Objects parsed from one file.
@@ -25,7 +26,7 @@ use crate::snapshot::{NodeInfo, Snapshot};
 struct FileObjects {
     /// Shared with every snapshot until the file changes.
     services: Vec<std::sync::Arc<Service>>,
-    slices: Vec<std::sync::Arc<EndpointSlice>>,
+    slices: Vec<std::sync::Arc<Slice>>,
     nodes: Vec<Node>,
 }
 
@@ -133,9 +134,9 @@ fn parse_document(value: serde_yaml::Value, into: &mut FileObjects) -> anyhow::R
         "Service" => into
             .services
             .push(std::sync::Arc::new(Service::deserialize(value)?)),
-        "EndpointSlice" => into
-            .slices
-            .push(std::sync::Arc::new(EndpointSlice::deserialize(value)?)),
+        "EndpointSlice" => into.slices.push(std::sync::Arc::new(Slice::from(
+            EndpointSlice::deserialize(value)?,
+        ))),
         "Node" => into.nodes.push(Node::deserialize(value)?),
         "List" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {

@@ -1,0 +1,317 @@
+//! PURE: cluster objects as the proxy keeps them, reduced to the fields it reads.
+//!
+//! An EndpointSlice as the API describes it costs about 450 bytes per endpoint in memory
+//! (k8s-openapi's structs carry every optional field inline: targetRef, hostname,
+//! deprecatedTopology...), which at 10,000 Services x 100 endpoints is most of the agent's
+//! memory. Sources convert each slice to a `Slice` when it arrives: one address (the only
+//! one kube-proxy uses, semantics 2.7) parsed once, the conditions, the node name and the
+//! topology hints, about 56 bytes per endpoint, with node and zone names shared
+//! (`intern`). Services are few next to endpoints and are kept as the API describes them.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, LazyLock, Mutex},
+};
+
+use k8s_openapi::{
+    api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// Labels of an EndpointSlice the proxy reads (semantics 1.1, 1.2); others are dropped.
+pub const SLICE_LABELS: [&str; 3] = [
+    "kubernetes.io/service-name",
+    "service.kubernetes.io/service-proxy-name",
+    "service.kubernetes.io/headless",
+];
+
+/// Annotations of an EndpointSlice the proxy reads (the network programming latency, fact
+/// 11.3); others are dropped.
+pub const SLICE_ANNOTATIONS: [&str; 1] = ["endpoints.kubernetes.io/last-change-trigger-time"];
+
+/// An EndpointSlice, reduced (see the module's documentation).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Slice {
+    /// name, namespace, uid, resourceVersion, creationTimestamp, and the labels and annotations the proxy reads.
+    pub metadata: ObjectMeta,
+    /// "IPv4", "IPv6", "FQDN", or whatever the object said.
+    pub address_type: String,
+    pub ports: Option<Vec<EndpointPort>>,
+    pub endpoints: Box<[SliceEndpoint]>,
+}
+
+/// One endpoint of a `Slice`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SliceEndpoint {
+    /// `addresses[0]`.
+    pub address: Address,
+    /// `conditions.ready`, `.serving`, `.terminating` as written (unset is `None`).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    /// `nodeName`, if set and not empty.
+    pub node_name: Option<Arc<str>>,
+    /// `hints`, if any is set and not empty.
+    pub hints: Option<Arc<Hints>>,
+}
+
+/// The first address of an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// `addresses` is empty.
+    Missing,
+    /// Parsed as `parse_lenient` does.
+    Ip(IpAddr),
+    /// Not an IP address (kept for the problem it is reported as).
+    Invalid(Box<str>),
+}
+
+/// Topology hints of an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
+    /// `hints.forZones[].name`; `None` when absent or empty.
+    pub zones: Option<Box<[Arc<str>]>>,
+    /// `hints.forNodes[].name`; `None` when absent or empty.
+    pub nodes: Option<Box<[Arc<str>]>>,
+}
+
+impl Slice {
+    /// `EndpointSlice namespace/name`, as problems name it.
+    pub fn object_name(&self) -> String {
+        format!(
+            "EndpointSlice {}/{}",
+            self.metadata.namespace.as_deref().unwrap_or(""),
+            self.metadata.name.as_deref().unwrap_or("")
+        )
+    }
+}
+
+fn keep_only(
+    map: Option<BTreeMap<String, String>>,
+    keys: &[&str],
+) -> Option<BTreeMap<String, String>> {
+    let kept: BTreeMap<String, String> = map?
+        .into_iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(s: EndpointSlice) -> Slice {
+        let m = s.metadata;
+        Slice {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                creation_timestamp: m.creation_timestamp,
+                labels: keep_only(m.labels, &SLICE_LABELS),
+                annotations: keep_only(m.annotations, &SLICE_ANNOTATIONS),
+                ..ObjectMeta::default()
+            },
+            address_type: s.address_type,
+            ports: s.ports,
+            endpoints: endpoints_of(s.endpoints),
+        }
+    }
+}
+
+/// Reads an EndpointSlice as the API writes it, keeping what `Slice` keeps.
+impl<'de> serde::Deserialize<'de> for Slice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Slice, D::Error> {
+        EndpointSlice::deserialize(d).map(Slice::from)
+    }
+}
+
+impl From<&EndpointSlice> for Slice {
+    fn from(s: &EndpointSlice) -> Slice {
+        Slice::from(s.clone())
+    }
+}
+
+// k8s-openapi's newest API versions make `endpoints` optional.
+trait IntoEndpoints {
+    fn into_list(self) -> Vec<Endpoint>;
+}
+
+impl IntoEndpoints for Vec<Endpoint> {
+    fn into_list(self) -> Vec<Endpoint> {
+        self
+    }
+}
+
+impl IntoEndpoints for Option<Vec<Endpoint>> {
+    fn into_list(self) -> Vec<Endpoint> {
+        self.unwrap_or_default()
+    }
+}
+
+fn endpoints_of(list: impl IntoEndpoints) -> Box<[SliceEndpoint]> {
+    list.into_list()
+        .into_iter()
+        .map(SliceEndpoint::from)
+        .collect()
+}
+
+impl From<Endpoint> for SliceEndpoint {
+    fn from(e: Endpoint) -> SliceEndpoint {
+        let address = match e.addresses.into_iter().next() {
+            None => Address::Missing,
+            Some(raw) => match parse_lenient(&raw) {
+                Some(ip) => Address::Ip(ip),
+                None => Address::Invalid(raw.into_boxed_str()),
+            },
+        };
+        let names = |list: Option<Vec<String>>| -> Option<Box<[Arc<str>]>> {
+            let list = list.filter(|l| !l.is_empty())?;
+            Some(list.iter().map(|n| intern(n)).collect())
+        };
+        let hints = e.hints.and_then(|h| {
+            let hints = Hints {
+                zones: names(h.for_zones.map(|z| z.into_iter().map(|z| z.name).collect())),
+                nodes: names(h.for_nodes.map(|n| n.into_iter().map(|n| n.name).collect())),
+            };
+            (hints.zones.is_some() || hints.nodes.is_some()).then(|| Arc::new(hints))
+        });
+        let conditions = e.conditions.unwrap_or_default();
+        SliceEndpoint {
+            address,
+            ready: conditions.ready,
+            serving: conditions.serving,
+            terminating: conditions.terminating,
+            node_name: e.node_name.filter(|n| !n.is_empty()).map(|n| intern(&n)),
+            hints,
+        }
+    }
+}
+
+/// Parses an IP address, accepting IPv4 octets with leading zeros ("010.0.0.1" is 10.0.0.1).
+pub fn parse_lenient(raw: &str) -> Option<IpAddr> {
+    let raw = raw.trim();
+    if let Ok(ip) = raw.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let octets: Vec<&str> = raw.split('.').collect();
+    if octets.len() != 4 {
+        return None;
+    }
+    let mut out = [0u8; 4];
+    for (o, s) in out.iter_mut().zip(octets) {
+        if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = s.parse().ok()?;
+    }
+    Some(IpAddr::from(out))
+}
+
+/// Names shared by every object that carries them (node and zone names repeat across
+/// thousands of endpoints). Names no object holds any more are dropped whenever the set has
+/// doubled since the last time.
+struct Names {
+    set: HashSet<Arc<str>>,
+    prune_at: usize,
+}
+
+static NAMES: LazyLock<Mutex<Names>> = LazyLock::new(|| {
+    Mutex::new(Names {
+        set: HashSet::new(),
+        prune_at: 1024,
+    })
+});
+
+/// The shared copy of `name`.
+pub fn intern(name: &str) -> Arc<str> {
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(shared) = names.set.get(name) {
+        return Arc::clone(shared);
+    }
+    if names.set.len() >= names.prune_at {
+        names.set.retain(|n| Arc::strong_count(n) > 1);
+        names.prune_at = (names.set.len() * 2).max(1024);
+    }
+    let shared: Arc<str> = Arc::from(name);
+    names.set.insert(Arc::clone(&shared));
+    shared
+}
+
+impl kube::Resource for Slice {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        <EndpointSlice as kube::Resource>::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        <EndpointSlice as kube::Resource>::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        <EndpointSlice as kube::Resource>::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        <EndpointSlice as kube::Resource>::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(yaml: &str) -> Slice {
+        Slice::from(serde_yaml::from_str::<EndpointSlice>(yaml).unwrap())
+    }
+
+    #[test]
+    fn keeps_what_the_proxy_reads_and_drops_the_rest() {
+        let s = slice(concat!(
+            "metadata: {name: a-1, namespace: ns, uid: u1, resourceVersion: '7', generateName: a-,\n",
+            "  labels: {kubernetes.io/service-name: a, endpointslice.kubernetes.io/managed-by: x},\n",
+            "  annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-01-01T00:00:00Z', other: y}}\n",
+            "addressType: IPv4\n",
+            "ports: [{name: http, port: 80}]\n",
+            "endpoints:\n",
+            "- {addresses: [010.0.0.1, 10.0.0.9], conditions: {ready: false}, nodeName: n1,\n",
+            "   hostname: h, targetRef: {kind: Pod, name: p, namespace: ns, uid: pu},\n",
+            "   hints: {forZones: [{name: z1}]}}\n",
+            "- {addresses: [], nodeName: ''}\n",
+            "- {addresses: [nope], hints: {forZones: []}}\n",
+        ));
+        assert_eq!(s.metadata.name.as_deref(), Some("a-1"));
+        assert_eq!(s.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(s.metadata.generate_name, None);
+        assert_eq!(s.metadata.labels.as_ref().unwrap().len(), 1);
+        assert_eq!(s.metadata.annotations.as_ref().unwrap().len(), 1);
+        let [a, b, c] = &*s.endpoints else {
+            panic!("{:?}", s.endpoints)
+        };
+        assert_eq!(a.address, Address::Ip("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            (a.ready, a.serving, a.terminating),
+            (Some(false), None, None)
+        );
+        assert_eq!(a.node_name.as_deref(), Some("n1"));
+        let zones = a.hints.as_ref().unwrap().zones.as_ref().unwrap();
+        assert_eq!(zones.iter().map(|z| &**z).collect::<Vec<_>>(), ["z1"]);
+        assert_eq!(b.address, Address::Missing);
+        assert_eq!(b.node_name, None);
+        assert_eq!(c.address, Address::Invalid("nope".into()));
+        assert_eq!(c.hints, None);
+    }
+
+    #[test]
+    fn node_names_are_shared() {
+        let a = intern("node-shared-test");
+        let b = intern("node-shared-test");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}
