@@ -2,7 +2,15 @@
 //! N Services x E endpoints: a full sync, then one changed endpoint at a time.
 //!
 //! `cargo run --release -p proxy-userspace --example plan_scale -- [SERVICES] [ENDPOINTS] [CHANGES]`
-use std::{collections::BTreeSet, sync::Arc, time::Instant};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
 
 use k8s_openapi::api::core::v1::Service;
 use proxy_userspace::{
@@ -63,6 +71,48 @@ impl MapIo for Memory {
     }
 }
 
+/// Counts the bytes the program has allocated and not freed, to say what each stage holds.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_mib() -> f64 {
+    LIVE.load(Ordering::Relaxed) as f64 / 1048576.0
+}
+
+/// Heap bytes (MiB) a copy of `value` takes: what the value holds, give or take spare
+/// capacity.
+fn held<T: Clone>(value: &T) -> f64 {
+    let before = live_mib();
+    let copy = value.clone();
+    let after = live_mib();
+    drop(copy);
+    after - before
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -85,6 +135,7 @@ fn main() {
         config: Default::default(),
     };
     let objects = rss();
+    let objects_heap = live_mib();
     let mut io = Memory;
     let mut pipeline = Pipeline::new(MapState::default());
     let mut logged = BTreeSet::new();
@@ -121,6 +172,17 @@ fn main() {
     println!(
         "{n} x {eps}: agent memory: objects {:.0} MiB, after syncing {now:.0} MiB (peak {peak:.0} MiB)",
         objects.0
+    );
+    let (total, desired, mirror) = (
+        live_mib(),
+        held(pipeline.desired()),
+        held(pipeline.mirror()),
+    );
+    println!(
+        "{n} x {eps}: heap by stage: source objects {objects_heap:.1} MiB, compiled state \
+         (merged desired) {desired:.1} MiB, map mirror {mirror:.1} MiB, compile cache and the \
+         rest {:.1} MiB; heap in use {total:.1} MiB",
+        total - objects_heap - desired - mirror
     );
 }
 

@@ -114,6 +114,11 @@ impl Pipeline {
         self.compiler.desired()
     }
 
+    /// The agent's copy of the maps, with its indexes.
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
     /// Takes `truth` (the maps read back) as what the maps hold; the next sync plans every
     /// frontend against it, repairing any difference.
     pub fn adopt(&mut self, truth: MapState) {

@@ -7,7 +7,12 @@
 //! entries other frontends still need: a backend another frontend points at, a ClusterIP
 //! marker another frontend of that address keeps.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::BuildHasher,
+};
+
+use proxy_common::backend::BackendValue;
 
 use super::{
     BackendIdentity, Ids, MapState, Op, ServiceKey, backend_value, identity_of, maglev_range,
@@ -15,14 +20,90 @@ use super::{
 };
 use crate::compile::{Desired, FrontendAddr, FrontendKind, Scope};
 
+/// Backend ids by identity. Holds each id with 32 bits of its identity's hash (8 bytes per
+/// backend, against 28 for a map keyed by identity); the identity itself is read from the
+/// backends it indexes when the hashes match.
+#[derive(Clone, Default)]
+struct ByIdentity {
+    /// (id, hash).
+    table: hashbrown::HashTable<(u32, u32)>,
+    hasher: std::hash::RandomState,
+}
+
+impl std::fmt::Debug for ByIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ByIdentity({} ids)", self.table.len())
+    }
+}
+
+/// The table's hash of an entry: its 32 bits spread over 64 (the table reads the top bits).
+fn spread(hash: u32) -> u64 {
+    u64::from(hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl ByIdentity {
+    fn hash(&self, identity: &BackendIdentity) -> u32 {
+        self.hasher.hash_one(identity) as u32
+    }
+
+    fn get(
+        &self,
+        identity: &BackendIdentity,
+        backends: &BTreeMap<u32, BackendValue>,
+    ) -> Option<u32> {
+        let hash = self.hash(identity);
+        let same = |(id, h): &(u32, u32)| {
+            *h == hash && backends.get(id).map(identity_of).as_ref() == Some(identity)
+        };
+        self.table.find(spread(hash), same).map(|(id, _)| *id)
+    }
+
+    /// Indexes `id`, which `backends` holds already; it replaces an id of the same identity.
+    fn insert(&mut self, id: u32, backends: &BTreeMap<u32, BackendValue>) {
+        let Some(identity) = backends.get(&id).map(identity_of) else {
+            return;
+        };
+        let hash = self.hash(&identity);
+        let same = |(other, h): &(u32, u32)| {
+            *h == hash && backends.get(other).map(identity_of) == Some(identity)
+        };
+        match self.table.find_mut(spread(hash), same) {
+            Some(entry) => entry.0 = id,
+            None => {
+                self.table
+                    .insert_unique(spread(hash), (id, hash), |(_, h)| spread(*h));
+            }
+        }
+    }
+
+    /// Forgets `id`, whose identity is `identity`, if it is the one indexed for it.
+    fn remove(&mut self, id: u32, identity: &BackendIdentity) {
+        let hash = self.hash(identity);
+        if let Ok(entry) = self
+            .table
+            .find_entry(spread(hash), |(other, _)| *other == id)
+        {
+            entry.remove();
+        }
+    }
+
+    /// As a plain map, to compare.
+    fn to_map(&self, backends: &BTreeMap<u32, BackendValue>) -> HashMap<BackendIdentity, u32> {
+        self.table
+            .iter()
+            .filter_map(|(id, _)| Some((identity_of(backends.get(id)?), *id)))
+            .collect()
+    }
+}
+
 /// The maps as the agent last wrote them, indexed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Mirror {
     state: MapState,
     ids: Ids,
-    by_identity: HashMap<BackendIdentity, u32>,
-    /// Member entries per backend id.
-    backend_refs: HashMap<u32, u32>,
+    by_identity: ByIdentity,
+    /// Member entries per backend id, by id (ids are handed out lowest first, so dense).
+    backend_refs: Vec<u32>,
     /// Frontend entries per Service-port id.
     port_refs: HashMap<u32, u32>,
     /// The frontend entry of each frontend id.
@@ -36,11 +117,12 @@ impl Mirror {
             ids: Ids::of(&state),
             ..Mirror::default()
         };
-        for (id, v) in &state.backends {
-            m.by_identity.entry(identity_of(v)).or_insert(*id);
+        // The first id of an identity is indexed.
+        for id in state.backends.keys().rev() {
+            m.by_identity.insert(*id, &state.backends);
         }
         for k in state.members.keys() {
-            *m.backend_refs.entry(k.backend_id).or_default() += 1;
+            *m.backend_ref(k.backend_id) += 1;
         }
         for (k, v) in &state.services {
             if !k.is_any_port() {
@@ -56,10 +138,15 @@ impl Mirror {
     /// aside, which depend on history). For tests and `verify`.
     pub fn check(&self) -> Result<(), String> {
         let fresh = Mirror::new(self.state.clone());
-        if fresh.by_identity != self.by_identity {
+        let backends = &self.state.backends;
+        if fresh.by_identity.to_map(backends) != self.by_identity.to_map(backends) {
             return Err("backend identities differ from the state's".into());
         }
-        if fresh.backend_refs != self.backend_refs {
+        let refs = |r: &[u32]| -> Vec<u32> {
+            let used = r.iter().rposition(|n| *n != 0).map_or(0, |i| i + 1);
+            r[..used].to_vec()
+        };
+        if refs(&fresh.backend_refs) != refs(&self.backend_refs) {
             return Err("backend reference counts differ from the state's".into());
         }
         if fresh.port_refs != self.port_refs {
@@ -99,25 +186,23 @@ impl Mirror {
     /// Applies one write, keeping the indexes.
     pub fn apply(&mut self, op: &Op) {
         match op {
-            Op::PutBackend(id, v) => {
-                if let Some(old) = self.state.backends.get(id)
-                    && self.by_identity.get(&identity_of(old)) == Some(id)
-                {
-                    self.by_identity.remove(&identity_of(old));
+            Op::PutBackend(id, _) => {
+                if let Some(old) = self.state.backends.get(id) {
+                    self.by_identity.remove(*id, &identity_of(old));
                 }
-                self.by_identity.insert(identity_of(v), *id);
                 self.ids.backend.take(*id);
+                self.state.apply(op);
+                self.by_identity.insert(*id, &self.state.backends);
+                return;
             }
             Op::DelBackend(id) => {
-                if let Some(old) = self.state.backends.get(id)
-                    && self.by_identity.get(&identity_of(old)) == Some(id)
-                {
-                    self.by_identity.remove(&identity_of(old));
+                if let Some(old) = self.state.backends.get(id) {
+                    self.by_identity.remove(*id, &identity_of(old));
                 }
                 self.ids.backend.release(*id);
             }
             Op::PutMember(k, _) if !self.state.members.contains_key(k) => {
-                *self.backend_refs.entry(k.backend_id).or_default() += 1;
+                *self.backend_ref(k.backend_id) += 1;
             }
             Op::DelMember(k) if self.state.members.contains_key(k) => {
                 self.unref_backend(k.backend_id);
@@ -153,13 +238,23 @@ impl Mirror {
         self.state.apply(op);
     }
 
-    fn unref_backend(&mut self, id: u32) {
-        if let Some(n) = self.backend_refs.get_mut(&id) {
-            *n -= 1;
-            if *n == 0 {
-                self.backend_refs.remove(&id);
-            }
+    fn backend_ref(&mut self, id: u32) -> &mut u32 {
+        let i = id as usize;
+        if self.backend_refs.len() <= i {
+            self.backend_refs.resize(i + 1, 0);
         }
+        &mut self.backend_refs[i]
+    }
+
+    fn unref_backend(&mut self, id: u32) {
+        if let Some(n) = self.backend_refs.get_mut(id as usize) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Member entries that point at backend `id`.
+    fn refs_of(&self, id: u32) -> u32 {
+        self.backend_refs.get(id as usize).copied().unwrap_or(0)
     }
 
     fn unref_port(&mut self, id: u32) {
@@ -244,18 +339,16 @@ impl Mirror {
         }
         for state in sub.frontends.values() {
             for b in &state.backends {
-                if let Some(id) = self.by_identity.get(&identity_of(&backend_value(b)))
-                    && let Some(v) = self.state.backends.get(id)
+                let identity = identity_of(&backend_value(b));
+                if let Some(id) = self.by_identity.get(&identity, &self.state.backends)
+                    && let Some(v) = self.state.backends.get(&id)
                 {
-                    cur.backends.insert(*id, *v);
+                    cur.backends.insert(id, *v);
                 }
             }
         }
         let mut ops = plan_with(&sub, &cur, &mut self.ids);
-        let used_elsewhere = |id: &u32| {
-            self.backend_refs.get(id).copied().unwrap_or(0)
-                > refs_here.get(id).copied().unwrap_or(0)
-        };
+        let used_elsewhere = |id: &u32| self.refs_of(*id) > refs_here.get(id).copied().unwrap_or(0);
         ops.retain(|op| match op {
             // Another frontend still points at it.
             Op::DelBackend(id) => !used_elsewhere(id),
