@@ -92,7 +92,14 @@ pub struct Pipeline {
     /// Plan every frontend next time: the last sync refused Services for lack of map space or
     /// left a Maglev table unwritten, and those are retried.
     full_next: bool,
+    /// A full sync is planned and written in groups of Service ports of about this many
+    /// entries (`Mirror::full_groups`).
+    group_entries: usize,
 }
+
+/// Entries (frontends and their backends) per group of a full sync: a few MiB of writes in
+/// flight.
+pub const FULL_SYNC_GROUP: usize = 50_000;
 
 impl Pipeline {
     /// Starts from what the maps hold (an earlier agent's state, or nothing).
@@ -101,7 +108,15 @@ impl Pipeline {
             compiler: Compiler::default(),
             mirror: Mirror::new(state),
             full_next: true,
+            group_entries: FULL_SYNC_GROUP,
         }
+    }
+
+    /// The same, planning full syncs in groups of about `entries` entries (tests use small
+    /// groups).
+    pub fn with_group_entries(mut self, entries: usize) -> Pipeline {
+        self.group_entries = entries.max(1);
+        self
     }
 
     /// The maps as last written.
@@ -165,11 +180,6 @@ pub fn sync_once(
         capacity.as_ref(),
     );
     let planned_all = !fits || update.full || pipeline.full_next;
-    let ops = if planned_all {
-        pipeline.mirror.plan_full(&desired)
-    } else {
-        pipeline.mirror.plan_changed(&desired, &update.changed)
-    };
     pipeline.full_next = !fits;
     let (health_checks, conflicts) = crate::healthcheck::wanted(&desired);
     let mut problems = desired.problems.clone();
@@ -183,77 +193,52 @@ pub fn sync_once(
         now_logged.insert(line);
     }
     *logged = now_logged;
-    let removed = removed_members(&ops, &pipeline.mirror);
-    // Frontends whose Maglev table could not be written: the rest of their writes are skipped
-    // (the frontend keeps its previous table and backends), every other frontend goes on.
-    let mut failed: BTreeMap<u32, String> = BTreeMap::new();
-    let mut maglev_failures = 0;
-    let mut i = 0;
-    while i < ops.len() {
-        // Runs of slot, member and backend writes (of one frontend for slots and members) go
-        // to the kernel as one batch. A Maglev failure can only stop later frontends' writes,
-        // never split such a run.
-        if let Some(kind) = ops[i].batch_kind() {
-            let svc = ops[i].svc_id(pipeline.mirror.state());
-            let skip = svc.is_some_and(|id| failed.contains_key(&id))
-                || (!failed.is_empty() && matches!(ops[i], Op::DelBackend(_)));
-            if !skip {
-                let mut j = i + 1;
-                while j < ops.len()
-                    && ops[j].batch_kind() == Some(kind)
-                    && ops[j].svc_id(pipeline.mirror.state()) == svc
-                {
-                    j += 1;
-                }
-                if j - i > 1 {
-                    if let Err(e) = io.apply_run(&ops[i..j]) {
-                        let truth = io
-                            .dump()
-                            .unwrap_or_else(|_| pipeline.mirror.state().clone());
-                        pipeline.adopt(truth);
-                        return Err(e.context(FailedMap(ops[i].map())));
-                    }
-                    for op in &ops[i..j] {
-                        pipeline.mirror.apply(op);
-                    }
-                    i = j;
-                    continue;
-                }
+    let mut written = Written::default();
+    // A full plan of a large cluster is planned and written a group of Service ports at a
+    // time, so that the writes in flight stay small (they were most of the agent's peak
+    // memory); one plan over everything when the maps hold entries of no frontend (only
+    // `plan_full` finds those) or some Services are refused for capacity.
+    let groups = if planned_all && fits {
+        pipeline
+            .mirror
+            .full_groups(&desired, pipeline.group_entries)
+    } else {
+        None
+    };
+    match groups {
+        Some(groups) => {
+            for group in groups {
+                let ops = pipeline.mirror.plan_changed(&desired, &group);
+                write_ops(
+                    io,
+                    &mut pipeline.mirror,
+                    &mut pipeline.full_next,
+                    &ops,
+                    &mut written,
+                )?;
             }
         }
-        let op = &ops[i];
-        i += 1;
-        let svc = op.svc_id(pipeline.mirror.state());
-        if svc.is_some_and(|id| failed.contains_key(&id)) {
-            continue;
+        None => {
+            let ops = if planned_all {
+                pipeline.mirror.plan_full(&desired)
+            } else {
+                pipeline.mirror.plan_changed(&desired, &update.changed)
+            };
+            write_ops(
+                io,
+                &mut pipeline.mirror,
+                &mut pipeline.full_next,
+                &ops,
+                &mut written,
+            )?;
         }
-        if let Op::DelBackend(id) = op
-            && !failed.is_empty()
-            && pipeline
-                .mirror
-                .state()
-                .slots
-                .iter()
-                .any(|(k, v)| failed.contains_key(&k.svc_id) && v.backend_id == *id)
-        {
-            // Still in the previous table of a frontend left as it was.
-            continue;
-        }
-        if let Err(e) = io.apply(op) {
-            if let (Op::PutMaglev(..), Some(id)) = (op, svc) {
-                maglev_failures += 1;
-                failed.insert(id, format!("{e:#}"));
-                continue;
-            }
-            let truth = io
-                .dump()
-                .unwrap_or_else(|_| pipeline.mirror.state().clone());
-            pipeline.mirror = Mirror::new(truth);
-            pipeline.full_next = true;
-            return Err(e.context(FailedMap(op.map())));
-        }
-        pipeline.mirror.apply(op);
     }
+    let Written {
+        removed,
+        failed,
+        maglev_failures,
+        writes,
+    } = written;
     if !failed.is_empty() {
         pipeline.full_next = true;
     }
@@ -279,7 +264,7 @@ pub fn sync_once(
         removed,
         maglev_failures,
         frontends,
-        writes: ops.len(),
+        writes,
         problems,
         duration: started.elapsed(),
         no_local,
@@ -287,6 +272,94 @@ pub fn sync_once(
         update,
         planned_all,
     })
+}
+
+/// What the writes of one sync did so far.
+#[derive(Default)]
+struct Written {
+    removed: Vec<Removed>,
+    /// Frontends whose Maglev table could not be written, with the error: the rest of their
+    /// writes are skipped (the frontend keeps its previous table and backends).
+    failed: BTreeMap<u32, String>,
+    maglev_failures: u64,
+    writes: usize,
+}
+
+/// Writes `ops` in order, keeping the mirror equal to the maps. Runs of slot, member and
+/// backend writes (of one frontend for slots and members) go to the kernel as one batch. A
+/// failed Maglev table fails its frontend alone; any other failed write reads the maps back
+/// into the mirror and ends the sync.
+fn write_ops(
+    io: &mut dyn MapIo,
+    mirror: &mut Mirror,
+    full_next: &mut bool,
+    ops: &[Op],
+    written: &mut Written,
+) -> anyhow::Result<()> {
+    written.removed.extend(removed_members(ops, mirror));
+    written.writes += ops.len();
+    let failed = &mut written.failed;
+    let mut i = 0;
+    while i < ops.len() {
+        // A Maglev failure can only stop later frontends' writes, never split a batch.
+        if let Some(kind) = ops[i].batch_kind() {
+            let svc = ops[i].svc_id(mirror.state());
+            let skip = svc.is_some_and(|id| failed.contains_key(&id))
+                || (!failed.is_empty() && matches!(ops[i], Op::DelBackend(_)));
+            if !skip {
+                let mut j = i + 1;
+                while j < ops.len()
+                    && ops[j].batch_kind() == Some(kind)
+                    && ops[j].svc_id(mirror.state()) == svc
+                {
+                    j += 1;
+                }
+                if j - i > 1 {
+                    if let Err(e) = io.apply_run(&ops[i..j]) {
+                        let truth = io.dump().unwrap_or_else(|_| mirror.state().clone());
+                        *mirror = Mirror::new(truth);
+                        *full_next = true;
+                        return Err(e.context(FailedMap(ops[i].map())));
+                    }
+                    for op in &ops[i..j] {
+                        mirror.apply(op);
+                    }
+                    i = j;
+                    continue;
+                }
+            }
+        }
+        let op = &ops[i];
+        i += 1;
+        let svc = op.svc_id(mirror.state());
+        if svc.is_some_and(|id| failed.contains_key(&id)) {
+            continue;
+        }
+        if let Op::DelBackend(id) = op
+            && !failed.is_empty()
+            && mirror
+                .state()
+                .slots
+                .iter()
+                .any(|(k, v)| failed.contains_key(&k.svc_id) && v.backend_id == *id)
+        {
+            // Still in the previous table of a frontend left as it was.
+            continue;
+        }
+        if let Err(e) = io.apply(op) {
+            if let (Op::PutMaglev(..), Some(id)) = (op, svc) {
+                written.maglev_failures += 1;
+                failed.insert(id, format!("{e:#}"));
+                continue;
+            }
+            let truth = io.dump().unwrap_or_else(|_| mirror.state().clone());
+            *mirror = Mirror::new(truth);
+            *full_next = true;
+            return Err(e.context(FailedMap(op.map())));
+        }
+        mirror.apply(op);
+    }
+    Ok(())
 }
 
 /// A snapshot waiting to be synced.

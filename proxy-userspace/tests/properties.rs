@@ -42,7 +42,7 @@ use proxy_userspace::{
         Desired, Family, FrontendAddr, FrontendKind, FrontendState, PortName, Proto, Scope, compile,
     },
     objects::{Address, SliceEndpoint as KeptEndpoint},
-    plan::{MAX_SLOTS, MapState, ServiceKey, plan},
+    plan::{MAX_SLOTS, MapState, Op, ServiceKey, plan},
     snapshot::{NodeInfo, Snapshot},
 };
 
@@ -1859,18 +1859,51 @@ fn normal(state: &MapState) -> Normal {
 
 /// Feeds `snapshots` one after another to a `Compiler` and a `Mirror` planning only what changed,
 /// checking after each that both equal a compile and a plan from scratch.
-fn incremental_equals_scratch(snapshots: &[&Snapshot]) -> Result<(), TestCaseError> {
+/// With `group`, a full update is planned and written in groups of about that many entries
+/// (`Mirror::full_groups`), as the agent does.
+fn incremental_equals_scratch(
+    snapshots: &[&Snapshot],
+    group: Option<usize>,
+) -> Result<(), TestCaseError> {
     use proxy_userspace::{compile::Compiler, plan::Mirror};
     let mut compiler = Compiler::default();
     let mut mirror = Mirror::default();
     for (step, snapshot) in snapshots.iter().enumerate() {
         let update = compiler.update(snapshot);
-        let ops = if update.full {
-            mirror.plan_full(compiler.desired())
-        } else {
-            mirror.plan_changed(compiler.desired(), &update.changed)
+        let groups = match group {
+            Some(n) if update.full => {
+                let groups = mirror.full_groups(compiler.desired(), n);
+                prop_assert!(
+                    groups.is_some(),
+                    "step {step}: the agent's own maps are tidy"
+                );
+                groups
+            }
+            _ => None,
         };
-        for op in &ops {
+        let ops: Vec<Op> = match groups {
+            // Each group is planned against the maps as the groups before it left them.
+            Some(groups) => {
+                let mut ops = Vec::new();
+                for g in groups {
+                    let planned = mirror.plan_changed(compiler.desired(), &g);
+                    for op in &planned {
+                        mirror.apply(op);
+                        prop_assert!(
+                            mirror.state().consistent().is_ok(),
+                            "step {step}: {op} left {:?}",
+                            mirror.state().consistent()
+                        );
+                    }
+                    ops.extend(planned);
+                }
+                ops
+            }
+            None if update.full => mirror.plan_full(compiler.desired()),
+            None => mirror.plan_changed(compiler.desired(), &update.changed),
+        };
+        let applied = group.is_some() && update.full;
+        for op in ops.iter().filter(|_| !applied) {
             mirror.apply(op);
             prop_assert!(
                 mirror.state().consistent().is_ok(),
@@ -1928,6 +1961,20 @@ proptest! {
     /// give, map by map (ids aside); the mirror's indexes stay those of its state.
     #[test]
     fn incremental_compile_and_plan_equal_from_scratch((a, b) in two_snapshots()) {
-        incremental_equals_scratch(&[&a, &b, &a, &b])?;
+        incremental_equals_scratch(&[&a, &b, &a, &b], None)?;
+    }
+
+    /// (h') The same with every full update planned and written a few Service ports at a time
+    /// (`Mirror::full_groups`, as the agent writes a large full sync), the node changing in
+    /// between so that later updates are full too.
+    #[test]
+    fn full_syncs_in_groups_equal_from_scratch(
+        (a, b) in two_snapshots(),
+        group in 1usize..12,
+        other in node(),
+    ) {
+        let mut a2 = a.clone();
+        a2.node = other;
+        incremental_equals_scratch(&[&a, &b, &a2, &b], Some(group))?;
     }
 }

@@ -274,6 +274,84 @@ impl Mirror {
         plan_with(desired, &self.state, &mut self.ids)
     }
 
+    /// The frontends a full plan covers, in groups of about `entries` entries (a frontend and
+    /// each of its backends count one; the frontends of one Service port are always in one
+    /// group), to plan and write one group at a time with `plan_changed`: first those
+    /// `desired` wants, by port, then those the maps hold that it does not want. Applied in
+    /// order, the groups' writes leave the maps as `plan_full`'s would. `None` when the maps
+    /// hold entries that belong to no frontend (left by an interrupted run or another agent):
+    /// only `plan_full` finds and removes those.
+    pub fn full_groups(
+        &self,
+        desired: &Desired,
+        entries: usize,
+    ) -> Option<Vec<BTreeSet<FrontendAddr>>> {
+        if !self.tidy(desired) {
+            return None;
+        }
+        let mut by_port: BTreeMap<&crate::compile::PortName, Vec<FrontendAddr>> = BTreeMap::new();
+        for (f, state) in &desired.frontends {
+            by_port.entry(&state.port).or_default().push(*f);
+        }
+        let mut groups = Vec::new();
+        let mut group = BTreeSet::new();
+        let mut size = 0;
+        let mut close = |group: &mut BTreeSet<FrontendAddr>, size: &mut usize, force: bool| {
+            if (force || *size >= entries) && !group.is_empty() {
+                groups.push(std::mem::take(group));
+                *size = 0;
+            }
+        };
+        for frontends in by_port.values() {
+            for f in frontends {
+                size += 1 + desired.frontends[f].backends.len();
+                group.insert(*f);
+            }
+            close(&mut group, &mut size, false);
+        }
+        let mut gone: Vec<FrontendAddr> = self
+            .keys
+            .values()
+            .filter_map(ServiceKey::frontend)
+            .filter(|f| !desired.frontends.contains_key(f))
+            .collect();
+        gone.sort();
+        for f in gone {
+            size += 1;
+            group.insert(f);
+            close(&mut group, &mut size, false);
+        }
+        close(&mut group, &mut size, true);
+        Some(groups)
+    }
+
+    /// Whether every entry of the maps belongs to a frontend the mirror knows (so that
+    /// planning frontend by frontend reaches all of them), given what `desired` wants.
+    fn tidy(&self, desired: &Desired) -> bool {
+        let s = &self.state;
+        let known = |id: &u32| self.keys.contains_key(id);
+        let internal: std::collections::HashSet<std::net::IpAddr> = self
+            .keys
+            .values()
+            .filter_map(ServiceKey::frontend)
+            .filter(|f| f.scope == Scope::Internal)
+            .map(|f| f.addr)
+            .collect();
+        let internal_at = |addr: std::net::IpAddr| internal.contains(&addr);
+        s.services.iter().all(|(k, v)| {
+            if k.is_any_port() {
+                has_cluster_ip(desired, k.addr()) || internal_at(k.addr())
+            } else {
+                self.keys.get(&v.id) == Some(k)
+            }
+        }) && s.slots.keys().all(|k| known(&k.svc_id))
+            && s.members.keys().all(|k| known(&k.svc_id))
+            && s.infos.keys().all(known)
+            && s.source_ranges.iter().all(|r| known(&r.svc_id))
+            && s.maglev.keys().all(|k| known(&k.svc_id))
+            && s.backends.keys().all(|id| self.refs_of(*id) > 0)
+    }
+
     /// The writes that make the maps hold `desired` for the frontends in `changed`, every other
     /// frontend being programmed already. Equal, once applied, to what `plan_full` leads to.
     pub fn plan_changed(&mut self, desired: &Desired, changed: &BTreeSet<FrontendAddr>) -> Vec<Op> {
