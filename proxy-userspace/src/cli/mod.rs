@@ -1,6 +1,7 @@
 //! The `kube-bpf-proxy` command line: the agent (`run`) and the inspection commands, which read
 //! the pinned maps and need no API server (`explain` and `verify` also read the source).
 
+mod config;
 mod explain;
 pub mod output;
 mod run;

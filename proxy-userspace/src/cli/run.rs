@@ -15,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 
 use super::SourceArgs;
-use proxy_common::{maps as names, reason::Reason};
+use proxy_common::{ct::CtTimeouts, maps as names, reason::Reason};
 
 use crate::{
     agent::{self, Observers, SyncTiming},
@@ -117,6 +117,25 @@ pub struct RunArgs {
     /// Address for /healthz and /livez; empty disables it.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: String,
+    /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
+    /// duration: 6h, 90m, 1h30m). kube-proxy's flag of the same name sets the kernel's (24h).
+    #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not
+    /// (Go duration). kube-proxy's --conntrack-udp-timeout and --conntrack-udp-timeout-stream
+    /// both map here.
+    #[arg(long, default_value = "120s", value_parser = super::config::parse_go_duration)]
+    pub conntrack_udp_timeout: Duration,
+}
+
+/// The collector's timeouts from the flags, in whole seconds (at least 1).
+fn ct_timeouts(tcp: Duration, udp: Duration) -> CtTimeouts {
+    let secs = |d: Duration| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1);
+    CtTimeouts {
+        tcp_secs: secs(tcp),
+        other_secs: secs(udp),
+        ..CtTimeouts::DEFAULT
+    }
 }
 
 /// Serves the HTTP endpoints; a bind failure is logged, not fatal (kube-proxy retries too).
@@ -423,12 +442,12 @@ fn add_node_state(
 const CONNTRACK_GC: Duration = Duration::from_secs(10);
 
 /// Removes idle connection-tracking entries every few seconds.
-fn collect_conntrack(pin_dir: PathBuf) {
+fn collect_conntrack(pin_dir: PathBuf, timeouts: CtTimeouts) {
     thread::spawn(move || {
         loop {
             thread::sleep(CONNTRACK_GC);
             let result = bpf::Maps::open_pinned(&pin_dir)
-                .and_then(|mut m| m.collect_conntrack(bpf::monotonic_ns()));
+                .and_then(|mut m| m.collect_conntrack(bpf::monotonic_ns(), &timeouts));
             match result {
                 Ok((_, 0)) => {}
                 Ok((left, removed)) => {
@@ -594,7 +613,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let (tx, rx) = mpsc::channel();
     add_node_state(source_rx, tx, nodeport_cidrs, config, pods, ranged)?;
-    collect_conntrack(args.bpffs.clone());
+    collect_conntrack(
+        args.bpffs.clone(),
+        ct_timeouts(
+            args.conntrack_tcp_timeout_established,
+            args.conntrack_udp_timeout,
+        ),
+    );
     let health = Arc::new(Health::new(
         DEFAULT_HEALTH_TIMEOUT,
         &families,
