@@ -12,9 +12,9 @@ pub mod view;
 use std::{path::PathBuf, sync::mpsc, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use self::output::Format;
+use self::{output::Format, run::RunArgs};
 use crate::{
     datapath::bpf,
     snapshot::Snapshot,
@@ -257,8 +257,33 @@ impl SourceArgs {
 }
 
 pub fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `run --config` is read before logging starts: its `logging` section can set the level
+    // and format. What it did is logged once logging runs.
+    let mut notes = Vec::new();
+    let mut config_error = None;
+    if let Command::Run(RunArgs {
+        config: Some(path), ..
+    }) = &cli.command
+    {
+        match config::load(path) {
+            Ok((file, unused)) => {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+                notes = config::lay_under(&mut cli, &matches, &file, &unused, cpus);
+            }
+            Err(e) => config_error = Some(e),
+        }
+    }
     init_logging(&cli.log_level, cli.log_format);
+    for note in notes {
+        log::log!(note.level, "{}", note.text);
+    }
+    if let Some(e) = config_error {
+        log::error!("{e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(&args),

@@ -34,6 +34,13 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// kube-proxy's configuration file: a KubeProxyConfiguration
+    /// (kubeproxy.config.k8s.io/v1alpha1) in YAML or JSON, such as kubeadm's config.conf. Its
+    /// fields set the flags not given on the command line (flags win); fields without a meaning
+    /// here are listed in one warning; an invalid file stops the agent with an error naming the
+    /// field. The README lists how each field maps.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub source: SourceArgs,
     /// cgroup v2 directory to attach the socket hooks to (default: the cgroup2 root, so every
