@@ -93,24 +93,56 @@ pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 10;
 /// UDP and SCTP.
 pub const CT_TIMEOUT_OTHER_SECS: u64 = 120;
 
-/// The idle timeout of an entry pair with protocol `proto` and the flags of both entries.
-pub const fn ct_timeout_secs(proto: u8, forward_flags: u32, reply_flags: u32) -> u64 {
-    if proto != crate::proto::TCP {
-        return CT_TIMEOUT_OTHER_SECS;
-    }
-    let rst = (forward_flags | reply_flags) & CT_RST != 0;
-    // A DSR entry sees one direction only: its own FIN closes it.
-    let dsr = (forward_flags | reply_flags) & CT_DSR != 0;
-    let fins = if dsr {
-        (forward_flags | reply_flags) & CT_FIN != 0
-    } else {
-        forward_flags & reply_flags & CT_FIN != 0
+/// The agent's idle timeouts, seconds: the constants above by default, the TCP and UDP ones
+/// set by `run --conntrack-tcp-timeout-established` and `--conntrack-udp-timeout`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// An open TCP flow.
+    pub tcp_secs: u64,
+    /// TCP after a RST, or FINs in both directions.
+    pub tcp_closing_secs: u64,
+    /// UDP and SCTP.
+    pub other_secs: u64,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_secs: CT_TIMEOUT_TCP_SECS,
+        tcp_closing_secs: CT_TIMEOUT_TCP_CLOSING_SECS,
+        other_secs: CT_TIMEOUT_OTHER_SECS,
     };
-    if rst || fins {
-        CT_TIMEOUT_TCP_CLOSING_SECS
-    } else {
-        CT_TIMEOUT_TCP_SECS
+
+    /// The idle timeout of an entry pair with protocol `proto` and the flags of both entries.
+    pub const fn secs(&self, proto: u8, forward_flags: u32, reply_flags: u32) -> u64 {
+        if proto != crate::proto::TCP {
+            return self.other_secs;
+        }
+        let rst = (forward_flags | reply_flags) & CT_RST != 0;
+        // A DSR entry sees one direction only: its own FIN closes it.
+        let dsr = (forward_flags | reply_flags) & CT_DSR != 0;
+        let fins = if dsr {
+            (forward_flags | reply_flags) & CT_FIN != 0
+        } else {
+            forward_flags & reply_flags & CT_FIN != 0
+        };
+        if rst || fins {
+            self.tcp_closing_secs
+        } else {
+            self.tcp_secs
+        }
     }
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        CtTimeouts::DEFAULT
+    }
+}
+
+/// The default idle timeout of an entry pair with protocol `proto` and the flags of both
+/// entries ([`CtTimeouts::DEFAULT`]).
+pub const fn ct_timeout_secs(proto: u8, forward_flags: u32, reply_flags: u32) -> u64 {
+    CtTimeouts::DEFAULT.secs(proto, forward_flags, reply_flags)
 }
 
 impl Ct4Key {

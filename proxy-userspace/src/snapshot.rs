@@ -52,6 +52,10 @@ pub struct NodeInfo {
     pub addresses: Vec<std::net::IpAddr>,
     /// `spec.podCIDRs` of this node's Node object (unparsable entries left out).
     pub pod_cidrs: Vec<crate::model::Cidr>,
+    /// The primary address of each family of this node's Node object (kube-proxy's
+    /// GetNodeHostIPs: InternalIP addresses before ExternalIP ones, the first of each family),
+    /// for `--nodeport-addresses primary` (semantics 7.3, 10.2).
+    pub primary: Vec<std::net::IpAddr>,
     /// Local endpoints whose pod-facing interface does not carry the tc program yet, found by
     /// the agent: they serve the socket layer only until it does (a packet translated at tc for
     /// them would get no translated reply).
@@ -60,6 +64,28 @@ pub struct NodeInfo {
     /// exists, has no deletionTimestamp and no ToBeDeletedByClusterAutoscaler taint. /healthz
     /// answers 503 while it is false.
     pub eligible: bool,
+}
+
+/// The first InternalIP, else ExternalIP, address of each family of `node`, in that order.
+fn primary_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<std::net::IpAddr> {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    let of_type = |kind: &'static str| {
+        addresses
+            .iter()
+            .filter(move |a| a.type_ == kind)
+            .filter_map(|a| a.address.trim().parse::<std::net::IpAddr>().ok())
+    };
+    let mut out: Vec<std::net::IpAddr> = Vec::new();
+    for ip in of_type("InternalIP").chain(of_type("ExternalIP")) {
+        if !out.iter().any(|o| o.is_ipv4() == ip.is_ipv4()) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 /// The local endpoint addresses of each slice object last seen, for
@@ -165,6 +191,7 @@ impl NodeInfo {
             zone,
             addresses: Vec::new(),
             pod_cidrs,
+            primary: node.map(primary_addresses).unwrap_or_default(),
             waiting: Default::default(),
             eligible: node.is_some_and(node_eligible),
         }
@@ -210,5 +237,34 @@ mod tests {
                 node.local_endpoints(&slices)
             );
         }
+    }
+
+    #[test]
+    fn node_primary_addresses_are_the_first_internal_then_external_of_each_family() {
+        let node: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+            "metadata: {name: node-a}
+status:
+  addresses:
+  - {type: Hostname, address: node-a}
+  - {type: ExternalIP, address: 203.0.113.7}
+  - {type: ExternalIP, address: '2001:db8::7'}
+  - {type: InternalIP, address: 192.0.2.10}
+  - {type: InternalIP, address: 192.0.2.11}
+",
+        )
+        .unwrap();
+        let info = NodeInfo::with_node("node-a".into(), Some(&node));
+        assert_eq!(
+            info.primary,
+            [
+                "192.0.2.10".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::7".parse().unwrap()
+            ]
+        );
+        assert!(
+            NodeInfo::with_node("node-a".into(), None)
+                .primary
+                .is_empty()
+        );
     }
 }

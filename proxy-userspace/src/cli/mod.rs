@@ -1,6 +1,7 @@
 //! The `kube-bpf-proxy` command line: the agent (`run`) and the inspection commands, which read
 //! the pinned maps and need no API server (`explain` and `verify` also read the source).
 
+mod config;
 mod explain;
 pub mod output;
 mod run;
@@ -11,9 +12,9 @@ pub mod view;
 use std::{path::PathBuf, sync::mpsc, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use self::output::Format;
+use self::{output::Format, run::RunArgs};
 use crate::{
     datapath::bpf,
     snapshot::Snapshot,
@@ -63,6 +64,8 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
+// Parsed once per process: the size of `run`'s options costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: watch a source and keep the BPF maps equal to it.
@@ -129,9 +132,16 @@ pub struct SourceArgs {
     #[arg(long)]
     pub hostname_override: Option<String>,
     /// CIDRs of the node addresses NodePorts are served on (kube-proxy's
-    /// --nodeport-addresses); a family without any CIDR uses all its addresses.
+    /// --nodeport-addresses); a family without any CIDR uses all its addresses. `primary`
+    /// stands for the node's primary address of each family (--bind-address, else the Node
+    /// object's first InternalIP, then ExternalIP); a family without one serves no NodePort.
     #[arg(long, value_delimiter = ',')]
     pub nodeport_addresses: Vec<String>,
+    /// kube-proxy's --bind-address: binds nothing; a specific address is the node's primary
+    /// address of its family (for --nodeport-addresses primary), and an IPv6 one makes the
+    /// default health and metrics addresses IPv6.
+    #[arg(long)]
+    pub bind_address: Option<std::net::IpAddr>,
     /// Scheduler of Services without the `kube-bpf-proxy.io/scheduler` annotation: random
     /// (kube-proxy's), round-robin (rr), weighted-round-robin (wrr), source-hash (sh) or
     /// maglev (mh).
@@ -215,16 +225,10 @@ impl SourceArgs {
         })
     }
 
-    /// The CIDRs of --nodeport-addresses.
-    pub fn nodeport_cidrs(&self) -> anyhow::Result<Vec<crate::compile::Cidr>> {
-        self.nodeport_addresses
-            .iter()
-            .filter(|r| !r.is_empty())
-            .map(|raw| {
-                crate::compile::Cidr::parse(raw)
-                    .with_context(|| format!("--nodeport-addresses: {raw:?} is not a CIDR"))
-            })
-            .collect()
+    /// --nodeport-addresses with --bind-address.
+    pub fn nodeport_selection(&self) -> anyhow::Result<crate::compile::NodePortSelection> {
+        crate::compile::NodePortSelection::parse(&self.nodeport_addresses, self.bind_address)
+            .map_err(|why| anyhow::anyhow!("--nodeport-addresses: {why}"))
     }
 
     /// Runs the source until its first complete snapshot, completed with this node's NodePort
@@ -233,7 +237,8 @@ impl SourceArgs {
         let mut snapshot = self.source_snapshot(timeout)?;
         snapshot.config = self.config()?;
         let all = crate::datapath::netdev::local_addresses().unwrap_or_default();
-        snapshot.node.addresses = crate::compile::nodeport_addresses(&all, &self.nodeport_cidrs()?);
+        let prefixes = self.nodeport_selection()?.prefixes(&snapshot.node.primary);
+        snapshot.node.addresses = crate::compile::nodeport_addresses(&all, &prefixes);
         Ok(snapshot)
     }
 
@@ -252,8 +257,33 @@ impl SourceArgs {
 }
 
 pub fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `run --config` is read before logging starts: its `logging` section can set the level
+    // and format. What it did is logged once logging runs.
+    let mut notes = Vec::new();
+    let mut config_error = None;
+    if let Command::Run(RunArgs {
+        config: Some(path), ..
+    }) = &cli.command
+    {
+        match config::load(path) {
+            Ok((file, unused)) => {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+                notes = config::lay_under(&mut cli, &matches, &file, &unused, cpus);
+            }
+            Err(e) => config_error = Some(e),
+        }
+    }
     init_logging(&cli.log_level, cli.log_format);
+    for note in notes {
+        log::log!(note.level, "{}", note.text);
+    }
+    if let Some(e) = config_error {
+        log::error!("{e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Status(args) => status::status(&args),

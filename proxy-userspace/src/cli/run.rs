@@ -15,11 +15,11 @@ use std::{
 use anyhow::Context as _;
 
 use super::SourceArgs;
-use proxy_common::{maps as names, reason::Reason};
+use proxy_common::{ct::CtTimeouts, maps as names, reason::Reason};
 
 use crate::{
     agent::{self, Observers, SyncTiming},
-    compile::{Cidr, Family, nodeport_addresses},
+    compile::{Family, NodePortSelection, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
         caps, netdev, netns, podif,
@@ -34,6 +34,13 @@ use crate::{
 
 #[derive(clap::Args)]
 pub struct RunArgs {
+    /// kube-proxy's configuration file: a KubeProxyConfiguration
+    /// (kubeproxy.config.k8s.io/v1alpha1) in YAML or JSON, such as kubeadm's config.conf. Its
+    /// fields set the flags not given on the command line (flags win); fields without a meaning
+    /// here are listed in one warning; an invalid file stops the agent with an error naming the
+    /// field. The README lists how each field maps.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub source: SourceArgs,
     /// cgroup v2 directory to attach the socket hooks to (default: the cgroup2 root, so every
@@ -111,23 +118,73 @@ pub struct RunArgs {
     /// appear), glob patterns (`cali*`, `lxc*`, `veth*`, `eni*`, `gke*`), or `none`.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     pub pod_interfaces: Vec<String>,
-    /// Address for /metrics (Prometheus); empty disables it.
-    #[arg(long, default_value = "127.0.0.1:10249")]
-    pub metrics_bind_address: String,
-    /// Address for /healthz and /livez; empty disables it.
-    #[arg(long, default_value = "0.0.0.0:10256")]
-    pub healthz_bind_address: String,
+    /// Address for /metrics (Prometheus); empty disables it. Default 127.0.0.1:10249, or
+    /// [::1]:10249 with an IPv6 --bind-address.
+    #[arg(long)]
+    pub metrics_bind_address: Option<String>,
+    /// Address for /healthz and /livez; empty disables it. Default 0.0.0.0:10256, or
+    /// [::]:10256 with an IPv6 --bind-address.
+    #[arg(long)]
+    pub healthz_bind_address: Option<String>,
+    /// Exit when the metrics or health address cannot be bound (default: log and go on
+    /// without it).
+    #[arg(long)]
+    pub bind_address_hard_fail: bool,
+    /// Write this value to /proc/self/oom_score_adj at start (-1000 to 1000; kube-proxy's
+    /// default is -999). A failure is a warning. Default: left as it is.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    pub oom_score_adj: Option<i32>,
+    /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
+    /// duration: 6h, 90m, 1h30m). kube-proxy's flag of the same name sets the kernel's (24h).
+    #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not
+    /// (Go duration). kube-proxy's --conntrack-udp-timeout and --conntrack-udp-timeout-stream
+    /// both map here.
+    #[arg(long, default_value = "120s", value_parser = super::config::parse_go_duration)]
+    pub conntrack_udp_timeout: Duration,
 }
 
-/// Serves the HTTP endpoints; a bind failure is logged, not fatal (kube-proxy retries too).
-fn serve(what: &str, addr: &str, state: &Arc<HttpState>) {
+/// kube-proxy's default addresses for /healthz and /metrics: IPv6 when --bind-address is an
+/// IPv6 address, else IPv4 (semantics 11.10).
+pub fn default_http_addresses(bind_address: Option<IpAddr>) -> (&'static str, &'static str) {
+    match bind_address {
+        Some(IpAddr::V6(_)) => ("[::]:10256", "[::1]:10249"),
+        _ => ("0.0.0.0:10256", "127.0.0.1:10249"),
+    }
+}
+
+/// The collector's timeouts from the flags, in whole seconds (at least 1).
+fn ct_timeouts(tcp: Duration, udp: Duration) -> CtTimeouts {
+    let secs = |d: Duration| (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1);
+    CtTimeouts {
+        tcp_secs: secs(tcp),
+        other_secs: secs(udp),
+        ..CtTimeouts::DEFAULT
+    }
+}
+
+/// Writes `adj` to /proc/self/oom_score_adj; a failure (no CAP_SYS_RESOURCE to lower it) is a
+/// warning, as in kube-proxy.
+fn set_oom_score_adj(adj: i32) {
+    match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+        Ok(()) => log::info!("oom_score_adj set to {adj}"),
+        Err(e) => log::warn!("cannot set oom_score_adj to {adj}: {e}"),
+    }
+}
+
+/// Serves the HTTP endpoints; a bind failure is logged, not fatal (kube-proxy retries too),
+/// unless `hard_fail` (--bind-address-hard-fail).
+fn serve(what: &str, addr: &str, state: &Arc<HttpState>, hard_fail: bool) -> anyhow::Result<()> {
     if addr.is_empty() {
-        return;
+        return Ok(());
     }
     match http::serve(addr, Arc::clone(state)) {
         Ok(_) => log::info!("serving {what} on {addr}"),
+        Err(e) if hard_fail => anyhow::bail!("cannot serve {what} on {addr}: {e}"),
         Err(e) => log::error!("cannot serve {what} on {addr}: {e}"),
     }
+    Ok(())
 }
 
 /// Refreshes map fill levels and datapath counters in the metrics every few seconds.
@@ -355,7 +412,7 @@ impl PodInterfaceLink {
 fn add_node_state(
     rx: mpsc::Receiver<Snapshot>,
     tx: mpsc::Sender<Snapshot>,
-    cidrs: Vec<Cidr>,
+    selection: NodePortSelection,
     config: ProxyConfig,
     mut pods: Option<PodInterfaceLink>,
     ranged: Arc<std::sync::Mutex<netns::Targets>>,
@@ -381,8 +438,9 @@ fn add_node_state(
                 let mut changed = false;
                 if fresh || read_at.is_none_or(|t| t.elapsed() >= ADDRESS_POLL) {
                     read_at = Some(std::time::Instant::now());
+                    let primary = latest.as_ref().map_or(&[][..], |s| &s.node.primary[..]);
                     let now = match netdev::local_addresses() {
-                        Ok(all) => nodeport_addresses(&all, &cidrs),
+                        Ok(all) => nodeport_addresses(&all, &selection.prefixes(primary)),
                         Err(e) => {
                             log::warn!(
                                 "cannot read the node's addresses: {e}; keeping the last ones"
@@ -423,12 +481,12 @@ fn add_node_state(
 const CONNTRACK_GC: Duration = Duration::from_secs(10);
 
 /// Removes idle connection-tracking entries every few seconds.
-fn collect_conntrack(pin_dir: PathBuf) {
+fn collect_conntrack(pin_dir: PathBuf, timeouts: CtTimeouts) {
     thread::spawn(move || {
         loop {
             thread::sleep(CONNTRACK_GC);
             let result = bpf::Maps::open_pinned(&pin_dir)
-                .and_then(|mut m| m.collect_conntrack(bpf::monotonic_ns()));
+                .and_then(|mut m| m.collect_conntrack(bpf::monotonic_ns(), &timeouts));
             match result {
                 Ok((_, 0)) => {}
                 Ok((left, removed)) => {
@@ -468,6 +526,9 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    if let Some(adj) = args.oom_score_adj {
+        set_oom_score_adj(adj);
+    }
     let node = args.source.node_name();
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
@@ -494,7 +555,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         sock_revnat: args.max_sock_revnat.unwrap_or(flows),
         conntrack: args.max_conntrack.unwrap_or(flows),
     };
-    let nodeport_cidrs = args.source.nodeport_cidrs()?;
+    let nodeport_selection = args.source.nodeport_selection()?;
     let config = args.source.config()?;
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
     datapath.set_maglev_size(config.maglev_size)?;
@@ -593,8 +654,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = mpsc::channel();
-    add_node_state(source_rx, tx, nodeport_cidrs, config, pods, ranged)?;
-    collect_conntrack(args.bpffs.clone());
+    add_node_state(source_rx, tx, nodeport_selection, config, pods, ranged)?;
+    collect_conntrack(
+        args.bpffs.clone(),
+        ct_timeouts(
+            args.conntrack_tcp_timeout_established,
+            args.conntrack_udp_timeout,
+        ),
+    );
     let health = Arc::new(Health::new(
         DEFAULT_HEALTH_TIMEOUT,
         &families,
@@ -604,8 +671,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
     });
-    serve("metrics", &args.metrics_bind_address, &http_state);
-    serve("health checks", &args.healthz_bind_address, &http_state);
+    let (healthz_default, metrics_default) = default_http_addresses(args.source.bind_address);
+    let metrics_address = args
+        .metrics_bind_address
+        .as_deref()
+        .unwrap_or(metrics_default);
+    let healthz_address = args
+        .healthz_bind_address
+        .as_deref()
+        .unwrap_or(healthz_default);
+    serve(
+        "metrics",
+        metrics_address,
+        &http_state,
+        args.bind_address_hard_fail,
+    )?;
+    serve(
+        "health checks",
+        healthz_address,
+        &http_state,
+        args.bind_address_hard_fail,
+    )?;
     let map_counts = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     poll_kernel_counters(
         args.bpffs.clone(),

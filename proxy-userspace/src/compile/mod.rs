@@ -200,6 +200,67 @@ pub fn nodeport_addresses(all: &[IpAddr], cidrs: &[Cidr]) -> Vec<IpAddr> {
     out
 }
 
+/// `--nodeport-addresses`: CIDRs, and whether `primary` was named, with `--bind-address`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePortSelection {
+    pub cidrs: Vec<Cidr>,
+    /// `primary`: the node's primary address of each family (semantics 7.3).
+    pub primary: bool,
+    /// `--bind-address`: when a specific address, the primary address of its family
+    /// (semantics 10.2).
+    pub bind_address: Option<IpAddr>,
+}
+
+impl NodePortSelection {
+    /// Parses the flag's values: CIDRs (a bare address is a host prefix) and `primary`; empty
+    /// values are skipped.
+    pub fn parse(values: &[String], bind_address: Option<IpAddr>) -> Result<Self, String> {
+        let mut out = NodePortSelection {
+            bind_address,
+            ..Default::default()
+        };
+        for raw in values.iter().map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            if raw == "primary" {
+                out.primary = true;
+            } else {
+                out.cidrs
+                    .push(Cidr::parse(raw).ok_or_else(|| format!("{raw:?} is not a CIDR"))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The prefixes node addresses are filtered by ([`nodeport_addresses`]). With `primary`,
+    /// each family adds its primary address as a host prefix: `--bind-address` when specific,
+    /// else the Node object's (`node_primary`, [`NodeInfo::primary`]); a family with neither
+    /// adds its loopback address, which is never served, so it serves no NodePort (kube-proxy
+    /// assumes 127.0.0.1 and ::1 then, semantics 10.2).
+    pub fn prefixes(&self, node_primary: &[IpAddr]) -> Vec<Cidr> {
+        let mut out = self.cidrs.clone();
+        if self.primary {
+            let bind = self.bind_address.filter(|a| !a.is_unspecified());
+            for loopback in [
+                IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ] {
+                let family = Family::of(&loopback);
+                let primary = bind
+                    .filter(|a| Family::of(a) == family)
+                    .or_else(|| {
+                        node_primary
+                            .iter()
+                            .copied()
+                            .find(|a| Family::of(a) == family)
+                    })
+                    .unwrap_or(loopback);
+                let len = if primary.is_ipv4() { 32 } else { 128 };
+                out.push(Cidr { addr: primary, len });
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.scope == Scope::External {

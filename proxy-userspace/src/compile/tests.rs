@@ -1664,6 +1664,50 @@ fn nodeport_addresses_follow_the_cidrs_per_family() {
 }
 
 #[test]
+fn nodeport_addresses_primary_is_the_primary_address_of_each_family() {
+    // semantics 7.3, 10.2: --bind-address wins for its family, then the Node object's address;
+    // a family with neither serves no NodePort.
+    let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let all = ips(&["192.168.77.1", "10.244.0.1", "fd00:77::1", "fd00:77::2"]);
+    let values = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    let primary = NodePortSelection::parse(&values(&["primary"]), None).unwrap();
+    assert_eq!(
+        nodeport_addresses(&all, &primary.prefixes(&ips(&["10.244.0.1", "fd00:77::2"]))),
+        ips(&["10.244.0.1", "fd00:77::2"])
+    );
+    // No IPv6 primary address: no IPv6 NodePorts.
+    assert_eq!(
+        nodeport_addresses(&all, &primary.prefixes(&ips(&["10.244.0.1"]))),
+        ips(&["10.244.0.1"])
+    );
+    // Nothing known: nothing served.
+    assert_eq!(nodeport_addresses(&all, &primary.prefixes(&[])), ips(&[]));
+    let bound = NodePortSelection::parse(
+        &values(&["primary", "fd00:77::1/128"]),
+        Some("192.168.77.1".parse().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        nodeport_addresses(&all, &bound.prefixes(&ips(&["10.244.0.1"]))),
+        ips(&["192.168.77.1", "fd00:77::1"])
+    );
+    // An unspecified --bind-address names no address.
+    let unspecified =
+        NodePortSelection::parse(&values(&["primary"]), Some("0.0.0.0".parse().unwrap())).unwrap();
+    assert_eq!(
+        nodeport_addresses(&all, &unspecified.prefixes(&ips(&["10.244.0.1"]))),
+        ips(&["10.244.0.1"])
+    );
+    // Without primary the selection is its CIDRs.
+    let cidrs = NodePortSelection::parse(&values(&["192.168.77.0/24", ""]), None).unwrap();
+    assert_eq!(
+        cidrs.prefixes(&[]),
+        [Cidr::parse("192.168.77.0/24").unwrap()]
+    );
+    assert!(NodePortSelection::parse(&values(&["primary", "nonsense"]), None).is_err());
+}
+
+#[test]
 fn scheduler_from_annotation_flag_or_default() {
     // Issue #6: Maglev per Service (annotation) or globally (--scheduler); a bad value is
     // reported and falls back to the global scheduler.

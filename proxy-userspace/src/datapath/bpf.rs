@@ -27,7 +27,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
     config::{CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_SOCKET_TERMINATION, ConfigValue},
-    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
+    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts},
     info::{AgentState, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps as names, proto as proto_common,
@@ -345,8 +345,12 @@ impl Maps {
     }
 
     /// Removes connection-tracking entry pairs idle for longer than their timeout
-    /// (`ct::ct_timeout_secs`) at monotonic time `now_ns`. Returns (entries left, removed).
-    pub fn collect_conntrack(&mut self, now_ns: u64) -> anyhow::Result<(u64, u64)> {
+    /// (`timeouts`) at monotonic time `now_ns`. Returns (entries left, removed).
+    pub fn collect_conntrack(
+        &mut self,
+        now_ns: u64,
+        timeouts: &CtTimeouts,
+    ) -> anyhow::Result<(u64, u64)> {
         let release = self.release.as_ref();
         let (kept4, removed4) = collect(
             &mut self.ct4,
@@ -361,7 +365,11 @@ impl Maps {
                 _pad: [0; 3],
             },
             |v| (v.flags, v.last_seen_ns),
-            |k| k.proto,
+            |k, fwd, rev| {
+                timeouts
+                    .secs(k.proto, fwd, rev)
+                    .saturating_mul(1_000_000_000)
+            },
             release4(release),
         )?;
         let (kept6, removed6) = collect(
@@ -377,7 +385,11 @@ impl Maps {
                 _pad: [0; 3],
             },
             |v| (v.flags, v.last_seen_ns),
-            |k| k.proto,
+            |k, fwd, rev| {
+                timeouts
+                    .secs(k.proto, fwd, rev)
+                    .saturating_mul(1_000_000_000)
+            },
             release6(release),
         )?;
         Ok((kept4 + kept6, removed4 + removed6))
@@ -1178,22 +1190,23 @@ fn release6(program: Option<&Xdp>) -> impl Fn(&Ct6Key, &Ct6Value) -> bool + '_ {
 }
 
 /// One collection pass over a conntrack map. `other` gives the key of an entry's partner
-/// (the other direction), `meta` an entry's flags and last-seen time, `proto` a key's protocol,
-/// `release` gives back an entry's least-connection count before it goes (see `give_back`).
+/// (the other direction), `meta` an entry's flags and last-seen time, `timeout_ns` a pair's idle
+/// timeout from its key and the flags of both directions, `release` gives back an entry's
+/// least-connection count before it goes (see `give_back`).
 fn collect<K, V>(
     map: &mut HashMap<MapData, K, V>,
     now_ns: u64,
     what: &str,
     other: impl Fn(&K, &V) -> K,
     meta: impl Fn(&V) -> (u32, u64),
-    proto: impl Fn(&K) -> u8,
+    timeout_ns: impl Fn(&K, u32, u32) -> u64,
     release: impl Fn(&K, &V) -> bool,
 ) -> anyhow::Result<(u64, u64)>
 where
     K: aya::Pod + Ord,
     V: aya::Pod,
 {
-    use proxy_common::ct::{CT_REPLY, ct_timeout_secs};
+    use proxy_common::ct::CT_REPLY;
     let entries: BTreeMap<K, V> = dump_map(map, what)?.into_iter().collect();
     let mut expired = Vec::new();
     for (k, v) in &entries {
@@ -1205,8 +1218,7 @@ where
             None => (flags, flags),
         };
         let last = partner.map_or(seen, |(_, ps)| ps.max(seen));
-        let timeout_ns = ct_timeout_secs(proto(k), fwd, rev) * 1_000_000_000;
-        if now_ns.saturating_sub(last) > timeout_ns {
+        if now_ns.saturating_sub(last) > timeout_ns(k, fwd, rev) {
             expired.push(*k);
         }
     }

@@ -1,0 +1,841 @@
+//! `--config`: kube-proxy's file parsed, checked and laid under the command line.
+
+use clap::{CommandFactory as _, FromArgMatches as _};
+
+use super::*;
+
+/// The fields kubeadm writes into the kube-proxy ConfigMap's `config.conf` when nothing is
+/// customised (kubeadm's documented default KubeProxyConfiguration): every value is a zero
+/// value, which kube-proxy reads as "the default".
+const KUBEADM_DEFAULT: &str = "\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: \"\"
+  burst: 0
+  contentType: \"\"
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: \"\"
+configSyncPeriod: 0s
+conntrack:
+  maxPerCore: null
+  min: null
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: null
+  tcpEstablishedTimeout: null
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: \"\"
+  interfaceNamePrefix: \"\"
+detectLocalMode: \"\"
+enableProfiling: false
+healthzBindAddress: \"\"
+hostnameOverride: \"\"
+iptables:
+  localhostNodePorts: null
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: \"\"
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 0
+  options:
+    json:
+      infoBufferSize: \"0\"
+    text:
+      infoBufferSize: \"0\"
+  verbosity: 0
+metricsBindAddress: \"\"
+mode: \"\"
+nftables:
+  masqueradeAll: false
+  masqueradeBit: null
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: null
+portRange: \"\"
+showHiddenMetricsForVersion: \"\"
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: \"\"
+  rootHnsEndpointName: \"\"
+  sourceVip: \"\"
+";
+
+/// The file's header and `body`.
+fn doc(body: &str) -> String {
+    format!("apiVersion: {API_VERSION}\nkind: {KIND}\n{body}")
+}
+
+/// What `kube-bpf-proxy run FLAGS --config ...` ends up with: the command line parsed as
+/// `cli::main` parses it, the file laid under it, on a node with 4 CPUs.
+struct Outcome {
+    cli: Cli,
+    notes: Vec<Note>,
+}
+
+impl Outcome {
+    fn args(&self) -> &RunArgs {
+        match &self.cli.command {
+            Command::Run(args) => args,
+            _ => unreachable!("run was parsed"),
+        }
+    }
+
+    /// The notes of one level, without their "config: " prefix.
+    fn at(&self, level: log::Level) -> Vec<&str> {
+        self.notes
+            .iter()
+            .filter(|n| n.level == level)
+            .map(|n| n.text.strip_prefix("config: ").unwrap_or(&n.text))
+            .collect()
+    }
+
+    fn warnings(&self) -> Vec<&str> {
+        self.at(log::Level::Warn)
+    }
+}
+
+fn run_with(text: &str, flags: &[&str]) -> Outcome {
+    let (config, unused) = parse(text).unwrap_or_else(|e| panic!("parse: {e}\n{text}"));
+    let argv = ["kube-bpf-proxy", "run", "--config", "/dev/null"]
+        .into_iter()
+        .chain(flags.iter().copied());
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .unwrap_or_else(|e| panic!("flags {flags:?}: {e}"));
+    let mut cli = Cli::from_arg_matches(&matches).expect("from matches");
+    let notes = lay_under(&mut cli, &matches, &config, &unused, 4);
+    Outcome { cli, notes }
+}
+
+fn err(text: &str) -> String {
+    match parse(text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn config_kubeadm_default_is_all_defaults_and_draws_no_warning() {
+    let (config, unused) = parse(KUBEADM_DEFAULT).unwrap();
+    assert_eq!(unused, Vec::<String>::new());
+    assert_eq!(
+        config,
+        KubeProxyConfig {
+            kubeconfig: Some("/var/lib/kube-proxy/kubeconfig.conf".into()),
+            bind_address: Some("0.0.0.0".parse().unwrap()),
+            log_verbosity: Some(0),
+            ..Default::default()
+        }
+    );
+    let out = run_with(KUBEADM_DEFAULT, &[]);
+    assert_eq!(out.warnings(), Vec::<&str>::new());
+    let args = out.args();
+    assert_eq!(
+        args.source.kubeconfig.as_deref(),
+        Some(Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+    );
+    // Zero values keep this proxy's defaults, which are kube-proxy's where both have one.
+    assert_eq!(args.healthz_bind_address, None);
+    assert_eq!(args.metrics_bind_address, None);
+    assert_eq!(
+        super::super::run::default_http_addresses(args.source.bind_address),
+        ("0.0.0.0:10256", "127.0.0.1:10249")
+    );
+    assert_eq!(args.source.scheduler, "random");
+    assert_eq!(args.source.nodeport_addresses, Vec::<String>::new());
+    assert_eq!(args.source.hostname_override, None);
+    // configSyncPeriod 0s: our own read-back period, not kube-proxy's 15m.
+    assert_eq!(args.sync_period, Duration::from_secs(300));
+    assert_eq!(args.max_conntrack, None);
+    assert_eq!(args.pod_interfaces, ["auto"]);
+    assert_eq!(args.oom_score_adj, Some(OOM_SCORE_ADJ));
+    assert!(!args.bind_address_hard_fail);
+    assert_eq!(out.cli.log_level, "info");
+    assert_eq!(
+        out.at(log::Level::Info),
+        [
+            "mode \"\" (iptables): replaced by this proxy (BPF programs and maps instead of \
+             kube-proxy's rules)",
+            "detectLocalMode ClusterCIDR: not needed, local pods are recognised by the socket \
+             hooks and their interfaces (--pod-interfaces)",
+        ]
+    );
+}
+
+#[test]
+fn config_json_reads_like_yaml() {
+    let yaml: serde_yaml::Value = serde_yaml::from_str(KUBEADM_DEFAULT).unwrap();
+    let json = serde_json::to_string_pretty(&yaml).unwrap();
+    assert_eq!(parse(&json), parse(KUBEADM_DEFAULT));
+    assert!(parse(&json).is_ok());
+}
+
+#[test]
+fn config_every_honoured_field_sets_its_flag() {
+    let text = doc("
+hostnameOverride: ' Node-A '
+clientConnection: {kubeconfig: /etc/kp.conf}
+bindAddress: 192.0.2.10
+healthzBindAddress: 192.0.2.10
+metricsBindAddress: '[::1]:9999'
+bindAddressHardFail: true
+mode: ipvs
+ipvs: {scheduler: wrr, strictARP: true}
+detectLocalMode: BridgeInterface
+detectLocal: {bridgeInterface: cni0}
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+nodePortAddresses: [primary, 192.0.2.0/24]
+configSyncPeriod: 15m0s
+conntrack: {maxPerCore: 1000, min: 1, tcpEstablishedTimeout: 2h30m, udpTimeout: 30s, udpStreamTimeout: 300s, tcpBeLiberal: true}
+oomScoreAdj: -500
+logging: {format: json, verbosity: 4}
+featureGates: {PreferSameTrafficDistribution: true}
+");
+    let out = run_with(&text, &[]);
+    let args = out.args();
+    assert_eq!(args.source.hostname_override.as_deref(), Some("Node-A"));
+    assert_eq!(args.source.node_name(), "node-a");
+    assert_eq!(
+        args.source.kubeconfig.as_deref(),
+        Some(Path::new("/etc/kp.conf"))
+    );
+    assert_eq!(
+        args.source.bind_address,
+        Some("192.0.2.10".parse().unwrap())
+    );
+    assert_eq!(
+        args.healthz_bind_address.as_deref(),
+        Some("192.0.2.10:10256")
+    );
+    assert_eq!(args.metrics_bind_address.as_deref(), Some("[::1]:9999"));
+    assert!(args.bind_address_hard_fail);
+    assert_eq!(args.source.scheduler, "weighted-round-robin");
+    assert_eq!(args.pod_interfaces, ["auto", "cni0"]);
+    assert_eq!(args.source.nodeport_addresses, ["primary", "192.0.2.0/24"]);
+    let selection = args.source.nodeport_selection().unwrap();
+    assert!(selection.primary);
+    assert_eq!(selection.bind_address, args.source.bind_address);
+    assert_eq!(args.sync_period, Duration::from_secs(900));
+    // max(1000 x 4 CPUs, 1)
+    assert_eq!(args.max_conntrack, Some(4000));
+    assert_eq!(
+        args.conntrack_tcp_timeout_established,
+        Duration::from_secs(9000)
+    );
+    // The longer of udpTimeout and udpStreamTimeout.
+    assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(300));
+    assert_eq!(args.oom_score_adj, Some(-500));
+    assert_eq!(out.cli.log_format, LogFormat::Json);
+    assert_eq!(out.cli.log_level, "debug");
+    assert_eq!(out.warnings(), Vec::<&str>::new());
+    let info = out.at(log::Level::Info);
+    assert!(info.contains(&"ipvs.scheduler wrr: --scheduler weighted-round-robin"));
+    assert!(info.contains(&"detectLocalMode BridgeInterface: --pod-interfaces auto,cni0"));
+    assert!(
+        info.iter()
+            .any(|n| n.starts_with("ipvs.strictARP: not applicable"))
+    );
+    assert!(
+        info.iter()
+            .any(|n| n.starts_with("clusterCIDR: not needed"))
+    );
+    assert!(
+        info.iter()
+            .any(|n| n.starts_with("mode ipvs: replaced by this proxy"))
+    );
+}
+
+#[test]
+fn config_flags_on_the_command_line_win_over_the_file() {
+    let text = doc("
+hostnameOverride: node-a
+clientConnection: {kubeconfig: /etc/kp.conf}
+bindAddress: '2001:db8::1'
+healthzBindAddress: 0.0.0.0:1
+metricsBindAddress: 0.0.0.0:2
+ipvs: {scheduler: mh}
+detectLocalMode: InterfaceNamePrefix
+detectLocal: {interfaceNamePrefix: cali}
+nodePortAddresses: [10.0.0.0/8]
+configSyncPeriod: 1h
+conntrack: {maxPerCore: 10, tcpEstablishedTimeout: 1h, udpTimeout: 1m}
+oomScoreAdj: 100
+logging: {format: json, verbosity: 6}
+");
+    let flags = [
+        "--hostname-override=node-b",
+        "--kubeconfig=/root/.kube/config",
+        "--bind-address=192.0.2.1",
+        "--healthz-bind-address=",
+        "--metrics-bind-address=127.0.0.1:3",
+        "--scheduler=rr",
+        "--pod-interfaces=none",
+        "--nodeport-addresses=192.0.2.0/24",
+        "--sync-period=10m",
+        "--max-conntrack=5",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-udp-timeout=3m",
+        "--oom-score-adj=-1000",
+        "--log-level=warn",
+        "--log-format=text",
+    ];
+    let out = run_with(&text, &flags);
+    let args = out.args();
+    assert_eq!(args.source.hostname_override.as_deref(), Some("node-b"));
+    assert_eq!(
+        args.source.kubeconfig.as_deref(),
+        Some(Path::new("/root/.kube/config"))
+    );
+    assert_eq!(args.source.bind_address, Some("192.0.2.1".parse().unwrap()));
+    assert_eq!(args.healthz_bind_address.as_deref(), Some(""));
+    assert_eq!(args.metrics_bind_address.as_deref(), Some("127.0.0.1:3"));
+    assert_eq!(args.source.scheduler, "rr");
+    assert_eq!(args.pod_interfaces, ["none"]);
+    assert_eq!(args.source.nodeport_addresses, ["192.0.2.0/24"]);
+    assert_eq!(args.sync_period, Duration::from_secs(600));
+    assert_eq!(args.max_conntrack, Some(5));
+    assert_eq!(
+        args.conntrack_tcp_timeout_established,
+        Duration::from_secs(7200)
+    );
+    assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(180));
+    assert_eq!(args.oom_score_adj, Some(-1000));
+    assert_eq!(out.cli.log_level, "warn");
+    assert_eq!(out.cli.log_format, LogFormat::Text);
+    let debug = out.at(log::Level::Debug);
+    for field in [
+        "hostnameOverride: --hostname-override",
+        "clientConnection.kubeconfig: --kubeconfig",
+        "bindAddress: --bind-address",
+        "ipvs.scheduler: --scheduler",
+        "detectLocalMode: --pod-interfaces",
+        "conntrack.maxPerCore: --max-conntrack",
+        "logging.verbosity: --log-level",
+    ] {
+        assert!(
+            debug.contains(&format!("{field} given on the command line wins").as_str()),
+            "{field}: {debug:?}"
+        );
+    }
+}
+
+#[test]
+fn config_global_logging_flags_count_as_given_after_run_too() {
+    // `--log-level` is global: given before or after `run`, it wins over logging.verbosity.
+    let text = doc("logging: {verbosity: 9}");
+    let (config, unused) = parse(&text).unwrap();
+    for argv in [
+        &["kube-bpf-proxy", "--log-level", "error", "run"][..],
+        &["kube-bpf-proxy", "run", "--log-level", "error"][..],
+    ] {
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap();
+        lay_under(&mut cli, &matches, &config, &unused, 1);
+        assert_eq!(cli.log_level, "error", "{argv:?}");
+    }
+    assert_eq!(run_with(&text, &[]).cli.log_level, "trace");
+}
+
+#[test]
+fn config_ipv6_bind_address_moves_the_default_http_addresses() {
+    let out = run_with(&doc("bindAddress: '::'"), &[]);
+    assert_eq!(out.args().healthz_bind_address, None);
+    assert_eq!(
+        super::super::run::default_http_addresses(out.args().source.bind_address),
+        ("[::]:10256", "[::1]:10249")
+    );
+    let out = run_with(
+        &doc("healthzBindAddress: '::'\nmetricsBindAddress: 10.0.0.1:99"),
+        &[],
+    );
+    assert_eq!(
+        out.args().healthz_bind_address.as_deref(),
+        Some("[::]:10256")
+    );
+    assert_eq!(
+        out.args().metrics_bind_address.as_deref(),
+        Some("10.0.0.1:99")
+    );
+}
+
+#[test]
+fn config_ipvs_schedulers_map_to_ours_with_a_warning_where_approximated() {
+    for (name, ours, approximated) in [
+        ("rr", Scheduler::RoundRobin, false),
+        ("wrr", Scheduler::WeightedRoundRobin, false),
+        ("lc", Scheduler::LeastConnection, false),
+        ("wlc", Scheduler::WeightedLeastConnection, false),
+        ("sh", Scheduler::SourceHash, false),
+        ("mh", Scheduler::Maglev, false),
+        ("sed", Scheduler::LeastConnection, true),
+        ("nq", Scheduler::LeastConnection, true),
+        ("dh", Scheduler::SourceHash, true),
+        ("lblc", Scheduler::SourceHash, true),
+        ("lblcr", Scheduler::SourceHash, true),
+    ] {
+        let out = run_with(
+            &doc(&format!("mode: ipvs\nipvs: {{scheduler: {name}}}")),
+            &[],
+        );
+        assert_eq!(out.args().source.scheduler, ours.as_str(), "{name}");
+        // The flag's value parses back to the same scheduler.
+        assert_eq!(Scheduler::parse(&out.args().source.scheduler), Ok(ours));
+        let warnings = out.warnings();
+        if approximated {
+            assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
+            assert!(
+                warnings[0].starts_with(&format!(
+                    "ipvs.scheduler {name}: --scheduler {} instead: ",
+                    ours.as_str()
+                )),
+                "{warnings:?}"
+            );
+        } else {
+            assert_eq!(warnings, Vec::<&str>::new(), "{name}");
+        }
+    }
+    let sed = run_with(&doc("ipvs: {scheduler: sed}"), &[]);
+    assert!(sed.warnings()[0].contains("not implemented yet"));
+    assert!(sed.warnings()[0].ends_with("(kube-proxy itself reads it in ipvs mode only)"));
+    let dh = run_with(&doc("ipvs: {scheduler: dh}"), &[]);
+    assert!(dh.warnings()[0].contains("single Service address"));
+    // Empty: the default scheduler.
+    let empty = run_with(&doc("ipvs: {scheduler: ''}"), &[]);
+    assert_eq!(empty.args().source.scheduler, "random");
+}
+
+#[test]
+fn config_conntrack_size_follows_kube_proxys_formula() {
+    let size = |body: &str, cpus: u32| {
+        let (config, unused) = parse(&doc(body)).unwrap();
+        let matches = Cli::command()
+            .try_get_matches_from(["kube-bpf-proxy", "run"])
+            .unwrap();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap();
+        lay_under(&mut cli, &matches, &config, &unused, cpus);
+        match cli.command {
+            Command::Run(args) => args.max_conntrack,
+            _ => unreachable!(),
+        }
+    };
+    // Both null: this proxy's memory-based default.
+    assert_eq!(size("conntrack: {}", 8), None);
+    // One set: the other takes kube-proxy's default.
+    assert_eq!(size("conntrack: {maxPerCore: 1000}", 8), Some(131072));
+    assert_eq!(size("conntrack: {maxPerCore: 65536}", 8), Some(524288));
+    assert_eq!(size("conntrack: {min: 10}", 2), Some(65536));
+    assert_eq!(size("conntrack: {min: 1000000}", 2), Some(1000000));
+    // maxPerCore 0 leaves the size alone, min included.
+    assert_eq!(size("conntrack: {maxPerCore: 0, min: 5000000}", 2), None);
+    // Never more than the flag holds.
+    assert_eq!(
+        size("conntrack: {maxPerCore: 2147483647}", 1024),
+        Some(u32::MAX)
+    );
+}
+
+#[test]
+fn config_detect_local_modes() {
+    let pods = |body: &str| run_with(&doc(body), &[]).args().pod_interfaces.clone();
+    assert_eq!(
+        pods("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: cali}"),
+        ["auto", "cali*"]
+    );
+    assert_eq!(
+        pods("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: cbr0}"),
+        ["auto", "cbr0"]
+    );
+    assert_eq!(pods("detectLocalMode: NodeCIDR"), ["auto"]);
+    assert_eq!(
+        pods("detectLocalMode: ClusterCIDR\nclusterCIDR: 10.244.0.0/16"),
+        ["auto"]
+    );
+    let out = run_with(&doc("clusterCIDR: 10.244.0.0/16"), &[]);
+    assert!(out.at(log::Level::Info).contains(
+        &"detectLocalMode ClusterCIDR and clusterCIDR 10.244.0.0/16: not needed, local pods are \
+          recognised by the socket hooks and their interfaces (--pod-interfaces)"
+    ));
+    // A detectLocal field the mode does not use is listed.
+    let (_, unused) = parse(&doc(
+        "detectLocalMode: NodeCIDR\ndetectLocal: {bridgeInterface: cni0}",
+    ))
+    .unwrap();
+    assert_eq!(unused, ["detectLocal.bridgeInterface"]);
+}
+
+#[test]
+fn config_node_port_address_keywords_expand() {
+    let list = |body: &str| {
+        let out = run_with(&doc(body), &[]);
+        (
+            out.args().source.nodeport_addresses.clone(),
+            out.warnings().len(),
+        )
+    };
+    assert_eq!(
+        list("nodePortAddresses: [all]"),
+        (vec!["0.0.0.0/0".to_string(), "::/0".to_string()], 0)
+    );
+    assert_eq!(
+        list("nodePortAddresses: [localhost, 10.1.2.3/8]"),
+        (
+            vec![
+                "127.0.0.0/8".to_string(),
+                "::1/128".to_string(),
+                "10.0.0.0/8".to_string()
+            ],
+            1
+        )
+    );
+    assert_eq!(list("nodePortAddresses: []"), (Vec::new(), 0));
+    let out = run_with(&doc("nodePortAddresses: [localhost]"), &[]);
+    assert_eq!(
+        out.warnings(),
+        ["nodePortAddresses localhost: NodePorts are never served on loopback addresses here"]
+    );
+    // Every expansion is a valid --nodeport-addresses.
+    assert!(out.args().source.nodeport_selection().is_ok());
+}
+
+#[test]
+fn config_fields_not_used_here_are_listed_once() {
+    let text = doc("
+iptables: {masqueradeAll: true, masqueradeBit: 14, localhostNodePorts: false, syncPeriod: 30s, minSyncPeriod: 0s}
+nftables: {masqueradeBit: null}
+ipvs: {excludeCIDRs: [10.0.0.0/8], tcpTimeout: 0s}
+winkernel: {networkName: l2bridge, enableDSR: false}
+clientConnection: {qps: 5, burst: 10, contentType: application/vnd.kubernetes.protobuf}
+conntrack: {tcpCloseWaitTimeout: 1h}
+featureGates: {NFTablesProxyMode: true, SomethingNew: false, TopologyAwareHints: true}
+logging: {flushFrequency: 5s}
+enableProfiling: true
+udpIdleTimeout: 250ms
+unknownTopLevel: null
+conntrack2: {a: 1}
+");
+    let (_, unused) = parse(&text).unwrap();
+    assert_eq!(
+        unused,
+        [
+            "clientConnection.burst",
+            "clientConnection.contentType",
+            "clientConnection.qps",
+            "conntrack.tcpCloseWaitTimeout",
+            "conntrack2",
+            "enableProfiling",
+            "featureGates.NFTablesProxyMode",
+            "featureGates.SomethingNew",
+            "iptables.localhostNodePorts",
+            "iptables.masqueradeAll",
+            "iptables.masqueradeBit",
+            "iptables.syncPeriod",
+            "ipvs.excludeCIDRs",
+            "logging.flushFrequency",
+            "udpIdleTimeout",
+            "unknownTopLevel",
+            "winkernel.networkName",
+        ]
+    );
+    let out = run_with(&text, &[]);
+    let warnings = out.warnings();
+    assert_eq!(
+        warnings
+            .iter()
+            .filter(|w| w.starts_with("fields not used by kube-bpf-proxy: "))
+            .count(),
+        1,
+        "{warnings:?}"
+    );
+    assert!(warnings.contains(
+        &"fields not used by kube-bpf-proxy: clientConnection.burst, clientConnection.contentType, \
+          clientConnection.qps, conntrack.tcpCloseWaitTimeout, conntrack2, enableProfiling, \
+          featureGates.NFTablesProxyMode, featureGates.SomethingNew, iptables.localhostNodePorts, \
+          iptables.masqueradeAll, iptables.masqueradeBit, iptables.syncPeriod, ipvs.excludeCIDRs, \
+          logging.flushFrequency, udpIdleTimeout, unknownTopLevel, winkernel.networkName"
+    ));
+    // JSON content is what this proxy speaks anyway.
+    let (_, unused) = parse(&doc("clientConnection: {contentType: application/json}")).unwrap();
+    assert!(unused.is_empty());
+}
+
+#[test]
+fn config_feature_gates_always_on_here_warn_when_turned_off() {
+    let out = run_with(
+        &doc("featureGates: {PreferSameTrafficDistribution: false, LoadBalancerIPMode: true}"),
+        &[],
+    );
+    assert_eq!(
+        out.warnings(),
+        [
+            "featureGates.PreferSameTrafficDistribution=false: not honoured, this proxy always \
+          reads forNodes hints (PreferSameNode, semantics 5.5)"
+        ]
+    );
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    for (body, want) in [
+        (
+            "conntrack: {maxPerCore: x}",
+            "conntrack.maxPerCore: expected an integer, got \"x\"",
+        ),
+        (
+            "conntrack: {maxPerCore: 1.5}",
+            "conntrack.maxPerCore: expected an integer, got 1.5",
+        ),
+        ("conntrack: {min: -1}", "conntrack.min: -1 is negative"),
+        (
+            "conntrack: {maxPerCore: 4294967296}",
+            "conntrack.maxPerCore: 4294967296 is out of range for a 32-bit integer",
+        ),
+        (
+            "conntrack: {tcpEstablishedTimeout: 5}",
+            "conntrack.tcpEstablishedTimeout: expected a duration such as \"15m0s\", got 5",
+        ),
+        (
+            "configSyncPeriod: 1d",
+            "configSyncPeriod: \"1d\" is not a duration such as \"15m0s\" or \"300ms\": unknown \
+             unit \"d\"",
+        ),
+        (
+            "configSyncPeriod: -5s",
+            "configSyncPeriod: \"-5s\": a duration here must not be negative",
+        ),
+        (
+            "iptables: {syncPeriod: soon}",
+            "iptables.syncPeriod: \"soon\" is not a duration such as \"15m0s\" or \"300ms\": \
+             expected a number",
+        ),
+        (
+            "iptables: {masqueradeAll: 1}",
+            "iptables.masqueradeAll: expected a boolean, got 1",
+        ),
+        ("iptables: 5", "iptables: expected a mapping, got 5"),
+        (
+            "hostnameOverride: [a]",
+            "hostnameOverride: expected a string, got a list",
+        ),
+        (
+            "hostnameOverride: 123",
+            "hostnameOverride: expected a string, got 123",
+        ),
+        (
+            "bindAddress: localhost",
+            "bindAddress: \"localhost\" is not an IP address",
+        ),
+        (
+            "healthzBindAddress: 'host:1'",
+            "healthzBindAddress: \"host:1\" is not IP:port or an IP address",
+        ),
+        (
+            "bindAddressHardFail: yes",
+            "bindAddressHardFail: expected a boolean, got \"yes\"",
+        ),
+        (
+            "mode: userspace",
+            "mode: unknown mode \"userspace\" (iptables, ipvs, nftables or empty)",
+        ),
+        (
+            "mode: kernelspace",
+            "mode: kernelspace is kube-proxy's Windows mode",
+        ),
+        (
+            "ipvs: {scheduler: fo}",
+            "ipvs.scheduler: \"fo\" is not a scheduler",
+        ),
+        (
+            "ipvs: {excludeCIDRs: [1]}",
+            "ipvs.excludeCIDRs: expected a list of strings, got a list",
+        ),
+        (
+            "detectLocalMode: Bridge",
+            "detectLocalMode: unknown mode \"Bridge\"",
+        ),
+        (
+            "detectLocalMode: BridgeInterface",
+            "detectLocal.bridgeInterface: required with detectLocalMode BridgeInterface",
+        ),
+        (
+            "detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: a/b}",
+            "detectLocal.bridgeInterface: \"a/b\" is not an interface name",
+        ),
+        (
+            "detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: 'cali*'}",
+            "detectLocal.interfaceNamePrefix: \"cali*\" is not the start of an interface name",
+        ),
+        (
+            "clusterCIDR: 10.244.0.0",
+            "clusterCIDR: \"10.244.0.0\" is not a CIDR",
+        ),
+        (
+            "clusterCIDR: 10.0.0.0/8,10.1.0.0/16",
+            "clusterCIDR: \"10.0.0.0/8,10.1.0.0/16\" has more than one CIDR of a family",
+        ),
+        (
+            "nodePortAddresses: [everywhere]",
+            "nodePortAddresses: \"everywhere\" is not a CIDR or one of primary, all, localhost",
+        ),
+        (
+            "nodePortAddresses: primary",
+            "nodePortAddresses: expected a list of strings, got \"primary\"",
+        ),
+        (
+            "oomScoreAdj: -1001",
+            "oomScoreAdj: -1001 is outside -1000..=1000",
+        ),
+        (
+            "oomScoreAdj: '5'",
+            "oomScoreAdj: expected an integer, got \"5\"",
+        ),
+        (
+            "logging: {format: xml}",
+            "logging.format: \"xml\" is not text or json",
+        ),
+        (
+            "logging: {verbosity: -1}",
+            "logging.verbosity: -1 is negative",
+        ),
+        (
+            "featureGates: {LoadBalancerIPMode: 'true'}",
+            "featureGates.LoadBalancerIPMode: expected a boolean, got \"true\"",
+        ),
+        (
+            "featureGates: [a]",
+            "featureGates: expected a mapping of gate names to booleans, got a list",
+        ),
+        (
+            "clientConnection: {qps: fast}",
+            "clientConnection.qps: expected a number, got \"fast\"",
+        ),
+        (
+            "clientConnection: {kubeconfig: 7}",
+            "clientConnection.kubeconfig: expected a string, got 7",
+        ),
+    ] {
+        let got = err(&doc(body));
+        assert!(got.starts_with(want), "{body}:\n got {got}\nwant {want}");
+    }
+}
+
+#[test]
+fn config_errors_on_the_document_itself() {
+    assert_eq!(
+        err("kind: KubeProxyConfiguration\n"),
+        "apiVersion (missing) is not supported (expected kubeproxy.config.k8s.io/v1alpha1)"
+    );
+    assert_eq!(
+        err("apiVersion: kubeproxy.config.k8s.io/v1alpha2\nkind: KubeProxyConfiguration\n"),
+        "apiVersion \"kubeproxy.config.k8s.io/v1alpha2\" is not supported (expected \
+         kubeproxy.config.k8s.io/v1alpha1)"
+    );
+    assert_eq!(
+        err("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeletConfiguration\n"),
+        "kind \"KubeletConfiguration\" is not supported (expected KubeProxyConfiguration)"
+    );
+    assert_eq!(
+        err("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"),
+        "kind (missing) is not supported (expected KubeProxyConfiguration)"
+    );
+    assert_eq!(
+        err(""),
+        "expected a KubeProxyConfiguration mapping, got nothing"
+    );
+    assert_eq!(
+        err("- a\n- b\n"),
+        "expected a KubeProxyConfiguration mapping, got a list"
+    );
+    assert!(err("a: [\n").starts_with("not YAML or JSON: "));
+    assert!(err("{\"apiVersion\": ").starts_with("not YAML or JSON: "));
+    assert!(err(&doc("mode: a\nmode: b")).starts_with("not YAML or JSON: "));
+    // A key that is no string, number or boolean has no field name.
+    assert!(err(&doc("? [a]\n: b")).starts_with("not YAML or JSON: "));
+    // A number is a (strange) field name.
+    assert_eq!(parse(&doc("1: a")).unwrap().1, ["1"]);
+    assert!(err("---\na: 1\n---\nb: 2\n").starts_with("not YAML or JSON: "));
+}
+
+#[test]
+fn config_load_names_the_file() {
+    let missing = load(Path::new("/nonexistent/kube-proxy.conf")).unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .starts_with("--config /nonexistent/kube-proxy.conf: "),
+        "{missing}"
+    );
+}
+
+/// Every field of kubeadm's file, and every mapping holding them, with values of every kind:
+/// the result is a value or an error, never a panic, and a value can be applied.
+#[test]
+fn config_any_value_in_any_field_never_panics() {
+    let base: Value =
+        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(KUBEADM_DEFAULT).unwrap())
+            .unwrap();
+    let mut paths: Vec<Vec<String>> = Vec::new();
+    fn walk(v: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        if let Value::Object(m) = v {
+            for (k, child) in m {
+                at.push(k.clone());
+                out.push(at.clone());
+                walk(child, at, out);
+                at.pop();
+            }
+        }
+    }
+    walk(&base, &mut Vec::new(), &mut paths);
+    let odd: Vec<Value> = serde_json::from_str(
+        r#"[null, true, false, 0, -1, 1.5, 1e300, 18446744073709551615, -9223372036854775808,
+            "", "x", "0", "0s", "-5s", "1h", "99999999999h", "primary", "::", "1.2.3.4:99999",
+            [], ["x"], [1], {}, {"a": 1}, {"x": {"y": []}}]"#,
+    )
+    .unwrap();
+    let mut tried = 0;
+    for path in &paths {
+        for value in &odd {
+            let mut tree = base.clone();
+            let mut at = &mut tree;
+            for key in &path[..path.len() - 1] {
+                at = &mut at[key.as_str()];
+            }
+            at[path[path.len() - 1].as_str()] = value.clone();
+            let text = serde_json::to_string(&tree).unwrap();
+            if let Ok((config, unused)) = parse(&text) {
+                let matches = Cli::command()
+                    .try_get_matches_from(["kube-bpf-proxy", "run"])
+                    .unwrap();
+                let mut cli = Cli::from_arg_matches(&matches).unwrap();
+                lay_under(&mut cli, &matches, &config, &unused, 64);
+            }
+            tried += 1;
+        }
+    }
+    assert!(tried > 1000, "{tried}");
+}
+
+proptest::proptest! {
+    /// Arbitrary text, and arbitrary text after a valid header, is parsed or refused.
+    #[test]
+    fn config_parse_never_panics(text in "\\PC{0,200}", body in "[a-zA-Z:{}\\[\\], \\n0-9.\"'-]{0,200}") {
+        let _ = parse(&text);
+        let _ = parse(&doc(&body));
+    }
+}

@@ -1,0 +1,80 @@
+//! `kube-bpf-proxy run --config FILE` as a user meets it: a bad file stops the agent before
+//! anything privileged, with an error naming the field (no root needed).
+
+use std::{path::PathBuf, process::Command};
+
+/// A file in the temporary directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("kbp-config-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs the agent with `args`; returns (exit code, stderr).
+fn agent(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
+        .args(args)
+        .output()
+        .expect("run kube-bpf-proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn config_file_with_a_wrong_type_stops_the_agent_naming_the_field() {
+    let file = TempFile::new(
+        "bad.yaml",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         conntrack:\n  maxPerCore: x\n",
+    );
+    let path = file.0.to_str().unwrap();
+    let (code, stderr) = agent(&["run", "--config", path]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--config {path}: conntrack.maxPerCore: expected an integer, got \"x\""
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_file_of_another_kind_or_missing_stops_the_agent() {
+    let file = TempFile::new(
+        "kubelet.yaml",
+        "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n",
+    );
+    let (code, stderr) = agent(&["run", "--config", file.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("apiVersion \"kubelet.config.k8s.io/v1beta1\" is not supported"),
+        "{stderr}"
+    );
+    let (code, stderr) = agent(&["run", "--config", "/nonexistent/config.conf"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--config /nonexistent/config.conf: "),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_flag_is_in_the_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
+        .args(["run", "--help"])
+        .output()
+        .expect("run kube-bpf-proxy");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--config <FILE>"), "{help}");
+    assert!(help.contains("KubeProxyConfiguration"), "{help}");
+}
