@@ -249,3 +249,156 @@ fn upgrade_over_maps_of_an_older_layout_replaces_them() {
         "{body}"
     );
 }
+
+/// `verify` against the agent's manifests: (exit code, output).
+fn verify(env: &Env) -> (i32, String) {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .arg("verify")
+            .arg("--manifests")
+            .arg(&env.agent.manifests)
+            .args(["--hostname-override", NODE, "--bpffs"])
+            .arg(&env.agent.pin_dir)
+            .output()
+            .expect("run verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// An agent killed with SIGKILL in the middle of a burst of changes (200 Services whose
+/// endpoints move every round, rounds written back to back): a Service the burst does not
+/// touch fails no connection, before, during and after; the burst goes on while no agent runs,
+/// and the restarted agent converges on the last round: `verify` finds the maps equal to the
+/// objects, and a churned Service answers from its last backends.
+#[test]
+fn sigkill_in_a_burst_of_changes_converges_on_restart() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    let pods: Vec<String> = env.topo.pods.iter().map(|p| p.ip4.to_string()).collect();
+    env.agent.write_manifest(
+        "steady.yaml",
+        &[
+            service_yaml("steady", &["10.96.0.10"], &[HTTP], ""),
+            slice_yaml(
+                "steady-1",
+                "steady",
+                "IPv4",
+                &[HTTP],
+                &[ep(&pods[1]), ep(&pods[2])],
+            ),
+        ]
+        .join("---\n"),
+    );
+    let steady: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, steady, &["pod-2", "pod-3"]);
+    // Round r: Service i has pod-2, or pod-3 and pod-4, or pod-4, turn by turn.
+    let churn = |round: usize| -> String {
+        let mut docs = Vec::new();
+        for i in 0..200 {
+            let name = format!("churn-{i}");
+            let vip = format!("10.97.{}.{}", i / 250, i % 250 + 1);
+            docs.push(service_yaml(&name, &[&vip], &[HTTP], ""));
+            let eps = match (round + i) % 3 {
+                0 => vec![ep(&pods[1])],
+                1 => vec![ep(&pods[2]), ep(&pods[3])],
+                _ => vec![ep(&pods[3])],
+            };
+            docs.push(slice_yaml(
+                &format!("{name}-1"),
+                &name,
+                "IPv4",
+                &[HTTP],
+                &eps,
+            ));
+        }
+        docs.join("---\n")
+    };
+    const ROUNDS: usize = 12;
+    const KILLED_AT: usize = 5;
+    let stop = AtomicBool::new(false);
+    let batches = AtomicUsize::new(0);
+    let (attempted, failed) = std::thread::scope(|s| {
+        let topo = &env.topo;
+        let (stop, batches) = (&stop, &batches);
+        let client = s.spawn(move || {
+            let (mut attempted, mut failed) = (0, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for r in topo.request(0, Proto::Tcp, steady, 10) {
+                    attempted += 1;
+                    if !r.ok {
+                        failed.push(r);
+                    }
+                }
+                batches.fetch_add(1, Ordering::Relaxed);
+            }
+            (attempted, failed)
+        });
+        let wait_batches = |n: usize| {
+            let target = batches.load(Ordering::Relaxed) + n;
+            tests::poll_until("client batches", Duration::from_secs(30), || {
+                if batches.load(Ordering::Relaxed) >= target {
+                    Ok(())
+                } else {
+                    Err("running".into())
+                }
+            });
+        };
+        wait_batches(2);
+        for round in 0..ROUNDS {
+            env.agent.write_manifest("churn.yaml", &churn(round));
+            if round == KILLED_AT {
+                // The agent is woken by the write and syncing 200 Services: killed mid-burst.
+                std::thread::sleep(Duration::from_millis(5));
+                env.agent.kill();
+                wait_batches(2);
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let from = env.agent.log_position();
+        env.agent.start();
+        env.agent
+            .wait_for_log(from, "synced:", Duration::from_secs(20));
+        wait_batches(3);
+        stop.store(true, Ordering::Relaxed);
+        client.join().expect("client thread")
+    });
+    eprintln!(
+        "burst: {attempted} connections to the untouched Service, {} failed",
+        failed.len()
+    );
+    assert!(
+        attempted >= 70,
+        "too few connections to mean anything: {attempted}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {attempted} failed: {failed:?}",
+        failed.len()
+    );
+    // The maps hold the last round, nothing of the earlier ones.
+    tests::poll_until(
+        "verify finds the maps in sync",
+        Duration::from_secs(30),
+        || {
+            let (code, out) = verify(&env);
+            if code == 0 && out.contains("in sync") {
+                Ok(())
+            } else {
+                Err(out)
+            }
+        },
+    );
+    // Service 0 in the last round: (ROUNDS - 1) % 3 == 2, pod-4 alone.
+    let churned: SocketAddr = "10.97.0.1:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, churned, &["pod-4"]);
+}
