@@ -239,6 +239,9 @@ pub fn sync_once(
         maglev_failures,
         writes,
     } = written;
+    if planned_all {
+        release_freed_memory();
+    }
     if !failed.is_empty() {
         pipeline.full_next = true;
     }
@@ -272,6 +275,18 @@ pub fn sync_once(
         update,
         planned_all,
     })
+}
+
+/// Gives the heap a full sync freed (its plans, the objects and compiled state it replaced) back
+/// to the system. glibc keeps freed memory for later allocations otherwise, and the agent's
+/// RSS is what an operator sees; a full sync is rare, so its cost (a walk of the free lists)
+/// does not matter.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// What the writes of one sync did so far.

@@ -1321,9 +1321,26 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
         .filter(|l| l.starts_with("kube source"))
         .map(|l| format!("- {l}"))
         .collect();
+    // The agent's sync alone, into in-memory maps, with the heap each stage holds
+    // (proxy-userspace/examples/plan_scale.rs).
+    let mut stages = Vec::new();
+    for size in ["10", "100"] {
+        eprintln!("    10000 x {size}: the sync into in-memory maps, heap by stage");
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["run", "--release", "-p", "proxy-userspace", "--example"])
+            .args(["plan_scale", "--", "10000", size, "40"])
+            .stderr(std::process::Stdio::null())
+            .output()?;
+        stages.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| format!("- {l}")),
+        );
+    }
     Ok(format!(
-        "### Control plane at 10,000 Services (`cargo xtask bench --control-plane`)\n\n{rows}\n{memory}\nThrough the Kubernetes source (the tests' API server double, the agent's sync into in-memory maps):\n{}\n",
-        kube.join("\n")
+        "### Control plane at 10,000 Services (`cargo xtask bench --control-plane`)\n\n{rows}\n{memory}\nThrough the Kubernetes source (the tests' API server double, the agent's sync into in-memory maps):\n{}\n\nThe sync alone into in-memory maps, and the heap each stage holds (`plan_scale`; a stage's heap is what a copy of it allocates):\n{}\n",
+        kube.join("\n"),
+        stages.join("\n")
     ))
 }
 
