@@ -231,6 +231,35 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert_eq!(json(&out)["in_sync"], false);
 }
 
+/// `status --wait` returns 0 once the running agent has programmed a sync, and 1 with the
+/// reason when it has not within `--timeout` (here: no agent runs any more).
+#[test]
+fn status_wait_exits_once_a_sync_is_programmed() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    // Started, maybe not synced yet: --wait waits for it.
+    let (code, out) = cli(&env, &["status", "--wait", "--timeout", "30s"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("running"), "{out}");
+    assert!(!out.contains(" 0 syncs"), "waited for a sync: {out}");
+    env.agent.kill();
+    let started = std::time::Instant::now();
+    let out = Command::new(workspace_binary("kube-bpf-proxy"))
+        .args(["status", "--wait", "--timeout", "500ms", "--bpffs"])
+        .arg(&env.agent.pin_dir)
+        .output()
+        .expect("run kube-bpf-proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not running"), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the timeout bounds the wait"
+    );
+}
+
 #[test]
 fn cleanup_leaves_nothing_behind() {
     if !privileged() {

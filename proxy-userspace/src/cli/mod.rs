@@ -71,7 +71,7 @@ enum Command {
     /// Run the agent: watch a source and keep the BPF maps equal to it.
     Run(run::RunArgs),
     /// Attached hooks, map fill levels, agent version and last sync, datapath counters.
-    Status(InspectArgs),
+    Status(status::StatusArgs),
     /// Every frontend with its backends, as the kernel's maps hold them.
     Services(InspectArgs),
     /// Why a client's next connection to a frontend goes where it goes.

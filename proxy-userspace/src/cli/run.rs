@@ -525,7 +525,23 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 filesystem is mounted")
 }
 
+/// Two heap arenas at most, unless `MALLOC_ARENA_MAX` says otherwise: glibc gives every thread
+/// that allocates its own arena (up to 8 per CPU), and memory freed in one (the sources parsing
+/// objects) is not reused by another (the sync); measured at 10,000 Services x 100 endpoints,
+/// the agent's RSS was 565 MiB with the default and 332 MiB with two. Before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt changes an allocator setting; no allocation is in flight in another
+        // thread (none runs yet).
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     if let Some(adj) = args.oom_score_adj {
         set_oom_score_adj(adj);
     }

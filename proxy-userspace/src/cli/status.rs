@@ -68,7 +68,61 @@ struct StatusView {
     counters: Vec<Counter>,
 }
 
-pub fn status(args: &InspectArgs) -> anyhow::Result<()> {
+/// `status`'s arguments.
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// Wait until a running agent has programmed its first sync, then print the status; exit
+    /// 1 if it has not within `--timeout` (for scripts and readiness probes).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits (a duration: 90s, 5m, 1h30m).
+    #[arg(long, default_value = "60s", value_parser = super::config::parse_go_duration)]
+    pub timeout: std::time::Duration,
+}
+
+/// Why the agent under `bpffs` has not programmed a sync yet, or `None` once it has: its pins
+/// exist, the process that wrote them runs, and it has completed a sync.
+fn not_ready(bpffs: &std::path::Path) -> Option<String> {
+    let agent = match Maps::open_pinned(bpffs).and_then(|m| m.agent_state()) {
+        Ok(agent) => agent,
+        Err(e) => return Some(format!("no agent state under {}: {e:#}", bpffs.display())),
+    };
+    if agent.pid == 0 || !std::path::Path::new(&format!("/proc/{}", agent.pid)).exists() {
+        return Some(format!("the agent (pid {}) is not running", agent.pid));
+    }
+    if agent.syncs == 0 {
+        return Some(match agent.sync_failures {
+            0 => format!("the agent (pid {}) has not completed a sync yet", agent.pid),
+            n => format!(
+                "the agent (pid {}) has failed {n} sync(s) and completed none",
+                agent.pid
+            ),
+        });
+    }
+    None
+}
+
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    if args.wait {
+        let deadline = std::time::Instant::now() + args.timeout;
+        loop {
+            match not_ready(&args.inspect.bpffs) {
+                None => break,
+                Some(why) if std::time::Instant::now() >= deadline => {
+                    // Exit 1, as a readiness probe reads it (2 is for errors).
+                    log::error!("not ready after {:?}: {why}", args.timeout);
+                    std::process::exit(1);
+                }
+                Some(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    }
+    show(&args.inspect)
+}
+
+fn show(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
     let memlock: std::collections::BTreeMap<&str, u64> =
         bpf::map_memlock(&args.bpffs)?.into_iter().collect();
