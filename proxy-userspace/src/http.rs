@@ -1,22 +1,37 @@
-//! A minimal HTTP/1.1 server on std's TcpListener: /metrics, /healthz and /livez here, and the
-//! per-Service health check servers of [`crate::healthcheck`] through [`Handler`].
+//! HTTP/1 for /metrics, /healthz and /livez, and for the per-Service health check servers of
+//! [`crate::healthcheck`] through [`Handler`]: hyper on one small tokio runtime owned by this
+//! module, so the thread-based rest of the agent only hands it bound listeners.
 //!
-//! One thread accepts; each connection gets a short-lived thread (at most
-//! [`MAX_CONNECTIONS`] at once; beyond that new connections are closed unanswered). A request
-//! head may be at most [`MAX_REQUEST_HEAD`] bytes and must arrive within [`REQUEST_DEADLINE`].
-//! Request bodies are never read. Every response closes the connection.
+//! Each listener has an accept task and each connection a task of its own; there is no cap on
+//! connections, so idle, slow or broken clients cost memory, never another client's answer.
+//! Per connection: the request head must arrive within [`HEADER_DEADLINE`] of the accept and
+//! fit in [`MAX_REQUEST_HEAD`] bytes (else 431); a request body is read and dropped, up to
+//! [`MAX_REQUEST_BODY`] bytes (else 413); the whole exchange must be over within
+//! [`CONNECTION_DEADLINE`]. A connection carries one request: responses to HTTP/1.1 say
+//! `Connection: close`, so no connection sits idle between requests.
 
 use std::{
-    io::{self, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs},
+    convert::Infallible,
+    io,
+    net::{SocketAddr, TcpListener, ToSocketAddrs},
     os::fd::AsRawFd as _,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
     },
-    thread::{self, JoinHandle},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
+
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::{
+    StatusCode,
+    body::{Body as _, Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::runtime::{Handle, Runtime};
 
 use crate::{
     health::{Health, Probe},
@@ -25,15 +40,16 @@ use crate::{
 
 /// Largest accepted request line plus headers.
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head.
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// Time allowed for writing a response.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long, and how much, a closing connection's remaining input is drained.
-const LINGER: Duration = Duration::from_millis(500);
-const MAX_DRAIN: usize = 64 * 1024;
-/// Connections served at once.
-pub const MAX_CONNECTIONS: usize = 32;
+/// Largest request body read (and dropped); nothing here needs one.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Time a client has, from the accept, to send its request head.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
+/// Time a connection may live, from the accept to the end of the response.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (e.g. EMFILE), so the accept task does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Worker threads of the runtime: two, so rendering /metrics never holds up /healthz.
+const WORKER_THREADS: usize = 2;
 
 /// What the server answers from.
 pub struct HttpState {
@@ -41,138 +57,35 @@ pub struct HttpState {
     pub health: Arc<Health>,
 }
 
-/// Binds `addr` and serves `state` on a background thread. Bind errors are returned (the
-/// caller decides whether they are fatal); the thread runs for the life of the process.
-pub fn serve(addr: impl ToSocketAddrs, state: Arc<HttpState>) -> io::Result<JoinHandle<()>> {
+/// Binds `addr` and serves `state` on it for the life of the process. Bind errors are
+/// returned (the caller decides whether they are fatal); the address bound is returned.
+pub fn serve(addr: impl ToSocketAddrs, state: Arc<HttpState>) -> io::Result<SocketAddr> {
     serve_listener(TcpListener::bind(addr)?, state)
 }
 
 /// [`serve`] on an already bound listener.
-pub fn serve_listener(listener: TcpListener, state: Arc<HttpState>) -> io::Result<JoinHandle<()>> {
-    spawn_accept(Arc::new(listener), state, Arc::new(AtomicBool::new(false)))
+pub fn serve_listener(listener: TcpListener, state: Arc<HttpState>) -> io::Result<SocketAddr> {
+    let server = Server::start(listener, state)?;
+    let addr = server.local_addr();
+    server.detach();
+    Ok(addr)
 }
 
-/// One parsed request, as a [`Handler`] sees it.
+/// One request, as a [`Handler`] sees it.
 pub(crate) struct Request<'a> {
     pub method: &'a str,
-    /// The request target without query string or fragment.
+    /// The request target's path, without query string.
     pub path: &'a str,
 }
 
-/// Answers requests whose head parsed; HEAD responses lose their body afterwards.
+/// Answers requests whose head parsed (and whose body, if any, was within the limit); HEAD
+/// responses lose their body on the way out.
 pub(crate) trait Handler: Send + Sync + 'static {
     fn handle(&self, request: &Request<'_>) -> Response;
 }
 
-/// A server started by [`Server::start`] that can be stopped: the health check servers come
-/// and go with Services, unlike /metrics and /healthz.
-pub(crate) struct Server {
-    listener: Arc<TcpListener>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    /// Serves `handler` on `listener` until [`Server::stop`] (or drop).
-    pub fn start(listener: TcpListener, handler: Arc<dyn Handler>) -> io::Result<Server> {
-        let listener = Arc::new(listener);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn_accept(Arc::clone(&listener), handler, Arc::clone(&stop))?;
-        Ok(Server {
-            listener,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops accepting and closes the listening socket before returning, so the port is free
-    /// again (connections being answered finish on their own threads).
-    pub fn stop(mut self) {
-        self.shut();
-    }
-
-    fn shut(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stop.store(true, Ordering::Release);
-        // Shutting a listening socket down makes a blocked accept() fail at once (Linux); the
-        // loop then sees the flag.
-        // SAFETY: shutdown(2) on a descriptor this Server keeps open.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        let _ = thread.join();
-        // The accept thread's reference is gone; dropping ours closes the socket.
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shut();
-    }
-}
-
-fn spawn_accept(
-    listener: Arc<TcpListener>,
-    handler: Arc<dyn Handler>,
-    stop: Arc<AtomicBool>,
-) -> io::Result<JoinHandle<()>> {
-    let name = match listener.local_addr() {
-        Ok(a) => format!("http {a}"),
-        Err(_) => "http".into(),
-    };
-    thread::Builder::new()
-        .name(name)
-        .spawn(move || accept_loop(&listener, handler, &stop))
-}
-
-fn accept_loop(listener: &TcpListener, handler: Arc<dyn Handler>, stop: &AtomicBool) {
-    let active = Arc::new(AtomicUsize::new(0));
-    loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // E.g. EMFILE; don't spin.
-                log::debug!("http accept: {e}");
-                thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::AcqRel);
-            drop(stream);
-            continue;
-        }
-        let handler = handler.clone();
-        let guard = ActiveGuard(active.clone());
-        let spawned = thread::Builder::new()
-            .name("http conn".into())
-            .spawn(move || {
-                let _guard = guard;
-                if let Err(e) = handle_connection(stream, handler.as_ref()) {
-                    log::debug!("http connection: {e}");
-                }
-            });
-        if let Err(e) = spawned {
-            // The closure, stream and guard were dropped with the error.
-            log::warn!("http: cannot start a connection thread: {e}");
-        }
-    }
-}
-
-struct ActiveGuard(Arc<AtomicUsize>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A response about to be written. Content-Length, `X-Content-Type-Options: nosniff` and
-/// `Connection: close` are always added.
+/// A response about to be written. Content-Length and `X-Content-Type-Options: nosniff` are
+/// always added, and `Connection: close` in answer to HTTP/1.1.
 pub(crate) struct Response {
     pub status: u16,
     pub content_type: &'static str,
@@ -191,126 +104,238 @@ impl Response {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
+/// How long a connection may take; [`Limits::DEFAULT`] everywhere but in tests.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// From the accept until the request head has been read.
+    pub header: Duration,
+    /// From the accept until the response has been written.
+    pub connection: Duration,
 }
 
-enum Head {
-    Complete(Vec<u8>),
-    TooLarge,
-    TimedOut,
-    Closed,
-}
-
-/// Reads until the blank line ending the request head, within the size and time limits.
-fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
-    let mut buf = vec![0u8; MAX_REQUEST_HEAD];
-    let mut len = 0;
-    loop {
-        if let Some(end) = head_end(&buf[..len]) {
-            buf.truncate(end);
-            return Ok(Head::Complete(buf));
-        }
-        if len == buf.len() {
-            return Ok(Head::TooLarge);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(Head::TimedOut);
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf[len..]) {
-            Ok(0) => return Ok(Head::Closed),
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(Head::TimedOut);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Length of the head including its terminating blank line (CRLF CRLF, or bare LF LF).
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn handle_connection(mut stream: TcpStream, handler: &dyn Handler) -> io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let (response, head_only) = match read_head(&mut stream)? {
-        Head::Closed => return Ok(()),
-        Head::TimedOut => (Response::text(408, "request timeout\n"), false),
-        Head::TooLarge => (Response::text(431, "request head too large\n"), false),
-        Head::Complete(head) => respond(&head, handler),
+impl Limits {
+    pub const DEFAULT: Limits = Limits {
+        header: HEADER_DEADLINE,
+        connection: CONNECTION_DEADLINE,
     };
-    write_response(&mut stream, &response, head_only)?;
-    stream.flush()?;
-    let _ = stream.shutdown(Shutdown::Write);
-    drain(&mut stream);
-    Ok(())
 }
 
-/// Reads (and discards) what the client still sends, briefly, before closing: closing a
-/// socket with unread input sends a reset, which can destroy the response in flight.
-fn drain(stream: &mut TcpStream) {
-    let deadline = Instant::now() + LINGER;
-    let mut buf = [0u8; 4096];
-    let mut total = 0;
-    while total < MAX_DRAIN {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+/// The runtime every server runs on, started at first use. Its threads inherit the
+/// capabilities of the thread that starts it; `cli::run` starts the servers after dropping
+/// capabilities, so they hold the reduced set.
+fn runtime() -> io::Result<Handle> {
+    static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
+    let mut slot = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(runtime) = &*slot {
+        return Ok(runtime.handle().clone());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
+        .thread_name("http")
+        .enable_io()
+        .enable_time()
+        .build()?;
+    Ok(slot.insert(runtime).handle().clone())
+}
+
+/// A listener being served, stopped by [`Server::stop`] or drop: the health check servers come
+/// and go with Services, unlike /metrics and /healthz.
+pub(crate) struct Server {
+    runtime: Handle,
+    accept: Option<tokio::task::JoinHandle<()>>,
+    addr: SocketAddr,
+    /// Connections accepted and not closed yet.
+    #[cfg_attr(not(test), expect(dead_code, reason = "only tests read it"))]
+    open: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Serves `handler` on `listener` until [`Server::stop`] (or drop).
+    pub fn start(listener: TcpListener, handler: Arc<dyn Handler>) -> io::Result<Server> {
+        Server::start_with(listener, handler, Limits::DEFAULT)
+    }
+
+    /// [`Server::start`] with other deadlines.
+    pub(crate) fn start_with(
+        listener: TcpListener,
+        handler: Arc<dyn Handler>,
+        limits: Limits,
+    ) -> io::Result<Server> {
+        let addr = listener.local_addr()?;
+        // An accept queue as long as the system allows (net.core.somaxconn), as Go's listeners
+        // (so kube-proxy's) have: with std's 128, a burst of connections has SYNs dropped, and
+        // a probe among them waits a second for its retry.
+        // SAFETY: listen(2) again on a listening socket only sets its backlog, which the kernel
+        // caps at somaxconn.
+        if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        listener.set_nonblocking(true)?;
+        let runtime = runtime()?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let open = Arc::new(AtomicUsize::new(0));
+        let accept = runtime.spawn(accept_loop(listener, handler, limits, Arc::clone(&open)));
+        Ok(Server {
+            runtime,
+            accept: Some(accept),
+            addr,
+            open,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted and not closed yet.
+    #[cfg(test)]
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Keeps serving for the life of the process.
+    fn detach(mut self) {
+        // Dropping a task's JoinHandle leaves the task running.
+        self.accept = None;
+    }
+
+    /// Stops accepting and closes the listening socket before returning, so the port is free
+    /// again. Connections already accepted finish on their own, within their deadlines.
+    pub fn stop(mut self) {
+        self.shut();
+    }
+
+    fn shut(&mut self) {
+        let Some(accept) = self.accept.take() else {
             return;
-        }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => total += n,
+        };
+        accept.abort();
+        // The task's JoinHandle completes once the task, and the listener it owns, has been
+        // dropped. Waiting for that from inside a runtime would block one of its threads;
+        // there the port closes a moment later instead.
+        if Handle::try_current().is_err() {
+            let _ = self.runtime.block_on(accept);
         }
     }
 }
 
-/// Parses one request head and asks `handler`; the bool is true for HEAD (headers only).
-fn respond(head: &[u8], handler: &dyn Handler) -> (Response, bool) {
-    let Ok(head) = std::str::from_utf8(head) else {
-        return (Response::text(400, "bad request\n"), false);
-    };
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return (Response::text(400, "bad request\n"), false);
-    };
-    if !version.starts_with("HTTP/") {
-        return (Response::text(400, "bad request\n"), false);
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shut();
     }
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return (Response::text(505, "HTTP version not supported\n"), false);
+}
+
+/// Counts a connection as open while it lives.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Ordering::AcqRel);
+        OpenGuard(Arc::clone(open))
     }
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    let response = handler.handle(&Request { method, path });
-    (response, method == "HEAD")
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    handler: Arc<dyn Handler>,
+    limits: Limits,
+    open: Arc<AtomicUsize>,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header)
+        .max_header_size(MAX_REQUEST_HEAD)
+        .keep_alive(false)
+        // A client that shuts its sending side after the request still gets the answer.
+        .half_close(true)
+        // Header names as Go's net/http (kube-proxy) writes them.
+        .title_case_headers(true);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::debug!("http accept: {e}");
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
+        };
+        let handler = Arc::clone(&handler);
+        let service = service_fn(move |request| answer(Arc::clone(&handler), request));
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let guard = OpenGuard::new(&open);
+        tokio::spawn(async move {
+            let _guard = guard;
+            match tokio::time::timeout(limits.connection, connection).await {
+                Ok(Ok(())) => {}
+                // Header deadline, malformed or too large head (answered 400 or 431 first),
+                // client gone.
+                Ok(Err(e)) => log::debug!("http connection: {e}"),
+                Err(_) => log::debug!(
+                    "http connection: not done after {:?}, closed",
+                    limits.connection
+                ),
+            }
+            // Dropping the connection closes the socket.
+        });
+    }
+}
+
+/// Reads and drops the request body (closing a socket with unread input sends a reset, which
+/// can destroy the response in flight), then asks `handler`.
+async fn answer(
+    handler: Arc<dyn Handler>,
+    request: hyper::Request<Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let (head, body) = request.into_parts();
+    let too_large = || Response::text(413, "request body too large\n");
+    let response = if body.size_hint().lower() > MAX_REQUEST_BODY as u64 {
+        too_large()
+    } else {
+        match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+            Ok(_) => handler.handle(&Request {
+                method: head.method.as_str(),
+                path: head.uri.path(),
+            }),
+            Err(e) if e.is::<LengthLimitError>() => too_large(),
+            // A broken body (bad chunk, client gone): nobody may be reading, but say why.
+            Err(_) => Response::text(400, "bad request\n"),
+        }
+    };
+    Ok(into_hyper(response))
+}
+
+fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
+    let mut builder = hyper::Response::builder()
+        .status(r.status)
+        .header(header::CONTENT_TYPE, r.content_type)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    for (name, value) in r.extra_headers {
+        builder = builder.header(name, value);
+    }
+    builder
+        .body(Full::new(Bytes::from(r.body)))
+        .unwrap_or_else(|e| {
+            // An invalid status or header value: a bug here, not the client's fault.
+            log::warn!("http: cannot send a response: {e}");
+            let mut fallback =
+                hyper::Response::new(Full::new(Bytes::from_static(b"internal server error\n")));
+            *fallback.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            fallback
+        })
 }
 
 impl Handler for HttpState {
@@ -350,241 +375,5 @@ impl Handler for HttpState {
     }
 }
 
-fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-         X-Content-Type-Options: nosniff\r\nConnection: close\r\n",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    for (k, v) in &r.extra_headers {
-        out.push_str(k);
-        out.push_str(": ");
-        out.push_str(v);
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    if !head_only {
-        bytes.extend_from_slice(&r.body);
-    }
-    stream.write_all(&bytes)
-}
-
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::{compile::Family, health::DEFAULT_HEALTH_TIMEOUT};
-
-    struct Reply {
-        status: u16,
-        headers: BTreeMap<String, String>,
-        body: String,
-    }
-
-    fn start() -> (std::net::SocketAddr, Arc<HttpState>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(HttpState {
-            metrics: Arc::new(Metrics::new("1.2.3", &[Family::V4])),
-            health: Arc::new(Health::new(
-                DEFAULT_HEALTH_TIMEOUT,
-                &[Family::V4],
-                SystemTime::now(),
-            )),
-        });
-        serve_listener(listener, state.clone()).unwrap();
-        (addr, state)
-    }
-
-    /// Sends raw bytes, reads until the server closes, parses the response.
-    fn raw(addr: std::net::SocketAddr, request: &[u8]) -> Reply {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.write_all(request).unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).unwrap();
-        let text = String::from_utf8(buf).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").expect("head/body");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
-        let status = status_line[9..12].parse().unwrap();
-        let headers: BTreeMap<String, String> = lines
-            .map(|l| {
-                let (k, v) = l.split_once(": ").unwrap();
-                (k.to_ascii_lowercase(), v.to_string())
-            })
-            .collect();
-        if let Some(len) = headers.get("content-length")
-            && !request.starts_with(b"HEAD ")
-        {
-            assert_eq!(len.parse::<usize>().unwrap(), body.len());
-        }
-        Reply {
-            status,
-            headers,
-            body: body.to_string(),
-        }
-    }
-
-    fn get(addr: std::net::SocketAddr, path: &str) -> Reply {
-        raw(
-            addr,
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nUser-Agent: t\r\n\r\n").as_bytes(),
-        )
-    }
-
-    #[test]
-    fn metrics_endpoint() {
-        let (addr, state) = start();
-        state.metrics.map_update_error("services");
-        let r = get(addr, "/metrics");
-        assert_eq!(r.status, 200);
-        assert_eq!(r.headers["content-type"], metrics::CONTENT_TYPE);
-        assert_eq!(r.headers["connection"], "close");
-        assert!(
-            r.body
-                .contains("# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram\n")
-        );
-        assert!(
-            r.body
-                .contains("kube_bpf_proxy_map_update_errors_total{map=\"services\"} 1\n")
-        );
-        assert!(
-            r.body
-                .contains("kube_bpf_proxy_build_info{version=\"1.2.3\"} 1\n")
-        );
-        // Query strings are ignored.
-        assert_eq!(get(addr, "/metrics?x=1").status, 200);
-    }
-
-    #[test]
-    fn health_endpoints() {
-        let (addr, state) = start();
-        for path in ["/healthz", "/livez"] {
-            let r = get(addr, path);
-            assert_eq!(r.status, 200, "{path}");
-            assert_eq!(r.headers["content-type"], "application/json");
-            assert_eq!(r.headers["x-content-type-options"], "nosniff");
-            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            assert_eq!(v["healthy"], true);
-            assert_eq!(v["status"]["IPv4"]["healthy"], true);
-            assert!(v["currentTime"].as_str().unwrap().ends_with('Z'));
-            assert_eq!(v.get("nodeEligible").is_some(), path == "/healthz");
-        }
-
-        // A change queued long ago and never synced: both 503.
-        state
-            .health
-            .queued(SystemTime::now() - DEFAULT_HEALTH_TIMEOUT - Duration::from_secs(1));
-        for path in ["/healthz", "/livez"] {
-            let r = get(addr, path);
-            assert_eq!(r.status, 503, "{path}");
-            assert_eq!(r.headers["content-type"], "application/json");
-            assert_eq!(r.headers["x-content-type-options"], "nosniff");
-            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            assert_eq!(v["healthy"], false);
-        }
-
-        // Synced, but the Node is going away: only /healthz fails.
-        state.health.synced(SystemTime::now());
-        state.health.set_node_eligible(false);
-        assert_eq!(get(addr, "/healthz").status, 503);
-        assert_eq!(get(addr, "/livez").status, 200);
-
-        let text = state.metrics.render();
-        assert!(text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1\n"));
-        assert!(text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2\n"));
-        assert!(text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 2\n"));
-        assert!(text.contains("kubeproxy_proxy_livez_total{code=\"503\"} 1\n"));
-    }
-
-    #[test]
-    fn errors_and_methods() {
-        let (addr, _) = start();
-        assert_eq!(get(addr, "/nope").status, 404);
-
-        let r = raw(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(r.status, 405);
-        assert_eq!(r.headers["allow"], "GET, HEAD");
-
-        let r = raw(addr, b"HEAD /livez HTTP/1.1\r\n\r\n");
-        assert_eq!(r.status, 200);
-        assert_eq!(r.headers["content-type"], "application/json");
-        assert!(r.body.is_empty());
-        assert!(r.headers["content-length"].parse::<usize>().unwrap() > 0);
-
-        // HTTP/1.0 and bare LF line ends are accepted.
-        assert_eq!(raw(addr, b"GET /livez HTTP/1.0\n\n").status, 200);
-
-        assert_eq!(raw(addr, b"garbage\r\n\r\n").status, 400);
-        assert_eq!(raw(addr, b"GET /livez HTTP/2.0\r\n\r\n").status, 505);
-
-        // An over-long head is refused without waiting for its end.
-        let mut big = b"GET /metrics HTTP/1.1\r\nX-Big: ".to_vec();
-        big.resize(MAX_REQUEST_HEAD + 100, b'a');
-        assert_eq!(raw(addr, &big).status, 431);
-    }
-
-    #[test]
-    fn partial_request_then_close_is_dropped_and_server_keeps_going() {
-        let (addr, _) = start();
-        {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(b"GET /metr").unwrap();
-            s.shutdown(Shutdown::Write).unwrap();
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).unwrap();
-            assert!(buf.is_empty());
-        }
-        // Requests split over several writes are reassembled.
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /livez HT").unwrap();
-        thread::sleep(Duration::from_millis(50));
-        s.write_all(b"TP/1.1\r\nHost: x\r\n").unwrap();
-        thread::sleep(Duration::from_millis(50));
-        s.write_all(b"\r\n").unwrap();
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).unwrap();
-        assert!(buf.starts_with("HTTP/1.1 200 OK\r\n"), "{buf}");
-    }
-
-    #[test]
-    fn concurrent_clients() {
-        let (addr, _) = start();
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                thread::spawn(move || {
-                    for _ in 0..10 {
-                        assert_eq!(get(addr, "/metrics").status, 200);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-    }
-
-    #[test]
-    fn bind_failure_is_returned() {
-        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-        let state = Arc::new(HttpState {
-            metrics: Arc::new(Metrics::new("v", &[])),
-            health: Arc::new(Health::new(Duration::from_secs(1), &[], SystemTime::now())),
-        });
-        assert!(serve(taken.local_addr().unwrap(), state).is_err());
-    }
-
-    #[test]
-    fn head_end_detection() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
-        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(16));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
-    }
-}
+pub(crate) mod tests;

@@ -410,3 +410,101 @@ fn bind_failure_is_counted_and_retried() {
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 0\n"));
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"serving\"} 2\n"));
 }
+
+/// issue #21: a cloud load balancer's probes of /healthz and of a healthCheckNodePort are
+/// answered at once while 1,000 idle connections and some slow-loris ones (a request line one
+/// byte at a time) are open to each port; those are all closed at the header deadline, and a
+/// health check server still stops promptly. The servers run as the agent runs them.
+#[test]
+fn idle_and_slow_loris_connections_delay_no_probe() {
+    use std::time::Instant;
+
+    use crate::http::{
+        HEADER_DEADLINE, HttpState,
+        tests::{
+            Held, SlowLoris, hold_idle, raise_nofile_limit, timed_get, wait_closed, wait_until,
+        },
+    };
+
+    const IDLE: usize = 1000;
+    const SLOW: usize = 20;
+    const PROBES: usize = 5;
+    const BOUND: Duration = Duration::from_millis(100);
+    // Both ends of every connection, in this process, plus room for the other tests.
+    raise_nofile_limit(4 * (IDLE + SLOW) as u64 + 1000);
+
+    let (hc, proxy, metrics) = servers();
+    let healthz = crate::http::Server::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        Arc::new(HttpState {
+            metrics,
+            health: proxy,
+        }),
+    )
+    .unwrap();
+    let healthz_addr = healthz.local_addr();
+    let port = free_port();
+    hc.update(&BTreeMap::from([(port, health("web", 2))]));
+    let hc_addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    let idle: Vec<Held> = [healthz_addr, hc_addr]
+        .iter()
+        .flat_map(|&addr| hold_idle(addr, IDLE))
+        .collect();
+    let slow = [
+        SlowLoris::start(healthz_addr, SLOW),
+        SlowLoris::start(hc_addr, SLOW),
+    ];
+    // Every connection is accepted and held by the servers before the probes.
+    let open = |port| lock(&hc.state).running[&port].server.open_connections();
+    wait_until(Duration::from_secs(10), || {
+        let (a, b) = (healthz.open_connections(), open(port));
+        (
+            a >= IDLE + SLOW && b >= IDLE + SLOW,
+            format!("/healthz holds {a}, the health check port {b}"),
+        )
+    });
+
+    let mut took = Vec::new();
+    for (addr, path, status) in [(healthz_addr, "/healthz", 200), (hc_addr, "/", 200)] {
+        let mut times: Vec<Duration> = (0..PROBES)
+            .map(|_| {
+                let (got, t) = timed_get(addr, path);
+                assert_eq!(got, status, "{addr}{path}");
+                t
+            })
+            .collect();
+        times.sort();
+        eprintln!("{path} on {addr} with {IDLE} idle and {SLOW} slow-loris connections: {times:?}");
+        took.push((path, times[PROBES - 1]));
+    }
+    for (path, worst) in took {
+        assert!(worst < BOUND, "{path} took {worst:?}");
+    }
+
+    // Stopping a health check server closes its port at once, connections held or not.
+    let stop = Instant::now();
+    hc.update(&BTreeMap::new());
+    let stopped = stop.elapsed();
+    eprintln!("health check server stopped in {stopped:?}");
+    let e = get(port, "/").err().expect("connection refused");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    assert!(stopped < Duration::from_secs(1), "{stopped:?}");
+
+    // Every held connection is closed by the server at the header deadline, not before.
+    let held: Vec<&Held> = idle
+        .iter()
+        .chain(slow.iter().flat_map(|s| &s.held))
+        .collect();
+    let closed = wait_closed(&held, HEADER_DEADLINE + Duration::from_secs(10));
+    let (first, last) = (closed.iter().min().unwrap(), closed.iter().max().unwrap());
+    eprintln!(
+        "{} held connections closed {first:?} to {last:?} after opening",
+        held.len()
+    );
+    assert!(*first >= HEADER_DEADLINE, "closed after {first:?}");
+    wait_until(Duration::from_secs(5), || {
+        let n = healthz.open_connections();
+        (n == 0, format!("/healthz holds {n}"))
+    });
+}
