@@ -69,19 +69,21 @@ fn status_and_services_show_the_kernel_state() {
     let (code, out) = cli(&env, &["status", "-o", "json"]);
     assert_eq!(code, 0);
     let status = json(&out);
+    assert_eq!(status["apiVersion"], "kube-bpf-proxy.io/v1");
+    assert_eq!(status["kind"], "Status");
     assert_eq!(status["agent"]["running"], true);
     assert_eq!(
-        status["socket_termination"], true,
+        status["socketTermination"], true,
         "this kernel has SOCK_DESTROY"
     );
     assert!(status["agent"]["syncs"].as_u64().unwrap() >= 1);
     let maps = status["maps"].as_array().unwrap();
-    let services = maps.iter().find(|m| m["map"] == "LB4_SERVICES").unwrap();
+    let services = maps.iter().find(|m| m["name"] == "LB4_SERVICES").unwrap();
     assert_eq!(
         services["entries"], 2,
         "the frontend and its ClusterIP marker"
     );
-    let backends = maps.iter().find(|m| m["map"] == "LB_BACKENDS").unwrap();
+    let backends = maps.iter().find(|m| m["name"] == "LB_BACKENDS").unwrap();
     assert_eq!(backends["entries"], 1);
     let translated = status["counters"]
         .as_array()
@@ -105,12 +107,22 @@ fn status_and_services_show_the_kernel_state() {
     assert!(row.contains(&pod2) && row.contains("balance"), "{row}");
     let (code, out) = cli(&env, &["services", "--output", "json"]);
     assert_eq!(code, 0);
-    let frontends = json(&out);
-    let f = &frontends.as_array().unwrap()[0];
-    assert_eq!(f["frontend"], "10.96.0.10:80/TCP");
-    assert_eq!(f["service"], "default/web:http/TCP");
-    assert_eq!(f["backends"][0]["address"], pod2.as_str());
+    let list = json(&out);
+    assert_eq!(list["kind"], "ServiceList");
+    let f = &list["items"][0];
+    assert_eq!(frontend_name(f), "10.96.0.10:80/TCP");
+    assert_eq!(
+        (&f["scope"], &f["reach"]),
+        (&"clusterIP".into(), &"internal".into())
+    );
+    assert_eq!(
+        f["service"],
+        serde_json::json!({"namespace": "default", "name": "web", "port": "http"})
+    );
+    assert_eq!(f["action"], "balance");
+    assert_eq!(host_port(&f["backends"][0]), pod2);
     assert_eq!(f["backends"][0]["local"], true);
+    assert_eq!(f["backends"][0]["state"], "ready");
 }
 
 #[test]
@@ -134,7 +146,10 @@ fn explain_names_the_reason_for_every_excluded_endpoint() {
     let (code, out) = cli(&env, &[&args[..], &["-o", "json"]].concat());
     assert_eq!(code, 0);
     let v = json(&out);
-    assert_eq!(v["matched"]["service"], "default/web:http/TCP");
+    assert_eq!(v["kind"], "Explanation");
+    assert_eq!(v["verdict"], "translated");
+    assert_eq!(v["matched"]["service"]["name"], "web");
+    assert_eq!(v["matched"]["backends"][0]["node"], NODE);
     let eligible = v["eligible"].as_array().unwrap();
     assert_eq!(eligible.len(), 1);
     assert_eq!(eligible[0]["probability"], 1.0);
@@ -142,13 +157,20 @@ fn explain_names_the_reason_for_every_excluded_endpoint() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            (
-                e["endpoint"].as_str().unwrap().to_string(),
-                e["reason"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|e| (host_port(e), e["reason"].as_str().unwrap().to_string()))
         .collect();
+    let causes: std::collections::BTreeSet<&str> = v["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        ["fallbackOnly", "notReady", "zoneHint"]
+            .into_iter()
+            .collect()
+    );
     let reason_of = |pod: usize| {
         let ep = format!("{}:{BACKEND_PORT}", env.topo.pods[pod].ip4);
         reasons
@@ -161,7 +183,8 @@ fn explain_names_the_reason_for_every_excluded_endpoint() {
     assert_eq!(reason_of(3), "not ready");
     assert!(reason_of(4).contains("zone"), "{reasons:?}");
     assert_eq!(reasons.len(), 3);
-    assert!(v["next_connection"].as_str().unwrap().contains("100%"));
+    assert!(v["reason"].as_str().unwrap().contains("100%"));
+    assert_eq!(v["next"]["decidedBy"], "scheduler");
 
     let (code, table) = cli(&env, &args);
     assert_eq!(code, 0);
@@ -174,6 +197,15 @@ fn explain_names_the_reason_for_every_excluded_endpoint() {
     assert!(out.contains("rejected (ECONNREFUSED)"), "{out}");
     let (_, out) = cli(&env, &["explain", &client, "10.96.0.99:80/TCP"]);
     assert!(out.contains("untouched"), "{out}");
+    for (frontend, verdict) in [
+        ("10.96.0.10:81/TCP", "rejected"),
+        ("10.96.0.99:80/TCP", "untouched"),
+    ] {
+        let (_, out) = cli(&env, &["explain", &client, frontend, "-o", "json"]);
+        let v = json(&out);
+        assert_eq!(v["verdict"], verdict, "{v}");
+        assert!(v.get("matched").is_none(), "{v}");
+    }
 }
 
 #[test]
@@ -195,11 +227,14 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert!(out.contains("in sync"), "{out}");
     let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
     assert_eq!(code, 0);
-    assert_eq!(json(&out)["in_sync"], true);
+    assert_eq!(json(&out)["kind"], "Verification");
+    assert_eq!(json(&out)["inSync"], true);
 
     // Change the only backend's port behind the agent's back, with bpftool.
     let (_, services) = cli(&env, &["services", "-o", "json"]);
-    let backend_id = json(&services)[0]["backends"][0]["id"].as_u64().unwrap() as u32;
+    let backend_id = json(&services)["items"][0]["backends"][0]["id"]
+        .as_u64()
+        .unwrap() as u32;
     let map = env.agent.pin_dir.join("LB_BACKENDS");
     let key: Vec<String> = backend_id
         .to_le_bytes()
@@ -228,7 +263,17 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert!(out.contains("DRIFT") && out.contains("PutBackend"), "{out}");
     let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
     assert_eq!(code, 1);
-    assert_eq!(json(&out)["in_sync"], false);
+    let v = json(&out);
+    assert_eq!(v["inSync"], false);
+    let put = v["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["map"] == "LB_BACKENDS")
+        .unwrap_or_else(|| panic!("no LB_BACKENDS difference: {v}"));
+    assert_eq!(put["operation"], "put");
+    assert_eq!(put["key"]["backendId"], backend_id);
+    assert_eq!(put["value"]["port"], BACKEND_PORT);
 }
 
 /// `status --wait` returns 0 once the running agent has programmed a sync, and 1 with the

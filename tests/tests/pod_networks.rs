@@ -233,7 +233,9 @@ fn cli_in_node(tb: &Testbed, agent: &Agent, args: &[&str]) -> Output {
 fn status(tb: &Testbed, agent: &Agent) -> serde_json::Value {
     let out = cli_in_node(tb, agent, &["status", "-o", "json"]);
     assert!(out.status.success(), "status: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(v["kind"], "Status", "{v}");
+    v
 }
 
 /// The interfaces `status` lists as carrying tc, with their reasons.
@@ -245,7 +247,7 @@ fn tc_interfaces(status: &serde_json::Value) -> Vec<(String, String)> {
         .map(|i| {
             (
                 i["interface"].as_str().unwrap().to_string(),
-                i["why"].as_str().unwrap().to_string(),
+                i["reason"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -463,7 +465,7 @@ fn named_interfaces_appearing_later_and_patterns_are_followed() {
     agent.wait_for_log(pos, "synced", Duration::from_secs(20));
     poll_until("late0 shown missing", Duration::from_secs(10), || {
         let s = status(&tb, &agent);
-        if s["interfaces_missing"] == serde_json::json!(["late0"]) {
+        if s["interfacesMissing"] == serde_json::json!(["late0"]) {
             Ok(())
         } else {
             Err(s.to_string())
@@ -488,7 +490,7 @@ fn named_interfaces_appearing_later_and_patterns_are_followed() {
         let pattern = tc
             .iter()
             .any(|(i, why)| i == "vethq1" && why == "pod: name matches pattern vethq*");
-        let missing = s["interfaces_missing"]
+        let missing = s["interfacesMissing"]
             .as_array()
             .is_some_and(|m| m.is_empty());
         if named && pattern && missing {
@@ -551,7 +553,7 @@ fn restart_keeps_pod_interface_links_and_connections() {
         .unwrap()
         .iter()
         .find(|i| i["interface"] == veth.as_str())
-        .map(|i| i["link_id"].clone())
+        .map(|i| i["linkId"].clone())
         .expect("pod veth listed");
     agent.kill();
     let pos = agent.log_position();
@@ -567,7 +569,7 @@ fn restart_keeps_pod_interface_links_and_connections() {
         .unwrap()
         .iter()
         .find(|i| i["interface"] == veth.as_str())
-        .map(|i| i["link_id"].clone());
+        .map(|i| i["linkId"].clone());
     assert_eq!(
         link_after,
         Some(link_before),

@@ -63,7 +63,7 @@ fn round_robin_gives_each_backend_exactly_its_turn() {
     assert_round_robin(&env, vip("10.96.0.40"), 3, 10);
     // `explain` names the backend of the next connection from the cursor in the maps.
     for _ in 0..3 {
-        let next = explain_next(&env, "10.96.0.40:80/TCP");
+        let (next, backend) = explain_next(&env, "10.96.0.40:80/TCP");
         assert!(next.starts_with("round-robin: turn"), "{next}");
         let r = env.request(Proto::Tcp, vip("10.96.0.40"), 1);
         let pod = env
@@ -72,16 +72,19 @@ fn round_robin_gives_each_backend_exactly_its_turn() {
             .iter()
             .find(|p| p.name == r[0].backend)
             .unwrap();
+        let reached = format!("{}:{BACKEND_PORT}", pod.ip4);
         assert!(
-            next.ends_with(&format!("{}:{BACKEND_PORT}", pod.ip4)),
+            next.ends_with(&reached),
             "explain said {next:?}, the connection went to {}",
             pod.name
         );
+        assert_eq!(backend.as_deref(), Some(reached.as_str()), "{next}");
     }
 }
 
-/// The `next_connection` line of `explain` for `frontend`.
-fn explain_next(env: &Env, frontend: &str) -> String {
+/// What `explain` says of the next connection to `frontend`: its reason line, and the backend
+/// (`ip:port`) where the maps determine it.
+fn explain_next(env: &Env, frontend: &str) -> (String, Option<String>) {
     let out =
         std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
             .args(["explain", "10.244.0.2", frontend, "-o", "json", "--bpffs"])
@@ -90,10 +93,12 @@ fn explain_next(env: &Env, frontend: &str) -> String {
             .expect("run explain");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    v["next_connection"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    assert_eq!(v["verdict"], "translated", "{v}");
+    let backend = v["next"].get("backend").map(host_port);
+    (
+        v["reason"].as_str().unwrap_or_default().to_string(),
+        backend,
+    )
 }
 
 #[test]
@@ -217,8 +222,9 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
         },
     );
     assert_eq!(lc_connections(&env.agent, "10.96.0.46:80/TCP")[&busy], 3);
-    let next = explain_next(&env, "10.96.0.46:80/TCP");
+    let (next, backend) = explain_next(&env, "10.96.0.46:80/TCP");
     assert!(next.contains(&format!("{busy} 3 connections")), "{next}");
+    assert_eq!(backend, None, "least-connection's pick is not in the maps");
     // New connections (each closed before the next) all avoid the busy backend.
     let t = tally(&env.request(Proto::Tcp, to, 20));
     assert_eq!(t.get("pod-3"), Some(&20), "{t:?}");

@@ -654,14 +654,15 @@ fn load_balancer_source_ranges_apply_to_pods_and_the_host() {
         serde_json::from_slice(&out.stdout).expect("JSON")
     };
     let services = cli(&["services"]);
-    let lb = services
+    let lb = services["items"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|f| f["frontend"] == format!("{LB4}:80/TCP"))
+        .find(|f| frontend_name(f) == format!("{LB4}:80/TCP"))
         .unwrap_or_else(|| panic!("no {LB4}:80/TCP in {services}"));
+    assert_eq!(lb["scope"], "loadBalancer");
     assert_eq!(
-        lb["source_ranges"],
+        lb["sourceRanges"],
         serde_json::json!([format!("{}/32", inside.ip4)])
     );
     let refused = cli(&[
@@ -669,21 +670,13 @@ fn load_balancer_source_ranges_apply_to_pods_and_the_host() {
         &outside.ip4.to_string(),
         &format!("{LB4}:80/TCP"),
     ]);
+    assert_eq!(refused["verdict"], "refused", "{refused}");
     assert!(
-        refused["next_connection"]
-            .as_str()
-            .unwrap()
-            .starts_with("refused"),
+        refused["reason"].as_str().unwrap().starts_with("refused"),
         "{refused}"
     );
     let allowed = cli(&["explain", &inside.ip4.to_string(), &format!("{LB4}:80/TCP")]);
-    assert!(
-        !allowed["next_connection"]
-            .as_str()
-            .unwrap()
-            .starts_with("refused"),
-        "{allowed}"
-    );
+    assert_eq!(allowed["verdict"], "translated", "{allowed}");
     // The node's own address in the ranges: the host is let through, by its source address.
     let ranges = format!("{ranges}, 10.244.0.1/32, \"fd00:244::1/128\"");
     env.agent

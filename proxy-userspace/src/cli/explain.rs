@@ -4,23 +4,27 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, anyhow};
-use proxy_common::affinity::{CLIENT_ADDR, CLIENT_NETNS};
+use proxy_common::affinity::{AffinityKey, AffinityValue, CLIENT_ADDR, CLIENT_NETNS};
 use serde::Serialize;
 
 use super::{
     InspectArgs, SourceArgs,
+    api::{BackendRef, BackendView, Document, EndpointState, FrontendScope, Kind, Reach},
     output::{Format, json},
     view::{self, FrontendView},
 };
 use crate::{
     compile::{
-        FrontendAddr, Proto, Scope, compile,
-        explain::{EndpointVerdict, judge},
+        Desired, Family, FrontendAddr, Proto, Scope, compile,
+        explain::{EndpointVerdict, ExclusionCause, judge},
     },
     datapath::{
         MapIo as _,
         bpf::{Maps, monotonic_ns},
     },
+    model::Scheduler,
+    plan::MapState,
+    snapshot::NodeInfo,
 };
 
 #[derive(clap::Args)]
@@ -35,38 +39,167 @@ pub struct ExplainArgs {
     pub inspect: InspectArgs,
 }
 
-#[derive(Serialize)]
-struct Share {
-    backend: String,
+/// What happens to the client's next connection (or datagram) to the frontend.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Verdict {
+    /// Translated to a backend.
+    Translated,
+    /// Refused: the Service has no endpoints, or the port is not one of the ClusterIP's
+    /// (ECONNREFUSED at the socket layer).
+    Rejected,
+    /// Dropped: endpoints exist, none this traffic may use (Local traffic policy).
+    Dropped,
+    /// The source is outside loadBalancerSourceRanges (EPERM at the socket layer, dropped
+    /// from outside).
+    Refused,
+    /// Not a Service frontend: the proxy leaves it alone.
+    Untouched,
+}
+
+/// The frontend asked about.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FrontendRef {
+    address: IpAddr,
+    port: u16,
+    protocol: Proto,
+    family: Family,
+    reach: Reach,
+}
+
+/// A backend new connections may go to, with its share of them.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Eligible {
+    #[serde(flatten)]
+    backend: BackendView,
+    /// Share of new connections (slots / all slots), 0 to 1.
     probability: f64,
 }
 
-#[derive(Serialize)]
+/// An endpoint of the Service port that gets no new connections, and why.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Excluded {
-    endpoint: String,
+    address: IpAddr,
+    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
+    state: EndpointState,
+    local: bool,
+    cause: ExclusionCause,
     reason: String,
 }
 
-#[derive(Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum ClientKind {
+    /// A network namespace (socket layer: one pod).
+    Netns,
+    /// A source address (tc).
+    Address,
+    Unknown,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct AffinityEntry {
     /// "netns:<cookie>" (socket layer: one pod) or the client address.
     client: String,
-    backend: String,
-    last_used_secs_ago: f64,
-    expires_in_secs: f64,
+    client_kind: ClientKind,
+    backend_id: u32,
+    /// The backend's address, while the maps hold it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    last_used_seconds_ago: f64,
+    expires_in_seconds: f64,
 }
 
-#[derive(Serialize)]
-struct ExplainView {
-    client: String,
-    frontend: String,
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum DecidedBy {
+    /// The client's session affinity entry.
+    Affinity,
+    /// The frontend's scheduler.
+    Scheduler,
+}
+
+/// How a translated connection's backend is chosen.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NextConnection {
+    decided_by: DecidedBy,
+    scheduler: Scheduler,
+    /// The backend, where the maps determine it (an affinity entry, the round-robin cursor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<BackendRef>,
+}
+
+/// `explain -o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Explanation {
+    client: IpAddr,
+    frontend: FrontendRef,
+    verdict: Verdict,
+    /// The verdict in words: the scheduler's decision, or why there is none.
+    reason: String,
+    /// The frontend entry the maps hold for it, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
     matched: Option<FrontendView>,
-    eligible: Vec<Share>,
+    eligible: Vec<Eligible>,
     /// Endpoints of the Service port that get no new connections, with the reason (needs a
-    /// source: --manifests or the API server).
+    /// source: --manifests or the API server; absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
     excluded: Option<Vec<Excluded>>,
     affinity: Vec<AffinityEntry>,
-    next_connection: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<NextConnection>,
+}
+
+impl Kind for Explanation {
+    const KIND: &'static str = "Explanation";
+}
+
+/// The maps `explain` reads besides the dump: affinity entries, scheduler state.
+pub trait LiveMaps {
+    fn affinity(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>>;
+    fn rr_cursor(&self, svc_id: u32) -> anyhow::Result<u32>;
+    fn connections(&self, backend_id: u32) -> anyhow::Result<u64>;
+}
+
+impl LiveMaps for Maps {
+    fn affinity(&self) -> anyhow::Result<Vec<(AffinityKey, AffinityValue)>> {
+        Maps::affinity(self)
+    }
+    fn rr_cursor(&self, svc_id: u32) -> anyhow::Result<u32> {
+        Maps::rr_cursor(self, svc_id)
+    }
+    fn connections(&self, backend_id: u32) -> anyhow::Result<u64> {
+        Maps::connections(self, backend_id)
+    }
+}
+
+/// The source's side of an explanation: the compiled state and this node.
+pub struct FromSource<'a> {
+    pub desired: &'a Desired,
+    pub node: &'a NodeInfo,
+}
+
+/// What `explain` works from.
+pub struct ExplainInputs<'a> {
+    pub client: IpAddr,
+    pub frontend: FrontendAddr,
+    pub state: &'a MapState,
+    pub live: &'a dyn LiveMaps,
+    /// `bpf_ktime_get_ns()` now (affinity entries' ages).
+    pub now_ns: u64,
+    pub source: Option<FromSource<'a>>,
 }
 
 /// Parses `ADDR:PORT/PROTO`, or `external ADDR:PORT/PROTO` for the tc path's frontends.
@@ -95,56 +228,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let frontend = parse_frontend(&args.frontend)?;
     let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let state = maps.dump()?;
-    let (matched, marked) = view::lookup(&state, &frontend);
-    let mut out = ExplainView {
-        client: args.client.to_string(),
-        frontend: frontend.to_string(),
-        matched: None,
-        eligible: Vec::new(),
-        excluded: None,
-        affinity: Vec::new(),
-        next_connection: String::new(),
-    };
-    let Some(f) = matched else {
-        out.next_connection = if marked {
-            format!(
-                "{} is a ClusterIP but {}/{} is not one of its ports: rejected (ECONNREFUSED)",
-                frontend.addr,
-                frontend.port,
-                frontend.proto.as_str()
-            )
-        } else {
-            "not a Service frontend: the socket hooks leave this connection untouched".into()
-        };
-        return print(args.inspect.output, &out);
-    };
-    // semantics 7.8: a source outside the ranges never reaches a backend.
-    if !f.source_ranges.is_empty()
-        && !f
-            .source_ranges
-            .iter()
-            .filter_map(|r| crate::compile::Cidr::parse(r))
-            .any(|r| r.contains(&args.client))
-    {
-        out.next_connection = format!(
-            "refused: {} is outside loadBalancerSourceRanges ({}); a pod or the host gets EPERM \
-             from connect()/sendmsg(), a client from outside is dropped",
-            args.client,
-            f.source_ranges.join(", ")
-        );
-        out.matched = Some(f);
-        return print(args.inspect.output, &out);
-    }
-    let total: u32 = f.backends.iter().map(|b| b.slots).sum();
-    out.eligible = f
-        .backends
-        .iter()
-        .map(|b| Share {
-            backend: b.address.clone(),
-            probability: b.slots as f64 / total.max(1) as f64,
-        })
-        .collect();
-    if args.source.given() {
+    let source = if args.source.given() {
         let mut snapshot = args
             .source
             .first_snapshot(std::time::Duration::from_secs(30))?;
@@ -153,122 +237,265 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             crate::datapath::podif::waiting_now(&args.inspect.bpffs, &endpoints)
                 .unwrap_or_default();
         let desired = compile(&snapshot);
-        if let Some(sp) = desired
+        Some((desired, snapshot.node))
+    } else {
+        None
+    };
+    let out = explanation(ExplainInputs {
+        client: args.client,
+        frontend,
+        state: &state,
+        live: &maps,
+        now_ns: monotonic_ns(),
+        source: source
+            .as_ref()
+            .map(|(desired, node)| FromSource { desired, node }),
+    })?;
+    if args.inspect.output == Format::Json {
+        return json(&Document::of(&out));
+    }
+    print!("{}", text(&out));
+    Ok(())
+}
+
+/// PURE (given `live`): the explanation of `inputs.client`'s next connection to
+/// `inputs.frontend`.
+pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
+    let ExplainInputs {
+        client,
+        frontend,
+        state,
+        live,
+        now_ns,
+        source,
+    } = inputs;
+    let (matched, marked) = view::lookup(state, &frontend);
+    let mut out = Explanation {
+        client,
+        frontend: FrontendRef {
+            address: frontend.addr,
+            port: frontend.port,
+            protocol: frontend.proto,
+            family: Family::of(&frontend.addr),
+            reach: match frontend.scope {
+                Scope::Internal => Reach::Internal,
+                Scope::External => Reach::External,
+            },
+        },
+        verdict: Verdict::Untouched,
+        reason: String::new(),
+        matched: None,
+        eligible: Vec::new(),
+        excluded: None,
+        affinity: Vec::new(),
+        next: None,
+    };
+    let Some(mut f) = matched else {
+        (out.verdict, out.reason) = if marked {
+            (
+                Verdict::Rejected,
+                format!(
+                    "{} is a ClusterIP but {}/{} is not one of its ports: rejected (ECONNREFUSED)",
+                    frontend.addr,
+                    frontend.port,
+                    frontend.proto.as_str()
+                ),
+            )
+        } else {
+            (
+                Verdict::Untouched,
+                "not a Service frontend: the socket hooks leave this connection untouched".into(),
+            )
+        };
+        return Ok(out);
+    };
+    // The source's Service port: node and zone of the backends, the excluded endpoints.
+    let port = source.as_ref().and_then(|s| {
+        s.desired
             .ports
             .values()
-            .find(|p| p.name.to_string() == f.service)
-        {
-            // ClusterIP follows internalTrafficPolicy, traffic from outside the node
-            // externalTrafficPolicy (semantics 4.6).
-            let local_policy = (f.kind == "ClusterIP" && sp.itp_local)
-                || (frontend.scope == Scope::External && sp.etp_local);
-            out.excluded = Some(
-                sp.endpoints
-                    .all()
-                    .iter()
-                    .filter_map(|ep| match judge(sp, ep, local_policy) {
-                        EndpointVerdict::Eligible
-                            if frontend.scope == Scope::External
-                                && ep.local
-                                && snapshot.node.waiting.contains(&ep.addr) =>
-                        {
-                            Some(Excluded {
-                                endpoint: match ep.addr {
-                                    IpAddr::V4(a) => format!("{a}:{}", ep.port),
-                                    IpAddr::V6(a) => format!("[{a}]:{}", ep.port),
-                                },
-                                reason: "local backend waiting for its interface: the tc \
-                                         program is not yet on the interface its route leaves \
-                                         through, so traffic from outside goes elsewhere"
-                                    .to_string(),
-                            })
-                        }
-                        EndpointVerdict::Eligible => None,
-                        EndpointVerdict::Excluded(reason) => Some(Excluded {
-                            endpoint: match ep.addr {
-                                IpAddr::V4(a) => format!("{a}:{}", ep.port),
-                                IpAddr::V6(a) => format!("[{a}]:{}", ep.port),
-                            },
-                            reason,
-                        }),
-                    })
-                    .collect(),
-            );
+            .find(|p| p.name.to_string() == f.service_text)
+            .map(|sp| (s, sp))
+    });
+    if let Some((s, sp)) = port {
+        f.health_check_node_port = sp.health_check_node_port;
+        for b in &mut f.backends {
+            if let Some(ep) = sp
+                .endpoints
+                .all()
+                .iter()
+                .find(|e| e.addr == b.address && e.port == b.port)
+            {
+                b.node = ep.node_name.as_deref().map(str::to_string);
+                b.zone = ep.local.then(|| s.node.zone.clone()).flatten();
+            }
         }
     }
-    let now = monotonic_ns();
+    // semantics 7.8: a source outside the ranges never reaches a backend.
+    if !f.source_ranges.is_empty()
+        && !f
+            .source_ranges
+            .iter()
+            .filter_map(|r| crate::compile::Cidr::parse(r))
+            .any(|r| r.contains(&client))
+    {
+        out.verdict = Verdict::Refused;
+        out.reason = format!(
+            "refused: {client} is outside loadBalancerSourceRanges ({}); a pod or the host gets \
+             EPERM from connect()/sendmsg(), a client from outside is dropped",
+            f.source_ranges.join(", ")
+        );
+        out.matched = Some(f);
+        return Ok(out);
+    }
+    let total: u32 = f.backends.iter().map(|b| b.slots).sum();
+    out.eligible = f
+        .backends
+        .iter()
+        .map(|b| Eligible {
+            backend: b.clone(),
+            probability: b.slots as f64 / total.max(1) as f64,
+        })
+        .collect();
+    if let Some((s, sp)) = port {
+        // ClusterIP follows internalTrafficPolicy, traffic from outside the node
+        // externalTrafficPolicy (semantics 4.6).
+        let external = frontend.scope == Scope::External;
+        let local_policy = (f.scope == Some(FrontendScope::ClusterIp) && sp.itp_local)
+            || (external && sp.etp_local);
+        let excluded = sp.endpoints.all().iter().filter_map(|ep| {
+            let exclusion = match judge(sp, ep, local_policy) {
+                EndpointVerdict::Eligible
+                    if external && ep.local && s.node.waiting.contains(&ep.addr) =>
+                {
+                    (
+                        ExclusionCause::InterfaceWaiting,
+                        "local backend waiting for its interface: the tc program is not yet \
+                         on the interface its route leaves through, so traffic from outside \
+                         goes elsewhere"
+                            .to_string(),
+                    )
+                }
+                EndpointVerdict::Eligible => return None,
+                EndpointVerdict::Excluded(e) => (e.cause, e.reason),
+            };
+            Some(Excluded {
+                address: ep.addr,
+                port: ep.port,
+                node: ep.node_name.as_deref().map(str::to_string),
+                zone: ep.local.then(|| s.node.zone.clone()).flatten(),
+                state: EndpointState::of(ep.ready, ep.serving, ep.terminating),
+                local: ep.local,
+                cause: exclusion.0,
+                reason: exclusion.1,
+            })
+        });
+        out.excluded = Some(excluded.collect());
+    }
     let mut client_entry = None;
-    if let Some(timeout) = f.affinity_secs {
-        for (key, value) in maps.affinity()? {
+    if let Some(timeout) = f.affinity.timeout_seconds {
+        for (key, value) in live.affinity()? {
             if key.port_id != f.port_id {
                 continue;
             }
-            let age = now.saturating_sub(value.last_used_ns) as f64 / 1e9;
+            let age = now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9;
             let expires = timeout as f64 - age;
             if expires <= 0.0 {
                 continue;
             }
-            let client = match key.client_kind {
+            let (who, kind) = match key.client_kind {
                 CLIENT_NETNS => {
                     let mut cookie = [0u8; 8];
                     cookie.copy_from_slice(&key.client[..8]);
-                    format!("netns:{}", u64::from_ne_bytes(cookie))
+                    (
+                        format!("netns:{}", u64::from_ne_bytes(cookie)),
+                        ClientKind::Netns,
+                    )
                 }
                 CLIENT_ADDR => {
-                    let ip = if args.client.is_ipv4() {
+                    let ip = if client.is_ipv4() {
                         IpAddr::from([key.client[0], key.client[1], key.client[2], key.client[3]])
                     } else {
                         IpAddr::from(key.client)
                     };
-                    ip.to_string()
+                    (ip.to_string(), ClientKind::Address)
                 }
-                _ => "?".into(),
+                _ => ("?".into(), ClientKind::Unknown),
             };
-            let backend = state
-                .backends
-                .get(&value.backend_id)
-                .map_or("?".into(), view::backend_addr);
-            if client == args.client.to_string() {
-                client_entry = Some(backend.clone());
+            let backend = state.backends.get(&value.backend_id);
+            if who == client.to_string() {
+                client_entry = backend.map(|b| BackendRef {
+                    id: value.backend_id,
+                    address: view::backend_ip(b),
+                    port: b.port,
+                });
             }
             out.affinity.push(AffinityEntry {
-                client,
-                backend,
-                last_used_secs_ago: age,
-                expires_in_secs: expires,
+                client: who,
+                client_kind: kind,
+                backend_id: value.backend_id,
+                address: backend.map(view::backend_ip),
+                port: backend.map(|b| b.port),
+                last_used_seconds_ago: age,
+                expires_in_seconds: expires,
             });
         }
     }
-    out.next_connection = match (f.action.as_str(), &client_entry) {
-        ("balance", Some(backend)) => format!("{backend} (session affinity entry of this client)"),
-        ("balance", None) => {
-            let shares: Vec<String> = out
-                .eligible
-                .iter()
-                .map(|s| format!("{} {:.0}%", s.backend, s.probability * 100.0))
-                .collect();
-            let note = if f.affinity_secs.is_some() {
-                "; at the socket layer affinity is per pod network namespace, so a pod with an entry above keeps its backend"
-            } else {
-                ""
+    (out.verdict, out.reason) = match f.action {
+        super::api::Action::Balance => {
+            let (reason, next) = match client_entry {
+                Some(backend) => (
+                    format!(
+                        "{} (session affinity entry of this client)",
+                        super::api::host_port(&backend.address, backend.port)
+                    ),
+                    NextConnection {
+                        decided_by: DecidedBy::Affinity,
+                        scheduler: f.scheduler,
+                        backend: Some(backend),
+                    },
+                ),
+                None => {
+                    let shares: Vec<String> = out
+                        .eligible
+                        .iter()
+                        .map(|s| format!("{} {:.0}%", s.backend.host_port(), s.probability * 100.0))
+                        .collect();
+                    let note = if f.affinity.timeout_seconds.is_some() {
+                        "; at the socket layer affinity is per pod network namespace, so a pod with an entry above keeps its backend"
+                    } else {
+                        ""
+                    };
+                    let (decision, backend) = scheduler_inputs(live, state, &frontend, &f)?
+                        .unwrap_or_else(|| (format!("random: {}", shares.join(", ")), None));
+                    (
+                        format!("{decision}{note}"),
+                        NextConnection {
+                            decided_by: DecidedBy::Scheduler,
+                            scheduler: f.scheduler,
+                            backend,
+                        },
+                    )
+                }
             };
-            let decision = scheduler_inputs(&maps, &state, &frontend, &f)?
-                .unwrap_or_else(|| format!("random: {}", shares.join(", ")));
-            format!("{decision}{note}")
+            out.next = Some(next);
+            (Verdict::Translated, reason)
         }
-        (action, _) => action.to_string(),
+        super::api::Action::Reject => (Verdict::Rejected, f.action_text()),
+        super::api::Action::Drop => (Verdict::Dropped, f.action_text()),
     };
     out.matched = Some(f);
-    print(args.inspect.output, &out)
+    Ok(out)
 }
 
-/// What a non-random scheduler will decide next, from its inputs in the maps.
+/// What a non-random scheduler will decide next, from its inputs in the maps, and the backend
+/// where that is determined.
 fn scheduler_inputs(
-    maps: &Maps,
-    state: &crate::plan::MapState,
+    live: &dyn LiveMaps,
+    state: &MapState,
     frontend: &FrontendAddr,
-    f: &view::FrontendView,
-) -> anyhow::Result<Option<String>> {
+    f: &FrontendView,
+) -> anyhow::Result<Option<(String, Option<BackendRef>)>> {
     let Some(svc) = state.services.get(&crate::plan::ServiceKey::of(frontend)) else {
         return Ok(None);
     };
@@ -278,101 +505,149 @@ fn scheduler_inputs(
             .get(&id)
             .map_or_else(|| format!("backend {id}"), view::backend_addr)
     };
-    Ok(Some(match f.scheduler.as_str() {
-        "round-robin" => {
+    Ok(Some(match f.scheduler {
+        Scheduler::RoundRobin | Scheduler::WeightedRoundRobin => {
             let slots: Vec<u32> = state.live_slots(svc).into_iter().flatten().collect();
             if slots.is_empty() {
                 return Ok(None);
             }
-            let turn = maps.rr_cursor(svc.id)?;
+            let turn = live.rr_cursor(svc.id)?;
             let next = slots[turn as usize % slots.len()];
-            format!(
-                "round-robin: turn {turn}, slot {} of {}: {}",
-                turn as usize % slots.len(),
-                slots.len(),
-                name_of(next)
+            (
+                format!(
+                    "{}: turn {turn}, slot {} of {}: {}",
+                    f.scheduler.as_str(),
+                    turn as usize % slots.len(),
+                    slots.len(),
+                    name_of(next)
+                ),
+                state.backends.get(&next).map(|b| BackendRef {
+                    id: next,
+                    address: view::backend_ip(b),
+                    port: b.port,
+                }),
             )
         }
-        scheduler @ ("least-connection" | "weighted-least-connection") => {
+        scheduler @ (Scheduler::LeastConnection | Scheduler::WeightedLeastConnection) => {
             let counts: Vec<String> = f
                 .backends
                 .iter()
                 .map(|b| {
-                    let n = maps.connections(b.id).unwrap_or(0);
-                    format!("{} {n} connections (weight {})", b.address, b.weight)
+                    let n = live.connections(b.id).unwrap_or(0);
+                    format!(
+                        "{} {n} connections (weight {})",
+                        b.host_port(),
+                        b.weight
+                    )
                 })
                 .collect();
-            format!(
-                "{scheduler}: the fewest active connections among {}",
-                counts.join(", ")
+            (
+                format!(
+                    "{}: the fewest active connections among {}",
+                    scheduler.as_str(),
+                    counts.join(", ")
+                ),
+                None,
             )
         }
-        "source-hash" => format!(
-            "source-hash over {} slots: each client (its network namespace here, its address at tc/XDP) always gets the same one",
-            f.backends.iter().map(|b| b.slots).sum::<u32>()
+        Scheduler::SourceHash => (
+            format!(
+                "source-hash over {} slots: each client (its network namespace here, its address at tc/XDP) always gets the same one",
+                f.backends.iter().map(|b| b.slots).sum::<u32>()
+            ),
+            None,
         ),
-        "maglev" => "maglev: the flow's hash picks an entry of the frontend's table (the same on every node)".to_string(),
-        _ => return Ok(None),
+        Scheduler::Maglev => (
+            "maglev: the flow's hash picks an entry of the frontend's table (the same on every node)"
+                .to_string(),
+            None,
+        ),
+        Scheduler::Random => return Ok(None),
     }))
 }
 
-fn print(format: Format, out: &ExplainView) -> anyhow::Result<()> {
-    if format == Format::Json {
-        return json(out);
-    }
-    println!("client:     {}", out.client);
-    println!("frontend:   {}", out.frontend);
+/// The text form of an explanation.
+fn text(out: &Explanation) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let frontend = FrontendAddr {
+        addr: out.frontend.address,
+        port: out.frontend.port,
+        proto: out.frontend.protocol,
+        scope: match out.frontend.reach {
+            Reach::Internal => Scope::Internal,
+            Reach::External => Scope::External,
+        },
+    };
+    let _ = writeln!(s, "client:     {}", out.client);
+    let _ = writeln!(s, "frontend:   {frontend}");
     if let Some(f) = &out.matched {
-        println!(
+        let policies = f.policies();
+        let _ = writeln!(
+            s,
             "matches:    {} ({}, frontend id {}, revision {}){}",
-            f.service,
-            f.kind,
+            f.service_text,
+            f.type_text(),
             f.id,
             f.revision,
-            if f.policies.is_empty() {
+            if policies.is_empty() {
                 String::new()
             } else {
-                format!(" [{}]", f.policies.join(" "))
+                format!(" [{}]", policies.join(" "))
             }
         );
-        println!("eligible backends (kernel maps):");
+        let _ = writeln!(s, "eligible backends (kernel maps):");
         if out.eligible.is_empty() {
-            println!("  none: {}", f.action);
+            let _ = writeln!(s, "  none: {}", f.action_text());
         }
-        for s in &out.eligible {
-            println!(
+        for e in &out.eligible {
+            let _ = writeln!(
+                s,
                 "  {:<28} {:>5.1}% of new connections",
-                s.backend,
-                s.probability * 100.0
+                e.backend.host_port(),
+                e.probability * 100.0
             );
         }
         match &out.excluded {
             Some(excluded) if excluded.is_empty() => {
-                println!("endpoints not used (source): none")
+                let _ = writeln!(s, "endpoints not used (source): none");
             }
             Some(excluded) => {
-                println!("endpoints not used (source):");
+                let _ = writeln!(s, "endpoints not used (source):");
                 for e in excluded {
-                    println!("  {:<28} {}", e.endpoint, e.reason);
+                    let _ = writeln!(
+                        s,
+                        "  {:<28} {}",
+                        super::api::host_port(&e.address, e.port),
+                        e.reason
+                    );
                 }
             }
-            None => println!(
-                "endpoints not used: pass --manifests DIR (or the API server) to see them and why"
-            ),
+            None => {
+                let _ = writeln!(
+                    s,
+                    "endpoints not used: pass --manifests DIR (or the API server) to see them and why"
+                );
+            }
         }
-        if f.affinity_secs.is_some() {
-            println!("session affinity entries:");
+        if f.affinity.timeout_seconds.is_some() {
+            let _ = writeln!(s, "session affinity entries:");
             if out.affinity.is_empty() {
-                println!("  none live");
+                let _ = writeln!(s, "  none live");
             }
             for a in &out.affinity {
-                println!(
-                    "  {} -> {} (used {:.1} s ago, expires in {:.1} s)",
-                    a.client, a.backend, a.last_used_secs_ago, a.expires_in_secs
+                let backend = match (a.address, a.port) {
+                    (Some(address), Some(port)) => super::api::host_port(&address, port),
+                    _ => "?".to_string(),
+                };
+                let _ = writeln!(
+                    s,
+                    "  {} -> {backend} (used {:.1} s ago, expires in {:.1} s)",
+                    a.client, a.last_used_seconds_ago, a.expires_in_seconds
                 );
             }
         }
     }
-    println!("next connection: {}", out.next_connection);
-    Ok(())
+    let _ = writeln!(s, "next connection: {}", out.reason);
+    s
 }

@@ -1,10 +1,13 @@
 //! The `kube-bpf-proxy` command line: the agent (`run`) and the inspection commands, which read
 //! the pinned maps and need no API server (`explain` and `verify` also read the source).
 
+pub mod api;
 mod config;
 mod explain;
 pub mod output;
 mod run;
+#[cfg(test)]
+mod schema_tests;
 mod status;
 mod verify;
 pub mod view;

@@ -1,34 +1,46 @@
 //! `status` and `services`: what the kernel holds, read from the pinned maps and links.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
+use proxy_common::{
+    info::{AgentState, IfaceInfo},
+    reason::Reason,
+};
 use serde::Serialize;
 
 use super::{
     InspectArgs,
+    api::{Document, EndpointState, Kind},
     output::{Format, json, table},
     view,
 };
 use crate::datapath::{
     MapIo as _,
     bpf::{self, HookInfo, Maps},
-    tclinks,
+    tclinks::{self, LinkState},
 };
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct AgentView {
     version: String,
     pid: u32,
     running: bool,
+    /// 0: never synced.
     last_sync_unix_ms: u64,
-    last_sync_age_secs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_sync_age_seconds: Option<f64>,
     syncs: u64,
     sync_failures: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct MapFill {
-    map: &'static str,
+    name: &'static str,
     entries: u32,
     max_entries: u32,
     percent: f64,
@@ -36,36 +48,181 @@ struct MapFill {
     memlock_bytes: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Counter {
+    /// The datapath event, as the `reason` label of `kube_bpf_proxy_datapath_events_total`.
     reason: &'static str,
     count: u64,
 }
 
+/// A pinned hook link.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HookView {
+    hook: String,
+    attached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    program_id: Option<u32>,
+}
+
+/// Why an interface carries the tc program (`IFACE_*` of `LB_IFACES`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum InterfaceCause {
+    External,
+    PodRoute,
+    PodCidr,
+    NamePattern,
+    Named,
+    Bridge,
+    Kept,
+    /// No `LB_IFACES` entry, or one this build does not know.
+    Unknown,
+}
+
+fn cause_of(info: Option<&IfaceInfo>) -> InterfaceCause {
+    use proxy_common::info::*;
+    match info.map(|i| i.why) {
+        Some(IFACE_EXTERNAL) => InterfaceCause::External,
+        Some(IFACE_POD_ROUTE) => InterfaceCause::PodRoute,
+        Some(IFACE_POD_CIDR) => InterfaceCause::PodCidr,
+        Some(IFACE_PATTERN) => InterfaceCause::NamePattern,
+        Some(IFACE_NAMED) => InterfaceCause::Named,
+        Some(IFACE_BRIDGE) => InterfaceCause::Bridge,
+        Some(IFACE_KEPT) => InterfaceCause::Kept,
+        _ => InterfaceCause::Unknown,
+    }
+}
+
 /// An interface carrying the tc program, and why.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct InterfaceView {
     interface: String,
     ifindex: u32,
     link_id: u32,
+    cause: InterfaceCause,
     /// `external`, `pod: route to endpoint 10.244.0.5`, `pod: name matches pattern cali*`, ...
-    why: String,
+    reason: String,
 }
 
-#[derive(Serialize)]
-struct StatusView {
+/// `status -o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusView {
     agent: AgentView,
     mode: &'static str,
     /// Sockets connected to removed backends are terminated (kernel support, not turned off).
     socket_termination: bool,
     pin_dir: String,
-    hooks: Vec<HookInfo>,
+    hooks: Vec<HookView>,
     /// Interfaces whose tc link is live (on the interface of that name now).
     interfaces: Vec<InterfaceView>,
     /// Interfaces named in the agent's --pod-interfaces that do not exist (yet).
     interfaces_missing: Vec<String>,
     maps: Vec<MapFill>,
     counters: Vec<Counter>,
+}
+
+impl Kind for StatusView {
+    const KIND: &'static str = "Status";
+}
+
+/// What `status` reads from the pins, the maps and /proc.
+pub struct StatusInputs {
+    pub agent: AgentState,
+    /// The agent's process exists.
+    pub running: bool,
+    /// Wall clock, milliseconds since the Unix epoch.
+    pub now_ms: u64,
+    pub socket_termination: bool,
+    pub pin_dir: String,
+    pub hooks: Vec<HookInfo>,
+    /// Live tc links by interface name.
+    pub links: BTreeMap<String, LinkState>,
+    /// `LB_IFACES` by interface index (0: named but missing).
+    pub recorded: BTreeMap<u32, IfaceInfo>,
+    /// (map, entries, max entries).
+    pub fill: Vec<(&'static str, u32, u32)>,
+    pub memlock: BTreeMap<&'static str, u64>,
+    pub stats: Vec<(Reason, u64)>,
+}
+
+/// PURE: the `Status` document of what `status` read.
+pub fn status_view(inputs: StatusInputs) -> StatusView {
+    let agent = &inputs.agent;
+    let version_len = (agent.version_len as usize).min(agent.version.len());
+    StatusView {
+        agent: AgentView {
+            version: String::from_utf8_lossy(&agent.version[..version_len]).into_owned(),
+            pid: agent.pid,
+            running: inputs.running,
+            last_sync_unix_ms: agent.last_sync_unix_ms,
+            last_sync_age_seconds: (agent.last_sync_unix_ms > 0)
+                .then(|| inputs.now_ms.saturating_sub(agent.last_sync_unix_ms) as f64 / 1000.0),
+            syncs: agent.syncs,
+            sync_failures: agent.sync_failures,
+        },
+        mode: "socket (cgroup connect/sendmsg/recvmsg/getpeername hooks)",
+        socket_termination: inputs.socket_termination,
+        pin_dir: inputs.pin_dir,
+        hooks: inputs
+            .hooks
+            .into_iter()
+            .map(|h| HookView {
+                attached: h.link_id.is_some(),
+                hook: h.hook,
+                link_id: h.link_id,
+                program_id: h.program_id,
+            })
+            .collect(),
+        interfaces: inputs
+            .links
+            .into_iter()
+            .map(|(name, link)| {
+                let info = inputs.recorded.get(&link.ifindex);
+                InterfaceView {
+                    interface: name,
+                    ifindex: link.ifindex,
+                    link_id: link.link_id,
+                    cause: cause_of(info),
+                    reason: info.map_or("(no reason recorded)".to_string(), tclinks::describe),
+                }
+            })
+            .collect(),
+        interfaces_missing: inputs
+            .recorded
+            .values()
+            .filter(|i| i.ifindex == 0)
+            .map(tclinks::name_of)
+            .collect(),
+        maps: inputs
+            .fill
+            .into_iter()
+            .map(|(name, entries, max_entries)| MapFill {
+                name,
+                entries,
+                max_entries,
+                memlock_bytes: inputs.memlock.get(name).copied().unwrap_or(0),
+                percent: if max_entries == 0 {
+                    0.0
+                } else {
+                    (entries as f64 * 1000.0 / max_entries as f64).round() / 10.0
+                },
+            })
+            .collect(),
+        counters: inputs
+            .stats
+            .into_iter()
+            .map(|(reason, count)| Counter {
+                reason: reason.name(),
+                count,
+            })
+            .collect(),
+    }
 }
 
 /// `status`'s arguments.
@@ -124,61 +281,24 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
 
 fn show(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
-    let memlock: std::collections::BTreeMap<&str, u64> =
-        bpf::map_memlock(&args.bpffs)?.into_iter().collect();
     let agent = maps.agent_state()?;
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let version_len = (agent.version_len as usize).min(agent.version.len());
-    let view = StatusView {
-        agent: AgentView {
-            version: String::from_utf8_lossy(&agent.version[..version_len]).into_owned(),
-            pid: agent.pid,
-            running: agent.pid != 0
-                && std::path::Path::new(&format!("/proc/{}", agent.pid)).exists(),
-            last_sync_unix_ms: agent.last_sync_unix_ms,
-            last_sync_age_secs: (agent.last_sync_unix_ms > 0)
-                .then(|| now_ms.saturating_sub(agent.last_sync_unix_ms) as f64 / 1000.0),
-            syncs: agent.syncs,
-            sync_failures: agent.sync_failures,
-        },
-        mode: "socket (cgroup connect/sendmsg/recvmsg/getpeername hooks)",
+    let view = status_view(StatusInputs {
+        running: agent.pid != 0 && std::path::Path::new(&format!("/proc/{}", agent.pid)).exists(),
+        agent,
+        now_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         socket_termination: maps.socket_termination()?,
         pin_dir: args.bpffs.display().to_string(),
         hooks: bpf::hooks(&args.bpffs),
-        interfaces: interfaces(&args.bpffs),
-        interfaces_missing: tclinks::recorded(&args.bpffs)
-            .unwrap_or_default()
-            .values()
-            .filter(|i| i.ifindex == 0)
-            .map(tclinks::name_of)
-            .collect(),
-        maps: bpf::map_fill(&args.bpffs)?
-            .into_iter()
-            .map(|(map, entries, max_entries)| MapFill {
-                map,
-                entries,
-                max_entries,
-                memlock_bytes: memlock.get(map).copied().unwrap_or(0),
-                percent: if max_entries == 0 {
-                    0.0
-                } else {
-                    (entries as f64 * 1000.0 / max_entries as f64).round() / 10.0
-                },
-            })
-            .collect(),
-        counters: maps
-            .stats()?
-            .into_iter()
-            .map(|(reason, count)| Counter {
-                reason: reason.name(),
-                count,
-            })
-            .collect(),
-    };
+        links: tclinks::live_links(&args.bpffs),
+        recorded: tclinks::recorded(&args.bpffs).unwrap_or_default(),
+        fill: bpf::map_fill(&args.bpffs)?,
+        memlock: bpf::map_memlock(&args.bpffs)?.into_iter().collect(),
+        stats: maps.stats()?,
+    });
     if args.output == Format::Json {
-        return json(&view);
+        return json(&Document::of(&view));
     }
     let a = &view.agent;
     println!(
@@ -188,7 +308,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         if a.running { "running" } else { "not running" },
         a.syncs,
         a.sync_failures,
-        a.last_sync_age_secs
+        a.last_sync_age_seconds
             .map_or("never".to_string(), |s| format!("{s:.1} s ago"))
     );
     println!("mode:     {}", view.mode);
@@ -209,7 +329,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
                 h.hook.to_string(),
                 h.link_id.map_or("-".into(), |i| i.to_string()),
                 h.program_id.map_or("-".into(), |i| i.to_string()),
-                if h.link_id.is_some() {
+                if h.attached {
                     "attached"
                 } else {
                     "NOT ATTACHED"
@@ -231,7 +351,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
                     i.interface.clone(),
                     i.ifindex.to_string(),
                     i.link_id.to_string(),
-                    i.why.clone(),
+                    i.reason.clone(),
                 ]
             })
             .collect();
@@ -246,7 +366,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         .iter()
         .map(|m| {
             vec![
-                m.map.to_string(),
+                m.name.to_string(),
                 m.entries.to_string(),
                 m.max_entries.to_string(),
                 format!("{:.1}%", m.percent),
@@ -273,52 +393,33 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The live tc links with the reason the agent recorded for each.
-fn interfaces(pin_dir: &std::path::Path) -> Vec<InterfaceView> {
-    let recorded = tclinks::recorded(pin_dir).unwrap_or_default();
-    tclinks::live_links(pin_dir)
-        .into_iter()
-        .map(|(name, link)| InterfaceView {
-            interface: name,
-            ifindex: link.ifindex,
-            link_id: link.link_id,
-            why: recorded
-                .get(&link.ifindex)
-                .map_or("(no reason recorded)".to_string(), tclinks::describe),
-        })
-        .collect()
-}
-
 pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
     let state = maps.dump()?;
-    let mut frontends = view::frontends(&state);
-    // The inputs of a least-connection frontend's next decision: its backends' counts.
-    for f in frontends
-        .iter_mut()
-        .filter(|f| f.scheduler.contains("least-connection"))
-    {
-        for b in &mut f.backends {
-            b.connections = maps.connections(b.id).ok();
-        }
-    }
+    let list = view::service_list(&state, &|id| maps.connections(id).ok());
     if args.output == Format::Json {
-        return json(&frontends);
+        return json(&Document::of(&list));
     }
+    print!("{}", services_table(&list));
+    Ok(())
+}
+
+/// The table of `services`.
+fn services_table(list: &view::ServiceList) -> String {
     let mut rows = Vec::new();
-    for f in &frontends {
+    for f in &list.items {
         let backends = if f.backends.is_empty() {
             "-".to_string()
         } else {
             f.backends
                 .iter()
                 .map(|b| {
-                    let mut s = b.address.clone();
+                    let mut s = b.host_port();
                     let mut tags = Vec::new();
                     if b.local {
                         tags.push("local");
                     }
-                    if b.terminating {
+                    if b.state != EndpointState::Ready {
                         tags.push("terminating");
                     }
                     if b.slots != 1 {
@@ -335,34 +436,31 @@ pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let policies = f.policies();
         rows.push(vec![
-            f.frontend.clone(),
-            f.kind.clone(),
-            f.service.clone(),
-            f.action.clone(),
-            f.scheduler.clone(),
-            if f.policies.is_empty() {
+            f.frontend().to_string(),
+            f.type_text().to_string(),
+            f.service_text.clone(),
+            f.action_text(),
+            f.scheduler.as_str().to_string(),
+            if policies.is_empty() {
                 "-".into()
             } else {
-                f.policies.join(" ")
+                policies.join(" ")
             },
             backends,
         ]);
     }
-    print!(
-        "{}",
-        table(
-            &[
-                "FRONTEND",
-                "TYPE",
-                "SERVICE",
-                "ACTION",
-                "SCHEDULER",
-                "POLICIES",
-                "BACKENDS"
-            ],
-            &rows
-        )
-    );
-    Ok(())
+    table(
+        &[
+            "FRONTEND",
+            "TYPE",
+            "SERVICE",
+            "ACTION",
+            "SCHEDULER",
+            "POLICIES",
+            "BACKENDS",
+        ],
+        &rows,
+    )
 }

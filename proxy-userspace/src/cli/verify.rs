@@ -1,23 +1,33 @@
 //! `verify`: the kernel's maps against the state computed from the source. Prints every
 //! difference as the write that would repair it; exits 1 on drift.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
+use proxy_common::{
+    backend::{BACKEND_LOCAL, BACKEND_TERMINATING},
+    info::{
+        INFO_ETP_LOCAL, INFO_ITP_LOCAL, KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER,
+        KIND_NODE_PORT,
+    },
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL},
+};
 use serde::Serialize;
 
 use super::{
     InspectArgs, SourceArgs,
+    api::{Document, EndpointState, FrontendScope, Kind, Reach, TrafficPolicies, TrafficPolicy},
     output::{Format, json},
+    view,
 };
 use crate::{
     agent::fit_to,
-    compile::Compiler,
+    compile::{Compiler, Proto},
     datapath::{
         MapIo as _,
         bpf::Maps,
         podif::{self, PodInterfaces},
     },
-    plan::plan,
+    plan::{Op, ServiceKey, plan},
 };
 
 #[derive(clap::Args)]
@@ -37,14 +47,301 @@ pub struct VerifyArgs {
 #[error("{0} difference(s) between the kernel maps and the source")]
 pub struct Drift(pub usize);
 
-#[derive(Serialize)]
-struct VerifyView {
+/// `verify -o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
     in_sync: bool,
+    /// Frontends the source asks for.
     frontends: usize,
-    differences: Vec<String>,
-    /// Pod-facing interfaces that should carry the tc program but do not, with the reason
-    /// they should.
-    interfaces_missing: Vec<String>,
+    /// The writes that would repair the maps, in the order the agent would make them.
+    differences: Vec<Difference>,
+    /// Pod-facing interfaces that should carry the tc program but do not.
+    interfaces_missing: Vec<MissingInterface>,
+}
+
+impl Kind for Verification {
+    const KIND: &'static str = "Verification";
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MissingInterface {
+    interface: String,
+    /// Why it should carry the program.
+    reason: String,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Operation {
+    Put,
+    Delete,
+}
+
+/// One map write that would repair a difference.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Difference {
+    /// The map's pin name.
+    map: &'static str,
+    operation: Operation,
+    key: MapKey,
+    /// The value a put writes (absent for deletes, source ranges and Maglev chunks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<MapValue>,
+    /// The write as `verify` prints it.
+    text: String,
+}
+
+/// A key, by map (the `map` field says which).
+#[derive(Debug, Serialize)]
+#[serde(untagged, rename_all_fields = "camelCase")]
+enum MapKey {
+    /// `LB4_SERVICES`, `LB6_SERVICES`; port 0 without protocol: a ClusterIP's marker.
+    Frontend {
+        address: IpAddr,
+        port: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        protocol: Option<Proto>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reach: Option<Reach>,
+    },
+    /// `LB_SLOTS`.
+    Slot {
+        frontend_id: u32,
+        generation: u16,
+        slot: u16,
+    },
+    /// `LB_MEMBERS`.
+    Member { frontend_id: u32, backend_id: u32 },
+    /// `LB_BACKENDS`.
+    Backend { backend_id: u32 },
+    /// `LB_SVC_INFO`.
+    Info { frontend_id: u32 },
+    /// `LB4_SRC_RANGES`, `LB6_SRC_RANGES`.
+    SourceRange { frontend_id: u32, cidr: String },
+    /// `LB_MAGLEV`.
+    Maglev {
+        frontend_id: u32,
+        generation: u16,
+        chunk: u16,
+    },
+}
+
+/// A value, by map.
+#[derive(Debug, Serialize)]
+#[serde(untagged, rename_all_fields = "camelCase")]
+enum MapValue {
+    Frontend {
+        id: u32,
+        port_id: u32,
+        revision: u32,
+        /// Live slots; 0: no usable backend.
+        count: u16,
+        affinity_timeout_seconds: u32,
+        flags: Vec<&'static str>,
+    },
+    Slot {
+        backend_id: u32,
+    },
+    Member {
+        slots: u32,
+    },
+    Backend {
+        address: IpAddr,
+        port: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        protocol: Option<Proto>,
+        state: EndpointState,
+        local: bool,
+        weight: u16,
+    },
+    Info {
+        service: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        scope: Option<FrontendScope>,
+        traffic_policies: TrafficPolicies,
+        port_id: u32,
+    },
+}
+
+/// Names of a frontend's `FLAG_*` bits.
+fn flag_names(flags: u16) -> Vec<&'static str> {
+    use proxy_common::service::*;
+    [
+        (FLAG_AFFINITY, "affinity"),
+        (FLAG_NO_LOCAL, "noLocal"),
+        (FLAG_SNAT, "masquerade"),
+        (FLAG_SOURCE_RANGES, "sourceRanges"),
+        (FLAG_MAGLEV, "maglev"),
+        (FLAG_ROUND_ROBIN, "roundRobin"),
+        (FLAG_SOURCE_HASH, "sourceHash"),
+        (FLAG_LEAST_CONN, "leastConnection"),
+        (FLAG_WEIGHTED, "weighted"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+fn frontend_key(key: &ServiceKey) -> MapKey {
+    let (port, proto, scope) = match key {
+        ServiceKey::V4(k) => (k.port, k.proto, k.scope),
+        ServiceKey::V6(k) => (k.port, k.proto, k.scope),
+    };
+    MapKey::Frontend {
+        address: key.addr(),
+        port,
+        protocol: Proto::from_number(proto),
+        reach: match scope {
+            SCOPE_INTERNAL => Some(Reach::Internal),
+            SCOPE_EXTERNAL => Some(Reach::External),
+            _ => None,
+        },
+    }
+}
+
+fn difference(op: &Op) -> Difference {
+    let (operation, key, value) = match op {
+        Op::PutService(k, v) => (
+            Operation::Put,
+            frontend_key(k),
+            Some(MapValue::Frontend {
+                id: v.id,
+                port_id: v.port_id,
+                revision: v.rev,
+                count: v.count,
+                affinity_timeout_seconds: v.affinity_timeout_secs,
+                flags: flag_names(v.flags),
+            }),
+        ),
+        Op::DelService(k) => (Operation::Delete, frontend_key(k), None),
+        Op::PutSlot(k, v) => (
+            Operation::Put,
+            MapKey::Slot {
+                frontend_id: k.svc_id,
+                generation: k.generation,
+                slot: k.slot,
+            },
+            Some(MapValue::Slot {
+                backend_id: v.backend_id,
+            }),
+        ),
+        Op::DelSlot(k) => (
+            Operation::Delete,
+            MapKey::Slot {
+                frontend_id: k.svc_id,
+                generation: k.generation,
+                slot: k.slot,
+            },
+            None,
+        ),
+        Op::PutMember(k, v) => (
+            Operation::Put,
+            MapKey::Member {
+                frontend_id: k.svc_id,
+                backend_id: k.backend_id,
+            },
+            Some(MapValue::Member { slots: v.slots }),
+        ),
+        Op::DelMember(k) => (
+            Operation::Delete,
+            MapKey::Member {
+                frontend_id: k.svc_id,
+                backend_id: k.backend_id,
+            },
+            None,
+        ),
+        Op::PutBackend(id, v) => (
+            Operation::Put,
+            MapKey::Backend { backend_id: *id },
+            Some(MapValue::Backend {
+                address: view::backend_ip(v),
+                port: v.port,
+                protocol: Proto::from_number(v.proto),
+                state: if v.flags & BACKEND_TERMINATING != 0 {
+                    EndpointState::ServingTerminating
+                } else {
+                    EndpointState::Ready
+                },
+                local: v.flags & BACKEND_LOCAL != 0,
+                weight: v.weight,
+            }),
+        ),
+        Op::DelBackend(id) => (Operation::Delete, MapKey::Backend { backend_id: *id }, None),
+        Op::PutInfo(id, info) => (
+            Operation::Put,
+            MapKey::Info { frontend_id: *id },
+            Some(MapValue::Info {
+                service: info.name().to_string(),
+                scope: match info.kind {
+                    KIND_CLUSTER_IP => Some(FrontendScope::ClusterIp),
+                    KIND_EXTERNAL_IP => Some(FrontendScope::ExternalIp),
+                    KIND_LOAD_BALANCER => Some(FrontendScope::LoadBalancer),
+                    KIND_NODE_PORT => Some(FrontendScope::NodePort),
+                    _ => None,
+                },
+                traffic_policies: TrafficPolicies {
+                    internal: TrafficPolicy::local(info.flags & INFO_ITP_LOCAL != 0),
+                    external: TrafficPolicy::local(info.flags & INFO_ETP_LOCAL != 0),
+                },
+                port_id: info.port_id,
+            }),
+        ),
+        Op::DelInfo(id) => (Operation::Delete, MapKey::Info { frontend_id: *id }, None),
+        Op::PutSourceRange(r) | Op::DelSourceRange(r) => (
+            if matches!(op, Op::PutSourceRange(_)) {
+                Operation::Put
+            } else {
+                Operation::Delete
+            },
+            MapKey::SourceRange {
+                frontend_id: r.svc_id,
+                cidr: r.cidr.to_string(),
+            },
+            None,
+        ),
+        Op::PutMaglev(k, _) | Op::DelMaglev(k) => (
+            if matches!(op, Op::PutMaglev(..)) {
+                Operation::Put
+            } else {
+                Operation::Delete
+            },
+            MapKey::Maglev {
+                frontend_id: k.svc_id,
+                generation: k.generation,
+                chunk: k.chunk,
+            },
+            None,
+        ),
+    };
+    Difference {
+        map: op.map(),
+        operation,
+        key,
+        value,
+        text: op.to_string(),
+    }
+}
+
+/// PURE: the `Verification` of a plan (`ops`, the writes from the maps to the source's state
+/// of `frontends` frontends) and of the interfaces missing the tc program (name, why).
+pub fn verification(
+    frontends: usize,
+    ops: &[Op],
+    interfaces_missing: Vec<(String, String)>,
+) -> Verification {
+    Verification {
+        in_sync: ops.is_empty() && interfaces_missing.is_empty(),
+        frontends,
+        differences: ops.iter().map(difference).collect(),
+        interfaces_missing: interfaces_missing
+            .into_iter()
+            .map(|(interface, reason)| MissingInterface { interface, reason })
+            .collect(),
+    }
 }
 
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
@@ -65,33 +362,32 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         endpoints,
         pod_cidrs: snapshot.node.pod_cidrs.clone(),
     };
-    let interfaces_missing: Vec<String> = podif::unattached(&args.inspect.bpffs, &spec, &inputs)?
-        .into_iter()
-        .map(|(name, why)| format!("{name}: should carry the tc program ({why}) but does not"))
-        .collect();
-    let drift = ops.len() + interfaces_missing.len();
-    let view = VerifyView {
-        in_sync: drift == 0,
-        frontends: desired.frontends.len(),
-        differences: ops.iter().map(ToString::to_string).collect(),
-        interfaces_missing,
-    };
+    let interfaces_missing: Vec<(String, String)> =
+        podif::unattached(&args.inspect.bpffs, &spec, &inputs)?
+            .into_iter()
+            .map(|(name, why)| (name, why.to_string()))
+            .collect();
+    let view = verification(desired.frontends.len(), &ops, interfaces_missing);
+    let drift = view.differences.len() + view.interfaces_missing.len();
     if args.inspect.output == Format::Json {
-        json(&view)?;
+        json(&Document::of(&view))?;
     } else if view.in_sync {
         println!("in sync: {} frontends match the source", view.frontends);
     } else {
-        if !ops.is_empty() {
+        if !view.differences.is_empty() {
             println!(
                 "DRIFT: {} difference(s); the writes that would repair them:",
-                ops.len()
+                view.differences.len()
             );
             for d in &view.differences {
-                println!("  {d}");
+                println!("  {}", d.text);
             }
         }
         for m in &view.interfaces_missing {
-            println!("DRIFT: interface {m}");
+            println!(
+                "DRIFT: interface {}: should carry the tc program ({}) but does not",
+                m.interface, m.reason
+            );
         }
     }
     if drift == 0 {

@@ -9,7 +9,36 @@ pub enum EndpointVerdict {
     /// In the set new connections are balanced over.
     Eligible,
     /// Not used, with the reason.
-    Excluded(String),
+    Excluded(Exclusion),
+}
+
+/// Why an endpoint is not used: the rule (`cause`) and the sentence an operator reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exclusion {
+    pub cause: ExclusionCause,
+    pub reason: String,
+}
+
+/// The rule that keeps an endpoint out of a frontend's backends.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ExclusionCause {
+    /// On another node, and the traffic policy is Local.
+    NotLocal,
+    /// Not ready, not terminating.
+    NotReady,
+    /// Terminating and not serving: never used.
+    NotServing,
+    /// Serving and terminating while ready endpoints exist: only a fallback.
+    FallbackOnly,
+    /// Topology hints name other nodes.
+    NodeHint,
+    /// Topology hints name other zones.
+    ZoneHint,
+    /// Left out by topology otherwise.
+    Topology,
+    /// Local, but its pod-facing interface does not carry the tc program yet (decided by the
+    /// caller, which knows the interfaces; `judge` never returns it).
+    InterfaceWaiting,
 }
 
 /// Judges `ep` for the ClusterIP traffic of `sp` (`local_policy` = internalTrafficPolicy
@@ -25,27 +54,43 @@ pub fn judge(sp: &ServicePort, ep: &Endpoint, local_policy: bool) -> EndpointVer
         return EndpointVerdict::Eligible;
     }
     let fallback = ep.serving && ep.terminating;
-    let reason = if local_policy && !ep.local {
-        format!(
-            "not local (internalTrafficPolicy: Local; endpoint on node {})",
-            ep.node_name.as_deref().unwrap_or("<none>")
+    let (cause, reason) = if local_policy && !ep.local {
+        (
+            ExclusionCause::NotLocal,
+            format!(
+                "not local (internalTrafficPolicy: Local; endpoint on node {})",
+                ep.node_name.as_deref().unwrap_or("<none>")
+            ),
         )
     } else if !ep.ready && !fallback {
         if ep.terminating {
-            "terminating and not serving".to_string()
+            (
+                ExclusionCause::NotServing,
+                "terminating and not serving".to_string(),
+            )
         } else {
-            "not ready".to_string()
+            (ExclusionCause::NotReady, "not ready".to_string())
         }
     } else if !ep.ready && fallback {
-        "terminating (ready endpoints exist, so terminating ones are only a fallback)".to_string()
+        (
+            ExclusionCause::FallbackOnly,
+            "terminating (ready endpoints exist, so terminating ones are only a fallback)"
+                .to_string(),
+        )
     } else if let Some(nodes) = ep.node_hints()
         && set.iter().all(|e| e.node_hints().is_some())
     {
-        format!("topology: hinted for nodes {nodes:?}, not this node")
+        (
+            ExclusionCause::NodeHint,
+            format!("topology: hinted for nodes {nodes:?}, not this node"),
+        )
     } else if let Some(zones) = ep.zone_hints() {
-        format!("topology: hinted for zones {zones:?}, not this node's zone")
+        (
+            ExclusionCause::ZoneHint,
+            format!("topology: hinted for zones {zones:?}, not this node's zone"),
+        )
     } else {
-        "excluded by topology".to_string()
+        (ExclusionCause::Topology, "excluded by topology".to_string())
     };
-    EndpointVerdict::Excluded(reason)
+    EndpointVerdict::Excluded(Exclusion { cause, reason })
 }

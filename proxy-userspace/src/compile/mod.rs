@@ -71,7 +71,7 @@ impl Family {
             IpAddr::V6(_) => Family::V6,
         }
     }
-    fn api_name(self) -> &'static str {
+    pub fn api_name(self) -> &'static str {
         match self {
             Family::V4 => "IPv4",
             Family::V6 => "IPv6",

@@ -269,39 +269,8 @@ pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
     })
 }
 
-/// Active connections per backend address of a least-connection frontend (`services -o json`
-/// of `agent`; `frontend` as `services` names it, e.g. `10.96.0.46:80/TCP`).
-pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
-    let out =
-        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
-            .args(["services", "-o", "json", "--bpffs"])
-            .arg(&agent.pin_dir)
-            .output()
-            .expect("run services");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
-    let f = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["frontend"] == frontend)
-        .unwrap_or_else(|| panic!("no {frontend} in {v}"));
-    assert_eq!(f["scheduler"], "least-connection");
-    f["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["address"].as_str().unwrap().to_string(),
-                b["connections"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The backend addresses (`ip:port`) the maps give new connections of `frontend` (`services -o
-/// json` of `agent`: backends holding slots); empty if the frontend is not in the maps.
-pub fn programmed_backends(agent: &Agent, frontend: &str) -> std::collections::BTreeSet<String> {
+/// `kube-bpf-proxy services -o json` of `agent`: the frontends (`items` of the ServiceList).
+pub fn services_json(agent: &Agent) -> Vec<serde_json::Value> {
     let out =
         std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
             .args(["services", "-o", "json", "--bpffs"])
@@ -314,13 +283,62 @@ pub fn programmed_backends(agent: &Agent, frontend: &str) -> std::collections::B
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("services JSON");
-    v.as_array()
-        .expect("a list of frontends")
+    assert_eq!(v["kind"], "ServiceList", "{v}");
+    v["items"].as_array().expect("a list of frontends").clone()
+}
+
+/// `ip:port` (`[ip6]:port`) of an object with `address` and `port` (a backend, a frontend).
+pub fn host_port(v: &serde_json::Value) -> String {
+    let address = v["address"].as_str().expect("address");
+    let port = v["port"].as_u64().expect("port");
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// A frontend of `services -o json` as the table names it: `10.96.0.10:80/TCP`, with
+/// `external ` in front for the tc path's.
+pub fn frontend_name(f: &serde_json::Value) -> String {
+    let external = if f["reach"] == "external" {
+        "external "
+    } else {
+        ""
+    };
+    format!(
+        "{external}{}/{}",
+        host_port(f),
+        f["protocol"].as_str().expect("protocol")
+    )
+}
+
+/// Active connections per backend address of a least-connection frontend (`services -o json`
+/// of `agent`; `frontend` as `services` names it, e.g. `10.96.0.46:80/TCP`).
+pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
+    let items = services_json(agent);
+    let f = items
         .iter()
-        .filter(|f| f["frontend"] == frontend)
+        .find(|f| frontend_name(f) == frontend)
+        .unwrap_or_else(|| panic!("no {frontend} in {items:?}"));
+    assert_eq!(f["scheduler"], "least-connection");
+    f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (host_port(b), b["connections"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The backend addresses (`ip:port`) the maps give new connections of `frontend` (`services -o
+/// json` of `agent`: backends holding slots); empty if the frontend is not in the maps.
+pub fn programmed_backends(agent: &Agent, frontend: &str) -> std::collections::BTreeSet<String> {
+    services_json(agent)
+        .iter()
+        .filter(|f| frontend_name(f) == frontend)
         .flat_map(|f| f["backends"].as_array().cloned().unwrap_or_default())
         .filter(|b| b["slots"].as_u64().unwrap_or(0) > 0)
-        .map(|b| b["address"].as_str().expect("address").to_string())
+        .map(|b| host_port(&b))
         .collect()
 }
 

@@ -198,7 +198,7 @@ impl Bed {
         let status = self.status()?;
         status["maps"]
             .as_array()
-            .and_then(|maps| maps.iter().find(|m| m["map"] == "LB_CT4"))
+            .and_then(|maps| maps.iter().find(|m| m["name"] == "LB_CT4"))
             .and_then(|m| m["entries"].as_u64())
             .context("no LB_CT4 in status")
     }
@@ -240,7 +240,7 @@ fn interfaces(status: &serde_json::Value) -> anyhow::Result<Vec<(String, String)
         .map(|i| {
             (
                 i["interface"].as_str().unwrap_or("?").to_string(),
-                i["why"].as_str().unwrap_or("?").to_string(),
+                i["reason"].as_str().unwrap_or("?").to_string(),
             )
         })
         .collect())
