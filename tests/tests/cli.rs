@@ -269,10 +269,11 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|d| d["map"] == "LB_BACKENDS")
-        .unwrap_or_else(|| panic!("no LB_BACKENDS difference: {v}"));
-    assert_eq!(put["operation"], "put");
-    assert_eq!(put["key"]["backendId"], backend_id);
+        .find(|d| d["map"] == "LB_BACKENDS" && d["operation"] == "put")
+        .unwrap_or_else(|| panic!("no LB_BACKENDS put: {v}"));
+    // The backend as the source wants it (under the id the planner picks: the altered entry
+    // no longer has the wanted value, so it gets a new one and the altered one goes).
+    assert!(put["key"]["backendId"].is_u64(), "{put}");
     assert_eq!(put["value"]["port"], BACKEND_PORT);
 }
 

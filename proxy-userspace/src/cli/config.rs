@@ -699,7 +699,7 @@ pub fn apply(
         if given("scheduler") {
             notes.push(overridden("ipvs.scheduler", "scheduler"));
         } else {
-            args.source.scheduler = s.scheduler.as_str().to_string();
+            args.source.scheduler = s.scheduler.into();
             let mode = if config.mode == ProxyMode::Ipvs {
                 ""
             } else {

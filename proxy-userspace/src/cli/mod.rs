@@ -114,6 +114,54 @@ pub struct InspectArgs {
     pub output: Format,
 }
 
+/// `--scheduler`: the scheduler names, kube-proxy's IPVS names as aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchedulerFlag {
+    Random,
+    #[value(alias = "rr")]
+    RoundRobin,
+    #[value(alias = "wrr")]
+    WeightedRoundRobin,
+    #[value(alias = "sh")]
+    SourceHash,
+    #[value(alias = "lc")]
+    LeastConnection,
+    #[value(alias = "wlc")]
+    WeightedLeastConnection,
+    #[value(alias = "mh")]
+    Maglev,
+}
+
+impl From<SchedulerFlag> for crate::model::Scheduler {
+    fn from(flag: SchedulerFlag) -> Self {
+        use crate::model::Scheduler as S;
+        match flag {
+            SchedulerFlag::Random => S::Random,
+            SchedulerFlag::RoundRobin => S::RoundRobin,
+            SchedulerFlag::WeightedRoundRobin => S::WeightedRoundRobin,
+            SchedulerFlag::SourceHash => S::SourceHash,
+            SchedulerFlag::LeastConnection => S::LeastConnection,
+            SchedulerFlag::WeightedLeastConnection => S::WeightedLeastConnection,
+            SchedulerFlag::Maglev => S::Maglev,
+        }
+    }
+}
+
+impl From<crate::model::Scheduler> for SchedulerFlag {
+    fn from(s: crate::model::Scheduler) -> Self {
+        use crate::model::Scheduler as S;
+        match s {
+            S::Random => SchedulerFlag::Random,
+            S::RoundRobin => SchedulerFlag::RoundRobin,
+            S::WeightedRoundRobin => SchedulerFlag::WeightedRoundRobin,
+            S::SourceHash => SchedulerFlag::SourceHash,
+            S::LeastConnection => SchedulerFlag::LeastConnection,
+            S::WeightedLeastConnection => SchedulerFlag::WeightedLeastConnection,
+            S::Maglev => SchedulerFlag::Maglev,
+        }
+    }
+}
+
 /// Where Services, EndpointSlices and the Node come from.
 #[derive(clap::Args, Clone)]
 pub struct SourceArgs {
@@ -148,8 +196,8 @@ pub struct SourceArgs {
     /// Scheduler of Services without the `kube-bpf-proxy.io/scheduler` annotation: random
     /// (kube-proxy's), round-robin (rr), weighted-round-robin (wrr), source-hash (sh) or
     /// maglev (mh).
-    #[arg(long, default_value = "random")]
-    pub scheduler: String,
+    #[arg(long, value_enum, default_value_t = SchedulerFlag::Random)]
+    pub scheduler: SchedulerFlag,
     /// Entries of each Maglev table: a prime, well above 100 x the backends of a Service.
     #[arg(long, default_value_t = crate::maglev::DEFAULT_SIZE)]
     pub maglev_table_size: u32,
@@ -213,8 +261,7 @@ impl SourceArgs {
 
     /// The settings compile takes from the command line.
     pub fn config(&self) -> anyhow::Result<crate::snapshot::ProxyConfig> {
-        let scheduler = crate::compile::Scheduler::parse(&self.scheduler)
-            .map_err(|why| anyhow::anyhow!("--scheduler: {why}"))?;
+        let scheduler = self.scheduler.into();
         if !crate::maglev::is_prime(self.maglev_table_size) {
             anyhow::bail!(
                 "--maglev-table-size {} is not a prime (e.g. {:?})",

@@ -94,8 +94,8 @@ pub struct RunArgs {
     pub xdp: bpf::XdpChoice,
     /// NodePort traffic to backends on other nodes: snat (kube-proxy's masquerading) or dsr
     /// (IPv4: the backend's node answers the client directly; every node must run the agent).
-    #[arg(long, default_value = "snat", value_parser = ["snat", "dsr"])]
-    pub nodeport_mode: String,
+    #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
+    pub nodeport_mode: NodePortMode,
     /// Source ports of masqueraded flows, LOW-HIGH. Must lie outside the node's ephemeral
     /// ports (net.ipv4.ip_local_port_range), or the agent refuses to start: a masqueraded flow
     /// and a connection of the node itself could claim the same tuple. Default: the ports above
@@ -500,15 +500,40 @@ fn collect_conntrack(pin_dir: PathBuf, timeouts: CtTimeouts) {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
+/// SIGTERM and SIGINT set `STOP` (the agent then stops syncing and leaves the datapath
+/// pinned and serving). tokio's signal handling, on a small runtime of its own on the thread
+/// `signals`; the handlers are registered before this returns, so no signal is missed.
+fn install_signal_handlers() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("start the signal runtime")?;
+    let (mut term, mut int) = runtime
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ))
+        })
+        .context("install the SIGTERM and SIGINT handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            // Started before the agent drops its capabilities: this thread needs none.
+            if let Err(e) = caps::drop_to(&[]) {
+                log::warn!("signals thread: dropping capabilities failed: {e}");
+            }
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            STOP.store(true, Ordering::Relaxed);
+        })
+        .context("start the signals thread")?;
+    Ok(())
 }
 
 /// Finds the cgroup v2 mount point in /proc/mounts.
@@ -523,6 +548,15 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         })
         .next()
         .context("no cgroup2 filesystem is mounted")
+}
+
+/// `--nodeport-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodePortMode {
+    /// kube-proxy's masquerading.
+    Snat,
+    /// The backend's node answers the client directly (IPv4; every node runs the agent).
+    Dsr,
 }
 
 /// Two heap arenas at most, unless `MALLOC_ARENA_MAX` says otherwise: glibc gives every thread
@@ -548,7 +582,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let node = args.source.node_name();
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
-    let dsr = args.nodeport_mode == "dsr";
+    let dsr = args.nodeport_mode == NodePortMode::Dsr;
     // Refused before anything is loaded: a range that collides with the node's own sockets.
     let ephemeral = portrange::read_ephemeral().map_err(|e| anyhow::anyhow!(e))?;
     let masquerade =
@@ -561,7 +595,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => cgroup2_root()?,
     };
-    install_signal_handlers();
+    install_signal_handlers()?;
     let flows = bpf::flow_entries(bpf::node_memory(), args.map_memory_ratio);
     let sizes = MapSizes {
         services: args.max_services,
@@ -585,8 +619,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     external.retain(|i| !i.is_empty() && netdev::exists(i));
     let xdp = datapath.attach_xdp(&external, args.xdp)?;
     log::info!(
-        "NodePort mode {}; external interfaces {:?}, XDP {:?}; masquerading ports {masquerade} \
-         (ephemeral ports {ephemeral})",
+        "NodePort mode {:?}; external interfaces {:?}, XDP {:?}; masquerading ports \
+         {masquerade} (ephemeral ports {ephemeral})",
         args.nodeport_mode,
         external,
         xdp

@@ -3,6 +3,7 @@
 use clap::{CommandFactory as _, FromArgMatches as _};
 
 use super::*;
+use crate::cli::SchedulerFlag;
 
 /// The fields kubeadm writes into the kube-proxy ConfigMap's `config.conf` when nothing is
 /// customised (kubeadm's documented default KubeProxyConfiguration): every value is a zero
@@ -158,7 +159,7 @@ fn config_kubeadm_default_is_all_defaults_and_draws_no_warning() {
         super::super::run::default_http_addresses(args.source.bind_address),
         ("0.0.0.0:10256", "127.0.0.1:10249")
     );
-    assert_eq!(args.source.scheduler, "random");
+    assert_eq!(args.source.scheduler, SchedulerFlag::Random);
     assert_eq!(args.source.nodeport_addresses, Vec::<String>::new());
     assert_eq!(args.source.hostname_override, None);
     // configSyncPeriod 0s: our own read-back period, not kube-proxy's 15m.
@@ -226,7 +227,7 @@ featureGates: {PreferSameTrafficDistribution: true}
     );
     assert_eq!(args.metrics_bind_address.as_deref(), Some("[::1]:9999"));
     assert!(args.bind_address_hard_fail);
-    assert_eq!(args.source.scheduler, "weighted-round-robin");
+    assert_eq!(args.source.scheduler, SchedulerFlag::WeightedRoundRobin);
     assert_eq!(args.pod_interfaces, ["auto", "cni0"]);
     assert_eq!(args.source.nodeport_addresses, ["primary", "192.0.2.0/24"]);
     let selection = args.source.nodeport_selection().unwrap();
@@ -306,7 +307,7 @@ logging: {format: json, verbosity: 6}
     assert_eq!(args.source.bind_address, Some("192.0.2.1".parse().unwrap()));
     assert_eq!(args.healthz_bind_address.as_deref(), Some(""));
     assert_eq!(args.metrics_bind_address.as_deref(), Some("127.0.0.1:3"));
-    assert_eq!(args.source.scheduler, "rr");
+    assert_eq!(args.source.scheduler, SchedulerFlag::RoundRobin);
     assert_eq!(args.pod_interfaces, ["none"]);
     assert_eq!(args.source.nodeport_addresses, ["192.0.2.0/24"]);
     assert_eq!(args.sync_period, Duration::from_secs(600));
@@ -394,9 +395,7 @@ fn config_ipvs_schedulers_map_to_ours_with_a_warning_where_approximated() {
             &doc(&format!("mode: ipvs\nipvs: {{scheduler: {name}}}")),
             &[],
         );
-        assert_eq!(out.args().source.scheduler, ours.as_str(), "{name}");
-        // The flag's value parses back to the same scheduler.
-        assert_eq!(Scheduler::parse(&out.args().source.scheduler), Ok(ours));
+        assert_eq!(Scheduler::from(out.args().source.scheduler), ours, "{name}");
         let warnings = out.warnings();
         if approximated {
             assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
@@ -418,7 +417,7 @@ fn config_ipvs_schedulers_map_to_ours_with_a_warning_where_approximated() {
     assert!(dh.warnings()[0].contains("single Service address"));
     // Empty: the default scheduler.
     let empty = run_with(&doc("ipvs: {scheduler: ''}"), &[]);
-    assert_eq!(empty.args().source.scheduler, "random");
+    assert_eq!(empty.args().source.scheduler, SchedulerFlag::Random);
 }
 
 #[test]
