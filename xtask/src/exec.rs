@@ -1,6 +1,9 @@
 //! Running commands with a step banner and context.
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -22,6 +25,16 @@ pub fn probe(program: &str, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The workspace's target directory: `$CARGO_TARGET_DIR`, or `target/` at the workspace root.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+            xtask.parent().expect("xtask/ has a parent").join("target")
+        })
 }
 
 pub fn cargo() -> Command {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod exec;
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -32,6 +33,9 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
+    /// Write an OCI image of the release agent without a container daemon: an OCI layout,
+    /// an oci-archive and a docker-archive under target/image (podman, skopeo, ctr load them).
+    Image(image::Options),
     /// Benchmark the data path, control plane and memory against kube-proxy's iptables and
     /// nftables shapes; prints a table, writes target/bench/bench.{md,json,png}.
     Bench(bench::Options),
@@ -41,7 +45,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         None => {
-            eprintln!("usage: cargo xtask <setup|build|run|test|bench>  (cargo xtask --help)");
+            eprintln!(
+                "usage: cargo xtask <setup|build|run|test|image|bench>  (cargo xtask --help)"
+            );
             std::process::exit(2);
         }
         Some(Command::Setup) => setup::setup(),
@@ -49,6 +55,7 @@ fn main() {
         Some(Command::Run(opts)) => run::run(opts),
         Some(Command::Test(opts)) => test::test(opts),
         Some(Command::Soak { secs }) => test::soak(secs),
+        Some(Command::Image(opts)) => setup::setup().and_then(|()| image::image(opts)),
         Some(Command::Bench(opts)) => bench::bench(opts),
     };
     if let Err(e) = result {

@@ -11,9 +11,10 @@ use crate::exec::{cargo, probe, step};
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// BPF programs are built with this toolchain (it needs rust-src for -Z build-std=core).
 const BPF_TOOLCHAIN: &str = "nightly";
-/// Debian packages the tests, the demo and the benchmarks use.
+/// Debian packages the tests, the demo and the benchmarks use. umoci and skopeo check the
+/// images `cargo xtask image` writes (unpack and run it; read both archives).
 const APT_PACKAGES: &[&str] = &[
-    "bpftool", "ethtool", "iproute2", "iptables", "nftables", "procps",
+    "bpftool", "ethtool", "iproute2", "iptables", "nftables", "procps", "skopeo", "umoci",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
 };
 
@@ -10,7 +10,7 @@ use ::tests::harness::skip::{SKIP_LOG_ENV, read_skips};
 use anyhow::{Context as _, bail};
 
 use crate::{
-    exec::{BuildOptions, build, cargo, step},
+    exec::{BuildOptions, build, cargo, step, target_dir},
     setup::setup,
 };
 
@@ -113,9 +113,7 @@ pub fn soak(secs: u64) -> anyhow::Result<()> {
 
 /// `<target dir>/xtask-skipped.log`, emptied.
 fn fresh_skip_log() -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let target = target_dir();
     std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
     let log = target.join("xtask-skipped.log");
     match std::fs::remove_file(&log) {
