@@ -28,7 +28,7 @@ struct Objects {
     count: usize,
 }
 
-fn absorb(value: serde_yaml::Value, into: &mut Objects, depth: usize) {
+fn absorb(value: serde_norway::Value, into: &mut Objects, depth: usize) {
     let index = into.count;
     into.count += 1;
     match value.get("kind").and_then(|k| k.as_str()) {
@@ -79,8 +79,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut objects = Objects::default();
-    for doc in serde_yaml::Deserializer::from_str(text).take(64) {
-        match serde_yaml::Value::deserialize(doc) {
+    for doc in serde_norway::Deserializer::from_str(text).take(64) {
+        match serde_norway::Value::deserialize(doc) {
             Ok(value) => absorb(value, &mut objects, 0),
             Err(_) => break,
         }

@@ -24,7 +24,7 @@ use proxy_userspace::{
 
 fn service(i: usize) -> Service {
     let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
-    serde_yaml::from_str(&format!(
+    serde_norway::from_str(&format!(
         "kind: Service\nmetadata: {{name: s{i}, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}\n"
     ))
     .unwrap()
@@ -39,7 +39,7 @@ fn slice(i: usize, eps: usize, generation: usize) -> Slice {
             format!("{{addresses: [{addr}]}}")
         })
         .collect();
-    serde_yaml::from_str(&format!(
+    serde_norway::from_str(&format!(
         "kind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n",
         endpoints.join(", ")
     ))

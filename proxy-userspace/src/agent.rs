@@ -955,7 +955,7 @@ mod tests {
                      {{kubernetes.io/service-name: a}}}}\naddressType: IPv4\nports: [{{name: \
                      http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: [{ip}]}}]"
                 );
-                std::sync::Arc::new(serde_yaml::from_str(&yaml).unwrap())
+                std::sync::Arc::new(serde_norway::from_str(&yaml).unwrap())
             })
             .collect();
         let mut snap = snapshot(

@@ -268,7 +268,7 @@ mod tests {
     use super::*;
 
     fn slice(yaml: &str) -> Slice {
-        Slice::from(serde_yaml::from_str::<EndpointSlice>(yaml).unwrap())
+        Slice::from(serde_norway::from_str::<EndpointSlice>(yaml).unwrap())
     }
 
     #[test]

@@ -207,7 +207,7 @@ mod tests {
             .iter()
             .map(|(ip, node)| format!("{{addresses: [{ip}], nodeName: {node}}}"))
             .collect();
-        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml::from_str(&format!(
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_norway::from_str(&format!(
             "metadata: {{name: {name}, namespace: default}}\naddressType: IPv4\nendpoints: [{}]",
             eps.join(", ")
         ))
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn node_primary_addresses_are_the_first_internal_then_external_of_each_family() {
-        let node: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+        let node: k8s_openapi::api::core::v1::Node = serde_norway::from_str(
             "metadata: {name: node-a}
 status:
   addresses:

@@ -1280,10 +1280,10 @@ mod hostile {
     fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
         let (mut services, mut slices) = (Vec::new(), Vec::new());
         for doc in yaml.split("\n---\n").filter(|d| !d.trim().is_empty()) {
-            let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+            let v: serde_norway::Value = serde_norway::from_str(doc).unwrap();
             match v["kind"].as_str() {
-                Some("Service") => services.push(serde_yaml::from_value(v).unwrap()),
-                Some("EndpointSlice") => slices.push(serde_yaml::from_value(v).unwrap()),
+                Some("Service") => services.push(serde_norway::from_value(v).unwrap()),
+                Some("EndpointSlice") => slices.push(serde_norway::from_value(v).unwrap()),
                 _ => panic!("unexpected doc {doc}"),
             }
         }

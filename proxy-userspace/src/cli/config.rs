@@ -201,8 +201,8 @@ pub fn load(path: &Path) -> anyhow::Result<(KubeProxyConfig, Vec<String>)> {
 /// Parses a `KubeProxyConfiguration`; returns it with the paths of the fields not used here
 /// (sorted), for one warning line.
 pub fn parse(text: &str) -> Result<(KubeProxyConfig, Vec<String>), ConfigError> {
-    let yaml: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    let yaml: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
     // YAML keys that are no strings (`1: x`) are refused here.
     let tree = serde_json::to_value(&yaml).map_err(|e| ConfigError::Syntax(e.to_string()))?;
     let Value::Object(map) = &tree else {

@@ -23,14 +23,14 @@ pub(crate) fn snapshot(yaml: &str, node: &str, zone: Option<&str>) -> Snapshot {
         ..Default::default()
     };
     for doc in yaml.split("\n---\n") {
-        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        let v: serde_norway::Value = serde_norway::from_str(doc).unwrap();
         match v["kind"].as_str() {
             Some("Service") => s
                 .services
-                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
+                .push(std::sync::Arc::new(serde_norway::from_value(v).unwrap())),
             Some("EndpointSlice") => s
                 .slices
-                .push(std::sync::Arc::new(serde_yaml::from_value(v).unwrap())),
+                .push(std::sync::Arc::new(serde_norway::from_value(v).unwrap())),
             _ => panic!("unexpected doc {doc}"),
         }
     }

@@ -124,7 +124,7 @@ fn fingerprint(dir: &Path) -> anyhow::Result<Fingerprint> {
     Ok(out)
 }
 
-fn parse_document(value: serde_yaml::Value, into: &mut FileObjects) -> anyhow::Result<()> {
+fn parse_document(value: serde_norway::Value, into: &mut FileObjects) -> anyhow::Result<()> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -155,8 +155,8 @@ fn parse_document(value: serde_yaml::Value, into: &mut FileObjects) -> anyhow::R
 fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
     let text = fs::read_to_string(path)?;
     let mut objects = FileObjects::default();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(doc)?;
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value = serde_norway::Value::deserialize(doc)?;
         if value.is_null() {
             continue;
         }

@@ -182,7 +182,7 @@ fn config_kubeadm_default_is_all_defaults_and_draws_no_warning() {
 
 #[test]
 fn config_json_reads_like_yaml() {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(KUBEADM_DEFAULT).unwrap();
+    let yaml: serde_norway::Value = serde_norway::from_str(KUBEADM_DEFAULT).unwrap();
     let json = serde_json::to_string_pretty(&yaml).unwrap();
     assert_eq!(parse(&json), parse(KUBEADM_DEFAULT));
     assert!(parse(&json).is_ok());
@@ -786,9 +786,10 @@ fn config_load_names_the_file() {
 /// the result is a value or an error, never a panic, and a value can be applied.
 #[test]
 fn config_any_value_in_any_field_never_panics() {
-    let base: Value =
-        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(KUBEADM_DEFAULT).unwrap())
-            .unwrap();
+    let base: Value = serde_json::to_value(
+        serde_norway::from_str::<serde_norway::Value>(KUBEADM_DEFAULT).unwrap(),
+    )
+    .unwrap();
     let mut paths: Vec<Vec<String>> = Vec::new();
     fn walk(v: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
         if let Value::Object(m) = v {
