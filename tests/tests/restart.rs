@@ -13,6 +13,50 @@ use std::{
 use common::*;
 use tests::harness::topology::Proto;
 
+/// Runs `body` while a client in pod 0 opens TCP connections to `vip`, ten a batch, for at
+/// most `limit`; `body` gets the agent and a function that waits until `n` more batches are done.
+/// Returns the connections attempted and the failed ones.
+fn under_load(
+    env: &mut Env,
+    vip: SocketAddr,
+    limit: Duration,
+    body: impl FnOnce(&mut tests::Agent, &dyn Fn(usize)),
+) -> (usize, Vec<tests::Reply>) {
+    let stop = AtomicBool::new(false);
+    let batches = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let topo = &env.topo;
+        let (stop, batches) = (&stop, &batches);
+        let client = s.spawn(move || {
+            let (mut attempted, mut failed) = (0, Vec::new());
+            let deadline = Instant::now() + limit;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for r in topo.request(0, Proto::Tcp, vip, 10) {
+                    attempted += 1;
+                    if !r.ok {
+                        failed.push(r);
+                    }
+                }
+                batches.fetch_add(1, Ordering::Relaxed);
+            }
+            (attempted, failed)
+        });
+        let wait_batches = |n: usize| {
+            let target = batches.load(Ordering::Relaxed) + n;
+            tests::poll_until("client batches", Duration::from_secs(30), || {
+                if batches.load(Ordering::Relaxed) >= target {
+                    Ok(())
+                } else {
+                    Err("running".into())
+                }
+            });
+        };
+        body(&mut env.agent, &wait_batches);
+        stop.store(true, Ordering::Relaxed);
+        client.join().expect("client thread")
+    })
+}
+
 #[test]
 fn sigkill_and_restart_fail_no_connection() {
     if !privileged() {
@@ -37,57 +81,30 @@ fn sigkill_and_restart_fail_no_connection() {
     );
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2", "pod-3"]);
 
-    let stop = AtomicBool::new(false);
-    let batches = AtomicUsize::new(0);
-    let (attempted, failed) = std::thread::scope(|s| {
-        let topo = &env.topo;
-        let (stop, batches) = (&stop, &batches);
-        let client = s.spawn(move || {
-            let (mut attempted, mut failed) = (0, Vec::new());
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for r in topo.request(0, Proto::Tcp, vip, 10) {
-                    attempted += 1;
-                    if !r.ok {
-                        failed.push(r);
-                    }
-                }
-                batches.fetch_add(1, Ordering::Relaxed);
-            }
-            (attempted, failed)
-        });
-        let wait_batches = |n: usize| {
-            let target = batches.load(Ordering::Relaxed) + n;
-            tests::poll_until("client batches", Duration::from_secs(30), || {
-                if batches.load(Ordering::Relaxed) >= target {
-                    Ok(())
-                } else {
-                    Err("running".into())
-                }
-            });
-        };
-        wait_batches(2);
-        env.agent.kill();
-        // Agent gone: the pinned hooks keep translating.
-        wait_batches(3);
-        let from = env.agent.log_position();
-        env.agent.start();
-        env.agent.wait_for_log(
-            from,
-            "0 attached, 9 replaced in place",
-            Duration::from_secs(10),
-        );
-        let synced = env
-            .agent
-            .wait_for_log(from, "synced:", Duration::from_secs(10));
-        assert!(
-            synced.contains(" 0 map writes"),
-            "an unchanged cluster must not be rewritten on restart: {synced}"
-        );
-        wait_batches(3);
-        stop.store(true, Ordering::Relaxed);
-        client.join().expect("client thread")
-    });
+    let (attempted, failed) = under_load(
+        &mut env,
+        vip,
+        Duration::from_secs(60),
+        |agent, wait_batches| {
+            wait_batches(2);
+            agent.kill();
+            // Agent gone: the pinned hooks keep translating.
+            wait_batches(3);
+            let from = agent.log_position();
+            agent.start();
+            agent.wait_for_log(
+                from,
+                "0 attached, 9 replaced in place",
+                Duration::from_secs(10),
+            );
+            let synced = agent.wait_for_log(from, "synced:", Duration::from_secs(10));
+            assert!(
+                synced.contains(" 0 map writes"),
+                "an unchanged cluster must not be rewritten on restart: {synced}"
+            );
+            wait_batches(3);
+        },
+    );
     eprintln!(
         "restart: {attempted} connections attempted, {} failed",
         failed.len()
@@ -323,55 +340,29 @@ fn sigkill_in_a_burst_of_changes_converges_on_restart() {
     };
     const ROUNDS: usize = 12;
     const KILLED_AT: usize = 5;
-    let stop = AtomicBool::new(false);
-    let batches = AtomicUsize::new(0);
-    let (attempted, failed) = std::thread::scope(|s| {
-        let topo = &env.topo;
-        let (stop, batches) = (&stop, &batches);
-        let client = s.spawn(move || {
-            let (mut attempted, mut failed) = (0, Vec::new());
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for r in topo.request(0, Proto::Tcp, steady, 10) {
-                    attempted += 1;
-                    if !r.ok {
-                        failed.push(r);
-                    }
-                }
-                batches.fetch_add(1, Ordering::Relaxed);
-            }
-            (attempted, failed)
-        });
-        let wait_batches = |n: usize| {
-            let target = batches.load(Ordering::Relaxed) + n;
-            tests::poll_until("client batches", Duration::from_secs(30), || {
-                if batches.load(Ordering::Relaxed) >= target {
-                    Ok(())
+    let (attempted, failed) = under_load(
+        &mut env,
+        steady,
+        Duration::from_secs(90),
+        |agent, wait_batches| {
+            wait_batches(2);
+            for round in 0..ROUNDS {
+                agent.write_manifest("churn.yaml", &churn(round));
+                if round == KILLED_AT {
+                    // The agent is woken by the write and syncing 200 Services: killed mid-burst.
+                    std::thread::sleep(Duration::from_millis(5));
+                    agent.kill();
+                    wait_batches(2);
                 } else {
-                    Err("running".into())
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-            });
-        };
-        wait_batches(2);
-        for round in 0..ROUNDS {
-            env.agent.write_manifest("churn.yaml", &churn(round));
-            if round == KILLED_AT {
-                // The agent is woken by the write and syncing 200 Services: killed mid-burst.
-                std::thread::sleep(Duration::from_millis(5));
-                env.agent.kill();
-                wait_batches(2);
-            } else {
-                std::thread::sleep(Duration::from_millis(20));
             }
-        }
-        let from = env.agent.log_position();
-        env.agent.start();
-        env.agent
-            .wait_for_log(from, "synced:", Duration::from_secs(20));
-        wait_batches(3);
-        stop.store(true, Ordering::Relaxed);
-        client.join().expect("client thread")
-    });
+            let from = agent.log_position();
+            agent.start();
+            agent.wait_for_log(from, "synced:", Duration::from_secs(20));
+            wait_batches(3);
+        },
+    );
     eprintln!(
         "burst: {attempted} connections to the untouched Service, {} failed",
         failed.len()
