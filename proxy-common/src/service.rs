@@ -79,6 +79,13 @@ pub const FLAG_SOURCE_HASH: u16 = 1 << 6;
 pub const FLAG_LEAST_CONN: u16 = 1 << 7;
 /// With `FLAG_LEAST_CONN`: connections relative to the backend's weight.
 pub const FLAG_WEIGHTED: u16 = 1 << 8;
+/// With `FLAG_LEAST_CONN`: shortest expected delay (IPVS `sed`), each backend's load counted
+/// as its connections plus the one about to come, `(C + 1) / W`: a lighter backend with a
+/// higher weight wins where plain weighted least-connection (`C / W`) would tie at zero.
+pub const FLAG_SED: u16 = 1 << 9;
+/// With `FLAG_SED`: never queue (IPVS `nq`): a backend with no active connection is taken at
+/// once; shortest expected delay decides only when every backend is busy.
+pub const FLAG_NEVER_QUEUE: u16 = 1 << 10;
 
 impl ServiceValue {
     pub const fn has_affinity(&self) -> bool {

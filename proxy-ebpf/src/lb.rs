@@ -7,8 +7,8 @@ use proxy_common::{
     maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
     service::{
-        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED, MemberKey,
-        ServiceValue, SlotKey,
+        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_ROUND_ROBIN, FLAG_SED,
+        FLAG_SOURCE_HASH, FLAG_WEIGHTED, MemberKey, ServiceValue, SlotKey,
     },
 };
 
@@ -20,11 +20,16 @@ const LC_SCAN: u32 = 32;
 
 /// The backend with the fewest active connections (relative to its weight with
 /// `FLAG_WEIGHTED`) among up to `LC_SCAN` slots; ties go to the first from a random start.
+/// With `FLAG_SED` a backend's load is its connections plus one (shortest expected delay);
+/// with `FLAG_NEVER_QUEUE` the first idle backend is taken at once.
 #[inline(never)]
 pub fn least_conn(svc: &ServiceValue) -> u32 {
     let count = svc.count as u32;
+    // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() };
     let weighted = svc.has_flag(FLAG_WEIGHTED);
+    let expected = u64::from(svc.has_flag(FLAG_SED));
+    let never_queue = svc.has_flag(FLAG_NEVER_QUEUE);
     let (mut best, mut best_conns, mut best_weight) = (0u32, 0u64, 1u64);
     for i in 0..LC_SCAN {
         if i >= count {
@@ -39,7 +44,11 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
             continue;
         };
         let id = slot.backend_id;
-        let conns = conns::of(id);
+        let active = conns::of(id);
+        if never_queue && active == 0 {
+            return id;
+        }
+        let conns = active + expected;
         let weight = if weighted {
             unsafe { LB_BACKENDS.get(&id) }.map_or(1, |b| u64::from(b.weight.max(1)))
         } else {

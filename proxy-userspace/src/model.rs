@@ -25,6 +25,10 @@ pub enum Scheduler {
     LeastConnection,
     /// The fewest active connections relative to the backend's weight.
     WeightedLeastConnection,
+    /// Shortest expected delay (IPVS `sed`): the least `(connections + 1) / weight`.
+    ShortestExpectedDelay,
+    /// Never queue (IPVS `nq`): an idle backend if there is one, else shortest expected delay.
+    NeverQueue,
     /// Maglev consistent hashing of the flow: the same flow picks the same backend on every
     /// node, and a backend change moves only about 1/N of the flows.
     Maglev,
@@ -42,11 +46,24 @@ impl Scheduler {
             "maglev" | "mh" => Ok(Scheduler::Maglev),
             "least-connection" | "lc" => Ok(Scheduler::LeastConnection),
             "weighted-least-connection" | "wlc" => Ok(Scheduler::WeightedLeastConnection),
+            "shortest-expected-delay" | "sed" => Ok(Scheduler::ShortestExpectedDelay),
+            "never-queue" | "nq" => Ok(Scheduler::NeverQueue),
             other => Err(format!(
                 "unknown scheduler {other:?} (random, round-robin/rr, weighted-round-robin/wrr, \
-                 least-connection/lc, weighted-least-connection/wlc, source-hash/sh, maglev/mh)"
+                 least-connection/lc, weighted-least-connection/wlc, \
+                 shortest-expected-delay/sed, never-queue/nq, source-hash/sh, maglev/mh)"
             )),
         }
+    }
+    /// Schedulers that compare the active connections the datapath counts per backend.
+    pub fn counts_connections(self) -> bool {
+        matches!(
+            self,
+            Scheduler::LeastConnection
+                | Scheduler::WeightedLeastConnection
+                | Scheduler::ShortestExpectedDelay
+                | Scheduler::NeverQueue
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,6 +73,8 @@ impl Scheduler {
             Scheduler::SourceHash => "source-hash",
             Scheduler::LeastConnection => "least-connection",
             Scheduler::WeightedLeastConnection => "weighted-least-connection",
+            Scheduler::ShortestExpectedDelay => "shortest-expected-delay",
+            Scheduler::NeverQueue => "never-queue",
             Scheduler::Maglev => "maglev",
         }
     }

@@ -20,9 +20,10 @@ use proxy_common::{
     },
     maglev::{MAGLEV_CHUNK, MaglevChunk, MaglevKey},
     service::{
-        FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NO_LOCAL, FLAG_ROUND_ROBIN, FLAG_SNAT,
-        FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES, FLAG_WEIGHTED, MemberKey, MemberValue,
-        SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SlotKey, SlotValue,
+        FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_NO_LOCAL,
+        FLAG_ROUND_ROBIN, FLAG_SED, FLAG_SNAT, FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES, FLAG_WEIGHTED,
+        MemberKey, MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key,
+        ServiceValue, SlotKey, SlotValue,
     },
 };
 
@@ -743,10 +744,8 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         let mut slots: Vec<u32> = Vec::new();
         // Round-robin gives every backend one turn, whatever its weight; least-connection
         // compares every backend once (weights count in the comparison, not in slots).
-        let weighted = !matches!(
-            state.scheduler,
-            Scheduler::RoundRobin | Scheduler::LeastConnection | Scheduler::WeightedLeastConnection
-        );
+        let weighted =
+            !(state.scheduler == Scheduler::RoundRobin || state.scheduler.counts_connections());
         for b in &state.backends {
             let id = backend_ids[&identity_of(&backend_value(b))];
             let turns = if weighted { b.weight.max(1) } else { 1 };
@@ -775,6 +774,8 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
             Scheduler::SourceHash => FLAG_SOURCE_HASH,
             Scheduler::LeastConnection => FLAG_LEAST_CONN,
             Scheduler::WeightedLeastConnection => FLAG_LEAST_CONN | FLAG_WEIGHTED,
+            Scheduler::ShortestExpectedDelay => FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED,
+            Scheduler::NeverQueue => FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED | FLAG_NEVER_QUEUE,
             _ => 0,
         };
         let id = existing.map_or_else(|| ids.svc.allocate(), |v| v.id);

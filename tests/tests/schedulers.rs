@@ -251,3 +251,62 @@ fn least_connection_avoids_busy_backends_and_counts_return_to_zero() {
     let t = tally(&env.request(Proto::Tcp, to, 40));
     assert_eq!(t.len(), 2, "{t:?}");
 }
+
+/// Shortest expected delay and never queue (IPVS's `sed` and `nq`, issue #21) over a light
+/// backend (pod-2, weight 1) and a heavy one (pod-3, weight 10) that holds one connection.
+/// `sed` compares (connections + 1) / weight: the busy heavy backend (2/10) beats the idle
+/// light one (1/1), where weighted least-connection (0/1 < 1/10) would pick the light one.
+/// `nq` takes the idle light backend while it is idle; once both are busy it is `sed`.
+#[test]
+fn shortest_expected_delay_and_never_queue_follow_ipvs() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    let (light, heavy) = (env.topo.pods[1].ip4, env.topo.pods[2].ip4);
+    let light_port = format!("{light}:{BACKEND_PORT}");
+    let heavy_port = format!("{heavy}:{BACKEND_PORT}");
+    for (name, addr, scheduler, shown) in [
+        ("sed", "10.96.0.47", "sed", "shortest-expected-delay"),
+        ("nq", "10.96.0.48", "nq", "never-queue"),
+    ] {
+        let annotations = format!(
+            "kube-bpf-proxy.io/scheduler: {scheduler}, \
+             kube-bpf-proxy.io/weights: '{light}=1, {heavy}=10'"
+        );
+        let to = vip(addr);
+        let frontend = format!("{addr}:80/TCP");
+        // One long connection on the heavy backend, alone in the Service, then the light one
+        // joins.
+        service(&env, name, addr, &[2], &annotations);
+        env.wait_for_backends(Proto::Tcp, to, &["pod-3"]);
+        let (mut on_heavy, r) = env.topo.hold(0, to);
+        assert_eq!(r.backend, "pod-3");
+        service(&env, name, addr, &[1, 2], &annotations);
+        tests::poll_until(
+            "both backends in the Service",
+            std::time::Duration::from_secs(10),
+            || match counted_connections(&env.agent, &frontend, shown) {
+                c if c.len() == 2 => Ok(()),
+                c => Err(format!("{c:?}")),
+            },
+        );
+        let c = counted_connections(&env.agent, &frontend, shown);
+        assert_eq!((c[&light_port], c[&heavy_port]), (0, 1), "{c:?}");
+        let (next, _) = explain_next(&env, &frontend);
+        assert!(next.contains(shown), "{next}");
+        // New connections, each closed before the next.
+        let t = tally(&env.request(Proto::Tcp, to, 20));
+        let expected = if scheduler == "sed" { "pod-3" } else { "pod-2" };
+        assert_eq!(t.get(expected), Some(&20), "{scheduler}: {t:?}");
+        if scheduler == "nq" {
+            // Both busy now: (1 + 1) / 1 against (1 + 1) / 10, the heavy one.
+            let (mut on_light, r) = env.topo.hold(0, to);
+            assert_eq!(r.backend, "pod-2");
+            let t = tally(&env.request(Proto::Tcp, to, 20));
+            assert_eq!(t.get("pod-3"), Some(&20), "nq, both busy: {t:?}");
+            assert_eq!(on_light.again().backend, "pod-2");
+        }
+        assert_eq!(on_heavy.again().backend, "pod-3");
+    }
+}

@@ -43,7 +43,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use proxy_common::service::{
-    FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED,
+    FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_ROUND_ROBIN, FLAG_SED, FLAG_SOURCE_HASH,
+    FLAG_WEIGHTED,
 };
 use serde::{Deserialize, Serialize};
 use tests::{
@@ -1467,17 +1468,30 @@ fn paired(
 
 /// The schedulers whose connect cost is measured (annotation value, the frontend flags that
 /// show it is programmed); random, the default, first.
-const SCHEDULERS: [(&str, u16); 7] = [
+const SCHEDULERS: [(&str, u16); 9] = [
     ("random", 0),
     ("round-robin", FLAG_ROUND_ROBIN),
     ("weighted-round-robin", FLAG_ROUND_ROBIN),
     ("least-connection", FLAG_LEAST_CONN),
     ("weighted-least-connection", FLAG_LEAST_CONN | FLAG_WEIGHTED),
+    (
+        "shortest-expected-delay",
+        FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED,
+    ),
+    (
+        "never-queue",
+        FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED | FLAG_NEVER_QUEUE,
+    ),
     ("source-hash", FLAG_SOURCE_HASH),
     ("maglev", FLAG_MAGLEV),
 ];
-const SCHEDULER_FLAGS: u16 =
-    FLAG_ROUND_ROBIN | FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SOURCE_HASH | FLAG_MAGLEV;
+const SCHEDULER_FLAGS: u16 = FLAG_ROUND_ROBIN
+    | FLAG_LEAST_CONN
+    | FLAG_WEIGHTED
+    | FLAG_SED
+    | FLAG_NEVER_QUEUE
+    | FLAG_SOURCE_HASH
+    | FLAG_MAGLEV;
 
 /// The per-connect cost of each scheduler: the middle Service is re-annotated with each in
 /// turn (a full load of `w`), then measured in bpf/direct TCP_CRR pairs like the close call.

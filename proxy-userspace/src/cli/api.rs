@@ -210,7 +210,7 @@ pub struct BackendView {
     pub state: EndpointState,
     /// The endpoint is on this node.
     pub local: bool,
-    /// Active connections counted for least-connection scheduling (lc/wlc frontends).
+    /// Active connections counted for the schedulers that compare them (lc, wlc, sed, nq).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
     /// nodeName of the endpoint: only from a source (`explain`), the maps do not hold it.

@@ -387,13 +387,8 @@ fn ipvs_scheduler(name: &str) -> Result<IpvsScheduler, String> {
         "wlc" => (Scheduler::WeightedLeastConnection, None),
         "sh" => (Scheduler::SourceHash, None),
         "mh" => (Scheduler::Maglev, None),
-        "sed" | "nq" => (
-            Scheduler::LeastConnection,
-            Some(
-                "shortest expected delay and never queue are not implemented yet (planned as BPF \
-                 schedulers); least-connection, which they refine, is used meanwhile",
-            ),
-        ),
+        "sed" => (Scheduler::ShortestExpectedDelay, None),
+        "nq" => (Scheduler::NeverQueue, None),
         "dh" | "lblc" | "lblcr" => (
             Scheduler::SourceHash,
             Some(

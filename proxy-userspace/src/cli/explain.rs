@@ -528,7 +528,10 @@ fn scheduler_inputs(
                 }),
             )
         }
-        scheduler @ (Scheduler::LeastConnection | Scheduler::WeightedLeastConnection) => {
+        scheduler @ (Scheduler::LeastConnection
+        | Scheduler::WeightedLeastConnection
+        | Scheduler::ShortestExpectedDelay
+        | Scheduler::NeverQueue) => {
             let counts: Vec<String> = f
                 .backends
                 .iter()
@@ -541,12 +544,17 @@ fn scheduler_inputs(
                     )
                 })
                 .collect();
+            let rule = match scheduler {
+                Scheduler::ShortestExpectedDelay => {
+                    "the least (active connections + 1) / weight among"
+                }
+                Scheduler::NeverQueue => {
+                    "a backend without active connections, else the least (active connections + 1) / weight, among"
+                }
+                _ => "the fewest active connections among",
+            };
             (
-                format!(
-                    "{}: the fewest active connections among {}",
-                    scheduler.as_str(),
-                    counts.join(", ")
-                ),
+                format!("{}: {rule} {}", scheduler.as_str(), counts.join(", ")),
                 None,
             )
         }

@@ -128,6 +128,10 @@ pub enum SchedulerFlag {
     LeastConnection,
     #[value(alias = "wlc")]
     WeightedLeastConnection,
+    #[value(alias = "sed")]
+    ShortestExpectedDelay,
+    #[value(alias = "nq")]
+    NeverQueue,
     #[value(alias = "mh")]
     Maglev,
 }
@@ -142,6 +146,8 @@ impl From<SchedulerFlag> for crate::model::Scheduler {
             SchedulerFlag::SourceHash => S::SourceHash,
             SchedulerFlag::LeastConnection => S::LeastConnection,
             SchedulerFlag::WeightedLeastConnection => S::WeightedLeastConnection,
+            SchedulerFlag::ShortestExpectedDelay => S::ShortestExpectedDelay,
+            SchedulerFlag::NeverQueue => S::NeverQueue,
             SchedulerFlag::Maglev => S::Maglev,
         }
     }
@@ -157,6 +163,8 @@ impl From<crate::model::Scheduler> for SchedulerFlag {
             S::SourceHash => SchedulerFlag::SourceHash,
             S::LeastConnection => SchedulerFlag::LeastConnection,
             S::WeightedLeastConnection => SchedulerFlag::WeightedLeastConnection,
+            S::ShortestExpectedDelay => SchedulerFlag::ShortestExpectedDelay,
+            S::NeverQueue => SchedulerFlag::NeverQueue,
             S::Maglev => SchedulerFlag::Maglev,
         }
     }

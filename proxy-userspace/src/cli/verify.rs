@@ -179,6 +179,8 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
         (FLAG_SOURCE_HASH, "sourceHash"),
         (FLAG_LEAST_CONN, "leastConnection"),
         (FLAG_WEIGHTED, "weighted"),
+        (FLAG_SED, "shortestExpectedDelay"),
+        (FLAG_NEVER_QUEUE, "neverQueue"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)

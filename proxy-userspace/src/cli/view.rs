@@ -133,12 +133,10 @@ impl Kind for ServiceList {
 pub fn service_list(state: &MapState, connections: &dyn Fn(u32) -> Option<u64>) -> ServiceList {
     let mut items = frontends(state);
     // The inputs of a least-connection frontend's next decision: its backends' counts.
-    for f in items.iter_mut().filter(|f| {
-        matches!(
-            f.scheduler,
-            Scheduler::LeastConnection | Scheduler::WeightedLeastConnection
-        )
-    }) {
+    for f in items
+        .iter_mut()
+        .filter(|f| f.scheduler.counts_connections())
+    {
         for b in &mut f.backends {
             b.connections = connections(b.id);
         }
@@ -151,12 +149,17 @@ pub fn service_list(state: &MapState, connections: &dyn Fn(u32) -> Option<u64>) 
 /// two are the same).
 pub fn scheduler_of(svc: &ServiceValue, backends: &[BackendView]) -> Scheduler {
     use proxy_common::service::{
-        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_ROUND_ROBIN, FLAG_SOURCE_HASH, FLAG_WEIGHTED,
+        FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_ROUND_ROBIN, FLAG_SED,
+        FLAG_SOURCE_HASH, FLAG_WEIGHTED,
     };
     if svc.has_flag(FLAG_MAGLEV) {
         Scheduler::Maglev
     } else if svc.has_flag(FLAG_LEAST_CONN) {
-        if svc.has_flag(FLAG_WEIGHTED) {
+        if svc.has_flag(FLAG_NEVER_QUEUE) {
+            Scheduler::NeverQueue
+        } else if svc.has_flag(FLAG_SED) {
+            Scheduler::ShortestExpectedDelay
+        } else if svc.has_flag(FLAG_WEIGHTED) {
             Scheduler::WeightedLeastConnection
         } else {
             Scheduler::LeastConnection

@@ -1769,6 +1769,18 @@ fn scheduler_names_and_ipvs_aliases() {
         Scheduler::parse("wlc"),
         Ok(Scheduler::WeightedLeastConnection)
     );
+    for (names, want) in [
+        (
+            ["sed", "shortest-expected-delay"],
+            Scheduler::ShortestExpectedDelay,
+        ),
+        (["nq", "never-queue"], Scheduler::NeverQueue),
+    ] {
+        for n in names {
+            assert_eq!(Scheduler::parse(n), Ok(want), "{n}");
+            assert_eq!(Scheduler::parse(want.as_str()), Ok(want));
+        }
+    }
     assert!(
         Scheduler::parse("fifo")
             .unwrap_err()

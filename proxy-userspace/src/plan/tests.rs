@@ -282,3 +282,47 @@ fn maglev_tables_are_written_before_the_flip_and_replaced_by_generation() {
     }
     assert!(state.maglev.is_empty());
 }
+
+#[test]
+fn connection_counting_schedulers_give_each_backend_one_slot_and_name_their_rule() {
+    use crate::{cli::view::scheduler_of, compile::Scheduler};
+    use proxy_common::service::{FLAG_LEAST_CONN, FLAG_NEVER_QUEUE, FLAG_SED, FLAG_WEIGHTED};
+    for (scheduler, flags) in [
+        (Scheduler::LeastConnection, FLAG_LEAST_CONN),
+        (
+            Scheduler::WeightedLeastConnection,
+            FLAG_LEAST_CONN | FLAG_WEIGHTED,
+        ),
+        (
+            Scheduler::ShortestExpectedDelay,
+            FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED,
+        ),
+        (
+            Scheduler::NeverQueue,
+            FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED | FLAG_NEVER_QUEUE,
+        ),
+    ] {
+        assert!(scheduler.counts_connections());
+        let mut d = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
+        for state in d.frontends.values_mut() {
+            state.scheduler = scheduler;
+            // Weights count in the comparison, not as slots.
+            state.backends[0].weight = 5;
+        }
+        let mut state = MapState::default();
+        for op in &plan(&d, &state) {
+            state.apply(op);
+        }
+        let svc = state
+            .services
+            .iter()
+            .find(|(k, _)| !k.is_any_port())
+            .unwrap()
+            .1;
+        let all = FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED | FLAG_NEVER_QUEUE;
+        assert_eq!(svc.flags & all, flags, "{scheduler:?}");
+        assert_eq!(svc.count, 2, "{scheduler:?}: one slot per backend");
+        // `services` reads the scheduler back from the flags alone.
+        assert_eq!(scheduler_of(svc, &[]), scheduler);
+    }
+}

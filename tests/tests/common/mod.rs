@@ -316,12 +316,22 @@ pub fn frontend_name(f: &serde_json::Value) -> String {
 /// Active connections per backend address of a least-connection frontend (`services -o json`
 /// of `agent`; `frontend` as `services` names it, e.g. `10.96.0.46:80/TCP`).
 pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
+    counted_connections(agent, frontend, "least-connection")
+}
+
+/// Like `lc_connections`, for a frontend whose scheduler (as `services` names it) is
+/// `scheduler`, one of those that count connections.
+pub fn counted_connections(
+    agent: &Agent,
+    frontend: &str,
+    scheduler: &str,
+) -> BTreeMap<String, u64> {
     let items = services_json(agent);
     let f = items
         .iter()
         .find(|f| frontend_name(f) == frontend)
         .unwrap_or_else(|| panic!("no {frontend} in {items:?}"));
-    assert_eq!(f["scheduler"], "least-connection");
+    assert_eq!(f["scheduler"], scheduler);
     f["backends"]
         .as_array()
         .unwrap()

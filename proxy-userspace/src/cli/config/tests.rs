@@ -385,8 +385,8 @@ fn config_ipvs_schedulers_map_to_ours_with_a_warning_where_approximated() {
         ("wlc", Scheduler::WeightedLeastConnection, false),
         ("sh", Scheduler::SourceHash, false),
         ("mh", Scheduler::Maglev, false),
-        ("sed", Scheduler::LeastConnection, true),
-        ("nq", Scheduler::LeastConnection, true),
+        ("sed", Scheduler::ShortestExpectedDelay, false),
+        ("nq", Scheduler::NeverQueue, false),
         ("dh", Scheduler::SourceHash, true),
         ("lblc", Scheduler::SourceHash, true),
         ("lblcr", Scheduler::SourceHash, true),
@@ -410,11 +410,9 @@ fn config_ipvs_schedulers_map_to_ours_with_a_warning_where_approximated() {
             assert_eq!(warnings, Vec::<&str>::new(), "{name}");
         }
     }
-    let sed = run_with(&doc("ipvs: {scheduler: sed}"), &[]);
-    assert!(sed.warnings()[0].contains("not implemented yet"));
-    assert!(sed.warnings()[0].ends_with("(kube-proxy itself reads it in ipvs mode only)"));
     let dh = run_with(&doc("ipvs: {scheduler: dh}"), &[]);
     assert!(dh.warnings()[0].contains("single Service address"));
+    assert!(dh.warnings()[0].ends_with("(kube-proxy itself reads it in ipvs mode only)"));
     // Empty: the default scheduler.
     let empty = run_with(&doc("ipvs: {scheduler: ''}"), &[]);
     assert_eq!(empty.args().source.scheduler, SchedulerFlag::Random);
