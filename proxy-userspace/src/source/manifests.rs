@@ -11,9 +11,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize as _;
 
@@ -151,17 +154,133 @@ fn parse_document(value: serde_norway::Value, into: &mut FileObjects) -> anyhow:
     Ok(())
 }
 
-/// Parses one manifest file; any error rejects the whole file.
-fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
-    let text = fs::read_to_string(path)?;
+fn parse_one_pass(text: &str) -> anyhow::Result<FileObjects> {
     let mut objects = FileObjects::default();
-    for doc in serde_norway::Deserializer::from_str(&text) {
+    for doc in serde_norway::Deserializer::from_str(text) {
+        if let Some(d) = Option::<Document>::deserialize(doc)? {
+            d.into_objects(&mut objects)?;
+        }
+    }
+    Ok(objects)
+}
+
+fn parse_values(text: &str) -> anyhow::Result<FileObjects> {
+    let mut objects = FileObjects::default();
+    for doc in serde_norway::Deserializer::from_str(text) {
         let value = serde_norway::Value::deserialize(doc)?;
         if value.is_null() {
             continue;
         }
         parse_document(value, &mut objects)?;
     }
+    Ok(objects)
+}
+
+/// One document of any kind, read in one pass: an EndpointSlice's endpoints and ports (the bulk
+/// of a large manifest) straight into their types, the small parts of other kinds as values
+/// converted by kind afterwards.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Option<ObjectMeta>,
+    #[serde(default)]
+    spec: Option<serde_norway::Value>,
+    #[serde(default)]
+    status: Option<serde_norway::Value>,
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default)]
+    endpoints: Option<Vec<Endpoint>>,
+    #[serde(default)]
+    ports: Option<Vec<EndpointPort>>,
+    #[serde(default)]
+    items: Option<Vec<Document>>,
+}
+
+impl Document {
+    fn into_objects(self, into: &mut FileObjects) -> anyhow::Result<()> {
+        fn typed<T: serde::de::DeserializeOwned>(
+            v: Option<serde_norway::Value>,
+        ) -> anyhow::Result<Option<T>> {
+            Ok(v.map(T::deserialize).transpose()?)
+        }
+        let metadata = self.metadata.unwrap_or_default();
+        match self.kind.as_deref().unwrap_or("") {
+            "Service" => into.services.push(std::sync::Arc::new(Service {
+                metadata,
+                spec: typed(self.spec)?,
+                status: typed(self.status)?,
+            })),
+            "EndpointSlice" => into
+                .slices
+                .push(std::sync::Arc::new(Slice::from(EndpointSlice {
+                    metadata,
+                    address_type: self.address_type.unwrap_or_default(),
+                    endpoints: self.endpoints,
+                    ports: self.ports,
+                }))),
+            "Node" => into.nodes.push(Node {
+                metadata,
+                spec: typed(self.spec)?,
+                status: typed(self.status)?,
+            }),
+            "List" => {
+                for item in self.items.unwrap_or_default() {
+                    item.into_objects(into)?;
+                }
+            }
+            "" => {}
+            other => log::debug!("ignoring manifest of kind {other}"),
+        }
+        Ok(())
+    }
+}
+
+/// Parses `paths`, on as many threads as there are CPUs (at most 4) when there are several:
+/// a start-up with many large files is bound by YAML parsing.
+fn parse_files<'p>(paths: &[&'p PathBuf]) -> Vec<(&'p PathBuf, anyhow::Result<FileObjects>)> {
+    let threads = thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if paths.len() < 2 || threads < 2 {
+        return paths.iter().map(|p| (*p, parse_file(p))).collect();
+    }
+    let per_thread = paths.len().div_ceil(threads);
+    thread::scope(|scope| {
+        let workers: Vec<_> = paths
+            .chunks(per_thread)
+            .map(|chunk| {
+                let worker = scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|p| (*p, parse_file(p)))
+                        .collect::<Vec<_>>()
+                });
+                (chunk, worker)
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|(chunk, worker)| {
+                worker.join().unwrap_or_else(|_| {
+                    chunk
+                        .iter()
+                        .map(|p| (*p, Err(anyhow::anyhow!("the parser panicked"))))
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+/// Parses one manifest file; any error rejects the whole file. The one-pass reading
+/// (`Document`) is tried first; where it fails, the file is read again through untyped
+/// values, which names the error as before (and reads what the one pass cannot, such as a
+/// kind this proxy ignores whose fields clash with an EndpointSlice's).
+fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
+    let text = fs::read_to_string(path)?;
+    let mut objects = parse_one_pass(&text).or_else(|_| parse_values(&text))?;
     // Objects without a namespace default to "default", as kubectl apply would do.
     for s in &mut objects.services {
         std::sync::Arc::make_mut(s)
@@ -207,12 +326,15 @@ impl Source for ManifestSource {
             };
             if last.as_ref() != Some(&now) {
                 cache.retain(|path, _| now.contains_key(path));
-                for path in now.keys() {
-                    let changed = last.as_ref().and_then(|l| l.get(path)) != now.get(path);
-                    if !changed && cache.contains_key(path) {
-                        continue;
-                    }
-                    match parse_file(path) {
+                let changed: Vec<&PathBuf> = now
+                    .keys()
+                    .filter(|path| {
+                        last.as_ref().and_then(|l| l.get(*path)) != now.get(*path)
+                            || !cache.contains_key(*path)
+                    })
+                    .collect();
+                for (path, parsed) in parse_files(&changed) {
+                    match parsed {
                         Ok(objects) => {
                             cache.insert(path.clone(), objects);
                         }
@@ -262,5 +384,90 @@ impl ManifestSource {
             );
         }
         snapshot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIXED: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default, annotations: {kube-bpf-proxy.io/scheduler: rr}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+  sessionAffinity: ClientIP
+status: {loadBalancer: {ingress: [{ip: 192.0.2.1}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: ["10.244.0.2"], conditions: {ready: true}, nodeName: n1, zone: a}
+- addresses: ["10.244.0.3"]
+  conditions: {ready: false, serving: true, terminating: true}
+  hints: {forZones: [{name: a}]}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Node
+  metadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}
+  status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: ignored}
+  spec: {replicas: 2}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: also-ignored}
+data: {a: b}
+"#;
+
+    fn summary(o: &FileObjects) -> String {
+        format!("{:?} {:?} {:?}", o.services, o.slices, o.nodes)
+    }
+
+    #[test]
+    fn one_pass_reads_what_untyped_values_read() {
+        let fast = parse_one_pass(MIXED).unwrap();
+        let slow = parse_values(MIXED).unwrap();
+        assert_eq!(fast.services.len(), 1);
+        assert_eq!(fast.slices.len(), 1);
+        assert_eq!(fast.slices[0].endpoints.len(), 2);
+        assert_eq!(fast.nodes.len(), 1);
+        assert_eq!(summary(&fast), summary(&slow));
+    }
+
+    #[test]
+    fn a_broken_file_is_named_as_by_untyped_values() {
+        let dir = std::env::temp_dir().join(format!("kbp-manifests-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for (name, text, want) in [
+            (
+                "bad-port.yaml",
+                "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: http}]}\n",
+                "invalid type",
+            ),
+            (
+                "bad-endpoints.yaml",
+                "kind: EndpointSlice\nmetadata: {name: a}\naddressType: IPv4\nendpoints: 7\n",
+                "invalid type",
+            ),
+        ] {
+            let path = dir.join(name);
+            fs::write(&path, text).unwrap();
+            let err = format!("{:#}", parse_file(&path).unwrap_err());
+            assert!(err.contains(want), "{name}: {err}");
+            assert!(parse_one_pass(text).is_err(), "{name}");
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 }
