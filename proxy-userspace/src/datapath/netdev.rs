@@ -1,39 +1,10 @@
 //! The node's own interfaces and addresses, as this network namespace shows them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-/// Every address configured on an interface that is up.
+/// Every address configured on an interface that is up (RTM_GETADDR joined with RTM_GETLINK).
 pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: out pointer; freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
-            continue;
-        }
-        // SAFETY: ifa_addr points at a sockaddr whose family says which kind.
-        match unsafe { (*ifa.ifa_addr).sa_family } as i32 {
-            libc::AF_INET => {
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))));
-            }
-            libc::AF_INET6 => {
-                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                out.push(IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)));
-            }
-            _ => {}
-        }
-    }
-    // SAFETY: the list getifaddrs allocated.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(out)
+    super::netlink::Rtnl::new()?.local_addresses()
 }
 
 /// Interfaces that carry a default route (IPv4 or IPv6, main table): the node's external

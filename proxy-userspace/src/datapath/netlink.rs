@@ -1,8 +1,9 @@
 //! rtnetlink through netlink-packet-route: which interface the kernel's route to an address
-//! leaves through (RTM_GETROUTE, so policy rules and every table count), the node's links, and
-//! a subscription to link, address and route events.
+//! leaves through (RTM_GETROUTE, so policy rules and every table count), the node's links and
+//! addresses, and a subscription to link, address and route events.
 
 use std::{
+    collections::BTreeSet,
     io,
     net::IpAddr,
     os::fd::AsRawFd as _,
@@ -14,6 +15,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
@@ -177,6 +179,39 @@ impl Rtnl {
             .collect())
     }
 
+    /// Every address of this network namespace, with its interface's index: the local end
+    /// (IFA_LOCAL) where the kernel gives one, as on a point-to-point link, else IFA_ADDRESS.
+    pub fn addresses(&mut self) -> io::Result<Vec<(u32, IpAddr)>> {
+        // AF_UNSPEC: both families.
+        let answers = self.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            true,
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => address_of(&a).map(|ip| (a.header.index, ip)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every address on an interface that is up, as getifaddrs(3) lists them with IFF_UP.
+    pub fn local_addresses(&mut self) -> io::Result<Vec<IpAddr>> {
+        let up: BTreeSet<u32> = self
+            .links()?
+            .into_iter()
+            .filter(|l| l.up)
+            .map(|l| l.index)
+            .collect();
+        Ok(self
+            .addresses()?
+            .into_iter()
+            .filter(|(index, _)| up.contains(index))
+            .map(|(_, ip)| ip)
+            .collect())
+    }
+
     /// Interfaces that carry a default route (any table of the main lookup, both families).
     pub fn default_route_interfaces(&mut self) -> io::Result<Vec<u32>> {
         let mut out = Vec::new();
@@ -269,6 +304,18 @@ fn link_of(l: &LinkMessage) -> Link {
     link
 }
 
+fn address_of(a: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attribute in &a.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
 fn kind_name(k: &InfoKind) -> String {
     match k {
         InfoKind::Veth => "veth".into(),
@@ -277,7 +324,7 @@ fn kind_name(k: &InfoKind) -> String {
     }
 }
 
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
@@ -406,5 +453,75 @@ mod tests {
             route_hit(&route(RouteType::BlackHole, vec![])),
             RouteHit::None
         );
+    }
+
+    /// What getifaddrs(3) lists: every IPv4 and IPv6 address of an interface that is up.
+    fn getifaddrs_up() -> Vec<IpAddr> {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: an out pointer; the list is freed below with freeifaddrs.
+        assert_eq!(unsafe { libc::getifaddrs(&mut head) }, 0);
+        let mut out = Vec::new();
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: a node of the list getifaddrs returned.
+            let ifa = unsafe { &*cur };
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_UP as u32 == 0 {
+                continue;
+            }
+            // SAFETY: ifa_addr points at a sockaddr whose family says which kind it is.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    // s_addr holds the address in network order.
+                    out.push(IpAddr::from(sa.sin_addr.s_addr.to_ne_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6.
+                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        // SAFETY: the list getifaddrs allocated, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn local_addresses_are_what_getifaddrs_lists() {
+        // In the namespace the test runs in. Other programs may add or remove addresses
+        // meanwhile: compare only when getifaddrs says the same before and after.
+        let mut rtnl = Rtnl::new().unwrap();
+        let mut compared = false;
+        for _ in 0..20 {
+            let before = getifaddrs_up();
+            let mut ours = rtnl.local_addresses().unwrap();
+            ours.sort();
+            if getifaddrs_up() != before {
+                continue;
+            }
+            assert_eq!(ours, before);
+            assert!(ours.contains(&IpAddr::from([127, 0, 0, 1])), "{ours:?}");
+            // ::1 where lo has it (/proc/net/if_inet6 lists it: address, index, prefix, scope,
+            // flags, name).
+            let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+            let lo_has_v6 = inet6.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&"00000000000000000000000000000001") && f.last() == Some(&"lo")
+            });
+            if lo_has_v6 {
+                assert!(
+                    ours.contains(&IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+                    "{ours:?}"
+                );
+            }
+            compared = true;
+            break;
+        }
+        assert!(compared, "the addresses kept changing");
     }
 }
