@@ -1243,7 +1243,7 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
         "| Services x endpoints | what | p50 | p99 | max | n |\n|---|---|---:|---:|---:|---:|\n",
     );
     let mut memory = String::from(
-        "| Services x endpoints | agent RSS (MiB) | agent peak RSS (MiB) | BPF maps, memlock (MiB) |\n|---|---:|---:|---:|\n",
+        "| Services x endpoints | agent RSS (MiB) | of it anonymous (MiB) | of it file-backed (MiB) | agent peak RSS (MiB) | BPF maps, memlock (MiB) |\n|---|---:|---:|---:|---:|---:|\n",
     );
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for (n, eps) in [(10_000, 10), (10_000, 100)] {
@@ -1272,11 +1272,15 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
             &programmed.into_iter().collect::<Vec<_>>(),
         );
         let agent = node.agent();
-        let (rss, hwm) = maps::rss(agent.pid().context("agent not running")?)?;
+        let pid = agent.pid().context("agent not running")?;
+        let (rss, hwm) = maps::rss(pid)?;
+        let (anon, file) = maps::rss_split(pid)?;
         let (memlock, _) = maps::memlock(&agent.pin_dir)?;
         memory.push_str(&format!(
-            "| {n} x {eps} | {:.1} | {:.1} | {:.1} |\n",
+            "| {n} x {eps} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
             mib(rss),
+            mib(anon),
+            mib(file),
             mib(hwm),
             mib(memlock)
         ));

@@ -178,17 +178,29 @@ pub fn memlock(pin_dir: &Path) -> anyhow::Result<(u64, usize)> {
     Ok((total, count))
 }
 
-/// VmRSS and VmHWM of a process, in bytes.
-pub fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+/// Fields of `/proc/PID/status` given in kB, in bytes (0 for a missing one).
+fn status_fields<const N: usize>(pid: u32, names: [&str; N]) -> anyhow::Result<[u64; N]> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
+    Ok(names.map(|name| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|kb| kb.parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
+    }))
+}
+
+/// VmRSS and VmHWM of a process, in bytes.
+pub fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let [rss, hwm] = status_fields(pid, ["VmRSS:", "VmHWM:"])?;
+    Ok((rss, hwm))
+}
+
+/// The resident set split: anonymous memory (heap, stacks) and file-backed pages (the binary
+/// and its libraries), in bytes.
+pub fn rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let [anon, file] = status_fields(pid, ["RssAnon:", "RssFile:"])?;
+    Ok((anon, file))
 }
