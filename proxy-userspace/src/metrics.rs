@@ -953,6 +953,311 @@ mod tests {
         types
     }
 
+    /// Every sample line of `text` as `(metric name, label pairs)`, label values unescaped.
+    fn samples(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut out = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let end = line.find(['{', ' ']).expect("name ends");
+            let name = line[..end].to_string();
+            let mut labels = Vec::new();
+            let mut rest = line[end..].chars();
+            if line[end..].starts_with('{') {
+                rest.next();
+                loop {
+                    let key: String = rest.by_ref().take_while(|c| *c != '=').collect();
+                    assert_eq!(rest.next(), Some('"'), "{line}");
+                    let mut value = String::new();
+                    loop {
+                        match rest.next().expect("closing quote") {
+                            '"' => break,
+                            '\\' => value.push(match rest.next().expect("escaped") {
+                                'n' => '\n',
+                                c => c,
+                            }),
+                            c => value.push(c),
+                        }
+                    }
+                    labels.push((key, value));
+                    match rest.next() {
+                        Some(',') => continue,
+                        Some('}') => break,
+                        other => panic!("{other:?} after a label in {line}"),
+                    }
+                }
+            }
+            out.push((name, labels));
+        }
+        out
+    }
+
+    /// The metrics exposed before the move to prometheus-client, as sample names with their
+    /// type and label names (a histogram's `le` aside): none may go, none may be renamed.
+    const EXPOSED: &[(&str, &str, &[&str])] = &[
+        (
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "histogram",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_network_programming_duration_seconds",
+            "histogram",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "gauge",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "gauge",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "counter",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "counter",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "gauge",
+            &["ip_family", "traffic_policy"],
+        ),
+        ("kubeproxy_proxy_healthz_total", "counter", &["code"]),
+        ("kubeproxy_proxy_livez_total", "counter", &["code"]),
+        (
+            "kubeproxy_conntrack_reconciler_deleted_entries_total",
+            "counter",
+            &["ip_family"],
+        ),
+        ("kube_bpf_proxy_sync_failures_total", "counter", &[]),
+        ("kube_bpf_proxy_rejected_objects", "gauge", &["kind"]),
+        (
+            "kube_bpf_proxy_map_update_errors_total",
+            "counter",
+            &["map"],
+        ),
+        ("kube_bpf_proxy_map_entries", "gauge", &["map"]),
+        ("kube_bpf_proxy_map_max_entries", "gauge", &["map"]),
+        ("kube_bpf_proxy_map_memlock_bytes", "gauge", &["map"]),
+        ("kube_bpf_proxy_map_evictions", "gauge", &["map"]),
+        (
+            "kube_bpf_proxy_datapath_events_total",
+            "counter",
+            &["reason"],
+        ),
+        ("kube_bpf_proxy_pod_interfaces", "gauge", &[]),
+        (
+            "kube_bpf_proxy_interface_attach_failures_total",
+            "counter",
+            &["reason"],
+        ),
+        (
+            "kube_bpf_proxy_local_endpoints_waiting_for_interface",
+            "gauge",
+            &[],
+        ),
+        (
+            "kube_bpf_proxy_network_namespaces_with_source",
+            "gauge",
+            &[],
+        ),
+        ("kube_bpf_proxy_drift_repairs_total", "counter", &[]),
+        ("kube_bpf_proxy_build_info", "gauge", &["version"]),
+        (
+            "kube_bpf_proxy_sockets_terminated_total",
+            "counter",
+            &["protocol"],
+        ),
+        (
+            "kube_bpf_proxy_socket_termination_errors_total",
+            "counter",
+            &[],
+        ),
+        ("kube_bpf_proxy_socket_termination_active", "gauge", &[]),
+        (
+            "kube_bpf_proxy_healthcheck_bind_failures_total",
+            "counter",
+            &[],
+        ),
+        ("kube_bpf_proxy_healthcheck_ports", "gauge", &["state"]),
+        (
+            "kube_bpf_proxy_list_watch_errors_total",
+            "counter",
+            &["operation", "resource"],
+        ),
+        (
+            "kube_bpf_proxy_watch_expired_total",
+            "counter",
+            &["resource"],
+        ),
+        (
+            "kube_bpf_proxy_undecodable_objects_total",
+            "counter",
+            &["kind"],
+        ),
+        ("kube_bpf_proxy_undecodable_objects", "gauge", &["kind"]),
+    ];
+
+    /// The series a fresh agent exposes before its first sync (both IP families), as
+    /// `name{labels}` with labels sorted by name and a histogram's `le` left out.
+    const EXPOSED_AT_START: &[&str] = &[
+        "kube_bpf_proxy_build_info{version=\"0.1.0\"}",
+        "kube_bpf_proxy_drift_repairs_total",
+        "kube_bpf_proxy_healthcheck_bind_failures_total",
+        "kube_bpf_proxy_healthcheck_ports{state=\"failing\"}",
+        "kube_bpf_proxy_healthcheck_ports{state=\"serving\"}",
+        "kube_bpf_proxy_local_endpoints_waiting_for_interface",
+        "kube_bpf_proxy_network_namespaces_with_source",
+        "kube_bpf_proxy_pod_interfaces",
+        "kube_bpf_proxy_rejected_objects{kind=\"EndpointSlice\"}",
+        "kube_bpf_proxy_rejected_objects{kind=\"Service\"}",
+        "kube_bpf_proxy_sync_failures_total",
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\"}",
+        "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv6\"}",
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv6\"}",
+        "kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv4\"}",
+        "kubeproxy_network_programming_duration_seconds_sum{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"external\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"external\"}",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"}",
+        "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv6\"}",
+    ];
+
+    /// The `le` values of the two histograms before the move to prometheus-client, as exposed.
+    const SYNC_LE: &str = "0.001 0.002 0.004 0.008 0.016 0.032 0.064 0.128 0.256 0.512 1.024 2.048 4.096 8.192 16.384 +Inf";
+    const PROGRAMMING_LE: &str = "0.25 0.5 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 65 70 75 80 85 90 95 100 105 110 115 120 150 180 210 240 270 300 +Inf";
+
+    /// Every series of `text` as `name{k="v",...}` (labels sorted, `le` left out), deduplicated.
+    fn series_keys(text: &str) -> BTreeSet<String> {
+        samples(text)
+            .into_iter()
+            .map(|(name, mut labels)| {
+                labels.retain(|(k, _)| k != "le");
+                labels.sort();
+                if labels.is_empty() {
+                    return name;
+                }
+                let labels: Vec<String> =
+                    labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                format!("{name}{{{}}}", labels.join(","))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_exposed_before_is_still_exposed() {
+        let m = Metrics::new("0.1.0", &[IpFamily::V4, IpFamily::V6]);
+        let at_start = series_keys(&m.render());
+        let wanted: BTreeSet<String> = EXPOSED_AT_START.iter().map(|s| s.to_string()).collect();
+        assert_eq!(at_start, wanted);
+
+        // One series in every family.
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        m.observe_queued(t);
+        m.observe_sync_at(Duration::from_millis(3), false, t);
+        m.observe_sync_at(Duration::from_millis(3), true, t);
+        m.observe_programming_latency(IpFamily::V4, Duration::from_secs(1));
+        m.add_service_changes(1);
+        m.add_endpoint_changes(IpFamily::V4, 1);
+        m.set_no_local_endpoints(IpFamily::V4, 1, 1);
+        m.count_health_request(false, 200);
+        m.count_health_request(true, 200);
+        m.conntrack_deleted.with(&[("ip_family", "IPv4")]).inc();
+        m.set_rejected("Service", 1);
+        m.map_update_error("LB_BACKENDS");
+        m.set_map_fill("LB_BACKENDS", 1, 2);
+        m.map_memlock.with(&[("map", "LB_BACKENDS")]).inc();
+        m.map_evictions.with(&[("map", "SOCK4_REVNAT")]).inc();
+        m.set_datapath_totals(&[("translated", 1)]);
+        m.pod_interfaces.with(&[]).inc();
+        m.interface_attach_failures
+            .with(&[("reason", "gone")])
+            .inc();
+        m.pod_endpoints_waiting.with(&[]).inc();
+        m.netns_sources.with(&[]).inc();
+        m.drift_repairs.with(&[]).inc();
+        m.sockets_terminated.with(&[("protocol", "TCP")]).inc();
+        m.socket_termination_errors.with(&[]).inc();
+        m.socket_termination_active.with(&[]).inc();
+        m.healthcheck_bind_failures.with(&[]).inc();
+        m.set_healthcheck_ports(1, 1);
+        m.list_watch_errors
+            .with(&[("resource", "services"), ("operation", "list")])
+            .inc();
+        m.watch_expired.with(&[("resource", "services")]).inc();
+        m.undecodable_objects_total
+            .with(&[("kind", "Service")])
+            .inc();
+        m.undecodable_objects.with(&[("kind", "Service")]).inc();
+
+        let text = m.render();
+        let types = check_exposition(&text);
+        let mut exposed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (name, labels) in samples(&text) {
+            exposed
+                .entry(name)
+                .or_default()
+                .extend(labels.into_iter().map(|(k, _)| k).filter(|k| k != "le"));
+        }
+        let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (name, ty, labels) in EXPOSED {
+            let labels: BTreeSet<String> = labels.iter().map(|l| l.to_string()).collect();
+            let names = if *ty == "histogram" {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .map(|s| format!("{name}{s}"))
+                    .collect()
+            } else {
+                vec![name.to_string()]
+            };
+            for n in names {
+                wanted.insert(n, labels.clone());
+            }
+            assert_eq!(types.get(*name).map(String::as_str), Some(*ty), "{name}");
+        }
+        assert_eq!(exposed, wanted);
+        assert_eq!(types.len(), EXPOSED.len());
+
+        for (name, le) in [
+            ("kubeproxy_sync_proxy_rules_duration_seconds", SYNC_LE),
+            (
+                "kubeproxy_network_programming_duration_seconds",
+                PROGRAMMING_LE,
+            ),
+        ] {
+            let shown: Vec<String> = samples(&text)
+                .into_iter()
+                .filter(|(n, l)| {
+                    *n == format!("{name}_bucket")
+                        && l.contains(&("ip_family".into(), "IPv4".into()))
+                })
+                .filter_map(|(_, l)| l.into_iter().find(|(k, _)| k == "le").map(|(_, v)| v))
+                .collect();
+            assert_eq!(shown.join(" "), le, "{name}");
+        }
+    }
+
     #[test]
     fn counter_gauge_render_with_sorted_labels() {
         let r = Registry::new();
