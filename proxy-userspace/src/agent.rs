@@ -20,7 +20,7 @@ use crate::{
     compile::{Compiler, Desired, Family, Problem, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
-    metrics::Metrics,
+    metrics::{Metrics, Series},
     plan::{MapState, Mirror, Op},
     snapshot::Snapshot,
 };

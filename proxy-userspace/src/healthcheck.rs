@@ -28,7 +28,7 @@ use crate::{
     compile::{Desired, Problem},
     health::Health,
     http::{Handler, Request, Response, Server},
-    metrics::Metrics,
+    metrics::{Metrics, Series},
 };
 
 /// What one health check server answers about its Service.

@@ -14,9 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::{counter::Counter, family::Family as MetricFamily};
 use proxy_userspace::{
     compile::Family as IpFamily,
-    metrics::{Counter, Family as MetricFamily, Gauge, Metrics},
+    metrics::{CountGauge, Labels, Metrics, Series},
     objects::Address,
     snapshot::Snapshot,
     source::{Source, kube::KubeSource},
@@ -591,13 +592,13 @@ fn server_errors_while_watching_keep_the_last_state() {
 }
 
 /// A counter's series, 0 if it does not exist.
-fn counter(family: &MetricFamily<Counter>, labels: &[(&str, &str)]) -> u64 {
-    family.get(labels).map_or(0, |m| m.get())
+fn counter(family: &MetricFamily<Labels, Counter>, labels: &[(&str, &str)]) -> u64 {
+    family.existing(labels).map_or(0, |m| m.get())
 }
 
 /// A gauge's series, 0 if it does not exist.
-fn gauge(family: &MetricFamily<Gauge>, labels: &[(&str, &str)]) -> f64 {
-    family.get(labels).map_or(0.0, |m| m.get())
+fn gauge(family: &MetricFamily<Labels, CountGauge>, labels: &[(&str, &str)]) -> u64 {
+    family.existing(labels).map_or(0, |m| m.get())
 }
 
 /// Polls until `done` holds; panics with `what` after [`WAIT`].
@@ -623,7 +624,7 @@ fn undecodable_updates_keep_the_last_good_object() {
     wait_for(&rx, &mut log, &baseline());
     let undecodable = |kind: &str| gauge(&metrics.undecodable_objects, &[("kind", kind)]);
     let counted = |kind: &str| counter(&metrics.undecodable_objects_total, &[("kind", kind)]);
-    assert_eq!((counted("Service"), undecodable("Service")), (1, 1.0));
+    assert_eq!((counted("Service"), undecodable("Service")), (1, 1));
     wait_watching(&server, Res::Nodes);
 
     // An update of each kind that cannot be decoded, then (for the two kinds with more than one
@@ -648,7 +649,7 @@ fn undecodable_updates_keep_the_last_good_object() {
     wait_until("the undecodable Node counted", || counted("Node") == 1);
     for kind in ["Service", "EndpointSlice", "Node"] {
         let n = if kind == "Service" { 2 } else { 1 };
-        assert_eq!((counted(kind), undecodable(kind)), (n, n as f64), "{kind}");
+        assert_eq!((counted(kind), undecodable(kind)), (n, n), "{kind}");
     }
     drain(&rx, &mut log);
     assert_eq!(log.last(), Some(&want), "{log:#?}");
@@ -683,7 +684,7 @@ fn undecodable_updates_keep_the_last_good_object() {
         ),
         (2, 1, 1)
     );
-    assert_eq!(undecodable("Node"), 0.0);
+    assert_eq!(undecodable("Node"), 0);
 
     // Deleting an object whose newest version is undecodable deletes it; so does deleting one
     // never decoded (nothing to see but the gauge).
@@ -694,7 +695,7 @@ fn undecodable_updates_keep_the_last_good_object() {
     want.slices.remove(0);
     wait_for(&rx, &mut log, &want);
     wait_until("undecodable gauges at 0", || {
-        undecodable("Service") == 0.0 && undecodable("EndpointSlice") == 0.0
+        undecodable("Service") == 0 && undecodable("EndpointSlice") == 0
     });
 
     // A new object that cannot be decoded is left out; once fixed it appears.
@@ -704,11 +705,11 @@ fn undecodable_updates_keep_the_last_good_object() {
     server.apply(Res::Services, service("default", "f", "10.96.0.60", 80));
     want.services.insert(2, "default/f 10.96.0.60 80".into());
     wait_for(&rx, &mut log, &want);
-    assert_eq!((counted("Service"), undecodable("Service")), (3, 1.0));
+    assert_eq!((counted("Service"), undecodable("Service")), (3, 1));
     server.apply(Res::Services, service("default", "e", "10.96.0.50", 80));
     want.services.insert(2, "default/e 10.96.0.50 80".into());
     wait_for(&rx, &mut log, &want);
-    assert_eq!(undecodable("Service"), 0.0);
+    assert_eq!(undecodable("Service"), 0);
     assert!(
         metrics
             .render()

@@ -26,7 +26,7 @@ use crate::{
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
-    metrics::Metrics,
+    metrics::{Metrics, Series},
     portrange::{self, PortRange},
     snapshot::{ProxyConfig, Snapshot},
     source::NodeAddresses,
@@ -204,7 +204,7 @@ fn poll_kernel_counters(
             let before = bpf::Maps::open_pinned(&pin_dir).and_then(|m| m.stats());
             if let Ok(memlock) = bpf::map_memlock(&pin_dir) {
                 for (map, bytes) in memlock {
-                    metrics.map_memlock.with(&[("map", map)]).set(bytes as f64);
+                    metrics.map_memlock.with(&[("map", map)]).set(bytes);
                 }
             }
             let known = counts.lock().expect("map counts").clone();
@@ -356,10 +356,7 @@ fn report_evictions(
             continue;
         };
         let evicted = evicted_at_least(count(before, new), count(after, deleted), u64::from(*used));
-        metrics
-            .map_evictions
-            .with(&[("map", map)])
-            .set(evicted as f64);
+        metrics.map_evictions.with(&[("map", map)]).set(evicted);
         if evicted > seen[i] {
             log::warn!(
                 "map {map} is full: {evicted} socket records evicted so far ({used} of {max} \
@@ -401,7 +398,7 @@ impl PodInterfaceLink {
         self.metrics
             .pod_endpoints_waiting
             .with(&[])
-            .set(waiting.len() as f64);
+            .set(waiting.len() as u64);
         waiting
     }
 }
@@ -751,7 +748,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics
         .socket_termination_active
         .with(&[])
-        .set(if terminating { 1.0 } else { 0.0 });
+        .set(u64::from(terminating));
     let health_checks =
         crate::healthcheck::HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics)));
     let observers = Observers {

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::Service;
 use proxy_common::service::{NETNS_HAS_V4, NETNS_HAS_V6, NetnsSource};
 
 use super::{bpf::NetnsSources, netlink, sockdiag};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Series};
 
 /// Where sources are probed towards: one load balancer IP with source ranges per family. A
 /// family without one needs no sources.
@@ -246,7 +246,7 @@ pub fn follow(
                             );
                         }
                         if let Some(m) = &metrics {
-                            m.netns_sources.with(&[]).set(wanted.len() as f64);
+                            m.netns_sources.with(&[]).set(wanted.len() as u64);
                         }
                         written = Some(wanted);
                     }

@@ -22,7 +22,10 @@ use super::{
     netlink::{Events, Link, RouteHit, Rtnl},
     tclinks::{self, AttachError, TcLinks},
 };
-use crate::{compile::Cidr, metrics::Metrics};
+use crate::{
+    compile::Cidr,
+    metrics::{Metrics, Series},
+};
 
 /// One entry of `--pod-interfaces`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -520,7 +523,7 @@ impl Manager {
                 .values()
                 .filter(|(_, w)| *w != Why::External)
                 .count();
-            m.pod_interfaces.with(&[]).set(pods as f64);
+            m.pod_interfaces.with(&[]).set(pods as u64);
         }
         if after != before || waiting_changed {
             self.shared.generation.fetch_add(1, Ordering::Release);

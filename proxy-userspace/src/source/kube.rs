@@ -56,7 +56,7 @@ use serde::de::DeserializeOwned;
 
 use super::{NodeAddresses, Source, addresses_of};
 use crate::{
-    metrics::Metrics,
+    metrics::{Metrics, Series},
     objects::Slice,
     snapshot::{NodeInfo, Snapshot},
 };
@@ -565,7 +565,7 @@ where
         if let Some(m) = &self.metrics {
             m.undecodable_objects
                 .with(&[("kind", &K::kind(&()))])
-                .set(self.undecodable.len() as f64);
+                .set(self.undecodable.len() as u64);
         }
     }
 }
