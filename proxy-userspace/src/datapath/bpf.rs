@@ -260,6 +260,11 @@ impl Maps {
         Maps::from_source(MapSource::Pins(pin_dir))
     }
 
+    /// The IPv4 connection-tracking entries of the tc/XDP path (forward and reply).
+    pub fn conntrack4(&self) -> anyhow::Result<Vec<(Ct4Key, Ct4Value)>> {
+        Ok(self.ct4.iter().collect::<Result<_, _>>()?)
+    }
+
     /// Datapath counters summed over CPUs.
     pub fn stats(&self) -> anyhow::Result<Vec<(Reason, u64)>> {
         let mut out = Vec::new();
@@ -1557,6 +1562,103 @@ fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
         .pin(&pin)
         .with_context(|| format!("pin {}", pin.display()))?;
     Xdp::from_pin(&pin, XdpAttachType::Interface).with_context(|| format!("open {}", pin.display()))
+}
+
+/// The programs and maps loaded with nothing pinned and nothing attached, for running the
+/// programs on crafted input through BPF_PROG_TEST_RUN (the datapath's unit tests). Everything
+/// is freed when it is dropped.
+pub struct Detached {
+    ebpf: Ebpf,
+    pub maps: Maps,
+}
+
+/// What one BPF_PROG_TEST_RUN of a packet program gave: its return value and the packet after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+}
+
+impl Detached {
+    /// Loads the object with maps of `sizes` (the agent's defaults when `None`).
+    pub fn load(sizes: Option<&MapSizes>) -> anyhow::Result<Detached> {
+        raise_memlock();
+        let default = MapSizes::default();
+        let sizes = sizes.unwrap_or(&default);
+        let mut loader = EbpfLoader::new();
+        for name in names::ALL {
+            if let Some(size) = sizes.of(name) {
+                loader.map_max_entries(name, size);
+            }
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
+        let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
+        Ok(Detached { ebpf, maps })
+    }
+
+    /// Runs the tc ingress program on `frame` (an Ethernet frame), which it sees as arriving on
+    /// the calling thread's network namespace's loopback device.
+    pub fn tc_ingress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
+        }
+        run_packet(|opts| program.test_run(opts), frame, None)
+    }
+
+    /// Runs the XDP program on `frame` as received on interface `ifindex` of the calling
+    /// thread's network namespace (0: loopback).
+    pub fn xdp_ingress(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<RunResult> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
+        }
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let ctx_in = (ifindex != 0).then_some(&md[..]);
+        run_packet(|opts| program.test_run(opts), frame, ctx_in)
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP
+/// options, encapsulation, a reply built in place).
+fn run_packet<'a>(
+    run: impl FnOnce(
+        TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+    frame: &'a [u8],
+    ctx_in: Option<&'a [u8]>,
+) -> anyhow::Result<RunResult> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in,
+        ..TestRunOptions::new()
+    };
+    let r = run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        verdict: r.return_value,
+        packet: out,
+    })
 }
 
 /// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the

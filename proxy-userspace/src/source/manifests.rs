@@ -239,6 +239,18 @@ impl Document {
     }
 }
 
+/// The snapshot the manifests in `text` (one file's worth) give, for `node`: what the agent
+/// would program from a directory holding that file (tests and tools).
+pub fn snapshot_of(text: &str, node: NodeInfo) -> anyhow::Result<Snapshot> {
+    let objects = parse_text(text)?;
+    Ok(Snapshot {
+        services: objects.services,
+        slices: objects.slices,
+        node,
+        ..Snapshot::default()
+    })
+}
+
 /// Parses `paths`, on as many threads as there are CPUs (at most 4) when there are several:
 /// a start-up with many large files is bound by YAML parsing.
 fn parse_files<'p>(paths: &[&'p PathBuf]) -> Vec<(&'p PathBuf, anyhow::Result<FileObjects>)> {
@@ -280,8 +292,13 @@ fn parse_files<'p>(paths: &[&'p PathBuf]) -> Vec<(&'p PathBuf, anyhow::Result<Fi
 /// kind this proxy ignores whose fields clash with an EndpointSlice's).
 fn parse_file(path: &Path) -> anyhow::Result<FileObjects> {
     let text = fs::read_to_string(path)?;
-    let mut objects = parse_one_pass(&text).or_else(|_| parse_values(&text))?;
-    // Objects without a namespace default to "default", as kubectl apply would do.
+    parse_text(&text)
+}
+
+/// Parses one file's text; objects without a namespace get "default", as kubectl apply would
+/// give them.
+fn parse_text(text: &str) -> anyhow::Result<FileObjects> {
+    let mut objects = parse_one_pass(text).or_else(|_| parse_values(text))?;
     for s in &mut objects.services {
         std::sync::Arc::make_mut(s)
             .metadata

@@ -1,0 +1,557 @@
+//! Unit tests of the BPF programs through BPF_PROG_TEST_RUN (issue #22): each case is a packet
+//! in and the verdict, the packet out and the map state after. The programs and maps are loaded
+//! unpinned and unattached (`Detached`) and programmed by the agent's own pipeline from
+//! manifests; nothing leaves the test. Each test runs in a network namespace of its own thread
+//! (for the FIB lookups the programs make), holding only loopback and the routes it adds.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::privileged;
+use proxy_common::{
+    ct::{CT_REPLY, CT_SNAT},
+    reason::Reason,
+};
+use proxy_userspace::{
+    agent::{Pipeline, sync_once},
+    datapath::bpf::{Detached, RunResult},
+    plan::MapState,
+    snapshot::NodeInfo,
+    source::manifests::snapshot_of,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 245, 2, 9);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+const MASQ_FIRST: u16 = 61000;
+const MASQ_LAST: u16 = 61099;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Services of the cases: a Local NodePort with a local endpoint (30080), a Cluster NodePort
+/// with a remote endpoint (30081, masqueraded), a NodePort without endpoints (30082) and a
+/// load balancer IP with source ranges (30083).
+fn manifests() -> String {
+    format!(
+        r#"
+---
+kind: Service
+metadata: {{name: local}}
+spec: {{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, healthCheckNodePort: 32000,
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: local-1, labels: {{kubernetes.io/service-name: local}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{LOCAL_POD}"], nodeName: n1, conditions: {{ready: true}}}}]
+---
+kind: Service
+metadata: {{name: cluster}}
+spec: {{type: NodePort, clusterIP: 10.96.0.11,
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30081, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: cluster-1, labels: {{kubernetes.io/service-name: cluster}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{REMOTE_POD}"], nodeName: n2, conditions: {{ready: true}}}}]
+---
+kind: Service
+metadata: {{name: empty}}
+spec: {{type: NodePort, clusterIP: 10.96.0.12,
+        ports: [{{name: http, port: 80, nodePort: 30082, protocol: TCP}}]}}
+---
+kind: Service
+metadata: {{name: ranged}}
+spec: {{type: LoadBalancer, clusterIP: 10.96.0.13, loadBalancerSourceRanges: [10.0.0.0/8],
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30083, protocol: TCP}}]}}
+status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}
+---
+kind: EndpointSlice
+metadata: {{name: ranged-1, labels: {{kubernetes.io/service-name: ranged}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{REMOTE_POD}"], nodeName: n2, conditions: {{ready: true}}}}]
+"#
+    )
+}
+
+/// The programs, loaded and programmed with `manifests()` for node n1 at `NODE`, in a network
+/// namespace of the calling thread with `NODE` on loopback and routes to the pod networks and
+/// the clients through it.
+struct Rig {
+    dp: Detached,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        own_network_namespace();
+        here("sysctl -q -w net.ipv4.ip_forward=1");
+        for args in [
+            "link set lo up",
+            "addr add 192.0.2.10/32 dev lo",
+            "route add 10.244.0.0/16 dev lo src 192.0.2.10",
+            "route add 10.245.0.0/16 dev lo src 192.0.2.10",
+            "route add 198.51.100.0/24 dev lo src 192.0.2.10",
+        ] {
+            here(&format!("ip {args}"));
+        }
+        let mut dp = Detached::load(None).expect("load the BPF object");
+        dp.maps
+            .set_masquerade_ports(MASQ_FIRST, MASQ_LAST)
+            .expect("masquerade ports");
+        let node = NodeInfo {
+            name: "n1".into(),
+            addresses: vec![NODE.into()],
+            eligible: true,
+            ..NodeInfo::default()
+        };
+        let snapshot = snapshot_of(&manifests(), node).expect("manifests");
+        let mut pipeline = Pipeline::new(MapState::default());
+        let report = sync_once(
+            &mut dp.maps,
+            &mut pipeline,
+            &snapshot,
+            &mut Default::default(),
+        )
+        .expect("program the maps");
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        Rig { dp }
+    }
+
+    fn tc(&mut self, frame: &[u8]) -> RunResult {
+        self.dp.tc_ingress(frame).expect("run tc_ingress")
+    }
+
+    fn count(&self, reason: Reason) -> u64 {
+        self.dp
+            .maps
+            .stats()
+            .expect("stats")
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| n)
+    }
+}
+
+/// Moves the calling thread (a test's own) into a new network namespace.
+fn own_network_namespace() {
+    // SAFETY: unshare(2) with a flag; it affects the calling thread only.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+}
+
+/// Runs `command` (words) in the calling thread's network namespace.
+fn here(command: &str) {
+    // SAFETY: plain getters.
+    let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+    let ns = format!("--net=/proc/{pid}/task/{tid}/ns/net");
+    let out = std::process::Command::new("nsenter")
+        .arg(&ns)
+        .args(command.split_whitespace())
+        .output()
+        .expect("run nsenter");
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- packets ----
+
+fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for b in [src.octets(), dst.octets()] {
+        sum += u32::from(u16::from_be_bytes([b[0], b[1]]));
+        sum += u32::from(u16::from_be_bytes([b[2], b[3]]));
+    }
+    sum + u32::from(proto) + len as u32
+}
+
+/// An Ethernet frame holding an IPv4 TCP segment without payload.
+fn tcp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 20];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.0.octets());
+    ip[16..20].copy_from_slice(&dst.0.octets());
+    let c = checksum(ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let tcp = &mut f[34..54];
+    tcp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let c = checksum(tcp, pseudo_sum(src.0, dst.0, 6, 20));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// What a test reads of an IPv4 TCP frame.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+}
+
+/// Reads an IPv4 TCP frame, checking both checksums and the TTL against `ttl`.
+fn seen(frame: &[u8]) -> Seen {
+    assert_eq!(&frame[12..14], &0x0800u16.to_be_bytes(), "not IPv4");
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let ip = &frame[14..14 + ihl];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum of {frame:02x?}");
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let tcp = &frame[14 + ihl..14 + total];
+    assert_eq!(
+        checksum(tcp, pseudo_sum(src, dst, 6, tcp.len())),
+        0,
+        "TCP checksum of {frame:02x?}"
+    );
+    Seen {
+        src: (src, u16::from_be_bytes([tcp[0], tcp[1]])),
+        dst: (dst, u16::from_be_bytes([tcp[2], tcp[3]])),
+        flags: tcp[13],
+    }
+}
+
+// ---- cases ----
+
+/// Traffic the proxy has nothing to do with goes on untouched, counted nowhere: other
+/// ethertypes, a truncated TCP header, ports of no frontend. (The kernel's test run refuses
+/// an skb whose IPv4 header is cut short; the XDP case below covers that.)
+#[test]
+fn tc_passes_what_is_not_a_service_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let syn = tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("ARP", arp),
+        ("TCP header cut short", syn[..14 + 20 + 6].to_vec()),
+        (
+            "a node port of no Service",
+            tcp4((CLIENT, 40000), (NODE, 30999), TCP_SYN),
+        ),
+        (
+            "another address on a Service's node port",
+            tcp4(
+                (CLIENT, 40000),
+                (Ipv4Addr::new(192, 0, 2, 99), 30080),
+                TCP_SYN,
+            ),
+        ),
+    ];
+    for (what, frame) in cases {
+        let out = rig
+            .dp
+            .tc_ingress(&frame)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(out.packet, frame, "{what}: changed");
+    }
+    assert_eq!(rig.count(Reason::NatNew), 0);
+    assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+}
+
+/// externalTrafficPolicy Local (semantics 4.7c): the client's address is kept, the
+/// destination becomes the local endpoint, both entries of the flow are tracked, and the
+/// reply is translated back to the node port; later packets follow the entry.
+#[test]
+fn tc_translates_a_local_node_port_flow_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed to the endpoint");
+    let s = seen(&out.packet);
+    assert_eq!(
+        s,
+        Seen {
+            src: (CLIENT, 40000),
+            dst: (LOCAL_POD, 8080),
+            flags: TCP_SYN
+        }
+    );
+    assert_eq!(out.packet[14 + 8], 63, "the TTL counts the hop");
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    let reply = ct
+        .iter()
+        .find(|(_, v)| v.flags & CT_REPLY != 0)
+        .expect("a reply entry");
+    assert_eq!(reply.0.saddr, LOCAL_POD.octets());
+    assert_eq!((reply.1.saddr, reply.1.sport), (NODE.octets(), 30080));
+    assert_eq!(rig.count(Reason::NatNew), 1);
+
+    // The endpoint's answer, back to the client from the node port.
+    let out = rig.tc(&tcp4((LOCAL_POD, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        seen(&out.packet),
+        Seen {
+            src: (NODE, 30080),
+            dst: (CLIENT, 40000),
+            flags: TCP_SYN | TCP_ACK
+        }
+    );
+    assert_eq!(rig.count(Reason::NatReply), 1);
+
+    // The client's ACK follows the entry.
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30080), TCP_ACK));
+    assert_eq!(seen(&out.packet).dst, (LOCAL_POD, 8080));
+    assert_eq!(rig.count(Reason::NatEstablished), 1);
+    assert_eq!(rig.count(Reason::NatNew), 1, "no second flow");
+}
+
+/// externalTrafficPolicy Cluster (semantics 7.13): the client is masqueraded to the node
+/// address on the route to the endpoint, from a port of the masquerading range; the reply
+/// entry is keyed by that port and restores the client.
+#[test]
+fn tc_masquerades_a_cluster_node_port_flow() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let s = seen(&out.packet);
+    assert_eq!(s.dst, (REMOTE_POD, 8080));
+    assert_eq!(s.src.0, NODE, "masqueraded to the route's source");
+    assert!(
+        (MASQ_FIRST..=MASQ_LAST).contains(&s.src.1),
+        "port {} outside the masquerading range",
+        s.src.1
+    );
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    let reply = ct
+        .iter()
+        .find(|(_, v)| v.flags & CT_REPLY != 0)
+        .expect("a reply entry");
+    assert_eq!(reply.0.dport, s.src.1, "keyed by the claimed port");
+    assert!(reply.1.flags & CT_SNAT != 0);
+    let out = rig.tc(&tcp4(
+        (REMOTE_POD, 8080),
+        (NODE, s.src.1),
+        TCP_SYN | TCP_ACK,
+    ));
+    assert_eq!(
+        seen(&out.packet),
+        Seen {
+            src: (NODE, 30081),
+            dst: (CLIENT, 40000),
+            flags: TCP_SYN | TCP_ACK
+        }
+    );
+    // A FIN is tracked on the entry; the flow keeps translating until it expires.
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_FIN | TCP_ACK));
+    assert_eq!(seen(&out.packet).dst, (REMOTE_POD, 8080));
+}
+
+/// A node port of a Service without endpoints is answered with a reset built in place and
+/// sent back (semantics 3.7); nothing is tracked.
+#[test]
+fn tc_rejects_a_node_port_without_endpoints_with_a_reset() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30082), TCP_SYN));
+    assert_ne!(out.verdict, TC_ACT_OK, "answered here");
+    assert_ne!(out.verdict, TC_ACT_SHOT, "answered, not dropped");
+    let s = seen(&out.packet);
+    assert_eq!((s.src, s.dst), ((NODE, 30082), (CLIENT, 40000)));
+    assert!(s.flags & TCP_RST != 0, "a reset: {:#x}", s.flags);
+    assert_eq!(rig.count(Reason::Rejected), 1);
+    assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+}
+
+/// loadBalancerSourceRanges (semantics 7.8): a source outside the ranges is dropped at the
+/// load balancer IP and counted; one inside is translated.
+#[test]
+fn tc_drops_sources_outside_the_load_balancer_ranges() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(rig.count(Reason::SourceRangeDrop), 1);
+    let inside = Ipv4Addr::new(10, 1, 2, 3);
+    let out = rig.tc(&tcp4((inside, 40000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&out.packet).dst, (REMOTE_POD, 8080));
+}
+
+/// A fragment carries no complete ports: it passes untouched and is counted.
+#[test]
+fn tc_passes_fragments_untouched_and_counts_them() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut frame = tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN);
+    frame[14 + 6] = 0x20; // more fragments
+    frame[14 + 10] = 0;
+    frame[14 + 11] = 0;
+    let c = checksum(&frame[14..34], 0);
+    frame[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let out = rig.tc(&frame);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, frame);
+    assert_eq!(rig.count(Reason::Fragment), 1);
+    assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+}
+
+const XDP_PASS: u32 = 2;
+
+/// XDP hands what it does not translate to the stack (and tc) untouched: other ethertypes,
+/// IPv4 and TCP headers cut short, a fragment, a port of no frontend.
+#[test]
+fn xdp_passes_what_it_does_not_translate_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut arp = vec![0u8; 42];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let syn = tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN);
+    let mut fragment = syn.clone();
+    fragment[14 + 6] = 0x20;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("ARP", arp),
+        ("IPv4 header cut short", syn[..14 + 12].to_vec()),
+        ("TCP header cut short", syn[..14 + 20 + 6].to_vec()),
+        ("a fragment", fragment),
+        (
+            "a node port of no Service",
+            tcp4((CLIENT, 40000), (NODE, 30999), TCP_SYN),
+        ),
+    ];
+    for (what, frame) in cases {
+        let out = rig
+            .dp
+            .xdp_ingress(&frame, 0)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(out.verdict, XDP_PASS, "{what}");
+        assert_eq!(out.packet, frame, "{what}: changed");
+    }
+    assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+}
+
+/// XDP translates a masqueraded node port flow whose endpoint is behind the interface it came
+/// in on and sends it straight back out (issue #6): the client is masqueraded to the node's
+/// address from the masquerading range, the MAC addresses are the route's, and the reply is
+/// translated back the same way.
+#[test]
+fn xdp_sends_a_masqueraded_flow_back_out_translated() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    // An external interface with the endpoint's network behind it, its neighbour known.
+    for command in [
+        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
+        "ip link set kbpu0 up",
+        "ip link set kbpu1 up",
+        "ip route replace 10.245.0.0/16 dev kbpu0 src 192.0.2.10",
+        "ip route replace 198.51.100.0/24 dev kbpu0 src 192.0.2.10",
+        "ip neigh replace 10.245.2.9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+        "ip neigh replace 198.51.100.7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
+    ] {
+        here(command);
+    }
+    let ifindex = ifindex_of("kbpu0");
+    let out = rig
+        .dp
+        .xdp_ingress(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN), ifindex)
+        .unwrap();
+    assert_eq!(out.verdict, XDP_TX, "sent back out");
+    let s = seen(&out.packet);
+    assert_eq!(s.dst, (REMOTE_POD, 8080));
+    assert_eq!(s.src.0, NODE);
+    assert!((MASQ_FIRST..=MASQ_LAST).contains(&s.src.1), "{s:?}");
+    assert_eq!(
+        &out.packet[0..6],
+        &[2, 0, 0, 0, 0, 9],
+        "to the endpoint's MAC"
+    );
+    assert_eq!(
+        &out.packet[6..12],
+        &[2, 0, 0, 0, 0, 0x0a],
+        "from the interface's"
+    );
+    assert_eq!(rig.dp.maps.conntrack4().unwrap().len(), 2);
+    let reply = rig
+        .dp
+        .xdp_ingress(
+            &tcp4((REMOTE_POD, 8080), (NODE, s.src.1), TCP_SYN | TCP_ACK),
+            ifindex,
+        )
+        .unwrap();
+    assert_eq!(reply.verdict, XDP_TX);
+    assert_eq!(
+        seen(&reply.packet),
+        Seen {
+            src: (NODE, 30081),
+            dst: (CLIENT, 40000),
+            flags: TCP_SYN | TCP_ACK
+        }
+    );
+    assert_eq!(
+        &reply.packet[0..6],
+        &[2, 0, 0, 0, 0, 7],
+        "to the client's MAC"
+    );
+}
+
+const XDP_TX: u32 = 3;
+
+/// The interface index of `name` in the calling thread's network namespace.
+fn ifindex_of(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?}");
+    index
+}
