@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::privileged;
 use proxy_common::{
@@ -30,6 +30,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 245, 2, 9);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 7);
+const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 5);
 const MASQ_FIRST: u16 = 61000;
 const MASQ_LAST: u16 = 61099;
 
@@ -83,6 +86,18 @@ metadata: {{name: ranged-1, labels: {{kubernetes.io/service-name: ranged}}}}
 addressType: IPv4
 ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints: [{{addresses: ["{REMOTE_POD}"], nodeName: n2, conditions: {{ready: true}}}}]
+---
+kind: Service
+metadata: {{name: six}}
+spec: {{type: NodePort, clusterIP: "fd00:96::10", clusterIPs: ["fd00:96::10"], ipFamilies: [IPv6], externalTrafficPolicy: Local,
+        healthCheckNodePort: 32001,
+        ports: [{{name: dns, port: 53, targetPort: 5353, nodePort: 30090, protocol: UDP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: six-1, labels: {{kubernetes.io/service-name: six}}}}
+addressType: IPv6
+ports: [{{name: dns, port: 5353, protocol: UDP}}]
+endpoints: [{{addresses: ["{LOCAL_POD6}"], nodeName: n1, conditions: {{ready: true}}}}]
 "#
     )
 }
@@ -97,13 +112,23 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         own_network_namespace();
-        here("sysctl -q -w net.ipv4.ip_forward=1");
+        // The FIB lookups answer only where forwarding is on; /proc/sys/net is the calling
+        // thread's namespace's.
+        for knob in [
+            "/proc/sys/net/ipv4/ip_forward",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+        ] {
+            std::fs::write(knob, "1").unwrap_or_else(|e| panic!("{knob}: {e}"));
+        }
         for args in [
             "link set lo up",
             "addr add 192.0.2.10/32 dev lo",
             "route add 10.244.0.0/16 dev lo src 192.0.2.10",
             "route add 10.245.0.0/16 dev lo src 192.0.2.10",
             "route add 198.51.100.0/24 dev lo src 192.0.2.10",
+            "-6 addr add 2001:db8::10/128 dev lo nodad",
+            "-6 route add fd00:244::/64 dev lo",
+            "-6 route add 2001:db8:51::/64 dev lo",
         ] {
             here(&format!("ip {args}"));
         }
@@ -113,7 +138,7 @@ impl Rig {
             .expect("masquerade ports");
         let node = NodeInfo {
             name: "n1".into(),
-            addresses: vec![NODE.into()],
+            addresses: vec![NODE.into(), NODE6.into()],
             eligible: true,
             ..NodeInfo::default()
         };
@@ -219,6 +244,61 @@ fn tcp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
     let c = checksum(tcp, pseudo_sum(src.0, dst.0, 6, 20));
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
     f
+}
+
+/// An Ethernet frame holding an IPv6 UDP datagram with `payload`.
+fn udp6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut f = vec![0u8; 14 + 40];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+    f[20] = 17;
+    f[21] = 64;
+    f[22..38].copy_from_slice(&src.0.octets());
+    f[38..54].copy_from_slice(&dst.0.octets());
+    let mut udp = vec![0u8; len];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    udp[8..].copy_from_slice(payload);
+    let c = checksum(&udp, pseudo_sum6(src.0, dst.0, 17, len));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&udp);
+    f
+}
+
+fn pseudo_sum6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for a in [src, dst] {
+        for w in a.segments() {
+            sum += u32::from(w);
+        }
+    }
+    sum + u32::from(proto) + len as u32
+}
+
+/// Reads an IPv6 UDP frame (no extension headers), checking the UDP checksum: source,
+/// destination, payload.
+fn seen6(frame: &[u8]) -> ((IpAddr, u16), (IpAddr, u16), Vec<u8>) {
+    assert_eq!(&frame[12..14], &0x86ddu16.to_be_bytes(), "not IPv6");
+    assert_eq!(frame[20], 17, "not UDP");
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[22..38]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&frame[38..54]).unwrap());
+    let len = usize::from(u16::from_be_bytes([frame[18], frame[19]]));
+    let udp = &frame[54..54 + len];
+    assert_eq!(
+        checksum(udp, pseudo_sum6(src, dst, 17, len)),
+        0,
+        "UDP checksum of {frame:02x?}"
+    );
+    (
+        (src.into(), u16::from_be_bytes([udp[0], udp[1]])),
+        (dst.into(), u16::from_be_bytes([udp[2], udp[3]])),
+        udp[8..].to_vec(),
+    )
 }
 
 /// What a test reads of an IPv4 TCP frame.
@@ -554,4 +634,59 @@ fn ifindex_of(name: &str) -> u32 {
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     assert_ne!(index, 0, "no interface {name:?}");
     index
+}
+
+/// IPv6 (semantics 7.1 for both families): a UDP node port with a local endpoint is
+/// translated with the client kept, the checksum follows, and the answer comes back from the
+/// node port.
+#[test]
+fn tc_translates_an_ipv6_udp_node_port_flow_both_ways() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let query = udp6((CLIENT6, 40000), (NODE6, 30090), b"query");
+    let out = rig.tc(&query);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed to the endpoint");
+    let (src, dst, payload) = seen6(&out.packet);
+    assert_eq!(src, (CLIENT6.into(), 40000));
+    assert_eq!(dst, (LOCAL_POD6.into(), 5353));
+    assert_eq!(payload, b"query");
+    assert_eq!(out.packet[21], 63, "the hop limit counts the hop");
+    let answer = udp6((LOCAL_POD6, 5353), (CLIENT6, 40000), b"answer");
+    let out = rig.tc(&answer);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let (src, dst, payload) = seen6(&out.packet);
+    assert_eq!(src, (NODE6.into(), 30090));
+    assert_eq!(dst, (CLIENT6.into(), 40000));
+    assert_eq!(payload, b"answer");
+    assert_eq!(rig.count(Reason::NatNew), 1);
+    assert_eq!(rig.count(Reason::NatReply), 1);
+}
+
+/// With every masquerading port taken, a new masqueraded flow is dropped and counted
+/// (`snat_ports_exhausted`), and the flow holding the port goes on.
+#[test]
+fn tc_drops_a_new_masqueraded_flow_when_the_ports_run_out() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_masquerade_ports(MASQ_FIRST, MASQ_FIRST)
+        .unwrap();
+    let first = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(first.verdict, TC_ACT_REDIRECT);
+    assert_eq!(seen(&first.packet).src, (NODE, MASQ_FIRST));
+    let second = rig.tc(&tcp4((CLIENT, 40001), (NODE, 30081), TCP_SYN));
+    assert_eq!(second.verdict, TC_ACT_SHOT);
+    assert_eq!(rig.count(Reason::SnatPortsExhausted), 1);
+    let again = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_ACK));
+    assert_eq!(seen(&again.packet).src, (NODE, MASQ_FIRST));
+    assert_eq!(
+        rig.dp.maps.conntrack4().unwrap().len(),
+        2,
+        "one flow's entries"
+    );
 }
