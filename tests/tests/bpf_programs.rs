@@ -690,3 +690,67 @@ fn tc_drops_a_new_masqueraded_flow_when_the_ports_run_out() {
         "one flow's entries"
     );
 }
+
+/// An ICMP error about a translated flow (semantics 7.13's masquerading, issue #6) quotes the
+/// packet as this node sent it; it is rewritten so the client recognises it: the outer
+/// destination becomes the client, the quoted packet becomes client -> node port, every
+/// checksum follows.
+#[test]
+fn tc_translates_an_icmp_error_about_a_masqueraded_flow_for_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    let sent = seen(&out.packet);
+    // "Fragmentation needed" from a router on the way to the endpoint, quoting what we sent.
+    let router = Ipv4Addr::new(10, 245, 0, 1);
+    let quoted = &out.packet[14..14 + 28];
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let error = ipv4_frame(router, NODE, 1, &icmp);
+    let out = rig.tc(&error);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to the client");
+    let f = &out.packet;
+    let ip = &f[14..34];
+    assert_eq!(checksum(ip, 0), 0, "outer IP checksum");
+    assert_eq!(&ip[12..16], &router.octets(), "the router stays the source");
+    assert_eq!(&ip[16..20], &CLIENT.octets());
+    let icmp = &f[34..];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    let q = &icmp[8..28];
+    assert_eq!(checksum(q, 0), 0, "quoted IP checksum");
+    assert_eq!(&q[12..16], &CLIENT.octets(), "quoted source: the client");
+    assert_eq!(
+        &q[16..20],
+        &NODE.octets(),
+        "quoted destination: the node port"
+    );
+    let ports = &icmp[28..32];
+    assert_eq!(u16::from_be_bytes([ports[0], ports[1]]), 40000);
+    assert_eq!(u16::from_be_bytes([ports[2], ports[3]]), 30081);
+    assert_ne!(sent.src.1, 30081);
+    assert_eq!(rig.count(Reason::IcmpTranslated), 1);
+}
+
+/// An Ethernet frame holding an IPv4 packet of protocol `proto` around `payload`.
+fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
