@@ -17,7 +17,7 @@ use proxy_common::backend::BackendValue;
 
 use crate::{
     capacity::{Capacity, fit, surely_fits},
-    compile::{Compiler, Desired, Family, Problem, Proto, Update},
+    compile::{Compiler, Desired, Family, Problem, ProblemReason, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
     metrics::{Metrics, Series},
@@ -188,7 +188,7 @@ pub fn sync_once(
     for problem in &problems {
         let line = problem.to_string();
         if !logged.contains(&line) {
-            log::warn!("rejected: {line}");
+            log::warn!("rejected ({}): {line}", problem.reason.as_str());
         }
         now_logged.insert(line);
     }
@@ -254,6 +254,7 @@ pub fn sync_once(
             .get(id)
             .map_or_else(|| format!("frontend {id}"), |i| i.name().to_string());
         problems.push(Problem {
+            reason: ProblemReason::WriteFailed,
             object: format!("Service {name}"),
             message: format!(
                 "{MAGLEV_WRITE_FAILED} ({why}); it keeps its previous state, other Services \

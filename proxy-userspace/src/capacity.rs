@@ -9,7 +9,9 @@ use std::{
 };
 
 use crate::{
-    compile::{Desired, FrontendAddr, FrontendKind, PortName, Problem, Scheduler, Totals},
+    compile::{
+        Desired, FrontendAddr, FrontendKind, PortName, Problem, ProblemReason, Scheduler, Totals,
+    },
     plan::{MapState, ServiceKey},
 };
 
@@ -221,6 +223,7 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
         .retain(|_, state| !refused_names.contains(&state.port));
     for (name, message) in &refused {
         desired.problems.push(Problem {
+            reason: ProblemReason::Capacity,
             object: format!("Service {}/{} port {name}", name.namespace, name.name),
             message: message.clone(),
         });

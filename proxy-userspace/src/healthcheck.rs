@@ -25,7 +25,7 @@ use std::{
 use serde_json::json;
 
 use crate::{
-    compile::{Desired, Problem},
+    compile::{Desired, Problem, ProblemReason},
     health::Health,
     http::{Handler, Request, Response, Server},
     metrics::{Metrics, Series},
@@ -71,6 +71,7 @@ pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>)
     for ((namespace, name), (port, ips)) in services {
         if let Some(first) = out.get(&port) {
             problems.push(Problem {
+                reason: ProblemReason::Conflict,
                 object: format!("Service {namespace}/{name}"),
                 message: format!(
                     "healthCheckNodePort {port} is already used by Service {}/{}; no health check served for this one",

@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::compile::{Family as IpFamily, Problem};
+use crate::compile::{Family as IpFamily, Problem, ProblemReason};
 
 /// Content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -164,6 +164,8 @@ pub struct Metrics {
     pub sync_failures: Family<Labels, Counter>,
     /// kube_bpf_proxy_rejected_objects [kind].
     pub rejected_objects: Family<Labels, CountGauge>,
+    /// kube_bpf_proxy_rejected_objects_by_reason [reason].
+    pub rejected_by_reason: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_map_update_errors_total [map].
     pub map_update_errors: Family<Labels, Counter>,
     /// kube_bpf_proxy_map_entries [map].
@@ -354,6 +356,11 @@ impl Metrics {
                 "kube_bpf_proxy_rejected_objects",
                 "Objects currently not (fully) programmed because they are invalid or conflict",
             ),
+            rejected_by_reason: gauge(
+                &mut r,
+                "kube_bpf_proxy_rejected_objects_by_reason",
+                "Objects currently not (fully) programmed, by the reason (an object with several counts under each)",
+            ),
             map_update_errors: counter(
                 &mut r,
                 "kube_bpf_proxy_map_update_errors_total",
@@ -424,6 +431,11 @@ impl Metrics {
         m.set_healthcheck_ports(0, 0);
         for kind in REJECTED_KINDS {
             m.set_rejected(kind, 0);
+        }
+        for reason in ProblemReason::ALL {
+            m.rejected_by_reason
+                .with(&[("reason", reason.as_str())])
+                .set(0);
         }
         for &f in &m.families {
             let fam = [("ip_family", ip_family_name(f))];
@@ -554,6 +566,19 @@ impl Metrics {
         }
         for (kind, n) in per_kind {
             self.set_rejected(kind, n);
+        }
+        let mut per_reason: BTreeMap<ProblemReason, BTreeSet<&str>> = BTreeMap::new();
+        for p in problems {
+            per_reason
+                .entry(p.reason)
+                .or_default()
+                .insert(p.object.as_str());
+        }
+        for reason in ProblemReason::ALL {
+            let n = per_reason.get(&reason).map_or(0, |o| o.len() as u64);
+            self.rejected_by_reason
+                .with(&[("reason", reason.as_str())])
+                .set(n);
         }
     }
 
@@ -733,6 +758,11 @@ mod tests {
         ("kube_bpf_proxy_sync_failures_total", "counter", &[]),
         ("kube_bpf_proxy_rejected_objects", "gauge", &["kind"]),
         (
+            "kube_bpf_proxy_rejected_objects_by_reason",
+            "gauge",
+            &["reason"],
+        ),
+        (
             "kube_bpf_proxy_map_update_errors_total",
             "counter",
             &["map"],
@@ -812,6 +842,21 @@ mod tests {
         "kube_bpf_proxy_pod_interfaces",
         "kube_bpf_proxy_rejected_objects{kind=\"EndpointSlice\"}",
         "kube_bpf_proxy_rejected_objects{kind=\"Service\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"capacity\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"conflict\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"duplicate_endpoint\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"duplicate_object\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_address\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_affinity\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_annotation\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_cluster_ip\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_endpoint\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_object\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_port\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_source_range\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"missing_health_check\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"unsupported_address_type\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"write_failed\"}",
         "kube_bpf_proxy_sync_failures_total",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\"}",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv6\"}",
@@ -1188,6 +1233,7 @@ mod tests {
     fn rejected_problems_count_distinct_objects_per_kind() {
         let m = Metrics::new("v", &[]);
         let p = |object: &str| Problem {
+            reason: ProblemReason::InvalidObject,
             object: object.into(),
             message: "bad".into(),
         };
@@ -1202,6 +1248,14 @@ mod tests {
         assert_eq!(get("Service"), 2);
         assert_eq!(get("EndpointSlice"), 1);
         assert_eq!(get("Gateway"), 1);
+        let by_reason =
+            |r: ProblemReason| m.rejected_by_reason.with(&[("reason", r.as_str())]).get();
+        assert_eq!(
+            by_reason(ProblemReason::InvalidObject),
+            4,
+            "distinct objects"
+        );
+        assert_eq!(by_reason(ProblemReason::Conflict), 0);
         m.set_rejected_problems(&[p("Service default/b")]);
         // Kinds seen before stay, at 0.
         let text = m.render();

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use crate::objects::{Address, Hints, Slice, SliceEndpoint};
 
-use super::{Family, PortName, Problem, Proto};
+use super::{Family, PortName, Problem, ProblemReason, Proto};
 
 /// One endpoint of one Service port.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,6 +105,7 @@ impl<'a> SliceIndex<'a> {
                 slice.metadata.name.as_ref(),
             ) else {
                 problems.push(Problem {
+                    reason: ProblemReason::InvalidObject,
                     object,
                     message: "no kubernetes.io/service-name label, name or namespace; ignored"
                         .into(),
@@ -119,6 +120,7 @@ impl<'a> SliceIndex<'a> {
                 "FQDN" => continue,
                 other => {
                     problems.push(Problem {
+                        reason: ProblemReason::UnsupportedAddressType,
                         object,
                         message: format!(
                             "addressType {other:?} is not IPv4, IPv6 or FQDN; slice ignored"
@@ -188,6 +190,7 @@ impl<'a> SliceIndex<'a> {
                             // a reused pod IP: not a problem worth a log line.
                             if !unused.0.terminating || used.0.terminating {
                                 problems.push(Problem {
+                                reason: ProblemReason::DuplicateEndpoint,
                                 object: slice_name(unused.1),
                                 message: format!(
                                     "endpoint {key} of port {port} is also in {} with {}; that copy is used",
@@ -293,6 +296,7 @@ fn check_ports(slice: &Slice, object: &str, problems: &mut Vec<Problem>) {
             _ => continue,
         };
         problems.push(Problem {
+            reason: ProblemReason::InvalidPort,
             object: object.to_string(),
             message: format!("{what} {message}"),
         });
@@ -314,6 +318,7 @@ fn check_addresses(slice: &Slice, family: Family, object: &str, problems: &mut V
     }
     if missing > 0 {
         problems.push(Problem {
+            reason: ProblemReason::InvalidEndpoint,
             object: object.to_string(),
             message: format!("{missing} endpoint(s) without an address; skipped"),
         });
@@ -325,6 +330,7 @@ fn check_addresses(slice: &Slice, family: Family, object: &str, problems: &mut V
     };
     if !garbage.is_empty() {
         problems.push(Problem {
+            reason: ProblemReason::InvalidEndpoint,
             object: object.to_string(),
             message: format!(
                 "{} endpoint address(es) are not IP addresses ({}); skipped",
@@ -335,6 +341,7 @@ fn check_addresses(slice: &Slice, family: Family, object: &str, problems: &mut V
     }
     if !wrong.is_empty() {
         problems.push(Problem {
+            reason: ProblemReason::InvalidEndpoint,
             object: object.to_string(),
             message: format!(
                 "{} endpoint address(es) are not {} like the slice's addressType ({}); skipped",

@@ -15,7 +15,7 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    Desired, FrontendAddr, FrontendState, Object, Problem, ServiceOut, compile_one,
+    Desired, FrontendAddr, FrontendState, Object, Problem, ProblemReason, ServiceOut, compile_one,
     endpoints::{Owner, owner},
     slice_problems, unique,
 };
@@ -623,6 +623,7 @@ impl Compiler {
             };
             for other in &claims[1..] {
                 out.push(Problem {
+                    reason: ProblemReason::Conflict,
                     object: self.services[other].object.clone(),
                     message: format!("{addr} is already used by {}; not programmed", owner.port),
                 });

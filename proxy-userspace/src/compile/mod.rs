@@ -331,7 +331,87 @@ pub struct ServicePort {
 pub struct Problem {
     /// `Kind namespace/name`.
     pub object: String,
+    /// What is wrong, as a value to count and match on.
+    pub reason: ProblemReason,
+    /// What is wrong and what is done instead, for people.
     pub message: String,
+}
+
+/// Why an object (or part of one) is not programmed as written. Each has a stable name (the
+/// metrics' `reason` label, `status` and the logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ProblemReason {
+    /// Missing metadata or spec, or a malformed object.
+    InvalidObject,
+    /// Another object of the same kind and name (a different uid) wins.
+    DuplicateObject,
+    /// clusterIP/clusterIPs do not give an address of a family the Service lists.
+    InvalidClusterIp,
+    /// An externalIP or load balancer ingress IP that is not an IP address.
+    InvalidAddress,
+    /// A port with an impossible number, an unknown protocol or a duplicate name.
+    InvalidPort,
+    /// A loadBalancerSourceRanges entry that is not a CIDR.
+    InvalidSourceRange,
+    /// sessionAffinityConfig out of range.
+    InvalidAffinity,
+    /// A kube-bpf-proxy.io annotation that cannot be read.
+    InvalidAnnotation,
+    /// LoadBalancer with externalTrafficPolicy Local and no healthCheckNodePort.
+    MissingHealthCheck,
+    /// An EndpointSlice addressType this proxy does not serve.
+    UnsupportedAddressType,
+    /// Endpoints without an address, or with one that is not an IP of the slice's family.
+    InvalidEndpoint,
+    /// The same endpoint twice for one port.
+    DuplicateEndpoint,
+    /// A frontend address or health check port another Service holds.
+    Conflict,
+    /// The maps have no room for the Service.
+    Capacity,
+    /// The maps refused a write for this Service (it keeps its previous state).
+    WriteFailed,
+}
+
+impl ProblemReason {
+    pub const ALL: [ProblemReason; 15] = [
+        ProblemReason::InvalidObject,
+        ProblemReason::DuplicateObject,
+        ProblemReason::InvalidClusterIp,
+        ProblemReason::InvalidAddress,
+        ProblemReason::InvalidPort,
+        ProblemReason::InvalidSourceRange,
+        ProblemReason::InvalidAffinity,
+        ProblemReason::InvalidAnnotation,
+        ProblemReason::MissingHealthCheck,
+        ProblemReason::UnsupportedAddressType,
+        ProblemReason::InvalidEndpoint,
+        ProblemReason::DuplicateEndpoint,
+        ProblemReason::Conflict,
+        ProblemReason::Capacity,
+        ProblemReason::WriteFailed,
+    ];
+
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemReason::InvalidObject => "invalid_object",
+            ProblemReason::DuplicateObject => "duplicate_object",
+            ProblemReason::InvalidClusterIp => "invalid_cluster_ip",
+            ProblemReason::InvalidAddress => "invalid_address",
+            ProblemReason::InvalidPort => "invalid_port",
+            ProblemReason::InvalidSourceRange => "invalid_source_range",
+            ProblemReason::InvalidAffinity => "invalid_affinity",
+            ProblemReason::InvalidAnnotation => "invalid_annotation",
+            ProblemReason::MissingHealthCheck => "missing_health_check",
+            ProblemReason::UnsupportedAddressType => "unsupported_address_type",
+            ProblemReason::InvalidEndpoint => "invalid_endpoint",
+            ProblemReason::DuplicateEndpoint => "duplicate_endpoint",
+            ProblemReason::Conflict => "conflict",
+            ProblemReason::Capacity => "capacity",
+            ProblemReason::WriteFailed => "write_failed",
+        }
+    }
 }
 
 impl fmt::Display for Problem {
@@ -443,6 +523,7 @@ fn unique<'a, K: Object>(
                         "the newest"
                     };
                     problems.push(Problem {
+                        reason: ProblemReason::DuplicateObject,
                         object: object_name(kind, object.object_meta()),
                         message: format!(
                             "another object of this name exists (uid {} ignored, uid {} used: {why})",
@@ -515,6 +596,7 @@ fn cluster_ip_of(svc: &Service, family: Family, problems: &mut Vec<Problem>) -> 
     let spec = svc.spec.as_ref()?;
     let families = spec.ip_families.as_deref().unwrap_or_default();
     let problem = |message: String| Problem {
+        reason: ProblemReason::InvalidClusterIp,
         object: object_name("Service", &svc.metadata),
         message,
     };
@@ -581,6 +663,7 @@ fn ips_of_family<'a>(
             }
             Ok(_) => {}
             Err(_) => problems.push(Problem {
+                reason: ProblemReason::InvalidAddress,
                 object: object.to_string(),
                 message: format!("{what} {s:?} is not an IP address; ignored"),
             }),
@@ -606,6 +689,7 @@ fn compile_service(
         svc.metadata.name.as_deref(),
     ) else {
         desired.problems.push(Problem {
+            reason: ProblemReason::InvalidObject,
             object,
             message: "no spec, namespace or name".into(),
         });
@@ -624,6 +708,7 @@ fn compile_service(
             Some(t @ 1..=86_400) => t as u32,
             Some(t) => {
                 desired.problems.push(Problem {
+                    reason: ProblemReason::InvalidAffinity,
                     object: object.clone(),
                     message: format!(
                         "sessionAffinity timeoutSeconds {t} is not in 1-86400; using {DEFAULT_AFFINITY_SECS}"
@@ -643,6 +728,7 @@ fn compile_service(
         Some(Ok(s)) => s,
         Some(Err(why)) => {
             desired.problems.push(Problem {
+                reason: ProblemReason::InvalidAnnotation,
                 object: object.clone(),
                 message: format!(
                     "annotation {SCHEDULER_ANNOTATION}: {why}; using the default, {}",
@@ -668,6 +754,7 @@ fn compile_service(
         .filter(|p| *p != 0);
     if needs_health_check && health_check_node_port.is_none() {
         desired.problems.push(Problem {
+            reason: ProblemReason::MissingHealthCheck,
             object: object.clone(),
             message: match spec.health_check_node_port {
                 None => "LoadBalancer with externalTrafficPolicy Local has no \
@@ -713,6 +800,7 @@ fn compile_service(
                 Some(c) if Family::of(&c.addr) == family => source_ranges.push(c),
                 Some(_) => {}
                 None => desired.problems.push(Problem {
+                    reason: ProblemReason::InvalidSourceRange,
                     object: object.clone(),
                     message: format!(
                         "loadBalancerSourceRanges entry {raw:?} is not a CIDR; ignored"
@@ -724,6 +812,7 @@ fn compile_service(
         for port in spec.ports.iter().flatten() {
             let Some(proto) = Proto::parse(port.protocol.as_deref()) else {
                 desired.problems.push(Problem {
+                    reason: ProblemReason::InvalidPort,
                     object: object.clone(),
                     message: format!(
                         "port {:?}: unknown protocol {:?}; port ignored",
@@ -738,6 +827,7 @@ fn compile_service(
                 .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
             else {
                 desired.problems.push(Problem {
+                    reason: ProblemReason::InvalidPort,
                     object: object.clone(),
                     message: format!("port {} is not in 1-65535; port ignored", port.port),
                 });
@@ -746,6 +836,7 @@ fn compile_service(
             let port_name = port.name.clone().unwrap_or_default();
             if seen_ports.contains(&(port_name.clone(), proto)) {
                 desired.problems.push(Problem {
+                    reason: ProblemReason::InvalidPort,
                     object: object.clone(),
                     message: format!(
                         "duplicate port name {port_name:?}/{}; later one ignored",
@@ -768,6 +859,7 @@ fn compile_service(
                     let valid = u16::try_from(p).ok();
                     if valid.is_none() {
                         desired.problems.push(Problem {
+                            reason: ProblemReason::InvalidPort,
                             object: object.clone(),
                             message: format!(
                                 "port {:?}: nodePort {p} is not in 1-65535; no NodePort",
@@ -853,6 +945,7 @@ fn weights_of(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> BTree
                 out.insert(ip, w);
             }
             None => problems.push(Problem {
+                reason: ProblemReason::InvalidAnnotation,
                 object: object.to_string(),
                 message: format!(
                     "annotation {WEIGHTS_ANNOTATION}: {entry:?} is not IP=WEIGHT with a weight \
@@ -906,6 +999,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
         };
         if let Some(existing) = desired.frontends.get(&key) {
             desired.problems.push(Problem {
+                reason: ProblemReason::Conflict,
                 object: object.to_string(),
                 message: format!("{key} is already used by {}; not programmed", existing.port),
             });

@@ -1826,3 +1826,59 @@ fn weights_from_the_annotation() {
         .count();
     assert_eq!(bad, 3, "{:?}", d.problems);
 }
+
+#[test]
+fn problems_carry_a_typed_reason() {
+    use super::ProblemReason as R;
+    for (yaml, object, reason) in [
+        (
+            web("").replace("port: 80,", "port: 70000,"),
+            "Service default/web",
+            R::InvalidPort,
+        ),
+        (
+            web("type: LoadBalancer, loadBalancerSourceRanges: [not-a-cidr]"),
+            "Service default/web",
+            R::InvalidSourceRange,
+        ),
+        (
+            web("externalIPs: [not-an-ip]"),
+            "Service default/web",
+            R::InvalidAddress,
+        ),
+        (
+            web("ipFamilies: [IPv6]"),
+            "Service default/web",
+            R::InvalidClusterIp,
+        ),
+        (
+            docs(&[
+                &web(""),
+                &slice_of(
+                    "name: w-1, namespace: default, labels: {kubernetes.io/service-name: web}",
+                    "AppleTalk",
+                    "[{name: http, port: 8080, protocol: TCP}]",
+                    &["{addresses: [\"10.244.0.2\"]}"],
+                ),
+            ]),
+            "EndpointSlice default/w-1",
+            R::UnsupportedAddressType,
+        ),
+        (
+            docs(&[&web(""), &slice("w-1", &["{addresses: [\"ten.one\"]}"])]),
+            "EndpointSlice default/w-1",
+            R::InvalidEndpoint,
+        ),
+    ] {
+        let d = compile(&snapshot(&yaml, "n1", None));
+        assert!(
+            d.problems
+                .iter()
+                .any(|p| p.reason == reason && p.object == object),
+            "{reason:?} for {object}: {:?}",
+            d.problems
+        );
+    }
+    let names: std::collections::BTreeSet<&str> = R::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names.len(), R::ALL.len(), "distinct names");
+}
