@@ -88,6 +88,37 @@ ports: [{{name: http, port: 8080, protocol: TCP}}]
 endpoints: [{{addresses: ["{REMOTE_POD}"], nodeName: n2, conditions: {{ready: true}}}}]
 ---
 kind: Service
+metadata: {{name: elsewhere}}
+spec: {{type: NodePort, clusterIP: 10.96.0.14, externalTrafficPolicy: Local, healthCheckNodePort: 32002,
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30084, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: elsewhere-1, labels: {{kubernetes.io/service-name: elsewhere}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: ["{REMOTE_POD}"], nodeName: n2, conditions: {{ready: true}}}}]
+---
+kind: Service
+metadata: {{name: sticky}}
+spec: {{type: NodePort, clusterIP: 10.96.0.15, sessionAffinity: ClientIP,
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30085, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: sticky-1, labels: {{kubernetes.io/service-name: sticky}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["10.245.3.1"], nodeName: n2, conditions: {{ready: true}}}}
+- {{addresses: ["10.245.3.2"], nodeName: n2, conditions: {{ready: true}}}}
+- {{addresses: ["10.245.3.3"], nodeName: n2, conditions: {{ready: true}}}}
+- {{addresses: ["10.245.3.4"], nodeName: n2, conditions: {{ready: true}}}}
+---
+kind: Service
+metadata: {{name: quiet}}
+spec: {{type: NodePort, clusterIP: 10.96.0.16,
+        ports: [{{name: dns, port: 53, nodePort: 30086, protocol: UDP}}]}}
+---
+kind: Service
 metadata: {{name: six}}
 spec: {{type: NodePort, clusterIP: "fd00:96::10", clusterIPs: ["fd00:96::10"], ipFamilies: [IPv6], externalTrafficPolicy: Local,
         healthCheckNodePort: 32001,
@@ -753,4 +784,93 @@ fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// externalTrafficPolicy Local on a node without a local endpoint while others have one:
+/// dropped and counted, not rejected (semantics 3.9).
+#[test]
+fn tc_drops_a_local_policy_node_port_without_a_local_endpoint() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30084), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(rig.count(Reason::NoLocalBackends), 1);
+    assert_eq!(rig.count(Reason::Rejected), 0);
+    assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+}
+
+/// ClientIP affinity at tc (semantics 6.x): every new flow of one client address reaches the
+/// backend its first flow did, whatever its source port; the affinity entry is recorded.
+#[test]
+fn tc_keeps_a_client_on_its_backend_with_client_ip_affinity() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let first = seen(
+        &rig.tc(&tcp4((CLIENT, 40000), (NODE, 30085), TCP_SYN))
+            .packet,
+    )
+    .dst;
+    assert!(first.0.octets()[..3] == [10, 245, 3], "{first:?}");
+    for port in 40001..40033 {
+        let out = rig.tc(&tcp4((CLIENT, port), (NODE, 30085), TCP_SYN));
+        assert_eq!(seen(&out.packet).dst, first, "client port {port}");
+    }
+    assert!(rig.count(Reason::AffinityHit) >= 32);
+    assert_eq!(rig.dp.maps.affinity().unwrap().len(), 1);
+    // Other clients spread over the four endpoints: with affinity per client, 64 clients
+    // reaching fewer than three of them would mean the choice ignores the client.
+    let mut reached = std::collections::BTreeSet::new();
+    for i in 0..64u8 {
+        let client = Ipv4Addr::new(198, 51, 100, 100 + i);
+        reached.insert(
+            seen(
+                &rig.tc(&tcp4((client, 40000), (NODE, 30085), TCP_SYN))
+                    .packet,
+            )
+            .dst,
+        );
+    }
+    assert!(reached.len() >= 3, "{reached:?}");
+}
+
+/// UDP to a node port without endpoints is answered with ICMP port unreachable, built in
+/// place and sent back (semantics 3.7).
+#[test]
+fn tc_answers_udp_without_endpoints_with_port_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut udp = vec![0u8; 8 + 5];
+    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&30086u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&13u16.to_be_bytes());
+    udp[8..].copy_from_slice(b"query");
+    let c = checksum(&udp, pseudo_sum(CLIENT, NODE, 17, udp.len()));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let out = rig.tc(&ipv4_frame(CLIENT, NODE, 17, &udp));
+    assert_ne!(out.verdict, TC_ACT_OK);
+    assert_ne!(out.verdict, TC_ACT_SHOT);
+    let f = &out.packet;
+    let ip = &f[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&NODE.octets()[..], &CLIENT.octets()[..])
+    );
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &f[34..14 + total];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
+    assert_eq!(
+        &icmp[8 + 12..8 + 16],
+        &CLIENT.octets(),
+        "quotes the datagram"
+    );
+    assert_eq!(rig.count(Reason::Rejected), 1);
 }
