@@ -220,6 +220,7 @@ fn learn(ctx: &TcContext, ip: &[u8; HDR_LEN]) -> Result<bool, Reason> {
         dport: sport,
         proto,
     };
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(ptr) = V4::ct_lookup(&reply_key) {
         // SAFETY: from the lookup.
@@ -266,6 +267,7 @@ fn is_frontend(frontend: [u8; 4], port: u16, proto: u8, here: [u8; 4]) -> bool {
         return false;
     }
     key.addr = here;
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     unsafe { LB4_SERVICES.get(&key) }.is_some()
 }
 

@@ -40,6 +40,7 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
             generation: svc.generation(),
             slot: (start.wrapping_add(i) % count) as u16,
         };
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
         let Some(slot) = (unsafe { LB_SLOTS.get(&key) }) else {
             continue;
         };
@@ -50,6 +51,7 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
         }
         let conns = active + expected;
         let weight = if weighted {
+            // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
             unsafe { LB_BACKENDS.get(&id) }.map_or(1, |b| u64::from(b.weight.max(1)))
         } else {
             1
@@ -127,6 +129,7 @@ fn maglev_pick(svc: &ServiceValue, hash: u32) -> Option<u32> {
         generation: svc.generation(),
         chunk: (index / MAGLEV_CHUNK as u32) as u16,
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     let chunk = unsafe { LB_MAGLEV.get(&key) }?;
     let id = chunk.backend_ids[(index as usize) % MAGLEV_CHUNK];
     (id != 0).then_some(id)
@@ -167,6 +170,7 @@ pub fn select<const SCAN: bool>(
             Reason::NoBackends
         });
     }
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if svc.has_affinity()
         && let Some(choice) = affinity_hit(svc, client, now)
@@ -190,6 +194,7 @@ pub fn select<const SCAN: bool>(
             } else if svc.has_flag(FLAG_SOURCE_HASH) {
                 client_hash(client)
             } else {
+                // SAFETY: a helper without arguments.
                 unsafe { bpf_get_prandom_u32() }
             };
             let slot = draw % svc.count as u32;
@@ -198,11 +203,13 @@ pub fn select<const SCAN: bool>(
                 generation: svc.generation(),
                 slot: slot as u16,
             };
+            // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
             unsafe { LB_SLOTS.get(&key) }
                 .ok_or(Reason::SlotMissing)?
                 .backend_id
         }
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     let backend = *unsafe { LB_BACKENDS.get(&backend_id) }.ok_or(Reason::BackendMissing)?;
     if svc.has_affinity() {
         let value = AffinityValue {
@@ -236,8 +243,11 @@ fn affinity_hit(svc: &ServiceValue, client: &AffinityKey, now: u64) -> Option<Ch
         svc_id: svc.id,
         backend_id,
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     unsafe { LB_MEMBERS.get(&member) }?;
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     let backend = *unsafe { LB_BACKENDS.get(&backend_id) }?;
+    // SAFETY: `entry` came from the lookup above; a racing write of a timestamp is benign.
     unsafe { (*entry).last_used_ns = now };
     Some(Choice {
         backend_id,

@@ -121,6 +121,7 @@ fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
         svc_id: e.svc_id,
         backend_id: e.backend_id,
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     unsafe { LB_MEMBERS.get(&member) }.is_none()
 }
 
@@ -135,6 +136,7 @@ fn handle<F: Family>(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(ptr) = F::ct_lookup(&pkt.t) {
         // SAFETY: `ptr` came from the lookup.
@@ -202,6 +204,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         Err(_) => return TC_ACT_OK as i32,
     };
     let pkt = &pkt;
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(svc) = F::frontend(&pkt.t) else {
         return TC_ACT_OK as i32;
@@ -243,6 +246,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         dport: choice.backend.port,
         proto: pkt.t.proto,
     };
+    // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
     // This node's address on the way to the backend (with masquerading or DSR).

@@ -310,6 +310,7 @@ impl Family for V4 {
             proto: t.proto,
             scope: SCOPE_EXTERNAL,
         };
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
         unsafe { LB4_SERVICES.get(&key) }.copied()
     }
 
@@ -345,8 +346,11 @@ impl Family for V4 {
         LB_CT4.get_ptr_mut(ct4_key(t))
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_read(v: *mut Ct4Value) -> Entry<[u8; 4]> {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
         let v = unsafe { &*v };
         Entry {
             to: Tuple {
@@ -362,8 +366,11 @@ impl Family for V4 {
         }
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_touch(v: *mut Ct4Value, now: u64, flags: u32) {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
         unsafe {
             (*v).last_seen_ns = now;
             if flags != 0 {
@@ -372,6 +379,8 @@ impl Family for V4 {
         }
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_give_back(v: *mut Ct4Value) {
         // SAFETY: the caller's pointer from a lookup.
@@ -513,6 +522,7 @@ impl Family for V6 {
             proto: t.proto,
             scope: SCOPE_EXTERNAL,
         };
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
         unsafe { LB6_SERVICES.get(&key) }.copied()
     }
 
@@ -543,8 +553,11 @@ impl Family for V6 {
         LB_CT6.get_ptr_mut(ct6_key(t))
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_read(v: *mut Ct6Value) -> Entry<[u8; 16]> {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
         let v = unsafe { &*v };
         Entry {
             to: Tuple {
@@ -560,8 +573,11 @@ impl Family for V6 {
         }
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_touch(v: *mut Ct6Value, now: u64, flags: u32) {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
         unsafe {
             (*v).last_seen_ns = now;
             if flags != 0 {
@@ -570,6 +586,8 @@ impl Family for V6 {
         }
     }
 
+    /// # Safety
+    /// `v` must come from a lookup in the connection-tracking map during this program run.
     #[inline(always)]
     unsafe fn ct_give_back(v: *mut Ct6Value) {
         // SAFETY: the caller's pointer from a lookup.

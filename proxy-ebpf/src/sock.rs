@@ -66,6 +66,7 @@ pub fn verdict(ctx: &SockAddrContext, outcome: Result<Reason, Reason>) -> i32 {
 
 #[inline(always)]
 fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
+    // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let mut client = [0u8; 16];
     let bytes = cookie.to_ne_bytes();
@@ -84,6 +85,7 @@ fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
 /// The flow hash at the socket layer: the socket's cookie (one socket, one choice).
 #[inline(always)]
 fn socket_hash(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     lb::finish(lb::mix(cookie as u32, (cookie >> 32) as u32))
 }
@@ -104,6 +106,7 @@ fn port_to_ctx(port: u16) -> u32 {
 /// semantics 3.12); any other miss leaves the socket alone.
 #[inline(always)]
 fn lookup4(key: &Service4Key) -> Result<ServiceValue, Reason> {
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     if let Some(svc) = unsafe { LB4_SERVICES.get(key) } {
         return Ok(*svc);
     }
@@ -112,6 +115,7 @@ fn lookup4(key: &Service4Key) -> Result<ServiceValue, Reason> {
         proto: 0,
         ..*key
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     match unsafe { LB4_SERVICES.get(&any_port) } {
         Some(_) => Err(Reason::NoBackends),
         None => Err(Reason::NotService),
@@ -120,6 +124,7 @@ fn lookup4(key: &Service4Key) -> Result<ServiceValue, Reason> {
 
 #[inline(always)]
 fn lookup6(key: &Service6Key) -> Result<ServiceValue, Reason> {
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     if let Some(svc) = unsafe { LB6_SERVICES.get(key) } {
         return Ok(*svc);
     }
@@ -128,6 +133,7 @@ fn lookup6(key: &Service6Key) -> Result<ServiceValue, Reason> {
         proto: 0,
         ..*key
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     match unsafe { LB6_SERVICES.get(&any_port) } {
         Some(_) => Err(Reason::NoBackends),
         None => Err(Reason::NotService),
@@ -137,7 +143,9 @@ fn lookup6(key: &Service6Key) -> Result<ServiceValue, Reason> {
 /// The source address this socket's network namespace connects from, as the agent found it.
 #[inline(always)]
 fn netns_source(ctx: &SockAddrContext) -> Option<&NetnsSource> {
+    // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     unsafe { LB_NETNS_SRC.get(&cookie) }
 }
 
@@ -146,6 +154,7 @@ fn netns_source(ctx: &SockAddrContext) -> Option<&NetnsSource> {
 /// socket's bound address, or the address its network namespace uses (`LB_NETNS_SRC`).
 #[inline(always)]
 fn source4<const SEND: bool>(ctx: &SockAddrContext, out: &mut [u8; 4]) -> bool {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &*ctx.sock_addr };
     let mut addr = 0u32;
     if SEND {
@@ -183,6 +192,7 @@ fn put_words(w: [u32; 4], out: &mut [u8; 16]) -> bool {
 /// `ns_ok` (an IPv4-mapped frontend wants the IPv4 one instead).
 #[inline(always)]
 fn source6<const SEND: bool>(ctx: &SockAddrContext, out: &mut [u8; 16], ns_ok: bool) -> bool {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &*ctx.sock_addr };
     if SEND
         && put_words(
@@ -342,6 +352,7 @@ fn source_code6_mapped<const SEND: bool>(ctx: &SockAddrContext, svc_id: u32) -> 
 /// `SEND`: called from sendmsg (the datagram may carry its own source address).
 #[inline(always)]
 pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = Service4Key {
         addr: sa.user_ip4.to_ne_bytes(),
@@ -360,6 +371,7 @@ pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         conns::count(ctx, backend_id);
     }
     let backend_addr = backend.addr4();
+    // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev_key = SockRevNat4Key {
         cookie,
@@ -409,13 +421,16 @@ pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
 /// Reverse translation, IPv4: backend address → Service address, if this socket was translated.
 #[inline(always)]
 pub fn rev4(ctx: &SockAddrContext) {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let key = SockRevNat4Key {
+        // SAFETY: the helper reads the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr: sa.user_ip4.to_ne_bytes(),
         port: port_from_ctx(sa.user_port),
         _pad: 0,
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     if let Some(frontend) = unsafe { SOCK4_REVNAT.get(&key) } {
         sa.user_ip4 = u32::from_ne_bytes(frontend.addr);
         sa.user_port = port_to_ctx(frontend.port);
@@ -445,6 +460,7 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 /// frontends and translated to the IPv4-mapped backend address. Verdicts as `fwd4`.
 #[inline(always)]
 pub fn fwd6<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     // The context's user_ip6 must be read one 32-bit word at a time.
     let words = [
@@ -494,6 +510,7 @@ fn commit6(
     svc_id: u32,
     mapped: bool,
 ) -> Result<(), Reason> {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     // Addresses move as 32-bit words: byte-wise copies make the compiler spill every byte.
     let words: [u32; 4] = if mapped {
@@ -556,6 +573,7 @@ fn log6(ctx: &SockAddrContext, key: &Service6Key, to: &SockRevNat6Key, svc_id: u
 /// Reverse translation, IPv6.
 #[inline(always)]
 pub fn rev6(ctx: &SockAddrContext) {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let words = [
         sa.user_ip6[0],
@@ -564,11 +582,13 @@ pub fn rev6(ctx: &SockAddrContext) {
         sa.user_ip6[3],
     ];
     let key = SockRevNat6Key {
+        // SAFETY: the helper reads the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr: ip6_bytes(&words),
         port: port_from_ctx(sa.user_port),
         _pad: [0; 6],
     };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     if let Some(frontend) = unsafe { SOCK6_REVNAT.get(&key) } {
         let w = ip6_words(&frontend.addr);
         sa.user_ip6[0] = w[0];

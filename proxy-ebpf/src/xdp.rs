@@ -325,6 +325,7 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
     let Some(pkt) = F::parse_xdp(ctx) else {
         return Some(XDP_PASS);
     };
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let here = ctx.ingress_ifindex() as u32;
     if let Some(ptr) = F::ct_lookup(&pkt.t) {
@@ -343,6 +344,7 @@ fn handle<F: XdpFamily>(ctx: &XdpContext) -> Option<u32> {
             if !hop::<F>(ctx, &e.to, dsr, &mut h) || h.ifindex != here {
                 return Some(XDP_PASS);
             }
+            // SAFETY: `ptr` came from the lookup above.
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             if rewrite::<F>(ctx, &pkt, &e.to).is_none() {
                 return Some(XDP_DROP);
@@ -363,6 +365,7 @@ fn new_flow<F: XdpFamily>(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
     let pkt = &pkt;
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let here = ctx.ingress_ifindex() as u32;
     let Some(svc) = F::frontend(&pkt.t) else {

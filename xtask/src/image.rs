@@ -1015,6 +1015,7 @@ mod tests {
         );
 
         // umoci: the layout, by tag, into a runtime bundle.
+        // SAFETY: a plain getter.
         let root = unsafe { libc::geteuid() } == 0;
         let bundle = dir.0.join("bundle");
         let mut unpack = Command::new("umoci");

@@ -258,3 +258,98 @@ mod tests {
         assert_eq!(count_of(line, "ignored"), 2);
     }
 }
+
+/// Every `unsafe` block, function and impl in the workspace's own sources (the BPF crate
+/// included) carries a `SAFETY:` comment (or a `# Safety` doc section) on its line or within
+/// the four lines above it.
+#[cfg(test)]
+mod safety_comments {
+    use std::path::{Path, PathBuf};
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    rust_files(&path, out);
+                }
+            } else if name.ends_with(".rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Lines (1-based) of `text` opening an `unsafe` block, fn or impl without a safety note.
+    fn unexplained(text: &str) -> Vec<usize> {
+        let lines: Vec<&str> = text.lines().collect();
+        let opens_unsafe = |l: &str| {
+            let code = l.split("//").next().unwrap_or("");
+            // The keyword is split so that this check does not find itself.
+            let keyword = concat!("uns", "afe");
+            ["{", "fn ", "impl "]
+                .iter()
+                .any(|k| code.contains(&format!("{keyword} {k}")))
+                || code.trim_end().ends_with(keyword)
+        };
+        (0..lines.len())
+            .filter(|&i| opens_unsafe(lines[i]))
+            .filter(|&i| {
+                !lines[i.saturating_sub(4)..=i]
+                    .iter()
+                    .any(|l| l.contains("SAFETY") || l.contains("# Safety"))
+            })
+            .map(|i| i + 1)
+            .collect()
+    }
+
+    #[test]
+    fn the_check_finds_what_it_should() {
+        let open = concat!("uns", "afe {");
+        let function = concat!("uns", "afe fn f() {}");
+        let cases = [
+            (format!("let a = 1;\nlet b = {open} f() }};\n"), vec![2]),
+            (format!("// SAFETY: why.\nlet b = {open} f() }};\n"), vec![]),
+            (
+                format!("/// # Safety\n/// why\n#[inline]\n{function}\n"),
+                vec![],
+            ),
+            (format!("#[inline]\n{function}\n"), vec![2]),
+            (format!("// an {open} in a comment\n"), vec![]),
+        ];
+        for (text, want) in cases {
+            assert_eq!(unexplained(&text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn every_unsafe_has_a_safety_comment() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut files = Vec::new();
+        for dir in [
+            "proxy-common",
+            "proxy-ebpf",
+            "proxy-userspace",
+            "tests",
+            "xtask",
+        ] {
+            rust_files(&root.join(dir), &mut files);
+        }
+        assert!(files.len() > 50, "found only {} files", files.len());
+        let missing: Vec<String> = files
+            .iter()
+            .flat_map(|f| {
+                let text = std::fs::read_to_string(f).unwrap();
+                unexplained(&text)
+                    .into_iter()
+                    .map(move |line| format!("{}:{line}", f.display()))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "unsafe without a SAFETY comment:\n{}",
+            missing.join("\n")
+        );
+    }
+}
