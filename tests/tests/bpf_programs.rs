@@ -138,6 +138,8 @@ endpoints: [{{addresses: ["{LOCAL_POD6}"], nodeName: n1, conditions: {{ready: tr
 /// the clients through it.
 struct Rig {
     dp: Detached,
+    pipeline: Pipeline,
+    node: NodeInfo,
 }
 
 impl Rig {
@@ -173,17 +175,26 @@ impl Rig {
             eligible: true,
             ..NodeInfo::default()
         };
-        let snapshot = snapshot_of(&manifests(), node).expect("manifests");
-        let mut pipeline = Pipeline::new(MapState::default());
+        let mut rig = Rig {
+            dp,
+            pipeline: Pipeline::new(MapState::default()),
+            node,
+        };
+        rig.program(&manifests());
+        rig
+    }
+
+    /// Programs the maps for `manifests` through the agent's pipeline, as a sync would.
+    fn program(&mut self, manifests: &str) {
+        let snapshot = snapshot_of(manifests, self.node.clone()).expect("manifests");
         let report = sync_once(
-            &mut dp.maps,
-            &mut pipeline,
+            &mut self.dp.maps,
+            &mut self.pipeline,
             &snapshot,
             &mut Default::default(),
         )
         .expect("program the maps");
         assert!(report.problems.is_empty(), "{:?}", report.problems);
-        Rig { dp }
     }
 
     fn tc(&mut self, frame: &[u8]) -> RunResult {
@@ -873,4 +884,110 @@ fn tc_answers_udp_without_endpoints_with_port_unreachable() {
         "quotes the datagram"
     );
     assert_eq!(rig.count(Reason::Rejected), 1);
+}
+
+/// IPv6 packets whose next header is an extension header (hop-by-hop options, a fragment) are
+/// not followed: they pass untouched, a fragment counted as one.
+#[test]
+fn tc_passes_ipv6_with_extension_headers_untouched() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let plain = udp6((CLIENT6, 40000), (NODE6, 30090), b"query");
+    // The same datagram behind an 8-byte extension header of kind `next`.
+    let behind = |next: u8| {
+        let mut f = plain[..54].to_vec();
+        f[20] = next;
+        let len = u16::from_be_bytes([f[18], f[19]]) + 8;
+        f[18..20].copy_from_slice(&len.to_be_bytes());
+        let mut ext = [0u8; 8];
+        ext[0] = 17;
+        if next == 44 {
+            ext[3] = 1; // more fragments
+        }
+        f.extend_from_slice(&ext);
+        f.extend_from_slice(&plain[54..]);
+        f
+    };
+    // `fragments`: the fragment counter after the case (it counts up).
+    for (what, frame, fragments) in [
+        ("hop-by-hop options", behind(0), 0),
+        ("a fragment header", behind(44), 1),
+        ("destination options", behind(60), 1),
+    ] {
+        let out = rig.tc(&frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(out.packet, frame, "{what}: changed");
+        assert_eq!(rig.count(Reason::Fragment), fragments, "{what}");
+    }
+    assert_eq!(rig.count(Reason::NatNew), 0);
+}
+
+/// When a flow's backend leaves the Service, an established TCP connection keeps it (semantics
+/// 3.10) while a UDP flow is balanced afresh at its next datagram (semantics 9.2).
+#[test]
+fn tc_keeps_tcp_and_rebalances_udp_when_the_backend_leaves() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let with_backend = |pod: Ipv4Addr| {
+        format!(
+            r#"
+kind: Service
+metadata: {{name: both}}
+spec: {{type: NodePort, clusterIP: 10.96.0.20,
+        ports: [{{name: tcp, port: 80, targetPort: 8080, nodePort: 30100, protocol: TCP}},
+                {{name: udp, port: 80, targetPort: 8080, nodePort: 30100, protocol: UDP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: both-1, labels: {{kubernetes.io/service-name: both}}}}
+addressType: IPv4
+ports: [{{name: tcp, port: 8080, protocol: TCP}}, {{name: udp, port: 8080, protocol: UDP}}]
+endpoints: [{{addresses: ["{pod}"], nodeName: n2, conditions: {{ready: true}}}}]
+"#
+        )
+    };
+    let (old, new) = (Ipv4Addr::new(10, 245, 4, 1), Ipv4Addr::new(10, 245, 4, 2));
+    rig.program(&with_backend(old));
+    let datagram = |rig: &mut Rig| {
+        let mut udp = vec![0u8; 8 + 4];
+        udp[0..2].copy_from_slice(&41000u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&30100u16.to_be_bytes());
+        udp[4..6].copy_from_slice(&12u16.to_be_bytes());
+        let c = checksum(&udp, pseudo_sum(CLIENT, NODE, 17, udp.len()));
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+        let out = rig.tc(&ipv4_frame(CLIENT, NODE, 17, &udp));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        Ipv4Addr::new(
+            out.packet[30],
+            out.packet[31],
+            out.packet[32],
+            out.packet[33],
+        )
+    };
+    let tcp = seen(
+        &rig.tc(&tcp4((CLIENT, 41000), (NODE, 30100), TCP_SYN))
+            .packet,
+    );
+    assert_eq!(tcp.dst.0, old);
+    assert_eq!(datagram(&mut rig), old);
+    rig.program(&with_backend(new));
+    let again = seen(
+        &rig.tc(&tcp4((CLIENT, 41000), (NODE, 30100), TCP_ACK))
+            .packet,
+    );
+    assert_eq!(again.dst.0, old, "the TCP connection keeps its backend");
+    assert_eq!(
+        datagram(&mut rig),
+        new,
+        "the UDP flow moves to the new backend"
+    );
+    // A new TCP connection goes to the new backend.
+    let fresh = seen(
+        &rig.tc(&tcp4((CLIENT, 41001), (NODE, 30100), TCP_SYN))
+            .packet,
+    );
+    assert_eq!(fresh.dst.0, new);
 }
