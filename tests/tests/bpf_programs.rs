@@ -991,3 +991,52 @@ endpoints: [{{addresses: ["{pod}"], nodeName: n2, conditions: {{ready: true}}}}]
     );
     assert_eq!(fresh.dst.0, new);
 }
+
+/// ICMPv6 errors about translated flows too (v4's case above): the endpoint itself answers a
+/// translated datagram with "port unreachable"; the client gets it from the node port, the
+/// quoted datagram restored, the checksum (with its pseudo header) right.
+#[test]
+fn tc_translates_an_icmpv6_error_from_the_endpoint_for_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30090), b"query"));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    // Port unreachable from the endpoint, quoting the datagram as it arrived there.
+    let quoted = &out.packet[14..];
+    let mut icmp = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp, pseudo_sum6(LOCAL_POD6, CLIENT6, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut error = vec![0u8; 14 + 40];
+    error[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    error[14] = 0x60;
+    error[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
+    error[20] = 58;
+    error[21] = 64;
+    error[22..38].copy_from_slice(&LOCAL_POD6.octets());
+    error[38..54].copy_from_slice(&CLIENT6.octets());
+    error.extend_from_slice(&icmp);
+    let out = rig.tc(&error);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to the client");
+    let f = &out.packet;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&f[22..38]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).unwrap());
+    assert_eq!((src, dst), (NODE6, CLIENT6), "from the node, to the client");
+    let icmp = &f[54..];
+    assert_eq!(
+        checksum(icmp, pseudo_sum6(src, dst, 58, icmp.len())),
+        0,
+        "ICMPv6 checksum"
+    );
+    let q = &icmp[8..];
+    assert_eq!(&q[8..24], &CLIENT6.octets(), "quoted source: the client");
+    assert_eq!(&q[24..40], &NODE6.octets(), "quoted destination: the node");
+    assert_eq!(
+        u16::from_be_bytes([q[42], q[43]]),
+        30090,
+        "quoted port: the node port"
+    );
+    assert_eq!(rig.count(Reason::IcmpTranslated), 1);
+}
