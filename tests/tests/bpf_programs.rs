@@ -1040,3 +1040,34 @@ fn tc_translates_an_icmpv6_error_from_the_endpoint_for_the_client() {
     );
     assert_eq!(rig.count(Reason::IcmpTranslated), 1);
 }
+
+/// `--nodeport-mode dsr` (issue #6): a flow to an endpoint behind the interface it came in on
+/// is not masqueraded; the frontend travels in an IPv4 option (type 0x9a: frontend port and
+/// address, then this node's address), and no reply entry is made (the backend's node answers
+/// the client directly).
+#[test]
+fn tc_sends_a_cluster_flow_with_the_dsr_option_and_no_reply_entry() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
+        .unwrap();
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let s = seen(&out.packet);
+    assert_eq!(s.src, (CLIENT, 40000), "the client is kept");
+    assert_eq!(s.dst, (REMOTE_POD, 8080));
+    let ihl = usize::from(out.packet[14] & 0x0f) * 4;
+    assert_eq!(ihl, 32, "a 12-byte option");
+    let option = &out.packet[14 + 20..14 + 32];
+    assert_eq!(&option[..2], &[0x9a, 12]);
+    assert_eq!(u16::from_be_bytes([option[2], option[3]]), 30081);
+    assert_eq!(&option[4..8], &NODE.octets(), "the frontend address");
+    assert_eq!(&option[8..12], &NODE.octets(), "this node");
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    assert_eq!(ct.len(), 1, "no reply entry: {ct:?}");
+    assert_eq!(ct[0].1.flags & CT_REPLY, 0);
+}
