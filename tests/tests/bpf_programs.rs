@@ -568,7 +568,7 @@ fn tc_passes_fragments_untouched_and_counts_them() {
 const XDP_PASS: u32 = 2;
 
 /// XDP hands what it does not translate to the stack (and tc) untouched: other ethertypes,
-/// IPv4 and TCP headers cut short, a fragment, a port of no frontend.
+/// IPv4 and TCP headers cut short, a fragment, IPv6 (tc's), a port of no frontend.
 #[test]
 fn xdp_passes_what_it_does_not_translate_untouched() {
     if !privileged() {
@@ -585,6 +585,10 @@ fn xdp_passes_what_it_does_not_translate_untouched() {
         ("IPv4 header cut short", syn[..14 + 12].to_vec()),
         ("TCP header cut short", syn[..14 + 20 + 6].to_vec()),
         ("a fragment", fragment),
+        (
+            "IPv6, which XDP leaves to tc",
+            udp6((CLIENT6, 40000), (NODE6, 30090), b"query"),
+        ),
         (
             "a node port of no Service",
             tcp4((CLIENT, 40000), (NODE, 30999), TCP_SYN),
