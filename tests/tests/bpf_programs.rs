@@ -261,31 +261,29 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
 
 /// An Ethernet frame holding an IPv4 TCP segment without payload.
 fn tcp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
-    let mut f = vec![0u8; 14 + 20 + 20];
-    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    ip[6] = 0x40; // don't fragment
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.0.octets());
-    ip[16..20].copy_from_slice(&dst.0.octets());
-    let c = checksum(ip, 0);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let tcp = &mut f[34..54];
+    let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&src.1.to_be_bytes());
     tcp[2..4].copy_from_slice(&dst.1.to_be_bytes());
     tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let c = checksum(tcp, pseudo_sum(src.0, dst.0, 6, 20));
+    let c = checksum(&tcp, pseudo_sum(src.0, dst.0, 6, 20));
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    f
+    ipv4_frame(src.0, dst.0, 6, &tcp)
+}
+
+/// An Ethernet frame holding an IPv4 UDP datagram with `payload`.
+fn udp4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut udp = vec![0u8; len];
+    udp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    udp[8..].copy_from_slice(payload);
+    let c = checksum(&udp, pseudo_sum(src.0, dst.0, 17, len));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src.0, dst.0, 17, &udp)
 }
 
 /// An Ethernet frame holding an IPv6 UDP datagram with `payload`.
@@ -860,14 +858,7 @@ fn tc_answers_udp_without_endpoints_with_port_unreachable() {
         return;
     }
     let mut rig = Rig::new();
-    let mut udp = vec![0u8; 8 + 5];
-    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    udp[2..4].copy_from_slice(&30086u16.to_be_bytes());
-    udp[4..6].copy_from_slice(&13u16.to_be_bytes());
-    udp[8..].copy_from_slice(b"query");
-    let c = checksum(&udp, pseudo_sum(CLIENT, NODE, 17, udp.len()));
-    udp[6..8].copy_from_slice(&c.to_be_bytes());
-    let out = rig.tc(&ipv4_frame(CLIENT, NODE, 17, &udp));
+    let out = rig.tc(&udp4((CLIENT, 40000), (NODE, 30086), b"query"));
     assert_ne!(out.verdict, TC_ACT_OK);
     assert_ne!(out.verdict, TC_ACT_SHOT);
     let f = &out.packet;
@@ -956,13 +947,7 @@ endpoints: [{{addresses: ["{pod}"], nodeName: n2, conditions: {{ready: true}}}}]
     let (old, new) = (Ipv4Addr::new(10, 245, 4, 1), Ipv4Addr::new(10, 245, 4, 2));
     rig.program(&with_backend(old));
     let datagram = |rig: &mut Rig| {
-        let mut udp = vec![0u8; 8 + 4];
-        udp[0..2].copy_from_slice(&41000u16.to_be_bytes());
-        udp[2..4].copy_from_slice(&30100u16.to_be_bytes());
-        udp[4..6].copy_from_slice(&12u16.to_be_bytes());
-        let c = checksum(&udp, pseudo_sum(CLIENT, NODE, 17, udp.len()));
-        udp[6..8].copy_from_slice(&c.to_be_bytes());
-        let out = rig.tc(&ipv4_frame(CLIENT, NODE, 17, &udp));
+        let out = rig.tc(&udp4((CLIENT, 41000), (NODE, 30100), b"ping"));
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
         Ipv4Addr::new(
             out.packet[30],

@@ -244,12 +244,7 @@ fn maglev_tables_are_written_before_the_flip_and_replaced_by_generation() {
     for op in &ops {
         state.apply(op);
     }
-    let svc = state
-        .services
-        .iter()
-        .find(|(k, _)| !k.is_any_port())
-        .unwrap()
-        .1;
+    let svc = frontends(&state)[0];
     assert!(svc.flags & FLAG_MAGLEV != 0);
     // Every entry names one of the two backends.
     let ids: BTreeSet<u32> = state
@@ -310,15 +305,8 @@ fn connection_counting_schedulers_give_each_backend_one_slot_and_name_their_rule
             state.backends[0].weight = 5;
         }
         let mut state = MapState::default();
-        for op in &plan(&d, &state) {
-            state.apply(op);
-        }
-        let svc = state
-            .services
-            .iter()
-            .find(|(k, _)| !k.is_any_port())
-            .unwrap()
-            .1;
+        apply_checked(&mut state, &d);
+        let svc = frontends(&state)[0];
         let all = FLAG_LEAST_CONN | FLAG_WEIGHTED | FLAG_SED | FLAG_NEVER_QUEUE;
         assert_eq!(svc.flags & all, flags, "{scheduler:?}");
         assert_eq!(svc.count, 2, "{scheduler:?}: one slot per backend");
