@@ -37,8 +37,15 @@ pub fn target_dir() -> PathBuf {
         })
 }
 
+/// A `cargo` command. Under CI (`CI` set), incremental compilation is off unless
+/// `CARGO_INCREMENTAL` says otherwise: a fresh clone builds each crate once, and the
+/// incremental caches would only add gigabytes to the runner's disk.
 pub fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
+    cmd
 }
 
 #[derive(clap::Args, Default)]
