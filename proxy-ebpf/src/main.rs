@@ -5,19 +5,17 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-mod conns;
-mod debug;
-mod dsr;
-mod icmp;
-mod lb;
-mod maps;
-mod nodeport;
-mod packet;
-mod reject;
-mod snat;
-mod sock;
-mod stats;
-mod xdp;
+// Layers, each importing only those above it in this list (checked by the xtask test
+// `ebpf_layers`): access → headers → flow → services → hooks.
+mod access;
+mod flow;
+mod headers;
+mod hooks;
+mod services;
+
+use access::maps;
+use flow::conns;
+use services::sock;
 
 use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier, socket_filter, xdp},
@@ -96,14 +94,14 @@ pub fn conn_release(ctx: XdpContext) -> u32 {
 /// balancer traffic from elsewhere, with connection tracking. Returns a tc action.
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    nodeport::ingress(&ctx)
+    hooks::tc::ingress(&ctx)
 }
 
 /// XDP on the node's external interfaces: flows to and from backends on other nodes are
 /// translated and sent back out before the stack; everything else passes to tc.
 #[xdp]
 pub fn xdp_ingress(ctx: XdpContext) -> u32 {
-    xdp::ingress(&ctx)
+    hooks::xdp::ingress(&ctx)
 }
 
 /// Never loaded or attached. It references the inspection-only maps, which no hook reads, so

@@ -3,6 +3,7 @@
 mod bench;
 mod exec;
 mod image;
+mod layers;
 mod run;
 mod setup;
 mod test;

@@ -6,23 +6,23 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::generated::bpf_csum_diff,
     programs::TcContext,
 };
 use proxy_common::{ct::CT_REPLY, proto, reason::Reason};
 
 use crate::{
-    nodeport::forward,
-    packet::{ETH_HLEN, Family, Tuple, V4, V6},
-    stats,
+    access::stats,
+    flow::{ct::Tracked, fib::forward},
+    headers::{
+        ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, Tuple,
+        csum::diff16,
+        family::{V4, V6},
+    },
 };
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// The reply-direction entry for an error quoting `inner` (a packet towards a backend).
 #[inline(always)]
-fn lookup<F: Family>(inner: &Tuple<F::Addr>) -> Option<Tuple<F::Addr>> {
+fn lookup<F: Tracked>(inner: &Tuple<F::Addr>) -> Option<Tuple<F::Addr>> {
     let ptr = F::ct_lookup(&inner.reversed())?;
     // SAFETY: the pointer came from the lookup.
     let e = unsafe { F::ct_read(ptr) };
@@ -53,12 +53,7 @@ fn field<const N: usize>(
         to[i] = new[i];
         i += 1;
     }
-    // SAFETY: two 16-byte stack buffers.
-    let diff =
-        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
-    if diff < 0 {
-        return Err(diff);
-    }
+    let diff = diff16(&mut from, &mut to)?;
     ctx.l4_csum_replace(csum_off, 0, diff as u64, 0)?;
     ctx.store(off, new, 0)
 }
@@ -241,21 +236,7 @@ fn translate6(ctx: &TcContext) -> Result<Option<Tuple<[u8; 16]>>, i64> {
         (l3 + 24, outer_dst, to.daddr),
     ] {
         if old != new {
-            let mut from = old;
-            let mut into = new;
-            // SAFETY: two 16-byte stack buffers.
-            let diff = unsafe {
-                bpf_csum_diff(
-                    from.as_mut_ptr().cast(),
-                    16,
-                    into.as_mut_ptr().cast(),
-                    16,
-                    0,
-                )
-            };
-            if diff < 0 {
-                return Err(diff);
-            }
+            let diff = diff16(&mut { old }, &mut { new })?;
             ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)?;
             ctx.store(off, &new, 0)?;
         }

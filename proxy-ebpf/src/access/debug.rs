@@ -3,7 +3,7 @@
 
 use proxy_common::config::CONFIG_DEBUG_LOG;
 
-use crate::maps::LB_CONFIG;
+use super::maps::LB_CONFIG;
 
 /// Whether an operator turned BPF debug logs on.
 #[inline(always)]

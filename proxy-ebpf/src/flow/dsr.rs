@@ -19,7 +19,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_FIB_LOOKUP_SRC, bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup},
+    bindings::{
+        BPF_ANY, BPF_FIB_LOOKUP_SRC, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+        bpf_fib_lookup,
+    },
     helpers::{
         bpf_ktime_get_ns,
         generated::{bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes},
@@ -35,9 +38,19 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{LB_CONFIG, LB_DSR_BUDGET, LB_DSR_PEERS, LB4_SERVICES},
-    packet::{ETH_HLEN, Entry, Family, Tuple, V4},
-    stats,
+    access::{
+        maps::{LB_CONFIG, LB_DSR_BUDGET, LB_DSR_PEERS, LB4_SERVICES},
+        stats,
+    },
+    flow::{
+        ct::{Entry, Tracked},
+        fib::forward,
+    },
+    headers::{
+        ETH_HLEN, Tuple,
+        csum::header_checksum,
+        family::{Ip, V4},
+    },
 };
 
 const AF_INET: u8 = 2;
@@ -47,13 +60,13 @@ const HDR_LEN: usize = 20 + OPTION_LEN as usize;
 
 /// DSR is on (`--nodeport-mode dsr`) and the flow is IPv4.
 #[inline(always)]
-pub fn enabled<F: Family>() -> bool {
+pub fn enabled<F: Ip>() -> bool {
     F::AF == AF_INET && LB_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_DSR != 0)
 }
 
 /// The IPv4 frontend address of an original tuple.
 #[inline(always)]
-pub fn frontend4<F: Family>(orig: &Tuple<F::Addr>) -> Option<[u8; 4]> {
+pub fn frontend4<F: Ip>(orig: &Tuple<F::Addr>) -> Option<[u8; 4]> {
     F::v4(&orig.daddr)
 }
 
@@ -75,20 +88,6 @@ pub fn option(frontend: [u8; 4], port: u16, node: [u8; 4]) -> [u8; OPTION_LEN as
         node[2],
         node[3],
     ]
-}
-
-/// The IPv4 header checksum of a header with the option (checksum field zero).
-#[inline(always)]
-pub fn header_checksum(h: &[u8; HDR_LEN]) -> [u8; 2] {
-    let mut s: u32 = 0;
-    let mut i = 0;
-    while i < HDR_LEN {
-        s += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
-        i += 2;
-    }
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    (!(s as u16)).to_be_bytes()
 }
 
 /// The header grown by the option: `ip` is the 20-byte header in `whole[..20]`.
@@ -337,4 +336,24 @@ fn within_budget(client: [u8; 4], now: u64) -> bool {
             LB_DSR_BUDGET.insert(client, fresh, BPF_ANY as u64).is_ok()
         }
     }
+}
+
+/// Adds the DSR option naming the frontend of `orig` and this node (`node`, its address on
+/// the way to the backend) and sends the packet out of `ifindex`. Inlined: `new_flow`'s frame
+/// leaves room for `add_option_tc`'s and no more.
+#[inline(always)]
+pub fn dsr_forward<F: Ip>(
+    ctx: &TcContext,
+    to: &Tuple<F::Addr>,
+    orig: &Tuple<F::Addr>,
+    node: &F::Addr,
+    ifindex: u32,
+) -> i32 {
+    let (Some(frontend), Some(node)) = (frontend4::<F>(orig), F::v4(node)) else {
+        return TC_ACT_SHOT as i32;
+    };
+    if add_option_tc(ctx, frontend, orig.dport, node).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    forward::<F>(ctx, to, ifindex)
 }

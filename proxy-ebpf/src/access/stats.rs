@@ -2,7 +2,7 @@
 
 use proxy_common::reason::Reason;
 
-use crate::maps::LB_STATS;
+use super::maps::LB_STATS;
 
 #[inline(always)]
 pub fn count(reason: Reason) {

@@ -12,7 +12,10 @@ use proxy_common::{
     },
 };
 
-use crate::conns;
+use crate::{
+    flow::conns,
+    headers::hash::{finish, mix},
+};
 
 /// Backends a least-connection choice compares (from a random slot on): all of them up to
 /// this many.
@@ -63,7 +66,9 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
     best
 }
 
-use crate::maps::{LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS};
+use crate::access::maps::{
+    LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS,
+};
 
 /// The next turn of a round-robin frontend.
 #[inline(always)]
@@ -93,26 +98,6 @@ fn client_hash(client: &AffinityKey) -> u32 {
         i += 4;
     }
     finish(h)
-}
-
-/// Mixes one 32-bit word into a flow hash (murmur3's block step). Every node runs the same
-/// code, so a flow hashes alike everywhere (Maglev's consistency across nodes).
-#[inline(always)]
-pub fn mix(h: u32, word: u32) -> u32 {
-    let mut k = word.wrapping_mul(0xcc9e_2d51);
-    k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-    let h = (h ^ k).rotate_left(13);
-    h.wrapping_mul(5).wrapping_add(0xe654_6b64)
-}
-
-/// murmur3's finalizer: spreads the mixed words over all 32 bits.
-#[inline(always)]
-pub fn finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
 }
 
 /// The backend id of entry `hash % M` of the frontend's Maglev table, if it has one. Not

@@ -21,9 +21,11 @@ use proxy_common::{
 };
 
 use crate::{
-    maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK, SOCK4_REVNAT, SOCK6_REVNAT},
-    packet::ETH_HLEN,
-    stats, xdp,
+    access::{
+        maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK, SOCK4_REVNAT, SOCK6_REVNAT},
+        stats, xdp,
+    },
+    headers::ETH_HLEN,
 };
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.

@@ -1,11 +1,16 @@
-//! Masquerading source ports: the range the agent configured (`--masquerade-port-range`),
+//! Network address translation of a tc packet (`rewrite`), and masquerading source ports: the range the agent configured (`--masquerade-port-range`),
 //! kept apart from the node's ephemeral ports so a masqueraded flow never takes the tuple of
 //! one of the node's own connections.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT};
 
-use crate::maps::LB_CONFIG;
+use aya_ebpf::programs::TcContext;
+
+use crate::{
+    access::maps::LB_CONFIG,
+    headers::{Packet, Tuple, family::Ip},
+};
 
 /// Attempts at finding a free masquerading port before giving up on a flow.
 pub const TRIES: u32 = 8;
@@ -37,4 +42,28 @@ pub fn port(i: u32, port: u16, (first, count): (u32, u32)) -> u16 {
     }
     // SAFETY: plain helper call.
     (first + unsafe { bpf_get_prandom_u32() } % count) as u16
+}
+
+/// Rewrites `pkt` in place so that its tuple becomes `to`, fixing every checksum.
+#[inline(always)]
+pub fn rewrite<F: Ip>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    to: &Tuple<F::Addr>,
+) -> Result<(), i64> {
+    let (csum_off, mangled) = pkt.csum().ok_or(-1i64)?;
+    if to.saddr != pkt.t.saddr {
+        F::set_addr(ctx, pkt, pkt.l3 + F::SADDR_OFF, &pkt.t.saddr, &to.saddr)?;
+    }
+    if to.daddr != pkt.t.daddr {
+        F::set_addr(ctx, pkt, pkt.l3 + F::DADDR_OFF, &pkt.t.daddr, &to.daddr)?;
+    }
+    for (off, old, new) in [(0usize, pkt.t.sport, to.sport), (2, pkt.t.dport, to.dport)] {
+        if old != new {
+            let (o, n) = (old.to_be(), new.to_be());
+            ctx.l4_csum_replace(csum_off, o as u64, n as u64, mangled | 2)?;
+            ctx.store(pkt.l4 + off, &n, 0)?;
+        }
+    }
+    Ok(())
 }

@@ -5,28 +5,25 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{
-        bpf_redirect,
-        generated::{bpf_csum_diff, bpf_skb_change_tail},
-    },
+    helpers::{bpf_redirect, generated::bpf_skb_change_tail},
     programs::TcContext,
 };
 use proxy_common::{proto, reason::Reason};
 
 use crate::{
-    packet::{ETH_HLEN, Family, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats,
+    access::stats,
+    headers::{
+        AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        csum::{fold, sum},
+        family::Ip,
+    },
 };
-
-const AF_INET: u8 = 2;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 const TTL: u8 = 64;
 
 /// Rejects the packet; a packet that cannot be answered (a RST, IP options, a helper failure)
 /// is dropped. Counted either way.
 #[inline(never)]
-pub fn reject<F: Family>(ctx: &TcContext) -> i32 {
+pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     let Ok(pkt) = F::parse(ctx) else {
         return TC_ACT_SHOT as i32;
     };
@@ -58,31 +55,6 @@ pub fn reject<F: Family>(ctx: &TcContext) -> i32 {
     stats::count(Reason::Rejected);
     // SAFETY: reading the context's own skb; plain helper call.
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
-}
-
-/// Folds a 32-bit one's complement sum into a checksum field value.
-#[inline(always)]
-fn fold(sum: i64) -> u16 {
-    let mut s = sum as u32 as u64;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
-/// One's complement sum of `buf` (length a multiple of 4) added to `seed`.
-#[inline(always)]
-fn sum(buf: &mut [u8], seed: i64) -> Result<i64, i64> {
-    // SAFETY: a stack buffer of the given length.
-    let s = unsafe {
-        bpf_csum_diff(
-            core::ptr::null_mut(),
-            0,
-            buf.as_mut_ptr().cast(),
-            buf.len() as u32,
-            seed as u32,
-        )
-    };
-    if s < 0 { Err(s) } else { Ok(s) }
 }
 
 #[inline(always)]

@@ -23,14 +23,17 @@ use proxy_common::{
 use aya_log_ebpf::info;
 
 use crate::{
-    conns, debug,
-    lb::{self, Choice},
-    maps::{
-        LB_NETNS_SRC, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES, SOCK4_REVNAT,
-        SOCK6_REVNAT,
+    access::{
+        debug,
+        maps::{
+            LB_NETNS_SRC, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES, SOCK4_REVNAT,
+            SOCK6_REVNAT,
+        },
+        stats,
     },
-    packet::{ip6_bytes, ip6_words},
-    stats,
+    flow::conns,
+    headers::{hash, ip6_bytes, ip6_words},
+    services::lb::{self, Choice},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -87,7 +90,7 @@ fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
 fn socket_hash(ctx: &SockAddrContext) -> u32 {
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    lb::finish(lb::mix(cookie as u32, (cookie >> 32) as u32))
+    hash::finish(hash::mix(cookie as u32, (cookie >> 32) as u32))
 }
 
 /// The port field of `bpf_sock_addr` holds the port in network order in its low 16 bits.

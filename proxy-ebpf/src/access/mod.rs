@@ -1,0 +1,8 @@
+//! Layer 0: access to what the programs read and write besides headers: the maps, the
+//! counters, the runtime switches, bounds-checked XDP frame access. Imports nothing of the
+//! crate.
+
+pub mod debug;
+pub mod maps;
+pub mod stats;
+pub mod xdp;

@@ -1,0 +1,114 @@
+//! Forwarding a translated packet at tc: the FIB's route (and the node's source address on
+//! it, for masquerading), the TTL counted down as a router does, the redirect to the egress
+//! interface.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use proxy_common::reason::Reason;
+
+use crate::{
+    access::stats,
+    headers::{AF_INET, ETH_HLEN, Tuple, family::Ip},
+};
+
+/// Where the FIB sends a packet.
+pub struct Route<A> {
+    pub ifindex: u32,
+    /// The source address the node would use on that route (for masquerading).
+    pub src: A,
+}
+
+/// Counts down the TTL (IPv4, with the header checksum) or the hop limit (IPv6) of a packet
+/// this program forwards itself, as a router does; false, untouched, when it would reach 0:
+/// the stack must forward that one (it answers with ICMP time exceeded). Out of line: it runs
+/// at the end of the translation paths' call chains.
+#[inline(never)]
+pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
+    if v4 {
+        // TTL and protocol: one 16-bit word of the header checksum.
+        let Ok(word) = ctx.load::<[u8; 2]>(ETH_HLEN + 8) else {
+            return false;
+        };
+        if word[0] <= 1 {
+            return false;
+        }
+        let new = [word[0] - 1, word[1]];
+        let (old, new) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+        ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2)
+            .and_then(|()| ctx.store(ETH_HLEN + 8, &new, 0))
+            .is_ok()
+    } else {
+        let Ok(hops) = ctx.load::<u8>(ETH_HLEN + 7) else {
+            return false;
+        };
+        hops > 1 && ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_ok()
+    }
+}
+
+/// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
+/// also the source address the node would use on it.
+#[inline(always)]
+pub fn route<F: Ip>(
+    ctx: &TcContext,
+    t: &Tuple<F::Addr>,
+    want_src: bool,
+) -> Result<Route<F::Addr>, i64> {
+    // SAFETY: a plain-old-data struct the helper fills in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = F::AF;
+    p.l4_protocol = t.proto;
+    p.sport = t.sport.to_be();
+    p.dport = t.dport.to_be();
+    // SAFETY: reading the context's own skb.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    F::fib_addrs(&mut p, t);
+    let mut flags = BPF_FIB_LOOKUP_SKIP_NEIGH;
+    if want_src {
+        flags |= BPF_FIB_LOOKUP_SRC;
+    }
+    // SAFETY: valid context and stack buffer of the right size.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(rc);
+    }
+    Ok(Route {
+        ifindex: p.ifindex,
+        src: F::fib_src(&p),
+    })
+}
+
+/// Sends a translated packet on its way: straight to the egress interface the FIB names
+/// (`ifindex`, or looked up when 0), or to the stack when the FIB has no forwarding route for
+/// it. An index rather than an `Option`: a `None`'s undefined payload made LLVM store an
+/// unset register, which the verifier refuses ("R1 !read_ok").
+#[inline(always)]
+pub fn forward<F: Ip>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 {
+    let ifindex = match ifindex {
+        0 => match route::<F>(ctx, t, false) {
+            Ok(r) => r.ifindex,
+            Err(_) => {
+                stats::count(Reason::FibPass);
+                return TC_ACT_OK as i32;
+            }
+        },
+        i => i,
+    };
+    // Forwarded here, not by the stack: the TTL is counted down here too.
+    if !count_down_ttl(ctx, F::AF == AF_INET) {
+        stats::count(Reason::TtlExpired);
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: plain helper call; NULL params make the kernel resolve the next hop itself.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}

@@ -1,0 +1,77 @@
+//! Packets of tracked flows at tc: translated as their connection-tracking entry says and
+//! forwarded (with the DSR option when the flow is a DSR one).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use proxy_common::{
+    ct::{CT_DSR, CT_REPLY},
+    reason::Reason,
+};
+
+use crate::{
+    access::stats,
+    flow::{
+        ct::{Tracked, ct_flags_of, keeps_entry},
+        dsr::dsr_forward,
+        fib::{forward, route},
+        nat::rewrite,
+    },
+    headers::Tuple,
+};
+
+/// Returned by `handle` for a packet of no tracked flow: not a tc action.
+pub const NEW: i32 = i32::MIN + 1;
+
+#[inline(never)]
+pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
+    let pkt = match F::parse(ctx) {
+        Ok(p) => p,
+        Err(reason) => {
+            if let Some(r) = reason {
+                stats::count(r);
+            }
+            return TC_ACT_OK as i32;
+        }
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(ptr) = F::ct_lookup(&pkt.t) {
+        // SAFETY: `ptr` came from the lookup.
+        let mut e = unsafe { F::ct_read(ptr) };
+        let reply = e.flags & CT_REPLY != 0;
+        if keeps_entry::<F>(ptr, &e, &pkt) {
+            unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
+            e.to.proto = pkt.t.proto;
+            if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
+                stats::count(Reason::CtFailed);
+                return TC_ACT_SHOT as i32;
+            }
+            stats::count(if reply {
+                Reason::NatReply
+            } else {
+                Reason::NatEstablished
+            });
+            if e.flags & CT_DSR != 0 && !reply {
+                return dsr_established::<F>(ctx, &e.to, &pkt.t);
+            }
+            return forward::<F>(ctx, &e.to, 0);
+        }
+    }
+    NEW
+}
+
+/// A packet of a tracked DSR flow: the route to the backend names this node's address on the
+/// way, which the option carries. Out of line: `handle`'s frame has no room for the lookup.
+#[inline(never)]
+fn dsr_established<F: Tracked>(ctx: &TcContext, to: &Tuple<F::Addr>, orig: &Tuple<F::Addr>) -> i32 {
+    match route::<F>(ctx, to, true) {
+        Ok(r) => dsr_forward::<F>(ctx, to, orig, &r.src, r.ifindex),
+        Err(_) => {
+            stats::count(Reason::FibPass);
+            TC_ACT_OK as i32
+        }
+    }
+}

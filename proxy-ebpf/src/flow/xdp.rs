@@ -1,0 +1,273 @@
+//! Flows at XDP: packets of tracked flows translated and transmitted (`handle`), and a new
+//! flow recorded, translated and transmitted once the services layer chose its backend
+//! (`commit`).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_ANY, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, bpf_fib_lookup,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
+    },
+    programs::XdpContext,
+};
+use proxy_common::{
+    ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    proto,
+    reason::Reason,
+};
+
+use crate::{
+    access::{
+        stats,
+        xdp::{read, write},
+    },
+    flow::{
+        ct::{Entry, Tracked, ct_flags_of, keeps_entry},
+        dsr, nat,
+    },
+    headers::{ETH_HLEN, Packet, Tuple, csum::csum_update, xdp::XdpIp},
+};
+
+/// Rewrites the packet's tuple to `to` with every checksum.
+#[inline(never)]
+fn rewrite<F: XdpIp + Tracked>(
+    ctx: &XdpContext,
+    pkt: &Packet<F::Addr>,
+    to: &Tuple<F::Addr>,
+) -> Option<()> {
+    let csum_off = if pkt.t.proto == proto::TCP {
+        pkt.l4 + 16
+    } else {
+        pkt.l4 + 6
+    };
+    let before = read::<[u8; 2]>(ctx, csum_off)?;
+    // An IPv4 UDP datagram without checksum keeps none.
+    let none = pkt.t.proto == proto::UDP && before == [0, 0];
+    let mut sum = F::set_addrs(ctx, pkt, to, before)?;
+    for (off, old, new) in [(0usize, pkt.t.sport, to.sport), (2, pkt.t.dport, to.dport)] {
+        if old != new {
+            sum = csum_update(sum, &old.to_be_bytes(), &new.to_be_bytes());
+            write(ctx, pkt.l4 + off, new.to_be_bytes())?;
+        }
+    }
+    if none {
+        return Some(());
+    }
+    if pkt.t.proto == proto::UDP && sum == [0, 0] {
+        sum = [0xff, 0xff];
+    }
+    write(ctx, csum_off, sum)
+}
+
+/// The FIB's answer for `t` arriving here: egress interface, MAC addresses, source address.
+#[derive(Clone, Copy)]
+pub struct Hop<A> {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub src: A,
+}
+
+/// Fills `out` with the FIB's answer; false when the packet is not forwardable here or its
+/// neighbour is not resolved yet (tc and the stack deal with it). Not inlined, like `insert`:
+/// it keeps the lookup's buffer out of the callers' frames.
+#[inline(never)]
+pub fn hop<F: Tracked>(
+    ctx: &XdpContext,
+    t: &Tuple<F::Addr>,
+    want_src: bool,
+    out: &mut Hop<F::Addr>,
+) -> bool {
+    // SAFETY: plain-old-data the helper fills in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = F::AF;
+    p.l4_protocol = t.proto;
+    p.sport = t.sport.to_be();
+    p.dport = t.dport.to_be();
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    F::fib_addrs(&mut p, t);
+    let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
+    // SAFETY: valid context and buffer.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            size_of::<bpf_fib_lookup>() as i32,
+            flags,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    out.ifindex = p.ifindex;
+    out.smac = p.smac;
+    out.dmac = p.dmac;
+    out.src = F::fib_src(&p);
+    true
+}
+
+/// `F::ct_insert`, out of line.
+#[inline(never)]
+fn insert<F: Tracked>(t: &Tuple<F::Addr>, e: &Entry<F::Addr>, now: u64, map_flags: u64) -> bool {
+    F::ct_insert(t, e, now, map_flags, 0).is_ok()
+}
+
+/// Sends the rewritten frame back out of this interface to the next hop.
+#[inline(always)]
+fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if write(ctx, 0, dmac).is_none() || write(ctx, 6, smac).is_none() {
+        return XDP_DROP;
+    }
+    XDP_TX
+}
+
+/// Packets of tracked flows; `None` for the first packet of a flow.
+#[inline(never)]
+pub fn handle<F: XdpIp + Tracked>(ctx: &XdpContext) -> Option<u32> {
+    let Some(pkt) = F::parse_xdp(ctx) else {
+        return Some(XDP_PASS);
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let here = ctx.ingress_ifindex() as u32;
+    if let Some(ptr) = F::ct_lookup(&pkt.t) {
+        // SAFETY: from the lookup.
+        let mut e = unsafe { F::ct_read(ptr) };
+        if keeps_entry::<F>(ptr, &e, &pkt) {
+            e.to.proto = pkt.t.proto;
+            let mut h = Hop {
+                ifindex: 0,
+                smac: [0; 6],
+                dmac: [0; 6],
+                src: pkt.t.saddr,
+            };
+            // DSR names this node in the option: its address on the way is needed.
+            let dsr = e.flags & CT_DSR != 0;
+            if !hop::<F>(ctx, &e.to, dsr, &mut h) || h.ifindex != here {
+                return Some(XDP_PASS);
+            }
+            // SAFETY: `ptr` came from the lookup above.
+            unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
+            if rewrite::<F>(ctx, &pkt, &e.to).is_none() {
+                return Some(XDP_DROP);
+            }
+            stats::count(Reason::XdpForwarded);
+            if dsr {
+                return Some(dsr_out::<F>(ctx, &pkt.t, &h));
+            }
+            return Some(transmit(ctx, h.smac, h.dmac));
+        }
+    }
+    None
+}
+
+/// What `new_flow` decided, for `commit`.
+pub struct Meta {
+    /// `CT_SNAT`, `CT_DSR` or 0.
+    pub flags: u32,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    pub now: u64,
+}
+
+/// Records the flow (reply entry first: it claims the masquerading port), rewrites the packet
+/// and transmits it. Out of line so its entries do not add to `new_flow`'s frame.
+#[inline(never)]
+pub fn commit<F: XdpIp + Tracked>(
+    ctx: &XdpContext,
+    pkt: &Packet<F::Addr>,
+    to: &mut Tuple<F::Addr>,
+    meta: &Meta,
+    hop: &Hop<F::Addr>,
+) -> u32 {
+    let snat = meta.flags & CT_SNAT != 0;
+    let dsr = meta.flags & CT_DSR != 0;
+    // With DSR the replies never come back here: no reply entry.
+    if !dsr {
+        let reply = Entry {
+            to: pkt.t.reversed(),
+            flags: meta.flags | CT_REPLY,
+            svc_id: meta.svc_id,
+            backend_id: meta.backend_id,
+        };
+        let mut claimed = false;
+        let ports = nat::range();
+        for i in 0..nat::TRIES {
+            if snat {
+                to.sport = nat::port(i, to.sport, ports);
+            } else if i > 0 {
+                break;
+            }
+            let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
+            if insert::<F>(&to.reversed(), &reply, meta.now, map_flags) {
+                claimed = true;
+                break;
+            }
+        }
+        if !claimed {
+            stats::count(Reason::SnatPortsExhausted);
+            return XDP_DROP;
+        }
+    }
+    let forward = Entry {
+        to: *to,
+        flags: meta.flags,
+        svc_id: meta.svc_id,
+        backend_id: meta.backend_id,
+    };
+    if !insert::<F>(&pkt.t, &forward, meta.now, BPF_ANY as u64) {
+        stats::count(Reason::CtFailed);
+        return XDP_PASS;
+    }
+    if rewrite::<F>(ctx, pkt, to).is_none() {
+        return XDP_DROP;
+    }
+    stats::count(Reason::NatNew);
+    stats::count(Reason::XdpForwarded);
+    if dsr {
+        return dsr_out::<F>(ctx, &pkt.t, hop);
+    }
+    transmit(ctx, hop.smac, hop.dmac)
+}
+
+/// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and this node's
+/// address on the way (`hop.src`), and transmits.
+#[inline(always)]
+fn dsr_out<F: XdpIp + Tracked>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
+    let (Some(frontend), Some(node)) = (dsr::frontend4::<F>(orig), F::v4(&hop.src)) else {
+        return XDP_DROP;
+    };
+    if add_option(ctx, frontend, orig.dport, node).is_none() {
+        return XDP_DROP;
+    }
+    stats::count(Reason::DsrSent);
+    transmit(ctx, hop.smac, hop.dmac)
+}
+
+/// Grows the IPv4 header by the DSR option (the frame is moved forward by its length).
+#[inline(never)]
+fn add_option(ctx: &XdpContext, frontend: [u8; 4], port: u16, node: [u8; 4]) -> Option<()> {
+    const GROW: usize = proxy_common::dsr::OPTION_LEN as usize;
+    // SAFETY: plain helper call on this context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return None;
+    }
+    // Ethernet and IPv4 headers back to the front.
+    let hdr = read::<[u8; 34]>(ctx, GROW)?;
+    write(ctx, 0, hdr)?;
+    let ip = read::<[u8; 20]>(ctx, ETH_HLEN)?;
+    let mut whole = [0u8; 20 + GROW];
+    let mut i = 0;
+    while i < 20 {
+        whole[i] = ip[i];
+        i += 1;
+    }
+    dsr::grow_header(&mut whole, &dsr::option(frontend, port, node));
+    write(ctx, ETH_HLEN, whole)
+}

@@ -1,0 +1,265 @@
+//! The address families as one trait: parsing the tuple at tc, rewriting addresses with
+//! their checksums, the FIB lookup's address fields. The flow engine (`flow::ct::Tracked`) and
+//! the services (`services::frontend::Frontends`) extend it with their maps.
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup},
+    programs::TcContext,
+};
+use proxy_common::{backend::BackendValue, proto, reason::Reason};
+
+use super::{AF_INET, AF_INET6, ETH_HLEN, Packet, Tuple, csum, hash, ip6_bytes, ip6_words};
+
+/// What differs between IPv4 and IPv6 in a packet's headers.
+pub trait Ip {
+    type Addr: Copy + PartialEq;
+
+    fn parse(ctx: &TcContext) -> Result<Packet<Self::Addr>, Option<Reason>>;
+
+    fn backend_addr(b: &BackendValue) -> Self::Addr;
+
+    /// The address as affinity-key bytes.
+    fn client_bytes(a: &Self::Addr) -> [u8; 16];
+
+    /// Rewrites one address at `off` (source or destination) with its checksums.
+    fn set_addr(
+        ctx: &TcContext,
+        pkt: &Packet<Self::Addr>,
+        off: usize,
+        old: &Self::Addr,
+        new: &Self::Addr,
+    ) -> Result<(), i64>;
+
+    /// Offsets of the source and destination address in the IP header.
+    const SADDR_OFF: usize;
+
+    const DADDR_OFF: usize;
+
+    const AF: u8;
+
+    fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<Self::Addr>);
+
+    fn fib_src(p: &bpf_fib_lookup) -> Self::Addr;
+
+    /// The flow's hash (addresses, ports, protocol), the same on every node.
+    fn hash(t: &Tuple<Self::Addr>) -> u32;
+
+    /// The address, if IPv4.
+    fn v4(a: &Self::Addr) -> Option<[u8; 4]>;
+}
+
+pub struct V4;
+pub struct V6;
+
+/// Loads the ports and TCP flags at `l4`.
+#[inline(always)]
+fn ports(ctx: &TcContext, l4: usize, proto_: u8) -> Result<(u16, u16, u8), Option<Reason>> {
+    if proto_ != proto::TCP && proto_ != proto::UDP {
+        return Err(None);
+    }
+    let sport = u16::from_be(ctx.load::<u16>(l4).map_err(|_| None)?);
+    let dport = u16::from_be(ctx.load::<u16>(l4 + 2).map_err(|_| None)?);
+    let flags = if proto_ == proto::TCP {
+        ctx.load::<u8>(l4 + 13).map_err(|_| None)?
+    } else {
+        0
+    };
+    Ok((sport, dport, flags))
+}
+
+impl Ip for V4 {
+    type Addr = [u8; 4];
+
+    const SADDR_OFF: usize = 12;
+
+    const DADDR_OFF: usize = 16;
+
+    const AF: u8 = AF_INET;
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Result<Packet<[u8; 4]>, Option<Reason>> {
+        let l3 = ETH_HLEN;
+        let vihl = ctx.load::<u8>(l3).map_err(|_| None)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return Err(None);
+        }
+        let frag = u16::from_be(ctx.load::<u16>(l3 + 6).map_err(|_| None)?);
+        // More-fragments set or a non-zero offset: no complete ports to match on.
+        if frag & 0x3fff != 0 {
+            return Err(Some(Reason::Fragment));
+        }
+        let proto_ = ctx.load::<u8>(l3 + 9).map_err(|_| None)?;
+        let saddr = ctx.load::<[u8; 4]>(l3 + 12).map_err(|_| None)?;
+        let daddr = ctx.load::<[u8; 4]>(l3 + 16).map_err(|_| None)?;
+        let l4 = l3 + ihl;
+        let (sport, dport, tcp_flags) = ports(ctx, l4, proto_)?;
+        Ok(Packet {
+            t: Tuple {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto: proto_,
+            },
+            l3,
+            l4,
+            tcp_flags,
+        })
+    }
+
+    #[inline(always)]
+    fn backend_addr(b: &BackendValue) -> [u8; 4] {
+        b.addr4()
+    }
+
+    #[inline(always)]
+    fn client_bytes(a: &[u8; 4]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[0] = a[0];
+        out[1] = a[1];
+        out[2] = a[2];
+        out[3] = a[3];
+        out
+    }
+
+    #[inline(always)]
+    fn set_addr(
+        ctx: &TcContext,
+        pkt: &Packet<[u8; 4]>,
+        off: usize,
+        old: &[u8; 4],
+        new: &[u8; 4],
+    ) -> Result<(), i64> {
+        let (csum_off, mangled) = pkt.csum().ok_or(-1i64)?;
+        let (o, n) = (
+            u32::from_ne_bytes(*old) as u64,
+            u32::from_ne_bytes(*new) as u64,
+        );
+        ctx.l4_csum_replace(csum_off, o, n, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+        ctx.l3_csum_replace(pkt.l3 + 10, o, n, 4)?;
+        ctx.store(off, new, 0)
+    }
+
+    #[inline(always)]
+    fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 4]>) {
+        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(t.saddr);
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(t.daddr);
+    }
+
+    #[inline(always)]
+    fn v4(a: &[u8; 4]) -> Option<[u8; 4]> {
+        Some(*a)
+    }
+
+    #[inline(always)]
+    fn hash(t: &Tuple<[u8; 4]>) -> u32 {
+        let h = hash::mix(0, u32::from_be_bytes(t.saddr));
+        hash::ports(hash::mix(h, u32::from_be_bytes(t.daddr)), t)
+    }
+
+    #[inline(always)]
+    fn fib_src(p: &bpf_fib_lookup) -> [u8; 4] {
+        // SAFETY: the IPv4 member of a union the helper filled for AF_INET.
+        unsafe { p.__bindgen_anon_3.ipv4_src }.to_ne_bytes()
+    }
+}
+
+impl Ip for V6 {
+    type Addr = [u8; 16];
+
+    const SADDR_OFF: usize = 8;
+
+    const DADDR_OFF: usize = 24;
+
+    const AF: u8 = AF_INET6;
+
+    #[inline(always)]
+    fn parse(ctx: &TcContext) -> Result<Packet<[u8; 16]>, Option<Reason>> {
+        let l3 = ETH_HLEN;
+        let version = ctx.load::<u8>(l3).map_err(|_| None)? >> 4;
+        if version != 6 {
+            return Err(None);
+        }
+        // Extension headers (fragments included) are not followed: such packets pass.
+        let next = ctx.load::<u8>(l3 + 6).map_err(|_| None)?;
+        if next == 44 {
+            return Err(Some(Reason::Fragment));
+        }
+        let saddr = ctx.load::<[u8; 16]>(l3 + 8).map_err(|_| None)?;
+        let daddr = ctx.load::<[u8; 16]>(l3 + 24).map_err(|_| None)?;
+        let l4 = l3 + 40;
+        let (sport, dport, tcp_flags) = ports(ctx, l4, next)?;
+        Ok(Packet {
+            t: Tuple {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto: next,
+            },
+            l3,
+            l4,
+            tcp_flags,
+        })
+    }
+
+    #[inline(always)]
+    fn backend_addr(b: &BackendValue) -> [u8; 16] {
+        b.addr
+    }
+
+    #[inline(always)]
+    fn client_bytes(a: &[u8; 16]) -> [u8; 16] {
+        *a
+    }
+
+    #[inline(always)]
+    fn set_addr(
+        ctx: &TcContext,
+        pkt: &Packet<[u8; 16]>,
+        off: usize,
+        old: &[u8; 16],
+        new: &[u8; 16],
+    ) -> Result<(), i64> {
+        let (csum_off, mangled) = pkt.csum().ok_or(-1i64)?;
+        let diff = csum::diff16(&mut { *old }, &mut { *new })?;
+        ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
+        ctx.store(off, new, 0)
+    }
+
+    #[inline(always)]
+    fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 16]>) {
+        p.__bindgen_anon_3.ipv6_src = ip6_words(&t.saddr);
+        p.__bindgen_anon_4.ipv6_dst = ip6_words(&t.daddr);
+    }
+
+    #[inline(always)]
+    fn v4(_: &[u8; 16]) -> Option<[u8; 4]> {
+        None
+    }
+
+    #[inline(always)]
+    fn hash(t: &Tuple<[u8; 16]>) -> u32 {
+        let mut h = 0;
+        let mut i = 0;
+        while i < 16 {
+            h = hash::mix(
+                h,
+                u32::from_be_bytes([t.saddr[i], t.saddr[i + 1], t.saddr[i + 2], t.saddr[i + 3]]),
+            );
+            h = hash::mix(
+                h,
+                u32::from_be_bytes([t.daddr[i], t.daddr[i + 1], t.daddr[i + 2], t.daddr[i + 3]]),
+            );
+            i += 4;
+        }
+        hash::ports(h, t)
+    }
+
+    #[inline(always)]
+    fn fib_src(p: &bpf_fib_lookup) -> [u8; 16] {
+        // SAFETY: the IPv6 member of a union the helper filled for AF_INET6.
+        ip6_bytes(&unsafe { p.__bindgen_anon_3.ipv6_src })
+    }
+}

@@ -1,0 +1,42 @@
+//! tc ingress on the node's external and pod-facing interfaces: ICMP errors about translated
+//! flows, DSR options, packets of tracked flows, then new flows to NodePorts, externalIPs and
+//! load balancer IPs.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
+
+use crate::{
+    flow::{
+        dsr, icmp,
+        tc::{NEW, handle},
+    },
+    headers::{
+        ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        family::{V4, V6},
+    },
+    services::nodeport::start,
+};
+
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return TC_ACT_OK as i32;
+    };
+    // Tracked flows first; a packet of none starts one (`start`).
+    match u16::from_be(ethertype) {
+        ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(IPPROTO_ICMP) => icmp::icmp4(ctx),
+        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_ICMPV6) => icmp::icmp6(ctx),
+        ETH_P_IP => {
+            dsr::learn4(ctx);
+            match handle::<V4>(ctx) {
+                NEW => start::<V4>(ctx),
+                action => action,
+            }
+        }
+        ETH_P_IPV6 => match handle::<V6>(ctx) {
+            NEW => start::<V6>(ctx),
+            action => action,
+        },
+        _ => TC_ACT_OK as i32,
+    }
+}

@@ -1,0 +1,27 @@
+//! XDP on the node's external interfaces: NodePort, externalIP and load balancer flows whose
+//! backend is on another node are translated and sent straight back out (`XDP_TX`) before an
+//! skb exists, and so are their replies. Everything else — local backends, rejects, packets
+//! whose neighbour is not resolved yet, non-Service traffic — goes on untouched (`XDP_PASS`)
+//! to tc and the stack, which handle it with the same maps.
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use proxy_common::proto::ETH_P_IP;
+
+use crate::{
+    access::xdp::read, flow::xdp::handle, headers::ETH_HLEN, headers::family::V4,
+    services::xdp::new_flow,
+};
+
+#[inline(always)]
+pub fn ingress(ctx: &XdpContext) -> u32 {
+    // A new flow is handled after the tracked-flow path has returned, so their stack frames
+    // never add up (the verifier allows 512 bytes per call chain).
+    match read::<[u8; 2]>(ctx, 12).map(u16::from_be_bytes) {
+        // A TTL about to expire: tc and the stack answer it (ICMP time exceeded).
+        Some(ETH_P_IP) if read::<u8>(ctx, ETH_HLEN + 8).is_some_and(|ttl| ttl <= 1) => XDP_PASS,
+        Some(ETH_P_IP) => handle::<V4>(ctx).unwrap_or_else(|| new_flow::<V4>(ctx)),
+        // IPv6 is translated at tc: the IPv6 path's frames do not fit the verifier's 512-byte
+        // stack per call chain yet.
+        _ => XDP_PASS,
+    }
+}

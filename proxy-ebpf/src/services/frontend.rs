@@ -1,0 +1,81 @@
+//! Frontends at tc and XDP: the Service a packet is for (an external-scope frontend) and
+//! whether its source may use it (loadBalancerSourceRanges), one implementation per family.
+
+use aya_ebpf::btf_maps::lpm_trie::Key as LpmKey;
+use proxy_common::service::{
+    SCOPE_EXTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
+};
+
+use crate::{
+    access::maps::{LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES},
+    flow::ct::Tracked,
+    headers::{
+        Tuple,
+        family::{Ip, V4, V6},
+    },
+};
+
+/// The frontend maps of a family.
+pub trait Frontends: Ip {
+    fn frontend(t: &Tuple<Self::Addr>) -> Option<ServiceValue>;
+
+    fn source_allowed(svc_id: u32, saddr: &Self::Addr) -> bool;
+}
+
+impl Frontends for V4 {
+    #[inline(always)]
+    fn frontend(t: &Tuple<[u8; 4]>) -> Option<ServiceValue> {
+        let key = Service4Key {
+            addr: t.daddr,
+            port: t.dport,
+            proto: t.proto,
+            scope: SCOPE_EXTERNAL,
+        };
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
+        unsafe { LB4_SERVICES.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn source_allowed(svc_id: u32, saddr: &[u8; 4]) -> bool {
+        let key = LpmKey::new(
+            64,
+            SrcRange4 {
+                svc_id: svc_id.to_be_bytes(),
+                addr: *saddr,
+            },
+        );
+        LB4_SRC_RANGES.get(&key).is_some()
+    }
+}
+
+impl Frontends for V6 {
+    #[inline(always)]
+    fn frontend(t: &Tuple<[u8; 16]>) -> Option<ServiceValue> {
+        let key = Service6Key {
+            addr: t.daddr,
+            port: t.dport,
+            proto: t.proto,
+            scope: SCOPE_EXTERNAL,
+        };
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
+        unsafe { LB6_SERVICES.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn source_allowed(svc_id: u32, saddr: &[u8; 16]) -> bool {
+        let key = LpmKey::new(
+            160,
+            SrcRange6 {
+                svc_id: svc_id.to_be_bytes(),
+                addr: *saddr,
+            },
+        );
+        LB6_SRC_RANGES.get(&key).is_some()
+    }
+}
+
+/// Everything the packet paths need of a family: its headers, its connection tracking and its
+/// frontends.
+pub trait Family: Tracked + Frontends {}
+
+impl<F: Tracked + Frontends> Family for F {}

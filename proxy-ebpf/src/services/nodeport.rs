@@ -1,0 +1,211 @@
+//! New flows reaching the node from elsewhere (tc ingress on the node's external and pod-facing
+//! interfaces): NodePorts, externalIPs and load balancer IPs are translated to a backend with
+//! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
+//! replies translated back. Translated packets are routed here (FIB lookup, then
+//! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
+//! stack's input path would refuse as a martian.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use proxy_common::{
+    affinity::{AffinityKey, CLIENT_ADDR},
+    ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    reason::Reason,
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES},
+};
+
+use crate::{
+    access::stats,
+    flow::{
+        conns,
+        ct::Entry,
+        dsr::{self, dsr_forward},
+        fib::{forward, route},
+        nat::{self, rewrite},
+    },
+    headers::Tuple,
+    services::{frontend::Family, lb, reject},
+};
+
+/// Returned by `new_flow` for a new flow to a frontend without backends: not a tc action.
+const REJECT: i32 = i32::MIN;
+/// Returned by `new_flow` for a least-connection frontend before the counts were compared:
+/// not a tc action.
+const LEAST_CONN: i32 = i32::MIN + 2;
+
+/// The first packet of a flow. A least-connection frontend's counts are compared in a frame
+/// of their own (`least_conn`) and the answer handed to `new_flow`; the reject path runs after
+/// the translation path has returned. So no two of these frames add up (the verifier allows
+/// 512 bytes for a whole call chain).
+#[inline(always)]
+pub fn start<F: Family>(ctx: &TcContext) -> i32 {
+    let mut action = new_flow::<F>(ctx, 0);
+    if action == LEAST_CONN {
+        action = new_flow::<F>(ctx, least_conn::<F>(ctx));
+    }
+    if action == REJECT {
+        return reject::reject::<F>(ctx);
+    }
+    action
+}
+
+/// The least-connection choice for the packet's frontend (`lb::NO_PICK` for none).
+#[inline(never)]
+fn least_conn<F: Family>(ctx: &TcContext) -> u32 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return lb::NO_PICK;
+    };
+    match F::frontend(&pkt.t) {
+        Some(svc) if svc.count != 0 => match lb::least_conn(&svc) {
+            0 => lb::NO_PICK,
+            id => id,
+        },
+        _ => lb::NO_PICK,
+    }
+}
+
+/// A new flow: `least` is 0 until a least-connection frontend's counts were compared (then
+/// `LEAST_CONN` is returned), afterwards their answer.
+#[inline(never)]
+fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
+    let pkt = match F::parse(ctx) {
+        Ok(p) => p,
+        Err(_) => return TC_ACT_OK as i32,
+    };
+    let pkt = &pkt;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(svc) = F::frontend(&pkt.t) else {
+        return TC_ACT_OK as i32;
+    };
+    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
+        stats::count(Reason::SourceRangeDrop);
+        return TC_ACT_SHOT as i32;
+    }
+    let counted = svc.has_flag(FLAG_LEAST_CONN);
+    if counted && least == 0 {
+        return LEAST_CONN;
+    }
+    let client = AffinityKey {
+        port_id: svc.port_id,
+        client_kind: CLIENT_ADDR,
+        client: F::client_bytes(&pkt.t.saddr),
+    };
+    let choice = match lb::select::<false>(&svc, &client, F::hash(&pkt.t), least) {
+        Ok(c) => c,
+        Err(Reason::NoBackends) => return REJECT,
+        Err(Reason::NoLocalBackends) => {
+            // externalTrafficPolicy Local without a local endpoint: dropped (semantics 3.9).
+            stats::count(Reason::NoLocalBackends);
+            return TC_ACT_SHOT as i32;
+        }
+        Err(r) => {
+            stats::count(r);
+            return TC_ACT_OK as i32;
+        }
+    };
+    let backend = F::backend_addr(&choice.backend);
+    // Masquerade for externalTrafficPolicy Cluster (semantics 7.13) and when a client lands on
+    // itself (hairpin, semantics 7.14), so the reply comes back through this node.
+    let snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
+    let mut to = Tuple {
+        saddr: pkt.t.saddr,
+        daddr: backend,
+        sport: pkt.t.sport,
+        dport: choice.backend.port,
+        proto: pkt.t.proto,
+    };
+    // SAFETY: reading the context's own skb.
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let mut dsr = false;
+    // This node's address on the way to the backend (with masquerading or DSR).
+    let mut via = pkt.t.daddr;
+    let ifindex = match route::<F>(ctx, &to, snat) {
+        Ok(r) => {
+            via = r.src;
+            // Direct server return for backends behind the interface the flow came in on.
+            dsr = snat && r.ifindex == here && dsr::enabled::<F>();
+            if snat && !dsr {
+                to.saddr = r.src;
+            }
+            r.ifindex
+        }
+        // No forwarding route (e.g. a host-network backend on this node): without
+        // masquerading the stack can still deliver it.
+        Err(_) if !snat => 0,
+        Err(_) => {
+            stats::count(Reason::FibPass);
+            return TC_ACT_OK as i32;
+        }
+    };
+    let flags = if dsr {
+        CT_DSR
+    } else if snat {
+        CT_SNAT
+    } else {
+        0
+    };
+    // One entry on the stack, written first as the reply entry, then as the forward one.
+    let mut entry = Entry {
+        to: pkt.t.reversed(),
+        flags: flags | CT_REPLY,
+        svc_id: svc.id,
+        backend_id: choice.backend_id,
+    };
+    // The reply entry claims the masquerading port: the client's own if it lies in the
+    // masquerading range, else (and after a collision) random ones of the range. With DSR the
+    // replies never come back here: no reply entry.
+    let mut claimed = dsr;
+    let ports = nat::range();
+    for i in 0..nat::TRIES {
+        if dsr {
+            break;
+        }
+        if snat {
+            to.sport = nat::port(i, to.sport, ports);
+        } else if i > 0 {
+            break;
+        }
+        let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
+        if F::ct_insert(&to.reversed(), &entry, now, map_flags, 0).is_ok() {
+            claimed = true;
+            break;
+        }
+    }
+    if !claimed {
+        stats::count(if snat {
+            Reason::SnatPortsExhausted
+        } else {
+            Reason::CtFailed
+        });
+        return TC_ACT_SHOT as i32;
+    }
+    entry.to = to;
+    entry.flags = flags;
+    // A least-connection frontend's flow holds a count until it closes or expires.
+    if counted {
+        conns::take(choice.backend_id);
+    }
+    if F::ct_insert(&pkt.t, &entry, now, BPF_ANY as u64, counted as u64).is_err() {
+        if counted {
+            conns::untake(choice.backend_id);
+        }
+        stats::count(Reason::CtFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    if rewrite::<F>(ctx, pkt, &to).is_err() {
+        stats::count(Reason::CtFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::count(Reason::NatNew);
+    if choice.reason == Reason::AffinityHit {
+        stats::count(Reason::AffinityHit);
+    }
+    if dsr {
+        return dsr_forward::<F>(ctx, &to, &pkt.t, &via, ifindex);
+    }
+    forward::<F>(ctx, &to, ifindex)
+}
