@@ -2,10 +2,12 @@
 //! kept apart from the node's ephemeral ports so a masqueraded flow never takes the tuple of
 //! one of the node's own connections.
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
 use proxy_common::config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT};
-
-use aya_ebpf::programs::TcContext;
 
 use crate::{
     access::maps::LB_CONFIG,
@@ -66,4 +68,30 @@ pub fn rewrite<F: Ip>(
         }
     }
     Ok(())
+}
+
+/// Writes the reply entry of a new flow whose translated tuple is `to` (through `insert`,
+/// given the reply key and the map flags), claiming its masquerading port when `snat`: the
+/// client's own port if it lies in the masquerading range, else (and after a collision) random
+/// ones of the range, `TRIES` at most; `to.sport` is the port claimed. False when none was.
+/// Without masquerading the entry is written once, over any stale one.
+#[inline(always)]
+pub fn claim_reply<A: Copy>(
+    to: &mut Tuple<A>,
+    snat: bool,
+    mut insert: impl FnMut(&Tuple<A>, u64) -> bool,
+) -> bool {
+    let ports = range();
+    for i in 0..TRIES {
+        if snat {
+            to.sport = port(i, to.sport, ports);
+        } else if i > 0 {
+            break;
+        }
+        let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
+        if insert(&to.reversed(), map_flags) {
+            return true;
+        }
+    }
+    false
 }

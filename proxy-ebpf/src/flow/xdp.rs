@@ -7,7 +7,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_FIB_LOOKUP_SRC, BPF_NOEXIST, bpf_fib_lookup,
+        BPF_ANY, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::{
@@ -196,22 +196,15 @@ pub fn commit<F: XdpIp + Tracked>(
             svc_id: meta.svc_id,
             backend_id: meta.backend_id,
         };
-        let mut claimed = false;
-        let ports = nat::range();
-        for i in 0..nat::TRIES {
-            if snat {
-                to.sport = nat::port(i, to.sport, ports);
-            } else if i > 0 {
-                break;
-            }
-            let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
-            if insert::<F>(&to.reversed(), &reply, meta.now, map_flags) {
-                claimed = true;
-                break;
-            }
-        }
+        let claimed = nat::claim_reply(to, snat, |key, map_flags| {
+            insert::<F>(key, &reply, meta.now, map_flags)
+        });
         if !claimed {
-            stats::count(Reason::SnatPortsExhausted);
+            stats::count(if snat {
+                Reason::SnatPortsExhausted
+            } else {
+                Reason::CtFailed
+            });
             return XDP_DROP;
         }
     }

@@ -6,7 +6,7 @@
 //! stack's input path would refuse as a martian.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -155,26 +155,11 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         svc_id: svc.id,
         backend_id: choice.backend_id,
     };
-    // The reply entry claims the masquerading port: the client's own if it lies in the
-    // masquerading range, else (and after a collision) random ones of the range. With DSR the
-    // replies never come back here: no reply entry.
-    let mut claimed = dsr;
-    let ports = nat::range();
-    for i in 0..nat::TRIES {
-        if dsr {
-            break;
-        }
-        if snat {
-            to.sport = nat::port(i, to.sport, ports);
-        } else if i > 0 {
-            break;
-        }
-        let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
-        if F::ct_insert(&to.reversed(), &entry, now, map_flags, 0).is_ok() {
-            claimed = true;
-            break;
-        }
-    }
+    // With DSR the replies never come back here: no reply entry.
+    let claimed = dsr
+        || nat::claim_reply(&mut to, snat, |key, map_flags| {
+            F::ct_insert(key, &entry, now, map_flags, 0).is_ok()
+        });
     if !claimed {
         stats::count(if snat {
             Reason::SnatPortsExhausted
