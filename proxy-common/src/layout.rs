@@ -4,7 +4,8 @@
 use core::mem::size_of;
 
 use crate::{
-    affinity::*, backend::*, config::*, ct::*, dsr::*, info::*, maglev::*, revnat::*, service::*,
+    affinity::*, backend::*, config::*, ct::*, dsr::*, event::*, info::*, maglev::*, revnat::*,
+    service::*,
 };
 
 const _: () = {
@@ -35,4 +36,5 @@ const _: () = {
     assert!(size_of::<Ct6Key>() == 40);
     assert!(size_of::<Ct6Value>() == 64);
     assert!(size_of::<NetnsSource>() == 24);
+    assert!(size_of::<Event>() == 80);
 };

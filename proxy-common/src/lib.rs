@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod ct;
 pub mod dsr;
+pub mod event;
 pub mod info;
 pub mod maglev;
 pub mod maps;

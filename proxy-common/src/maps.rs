@@ -35,6 +35,14 @@ pub const LB_SOCK: &str = "LB_SOCK";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
+/// Per-CPU drop counters indexed by `reason::Hook::drop_index` (hook × reason).
+pub const LB_DROPS: &str = "LB_DROPS";
+/// Flow events for `monitor`: a ring buffer of `event::Event`.
+pub const LB_EVENTS: &str = "LB_EVENTS";
+/// Until when (`bpf_ktime_get_ns`) the programs write events: one `u64` at key 0, renewed
+/// by a running `monitor`; 0 when none watches.
+pub const LB_MONITOR: &str = "LB_MONITOR";
+
 /// Which Service each frontend belongs to: `u32` frontend id → `info::ServiceInfo`.
 pub const LB_SVC_INFO: &str = "LB_SVC_INFO";
 /// The agent's own state: one `info::AgentState` at key 0.
@@ -58,7 +66,7 @@ pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
 pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 27] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -83,6 +91,9 @@ pub const ALL: [&str; 24] = [
     LB_DSR_PEERS,
     LB_DSR_BUDGET,
     LB_NETNS_SRC,
+    LB_DROPS,
+    LB_EVENTS,
+    LB_MONITOR,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under

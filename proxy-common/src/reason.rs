@@ -77,10 +77,17 @@ pub enum Reason {
     /// is not known yet (unbound, in a network namespace the agent has not seen): left
     /// untranslated, for the packet path to check.
     SourceUnknown = 30,
+    /// tc, XDP: a translated packet could not be rewritten or sent (a helper failed): dropped.
+    RewriteFailed = 31,
+    /// tc, XDP: the DSR option could not be added to a packet of a DSR flow: dropped.
+    DsrFailed = 32,
+    /// A monitor event was not written: the ring buffer was full (nobody reading, or reading
+    /// too slowly). The packet or socket went on as without a monitor.
+    EventsLost = 33,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 31;
+pub const REASON_COUNT: u32 = 34;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -115,6 +122,9 @@ impl Reason {
         Reason::DsrBudgetExceeded,
         Reason::SourceRefused,
         Reason::SourceUnknown,
+        Reason::RewriteFailed,
+        Reason::DsrFailed,
+        Reason::EventsLost,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -151,6 +161,59 @@ impl Reason {
             Reason::DsrBudgetExceeded => "dsr_budget_exceeded",
             Reason::SourceRefused => "source_refused",
             Reason::SourceUnknown => "source_unknown",
+            Reason::RewriteFailed => "rewrite_failed",
+            Reason::DsrFailed => "dsr_failed",
+            Reason::EventsLost => "events_lost",
         }
+    }
+
+    /// The reason of counter `index`, if any.
+    pub fn from_index(index: u32) -> Option<Reason> {
+        Reason::ALL.get(index as usize).copied()
+    }
+}
+
+/// The program a drop happened in: the `hook` label of `kube_bpf_proxy_drops_total`.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// connect() at the socket layer (the syscall fails).
+    Connect = 0,
+    /// sendmsg() of an unconnected UDP socket at the socket layer (the syscall fails).
+    Sendmsg = 1,
+    /// tc ingress on an external or pod-facing interface.
+    TcIngress = 2,
+    /// XDP on an external interface.
+    Xdp = 3,
+}
+
+/// Number of `Hook` values.
+pub const HOOK_COUNT: u32 = 4;
+
+/// Size of `LB_DROPS`: one counter per hook and reason.
+pub const DROPS_COUNT: u32 = HOOK_COUNT * REASON_COUNT;
+
+impl Hook {
+    pub const ALL: [Hook; HOOK_COUNT as usize] =
+        [Hook::Connect, Hook::Sendmsg, Hook::TcIngress, Hook::Xdp];
+
+    /// Stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect => "connect",
+            Hook::Sendmsg => "sendmsg",
+            Hook::TcIngress => "tc_ingress",
+            Hook::Xdp => "xdp",
+        }
+    }
+
+    /// The index of this hook's counter for `reason` in `LB_DROPS`.
+    pub const fn drop_index(self, reason: Reason) -> u32 {
+        self as u32 * REASON_COUNT + reason as u32
+    }
+
+    /// The hook of `value`, if any.
+    pub fn from_u8(value: u8) -> Option<Hook> {
+        Hook::ALL.get(value as usize).copied()
     }
 }

@@ -26,13 +26,13 @@ use aya_ebpf::{
 /// Service has no usable backend, then 0 with ECONNREFUSED (or EPERM for a policy drop).
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd4::<false>(&ctx))
+    sock::verdict::<false, true>(&ctx, sock::fwd4::<false>(&ctx))
 }
 
 /// sendmsg()/sendto() with a destination on unconnected UDP sockets, IPv4. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd4::<true>(&ctx))
+    sock::verdict::<true, true>(&ctx, sock::fwd4::<true>(&ctx))
 }
 
 /// recvmsg()/recvfrom() on UDP, IPv4: the source shown is the Service address. Always 1.
@@ -52,13 +52,13 @@ pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
 /// connect(), IPv6 (and IPv4-mapped IPv6). Verdicts as connect4.
 #[cgroup_sock_addr(connect6)]
 pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd6::<false>(&ctx))
+    sock::verdict::<false, false>(&ctx, sock::fwd6::<false>(&ctx))
 }
 
 /// sendmsg(), IPv6. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict(&ctx, sock::fwd6::<true>(&ctx))
+    sock::verdict::<true, false>(&ctx, sock::fwd6::<true>(&ctx))
 }
 
 /// recvmsg(), IPv6. Always 1.
@@ -111,6 +111,7 @@ pub fn maps_anchor(_ctx: SkBuffContext) -> i64 {
     let _ = maps::LB_SVC_INFO.get_ptr(0u32);
     let _ = maps::LB_AGENT.get_ptr(0);
     let _ = maps::LB_IFACES.get_ptr(0u32);
+    let _ = maps::LB_MONITOR.get_ptr(0);
     0
 }
 

@@ -179,6 +179,9 @@ pub struct Metrics {
     pub map_evictions: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_datapath_events_total [reason].
     pub datapath_events: Family<Labels, Counter>,
+    /// kube_bpf_proxy_drops_total [hook, reason]: packets dropped and connect()/sendmsg()
+    /// calls failed by the programs.
+    pub drops: Family<Labels, Counter>,
     /// kube_bpf_proxy_pod_interfaces: pod-facing interfaces carrying the tc program.
     pub pod_interfaces: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_interface_attach_failures_total [reason].
@@ -386,6 +389,12 @@ impl Metrics {
                 &mut r,
                 "kube_bpf_proxy_datapath_events_total",
                 "Datapath events by reason, summed over CPUs",
+            ),
+            drops: counter(
+                &mut r,
+                "kube_bpf_proxy_drops_total",
+                "Packets dropped and connect()/sendmsg() calls failed by the BPF programs, by \
+                 hook and reason, summed over CPUs",
             ),
             pod_interfaces: gauge(
                 &mut r,
@@ -599,6 +608,16 @@ impl Metrics {
         for (reason, total) in totals {
             self.datapath_events
                 .with(&[("reason", reason)])
+                .inner()
+                .store(*total, Ordering::Relaxed);
+        }
+    }
+
+    /// Absolute drop totals per (hook, reason), as `set_datapath_totals`.
+    pub fn set_drop_totals(&self, totals: &[(&str, &str, u64)]) {
+        for (hook, reason, total) in totals {
+            self.drops
+                .with(&[("hook", hook), ("reason", reason)])
                 .inner()
                 .store(*total, Ordering::Relaxed);
         }

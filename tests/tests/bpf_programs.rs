@@ -11,7 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use common::privileged;
 use proxy_common::{
     ct::{CT_REPLY, CT_SNAT},
-    reason::Reason,
+    event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
+    reason::{Hook, Reason},
 };
 use proxy_userspace::{
     agent::{Pipeline, sync_once},
@@ -1059,4 +1060,136 @@ fn tc_sends_a_cluster_flow_with_the_dsr_option_and_no_reply_entry() {
     let ct = rig.dp.maps.conntrack4().unwrap();
     assert_eq!(ct.len(), 1, "no reply entry: {ct:?}");
     assert_eq!(ct[0].1.flags & CT_REPLY, 0);
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The events waiting in the ring buffer, oldest first.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert!(item.len() >= std::mem::size_of::<Event>(), "short event");
+        // SAFETY: the programs write whole `Event`s (length checked).
+        out.push(unsafe { item.as_ptr().cast::<Event>().read_unaligned() });
+    }
+    out
+}
+
+fn v4_of(bytes: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])
+}
+
+/// Every drop is counted by hook and reason; with no monitor watching nothing is written to
+/// the ring buffer, and while one watches each drop and each new translation is an event
+/// naming client, frontend, backend and reason (issue #23).
+#[test]
+fn tc_counts_drops_by_hook_and_writes_events_only_while_a_monitor_watches() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut ring = rig.dp.events().expect("the event ring");
+    // Nobody watches: counted, no event.
+    let out = rig.tc(&tcp4((CLIENT, 40000), (LB_IP, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(
+        rig.dp.maps.drops().unwrap(),
+        [(Hook::TcIngress, Reason::SourceRangeDrop, 1)]
+    );
+    assert!(drain(&mut ring).is_empty());
+    // A monitor's lease runs: the same drop, a translation and a reject are events.
+    rig.dp
+        .maps
+        .set_monitor_until(monotonic_ns() + 60_000_000_000)
+        .unwrap();
+    assert_eq!(
+        rig.tc(&tcp4((CLIENT, 40001), (LB_IP, 80), TCP_SYN)).verdict,
+        TC_ACT_SHOT
+    );
+    let inside = Ipv4Addr::new(10, 1, 2, 3);
+    let out = rig.tc(&tcp4((inside, 40002), (LB_IP, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let out = rig.tc(&tcp4((CLIENT, 40003), (NODE, 30082), TCP_SYN));
+    assert_ne!(out.verdict, TC_ACT_SHOT, "answered with a reset");
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 3, "{events:?}");
+    let (drop, translated, rejected) = (&events[0], &events[1], &events[2]);
+    assert_eq!(drop.kind, EVENT_DROPPED);
+    assert_eq!(drop.hook, Hook::TcIngress as u8);
+    assert_eq!(drop.reason, Reason::SourceRangeDrop as u32);
+    assert_eq!((v4_of(&drop.client), drop.client_port), (CLIENT, 40001));
+    assert_eq!((v4_of(&drop.frontend), drop.frontend_port), (LB_IP, 80));
+    assert_ne!(drop.svc_id, 0, "the frontend is named");
+    assert_eq!(translated.kind, EVENT_TRANSLATED);
+    assert_eq!(translated.reason, Reason::Translated as u32);
+    assert_eq!(
+        (v4_of(&translated.client), translated.client_port),
+        (inside, 40002)
+    );
+    assert_eq!(
+        (v4_of(&translated.frontend), translated.frontend_port),
+        (LB_IP, 80)
+    );
+    assert_eq!(
+        (v4_of(&translated.backend), translated.backend_port),
+        (REMOTE_POD, 8080)
+    );
+    assert_eq!(translated.svc_id, drop.svc_id);
+    assert_ne!(translated.backend_id, 0);
+    assert_eq!(rejected.kind, EVENT_DROPPED);
+    assert_eq!(rejected.reason, Reason::NoBackends as u32);
+    assert_eq!(
+        (v4_of(&rejected.frontend), rejected.frontend_port),
+        (NODE, 30082)
+    );
+    assert_eq!(
+        rig.dp.maps.drops().unwrap(),
+        [
+            (Hook::TcIngress, Reason::NoBackends, 1),
+            (Hook::TcIngress, Reason::SourceRangeDrop, 2),
+        ]
+    );
+    // The lease over: nothing more is written.
+    rig.dp.maps.set_monitor_until(0).unwrap();
+    rig.tc(&tcp4((CLIENT, 40004), (LB_IP, 80), TCP_SYN));
+    assert!(drain(&mut ring).is_empty());
+}
+
+/// A ring buffer nobody reads fills up: further events are lost and counted, and the packets
+/// are handled exactly as without a monitor (issue #23, bad input).
+#[test]
+fn a_full_event_ring_loses_events_never_packets() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_monitor_until(monotonic_ns() + 600_000_000_000)
+        .unwrap();
+    // 256 KiB hold about 2,900 events of 88 bytes (with their headers).
+    const SENT: u64 = 4_000;
+    for i in 0..SENT {
+        let port = 1024 + (i % 60_000) as u16;
+        let out = rig.tc(&tcp4((CLIENT, port), (LB_IP, 80), TCP_SYN));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "packet {i}");
+    }
+    let lost = rig.count(Reason::EventsLost);
+    assert!(lost > 500, "only {lost} events lost");
+    assert_eq!(
+        rig.dp.maps.drops().unwrap(),
+        [(Hook::TcIngress, Reason::SourceRangeDrop, SENT)]
+    );
+    let mut ring = rig.dp.events().expect("the event ring");
+    let kept = drain(&mut ring).len() as u64;
+    assert_eq!(kept + lost, SENT, "every event written or counted as lost");
 }

@@ -479,3 +479,118 @@ fn healthz_follows_node_eligibility() {
         .write_manifest("node.yaml", &node_yaml(NODE, None));
     wait(200, true);
 }
+
+/// `monitor` (issue #23): switches the programs' events on while it runs and prints them as
+/// JSON lines: a translated connect() names frontend, Service, scheduler and backend; a
+/// connect() to a Service without endpoints is a drop at the connect hook for `no_backends`
+/// (semantics 3.7), which `/metrics` counts by hook and reason. When it exits, events stop.
+#[test]
+fn monitor_streams_translations_and_refusals() {
+    if !privileged() {
+        return;
+    }
+    use std::{
+        io::{BufRead as _, BufReader},
+        process::Stdio,
+    };
+    use tests::harness::agent::http_get;
+    let mut env = Env::new(2);
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
+    env.agent.write_manifest(
+        "empty.yaml",
+        &service_yaml("empty", &["10.96.0.11"], &[HTTP], ""),
+    );
+    let vip = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    let empty = "10.96.0.11:80".parse().unwrap();
+    tests::poll_until("the empty Service refuses", Duration::from_secs(15), || {
+        let r = &env.request(Proto::Tcp, empty, 1)[0];
+        if r.ok {
+            Err("answered".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let pins = env.agent.pin_dir.clone();
+    let watching = || {
+        proxy_userspace::datapath::bpf::Maps::open_pinned(&pins)
+            .and_then(|m| m.monitor_until())
+            .unwrap_or(0)
+    };
+    assert_eq!(watching(), 0, "events are off while nobody watches");
+    let mut monitor = Command::new(workspace_binary("kube-bpf-proxy"))
+        .args([
+            "monitor",
+            "--output",
+            "json",
+            "--count",
+            "2",
+            "--seconds",
+            "60",
+        ])
+        .arg("--bpffs")
+        .arg(&pins)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start monitor");
+    tests::poll_until(
+        "monitor switched events on",
+        Duration::from_secs(10),
+        || {
+            if watching() > 0 {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        },
+    );
+    assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
+    assert!(!env.request(Proto::Tcp, empty, 1)[0].ok);
+    let lines: Vec<serde_json::Value> = BufReader::new(monitor.stdout.take().unwrap())
+        .lines()
+        .map(|l| json(&l.expect("monitor output")))
+        .collect();
+    let status = monitor.wait().expect("monitor exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let (t, d) = (&lines[0], &lines[1]);
+    assert_eq!(t["kind"], "translated", "{t}");
+    assert_eq!(t["hook"], "connect");
+    assert_eq!(t["protocol"], "tcp");
+    assert_eq!(t["frontend"], "10.96.0.10");
+    assert_eq!(t["frontend_port"], 80);
+    assert_eq!(t["backend"], env.topo.pods[1].ip4.to_string());
+    assert_eq!(t["backend_port"], BACKEND_PORT);
+    assert_eq!(t["scheduler"], "random");
+    assert_eq!(t["reason"], "translated");
+    assert!(
+        t["service"].as_str().unwrap().starts_with("default/web:"),
+        "{t}"
+    );
+    // The client is its network namespace's address, where the agent knows it.
+    if !t["client"].is_null() {
+        assert_eq!(t["client"], env.topo.pods[0].ip4.to_string(), "{t}");
+    }
+    assert_eq!(d["kind"], "dropped", "{d}");
+    assert_eq!(d["hook"], "connect");
+    assert_eq!(d["reason"], "no_backends");
+    assert_eq!(d["frontend"], "10.96.0.11");
+    assert!(
+        d["service"].as_str().unwrap().starts_with("default/empty:"),
+        "{d}"
+    );
+    assert_eq!(watching(), 0, "a monitor that exits switches events off");
+    let port = env.agent.metrics_port;
+    tests::poll_until("drops in /metrics", Duration::from_secs(15), || {
+        let (_, body) = http_get(port, "/metrics");
+        let drops = body
+            .lines()
+            .find(|l| {
+                l.starts_with("kube_bpf_proxy_drops_total{hook=\"connect\",reason=\"no_backends\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if drops >= 2.0 { Ok(()) } else { Err(body) }
+    });
+}

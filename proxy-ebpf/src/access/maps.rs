@@ -2,7 +2,7 @@
 //! LB_* maps, the programs write affinity and reverse-translation entries and counters.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
 use proxy_common::{
@@ -11,10 +11,11 @@ use proxy_common::{
     config::ConfigValue,
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
     dsr::DsrBudget,
+    event::{EVENTS_BYTES, Event},
     info::{AgentState, IfaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps::*,
-    reason::REASON_COUNT,
+    reason::{DROPS_COUNT, REASON_COUNT},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
         MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
@@ -102,6 +103,18 @@ pub static LB_SOCK: SkStorage<SockConn> = SkStorage::new();
 /// Counters per `Reason`, per CPU.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Drop counters per hook and reason (`Hook::drop_index`), per CPU.
+#[btf_map]
+pub static LB_DROPS: PerCpuArray<u64, { DROPS_COUNT as usize }> = PerCpuArray::new();
+
+/// Flow events for `kube-bpf-proxy monitor`, written only while `LB_MONITOR`'s deadline runs.
+#[btf_map]
+pub static LB_EVENTS: RingBuf<Event, EVENTS_BYTES> = RingBuf::new();
+
+/// Until when (`bpf_ktime_get_ns`) a monitor watches; 0: nobody. Written by `monitor`.
+#[btf_map]
+pub static LB_MONITOR: Array<u64, 1> = Array::new();
 
 /// Which Service each frontend belongs to, for inspection only (no program reads it). Defined
 /// here so it is created and pinned with the others.

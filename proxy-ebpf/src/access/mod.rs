@@ -3,6 +3,7 @@
 //! crate.
 
 pub mod debug;
+pub mod events;
 pub mod maps;
 pub mod stats;
 pub mod xdp;

@@ -33,7 +33,7 @@ use proxy_common::{
     config::{CONFIG_DSR, DSR_BUDGET_DEFAULT},
     ct::{CT_DSR, CT_REPLY},
     dsr::{DSR_BUDGET_WINDOW_NS, DsrBudget, OPTION_LEN, OPTION_TYPE},
-    reason::Reason,
+    reason::{Hook, Reason},
     service::{SCOPE_EXTERNAL, Service4Key},
 };
 
@@ -349,10 +349,13 @@ pub fn dsr_forward<F: Ip>(
     node: &F::Addr,
     ifindex: u32,
 ) -> i32 {
+    // Counted without an event: this frame ends the longest call chains of tc.
     let (Some(frontend), Some(node)) = (frontend4::<F>(orig), F::v4(node)) else {
+        stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     };
     if add_option_tc(ctx, frontend, orig.dport, node).is_err() {
+        stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     }
     forward::<F>(ctx, to, ifindex)

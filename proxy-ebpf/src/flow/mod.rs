@@ -8,6 +8,7 @@ pub mod ct;
 pub mod dsr;
 pub mod fib;
 pub mod icmp;
+pub mod monitor;
 pub mod nat;
 pub mod tc;
 pub mod xdp;

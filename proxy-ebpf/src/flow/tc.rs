@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ct::{CT_DSR, CT_REPLY},
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 
 use crate::{
@@ -17,6 +17,7 @@ use crate::{
         ct::{Tracked, ct_flags_of, keeps_entry},
         dsr::dsr_forward,
         fib::{forward, route},
+        monitor,
         nat::rewrite,
     },
     headers::Tuple,
@@ -24,6 +25,27 @@ use crate::{
 
 /// Returned by `handle` for a packet of no tracked flow: not a tc action.
 pub const NEW: i32 = i32::MIN + 1;
+
+/// Returned by `handle` for a packet of a tracked flow that could not be rewritten: not a tc
+/// action. The caller drops it through `rewrite_failed` (after `handle` returned: its frame
+/// has no room for the call).
+pub const REWRITE_FAILED: i32 = i32::MIN + 3;
+
+/// Counts the drop of a packet of a tracked flow that could not be rewritten, with its event.
+#[inline(never)]
+pub fn rewrite_failed<F: Tracked>(ctx: &TcContext) -> i32 {
+    match F::parse(ctx) {
+        Ok(pkt) => {
+            let svc_id = F::ct_lookup(&pkt.t).map_or(0, |ptr| {
+                // SAFETY: `ptr` came from the lookup.
+                unsafe { F::ct_read(ptr) }.svc_id
+            });
+            monitor::dropped::<F>(Hook::TcIngress, Reason::RewriteFailed, svc_id, &pkt.t);
+        }
+        Err(_) => stats::dropped(Hook::TcIngress, Reason::RewriteFailed),
+    }
+    TC_ACT_SHOT as i32
+}
 
 #[inline(never)]
 pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
@@ -46,8 +68,7 @@ pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             e.to.proto = pkt.t.proto;
             if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
-                stats::count(Reason::CtFailed);
-                return TC_ACT_SHOT as i32;
+                return REWRITE_FAILED;
             }
             stats::count(if reply {
                 Reason::NatReply

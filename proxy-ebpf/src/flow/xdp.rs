@@ -19,7 +19,7 @@ use aya_ebpf::{
 use proxy_common::{
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
     proto,
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 
 use crate::{
@@ -29,7 +29,7 @@ use crate::{
     },
     flow::{
         ct::{Entry, Tracked, ct_flags_of, keeps_entry},
-        dsr, nat,
+        dsr, monitor, nat,
     },
     headers::{ETH_HLEN, Packet, Tuple, csum::csum_update, xdp::XdpIp},
 };
@@ -122,6 +122,7 @@ fn insert<F: Tracked>(t: &Tuple<F::Addr>, e: &Entry<F::Addr>, now: u64, map_flag
 #[inline(always)]
 fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
     if write(ctx, 0, dmac).is_none() || write(ctx, 6, smac).is_none() {
+        stats::dropped(Hook::Xdp, Reason::RewriteFailed);
         return XDP_DROP;
     }
     XDP_TX
@@ -155,6 +156,7 @@ pub fn handle<F: XdpIp + Tracked>(ctx: &XdpContext) -> Option<u32> {
             // SAFETY: `ptr` came from the lookup above.
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             if rewrite::<F>(ctx, &pkt, &e.to).is_none() {
+                monitor::dropped::<F>(Hook::Xdp, Reason::RewriteFailed, e.svc_id, &pkt.t);
                 return Some(XDP_DROP);
             }
             stats::count(Reason::XdpForwarded);
@@ -173,6 +175,8 @@ pub struct Meta {
     pub flags: u32,
     pub svc_id: u32,
     pub backend_id: u32,
+    /// `Translated` or `AffinityHit`, for the monitor.
+    pub reason: Reason,
     pub now: u64,
 }
 
@@ -200,11 +204,12 @@ pub fn commit<F: XdpIp + Tracked>(
             insert::<F>(key, &reply, meta.now, map_flags)
         });
         if !claimed {
-            stats::count(if snat {
+            let reason = if snat {
                 Reason::SnatPortsExhausted
             } else {
                 Reason::CtFailed
-            });
+            };
+            monitor::dropped::<F>(Hook::Xdp, reason, meta.svc_id, &pkt.t);
             return XDP_DROP;
         }
     }
@@ -219,10 +224,12 @@ pub fn commit<F: XdpIp + Tracked>(
         return XDP_PASS;
     }
     if rewrite::<F>(ctx, pkt, to).is_none() {
+        monitor::dropped::<F>(Hook::Xdp, Reason::RewriteFailed, meta.svc_id, &pkt.t);
         return XDP_DROP;
     }
     stats::count(Reason::NatNew);
     stats::count(Reason::XdpForwarded);
+    monitor::translated::<F>(Hook::Xdp, meta.reason, &pkt.t, &forward);
     if dsr {
         return dsr_out::<F>(ctx, &pkt.t, hop);
     }
@@ -234,9 +241,11 @@ pub fn commit<F: XdpIp + Tracked>(
 #[inline(always)]
 fn dsr_out<F: XdpIp + Tracked>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
     let (Some(frontend), Some(node)) = (dsr::frontend4::<F>(orig), F::v4(&hop.src)) else {
+        monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;
     };
     if add_option(ctx, frontend, orig.dport, node).is_none() {
+        monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;
     }
     stats::count(Reason::DsrSent);

@@ -223,7 +223,8 @@ impl Ip for V6 {
         new: &[u8; 16],
     ) -> Result<(), i64> {
         let (csum_off, mangled) = pkt.csum().ok_or(-1i64)?;
-        let diff = csum::diff16(&mut { *old }, &mut { *new })?;
+        let (mut from, mut to) = (*old, *new);
+        let diff = csum::diff16(&mut from, &mut to)?;
         ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
         ctx.store(off, new, 0)
     }

@@ -8,7 +8,7 @@ use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 use crate::{
     flow::{
         dsr, icmp,
-        tc::{NEW, handle},
+        tc::{NEW, REWRITE_FAILED, handle, rewrite_failed},
     },
     headers::{
         ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -30,11 +30,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             dsr::learn4(ctx);
             match handle::<V4>(ctx) {
                 NEW => start::<V4>(ctx),
+                REWRITE_FAILED => rewrite_failed::<V4>(ctx),
                 action => action,
             }
         }
         ETH_P_IPV6 => match handle::<V6>(ctx) {
             NEW => start::<V6>(ctx),
+            REWRITE_FAILED => rewrite_failed::<V6>(ctx),
             action => action,
         },
         _ => TC_ACT_OK as i32,

@@ -13,17 +13,18 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
-    reason::Reason,
+    reason::{Hook, Reason},
     service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES},
 };
 
 use crate::{
-    access::stats,
+    access::{events, stats},
     flow::{
         conns,
         ct::Entry,
         dsr::{self, dsr_forward},
         fib::{forward, route},
+        monitor,
         nat::{self, rewrite},
     },
     headers::Tuple,
@@ -49,7 +50,65 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     if action == REJECT {
         return reject::reject::<F>(ctx);
     }
+    if action & !0xff == DROPPED {
+        return dropped::<F>(ctx, (action & 0xff) as u32);
+    }
+    if events::watching() {
+        translated::<F>(ctx);
+    }
     action
+}
+
+/// Returned by `new_flow` for a packet to drop, with the `Reason` in the low byte: not a tc
+/// action. The drop is counted and its event written by `dropped`, after `new_flow` returned:
+/// `new_flow`'s frame has no room for the call.
+const DROPPED: i32 = i32::MIN + 0x100;
+
+#[inline(always)]
+fn drop(reason: Reason) -> i32 {
+    DROPPED | reason as i32
+}
+
+/// Counts the drop of the packet for reason `code` and writes its event (the frontend looked
+/// up again: drops are rare).
+#[inline(never)]
+fn dropped<F: Family>(ctx: &TcContext, code: u32) -> i32 {
+    let reason = Reason::from_index(code).unwrap_or(Reason::CtFailed);
+    match F::parse(ctx) {
+        Ok(pkt) => {
+            let svc_id = F::frontend(&pkt.t).map_or(0, |svc| svc.id);
+            monitor::dropped::<F>(Hook::TcIngress, reason, svc_id, &pkt.t);
+        }
+        Err(_) => stats::dropped(Hook::TcIngress, reason),
+    }
+    TC_ACT_SHOT as i32
+}
+
+/// The event of a new flow `new_flow` translated, while a monitor watches: the packet holds the
+/// translated tuple now, and the flow's reply entry (keyed by it, reversed) what the client
+/// sent. A DSR flow has no reply entry here and no event.
+#[inline(never)]
+fn translated<F: Family>(ctx: &TcContext) {
+    let Ok(pkt) = F::parse(ctx) else {
+        return;
+    };
+    let Some(ptr) = F::ct_lookup(&pkt.t.reversed()) else {
+        return;
+    };
+    // SAFETY: `ptr` came from the lookup.
+    let reply = unsafe { F::ct_read(ptr) };
+    if reply.flags & CT_REPLY == 0 {
+        return;
+    }
+    let mut orig = reply.to.reversed();
+    orig.proto = pkt.t.proto;
+    let forward = Entry {
+        to: pkt.t,
+        flags: reply.flags & !CT_REPLY,
+        svc_id: reply.svc_id,
+        backend_id: reply.backend_id,
+    };
+    monitor::translated::<F>(Hook::TcIngress, Reason::Translated, &orig, &forward);
 }
 
 /// The least-connection choice for the packet's frontend (`lb::NO_PICK` for none).
@@ -82,8 +141,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         return TC_ACT_OK as i32;
     };
     if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
-        stats::count(Reason::SourceRangeDrop);
-        return TC_ACT_SHOT as i32;
+        return drop(Reason::SourceRangeDrop);
     }
     let counted = svc.has_flag(FLAG_LEAST_CONN);
     if counted && least == 0 {
@@ -99,8 +157,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         Err(Reason::NoBackends) => return REJECT,
         Err(Reason::NoLocalBackends) => {
             // externalTrafficPolicy Local without a local endpoint: dropped (semantics 3.9).
-            stats::count(Reason::NoLocalBackends);
-            return TC_ACT_SHOT as i32;
+            return drop(Reason::NoLocalBackends);
         }
         Err(r) => {
             stats::count(r);
@@ -161,12 +218,11 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
             F::ct_insert(key, &entry, now, map_flags, 0).is_ok()
         });
     if !claimed {
-        stats::count(if snat {
+        return drop(if snat {
             Reason::SnatPortsExhausted
         } else {
             Reason::CtFailed
         });
-        return TC_ACT_SHOT as i32;
     }
     entry.to = to;
     entry.flags = flags;
@@ -178,12 +234,10 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
         if counted {
             conns::untake(choice.backend_id);
         }
-        stats::count(Reason::CtFailed);
-        return TC_ACT_SHOT as i32;
+        return drop(Reason::CtFailed);
     }
     if rewrite::<F>(ctx, pkt, &to).is_err() {
-        stats::count(Reason::CtFailed);
-        return TC_ACT_SHOT as i32;
+        return drop(Reason::RewriteFailed);
     }
     stats::count(Reason::NatNew);
     if choice.reason == Reason::AffinityHit {

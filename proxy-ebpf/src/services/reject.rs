@@ -8,10 +8,14 @@ use aya_ebpf::{
     helpers::{bpf_redirect, generated::bpf_skb_change_tail},
     programs::TcContext,
 };
-use proxy_common::{proto, reason::Reason};
+use proxy_common::{
+    proto,
+    reason::{Hook, Reason},
+};
 
 use crate::{
     access::stats,
+    flow::monitor,
     headers::{
         AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
         csum::{fold, sum},
@@ -27,6 +31,9 @@ pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     let Ok(pkt) = F::parse(ctx) else {
         return TC_ACT_SHOT as i32;
     };
+    // Not delivered either way: a drop for no backends, answered or not (counted in a frame
+    // of its own, which reads the addresses again: this one has room for the answer only).
+    monitor::dropped_packet::<F>(ctx, Hook::TcIngress, Reason::NoBackends);
     let v4 = F::AF == AF_INET;
     let answered = match pkt.t.proto {
         proto::TCP if pkt.tcp_flags & TCP_RST == 0 => {
@@ -45,7 +52,6 @@ pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
         }
         _ => Err(0),
     };
-    stats::count(Reason::NoBackends);
     if answered.is_err() {
         return TC_ACT_SHOT as i32;
     }

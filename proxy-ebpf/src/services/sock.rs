@@ -5,14 +5,15 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     btf_maps::lpm_trie::Key as LpmKey,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_NETNS},
     backend::{BackendValue, FAMILY_V4, FAMILY_V6},
+    event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
     proto,
-    reason::Reason,
+    reason::{Hook, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
         FLAG_LEAST_CONN, FLAG_SOURCE_RANGES, NETNS_HAS_V4, NETNS_HAS_V6, NetnsSource,
@@ -24,17 +25,139 @@ use aya_log_ebpf::info;
 
 use crate::{
     access::{
-        debug,
+        debug, events,
         maps::{
             LB_NETNS_SRC, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES, SOCK4_REVNAT,
             SOCK6_REVNAT,
         },
         stats,
     },
-    flow::conns,
+    flow::{conns, monitor},
     headers::{hash, ip6_bytes, ip6_words},
     services::lb::{self, Choice},
 };
+
+/// The hook of a forward translation.
+#[inline(always)]
+const fn hook<const SEND: bool>() -> Hook {
+    if SEND { Hook::Sendmsg } else { Hook::Connect }
+}
+
+/// The event of a refused connect()/sendmsg(): the frontend as the application wrote it, the
+/// client as its network namespace's address (when the agent knows it).
+/// `V4`: the hook is connect4/sendmsg4 (each family's hooks may read only its own context
+/// fields).
+#[inline(never)]
+fn dropped_event<const V4: bool>(ctx: &SockAddrContext, hook_reason: u32) {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
+    let sa = unsafe { &*ctx.sock_addr };
+    let v4 = V4;
+    let Some(mut entry) = events::reserve() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved, writable event; every field is written before it is
+    // submitted.
+    unsafe {
+        (*e).kind = EVENT_DROPPED;
+        (*e).backend = [0; 16];
+        (*e).backend_port = 0;
+        (*e).backend_id = 0;
+        (*e).svc_id = 0;
+        if v4 {
+            (*e).frontend = [0; 16];
+            core::ptr::write_unaligned((*e).frontend.as_mut_ptr().cast::<u32>(), sa.user_ip4);
+        } else {
+            // One 32-bit load per word: the context allows no wider access.
+            let words = [
+                core::ptr::read_volatile(&sa.user_ip6[0]),
+                core::ptr::read_volatile(&sa.user_ip6[1]),
+                core::ptr::read_volatile(&sa.user_ip6[2]),
+                core::ptr::read_volatile(&sa.user_ip6[3]),
+            ];
+            core::ptr::write_unaligned((*e).frontend.as_mut_ptr().cast::<[u32; 4]>(), words);
+        }
+        (*e).frontend_port = port_from_ctx(sa.user_port);
+        fill_sock_event(ctx, e, hook_reason, v4);
+    }
+    entry.submit(0);
+}
+
+/// The event of a translated connect()/sendmsg() to `frontend` (`addr` bytes, `port`): the
+/// backend as the context now holds it.
+#[inline(never)]
+fn translated_event<const V4: bool>(
+    ctx: &SockAddrContext,
+    hook_reason: u32,
+    ids: u64,
+    frontend: &[u8; 16],
+    port: u16,
+) {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
+    let sa = unsafe { &*ctx.sock_addr };
+    let v4 = V4;
+    let Some(mut entry) = events::reserve() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at the reserved, writable event; every field is written before it is
+    // submitted.
+    unsafe {
+        (*e).kind = EVENT_TRANSLATED;
+        (*e).svc_id = (ids >> 32) as u32;
+        (*e).backend_id = ids as u32;
+        (*e).frontend = *frontend;
+        (*e).frontend_port = port;
+        if v4 {
+            (*e).backend = [0; 16];
+            core::ptr::write_unaligned((*e).backend.as_mut_ptr().cast::<u32>(), sa.user_ip4);
+        } else {
+            // One 32-bit load per word: the context allows no wider access.
+            let words = [
+                core::ptr::read_volatile(&sa.user_ip6[0]),
+                core::ptr::read_volatile(&sa.user_ip6[1]),
+                core::ptr::read_volatile(&sa.user_ip6[2]),
+                core::ptr::read_volatile(&sa.user_ip6[3]),
+            ];
+            core::ptr::write_unaligned((*e).backend.as_mut_ptr().cast::<[u32; 4]>(), words);
+        }
+        (*e).backend_port = port_from_ctx(sa.user_port);
+        fill_sock_event(ctx, e, hook_reason, v4);
+    }
+    entry.submit(0);
+}
+
+/// The fields both socket events share: hook, reason, family, protocol, time, client.
+///
+/// # Safety
+/// `e` must point at a reserved event.
+#[inline(always)]
+unsafe fn fill_sock_event(ctx: &SockAddrContext, e: *mut Event, hook_reason: u32, v4: bool) {
+    // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ns = netns_source(ctx);
+    // SAFETY: the caller's reserved event.
+    unsafe {
+        (*e).hook = (hook_reason >> 24) as u8;
+        (*e).reason = hook_reason & 0x00ff_ffff;
+        (*e).family = if v4 { FAMILY_V4 } else { FAMILY_V6 };
+        (*e).proto = sa.protocol as u8;
+        (*e).time_ns = bpf_ktime_get_ns();
+        (*e).client = [0; 16];
+        (*e).client_port = 0;
+        (*e)._pad = 0;
+        match ns {
+            Some(ns) if v4 && ns.flags & NETNS_HAS_V4 != 0 => {
+                (*e).client[0] = ns.v4[0];
+                (*e).client[1] = ns.v4[1];
+                (*e).client[2] = ns.v4[2];
+                (*e).client[3] = ns.v4[3];
+            }
+            Some(ns) if !v4 && ns.flags & NETNS_HAS_V6 != 0 => (*e).client = ns.v6,
+            _ => {}
+        }
+    }
+}
 
 const ECONNREFUSED: i32 = 111;
 const EPERM: i32 = 1;
@@ -45,17 +168,29 @@ const EPERM: i32 = 1;
 /// (kube-proxy's REJECT, semantics 3.7), a policy drop fails with EPERM (semantics 3.8: the
 /// socket layer cannot silently lose a connect, so it fails fast instead of hanging). Every other
 /// reason leaves the socket as the application wrote it.
+/// `SEND`: the sendmsg hook (else connect), for the drop counters and events; `V4`: an IPv4
+/// hook.
 #[inline(always)]
-pub fn verdict(ctx: &SockAddrContext, outcome: Result<Reason, Reason>) -> i32 {
+pub fn verdict<const SEND: bool, const V4: bool>(
+    ctx: &SockAddrContext,
+    outcome: Result<Reason, Reason>,
+) -> i32 {
     let reason = match outcome {
         Ok(reason) | Err(reason) => reason,
     };
-    stats::count(reason);
     let errno = match reason {
         Reason::NoBackends => ECONNREFUSED,
         Reason::NoLocalBackends | Reason::SourceRefused => EPERM,
-        _ => return 1,
+        _ => {
+            stats::count(reason);
+            return 1;
+        }
     };
+    let hook = hook::<SEND>();
+    stats::dropped(hook, reason);
+    if events::watching() {
+        dropped_event::<V4>(ctx, monitor::pack(hook, reason));
+    }
     if debug::enabled() {
         info!(
             ctx,
@@ -406,6 +541,20 @@ pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     conns::remember(ctx, FAMILY_V4, &remembered, backend.port);
     sa.user_ip4 = u32::from_ne_bytes(backend_addr);
     sa.user_port = port_to_ctx(backend.port);
+    if events::watching() {
+        let mut frontend = [0u8; 16];
+        frontend[0] = key.addr[0];
+        frontend[1] = key.addr[1];
+        frontend[2] = key.addr[2];
+        frontend[3] = key.addr[3];
+        translated_event::<true>(
+            ctx,
+            monitor::pack(hook::<SEND>(), reason),
+            (u64::from(svc.id) << 32) | u64::from(backend_id),
+            &frontend,
+            key.port,
+        );
+    }
     if debug::enabled() {
         info!(
             ctx,
@@ -499,6 +648,15 @@ pub fn fwd6<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         conns::count(ctx, backend_id);
     }
     commit6(ctx, &key, &backend, svc.id, mapped)?;
+    if events::watching() {
+        translated_event::<false>(
+            ctx,
+            monitor::pack(hook::<SEND>(), reason),
+            (u64::from(svc.id) << 32) | u64::from(backend_id),
+            &key.addr,
+            key.port,
+        );
+    }
     Ok(reason)
 }
 

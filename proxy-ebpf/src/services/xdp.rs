@@ -13,14 +13,14 @@ use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
     backend::BackendValue,
     ct::{CT_DSR, CT_SNAT},
-    reason::Reason,
+    reason::{Hook, Reason},
     service::{FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
 };
 
 use crate::{
     access::stats,
     flow::{
-        dsr,
+        dsr, monitor,
         xdp::{Hop, Meta, commit, hop},
     },
     headers::{Tuple, xdp::XdpIp},
@@ -57,7 +57,7 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
     if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
-        stats::count(Reason::SourceRangeDrop);
+        monitor::dropped::<F>(Hook::Xdp, Reason::SourceRangeDrop, svc.id, &pkt.t);
         return XDP_DROP;
     }
     // Flows of stateful schedulers are started at tc, and their later packets handled here:
@@ -82,7 +82,7 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
     match pick::<F>(&svc, &pkt.t, &mut choice) {
         Ok(()) => {}
         Err(Reason::NoLocalBackends) => {
-            stats::count(Reason::NoLocalBackends);
+            monitor::dropped::<F>(Hook::Xdp, Reason::NoLocalBackends, svc.id, &pkt.t);
             return XDP_DROP;
         }
         // No backends (tc rejects), or userspace mid-update.
@@ -123,6 +123,7 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
         flags,
         svc_id: svc.id,
         backend_id: choice.backend_id,
+        reason: choice.reason,
         now,
     };
     commit::<F>(ctx, pkt, &mut to, &meta, &h)

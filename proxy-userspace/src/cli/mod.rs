@@ -4,6 +4,7 @@
 pub mod api;
 mod config;
 mod explain;
+mod monitor;
 pub mod output;
 mod run;
 #[cfg(test)]
@@ -81,6 +82,9 @@ enum Command {
     Explain(explain::ExplainArgs),
     /// Compare the kernel's maps with the state computed from the source; exit 1 on drift.
     Verify(verify::VerifyArgs),
+    /// Stream the data path's translations and drops as they happen (text or JSON lines),
+    /// filtered by Service, address, reason or kind; events are on only while a monitor runs.
+    Monitor(monitor::MonitorArgs),
     /// Turn the BPF programs' debug logs on or off at runtime (they appear in the agent's log).
     DebugLog {
         #[arg(value_enum)]
@@ -348,6 +352,7 @@ pub fn main() {
         Command::Services(args) => status::services(&args),
         Command::Explain(args) => explain::explain(&args),
         Command::Verify(args) => verify::verify(&args),
+        Command::Monitor(args) => monitor::run(args),
         Command::DebugLog { state, bpffs } => bpf::Maps::open_pinned(&bpffs)
             .and_then(|mut maps| maps.set_debug_log(state == OnOff::On))
             .map(|()| {

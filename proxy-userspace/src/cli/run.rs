@@ -229,6 +229,16 @@ fn poll_kernel_counters(
                 }
                 Err(e) => log::debug!("datapath counters: {e:#}"),
             }
+            match bpf::Maps::open_pinned(&pin_dir).and_then(|m| m.drops()) {
+                Ok(drops) => {
+                    let totals: Vec<(&str, &str, u64)> = drops
+                        .iter()
+                        .map(|(hook, reason, n)| (hook.name(), reason.name(), *n))
+                        .collect();
+                    metrics.set_drop_totals(&totals);
+                }
+                Err(e) => log::debug!("drop counters: {e:#}"),
+            }
             thread::sleep(Duration::from_secs(5));
         }
     });

@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, MapInfo, MapType,
-        PerCpuArray, lpm_trie::Key as LpmKey,
+        PerCpuArray, RingBuf, lpm_trie::Key as LpmKey,
     },
     programs::{
         CgroupAttachMode, SchedClassifier, TestRun as _, TestRunOptions, Xdp, XdpMode,
@@ -31,7 +31,7 @@ use proxy_common::{
     info::{AgentState, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps as names, proto as proto_common,
-    reason::{REASON_COUNT, Reason},
+    reason::{Hook, REASON_COUNT, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
         MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
@@ -111,6 +111,8 @@ pub struct Maps {
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     conns: Array<MapData, u64>,
     rr: HashMap<MapData, u32, u32>,
+    drops: PerCpuArray<MapData, u64>,
+    monitor: Array<MapData, u64>,
     /// `conn_release`, where it is pinned (not before the first `load`).
     release: Option<Xdp>,
 }
@@ -221,8 +223,21 @@ fn map_of_type(map_type: MapType, data: MapData) -> Option<Map> {
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::Array => Map::Array(data),
         MapType::LpmTrie => Map::LpmTrie(data),
+        MapType::RingBuf => Map::RingBuf(data),
         _ => return None,
     })
+}
+
+/// The monitor's ring buffer pinned under `pin_dir`.
+pub fn open_events(pin_dir: &Path) -> anyhow::Result<RingBuf<MapData>> {
+    let path = pin_dir.join(names::LB_EVENTS);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "open pinned map {} (is an agent of this version running?)",
+            path.display()
+        )
+    })?;
+    RingBuf::try_from(Map::RingBuf(data)).context("LB_EVENTS: unexpected map type")
 }
 
 impl Maps {
@@ -247,6 +262,8 @@ impl Maps {
             maglev: source.take(names::LB_MAGLEV)?,
             conns: source.take(names::LB_CONNS)?,
             rr: source.take(names::LB_RR)?,
+            drops: source.take(names::LB_DROPS)?,
+            monitor: source.take(names::LB_MONITOR)?,
             release: match source {
                 MapSource::Pins(dir) => {
                     Xdp::from_pin(dir.join(RELEASE_PIN), XdpAttachType::Interface).ok()
@@ -281,6 +298,35 @@ impl Maps {
             out.push((reason, sum));
         }
         Ok(out)
+    }
+
+    /// Drop counters summed over CPUs, those above zero: (hook, reason, drops).
+    pub fn drops(&self) -> anyhow::Result<Vec<(Hook, Reason, u64)>> {
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            for reason in Reason::ALL {
+                let sum: u64 = match self.drops.get(&hook.drop_index(reason), 0) {
+                    Ok(values) => values.iter().sum(),
+                    Err(MapError::OutOfBounds { .. }) => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if sum > 0 {
+                    out.push((hook, reason, sum));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lets the programs write monitor events until `until_ns` (`CLOCK_MONOTONIC`, as
+    /// `bpf_ktime_get_ns` reads it); 0 stops them.
+    pub fn set_monitor_until(&mut self, until_ns: u64) -> anyhow::Result<()> {
+        self.monitor.set(0, until_ns, 0).context("write LB_MONITOR")
+    }
+
+    /// Until when the programs write monitor events (0: they do not).
+    pub fn monitor_until(&self) -> anyhow::Result<u64> {
+        Ok(self.monitor.get(&0, 0)?)
     }
 
     /// Session affinity entries.
@@ -597,8 +643,8 @@ pub fn map_fill_known(
         let used = match info.map_type()? {
             // Arrays always hold max_entries entries.
             MapType::Array | MapType::PerCpuArray => info.max_entries(),
-            // Socket storage lives in the sockets: nothing to count here.
-            MapType::SkStorage => 0,
+            // Socket storage lives in the sockets, events in the ring: nothing to count here.
+            MapType::SkStorage | MapType::RingBuf => 0,
             _ => {
                 let data = MapData::from_pin(&path)?;
                 count_entries(data.fd().as_fd(), info.key_size(), info.max_entries())?
@@ -1597,6 +1643,15 @@ impl Detached {
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         Ok(Detached { ebpf, maps })
+    }
+
+    /// The monitor's ring buffer (taken once: a second call fails).
+    pub fn events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::LB_EVENTS)
+            .ok_or_else(|| anyhow!("LB_EVENTS: not in the object, or taken already"))?;
+        RingBuf::try_from(map).context("LB_EVENTS: unexpected map type")
     }
 
     /// Runs the tc ingress program on `frame` (an Ethernet frame), which it sees as arriving on
