@@ -1319,7 +1319,7 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
             "--example",
             "kube_latency",
         ])
-        .stderr(std::process::Stdio::null())
+        .stderr(Stdio::null())
         .output()?;
     let kube: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -1334,7 +1334,7 @@ fn control_plane(settings: &Settings) -> anyhow::Result<String> {
         let out = std::process::Command::new(env!("CARGO"))
             .args(["run", "--release", "-p", "proxy-userspace", "--example"])
             .args(["plan_scale", "--", "10000", size, "40"])
-            .stderr(std::process::Stdio::null())
+            .stderr(Stdio::null())
             .output()?;
         stages.extend(
             String::from_utf8_lossy(&out.stdout)
@@ -1428,6 +1428,29 @@ fn datapath(
     report
         .external
         .push(paired(direct, bpf, Target::ExternalIp, w, settings)?);
+    // The monitor's cost: the same close call while a `monitor` reads every event.
+    eprintln!(
+        "    paired bpf (monitor watching)/direct TCP_CRR runs: {}",
+        settings.pairs
+    );
+    let agent = bpf.agent.as_ref().context("the bpf node runs the agent")?;
+    let binary = agent
+        .binary
+        .clone()
+        .unwrap_or_else(|| workspace_binary("kube-bpf-proxy"));
+    let mut monitor = Command::new(binary)
+        .args(["monitor", "--output", "json", "--bpffs"])
+        .arg(&agent.pin_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start kube-bpf-proxy monitor")?;
+    let watched = paired(direct, bpf, Target::SvcMid, w, settings);
+    // SIGTERM: the monitor switches the events off as it leaves.
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(monitor.id() as i32, libc::SIGTERM) };
+    let _ = monitor.wait();
+    report.monitored.push(watched?);
     report.add_datapath(w.services, &samples, settings.reps);
     report.samples.extend(samples);
     Ok(())

@@ -621,6 +621,7 @@ fn status_json_follows_its_schema() {
             .collect(),
         memlock: BTreeMap::from([("LB4_SERVICES", 4096)]),
         stats: Reason::ALL.iter().map(|r| (*r, 5)).collect(),
+        drops: vec![(proxy_common::reason::Hook::Connect, Reason::NoBackends, 2)],
     });
     let v = doc(&view);
     assert_valid(STATUS, &v);
@@ -666,6 +667,7 @@ fn status_json_follows_its_schema() {
         fill: Vec::new(),
         memlock: BTreeMap::new(),
         stats: Vec::new(),
+        drops: Vec::new(),
     }));
     assert_valid(STATUS, &fresh);
     assert!(fresh["agent"].get("lastSyncAgeSeconds").is_none());

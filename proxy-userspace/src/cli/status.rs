@@ -7,7 +7,7 @@ use std::{
 
 use proxy_common::{
     info::{AgentState, IfaceInfo},
-    reason::Reason,
+    reason::{Hook, Reason},
 };
 use serde::Serialize;
 
@@ -52,6 +52,16 @@ struct MapFill {
 #[serde(rename_all = "camelCase")]
 struct Counter {
     /// The datapath event, as the `reason` label of `kube_bpf_proxy_datapath_events_total`.
+    reason: &'static str,
+    count: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DropCounter {
+    /// The program, as the `hook` label of `kube_bpf_proxy_drops_total`.
+    hook: &'static str,
+    /// Why, as its `reason` label.
     reason: &'static str,
     count: u64,
 }
@@ -125,6 +135,8 @@ pub struct StatusView {
     interfaces_missing: Vec<String>,
     maps: Vec<MapFill>,
     counters: Vec<Counter>,
+    /// Drops by hook and reason (those above zero).
+    drops: Vec<DropCounter>,
 }
 
 impl Kind for StatusView {
@@ -149,6 +161,7 @@ pub struct StatusInputs {
     pub fill: Vec<(&'static str, u32, u32)>,
     pub memlock: BTreeMap<&'static str, u64>,
     pub stats: Vec<(Reason, u64)>,
+    pub drops: Vec<(Hook, Reason, u64)>,
 }
 
 /// PURE: the `Status` document of what `status` read.
@@ -218,6 +231,15 @@ pub fn status_view(inputs: StatusInputs) -> StatusView {
             .stats
             .into_iter()
             .map(|(reason, count)| Counter {
+                reason: reason.name(),
+                count,
+            })
+            .collect(),
+        drops: inputs
+            .drops
+            .into_iter()
+            .map(|(hook, reason, count)| DropCounter {
+                hook: hook.name(),
                 reason: reason.name(),
                 count,
             })
@@ -296,6 +318,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         fill: bpf::map_fill(&args.bpffs)?,
         memlock: bpf::map_memlock(&args.bpffs)?.into_iter().collect(),
         stats: maps.stats()?,
+        drops: maps.drops()?,
     });
     if args.output == Format::Json {
         return json(&Document::of(&view));
@@ -390,6 +413,21 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         .map(|c| vec![c.reason.to_string(), c.count.to_string()])
         .collect();
     print!("{}", table(&["DATAPATH EVENT", "COUNT"], &counters));
+    if !view.drops.is_empty() {
+        println!();
+        let drops: Vec<Vec<String>> = view
+            .drops
+            .iter()
+            .map(|d| {
+                vec![
+                    d.hook.to_string(),
+                    d.reason.to_string(),
+                    d.count.to_string(),
+                ]
+            })
+            .collect();
+        print!("{}", table(&["DROPPED AT", "REASON", "COUNT"], &drops));
+    }
     Ok(())
 }
 

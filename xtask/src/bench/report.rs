@@ -276,6 +276,10 @@ pub struct Report {
     /// The external data path (tc): bpf to the middle Service's externalIP vs direct.
     #[serde(default)]
     pub external: Vec<PairedRow>,
+    /// The close call again while `kube-bpf-proxy monitor` reads every event (absent from
+    /// reports written before it existed).
+    #[serde(default)]
+    pub monitored: Vec<PairedRow>,
     pub control_plane: Vec<CpRow>,
     pub memory: Vec<MemRow>,
     pub targets: Vec<TargetRow>,
@@ -305,6 +309,7 @@ impl Report {
             paired: Vec::new(),
             schedulers: Vec::new(),
             external: Vec::new(),
+            monitored: Vec::new(),
             control_plane: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
@@ -809,6 +814,20 @@ impl Report {
                 s.pair_secs
             );
             for p in &self.external {
+                let _ = writeln!(out, "- {} Services: {}", p.services, p.line());
+            }
+        }
+        if !self.monitored.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Data path with a monitor watching\n\nbpf/direct to the middle Service \
+                 while `kube-bpf-proxy monitor --output json` reads every event (one per \
+                 connect), TCP_CRR back-to-back pairs of {} s, median paired ratio [min-max]; \
+                 compare with the close call above, where no monitor watches and the programs \
+                 write no event:",
+                s.pair_secs
+            );
+            for p in &self.monitored {
                 let _ = writeln!(out, "- {} Services: {}", p.services, p.line());
             }
         }
