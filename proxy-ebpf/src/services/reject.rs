@@ -29,6 +29,7 @@ const TTL: u8 = 64;
 #[inline(never)]
 pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     let Ok(pkt) = F::parse(ctx) else {
+        stats::dropped(Hook::TcIngress, Reason::NoBackends);
         return TC_ACT_SHOT as i32;
     };
     // Not delivered either way: a drop for no backends, answered or not (counted in a frame
