@@ -171,4 +171,27 @@ impl Ct6Key {
     }
 }
 
-pod!(Ct4Key, Ct4Value, Ct6Key, Ct6Value);
+/// Key of `LB_FRAG4`: one fragmented IPv4 datagram (its source, destination, identification
+/// and protocol).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frag4Key {
+    /// Network byte order.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The IP header's identification, host byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `LB_FRAG4`: the ports the datagram's first fragment carried (host byte order),
+/// for its later fragments, which carry none.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+pod!(Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, FragPorts);

@@ -35,6 +35,10 @@ pub const LB_SOCK: &str = "LB_SOCK";
 /// Per-CPU counters indexed by `reason::Reason`.
 pub const LB_STATS: &str = "LB_STATS";
 
+/// Ports of fragmented IPv4 datagrams by their first fragment: `ct::Frag4Key` →
+/// `ct::FragPorts` (LRU). Written by the programs.
+pub const LB_FRAG4: &str = "LB_FRAG4";
+
 /// Per-CPU drop counters indexed by `reason::Hook::drop_index` (hook × reason).
 pub const LB_DROPS: &str = "LB_DROPS";
 /// Flow events for `monitor`: a ring buffer of `event::Event`.
@@ -66,7 +70,7 @@ pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
 pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 28] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -94,6 +98,7 @@ pub const ALL: [&str; 27] = [
     LB_DROPS,
     LB_EVENTS,
     LB_MONITOR,
+    LB_FRAG4,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under
@@ -119,3 +124,5 @@ pub const DSR_PEERS_MAX: usize = 16_384;
 pub const DSR_BUDGET_MAX: usize = 16_384;
 /// Network namespaces on the node (pods, and the host's own).
 pub const NETNS_MAX: usize = 16_384;
+/// Fragmented datagrams in flight whose later fragments can be translated (LRU).
+pub const FRAG_MAX: usize = 8_192;

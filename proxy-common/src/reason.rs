@@ -84,10 +84,13 @@ pub enum Reason {
     /// A monitor event was not written: the ring buffer was full (nobody reading, or reading
     /// too slowly). The packet or socket went on as without a monitor.
     EventsLost = 33,
+    /// tc: a later fragment of a tracked flow's datagram was translated as its first
+    /// fragment's flow (`LB_FRAG4` remembered the ports).
+    FragmentTranslated = 34,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 34;
+pub const REASON_COUNT: u32 = 35;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -125,6 +128,7 @@ impl Reason {
         Reason::RewriteFailed,
         Reason::DsrFailed,
         Reason::EventsLost,
+        Reason::FragmentTranslated,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -164,6 +168,7 @@ impl Reason {
             Reason::RewriteFailed => "rewrite_failed",
             Reason::DsrFailed => "dsr_failed",
             Reason::EventsLost => "events_lost",
+            Reason::FragmentTranslated => "fragment_translated",
         }
     }
 

@@ -544,7 +544,8 @@ fn tc_drops_sources_outside_the_load_balancer_ranges() {
     assert_eq!(seen(&out.packet).dst, (REMOTE_POD, 8080));
 }
 
-/// A fragment carries no complete ports: it passes untouched and is counted.
+/// A later fragment carries no ports: one whose first fragment was not seen (arriving first,
+/// or of a datagram of no tracked flow) passes untouched and is counted.
 #[test]
 fn tc_passes_fragments_untouched_and_counts_them() {
     if !privileged() {
@@ -552,7 +553,8 @@ fn tc_passes_fragments_untouched_and_counts_them() {
     }
     let mut rig = Rig::new();
     let mut frame = tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN);
-    frame[14 + 6] = 0x20; // more fragments
+    frame[14 + 6] = 0x00; // offset 16 x 8 bytes, no first fragment seen
+    frame[14 + 7] = 0x10;
     frame[14 + 10] = 0;
     frame[14 + 11] = 0;
     let c = checksum(&frame[14..34], 0);
@@ -1192,4 +1194,103 @@ fn a_full_event_ring_loses_events_never_packets() {
     let mut ring = rig.dp.events().expect("the event ring");
     let kept = drain(&mut ring).len() as u64;
     assert_eq!(kept + lost, SENT, "every event written or counted as lost");
+}
+
+/// The two fragments of an IPv4 datagram `l4` (a TCP or UDP header and payload): the first
+/// holds its first `first_len` bytes (a multiple of 8) with more-fragments set, the second the
+/// rest at that offset; both with identification `id`.
+fn fragments4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+    first_len: usize,
+    id: u16,
+) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0);
+    let frame = |part: &[u8], flags_offset: u16| {
+        let mut f = ipv4_frame(src, dst, proto, part);
+        f[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+        f[14 + 6..14 + 8].copy_from_slice(&flags_offset.to_be_bytes());
+        f[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[14..34], 0);
+        f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    (
+        frame(&l4[..first_len], 0x2000),
+        frame(&l4[first_len..], (first_len / 8) as u16),
+    )
+}
+
+/// (source, destination, identification, flags and offset, payload) of an IPv4 frame whose
+/// header checksum holds.
+fn ip4_parts(frame: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16, Vec<u8>) {
+    let ip = &frame[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum of {frame:02x?}");
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    (
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([ip[4], ip[5]]),
+        u16::from_be_bytes([ip[6], ip[7]]),
+        frame[34..14 + total].to_vec(),
+    )
+}
+
+/// IP fragments (issue #23): the first fragment of a datagram to a node port is translated
+/// (and masqueraded) as any packet, and its ports remembered; the later fragment, which
+/// carries no ports, is translated to the same backend and source. Reassembled, the datagram's
+/// checksum holds for the translated addresses.
+#[test]
+fn tc_translates_the_later_fragments_of_a_datagram_as_its_first() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut segment = vec![0u8; 20];
+    segment[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    segment[2..4].copy_from_slice(&30081u16.to_be_bytes());
+    segment[12] = 5 << 4;
+    segment[13] = TCP_SYN;
+    segment.extend((0..44u8).map(|i| i.wrapping_mul(7)));
+    let c = checksum(&segment, pseudo_sum(CLIENT, NODE, 6, segment.len()));
+    segment[16..18].copy_from_slice(&c.to_be_bytes());
+    let (first, later) = fragments4(CLIENT, NODE, 6, &segment, 48, 0x4242);
+    let out1 = rig.tc(&first);
+    assert_eq!(out1.verdict, TC_ACT_REDIRECT);
+    let out2 = rig.tc(&later);
+    assert_eq!(out2.verdict, TC_ACT_REDIRECT);
+    assert_eq!(rig.count(Reason::FragmentTranslated), 1);
+    let (src1, dst1, id1, fo1, part1) = ip4_parts(&out1.packet);
+    let (src2, dst2, id2, fo2, part2) = ip4_parts(&out2.packet);
+    assert_eq!(
+        (src1, dst1),
+        (NODE, REMOTE_POD),
+        "masqueraded to the backend"
+    );
+    assert_eq!(
+        (src2, dst2),
+        (src1, dst1),
+        "the later fragment goes the same way"
+    );
+    assert_eq!((id1, fo1, id2, fo2), (0x4242, 0x2000, 0x4242, 6));
+    assert_eq!(
+        part2,
+        segment[48..],
+        "a later fragment's payload is untouched"
+    );
+    let whole = [part1, part2].concat();
+    assert_eq!(
+        checksum(&whole, pseudo_sum(src1, dst1, 6, whole.len())),
+        0,
+        "the reassembled segment's checksum"
+    );
+    assert_eq!(u16::from_be_bytes([whole[2], whole[3]]), 8080);
+    // Another datagram's later fragment, its first never seen: untouched.
+    let (_, stray) = fragments4(CLIENT, NODE, 6, &segment, 48, 0x4343);
+    let out = rig.tc(&stray);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, stray);
+    assert_eq!(rig.count(Reason::Fragment), 1);
 }

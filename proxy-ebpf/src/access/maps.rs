@@ -9,7 +9,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{BackendValue, SockConn},
     config::ConfigValue,
-    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value},
+    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, FragPorts},
     dsr::DsrBudget,
     event::{EVENTS_BYTES, Event},
     info::{AgentState, IfaceInfo, ServiceInfo},
@@ -103,6 +103,11 @@ pub static LB_SOCK: SkStorage<SockConn> = SkStorage::new();
 /// Counters per `Reason`, per CPU.
 #[btf_map]
 pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Ports of fragmented IPv4 datagrams, remembered from their first fragment for the later
+/// ones (which carry none). LRU: a datagram's fragments arrive within moments.
+#[btf_map]
+pub static LB_FRAG4: LruHashMap<Frag4Key, FragPorts, FRAG_MAX> = LruHashMap::new();
 
 /// Drop counters per hook and reason (`Hook::drop_index`), per CPU.
 #[btf_map]

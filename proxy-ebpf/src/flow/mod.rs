@@ -7,6 +7,7 @@ pub mod conns;
 pub mod ct;
 pub mod dsr;
 pub mod fib;
+pub mod frag;
 pub mod icmp;
 pub mod monitor;
 pub mod nat;

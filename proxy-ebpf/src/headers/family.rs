@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use proxy_common::{backend::BackendValue, proto, reason::Reason};
 
-use super::{AF_INET, AF_INET6, ETH_HLEN, Packet, Tuple, csum, hash, ip6_bytes, ip6_words};
+use super::{
+    AF_INET, AF_INET6, ETH_HLEN, FRAG_OFFSET, Packet, Tuple, csum, hash, ip6_bytes, ip6_words,
+};
 
 /// What differs between IPv4 and IPv6 in a packet's headers.
 pub trait Ip {
@@ -85,8 +87,10 @@ impl Ip for V4 {
             return Err(None);
         }
         let frag = u16::from_be(ctx.load::<u16>(l3 + 6).map_err(|_| None)?);
-        // More-fragments set or a non-zero offset: no complete ports to match on.
-        if frag & 0x3fff != 0 {
+        // A later fragment (non-zero offset) carries no ports: `flow::frag` handles it. A first
+        // fragment carries them and is translated as any packet (its checksum covers the whole
+        // datagram, which the incremental updates keep right).
+        if frag & FRAG_OFFSET != 0 {
             return Err(Some(Reason::Fragment));
         }
         let proto_ = ctx.load::<u8>(l3 + 9).map_err(|_| None)?;

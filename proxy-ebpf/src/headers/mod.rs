@@ -15,6 +15,10 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv4 flags and fragment offset (host order): the offset's bits.
+pub const FRAG_OFFSET: u16 = 0x1fff;
+/// IPv4 flags and fragment offset (host order): more fragments.
+pub const FRAG_MORE: u16 = 0x2000;
 
 pub const ETH_HLEN: usize = 14;
 pub const TCP_FIN: u8 = 0x01;

@@ -7,11 +7,11 @@ use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
     flow::{
-        dsr, icmp,
+        dsr, frag, icmp,
         tc::{NEW, REWRITE_FAILED, handle, rewrite_failed},
     },
     headers::{
-        ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        ETH_HLEN, FRAG_MORE, FRAG_OFFSET, IPPROTO_ICMP, IPPROTO_ICMPV6,
         family::{V4, V6},
     },
     services::nodeport::start,
@@ -27,6 +27,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(IPPROTO_ICMP) => icmp::icmp4(ctx),
         ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_ICMPV6) => icmp::icmp6(ctx),
         ETH_P_IP => {
+            let frag = ctx.load::<u16>(ETH_HLEN + 6).map_or(0, u16::from_be);
+            if frag & FRAG_OFFSET != 0 {
+                return frag::later4(ctx);
+            }
+            if frag & FRAG_MORE != 0 {
+                frag::remember_first4(ctx);
+            }
             dsr::learn4(ctx);
             match handle::<V4>(ctx) {
                 NEW => start::<V4>(ctx),

@@ -29,13 +29,18 @@ fn serve(name: String, port: u16) {
     let udp = UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind udp {any}: {e}"));
     let udp_name = name.clone();
     thread::spawn(move || {
-        let mut buf = [0u8; 1500];
+        let mut buf = vec![0u8; 65536];
         loop {
-            let Ok((_, peer)) = udp.recv_from(&mut buf) else {
+            let Ok((n, peer)) = udp.recv_from(&mut buf) else {
                 continue;
             };
-            let reply = format!("{udp_name} {}\n", canonical(peer));
-            let _ = udp.send_to(reply.as_bytes(), peer);
+            let mut reply = format!("{udp_name} {}\n", canonical(peer)).into_bytes();
+            // A large request (one that was fragmented on the way) gets as large an answer,
+            // so the reply is fragmented too.
+            if n > 1000 && reply.len() < n {
+                reply.resize(n, b' ');
+            }
+            let _ = udp.send_to(&reply, peer);
         }
     });
     println!("ready");
@@ -207,16 +212,30 @@ fn udp_once(to: SocketAddr, connected: bool) -> std::io::Result<(String, String,
     {
         set_hops(&socket, to.is_ipv4(), ttl)?;
     }
-    let mut buf = [0u8; 1500];
+    // $TESTHOST_UDP_SIZE pads the datagram to that many bytes (past the MTU: fragmented).
+    let mut request = b"hello\n".to_vec();
+    if let Some(size) = std::env::var("TESTHOST_UDP_SIZE")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        request.resize(size.max(request.len()), b' ');
+    }
+    let mut buf = vec![0u8; 65536];
     let (n, peer) = if connected {
         socket.connect(to)?;
-        socket.send(b"hello\n")?;
+        socket.send(&request)?;
         let n = socket.recv(&mut buf)?;
         (n, socket.peer_addr()?)
     } else {
-        socket.send_to(b"hello\n", to)?;
+        socket.send_to(&request, to)?;
         socket.recv_from(&mut buf)?
     };
+    if request.len() > 1000 && n < request.len() {
+        return Err(std::io::Error::other(format!(
+            "a reply of {n} bytes to a request of {}",
+            request.len()
+        )));
+    }
     let (backend, seen) = parse_reply(&String::from_utf8_lossy(&buf[..n]));
     Ok((backend, seen, canonical(peer)))
 }

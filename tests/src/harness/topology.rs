@@ -271,6 +271,14 @@ pub fn udp_from_port(ns: &NetNs, to: SocketAddr, source_port: u16) -> Reply {
     replies.pop().expect("one reply")
 }
 
+/// One UDP request of `size` bytes from `ns` (outside the cgroup): past the path's MTU it
+/// leaves in fragments, and the server answers with as many bytes (fragmented too).
+pub fn udp_sized(ns: &NetNs, to: SocketAddr, size: usize) -> Reply {
+    let size = size.to_string();
+    let mut replies = request_with(ns, None, Proto::Udp, to, 1, &[("TESTHOST_UDP_SIZE", &size)]);
+    replies.pop().expect("one reply")
+}
+
 /// One UDP request from `ns` (outside the cgroup) sent with TTL (hop limit) `ttl`.
 pub fn udp_with_ttl(ns: &NetNs, to: SocketAddr, ttl: u8) -> Reply {
     let ttl = ttl.to_string();

@@ -1,0 +1,106 @@
+//! IPv4 fragments at tc. Only a datagram's first fragment carries its ports, so the first
+//! fragment's ports are remembered by (source, destination, identification, protocol) in
+//! `LB_FRAG4`, and each later fragment is translated as the flow those ports name (addresses
+//! only: a later fragment has no layer-4 header, and the datagram's checksum, in the first
+//! fragment, was updated with it). A later fragment that arrives before its first one, or whose
+//! datagram belongs to no tracked flow, passes untouched (counted as `fragment`): without the
+//! first fragment's ports nothing says which flow it is, and the stack's reassembly gives up on
+//! it as it would without this node's translation.
+
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
+use proxy_common::{
+    ct::{Frag4Key, FragPorts},
+    proto,
+    reason::Reason,
+};
+
+use crate::{
+    access::{maps::LB_FRAG4, stats},
+    flow::{ct::Tracked, fib::forward},
+    headers::{ETH_HLEN, Tuple, family::V4},
+};
+
+/// The key of the datagram of the IPv4 header `h`, if TCP or UDP.
+#[inline(always)]
+fn key(h: &[u8; 20]) -> Option<Frag4Key> {
+    (h[9] == proto::TCP || h[9] == proto::UDP).then(|| Frag4Key {
+        saddr: [h[12], h[13], h[14], h[15]],
+        daddr: [h[16], h[17], h[18], h[19]],
+        id: u16::from_be_bytes([h[4], h[5]]),
+        proto: h[9],
+        _pad: 0,
+    })
+}
+
+/// Remembers the ports of a first fragment (more-fragments set, offset 0).
+#[inline(never)]
+pub fn remember_first4(ctx: &TcContext) {
+    let Ok(h) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+        return;
+    };
+    let Some(key) = key(&h) else {
+        return;
+    };
+    let l4 = ETH_HLEN + ((h[0] & 0x0f) as usize) * 4;
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+        return;
+    };
+    let value = FragPorts {
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+    };
+    // Losing an entry (the LRU map full of other datagrams) loses this datagram only.
+    let _ = LB_FRAG4.insert(&key, &value, 0);
+}
+
+/// A later fragment (non-zero offset): translated and forwarded as its datagram's tracked
+/// flow, or passed untouched.
+#[inline(never)]
+pub fn later4(ctx: &TcContext) -> i32 {
+    match translate4(ctx) {
+        Some(to) => {
+            stats::count(Reason::FragmentTranslated);
+            forward::<V4>(ctx, &to, 0)
+        }
+        None => {
+            stats::count(Reason::Fragment);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn translate4(ctx: &TcContext) -> Option<Tuple<[u8; 4]>> {
+    let h = ctx.load::<[u8; 20]>(ETH_HLEN).ok()?;
+    let key = key(&h)?;
+    // SAFETY: a map lookup whose value is used at once.
+    let ports = *unsafe { LB_FRAG4.get(&key) }?;
+    let t = Tuple {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: key.proto,
+    };
+    let ptr = V4::ct_lookup(&t)?;
+    // SAFETY: `ptr` came from the lookup.
+    let e = unsafe { V4::ct_read(ptr) };
+    // SAFETY: `ptr` came from the lookup; a helper without arguments.
+    unsafe { V4::ct_touch(ptr, bpf_ktime_get_ns(), 0) };
+    for (off, old, new) in [(12, t.saddr, e.to.saddr), (16, t.daddr, e.to.daddr)] {
+        if old != new {
+            ctx.l3_csum_replace(
+                ETH_HLEN + 10,
+                u32::from_ne_bytes(old) as u64,
+                u32::from_ne_bytes(new) as u64,
+                4,
+            )
+            .ok()?;
+            ctx.store(ETH_HLEN + off, &new, 0).ok()?;
+        }
+    }
+    Some(Tuple {
+        proto: key.proto,
+        ..e.to
+    })
+}
