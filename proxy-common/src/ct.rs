@@ -194,4 +194,18 @@ pub struct FragPorts {
     pub dport: u16,
 }
 
-pod!(Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, FragPorts);
+/// Key of `LB_FRAG6`: one fragmented IPv6 datagram.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frag6Key {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The fragment header's identification, host byte order.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+pod!(
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts
+);

@@ -38,5 +38,6 @@ const _: () = {
     assert!(size_of::<NetnsSource>() == 24);
     assert!(size_of::<Event>() == 80);
     assert!(size_of::<Frag4Key>() == 12);
+    assert!(size_of::<Frag6Key>() == 40);
     assert!(size_of::<FragPorts>() == 4);
 };

@@ -39,6 +39,10 @@ pub const LB_STATS: &str = "LB_STATS";
 /// `ct::FragPorts` (LRU). Written by the programs.
 pub const LB_FRAG4: &str = "LB_FRAG4";
 
+/// Ports of fragmented IPv6 datagrams by their first fragment: `ct::Frag6Key` →
+/// `ct::FragPorts` (LRU). Written by the programs.
+pub const LB_FRAG6: &str = "LB_FRAG6";
+
 /// Per-CPU drop counters indexed by `reason::Hook::drop_index` (hook × reason).
 pub const LB_DROPS: &str = "LB_DROPS";
 /// Flow events for `monitor`: a ring buffer of `event::Event`.
@@ -70,7 +74,7 @@ pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
 pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 29] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -99,6 +103,7 @@ pub const ALL: [&str; 28] = [
     LB_EVENTS,
     LB_MONITOR,
     LB_FRAG4,
+    LB_FRAG6,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under

@@ -884,8 +884,9 @@ fn tc_answers_udp_without_endpoints_with_port_unreachable() {
     assert_eq!(rig.count(Reason::Rejected), 1);
 }
 
-/// IPv6 packets whose next header is an extension header (hop-by-hop options, a fragment) are
-/// not followed: they pass untouched, a fragment counted as one.
+/// IPv6 packets whose next header is an extension header (hop-by-hop options, destination
+/// options) are not followed: they pass untouched; so does a later fragment whose first was not
+/// seen, counted as a fragment.
 #[test]
 fn tc_passes_ipv6_with_extension_headers_untouched() {
     if !privileged() {
@@ -902,7 +903,7 @@ fn tc_passes_ipv6_with_extension_headers_untouched() {
         let mut ext = [0u8; 8];
         ext[0] = 17;
         if next == 44 {
-            ext[3] = 1; // more fragments
+            ext[3] = 0x08; // offset 8 bytes: a later fragment
         }
         f.extend_from_slice(&ext);
         f.extend_from_slice(&plain[54..]);
@@ -1293,4 +1294,81 @@ fn tc_translates_the_later_fragments_of_a_datagram_as_its_first() {
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.packet, stray);
     assert_eq!(rig.count(Reason::Fragment), 1);
+}
+
+/// The two fragments of an IPv6 datagram `l4` (a UDP header and payload), as `fragments4`:
+/// each with a fragment header (identification `id`).
+fn fragments6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    l4: &[u8],
+    first_len: usize,
+    id: u32,
+) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_len % 8, 0);
+    let frame = |part: &[u8], offset_flags: u16| {
+        let mut f = vec![0u8; 14 + 40 + 8];
+        f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        f[14] = 0x60;
+        f[18..20].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f[20] = 44;
+        f[21] = 64;
+        f[22..38].copy_from_slice(&src.octets());
+        f[38..54].copy_from_slice(&dst.octets());
+        f[54] = 17;
+        f[56..58].copy_from_slice(&offset_flags.to_be_bytes());
+        f[58..62].copy_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    };
+    (
+        frame(&l4[..first_len], 1),
+        frame(&l4[first_len..], first_len as u16),
+    )
+}
+
+/// IPv6 fragments (issue #23): as IPv4, the first fragment (after its fragment header) is
+/// translated with its ports remembered, the later one to the same endpoint; reassembled, the
+/// datagram's checksum holds.
+#[test]
+fn tc_translates_the_later_fragments_of_an_ipv6_datagram_as_its_first() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let payload: Vec<u8> = (0..56u8).collect();
+    let len = 8 + payload.len();
+    let mut udp = vec![0u8; len];
+    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&30090u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    udp[8..].copy_from_slice(&payload);
+    let c = checksum(&udp, pseudo_sum6(CLIENT6, NODE6, 17, len));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let (first, later) = fragments6(CLIENT6, NODE6, &udp, 32, 0x0042_4242);
+    let out1 = rig.tc(&first);
+    assert_eq!(out1.verdict, TC_ACT_REDIRECT);
+    let out2 = rig.tc(&later);
+    assert_eq!(out2.verdict, TC_ACT_REDIRECT);
+    assert_eq!(rig.count(Reason::FragmentTranslated), 1);
+    for out in [&out1, &out2] {
+        assert_eq!(&out.packet[22..38], &CLIENT6.octets(), "the client is kept");
+        assert_eq!(&out.packet[38..54], &LOCAL_POD6.octets(), "to the endpoint");
+        assert_eq!(&out.packet[58..62], &0x0042_4242u32.to_be_bytes());
+    }
+    assert_eq!(&out2.packet[62..], &udp[32..], "untouched payload");
+    let whole = [&out1.packet[62..], &out2.packet[62..]].concat();
+    assert_eq!(u16::from_be_bytes([whole[2], whole[3]]), 5353);
+    assert_eq!(
+        checksum(&whole, pseudo_sum6(CLIENT6, LOCAL_POD6, 17, whole.len())),
+        0,
+        "the reassembled datagram's checksum"
+    );
+    // A later fragment of a datagram whose first was never seen: untouched.
+    let (_, stray) = fragments6(CLIENT6, NODE6, &udp, 32, 7);
+    let out = rig.tc(&stray);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, stray);
 }

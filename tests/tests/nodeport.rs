@@ -725,8 +725,8 @@ fn forwarded_packets_count_their_ttl_down() {
 /// IP fragments (issue #23): a UDP datagram larger than the MTU reaches a node port in
 /// fragments; every fragment is translated as its first (the backend reassembles the datagram
 /// and answers), and the answer, as large and fragmented too, is translated back to the client.
-/// A local backend (tc on the pod's interface) and a remote one (masqueraded through tc).
-/// IPv4: IPv6 fragments are not translated yet.
+/// A local backend (tc on the pod's interface) and a remote one (masqueraded through tc), over
+/// IPv4 and IPv6.
 #[test]
 fn fragmented_datagrams_reach_the_backend_and_come_back() {
     if !privileged() {
@@ -734,20 +734,29 @@ fn fragmented_datagrams_reach_the_backend_and_come_back() {
     }
     let (tb, agent) = setup();
     agent.write_manifest("web.yaml", &web_yaml(""));
-    let to = addr("192.168.77.1", NODE_PORT_DNS);
     for (pod, name) in [((0, 0), "a-pod-1"), ((1, 0), "b-pod-1")] {
         web_endpoints(&agent, &tb, &[pod]);
-        poll_until(&format!("{name} answers"), Duration::from_secs(10), || {
-            let r = &tb.request_ext(Proto::Udp, to, 1)[0];
-            if r.ok && r.backend == name {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
+        for ip in ["192.168.77.1", "fd00:77::1"] {
+            let to = addr(ip, NODE_PORT_DNS);
+            poll_until(
+                &format!("{name} answers at {to}"),
+                Duration::from_secs(10),
+                || {
+                    let r = &tb.request_ext(Proto::Udp, to, 1)[0];
+                    if r.ok && r.backend == name {
+                        Ok(())
+                    } else {
+                        Err(format!("{r:?}"))
+                    }
+                },
+            );
+            for size in [3000, 8000] {
+                let r = udp_sized(&tb.ext, to, size);
+                assert!(
+                    r.ok && r.backend == name,
+                    "{size} bytes to {name} at {to}: {r:?}"
+                );
             }
-        });
-        for size in [3000, 8000] {
-            let r = udp_sized(&tb.ext, to, size);
-            assert!(r.ok && r.backend == name, "{size} bytes to {name}: {r:?}");
         }
     }
     assert!(datapath_events(&agent, "fragment_translated") > 0);

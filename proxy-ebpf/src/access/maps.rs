@@ -9,7 +9,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{BackendValue, SockConn},
     config::ConfigValue,
-    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, FragPorts},
+    ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts},
     dsr::DsrBudget,
     event::{EVENTS_BYTES, Event},
     info::{AgentState, IfaceInfo, ServiceInfo},
@@ -108,6 +108,10 @@ pub static LB_STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::
 /// ones (which carry none). LRU: a datagram's fragments arrive within moments.
 #[btf_map]
 pub static LB_FRAG4: LruHashMap<Frag4Key, FragPorts, FRAG_MAX> = LruHashMap::new();
+
+/// Ports of fragmented IPv6 datagrams, as `LB_FRAG4`.
+#[btf_map]
+pub static LB_FRAG6: LruHashMap<Frag6Key, FragPorts, FRAG_MAX> = LruHashMap::new();
 
 /// Drop counters per hook and reason (`Hook::drop_index`), per CPU.
 #[btf_map]

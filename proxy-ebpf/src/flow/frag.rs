@@ -1,6 +1,6 @@
-//! IPv4 fragments at tc. Only a datagram's first fragment carries its ports, so the first
+//! IP fragments at tc. Only a datagram's first fragment carries its ports, so the first
 //! fragment's ports are remembered by (source, destination, identification, protocol) in
-//! `LB_FRAG4`, and each later fragment is translated as the flow those ports name (addresses
+//! `LB_FRAG4` (IPv6: `LB_FRAG6`), and each later fragment is translated as the flow those ports name (addresses
 //! only: a later fragment has no layer-4 header, and the datagram's checksum, in the first
 //! fragment, was updated with it). A later fragment that arrives before its first one, or whose
 //! datagram belongs to no tracked flow, passes untouched (counted as `fragment`): without the
@@ -9,15 +9,21 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use proxy_common::{
-    ct::{Frag4Key, FragPorts},
+    ct::{Frag4Key, Frag6Key, FragPorts},
     proto,
     reason::Reason,
 };
 
 use crate::{
-    access::{maps::LB_FRAG4, stats},
+    access::{
+        maps::{LB_FRAG4, LB_FRAG6},
+        stats,
+    },
     flow::{ct::Tracked, fib::forward},
-    headers::{ETH_HLEN, Tuple, family::V4},
+    headers::{
+        ETH_HLEN, Tuple,
+        family::{V4, V6},
+    },
 };
 
 /// The key of the datagram of the IPv4 header `h`, if TCP or UDP.
@@ -98,6 +104,98 @@ fn translate4(ctx: &TcContext) -> Option<Tuple<[u8; 4]>> {
             .ok()?;
             ctx.store(ETH_HLEN + off, &new, 0).ok()?;
         }
+    }
+    Some(Tuple {
+        proto: key.proto,
+        ..e.to
+    })
+}
+
+/// The key of the IPv6 datagram whose fixed header is `h` and fragment header `f`, if TCP or
+/// UDP.
+#[inline(always)]
+fn key6(h: &[u8; 40], f: &[u8; 8]) -> Option<Frag6Key> {
+    if f[0] != proto::TCP && f[0] != proto::UDP {
+        return None;
+    }
+    let mut key = Frag6Key {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        id: u32::from_be_bytes([f[4], f[5], f[6], f[7]]),
+        proto: f[0],
+        _pad: [0; 3],
+    };
+    let mut i = 0;
+    while i < 16 {
+        key.saddr[i] = h[8 + i];
+        key.daddr[i] = h[24 + i];
+        i += 1;
+    }
+    Some(key)
+}
+
+/// Remembers the ports of an IPv6 first fragment (offset 0, more fragments).
+#[inline(never)]
+pub fn remember_first6(ctx: &TcContext) {
+    let (Ok(h), Ok(f)) = (
+        ctx.load::<[u8; 40]>(ETH_HLEN),
+        ctx.load::<[u8; 8]>(ETH_HLEN + 40),
+    ) else {
+        return;
+    };
+    let Some(key) = key6(&h, &f) else {
+        return;
+    };
+    let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + 48) else {
+        return;
+    };
+    let value = FragPorts {
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+    };
+    let _ = LB_FRAG6.insert(&key, &value, 0);
+}
+
+/// An IPv6 later fragment: as `later4` (IPv6 has no header checksum; a later fragment no
+/// layer-4 one).
+#[inline(never)]
+pub fn later6(ctx: &TcContext) -> i32 {
+    match translate6(ctx) {
+        Some(to) => {
+            stats::count(Reason::FragmentTranslated);
+            forward::<V6>(ctx, &to, 0)
+        }
+        None => {
+            stats::count(Reason::Fragment);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn translate6(ctx: &TcContext) -> Option<Tuple<[u8; 16]>> {
+    let h = ctx.load::<[u8; 40]>(ETH_HLEN).ok()?;
+    let f = ctx.load::<[u8; 8]>(ETH_HLEN + 40).ok()?;
+    let key = key6(&h, &f)?;
+    // SAFETY: a map lookup whose value is used at once.
+    let ports = *unsafe { LB_FRAG6.get(&key) }?;
+    let t = Tuple {
+        saddr: key.saddr,
+        daddr: key.daddr,
+        sport: ports.sport,
+        dport: ports.dport,
+        proto: key.proto,
+    };
+    let ptr = V6::ct_lookup(&t)?;
+    // SAFETY: `ptr` came from the lookup.
+    let e = unsafe { V6::ct_read(ptr) };
+    // SAFETY: `ptr` came from the lookup; a helper without arguments.
+    unsafe { V6::ct_touch(ptr, bpf_ktime_get_ns(), 0) };
+    if t.saddr != e.to.saddr {
+        ctx.store(ETH_HLEN + 8, &e.to.saddr, 0).ok()?;
+    }
+    if t.daddr != e.to.daddr {
+        ctx.store(ETH_HLEN + 24, &e.to.daddr, 0).ok()?;
     }
     Some(Tuple {
         proto: key.proto,

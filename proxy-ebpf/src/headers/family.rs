@@ -9,7 +9,8 @@ use aya_ebpf::{
 use proxy_common::{backend::BackendValue, proto, reason::Reason};
 
 use super::{
-    AF_INET, AF_INET6, ETH_HLEN, FRAG_OFFSET, Packet, Tuple, csum, hash, ip6_bytes, ip6_words,
+    AF_INET, AF_INET6, ETH_HLEN, FRAG_OFFSET, FRAG6_OFFSET, IPPROTO_FRAGMENT, Packet, Tuple, csum,
+    hash, ip6_bytes, ip6_words,
 };
 
 /// What differs between IPv4 and IPv6 in a packet's headers.
@@ -185,14 +186,21 @@ impl Ip for V6 {
         if version != 6 {
             return Err(None);
         }
-        // Extension headers (fragments included) are not followed: such packets pass.
-        let next = ctx.load::<u8>(l3 + 6).map_err(|_| None)?;
-        if next == 44 {
-            return Err(Some(Reason::Fragment));
+        // Extension headers other than a fragment header are not followed: such packets pass.
+        let mut next = ctx.load::<u8>(l3 + 6).map_err(|_| None)?;
+        let mut l4 = l3 + 40;
+        if next == IPPROTO_FRAGMENT {
+            // A later fragment (non-zero offset) carries no ports: `flow::frag` handles it. A
+            // first one carries them after the fragment header, and is translated as any packet.
+            let frag = ctx.load::<[u8; 4]>(l4).map_err(|_| None)?;
+            if u16::from_be_bytes([frag[2], frag[3]]) & FRAG6_OFFSET != 0 {
+                return Err(Some(Reason::Fragment));
+            }
+            next = frag[0];
+            l4 += 8;
         }
         let saddr = ctx.load::<[u8; 16]>(l3 + 8).map_err(|_| None)?;
         let daddr = ctx.load::<[u8; 16]>(l3 + 24).map_err(|_| None)?;
-        let l4 = l3 + 40;
         let (sport, dport, tcp_flags) = ports(ctx, l4, next)?;
         Ok(Packet {
             t: Tuple {

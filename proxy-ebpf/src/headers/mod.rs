@@ -19,6 +19,12 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const FRAG_OFFSET: u16 = 0x1fff;
 /// IPv4 flags and fragment offset (host order): more fragments.
 pub const FRAG_MORE: u16 = 0x2000;
+/// The IPv6 fragment extension header.
+pub const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv6 fragment header, offset and flags (host order): the offset's bits.
+pub const FRAG6_OFFSET: u16 = 0xfff8;
+/// IPv6 fragment header, offset and flags (host order): more fragments.
+pub const FRAG6_MORE: u16 = 0x0001;
 
 pub const ETH_HLEN: usize = 14;
 pub const TCP_FIN: u8 = 0x01;

@@ -11,7 +11,8 @@ use crate::{
         tc::{NEW, REWRITE_FAILED, handle, rewrite_failed},
     },
     headers::{
-        ETH_HLEN, FRAG_MORE, FRAG_OFFSET, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        ETH_HLEN, FRAG_MORE, FRAG_OFFSET, FRAG6_MORE, FRAG6_OFFSET, IPPROTO_FRAGMENT, IPPROTO_ICMP,
+        IPPROTO_ICMPV6,
         family::{V4, V6},
     },
     services::nodeport::start,
@@ -41,11 +42,27 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 action => action,
             }
         }
-        ETH_P_IPV6 => match handle::<V6>(ctx) {
-            NEW => start::<V6>(ctx),
-            REWRITE_FAILED => rewrite_failed::<V6>(ctx),
-            action => action,
-        },
+        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_FRAGMENT) => {
+            let frag = ctx.load::<u16>(ETH_HLEN + 42).map_or(0, u16::from_be);
+            if frag & FRAG6_OFFSET != 0 {
+                return frag::later6(ctx);
+            }
+            if frag & FRAG6_MORE != 0 {
+                frag::remember_first6(ctx);
+            }
+            v6(ctx)
+        }
+        ETH_P_IPV6 => v6(ctx),
         _ => TC_ACT_OK as i32,
+    }
+}
+
+/// IPv6 packets that are not ICMPv6 errors or later fragments.
+#[inline(always)]
+fn v6(ctx: &TcContext) -> i32 {
+    match handle::<V6>(ctx) {
+        NEW => start::<V6>(ctx),
+        REWRITE_FAILED => rewrite_failed::<V6>(ctx),
+        action => action,
     }
 }
