@@ -130,4 +130,4 @@ pub const DSR_BUDGET_MAX: usize = 16_384;
 /// Network namespaces on the node (pods, and the host's own).
 pub const NETNS_MAX: usize = 16_384;
 /// Fragmented datagrams in flight whose later fragments can be translated (LRU).
-pub const FRAG_MAX: usize = 8_192;
+pub const FRAG_MAX: usize = 4_096;
