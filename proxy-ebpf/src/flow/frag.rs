@@ -19,7 +19,10 @@ use crate::{
         maps::{LB_FRAG4, LB_FRAG6},
         stats,
     },
-    flow::{ct::Tracked, fib::forward},
+    flow::{
+        ct::{Entry, Tracked},
+        fib::forward,
+    },
     headers::{
         ETH_HLEN, Tuple,
         family::{V4, V6},
@@ -38,6 +41,41 @@ fn key(h: &[u8; 20]) -> Option<Frag4Key> {
     })
 }
 
+/// The ports of a first fragment's layer-4 header bytes.
+#[inline(always)]
+fn ports_of(bytes: [u8; 4]) -> FragPorts {
+    FragPorts {
+        sport: u16::from_be_bytes([bytes[0], bytes[1]]),
+        dport: u16::from_be_bytes([bytes[2], bytes[3]]),
+    }
+}
+
+/// The entry of the tracked flow `t`, refreshed, if any.
+#[inline(always)]
+fn tracked<F: Tracked>(t: &Tuple<F::Addr>) -> Option<Entry<F::Addr>> {
+    let ptr = F::ct_lookup(t)?;
+    // SAFETY: `ptr` came from the lookup; a helper without arguments.
+    unsafe { F::ct_touch(ptr, bpf_ktime_get_ns(), 0) };
+    // SAFETY: `ptr` came from the lookup.
+    Some(unsafe { F::ct_read(ptr) })
+}
+
+/// Forwards a later fragment rewritten for `to`, or passes it untouched (`None`); counted
+/// either way.
+#[inline(always)]
+fn forward_or_pass<F: Tracked>(ctx: &TcContext, to: Option<Tuple<F::Addr>>) -> i32 {
+    match to {
+        Some(to) => {
+            stats::count(Reason::FragmentTranslated);
+            forward::<F>(ctx, &to, 0)
+        }
+        None => {
+            stats::count(Reason::Fragment);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
 /// Remembers the ports of a first fragment (more-fragments set, offset 0).
 #[inline(never)]
 pub fn remember_first4(ctx: &TcContext) {
@@ -51,28 +89,15 @@ pub fn remember_first4(ctx: &TcContext) {
     let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
         return;
     };
-    let value = FragPorts {
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
-    };
     // Losing an entry (the LRU map full of other datagrams) loses this datagram only.
-    let _ = LB_FRAG4.insert(&key, &value, 0);
+    let _ = LB_FRAG4.insert(&key, &ports_of(ports), 0);
 }
 
 /// A later fragment (non-zero offset): translated and forwarded as its datagram's tracked
 /// flow, or passed untouched.
 #[inline(never)]
 pub fn later4(ctx: &TcContext) -> i32 {
-    match translate4(ctx) {
-        Some(to) => {
-            stats::count(Reason::FragmentTranslated);
-            forward::<V4>(ctx, &to, 0)
-        }
-        None => {
-            stats::count(Reason::Fragment);
-            TC_ACT_OK as i32
-        }
-    }
+    forward_or_pass::<V4>(ctx, translate4(ctx))
 }
 
 #[inline(always)]
@@ -88,11 +113,7 @@ fn translate4(ctx: &TcContext) -> Option<Tuple<[u8; 4]>> {
         dport: ports.dport,
         proto: key.proto,
     };
-    let ptr = V4::ct_lookup(&t)?;
-    // SAFETY: `ptr` came from the lookup.
-    let e = unsafe { V4::ct_read(ptr) };
-    // SAFETY: `ptr` came from the lookup; a helper without arguments.
-    unsafe { V4::ct_touch(ptr, bpf_ktime_get_ns(), 0) };
+    let e = tracked::<V4>(&t)?;
     for (off, old, new) in [(12, t.saddr, e.to.saddr), (16, t.daddr, e.to.daddr)] {
         if old != new {
             ctx.l3_csum_replace(
@@ -149,27 +170,14 @@ pub fn remember_first6(ctx: &TcContext) {
     let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + 48) else {
         return;
     };
-    let value = FragPorts {
-        sport: u16::from_be_bytes([ports[0], ports[1]]),
-        dport: u16::from_be_bytes([ports[2], ports[3]]),
-    };
-    let _ = LB_FRAG6.insert(&key, &value, 0);
+    let _ = LB_FRAG6.insert(&key, &ports_of(ports), 0);
 }
 
 /// An IPv6 later fragment: as `later4` (IPv6 has no header checksum; a later fragment no
 /// layer-4 one).
 #[inline(never)]
 pub fn later6(ctx: &TcContext) -> i32 {
-    match translate6(ctx) {
-        Some(to) => {
-            stats::count(Reason::FragmentTranslated);
-            forward::<V6>(ctx, &to, 0)
-        }
-        None => {
-            stats::count(Reason::Fragment);
-            TC_ACT_OK as i32
-        }
-    }
+    forward_or_pass::<V6>(ctx, translate6(ctx))
 }
 
 #[inline(always)]
@@ -186,11 +194,7 @@ fn translate6(ctx: &TcContext) -> Option<Tuple<[u8; 16]>> {
         dport: ports.dport,
         proto: key.proto,
     };
-    let ptr = V6::ct_lookup(&t)?;
-    // SAFETY: `ptr` came from the lookup.
-    let e = unsafe { V6::ct_read(ptr) };
-    // SAFETY: `ptr` came from the lookup; a helper without arguments.
-    unsafe { V6::ct_touch(ptr, bpf_ktime_get_ns(), 0) };
+    let e = tracked::<V6>(&t)?;
     if t.saddr != e.to.saddr {
         ctx.store(ETH_HLEN + 8, &e.to.saddr, 0).ok()?;
     }

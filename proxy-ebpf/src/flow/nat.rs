@@ -7,7 +7,10 @@ use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
-use proxy_common::config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT};
+use proxy_common::{
+    config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT},
+    reason::Reason,
+};
 
 use crate::{
     access::maps::LB_CONFIG,
@@ -94,4 +97,14 @@ pub fn claim_reply<A: Copy>(
         }
     }
     false
+}
+
+/// Why a new flow whose reply entry `claim_reply` could not write is dropped.
+#[inline(always)]
+pub fn claim_failure(snat: bool) -> Reason {
+    if snat {
+        Reason::SnatPortsExhausted
+    } else {
+        Reason::CtFailed
+    }
 }

@@ -204,12 +204,7 @@ pub fn commit<F: XdpIp + Tracked>(
             insert::<F>(key, &reply, meta.now, map_flags)
         });
         if !claimed {
-            let reason = if snat {
-                Reason::SnatPortsExhausted
-            } else {
-                Reason::CtFailed
-            };
-            monitor::dropped::<F>(Hook::Xdp, reason, meta.svc_id, &pkt.t);
+            monitor::dropped::<F>(Hook::Xdp, nat::claim_failure(snat), meta.svc_id, &pkt.t);
             return XDP_DROP;
         }
     }

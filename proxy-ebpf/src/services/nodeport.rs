@@ -218,11 +218,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
             F::ct_insert(key, &entry, now, map_flags, 0).is_ok()
         });
     if !claimed {
-        return drop(if snat {
-            Reason::SnatPortsExhausted
-        } else {
-            Reason::CtFailed
-        });
+        return drop(nat::claim_failure(snat));
     }
     entry.to = to;
     entry.flags = flags;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, bpf_sock_addr},
     btf_maps::lpm_trie::Key as LpmKey,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
@@ -51,7 +51,6 @@ const fn hook<const SEND: bool>() -> Hook {
 fn dropped_event<const V4: bool>(ctx: &SockAddrContext, hook_reason: u32) {
     // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &*ctx.sock_addr };
-    let v4 = V4;
     let Some(mut entry) = events::reserve() else {
         return;
     };
@@ -64,21 +63,9 @@ fn dropped_event<const V4: bool>(ctx: &SockAddrContext, hook_reason: u32) {
         (*e).backend_port = 0;
         (*e).backend_id = 0;
         (*e).svc_id = 0;
-        if v4 {
-            (*e).frontend = [0; 16];
-            core::ptr::write_unaligned((*e).frontend.as_mut_ptr().cast::<u32>(), sa.user_ip4);
-        } else {
-            // One 32-bit load per word: the context allows no wider access.
-            let words = [
-                core::ptr::read_volatile(&sa.user_ip6[0]),
-                core::ptr::read_volatile(&sa.user_ip6[1]),
-                core::ptr::read_volatile(&sa.user_ip6[2]),
-                core::ptr::read_volatile(&sa.user_ip6[3]),
-            ];
-            core::ptr::write_unaligned((*e).frontend.as_mut_ptr().cast::<[u32; 4]>(), words);
-        }
+        user_addr::<V4>(sa, &raw mut (*e).frontend);
         (*e).frontend_port = port_from_ctx(sa.user_port);
-        fill_sock_event(ctx, e, hook_reason, v4);
+        fill_sock_event(ctx, e, hook_reason, V4);
     }
     entry.submit(0);
 }
@@ -95,7 +82,6 @@ fn translated_event<const V4: bool>(
 ) {
     // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &*ctx.sock_addr };
-    let v4 = V4;
     let Some(mut entry) = events::reserve() else {
         return;
     };
@@ -108,23 +94,36 @@ fn translated_event<const V4: bool>(
         (*e).backend_id = ids as u32;
         (*e).frontend = *frontend;
         (*e).frontend_port = port;
-        if v4 {
-            (*e).backend = [0; 16];
-            core::ptr::write_unaligned((*e).backend.as_mut_ptr().cast::<u32>(), sa.user_ip4);
+        user_addr::<V4>(sa, &raw mut (*e).backend);
+        (*e).backend_port = port_from_ctx(sa.user_port);
+        fill_sock_event(ctx, e, hook_reason, V4);
+    }
+    entry.submit(0);
+}
+
+/// Writes the context's user address (IPv4 in the first four bytes) to `out`.
+///
+/// # Safety
+/// `out` must be valid for a 16-byte write.
+#[inline(always)]
+unsafe fn user_addr<const V4: bool>(sa: &bpf_sock_addr, out: *mut [u8; 16]) {
+    // SAFETY: the caller's 16 writable bytes; the context's fields read one 32-bit word at a
+    // time (volatile: the context allows no wider access, which LLVM would otherwise merge
+    // into).
+    unsafe {
+        if V4 {
+            *out = [0; 16];
+            core::ptr::write_unaligned(out.cast::<u32>(), sa.user_ip4);
         } else {
-            // One 32-bit load per word: the context allows no wider access.
             let words = [
                 core::ptr::read_volatile(&sa.user_ip6[0]),
                 core::ptr::read_volatile(&sa.user_ip6[1]),
                 core::ptr::read_volatile(&sa.user_ip6[2]),
                 core::ptr::read_volatile(&sa.user_ip6[3]),
             ];
-            core::ptr::write_unaligned((*e).backend.as_mut_ptr().cast::<[u32; 4]>(), words);
+            core::ptr::write_unaligned(out.cast::<[u32; 4]>(), words);
         }
-        (*e).backend_port = port_from_ctx(sa.user_port);
-        fill_sock_event(ctx, e, hook_reason, v4);
     }
-    entry.submit(0);
 }
 
 /// The fields both socket events share: hook, reason, family, protocol, time, client.
