@@ -554,32 +554,71 @@ fn monitor_streams_translations_and_refusals() {
     assert!(status.success(), "{status:?}");
     assert_eq!(lines.len(), 2, "{lines:#?}");
     let (t, d) = (&lines[0], &lines[1]);
-    assert_eq!(t["kind"], "translated", "{t}");
+    // Each line is a versioned document (schema/event.v1.json).
+    assert_eq!(t["apiVersion"], "kube-bpf-proxy.io/v1", "{t}");
+    assert_eq!(t["kind"], "Event", "{t}");
+    assert_eq!(t["event"], "translated", "{t}");
     assert_eq!(t["hook"], "connect");
-    assert_eq!(t["protocol"], "tcp");
+    assert_eq!(t["protocol"], "TCP");
+    assert_eq!(t["family"], "IPv4");
     assert_eq!(t["frontend"], "10.96.0.10");
-    assert_eq!(t["frontend_port"], 80);
+    assert_eq!(t["frontendPort"], 80);
     assert_eq!(t["backend"], env.topo.pods[1].ip4.to_string());
-    assert_eq!(t["backend_port"], BACKEND_PORT);
+    assert_eq!(t["backendPort"], BACKEND_PORT);
     assert_eq!(t["scheduler"], "random");
+    assert_eq!(t["scope"], "clusterIP");
     assert_eq!(t["reason"], "translated");
-    assert!(
-        t["service"].as_str().unwrap().starts_with("default/web:"),
-        "{t}"
-    );
+    assert_eq!(t["service"]["namespace"], "default", "{t}");
+    assert_eq!(t["service"]["name"], "web", "{t}");
     // The client is its network namespace's address, where the agent knows it.
     if !t["client"].is_null() {
         assert_eq!(t["client"], env.topo.pods[0].ip4.to_string(), "{t}");
     }
-    assert_eq!(d["kind"], "dropped", "{d}");
+    assert_eq!(d["event"], "dropped", "{d}");
     assert_eq!(d["hook"], "connect");
     assert_eq!(d["reason"], "no_backends");
     assert_eq!(d["frontend"], "10.96.0.11");
-    assert!(
-        d["service"].as_str().unwrap().starts_with("default/empty:"),
-        "{d}"
-    );
+    assert_eq!(d["service"]["name"], "empty", "{d}");
+    assert_eq!(d["backend"], serde_json::Value::Null, "{d}");
     assert_eq!(watching(), 0, "a monitor that exits switches events off");
+    // Interrupted (Ctrl-C or SIGTERM), a monitor also exits cleanly and switches events off.
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut monitor = Command::new(workspace_binary("kube-bpf-proxy"))
+            .args(["monitor", "--seconds", "60", "--bpffs"])
+            .arg(&pins)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start monitor");
+        tests::poll_until(
+            "monitor switched events on",
+            Duration::from_secs(10),
+            || {
+                if watching() > 0 {
+                    Ok(())
+                } else {
+                    Err(String::new())
+                }
+            },
+        );
+        // SAFETY: signals a child this test started and has not reaped.
+        assert_eq!(
+            unsafe { libc::kill(monitor.id() as libc::pid_t, signal) },
+            0
+        );
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = monitor.try_wait().expect("wait for monitor") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "monitor ignored signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "signal {signal}: {status:?}");
+        assert_eq!(watching(), 0, "an interrupted monitor switches events off");
+    }
     let port = env.agent.metrics_port;
     tests::poll_until("drops in /metrics", Duration::from_secs(15), || {
         let (_, body) = http_get(port, "/metrics");

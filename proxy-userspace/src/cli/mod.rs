@@ -9,6 +9,7 @@ pub mod output;
 mod run;
 #[cfg(test)]
 mod schema_tests;
+mod signals;
 mod status;
 mod verify;
 pub mod view;

@@ -23,8 +23,14 @@ use proxy_common::{
 };
 use serde::Serialize;
 
+use super::{
+    api::{Document, FrontendScope, Kind, ServiceRef},
+    view,
+};
 use crate::{
+    compile::{Family, Proto},
     datapath::{MapIo as _, bpf},
+    model::Scheduler,
     plan::ServiceKey,
 };
 
@@ -69,24 +75,50 @@ pub enum MonitorFormat {
     Json,
 }
 
-/// One event as printed (`--output json`: one object per line).
+/// What happened to the packet or connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EventKind {
+    Translated,
+    Dropped,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Translated => "translated",
+            EventKind::Dropped => "dropped",
+        }
+    }
+}
+
+/// One event as printed: a line of text, or (`--output json`) an `Event` document per line
+/// (`schema/event.v1.json`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EventView {
     /// RFC 3339, from the event's monotonic time.
     pub time: String,
-    /// `translated` or `dropped`.
-    pub kind: &'static str,
+    pub event: EventKind,
     /// `connect`, `sendmsg`, `tc_ingress` or `xdp`.
     pub hook: &'static str,
-    pub protocol: String,
+    /// `None` for a protocol the proxy does not translate (never written by the programs).
+    pub protocol: Option<Proto>,
+    pub family: Family,
     pub client: Option<IpAddr>,
     pub client_port: u16,
     pub frontend: Option<IpAddr>,
     pub frontend_port: u16,
-    /// `namespace/name:port/PROTOCOL` of the frontend's Service port, when known.
-    pub service: Option<String>,
+    /// `namespace/name:port/PROTOCOL` of the frontend's Service port, when known (text output
+    /// and `--service`).
+    #[serde(skip)]
+    pub service_name: Option<String>,
+    /// The frontend's Service port, when known.
+    pub service: Option<ServiceRef>,
+    /// Which of the Service's addresses the frontend is, when known.
+    pub scope: Option<FrontendScope>,
     /// The frontend's scheduler, when known.
-    pub scheduler: Option<&'static str>,
+    pub scheduler: Option<Scheduler>,
     pub backend: Option<IpAddr>,
     pub backend_port: u16,
     pub backend_id: u32,
@@ -94,11 +126,23 @@ pub struct EventView {
     pub reason: &'static str,
 }
 
+impl Kind for EventView {
+    const KIND: &'static str = "Event";
+}
+
+/// A frontend's Service port as the maps name it.
+#[derive(Clone, Debug)]
+struct Named {
+    name: String,
+    scheduler: Scheduler,
+    scope: Option<FrontendScope>,
+}
+
 /// What the maps say about frontends, for naming events: refreshed when an event names a
 /// frontend id not in it (at most once a second).
 #[derive(Default)]
 pub struct Names {
-    by_id: BTreeMap<u32, (String, &'static str)>,
+    by_id: BTreeMap<u32, Named>,
     by_frontend: BTreeMap<(IpAddr, u16, u8), u32>,
     refreshed: Option<Instant>,
 }
@@ -111,12 +155,18 @@ impl Names {
             ..Names::default()
         };
         for (id, info) in &state.infos {
-            names.by_id.insert(*id, (info.name().to_string(), "random"));
+            names.by_id.insert(
+                *id,
+                Named {
+                    name: info.name().to_string(),
+                    scheduler: Scheduler::Random,
+                    scope: view::scope_of(info.kind),
+                },
+            );
         }
         for (key, svc) in &state.services {
-            let scheduler = super::view::scheduler_of(svc, &[]).as_str();
             if let Some(entry) = names.by_id.get_mut(&svc.id) {
-                entry.1 = scheduler;
+                entry.scheduler = view::scheduler_of(svc, &[]);
             }
             let (addr, port, proto_) = match key {
                 ServiceKey::V4(k) => (IpAddr::from(k.addr), k.port, k.proto),
@@ -147,12 +197,12 @@ fn address(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-fn protocol(p: u8) -> String {
+fn protocol(p: u8) -> Option<Proto> {
     match p {
-        proto::TCP => "tcp".into(),
-        proto::UDP => "udp".into(),
-        proto::SCTP => "sctp".into(),
-        other => other.to_string(),
+        proto::TCP => Some(Proto::Tcp),
+        proto::UDP => Some(Proto::Udp),
+        proto::SCTP => Some(Proto::Sctp),
+        _ => None,
     }
 }
 
@@ -183,19 +233,26 @@ pub fn view(e: &Event, names: &Names, mono_to_wall: impl Fn(u64) -> i128) -> Eve
         .unwrap_or_default();
     EventView {
         time,
-        kind: if e.kind == EVENT_DROPPED {
-            "dropped"
+        event: if e.kind == EVENT_DROPPED {
+            EventKind::Dropped
         } else {
-            "translated"
+            EventKind::Translated
         },
         hook: Hook::from_u8(e.hook).map_or("unknown", Hook::name),
         protocol: protocol(e.proto),
+        family: if e.family == FAMILY_V4 {
+            Family::V4
+        } else {
+            Family::V6
+        },
         client: address(e.family, &e.client),
         client_port: e.client_port,
         frontend,
         frontend_port: e.frontend_port,
-        service: named.map(|n| n.0.clone()),
-        scheduler: named.map(|n| n.1),
+        service_name: named.map(|n| n.name.clone()),
+        service: named.and_then(|n| view::parse_service(&n.name)),
+        scope: named.and_then(|n| n.scope),
+        scheduler: named.map(|n| n.scheduler),
         backend: address(e.family, &e.backend),
         backend_port: e.backend_port,
         backend_id: e.backend_id,
@@ -234,10 +291,10 @@ impl Filter {
     pub fn admits(&self, v: &EventView) -> bool {
         if let Some(kind) = self.kind {
             let want = match kind {
-                KindFilter::Translated => "translated",
-                KindFilter::Dropped => "dropped",
+                KindFilter::Translated => EventKind::Translated,
+                KindFilter::Dropped => EventKind::Dropped,
             };
-            if v.kind != want {
+            if v.event != want {
                 return false;
             }
         }
@@ -251,7 +308,7 @@ impl Filter {
         }
         if let Some(s) = &self.service {
             // `namespace/name` matches every port of the Service; `namespace/name:port` one.
-            let Some(name) = &v.service else {
+            let Some(name) = &v.service_name else {
                 return false;
             };
             let matches = name == s
@@ -276,22 +333,22 @@ pub fn text(v: &EventView) -> String {
         (Some(a), 0) => a.to_string(),
         (Some(a), p) => format!("{a}:{p}"),
     };
-    let service = v.service.as_deref().unwrap_or("-");
+    let service = v.service_name.as_deref().unwrap_or("-");
     let mut line = format!(
         "{} {} {} {} {} -> {} ({service})",
         v.time,
-        v.kind,
+        v.event.as_str(),
         v.hook,
-        v.protocol,
+        v.protocol.map_or("?", Proto::as_str),
         ip(v.client, v.client_port),
         ip(v.frontend, v.frontend_port),
     );
-    if v.kind == "translated" {
+    if v.event == EventKind::Translated {
         line.push_str(&format!(
             " -> {} backend {} scheduler {} reason {}",
             ip(v.backend, v.backend_port),
             v.backend_id,
-            v.scheduler.unwrap_or("-"),
+            v.scheduler.map_or("-", Scheduler::as_str),
             v.reason
         ));
     } else {
@@ -301,10 +358,6 @@ pub fn text(v: &EventView) -> String {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
 
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -329,11 +382,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let mut ring = bpf::open_events(&args.bpffs)?;
     let mut names = Names::read(&maps)?;
     let lost_before = events_lost(&maps);
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    super::signals::stop_on_signals(&STOP)?;
     let started = Instant::now();
     let mut renewed: Option<Instant> = None;
     let mut printed = 0u64;
@@ -378,7 +427,7 @@ pub fn run(args: MonitorArgs) -> anyhow::Result<()> {
                 }
                 let line = match args.output {
                     MonitorFormat::Text => text(&v),
-                    MonitorFormat::Json => serde_json::to_string(&v)?,
+                    MonitorFormat::Json => serde_json::to_string(&Document::of(&v))?,
                 };
                 let mut out = stdout.lock();
                 writeln!(out, "{line}")?;
@@ -440,8 +489,14 @@ mod tests {
 
     fn names() -> Names {
         let mut n = Names::default();
-        n.by_id
-            .insert(3, ("default/web:http/TCP".into(), "round-robin"));
+        n.by_id.insert(
+            3,
+            Named {
+                name: "default/web:http/TCP".into(),
+                scheduler: Scheduler::RoundRobin,
+                scope: Some(FrontendScope::ClusterIp),
+            },
+        );
         n.by_frontend
             .insert((IpAddr::from([10, 96, 0, 10]), 80, proto::TCP), 3);
         n
@@ -454,15 +509,15 @@ mod tests {
             &names(),
             i128::from,
         );
-        assert_eq!(v.service.as_deref(), Some("default/web:http/TCP"));
-        assert_eq!(v.kind, "dropped");
+        assert_eq!(v.service_name.as_deref(), Some("default/web:http/TCP"));
+        assert_eq!(v.event, EventKind::Dropped);
         assert_eq!(v.hook, "connect");
         assert_eq!(v.reason, "no_backends");
         assert_eq!(v.backend, None);
         assert_eq!(v.client, Some(IpAddr::from([10, 244, 0, 5])));
         assert_eq!(
             text(&v),
-            "1970-01-01T00:00:00.000001Z dropped connect tcp 10.244.0.5 -> 10.96.0.10:80 \
+            "1970-01-01T00:00:00.000001Z dropped connect TCP 10.244.0.5 -> 10.96.0.10:80 \
              (default/web:http/TCP) reason no_backends"
         );
     }
@@ -477,7 +532,7 @@ mod tests {
         );
         assert_eq!(
             text(&t),
-            "1970-01-01T00:00:00.000001Z translated tc_ingress tcp 10.244.0.5 -> 10.96.0.10:80 \
+            "1970-01-01T00:00:00.000001Z translated tc_ingress TCP 10.244.0.5 -> 10.96.0.10:80 \
              (default/web:http/TCP) -> 10.244.1.7:8080 backend 12 scheduler round-robin reason \
              translated"
         );
@@ -499,9 +554,69 @@ mod tests {
         assert!(!f(None, None, &[Reason::NoBackends], None).admits(&t));
         assert!(!f(None, None, &[], Some(KindFilter::Dropped)).admits(&t));
         assert!(f(None, None, &[], Some(KindFilter::Translated)).admits(&t));
-        let json = serde_json::to_value(&t).unwrap();
+        let json = super::super::api::to_value(&t);
+        assert_eq!(json["apiVersion"], "kube-bpf-proxy.io/v1");
+        assert_eq!(json["kind"], "Event");
+        assert_eq!(json["event"], "translated");
+        assert_eq!(json["protocol"], "TCP");
         assert_eq!(json["backend"], "10.244.1.7");
-        assert_eq!(json["service"], "default/web:http/TCP");
+        assert_eq!(json["backendPort"], 8080);
+        assert_eq!(json["scope"], "clusterIP");
+        assert_eq!(json["scheduler"], "round-robin");
+        assert_eq!(
+            json["service"],
+            serde_json::json!({"namespace": "default", "name": "web", "port": "http"})
+        );
+    }
+
+    /// `-o json` lines against `schema/event.v1.json`: both kinds, both families, every hook
+    /// and reason, named and unnamed frontends.
+    #[test]
+    fn json_events_follow_their_schema() {
+        use super::super::schema_tests::{EVENT, assert_invalid, assert_valid, schema};
+        let names = names();
+        let mut seen = 0;
+        for hook in [Hook::Connect, Hook::Sendmsg, Hook::TcIngress, Hook::Xdp] {
+            for reason in Reason::ALL {
+                for kind in [EVENT_TRANSLATED, EVENT_DROPPED] {
+                    let mut e = event(kind, hook, reason);
+                    let v4 = view(&e, &names, i128::from);
+                    assert_valid(EVENT, &super::super::api::to_value(&v4));
+                    e.family = proxy_common::backend::FAMILY_V6;
+                    e.client = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5).octets();
+                    e.frontend = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 10).octets();
+                    e.svc_id = 99;
+                    let v6 = view(&e, &names, i128::from);
+                    assert_eq!(v6.service, None);
+                    assert_valid(EVENT, &super::super::api::to_value(&v6));
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(seen, 4 * Reason::ALL.len() * 2);
+        let mut odd = event(EVENT_DROPPED, Hook::Xdp, Reason::Fragment);
+        odd.hook = 200;
+        odd.reason = 999;
+        odd.proto = 47;
+        let v = view(&odd, &names, i128::from);
+        assert_eq!((v.hook, v.reason, v.protocol), ("unknown", "unknown", None));
+        let doc = super::super::api::to_value(&v);
+        assert_valid(EVENT, &doc);
+        // Every reason the programs can write is one the schema names.
+        let reasons = schema(EVENT)["properties"]["reason"]["enum"].clone();
+        for r in Reason::ALL {
+            assert!(
+                reasons.as_array().unwrap().contains(&r.name().into()),
+                "{} missing from the schema",
+                r.name()
+            );
+        }
+        let mut bad = doc.clone();
+        bad["protocol"] = "tcp".into();
+        assert_invalid(EVENT, &bad, "a protocol in lower case");
+        let mut bad = doc;
+        bad["service"] = "default/web:http/TCP".into();
+        assert_invalid(EVENT, &bad, "the service as one string");
     }
 
     #[test]

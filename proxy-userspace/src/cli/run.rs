@@ -507,42 +507,6 @@ fn collect_conntrack(pin_dir: PathBuf, timeouts: CtTimeouts) {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// SIGTERM and SIGINT set `STOP` (the agent then stops syncing and leaves the datapath
-/// pinned and serving). tokio's signal handling, on a small runtime of its own on the thread
-/// `signals`; the handlers are registered before this returns, so no signal is missed.
-fn install_signal_handlers() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .context("start the signal runtime")?;
-    let (mut term, mut int) = runtime
-        .block_on(async {
-            Ok::<_, std::io::Error>((
-                signal(SignalKind::terminate())?,
-                signal(SignalKind::interrupt())?,
-            ))
-        })
-        .context("install the SIGTERM and SIGINT handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            // Started before the agent drops its capabilities: this thread needs none.
-            if let Err(e) = caps::drop_to(&[]) {
-                log::warn!("signals thread: dropping capabilities failed: {e}");
-            }
-            runtime.block_on(async {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            });
-            STOP.store(true, Ordering::Relaxed);
-        })
-        .context("start the signals thread")?;
-    Ok(())
-}
-
 /// Finds the cgroup v2 mount point in /proc/mounts.
 fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("read /proc/mounts")?;
@@ -602,7 +566,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => cgroup2_root()?,
     };
-    install_signal_handlers()?;
+    // SIGTERM/SIGINT: the agent stops syncing and leaves the datapath pinned and serving.
+    super::signals::stop_on_signals(&STOP)?;
     let flows = bpf::flow_entries(bpf::node_memory(), args.map_memory_ratio);
     let sizes = MapSizes {
         services: args.max_services,

@@ -29,8 +29,9 @@ const SERVICE_LIST: &str = include_str!("../../../schema/service-list.v1.json");
 const STATUS: &str = include_str!("../../../schema/status.v1.json");
 const EXPLANATION: &str = include_str!("../../../schema/explanation.v1.json");
 const VERIFICATION: &str = include_str!("../../../schema/verification.v1.json");
+pub(super) const EVENT: &str = include_str!("../../../schema/event.v1.json");
 
-fn schema(text: &str) -> Value {
+pub(super) fn schema(text: &str) -> Value {
     serde_json::from_str(text).expect("schema files are JSON")
 }
 
@@ -43,7 +44,7 @@ fn validator(text: &str) -> jsonschema::Validator {
 
 /// Panics with every violation of `doc` against `schema`.
 #[track_caller]
-fn assert_valid(schema: &str, doc: &Value) {
+pub(super) fn assert_valid(schema: &str, doc: &Value) {
     let errors: Vec<String> = validator(schema)
         .iter_errors(doc)
         .map(|e| format!("{} at {}", e, e.instance_path()))
@@ -57,7 +58,7 @@ fn assert_valid(schema: &str, doc: &Value) {
 }
 
 #[track_caller]
-fn assert_invalid(schema: &str, doc: &Value, what: &str) {
+pub(super) fn assert_invalid(schema: &str, doc: &Value, what: &str) {
     assert!(
         !validator(schema).is_valid(doc),
         "the schema accepts {what}: {doc}"
@@ -214,6 +215,7 @@ fn schemas_are_draft_2020_12_documents() {
         ("status", STATUS),
         ("explanation", EXPLANATION),
         ("verification", VERIFICATION),
+        ("event", EVENT),
     ] {
         let s = schema(text);
         assert!(
@@ -251,6 +253,10 @@ fn shared_definitions_agree() {
             verification["$defs"][name], list["$defs"][name],
             "$defs/{name} differs"
         );
+    }
+    let event = schema(EVENT);
+    for (name, def) in event["$defs"].as_object().unwrap() {
+        assert_eq!(&list["$defs"][name], def, "event's $defs/{name} differs");
     }
 }
 

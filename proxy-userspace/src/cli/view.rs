@@ -209,15 +209,20 @@ pub fn parse_service(text: &str) -> Option<ServiceRef> {
     })
 }
 
+/// `LB_SVC_INFO`'s `kind` as a scope.
+pub fn scope_of(kind: u8) -> Option<FrontendScope> {
+    match kind {
+        KIND_CLUSTER_IP => Some(FrontendScope::ClusterIp),
+        KIND_EXTERNAL_IP => Some(FrontendScope::ExternalIp),
+        KIND_LOAD_BALANCER => Some(FrontendScope::LoadBalancer),
+        KIND_NODE_PORT => Some(FrontendScope::NodePort),
+        _ => None,
+    }
+}
+
 fn frontend_view(state: &MapState, frontend: FrontendAddr, svc: &ServiceValue) -> FrontendView {
     let info = state.infos.get(&svc.id);
-    let scope = match info.map(|i| i.kind) {
-        Some(KIND_CLUSTER_IP) => Some(FrontendScope::ClusterIp),
-        Some(KIND_EXTERNAL_IP) => Some(FrontendScope::ExternalIp),
-        Some(KIND_LOAD_BALANCER) => Some(FrontendScope::LoadBalancer),
-        Some(KIND_NODE_PORT) => Some(FrontendScope::NodePort),
-        _ => None,
-    };
+    let scope = info.and_then(|i| scope_of(i.kind));
     let traffic_policies = info.map(|i| TrafficPolicies {
         internal: TrafficPolicy::local(i.flags & INFO_ITP_LOCAL != 0),
         external: TrafficPolicy::local(i.flags & INFO_ETP_LOCAL != 0),
