@@ -73,8 +73,17 @@ pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
 /// `u64` netns cookie → `service::NetnsSource`. Written by the agent.
 pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
 
+/// Pods whose Services are translated per packet at tc instead of at the socket layer (their
+/// namespace has socket-layer translation off): `u64` cgroup id of the pod's cgroup → `u32` 1.
+/// Key 0 (no cgroup has id 0) holds the bit mask of the cgroup levels those cgroups sit at
+/// (bit n: level n, counted from the root) and is present only while the map holds any pod:
+/// the socket hooks check the caller's ancestor cgroup at each of those levels, and tc
+/// translates ClusterIPs on pod-facing interfaces only while it is present. Written by the
+/// agent.
+pub const LB_SOCKLB_OFF: &str = "LB_SOCKLB_OFF";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 30] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -104,6 +113,7 @@ pub const ALL: [&str; 29] = [
     LB_MONITOR,
     LB_FRAG4,
     LB_FRAG6,
+    LB_SOCKLB_OFF,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under
@@ -131,3 +141,5 @@ pub const DSR_BUDGET_MAX: usize = 16_384;
 pub const NETNS_MAX: usize = 16_384;
 /// Fragmented datagrams in flight whose later fragments can be translated (LRU).
 pub const FRAG_MAX: usize = 4_096;
+/// Pods with socket-layer translation off (their pod cgroups), plus the levels entry.
+pub const SOCKLB_OFF_MAX: usize = 16_384;

@@ -87,10 +87,14 @@ pub enum Reason {
     /// tc: a later fragment of a tracked flow's datagram was translated as its first
     /// fragment's flow (`LB_FRAG4` remembered the ports).
     FragmentTranslated = 34,
+    /// Socket layer: a connect() or sendmsg() to a Service frontend from a pod whose namespace
+    /// has socket-layer translation off (`LB_SOCKLB_OFF`): left untranslated, for tc on the
+    /// pod's interface to translate per packet.
+    PerPacket = 35,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 35;
+pub const REASON_COUNT: u32 = 36;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -129,6 +133,7 @@ impl Reason {
         Reason::DsrFailed,
         Reason::EventsLost,
         Reason::FragmentTranslated,
+        Reason::PerPacket,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -169,6 +174,7 @@ impl Reason {
             Reason::DsrFailed => "dsr_failed",
             Reason::EventsLost => "events_lost",
             Reason::FragmentTranslated => "fragment_translated",
+            Reason::PerPacket => "per_packet",
         }
     }
 

@@ -133,6 +133,7 @@ fn main() {
             ..Default::default()
         },
         config: Default::default(),
+        ..Default::default()
     };
     let objects = rss();
     let objects_heap = live_mib();

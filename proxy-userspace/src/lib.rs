@@ -16,4 +16,5 @@ pub mod objects;
 pub mod plan;
 pub mod portrange;
 pub mod snapshot;
+pub mod socklb;
 pub mod source;

@@ -130,3 +130,38 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
         }
     }
 }
+
+/// Namespace label that turns socket-layer translation off (`disabled`) or on (`enabled`) for
+/// the namespace's pods, whatever `--socket-lb-default` says.
+pub const SOCKET_LB_LABEL: &str = "kube-bpf-proxy.io/socket-lb";
+
+/// Where a pod's connections to Services are translated.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SocketLb {
+    /// At connect()/sendmsg(), once per connection (the default).
+    #[default]
+    Enabled,
+    /// Per packet, at tc on the pod's interface, after the pod's own netfilter rules (a service
+    /// mesh's redirect to its sidecar) have seen the Service address.
+    Disabled,
+}
+
+impl SocketLb {
+    /// Reads the label's value: `enabled`/`disabled` (also `true`/`false`, `on`/`off`).
+    pub fn parse_label(value: &str) -> Result<SocketLb, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "enabled" | "true" | "on" => Ok(SocketLb::Enabled),
+            "disabled" | "false" | "off" => Ok(SocketLb::Disabled),
+            other => Err(format!(
+                "{SOCKET_LB_LABEL}={other:?} is neither enabled nor disabled"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketLb::Enabled => "enabled",
+            SocketLb::Disabled => "disabled",
+        }
+    }
+}

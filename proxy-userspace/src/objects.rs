@@ -263,6 +263,78 @@ impl kube::Resource for Slice {
     }
 }
 
+/// A Pod on this node, reduced to what the socket-layer opt-out reads: name, namespace, uid,
+/// resourceVersion (metadata), the node it runs on, whether it uses the host's network, and
+/// its addresses (`status.podIPs`, parsed; unparsable ones left out).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodRef {
+    pub metadata: ObjectMeta,
+    pub node_name: String,
+    pub host_network: bool,
+    pub ips: Vec<IpAddr>,
+}
+
+impl From<k8s_openapi::api::core::v1::Pod> for PodRef {
+    fn from(p: k8s_openapi::api::core::v1::Pod) -> PodRef {
+        let m = p.metadata;
+        let spec = p.spec.unwrap_or_default();
+        let status = p.status.unwrap_or_default();
+        let mut ips: Vec<IpAddr> = status
+            .pod_ips
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|ip| ip.ip.trim().parse().ok())
+            .collect();
+        if ips.is_empty()
+            && let Some(ip) = status.pod_ip.and_then(|ip| ip.trim().parse().ok())
+        {
+            ips.push(ip);
+        }
+        PodRef {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                ..ObjectMeta::default()
+            },
+            node_name: spec.node_name.unwrap_or_default(),
+            host_network: spec.host_network.unwrap_or(false),
+            ips,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PodRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<PodRef, D::Error> {
+        k8s_openapi::api::core::v1::Pod::deserialize(d).map(PodRef::from)
+    }
+}
+
+impl kube::Resource for PodRef {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        <k8s_openapi::api::core::v1::Pod as kube::Resource>::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        <k8s_openapi::api::core::v1::Pod as kube::Resource>::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        <k8s_openapi::api::core::v1::Pod as kube::Resource>::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        <k8s_openapi::api::core::v1::Pod as kube::Resource>::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

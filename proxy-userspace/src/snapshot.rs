@@ -16,6 +16,10 @@ use crate::objects::{Address, Slice};
 pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<Arc<Slice>>,
+    /// This node's Pods and every Namespace: which pods have socket-layer translation off
+    /// (`socklb`). Compile does not read them.
+    pub pods: Vec<Arc<crate::objects::PodRef>>,
+    pub namespaces: Vec<Arc<k8s_openapi::api::core::v1::Namespace>>,
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,

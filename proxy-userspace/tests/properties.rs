@@ -680,6 +680,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
         slices: arcs(slices),
         node,
         config: Default::default(),
+        ..Default::default()
     })
 }
 
@@ -712,6 +713,7 @@ fn two_snapshots() -> impl Strategy<Value = (Snapshot, Snapshot)> {
                     .collect(),
                 node: node.unwrap_or_else(|| a.node.clone()),
                 config: a.config.clone(),
+                ..Default::default()
             };
             b.services
                 .extend(arcs(more_svc.into_iter().take(2).collect()));
@@ -1075,7 +1077,7 @@ proptest! {
             let services = Just(s.services.clone()).prop_shuffle();
             let slices = Just(s.slices.clone()).prop_shuffle();
             (Just(s.clone()), services, slices).prop_map(|(s, services, slices)| {
-                let shuffled = Snapshot { services, slices, node: s.node.clone(), config: s.config.clone() };
+                let shuffled = Snapshot { services, slices, node: s.node.clone(), config: s.config.clone(), ..Default::default() };
                 (s, shuffled)
             })
         })
@@ -1092,7 +1094,7 @@ proptest! {
         (bad_services, bad_slices) in hostile_objects(&["default", "iso"]),
         node in node(),
     ) {
-        let good = Snapshot { services: arcs(good_services), slices: arcs(good_slices), node, config: Default::default() };
+        let good = Snapshot { services: arcs(good_services), slices: arcs(good_slices), node, config: Default::default(), ..Default::default() };
         let mut mixed = good.clone();
         mixed.services.extend(arcs(bad_services));
         mixed.slices.extend(arcs(bad_slices));
@@ -1240,6 +1242,7 @@ fn ten_thousand_endpoints_in_one_slice() {
             ..Default::default()
         },
         config: Default::default(),
+        ..Default::default()
     };
     let started = Instant::now();
     let d = compile(&snap);
@@ -1312,6 +1315,7 @@ endpoints: [{addresses: [10.244.0.1], nodeName: node-a}, {addresses: [10.244.0.2
                 ..Default::default()
             },
             config: Default::default(),
+            ..Default::default()
         }
     }
 

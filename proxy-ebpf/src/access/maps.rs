@@ -158,3 +158,9 @@ pub static LB_DSR_BUDGET: LruHashMap<[u8; 4], DsrBudget, DSR_BUDGET_MAX> = LruHa
 /// agent as namespaces come and go.
 #[btf_map]
 pub static LB_NETNS_SRC: HashMap<u64, NetnsSource, NETNS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// Pods with socket-layer translation off, by pod cgroup id; key 0 holds the levels those
+/// cgroups sit at (`maps::LB_SOCKLB_OFF`). Written by the agent; read at the socket hooks and
+/// by tc for new flows on pod-facing interfaces.
+#[btf_map]
+pub static LB_SOCKLB_OFF: HashMap<u64, u32, SOCKLB_OFF_MAX, NO_PREALLOC> = HashMap::new();

@@ -5,5 +5,6 @@
 pub mod debug;
 pub mod events;
 pub mod maps;
+pub mod socklb;
 pub mod stats;
 pub mod xdp;

@@ -1,9 +1,10 @@
-//! Frontends at tc and XDP: the Service a packet is for (an external-scope frontend) and
-//! whether its source may use it (loadBalancerSourceRanges), one implementation per family.
+//! Frontends at tc and XDP: the Service a packet is for (an external-scope frontend, or at tc
+//! for pods with socket-layer translation off an internal one) and whether its source may use
+//! it (loadBalancerSourceRanges), one implementation per family.
 
 use aya_ebpf::btf_maps::lpm_trie::Key as LpmKey;
 use proxy_common::service::{
-    SCOPE_EXTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
+    SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
 };
 
 use crate::{
@@ -17,22 +18,38 @@ use crate::{
 
 /// The frontend maps of a family.
 pub trait Frontends: Ip {
-    fn frontend(t: &Tuple<Self::Addr>) -> Option<ServiceValue>;
+    /// The frontend of `scope` (`SCOPE_EXTERNAL` or `SCOPE_INTERNAL`) the packet is for.
+    fn frontend(t: &Tuple<Self::Addr>, scope: u8) -> Option<ServiceValue>;
+
+    /// Whether `addr` is a ClusterIP (its any-port entry: semantics 3.12).
+    fn cluster_ip(addr: &Self::Addr) -> bool;
 
     fn source_allowed(svc_id: u32, saddr: &Self::Addr) -> bool;
 }
 
 impl Frontends for V4 {
     #[inline(always)]
-    fn frontend(t: &Tuple<[u8; 4]>) -> Option<ServiceValue> {
+    fn frontend(t: &Tuple<[u8; 4]>, scope: u8) -> Option<ServiceValue> {
         let key = Service4Key {
             addr: t.daddr,
             port: t.dport,
             proto: t.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
         };
         // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
         unsafe { LB4_SERVICES.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn cluster_ip(addr: &[u8; 4]) -> bool {
+        let key = Service4Key {
+            addr: *addr,
+            port: 0,
+            proto: 0,
+            scope: SCOPE_INTERNAL,
+        };
+        // SAFETY: a map lookup whose value is not read.
+        unsafe { LB4_SERVICES.get(&key) }.is_some()
     }
 
     #[inline(always)]
@@ -50,15 +67,27 @@ impl Frontends for V4 {
 
 impl Frontends for V6 {
     #[inline(always)]
-    fn frontend(t: &Tuple<[u8; 16]>) -> Option<ServiceValue> {
+    fn frontend(t: &Tuple<[u8; 16]>, scope: u8) -> Option<ServiceValue> {
         let key = Service6Key {
             addr: t.daddr,
             port: t.dport,
             proto: t.proto,
-            scope: SCOPE_EXTERNAL,
+            scope,
         };
         // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
         unsafe { LB6_SERVICES.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn cluster_ip(addr: &[u8; 16]) -> bool {
+        let key = Service6Key {
+            addr: *addr,
+            port: 0,
+            proto: 0,
+            scope: SCOPE_INTERNAL,
+        };
+        // SAFETY: a map lookup whose value is not read.
+        unsafe { LB6_SERVICES.get(&key) }.is_some()
     }
 
     #[inline(always)]

@@ -1,7 +1,9 @@
 //! New flows reaching the node from elsewhere (tc ingress on the node's external and pod-facing
 //! interfaces): NodePorts, externalIPs and load balancer IPs are translated to a backend with
 //! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
-//! replies translated back. Translated packets are routed here (FIB lookup, then
+//! replies translated back. On pod-facing interfaces, while some pod has socket-layer
+//! translation off (`LB_SOCKLB_OFF`), ClusterIPs too: those pods' connections reach tc with
+//! the Service address, as under kube-proxy. Translated packets are routed here (FIB lookup, then
 //! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
 //! stack's input path would refuse as a martian.
 
@@ -13,12 +15,13 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    info::{IFACE_EXTERNAL, IFACE_KEPT},
     reason::{Hook, Reason},
-    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES},
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, SCOPE_EXTERNAL, SCOPE_INTERNAL},
 };
 
 use crate::{
-    access::{events, stats},
+    access::{events, maps::LB_IFACES, socklb, stats},
     flow::{
         conns,
         ct::Entry,
@@ -43,20 +46,60 @@ const LEAST_CONN: i32 = i32::MIN + 2;
 /// 512 bytes for a whole call chain).
 #[inline(always)]
 pub fn start<F: Family>(ctx: &TcContext) -> i32 {
-    let mut action = new_flow::<F>(ctx, 0);
+    let scope = if socklb::any() {
+        scope::<F>(ctx)
+    } else {
+        SCOPE_EXTERNAL
+    };
+    if scope == SCOPE_REJECT {
+        return reject::reject::<F>(ctx);
+    }
+    let mut action = new_flow::<F>(ctx, 0, scope);
     if action == LEAST_CONN {
-        action = new_flow::<F>(ctx, least_conn::<F>(ctx));
+        action = new_flow::<F>(ctx, least_conn::<F>(ctx, scope), scope);
     }
     if action == REJECT {
         return reject::reject::<F>(ctx);
     }
     if action & !0xff == DROPPED {
-        return dropped::<F>(ctx, (action & 0xff) as u32);
+        return dropped::<F>(ctx, (action & 0xff) as u32, scope);
     }
     if events::watching() {
         translated::<F>(ctx);
     }
     action
+}
+
+/// Returned by `scope` for a new flow to a ClusterIP on a port it does not serve: rejected
+/// (semantics 3.12). Not a scope.
+const SCOPE_REJECT: u8 = 0xff;
+
+/// Which frontends a new flow on a pod-facing interface is looked up in, while some pod has
+/// socket-layer translation off: the external ones when its destination is one, else the
+/// internal ones (ClusterIPs; the connections of pods whose socket layer translates never reach
+/// tc with a ClusterIP). The address of a ClusterIP on a port it does not serve is rejected.
+#[inline(never)]
+fn scope<F: Family>(ctx: &TcContext) -> u8 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return SCOPE_EXTERNAL;
+    };
+    if F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
+        return SCOPE_EXTERNAL;
+    }
+    // SAFETY: reading the context's own skb.
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map lookup whose value is copied at once.
+    let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
+    if why == IFACE_EXTERNAL || why == IFACE_KEPT {
+        return SCOPE_EXTERNAL;
+    }
+    if F::frontend(&pkt.t, SCOPE_INTERNAL).is_some() {
+        return SCOPE_INTERNAL;
+    }
+    if F::cluster_ip(&pkt.t.daddr) {
+        return SCOPE_REJECT;
+    }
+    SCOPE_EXTERNAL
 }
 
 /// Returned by `new_flow` for a packet to drop, with the `Reason` in the low byte: not a tc
@@ -72,11 +115,11 @@ fn drop(reason: Reason) -> i32 {
 /// Counts the drop of the packet for reason `code` and writes its event (the frontend looked
 /// up again: drops are rare).
 #[inline(never)]
-fn dropped<F: Family>(ctx: &TcContext, code: u32) -> i32 {
+fn dropped<F: Family>(ctx: &TcContext, code: u32, scope: u8) -> i32 {
     let reason = Reason::from_index(code).unwrap_or(Reason::CtFailed);
     match F::parse(ctx) {
         Ok(pkt) => {
-            let svc_id = F::frontend(&pkt.t).map_or(0, |svc| svc.id);
+            let svc_id = F::frontend(&pkt.t, scope).map_or(0, |svc| svc.id);
             monitor::dropped::<F>(Hook::TcIngress, reason, svc_id, &pkt.t);
         }
         Err(_) => stats::dropped(Hook::TcIngress, reason),
@@ -113,11 +156,11 @@ fn translated<F: Family>(ctx: &TcContext) {
 
 /// The least-connection choice for the packet's frontend (`lb::NO_PICK` for none).
 #[inline(never)]
-fn least_conn<F: Family>(ctx: &TcContext) -> u32 {
+fn least_conn<F: Family>(ctx: &TcContext, scope: u8) -> u32 {
     let Ok(pkt) = F::parse(ctx) else {
         return lb::NO_PICK;
     };
-    match F::frontend(&pkt.t) {
+    match F::frontend(&pkt.t, scope) {
         Some(svc) if svc.count != 0 => match lb::least_conn(&svc) {
             0 => lb::NO_PICK,
             id => id,
@@ -127,9 +170,9 @@ fn least_conn<F: Family>(ctx: &TcContext) -> u32 {
 }
 
 /// A new flow: `least` is 0 until a least-connection frontend's counts were compared (then
-/// `LEAST_CONN` is returned), afterwards their answer.
+/// `LEAST_CONN` is returned), afterwards their answer. `scope`: which frontends (`scope`).
 #[inline(never)]
-fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
+fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let pkt = match F::parse(ctx) {
         Ok(p) => p,
         Err(_) => return TC_ACT_OK as i32,
@@ -137,7 +180,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32) -> i32 {
     let pkt = &pkt;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(svc) = F::frontend(&pkt.t) else {
+    let Some(svc) = F::frontend(&pkt.t, scope) else {
         return TC_ACT_OK as i32;
     };
     if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {

@@ -30,7 +30,7 @@ use crate::{
             LB_NETNS_SRC, LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES, SOCK4_REVNAT,
             SOCK6_REVNAT,
         },
-        stats,
+        socklb, stats,
     },
     flow::{conns, monitor},
     headers::{hash, ip6_bytes, ip6_words},
@@ -241,6 +241,17 @@ fn port_to_ctx(port: u16) -> u32 {
 /// The frontend for `key`. A miss on an address that is a ClusterIP (it has the port-0,
 /// protocol-0 entry) is rejected like a Service without endpoints (nftables mode,
 /// semantics 3.12); any other miss leaves the socket alone.
+/// A Service frontend's lookup, unless the caller's pod has socket-layer translation off: its
+/// Services (with or without endpoints) are left to tc on the pod's interface.
+#[inline(always)]
+fn unless_per_packet(found: Result<ServiceValue, Reason>) -> Result<ServiceValue, Reason> {
+    match found {
+        Err(Reason::NotService) => found,
+        _ if socklb::caller_opted_out() => Err(Reason::PerPacket),
+        _ => found,
+    }
+}
+
 #[inline(always)]
 fn lookup4(key: &Service4Key) -> Result<ServiceValue, Reason> {
     // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
@@ -497,7 +508,7 @@ pub fn fwd4<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         proto: sa.protocol as u8,
         scope: SCOPE_INTERNAL,
     };
-    let svc = lookup4(&key)?;
+    let svc = unless_per_packet(lookup4(&key))?;
     check_source4::<SEND>(ctx, &svc)?;
     let Choice {
         backend,
@@ -627,16 +638,16 @@ pub fn fwd6<const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
         scope: SCOPE_INTERNAL,
     };
     let mapped = is_v4_mapped(&key.addr);
-    let svc = if mapped {
+    let svc = unless_per_packet(if mapped {
         lookup4(&Service4Key {
             addr: [key.addr[12], key.addr[13], key.addr[14], key.addr[15]],
             port: key.port,
             proto: key.proto,
             scope: key.scope,
-        })?
+        })
     } else {
-        lookup6(&key)?
-    };
+        lookup6(&key)
+    })?;
     check_source6::<SEND>(ctx, svc.flags, svc.id, mapped)?;
     let Choice {
         backend,

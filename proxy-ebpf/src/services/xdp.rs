@@ -14,7 +14,10 @@ use proxy_common::{
     backend::BackendValue,
     ct::{CT_DSR, CT_SNAT},
     reason::{Hook, Reason},
-    service::{FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, ServiceValue},
+    service::{
+        FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, SCOPE_EXTERNAL,
+        ServiceValue,
+    },
 };
 
 use crate::{
@@ -53,7 +56,7 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let here = ctx.ingress_ifindex() as u32;
-    let Some(svc) = F::frontend(&pkt.t) else {
+    let Some(svc) = F::frontend(&pkt.t, SCOPE_EXTERNAL) else {
         return XDP_PASS;
     };
     if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {

@@ -96,6 +96,12 @@ pub struct RunArgs {
     /// (IPv4: the backend's node answers the client directly; every node must run the agent).
     #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
     pub nodeport_mode: NodePortMode,
+    /// Where pods' connections to Services are translated, for namespaces without the
+    /// `kube-bpf-proxy.io/socket-lb` label: enabled (at connect()/sendmsg(), once per
+    /// connection) or disabled (per packet at tc on the pod's interface, after the pod's own
+    /// netfilter rules, as service meshes need). The label (`enabled` or `disabled`) wins.
+    #[arg(long, value_enum, default_value_t = SocketLbFlag::Enabled)]
+    pub socket_lb_default: SocketLbFlag,
     /// Source ports of masqueraded flows, LOW-HIGH. Must lie outside the node's ephemeral
     /// ports (net.ipv4.ip_local_port_range), or the agent refuses to start: a masqueraded flow
     /// and a connection of the node itself could claim the same tuple. Default: the ports above
@@ -396,12 +402,19 @@ struct PodInterfaceLink {
 impl PodInterfaceLink {
     /// Tells the manager this node's endpoints and pod CIDRs; returns the endpoints whose
     /// interface does not carry the program yet.
-    fn waiting(&mut self, snapshot: &Snapshot) -> std::collections::BTreeSet<IpAddr> {
+    /// `per_packet`: addresses of pods translated per packet, whose interfaces carry tc too.
+    fn waiting(
+        &mut self,
+        snapshot: &Snapshot,
+        per_packet: &[IpAddr],
+    ) -> std::collections::BTreeSet<IpAddr> {
         let mut manager = self.manager.lock().expect("manager lock");
+        let mut endpoints = snapshot
+            .node
+            .local_endpoints_cached(&snapshot.slices, &mut self.local);
+        endpoints.extend(per_packet.iter().copied());
         manager.set_inputs(podif::ClusterInputs {
-            endpoints: snapshot
-                .node
-                .local_endpoints_cached(&snapshot.slices, &mut self.local),
+            endpoints,
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
         });
         let waiting = manager.waiting().clone();
@@ -423,6 +436,7 @@ fn add_node_state(
     config: ProxyConfig,
     mut pods: Option<PodInterfaceLink>,
     ranged: Arc<std::sync::Mutex<netns::Targets>>,
+    mut socklb: SocketLbLink,
 ) -> anyhow::Result<()> {
     thread::Builder::new()
         .name("node-state".into())
@@ -470,8 +484,9 @@ fn add_node_state(
                     let mut snapshot = snapshot.clone();
                     snapshot.node.addresses = addresses.clone();
                     snapshot.config = config.clone();
+                    let per_packet = socklb.update(&snapshot);
                     if let Some(p) = &mut pods {
-                        snapshot.node.waiting = p.waiting(&snapshot);
+                        snapshot.node.waiting = p.waiting(&snapshot, &per_packet);
                         // What that attached is in this snapshot already.
                         generation = p.shared.generation.load(Ordering::Acquire);
                     }
@@ -519,6 +534,52 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         })
         .next()
         .context("no cgroup2 filesystem is mounted")
+}
+
+/// `--socket-lb-default`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketLbFlag {
+    Enabled,
+    Disabled,
+}
+
+impl From<SocketLbFlag> for crate::model::SocketLb {
+    fn from(f: SocketLbFlag) -> Self {
+        match f {
+            SocketLbFlag::Enabled => crate::model::SocketLb::Enabled,
+            SocketLbFlag::Disabled => crate::model::SocketLb::Disabled,
+        }
+    }
+}
+
+/// The socket-layer opt-out as the node thread sees it: where decisions go, and the default.
+struct SocketLbLink {
+    tx: mpsc::Sender<crate::socklb::Decision>,
+    default: crate::model::SocketLb,
+    last: Option<crate::socklb::Decision>,
+}
+
+impl SocketLbLink {
+    /// Decides from `snapshot` and tells the socklb thread if that changed; returns the
+    /// addresses of the pods translated per packet (their interfaces must carry tc).
+    fn update(&mut self, snapshot: &Snapshot) -> Vec<IpAddr> {
+        let decision = crate::socklb::decide(
+            &snapshot.namespaces,
+            &snapshot.pods,
+            &snapshot.node.name,
+            self.default,
+        );
+        let ips = decision
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        if self.last.as_ref() != Some(&decision) {
+            let _ = self.tx.send(decision.clone());
+            self.last = Some(decision);
+        }
+        ips
+    }
 }
 
 /// `--nodeport-mode`.
@@ -644,6 +705,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::clone(&ranged),
         Some(Arc::clone(&metrics)),
     )?;
+    // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF.
+    let socklb = SocketLbLink {
+        tx: crate::datapath::socklb::follow(&args.bpffs, cgroup.clone(), cgroup2_root()?)?,
+        default: args.socket_lb_default.into(),
+        last: None,
+    };
     // Everything privileged is done; capabilities are per thread, so drop them before any
     // thread is started.
     match caps::drop_to_kept() {
@@ -676,7 +743,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (tx, rx) = mpsc::channel();
-    add_node_state(source_rx, tx, nodeport_selection, config, pods, ranged)?;
+    add_node_state(
+        source_rx,
+        tx,
+        nodeport_selection,
+        config,
+        pods,
+        ranged,
+        socklb,
+    )?;
     collect_conntrack(
         args.bpffs.clone(),
         ct_timeouts(

@@ -620,6 +620,68 @@ impl NetnsSources {
     }
 }
 
+/// `LB_SOCKLB_OFF`: the pod cgroups with socket-layer translation off, and (key 0) their levels.
+pub struct SocketLbOff {
+    map: HashMap<MapData, u64, u32>,
+}
+
+impl SocketLbOff {
+    /// Opens the pinned map under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<SocketLbOff> {
+        Ok(SocketLbOff {
+            map: MapSource::Pins(pin_dir).take(names::LB_SOCKLB_OFF)?,
+        })
+    }
+
+    /// The map's entries.
+    pub fn entries(&self) -> anyhow::Result<BTreeMap<u64, u32>> {
+        let mut out = BTreeMap::new();
+        for entry in self.map.iter() {
+            let (k, v) = entry.context("read LB_SOCKLB_OFF")?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    /// Makes the map hold exactly `wanted`; returns (written, removed). The pod entries are
+    /// written before the levels entry and removed after it, so the programs never see a level
+    /// without its pods' entries being complete for what they were told.
+    pub fn sync(&mut self, wanted: &BTreeMap<u64, u32>) -> anyhow::Result<(usize, usize)> {
+        let current = self.entries()?;
+        let (mut written, mut removed) = (0, 0);
+        let keys = wanted
+            .keys()
+            .filter(|k| **k != 0)
+            .chain(wanted.keys().filter(|k| **k == 0));
+        for key in keys {
+            let value = wanted[key];
+            if current.get(key) != Some(&value) {
+                self.map
+                    .insert(key, value, 0)
+                    .with_context(|| format!("write cgroup {key} to LB_SOCKLB_OFF"))?;
+                written += 1;
+            }
+        }
+        let gone = current.keys().filter(|k| !wanted.contains_key(k));
+        let gone: Vec<u64> = gone
+            .clone()
+            .filter(|k| **k == 0)
+            .chain(gone.filter(|k| **k != 0))
+            .copied()
+            .collect();
+        for key in gone {
+            match self.map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("remove cgroup {key} from LB_SOCKLB_OFF"));
+                }
+            }
+        }
+        Ok((written, removed))
+    }
+}
+
 /// Entries in use and capacity of every pinned map, for `status` and metrics.
 pub fn map_fill(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u32, u32)>> {
     map_fill_known(pin_dir, &BTreeMap::new())

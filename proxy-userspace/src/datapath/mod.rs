@@ -8,6 +8,7 @@ pub mod netlink;
 pub mod netns;
 pub mod podif;
 pub mod sockdiag;
+pub mod socklb;
 pub mod tclinks;
 
 /// A backend that stopped being eligible for a frontend.

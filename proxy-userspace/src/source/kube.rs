@@ -1,9 +1,12 @@
 //! The Kubernetes API: Services and EndpointSlices in all namespaces, and this node's Node
-//! object, each followed by a kube-runtime watcher feeding a store of our own ([`Objects`]).
+//! object, each followed by a kube-runtime watcher feeding a store of our own ([`Objects`]);
+//! also this node's Pods and every Namespace, for the socket-layer opt-out (`socklb`).
 //!
-//! Every snapshot is built from the three stores, never accumulated from events, so it always
-//! equals what the API server last told us. The first one is sent once all three initial lists
-//! are complete; after that, one per change (the agent coalesces bursts).
+//! Every snapshot is built from the stores, never accumulated from events, so it always
+//! equals what the API server last told us. The first one is sent once the initial lists of
+//! Services, EndpointSlices and the Node are complete; after that, one per change (the agent
+//! coalesces bursts). Pods and Namespaces do not hold the first sync back: an API server (or
+//! RBAC) that does not serve them leaves every pod with socket-layer translation, logged.
 //!
 //! Failures never reach the agent as data: a watcher that cannot list or watch keeps its store
 //! as it was and retries after a backoff of 0.4 s doubling to 3 s, with jitter; the first
@@ -41,7 +44,7 @@ use anyhow::{Context as _, bail};
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -57,7 +60,7 @@ use serde::de::DeserializeOwned;
 use super::{NodeAddresses, Source, addresses_of};
 use crate::{
     metrics::{Metrics, Series},
-    objects::Slice,
+    objects::{PodRef, Slice},
     snapshot::{NodeInfo, Snapshot},
 };
 
@@ -173,15 +176,26 @@ async fn resolve(master: Option<http::Uri>, kubeconfig: Option<PathBuf>) -> anyh
     }
 }
 
-/// The three watched kinds.
+/// The watched kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Services = 0,
     Slices = 1,
     Node = 2,
+    Pods = 3,
+    Namespaces = 4,
 }
 
-const KINDS: [Kind; 3] = [Kind::Services, Kind::Slices, Kind::Node];
+const KINDS: [Kind; 5] = [
+    Kind::Services,
+    Kind::Slices,
+    Kind::Node,
+    Kind::Pods,
+    Kind::Namespaces,
+];
+
+/// The kinds whose initial lists the first snapshot waits for.
+const GATING: [Kind; 3] = [Kind::Services, Kind::Slices, Kind::Node];
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -189,6 +203,8 @@ impl fmt::Display for Kind {
             Kind::Services => "services",
             Kind::Slices => "endpointslices",
             Kind::Node => "node",
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
         })
     }
 }
@@ -200,6 +216,8 @@ impl Kind {
             Kind::Services => "services",
             Kind::Slices => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Pods => "pods",
+            Kind::Namespaces => "namespaces",
         }
     }
 }
@@ -432,10 +450,37 @@ struct Objects<K, S = K> {
     served: std::marker::PhantomData<fn(K)>,
 }
 
+/// How a stored object compares with its next version: an update equal in what the proxy
+/// keeps (a Pod's status changing, say) keeps the stored `Arc` and sends no snapshot.
+trait Kept {
+    fn same_as(&self, _next: &Self) -> bool {
+        false
+    }
+}
+
+impl Kept for Service {}
+impl Kept for Slice {}
+impl Kept for Node {}
+
+impl Kept for Namespace {
+    fn same_as(&self, next: &Self) -> bool {
+        self.metadata.uid == next.metadata.uid && self.metadata.labels == next.metadata.labels
+    }
+}
+
+impl Kept for PodRef {
+    fn same_as(&self, next: &Self) -> bool {
+        self.metadata.uid == next.metadata.uid
+            && self.node_name == next.node_name
+            && self.host_network == next.host_network
+            && self.ips == next.ips
+    }
+}
+
 impl<K, S> Objects<K, S>
 where
     K: Resource<DynamicType = ()> + Clone,
-    S: Resource<DynamicType = ()> + From<K>,
+    S: Resource<DynamicType = ()> + From<K> + Kept,
 {
     fn new(kind: Kind, metrics: Option<Arc<Metrics>>) -> Objects<K, S> {
         let objects = Objects {
@@ -499,8 +544,15 @@ where
                 let key = key_of(object.meta());
                 self.undecodable.remove(&key);
                 let object = self.stored(object);
-                self.objects.insert(key, object);
-                Step::Changed
+                match self.objects.get(&key) {
+                    Some(old) if Arc::ptr_eq(old, &object) || old.same_as(&object) => {
+                        Step::Unchanged
+                    }
+                    _ => {
+                        self.objects.insert(key, object);
+                        Step::Changed
+                    }
+                }
             }
             watcher::Event::Apply(DeserializeGuard(Err(invalid))) => {
                 let key = key_of(&invalid.metadata);
@@ -574,6 +626,8 @@ struct Stores {
     services: Objects<Service>,
     slices: Objects<EndpointSlice, Slice>,
     nodes: Objects<Node>,
+    pods: Objects<Pod, PodRef>,
+    namespaces: Objects<Namespace>,
 }
 
 impl Stores {
@@ -585,6 +639,8 @@ impl Stores {
         Snapshot {
             services: self.services.values().cloned().collect(),
             slices: self.slices.values().cloned().collect(),
+            pods: self.pods.values().cloned().collect(),
+            namespaces: self.namespaces.values().cloned().collect(),
             node: NodeInfo::with_node(node_name.to_string(), node.map(|n| &**n)),
             config: Default::default(),
         }
@@ -604,14 +660,14 @@ const FAILING_LOG_EVERY: Duration = Duration::from_secs(30);
 /// What the watchers have done so far, for readiness, logs and metrics.
 struct Progress {
     server: String,
-    listed: [bool; 3],
-    failing: [Option<Failing>; 3],
+    listed: [bool; 5],
+    failing: [Option<Failing>; 5],
     metrics: Option<Arc<Metrics>>,
 }
 
 impl Progress {
     fn all_listed(&self) -> bool {
-        self.listed.iter().all(|l| *l)
+        GATING.iter().all(|k| self.listed[*k as usize])
     }
 
     /// Logs and counts what `update` means; true if it changed a store.
@@ -678,7 +734,7 @@ impl Progress {
         }
         if matches!(step, Step::Listed) && !self.listed[k] {
             self.listed[k] = true;
-            let waiting: Vec<String> = KINDS
+            let waiting: Vec<String> = GATING
                 .iter()
                 .filter(|w| !self.listed[**w as usize])
                 .map(ToString::to_string)
@@ -702,6 +758,8 @@ enum Item {
     Service(Box<WatcherItem<Service>>),
     Slice(Box<WatcherItem<EndpointSlice>>),
     Node(Box<WatcherItem<Node>>),
+    Pod(Box<WatcherItem<Pod>>),
+    Namespace(Box<WatcherItem<Namespace>>),
 }
 
 impl Stores {
@@ -710,7 +768,7 @@ impl Stores {
         fn step<K, S>(objects: &mut Objects<K, S>, item: WatcherItem<K>) -> Update
         where
             K: Resource<DynamicType = ()> + Clone,
-            S: Resource<DynamicType = ()> + From<K>,
+            S: Resource<DynamicType = ()> + From<K> + Kept,
         {
             Update {
                 kind: objects.kind,
@@ -724,6 +782,8 @@ impl Stores {
             Item::Service(i) => step(&mut self.services, *i),
             Item::Slice(i) => step(&mut self.slices, *i),
             Item::Node(i) => step(&mut self.nodes, *i),
+            Item::Pod(i) => step(&mut self.pods, *i),
+            Item::Namespace(i) => step(&mut self.namespaces, *i),
         }
     }
 }
@@ -746,7 +806,7 @@ impl KubeSource {
                 }
                 // Objects::new creates the undecodable gauges; the counters start at 0 too.
             }
-            for kind in ["Service", "EndpointSlice", "Node"] {
+            for kind in ["Service", "EndpointSlice", "Node", "Pod", "Namespace"] {
                 m.undecodable_objects_total.with(&[("kind", kind)]);
             }
         }
@@ -758,6 +818,8 @@ impl KubeSource {
             services: Objects::new(Kind::Services, metrics.clone()),
             slices: Objects::new(Kind::Slices, metrics.clone()),
             nodes: Objects::new(Kind::Node, metrics.clone()),
+            pods: Objects::new(Kind::Pods, metrics.clone()),
+            namespaces: Objects::new(Kind::Namespaces, metrics.clone()),
         };
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
@@ -771,18 +833,28 @@ impl KubeSource {
                 .map(|i| Item::Slice(Box::new(i)))
                 .boxed(),
             follow::<Node>(
-                Api::all(client),
+                Api::all(client.clone()),
                 every().fields(&format!("metadata.name={}", self.node_name)),
-                wake,
+                wake.clone(),
             )
             .map(|i| Item::Node(Box::new(i)))
             .boxed(),
+            follow::<Pod>(
+                Api::all(client.clone()),
+                every().fields(&format!("spec.nodeName={}", self.node_name)),
+                wake.clone(),
+            )
+            .map(|i| Item::Pod(Box::new(i)))
+            .boxed(),
+            follow::<Namespace>(Api::all(client), every(), wake)
+                .map(|i| Item::Namespace(Box::new(i)))
+                .boxed(),
         ]);
 
         let mut progress = Progress {
             server: server.to_string(),
-            listed: [false; 3],
-            failing: [None, None, None],
+            listed: [false; 5],
+            failing: [None, None, None, None, None],
             metrics,
         };
         while let Some(item) = items.next().await {

@@ -1,5 +1,5 @@
-//! A directory of YAML manifests (Service, EndpointSlice, Node; `List`s and multi-document
-//! files too), re-read when any file changes. Used by `cargo xtask run` and the tests.
+//! A directory of YAML manifests (Service, EndpointSlice, Node, Pod, Namespace; `List`s and
+//! multi-document files too), re-read when any file changes. Used by `cargo xtask run` and the tests.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -21,7 +21,7 @@ use k8s_openapi::{
 use serde::Deserialize as _;
 
 use super::{NodeAddresses, Source, addresses_of};
-use crate::objects::Slice;
+use crate::objects::{PodRef, Slice};
 use crate::snapshot::{NodeInfo, Snapshot};
 
 /// Objects parsed from one file.
@@ -31,6 +31,8 @@ struct FileObjects {
     services: Vec<std::sync::Arc<Service>>,
     slices: Vec<std::sync::Arc<Slice>>,
     nodes: Vec<Node>,
+    pods: Vec<std::sync::Arc<PodRef>>,
+    namespaces: Vec<std::sync::Arc<Namespace>>,
 }
 
 pub struct ManifestSource {
@@ -141,6 +143,12 @@ fn parse_document(value: serde_norway::Value, into: &mut FileObjects) -> anyhow:
             EndpointSlice::deserialize(value)?,
         ))),
         "Node" => into.nodes.push(Node::deserialize(value)?),
+        "Pod" => into
+            .pods
+            .push(std::sync::Arc::new(PodRef::from(Pod::deserialize(value)?))),
+        "Namespace" => into
+            .namespaces
+            .push(std::sync::Arc::new(Namespace::deserialize(value)?)),
         "List" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.clone() {
@@ -227,6 +235,16 @@ impl Document {
                 spec: typed(self.spec)?,
                 status: typed(self.status)?,
             }),
+            "Pod" => into.pods.push(std::sync::Arc::new(PodRef::from(Pod {
+                metadata,
+                spec: typed(self.spec)?,
+                status: typed(self.status)?,
+            }))),
+            "Namespace" => into.namespaces.push(std::sync::Arc::new(Namespace {
+                metadata,
+                spec: typed(self.spec)?,
+                status: typed(self.status)?,
+            })),
             "List" => {
                 for item in self.items.unwrap_or_default() {
                     item.into_objects(into)?;
@@ -311,6 +329,12 @@ fn parse_text(text: &str) -> anyhow::Result<FileObjects> {
             .namespace
             .get_or_insert_with(|| "default".into());
     }
+    for p in &mut objects.pods {
+        std::sync::Arc::make_mut(p)
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".into());
+    }
     Ok(objects)
 }
 
@@ -382,6 +406,10 @@ impl ManifestSource {
         for objects in cache.values() {
             snapshot.services.extend(objects.services.iter().cloned());
             snapshot.slices.extend(objects.slices.iter().cloned());
+            snapshot.pods.extend(objects.pods.iter().cloned());
+            snapshot
+                .namespaces
+                .extend(objects.namespaces.iter().cloned());
             if let Some(n) = objects
                 .nodes
                 .iter()

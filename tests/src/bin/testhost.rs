@@ -506,6 +506,118 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// A service mesh's sidecar, for the socket-layer opt-out tests: accepts the connections the
+/// pod's netfilter rules redirect to `port`, appends each one's original destination
+/// (SO_ORIGINAL_DST) to `log`, connects there with socket mark `mark` (which the redirect rule
+/// skips) and relays both ways.
+fn sidecar(port: u16, mark: u32, log: String) {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .unwrap_or_else(|e| panic!("bind sidecar port {port}: {e}"));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming() {
+        let Ok(client) = stream else { continue };
+        let log = log.clone();
+        thread::spawn(move || {
+            let Some(orig) = original_dst(&client) else {
+                return;
+            };
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+            {
+                let _ = writeln!(f, "{orig}");
+            }
+            let Ok(upstream) = connect_marked(orig, mark) else {
+                return;
+            };
+            let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+                return;
+            };
+            let mut c1 = client;
+            let mut u1 = upstream;
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+                let _ = u2.shutdown(std::net::Shutdown::Write);
+            });
+            let _ = std::io::copy(&mut u1, &mut c1);
+            let _ = c1.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
+
+/// SO_ORIGINAL_DST of a redirected IPv4 connection.
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: zeroed sockaddr_in is a valid value to be filled.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&raw mut addr).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then(|| {
+        SocketAddr::from((
+            u32::from_be(addr.sin_addr.s_addr).to_be_bytes(),
+            u16::from_be(addr.sin_port),
+        ))
+    })
+}
+
+/// A TCP connection to `to` (IPv4) from a socket carrying `mark`.
+fn connect_marked(to: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh, valid descriptor nobody else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes(to.ip().octets()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid socket and sockaddr_in of the given length.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(owned))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -530,6 +642,11 @@ fn main() {
             args.get(4).is_some_and(|a| a == "hold"),
         ),
         Some("raw4") if args.len() == 2 => raw4(&args[1]),
+        Some("sidecar") if args.len() == 4 => sidecar(
+            args[1].parse().unwrap_or_else(|_| usage()),
+            args[2].parse().unwrap_or_else(|_| usage()),
+            args[3].clone(),
+        ),
         _ => usage(),
     }
 }

@@ -1,0 +1,214 @@
+//! Socket-layer translation off per namespace (issue #24): the pods of a namespace labelled
+//! `kube-bpf-proxy.io/socket-lb: disabled` reach Services per packet, at tc on their own
+//! interface, after their own netfilter rules; a service mesh's sidecar sees the ClusterIP.
+
+mod common;
+
+use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
+
+use common::*;
+use proxy_common::reason::Reason;
+use tests::{
+    ChildGuard, Shape, TestCgroup, Testbed,
+    harness::{
+        cgroup::cgroup2_root,
+        topology::{Proto, request_in, testhost_in},
+    },
+    poll_until,
+};
+
+const VIP: &str = "10.96.0.10";
+const POD_UID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+const MARK: &str = "1337";
+
+fn to(port: u16) -> SocketAddr {
+    format!("{VIP}:{port}").parse().unwrap()
+}
+
+fn namespace_yaml(label: Option<&str>) -> String {
+    let labels = label.map_or(String::new(), |v| {
+        format!(", labels: {{kube-bpf-proxy.io/socket-lb: {v}}}")
+    });
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh{labels}}}\n")
+}
+
+fn per_packet_count(pins: &Path) -> u64 {
+    let maps = proxy_userspace::datapath::bpf::Maps::open_pinned(pins).expect("open pins");
+    maps.stats()
+        .expect("stats")
+        .into_iter()
+        .find(|(r, _)| *r == Reason::PerPacket)
+        .map_or(0, |(_, n)| n)
+}
+
+/// A cgroup directory below the testbed's, named as kubelet (cgroupfs driver) names a pod's.
+fn pod_cgroups(tb: &Testbed) -> (TestCgroup, TestCgroup) {
+    let rel = tb
+        .cgroup
+        .path
+        .strip_prefix(cgroup2_root())
+        .expect("test cgroup below the cgroup2 mount")
+        .to_path_buf();
+    let kubepods = TestCgroup::new(&format!("{}/kubepods", rel.display()));
+    let pod = TestCgroup::new(&format!("{}/kubepods/pod{POD_UID}", rel.display()));
+    (kubepods, pod)
+}
+
+#[test]
+fn a_namespace_with_socket_lb_off_is_translated_per_packet_and_its_sidecar_sees_the_cluster_ip() {
+    if !privileged() {
+        return;
+    }
+    // a-pod-1: the meshed client; a-pod-2, a-pod-3: backends; a-pod-4: a client in a namespace
+    // that keeps socket-layer translation.
+    let mut tb = Testbed::with_shape(&[4], Shape::Ptp);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(0, 2, BACKEND_PORT);
+    let (_kubepods, pod_cg) = pod_cgroups(&tb);
+    let node_name = tb.nodes[0].name.clone();
+    let client = tb.nodes[0].pods[0].ip4;
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.write_manifest("ns.yaml", &namespace_yaml(Some("disabled")));
+    agent.write_manifest(
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {POD_UID}}}\nspec: {{nodeName: {node_name}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}]}}\n"
+        ),
+    );
+    agent.write_manifest("web.yaml", &service_yaml("web", &[VIP], &[HTTP, DNS], ""));
+    let pods = &tb.nodes[0].pods;
+    agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            &[HTTP, DNS],
+            &[ep(pods[1].ip4), ep(pods[2].ip4)],
+        ),
+    );
+    let from = agent.log_position();
+    agent.start();
+    agent.wait_for_log(
+        from,
+        "socket-layer translation off for 1 pod(s) in namespaces [mesh]",
+        Duration::from_secs(20),
+    );
+    let client_ns = &tb.nodes[0].pods[0].ns;
+    let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3"].map(String::from).into();
+    let meshed = |proto: Proto, port: u16, count: usize| {
+        request_in(client_ns, Some(&pod_cg), proto, to(port), count)
+    };
+    poll_until(
+        "the meshed pod's ClusterIP answered",
+        Duration::from_secs(20),
+        || {
+            let r = meshed(Proto::Tcp, 80, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+
+    // Per packet: the connect() is left alone (counted as per_packet), tc on the pod's veth
+    // translates, the backend sees the pod's own address (no masquerading for pod to
+    // ClusterIP, semantics 7.12) and the client sees the ClusterIP as its peer.
+    let before = per_packet_count(&agent.pin_dir);
+    for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+        let replies = meshed(proto, port, 20);
+        let mut seen = BTreeSet::new();
+        for r in &replies {
+            assert!(r.ok, "{proto:?}: {r:?}");
+            assert!(backends.contains(&r.backend), "{r:?}");
+            assert!(
+                r.seen.starts_with(&format!("{client}:")),
+                "masqueraded: {r:?}"
+            );
+            assert_eq!(r.peer, to(port).to_string(), "{r:?}");
+            seen.insert(r.backend.clone());
+        }
+        // Random over two backends: 20 all on one has probability 2^-19.
+        assert_eq!(seen, backends, "{proto:?} not balanced: {replies:?}");
+    }
+    assert!(
+        per_packet_count(&agent.pin_dir) >= before + 40,
+        "connects of the meshed pod not left to tc"
+    );
+    // A port the ClusterIP does not serve is rejected per packet too (semantics 3.12).
+    let r = meshed(Proto::Tcp, 81, 1);
+    assert!(!r[0].ok && r[0].error.contains("refused"), "{r:?}");
+
+    // A mesh: the pod's own nftables redirect its outbound TCP to port 80 to a sidecar, which
+    // reads the original destination and connects on (its socket marked, as meshes exclude
+    // their own traffic).
+    client_ns.exec("nft", &["add", "table", "ip", "mesh"]);
+    client_ns.exec(
+        "nft",
+        &[
+            "add", "chain", "ip", "mesh", "out", "{", "type", "nat", "hook", "output", "priority",
+            "-100", ";", "}",
+        ],
+    );
+    client_ns.exec(
+        "nft",
+        &[
+            "add", "rule", "ip", "mesh", "out", "meta", "mark", MARK, "return",
+        ],
+    );
+    client_ns.exec(
+        "nft",
+        &[
+            "add", "rule", "ip", "mesh", "out", "tcp", "dport", "80", "redirect", "to", ":15001",
+        ],
+    );
+    let log = std::env::temp_dir().join(format!("{}-sidecar.log", tb.id));
+    let _ = std::fs::remove_file(&log);
+    let log_arg = log.display().to_string();
+    let _sidecar = ChildGuard::spawn_ready(
+        "sidecar",
+        testhost_in(
+            client_ns,
+            Some(&pod_cg),
+            &["sidecar", "15001", MARK, &log_arg],
+        ),
+    );
+    for r in meshed(Proto::Tcp, 80, 10) {
+        assert!(r.ok, "through the sidecar: {r:?}");
+        assert!(backends.contains(&r.backend), "{r:?}");
+    }
+    let originals = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let lines: Vec<&str> = originals.lines().collect();
+    assert_eq!(lines.len(), 10, "{originals}");
+    assert!(
+        lines.iter().all(|l| *l == to(80).to_string()),
+        "the sidecar saw a backend, not the ClusterIP: {originals}"
+    );
+
+    // A pod of another namespace keeps socket-layer translation.
+    let plain = &tb.nodes[0].pods[3].ns;
+    let before = per_packet_count(&agent.pin_dir);
+    for r in tb.request_from(plain, true, Proto::Tcp, to(80), 10) {
+        assert!(r.ok && backends.contains(&r.backend), "{r:?}");
+    }
+    assert_eq!(per_packet_count(&agent.pin_dir), before);
+
+    // The label removed: the meshed pod is back at the socket layer.
+    let from = agent.log_position();
+    agent.write_manifest("ns.yaml", &namespace_yaml(None));
+    agent.wait_for_log(
+        from,
+        "socket-layer translation off for 0 pod(s)",
+        Duration::from_secs(20),
+    );
+    client_ns.exec("nft", &["delete", "table", "ip", "mesh"]);
+    let before = per_packet_count(&agent.pin_dir);
+    for r in meshed(Proto::Tcp, 80, 10) {
+        assert!(r.ok && backends.contains(&r.backend), "{r:?}");
+    }
+    assert_eq!(per_packet_count(&agent.pin_dir), before);
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
