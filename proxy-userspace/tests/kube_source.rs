@@ -917,3 +917,94 @@ fn command_line_flags_select_the_api_server() {
         "{err:#}"
     );
 }
+
+fn namespace(name: &str, socket_lb: Option<&str>) -> serde_json::Value {
+    let mut v = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "uid": format!("uid-ns-{name}")}});
+    if let Some(label) = socket_lb {
+        v["metadata"]["labels"] = json!({"kube-bpf-proxy.io/socket-lb": label});
+    }
+    v
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, phase: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-pod-{name}")},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+/// Receives snapshots until `ok` holds for one (bounded).
+fn snapshot_where(rx: &Receiver<Snapshot>, what: &str, ok: impl Fn(&Snapshot) -> bool) -> Snapshot {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) if ok(&s) => return s,
+            Ok(_) => {}
+            Err(e) => panic!("no snapshot with {what}: {e}"),
+        }
+    }
+}
+
+/// The socket-layer opt-out's inputs (issue #24): every Namespace, and this node's Pods only
+/// (field selector `spec.nodeName`), reduced to what the proxy reads; a Pod update that changes
+/// none of that (its phase) sends no new snapshot, a label change does.
+#[test]
+fn namespaces_and_this_nodes_pods_reach_the_snapshot() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.apply(Res::Namespaces, namespace("mesh", Some("disabled")));
+    server.apply(Res::Namespaces, namespace("default", None));
+    server.apply(
+        Res::Pods,
+        pod("mesh", "client", NODE, "10.244.0.9", "Pending"),
+    );
+    server.apply(
+        Res::Pods,
+        pod("mesh", "elsewhere", "node-b", "10.244.1.9", "Running"),
+    );
+    let rx = start_source(&server);
+    let s = snapshot_where(&rx, "the pod and both namespaces", |s| {
+        s.pods.len() == 1 && s.namespaces.len() == 2
+    });
+    let p = &s.pods[0];
+    assert_eq!(p.metadata.name.as_deref(), Some("client"));
+    assert_eq!(p.metadata.uid.as_deref(), Some("uid-pod-client"));
+    assert_eq!(p.node_name, NODE);
+    assert_eq!(
+        p.ips,
+        vec!["10.244.0.9".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let decision = proxy_userspace::socklb::decide(
+        &s.namespaces,
+        &s.pods,
+        NODE,
+        proxy_userspace::model::SocketLb::Enabled,
+    );
+    assert_eq!(decision.per_packet_namespaces, ["mesh"]);
+    assert_eq!(decision.pods.len(), 1);
+    let mut log = Vec::new();
+    drain(&rx, &mut log);
+
+    // Only the phase changes: nothing the proxy reads.
+    server.apply(
+        Res::Pods,
+        pod("mesh", "client", NODE, "10.244.0.9", "Running"),
+    );
+    // The label goes: a new snapshot without it.
+    server.apply(Res::Namespaces, namespace("mesh", None));
+    let s = snapshot_where(&rx, "mesh without its label", |s| {
+        s.namespaces
+            .iter()
+            .all(|n| n.metadata.labels.as_ref().is_none_or(|l| l.is_empty()))
+    });
+    assert_eq!(s.pods.len(), 1);
+    let decision = proxy_userspace::socklb::decide(
+        &s.namespaces,
+        &s.pods,
+        NODE,
+        proxy_userspace::model::SocketLb::Enabled,
+    );
+    assert!(decision.pods.is_empty());
+}

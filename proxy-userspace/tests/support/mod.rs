@@ -31,9 +31,12 @@ pub enum Res {
     Services,
     Slices,
     Nodes,
+    Pods,
+    Namespaces,
 }
 
 impl Res {
+    /// The kinds the first snapshot waits for.
     pub const ALL: [Res; 3] = [Res::Services, Res::Slices, Res::Nodes];
 
     fn from_path(path: &str) -> Option<Res> {
@@ -41,6 +44,8 @@ impl Res {
             "/api/v1/services" => Some(Res::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Res::Slices),
             "/api/v1/nodes" => Some(Res::Nodes),
+            "/api/v1/pods" => Some(Res::Pods),
+            "/api/v1/namespaces" => Some(Res::Namespaces),
             _ => None,
         }
     }
@@ -50,6 +55,8 @@ impl Res {
             Res::Services => ("ServiceList", "v1"),
             Res::Slices => ("EndpointSliceList", "discovery.k8s.io/v1"),
             Res::Nodes => ("NodeList", "v1"),
+            Res::Pods => ("PodList", "v1"),
+            Res::Namespaces => ("NamespaceList", "v1"),
         }
     }
 
@@ -58,6 +65,8 @@ impl Res {
             Res::Services => ("Service", "v1"),
             Res::Slices => ("EndpointSlice", "discovery.k8s.io/v1"),
             Res::Nodes => ("Node", "v1"),
+            Res::Pods => ("Pod", "v1"),
+            Res::Namespaces => ("Namespace", "v1"),
         }
     }
 }
@@ -98,7 +107,8 @@ pub enum Outage {
 
 struct Watch {
     tx: mpsc::UnboundedSender<Msg>,
-    name: Option<String>,
+    /// The watch's field selector (field, value).
+    field: Option<(String, String)>,
     bookmarks: bool,
 }
 
@@ -424,9 +434,13 @@ fn reset(socket: TcpStream) {
 
 fn broadcast(c: &mut Collection, kind: &'static str, object: &Value) {
     let line = event_line(kind, object);
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
     c.watches.retain(|w| {
-        if w.name.as_deref().is_some_and(|n| n != name) {
+        let selected = match &w.field {
+            None => true,
+            Some((f, v)) if f == "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
+            Some((_, v)) => object["spec"]["nodeName"].as_str() == Some(v),
+        };
+        if !selected {
             return !w.tx.is_closed();
         }
         w.tx.send(Msg::Line(line.clone())).is_ok()
@@ -524,12 +538,14 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         record(request);
         return write_response(&mut socket, 404, &status(404, "NotFound", "no such path")).await;
     };
-    // Only `metadata.name=X` is supported, which is all the source uses.
-    let name = match params.get("fieldSelector") {
+    // `metadata.name=X` and `spec.nodeName=X`, which is what the source uses.
+    let field = match params.get("fieldSelector") {
         None => None,
-        Some(sel) => match sel.strip_prefix("metadata.name=") {
-            Some(name) => Some(name.to_string()),
-            None => {
+        Some(sel) => match sel.split_once('=') {
+            Some((f @ ("metadata.name" | "spec.nodeName"), value)) => {
+                Some((f.to_string(), value.to_string()))
+            }
+            _ => {
                 request.status = 400;
                 record(request);
                 let body = status(400, "BadRequest", "unsupported field selector");
@@ -537,9 +553,10 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             }
         },
     };
-    let matches = |object: &Value| {
-        name.as_deref()
-            .is_none_or(|n| object["metadata"]["name"].as_str() == Some(n))
+    let matches = |object: &Value| match &field {
+        None => true,
+        Some((f, v)) if f == "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
+        Some((_, v)) => object["spec"]["nodeName"].as_str() == Some(v),
     };
 
     if !watch {
@@ -608,7 +625,7 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
                 .collect();
             c.watches.push(Watch {
                 tx,
-                name: name.clone(),
+                field: field.clone(),
                 bookmarks,
             });
             Ok(lines)
