@@ -18,11 +18,16 @@ use tests::{
 };
 
 const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
 const POD_UID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
 const MARK: &str = "1337";
 
 fn to(port: u16) -> SocketAddr {
     format!("{VIP}:{port}").parse().unwrap()
+}
+
+fn to6(port: u16) -> SocketAddr {
+    format!("[{VIP6}]:{port}").parse().unwrap()
 }
 
 fn namespace_yaml(label: Option<&str>) -> String {
@@ -55,13 +60,24 @@ fn pod_cgroups(tb: &Testbed) -> (TestCgroup, TestCgroup) {
 }
 
 #[test]
-fn a_namespace_with_socket_lb_off_is_translated_per_packet_and_its_sidecar_sees_the_cluster_ip() {
+fn per_pod_veths_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sidecar() {
+    per_packet(Shape::Ptp);
+}
+
+/// On a bridge, a backend behind the same bridge would answer the client pod through the
+/// bridge, past tc: those flows are masqueraded to the node's bridge address.
+#[test]
+fn bridge_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sidecar() {
+    per_packet(Shape::Bridge);
+}
+
+fn per_packet(shape: Shape) {
     if !privileged() {
         return;
     }
     // a-pod-1: the meshed client; a-pod-2, a-pod-3: backends; a-pod-4: a client in a namespace
     // that keeps socket-layer translation.
-    let mut tb = Testbed::with_shape(&[4], Shape::Ptp);
+    let mut tb = Testbed::with_shape(&[4], shape);
     tb.serve(0, 1, BACKEND_PORT);
     tb.serve(0, 2, BACKEND_PORT);
     let (_kubepods, pod_cg) = pod_cgroups(&tb);
@@ -76,6 +92,10 @@ fn a_namespace_with_socket_lb_off_is_translated_per_packet_and_its_sidecar_sees_
         ),
     );
     agent.write_manifest("web.yaml", &service_yaml("web", &[VIP], &[HTTP, DNS], ""));
+    agent.write_manifest(
+        "web6.yaml",
+        &service_yaml("web6", &[VIP6], &[HTTP, DNS], ""),
+    );
     let pods = &tb.nodes[0].pods;
     agent.write_manifest(
         "web-slice.yaml",
@@ -87,6 +107,17 @@ fn a_namespace_with_socket_lb_off_is_translated_per_packet_and_its_sidecar_sees_
             &[ep(pods[1].ip4), ep(pods[2].ip4)],
         ),
     );
+    agent.write_manifest(
+        "web6-slice.yaml",
+        &slice_yaml(
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[HTTP, DNS],
+            &[ep(pods[1].ip6), ep(pods[2].ip6)],
+        ),
+    );
+    let client6 = pods[0].ip6;
     let from = agent.log_position();
     agent.start();
     agent.wait_for_log(
@@ -116,24 +147,45 @@ fn a_namespace_with_socket_lb_off_is_translated_per_packet_and_its_sidecar_sees_
     // translates, the backend sees the pod's own address (no masquerading for pod to
     // ClusterIP, semantics 7.12) and the client sees the ClusterIP as its peer.
     let before = per_packet_count(&agent.pin_dir);
-    for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
-        let replies = meshed(proto, port, 20);
+    // The address the backends see: the pod's own, or on a bridge the node's bridge address.
+    let bridge = |v6: bool| {
+        tb.nodes[0]
+            .ns
+            .ip(&[if v6 { "-6" } else { "-4" }, "-br", "addr", "show", "br0"])
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string)
+            .expect("br0 has an address")
+    };
+    let (source4, source6) = match shape {
+        Shape::Bridge => (bridge(false), bridge(true)),
+        _ => (client.to_string(), client6.to_string()),
+    };
+    for (proto, dest, source) in [
+        (Proto::Tcp, to(80), &source4),
+        (Proto::Udp, to(53), &source4),
+        (Proto::Tcp, to6(80), &source6),
+        (Proto::Udp, to6(53), &source6),
+    ] {
+        let replies = request_in(client_ns, Some(&pod_cg), proto, dest, 20);
         let mut seen = BTreeSet::new();
         for r in &replies {
-            assert!(r.ok, "{proto:?}: {r:?}");
+            assert!(r.ok, "{proto:?} {dest}: {r:?}");
             assert!(backends.contains(&r.backend), "{r:?}");
-            assert!(
-                r.seen.starts_with(&format!("{client}:")),
-                "masqueraded: {r:?}"
-            );
-            assert_eq!(r.peer, to(port).to_string(), "{r:?}");
+            let ip = r
+                .seen
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(['[', ']']));
+            assert_eq!(ip, Some(source.as_str()), "{dest}: {r:?}");
+            assert_eq!(r.peer, dest.to_string(), "{r:?}");
             seen.insert(r.backend.clone());
         }
         // Random over two backends: 20 all on one has probability 2^-19.
-        assert_eq!(seen, backends, "{proto:?} not balanced: {replies:?}");
+        assert_eq!(seen, backends, "{proto:?} {dest} not balanced: {replies:?}");
     }
     assert!(
-        per_packet_count(&agent.pin_dir) >= before + 40,
+        per_packet_count(&agent.pin_dir) >= before + 80,
         "connects of the meshed pod not left to tc"
     );
     // A port the ClusterIP does not serve is rejected per packet too (semantics 3.12).

@@ -180,6 +180,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let pkt = &pkt;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let internal = scope == SCOPE_INTERNAL;
     let Some(svc) = F::frontend(&pkt.t, scope) else {
         return TC_ACT_OK as i32;
     };
@@ -210,7 +211,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let backend = F::backend_addr(&choice.backend);
     // Masquerade for externalTrafficPolicy Cluster (semantics 7.13) and when a client lands on
     // itself (hairpin, semantics 7.14), so the reply comes back through this node.
-    let snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
+    let mut snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
     let mut to = Tuple {
         saddr: pkt.t.saddr,
         daddr: backend,
@@ -223,9 +224,13 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let mut dsr = false;
     // This node's address on the way to the backend (with masquerading or DSR).
     let mut via = pkt.t.daddr;
-    let ifindex = match route::<F>(ctx, &to, snat) {
+    let ifindex = match route::<F>(ctx, &to, snat || internal) {
         Ok(r) => {
             via = r.src;
+            // A pod's ClusterIP flow to a backend behind the interface it came in on (pods on
+            // one bridge): the backend would answer the pod straight, past tc. Masqueraded, so
+            // the reply comes back here.
+            snat |= internal && r.ifindex == here;
             // Direct server return for backends behind the interface the flow came in on.
             dsr = snat && r.ifindex == here && dsr::enabled::<F>();
             if snat && !dsr {
