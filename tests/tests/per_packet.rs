@@ -77,9 +77,12 @@ fn per_packet(shape: Shape) {
     }
     // a-pod-1: the meshed client; a-pod-2, a-pod-3: backends; a-pod-4: a client in a namespace
     // that keeps socket-layer translation.
-    let mut tb = Testbed::with_shape(&[4], shape);
+    // b-pod-1, on node b (no agent there): a backend elsewhere.
+    let mut tb = Testbed::with_shape(&[4, 1], shape);
     tb.serve(0, 1, BACKEND_PORT);
     tb.serve(0, 2, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let remote = (tb.nodes[1].pods[0].ip4, tb.nodes[1].pods[0].ip6);
     let (_kubepods, pod_cg) = pod_cgroups(&tb);
     let node_name = tb.nodes[0].name.clone();
     let client = tb.nodes[0].pods[0].ip4;
@@ -104,7 +107,7 @@ fn per_packet(shape: Shape) {
             "web",
             "IPv4",
             &[HTTP, DNS],
-            &[ep(pods[1].ip4), ep(pods[2].ip4)],
+            &[ep(pods[1].ip4), ep(pods[2].ip4), ep(remote.0)],
         ),
     );
     agent.write_manifest(
@@ -114,7 +117,7 @@ fn per_packet(shape: Shape) {
             "web6",
             "IPv6",
             &[HTTP, DNS],
-            &[ep(pods[1].ip6), ep(pods[2].ip6)],
+            &[ep(pods[1].ip6), ep(pods[2].ip6), ep(remote.1)],
         ),
     );
     let client6 = pods[0].ip6;
@@ -126,7 +129,7 @@ fn per_packet(shape: Shape) {
         Duration::from_secs(20),
     );
     let client_ns = &tb.nodes[0].pods[0].ns;
-    let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3"].map(String::from).into();
+    let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
     let meshed = |proto: Proto, port: u16, count: usize| {
         request_in(client_ns, Some(&pod_cg), proto, to(port), count)
     };
@@ -158,17 +161,19 @@ fn per_packet(shape: Shape) {
             .map(str::to_string)
             .expect("br0 has an address")
     };
-    let (source4, source6) = match shape {
+    // Local backends on a bridge see the bridge's address; the others the pod's own.
+    let (bridged4, bridged6) = match shape {
         Shape::Bridge => (bridge(false), bridge(true)),
         _ => (client.to_string(), client6.to_string()),
     };
-    for (proto, dest, source) in [
-        (Proto::Tcp, to(80), &source4),
-        (Proto::Udp, to(53), &source4),
-        (Proto::Tcp, to6(80), &source6),
-        (Proto::Udp, to6(53), &source6),
+    let (source4, source6) = (client.to_string(), client6.to_string());
+    for (proto, dest, source, bridged) in [
+        (Proto::Tcp, to(80), &source4, &bridged4),
+        (Proto::Udp, to(53), &source4, &bridged4),
+        (Proto::Tcp, to6(80), &source6, &bridged6),
+        (Proto::Udp, to6(53), &source6, &bridged6),
     ] {
-        let replies = request_in(client_ns, Some(&pod_cg), proto, dest, 20);
+        let replies = request_in(client_ns, Some(&pod_cg), proto, dest, 30);
         let mut seen = BTreeSet::new();
         for r in &replies {
             assert!(r.ok, "{proto:?} {dest}: {r:?}");
@@ -177,15 +182,21 @@ fn per_packet(shape: Shape) {
                 .seen
                 .rsplit_once(':')
                 .map(|(ip, _)| ip.trim_matches(['[', ']']));
-            assert_eq!(ip, Some(source.as_str()), "{dest}: {r:?}");
+            let want = if r.backend.starts_with("a-") {
+                bridged
+            } else {
+                source
+            };
+            assert_eq!(ip, Some(want.as_str()), "{dest}: {r:?}");
             assert_eq!(r.peer, dest.to_string(), "{r:?}");
             seen.insert(r.backend.clone());
         }
-        // Random over two backends: 20 all on one has probability 2^-19.
+        // Random over three backends: one of them missing from 30 has probability 3 (2/3)^30,
+        // about 1.5e-5.
         assert_eq!(seen, backends, "{proto:?} {dest} not balanced: {replies:?}");
     }
     assert!(
-        per_packet_count(&agent.pin_dir) >= before + 80,
+        per_packet_count(&agent.pin_dir) >= before + 120,
         "connects of the meshed pod not left to tc"
     );
     // A port the ClusterIP does not serve is rejected per packet too (semantics 3.12).
