@@ -96,4 +96,25 @@ pub const IFACE_BRIDGE: u8 = 6;
 /// endpoints are local (so a restart never leaves local backends' replies untranslated).
 pub const IFACE_KEPT: u8 = 7;
 
-pod!(ServiceInfo, AgentState, IfaceInfo);
+/// Value of `LB_SOCKLB_NS`, keyed by a running index from 0: a namespace whose pods are
+/// translated per packet (socket-layer translation off), and how many of its pods on this node
+/// the socket hooks know (their cgroups found). Written by the agent, read by `services` and
+/// `status`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub pods: u32,
+    /// Length of the used part of `name`.
+    pub name_len: u32,
+    /// Namespace name (at most 63 bytes, a DNS label), zero-padded.
+    pub name: [u8; 64],
+}
+
+impl NamespaceInfo {
+    pub fn name(&self) -> &str {
+        let len = (self.name_len as usize).min(self.name.len());
+        core::str::from_utf8(&self.name[..len]).unwrap_or("?")
+    }
+}
+
+pod!(ServiceInfo, AgentState, IfaceInfo, NamespaceInfo);

@@ -26,6 +26,7 @@ const _: () = {
     assert!(size_of::<ServiceInfo>() == 256);
     assert!(size_of::<AgentState>() == 64);
     assert!(size_of::<IfaceInfo>() == 56);
+    assert!(size_of::<crate::info::NamespaceInfo>() == 72);
     assert!(size_of::<ConfigValue>() == 16);
     assert!(size_of::<DsrBudget>() == 16);
     assert!(size_of::<Ct4Key>() == 16);

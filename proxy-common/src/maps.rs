@@ -82,8 +82,12 @@ pub const LB_NETNS_SRC: &str = "LB_NETNS_SRC";
 /// agent.
 pub const LB_SOCKLB_OFF: &str = "LB_SOCKLB_OFF";
 
+/// The namespaces whose pods are translated per packet, for `services` and `status`: `u32`
+/// index → `info::NamespaceInfo`. Written by the agent; the programs never read it.
+pub const LB_SOCKLB_NS: &str = "LB_SOCKLB_NS";
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 30] = [
+pub const ALL: [&str; 31] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -114,6 +118,7 @@ pub const ALL: [&str; 30] = [
     LB_FRAG4,
     LB_FRAG6,
     LB_SOCKLB_OFF,
+    LB_SOCKLB_NS,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under
@@ -143,3 +148,5 @@ pub const NETNS_MAX: usize = 16_384;
 pub const FRAG_MAX: usize = 4_096;
 /// Pods with socket-layer translation off (their pod cgroups), plus the levels entry.
 pub const SOCKLB_OFF_MAX: usize = 16_384;
+/// Namespaces listed in `LB_SOCKLB_NS`.
+pub const SOCKLB_NS_MAX: usize = 4_096;

@@ -12,6 +12,7 @@ use tests::{
     ChildGuard, Shape, TestCgroup, Testbed,
     harness::{
         cgroup::cgroup2_root,
+        process::{Placement, command_in, workspace_binary},
         topology::{Proto, request_in, testhost_in},
     },
     poll_until,
@@ -199,6 +200,55 @@ fn per_packet(shape: Shape) {
         per_packet_count(&agent.pin_dir) >= before + 120,
         "connects of the meshed pod not left to tc"
     );
+    // The operator's view: `services` lists the per-packet namespace, `explain` (with the
+    // source, to know the client pod by its address) says which path the client takes.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let netns = tb.node_ns_path(0);
+        let out = command_in(
+            &Placement {
+                netns: &netns,
+                cgroup_procs: None,
+            },
+            &workspace_binary("kube-bpf-proxy"),
+            args,
+        )
+        .arg("--bpffs")
+        .arg(&agent.pin_dir)
+        .output()
+        .expect("run kube-bpf-proxy");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let services = cli(&["services", "-o", "json"]);
+    assert_eq!(
+        services["perPacketNamespaces"],
+        serde_json::json!([{"namespace": "mesh", "pods": 1}]),
+        "{services}"
+    );
+    let manifests = agent.manifests.display().to_string();
+    let frontend = format!("{VIP}:80/TCP");
+    let explained = cli(&[
+        "explain",
+        &client.to_string(),
+        &frontend,
+        "--manifests",
+        &manifests,
+        "--hostname-override",
+        &node_name,
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        explained["perPacket"],
+        serde_json::json!({"namespace": "mesh", "pod": "client"}),
+        "{explained}"
+    );
+    assert_eq!(explained["verdict"], "translated", "{explained}");
+
     // A port the ClusterIP does not serve is rejected per packet too (semantics 3.12).
     let r = meshed(Proto::Tcp, 81, 1);
     assert!(!r[0].ok && r[0].error.contains("refused"), "{r:?}");

@@ -12,7 +12,7 @@ use proxy_common::{
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts},
     dsr::DsrBudget,
     event::{EVENTS_BYTES, Event},
-    info::{AgentState, IfaceInfo, ServiceInfo},
+    info::{AgentState, IfaceInfo, NamespaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps::*,
     reason::{DROPS_COUNT, REASON_COUNT},
@@ -164,3 +164,8 @@ pub static LB_NETNS_SRC: HashMap<u64, NetnsSource, NETNS_MAX, NO_PREALLOC> = Has
 /// by tc for new flows on pod-facing interfaces.
 #[btf_map]
 pub static LB_SOCKLB_OFF: HashMap<u64, u32, SOCKLB_OFF_MAX, NO_PREALLOC> = HashMap::new();
+
+/// The namespaces translated per packet, for `services` and `status` (`maps::LB_SOCKLB_NS`).
+/// Written by the agent; no program reads it.
+#[btf_map]
+pub static LB_SOCKLB_NS: HashMap<u32, NamespaceInfo, SOCKLB_NS_MAX, NO_PREALLOC> = HashMap::new();

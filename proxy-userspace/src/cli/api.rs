@@ -76,6 +76,39 @@ pub struct ServiceRef {
     pub port: String,
 }
 
+/// A namespace whose pods are translated per packet at tc (socket-layer translation off), and
+/// how many of its pods on this node the socket hooks know.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerPacketNamespace {
+    pub namespace: String,
+    pub pods: u32,
+}
+
+impl PerPacketNamespace {
+    pub fn list(namespaces: Vec<(String, u32)>) -> Vec<PerPacketNamespace> {
+        namespaces
+            .into_iter()
+            .map(|(namespace, pods)| PerPacketNamespace { namespace, pods })
+            .collect()
+    }
+
+    /// `mesh (2 pods), other (0 pods)`.
+    pub fn text(list: &[PerPacketNamespace]) -> String {
+        list.iter()
+            .map(|n| {
+                format!(
+                    "{} ({} pod{})",
+                    n.namespace,
+                    n.pods,
+                    if n.pods == 1 { "" } else { "s" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// Which of the Service's addresses a frontend is.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -160,6 +160,39 @@ pub struct Explanation {
     affinity: Vec<AffinityEntry>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<NextConnection>,
+    /// The client is a pod of a namespace translated per packet (needs a source, to know the
+    /// pod by its address): its connections reach this frontend at tc on its interface, not
+    /// at the socket layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) per_packet: Option<PerPacketClient>,
+}
+
+/// A client pod whose Services are translated per packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PerPacketClient {
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// The pod `client` is, if it is one of `pods` and its namespace is one of `per_packet`
+/// (`LB_SOCKLB_NS`).
+pub fn per_packet_client(
+    client: IpAddr,
+    pods: &[std::sync::Arc<crate::objects::PodRef>],
+    per_packet: &[(String, u32)],
+) -> Option<PerPacketClient> {
+    let pod = pods
+        .iter()
+        .find(|p| !p.host_network && p.ips.contains(&client))?;
+    let namespace = pod.metadata.namespace.clone()?;
+    per_packet
+        .iter()
+        .any(|(n, _)| *n == namespace)
+        .then(|| PerPacketClient {
+            namespace,
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+        })
 }
 
 impl Kind for Explanation {
@@ -228,10 +261,16 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     let frontend = parse_frontend(&args.frontend)?;
     let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let state = maps.dump()?;
+    let mut per_packet = None;
     let source = if args.source.given() {
         let mut snapshot = args
             .source
             .first_snapshot(std::time::Duration::from_secs(30))?;
+        per_packet = per_packet_client(
+            args.client,
+            &snapshot.pods,
+            &crate::datapath::bpf::per_packet_namespaces(&args.inspect.bpffs)?,
+        );
         let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
         snapshot.node.waiting =
             crate::datapath::podif::waiting_now(&args.inspect.bpffs, &endpoints)
@@ -241,7 +280,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let out = explanation(ExplainInputs {
+    let mut out = explanation(ExplainInputs {
         client: args.client,
         frontend,
         state: &state,
@@ -251,6 +290,9 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(|(desired, node)| FromSource { desired, node }),
     })?;
+    if out.frontend.reach == Reach::Internal {
+        out.per_packet = per_packet;
+    }
     if args.inspect.output == Format::Json {
         return json(&Document::of(&out));
     }
@@ -289,6 +331,7 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
         excluded: None,
         affinity: Vec::new(),
         next: None,
+        per_packet: None,
     };
     let Some(mut f) = matched else {
         (out.verdict, out.reason) = if marked {
@@ -589,6 +632,14 @@ fn text(out: &Explanation) -> String {
     };
     let _ = writeln!(s, "client:     {}", out.client);
     let _ = writeln!(s, "frontend:   {frontend}");
+    if let Some(p) = &out.per_packet {
+        let _ = writeln!(
+            s,
+            "path:       per packet at tc on the pod's interface (pod {}/{}: its namespace has \
+             socket-layer translation off); same backends and scheduler",
+            p.namespace, p.pod
+        );
+    }
     if let Some(f) = &out.matched {
         let policies = f.policies();
         let _ = writeln!(

@@ -628,10 +628,15 @@ fn status_json_follows_its_schema() {
         memlock: BTreeMap::from([("LB4_SERVICES", 4096)]),
         stats: Reason::ALL.iter().map(|r| (*r, 5)).collect(),
         drops: vec![(proxy_common::reason::Hook::Connect, Reason::NoBackends, 2)],
+        per_packet: vec![("mesh".into(), 2)],
     });
     let v = doc(&view);
     assert_valid(STATUS, &v);
     assert_eq!(v["kind"], "Status");
+    assert_eq!(
+        v["perPacketNamespaces"],
+        json!([{"namespace": "mesh", "pods": 2}])
+    );
     assert_eq!(v["agent"]["lastSyncAgeSeconds"], 2.5);
     assert_eq!(v["maps"][0]["percent"], 0.3);
     assert_eq!(v["maps"][0]["memlockBytes"], 4096);
@@ -674,6 +679,7 @@ fn status_json_follows_its_schema() {
         memlock: BTreeMap::new(),
         stats: Vec::new(),
         drops: Vec::new(),
+        per_packet: Vec::new(),
     }));
     assert_valid(STATUS, &fresh);
     assert!(fresh["agent"].get("lastSyncAgeSeconds").is_none());
@@ -785,4 +791,51 @@ fn schemas_reject_what_the_commands_do_not_write() {
     let mut bad = good;
     bad["differences"][0]["operation"] = json!("delete");
     assert_invalid(VERIFICATION, &bad, "a delete with a value");
+}
+
+/// A client pod of a per-packet namespace: `perPacket` in the explanation, found by address.
+#[test]
+fn explain_json_names_a_per_packet_client() {
+    use std::sync::Arc;
+
+    use super::explain::{PerPacketClient, per_packet_client};
+    use crate::objects::PodRef;
+
+    let mut pod = PodRef {
+        ips: vec!["10.244.0.2".parse().unwrap()],
+        ..PodRef::default()
+    };
+    pod.metadata.namespace = Some("mesh".into());
+    pod.metadata.name = Some("client".into());
+    let pods = [Arc::new(pod)];
+    let listed = [("mesh".to_string(), 1)];
+    let client: IpAddr = "10.244.0.2".parse().unwrap();
+    let found = per_packet_client(client, &pods, &listed);
+    assert_eq!(
+        found,
+        Some(PerPacketClient {
+            namespace: "mesh".into(),
+            pod: "client".into()
+        })
+    );
+    assert_eq!(per_packet_client(client, &pods, &[]), None);
+    assert_eq!(
+        per_packet_client("10.244.0.3".parse().unwrap(), &pods, &listed),
+        None
+    );
+    let mut out = explain_one(
+        "10.244.0.2",
+        "10.96.0.10",
+        80,
+        Proto::Tcp,
+        Scope::Internal,
+        true,
+        &FakeLive {
+            affinity: Vec::new(),
+        },
+    );
+    out.per_packet = found;
+    let v = doc(&out);
+    assert_valid(EXPLANATION, &v);
+    assert_eq!(v["perPacket"]["namespace"], "mesh");
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{
     InspectArgs,
-    api::{Document, EndpointState, Kind},
+    api::{Document, EndpointState, Kind, PerPacketNamespace},
     output::{Format, json, table},
     view,
 };
@@ -137,6 +137,8 @@ pub struct StatusView {
     counters: Vec<Counter>,
     /// Drops by hook and reason (those above zero).
     drops: Vec<DropCounter>,
+    /// Namespaces whose pods are translated per packet at tc (socket-layer translation off).
+    per_packet_namespaces: Vec<PerPacketNamespace>,
 }
 
 impl Kind for StatusView {
@@ -162,6 +164,8 @@ pub struct StatusInputs {
     pub memlock: BTreeMap<&'static str, u64>,
     pub stats: Vec<(Reason, u64)>,
     pub drops: Vec<(Hook, Reason, u64)>,
+    /// `LB_SOCKLB_NS`: (namespace, pods).
+    pub per_packet: Vec<(String, u32)>,
 }
 
 /// PURE: the `Status` document of what `status` read.
@@ -244,6 +248,7 @@ pub fn status_view(inputs: StatusInputs) -> StatusView {
                 count,
             })
             .collect(),
+        per_packet_namespaces: PerPacketNamespace::list(inputs.per_packet),
     }
 }
 
@@ -319,6 +324,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         memlock: bpf::map_memlock(&args.bpffs)?.into_iter().collect(),
         stats: maps.stats()?,
         drops: maps.drops()?,
+        per_packet: bpf::per_packet_namespaces(&args.bpffs)?,
     });
     if args.output == Format::Json {
         return json(&Document::of(&view));
@@ -428,17 +434,32 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
             .collect();
         print!("{}", table(&["DROPPED AT", "REASON", "COUNT"], &drops));
     }
+    if !view.per_packet_namespaces.is_empty() {
+        println!();
+        println!(
+            "translated per packet at tc (socket-layer translation off): {}",
+            PerPacketNamespace::text(&view.per_packet_namespaces)
+        );
+    }
     Ok(())
 }
 
 pub fn services(args: &InspectArgs) -> anyhow::Result<()> {
     let maps = Maps::open_pinned(&args.bpffs)?;
     let state = maps.dump()?;
-    let list = view::service_list(&state, &|id| maps.connections(id).ok());
+    let mut list = view::service_list(&state, &|id| maps.connections(id).ok());
+    list.per_packet_namespaces = PerPacketNamespace::list(bpf::per_packet_namespaces(&args.bpffs)?);
     if args.output == Format::Json {
         return json(&Document::of(&list));
     }
     print!("{}", services_table(&list));
+    if !list.per_packet_namespaces.is_empty() {
+        println!(
+            "\npods of these namespaces reach Services per packet at tc (socket-layer translation \
+             off): {}",
+            PerPacketNamespace::text(&list.per_packet_namespaces)
+        );
+    }
     Ok(())
 }
 

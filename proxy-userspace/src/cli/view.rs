@@ -120,8 +120,12 @@ impl FrontendView {
 
 /// `services -o json`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceList {
     pub items: Vec<FrontendView>,
+    /// Namespaces whose pods reach these frontends per packet at tc (socket-layer translation
+    /// off), from `LB_SOCKLB_NS`.
+    pub per_packet_namespaces: Vec<super::api::PerPacketNamespace>,
 }
 
 impl Kind for ServiceList {
@@ -141,7 +145,10 @@ pub fn service_list(state: &MapState, connections: &dyn Fn(u32) -> Option<u64>) 
             b.connections = connections(b.id);
         }
     }
-    ServiceList { items }
+    ServiceList {
+        items,
+        per_packet_namespaces: Vec::new(),
+    }
 }
 
 /// The scheduler a frontend's flags name. Round-robin and weighted round-robin share a flag:

@@ -28,7 +28,7 @@ use proxy_common::{
     backend::BackendValue,
     config::{CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_SOCKET_TERMINATION, ConfigValue},
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts},
-    info::{AgentState, ServiceInfo},
+    info::{AgentState, NamespaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
     maps as names, proto as proto_common,
     reason::{Hook, REASON_COUNT, Reason},
@@ -621,16 +621,66 @@ impl NetnsSources {
 }
 
 /// `LB_SOCKLB_OFF`: the pod cgroups with socket-layer translation off, and (key 0) their levels.
+/// Also `LB_SOCKLB_NS`, the namespaces it stands for.
 pub struct SocketLbOff {
     map: HashMap<MapData, u64, u32>,
+    namespaces: HashMap<MapData, u32, NamespaceInfo>,
+}
+
+/// The namespaces whose pods are translated per packet, with their pods known to the socket
+/// hooks, as the agent last wrote them (`LB_SOCKLB_NS`); none when the pins predate the map.
+pub fn per_packet_namespaces(pin_dir: &Path) -> anyhow::Result<Vec<(String, u32)>> {
+    if !pin_dir.join(names::LB_SOCKLB_NS).exists() {
+        return Ok(Vec::new());
+    }
+    let map: HashMap<MapData, u32, NamespaceInfo> =
+        MapSource::Pins(pin_dir).take(names::LB_SOCKLB_NS)?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (k, v) = entry.context("read LB_SOCKLB_NS")?;
+        out.insert(k, (v.name().to_string(), v.pods));
+    }
+    Ok(out.into_values().collect())
 }
 
 impl SocketLbOff {
-    /// Opens the pinned map under `pin_dir`.
+    /// Opens the pinned maps under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<SocketLbOff> {
         Ok(SocketLbOff {
             map: MapSource::Pins(pin_dir).take(names::LB_SOCKLB_OFF)?,
+            namespaces: MapSource::Pins(pin_dir).take(names::LB_SOCKLB_NS)?,
         })
+    }
+
+    /// Makes `LB_SOCKLB_NS` list exactly `namespaces` (name, pods), in order.
+    pub fn set_namespaces(&mut self, namespaces: &[(String, u32)]) -> anyhow::Result<()> {
+        let mut current = BTreeMap::new();
+        for entry in self.namespaces.iter() {
+            let (k, v) = entry.context("read LB_SOCKLB_NS")?;
+            current.insert(k, v);
+        }
+        for (i, (name, pods)) in namespaces.iter().enumerate() {
+            let mut info = NamespaceInfo {
+                pods: *pods,
+                name_len: 0,
+                name: [0; 64],
+            };
+            let bytes = &name.as_bytes()[..name.len().min(info.name.len())];
+            info.name[..bytes.len()].copy_from_slice(bytes);
+            info.name_len = bytes.len() as u32;
+            if current.get(&(i as u32)) != Some(&info) {
+                self.namespaces
+                    .insert(i as u32, info, 0)
+                    .with_context(|| format!("write namespace {name} to LB_SOCKLB_NS"))?;
+            }
+        }
+        for k in current.keys().filter(|k| **k as usize >= namespaces.len()) {
+            match self.namespaces.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("remove from LB_SOCKLB_NS"),
+            }
+        }
+        Ok(())
     }
 
     /// The map's entries.

@@ -87,28 +87,41 @@ pub fn level_of(dir: &Path, mount: &Path) -> u32 {
     (below + root_depth) as u32
 }
 
-/// The map's wanted content: each found pod's cgroup → 1, and key 0 → the levels in use (only
-/// when some pod is there). Returns it with the pods whose cgroup was not found.
-pub fn wanted(
-    decision: &Decision,
-    cgroups: &BTreeMap<String, PodCgroup>,
-) -> (BTreeMap<u64, u32>, Vec<String>) {
-    let mut map = BTreeMap::new();
+/// What the maps should hold, from a decision and the cgroups found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Wanted {
+    /// `LB_SOCKLB_OFF`: each found pod's cgroup → 1, and key 0 → the levels in use (only when
+    /// some pod is there).
+    pub cgroups: BTreeMap<u64, u32>,
+    /// `LB_SOCKLB_NS`: every per-packet namespace with its pods found, by name.
+    pub namespaces: Vec<(String, u32)>,
+    /// Pods whose cgroup was not found (`namespace/name`).
+    pub missing: Vec<String>,
+}
+
+pub fn wanted(decision: &Decision, cgroups: &BTreeMap<String, PodCgroup>) -> Wanted {
+    let mut out = Wanted::default();
     let mut levels = 0u32;
-    let mut missing = Vec::new();
+    let mut pods: BTreeMap<&str, u32> = decision
+        .per_packet_namespaces
+        .iter()
+        .map(|n| (n.as_str(), 0))
+        .collect();
     for pod in &decision.pods {
         match cgroups.get(&pod.uid) {
             Some(c) if c.level < 32 && c.id != 0 => {
-                map.insert(c.id, 1);
+                out.cgroups.insert(c.id, 1);
                 levels |= 1 << c.level;
+                *pods.entry(pod.namespace.as_str()).or_default() += 1;
             }
-            _ => missing.push(format!("{}/{}", pod.namespace, pod.name)),
+            _ => out.missing.push(format!("{}/{}", pod.namespace, pod.name)),
         }
     }
     if levels != 0 {
-        map.insert(0, levels);
+        out.cgroups.insert(0, levels);
     }
-    (map, missing)
+    out.namespaces = pods.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+    out
 }
 
 /// Starts the thread; send it each new decision. `cgroup` is the hooked cgroup, on the cgroup2
@@ -125,7 +138,7 @@ pub fn follow(
         .name("socklb".into())
         .spawn(move || {
             let mut decision = Decision::default();
-            let mut written: Option<BTreeMap<u64, u32>> = None;
+            let mut written: Option<Wanted> = None;
             let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
             let mut missing_before: Vec<String> = Vec::new();
             let mut wait = Duration::ZERO;
@@ -149,7 +162,8 @@ pub fn follow(
                 } else {
                     scan(&cgroup, base)
                 };
-                let (want, missing) = wanted(&decision, &cgroups);
+                let want = wanted(&decision, &cgroups);
+                let missing = want.missing.clone();
                 if missing != missing_before {
                     if !missing.is_empty() {
                         log::info!(
@@ -162,12 +176,15 @@ pub fn follow(
                     missing_before = missing.clone();
                 }
                 if written.as_ref() != Some(&want) {
-                    match map.sync(&want) {
+                    let synced = map
+                        .sync(&want.cgroups)
+                        .and_then(|wr| map.set_namespaces(&want.namespaces).map(|()| wr));
+                    match synced {
                         Ok((w, r)) => {
                             log::info!(
                                 "socket-layer translation off for {} pod(s) in namespaces [{}] \
                                  ({w} written, {r} removed)",
-                                want.len().saturating_sub(1),
+                                want.cgroups.len().saturating_sub(1),
                                 decision.per_packet_namespaces.join(", ")
                             );
                             written = Some(want);
@@ -227,12 +244,20 @@ mod tests {
             ],
             ..Decision::default()
         };
-        let (map, missing) = wanted(&decision, &found);
-        assert_eq!(map.len(), 2);
-        assert_eq!(map[&0], 1 << 7);
-        assert_eq!(map[&found[uid_a].id], 1);
-        assert_eq!(missing, ["mesh/late"]);
-        let (map, missing) = wanted(&Decision::default(), &found);
-        assert!(map.is_empty() && missing.is_empty());
+        let decision = Decision {
+            per_packet_namespaces: vec!["empty".into(), "mesh".into()],
+            ..decision
+        };
+        let w = wanted(&decision, &found);
+        assert_eq!(w.cgroups.len(), 2);
+        assert_eq!(w.cgroups[&0], 1 << 7);
+        assert_eq!(w.cgroups[&found[uid_a].id], 1);
+        assert_eq!(w.missing, ["mesh/late"]);
+        assert_eq!(
+            w.namespaces,
+            [("empty".to_string(), 0), ("mesh".to_string(), 1)]
+        );
+        let w = wanted(&Decision::default(), &found);
+        assert_eq!(w, Wanted::default());
     }
 }
