@@ -21,6 +21,7 @@ use tests::{
 const VIP: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
 const POD_UID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+const LATE_UID: &str = "7a2d3b4c-5e6f-4071-9b8c-0d1e2f3a4b5c";
 const MARK: &str = "1337";
 
 fn to(port: u16) -> SocketAddr {
@@ -307,6 +308,41 @@ fn per_packet(shape: Shape) {
         assert!(r.ok && backends.contains(&r.backend), "{r:?}");
     }
     assert_eq!(per_packet_count(&agent.pin_dir), before);
+
+    // A pod that joins the namespace later: its Pod object first, its cgroup only afterwards
+    // (kubelet creates it when it starts the pod); per packet once the cgroup exists.
+    let late_ip = tb.nodes[0].pods[3].ip4;
+    let from = agent.log_position();
+    agent.write_manifest(
+        "late.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: late, namespace: mesh, uid: {LATE_UID}}}\nspec: {{nodeName: {node_name}}}\nstatus: {{podIP: {late_ip}, podIPs: [{{ip: {late_ip}}}]}}\n"
+        ),
+    );
+    agent.wait_for_log(
+        from,
+        "no cgroup yet for 1 pod(s) (mesh/late)",
+        Duration::from_secs(20),
+    );
+    let rel = tb
+        .cgroup
+        .path
+        .strip_prefix(cgroup2_root())
+        .unwrap()
+        .display()
+        .to_string();
+    let late_cg = TestCgroup::new(&format!("{rel}/kubepods/pod{LATE_UID}"));
+    agent.wait_for_log(
+        from,
+        "socket-layer translation off for 2 pod(s) in namespaces [mesh]",
+        Duration::from_secs(20),
+    );
+    let before = per_packet_count(&agent.pin_dir);
+    for r in request_in(plain, Some(&late_cg), Proto::Tcp, to(80), 10) {
+        assert!(r.ok && backends.contains(&r.backend), "{r:?}");
+    }
+    assert!(per_packet_count(&agent.pin_dir) >= before + 10);
+    drop(late_cg);
 
     // The label removed: the meshed pod is back at the socket layer.
     let from = agent.log_position();

@@ -48,7 +48,7 @@ use proxy_common::service::{
 };
 use serde::{Deserialize, Serialize};
 use tests::{
-    Agent, Topology,
+    Agent, TestCgroup, Topology,
     harness::process::{ChildGuard, Placement, command_in, workspace_binary},
     sweep,
 };
@@ -167,6 +167,9 @@ impl Settings {
 /// Manifest chunk size (Services per file) for the agent.
 const CHUNK: usize = 1000;
 
+/// The uid of the per-packet client pod (`Target::PerPacket`), in its cgroup's name.
+const PER_PACKET_UID: &str = "0b5e7a1c-9d2f-4e3a-8b6c-1d0e9f8a7b6c";
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -249,6 +252,10 @@ pub enum Target {
     /// The middle Service's externalIP from a client outside the hooked cgroup (bpf only):
     /// translated at tc on the node's bridge, with conntrack and masquerading.
     ExternalIp,
+    /// The middle Service from a client pod whose namespace has socket-layer translation off
+    /// (bpf; the peers translate every packet anyway): translated per packet at tc on the
+    /// node's bridge.
+    PerPacket,
 }
 
 impl Target {
@@ -259,6 +266,7 @@ impl Target {
             Target::SvcMid => "svc-mid",
             Target::SvcLast => "svc-last",
             Target::ExternalIp => "external-ip",
+            Target::PerPacket => "svc-mid-per-packet",
         }
     }
     fn addr(self, w: &Workload) -> SocketAddrV4 {
@@ -266,7 +274,7 @@ impl Target {
         match self {
             Target::Pod => SocketAddrV4::new(pod_ip(1), BACKEND_PORT),
             Target::SvcFirst => svc(w.first()),
-            Target::SvcMid => svc(w.mid()),
+            Target::SvcMid | Target::PerPacket => svc(w.mid()),
             Target::SvcLast => svc(w.last()),
             Target::ExternalIp => SocketAddrV4::new(EXTERNAL_IP, SERVICE_PORT),
         }
@@ -278,6 +286,9 @@ struct Node {
     config: Config,
     _servers: Vec<ChildGuard>,
     agent: Option<Agent>,
+    /// bpf: a kubelet-named pod cgroup (and its parent) below the topology's, for the client
+    /// of `Target::PerPacket`, whose namespace has socket-layer translation off.
+    per_packet: Option<(TestCgroup, TestCgroup)>,
     topo: Topology,
     /// Program loading rules (`iptables-nft-restore`, `iptables-legacy-restore`, `nft`).
     tool: Option<String>,
@@ -339,7 +350,31 @@ impl Node {
                 "node.yaml",
                 &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n"),
             );
+            // The per-packet client: a pod of namespace `mesh`, which has socket-layer
+            // translation off (only processes in its cgroup are; the other targets' client
+            // runs in the topology's cgroup).
+            let client = pod_ip(0);
+            agent.write_manifest(
+                "per-packet.yaml",
+                &format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: mesh, labels: {{kube-bpf-proxy.io/socket-lb: disabled}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {PER_PACKET_UID}}}\nspec: {{nodeName: {NODE_NAME}}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}]}}\n"
+                ),
+            );
             Some(agent)
+        } else {
+            None
+        };
+        let per_packet = if config == Config::Bpf {
+            let rel = topo
+                .cgroup
+                .path
+                .strip_prefix(tests::harness::cgroup::cgroup2_root())
+                .context("the topology's cgroup below the cgroup2 mount")?
+                .display()
+                .to_string();
+            let parent = TestCgroup::new(&format!("{rel}/kubepods"));
+            let pod = TestCgroup::new(&format!("{rel}/kubepods/pod{PER_PACKET_UID}"));
+            Some((parent, pod))
         } else {
             None
         };
@@ -347,6 +382,7 @@ impl Node {
             config,
             _servers: servers,
             agent,
+            per_packet,
             topo,
             tool,
             loaded: None,
@@ -355,6 +391,12 @@ impl Node {
             let pos = agent.log_position();
             agent.start();
             wait_log(agent, pos, "synced: 0 frontends", Duration::from_secs(20))?;
+            wait_log(
+                agent,
+                pos,
+                "socket-layer translation off for 1 pod(s)",
+                Duration::from_secs(20),
+            )?;
         }
         Ok(node)
     }
@@ -384,7 +426,10 @@ impl Node {
             target.addr(w)
         };
         let netns = self.topo.pods[0].ns.path();
-        let procs = self.topo.cgroup.procs_file();
+        let procs = match (&self.per_packet, target) {
+            (Some((_, pod)), Target::PerPacket) => pod.procs_file(),
+            _ => self.topo.cgroup.procs_file(),
+        };
         // Outside the cgroup the socket hooks do not see the client: tc translates.
         let in_cgroup = target != Target::ExternalIp;
         let cmd = command_in(
@@ -718,7 +763,7 @@ fn poll_maps(
 /// One agent sync from a source change to the maps: (wall ms, sync ms, programmed ms).
 type AgentTiming = (f64, Option<f64>, Option<f64>);
 
-/// Removes every Service manifest and waits until the maps hold none of `w`'s frontends.
+/// Removes every Service manifest (the Node and the per-packet client's objects stay) and waits until the maps hold none of `w`'s frontends.
 fn agent_clear(node: &mut Node, maps: &AgentMaps) -> anyhow::Result<()> {
     let Some(w) = node.loaded.take() else {
         return Ok(());
@@ -728,7 +773,7 @@ fn agent_clear(node: &mut Node, maps: &AgentMaps) -> anyhow::Result<()> {
     for entry in fs::read_dir(&agent.manifests)? {
         let path = entry?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n != "node.yaml") {
+        if name.is_some_and(|n| n != "node.yaml" && n != "per-packet.yaml") {
             fs::remove_file(&path)?;
         }
     }
@@ -1428,6 +1473,20 @@ fn datapath(
     report
         .external
         .push(paired(direct, bpf, Target::ExternalIp, w, settings)?);
+    // Socket-layer translation off (issue #24): the same Service per packet at tc, next to
+    // kube-proxy nftables (which translates every packet) in the same pairs.
+    eprintln!(
+        "    paired bpf (per packet, tc)/direct and nftables/direct TCP_CRR runs: {}",
+        settings.pairs
+    );
+    report
+        .per_packet
+        .push(paired(direct, bpf, Target::PerPacket, w, settings)?);
+    if let Some(nft) = nodes.iter().find(|n| n.config == Config::Nftables) {
+        report
+            .per_packet_nftables
+            .push(paired(direct, nft, Target::SvcMid, w, settings)?);
+    }
     // The monitor's cost: the same close call while a `monitor` reads every event.
     eprintln!(
         "    paired bpf (monitor watching)/direct TCP_CRR runs: {}",

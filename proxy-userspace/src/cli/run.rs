@@ -705,18 +705,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Arc::clone(&ranged),
         Some(Arc::clone(&metrics)),
     )?;
-    // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF.
-    let socklb = SocketLbLink {
-        tx: crate::datapath::socklb::follow(&args.bpffs, cgroup.clone(), cgroup2_root()?)?,
-        default: args.socket_lb_default.into(),
-        last: None,
-    };
     // Everything privileged is done; capabilities are per thread, so drop them before any
     // thread is started.
     match caps::drop_to_kept() {
         Ok(()) => log::info!("capabilities dropped to CAP_BPF and CAP_NET_ADMIN"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }
+    // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
+    // needs no more than the kept capabilities (map writes, reading cgroupfs).
+    let socklb = SocketLbLink {
+        tx: crate::datapath::socklb::follow(&args.bpffs, cgroup.clone(), cgroup2_root()?)?,
+        default: args.socket_lb_default.into(),
+        last: None,
+    };
     datapath.forward_logs();
     follow_dsr_peers(args.bpffs.clone(), peers)?;
     log::info!("node {node:?}, source {}", source.name());

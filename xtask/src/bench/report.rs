@@ -280,6 +280,13 @@ pub struct Report {
     /// reports written before it existed).
     #[serde(default)]
     pub monitored: Vec<PairedRow>,
+    /// The middle Service from a pod whose namespace has socket-layer translation off (per
+    /// packet at tc), and nftables to it in the same kind of pairs (absent from reports
+    /// written before they existed).
+    #[serde(default)]
+    pub per_packet: Vec<PairedRow>,
+    #[serde(default)]
+    pub per_packet_nftables: Vec<PairedRow>,
     pub control_plane: Vec<CpRow>,
     pub memory: Vec<MemRow>,
     pub targets: Vec<TargetRow>,
@@ -310,6 +317,8 @@ impl Report {
             schedulers: Vec::new(),
             external: Vec::new(),
             monitored: Vec::new(),
+            per_packet: Vec::new(),
+            per_packet_nftables: Vec::new(),
             control_plane: Vec::new(),
             memory: Vec::new(),
             targets: Vec::new(),
@@ -829,6 +838,31 @@ impl Report {
             );
             for p in &self.monitored {
                 let _ = writeln!(out, "- {} Services: {}", p.services, p.line());
+            }
+        }
+
+        if !self.per_packet.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Data path per packet (socket-layer translation off)\n\nThe middle \
+                 Service from a client pod whose namespace has `kube-bpf-proxy.io/socket-lb: \
+                 disabled`: its connect() is left alone and tc on the node's bridge translates \
+                 every packet (conntrack both ways; backends on the same bridge, so \
+                 masqueraded). Compare with the close call above (the socket path) and with \
+                 nftables/direct to the same Service in the same kind of pairs; TCP_CRR \
+                 back-to-back pairs of {} s, median paired ratio [min-max]:",
+                s.pair_secs
+            );
+            for p in &self.per_packet {
+                let _ = writeln!(
+                    out,
+                    "- bpf per packet, {} Services: {}",
+                    p.services,
+                    p.line()
+                );
+            }
+            for p in &self.per_packet_nftables {
+                let _ = writeln!(out, "- nftables, {} Services: {}", p.services, p.line());
             }
         }
 
