@@ -192,6 +192,13 @@ pub struct Metrics {
     /// kube_bpf_proxy_network_namespaces_with_source: network namespaces of the hooked cgroup
     /// whose source address the socket hooks know (for loadBalancerSourceRanges).
     pub netns_sources: Family<Labels, CountGauge>,
+    /// kube_bpf_proxy_socket_lb_off_pods [state]: pods of this node whose namespace has
+    /// socket-layer translation off: `programmed` (their cgroup in LB_SOCKLB_OFF) or `waiting`
+    /// (no cgroup found yet).
+    pub socket_lb_off_pods: Family<Labels, CountGauge>,
+    /// kube_bpf_proxy_socket_lb_label_errors: namespaces whose kube-bpf-proxy.io/socket-lb
+    /// label cannot be read (the default applies).
+    pub socket_lb_label_errors: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_drift_repairs_total: read-backs that found the maps different from what
     /// the agent wrote (each followed by a full sync that repairs them).
     pub drift_repairs: Family<Labels, Counter>,
@@ -421,6 +428,16 @@ impl Metrics {
                 "kube_bpf_proxy_network_namespaces_with_source",
                 "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges",
             ),
+            socket_lb_off_pods: gauge(
+                &mut r,
+                "kube_bpf_proxy_socket_lb_off_pods",
+                "Pods of this node translated per packet (socket-layer translation off), by state: programmed (cgroup known to the socket hooks) or waiting (cgroup not found yet)",
+            ),
+            socket_lb_label_errors: gauge(
+                &mut r,
+                "kube_bpf_proxy_socket_lb_label_errors",
+                "Namespaces whose kube-bpf-proxy.io/socket-lb label is neither enabled nor disabled (the default applies)",
+            ),
             build_info: gauge(
                 &mut r,
                 "kube_bpf_proxy_build_info",
@@ -435,6 +452,9 @@ impl Metrics {
         m.pod_interfaces.with(&[]);
         m.pod_endpoints_waiting.with(&[]);
         m.netns_sources.with(&[]);
+        m.socket_lb_off_pods.with(&[("state", "programmed")]);
+        m.socket_lb_off_pods.with(&[("state", "waiting")]);
+        m.socket_lb_label_errors.with(&[]);
         m.drift_repairs.with(&[]);
         m.healthcheck_bind_failures.with(&[]);
         m.set_healthcheck_ports(0, 0);
@@ -812,6 +832,8 @@ mod tests {
             &[],
         ),
         ("kube_bpf_proxy_drift_repairs_total", "counter", &[]),
+        ("kube_bpf_proxy_socket_lb_off_pods", "gauge", &["state"]),
+        ("kube_bpf_proxy_socket_lb_label_errors", "gauge", &[]),
         ("kube_bpf_proxy_build_info", "gauge", &["version"]),
         (
             "kube_bpf_proxy_sockets_terminated_total",
@@ -876,6 +898,9 @@ mod tests {
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"missing_health_check\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"unsupported_address_type\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"write_failed\"}",
+        "kube_bpf_proxy_socket_lb_label_errors",
+        "kube_bpf_proxy_socket_lb_off_pods{state=\"programmed\"}",
+        "kube_bpf_proxy_socket_lb_off_pods{state=\"waiting\"}",
         "kube_bpf_proxy_sync_failures_total",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\"}",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv6\"}",

@@ -324,6 +324,26 @@ fn per_packet(shape: Shape) {
         "no cgroup yet for 1 pod(s) (mesh/late)",
         Duration::from_secs(20),
     );
+    // The metric says so too: one pod waiting for its cgroup, one programmed.
+    let metric = |series: &str| {
+        let (_, body) = agent.get(agent.metrics_port, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{series} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    poll_until(
+        "socket_lb_off_pods by state",
+        Duration::from_secs(10),
+        || {
+            let waiting = metric("kube_bpf_proxy_socket_lb_off_pods{state=\"waiting\"}");
+            let programmed = metric("kube_bpf_proxy_socket_lb_off_pods{state=\"programmed\"}");
+            if (waiting, programmed) == (Some(1.0), Some(1.0)) {
+                Ok(())
+            } else {
+                Err(format!("waiting {waiting:?}, programmed {programmed:?}"))
+            }
+        },
+    );
     let rel = tb
         .cgroup
         .path

@@ -714,7 +714,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
     // needs no more than the kept capabilities (map writes, reading cgroupfs).
     let socklb = SocketLbLink {
-        tx: crate::datapath::socklb::follow(&args.bpffs, cgroup.clone(), cgroup2_root()?)?,
+        tx: crate::datapath::socklb::follow(
+            &args.bpffs,
+            cgroup.clone(),
+            cgroup2_root()?,
+            Some(Arc::clone(&metrics)),
+        )?,
         default: args.socket_lb_default.into(),
         last: None,
     };

@@ -9,13 +9,16 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     thread,
     time::Duration,
 };
 
 use super::bpf::SocketLbOff;
-use crate::socklb::{Decision, pod_uid_of};
+use crate::{
+    metrics::{Metrics, Series as _},
+    socklb::{Decision, pod_uid_of},
+};
 
 /// How deep below the hooked cgroup pod cgroups are looked for (kubelet's are at depth 2 or 3
 /// below the root: `kubepods.slice/kubepods-<qos>.slice/<pod>`).
@@ -130,6 +133,7 @@ pub fn follow(
     pin_dir: &Path,
     cgroup: PathBuf,
     mount: PathBuf,
+    metrics: Option<Arc<Metrics>>,
 ) -> anyhow::Result<mpsc::Sender<Decision>> {
     let mut map = SocketLbOff::open_pinned(pin_dir)?;
     let (tx, rx) = mpsc::channel::<Decision>();
@@ -164,6 +168,18 @@ pub fn follow(
                 };
                 let want = wanted(&decision, &cgroups);
                 let missing = want.missing.clone();
+                if let Some(m) = &metrics {
+                    let programmed = want.cgroups.len().saturating_sub(1) as u64;
+                    m.socket_lb_off_pods
+                        .with(&[("state", "programmed")])
+                        .set(programmed);
+                    m.socket_lb_off_pods
+                        .with(&[("state", "waiting")])
+                        .set(missing.len() as u64);
+                    m.socket_lb_label_errors
+                        .with(&[])
+                        .set(decision.problems.len() as u64);
+                }
                 if missing != missing_before {
                     if !missing.is_empty() {
                         log::info!(
