@@ -249,8 +249,9 @@ pub enum Target {
     SvcFirst,
     SvcMid,
     SvcLast,
-    /// The middle Service's externalIP from a client outside the hooked cgroup (bpf only):
-    /// translated at tc on the node's bridge, with conntrack and masquerading.
+    /// The middle Service's externalIP from a client outside the hooked cgroup: bpf translates
+    /// it at tc on the node's bridge (conntrack, masquerading), the peers with kube-proxy's
+    /// externalIP rules (KUBE-EXT / external chains, masquerading).
     ExternalIp,
     /// The middle Service from a client pod whose namespace has socket-layer translation off
     /// (bpf; the peers translate every packet anyway): translated per packet at tc on the
@@ -1431,6 +1432,11 @@ fn datapath(
         (Test::Crr, Target::Pod, |_| true),
         (Test::Rr, Target::SvcMid, |_| true),
         (Test::Udp, Target::SvcMid, |_| true),
+        // The external path: the middle Service's externalIP from a client outside the hooked
+        // cgroup; bpf translates it at tc, the peers with kube-proxy's externalIP rules.
+        (Test::Crr, Target::ExternalIp, |_| true),
+        (Test::Rr, Target::ExternalIp, |_| true),
+        (Test::Udp, Target::ExternalIp, |_| true),
     ];
     let mut samples: Vec<Sample> = Vec::new();
     for rep in 0..settings.reps {

@@ -306,10 +306,11 @@ impl Report {
             machine,
             settings,
             bpf_logging: "off (the BPF programs make no log calls)".into(),
-            external_datapath: "bpf only: a client pod outside the agent's cgroup connects to the \
-                                middle Service's externalIP, which tc on the node's bridge \
-                                translates (conntrack, masquerading) both ways; kube-proxy's \
-                                externalIP rules are not loaded in the peers' tables"
+            external_datapath: "a client pod outside the agent's cgroup connects to the middle \
+                                Service's externalIP: tc on the node's bridge translates it \
+                                (conntrack, masquerading) both ways for bpf, kube-proxy's \
+                                externalIP rules (marked for masquerading, then the Service's \
+                                chain) for the peers; rows `external-ip` in the table above"
                 .into(),
             skipped: Vec::new(),
             datapath: Vec::new(),
@@ -510,6 +511,57 @@ impl Report {
             };
             targets.push(row);
         }
+
+        // The external path (issue #23): tc >= 0.95 x direct and >= 1.2 x the best peer.
+        let ext = |config: &str| {
+            self.dp(n, Test::Crr, "external-ip", config)
+                .and_then(|r| r.ratio.clone())
+        };
+        let name = format!("external path (tc) connect rate >= 0.95 x direct{at}");
+        targets.push(match ext("bpf") {
+            Some(b) => TargetRow {
+                target: name,
+                value: format!("{:.3} (TCP_CRR to the externalIP)", b.p50),
+                met: Some(b.p50 >= 0.95),
+                why: if b.p50 >= 0.95 {
+                    String::new()
+                } else {
+                    "tc translates every packet of the flow (conntrack lookup and rewrite both \
+                     ways, masquerading), where the socket path translates once per connection"
+                        .into()
+                },
+            },
+            None => not_measured(&name),
+        });
+        let name = format!("external path connect rate >= 1.2 x the best peer{at}");
+        let best = ["iptables-nft", "iptables-legacy", "nftables"]
+            .into_iter()
+            .filter_map(|c| ext(c).map(|r| (c, r.p50)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        targets.push(match (ext("bpf"), best) {
+            (Some(b), Some((peer, p))) => {
+                let x = b.p50 / p;
+                TargetRow {
+                    target: name,
+                    value: format!(
+                        "{x:.2}x (bpf {:.3}, best peer {peer} {p:.3} of direct)",
+                        b.p50
+                    ),
+                    met: Some(x >= 1.2),
+                    why: if x >= 1.2 {
+                        String::new()
+                    } else if 1.2 * p > 1.0 {
+                        format!(
+                            "{peer} reaches {p:.2} of direct here, so 1.2x would need bpf above \
+                             direct"
+                        )
+                    } else {
+                        format!("bpf reaches {:.2} of direct, {peer} {p:.2}", b.p50)
+                    },
+                }
+            }
+            _ => not_measured(&name),
+        });
 
         // 3. Single-change programming latency.
         let name = format!("single-change programming p99 < 50 ms{at}");

@@ -287,6 +287,19 @@ impl Workload {
         )
     }
 
+    /// kube-proxy's chain for a Service port's external destinations (its externalIP).
+    fn ext_chain(&self, p: ServicePort) -> String {
+        format!(
+            "KUBE-EXT-{}",
+            hash16(&format!("{}{}", self.port_label(p), p.proto.lower()))
+        )
+    }
+
+    /// Whether `p` has the externalIP (the middle Service's ports).
+    fn has_external_ip(&self, p: ServicePort) -> bool {
+        p.service == self.mid()
+    }
+
     fn sep_chain(&self, p: ServicePort, ep: Ipv4Addr) -> String {
         format!(
             "KUBE-SEP-{}",
@@ -307,6 +320,30 @@ impl Workload {
             self.svc_chain(p),
             proto = p.proto.lower()
         );
+        // The externalIP, as kube-proxy writes it: to KUBE-EXT, which marks for masquerading
+        // (externalTrafficPolicy Cluster) and goes on to the Service chain.
+        if self.has_external_ip(p) {
+            let _ = writeln!(
+                out,
+                "-A KUBE-SERVICES -m comment --comment \"{} external IP\" -m {proto} -p {proto} -d {EXTERNAL_IP}/32 --dport {SERVICE_PORT} -j {}",
+                self.port_label(p),
+                self.ext_chain(p),
+                proto = p.proto.lower()
+            );
+        }
+    }
+
+    fn ext_rules(&self, p: ServicePort, out: &mut String) {
+        if !self.has_external_ip(p) {
+            return;
+        }
+        let ext = self.ext_chain(p);
+        let _ = writeln!(
+            out,
+            "-A {ext} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ",
+            self.port_label(p)
+        );
+        let _ = writeln!(out, "-A {ext} -j {}", self.svc_chain(p));
     }
 
     fn svc_and_sep_rules(&self, p: ServicePort, out: &mut String) {
@@ -358,6 +395,9 @@ impl Workload {
         out.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n");
         for p in &ports {
             let _ = writeln!(out, ":{} - [0:0]", self.svc_chain(*p));
+            if self.has_external_ip(*p) {
+                let _ = writeln!(out, ":{} - [0:0]", self.ext_chain(*p));
+            }
             for ep in self.endpoints_of(p.service) {
                 let _ = writeln!(out, ":{} - [0:0]", self.sep_chain(*p, ep));
             }
@@ -376,6 +416,7 @@ impl Workload {
         }
         out.push_str(Self::NODEPORTS_RULE);
         for p in &ports {
+            self.ext_rules(*p, &mut out);
             self.svc_and_sep_rules(*p, &mut out);
         }
         out.push_str("COMMIT\n");
@@ -509,6 +550,25 @@ impl Workload {
             }
             let _ = writeln!(out, "add chain {NFT_TABLE} {}", self.nft_service_chain(*p));
             self.nft_service_rules(*p, &mut out);
+            // The externalIP: marked for masquerading (externalTrafficPolicy Cluster), then
+            // the Service chain, as kube-proxy's external chains do.
+            if self.has_external_ip(*p) {
+                let ext = self
+                    .nft_service_chain(*p)
+                    .replacen("service-", "external-", 1);
+                let _ = writeln!(out, "add chain {NFT_TABLE} {ext}");
+                let _ = writeln!(out, "add rule {NFT_TABLE} {ext} jump mark-for-masquerade");
+                let _ = writeln!(
+                    out,
+                    "add rule {NFT_TABLE} {ext} goto {}",
+                    self.nft_service_chain(*p)
+                );
+                let _ = writeln!(
+                    out,
+                    "add element {NFT_TABLE} service-ips {{ {EXTERNAL_IP} . {} . {SERVICE_PORT} : goto {ext} }}",
+                    p.proto.lower()
+                );
+            }
         }
         for p in &ports {
             let _ = writeln!(
@@ -590,7 +650,9 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("-A KUBE-SERVICES "))
             .collect();
-        assert_eq!(services.len(), w.ports().len() + 1);
+        // The middle Service's two ports have an externalIP rule each.
+        assert_eq!(services.len(), w.ports().len() + 2 + 1);
+        assert_eq!(full.matches("-j KUBE-EXT-").count(), 2);
         assert!(services.last().unwrap().contains("KUBE-NODEPORTS"));
         assert_eq!(full.matches("--probability 0.3333333333").count(), 5);
         assert_eq!(full.matches("-j DNAT").count(), 5 * 3);
