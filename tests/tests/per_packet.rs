@@ -63,17 +63,35 @@ fn pod_cgroups(tb: &Testbed) -> (TestCgroup, TestCgroup) {
 
 #[test]
 fn per_pod_veths_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sidecar() {
-    per_packet(Shape::Ptp);
+    per_packet(Shape::Ptp, false);
+}
+
+/// `--socket-lb-default disabled`: the namespace without the label is per packet, and the label
+/// `enabled` brings it back to the socket layer.
+#[test]
+fn by_default_a_namespace_without_the_label_is_translated_per_packet() {
+    per_packet(Shape::Ptp, true);
 }
 
 /// On a bridge, a backend behind the same bridge would answer the client pod through the
 /// bridge, past tc: those flows are masqueraded to the node's bridge address.
 #[test]
 fn bridge_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sidecar() {
-    per_packet(Shape::Bridge);
+    per_packet(Shape::Bridge, false);
 }
 
-fn per_packet(shape: Shape) {
+/// `by_default`: per packet through `--socket-lb-default disabled` rather than the label.
+fn per_packet(shape: Shape, by_default: bool) {
+    let (label_off, label_back) = if by_default {
+        (None, Some("enabled"))
+    } else {
+        (Some("disabled"), None)
+    };
+    let flags: &[&str] = if by_default {
+        &["--socket-lb-default", "disabled"]
+    } else {
+        &[]
+    };
     if !privileged() {
         return;
     }
@@ -88,8 +106,8 @@ fn per_packet(shape: Shape) {
     let (_kubepods, pod_cg) = pod_cgroups(&tb);
     let node_name = tb.nodes[0].name.clone();
     let client = tb.nodes[0].pods[0].ip4;
-    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
-    agent.write_manifest("ns.yaml", &namespace_yaml(Some("disabled")));
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), flags);
+    agent.write_manifest("ns.yaml", &namespace_yaml(label_off));
     agent.write_manifest(
         "pod.yaml",
         &format!(
@@ -364,9 +382,9 @@ fn per_packet(shape: Shape) {
     assert!(per_packet_count(&agent.pin_dir) >= before + 10);
     drop(late_cg);
 
-    // The label removed: the meshed pod is back at the socket layer.
+    // The label removed (or `enabled` over a disabled default): back at the socket layer.
     let from = agent.log_position();
-    agent.write_manifest("ns.yaml", &namespace_yaml(None));
+    agent.write_manifest("ns.yaml", &namespace_yaml(label_back));
     agent.wait_for_log(
         from,
         "socket-layer translation off for 0 pod(s)",
