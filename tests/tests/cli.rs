@@ -518,31 +518,32 @@ fn monitor_streams_translations_and_refusals() {
             .unwrap_or(0)
     };
     assert_eq!(watching(), 0, "events are off while nobody watches");
-    let mut monitor = Command::new(workspace_binary("kube-bpf-proxy"))
-        .args([
-            "monitor",
-            "--output",
-            "json",
-            "--count",
-            "2",
-            "--seconds",
-            "60",
-        ])
-        .arg("--bpffs")
-        .arg(&pins)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start monitor");
-    tests::poll_until(
-        "monitor switched events on",
-        Duration::from_secs(10),
-        || {
-            if watching() > 0 {
-                Ok(())
-            } else {
-                Err(String::new())
-            }
-        },
+    // `monitor ARGS`, once it has switched the events on.
+    let start_monitor = |args: &[&str], stdout: Stdio| {
+        let monitor = Command::new(workspace_binary("kube-bpf-proxy"))
+            .arg("monitor")
+            .args(args)
+            .arg("--bpffs")
+            .arg(&pins)
+            .stdout(stdout)
+            .spawn()
+            .expect("start monitor");
+        tests::poll_until(
+            "monitor switched events on",
+            Duration::from_secs(10),
+            || {
+                if watching() > 0 {
+                    Ok(())
+                } else {
+                    Err(String::new())
+                }
+            },
+        );
+        monitor
+    };
+    let mut monitor = start_monitor(
+        &["--output", "json", "--count", "2", "--seconds", "60"],
+        Stdio::piped(),
     );
     assert!(env.request(Proto::Tcp, vip, 1)[0].ok);
     assert!(!env.request(Proto::Tcp, empty, 1)[0].ok);
@@ -583,23 +584,7 @@ fn monitor_streams_translations_and_refusals() {
     assert_eq!(watching(), 0, "a monitor that exits switches events off");
     // Interrupted (Ctrl-C or SIGTERM), a monitor also exits cleanly and switches events off.
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut monitor = Command::new(workspace_binary("kube-bpf-proxy"))
-            .args(["monitor", "--seconds", "60", "--bpffs"])
-            .arg(&pins)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start monitor");
-        tests::poll_until(
-            "monitor switched events on",
-            Duration::from_secs(10),
-            || {
-                if watching() > 0 {
-                    Ok(())
-                } else {
-                    Err(String::new())
-                }
-            },
-        );
+        let mut monitor = start_monitor(&["--seconds", "60"], Stdio::null());
         // SAFETY: signals a child this test started and has not reaped.
         assert_eq!(
             unsafe { libc::kill(monitor.id() as libc::pid_t, signal) },

@@ -587,12 +587,9 @@ impl NetnsSources {
 
     /// The map's entries.
     pub fn entries(&self) -> anyhow::Result<BTreeMap<u64, NetnsSource>> {
-        let mut out = BTreeMap::new();
-        for entry in self.map.iter() {
-            let (k, v) = entry.context("read LB_NETNS_SRC")?;
-            out.insert(k, v);
-        }
-        Ok(out)
+        Ok(dump_map(&self.map, names::LB_NETNS_SRC)?
+            .into_iter()
+            .collect())
     }
 
     /// Makes the map hold exactly `wanted`; returns (written, removed).
@@ -635,12 +632,12 @@ pub fn per_packet_namespaces(pin_dir: &Path) -> anyhow::Result<Vec<(String, u32)
     }
     let map: HashMap<MapData, u32, NamespaceInfo> =
         MapSource::Pins(pin_dir).take(names::LB_SOCKLB_NS)?;
-    let mut out = BTreeMap::new();
-    for entry in map.iter() {
-        let (k, v) = entry.context("read LB_SOCKLB_NS")?;
-        out.insert(k, (v.name().to_string(), v.pods));
-    }
-    Ok(out.into_values().collect())
+    let by_index: BTreeMap<u32, NamespaceInfo> =
+        dump_map(&map, names::LB_SOCKLB_NS)?.into_iter().collect();
+    Ok(by_index
+        .into_values()
+        .map(|v| (v.name().to_string(), v.pods))
+        .collect())
 }
 
 impl SocketLbOff {
@@ -654,11 +651,10 @@ impl SocketLbOff {
 
     /// Makes `LB_SOCKLB_NS` list exactly `namespaces` (name, pods), in order.
     pub fn set_namespaces(&mut self, namespaces: &[(String, u32)]) -> anyhow::Result<()> {
-        let mut current = BTreeMap::new();
-        for entry in self.namespaces.iter() {
-            let (k, v) = entry.context("read LB_SOCKLB_NS")?;
-            current.insert(k, v);
-        }
+        let current: BTreeMap<u32, NamespaceInfo> =
+            dump_map(&self.namespaces, names::LB_SOCKLB_NS)?
+                .into_iter()
+                .collect();
         for (i, (name, pods)) in namespaces.iter().enumerate() {
             let mut info = NamespaceInfo {
                 pods: *pods,
@@ -685,12 +681,9 @@ impl SocketLbOff {
 
     /// The map's entries.
     pub fn entries(&self) -> anyhow::Result<BTreeMap<u64, u32>> {
-        let mut out = BTreeMap::new();
-        for entry in self.map.iter() {
-            let (k, v) = entry.context("read LB_SOCKLB_OFF")?;
-            out.insert(k, v);
-        }
-        Ok(out)
+        Ok(dump_map(&self.map, names::LB_SOCKLB_OFF)?
+            .into_iter()
+            .collect())
     }
 
     /// Makes the map hold exactly `wanted`; returns (written, removed). The pod entries are
