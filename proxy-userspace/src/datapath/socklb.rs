@@ -146,6 +146,7 @@ pub fn follow(
             let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
             let mut missing_before: Vec<String> = Vec::new();
             let mut wait = Duration::ZERO;
+            let mut last_error: Option<String> = None;
             loop {
                 match rx.recv_timeout(wait) {
                     Ok(d) => decision = d,
@@ -204,9 +205,15 @@ pub fn follow(
                                 decision.per_packet_namespaces.join(", ")
                             );
                             written = Some(want);
+                            last_error = None;
                         }
                         Err(e) => {
-                            log::warn!("LB_SOCKLB_OFF: {e:#}; retrying");
+                            // Once per different error, not at every retry.
+                            let text = format!("{e:#}");
+                            if last_error.as_deref() != Some(text.as_str()) {
+                                log::warn!("LB_SOCKLB_OFF: {text}; retrying every 250 ms");
+                                last_error = Some(text);
+                            }
                             written = None;
                         }
                     }
