@@ -262,6 +262,7 @@ fn is_frontend(frontend: [u8; 4], port: u16, proto: u8, here: [u8; 4]) -> bool {
     if unsafe { LB4_SERVICES.get(&key) }.is_some() {
         return true;
     }
+    // SAFETY: as above.
     if unsafe { LB_DSR_PEERS.get(&frontend) }.is_none() {
         return false;
     }

@@ -65,6 +65,7 @@ pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
         let mut e = unsafe { F::ct_read(ptr) };
         let reply = e.flags & CT_REPLY != 0;
         if keeps_entry::<F>(ptr, &e, &pkt) {
+            // SAFETY: `ptr` came from the lookup.
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             e.to.proto = pkt.t.proto;
             if rewrite::<F>(ctx, &pkt, &e.to).is_err() {

@@ -693,6 +693,7 @@ fn commit6(
         unsafe { core::ptr::read_unaligned(backend.addr.as_ptr().cast::<[u32; 4]>()) }
     };
     let mut rev_key = SockRevNat6Key {
+        // SAFETY: the helper reads the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         addr: [0; 16],
         port: backend.port,
