@@ -295,3 +295,57 @@ fn use_trees_expand_into_paths() {
     .collect();
     assert_eq!(refs, want);
 }
+
+/// `unsafe` blocks and expressions of `text` without a `// SAFETY:` comment in the three lines
+/// before them (or on their own line); `unsafe fn`, `unsafe impl` and attributes such as
+/// `#[unsafe(no_mangle)]` are not blocks. As `line: text`.
+fn unexplained_unsafe(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        let blocks = code.match_indices("unsafe").any(|(at, _)| {
+            let rest = code[at + "unsafe".len()..].trim_start();
+            let before = code[..at].trim_end();
+            rest.starts_with('{') && !before.ends_with("#[")
+        });
+        if !blocks {
+            continue;
+        }
+        let explained = lines[i.saturating_sub(3)..=i]
+            .iter()
+            .any(|l| l.contains("SAFETY:"));
+        if !explained {
+            out.push(format!("{}: {}", i + 1, line.trim()));
+        }
+    }
+    out
+}
+
+/// Issue #22: every `unsafe` block of the BPF crate says why it is sound.
+#[test]
+fn every_unsafe_block_of_the_bpf_crate_has_a_safety_comment() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("proxy-ebpf/src");
+    let mut files = Vec::new();
+    sources(&src, &src, &mut files);
+    let missing: Vec<String> = files
+        .iter()
+        .flat_map(|(path, text)| {
+            unexplained_unsafe(text)
+                .into_iter()
+                .map(move |l| format!("{path}:{l}"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "unsafe without SAFETY:\n{}",
+        missing.join("\n")
+    );
+    let bad = "fn f() {\n    let x = unsafe { g() };\n}\n";
+    assert_eq!(unexplained_unsafe(bad), ["2: let x = unsafe { g() };"]);
+    let good = "// SAFETY: g is sound here.\nlet x = unsafe { g() };\n#[unsafe(no_mangle)]\n";
+    assert!(unexplained_unsafe(good).is_empty());
+}
