@@ -290,9 +290,13 @@ const RELIST_AGAIN_WITHIN: Duration = Duration::from_secs(10);
 /// came less than [`RELIST_AGAIN_WITHIN`] before (a server whose watches expire as soon as they
 /// start would otherwise be relisted in a loop); such relists wait a backoff of their own. Any
 /// answer resets the failure backoff and, after failures, wakes the other watchers.
+///
+/// `optional`: a kind the proxy can run without (Pods, Namespaces): a 403 or 404 for it waits
+/// [`REFUSED_RETRY`] and is not cut short by other watchers' recovery.
 fn paced<T: Send + 'static>(
     stream: BoxStream<'static, Result<T, watcher::Error>>,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
+    optional: bool,
 ) -> BoxStream<'static, Result<T, watcher::Error>> {
     struct Pace<T> {
         stream: BoxStream<'static, Result<T, watcher::Error>>,
@@ -315,14 +319,26 @@ fn paced<T: Send + 'static>(
         wake,
         woken,
     };
-    futures::stream::unfold(pace, |mut p| async move {
+    futures::stream::unfold(pace, move |mut p| async move {
         if let Some(wait) = p.wait.take() {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = p.woken.changed() => log::debug!("kubernetes: API server answering, retrying now"),
+            if wait >= REFUSED_RETRY {
+                tokio::time::sleep(wait).await;
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = p.woken.changed() => log::debug!("kubernetes: API server answering, retrying now"),
+                }
             }
         }
         let item = p.stream.next().await?;
+        if let Err(e) = &item
+            && optional
+            && is_refused(e)
+        {
+            // Answered, so no outage: the others are not held back or woken.
+            p.wait = Some(REFUSED_RETRY);
+            return Some((item, p));
+        }
         let expired = match &item {
             Err(e) if !is_expired(e) => {
                 // Wake-ups from before this failure must not cut its backoff.
@@ -358,6 +374,7 @@ fn follow<K>(
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
+    optional: bool,
 ) -> BoxStream<'static, WatcherItem<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
@@ -366,7 +383,7 @@ where
         // Nobody here reads managedFields; they are often the bulk of an object.
         .modify(|o: &mut DeserializeGuard<K>| o.meta_mut().managed_fields = None)
         .boxed();
-    paced(events, wake)
+    paced(events, wake, optional)
 }
 
 type WatcherItem<K> = Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>;
@@ -396,14 +413,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// A 410 Gone: routine, the watcher relists.
 fn is_expired(e: &watcher::Error) -> bool {
+    status_code(e) == Some(410)
+}
+
+/// The HTTP status the API server answered a failed list or watch with, if it answered.
+fn status_code(e: &watcher::Error) -> Option<u16> {
     match e {
-        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::WatchError(status) => Some(status.code),
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,
-        _ => false,
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        _ => None,
     }
 }
+
+/// A kind the agent may not read (403: RBAC without it) or the API server does not serve (404):
+/// a lasting condition, not an outage.
+fn is_refused(e: &watcher::Error) -> bool {
+    matches!(status_code(e), Some(403 | 404))
+}
+
+/// How long an optional kind (Pods, Namespaces) waits after a 403 or 404 before asking again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// Which call failed, as a metric label.
 fn operation(e: &watcher::Error) -> &'static str {
@@ -681,6 +712,30 @@ impl Progress {
                 }
                 return false;
             }
+            Step::Failed(e) if matches!(kind, Kind::Pods | Kind::Namespaces) && is_refused(&e) => {
+                if let Some(m) = &self.metrics {
+                    m.list_watch_errors
+                        .with(&[("resource", kind.resource()), ("operation", operation(&e))])
+                        .inc();
+                }
+                if self.failing[k].is_none() {
+                    log::warn!(
+                        "kubernetes: {kind}: {} (API server {}): the socket-layer opt-out \
+                         (namespace label kube-bpf-proxy.io/socket-lb) needs list and watch of \
+                         pods and namespaces (deploy/kube-bpf-proxy.yaml); until then every pod \
+                         keeps socket-layer translation; asking again every {:?}",
+                        error_chain(&e),
+                        self.server,
+                        REFUSED_RETRY
+                    );
+                    self.failing[k] = Some(Failing {
+                        since: Instant::now(),
+                        errors: 1,
+                        logged: Instant::now(),
+                    });
+                }
+                return false;
+            }
             Step::Failed(e) => {
                 if let Some(m) = &self.metrics {
                     m.list_watch_errors
@@ -826,16 +881,17 @@ impl KubeSource {
         let every = watcher::Config::default;
         let wake = Arc::new(tokio::sync::watch::channel(0).0);
         let mut items = futures::stream::select_all([
-            follow::<Service>(Api::all(client.clone()), every(), wake.clone())
+            follow::<Service>(Api::all(client.clone()), every(), wake.clone(), false)
                 .map(|i| Item::Service(Box::new(i)))
                 .boxed(),
-            follow::<EndpointSlice>(Api::all(client.clone()), every(), wake.clone())
+            follow::<EndpointSlice>(Api::all(client.clone()), every(), wake.clone(), false)
                 .map(|i| Item::Slice(Box::new(i)))
                 .boxed(),
             follow::<Node>(
                 Api::all(client.clone()),
                 every().fields(&format!("metadata.name={}", self.node_name)),
                 wake.clone(),
+                false,
             )
             .map(|i| Item::Node(Box::new(i)))
             .boxed(),
@@ -843,10 +899,11 @@ impl KubeSource {
                 Api::all(client.clone()),
                 every().fields(&format!("spec.nodeName={}", self.node_name)),
                 wake.clone(),
+                true,
             )
             .map(|i| Item::Pod(Box::new(i)))
             .boxed(),
-            follow::<Namespace>(Api::all(client), every(), wake)
+            follow::<Namespace>(Api::all(client), every(), wake, true)
                 .map(|i| Item::Namespace(Box::new(i)))
                 .boxed(),
         ]);
@@ -986,15 +1043,41 @@ mod tests {
 
     /// How long each item of `items`, paced, takes to arrive after the previous one.
     async fn gaps(items: Vec<Result<u32, watcher::Error>>) -> Vec<Duration> {
+        gaps_of(items, false).await
+    }
+
+    /// As `gaps`, for an optional kind (`optional`) or not.
+    async fn gaps_of(items: Vec<Result<u32, watcher::Error>>, optional: bool) -> Vec<Duration> {
         let wake = Arc::new(tokio::sync::watch::channel(0).0);
-        let mut paced = paced(stream::iter(items).boxed(), wake);
+        let mut paced = paced(stream::iter(items).boxed(), wake, optional);
         let mut out = Vec::new();
-        let mut last = Instant::now();
+        let mut last = tokio::time::Instant::now();
         while paced.next().await.is_some() {
             out.push(last.elapsed());
-            last = Instant::now();
+            last = tokio::time::Instant::now();
         }
         out
+    }
+
+    fn refused() -> watcher::Error {
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(Status {
+            code: 403,
+            reason: "Forbidden".into(),
+            ..Status::default()
+        })))
+    }
+
+    /// A Pods or Namespaces list the agent may not make (RBAC without it) waits 30 s, not the
+    /// outage backoff; a required kind refused backs off as in an outage.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_optional_kind_asks_again_only_every_30_s() {
+        let gaps = gaps_of(vec![Err(refused()), Err(refused()), Ok(1)], true).await;
+        assert!(
+            gaps[1] >= REFUSED_RETRY && gaps[2] >= REFUSED_RETRY,
+            "{gaps:?}"
+        );
+        let gaps = gaps_of(vec![Err(refused()), Err(refused()), Ok(1)], false).await;
+        assert!(gaps[1] <= RETRY_MAX && gaps[2] <= RETRY_MAX, "{gaps:?}");
     }
 
     #[tokio::test]
