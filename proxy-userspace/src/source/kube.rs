@@ -228,6 +228,9 @@ enum Step {
     Changed,
     /// A (re)list completed and its result replaced the store.
     Listed,
+    /// A (re)list completed with the objects the store held already (an empty list into an
+    /// empty store, a relist after 410 that found nothing changed).
+    ListedSame,
     /// The API server answered, but the objects the snapshot is built from are as they were (an
     /// update that could not be decoded).
     Unchanged,
@@ -567,9 +570,15 @@ where
             }
             watcher::Event::InitDone => {
                 let (objects, undecodable) = self.relist.take().unwrap_or_default();
+                let same = objects.len() == self.objects.len()
+                    && objects.iter().all(|(key, new)| {
+                        self.objects
+                            .get(key)
+                            .is_some_and(|old| Arc::ptr_eq(old, new) || old.same_as(new))
+                    });
                 self.objects = objects;
                 self.undecodable = undecodable;
-                Step::Listed
+                if same { Step::ListedSame } else { Step::Listed }
             }
             watcher::Event::Apply(DeserializeGuard(Ok(object))) => {
                 let key = key_of(object.meta());
@@ -777,7 +786,7 @@ impl Progress {
                 return false;
             }
             Step::Nothing => return false,
-            Step::Changed | Step::Listed | Step::Unchanged => {}
+            Step::Changed | Step::Listed | Step::ListedSame | Step::Unchanged => {}
         }
         if let Some(f) = self.failing[k].take() {
             log::info!(
@@ -787,7 +796,8 @@ impl Progress {
                 f.errors
             );
         }
-        if matches!(step, Step::Listed) && !self.listed[k] {
+        let first_list = matches!(step, Step::Listed | Step::ListedSame) && !self.listed[k];
+        if first_list {
             self.listed[k] = true;
             let waiting: Vec<String> = GATING
                 .iter()
@@ -803,7 +813,13 @@ impl Progress {
                 );
             }
         }
-        !matches!(step, Step::Unchanged)
+        match step {
+            Step::Unchanged => false,
+            // Nothing new: a snapshot only if this list completes what the first one waits
+            // for (an optional kind's first, empty, list sends nothing).
+            Step::ListedSame => first_list && GATING.contains(&kind),
+            _ => true,
+        }
     }
 }
 
