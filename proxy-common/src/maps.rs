@@ -86,6 +86,13 @@ pub const LB_SOCKLB_OFF: &str = "LB_SOCKLB_OFF";
 /// index → `info::NamespaceInfo`. Written by the agent; the programs never read it.
 pub const LB_SOCKLB_NS: &str = "LB_SOCKLB_NS";
 
+/// Each pinned map's layout version: the map's name (NUL-padded to 16 bytes) → `u32`
+/// version. Written by the agent after an upgrade (not part of the BPF object; its own layout
+/// never changes).
+pub const LB_VERSIONS: &str = "LB_VERSIONS";
+/// Entries of `LB_VERSIONS`.
+pub const VERSIONS_MAX: usize = 64;
+
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
 pub const ALL: [&str; 31] = [
     LB4_SERVICES,

@@ -684,6 +684,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Some(m)
     };
+    // Every program of this build is attached (socket hooks, XDP, tc): the entries of maps
+    // pinned in an older layout move over, and the layout versions are recorded.
+    if let Err(e) = datapath.finish_upgrade() {
+        log::warn!("map layout versions not recorded: {e:#}");
+    }
     let terminating = if args.no_socket_termination {
         datapath.disable_termination()?;
         false

@@ -40,7 +40,7 @@ use proxy_common::{
 };
 
 use super::{
-    MapIo, Removed,
+    MapIo, Removed, layouts,
     sockdiag::{Report, SockDiag, SocketTerminator, Target},
 };
 use crate::capacity::Capacity;
@@ -130,6 +130,18 @@ pub struct Datapath {
     maps: Maps,
     pin_dir: PathBuf,
     started: AgentState,
+    /// Maps of an older layout version whose entries go to the new maps once the new programs
+    /// run (`finish_upgrade`).
+    migrations: Vec<Pending>,
+}
+
+/// A pinned map of an older layout version, unpinned and held open until its entries are
+/// carried over into the map of the current layout pinned in its place.
+struct Pending {
+    map: &'static str,
+    old: MapData,
+    from: u32,
+    steps: Vec<layouts::Step>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -885,7 +897,7 @@ impl Datapath {
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restrict {}", pin_dir.display()))?;
-        replace_incompatible_pins(pin_dir, sizes)?;
+        let migrations = prepare_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL {
             let pin = pin_dir.join(name);
@@ -978,6 +990,7 @@ impl Datapath {
             maps,
             pin_dir: pin_dir.to_path_buf(),
             started,
+            migrations,
         };
         datapath.write_agent_state()?;
         Ok(datapath)
@@ -985,6 +998,39 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Ends an upgrade, once every program of this build is attached (the socket hooks, tc and
+    /// XDP): the entries of the maps of older layout versions are carried over into this
+    /// build's maps (counters are added, so what the new programs counted meanwhile stays),
+    /// the old maps are freed, and every map's layout version is recorded in `LB_VERSIONS`.
+    /// A map that cannot be migrated is logged and left as it is: it serves, its older entries
+    /// lost.
+    pub fn finish_upgrade(&mut self) -> anyhow::Result<()> {
+        for pending in std::mem::take(&mut self.migrations) {
+            let Pending {
+                map,
+                old,
+                from,
+                steps,
+            } = pending;
+            let new = match map {
+                names::LB_STATS => &mut self.maps.stats,
+                names::LB_DROPS => &mut self.maps.drops,
+                _ => {
+                    log::warn!("{map}: no migration from layout version {from}; entries lost");
+                    continue;
+                }
+            };
+            match carry_counters(old, new, &steps) {
+                Ok(n) => log::info!(
+                    "{map}: migrated from layout version {from} to {}: {n} counters carried over",
+                    layouts::current_version(map)
+                ),
+                Err(e) => log::warn!("{map}: migration from layout version {from} failed: {e:#}"),
+            }
+        }
+        write_versions(&self.pin_dir)
     }
 
     /// Sets the size of every Maglev table.
@@ -1641,52 +1687,140 @@ fn lpm_key(r: &SourceRange) -> LpmRange {
     }
 }
 
-/// Removes the pins of maps whose layout (type, key or value size, or the size of a map the
-/// agent does not size) differs from this build's, so that loading creates them afresh: an
-/// upgrade that changed a map would otherwise have its programs rejected against the old map.
-/// Their entries are lost, which the log says. Returns the names replaced.
-fn replace_incompatible_pins(
-    pin_dir: &Path,
-    sizes: &MapSizes,
-) -> anyhow::Result<Vec<&'static str>> {
+/// Sorts the pinned maps by layout version (`layouts`) before this build's object is loaded
+/// over them: a map of this build's layout stays; one of an older version this build migrates
+/// is unpinned and held open (returned), so that loading pins a map of the current layout in
+/// its place; one of a layout it does not know is unpinned and dropped, its entries lost, which
+/// the log says. Either way the programs are never loaded against a map they do not fit.
+fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>> {
     let object = aya_obj::Object::parse(OBJECT).context("parse the BPF object")?;
-    let mut replaced = Vec::new();
+    let recorded = read_versions(pin_dir);
+    let mut pending = Vec::new();
     for name in names::ALL {
         let pin = pin_dir.join(name);
         let (Ok(info), Some(def)) = (MapInfo::from_pin(&pin), object.maps.get(name)) else {
             continue;
         };
-        let mut changed = Vec::new();
-        if info.map_type().ok().map(|t| t as u32) != Some(def.map_type()) {
-            changed.push("type".to_string());
-        }
-        for (what, pinned, now) in [
-            ("key size", info.key_size(), def.key_size()),
-            ("value size", info.value_size(), def.value_size()),
-        ] {
-            if pinned != now {
-                changed.push(format!("{what} {pinned} -> {now}"));
+        let fixed = sizes.of(name).is_none();
+        let current = layouts::Shape {
+            map_type: def.map_type(),
+            key: def.key_size(),
+            value: def.value_size(),
+            entries: fixed.then(|| def.max_entries()),
+        };
+        let pinned = layouts::Shape {
+            map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            key: info.key_size(),
+            value: info.value_size(),
+            entries: fixed.then(|| info.max_entries()),
+        };
+        let recorded = recorded.get(&layouts::version_key(name)).copied();
+        match layouts::classify(name, &pinned, recorded, &current) {
+            layouts::Plan::Reuse => continue,
+            layouts::Plan::Migrate { from, steps } => {
+                let old = MapData::from_pin(&pin)
+                    .with_context(|| format!("open {} to migrate it", pin.display()))?;
+                log::info!(
+                    "{name}: pinned at layout version {from}, this version's is {}; its entries \
+                     are carried over",
+                    layouts::current_version(name)
+                );
+                pending.push(Pending {
+                    map: name,
+                    old,
+                    from,
+                    steps,
+                });
             }
+            layouts::Plan::Replace { why } => log::warn!(
+                "{name}: the pinned map's layout differs from this version's ({why}); replacing \
+                 it, its entries are lost"
+            ),
         }
-        if sizes.of(name).is_none() && info.max_entries() != def.max_entries() {
-            changed.push(format!(
-                "entries {} -> {}",
-                info.max_entries(),
-                def.max_entries()
-            ));
+        fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+    }
+    Ok(pending)
+}
+
+/// The layout versions recorded in `LB_VERSIONS` (none when it is missing or unreadable: the
+/// shapes of the maps decide then).
+fn read_versions(pin_dir: &Path) -> BTreeMap<[u8; 16], u32> {
+    let Ok(data) = MapData::from_pin(pin_dir.join(names::LB_VERSIONS)) else {
+        return BTreeMap::new();
+    };
+    match HashMap::<_, [u8; 16], u32>::try_from(Map::HashMap(data)) {
+        Ok(map) => map.iter().filter_map(Result::ok).collect(),
+        Err(e) => {
+            log::warn!(
+                "{}: unreadable ({e}); layouts are told by their shapes",
+                names::LB_VERSIONS
+            );
+            BTreeMap::new()
         }
-        if changed.is_empty() {
+    }
+}
+
+/// Records every map's layout version in `LB_VERSIONS`, creating and pinning it if needed.
+fn write_versions(pin_dir: &Path) -> anyhow::Result<()> {
+    let pin = pin_dir.join(names::LB_VERSIONS);
+    let data = match MapData::from_pin(&pin) {
+        Ok(data) => data,
+        Err(_) => {
+            const BPF_MAP_TYPE_HASH: u32 = 1;
+            let def = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_HASH,
+                16,
+                4,
+                names::VERSIONS_MAX as u32,
+                0,
+            );
+            let data = MapData::create(def, names::LB_VERSIONS, None)
+                .with_context(|| format!("create {}", names::LB_VERSIONS))?;
+            data.pin(&pin)
+                .with_context(|| format!("pin {}", pin.display()))?;
+            data
+        }
+    };
+    let mut map = HashMap::<_, [u8; 16], u32>::try_from(Map::HashMap(data))
+        .with_context(|| format!("{}: not the expected map", names::LB_VERSIONS))?;
+    for name in names::ALL {
+        map.insert(
+            layouts::version_key(name),
+            layouts::current_version(name),
+            0,
+        )
+        .with_context(|| format!("record the layout version of {name}"))?;
+    }
+    Ok(())
+}
+
+/// Adds the per-CPU counters of `old` into `new` at the indices `steps` give them. Returns
+/// how many counters were carried over.
+fn carry_counters(
+    old: MapData,
+    new: &mut PerCpuArray<MapData, u64>,
+    steps: &[layouts::Step],
+) -> anyhow::Result<usize> {
+    let old = PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(old))?;
+    let mut carried = 0;
+    for i in 0..old.len() {
+        let values = old.get(&i, 0)?;
+        if values.iter().all(|v| *v == 0) {
             continue;
         }
-        log::warn!(
-            "{name}: the pinned map's layout differs from this version's ({}); replacing it, \
-             its entries are lost",
-            changed.join(", ")
-        );
-        fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
-        replaced.push(name);
+        let Some(j) = layouts::remap_counter(steps, i) else {
+            continue;
+        };
+        let sums: Vec<u64> = new
+            .get(&j, 0)?
+            .iter()
+            .zip(values.iter())
+            .map(|(n, o)| n.saturating_add(*o))
+            .collect();
+        new.set(j, aya::maps::PerCpuValues::try_from(sums)?, 0)?;
+        carried += 1;
     }
-    Ok(replaced)
+    Ok(carried)
 }
 
 /// Removes the program pin an earlier agent left at `pin`, if any, so this agent's can go there.
@@ -1838,6 +1972,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
     let mut files = names::ALL.to_vec();
+    files.push(names::LB_VERSIONS);
     files.push(RELEASE_PIN);
     files.push(super::tclinks::TC_PROGRAM_PIN);
     removed += remove_files_and_dir(pin_dir, &files)?;

@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod caps;
+pub mod layouts;
 pub mod netdev;
 pub mod netlink;
 pub mod netns;

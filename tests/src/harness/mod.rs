@@ -3,6 +3,7 @@ pub mod cgroup;
 pub mod names;
 pub mod netns;
 pub mod process;
+pub mod release;
 pub mod skip;
 pub mod sweep;
 pub mod testbed;
