@@ -20,14 +20,15 @@ pub fn workspace_root() -> PathBuf {
 
 /// The `kube-bpf-proxy` binary of `commit`, built on first use into
 /// `target/upgrade-from/<commit>/` (its sources from `git archive`, its own target directory,
-/// removed once the binary is copied out) and reused afterwards. Panics, naming what is
-/// missing, if the commit is not in this clone's history or does not build.
-pub fn agent_of(commit: &str) -> PathBuf {
+/// removed once the binary is copied out) and reused afterwards. `Err(why)` if the commit is
+/// not in this clone's history (a shallow clone, or sources without git) and cannot be fetched
+/// from `origin`: the caller reports the test as skipped by name. Panics if it does not build.
+pub fn agent_of(commit: &str) -> Result<PathBuf, String> {
     let root = workspace_root();
     let dir = root.join("target").join("upgrade-from").join(commit);
     let binary = dir.join("kube-bpf-proxy");
     if binary.is_file() {
-        return binary;
+        return Ok(binary);
     }
     let git = |args: &[&str]| {
         Command::new("git")
@@ -37,12 +38,28 @@ pub fn agent_of(commit: &str) -> PathBuf {
             .output()
             .unwrap_or_else(|e| panic!("run git: {e}"))
     };
-    let present = git(&["cat-file", "-e", &format!("{commit}^{{commit}}")]);
-    assert!(
-        present.status.success(),
-        "commit {commit} (the release the upgrade test starts from) is not in this clone's \
-         history: run the tests in a full clone (git fetch --unshallow)"
-    );
+    let present = || {
+        git(&["cat-file", "-e", &format!("{commit}^{{commit}}")])
+            .status
+            .success()
+    };
+    if !present() {
+        // Bounded: an unreachable origin must not hang the test.
+        let _ = Command::new("timeout")
+            .args(["60", "git", "-C"])
+            .arg(&root)
+            .args(["fetch", "--quiet", "origin", commit])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .output();
+        if !present() {
+            return Err(format!(
+                "commit {commit}, the release the upgrade starts from, is not in this \
+                 checkout's history and could not be fetched from origin (a shallow clone, or \
+                 sources without git: git fetch --unshallow)"
+            ));
+        }
+    }
     let src = dir.join("src");
     let target = dir.join("target");
     let _ = std::fs::remove_dir_all(&src);
@@ -97,5 +114,5 @@ pub fn agent_of(commit: &str) -> PathBuf {
     );
     let _ = std::fs::remove_dir_all(&src);
     let _ = std::fs::remove_dir_all(&target);
-    binary
+    Ok(binary)
 }
