@@ -25,6 +25,7 @@
 
 mod maps;
 mod podnet;
+mod pps;
 mod report;
 mod workload;
 
@@ -85,7 +86,8 @@ pub struct Options {
     #[arg(long, value_name = "BENCH_JSON")]
     pub render: Option<PathBuf>,
     /// Only the pod-network part (also part of a full run): the external path through tc on
-    /// the bridge and ptp shapes, pod veth to tc attached, the agent with 500 pod veths; writes
+    /// the bridge and ptp shapes, pod veth to tc attached, the agent with 500 pod veths,
+    /// packets per second through XDP and tc; writes
     /// target/bench/pod-networks.{md,json} (a full run's bench.* are left alone).
     #[arg(long)]
     pub pod_networks: bool,

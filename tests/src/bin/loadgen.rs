@@ -12,7 +12,11 @@
 //!   SO_LINGER 0 so no TIME_WAIT is left), like netperf TCP_CRR;
 //! - `rr`: requests on one long TCP connection, like netperf TCP_RR;
 //! - `udp`: requests on one unconnected UDP socket (sendto + recvfrom); a reply from any
-//!   address other than ADDR:PORT counts as an error.
+//!   address other than ADDR:PORT counts as an error;
+//! - `flood`: one-way 18-byte UDP datagrams from one socket, 64 per sendmmsg, as fast as the
+//!   kernel takes them (`ops`: datagrams sent), for packets-per-second measurements; the
+//!   receiving side counts what arrives (`loadgen sink PORT NETNS` binds the port there, so the
+//!   datagrams are taken without an ICMP error back, and never reads).
 //!
 //! Both sides block in the kernel while they wait and run as SCHED_FIFO priority 1 (when
 //! allowed), so a busy machine's other work (compilers, tests) does not sit between a wake-up and
@@ -407,8 +411,82 @@ fn udp_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Datagrams per sendmmsg call of `flood`.
+const FLOOD_BATCH: usize = 64;
+
+/// `flood`: sends 18-byte UDP datagrams to `to` from one socket (one flow) as fast as it can,
+/// FLOOD_BATCH per sendmmsg, for `secs`; `ops` counts the datagrams the kernel took. A full
+/// device queue (ENOBUFS) is counted as an error and retried, not fatal: a flood overruns.
+fn flood_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
+    let socket = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.connect(to).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tally.error("bind/connect", e);
+            return 0.0;
+        }
+    };
+    let payload = [0x5au8; 18];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // SAFETY: all-zero mmsghdrs are valid; each then points at the one iovec.
+    let mut msgs: [libc::mmsghdr; FLOOD_BATCH] = unsafe { zeroed() };
+    for m in &mut msgs {
+        m.msg_hdr.msg_iov = &mut iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
+    tally.cpu_start = cpu_secs();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut calls = 0u32;
+    loop {
+        // The clock is read every 64 calls (4,096 datagrams): a flood must not be mostly clock.
+        calls = calls.wrapping_add(1);
+        if calls.is_multiple_of(64) && Instant::now() >= deadline {
+            break;
+        }
+        // SAFETY: a connected socket and FLOOD_BATCH valid headers pointing at live buffers.
+        let n =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), FLOOD_BATCH as u32, 0) };
+        if n > 0 {
+            tally.ops += n as u64;
+        } else {
+            let e = std::io::Error::last_os_error();
+            tally.errors += 1;
+            if tally.first_error.is_none() {
+                tally.first_error = Some(format!("sendmmsg: {e}"));
+            }
+        }
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// `sink`: a UDP socket bound to `port` in the namespace `netns`, never read: datagrams for
+/// it are delivered to the socket (no ICMP port unreachable goes back) and dropped there once
+/// its buffer is full. Runs until killed.
+fn sink(port: u16, netns: &str) -> ! {
+    let ns = File::open(netns).unwrap_or_else(|e| panic!("open {netns}: {e}"));
+    // SAFETY: a valid namespace fd; this process is single-threaded.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        panic!("setns {netns}: {}", std::io::Error::last_os_error());
+    }
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let _socket = UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind udp {any}: {e}"));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn usage() -> ! {
-    eprintln!("usage: loadgen serve PORT CPU NETNS... | loadgen crr|rr|udp ADDR:PORT SECS CPU");
+    eprintln!(
+        "usage: loadgen serve PORT CPU NETNS... | loadgen sink PORT NETNS | \
+         loadgen crr|rr|udp|flood ADDR:PORT SECS CPU"
+    );
     std::process::exit(2)
 }
 
@@ -430,6 +508,12 @@ fn main() {
         serve(arg(&args, 1), &args[3..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("sink") {
+        if args.len() != 3 {
+            usage();
+        }
+        sink(arg(&args, 1), &args[2]);
+    }
     if args.len() != 4 {
         usage();
     }
@@ -445,6 +529,7 @@ fn main() {
         "crr" => crr_timed(to, secs, &mut tally),
         "rr" => rr_timed(to, secs, &mut tally),
         "udp" => udp_timed(to, secs, &mut tally),
+        "flood" => flood_timed(to, secs, &mut tally),
         _ => usage(),
     };
     let (rate, cpu) = if elapsed > 0.0 {

@@ -20,6 +20,8 @@
 //!    namespace, both ends up) with `/32 scope link` routes to 10.244.100.x / 10.244.101.x, then
 //!    one EndpointSlice listing all 500 addresses on node-a: time to all attached, and the
 //!    agent's RSS before and after.
+//! 4. Packets per second through node-a, XDP against tc against the kernel's forwarding, on a
+//!    two-node testbed of its own (`pps`).
 //!
 //! Everything is removed on drop: on success, error, a panic in the harness, or Ctrl-C.
 
@@ -114,11 +116,18 @@ pub fn run(settings: &Settings, out: &mut PodNetReport) -> anyhow::Result<()> {
 fn run_parts(plan: &Plan, out: &mut PodNetReport) -> anyhow::Result<()> {
     eprintln!(
         "\n==> pod networks: the agent on node-a with --external-interfaces eth0, \
-         --pod-interfaces auto, --xdp off (the tc path alone); BPF logging off"
+         --pod-interfaces auto, --xdp off (the tc path alone; the packets-per-second part also \
+         with --xdp driver); BPF logging off"
     );
     let ptp = external(plan, out)?;
     attach_latency(ptp, plan, out)?;
     many_veths(plan, out)?;
+    super::pps::run(
+        plan.pairs,
+        if plan.pairs > 3 { 2.0 } else { 1.0 },
+        plan.client_cpu,
+        out,
+    )?;
     eprintln!("==> pod networks: testbeds removed");
     Ok(())
 }

@@ -197,6 +197,33 @@ pub struct PodNetReport {
     pub ct_drain_secs: Vec<f64>,
     pub attach: Vec<LatencyRow>,
     pub scale: Option<ScaleRow>,
+    /// Packets per second through node-a: tc and XDP (`pps`).
+    #[serde(default)]
+    pub pps: Vec<PpsRow>,
+}
+
+/// One configuration of the packets-per-second part: a UDP flood to a NodePort whose backend is
+/// on the other node, against the same flood to the pod's own address (`direct`), in pairs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PpsRow {
+    /// `tc` or `xdp`.
+    pub config: String,
+    /// The agent's `--xdp`.
+    pub xdp: String,
+    /// Medians over the pairs, datagrams per second: sent by `ext` and delivered to the pod.
+    pub direct_sent: Option<f64>,
+    pub direct_delivered: Option<f64>,
+    pub sent: Option<f64>,
+    pub delivered: Option<f64>,
+    pub delivered_runs: Vec<f64>,
+    /// Delivered through the NodePort / delivered direct, per pair.
+    pub summary: Option<Summary>,
+    /// The agent's nonzero datapath counters after the runs.
+    pub counters: Vec<(String, u64)>,
+    /// Nanoseconds per run of node-a's programs over the pairs (the kernel's BPF run-time
+    /// statistics, over the NodePort floods): (program, ns).
+    #[serde(default)]
+    pub program_ns: Vec<(String, Option<f64>)>,
 }
 
 /// One pod-network shape's external path: NodePort (tc) vs the pod's own address.
@@ -1180,6 +1207,87 @@ impl Report {
                         )
                     });
             let _ = writeln!(out, "| {} | {p50} | {p99} | {max} | {n} |", r.what);
+        }
+
+        if !p.pps.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n### Packets per second: XDP, tc and the kernel's forwarding\n\n\
+                 A two-node testbed (bridge shape). `ext` floods one UDP flow (18-byte \
+                 datagrams, 64 per sendmmsg, client pinned to CPU {}) at node-a's NodePort \
+                 192.168.77.1:30090, whose one backend is node-b's pod 10.244.1.2 \
+                 (externalTrafficPolicy Cluster: node-a translates, masquerades and sends the \
+                 packet back out of `eth0` towards node-b). Delivered: datagrams counted at the \
+                 backend pod's `eth0` (a socket is bound there and never read, so nothing goes \
+                 back). `direct`: the same flood to the pod's own address, routed by `ext` via \
+                 node-a and forwarded by node-a's kernel past the same programs, untranslated. \
+                 Back-to-back direct/NodePort pairs, order alternating. On veth the sender and \
+                 every hop run in softirq on the sender's CPU, so each figure is the whole \
+                 chain's cost per packet, node-a's program being one part of it.\n",
+                p.client_cpu
+            );
+            let _ = writeln!(
+                out,
+                "| node-a's program | NodePort: sent / delivered (/s) | direct: sent / \
+                 delivered (/s) | delivered NodePort / direct, median paired [min-max] |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---|");
+            let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+            for r in &p.pps {
+                let _ = writeln!(
+                    out,
+                    "| {} (`--xdp {}`) | {} / {} | {} / {} | {} |",
+                    r.config,
+                    r.xdp,
+                    f(r.sent),
+                    f(r.delivered),
+                    f(r.direct_sent),
+                    f(r.direct_delivered),
+                    r.summary.as_ref().map_or("-".into(), |s| format!(
+                        "{:.3} [{:.3}-{:.3}] over {}",
+                        s.p50, s.min, s.max, s.n
+                    ))
+                );
+            }
+            let by = |c: &str| {
+                p.pps
+                    .iter()
+                    .find(|r| r.config == c)
+                    .and_then(|r| r.delivered)
+            };
+            if let (Some(x), Some(t)) = (by("xdp"), by("tc")) {
+                let _ = writeln!(
+                    out,
+                    "\nXDP / tc, delivered packets per second: {:.2} (target >= 2).",
+                    x / t
+                );
+            }
+            for r in &p.pps {
+                let ns: Vec<String> = r
+                    .program_ns
+                    .iter()
+                    .filter_map(|(name, ns)| Some(format!("{name} {:.0} ns", (*ns)?)))
+                    .collect();
+                if !ns.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "- {}: node-a's programs per run during the NodePort floods (the \
+                         kernel's BPF run-time statistics): {}.",
+                        r.config,
+                        ns.join(", ")
+                    );
+                }
+                if !r.counters.is_empty() {
+                    let list: Vec<String> =
+                        r.counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                    let _ = writeln!(
+                        out,
+                        "- {}: datapath counters after the runs: {}.",
+                        r.config,
+                        list.join(", ")
+                    );
+                }
+            }
         }
 
         if let Some(s) = &p.scale {

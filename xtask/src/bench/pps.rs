@@ -1,0 +1,360 @@
+//! Part of `cargo xtask bench --pod-networks`: packets per second through node-a, XDP against
+//! tc against the kernel's own forwarding (issue #23).
+//!
+//! A two-node `tests::Testbed` (bridge shape): the external client `ext` floods one UDP flow
+//! (`loadgen flood`: 18-byte datagrams, 64 per sendmmsg) at node-a's NodePort 192.168.77.1:30090,
+//! whose one backend is node-b's pod 10.244.1.2 (externalTrafficPolicy Cluster: node-a
+//! translates, masquerades and sends the packet back out of `eth0` towards node-b). What
+//! arrives is counted at the backend pod's `eth0` (its `rx_packets`; `loadgen sink` binds the
+//! port there and never reads, so no ICMP error and no reply goes back). Configurations:
+//! - `xdp`: the agent with `--xdp driver` (native XDP on node-a's veth `eth0`; its LAN-side
+//!   peer carries an XDP_PASS program, without which a veth's native XDP_TX never wakes the
+//!   peer to take the frames);
+//! - `tc`: the agent with `--xdp off`;
+//! - `direct`: the pod's own address, routed by `ext` via node-a and forwarded by node-a's
+//!   kernel, past the same programs (untranslated), as the baseline.
+//!
+//! The sender and every hop run in softirq on the sender's CPU (veth has no queue of its own):
+//! the figure is the whole chain's cost per packet, of which node-a's program is one part.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tests::{
+    Agent, ChildGuard, NetNs, Shape, Testbed,
+    harness::process::{Placement, command_in, workspace_binary},
+};
+
+use super::{
+    check_stop,
+    report::{PodNetReport, PpsRow, Summary},
+    run_bounded, wait_log,
+};
+
+const NODE: &str = "node-a";
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+const NODE_PORT: u16 = 30090;
+const BACKEND_PORT: u16 = 8080;
+/// node-b's pod CIDR, routed via node-a in `ext` for the direct runs.
+const POD_CIDR_B: &str = "10.244.1.0/24";
+
+/// Runs the part: `pairs` back-to-back pairs of `secs`-second floods per configuration against
+/// `direct`, the sender pinned to `cpu`.
+pub fn run(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyhow::Result<()> {
+    eprintln!(
+        "    packets per second: ext floods node-a's UDP NodePort, backend on node-b; \
+         {pairs} pairs of {secs} s per configuration"
+    );
+    // The kernel's per-program run time and count (bpftool's run_time_ns, run_cnt), on for
+    // this part only.
+    let stats_were = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
+    let _ = std::fs::write(BPF_STATS, "1");
+    let result = measure(pairs, secs, cpu, out);
+    let _ = std::fs::write(BPF_STATS, stats_were.trim());
+    result
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Run time (ns) and run count of every loaded BPF program, summed by program name.
+fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(o) = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+    else {
+        return out;
+    };
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    for p in list.as_array().into_iter().flatten() {
+        let (Some(name), Some(t), Some(n)) = (
+            p["name"].as_str(),
+            p["run_time_ns"].as_u64(),
+            p["run_cnt"].as_u64(),
+        ) else {
+            continue;
+        };
+        let e = out.entry(name.to_string()).or_insert((0, 0));
+        e.0 += t;
+        e.1 += n;
+    }
+    out
+}
+
+fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyhow::Result<()> {
+    let tb = Testbed::with_shape(&[1, 1], Shape::Bridge);
+    let pod = &tb.nodes[1].pods[0];
+    let pod_ns = pod.ns.path();
+    let _sink = ChildGuard::spawn_ready(
+        "loadgen sink in node-b's pod",
+        command_in(
+            &Placement {
+                netns: &pod_ns,
+                cgroup_procs: None,
+            },
+            &workspace_binary("loadgen"),
+            &["sink", &BACKEND_PORT.to_string(), &pod_ns],
+        ),
+    );
+    tb.ext
+        .ip(&["route", "add", POD_CIDR_B, "via", &NODE_IP.to_string()]);
+    // Native XDP_TX on a veth queues the frame for the peer, whose NAPI is woken only if the
+    // peer has an XDP program of its own: an XDP_PASS program on the LAN side of node-a's
+    // eth0 (a real NIC has its own queues).
+    xdp_pass_on(&tb.lan, &format!("v-{NODE}"), &tb.id)?;
+    let backend = pod.ip4;
+    let nodeport = format!("{NODE_IP}:{NODE_PORT}");
+    let direct = format!("{backend}:{BACKEND_PORT}");
+    for (config, xdp) in [("tc", "off"), ("xdp", "driver")] {
+        check_stop()?;
+        let agent = start_agent(&tb, xdp, backend)?;
+        let ext = tb.ext.path();
+        // Both paths deliver before anything is measured (tc may attach a moment after the
+        // first sync).
+        for to in [&nodeport, &direct] {
+            let mut tries = 0;
+            while flood(&ext, &pod.ns, to, 0.1, cpu)?.1 == 0 {
+                tries += 1;
+                if tries == 50 {
+                    bail!(
+                        "{config}: nothing sent to {to} reached node-b's pod (the agent's \
+                         counters: {:?}; node-a eth0: {}; lan side: {}; the agent's last \
+                         lines: {})",
+                        status_counters(&tb, &agent).unwrap_or_default(),
+                        tb.nodes[0]
+                            .ns
+                            .exec("ethtool", &["-S", "eth0"])
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        tb.lan
+                            .exec("ethtool", &["-S", &format!("v-{NODE}")])
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        agent
+                            .logs_since(agent.log_position().saturating_sub(8))
+                            .join(" | ")
+                    );
+                }
+                super::nap(Duration::from_millis(200))?;
+            }
+        }
+        let (mut sent_direct, mut got_direct, mut sent_bpf, mut got_bpf, mut ratios) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut run_stats = std::collections::BTreeMap::new();
+        for pair in 0..pairs {
+            check_stop()?;
+            let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
+            // The programs' run time is taken over the NodePort floods only.
+            let mut through = || -> anyhow::Result<(u64, u64)> {
+                let before = program_stats();
+                let r = once(&nodeport)?;
+                let after = program_stats();
+                for (name, (t, n)) in after {
+                    let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
+                    let e = run_stats.entry(name).or_insert((0, 0));
+                    e.0 += t.saturating_sub(t0);
+                    e.1 += n.saturating_sub(n0);
+                }
+                Ok(r)
+            };
+            let ((ds, dg), (bs, bg)) = if pair % 2 == 0 {
+                let d = once(&direct)?;
+                (d, through()?)
+            } else {
+                let b = through()?;
+                (once(&direct)?, b)
+            };
+            let per_sec = |n: u64| n as f64 / secs;
+            sent_direct.push(per_sec(ds));
+            got_direct.push(per_sec(dg));
+            sent_bpf.push(per_sec(bs));
+            got_bpf.push(per_sec(bg));
+            if dg > 0 {
+                ratios.push(bg as f64 / dg as f64);
+            }
+        }
+        let ns_per_run = |name: &str| {
+            let (t, n) = run_stats.get(name).copied().unwrap_or((0, 0));
+            (n > 0).then(|| t as f64 / n as f64)
+        };
+        let program_ns = vec![
+            ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
+            ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
+        ];
+        let counters = status_counters(&tb, &agent)?;
+        let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
+        let row = PpsRow {
+            config: config.into(),
+            xdp: xdp.into(),
+            direct_sent: median(&sent_direct),
+            direct_delivered: median(&got_direct),
+            sent: median(&sent_bpf),
+            delivered: median(&got_bpf),
+            delivered_runs: got_bpf,
+            summary: Summary::of(&ratios),
+            counters,
+            program_ns,
+        };
+        eprintln!(
+            "    {config}: delivered {:.0}/s (sent {:.0}/s), direct {:.0}/s; paired ratio {}",
+            row.delivered.unwrap_or(0.0),
+            row.sent.unwrap_or(0.0),
+            row.direct_delivered.unwrap_or(0.0),
+            row.summary.as_ref().map_or("-".into(), |s| format!(
+                "{:.3} [{:.3}-{:.3}]",
+                s.p50, s.min, s.max
+            ))
+        );
+        out.pps.push(row);
+        drop(agent);
+    }
+    tb.ext.ip(&["route", "del", POD_CIDR_B]);
+    Ok(())
+}
+
+/// The agent on node-a with `--xdp xdp`, the NodePort Service programmed and tc attached.
+fn start_agent(tb: &Testbed, xdp: &str, backend: Ipv4Addr) -> anyhow::Result<Agent> {
+    let mut agent = Agent::new(&format!("{}-{xdp}", tb.id), tb.cgroup_path(), NODE);
+    agent.set_echo(false);
+    agent.netns = Some(tb.node_ns_path(0));
+    agent.extra_args = ["--external-interfaces", "eth0", "--xdp", xdp]
+        .map(String::from)
+        .to_vec();
+    agent.write_manifest(
+        "node.yaml",
+        &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n"),
+    );
+    agent.write_manifest(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: flood, namespace: default}}\n\
+             spec:\n  type: NodePort\n  clusterIP: 10.96.0.90\n  clusterIPs: [10.96.0.90]\n  \
+             ipFamilies: [IPv4]\n  ports:\n  - {{name: udp, port: 53, targetPort: \
+             {BACKEND_PORT}, protocol: UDP, nodePort: {NODE_PORT}}}\n"
+        ),
+    );
+    agent.write_manifest(
+        "slice.yaml",
+        &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: flood-1\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: flood}}\n\
+             addressType: IPv4\nports: [{{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\n\
+             endpoints:\n- {{addresses: [\"{backend}\"], nodeName: node-b}}\n"
+        ),
+    );
+    let pos = agent.log_position();
+    agent.start();
+    wait_log(&agent, pos, "synced:", Duration::from_secs(30))
+        .context("the agent did not sync the flood Service")?;
+    Ok(agent)
+}
+
+/// `rx_packets` of `eth0` in `ns`.
+fn rx_packets(ns: &NetNs) -> anyhow::Result<u64> {
+    let json = ns.ip(&["-s", "-j", "link", "show", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&json).context("ip -j link JSON")?;
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx packet count")
+}
+
+/// One flood of `secs` from `ext` to `to`: (datagrams sent, datagrams that reached `sink`'s
+/// `eth0`), the latter read once the flood is over and the last packets had time to land.
+fn flood(ext: &str, sink: &NetNs, to: &str, secs: f64, cpu: usize) -> anyhow::Result<(u64, u64)> {
+    let before = rx_packets(sink)?;
+    let cmd = command_in(
+        &Placement {
+            netns: ext,
+            cgroup_procs: None,
+        },
+        &workspace_binary("loadgen"),
+        &["flood", to, &format!("{secs}"), &cpu.to_string()],
+    );
+    let (_, stdout) = run_bounded(cmd, Duration::from_secs_f64(secs + 20.0))?;
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("loadgen output {stdout:?}"))?;
+    let sent = v["ops"].as_u64().unwrap_or(0);
+    super::nap(Duration::from_millis(100))?;
+    Ok((sent, rx_packets(sink)?.saturating_sub(before)))
+}
+
+/// The agent's nonzero datapath counters (`status -o json`): (reason, count).
+fn status_counters(tb: &Testbed, agent: &Agent) -> anyhow::Result<Vec<(String, u64)>> {
+    let netns = tb.node_ns_path(0);
+    let pin = agent.pin_dir.to_string_lossy().into_owned();
+    let cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("kube-bpf-proxy"),
+        &["status", "-o", "json", "--bpffs", &pin],
+    );
+    let (_, stdout) = run_bounded(cmd, Duration::from_secs(30))?;
+    let status: serde_json::Value = serde_json::from_str(&stdout).context("status JSON")?;
+    Ok(status["counters"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["count"].as_u64()?)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Attaches a two-instruction XDP program that passes every packet (native mode) to `dev` in
+/// `ns`: loaded with BPF_PROG_LOAD, pinned for `ip link set ... xdpdrv pinned`, unpinned once
+/// attached (the attachment holds it; it goes with the interface).
+fn xdp_pass_on(ns: &NetNs, dev: &str, id: &str) -> anyhow::Result<()> {
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    };
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    // r0 = XDP_PASS (2); exit.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = CString::new("GPL")?;
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: attr is a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), 128u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("load an XDP_PASS program");
+    }
+    // SAFETY: the kernel returned a fresh descriptor that we own.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let pin = format!("/sys/fs/bpf/{id}-xdp-pass");
+    let path = CString::new(pin.clone())?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = prog.as_raw_fd() as u64;
+    // SAFETY: attr is a zero-padded bpf_attr for BPF_OBJ_PIN; the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), 128u32) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pin {pin}"));
+    }
+    // nsenter, not `ip -n`: that remounts /sys, and the pin under /sys/fs/bpf with it.
+    let attached = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(["ip", "link", "set", "dev", dev, "xdpdrv", "pinned", &pin])
+        .output();
+    let _ = std::fs::remove_file(&pin);
+    match attached {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => bail!(
+            "attach an XDP_PASS program to {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => bail!("run nsenter: {e}"),
+    }
+}
