@@ -34,6 +34,7 @@ const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
 const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 7);
 const LOCAL_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 5);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x245, 0, 0, 0, 0, 0, 9);
 const MASQ_FIRST: u16 = 61000;
 const MASQ_LAST: u16 = 61099;
 
@@ -130,6 +131,17 @@ metadata: {{name: six-1, labels: {{kubernetes.io/service-name: six}}}}
 addressType: IPv6
 ports: [{{name: dns, port: 5353, protocol: UDP}}]
 endpoints: [{{addresses: ["{LOCAL_POD6}"], nodeName: n1, conditions: {{ready: true}}}}]
+---
+kind: Service
+metadata: {{name: six-remote}}
+spec: {{type: NodePort, clusterIP: "fd00:96::11", clusterIPs: ["fd00:96::11"], ipFamilies: [IPv6],
+        ports: [{{name: dns, port: 53, targetPort: 5353, nodePort: 30091, protocol: UDP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: six-remote-1, labels: {{kubernetes.io/service-name: six-remote}}}}
+addressType: IPv6
+ports: [{{name: dns, port: 5353, protocol: UDP}}]
+endpoints: [{{addresses: ["{REMOTE_POD6}"], nodeName: n2, conditions: {{ready: true}}}}]
 "#
     )
 }
@@ -673,6 +685,71 @@ fn xdp_sends_a_masqueraded_flow_back_out_translated() {
 }
 
 const XDP_TX: u32 = 3;
+
+/// The IPv6 twin of `xdp_sends_a_masqueraded_flow_back_out_translated`, on UDP: the NodePort
+/// flow to a backend behind the external interface is translated, masqueraded and sent back
+/// out at XDP, and so is its reply (issue #23).
+#[test]
+fn xdp_sends_a_masqueraded_ipv6_flow_back_out_translated() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    for command in [
+        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
+        "ip link set kbpu0 up",
+        "ip link set kbpu1 up",
+        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 route replace 2001:db8:51::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+        "ip -6 neigh replace 2001:db8:51::7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
+    ] {
+        here(command);
+    }
+    let ifindex = ifindex_of("kbpu0");
+    let out = rig
+        .dp
+        .xdp_ingress(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"), ifindex)
+        .unwrap();
+    assert_eq!(out.verdict, XDP_TX, "sent back out");
+    let (src, dst, payload) = seen6(&out.packet);
+    assert_eq!(dst, (REMOTE_POD6.into(), 5353));
+    assert_eq!(src.0, IpAddr::from(NODE6), "masqueraded to the node");
+    assert!((MASQ_FIRST..=MASQ_LAST).contains(&src.1), "{src:?}");
+    assert_eq!(payload, b"query", "and its checksum verifies (seen6)");
+    assert_eq!(out.packet[21], 63, "the hop limit counts the hop");
+    assert_eq!(
+        &out.packet[0..6],
+        &[2, 0, 0, 0, 0, 9],
+        "to the endpoint's MAC"
+    );
+    assert_eq!(
+        &out.packet[6..12],
+        &[2, 0, 0, 0, 0, 0x0a],
+        "from the interface's"
+    );
+    assert_eq!(rig.count(Reason::XdpForwarded), 1);
+    let reply = rig
+        .dp
+        .xdp_ingress(
+            &udp6((REMOTE_POD6, 5353), (NODE6, src.1), b"answer"),
+            ifindex,
+        )
+        .unwrap();
+    assert_eq!(reply.verdict, XDP_TX);
+    let (rsrc, rdst, payload) = seen6(&reply.packet);
+    assert_eq!(rsrc, (NODE6.into(), 30091));
+    assert_eq!(rdst, (CLIENT6.into(), 40000));
+    assert_eq!(payload, b"answer");
+    assert_eq!(reply.packet[21], 63, "the hop limit counts the hop");
+    assert_eq!(
+        &reply.packet[0..6],
+        &[2, 0, 0, 0, 0, 7],
+        "to the client's MAC"
+    );
+    assert_eq!(rig.count(Reason::XdpForwarded), 2);
+    assert_eq!(rig.count(Reason::NatNew), 1);
+}
 
 /// The interface index of `name` in the calling thread's network namespace.
 fn ifindex_of(name: &str) -> u32 {

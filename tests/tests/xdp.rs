@@ -84,6 +84,78 @@ fn dsr_the_backend_node_answers_the_client_directly() {
     tb.assert_no_checksum_errors();
 }
 
+/// IPv6 at XDP (issue #23): NodePort and load balancer flows over IPv6 from the external
+/// client to node-b's pod are balanced, masqueraded and sent back out at node-a's XDP hook,
+/// and so are their replies, over TCP and UDP.
+#[test]
+fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
+    // semantics 4.1, 7.5, 7.13: NodePorts on the node's IPv6 addresses and IPv6 load balancer
+    // IPs, externalTrafficPolicy Cluster: masqueraded to a node-a address.
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.write_manifest(
+        "web6.yaml",
+        "apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: \"fd00:96::10\"
+  clusterIPs: [\"fd00:96::10\"]
+  ipFamilies: [IPv6]
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, nodePort: 30053, protocol: UDP}
+status:
+  loadBalancer: {ingress: [{ip: \"fd00:96::201\"}]}
+",
+    );
+    agent.write_manifest(
+        "web6-slice.yaml",
+        &slice_yaml(
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[HTTP, DNS],
+            &[Ep {
+                addr: tb.nodes[1].pods[0].ip6.to_string(),
+                node: "node-b",
+                conditions: "",
+            }],
+        ),
+    );
+    agent.start();
+    agent.wait_for_log(
+        0,
+        "XDP attached to eth0",
+        std::time::Duration::from_secs(10),
+    );
+    let frontends: Vec<(Proto, SocketAddr)> = vec![
+        (Proto::Tcp, "[fd00:77::1]:30080".parse().unwrap()),
+        (Proto::Udp, "[fd00:77::1]:30053".parse().unwrap()),
+        (Proto::Tcp, "[fd00:96::201]:80".parse().unwrap()),
+        (Proto::Udp, "[fd00:96::201]:53".parse().unwrap()),
+    ];
+    for (proto, to) in &frontends {
+        wait_answered(&tb, *proto, *to);
+        for r in tb.request_ext(*proto, *to, 5) {
+            assert!(r.ok, "{to}: {r:?}");
+            assert_eq!(r.backend, "b-pod-1", "{r:?}");
+            // Masqueraded to node-a's LAN address; the client sees the frontend.
+            assert!(r.seen.starts_with("[fd00:77::1]:"), "{to}: {r:?}");
+            assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), *to, "{r:?}");
+        }
+    }
+    // Only IPv6 traffic was sent: XDP forwarded it.
+    assert!(datapath_events(&agent, "xdp_forwarded") > 0);
+    tb.assert_no_checksum_errors();
+}
+
 #[test]
 fn traffic_that_is_no_service_passes_xdp_untouched() {
     if !privileged() {

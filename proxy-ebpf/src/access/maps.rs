@@ -117,6 +117,16 @@ pub static LB_FRAG6: LruHashMap<Frag6Key, FragPorts, FRAG_MAX> = LruHashMap::new
 #[btf_map]
 pub static LB_DROPS: PerCpuArray<u64, { DROPS_COUNT as usize }> = PerCpuArray::new();
 
+/// Per-CPU scratch space of a new flow at XDP, between its two halves (the backend's choice,
+/// then the translation and transmission): they run one after the other from the hook, so their
+/// stack frames never add up to the verifier's 512 bytes per call chain. Not pinned: it holds
+/// nothing between packets.
+#[btf_map]
+pub static XDP_SCRATCH: PerCpuArray<[u64; XDP_SCRATCH_WORDS], 1> = PerCpuArray::new();
+
+/// Size of an `XDP_SCRATCH` value, in 8-byte words.
+pub const XDP_SCRATCH_WORDS: usize = 48;
+
 /// Flow events for `kube-bpf-proxy monitor`, written only while `LB_MONITOR`'s deadline runs.
 #[btf_map]
 pub static LB_EVENTS: RingBuf<Event, EVENTS_BYTES> = RingBuf::new();

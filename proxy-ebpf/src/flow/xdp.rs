@@ -180,55 +180,67 @@ pub struct Meta {
     pub now: u64,
 }
 
+/// A new flow's translation at XDP: filled by the services layer (`to`, `meta`, `hop`),
+/// completed by `commit` (`reply`, `forward`). Kept by the caller in per-CPU scratch space,
+/// not on the stack: the IPv6 entries would not fit the call chain's 512 bytes.
+pub struct Commit<A> {
+    /// The translated tuple (its source port is the masquerading port once claimed).
+    pub to: Tuple<A>,
+    pub meta: Meta,
+    pub hop: Hop<A>,
+    pub reply: Entry<A>,
+    pub forward: Entry<A>,
+}
+
 /// Records the flow (reply entry first: it claims the masquerading port), rewrites the packet
-/// and transmits it. Out of line so its entries do not add to `new_flow`'s frame.
+/// and transmits it. Out of line so its work does not add to the new flow's frame.
 #[inline(never)]
 pub fn commit<F: XdpIp + Tracked>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
-    to: &mut Tuple<F::Addr>,
-    meta: &Meta,
-    hop: &Hop<F::Addr>,
+    c: &mut Commit<F::Addr>,
 ) -> u32 {
-    let snat = meta.flags & CT_SNAT != 0;
-    let dsr = meta.flags & CT_DSR != 0;
+    let snat = c.meta.flags & CT_SNAT != 0;
+    let dsr = c.meta.flags & CT_DSR != 0;
+    let now = c.meta.now;
     // With DSR the replies never come back here: no reply entry.
     if !dsr {
-        let reply = Entry {
+        c.reply = Entry {
             to: pkt.t.reversed(),
-            flags: meta.flags | CT_REPLY,
-            svc_id: meta.svc_id,
-            backend_id: meta.backend_id,
+            flags: c.meta.flags | CT_REPLY,
+            svc_id: c.meta.svc_id,
+            backend_id: c.meta.backend_id,
         };
-        let claimed = nat::claim_reply(to, snat, |key, map_flags| {
-            insert::<F>(key, &reply, meta.now, map_flags)
+        let reply = &c.reply;
+        let claimed = nat::claim_reply(&mut c.to, snat, |key, map_flags| {
+            insert::<F>(key, reply, now, map_flags)
         });
         if !claimed {
-            monitor::dropped::<F>(Hook::Xdp, nat::claim_failure(snat), meta.svc_id, &pkt.t);
+            monitor::dropped::<F>(Hook::Xdp, nat::claim_failure(snat), c.meta.svc_id, &pkt.t);
             return XDP_DROP;
         }
     }
-    let forward = Entry {
-        to: *to,
-        flags: meta.flags,
-        svc_id: meta.svc_id,
-        backend_id: meta.backend_id,
+    c.forward = Entry {
+        to: c.to,
+        flags: c.meta.flags,
+        svc_id: c.meta.svc_id,
+        backend_id: c.meta.backend_id,
     };
-    if !insert::<F>(&pkt.t, &forward, meta.now, BPF_ANY as u64) {
+    if !insert::<F>(&pkt.t, &c.forward, now, BPF_ANY as u64) {
         stats::count(Reason::CtFailed);
         return XDP_PASS;
     }
-    if rewrite::<F>(ctx, pkt, to).is_none() {
-        monitor::dropped::<F>(Hook::Xdp, Reason::RewriteFailed, meta.svc_id, &pkt.t);
+    if rewrite::<F>(ctx, pkt, &c.to).is_none() {
+        monitor::dropped::<F>(Hook::Xdp, Reason::RewriteFailed, c.meta.svc_id, &pkt.t);
         return XDP_DROP;
     }
     stats::count(Reason::NatNew);
     stats::count(Reason::XdpForwarded);
-    monitor::translated::<F>(Hook::Xdp, meta.reason, &pkt.t, &forward);
+    monitor::translated::<F>(Hook::Xdp, c.meta.reason, &pkt.t, &c.forward);
     if dsr {
-        return dsr_out::<F>(ctx, &pkt.t, hop);
+        return dsr_out::<F>(ctx, &pkt.t, &c.hop);
     }
-    transmit(ctx, hop.smac, hop.dmac)
+    transmit(ctx, c.hop.smac, c.hop.dmac)
 }
 
 /// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and this node's

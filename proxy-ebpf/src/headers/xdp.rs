@@ -131,6 +131,9 @@ impl XdpIp for V6 {
             l4sum = csum_update(l4sum, &pkt.t.daddr, &to.daddr);
             write(ctx, pkt.l3 + 24, to.daddr)?;
         }
+        // Forwarded: the hop limit counts the hop (no header checksum in IPv6).
+        let hops = read::<u8>(ctx, pkt.l3 + 7)?;
+        write(ctx, pkt.l3 + 7, hops.wrapping_sub(1))?;
         Some(l4sum)
     }
 }

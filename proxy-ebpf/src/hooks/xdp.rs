@@ -1,14 +1,17 @@
-//! XDP on the node's external interfaces: NodePort, externalIP and load balancer flows whose
-//! backend is on another node are translated and sent straight back out (`XDP_TX`) before an
+//! XDP on the node's external interfaces, IPv4 and IPv6: NodePort, externalIP and load
+//! balancer flows whose backend is on another node are translated and sent straight back out (`XDP_TX`) before an
 //! skb exists, and so are their replies. Everything else — local backends, rejects, packets
 //! whose neighbour is not resolved yet, non-Service traffic — goes on untouched (`XDP_PASS`)
 //! to tc and the stack, which handle it with the same maps.
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
-use proxy_common::proto::ETH_P_IP;
+use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
-    access::xdp::read, flow::xdp::handle, headers::ETH_HLEN, headers::family::V4,
+    access::xdp::read,
+    flow::xdp::handle,
+    headers::ETH_HLEN,
+    headers::family::{V4, V6},
     services::xdp::new_flow,
 };
 
@@ -20,8 +23,11 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
         // A TTL about to expire: tc and the stack answer it (ICMP time exceeded).
         Some(ETH_P_IP) if read::<u8>(ctx, ETH_HLEN + 8).is_some_and(|ttl| ttl <= 1) => XDP_PASS,
         Some(ETH_P_IP) => handle::<V4>(ctx).unwrap_or_else(|| new_flow::<V4>(ctx)),
-        // IPv6 is translated at tc: the IPv6 path's frames do not fit the verifier's 512-byte
-        // stack per call chain yet.
+        // A hop limit about to run out: likewise (ICMPv6 time exceeded).
+        Some(ETH_P_IPV6) if read::<u8>(ctx, ETH_HLEN + 7).is_some_and(|hops| hops <= 1) => XDP_PASS,
+        // Both families: ICMP errors, fragments and extension headers are tc's (the parse
+        // takes TCP and UDP right after the fixed header only).
+        Some(ETH_P_IPV6) => handle::<V6>(ctx).unwrap_or_else(|| new_flow::<V6>(ctx)),
         _ => XDP_PASS,
     }
 }

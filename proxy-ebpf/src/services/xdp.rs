@@ -4,6 +4,8 @@
 //! whose neighbour is not resolved yet, non-Service traffic — goes on untouched (`XDP_PASS`)
 //! to tc and the stack, which handle it with the same maps.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::bpf_ktime_get_ns,
@@ -11,7 +13,6 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR},
-    backend::BackendValue,
     ct::{CT_DSR, CT_SNAT},
     reason::{Hook, Reason},
     service::{
@@ -21,12 +22,15 @@ use proxy_common::{
 };
 
 use crate::{
-    access::stats,
+    access::{
+        maps::{XDP_SCRATCH, XDP_SCRATCH_WORDS},
+        stats,
+    },
     flow::{
         dsr, monitor,
-        xdp::{Hop, Meta, commit, hop},
+        xdp::{Commit, Hop, Meta, commit, hop},
     },
-    headers::{Tuple, xdp::XdpIp},
+    headers::{Packet, Tuple, xdp::XdpIp},
     services::{frontend::Family, lb},
 };
 
@@ -36,6 +40,7 @@ use crate::{
 fn pick<F: Family>(
     svc: &ServiceValue,
     t: &Tuple<F::Addr>,
+    hash: u32,
     out: &mut lb::Choice,
 ) -> Result<(), Reason> {
     let client = AffinityKey {
@@ -43,24 +48,79 @@ fn pick<F: Family>(
         client_kind: CLIENT_ADDR,
         client: F::client_bytes(&t.saddr),
     };
-    *out = lb::select::<false>(svc, &client, F::hash(t), lb::NO_PICK)?;
+    *out = lb::select::<false>(svc, &client, hash, lb::NO_PICK)?;
     Ok(())
 }
 
+/// The flow's hash, out of line: an IPv6 tuple's 32 address bytes would otherwise be spilled
+/// into `pick`'s frame.
 #[inline(never)]
-pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
+fn flow_hash<F: Family>(t: &Tuple<F::Addr>) -> u32 {
+    F::hash(t)
+}
+
+/// A new flow's state between its three steps (`choose`, `route`, `commit`), in
+/// `XDP_SCRATCH`: the steps run one after the other from the hook, so their frames never add
+/// up, and none of them holds this on its stack (the parsed packet stays on the hook's).
+pub struct Scratch<A> {
+    svc: ServiceValue,
+    choice: lb::Choice,
+    c: Commit<A>,
+}
+
+const _: () = assert!(size_of::<Scratch<[u8; 16]>>() <= XDP_SCRATCH_WORDS * 8);
+
+/// This CPU's scratch space, as the family's `Scratch`.
+#[inline(always)]
+fn scratch<A: 'static>() -> Option<&'static mut Scratch<A>> {
+    let ptr = XDP_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU map value, 8-byte aligned and large enough (asserted above) for any
+    // family's `Scratch`; XDP programs are not preempted on their CPU, so nothing else uses it
+    // while this packet is handled, and every field is written before it is read.
+    Some(unsafe { &mut *ptr.cast::<Scratch<A>>() })
+}
+
+/// A step went through: the next one goes on.
+const GO_ON: u32 = u32::MAX;
+
+/// A packet of no tracked flow: a new flow to an external frontend whose backend is on another
+/// node is translated and sent back out. Three steps, each out of line: the backend's choice,
+/// the route to it, then the flow's entries, the rewrite and the transmission.
+#[inline(always)]
+pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32
+where
+    F::Addr: 'static,
+{
+    let Some(s) = scratch::<F::Addr>() else {
+        return XDP_PASS;
+    };
+    // Parsed here, where the context is the program's own, and kept on this frame: the
+    // verifier knows the bounds of its offsets there (not in a map value), and a step given
+    // only what parsing reads would get the packet's bounds as plain values, which it refuses.
     let Some(pkt) = F::parse_xdp(ctx) else {
         return XDP_PASS;
     };
-    let pkt = &pkt;
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let here = ctx.ingress_ifindex() as u32;
-    let Some(svc) = F::frontend(&pkt.t, SCOPE_EXTERNAL) else {
+    match choose::<F>(&pkt, s) {
+        GO_ON => {}
+        action => return action,
+    }
+    match route::<F>(ctx, &pkt, s) {
+        GO_ON => {}
+        action => return action,
+    }
+    commit::<F>(ctx, &pkt, &mut s.c)
+}
+
+/// The packet's frontend, its source ranges, and the backend's choice; `GO_ON`, or the
+/// packet's action.
+#[inline(never)]
+fn choose<F: XdpIp + Family>(pkt: &Packet<F::Addr>, s: &mut Scratch<F::Addr>) -> u32 {
+    let t = &pkt.t;
+    let Some(svc) = F::frontend(t, SCOPE_EXTERNAL) else {
         return XDP_PASS;
     };
-    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
-        monitor::dropped::<F>(Hook::Xdp, Reason::SourceRangeDrop, svc.id, &pkt.t);
+    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &t.saddr) {
+        monitor::dropped::<F>(Hook::Xdp, Reason::SourceRangeDrop, svc.id, t);
         return XDP_DROP;
     }
     // Flows of stateful schedulers are started at tc, and their later packets handled here:
@@ -69,46 +129,51 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
     if svc.has_flag(FLAG_LEAST_CONN | FLAG_ROUND_ROBIN) {
         return XDP_PASS;
     }
-    let mut choice = lb::Choice {
-        backend_id: 0,
-        backend: BackendValue {
-            addr: [0; 16],
-            port: 0,
-            proto: 0,
-            family: 0,
-            flags: 0,
-            _pad: 0,
-            weight: 0,
-        },
-        reason: Reason::Translated,
-    };
-    match pick::<F>(&svc, &pkt.t, &mut choice) {
+    let hash = flow_hash::<F>(t);
+    match pick::<F>(&svc, t, hash, &mut s.choice) {
         Ok(()) => {}
         Err(Reason::NoLocalBackends) => {
-            monitor::dropped::<F>(Hook::Xdp, Reason::NoLocalBackends, svc.id, &pkt.t);
+            monitor::dropped::<F>(Hook::Xdp, Reason::NoLocalBackends, svc.id, t);
             return XDP_DROP;
         }
         // No backends (tc rejects), or userspace mid-update.
         Err(_) => return XDP_PASS,
     }
-    let backend = F::backend_addr(&choice.backend);
-    let mut to = Tuple {
-        saddr: pkt.t.saddr,
+    s.svc = svc;
+    GO_ON
+}
+
+/// The route to the chosen backend: `GO_ON` (with `s.c` ready for `commit`) for a backend on
+/// another node behind this interface; else the packet goes on to tc.
+#[inline(never)]
+fn route<F: XdpIp + Family>(
+    ctx: &XdpContext,
+    pkt: &Packet<F::Addr>,
+    s: &mut Scratch<F::Addr>,
+) -> u32 {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let here = ctx.ingress_ifindex() as u32;
+    let t = &pkt.t;
+    let backend = F::backend_addr(&s.choice.backend);
+    let c = &mut s.c;
+    c.to = Tuple {
+        saddr: t.saddr,
         daddr: backend,
-        sport: pkt.t.sport,
-        dport: choice.backend.port,
-        proto: pkt.t.proto,
+        sport: t.sport,
+        dport: s.choice.backend.port,
+        proto: t.proto,
     };
-    let snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
-    let mut h = Hop {
+    let snat = s.svc.has_flag(FLAG_SNAT) || backend == t.saddr;
+    c.hop = Hop {
         ifindex: 0,
         smac: [0; 6],
         dmac: [0; 6],
-        src: pkt.t.saddr,
+        src: t.saddr,
     };
     // Not routable here, or a backend on this node (or behind another interface): tc's
     // business.
-    if !hop::<F>(ctx, &to, snat, &mut h) || h.ifindex != here {
+    if !hop::<F>(ctx, &c.to, snat, &mut c.hop) || c.hop.ifindex != here {
         return XDP_PASS;
     }
     let dsr = snat && dsr::enabled::<F>();
@@ -116,18 +181,18 @@ pub fn new_flow<F: XdpIp + Family>(ctx: &XdpContext) -> u32 {
     if dsr {
         flags |= CT_DSR;
     } else if snat {
-        to.saddr = h.src;
+        c.to.saddr = c.hop.src;
         flags |= CT_SNAT;
     }
-    if choice.reason == Reason::AffinityHit {
+    if s.choice.reason == Reason::AffinityHit {
         stats::count(Reason::AffinityHit);
     }
-    let meta = Meta {
+    c.meta = Meta {
         flags,
-        svc_id: svc.id,
-        backend_id: choice.backend_id,
-        reason: choice.reason,
+        svc_id: s.svc.id,
+        backend_id: s.choice.backend_id,
+        reason: s.choice.reason,
         now,
     };
-    commit::<F>(ctx, pkt, &mut to, &meta, &h)
+    GO_ON
 }
