@@ -273,8 +273,30 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
         Some(proxy_common::maps::ALL.len()),
         "{dump}"
     );
-    // verify finds the maps equal to the objects.
+    // status shows each map's layout version.
     let netns = tb.node_ns_path(0);
+    let out = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("kube-bpf-proxy"),
+        &["status", "-o", "json", "--bpffs"],
+    )
+    .arg(&agent.pin_dir)
+    .output()
+    .expect("run status");
+    assert!(out.status.success(), "status: {out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let layout = |map: &str| {
+        status["maps"]
+            .as_array()
+            .and_then(|maps| maps.iter().find(|m| m["name"] == map))
+            .map(|m| m["layoutVersion"].clone())
+    };
+    assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(2)), "{status}");
+    assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
+    // verify finds the maps equal to the objects.
     let out = command_in(
         &Placement {
             netns: &netns,

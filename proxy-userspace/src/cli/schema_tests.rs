@@ -626,6 +626,7 @@ fn status_json_follows_its_schema() {
             .chain([("LB_RR", 0, 0)])
             .collect(),
         memlock: BTreeMap::from([("LB4_SERVICES", 4096)]),
+        layouts: BTreeMap::from([("LB4_SERVICES", 1), ("LB_DROPS", 2)]),
         stats: Reason::ALL.iter().map(|r| (*r, 5)).collect(),
         drops: vec![(proxy_common::reason::Hook::Connect, Reason::NoBackends, 2)],
         per_packet: vec![("mesh".into(), 2)],
@@ -640,6 +641,8 @@ fn status_json_follows_its_schema() {
     assert_eq!(v["agent"]["lastSyncAgeSeconds"], 2.5);
     assert_eq!(v["maps"][0]["percent"], 0.3);
     assert_eq!(v["maps"][0]["memlockBytes"], 4096);
+    assert_eq!(v["maps"][0]["layoutVersion"], 1);
+    assert_eq!(v["maps"][1]["layoutVersion"], serde_json::Value::Null);
     assert_eq!(v["interfacesMissing"], json!(["late0"]));
     let causes: Vec<(&str, &str)> = v["interfaces"]
         .as_array()
@@ -677,6 +680,7 @@ fn status_json_follows_its_schema() {
         recorded: BTreeMap::new(),
         fill: Vec::new(),
         memlock: BTreeMap::new(),
+        layouts: BTreeMap::new(),
         stats: Vec::new(),
         drops: Vec::new(),
         per_packet: Vec::new(),

@@ -46,6 +46,9 @@ struct MapFill {
     percent: f64,
     /// The kernel's memory accounting of the map (bpftool's `memlock`).
     memlock_bytes: u64,
+    /// The map's layout version as the agent recorded it in `LB_VERSIONS` (none before an
+    /// agent of a version that records them has finished starting).
+    layout_version: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +165,8 @@ pub struct StatusInputs {
     /// (map, entries, max entries).
     pub fill: Vec<(&'static str, u32, u32)>,
     pub memlock: BTreeMap<&'static str, u64>,
+    /// `LB_VERSIONS`: each map's recorded layout version.
+    pub layouts: BTreeMap<&'static str, u32>,
     pub stats: Vec<(Reason, u64)>,
     pub drops: Vec<(Hook, Reason, u64)>,
     /// `LB_SOCKLB_NS`: (namespace, pods).
@@ -224,6 +229,7 @@ pub fn status_view(inputs: StatusInputs) -> StatusView {
                 entries,
                 max_entries,
                 memlock_bytes: inputs.memlock.get(name).copied().unwrap_or(0),
+                layout_version: inputs.layouts.get(name).copied(),
                 percent: if max_entries == 0 {
                     0.0
                 } else {
@@ -322,6 +328,7 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
         recorded: tclinks::recorded(&args.bpffs).unwrap_or_default(),
         fill: bpf::map_fill(&args.bpffs)?,
         memlock: bpf::map_memlock(&args.bpffs)?.into_iter().collect(),
+        layouts: bpf::layout_versions(&args.bpffs),
         stats: maps.stats()?,
         drops: maps.drops()?,
         per_packet: bpf::per_packet_namespaces(&args.bpffs)?,
@@ -400,12 +407,16 @@ fn show(args: &InspectArgs) -> anyhow::Result<()> {
                 m.max_entries.to_string(),
                 format!("{:.1}%", m.percent),
                 format!("{:.1}", m.memlock_bytes as f64 / (1 << 20) as f64),
+                m.layout_version.map_or("-".into(), |v| v.to_string()),
             ]
         })
         .collect();
     print!(
         "{}",
-        table(&["MAP", "ENTRIES", "MAX", "FILL", "MEMLOCK MIB"], &maps)
+        table(
+            &["MAP", "ENTRIES", "MAX", "FILL", "MEMLOCK MIB", "LAYOUT"],
+            &maps
+        )
     );
     let total: u64 = view.maps.iter().map(|m| m.memlock_bytes).sum();
     println!(

@@ -1760,6 +1760,15 @@ fn read_versions(pin_dir: &Path) -> BTreeMap<[u8; 16], u32> {
     }
 }
 
+/// Each map's layout version as recorded in `LB_VERSIONS` under `pin_dir` (for `status`).
+pub fn layout_versions(pin_dir: &Path) -> BTreeMap<&'static str, u32> {
+    let recorded = read_versions(pin_dir);
+    names::ALL
+        .into_iter()
+        .filter_map(|name| Some((name, *recorded.get(&layouts::version_key(name))?)))
+        .collect()
+}
+
 /// Records every map's layout version in `LB_VERSIONS`, creating and pinning it if needed.
 fn write_versions(pin_dir: &Path) -> anyhow::Result<()> {
     let pin = pin_dir.join(names::LB_VERSIONS);

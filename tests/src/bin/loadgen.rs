@@ -27,7 +27,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     mem::{size_of, zeroed},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
@@ -417,10 +417,12 @@ const FLOOD_BATCH: usize = 64;
 /// `flood`: sends 18-byte UDP datagrams to `to` from one socket (one flow) as fast as it can,
 /// FLOOD_BATCH per sendmmsg, for `secs`; `ops` counts the datagrams the kernel took. A full
 /// device queue (ENOBUFS) is counted as an error and retried, not fatal: a flood overruns.
-fn flood_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
-    let socket = match UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|s| s.connect(to).map(|()| s))
-    {
+fn flood_timed(to: SocketAddr, secs: f64, tally: &mut Tally) -> f64 {
+    let any: SocketAddr = match to {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = match UdpSocket::bind(any).and_then(|s| s.connect(to).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             tally.error("bind/connect", e);
@@ -473,7 +475,8 @@ fn sink(port: u16, netns: &str) -> ! {
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         panic!("setns {netns}: {}", std::io::Error::last_os_error());
     }
-    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    // [::] takes both families (IPv4 as mapped addresses).
+    let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let _socket = UdpSocket::bind(any).unwrap_or_else(|e| panic!("bind udp {any}: {e}"));
     println!("ready");
     let _ = std::io::stdout().flush();
@@ -519,17 +522,17 @@ fn main() {
     }
     pin(arg(&args, 3));
     let rt = realtime();
-    let to: SocketAddrV4 = arg(&args, 1);
     let secs: f64 = arg(&args, 2);
     if !(0.0..=60.0).contains(&secs) {
         usage();
     }
     let mut tally = Tally::default();
     let elapsed = match args[0].as_str() {
-        "crr" => crr_timed(to, secs, &mut tally),
-        "rr" => rr_timed(to, secs, &mut tally),
-        "udp" => udp_timed(to, secs, &mut tally),
-        "flood" => flood_timed(to, secs, &mut tally),
+        "crr" => crr_timed(arg(&args, 1), secs, &mut tally),
+        "rr" => rr_timed(arg(&args, 1), secs, &mut tally),
+        "udp" => udp_timed(arg(&args, 1), secs, &mut tally),
+        // Either family.
+        "flood" => flood_timed(arg(&args, 1), secs, &mut tally),
         _ => usage(),
     };
     let (rate, cpu) = if elapsed > 0.0 {

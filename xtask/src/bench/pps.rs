@@ -35,8 +35,11 @@ const NODE: &str = "node-a";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const NODE_PORT: u16 = 30090;
 const BACKEND_PORT: u16 = 8080;
-/// node-b's pod CIDR, routed via node-a in `ext` for the direct runs.
+/// node-b's pod CIDRs, routed via node-a in `ext` for the direct runs.
 const POD_CIDR_B: &str = "10.244.1.0/24";
+const POD_CIDR6_B: &str = "fd00:244:1::/64";
+/// node-a's IPv6 LAN address.
+const NODE_IP6: &str = "fd00:77::1";
 
 /// Runs the part: `pairs` back-to-back pairs of `secs`-second floods per configuration against
 /// `direct`, the sender pinned to `cpu`.
@@ -102,120 +105,140 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
     // peer has an XDP program of its own: an XDP_PASS program on the LAN side of node-a's
     // eth0 (a real NIC has its own queues).
     xdp_pass_on(&tb.lan, &format!("v-{NODE}"), &tb.id)?;
-    let backend = pod.ip4;
-    let nodeport = format!("{NODE_IP}:{NODE_PORT}");
-    let direct = format!("{backend}:{BACKEND_PORT}");
+    tb.ext
+        .ip(&["-6", "route", "add", POD_CIDR6_B, "via", NODE_IP6]);
+    let families = [
+        (
+            "IPv4",
+            format!("{NODE_IP}:{NODE_PORT}"),
+            format!("{}:{BACKEND_PORT}", pod.ip4),
+        ),
+        (
+            "IPv6",
+            format!("[{NODE_IP6}]:{NODE_PORT}"),
+            format!("[{}]:{BACKEND_PORT}", pod.ip6),
+        ),
+    ];
     for (config, xdp) in [("tc", "off"), ("xdp", "driver")] {
         check_stop()?;
-        let agent = start_agent(&tb, xdp, backend)?;
+        let agent = start_agent(&tb, xdp, pod.ip4, pod.ip6)?;
         let ext = tb.ext.path();
-        // Both paths deliver before anything is measured (tc may attach a moment after the
-        // first sync).
-        for to in [&nodeport, &direct] {
-            let mut tries = 0;
-            while flood(&ext, &pod.ns, to, 0.1, cpu)?.1 == 0 {
-                tries += 1;
-                if tries == 50 {
-                    bail!(
-                        "{config}: nothing sent to {to} reached node-b's pod (the agent's \
+        for (family, nodeport, direct) in &families {
+            // Both paths deliver before anything is measured (tc may attach a moment after the
+            // first sync).
+            for to in [nodeport, direct] {
+                let mut tries = 0;
+                while flood(&ext, &pod.ns, to, 0.1, cpu)?.1 == 0 {
+                    tries += 1;
+                    if tries == 50 {
+                        bail!(
+                            "{config} {family}: nothing sent to {to} reached node-b's pod (the agent's \
                          counters: {:?}; node-a eth0: {}; lan side: {}; the agent's last \
                          lines: {})",
-                        status_counters(&tb, &agent).unwrap_or_default(),
-                        tb.nodes[0]
-                            .ns
-                            .exec("ethtool", &["-S", "eth0"])
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        tb.lan
-                            .exec("ethtool", &["-S", &format!("v-{NODE}")])
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        agent
-                            .logs_since(agent.log_position().saturating_sub(8))
-                            .join(" | ")
-                    );
+                            status_counters(&tb, &agent).unwrap_or_default(),
+                            tb.nodes[0]
+                                .ns
+                                .exec("ethtool", &["-S", "eth0"])
+                                .split_whitespace()
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            tb.lan
+                                .exec("ethtool", &["-S", &format!("v-{NODE}")])
+                                .split_whitespace()
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                            agent
+                                .logs_since(agent.log_position().saturating_sub(8))
+                                .join(" | ")
+                        );
+                    }
+                    super::nap(Duration::from_millis(200))?;
                 }
-                super::nap(Duration::from_millis(200))?;
             }
-        }
-        let (mut sent_direct, mut got_direct, mut sent_bpf, mut got_bpf, mut ratios) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut run_stats = std::collections::BTreeMap::new();
-        for pair in 0..pairs {
-            check_stop()?;
-            let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
-            // The programs' run time is taken over the NodePort floods only.
-            let mut through = || -> anyhow::Result<(u64, u64)> {
-                let before = program_stats();
-                let r = once(&nodeport)?;
-                let after = program_stats();
-                for (name, (t, n)) in after {
-                    let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
-                    let e = run_stats.entry(name).or_insert((0, 0));
-                    e.0 += t.saturating_sub(t0);
-                    e.1 += n.saturating_sub(n0);
+            let (mut sent_direct, mut got_direct, mut sent_bpf, mut got_bpf, mut ratios) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut run_stats = std::collections::BTreeMap::new();
+            for pair in 0..pairs {
+                check_stop()?;
+                let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
+                // The programs' run time is taken over the NodePort floods only.
+                let mut through = || -> anyhow::Result<(u64, u64)> {
+                    let before = program_stats();
+                    let r = once(nodeport)?;
+                    let after = program_stats();
+                    for (name, (t, n)) in after {
+                        let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
+                        let e = run_stats.entry(name).or_insert((0, 0));
+                        e.0 += t.saturating_sub(t0);
+                        e.1 += n.saturating_sub(n0);
+                    }
+                    Ok(r)
+                };
+                let ((ds, dg), (bs, bg)) = if pair % 2 == 0 {
+                    let d = once(direct)?;
+                    (d, through()?)
+                } else {
+                    let b = through()?;
+                    (once(direct)?, b)
+                };
+                let per_sec = |n: u64| n as f64 / secs;
+                sent_direct.push(per_sec(ds));
+                got_direct.push(per_sec(dg));
+                sent_bpf.push(per_sec(bs));
+                got_bpf.push(per_sec(bg));
+                if dg > 0 {
+                    ratios.push(bg as f64 / dg as f64);
                 }
-                Ok(r)
-            };
-            let ((ds, dg), (bs, bg)) = if pair % 2 == 0 {
-                let d = once(&direct)?;
-                (d, through()?)
-            } else {
-                let b = through()?;
-                (once(&direct)?, b)
-            };
-            let per_sec = |n: u64| n as f64 / secs;
-            sent_direct.push(per_sec(ds));
-            got_direct.push(per_sec(dg));
-            sent_bpf.push(per_sec(bs));
-            got_bpf.push(per_sec(bg));
-            if dg > 0 {
-                ratios.push(bg as f64 / dg as f64);
             }
+            let ns_per_run = |name: &str| {
+                let (t, n) = run_stats.get(name).copied().unwrap_or((0, 0));
+                (n > 0).then(|| t as f64 / n as f64)
+            };
+            let program_ns = vec![
+                ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
+                ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
+            ];
+            let counters = status_counters(&tb, &agent)?;
+            let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
+            let row = PpsRow {
+                config: config.into(),
+                family: family.to_string(),
+                xdp: xdp.into(),
+                direct_sent: median(&sent_direct),
+                direct_delivered: median(&got_direct),
+                sent: median(&sent_bpf),
+                delivered: median(&got_bpf),
+                delivered_runs: got_bpf,
+                summary: Summary::of(&ratios),
+                counters,
+                program_ns,
+            };
+            eprintln!(
+                "    {config} {family}: delivered {:.0}/s (sent {:.0}/s), direct {:.0}/s; paired ratio {}",
+                row.delivered.unwrap_or(0.0),
+                row.sent.unwrap_or(0.0),
+                row.direct_delivered.unwrap_or(0.0),
+                row.summary.as_ref().map_or("-".into(), |s| format!(
+                    "{:.3} [{:.3}-{:.3}]",
+                    s.p50, s.min, s.max
+                ))
+            );
+            out.pps.push(row);
         }
-        let ns_per_run = |name: &str| {
-            let (t, n) = run_stats.get(name).copied().unwrap_or((0, 0));
-            (n > 0).then(|| t as f64 / n as f64)
-        };
-        let program_ns = vec![
-            ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
-            ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
-        ];
-        let counters = status_counters(&tb, &agent)?;
-        let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
-        let row = PpsRow {
-            config: config.into(),
-            xdp: xdp.into(),
-            direct_sent: median(&sent_direct),
-            direct_delivered: median(&got_direct),
-            sent: median(&sent_bpf),
-            delivered: median(&got_bpf),
-            delivered_runs: got_bpf,
-            summary: Summary::of(&ratios),
-            counters,
-            program_ns,
-        };
-        eprintln!(
-            "    {config}: delivered {:.0}/s (sent {:.0}/s), direct {:.0}/s; paired ratio {}",
-            row.delivered.unwrap_or(0.0),
-            row.sent.unwrap_or(0.0),
-            row.direct_delivered.unwrap_or(0.0),
-            row.summary.as_ref().map_or("-".into(), |s| format!(
-                "{:.3} [{:.3}-{:.3}]",
-                s.p50, s.min, s.max
-            ))
-        );
-        out.pps.push(row);
         drop(agent);
     }
     tb.ext.ip(&["route", "del", POD_CIDR_B]);
+    tb.ext.ip(&["-6", "route", "del", POD_CIDR6_B]);
     Ok(())
 }
 
 /// The agent on node-a with `--xdp xdp`, the NodePort Service programmed and tc attached.
-fn start_agent(tb: &Testbed, xdp: &str, backend: Ipv4Addr) -> anyhow::Result<Agent> {
+fn start_agent(
+    tb: &Testbed,
+    xdp: &str,
+    backend: Ipv4Addr,
+    backend6: std::net::Ipv6Addr,
+) -> anyhow::Result<Agent> {
     let mut agent = Agent::new(&format!("{}-{xdp}", tb.id), tb.cgroup_path(), NODE);
     agent.set_echo(false);
     agent.netns = Some(tb.node_ns_path(0));
@@ -230,9 +253,19 @@ fn start_agent(tb: &Testbed, xdp: &str, backend: Ipv4Addr) -> anyhow::Result<Age
         "svc.yaml",
         &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: flood, namespace: default}}\n\
-             spec:\n  type: NodePort\n  clusterIP: 10.96.0.90\n  clusterIPs: [10.96.0.90]\n  \
-             ipFamilies: [IPv4]\n  ports:\n  - {{name: udp, port: 53, targetPort: \
+             spec:\n  type: NodePort\n  clusterIP: 10.96.0.90\n  clusterIPs: [10.96.0.90, \
+             \"fd00:96::90\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  \
+             ports:\n  - {{name: udp, port: 53, targetPort: \
              {BACKEND_PORT}, protocol: UDP, nodePort: {NODE_PORT}}}\n"
+        ),
+    );
+    agent.write_manifest(
+        "slice6.yaml",
+        &format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: flood-2\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: flood}}\n\
+             addressType: IPv6\nports: [{{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\n\
+             endpoints:\n- {{addresses: [\"{backend6}\"], nodeName: node-b}}\n"
         ),
     );
     agent.write_manifest(

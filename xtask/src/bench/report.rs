@@ -208,6 +208,9 @@ pub struct PodNetReport {
 pub struct PpsRow {
     /// `tc` or `xdp`.
     pub config: String,
+    /// `IPv4` or `IPv6`.
+    #[serde(default)]
+    pub family: String,
     /// The agent's `--xdp`.
     pub xdp: String,
     /// Medians over the pairs, datagrams per second: sent by `ext` and delivered to the pod.
@@ -1215,7 +1218,8 @@ impl Report {
                 "\n### Packets per second: XDP, tc and the kernel's forwarding\n\n\
                  A two-node testbed (bridge shape). `ext` floods one UDP flow (18-byte \
                  datagrams, 64 per sendmmsg, client pinned to CPU {}) at node-a's NodePort \
-                 192.168.77.1:30090, whose one backend is node-b's pod 10.244.1.2 \
+                 192.168.77.1:30090 or [fd00:77::1]:30090, whose one backend is node-b's pod \
+                 10.244.1.2 / fd00:244:1::2 \
                  (externalTrafficPolicy Cluster: node-a translates, masquerades and sends the \
                  packet back out of `eth0` towards node-b). Delivered: datagrams counted at the \
                  backend pod's `eth0` (a socket is bound there and never read, so nothing goes \
@@ -1228,17 +1232,18 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "| node-a's program | NodePort: sent / delivered (/s) | direct: sent / \
+                "| node-a's program | family | NodePort: sent / delivered (/s) | direct: sent / \
                  delivered (/s) | delivered NodePort / direct, median paired [min-max] |"
             );
-            let _ = writeln!(out, "|---|---:|---:|---|");
+            let _ = writeln!(out, "|---|---|---:|---:|---|");
             let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             for r in &p.pps {
                 let _ = writeln!(
                     out,
-                    "| {} (`--xdp {}`) | {} / {} | {} / {} | {} |",
+                    "| {} (`--xdp {}`) | {} | {} / {} | {} / {} | {} |",
                     r.config,
                     r.xdp,
+                    r.family,
                     f(r.sent),
                     f(r.delivered),
                     f(r.direct_sent),
@@ -1249,18 +1254,20 @@ impl Report {
                     ))
                 );
             }
-            let by = |c: &str| {
-                p.pps
-                    .iter()
-                    .find(|r| r.config == c)
-                    .and_then(|r| r.delivered)
-            };
-            if let (Some(x), Some(t)) = (by("xdp"), by("tc")) {
-                let _ = writeln!(
-                    out,
-                    "\nXDP / tc, delivered packets per second: {:.2} (target >= 2).",
-                    x / t
-                );
+            for family in ["IPv4", "IPv6"] {
+                let by = |c: &str| {
+                    p.pps
+                        .iter()
+                        .find(|r| r.config == c && (r.family == family || r.family.is_empty()))
+                        .and_then(|r| r.delivered)
+                };
+                if let (Some(x), Some(t)) = (by("xdp"), by("tc")) {
+                    let _ = writeln!(
+                        out,
+                        "\n{family}: XDP / tc, delivered packets per second: {:.2} (target >= 2).",
+                        x / t
+                    );
+                }
             }
             for r in &p.pps {
                 let ns: Vec<String> = r
@@ -1271,9 +1278,10 @@ impl Report {
                 if !ns.is_empty() {
                     let _ = writeln!(
                         out,
-                        "- {}: node-a's programs per run during the NodePort floods (the \
+                        "- {} {}: node-a's programs per run during the NodePort floods (the \
                          kernel's BPF run-time statistics): {}.",
                         r.config,
+                        r.family,
                         ns.join(", ")
                     );
                 }
@@ -1282,8 +1290,9 @@ impl Report {
                         r.counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
                     let _ = writeln!(
                         out,
-                        "- {}: datapath counters after the runs: {}.",
+                        "- {} {}: datapath counters after the runs: {}.",
                         r.config,
+                        r.family,
                         list.join(", ")
                     );
                 }
