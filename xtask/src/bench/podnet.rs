@@ -52,11 +52,11 @@ use super::{
     run_bounded, wait_log,
 };
 
-const NODE: &str = "node-a";
+pub(super) const NODE: &str = "node-a";
 /// node-a's LAN address (the NodePort's address from `ext`).
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub(super) const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const NODE_PORT: u16 = 30080;
-const BACKEND_PORT: u16 = 8080;
+pub(super) const BACKEND_PORT: u16 = 8080;
 /// node-a's pod CIDR, routed via node-a in `ext` for the direct runs.
 const POD_CIDR: &str = "10.244.0.0/24";
 /// Part 1 measures bpf when the connection tracking holds fewer entries than this...
@@ -183,18 +183,7 @@ impl Bed {
 
     /// `kube-bpf-proxy status -o json` in node-a's namespace.
     fn status(&self) -> anyhow::Result<serde_json::Value> {
-        let netns = self.tb.node_ns_path(0);
-        let pin = self.agent.pin_dir.to_string_lossy().into_owned();
-        let cmd = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: None,
-            },
-            &workspace_binary("kube-bpf-proxy"),
-            &["status", "-o", "json", "--bpffs", &pin],
-        );
-        let (_, stdout) = run_bounded(cmd, Duration::from_secs(30))?;
-        serde_json::from_str(&stdout).context("status JSON")
+        node_status(&self.tb, &self.agent)
     }
 
     /// The interfaces `status` lists as carrying tc: (interface, why).
@@ -237,6 +226,35 @@ impl Bed {
         self.agent.assert_running();
         maps::rss(self.agent.pid().context("agent not running")?)
     }
+}
+
+/// `kube-bpf-proxy status -o json` of `agent`, run in node-a's namespace of `tb`.
+pub(super) fn node_status(tb: &Testbed, agent: &Agent) -> anyhow::Result<serde_json::Value> {
+    let netns = tb.node_ns_path(0);
+    let pin = agent.pin_dir.to_string_lossy().into_owned();
+    let cmd = command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("kube-bpf-proxy"),
+        &["status", "-o", "json", "--bpffs", &pin],
+    );
+    let (_, stdout) = run_bounded(cmd, Duration::from_secs(30))?;
+    serde_json::from_str(&stdout).context("status JSON")
+}
+
+/// The nonzero datapath counters a `status` lists: (reason, count).
+pub(super) fn nonzero_counters(status: &serde_json::Value) -> Vec<(String, u64)> {
+    status["counters"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["count"].as_u64()?)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The interfaces a `status` lists as carrying tc: (interface, why).
@@ -400,15 +418,7 @@ fn external(plan: &Plan, out: &mut PodNetReport) -> anyhow::Result<Bed> {
             .into_iter()
             .map(|(i, why)| format!("{i} ({why})"))
             .collect();
-        let counters = status["counters"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["count"].as_u64()?)))
-                    .filter(|(_, n)| *n > 0)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let counters = nonzero_counters(&status);
         let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
         let row = ShapeRow {
             shape: bed.name().into(),

@@ -27,14 +27,12 @@ use tests::{
 
 use super::{
     check_stop,
+    podnet::{BACKEND_PORT, NODE, NODE_IP, node_status, nonzero_counters},
     report::{PodNetReport, PpsRow, Summary},
     run_bounded, wait_log,
 };
 
-const NODE: &str = "node-a";
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const NODE_PORT: u16 = 30090;
-const BACKEND_PORT: u16 = 8080;
 /// node-b's pod CIDRs, routed via node-a in `ext` for the direct runs.
 const POD_CIDR_B: &str = "10.244.1.0/24";
 const POD_CIDR6_B: &str = "fd00:244:1::/64";
@@ -259,24 +257,20 @@ fn start_agent(
              {BACKEND_PORT}, protocol: UDP, nodePort: {NODE_PORT}}}\n"
         ),
     );
-    agent.write_manifest(
-        "slice6.yaml",
-        &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: flood-2\n  \
-             namespace: default\n  labels: {{kubernetes.io/service-name: flood}}\n\
-             addressType: IPv6\nports: [{{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\n\
-             endpoints:\n- {{addresses: [\"{backend6}\"], nodeName: node-b}}\n"
-        ),
-    );
-    agent.write_manifest(
-        "slice.yaml",
-        &format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: flood-1\n  \
-             namespace: default\n  labels: {{kubernetes.io/service-name: flood}}\n\
-             addressType: IPv4\nports: [{{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\n\
-             endpoints:\n- {{addresses: [\"{backend}\"], nodeName: node-b}}\n"
-        ),
-    );
+    for (file, name, family, addr) in [
+        ("slice.yaml", "flood-1", "IPv4", backend.to_string()),
+        ("slice6.yaml", "flood-2", "IPv6", backend6.to_string()),
+    ] {
+        agent.write_manifest(
+            file,
+            &format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  \
+                 namespace: default\n  labels: {{kubernetes.io/service-name: flood}}\n\
+                 addressType: {family}\nports: [{{name: udp, port: {BACKEND_PORT}, protocol: UDP}}]\n\
+                 endpoints:\n- {{addresses: [\"{addr}\"], nodeName: node-b}}\n"
+            ),
+        );
+    }
     let pos = agent.log_position();
     agent.start();
     wait_log(&agent, pos, "synced:", Duration::from_secs(30))
@@ -315,27 +309,7 @@ fn flood(ext: &str, sink: &NetNs, to: &str, secs: f64, cpu: usize) -> anyhow::Re
 
 /// The agent's nonzero datapath counters (`status -o json`): (reason, count).
 fn status_counters(tb: &Testbed, agent: &Agent) -> anyhow::Result<Vec<(String, u64)>> {
-    let netns = tb.node_ns_path(0);
-    let pin = agent.pin_dir.to_string_lossy().into_owned();
-    let cmd = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: None,
-        },
-        &workspace_binary("kube-bpf-proxy"),
-        &["status", "-o", "json", "--bpffs", &pin],
-    );
-    let (_, stdout) = run_bounded(cmd, Duration::from_secs(30))?;
-    let status: serde_json::Value = serde_json::from_str(&stdout).context("status JSON")?;
-    Ok(status["counters"]
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .filter_map(|c| Some((c["reason"].as_str()?.to_string(), c["count"].as_u64()?)))
-                .filter(|(_, n)| *n > 0)
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(nonzero_counters(&node_status(tb, agent)?))
 }
 
 /// Attaches a two-instruction XDP program that passes every packet (native mode) to `dev` in
