@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use tests::{Testbed, harness::cgroup::TestCgroup, harness::topology::Proto};
+use tests::{Testbed, harness::cgroup::TestCgroup, harness::topology::Proto, poll_until};
 
 const LB_IP: &str = "10.96.200.1";
 
@@ -333,6 +333,26 @@ fn web_on_node_b(agent: &tests::Agent, backend: &str) {
 /// Two nodes in DSR mode, each with its agent (node-b's with `extra_b` too), both serving the
 /// Service whose backend is node-b's pod; started. Returns the testbed, node-b's socket-hook
 /// cgroup and the agents of node-a and node-b.
+/// `window_ns` of `client`'s entry in node `agent`'s `LB_DSR_BUDGET` (0 when it has none).
+fn budget_window_ns(agent: &tests::Agent, client: [u8; 4]) -> u64 {
+    let data = aya::maps::MapData::from_pin(agent.pin_dir.join("LB_DSR_BUDGET")).expect("pin");
+    let map: aya::maps::HashMap<_, [u8; 4], proxy_common::dsr::DsrBudget> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("LB_DSR_BUDGET");
+    map.get(&client, 0).map(|b| b.window_ns).unwrap_or(0)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec the call fills in.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn dsr_nodes(extra_b: &[&str]) -> (Testbed, TestCgroup, tests::Agent, tests::Agent) {
     let mut tb = Testbed::new(&[1, 1]);
     tb.serve(1, 0, BACKEND_PORT);
@@ -414,17 +434,56 @@ fn dsr_learning_is_bounded_per_client_address() {
     if !privileged() {
         return;
     }
-    let (tb, _cgroup_b, _a, b) = dsr_nodes(&["--dsr-learn-budget", "2"]);
+    let (tb, _cgroup_b, _a, mut b) = dsr_nodes(&["--dsr-learn-budget", "2"]);
     let to: SocketAddr = format!("{LB_IP}:53").parse().unwrap();
-    wait_answered(&tb, Proto::Udp, to);
+    // Until node-b knows node-a, it refuses the option and every reply leaves untranslated.
+    b.wait_for_log(
+        0,
+        "DSR peers: 1 node addresses",
+        std::time::Duration::from_secs(10),
+    );
+    poll_until("a reply from the frontend", Duration::from_secs(10), || {
+        let r = tb.request_ext(Proto::Udp, to, 1);
+        match r.first() {
+            Some(r) if r.ok && r.peer.parse::<SocketAddr>().ok() == Some(to) => Ok(()),
+            _ => Err(format!("{r:?}")),
+        }
+    });
+    // The burst starts in a window of its own: the one the probes above opened has ended.
+    let client = tests::harness::testbed::EXT_IP4.octets();
+    poll_until(
+        "the client's budget window to end",
+        Duration::from_secs(5),
+        || {
+            let opened = budget_window_ns(&b, client);
+            let now = monotonic_ns();
+            if now.saturating_sub(opened) > proxy_common::dsr::DSR_BUDGET_WINDOW_NS {
+                Ok(())
+            } else {
+                Err(format!("window opened {opened}, now {now}"))
+            }
+        },
+    );
     // Each request is a new flow (a new socket); only two per second are learnt. The others'
     // replies leave node-b untranslated (from the backend's own address, which this
     // unconnected client accepts too) or not at all.
+    let started = std::time::Instant::now();
     let replies = tb.request_ext(Proto::Udp, to, 6);
+    let took = started.elapsed();
     let answered = replies
         .iter()
         .filter(|r| r.ok && r.peer.parse::<SocketAddr>().ok() == Some(to))
         .count();
-    assert!((1..6).contains(&answered), "{replies:?}");
+    if took < Duration::from_secs(1) {
+        // One window: exactly the budget.
+        assert_eq!(answered, 2, "{replies:?}");
+    } else {
+        // A slow machine: the burst spanned windows, each learning at most the budget.
+        let windows = took.as_secs() as usize + 1;
+        assert!(
+            (1..=2 * windows).contains(&answered),
+            "{took:?}: {replies:?}"
+        );
+    }
     assert!(datapath_events(&b, "dsr_budget_exceeded") > 0);
 }
