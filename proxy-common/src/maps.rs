@@ -68,6 +68,11 @@ pub const LB_DSR_PEERS: &str = "LB_DSR_PEERS";
 /// New DSR reply entries per client address in the current one-second window:
 /// `[u8; 4]` → `dsr::DsrBudget` (LRU). Written by the programs.
 pub const LB_DSR_BUDGET: &str = "LB_DSR_BUDGET";
+/// `LB_DSR_PEERS` for IPv6: `[u8; 16]` address → `u8` (1).
+pub const LB_DSR_PEERS6: &str = "LB_DSR_PEERS6";
+/// `LB_DSR_BUDGET` for IPv6 clients, counted per /64 (a host holds a whole /64): `[u8; 8]`
+/// prefix → `dsr::DsrBudget` (LRU).
+pub const LB_DSR_BUDGET6: &str = "LB_DSR_BUDGET6";
 
 /// Source addresses of network namespaces, for loadBalancerSourceRanges at the socket layer:
 /// `u64` netns cookie → `service::NetnsSource`. Written by the agent.
@@ -94,7 +99,7 @@ pub const LB_VERSIONS: &str = "LB_VERSIONS";
 pub const VERSIONS_MAX: usize = 64;
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 31] = [
+pub const ALL: [&str; 33] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -126,6 +131,8 @@ pub const ALL: [&str; 31] = [
     LB_FRAG6,
     LB_SOCKLB_OFF,
     LB_SOCKLB_NS,
+    LB_DSR_PEERS6,
+    LB_DSR_BUDGET6,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under
@@ -149,6 +156,8 @@ pub const IFACES_MAX: usize = 16_384;
 pub const DSR_PEERS_MAX: usize = 16_384;
 /// Client addresses whose DSR learning is counted at one time (LRU).
 pub const DSR_BUDGET_MAX: usize = 16_384;
+/// IPv6 client prefixes (/64) whose DSR learning is counted at one time (LRU).
+pub const DSR_BUDGET6_MAX: usize = 4_096;
 /// Network namespaces on the node (pods, and the host's own).
 pub const NETNS_MAX: usize = 16_384;
 /// Fragmented datagrams in flight whose later fragments can be translated (LRU).

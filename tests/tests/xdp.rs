@@ -156,6 +156,112 @@ status:
     tb.assert_no_checksum_errors();
 }
 
+const WEB6_YAML: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: \"fd00:96::10\"
+  clusterIPs: [\"fd00:96::10\"]
+  ipFamilies: [IPv6]
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, nodePort: 30053, protocol: UDP}
+status:
+  loadBalancer: {ingress: [{ip: \"fd00:96::201\"}]}
+";
+
+/// DSR for IPv6 (issue #23): both nodes in DSR mode; node-a balances IPv6 NodePort and load
+/// balancer flows to node-b's pod without masquerading, the frontend in a Destination Options
+/// header, at XDP (`xdp`) or at tc (XDP off); node-b learns it and its replies go straight to
+/// the client from the frontend's address. The backend sees the client.
+fn dsr_over_ipv6(xdp: bool) {
+    let mut tb = Testbed::new(&[1, 1]);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
+    let mut a_args = vec!["--nodeport-mode", "dsr"];
+    if !xdp {
+        a_args.extend(["--xdp", "off"]);
+    }
+    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &a_args);
+    let mut b = node_agent(
+        &tb,
+        1,
+        &format!("{}-b", tb.id),
+        &cgroup_b.path,
+        &["--nodeport-mode", "dsr"],
+    );
+    for agent in [&mut a, &mut b] {
+        agent.write_manifest("web6.yaml", WEB6_YAML);
+        agent.write_manifest(
+            "web6-slice.yaml",
+            &slice_yaml(
+                "web6-1",
+                "web6",
+                "IPv6",
+                &[HTTP, DNS],
+                &[Ep {
+                    addr: tb.nodes[1].pods[0].ip6.to_string(),
+                    node: "node-b",
+                    conditions: "",
+                }],
+            ),
+        );
+        agent.start();
+    }
+    b.wait_for_log(0, "DSR peers:", Duration::from_secs(10));
+    let frontends: Vec<(Proto, SocketAddr)> = vec![
+        (Proto::Tcp, "[fd00:77::1]:30080".parse().unwrap()),
+        (Proto::Udp, "[fd00:77::1]:30053".parse().unwrap()),
+        (Proto::Tcp, "[fd00:96::201]:80".parse().unwrap()),
+        (Proto::Udp, "[fd00:96::201]:53".parse().unwrap()),
+    ];
+    for (proto, to) in &frontends {
+        // Answered from the frontend: learnt at node-b.
+        poll_until(
+            &format!("{to} answered from itself"),
+            Duration::from_secs(10),
+            || {
+                let r = tb.request_ext(*proto, *to, 1);
+                match r.first() {
+                    Some(r) if r.ok && r.peer.parse::<SocketAddr>().ok() == Some(*to) => Ok(()),
+                    _ => Err(format!("{r:?}")),
+                }
+            },
+        );
+        for r in tb.request_ext(*proto, *to, 5) {
+            assert!(r.ok, "{to}: {r:?}");
+            assert_eq!(r.backend, "b-pod-1", "{r:?}");
+            // No masquerading: the backend sees the client; the client sees the frontend.
+            assert!(r.seen.starts_with("[fd00:77::100]:"), "{to}: {r:?}");
+            assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), *to, "{r:?}");
+        }
+    }
+    assert!(datapath_events(&a, "dsr_sent") > 0);
+    if xdp {
+        assert!(datapath_events(&a, "xdp_forwarded") > 0);
+    }
+    assert!(datapath_events(&b, "dsr_learned") > 0);
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
+fn dsr_over_ipv6_at_xdp_the_backend_node_answers_the_client_directly() {
+    if !privileged() {
+        return;
+    }
+    dsr_over_ipv6(true);
+}
+
+#[test]
+fn dsr_over_ipv6_at_tc_the_backend_node_answers_the_client_directly() {
+    if !privileged() {
+        return;
+    }
+    dsr_over_ipv6(false);
+}
+
 #[test]
 fn traffic_that_is_no_service_passes_xdp_untouched() {
     if !privileged() {

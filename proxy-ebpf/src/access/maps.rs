@@ -127,6 +127,15 @@ pub static XDP_SCRATCH: PerCpuArray<[u64; XDP_SCRATCH_WORDS], 1> = PerCpuArray::
 /// Size of an `XDP_SCRATCH` value, in 8-byte words.
 pub const XDP_SCRATCH_WORDS: usize = 48;
 
+/// Per-CPU scratch space of a new DSR flow at tc: what its option says, from the translation
+/// (`nodeport::new_flow`) to the option's insertion, which runs after it from `start` so the
+/// two frames never add up. Not pinned: it holds nothing between packets.
+#[btf_map]
+pub static TC_DSR_SCRATCH: PerCpuArray<[u64; TC_DSR_SCRATCH_WORDS], 1> = PerCpuArray::new();
+
+/// Size of a `TC_DSR_SCRATCH` value, in 8-byte words.
+pub const TC_DSR_SCRATCH_WORDS: usize = 5;
+
 /// Flow events for `kube-bpf-proxy monitor`, written only while `LB_MONITOR`'s deadline runs.
 #[btf_map]
 pub static LB_EVENTS: RingBuf<Event, EVENTS_BYTES> = RingBuf::new();
@@ -162,6 +171,14 @@ pub static LB_DSR_PEERS: HashMap<[u8; 4], u8, DSR_PEERS_MAX, NO_PREALLOC> = Hash
 /// LRU: a client not seen for long loses its window, which only resets its count.
 #[btf_map]
 pub static LB_DSR_BUDGET: LruHashMap<[u8; 4], DsrBudget, DSR_BUDGET_MAX> = LruHashMap::new();
+
+/// `LB_DSR_PEERS` for IPv6. Read by `dsr::learn6`.
+#[btf_map]
+pub static LB_DSR_PEERS6: HashMap<[u8; 16], u8, DSR_PEERS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// `LB_DSR_BUDGET` for IPv6 clients, per /64 prefix (a host can use any address of its /64).
+#[btf_map]
+pub static LB_DSR_BUDGET6: LruHashMap<[u8; 8], DsrBudget, DSR_BUDGET6_MAX> = LruHashMap::new();
 
 /// Source addresses of network namespaces, by netns cookie: what an unbound socket of a pod (or
 /// of the host) connects from, for loadBalancerSourceRanges at the socket layer. Written by the

@@ -104,6 +104,12 @@ pub fn forward<F: Ip>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 
         },
         i => i,
     };
+    send::<F>(ctx, ifindex)
+}
+
+/// Sends a translated packet out of `ifindex` (nonzero), the TTL counted down.
+#[inline(always)]
+pub fn send<F: Ip>(ctx: &TcContext, ifindex: u32) -> i32 {
     // Forwarded here, not by the stack: the TTL is counted down here too.
     if !count_down_ttl(ctx, F::AF == AF_INET) {
         stats::count(Reason::TtlExpired);

@@ -15,16 +15,19 @@ use crate::{
     access::stats,
     flow::{
         ct::{Tracked, ct_flags_of, keeps_entry},
-        dsr::dsr_forward,
-        fib::{forward, route},
+        dsr::{self, Dsr},
+        fib::forward,
         monitor,
         nat::rewrite,
     },
-    headers::Tuple,
 };
 
 /// Returned by `handle` for a packet of no tracked flow: not a tc action.
 pub const NEW: i32 = i32::MIN + 1;
+
+/// Returned by `handle` for a translated packet of a tracked DSR flow whose option is still to
+/// be added (`dsr::send_remembered`): not a tc action.
+pub const DSR: i32 = i32::MIN + 5;
 
 /// Returned by `handle` for a packet of a tracked flow that could not be rewritten: not a tc
 /// action. The caller drops it through `rewrite_failed` (after `handle` returned: its frame
@@ -48,7 +51,7 @@ pub fn rewrite_failed<F: Tracked>(ctx: &TcContext) -> i32 {
 }
 
 #[inline(never)]
-pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
+pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
     let pkt = match F::parse(ctx) {
         Ok(p) => p,
         Err(reason) => {
@@ -77,23 +80,14 @@ pub fn handle<F: Tracked>(ctx: &TcContext) -> i32 {
                 Reason::NatEstablished
             });
             if e.flags & CT_DSR != 0 && !reply {
-                return dsr_established::<F>(ctx, &e.to, &pkt.t);
+                // The option is added after this frame has returned (`dsr::send_remembered`).
+                if !dsr::remember_frontend::<F>(&pkt.t) {
+                    return REWRITE_FAILED;
+                }
+                return DSR;
             }
             return forward::<F>(ctx, &e.to, 0);
         }
     }
     NEW
-}
-
-/// A packet of a tracked DSR flow: the route to the backend names this node's address on the
-/// way, which the option carries. Out of line: `handle`'s frame has no room for the lookup.
-#[inline(never)]
-fn dsr_established<F: Tracked>(ctx: &TcContext, to: &Tuple<F::Addr>, orig: &Tuple<F::Addr>) -> i32 {
-    match route::<F>(ctx, to, true) {
-        Ok(r) => dsr_forward::<F>(ctx, to, orig, &r.src, r.ifindex),
-        Err(_) => {
-            stats::count(Reason::FibPass);
-            TC_ACT_OK as i32
-        }
-    }
 }

@@ -10,10 +10,7 @@ use aya_ebpf::{
         BPF_ANY, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
-    },
+    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
 };
 use proxy_common::{
@@ -29,9 +26,10 @@ use crate::{
     },
     flow::{
         ct::{Entry, Tracked, ct_flags_of, keeps_entry},
-        dsr, monitor, nat,
+        dsr::Dsr,
+        monitor, nat,
     },
-    headers::{ETH_HLEN, Packet, Tuple, csum::csum_update, xdp::XdpIp},
+    headers::{Packet, Tuple, csum::csum_update, xdp::XdpIp},
 };
 
 /// Rewrites the packet's tuple to `to` with every checksum.
@@ -130,7 +128,7 @@ fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
 
 /// Packets of tracked flows; `None` for the first packet of a flow.
 #[inline(never)]
-pub fn handle<F: XdpIp + Tracked>(ctx: &XdpContext) -> Option<u32> {
+pub fn handle<F: XdpIp + Dsr>(ctx: &XdpContext) -> Option<u32> {
     let Some(pkt) = F::parse_xdp(ctx) else {
         return Some(XDP_PASS);
     };
@@ -195,7 +193,7 @@ pub struct Commit<A> {
 /// Records the flow (reply entry first: it claims the masquerading port), rewrites the packet
 /// and transmits it. Out of line so its work does not add to the new flow's frame.
 #[inline(never)]
-pub fn commit<F: XdpIp + Tracked>(
+pub fn commit<F: XdpIp + Dsr>(
     ctx: &XdpContext,
     pkt: &Packet<F::Addr>,
     c: &mut Commit<F::Addr>,
@@ -246,37 +244,10 @@ pub fn commit<F: XdpIp + Tracked>(
 /// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and this node's
 /// address on the way (`hop.src`), and transmits.
 #[inline(always)]
-fn dsr_out<F: XdpIp + Tracked>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
-    let (Some(frontend), Some(node)) = (dsr::frontend4::<F>(orig), F::v4(&hop.src)) else {
-        monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
-        return XDP_DROP;
-    };
-    if add_option(ctx, frontend, orig.dport, node).is_none() {
+fn dsr_out<F: XdpIp + Dsr>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
+    if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
         monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;
     }
-    stats::count(Reason::DsrSent);
     transmit(ctx, hop.smac, hop.dmac)
-}
-
-/// Grows the IPv4 header by the DSR option (the frame is moved forward by its length).
-#[inline(never)]
-fn add_option(ctx: &XdpContext, frontend: [u8; 4], port: u16, node: [u8; 4]) -> Option<()> {
-    const GROW: usize = proxy_common::dsr::OPTION_LEN as usize;
-    // SAFETY: plain helper call on this context.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return None;
-    }
-    // Ethernet and IPv4 headers back to the front.
-    let hdr = read::<[u8; 34]>(ctx, GROW)?;
-    write(ctx, 0, hdr)?;
-    let ip = read::<[u8; 20]>(ctx, ETH_HLEN)?;
-    let mut whole = [0u8; 20 + GROW];
-    let mut i = 0;
-    while i < 20 {
-        whole[i] = ip[i];
-        i += 1;
-    }
-    dsr::grow_header(&mut whole, &dsr::option(frontend, port, node));
-    write(ctx, ETH_HLEN, whole)
 }

@@ -46,9 +46,6 @@ pub trait Ip {
 
     /// The flow's hash (addresses, ports, protocol), the same on every node.
     fn hash(t: &Tuple<Self::Addr>) -> u32;
-
-    /// The address, if IPv4.
-    fn v4(a: &Self::Addr) -> Option<[u8; 4]>;
 }
 
 pub struct V4;
@@ -153,11 +150,6 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
-    fn v4(a: &[u8; 4]) -> Option<[u8; 4]> {
-        Some(*a)
-    }
-
-    #[inline(always)]
     fn hash(t: &Tuple<[u8; 4]>) -> u32 {
         let h = hash::mix(0, u32::from_be_bytes(t.saddr));
         hash::ports(hash::mix(h, u32::from_be_bytes(t.daddr)), t)
@@ -245,11 +237,6 @@ impl Ip for V6 {
     fn fib_addrs(p: &mut bpf_fib_lookup, t: &Tuple<[u8; 16]>) {
         p.__bindgen_anon_3.ipv6_src = ip6_words(&t.saddr);
         p.__bindgen_anon_4.ipv6_dst = ip6_words(&t.daddr);
-    }
-
-    #[inline(always)]
-    fn v4(_: &[u8; 16]) -> Option<[u8; 4]> {
-        None
     }
 
     #[inline(always)]

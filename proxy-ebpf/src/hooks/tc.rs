@@ -8,7 +8,7 @@ use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 use crate::{
     flow::{
         dsr, frag, icmp,
-        tc::{NEW, REWRITE_FAILED, handle, rewrite_failed},
+        tc::{DSR, NEW, REWRITE_FAILED, handle, rewrite_failed},
     },
     headers::{
         ETH_HLEN, FRAG_MORE, FRAG_OFFSET, FRAG6_MORE, FRAG6_OFFSET, IPPROTO_FRAGMENT, IPPROTO_ICMP,
@@ -39,6 +39,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             match handle::<V4>(ctx) {
                 NEW => start::<V4>(ctx),
                 REWRITE_FAILED => rewrite_failed::<V4>(ctx),
+                DSR => dsr::send_remembered::<V4>(ctx),
                 action => action,
             }
         }
@@ -52,7 +53,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             }
             v6(ctx)
         }
-        ETH_P_IPV6 => v6(ctx),
+        ETH_P_IPV6 => {
+            dsr::learn6(ctx);
+            v6(ctx)
+        }
         _ => TC_ACT_OK as i32,
     }
 }
@@ -63,6 +67,7 @@ fn v6(ctx: &TcContext) -> i32 {
     match handle::<V6>(ctx) {
         NEW => start::<V6>(ctx),
         REWRITE_FAILED => rewrite_failed::<V6>(ctx),
+        DSR => dsr::send_remembered::<V6>(ctx),
         action => action,
     }
 }

@@ -9,7 +9,7 @@ use proxy_common::service::{
 
 use crate::{
     access::maps::{LB4_SERVICES, LB4_SRC_RANGES, LB6_SERVICES, LB6_SRC_RANGES},
-    flow::ct::Tracked,
+    flow::dsr::Dsr,
     headers::{
         Tuple,
         family::{Ip, V4, V6},
@@ -105,6 +105,6 @@ impl Frontends for V6 {
 
 /// Everything the packet paths need of a family: its headers, its connection tracking and its
 /// frontends.
-pub trait Family: Tracked + Frontends {}
+pub trait Family: Dsr + Frontends {}
 
-impl<F: Tracked + Frontends> Family for F {}
+impl<F: Dsr + Frontends> Family for F {}

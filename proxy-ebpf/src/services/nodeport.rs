@@ -25,7 +25,7 @@ use crate::{
     flow::{
         conns,
         ct::Entry,
-        dsr::{self, dsr_forward},
+        dsr,
         fib::{forward, route},
         monitor,
         nat::{self, rewrite},
@@ -39,6 +39,9 @@ const REJECT: i32 = i32::MIN;
 /// Returned by `new_flow` for a least-connection frontend before the counts were compared:
 /// not a tc action.
 const LEAST_CONN: i32 = i32::MIN + 2;
+/// Returned by `new_flow` for a translated DSR flow whose option is still to be added
+/// (`dsr::remember`): not a tc action.
+const DSR: i32 = i32::MIN + 4;
 
 /// The first packet of a flow. A least-connection frontend's counts are compared in a frame
 /// of their own (`least_conn`) and the answer handed to `new_flow`; the reject path runs after
@@ -60,6 +63,9 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     }
     if action == REJECT {
         return reject::reject::<F>(ctx);
+    }
+    if action == DSR {
+        return dsr::send_remembered::<F>(ctx);
     }
     if action & !0xff == DROPPED {
         return dropped::<F>(ctx, (action & 0xff) as u32, scope);
@@ -232,7 +238,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             // the reply comes back here.
             snat |= internal && r.ifindex == here;
             // Direct server return for backends behind the interface the flow came in on.
-            dsr = snat && r.ifindex == here && dsr::enabled::<F>();
+            dsr = snat && r.ifindex == here && dsr::enabled();
             if snat && !dsr {
                 to.saddr = r.src;
             }
@@ -288,7 +294,11 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         stats::count(Reason::AffinityHit);
     }
     if dsr {
-        return dsr_forward::<F>(ctx, &to, &pkt.t, &via, ifindex);
+        // The option is added after this frame has returned (`start`).
+        if !dsr::remember::<F>(&pkt.t, &via, ifindex) {
+            return drop(Reason::DsrFailed);
+        }
+        return DSR;
     }
     forward::<F>(ctx, &to, ifindex)
 }

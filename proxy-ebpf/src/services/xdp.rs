@@ -176,7 +176,7 @@ fn route<F: XdpIp + Family>(
     if !hop::<F>(ctx, &c.to, snat, &mut c.hop) || c.hop.ifindex != here {
         return XDP_PASS;
     }
-    let dsr = snat && dsr::enabled::<F>();
+    let dsr = snat && dsr::enabled();
     let mut flags = 0;
     if dsr {
         flags |= CT_DSR;

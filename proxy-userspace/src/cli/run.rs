@@ -22,7 +22,7 @@ use crate::{
     compile::{Family, NodePortSelection, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps, netdev, netns, podif,
+        caps, netdev, netlink, netns, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState},
@@ -309,8 +309,33 @@ fn parse_period(s: &str) -> Result<Duration, String> {
 
 /// How often the DSR peer thread looks for new node addresses.
 const PEERS_TICK: Duration = Duration::from_millis(200);
+/// How often the DSR peer thread has the kernel resolve its IPv6 peers' neighbour entries.
+const PEERS_NEIGHBOURS: Duration = Duration::from_secs(30);
 
-/// Keeps `LB_DSR_PEERS` equal to the IPv4 addresses of the cluster's Node objects as the
+/// Has the kernel resolve the neighbour entry of every IPv6 peer this node reaches directly.
+/// A node that receives DSR packets believes them only from the MAC address its neighbour
+/// table holds for the sending node (`dsr::from_peer`). IPv4 fills that entry by itself (the
+/// sender's ARP request names its address), IPv6 does not: the sender solicits from its
+/// link-local address, so the entry for its global address exists only once this node has
+/// sent it something. Entries age as usual; this runs again every `PEERS_NEIGHBOURS`.
+fn resolve_peer_neighbours(addresses: &std::collections::BTreeSet<IpAddr>) {
+    let mut rtnl = match netlink::Rtnl::new() {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("DSR peers: rtnetlink: {e}");
+            return;
+        }
+    };
+    for addr in addresses.iter().filter(|a| a.is_ipv6()) {
+        if let Ok(netlink::RouteHit::Direct { oif }) = rtnl.route_get(*addr)
+            && let Err(e) = rtnl.use_neighbour(oif, *addr)
+        {
+            log::debug!("DSR peers: resolve the neighbour {addr}: {e}");
+        }
+    }
+}
+
+/// Keeps `LB_DSR_PEERS`/`LB_DSR_PEERS6` equal to the addresses of the cluster's Node objects as the
 /// source reports them in `book`; with no book (not in DSR mode) empties it once.
 fn follow_dsr_peers(pin_dir: PathBuf, book: Option<Arc<NodeAddresses>>) -> anyhow::Result<()> {
     let Some(book) = book else {
@@ -321,21 +346,23 @@ fn follow_dsr_peers(pin_dir: PathBuf, book: Option<Arc<NodeAddresses>>) -> anyho
         .name("dsr-peers".into())
         .spawn(move || {
             let mut done = 0;
+            let mut resolved = std::time::Instant::now();
             loop {
                 let (generation, addresses) = book.get();
+                if generation != 0 && (generation != done || resolved.elapsed() >= PEERS_NEIGHBOURS)
+                {
+                    resolve_peer_neighbours(&addresses);
+                    resolved = std::time::Instant::now();
+                }
                 if generation != 0 && generation != done {
-                    let v4: std::collections::BTreeSet<std::net::Ipv4Addr> = addresses
-                        .iter()
-                        .filter_map(|a| match a {
-                            IpAddr::V4(a) => Some(*a),
-                            IpAddr::V6(_) => None,
-                        })
-                        .collect();
-                    match bpf::DsrPeers::open_pinned(&pin_dir).and_then(|mut m| m.sync(&v4)) {
+                    match bpf::DsrPeers::open_pinned(&pin_dir).and_then(|mut m| m.sync(&addresses))
+                    {
                         Ok((added, removed)) => {
+                            let v4 = addresses.iter().filter(|a| a.is_ipv4()).count();
                             log::info!(
-                                "DSR peers: {} node addresses ({added} added, {removed} removed)",
-                                v4.len()
+                                "DSR peers: {v4} node addresses ({added} added, {removed} \
+                                 removed), {} IPv6",
+                                addresses.len() - v4
                             );
                             done = generation;
                         }

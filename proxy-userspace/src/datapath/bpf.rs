@@ -539,45 +539,54 @@ impl Maps {
     }
 }
 
-/// `LB_DSR_PEERS`: the node addresses this node accepts the DSR option from.
+/// `LB_DSR_PEERS` and `LB_DSR_PEERS6`: the node addresses this node accepts the DSR option
+/// from.
 pub struct DsrPeers {
-    map: HashMap<MapData, [u8; 4], u8>,
+    v4: HashMap<MapData, [u8; 4], u8>,
+    v6: HashMap<MapData, [u8; 16], u8>,
 }
 
 impl DsrPeers {
-    /// Opens the pinned map under `pin_dir`.
+    /// Opens the pinned maps under `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<DsrPeers> {
         Ok(DsrPeers {
-            map: MapSource::Pins(pin_dir).take(names::LB_DSR_PEERS)?,
+            v4: MapSource::Pins(pin_dir).take(names::LB_DSR_PEERS)?,
+            v6: MapSource::Pins(pin_dir).take(names::LB_DSR_PEERS6)?,
         })
     }
 
-    /// The addresses in the map.
-    pub fn addresses(&self) -> anyhow::Result<BTreeSet<std::net::Ipv4Addr>> {
+    /// The addresses in the maps.
+    pub fn addresses(&self) -> anyhow::Result<BTreeSet<IpAddr>> {
         let mut out = BTreeSet::new();
-        for key in self.map.keys() {
-            out.insert(std::net::Ipv4Addr::from(key.context("read LB_DSR_PEERS")?));
+        for key in self.v4.keys() {
+            out.insert(IpAddr::from(key.context("read LB_DSR_PEERS")?));
+        }
+        for key in self.v6.keys() {
+            out.insert(IpAddr::from(key.context("read LB_DSR_PEERS6")?));
         }
         Ok(out)
     }
 
-    /// Makes the map hold exactly `wanted`; returns (added, removed).
-    pub fn sync(
-        &mut self,
-        wanted: &BTreeSet<std::net::Ipv4Addr>,
-    ) -> anyhow::Result<(usize, usize)> {
+    /// Makes the maps hold exactly `wanted`; returns (added, removed).
+    pub fn sync(&mut self, wanted: &BTreeSet<IpAddr>) -> anyhow::Result<(usize, usize)> {
         let current = self.addresses()?;
         let (mut added, mut removed) = (0, 0);
         for a in wanted.difference(&current) {
-            self.map
-                .insert(a.octets(), 1, 0)
-                .with_context(|| format!("add {a} to LB_DSR_PEERS"))?;
+            match a {
+                IpAddr::V4(v4) => self.v4.insert(v4.octets(), 1, 0),
+                IpAddr::V6(v6) => self.v6.insert(v6.octets(), 1, 0),
+            }
+            .with_context(|| format!("add {a} to the DSR peers"))?;
             added += 1;
         }
         for a in current.difference(wanted) {
-            match self.map.remove(&a.octets()) {
+            let gone = match a {
+                IpAddr::V4(v4) => self.v4.remove(&v4.octets()),
+                IpAddr::V6(v6) => self.v6.remove(&v6.octets()),
+            };
+            match gone {
                 Ok(()) | Err(MapError::KeyNotFound) => removed += 1,
-                Err(e) => return Err(e).with_context(|| format!("remove {a} from LB_DSR_PEERS")),
+                Err(e) => return Err(e).with_context(|| format!("remove {a} from the DSR peers")),
             }
         }
         Ok((added, removed))

@@ -11,12 +11,14 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -75,11 +77,21 @@ impl Rtnl {
         message: RouteNetlinkMessage,
         dump: bool,
     ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.request_with(message, if dump { NLM_F_DUMP } else { 0 })
+    }
+
+    /// `request` with netlink flags `flags` (besides NLM_F_REQUEST).
+    fn request_with(
+        &mut self,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let dump = flags & NLM_F_DUMP != 0;
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut packet =
             NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
-        packet.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+        packet.header.flags = NLM_F_REQUEST | flags;
         packet.header.sequence_number = seq;
         packet.finalize();
         let mut out = vec![0; packet.buffer_len()];
@@ -123,6 +135,28 @@ impl Rtnl {
                 offset += len;
             }
         }
+    }
+
+    /// Has the kernel resolve the neighbour `addr` behind interface `ifindex` as if a packet
+    /// were sent to it (RTM_NEWNEIGH with NTF_USE: the entry is created if need be, and
+    /// probed). The entry then ages as any other.
+    pub fn use_neighbour(&mut self, ifindex: u32, addr: IpAddr) -> io::Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.ifindex = ifindex;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(
+                addr,
+            )));
+        self.request_with(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_CREATE | NLM_F_ACK,
+        )
+        .map(|_| ())
     }
 
     /// The kernel's route to `addr` (`ip route get ADDR`).
