@@ -1142,6 +1142,139 @@ fn tc_sends_a_cluster_flow_with_the_dsr_option_and_no_reply_entry() {
     assert_eq!(ct[0].1.flags & CT_REPLY, 0);
 }
 
+/// The IPv6 DSR header (issue #23): next header, length 4, option 0x1e with 34 bytes (frontend
+/// port and address, the sending node), PadN.
+fn dsr6_header(next: u8, frontend: (Ipv6Addr, u16), node: Ipv6Addr) -> [u8; 40] {
+    let mut h = [0u8; 40];
+    h[0] = next;
+    h[1] = 4;
+    h[2] = 0x1e;
+    h[3] = 34;
+    h[4..6].copy_from_slice(&frontend.1.to_be_bytes());
+    h[6..22].copy_from_slice(&frontend.0.octets());
+    h[22..38].copy_from_slice(&node.octets());
+    h[38] = 1;
+    h
+}
+
+/// `frame` (IPv6 without extension headers) with `header` as a Destination Options header.
+fn with_dstopts(frame: &[u8], header: &[u8; 40]) -> Vec<u8> {
+    let mut out = frame[..54].to_vec();
+    out[20] = 60;
+    let len = u16::from_be_bytes([out[18], out[19]]) + 40;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(&frame[54..]);
+    out
+}
+
+/// DSR for IPv6 (issue #23): a NodePort flow to an endpoint behind the interface it came in
+/// on is not masqueraded; the frontend travels in a Destination Options header after the IPv6
+/// header, and the datagram (its checksum unchanged by the header) reaches the endpoint.
+#[test]
+fn tc_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    here("ip -6 route add fd00:245::/64 dev lo");
+    rig.dp
+        .maps
+        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
+        .unwrap();
+    let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let p = &out.packet;
+    assert_eq!(p[20], 60, "a Destination Options header follows");
+    assert_eq!(&p[54..94], &dsr6_header(17, (NODE6, 30091), NODE6));
+    // Without the header, the datagram is the translated one, checksum included.
+    let mut inner = p[..54].to_vec();
+    inner[20] = 17;
+    let len = u16::from_be_bytes([p[18], p[19]]) - 40;
+    inner[18..20].copy_from_slice(&len.to_be_bytes());
+    inner.extend_from_slice(&p[94..]);
+    let (src, dst, payload) = seen6(&inner);
+    assert_eq!(src, (CLIENT6.into(), 40000), "the client is kept");
+    assert_eq!(dst, (REMOTE_POD6.into(), 5353));
+    assert_eq!(payload, b"query");
+    assert_eq!(rig.count(Reason::DsrSent), 1);
+}
+
+/// The same at XDP: the frame grows at its head by the header and is sent back out.
+#[test]
+fn xdp_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    for command in [
+        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
+        "ip link set kbpu0 up",
+        "ip link set kbpu1 up",
+        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+    ] {
+        here(command);
+    }
+    rig.dp
+        .maps
+        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
+        .unwrap();
+    let out = rig
+        .dp
+        .xdp_ingress(
+            &udp6((CLIENT6, 40000), (NODE6, 30091), b"query"),
+            ifindex_of("kbpu0"),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, XDP_TX, "sent back out");
+    let p = &out.packet;
+    assert_eq!(&p[0..6], &[2, 0, 0, 0, 0, 9], "to the endpoint's MAC");
+    assert_eq!(p[20], 60, "a Destination Options header follows");
+    assert_eq!(p[21], 63, "the hop limit counts the hop");
+    assert_eq!(&p[54..94], &dsr6_header(17, (NODE6, 30091), NODE6));
+    let mut inner = p[..54].to_vec();
+    inner[20] = 17;
+    let len = u16::from_be_bytes([p[18], p[19]]) - 40;
+    inner[18..20].copy_from_slice(&len.to_be_bytes());
+    inner.extend_from_slice(&p[94..]);
+    let (src, dst, payload) = seen6(&inner);
+    assert_eq!(src, (CLIENT6.into(), 40000), "the client is kept");
+    assert_eq!(dst, (REMOTE_POD6.into(), 5353));
+    assert_eq!(payload, b"query");
+    assert_eq!(rig.count(Reason::DsrSent), 1);
+    assert_eq!(rig.count(Reason::XdpForwarded), 1);
+}
+
+/// The backend's node believes an IPv6 DSR header only from a peer node: from anybody else,
+/// or malformed, it is refused and counted, and the packet goes on untouched.
+#[test]
+fn tc_refuses_ipv6_dsr_headers_from_no_peer_or_malformed() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
+        .unwrap();
+    let datagram = udp6((CLIENT6, 40000), (LOCAL_POD6, 5353), b"query");
+    let stranger = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 99);
+    let good = dsr6_header(17, (NODE6, 30091), stranger);
+    let mut bad_len = good;
+    bad_len[3] = 30;
+    let mut after_fragment = good;
+    after_fragment[0] = 44;
+    for (i, header) in [good, bad_len, after_fragment].iter().enumerate() {
+        let frame = with_dstopts(&datagram, header);
+        let out = rig.tc(&frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "case {i}");
+        assert_eq!(out.packet, frame, "case {i}: untouched");
+        assert_eq!(rig.count(Reason::DsrRefused), i as u64 + 1, "case {i}");
+    }
+    assert_eq!(rig.count(Reason::DsrLearned), 0);
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
