@@ -1263,9 +1263,9 @@ fn tc_refuses_ipv6_dsr_headers_from_no_peer_or_malformed() {
     let good = dsr6_header(17, (NODE6, 30091), stranger);
     let mut bad_len = good;
     bad_len[3] = 30;
-    let mut after_fragment = good;
-    after_fragment[0] = 44;
-    for (i, header) in [good, bad_len, after_fragment].iter().enumerate() {
+    let mut before_icmp = good;
+    before_icmp[0] = 58;
+    for (i, header) in [good, bad_len, before_icmp].iter().enumerate() {
         let frame = with_dstopts(&datagram, header);
         let out = rig.tc(&frame);
         assert_eq!(out.verdict, TC_ACT_OK, "case {i}");
@@ -1580,5 +1580,100 @@ fn tc_translates_the_later_fragments_of_an_ipv6_datagram_as_its_first() {
     let (_, stray) = fragments6(CLIENT6, NODE6, &udp, 32, 7);
     let out = rig.tc(&stray);
     assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, stray);
+}
+
+/// IP fragments at XDP (issue #23): the fragments of a datagram to a node port whose endpoint
+/// is behind the interface they came in on are translated (masqueraded) and sent back out at
+/// XDP, the later ones as their first, in both families; a later fragment of a datagram whose
+/// first was never seen passes to tc untouched.
+#[test]
+fn xdp_sends_the_fragments_of_a_datagram_back_out_translated_as_its_first() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    for command in [
+        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
+        "ip link set kbpu0 up",
+        "ip link set kbpu1 up",
+        "ip route replace 10.245.0.0/16 dev kbpu0 src 192.0.2.10",
+        "ip neigh replace 10.245.2.9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+    ] {
+        here(command);
+    }
+    let ifindex = ifindex_of("kbpu0");
+    // IPv4: a TCP segment in two fragments.
+    let mut segment = vec![0u8; 20];
+    segment[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    segment[2..4].copy_from_slice(&30081u16.to_be_bytes());
+    segment[12] = 5 << 4;
+    segment[13] = TCP_SYN;
+    segment.extend((0..44u8).map(|i| i.wrapping_mul(7)));
+    let c = checksum(&segment, pseudo_sum(CLIENT, NODE, 6, segment.len()));
+    segment[16..18].copy_from_slice(&c.to_be_bytes());
+    let (first, later) = fragments4(CLIENT, NODE, 6, &segment, 48, 0x4242);
+    let out1 = rig.dp.xdp_ingress(&first, ifindex).unwrap();
+    let out2 = rig.dp.xdp_ingress(&later, ifindex).unwrap();
+    assert_eq!((out1.verdict, out2.verdict), (XDP_TX, XDP_TX));
+    let (src1, dst1, _, _, part1) = ip4_parts(&out1.packet);
+    let (src2, dst2, id2, fo2, part2) = ip4_parts(&out2.packet);
+    assert_eq!((src1, dst1), (NODE, REMOTE_POD), "masqueraded");
+    assert_eq!(
+        (src2, dst2),
+        (src1, dst1),
+        "the later fragment goes the same way"
+    );
+    assert_eq!((id2, fo2), (0x4242, 6));
+    assert_eq!(out2.packet[14 + 8], 63, "the TTL counts the hop");
+    assert_eq!(
+        &out2.packet[0..6],
+        &[2, 0, 0, 0, 0, 9],
+        "to the endpoint's MAC"
+    );
+    let whole = [part1, part2].concat();
+    assert_eq!(
+        checksum(&whole, pseudo_sum(src1, dst1, 6, whole.len())),
+        0,
+        "the reassembled segment's checksum"
+    );
+    // IPv6: a UDP datagram in two fragments.
+    let payload: Vec<u8> = (0..56u8).collect();
+    let len = 8 + payload.len();
+    let mut udp = vec![0u8; len];
+    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&30091u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    udp[8..].copy_from_slice(&payload);
+    let c = checksum(&udp, pseudo_sum6(CLIENT6, NODE6, 17, len));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let (first, later) = fragments6(CLIENT6, NODE6, &udp, 32, 0x0042_4242);
+    let out1 = rig.dp.xdp_ingress(&first, ifindex).unwrap();
+    let out2 = rig.dp.xdp_ingress(&later, ifindex).unwrap();
+    assert_eq!((out1.verdict, out2.verdict), (XDP_TX, XDP_TX));
+    for out in [&out1, &out2] {
+        assert_eq!(&out.packet[22..38], &NODE6.octets(), "masqueraded");
+        assert_eq!(
+            &out.packet[38..54],
+            &REMOTE_POD6.octets(),
+            "to the endpoint"
+        );
+        assert_eq!(out.packet[21], 63, "the hop limit counts the hop");
+    }
+    let whole = [&out1.packet[62..], &out2.packet[62..]].concat();
+    assert_eq!(u16::from_be_bytes([whole[2], whole[3]]), 5353);
+    assert_eq!(
+        checksum(&whole, pseudo_sum6(NODE6, REMOTE_POD6, 17, whole.len())),
+        0,
+        "the reassembled datagram's checksum"
+    );
+    assert_eq!(rig.count(Reason::FragmentTranslated), 2);
+    assert_eq!(rig.count(Reason::XdpForwarded), 4);
+    // A later fragment of a datagram whose first was never seen: to tc, untouched.
+    let (_, stray) = fragments6(CLIENT6, NODE6, &udp, 32, 7);
+    let out = rig.dp.xdp_ingress(&stray, ifindex).unwrap();
+    assert_eq!(out.verdict, XDP_PASS);
     assert_eq!(out.packet, stray);
 }

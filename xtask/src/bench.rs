@@ -896,7 +896,7 @@ fn target_dir() -> anyhow::Result<PathBuf> {
     ))
 }
 
-fn has_program(name: &str) -> bool {
+pub(crate) fn has_program(name: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
 }

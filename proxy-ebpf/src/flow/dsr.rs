@@ -61,7 +61,7 @@ use crate::{
         fib::{route, send},
     },
     headers::{
-        ETH_HLEN, Tuple,
+        ETH_HLEN, FRAG6_OFFSET, IPPROTO_FRAGMENT, Tuple,
         csum::header_checksum,
         family::{V4, V6},
         ip6_words,
@@ -337,7 +337,8 @@ fn head6(next: u8, port: u16) -> [u8; 6] {
 }
 
 /// tc, IPv6: inserts the Destination Options header after the IPv6 header of a translated
-/// packet (which has no extension header: `V6::parse` translates no other). The addresses are
+/// packet (which has no extension header but a first fragment's fragment header: `V6::parse`
+/// translates no other). The addresses are
 /// stored from the caller's frame: this one sits at the end of new_flow's call chain.
 #[inline(never)]
 fn add_option6_tc(
@@ -348,7 +349,9 @@ fn add_option6_tc(
 ) -> Result<(), i64> {
     // Version to hop limit: payload length at 4, next header at 6.
     let ip = ctx.load::<[u8; 8]>(ETH_HLEN)?;
-    if ip[0] >> 4 != 6 || (ip[6] != proto::TCP && ip[6] != proto::UDP) {
+    // TCP or UDP, or a first fragment's fragment header (ours goes before it).
+    if ip[0] >> 4 != 6 || (ip[6] != proto::TCP && ip[6] != proto::UDP && ip[6] != IPPROTO_FRAGMENT)
+    {
         return Err(0);
     }
     ctx.adjust_room(HDR6_LEN as i32, BPF_ADJ_ROOM_NET, 0)?;
@@ -487,21 +490,30 @@ pub fn learn6(ctx: &TcContext) {
 #[inline(never)]
 fn parse6(ctx: &TcContext, head: &[u8; 6], said: &mut Said<[u8; 16]>) -> Result<(), Reason> {
     let at = ETH_HLEN + 40;
-    // Ours is followed by TCP or UDP: a fragment header (a later fragment, without ports)
-    // or any other is refused.
-    if head[1] != HDR6_EXT_LEN
-        || head[3] != OPTION6_LEN
-        || (head[0] != proto::TCP && head[0] != proto::UDP)
-    {
+    if head[1] != HDR6_EXT_LEN || head[3] != OPTION6_LEN {
         return Err(Reason::DsrRefused);
     }
+    // Ours is followed by TCP or UDP, or by a first fragment's fragment header; a later
+    // fragment (without ports) or any other header is refused.
+    let mut l4 = at + HDR6_LEN;
+    let mut next = head[0];
+    if next == IPPROTO_FRAGMENT {
+        let f = ctx.load::<[u8; 4]>(l4).map_err(|_| Reason::DsrRefused)?;
+        if u16::from_be_bytes([f[2], f[3]]) & FRAG6_OFFSET != 0 {
+            return Err(Reason::DsrRefused);
+        }
+        next = f[0];
+        l4 += 8;
+    }
+    if next != proto::TCP && next != proto::UDP {
+        return Err(Reason::DsrRefused);
+    }
+    said.t.proto = next;
     load_into(ctx, at + 6, &mut said.frontend)?;
     load_into(ctx, at + 22, &mut said.peer)?;
     load_into(ctx, ETH_HLEN + 8, &mut said.t.saddr)?;
     load_into(ctx, ETH_HLEN + 24, &mut said.t.daddr)?;
-    let ports = ctx
-        .load::<[u8; 4]>(at + HDR6_LEN)
-        .map_err(|_| Reason::DsrRefused)?;
+    let ports = ctx.load::<[u8; 4]>(l4).map_err(|_| Reason::DsrRefused)?;
     said.t.sport = u16::from_be_bytes([ports[0], ports[1]]);
     said.t.dport = u16::from_be_bytes([ports[2], ports[3]]);
     Ok(())

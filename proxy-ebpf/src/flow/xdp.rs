@@ -118,7 +118,7 @@ fn insert<F: Tracked>(t: &Tuple<F::Addr>, e: &Entry<F::Addr>, now: u64, map_flag
 
 /// Sends the rewritten frame back out of this interface to the next hop.
 #[inline(always)]
-fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+pub fn transmit(ctx: &XdpContext, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
     if write(ctx, 0, dmac).is_none() || write(ctx, 6, smac).is_none() {
         stats::dropped(Hook::Xdp, Reason::RewriteFailed);
         return XDP_DROP;

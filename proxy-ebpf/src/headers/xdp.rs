@@ -5,7 +5,7 @@ use aya_ebpf::programs::XdpContext;
 use proxy_common::proto;
 
 use super::{
-    ETH_HLEN, Packet, Tuple,
+    ETH_HLEN, FRAG_OFFSET, FRAG6_OFFSET, IPPROTO_FRAGMENT, Packet, Tuple,
     csum::csum_update,
     family::{Ip, V4, V6},
 };
@@ -46,8 +46,9 @@ impl XdpIp for V4 {
     #[inline(always)]
     fn parse_xdp(ctx: &XdpContext) -> Option<Packet<[u8; 4]>> {
         let h = read::<[u8; 20]>(ctx, ETH_HLEN)?;
-        // No options (a DSR option is ours to add), no fragments.
-        if h[0] != 0x45 || u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+        // No options (a DSR option is ours to add), no later fragments (a first one carries
+        // the ports, and its checksum, over the whole datagram, takes incremental updates).
+        if h[0] != 0x45 || u16::from_be_bytes([h[6], h[7]]) & FRAG_OFFSET != 0 {
             return None;
         }
         let l4 = ETH_HLEN + 20;
@@ -100,15 +101,26 @@ impl XdpIp for V6 {
         }
         let saddr = read::<[u8; 16]>(ctx, ETH_HLEN + 8)?;
         let daddr = read::<[u8; 16]>(ctx, ETH_HLEN + 24)?;
-        let l4 = ETH_HLEN + 40;
-        let (sport, dport, tcp_flags) = ports_xdp(ctx, l4, h[6])?;
+        let mut l4 = ETH_HLEN + 40;
+        let mut next = h[6];
+        // A first fragment (offset 0) carries the ports after the fragment header; a later
+        // one is none of this parse's business (`flow::frag`).
+        if next == IPPROTO_FRAGMENT {
+            let f = read::<[u8; 4]>(ctx, l4)?;
+            if u16::from_be_bytes([f[2], f[3]]) & FRAG6_OFFSET != 0 {
+                return None;
+            }
+            next = f[0];
+            l4 += 8;
+        }
+        let (sport, dport, tcp_flags) = ports_xdp(ctx, l4, next)?;
         Some(Packet {
             t: Tuple {
                 saddr,
                 daddr,
                 sport,
                 dport,
-                proto: h[6],
+                proto: next,
             },
             l3: ETH_HLEN,
             l4,

@@ -11,8 +11,13 @@
 //!   peer carries an XDP_PASS program, without which a veth's native XDP_TX never wakes the
 //!   peer to take the frames);
 //! - `tc`: the agent with `--xdp off`;
+//! - `nftables`, `iptables-nft`: no agent; node-a holds kube-proxy's rules for the same
+//!   Service in its nftables mode (`ip`/`ip6 kube-proxy` tables: the NodePort map, the
+//!   external chain marking for masquerading, the Service and endpoint chains, DNAT, the
+//!   masquerading postrouting chain) or its iptables mode (KUBE-NODEPORTS, KUBE-EXT-,
+//!   KUBE-SVC-, KUBE-SEP-, KUBE-MARK-MASQ, KUBE-POSTROUTING), both families;
 //! - `direct`: the pod's own address, routed by `ext` via node-a and forwarded by node-a's
-//!   kernel, past the same programs (untranslated), as the baseline.
+//!   kernel, past the same programs or rules (untranslated), as the baseline.
 //!
 //! The sender and every hop run in softirq on the sender's CPU (veth has no queue of its own):
 //! the figure is the whole chain's cost per packet, of which node-a's program is one part.
@@ -117,9 +122,27 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             format!("[{}]:{BACKEND_PORT}", pod.ip6),
         ),
     ];
-    for (config, xdp) in [("tc", "off"), ("xdp", "driver")] {
+    for (config, xdp) in [
+        ("tc", "off"),
+        ("xdp", "driver"),
+        ("nftables", "-"),
+        ("iptables-nft", "-"),
+    ] {
         check_stop()?;
-        let agent = start_agent(&tb, xdp, pod.ip4, pod.ip6)?;
+        let peer = match config {
+            "nftables" | "iptables-nft" => match PeerRules::load(&tb, config, pod.ip4, pod.ip6) {
+                Ok(rules) => Some(rules),
+                Err(e) => {
+                    eprintln!("    {config}: skipped: {e:#}");
+                    continue;
+                }
+            },
+            _ => None,
+        };
+        let agent = match peer {
+            Some(_) => None,
+            None => Some(start_agent(&tb, xdp, pod.ip4, pod.ip6)?),
+        };
         let ext = tb.ext.path();
         for (family, nodeport, direct) in &families {
             // Both paths deliver before anything is measured (tc may attach a moment after the
@@ -133,7 +156,10 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
                             "{config} {family}: nothing sent to {to} reached node-b's pod (the agent's \
                          counters: {:?}; node-a eth0: {}; lan side: {}; the agent's last \
                          lines: {})",
-                            status_counters(&tb, &agent).unwrap_or_default(),
+                            agent
+                                .as_ref()
+                                .map(|a| status_counters(&tb, a).unwrap_or_default())
+                                .unwrap_or_default(),
                             tb.nodes[0]
                                 .ns
                                 .exec("ethtool", &["-S", "eth0"])
@@ -145,9 +171,9 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
                                 .split_whitespace()
                                 .collect::<Vec<_>>()
                                 .join(" "),
-                            agent
-                                .logs_since(agent.log_position().saturating_sub(8))
-                                .join(" | ")
+                            agent.as_ref().map_or(String::new(), |a| a
+                                .logs_since(a.log_position().saturating_sub(8))
+                                .join(" | "))
                         );
                     }
                     super::nap(Duration::from_millis(200))?;
@@ -196,7 +222,10 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
                 ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
                 ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
             ];
-            let counters = status_counters(&tb, &agent)?;
+            let counters = match &agent {
+                Some(a) => status_counters(&tb, a)?,
+                None => Vec::new(),
+            };
             let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
             let row = PpsRow {
                 config: config.into(),
@@ -224,10 +253,166 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             out.pps.push(row);
         }
         drop(agent);
+        drop(peer);
     }
     tb.ext.ip(&["route", "del", POD_CIDR_B]);
     tb.ext.ip(&["-6", "route", "del", POD_CIDR6_B]);
     Ok(())
+}
+
+/// kube-proxy's rules for the flood Service in node-a's namespace, removed on drop.
+struct PeerRules {
+    ns: String,
+    dir: std::path::PathBuf,
+}
+
+impl PeerRules {
+    /// Loads `config`'s rules (`nftables` or `iptables-nft`) for NodePort `NODE_PORT` to
+    /// `backend`/`backend6`, both families.
+    fn load(
+        tb: &Testbed,
+        config: &str,
+        backend: Ipv4Addr,
+        backend6: std::net::Ipv6Addr,
+    ) -> anyhow::Result<PeerRules> {
+        let tools: &[&str] = match config {
+            "nftables" => &["nft"],
+            _ => &["iptables-nft-restore", "ip6tables-nft-restore"],
+        };
+        for tool in tools {
+            if !super::has_program(tool) {
+                bail!("{tool} is not installed (cargo xtask setup installs it)");
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("{}-pps-{config}", tb.id));
+        std::fs::create_dir_all(&dir)?;
+        let rules = PeerRules {
+            ns: tb.node_ns_path(0),
+            dir,
+        };
+        let ep4 = backend.to_string();
+        let ep6 = backend6.to_string();
+        let files: Vec<(&str, String)> = if config == "nftables" {
+            vec![(
+                "nft",
+                format!(
+                    "{}{}",
+                    nft_rules("ip", &ep4, &ep4),
+                    nft_rules("ip6", &ep6, &format!("[{ep6}]"))
+                ),
+            )]
+        } else {
+            vec![
+                (
+                    "iptables-nft-restore",
+                    iptables_rules(&format!("{ep4}/32"), &ep4),
+                ),
+                (
+                    "ip6tables-nft-restore",
+                    iptables_rules(&format!("{ep6}/128"), &format!("[{ep6}]")),
+                ),
+            ]
+        };
+        for (tool, text) in files {
+            let file = rules.dir.join(format!("{tool}.rules"));
+            std::fs::write(&file, text)?;
+            let file = file.display().to_string();
+            let args: Vec<&str> = if tool == "nft" {
+                vec!["-f", &file]
+            } else {
+                vec![&file]
+            };
+            rules.run(tool, &args)?;
+        }
+        Ok(rules)
+    }
+
+    /// Runs `tool` in node-a's namespace.
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.ns))
+            .arg(tool)
+            .args(args)
+            .output()
+            .with_context(|| format!("run {tool}"))?;
+        if !out.status.success() {
+            bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PeerRules {
+    fn drop(&mut self) {
+        // Both peers' rules live in node-a's nftables ruleset (iptables-nft included), which
+        // holds nothing else.
+        let _ = self.run("nft", &["flush", "ruleset"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// kube-proxy's nftables-mode rules for the flood Service in table `family kube-proxy`
+/// (`ip` or `ip6`): endpoint `ep` (`ep_port`: the address as DNAT writes it with a port).
+fn nft_rules(family: &str, ep: &str, ep_port: &str) -> String {
+    let t = format!("{family} kube-proxy");
+    let (addr, loopback) = if family == "ip" {
+        ("ip", "127.0.0.0/8")
+    } else {
+        ("ip6", "::1")
+    };
+    // kube-proxy names its chains after the Service port and endpoint (with characters nft
+    // does not take in a bare name from a file); the names cost nothing per packet.
+    let chain = "default-flood-udp";
+    format!(
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}\n\
+         add chain {t} mark-for-masquerade\n\
+         add rule {t} mark-for-masquerade mark set mark or 0x4000\n\
+         add chain {t} masquerading\n\
+         add rule {t} masquerading mark and 0x4000 == 0 return\n\
+         add rule {t} masquerading mark set mark xor 0x4000\n\
+         add rule {t} masquerading masquerade fully-random\n\
+         add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; }}\n\
+         add chain {t} services\n\
+         add rule {t} services fib daddr type local {addr} daddr != {loopback} meta l4proto . th dport vmap @service-nodeports\n\
+         add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
+         add rule {t} nat-prerouting jump services\n\
+         add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}\n\
+         add rule {t} nat-postrouting jump masquerading\n\
+         add chain {t} endpoint-{chain}-1\n\
+         add rule {t} endpoint-{chain}-1 {addr} saddr {ep} jump mark-for-masquerade\n\
+         add rule {t} endpoint-{chain}-1 meta l4proto udp dnat to {ep_port}:{BACKEND_PORT}\n\
+         add chain {t} service-{chain}\n\
+         add rule {t} service-{chain} numgen random mod 1 vmap {{ 0 : goto endpoint-{chain}-1 }}\n\
+         add chain {t} external-{chain}\n\
+         add rule {t} external-{chain} jump mark-for-masquerade\n\
+         add rule {t} external-{chain} goto service-{chain}\n\
+         add element {t} service-nodeports {{ udp . {NODE_PORT} : goto external-{chain} }}\n"
+    )
+}
+
+/// kube-proxy's iptables-mode nat table for the flood Service (`iptables-restore` input):
+/// endpoint `source` (as `-s` takes it), `ep_port` as DNAT writes it with a port.
+fn iptables_rules(source: &str, ep_port: &str) -> String {
+    format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         :POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
+         :KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-SVC-FLOOD - [0:0]\n\
+         :KUBE-EXT-FLOOD - [0:0]\n:KUBE-SEP-FLOOD - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n\
+         -A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p udp -m udp --dport {NODE_PORT} -j KUBE-EXT-FLOOD\n\
+         -A KUBE-EXT-FLOOD -j KUBE-MARK-MASQ\n\
+         -A KUBE-EXT-FLOOD -j KUBE-SVC-FLOOD\n\
+         -A KUBE-SVC-FLOOD -j KUBE-SEP-FLOOD\n\
+         -A KUBE-SEP-FLOOD -s {source} -j KUBE-MARK-MASQ\n\
+         -A KUBE-SEP-FLOOD -p udp -m udp -j DNAT --to-destination {ep_port}:{BACKEND_PORT}\n\
+         COMMIT\n"
+    )
 }
 
 /// The agent on node-a with `--xdp xdp`, the NodePort Service programmed and tc attached.

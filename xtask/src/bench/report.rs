@@ -206,7 +206,7 @@ pub struct PodNetReport {
 /// on the other node, against the same flood to the pod's own address (`direct`), in pairs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PpsRow {
-    /// `tc` or `xdp`.
+    /// `tc` or `xdp` (the agent), `nftables` or `iptables-nft` (kube-proxy's rules).
     pub config: String,
     /// `IPv4` or `IPv6`.
     #[serde(default)]
@@ -1215,7 +1215,7 @@ impl Report {
         if !p.pps.is_empty() {
             let _ = writeln!(
                 out,
-                "\n### Packets per second: XDP, tc and the kernel's forwarding\n\n\
+                "\n### Packets per second: XDP, tc, kube-proxy's rules and the kernel's forwarding\n\n\
                  A two-node testbed (bridge shape). `ext` floods one UDP flow (18-byte \
                  datagrams, 64 per sendmmsg, client pinned to CPU {}) at node-a's NodePort \
                  192.168.77.1:30090 or [fd00:77::1]:30090, whose one backend is node-b's pod \
@@ -1223,7 +1223,10 @@ impl Report {
                  (externalTrafficPolicy Cluster: node-a translates, masquerades and sends the \
                  packet back out of `eth0` towards node-b). Delivered: datagrams counted at the \
                  backend pod's `eth0` (a socket is bound there and never read, so nothing goes \
-                 back). `direct`: the same flood to the pod's own address, routed by `ext` via \
+                 back). `nftables` and `iptables-nft`: no agent, kube-proxy's rules for the \
+                 same Service in node-a (its nftables and iptables modes: NodePort, \
+                 masquerading mark, DNAT, masquerade). \
+                 `direct`: the same flood to the pod's own address, routed by `ext` via \
                  node-a and forwarded by node-a's kernel past the same programs, untranslated. \
                  Back-to-back direct/NodePort pairs, order alternating. On veth the sender and \
                  every hop run in softirq on the sender's CPU, so each figure is the whole \
@@ -1232,7 +1235,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "| node-a's program | family | NodePort: sent / delivered (/s) | direct: sent / \
+                "| node-a's datapath | family | NodePort: sent / delivered (/s) | direct: sent / \
                  delivered (/s) | delivered NodePort / direct, median paired [min-max] |"
             );
             let _ = writeln!(out, "|---|---|---:|---:|---|");
@@ -1240,9 +1243,12 @@ impl Report {
             for r in &p.pps {
                 let _ = writeln!(
                     out,
-                    "| {} (`--xdp {}`) | {} | {} / {} | {} / {} | {} |",
-                    r.config,
-                    r.xdp,
+                    "| {} | {} | {} / {} | {} / {} | {} |",
+                    if r.xdp == "-" {
+                        format!("{} (kube-proxy's rules)", r.config)
+                    } else {
+                        format!("{} (`--xdp {}`)", r.config, r.xdp)
+                    },
                     r.family,
                     f(r.sent),
                     f(r.delivered),
@@ -1267,6 +1273,22 @@ impl Report {
                         "\n{family}: XDP / tc, delivered packets per second: {:.2} (target >= 2).",
                         x / t
                     );
+                }
+                let best_peer = ["nftables", "iptables-nft"]
+                    .into_iter()
+                    .filter_map(|c| Some((c, by(c)?)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1));
+                if let Some((peer, best)) = best_peer {
+                    for ours in ["tc", "xdp"] {
+                        if let Some(v) = by(ours) {
+                            let _ = writeln!(
+                                out,
+                                "{family}: {ours} / the best peer ({peer}), delivered packets per \
+                                 second: {:.2}.",
+                                v / best
+                            );
+                        }
+                    }
                 }
             }
             for r in &p.pps {
