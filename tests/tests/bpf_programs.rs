@@ -628,19 +628,7 @@ fn xdp_sends_a_masqueraded_flow_back_out_translated() {
         return;
     }
     let mut rig = Rig::new();
-    // An external interface with the endpoint's network behind it, its neighbour known.
-    for command in [
-        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
-        "ip link set kbpu0 up",
-        "ip link set kbpu1 up",
-        "ip route replace 10.245.0.0/16 dev kbpu0 src 192.0.2.10",
-        "ip route replace 198.51.100.0/24 dev kbpu0 src 192.0.2.10",
-        "ip neigh replace 10.245.2.9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
-        "ip neigh replace 198.51.100.7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
-    ] {
-        here(command);
-    }
-    let ifindex = ifindex_of("kbpu0");
+    let ifindex = external_interface();
     let out = rig
         .dp
         .xdp_ingress(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN), ifindex)
@@ -686,6 +674,28 @@ fn xdp_sends_a_masqueraded_flow_back_out_translated() {
 
 const XDP_TX: u32 = 3;
 
+/// An external interface `kbpu0` (a veth) with the endpoints' networks (10.245.0.0/16,
+/// fd00:245::/64) and the clients' (198.51.100.0/24, 2001:db8:51::/64) behind it, the
+/// neighbours REMOTE_POD/REMOTE_POD6 (02:..:09) and CLIENT/CLIENT6 (02:..:07) known; its index.
+fn external_interface() -> u32 {
+    for command in [
+        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
+        "ip link set kbpu0 up",
+        "ip link set kbpu1 up",
+        "ip route replace 10.245.0.0/16 dev kbpu0 src 192.0.2.10",
+        "ip route replace 198.51.100.0/24 dev kbpu0 src 192.0.2.10",
+        "ip neigh replace 10.245.2.9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+        "ip neigh replace 198.51.100.7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
+        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 route replace 2001:db8:51::/64 dev kbpu0 src 2001:db8::10",
+        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
+        "ip -6 neigh replace 2001:db8:51::7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
+    ] {
+        here(command);
+    }
+    ifindex_of("kbpu0")
+}
+
 /// The IPv6 twin of `xdp_sends_a_masqueraded_flow_back_out_translated`, on UDP: the NodePort
 /// flow to a backend behind the external interface is translated, masqueraded and sent back
 /// out at XDP, and so is its reply (issue #23).
@@ -695,18 +705,7 @@ fn xdp_sends_a_masqueraded_ipv6_flow_back_out_translated() {
         return;
     }
     let mut rig = Rig::new();
-    for command in [
-        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
-        "ip link set kbpu0 up",
-        "ip link set kbpu1 up",
-        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
-        "ip -6 route replace 2001:db8:51::/64 dev kbpu0 src 2001:db8::10",
-        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
-        "ip -6 neigh replace 2001:db8:51::7 lladdr 02:00:00:00:00:07 dev kbpu0 nud permanent",
-    ] {
-        here(command);
-    }
-    let ifindex = ifindex_of("kbpu0");
+    let ifindex = external_interface();
     let out = rig
         .dp
         .xdp_ingress(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"), ifindex)
@@ -1157,6 +1156,16 @@ fn dsr6_header(next: u8, frontend: (Ipv6Addr, u16), node: Ipv6Addr) -> [u8; 40] 
     h
 }
 
+/// An IPv6 UDP frame without its 40-byte Destination Options header.
+fn without_dstopts(frame: &[u8]) -> Vec<u8> {
+    let mut inner = frame[..54].to_vec();
+    inner[20] = frame[54];
+    let len = u16::from_be_bytes([frame[18], frame[19]]) - 40;
+    inner[18..20].copy_from_slice(&len.to_be_bytes());
+    inner.extend_from_slice(&frame[94..]);
+    inner
+}
+
 /// `frame` (IPv6 without extension headers) with `header` as a Destination Options header.
 fn with_dstopts(frame: &[u8], header: &[u8; 40]) -> Vec<u8> {
     let mut out = frame[..54].to_vec();
@@ -1188,12 +1197,7 @@ fn tc_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
     assert_eq!(p[20], 60, "a Destination Options header follows");
     assert_eq!(&p[54..94], &dsr6_header(17, (NODE6, 30091), NODE6));
     // Without the header, the datagram is the translated one, checksum included.
-    let mut inner = p[..54].to_vec();
-    inner[20] = 17;
-    let len = u16::from_be_bytes([p[18], p[19]]) - 40;
-    inner[18..20].copy_from_slice(&len.to_be_bytes());
-    inner.extend_from_slice(&p[94..]);
-    let (src, dst, payload) = seen6(&inner);
+    let (src, dst, payload) = seen6(&without_dstopts(p));
     assert_eq!(src, (CLIENT6.into(), 40000), "the client is kept");
     assert_eq!(dst, (REMOTE_POD6.into(), 5353));
     assert_eq!(payload, b"query");
@@ -1207,25 +1211,14 @@ fn xdp_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
         return;
     }
     let mut rig = Rig::new();
-    for command in [
-        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
-        "ip link set kbpu0 up",
-        "ip link set kbpu1 up",
-        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
-        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
-    ] {
-        here(command);
-    }
+    let ifindex = external_interface();
     rig.dp
         .maps
         .set_config_flag(proxy_common::config::CONFIG_DSR, true)
         .unwrap();
     let out = rig
         .dp
-        .xdp_ingress(
-            &udp6((CLIENT6, 40000), (NODE6, 30091), b"query"),
-            ifindex_of("kbpu0"),
-        )
+        .xdp_ingress(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"), ifindex)
         .unwrap();
     assert_eq!(out.verdict, XDP_TX, "sent back out");
     let p = &out.packet;
@@ -1233,12 +1226,7 @@ fn xdp_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
     assert_eq!(p[20], 60, "a Destination Options header follows");
     assert_eq!(p[21], 63, "the hop limit counts the hop");
     assert_eq!(&p[54..94], &dsr6_header(17, (NODE6, 30091), NODE6));
-    let mut inner = p[..54].to_vec();
-    inner[20] = 17;
-    let len = u16::from_be_bytes([p[18], p[19]]) - 40;
-    inner[18..20].copy_from_slice(&len.to_be_bytes());
-    inner.extend_from_slice(&p[94..]);
-    let (src, dst, payload) = seen6(&inner);
+    let (src, dst, payload) = seen6(&without_dstopts(p));
     assert_eq!(src, (CLIENT6.into(), 40000), "the client is kept");
     assert_eq!(dst, (REMOTE_POD6.into(), 5353));
     assert_eq!(payload, b"query");
@@ -1593,18 +1581,7 @@ fn xdp_sends_the_fragments_of_a_datagram_back_out_translated_as_its_first() {
         return;
     }
     let mut rig = Rig::new();
-    for command in [
-        "ip link add kbpu0 address 02:00:00:00:00:0a type veth peer name kbpu1",
-        "ip link set kbpu0 up",
-        "ip link set kbpu1 up",
-        "ip route replace 10.245.0.0/16 dev kbpu0 src 192.0.2.10",
-        "ip neigh replace 10.245.2.9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
-        "ip -6 route replace fd00:245::/64 dev kbpu0 src 2001:db8::10",
-        "ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent",
-    ] {
-        here(command);
-    }
-    let ifindex = ifindex_of("kbpu0");
+    let ifindex = external_interface();
     // IPv4: a TCP segment in two fragments.
     let mut segment = vec![0u8; 20];
     segment[0..2].copy_from_slice(&40000u16.to_be_bytes());

@@ -29,6 +29,41 @@ status:
     )
 }
 
+/// Service `web6`: IPv6 only, NodePorts and a load balancer IP.
+const WEB6_YAML: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: \"fd00:96::10\"
+  clusterIPs: [\"fd00:96::10\"]
+  ipFamilies: [IPv6]
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+  - {name: dns, port: 53, nodePort: 30053, protocol: UDP}
+status:
+  loadBalancer: {ingress: [{ip: \"fd00:96::201\"}]}
+";
+
+/// `web6` and its EndpointSlice: node-b's pod.
+fn web6_manifests(agent: &tests::Agent, tb: &Testbed) {
+    agent.write_manifest("web6.yaml", WEB6_YAML);
+    agent.write_manifest(
+        "web6-slice.yaml",
+        &slice_yaml(
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[HTTP, DNS],
+            &[Ep {
+                addr: tb.nodes[1].pods[0].ip6.to_string(),
+                node: "node-b",
+                conditions: "",
+            }],
+        ),
+    );
+}
+
 /// Both nodes run the agent in DSR mode; `web`'s only backend is node-b's pod.
 #[test]
 fn dsr_the_backend_node_answers_the_client_directly() {
@@ -98,37 +133,7 @@ fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
     tb.serve(0, 0, BACKEND_PORT);
     tb.serve(1, 0, BACKEND_PORT);
     let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
-    agent.write_manifest(
-        "web6.yaml",
-        "apiVersion: v1
-kind: Service
-metadata: {name: web6, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: \"fd00:96::10\"
-  clusterIPs: [\"fd00:96::10\"]
-  ipFamilies: [IPv6]
-  ports:
-  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
-  - {name: dns, port: 53, nodePort: 30053, protocol: UDP}
-status:
-  loadBalancer: {ingress: [{ip: \"fd00:96::201\"}]}
-",
-    );
-    agent.write_manifest(
-        "web6-slice.yaml",
-        &slice_yaml(
-            "web6-1",
-            "web6",
-            "IPv6",
-            &[HTTP, DNS],
-            &[Ep {
-                addr: tb.nodes[1].pods[0].ip6.to_string(),
-                node: "node-b",
-                conditions: "",
-            }],
-        ),
-    );
+    web6_manifests(&agent, &tb);
     agent.start();
     agent.wait_for_log(
         0,
@@ -156,21 +161,6 @@ status:
     tb.assert_no_checksum_errors();
 }
 
-const WEB6_YAML: &str = "apiVersion: v1
-kind: Service
-metadata: {name: web6, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: \"fd00:96::10\"
-  clusterIPs: [\"fd00:96::10\"]
-  ipFamilies: [IPv6]
-  ports:
-  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
-  - {name: dns, port: 53, nodePort: 30053, protocol: UDP}
-status:
-  loadBalancer: {ingress: [{ip: \"fd00:96::201\"}]}
-";
-
 /// DSR for IPv6 (issue #23): both nodes in DSR mode; node-a balances IPv6 NodePort and load
 /// balancer flows to node-b's pod without masquerading, the frontend in a Destination Options
 /// header, at XDP (`xdp`) or at tc (XDP off); node-b learns it and its replies go straight to
@@ -193,21 +183,7 @@ fn dsr_over_ipv6(xdp: bool) {
         &["--nodeport-mode", "dsr"],
     );
     for agent in [&mut a, &mut b] {
-        agent.write_manifest("web6.yaml", WEB6_YAML);
-        agent.write_manifest(
-            "web6-slice.yaml",
-            &slice_yaml(
-                "web6-1",
-                "web6",
-                "IPv6",
-                &[HTTP, DNS],
-                &[Ep {
-                    addr: tb.nodes[1].pods[0].ip6.to_string(),
-                    node: "node-b",
-                    conditions: "",
-                }],
-            ),
-        );
+        web6_manifests(agent, &tb);
         agent.start();
     }
     b.wait_for_log(0, "DSR peers:", Duration::from_secs(10));
