@@ -70,53 +70,16 @@ fn dsr_the_backend_node_answers_the_client_directly() {
     if !privileged() {
         return;
     }
-    let mut tb = Testbed::new(&[1, 1]);
-    tb.serve(0, 0, BACKEND_PORT);
-    tb.serve(1, 0, BACKEND_PORT);
-    let cgroup_b = TestCgroup::new(&format!("{}-b", tb.id));
-    let dsr = ["--nodeport-mode", "dsr"];
-    let mut a = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &dsr);
-    let mut b = node_agent(&tb, 1, &format!("{}-b", tb.id), &cgroup_b.path, &dsr);
-    let backend = tb.nodes[1].pods[0].ip4.to_string();
-    for agent in [&mut a, &mut b] {
-        agent.write_manifest("web.yaml", &web_yaml());
-        agent.write_manifest(
-            "web-slice.yaml",
-            &slice_yaml(
-                "web-1",
-                "web",
-                "IPv4",
-                &[HTTP, DNS],
-                &[Ep {
-                    addr: backend.clone(),
-                    node: "node-b",
-                    conditions: "",
-                }],
-            ),
-        );
-        agent.start();
+    dsr_end_to_end(false, true);
+}
+
+/// The same with XDP off: node-a adds the option at tc.
+#[test]
+fn dsr_at_tc_the_backend_node_answers_the_client_directly() {
+    if !privileged() {
+        return;
     }
-    let frontends: Vec<(Proto, SocketAddr)> = vec![
-        (Proto::Tcp, "192.168.77.1:30080".parse().unwrap()),
-        (Proto::Udp, "192.168.77.1:30053".parse().unwrap()),
-        (Proto::Tcp, format!("{LB_IP}:80").parse().unwrap()),
-        (Proto::Udp, format!("{LB_IP}:53").parse().unwrap()),
-    ];
-    for (proto, to) in &frontends {
-        wait_answered(&tb, *proto, *to);
-        for r in tb.request_ext(*proto, *to, 5) {
-            assert!(r.ok, "{to}: {r:?}");
-            assert_eq!(r.backend, "b-pod-1");
-            // No masquerading: the backend sees the client; the client sees the frontend.
-            assert!(r.seen.starts_with("192.168.77.100:"), "{to}: {r:?}");
-            assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), *to, "{r:?}");
-        }
-    }
-    // node-a balanced at XDP and sent with the option; node-b learnt the frontends.
-    assert!(datapath_events(&a, "xdp_forwarded") > 0);
-    assert!(datapath_events(&a, "dsr_sent") > 0);
-    assert!(datapath_events(&b, "dsr_learned") > 0);
-    tb.assert_no_checksum_errors();
+    dsr_end_to_end(false, false);
 }
 
 /// IPv6 at XDP (issue #23): NodePort and load balancer flows over IPv6 from the external
@@ -161,11 +124,12 @@ fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
     tb.assert_no_checksum_errors();
 }
 
-/// DSR for IPv6 (issue #23): both nodes in DSR mode; node-a balances IPv6 NodePort and load
-/// balancer flows to node-b's pod without masquerading, the frontend in a Destination Options
-/// header, at XDP (`xdp`) or at tc (XDP off); node-b learns it and its replies go straight to
-/// the client from the frontend's address. The backend sees the client.
-fn dsr_over_ipv6(xdp: bool) {
+/// Both nodes in DSR mode (issue #6; IPv6: issue #23); node-a balances NodePort and load
+/// balancer flows (`v6`: IPv6, else IPv4) to node-b's pod without masquerading, the frontend in
+/// an IPv4 option or an IPv6 Destination Options header, at XDP (`xdp`) or at tc (XDP off);
+/// node-b learns it and its replies go straight to the client from the frontend's address.
+/// The backend sees the client.
+fn dsr_end_to_end(v6: bool, xdp: bool) {
     let mut tb = Testbed::new(&[1, 1]);
     tb.serve(0, 0, BACKEND_PORT);
     tb.serve(1, 0, BACKEND_PORT);
@@ -183,15 +147,38 @@ fn dsr_over_ipv6(xdp: bool) {
         &["--nodeport-mode", "dsr"],
     );
     for agent in [&mut a, &mut b] {
-        web6_manifests(agent, &tb);
+        if v6 {
+            web6_manifests(agent, &tb);
+        } else {
+            agent.write_manifest("web.yaml", &web_yaml());
+            agent.write_manifest(
+                "web-slice.yaml",
+                &slice_yaml(
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    &[HTTP, DNS],
+                    &[Ep {
+                        addr: tb.nodes[1].pods[0].ip4.to_string(),
+                        node: "node-b",
+                        conditions: "",
+                    }],
+                ),
+            );
+        }
         agent.start();
     }
     b.wait_for_log(0, "DSR peers:", Duration::from_secs(10));
+    let (node, lb, client) = if v6 {
+        ("[fd00:77::1]", "[fd00:96::201]", "[fd00:77::100]:")
+    } else {
+        ("192.168.77.1", LB_IP, "192.168.77.100:")
+    };
     let frontends: Vec<(Proto, SocketAddr)> = vec![
-        (Proto::Tcp, "[fd00:77::1]:30080".parse().unwrap()),
-        (Proto::Udp, "[fd00:77::1]:30053".parse().unwrap()),
-        (Proto::Tcp, "[fd00:96::201]:80".parse().unwrap()),
-        (Proto::Udp, "[fd00:96::201]:53".parse().unwrap()),
+        (Proto::Tcp, format!("{node}:30080").parse().unwrap()),
+        (Proto::Udp, format!("{node}:30053").parse().unwrap()),
+        (Proto::Tcp, format!("{lb}:80").parse().unwrap()),
+        (Proto::Udp, format!("{lb}:53").parse().unwrap()),
     ];
     for (proto, to) in &frontends {
         // Answered from the frontend: learnt at node-b.
@@ -210,7 +197,7 @@ fn dsr_over_ipv6(xdp: bool) {
             assert!(r.ok, "{to}: {r:?}");
             assert_eq!(r.backend, "b-pod-1", "{r:?}");
             // No masquerading: the backend sees the client; the client sees the frontend.
-            assert!(r.seen.starts_with("[fd00:77::100]:"), "{to}: {r:?}");
+            assert!(r.seen.starts_with(client), "{to}: {r:?}");
             assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), *to, "{r:?}");
         }
     }
@@ -227,7 +214,7 @@ fn dsr_over_ipv6_at_xdp_the_backend_node_answers_the_client_directly() {
     if !privileged() {
         return;
     }
-    dsr_over_ipv6(true);
+    dsr_end_to_end(true, true);
 }
 
 #[test]
@@ -235,7 +222,7 @@ fn dsr_over_ipv6_at_tc_the_backend_node_answers_the_client_directly() {
     if !privileged() {
         return;
     }
-    dsr_over_ipv6(false);
+    dsr_end_to_end(true, false);
 }
 
 #[test]
