@@ -31,7 +31,9 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_adjust_head},
+        generated::{
+            bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_adjust_head,
+        },
     },
     programs::{TcContext, XdpContext},
 };
@@ -75,6 +77,9 @@ const HDR_LEN: usize = 20 + OPTION_LEN as usize;
 /// What direct server return needs of an address family: its option (added at tc and at XDP),
 /// its peers, its frontends, its budget of what one client may make this node learn.
 pub trait Dsr: Tracked {
+    /// How much the option grows a packet.
+    const GROWTH: i32;
+
     /// Inserts the option naming `frontend`:`port` and this node (`node`, its address on the
     /// way to the backend) into a translated packet at tc, and counts it sent.
     fn add_option_tc(
@@ -109,6 +114,8 @@ pub trait Dsr: Tracked {
 }
 
 impl Dsr for V4 {
+    const GROWTH: i32 = OPTION_LEN as i32;
+
     #[inline(always)]
     fn add_option_tc(
         ctx: &TcContext,
@@ -166,6 +173,8 @@ impl Dsr for V4 {
 }
 
 impl Dsr for V6 {
+    const GROWTH: i32 = HDR6_LEN as i32;
+
     #[inline(always)]
     fn add_option_tc(
         ctx: &TcContext,
@@ -757,9 +766,30 @@ pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
             }
         }
     }
-    if F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err() {
+    // A packet the option would make too big for the egress interface goes without it (the
+    // backend's node learnt the flow from its first, small, packet); dropped, it would be lost
+    // without a trace.
+    if fits_tc::<F>(ctx, r.ifindex) && F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err()
+    {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     }
     send::<F>(ctx, r.ifindex)
+}
+
+/// Whether the packet, grown by the option, still fits `ifindex`'s MTU (a GSO packet always
+/// does: it is segmented for the MTU after the option was added).
+#[inline(always)]
+fn fits_tc<F: Dsr>(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu = 0u32;
+    // SAFETY: plain helper call on this context with a stack word for the answer.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) == 0 }
+}
+
+/// `fits_tc` at XDP.
+#[inline(always)]
+pub fn fits_xdp<F: Dsr>(ctx: &XdpContext, ifindex: u32) -> bool {
+    let mut mtu = 0u32;
+    // SAFETY: plain helper call on this context with a stack word for the answer.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) == 0 }
 }

@@ -26,7 +26,7 @@ use crate::{
     },
     flow::{
         ct::{Entry, Tracked, ct_flags_of, keeps_entry},
-        dsr::Dsr,
+        dsr::{self, Dsr},
         monitor, nat,
     },
     headers::{Packet, Tuple, csum::csum_update, xdp::XdpIp},
@@ -245,7 +245,10 @@ pub fn commit<F: XdpIp + Dsr>(
 /// address on the way (`hop.src`), and transmits.
 #[inline(always)]
 fn dsr_out<F: XdpIp + Dsr>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
-    if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
+    // Too big with the option: sent without it, as at tc (`dsr::send_remembered`).
+    if dsr::fits_xdp::<F>(ctx, hop.ifindex)
+        && F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none()
+    {
         monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;
     }
