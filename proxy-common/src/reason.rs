@@ -91,10 +91,13 @@ pub enum Reason {
     /// has socket-layer translation off (`LB_SOCKLB_OFF`): left untranslated, for tc on the
     /// pod's interface to translate per packet.
     PerPacket = 35,
+    /// tc, XDP: a packet of a DSR flow that the option would make too big for the egress
+    /// interface's MTU: sent without it (not dropped).
+    DsrTooBig = 36,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 36;
+pub const REASON_COUNT: u32 = 37;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -134,6 +137,7 @@ impl Reason {
         Reason::EventsLost,
         Reason::FragmentTranslated,
         Reason::PerPacket,
+        Reason::DsrTooBig,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -175,6 +179,7 @@ impl Reason {
             Reason::EventsLost => "events_lost",
             Reason::FragmentTranslated => "fragment_translated",
             Reason::PerPacket => "per_packet",
+            Reason::DsrTooBig => "dsr_too_big",
         }
     }
 

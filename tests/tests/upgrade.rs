@@ -210,12 +210,12 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
         agent.start();
         agent.wait_for_log(
             from,
-            "LB_DROPS: migrated from layout version 1 to 2",
+            "LB_DROPS: migrated from layout version 1 to 3",
             Duration::from_secs(20),
         );
         agent.wait_for_log(
             from,
-            "LB_STATS: migrated from layout version 1 to 2",
+            "LB_STATS: migrated from layout version 1 to 3",
             Duration::from_secs(20),
         );
         let synced = agent.wait_for_log(from, "synced:", Duration::from_secs(20));
@@ -294,7 +294,7 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
             .and_then(|maps| maps.iter().find(|m| m["name"] == map))
             .map(|m| m["layoutVersion"].clone())
     };
-    assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(2)), "{status}");
+    assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(3)), "{status}");
     assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
     // verify finds the maps equal to the objects.
     let out = command_in(

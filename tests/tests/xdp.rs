@@ -239,6 +239,8 @@ fn dsr_end_to_end(v6: bool, xdp: bool) {
         }
     }
     assert!(datapath_events(&a, "dsr_sent") > 0);
+    // The oversized first fragment went without the option, counted.
+    assert!(datapath_events(&a, "dsr_too_big") > 0);
     if xdp {
         assert!(datapath_events(&a, "xdp_forwarded") > 0);
     }

@@ -769,8 +769,9 @@ pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
     // A packet the option would make too big for the egress interface goes without it (the
     // backend's node learnt the flow from its first, small, packet); dropped, it would be lost
     // without a trace.
-    if fits_tc::<F>(ctx, r.ifindex) && F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err()
-    {
+    if !fits_tc::<F>(ctx, r.ifindex) {
+        stats::count(Reason::DsrTooBig);
+    } else if F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err() {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     }

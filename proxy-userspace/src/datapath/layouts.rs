@@ -83,29 +83,49 @@ pub struct Older {
 
 /// `Reason` values before the per-packet opt-out added `per_packet` (version 1 of the counters).
 const REASONS_V1: u32 = 35;
+/// `Reason` values before `dsr_too_big` (version 2 of the counters).
+const REASONS_V2: u32 = 36;
 
 /// The layout history of the maps that changed since versions began, oldest first. A map not
 /// listed is at version 1. When a change to a map's layout is made, its old layout goes here
 /// with the migration to the new one, and the migration gets a unit test below.
 pub fn history(map: &str) -> &'static [Older] {
     match map {
-        // One counter per `Reason`; `per_packet` (35) was appended.
-        names::LB_STATS => &[Older {
-            version: 1,
-            key: None,
-            value: None,
-            entries: Some(REASONS_V1),
-            to_next: Migration::Counters(same_index),
-        }],
+        // One counter per `Reason`; `per_packet` (35), then `dsr_too_big` (36) were appended.
+        names::LB_STATS => &[
+            Older {
+                version: 1,
+                key: None,
+                value: None,
+                entries: Some(REASONS_V1),
+                to_next: Migration::Counters(same_index),
+            },
+            Older {
+                version: 2,
+                key: None,
+                value: None,
+                entries: Some(REASONS_V2),
+                to_next: Migration::Counters(same_index),
+            },
+        ],
         // One counter per hook and reason, at hook * reasons + reason: appending a reason
         // moves every hook's counters after the first.
-        names::LB_DROPS => &[Older {
-            version: 1,
-            key: None,
-            value: None,
-            entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V1),
-            to_next: Migration::Counters(drops_v1_to_v2),
-        }],
+        names::LB_DROPS => &[
+            Older {
+                version: 1,
+                key: None,
+                value: None,
+                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V1),
+                to_next: Migration::Counters(drops_v1_to_v2),
+            },
+            Older {
+                version: 2,
+                key: None,
+                value: None,
+                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V2),
+                to_next: Migration::Counters(drops_v2_to_v3),
+            },
+        ],
         _ => &[],
     }
 }
@@ -114,10 +134,18 @@ fn same_index(i: u32) -> Option<u32> {
     Some(i)
 }
 
+/// A drop counter's index in a layout of `from` reasons per hook, in one of `to`.
+fn drops_moved(i: u32, from: u32, to: u32) -> Option<u32> {
+    let (hook, reason) = (i / from, i % from);
+    (hook < proxy_common::reason::HOOK_COUNT).then_some(hook * to + reason)
+}
+
 fn drops_v1_to_v2(i: u32) -> Option<u32> {
-    let (hook, reason) = (i / REASONS_V1, i % REASONS_V1);
-    (hook < proxy_common::reason::HOOK_COUNT)
-        .then_some(hook * proxy_common::reason::REASON_COUNT + reason)
+    drops_moved(i, REASONS_V1, REASONS_V2)
+}
+
+fn drops_v2_to_v3(i: u32) -> Option<u32> {
+    drops_moved(i, REASONS_V2, proxy_common::reason::REASON_COUNT)
 }
 
 /// This build's layout version of `map`.
@@ -245,7 +273,7 @@ mod tests {
             assert!(version_key(map).ends_with(&[0]), "{map}: name fits the key");
         }
         assert_eq!(current_version(names::LB_CT4), 1);
-        assert_eq!(current_version(names::LB_DROPS), 2);
+        assert_eq!(current_version(names::LB_DROPS), 3);
     }
 
     #[test]
