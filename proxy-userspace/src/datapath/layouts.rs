@@ -318,6 +318,32 @@ mod tests {
         assert_eq!(remap_counter(&steps, 34), Some(34));
     }
 
+    #[test]
+    fn counters_of_the_second_version_are_migrated() {
+        let now = counters(DROPS);
+        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 36), Some(2), &now);
+        let Plan::Migrate { from: 2, steps } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(steps.len(), 1);
+        for hook in Hook::ALL {
+            for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 36) {
+                assert_eq!(
+                    remap_counter(&steps, hook as u32 * 36 + *reason as u32),
+                    Some(hook.drop_index(*reason)),
+                    "{hook:?} {reason:?}"
+                );
+            }
+        }
+        let stats = classify(
+            names::LB_STATS,
+            &counters(36),
+            None,
+            &counters(REASON_COUNT),
+        );
+        assert!(matches!(stats, Plan::Migrate { from: 2, .. }), "{stats:?}");
+    }
+
     const DROPS: u32 = proxy_common::reason::DROPS_COUNT;
 
     #[test]
