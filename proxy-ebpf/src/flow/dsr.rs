@@ -24,7 +24,7 @@
 //! node learn its budget of entries in the current second.
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{
         BPF_ANY, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
         bpf_fib_lookup,
@@ -769,7 +769,7 @@ pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
     // A packet the option would make too big for the egress interface goes without it (the
     // backend's node learnt the flow from its first, small, packet); dropped, it would be lost
     // without a trace.
-    if !fits_tc::<F>(ctx, r.ifindex) {
+    if !fits::<F, _>(ctx, r.ifindex) {
         stats::count(Reason::DsrTooBig);
     } else if F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err() {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
@@ -778,18 +778,11 @@ pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
     send::<F>(ctx, r.ifindex)
 }
 
-/// Whether the packet, grown by the option, still fits `ifindex`'s MTU (a GSO packet always
-/// does: it is segmented for the MTU after the option was added).
+/// Whether the packet (an skb at tc, a frame at XDP), grown by the option, still fits
+/// `ifindex`'s MTU (a GSO packet always does: it is segmented for the MTU after the option was
+/// added).
 #[inline(always)]
-fn fits_tc<F: Dsr>(ctx: &TcContext, ifindex: u32) -> bool {
-    let mut mtu = 0u32;
-    // SAFETY: plain helper call on this context with a stack word for the answer.
-    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) == 0 }
-}
-
-/// `fits_tc` at XDP.
-#[inline(always)]
-pub fn fits_xdp<F: Dsr>(ctx: &XdpContext, ifindex: u32) -> bool {
+pub fn fits<F: Dsr, C: EbpfContext>(ctx: &C, ifindex: u32) -> bool {
     let mut mtu = 0u32;
     // SAFETY: plain helper call on this context with a stack word for the answer.
     unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) == 0 }

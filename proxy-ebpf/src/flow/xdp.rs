@@ -246,7 +246,7 @@ pub fn commit<F: XdpIp + Dsr>(
 #[inline(always)]
 fn dsr_out<F: XdpIp + Dsr>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
     // Too big with the option: sent without it, as at tc (`dsr::send_remembered`).
-    if !dsr::fits_xdp::<F>(ctx, hop.ifindex) {
+    if !dsr::fits::<F, _>(ctx, hop.ifindex) {
         stats::count(Reason::DsrTooBig);
     } else if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
         monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
