@@ -21,7 +21,6 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::Path,
-    process::Output,
     time::Duration,
 };
 
@@ -29,7 +28,6 @@ use common::*;
 use tests::{
     Agent, Shape, Testbed,
     harness::{
-        process::{Placement, command_in, workspace_binary},
         testbed::{EXT_IP4, EXT_IP6},
         topology::Proto,
     },
@@ -210,23 +208,6 @@ fn check_from_outside(tb: &Testbed, svc: &Svc, backend: &str) {
             }
         }
     }
-}
-
-/// Runs `kube-bpf-proxy ARGS --bpffs PIN` in node-a's namespace.
-fn cli_in_node(tb: &Testbed, agent: &Agent, args: &[&str]) -> Output {
-    let netns = tb.node_ns_path(0);
-    command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: None,
-        },
-        &workspace_binary("kube-bpf-proxy"),
-        args,
-    )
-    .arg("--bpffs")
-    .arg(&agent.pin_dir)
-    .output()
-    .expect("run kube-bpf-proxy")
 }
 
 /// `status -o json` in node-a's namespace.

@@ -17,11 +17,7 @@ use std::{
 use common::*;
 use tests::{
     Agent, Reply, Testbed,
-    harness::{
-        process::{Placement, command_in, workspace_binary},
-        release,
-        topology::Proto,
-    },
+    harness::{release, topology::Proto},
     poll_until,
 };
 
@@ -274,18 +270,7 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
         "{dump}"
     );
     // status shows each map's layout version.
-    let netns = tb.node_ns_path(0);
-    let out = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: None,
-        },
-        &workspace_binary("kube-bpf-proxy"),
-        &["status", "-o", "json", "--bpffs"],
-    )
-    .arg(&agent.pin_dir)
-    .output()
-    .expect("run status");
+    let out = cli_in_node(&tb, &agent, &["status", "-o", "json"]);
     assert!(out.status.success(), "status: {out:?}");
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
     let layout = |map: &str| {
@@ -297,19 +282,18 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
     assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(3)), "{status}");
     assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
     // verify finds the maps equal to the objects.
-    let out = command_in(
-        &Placement {
-            netns: &netns,
-            cgroup_procs: None,
-        },
-        &workspace_binary("kube-bpf-proxy"),
-        &["verify", "--manifests"],
-    )
-    .arg(&agent.manifests)
-    .args(["--hostname-override", NODE, "--bpffs"])
-    .arg(&agent.pin_dir)
-    .output()
-    .expect("run verify");
+    let manifests = agent.manifests.display().to_string();
+    let out = cli_in_node(
+        &tb,
+        &agent,
+        &[
+            "verify",
+            "--manifests",
+            &manifests,
+            "--hostname-override",
+            NODE,
+        ],
+    );
     assert!(
         out.status.success(),
         "verify after the upgrade: {}{}",

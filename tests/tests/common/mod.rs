@@ -359,3 +359,21 @@ pub fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// `kube-bpf-proxy ARGS --bpffs PIN_DIR` in node-a's namespace (the pins of `agent`).
+pub fn cli_in_node(tb: &tests::Testbed, agent: &Agent, args: &[&str]) -> std::process::Output {
+    use tests::harness::process::{Placement, command_in, workspace_binary};
+    let netns = tb.node_ns_path(0);
+    command_in(
+        &Placement {
+            netns: &netns,
+            cgroup_procs: None,
+        },
+        &workspace_binary("kube-bpf-proxy"),
+        args,
+    )
+    .arg("--bpffs")
+    .arg(&agent.pin_dir)
+    .output()
+    .expect("run kube-bpf-proxy")
+}
