@@ -12,7 +12,6 @@ use tests::{
     ChildGuard, Shape, TestCgroup, Testbed,
     harness::{
         cgroup::cgroup2_root,
-        process::{Placement, command_in, workspace_binary},
         topology::{Proto, request_in, testhost_in},
     },
     poll_until,
@@ -222,19 +221,7 @@ fn per_packet(shape: Shape, by_default: bool) {
     // The operator's view: `services` lists the per-packet namespace, `explain` (with the
     // source, to know the client pod by its address) says which path the client takes.
     let cli = |args: &[&str]| -> serde_json::Value {
-        let netns = tb.node_ns_path(0);
-        let out = command_in(
-            &Placement {
-                netns: &netns,
-                cgroup_procs: None,
-            },
-            &workspace_binary("kube-bpf-proxy"),
-            args,
-        )
-        .arg("--bpffs")
-        .arg(&agent.pin_dir)
-        .output()
-        .expect("run kube-bpf-proxy");
+        let out = cli_in_node(&tb, &agent, args);
         assert!(
             out.status.success(),
             "{args:?}: {}",

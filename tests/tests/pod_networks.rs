@@ -310,18 +310,7 @@ fn pod_network(shape: Shape) {
     // XDP runs in front of tc on eth0 and hands local-backend flows to tc: they were answered.
     assert!(hooks(&s).contains("xdp-eth0"), "{s}");
     // verify agrees: the maps match and every pod-facing interface carries the program.
-    let manifests = agent.manifests.display().to_string();
-    let out = cli_in_node(
-        &tb,
-        &agent,
-        &[
-            "verify",
-            "--manifests",
-            &manifests,
-            "--hostname-override",
-            NODE,
-        ],
-    );
+    let out = verify_in_node(&tb, &agent, NODE);
     assert!(
         out.status.success(),
         "verify: {}{}",

@@ -282,18 +282,7 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
     assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(3)), "{status}");
     assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
     // verify finds the maps equal to the objects.
-    let manifests = agent.manifests.display().to_string();
-    let out = cli_in_node(
-        &tb,
-        &agent,
-        &[
-            "verify",
-            "--manifests",
-            &manifests,
-            "--hostname-override",
-            NODE,
-        ],
-    );
+    let out = verify_in_node(&tb, &agent, NODE);
     assert!(
         out.status.success(),
         "verify after the upgrade: {}{}",

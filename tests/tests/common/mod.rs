@@ -377,3 +377,20 @@ pub fn cli_in_node(tb: &tests::Testbed, agent: &Agent, args: &[&str]) -> std::pr
     .output()
     .expect("run kube-bpf-proxy")
 }
+
+/// `kube-bpf-proxy verify` of `agent`'s manifests against its pins, in node-a's namespace, as
+/// node `node`.
+pub fn verify_in_node(tb: &tests::Testbed, agent: &Agent, node: &str) -> std::process::Output {
+    let manifests = agent.manifests.display().to_string();
+    cli_in_node(
+        tb,
+        agent,
+        &[
+            "verify",
+            "--manifests",
+            &manifests,
+            "--hostname-override",
+            node,
+        ],
+    )
+}
