@@ -15,6 +15,7 @@ mod services;
 
 use access::maps;
 use flow::conns;
+use headers::family::{V4, V6};
 use services::sock;
 
 use aya_ebpf::{
@@ -26,52 +27,52 @@ use aya_ebpf::{
 /// Service has no usable backend, then 0 with ECONNREFUSED (or EPERM for a policy drop).
 #[cgroup_sock_addr(connect4)]
 pub fn sock4_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict::<false, true>(&ctx, sock::fwd4::<false>(&ctx))
+    sock::verdict::<V4, false>(&ctx, sock::fwd::<V4, false>(&ctx))
 }
 
 /// sendmsg()/sendto() with a destination on unconnected UDP sockets, IPv4. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock4_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict::<true, true>(&ctx, sock::fwd4::<true>(&ctx))
+    sock::verdict::<V4, true>(&ctx, sock::fwd::<V4, true>(&ctx))
 }
 
 /// recvmsg()/recvfrom() on UDP, IPv4: the source shown is the Service address. Always 1.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock4_recvmsg(ctx: SockAddrContext) -> i32 {
-    sock::rev4(&ctx);
+    sock::rev::<V4>(&ctx);
     1
 }
 
 /// getpeername(), IPv4: the peer shown is the Service address. Always 1.
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock4_getpeername(ctx: SockAddrContext) -> i32 {
-    sock::rev4(&ctx);
+    sock::rev::<V4>(&ctx);
     1
 }
 
 /// connect(), IPv6 (and IPv4-mapped IPv6). Verdicts as connect4.
 #[cgroup_sock_addr(connect6)]
 pub fn sock6_connect(ctx: SockAddrContext) -> i32 {
-    sock::verdict::<false, false>(&ctx, sock::fwd6::<false>(&ctx))
+    sock::verdict::<V6, false>(&ctx, sock::fwd::<V6, false>(&ctx))
 }
 
 /// sendmsg(), IPv6. Verdicts as connect4.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sock6_sendmsg(ctx: SockAddrContext) -> i32 {
-    sock::verdict::<true, false>(&ctx, sock::fwd6::<true>(&ctx))
+    sock::verdict::<V6, true>(&ctx, sock::fwd::<V6, true>(&ctx))
 }
 
 /// recvmsg(), IPv6. Always 1.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn sock6_recvmsg(ctx: SockAddrContext) -> i32 {
-    sock::rev6(&ctx);
+    sock::rev::<V6>(&ctx);
     1
 }
 
 /// getpeername(), IPv6. Always 1.
 #[cgroup_sock_addr(getpeername6)]
 pub fn sock6_getpeername(ctx: SockAddrContext) -> i32 {
-    sock::rev6(&ctx);
+    sock::rev::<V6>(&ctx);
     1
 }
 

@@ -13,17 +13,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use proxy_common::{
-    backend::{FAMILY_V4, SockConn},
+    backend::SockConn,
     ct::{Ct4Key, Ct6Key},
     proto::{ETH_P_IP, ETH_P_IPV6},
-    reason::Reason,
-    revnat::{SockRevNat4Key, SockRevNat6Key},
 };
 
+use super::records;
 use crate::{
     access::{
-        maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK, SOCK4_REVNAT, SOCK6_REVNAT},
-        stats, xdp,
+        maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK},
+        xdp,
     },
     headers::ETH_HLEN,
 };
@@ -149,38 +148,8 @@ pub fn release(ctx: &SockContext) {
     }
     // SAFETY: plain helper call on the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let deleted = if conn.rev_family == FAMILY_V4 {
-        let key = SockRevNat4Key {
-            cookie,
-            addr: [
-                conn.rev_addr[0],
-                conn.rev_addr[1],
-                conn.rev_addr[2],
-                conn.rev_addr[3],
-            ],
-            port: conn.rev_port,
-            _pad: 0,
-        };
-        SOCK4_REVNAT
-            .remove(&key)
-            .is_ok()
-            .then_some(Reason::RevNatDel4)
-    } else {
-        let key = SockRevNat6Key {
-            cookie,
-            addr: conn.rev_addr,
-            port: conn.rev_port,
-            _pad: [0; 6],
-        };
-        SOCK6_REVNAT
-            .remove(&key)
-            .is_ok()
-            .then_some(Reason::RevNatDel6)
-    };
+    records::forget(cookie, conn.rev_family, &conn.rev_addr, conn.rev_port);
     conn.rev_family = 0;
-    if let Some(reason) = deleted {
-        stats::count(reason);
-    }
 }
 
 /// The agent's release of a flow it expires (`conn_release`, run through BPF_PROG_TEST_RUN):

@@ -11,5 +11,6 @@ pub mod frag;
 pub mod icmp;
 pub mod monitor;
 pub mod nat;
+pub mod records;
 pub mod tc;
 pub mod xdp;

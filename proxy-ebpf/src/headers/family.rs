@@ -15,7 +15,7 @@ use super::{
 
 /// What differs between IPv4 and IPv6 in a packet's headers.
 pub trait Ip {
-    type Addr: Copy + PartialEq;
+    type Addr: Copy + PartialEq + Default;
 
     fn parse(ctx: &TcContext) -> Result<Packet<Self::Addr>, Option<Reason>>;
 

@@ -18,8 +18,15 @@ use crate::{
 
 /// The frontend maps of a family.
 pub trait Frontends: Ip {
-    /// The frontend of `scope` (`SCOPE_EXTERNAL` or `SCOPE_INTERNAL`) the packet is for.
-    fn frontend(t: &Tuple<Self::Addr>, scope: u8) -> Option<ServiceValue>;
+    /// The frontend (`addr`, `port`, `proto`) of `scope` (`SCOPE_EXTERNAL` or
+    /// `SCOPE_INTERNAL`).
+    fn lookup(addr: &Self::Addr, port: u16, proto: u8, scope: u8) -> Option<ServiceValue>;
+
+    /// The frontend of `scope` the packet is for.
+    #[inline(always)]
+    fn frontend(t: &Tuple<Self::Addr>, scope: u8) -> Option<ServiceValue> {
+        Self::lookup(&t.daddr, t.dport, t.proto, scope)
+    }
 
     /// Whether `addr` is a ClusterIP (its any-port entry: semantics 3.12).
     fn cluster_ip(addr: &Self::Addr) -> bool;
@@ -29,11 +36,11 @@ pub trait Frontends: Ip {
 
 impl Frontends for V4 {
     #[inline(always)]
-    fn frontend(t: &Tuple<[u8; 4]>, scope: u8) -> Option<ServiceValue> {
+    fn lookup(addr: &[u8; 4], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
         let key = Service4Key {
-            addr: t.daddr,
-            port: t.dport,
-            proto: t.proto,
+            addr: *addr,
+            port,
+            proto,
             scope,
         };
         // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
@@ -67,11 +74,11 @@ impl Frontends for V4 {
 
 impl Frontends for V6 {
     #[inline(always)]
-    fn frontend(t: &Tuple<[u8; 16]>, scope: u8) -> Option<ServiceValue> {
+    fn lookup(addr: &[u8; 16], port: u16, proto: u8, scope: u8) -> Option<ServiceValue> {
         let key = Service6Key {
-            addr: t.daddr,
-            port: t.dport,
-            proto: t.proto,
+            addr: *addr,
+            port,
+            proto,
             scope,
         };
         // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
