@@ -6,13 +6,14 @@
 
 use crate::pod;
 
-/// Key of `LB_CT4`: a packet's tuple as it arrives.
+/// Key of `LB_CT4`/`LB_CT6`: a packet's tuple as it arrives. `A` is the address: `[u8; 4]`
+/// or `[u8; 16]`; one definition serves both families.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ct4Key {
+pub struct CtKey<A> {
     /// Network byte order.
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: A,
+    pub daddr: A,
     /// Host byte order.
     pub sport: u16,
     pub dport: u16,
@@ -21,13 +22,13 @@ pub struct Ct4Key {
     pub _pad: [u8; 3],
 }
 
-/// Value of `LB_CT4`.
+/// Value of `LB_CT4`/`LB_CT6`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Ct4Value {
+pub struct CtValue<A> {
     /// The tuple the packet is rewritten to; fields as in the key.
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     /// `CT_*` bits.
@@ -45,32 +46,14 @@ pub struct Ct4Value {
     pub counted: u64,
 }
 
-/// Key of `LB_CT6`; fields as in `Ct4Key`.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Ct6Key {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-/// Value of `LB_CT6`; fields as in `Ct4Value`.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct Ct6Value {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub flags: u32,
-    pub svc_id: u32,
-    pub backend_id: u32,
-    pub last_seen_ns: u64,
-    pub counted: u64,
-}
+/// Key of `LB_CT4`.
+pub type Ct4Key = CtKey<[u8; 4]>;
+/// Value of `LB_CT4`.
+pub type Ct4Value = CtValue<[u8; 4]>;
+/// Key of `LB_CT6`.
+pub type Ct6Key = CtKey<[u8; 16]>;
+/// Value of `LB_CT6`.
+pub type Ct6Value = CtValue<[u8; 16]>;
 
 /// The entry translates replies (backend → client) back to the frontend.
 pub const CT_REPLY: u32 = 1 << 0;

@@ -4,7 +4,7 @@
 //! `LB_CT4`/`LB_CT6`.
 
 use proxy_common::{
-    ct::{CT_FIN, CT_REPLY, CT_RST, Ct4Key, Ct4Value, Ct6Key, Ct6Value},
+    ct::{CT_FIN, CT_REPLY, CT_RST, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue},
     proto,
     service::MemberKey,
 };
@@ -27,93 +27,61 @@ pub struct Entry<A> {
     pub backend_id: u32,
 }
 
-/// The connection-tracking map of a family.
+/// The connection-tracking map of a family: its lookup and insert; what is read and written
+/// through them is the same for both families.
 pub trait Tracked: Ip {
-    type CtValue;
+    fn ct_get(k: &CtKey<Self::Addr>) -> Option<*mut CtValue<Self::Addr>>;
 
-    fn ct_lookup(t: &Tuple<Self::Addr>) -> Option<*mut Self::CtValue>;
+    fn ct_put(k: &CtKey<Self::Addr>, v: &CtValue<Self::Addr>, map_flags: u64) -> Result<(), i64>;
+
+    #[inline(always)]
+    fn ct_lookup(t: &Tuple<Self::Addr>) -> Option<*mut CtValue<Self::Addr>> {
+        Self::ct_get(&ct_key(t))
+    }
 
     /// # Safety
-    /// `v` must come from `ct_lookup`.
-    unsafe fn ct_read(v: *mut Self::CtValue) -> Entry<Self::Addr>;
+    /// `v` must come from `ct_lookup` during this program run.
+    #[inline(always)]
+    unsafe fn ct_read(v: *mut CtValue<Self::Addr>) -> Entry<Self::Addr> {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
+        let v = unsafe { &*v };
+        Entry {
+            to: Tuple {
+                saddr: v.saddr,
+                daddr: v.daddr,
+                sport: v.sport,
+                dport: v.dport,
+                proto: 0,
+            },
+            flags: v.flags,
+            svc_id: v.svc_id,
+            backend_id: v.backend_id,
+        }
+    }
 
     /// Refreshes the entry's timestamp and adds `flags`.
     /// # Safety
-    /// `v` must come from `ct_lookup`.
-    unsafe fn ct_touch(v: *mut Self::CtValue, now: u64, flags: u32);
+    /// `v` must come from `ct_lookup` during this program run.
+    #[inline(always)]
+    unsafe fn ct_touch(v: *mut CtValue<Self::Addr>, now: u64, flags: u32) {
+        // SAFETY: the caller's contract: `v` came from a lookup in this run.
+        unsafe {
+            (*v).last_seen_ns = now;
+            if flags != 0 {
+                (*v).flags |= flags;
+            }
+        }
+    }
 
+    #[inline(always)]
     fn ct_insert(
         t: &Tuple<Self::Addr>,
         e: &Entry<Self::Addr>,
         now: u64,
         map_flags: u64,
         counted: u64,
-    ) -> Result<(), i64>;
-
-    /// Gives back the active-connection count the entry holds, if it still holds one.
-    /// # Safety
-    /// `v` must come from `ct_lookup`.
-    unsafe fn ct_give_back(v: *mut Self::CtValue);
-}
-
-impl Tracked for V4 {
-    type CtValue = Ct4Value;
-
-    #[inline(always)]
-    fn ct_lookup(t: &Tuple<[u8; 4]>) -> Option<*mut Ct4Value> {
-        LB_CT4.get_ptr_mut(ct4_key(t))
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_read(v: *mut Ct4Value) -> Entry<[u8; 4]> {
-        // SAFETY: the caller's contract: `v` came from a lookup in this run.
-        let v = unsafe { &*v };
-        Entry {
-            to: Tuple {
-                saddr: v.saddr,
-                daddr: v.daddr,
-                sport: v.sport,
-                dport: v.dport,
-                proto: 0,
-            },
-            flags: v.flags,
-            svc_id: v.svc_id,
-            backend_id: v.backend_id,
-        }
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_touch(v: *mut Ct4Value, now: u64, flags: u32) {
-        // SAFETY: the caller's contract: `v` came from a lookup in this run.
-        unsafe {
-            (*v).last_seen_ns = now;
-            if flags != 0 {
-                (*v).flags |= flags;
-            }
-        }
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_give_back(v: *mut Ct4Value) {
-        // SAFETY: the caller's pointer from a lookup.
-        unsafe { conns::give_back(&raw mut (*v).counted, (*v).backend_id) };
-    }
-
-    #[inline(always)]
-    fn ct_insert(
-        t: &Tuple<[u8; 4]>,
-        e: &Entry<[u8; 4]>,
-        now: u64,
-        map_flags: u64,
-        counted: u64,
     ) -> Result<(), i64> {
-        let value = Ct4Value {
+        let value = CtValue {
             saddr: e.to.saddr,
             daddr: e.to.daddr,
             sport: e.to.sport,
@@ -124,15 +92,22 @@ impl Tracked for V4 {
             last_seen_ns: now,
             counted,
         };
-        LB_CT4
-            .insert(ct4_key(t), value, map_flags)
-            .map_err(i64::from)
+        Self::ct_put(&ct_key(t), &value, map_flags)
+    }
+
+    /// Gives back the active-connection count the entry holds, if it still holds one.
+    /// # Safety
+    /// `v` must come from `ct_lookup` during this program run.
+    #[inline(always)]
+    unsafe fn ct_give_back(v: *mut CtValue<Self::Addr>) {
+        // SAFETY: the caller's pointer from a lookup.
+        unsafe { conns::give_back(&raw mut (*v).counted, (*v).backend_id) };
     }
 }
 
 #[inline(always)]
-fn ct4_key(t: &Tuple<[u8; 4]>) -> Ct4Key {
-    Ct4Key {
+fn ct_key<A: Copy>(t: &Tuple<A>) -> CtKey<A> {
+    CtKey {
         saddr: t.saddr,
         daddr: t.daddr,
         sport: t.sport,
@@ -142,89 +117,27 @@ fn ct4_key(t: &Tuple<[u8; 4]>) -> Ct4Key {
     }
 }
 
-#[inline(always)]
-fn ct6_key(t: &Tuple<[u8; 16]>) -> Ct6Key {
-    Ct6Key {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        _pad: [0; 3],
+impl Tracked for V4 {
+    #[inline(always)]
+    fn ct_get(k: &Ct4Key) -> Option<*mut Ct4Value> {
+        LB_CT4.get_ptr_mut(k)
+    }
+
+    #[inline(always)]
+    fn ct_put(k: &Ct4Key, v: &Ct4Value, map_flags: u64) -> Result<(), i64> {
+        LB_CT4.insert(k, v, map_flags).map_err(i64::from)
     }
 }
 
 impl Tracked for V6 {
-    type CtValue = Ct6Value;
-
     #[inline(always)]
-    fn ct_lookup(t: &Tuple<[u8; 16]>) -> Option<*mut Ct6Value> {
-        LB_CT6.get_ptr_mut(ct6_key(t))
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_read(v: *mut Ct6Value) -> Entry<[u8; 16]> {
-        // SAFETY: the caller's contract: `v` came from a lookup in this run.
-        let v = unsafe { &*v };
-        Entry {
-            to: Tuple {
-                saddr: v.saddr,
-                daddr: v.daddr,
-                sport: v.sport,
-                dport: v.dport,
-                proto: 0,
-            },
-            flags: v.flags,
-            svc_id: v.svc_id,
-            backend_id: v.backend_id,
-        }
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_touch(v: *mut Ct6Value, now: u64, flags: u32) {
-        // SAFETY: the caller's contract: `v` came from a lookup in this run.
-        unsafe {
-            (*v).last_seen_ns = now;
-            if flags != 0 {
-                (*v).flags |= flags;
-            }
-        }
-    }
-
-    /// # Safety
-    /// `v` must come from a lookup in the connection-tracking map during this program run.
-    #[inline(always)]
-    unsafe fn ct_give_back(v: *mut Ct6Value) {
-        // SAFETY: the caller's pointer from a lookup.
-        unsafe { conns::give_back(&raw mut (*v).counted, (*v).backend_id) };
+    fn ct_get(k: &Ct6Key) -> Option<*mut Ct6Value> {
+        LB_CT6.get_ptr_mut(k)
     }
 
     #[inline(always)]
-    fn ct_insert(
-        t: &Tuple<[u8; 16]>,
-        e: &Entry<[u8; 16]>,
-        now: u64,
-        map_flags: u64,
-        counted: u64,
-    ) -> Result<(), i64> {
-        let value = Ct6Value {
-            saddr: e.to.saddr,
-            daddr: e.to.daddr,
-            sport: e.to.sport,
-            dport: e.to.dport,
-            flags: e.flags,
-            svc_id: e.svc_id,
-            backend_id: e.backend_id,
-            last_seen_ns: now,
-            counted,
-        };
-        LB_CT6
-            .insert(ct6_key(t), value, map_flags)
-            .map_err(i64::from)
+    fn ct_put(k: &Ct6Key, v: &Ct6Value, map_flags: u64) -> Result<(), i64> {
+        LB_CT6.insert(k, v, map_flags).map_err(i64::from)
     }
 }
 
@@ -267,7 +180,7 @@ fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
 /// count back: a FIN or RST either way ends it as an active connection, as IPVS counts them.
 #[inline(always)]
 pub fn keeps_entry<F: Tracked>(
-    ptr: *mut F::CtValue,
+    ptr: *mut CtValue<F::Addr>,
     e: &Entry<F::Addr>,
     pkt: &Packet<F::Addr>,
 ) -> bool {
