@@ -9,9 +9,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT},
+    ct::{CT_DSR, CT_REPLY, CT_SNAT},
     reason::Reason,
 };
 
+use super::{conns, ct::Entry};
 use crate::{
     access::maps::LB_CONFIG,
     headers::{Packet, Tuple, family::Ip},
@@ -110,4 +112,43 @@ pub fn claim_failure(snat: bool) -> Reason {
     } else {
         Reason::CtFailed
     }
+}
+
+/// Records a new flow, at tc and at XDP alike: the reply entry first (it claims the
+/// masquerading port, so `to.sport` may change; a DSR flow has none: its replies never come
+/// back here), then the forward entry. `entry` comes in with the flow's `flags` (`CT_SNAT`,
+/// `CT_DSR` or 0), `svc_id` and `backend_id`, and is left as the forward entry. A
+/// least-connection flow (`counted`) takes its count before its forward entry exists, so the
+/// count is never given back before it was taken. `insert` writes one entry (key, entry, map
+/// flags, counted). Err: why the flow could not be recorded.
+#[inline(always)]
+pub fn record<A: Copy>(
+    t: &Tuple<A>,
+    to: &mut Tuple<A>,
+    entry: &mut Entry<A>,
+    counted: bool,
+    insert: impl Fn(&Tuple<A>, &Entry<A>, u64, u64) -> bool,
+) -> Result<(), Reason> {
+    let flags = entry.flags;
+    let snat = flags & CT_SNAT != 0;
+    if flags & CT_DSR == 0 {
+        entry.to = t.reversed();
+        entry.flags = flags | CT_REPLY;
+        let reply = &*entry;
+        if !claim_reply(to, snat, |key, map_flags| insert(key, reply, map_flags, 0)) {
+            return Err(claim_failure(snat));
+        }
+    }
+    entry.to = *to;
+    entry.flags = flags;
+    if counted {
+        conns::take(entry.backend_id);
+    }
+    if !insert(t, entry, BPF_ANY as u64, counted as u64) {
+        if counted {
+            conns::untake(entry.backend_id);
+        }
+        return Err(Reason::CtFailed);
+    }
+    Ok(())
 }

@@ -7,14 +7,14 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
     programs::XdpContext,
 };
 use proxy_common::{
-    ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    ct::CT_DSR,
     proto,
     reason::{Hook, Reason},
 };
@@ -179,15 +179,15 @@ pub struct Meta {
 }
 
 /// A new flow's translation at XDP: filled by the services layer (`to`, `meta`, `hop`),
-/// completed by `commit` (`reply`, `forward`). Kept by the caller in per-CPU scratch space,
+/// completed by `commit` (`entry`). Kept by the caller in per-CPU scratch space,
 /// not on the stack: the IPv6 entries would not fit the call chain's 512 bytes.
 pub struct Commit<A> {
     /// The translated tuple (its source port is the masquerading port once claimed).
     pub to: Tuple<A>,
     pub meta: Meta,
     pub hop: Hop<A>,
-    pub reply: Entry<A>,
-    pub forward: Entry<A>,
+    /// The flow's entry: written as the reply entry, then as the forward one (`nat::record`).
+    pub entry: Entry<A>,
 }
 
 /// Records the flow (reply entry first: it claims the masquerading port), rewrites the packet
@@ -198,35 +198,28 @@ pub fn commit<F: XdpIp + Dsr>(
     pkt: &Packet<F::Addr>,
     c: &mut Commit<F::Addr>,
 ) -> u32 {
-    let snat = c.meta.flags & CT_SNAT != 0;
     let dsr = c.meta.flags & CT_DSR != 0;
     let now = c.meta.now;
-    // With DSR the replies never come back here: no reply entry.
-    if !dsr {
-        c.reply = Entry {
-            to: pkt.t.reversed(),
-            flags: c.meta.flags | CT_REPLY,
-            svc_id: c.meta.svc_id,
-            backend_id: c.meta.backend_id,
-        };
-        let reply = &c.reply;
-        let claimed = nat::claim_reply(&mut c.to, snat, |key, map_flags| {
-            insert::<F>(key, reply, now, map_flags)
-        });
-        if !claimed {
-            monitor::dropped::<F>(Hook::Xdp, nat::claim_failure(snat), c.meta.svc_id, &pkt.t);
-            return XDP_DROP;
-        }
-    }
-    c.forward = Entry {
+    c.entry = Entry {
         to: c.to,
         flags: c.meta.flags,
         svc_id: c.meta.svc_id,
         backend_id: c.meta.backend_id,
     };
-    if !insert::<F>(&pkt.t, &c.forward, now, BPF_ANY as u64) {
-        stats::count(Reason::CtFailed);
-        return XDP_PASS;
+    // Flows that hold least-connection counts are started at tc: none is counted here.
+    match nat::record(&pkt.t, &mut c.to, &mut c.entry, false, |k, e, mf, _| {
+        insert::<F>(k, e, now, mf)
+    }) {
+        Ok(()) => {}
+        // A full conntrack map: tc, which tries again, drops and counts it if it fails too.
+        Err(Reason::CtFailed) => {
+            stats::count(Reason::CtFailed);
+            return XDP_PASS;
+        }
+        Err(reason) => {
+            monitor::dropped::<F>(Hook::Xdp, reason, c.meta.svc_id, &pkt.t);
+            return XDP_DROP;
+        }
     }
     if rewrite::<F>(ctx, pkt, &c.to).is_none() {
         monitor::dropped::<F>(Hook::Xdp, Reason::RewriteFailed, c.meta.svc_id, &pkt.t);
@@ -234,7 +227,7 @@ pub fn commit<F: XdpIp + Dsr>(
     }
     stats::count(Reason::NatNew);
     stats::count(Reason::XdpForwarded);
-    monitor::translated::<F>(Hook::Xdp, c.meta.reason, &pkt.t, &c.forward);
+    monitor::translated::<F>(Hook::Xdp, c.meta.reason, &pkt.t, &c.entry);
     if dsr {
         return dsr_out::<F>(ctx, &pkt.t, &c.hop);
     }

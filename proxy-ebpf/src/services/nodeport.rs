@@ -8,7 +8,7 @@
 //! stack's input path would refuse as a martian.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -23,7 +23,6 @@ use proxy_common::{
 use crate::{
     access::{events, maps::LB_IFACES, socklb, stats},
     flow::{
-        conns,
         ct::Entry,
         dsr,
         fib::{forward, route},
@@ -261,30 +260,15 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     };
     // One entry on the stack, written first as the reply entry, then as the forward one.
     let mut entry = Entry {
-        to: pkt.t.reversed(),
-        flags: flags | CT_REPLY,
+        to,
+        flags,
         svc_id: svc.id,
         backend_id: choice.backend_id,
     };
-    // With DSR the replies never come back here: no reply entry.
-    let claimed = dsr
-        || nat::claim_reply(&mut to, snat, |key, map_flags| {
-            F::ct_insert(key, &entry, now, map_flags, 0).is_ok()
-        });
-    if !claimed {
-        return drop(nat::claim_failure(snat));
-    }
-    entry.to = to;
-    entry.flags = flags;
-    // A least-connection frontend's flow holds a count until it closes or expires.
-    if counted {
-        conns::take(choice.backend_id);
-    }
-    if F::ct_insert(&pkt.t, &entry, now, BPF_ANY as u64, counted as u64).is_err() {
-        if counted {
-            conns::untake(choice.backend_id);
-        }
-        return drop(Reason::CtFailed);
+    if let Err(reason) = nat::record(&pkt.t, &mut to, &mut entry, counted, |k, e, mf, c| {
+        F::ct_insert(k, e, now, mf, c).is_ok()
+    }) {
+        return drop(reason);
     }
     if rewrite::<F>(ctx, pkt, &to).is_err() {
         return drop(Reason::RewriteFailed);
