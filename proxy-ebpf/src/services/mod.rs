@@ -5,6 +5,7 @@
 
 pub mod frontend;
 pub mod lb;
+pub mod newflow;
 pub mod nodeport;
 pub mod reject;
 pub mod sock;

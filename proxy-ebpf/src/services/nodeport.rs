@@ -13,11 +13,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    affinity::{AffinityKey, CLIENT_ADDR},
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
     info::{IFACE_EXTERNAL, IFACE_KEPT},
     reason::{Hook, Reason},
-    service::{FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, SCOPE_EXTERNAL, SCOPE_INTERNAL},
+    service::{FLAG_LEAST_CONN, SCOPE_EXTERNAL, SCOPE_INTERNAL},
 };
 
 use crate::{
@@ -29,8 +28,7 @@ use crate::{
         monitor,
         nat::{self, rewrite},
     },
-    headers::Tuple,
-    services::{frontend::Family, lb, reject},
+    services::{frontend::Family, lb, newflow, reject},
 };
 
 /// Returned by `new_flow` for a new flow to a frontend without backends: not a tc action.
@@ -186,22 +184,16 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let internal = scope == SCOPE_INTERNAL;
-    let Some(svc) = F::frontend(&pkt.t, scope) else {
-        return TC_ACT_OK as i32;
+    let svc = match newflow::admit::<F>(&pkt.t, scope) {
+        Ok(svc) => svc,
+        Err(None) => return TC_ACT_OK as i32,
+        Err(Some(reason)) => return drop(reason),
     };
-    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &pkt.t.saddr) {
-        return drop(Reason::SourceRangeDrop);
-    }
     let counted = svc.has_flag(FLAG_LEAST_CONN);
     if counted && least == 0 {
         return LEAST_CONN;
     }
-    let client = AffinityKey {
-        port_id: svc.port_id,
-        client_kind: CLIENT_ADDR,
-        client: F::client_bytes(&pkt.t.saddr),
-    };
-    let choice = match lb::select::<false>(&svc, &client, F::hash(&pkt.t), least) {
+    let choice = match newflow::choose::<F>(&svc, &pkt.t, F::hash(&pkt.t), least) {
         Ok(c) => c,
         Err(Reason::NoBackends) => return REJECT,
         Err(Reason::NoLocalBackends) => {
@@ -213,17 +205,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
-    let backend = F::backend_addr(&choice.backend);
-    // Masquerade for externalTrafficPolicy Cluster (semantics 7.13) and when a client lands on
-    // itself (hairpin, semantics 7.14), so the reply comes back through this node.
-    let mut snat = svc.has_flag(FLAG_SNAT) || backend == pkt.t.saddr;
-    let mut to = Tuple {
-        saddr: pkt.t.saddr,
-        daddr: backend,
-        sport: pkt.t.sport,
-        dport: choice.backend.port,
-        proto: pkt.t.proto,
-    };
+    let (mut to, mut snat) = newflow::towards::<F>(&pkt.t, &svc, &choice);
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;

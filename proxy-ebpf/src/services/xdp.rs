@@ -12,13 +12,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use proxy_common::{
-    affinity::{AffinityKey, CLIENT_ADDR},
     ct::{CT_DSR, CT_SNAT},
     reason::{Hook, Reason},
-    service::{
-        FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, FLAG_SNAT, FLAG_SOURCE_RANGES, SCOPE_EXTERNAL,
-        ServiceValue,
-    },
+    service::{FLAG_LEAST_CONN, FLAG_ROUND_ROBIN, SCOPE_EXTERNAL, ServiceValue},
 };
 
 use crate::{
@@ -31,7 +27,7 @@ use crate::{
         xdp::{Commit, Hop, Meta, commit, hop},
     },
     headers::{Packet, Tuple, xdp::XdpIp},
-    services::{frontend::Family, lb},
+    services::{frontend::Family, lb, newflow},
 };
 
 /// `lb::select` for a packet's client, out of line (it keeps the selection's temporaries out
@@ -43,12 +39,7 @@ fn pick<F: Family>(
     hash: u32,
     out: &mut lb::Choice,
 ) -> Result<(), Reason> {
-    let client = AffinityKey {
-        port_id: svc.port_id,
-        client_kind: CLIENT_ADDR,
-        client: F::client_bytes(&t.saddr),
-    };
-    *out = lb::select::<false>(svc, &client, hash, lb::NO_PICK)?;
+    *out = newflow::choose::<F>(svc, t, hash, lb::NO_PICK)?;
     Ok(())
 }
 
@@ -116,13 +107,15 @@ where
 #[inline(never)]
 fn choose<F: XdpIp + Family>(pkt: &Packet<F::Addr>, s: &mut Scratch<F::Addr>) -> u32 {
     let t = &pkt.t;
-    let Some(svc) = F::frontend(t, SCOPE_EXTERNAL) else {
-        return XDP_PASS;
+    let svc = match newflow::admit::<F>(t, SCOPE_EXTERNAL) {
+        Ok(svc) => svc,
+        Err(None) => return XDP_PASS,
+        Err(Some(reason)) => {
+            let svc_id = F::frontend(t, SCOPE_EXTERNAL).map_or(0, |svc| svc.id);
+            monitor::dropped::<F>(Hook::Xdp, reason, svc_id, t);
+            return XDP_DROP;
+        }
     };
-    if svc.has_flag(FLAG_SOURCE_RANGES) && !F::source_allowed(svc.id, &t.saddr) {
-        monitor::dropped::<F>(Hook::Xdp, Reason::SourceRangeDrop, svc.id, t);
-        return XDP_DROP;
-    }
     // Flows of stateful schedulers are started at tc, and their later packets handled here:
     // least connection compares and keeps counts (a frame too many for this chain), and a
     // round-robin turn taken here for a backend tc must handle (a local one) would be lost.
@@ -155,16 +148,9 @@ fn route<F: XdpIp + Family>(
     let now = unsafe { bpf_ktime_get_ns() };
     let here = ctx.ingress_ifindex() as u32;
     let t = &pkt.t;
-    let backend = F::backend_addr(&s.choice.backend);
+    let (to, snat) = newflow::towards::<F>(t, &s.svc, &s.choice);
     let c = &mut s.c;
-    c.to = Tuple {
-        saddr: t.saddr,
-        daddr: backend,
-        sport: t.sport,
-        dport: s.choice.backend.port,
-        proto: t.proto,
-    };
-    let snat = s.svc.has_flag(FLAG_SNAT) || backend == t.saddr;
+    c.to = to;
     c.hop = Hop {
         ifindex: 0,
         smac: [0; 6],
