@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use proxy_common::{
-    backend::SockConn,
+    backend::{FAMILY_V4, FAMILY_V6, SockConn},
     ct::{Ct4Key, Ct6Key},
     proto::{ETH_P_IP, ETH_P_IPV6},
 };
@@ -24,7 +24,7 @@ use crate::{
         maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK},
         xdp,
     },
-    headers::ETH_HLEN,
+    headers::{AF_INET, AF_INET6, ETH_HLEN, ip6_bytes},
 };
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.
@@ -121,9 +121,13 @@ pub fn remember(ctx: &SockAddrContext, family: u8, addr: &[u8; 16], port: u16) {
     conn.rev_family = family;
 }
 
-/// Deletes the released socket's latest socket record and gives its count back.
+/// Gives a released socket's count back and deletes its socket records: the one its storage
+/// remembers (its latest datagram's, `remember`), and a connected socket's, keyed by the
+/// destination the socket is connected to (the backend connect() gave it).
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
+    // SAFETY: plain helper call on the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: lookup only (no create) on the context's socket.
     let conn = unsafe {
         bpf_sk_storage_get(
@@ -134,22 +138,41 @@ pub fn release(ctx: &SockContext) {
         )
     }
     .cast::<SockConn>();
-    if conn.is_null() {
+    if !conn.is_null() {
+        // SAFETY: non-null storage of this socket.
+        let conn = unsafe { &mut *conn };
+        if conn.counted != 0 {
+            conn.counted = 0;
+            add(conn.backend_id, u64::MAX);
+        }
+        if conn.rev_family != 0 {
+            records::forget(cookie, conn.rev_family, &conn.rev_addr, conn.rev_port);
+            conn.rev_family = 0;
+        }
+    }
+    // SAFETY: the program's own socket, valid while it runs; fields read one at a time, as
+    // the context allows.
+    let (family, port, v4, v6) = unsafe {
+        let sk = &*ctx.sock;
+        (sk.family, sk.dst_port, sk.dst_ip4, sk.dst_ip6)
+    };
+    if port == 0 {
         return;
     }
-    // SAFETY: non-null storage of this socket.
-    let conn = unsafe { &mut *conn };
-    if conn.counted != 0 {
-        conn.counted = 0;
-        add(conn.backend_id, u64::MAX);
+    let port = u16::from_be(port as u16);
+    match family as u8 {
+        AF_INET => {
+            let mut addr = [0u8; 16];
+            let b = v4.to_ne_bytes();
+            addr[0] = b[0];
+            addr[1] = b[1];
+            addr[2] = b[2];
+            addr[3] = b[3];
+            records::forget(cookie, FAMILY_V4, &addr, port);
+        }
+        AF_INET6 => records::forget(cookie, FAMILY_V6, &ip6_bytes(&v6), port),
+        _ => {}
     }
-    if conn.rev_family == 0 {
-        return;
-    }
-    // SAFETY: plain helper call on the context's socket.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    records::forget(cookie, conn.rev_family, &conn.rev_addr, conn.rev_port);
-    conn.rev_family = 0;
 }
 
 /// The agent's release of a flow it expires (`conn_release`, run through BPF_PROG_TEST_RUN):

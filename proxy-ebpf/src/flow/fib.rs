@@ -49,6 +49,20 @@ pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
     }
 }
 
+/// The FIB lookup's input for a packet with tuple `t` arriving on `ifindex`, at tc and at XDP.
+#[inline(always)]
+pub fn params<F: Ip>(t: &Tuple<F::Addr>, ifindex: u32) -> bpf_fib_lookup {
+    // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = F::AF;
+    p.l4_protocol = t.proto;
+    p.sport = t.sport.to_be();
+    p.dport = t.dport.to_be();
+    p.ifindex = ifindex;
+    F::fib_addrs(&mut p, t);
+    p
+}
+
 /// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
 /// also the source address the node would use on it.
 #[inline(always)]
@@ -57,15 +71,8 @@ pub fn route<F: Ip>(
     t: &Tuple<F::Addr>,
     want_src: bool,
 ) -> Result<Route<F::Addr>, i64> {
-    // SAFETY: a plain-old-data struct the helper fills in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = F::AF;
-    p.l4_protocol = t.proto;
-    p.sport = t.sport.to_be();
-    p.dport = t.dport.to_be();
     // SAFETY: reading the context's own skb.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    F::fib_addrs(&mut p, t);
+    let mut p = params::<F>(t, unsafe { (*ctx.skb.skb).ifindex });
     let mut flags = BPF_FIB_LOOKUP_SKIP_NEIGH;
     if want_src {
         flags |= BPF_FIB_LOOKUP_SRC;

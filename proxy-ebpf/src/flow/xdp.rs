@@ -27,7 +27,7 @@ use crate::{
     flow::{
         ct::{Entry, Tracked, ct_flags_of, keeps_entry},
         dsr::{self, Dsr},
-        monitor, nat,
+        fib, monitor, nat,
     },
     headers::{Packet, Tuple, csum::csum_update, xdp::XdpIp},
 };
@@ -82,14 +82,7 @@ pub fn hop<F: Tracked>(
     want_src: bool,
     out: &mut Hop<F::Addr>,
 ) -> bool {
-    // SAFETY: plain-old-data the helper fills in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = F::AF;
-    p.l4_protocol = t.proto;
-    p.sport = t.sport.to_be();
-    p.dport = t.dport.to_be();
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    F::fib_addrs(&mut p, t);
+    let mut p = fib::params::<F>(t, ctx.ingress_ifindex() as u32);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: valid context and buffer.
     let rc = unsafe {

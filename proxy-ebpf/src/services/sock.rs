@@ -78,6 +78,8 @@ pub struct Translation<A> {
     /// An IPv4 frontend through an IPv6 socket (`SockFamily::service`).
     pub mapped: bool,
     pub svc_id: u32,
+    /// The socket's cookie (its records' key).
+    pub cookie: u64,
 }
 
 /// The hook of a forward translation.
@@ -236,9 +238,7 @@ fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
 
 /// The flow hash at the socket layer: the socket's cookie (one socket, one choice).
 #[inline(always)]
-fn socket_hash(ctx: &SockAddrContext) -> u32 {
-    // SAFETY: the helper reads the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+fn socket_hash(cookie: u64) -> u32 {
     hash::finish(hash::mix(cookie as u32, (cookie >> 32) as u32))
 }
 
@@ -396,11 +396,13 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     let (found, mapped) = F::service(&frontend, port, proto_);
     let svc = unless_per_packet(found)?;
     check_source::<F, SEND>(ctx, &svc, mapped)?;
+    // SAFETY: the helper reads the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Choice {
         backend,
         reason,
         backend_id,
-    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(ctx), 0)?;
+    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(cookie), 0)?;
     if svc.has_flag(FLAG_LEAST_CONN) && proto_ == proto::TCP {
         conns::count(ctx, backend_id);
     }
@@ -410,8 +412,9 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
         proto: proto_,
         mapped,
         svc_id: svc.id,
+        cookie,
     };
-    commit::<F>(ctx, &t, &backend)?;
+    commit::<F, SEND>(ctx, &t, &backend)?;
     if events::watching() {
         translated_event::<F>(
             ctx,
@@ -425,10 +428,12 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
 }
 
 /// The end of a forward translation, in a BPF function of its own (the hooks' stacks are near
-/// the verifier's 512 bytes): records the socket, remembers the record for its release, and
-/// rewrites the destination to the backend.
+/// the verifier's 512 bytes): records the socket and rewrites the destination to the backend.
+/// A connected socket's record is found again at its release from the socket's destination
+/// (`conns::release`); a datagram's (`SEND`) is remembered in the socket's storage, created
+/// only then: a connect() pays for no storage unless least-connection counts it.
 #[inline(never)]
-fn commit<F: SockFamily>(
+fn commit<F: SockFamily, const SEND: bool>(
     ctx: &SockAddrContext,
     t: &Translation<F::Addr>,
     backend: &BackendValue,
@@ -436,10 +441,10 @@ fn commit<F: SockFamily>(
     // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let to = F::backend_to(backend, t.mapped);
-    // SAFETY: the helper reads the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    records::record::<F>(cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)?;
-    conns::remember(ctx, F::FAMILY, &F::client_bytes(&to), backend.port);
+    records::record::<F>(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)?;
+    if SEND {
+        conns::remember(ctx, F::FAMILY, &F::client_bytes(&to), backend.port);
+    }
     F::set_user_addr(sa, &to);
     sa.user_port = port_to_ctx(backend.port);
     if debug::enabled() {
