@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::*;
-use tests::harness::topology::Proto;
+use tests::{harness::topology::Proto, poll_until};
 
 const VIP4: &str = "10.96.0.10";
 const VIP6: &str = "fd00:96::10";
@@ -88,6 +88,28 @@ fn balanced(proto: Proto, v6: bool) {
         );
         let seen: SocketAddr = r.seen.parse().unwrap();
         assert_eq!(seen.ip().to_string(), client, "backend saw {}", r.seen);
+    }
+    // A connected socket's record (which backend stands for the Service, for getpeername and
+    // recvmsg) goes with the socket: deleted at its release, found by its destination. 600
+    // closed sockets leave no record behind.
+    if matches!(proto, Proto::Tcp | Proto::UdpConnected) {
+        let reason = if v6 {
+            "revnat6_deleted"
+        } else {
+            "revnat4_deleted"
+        };
+        poll_until(
+            "records of closed sockets deleted",
+            Duration::from_secs(15),
+            || {
+                let n = datapath_events(&env.agent, reason);
+                if n >= 600 {
+                    Ok(())
+                } else {
+                    Err(format!("{reason} {n}"))
+                }
+            },
+        );
     }
 }
 

@@ -49,18 +49,17 @@ pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
     }
 }
 
-/// The FIB lookup's input for a packet with tuple `t` arriving on `ifindex`, at tc and at XDP.
+/// Fills the FIB lookup's input `p` (zeroed by the caller, in its own frame: returned by
+/// value, the struct would be copied into a frame where the verifier has no room for it) for a
+/// packet with tuple `t` arriving on `ifindex`, at tc and at XDP.
 #[inline(always)]
-pub fn params<F: Ip>(t: &Tuple<F::Addr>, ifindex: u32) -> bpf_fib_lookup {
-    // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+pub fn params<F: Ip>(p: &mut bpf_fib_lookup, t: &Tuple<F::Addr>, ifindex: u32) {
     p.family = F::AF;
     p.l4_protocol = t.proto;
     p.sport = t.sport.to_be();
     p.dport = t.dport.to_be();
     p.ifindex = ifindex;
-    F::fib_addrs(&mut p, t);
-    p
+    F::fib_addrs(p, t);
 }
 
 /// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
@@ -71,8 +70,10 @@ pub fn route<F: Ip>(
     t: &Tuple<F::Addr>,
     want_src: bool,
 ) -> Result<Route<F::Addr>, i64> {
+    // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     // SAFETY: reading the context's own skb.
-    let mut p = params::<F>(t, unsafe { (*ctx.skb.skb).ifindex });
+    params::<F>(&mut p, t, unsafe { (*ctx.skb.skb).ifindex });
     let mut flags = BPF_FIB_LOOKUP_SKIP_NEIGH;
     if want_src {
         flags |= BPF_FIB_LOOKUP_SRC;

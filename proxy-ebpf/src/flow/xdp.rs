@@ -82,7 +82,9 @@ pub fn hop<F: Tracked>(
     want_src: bool,
     out: &mut Hop<F::Addr>,
 ) -> bool {
-    let mut p = fib::params::<F>(t, ctx.ingress_ifindex() as u32);
+    // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib::params::<F>(&mut p, t, ctx.ingress_ifindex() as u32);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: valid context and buffer.
     let rc = unsafe {

@@ -51,20 +51,27 @@ pub trait Ip {
 pub struct V4;
 pub struct V6;
 
-/// Loads the ports and TCP flags at `l4`.
+/// Loads the ports and TCP flags at `l4`: one load (a TCP header's first 14 bytes, a UDP
+/// header's 4 port bytes; every load is a helper call on the per-packet path).
 #[inline(always)]
 fn ports(ctx: &TcContext, l4: usize, proto_: u8) -> Result<(u16, u16, u8), Option<Reason>> {
-    if proto_ != proto::TCP && proto_ != proto::UDP {
+    if proto_ == proto::TCP {
+        let h = ctx.load::<[u8; 14]>(l4).map_err(|_| None)?;
+        return Ok((
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+            h[13],
+        ));
+    }
+    if proto_ != proto::UDP {
         return Err(None);
     }
-    let sport = u16::from_be(ctx.load::<u16>(l4).map_err(|_| None)?);
-    let dport = u16::from_be(ctx.load::<u16>(l4 + 2).map_err(|_| None)?);
-    let flags = if proto_ == proto::TCP {
-        ctx.load::<u8>(l4 + 13).map_err(|_| None)?
-    } else {
-        0
-    };
-    Ok((sport, dport, flags))
+    let h = ctx.load::<[u8; 4]>(l4).map_err(|_| None)?;
+    Ok((
+        u16::from_be_bytes([h[0], h[1]]),
+        u16::from_be_bytes([h[2], h[3]]),
+        0,
+    ))
 }
 
 impl Ip for V4 {
@@ -79,21 +86,22 @@ impl Ip for V4 {
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Result<Packet<[u8; 4]>, Option<Reason>> {
         let l3 = ETH_HLEN;
-        let vihl = ctx.load::<u8>(l3).map_err(|_| None)?;
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if vihl >> 4 != 4 || ihl < 20 {
+        // The fixed header in one load.
+        let h = ctx.load::<[u8; 20]>(l3).map_err(|_| None)?;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if h[0] >> 4 != 4 || ihl < 20 {
             return Err(None);
         }
-        let frag = u16::from_be(ctx.load::<u16>(l3 + 6).map_err(|_| None)?);
+        let frag = u16::from_be_bytes([h[6], h[7]]);
         // A later fragment (non-zero offset) carries no ports: `flow::frag` handles it. A first
         // fragment carries them and is translated as any packet (its checksum covers the whole
         // datagram, which the incremental updates keep right).
         if frag & FRAG_OFFSET != 0 {
             return Err(Some(Reason::Fragment));
         }
-        let proto_ = ctx.load::<u8>(l3 + 9).map_err(|_| None)?;
-        let saddr = ctx.load::<[u8; 4]>(l3 + 12).map_err(|_| None)?;
-        let daddr = ctx.load::<[u8; 4]>(l3 + 16).map_err(|_| None)?;
+        let proto_ = h[9];
+        let saddr = [h[12], h[13], h[14], h[15]];
+        let daddr = [h[16], h[17], h[18], h[19]];
         let l4 = l3 + ihl;
         let (sport, dport, tcp_flags) = ports(ctx, l4, proto_)?;
         Ok(Packet {
