@@ -94,10 +94,14 @@ pub enum Reason {
     /// tc, XDP: a packet of a DSR flow that the option would make too big for the egress
     /// interface's MTU: sent without it (not dropped).
     DsrTooBig = 36,
+    /// tc, XDP: a new TCP connection took over the masquerading port of a closed flow (a reset
+    /// either way, or a FIN both ways) instead of waiting for its closing time, as netfilter's
+    /// NAT lets it; the closed flow's entries were replaced.
+    SnatPortReused = 37,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 37;
+pub const REASON_COUNT: u32 = 38;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -138,6 +142,7 @@ impl Reason {
         Reason::FragmentTranslated,
         Reason::PerPacket,
         Reason::DsrTooBig,
+        Reason::SnatPortReused,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -180,6 +185,7 @@ impl Reason {
             Reason::FragmentTranslated => "fragment_translated",
             Reason::PerPacket => "per_packet",
             Reason::DsrTooBig => "dsr_too_big",
+            Reason::SnatPortReused => "snat_port_reused",
         }
     }
 

@@ -814,6 +814,71 @@ fn tc_drops_a_new_masqueraded_flow_when_the_ports_run_out() {
     );
 }
 
+/// A closed flow's masquerading port goes to a new connection at once, as netfilter's NAT
+/// gives it (a SYN may reuse the tuple of a conntrack in CLOSE or TIME_WAIT): a reset either
+/// way, or a FIN both ways, frees it; a half-closed flow keeps it, and so does UDP. The
+/// closed flow's forward entry goes with it (`snat_port_reused`).
+#[test]
+fn tc_gives_a_closed_flows_masquerading_port_to_a_new_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_masquerade_ports(MASQ_FIRST, MASQ_FIRST)
+        .unwrap();
+    let port = |rig: &mut Rig, client: u16, flags: u8| {
+        let out = rig.tc(&tcp4((CLIENT, client), (NODE, 30081), flags));
+        (out.verdict, seen(&out.packet).src)
+    };
+    let syn = |rig: &mut Rig, client: u16| {
+        let out = rig.tc(&tcp4((CLIENT, client), (NODE, 30081), TCP_SYN));
+        (out.verdict, seen(&out.packet).src)
+    };
+    assert_eq!(syn(&mut rig, 40000), (TC_ACT_REDIRECT, (NODE, MASQ_FIRST)));
+    // Half-closed (the client's FIN only): the port stays taken.
+    port(&mut rig, 40000, TCP_FIN | TCP_ACK);
+    assert_eq!(syn(&mut rig, 40001).0, TC_ACT_SHOT);
+    assert_eq!(rig.count(Reason::SnatPortsExhausted), 1);
+    // The backend's FIN too: closed, the next connection takes the port.
+    let out = rig.tc(&tcp4(
+        (REMOTE_POD, 8080),
+        (NODE, MASQ_FIRST),
+        TCP_FIN | TCP_ACK,
+    ));
+    assert_eq!(seen(&out.packet).dst, (CLIENT, 40000));
+    assert_eq!(syn(&mut rig, 40001), (TC_ACT_REDIRECT, (NODE, MASQ_FIRST)));
+    assert_eq!(rig.count(Reason::SnatPortReused), 1);
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    assert_eq!(ct.len(), 2, "the closed flow's entries are gone: {ct:?}");
+    assert!(
+        ct.iter().all(|(k, _)| k.sport != 40000 && k.dport != 40000),
+        "no entry of the old client port: {ct:?}"
+    );
+    // The new flow's replies go to its client.
+    let out = rig.tc(&tcp4(
+        (REMOTE_POD, 8080),
+        (NODE, MASQ_FIRST),
+        TCP_SYN | TCP_ACK,
+    ));
+    assert_eq!(seen(&out.packet).dst, (CLIENT, 40001));
+    // A reset from the client closes it at once.
+    port(&mut rig, 40001, TCP_RST);
+    assert_eq!(syn(&mut rig, 40002), (TC_ACT_REDIRECT, (NODE, MASQ_FIRST)));
+    assert_eq!(rig.count(Reason::SnatPortReused), 2);
+    // An open flow is never taken over, and only a SYN takes over a port.
+    assert_eq!(syn(&mut rig, 40003).0, TC_ACT_SHOT);
+    port(&mut rig, 40002, TCP_RST);
+    let out = rig.tc(&tcp4((CLIENT, 40004), (NODE, 30081), TCP_ACK));
+    assert_eq!(
+        out.verdict, TC_ACT_SHOT,
+        "an ACK starts no flow on a taken port"
+    );
+    assert_eq!(rig.count(Reason::SnatPortReused), 2);
+    assert_eq!(rig.count(Reason::SnatPortsExhausted), 3);
+}
+
 /// An ICMP error about a translated flow (semantics 7.13's masquerading, issue #6) quotes the
 /// packet as this node sent it; it is rewritten so the client recognises it: the outer
 /// destination becomes the client, the quoted packet becomes client -> node port, every

@@ -136,6 +136,15 @@ pub static TC_DSR_SCRATCH: PerCpuArray<[u64; TC_DSR_SCRATCH_WORDS], 1> = PerCpuA
 /// Size of a `TC_DSR_SCRATCH` value, in 8-byte words.
 pub const TC_DSR_SCRATCH_WORDS: usize = 5;
 
+/// Per-CPU scratch space for one conntrack key (`flow::ct::take_over_closed`), whose
+/// lookups run at the bottom of the new-flow call chains, where no stack is left. Not pinned:
+/// it holds nothing between packets.
+#[btf_map]
+pub static CT_KEY_SCRATCH: PerCpuArray<[u64; CT_KEY_SCRATCH_WORDS], 1> = PerCpuArray::new();
+
+/// Size of a `CT_KEY_SCRATCH` value, in 8-byte words: an IPv6 conntrack key.
+pub const CT_KEY_SCRATCH_WORDS: usize = 5;
+
 /// Flow events for `kube-bpf-proxy monitor`, written only while `LB_MONITOR`'s deadline runs.
 #[btf_map]
 pub static LB_EVENTS: RingBuf<Event, EVENTS_BYTES> = RingBuf::new();

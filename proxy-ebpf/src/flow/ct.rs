@@ -4,16 +4,16 @@
 //! `LB_CT4`/`LB_CT6`.
 
 use proxy_common::{
-    ct::{CT_FIN, CT_REPLY, CT_RST, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue},
+    ct::{CT_FIN, CT_REPLY, CT_RST, CT_SNAT, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue},
     proto,
     service::MemberKey,
 };
 
 use crate::{
-    access::maps::{LB_CT4, LB_CT6, LB_MEMBERS},
+    access::maps::{CT_KEY_SCRATCH, CT_KEY_SCRATCH_WORDS, LB_CT4, LB_CT6, LB_MEMBERS},
     flow::conns,
     headers::{
-        Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple,
+        Packet, TCP_FIN, TCP_RST, Tuple,
         family::{Ip, V4, V6},
     },
 };
@@ -33,6 +33,8 @@ pub trait Tracked: Ip {
     fn ct_get(k: &CtKey<Self::Addr>) -> Option<*mut CtValue<Self::Addr>>;
 
     fn ct_put(k: &CtKey<Self::Addr>, v: &CtValue<Self::Addr>, map_flags: u64) -> Result<(), i64>;
+
+    fn ct_del(k: &CtKey<Self::Addr>);
 
     #[inline(always)]
     fn ct_lookup(t: &Tuple<Self::Addr>) -> Option<*mut CtValue<Self::Addr>> {
@@ -127,6 +129,12 @@ impl Tracked for V4 {
     fn ct_put(k: &Ct4Key, v: &Ct4Value, map_flags: u64) -> Result<(), i64> {
         LB_CT4.insert(k, v, map_flags).map_err(i64::from)
     }
+
+    #[inline(always)]
+    fn ct_del(k: &Ct4Key) {
+        // A missing entry (already collected) is not an error.
+        let _ = LB_CT4.remove(k);
+    }
 }
 
 impl Tracked for V6 {
@@ -138,6 +146,12 @@ impl Tracked for V6 {
     #[inline(always)]
     fn ct_put(k: &Ct6Key, v: &Ct6Value, map_flags: u64) -> Result<(), i64> {
         LB_CT6.insert(k, v, map_flags).map_err(i64::from)
+    }
+
+    #[inline(always)]
+    fn ct_del(k: &Ct6Key) {
+        // A missing entry (already collected) is not an error.
+        let _ = LB_CT6.remove(k);
     }
 }
 
@@ -160,7 +174,7 @@ pub fn ct_flags_of(tcp_flags: u8) -> u32 {
 /// entries, semantics 9.2), while an established TCP connection keeps its backend.
 #[inline(always)]
 fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
-    let syn = pkt.t.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn = pkt.syn();
     if syn && e.flags & (CT_FIN | CT_RST) != 0 {
         return true;
     }
@@ -205,4 +219,70 @@ fn give_back_forward<F: Tracked>(to: &Tuple<F::Addr>) {
         // SAFETY: from the lookup.
         unsafe { F::ct_give_back(ptr) };
     }
+}
+
+/// Whether the masqueraded flow whose reply entry is keyed by `to` reversed (`to`: a new
+/// flow's translated tuple with the port it tries) is closed, so that a new
+/// TCP connection may take its port over; if so, its forward entry is deleted (giving back any
+/// least-connection count) and the caller overwrites the reply entry. Closed: a reset either
+/// way, or a FIN both ways, the states in which netfilter's NAT lets a new SYN reuse a tuple
+/// (`nf_nat_used_tuple_harder`, Linux 6.4) instead of holding the port for the closing time.
+/// A reply entry whose forward entry is gone or now points elsewhere (its client reused the
+/// tuple for a new flow) belongs to no flow and is taken over as well. Out of line: the
+/// new-flow paths' frames are near the verifier's limit.
+#[inline(never)]
+pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
+    const { assert!(core::mem::size_of::<CtKey<F::Addr>>() <= CT_KEY_SCRATCH_WORDS * 8) };
+    // The key in per-CPU scratch space: the reply entry's, then the forward entry's.
+    let Some(key) = CT_KEY_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the per-CPU value is at least a key's size (asserted above), 8-byte aligned, and
+    // this program's alone while it runs (programs do not nest on a CPU at tc and XDP).
+    let key = unsafe { &mut *key.cast::<CtKey<F::Addr>>() };
+    *key = CtKey {
+        saddr: to.daddr,
+        daddr: to.saddr,
+        sport: to.dport,
+        dport: to.sport,
+        proto: to.proto,
+        _pad: [0; 3],
+    };
+    let Some(r) = F::ct_get(key) else {
+        // Collected since the insert failed: free now.
+        return true;
+    };
+    // SAFETY: from the lookup just above; read at once.
+    let r = unsafe { &*r };
+    let reply_flags = r.flags;
+    if reply_flags & CT_REPLY == 0 || reply_flags & CT_SNAT == 0 {
+        return false;
+    }
+    // The forward entry is keyed by the client's tuple, which the reply entry translates to
+    // reversed.
+    key.saddr = r.daddr;
+    key.daddr = r.saddr;
+    key.sport = r.dport;
+    key.dport = r.sport;
+    let Some(f) = F::ct_get(key) else {
+        return false;
+    };
+    // SAFETY: from the lookup just above.
+    let fv = unsafe { &*f };
+    let ours = fv.flags & CT_REPLY == 0
+        && fv.sport == to.sport
+        && fv.dport == to.dport
+        && fv.saddr == to.saddr
+        && fv.daddr == to.daddr;
+    if ours {
+        let closed = (reply_flags | fv.flags) & CT_RST != 0
+            || (reply_flags & CT_FIN != 0 && fv.flags & CT_FIN != 0);
+        if !closed {
+            return false;
+        }
+        // SAFETY: from the lookup above.
+        unsafe { F::ct_give_back(f) };
+        F::ct_del(key);
+    }
+    true
 }

@@ -13,9 +13,12 @@ use proxy_common::{
     reason::Reason,
 };
 
-use super::{conns, ct::Entry};
+use super::{
+    conns,
+    ct::{self, Entry, Tracked},
+};
 use crate::{
-    access::maps::LB_CONFIG,
+    access::{maps::LB_CONFIG, stats},
     headers::{Packet, Tuple, family::Ip},
 };
 
@@ -82,22 +85,32 @@ pub fn rewrite<F: Ip>(
 /// given the reply key and the map flags), claiming its masquerading port when `snat`: the
 /// client's own port if it lies in the masquerading range, else (and after a collision) random
 /// ones of the range, `TRIES` at most; `to.sport` is the port claimed. False when none was.
-/// Without masquerading the entry is written once, over any stale one.
+/// A new TCP connection (`syn`) may take over the first port it tries from a closed flow
+/// (`ct::take_over_closed`), as netfilter's NAT lets it (only the first: one more lookup per
+/// try would make the loop too much for the verifier). Without masquerading the entry is
+/// written once, over any stale one.
 #[inline(always)]
-pub fn claim_reply<A: Copy>(
-    to: &mut Tuple<A>,
+pub fn claim_reply<F: Tracked>(
+    to: &mut Tuple<F::Addr>,
     snat: bool,
-    mut insert: impl FnMut(&Tuple<A>, u64) -> bool,
+    syn: bool,
+    mut insert: impl FnMut(&Tuple<F::Addr>, u64) -> bool,
 ) -> bool {
+    if !snat {
+        return insert(&to.reversed(), BPF_ANY as u64);
+    }
     let ports = range();
-    for i in 0..TRIES {
-        if snat {
-            to.sport = port(i, to.sport, ports);
-        } else if i > 0 {
-            break;
-        }
-        let map_flags = if snat { BPF_NOEXIST } else { BPF_ANY } as u64;
-        if insert(&to.reversed(), map_flags) {
+    to.sport = port(0, to.sport, ports);
+    if insert(&to.reversed(), BPF_NOEXIST as u64) {
+        return true;
+    }
+    if syn && ct::take_over_closed::<F>(to) && insert(&to.reversed(), BPF_ANY as u64) {
+        stats::count(Reason::SnatPortReused);
+        return true;
+    }
+    for i in 1..TRIES {
+        to.sport = port(i, to.sport, ports);
+        if insert(&to.reversed(), BPF_NOEXIST as u64) {
             return true;
         }
     }
@@ -122,12 +135,13 @@ pub fn claim_failure(snat: bool) -> Reason {
 /// count is never given back before it was taken. `insert` writes one entry (key, entry, map
 /// flags, counted). Err: why the flow could not be recorded.
 #[inline(always)]
-pub fn record<A: Copy>(
-    t: &Tuple<A>,
-    to: &mut Tuple<A>,
-    entry: &mut Entry<A>,
+pub fn record<F: Tracked>(
+    t: &Tuple<F::Addr>,
+    to: &mut Tuple<F::Addr>,
+    entry: &mut Entry<F::Addr>,
     counted: bool,
-    insert: impl Fn(&Tuple<A>, &Entry<A>, u64, u64) -> bool,
+    syn: bool,
+    insert: impl Fn(&Tuple<F::Addr>, &Entry<F::Addr>, u64, u64) -> bool,
 ) -> Result<(), Reason> {
     let flags = entry.flags;
     let snat = flags & CT_SNAT != 0;
@@ -135,7 +149,9 @@ pub fn record<A: Copy>(
         entry.to = t.reversed();
         entry.flags = flags | CT_REPLY;
         let reply = &*entry;
-        if !claim_reply(to, snat, |key, map_flags| insert(key, reply, map_flags, 0)) {
+        if !claim_reply::<F>(to, snat, syn, |key, map_flags| {
+            insert(key, reply, map_flags, 0)
+        }) {
             return Err(claim_failure(snat));
         }
     }

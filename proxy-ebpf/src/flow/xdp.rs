@@ -202,9 +202,14 @@ pub fn commit<F: XdpIp + Dsr>(
         backend_id: c.meta.backend_id,
     };
     // Flows that hold least-connection counts are started at tc: none is counted here.
-    match nat::record(&pkt.t, &mut c.to, &mut c.entry, false, |k, e, mf, _| {
-        insert::<F>(k, e, now, mf)
-    }) {
+    match nat::record::<F>(
+        &pkt.t,
+        &mut c.to,
+        &mut c.entry,
+        false,
+        pkt.syn(),
+        |k, e, mf, _| insert::<F>(k, e, now, mf),
+    ) {
         Ok(()) => {}
         // A full conntrack map: tc, which tries again, drops and counts it if it fails too.
         Err(Reason::CtFailed) => {

@@ -78,6 +78,12 @@ impl<A> Packet<A> {
             _ => None,
         }
     }
+
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn syn(&self) -> bool {
+        self.t.proto == proto::TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
 }
 
 /// An IPv6 address from the four native-order words of its memory layout (as `bpf_sock_addr`

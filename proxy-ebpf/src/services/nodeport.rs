@@ -247,9 +247,14 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         svc_id: svc.id,
         backend_id: choice.backend_id,
     };
-    if let Err(reason) = nat::record(&pkt.t, &mut to, &mut entry, counted, |k, e, mf, c| {
-        F::ct_insert(k, e, now, mf, c).is_ok()
-    }) {
+    if let Err(reason) = nat::record::<F>(
+        &pkt.t,
+        &mut to,
+        &mut entry,
+        counted,
+        pkt.syn(),
+        |k, e, mf, c| F::ct_insert(k, e, now, mf, c).is_ok(),
+    ) {
         return drop(reason);
     }
     if rewrite::<F>(ctx, pkt, &to).is_err() {
