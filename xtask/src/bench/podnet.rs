@@ -205,8 +205,8 @@ impl Bed {
     /// the seconds waited. A flow closed by a reset keeps its entries, and with them its
     /// masquerading port, for 10 s after its last packet, until the agent's next collection
     /// (every 10 s); a 0.5 s TCP_CRR run makes thousands, and all share one client and one
-    /// backend, so back-to-back runs run out of masquerading ports and tc drops SYNs
-    /// (`snat_ports_exhausted`).
+    /// backend. New connections take their ports over (`snat_port_reused`); the wait keeps
+    /// every pair's starting state the same.
     fn drain_conntrack(&self) -> anyhow::Result<f64> {
         let start = Instant::now();
         while self.conntrack_entries()? >= CT_DRAINED {

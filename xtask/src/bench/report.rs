@@ -1084,11 +1084,11 @@ impl Report {
              saturates its CPU. {} back-to-back direct/bpf pairs of {} s per shape, which runs \
              first alternating per pair, both shapes' testbeds up at once and their order \
              rotated per pair. Before each pair the run waits until the agent's connection \
-             tracking (`LB_CT4`) holds fewer than {} entries (waits: {}): flows closed by a reset \
-             keep their entries, and so their masquerading port, for 10 s after their last \
-             packet until the agent's next collection (every 10 s), all flows share one client \
-             and one backend, and back-to-back runs of thousands of connections run out of \
-             masquerading ports (see the counters below).\n",
+             tracking (`LB_CT4`) holds fewer than {} entries (waits: {}), so that every pair starts from \
+             the same state: flows closed by a reset keep their entries for 10 s after their \
+             last packet until the agent's next collection (every 10 s). Their masquerading \
+             ports are taken over by new connections (`snat_port_reused` below), as \
+             netfilter's NAT does.\n",
             p.client_cpu,
             p.server_cpu,
             p.pairs,
