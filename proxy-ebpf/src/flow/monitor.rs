@@ -102,5 +102,5 @@ fn write<F: Ip>(
         }
         (*e)._pad = 0;
     }
-    entry.submit(0);
+    events::submit(entry);
 }

@@ -110,7 +110,7 @@ fn dropped_event<F: SockFamily>(ctx: &SockAddrContext, hook_reason: u32) {
         (*e).frontend_port = port_from_ctx(sa.user_port);
         fill_sock_event(ctx, e, hook_reason, F::V4);
     }
-    entry.submit(0);
+    events::submit(entry);
 }
 
 /// The event of a translated connect()/sendmsg() to `frontend` (`addr` bytes, `port`): the
@@ -141,7 +141,7 @@ fn translated_event<F: SockFamily>(
         (*e).backend_port = port_from_ctx(sa.user_port);
         fill_sock_event(ctx, e, hook_reason, F::V4);
     }
-    entry.submit(0);
+    events::submit(entry);
 }
 
 /// The fields both socket events share: hook, reason, family, protocol, time, client.
