@@ -240,6 +240,7 @@ pub fn sync_once(
         writes,
     } = written;
     if planned_all {
+        pipeline.mirror.compact();
         release_freed_memory();
     }
     if !failed.is_empty() {

@@ -124,6 +124,25 @@ pub struct MapState {
     pub maglev: BTreeMap<MaglevKey, Box<MaglevChunk>>,
 }
 
+impl MapState {
+    /// Rebuilds every ordered map from its sorted entries, which fills the B-tree nodes
+    /// (`Mirror::compact`). One map at a time, so the extra memory is one map's entries.
+    pub fn compact(&mut self) {
+        fn rebuild<K: Ord, V>(map: &mut BTreeMap<K, V>) {
+            *map = std::mem::take(map).into_iter().collect();
+        }
+        rebuild(&mut self.services);
+        rebuild(&mut self.slots);
+        rebuild(&mut self.members);
+        rebuild(&mut self.backends);
+        rebuild(&mut self.infos);
+        rebuild(&mut self.maglev);
+        self.source_ranges = std::mem::take(&mut self.source_ranges)
+            .into_iter()
+            .collect();
+    }
+}
+
 /// One allowed source prefix of a frontend.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SourceRange {
