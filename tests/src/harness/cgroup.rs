@@ -34,19 +34,35 @@ impl TestCgroup {
     }
 }
 
-/// Moves every process of `cgroup` to its parent, then removes it.
+/// Moves every process of `cgroup` to its parent, then removes it. A process killed just
+/// before stays in the cgroup until it has exited (it cannot be moved), and the directory is
+/// busy until then: the removal is retried for up to 5 s.
 pub fn remove_cgroup(cgroup: &Path) {
     let parent_procs = cgroup
         .parent()
         .map(|p| p.join("cgroup.procs"))
         .expect("cgroup has a parent");
-    if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
-        for pid in procs.lines() {
-            let _ = fs::write(&parent_procs, pid);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = fs::write(&parent_procs, pid);
+            }
         }
-    }
-    if let Err(e) = fs::remove_dir(cgroup) {
-        eprintln!("cleanup: remove cgroup {}: {e}", cgroup.display());
+        match fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                eprintln!("cleanup: remove cgroup {}: {e}", cgroup.display());
+                return;
+            }
+        }
     }
 }
 
