@@ -15,6 +15,7 @@ use std::{
 };
 
 use common::*;
+use proxy_userspace::datapath::layouts::current_version;
 use tests::{
     Agent, Reply, Testbed,
     harness::{release, topology::Proto},
@@ -206,12 +207,18 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
         agent.start();
         agent.wait_for_log(
             from,
-            "LB_DROPS: migrated from layout version 1 to 3",
+            &format!(
+                "LB_DROPS: migrated from layout version 1 to {}",
+                current_version(proxy_common::maps::LB_DROPS)
+            ),
             Duration::from_secs(20),
         );
         agent.wait_for_log(
             from,
-            "LB_STATS: migrated from layout version 1 to 3",
+            &format!(
+                "LB_STATS: migrated from layout version 1 to {}",
+                current_version(proxy_common::maps::LB_STATS)
+            ),
             Duration::from_secs(20),
         );
         let synced = agent.wait_for_log(from, "synced:", Duration::from_secs(20));
@@ -279,7 +286,13 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
             .and_then(|maps| maps.iter().find(|m| m["name"] == map))
             .map(|m| m["layoutVersion"].clone())
     };
-    assert_eq!(layout("LB_DROPS"), Some(serde_json::json!(3)), "{status}");
+    assert_eq!(
+        layout("LB_DROPS"),
+        Some(serde_json::json!(current_version(
+            proxy_common::maps::LB_DROPS
+        ))),
+        "{status}"
+    );
     assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
     // verify finds the maps equal to the objects.
     let out = verify_in_node(&tb, &agent, NODE);
