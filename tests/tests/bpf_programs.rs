@@ -828,14 +828,12 @@ fn tc_gives_a_closed_flows_masquerading_port_to_a_new_connection() {
         .maps
         .set_masquerade_ports(MASQ_FIRST, MASQ_FIRST)
         .unwrap();
+    // A packet from the client's `client` port: the verdict and the source it leaves with.
     let port = |rig: &mut Rig, client: u16, flags: u8| {
         let out = rig.tc(&tcp4((CLIENT, client), (NODE, 30081), flags));
         (out.verdict, seen(&out.packet).src)
     };
-    let syn = |rig: &mut Rig, client: u16| {
-        let out = rig.tc(&tcp4((CLIENT, client), (NODE, 30081), TCP_SYN));
-        (out.verdict, seen(&out.packet).src)
-    };
+    let syn = |rig: &mut Rig, client: u16| port(rig, client, TCP_SYN);
     assert_eq!(syn(&mut rig, 40000), (TC_ACT_REDIRECT, (NODE, MASQ_FIRST)));
     // Half-closed (the client's FIN only): the port stays taken.
     port(&mut rig, 40000, TCP_FIN | TCP_ACK);
