@@ -227,8 +227,9 @@ fn give_back_forward<F: Tracked>(to: &Tuple<F::Addr>) {
 /// least-connection count) and the caller overwrites the reply entry. Closed: a reset either
 /// way, or a FIN both ways, the states in which netfilter's NAT lets a new SYN reuse a tuple
 /// (`nf_nat_used_tuple_harder`, Linux 6.4) instead of holding the port for the closing time.
-/// A reply entry whose forward entry is gone or now points elsewhere (its client reused the
-/// tuple for a new flow) belongs to no flow and is taken over as well. Out of line: the
+/// A reply entry whose forward entry now points elsewhere (its client reused the tuple for a
+/// new flow) belongs to no flow and is taken over as well; one without a forward entry is not
+/// (a flow being recorded on another CPU writes its reply entry first). Out of line: the
 /// new-flow paths' frames are near the verifier's limit.
 #[inline(never)]
 pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
