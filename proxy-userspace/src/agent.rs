@@ -198,13 +198,25 @@ pub fn sync_once(
     // time, so that the writes in flight stay small (they were most of the agent's peak
     // memory); one plan over everything when the maps hold entries of no frontend (only
     // `plan_full` finds those) or some Services are refused for capacity.
+    // A large incremental change (many Services at once) is written in groups the same way.
     let groups = if planned_all && fits {
         pipeline
             .mirror
             .full_groups(&desired, pipeline.group_entries)
+    } else if !planned_all
+        && pipeline
+            .mirror
+            .is_large(&desired, &update.changed, pipeline.group_entries)
+    {
+        Some(
+            pipeline
+                .mirror
+                .changed_groups(&desired, &update.changed, pipeline.group_entries),
+        )
     } else {
         None
     };
+    let grouped = groups.is_some();
     match groups {
         Some(groups) => {
             for group in groups {
@@ -239,7 +251,7 @@ pub fn sync_once(
         maglev_failures,
         writes,
     } = written;
-    if planned_all {
+    if planned_all || grouped {
         pipeline.mirror.compact();
         release_freed_memory();
     }

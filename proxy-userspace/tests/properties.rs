@@ -1863,8 +1863,8 @@ fn normal(state: &MapState) -> Normal {
 
 /// Feeds `snapshots` one after another to a `Compiler` and a `Mirror` planning only what changed,
 /// checking after each that both equal a compile and a plan from scratch.
-/// With `group`, a full update is planned and written in groups of about that many entries
-/// (`Mirror::full_groups`), as the agent does.
+/// With `group`, every update is planned and written in groups of about that many entries
+/// (`Mirror::full_groups`, `Mirror::changed_groups`), as the agent does with large ones.
 fn incremental_equals_scratch(
     snapshots: &[&Snapshot],
     group: Option<usize>,
@@ -1883,8 +1883,11 @@ fn incremental_equals_scratch(
                 );
                 groups
             }
-            _ => None,
+            // An incremental update in groups, as the agent writes a change of many Services.
+            Some(n) => Some(mirror.changed_groups(compiler.desired(), &update.changed, n)),
+            None => None,
         };
+        let applied = groups.is_some();
         let ops: Vec<Op> = match groups {
             // Each group is planned against the maps as the groups before it left them.
             Some(groups) => {
@@ -1906,7 +1909,6 @@ fn incremental_equals_scratch(
             None if update.full => mirror.plan_full(compiler.desired()),
             None => mirror.plan_changed(compiler.desired(), &update.changed),
         };
-        let applied = group.is_some() && update.full;
         for op in ops.iter().filter(|_| !applied) {
             mirror.apply(op);
             prop_assert!(
@@ -1968,9 +1970,10 @@ proptest! {
         incremental_equals_scratch(&[&a, &b, &a, &b], None)?;
     }
 
-    /// (h') The same with every full update planned and written a few Service ports at a time
-    /// (`Mirror::full_groups`, as the agent writes a large full sync), the node changing in
-    /// between so that later updates are full too.
+    /// (h') The same with every update planned and written a few Service ports at a time
+    /// (`Mirror::full_groups` and `Mirror::changed_groups`, as the agent writes a large full
+    /// sync or a change of many Services), the node changing in between so that later updates
+    /// are full too.
     #[test]
     fn full_syncs_in_groups_equal_from_scratch(
         (a, b) in two_snapshots(),

@@ -297,10 +297,79 @@ impl Mirror {
         if !self.tidy(desired) {
             return None;
         }
-        let mut by_port: BTreeMap<&crate::compile::PortName, Vec<FrontendAddr>> = BTreeMap::new();
-        for (f, state) in &desired.frontends {
-            by_port.entry(&state.port).or_default().push(*f);
+        let gone = self
+            .keys
+            .values()
+            .filter_map(ServiceKey::frontend)
+            .filter(|f| !desired.frontends.contains_key(f));
+        Some(self.groups(
+            desired,
+            desired.frontends.keys().copied().chain(gone),
+            entries,
+        ))
+    }
+
+    /// `changed` (the frontends an incremental sync plans) in groups as `full_groups` makes
+    /// them, to plan and write one group at a time with `plan_changed`: a change of many
+    /// Services at once (a namespace created or deleted, every Service re-listed) then holds
+    /// one group's writes in memory, not the whole change's. Applied in order, the groups'
+    /// writes leave the maps as one `plan_changed` over `changed` would.
+    pub fn changed_groups(
+        &self,
+        desired: &Desired,
+        changed: &BTreeSet<FrontendAddr>,
+        entries: usize,
+    ) -> Vec<BTreeSet<FrontendAddr>> {
+        self.groups(desired, changed.iter().copied(), entries)
+    }
+
+    /// Whether planning `changed` at once would hold more than about `entries` entries' writes
+    /// (see `changed_groups`).
+    pub fn is_large(
+        &self,
+        desired: &Desired,
+        changed: &BTreeSet<FrontendAddr>,
+        entries: usize,
+    ) -> bool {
+        let mut size = 0;
+        changed.iter().any(|f| {
+            size += self.entries_of(desired, f);
+            size > entries
+        })
+    }
+
+    /// Entries a plan of frontend `f` writes about: the frontend and each of its backends,
+    /// wanted or (for a frontend going away) programmed.
+    fn entries_of(&self, desired: &Desired, f: &FrontendAddr) -> usize {
+        match desired.frontends.get(f) {
+            Some(state) => 1 + state.backends.len(),
+            None => {
+                1 + self
+                    .state
+                    .services
+                    .get(&ServiceKey::of(f))
+                    .map_or(0, |v| self.state.members.range(member_range(v.id)).count())
+            }
         }
+    }
+
+    /// `frontends` in groups of about `entries` entries: those `desired` wants by Service port
+    /// (the frontends of one port always in one group), then those it does not want.
+    fn groups(
+        &self,
+        desired: &Desired,
+        frontends: impl Iterator<Item = FrontendAddr>,
+        entries: usize,
+    ) -> Vec<BTreeSet<FrontendAddr>> {
+        let mut by_port: BTreeMap<&crate::compile::PortName, Vec<FrontendAddr>> = BTreeMap::new();
+        let mut gone: Vec<FrontendAddr> = Vec::new();
+        for f in frontends {
+            match desired.frontends.get(&f) {
+                Some(state) => by_port.entry(&state.port).or_default().push(f),
+                None => gone.push(f),
+            }
+        }
+        gone.sort();
         let mut groups = Vec::new();
         let mut group = BTreeSet::new();
         let mut size = 0;
@@ -312,25 +381,18 @@ impl Mirror {
         };
         for frontends in by_port.values() {
             for f in frontends {
-                size += 1 + desired.frontends[f].backends.len();
+                size += self.entries_of(desired, f);
                 group.insert(*f);
             }
             close(&mut group, &mut size, false);
         }
-        let mut gone: Vec<FrontendAddr> = self
-            .keys
-            .values()
-            .filter_map(ServiceKey::frontend)
-            .filter(|f| !desired.frontends.contains_key(f))
-            .collect();
-        gone.sort();
         for f in gone {
-            size += 1;
+            size += self.entries_of(desired, &f);
             group.insert(f);
             close(&mut group, &mut size, false);
         }
         close(&mut group, &mut size, true);
-        Some(groups)
+        groups
     }
 
     /// Whether every entry of the maps belongs to a frontend the mirror knows (so that
