@@ -2,6 +2,7 @@
 //! N Services x E endpoints: a full sync, then one changed endpoint at a time.
 //!
 //! `cargo run --release -p proxy-userspace --example plan_scale -- [SERVICES] [ENDPOINTS] [CHANGES]`
+//! (`GROUP=N`: entries per group of a large sync, instead of the agent's `FULL_SYNC_GROUP`)
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     collections::BTreeSet,
@@ -138,7 +139,12 @@ fn main() {
     let objects = rss();
     let objects_heap = live_mib();
     let mut io = Memory;
-    let mut pipeline = Pipeline::new(MapState::default());
+    let mut pipeline = Pipeline::new(MapState::default()).with_group_entries(
+        std::env::var("GROUP")
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(proxy_userspace::agent::FULL_SYNC_GROUP),
+    );
     let mut logged = BTreeSet::new();
     let t = Instant::now();
     let report = sync_once(&mut io, &mut pipeline, &snapshot, &mut logged).unwrap();

@@ -98,8 +98,9 @@ pub struct Pipeline {
 }
 
 /// Entries (frontends and their backends) per group of a full sync: a few MiB of writes in
-/// flight.
-pub const FULL_SYNC_GROUP: usize = 50_000;
+/// flight. At 10,000 Services x 10 a group of 10,000 peaks 12 MiB lower than one of 50,000
+/// and syncs as fast (`plan_scale`, `GROUP=`).
+pub const FULL_SYNC_GROUP: usize = 10_000;
 
 impl Pipeline {
     /// Starts from what the maps hold (an earlier agent's state, or nothing).
@@ -251,10 +252,7 @@ pub fn sync_once(
         maglev_failures,
         writes,
     } = written;
-    if planned_all || grouped {
-        pipeline.mirror.compact();
-        release_freed_memory();
-    }
+    let compact = planned_all || grouped;
     if !failed.is_empty() {
         pipeline.full_next = true;
     }
@@ -277,6 +275,12 @@ pub fn sync_once(
     }
     let no_local = no_local_endpoints(&desired);
     let frontends = desired.frontends.len();
+    drop(desired);
+    if compact {
+        pipeline.compiler.compact();
+        pipeline.mirror.compact();
+        release_freed_memory();
+    }
     Ok(SyncReport {
         removed,
         maglev_failures,
