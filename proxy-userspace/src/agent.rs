@@ -721,8 +721,6 @@ struct TriggerTimes {
     seen: BTreeMap<(String, String), String>,
 }
 
-const TRIGGER_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
 impl TriggerTimes {
     /// Latencies from each new trigger time of the slices that changed to now, skipping those
     /// before the agent started.
@@ -733,19 +731,14 @@ impl TriggerTimes {
             self.seen.remove(key);
         }
         for slice in &update.new_slices {
-            let Some(raw) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(TRIGGER_ANNOTATION))
-            else {
+            let Some(raw) = slice.trigger_time.as_deref() else {
                 continue;
             };
             let key = (
                 slice.metadata.namespace.clone().unwrap_or_default(),
                 slice.metadata.name.clone().unwrap_or_default(),
             );
-            if self.seen.get(&key) != Some(raw)
+            if self.seen.get(&key).map(String::as_str) != Some(raw)
                 && let Some(t) = parse_rfc3339(raw)
                 && t >= started
                 && let Ok(latency) = now.duration_since(t)
@@ -757,7 +750,7 @@ impl TriggerTimes {
                 };
                 out.push((family, latency));
             }
-            self.seen.insert(key, raw.clone());
+            self.seen.insert(key, raw.to_string());
         }
         out
     }

@@ -215,10 +215,7 @@ fn initial_lists_give_the_first_snapshot() {
         Some("http")
     );
     let slice = &first.slices[0];
-    assert_eq!(
-        slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
-        "a"
-    );
+    assert_eq!(slice.service_name.as_deref(), Some("a"));
     let endpoint = &slice.endpoints[0];
     assert_eq!(endpoint.ready, Some(true));
     assert_eq!(endpoint.node_name.as_deref(), Some(NODE));

@@ -777,11 +777,11 @@ fn raw_copies(
     };
     let mut out = Vec::new();
     for s in &snap.slices {
-        let labels = s.metadata.labels.clone().unwrap_or_default();
+        // The labels as the source reads them (`objects::Slice`): the Service's name, and
+        // whether a hiding label (PROXY_NAME, HEADLESS) is present.
         if s.metadata.namespace.as_deref() != Some(port.namespace.as_str())
-            || labels.get(SERVICE_NAME) != Some(&port.name)
-            || labels.contains_key(PROXY_NAME)
-            || labels.contains_key(HEADLESS)
+            || s.service_name.as_deref() != Some(port.name.as_str())
+            || s.hidden
             || s.address_type != family
         {
             continue;

@@ -44,10 +44,7 @@ impl Endpoint {
 }
 
 /// Labels that hide a Service or EndpointSlice from kube-proxy (semantics 1.1).
-pub(super) const IGNORED_LABELS: [&str; 2] = [
-    "service.kubernetes.io/service-proxy-name",
-    "service.kubernetes.io/headless",
-];
+pub(super) const IGNORED_LABELS: [&str; 2] = crate::objects::HIDING_LABELS;
 
 /// Whose slice this is, as `SliceIndex::build` decides it.
 pub enum Owner<'a> {
@@ -60,13 +57,10 @@ pub enum Owner<'a> {
 }
 
 pub fn owner(slice: &Slice) -> Owner<'_> {
-    let labels = slice.metadata.labels.as_ref();
-    if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
+    if slice.hidden {
         return Owner::Ignored;
     }
-    let service = labels
-        .and_then(|l| l.get("kubernetes.io/service-name"))
-        .filter(|s| !s.is_empty());
+    let service = slice.service_name.as_deref().filter(|s| !s.is_empty());
     match (
         service,
         slice.metadata.namespace.as_ref(),
@@ -89,16 +83,13 @@ impl<'a> SliceIndex<'a> {
     pub fn build(slices: Vec<&'a Slice>, node_name: &str, problems: &mut Vec<Problem>) -> Self {
         let mut by_service: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
         for slice in slices {
-            let labels = slice.metadata.labels.as_ref();
             // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
             // labels (the controller copies a Service's proxy-name label onto its slices).
-            if labels.is_some_and(|l| IGNORED_LABELS.iter().any(|k| l.contains_key(*k))) {
+            if slice.hidden {
                 continue;
             }
             let object = slice_name(slice);
-            let service = labels
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-                .filter(|s| !s.is_empty());
+            let service = slice.service_name.as_deref().filter(|s| !s.is_empty());
             let (Some(service), Some(namespace), Some(_)) = (
                 service,
                 slice.metadata.namespace.as_ref(),
@@ -132,7 +123,7 @@ impl<'a> SliceIndex<'a> {
             check_ports(slice, &object, problems);
             check_addresses(slice, family, &object, problems);
             by_service
-                .entry((namespace.clone(), service.clone()))
+                .entry((namespace.clone(), service.to_string()))
                 .or_default()
                 .push(slice);
         }
