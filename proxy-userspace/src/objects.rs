@@ -154,11 +154,15 @@ impl IntoEndpoints for Option<Vec<Endpoint>> {
     }
 }
 
+/// The endpoints in an allocation of their own. `collect` would convert them in place, in the
+/// parsed list's allocation (about 450 bytes per endpoint), and shrink it: each slice then kept
+/// its endpoints at the start of a block whose freed rest was too small for the next slice's
+/// list. Parsing 10,000 slices of 100 endpoints left about 300 MiB of such holes in the heap.
 fn endpoints_of(list: impl IntoEndpoints) -> Box<[SliceEndpoint]> {
-    list.into_list()
-        .into_iter()
-        .map(SliceEndpoint::from)
-        .collect()
+    let list = list.into_list();
+    let mut out = Vec::with_capacity(list.len());
+    out.extend(list.into_iter().map(SliceEndpoint::from));
+    out.into_boxed_slice()
 }
 
 impl From<Endpoint> for SliceEndpoint {
