@@ -34,10 +34,19 @@ impl TestCgroup {
     }
 }
 
-/// Moves every process of `cgroup` to its parent, then removes it. A process killed just
+/// Removes `cgroup`'s child cgroups the same way, moves every process of `cgroup` to its
+/// parent, then removes it. A process killed just
 /// before stays in the cgroup until it has exited (it cannot be moved), and the directory is
 /// busy until then: the removal is retried for up to 5 s.
 pub fn remove_cgroup(cgroup: &Path) {
+    // Child cgroups first (a testbed's `kubepods`): a cgroup with children is busy for good.
+    if let Ok(entries) = fs::read_dir(cgroup) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&entry.path());
+            }
+        }
+    }
     let parent_procs = cgroup
         .parent()
         .map(|p| p.join("cgroup.procs"))
