@@ -277,6 +277,83 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert_eq!(put["value"]["port"], BACKEND_PORT);
 }
 
+/// A change large enough that the agent writes its slots, members and backends in batches of
+/// thousands, each batch by two threads at once: read back, the maps hold exactly what the
+/// manifests ask for, and removing it all leaves no entry of it.
+#[test]
+fn large_batches_are_written_whole() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new(1);
+    let (services, endpoints) = (60usize, 100usize);
+    let mut text = String::new();
+    for i in 0..services {
+        text.push_str(&service_yaml(
+            &format!("bulk-{i}"),
+            &[&format!("10.96.7.{}", i + 1)],
+            &[HTTP],
+            "",
+        ));
+        text.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: bulk-{i}-1, namespace: default, labels: {{kubernetes.io/service-name: bulk-{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n"
+        ));
+        for e in 0..endpoints {
+            text.push_str(&format!("- {{addresses: [\"10.250.{i}.{}\"]}}\n", e + 1));
+        }
+        text.push_str("---\n");
+    }
+    env.agent.write_manifest("bulk.yaml", &text);
+    let manifests = env.agent.manifests.display().to_string();
+    let source = [
+        "--manifests",
+        manifests.as_str(),
+        "--hostname-override",
+        NODE,
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let counts = |env: &Env| {
+        let (_, out) = cli(env, &["status", "-o", "json"]);
+        let v = json(&out);
+        let count = |map: &str| {
+            v["maps"]
+                .as_array()
+                .and_then(|maps| maps.iter().find(|m| m["name"] == map))
+                .and_then(|m| m["entries"].as_u64())
+                .unwrap_or_else(|| panic!("no entry count of {map}: {v}"))
+        };
+        (count("LB_SLOTS"), count("LB_MEMBERS"), count("LB_BACKENDS"))
+    };
+    let want = (services * endpoints) as u64;
+    loop {
+        let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+        if code == 0 && counts(&env) == (want, want, want) {
+            assert!(out.contains("in sync"), "{out}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not programmed whole within 60 s: {out}, counts {:?}",
+            counts(&env)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    env.agent.remove_manifest("bulk.yaml");
+    loop {
+        if counts(&env) == (0, 0, 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not removed whole within 60 s: {:?}",
+            counts(&env)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    assert_eq!(code, 0, "{out}");
+}
+
 /// `status --wait` returns 0 once the running agent has programmed a sync, and 1 with the
 /// reason when it has not within `--timeout` (here: no agent runs any more).
 #[test]
