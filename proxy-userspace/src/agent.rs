@@ -98,9 +98,10 @@ pub struct Pipeline {
 }
 
 /// Entries (frontends and their backends) per group of a full sync: a few MiB of writes in
-/// flight. At 10,000 Services x 10 a group of 10,000 peaks 12 MiB lower than one of 50,000
-/// and syncs as fast (`plan_scale`, `GROUP=`).
-pub const FULL_SYNC_GROUP: usize = 10_000;
+/// flight. At 10,000 Services x 10 a group of 5,000 peaks 15 MiB lower than one of 50,000
+/// and syncs as fast (`plan_scale`, `GROUP=`); its runs of writes are still long enough to be
+/// written by two threads (`PARALLEL_BATCH`).
+pub const FULL_SYNC_GROUP: usize = 5_000;
 
 impl Pipeline {
     /// Starts from what the maps hold (an earlier agent's state, or nothing).

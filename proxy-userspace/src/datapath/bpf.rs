@@ -50,6 +50,33 @@ use crate::plan::{MapState, Op, ServiceKey, SourceRange};
 /// The BPF object built by build.rs (aya-build), embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
+/// Drops the embedded BPF object's pages from the agent's resident set once it is loaded. It
+/// is read once, whole (about 3 MiB with its BTF and debug information), and its pages would
+/// count in the agent's RSS for good. They are clean pages of the binary's read-only data
+/// (only whole pages inside the object are given back), so a later read faults them in again
+/// from the file, unchanged.
+fn release_object_pages() {
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as usize,
+        _ => return,
+    };
+    let start = OBJECT.as_ptr() as usize;
+    let first = start.div_ceil(page) * page;
+    let last = (start + OBJECT.len()) / page * page;
+    if last > first {
+        // SAFETY: [first, last) lies inside OBJECT, read-only data no code writes; dropping
+        // those pages only makes the next read fetch them from the binary again.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                last - first,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
 /// The socket-hook programs, by their function names in proxy-ebpf.
 pub const SOCK_PROGRAMS: [&str; 9] = [
     "sock4_connect",
@@ -927,6 +954,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
+        release_object_pages();
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         let links_dir = pin_dir.join(LINKS_DIR);
