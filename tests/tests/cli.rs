@@ -311,9 +311,12 @@ fn large_batches_are_written_whole() {
         "--hostname-override",
         NODE,
     ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The entries of the three maps, once the agent has pinned them.
     let counts = |env: &Env| {
-        let (_, out) = cli(env, &["status", "-o", "json"]);
+        let (code, out) = cli(env, &["status", "-o", "json"]);
+        if code != 0 {
+            return None;
+        }
         let v = json(&out);
         let count = |map: &str| {
             v["maps"]
@@ -322,34 +325,32 @@ fn large_batches_are_written_whole() {
                 .and_then(|m| m["entries"].as_u64())
                 .unwrap_or_else(|| panic!("no entry count of {map}: {v}"))
         };
-        (count("LB_SLOTS"), count("LB_MEMBERS"), count("LB_BACKENDS"))
+        Some((count("LB_SLOTS"), count("LB_MEMBERS"), count("LB_BACKENDS")))
     };
     let want = (services * endpoints) as u64;
-    loop {
-        let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
-        if code == 0 && counts(&env) == (want, want, want) {
-            assert!(out.contains("in sync"), "{out}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not programmed whole within 60 s: {out}, counts {:?}",
-            counts(&env)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tests::poll_until(
+        "the change programmed whole",
+        Duration::from_secs(60),
+        || {
+            let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+            let now = counts(&env);
+            if code == 0 && now == Some((want, want, want)) {
+                assert!(out.contains("in sync"), "{out}");
+                Ok(())
+            } else {
+                Err(format!("verify {code}, entries {now:?}: {out}"))
+            }
+        },
+    );
     env.agent.remove_manifest("bulk.yaml");
-    loop {
-        if counts(&env) == (0, 0, 0) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not removed whole within 60 s: {:?}",
-            counts(&env)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tests::poll_until(
+        "the change removed whole",
+        Duration::from_secs(60),
+        || match counts(&env) {
+            Some((0, 0, 0)) => Ok(()),
+            now => Err(format!("entries {now:?}")),
+        },
+    );
     let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
     assert_eq!(code, 0, "{out}");
 }
