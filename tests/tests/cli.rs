@@ -25,6 +25,13 @@ fn cli(env: &Env, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stdout)
 }
 
+/// Runs `kube-bpf-proxy verify ARGS` against the agent's manifests, as its node.
+fn verify(env: &Env, args: &[&str]) -> (i32, String) {
+    let manifests = env.agent.manifests.display().to_string();
+    let source = ["--manifests", &manifests, "--hostname-override", NODE];
+    cli(env, &[&["verify"][..], args, &source].concat())
+}
+
 fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
@@ -215,17 +222,10 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     }
     let mut env = Env::new(5);
     web(&mut env);
-    let manifests = env.agent.manifests.display().to_string();
-    let source = [
-        "--manifests",
-        manifests.as_str(),
-        "--hostname-override",
-        NODE,
-    ];
-    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    let (code, out) = verify(&env, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("in sync"), "{out}");
-    let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
+    let (code, out) = verify(&env, &["-o", "json"]);
     assert_eq!(code, 0);
     assert_eq!(json(&out)["kind"], "Verification");
     assert_eq!(json(&out)["inSync"], true);
@@ -258,10 +258,10 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
         .status()
         .expect("run bpftool");
     assert!(status.success());
-    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    let (code, out) = verify(&env, &[]);
     assert_eq!(code, 1, "drift must exit 1: {out}");
     assert!(out.contains("DRIFT") && out.contains("PutBackend"), "{out}");
-    let (code, out) = cli(&env, &[&["verify", "-o", "json"][..], &source].concat());
+    let (code, out) = verify(&env, &["-o", "json"]);
     assert_eq!(code, 1);
     let v = json(&out);
     assert_eq!(v["inSync"], false);
@@ -304,13 +304,6 @@ fn large_batches_are_written_whole() {
         text.push_str("---\n");
     }
     env.agent.write_manifest("bulk.yaml", &text);
-    let manifests = env.agent.manifests.display().to_string();
-    let source = [
-        "--manifests",
-        manifests.as_str(),
-        "--hostname-override",
-        NODE,
-    ];
     // The entries of the three maps, once the agent has pinned them.
     let counts = |env: &Env| {
         let (code, out) = cli(env, &["status", "-o", "json"]);
@@ -332,7 +325,7 @@ fn large_batches_are_written_whole() {
         "the change programmed whole",
         Duration::from_secs(60),
         || {
-            let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+            let (code, out) = verify(&env, &[]);
             let now = counts(&env);
             if code == 0 && now == Some((want, want, want)) {
                 assert!(out.contains("in sync"), "{out}");
@@ -351,7 +344,7 @@ fn large_batches_are_written_whole() {
             now => Err(format!("entries {now:?}")),
         },
     );
-    let (code, out) = cli(&env, &[&["verify"][..], &source].concat());
+    let (code, out) = verify(&env, &[]);
     assert_eq!(code, 0, "{out}");
 }
 
