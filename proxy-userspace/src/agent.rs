@@ -253,7 +253,6 @@ pub fn sync_once(
         maglev_failures,
         writes,
     } = written;
-    let compact = planned_all || grouped;
     if !failed.is_empty() {
         pipeline.full_next = true;
     }
@@ -277,6 +276,10 @@ pub fn sync_once(
     let no_local = no_local_endpoints(&desired);
     let frontends = desired.frontends.len();
     drop(desired);
+    // After a full sync, or a change of a quarter of the frontends or more: the rebuild costs
+    // a pass over everything, which a change of a few dozen Services should not pay.
+    let compact =
+        planned_all || (grouped && update.changed.len().saturating_mul(4) >= frontends.max(1));
     if compact {
         pipeline.compiler.compact();
         pipeline.mirror.compact();
