@@ -43,9 +43,6 @@ impl Endpoint {
     }
 }
 
-/// Labels that hide a Service or EndpointSlice from kube-proxy (semantics 1.1).
-pub(super) const IGNORED_LABELS: [&str; 2] = crate::objects::HIDING_LABELS;
-
 /// Whose slice this is, as `SliceIndex::build` decides it.
 pub enum Owner<'a> {
     /// Hidden from the proxy by a label (semantics 1.1, 1.2).
@@ -83,25 +80,21 @@ impl<'a> SliceIndex<'a> {
     pub fn build(slices: Vec<&'a Slice>, node_name: &str, problems: &mut Vec<Problem>) -> Self {
         let mut by_service: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
         for slice in slices {
-            // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
-            // labels (the controller copies a Service's proxy-name label onto its slices).
-            if slice.hidden {
-                continue;
-            }
             let object = slice_name(slice);
-            let service = slice.service_name.as_deref().filter(|s| !s.is_empty());
-            let (Some(service), Some(namespace), Some(_)) = (
-                service,
-                slice.metadata.namespace.as_ref(),
-                slice.metadata.name.as_ref(),
-            ) else {
-                problems.push(Problem {
-                    reason: ProblemReason::InvalidObject,
-                    object,
-                    message: "no kubernetes.io/service-name label, name or namespace; ignored"
-                        .into(),
-                });
-                continue;
+            let (namespace, service) = match owner(slice) {
+                // semantics 1.1, 1.2: kube-proxy's informers never see slices carrying these
+                // labels (the controller copies a Service's proxy-name label onto its slices).
+                Owner::Ignored => continue,
+                Owner::Service(namespace, service) => (namespace, service),
+                Owner::Nobody => {
+                    problems.push(Problem {
+                        reason: ProblemReason::InvalidObject,
+                        object,
+                        message: "no kubernetes.io/service-name label, name or namespace; ignored"
+                            .into(),
+                    });
+                    continue;
+                }
             };
             // semantics 1.7: only IPv4 and IPv6 slices are ever used; FQDN ones are ignored
             // silently, anything else is not a valid addressType.
@@ -123,7 +116,7 @@ impl<'a> SliceIndex<'a> {
             check_ports(slice, &object, problems);
             check_addresses(slice, family, &object, problems);
             by_service
-                .entry((namespace.clone(), service.to_string()))
+                .entry((namespace.to_string(), service.to_string()))
                 .or_default()
                 .push(slice);
         }

@@ -575,7 +575,7 @@ fn object_name(kind: &str, meta: &ObjectMeta) -> String {
 /// Why a Service is not proxied at all, if it is not (semantics 1.1, 1.3).
 fn skip_reason(svc: &Service) -> Option<&'static str> {
     let labels = svc.metadata.labels.as_ref();
-    if let Some(label) = endpoints::IGNORED_LABELS
+    if let Some(label) = crate::objects::HIDING_LABELS
         .into_iter()
         .find(|k| labels.is_some_and(|l| l.contains_key(*k)))
     {
