@@ -27,7 +27,8 @@ use crate::{
 };
 
 /// Reads and writes the maps the agent owns.
-pub trait MapIo {
+/// `Send`: the agent writes a large sync from a second thread while it plans the next group.
+pub trait MapIo: Send {
     /// Reads everything back (at start-up, to adopt what an earlier agent left).
     fn dump(&self) -> anyhow::Result<MapState>;
     /// Performs one write. Deleting a missing key is not an error.

@@ -10,6 +10,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::os::unix::ffi::OsStrExt as _;
+
 use anyhow::Context as _;
 use k8s_openapi::{
     api::{
@@ -88,24 +90,98 @@ impl DirWatch {
         Some(DirWatch(owned))
     }
 
-    /// Waits up to `timeout` for a change; drains what arrived.
+    /// Waits up to `timeout` for a manifest to change; then, while more changes follow each
+    /// other within `QUIET` (files written or renamed in one go), for those too, up to `BURST`
+    /// in all: the directory is read once for the burst, not once for its first file (a
+    /// partial snapshot would be programmed, then the rest on top of it). Events of other
+    /// files (an editor's or a tool's temporary file) do not count.
     fn wait(&self, timeout: Duration) {
+        const QUIET: Duration = Duration::from_millis(2);
+        const BURST: Duration = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        loop {
+            let Some(left) = timeout.checked_sub(started.elapsed()) else {
+                return;
+            };
+            match self.wait_once(left) {
+                Some(true) => break,
+                Some(false) => {}
+                None => return,
+            }
+        }
+        let burst = std::time::Instant::now();
+        while let Some(left) = BURST.checked_sub(burst.elapsed()) {
+            if self.wait_once(QUIET.min(left)).is_none() {
+                return;
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for events and drains them: `None` if none came, else whether
+    /// one was of a manifest (or the queue overflowed).
+    fn wait_once(&self, timeout: Duration) -> Option<bool> {
         use std::os::fd::AsRawFd as _;
         let mut pfd = libc::pollfd {
             fd: self.0.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
+        let millis = timeout.as_millis().max(1).min(i32::MAX as u128) as libc::c_int;
         // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
-        if ready > 0 {
-            let mut buf = [0u8; 4096];
-            // SAFETY: reading into our buffer from our non-blocking fd until it is empty.
-            while unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0
-            {
-            }
+        let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+        if ready <= 0 {
+            return None;
         }
+        // The kernel writes whole events; the buffer is aligned for their header.
+        let mut buf = [0u64; 512];
+        let mut relevant = false;
+        loop {
+            // SAFETY: reading into our buffer from our non-blocking fd.
+            let n = unsafe {
+                libc::read(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&buf),
+                )
+            };
+            let Ok(n) = usize::try_from(n) else { break };
+            if n == 0 {
+                break;
+            }
+            // SAFETY: u64s seen as their bytes; `n` bytes were written.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n) };
+            relevant |= names_a_manifest(bytes);
+        }
+        Some(relevant)
     }
+}
+
+/// Whether the inotify events in `bytes` name a manifest file (or say the queue overflowed).
+fn names_a_manifest(bytes: &[u8]) -> bool {
+    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+    let mut at = 0;
+    while at + HEADER <= bytes.len() {
+        let word = |i: usize| {
+            let b = &bytes[at + 4 * i..at + 4 * i + 4];
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+        };
+        let (mask, len) = (word(1), word(3) as usize);
+        let name = bytes.get(at + HEADER..at + HEADER + len).unwrap_or(&[]);
+        let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
+        if mask & libc::IN_Q_OVERFLOW != 0
+            || is_manifest(Path::new(std::ffi::OsStr::from_bytes(name)))
+        {
+            return true;
+        }
+        at += HEADER + len;
+    }
+    false
+}
+
+/// Whether the source reads the file at `path`, by its name.
+fn is_manifest(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }
 
 type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
@@ -115,10 +191,7 @@ fn fingerprint(dir: &Path) -> anyhow::Result<Fingerprint> {
     for entry in fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
         let entry = entry?;
         let path = entry.path();
-        let is_yaml = path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
-        if !is_yaml {
+        if !is_manifest(&path) {
             continue;
         }
         let Ok(meta) = entry.metadata() else { continue };
@@ -489,6 +562,25 @@ data: {a: b}
         assert_eq!(fast.slices[0].endpoints.len(), 2);
         assert_eq!(fast.nodes.len(), 1);
         assert_eq!(summary(&fast), summary(&slow));
+    }
+
+    #[test]
+    fn only_events_of_manifests_wake_the_source() {
+        let dir = std::env::temp_dir().join(format!("kbp-dirwatch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let watch = DirWatch::new(&dir).expect("inotify");
+        assert_eq!(watch.wait_once(Duration::from_millis(1)), None);
+        // A tool's temporary file: events, none of a manifest.
+        fs::write(dir.join(".a.yaml.tmp"), "kind: Service\n").unwrap();
+        assert_eq!(watch.wait_once(Duration::from_millis(1)), Some(false));
+        // Renamed into place: a manifest changed.
+        fs::rename(dir.join(".a.yaml.tmp"), dir.join("a.yaml")).unwrap();
+        assert_eq!(watch.wait_once(Duration::from_millis(1)), Some(true));
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        assert_eq!(watch.wait_once(Duration::from_millis(1)), Some(true));
+        assert_eq!(watch.wait_once(Duration::from_millis(1)), None);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
