@@ -16,7 +16,9 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    api::discovery::v1::{
+        Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
@@ -98,7 +100,23 @@ impl Slice {
 
 impl From<EndpointSlice> for Slice {
     fn from(s: EndpointSlice) -> Slice {
-        let m = s.metadata;
+        Slice::of_parts(
+            s.metadata,
+            s.address_type,
+            s.ports,
+            endpoints_of(s.endpoints),
+        )
+    }
+}
+
+impl Slice {
+    /// A slice of these parts; `metadata` is reduced to what `Slice` keeps.
+    pub fn of_parts(
+        m: ObjectMeta,
+        address_type: String,
+        ports: Option<Vec<EndpointPort>>,
+        endpoints: Vec<SliceEndpoint>,
+    ) -> Slice {
         let labels = m.labels.unwrap_or_default();
         Slice {
             metadata: ObjectMeta {
@@ -109,9 +127,9 @@ impl From<EndpointSlice> for Slice {
                 creation_timestamp: m.creation_timestamp,
                 ..ObjectMeta::default()
             },
-            address_type: s.address_type,
-            ports: s.ports,
-            endpoints: endpoints_of(s.endpoints),
+            address_type,
+            ports,
+            endpoints: exactly(endpoints),
             service_name: labels
                 .get("kubernetes.io/service-name")
                 .map(|n| n.as_str().into()),
@@ -124,10 +142,29 @@ impl From<EndpointSlice> for Slice {
     }
 }
 
-/// Reads an EndpointSlice as the API writes it, keeping what `Slice` keeps.
+/// Reads an EndpointSlice as the API writes it, keeping what `Slice` keeps; its endpoints
+/// straight into `SliceEndpoint`s.
 impl<'de> serde::Deserialize<'de> for Slice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Slice, D::Error> {
-        EndpointSlice::deserialize(d).map(Slice::from)
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Fields {
+            #[serde(default)]
+            metadata: Option<ObjectMeta>,
+            #[serde(default)]
+            address_type: Option<String>,
+            #[serde(default)]
+            endpoints: Option<Vec<SliceEndpoint>>,
+            #[serde(default)]
+            ports: Option<Vec<EndpointPort>>,
+        }
+        let f = Fields::deserialize(d)?;
+        Ok(Slice::of_parts(
+            f.metadata.unwrap_or_default(),
+            f.address_type.unwrap_or_default(),
+            f.ports,
+            f.endpoints.unwrap_or_default(),
+        ))
     }
 }
 
@@ -158,10 +195,21 @@ impl IntoEndpoints for Option<Vec<Endpoint>> {
 /// parsed list's allocation (about 450 bytes per endpoint), and shrink it: each slice then kept
 /// its endpoints at the start of a block whose freed rest was too small for the next slice's
 /// list. Parsing 10,000 slices of 100 endpoints left about 300 MiB of such holes in the heap.
-fn endpoints_of(list: impl IntoEndpoints) -> Box<[SliceEndpoint]> {
+fn endpoints_of(list: impl IntoEndpoints) -> Vec<SliceEndpoint> {
     let list = list.into_list();
     let mut out = Vec::with_capacity(list.len());
     out.extend(list.into_iter().map(SliceEndpoint::from));
+    out
+}
+
+/// `list` moved into an allocation of its exact size (a list read with unknown length has
+/// room to spare; shrinking it in place would leave the rest as a hole, as above).
+fn exactly(list: Vec<SliceEndpoint>) -> Box<[SliceEndpoint]> {
+    if list.len() == list.capacity() {
+        return list.into_boxed_slice();
+    }
+    let mut out = Vec::with_capacity(list.len());
+    out.extend(list);
     out.into_boxed_slice()
 }
 
@@ -169,31 +217,120 @@ impl From<Endpoint> for SliceEndpoint {
     fn from(e: Endpoint) -> SliceEndpoint {
         let address = match e.addresses.into_iter().next() {
             None => Address::Missing,
-            Some(raw) => match parse_lenient(&raw) {
-                Some(ip) => Address::Ip(ip),
-                None => Address::Invalid(raw.into_boxed_str()),
-            },
+            Some(raw) => Address::of(&raw),
         };
+        SliceEndpoint::of_parts(address, e.conditions, e.node_name, e.hints)
+    }
+}
+
+impl SliceEndpoint {
+    fn of_parts(
+        address: Address,
+        conditions: Option<EndpointConditions>,
+        node_name: Option<String>,
+        hints: Option<EndpointHints>,
+    ) -> SliceEndpoint {
         let names = |list: Option<Vec<String>>| -> Option<Box<[Arc<str>]>> {
             let list = list.filter(|l| !l.is_empty())?;
             Some(list.iter().map(|n| intern(n)).collect())
         };
-        let hints = e.hints.and_then(|h| {
+        let hints = hints.and_then(|h| {
             let hints = Hints {
                 zones: names(h.for_zones.map(|z| z.into_iter().map(|z| z.name).collect())),
                 nodes: names(h.for_nodes.map(|n| n.into_iter().map(|n| n.name).collect())),
             };
             (hints.zones.is_some() || hints.nodes.is_some()).then(|| Arc::new(hints))
         });
-        let conditions = e.conditions.unwrap_or_default();
+        let conditions = conditions.unwrap_or_default();
         SliceEndpoint {
             address,
             ready: conditions.ready,
             serving: conditions.serving,
             terminating: conditions.terminating,
-            node_name: e.node_name.filter(|n| !n.is_empty()).map(|n| intern(&n)),
+            node_name: node_name.filter(|n| !n.is_empty()).map(|n| intern(&n)),
             hints,
         }
+    }
+}
+
+/// Reads an endpoint as the API writes it straight into a `SliceEndpoint`: no k8s-openapi
+/// `Endpoint` (with every optional field, and each address a `String`) in between, which made
+/// up much of the time to read a large manifest. The fields the proxy does not read
+/// (hostname, targetRef, zone, deprecatedTopology) are skipped without checking their types.
+impl<'de> serde::Deserialize<'de> for SliceEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SliceEndpoint, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Fields {
+            #[serde(default)]
+            addresses: Option<FirstAddress>,
+            #[serde(default)]
+            conditions: Option<EndpointConditions>,
+            #[serde(default)]
+            node_name: Option<String>,
+            #[serde(default)]
+            hints: Option<EndpointHints>,
+        }
+        let f = Fields::deserialize(d)?;
+        let address = f.addresses.map_or(Address::Missing, |a| a.0);
+        Ok(SliceEndpoint::of_parts(
+            address,
+            f.conditions,
+            f.node_name,
+            f.hints,
+        ))
+    }
+}
+
+impl Address {
+    /// `raw` parsed as `parse_lenient` does, or kept as invalid.
+    fn of(raw: &str) -> Address {
+        match parse_lenient(raw) {
+            Some(ip) => Address::Ip(ip),
+            None => Address::Invalid(raw.into()),
+        }
+    }
+}
+
+/// An endpoint's `addresses` list as its first address (the only one kube-proxy reads,
+/// semantics 2.7); the others are read past. An empty list is `Address::Missing`.
+struct FirstAddress(Address);
+
+impl<'de> serde::Deserialize<'de> for FirstAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FirstAddress, D::Error> {
+        struct List;
+        impl<'de> serde::de::Visitor<'de> for List {
+            type Value = FirstAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of addresses")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<FirstAddress, A::Error> {
+                let first = seq.next_element_seed(One)?.unwrap_or(Address::Missing);
+                while seq.next_element::<String>()?.is_some() {}
+                Ok(FirstAddress(first))
+            }
+        }
+        /// One address, parsed from the text as the parser lends it (no `String` made).
+        struct One;
+        impl<'de> serde::de::DeserializeSeed<'de> for One {
+            type Value = Address;
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Address, D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl serde::de::Visitor<'_> for One {
+            type Value = Address;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address")
+            }
+            fn visit_str<E: serde::de::Error>(self, raw: &str) -> Result<Address, E> {
+                Ok(Address::of(raw))
+            }
+        }
+        d.deserialize_seq(List)
     }
 }
 
@@ -349,6 +486,47 @@ mod tests {
 
     fn slice(yaml: &str) -> Slice {
         Slice::from(serde_norway::from_str::<EndpointSlice>(yaml).unwrap())
+    }
+
+    #[test]
+    fn read_directly_as_through_the_api_types() {
+        // The direct reading (`Slice: Deserialize`) gives what converting k8s-openapi's
+        // EndpointSlice gives, in YAML and JSON.
+        let yaml = concat!(
+            "metadata: {name: a-1, namespace: ns, labels: {kubernetes.io/service-name: a}}\n",
+            "addressType: IPv4\n",
+            "ports: [{name: http, port: 80, protocol: TCP}]\n",
+            "endpoints:\n",
+            "- {addresses: [010.0.0.1, 10.0.0.9], conditions: {ready: false, serving: null}, nodeName: n1,\n",
+            "   hostname: h, zone: z, targetRef: {kind: Pod, name: p}, deprecatedTopology: {a: b},\n",
+            "   hints: {forZones: [{name: z1}], forNodes: [{name: n1}]}}\n",
+            "- {addresses: [], nodeName: ''}\n",
+            "- {addresses: null, conditions: null, hints: null}\n",
+            "- {conditions: {terminating: true}}\n",
+            "- {addresses: ['fd00::1'], hints: {forZones: []}}\n",
+            "- {addresses: [nope]}\n",
+        );
+        let direct: Slice = serde_norway::from_str(yaml).unwrap();
+        assert_eq!(direct, slice(yaml));
+        assert_eq!(direct.endpoints.len(), 6);
+        let value: serde_json::Value = serde_norway::from_str(yaml).unwrap();
+        let json: Slice = serde_json::from_value(value).unwrap();
+        assert_eq!(json, direct);
+        // Wrong types of the fields read are errors, as they are to the API types.
+        for bad in [
+            "endpoints: [{addresses: 5}]",
+            "endpoints: [{addresses: [[1]]}]",
+            "endpoints: [{addresses: [10.0.0.1, [2]]}]",
+            "endpoints: [{conditions: {ready: maybe}}]",
+            "endpoints: [{nodeName: [n1]}]",
+            "endpoints: {a: 1}",
+        ] {
+            assert!(
+                serde_norway::from_str::<EndpointSlice>(bad).is_err(),
+                "{bad}"
+            );
+            assert!(serde_norway::from_str::<Slice>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

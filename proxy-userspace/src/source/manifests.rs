@@ -16,14 +16,14 @@ use anyhow::Context as _;
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
-        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+        discovery::v1::{EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize as _;
 
 use super::{NodeAddresses, Source, addresses_of};
-use crate::objects::{PodRef, Slice};
+use crate::objects::{PodRef, Slice, SliceEndpoint};
 use crate::snapshot::{NodeInfo, Snapshot};
 
 /// Objects parsed from one file.
@@ -274,7 +274,7 @@ struct Document {
     #[serde(default)]
     address_type: Option<String>,
     #[serde(default)]
-    endpoints: Option<Vec<Endpoint>>,
+    endpoints: Option<Vec<SliceEndpoint>>,
     #[serde(default)]
     ports: Option<Vec<EndpointPort>>,
     #[serde(default)]
@@ -295,14 +295,12 @@ impl Document {
                 spec: typed(self.spec)?,
                 status: typed(self.status)?,
             })),
-            "EndpointSlice" => into
-                .slices
-                .push(std::sync::Arc::new(Slice::from(EndpointSlice {
-                    metadata,
-                    address_type: self.address_type.unwrap_or_default(),
-                    endpoints: self.endpoints,
-                    ports: self.ports,
-                }))),
+            "EndpointSlice" => into.slices.push(std::sync::Arc::new(Slice::of_parts(
+                metadata,
+                self.address_type.unwrap_or_default(),
+                self.ports,
+                self.endpoints.unwrap_or_default(),
+            ))),
             "Node" => into.nodes.push(Node {
                 metadata,
                 spec: typed(self.spec)?,
