@@ -175,6 +175,16 @@ pub fn sync_once(
 ) -> anyhow::Result<SyncReport> {
     let started = Instant::now();
     let update = pipeline.compiler.update(snapshot);
+    // After a compile of everything, or of a quarter of the frontends or more, the compiler's
+    // ordered maps are rebuilt with full nodes before the writes are planned: the memory this
+    // frees takes the mirror's growth, so the agent's peak stays lower.
+    let compact = {
+        let frontends = pipeline.compiler.desired().frontends.len();
+        update.full || update.changed.len().saturating_mul(4) >= frontends.max(1)
+    };
+    if compact {
+        pipeline.compiler.compact();
+    }
     let capacity = io.capacity();
     let (desired, fits) = fit_to(
         &pipeline.compiler,
@@ -263,12 +273,9 @@ pub fn sync_once(
     drop(desired);
     // After a full sync, or a change of a quarter of the frontends or more: the rebuild costs
     // a pass over everything, which a change of a few dozen Services should not pay.
-    let compact =
-        planned_all || (grouped && update.changed.len().saturating_mul(4) >= frontends.max(1));
-    if compact {
-        pipeline.compiler.compact();
+    if planned_all || (grouped && compact) {
         pipeline.mirror.compact();
-        release_freed_memory();
+        crate::heap::release_freed();
     }
     Ok(SyncReport {
         removed,
@@ -282,18 +289,6 @@ pub fn sync_once(
         update,
         planned_all,
     })
-}
-
-/// Gives the heap a full sync freed (its plans, the objects and compiled state it replaced) back
-/// to the system. glibc keeps freed memory for later allocations otherwise, and the agent's
-/// RSS is what an operator sees; a full sync is rare, so its cost (a walk of the free lists)
-/// does not matter.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns unused heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// What the writes of one sync did so far.

@@ -8,6 +8,7 @@ pub mod compile;
 pub mod datapath;
 pub mod health;
 pub mod healthcheck;
+pub mod heap;
 pub mod http;
 pub mod maglev;
 pub mod metrics;

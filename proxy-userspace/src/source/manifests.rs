@@ -184,6 +184,10 @@ fn is_manifest(path: &Path) -> bool {
         .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }
 
+/// After parsing this much at once, the heap the parsers freed (their threads' arenas, which
+/// the agent's sync does not reuse) is given back to the system before the sync grows its own.
+const TRIM_AFTER_BYTES: u64 = 4 << 20;
+
 type Fingerprint = BTreeMap<PathBuf, (SystemTime, u64)>;
 
 fn fingerprint(dir: &Path) -> anyhow::Result<Fingerprint> {
@@ -445,7 +449,16 @@ impl Source for ManifestSource {
                             || !cache.contains_key(*path)
                     })
                     .collect();
-                for (path, parsed) in parse_files(&changed) {
+                let parsed_bytes: u64 = changed
+                    .iter()
+                    .filter_map(|p| now.get(*p))
+                    .map(|(_, len)| *len)
+                    .sum();
+                let parsed_files = parse_files(&changed);
+                if parsed_bytes >= TRIM_AFTER_BYTES {
+                    crate::heap::release_freed();
+                }
+                for (path, parsed) in parsed_files {
                     match parsed {
                         Ok(objects) => {
                             cache.insert(path.clone(), objects);
