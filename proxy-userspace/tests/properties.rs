@@ -1959,6 +1959,34 @@ fn incremental_equals_scratch(
     Ok(())
 }
 
+/// Feeds `snapshots` to the agent's own sync (`agent::sync_once`) writing into in-memory maps,
+/// in groups of about `group` entries: with more than one group the writes go through the
+/// agent's writer thread, one group behind the planning. After each, the maps equal a plan
+/// from scratch and the agent's mirror equals the maps.
+fn agent_sync_equals_scratch(snapshots: &[&Snapshot], group: usize) -> Result<(), TestCaseError> {
+    use proxy_userspace::agent::{Pipeline, sync_once};
+    let mut io = MapState::default();
+    let mut pipeline = Pipeline::new(MapState::default()).with_group_entries(group);
+    let mut logged = std::collections::BTreeSet::new();
+    for (step, snapshot) in snapshots.iter().enumerate() {
+        let report = sync_once(&mut io, &mut pipeline, snapshot, &mut logged);
+        prop_assert!(report.is_ok(), "step {}: {:?}", step, report.err());
+        prop_assert_eq!(
+            &io,
+            pipeline.state(),
+            "step {}: the mirror is the maps",
+            step
+        );
+        prop_assert_eq!(pipeline.mirror().check(), Ok(()), "step {}", step);
+        let mut fresh = MapState::default();
+        for op in plan(&compile(snapshot), &fresh) {
+            fresh.apply(&op);
+        }
+        prop_assert_eq!(normal(&io), normal(&fresh), "step {}: maps", step);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -1983,5 +2011,19 @@ proptest! {
         let mut a2 = a.clone();
         a2.node = other;
         incremental_equals_scratch(&[&a, &b, &a2, &b], Some(group))?;
+    }
+
+    /// (h'') The agent's sync itself, its large syncs written by its writer thread while it
+    /// plans the next group, leaves the maps a from-scratch plan gives, and its mirror equal
+    /// to them.
+    #[test]
+    fn the_agents_grouped_writes_equal_from_scratch(
+        (a, b) in two_snapshots(),
+        group in 1usize..12,
+        other in node(),
+    ) {
+        let mut a2 = a.clone();
+        a2.node = other;
+        agent_sync_equals_scratch(&[&a, &b, &a2, &b, &Snapshot::default()], group)?;
     }
 }
