@@ -40,63 +40,6 @@ struct Cached {
     problems: Vec<Problem>,
 }
 
-/// What one Service of an update needs, in the order the update merges them.
-enum Step {
-    /// Gone: its frontends are taken out.
-    Remove(Key),
-    /// New or changed objects: compiled again.
-    Compile(Key, Arc<Service>, Vec<Arc<Slice>>),
-}
-
-/// Services compiled per thread at least before a second thread helps (a full compile at
-/// 10,000 Services x 100 endpoints took 0.45 s on one).
-const PARALLEL_COMPILE: usize = 256;
-
-/// Services compiled before their outputs are merged: a recompile of everything (a node-level
-/// change) holds a chunk's outputs beside the compiled state, not a second copy of it all.
-const COMPILE_CHUNK: usize = 1024;
-
-/// `compile_one` of every `Step::Compile` in `steps`, in order: on two threads when there are
-/// many (it is pure: each Service's output depends on its objects and the node alone).
-fn compile_all(steps: &[Step], node: &NodeInfo, config: &ProxyConfig) -> Vec<ServiceOut> {
-    let jobs: Vec<(&Arc<Service>, &Vec<Arc<Slice>>)> = steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Compile(_, svc, group) => Some((svc, group)),
-            Step::Remove(_) => None,
-        })
-        .collect();
-    let run = |jobs: &[(&Arc<Service>, &Vec<Arc<Slice>>)]| -> Vec<ServiceOut> {
-        jobs.iter()
-            .map(|(svc, group)| {
-                let refs: Vec<&Slice> = group.iter().map(|s| &**s).collect();
-                compile_one(svc, &refs, node, config)
-            })
-            .collect()
-    };
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if jobs.len() < 2 * PARALLEL_COMPILE || cpus < 2 {
-        return run(&jobs);
-    }
-    let (first, second) = jobs.split_at(jobs.len() / 2);
-    std::thread::scope(|scope| {
-        let other = std::thread::Builder::new()
-            .name("compile".into())
-            .spawn_scoped(scope, || run(second));
-        let mut out = run(first);
-        match other {
-            Ok(handle) => match handle.join() {
-                Ok(rest) => out.extend(rest),
-                // A bug in the compiler: the same as when it panics on this thread.
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            // No thread to be had: the second half here.
-            Err(_) => out.extend(run(second)),
-        }
-        out
-    })
-}
-
 impl Cached {
     fn new(service: Arc<Service>, slices: Vec<Arc<Slice>>, out: &ServiceOut) -> Cached {
         Cached {
@@ -458,9 +401,6 @@ impl Compiler {
         } else {
             touched_services.into_iter().collect()
         };
-        // The Services to compile again, in order; compiled on up to two threads at once when
-        // there are many (`compile_all`), then merged one after another in the same order.
-        let mut steps: Vec<Step> = Vec::new();
         for key in keys {
             let (kept, dups) = match self.svc_objects.get(&key) {
                 Some(copies) => pick(copies, "Service"),
@@ -476,7 +416,7 @@ impl Compiler {
             }
             let Some(svc) = kept else {
                 if had {
-                    steps.push(Step::Remove(key));
+                    self.replace(&key, None, &mut update.changed);
                 }
                 continue;
             };
@@ -487,7 +427,8 @@ impl Compiler {
                 .flatten()
                 .filter_map(|k| self.slices.get(k).map(|(s, _)| Arc::clone(s)))
                 .collect();
-            let same_objects = self.services.get(&key).is_some_and(|c| {
+            let cached = self.services.get(&key);
+            let same_objects = cached.is_some_and(|c| {
                 Arc::ptr_eq(&c.service, &svc)
                     && c.slices.len() == group.len()
                     && c.slices.iter().zip(&group).all(|(a, b)| Arc::ptr_eq(a, b))
@@ -495,33 +436,17 @@ impl Compiler {
             if same_objects && !update.full {
                 continue;
             }
-            steps.push(Step::Compile(key, svc, group));
-        }
-        // A chunk at a time, so that the outputs waiting to be merged stay few.
-        let mut steps = steps.into_iter().peekable();
-        while steps.peek().is_some() {
-            let chunk: Vec<Step> = steps.by_ref().take(COMPILE_CHUNK).collect();
-            let mut outs = compile_all(&chunk, &node, &config).into_iter();
-            for step in chunk {
-                let (key, svc, group) = match step {
-                    Step::Remove(key) => {
-                        self.replace(&key, None, &mut update.changed);
-                        continue;
-                    }
-                    Step::Compile(key, svc, group) => (key, svc, group),
-                };
-                let out = outs.next().expect("one output per compiled Service");
-                update.recompiled += 1;
-                let cached = self.services.get(&key);
-                let same = cached.is_some_and(|c| self.merged_equals(&key, c, &out));
-                let new = Cached::new(svc, group, &out);
-                if same {
-                    // Same result from new objects: keep them, nothing to merge.
-                    self.services.insert(key, new);
-                    continue;
-                }
-                self.replace(&key, Some((new, out)), &mut update.changed);
+            let refs: Vec<&Slice> = group.iter().map(|s| &**s).collect();
+            let out = compile_one(&svc, &refs, &node, &config);
+            update.recompiled += 1;
+            let same = cached.is_some_and(|c| self.merged_equals(&key, c, &out));
+            let new = Cached::new(svc, group, &out);
+            if same {
+                // Same result from new objects: keep them, nothing to merge.
+                self.services.insert(key, new);
+                continue;
             }
+            self.replace(&key, Some((new, out)), &mut update.changed);
         }
 
         // Slices no Service takes are still checked and reported.
@@ -730,80 +655,5 @@ impl Compiler {
         let mut seen = BTreeSet::new();
         out.retain(|p| seen.insert(p.to_string()));
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compiling_on_two_threads_gives_what_one_gives() {
-        // Enough Services for `compile_all` to take a second thread; conflicting frontends
-        // (every tenth Service claims the externalIP of the one before) and Services without
-        // slices among them.
-        let mut docs = Vec::new();
-        let n = 3 * PARALLEL_COMPILE;
-        for i in 0..n {
-            let external = if i % 10 == 1 {
-                format!(", externalIPs: [192.0.2.{}]", (i - 1) % 250)
-            } else {
-                format!(", externalIPs: [192.0.2.{}]", i % 250)
-            };
-            docs.push(format!(
-                "kind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec: {{clusterIP: \
-                 10.96.{}.{}, ports: [{{name: http, port: 80, protocol: TCP}}]{external}}}",
-                i / 250,
-                i % 250 + 1
-            ));
-            if i % 7 != 0 {
-                docs.push(format!(
-                    "kind: EndpointSlice\nmetadata: {{name: s{i}-1, namespace: ns, labels: \
-                     {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv4\nports: \
-                     [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{{addresses: \
-                     [10.244.{}.{}], nodeName: n{}}}]",
-                    i / 250,
-                    i % 250 + 1,
-                    i % 3
-                ));
-            }
-        }
-        let snap = crate::compile::tests::snapshot(&docs.join("\n---\n"), "n1", None);
-        let mut compiler = Compiler::default();
-        compiler.update(&snap);
-        let (node, config) = compiler.inputs.clone().unwrap();
-        let steps: Vec<Step> = compiler
-            .services
-            .iter()
-            .map(|(key, c)| Step::Compile(key.clone(), c.service.clone(), c.slices.clone()))
-            .collect();
-        assert_eq!(steps.len(), n);
-        let two = compile_all(&steps, &node, &config);
-        let one: Vec<ServiceOut> = steps
-            .iter()
-            .map(|s| match s {
-                Step::Compile(_, svc, group) => {
-                    let refs: Vec<&Slice> = group.iter().map(|s| &**s).collect();
-                    compile_one(svc, &refs, &node, &config)
-                }
-                Step::Remove(_) => unreachable!(),
-            })
-            .collect();
-        assert_eq!(two.len(), one.len());
-        for (a, b) in two.iter().zip(&one) {
-            assert_eq!(a.object, b.object);
-            assert_eq!(a.frontends, b.frontends);
-            assert_eq!(a.ports, b.ports);
-            assert_eq!(a.problems, b.problems);
-        }
-        // And the merged state is the one compiles of fewer Services at a time (each on one
-        // thread) give: every Service goes through `replace` in the same order either way.
-        let mut by_one = Compiler::default();
-        let mut part = snap.clone();
-        for end in (PARALLEL_COMPILE..=n).step_by(PARALLEL_COMPILE) {
-            part.services = snap.services[..end].to_vec();
-            by_one.update(&part);
-        }
-        assert_eq!(by_one.desired(), compiler.desired());
     }
 }
