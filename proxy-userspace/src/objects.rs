@@ -88,28 +88,6 @@ pub struct Hints {
 }
 
 impl Slice {
-    /// `EndpointSlice namespace/name`, as problems name it.
-    pub fn object_name(&self) -> String {
-        format!(
-            "EndpointSlice {}/{}",
-            self.metadata.namespace.as_deref().unwrap_or(""),
-            self.metadata.name.as_deref().unwrap_or("")
-        )
-    }
-}
-
-impl From<EndpointSlice> for Slice {
-    fn from(s: EndpointSlice) -> Slice {
-        Slice::of_parts(
-            s.metadata,
-            s.address_type,
-            s.ports,
-            endpoints_of(s.endpoints),
-        )
-    }
-}
-
-impl Slice {
     /// A slice of these parts; `metadata` is reduced to what `Slice` keeps.
     pub fn of_parts(
         m: ObjectMeta,
@@ -139,6 +117,26 @@ impl Slice {
                 .and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION))
                 .map(String::into_boxed_str),
         }
+    }
+
+    /// `EndpointSlice namespace/name`, as problems name it.
+    pub fn object_name(&self) -> String {
+        format!(
+            "EndpointSlice {}/{}",
+            self.metadata.namespace.as_deref().unwrap_or(""),
+            self.metadata.name.as_deref().unwrap_or("")
+        )
+    }
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(s: EndpointSlice) -> Slice {
+        Slice::of_parts(
+            s.metadata,
+            s.address_type,
+            s.ports,
+            endpoints_of(s.endpoints),
+        )
     }
 }
 

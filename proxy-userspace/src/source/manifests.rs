@@ -69,7 +69,7 @@ struct DirWatch(std::os::fd::OwnedFd);
 
 impl DirWatch {
     fn new(dir: &Path) -> Option<DirWatch> {
-        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        use std::os::fd::FromRawFd as _;
         // SAFETY: plain syscall; the fd is owned at once.
         let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
         if fd < 0 {
