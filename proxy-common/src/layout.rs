@@ -13,7 +13,7 @@ const _: () = {
     assert!(size_of::<Service6Key>() == 20);
     assert!(size_of::<ServiceValue>() == 20);
     assert!(size_of::<SlotKey>() == 8);
-    assert!(size_of::<SlotValue>() == 4);
+    assert!(size_of::<SlotChunk>() == 64);
     assert!(size_of::<MemberKey>() == 8);
     assert!(size_of::<MemberValue>() == 4);
     assert!(size_of::<BackendValue>() == 24);

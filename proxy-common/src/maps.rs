@@ -4,7 +4,7 @@
 pub const LB4_SERVICES: &str = "LB4_SERVICES";
 /// Frontends of IPv6 Services: `Service6Key` → `ServiceValue`.
 pub const LB6_SERVICES: &str = "LB6_SERVICES";
-/// Backend slots of every frontend: `SlotKey` → `SlotValue`.
+/// Backend slots of every frontend, `SLOT_CHUNK` per entry: `SlotKey` → `SlotChunk`.
 pub const LB_SLOTS: &str = "LB_SLOTS";
 /// Which backends belong to a frontend: `MemberKey` → `MemberValue`.
 pub const LB_MEMBERS: &str = "LB_MEMBERS";
@@ -142,7 +142,10 @@ pub const ALL: [&str; 33] = [
 /// maps from the node's memory, the others by flag (--max-services, --max-backends,
 /// --max-slots) for bigger clusters.
 pub const SERVICES_MAX: usize = 65_536;
+/// Slots (--max-slots); `LB_SLOTS` holds them in chunks (`slot_chunks_for`).
 pub const SLOTS_MAX: usize = 262_144;
+/// `LB_SLOTS` entries for the default slots and frontends.
+pub const SLOT_CHUNKS_MAX: usize = slot_chunks_for(SLOTS_MAX as u32, SERVICES_MAX as u32) as usize;
 pub const MEMBERS_MAX: usize = 262_144;
 pub const BACKENDS_MAX: usize = 131_072;
 pub const AFFINITY_MAX: usize = 16_384;
@@ -166,3 +169,10 @@ pub const FRAG_MAX: usize = 4_096;
 pub const SOCKLB_OFF_MAX: usize = 16_384;
 /// Namespaces listed in `LB_SOCKLB_NS`.
 pub const SOCKLB_NS_MAX: usize = 4_096;
+
+/// `LB_SLOTS` entries (chunks of `SLOT_CHUNK` slots) that hold `slots` slots however they are
+/// spread over up to `frontends` frontends: a frontend of n slots takes n / `SLOT_CHUNK`
+/// chunks, rounded up, so at most one chunk more than its share.
+pub const fn slot_chunks_for(slots: u32, frontends: u32) -> u32 {
+    (slots / crate::service::SLOT_CHUNK as u32).saturating_add(frontends)
+}

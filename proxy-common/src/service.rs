@@ -103,7 +103,12 @@ impl ServiceValue {
     }
 }
 
-/// Key of `LB_SLOTS`.
+/// Slots per `LB_SLOTS` entry. A frontend's slots are stored in chunks, so a full sync writes
+/// one entry per 16 slots instead of one per slot (at 10,000 Services x 100 endpoints, 70,000
+/// writes instead of a million), and a frontend of a few backends costs one entry.
+pub const SLOT_CHUNK: usize = 16;
+
+/// Key of `LB_SLOTS`: one chunk of a frontend's slots.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SlotKey {
@@ -111,16 +116,45 @@ pub struct SlotKey {
     pub svc_id: u32,
     /// 0 or 1; see `ServiceValue::rev`.
     pub generation: u16,
-    /// 0 .. `ServiceValue::count`. A backend with weight w holds w slots.
-    pub slot: u16,
+    /// Slots `chunk * SLOT_CHUNK ..` (slot indices run 0 .. `ServiceValue::count`; a backend
+    /// with weight w holds w slots).
+    pub chunk: u16,
 }
 
-/// Value of `LB_SLOTS`.
+impl SlotKey {
+    /// The key of the chunk holding `slot` of frontend `svc_id`'s `generation`.
+    pub const fn of_slot(svc_id: u32, generation: u16, slot: u16) -> SlotKey {
+        SlotKey {
+            svc_id,
+            generation,
+            chunk: slot / SLOT_CHUNK as u16,
+        }
+    }
+}
+
+/// Value of `LB_SLOTS`: backend ids (keys of `LB_BACKENDS`) of `SLOT_CHUNK` slots; past the
+/// frontend's count, 0.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct SlotValue {
-    /// Key of `LB_BACKENDS`.
-    pub backend_id: u32,
+pub struct SlotChunk {
+    pub backend_ids: [u32; SLOT_CHUNK],
+}
+
+impl SlotChunk {
+    /// The chunk holding `ids` (at most `SLOT_CHUNK`) from its first slot on.
+    pub fn of(ids: &[u32]) -> SlotChunk {
+        let mut chunk = SlotChunk {
+            backend_ids: [0; SLOT_CHUNK],
+        };
+        let n = ids.len().min(SLOT_CHUNK);
+        chunk.backend_ids[..n].copy_from_slice(&ids[..n]);
+        chunk
+    }
+
+    /// The backend id of `slot` (an index of the whole frontend), 0 for none.
+    pub const fn backend_of(&self, slot: u16) -> u32 {
+        self.backend_ids[slot as usize % SLOT_CHUNK]
+    }
 }
 
 /// Key of `LB_MEMBERS`: lets the datapath check that a remembered backend (session affinity)
@@ -183,7 +217,7 @@ pod!(
     Service6Key,
     ServiceValue,
     SlotKey,
-    SlotValue,
+    SlotChunk,
     MemberKey,
     MemberValue
 );

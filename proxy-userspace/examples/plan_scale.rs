@@ -63,7 +63,7 @@ impl MapIo for Memory {
             services4: 65_536,
             services6: 65_536,
             // Room for 10k x 100 (the agent's --max-* flags).
-            slots: 1 << 21,
+            slot_chunks: proxy_common::maps::slot_chunks_for(1 << 21, 65_536) as u64,
             members: 1 << 21,
             backends: 1 << 21,
             infos: 65_536,

@@ -11,6 +11,7 @@ use std::{
 use crate::{
     compile::{
         Desired, FrontendAddr, FrontendKind, PortName, Problem, ProblemReason, Scheduler, Totals,
+        slot_chunks,
     },
     plan::{MapState, ServiceKey},
 };
@@ -20,7 +21,8 @@ use crate::{
 pub struct Capacity {
     pub services4: u64,
     pub services6: u64,
-    pub slots: u64,
+    /// `LB_SLOTS` entries (`SLOT_CHUNK` slots each).
+    pub slot_chunks: u64,
     pub members: u64,
     pub backends: u64,
     pub infos: u64,
@@ -39,7 +41,8 @@ struct Usage {
     services4: BTreeSet<ServiceKey>,
     services6: BTreeSet<ServiceKey>,
     frontends: u64,
-    slots: u64,
+    /// Slot chunks, and those of the frontend with the most.
+    chunks: u64,
     largest: u64,
     members: u64,
     largest_members: u64,
@@ -56,7 +59,7 @@ struct Addition {
     services4: BTreeSet<ServiceKey>,
     services6: BTreeSet<ServiceKey>,
     frontends: u64,
-    slots: u64,
+    chunks: u64,
     largest: u64,
     members: u64,
     largest_members: u64,
@@ -71,7 +74,7 @@ pub fn surely_fits(totals: &Totals, maglev_size: u32, backends_now: u64, cap: &C
     let table = maglev_chunks(maglev_size);
     2 * totals.frontends <= cap.services4.min(cap.services6)
         && totals.frontends <= cap.infos
-        && totals.slots + totals.largest_slots() <= cap.slots
+        && totals.slot_chunks + slot_chunks(totals.largest_slots()) <= cap.slot_chunks
         && totals.members + totals.largest_members() <= cap.members
         && totals.members + backends_now <= cap.backends
         && (totals.maglev_frontends + 1) * table <= cap.maglev
@@ -139,8 +142,9 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
                 .iter()
                 .map(|b| u64::from(b.weight.max(1)))
                 .sum();
-            add.slots += slots;
-            add.largest = add.largest.max(slots);
+            let chunks = slot_chunks(slots);
+            add.chunks += chunks;
+            add.largest = add.largest.max(chunks);
             if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
                 add.maglev += table;
             }
@@ -176,8 +180,8 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
             // One frontend at a time holds two generations while it is updated.
             (
                 "LB_SLOTS",
-                usage.slots + add.slots + usage.largest.max(add.largest),
-                cap.slots,
+                usage.chunks + add.chunks + usage.largest.max(add.largest),
+                cap.slot_chunks,
             ),
             (
                 "LB_MEMBERS",
@@ -198,7 +202,7 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
                 usage.services4.extend(add.services4);
                 usage.services6.extend(add.services6);
                 usage.frontends += add.frontends;
-                usage.slots += add.slots;
+                usage.chunks += add.chunks;
                 usage.largest = usage.largest.max(add.largest);
                 usage.members += add.members;
                 usage.largest_members = usage.largest_members.max(add.largest_members);
@@ -282,7 +286,7 @@ mod tests {
     const ROOMY: Capacity = Capacity {
         services4: 1000,
         services6: 1000,
-        slots: 1000,
+        slot_chunks: 1000,
         members: 1000,
         backends: 1000,
         infos: 1000,
@@ -310,6 +314,29 @@ mod tests {
         assert_eq!(d.problems.len(), 2);
         assert!(d.problems[0].to_string().contains("svc-003"));
         assert!(d.problems[0].message.contains("LB4_SERVICES is full"));
+    }
+
+    #[test]
+    fn slots_are_counted_in_chunks_of_sixteen() {
+        // 20 backends each: two chunks per frontend, and two more while one is updated.
+        let cap = Capacity {
+            slot_chunks: 7,
+            ..ROOMY
+        };
+        let mut d = desired(4, 20);
+        fit(&mut d, &MapState::default(), &cap);
+        assert_eq!(d.frontends.len(), 2, "2 x 2 chunks + 2 in flight fit 7, 3 x 2 + 2 do not");
+        assert!(d.problems[0].message.contains("LB_SLOTS is full"), "{:?}", d.problems);
+        // Three backends each take one chunk: six frontends and one in flight fit 7 entries
+        // (18 slots, which took 18 entries when a slot was an entry).
+        let mut d = desired(6, 3);
+        fit(&mut d, &MapState::default(), &cap);
+        assert_eq!(d.frontends.len(), 6);
+        let mut state = MapState::default();
+        for op in plan(&d, &state) {
+            state.apply(&op);
+        }
+        assert_eq!(state.slots.len(), 6);
     }
 
     #[test]

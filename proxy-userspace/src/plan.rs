@@ -22,8 +22,8 @@ use proxy_common::{
     service::{
         FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_NO_LOCAL,
         FLAG_ROUND_ROBIN, FLAG_SED, FLAG_SNAT, FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES, FLAG_WEIGHTED,
-        MemberKey, MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, Service4Key, Service6Key,
-        ServiceValue, SlotKey, SlotValue,
+        MemberKey, MemberValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SLOT_CHUNK, Service4Key,
+        Service6Key, ServiceValue, SlotChunk, SlotKey,
     },
 };
 
@@ -113,7 +113,8 @@ impl ServiceKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub slots: BTreeMap<SlotKey, SlotValue>,
+    /// Slot chunks (`SLOT_CHUNK` slots each).
+    pub slots: BTreeMap<SlotKey, SlotChunk>,
     pub members: BTreeMap<MemberKey, MemberValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     /// Inspection-only: which Service port each frontend id belongs to.
@@ -154,7 +155,7 @@ pub struct SourceRange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutBackend(u32, BackendValue),
-    PutSlot(SlotKey, SlotValue),
+    PutSlot(SlotKey, Box<SlotChunk>),
     PutMember(MemberKey, MemberValue),
     PutService(ServiceKey, ServiceValue),
     DelService(ServiceKey),
@@ -235,10 +236,22 @@ impl Op {
     }
 }
 
+/// A chunk's backend ids up to its last slot in use.
+struct SlotIds<'a>(&'a SlotChunk);
+
+impl fmt::Debug for SlotIds<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids = &self.0.backend_ids;
+        let used = ids.iter().rposition(|id| *id != 0).map_or(0, |i| i + 1);
+        f.debug_list().entries(&ids[..used]).finish()
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::PutMaglev(k, _) => write!(f, "PutMaglev({k:?})"),
+            Op::PutSlot(k, v) => write!(f, "PutSlot({k:?}, {:?})", SlotIds(v)),
             Op::PutInfo(id, info) => write!(
                 f,
                 "PutInfo({id}, {} kind {} flags {:#x} port_id {})",
@@ -259,8 +272,8 @@ impl MapState {
             Op::PutBackend(id, v) => {
                 self.backends.insert(id, v);
             }
-            Op::PutSlot(k, v) => {
-                self.slots.insert(k, v);
+            Op::PutSlot(k, ref v) => {
+                self.slots.insert(k, **v);
             }
             Op::PutMember(k, v) => {
                 self.members.insert(k, v);
@@ -333,17 +346,17 @@ impl MapState {
     /// The backend ids of a frontend's live slots, in slot order; `None` for a slot that is
     /// missing or names a missing backend.
     pub fn live_slots(&self, svc: &ServiceValue) -> Vec<Option<u32>> {
+        let mut chunk = None;
         (0..svc.count)
             .map(|slot| {
-                let key = SlotKey {
-                    svc_id: svc.id,
-                    generation: svc.generation(),
-                    slot,
-                };
-                self.slots
-                    .get(&key)
-                    .map(|s| s.backend_id)
-                    .filter(|id| self.backends.contains_key(id))
+                if (slot as usize).is_multiple_of(SLOT_CHUNK) {
+                    chunk = self
+                        .slots
+                        .get(&SlotKey::of_slot(svc.id, svc.generation(), slot));
+                }
+                chunk
+                    .map(|c| c.backend_of(slot))
+                    .filter(|id| *id != 0 && self.backends.contains_key(id))
             })
             .collect()
     }
@@ -829,17 +842,15 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
                 value.rev = value.rev.wrapping_add(1);
             }
             let generation = value.generation();
-            for (slot, backend_id) in slots.iter().enumerate() {
+            for (chunk, ids) in slots.chunks(SLOT_CHUNK).enumerate() {
                 let k = SlotKey {
                     svc_id: id,
                     generation,
-                    slot: slot as u16,
+                    chunk: chunk as u16,
                 };
-                let v = SlotValue {
-                    backend_id: *backend_id,
-                };
+                let v = SlotChunk::of(ids);
                 if current.slots.get(&k) != Some(&v) {
-                    updates.push(Op::PutSlot(k, v));
+                    updates.push(Op::PutSlot(k, Box::new(v)));
                 }
             }
         }
@@ -887,8 +898,9 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         }
         let generation = value.generation();
         let own_slots = current.slots.range(slot_range(id));
+        let chunks = slots.len().div_ceil(SLOT_CHUNK);
         for (k, _) in own_slots {
-            if k.generation != generation || k.slot as usize >= slots.len() {
+            if k.generation != generation || k.chunk as usize >= chunks {
                 updates.push(Op::DelSlot(*k));
             }
         }
@@ -921,16 +933,16 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         .collect()
 }
 
-/// Every slot key of frontend `id`.
+/// Every slot chunk key of frontend `id`.
 pub(crate) fn slot_range(id: u32) -> std::ops::RangeInclusive<SlotKey> {
     SlotKey {
         svc_id: id,
         generation: 0,
-        slot: 0,
+        chunk: 0,
     }..=SlotKey {
         svc_id: id,
         generation: u16::MAX,
-        slot: u16::MAX,
+        chunk: u16::MAX,
     }
 }
 

@@ -1717,3 +1717,60 @@ fn xdp_sends_the_fragments_of_a_datagram_back_out_translated_as_its_first() {
     assert_eq!(out.verdict, XDP_PASS);
     assert_eq!(out.packet, stray);
 }
+
+/// A frontend's slots live 16 to a map entry: a round-robin NodePort with 40 endpoints (three
+/// chunks, the last one partly used) gives each endpoint exactly one of 40 new connections,
+/// and after it shrinks to 20 (one chunk and a half, in the other generation) each of those
+/// exactly one of the next 20; nothing else is ever chosen.
+#[test]
+fn tc_reaches_every_slot_of_a_frontend_across_its_chunks() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let pods = |n: u8| -> Vec<Ipv4Addr> { (1..=n).map(|i| Ipv4Addr::new(10, 245, 6, i)).collect() };
+    let service = |pods: &[Ipv4Addr]| {
+        let endpoints: Vec<String> = pods
+            .iter()
+            .map(|p| format!("- {{addresses: [\"{p}\"], nodeName: n2, conditions: {{ready: true}}}}"))
+            .collect();
+        format!(
+            r#"
+kind: Service
+metadata: {{name: wide, annotations: {{kube-bpf-proxy.io/scheduler: rr}}}}
+spec: {{type: NodePort, clusterIP: 10.96.0.30,
+        ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30110, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: wide-1, labels: {{kubernetes.io/service-name: wide}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{}
+"#,
+            endpoints.join("\n")
+        )
+    };
+    let mut client_port = 42000;
+    let mut connect = |rig: &mut Rig, n: usize| -> std::collections::BTreeMap<Ipv4Addr, u32> {
+        let mut seen_by = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            client_port += 1;
+            let out = rig.tc(&tcp4((CLIENT, client_port), (NODE, 30110), TCP_SYN));
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "connection from port {client_port}");
+            *seen_by.entry(seen(&out.packet).dst.0).or_insert(0) += 1;
+        }
+        seen_by
+    };
+    let all = pods(40);
+    rig.program(&service(&all));
+    let got = connect(&mut rig, 40);
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), all, "{got:?}");
+    assert!(got.values().all(|n| *n == 1), "{got:?}");
+    let fewer = pods(20);
+    rig.program(&service(&fewer));
+    let got = connect(&mut rig, 20);
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), fewer, "{got:?}");
+    assert!(got.values().all(|n| *n == 1), "{got:?}");
+    assert_eq!(rig.count(Reason::SlotMissing), 0);
+}

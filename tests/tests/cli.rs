@@ -321,13 +321,15 @@ fn large_batches_are_written_whole() {
         Some((count("LB_SLOTS"), count("LB_MEMBERS"), count("LB_BACKENDS")))
     };
     let want = (services * endpoints) as u64;
+    // Slots go 16 to an LB_SLOTS entry.
+    let chunks = (services * endpoints.div_ceil(proxy_common::service::SLOT_CHUNK)) as u64;
     tests::poll_until(
         "the change programmed whole",
         Duration::from_secs(60),
         || {
             let (code, out) = verify(&env, &[]);
             let now = counts(&env);
-            if code == 0 && now == Some((want, want, want)) {
+            if code == 0 && now == Some((chunks, want, want)) {
                 assert!(out.contains("in sync"), "{out}");
                 Ok(())
             } else {

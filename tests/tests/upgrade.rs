@@ -2,8 +2,8 @@
 //! own sources serves ClusterIP, NodePort (Cluster, masqueraded, and Local) and UDP traffic on
 //! node-a of a two-node testbed; it is killed and the current agent takes over its pins while
 //! clients keep connecting. Nothing fails, an established NodePort connection keeps its
-//! backend, the maps whose layout changed (the per-reason counters) are migrated with their
-//! counts, and `verify` finds no drift.
+//! backend, the maps whose layout changed are migrated (the per-reason counters with their
+//! counts, the slots into chunks before the new programs run), and `verify` finds no drift.
 
 mod common;
 
@@ -218,6 +218,16 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
             &format!(
                 "LB_STATS: migrated from layout version 1 to {}",
                 current_version(proxy_common::maps::LB_STATS)
+            ),
+            Duration::from_secs(20),
+        );
+        // The slots went over from one entry per slot to chunks before the new programs
+        // were attached (the clients above never stop).
+        agent.wait_for_log(
+            from,
+            &format!(
+                "LB_SLOTS: migrated from layout version 1 to {}",
+                current_version(proxy_common::maps::LB_SLOTS)
             ),
             Duration::from_secs(20),
         );

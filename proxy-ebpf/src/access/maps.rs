@@ -18,8 +18,8 @@ use proxy_common::{
     reason::{DROPS_COUNT, REASON_COUNT},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
-        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
-        SlotValue, SrcRange4, SrcRange6,
+        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotChunk,
+        SlotKey, SrcRange4, SrcRange6,
     },
 };
 
@@ -37,9 +37,10 @@ pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue, SERVICES_MAX, NO_PRE
 pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue, SERVICES_MAX, NO_PREALLOC> =
     HashMap::new();
 
-/// Backend slots of both generations of every frontend. Written by the agent.
+/// Backend slots of both generations of every frontend, `SLOT_CHUNK` per entry. Written by
+/// the agent.
 #[btf_map]
-pub static LB_SLOTS: HashMap<SlotKey, SlotValue, SLOTS_MAX, NO_PREALLOC> = HashMap::new();
+pub static LB_SLOTS: HashMap<SlotKey, SlotChunk, SLOT_CHUNKS_MAX, NO_PREALLOC> = HashMap::new();
 
 /// (frontend, backend) pairs that are currently valid, for checking affinity entries.
 #[btf_map]

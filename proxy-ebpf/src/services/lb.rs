@@ -38,16 +38,9 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
         if i >= count {
             break;
         }
-        let key = SlotKey {
-            svc_id: svc.id,
-            generation: svc.generation(),
-            slot: (start.wrapping_add(i) % count) as u16,
-        };
-        // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
-        let Some(slot) = (unsafe { LB_SLOTS.get(&key) }) else {
+        let Some(id) = slot_backend(svc, (start.wrapping_add(i) % count) as u16) else {
             continue;
         };
-        let id = slot.backend_id;
         let active = conns::of(id);
         if never_queue && active == 0 {
             return id;
@@ -69,6 +62,15 @@ pub fn least_conn(svc: &ServiceValue) -> u32 {
 use crate::access::maps::{
     LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS,
 };
+
+/// The backend id in `slot` of the frontend's live generation, if its chunk is there.
+#[inline(always)]
+fn slot_backend(svc: &ServiceValue, slot: u16) -> Option<u32> {
+    let key = SlotKey::of_slot(svc.id, svc.generation(), slot);
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
+    let id = unsafe { LB_SLOTS.get(&key) }?.backend_of(slot);
+    (id != 0).then_some(id)
+}
 
 /// The next turn of a round-robin frontend.
 #[inline(always)]
@@ -182,16 +184,7 @@ pub fn select<const SCAN: bool>(
                 // SAFETY: a helper without arguments.
                 unsafe { bpf_get_prandom_u32() }
             };
-            let slot = draw % svc.count as u32;
-            let key = SlotKey {
-                svc_id: svc.id,
-                generation: svc.generation(),
-                slot: slot as u16,
-            };
-            // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
-            unsafe { LB_SLOTS.get(&key) }
-                .ok_or(Reason::SlotMissing)?
-                .backend_id
+            slot_backend(svc, (draw % svc.count as u32) as u16).ok_or(Reason::SlotMissing)?
         }
     };
     // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.

@@ -57,6 +57,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = MapSizes::default().backends)]
     pub max_backends: u32,
     /// Capacity of the slot and member maps (backends summed over frontends, weights counted).
+    /// LB_SLOTS holds 16 slots per entry: it is sized max-slots / 16 + max-services entries,
+    /// room for that many slots however they are spread.
     #[arg(long, default_value_t = MapSizes::default().slots)]
     pub max_slots: u32,
     /// Capacity of the session affinity map (LRU). Default: from the node's memory

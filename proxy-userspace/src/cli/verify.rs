@@ -107,11 +107,11 @@ enum MapKey {
         #[serde(skip_serializing_if = "Option::is_none")]
         reach: Option<Reach>,
     },
-    /// `LB_SLOTS`.
+    /// `LB_SLOTS`: slots `chunk * 16 ..` of a frontend's generation.
     Slot {
         frontend_id: u32,
         generation: u16,
-        slot: u16,
+        chunk: u16,
     },
     /// `LB_MEMBERS`.
     Member { frontend_id: u32, backend_id: u32 },
@@ -142,8 +142,9 @@ enum MapValue {
         affinity_timeout_seconds: u32,
         flags: Vec<&'static str>,
     },
+    /// The backend ids of a chunk's slots, in slot order (0: past the frontend's slots).
     Slot {
-        backend_id: u32,
+        backend_ids: Vec<u32>,
     },
     Member {
         slots: u32,
@@ -225,10 +226,10 @@ fn difference(op: &Op) -> Difference {
             MapKey::Slot {
                 frontend_id: k.svc_id,
                 generation: k.generation,
-                slot: k.slot,
+                chunk: k.chunk,
             },
             Some(MapValue::Slot {
-                backend_id: v.backend_id,
+                backend_ids: v.backend_ids.to_vec(),
             }),
         ),
         Op::DelSlot(k) => (
@@ -236,7 +237,7 @@ fn difference(op: &Op) -> Difference {
             MapKey::Slot {
                 frontend_id: k.svc_id,
                 generation: k.generation,
-                slot: k.slot,
+                chunk: k.chunk,
             },
             None,
         ),

@@ -80,6 +80,8 @@ pub struct Totals {
     pub frontends: u64,
     /// Slots of every frontend (a backend's weight counts in slots).
     pub slots: u64,
+    /// `LB_SLOTS` entries of every frontend's slots (`SLOT_CHUNK` slots each).
+    pub slot_chunks: u64,
     /// Member entries (one per backend of a frontend).
     pub members: u64,
     /// Frontends with a Maglev table (Maglev scheduler, at least one backend).
@@ -87,6 +89,11 @@ pub struct Totals {
     /// How many frontends have each slot count / member count, for the largest.
     slot_sizes: BTreeMap<u64, u64>,
     member_sizes: BTreeMap<u64, u64>,
+}
+
+/// `LB_SLOTS` entries of a frontend of `slots` slots.
+pub fn slot_chunks(slots: u64) -> u64 {
+    slots.div_ceil(proxy_common::service::SLOT_CHUNK as u64)
 }
 
 impl Totals {
@@ -114,11 +121,13 @@ impl Totals {
         if add {
             self.frontends += 1;
             self.slots += slots;
+            self.slot_chunks += slot_chunks(slots);
             self.members += members;
             self.maglev_frontends += maglev;
         } else {
             self.frontends -= 1;
             self.slots -= slots;
+            self.slot_chunks -= slot_chunks(slots);
             self.members -= members;
             self.maglev_frontends -= maglev;
         }

@@ -34,8 +34,8 @@ use proxy_common::{
     reason::{Hook, REASON_COUNT, Reason},
     revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
     service::{
-        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotKey,
-        SlotValue, SrcRange4, SrcRange6,
+        MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotChunk,
+        SlotKey, SrcRange4, SrcRange6,
     },
 };
 
@@ -121,7 +121,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub struct Maps {
     services4: HashMap<MapData, Service4Key, ServiceValue>,
     services6: HashMap<MapData, Service6Key, ServiceValue>,
-    slots: HashMap<MapData, SlotKey, SlotValue>,
+    slots: HashMap<MapData, SlotKey, SlotChunk>,
     members: HashMap<MapData, MemberKey, MemberValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     infos: HashMap<MapData, u32, ServiceInfo>,
@@ -427,7 +427,7 @@ impl Maps {
         Some(Capacity {
             services4: max(self.services4.map())?,
             services6: max(self.services6.map())?,
-            slots: max(self.slots.map())?,
+            slot_chunks: max(self.slots.map())?,
             members: max(self.members.map())?,
             backends: max(self.backends.map())?,
             infos: max(self.infos.map())?,
@@ -912,7 +912,8 @@ impl MapSizes {
         Some(match map {
             names::LB4_SERVICES | names::LB6_SERVICES | names::LB_SVC_INFO => self.services,
             names::LB_BACKENDS | names::LB_CONNS => self.backends,
-            names::LB_SLOTS | names::LB_MEMBERS => self.slots,
+            names::LB_SLOTS => names::slot_chunks_for(self.slots, self.services),
+            names::LB_MEMBERS => self.slots,
             names::LB_AFFINITY => self.affinity,
             names::SOCK4_REVNAT | names::SOCK6_REVNAT => self.sock_revnat,
             names::LB_CT4 | names::LB_CT6 => self.conntrack,
@@ -955,6 +956,8 @@ impl Datapath {
             .load(OBJECT)
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
         release_object_pages();
+        // Slots move over before the programs that read the new layout are attached.
+        let migrations = carry_before_attach(&mut ebpf, migrations);
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         let links_dir = pin_dir.join(LINKS_DIR);
@@ -1561,7 +1564,7 @@ impl MapIo for Maps {
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
         let result = match op {
             Op::PutBackend(k, v) => self.backends.insert(k, v, 0),
-            Op::PutSlot(k, v) => self.slots.insert(k, v, 0),
+            Op::PutSlot(k, v) => self.slots.insert(k, **v, 0),
             Op::PutMember(k, v) => self.members.insert(k, v, 0),
             Op::PutService(ServiceKey::V4(k), v) => self.services4.insert(k, v, 0),
             Op::PutService(ServiceKey::V6(k), v) => self.services6.insert(k, v, 0),
@@ -1675,10 +1678,10 @@ impl Maps {
         let first = &ops[0];
         let result = match first {
             Op::PutSlot(..) => {
-                let (k, v): (Vec<SlotKey>, Vec<SlotValue>) = ops
+                let (k, v): (Vec<SlotKey>, Vec<SlotChunk>) = ops
                     .iter()
                     .filter_map(|o| match o {
-                        Op::PutSlot(k, v) => Some((*k, *v)),
+                        Op::PutSlot(k, v) => Some((*k, **v)),
                         _ => None,
                     })
                     .unzip();
@@ -1881,6 +1884,64 @@ fn write_versions(pin_dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("record the layout version of {name}"))?;
     }
     Ok(())
+}
+
+/// Carries over the entries of the maps whose programs cannot do without them (the slots:
+/// without them a new connection finds no backend) from their older layout, before this
+/// build's programs are attached; returns the migrations left for `finish_upgrade`. A map
+/// that fails is logged: its entries are written again by the first sync.
+fn carry_before_attach(ebpf: &mut Ebpf, migrations: Vec<Pending>) -> Vec<Pending> {
+    let mut later = Vec::new();
+    for pending in migrations {
+        let is_slots = pending.map == names::LB_SLOTS
+            && pending.from == 1
+            && matches!(
+                pending.steps[..],
+                [layouts::Step {
+                    migration: layouts::Migration::SlotChunks,
+                    ..
+                }]
+            );
+        if !is_slots {
+            later.push(pending);
+            continue;
+        }
+        match carry_slots(ebpf, pending.old) {
+            Ok((slots, chunks)) => log::info!(
+                "{}: migrated from layout version 1 to {}: {slots} slots carried over in \
+                 {chunks} entries",
+                names::LB_SLOTS,
+                layouts::current_version(names::LB_SLOTS)
+            ),
+            Err(e) => log::warn!(
+                "{}: migration from layout version 1 failed ({e:#}); the first sync writes \
+                 the slots again",
+                names::LB_SLOTS
+            ),
+        }
+    }
+    later
+}
+
+/// Writes the slots of `old` (one entry per slot) into this build's `LB_SLOTS` (chunks).
+/// Returns (slots, chunks written).
+fn carry_slots(ebpf: &mut Ebpf, old: MapData) -> anyhow::Result<(usize, usize)> {
+    let old = HashMap::<_, layouts::SlotKeyV1, u32>::try_from(Map::HashMap(old))?;
+    let mut slots = Vec::new();
+    for entry in old.iter() {
+        slots.push(entry.context("read the old slots")?);
+    }
+    let count = slots.len();
+    let chunks = layouts::chunk_slots(slots);
+    let map = ebpf
+        .map_mut(names::LB_SLOTS)
+        .ok_or_else(|| anyhow!("{} missing from the BPF object", names::LB_SLOTS))?;
+    let mut new = HashMap::<_, SlotKey, SlotChunk>::try_from(map)?;
+    for (k, v) in &chunks {
+        new.insert(k, v, 0)
+            .with_context(|| format!("write {k:?}"))?;
+    }
+    Ok((count, chunks.len()))
 }
 
 /// Adds the per-CPU counters of `old` into `new` at the indices `steps` give them. Returns

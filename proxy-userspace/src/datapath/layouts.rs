@@ -15,9 +15,12 @@
 //! and entries where this build does not size the map) is that version's: an older agent
 //! that replaced a map after a rollback leaves a stale record, and the shape then decides.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
-use proxy_common::maps as names;
+use proxy_common::{
+    maps as names,
+    service::{SLOT_CHUNK, SlotChunk, SlotKey},
+};
 
 /// What identifies a layout on a pinned map: the kernel's view of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,12 +63,17 @@ pub enum Migration {
     /// Per-CPU `u64` counters of an array: the counter at index `i` is added to the new map's
     /// counter at `remap(i)` (none: dropped).
     Counters(fn(u32) -> Option<u32>),
+    /// `LB_SLOTS` from one entry per slot (`SlotKeyV1` → backend id) to one per
+    /// `SLOT_CHUNK` slots ([`chunk_slots`]). Carried over before the new programs are
+    /// attached: they read only chunks, and connections go on being balanced meanwhile.
+    SlotChunks,
 }
 
 impl fmt::Debug for Migration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Migration::Counters(_) => f.write_str("Counters"),
+            Migration::SlotChunks => f.write_str("SlotChunks"),
         }
     }
 }
@@ -143,6 +151,14 @@ pub fn history(map: &str) -> &'static [Older] {
                 to_next: Migration::Counters(drops_v3_to_v4),
             },
         ],
+        // One entry per slot (value: a backend id), then one per `SLOT_CHUNK` slots.
+        names::LB_SLOTS => &[Older {
+            version: 1,
+            key: None,
+            value: Some(4),
+            entries: None,
+            to_next: Migration::SlotChunks,
+        }],
         _ => &[],
     }
 }
@@ -251,7 +267,36 @@ pub fn remap_counter(steps: &[Step], index: u32) -> Option<u32> {
         .iter()
         .try_fold(index, |i, step| match step.migration {
             Migration::Counters(remap) => remap(i),
+            Migration::SlotChunks => None,
         })
+}
+
+/// Key of `LB_SLOTS` at layout version 1: one slot.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SlotKeyV1 {
+    pub svc_id: u32,
+    pub generation: u16,
+    pub slot: u16,
+}
+
+// SAFETY: repr(C), Copy, integer fields only, no padding (4 + 2 + 2 bytes).
+unsafe impl aya::Pod for SlotKeyV1 {}
+
+/// The `LB_SLOTS` entries of the current layout holding `slots` (version 1 entries: a slot and
+/// its backend id): each slot's backend id at its place in its chunk, 0 where no slot was.
+pub fn chunk_slots(
+    slots: impl IntoIterator<Item = (SlotKeyV1, u32)>,
+) -> BTreeMap<SlotKey, SlotChunk> {
+    let mut chunks = BTreeMap::new();
+    for (k, backend_id) in slots {
+        let key = SlotKey::of_slot(k.svc_id, k.generation, k.slot);
+        let chunk = chunks.entry(key).or_insert(SlotChunk {
+            backend_ids: [0; SLOT_CHUNK],
+        });
+        chunk.backend_ids[k.slot as usize % SLOT_CHUNK] = backend_id;
+    }
+    chunks
 }
 
 /// Key of `LB_VERSIONS`: the map's name, NUL-padded.
@@ -295,6 +340,7 @@ mod tests {
         }
         assert_eq!(current_version(names::LB_CT4), 1);
         assert_eq!(current_version(names::LB_DROPS), 4);
+        assert_eq!(current_version(names::LB_SLOTS), 2);
     }
 
     #[test]
@@ -392,6 +438,74 @@ mod tests {
     }
 
     const DROPS: u32 = proxy_common::reason::DROPS_COUNT;
+
+    #[test]
+    fn slots_of_the_first_version_are_migrated_into_chunks() {
+        let now = Shape {
+            map_type: 1,
+            key: 8,
+            value: 64,
+            entries: None,
+        };
+        let plan = classify(names::LB_SLOTS, &Shape { value: 4, ..now }, None, &now);
+        let Plan::Migrate { from: 1, steps } = plan else {
+            panic!("{plan:?}")
+        };
+        assert!(matches!(
+            steps[..],
+            [Step {
+                from: 1,
+                migration: Migration::SlotChunks
+            }]
+        ));
+        assert_eq!(classify(names::LB_SLOTS, &now, Some(2), &now), Plan::Reuse);
+        // Frontend 7 with 18 slots in generation 1 (two chunks), frontend 9 with 2 in
+        // generation 0; one slot of frontend 7 is missing (an interrupted write).
+        let old = (0..18u16)
+            .filter(|slot| *slot != 5)
+            .map(|slot| {
+                (
+                    SlotKeyV1 {
+                        svc_id: 7,
+                        generation: 1,
+                        slot,
+                    },
+                    100 + u32::from(slot),
+                )
+            })
+            .chain((0..2u16).map(|slot| {
+                (
+                    SlotKeyV1 {
+                        svc_id: 9,
+                        generation: 0,
+                        slot,
+                    },
+                    3,
+                )
+            }));
+        let chunks = chunk_slots(old);
+        assert_eq!(chunks.len(), 3);
+        let first = chunks[&SlotKey {
+            svc_id: 7,
+            generation: 1,
+            chunk: 0,
+        }];
+        assert_eq!(first.backend_of(0), 100);
+        assert_eq!(first.backend_of(5), 0);
+        assert_eq!(first.backend_of(15), 115);
+        let second = chunks[&SlotKey {
+            svc_id: 7,
+            generation: 1,
+            chunk: 1,
+        }];
+        assert_eq!(second.backend_ids[..3], [116, 117, 0]);
+        let other = chunks[&SlotKey {
+            svc_id: 9,
+            generation: 0,
+            chunk: 0,
+        }];
+        assert_eq!(other.backend_ids[..3], [3, 3, 0]);
+    }
 
     #[test]
     fn unknown_layouts_are_replaced_with_what_differs() {

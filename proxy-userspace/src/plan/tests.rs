@@ -69,9 +69,44 @@ fn plan_then_replan_is_empty() {
     let d = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
     apply_checked(&mut state, &d);
     assert_eq!(state.services.len(), 2, "frontend and its ClusterIP marker");
-    assert_eq!(state.slots.len(), 2);
+    assert_eq!(state.slots.len(), 1, "two slots, one chunk");
     assert_eq!(state.backends.len(), 2);
     assert!(plan(&d, &state).is_empty());
+}
+
+#[test]
+fn slots_go_in_chunks_of_sixteen_and_shrink_with_the_backends() {
+    let mut state = MapState::default();
+    let addrs: Vec<String> = (0..20).map(|i| format!("10.244.1.{i}")).collect();
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    apply_checked(&mut state, &desired(&[("10.96.0.1", &all)]));
+    let svc = *frontends(&state)[0];
+    assert_eq!(svc.count, 20);
+    assert_eq!(state.slots.len(), 2, "16 + 4 slots");
+    let live = state.live_slots(&svc);
+    assert!(live.iter().all(Option::is_some), "{live:?}");
+    let distinct: BTreeSet<u32> = live.iter().flatten().copied().collect();
+    assert_eq!(distinct.len(), 20);
+    // The last chunk's slots past the count are 0.
+    let last = state.slots.values().next_back().unwrap();
+    assert_eq!(last.backend_ids[4..], [0; 12]);
+    // Down to three backends: one chunk in the new generation, both old ones gone.
+    let few = desired(&[("10.96.0.1", &all[..3])]);
+    apply_checked(&mut state, &few);
+    let svc = *frontends(&state)[0];
+    assert_eq!(svc.count, 3);
+    assert_eq!(state.slots.len(), 1);
+    assert!(
+        state
+            .slots
+            .keys()
+            .all(|k| k.generation == svc.generation() && k.chunk == 0)
+    );
+    assert!(plan(&few, &state).is_empty());
+    // And up again to 17: two chunks.
+    apply_checked(&mut state, &desired(&[("10.96.0.1", &all[..17])]));
+    assert_eq!(state.slots.len(), 2);
+    assert_eq!(state.live_slots(frontends(&state)[0]).len(), 17);
 }
 
 fn frontends(state: &MapState) -> Vec<&ServiceValue> {
@@ -149,7 +184,7 @@ fn changing_backends_flips_generation_and_keeps_ids() {
     let svc = frontends(&state)[0];
     assert_eq!(svc.id, svc_id);
     assert_eq!(svc.rev, 1);
-    assert_eq!(state.slots.len(), 2, "old generation removed");
+    assert_eq!(state.slots.len(), 1, "old generation removed");
     assert!(state.slots.keys().all(|k| k.generation == 1));
     assert_eq!(state.backends.len(), 2, "10.244.0.3 removed");
     assert!(state.backends.contains_key(&kept_id));

@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use proxy_common::{
     backend::BackendValue,
     maps, proto,
-    service::{SCOPE_INTERNAL, Service4Key, ServiceValue, SlotKey, SlotValue},
+    service::{SCOPE_INTERNAL, Service4Key, ServiceValue, SlotChunk, SlotKey},
 };
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -133,16 +133,13 @@ impl AgentMaps {
     pub fn backends(&self, frontend: &ServiceValue) -> anyhow::Result<Vec<Ipv4Addr>> {
         let mut out = Vec::with_capacity(frontend.count as usize);
         for slot in 0..frontend.count {
-            let key = SlotKey {
-                svc_id: frontend.id,
-                generation: frontend.generation(),
-                slot,
-            };
-            let Some(s) = self.slots.lookup::<_, SlotValue>(&key)? else {
+            let key = SlotKey::of_slot(frontend.id, frontend.generation(), slot);
+            let Some(chunk) = self.slots.lookup::<_, SlotChunk>(&key)? else {
                 bail!("slot {slot} of frontend {} missing", frontend.id);
             };
-            let Some(b) = self.backends.lookup::<_, BackendValue>(&s.backend_id)? else {
-                bail!("backend {} missing", s.backend_id);
+            let id = chunk.backend_of(slot);
+            let Some(b) = self.backends.lookup::<_, BackendValue>(&id)? else {
+                bail!("backend {id} of slot {slot} missing");
             };
             out.push(Ipv4Addr::from(b.addr4()));
         }
