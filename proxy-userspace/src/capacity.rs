@@ -325,8 +325,16 @@ mod tests {
         };
         let mut d = desired(4, 20);
         fit(&mut d, &MapState::default(), &cap);
-        assert_eq!(d.frontends.len(), 2, "2 x 2 chunks + 2 in flight fit 7, 3 x 2 + 2 do not");
-        assert!(d.problems[0].message.contains("LB_SLOTS is full"), "{:?}", d.problems);
+        assert_eq!(
+            d.frontends.len(),
+            2,
+            "2 x 2 chunks + 2 in flight fit 7, 3 x 2 + 2 do not"
+        );
+        assert!(
+            d.problems[0].message.contains("LB_SLOTS is full"),
+            "{:?}",
+            d.problems
+        );
         // Three backends each take one chunk: six frontends and one in flight fit 7 entries
         // (18 slots, which took 18 entries when a slot was an entry).
         let mut d = desired(6, 3);

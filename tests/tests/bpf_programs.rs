@@ -1732,7 +1732,9 @@ fn tc_reaches_every_slot_of_a_frontend_across_its_chunks() {
     let service = |pods: &[Ipv4Addr]| {
         let endpoints: Vec<String> = pods
             .iter()
-            .map(|p| format!("- {{addresses: [\"{p}\"], nodeName: n2, conditions: {{ready: true}}}}"))
+            .map(|p| {
+                format!("- {{addresses: [\"{p}\"], nodeName: n2, conditions: {{ready: true}}}}")
+            })
             .collect();
         format!(
             r#"
@@ -1757,7 +1759,10 @@ endpoints:
         for _ in 0..n {
             client_port += 1;
             let out = rig.tc(&tcp4((CLIENT, client_port), (NODE, 30110), TCP_SYN));
-            assert_eq!(out.verdict, TC_ACT_REDIRECT, "connection from port {client_port}");
+            assert_eq!(
+                out.verdict, TC_ACT_REDIRECT,
+                "connection from port {client_port}"
+            );
             *seen_by.entry(seen(&out.packet).dst.0).or_insert(0) += 1;
         }
         seen_by
