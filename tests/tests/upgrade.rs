@@ -205,32 +205,22 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
         agent.binary = None;
         let from = agent.log_position();
         agent.start();
-        agent.wait_for_log(
-            from,
-            &format!(
-                "LB_DROPS: migrated from layout version 1 to {}",
-                current_version(proxy_common::maps::LB_DROPS)
-            ),
-            Duration::from_secs(20),
-        );
-        agent.wait_for_log(
-            from,
-            &format!(
-                "LB_STATS: migrated from layout version 1 to {}",
-                current_version(proxy_common::maps::LB_STATS)
-            ),
-            Duration::from_secs(20),
-        );
-        // The slots went over from one entry per slot to chunks before the new programs
-        // were attached (the clients above never stop).
-        agent.wait_for_log(
-            from,
-            &format!(
-                "LB_SLOTS: migrated from layout version 1 to {}",
-                current_version(proxy_common::maps::LB_SLOTS)
-            ),
-            Duration::from_secs(20),
-        );
+        // The counters migrate with their counts; the slots go over from one entry per slot
+        // to chunks before the new programs are attached (the clients above never stop).
+        for map in [
+            proxy_common::maps::LB_DROPS,
+            proxy_common::maps::LB_STATS,
+            proxy_common::maps::LB_SLOTS,
+        ] {
+            agent.wait_for_log(
+                from,
+                &format!(
+                    "{map}: migrated from layout version 1 to {}",
+                    current_version(map)
+                ),
+                Duration::from_secs(20),
+            );
+        }
         let synced = agent.wait_for_log(from, "synced:", Duration::from_secs(20));
         eprintln!("upgrade: first sync of the new agent: {synced}");
         wait_rounds(3);
