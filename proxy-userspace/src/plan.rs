@@ -831,8 +831,19 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
             flags,
         };
         let live: Vec<Option<u32>> = existing.map_or_else(Vec::new, |v| current.live_slots(v));
-        let slots_same =
-            existing.is_some() && live.iter().copied().eq(slots.iter().copied().map(Some));
+        // The live chunks whole, padding included: one with ids past the count (left by an
+        // interrupted run of the per-slot layout, migrated) is written again.
+        let slots_same = existing.is_some_and(|v| {
+            live.iter().copied().eq(slots.iter().copied().map(Some))
+                && slots.chunks(SLOT_CHUNK).enumerate().all(|(chunk, ids)| {
+                    let k = SlotKey {
+                        svc_id: v.id,
+                        generation: v.generation(),
+                        chunk: chunk as u16,
+                    };
+                    current.slots.get(&k) == Some(&SlotChunk::of(ids))
+                })
+        });
         let wanted_members: BTreeMap<u32, u32> = slots.iter().fold(BTreeMap::new(), |mut m, id| {
             *m.entry(*id).or_insert(0) += 1;
             m

@@ -277,8 +277,8 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert_eq!(put["value"]["port"], BACKEND_PORT);
 }
 
-/// A change large enough that the agent writes its slots, members and backends in batches of
-/// thousands, each batch by two threads at once: read back, the maps hold exactly what the
+/// A change large enough that the agent writes its members and backends in batches of
+/// thousands, each batch by two threads at once (and its slots, 16 to an entry, in hundreds): read back, the maps hold exactly what the
 /// manifests ask for, and removing it all leaves no entry of it.
 #[test]
 fn large_batches_are_written_whole() {

@@ -1247,9 +1247,14 @@ fn run(settings: &Settings, work: &Path, report: &mut Report) -> anyhow::Result<
 
     // Memory (and a full sync) at the largest N with 100 endpoints per Service, where the
     // agent's maps hold it: with the default sizes (no --max-* flags) 10,000 x 100 is more
-    // members than `LB_MEMBERS` holds, and every Service would be refused for capacity.
-    let fits =
-        |n: usize| !settings.agent_args.is_empty() || n * 100 <= proxy_common::maps::MEMBERS_MAX;
+    // members (`LB_MEMBERS`, sized by --max-slots) and backends than they hold, and every
+    // Service would be refused for capacity. One frontend's worth more for the update in
+    // flight, as the agent's own fit counts.
+    let fits = |n: usize| {
+        let entries = (n + 1) * 100;
+        !settings.agent_args.is_empty()
+            || entries <= proxy_common::maps::SLOTS_MAX.min(proxy_common::maps::BACKENDS_MAX)
+    };
     if let Some(n) = last_n.filter(|n| !fits(*n)) {
         let why = format!(
             "{n} Services x 100 endpoints (more members than the maps hold at their default \

@@ -14,13 +14,15 @@ use crate::{
     model::Scheduler,
 };
 
-/// `apiVersion` of every document.
+/// `apiVersion` of every document but those of a kind that changed since (`Kind::API_VERSION`).
 pub const API_VERSION: &str = "kube-bpf-proxy.io/v1";
 
 /// The body of one kind of document.
 pub trait Kind: Serialize {
     /// `kind` of the document (`ServiceList`, `Status`, ...).
     const KIND: &'static str;
+    /// `apiVersion` of the document: `API_VERSION` unless this kind changed since.
+    const API_VERSION: &'static str = API_VERSION;
 }
 
 /// A document: `apiVersion`, `kind`, then the body's fields.
@@ -36,7 +38,7 @@ pub struct Document<'a, T: Kind> {
 impl<'a, T: Kind> Document<'a, T> {
     pub fn of(body: &'a T) -> Self {
         Document {
-            api_version: API_VERSION,
+            api_version: T::API_VERSION,
             kind: T::KIND,
             body,
         }

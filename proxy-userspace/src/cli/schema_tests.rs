@@ -28,7 +28,9 @@ use crate::{
 const SERVICE_LIST: &str = include_str!("../../../schema/service-list.v1.json");
 const STATUS: &str = include_str!("../../../schema/status.v1.json");
 const EXPLANATION: &str = include_str!("../../../schema/explanation.v1.json");
-const VERIFICATION: &str = include_str!("../../../schema/verification.v1.json");
+const VERIFICATION: &str = include_str!("../../../schema/verification.v2.json");
+/// The earlier releases' `Verification` (one `LB_SLOTS` entry per slot), kept for their output.
+const VERIFICATION_V1: &str = include_str!("../../../schema/verification.v1.json");
 pub(super) const EVENT: &str = include_str!("../../../schema/event.v1.json");
 
 pub(super) fn schema(text: &str) -> Value {
@@ -210,24 +212,26 @@ fn doc<T: Kind>(body: &T) -> Value {
 
 #[test]
 fn schemas_are_draft_2020_12_documents() {
-    for (name, text) in [
-        ("service-list", SERVICE_LIST),
-        ("status", STATUS),
-        ("explanation", EXPLANATION),
-        ("verification", VERIFICATION),
-        ("event", EVENT),
+    use super::{
+        api::API_VERSION, explain::Explanation, monitor::EventView, status::StatusView,
+        verify::Verification, view::ServiceList,
+    };
+    for (name, text, version) in [
+        ("service-list", SERVICE_LIST, ServiceList::API_VERSION),
+        ("status", STATUS, StatusView::API_VERSION),
+        ("explanation", EXPLANATION, Explanation::API_VERSION),
+        ("verification", VERIFICATION, Verification::API_VERSION),
+        ("event", EVENT, EventView::API_VERSION),
+        ("verification v1", VERIFICATION_V1, API_VERSION),
     ] {
         let s = schema(text);
         assert!(
             jsonschema::draft202012::meta::is_valid(&s),
             "{name}: not a valid 2020-12 schema"
         );
-        assert_eq!(
-            s["properties"]["apiVersion"]["const"],
-            super::api::API_VERSION,
-            "{name}"
-        );
+        assert_eq!(s["properties"]["apiVersion"]["const"], version, "{name}");
     }
+    assert_eq!(Verification::API_VERSION, "kube-bpf-proxy.io/v2");
 }
 
 /// The frontend and backend shapes are defined twice (each schema file stands alone): they

@@ -62,6 +62,10 @@ pub struct Verification {
 
 impl Kind for Verification {
     const KIND: &'static str = "Verification";
+    /// v2: `LB_SLOTS` keys name a chunk of 16 slots (`chunk`, was `slot`) and values carry
+    /// its 16 backend ids (`backendIds`, was `backendId`), as the map holds them since layout
+    /// version 2.
+    const API_VERSION: &'static str = "kube-bpf-proxy.io/v2";
 }
 
 #[derive(Debug, Serialize)]

@@ -1041,8 +1041,9 @@ impl Datapath {
     }
 
     /// Ends an upgrade, once every program of this build is attached (the socket hooks, tc and
-    /// XDP): the entries of the maps of older layout versions are carried over into this
-    /// build's maps (counters are added, so what the new programs counted meanwhile stays),
+    /// XDP): the entries of the maps of older layout versions left for now (the slots went over
+    /// before the programs were attached) are carried over into this build's maps (counters are
+    /// added, so what the new programs counted meanwhile stays),
     /// the old maps are freed, and every map's layout version is recorded in `LB_VERSIONS`.
     /// A map that cannot be migrated is logged and left as it is: it serves, its older entries
     /// lost.

@@ -6,8 +6,9 @@
 //! shows them). At start-up each pinned map is classified (pure: [`classify`]):
 //! - the layout of this build: reused as it is;
 //! - an older version this build knows, with a migration for every step to the current one:
-//!   kept open while its pin gets a map of the current layout, and its entries carried over
-//!   once the new programs run (an agent killed in between loses them);
+//!   kept open while its pin gets a map of the current layout, and its entries carried over:
+//!   the slots before the new programs are attached (they read only the new layout), the
+//!   counters once the new programs run (an agent killed in between loses them);
 //! - anything else (a layout from before versions began, or from a newer build after a
 //!   rollback): replaced, its entries lost, as the log says.
 //!
