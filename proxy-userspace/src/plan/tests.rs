@@ -75,6 +75,23 @@ fn plan_then_replan_is_empty() {
 }
 
 #[test]
+fn a_live_chunk_with_ids_past_the_count_is_written_again() {
+    // As an interrupted run of the per-slot layout could leave it, migrated into chunks.
+    let mut state = MapState::default();
+    let d = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
+    apply_checked(&mut state, &d);
+    let stray = *state.backends.keys().next().unwrap();
+    let chunk = state.slots.values_mut().next().unwrap();
+    chunk.backend_ids[5] = stray;
+    assert!(!plan(&d, &state).is_empty(), "the stray id is seen");
+    apply_checked(&mut state, &d);
+    assert_eq!(state.slots.len(), 1);
+    let chunk = state.slots.values().next().unwrap();
+    assert_eq!(chunk.backend_ids[2..], [0; 14]);
+    assert!(plan(&d, &state).is_empty());
+}
+
+#[test]
 fn slots_go_in_chunks_of_sixteen_and_shrink_with_the_backends() {
     let mut state = MapState::default();
     let addrs: Vec<String> = (0..20).map(|i| format!("10.244.1.{i}")).collect();
