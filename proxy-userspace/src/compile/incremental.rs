@@ -78,9 +78,8 @@ pub struct Update {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub frontends: u64,
-    /// Slots of every frontend (a backend's weight counts in slots).
-    pub slots: u64,
-    /// `LB_SLOTS` entries of every frontend's slots (`SLOT_CHUNK` slots each).
+    /// `LB_SLOTS` entries of every frontend's slots (`SLOT_CHUNK` slots each; a backend's
+    /// weight counts in slots).
     pub slot_chunks: u64,
     /// Member entries (one per backend of a frontend).
     pub members: u64,
@@ -120,13 +119,11 @@ impl Totals {
         bump(&mut self.member_sizes, members);
         if add {
             self.frontends += 1;
-            self.slots += slots;
             self.slot_chunks += slot_chunks(slots);
             self.members += members;
             self.maglev_frontends += maglev;
         } else {
             self.frontends -= 1;
-            self.slots -= slots;
             self.slot_chunks -= slot_chunks(slots);
             self.members -= members;
             self.maglev_frontends -= maglev;
