@@ -91,8 +91,10 @@ pub enum Reason {
     /// has socket-layer translation off (`LB_SOCKLB_OFF`): left untranslated, for tc on the
     /// pod's interface to translate per packet.
     PerPacket = 35,
-    /// tc, XDP: a packet of a DSR flow that the option would make too big for the egress
-    /// interface's MTU: sent without it (not dropped).
+    /// tc: a packet of a DSR flow that the option would make too big for the egress
+    /// interface's MTU. Answered with ICMP "fragmentation needed" / ICMPv6 "packet too big"
+    /// for the client and dropped (also counted as a drop at tc ingress); or, when it cannot be
+    /// answered so (IPv4 without don't-fragment, for one), sent without the option.
     DsrTooBig = 36,
     /// tc, XDP: a new TCP connection took over the masquerading port of a closed flow (a reset
     /// either way, or a FIN both ways) instead of waiting for its closing time, as netfilter's

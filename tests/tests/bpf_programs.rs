@@ -197,6 +197,16 @@ impl Rig {
         rig
     }
 
+    /// `new`, in `--nodeport-mode dsr`.
+    fn dsr() -> Rig {
+        let mut rig = Rig::new();
+        rig.dp
+            .maps
+            .set_config_flag(proxy_common::config::CONFIG_DSR, true)
+            .unwrap();
+        rig
+    }
+
     /// Programs the maps for `manifests` through the agent's pipeline, as a sync would.
     fn program(&mut self, manifests: &str) {
         let snapshot = snapshot_of(manifests, self.node.clone()).expect("manifests");
@@ -1182,11 +1192,7 @@ fn tc_sends_a_cluster_flow_with_the_dsr_option_and_no_reply_entry() {
     if !privileged() {
         return;
     }
-    let mut rig = Rig::new();
-    rig.dp
-        .maps
-        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
-        .unwrap();
+    let mut rig = Rig::dsr();
     let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     let s = seen(&out.packet);
@@ -1248,12 +1254,8 @@ fn tc_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
     if !privileged() {
         return;
     }
-    let mut rig = Rig::new();
+    let mut rig = Rig::dsr();
     here("ip -6 route add fd00:245::/64 dev lo");
-    rig.dp
-        .maps
-        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
-        .unwrap();
     let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"));
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     let p = &out.packet;
@@ -1273,12 +1275,8 @@ fn xdp_sends_an_ipv6_cluster_flow_with_the_dsr_header() {
     if !privileged() {
         return;
     }
-    let mut rig = Rig::new();
+    let mut rig = Rig::dsr();
     let ifindex = external_interface();
-    rig.dp
-        .maps
-        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
-        .unwrap();
     let out = rig
         .dp
         .xdp_ingress(&udp6((CLIENT6, 40000), (NODE6, 30091), b"query"), ifindex)
@@ -1304,11 +1302,7 @@ fn tc_refuses_ipv6_dsr_headers_from_no_peer_or_malformed() {
     if !privileged() {
         return;
     }
-    let mut rig = Rig::new();
-    rig.dp
-        .maps
-        .set_config_flag(proxy_common::config::CONFIG_DSR, true)
-        .unwrap();
+    let mut rig = Rig::dsr();
     let datagram = udp6((CLIENT6, 40000), (LOCAL_POD6, 5353), b"query");
     let stranger = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 99);
     let good = dsr6_header(17, (NODE6, 30091), stranger);
@@ -1778,4 +1772,166 @@ endpoints:
     assert_eq!(got.keys().copied().collect::<Vec<_>>(), fewer, "{got:?}");
     assert!(got.values().all(|n| *n == 1), "{got:?}");
     assert_eq!(rig.count(Reason::SlotMissing), 0);
+}
+
+/// `frame` (IPv4) with don't fragment set, its header checksum again right.
+fn with_df(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[20] |= 0x40;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// An Ethernet frame holding an IPv4 TCP segment (ACK) with `payload`.
+fn tcp4_data(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20 + payload.len()];
+    tcp[0..2].copy_from_slice(&src.1.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst.1.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1001u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_ACK;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp[20..].copy_from_slice(payload);
+    let c = checksum(&tcp, pseudo_sum(src.0, dst.0, 6, tcp.len()));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src.0, dst.0, 6, &tcp)
+}
+
+/// Path MTU through a DSR node (issue #23): a segment of a DSR flow that the 12-byte option
+/// would make too big for the egress MTU (1500), sent with don't fragment, is answered with
+/// ICMP "fragmentation needed" naming 1488, from the frontend and quoting the segment as the
+/// client sent it (to the node port), for the client's stack to find its connection; it does
+/// not reach the backend. Without don't fragment it goes on without the option, counted.
+#[test]
+fn tc_asks_a_dsr_client_for_smaller_packets_when_the_option_does_not_fit() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::dsr();
+    here("ip link set lo mtu 1500");
+    let syn = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(syn.verdict, TC_ACT_REDIRECT);
+    assert_eq!(syn.packet[14] & 0x0f, 8, "the SYN carries the option");
+    let big = tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1460]);
+    assert_eq!(big.len(), 14 + 1500);
+    let out = rig.tc(&with_df(&big));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 20 + 8 + 28, "{p:02x?}");
+    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
+    assert_eq!(&p[6..12], &big[0..6]);
+    let ip = &p[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &NODE.octets(), "from the frontend");
+    assert_eq!(&ip[16..20], &CLIENT.octets(), "to the client");
+    let icmp = &p[34..];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+        1488,
+        "the MTU less the option"
+    );
+    let quoted = &icmp[8..28];
+    assert_eq!(checksum(quoted, 0), 0, "the quoted header's checksum");
+    assert_eq!(&quoted[12..16], &CLIENT.octets());
+    assert_eq!(
+        &quoted[16..20],
+        &NODE.octets(),
+        "the quote: to the frontend"
+    );
+    assert_eq!(u16::from_be_bytes([icmp[28], icmp[29]]), 40000);
+    assert_eq!(u16::from_be_bytes([icmp[30], icmp[31]]), 30081);
+    assert_eq!(&icmp[32..36], &1001u32.to_be_bytes(), "the sequence number");
+    assert_eq!(rig.count(Reason::DsrTooBig), 1);
+    assert_eq!(rig.count(Reason::DsrSent), 1, "only the SYN's");
+    let drops = rig.dp.maps.drops().unwrap();
+    assert!(
+        drops.contains(&(Hook::TcIngress, Reason::DsrTooBig, 1)),
+        "{drops:?}"
+    );
+    // A segment that may be fragmented: on to the backend, without the option.
+    let out = rig.tc(&big);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet.len(), big.len(), "unchanged in size");
+    assert_eq!(out.packet[14], 0x45, "no option");
+    assert_eq!(&out.packet[30..34], &REMOTE_POD.octets(), "to the backend");
+    assert_eq!(rig.count(Reason::DsrTooBig), 2);
+    // One that fits with the option goes with it.
+    let out = rig.tc(&with_df(&tcp4_data(
+        (CLIENT, 40000),
+        (NODE, 30081),
+        &[7u8; 1448],
+    )));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet.len(), 14 + 1500);
+    assert_eq!(out.packet[14] & 0x0f, 8, "with the option");
+    assert_eq!(rig.count(Reason::DsrSent), 2);
+}
+
+/// The IPv6 twin, on a new UDP flow: a datagram the 40-byte DSR header would make too big is
+/// answered with ICMPv6 "packet too big" naming 1460, quoting the datagram as the client sent
+/// it. At XDP the same datagram is passed on to tc, which answers it.
+#[test]
+fn tc_asks_an_ipv6_dsr_client_for_smaller_packets_and_xdp_leaves_it_to_tc() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::dsr();
+    // XDP on the external interface (MTU 1500), the endpoint behind it: a small datagram is
+    // sent back out with the header, a big one left to tc, untracked.
+    let ifindex = external_interface();
+    let small = udp6((CLIENT6, 40001), (NODE6, 30091), b"query");
+    assert_eq!(rig.dp.xdp_ingress(&small, ifindex).unwrap().verdict, XDP_TX);
+    assert_eq!(rig.count(Reason::XdpForwarded), 1);
+    let big = udp6((CLIENT6, 40000), (NODE6, 30091), &[9u8; 1452]);
+    assert_eq!(big.len(), 14 + 1500);
+    let xdp = rig.dp.xdp_ingress(&big, ifindex).unwrap();
+    assert_eq!(xdp.verdict, XDP_PASS, "left to tc");
+    assert_eq!(xdp.packet, big, "untouched");
+    assert_eq!(rig.count(Reason::XdpForwarded), 1);
+    assert_eq!(rig.count(Reason::DsrSent), 1, "the small one's");
+    // tc (its test runs arrive on loopback, so the endpoint is put behind it, MTU 1500).
+    here("ip link set lo mtu 1500");
+    here("ip -6 route replace fd00:245::/64 dev lo");
+    let out = rig.tc(&big);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 40 + 8 + 56, "{p:02x?}");
+    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
+    assert_eq!(p[20], 58, "ICMPv6");
+    assert_eq!(&p[22..38], &NODE6.octets(), "from the frontend");
+    assert_eq!(&p[38..54], &CLIENT6.octets(), "to the client");
+    let icmp = &p[54..];
+    assert_eq!(
+        checksum(icmp, pseudo_sum6(NODE6, CLIENT6, 58, icmp.len())),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1460,
+        "the MTU less the header"
+    );
+    let quoted = &icmp[8..];
+    assert_eq!(&quoted[8..24], &CLIENT6.octets());
+    assert_eq!(
+        &quoted[24..40],
+        &NODE6.octets(),
+        "the quote: to the frontend"
+    );
+    assert_eq!(u16::from_be_bytes([quoted[40], quoted[41]]), 40000);
+    assert_eq!(u16::from_be_bytes([quoted[42], quoted[43]]), 30091);
+    assert_eq!(rig.count(Reason::DsrTooBig), 1);
+    assert_eq!(rig.count(Reason::DsrSent), 1);
+    // The client's next, smaller, datagram of the flow carries the header.
+    let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30091), &[9u8; 1412]));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet.len(), 14 + 1500);
+    assert_eq!(out.packet[20], 60, "a Destination Options header follows");
+    assert_eq!(rig.count(Reason::DsrSent), 2);
 }

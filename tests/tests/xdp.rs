@@ -223,12 +223,27 @@ fn dsr_end_to_end(v6: bool, xdp: bool) {
         if *proto == Proto::Udp && to.port() == 30053 {
             replies.push(tests::harness::topology::udp_sized(&tb.ext, *to, 3000));
         }
-        // Without that headroom (the load balancer IP), a first fragment the option would make
-        // too big goes without it: the datagram still reaches the backend (node-b did not learn
-        // this new flow, so the answer comes from the backend's own address).
+        // Without that headroom (the load balancer IP; MTU 1500 on every link), a datagram
+        // the option would make too big is answered as a router answers it (issue #23): ICMP
+        // "fragmentation needed" / ICMPv6 "packet too big" naming the MTU less the option, so
+        // the client's kernel lowers its path MTU to the frontend. Its later datagrams fit
+        // with the option, a large one in fragments too.
         if *proto == Proto::Udp && to.port() == 53 {
-            let r = tests::harness::topology::udp_sized(&tb.ext, *to, 3000);
-            assert!(r.ok && r.backend == "b-pod-1", "{to}: {r:?}");
+            let growth: usize = if v6 { 40 } else { 12 };
+            let headers: usize = if v6 { 48 } else { 28 };
+            let r = tests::harness::topology::udp_unfragmented(&tb.ext, *to, 1500 - headers);
+            assert!(!r.ok, "{to}: too big with the option, not delivered: {r:?}");
+            assert_eq!(r.errno, Some(libc::EMSGSIZE), "{to}: {r:?}");
+            assert_eq!(
+                r.mtu,
+                Some(1500 - growth as u32),
+                "{to}: the client's path MTU: {r:?}"
+            );
+            let r =
+                tests::harness::topology::udp_unfragmented(&tb.ext, *to, 1500 - growth - headers);
+            assert!(r.ok, "{to}: {r:?}");
+            replies.push(r);
+            replies.push(tests::harness::topology::udp_sized(&tb.ext, *to, 3000));
         }
         for r in replies {
             assert!(r.ok, "{to}: {r:?}");
@@ -239,7 +254,7 @@ fn dsr_end_to_end(v6: bool, xdp: bool) {
         }
     }
     assert!(datapath_events(&a, "dsr_sent") > 0);
-    // The oversized first fragment went without the option, counted.
+    // The datagram too big with the option was answered, counted.
     assert!(datapath_events(&a, "dsr_too_big") > 0);
     if xdp {
         assert!(datapath_events(&a, "xdp_forwarded") > 0);

@@ -338,6 +338,7 @@ mod unit {
             peer: String::new(),
             error: String::new(),
             errno: None,
+            mtu: None,
         }
     }
 

@@ -55,12 +55,14 @@ use crate::{
             LB_CONFIG, LB_DSR_BUDGET, LB_DSR_BUDGET6, LB_DSR_PEERS, LB_DSR_PEERS6, LB4_SERVICES,
             LB6_SERVICES, TC_DSR_SCRATCH, TC_DSR_SCRATCH_WORDS,
         },
+        skb::send_back,
         stats,
         xdp::{read, write},
     },
     flow::{
         ct::{Entry, Tracked},
         fib::{route, send},
+        pmtu,
     },
     headers::{
         ETH_HLEN, FRAG6_OFFSET, IPPROTO_FRAGMENT, Tuple,
@@ -111,6 +113,12 @@ pub trait Dsr: Tracked {
 
     /// Starts `client`'s budget entry.
     fn budget_insert(client: &Self::Addr, b: &DsrBudget) -> bool;
+
+    /// Turns a packet of a flow to `frontend`:`port` that the option would make too big for
+    /// an egress MTU of `mtu` into the ICMP error asking its client for smaller packets, and
+    /// counts it dropped (`pmtu`): `Ok(false)` when it is not answered (the packet untouched).
+    fn too_big_tc(ctx: &TcContext, frontend: &Self::Addr, port: u16, mtu: u32)
+    -> Result<bool, i64>;
 }
 
 impl Dsr for V4 {
@@ -169,6 +177,11 @@ impl Dsr for V4 {
     #[inline(always)]
     fn budget_insert(client: &[u8; 4], b: &DsrBudget) -> bool {
         LB_DSR_BUDGET.insert(client, b, BPF_ANY as u64).is_ok()
+    }
+
+    #[inline(always)]
+    fn too_big_tc(ctx: &TcContext, frontend: &[u8; 4], port: u16, mtu: u32) -> Result<bool, i64> {
+        pmtu::frag_needed4(ctx, frontend, port, mtu, Self::GROWTH as u32)
     }
 }
 
@@ -229,6 +242,11 @@ impl Dsr for V6 {
         LB_DSR_BUDGET6
             .insert(prefix64(client), b, BPF_ANY as u64)
             .is_ok()
+    }
+
+    #[inline(always)]
+    fn too_big_tc(ctx: &TcContext, frontend: &[u8; 16], port: u16, mtu: u32) -> Result<bool, i64> {
+        pmtu::too_big6(ctx, frontend, port, mtu, Self::GROWTH as u32)
     }
 }
 
@@ -738,11 +756,24 @@ pub fn remember_frontend<F: Dsr>(orig: &Tuple<F::Addr>) -> bool {
     true
 }
 
+/// Returned by `add_remembered` for a packet the option would make too big: not a tc action.
+const TOO_BIG: i32 = i32::MIN + 7;
+
 /// tc: adds the option `remember` or `remember_frontend` kept to the translated packet and
 /// sends it out; the route to the backend (and this node's address on it, which the option
-/// names) is looked up here when it is not known yet.
-#[inline(never)]
+/// names) is looked up here when it is not known yet. A packet the option would make too big
+/// is answered in a frame of its own (`too_big`), after this one has returned: the verifier
+/// would not have room for the two in one call chain.
+#[inline(always)]
 pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
+    match add_remembered::<F>(ctx) {
+        TOO_BIG => too_big::<F>(ctx),
+        action => action,
+    }
+}
+
+#[inline(never)]
+fn add_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
     let Some(r) = remembered::<F>() else {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
@@ -766,24 +797,54 @@ pub fn send_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
             }
         }
     }
-    // A packet the option would make too big for the egress interface goes without it (the
-    // backend's node learnt the flow from its first, small, packet); dropped, it would be lost
-    // without a trace.
-    if !fits::<F, _>(ctx, r.ifindex) {
-        stats::count(Reason::DsrTooBig);
-    } else if F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err() {
+    if fits::<F, _>(ctx, r.ifindex).is_err() {
+        return TOO_BIG;
+    }
+    if F::add_option_tc(ctx, &r.frontend, r.port, &r.node).is_err() {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     }
     send::<F>(ctx, r.ifindex)
 }
 
+/// tc: a translated packet of a DSR flow that the option would make too big for the egress
+/// interface. The client is asked for smaller packets, as a router on its path would ask
+/// (`pmtu`), and this one is dropped; one that cannot be answered so goes on without the
+/// option (dropped, it would be lost without a trace; its backend's node learns the flow from
+/// a packet that fits, or the backend answers from its own address).
+#[inline(never)]
+fn too_big<F: Dsr>(ctx: &TcContext) -> i32 {
+    let Some(r) = remembered::<F>() else {
+        stats::dropped(Hook::TcIngress, Reason::DsrFailed);
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: as in `add_remembered`, which filled it for this packet.
+    let r = unsafe { &*r };
+    let mtu = match fits::<F, _>(ctx, r.ifindex) {
+        Err(mtu) => mtu,
+        Ok(()) => 0,
+    };
+    match F::too_big_tc(ctx, &r.frontend, r.port, mtu) {
+        Ok(true) => send_back(ctx),
+        Ok(false) => {
+            stats::count(Reason::DsrTooBig);
+            send::<F>(ctx, r.ifindex)
+        }
+        // Half rewritten: dropped (counted as such already).
+        Err(_) => {
+            stats::count(Reason::DsrFailed);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
 /// Whether the packet (an skb at tc, a frame at XDP), grown by the option, still fits
 /// `ifindex`'s MTU (a GSO packet always does: it is segmented for the MTU after the option was
-/// added).
+/// added); the interface's MTU when it does not.
 #[inline(always)]
-pub fn fits<F: Dsr, C: EbpfContext>(ctx: &C, ifindex: u32) -> bool {
+pub fn fits<F: Dsr, C: EbpfContext>(ctx: &C, ifindex: u32) -> Result<(), u32> {
     let mut mtu = 0u32;
     // SAFETY: plain helper call on this context with a stack word for the answer.
-    unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) == 0 }
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, F::GROWTH, 0) };
+    if rc == 0 { Ok(()) } else { Err(mtu) }
 }

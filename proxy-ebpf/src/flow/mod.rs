@@ -11,6 +11,7 @@ pub mod frag;
 pub mod icmp;
 pub mod monitor;
 pub mod nat;
+pub mod pmtu;
 pub mod records;
 pub mod tc;
 pub mod xdp;

@@ -146,6 +146,10 @@ pub fn handle<F: XdpIp + Dsr>(ctx: &XdpContext) -> Option<u32> {
             if !hop::<F>(ctx, &e.to, dsr, &mut h) || h.ifindex != here {
                 return Some(XDP_PASS);
             }
+            // Too big with the option: tc answers it (`dsr::send_remembered`).
+            if dsr && dsr::fits::<F, _>(ctx, h.ifindex).is_err() {
+                return Some(XDP_PASS);
+            }
             // SAFETY: `ptr` came from the lookup above.
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             if rewrite::<F>(ctx, &pkt, &e.to).is_none() {
@@ -194,6 +198,10 @@ pub fn commit<F: XdpIp + Dsr>(
     c: &mut Commit<F::Addr>,
 ) -> u32 {
     let dsr = c.meta.flags & CT_DSR != 0;
+    // Too big with the option: tc answers it (`dsr::send_remembered`), untracked here.
+    if dsr && dsr::fits::<F, _>(ctx, c.hop.ifindex).is_err() {
+        return XDP_PASS;
+    }
     let now = c.meta.now;
     c.entry = Entry {
         to: c.to,
@@ -235,13 +243,11 @@ pub fn commit<F: XdpIp + Dsr>(
 }
 
 /// Adds the DSR option carrying the frontend (`orig.daddr`, `orig.dport`) and this node's
-/// address on the way (`hop.src`), and transmits.
+/// address on the way (`hop.src`), and transmits (the frame fits with it: `dsr::fits`).
 #[inline(always)]
 fn dsr_out<F: XdpIp + Dsr>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
-    // Too big with the option: sent without it, as at tc (`dsr::send_remembered`).
-    if !dsr::fits::<F, _>(ctx, hop.ifindex) {
-        stats::count(Reason::DsrTooBig);
-    } else if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
+    // The callers passed what the option would make too big on to tc.
+    if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
         monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;
     }

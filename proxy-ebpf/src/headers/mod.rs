@@ -6,6 +6,7 @@
 use aya_ebpf::bindings::BPF_F_MARK_MANGLED_0;
 use proxy_common::proto;
 
+pub mod answer;
 pub mod csum;
 pub mod family;
 pub mod hash;

@@ -3,9 +3,7 @@
 //! packet is turned into the answer in place and sent back out of the interface it came in on.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::{bpf_redirect, generated::bpf_skb_change_tail},
+    bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     programs::TcContext,
 };
 use proxy_common::{
@@ -14,15 +12,18 @@ use proxy_common::{
 };
 
 use crate::{
-    access::stats,
+    access::{
+        skb::{send_back, set_len, store, swap_macs},
+        stats,
+    },
     flow::monitor,
     headers::{
         AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        answer::{TTL, ipv4_header, ipv6_header, pseudo6_sum},
         csum::{fold, sum},
         family::Ip,
     },
 };
-const TTL: u8 = 64;
 
 /// Rejects the packet; a packet that cannot be answered (a RST, IP options, a helper failure)
 /// is dropped. Counted either way.
@@ -60,41 +61,7 @@ pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
         return TC_ACT_SHOT as i32;
     }
     stats::count(Reason::Rejected);
-    // SAFETY: reading the context's own skb; plain helper call.
-    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
-}
-
-#[inline(always)]
-fn store(ctx: &TcContext, off: usize, bytes: &[u8]) -> Result<(), i64> {
-    // SAFETY: plain helper call on this context with a stack buffer.
-    let rc = unsafe {
-        aya_ebpf::helpers::generated::bpf_skb_store_bytes(
-            ctx.as_ptr().cast(),
-            off as u32,
-            bytes.as_ptr().cast(),
-            bytes.len() as u32,
-            BPF_F_RECOMPUTE_CSUM as u64,
-        )
-    };
-    if rc < 0 { Err(rc) } else { Ok(()) }
-}
-
-#[inline(always)]
-fn set_len(ctx: &TcContext, len: usize) -> Result<(), i64> {
-    // SAFETY: plain helper call on this context.
-    let rc = unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), len as u32, 0) };
-    if rc < 0 { Err(rc) } else { Ok(()) }
-}
-
-#[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
-    let mut macs = ctx.load::<[u8; 12]>(0)?;
-    let mut i = 0;
-    while i < 6 {
-        macs.swap(i, i + 6);
-        i += 1;
-    }
-    store(ctx, 0, &macs)
+    send_back(ctx)
 }
 
 /// The reset answering a TCP segment with sequence `seq`, acknowledgment `ack`, `flags` and
@@ -140,19 +107,6 @@ fn reset_header(hdr: &[u8; 20], payload: u32) -> [u8; 20] {
         0,
         0,
     ]
-}
-
-#[inline(always)]
-fn ipv4_header(tot_len: u16, proto_: u8, saddr: [u8; 4], daddr: [u8; 4]) -> Result<[u8; 20], i64> {
-    let l = tot_len.to_be_bytes();
-    let mut h = [
-        0x45, 0, l[0], l[1], 0, 0, 0, 0, TTL, proto_, 0, 0, saddr[0], saddr[1], saddr[2], saddr[3],
-        daddr[0], daddr[1], daddr[2], daddr[3],
-    ];
-    let c = fold(sum(&mut h, 0)?).to_ne_bytes();
-    h[10] = c[0];
-    h[11] = c[1];
-    Ok(h)
 }
 
 #[inline(never)]
@@ -220,24 +174,6 @@ fn tcp_reset_v6(ctx: &TcContext) -> Result<(), i64> {
     store(ctx, l4, &rst)
 }
 
-/// Sum of the IPv6 pseudo header of a packet with header `hdr`.
-#[inline(always)]
-fn pseudo6_sum(hdr: &[u8; 40], len: u32, next: u8) -> Result<i64, i64> {
-    let mut p = [0u8; 40];
-    let mut i = 0;
-    while i < 32 {
-        p[i] = hdr[8 + i];
-        i += 1;
-    }
-    let l = len.to_be_bytes();
-    p[32] = l[0];
-    p[33] = l[1];
-    p[34] = l[2];
-    p[35] = l[3];
-    p[39] = next;
-    sum(&mut p, 0)
-}
-
 #[inline(never)]
 fn unreachable_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
     let l3 = ETH_HLEN;
@@ -279,17 +215,7 @@ fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
         icmp[8 + i] = orig[i];
         i += 1;
     }
-    let mut hdr = [0u8; 40];
-    hdr[0] = 0x60;
-    hdr[5] = 56;
-    hdr[6] = IPPROTO_ICMPV6;
-    hdr[7] = TTL;
-    i = 0;
-    while i < 16 {
-        hdr[8 + i] = icmp[8 + 24 + i];
-        hdr[24 + i] = icmp[8 + 8 + i];
-        i += 1;
-    }
+    let hdr = ipv6_header(56, IPPROTO_ICMPV6, &addr16(&orig, 24), &addr16(&orig, 8));
     let c = fold(sum(&mut icmp, pseudo6_sum(&hdr, 56, IPPROTO_ICMPV6)?)?).to_ne_bytes();
     icmp[2] = c[0];
     icmp[3] = c[1];
@@ -297,4 +223,16 @@ fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
     ctx.adjust_room(48, BPF_ADJ_ROOM_MAC, 0)?;
     store(ctx, l3, &hdr)?;
     store(ctx, l3 + 40, &icmp)
+}
+
+/// The 16 bytes of `buf` at `off`.
+#[inline(always)]
+fn addr16<const N: usize>(buf: &[u8; N], off: usize) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = buf[off + i];
+        i += 1;
+    }
+    a
 }

@@ -499,9 +499,92 @@ fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
     }
 }
 
+/// Path MTU discovery from a client's side: one datagram of `size` bytes (UDP payload) on a
+/// connected UDP socket that never fragments (IP_PMTUDISC_DO), then the path MTU its kernel
+/// holds for `to` (IP_MTU). Prints the answer as `request` does, with `"mtu"` added: an error
+/// "message too long" when a router on the way asked for smaller packets.
+fn pmtu(to: SocketAddr, size: usize) {
+    use std::os::fd::AsRawFd as _;
+    let run = || -> std::io::Result<(std::io::Result<Answer>, u32)> {
+        let bind: SocketAddr = if to.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        let (level, option, value, mtu_option) = if to.is_ipv4() {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DO,
+                libc::IP_MTU,
+            )
+        } else {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+                libc::IPV6_MTU,
+            )
+        };
+        // SAFETY: a valid socket and an int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                option,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        socket.connect(to)?;
+        let mut request = b"hello\n".to_vec();
+        request.resize(size.max(request.len()), b' ');
+        let answer = socket.send(&request).and_then(|_| {
+            let mut buf = vec![0u8; 65536];
+            let n = socket.recv(&mut buf)?;
+            let (backend, seen) = parse_reply(&String::from_utf8_lossy(&buf[..n]));
+            Ok((backend, seen, canonical(socket.peer_addr()?)))
+        });
+        let mut mtu: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and an int buffer of the given length.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                mtu_option,
+                (&raw mut mtu).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((answer, mtu as u32))
+    };
+    // The MTU is read whether or not the datagram was answered.
+    let line = match run() {
+        Ok((Ok((backend, seen, peer)), mtu)) => serde_json::json!({
+            "ok": true, "backend": backend, "seen": seen, "peer": peer, "mtu": mtu,
+        }),
+        Ok((Err(e), mtu)) => serde_json::json!({
+            "ok": false, "error": e.to_string(), "errno": e.raw_os_error(), "mtu": mtu,
+        }),
+        Err(e) => serde_json::json!({
+            "ok": false, "error": e.to_string(), "errno": e.raw_os_error(),
+        }),
+    };
+    println!("{line}");
+}
+
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected] | testhost from-ports ADDR:PORT FIRST LAST [hold] | testhost raw4 HEX"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected] | testhost from-ports ADDR:PORT FIRST LAST [hold] | testhost raw4 HEX | testhost pmtu ADDR:PORT SIZE"
     );
     std::process::exit(2)
 }
@@ -642,6 +725,10 @@ fn main() {
             args.get(4).is_some_and(|a| a == "hold"),
         ),
         Some("raw4") if args.len() == 2 => raw4(&args[1]),
+        Some("pmtu") if args.len() == 3 => pmtu(
+            args[1].parse().unwrap_or_else(|_| usage()),
+            args[2].parse().unwrap_or_else(|_| usage()),
+        ),
         Some("sidecar") if args.len() == 4 => sidecar(
             args[1].parse().unwrap_or_else(|_| usage()),
             args[2].parse().unwrap_or_else(|_| usage()),

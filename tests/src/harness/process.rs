@@ -133,6 +133,9 @@ pub struct Reply {
     pub error: String,
     #[serde(default)]
     pub errno: Option<i32>,
+    /// The client's path MTU to the destination afterwards (`testhost pmtu` only).
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 /// Runs a command to completion within `timeout`, returning its stdout; kills it past that.

@@ -279,6 +279,18 @@ pub fn udp_sized(ns: &NetNs, to: SocketAddr, size: usize) -> Reply {
     replies.pop().expect("one reply")
 }
 
+/// One UDP datagram of `size` bytes from `ns` (outside the cgroup) that must not be
+/// fragmented (`testhost pmtu`): its answer, or the error, and the client's path MTU to `to`
+/// afterwards.
+pub fn udp_unfragmented(ns: &NetNs, to: SocketAddr, size: usize) -> Reply {
+    let to = to.to_string();
+    let size = size.to_string();
+    let cmd = testhost_in(ns, None, &["pmtu", &to, &size]);
+    // Bounded by testhost's 2 s timeout.
+    let stdout = output_within(cmd, Duration::from_secs(8));
+    parse_replies(&stdout).pop().expect("one reply")
+}
+
 /// One UDP request from `ns` (outside the cgroup) sent with TTL (hop limit) `ttl`.
 pub fn udp_with_ttl(ns: &NetNs, to: SocketAddr, ttl: u8) -> Reply {
     let ttl = ttl.to_string();
