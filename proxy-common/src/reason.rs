@@ -100,10 +100,16 @@ pub enum Reason {
     /// either way, or a FIN both ways) instead of waiting for its closing time, as netfilter's
     /// NAT lets it; the closed flow's entries were replaced.
     SnatPortReused = 37,
+    /// tc: a translated packet too big for the interface it would leave by (an overlay or a
+    /// pod link with a smaller MTU than the one it came in on), with don't-fragment set (IPv4)
+    /// or IPv6: answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" naming
+    /// that MTU, quoting the packet as its sender sent it, and dropped, as the kernel's
+    /// forwarding does for kube-proxy's flows.
+    FragNeeded = 38,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 38;
+pub const REASON_COUNT: u32 = 39;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -145,6 +151,7 @@ impl Reason {
         Reason::PerPacket,
         Reason::DsrTooBig,
         Reason::SnatPortReused,
+        Reason::FragNeeded,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -188,6 +195,7 @@ impl Reason {
             Reason::PerPacket => "per_packet",
             Reason::DsrTooBig => "dsr_too_big",
             Reason::SnatPortReused => "snat_port_reused",
+            Reason::FragNeeded => "frag_needed",
         }
     }
 

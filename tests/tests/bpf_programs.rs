@@ -1935,3 +1935,101 @@ fn tc_asks_an_ipv6_dsr_client_for_smaller_packets_and_xdp_leaves_it_to_tc() {
     assert_eq!(out.packet[20], 60, "a Destination Options header follows");
     assert_eq!(rig.count(Reason::DsrSent), 2);
 }
+
+/// Path MTU through a translating node (semantics 12.5: the node forwards Service traffic as
+/// the kernel forwards kube-proxy's): a segment of a masqueraded NodePort flow too big for the
+/// interface towards its endpoint (MTU 1400, below the 1500 it came in with) and marked don't
+/// fragment is answered, untouched, with ICMP "fragmentation needed" naming 1400, from the
+/// node port and quoting the segment as the client sent it, as netfilter translates the
+/// kernel's own answer back for kube-proxy. Without don't fragment it goes to the stack,
+/// translated, as before (which fragments it).
+#[test]
+fn tc_answers_a_translated_segment_too_big_for_the_way_to_its_endpoint() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    external_interface();
+    here("ip link set kbpu0 mtu 1400");
+    let syn = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(syn.verdict, TC_ACT_REDIRECT, "the SYN fits");
+    let big = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1460]));
+    let out = rig.tc(&big);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 20 + 8 + 28, "{p:02x?}");
+    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
+    let ip = &p[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &NODE.octets(), "from the node port's address");
+    assert_eq!(&ip[16..20], &CLIENT.octets(), "to the client");
+    let icmp = &p[34..];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+        1400,
+        "the egress MTU"
+    );
+    assert_eq!(&icmp[8..28], &big[14..34], "the header as sent");
+    assert_eq!(
+        &icmp[28..36],
+        &big[34..42],
+        "and its ports and sequence number"
+    );
+    assert_eq!(rig.count(Reason::FragNeeded), 1);
+    let drops = rig.dp.maps.drops().unwrap();
+    assert!(
+        drops.contains(&(Hook::TcIngress, Reason::FragNeeded, 1)),
+        "{drops:?}"
+    );
+    // May be fragmented: translated and left to the stack, as before.
+    let unmarked = tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1460]);
+    let out = rig.tc(&unmarked);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(&out.packet[30..34], &REMOTE_POD.octets(), "translated");
+    assert_eq!(rig.count(Reason::FragNeeded), 1);
+    // One that fits goes on its way.
+    let fits = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1360]));
+    assert_eq!(rig.tc(&fits).verdict, TC_ACT_REDIRECT);
+    assert_eq!(rig.count(Reason::FragNeeded), 1);
+}
+
+/// The IPv6 twin, on a new UDP flow (a first datagram too big for the way to the endpoint):
+/// ICMPv6 "packet too big" naming 1400, the datagram quoted as sent, and no flow recorded.
+#[test]
+fn tc_answers_a_new_ipv6_datagram_too_big_for_the_way_to_its_endpoint() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    external_interface();
+    here("ip link set kbpu0 mtu 1400");
+    let big = udp6((CLIENT6, 40000), (NODE6, 30091), &[9u8; 1452]);
+    let out = rig.tc(&big);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
+    let p = &out.packet;
+    assert_eq!(p.len(), 14 + 40 + 8 + 56, "{p:02x?}");
+    assert_eq!(p[20], 58, "ICMPv6");
+    assert_eq!(&p[22..38], &NODE6.octets(), "from the node port's address");
+    assert_eq!(&p[38..54], &CLIENT6.octets(), "to the client");
+    let icmp = &p[54..];
+    assert_eq!(
+        checksum(icmp, pseudo_sum6(NODE6, CLIENT6, 58, icmp.len())),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1400
+    );
+    assert_eq!(&icmp[8..64], &big[14..70], "the datagram as sent");
+    assert_eq!(rig.count(Reason::FragNeeded), 1);
+    assert_eq!(rig.count(Reason::NatNew), 0, "no flow recorded");
+    // A datagram that fits starts the flow.
+    let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30091), &[9u8; 1352]));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(rig.count(Reason::NatNew), 1);
+}

@@ -761,3 +761,35 @@ fn fragmented_datagrams_reach_the_backend_and_come_back() {
     }
     assert!(datapath_events(&agent, "fragment_translated") > 0);
 }
+
+#[test]
+fn a_datagram_too_big_for_the_pod_network_is_answered_with_the_mtu_as_the_kernel_does() {
+    // Semantics 12.5 (external traffic to a NodePort is forwarded by the node): under
+    // kube-proxy, a packet with don't-fragment set (IPv4) or any IPv6 packet too big for the
+    // link towards the endpoint gets ICMP "fragmentation needed" / "packet too big" from the
+    // node's forwarding, its quote translated back by netfilter, and the client's kernel
+    // lowers its path MTU to the node port. The pod network here has MTU 1400 (an overlay's
+    // or a CNI's smaller MTU), the LAN 1500.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0)]);
+    tb.nodes[0].ns.ip(&["link", "set", "br0", "mtu", "1400"]);
+    for (node, headers) in [("192.168.77.1", 28), ("fd00:77::1", 48)] {
+        let to = addr(node, NODE_PORT_DNS);
+        wait_answered(&tb, Proto::Udp, to);
+        // A datagram that fills the LAN's MTU: answered with the pod network's.
+        let r = tests::harness::topology::udp_unfragmented(&tb.ext, to, 1500 - headers);
+        assert!(!r.ok, "{to}: too big for the pod network: {r:?}");
+        assert_eq!(r.errno, Some(libc::EMSGSIZE), "{to}: {r:?}");
+        assert_eq!(r.mtu, Some(1400), "{to}: the client's path MTU: {r:?}");
+        // At that MTU, answered from the node port.
+        let r = tests::harness::topology::udp_unfragmented(&tb.ext, to, 1400 - headers);
+        assert!(r.ok && r.backend == "a-pod-1", "{to}: {r:?}");
+        assert_eq!(r.peer.parse::<SocketAddr>().unwrap(), to, "{r:?}");
+    }
+    assert!(datapath_events(&agent, "frag_needed") >= 2);
+    tb.assert_no_checksum_errors();
+}

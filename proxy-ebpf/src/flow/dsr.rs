@@ -62,7 +62,7 @@ use crate::{
     flow::{
         ct::{Entry, Tracked},
         fib::{route, send},
-        pmtu,
+        pmtu::{Answer, Outcome},
     },
     headers::{
         ETH_HLEN, FRAG6_OFFSET, IPPROTO_FRAGMENT, Tuple,
@@ -78,7 +78,7 @@ const HDR_LEN: usize = 20 + OPTION_LEN as usize;
 
 /// What direct server return needs of an address family: its option (added at tc and at XDP),
 /// its peers, its frontends, its budget of what one client may make this node learn.
-pub trait Dsr: Tracked {
+pub trait Dsr: Tracked + Answer {
     /// How much the option grows a packet.
     const GROWTH: i32;
 
@@ -113,12 +113,6 @@ pub trait Dsr: Tracked {
 
     /// Starts `client`'s budget entry.
     fn budget_insert(client: &Self::Addr, b: &DsrBudget) -> bool;
-
-    /// Turns a packet of a flow to `frontend`:`port` that the option would make too big for
-    /// an egress MTU of `mtu` into the ICMP error asking its client for smaller packets, and
-    /// counts it dropped (`pmtu`): `Ok(false)` when it is not answered (the packet untouched).
-    fn too_big_tc(ctx: &TcContext, frontend: &Self::Addr, port: u16, mtu: u32)
-    -> Result<bool, i64>;
 }
 
 impl Dsr for V4 {
@@ -177,11 +171,6 @@ impl Dsr for V4 {
     #[inline(always)]
     fn budget_insert(client: &[u8; 4], b: &DsrBudget) -> bool {
         LB_DSR_BUDGET.insert(client, b, BPF_ANY as u64).is_ok()
-    }
-
-    #[inline(always)]
-    fn too_big_tc(ctx: &TcContext, frontend: &[u8; 4], port: u16, mtu: u32) -> Result<bool, i64> {
-        pmtu::frag_needed4(ctx, frontend, port, mtu, Self::GROWTH as u32)
     }
 }
 
@@ -242,11 +231,6 @@ impl Dsr for V6 {
         LB_DSR_BUDGET6
             .insert(prefix64(client), b, BPF_ANY as u64)
             .is_ok()
-    }
-
-    #[inline(always)]
-    fn too_big_tc(ctx: &TcContext, frontend: &[u8; 16], port: u16, mtu: u32) -> Result<bool, i64> {
-        pmtu::too_big6(ctx, frontend, port, mtu, Self::GROWTH as u32)
     }
 }
 
@@ -824,14 +808,20 @@ fn too_big<F: Dsr>(ctx: &TcContext) -> i32 {
         Err(mtu) => mtu,
         Ok(()) => 0,
     };
-    match F::too_big_tc(ctx, &r.frontend, r.port, mtu) {
-        Ok(true) => send_back(ctx),
-        Ok(false) => {
+    match F::answer(
+        ctx,
+        Some(&r.frontend),
+        r.port,
+        mtu.saturating_sub(F::GROWTH as u32),
+        Reason::DsrTooBig,
+    ) {
+        Outcome::Answered => send_back(ctx),
+        Outcome::Untouched => {
             stats::count(Reason::DsrTooBig);
             send::<F>(ctx, r.ifindex)
         }
         // Half rewritten: dropped (counted as such already).
-        Err(_) => {
+        Outcome::Failed => {
             stats::count(Reason::DsrFailed);
             TC_ACT_SHOT as i32
         }

@@ -4,7 +4,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+        bpf_fib_lookup,
+    },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -62,14 +65,40 @@ pub fn params<F: Ip>(p: &mut bpf_fib_lookup, t: &Tuple<F::Addr>, ifindex: u32) {
     F::fib_addrs(p, t);
 }
 
+/// Why `route` found no way on.
+pub enum Unrouted {
+    /// The packet is too big for the egress interface, whose MTU this is.
+    TooBig(u32),
+    /// No forwarding route, or the lookup failed.
+    Other,
+}
+
+/// The action meaning "too big for an egress MTU of `mtu`: answer it (`pmtu::too_big`)", not a
+/// tc action: the MTU in the low 16 bits.
+const TOO_BIG: i32 = i32::MIN + 0x2_0000;
+
+/// The not-a-tc-action a translation path returns for a packet, still untouched, too big for
+/// the egress interface's `mtu`, for the hook to answer after that path's frame has returned.
+#[inline(always)]
+pub fn too_big_action(mtu: u32) -> i32 {
+    TOO_BIG | (mtu & 0xffff) as i32
+}
+
+/// The MTU in a `too_big_action`; `None` for any other action.
+#[inline(always)]
+pub fn too_big_mtu(action: i32) -> Option<u32> {
+    (action & !0xffff == TOO_BIG).then_some((action & 0xffff) as u32)
+}
+
 /// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
-/// also the source address the node would use on it.
+/// also the source address the node would use on it. The kernel checks the packet's length
+/// against the egress interface's MTU (a GSO packet against its segments').
 #[inline(always)]
 pub fn route<F: Ip>(
     ctx: &TcContext,
     t: &Tuple<F::Addr>,
     want_src: bool,
-) -> Result<Route<F::Addr>, i64> {
+) -> Result<Route<F::Addr>, Unrouted> {
     // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     // SAFETY: reading the context's own skb.
@@ -87,8 +116,14 @@ pub fn route<F: Ip>(
             flags,
         )
     };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the helper set the union's MTU member for this answer.
+        return Err(Unrouted::TooBig(u32::from(unsafe {
+            p.__bindgen_anon_1.mtu_result
+        })));
+    }
     if rc != 0 {
-        return Err(rc);
+        return Err(Unrouted::Other);
     }
     Ok(Route {
         ifindex: p.ifindex,

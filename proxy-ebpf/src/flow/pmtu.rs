@@ -1,20 +1,28 @@
-//! Path MTU discovery through a DSR node. A packet of a DSR flow that the option (IPv4) or the
-//! Destination Options header (IPv6) would make too big for the egress interface is answered
-//! as a router on its path answers: ICMP "fragmentation needed" (IPv4, when the packet says
-//! don't fragment) or ICMPv6 "packet too big", naming the egress MTU less the option's size.
-//! The client's stack lowers its path MTU to the frontend and sends smaller packets, which
-//! carry the option, so the backend's node learns the flow. The error comes from the frontend
-//! address and quotes the packet as the client sent it (the frontend as its destination, the
-//! translation undone in the quote), for the client's stack to find the socket it concerns.
+//! Path MTU discovery through this node: a packet too big for the interface it would leave by
+//! is answered as a router on its path answers, with ICMP "fragmentation needed" (IPv4, when the
+//! packet says don't fragment) or ICMPv6 "packet too big" naming the MTU the sender must keep
+//! to; the packet is dropped. The error comes from the packet's destination as its sender
+//! addressed it (the frontend) and quotes the packet as its sender sent it, for the sender's
+//! stack to find the socket it concerns and lower its path MTU to the frontend, as the kernel
+//! does for kube-proxy's translated flows (netfilter translates the quote back). Two cases:
 //!
-//! Not answered (the caller sends the packet without the option, as before): an IPv4 packet
-//! that may be fragmented or carries IP options, an IPv6 packet with extension headers other
-//! than a fragment header, and an MTU so small that the client could not go below it (IPv4
-//! 576 bytes, IPv6 1280, plus the option).
+//! - A translated packet whose egress interface has a smaller MTU than the one it came in on
+//!   (an overlay, a pod's link): the FIB says so (`fib::route`) before the packet is
+//!   rewritten, and `too_big` answers it untouched, naming that MTU.
+//! - A DSR packet that the option (IPv4) or the Destination Options header (IPv6) would make
+//!   too big: `dsr::send_remembered` answers it, naming the MTU less the option's size, the
+//!   translation undone in the quote; so the client's later packets carry the option.
+//!
+//! Not answered: an IPv4 packet that may be fragmented or carries IP options, an IPv6 packet
+//! with extension headers other than a fragment header, and an MTU the sender could not go
+//! below (IPv4 576 bytes, IPv6 1280). Those go on as before: the stack fragments a translated
+//! packet; a DSR packet goes without the option.
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-    helpers::generated::bpf_skb_load_bytes, programs::TcContext,
+    EbpfContext as _,
+    bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::generated::bpf_skb_load_bytes,
+    programs::TcContext,
 };
 use proxy_common::{
     proto,
@@ -22,13 +30,16 @@ use proxy_common::{
 };
 
 use crate::{
-    access::skb::{set_len, store, swap_macs},
+    access::{
+        skb::{send_back, set_len, store, swap_macs},
+        stats,
+    },
     flow::monitor,
     headers::{
         ETH_HLEN, FRAG_OFFSET, FRAG6_OFFSET, IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, Tuple,
         answer::{TTL, ipv4_header, pseudo6_sum},
         csum::{fold, header_checksum, sum},
-        family::{V4, V6},
+        family::{Ip, V4, V6},
     },
 };
 
@@ -39,25 +50,126 @@ const MIN_MTU4: u32 = 576;
 /// The smallest IPv6 link MTU (RFC 8200).
 const MIN_MTU6: u32 = 1280;
 
-/// Turns an IPv4 packet of a DSR flow to `frontend`:`port`, too big by `growth` bytes for an
-/// egress MTU of `mtu`, into ICMP "fragmentation needed" for its client, its MACs swapped for
-/// the way back, and counts it dropped (`DsrTooBig`, with its monitor event). `Ok(false)`: not
-/// answered, the packet untouched and not counted; `Err`: a helper failed while the packet was
-/// rewritten (drop it).
+/// What became of a packet to answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Turned into the ICMP error, counted dropped: send it back.
+    Answered,
+    /// Not answered, untouched, not counted.
+    Untouched,
+    /// A helper failed while the packet was rewritten: drop it.
+    Failed,
+}
+
+impl Outcome {
+    #[inline(always)]
+    fn of(r: Result<bool, i64>) -> Outcome {
+        match r {
+            Ok(true) => Outcome::Answered,
+            Ok(false) => Outcome::Untouched,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+/// The answers of one address family.
+pub trait Answer: Ip {
+    /// Turns the packet in `ctx` into the ICMP error naming `mtu` for its sender, its MACs
+    /// swapped for the way back, and counts it dropped for `reason` (with its monitor event).
+    /// With `frontend`, the packet was translated from `frontend`:`port`, which the quote and
+    /// the error's source then carry; without, it is quoted as it is.
+    fn answer(
+        ctx: &TcContext,
+        frontend: Option<&Self::Addr>,
+        port: u16,
+        mtu: u32,
+        reason: Reason,
+    ) -> Outcome;
+
+    /// Whether the packet in `ctx` may be answered (`answer` checks again).
+    fn answerable(ctx: &TcContext) -> bool;
+}
+
+impl Answer for V4 {
+    #[inline(always)]
+    fn answer(
+        ctx: &TcContext,
+        frontend: Option<&[u8; 4]>,
+        port: u16,
+        mtu: u32,
+        reason: Reason,
+    ) -> Outcome {
+        frag_needed4(ctx, frontend, port, mtu, reason)
+    }
+
+    #[inline(always)]
+    fn answerable(ctx: &TcContext) -> bool {
+        // Version and header length, then flags and fragment offset.
+        matches!(ctx.load::<[u8; 8]>(ETH_HLEN), Ok(h) if h[0] == 0x45
+            && u16::from_be_bytes([h[6], h[7]]) & FRAG_DF != 0)
+    }
+}
+
+impl Answer for V6 {
+    #[inline(always)]
+    fn answer(
+        ctx: &TcContext,
+        frontend: Option<&[u8; 16]>,
+        port: u16,
+        mtu: u32,
+        reason: Reason,
+    ) -> Outcome {
+        too_big6(ctx, frontend, port, mtu, reason)
+    }
+
+    #[inline(always)]
+    fn answerable(ctx: &TcContext) -> bool {
+        matches!(ctx.load::<u8>(ETH_HLEN + 6), Ok(next) if next == proto::TCP
+            || next == proto::UDP || next == IPPROTO_FRAGMENT)
+    }
+}
+
+/// Answers a packet, untouched, that is too big for the egress interface's `mtu` (a tc
+/// action): counted as `FragNeeded`; dropped without an answer when it cannot be answered.
 #[inline(never)]
-pub fn frag_needed4(
+pub fn too_big<F: Answer>(ctx: &TcContext, mtu: u32) -> i32 {
+    match F::answer(ctx, None, 0, mtu, Reason::FragNeeded) {
+        Outcome::Answered => send_back(ctx),
+        Outcome::Untouched => {
+            stats::dropped(Hook::TcIngress, Reason::FragNeeded);
+            TC_ACT_SHOT as i32
+        }
+        Outcome::Failed => TC_ACT_SHOT as i32,
+    }
+}
+
+/// ICMP "fragmentation needed": `Answer::answer` for IPv4, quoting the IP header and the first
+/// 8 bytes of its payload.
+#[inline(never)]
+fn frag_needed4(
     ctx: &TcContext,
-    frontend: &[u8; 4],
+    frontend: Option<&[u8; 4]>,
     port: u16,
     mtu: u32,
-    growth: u32,
+    reason: Reason,
+) -> Outcome {
+    Outcome::of(frag_needed4_in(ctx, frontend, port, mtu, reason))
+}
+
+#[inline(always)]
+fn frag_needed4_in(
+    ctx: &TcContext,
+    frontend: Option<&[u8; 4]>,
+    port: u16,
+    mtu: u32,
+    reason: Reason,
 ) -> Result<bool, i64> {
     let l3 = ETH_HLEN;
     let Ok(ip) = ctx.load::<[u8; 28]>(l3) else {
         return Ok(false);
     };
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if ip[0] != 0x45 || frag & FRAG_DF == 0 || mtu < MIN_MTU4 + growth {
+    if ip[0] != 0x45 || frag & FRAG_DF == 0 || !(MIN_MTU4..=0xffff).contains(&mtu) {
         return Ok(false);
     }
     // The quote: the IP header as the client sent it (the frontend its destination, its
@@ -69,10 +181,12 @@ pub fn frag_needed4(
         inner[i] = ip[i];
         i += 1;
     }
-    i = 0;
-    while i < 4 {
-        inner[16 + i] = frontend[i];
-        i += 1;
+    if let Some(f) = frontend {
+        i = 0;
+        while i < 4 {
+            inner[16 + i] = f[i];
+            i += 1;
+        }
     }
     inner[10] = 0;
     inner[11] = 0;
@@ -83,7 +197,7 @@ pub fn frag_needed4(
     let mut icmp = [0u8; 36];
     icmp[0] = 3;
     icmp[1] = 4;
-    let m = ((mtu - growth) as u16).to_be_bytes();
+    let m = (mtu as u16).to_be_bytes();
     icmp[6] = m[0];
     icmp[7] = m[1];
     i = 0;
@@ -96,7 +210,8 @@ pub fn frag_needed4(
         icmp[28 + i] = ip[20 + i];
         i += 1;
     }
-    if frag & FRAG_OFFSET == 0 && (ip[9] == proto::TCP || ip[9] == proto::UDP) {
+    let ported = frag & FRAG_OFFSET == 0 && (ip[9] == proto::TCP || ip[9] == proto::UDP);
+    if ported && frontend.is_some() {
         let p = port.to_be_bytes();
         icmp[30] = p[0];
         icmp[31] = p[1];
@@ -108,18 +223,19 @@ pub fn frag_needed4(
     icmp[2] = c[0];
     icmp[3] = c[1];
     let client = [ip[12], ip[13], ip[14], ip[15]];
-    let Ok(hdr) = ipv4_header(20 + 36, IPPROTO_ICMP, *frontend, client) else {
+    let to = [inner[16], inner[17], inner[18], inner[19]];
+    let Ok(hdr) = ipv4_header(20 + 36, IPPROTO_ICMP, to, client) else {
         return Ok(false);
     };
     // Counted as a drop, with its event: the flow as the client sent it.
     let t = Tuple {
         saddr: client,
-        daddr: *frontend,
+        daddr: to,
         sport: u16::from_be_bytes([icmp[28], icmp[29]]),
-        dport: port,
+        dport: u16::from_be_bytes([icmp[30], icmp[31]]),
         proto: ip[9],
     };
-    monitor::dropped::<V4>(Hook::TcIngress, Reason::DsrTooBig, 0, &t);
+    monitor::dropped::<V4>(Hook::TcIngress, reason, 0, &t);
     set_len(ctx, l3 + 28)?;
     ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0)?;
     store(ctx, l3, &hdr)?;
@@ -131,15 +247,26 @@ pub fn frag_needed4(
 /// The IPv6 twin of `frag_needed4`: ICMPv6 "packet too big", quoting the IPv6 header and the
 /// next 16 bytes (a fragment header and the ports, or the ports and more).
 #[inline(never)]
-pub fn too_big6(
+fn too_big6(
     ctx: &TcContext,
-    frontend: &[u8; 16],
+    frontend: Option<&[u8; 16]>,
     port: u16,
     mtu: u32,
-    growth: u32,
+    reason: Reason,
+) -> Outcome {
+    Outcome::of(too_big6_in(ctx, frontend, port, mtu, reason))
+}
+
+#[inline(always)]
+fn too_big6_in(
+    ctx: &TcContext,
+    frontend: Option<&[u8; 16]>,
+    port: u16,
+    mtu: u32,
+    reason: Reason,
 ) -> Result<bool, i64> {
     let l3 = ETH_HLEN;
-    if mtu < MIN_MTU6 + growth {
+    if mtu < MIN_MTU6 {
         return Ok(false);
     }
     // Type 2 (packet too big), code 0, the next hop's MTU; then the quote, loaded in place
@@ -168,7 +295,7 @@ pub fn too_big6(
         return Ok(false);
     };
     icmp[0] = 2;
-    let m = (mtu - growth).to_be_bytes();
+    let m = mtu.to_be_bytes();
     icmp[4] = m[0];
     icmp[5] = m[1];
     icmp[6] = m[2];
@@ -180,19 +307,25 @@ pub fn too_big6(
     hdr[6] = IPPROTO_ICMPV6;
     hdr[7] = TTL;
     let mut i = 0;
-    while i < 16 {
-        hdr[8 + i] = frontend[i];
-        hdr[24 + i] = icmp[Q + 8 + i];
-        icmp[Q + 24 + i] = frontend[i];
-        i += 1;
+    if let Some(f) = frontend {
+        while i < 16 {
+            icmp[Q + 24 + i] = f[i];
+            i += 1;
+        }
+        let p = port.to_be_bytes();
+        if at == 42 {
+            icmp[Q + 42] = p[0];
+            icmp[Q + 43] = p[1];
+        } else if at == 50 {
+            icmp[Q + 50] = p[0];
+            icmp[Q + 51] = p[1];
+        }
     }
-    let p = port.to_be_bytes();
-    if at == 42 {
-        icmp[Q + 42] = p[0];
-        icmp[Q + 43] = p[1];
-    } else if at == 50 {
-        icmp[Q + 50] = p[0];
-        icmp[Q + 51] = p[1];
+    i = 0;
+    while i < 16 {
+        hdr[8 + i] = icmp[Q + 24 + i];
+        hdr[24 + i] = icmp[Q + 8 + i];
+        i += 1;
     }
     let Ok(s) = pseudo6_sum(&hdr, 64, IPPROTO_ICMPV6).and_then(|s| sum(&mut icmp, s)) else {
         return Ok(false);
@@ -202,26 +335,29 @@ pub fn too_big6(
     icmp[3] = c[1];
     let mut t = Tuple {
         saddr: [0u8; 16],
-        daddr: *frontend,
+        daddr: [0u8; 16],
         sport: 0,
-        dport: port,
+        dport: 0,
         proto: proto::UDP,
     };
     i = 0;
     while i < 16 {
         t.saddr[i] = hdr[24 + i];
+        t.daddr[i] = hdr[8 + i];
         i += 1;
     }
     if at == 42 {
         t.proto = icmp[Q + 6];
         t.sport = u16::from_be_bytes([icmp[Q + 40], icmp[Q + 41]]);
+        t.dport = u16::from_be_bytes([icmp[Q + 42], icmp[Q + 43]]);
     } else {
         t.proto = icmp[Q + 40];
         if at == 50 {
             t.sport = u16::from_be_bytes([icmp[Q + 48], icmp[Q + 49]]);
+            t.dport = u16::from_be_bytes([icmp[Q + 50], icmp[Q + 51]]);
         }
     }
-    monitor::dropped::<V6>(Hook::TcIngress, Reason::DsrTooBig, 0, &t);
+    monitor::dropped::<V6>(Hook::TcIngress, reason, 0, &t);
     set_len(ctx, l3 + 56)?;
     ctx.adjust_room(48, BPF_ADJ_ROOM_MAC, 0)?;
     store(ctx, l3, &hdr)?;

@@ -16,7 +16,7 @@ use crate::{
     flow::{
         ct::{Tracked, ct_flags_of, keeps_entry},
         dsr::{self, Dsr},
-        fib::forward,
+        fib::{Unrouted, route, send, too_big_action},
         monitor,
         nat::rewrite,
     },
@@ -71,6 +71,19 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             // SAFETY: `ptr` came from the lookup.
             unsafe { F::ct_touch(ptr, now, ct_flags_of(pkt.tcp_flags)) };
             e.to.proto = pkt.t.proto;
+            let dsr = e.flags & CT_DSR != 0 && !reply;
+            // The route before the rewrite: a packet too big for it is answered untouched
+            // (`pmtu::too_big`, after this frame has returned). DSR finds its own (`dsr`).
+            let mut ifindex = 0;
+            if !dsr {
+                match route::<F>(ctx, &e.to, false) {
+                    Ok(r) => ifindex = r.ifindex,
+                    Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => {
+                        return too_big_action(mtu);
+                    }
+                    Err(_) => {}
+                }
+            }
             if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
                 return REWRITE_FAILED;
             }
@@ -79,14 +92,19 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             } else {
                 Reason::NatEstablished
             });
-            if e.flags & CT_DSR != 0 && !reply {
+            if dsr {
                 // The option is added after this frame has returned (`dsr::send_remembered`).
                 if !dsr::remember_frontend::<F>(&pkt.t) {
                     return REWRITE_FAILED;
                 }
                 return DSR;
             }
-            return forward::<F>(ctx, &e.to, 0);
+            // No forwarding route: the stack may still deliver it.
+            if ifindex == 0 {
+                stats::count(Reason::FibPass);
+                return TC_ACT_OK as i32;
+            }
+            return send::<F>(ctx, ifindex);
         }
     }
     NEW

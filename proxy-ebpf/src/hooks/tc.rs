@@ -7,7 +7,9 @@ use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
     flow::{
-        dsr, frag, icmp,
+        dsr,
+        fib::too_big_mtu,
+        frag, icmp, pmtu,
         tc::{DSR, NEW, REWRITE_FAILED, handle, rewrite_failed},
     },
     headers::{
@@ -40,7 +42,10 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 NEW => start::<V4>(ctx),
                 REWRITE_FAILED => rewrite_failed::<V4>(ctx),
                 DSR => dsr::send_remembered::<V4>(ctx),
-                action => action,
+                action => match too_big_mtu(action) {
+                    Some(mtu) => pmtu::too_big::<V4>(ctx, mtu),
+                    None => action,
+                },
             }
         }
         ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_FRAGMENT) => {
@@ -68,6 +73,9 @@ fn v6(ctx: &TcContext) -> i32 {
         NEW => start::<V6>(ctx),
         REWRITE_FAILED => rewrite_failed::<V6>(ctx),
         DSR => dsr::send_remembered::<V6>(ctx),
-        action => action,
+        action => match too_big_mtu(action) {
+            Some(mtu) => pmtu::too_big::<V6>(ctx, mtu),
+            None => action,
+        },
     }
 }

@@ -24,9 +24,10 @@ use crate::{
     flow::{
         ct::Entry,
         dsr,
-        fib::{forward, route},
+        fib::{Unrouted, forward, route, too_big_action, too_big_mtu},
         monitor,
         nat::{self, rewrite},
+        pmtu,
     },
     services::{frontend::Family, lb, newflow, reject},
 };
@@ -63,6 +64,9 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     }
     if action == DSR {
         return dsr::send_remembered::<F>(ctx);
+    }
+    if let Some(mtu) = too_big_mtu(action) {
+        return pmtu::too_big::<F>(ctx, mtu);
     }
     if action & !0xff == DROPPED {
         return dropped::<F>(ctx, (action & 0xff) as u32, scope);
@@ -225,6 +229,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             }
             r.ifindex
         }
+        // Too big for the way to the backend: answered untouched (`pmtu::too_big`, after
+        // this frame has returned), nothing recorded.
+        Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => return too_big_action(mtu),
         // No forwarding route (e.g. a host-network backend on this node): without
         // masquerading the stack can still deliver it.
         Err(_) if !snat => 0,

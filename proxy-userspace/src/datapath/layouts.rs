@@ -96,14 +96,16 @@ const REASONS_V1: u32 = 35;
 const REASONS_V2: u32 = 36;
 /// `Reason` values before `snat_port_reused` (version 3 of the counters).
 const REASONS_V3: u32 = 37;
+/// `Reason` values before `frag_needed` (version 4 of the counters).
+const REASONS_V4: u32 = 38;
 
 /// The layout history of the maps that changed since versions began, oldest first. A map not
 /// listed is at version 1. When a change to a map's layout is made, its old layout goes here
 /// with the migration to the new one, and the migration gets a unit test below.
 pub fn history(map: &str) -> &'static [Older] {
     match map {
-        // One counter per `Reason`; `per_packet` (35), `dsr_too_big` (36), then
-        // `snat_port_reused` (37) were appended.
+        // One counter per `Reason`; `per_packet` (35), `dsr_too_big` (36),
+        // `snat_port_reused` (37), then `frag_needed` (38) were appended.
         names::LB_STATS => &[
             Older {
                 version: 1,
@@ -124,6 +126,13 @@ pub fn history(map: &str) -> &'static [Older] {
                 key: None,
                 value: None,
                 entries: Some(REASONS_V3),
+                to_next: Migration::Counters(same_index),
+            },
+            Older {
+                version: 4,
+                key: None,
+                value: None,
+                entries: Some(REASONS_V4),
                 to_next: Migration::Counters(same_index),
             },
         ],
@@ -150,6 +159,13 @@ pub fn history(map: &str) -> &'static [Older] {
                 value: None,
                 entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V3),
                 to_next: Migration::Counters(drops_v3_to_v4),
+            },
+            Older {
+                version: 4,
+                key: None,
+                value: None,
+                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V4),
+                to_next: Migration::Counters(drops_v4_to_v5),
             },
         ],
         // One entry per slot (value: a backend id), then one per `SLOT_CHUNK` slots.
@@ -183,7 +199,11 @@ fn drops_v2_to_v3(i: u32) -> Option<u32> {
 }
 
 fn drops_v3_to_v4(i: u32) -> Option<u32> {
-    drops_moved(i, REASONS_V3, proxy_common::reason::REASON_COUNT)
+    drops_moved(i, REASONS_V3, REASONS_V4)
+}
+
+fn drops_v4_to_v5(i: u32) -> Option<u32> {
+    drops_moved(i, REASONS_V4, proxy_common::reason::REASON_COUNT)
 }
 
 /// This build's layout version of `map`.
@@ -340,7 +360,7 @@ mod tests {
             assert!(version_key(map).ends_with(&[0]), "{map}: name fits the key");
         }
         assert_eq!(current_version(names::LB_CT4), 1);
-        assert_eq!(current_version(names::LB_DROPS), 4);
+        assert_eq!(current_version(names::LB_DROPS), 5);
         assert_eq!(current_version(names::LB_SLOTS), 2);
     }
 
@@ -393,7 +413,7 @@ mod tests {
         let Plan::Migrate { from: 2, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 2);
+        assert_eq!(steps.len(), 3);
         for hook in Hook::ALL {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 36) {
                 assert_eq!(
@@ -419,7 +439,7 @@ mod tests {
         let Plan::Migrate { from: 3, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 1);
+        assert_eq!(steps.len(), 2);
         for hook in Hook::ALL {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 37) {
                 assert_eq!(
@@ -436,6 +456,32 @@ mod tests {
             &counters(REASON_COUNT),
         );
         assert!(matches!(stats, Plan::Migrate { from: 3, .. }), "{stats:?}");
+    }
+
+    #[test]
+    fn counters_of_the_fourth_version_are_migrated() {
+        let now = counters(DROPS);
+        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 38), Some(4), &now);
+        let Plan::Migrate { from: 4, steps } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(steps.len(), 1);
+        for hook in Hook::ALL {
+            for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 38) {
+                assert_eq!(
+                    remap_counter(&steps, hook as u32 * 38 + *reason as u32),
+                    Some(hook.drop_index(*reason)),
+                    "{hook:?} {reason:?}"
+                );
+            }
+        }
+        let stats = classify(
+            names::LB_STATS,
+            &counters(38),
+            None,
+            &counters(REASON_COUNT),
+        );
+        assert!(matches!(stats, Plan::Migrate { from: 4, .. }), "{stats:?}");
     }
 
     const DROPS: u32 = proxy_common::reason::DROPS_COUNT;
