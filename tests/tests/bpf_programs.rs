@@ -2033,3 +2033,33 @@ fn tc_answers_a_new_ipv6_datagram_too_big_for_the_way_to_its_endpoint() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_eq!(rig.count(Reason::NatNew), 1);
 }
+
+/// A tunnel device towards the endpoint (no link header, as IPIP or WireGuard; here a TUN
+/// device of MTU 1400): a segment exactly 1400 bytes long goes on, translated; one byte more
+/// is answered. The kernel's check counts the Ethernet header the tunnel does not have, so the
+/// IP length decides.
+#[test]
+fn tc_measures_packets_against_a_tunnels_mtu_by_their_ip_length() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    here("ip tuntap add mode tun name kbpt0");
+    here("ip link set kbpt0 up mtu 1400");
+    here("ip route replace 10.245.0.0/16 dev kbpt0 src 192.0.2.10");
+    let syn = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_SYN));
+    assert_eq!(syn.verdict, TC_ACT_REDIRECT);
+    let exact = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1360]));
+    assert_eq!(exact.len(), 14 + 1400);
+    let out = rig.tc(&exact);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet.len(), exact.len(), "forwarded, not answered");
+    assert_eq!(&out.packet[30..34], &REMOTE_POD.octets(), "translated");
+    assert_eq!(rig.count(Reason::FragNeeded), 0);
+    let over = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1361]));
+    let out = rig.tc(&over);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet[14 + 9], 1, "answered with ICMP");
+    assert_eq!(u16::from_be_bytes([out.packet[40], out.packet[41]]), 1400);
+    assert_eq!(rig.count(Reason::FragNeeded), 1);
+}

@@ -91,8 +91,9 @@ pub fn too_big_mtu(action: i32) -> Option<u32> {
 }
 
 /// Looks up the route of a packet with tuple `t` arriving on this interface; with `want_src`
-/// also the source address the node would use on it. The kernel checks the packet's length
-/// against the egress interface's MTU (a GSO packet against its segments').
+/// also the source address the node would use on it. The kernel checks the packet against the
+/// egress interface's MTU (a GSO packet passes whatever its segments' size); a packet bigger
+/// than that MTU is `Unrouted::TooBig`.
 #[inline(always)]
 pub fn route<F: Ip>(
     ctx: &TcContext,
@@ -118,17 +119,34 @@ pub fn route<F: Ip>(
     };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: the helper set the union's MTU member for this answer.
-        return Err(Unrouted::TooBig(u32::from(unsafe {
-            p.__bindgen_anon_1.mtu_result
-        })));
-    }
-    if rc != 0 {
+        let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
+        // The kernel compares the frame, Ethernet header included, with the MTU plus the
+        // egress device's own link header, which a tunnel or WireGuard device does not have:
+        // the IP packet's length decides (the route is complete either way).
+        match ip_len::<F>(ctx) {
+            Some(len) if len <= mtu => {}
+            Some(_) => return Err(Unrouted::TooBig(mtu)),
+            None => return Err(Unrouted::Other),
+        }
+    } else if rc != 0 {
         return Err(Unrouted::Other);
     }
     Ok(Route {
         ifindex: p.ifindex,
         src: F::fib_src(&p),
     })
+}
+
+/// The length of the IP packet in `ctx` (its header's).
+#[inline(always)]
+fn ip_len<F: Ip>(ctx: &TcContext) -> Option<u32> {
+    if F::AF == AF_INET {
+        let l = ctx.load::<[u8; 2]>(ETH_HLEN + 2).ok()?;
+        Some(u32::from(u16::from_be_bytes(l)))
+    } else {
+        let l = ctx.load::<[u8; 2]>(ETH_HLEN + 4).ok()?;
+        Some(u32::from(u16::from_be_bytes(l)) + 40)
+    }
 }
 
 /// Sends a translated packet on its way: straight to the egress interface the FIB names

@@ -14,9 +14,12 @@
 //!   translation undone in the quote; so the client's later packets carry the option.
 //!
 //! Not answered: an IPv4 packet that may be fragmented or carries IP options, an IPv6 packet
-//! with extension headers other than a fragment header, and an MTU the sender could not go
-//! below (IPv4 576 bytes, IPv6 1280). Those go on as before: the stack fragments a translated
-//! packet; a DSR packet goes without the option.
+//! with extension headers other than a fragment header, a packet whose TTL or hop limit
+//! expires here (the stack answers "time exceeded", as the kernel checks that first). Those go
+//! on as before: a translated packet to the stack (which fragments it, unless it was
+//! masqueraded: the stack drops a packet with its own address as the source), a DSR packet
+//! without the option. An MTU the sender could not go below (IPv4 576 bytes, IPv6 1280): a
+//! DSR packet goes without the option, another is dropped, counted.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -104,9 +107,9 @@ impl Answer for V4 {
 
     #[inline(always)]
     fn answerable(ctx: &TcContext) -> bool {
-        // Version and header length, then flags and fragment offset.
-        matches!(ctx.load::<[u8; 8]>(ETH_HLEN), Ok(h) if h[0] == 0x45
-            && u16::from_be_bytes([h[6], h[7]]) & FRAG_DF != 0)
+        // Version and header length, flags and fragment offset, TTL.
+        matches!(ctx.load::<[u8; 9]>(ETH_HLEN), Ok(h) if h[0] == 0x45
+            && u16::from_be_bytes([h[6], h[7]]) & FRAG_DF != 0 && h[8] > 1)
     }
 }
 
@@ -124,8 +127,9 @@ impl Answer for V6 {
 
     #[inline(always)]
     fn answerable(ctx: &TcContext) -> bool {
-        matches!(ctx.load::<u8>(ETH_HLEN + 6), Ok(next) if next == proto::TCP
-            || next == proto::UDP || next == IPPROTO_FRAGMENT)
+        // Next header, hop limit.
+        matches!(ctx.load::<[u8; 2]>(ETH_HLEN + 6), Ok([next, hops]) if hops > 1
+            && (next == proto::TCP || next == proto::UDP || next == IPPROTO_FRAGMENT))
     }
 }
 
@@ -169,7 +173,7 @@ fn frag_needed4_in(
         return Ok(false);
     };
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if ip[0] != 0x45 || frag & FRAG_DF == 0 || !(MIN_MTU4..=0xffff).contains(&mtu) {
+    if ip[0] != 0x45 || frag & FRAG_DF == 0 || ip[8] <= 1 || !(MIN_MTU4..=0xffff).contains(&mtu) {
         return Ok(false);
     }
     // The quote: the IP header as the client sent it (the frontend its destination, its
@@ -277,6 +281,10 @@ fn too_big6_in(
     let rc =
         unsafe { bpf_skb_load_bytes(ctx.as_ptr(), l3 as u32, icmp.as_mut_ptr().add(Q).cast(), 56) };
     if rc < 0 {
+        return Ok(false);
+    }
+    // Expiring here: the stack answers "time exceeded".
+    if icmp[Q + 7] <= 1 {
         return Ok(false);
     }
     let ported = |next: u8| next == proto::TCP || next == proto::UDP;
