@@ -1774,6 +1774,48 @@ endpoints:
     assert_eq!(rig.count(Reason::SlotMissing), 0);
 }
 
+/// Checks that `out` answers the IPv4 frame `sent` with ICMP "fragmentation needed" naming
+/// `mtu`, from `from` to `to`, back to the hop `sent` came from, both checksums right; the ICMP
+/// message (its header, then the quote).
+fn frag_needed(out: &[u8], sent: &[u8], from: Ipv4Addr, to: Ipv4Addr, mtu: u16) -> Vec<u8> {
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "{out:02x?}");
+    assert_eq!(&out[0..6], &sent[6..12], "to the sender's hop");
+    assert_eq!(&out[6..12], &sent[0..6]);
+    let ip = &out[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &from.octets(), "from");
+    assert_eq!(&ip[16..20], &to.octets(), "to");
+    let icmp = &out[34..];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), mtu, "the MTU");
+    icmp.to_vec()
+}
+
+/// The IPv6 twin of `frag_needed`: ICMPv6 "packet too big".
+fn packet_too_big(out: &[u8], sent: &[u8], from: Ipv6Addr, to: Ipv6Addr, mtu: u32) -> Vec<u8> {
+    assert_eq!(out.len(), 14 + 40 + 8 + 56, "{out:02x?}");
+    assert_eq!(&out[0..6], &sent[6..12], "to the sender's hop");
+    assert_eq!(&out[6..12], &sent[0..6]);
+    assert_eq!(out[20], 58, "ICMPv6");
+    assert_eq!(&out[22..38], &from.octets(), "from");
+    assert_eq!(&out[38..54], &to.octets(), "to");
+    let icmp = &out[54..];
+    assert_eq!(
+        checksum(icmp, pseudo_sum6(from, to, 58, icmp.len())),
+        0,
+        "ICMPv6 checksum"
+    );
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        mtu,
+        "the MTU"
+    );
+    icmp.to_vec()
+}
+
 /// `frame` (IPv4) with don't fragment set, its header checksum again right.
 fn with_df(frame: &[u8]) -> Vec<u8> {
     let mut f = frame.to_vec();
@@ -1818,23 +1860,8 @@ fn tc_asks_a_dsr_client_for_smaller_packets_when_the_option_does_not_fit() {
     assert_eq!(big.len(), 14 + 1500);
     let out = rig.tc(&with_df(&big));
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
-    let p = &out.packet;
-    assert_eq!(p.len(), 14 + 20 + 8 + 28, "{p:02x?}");
-    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
-    assert_eq!(&p[6..12], &big[0..6]);
-    let ip = &p[14..34];
-    assert_eq!(checksum(ip, 0), 0, "IP checksum");
-    assert_eq!(ip[9], 1, "ICMP");
-    assert_eq!(&ip[12..16], &NODE.octets(), "from the frontend");
-    assert_eq!(&ip[16..20], &CLIENT.octets(), "to the client");
-    let icmp = &p[34..];
-    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
-    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
-    assert_eq!(
-        u16::from_be_bytes([icmp[6], icmp[7]]),
-        1488,
-        "the MTU less the option"
-    );
+    // From the frontend, naming the MTU less the option.
+    let icmp = frag_needed(&out.packet, &big, NODE, CLIENT, 1488);
     let quoted = &icmp[8..28];
     assert_eq!(checksum(quoted, 0), 0, "the quoted header's checksum");
     assert_eq!(&quoted[12..16], &CLIENT.octets());
@@ -1899,24 +1926,8 @@ fn tc_asks_an_ipv6_dsr_client_for_smaller_packets_and_xdp_leaves_it_to_tc() {
     here("ip -6 route replace fd00:245::/64 dev lo");
     let out = rig.tc(&big);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
-    let p = &out.packet;
-    assert_eq!(p.len(), 14 + 40 + 8 + 56, "{p:02x?}");
-    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
-    assert_eq!(p[20], 58, "ICMPv6");
-    assert_eq!(&p[22..38], &NODE6.octets(), "from the frontend");
-    assert_eq!(&p[38..54], &CLIENT6.octets(), "to the client");
-    let icmp = &p[54..];
-    assert_eq!(
-        checksum(icmp, pseudo_sum6(NODE6, CLIENT6, 58, icmp.len())),
-        0,
-        "ICMPv6 checksum"
-    );
-    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
-    assert_eq!(
-        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
-        1460,
-        "the MTU less the header"
-    );
+    // From the frontend, naming the MTU less the header.
+    let icmp = packet_too_big(&out.packet, &big, NODE6, CLIENT6, 1460);
     let quoted = &icmp[8..];
     assert_eq!(&quoted[8..24], &CLIENT6.octets());
     assert_eq!(
@@ -1956,22 +1967,8 @@ fn tc_answers_a_translated_segment_too_big_for_the_way_to_its_endpoint() {
     let big = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1460]));
     let out = rig.tc(&big);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
-    let p = &out.packet;
-    assert_eq!(p.len(), 14 + 20 + 8 + 28, "{p:02x?}");
-    assert_eq!(&p[0..6], &big[6..12], "to the client's hop");
-    let ip = &p[14..34];
-    assert_eq!(checksum(ip, 0), 0, "IP checksum");
-    assert_eq!(ip[9], 1, "ICMP");
-    assert_eq!(&ip[12..16], &NODE.octets(), "from the node port's address");
-    assert_eq!(&ip[16..20], &CLIENT.octets(), "to the client");
-    let icmp = &p[34..];
-    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
-    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
-    assert_eq!(
-        u16::from_be_bytes([icmp[6], icmp[7]]),
-        1400,
-        "the egress MTU"
-    );
+    // From the node port's address, naming the egress MTU.
+    let icmp = frag_needed(&out.packet, &big, NODE, CLIENT, 1400);
     assert_eq!(&icmp[8..28], &big[14..34], "the header as sent");
     assert_eq!(
         &icmp[28..36],
@@ -2009,22 +2006,7 @@ fn tc_answers_a_new_ipv6_datagram_too_big_for_the_way_to_its_endpoint() {
     let big = udp6((CLIENT6, 40000), (NODE6, 30091), &[9u8; 1452]);
     let out = rig.tc(&big);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back");
-    let p = &out.packet;
-    assert_eq!(p.len(), 14 + 40 + 8 + 56, "{p:02x?}");
-    assert_eq!(p[20], 58, "ICMPv6");
-    assert_eq!(&p[22..38], &NODE6.octets(), "from the node port's address");
-    assert_eq!(&p[38..54], &CLIENT6.octets(), "to the client");
-    let icmp = &p[54..];
-    assert_eq!(
-        checksum(icmp, pseudo_sum6(NODE6, CLIENT6, 58, icmp.len())),
-        0,
-        "ICMPv6 checksum"
-    );
-    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
-    assert_eq!(
-        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
-        1400
-    );
+    let icmp = packet_too_big(&out.packet, &big, NODE6, CLIENT6, 1400);
     assert_eq!(&icmp[8..64], &big[14..70], "the datagram as sent");
     assert_eq!(rig.count(Reason::FragNeeded), 1);
     assert_eq!(rig.count(Reason::NatNew), 0, "no flow recorded");
@@ -2059,7 +2041,6 @@ fn tc_measures_packets_against_a_tunnels_mtu_by_their_ip_length() {
     let over = with_df(&tcp4_data((CLIENT, 40000), (NODE, 30081), &[7u8; 1361]));
     let out = rig.tc(&over);
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    assert_eq!(out.packet[14 + 9], 1, "answered with ICMP");
-    assert_eq!(u16::from_be_bytes([out.packet[40], out.packet[41]]), 1400);
+    frag_needed(&out.packet, &over, NODE, CLIENT, 1400);
     assert_eq!(rig.count(Reason::FragNeeded), 1);
 }
