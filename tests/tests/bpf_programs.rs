@@ -2044,3 +2044,32 @@ fn tc_measures_packets_against_a_tunnels_mtu_by_their_ip_length() {
     frag_needed(&out.packet, &over, NODE, CLIENT, 1400);
     assert_eq!(rig.count(Reason::FragNeeded), 1);
 }
+
+/// XDP leaves a new DSR flow that the option would make too big to tc before it counts
+/// anything: the client's session-affinity hit is counted once, by tc.
+#[test]
+fn xdp_leaves_a_dsr_flow_too_big_for_the_option_to_tc_uncounted() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::dsr();
+    let ifindex = external_interface();
+    // The sticky Service's endpoints, behind the external interface.
+    for n in 1..=4 {
+        here(&format!(
+            "ip neigh replace 10.245.3.{n} lladdr 02:00:00:00:00:09 dev kbpu0 nud permanent"
+        ));
+    }
+    let syn = rig
+        .dp
+        .xdp_ingress(&tcp4((CLIENT, 40000), (NODE, 30085), TCP_SYN), ifindex)
+        .unwrap();
+    assert_eq!(syn.verdict, XDP_TX, "the first flow, at XDP");
+    assert_eq!(rig.count(Reason::AffinityHit), 0);
+    let big = with_df(&tcp4_data((CLIENT, 40001), (NODE, 30085), &[7u8; 1460]));
+    let out = rig.dp.xdp_ingress(&big, ifindex).unwrap();
+    assert_eq!(out.verdict, XDP_PASS, "left to tc");
+    assert_eq!(out.packet, big, "untouched");
+    assert_eq!(rig.count(Reason::AffinityHit), 0, "not counted at XDP");
+    assert_eq!(rig.count(Reason::XdpForwarded), 1, "the SYN only");
+}

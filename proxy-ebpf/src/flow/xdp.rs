@@ -198,10 +198,6 @@ pub fn commit<F: XdpIp + Dsr>(
     c: &mut Commit<F::Addr>,
 ) -> u32 {
     let dsr = c.meta.flags & CT_DSR != 0;
-    // Too big with the option: tc answers it (`dsr::send_remembered`), untracked here.
-    if dsr && dsr::fits::<F, _>(ctx, c.hop.ifindex).is_err() {
-        return XDP_PASS;
-    }
     let now = c.meta.now;
     c.entry = Entry {
         to: c.to,
@@ -246,7 +242,8 @@ pub fn commit<F: XdpIp + Dsr>(
 /// address on the way (`hop.src`), and transmits (the frame fits with it: `dsr::fits`).
 #[inline(always)]
 fn dsr_out<F: XdpIp + Dsr>(ctx: &XdpContext, orig: &Tuple<F::Addr>, hop: &Hop<F::Addr>) -> u32 {
-    // The callers passed what the option would make too big on to tc.
+    // The callers (`handle`, the services layer's route for `commit`) passed what the option
+    // would make too big on to tc.
     if F::add_option_xdp(ctx, &orig.daddr, orig.dport, &hop.src).is_none() {
         monitor::dropped::<F>(Hook::Xdp, Reason::DsrFailed, 0, orig);
         return XDP_DROP;

@@ -163,6 +163,10 @@ fn route<F: XdpIp + Family>(
         return XDP_PASS;
     }
     let dsr = snat && dsr::enabled();
+    // Too big with the option: tc answers it (`dsr::send_remembered`), nothing counted here.
+    if dsr && dsr::fits::<F, _>(ctx, c.hop.ifindex).is_err() {
+        return XDP_PASS;
+    }
     let mut flags = 0;
     if dsr {
         flags |= CT_DSR;
