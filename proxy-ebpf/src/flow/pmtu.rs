@@ -94,7 +94,9 @@ pub trait Answer: Ip {
 }
 
 impl Answer for V4 {
-    #[inline(always)]
+    /// ICMP "fragmentation needed", quoting the IP header and the first 8 bytes of its
+    /// payload (`frag_needed4`). Out of line: it ends call chains near the stack limit.
+    #[inline(never)]
     fn answer(
         ctx: &TcContext,
         frontend: Option<&[u8; 4]>,
@@ -102,7 +104,7 @@ impl Answer for V4 {
         mtu: u32,
         reason: Reason,
     ) -> Outcome {
-        frag_needed4(ctx, frontend, port, mtu, reason)
+        Outcome::of(frag_needed4(ctx, frontend, port, mtu, reason))
     }
 
     #[inline(always)]
@@ -114,7 +116,9 @@ impl Answer for V4 {
 }
 
 impl Answer for V6 {
-    #[inline(always)]
+    /// ICMPv6 "packet too big", quoting the IPv6 header and the next 16 bytes (a fragment
+    /// header and the ports, or the ports and more) (`too_big6`). Out of line, as for IPv4.
+    #[inline(never)]
     fn answer(
         ctx: &TcContext,
         frontend: Option<&[u8; 16]>,
@@ -122,7 +126,7 @@ impl Answer for V6 {
         mtu: u32,
         reason: Reason,
     ) -> Outcome {
-        too_big6(ctx, frontend, port, mtu, reason)
+        Outcome::of(too_big6(ctx, frontend, port, mtu, reason))
     }
 
     #[inline(always)]
@@ -147,21 +151,9 @@ pub fn too_big<F: Answer>(ctx: &TcContext, mtu: u32) -> i32 {
     }
 }
 
-/// ICMP "fragmentation needed": `Answer::answer` for IPv4, quoting the IP header and the first
-/// 8 bytes of its payload.
-#[inline(never)]
-fn frag_needed4(
-    ctx: &TcContext,
-    frontend: Option<&[u8; 4]>,
-    port: u16,
-    mtu: u32,
-    reason: Reason,
-) -> Outcome {
-    Outcome::of(frag_needed4_in(ctx, frontend, port, mtu, reason))
-}
-
+/// `Answer::answer` for IPv4.
 #[inline(always)]
-fn frag_needed4_in(
+fn frag_needed4(
     ctx: &TcContext,
     frontend: Option<&[u8; 4]>,
     port: u16,
@@ -248,21 +240,9 @@ fn frag_needed4_in(
     Ok(true)
 }
 
-/// The IPv6 twin of `frag_needed4`: ICMPv6 "packet too big", quoting the IPv6 header and the
-/// next 16 bytes (a fragment header and the ports, or the ports and more).
-#[inline(never)]
-fn too_big6(
-    ctx: &TcContext,
-    frontend: Option<&[u8; 16]>,
-    port: u16,
-    mtu: u32,
-    reason: Reason,
-) -> Outcome {
-    Outcome::of(too_big6_in(ctx, frontend, port, mtu, reason))
-}
-
+/// `Answer::answer` for IPv6.
 #[inline(always)]
-fn too_big6_in(
+fn too_big6(
     ctx: &TcContext,
     frontend: Option<&[u8; 16]>,
     port: u16,
