@@ -80,9 +80,69 @@ pub fn surely_fits(totals: &Totals, maglev_size: u32, backends_now: u64, cap: &C
         && (totals.maglev_frontends + 1) * table <= cap.maglev
 }
 
+/// For an incremental sync that follows one which programmed every frontend: whether the maps
+/// as they are can take the changed frontends' entries counted as if every one were new (each
+/// changed frontend holding its old and its new generation at once, every backend new). Exact
+/// enough for a large cluster near a map's size, where `surely_fits` (which counts the whole
+/// cluster as new) says no; O(changed frontends + frontends in the maps).
+pub fn changes_fit(
+    desired: &Desired,
+    changed: &BTreeSet<FrontendAddr>,
+    current: &MapState,
+    cap: &Capacity,
+) -> bool {
+    let table = maglev_chunks(desired.maglev_size);
+    let (mut services4, mut services6, mut infos) = (0u64, 0u64, 0u64);
+    let (mut chunks, mut members, mut maglev) = (0u64, 0u64, 0u64);
+    for f in changed {
+        let Some(state) = desired.frontends.get(f) else {
+            continue;
+        };
+        let keys = 1 + u64::from(state.kind == FrontendKind::ClusterIp);
+        match ServiceKey::of(f) {
+            ServiceKey::V4(_) => services4 += keys,
+            ServiceKey::V6(_) => services6 += keys,
+        }
+        infos += 1;
+        chunks += slot_chunks(
+            state
+                .backends
+                .iter()
+                .map(|b| u64::from(b.weight.max(1)))
+                .sum(),
+        );
+        members += state.backends.len() as u64;
+        if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
+            maglev += table;
+        }
+    }
+    let v4_now = current
+        .services
+        .keys()
+        .filter(|k| matches!(k, ServiceKey::V4(_)))
+        .count() as u64;
+    let v6_now = current.services.len() as u64 - v4_now;
+    let now = |n: usize| n as u64;
+    v4_now + services4 <= cap.services4
+        && v6_now + services6 <= cap.services6
+        && now(current.infos.len()) + infos <= cap.infos
+        && now(current.slots.len()) + chunks <= cap.slot_chunks
+        && now(current.members.len()) + members <= cap.members
+        && now(current.backends.len()) + members <= cap.backends
+        && now(current.maglev.len()) + maglev <= cap.maglev
+}
+
 /// Removes from `desired` the Service ports that would overflow a map; records why. Runs in
-/// O(n log n) over frontends and backends.
-pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
+/// O(n log n) over frontends and backends. Whether it refused none.
+pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) -> bool {
+    let refused = refusals(desired, current, cap);
+    refuse(desired, &refused);
+    refused.is_empty()
+}
+
+/// The Service ports that would overflow a map, each with why (`fit`), without changing
+/// `desired`.
+pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(PortName, String)> {
     let table = maglev_chunks(desired.maglev_size);
     let mut by_port: BTreeMap<PortName, Vec<FrontendAddr>> = BTreeMap::new();
     for (frontend, state) in &desired.frontends {
@@ -218,6 +278,11 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
             )),
         }
     }
+    refused
+}
+
+/// Removes the `refused` Service ports (`refusals`) from `desired`, each with its problem.
+pub fn refuse(desired: &mut Desired, refused: &[(PortName, String)]) {
     if refused.is_empty() {
         return;
     }
@@ -225,7 +290,7 @@ pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
     desired
         .frontends
         .retain(|_, state| !refused_names.contains(&state.port));
-    for (name, message) in &refused {
+    for (name, message) in refused {
         desired.problems.push(Problem {
             reason: ProblemReason::Capacity,
             object: format!("Service {}/{} port {name}", name.namespace, name.name),
@@ -372,6 +437,48 @@ mod tests {
         );
         let kept = fit_and_apply(desired(4, 2), &mut state, &cap);
         assert_eq!(kept, ["svc-000", "svc-001", "svc-003"]);
+    }
+
+    #[test]
+    fn changed_frontends_fit_beside_what_the_maps_hold() {
+        // Five Services of two backends programmed: 10 backends, 10 members, 5 slot chunks.
+        let mut state = MapState::default();
+        for op in plan(&desired(5, 2), &state) {
+            state.apply(&op);
+        }
+        let cap = Capacity {
+            backends: 13,
+            ..ROOMY
+        };
+        let mut next = desired(5, 2);
+        let changed: BTreeSet<FrontendAddr> = next.frontends.keys().take(1).copied().collect();
+        // (The whole-cluster bound says no: 10 members + 10 backends in the map > 13.)
+        // One frontend's 2 (or 3) backends beside the 10 in the map fit 13; 4 do not.
+        assert!(changes_fit(&next, &changed, &state, &cap));
+        let grow = |d: &mut Desired| {
+            let first = d.frontends.values_mut().next().unwrap();
+            first.backends.push(first.backends[0].clone());
+        };
+        grow(&mut next);
+        assert!(changes_fit(&next, &changed, &state, &cap));
+        grow(&mut next);
+        assert!(!changes_fit(&next, &changed, &state, &cap));
+        // Every map is checked: LB4_SERVICES holds 10 (5 frontends, 5 ClusterIP markers);
+        // a changed ClusterIP frontend may add two.
+        let tight = Capacity {
+            services4: 11,
+            ..ROOMY
+        };
+        assert!(!changes_fit(&desired(5, 2), &changed, &state, &tight));
+        let roomy_enough = Capacity {
+            services4: 12,
+            ..ROOMY
+        };
+        assert!(changes_fit(&desired(5, 2), &changed, &state, &roomy_enough));
+        // A removed frontend adds nothing.
+        let mut fewer = desired(5, 2);
+        fewer.frontends.retain(|f, _| !changed.contains(f));
+        assert!(changes_fit(&fewer, &changed, &state, &tight));
     }
 
     /// Fits `d` into `state`, applies the plan, and returns the Services that got in.

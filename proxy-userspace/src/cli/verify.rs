@@ -363,7 +363,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let current = maps.dump()?;
     // What the agent programs: Service ports that do not fit the maps are refused alike, so
     // they are no drift.
-    let (desired, _) = fit_to(&compiler, &current, maps.capacity().as_ref());
+    let (desired, _) = fit_to(&compiler, &current, maps.capacity().as_ref(), None);
     let ops = plan(&desired, &current);
     let inputs = podif::ClusterInputs {
         endpoints,
