@@ -248,6 +248,10 @@ impl Test {
 pub enum Target {
     /// A backend pod's address (the `direct` baseline, and pod-to-pod elsewhere).
     Pod,
+    /// `direct` only, TCP_CRR only: the middle Service's backend pods, one drawn at random per
+    /// connection (`loadgen crr-spread`): the load-balanced baseline, what a Service's spread
+    /// over its pods costs when nothing translates.
+    PodsSpread,
     SvcFirst,
     SvcMid,
     SvcLast,
@@ -265,6 +269,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Pod => "pod-to-pod",
+            Target::PodsSpread => "pods-spread",
             Target::SvcFirst => "svc-first",
             Target::SvcMid => "svc-mid",
             Target::SvcLast => "svc-last",
@@ -275,7 +280,7 @@ impl Target {
     fn addr(self, w: &Workload) -> SocketAddrV4 {
         let svc = |i| SocketAddrV4::new(w.vip(i), SERVICE_PORT);
         match self {
-            Target::Pod => SocketAddrV4::new(pod_ip(1), BACKEND_PORT),
+            Target::Pod | Target::PodsSpread => SocketAddrV4::new(pod_ip(1), BACKEND_PORT),
             Target::SvcFirst => svc(w.first()),
             Target::SvcMid | Target::PerPacket => svc(w.mid()),
             Target::SvcLast => svc(w.last()),
@@ -423,11 +428,21 @@ impl Node {
         settings: &Settings,
     ) -> anyhow::Result<Sample> {
         check_stop()?;
-        let to = if self.config == Config::Direct {
-            Target::Pod.addr(w)
+        let spread = self.config == Config::Direct && target == Target::PodsSpread;
+        let to = if spread {
+            (1..=BACKEND_PODS)
+                .map(|i| SocketAddrV4::new(pod_ip(i), BACKEND_PORT).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        } else if self.config == Config::Direct {
+            Target::Pod.addr(w).to_string()
         } else {
-            target.addr(w)
+            target.addr(w).to_string()
         };
+        if spread && test != Test::Crr {
+            bail!("the spread baseline is measured with TCP_CRR only");
+        }
+        let mode = if spread { "crr-spread" } else { test.arg() };
         let netns = self.topo.pods[0].ns.path();
         let procs = match (&self.per_packet, target) {
             (Some((_, pod)), Target::PerPacket) => pod.procs_file(),
@@ -442,8 +457,8 @@ impl Node {
             },
             &workspace_binary("loadgen"),
             &[
-                test.arg(),
-                &to.to_string(),
+                mode,
+                &to,
                 &format!("{secs}"),
                 &settings.client_cpu.to_string(),
             ],
@@ -467,7 +482,7 @@ impl Node {
             // Source hashing keeps the one client on one backend by design.
             let one_client_one_backend =
                 target == Target::SvcMid && w.scheduler == Some("source-hash");
-            let want = if to_service && !one_client_one_backend {
+            let want = if spread || (to_service && !one_client_one_backend) {
                 BACKEND_PODS
             } else {
                 1
@@ -1492,6 +1507,18 @@ fn datapath(
         .paired
         .push(paired(direct, bpf, Target::SvcMid, w, settings)?);
     eprintln!(
+        "    paired bpf/direct spread over the Service's pods TCP_CRR runs: {}",
+        settings.pairs
+    );
+    report.paired_spread.push(paired_to(
+        direct,
+        Target::PodsSpread,
+        bpf,
+        Target::SvcMid,
+        w,
+        settings,
+    )?);
+    eprintln!(
         "    paired bpf (external IP, tc)/direct TCP_CRR runs: {}",
         settings.pairs
     );
@@ -1550,16 +1577,28 @@ fn paired(
     w: &Workload,
     settings: &Settings,
 ) -> anyhow::Result<PairedRow> {
+    paired_to(direct, Target::Pod, bpf, target, w, settings)
+}
+
+/// `paired`, with `direct` measured to `baseline` (`Target::Pod` or `Target::PodsSpread`).
+fn paired_to(
+    direct: &Node,
+    baseline: Target,
+    bpf: &Node,
+    target: Target,
+    w: &Workload,
+    settings: &Settings,
+) -> anyhow::Result<PairedRow> {
     let mut ratios = Vec::new();
     let mut invalid = 0;
     for pair in 0..settings.pairs {
-        let (a, b) = if pair % 2 == 0 {
-            (direct, bpf)
+        let ((a, ta), (b, tb)) = if pair % 2 == 0 {
+            ((direct, baseline), (bpf, target))
         } else {
-            (bpf, direct)
+            ((bpf, target), (direct, baseline))
         };
-        let sa = a.measure(Test::Crr, target, w, settings.pair_secs, settings)?;
-        let sb = b.measure(Test::Crr, target, w, settings.pair_secs, settings)?;
+        let sa = a.measure(Test::Crr, ta, w, settings.pair_secs, settings)?;
+        let sb = b.measure(Test::Crr, tb, w, settings.pair_secs, settings)?;
         let (d, c) = if pair % 2 == 0 { (sa, sb) } else { (sb, sa) };
         if d.valid && c.valid && d.rate > 0.0 {
             ratios.push(c.rate / d.rate);

@@ -157,10 +157,11 @@ pub fn select<const SCAN: bool>(
             Reason::NoBackends
         });
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock is read only for affinity (reading it is a measurable part of a connect() in a
+    // VM): here for the hit, again below for a new entry.
     if svc.has_affinity()
-        && let Some(choice) = affinity_hit(svc, client, now)
+        // SAFETY: a helper without arguments.
+        && let Some(choice) = affinity_hit(svc, client, unsafe { bpf_ktime_get_ns() })
     {
         return Ok(choice);
     }
@@ -193,7 +194,8 @@ pub fn select<const SCAN: bool>(
         let value = AffinityValue {
             backend_id,
             _pad: 0,
-            last_used_ns: now,
+            // SAFETY: a helper without arguments.
+            last_used_ns: unsafe { bpf_ktime_get_ns() },
         };
         // Losing an affinity entry (map full is impossible for LRU) only costs stickiness.
         let _ = LB_AFFINITY.insert(client, &value, 0);

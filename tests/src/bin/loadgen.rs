@@ -340,6 +340,30 @@ fn crr_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// TCP_CRR straight to several addresses, each connection to one drawn at random (xorshift):
+/// what a Service's random choice among its pods costs the client and the pods when nothing
+/// translates (the load-balanced baseline).
+fn crr_spread_timed(to: &[SocketAddrV4], secs: f64, tally: &mut Tally) -> f64 {
+    let sas: Vec<libc::sockaddr_in> = to.iter().map(|a| sockaddr(*a)).collect();
+    let mut x: u32 = 0x9e37_79b9 ^ std::process::id();
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        &sas[x as usize % sas.len()]
+    };
+    for _ in 0..WARMUP {
+        crr_once(next(), &mut Tally::default());
+    }
+    tally.cpu_start = cpu_secs();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    while Instant::now() < deadline && tally.errors < MAX_ERRORS {
+        crr_once(next(), tally);
+    }
+    start.elapsed().as_secs_f64()
+}
+
 fn rr_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
     let sa = sockaddr(to);
     let fd = match tcp_connect(&sa, true) {
@@ -488,7 +512,7 @@ fn sink(port: u16, netns: &str) -> ! {
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen serve PORT CPU NETNS... | loadgen sink PORT NETNS | \
-         loadgen crr|rr|udp|flood ADDR:PORT SECS CPU"
+         loadgen crr|rr|udp|flood ADDR:PORT SECS CPU | loadgen crr-spread ADDR:PORT,... SECS CPU"
     );
     std::process::exit(2)
 }
@@ -529,6 +553,13 @@ fn main() {
     let mut tally = Tally::default();
     let elapsed = match args[0].as_str() {
         "crr" => crr_timed(arg(&args, 1), secs, &mut tally),
+        "crr-spread" => {
+            let to: Vec<SocketAddrV4> = args[1]
+                .split(',')
+                .map(|a| a.parse().unwrap_or_else(|_| usage()))
+                .collect();
+            crr_spread_timed(&to, secs, &mut tally)
+        }
         "rr" => rr_timed(arg(&args, 1), secs, &mut tally),
         "udp" => udp_timed(arg(&args, 1), secs, &mut tally),
         // Either family.
