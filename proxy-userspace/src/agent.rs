@@ -869,12 +869,25 @@ mod tests {
 
     /// Two Maglev Services, `a` (10.96.0.1) and `b` (10.96.0.2), with `eps` endpoints each.
     fn two_maglev_services(eps: &[&str]) -> Snapshot {
+        services_a_b_with(
+            ", annotations: {kube-bpf-proxy.io/scheduler: maglev}",
+            eps,
+            eps,
+        )
+    }
+
+    /// Services `a` (10.96.0.1) and `b` (10.96.0.2) with their endpoints.
+    fn services_a_b(a: &[&str], b: &[&str]) -> Snapshot {
+        services_a_b_with("", a, b)
+    }
+
+    /// `services_a_b`, with `meta` added to each Service's metadata.
+    fn services_a_b_with(meta: &str, a: &[&str], b: &[&str]) -> Snapshot {
         let mut docs = Vec::new();
-        for (name, vip) in [("a", "10.96.0.1"), ("b", "10.96.0.2")] {
+        for (name, vip, eps) in [("a", "10.96.0.1", a), ("b", "10.96.0.2", b)] {
             docs.push(format!(
-                "kind: Service\nmetadata: {{name: {name}, namespace: default, annotations: \
-                 {{kube-bpf-proxy.io/scheduler: maglev}}}}\nspec: {{clusterIP: {vip}, ports: \
-                 [{{name: http, port: 80, protocol: TCP}}]}}"
+                "kind: Service\nmetadata: {{name: {name}, namespace: default{meta}}}\nspec: \
+                 {{clusterIP: {vip}, ports: [{{name: http, port: 80, protocol: TCP}}]}}"
             ));
             docs.push(format!(
                 "kind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: \
@@ -1033,27 +1046,6 @@ mod tests {
         fn capacity(&self) -> Option<Capacity> {
             Some(self.1)
         }
-    }
-
-    /// Services `a` (10.96.0.1) and `b` (10.96.0.2) with their endpoints.
-    fn services_a_b(a: &[&str], b: &[&str]) -> Snapshot {
-        let mut docs = Vec::new();
-        for (name, vip, eps) in [("a", "10.96.0.1", a), ("b", "10.96.0.2", b)] {
-            docs.push(format!(
-                "kind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: \
-                 {{clusterIP: {vip}, ports: [{{name: http, port: 80, protocol: TCP}}]}}"
-            ));
-            docs.push(format!(
-                "kind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: \
-                 {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: \
-                 http, port: 8080, protocol: TCP}}]\nendpoints: [{}]",
-                eps.iter()
-                    .map(|e| format!("{{addresses: [{e}]}}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        snapshot(&docs.join("\n---\n"))
     }
 
     #[test]
