@@ -122,26 +122,18 @@ pub fn changes_fit(
         .filter(|k| matches!(k, ServiceKey::V4(_)))
         .count() as u64;
     let v6_now = current.services.len() as u64 - v4_now;
-    let now = |n: usize| n as u64;
+    let held = |n: usize| n as u64;
     v4_now + services4 <= cap.services4
         && v6_now + services6 <= cap.services6
-        && now(current.infos.len()) + infos <= cap.infos
-        && now(current.slots.len()) + chunks <= cap.slot_chunks
-        && now(current.members.len()) + members <= cap.members
-        && now(current.backends.len()) + members <= cap.backends
-        && now(current.maglev.len()) + maglev <= cap.maglev
+        && held(current.infos.len()) + infos <= cap.infos
+        && held(current.slots.len()) + chunks <= cap.slot_chunks
+        && held(current.members.len()) + members <= cap.members
+        && held(current.backends.len()) + members <= cap.backends
+        && held(current.maglev.len()) + maglev <= cap.maglev
 }
 
-/// Removes from `desired` the Service ports that would overflow a map; records why. Runs in
-/// O(n log n) over frontends and backends. Whether it refused none.
-pub fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) -> bool {
-    let refused = refusals(desired, current, cap);
-    refuse(desired, &refused);
-    refused.is_empty()
-}
-
-/// The Service ports that would overflow a map, each with why (`fit`), without changing
-/// `desired`.
+/// The Service ports that would overflow a map, each with why, without changing `desired`
+/// (`refuse` removes them). Runs in O(n log n) over frontends and backends.
 pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(PortName, String)> {
     let table = maglev_chunks(desired.maglev_size);
     let mut by_port: BTreeMap<PortName, Vec<FrontendAddr>> = BTreeMap::new();
@@ -306,6 +298,12 @@ mod tests {
         compile::{Backend, Family, FrontendState, Proto},
         plan::plan,
     };
+
+    /// Removes from `desired` the Service ports that would overflow a map; records why.
+    fn fit(desired: &mut Desired, current: &MapState, cap: &Capacity) {
+        let refused = refusals(desired, current, cap);
+        refuse(desired, &refused);
+    }
 
     fn desired(n: usize, backends_each: usize) -> Desired {
         let mut d = Desired::default();
