@@ -609,25 +609,11 @@ fn least_connection_on_the_packet_path_counts_flows_until_they_close() {
     tb.assert_no_checksum_errors();
 }
 
-/// The IPv4 connection-tracking entries of `agent` that hold a least-connection count, as
-/// bpftool prints them (key and value).
+/// The IPv4 connection-tracking entries of `agent` that hold a least-connection count (key
+/// and value).
 fn counted_flows(agent: &Agent) -> Vec<String> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_dir.join("LB_CT4"))
-        .output();
-    let Ok(out) = out else {
-        return vec!["bpftool did not run".into()];
-    };
-    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    all.iter()
-        .map(|e| {
-            if e["formatted"].is_null() {
-                e
-            } else {
-                &e["formatted"]
-            }
-        })
+    ct4_entries(agent)
+        .iter()
         .filter(|e| e["value"]["counted"].as_u64().is_some_and(|c| c != 0))
         .map(|e| format!("{} -> {}", e["key"], e["value"]))
         .collect()

@@ -405,18 +405,11 @@ fn send_forged(tb: &Testbed, node: usize, backend: std::net::Ipv4Addr) {
 /// Reply entries of `agent`'s IPv4 connection tracking whose key is (`backend`:8080 →
 /// client:SPOOF_PORT), read with bpftool.
 fn spoofed_entries(agent: &tests::Agent, backend: std::net::Ipv4Addr) -> Vec<serde_json::Value> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_dir.join("LB_CT4"))
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success(), "bpftool: {out:?}");
-    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     let want: Vec<u8> = backend.octets().to_vec();
-    all.into_iter()
+    ct4_entries(agent)
+        .into_iter()
         .filter(|e| {
-            let k = &e["formatted"]["key"];
-            let k = if k.is_null() { &e["key"] } else { k };
+            let k = &e["key"];
             let saddr: Vec<u8> = k["saddr"]
                 .as_array()
                 .map(|a| {

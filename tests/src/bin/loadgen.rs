@@ -328,30 +328,15 @@ fn crr_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {
         Ok(_) => {}
         Err(e) => tally.error("first connection", e),
     }
-    for _ in 0..WARMUP {
-        crr_once(&sa, &mut Tally::default());
-    }
-    tally.cpu_start = cpu_secs();
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(secs);
-    while Instant::now() < deadline && tally.errors < MAX_ERRORS {
-        crr_once(&sa, tally);
-    }
-    start.elapsed().as_secs_f64()
+    crr_loop(|| &sa, secs, tally)
 }
 
-/// TCP_CRR straight to several addresses, each connection to one drawn at random (xorshift):
-/// what a Service's random choice among its pods costs the client and the pods when nothing
-/// translates (the load-balanced baseline).
-fn crr_spread_timed(to: &[SocketAddrV4], secs: f64, tally: &mut Tally) -> f64 {
-    let sas: Vec<libc::sockaddr_in> = to.iter().map(|a| sockaddr(*a)).collect();
-    let mut x: u32 = 0x9e37_79b9 ^ std::process::id();
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        &sas[x as usize % sas.len()]
-    };
+/// The warm-up, then `secs` of connections, each to the address `next` gives.
+fn crr_loop<'a>(
+    mut next: impl FnMut() -> &'a libc::sockaddr_in,
+    secs: f64,
+    tally: &mut Tally,
+) -> f64 {
     for _ in 0..WARMUP {
         crr_once(next(), &mut Tally::default());
     }
@@ -362,6 +347,25 @@ fn crr_spread_timed(to: &[SocketAddrV4], secs: f64, tally: &mut Tally) -> f64 {
         crr_once(next(), tally);
     }
     start.elapsed().as_secs_f64()
+}
+
+/// TCP_CRR straight to several addresses, each connection to one drawn at random (xorshift):
+/// what a Service's random choice among its pods costs the client and the pods when nothing
+/// translates (the load-balanced baseline).
+fn crr_spread_timed(to: &[SocketAddrV4], secs: f64, tally: &mut Tally) -> f64 {
+    let sas: Vec<libc::sockaddr_in> = to.iter().map(|a| sockaddr(*a)).collect();
+    let sas = &sas;
+    let mut x: u32 = 0x9e37_79b9 ^ std::process::id();
+    crr_loop(
+        move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            &sas[x as usize % sas.len()]
+        },
+        secs,
+        tally,
+    )
 }
 
 fn rr_timed(to: SocketAddrV4, secs: f64, tally: &mut Tally) -> f64 {

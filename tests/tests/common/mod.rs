@@ -313,6 +313,26 @@ pub fn frontend_name(f: &serde_json::Value) -> String {
     )
 }
 
+/// The entries of `agent`'s IPv4 connection tracking (`LB_CT4`) as bpftool prints them, each
+/// as its BTF-formatted `{key, value}` where bpftool gives one.
+pub fn ct4_entries(agent: &Agent) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_dir.join("LB_CT4"))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    all.into_iter()
+        .map(
+            |mut e| match e.get_mut("formatted").map(serde_json::Value::take) {
+                Some(formatted) if !formatted.is_null() => formatted,
+                _ => e,
+            },
+        )
+        .collect()
+}
+
 /// Active connections per backend address of a least-connection frontend (`services -o json`
 /// of `agent`; `frontend` as `services` names it, e.g. `10.96.0.46:80/TCP`).
 pub fn lc_connections(agent: &Agent, frontend: &str) -> BTreeMap<String, u64> {
