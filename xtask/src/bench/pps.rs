@@ -102,6 +102,18 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             &["sink", &BACKEND_PORT.to_string(), &pod_ns],
         ),
     );
+    // The direct flood goes into node-a and back out of the same interface: without these,
+    // node-a would send `ext` an ICMP redirect and `ext` would send straight to node-b from
+    // then on, so the baseline would not cross node-a at all.
+    for key in ["all", "eth0"] {
+        tb.nodes[0]
+            .ns
+            .sysctl(&format!("net.ipv4.conf.{key}.send_redirects"), "0");
+        tb.ext
+            .sysctl(&format!("net.ipv4.conf.{key}.accept_redirects"), "0");
+        tb.ext
+            .sysctl(&format!("net.ipv6.conf.{key}.accept_redirects"), "0");
+    }
     tb.ext
         .ip(&["route", "add", POD_CIDR_B, "via", &NODE_IP.to_string()]);
     // Native XDP_TX on a veth queues the frame for the peer, whose NAPI is woken only if the
