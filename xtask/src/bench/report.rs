@@ -1254,7 +1254,9 @@ impl Report {
                  same Service in node-a (its nftables and iptables modes: NodePort, \
                  masquerading mark, DNAT, masquerade). \
                  `direct`: the same flood to the pod's own address, routed by `ext` via \
-                 node-a and forwarded by node-a's kernel past the same programs, untranslated. \
+                 node-a and forwarded by node-a's kernel past the same programs, untranslated \
+                 (node-a sends no ICMP redirects and `ext` takes none, so it stays on that \
+                 way). \
                  Back-to-back direct/NodePort pairs, order alternating. On veth the sender and \
                  every hop run in softirq on the sender's CPU, so each figure is the whole \
                  chain's cost per packet, node-a's program being one part of it.\n",
