@@ -3,6 +3,7 @@
 //! come back), written and read through `Tracked`, one implementation per family over
 //! `LB_CT4`/`LB_CT6`.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
     ct::{CT_FIN, CT_REPLY, CT_RST, CT_SNAT, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue},
     proto,
@@ -94,7 +95,20 @@ pub trait Tracked: Ip {
             last_seen_ns: now,
             counted,
         };
-        Self::ct_put(&ct_key(t), &value, map_flags)
+        let key = ct_key(t);
+        if counted != 0 {
+            // A counted forward entry is written as new. If another CPU recorded the same flow
+            // since this packet found none (a SYN and its retransmission on two CPUs), that
+            // entry's count is given back before it is replaced: the flow holds one count.
+            if Self::ct_put(&key, &value, BPF_NOEXIST as u64).is_ok() {
+                return Ok(());
+            }
+            if let Some(old) = Self::ct_get(&key) {
+                // SAFETY: from the lookup just above.
+                unsafe { Self::ct_give_back(old) };
+            }
+        }
+        Self::ct_put(&key, &value, map_flags)
     }
 
     /// Gives back the active-connection count the entry holds, if it still holds one.

@@ -132,7 +132,8 @@ pub fn claim_failure(snat: bool) -> Reason {
 /// back here), then the forward entry. `entry` comes in with the flow's `flags` (`CT_SNAT`,
 /// `CT_DSR` or 0), `svc_id` and `backend_id`, and is left as the forward entry. A
 /// least-connection flow (`counted`) takes its count before its forward entry exists, so the
-/// count is never given back before it was taken. `insert` writes one entry (key, entry, map
+/// count is never given back before it was taken; an entry its forward entry replaces gives
+/// its own count back first (`Tracked::ct_insert`). `insert` writes one entry (key, entry, map
 /// flags, counted). Err: why the flow could not be recorded.
 #[inline(always)]
 pub fn record<F: Tracked>(
