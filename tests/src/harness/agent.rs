@@ -79,9 +79,11 @@ impl Agent {
         fs::remove_file(self.manifests.join(name)).expect("remove manifest");
     }
 
-    /// Starts the agent process (stderr goes to the test's output).
+    /// Starts the agent process (stderr goes to the test's output) and waits until it has
+    /// loaded its programs (`wait_started`).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "agent already running");
+        let from = self.log_position();
         let binary = self
             .binary
             .clone()
@@ -136,6 +138,31 @@ impl Agent {
             }
         });
         self.child = Some(child);
+        self.wait_started(from);
+    }
+
+    /// Waits (bounded, 60 s) until the agent started after log position `from` has loaded and
+    /// attached its programs: it logs that it serves (or cannot serve) health checks just after.
+    /// The verifier alone can take seconds on a slow machine, and the tests' own waits (10 s for
+    /// a first answer) are for the agent's work, not for its start. Returns early if the agent
+    /// exits (a test of a failing start sees that itself); a start that takes longer is left to
+    /// the test's waits, with a note.
+    fn wait_started(&mut self, from: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if self.count_logs(from, " health checks on ") > 0 {
+                return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("note: the agent has not said it serves health checks within 60 s of its start");
     }
 
     /// Turns echoing the agent's log lines to stderr on or off (they are captured either way).
