@@ -964,6 +964,7 @@ impl Datapath {
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("create {}", links_dir.display()))?;
         let (mut attached, mut replaced) = (0, 0);
+        let verifying = std::time::Instant::now();
         for name in SOCK_PROGRAMS {
             let pin = links_dir.join(name);
             let program = ebpf
@@ -998,8 +999,10 @@ impl Datapath {
             }
         }
         log::info!(
-            "socket hooks on {}: {attached} attached, {replaced} replaced in place",
-            cgroup.display()
+            "socket hooks on {}: {attached} attached, {replaced} replaced in place (loaded and \
+             verified in {} ms)",
+            cgroup.display(),
+            verifying.elapsed().as_millis()
         );
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -1118,9 +1121,14 @@ impl Datapath {
             .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
             .try_into()
             .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
+        let verifying = std::time::Instant::now();
         program
             .load()
             .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
+        log::info!(
+            "XDP program loaded and verified in {} ms",
+            verifying.elapsed().as_millis()
+        );
         let mut attached = Vec::new();
         for interface in interfaces {
             let pin = links_dir.join(format!("xdp-{interface}"));
@@ -1175,9 +1183,14 @@ impl Datapath {
             .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
             .try_into()
             .with_context(|| format!("program {TC_PROGRAM} is not a tc classifier"))?;
+        let verifying = std::time::Instant::now();
         program
             .load()
             .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
+        log::info!(
+            "tc program loaded and verified in {} ms",
+            verifying.elapsed().as_millis()
+        );
         let pin = self.pin_dir.join(super::tclinks::TC_PROGRAM_PIN);
         unpin(&pin)?;
         program
@@ -2009,6 +2022,16 @@ pub struct Detached {
     pub maps: Maps,
 }
 
+/// What the verifier spent on one program (`Detached::verify_all`).
+#[derive(Clone, Debug)]
+pub struct VerifierCost {
+    pub program: String,
+    /// Instructions the verifier processed (`verified_insns`; 0 when the kernel does not say).
+    pub instructions: u32,
+    /// Time `BPF_PROG_LOAD` took (verification is nearly all of it).
+    pub took: std::time::Duration,
+}
+
 /// What one BPF_PROG_TEST_RUN of a packet program gave: its return value and the packet after.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunResult {
@@ -2033,6 +2056,38 @@ impl Detached {
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         Ok(Detached { ebpf, maps })
+    }
+
+    /// Loads every program the agent loads (the socket hooks, tc and XDP) that is not loaded
+    /// yet, and reports what the verifier spent on each, by program name.
+    pub fn verify_all(&mut self) -> anyhow::Result<Vec<VerifierCost>> {
+        use aya::programs::Program;
+        let mut costs = Vec::new();
+        for (name, program) in self.ebpf.programs_mut() {
+            let started = std::time::Instant::now();
+            let loaded = match program {
+                Program::CgroupSockAddr(p) => p.fd().is_ok() || p.load().map(|()| true)?,
+                Program::CgroupSock(p) => p.fd().is_ok() || p.load().map(|()| true)?,
+                Program::SchedClassifier(p) => p.fd().is_ok() || p.load().map(|()| true)?,
+                Program::Xdp(p) => p.fd().is_ok() || p.load().map(|()| true)?,
+                // Never loaded by the agent (`maps_anchor`).
+                _ => false,
+            };
+            if !loaded {
+                continue;
+            }
+            let took = started.elapsed();
+            let info = program
+                .info()
+                .with_context(|| format!("information of {name}"))?;
+            costs.push(VerifierCost {
+                program: name.to_string(),
+                instructions: info.verified_instruction_count().unwrap_or(0),
+                took,
+            });
+        }
+        costs.sort_by(|a, b| a.program.cmp(&b.program));
+        Ok(costs)
     }
 
     /// The monitor's ring buffer (taken once: a second call fails).
