@@ -466,6 +466,88 @@ fn resuming_from_a_compacted_version_gets_410_and_relists() {
     );
 }
 
+/// Some API servers answer a watch from a compacted resourceVersion with HTTP 410 rather than
+/// a 410 ERROR event; kube-runtime would ask again with the same version for ever. The source
+/// relists instead.
+#[test]
+fn an_http_410_to_a_watch_request_relists() {
+    let server = ApiServer::start();
+    server.gone_as_http(true);
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    wait_watching(&server, Res::Services);
+
+    server.delete_unseen(Res::Services, "default/a");
+    server.compact(Res::Services);
+    server.cut_watches(Res::Services);
+
+    let mut want = baseline();
+    want.services.remove(0);
+    wait_for(&rx, &mut log, &want);
+    let requests = server.requests();
+    assert!(
+        watches(&requests, Res::Services)
+            .iter()
+            .any(|w| w.expired && w.status == 410),
+        "no re-watch answered with HTTP 410: {requests:#?}"
+    );
+    assert_eq!(lists(&requests, Res::Services), 2);
+}
+
+/// 503s and 429s reach the source's own backoff (logged, counted, retried within seconds or
+/// after the server's Retry-After) instead of being retried unseen for minutes by the
+/// client: the errors are counted while they last, and the source converges soon after.
+#[test]
+fn throttling_and_unavailability_are_counted_and_end_soon() {
+    let server = ApiServer::start();
+    populate(&server);
+    let metrics = Arc::new(Metrics::new("test", &[IpFamily::V4]));
+    let rx = start_source_with_metrics(&server, Some(metrics.clone()));
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    for res in Res::ALL {
+        wait_watching(&server, res);
+    }
+    let errors = || {
+        counter(
+            &metrics.list_watch_errors,
+            &[("resource", "services"), ("operation", "watch")],
+        )
+    };
+    for (code, retry_after) in [(503, None), (429, Some(1))] {
+        let before = errors();
+        server.fail_with(Some(code));
+        server.retry_after(retry_after);
+        server.cut_watches(Res::Services);
+        wait_until(&format!("{code}s counted"), || errors() >= before + 2);
+        server.apply(
+            Res::Services,
+            service("default", &format!("c{code}"), "10.96.0.30", 8080),
+        );
+        server.fail_with(None);
+        server.retry_after(None);
+        let recovered = Instant::now();
+        let more = server.requests().len();
+        server.wait_for_requests("a watch served again", WAIT, |r| {
+            r[more..]
+                .iter()
+                .any(|q| q.res == Some(Res::Services) && q.watch && q.status == 200)
+        });
+        assert!(
+            recovered.elapsed() < Duration::from_secs(5),
+            "{code}: {:?} to retry after the errors ended",
+            recovered.elapsed()
+        );
+        snapshot_where(&rx, "the Service made meanwhile", |s| {
+            s.services
+                .iter()
+                .any(|svc| svc.metadata.name.as_deref() == Some(&format!("c{code}")))
+        });
+    }
+}
+
 #[test]
 fn cut_connections_resume_and_converge() {
     let server = ApiServer::start();

@@ -13,7 +13,10 @@
 //! watcher to get an answer again wakes the others, so all three resume together. A watch whose
 //! resourceVersion has expired (410 Gone, as after a long outage) relists at once, and the store
 //! is swapped only when the relist is complete. After an outage the source has the new state
-//! about as soon as the API server answers (at most one backoff, 3 s, plus the lists).
+//! about as soon as the API server answers (at most one backoff, 3 s, plus the lists). 429s and
+//! 503s take the same backoff (kube's own retry layer is off), or the `retryAfterSeconds` the
+//! server asks for, up to 30 s. A list that gets no answer for 60 s is started again, and a watch
+//! request the server answers with HTTP 410 relists.
 //!
 //! An object version this build cannot decode does not stop the watch and does not replace the
 //! last version of that object that could be decoded: the datapath keeps it. One never decoded
@@ -287,22 +290,66 @@ fn random_fraction() -> f64 {
 /// Two 410 Gone less than this apart: the second relist waits (see [`paced`]).
 const RELIST_AGAIN_WITHIN: Duration = Duration::from_secs(10);
 
-/// Paces `stream`, a watcher's: after a failure, the next item is asked for only after the
-/// backoff, which ends early when another watcher finds the API server answering again (`wake`).
+/// A list that has not moved on for this long (one page, or the watch that follows it, not
+/// answered) has failed: the watcher is started afresh. A silent watch is normal; kube-runtime
+/// ends one after 295 s and the client's read timeout ([`READ_TIMEOUT`]) covers a request that
+/// never gets an answer at all.
+const LIST_STALL: Duration = Duration::from_secs(60);
+
+/// No byte from the API server for this long fails the request (a hung server, a half-open
+/// connection). Longer than a healthy watch stays silent: the API server ends a watch after
+/// kube-runtime's 290 s timeout, and kube-runtime gives up on it after 295 s.
+const READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The longest wait a `Retry-After` (the Status' `retryAfterSeconds`, as the API server's
+/// priority and fairness sends with a 429) can ask for.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
+
+/// Whether an item shows the watcher listing (its answers come at once, so a stall is a
+/// failure: `Some(true)`) or watching (silence is normal: `Some(false)`).
+trait Phase {
+    fn listing(&self) -> Option<bool>;
+}
+
+impl<K> Phase for watcher::Event<K> {
+    fn listing(&self) -> Option<bool> {
+        match self {
+            watcher::Event::Init | watcher::Event::InitApply(_) => Some(true),
+            watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                Some(false)
+            }
+        }
+    }
+}
+
+/// Starts a watcher afresh (from a list).
+type Restart<T> = Box<dyn Fn() -> BoxStream<'static, Result<T, watcher::Error>> + Send>;
+
+/// Paces the stream `start` gives, a watcher's: after a failure, the next item is asked for
+/// only after the backoff (or the `retryAfterSeconds` the API server asked for, if longer, up
+/// to [`RETRY_AFTER_MAX`]), which ends early when another watcher finds the API server
+/// answering again (`wake`).
 /// A 410 Gone is an answer, not a failure: the watcher relists at once, unless the previous 410
 /// came less than [`RELIST_AGAIN_WITHIN`] before (a server whose watches expire as soon as they
 /// start would otherwise be relisted in a loop); such relists wait a backoff of their own. Any
 /// answer resets the failure backoff and, after failures, wakes the other watchers.
 ///
+/// The watcher is started afresh (`start` again) when its list stalls ([`LIST_STALL`]: the
+/// stall is reported as a failed list) and when the API server answers a watch request itself
+/// with 410, which kube-runtime would otherwise ask again with the same expired
+/// resourceVersion for ever (it relists only after a 410 inside a watch stream).
+///
 /// `optional`: a kind the proxy can run without (Pods, Namespaces): a 403 or 404 for it waits
 /// [`REFUSED_RETRY`] and is not cut short by other watchers' recovery.
-fn paced<T: Send + 'static>(
-    stream: BoxStream<'static, Result<T, watcher::Error>>,
+fn paced<T: Phase + Send + 'static>(
+    start: Restart<T>,
     wake: Arc<tokio::sync::watch::Sender<u64>>,
     optional: bool,
 ) -> BoxStream<'static, Result<T, watcher::Error>> {
     struct Pace<T> {
         stream: BoxStream<'static, Result<T, watcher::Error>>,
+        start: Restart<T>,
+        listing: bool,
         backoff: Backoff,
         relist_backoff: Backoff,
         last_expired: Option<tokio::time::Instant>,
@@ -313,7 +360,9 @@ fn paced<T: Send + 'static>(
     }
     let woken = wake.subscribe();
     let pace = Pace {
-        stream,
+        stream: start(),
+        start,
+        listing: true,
         backoff: Backoff::new(),
         relist_backoff: Backoff::new(),
         last_expired: None,
@@ -333,7 +382,36 @@ fn paced<T: Send + 'static>(
                 }
             }
         }
-        let item = p.stream.next().await?;
+        let item = if p.listing {
+            match tokio::time::timeout(LIST_STALL, p.stream.next()).await {
+                Ok(item) => item?,
+                Err(_) => {
+                    p.stream = (p.start)();
+                    Err(stalled())
+                }
+            }
+        } else {
+            p.stream.next().await?
+        };
+        match &item {
+            Ok(event) => {
+                if let Some(listing) = event.listing() {
+                    p.listing = listing;
+                }
+            }
+            // A watch request answered with 410: list afresh.
+            Err(
+                watcher::Error::WatchStartFailed(kube::Error::Api(status))
+                | watcher::Error::WatchFailed(kube::Error::Api(status)),
+            ) if status.code == 410 => {
+                p.stream = (p.start)();
+                p.listing = true;
+            }
+            // kube-runtime relists after these itself.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => p.listing = true,
+            Err(watcher::Error::InitialListFailed(_)) => p.listing = true,
+            Err(_) => {}
+        }
         if let Err(e) = &item
             && optional
             && is_refused(e)
@@ -347,7 +425,8 @@ fn paced<T: Send + 'static>(
                 // Wake-ups from before this failure must not cut its backoff.
                 p.woken.borrow_and_update();
                 p.failing = true;
-                p.wait = Some(p.backoff.next_delay());
+                let asked = retry_after(e).map_or(Duration::ZERO, |d| d.min(RETRY_AFTER_MAX));
+                p.wait = Some(p.backoff.next_delay().max(asked));
                 return Some((item, p));
             }
             Err(_) => true,
@@ -371,6 +450,20 @@ fn paced<T: Send + 'static>(
     .boxed()
 }
 
+/// The failure a stalled list is reported as.
+fn stalled() -> watcher::Error {
+    watcher::Error::InitialListFailed(kube::Error::Service(Box::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer for {LIST_STALL:?} while listing; starting the list again"),
+    ))))
+}
+
+/// The wait the API server asked for with a failure (`retryAfterSeconds` of its Status).
+fn retry_after(e: &watcher::Error) -> Option<Duration> {
+    let seconds = status_of(e)?.details.as_ref()?.retry_after_seconds;
+    (seconds > 0).then(|| Duration::from_secs(u64::from(seconds)))
+}
+
 /// One watcher, paced by [`paced`]. Objects are decoded behind a [`DeserializeGuard`], so one
 /// that cannot be decoded arrives as such instead of failing the list or watch.
 fn follow<K>(
@@ -382,11 +475,13 @@ fn follow<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
 {
-    let events = watcher(api, config)
-        // Nobody here reads managedFields; they are often the bulk of an object.
-        .modify(|o: &mut DeserializeGuard<K>| o.meta_mut().managed_fields = None)
-        .boxed();
-    paced(events, wake, optional)
+    let start = move || {
+        watcher(api.clone(), config.clone())
+            // Nobody here reads managedFields; they are often the bulk of an object.
+            .modify(|o: &mut DeserializeGuard<K>| o.meta_mut().managed_fields = None)
+            .boxed()
+    };
+    paced(Box::new(start), wake, optional)
 }
 
 type WatcherItem<K> = Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>;
@@ -421,11 +516,16 @@ fn is_expired(e: &watcher::Error) -> bool {
 
 /// The HTTP status the API server answered a failed list or watch with, if it answered.
 fn status_code(e: &watcher::Error) -> Option<u16> {
+    status_of(e).map(|s| s.code)
+}
+
+/// The Status the API server answered a failed list or watch with, if it answered.
+fn status_of(e: &watcher::Error) -> Option<&kube::core::Status> {
     match e {
-        watcher::Error::WatchError(status) => Some(status.code),
+        watcher::Error::WatchError(status) => Some(status),
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status.code),
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => Some(status),
         _ => None,
     }
 }
@@ -862,7 +962,17 @@ impl Stores {
 impl KubeSource {
     async fn watch(self, tx: Sender<Snapshot>) -> anyhow::Result<()> {
         let server = self.config.cluster_url.clone();
-        let client = Client::try_from(self.config).context("build the API client")?;
+        let mut config = self.config;
+        // Every failure goes through `paced`: logged, counted, retried within 3 s (or the
+        // server's Retry-After). kube's own retry layer would retry 429/503/504 unseen, 15
+        // times with waits doubling from 5 ms, so after a minute of 503s the next try came
+        // tens of seconds later.
+        config.default_retry = false;
+        config.read_timeout = Some(READ_TIMEOUT);
+        // The read timeout counts from the request, not from when its pooled connection
+        // went idle.
+        config.reset_reader_on_write = true;
+        let client = Client::try_from(config).context("build the API client")?;
         log::info!(
             "kubernetes: watching API server {server} for node {:?}",
             self.node_name
@@ -882,8 +992,13 @@ impl KubeSource {
             }
         }
 
+        let wake = Arc::new(tokio::sync::watch::channel(0).0);
         if let Some(book) = self.node_addresses.clone() {
-            tokio::spawn(follow_node_addresses(Api::all(client.clone()), book));
+            tokio::spawn(follow_node_addresses(
+                Api::all(client.clone()),
+                book,
+                wake.clone(),
+            ));
         }
         let mut stores = Stores {
             services: Objects::new(Kind::Services, metrics.clone()),
@@ -895,7 +1010,6 @@ impl KubeSource {
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
         let every = watcher::Config::default;
-        let wake = Arc::new(tokio::sync::watch::channel(0).0);
         let mut items = futures::stream::select_all([
             follow::<Service>(Api::all(client.clone()), every(), wake.clone(), false)
                 .map(|i| Item::Service(Box::new(i)))
@@ -950,10 +1064,12 @@ impl KubeSource {
 /// Keeps `book` equal to the addresses of every Node object (DSR peers). Apart from the
 /// snapshot's watchers on purpose: Node status changes often and must not cause syncs, and only
 /// names and addresses are kept, not the (large) objects. A failing watch keeps the last
-/// addresses and retries with backoff; a relist replaces them only once it is complete.
+/// addresses and retries with the snapshot watchers' pacing (woken with them by `wake`); a
+/// relist replaces them only once it is complete.
 async fn follow_node_addresses(
     api: Api<DeserializeGuard<Node>>,
     book: std::sync::Arc<NodeAddresses>,
+    wake: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     type Book = std::collections::BTreeMap<String, Vec<std::net::IpAddr>>;
     let entry = |o: &DeserializeGuard<Node>| -> Option<(String, Vec<std::net::IpAddr>)> {
@@ -963,9 +1079,8 @@ async fn follow_node_addresses(
     let mut live: Option<Book> = None;
     let mut relist = Book::new();
     let mut failing = false;
-    let mut events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let start = move || watcher(api.clone(), watcher::Config::default()).boxed();
+    let mut events = paced(Box::new(start), wake, false);
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Init) => relist.clear(),
@@ -1062,10 +1177,45 @@ mod tests {
         gaps_of(items, false).await
     }
 
+    /// Test items say nothing of the phase: the watcher counts as listing throughout.
+    impl Phase for u32 {
+        fn listing(&self) -> Option<bool> {
+            None
+        }
+    }
+
+    /// How often a watcher was started afresh, and what each new start gives.
+    type Restarts<T> = Arc<std::sync::Mutex<(usize, Vec<Vec<Result<T, watcher::Error>>>)>>;
+
+    /// `paced` over `items`, as the first start gives them; a restart gives what `restarts`
+    /// has (or nothing), and counts.
+    fn paced_over<T: Phase + Send + 'static>(
+        items: Vec<Result<T, watcher::Error>>,
+        restarts: Restarts<T>,
+        optional: bool,
+    ) -> BoxStream<'static, Result<T, watcher::Error>> {
+        let wake = Arc::new(tokio::sync::watch::channel(0).0);
+        let first = std::sync::Mutex::new(Some(items));
+        let start = move || {
+            if let Some(items) = first.lock().unwrap().take() {
+                return stream::iter(items).chain(stream::pending()).boxed();
+            }
+            let mut r = restarts.lock().unwrap();
+            r.0 += 1;
+            let next = if r.1.is_empty() {
+                Vec::new()
+            } else {
+                r.1.remove(0)
+            };
+            stream::iter(next).chain(stream::pending()).boxed()
+        };
+        paced(Box::new(start), wake, optional)
+    }
+
     /// As `gaps`, for an optional kind (`optional`) or not.
     async fn gaps_of(items: Vec<Result<u32, watcher::Error>>, optional: bool) -> Vec<Duration> {
-        let wake = Arc::new(tokio::sync::watch::channel(0).0);
-        let mut paced = paced(stream::iter(items).boxed(), wake, optional);
+        let count = items.len();
+        let mut paced = paced_over(items, Arc::default(), optional).take(count);
         let mut out = Vec::new();
         let mut last = tokio::time::Instant::now();
         while paced.next().await.is_some() {
@@ -1127,6 +1277,91 @@ mod tests {
         assert!(
             gaps[4] >= RETRY_MIN / 2 && gaps[4] < RETRY_MIN * 2,
             "not reset: {gaps:?}"
+        );
+    }
+
+    fn restarts<T>(next: Vec<Vec<Result<T, watcher::Error>>>) -> Restarts<T> {
+        Arc::new(std::sync::Mutex::new((0, next)))
+    }
+
+    /// A list the API server never answers fails after `LIST_STALL`, counted as a failed
+    /// list, and the watcher starts afresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_list_is_reported_and_started_afresh() {
+        let again = restarts(vec![vec![Ok(7u32)]]);
+        let mut paced = paced_over(Vec::new(), again.clone(), false);
+        let started = tokio::time::Instant::now();
+        let first = paced.next().await.expect("an item");
+        let e = first.expect_err("a stall is a failure");
+        assert!(started.elapsed() >= LIST_STALL, "{:?}", started.elapsed());
+        assert_eq!(operation(&e), "list");
+        assert!(!is_expired(&e));
+        assert_eq!(again.lock().unwrap().0, 1, "started afresh once");
+        assert_eq!(paced.next().await.expect("an item").ok(), Some(7));
+    }
+
+    /// Once listed, a watch that stays silent is no stall: nothing is restarted.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_watch_is_not_a_stall() {
+        let again = restarts::<watcher::Event<u32>>(Vec::new());
+        let items = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(1)),
+            Ok(watcher::Event::InitDone),
+        ];
+        let mut paced = paced_over(items, again.clone(), false);
+        for _ in 0..3 {
+            paced.next().await.expect("an item").expect("no failure");
+        }
+        let quiet = tokio::time::timeout(LIST_STALL * 10, paced.next()).await;
+        assert!(quiet.is_err(), "an item came: {quiet:?}");
+        assert_eq!(again.lock().unwrap().0, 0);
+    }
+
+    /// kube-runtime asks a watch again with the same resourceVersion after an HTTP 410 to
+    /// the watch request itself; the watcher is started afresh (a list) instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_410_answering_the_watch_request_lists_afresh() {
+        let gone = watcher::Error::WatchStartFailed(kube::Error::Api(Box::new(Status {
+            code: 410,
+            reason: "Expired".into(),
+            ..Status::default()
+        })));
+        let again = restarts(vec![vec![Ok(watcher::Event::<u32>::Init)]]);
+        let items = vec![Ok(watcher::Event::InitDone), Err(gone)];
+        let mut paced = paced_over(items, again.clone(), false);
+        paced.next().await.expect("an item").expect("no failure");
+        let e = paced.next().await.expect("an item").expect_err("the 410");
+        assert!(is_expired(&e));
+        let relist = paced.next().await.expect("an item").expect("the relist");
+        assert!(matches!(relist, watcher::Event::Init));
+        assert_eq!(again.lock().unwrap().0, 1);
+    }
+
+    /// A 429 with `retryAfterSeconds` waits that long (up to `RETRY_AFTER_MAX`) instead of
+    /// the shorter backoff.
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_retry_after_is_honoured() {
+        let busy = |seconds| {
+            watcher::Error::InitialListFailed(kube::Error::Api(Box::new(Status {
+                code: 429,
+                reason: "TooManyRequests".into(),
+                details: Some(kube::core::response::StatusDetails {
+                    name: String::new(),
+                    group: String::new(),
+                    kind: String::new(),
+                    uid: String::new(),
+                    causes: Vec::new(),
+                    retry_after_seconds: seconds,
+                }),
+                ..Status::default()
+            })))
+        };
+        let gaps = gaps(vec![Err(busy(10)), Ok(1), Err(busy(3600)), Ok(2)]).await;
+        assert!(gaps[1] >= Duration::from_secs(10), "{gaps:?}");
+        assert!(
+            gaps[3] >= RETRY_AFTER_MAX && gaps[3] < RETRY_AFTER_MAX * 2,
+            "{gaps:?}"
         );
     }
 }

@@ -128,6 +128,11 @@ struct State {
     rv: u64,
     collections: BTreeMap<Res, Collection>,
     fail: Option<u16>,
+    /// `retryAfterSeconds` (and a `Retry-After` header) with the failures of `fail`.
+    retry_after: Option<u32>,
+    /// Watches from a compacted resourceVersion are answered with HTTP 410 instead of a 200
+    /// whose stream holds a 410 ERROR event (both happen with real API servers).
+    gone_as_http: bool,
     held: HashSet<Res>,
     requests: Vec<Request>,
     /// Connections reset during an `Outage::Reset`.
@@ -337,6 +342,18 @@ impl ApiServer {
         self.lock().fail = code;
     }
 
+    /// Sends `retryAfterSeconds` (and the `Retry-After` header) with the failures of
+    /// `fail_with`, as the API server's priority and fairness does with a 429.
+    pub fn retry_after(&self, seconds: Option<u32>) {
+        self.lock().retry_after = seconds;
+    }
+
+    /// Answers watches from a compacted resourceVersion with HTTP 410 (`true`) or, as by
+    /// default, with a 410 ERROR event in a 200 stream.
+    pub fn gone_as_http(&self, on: bool) {
+        self.lock().gone_as_http = on;
+    }
+
     /// Holds list requests for `res` until `release`.
     pub fn hold_lists(&self, res: Res) {
         self.lock().held.insert(res);
@@ -478,10 +495,15 @@ fn query_params(query: &str) -> BTreeMap<String, String> {
 }
 
 async fn write_response(socket: &mut TcpStream, code: u16, body: &Value) {
+    write_response_with(socket, code, body, "").await;
+}
+
+/// `write_response` with `headers` (complete lines) added.
+async fn write_response_with(socket: &mut TcpStream, code: u16, body: &Value, headers: &str) {
     let body = serde_json::to_vec(body).unwrap();
     let head = format!(
         "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
+         {headers}Connection: close\r\n\r\n",
         body.len()
     );
     let _ = socket.write_all(head.as_bytes()).await;
@@ -526,11 +548,20 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
 
     let record = |request: Request| state.lock().unwrap().requests.push(request);
 
-    let fail = state.lock().unwrap().fail;
+    let (fail, retry_after) = {
+        let state = state.lock().unwrap();
+        (state.fail, state.retry_after)
+    };
     if let Some(code) = fail {
         request.status = code;
         record(request);
-        let body = status(code, "InternalError", "etcdserver: request timed out");
+        let mut body = status(code, "InternalError", "etcdserver: request timed out");
+        if let Some(seconds) = retry_after {
+            body["reason"] = json!("TooManyRequests");
+            body["details"] = json!({"retryAfterSeconds": seconds});
+            let header = format!("Retry-After: {seconds}\r\n");
+            return write_response_with(&mut socket, code, &body, &header).await;
+        }
         return write_response(&mut socket, code, &body).await;
     }
     let Some(res) = res else {
@@ -631,9 +662,18 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             Ok(lines)
         };
         request.expired = replay.is_err();
+        if replay.is_err() && state.gone_as_http {
+            request.status = 410;
+        }
         state.requests.push(request);
         replay
     };
+    if let Err(compacted) = replay
+        && state.lock().unwrap().gone_as_http
+    {
+        let message = format!("too old resource version: {from} ({compacted})");
+        return write_response(&mut socket, 410, &status(410, "Expired", &message)).await;
+    }
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
                 Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     if socket.write_all(head.as_bytes()).await.is_err() {
