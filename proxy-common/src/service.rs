@@ -170,7 +170,9 @@ pub struct MemberKey {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct MemberValue {
-    /// Slots this backend holds in the frontend (its weight).
+    /// Slots this backend holds in the frontend (its weight). 0: a serving endpoint new
+    /// flows may not use (terminating, another zone's, or remote under a Local policy): flows
+    /// already on it keep it, affinity does not pick it (semantics 9.3, 6.6).
     pub slots: u32,
 }
 

@@ -687,9 +687,10 @@ pub fn run(
 }
 
 /// The (frontend, backend) pairs a plan removes, read from the mirror before it is applied:
-/// every deleted member is a backend that stopped being eligible for its frontend, unless the
-/// same plan gives that frontend a new entry for the same endpoint (its flags or weight
-/// changed: it is still used).
+/// every deleted member is a backend that stopped serving its frontend's port (one that only
+/// new flows may not use stays a member without slots, semantics 9.3), unless the same plan
+/// gives that frontend a new entry for the same endpoint (its flags or weight changed: it is
+/// still used).
 fn removed_members(ops: &[Op], mirror: &Mirror) -> Vec<Removed> {
     let state = mirror.state();
     let mut new_values: BTreeMap<u32, BackendValue> = BTreeMap::new();

@@ -111,7 +111,7 @@ pub fn changes_fit(
                 .map(|b| u64::from(b.weight.max(1)))
                 .sum(),
         );
-        members += state.backends.len() as u64;
+        members += (state.backends.len() + state.keep_flows.len()) as u64;
         if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
             maglev += table;
         }
@@ -200,7 +200,7 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
             if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
                 add.maglev += table;
             }
-            let members = state.backends.len() as u64;
+            let members = (state.backends.len() + state.keep_flows.len()) as u64;
             add.members += members;
             add.largest_members = add.largest_members.max(members);
             for b in &state.backends {
@@ -335,6 +335,7 @@ mod tests {
                             weight: 1,
                         })
                         .collect(),
+                    keep_flows: Vec::new(),
                     affinity_secs: None,
                     no_local: false,
                     snat: false,

@@ -405,7 +405,14 @@ fn identity_of(v: &BackendValue) -> BackendIdentity {
 /// Whether two backend entries are the same endpoint (address, port, protocol), whatever
 /// their flags and weight.
 pub fn same_endpoint(a: &BackendValue, b: &BackendValue) -> bool {
-    a.family == b.family && a.addr == b.addr && a.port == b.port && a.proto == b.proto
+    endpoint_of(a) == endpoint_of(b)
+}
+
+/// A backend entry's endpoint: family, address, port, protocol.
+type Endpoint = (u8, [u8; 16], u16, u8);
+
+fn endpoint_of(v: &BackendValue) -> Endpoint {
+    (v.family, v.addr, v.port, v.proto)
 }
 
 fn backend_value(b: &Backend) -> BackendValue {
@@ -758,6 +765,8 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
     };
     let mut updates = Vec::new();
     let mut wanted_ranges: BTreeSet<SourceRange> = BTreeSet::new();
+    // Backends only members without slots point at (kept for their flows).
+    let mut kept_backends: BTreeSet<u32> = BTreeSet::new();
     for ip in &cluster_ips {
         let key = ServiceKey::any_port(*ip);
         if current.services.get(&key) != Some(&marker) {
@@ -844,10 +853,32 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
                     current.slots.get(&k) == Some(&SlotChunk::of(ids))
                 })
         });
-        let wanted_members: BTreeMap<u32, u32> = slots.iter().fold(BTreeMap::new(), |mut m, id| {
-            *m.entry(*id).or_insert(0) += 1;
-            m
-        });
+        let mut wanted_members: BTreeMap<u32, u32> =
+            slots.iter().fold(BTreeMap::new(), |mut m, id| {
+                *m.entry(*id).or_insert(0) += 1;
+                m
+            });
+        // A member whose endpoint still serves this port stays, without slots if new flows
+        // may not use it (`FrontendState::keep_flows`, or an earlier entry of an endpoint whose
+        // flags or weight changed): flows already on it keep it (semantics 9.3). Only
+        // members that exist are kept: no flow can be on any other.
+        if let Some(v) = existing {
+            let serving: BTreeSet<Endpoint> = state
+                .backends
+                .iter()
+                .chain(&state.keep_flows)
+                .map(|b| endpoint_of(&backend_value(b)))
+                .collect();
+            for (k, _) in current.members.range(member_range(v.id)) {
+                if !wanted_members.contains_key(&k.backend_id)
+                    && let Some(b) = current.backends.get(&k.backend_id)
+                    && serving.contains(&endpoint_of(b))
+                {
+                    wanted_members.insert(k.backend_id, 0);
+                    kept_backends.insert(k.backend_id);
+                }
+            }
+        }
         if !slots_same {
             if existing.is_some() {
                 value.rev = value.rev.wrapping_add(1);
@@ -927,7 +958,7 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
     let backend_removes = current
         .backends
         .keys()
-        .filter(|id| !wanted_backends.contains_key(id))
+        .filter(|id| !wanted_backends.contains_key(id) && !kept_backends.contains(id))
         .map(|id| Op::DelBackend(*id));
 
     // Prefixes no frontend allows any more go last: until then they only allow a little more.

@@ -1053,6 +1053,34 @@ fn tc_keeps_a_client_on_its_backend_with_client_ip_affinity() {
     assert!(reached.len() >= 3, "{reached:?}");
 }
 
+/// An affinity entry whose endpoint starts terminating while others are ready is not followed
+/// (semantics 6.6), although the endpoint stays a member for the flows it has (semantics 9.3).
+#[test]
+fn tc_does_not_follow_affinity_to_an_endpoint_new_flows_may_not_use() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let syn = |port| tcp4((CLIENT, port), (NODE, 30085), TCP_SYN);
+    let first = seen(&rig.tc(&syn(40000)).packet).dst;
+    let established = tcp4((CLIENT, 40000), (NODE, 30085), TCP_ACK);
+    let ready = format!(
+        "{{addresses: [\"{}\"], nodeName: n2, conditions: {{ready: true}}}}",
+        first.0
+    );
+    let terminating = ready.replace(
+        "{ready: true}",
+        "{ready: false, serving: true, terminating: true}",
+    );
+    rig.program(&manifests().replace(&ready, &terminating));
+    for port in 40001..40017 {
+        let to = seen(&rig.tc(&syn(port)).packet).dst;
+        assert_ne!(to, first, "client port {port} followed the affinity entry");
+    }
+    // The established connection keeps its endpoint.
+    assert_eq!(seen(&rig.tc(&established).packet).dst, first);
+}
+
 /// UDP to a node port without endpoints is answered with ICMP port unreachable, built in
 /// place and sent back (semantics 3.7).
 #[test]

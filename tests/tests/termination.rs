@@ -129,6 +129,78 @@ fn connected_udp_socket_to_a_removed_backend_is_terminated() {
     assert!(line.contains("removed backends"), "{line}");
 }
 
+/// semantics 9.3: a backend that starts terminating while another is ready takes no new flows,
+/// but it is still serving, so a flow already on it keeps it: kube-proxy's conntrack cleanup
+/// deletes a UDP flow only when its endpoint stops serving. The connected socket is neither
+/// terminated nor moved; unconnected datagrams, balanced one by one, go to the ready backend.
+#[test]
+fn udp_flows_to_a_backend_that_starts_terminating_keep_it() {
+    if !privileged() {
+        return;
+    }
+    let mut env = dns_env(&[1]);
+    let vip: SocketAddr = "10.96.0.53:53".parse().unwrap();
+    env.wait_for_backends(Proto::Udp, vip, &["pod-2"]);
+    let connected = env.topo.start_udp_stream(0, vip, 8, true);
+    let unconnected = env.topo.start_udp_stream(0, vip, 8, false);
+    for stream in [&connected, &unconnected] {
+        stream.wait_for_answers("pod-2", 3);
+    }
+    let changed_at = now_ms();
+    let terminating = Ep {
+        conditions: "ready: false, serving: true, terminating: true",
+        ..ep(env.topo.pods[1].ip4)
+    };
+    let ready = ep(env.topo.pods[2].ip4);
+    env.agent.write_manifest(
+        "dns-slice.yaml",
+        &slice_yaml("dns-1", "dns", "IPv4", &[DNS], &[terminating, ready]),
+    );
+    // The unconnected socket's datagrams show when the change is programmed.
+    unconnected.wait_for_answers("pod-3", 3);
+    let programmed_at = now_ms();
+    // 20 more datagrams of the connected socket (one every 50 ms) after that.
+    let so_far = connected.lines().len();
+    poll_until("20 more lines", Duration::from_secs(5), || {
+        let n = connected.lines().len();
+        if n >= so_far + 20 {
+            Ok(())
+        } else {
+            Err(format!("{n} lines"))
+        }
+    });
+    let (connected, unconnected) = (connected.finish(), unconnected.finish());
+    assert!(errors(&connected).is_empty(), "{connected:?}");
+    let after: Vec<_> = answers(&connected)
+        .into_iter()
+        .filter(|(t, _)| *t > programmed_at)
+        .collect();
+    assert!(
+        after.len() >= 5,
+        "the flow kept being answered: {connected:?}"
+    );
+    assert!(after.iter().all(|(_, b)| b == "pod-2"), "{after:?}");
+    let late: Vec<_> = answers(&unconnected)
+        .into_iter()
+        .filter(|(t, _)| *t > programmed_at)
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|(_, b)| b == "pod-3"),
+        "{late:?}"
+    );
+    assert!(
+        env.agent
+            .logs_since(0)
+            .iter()
+            .all(|l| !l.contains("terminated")),
+        "a socket was terminated"
+    );
+    eprintln!(
+        "terminating: change programmed {} ms after the slice was written",
+        programmed_at - changed_at
+    );
+}
+
 fn held_env(terminate_tcp: bool) -> Env {
     let mut env = Env::new(4);
     if terminate_tcp {

@@ -42,7 +42,8 @@ pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue, SERVICES_MAX, NO_PRE
 #[btf_map]
 pub static LB_SLOTS: HashMap<SlotKey, SlotChunk, SLOT_CHUNKS_MAX, NO_PREALLOC> = HashMap::new();
 
-/// (frontend, backend) pairs that are currently valid, for checking affinity entries.
+/// (frontend, backend) pairs of serving endpoints: with slots, those new flows may use
+/// (affinity checks its entries against them); without, those only flows already on them keep.
 #[btf_map]
 pub static LB_MEMBERS: HashMap<MemberKey, MemberValue, MEMBERS_MAX, NO_PREALLOC> = HashMap::new();
 

@@ -183,9 +183,10 @@ pub fn ct_flags_of(tcp_flags: u8) -> u32 {
 }
 
 /// A tracked forward entry is replaced by a fresh choice when a new TCP connection reuses the
-/// tuple of a closed one, or when its backend is no longer one the frontend may use: a UDP
-/// flow is then balanced afresh at its next datagram (kube-proxy deletes such conntrack
-/// entries, semantics 9.2), while an established TCP connection keeps its backend.
+/// tuple of a closed one, or when its backend is no longer a member of the frontend (no longer
+/// a serving endpoint of the port; a member without slots still keeps its flows): a UDP flow
+/// is then balanced afresh at its next datagram (kube-proxy deletes such conntrack entries,
+/// semantics 9.2, 9.3), while an established TCP connection keeps its backend.
 #[inline(always)]
 fn stale<A>(e: &Entry<A>, pkt: &Packet<A>) -> bool {
     let syn = pkt.syn();

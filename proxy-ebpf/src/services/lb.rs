@@ -249,8 +249,11 @@ fn affinity_hit(svc: &ServiceValue, client: &AffinityKey, now: u64) -> Option<Ch
         svc_id: svc.id,
         backend_id,
     };
+    // A member without slots only keeps its flows (semantics 9.3): no new choice of it.
     // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
-    unsafe { LB_MEMBERS.get(&member) }?;
+    if unsafe { LB_MEMBERS.get(&member) }?.slots == 0 {
+        return None;
+    }
     // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
     let backend = *unsafe { LB_BACKENDS.get(&backend_id) }?;
     // SAFETY: `entry` came from the lookup above; a racing write of a timestamp is benign.

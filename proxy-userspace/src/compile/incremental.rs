@@ -81,7 +81,7 @@ pub struct Totals {
     /// `LB_SLOTS` entries of every frontend's slots (`SLOT_CHUNK` slots each; a backend's
     /// weight counts in slots).
     pub slot_chunks: u64,
-    /// Member entries (one per backend of a frontend).
+    /// Member entries (one per backend of a frontend, and per endpoint it keeps flows on).
     pub members: u64,
     /// Frontends with a Maglev table (Maglev scheduler, at least one backend).
     pub maglev_frontends: u64,
@@ -102,7 +102,7 @@ impl Totals {
             .iter()
             .map(|b| u64::from(b.weight.max(1)))
             .sum();
-        let members = state.backends.len() as u64;
+        let members = (state.backends.len() + state.keep_flows.len()) as u64;
         let maglev =
             u64::from(state.scheduler == super::Scheduler::Maglev && !state.backends.is_empty());
         let bump = |sizes: &mut BTreeMap<u64, u64>, size: u64| {

@@ -292,6 +292,11 @@ pub struct FrontendState {
     pub kind: FrontendKind,
     /// The backends new connections may go to; empty means reject or drop.
     pub backends: Vec<Backend>,
+    /// Serving endpoints of the port that new connections may not use (terminating while
+    /// another is ready, another zone's by topology, a remote one under a Local policy):
+    /// flows already on them keep them (semantics 9.3). The plan keeps their members (and
+    /// those of `backends` under an earlier entry), without slots.
+    pub keep_flows: Vec<Backend>,
     /// `Some(timeout)` with sessionAffinity ClientIP.
     pub affinity_secs: Option<u32>,
     /// Empty because of a Local traffic policy although endpoints exist elsewhere: drop, not
@@ -957,6 +962,22 @@ fn weights_of(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> BTree
     out
 }
 
+/// The serving endpoints of `sp` outside `chosen` (a frontend's backends): kube-proxy's
+/// conntrack cleanup deletes a UDP flow only when its endpoint stops serving, whatever the
+/// traffic policy, topology or terminating state say (semantics 9.2, 9.3), so a flow already
+/// on one keeps it (the plan keeps such endpoints' members, without slots).
+fn keep_flows<'a>(sp: &'a ServicePort, chosen: &[&Endpoint]) -> Vec<&'a Endpoint> {
+    let all = sp.endpoints.all();
+    if chosen.len() == all.len() {
+        return Vec::new();
+    }
+    let chosen: std::collections::HashSet<(IpAddr, u16)> =
+        chosen.iter().map(|c| (c.addr, c.port)).collect();
+    all.iter()
+        .filter(|e| e.serving && !chosen.contains(&(e.addr, e.port)))
+        .collect()
+}
+
 /// The frontends of one Service port.
 ///
 /// Socket layer (internal scope): the ClusterIP uses the internal set (semantics 4.6);
@@ -1014,12 +1035,14 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
             (Scope::External, _) => (&external, external_no_local),
         };
         let external_scope = scope == Scope::External;
+        let keep_flows = keep_flows(sp, backends);
         desired.frontends.insert(
             key,
             FrontendState {
                 port: sp.name.clone(),
                 kind,
                 backends: to_backends(backends, proto, &sp.weights),
+                keep_flows: to_backends(&keep_flows, proto, &sp.weights),
                 affinity_secs: sp.affinity_secs,
                 no_local,
                 snat: external_scope && !sp.etp_local,

@@ -1426,6 +1426,67 @@ fn backends_carry_protocol_locality_and_terminating() {
     );
 }
 
+fn keep_flows_of(d: &Desired, frontend: &str) -> Vec<String> {
+    let f = frontend_of(d, frontend)
+        .unwrap_or_else(|| panic!("no frontend {frontend} in {:?}", d.frontends.keys()));
+    f.keep_flows
+        .iter()
+        .map(|b| host_port(&b.addr, b.port))
+        .collect()
+}
+
+#[test]
+fn serving_endpoints_new_flows_may_not_use_keep_their_flows() {
+    // semantics 9.3: kube-proxy's conntrack cleanup counts every serving endpoint, whatever
+    // the terminating state, topology and traffic policy say; an endpoint that is not
+    // serving is not kept.
+    let endpoints = [
+        "{addresses: [10.244.0.1], nodeName: node-a, conditions: {ready: true}}",
+        "{addresses: [10.244.0.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}",
+        "{addresses: [10.244.1.1], nodeName: node-b, conditions: {ready: true}}",
+        "{addresses: [10.244.1.2], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}",
+    ];
+    let ports = "[{name: http, port: 8080, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]";
+    let spec = |policy: &str| {
+        format!(
+            "clusterIP: 10.96.0.10, internalTrafficPolicy: {policy}, \
+             ports: [{{name: http, port: 80, protocol: TCP}}, {{name: dns, port: 53, protocol: UDP}}]"
+        )
+    };
+    let yaml = |policy: &str| {
+        docs(&[
+            &service("name: web, namespace: default", &spec(policy)),
+            &slice_ports("web-1", ports, &endpoints),
+        ])
+    };
+    // Cluster: the terminating endpoint keeps its flows, for both protocols.
+    let d = compile(&snapshot(&yaml("Cluster"), "node-a", None));
+    for (fe, port) in [("10.96.0.10:80/TCP", 8080), ("10.96.0.10:53/UDP", 53)] {
+        assert_eq!(
+            backends_of(&d, fe),
+            [format!("10.244.0.1:{port}"), format!("10.244.1.1:{port}")],
+            "{fe}"
+        );
+        assert_eq!(
+            keep_flows_of(&d, fe),
+            [format!("10.244.0.2:{port}")],
+            "{fe}"
+        );
+    }
+    // Local: the remote endpoint too (a policy change does not cut flows).
+    let d = compile(&snapshot(&yaml("Local"), "node-a", None));
+    assert_eq!(backends_of(&d, "10.96.0.10:80/TCP"), ["10.244.0.1:8080"]);
+    assert_eq!(
+        keep_flows_of(&d, "10.96.0.10:80/TCP"),
+        ["10.244.0.2:8080", "10.244.1.1:8080"]
+    );
+    // Every endpoint in use: nothing more to keep.
+    let yaml = docs(&[&web(""), &slice("web-1", &[LOCAL_A, REMOTE_B])]);
+    let d = compile(&snapshot(&yaml, "node-a", None));
+    assert_eq!(backends_of(&d, FE).len(), 2);
+    assert!(keep_flows_of(&d, FE).is_empty());
+}
+
 #[test]
 fn compile_is_deterministic_whatever_the_input_order() {
     // semantics 2.5, 2.6: merging and frontend claims do not depend on list order.

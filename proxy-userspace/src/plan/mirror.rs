@@ -342,7 +342,7 @@ impl Mirror {
     /// wanted or (for a frontend going away) programmed.
     fn entries_of(&self, desired: &Desired, f: &FrontendAddr) -> usize {
         match desired.frontends.get(f) {
-            Some(state) => 1 + state.backends.len(),
+            Some(state) => 1 + state.backends.len() + state.keep_flows.len(),
             None => {
                 1 + self
                     .state

@@ -41,6 +41,7 @@ fn desired(entries: &[(&str, &[&str])]) -> Desired {
                 },
                 kind: FrontendKind::ClusterIp,
                 backends: backends.iter().map(|b| backend(b)).collect(),
+                keep_flows: Vec::new(),
                 affinity_secs: None,
                 no_local: false,
                 snat: false,
@@ -206,6 +207,57 @@ fn changing_backends_flips_generation_and_keeps_ids() {
     assert_eq!(state.backends.len(), 2, "10.244.0.3 removed");
     assert!(state.backends.contains_key(&kept_id));
     assert!(plan(&after, &state).is_empty());
+}
+
+/// semantics 9.3: an endpoint new flows may no longer use (here: it started terminating
+/// while another is ready) stays a member without slots, so its flows keep it; only when it
+/// stops serving is it removed.
+#[test]
+fn an_endpoint_kept_for_its_flows_is_a_member_without_slots() {
+    let mut state = MapState::default();
+    let both = desired(&[("10.96.0.1", &["10.244.0.2", "10.244.0.3"])]);
+    apply_checked(&mut state, &both);
+    let id_of = |state: &MapState, last: u8| {
+        *state
+            .backends
+            .iter()
+            .find(|(_, v)| v.addr4() == [10, 244, 0, last])
+            .unwrap()
+            .0
+    };
+    let leaving = id_of(&state, 3);
+    let mut kept = desired(&[("10.96.0.1", &["10.244.0.2"])]);
+    for f in kept.frontends.values_mut() {
+        // Terminating now: another entry than the one its flows were recorded with.
+        f.keep_flows.push(Backend {
+            terminating: true,
+            ..backend("10.244.0.3")
+        });
+    }
+    let ops = plan(&kept, &state);
+    assert!(
+        !ops.iter()
+            .any(|op| matches!(op, Op::DelMember(_) | Op::DelBackend(_))),
+        "{ops:?}"
+    );
+    apply_checked(&mut state, &kept);
+    let svc_id = frontends(&state)[0].id;
+    let member = |state: &MapState, backend_id| {
+        state
+            .members
+            .get(&MemberKey { svc_id, backend_id })
+            .copied()
+    };
+    assert_eq!(member(&state, leaving), Some(MemberValue { slots: 0 }));
+    assert_eq!(id_of(&state, 3), leaving, "the flows' backend entry stays");
+    assert_eq!(state.backends.len(), 2, "and no other is written for it");
+    assert_eq!(frontends(&state)[0].count, 1, "no slot for it");
+    assert!(plan(&kept, &state).is_empty());
+    // Gone from the slice: removed.
+    let gone = desired(&[("10.96.0.1", &["10.244.0.2"])]);
+    apply_checked(&mut state, &gone);
+    assert_eq!(member(&state, leaving), None);
+    assert_eq!(state.backends.len(), 1);
 }
 
 #[test]
