@@ -95,6 +95,10 @@ pub const IFACE_BRIDGE: u8 = 6;
 /// Carried the program under the previous agent; kept until this agent has read which
 /// endpoints are local (so a restart never leaves local backends' replies untranslated).
 pub const IFACE_KEPT: u8 = 7;
+/// The kernel's route to endpoints on other nodes leaves here through a device of its own (an
+/// overlay's tunnel, such as flannel's `flannel.1`): masqueraded flows to them leave, and their
+/// replies come back, here. Traffic arriving here is treated as coming from outside.
+pub const IFACE_REMOTE_ROUTE: u8 = 8;
 
 /// Value of `LB_SOCKLB_NS`, keyed by a running index from 0: a namespace whose pods are
 /// translated per packet (socket-layer translation off), and how many of its pods on this node

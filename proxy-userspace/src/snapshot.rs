@@ -97,8 +97,14 @@ fn primary_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<std::net::I
 #[derive(Default)]
 pub struct LocalEndpoints {
     node: String,
+    /// Per slice (by pointer): the slice, its local addresses, its remote probes.
     #[allow(clippy::type_complexity)]
-    slices: std::collections::HashMap<usize, (Arc<Slice>, Vec<std::net::IpAddr>)>,
+    slices: std::collections::HashMap<
+        usize,
+        (Arc<Slice>, Vec<std::net::IpAddr>, Vec<std::net::IpAddr>),
+    >,
+    /// The remote probes of the last call.
+    remote: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 /// Taint the cluster autoscaler puts on a node it is about to delete.
@@ -114,6 +120,27 @@ pub fn node_eligible(node: &k8s_openapi::api::core::v1::Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     !deleting && !tainted
+}
+
+/// The /24 (IPv4) or /64 (IPv6) an address is in, as bytes.
+fn probe_prefix(ip: &std::net::IpAddr) -> (u8, [u8; 8]) {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            let o = a.octets();
+            (4, [o[0], o[1], o[2], 0, 0, 0, 0, 0])
+        }
+        std::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            (6, [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+        }
+    }
+}
+
+impl LocalEndpoints {
+    /// `NodeInfo::remote_probes` of the slices of the last `local_endpoints_cached` call.
+    pub fn remote_probes(&self) -> &std::collections::BTreeSet<std::net::IpAddr> {
+        &self.remote
+    }
 }
 
 impl NodeInfo {
@@ -152,22 +179,49 @@ impl NodeInfo {
         }
         let mut next = std::collections::HashMap::with_capacity(cache.slices.len());
         let mut out = std::collections::BTreeSet::new();
+        let mut remote = std::collections::BTreeMap::new();
         for slice in slices {
             let p = Arc::as_ptr(slice) as usize;
             let addresses = match cache.slices.remove(&p) {
                 Some(known) => known,
-                None => (
-                    Arc::clone(slice),
-                    self.local_endpoints(std::slice::from_ref(slice))
-                        .into_iter()
-                        .collect(),
-                ),
+                None => {
+                    let one = std::slice::from_ref(slice);
+                    (
+                        Arc::clone(slice),
+                        self.local_endpoints(one).into_iter().collect(),
+                        self.remote_probes(one).into_iter().collect(),
+                    )
+                }
             };
             out.extend(addresses.1.iter().copied());
+            for ip in &addresses.2 {
+                remote.entry(probe_prefix(ip)).or_insert(*ip);
+            }
             next.insert(p, addresses);
         }
         cache.slices = next;
+        cache.remote = remote.into_values().collect();
         out
+    }
+
+    /// One endpoint address on another node per /24 (IPv4) or /64 (IPv6), the size of a
+    /// node's pod CIDR: where the kernel routes these, the replies of masqueraded flows to
+    /// remote backends come back (an overlay's tunnel device, for one).
+    pub fn remote_probes(
+        &self,
+        slices: &[Arc<Slice>],
+    ) -> std::collections::BTreeSet<std::net::IpAddr> {
+        let mut by_prefix = std::collections::BTreeMap::new();
+        for e in slices.iter().flat_map(|s| s.endpoints.iter()) {
+            let remote = e
+                .node_name
+                .as_deref()
+                .is_some_and(|n| !n.is_empty() && n != self.name);
+            if let (true, Address::Ip(ip)) = (remote, &e.address) {
+                by_prefix.entry(probe_prefix(ip)).or_insert(*ip);
+            }
+        }
+        by_prefix.into_values().collect()
     }
 
     /// Reads the zone label from this node's Node object.
@@ -240,7 +294,31 @@ mod tests {
                 node.local_endpoints_cached(&slices, &mut cache),
                 node.local_endpoints(&slices)
             );
+            assert_eq!(cache.remote_probes(), &node.remote_probes(&slices));
         }
+    }
+
+    #[test]
+    fn remote_probes_are_one_endpoint_per_pod_cidr_sized_prefix_of_other_nodes() {
+        let node = NodeInfo {
+            name: "node-a".into(),
+            ..NodeInfo::default()
+        };
+        let a = slice(
+            "a",
+            &[
+                ("10.244.0.5", "node-a"),
+                ("10.244.1.5", "node-b"),
+                ("10.244.1.6", "node-b"),
+                ("10.244.2.5", "node-c"),
+            ],
+        );
+        let probes: Vec<String> = node
+            .remote_probes(&[a])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(probes, ["10.244.1.5", "10.244.2.5"]);
     }
 
     #[test]

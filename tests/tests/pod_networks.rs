@@ -14,6 +14,9 @@
 //! - a pod created after the agent is up becomes reachable through a NodePort, and again after
 //!   it is recreated with the same address on a new veth (same name, then a new name); a veth
 //!   that goes away leaves nothing behind in `status` or the pins.
+//!
+//! And an overlay (flannel's VXLAN): the remote backend's replies arrive on `flannel.1`, which
+//! the agent must find by the route to the remote endpoint.
 
 mod common;
 
@@ -28,14 +31,22 @@ use common::*;
 use tests::{
     Agent, Shape, Testbed,
     harness::{
-        testbed::{EXT_IP4, EXT_IP6},
+        testbed::{EXT_IP4, EXT_IP6, VXLAN_DEVICE},
         topology::Proto,
     },
     poll_until,
 };
 
-/// Every address of node-a a masqueraded flow may carry (its LAN and pod gateway addresses).
-const NODE_A: [&str; 4] = ["192.168.77.1", "fd00:77::1", "10.244.0.1", "fd00:244::1"];
+/// Every address of node-a a masqueraded flow may carry (its LAN and pod gateway addresses,
+/// and in the overlay its `flannel.1` addresses).
+const NODE_A: [&str; 6] = [
+    "192.168.77.1",
+    "fd00:77::1",
+    "10.244.0.1",
+    "fd00:244::1",
+    "10.244.0.0",
+    "fd00:244::",
+];
 
 /// A Service of the test: one backend (node, pod), its NodePorts, its address suffix.
 struct Svc {
@@ -404,6 +415,44 @@ fn pod_network_ptp_external_traffic_reaches_local_backends() {
 #[test]
 fn pod_network_calico_external_traffic_reaches_local_backends() {
     pod_network(Shape::Calico);
+}
+
+/// flannel's `vxlan` backend (Calico's VXLAN alike): node-a reaches node-b's pods through its
+/// VXLAN device `flannel.1`, so a masqueraded flow to b-pod-1 leaves with `flannel.1`'s
+/// address and b-pod-1's replies come back through `flannel.1`. The agent finds that device
+/// by the route to the remote endpoint and puts tc there, treated as an external interface.
+#[test]
+fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_vxlan(&[2, 1], Shape::Bridge);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    NEAR_LOCAL.program(&agent, &tb, 0, 1);
+    FAR.program(&agent, &tb, 1, 0);
+    check_from_outside(&tb, &FAR, "b-pod-1");
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    let tc = tc_interfaces(&status(&tb, &agent));
+    assert!(
+        tc.iter()
+            .any(|(i, why)| i == VXLAN_DEVICE && why.contains("route to remote endpoint")),
+        "{tc:?}"
+    );
+    let out = verify_in_node(&tb, &agent, NODE);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
 }
 
 /// A metric of `agent` (polled; the agent refreshes gauges as it attaches).

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
-    info::{IFACE_EXTERNAL, IFACE_KEPT},
+    info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
     reason::{Hook, Reason},
     service::{FLAG_LEAST_CONN, SCOPE_EXTERNAL, SCOPE_INTERNAL},
 };
@@ -97,7 +97,7 @@ fn scope<F: Family>(ctx: &TcContext) -> u8 {
     let here = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a map lookup whose value is copied at once.
     let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
-    if why == IFACE_EXTERNAL || why == IFACE_KEPT {
+    if why == IFACE_EXTERNAL || why == IFACE_KEPT || why == IFACE_REMOTE_ROUTE {
         return SCOPE_EXTERNAL;
     }
     if F::frontend(&pkt.t, SCOPE_INTERNAL).is_some() {

@@ -445,6 +445,7 @@ impl PodInterfaceLink {
         manager.set_inputs(podif::ClusterInputs {
             endpoints,
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
+            remote: self.local.remote_probes().clone(),
         });
         let waiting = manager.waiting().clone();
         self.metrics

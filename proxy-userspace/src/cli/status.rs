@@ -92,6 +92,7 @@ enum InterfaceCause {
     Named,
     Bridge,
     Kept,
+    RemoteRoute,
     /// No `LB_IFACES` entry, or one this build does not know.
     Unknown,
 }
@@ -106,6 +107,7 @@ fn cause_of(info: Option<&IfaceInfo>) -> InterfaceCause {
         Some(IFACE_NAMED) => InterfaceCause::Named,
         Some(IFACE_BRIDGE) => InterfaceCause::Bridge,
         Some(IFACE_KEPT) => InterfaceCause::Kept,
+        Some(IFACE_REMOTE_ROUTE) => InterfaceCause::RemoteRoute,
         _ => InterfaceCause::Unknown,
     }
 }

@@ -368,6 +368,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let inputs = podif::ClusterInputs {
         endpoints,
         pod_cidrs: snapshot.node.pod_cidrs.clone(),
+        remote: snapshot.node.remote_probes(&snapshot.slices),
     };
     let interfaces_missing: Vec<(String, String)> =
         podif::unattached(&args.inspect.bpffs, &spec, &inputs)?

@@ -1109,7 +1109,10 @@ impl Datapath {
         let wanted: BTreeSet<String> = if choice == XdpChoice::Off {
             BTreeSet::new()
         } else {
-            interfaces.iter().map(|i| format!("xdp-{i}")).collect()
+            interfaces
+                .iter()
+                .map(|i| super::tclinks::link_pin_name("xdp-", i))
+                .collect()
         };
         prune_links(&links_dir, "xdp-", &wanted);
         if wanted.is_empty() {
@@ -1131,7 +1134,7 @@ impl Datapath {
         );
         let mut attached = Vec::new();
         for interface in interfaces {
-            let pin = links_dir.join(format!("xdp-{interface}"));
+            let pin = links_dir.join(super::tclinks::link_pin_name("xdp-", interface));
             if replace_pinned(&pin, program.fd()?.as_fd()) {
                 log::info!("XDP on {interface}: program replaced in place");
                 attached.push((interface.clone(), "kept"));
@@ -1251,7 +1254,7 @@ impl Datapath {
 fn prune_links(links_dir: &Path, prefix: &str, wanted: &BTreeSet<String>) {
     for entry in fs::read_dir(links_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(interface) = name.strip_prefix(prefix)
+        if let Some(interface) = super::tclinks::iface_of_pin(prefix, &name)
             && !wanted.contains(&name)
         {
             log::info!(
@@ -2304,12 +2307,11 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
         .filter(|name| {
             // tc and XDP links count only while they are on the interface of their name (a
             // recreated interface has a new index and none of our programs).
-            let interface = name
-                .strip_prefix("tc-")
-                .or_else(|| name.strip_prefix("xdp-"));
+            let interface = super::tclinks::iface_of_pin("tc-", name)
+                .or_else(|| super::tclinks::iface_of_pin("xdp-", name));
             interface.is_none_or(|i| {
                 super::tclinks::link_state(&links_dir.join(name)).is_some_and(|s| {
-                    s.ifindex != 0 && super::tclinks::ifindex(i) == Some(s.ifindex)
+                    s.ifindex != 0 && super::tclinks::ifindex(&i) == Some(s.ifindex)
                 })
             })
         })
@@ -2318,7 +2320,8 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
                 .ok()
                 .and_then(|l| FdLink::from(l).info().ok());
             HookInfo {
-                hook: name,
+                // As the interface is named (a pin name writes its dots as colons).
+                hook: name.replace(':', "."),
                 link_id: info.as_ref().map(|i| i.id()),
                 program_id: info.as_ref().map(|i| i.program_id()),
             }

@@ -15,7 +15,7 @@ use std::{
 
 use proxy_common::info::{
     IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_KEPT, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_CIDR,
-    IFACE_POD_ROUTE,
+    IFACE_POD_ROUTE, IFACE_REMOTE_ROUTE,
 };
 
 use super::{
@@ -134,6 +134,10 @@ pub enum Why {
     },
     /// Carried the program under the previous agent; kept until the cluster has been read.
     Kept,
+    /// The route to this endpoint on another node leaves here, through a device other than
+    /// an external interface (an overlay's tunnel): replies of masqueraded flows to it come
+    /// back here.
+    RemoteRoute(IpAddr),
 }
 
 impl Why {
@@ -143,6 +147,7 @@ impl Why {
             Why::External => (IFACE_EXTERNAL, None, None),
             Why::Named => (IFACE_NAMED, None, None),
             Why::Kept => (IFACE_KEPT, None, None),
+            Why::RemoteRoute(a) => (IFACE_REMOTE_ROUTE, Some((*a, full_len(a))), None),
             Why::Route(a) => (IFACE_POD_ROUTE, Some((*a, full_len(a))), None),
             Why::PodCidr(c) => (IFACE_POD_CIDR, Some((c.addr, c.len)), None),
             Why::Pattern(p) => (IFACE_PATTERN, None, Some(p.as_str())),
@@ -172,6 +177,7 @@ impl std::fmt::Display for Why {
             Why::Pattern(p) => write!(f, "pod: name matches pattern {p}"),
             Why::Bridge { port, because } => write!(f, "bridge of {port} ({because})"),
             Why::Kept => write!(f, "kept from the previous agent until endpoints are read"),
+            Why::RemoteRoute(a) => write!(f, "route to remote endpoint {a}"),
         }
     }
 }
@@ -197,6 +203,8 @@ pub struct Discovery {
 pub struct ClusterInputs {
     pub endpoints: BTreeSet<IpAddr>,
     pub pod_cidrs: Vec<Cidr>,
+    /// Endpoints on other nodes, one per pod-CIDR-sized prefix (`NodeInfo::remote_probes`).
+    pub remote: BTreeSet<IpAddr>,
 }
 
 /// A few addresses inside `cidr` to ask the routing table about (the network address itself
@@ -217,6 +225,9 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
         })
         .collect()
 }
+
+/// Device kinds without an Ethernet header, which the program cannot read.
+const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
 
 /// Decides which interfaces carry the program: `external` ones, the named ones, those the
 /// kernel routes local endpoints and pod CIDRs through directly (`auto`; routes via a gateway
@@ -286,6 +297,21 @@ pub fn discover(
                     add(&mut out, link, Why::PodCidr(*cidr));
                     break;
                 }
+            }
+        }
+        // Overlays: the masquerading address of a flow to a remote backend is the tunnel
+        // device's, so the replies arrive there. Devices without an Ethernet header (ipip,
+        // WireGuard) are left out: the program reads Ethernet frames.
+        for ep in &inputs.remote {
+            if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
+                && let Some(link) = by_index.get(&oif)
+                && !out.wanted.contains_key(&link.name)
+                && !link
+                    .kind
+                    .as_deref()
+                    .is_some_and(|k| L3_TUNNELS.contains(&k))
+            {
+                add(&mut out, link, Why::RemoteRoute(*ep));
             }
         }
     }

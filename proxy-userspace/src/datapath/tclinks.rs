@@ -25,6 +25,18 @@ pub const TC_PROGRAM_PIN: &str = "tc_ingress";
 /// Pin name prefix of the tc links (`tc-IFNAME`).
 pub const TC_LINK_PREFIX: &str = "tc-";
 
+/// The pin file name of the link `prefix` (`tc-`, `xdp-`) of interface `iface`. bpffs refuses
+/// names with a dot, which interface names may hold (flannel's `flannel.1`, VLANs'
+/// `eth0.100`): a dot is written as a colon, which no interface name holds.
+pub fn link_pin_name(prefix: &str, iface: &str) -> String {
+    format!("{prefix}{}", iface.replace('.', ":"))
+}
+
+/// The interface of a link pin's file name, if it has `prefix` (`link_pin_name` undone).
+pub fn iface_of_pin(prefix: &str, file: &str) -> Option<String> {
+    file.strip_prefix(prefix).map(|i| i.replace(':', "."))
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -77,14 +89,14 @@ pub fn live_links(pin_dir: &Path) -> BTreeMap<String, LinkState> {
     let mut out = BTreeMap::new();
     for entry in fs::read_dir(&links_dir).into_iter().flatten().flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let Some(name) = file.strip_prefix(TC_LINK_PREFIX) else {
+        let Some(name) = iface_of_pin(TC_LINK_PREFIX, &file) else {
             continue;
         };
         if let Some(state) = link_state(&entry.path())
             && state.ifindex != 0
-            && ifindex(name) == Some(state.ifindex)
+            && ifindex(&name) == Some(state.ifindex)
         {
-            out.insert(name.to_string(), state);
+            out.insert(name, state);
         }
     }
     out
@@ -157,7 +169,7 @@ impl TcLinks {
     }
 
     fn pin(&self, name: &str) -> PathBuf {
-        self.links_dir.join(format!("{TC_LINK_PREFIX}{name}"))
+        self.links_dir.join(link_pin_name(TC_LINK_PREFIX, name))
     }
 
     /// Interfaces with a pinned tc link (live or not): name → link state.
@@ -168,7 +180,7 @@ impl TcLinks {
             .flatten()
             .filter_map(|e| {
                 let file = e.file_name().to_string_lossy().into_owned();
-                let name = file.strip_prefix(TC_LINK_PREFIX)?.to_string();
+                let name = iface_of_pin(TC_LINK_PREFIX, &file)?;
                 Some((name, link_state(&e.path())))
             })
             .collect()
@@ -363,6 +375,25 @@ pub fn describe(info: &IfaceInfo) -> String {
         ),
         IFACE_BRIDGE => format!("bridge: its port {} was selected", text(&info.via)),
         IFACE_KEPT => "kept from the previous agent until this node's endpoints are read".into(),
+        IFACE_REMOTE_ROUTE => format!("route to remote endpoint {addr}"),
         other => format!("unknown reason {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bpffs refuses a pin name with a dot: interface names with dots are pinned with colons,
+    /// and read back as they are named.
+    #[test]
+    fn link_pin_names_hold_no_dot_and_give_the_interface_back() {
+        for iface in ["eth0", "flannel.1", "eth0.100", "cali1234567890a"] {
+            let pin = link_pin_name(TC_LINK_PREFIX, iface);
+            assert!(!pin.contains('.'), "{pin}");
+            assert_eq!(iface_of_pin(TC_LINK_PREFIX, &pin).as_deref(), Some(iface));
+        }
+        assert_eq!(link_pin_name("xdp-", "flannel.1"), "xdp-flannel:1");
+        assert_eq!(iface_of_pin("tc-", "xdp-eth0"), None);
     }
 }

@@ -23,6 +23,10 @@
 //!     to its veth. A real node's default route makes proxy ARP answer for 169.254.1.1; nodes
 //!     here have none, so they get `169.254.1.1/32 dev eth0` in its place.
 //!
+//!   `Testbed::with_vxlan` connects the nodes' pod networks through a VXLAN overlay as flannel
+//!   does (`flannel.1` on each node, routes to other nodes' pod CIDRs through it) instead of
+//!   routes via LAN addresses.
+//!
 //!   `Testbed::add_pod` adds a pod later, `Testbed::recreate_pod_link` replaces a pod's veth
 //!   as a pod restart with the same address would.
 //!
@@ -193,6 +197,132 @@ fn lan_addresses(ns: &NetNs, ip4: Ipv4Addr, ip6: Ipv6Addr) {
     ns.ip(&["link", "set", "eth0", "up"]);
 }
 
+/// The VXLAN device of node `i` in the overlay (`Testbed::with_vxlan`).
+pub const VXLAN_DEVICE: &str = "flannel.1";
+
+/// The address node `i` holds on its VXLAN device: 10.244.i.0 (and fd00:244:i::).
+pub fn vxlan_ip4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, u8::try_from(i).expect("at most 256 nodes"), 0)
+}
+
+pub fn vxlan_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x244,
+        u16::try_from(i).expect("at most 256 nodes"),
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+}
+
+fn vxlan_mac(i: usize) -> String {
+    format!("0e:00:00:00:00:{:02x}", lan_octet(i))
+}
+
+/// Node `i`'s `flannel.1` and its routes to the pods of the other `count - 1` nodes.
+fn add_vxlan(ns: &NetNs, i: usize, count: usize) {
+    let local = lan_ip4(i).to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        VXLAN_DEVICE,
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dev",
+        "eth0",
+        "local",
+        &local,
+        "dstport",
+        "8472",
+        "nolearning",
+    ]);
+    ns.ip(&[
+        "link",
+        "set",
+        VXLAN_DEVICE,
+        "address",
+        &vxlan_mac(i),
+        "mtu",
+        "1450",
+    ]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", vxlan_ip4(i)),
+        "dev",
+        VXLAN_DEVICE,
+    ]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/128", vxlan_ip6(i)),
+        "dev",
+        VXLAN_DEVICE,
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", VXLAN_DEVICE, "up"]);
+    for k in (0..count).filter(|k| *k != i) {
+        let (mac, gw4, gw6) = (
+            vxlan_mac(k),
+            vxlan_ip4(k).to_string(),
+            vxlan_ip6(k).to_string(),
+        );
+        for (family, gw) in [("-4", &gw4), ("-6", &gw6)] {
+            ns.ip(&[
+                family,
+                "neigh",
+                "add",
+                gw,
+                "lladdr",
+                &mac,
+                "dev",
+                VXLAN_DEVICE,
+                "nud",
+                "permanent",
+            ]);
+        }
+        ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                VXLAN_DEVICE,
+                "dst",
+                &lan_ip4(k).to_string(),
+            ],
+        );
+        let (cidr4, cidr6) = pod_cidrs(k);
+        ns.ip(&[
+            "route",
+            "add",
+            &cidr4,
+            "via",
+            &gw4,
+            "dev",
+            VXLAN_DEVICE,
+            "onlink",
+        ]);
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &cidr6,
+            "via",
+            &gw6,
+            "dev",
+            VXLAN_DEVICE,
+            "onlink",
+        ]);
+    }
+}
+
 /// `a`, `b`, ... for node 0, 1, ...
 fn node_letter(i: usize) -> char {
     char::from(
@@ -300,6 +430,21 @@ impl Testbed {
 
     /// Like `new`, with the pods connected to their nodes as `shape` says.
     pub fn with_shape(pods_per_node: &[usize], shape: Shape) -> Testbed {
+        Testbed::build(pods_per_node, shape, false)
+    }
+
+    /// Like `with_shape`, with the nodes reaching each other's pods through a VXLAN overlay as
+    /// flannel's `vxlan` backend sets it up, instead of routes via their LAN addresses: on
+    /// each node a VXLAN device `flannel.1` (VNI 1, UDP 8472 over `eth0`, MTU 1450, MAC
+    /// 0e:00:00:00:00:<i+1>) holding 10.244.i.0/32 and fd00:244:i::/128; for every other node
+    /// k a permanent neighbour entry for 10.244.k.0 and fd00:244:k:: with k's MAC, a
+    /// forwarding entry sending that MAC to k's LAN address, and routes to k's pod CIDRs via
+    /// 10.244.k.0 / fd00:244:k:: `onlink` through `flannel.1`.
+    pub fn with_vxlan(pods_per_node: &[usize], shape: Shape) -> Testbed {
+        Testbed::build(pods_per_node, shape, true)
+    }
+
+    fn build(pods_per_node: &[usize], shape: Shape, vxlan: bool) -> Testbed {
         assert!(
             (1..=26).contains(&pods_per_node.len()),
             "a testbed has 1 to 26 nodes"
@@ -347,8 +492,13 @@ impl Testbed {
                 bed.add_pod(i);
             }
         }
+        let count = bed.nodes.len();
         for (i, node) in bed.nodes.iter().enumerate() {
-            for k in (0..bed.nodes.len()).filter(|k| *k != i) {
+            if vxlan {
+                add_vxlan(&node.ns, i, count);
+                continue;
+            }
+            for k in (0..count).filter(|k| *k != i) {
                 let (cidr4, cidr6) = pod_cidrs(k);
                 node.ns
                     .ip(&["route", "add", &cidr4, "via", &lan_ip4(k).to_string()]);

@@ -84,6 +84,7 @@ fn auto_follows_routes_to_local_endpoints() {
         ]
         .into(),
         pod_cidrs: Vec::new(),
+        remote: Default::default(),
     };
     let found = discover(&spec, &links(), &["eth0".into()], &inputs, &mut route);
     let got: Vec<(&str, String)> = found
@@ -105,6 +106,53 @@ fn auto_follows_routes_to_local_endpoints() {
     );
     assert_eq!(found.wanted["calia1"].index, 5);
     assert!(found.missing.is_empty());
+}
+
+/// Overlays (flannel's vxlan, Calico's VXLAN): the route to pods on other nodes leaves through
+/// a tunnel device, which carries the program (replies of masqueraded flows arrive there);
+/// one through an external interface adds nothing, nor one through a device without an
+/// Ethernet header.
+#[test]
+fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
+    let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
+    let mut all = links();
+    all.push(link(7, "flannel.1", None, Some("vxlan")));
+    all.push(link(8, "tunl0", None, Some("ipip")));
+    let inputs = ClusterInputs {
+        remote: [
+            ip("10.244.1.9"),
+            ip("10.244.2.9"),
+            ip("10.244.3.9"),
+            ip("fd00:244:1::9"),
+        ]
+        .into(),
+        ..ClusterInputs::default()
+    };
+    let mut route = |a: IpAddr| match a.to_string().as_str() {
+        "10.244.1.9" | "fd00:244:1::9" => RouteHit::Gateway { oif: 7 },
+        "10.244.2.9" => RouteHit::Gateway { oif: 8 },
+        _ => RouteHit::Gateway { oif: 2 },
+    };
+    let found = discover(&spec, &all, &["eth0".into()], &inputs, &mut route);
+    let got: Vec<(&str, String)> = found
+        .wanted
+        .iter()
+        .map(|(n, w)| (n.as_str(), w.why.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("eth0", "external".to_string()),
+            (
+                "flannel.1",
+                "route to remote endpoint 10.244.1.9".to_string()
+            ),
+        ]
+    );
+    assert_eq!(
+        found.wanted["flannel.1"].why.info("flannel.1", 7).why,
+        proxy_common::info::IFACE_REMOTE_ROUTE
+    );
 }
 
 #[test]
@@ -144,6 +192,7 @@ fn pod_cidr_route_selects_its_interface() {
     let inputs = ClusterInputs {
         endpoints: Default::default(),
         pod_cidrs: vec![Cidr::parse("10.244.1.0/24").unwrap()],
+        remote: Default::default(),
     };
     let mut r = |a: IpAddr| {
         if a.to_string().starts_with("10.244.1.") {
