@@ -961,14 +961,17 @@ fn check_state_matches(d: &Desired, state: &MapState) -> Result<(), TestCaseErro
             ((b.addr, b.port, b.proto.number()), flags, b.weight.max(1))
         })
         .collect();
+    check_kept_members(d, state)?;
+    let kept = kept_only(state);
     let have: BTreeSet<((IpAddr, u16, u8), u8, u16)> = state
         .backends
-        .values()
-        .map(|v| (identity(v), v.flags, v.weight))
+        .iter()
+        .filter(|(id, _)| !kept.contains(id))
+        .map(|(_, v)| (identity(v), v.flags, v.weight))
         .collect();
     prop_assert_eq!(
         have.len(),
-        state.backends.len(),
+        state.backends.len() - kept.len(),
         "one backend value under two ids"
     );
     prop_assert_eq!(have, wanted);
@@ -1803,7 +1806,53 @@ struct Normal {
     backends: BTreeSet<String>,
 }
 
+/// Backends only members without slots point at: entries an earlier state recorded flows
+/// with, kept while their endpoint serves (semantics 9.3), so they depend on history.
+fn kept_only(state: &MapState) -> BTreeSet<u32> {
+    let used: BTreeSet<u32> = state
+        .members
+        .iter()
+        .filter(|(_, m)| m.slots != 0)
+        .map(|(k, _)| k.backend_id)
+        .collect();
+    state
+        .members
+        .iter()
+        .filter(|(k, m)| m.slots == 0 && !used.contains(&k.backend_id))
+        .map(|(k, _)| k.backend_id)
+        .collect()
+}
+
+/// Every member without slots is justified: its endpoint still serves the frontend's port
+/// (one of the frontend's backends or `keep_flows`).
+fn check_kept_members(d: &Desired, state: &MapState) -> Result<(), TestCaseError> {
+    for (fe, f) in &d.frontends {
+        let Some(v) = state.services.get(&ServiceKey::of(fe)) else {
+            continue;
+        };
+        let serving: BTreeSet<(IpAddr, u16, u8)> = f
+            .backends
+            .iter()
+            .chain(&f.keep_flows)
+            .map(|b| (b.addr, b.port, b.proto.number()))
+            .collect();
+        for (k, m) in state.members.iter().filter(|(k, _)| k.svc_id == v.id) {
+            if m.slots == 0 {
+                let b = &state.backends[&k.backend_id];
+                prop_assert!(
+                    serving.contains(&identity(b)),
+                    "{} keeps a member for {:?}, which does not serve it",
+                    fe,
+                    identity(b)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn normal(state: &MapState) -> Normal {
+    let kept = kept_only(state);
     let name = |id: &u32| {
         state.backends.get(id).map_or("?".to_string(), |v| {
             format!(
@@ -1815,7 +1864,12 @@ fn normal(state: &MapState) -> Normal {
     let mut out = Normal {
         frontends: BTreeMap::new(),
         markers: BTreeSet::new(),
-        backends: state.backends.keys().map(name).collect(),
+        backends: state
+            .backends
+            .keys()
+            .filter(|id| !kept.contains(id))
+            .map(name)
+            .collect(),
     };
     for (key, v) in &state.services {
         if key.is_any_port() {
@@ -1830,7 +1884,8 @@ fn normal(state: &MapState) -> Normal {
         let members: BTreeMap<String, u32> = state
             .members
             .iter()
-            .filter(|(k, _)| k.svc_id == v.id)
+            // Members without slots depend on history (`kept_only`).
+            .filter(|(k, m)| k.svc_id == v.id && m.slots != 0)
             .map(|(k, m)| (name(&k.backend_id), m.slots))
             .collect();
         let maglev: Vec<String> = state
@@ -1935,6 +1990,7 @@ fn incremental_equals_scratch(
             "step {}: maps",
             step
         );
+        check_kept_members(&scratch, mirror.state())?;
         // Planning again finds nothing to do.
         let again = mirror.plan_full(compiler.desired());
         prop_assert!(
@@ -1983,6 +2039,7 @@ fn agent_sync_equals_scratch(snapshots: &[&Snapshot], group: usize) -> Result<()
             fresh.apply(&op);
         }
         prop_assert_eq!(normal(&io), normal(&fresh), "step {}: maps", step);
+        check_kept_members(&compile(snapshot), &io)?;
     }
     Ok(())
 }
