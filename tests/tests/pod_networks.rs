@@ -273,20 +273,26 @@ fn wait_forgotten(tb: &Testbed, agent: &Agent, name: &str) {
     );
 }
 
+/// Echo servers in a-pod-1, a-pod-2 and b-pod-1, and node-a's agent (started, the default
+/// `--pod-interfaces auto`: nothing named) serving `NEAR`, `NEAR_LOCAL` and `FAR` from them.
+fn serve_near_and_far(tb: &mut Testbed) -> Agent {
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let mut agent = node_agent(tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.start();
+    NEAR.program(&agent, tb, 0, 0);
+    NEAR_LOCAL.program(&agent, tb, 0, 1);
+    FAR.program(&agent, tb, 1, 0);
+    agent
+}
+
 fn pod_network(shape: Shape) {
     if !privileged() {
         return;
     }
     let mut tb = Testbed::with_shape(&[2, 1], shape);
-    tb.serve(0, 0, BACKEND_PORT);
-    tb.serve(0, 1, BACKEND_PORT);
-    tb.serve(1, 0, BACKEND_PORT);
-    // The default --pod-interfaces (auto): nothing named.
-    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
-    agent.start();
-    NEAR.program(&agent, &tb, 0, 0);
-    NEAR_LOCAL.program(&agent, &tb, 0, 1);
-    FAR.program(&agent, &tb, 1, 0);
+    let mut agent = serve_near_and_far(&mut tb);
 
     check_from_outside(&tb, &NEAR, "a-pod-1");
     check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
@@ -427,14 +433,7 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
         return;
     }
     let mut tb = Testbed::with_vxlan(&[2, 1], Shape::Bridge);
-    tb.serve(0, 0, BACKEND_PORT);
-    tb.serve(0, 1, BACKEND_PORT);
-    tb.serve(1, 0, BACKEND_PORT);
-    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
-    agent.start();
-    NEAR.program(&agent, &tb, 0, 0);
-    NEAR_LOCAL.program(&agent, &tb, 0, 1);
-    FAR.program(&agent, &tb, 1, 0);
+    let mut agent = serve_near_and_far(&mut tb);
     check_from_outside(&tb, &FAR, "b-pod-1");
     check_from_outside(&tb, &NEAR, "a-pod-1");
     check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
