@@ -582,6 +582,47 @@ fn tc_masquerades_a_cluster_node_port_flow() {
     assert_eq!(seen(&out.packet).dst, (REMOTE_POD, 8080));
 }
 
+/// A ClusterIP reached from outside the node (a route to the Service CIDR): translated with
+/// the ClusterIP's frontend like any other source (semantics 12.5), masqueraded as a source
+/// that is no local pod (7.12), replies translated back; a port the ClusterIP does not serve
+/// is rejected (3.12, nftables mode), an address that is no ClusterIP left alone.
+#[test]
+fn tc_translates_a_cluster_ip_reached_from_outside() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+    let out = rig.tc(&tcp4((CLIENT, 40000), (cluster_ip, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let s = seen(&out.packet);
+    assert_eq!(s.dst, (REMOTE_POD, 8080));
+    assert_eq!(s.src.0, NODE, "masqueraded to the route's source");
+    let out = rig.tc(&tcp4(
+        (REMOTE_POD, 8080),
+        (NODE, s.src.1),
+        TCP_SYN | TCP_ACK,
+    ));
+    assert_eq!(
+        seen(&out.packet),
+        Seen {
+            src: (cluster_ip, 80),
+            dst: (CLIENT, 40000),
+            flags: TCP_SYN | TCP_ACK
+        }
+    );
+    // Port 81 is no port of the Service: rejected with a reset.
+    let out = rig.tc(&tcp4((CLIENT, 40001), (cluster_ip, 81), TCP_SYN));
+    let s = seen(&out.packet);
+    assert_eq!((s.src, s.dst), ((cluster_ip, 81), (CLIENT, 40001)));
+    assert!(s.flags & TCP_RST != 0, "a reset: {:#x}", s.flags);
+    // Not a ClusterIP: untouched.
+    let other = tcp4((CLIENT, 40002), (Ipv4Addr::new(10, 96, 0, 99), 80), TCP_SYN);
+    let out = rig.tc(&other);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, other);
+}
+
 /// A node port of a Service without endpoints is answered with a reset built in place and
 /// sent back (semantics 3.7); nothing is tracked.
 #[test]

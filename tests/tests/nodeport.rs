@@ -355,6 +355,38 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
 }
 
 #[test]
+fn cluster_ips_reached_from_outside_are_translated_and_masqueraded() {
+    // semantics 12.5: traffic to a Service address is handled for every source, forwarded
+    // packets too (ext routes the Service CIDR via node-a); 7.12: a source that is no local
+    // pod is masqueraded; 3.12 (nftables): a port the ClusterIP does not serve is rejected.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(1, 0)]);
+    for ip in ["10.96.0.10", "fd00:96::10"] {
+        for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
+            let to = addr(ip, port);
+            wait_answered(&tb, proto, to);
+            for r in tb.request_ext(proto, to, 3) {
+                assert!(r.ok, "{to} {proto:?}: {r:?}");
+                assert_eq!(r.backend, "b-pod-1", "{r:?}");
+                let seen = r.seen.parse::<SocketAddr>().expect("seen").ip();
+                assert!(
+                    NODE_A.contains(&seen.to_string().as_str()),
+                    "{to} {proto:?} not masqueraded: {r:?}"
+                );
+                assert_eq!(r.peer.parse::<SocketAddr>().expect("peer"), to, "{r:?}");
+            }
+        }
+        let r = tb.request_ext(Proto::Tcp, addr(ip, 81), 1);
+        assert_eq!(r[0].errno, Some(111), "port 81 of {ip}: {r:?}");
+    }
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
 fn udp_flow_to_a_removed_backend_is_balanced_afresh() {
     // semantics 9.2 (issue #12 on the packet path): a UDP flow from outside keeps its tuple,
     // so only connection tracking ties it to a backend; when that backend leaves the Service

@@ -1,7 +1,8 @@
 //! New flows reaching the node from elsewhere (tc ingress on the node's external and pod-facing
 //! interfaces): NodePorts, externalIPs and load balancer IPs are translated to a backend with
 //! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
-//! replies translated back. On pod-facing interfaces, while some pod has socket-layer
+//! replies translated back. A ClusterIP reached from outside (its Service CIDR routed to the
+//! node) is translated with its own frontend and masqueraded (semantics 12.5, 7.12). On pod-facing interfaces, while some pod has socket-layer
 //! translation off (`LB_SOCKLB_OFF`), ClusterIPs too: those pods' connections reach tc with
 //! the Service address, as under kube-proxy. Translated packets are routed here (FIB lookup, then
 //! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
@@ -50,7 +51,7 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     let scope = if socklb::any() {
         scope::<F>(ctx)
     } else {
-        SCOPE_EXTERNAL
+        outside_scope::<F>(ctx)
     };
     if scope == SCOPE_REJECT {
         return reject::reject::<F>(ctx);
@@ -81,6 +82,62 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
 /// (semantics 3.12). Not a scope.
 const SCOPE_REJECT: u8 = 0xff;
 
+/// Returned by `scope` for a new flow from outside the node (an external interface) to a
+/// ClusterIP: translated with the ClusterIP's (internal) frontend and masqueraded (semantics
+/// 12.5: every source; 7.12: a source that is no local pod is masqueraded). Looked up as
+/// `SCOPE_INTERNAL`.
+const SCOPE_FROM_OUTSIDE: u8 = 0xfe;
+
+/// The scope a frontend of `scope` is looked up in.
+#[inline(always)]
+fn lookup_scope(scope: u8) -> u8 {
+    if scope == SCOPE_FROM_OUTSIDE {
+        SCOPE_INTERNAL
+    } else {
+        scope
+    }
+}
+
+/// Whether interface `why` (`IFACE_*`) is where traffic from outside the node arrives.
+#[inline(always)]
+fn outside(why: u8) -> bool {
+    why == IFACE_EXTERNAL || why == IFACE_KEPT || why == IFACE_REMOTE_ROUTE
+}
+
+/// The scope of a new flow to a ClusterIP arriving from outside (the interface says so): its
+/// internal frontend, or rejected when the ClusterIP does not serve that port (3.12). A
+/// ClusterIP's own frontends are internal only: from outside it is reached only by a route
+/// to the Service CIDR (a router, a BGP announcement).
+#[inline(always)]
+fn cluster_ip_from_outside<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> u8 {
+    if F::frontend(t, SCOPE_INTERNAL).is_some() {
+        SCOPE_FROM_OUTSIDE
+    } else {
+        SCOPE_REJECT
+    }
+}
+
+/// `scope` while no pod has socket-layer translation off: external, except a ClusterIP
+/// reached from outside (one lookup for any other packet: is its destination a ClusterIP).
+#[inline(never)]
+fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return SCOPE_EXTERNAL;
+    };
+    if !F::cluster_ip(&pkt.t.daddr) || F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
+        return SCOPE_EXTERNAL;
+    }
+    // SAFETY: reading the context's own skb.
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map lookup whose value is copied at once.
+    let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
+    if outside(why) {
+        cluster_ip_from_outside::<F>(&pkt.t)
+    } else {
+        SCOPE_EXTERNAL
+    }
+}
+
 /// Which frontends a new flow on a pod-facing interface is looked up in, while some pod has
 /// socket-layer translation off: the external ones when its destination is one, else the
 /// internal ones (ClusterIPs; the connections of pods whose socket layer translates never reach
@@ -97,7 +154,10 @@ fn scope<F: Family>(ctx: &TcContext) -> u8 {
     let here = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a map lookup whose value is copied at once.
     let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
-    if why == IFACE_EXTERNAL || why == IFACE_KEPT || why == IFACE_REMOTE_ROUTE {
+    if outside(why) {
+        if F::cluster_ip(&pkt.t.daddr) {
+            return cluster_ip_from_outside::<F>(&pkt.t);
+        }
         return SCOPE_EXTERNAL;
     }
     if F::frontend(&pkt.t, SCOPE_INTERNAL).is_some() {
@@ -126,7 +186,7 @@ fn dropped<F: Family>(ctx: &TcContext, code: u32, scope: u8) -> i32 {
     let reason = Reason::from_index(code).unwrap_or(Reason::CtFailed);
     match F::parse(ctx) {
         Ok(pkt) => {
-            let svc_id = F::frontend(&pkt.t, scope).map_or(0, |svc| svc.id);
+            let svc_id = F::frontend(&pkt.t, lookup_scope(scope)).map_or(0, |svc| svc.id);
             monitor::dropped::<F>(Hook::TcIngress, reason, svc_id, &pkt.t);
         }
         Err(_) => stats::dropped(Hook::TcIngress, reason),
@@ -167,7 +227,7 @@ fn least_conn<F: Family>(ctx: &TcContext, scope: u8) -> u32 {
     let Ok(pkt) = F::parse(ctx) else {
         return lb::NO_PICK;
     };
-    match F::frontend(&pkt.t, scope) {
+    match F::frontend(&pkt.t, lookup_scope(scope)) {
         Some(svc) if svc.count != 0 => match lb::least_conn(&svc) {
             0 => lb::NO_PICK,
             id => id,
@@ -187,8 +247,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let pkt = &pkt;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    let from_outside = scope == SCOPE_FROM_OUTSIDE;
     let internal = scope == SCOPE_INTERNAL;
-    let svc = match newflow::admit::<F>(&pkt.t, scope) {
+    let svc = match newflow::admit::<F>(&pkt.t, lookup_scope(scope)) {
         Ok(svc) => svc,
         Err(None) => return TC_ACT_OK as i32,
         Err(Some(reason)) => return drop(reason),
@@ -210,6 +271,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         }
     };
     let (mut to, mut snat) = newflow::towards::<F>(&pkt.t, &svc, &choice);
+    snat |= from_outside;
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
