@@ -488,15 +488,7 @@ fn an_http_410_to_a_watch_request_relists() {
 /// client: the errors are counted while they last, and the source converges soon after.
 #[test]
 fn throttling_and_unavailability_are_counted_and_end_soon() {
-    let server = ApiServer::start();
-    populate(&server);
-    let metrics = Arc::new(Metrics::new("test", &[IpFamily::V4]));
-    let rx = start_source_with_metrics(&server, Some(metrics.clone()));
-    let mut log = Vec::new();
-    wait_for(&rx, &mut log, &baseline());
-    for res in Res::ALL {
-        wait_watching(&server, res);
-    }
+    let (server, metrics, rx, _) = watching_with_metrics();
     let errors = || {
         counter(
             &metrics.list_watch_errors,
@@ -792,9 +784,9 @@ const OUTAGE: Duration = Duration::from_secs(20);
 /// target is 5 s (the bench holds the tight figure); this bound is generous.
 const CONVERGE: Duration = Duration::from_secs(15);
 
-/// An outage of [`OUTAGE`] with changes made during it and the history compacted, so resumed
-/// watches get 410 Gone; then the server returns.
-fn outage_then_return(mode: Outage) {
+/// A populated API double and a source with metrics that has sent the baseline and is watching
+/// every kind; the snapshots received so far are in the returned log.
+fn watching_with_metrics() -> (ApiServer, Arc<Metrics>, Receiver<Snapshot>, Vec<Seen>) {
     let server = ApiServer::start();
     populate(&server);
     let metrics = Arc::new(Metrics::new("test", &[IpFamily::V4]));
@@ -804,6 +796,13 @@ fn outage_then_return(mode: Outage) {
     for res in Res::ALL {
         wait_watching(&server, res);
     }
+    (server, metrics, rx, log)
+}
+
+/// An outage of [`OUTAGE`] with changes made during it and the history compacted, so resumed
+/// watches get 410 Gone; then the server returns.
+fn outage_then_return(mode: Outage) {
+    let (server, metrics, rx, mut log) = watching_with_metrics();
     let old = baseline();
 
     server.outage(Some(mode));

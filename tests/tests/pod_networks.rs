@@ -327,12 +327,11 @@ fn pod_network(shape: Shape) {
     // XDP runs in front of tc on eth0 and hands local-backend flows to tc: they were answered.
     assert!(hooks(&s).contains("xdp-eth0"), "{s}");
     // verify agrees: the maps match and every pod-facing interface carries the program.
-    let out = verify_in_node(&tb, &agent, NODE);
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_verified(
+        &tb,
+        &agent,
+        NODE,
+        "with every pod-facing interface attached",
     );
 
     // Hairpin: node-a's pods, outside the hooked cgroup, to node-a's NodePort; answered by
@@ -443,12 +442,11 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
             .any(|(i, why)| i == VXLAN_DEVICE && why.contains("route to remote endpoint")),
         "{tc:?}"
     );
-    let out = verify_in_node(&tb, &agent, NODE);
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_verified(
+        &tb,
+        &agent,
+        NODE,
+        "with every pod-facing interface attached",
     );
     agent.assert_running();
     tb.assert_no_checksum_errors();

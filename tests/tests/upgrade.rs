@@ -295,12 +295,6 @@ fn upgrade_from_the_previous_release_fails_no_connection_and_keeps_counts() {
     );
     assert_eq!(layout("LB_CT4"), Some(serde_json::json!(1)), "{status}");
     // verify finds the maps equal to the objects.
-    let out = verify_in_node(&tb, &agent, NODE);
-    assert!(
-        out.status.success(),
-        "verify after the upgrade: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_verified(&tb, &agent, NODE, "after the upgrade");
     tb.assert_no_checksum_errors();
 }

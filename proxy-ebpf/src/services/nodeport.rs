@@ -2,9 +2,10 @@
 //! interfaces): NodePorts, externalIPs and load balancer IPs are translated to a backend with
 //! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
 //! replies translated back. A ClusterIP reached from outside (its Service CIDR routed to the
-//! node) is translated with its own frontend and masqueraded (semantics 12.5, 7.12). On pod-facing interfaces, while some pod has socket-layer
-//! translation off (`LB_SOCKLB_OFF`), ClusterIPs too: those pods' connections reach tc with
-//! the Service address, as under kube-proxy. Translated packets are routed here (FIB lookup, then
+//! node) is translated with its own frontend and masqueraded (semantics 12.5, 7.12). On
+//! pod-facing interfaces, while some pod has socket-layer translation off (`LB_SOCKLB_OFF`),
+//! ClusterIPs too: those pods' connections reach tc with the Service address, as under
+//! kube-proxy. Translated packets are routed here (FIB lookup, then
 //! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
 //! stack's input path would refuse as a martian.
 

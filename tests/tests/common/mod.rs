@@ -400,6 +400,17 @@ pub fn cli_in_node(tb: &tests::Testbed, agent: &Agent, args: &[&str]) -> std::pr
 
 /// `kube-bpf-proxy verify` of `agent`'s manifests against its pins, in node-a's namespace, as
 /// node `node`.
+/// Asserts that `verify` in node `node`'s namespace finds no drift (`what` names the moment).
+pub fn assert_verified(tb: &tests::Testbed, agent: &Agent, node: &str, what: &str) {
+    let out = verify_in_node(tb, agent, node);
+    assert!(
+        out.status.success(),
+        "verify {what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn verify_in_node(tb: &tests::Testbed, agent: &Agent, node: &str) -> std::process::Output {
     let manifests = agent.manifests.display().to_string();
     cli_in_node(
