@@ -862,16 +862,23 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         // may not use it (`FrontendState::keep_flows`, or an earlier entry of an endpoint whose
         // flags or weight changed): flows already on it keep it (semantics 9.3). Only
         // members that exist are kept: no flow can be on any other.
+        // The set of serving endpoints is built only for a frontend that has such a member
+        // (a plan of an unchanged frontend, the common case, builds none).
         if let Some(v) = existing {
-            let serving: BTreeSet<Endpoint> = state
-                .backends
-                .iter()
-                .chain(&state.keep_flows)
-                .map(|b| endpoint_of(&backend_value(b)))
-                .collect();
+            let mut serving: Option<BTreeSet<Endpoint>> = None;
             for (k, _) in current.members.range(member_range(v.id)) {
-                if !wanted_members.contains_key(&k.backend_id)
-                    && let Some(b) = current.backends.get(&k.backend_id)
+                if wanted_members.contains_key(&k.backend_id) {
+                    continue;
+                }
+                let serving = serving.get_or_insert_with(|| {
+                    state
+                        .backends
+                        .iter()
+                        .chain(&state.keep_flows)
+                        .map(|b| endpoint_of(&backend_value(b)))
+                        .collect()
+                });
+                if let Some(b) = current.backends.get(&k.backend_id)
                     && serving.contains(&endpoint_of(b))
                 {
                     wanted_members.insert(k.backend_id, 0);
