@@ -23,6 +23,8 @@ const _: () = {
     assert!(size_of::<SockRevNat4Value>() == 12);
     assert!(size_of::<SockRevNat6Key>() == 32);
     assert!(size_of::<SockRevNat6Value>() == 24);
+    assert!(size_of::<DgramFlowKey>() == 16);
+    assert!(size_of::<DgramFlowValue>() == 16);
     assert!(size_of::<ServiceInfo>() == 256);
     assert!(size_of::<AgentState>() == 64);
     assert!(size_of::<IfaceInfo>() == 56);

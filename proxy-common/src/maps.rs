@@ -16,6 +16,9 @@ pub const LB_AFFINITY: &str = "LB_AFFINITY";
 pub const SOCK4_REVNAT: &str = "SOCK4_REVNAT";
 /// Reverse translation for IPv6 sockets: `SockRevNat6Key` → `SockRevNat6Value` (LRU).
 pub const SOCK6_REVNAT: &str = "SOCK6_REVNAT";
+/// Unconnected sockets' datagram flows: `revnat::DgramFlowKey` (socket cookie, frontend) →
+/// `revnat::DgramFlowValue` (its backend) (LRU). Written by the programs at sendmsg.
+pub const LB_DGRAM_FLOWS: &str = "LB_DGRAM_FLOWS";
 /// Connection tracking of the packet path, IPv4: `Ct4Key` → `Ct4Value` (LRU).
 pub const LB_CT4: &str = "LB_CT4";
 /// Connection tracking of the packet path, IPv6: `Ct6Key` → `Ct6Value` (LRU).
@@ -99,7 +102,7 @@ pub const LB_VERSIONS: &str = "LB_VERSIONS";
 pub const VERSIONS_MAX: usize = 64;
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 33] = [
+pub const ALL: [&str; 34] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -133,6 +136,7 @@ pub const ALL: [&str; 33] = [
     LB_SOCKLB_NS,
     LB_DSR_PEERS6,
     LB_DSR_BUDGET6,
+    LB_DGRAM_FLOWS,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under

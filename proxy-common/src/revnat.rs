@@ -51,9 +51,35 @@ pub struct SockRevNat6Value {
     pub svc_id: u32,
 }
 
+/// Key of `LB_DGRAM_FLOWS`: the datagrams one unconnected socket sends to one frontend, which
+/// kube-proxy's conntrack sees as one flow (one source port, one destination) and keeps on one
+/// backend.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DgramFlowKey {
+    /// `bpf_get_socket_cookie()` of the sending socket.
+    pub cookie: u64,
+    /// `ServiceValue::id` of the frontend the datagrams are addressed to.
+    pub svc_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of `LB_DGRAM_FLOWS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DgramFlowValue {
+    /// The backend the flow's datagrams go to.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` at the flow's latest datagram.
+    pub last_used_ns: u64,
+}
+
 pod!(
     SockRevNat4Key,
     SockRevNat4Value,
     SockRevNat6Key,
-    SockRevNat6Value
+    SockRevNat6Value,
+    DgramFlowKey,
+    DgramFlowValue
 );

@@ -181,6 +181,111 @@ fn clusterip_connected_udp_v6_balances_per_socket() {
     balanced(Proto::UdpConnected, true);
 }
 
+/// The backends that answered a `udp-stream`, in order; panics on anything but an answer (an
+/// unconnected socket never gets an error, and a timeout is a lost datagram).
+fn stream_backends(lines: &[serde_json::Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| match l["backend"].as_str() {
+            Some(b) => b.to_string(),
+            None => panic!("not an answer: {l} in {lines:?}"),
+        })
+        .collect()
+}
+
+/// semantics 4.11, 9.2, 9.3: kube-proxy's conntrack sees the datagrams one unconnected socket
+/// sends to one Service address and port as one flow: balanced once, then kept on its backend
+/// while that backend serves (sockets are still balanced one by one: the tests above send each
+/// datagram from a fresh socket). Here one socket per family sends a datagram every 50 ms: all
+/// reach one backend. When that backend leaves the Service, the flow is balanced afresh once
+/// and stays on its new backend.
+#[test]
+fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() {
+    if !privileged() {
+        return;
+    }
+    let mut env = dual_stack_env(3, &[DNS], "");
+    let all = ["pod-2", "pod-3", "pod-4"];
+    for (family, vip) in [("IPv4", addr(VIP4, 53)), ("IPv6", addr(VIP6, 53))] {
+        env.wait_for_backends(Proto::Udp, vip, &all);
+        let stream = env.topo.start_udp_stream(0, vip, 15, false);
+        let wait_lines = |n: usize| {
+            poll_until(
+                &format!("{n} datagrams answered"),
+                Duration::from_secs(10),
+                || {
+                    let lines = stream.lines();
+                    if lines.len() >= n {
+                        Ok(lines)
+                    } else {
+                        Err(format!("{lines:?}"))
+                    }
+                },
+            )
+        };
+        let before = stream_backends(&wait_lines(30));
+        let first = before[0].clone();
+        assert!(
+            before.iter().all(|b| *b == first),
+            "{family}: one socket's datagrams went to several backends: {before:?}"
+        );
+        // Take the flow's backend out of this family's slice.
+        let rest: Vec<usize> = (1..=3)
+            .filter(|i| format!("pod-{}", i + 1) != first)
+            .collect();
+        let eps: Vec<Ep> = rest
+            .iter()
+            .map(|i| {
+                let p = &env.topo.pods[*i];
+                if family == "IPv6" {
+                    ep(p.ip6)
+                } else {
+                    ep(p.ip4)
+                }
+            })
+            .collect();
+        let slice = if family == "IPv6" { "web-v6" } else { "web-v4" };
+        env.agent.write_manifest(
+            &format!("{slice}.yaml"),
+            &slice_yaml(slice, "web", family, &[DNS], &eps),
+        );
+        let moved_at = poll_until("the flow moved", Duration::from_secs(10), || {
+            let b = stream_backends(&stream.lines());
+            match b.iter().position(|b| *b != first) {
+                Some(i) => Ok(i),
+                None => Err(format!("{} answers, all from {first}", b.len())),
+            }
+        });
+        let after = stream_backends(&wait_lines(moved_at + 20))[moved_at..].to_vec();
+        let second = after[0].clone();
+        assert!(
+            after.iter().all(|b| *b == second),
+            "{family}: balanced afresh once, then kept: {after:?}"
+        );
+        // Restore the slice for the next family's run (and every backend for a fresh socket).
+        env.agent.write_manifest(
+            &format!("{slice}.yaml"),
+            &slice_yaml(
+                slice,
+                "web",
+                family,
+                &[DNS],
+                &(1..=3)
+                    .map(|i| {
+                        let p = &env.topo.pods[i];
+                        if family == "IPv6" {
+                            ep(p.ip6)
+                        } else {
+                            ep(p.ip4)
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        env.wait_for_backends(Proto::Udp, vip, &all);
+    }
+}
+
 /// SCTP frontends are translated like TCP ones (semantics 12.1).
 #[test]
 fn clusterip_sctp_v4_balances_over_every_backend() {

@@ -16,7 +16,10 @@ use proxy_common::{
     maglev::{MaglevChunk, MaglevKey},
     maps::*,
     reason::{DROPS_COUNT, REASON_COUNT},
-    revnat::{SockRevNat4Key, SockRevNat4Value, SockRevNat6Key, SockRevNat6Value},
+    revnat::{
+        DgramFlowKey, DgramFlowValue, SockRevNat4Key, SockRevNat4Value, SockRevNat6Key,
+        SockRevNat6Value,
+    },
     service::{
         MemberKey, MemberValue, NetnsSource, Service4Key, Service6Key, ServiceValue, SlotChunk,
         SlotKey, SrcRange4, SrcRange6,
@@ -65,6 +68,28 @@ pub static SOCK4_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4Value, SOCK_REVNA
 #[btf_map]
 pub static SOCK6_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6Value, SOCK_REVNAT_MAX> =
     LruHashMap::new();
+
+/// The backend of each unconnected socket's datagrams to each frontend, written at sendmsg:
+/// later datagrams of the same socket to the same frontend go to the same backend while it
+/// still serves and the flow is not idle for longer than `dgram_flow_timeout_ns`. LRU: entries
+/// of closed sockets age out (socket cookies are never reused).
+#[btf_map]
+pub static LB_DGRAM_FLOWS: LruHashMap<DgramFlowKey, DgramFlowValue, SOCK_REVNAT_MAX> =
+    LruHashMap::new();
+
+/// Idle time after which an unconnected socket's datagrams to a frontend are balanced afresh,
+/// in nanoseconds: the agent sets it at load from `--conntrack-udp-timeout` (a read-only
+/// global; this default is that flag's).
+#[unsafe(no_mangle)]
+static DGRAM_FLOW_TIMEOUT_NS: u64 = 120_000_000_000;
+
+/// `DGRAM_FLOW_TIMEOUT_NS` as loaded.
+#[inline(always)]
+pub fn dgram_flow_timeout_ns() -> u64 {
+    // SAFETY: a read of a global of the object; volatile so that the compiler does not fold
+    // in the default the loader overrides.
+    unsafe { core::ptr::read_volatile(&raw const DGRAM_FLOW_TIMEOUT_NS) }
+}
 
 /// Connection tracking of the tc path, IPv4. Written by the programs, expired by the agent.
 /// LRU: when full, the least recently used flow is forgotten rather than a new one refused.

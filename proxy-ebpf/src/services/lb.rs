@@ -6,6 +6,7 @@ use proxy_common::{
     backend::BackendValue,
     maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
+    revnat::{DgramFlowKey, DgramFlowValue},
     service::{
         FLAG_LEAST_CONN, FLAG_MAGLEV, FLAG_NEVER_QUEUE, FLAG_ROUND_ROBIN, FLAG_SED,
         FLAG_SOURCE_HASH, FLAG_WEIGHTED, MemberKey, ServiceValue, SlotKey,
@@ -80,7 +81,8 @@ pub extern "C" fn kbp_least_conn(svc_id: u32, generation: u32, count: u32, flags
 }
 
 use crate::access::maps::{
-    LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS,
+    LB_AFFINITY, LB_BACKENDS, LB_CONFIG, LB_DGRAM_FLOWS, LB_MAGLEV, LB_MEMBERS, LB_RR, LB_SLOTS,
+    dgram_flow_timeout_ns,
 };
 
 /// The backend id in `slot` of the frontend's live generation, if its chunk is there.
@@ -263,4 +265,83 @@ fn affinity_hit(svc: &ServiceValue, client: &AffinityKey, now: u64) -> Option<Ch
         backend,
         reason: Reason::AffinityHit,
     })
+}
+
+/// [`select`] for a datagram of an unconnected socket (sendmsg). kube-proxy's conntrack sees the
+/// datagrams one socket sends to one Service address and port as one flow, balanced once
+/// (semantics 4.11) and kept on its backend until it is idle for the UDP timeout or the backend
+/// stops serving (9.2, 9.3); so are they here, by (socket, frontend). Session affinity and the
+/// schedulers apply to the flow's first datagram only, as to a connection's first packet.
+#[inline(always)]
+pub fn select_datagram(
+    svc: &ServiceValue,
+    client: &AffinityKey,
+    hash: u32,
+    cookie: u64,
+) -> Result<Choice, Reason> {
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let kept = dgram_flow_backend(cookie, svc.id, now);
+    if kept != 0 {
+        // SAFETY: a map lookup whose value is used at once; an update racing it gives either
+        // version.
+        if let Some(backend) = unsafe { LB_BACKENDS.get(&kept) } {
+            return Ok(Choice {
+                backend_id: kept,
+                backend: *backend,
+                reason: Reason::Translated,
+            });
+        }
+    }
+    let choice = select::<true>(svc, client, hash, 0)?;
+    remember_dgram_flow(cookie, svc.id, choice.backend_id, now);
+    Ok(choice)
+}
+
+/// The backend id of a datagram flow (0: none), if the flow was active within the timeout and
+/// the backend still serves the frontend: a member with or without slots (a member without
+/// slots takes no new flows but keeps its own, semantics 9.3). Refreshes the flow's time. A
+/// BPF function of its own, scalars in and out: the sendmsg hooks' frames are near the
+/// verifier's 512 bytes.
+#[inline(never)]
+fn dgram_flow_backend(cookie: u64, svc_id: u32, now: u64) -> u32 {
+    let key = DgramFlowKey {
+        cookie,
+        svc_id,
+        _pad: 0,
+    };
+    let Some(entry) = LB_DGRAM_FLOWS.get_ptr_mut(&key) else {
+        return 0;
+    };
+    // SAFETY: the pointer came from a successful lookup; only this socket's sends write the
+    // entry, and a torn timestamp at worst shortens or extends the flow by one datagram.
+    let (backend_id, last_used_ns) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    if now.wrapping_sub(last_used_ns) > dgram_flow_timeout_ns() {
+        return 0;
+    }
+    let member = MemberKey { svc_id, backend_id };
+    // SAFETY: a map lookup whose value is used at once; an update racing it gives either version.
+    if unsafe { LB_MEMBERS.get(&member) }.is_none() {
+        return 0;
+    }
+    // SAFETY: `entry` came from the lookup above.
+    unsafe { (*entry).last_used_ns = now };
+    backend_id
+}
+
+/// Records a datagram flow's new backend. Losing the entry (evicted) only costs the flow its
+/// backend: its next datagram is balanced afresh.
+#[inline(never)]
+fn remember_dgram_flow(cookie: u64, svc_id: u32, backend_id: u32, now: u64) {
+    let key = DgramFlowKey {
+        cookie,
+        svc_id,
+        _pad: 0,
+    };
+    let value = DgramFlowValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = LB_DGRAM_FLOWS.insert(&key, &value, 0);
 }

@@ -1,7 +1,8 @@
 //! Socket-layer translation: connect/sendmsg rewrite a Service address to a backend once per
-//! connection (or datagram); recvmsg/getpeername show the Service address back. Written once
-//! over `SockFamily`; what differs per family (the context's address fields, where a socket's
-//! source is known, IPv4-mapped frontends on IPv6 sockets) is in its two implementations.
+//! connection (or per datagram flow: one unconnected socket's datagrams to one frontend);
+//! recvmsg/getpeername show the Service address back. Written once over `SockFamily`; what
+//! differs per family (the context's address fields, where a socket's source is known,
+//! IPv4-mapped frontends on IPv6 sockets) is in its two implementations.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -398,11 +399,16 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     check_source::<F, SEND>(ctx, &svc, mapped)?;
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let client = client_of(ctx, svc.port_id);
     let Choice {
         backend,
         reason,
         backend_id,
-    } = lb::select::<true>(&svc, &client_of(ctx, svc.port_id), socket_hash(cookie), 0)?;
+    } = if SEND {
+        lb::select_datagram(&svc, &client, socket_hash(cookie), cookie)?
+    } else {
+        lb::select::<true>(&svc, &client, socket_hash(cookie), 0)?
+    };
     if svc.has_flag(FLAG_LEAST_CONN) && proto_ == proto::TCP {
         conns::count(ctx, backend_id);
     }

@@ -65,7 +65,8 @@ pub struct RunArgs {
     /// (--map-memory-ratio).
     #[arg(long)]
     pub max_affinity: Option<u32>,
-    /// Capacity of the socket reverse-translation maps (LRU). Default: from the node's memory.
+    /// Capacity of the socket reverse-translation maps and of the unconnected sockets' datagram
+    /// flows (LRU). Default: from the node's memory.
     #[arg(long)]
     pub max_sock_revnat: Option<u32>,
     /// Share of the node's memory the per-flow maps (connection tracking, socket records,
@@ -146,9 +147,10 @@ pub struct RunArgs {
     /// duration: 6h, 90m, 1h30m). kube-proxy's flag of the same name sets the kernel's (24h).
     #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
     pub conntrack_tcp_timeout_established: Duration,
-    /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not
-    /// (Go duration). kube-proxy's --conntrack-udp-timeout and --conntrack-udp-timeout-stream
-    /// both map here.
+    /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not,
+    /// and of an unconnected socket's datagrams to one Service address (kept on one backend
+    /// until idle this long) (Go duration). kube-proxy's --conntrack-udp-timeout and
+    /// --conntrack-udp-timeout-stream both map here.
     #[arg(long, default_value = "120s", value_parser = super::config::parse_go_duration)]
     pub conntrack_udp_timeout: Duration,
 }
@@ -670,7 +672,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let nodeport_selection = args.source.nodeport_selection()?;
     let config = args.source.config()?;
-    let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes)?;
+    let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes, args.conntrack_udp_timeout)?;
     datapath.set_maglev_size(config.maglev_size)?;
     datapath.set_dsr(dsr)?;
     datapath.set_dsr_budget(args.dsr_learn_budget)?;

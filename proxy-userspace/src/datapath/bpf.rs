@@ -8,6 +8,7 @@ use std::{
     net::IpAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -880,12 +881,16 @@ impl Default for MapSizes {
     }
 }
 
+/// The programs' global holding the idle timeout of unconnected sockets' datagram flows (ns).
+const DGRAM_FLOW_TIMEOUT: &str = "DGRAM_FLOW_TIMEOUT_NS";
+
 /// Default share of the node's memory for the per-flow LRU maps (`flow_entries`).
 pub const FLOW_MEMORY_RATIO: f64 = 0.000_35;
 
 /// Bytes one entry costs in each per-flow map together (kernel element header, key and
-/// value): LB_CT4 104, LB_CT6 152, SOCK4_REVNAT 80, SOCK6_REVNAT 104, LB_AFFINITY 88.
-const FLOW_ENTRY_BYTES: u64 = 528;
+/// value): LB_CT4 104, LB_CT6 152, SOCK4_REVNAT 80, SOCK6_REVNAT 104, LB_AFFINITY 88,
+/// LB_DGRAM_FLOWS 80.
+const FLOW_ENTRY_BYTES: u64 = 608;
 
 /// Entries of each per-flow map (LRU, preallocated: their memory is taken when they are
 /// created) for `memory` bytes of node memory: `ratio` of it, at least 16,384 and at most
@@ -915,7 +920,7 @@ impl MapSizes {
             names::LB_SLOTS => names::slot_chunks_for(self.slots, self.services),
             names::LB_MEMBERS => self.slots,
             names::LB_AFFINITY => self.affinity,
-            names::SOCK4_REVNAT | names::SOCK6_REVNAT => self.sock_revnat,
+            names::SOCK4_REVNAT | names::SOCK6_REVNAT | names::LB_DGRAM_FLOWS => self.sock_revnat,
             names::LB_CT4 | names::LB_CT6 => self.conntrack,
             _ => return None,
         })
@@ -925,7 +930,14 @@ impl MapSizes {
 impl Datapath {
     /// Loads the programs, creates or reuses the pinned maps under `pin_dir`, and attaches the
     /// socket hooks to the cgroup v2 directory `cgroup`.
-    pub fn load(pin_dir: &Path, cgroup: &Path, sizes: &MapSizes) -> anyhow::Result<Self> {
+    /// `udp_timeout`: idle time after which an unconnected socket's datagrams to a frontend
+    /// are balanced afresh (`--conntrack-udp-timeout`).
+    pub fn load(
+        pin_dir: &Path,
+        cgroup: &Path,
+        sizes: &MapSizes,
+        udp_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         raise_memlock();
         ensure_bpffs(pin_dir)?;
         fs::create_dir_all(pin_dir)
@@ -936,6 +948,8 @@ impl Datapath {
             .with_context(|| format!("restrict {}", pin_dir.display()))?;
         let migrations = prepare_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
+        let udp_timeout_ns = u64::try_from(udp_timeout.as_nanos()).unwrap_or(u64::MAX);
+        loader.override_global(DGRAM_FLOW_TIMEOUT, &udp_timeout_ns, true);
         for name in names::ALL {
             let pin = pin_dir.join(name);
             if let Some(size) = sizes.of(name) {
