@@ -1,6 +1,7 @@
-//! HTTP/1 for /metrics, /healthz and /livez, and for the per-Service health check servers of
-//! [`crate::healthcheck`] through [`Handler`]: hyper on one small tokio runtime owned by this
-//! module, so the thread-based rest of the agent only hands it bound listeners.
+//! HTTP/1 for kube-proxy's two servers (/metrics, /healthz, /livez, /proxyMode: [`Role`]), and
+//! for the per-Service health check servers of [`crate::healthcheck`] through [`Handler`]:
+//! hyper on one small tokio runtime owned by this module, so the thread-based rest of the agent
+//! only hands it bound listeners.
 //!
 //! Each listener has an accept task and each connection a task of its own; there is no cap on
 //! connections, so idle, slow or broken clients cost memory, never another client's answer.
@@ -53,14 +54,60 @@ const WORKER_THREADS: usize = 2;
 
 /// What the server answers from.
 pub struct HttpState {
+    pub role: Role,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
 }
+
+/// Which of kube-proxy's two servers a listener is (semantics 8.7, 8.10): each answers its own
+/// paths only, so the metrics stay on the (loopback) metrics address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `--metrics-bind-address`: /metrics, /healthz (plain `ok` while the process serves) and
+    /// /proxyMode.
+    Metrics,
+    /// `--healthz-bind-address`: /healthz and /livez, the proxy's health as JSON, 200 or 503.
+    Health,
+}
+
+/// What /proxyMode answers: the kube-proxy mode whose Service behaviour this proxy follows
+/// where the modes differ (tools such as the Kubernetes e2e suite read it to know what to
+/// expect).
+pub const PROXY_MODE: &str = "nftables";
+
+/// Pause between attempts to bind an address that was taken (kube-proxy's, semantics 8.10).
+pub const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// Binds `addr` and serves `state` on it for the life of the process. Bind errors are
 /// returned (the caller decides whether they are fatal); the address bound is returned.
 pub fn serve(addr: impl ToSocketAddrs, state: Arc<HttpState>) -> io::Result<SocketAddr> {
     serve_listener(TcpListener::bind(addr)?, state)
+}
+
+/// [`serve`] once `addr` can be bound: tries every `every` from a thread of its own, and calls
+/// `bound` with the address and the number of attempts it took (the caller's first failed one
+/// included). For an address taken at start-up, for example by the kube-proxy this proxy
+/// replaces, until it exits.
+pub fn serve_when_free(
+    addr: String,
+    state: Arc<HttpState>,
+    every: Duration,
+    bound: impl FnOnce(SocketAddr, u32) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        let mut attempts = 1;
+        loop {
+            std::thread::sleep(every);
+            attempts += 1;
+            match serve(addr.as_str(), Arc::clone(&state)) {
+                Ok(local) => return bound(local, attempts),
+                Err(e) if attempts % 12 == 0 => {
+                    log::warn!("http: still cannot bind {addr} after {attempts} attempts: {e}");
+                }
+                Err(_) => {}
+            }
+        }
+    });
 }
 
 /// [`serve`] on an already bound listener.
@@ -339,7 +386,7 @@ fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
 }
 
 impl Handler for HttpState {
-    /// GET (and HEAD) of /metrics, /healthz and /livez.
+    /// GET (and HEAD) of the paths of the server's [`Role`].
     fn handle(&self, request: &Request<'_>) -> Response {
         let path = request.path;
         if !matches!(request.method, "GET" | "HEAD") {
@@ -347,14 +394,16 @@ impl Handler for HttpState {
             r.extra_headers.push(("Allow", "GET, HEAD".into()));
             return r;
         }
-        match path {
-            "/metrics" => Response {
+        match (self.role, path) {
+            (Role::Metrics, "/metrics") => Response {
                 status: 200,
                 content_type: metrics::CONTENT_TYPE,
                 extra_headers: Vec::new(),
                 body: self.metrics.render().into_bytes(),
             },
-            "/healthz" | "/livez" => {
+            (Role::Metrics, "/healthz") => Response::text(200, "ok"),
+            (Role::Metrics, "/proxyMode") => Response::text(200, PROXY_MODE),
+            (Role::Health, "/healthz" | "/livez") => {
                 let probe = if path == "/livez" {
                     Probe::Livez
                 } else {

@@ -462,6 +462,48 @@ fn metrics_and_health_endpoints() {
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
+    // semantics 8.10: the metrics server's own /healthz and /proxyMode; 8.7: the health
+    // server answers its two paths only (the metrics stay on the loopback address).
+    assert_eq!(http_get(port, "/healthz"), (200, "ok".to_string()));
+    assert_eq!(http_get(port, "/proxyMode"), (200, "nftables".to_string()));
+    assert_eq!(http_get(env.agent.health_port, "/metrics").0, 404);
+}
+
+/// semantics 8.10: an address taken when the agent starts (the kube-proxy it replaces still
+/// holds 10256) is logged and tried again every 5 s; once free, it is served without a restart.
+#[test]
+fn a_taken_health_address_is_served_once_free() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    env.agent.wait_for_log(0, "synced", Duration::from_secs(20));
+    env.agent.kill();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", env.agent.health_port))
+        .expect("take the health port");
+    let from = env.agent.log_position();
+    env.agent.start();
+    env.agent.wait_for_log(
+        from,
+        "cannot serve health checks on",
+        Duration::from_secs(20),
+    );
+    env.agent
+        .wait_for_log(from, "synced", Duration::from_secs(20));
+    drop(taken);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], env.agent.health_port));
+    tests::poll_until("/healthz served", Duration::from_secs(15), || {
+        match tests::harness::agent::try_http_get_in(None, addr, "/healthz") {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("{} {}", r.status, r.body)),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    env.agent.assert_running();
+    let line = env
+        .agent
+        .wait_for_log(from, "serving health checks on", Duration::from_secs(1));
+    assert!(line.contains("bound at attempt"), "{line}");
 }
 
 /// `debug-log on` makes the programs log each translation into the agent's log at runtime;

@@ -25,7 +25,7 @@ use crate::{
         caps, netdev, netlink, netns, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
-    http::{self, HttpState},
+    http::{self, HttpState, Role},
     metrics::{Metrics, Series},
     portrange::{self, PortRange},
     snapshot::{ProxyConfig, Snapshot},
@@ -183,8 +183,9 @@ fn set_oom_score_adj(adj: i32) {
     }
 }
 
-/// Serves the HTTP endpoints; a bind failure is logged, not fatal (kube-proxy retries too),
-/// unless `hard_fail` (--bind-address-hard-fail).
+/// Serves one of the HTTP servers; an address that cannot be bound is logged and tried again
+/// every 5 s until it can (kube-proxy's behaviour, semantics 8.10: the kube-proxy this agent
+/// replaces may hold it for a while), unless `hard_fail` (--bind-address-hard-fail).
 fn serve(what: &str, addr: &str, state: &Arc<HttpState>, hard_fail: bool) -> anyhow::Result<()> {
     if addr.is_empty() {
         return Ok(());
@@ -192,7 +193,21 @@ fn serve(what: &str, addr: &str, state: &Arc<HttpState>, hard_fail: bool) -> any
     match http::serve(addr, Arc::clone(state)) {
         Ok(_) => log::info!("serving {what} on {addr}"),
         Err(e) if hard_fail => anyhow::bail!("cannot serve {what} on {addr}: {e}"),
-        Err(e) => log::error!("cannot serve {what} on {addr}: {e}"),
+        Err(e) => {
+            log::error!(
+                "cannot serve {what} on {addr}: {e}; trying again every {} s",
+                http::BIND_RETRY.as_secs()
+            );
+            let what = what.to_string();
+            http::serve_when_free(
+                addr.to_string(),
+                Arc::clone(state),
+                http::BIND_RETRY,
+                move |local, attempts| {
+                    log::info!("serving {what} on {local} (bound at attempt {attempts})");
+                },
+            );
+        }
     }
     Ok(())
 }
@@ -807,10 +822,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         &families,
         SystemTime::now(),
     ));
-    let http_state = Arc::new(HttpState {
-        metrics: Arc::clone(&metrics),
-        health: Arc::clone(&health),
-    });
+    let http_state = |role| {
+        Arc::new(HttpState {
+            role,
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+        })
+    };
     let (healthz_default, metrics_default) = default_http_addresses(args.source.bind_address);
     let metrics_address = args
         .metrics_bind_address
@@ -823,13 +841,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     serve(
         "metrics",
         metrics_address,
-        &http_state,
+        &http_state(Role::Metrics),
         args.bind_address_hard_fail,
     )?;
     serve(
         "health checks",
         healthz_address,
-        &http_state,
+        &http_state(Role::Health),
         args.bind_address_hard_fail,
     )?;
     let map_counts = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));

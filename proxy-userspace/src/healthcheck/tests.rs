@@ -437,6 +437,7 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
     let healthz = crate::http::Server::start(
         TcpListener::bind("127.0.0.1:0").unwrap(),
         Arc::new(HttpState {
+            role: crate::http::Role::Health,
             metrics,
             health: proxy,
         }),

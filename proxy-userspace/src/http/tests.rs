@@ -307,7 +307,12 @@ pub(crate) fn raise_nofile_limit(needed: u64) {
 // ---- servers --------------------------------------------------------------------------------
 
 fn state() -> Arc<HttpState> {
+    state_as(Role::Health)
+}
+
+fn state_as(role: Role) -> Arc<HttpState> {
     Arc::new(HttpState {
+        role,
         metrics: Arc::new(Metrics::new("1.2.3", &[Family::V4])),
         health: Arc::new(Health::new(
             DEFAULT_HEALTH_TIMEOUT,
@@ -317,9 +322,14 @@ fn state() -> Arc<HttpState> {
     })
 }
 
+/// A health server (`Role::Health`).
 fn start() -> (SocketAddr, Arc<HttpState>) {
+    start_as(Role::Health)
+}
+
+fn start_as(role: Role) -> (SocketAddr, Arc<HttpState>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let state = state();
+    let state = state_as(role);
     let addr = serve_listener(listener, state.clone()).unwrap();
     (addr, state)
 }
@@ -332,7 +342,7 @@ fn start_with(limits: Limits) -> Server {
 
 #[test]
 fn metrics_endpoint() {
-    let (addr, state) = start();
+    let (addr, state) = start_as(Role::Metrics);
     state.metrics.map_update_error("services");
     let r = get(addr, "/metrics");
     assert_eq!(r.status, 200);
@@ -450,7 +460,7 @@ fn partial_request_then_close_is_dropped_and_server_keeps_going() {
 
 #[test]
 fn concurrent_clients() {
-    let (addr, _) = start();
+    let (addr, _) = start_as(Role::Metrics);
     let threads: Vec<_> = (0..8)
         .map(|_| {
             thread::spawn(move || {
@@ -465,14 +475,63 @@ fn concurrent_clients() {
     }
 }
 
+/// semantics 8.7, 8.10: the metrics server answers /metrics, a plain /healthz and /proxyMode;
+/// the health server /healthz and /livez as JSON. Neither answers the other's other paths, so
+/// metrics never show on the health server's (usually public) address.
+#[test]
+fn each_server_answers_its_own_paths() {
+    let (metrics, state) = start_as(Role::Metrics);
+    let r = get(metrics, "/healthz");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    assert_eq!(r.headers["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    let r = get(metrics, "/proxyMode");
+    assert_eq!((r.status, r.body.as_str()), (200, PROXY_MODE));
+    assert_eq!(get(metrics, "/livez").status, 404);
+    // The metrics server's /healthz says the process serves, not the proxy's health.
+    state
+        .health
+        .queued(SystemTime::now() - DEFAULT_HEALTH_TIMEOUT - Duration::from_secs(1));
+    assert_eq!(get(metrics, "/healthz").status, 200);
+
+    let (health, _) = start();
+    for path in ["/metrics", "/proxyMode", "/configz"] {
+        assert_eq!(get(health, path).status, 404, "{path}");
+    }
+    assert_eq!(get(health, "/livez").status, 200);
+}
+
 #[test]
 fn bind_failure_is_returned() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let state = Arc::new(HttpState {
+        role: Role::Health,
         metrics: Arc::new(Metrics::new("v", &[])),
         health: Arc::new(Health::new(Duration::from_secs(1), &[], SystemTime::now())),
     });
     assert!(serve(taken.local_addr().unwrap(), state).is_err());
+}
+
+/// semantics 8.10: an address taken at start-up is tried again until it is free, then served.
+#[test]
+fn a_taken_address_is_served_once_it_is_free() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    assert!(serve(addr, state()).is_err());
+    let (tx, rx) = std::sync::mpsc::channel();
+    serve_when_free(
+        addr.to_string(),
+        state(),
+        Duration::from_millis(20),
+        move |local, attempts| tx.send((local, attempts)).unwrap(),
+    );
+    // Still taken: not served, and the holder keeps the port.
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+    drop(taken);
+    let (local, attempts) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(local, addr);
+    assert!(attempts >= 3, "{attempts}");
+    assert_eq!(get(addr, "/livez").status, 200);
 }
 
 #[test]
