@@ -44,3 +44,8 @@ pub const CONFIG_SOCKET_TERMINATION: u32 = 1 << 1;
 /// masqueraded; the backend's node answers the client directly. Also the only mode in which
 /// this node learns reply entries from the DSR option of arriving packets.
 pub const CONFIG_DSR: u32 = 1 << 2;
+
+/// `--masquerade-all` (kube-proxy's): every new flow tc translates to a ClusterIP (the pods',
+/// which then reach tc untranslated) is masqueraded to the node address on the way to the
+/// backend (semantics 7.12).
+pub const CONFIG_MASQUERADE_ALL: u32 = 1 << 3;

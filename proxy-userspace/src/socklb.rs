@@ -71,6 +71,34 @@ pub fn decide(
 ) -> Decision {
     let mut problems = Vec::new();
     let settings = namespace_settings(namespaces, default, &mut problems);
+    per_packet(settings, pods, node, default, problems)
+}
+
+/// `--masquerade-all`: every pod of `node` but host-network ones is translated per packet,
+/// whatever its namespace's label says, since the socket layer cannot masquerade (semantics
+/// 7.12: every ClusterIP connection is masqueraded).
+pub fn decide_every_pod(
+    namespaces: &[Arc<Namespace>],
+    pods: &[Arc<PodRef>],
+    node: &str,
+) -> Decision {
+    let settings = namespaces
+        .iter()
+        .filter_map(|ns| ns.metadata.name.clone())
+        .map(|name| (name, SocketLb::Disabled))
+        .collect();
+    per_packet(settings, pods, node, SocketLb::Disabled, Vec::new())
+}
+
+/// The pods of `node` in namespaces whose setting is `disabled` (`default` for a namespace not
+/// seen yet).
+fn per_packet(
+    settings: BTreeMap<String, SocketLb>,
+    pods: &[Arc<PodRef>],
+    node: &str,
+    default: SocketLb,
+    problems: Vec<(String, String)>,
+) -> Decision {
     let setting = |ns: &str| settings.get(ns).copied().unwrap_or(default);
     let mut out: Vec<PerPacketPod> = pods
         .iter()
@@ -183,6 +211,13 @@ mod tests {
         let names: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "d", "b", "e"]); // sorted by namespace, then name
         assert_eq!(d.per_packet_namespaces, ["mesh", "odd", "plain"]);
+
+        // --masquerade-all: every pod of the node but host-network ones, labels aside.
+        let d = decide_every_pod(&namespaces, &pods, "n1");
+        let names: Vec<&str> = d.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["c", "a", "d", "b", "e"]);
+        assert_eq!(d.per_packet_namespaces, ["back", "mesh", "odd", "plain"]);
+        assert!(d.problems.is_empty());
     }
 
     #[test]

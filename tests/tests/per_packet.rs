@@ -79,6 +79,125 @@ fn bridge_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sideca
     per_packet(Shape::Bridge, false);
 }
 
+/// semantics 7.12, 11.11: `--masquerade-all` masquerades every ClusterIP connection, pods'
+/// included: the backends (on this node, and on another) see an address of the client's node,
+/// never the pod. The pod is translated per packet although its namespace asks for the socket
+/// layer (the socket layer cannot masquerade); the client still sees the ClusterIP as its peer.
+#[test]
+fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[3, 1], Shape::Ptp);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(0, 2, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let remote = (tb.nodes[1].pods[0].ip4, tb.nodes[1].pods[0].ip6);
+    let (_kubepods, pod_cg) = pod_cgroups(&tb);
+    let node_name = tb.nodes[0].name.clone();
+    let pods = &tb.nodes[0].pods;
+    let (client, client6) = (pods[0].ip4, pods[0].ip6);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &["--masquerade-all"]);
+    agent.write_manifest("ns.yaml", &namespace_yaml(Some("enabled")));
+    agent.write_manifest(
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {POD_UID}}}\nspec: {{nodeName: {node_name}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}, {{ip: {client6}}}]}}\n"
+        ),
+    );
+    agent.write_manifest("web.yaml", &service_yaml("web", &[VIP], &[HTTP, DNS], ""));
+    agent.write_manifest(
+        "web6.yaml",
+        &service_yaml("web6", &[VIP6], &[HTTP, DNS], ""),
+    );
+    agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            &[HTTP, DNS],
+            &[ep(pods[1].ip4), ep(pods[2].ip4), ep(remote.0)],
+        ),
+    );
+    agent.write_manifest(
+        "web6-slice.yaml",
+        &slice_yaml(
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[HTTP, DNS],
+            &[ep(pods[1].ip6), ep(pods[2].ip6), ep(remote.1)],
+        ),
+    );
+    let from = agent.log_position();
+    agent.start();
+    agent.wait_for_log(
+        from,
+        "socket-layer translation off for 1 pod(s) in namespaces [mesh]",
+        Duration::from_secs(20),
+    );
+    // node-a's own addresses, any interface.
+    let node_addrs: BTreeSet<String> = tb.nodes[0]
+        .ns
+        .ip(&["-br", "addr", "show"])
+        .lines()
+        .flat_map(|l| {
+            l.split_whitespace()
+                .skip(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|a| a.split('/').next().map(str::to_string))
+        .collect();
+    let client_ns = &tb.nodes[0].pods[0].ns;
+    poll_until(
+        "the pod's ClusterIP answered",
+        Duration::from_secs(20),
+        || {
+            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, to(80), 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    let before = per_packet_count(&agent.pin_dir);
+    let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
+    for (proto, dest, pod) in [
+        (Proto::Tcp, to(80), client.to_string()),
+        (Proto::Udp, to(53), client.to_string()),
+        (Proto::Tcp, to6(80), client6.to_string()),
+        (Proto::Udp, to6(53), client6.to_string()),
+    ] {
+        let replies = request_in(client_ns, Some(&pod_cg), proto, dest, 30);
+        let mut seen = BTreeSet::new();
+        for r in &replies {
+            assert!(r.ok, "{proto:?} {dest}: {r:?}");
+            let ip = r
+                .seen
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(['[', ']']).to_string())
+                .expect("the address the backend saw");
+            assert_ne!(ip, pod, "{dest}: not masqueraded: {r:?}");
+            assert!(
+                node_addrs.contains(&ip),
+                "{dest}: {ip} is no address of node-a {node_addrs:?}: {r:?}"
+            );
+            assert_eq!(r.peer, dest.to_string(), "{r:?}");
+            seen.insert(r.backend.clone());
+        }
+        // Random over three backends: one missing from 30 has probability 3 (2/3)^30.
+        assert_eq!(seen, backends, "{proto:?} {dest} not balanced: {replies:?}");
+    }
+    assert!(
+        per_packet_count(&agent.pin_dir) >= before + 120,
+        "the pod's connects were not left to tc"
+    );
+    assert_verified(&tb, &agent, &node_name, "masquerade-all");
+}
+
 /// `by_default`: per packet through `--socket-lb-default disabled` rather than the label.
 fn per_packet(shape: Shape, by_default: bool) {
     let (label_off, label_back) = if by_default {

@@ -15,6 +15,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
+    config::CONFIG_MASQUERADE_ALL,
     ct::{CT_DSR, CT_REPLY, CT_SNAT},
     info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
     reason::{Hook, Reason},
@@ -22,7 +23,11 @@ use proxy_common::{
 };
 
 use crate::{
-    access::{events, maps::LB_IFACES, socklb, stats},
+    access::{
+        events,
+        maps::{LB_CONFIG, LB_IFACES},
+        socklb, stats,
+    },
     flow::{
         ct::Entry,
         dsr,
@@ -97,6 +102,14 @@ fn lookup_scope(scope: u8) -> u8 {
     } else {
         scope
     }
+}
+
+/// `--masquerade-all`: every ClusterIP flow is masqueraded (semantics 7.12).
+#[inline(always)]
+fn masquerade_all() -> bool {
+    LB_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_MASQUERADE_ALL != 0)
 }
 
 /// Whether interface `why` (`IFACE_*`) is where traffic from outside the node arrives.
@@ -272,7 +285,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         }
     };
     let (mut to, mut snat) = newflow::towards::<F>(&pkt.t, &svc, &choice);
-    snat |= from_outside;
+    snat |= from_outside || (internal && masquerade_all());
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
@@ -285,8 +298,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             // one bridge): the backend would answer the pod straight, past tc. Masqueraded, so
             // the reply comes back here.
             snat |= internal && r.ifindex == here;
-            // Direct server return for backends behind the interface the flow came in on.
-            dsr = snat && r.ifindex == here && dsr::enabled();
+            // Direct server return for backends behind the interface the flow came in on
+            // (from outside: a pod's ClusterIP flow is masqueraded, never DSR).
+            dsr = snat && !internal && r.ifindex == here && dsr::enabled();
             if snat && !dsr {
                 to.saddr = r.src;
             }

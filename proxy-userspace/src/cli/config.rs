@@ -97,6 +97,8 @@ pub struct KubeProxyConfig {
     pub ipvs_scheduler: Option<IpvsScheduler>,
     /// `ipvs.strictARP`.
     pub ipvs_strict_arp: bool,
+    /// `masqueradeAll` of the mode's block (`nftables` in nftables mode, else `iptables`).
+    pub masquerade_all: bool,
     /// `detectLocalMode` with the `detectLocal` field it uses.
     pub detect_local: DetectLocal,
     /// `clusterCIDR` (comma-separated, at most one per family).
@@ -296,9 +298,15 @@ pub fn parse(text: &str) -> Result<(KubeProxyConfig, Vec<String>), ConfigError> 
         }
     };
 
+    // masqueradeAll: kube-proxy reads the block of its mode (ipvs's is iptables').
     let mut iptables = top.object("iptables")?;
     iptables.unused_pointer("masqueradeBit", Kind::Int)?;
-    iptables.unused("masqueradeAll", Kind::Bool)?;
+    let nft = config.mode == ProxyMode::NfTables;
+    if nft {
+        iptables.unused("masqueradeAll", Kind::Bool)?;
+    } else {
+        config.masquerade_all = iptables.boolean("masqueradeAll")?;
+    }
     iptables.unused_pointer("localhostNodePorts", Kind::Bool)?;
     iptables.unused_pointer("snatNodeInternalIP", Kind::Bool)?;
     iptables.unused("syncPeriod", Kind::Duration)?;
@@ -323,7 +331,11 @@ pub fn parse(text: &str) -> Result<(KubeProxyConfig, Vec<String>), ConfigError> 
 
     let mut nftables = top.object("nftables")?;
     nftables.unused_pointer("masqueradeBit", Kind::Int)?;
-    nftables.unused("masqueradeAll", Kind::Bool)?;
+    if nft {
+        config.masquerade_all = nftables.boolean("masqueradeAll")?;
+    } else {
+        nftables.unused("masqueradeAll", Kind::Bool)?;
+    }
     nftables.unused("syncPeriod", Kind::Duration)?;
     nftables.unused("minSyncPeriod", Kind::Duration)?;
     top.absorb(nftables);
@@ -688,6 +700,14 @@ pub fn apply(
             args.bind_address_hard_fail,
             true
         );
+    }
+    if config.masquerade_all {
+        let field = if config.mode == ProxyMode::NfTables {
+            "nftables.masqueradeAll"
+        } else {
+            "iptables.masqueradeAll"
+        };
+        set!(field, "masquerade_all", args.masquerade_all, true);
     }
 
     if let Some(s) = &config.ipvs_scheduler {

@@ -105,6 +105,13 @@ pub struct RunArgs {
     /// netfilter rules, as service meshes need). The label (`enabled` or `disabled`) wins.
     #[arg(long, value_enum, default_value_t = SocketLbFlag::Enabled)]
     pub socket_lb_default: SocketLbFlag,
+    /// kube-proxy's --masquerade-all: every connection to a ClusterIP is masqueraded to a
+    /// node address, so backends see the node, not the client pod. Pods' Services are then
+    /// translated per packet at tc on their interfaces (the socket layer cannot masquerade),
+    /// whatever `--socket-lb-default` and the namespace labels say; host processes keep the
+    /// socket layer (their connections leave from a node address anyway).
+    #[arg(long)]
+    pub masquerade_all: bool,
     /// Source ports of masqueraded flows, LOW-HIGH. Must lie outside the node's ephemeral
     /// ports (net.ipv4.ip_local_port_range), or the agent refuses to start: a masqueraded flow
     /// and a connection of the node itself could claim the same tuple. Default: the ports above
@@ -603,6 +610,8 @@ impl From<SocketLbFlag> for crate::model::SocketLb {
 struct SocketLbLink {
     tx: mpsc::Sender<crate::socklb::Decision>,
     default: crate::model::SocketLb,
+    /// `--masquerade-all`: every pod per packet.
+    masquerade_all: bool,
     last: Option<crate::socklb::Decision>,
 }
 
@@ -610,12 +619,20 @@ impl SocketLbLink {
     /// Decides from `snapshot` and tells the socklb thread if that changed; returns the
     /// addresses of the pods translated per packet (their interfaces must carry tc).
     fn update(&mut self, snapshot: &Snapshot) -> Vec<IpAddr> {
-        let decision = crate::socklb::decide(
-            &snapshot.namespaces,
-            &snapshot.pods,
-            &snapshot.node.name,
-            self.default,
-        );
+        let decision = if self.masquerade_all {
+            crate::socklb::decide_every_pod(
+                &snapshot.namespaces,
+                &snapshot.pods,
+                &snapshot.node.name,
+            )
+        } else {
+            crate::socklb::decide(
+                &snapshot.namespaces,
+                &snapshot.pods,
+                &snapshot.node.name,
+                self.default,
+            )
+        };
         let ips = decision
             .pods
             .iter()
@@ -690,6 +707,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes, args.conntrack_udp_timeout)?;
     datapath.set_maglev_size(config.maglev_size)?;
     datapath.set_dsr(dsr)?;
+    datapath.set_masquerade_all(args.masquerade_all)?;
     datapath.set_dsr_budget(args.dsr_learn_budget)?;
     datapath.set_masquerade_ports(masquerade.first, masquerade.last)?;
     let mut external: Vec<String> = match &args.external_interfaces {
@@ -773,6 +791,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(Arc::clone(&metrics)),
         )?,
         default: args.socket_lb_default.into(),
+        masquerade_all: args.masquerade_all,
         last: None,
     };
     datapath.forward_logs();

@@ -27,7 +27,9 @@ use aya_obj::programs::XdpAttachType;
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
-    config::{CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_SOCKET_TERMINATION, ConfigValue},
+    config::{
+        CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_MASQUERADE_ALL, CONFIG_SOCKET_TERMINATION, ConfigValue,
+    },
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts},
     info::{AgentState, NamespaceInfo, ServiceInfo},
     maglev::{MaglevChunk, MaglevKey},
@@ -1099,6 +1101,11 @@ impl Datapath {
     /// Turns direct server return for NodePort traffic on or off.
     pub fn set_dsr(&mut self, on: bool) -> anyhow::Result<()> {
         self.maps.set_config_flag(CONFIG_DSR, on)
+    }
+
+    /// `--masquerade-all`: tc masquerades every new flow to a ClusterIP it translates.
+    pub fn set_masquerade_all(&mut self, on: bool) -> anyhow::Result<()> {
+        self.maps.set_config_flag(CONFIG_MASQUERADE_ALL, on)
     }
 
     /// Sets the masquerading source ports (inclusive).

@@ -540,7 +540,6 @@ conntrack2: {a: 1}
             "featureGates.NFTablesProxyMode",
             "featureGates.SomethingNew",
             "iptables.localhostNodePorts",
-            "iptables.masqueradeAll",
             "iptables.masqueradeBit",
             "iptables.syncPeriod",
             "ipvs.excludeCIDRs",
@@ -564,12 +563,40 @@ conntrack2: {a: 1}
         &"fields not used by kube-bpf-proxy: clientConnection.burst, clientConnection.contentType, \
           clientConnection.qps, conntrack.tcpCloseWaitTimeout, conntrack2, enableProfiling, \
           featureGates.NFTablesProxyMode, featureGates.SomethingNew, iptables.localhostNodePorts, \
-          iptables.masqueradeAll, iptables.masqueradeBit, iptables.syncPeriod, ipvs.excludeCIDRs, \
+          iptables.masqueradeBit, iptables.syncPeriod, ipvs.excludeCIDRs, \
           logging.flushFrequency, udpIdleTimeout, unknownTopLevel, winkernel.networkName"
     ));
     // JSON content is what this proxy speaks anyway.
     let (_, unused) = parse(&doc("clientConnection: {contentType: application/json}")).unwrap();
     assert!(unused.is_empty());
+}
+
+/// semantics 7.12, 11.11: masqueradeAll of the mode's block (iptables' in iptables and ipvs
+/// modes and by default, nftables' in nftables mode) is `--masquerade-all`; the flag wins.
+#[test]
+fn config_masquerade_all_follows_the_mode() {
+    for (text, want) in [
+        ("iptables: {masqueradeAll: true}", true),
+        ("mode: ipvs\niptables: {masqueradeAll: true}", true),
+        ("mode: nftables\niptables: {masqueradeAll: true}", false),
+        ("mode: nftables\nnftables: {masqueradeAll: true}", true),
+        ("mode: iptables\nnftables: {masqueradeAll: true}", false),
+        ("iptables: {masqueradeAll: false}", false),
+    ] {
+        let out = run_with(&doc(text), &[]);
+        assert_eq!(out.args().masquerade_all, want, "{text}");
+    }
+    // The other mode's field means nothing: listed.
+    let (_, unused) = parse(&doc("mode: nftables\niptables: {masqueradeAll: true}")).unwrap();
+    assert_eq!(unused, ["iptables.masqueradeAll"]);
+    let (_, unused) = parse(&doc("nftables: {masqueradeAll: true}")).unwrap();
+    assert_eq!(unused, ["nftables.masqueradeAll"]);
+    // The flag wins over the file (a file's `false` is its zero value: the flag's default).
+    let out = run_with(
+        &doc("iptables: {masqueradeAll: true}"),
+        &["--masquerade-all"],
+    );
+    assert!(out.args().masquerade_all);
 }
 
 #[test]
