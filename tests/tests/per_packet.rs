@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
 use common::*;
 use proxy_common::reason::Reason;
 use tests::{
-    ChildGuard, Shape, TestCgroup, Testbed,
+    Agent, ChildGuard, Shape, TestCgroup, Testbed,
     harness::{
         cgroup::cgroup2_root,
         topology::{Proto, request_in, testhost_in},
@@ -60,6 +60,74 @@ fn pod_cgroups(tb: &Testbed) -> (TestCgroup, TestCgroup) {
     (kubepods, pod)
 }
 
+/// The testbed both tests use: node a with the client pod (a-pod-1, in namespace `mesh`,
+/// labelled `label`, its cgroup named as kubelet names it), backends a-pod-2, a-pod-3 and
+/// b-pod-1 on node b (no agent there) of Services `web` (`VIP`, `web_extra` added to its spec)
+/// and `web6` (`VIP6`), ports 80/TCP and 53/UDP; `pods` pods on node a. The agent (`flags`)
+/// is started and has found the client pod. Returns the testbed, the agent and the pod's
+/// cgroup (with its parent: both are removed on drop).
+fn meshed_testbed(
+    shape: Shape,
+    pods: usize,
+    label: Option<&str>,
+    flags: &[&str],
+    web_extra: &str,
+) -> (Testbed, Agent, (TestCgroup, TestCgroup)) {
+    let mut tb = Testbed::with_shape(&[pods, 1], shape);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(0, 2, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let remote = (tb.nodes[1].pods[0].ip4, tb.nodes[1].pods[0].ip6);
+    let cgroups = pod_cgroups(&tb);
+    let node_name = tb.nodes[0].name.clone();
+    let local = &tb.nodes[0].pods;
+    let (client, client6) = (local[0].ip4, local[0].ip6);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), flags);
+    agent.write_manifest("ns.yaml", &namespace_yaml(label));
+    agent.write_manifest(
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {POD_UID}}}\nspec: {{nodeName: {node_name}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}, {{ip: {client6}}}]}}\n"
+        ),
+    );
+    agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &[VIP], &[HTTP, DNS], web_extra),
+    );
+    agent.write_manifest(
+        "web6.yaml",
+        &service_yaml("web6", &[VIP6], &[HTTP, DNS], ""),
+    );
+    agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            &[HTTP, DNS],
+            &[ep(local[1].ip4), ep(local[2].ip4), ep(remote.0)],
+        ),
+    );
+    agent.write_manifest(
+        "web6-slice.yaml",
+        &slice_yaml(
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[HTTP, DNS],
+            &[ep(local[1].ip6), ep(local[2].ip6), ep(remote.1)],
+        ),
+    );
+    let from = agent.log_position();
+    agent.start();
+    agent.wait_for_log(
+        from,
+        "socket-layer translation off for 1 pod(s) in namespaces [mesh]",
+        Duration::from_secs(20),
+    );
+    (tb, agent, cgroups)
+}
+
 #[test]
 fn per_pod_veths_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sidecar() {
     per_packet(Shape::Ptp, false);
@@ -81,62 +149,23 @@ fn bridge_a_namespace_with_socket_lb_off_is_translated_per_packet_for_its_sideca
 
 /// semantics 7.12, 11.11: `--masquerade-all` masquerades every ClusterIP connection, pods'
 /// included: the backends (on this node, and on another) see an address of the client's node,
-/// never the pod. The pod is translated per packet although its namespace asks for the socket
-/// layer (the socket layer cannot masquerade); the client still sees the ClusterIP as its peer.
+/// never the pod; so does a connection to an externalIP (7.13). The pod is translated per packet
+/// although its namespace asks for the socket layer (the socket layer cannot masquerade); the
+/// client still sees the Service address as its peer.
 #[test]
 fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
     if !privileged() {
         return;
     }
-    let mut tb = Testbed::with_shape(&[3, 1], Shape::Ptp);
-    tb.serve(0, 1, BACKEND_PORT);
-    tb.serve(0, 2, BACKEND_PORT);
-    tb.serve(1, 0, BACKEND_PORT);
-    let remote = (tb.nodes[1].pods[0].ip4, tb.nodes[1].pods[0].ip6);
-    let (_kubepods, pod_cg) = pod_cgroups(&tb);
+    let (tb, agent, (_kubepods, pod_cg)) = meshed_testbed(
+        Shape::Ptp,
+        3,
+        Some("enabled"),
+        &["--masquerade-all"],
+        "  externalIPs: [203.0.113.10]\n",
+    );
     let node_name = tb.nodes[0].name.clone();
-    let pods = &tb.nodes[0].pods;
-    let (client, client6) = (pods[0].ip4, pods[0].ip6);
-    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &["--masquerade-all"]);
-    agent.write_manifest("ns.yaml", &namespace_yaml(Some("enabled")));
-    agent.write_manifest(
-        "pod.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {POD_UID}}}\nspec: {{nodeName: {node_name}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}, {{ip: {client6}}}]}}\n"
-        ),
-    );
-    agent.write_manifest("web.yaml", &service_yaml("web", &[VIP], &[HTTP, DNS], ""));
-    agent.write_manifest(
-        "web6.yaml",
-        &service_yaml("web6", &[VIP6], &[HTTP, DNS], ""),
-    );
-    agent.write_manifest(
-        "web-slice.yaml",
-        &slice_yaml(
-            "web-1",
-            "web",
-            "IPv4",
-            &[HTTP, DNS],
-            &[ep(pods[1].ip4), ep(pods[2].ip4), ep(remote.0)],
-        ),
-    );
-    agent.write_manifest(
-        "web6-slice.yaml",
-        &slice_yaml(
-            "web6-1",
-            "web6",
-            "IPv6",
-            &[HTTP, DNS],
-            &[ep(pods[1].ip6), ep(pods[2].ip6), ep(remote.1)],
-        ),
-    );
-    let from = agent.log_position();
-    agent.start();
-    agent.wait_for_log(
-        from,
-        "socket-layer translation off for 1 pod(s) in namespaces [mesh]",
-        Duration::from_secs(20),
-    );
+    let (client, client6) = (tb.nodes[0].pods[0].ip4, tb.nodes[0].pods[0].ip6);
     // node-a's own addresses, any interface.
     let node_addrs: BTreeSet<String> = tb.nodes[0]
         .ns
@@ -170,6 +199,12 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
         (Proto::Udp, to(53), client.to_string()),
         (Proto::Tcp, to6(80), client6.to_string()),
         (Proto::Udp, to6(53), client6.to_string()),
+        // An externalIP of the same Service (externalTrafficPolicy Cluster, 7.13).
+        (
+            Proto::Tcp,
+            "203.0.113.10:80".parse().unwrap(),
+            client.to_string(),
+        ),
     ] {
         let replies = request_in(client_ns, Some(&pod_cg), proto, dest, 30);
         let mut seen = BTreeSet::new();
@@ -192,7 +227,7 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
         assert_eq!(seen, backends, "{proto:?} {dest} not balanced: {replies:?}");
     }
     assert!(
-        per_packet_count(&agent.pin_dir) >= before + 120,
+        per_packet_count(&agent.pin_dir) >= before + 150,
         "the pod's connects were not left to tc"
     );
     assert_verified(&tb, &agent, &node_name, "masquerade-all");
@@ -216,56 +251,9 @@ fn per_packet(shape: Shape, by_default: bool) {
     // a-pod-1: the meshed client; a-pod-2, a-pod-3: backends; a-pod-4: a client in a namespace
     // that keeps socket-layer translation.
     // b-pod-1, on node b (no agent there): a backend elsewhere.
-    let mut tb = Testbed::with_shape(&[4, 1], shape);
-    tb.serve(0, 1, BACKEND_PORT);
-    tb.serve(0, 2, BACKEND_PORT);
-    tb.serve(1, 0, BACKEND_PORT);
-    let remote = (tb.nodes[1].pods[0].ip4, tb.nodes[1].pods[0].ip6);
-    let (_kubepods, pod_cg) = pod_cgroups(&tb);
+    let (tb, mut agent, (_kubepods, pod_cg)) = meshed_testbed(shape, 4, label_off, flags, "");
     let node_name = tb.nodes[0].name.clone();
-    let client = tb.nodes[0].pods[0].ip4;
-    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), flags);
-    agent.write_manifest("ns.yaml", &namespace_yaml(label_off));
-    agent.write_manifest(
-        "pod.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: mesh, uid: {POD_UID}}}\nspec: {{nodeName: {node_name}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {client}, podIPs: [{{ip: {client}}}]}}\n"
-        ),
-    );
-    agent.write_manifest("web.yaml", &service_yaml("web", &[VIP], &[HTTP, DNS], ""));
-    agent.write_manifest(
-        "web6.yaml",
-        &service_yaml("web6", &[VIP6], &[HTTP, DNS], ""),
-    );
-    let pods = &tb.nodes[0].pods;
-    agent.write_manifest(
-        "web-slice.yaml",
-        &slice_yaml(
-            "web-1",
-            "web",
-            "IPv4",
-            &[HTTP, DNS],
-            &[ep(pods[1].ip4), ep(pods[2].ip4), ep(remote.0)],
-        ),
-    );
-    agent.write_manifest(
-        "web6-slice.yaml",
-        &slice_yaml(
-            "web6-1",
-            "web6",
-            "IPv6",
-            &[HTTP, DNS],
-            &[ep(pods[1].ip6), ep(pods[2].ip6), ep(remote.1)],
-        ),
-    );
-    let client6 = pods[0].ip6;
-    let from = agent.log_position();
-    agent.start();
-    agent.wait_for_log(
-        from,
-        "socket-layer translation off for 1 pod(s) in namespaces [mesh]",
-        Duration::from_secs(20),
-    );
+    let (client, client6) = (tb.nodes[0].pods[0].ip4, tb.nodes[0].pods[0].ip6);
     let client_ns = &tb.nodes[0].pods[0].ns;
     let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
     let meshed = |proto: Proto, port: u16, count: usize| {

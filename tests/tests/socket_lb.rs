@@ -286,6 +286,45 @@ fn unconnected_udp_datagrams_of_one_socket_stay_on_one_backend() {
     }
 }
 
+/// A datagram flow ends when it is idle for `--conntrack-udp-timeout` (kube-proxy's conntrack
+/// forgets an idle UDP flow): the socket's next datagram is a new flow, balanced afresh. With
+/// round-robin (a new flow takes the next backend) and a 1 s timeout: datagrams 50 ms apart
+/// stay on one backend; datagrams 1.3 s apart take the backends in turn.
+#[test]
+fn an_idle_datagram_flow_is_balanced_afresh() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    env.agent.kill();
+    env.agent
+        .extra_args
+        .extend(["--conntrack-udp-timeout".to_string(), "1s".to_string()]);
+    env.agent.start();
+    let svc = service_yaml("dns", &[VIP4], &[DNS], "").replacen(
+        "metadata: {name: dns, namespace: default}",
+        "metadata: {name: dns, namespace: default, annotations: {kube-bpf-proxy.io/scheduler: rr}}",
+        1,
+    );
+    env.agent.write_manifest("dns.yaml", &svc);
+    let eps: Vec<Ep> = (1..=3).map(|i| ep(env.topo.pods[i].ip4)).collect();
+    env.agent.write_manifest(
+        "dns-slice.yaml",
+        &slice_yaml("dns-1", "dns", "IPv4", &[DNS], &eps),
+    );
+    let vip = addr(VIP4, 53);
+    env.wait_for_backends(Proto::Udp, vip, &["pod-2", "pod-3", "pod-4"]);
+    let fast = stream_backends(&env.topo.start_slow_udp_stream(0, vip, 2, 50).finish());
+    assert!(fast.len() >= 20, "{fast:?}");
+    assert!(fast.iter().all(|b| *b == fast[0]), "{fast:?}");
+    let slow = stream_backends(&env.topo.start_slow_udp_stream(0, vip, 5, 1300).finish());
+    assert!(slow.len() >= 3, "{slow:?}");
+    assert!(
+        slow.windows(2).all(|w| w[0] != w[1]),
+        "each datagram after an idle second is a new flow, the next backend's: {slow:?}"
+    );
+}
+
 /// SCTP frontends are translated like TCP ones (semantics 12.1).
 #[test]
 fn clusterip_sctp_v4_balances_over_every_backend() {

@@ -439,10 +439,11 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-/// Sends a datagram every 50 ms for `secs` seconds over one socket (connected, or unconnected
-/// with sendto), printing each answer or error with a timestamp. On an error other than a
-/// timeout the socket is replaced, as a resolver would do.
-fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
+/// Sends a datagram every `every` (after the previous one's answer or timeout) for `secs`
+/// seconds over one socket (connected, or unconnected with sendto), printing each answer or
+/// error with a timestamp. On an error other than a timeout the socket is replaced, as a
+/// resolver would do.
+fn udp_stream(to: SocketAddr, secs: u64, connected: bool, every: Duration) {
     let bind: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
@@ -495,7 +496,7 @@ fn udp_stream(to: SocketAddr, secs: u64, connected: bool) {
         };
         println!("{line}");
         let _ = std::io::stdout().flush();
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(every);
     }
 }
 
@@ -584,7 +585,7 @@ fn pmtu(to: SocketAddr, size: usize) {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [unconnected] | testhost from-ports ADDR:PORT FIRST LAST [hold] | testhost raw4 HEX | testhost pmtu ADDR:PORT SIZE"
+        "usage: testhost serve NAME PORT | testhost request tcp|udp|sctp ADDR:PORT COUNT [connected|hold|keep] | testhost udp-stream ADDR:PORT SECS [connected|unconnected [EVERY_MS]] | testhost from-ports ADDR:PORT FIRST LAST [hold] | testhost raw4 HEX | testhost pmtu ADDR:PORT SIZE"
     );
     std::process::exit(2)
 }
@@ -717,6 +718,10 @@ fn main() {
             args[1].parse().unwrap_or_else(|_| usage()),
             args[2].parse().unwrap_or_else(|_| usage()),
             args.get(3).is_none_or(|a| a != "unconnected"),
+            Duration::from_millis(
+                args.get(4)
+                    .map_or(50, |ms| ms.parse().unwrap_or_else(|_| usage())),
+            ),
         ),
         Some("from-ports") if args.len() >= 4 => from_ports(
             args[1].parse().unwrap_or_else(|_| usage()),

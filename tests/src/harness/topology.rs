@@ -445,6 +445,25 @@ impl Topology {
         UdpStream::start(&self.pods[from].ns, Some(&self.cgroup), to, secs, connected)
     }
 
+    /// [`Topology::start_udp_stream`] of an unconnected socket sending a datagram every
+    /// `every_ms` milliseconds.
+    pub fn start_slow_udp_stream(
+        &self,
+        from: usize,
+        to: SocketAddr,
+        secs: u64,
+        every_ms: u64,
+    ) -> UdpStream {
+        UdpStream::start_every(
+            &self.pods[from].ns,
+            Some(&self.cgroup),
+            to,
+            secs,
+            false,
+            every_ms,
+        )
+    }
+
     pub fn cgroup_path(&self) -> &Path {
         &self.cgroup.path
     }
@@ -481,12 +500,33 @@ impl UdpStream {
         secs: u64,
         connected: bool,
     ) -> UdpStream {
+        UdpStream::start_every(ns, cgroup, to, secs, connected, 50)
+    }
+
+    /// [`UdpStream::start`] with a datagram every `every_ms` milliseconds.
+    pub fn start_every(
+        ns: &NetNs,
+        cgroup: Option<&TestCgroup>,
+        to: SocketAddr,
+        secs: u64,
+        connected: bool,
+        every_ms: u64,
+    ) -> UdpStream {
         let to = to.to_string();
         let secs_arg = secs.to_string();
-        let mut args = vec!["udp-stream", to.as_str(), secs_arg.as_str()];
-        if !connected {
-            args.push("unconnected");
-        }
+        let every = every_ms.to_string();
+        let kind = if connected {
+            "connected"
+        } else {
+            "unconnected"
+        };
+        let args = vec![
+            "udp-stream",
+            to.as_str(),
+            secs_arg.as_str(),
+            kind,
+            every.as_str(),
+        ];
         let mut cmd = testhost_in(ns, cgroup, &args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd
