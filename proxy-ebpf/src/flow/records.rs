@@ -39,6 +39,17 @@ pub trait Records: Ip {
         svc_id: u32,
     ) -> Result<bool, ()>;
 
+    /// Whether the record (`cookie`, `backend`, `backend_port`) → (`frontend`, `port`,
+    /// `svc_id`) is there as it is.
+    fn holds(
+        cookie: u64,
+        backend: &Self::Addr,
+        backend_port: u16,
+        frontend: &Self::Addr,
+        port: u16,
+        svc_id: u32,
+    ) -> bool;
+
     /// The frontend address and port of the record (`cookie`, `addr`, `port`), if any.
     fn read(cookie: u64, addr: &Self::Addr, port: u16) -> Option<(Self::Addr, u16)>;
 
@@ -68,6 +79,21 @@ pub fn record<F: Records>(
         Err(()) => return Err(Reason::RevNatFailed),
     }
     Ok(())
+}
+
+/// Whether a socket's record is there as `record` would write it: a datagram flow's later
+/// datagrams find it so, and writing it again would cost two LRU updates (the first, as a new
+/// entry, fails after taking a free element from the LRU lists and giving it back).
+#[inline(always)]
+pub fn recorded<F: Records>(
+    cookie: u64,
+    backend: &F::Addr,
+    backend_port: u16,
+    frontend: &F::Addr,
+    port: u16,
+    svc_id: u32,
+) -> bool {
+    F::holds(cookie, backend, backend_port, frontend, port, svc_id)
 }
 
 /// Deletes the record a released socket's storage names (`family`, address bytes, port),
@@ -129,6 +155,27 @@ impl Records for V4 {
     }
 
     #[inline(always)]
+    fn holds(
+        cookie: u64,
+        backend: &[u8; 4],
+        backend_port: u16,
+        frontend: &[u8; 4],
+        port: u16,
+        svc_id: u32,
+    ) -> bool {
+        let key = SockRevNat4Key {
+            cookie,
+            addr: *backend,
+            port: backend_port,
+            _pad: 0,
+        };
+        // SAFETY: a map lookup whose value is compared at once; an update racing it gives
+        // either version.
+        unsafe { SOCK4_REVNAT.get(&key) }
+            .is_some_and(|v| v.addr == *frontend && v.port == port && v.svc_id == svc_id)
+    }
+
+    #[inline(always)]
     fn read(cookie: u64, addr: &[u8; 4], port: u16) -> Option<([u8; 4], u16)> {
         let key = SockRevNat4Key {
             cookie,
@@ -185,6 +232,27 @@ impl Records for V6 {
             svc_id,
         };
         write_record!(SOCK6_REVNAT, &key, &value)
+    }
+
+    #[inline(always)]
+    fn holds(
+        cookie: u64,
+        backend: &[u8; 16],
+        backend_port: u16,
+        frontend: &[u8; 16],
+        port: u16,
+        svc_id: u32,
+    ) -> bool {
+        let key = SockRevNat6Key {
+            cookie,
+            addr: *backend,
+            port: backend_port,
+            _pad: [0; 6],
+        };
+        // SAFETY: a map lookup whose value is compared at once; an update racing it gives
+        // either version.
+        unsafe { SOCK6_REVNAT.get(&key) }
+            .is_some_and(|v| v.addr == *frontend && v.port == port && v.svc_id == svc_id)
     }
 
     #[inline(always)]

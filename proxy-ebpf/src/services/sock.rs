@@ -420,7 +420,10 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
         svc_id: svc.id,
         cookie,
     };
-    commit::<F, SEND>(ctx, &t, &backend)?;
+    // A datagram flow's later datagrams find their record written (checked from here: the
+    // check's frame would not fit below `commit`'s).
+    let recorded = SEND && already_recorded::<F>(&t, &backend);
+    commit::<F, SEND>(ctx, &t, &backend, recorded)?;
     if events::watching() {
         translated_event::<F>(
             ctx,
@@ -443,11 +446,14 @@ fn commit<F: SockFamily, const SEND: bool>(
     ctx: &SockAddrContext,
     t: &Translation<F::Addr>,
     backend: &BackendValue,
+    recorded: bool,
 ) -> Result<(), Reason> {
     // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &mut *ctx.sock_addr };
     let to = F::backend_to(backend, t.mapped);
-    records::record::<F>(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)?;
+    if !recorded {
+        records::record::<F>(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)?;
+    }
     if SEND {
         conns::remember(ctx, F::FAMILY, &F::client_bytes(&to), backend.port);
     }
@@ -457,6 +463,13 @@ fn commit<F: SockFamily, const SEND: bool>(
         F::log(ctx, t, &to, backend.port);
     }
     Ok(())
+}
+
+/// Whether the socket's record for this translation is there already (`records::recorded`).
+#[inline(never)]
+fn already_recorded<F: SockFamily>(t: &Translation<F::Addr>, backend: &BackendValue) -> bool {
+    let to = F::backend_to(backend, t.mapped);
+    records::recorded::<F>(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)
 }
 
 /// Reverse translation: backend address → Service address, if this socket was translated.
