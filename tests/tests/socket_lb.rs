@@ -325,6 +325,34 @@ fn an_idle_datagram_flow_is_balanced_afresh() {
     );
 }
 
+/// With tc attached nowhere (`--external-interfaces= --pod-interfaces=none`, as here) no pod
+/// can be translated per packet: `--masquerade-all` is then said to have no effect, and pods
+/// keep reaching their Services through the socket layer.
+#[test]
+fn without_tc_masquerade_all_leaves_pods_on_the_socket_layer() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(3);
+    env.agent.kill();
+    env.agent.extra_args.push("--masquerade-all".to_string());
+    let from = env.agent.log_position();
+    env.agent.start();
+    env.agent.wait_for_log(
+        from,
+        "tc is attached nowhere, so no pod can be translated per packet",
+        Duration::from_secs(20),
+    );
+    env.agent
+        .write_manifest("web.yaml", &service_yaml("web", &[VIP4], &[HTTP], ""));
+    let eps: Vec<Ep> = (1..=2).map(|i| ep(env.topo.pods[i].ip4)).collect();
+    env.agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &eps),
+    );
+    env.wait_for_backends(Proto::Tcp, addr(VIP4, 80), &["pod-2", "pod-3"]);
+}
+
 /// SCTP frontends are translated like TCP ones (semantics 12.1).
 #[test]
 fn clusterip_sctp_v4_balances_over_every_backend() {

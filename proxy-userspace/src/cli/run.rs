@@ -612,6 +612,9 @@ struct SocketLbLink {
     default: crate::model::SocketLb,
     /// `--masquerade-all`: every pod per packet.
     masquerade_all: bool,
+    /// Whether pods can be translated per packet at all (tc is attached somewhere); if not,
+    /// none is, whatever the labels and flags say.
+    per_packet: bool,
     last: Option<crate::socklb::Decision>,
 }
 
@@ -619,7 +622,9 @@ impl SocketLbLink {
     /// Decides from `snapshot` and tells the socklb thread if that changed; returns the
     /// addresses of the pods translated per packet (their interfaces must carry tc).
     fn update(&mut self, snapshot: &Snapshot) -> Vec<IpAddr> {
-        let decision = if self.masquerade_all {
+        let decision = if !self.per_packet {
+            crate::socklb::Decision::default()
+        } else if self.masquerade_all {
             crate::socklb::decide_every_pod(
                 &snapshot.namespaces,
                 &snapshot.pods,
@@ -783,6 +788,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
     // needs no more than the kept capabilities (map writes, reading cgroupfs).
+    // Per-packet translation needs tc on pods' interfaces: with tc attached nowhere every pod
+    // keeps the socket layer, else its Services would not be translated at all.
+    let per_packet = manager.is_some();
+    if !per_packet && (args.masquerade_all || args.socket_lb_default == SocketLbFlag::Disabled) {
+        log::warn!(
+            "tc is attached nowhere, so no pod can be translated per packet: every pod keeps              socket-layer translation (--masquerade-all and --socket-lb-default disabled have              no effect)"
+        );
+    }
     let socklb = SocketLbLink {
         tx: crate::datapath::socklb::follow(
             &args.bpffs,
@@ -792,6 +805,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         )?,
         default: args.socket_lb_default.into(),
         masquerade_all: args.masquerade_all,
+        per_packet,
         last: None,
     };
     datapath.forward_logs();
