@@ -3,12 +3,10 @@
 
 use proxy_common::config::CONFIG_DEBUG_LOG;
 
-use super::maps::LB_CONFIG;
+use super::maps::config_flag;
 
 /// Whether an operator turned BPF debug logs on.
 #[inline(always)]
 pub fn enabled() -> bool {
-    LB_CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_DEBUG_LOG != 0)
+    config_flag(CONFIG_DEBUG_LOG)
 }

@@ -77,6 +77,12 @@ pub static SOCK6_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6Value, SOCK_REVNA
 pub static LB_DGRAM_FLOWS: LruHashMap<DgramFlowKey, DgramFlowValue, SOCK_REVNAT_MAX> =
     LruHashMap::new();
 
+/// Whether the agent set runtime switch `flag` (`config::CONFIG_*`) in `LB_CONFIG`.
+#[inline(always)]
+pub fn config_flag(flag: u32) -> bool {
+    LB_CONFIG.get(0).is_some_and(|c| c.flags & flag != 0)
+}
+
 /// Idle time after which an unconnected socket's datagrams to a frontend are balanced afresh,
 /// in nanoseconds: the agent sets it at load from `--conntrack-udp-timeout` (a read-only
 /// global; this default is that flag's).

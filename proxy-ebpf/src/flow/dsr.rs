@@ -53,7 +53,7 @@ use crate::{
     access::{
         maps::{
             LB_CONFIG, LB_DSR_BUDGET, LB_DSR_BUDGET6, LB_DSR_PEERS, LB_DSR_PEERS6, LB4_SERVICES,
-            LB6_SERVICES, TC_DSR_SCRATCH, TC_DSR_SCRATCH_WORDS,
+            LB6_SERVICES, TC_DSR_SCRATCH, TC_DSR_SCRATCH_WORDS, config_flag,
         },
         skb::send_back,
         stats,
@@ -243,7 +243,7 @@ fn prefix64(a: &[u8; 16]) -> [u8; 8] {
 /// DSR is on (`--nodeport-mode dsr`).
 #[inline(always)]
 pub fn enabled() -> bool {
-    LB_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_DSR != 0)
+    config_flag(CONFIG_DSR)
 }
 
 /// The IPv4 option's bytes: frontend port and address, then the sending node's address.

@@ -40,7 +40,9 @@ pub trait Records: Ip {
     ) -> Result<bool, ()>;
 
     /// Whether the record (`cookie`, `backend`, `backend_port`) → (`frontend`, `port`,
-    /// `svc_id`) is there as it is.
+    /// `svc_id`) is there as `record` would write it: a datagram flow's later datagrams find it
+    /// so, and writing it again would cost two LRU updates (the first, as a new entry, fails
+    /// after taking a free element from the LRU lists and giving it back).
     fn holds(
         cookie: u64,
         backend: &Self::Addr,
@@ -79,21 +81,6 @@ pub fn record<F: Records>(
         Err(()) => return Err(Reason::RevNatFailed),
     }
     Ok(())
-}
-
-/// Whether a socket's record is there as `record` would write it: a datagram flow's later
-/// datagrams find it so, and writing it again would cost two LRU updates (the first, as a new
-/// entry, fails after taking a free element from the LRU lists and giving it back).
-#[inline(always)]
-pub fn recorded<F: Records>(
-    cookie: u64,
-    backend: &F::Addr,
-    backend_port: u16,
-    frontend: &F::Addr,
-    port: u16,
-    svc_id: u32,
-) -> bool {
-    F::holds(cookie, backend, backend_port, frontend, port, svc_id)
 }
 
 /// Deletes the record a released socket's storage names (`family`, address bytes, port),

@@ -25,7 +25,7 @@ use proxy_common::{
 use crate::{
     access::{
         events,
-        maps::{LB_CONFIG, LB_IFACES},
+        maps::{LB_IFACES, config_flag},
         socklb, stats,
     },
     flow::{
@@ -107,9 +107,7 @@ fn lookup_scope(scope: u8) -> u8 {
 /// `--masquerade-all`: every ClusterIP flow is masqueraded (semantics 7.12).
 #[inline(always)]
 fn masquerade_all() -> bool {
-    LB_CONFIG
-        .get(0)
-        .is_some_and(|c| c.flags & CONFIG_MASQUERADE_ALL != 0)
+    config_flag(CONFIG_MASQUERADE_ALL)
 }
 
 /// Whether interface `why` (`IFACE_*`) is where traffic from outside the node arrives.

@@ -465,11 +465,11 @@ fn commit<F: SockFamily, const SEND: bool>(
     Ok(())
 }
 
-/// Whether the socket's record for this translation is there already (`records::recorded`).
+/// Whether the socket's record for this translation is there already (`Records::holds`).
 #[inline(never)]
 fn already_recorded<F: SockFamily>(t: &Translation<F::Addr>, backend: &BackendValue) -> bool {
     let to = F::backend_to(backend, t.mapped);
-    records::recorded::<F>(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)
+    F::holds(t.cookie, &to, backend.port, &t.frontend, t.port, t.svc_id)
 }
 
 /// Reverse translation: backend address → Service address, if this socket was translated.

@@ -786,16 +786,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(()) => log::info!("capabilities dropped to CAP_BPF and CAP_NET_ADMIN"),
         Err(e) => log::warn!("could not drop capabilities: {e}"),
     }
-    // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
-    // needs no more than the kept capabilities (map writes, reading cgroupfs).
     // Per-packet translation needs tc on pods' interfaces: with tc attached nowhere every pod
     // keeps the socket layer, else its Services would not be translated at all.
     let per_packet = manager.is_some();
     if !per_packet && (args.masquerade_all || args.socket_lb_default == SocketLbFlag::Disabled) {
         log::warn!(
-            "tc is attached nowhere, so no pod can be translated per packet: every pod keeps              socket-layer translation (--masquerade-all and --socket-lb-default disabled have              no effect)"
+            "tc is attached nowhere, so no pod can be translated per packet: every pod keeps \
+             socket-layer translation (--masquerade-all and --socket-lb-default disabled have \
+             no effect)"
         );
     }
+    // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
+    // needs no more than the kept capabilities (map writes, reading cgroupfs).
     let socklb = SocketLbLink {
         tx: crate::datapath::socklb::follow(
             &args.bpffs,
