@@ -196,13 +196,15 @@ pub struct SrcRange6 {
 
 /// Value of `LB_NETNS_SRC`, keyed by a network namespace's cookie: the source address an
 /// unbound socket of that namespace uses towards load balancer IPs, per family, so that the
-/// socket hooks can apply loadBalancerSourceRanges before the kernel has picked one.
+/// socket hooks can apply loadBalancerSourceRanges before the kernel has picked one; and, for a
+/// pod's namespace, whether tc translates its connections to masqueraded external frontends.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetnsSource {
     pub v6: [u8; 16],
     pub v4: [u8; 4],
-    /// `NETNS_HAS_V4` | `NETNS_HAS_V6`: which addresses are known.
+    /// `NETNS_HAS_V4` | `NETNS_HAS_V6`: which addresses are known; `NETNS_POD_TC4` |
+    /// `NETNS_POD_TC6`: whose pod addresses enter the node through an interface carrying tc.
     pub flags: u32,
 }
 
@@ -210,6 +212,13 @@ pub struct NetnsSource {
 pub const NETNS_HAS_V4: u32 = 1;
 /// `NetnsSource::v6` is set.
 pub const NETNS_HAS_V6: u32 = 2;
+/// A pod's namespace (not the node's) whose IPv4 address enters the node through a pod-facing
+/// interface carrying the tc program: its connections to externalIPs, load balancer IPs and
+/// NodePorts that kube-proxy masquerades (externalTrafficPolicy Cluster, semantics 7.13) are
+/// left to tc, which masquerades them, instead of being translated at the socket layer.
+pub const NETNS_POD_TC4: u32 = 4;
+/// `NETNS_POD_TC4` for the namespace's IPv6 address.
+pub const NETNS_POD_TC6: u32 = 8;
 
 pod!(
     NetnsSource,

@@ -192,6 +192,9 @@ pub struct Metrics {
     /// kube_bpf_proxy_network_namespaces_with_source: network namespaces of the hooked cgroup
     /// whose source address the socket hooks know (for loadBalancerSourceRanges).
     pub netns_sources: Family<Labels, CountGauge>,
+    /// kube_bpf_proxy_pod_namespaces_at_tc: pods' network namespaces whose connections to the
+    /// external frontends kube-proxy masquerades are left to tc on their interface (7.13).
+    pub pod_namespaces_at_tc: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_socket_lb_off_pods [state]: pods of this node whose namespace has
     /// socket-layer translation off: `programmed` (their cgroup in LB_SOCKLB_OFF) or `waiting`
     /// (no cgroup found yet).
@@ -428,6 +431,11 @@ impl Metrics {
                 "kube_bpf_proxy_network_namespaces_with_source",
                 "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges",
             ),
+            pod_namespaces_at_tc: gauge(
+                &mut r,
+                "kube_bpf_proxy_pod_namespaces_at_tc",
+                "Pods' network namespaces whose connections to masqueraded externalIPs, load balancer IPs and NodePorts are translated at tc on their interface",
+            ),
             socket_lb_off_pods: gauge(
                 &mut r,
                 "kube_bpf_proxy_socket_lb_off_pods",
@@ -452,6 +460,7 @@ impl Metrics {
         m.pod_interfaces.with(&[]);
         m.pod_endpoints_waiting.with(&[]);
         m.netns_sources.with(&[]);
+        m.pod_namespaces_at_tc.with(&[]);
         m.socket_lb_off_pods.with(&[("state", "programmed")]);
         m.socket_lb_off_pods.with(&[("state", "waiting")]);
         m.socket_lb_label_errors.with(&[]);
@@ -831,6 +840,7 @@ mod tests {
             "gauge",
             &[],
         ),
+        ("kube_bpf_proxy_pod_namespaces_at_tc", "gauge", &[]),
         ("kube_bpf_proxy_drift_repairs_total", "counter", &[]),
         ("kube_bpf_proxy_socket_lb_off_pods", "gauge", &["state"]),
         ("kube_bpf_proxy_socket_lb_label_errors", "gauge", &[]),
@@ -881,6 +891,7 @@ mod tests {
         "kube_bpf_proxy_local_endpoints_waiting_for_interface",
         "kube_bpf_proxy_network_namespaces_with_source",
         "kube_bpf_proxy_pod_interfaces",
+        "kube_bpf_proxy_pod_namespaces_at_tc",
         "kube_bpf_proxy_rejected_objects{kind=\"EndpointSlice\"}",
         "kube_bpf_proxy_rejected_objects{kind=\"Service\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"capacity\"}",
@@ -980,6 +991,7 @@ mod tests {
             .inc();
         m.pod_endpoints_waiting.with(&[]).inc();
         m.netns_sources.with(&[]).inc();
+        m.pod_namespaces_at_tc.with(&[]).inc();
         m.drift_repairs.with(&[]).inc();
         m.sockets_terminated.with(&[("protocol", "TCP")]).inc();
         m.socket_termination_errors.with(&[]).inc();

@@ -355,6 +355,97 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
 }
 
 #[test]
+fn pods_reaching_their_nodes_external_frontends_are_masqueraded_with_cluster_policy() {
+    // semantics 7.13: kube-proxy masquerades every connection to a NodePort, externalIP or LB
+    // IP with externalTrafficPolicy Cluster, a pod's too (4.7 a/b: over the cluster set). A pod
+    // in the hooked cgroup (no Pod object: the agent finds it by its network namespace) is left
+    // to tc on its interface, which masquerades; the backend, here or on node-b, sees a node-a
+    // address and the pod its frontend as the peer. With Local (4.7a) the pod is short-circuited
+    // to the cluster set at the socket layer and keeps its own address (7.13).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 1), (1, 0)]);
+    let pod = &tb.nodes[0].pods[0];
+    let backends: BTreeSet<String> = ["a-pod-2", "b-pod-1"].map(String::from).into();
+    for (proto, udp) in [(Proto::Tcp, false), (Proto::Udp, true)] {
+        for to in frontends(udp) {
+            // The pod is marked once its interface carries tc (within seconds).
+            poll_until(
+                &format!("{to} from the pod masqueraded"),
+                Duration::from_secs(15),
+                || {
+                    let r = tb.request_from(&pod.ns, true, proto, to, 1);
+                    if r[0].ok && NODE_A.contains(&seen_ip(&r[0]).to_string().as_str()) {
+                        Ok(())
+                    } else {
+                        Err(format!("{r:?}"))
+                    }
+                },
+            );
+            let replies = tb.request_from(&pod.ns, true, proto, to, 20);
+            let mut seen = BTreeSet::new();
+            for r in &replies {
+                assert!(r.ok, "{proto:?} {to}: {r:?}");
+                let ip = seen_ip(r).to_string();
+                assert!(NODE_A.contains(&ip.as_str()), "{to} not masqueraded: {r:?}");
+                assert_eq!(r.peer, to.to_string(), "{r:?}");
+                seen.insert(r.backend.clone());
+            }
+            // Random over two backends: one missing from 20 has probability 2^-19.
+            assert_eq!(seen, backends, "{proto:?} {to}: {replies:?}");
+        }
+    }
+    assert!(
+        datapath_events(&agent, "per_packet") >= 240,
+        "the pod's connects were not left to tc"
+    );
+    let (_, metrics) = agent.get(agent.metrics_port, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kube_bpf_proxy_pod_namespaces_at_tc ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
+    for (proto, udp) in [(Proto::Tcp, false), (Proto::Udp, true)] {
+        for to in frontends(udp) {
+            let own = if to.is_ipv4() {
+                pod.ip4.to_string()
+            } else {
+                pod.ip6.to_string()
+            };
+            poll_until(
+                &format!("{to} from the pod keeps its address"),
+                Duration::from_secs(15),
+                || {
+                    let r = tb.request_from(&pod.ns, true, proto, to, 1);
+                    if r[0].ok && seen_ip(&r[0]).to_string() == own {
+                        Ok(())
+                    } else {
+                        Err(format!("{r:?}"))
+                    }
+                },
+            );
+            let replies = tb.request_from(&pod.ns, true, proto, to, 20);
+            let mut seen = BTreeSet::new();
+            for r in &replies {
+                assert!(r.ok, "{proto:?} {to}: {r:?}");
+                assert_eq!(seen_ip(r).to_string(), own, "{to}: {r:?}");
+                assert_eq!(r.peer, to.to_string(), "{r:?}");
+                seen.insert(r.backend.clone());
+            }
+            // The cluster set, the remote backend included (4.7a).
+            assert_eq!(seen, backends, "{proto:?} {to}: {replies:?}");
+        }
+    }
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
 fn cluster_ips_reached_from_outside_are_translated_and_masqueraded() {
     // semantics 12.5: traffic to a Service address is handled for every source, forwarded
     // packets too (ext routes the Service CIDR via node-a); 7.12: a source that is no local

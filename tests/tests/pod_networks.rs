@@ -366,6 +366,57 @@ fn pod_network(shape: Shape) {
         }
     }
 
+    // A pod of node-a that is no endpoint, in the hooked cgroup (so translated at the socket
+    // layer), reaching node-a's external frontends: with Cluster kube-proxy masquerades it
+    // (semantics 7.13), so the agent finds the pod by its network namespace, puts tc on its
+    // interface (on ptp and calico its own veth, which nothing else selects) and leaves those
+    // connections to tc; with Local it keeps its address (4.7a, 7.13).
+    let client = tb.add_pod(0);
+    {
+        let pod = &tb.nodes[0].pods[client];
+        for (svc, backend) in [
+            (&FAR, "b-pod-1"),
+            (&NEAR, "a-pod-1"),
+            (&NEAR_LOCAL, "a-pod-2"),
+        ] {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                for to in svc.frontends(proto) {
+                    let own: IpAddr = if to.is_ipv4() {
+                        pod.ip4.into()
+                    } else {
+                        pod.ip6.into()
+                    };
+                    let expected = |r: &tests::Reply| {
+                        let seen = seen_ip(&r.seen);
+                        r.ok && r.backend == backend
+                            && seen_ip(&r.peer) == to.ip()
+                            && if svc.local_policy {
+                                seen == own
+                            } else {
+                                NODE_A.contains(&seen.to_string().as_str())
+                            }
+                    };
+                    // Until the pod's interface carries tc and the pod is marked.
+                    poll_until(
+                        &format!("{to} {proto:?} from {}", pod.name),
+                        Duration::from_secs(15),
+                        || {
+                            let r = tb.request_from(&pod.ns, true, proto, to, 1);
+                            if expected(&r[0]) {
+                                Ok(())
+                            } else {
+                                Err(format!("{r:?}"))
+                            }
+                        },
+                    );
+                    for r in tb.request_from(&pod.ns, true, proto, to, 3) {
+                        assert!(expected(&r), "{to} {proto:?} from {}: {r:?}", pod.name);
+                    }
+                }
+            }
+        }
+    }
+
     // A pod created after the agent is up, behind its own Service.
     let late = tb.add_pod(0);
     tb.serve(0, late, BACKEND_PORT);

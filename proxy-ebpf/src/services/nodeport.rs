@@ -116,6 +116,14 @@ fn outside(why: u8) -> bool {
     why == IFACE_EXTERNAL || why == IFACE_KEPT || why == IFACE_REMOTE_ROUTE
 }
 
+/// Whether interface `ifindex` is one where traffic from outside the node arrives (an
+/// interface the agent has not recorded counts as external).
+#[inline(never)]
+fn arrived_outside(ifindex: u32) -> bool {
+    // SAFETY: a map lookup whose value is copied at once.
+    outside(unsafe { LB_IFACES.get(&ifindex) }.map_or(IFACE_EXTERNAL, |i| i.why))
+}
+
 /// The scope of a new flow to a ClusterIP arriving from outside (the interface says so): its
 /// internal frontend, or rejected when the ClusterIP does not serve that port (3.12). A
 /// ClusterIP's own frontends are internal only: from outside it is reached only by a route
@@ -141,9 +149,7 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
     }
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: a map lookup whose value is copied at once.
-    let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
-    if outside(why) {
+    if arrived_outside(here) {
         cluster_ip_from_outside::<F>(&pkt.t)
     } else {
         SCOPE_EXTERNAL
@@ -164,9 +170,7 @@ fn scope<F: Family>(ctx: &TcContext) -> u8 {
     }
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: a map lookup whose value is copied at once.
-    let why = unsafe { LB_IFACES.get(&here) }.map_or(IFACE_EXTERNAL, |i| i.why);
-    if outside(why) {
+    if arrived_outside(here) {
         if F::cluster_ip(&pkt.t.daddr) {
             return cluster_ip_from_outside::<F>(&pkt.t);
         }
@@ -297,8 +301,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             // the reply comes back here.
             snat |= internal && r.ifindex == here;
             // Direct server return for backends behind the interface the flow came in on
-            // (from outside: a pod's ClusterIP flow is masqueraded, never DSR).
-            dsr = snat && !internal && r.ifindex == here && dsr::enabled();
+            // from outside (a pod's flow, to a ClusterIP or an external frontend, is
+            // masqueraded, never DSR).
+            dsr = snat && !internal && r.ifindex == here && dsr::enabled() && arrived_outside(here);
             if snat && !dsr {
                 to.saddr = r.src;
             }

@@ -17,8 +17,8 @@ use proxy_common::{
     proto,
     reason::{Hook, Reason},
     service::{
-        FLAG_LEAST_CONN, FLAG_SOURCE_RANGES, NETNS_HAS_V4, NETNS_HAS_V6, NetnsSource,
-        SCOPE_INTERNAL, ServiceValue,
+        FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4,
+        NETNS_POD_TC6, NetnsSource, SCOPE_INTERNAL, ServiceValue,
     },
 };
 
@@ -265,6 +265,21 @@ fn unless_per_packet(found: Result<ServiceValue, Reason>) -> Result<ServiceValue
     }
 }
 
+/// Whether the caller is a pod whose interface carries tc (the agent marks its network
+/// namespace per family): its connections to a frontend kube-proxy masquerades (an externalIP,
+/// load balancer IP or NodePort with externalTrafficPolicy Cluster, semantics 7.13) are left
+/// to tc, which masquerades them. Other callers (the node's own processes, pods not marked yet)
+/// are translated here, over the cluster set (4.7 a/b).
+#[inline(never)]
+fn pod_at_tc<F: SockFamily>(ctx: &SockAddrContext, mapped: bool) -> bool {
+    let flag = if F::V4 || mapped {
+        NETNS_POD_TC4
+    } else {
+        NETNS_POD_TC6
+    };
+    netns_source(ctx).is_some_and(|ns| ns.flags & flag != 0)
+}
+
 /// The frontend (`addr`, `port`, `proto`) at the socket hooks. A miss on an address that is a
 /// ClusterIP (it has the port-0, protocol-0 entry) is rejected like a Service without
 /// endpoints (nftables mode, semantics 3.12); any other miss leaves the socket alone.
@@ -396,6 +411,9 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     let proto_ = sa.protocol as u8;
     let (found, mapped) = F::service(&frontend, port, proto_);
     let svc = unless_per_packet(found)?;
+    if svc.has_flag(FLAG_SNAT) && pod_at_tc::<F>(ctx, mapped) {
+        return Err(Reason::PerPacket);
+    }
     check_source::<F, SEND>(ctx, &svc, mapped)?;
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

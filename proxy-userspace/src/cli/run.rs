@@ -450,12 +450,17 @@ struct PodInterfaceLink {
     shared: Arc<podif::Shared>,
     metrics: Arc<Metrics>,
     local: crate::snapshot::LocalEndpoints,
+    /// The pods the netns thread found (their interfaces carry tc too), and the generation
+    /// last handed to the manager.
+    pods: Option<Arc<netns::PodAddresses>>,
+    pods_generation: u64,
 }
 
 impl PodInterfaceLink {
     /// Tells the manager this node's endpoints and pod CIDRs; returns the endpoints whose
     /// interface does not carry the program yet.
-    /// `per_packet`: addresses of pods translated per packet, whose interfaces carry tc too.
+    /// `per_packet`: addresses of pods translated per packet, whose interfaces carry tc too,
+    /// as do those of every pod the netns thread found.
     fn waiting(
         &mut self,
         snapshot: &Snapshot,
@@ -466,6 +471,11 @@ impl PodInterfaceLink {
             .node
             .local_endpoints_cached(&snapshot.slices, &mut self.local);
         endpoints.extend(per_packet.iter().copied());
+        if let Some(pods) = &self.pods {
+            let (generation, addresses) = pods.get();
+            self.pods_generation = generation;
+            endpoints.extend(addresses);
+        }
         manager.set_inputs(podif::ClusterInputs {
             endpoints,
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
@@ -533,6 +543,10 @@ fn add_node_state(
                     let g = p.shared.generation.load(Ordering::Acquire);
                     changed |= g != generation;
                     generation = g;
+                    changed |= p
+                        .pods
+                        .as_ref()
+                        .is_some_and(|a| a.generation.load(Ordering::Acquire) != p.pods_generation);
                 }
                 if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
                     let mut snapshot = snapshot.clone();
@@ -774,10 +788,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // The sources of pods and of the host, for loadBalancerSourceRanges at the socket layer:
     // its thread keeps what entering namespaces needs, so it starts before the others drop it.
     let ranged = Arc::new(std::sync::Mutex::new(netns::Targets::default()));
+    // And, with pod-facing interfaces, the pods found there: their interfaces get tc, which
+    // then masquerades their connections to externalIPs, LB IPs and NodePorts (7.13).
+    let pod_addresses = (manager.is_some() && !pod_spec.is_empty())
+        .then(|| Arc::new(netns::PodAddresses::default()));
     netns::follow(
         args.bpffs.clone(),
         cgroup.clone(),
         Arc::clone(&ranged),
+        pod_addresses.clone(),
         Some(Arc::clone(&metrics)),
     )?;
     // Everything privileged is done; capabilities are per thread, so drop them before any
@@ -831,6 +850,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 shared,
                 metrics: Arc::clone(&metrics),
                 local: Default::default(),
+                pods: pod_addresses,
+                pods_generation: 0,
             })
         }
         None => None,

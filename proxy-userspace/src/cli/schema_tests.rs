@@ -330,9 +330,14 @@ fn services_json_follows_its_schema() {
     assert_eq!(
         find(NODE_V4, 30443, "internal")["masquerade"],
         false,
-        "the socket layer never masquerades"
+        "externalTrafficPolicy Local: this node's pods keep their address (7.13)"
     );
     assert_eq!(find(NODE_V4, 30080, "external")["masquerade"], true);
+    assert_eq!(
+        find(NODE_V4, 30080, "internal")["masquerade"],
+        true,
+        "Cluster: this node's pods are masqueraded too (7.13)"
+    );
     assert!(
         !items.iter().any(|f| f["address"] == "fd00::10"),
         "no IPv6 Service has a NodePort"

@@ -302,8 +302,10 @@ pub struct FrontendState {
     /// Empty because of a Local traffic policy although endpoints exist elsewhere: drop, not
     /// reject (semantics 3.8, 3.9).
     pub no_local: bool,
-    /// Masquerade clients to a node address (external scope, externalTrafficPolicy Cluster,
-    /// semantics 7.13).
+    /// Masquerade clients to a node address (externalTrafficPolicy Cluster, semantics 7.13):
+    /// every client from outside (external scope); pods reaching an externalIP, load balancer
+    /// IP or NodePort of this node (internal scope: such a pod is left to tc on its interface,
+    /// when it has one).
     pub snat: bool,
     /// loadBalancerSourceRanges of a load balancer frontend (semantics 7.8); empty: any source.
     pub source_ranges: Vec<Cidr>,
@@ -982,7 +984,9 @@ fn keep_flows<'a>(sp: &'a ServicePort, chosen: &[&Endpoint]) -> Vec<&'a Endpoint
 ///
 /// Socket layer (internal scope): the ClusterIP uses the internal set (semantics 4.6);
 /// externalIPs, load balancer IPs and NodePorts on node addresses reached from this node use
-/// the cluster set (semantics 4.7 a/b: pods and the host are short-circuited to it).
+/// the cluster set (semantics 4.7 a/b: pods and the host are short-circuited to it); with
+/// externalTrafficPolicy Cluster they are marked to masquerade, and pods whose interface
+/// carries tc are left to it (7.13).
 ///
 /// tc (external scope): NodePorts on `node_addresses`, externalIPs and load balancer IPs use the
 /// external set: the local set with externalTrafficPolicy Local (no masquerading, dropped when
@@ -1045,7 +1049,10 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
                 keep_flows: to_backends(&keep_flows, proto, &sp.weights),
                 affinity_secs: sp.affinity_secs,
                 no_local,
-                snat: external_scope && !sp.etp_local,
+                // From outside at tc; at the socket layer, pods whose interface carries tc
+                // are left to it for an external frontend (the socket layer cannot
+                // masquerade); the ClusterIP is never masqueraded (7.12).
+                snat: !sp.etp_local && (external_scope || kind != FrontendKind::ClusterIp),
                 // Both scopes: traffic from outside at tc, pods and the host at the socket
                 // layer (semantics 7.8, 7.9).
                 source_ranges: if kind == FrontendKind::LoadBalancer {

@@ -1567,8 +1567,16 @@ fn external_frontends_for_nodeports_external_ips_and_lb_ips() {
         backends_of(&d, "external 192.168.77.1:30080/TCP"),
         ["10.244.0.2:8080", "10.244.1.2:8080"]
     );
-    // The socket-layer NodePort never masquerades (semantics 4.7 a/b).
-    assert!(!frontend_of(&d, "192.168.77.1:30080/TCP").unwrap().snat);
+    // The socket-layer frontends of this node's clients use the cluster set too (4.7 a/b) and
+    // are marked to masquerade (7.13: pods are left to tc); the ClusterIP never is (7.12).
+    for fe in [
+        "192.168.77.1:30080/TCP",
+        "203.0.113.7:80/TCP",
+        "198.51.100.1:80/TCP",
+    ] {
+        assert!(frontend_of(&d, fe).unwrap().snat, "{fe}");
+    }
+    assert!(!frontend_of(&d, "10.96.0.10:80/TCP").unwrap().snat);
 }
 
 #[test]
@@ -1587,11 +1595,13 @@ fn external_traffic_policy_local_uses_local_endpoints_without_snat() {
         let state = frontend_of(&d, fe).unwrap();
         assert!(!state.snat && !state.no_local, "{fe}");
     }
-    // semantics 4.7 a/b: this node's own clients are short-circuited to the cluster set.
+    // semantics 4.7 a/b: this node's own clients are short-circuited to the cluster set,
+    // without masquerading (7.13).
     assert_eq!(
         backends_of(&d, "198.51.100.1:80/TCP"),
         ["10.244.0.2:8080", "10.244.1.2:8080"]
     );
+    assert!(!frontend_of(&d, "198.51.100.1:80/TCP").unwrap().snat);
 }
 
 #[test]

@@ -7,22 +7,38 @@
 //! address, or the host's address towards the VIP. A namespace not seen yet (a pod started in
 //! the last moments) is absent from the map; the hooks then leave its sockets untranslated and
 //! the packet path, which sees the real source, checks the ranges instead.
+//!
+//! With pod-facing interfaces on (`PodAddresses`), every namespace but the node's own is also a
+//! pod's: its addresses are handed to the pod-interface manager (their interfaces get tc), and
+//! once the interface an address enters the node through carries tc, the namespace is marked
+//! (`NETNS_POD_TC4`/`NETNS_POD_TC6`): the socket hooks then leave its connections to the
+//! frontends kube-proxy masquerades to tc (semantics 7.13).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Service;
-use proxy_common::service::{NETNS_HAS_V4, NETNS_HAS_V6, NetnsSource};
+use proxy_common::{
+    info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
+    service::{NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4, NETNS_POD_TC6, NetnsSource},
+};
 
-use super::{bpf::NetnsSources, netlink, sockdiag};
+use super::{
+    bpf::NetnsSources,
+    netlink::{self, RouteHit},
+    sockdiag, tclinks,
+};
 use crate::metrics::{Metrics, Series};
 
 /// Where sources are probed towards: one load balancer IP with source ranges per family. A
@@ -75,6 +91,107 @@ impl Targets {
     }
 }
 
+/// The addresses of this node's pods, as found in their network namespaces: the node thread
+/// hands them to the pod-interface manager, so that their interfaces carry tc.
+#[derive(Debug, Default)]
+pub struct PodAddresses {
+    /// Bumped whenever `addresses` changes.
+    pub generation: AtomicU64,
+    pub addresses: Mutex<BTreeSet<IpAddr>>,
+}
+
+impl PodAddresses {
+    /// The addresses and their generation.
+    pub fn get(&self) -> (u64, BTreeSet<IpAddr>) {
+        let addresses = self.addresses.lock().expect("pod addresses lock");
+        (self.generation.load(Ordering::Acquire), addresses.clone())
+    }
+
+    fn set(&self, wanted: BTreeSet<IpAddr>) {
+        let mut addresses = self.addresses.lock().expect("pod addresses lock");
+        if *addresses != wanted {
+            *addresses = wanted;
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A pod's own addresses: unicast, neither loopback nor link-local (a pod reaches the node's
+/// frontends from these).
+fn pod_address(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !(a.is_loopback() || a.is_link_local() || a.is_unspecified()),
+        IpAddr::V6(a) => {
+            !(a.is_loopback()
+                || a.is_unicast_link_local()
+                || a.is_unspecified()
+                || a.is_multicast())
+        }
+    }
+}
+
+/// Whether an interface carrying tc for reason `why` (`IFACE_*`) faces pods (not where traffic
+/// from outside the node arrives).
+fn faces_pods(why: u8) -> bool {
+    !matches!(why, IFACE_EXTERNAL | IFACE_KEPT | IFACE_REMOTE_ROUTE)
+}
+
+/// `NETNS_POD_TC4` | `NETNS_POD_TC6` for a pod with `addresses`: the families in which the
+/// kernel routes an address of the pod straight out of a pod-facing interface carrying tc (or
+/// out of a port of such a bridge). `route` answers `ip route get` in the node's namespace;
+/// `master` gives a bridge port's bridge.
+fn pod_flags(
+    addresses: &[IpAddr],
+    pod_facing: &BTreeSet<u32>,
+    master: &BTreeMap<u32, u32>,
+    route: &mut dyn FnMut(IpAddr) -> RouteHit,
+) -> u32 {
+    let mut flags = 0;
+    for ip in addresses {
+        let covered = match route(*ip) {
+            RouteHit::Direct { oif } => {
+                pod_facing.contains(&oif)
+                    || master.get(&oif).is_some_and(|m| pod_facing.contains(m))
+            }
+            _ => false,
+        };
+        if covered {
+            flags |= if ip.is_ipv4() {
+                NETNS_POD_TC4
+            } else {
+                NETNS_POD_TC6
+            };
+        }
+    }
+    flags
+}
+
+/// The pod-facing interfaces carrying tc (from `LB_IFACES`) and every bridge port's bridge.
+fn pod_facing(pin_dir: &Path, rtnl: &mut netlink::Rtnl) -> (BTreeSet<u32>, BTreeMap<u32, u32>) {
+    let facing = match tclinks::recorded(pin_dir) {
+        Ok(m) => m
+            .into_iter()
+            .filter(|(_, info)| faces_pods(info.why))
+            .map(|(index, _)| index)
+            .collect(),
+        Err(e) => {
+            log::debug!("netns thread: {e:#}");
+            BTreeSet::new()
+        }
+    };
+    let master = match rtnl.links() {
+        Ok(links) => links
+            .into_iter()
+            .filter_map(|l| Some((l.index, l.master?)))
+            .collect(),
+        Err(e) => {
+            log::debug!("netns thread: cannot list links: {e}");
+            BTreeMap::new()
+        }
+    };
+    (facing, master)
+}
+
 /// The current namespace's cookie (SO_NETNS_COOKIE, the value `bpf_get_netns_cookie` gives).
 fn own_cookie() -> io::Result<u64> {
     // SAFETY: plain socket(2); the fd is owned at once.
@@ -102,10 +219,30 @@ fn own_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// The current namespace's cookie and its source towards `targets`.
-fn probe_here(targets: &Targets) -> io::Result<(u64, NetnsSource)> {
+/// What was found inside one namespace.
+struct Probe {
+    cookie: u64,
+    source: NetnsSource,
+    /// Its own addresses (`pod_address`), when asked for.
+    addresses: Vec<IpAddr>,
+}
+
+/// The current namespace's cookie, its source towards `targets`, and with `pods` its addresses.
+fn probe_here(targets: &Targets, pods: bool) -> io::Result<Probe> {
     let cookie = own_cookie()?;
     let mut rtnl = netlink::Rtnl::new()?;
+    let addresses = if pods {
+        let mut a: Vec<IpAddr> = rtnl
+            .local_addresses()?
+            .into_iter()
+            .filter(pod_address)
+            .collect();
+        a.sort();
+        a.dedup();
+        a
+    } else {
+        Vec::new()
+    };
     let mut source = NetnsSource::default();
     if let Some(t) = targets.v4
         && let Some(IpAddr::V4(a)) = rtnl.route_source(IpAddr::V4(t))?
@@ -119,7 +256,11 @@ fn probe_here(targets: &Targets) -> io::Result<(u64, NetnsSource)> {
         source.v6 = a.octets();
         source.flags |= NETNS_HAS_V6;
     }
-    Ok((cookie, source))
+    Ok(Probe {
+        cookie,
+        source,
+        addresses,
+    })
 }
 
 /// Where container runtimes pin pod network namespaces (containerd and CRI-O under
@@ -150,10 +291,24 @@ fn namespaces(cgroup: &Path) -> BTreeMap<u64, PathBuf> {
 
 /// What was found in one namespace, and when.
 struct Known {
-    cookie: u64,
-    source: NetnsSource,
+    probe: Probe,
     targets: Targets,
     probed: Instant,
+    /// When the namespace was first seen.
+    seen: Instant,
+}
+
+impl Known {
+    /// Whether the namespace is due for another probe: every `REPROBE`, and at every scan while
+    /// it is young (a pod's namespace exists before the CNI has given it its addresses).
+    fn stale(&self, targets: &Targets) -> bool {
+        let every = if self.seen.elapsed() < YOUNG {
+            Duration::ZERO
+        } else {
+            REPROBE
+        };
+        self.targets != *targets || self.probed.elapsed() >= every
+    }
 }
 
 /// How often every namespace is looked for when no link event wakes the thread.
@@ -162,15 +317,19 @@ const SCAN_TICK: Duration = Duration::from_secs(2);
 const SCAN_GAP: Duration = Duration::from_millis(100);
 /// How often a known namespace's source is probed again (addresses and routes may change).
 const REPROBE: Duration = Duration::from_secs(30);
+/// How long a new namespace is probed at every scan.
+const YOUNG: Duration = Duration::from_secs(30);
 
 /// Keeps `LB_NETNS_SRC` equal to the sources of the namespaces of `cgroup`'s processes towards
-/// the current `targets`, on a thread started now. Must be called before the agent drops its
-/// capabilities: entering namespaces needs CAP_SYS_ADMIN and CAP_SYS_PTRACE, which this thread
-/// keeps (as the socket-termination thread does) while the others drop them.
+/// the current `targets` and, with `pods`, to which of them are pods whose interface carries
+/// tc (their addresses published in `pods`), on a thread started now. Must be called before the
+/// agent drops its capabilities: entering namespaces needs CAP_SYS_ADMIN and CAP_SYS_PTRACE,
+/// which this thread keeps (as the socket-termination thread does) while the others drop them.
 pub fn follow(
     pin_dir: PathBuf,
     cgroup: PathBuf,
     targets: Arc<Mutex<Targets>>,
+    pods: Option<Arc<PodAddresses>>,
     metrics: Option<Arc<Metrics>>,
 ) -> io::Result<()> {
     let mut map = NetnsSources::open_pinned(&pin_dir).map_err(io::Error::other)?;
@@ -185,6 +344,14 @@ pub fn follow(
                 return;
             }
         };
+        // The node's own namespace (never a pod's), and a netlink socket that stays in it.
+        let (home_cookie, mut home_rtnl) = match (own_cookie(), netlink::Rtnl::new()) {
+            (Ok(c), Ok(r)) => (c, r),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("loadBalancerSourceRanges for pods and the host disabled: {e}");
+                return;
+            }
+        };
         let mut events = netlink::Events::subscribe()
             .inspect_err(|e| log::warn!("netns thread: no link events ({e}); polling only"))
             .ok();
@@ -193,27 +360,29 @@ pub fn follow(
         loop {
             let scanned = Instant::now();
             let wanted_targets = *targets.lock().expect("targets lock");
-            if wanted_targets.is_empty() {
+            if wanted_targets.is_empty() && pods.is_none() {
                 known.clear();
             } else {
                 let namespaces = namespaces(&cgroup);
                 known.retain(|ino, _| namespaces.contains_key(ino));
                 for (ino, path) in &namespaces {
-                    let fresh = known.get(ino).is_some_and(|k| {
-                        k.targets == wanted_targets && k.probed.elapsed() < REPROBE
-                    });
+                    let fresh = known.get(ino).is_some_and(|k| !k.stale(&wanted_targets));
                     if fresh {
                         continue;
                     }
-                    match probe_in(path, &wanted_targets, &home) {
-                        Ok((cookie, source)) => {
+                    let seen = known.get(ino).map_or_else(Instant::now, |k| k.seen);
+                    match probe_in(path, &wanted_targets, pods.is_some(), &home) {
+                        Ok(mut probe) => {
+                            if probe.cookie == home_cookie {
+                                probe.addresses.clear();
+                            }
                             known.insert(
                                 *ino,
                                 Known {
-                                    cookie,
-                                    source,
+                                    probe,
                                     targets: wanted_targets,
                                     probed: Instant::now(),
+                                    seen,
                                 },
                             );
                         }
@@ -231,11 +400,27 @@ pub fn follow(
                     }
                 }
             }
-            let wanted: BTreeMap<u64, NetnsSource> = known
-                .values()
-                .filter(|k| k.source.flags != 0)
-                .map(|k| (k.cookie, k.source))
-                .collect();
+            let mut wanted: BTreeMap<u64, NetnsSource> = BTreeMap::new();
+            let facing = pods.as_ref().map(|p| {
+                p.set(
+                    known
+                        .values()
+                        .flat_map(|k| k.probe.addresses.iter().copied())
+                        .collect(),
+                );
+                pod_facing(&pin_dir, &mut home_rtnl)
+            });
+            for k in known.values() {
+                let mut source = k.probe.source;
+                if let Some((facing, master)) = &facing {
+                    source.flags |= pod_flags(&k.probe.addresses, facing, master, &mut |ip| {
+                        home_rtnl.route_get(ip).unwrap_or(RouteHit::None)
+                    });
+                }
+                if source.flags != 0 {
+                    wanted.insert(k.probe.cookie, source);
+                }
+            }
             if written.as_ref() != Some(&wanted) {
                 match map.sync(&wanted) {
                     Ok((w, r)) => {
@@ -246,7 +431,15 @@ pub fn follow(
                             );
                         }
                         if let Some(m) = &metrics {
-                            m.netns_sources.with(&[]).set(wanted.len() as u64);
+                            let count = |flags| {
+                                wanted.values().filter(|s| s.flags & flags != 0).count() as u64
+                            };
+                            m.netns_sources
+                                .with(&[])
+                                .set(count(NETNS_HAS_V4 | NETNS_HAS_V6));
+                            m.pod_namespaces_at_tc
+                                .with(&[])
+                                .set(count(NETNS_POD_TC4 | NETNS_POD_TC6));
                         }
                         written = Some(wanted);
                     }
@@ -273,9 +466,9 @@ enum Fatal {
 }
 
 /// Enters the namespace at `path`, probes it and comes back to `home`.
-fn probe_in(path: &Path, targets: &Targets, home: &fs::File) -> Result<(u64, NetnsSource), Fatal> {
+fn probe_in(path: &Path, targets: &Targets, pods: bool, home: &fs::File) -> Result<Probe, Fatal> {
     sockdiag::enter(path).map_err(Fatal::Namespace)?;
-    let found = probe_here(targets);
+    let found = probe_here(targets, pods);
     // SAFETY: our own namespace fd; affects only this thread.
     if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(Fatal::Home(io::Error::last_os_error()));
@@ -332,6 +525,72 @@ mod tests {
         assert_eq!(t.v4, Some("198.51.100.7".parse().unwrap()));
         assert_eq!(t.v6, Some("fd00::9".parse().unwrap()));
         assert!(Targets::of(&services[..1]).is_empty());
+    }
+
+    #[test]
+    fn a_pod_is_marked_per_family_when_its_address_enters_through_a_pod_facing_tc_interface() {
+        // semantics 7.13: only then can tc masquerade the pod's connections. Interface 5
+        // carries tc (a pod veth), 7 is a port of bridge 9 (which carries it), 3 is external.
+        let facing: BTreeSet<u32> = [5, 9].into();
+        let master: BTreeMap<u32, u32> = [(7, 9)].into();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut route = |a: IpAddr| match a.to_string().as_str() {
+            "10.244.0.5" | "fd00:244::5" => RouteHit::Direct { oif: 5 },
+            "10.244.0.7" => RouteHit::Direct { oif: 7 },
+            "10.244.0.8" => RouteHit::Direct { oif: 8 },
+            "192.168.77.2" => RouteHit::Direct { oif: 3 },
+            "10.244.1.5" => RouteHit::Gateway { oif: 5 },
+            _ => RouteHit::None,
+        };
+        let mut flags = |addrs: &[&str]| {
+            let addrs: Vec<IpAddr> = addrs.iter().map(|a| ip(a)).collect();
+            pod_flags(&addrs, &facing, &master, &mut route)
+        };
+        assert_eq!(
+            flags(&["10.244.0.5", "fd00:244::5"]),
+            NETNS_POD_TC4 | NETNS_POD_TC6
+        );
+        assert_eq!(
+            flags(&["10.244.0.7"]),
+            NETNS_POD_TC4,
+            "a bridge port's bridge"
+        );
+        // An interface without tc, an external one (another node's namespace, an outside
+        // client), a gateway route and no route: not marked.
+        for a in ["10.244.0.8", "192.168.77.2", "10.244.1.5", "10.0.0.1"] {
+            assert_eq!(flags(&[a]), 0, "{a}");
+        }
+        assert_eq!(flags(&["10.244.0.8", "fd00:244::5"]), NETNS_POD_TC6);
+        assert!(!faces_pods(IFACE_EXTERNAL) && !faces_pods(IFACE_REMOTE_ROUTE));
+        assert!(faces_pods(proxy_common::info::IFACE_POD_ROUTE));
+    }
+
+    #[test]
+    fn a_pods_own_addresses_exclude_loopback_and_link_local() {
+        for a in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "0.0.0.0",
+            "ff02::1",
+        ] {
+            assert!(!pod_address(&a.parse().unwrap()), "{a}");
+        }
+        for a in ["10.244.0.5", "fd00:244::5", "2001:db8::5"] {
+            assert!(pod_address(&a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn pod_addresses_bump_their_generation_only_on_change() {
+        let p = PodAddresses::default();
+        let one: BTreeSet<IpAddr> = ["10.244.0.5".parse().unwrap()].into();
+        p.set(one.clone());
+        p.set(one.clone());
+        assert_eq!(p.get(), (1, one));
+        p.set(BTreeSet::new());
+        assert_eq!(p.get().0, 2);
     }
 
     #[test]

@@ -119,7 +119,10 @@ impl Agent {
             } else {
                 &[][..]
             })
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("KBP_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped())
             .spawn()
