@@ -67,6 +67,11 @@ pub const CT_RST: u32 = 1 << 3;
 /// Direct server return: sent to the backend's node with the frontend in an IP option (on the
 /// balancing node), or learnt from that option (on the backend's node). One direction only.
 pub const CT_DSR: u32 = 1 << 4;
+/// The backend is on this node's own address (a host-network pod): the flow is handed to the
+/// node's stack, which answers it itself; the replies leave through an interface's egress,
+/// where `tc_egress` translates them back. Never masqueraded (a masqueraded client would be
+/// answered on the loopback device, past every program).
+pub const CT_HOST: u32 = 1 << 5;
 
 /// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of
 /// its two `last_seen_ns` is older than this; LRU eviction covers a full table.

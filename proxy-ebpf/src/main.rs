@@ -98,6 +98,13 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     hooks::tc::ingress(&ctx)
 }
 
+/// tc egress on the same interfaces as `tc_ingress`: replies of backends on the node's own
+/// address (host-network pods) to flows `tc_ingress` translated. Returns a tc action.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    hooks::tc::egress(&ctx)
+}
+
 /// XDP on the node's external interfaces: flows to and from backends on other nodes are
 /// translated and sent back out before the stack; everything else passes to tc.
 #[xdp]

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::privileged;
 use proxy_common::{
-    ct::{CT_REPLY, CT_SNAT},
+    ct::{CT_HOST, CT_REPLY, CT_SNAT},
     event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
     reason::{Hook, Reason},
 };
@@ -536,6 +536,78 @@ fn tc_translates_a_local_node_port_flow_both_ways() {
     assert_eq!(seen(&out.packet).dst, (LOCAL_POD, 8080));
     assert_eq!(rig.count(Reason::NatEstablished), 1);
     assert_eq!(rig.count(Reason::NatNew), 1, "no second flow");
+}
+
+/// A backend on the node's own address (a host-network pod; semantics 12.3: the apiserver
+/// behind `default/kubernetes`): tc hands the flow to the node's stack with only its
+/// destination translated (not masqueraded: it never leaves the node), and `tc_egress`, which
+/// passes everything until such a flow exists, translates the stack's replies back to the node
+/// port; other packets leave untouched.
+#[test]
+fn tc_hands_a_flow_to_a_host_network_backend_and_egress_translates_its_replies() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.program(&format!(
+        "{}---
+kind: Service
+metadata: {{name: host}}
+spec: {{type: NodePort, clusterIP: 10.96.0.17,
+        ports: [{{name: https, port: 443, targetPort: 6443, nodePort: 30087, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: host-1, labels: {{kubernetes.io/service-name: host}}}}
+addressType: IPv4
+ports: [{{name: https, port: 6443, protocol: TCP}}]
+endpoints: [{{addresses: [\"{NODE}\"], nodeName: n1, conditions: {{ready: true}}}}]
+",
+        manifests()
+    ));
+    let reply = tcp4((NODE, 6443), (CLIENT, 40000), TCP_SYN | TCP_ACK);
+    let other = tcp4((NODE, 22), (CLIENT, 40001), TCP_ACK);
+    for frame in [&reply, &other] {
+        let out = rig.dp.tc_egress(frame).expect("run tc_egress");
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(&out.packet, frame, "no host flow yet: untouched");
+    }
+
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30087), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_OK, "to the stack, not redirected");
+    assert_eq!(
+        seen(&out.packet),
+        Seen {
+            src: (CLIENT, 40000),
+            dst: (NODE, 6443),
+            flags: TCP_SYN
+        },
+        "not masqueraded"
+    );
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    assert!(
+        ct.iter()
+            .all(|(_, v)| v.flags & CT_HOST != 0 && v.flags & CT_SNAT == 0),
+        "{ct:?}"
+    );
+
+    let out = rig.dp.tc_egress(&reply).expect("run tc_egress");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(
+        seen(&out.packet),
+        Seen {
+            src: (NODE, 30087),
+            dst: (CLIENT, 40000),
+            flags: TCP_SYN | TCP_ACK
+        }
+    );
+    let out = rig.dp.tc_egress(&other).expect("run tc_egress");
+    assert_eq!(out.packet, other, "not a translated flow's: untouched");
+    // The client's ACK follows the entry to the stack.
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30087), TCP_ACK));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(seen(&out.packet).dst, (NODE, 6443));
+    assert_eq!(rig.count(Reason::NatReply), 1);
 }
 
 /// externalTrafficPolicy Cluster (semantics 7.13): the client is masqueraded to the node

@@ -256,15 +256,17 @@ fn hooks(status: &serde_json::Value) -> BTreeSet<String> {
 
 /// Waits until `status` and the pins show no trace of interface `name`.
 fn wait_forgotten(tb: &Testbed, agent: &Agent, name: &str) {
-    let pin = agent.pin_dir.join("links").join(format!("tc-{name}"));
+    // Its ingress link and the egress link beside it.
+    let pins = ["tc", "tce"].map(|p| agent.pin_dir.join("links").join(format!("{p}-{name}")));
     poll_until(
         &format!("{name} forgotten"),
         Duration::from_secs(10),
         || {
             let s = status(tb, agent);
             let listed = tc_interfaces(&s).iter().any(|(i, _)| i == name)
-                || hooks(&s).contains(&format!("tc-{name}"));
-            if listed || Path::new(&pin).exists() {
+                || hooks(&s).contains(&format!("tc-{name}"))
+                || hooks(&s).contains(&format!("tce-{name}"));
+            if listed || pins.iter().any(|p| Path::new(p).exists()) {
                 Err(format!("still there: {s}"))
             } else {
                 Ok(())
@@ -326,6 +328,10 @@ fn pod_network(shape: Shape) {
     }
     // XDP runs in front of tc on eth0 and hands local-backend flows to tc: they were answered.
     assert!(hooks(&s).contains("xdp-eth0"), "{s}");
+    // tc's egress program sits beside every ingress link.
+    for (interface, _) in &tc {
+        assert!(hooks(&s).contains(&format!("tce-{interface}")), "{s}");
+    }
     // verify agrees: the maps match and every pod-facing interface carries the program.
     assert_verified(
         &tb,

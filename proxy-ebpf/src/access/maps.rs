@@ -97,6 +97,25 @@ pub fn dgram_flow_timeout_ns() -> u64 {
     unsafe { core::ptr::read_volatile(&raw const DGRAM_FLOW_TIMEOUT_NS) }
 }
 
+/// Nonzero once a flow to a backend on this node's own address (`CT_HOST`) was started or
+/// seen since the programs were loaded: until then `tc_egress` passes every packet at once.
+#[unsafe(no_mangle)]
+static mut HOST_FLOWS: u32 = 0;
+
+/// Whether `tc_egress` has replies to translate (`HOST_FLOWS`).
+#[inline(always)]
+pub fn host_flows() -> bool {
+    // SAFETY: a read of a global of the object (its .bss map's value).
+    unsafe { core::ptr::read_volatile(&raw const HOST_FLOWS) != 0 }
+}
+
+/// Records that a `CT_HOST` flow exists (`HOST_FLOWS`); a racing write writes the same value.
+#[inline(always)]
+pub fn saw_host_flow() {
+    // SAFETY: a write of a global of the object (its .bss map's value).
+    unsafe { core::ptr::write_volatile(&raw mut HOST_FLOWS, 1) }
+}
+
 /// Connection tracking of the tc path, IPv4. Written by the programs, expired by the agent.
 /// LRU: when full, the least recently used flow is forgotten rather than a new one refused.
 #[btf_map]

@@ -5,8 +5,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
-        bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LOOKUP_SKIP_NEIGH,
+        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -69,6 +69,8 @@ pub fn params<F: Ip>(p: &mut bpf_fib_lookup, t: &Tuple<F::Addr>, ifindex: u32) {
 pub enum Unrouted {
     /// The packet is too big for the egress interface, whose MTU this is.
     TooBig(u32),
+    /// The destination is this node itself (a local address): delivered by the stack.
+    Local,
     /// No forwarding route, or the lookup failed.
     Other,
 }
@@ -128,6 +130,8 @@ pub fn route<F: Ip>(
             Some(_) => return Err(Unrouted::TooBig(mtu)),
             None => return Err(Unrouted::Other),
         }
+    } else if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return Err(Unrouted::Local);
     } else if rc != 0 {
         return Err(Unrouted::Other);
     }

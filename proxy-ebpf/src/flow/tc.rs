@@ -7,12 +7,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    ct::{CT_DSR, CT_REPLY},
+    ct::{CT_DSR, CT_HOST, CT_REPLY},
     reason::{Hook, Reason},
 };
 
 use crate::{
-    access::stats,
+    access::{maps::saw_host_flow, stats},
     flow::{
         ct::{Tracked, ct_flags_of, keeps_entry},
         dsr::{self, Dsr},
@@ -99,8 +99,14 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
                 }
                 return DSR;
             }
-            // No forwarding route: the stack may still deliver it.
+            // No forwarding route: the stack may still deliver it (a backend on this node's
+            // own address: its replies are translated at egress, re-armed here after a
+            // reload of the programs).
             if ifindex == 0 {
+                if e.flags & CT_HOST != 0 {
+                    saw_host_flow();
+                    return TC_ACT_OK as i32;
+                }
                 stats::count(Reason::FibPass);
                 return TC_ACT_OK as i32;
             }
@@ -108,4 +114,32 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
         }
     }
     NEW
+}
+
+/// At egress: a reply of a flow tc handed to a backend on this node's own address (`CT_HOST`),
+/// which the node's stack answered itself, is translated back to the frontend; every other
+/// packet passes untouched. Returns a tc action.
+#[inline(never)]
+pub fn host_reply<F: Tracked>(ctx: &TcContext) -> i32 {
+    let Ok(pkt) = F::parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let Some(ptr) = F::ct_lookup(&pkt.t) else {
+        return TC_ACT_OK as i32;
+    };
+    // SAFETY: `ptr` came from the lookup.
+    let mut e = unsafe { F::ct_read(ptr) };
+    if e.flags & (CT_REPLY | CT_HOST) != CT_REPLY | CT_HOST || !keeps_entry::<F>(ptr, &e, &pkt) {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: a helper without arguments; `ptr` came from the lookup.
+    unsafe { F::ct_touch(ptr, bpf_ktime_get_ns(), ct_flags_of(pkt.tcp_flags)) };
+    e.to.proto = pkt.t.proto;
+    if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
+        // Counted, not as a drop of a hook: the drop counters have no egress hook.
+        stats::count(Reason::RewriteFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    stats::count(Reason::NatReply);
+    TC_ACT_OK as i32
 }

@@ -1,16 +1,17 @@
 //! tc ingress on the node's external and pod-facing interfaces: ICMP errors about translated
 //! flows, DSR options, packets of tracked flows, then new flows to NodePorts, externalIPs and
-//! load balancer IPs.
+//! load balancer IPs. tc egress there: replies of the node's own stack to translated flows.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
+    access::maps::host_flows,
     flow::{
         dsr,
         fib::too_big_mtu,
         frag, icmp, pmtu,
-        tc::{DSR, NEW, REWRITE_FAILED, handle, rewrite_failed},
+        tc::{DSR, NEW, REWRITE_FAILED, handle, host_reply, rewrite_failed},
     },
     headers::{
         ETH_HLEN, FRAG_MORE, FRAG_OFFSET, FRAG6_MORE, FRAG6_OFFSET, IPPROTO_FRAGMENT, IPPROTO_ICMP,
@@ -62,6 +63,21 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             dsr::learn6(ctx);
             v6(ctx)
         }
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// tc egress on the same interfaces: replies the node's own stack sends for flows tc handed to
+/// a backend on the node's address (a host-network pod) are translated back to the frontend.
+/// Nothing else is looked at; until such a flow exists, nothing at all.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    if !host_flows() {
+        return TC_ACT_OK as i32;
+    }
+    match ctx.load::<u16>(12).map(u16::from_be) {
+        Ok(ETH_P_IP) => host_reply::<V4>(ctx),
+        Ok(ETH_P_IPV6) => host_reply::<V6>(ctx),
         _ => TC_ACT_OK as i32,
     }
 }

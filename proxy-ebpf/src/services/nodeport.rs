@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     config::CONFIG_MASQUERADE_ALL,
-    ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    ct::{CT_DSR, CT_HOST, CT_REPLY, CT_SNAT},
     info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
     reason::{Hook, Reason},
     service::{FLAG_LEAST_CONN, SCOPE_EXTERNAL, SCOPE_INTERNAL},
@@ -25,7 +25,7 @@ use proxy_common::{
 use crate::{
     access::{
         events,
-        maps::{LB_IFACES, config_flag},
+        maps::{LB_IFACES, config_flag, saw_host_flow},
         socklb, stats,
     },
     flow::{
@@ -291,6 +291,8 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
+    // A backend on this node's own address (a host-network pod): handed to the stack.
+    let mut host = false;
     // This node's address on the way to the backend (with masquerading or DSR).
     let mut via = pkt.t.daddr;
     let ifindex = match route::<F>(ctx, &to, snat || internal) {
@@ -312,8 +314,15 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         // Too big for the way to the backend: answered untouched (`pmtu::too_big`, after
         // this frame has returned), nothing recorded.
         Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => return too_big_action(mtu),
-        // No forwarding route (e.g. a host-network backend on this node): without
-        // masquerading the stack can still deliver it.
+        // Delivered here, not masqueraded (as under kube-proxy, whose masquerading applies
+        // only to packets leaving the node); the replies leave through an interface's
+        // egress, where `tc_egress` translates them back.
+        Err(Unrouted::Local) => {
+            host = true;
+            snat = false;
+            0
+        }
+        // No forwarding route: without masquerading the stack may still deliver it.
         Err(_) if !snat => 0,
         Err(_) => {
             stats::count(Reason::FibPass);
@@ -324,6 +333,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         CT_DSR
     } else if snat {
         CT_SNAT
+    } else if host {
+        saw_host_flow();
+        CT_HOST
     } else {
         0
     };
@@ -357,6 +369,10 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             return drop(Reason::DsrFailed);
         }
         return DSR;
+    }
+    if host {
+        // Up the stack, to the backend on this node.
+        return TC_ACT_OK as i32;
     }
     forward::<F>(ctx, &to, ifindex)
 }

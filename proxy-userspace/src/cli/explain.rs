@@ -165,6 +165,12 @@ pub struct Explanation {
     /// at the socket layer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) per_packet: Option<PerPacketClient>,
+    /// The client is not one of this node's addresses, so a pod: kube-proxy masquerades its
+    /// connections to this frontend (an externalIP, load balancer IP or NodePort with
+    /// externalTrafficPolicy Cluster, semantics 7.13), and so does tc on its interface once the
+    /// agent has found the pod.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(super) masqueraded_at_tc: bool,
 }
 
 /// A client pod whose Services are translated per packet.
@@ -292,6 +298,10 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     })?;
     if out.frontend.reach == Reach::Internal {
         out.per_packet = per_packet;
+        out.masqueraded_at_tc = out.per_packet.is_none()
+            && out.matched.as_ref().is_some_and(|f| f.masquerade)
+            && !crate::datapath::netdev::local_addresses()
+                .is_ok_and(|local| local.contains(&args.client));
     }
     if args.inspect.output == Format::Json {
         return json(&Document::of(&out));
@@ -332,6 +342,7 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
         affinity: Vec::new(),
         next: None,
         per_packet: None,
+        masqueraded_at_tc: false,
     };
     let Some(mut f) = matched else {
         (out.verdict, out.reason) = if marked {
@@ -638,6 +649,14 @@ fn text(out: &Explanation) -> String {
             "path:       per packet at tc on the pod's interface (pod {}/{}: its namespace has \
              socket-layer translation off); same backends and scheduler",
             p.namespace, p.pod
+        );
+    }
+    if out.masqueraded_at_tc {
+        let _ = writeln!(
+            s,
+            "path:       per packet at tc on the pod's interface, masqueraded to a node address \
+             (externalTrafficPolicy Cluster, semantics 7.13), once the agent has found the pod; \
+             same backends and scheduler"
         );
     }
     if let Some(f) = &out.matched {

@@ -1580,6 +1580,25 @@ fn external_frontends_for_nodeports_external_ips_and_lb_ips() {
 }
 
 #[test]
+fn pods_keep_the_socket_layer_for_a_service_with_a_host_network_backend_here() {
+    // tc could not hand a pod's masqueraded flow to a backend on the node's own address (its
+    // replies leave past tc): the socket-layer frontends are not marked (7.13 left unmatched
+    // rather than the connection lost); from outside nothing changes.
+    let mut s = external_web("LoadBalancer", "");
+    // The local endpoint's address is the node's own (primary, say: from its Node object).
+    s.node.primary = vec!["10.244.0.2".parse().unwrap()];
+    let d = compile(&s);
+    for fe in [
+        "192.168.77.1:30080/TCP",
+        "203.0.113.7:80/TCP",
+        "198.51.100.1:80/TCP",
+    ] {
+        assert!(!frontend_of(&d, fe).unwrap().snat, "{fe}");
+    }
+    assert!(frontend_of(&d, "external 203.0.113.7:80/TCP").unwrap().snat);
+}
+
+#[test]
 fn external_traffic_policy_local_uses_local_endpoints_without_snat() {
     // semantics 4.6, 4.7c, 7.13
     let d = compile(&external_web(

@@ -95,6 +95,8 @@ pub const SOCK_PROGRAMS: [&str; 9] = [
 
 /// The tc program, attached at ingress of the node's external and pod-facing interfaces.
 pub const TC_PROGRAM: &str = "tc_ingress";
+/// The tc egress program: replies of host-network backends to flows tc translated.
+pub const TC_EGRESS_PROGRAM: &str = "tc_egress";
 
 /// The XDP program, attached to the node's external interfaces.
 pub const XDP_PROGRAM: &str = "xdp_ingress";
@@ -1198,28 +1200,34 @@ impl Datapath {
         Ok(attached)
     }
 
-    /// Loads the tc program and pins it (replacing an earlier agent's pin) so that
-    /// `tclinks::TcLinks` can attach it to interfaces from another thread.
+    /// Loads the tc programs (ingress and egress) and pins them (replacing an earlier agent's
+    /// pins) so that `tclinks::TcLinks` can attach them to interfaces from another thread.
     pub fn pin_tc_program(&mut self) -> anyhow::Result<()> {
-        let program: &mut SchedClassifier = self
-            ._ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
-            .try_into()
-            .with_context(|| format!("program {TC_PROGRAM} is not a tc classifier"))?;
-        let verifying = std::time::Instant::now();
-        program
-            .load()
-            .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
-        log::info!(
-            "tc program loaded and verified in {} ms",
-            verifying.elapsed().as_millis()
-        );
-        let pin = self.pin_dir.join(super::tclinks::TC_PROGRAM_PIN);
-        unpin(&pin)?;
-        program
-            .pin(&pin)
-            .with_context(|| format!("pin {}", pin.display()))
+        for (name, file) in [
+            (TC_PROGRAM, super::tclinks::TC_PROGRAM_PIN),
+            (TC_EGRESS_PROGRAM, super::tclinks::TC_EGRESS_PROGRAM_PIN),
+        ] {
+            let program: &mut SchedClassifier = self
+                ._ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not a tc classifier"))?;
+            let verifying = std::time::Instant::now();
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {name}"))?;
+            log::info!(
+                "{name} loaded and verified in {} ms",
+                verifying.elapsed().as_millis()
+            );
+            let pin = self.pin_dir.join(file);
+            unpin(&pin)?;
+            program
+                .pin(&pin)
+                .with_context(|| format!("pin {}", pin.display()))?;
+        }
+        Ok(())
     }
 
     /// Terminates sockets of removed backends from now on: connected UDP sockets, and TCP
@@ -2139,6 +2147,22 @@ impl Detached {
         run_packet(|opts| program.test_run(opts), frame, None)
     }
 
+    /// Runs the tc egress program on `frame` (an Ethernet frame) as leaving through the
+    /// calling thread's network namespace's loopback device.
+    pub fn tc_egress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_EGRESS_PROGRAM)
+            .ok_or_else(|| anyhow!("program {TC_EGRESS_PROGRAM} missing from the BPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {TC_EGRESS_PROGRAM}"))?;
+        }
+        run_packet(|opts| program.test_run(opts), frame, None)
+    }
+
     /// Runs the XDP program on `frame` as received on interface `ifindex` of the calling
     /// thread's network namespace (0: loopback).
     pub fn xdp_ingress(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<RunResult> {
@@ -2196,7 +2220,10 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| {
-            SOCK_PROGRAMS.contains(&n.as_str()) || n.starts_with("tc-") || n.starts_with("xdp-")
+            SOCK_PROGRAMS.contains(&n.as_str())
+                || n.starts_with("tc-")
+                || n.starts_with("tce-")
+                || n.starts_with("xdp-")
         })
         .collect();
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
@@ -2205,6 +2232,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     files.push(names::LB_VERSIONS);
     files.push(RELEASE_PIN);
     files.push(super::tclinks::TC_PROGRAM_PIN);
+    files.push(super::tclinks::TC_EGRESS_PROGRAM_PIN);
     removed += remove_files_and_dir(pin_dir, &files)?;
     Ok(removed)
 }
@@ -2310,7 +2338,7 @@ pub struct HookInfo {
 }
 
 /// The pinned hook links under `pin_dir`: the socket hooks, then tc on each interface
-/// (`tc-IFNAME`).
+/// (`tc-IFNAME` at ingress, `tce-IFNAME` at egress) and XDP (`xdp-IFNAME`).
 pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
     let links_dir = pin_dir.join(LINKS_DIR);
     let mut tc: Vec<String> = fs::read_dir(&links_dir)
@@ -2318,7 +2346,7 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("tc-") || n.starts_with("xdp-"))
+        .filter(|n| n.starts_with("tc-") || n.starts_with("tce-") || n.starts_with("xdp-"))
         .collect();
     tc.sort();
     SOCK_PROGRAMS
@@ -2329,6 +2357,7 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
             // tc and XDP links count only while they are on the interface of their name (a
             // recreated interface has a new index and none of our programs).
             let interface = super::tclinks::iface_of_pin("tc-", name)
+                .or_else(|| super::tclinks::iface_of_pin("tce-", name))
                 .or_else(|| super::tclinks::iface_of_pin("xdp-", name));
             interface.is_none_or(|i| {
                 super::tclinks::link_state(&links_dir.join(name)).is_some_and(|s| {

@@ -1,6 +1,6 @@
-//! The tc program's links on interfaces: attached, replaced in place and detached one interface
-//! at a time (pins `links/tc-IFNAME`), each checked against the interface it was made on, and
-//! recorded with the reason in `LB_IFACES`.
+//! The tc programs' links on interfaces: attached, replaced in place and detached one interface
+//! at a time (pins `links/tc-IFNAME` at ingress, `links/tce-IFNAME` at egress), each checked
+//! against the interface it was made on, and recorded with the reason in `LB_IFACES`.
 
 use std::{
     collections::BTreeMap,
@@ -22,8 +22,14 @@ use super::bpf::{LINKS_DIR, bpf_syscall, replace_pinned};
 /// Pin of the loaded tc program under the pin directory, from which every attach is made.
 pub const TC_PROGRAM_PIN: &str = "tc_ingress";
 
+/// Pin of the loaded tc egress program (`tc_egress`), attached beside every ingress link.
+pub const TC_EGRESS_PROGRAM_PIN: &str = "tc_egress";
+
 /// Pin name prefix of the tc links (`tc-IFNAME`).
 pub const TC_LINK_PREFIX: &str = "tc-";
+
+/// Pin name prefix of the tc egress links (`tce-IFNAME`), which follow the ingress ones.
+pub const TC_EGRESS_LINK_PREFIX: &str = "tce-";
 
 /// The pin file name of the link `prefix` (`tc-`, `xdp-`) of interface `iface`. bpffs refuses
 /// names with a dot, which interface names may hold (flannel's `flannel.1`, VLANs'
@@ -148,6 +154,7 @@ impl AttachError {
 /// thread (it holds its own handles, opened from the pins).
 pub struct TcLinks {
     program: SchedClassifier,
+    egress: SchedClassifier,
     links_dir: PathBuf,
     ifaces: HashMap<MapData, u32, IfaceInfo>,
 }
@@ -155,14 +162,19 @@ pub struct TcLinks {
 impl TcLinks {
     /// Opens the program pinned by `Datapath::pin_tc_program` and `LB_IFACES`.
     pub fn open(pin_dir: &Path) -> anyhow::Result<TcLinks> {
-        let pin = pin_dir.join(TC_PROGRAM_PIN);
-        let program = SchedClassifier::from_pin(&pin)
-            .with_context(|| format!("open the tc program pinned at {}", pin.display()))?;
+        let open = |file: &str| {
+            let pin = pin_dir.join(file);
+            SchedClassifier::from_pin(&pin)
+                .with_context(|| format!("open the tc program pinned at {}", pin.display()))
+        };
+        let program = open(TC_PROGRAM_PIN)?;
+        let egress = open(TC_EGRESS_PROGRAM_PIN)?;
         let links_dir = pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("create {}", links_dir.display()))?;
         Ok(TcLinks {
             program,
+            egress,
             links_dir,
             ifaces: ifaces_map(pin_dir)?,
         })
@@ -170,6 +182,11 @@ impl TcLinks {
 
     fn pin(&self, name: &str) -> PathBuf {
         self.links_dir.join(link_pin_name(TC_LINK_PREFIX, name))
+    }
+
+    fn egress_pin(&self, name: &str) -> PathBuf {
+        self.links_dir
+            .join(link_pin_name(TC_EGRESS_LINK_PREFIX, name))
     }
 
     /// Interfaces with a pinned tc link (live or not): name → link state.
@@ -186,62 +203,38 @@ impl TcLinks {
             .collect()
     }
 
-    /// Puts the program on interface `name`, whose index is `index`: swaps it into a live link
-    /// an earlier agent pinned there, else attaches afresh (TCX) and pins the link. Returns true
-    /// when the link was kept from an earlier agent. Records `info` in `LB_IFACES`.
+    /// Puts the program on interface `name`, whose index is `index`, at ingress and the egress
+    /// program at egress: swaps each into a live link an earlier agent pinned there, else
+    /// attaches afresh (TCX) and pins the link. Returns true when the ingress link was kept
+    /// from an earlier agent. Records `info` in `LB_IFACES`.
     pub fn attach(&mut self, name: &str, index: u32, info: IfaceInfo) -> Result<bool, AttachError> {
-        let pin = self.pin(name);
-        let kept = match link_state(&pin) {
-            Some(s) if s.ifindex == index => {
-                let fd = self
-                    .program
-                    .fd()
-                    .map_err(|e| AttachError::Pin(e.to_string()))?;
-                replace_pinned(&pin, fd.as_fd())
-            }
-            Some(_) => {
-                // A link on an interface of the same name that is gone (a pod restart).
-                let _ = fs::remove_file(&pin);
-                false
-            }
-            None => false,
-        };
-        if !kept {
-            if ifindex(name) != Some(index) {
-                return Err(AttachError::Gone);
-            }
-            let id = match self.program.attach(name, TcAttachType::Ingress) {
-                Ok(id) => id,
-                Err(_) if ifindex(name) != Some(index) => return Err(AttachError::Gone),
-                Err(e) => return Err(AttachError::Refused(format!("{e:#}"))),
-            };
-            let link: FdLink = self
-                .program
-                .take_link(id)
-                .map_err(|e| AttachError::Pin(e.to_string()))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| AttachError::Pin(e.to_string()))?;
-            link.pin(&pin)
-                .map_err(|e| AttachError::Pin(format!("pin {}: {e}", pin.display())))?;
-            // The name may have moved to another interface between the lookup and the attach.
-            match link_state(&pin) {
-                Some(s) if s.ifindex == index => {}
-                _ => {
-                    let _ = fs::remove_file(&pin);
-                    return Err(AttachError::Gone);
-                }
-            }
-        }
+        let ingress_pin = self.pin(name);
+        let kept = attach_one(
+            &mut self.program,
+            &ingress_pin,
+            name,
+            index,
+            TcAttachType::Ingress,
+        )?;
+        let egress_pin = self.egress_pin(name);
+        attach_one(
+            &mut self.egress,
+            &egress_pin,
+            name,
+            index,
+            TcAttachType::Egress,
+        )?;
         self.ifaces
             .insert(index, info, 0)
             .map_err(|e| AttachError::Pin(format!("record in LB_IFACES: {e}")))?;
         Ok(kept)
     }
 
-    /// Removes the program from interface `name` (its pin; the kernel detaches the link) and
-    /// forgets `index` in `LB_IFACES`.
+    /// Removes the programs from interface `name` (their pins; the kernel detaches the links)
+    /// and forgets `index` in `LB_IFACES`.
     pub fn detach(&mut self, name: &str, index: Option<u32>) {
         let _ = fs::remove_file(self.pin(name));
+        let _ = fs::remove_file(self.egress_pin(name));
         if let Some(index) = index {
             let _ = self.ifaces.remove(&index);
         }
@@ -265,6 +258,55 @@ impl TcLinks {
             .collect();
         for k in stale {
             let _ = self.ifaces.remove(&k);
+        }
+    }
+}
+
+/// Puts `program` on interface `name` (index `index`) at `side`, its link pinned at `pin`:
+/// swapped into a live link an earlier agent pinned there (returns true), else attached afresh.
+fn attach_one(
+    program: &mut SchedClassifier,
+    pin: &Path,
+    name: &str,
+    index: u32,
+    side: TcAttachType,
+) -> Result<bool, AttachError> {
+    let kept = match link_state(pin) {
+        Some(s) if s.ifindex == index => {
+            let fd = program.fd().map_err(|e| AttachError::Pin(e.to_string()))?;
+            replace_pinned(pin, fd.as_fd())
+        }
+        Some(_) => {
+            // A link on an interface of the same name that is gone (a pod restart).
+            let _ = fs::remove_file(pin);
+            false
+        }
+        None => false,
+    };
+    if kept {
+        return Ok(true);
+    }
+    if ifindex(name) != Some(index) {
+        return Err(AttachError::Gone);
+    }
+    let id = match program.attach(name, side) {
+        Ok(id) => id,
+        Err(_) if ifindex(name) != Some(index) => return Err(AttachError::Gone),
+        Err(e) => return Err(AttachError::Refused(format!("{e:#}"))),
+    };
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(|e| AttachError::Pin(e.to_string()))?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| AttachError::Pin(e.to_string()))?;
+    link.pin(pin)
+        .map_err(|e| AttachError::Pin(format!("pin {}: {e}", pin.display())))?;
+    // The name may have moved to another interface between the lookup and the attach.
+    match link_state(pin) {
+        Some(s) if s.ifindex == index => Ok(false),
+        _ => {
+            let _ = fs::remove_file(pin);
+            Err(AttachError::Gone)
         }
     }
 }
