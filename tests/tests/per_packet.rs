@@ -233,6 +233,79 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
     assert_verified(&tb, &agent, &node_name, "masquerade-all");
 }
 
+/// semantics 12.3: `default/kubernetes` has the apiserver's own address as its endpoint (a
+/// host-network process). A pod translated per packet reaches it: tc on the pod's interface
+/// hands the flow to the node's stack (only the destination translated) and translates the
+/// node's reply back at egress, so the pod sees the ClusterIP answer; the apiserver sees the
+/// pod. Both shapes: the reply leaves through the pod's own veth, or through the bridge.
+#[test]
+fn per_pod_veths_a_pod_translated_per_packet_reaches_a_host_network_backend() {
+    per_packet_host_backend(Shape::Ptp);
+}
+
+#[test]
+fn bridge_a_pod_translated_per_packet_reaches_a_host_network_backend() {
+    per_packet_host_backend(Shape::Bridge);
+}
+
+fn per_packet_host_backend(shape: Shape) {
+    if !privileged() {
+        return;
+    }
+    let (mut tb, agent, (_kubepods, pod_cg)) = meshed_testbed(shape, 3, Some("disabled"), &[], "");
+    tb.serve_on_node(0, BACKEND_PORT);
+    let node = (tb.nodes[0].ip4, tb.nodes[0].ip6);
+    for (name, ip, family, addr) in [
+        ("kubernetes", "10.96.0.1", "IPv4", node.0.to_string()),
+        ("kubernetes6", "fd00:96::1", "IPv6", node.1.to_string()),
+    ] {
+        agent.write_manifest(
+            &format!("{name}.yaml"),
+            &service_yaml(name, &[ip], &[HTTP], ""),
+        );
+        agent.write_manifest(
+            &format!("{name}-slice.yaml"),
+            &slice_yaml(&format!("{name}-1"), name, family, &[HTTP], &[ep(addr)]),
+        );
+    }
+    let client_ns = &tb.nodes[0].pods[0].ns;
+    let (client, client6) = (tb.nodes[0].pods[0].ip4, tb.nodes[0].pods[0].ip6);
+    for (dest, own) in [
+        ("10.96.0.1:80", client.to_string()),
+        ("[fd00:96::1]:80", client6.to_string()),
+    ] {
+        let dest: SocketAddr = dest.parse().unwrap();
+        poll_until(&format!("{dest} answered"), Duration::from_secs(15), || {
+            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        });
+        let before = per_packet_count(&agent.pin_dir);
+        for r in request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 5) {
+            assert!(r.ok, "{dest}: {r:?}");
+            assert_eq!(r.backend, "node-a", "{r:?}");
+            assert_eq!(
+                r.peer,
+                dest.to_string(),
+                "the pod sees the ClusterIP: {r:?}"
+            );
+            let ip = r
+                .seen
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(['[', ']']).to_string());
+            assert_eq!(ip.as_deref(), Some(own.as_str()), "{r:?}");
+        }
+        assert!(
+            per_packet_count(&agent.pin_dir) >= before + 5,
+            "not per packet"
+        );
+    }
+    tb.assert_no_checksum_errors();
+}
+
 /// `by_default`: per packet through `--socket-lb-default disabled` rather than the label.
 fn per_packet(shape: Shape, by_default: bool) {
     let (label_off, label_back) = if by_default {
