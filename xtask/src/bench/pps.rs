@@ -233,6 +233,7 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             let program_ns = vec![
                 ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
                 ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
+                ("tc_egress".to_string(), ns_per_run("tc_egress")),
             ];
             let counters = match &agent {
                 Some(a) => status_counters(&tb, a)?,

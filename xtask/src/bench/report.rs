@@ -1218,8 +1218,9 @@ impl Report {
              and synced before the pod is added, so the kernel's events alone trigger the \
              attach; the veth's and the route's appearance are the timestamps of `ip -ts \
              monitor link route` in node-a. \"pod first\": the slice is written as soon as \
-             `add_pod` returns (the later of the two), timed from its rename; the manifests \
-             source polls every 100 ms (random phase). The end is the timestamp of the agent's \
+             `add_pod` returns, timed from the `add_pod` call: the agent finds a pod by its \
+             network namespace (and gives its veth tc) whether or not a slice names it. The \
+             end is the timestamp of the agent's \
              `tc attached at ingress of <veth>` line. Milliseconds:\n"
         );
         let _ = writeln!(out, "| from -> to | p50 | p99 | max | n |");
