@@ -43,6 +43,7 @@ pub trait Records: Ip {
     /// `svc_id`) is there as `record` would write it: a datagram flow's later datagrams find it
     /// so, and writing it again would cost two LRU updates (the first, as a new entry, fails
     /// after taking a free element from the LRU lists and giving it back).
+    #[inline(always)]
     fn holds(
         cookie: u64,
         backend: &Self::Addr,
@@ -50,10 +51,14 @@ pub trait Records: Ip {
         frontend: &Self::Addr,
         port: u16,
         svc_id: u32,
-    ) -> bool;
+    ) -> bool {
+        Self::read(cookie, backend, backend_port)
+            .is_some_and(|(a, p, s)| a == *frontend && p == port && s == svc_id)
+    }
 
-    /// The frontend address and port of the record (`cookie`, `addr`, `port`), if any.
-    fn read(cookie: u64, addr: &Self::Addr, port: u16) -> Option<(Self::Addr, u16)>;
+    /// The frontend address and port, and the frontend id, of the record (`cookie`, `addr`,
+    /// `port`), if any.
+    fn read(cookie: u64, addr: &Self::Addr, port: u16) -> Option<(Self::Addr, u16, u32)>;
 
     /// Deletes the record (`cookie`, `addr`, `port`); whether there was one.
     fn delete(cookie: u64, addr: &Self::Addr, port: u16) -> bool;
@@ -142,28 +147,7 @@ impl Records for V4 {
     }
 
     #[inline(always)]
-    fn holds(
-        cookie: u64,
-        backend: &[u8; 4],
-        backend_port: u16,
-        frontend: &[u8; 4],
-        port: u16,
-        svc_id: u32,
-    ) -> bool {
-        let key = SockRevNat4Key {
-            cookie,
-            addr: *backend,
-            port: backend_port,
-            _pad: 0,
-        };
-        // SAFETY: a map lookup whose value is compared at once; an update racing it gives
-        // either version.
-        unsafe { SOCK4_REVNAT.get(&key) }
-            .is_some_and(|v| v.addr == *frontend && v.port == port && v.svc_id == svc_id)
-    }
-
-    #[inline(always)]
-    fn read(cookie: u64, addr: &[u8; 4], port: u16) -> Option<([u8; 4], u16)> {
+    fn read(cookie: u64, addr: &[u8; 4], port: u16) -> Option<([u8; 4], u16, u32)> {
         let key = SockRevNat4Key {
             cookie,
             addr: *addr,
@@ -172,7 +156,7 @@ impl Records for V4 {
         };
         // SAFETY: a map lookup whose value is copied at once; an update racing it gives either
         // version.
-        unsafe { SOCK4_REVNAT.get(&key) }.map(|v| (v.addr, v.port))
+        unsafe { SOCK4_REVNAT.get(&key) }.map(|v| (v.addr, v.port, v.svc_id))
     }
 
     #[inline(always)]
@@ -222,28 +206,7 @@ impl Records for V6 {
     }
 
     #[inline(always)]
-    fn holds(
-        cookie: u64,
-        backend: &[u8; 16],
-        backend_port: u16,
-        frontend: &[u8; 16],
-        port: u16,
-        svc_id: u32,
-    ) -> bool {
-        let key = SockRevNat6Key {
-            cookie,
-            addr: *backend,
-            port: backend_port,
-            _pad: [0; 6],
-        };
-        // SAFETY: a map lookup whose value is compared at once; an update racing it gives
-        // either version.
-        unsafe { SOCK6_REVNAT.get(&key) }
-            .is_some_and(|v| v.addr == *frontend && v.port == port && v.svc_id == svc_id)
-    }
-
-    #[inline(always)]
-    fn read(cookie: u64, addr: &[u8; 16], port: u16) -> Option<([u8; 16], u16)> {
+    fn read(cookie: u64, addr: &[u8; 16], port: u16) -> Option<([u8; 16], u16, u32)> {
         let key = SockRevNat6Key {
             cookie,
             addr: *addr,
@@ -252,7 +215,7 @@ impl Records for V6 {
         };
         // SAFETY: a map lookup whose value is copied at once; an update racing it gives either
         // version.
-        unsafe { SOCK6_REVNAT.get(&key) }.map(|v| (v.addr, v.port))
+        unsafe { SOCK6_REVNAT.get(&key) }.map(|v| (v.addr, v.port, v.svc_id))
     }
 
     #[inline(always)]

@@ -497,7 +497,8 @@ pub fn rev<F: SockFamily>(ctx: &SockAddrContext) {
     let sa = unsafe { &mut *ctx.sock_addr };
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some((frontend, port)) = F::read(cookie, &F::user_addr(sa), port_from_ctx(sa.user_port))
+    if let Some((frontend, port, _)) =
+        F::read(cookie, &F::user_addr(sa), port_from_ctx(sa.user_port))
     {
         F::set_user_addr(sa, &frontend);
         sa.user_port = port_to_ctx(port);
