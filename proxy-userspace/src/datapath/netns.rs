@@ -311,6 +311,12 @@ impl Known {
     }
 }
 
+/// What is lost when the thread cannot start: the sources of pods and the host (their
+/// loadBalancerSourceRanges at the socket layer) and the marking of pods for tc.
+const STOPPED: &str = "netns thread not started: no loadBalancerSourceRanges for pods and the host \
+                       at the socket layer, no masquerading of pods' connections to external \
+                       frontends";
+
 /// How often every namespace is looked for when no link event wakes the thread.
 const SCAN_TICK: Duration = Duration::from_secs(2);
 /// The shortest time between two scans, however many events arrive.
@@ -340,7 +346,7 @@ pub fn follow(
         let home = match fs::File::open("/proc/thread-self/ns/net") {
             Ok(f) => f,
             Err(e) => {
-                log::error!("loadBalancerSourceRanges for pods and the host disabled: {e}");
+                log::error!("{STOPPED}: {e}");
                 return;
             }
         };
@@ -348,7 +354,7 @@ pub fn follow(
         let (home_cookie, mut home_rtnl) = match (own_cookie(), netlink::Rtnl::new()) {
             (Ok(c), Ok(r)) => (c, r),
             (Err(e), _) | (_, Err(e)) => {
-                log::error!("loadBalancerSourceRanges for pods and the host disabled: {e}");
+                log::error!("{STOPPED}: {e}");
                 return;
             }
         };
