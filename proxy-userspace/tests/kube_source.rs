@@ -1,6 +1,7 @@
 //! The Kubernetes API source against an in-process API server double (`support`): initial
 //! lists, watch events, bookmarks, 410 relists, cut connections, server errors, outages,
-//! undecodable objects. No root needed.
+//! undecodable objects, watches the server forgot silently. No root needed, except to forget a
+//! connection silently (`TCP_REPAIR`).
 
 mod support;
 
@@ -918,6 +919,73 @@ fn converges_soon_after_an_outage_with_connections_refused() {
 #[test]
 fn converges_soon_after_an_outage_with_connections_reset() {
     outage_then_return(Outage::Reset);
+}
+
+/// An API server that rebooted (or whose address moved to another machine) forgot the watch
+/// connections without a word. Nothing arrives on a silent watch, so the source learns of it
+/// only by sending: its connections carry TCP keepalive, whose first probe after 15 s of
+/// silence is answered with a reset, and the watch is started again from where it was. Without
+/// keepalive the dead watch stood until the client's read timeout, five minutes without a
+/// change reaching the maps.
+#[test]
+fn watches_the_server_forgot_silently_are_noticed_by_keepalive() {
+    // Forgetting a connection silently needs CAP_NET_ADMIN (TCP_REPAIR).
+    if !tests::harness::skip::require_root() {
+        return;
+    }
+    let (server, metrics, rx, mut log) = watching_with_metrics();
+    server.forget_watches();
+    let forgotten = Instant::now();
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    server.delete(Res::Slices, "kube-system/b-1");
+    let want = Seen {
+        services: strings(&[
+            "default/a 10.96.0.10 80",
+            "default/c 10.96.0.30 8080",
+            "kube-system/b 10.96.0.20 53",
+        ]),
+        slices: strings(&["default/a-1 10.244.0.5,10.244.0.6"]),
+        zone: Some("zone-1".into()),
+    };
+    // Keepalive's first probe goes out 15 s after the last packet; then the source's backoff
+    // (at most 3 s). Far below the five minutes a dead watch stood before.
+    let bound = Duration::from_secs(40);
+    loop {
+        match rx.recv_timeout(bound.saturating_sub(forgotten.elapsed())) {
+            Ok(s) => {
+                let view = seen(&s);
+                let done = view == want;
+                log.push(view);
+                if done {
+                    break;
+                }
+            }
+            Err(e) => panic!(
+                "{e:?}: the changes made after the server forgot its watches did not arrive \
+                 within {bound:?}; received {log:#?}"
+            ),
+        }
+    }
+    eprintln!(
+        "watches forgotten by the server: changes arrived {:.1} s later",
+        forgotten.elapsed().as_secs_f64()
+    );
+    assert_eq!(server.unforgotten(), Vec::<String>::new());
+    // The dead watches failed (counted) and were started again from their resourceVersion:
+    // the changes were replayed, nothing was listed again.
+    let requests = server.requests();
+    for (res, resource) in [(Res::Services, "services"), (Res::Slices, "endpointslices")] {
+        assert!(
+            counter(
+                &metrics.list_watch_errors,
+                &[("resource", resource), ("operation", "watch")]
+            ) >= 1,
+            "{resource}: {}",
+            metrics.render()
+        );
+        assert!(watches(&requests, res).len() >= 2, "{res:?}: {requests:#?}");
+        assert_eq!(lists(&requests, res), 1, "{res:?}: {requests:#?}");
+    }
 }
 
 fn start_source_with_flags(

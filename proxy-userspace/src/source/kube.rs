@@ -301,6 +301,63 @@ const LIST_STALL: Duration = Duration::from_secs(60);
 /// kube-runtime's 290 s timeout, and kube-runtime gives up on it after 295 s.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// TCP keepalive on every connection to the API server: after this long without a packet from
+/// it, probes go out every [`KEEPALIVE_INTERVAL`], and [`KEEPALIVE_PROBES`] unanswered ones
+/// (or an answer with a reset) fail the connection. A watch is silent while nothing changes, so
+/// without probes a server that went away without a word (rebooted, its address moved to
+/// another machine, a network path that went dark) is noticed only by [`READ_TIMEOUT`], five
+/// minutes in which no change reaches the maps. client-go (kube-proxy's) pings its HTTP/2
+/// connections after 30 s of silence and gives up 15 s later.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Longest time data sent to the API server may stay unacknowledged (`TCP_USER_TIMEOUT`): a
+/// request written into a dark path fails after this, not after the kernel's fifteen minutes
+/// of retransmissions. It also bounds the probes above.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The API client: kube's own stack (base URI, authentication, extra headers, TLS, timeouts)
+/// over a connector that sets TCP keepalive ([`KEEPALIVE_IDLE`]) and [`UNACKED_TIMEOUT`] on
+/// its sockets, which kube's `Client::try_from` does not. Through a proxy (`proxy-url` in the
+/// kubeconfig) kube's default client is used, without them.
+fn api_client(config: Config) -> anyhow::Result<Client> {
+    use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioExecutor};
+    use kube::client::ConfigExt as _;
+    use tower::{BoxError, ServiceBuilder};
+
+    if let Some(proxy) = &config.proxy_url {
+        log::info!(
+            "kubernetes: reaching the API server through the proxy {proxy}: kube's default \
+             client, without TCP keepalive (a connection that goes dark is noticed after {}s)",
+            READ_TIMEOUT.as_secs()
+        );
+        return Client::try_from(config).context("build the API client");
+    }
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_keepalive(Some(KEEPALIVE_IDLE));
+    tcp.set_keepalive_interval(Some(KEEPALIVE_INTERVAL));
+    tcp.set_keepalive_retries(Some(KEEPALIVE_PROBES));
+    tcp.set_tcp_user_timeout(Some(UNACKED_TIMEOUT));
+    let tls = config
+        .rustls_https_connector_with_connector(tcp)
+        .context("TLS for the API client")?;
+    let mut timed = hyper_timeout::TimeoutConnector::new(tls);
+    timed.set_connect_timeout(config.connect_timeout);
+    timed.set_read_timeout(config.read_timeout);
+    timed.set_write_timeout(config.write_timeout);
+    timed.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(timed);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer().context("API client authentication")?)
+        .layer(config.extra_headers_layer().context("API client headers")?)
+        .map_err(BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
+}
+
 /// The longest wait a `Retry-After` (the Status' `retryAfterSeconds`, as the API server's
 /// priority and fairness sends with a 429) can ask for.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
@@ -972,7 +1029,7 @@ impl KubeSource {
         // The read timeout counts from the request, not from when its pooled connection
         // went idle.
         config.reset_reader_on_write = true;
-        let client = Client::try_from(config).context("build the API client")?;
+        let client = api_client(config)?;
         log::info!(
             "kubernetes: watching API server {server} for node {:?}",
             self.node_name

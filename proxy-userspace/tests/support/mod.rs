@@ -94,6 +94,9 @@ enum Msg {
     Cut,
     /// Abort the connection (RST), as a server that goes away does.
     Reset,
+    /// Forget the connection without a word (no FIN, no RST), as a server that reboots or whose
+    /// address moves to another machine does: the client learns of it only by sending something.
+    Forget,
 }
 
 /// How the server is unavailable during an outage.
@@ -137,6 +140,8 @@ struct State {
     requests: Vec<Request>,
     /// Connections reset during an `Outage::Reset`.
     resets: usize,
+    /// Watch connections `forget_watches` could not forget silently (no CAP_NET_ADMIN).
+    unforgotten: Vec<String>,
 }
 
 impl State {
@@ -332,6 +337,25 @@ impl ApiServer {
         self.outage.send_replace(mode);
     }
 
+    /// Drops every live watch connection silently, as a rebooted API server's kernel has: the
+    /// socket is put in repair mode (`TCP_REPAIR`, needs CAP_NET_ADMIN) before it is closed, so
+    /// the kernel sends neither FIN nor RST and forgets it. The client's end stays established
+    /// until the client sends something, which the kernel then answers with a reset. The server
+    /// goes on serving new connections.
+    pub fn forget_watches(&self) {
+        let mut state = self.lock();
+        for c in state.collections.values_mut() {
+            for w in c.watches.drain(..) {
+                let _ = w.tx.send(Msg::Forget);
+            }
+        }
+    }
+
+    /// Watch connections `forget_watches` failed to forget silently, with the error.
+    pub fn unforgotten(&self) -> Vec<String> {
+        self.lock().unforgotten.clone()
+    }
+
     /// Connections reset by an `Outage::Reset` so far.
     pub fn resets(&self) -> usize {
         self.lock().resets
@@ -447,6 +471,34 @@ fn reset(socket: TcpStream) {
     #[allow(deprecated)]
     let _ = socket.set_linger(Some(Duration::ZERO));
     drop(socket);
+}
+
+/// Closes `socket` without telling the peer: repair mode first (see `forget_watches`). A
+/// socket that cannot enter it is reset instead, and the error returned.
+fn forget(socket: TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is the open socket `socket` owns, and the option value is a live
+    // c_int of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_REPAIR,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let result = if r == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        #[allow(deprecated)]
+        let _ = socket.set_linger(Some(Duration::ZERO));
+        Err(e)
+    };
+    drop(socket);
+    result
 }
 
 fn broadcast(c: &mut Collection, kind: &'static str, object: &Value) {
@@ -714,6 +766,12 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
                 return;
             }
             Msg::Reset => return reset(socket),
+            Msg::Forget => {
+                if let Err(e) = forget(socket) {
+                    state.lock().unwrap().unforgotten.push(e.to_string());
+                }
+                return;
+            }
         }
     }
 }
