@@ -78,3 +78,56 @@ fn config_flag_is_in_the_help() {
     assert!(help.contains("--config <FILE>"), "{help}");
     assert!(help.contains("KubeProxyConfiguration"), "{help}");
 }
+
+#[test]
+fn kube_proxy_flags_with_a_bad_value_stop_the_agent_naming_the_flag() {
+    let (code, stderr) = agent(&[
+        "run",
+        "--cluster-cidr=10.244.0.0/16",
+        "--conntrack-max-per-core=lots",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--conntrack-max-per-core: \"lots\" is not an integer"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kube_proxy_init_only_and_cleanup_exit_without_running() {
+    // --init-only: nothing to prepare; exits at once.
+    let (code, stderr) = agent(&["run", "--init-only", "--v=2"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("--init-only: nothing to prepare"),
+        "{stderr}"
+    );
+    // --cleanup: `cleanup` of the pin directory, here one that holds nothing.
+    let dir = std::env::temp_dir().join(format!("kbp-cleanup-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
+        .args(["run", "--cleanup", "--bpffs", dir.to_str().unwrap()])
+        .output()
+        .expect("run kube-bpf-proxy");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("removed 0 pins"), "{stdout}");
+}
+
+#[test]
+fn kube_proxy_flags_are_in_the_help() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
+        .args(["run", "--help"])
+        .output()
+        .expect("run kube-bpf-proxy");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--proxy-mode <proxy-mode>",
+        "--cluster-cidr",
+        "--conntrack-max-per-core <N>",
+        "--feature-gates <NAME=BOOL,...>",
+        "-v, --v <LEVEL>",
+        "--cleanup[=<BOOL>]",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
+}

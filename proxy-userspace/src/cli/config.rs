@@ -7,13 +7,15 @@
 //! keys: unknown ones always, known ones without a meaning here when they hold more than their
 //! zero value (null, "", 0, false, "0s", an empty list or mapping). A zero value asks kube-proxy
 //! for its default, so leaving it aside loses nothing, and kubeadm's default file draws no
-//! warning. [`apply`] writes the file's settings into the flags not given on the command line
-//! (flags win, as in kube-proxy) and says what it did. Both are pure; `cli::main` reads the file
+//! warning. [`apply`] writes the file's settings into `run`'s flags not given on the command
+//! line (those given win) and says what it did. kube-proxy's own flags ([`flags`]) describe such
+//! a document too, read when no file is given. Both are pure; `cli::main` reads the file
 //! and logs.
 //!
 //! How each field maps is listed in the README ("Configuration file").
 
 mod duration;
+pub mod flags;
 #[cfg(test)]
 mod tests;
 
@@ -207,8 +209,14 @@ pub fn parse(text: &str) -> Result<(KubeProxyConfig, Vec<String>), ConfigError> 
         serde_norway::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
     // YAML keys that are no strings (`1: x`) are refused here.
     let tree = serde_json::to_value(&yaml).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    let Value::Object(map) = &tree else {
-        return Err(ConfigError::NotAMapping(describe(&tree)));
+    parse_tree(&tree)
+}
+
+/// [`parse`] for a document already read into a value tree (a file's, or the one kube-proxy's
+/// command-line flags describe, [`flags`]).
+pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), ConfigError> {
+    let Value::Object(map) = tree else {
+        return Err(ConfigError::NotAMapping(describe(tree)));
     };
     let mut top = Fields::new("", map);
     match top.take("apiVersion") {
@@ -560,6 +568,53 @@ pub fn unused_line(unused: &[String]) -> Option<Note> {
             unused.join(", ")
         ))
     })
+}
+
+/// kube-proxy's settings for `run`, from a file or from its flags.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub config: KubeProxyConfig,
+    /// Fields (or flags) not used here.
+    pub unused: Vec<String>,
+    /// What to log first.
+    pub notes: Vec<Note>,
+}
+
+/// kube-proxy's settings for `run`: the `--config` file (with kube-proxy's logging flags over
+/// it, and its other flags ignored as kube-proxy ignores them then, semantics 11.13), else the
+/// document kube-proxy's flags describe ([`flags`]); `None` with neither.
+pub fn kube_proxy_settings(args: &RunArgs) -> anyhow::Result<Option<Settings>> {
+    let given = &args.kube_proxy;
+    let Some(path) = &args.config else {
+        let Some((config, unused)) = flags::parse(given).map_err(|e| anyhow::anyhow!("{e}"))?
+        else {
+            return Ok(None);
+        };
+        let note = Note::info(format!(
+            "kube-proxy's flags read as its configuration: {}",
+            given.given().join(" ")
+        ));
+        return Ok(Some(Settings {
+            config,
+            unused,
+            notes: vec![note],
+        }));
+    };
+    let (mut config, unused) = load(path)?;
+    let ignored = flags::over_file(given, &mut config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut notes = Vec::new();
+    if !ignored.is_empty() {
+        notes.push(Note::warn(format!(
+            "kube-proxy's flags ignored, as kube-proxy ignores them when --config is given (the \
+             file's settings apply; logging flags excepted): {}",
+            ignored.join(" ")
+        )));
+    }
+    Ok(Some(Settings {
+        config,
+        unused,
+        notes,
+    }))
 }
 
 /// Lays the file given to `run --config` under the command line `cli` parsed from `matches`:

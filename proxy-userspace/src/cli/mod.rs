@@ -19,7 +19,7 @@ use std::{path::PathBuf, sync::mpsc, time::Duration};
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use self::{output::Format, run::RunArgs};
+use self::output::Format;
 use crate::{
     datapath::bpf,
     snapshot::Snapshot,
@@ -319,6 +319,16 @@ impl SourceArgs {
     }
 }
 
+/// `cleanup`, and kube-proxy's `run --cleanup`: every pin removed.
+fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
+    bpf::remove_pins(bpffs).map(|n| {
+        println!(
+            "removed {n} pins (hooks detached, maps freed) from {}",
+            bpffs.display()
+        );
+    })
+}
+
 pub fn main() {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -326,16 +336,21 @@ pub fn main() {
     // and format. What it did is logged once logging runs.
     let mut notes = Vec::new();
     let mut config_error = None;
-    if let Command::Run(RunArgs {
-        config: Some(path), ..
-    }) = &cli.command
-    {
-        match config::load(path) {
-            Ok((file, unused)) => {
+    if let Command::Run(args) = &cli.command {
+        match config::kube_proxy_settings(args) {
+            Ok(Some(settings)) => {
                 let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
                 let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
-                notes = config::lay_under(&mut cli, &matches, &file, &unused, cpus);
+                notes = settings.notes;
+                notes.extend(config::lay_under(
+                    &mut cli,
+                    &matches,
+                    &settings.config,
+                    &settings.unused,
+                    cpus,
+                ));
             }
+            Ok(None) => {}
             Err(e) => config_error = Some(e),
         }
     }
@@ -348,7 +363,18 @@ pub fn main() {
         std::process::exit(2);
     }
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => match args.kube_proxy.instead() {
+            Ok(None) => run::run(args),
+            Ok(Some(config::flags::Instead::Cleanup)) => cleanup(&args.bpffs),
+            Ok(Some(config::flags::Instead::InitOnly)) => {
+                log::info!(
+                    "--init-only: nothing to prepare ahead of the agent (it mounts the bpffs \
+                     and attaches its hooks itself when it runs); exiting"
+                );
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        },
         Command::Status(args) => status::status(&args),
         Command::Services(args) => status::services(&args),
         Command::Explain(args) => explain::explain(&args),
@@ -362,12 +388,7 @@ pub fn main() {
                     if state == OnOff::On { "on" } else { "off" }
                 )
             }),
-        Command::Cleanup { bpffs } => bpf::remove_pins(&bpffs).map(|n| {
-            println!(
-                "removed {n} pins (hooks detached, maps freed) from {}",
-                bpffs.display()
-            );
-        }),
+        Command::Cleanup { bpffs } => cleanup(&bpffs),
     };
     match result {
         Ok(()) => {}

@@ -96,7 +96,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp: bpf::XdpChoice,
     /// NodePort traffic to backends on other nodes: snat (kube-proxy's masquerading) or dsr
-    /// (IPv4: the backend's node answers the client directly; every node must run the agent).
+    /// (the backend's node answers the client directly, IPv4 and IPv6; every node must run the
+    /// agent).
     #[arg(long, value_enum, default_value_t = NodePortMode::Snat)]
     pub nodeport_mode: NodePortMode,
     /// Where pods' connections to Services are translated, for namespaces without the
@@ -160,6 +161,9 @@ pub struct RunArgs {
     /// --conntrack-udp-timeout-stream both map here.
     #[arg(long, default_value = "120s", value_parser = super::config::parse_go_duration)]
     pub conntrack_udp_timeout: Duration,
+    /// kube-proxy's flags that `run` has no flag of its own for (last in the help).
+    #[command(flatten)]
+    pub kube_proxy: super::config::flags::KubeProxyFlags,
 }
 
 /// kube-proxy's default addresses for /healthz and /metrics: IPv6 when --bind-address is an
@@ -670,7 +674,7 @@ impl SocketLbLink {
 pub enum NodePortMode {
     /// kube-proxy's masquerading.
     Snat,
-    /// The backend's node answers the client directly (IPv4; every node runs the agent).
+    /// The backend's node answers the client directly (IPv4 and IPv6; every node runs the agent).
     Dsr,
 }
 

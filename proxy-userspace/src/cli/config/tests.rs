@@ -864,3 +864,188 @@ proptest::proptest! {
         let _ = parse(&doc(&body));
     }
 }
+
+/// What `kube-bpf-proxy run ARGV` ends up with, kube-proxy's flags (and `--config`, when in
+/// `argv`) read as `cli::main` reads them, on a node with 4 CPUs.
+fn run_argv(argv: &[&str]) -> Result<Outcome, String> {
+    let matches = Cli::command()
+        .try_get_matches_from(["kube-bpf-proxy", "run"].iter().chain(argv))
+        .map_err(|e| e.to_string())?;
+    let mut cli = Cli::from_arg_matches(&matches).expect("from matches");
+    let Command::Run(args) = &cli.command else {
+        unreachable!("run was parsed")
+    };
+    let mut notes = Vec::new();
+    if let Some(settings) = kube_proxy_settings(args).map_err(|e| format!("{e:#}"))? {
+        notes = settings.notes;
+        notes.extend(lay_under(
+            &mut cli,
+            &matches,
+            &settings.config,
+            &settings.unused,
+            4,
+        ));
+    }
+    Ok(Outcome { cli, notes })
+}
+
+#[test]
+fn kube_proxy_flags_read_as_the_configuration_they_describe() {
+    // GKE's and kops' kube-proxy command lines carry these over unchanged.
+    let out = run_argv(&[
+        "--proxy-mode=ipvs",
+        "--ipvs-scheduler=wlc",
+        "--cluster-cidr=10.244.0.0/16",
+        "--detect-local-mode=InterfaceNamePrefix",
+        "--pod-interface-name-prefix=cali",
+        "--conntrack-max-per-core=65536",
+        "--conntrack-min=0",
+        "--v=5",
+        "--feature-gates=TopologyAwareHints=false,SomeGate=true",
+        "--iptables-sync-period=1m",
+        "--iptables-min-sync-period=10s",
+        "--ipvs-strict-arp",
+        "--conntrack-tcp-be-liberal=false",
+        "--hostname-override=node-7",
+    ])
+    .unwrap();
+    let args = out.args();
+    assert_eq!(
+        args.source.scheduler,
+        SchedulerFlag::WeightedLeastConnection
+    );
+    assert_eq!(args.max_conntrack, Some(65536 * 4));
+    assert_eq!(args.pod_interfaces, ["auto", "cali*"]);
+    assert_eq!(args.source.hostname_override.as_deref(), Some("node-7"));
+    assert_eq!(out.cli.log_level, "debug");
+    assert_eq!(args.oom_score_adj, Some(OOM_SCORE_ADJ));
+    let warnings = out.warnings();
+    assert!(
+        warnings.contains(
+            &"featureGates.TopologyAwareHints=false: not honoured, this proxy always follows zone \
+              hints (semantics 5.11)"
+        ),
+        "{warnings:#?}"
+    );
+    // What has no meaning here is listed by flag; a false boolean is kube-proxy's default.
+    assert!(
+        warnings.contains(
+            &"fields not used by kube-bpf-proxy: --iptables-min-sync-period, \
+              --iptables-sync-period, featureGates.SomeGate"
+        ),
+        "{warnings:#?}"
+    );
+    let info = out.at(log::Level::Info);
+    assert!(info[0].starts_with("kube-proxy's flags read as its configuration: --proxy-mode=ipvs"));
+    assert!(info.contains(&"mode ipvs: replaced by this proxy (BPF programs and maps instead of kube-proxy's rules)"), "{info:#?}");
+    assert!(
+        info.iter()
+            .any(|n| n.starts_with("ipvs.strictARP: not applicable")),
+        "{info:#?}"
+    );
+
+    // No kube-proxy flag: nothing is laid under the command line.
+    let plain = run_argv(&["--manifests", "/m"]).unwrap();
+    assert!(plain.notes.is_empty(), "{:#?}", plain.notes);
+    assert_eq!(plain.args().oom_score_adj, None);
+}
+
+#[test]
+fn kube_proxy_flags_errors_name_the_flag() {
+    for (argv, want) in [
+        (
+            &["--conntrack-min=x"][..],
+            "--conntrack-min: \"x\" is not an integer",
+        ),
+        (&["--conntrack-min=-1"], "--conntrack-min: -1 is negative"),
+        (
+            &["--kube-api-qps=fast"],
+            "--kube-api-qps: \"fast\" is not a number",
+        ),
+        (
+            &["--proxy-mode=userspace"],
+            "--proxy-mode: unknown mode \"userspace\" (iptables, ipvs, nftables or empty)",
+        ),
+        (
+            &["--feature-gates=SomeGate"],
+            "--feature-gates: \"SomeGate\" is not Name=true or Name=false",
+        ),
+        (
+            &["--feature-gates=SomeGate=maybe"],
+            "--feature-gates: \"maybe\" is not a boolean (true or false)",
+        ),
+        (
+            &["--ipvs-strict-arp=yes"],
+            "--ipvs-strict-arp: \"yes\" is not a boolean (true or false)",
+        ),
+        (&["--iptables-sync-period=soon"], "--iptables-sync-period: "),
+        (
+            &["--detect-local-mode=BridgeInterface"],
+            "--pod-bridge-interface: required with detectLocalMode BridgeInterface",
+        ),
+        (
+            &["--cluster-cidr=10.0.0.0/8,10.1.0.0/16"],
+            "--cluster-cidr: \"10.0.0.0/8,10.1.0.0/16\" has more than one CIDR of a family",
+        ),
+    ] {
+        match run_argv(argv) {
+            Ok(_) => panic!("{argv:?} accepted"),
+            Err(e) => assert!(e.starts_with(want), "{argv:?}: {e}"),
+        }
+    }
+    // pflag never takes the next argument as a boolean's value.
+    let e = run_argv(&["--ipvs-strict-arp", "false"]).err().unwrap();
+    assert!(e.contains("unexpected argument 'false'"), "{e}");
+}
+
+#[test]
+fn kube_proxy_flags_are_ignored_with_a_config_file_except_logging() {
+    // semantics 11.13: with --config kube-proxy takes the file's settings; its logging flags
+    // still win over the file.
+    let dir = std::env::temp_dir().join(format!("kbp-flags-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.conf");
+    std::fs::write(
+        &file,
+        doc("mode: nftables\nlogging: {verbosity: 0}\nipvs: {scheduler: rr}\n"),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = run_argv(&[
+        "--config",
+        path,
+        "--ipvs-scheduler=wlc",
+        "--cluster-cidr=10.244.0.0/16",
+        "-v",
+        "6",
+    ])
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.args().source.scheduler, SchedulerFlag::RoundRobin);
+    assert_eq!(out.cli.log_level, "trace");
+    assert!(
+        out.warnings().contains(
+            &"kube-proxy's flags ignored, as kube-proxy ignores them when --config is given (the \
+              file's settings apply; logging flags excepted): --cluster-cidr=10.244.0.0/16 \
+              --ipvs-scheduler=wlc"
+        ),
+        "{:#?}",
+        out.notes
+    );
+}
+
+#[test]
+fn kube_proxy_cleanup_and_init_only_ask_for_something_else() {
+    use flags::Instead;
+    let instead = |argv: &[&str]| run_argv(argv).unwrap().args().kube_proxy.instead();
+    assert_eq!(instead(&[]), Ok(None));
+    assert_eq!(instead(&["--cleanup"]), Ok(Some(Instead::Cleanup)));
+    assert_eq!(instead(&["--cleanup=true"]), Ok(Some(Instead::Cleanup)));
+    assert_eq!(instead(&["--cleanup=false"]), Ok(None));
+    assert_eq!(instead(&["--init-only"]), Ok(Some(Instead::InitOnly)));
+    assert_eq!(
+        instead(&["--init-only", "--cleanup"]),
+        Ok(Some(Instead::Cleanup))
+    );
+    assert!(instead(&["--cleanup=later"]).is_err());
+}
