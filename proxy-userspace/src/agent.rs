@@ -602,7 +602,12 @@ pub fn run(
                 if let Some(hc) = &observers.health_checks {
                     hc.update(&report.health_checks);
                 }
-                match io.forget_flows(&report.removed) {
+                let reconcile = Instant::now();
+                let forgotten = io.forget_flows(&report.removed);
+                if let Some(m) = &observers.metrics {
+                    m.observe_conntrack_reconciler(reconcile.elapsed());
+                }
+                match forgotten {
                     Ok(deleted) => {
                         for (family, n) in deleted.into_iter().filter(|(_, n)| *n > 0) {
                             log::info!(

@@ -214,6 +214,9 @@ pub struct Metrics {
     /// kubeproxy_conntrack_reconciler_deleted_entries_total [ip_family] (11.8): UDP
     /// connection-tracking entries of the tc path deleted because their backend went away.
     pub conntrack_deleted: Family<Labels, Counter>,
+    /// kubeproxy_conntrack_reconciler_sync_duration_seconds [ip_family] (11.8): how long one
+    /// round of that cleanup took, after each sync.
+    pub conntrack_reconciler_duration: Family<Labels, Histogram>,
     /// kube_bpf_proxy_socket_termination_active: 1 while sockets of removed backends are
     /// terminated, 0 when the kernel cannot or it is turned off.
     pub socket_termination_active: Family<Labels, CountGauge>,
@@ -227,6 +230,11 @@ pub struct Metrics {
     /// Kubernetes source that failed (each retried after a backoff). kube-proxy has no such
     /// metric; a 410 Gone is not counted here but in `watch_expired`.
     pub list_watch_errors: Family<Labels, Counter>,
+    /// kube_bpf_proxy_list_watch_failing [resource]: 1 from a failed list or watch of the
+    /// resource until the API server answers it again, else 0; an alert on it staying 1 says
+    /// the maps no longer follow the cluster. A silent watch is healthy (a connection that went
+    /// dark is noticed by TCP keepalive within 30 s).
+    pub list_watch_failing: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_watch_expired_total [resource]: watches answered 410 Gone (the
     /// resourceVersion was compacted away), each followed at once by a relist.
     pub watch_expired: Family<Labels, Counter>,
@@ -319,6 +327,12 @@ impl Metrics {
                 "kubeproxy_conntrack_reconciler_deleted_entries_total",
                 "UDP connection-tracking entries deleted because their backend went away",
             ),
+            conntrack_reconciler_duration: histogram(
+                &mut r,
+                "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+                "Latency of one round of the connection-tracking cleanup after a sync, in seconds",
+                || Histogram::new(sync_duration_buckets()),
+            ),
             socket_termination_errors: counter(
                 &mut r,
                 "kube_bpf_proxy_socket_termination_errors_total",
@@ -343,6 +357,11 @@ impl Metrics {
                 &mut r,
                 "kube_bpf_proxy_list_watch_errors_total",
                 "Failed lists and watches of the API server, by resource and operation (retried after a backoff)",
+            ),
+            list_watch_failing: gauge(
+                &mut r,
+                "kube_bpf_proxy_list_watch_failing",
+                "1 while lists or watches of the resource fail (from a failure until the API server answers again), else 0",
             ),
             watch_expired: counter(
                 &mut r,
@@ -538,6 +557,15 @@ impl Metrics {
     /// Network programming latency of one EndpointSlice change of `family`: now minus its
     /// endpoints.kubernetes.io/last-change-trigger-time, after the sync that programmed it
     /// (semantics 11.3: skip deletions and trigger times before the agent started).
+    /// One round of the connection-tracking cleanup took `duration` (every family).
+    pub fn observe_conntrack_reconciler(&self, duration: Duration) {
+        self.each_family(|l| {
+            self.conntrack_reconciler_duration
+                .with(l)
+                .observe(duration.as_secs_f64());
+        });
+    }
+
     pub fn observe_programming_latency(&self, family: IpFamily, latency: Duration) {
         self.network_programming_duration
             .with(&[("ip_family", ip_family_name(family))])
@@ -803,6 +831,11 @@ mod tests {
             "counter",
             &["ip_family"],
         ),
+        (
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "histogram",
+            &["ip_family"],
+        ),
         ("kube_bpf_proxy_sync_failures_total", "counter", &[]),
         ("kube_bpf_proxy_rejected_objects", "gauge", &["kind"]),
         (
@@ -867,6 +900,7 @@ mod tests {
             "counter",
             &["operation", "resource"],
         ),
+        ("kube_bpf_proxy_list_watch_failing", "gauge", &["resource"]),
         (
             "kube_bpf_proxy_watch_expired_total",
             "counter",
@@ -979,6 +1013,7 @@ mod tests {
         m.count_health_request(false, 200);
         m.count_health_request(true, 200);
         m.conntrack_deleted.with(&[("ip_family", "IPv4")]).inc();
+        m.observe_conntrack_reconciler(Duration::from_millis(3));
         m.set_rejected("Service", 1);
         m.map_update_error("LB_BACKENDS");
         m.set_map_fill("LB_BACKENDS", 1, 2);
@@ -1002,6 +1037,9 @@ mod tests {
             .with(&[("resource", "services"), ("operation", "list")])
             .inc();
         m.watch_expired.with(&[("resource", "services")]).inc();
+        m.list_watch_failing
+            .with(&[("resource", "services")])
+            .set(1);
         m.undecodable_objects_total
             .with(&[("kind", "Service")])
             .inc();

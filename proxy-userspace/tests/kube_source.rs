@@ -828,6 +828,15 @@ fn outage_then_return(mode: Outage) {
     if mode == Outage::Reset {
         assert!(server.resets() >= 3, "the source gave up retrying");
     }
+    // An operator's alert sees every kind failing.
+    for resource in ["services", "endpointslices", "nodes"] {
+        assert_eq!(
+            gauge(&metrics.list_watch_failing, &[("resource", resource)]),
+            1,
+            "{resource}: {}",
+            metrics.render()
+        );
+    }
 
     let want = Seen {
         services: strings(&["default/a 10.96.0.10 80", "default/c 10.96.0.30 8080"]),
@@ -897,6 +906,12 @@ fn outage_then_return(mode: Outage) {
     };
     for resource in ["services", "endpointslices", "nodes"] {
         assert!(errors(resource) >= 2, "{resource}: {}", metrics.render());
+        assert_eq!(
+            gauge(&metrics.list_watch_failing, &[("resource", resource)]),
+            0,
+            "{resource}: {}",
+            metrics.render()
+        );
         assert!(
             counter(&metrics.watch_expired, &[("resource", resource)]) >= 1,
             "{resource}: {}",
@@ -919,6 +934,83 @@ fn converges_soon_after_an_outage_with_connections_refused() {
 #[test]
 fn converges_soon_after_an_outage_with_connections_reset() {
     outage_then_return(Outage::Reset);
+}
+
+/// semantics 1.1: the Service and EndpointSlice watches carry kube-proxy's label selector, so
+/// the API server never sends the objects of another service proxy, nor headless ones; one that
+/// gains such a label leaves as a deletion, one that loses it arrives as an addition.
+#[test]
+fn services_and_slices_of_another_proxy_or_headless_are_never_sent() {
+    let server = ApiServer::start();
+    populate(&server);
+    let elsewhere = json!({"service.kubernetes.io/service-proxy-name": "other-proxy"});
+    let mut other = service("default", "other", "10.96.0.40", 80);
+    other["metadata"]["labels"] = elsewhere.clone();
+    server.apply(Res::Services, other.clone());
+    let mut headless = slice("default", "a", "a-2", &["10.244.0.8"]);
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    server.apply(Res::Slices, headless.clone());
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    for res in [Res::Services, Res::Slices] {
+        wait_watching(&server, res);
+    }
+    let requests = server.requests();
+    for res in [Res::Services, Res::Slices] {
+        let selectors: Vec<_> = requests
+            .iter()
+            .filter(|r| r.res == Some(res))
+            .map(|r| r.label_selector.as_deref())
+            .collect();
+        assert!(
+            selectors.len() >= 2
+                && selectors.iter().all(|s| *s
+                    == Some(
+                        "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+                    )),
+            "{res:?}: {selectors:?}"
+        );
+    }
+    // No selector on the Node watch (it selects by name).
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.res == Some(Res::Nodes))
+            .all(|r| r.label_selector.is_none())
+    );
+
+    // `b` is handed to another proxy, `other` is handed back, the headless slice stops being
+    // headless.
+    let mut b = service("kube-system", "b", "10.96.0.20", 53);
+    b["metadata"]["labels"] = elsewhere;
+    server.apply(Res::Services, b);
+    other["metadata"]["labels"] = json!({});
+    server.apply(Res::Services, other);
+    headless["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("service.kubernetes.io/headless");
+    server.apply(Res::Slices, headless);
+    let want = Seen {
+        services: strings(&["default/a 10.96.0.10 80", "default/other 10.96.0.40 80"]),
+        slices: strings(&[
+            "default/a-1 10.244.0.5,10.244.0.6",
+            "default/a-2 10.244.0.8",
+            "kube-system/b-1 10.244.0.7",
+        ]),
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    // A watch resumed after a cut replays the history through the selector too.
+    server.cut_watches(Res::Services);
+    let mut d = service("default", "d", "10.96.0.50", 80);
+    d["metadata"]["labels"] = json!({"service.kubernetes.io/headless": ""});
+    server.apply(Res::Services, d);
+    server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
+    let mut want = want;
+    want.services.insert(1, "default/c 10.96.0.30 8080".into());
+    wait_for(&rx, &mut log, &want);
 }
 
 /// An API server that rebooted (or whose address moved to another machine) forgot the watch
@@ -984,6 +1076,12 @@ fn watches_the_server_forgot_silently_are_noticed_by_keepalive() {
             metrics.render()
         );
         assert!(watches(&requests, res).len() >= 2, "{res:?}: {requests:#?}");
+        assert_eq!(
+            gauge(&metrics.list_watch_failing, &[("resource", resource)]),
+            0,
+            "{resource}: {}",
+            metrics.render()
+        );
         assert_eq!(lists(&requests, res), 1, "{res:?}: {requests:#?}");
     }
 }

@@ -63,7 +63,7 @@ use serde::de::DeserializeOwned;
 use super::{NodeAddresses, Source, addresses_of};
 use crate::{
     metrics::{Metrics, Series},
-    objects::{PodRef, Slice},
+    objects::{HIDING_LABELS, PodRef, Slice},
     snapshot::{NodeInfo, Snapshot},
 };
 
@@ -863,6 +863,17 @@ struct Progress {
 }
 
 impl Progress {
+    /// Counts a failed list or watch of `kind`, which is failing until it is answered again.
+    fn count_failure(&self, kind: Kind, e: &watcher::Error) {
+        if let Some(m) = &self.metrics {
+            let resource = [("resource", kind.resource())];
+            m.list_watch_errors
+                .with(&[resource[0], ("operation", operation(e))])
+                .inc();
+            m.list_watch_failing.with(&resource).set(1);
+        }
+    }
+
     fn all_listed(&self) -> bool {
         GATING.iter().all(|k| self.listed[*k as usize])
     }
@@ -879,11 +890,7 @@ impl Progress {
                 return false;
             }
             Step::Failed(e) if matches!(kind, Kind::Pods | Kind::Namespaces) && is_refused(&e) => {
-                if let Some(m) = &self.metrics {
-                    m.list_watch_errors
-                        .with(&[("resource", kind.resource()), ("operation", operation(&e))])
-                        .inc();
-                }
+                self.count_failure(kind, &e);
                 if self.failing[k].is_none() {
                     log::warn!(
                         "kubernetes: {kind}: {} (API server {}): the socket-layer opt-out \
@@ -903,11 +910,7 @@ impl Progress {
                 return false;
             }
             Step::Failed(e) => {
-                if let Some(m) = &self.metrics {
-                    m.list_watch_errors
-                        .with(&[("resource", kind.resource()), ("operation", operation(&e))])
-                        .inc();
-                }
+                self.count_failure(kind, &e);
                 let now = Instant::now();
                 match &mut self.failing[k] {
                     None => {
@@ -946,6 +949,11 @@ impl Progress {
             Step::Changed | Step::Listed | Step::ListedSame | Step::Unchanged => {}
         }
         if let Some(f) = self.failing[k].take() {
+            if let Some(m) = &self.metrics {
+                m.list_watch_failing
+                    .with(&[("resource", kind.resource())])
+                    .set(0);
+            }
             log::info!(
                 "kubernetes: {kind}: API server answering again after {:.1?} ({} failed \
                  attempts)",
@@ -1038,6 +1046,7 @@ impl KubeSource {
         if let Some(m) = &metrics {
             for kind in KINDS {
                 m.watch_expired.with(&[("resource", kind.resource())]);
+                m.list_watch_failing.with(&[("resource", kind.resource())]);
                 for op in ["list", "watch"] {
                     m.list_watch_errors
                         .with(&[("resource", kind.resource()), ("operation", op)]);
@@ -1067,13 +1076,33 @@ impl KubeSource {
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
         let every = watcher::Config::default;
+        // kube-proxy's selector (semantics 1.1): Services and EndpointSlices of another
+        // service proxy, and headless ones, are never sent by the API server. One that gains
+        // such a label leaves the watch as a deletion, one that loses it arrives as an
+        // addition. The compiler still ignores such objects (a source without selectors:
+        // manifests).
+        let proxied = HIDING_LABELS
+            .iter()
+            .map(|l| format!("!{l}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut items = futures::stream::select_all([
-            follow::<Service>(Api::all(client.clone()), every(), wake.clone(), false)
-                .map(|i| Item::Service(Box::new(i)))
-                .boxed(),
-            follow::<EndpointSlice>(Api::all(client.clone()), every(), wake.clone(), false)
-                .map(|i| Item::Slice(Box::new(i)))
-                .boxed(),
+            follow::<Service>(
+                Api::all(client.clone()),
+                every().labels(&proxied),
+                wake.clone(),
+                false,
+            )
+            .map(|i| Item::Service(Box::new(i)))
+            .boxed(),
+            follow::<EndpointSlice>(
+                Api::all(client.clone()),
+                every().labels(&proxied),
+                wake.clone(),
+                false,
+            )
+            .map(|i| Item::Slice(Box::new(i)))
+            .boxed(),
             follow::<Node>(
                 Api::all(client.clone()),
                 every().fields(&format!("metadata.name={}", self.node_name)),

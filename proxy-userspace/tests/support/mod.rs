@@ -78,6 +78,8 @@ pub struct Request {
     pub watch: bool,
     pub resource_version: Option<String>,
     pub bookmarks: bool,
+    /// `?labelSelector=`, decoded.
+    pub label_selector: Option<String>,
     /// HTTP status sent (0: a list that arrived while lists were held); for watches, 200 even
     /// when the stream then carries a 410 ERROR.
     pub status: u16,
@@ -110,17 +112,132 @@ pub enum Outage {
 
 struct Watch {
     tx: mpsc::UnboundedSender<Msg>,
-    /// The watch's field selector (field, value).
-    field: Option<(String, String)>,
+    /// The watch's field and label selectors.
+    selector: Selector,
     bookmarks: bool,
+}
+
+/// One change of an object, as the watch cache keeps it: the object before a modification
+/// decides what a watch with a selector sees.
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+    /// The object before a MODIFIED.
+    prev: Option<Value>,
+}
+
+/// What `?fieldSelector=` and `?labelSelector=` ask for: the field selectors the source uses
+/// (`metadata.name=X`, `spec.nodeName=X`) and equality-based label selectors (`key`, `!key`,
+/// `key=value`, `key==value`, `key!=value`, comma-separated, all must hold).
+#[derive(Clone, Debug, Default)]
+struct Selector {
+    field: Option<(String, String)>,
+    labels: Vec<LabelTerm>,
+}
+
+#[derive(Clone, Debug)]
+enum LabelTerm {
+    Exists(String),
+    Absent(String),
+    Equals(String, String),
+    Differs(String, String),
+}
+
+impl Selector {
+    fn parse(field: Option<&String>, labels: Option<&String>) -> Result<Selector, &'static str> {
+        let field = match field {
+            None => None,
+            Some(sel) => match sel.split_once('=') {
+                Some((f @ ("metadata.name" | "spec.nodeName"), value)) => {
+                    Some((f.to_string(), value.to_string()))
+                }
+                _ => return Err("unsupported field selector"),
+            },
+        };
+        let mut terms = Vec::new();
+        for term in labels
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            let term = if let Some((k, v)) = term.split_once("!=") {
+                LabelTerm::Differs(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                LabelTerm::Equals(k.trim().into(), v.trim().into())
+            } else if let Some(k) = term.strip_prefix('!') {
+                LabelTerm::Absent(k.trim().into())
+            } else if term.contains(' ') || term.contains('(') {
+                return Err("set-based label selectors are not supported");
+            } else {
+                LabelTerm::Exists(term.into())
+            };
+            terms.push(term);
+        }
+        Ok(Selector {
+            field,
+            labels: terms,
+        })
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let field_ok = match &self.field {
+            None => true,
+            Some((f, v)) if f == "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
+            Some((_, v)) => object["spec"]["nodeName"].as_str() == Some(v),
+        };
+        let label = |k: &str| object["metadata"]["labels"][k].as_str();
+        field_ok
+            && self.labels.iter().all(|t| match t {
+                LabelTerm::Exists(k) => label(k).is_some(),
+                LabelTerm::Absent(k) => label(k).is_none(),
+                LabelTerm::Equals(k, v) => label(k) == Some(v),
+                LabelTerm::Differs(k, v) => label(k) != Some(v),
+            })
+    }
+
+    /// The event a watch with this selector gets for `change`, as the API server's watch
+    /// cache makes it: an object that starts to match is ADDED, one that stops matching is
+    /// DELETED (its previous content at the change's resourceVersion), one that matches
+    /// neither before nor after is not sent.
+    fn event(&self, change: &Change) -> Option<String> {
+        let now = change.kind != "DELETED" && self.matches(&change.object);
+        let before = match (&change.prev, change.kind) {
+            (Some(prev), _) => self.matches(prev),
+            (None, "DELETED") => self.matches(&change.object),
+            (None, _) => false,
+        };
+        match (before, now) {
+            (false, true) => Some(event_line(
+                if change.kind == "MODIFIED" {
+                    "ADDED"
+                } else {
+                    change.kind
+                },
+                &change.object,
+            )),
+            (true, true) => Some(event_line(change.kind, &change.object)),
+            (true, false) if change.kind == "DELETED" => {
+                Some(event_line("DELETED", &change.object))
+            }
+            (true, false) => {
+                let mut gone = change.prev.clone().expect("a modification");
+                gone["metadata"]["resourceVersion"] = json!(change.rv.to_string());
+                Some(event_line("DELETED", &gone))
+            }
+            (false, false) => None,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Collection {
     /// Keyed by "namespace/name" ("name" for cluster-scoped objects).
     objects: BTreeMap<String, Value>,
-    /// (resourceVersion, type, object) of every change since the last compaction.
-    log: Vec<(u64, &'static str, Value)>,
+    /// Every change since the last compaction.
+    log: Vec<Change>,
     /// Watches from a resourceVersion below this get 410.
     compacted: u64,
     watches: Vec<Watch>,
@@ -253,11 +370,18 @@ impl ApiServer {
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = key_of(&object);
         let c = state.collection(res);
-        let existed = c.objects.insert(key, object.clone()).is_some();
+        let prev = c.objects.insert(key, object.clone());
         if seen {
-            let kind = if existed { "MODIFIED" } else { "ADDED" };
-            c.log.push((rv, kind, object.clone()));
-            broadcast(c, kind, &object);
+            let kind = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+            broadcast(
+                c,
+                Change {
+                    rv,
+                    kind,
+                    object,
+                    prev,
+                },
+            );
         }
     }
 
@@ -269,8 +393,15 @@ impl ApiServer {
         let mut object = c.objects.remove(key).expect("delete of a missing object");
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         if seen {
-            c.log.push((rv, "DELETED", object.clone()));
-            broadcast(c, "DELETED", &object);
+            broadcast(
+                c,
+                Change {
+                    rv,
+                    kind: "DELETED",
+                    object,
+                    prev: None,
+                },
+            );
         }
     }
 
@@ -501,19 +632,13 @@ fn forget(socket: TcpStream) -> std::io::Result<()> {
     result
 }
 
-fn broadcast(c: &mut Collection, kind: &'static str, object: &Value) {
-    let line = event_line(kind, object);
-    c.watches.retain(|w| {
-        let selected = match &w.field {
-            None => true,
-            Some((f, v)) if f == "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
-            Some((_, v)) => object["spec"]["nodeName"].as_str() == Some(v),
-        };
-        if !selected {
-            return !w.tx.is_closed();
-        }
-        w.tx.send(Msg::Line(line.clone())).is_ok()
+/// Sends `change` to the live watches, each as its selector sees it, and logs it.
+fn broadcast(c: &mut Collection, change: Change) {
+    c.watches.retain(|w| match w.selector.event(&change) {
+        None => !w.tx.is_closed(),
+        Some(line) => w.tx.send(Msg::Line(line)).is_ok(),
     });
+    c.log.push(change);
 }
 
 fn percent_decode(s: &str) -> String {
@@ -594,6 +719,7 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         watch,
         resource_version: resource_version.clone(),
         bookmarks,
+        label_selector: params.get("labelSelector").cloned(),
         status: 200,
         expired: false,
     };
@@ -621,26 +747,15 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         record(request);
         return write_response(&mut socket, 404, &status(404, "NotFound", "no such path")).await;
     };
-    // `metadata.name=X` and `spec.nodeName=X`, which is what the source uses.
-    let field = match params.get("fieldSelector") {
-        None => None,
-        Some(sel) => match sel.split_once('=') {
-            Some((f @ ("metadata.name" | "spec.nodeName"), value)) => {
-                Some((f.to_string(), value.to_string()))
-            }
-            _ => {
-                request.status = 400;
-                record(request);
-                let body = status(400, "BadRequest", "unsupported field selector");
-                return write_response(&mut socket, 400, &body).await;
-            }
-        },
+    let selector = match Selector::parse(params.get("fieldSelector"), params.get("labelSelector")) {
+        Ok(selector) => selector,
+        Err(why) => {
+            request.status = 400;
+            record(request);
+            return write_response(&mut socket, 400, &status(400, "BadRequest", why)).await;
+        }
     };
-    let matches = |object: &Value| match &field {
-        None => true,
-        Some((f, v)) if f == "metadata.name" => object["metadata"]["name"].as_str() == Some(v),
-        Some((_, v)) => object["spec"]["nodeName"].as_str() == Some(v),
-    };
+    let matches = |object: &Value| selector.matches(object);
 
     if !watch {
         let mut recorded = false;
@@ -703,12 +818,12 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             let lines = c
                 .log
                 .iter()
-                .filter(|(rv, _, o)| *rv > from && matches(o))
-                .map(|(_, kind, o)| event_line(kind, o))
+                .filter(|change| change.rv > from)
+                .filter_map(|change| selector.event(change))
                 .collect();
             c.watches.push(Watch {
                 tx,
-                field: field.clone(),
+                selector: selector.clone(),
                 bookmarks,
             });
             Ok(lines)
