@@ -217,17 +217,25 @@ pub enum Hook {
     TcIngress = 2,
     /// XDP on an external interface.
     Xdp = 3,
+    /// tc egress beside tc ingress (`tc_egress`: replies of flows handed to a backend on the
+    /// node's own address). Appended last, so the other hooks' counters keep their indexes.
+    TcEgress = 4,
 }
 
 /// Number of `Hook` values.
-pub const HOOK_COUNT: u32 = 4;
+pub const HOOK_COUNT: u32 = 5;
 
 /// Size of `LB_DROPS`: one counter per hook and reason.
 pub const DROPS_COUNT: u32 = HOOK_COUNT * REASON_COUNT;
 
 impl Hook {
-    pub const ALL: [Hook; HOOK_COUNT as usize] =
-        [Hook::Connect, Hook::Sendmsg, Hook::TcIngress, Hook::Xdp];
+    pub const ALL: [Hook; HOOK_COUNT as usize] = [
+        Hook::Connect,
+        Hook::Sendmsg,
+        Hook::TcIngress,
+        Hook::Xdp,
+        Hook::TcEgress,
+    ];
 
     /// Stable snake_case name, used as a metric label.
     pub const fn name(self) -> &'static str {
@@ -236,6 +244,7 @@ impl Hook {
             Hook::Sendmsg => "sendmsg",
             Hook::TcIngress => "tc_ingress",
             Hook::Xdp => "xdp",
+            Hook::TcEgress => "tc_egress",
         }
     }
 

@@ -136,8 +136,7 @@ pub fn host_reply<F: Tracked>(ctx: &TcContext) -> i32 {
     unsafe { F::ct_touch(ptr, bpf_ktime_get_ns(), ct_flags_of(pkt.tcp_flags)) };
     e.to.proto = pkt.t.proto;
     if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
-        // Counted, not as a drop of a hook: the drop counters have no egress hook.
-        stats::count(Reason::RewriteFailed);
+        monitor::dropped::<F>(Hook::TcEgress, Reason::RewriteFailed, e.svc_id, &pkt.t);
         return TC_ACT_SHOT as i32;
     }
     stats::count(Reason::NatReply);

@@ -100,7 +100,7 @@ pub struct EventView {
     /// RFC 3339, from the event's monotonic time.
     pub time: String,
     pub event: EventKind,
-    /// `connect`, `sendmsg`, `tc_ingress` or `xdp`.
+    /// `connect`, `sendmsg`, `tc_ingress`, `xdp` or `tc_egress`.
     pub hook: &'static str,
     /// `None` for a protocol the proxy does not translate (never written by the programs).
     pub protocol: Option<Proto>,
@@ -576,7 +576,7 @@ mod tests {
         use super::super::schema_tests::{EVENT, assert_invalid, assert_valid, schema};
         let names = names();
         let mut seen = 0;
-        for hook in [Hook::Connect, Hook::Sendmsg, Hook::TcIngress, Hook::Xdp] {
+        for hook in Hook::ALL {
             for reason in Reason::ALL {
                 for kind in [EVENT_TRANSLATED, EVENT_DROPPED] {
                     let mut e = event(kind, hook, reason);
@@ -593,7 +593,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 4 * Reason::ALL.len() * 2);
+        assert_eq!(seen, Hook::ALL.len() * Reason::ALL.len() * 2);
         let mut odd = event(EVENT_DROPPED, Hook::Xdp, Reason::Fragment);
         odd.hook = 200;
         odd.reason = 999;

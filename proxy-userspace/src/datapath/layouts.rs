@@ -98,6 +98,8 @@ const REASONS_V2: u32 = 36;
 const REASONS_V3: u32 = 37;
 /// `Reason` values before `frag_needed` (version 4 of the counters).
 const REASONS_V4: u32 = 38;
+/// `Hook` values before `tc_egress` (versions 1 to 5 of the drop counters).
+const HOOKS_V5: u32 = 4;
 
 /// The layout history of the maps that changed since versions began, oldest first. A map not
 /// listed is at version 1. When a change to a map's layout is made, its old layout goes here
@@ -137,35 +139,43 @@ pub fn history(map: &str) -> &'static [Older] {
             },
         ],
         // One counter per hook and reason, at hook * reasons + reason: appending a reason
-        // moves every hook's counters after the first.
+        // moves every hook's counters after the first; appending a hook moves none.
         names::LB_DROPS => &[
             Older {
                 version: 1,
                 key: None,
                 value: None,
-                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V1),
+                entries: Some(HOOKS_V5 * REASONS_V1),
                 to_next: Migration::Counters(drops_v1_to_v2),
             },
             Older {
                 version: 2,
                 key: None,
                 value: None,
-                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V2),
+                entries: Some(HOOKS_V5 * REASONS_V2),
                 to_next: Migration::Counters(drops_v2_to_v3),
             },
             Older {
                 version: 3,
                 key: None,
                 value: None,
-                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V3),
+                entries: Some(HOOKS_V5 * REASONS_V3),
                 to_next: Migration::Counters(drops_v3_to_v4),
             },
             Older {
                 version: 4,
                 key: None,
                 value: None,
-                entries: Some(proxy_common::reason::HOOK_COUNT * REASONS_V4),
+                entries: Some(HOOKS_V5 * REASONS_V4),
                 to_next: Migration::Counters(drops_v4_to_v5),
+            },
+            // `tc_egress` appended as the last hook: every counter keeps its index.
+            Older {
+                version: 5,
+                key: None,
+                value: None,
+                entries: Some(HOOKS_V5 * proxy_common::reason::REASON_COUNT),
+                to_next: Migration::Counters(same_index),
             },
         ],
         // One entry per slot (value: a backend id), then one per `SLOT_CHUNK` slots.
@@ -187,7 +197,7 @@ fn same_index(i: u32) -> Option<u32> {
 /// A drop counter's index in a layout of `from` reasons per hook, in one of `to`.
 fn drops_moved(i: u32, from: u32, to: u32) -> Option<u32> {
     let (hook, reason) = (i / from, i % from);
-    (hook < proxy_common::reason::HOOK_COUNT).then_some(hook * to + reason)
+    (hook < HOOKS_V5).then_some(hook * to + reason)
 }
 
 fn drops_v1_to_v2(i: u32) -> Option<u32> {
@@ -330,7 +340,7 @@ pub fn version_key(map: &str) -> [u8; 16] {
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::reason::{HOOK_COUNT, Hook, REASON_COUNT, Reason};
+    use proxy_common::reason::{Hook, REASON_COUNT, Reason};
 
     use super::*;
 
@@ -360,7 +370,7 @@ mod tests {
             assert!(version_key(map).ends_with(&[0]), "{map}: name fits the key");
         }
         assert_eq!(current_version(names::LB_CT4), 1);
-        assert_eq!(current_version(names::LB_DROPS), 5);
+        assert_eq!(current_version(names::LB_DROPS), 6);
         assert_eq!(current_version(names::LB_SLOTS), 2);
     }
 
@@ -379,12 +389,12 @@ mod tests {
     #[test]
     fn counters_of_the_first_version_are_migrated() {
         let now = counters(DROPS);
-        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 35), None, &now);
+        let plan = classify(names::LB_DROPS, &counters(HOOKS_V5 * 35), None, &now);
         let Plan::Migrate { from: 1, steps } = plan else {
             panic!("{plan:?}")
         };
         // Each hook's counters keep their reason: the xdp hook's no_backends, say.
-        for hook in Hook::ALL {
+        for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 35) {
                 assert_eq!(
                     remap_counter(&steps, hook as u32 * 35 + *reason as u32),
@@ -393,7 +403,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(remap_counter(&steps, HOOK_COUNT * 35), None);
+        assert_eq!(remap_counter(&steps, HOOKS_V5 * 35), None);
         let stats = classify(
             names::LB_STATS,
             &counters(35),
@@ -409,12 +419,12 @@ mod tests {
     #[test]
     fn counters_of_the_second_version_are_migrated() {
         let now = counters(DROPS);
-        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 36), Some(2), &now);
+        let plan = classify(names::LB_DROPS, &counters(HOOKS_V5 * 36), Some(2), &now);
         let Plan::Migrate { from: 2, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 3);
-        for hook in Hook::ALL {
+        assert_eq!(steps.len(), 4);
+        for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 36) {
                 assert_eq!(
                     remap_counter(&steps, hook as u32 * 36 + *reason as u32),
@@ -435,12 +445,12 @@ mod tests {
     #[test]
     fn counters_of_the_third_version_are_migrated() {
         let now = counters(DROPS);
-        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 37), Some(3), &now);
+        let plan = classify(names::LB_DROPS, &counters(HOOKS_V5 * 37), Some(3), &now);
         let Plan::Migrate { from: 3, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 2);
-        for hook in Hook::ALL {
+        assert_eq!(steps.len(), 3);
+        for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 37) {
                 assert_eq!(
                     remap_counter(&steps, hook as u32 * 37 + *reason as u32),
@@ -461,12 +471,12 @@ mod tests {
     #[test]
     fn counters_of_the_fourth_version_are_migrated() {
         let now = counters(DROPS);
-        let plan = classify(names::LB_DROPS, &counters(HOOK_COUNT * 38), Some(4), &now);
+        let plan = classify(names::LB_DROPS, &counters(HOOKS_V5 * 38), Some(4), &now);
         let Plan::Migrate { from: 4, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 1);
-        for hook in Hook::ALL {
+        assert_eq!(steps.len(), 2);
+        for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 38) {
                 assert_eq!(
                     remap_counter(&steps, hook as u32 * 38 + *reason as u32),
@@ -482,6 +492,32 @@ mod tests {
             &counters(REASON_COUNT),
         );
         assert!(matches!(stats, Plan::Migrate { from: 4, .. }), "{stats:?}");
+    }
+
+    #[test]
+    fn drop_counters_of_the_fifth_version_gain_the_tc_egress_hook() {
+        let now = counters(DROPS);
+        let before = counters(HOOKS_V5 * REASON_COUNT);
+        let plan = classify(names::LB_DROPS, &before, Some(5), &now);
+        let Plan::Migrate { from: 5, steps } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(steps.len(), 1);
+        // Every hook of version 5 keeps each counter where it was; tc_egress starts at 0.
+        for hook in Hook::ALL.into_iter().filter(|h| *h != Hook::TcEgress) {
+            for reason in Reason::ALL {
+                assert_eq!(
+                    remap_counter(&steps, hook.drop_index(reason)),
+                    Some(hook.drop_index(reason)),
+                    "{hook:?} {reason:?}"
+                );
+            }
+        }
+        // The record may be missing (a map pinned before LB_VERSIONS): the shape says 5.
+        assert!(matches!(
+            classify(names::LB_DROPS, &before, None, &now),
+            Plan::Migrate { from: 5, .. }
+        ));
     }
 
     const DROPS: u32 = proxy_common::reason::DROPS_COUNT;
