@@ -141,22 +141,29 @@ fn start_source_with_metrics(
 
 /// Receives snapshots until one matches `want`; every snapshot received is appended to `log`.
 fn wait_for(rx: &Receiver<Snapshot>, log: &mut Vec<Seen>, want: &Seen) -> Snapshot {
-    let deadline = Instant::now() + WAIT;
+    match wait_until_deadline(rx, log, want, Instant::now() + WAIT) {
+        Ok(s) => s,
+        Err(RecvTimeoutError::Timeout) => {
+            panic!("timed out waiting for {want:#?}; received {log:#?}")
+        }
+        Err(RecvTimeoutError::Disconnected) => panic!("source stopped; received {log:#?}"),
+    }
+}
+
+/// [`wait_for`] that gives up at `deadline`.
+fn wait_until_deadline(
+    rx: &Receiver<Snapshot>,
+    log: &mut Vec<Seen>,
+    want: &Seen,
+    deadline: Instant,
+) -> Result<Snapshot, RecvTimeoutError> {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(s) => {
-                let view = seen(&s);
-                let done = &view == want;
-                log.push(view);
-                if done {
-                    return s;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("timed out waiting for {want:#?}; received {log:#?}")
-            }
-            Err(RecvTimeoutError::Disconnected) => panic!("source stopped; received {log:#?}"),
+        let s = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))?;
+        let view = seen(&s);
+        let done = &view == want;
+        log.push(view);
+        if done {
+            return Ok(s);
         }
     }
 }
@@ -849,23 +856,11 @@ fn outage_then_return(mode: Outage) {
     let first_new = log.len();
     server.outage(None);
     let back = Instant::now();
-    loop {
-        let left = CONVERGE.saturating_sub(back.elapsed());
-        match rx.recv_timeout(left) {
-            Ok(s) => {
-                let view = seen(&s);
-                let done = view == want;
-                log.push(view);
-                if done {
-                    break;
-                }
-            }
-            Err(e) => panic!(
-                "{e:?}: not converged {CONVERGE:?} after the {mode:?} outage ended; \
-                 received {:#?}",
-                &log[first_new..]
-            ),
-        }
+    if let Err(e) = wait_until_deadline(&rx, &mut log, &want, back + CONVERGE) {
+        panic!(
+            "{e:?}: not converged {CONVERGE:?} after the {mode:?} outage ended; received {:#?}",
+            &log[first_new..]
+        );
     }
     let took = back.elapsed();
     eprintln!(
@@ -1042,21 +1037,11 @@ fn watches_the_server_forgot_silently_are_noticed_by_keepalive() {
     // Keepalive's first probe goes out 15 s after the last packet; then the source's backoff
     // (at most 3 s). Far below the five minutes a dead watch stood before.
     let bound = Duration::from_secs(40);
-    loop {
-        match rx.recv_timeout(bound.saturating_sub(forgotten.elapsed())) {
-            Ok(s) => {
-                let view = seen(&s);
-                let done = view == want;
-                log.push(view);
-                if done {
-                    break;
-                }
-            }
-            Err(e) => panic!(
-                "{e:?}: the changes made after the server forgot its watches did not arrive \
-                 within {bound:?}; received {log:#?}"
-            ),
-        }
+    if let Err(e) = wait_until_deadline(&rx, &mut log, &want, forgotten + bound) {
+        panic!(
+            "{e:?}: the changes made after the server forgot its watches did not arrive within \
+             {bound:?}; received {log:#?}"
+        );
     }
     eprintln!(
         "watches forgotten by the server: changes arrived {:.1} s later",
