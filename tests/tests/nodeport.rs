@@ -420,6 +420,12 @@ fn pods_reaching_their_nodes_external_frontends_are_masqueraded_with_cluster_pol
     assert_eq!(from_pod["masqueradedAtTc"], true, "{from_pod}");
     let from_node = explain("192.168.77.1");
     assert!(from_node.get("masqueradedAtTc").is_none(), "{from_node}");
+    // An address no pod of node-a has: no namespace marked for tc, so not masqueraded.
+    let from_nobody = explain("198.51.100.7");
+    assert!(
+        from_nobody.get("masqueradedAtTc").is_none(),
+        "{from_nobody}"
+    );
 
     agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
     for (proto, udp) in [(Proto::Tcp, false), (Proto::Udp, true)] {

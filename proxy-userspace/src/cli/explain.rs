@@ -165,12 +165,17 @@ pub struct Explanation {
     /// at the socket layer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) per_packet: Option<PerPacketClient>,
-    /// The client is not one of this node's addresses, so a pod: kube-proxy masquerades its
-    /// connections to this frontend (an externalIP, load balancer IP or NodePort with
-    /// externalTrafficPolicy Cluster, semantics 7.13), and so does tc on its interface once the
-    /// agent has found the pod.
+    /// The client is a pod of this node reached through a pod-facing interface carrying tc, as
+    /// the agent marks pods: kube-proxy masquerades its connections to this frontend (an
+    /// externalIP, load balancer IP or NodePort with externalTrafficPolicy Cluster, semantics
+    /// 7.13), and so does tc on its interface once the agent has found the pod.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(super) masqueraded_at_tc: bool,
+    /// Such a frontend, but the client's address is routed through no pod-facing interface
+    /// carrying tc (`--pod-interfaces none` or without its interface, or no pod of this node):
+    /// translated at the socket layer, not masqueraded. Text only.
+    #[serde(skip)]
+    pub(super) unmasqueraded_pod: bool,
 }
 
 /// A client pod whose Services are translated per packet.
@@ -298,10 +303,17 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
     })?;
     if out.frontend.reach == Reach::Internal {
         out.per_packet = per_packet;
-        out.masqueraded_at_tc = out.per_packet.is_none()
+        let pod = out.per_packet.is_none()
             && out.matched.as_ref().is_some_and(|f| f.masquerade)
             && !crate::datapath::netdev::local_addresses()
                 .is_ok_and(|local| local.contains(&args.client));
+        if pod {
+            let marked =
+                crate::datapath::netns::routes_to_pod_at_tc(&args.inspect.bpffs, args.client)
+                    .context("route to the client")?;
+            out.masqueraded_at_tc = marked;
+            out.unmasqueraded_pod = !marked;
+        }
     }
     if args.inspect.output == Format::Json {
         return json(&Document::of(&out));
@@ -343,6 +355,7 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
         next: None,
         per_packet: None,
         masqueraded_at_tc: false,
+        unmasqueraded_pod: false,
     };
     let Some(mut f) = matched else {
         (out.verdict, out.reason) = if marked {
@@ -657,6 +670,15 @@ fn text(out: &Explanation) -> String {
             "path:       per packet at tc on the pod's interface, masqueraded to a node address \
              (externalTrafficPolicy Cluster, semantics 7.13), once the agent has found the pod; \
              same backends and scheduler"
+        );
+    }
+    if out.unmasqueraded_pod {
+        let _ = writeln!(
+            s,
+            "path:       at the socket layer, not masqueraded: kube-proxy masquerades this \
+             (externalTrafficPolicy Cluster, semantics 7.13), but this node routes the address \
+             through no pod-facing interface carrying tc (--pod-interfaces none or without its \
+             interface, or no pod of this node)"
         );
     }
     if let Some(f) = &out.matched {

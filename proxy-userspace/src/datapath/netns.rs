@@ -166,6 +166,18 @@ fn pod_flags(
     flags
 }
 
+/// Whether a pod of this node with address `ip` is one the netns thread marks for tc
+/// ([`pod_flags`]): the node routes `ip` straight out of a pod-facing interface carrying tc
+/// (or a port of such a bridge). For `explain`, which knows the client by its address only.
+pub fn routes_to_pod_at_tc(pin_dir: &Path, ip: IpAddr) -> io::Result<bool> {
+    let mut rtnl = netlink::Rtnl::new()?;
+    let (facing, master) = pod_facing(pin_dir, &mut rtnl);
+    let flags = pod_flags(&[ip], &facing, &master, &mut |a| {
+        rtnl.route_get(a).unwrap_or(RouteHit::None)
+    });
+    Ok(flags != 0)
+}
+
 /// The pod-facing interfaces carrying tc (from `LB_IFACES`) and every bridge port's bridge.
 fn pod_facing(pin_dir: &Path, rtnl: &mut netlink::Rtnl) -> (BTreeSet<u32>, BTreeMap<u32, u32>) {
     let facing = match tclinks::recorded(pin_dir) {
