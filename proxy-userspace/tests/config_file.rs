@@ -20,14 +20,24 @@ impl Drop for TempFile {
     }
 }
 
-/// Runs the agent with `args`; returns (exit code, stderr).
-fn agent(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
+/// Runs the binary with `args` to its end.
+fn binary(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
         .args(args)
         .output()
-        .expect("run kube-bpf-proxy");
+        .expect("run kube-bpf-proxy")
+}
+
+/// Runs the agent with `args`; returns (exit code, stderr).
+fn agent(args: &[&str]) -> (i32, String) {
+    let out = binary(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out.status.code().unwrap_or(-1), stderr)
+}
+
+/// `run --help`.
+fn run_help() -> String {
+    String::from_utf8_lossy(&binary(&["run", "--help"]).stdout).into_owned()
 }
 
 #[test]
@@ -70,11 +80,7 @@ fn config_file_of_another_kind_or_missing_stops_the_agent() {
 
 #[test]
 fn config_flag_is_in_the_help() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
-        .args(["run", "--help"])
-        .output()
-        .expect("run kube-bpf-proxy");
-    let help = String::from_utf8_lossy(&out.stdout);
+    let help = run_help();
     assert!(help.contains("--config <FILE>"), "{help}");
     assert!(help.contains("KubeProxyConfiguration"), "{help}");
 }
@@ -104,10 +110,7 @@ fn kube_proxy_init_only_and_cleanup_exit_without_running() {
     );
     // --cleanup: `cleanup` of the pin directory, here one that holds nothing.
     let dir = std::env::temp_dir().join(format!("kbp-cleanup-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
-        .args(["run", "--cleanup", "--bpffs", dir.to_str().unwrap()])
-        .output()
-        .expect("run kube-bpf-proxy");
+    let out = binary(&["run", "--cleanup", "--bpffs", dir.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("removed 0 pins"), "{stdout}");
@@ -115,11 +118,7 @@ fn kube_proxy_init_only_and_cleanup_exit_without_running() {
 
 #[test]
 fn kube_proxy_flags_are_in_the_help() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kube-bpf-proxy"))
-        .args(["run", "--help"])
-        .output()
-        .expect("run kube-bpf-proxy");
-    let help = String::from_utf8_lossy(&out.stdout);
+    let help = run_help();
     for flag in [
         "--proxy-mode <proxy-mode>",
         "--cluster-cidr",

@@ -163,8 +163,14 @@ pub enum Instead {
 impl KubeProxyFlags {
     /// The flags given, `--name=value`, for a log line.
     pub fn given(&self) -> Vec<String> {
+        self.shown(|_| true)
+    }
+
+    /// The given flags whose name `pick` keeps, `--name=value`.
+    fn shown(&self, pick: impl Fn(&str) -> bool) -> Vec<String> {
         self.given
             .iter()
+            .filter(|(name, _)| pick(name))
             .map(|(name, value)| format!("--{name}={value}"))
             .collect()
     }
@@ -254,12 +260,7 @@ pub fn over_file(
             file.log_format = logging.log_format;
         }
     }
-    Ok(flags
-        .given
-        .iter()
-        .filter(|(name, _)| !LOGGING.contains(name))
-        .map(|(name, value)| format!("--{name}={value}"))
-        .collect())
+    Ok(flags.shown(|name| !LOGGING.contains(&name)))
 }
 
 /// `--name` for a field path (the path itself when no flag sets it).
