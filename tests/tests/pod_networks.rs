@@ -31,7 +31,7 @@ use common::*;
 use tests::{
     Agent, Shape, Testbed,
     harness::{
-        testbed::{EXT_IP4, EXT_IP6, VXLAN_DEVICE},
+        testbed::{EXT_IP4, EXT_IP6, VXLAN_DEVICE, vpc_interface_ip4},
         topology::Proto,
     },
     poll_until,
@@ -315,7 +315,7 @@ fn pod_network(shape: Shape) {
                 .any(|(i, why)| i == "br0" && why.contains("route to endpoint")),
             "{tc:?}"
         ),
-        Shape::Ptp | Shape::Calico => {
+        Shape::Ptp | Shape::Calico | Shape::AwsVpc => {
             for pod in pods {
                 assert!(
                     tc.iter()
@@ -479,6 +479,14 @@ fn pod_network_calico_external_traffic_reaches_local_backends() {
     pod_network(Shape::Calico);
 }
 
+/// The AWS VPC CNI: pods hold addresses of the node's own subnet (the external client's too),
+/// the node reaches them through `eni…` veths under policy rules, and a pod on a secondary
+/// interface sends through that interface's table.
+#[test]
+fn pod_network_aws_vpc_external_traffic_reaches_local_backends() {
+    pod_network(Shape::AwsVpc);
+}
+
 /// flannel's `vxlan` backend (Calico's VXLAN alike): node-a reaches node-b's pods through its
 /// VXLAN device `flannel.1`, so a masqueraded flow to b-pod-1 leaves with `flannel.1`'s
 /// address and b-pod-1's replies come back through `flannel.1`. The agent finds that device
@@ -505,6 +513,107 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
         NODE,
         "with every pod-facing interface attached",
     );
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
+/// Without `--external-interfaces`, the external interfaces are those of the default routes in
+/// every routing table, followed as they come and go. On the AWS VPC CNI a node's secondary
+/// network interface has its default route only in its own table, and the CNI attaches more
+/// interfaces while the node runs; kube-proxy answers a NodePort on any node address, whichever
+/// interface it arrives on (semantics 7.1, 7.2). A VPN's L3 device with a default route in its own
+/// table is no external interface (the program reads Ethernet frames).
+#[test]
+fn external_interfaces_follow_the_default_routes_of_every_table() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[2, 1], Shape::AwsVpc);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let node = &tb.nodes[0].ns;
+    node.ip(&["tuntap", "add", "mode", "tun", "name", "vpn0"]);
+    node.ip(&["link", "set", "vpn0", "up"]);
+    node.ip(&["route", "add", "default", "dev", "vpn0", "table", "52"]);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    // The default: no --external-interfaces.
+    agent.extra_args.clear();
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    FAR.program(&agent, &tb, 1, 0);
+
+    let externals = |tb: &Testbed| -> BTreeSet<String> {
+        tc_interfaces(&status(tb, &agent))
+            .into_iter()
+            .filter(|(_, why)| why == "external")
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let wait_externals = |tb: &Testbed, want: &[&str]| {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        poll_until(
+            &format!("external interfaces {want:?}"),
+            Duration::from_secs(15),
+            || {
+                let now = externals(tb);
+                if now == want {
+                    Ok(())
+                } else {
+                    Err(format!("{now:?}"))
+                }
+            },
+        );
+    };
+    // eth0 (main table) and eth1 (table 2); not vpn0.
+    wait_externals(&tb, &["eth0", "eth1"]);
+    // XDP in front of both: they were there at the start.
+    let s = status(&tb, &agent);
+    for dev in ["eth0", "eth1"] {
+        assert!(hooks(&s).contains(&format!("xdp-{dev}")), "{s}");
+    }
+    // A NodePort on eth1's address arrives on eth1 (ARP is answered only there): translated,
+    // to the local backend and to the one on node-b, masqueraded.
+    let eth1 = vpc_interface_ip4(0, 1);
+    for (svc, backend) in [(&NEAR, "a-pod-1"), (&FAR, "b-pod-1")] {
+        for (proto, port) in [
+            (Proto::Tcp, svc.node_port_tcp),
+            (Proto::Udp, svc.node_port_udp),
+        ] {
+            let to = SocketAddr::new(eth1.into(), port);
+            wait_from_ext(&tb, proto, to, backend);
+            for r in tb.request_ext(proto, to, 3) {
+                assert!(r.ok && r.backend == backend, "{to} {proto:?}: {r:?}");
+                let seen = seen_ip(&r.seen);
+                assert!(
+                    NODE_A.contains(&seen.to_string().as_str()) || seen == IpAddr::from(eth1),
+                    "{to} {proto:?} not masqueraded: {r:?}"
+                );
+                assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: {r:?}");
+            }
+        }
+    }
+
+    // The CNI attaches a third interface while the agent runs: tc follows, and its address
+    // serves the NodePorts.
+    let (eth2, eth2_ip) = tb.add_vpc_interface(0);
+    wait_externals(&tb, &["eth0", "eth1", &eth2]);
+    for (proto, port) in [
+        (Proto::Tcp, NEAR.node_port_tcp),
+        (Proto::Udp, NEAR.node_port_udp),
+    ] {
+        wait_from_ext(&tb, proto, SocketAddr::new(eth2_ip.into(), port), "a-pod-1");
+    }
+    assert_verified(&tb, &agent, NODE, "with an interface attached at run time");
+
+    // Detached: its default route goes (the interface stays), then the interface goes.
+    tb.nodes[0]
+        .ns
+        .ip(&["route", "del", "default", "table", "3"]);
+    wait_externals(&tb, &["eth0", "eth1"]);
+    tb.nodes[0].ns.ip(&["link", "del", &eth2]);
+    wait_forgotten(&tb, &agent, &eth2);
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    assert_eq!(agent.count_logs(0, "ERROR"), 0);
     agent.assert_running();
     tb.assert_no_checksum_errors();
 }

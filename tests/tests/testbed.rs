@@ -1,7 +1,7 @@
 //! The multi-node testbed itself, without the agent: pods on different nodes reach each other
 //! by routing (no NAT), the external client reaches nodes on the LAN but not pods, checksum
 //! offload is off so receivers verify checksums, the error counters see a corrupt datagram,
-//! and everything goes away on drop. Each pod-network shape (bridge, ptp, calico) is wired as
+//! and everything goes away on drop. Each pod-network shape (bridge, ptp, calico, aws-vpc) is wired as
 //! documented, and its pods answer, also after `recreate_pod_link` and `add_pod`.
 
 mod common;
@@ -18,7 +18,10 @@ use common::privileged;
 use tests::{
     NetNs, Reply, Shape, Testbed,
     harness::{
-        testbed::{CALICO_GW6, CALICO_MAC, EXT_IP4, EXT_IP6},
+        testbed::{
+            CALICO_GW4, CALICO_GW6, CALICO_MAC, EXT_IP4, EXT_IP6, VPC_SECONDARY_TABLE, vpc_pod_ip4,
+            vpc_pod_ip6,
+        },
         topology::{Proto, bridge_ip4, bridge_ip6},
     },
     poll_until,
@@ -259,6 +262,66 @@ fn assert_wired(bed: &Testbed, node: usize, pod: usize) {
                 );
             }
         }
+        Shape::AwsVpc => {
+            assert!(named_like(dev, "eni", 11), "{what}");
+            assert!(!node_addrs.contains(" inet "), "{what}: {node_addrs}");
+            assert!(
+                node_addrs.contains(&format!(" {CALICO_GW6}/64 ")),
+                "{what}: {node_addrs}"
+            );
+            // The pod's gateway is a permanent neighbour entry for the veth's MAC.
+            let neigh = p.ns.ip(&["neigh", "show", &CALICO_GW4.to_string()]);
+            let mac = sys_net(node_ns, dev, "address");
+            assert!(
+                neigh.contains(&format!("lladdr {mac} PERMANENT")),
+                "{what}: {neigh}"
+            );
+            for want in [
+                "default via 169.254.1.1 dev eth0".to_string(),
+                "169.254.1.1 dev eth0 scope link".to_string(),
+                format!("default via {CALICO_GW6} dev eth0"),
+            ] {
+                assert!(
+                    pod_routes.contains(&want),
+                    "{what}: no {want} in {pod_routes}"
+                );
+            }
+            // Addresses of the node's subnet, the CNI's policy rules, proxy NDP on eth0.
+            assert_eq!(
+                (p.ip4, p.ip6),
+                (vpc_pod_ip4(node, pod), vpc_pod_ip6(node, pod))
+            );
+            let rules = node_ns.ip(&["rule", "show"]);
+            assert!(
+                rules.contains(&format!("512:\tfrom all to {} lookup main", p.ip4)),
+                "{what}: {rules}"
+            );
+            let secondary = format!("1536:\tfrom {} lookup {VPC_SECONDARY_TABLE}", p.ip4);
+            assert_eq!(rules.contains(&secondary), pod % 2 == 1, "{what}: {rules}");
+            // Answered for by proxy on the interface the VPC delivers the address to, and a
+            // secondary pod's traffic to the LAN leaves through that interface.
+            let nic = if pod % 2 == 1 { "eth1" } else { "eth0" };
+            let proxies = node_ns.ip(&["neigh", "show", "proxy"]);
+            assert!(
+                proxies.contains(&format!("{} dev {nic} proxy", p.ip4)),
+                "{what}: {proxies}"
+            );
+            let proxies6 = node_ns.ip(&["-6", "neigh", "show", "proxy"]);
+            assert!(
+                proxies6.contains(&format!("{} dev eth0 proxy", p.ip6)),
+                "{what}: {proxies6}"
+            );
+            let out = node_ns.ip(&[
+                "route",
+                "get",
+                &EXT_IP4.to_string(),
+                "from",
+                &p.ip4.to_string(),
+                "iif",
+                dev,
+            ]);
+            assert!(out.contains(&format!(" dev {nic} ")), "{what}: {out}");
+        }
         Shape::Calico => {
             assert!(named_like(dev, "cali", 11), "{what}");
             assert_eq!(sys_net(node_ns, dev, "address"), CALICO_MAC, "{what}");
@@ -292,8 +355,8 @@ fn node_source(bed: &Testbed, node: usize, v6: bool) -> IpAddr {
     match (bed.shape, v6) {
         (Shape::Bridge | Shape::Ptp, false) => bridge_ip4(node).into(),
         (Shape::Bridge | Shape::Ptp, true) => bridge_ip6(node).into(),
-        (Shape::Calico, false) => bed.nodes[node].ip4.into(),
-        (Shape::Calico, true) => bed.nodes[node].ip6.into(),
+        (Shape::Calico | Shape::AwsVpc, false) => bed.nodes[node].ip4.into(),
+        (Shape::Calico | Shape::AwsVpc, true) => bed.nodes[node].ip6.into(),
     }
 }
 
@@ -399,14 +462,24 @@ fn shape_works(shape: Shape) {
     assert_eq!(bed.add_pod(0), 2);
     let added = &bed.nodes[0].pods[2];
     assert_eq!(added.name, "a-pod-3");
-    assert_eq!(added.ip4, Ipv4Addr::new(10, 244, 0, 4));
-    assert_eq!(added.ip6.to_string(), "fd00:244::4");
+    if shape == Shape::AwsVpc {
+        assert_eq!(added.ip4, Ipv4Addr::new(192, 168, 77, 130));
+        assert_eq!(added.ip6.to_string(), "fd00:77::1:4");
+    } else {
+        assert_eq!(added.ip4, Ipv4Addr::new(10, 244, 0, 4));
+        assert_eq!(added.ip6.to_string(), "fd00:244::4");
+    }
     bed.serve(0, 2, PORT);
     assert_wired(&bed, 0, 2);
     assert_pod_answers(&bed, 0, 2);
 
-    // Two ends each: ext and two nodes on the LAN, four pods.
-    assert_eq!(veth_ends_without_offload(&bed), 2 * (1 + 2 + 4));
+    // Two ends each: ext and two nodes on the LAN (AwsVpc: each with a second interface too),
+    // four pods.
+    let second_nics = if shape == Shape::AwsVpc { 2 } else { 0 };
+    assert_eq!(
+        veth_ends_without_offload(&bed),
+        2 * (1 + 2 + second_nics + 4)
+    );
     bed.assert_no_checksum_errors();
 }
 
@@ -435,6 +508,17 @@ fn calico_shape_pods_answer_after_a_new_link_and_when_added() {
         return;
     }
     shape_works(Shape::Calico);
+}
+
+/// The AWS VPC CNI shape: pods addressed from the node's subnet on per-pod routed veths, a
+/// permanent neighbour entry for the gateway, policy rules (a secondary interface's table for
+/// odd pods), proxy ARP and NDP on `eth0` in place of the VPC's fabric.
+#[test]
+fn aws_vpc_shape_pods_answer_after_a_new_link_and_when_added() {
+    if !privileged() {
+        return;
+    }
+    shape_works(Shape::AwsVpc);
 }
 
 /// Ones' complement sum of 16-bit big-endian words.

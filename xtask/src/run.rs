@@ -213,6 +213,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         Shape::Ptp => "a routed veth each (kindnet's ptp)",
         Shape::Calico => "a routed veth each (Calico's proxy ARP)",
         Shape::Bridge => "bridge br0",
+        Shape::AwsVpc => "a routed veth each (the AWS VPC CNI)",
     };
     eprintln!(
         "\n==> building the sandbox: node-a with 4 pods on {wiring}, the external client ext \

@@ -88,7 +88,9 @@ pub struct RunArgs {
     pub max_conntrack: Option<u32>,
     /// Interfaces where traffic from outside the node arrives; tc translates NodePort,
     /// externalIP and load balancer traffic there. Default: the interfaces of the default
-    /// routes. An empty value turns the tc path off.
+    /// routes in every routing table, followed as they change (XDP only on those present at
+    /// the start). Named ones are attached whenever they exist. An empty value turns the tc
+    /// path off.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
     /// XDP on the external interfaces: auto (driver mode where possible, else tc alone),
@@ -733,11 +735,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     datapath.set_masquerade_all(args.masquerade_all)?;
     datapath.set_dsr_budget(args.dsr_learn_budget)?;
     datapath.set_masquerade_ports(masquerade.first, masquerade.last)?;
-    let mut external: Vec<String> = match &args.external_interfaces {
-        Some(list) => list.clone(),
-        None => netdev::default_route_interfaces(),
+    // Named external interfaces are attached whenever they exist; without names, those of the
+    // default routes are, as they are now and as they come and go.
+    let (external_spec, mut external) = match &args.external_interfaces {
+        Some(list) => {
+            let names: Vec<String> = list.iter().filter(|i| !i.is_empty()).cloned().collect();
+            (podif::External::Named(names.clone()), names)
+        }
+        None => (
+            podif::External::DefaultRoutes,
+            netdev::default_route_interfaces(),
+        ),
     };
-    external.retain(|i| !i.is_empty() && netdev::exists(i));
+    external.retain(|i| {
+        let here = netdev::exists(i);
+        if !here {
+            log::warn!(
+                "external interface {i} does not exist yet; tc is attached when it appears \
+                 (XDP only on interfaces present at the start)"
+            );
+        }
+        here
+    });
     let xdp = datapath.attach_xdp(&external, args.xdp)?;
     log::info!(
         "NodePort mode {:?}; external interfaces {:?}, XDP {:?}; masquerading ports \
@@ -749,19 +768,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_spec = podif::PodInterfaces::parse(&args.pod_interfaces)
         .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
     datapath.pin_tc_program()?;
-    let mut manager = if external.is_empty() && pod_spec.is_empty() {
+    let no_external = match &external_spec {
+        podif::External::Named(names) => names.is_empty(),
+        podif::External::DefaultRoutes => external.is_empty(),
+    };
+    let mut manager = if no_external && pod_spec.is_empty() {
         log::warn!(
             "tc is attached nowhere: NodePort, externalIP and load balancer traffic from outside \
              the node is not translated (see --external-interfaces and --pod-interfaces)"
         );
         // Links an earlier agent left on interfaces are removed.
-        podif::Manager::new(&args.bpffs, pod_spec.clone(), Vec::new(), None)?.reconcile();
+        podif::Manager::new(
+            &args.bpffs,
+            pod_spec.clone(),
+            podif::External::Named(Vec::new()),
+            None,
+        )?
+        .reconcile();
         None
     } else {
         let mut m = podif::Manager::new(
             &args.bpffs,
             pod_spec.clone(),
-            external.clone(),
+            external_spec,
             Some(Arc::clone(&metrics)),
         )?;
         m.reconcile();

@@ -7,17 +7,12 @@ pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     super::netlink::Rtnl::new()?.local_addresses()
 }
 
-/// Interfaces that carry a default route (IPv4 or IPv6, main table): the node's external
-/// interfaces when none are configured.
+/// Interfaces that carry a default route (IPv4 or IPv6, any routing table; see
+/// `podif::default_route_names`): the node's external interfaces when none are configured.
 pub fn default_route_interfaces() -> Vec<String> {
     let names = super::netlink::Rtnl::new().and_then(|mut rtnl| {
         let indexes = rtnl.default_route_interfaces()?;
-        Ok(rtnl
-            .links()?
-            .into_iter()
-            .filter(|l| indexes.contains(&l.index) && !l.loopback)
-            .map(|l| l.name)
-            .collect::<Vec<_>>())
+        Ok(super::podif::default_route_names(&rtnl.links()?, &indexes))
     });
     names.unwrap_or_else(|e| {
         log::warn!("cannot read the default routes: {e}");

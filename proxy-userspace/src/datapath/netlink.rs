@@ -246,7 +246,9 @@ impl Rtnl {
             .collect())
     }
 
-    /// Interfaces that carry a default route (any table of the main lookup, both families).
+    /// Interfaces that carry a default route, both families, in every routing table: the main
+    /// one and policy-routing tables (the AWS VPC CNI gives each secondary network interface a
+    /// table of its own, whose default route is the only one through that interface).
     pub fn default_route_interfaces(&mut self) -> io::Result<Vec<u32>> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
@@ -259,7 +261,7 @@ impl Rtnl {
                 };
                 if r.header.destination_prefix_length != 0
                     || r.header.kind != RouteType::Unicast
-                    || r.header.table != RouteHeader::RT_TABLE_MAIN
+                    || r.header.table == RT_TABLE_LOCAL
                 {
                     continue;
                 }
@@ -278,6 +280,9 @@ impl Rtnl {
         Ok(out)
     }
 }
+
+/// The kernel's `local` table (its local and broadcast routes).
+const RT_TABLE_LOCAL: u8 = 255;
 
 fn route_hit(r: &RouteMessage) -> RouteHit {
     match r.header.kind {

@@ -182,6 +182,35 @@ impl std::fmt::Display for Why {
     }
 }
 
+/// Where the external interfaces (tc for traffic from outside the node) come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum External {
+    /// `--external-interfaces`: these names, attached whenever they exist (also when one
+    /// appears after the start).
+    Named(Vec<String>),
+    /// The interfaces of the default routes, in every routing table (`Rtnl::
+    /// default_route_interfaces`), looked up again at every pass: a network interface that
+    /// comes later (the AWS VPC CNI attaches one when pods need more addresses) gets tc too.
+    DefaultRoutes,
+}
+
+/// The names of the interfaces `indexes` (those of the default routes) that can be external:
+/// not the loopback, not a device without an Ethernet header (a VPN's `tun` or WireGuard
+/// device, whose default route lives in a table of its own).
+pub fn default_route_names(links: &[Link], indexes: &[u32]) -> Vec<String> {
+    links
+        .iter()
+        .filter(|l| indexes.contains(&l.index) && !l.loopback && !l3_tunnel(l))
+        .map(|l| l.name.clone())
+        .collect()
+}
+
+fn l3_tunnel(link: &Link) -> bool {
+    link.kind
+        .as_deref()
+        .is_some_and(|k| L3_TUNNELS.contains(&k))
+}
+
 /// An interface that should carry the program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Wanted {
@@ -306,10 +335,7 @@ pub fn discover(
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
-                && !link
-                    .kind
-                    .as_deref()
-                    .is_some_and(|k| L3_TUNNELS.contains(&k))
+                && !l3_tunnel(link)
             {
                 add(&mut out, link, Why::RemoteRoute(*ep));
             }
@@ -362,7 +388,9 @@ const RESCAN: Duration = Duration::from_secs(5);
 /// forgets interfaces that disappeared.
 pub struct Manager {
     spec: PodInterfaces,
-    external: Vec<String>,
+    external: External,
+    /// The external interfaces of the last pass (kept when the routes cannot be read).
+    external_now: Vec<String>,
     links: TcLinks,
     rtnl: Rtnl,
     /// What is attached: name → (index, why).
@@ -386,12 +414,13 @@ impl Manager {
     pub fn new(
         pin_dir: &std::path::Path,
         spec: PodInterfaces,
-        external: Vec<String>,
+        external: External,
         metrics: Option<Arc<Metrics>>,
     ) -> anyhow::Result<Manager> {
         Ok(Manager {
             spec,
             external,
+            external_now: Vec::new(),
             links: TcLinks::open(pin_dir)?,
             rtnl: Rtnl::new()?,
             state: BTreeMap::new(),
@@ -421,6 +450,22 @@ impl Manager {
                 return false;
             }
         };
+        let external = match &self.external {
+            External::Named(names) => names.clone(),
+            External::DefaultRoutes => match self.rtnl.default_route_interfaces() {
+                Ok(indexes) => default_route_names(&links, &indexes),
+                Err(e) => {
+                    log::warn!("external interfaces: cannot read the default routes: {e}");
+                    self.external_now.clone()
+                }
+            },
+        };
+        if external != self.external_now {
+            if self.external == External::DefaultRoutes {
+                log::info!("external interfaces (default routes, every table): {external:?}");
+            }
+            self.external_now = external;
+        }
         let rtnl = &mut self.rtnl;
         // Each address's route is asked once per pass, for the discovery and for `waiting`.
         let mut routes: BTreeMap<IpAddr, RouteHit> = BTreeMap::new();
@@ -429,7 +474,13 @@ impl Manager {
                 .entry(a)
                 .or_insert_with(|| rtnl.route_get(a).unwrap_or(RouteHit::None))
         };
-        let mut found = discover(&self.spec, &links, &self.external, &self.inputs, &mut route);
+        let mut found = discover(
+            &self.spec,
+            &links,
+            &self.external_now,
+            &self.inputs,
+            &mut route,
+        );
         if !self.have_inputs && self.spec.auto() {
             // Until this node's endpoints are known, the links an earlier agent left on live
             // interfaces stay (with this agent's program swapped in): dropping them would cut

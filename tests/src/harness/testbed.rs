@@ -23,6 +23,23 @@
 //!     to its veth. A real node's default route makes proxy ARP answer for 169.254.1.1; nodes
 //!     here have none, so they get `169.254.1.1/32 dev eth0` in its place.
 //!
+//!   - `AwsVpc` (the AWS VPC CNI): pods take addresses of the node's own subnet, here the LAN
+//!     (192.168.77.(128 + 16i + j), fd00:77::(i+1):(j+2)), not a pod CIDR. Each pod's
+//!     node-side veth (`eni` + 11 hex digits) has no IPv4 address and the link-local
+//!     fe80::1/64; pods have /32 and /128 addresses, default routes via 169.254.1.1 (a link
+//!     route with a permanent neighbour entry for the veth's MAC, as the CNI writes it) and
+//!     fe80::1; the node routes each pod address to its veth, with the CNI's policy rules:
+//!     `to <pod> lookup main` (priority 512) for every pod, and for pods on the secondary
+//!     network interface (odd `j`) `from <pod> lookup 2` (priority 1536).
+//!     Each node has a second network interface, `eth1` at 192.168.77.(50 + i)/24 on the LAN
+//!     (`Testbed::add_vpc_interface` adds more: `eth<k>` at 192.168.77.(40 + 10k + i)), whose
+//!     routes are in a table of its own (k + 1: the subnet's link route and a default route
+//!     via ext); the main table has default routes via ext on `eth0`. ARP is answered only on
+//!     the interface holding the address (`arp_ignore` 1, `arp_announce` 2). The VPC delivers
+//!     a pod's address to the interface it belongs to: here proxy neighbour entries on that
+//!     interface (IPv4: `eth0` for even `j`, `eth1` for odd; IPv6: `eth0`); nodes have no
+//!     routes to pod CIDRs.
+//!
 //!   `Testbed::with_vxlan` connects the nodes' pod networks through a VXLAN overlay as flannel
 //!   does (`flannel.1` on each node, routes to other nodes' pod CIDRs through it) instead of
 //!   routes via LAN addresses.
@@ -43,7 +60,7 @@ use super::{
     process::{ChildGuard, Reply},
     topology::{
         Held, Pod, Proto, add_bridge, add_veth, attach_to_bridge, bridge_ip4, bridge_ip6, hold_in,
-        no_dad, request_in, spawn_echo,
+        no_dad, pod_ip4, pod_ip6, request_in, spawn_echo,
     },
 };
 
@@ -118,6 +135,42 @@ pub enum Shape {
     /// no IPv4 address and proxy ARP (pods route via 169.254.1.1), link-local fe80::1 (pods'
     /// IPv6 gateway); the node routes each pod's /32 and /128 to its veth.
     Calico,
+    /// The AWS VPC CNI: pods addressed from the node's subnet; node-side veths (`eni` + 11
+    /// hex digits) without IPv4 address, pods' gateway 169.254.1.1 by a permanent neighbour
+    /// entry; policy rules for the pods (secondary interface pods: their own table).
+    AwsVpc,
+}
+
+/// The routing table of the secondary network interface (`eth1`) in the `AwsVpc` shape.
+pub const VPC_SECONDARY_TABLE: &str = "2";
+
+/// `AwsVpc` shape: the address of network interface `eth<k>` (k >= 1) of node `node`,
+/// 192.168.77.(40 + 10k + node).
+pub fn vpc_interface_ip4(node: usize, k: usize) -> Ipv4Addr {
+    assert!(
+        (1..=5).contains(&k) && node < 10,
+        "eth1 to eth5 of nodes 0 to 9"
+    );
+    Ipv4Addr::new(192, 168, 77, (40 + 10 * k + node) as u8)
+}
+
+/// Address plan of the `AwsVpc` shape: pod `pod` (0-based) of node `node`, in the LAN's subnet:
+/// 192.168.77.(128 + 16 node + pod).
+pub fn vpc_pod_ip4(node: usize, pod: usize) -> Ipv4Addr {
+    assert!(
+        node < 8 && pod < 16,
+        "the AwsVpc shape has at most 8 nodes of 16 pods"
+    );
+    Ipv4Addr::new(192, 168, 77, (128 + 16 * node + pod) as u8)
+}
+
+/// fd00:77::(node+1):(pod+2), in the LAN's /64.
+pub fn vpc_pod_ip6(node: usize, pod: usize) -> Ipv6Addr {
+    assert!(
+        node < 8 && pod < 16,
+        "the AwsVpc shape has at most 8 nodes of 16 pods"
+    );
+    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, node as u16 + 1, pod as u16 + 2)
 }
 
 /// The MAC of every node-side veth in the Calico shape.
@@ -144,6 +197,10 @@ fn host_if_name(shape: Shape, node: usize, pod: usize, link: u32) -> String {
             assert!(link < 0x1000_0000, "at most 2^28 veths per testbed");
             format!("cali{node:02x}{pod:02x}{link:07x}")
         }
+        Shape::AwsVpc => {
+            assert!(link < 0x1000_0000, "at most 2^28 veths per testbed");
+            format!("eni{node:02x}{pod:02x}{link:07x}")
+        }
     }
 }
 
@@ -158,6 +215,8 @@ pub struct Node {
     /// Its address on the LAN.
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
+    /// Its network interfaces on the LAN (`eth0`, and in the `AwsVpc` shape `eth1`, ...).
+    interfaces: usize,
 }
 
 pub struct Testbed {
@@ -370,6 +429,86 @@ fn routes_to_pod(node_ns: &NetNs, pod: &Pod) {
     ]);
 }
 
+/// `AwsVpc` shape: plugs the next network interface `eth<k>` of node `i` into the LAN as
+/// the CNI attaches one: its address (`vpc_interface_ip4`), its routes in table k + 1 (the
+/// subnet's link route, a default route via ext), proxy neighbour answers without delay.
+fn plug_vpc_interface(lan: &NetNs, i: usize, node: &mut Node) -> (String, Ipv4Addr) {
+    let k = node.interfaces;
+    let dev = format!("eth{k}");
+    let ip4 = vpc_interface_ip4(i, k);
+    let ns = &node.ns;
+    let port = format!("v-{}-{k}", node.name);
+    ns.ip(&[
+        "link", "add", &dev, "type", "veth", "peer", "name", &port, "netns", &lan.name,
+    ]);
+    lan.ip(&["link", "set", &port, "master", "lan0", "up"]);
+    no_checksum_offload(lan, &port);
+    no_checksum_offload(ns, &dev);
+    ns.sysctl(&format!("net.ipv4.neigh.{dev}.proxy_delay"), "0");
+    ns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", &dev]);
+    ns.ip(&["link", "set", &dev, "up"]);
+    let table = (k + 1).to_string();
+    ns.ip(&[
+        "route",
+        "add",
+        "192.168.77.0/24",
+        "dev",
+        &dev,
+        "scope",
+        "link",
+        "table",
+        &table,
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &EXT_IP4.to_string(),
+        "dev",
+        &dev,
+        "table",
+        &table,
+    ]);
+    node.interfaces += 1;
+    (dev, ip4)
+}
+
+/// The `AwsVpc` shape's rules for `pod`, written once per pod address (they outlive its veth):
+/// traffic to it looks up the main table first (priority 512); a pod on the secondary interface
+/// (`secondary`) sends through that interface's table (priority 1536); its addresses are
+/// answered for by proxy on the interface the VPC delivers them to (IPv4: `eth1` for a
+/// secondary pod, else `eth0`; IPv6: `eth0`).
+fn vpc_pod_rules(node_ns: &NetNs, pod: &Pod, secondary: bool) {
+    let ip4 = pod.ip4.to_string();
+    let nic = if secondary { "eth1" } else { "eth0" };
+    node_ns.ip(&["neigh", "add", "proxy", &ip4, "dev", nic]);
+    node_ns.ip(&[
+        "rule", "add", "to", &ip4, "lookup", "main", "priority", "512",
+    ]);
+    if secondary {
+        node_ns.ip(&[
+            "rule",
+            "add",
+            "from",
+            &ip4,
+            "lookup",
+            VPC_SECONDARY_TABLE,
+            "priority",
+            "1536",
+        ]);
+    }
+    node_ns.ip(&[
+        "-6",
+        "neigh",
+        "add",
+        "proxy",
+        &pod.ip6.to_string(),
+        "dev",
+        "eth0",
+    ]);
+}
+
 /// Reads the error counters of one namespace: (counter, value) for every one in the lists.
 fn error_counters(ns: &NetNs) -> Vec<(String, u64)> {
     let mut out = snmp_counters(&ns.exec("cat", &["/proc/net/snmp"]), SNMP_ERRORS);
@@ -498,6 +637,10 @@ impl Testbed {
                 add_vxlan(&node.ns, i, count);
                 continue;
             }
+            if shape == Shape::AwsVpc {
+                // Pods are on the LAN's subnet: no pod CIDRs to route.
+                continue;
+            }
             for k in (0..count).filter(|k| *k != i) {
                 let (cidr4, cidr6) = pod_cidrs(k);
                 node.ns
@@ -535,15 +678,47 @@ impl Testbed {
                     "link",
                 ]);
             }
+            // The VPC's default gateway (ext: it drops what it does not own), the answers
+            // to ARP only on the interface holding the address, and proxy neighbour entries
+            // answered without delay (`vpc_pod_rules`).
+            Shape::AwsVpc => {
+                ns.sysctl("net.ipv4.conf.all.arp_ignore", "1");
+                ns.sysctl("net.ipv4.conf.all.arp_announce", "2");
+                ns.sysctl("net.ipv4.neigh.eth0.proxy_delay", "0");
+                ns.sysctl("net.ipv6.conf.eth0.proxy_ndp", "1");
+                // Proxy NDP answers wait up to 0.8 s by default (RFC 4861's anycast delay),
+                // long enough for a SYN to be sent twice.
+                ns.sysctl("net.ipv6.neigh.eth0.proxy_delay", "0");
+                let gw4 = EXT_IP4.to_string();
+                ns.ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
+                let gw6 = EXT_IP6.to_string();
+                ns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"]);
+            }
         }
-        Node {
+        let mut node = Node {
             servers: Vec::new(),
             pods: Vec::new(),
             name,
             ns,
             ip4,
             ip6,
+            interfaces: 1,
+        };
+        if self.shape == Shape::AwsVpc {
+            plug_vpc_interface(&self.lan, i, &mut node);
         }
+        node
+    }
+
+    /// `AwsVpc` shape: attaches another network interface to node `node` (`eth2`, ...), as the
+    /// AWS VPC CNI does when the node's pods need more addresses; returns its name and address.
+    pub fn add_vpc_interface(&mut self, node: usize) -> (String, Ipv4Addr) {
+        assert_eq!(
+            self.shape,
+            Shape::AwsVpc,
+            "network interfaces of the AwsVpc shape"
+        );
+        plug_vpc_interface(&self.lan, node, &mut self.nodes[node])
     }
 
     /// Adds the next pod of node `node` (`<letter>-pod-<n>`, the plan's next addresses),
@@ -552,11 +727,18 @@ impl Testbed {
         let index = self.nodes[node].pods.len();
         let host_if = match self.shape {
             Shape::Bridge => format!("veth{index}"),
-            Shape::Ptp | Shape::Calico => self.new_host_if(node, index),
+            Shape::Ptp | Shape::Calico | Shape::AwsVpc => self.new_host_if(node, index),
         };
         let name = format!("{}-pod-{}", node_letter(node), index + 1);
-        let pod = Pod::unlinked(&self.id, name, node, index, host_if);
+        let addrs = match self.shape {
+            Shape::AwsVpc => (vpc_pod_ip4(node, index), vpc_pod_ip6(node, index)),
+            _ => (pod_ip4(node, index), pod_ip6(node, index)),
+        };
+        let pod = Pod::unlinked(&self.id, name, addrs, host_if);
         self.link_pod(node, &pod);
+        if self.shape == Shape::AwsVpc {
+            vpc_pod_rules(&self.nodes[node].ns, &pod, index % 2 == 1);
+        }
         self.nodes[node].pods.push(pod);
         index
     }
@@ -640,6 +822,46 @@ impl Testbed {
                 let gw4 = CALICO_GW4.to_string();
                 pod.ns
                     .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
+                pod.ns
+                    .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
+                pod.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &CALICO_GW6.to_string(),
+                    "dev",
+                    "eth0",
+                ]);
+                routes_to_pod(node_ns, pod);
+            }
+            Shape::AwsVpc => {
+                node_ns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{CALICO_GW6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ]);
+                node_ns.ip(&["link", "set", dev, "up"]);
+                pod_addresses(pod);
+                let mac = node_ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")]);
+                let gw4 = CALICO_GW4.to_string();
+                pod.ns
+                    .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
+                pod.ns.ip(&[
+                    "neigh",
+                    "add",
+                    &gw4,
+                    "lladdr",
+                    mac.trim(),
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "permanent",
+                ]);
                 pod.ns
                     .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
                 pod.ns.ip(&[
@@ -783,7 +1005,12 @@ mod unit {
         assert_eq!(host_if_name(Shape::Ptp, 1, 2, 3), "veth01020003");
         assert_eq!(host_if_name(Shape::Bridge, 0, 0, 0x1f), "veth0000001f");
         assert_eq!(host_if_name(Shape::Calico, 25, 252, 7), "cali19fc0000007");
-        for (shape, prefix, digits) in [(Shape::Ptp, "veth", 8), (Shape::Calico, "cali", 11)] {
+        assert_eq!(host_if_name(Shape::AwsVpc, 1, 0, 9), "eni01000000009");
+        for (shape, prefix, digits) in [
+            (Shape::Ptp, "veth", 8),
+            (Shape::Calico, "cali", 11),
+            (Shape::AwsVpc, "eni", 11),
+        ] {
             let name = host_if_name(shape, 25, 252, 0xffff);
             assert!(name.len() <= 15, "{name}");
             let hex = name.strip_prefix(prefix).expect(prefix);
@@ -797,6 +1024,11 @@ mod unit {
         assert_eq!(lan_ip4(1).to_string(), "192.168.77.2");
         assert_eq!(lan_ip6(0).to_string(), "fd00:77::1");
         assert_eq!(EXT_IP6.to_string(), "fd00:77::100");
+        assert_eq!(vpc_pod_ip4(0, 1).to_string(), "192.168.77.129");
+        assert_eq!(vpc_pod_ip4(1, 0).to_string(), "192.168.77.144");
+        assert_eq!(vpc_pod_ip6(1, 0).to_string(), "fd00:77::2:2");
+        assert_eq!(vpc_interface_ip4(0, 1).to_string(), "192.168.77.50");
+        assert_eq!(vpc_interface_ip4(1, 2).to_string(), "192.168.77.61");
         assert_eq!(
             pod_cidrs(0),
             ("10.244.0.0/24".to_string(), "fd00:244::/64".to_string())

@@ -34,7 +34,7 @@ pub struct Pod {
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
     /// The node-side end of the pod's veth: on the node's bridge `br0` in the bridge shape,
-    /// routed to (`veth…`, `cali…`) in the routed shapes of `testbed::Shape`.
+    /// routed to (`veth…`, `cali…`, `eni…`) in the routed shapes of `testbed::Shape`.
     pub host_if: String,
 }
 
@@ -184,19 +184,19 @@ impl Pod {
         name: String,
         index: usize,
     ) -> Pod {
-        let pod = Pod::unlinked(id, name, node, index, format!("veth{index}"));
+        let addrs = (pod_ip4(node, index), pod_ip6(node, index));
+        let pod = Pod::unlinked(id, name, addrs, format!("veth{index}"));
         add_veth(&pod.ns, node_ns, &pod.host_if);
         attach_to_bridge(node_ns, &pod, node);
         pod
     }
 
-    /// A pod's namespace `<id>-<name>` (DAD off), with the plan's addresses of pod `index` of
-    /// node `node` recorded but no interface yet: `add_veth` and a shape's plumbing follow.
+    /// A pod's namespace `<id>-<name>` (DAD off), with its addresses `(ip4, ip6)` recorded but
+    /// no interface yet: `add_veth` and a shape's plumbing follow.
     pub(crate) fn unlinked(
         id: &str,
         name: String,
-        node: usize,
-        index: usize,
+        (ip4, ip6): (Ipv4Addr, Ipv6Addr),
         host_if: String,
     ) -> Pod {
         let ns = NetNs::new(format!("{id}-{name}"));
@@ -205,8 +205,8 @@ impl Pod {
             servers: Vec::new(),
             name,
             ns,
-            ip4: pod_ip4(node, index),
-            ip6: pod_ip6(node, index),
+            ip4,
+            ip6,
             host_if,
         }
     }

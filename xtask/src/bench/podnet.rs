@@ -278,6 +278,7 @@ fn shape_name(shape: Shape) -> &'static str {
         Shape::Bridge => "bridge",
         Shape::Ptp => "ptp",
         Shape::Calico => "calico",
+        Shape::AwsVpc => "aws-vpc",
     }
 }
 

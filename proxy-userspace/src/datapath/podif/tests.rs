@@ -253,3 +253,18 @@ fn why_records_round_trip_to_words() {
         "pod: name matches pattern cali*"
     );
 }
+
+#[test]
+fn default_route_interfaces_leave_out_the_loopback_and_l3_devices() {
+    let mut all = links();
+    all.push(link(7, "eth1", None, Some("veth")));
+    all.push(link(8, "wg0", None, Some("wireguard")));
+    all.push(link(9, "tailscale0", None, Some("tun")));
+    // Default routes through lo (a blackhole-ish table), eth0 (main), eth1 (its own table, as
+    // the AWS VPC CNI writes it), a WireGuard and a tun device (VPNs' tables): two usable.
+    assert_eq!(
+        default_route_names(&all, &[1, 2, 7, 8, 9]),
+        ["eth0".to_string(), "eth1".to_string()]
+    );
+    assert!(default_route_names(&all, &[]).is_empty());
+}
