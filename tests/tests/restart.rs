@@ -393,3 +393,117 @@ fn sigkill_in_a_burst_of_changes_converges_on_restart() {
     let churned: SocketAddr = "10.97.0.1:80".parse().unwrap();
     env.wait_for_backends(Proto::Tcp, churned, &["pod-4"]);
 }
+
+/// A ConfigMap-mounted file: `config.conf` → `..data/config.conf`, `..data` → the current
+/// version's directory; `update` swaps `..data` to a new one in one rename, as the kubelet does.
+struct ConfigMapDir {
+    dir: std::path::PathBuf,
+    version: usize,
+}
+
+impl ConfigMapDir {
+    fn new(id: &str, content: &str) -> ConfigMapDir {
+        let dir = std::env::temp_dir().join(format!("{id}-configmap"));
+        std::fs::create_dir_all(&dir).expect("configmap dir");
+        std::os::unix::fs::symlink("..data/config.conf", dir.join("config.conf"))
+            .expect("config.conf link");
+        let mut c = ConfigMapDir { dir, version: 0 };
+        c.update(content);
+        c
+    }
+
+    fn update(&mut self, content: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&version)).expect("version dir");
+        std::fs::write(self.dir.join(&version).join("config.conf"), content).expect("write");
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).expect("..data_tmp link");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data");
+    }
+
+    fn path(&self) -> String {
+        self.dir.join("config.conf").display().to_string()
+    }
+}
+
+impl Drop for ConfigMapDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const KUBE_PROXY_CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+conntrack:
+  udpTimeout: 120s
+";
+
+/// kube-proxy exits when the file given by --config changes, to be restarted with it
+/// (semantics 11.13): so does the agent, leaving the datapath pinned and serving, when its
+/// ConfigMap is updated; an unchanged file (the same content written again) is no change.
+#[test]
+fn a_changed_config_file_stops_the_agent_and_the_datapath_keeps_serving() {
+    if !privileged() {
+        return;
+    }
+    let mut topo = tests::Topology::new(2);
+    topo.serve(1, BACKEND_PORT);
+    let mut config = ConfigMapDir::new(&topo.id, KUBE_PROXY_CONFIG);
+    let mut agent = tests::Agent::new(&topo.id, topo.cgroup_path(), NODE);
+    agent.write_manifest("node.yaml", &node_yaml(NODE, None));
+    agent.extra_args = vec!["--config".into(), config.path()];
+    let pos = agent.log_position();
+    agent.start();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    agent.write_manifest(
+        "slice.yaml",
+        &slice_yaml("web-1", "web", "IPv4", &[HTTP], &[ep(topo.pods[1].ip4)]),
+    );
+    let answered = |topo: &tests::Topology| {
+        let r = topo.request(0, Proto::Tcp, vip, 3);
+        if r.iter().all(|r| r.ok && r.backend == "pod-2") {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    };
+    tests::poll_until("web served", Duration::from_secs(10), || answered(&topo));
+    agent.wait_for_log(pos, "synced", Duration::from_secs(10));
+
+    // The same content again: the agent keeps running.
+    config.update(KUBE_PROXY_CONFIG);
+    std::thread::sleep(Duration::from_secs(5));
+    agent.assert_running();
+
+    // A new content: the agent stops with an error naming the file.
+    config.update(&KUBE_PROXY_CONFIG.replace("120s", "90s"));
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert!(!status.success(), "{status:?}");
+    agent.wait_for_log(
+        pos,
+        &format!("the configuration file {} changed", config.path()),
+        Duration::from_secs(1),
+    );
+    // The datapath keeps serving without it.
+    tests::poll_until(
+        "web served without the agent",
+        Duration::from_secs(5),
+        || answered(&topo),
+    );
+    // Restarted (as the kubelet would), it reads the file again and takes over.
+    let pos = agent.log_position();
+    agent.start();
+    agent.wait_for_log(pos, "synced", Duration::from_secs(15));
+    tests::poll_until(
+        "web served after the restart",
+        Duration::from_secs(10),
+        || answered(&topo),
+    );
+    agent.assert_running();
+}

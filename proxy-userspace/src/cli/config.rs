@@ -195,11 +195,13 @@ const ALWAYS_ON_GATES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Reads and parses the file given to `--config`.
-pub fn load(path: &Path) -> anyhow::Result<(KubeProxyConfig, Vec<String>)> {
+/// Reads and parses the file given to `--config`; returns its content too.
+pub fn load(path: &Path) -> anyhow::Result<(KubeProxyConfig, Vec<String>, String)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
-    parse(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))
+    let (config, unused) =
+        parse(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    Ok((config, unused, text))
 }
 
 /// Parses a `KubeProxyConfiguration`; returns it with the paths of the fields not used here
@@ -578,6 +580,8 @@ pub struct Settings {
     pub unused: Vec<String>,
     /// What to log first.
     pub notes: Vec<Note>,
+    /// The `--config` file's content as read: the agent exits when it changes (11.13).
+    pub loaded: Option<Vec<u8>>,
 }
 
 /// kube-proxy's settings for `run`: the `--config` file (with kube-proxy's logging flags over
@@ -598,9 +602,10 @@ pub fn kube_proxy_settings(args: &RunArgs) -> anyhow::Result<Option<Settings>> {
             config,
             unused,
             notes: vec![note],
+            loaded: None,
         }));
     };
-    let (mut config, unused) = load(path)?;
+    let (mut config, unused, text) = load(path)?;
     let ignored = flags::over_file(given, &mut config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut notes = Vec::new();
     if !ignored.is_empty() {
@@ -614,6 +619,7 @@ pub fn kube_proxy_settings(args: &RunArgs) -> anyhow::Result<Option<Settings>> {
         config,
         unused,
         notes,
+        loaded: Some(text.into_bytes()),
     }))
 }
 

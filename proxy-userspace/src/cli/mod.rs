@@ -339,6 +339,7 @@ pub fn main() {
     if let Command::Run(args) = &cli.command {
         match config::kube_proxy_settings(args) {
             Ok(Some(settings)) => {
+                let loaded = settings.loaded;
                 let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
                 let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
                 notes = settings.notes;
@@ -349,6 +350,9 @@ pub fn main() {
                     &settings.unused,
                     cpus,
                 ));
+                if let Command::Run(args) = &mut cli.command {
+                    args.config_loaded = loaded;
+                }
             }
             Ok(None) => {}
             Err(e) => config_error = Some(e),

@@ -38,9 +38,15 @@ pub struct RunArgs {
     /// (kubeproxy.config.k8s.io/v1alpha1) in YAML or JSON, such as kubeadm's config.conf. Its
     /// fields set the flags not given on the command line (flags win); fields without a meaning
     /// here are listed in one warning; an invalid file stops the agent with an error naming the
-    /// field. The README lists how each field maps.
+    /// field. When the file's content changes the agent exits (status 2), leaving the datapath
+    /// serving, to be restarted with it, as kube-proxy does. The README lists how each field
+    /// maps.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The `--config` file's content as it was read (set by `main`, not a flag): the agent
+    /// exits when the file changes.
+    #[arg(skip)]
+    pub config_loaded: Option<Vec<u8>>,
     #[command(flatten)]
     pub source: SourceArgs,
     /// cgroup v2 directory to attach the socket hooks to (default: the cgroup2 root, so every
@@ -718,6 +724,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // SIGTERM/SIGINT: the agent stops syncing and leaves the datapath pinned and serving.
     super::signals::stop_on_signals(&STOP)?;
+    if let (Some(path), Some(loaded)) = (&args.config, args.config_loaded.clone()) {
+        watch_config(path.clone(), loaded)?;
+    }
     let flows = bpf::flow_entries(bpf::node_memory(), args.map_memory_ratio);
     let sizes = MapSizes {
         services: args.max_services,
@@ -965,6 +974,66 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     log::info!(
         "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
     );
+    if CONFIG_CHANGED.load(Ordering::Relaxed) {
+        anyhow::bail!(
+            "the configuration file {} changed; exiting so that it is read again",
+            args.config
+                .as_deref()
+                .unwrap_or(std::path::Path::new("?"))
+                .display()
+        );
+    }
+    Ok(())
+}
+
+/// Set when the `--config` file changed: the agent then stops as on SIGTERM (the datapath stays
+/// pinned and serving) and exits with an error, so that it is restarted and reads the file
+/// again, as kube-proxy exits when its configuration file changes (semantics 11.13). A
+/// ConfigMap's new content arrives by a swap of its `..data` link, which content comparison
+/// sees like an edit in place.
+static CONFIG_CHANGED: AtomicBool = AtomicBool::new(false);
+
+/// How often the `--config` file is read again.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Watches the `--config` file on a thread of its own (without capabilities) against `loaded`,
+/// the content the agent runs with. A file that cannot be read is logged once and the running
+/// configuration stays.
+fn watch_config(path: PathBuf, loaded: Vec<u8>) -> anyhow::Result<()> {
+    thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            if let Err(e) = caps::drop_to(&[]) {
+                log::warn!("config-watch thread: dropping capabilities failed: {e}");
+            }
+            let mut unreadable = false;
+            while !STOP.load(Ordering::Relaxed) {
+                thread::sleep(CONFIG_POLL);
+                match std::fs::read(&path) {
+                    Ok(now) if now != loaded => {
+                        log::warn!(
+                            "the configuration file {} changed; stopping (the datapath keeps \
+                             serving) to be restarted with it",
+                            path.display()
+                        );
+                        CONFIG_CHANGED.store(true, Ordering::Relaxed);
+                        STOP.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(_) => unreadable = false,
+                    Err(e) if !unreadable => {
+                        log::warn!(
+                            "cannot read the configuration file {}: {e}; the running \
+                             configuration stays",
+                            path.display()
+                        );
+                        unreadable = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .context("start the config-watch thread")?;
     Ok(())
 }
 
