@@ -517,6 +517,57 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
     tb.assert_no_checksum_errors();
 }
 
+/// Waits until the interfaces `status` lists as external are exactly `want`.
+fn wait_external_interfaces(tb: &Testbed, agent: &Agent, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    poll_until(
+        &format!("external interfaces {want:?}"),
+        Duration::from_secs(15),
+        || {
+            let now: BTreeSet<String> = tc_interfaces(&status(tb, agent))
+                .into_iter()
+                .filter(|(_, why)| why == "external")
+                .map(|(i, _)| i)
+                .collect();
+            if now == want {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            }
+        },
+    );
+}
+
+/// A node without a default route (as in this testbed) and without `--external-interfaces`
+/// finds its external interface as the one holding its Node object's address (kube-proxy's
+/// NodePorts answer on every node address, semantics 7.1).
+#[test]
+fn without_a_default_route_the_interface_of_the_node_address_is_external() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[2], Shape::Ptp);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.extra_args.clear();
+    agent.write_manifest(
+        "node.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {}}}\n  - {{type: InternalIP, address: \"{}\"}}\n",
+            tb.nodes[0].ip4, tb.nodes[0].ip6
+        ),
+    );
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    NEAR_LOCAL.program(&agent, &tb, 0, 1);
+    wait_external_interfaces(&tb, &agent, &["eth0"]);
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
 /// Without `--external-interfaces`, the external interfaces are those of the default routes in
 /// every routing table, followed as they come and go. On the AWS VPC CNI a node's secondary
 /// network interface has its default route only in its own table, and the CNI attaches more
@@ -542,30 +593,8 @@ fn external_interfaces_follow_the_default_routes_of_every_table() {
     NEAR.program(&agent, &tb, 0, 0);
     FAR.program(&agent, &tb, 1, 0);
 
-    let externals = |tb: &Testbed| -> BTreeSet<String> {
-        tc_interfaces(&status(tb, &agent))
-            .into_iter()
-            .filter(|(_, why)| why == "external")
-            .map(|(i, _)| i)
-            .collect()
-    };
-    let wait_externals = |tb: &Testbed, want: &[&str]| {
-        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-        poll_until(
-            &format!("external interfaces {want:?}"),
-            Duration::from_secs(15),
-            || {
-                let now = externals(tb);
-                if now == want {
-                    Ok(())
-                } else {
-                    Err(format!("{now:?}"))
-                }
-            },
-        );
-    };
     // eth0 (main table) and eth1 (table 2); not vpn0.
-    wait_externals(&tb, &["eth0", "eth1"]);
+    wait_external_interfaces(&tb, &agent, &["eth0", "eth1"]);
     // XDP in front of both: they were there at the start.
     let s = status(&tb, &agent);
     for dev in ["eth0", "eth1"] {
@@ -596,7 +625,7 @@ fn external_interfaces_follow_the_default_routes_of_every_table() {
     // The CNI attaches a third interface while the agent runs: tc follows, and its address
     // serves the NodePorts.
     let (eth2, eth2_ip) = tb.add_vpc_interface(0);
-    wait_externals(&tb, &["eth0", "eth1", &eth2]);
+    wait_external_interfaces(&tb, &agent, &["eth0", "eth1", &eth2]);
     for (proto, port) in [
         (Proto::Tcp, NEAR.node_port_tcp),
         (Proto::Udp, NEAR.node_port_udp),
@@ -609,7 +638,7 @@ fn external_interfaces_follow_the_default_routes_of_every_table() {
     tb.nodes[0]
         .ns
         .ip(&["route", "del", "default", "table", "3"]);
-    wait_externals(&tb, &["eth0", "eth1"]);
+    wait_external_interfaces(&tb, &agent, &["eth0", "eth1"]);
     tb.nodes[0].ns.ip(&["link", "del", &eth2]);
     wait_forgotten(&tb, &agent, &eth2);
     check_from_outside(&tb, &NEAR, "a-pod-1");

@@ -94,8 +94,8 @@ pub struct RunArgs {
     pub max_conntrack: Option<u32>,
     /// Interfaces where traffic from outside the node arrives; tc translates NodePort,
     /// externalIP and load balancer traffic there. Default: the interfaces of the default
-    /// routes in every routing table, followed as they change (XDP only on those present at
-    /// the start). Named ones are attached whenever they exist. An empty value turns the tc
+    /// routes in every routing table and those holding the Node object's addresses, followed
+    /// as they change (XDP only on default-route interfaces present at the start). Named ones are attached whenever they exist. An empty value turns the tc
     /// path off.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
@@ -492,6 +492,7 @@ impl PodInterfaceLink {
             endpoints,
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
             remote: self.local.remote_probes().clone(),
+            node_ips: snapshot.node.primary.clone(),
         });
         let waiting = manager.waiting().clone();
         self.metrics

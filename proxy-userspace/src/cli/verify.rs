@@ -369,6 +369,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         endpoints,
         pod_cidrs: snapshot.node.pod_cidrs.clone(),
         remote: snapshot.node.remote_probes(&snapshot.slices),
+        node_ips: snapshot.node.primary.clone(),
     };
     let interfaces_missing: Vec<(String, String)> =
         podif::unattached(&args.inspect.bpffs, &spec, &inputs)?

@@ -189,14 +189,15 @@ pub enum External {
     /// appears after the start).
     Named(Vec<String>),
     /// The interfaces of the default routes, in every routing table (`Rtnl::
-    /// default_route_interfaces`), looked up again at every pass: a network interface that
-    /// comes later (the AWS VPC CNI attaches one when pods need more addresses) gets tc too.
+    /// default_route_interfaces`), and those holding the Node object's addresses, looked up
+    /// again at every pass: a network interface that comes later (the AWS VPC CNI attaches one
+    /// when pods need more addresses) gets tc too.
     DefaultRoutes,
 }
 
-/// The names of the interfaces `indexes` (those of the default routes) that can be external:
-/// not the loopback, not a device without an Ethernet header (a VPN's `tun` or WireGuard
-/// device, whose default route lives in a table of its own).
+/// The names of the interfaces `indexes` (those of the default routes, or holding a node
+/// address) that can be external: not the loopback, not a device without an Ethernet header
+/// (a VPN's `tun` or WireGuard device, whose default route lives in a table of its own).
 pub fn default_route_names(links: &[Link], indexes: &[u32]) -> Vec<String> {
     links
         .iter()
@@ -234,6 +235,10 @@ pub struct ClusterInputs {
     pub pod_cidrs: Vec<Cidr>,
     /// Endpoints on other nodes, one per pod-CIDR-sized prefix (`NodeInfo::remote_probes`).
     pub remote: BTreeSet<IpAddr>,
+    /// This node's addresses in its Node object (`NodeInfo::primary`): without
+    /// `--external-interfaces`, the interfaces holding them are external too, as those of the
+    /// default routes are (a node without a default route still gets its NodePorts).
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// A few addresses inside `cidr` to ask the routing table about (the network address itself
@@ -452,7 +457,7 @@ impl Manager {
         };
         let external = match &self.external {
             External::Named(names) => names.clone(),
-            External::DefaultRoutes => match self.rtnl.default_route_interfaces() {
+            External::DefaultRoutes => match self.default_route_or_node_ip_interfaces() {
                 Ok(indexes) => default_route_names(&links, &indexes),
                 Err(e) => {
                     log::warn!("external interfaces: cannot read the default routes: {e}");
@@ -608,6 +613,22 @@ impl Manager {
         } else {
             false
         }
+    }
+
+    /// The interfaces of the default routes and those holding one of the Node object's
+    /// addresses.
+    fn default_route_or_node_ip_interfaces(&mut self) -> std::io::Result<Vec<u32>> {
+        let mut indexes = self.rtnl.default_route_interfaces()?;
+        if !self.inputs.node_ips.is_empty() {
+            indexes.extend(
+                self.rtnl
+                    .addresses()?
+                    .into_iter()
+                    .filter(|(_, ip)| self.inputs.node_ips.contains(ip))
+                    .map(|(index, _)| index),
+            );
+        }
+        Ok(indexes)
     }
 
     /// The names attached now, for the start-up log line.

@@ -84,7 +84,7 @@ fn auto_follows_routes_to_local_endpoints() {
         ]
         .into(),
         pod_cidrs: Vec::new(),
-        remote: Default::default(),
+        ..ClusterInputs::default()
     };
     let found = discover(&spec, &links(), &["eth0".into()], &inputs, &mut route);
     let got: Vec<(&str, String)> = found
@@ -192,7 +192,7 @@ fn pod_cidr_route_selects_its_interface() {
     let inputs = ClusterInputs {
         endpoints: Default::default(),
         pod_cidrs: vec![Cidr::parse("10.244.1.0/24").unwrap()],
-        remote: Default::default(),
+        ..ClusterInputs::default()
     };
     let mut r = |a: IpAddr| {
         if a.to_string().starts_with("10.244.1.") {
