@@ -36,6 +36,8 @@ pub struct Agent {
     /// Network namespace file the agent runs in (a node of a testbed); `None`: the test's own.
     /// Its HTTP endpoints are then reached with `get`, which enters the namespace.
     pub netns: Option<String>,
+    /// A kubeconfig naming an API server to watch instead of the manifests directory.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
@@ -64,6 +66,7 @@ impl Agent {
             extra_args: Vec::new(),
             binary: None,
             netns: None,
+            kubeconfig: None,
         }
     }
 
@@ -99,9 +102,12 @@ impl Agent {
             ),
             None => Command::new(binary),
         };
+        cmd.arg("run");
+        match &self.kubeconfig {
+            Some(kubeconfig) => cmd.arg("--kubeconfig").arg(kubeconfig),
+            None => cmd.arg("--manifests").arg(&self.manifests),
+        };
         let child = cmd
-            .args(["run", "--manifests"])
-            .arg(&self.manifests)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")

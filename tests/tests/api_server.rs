@@ -1,0 +1,140 @@
+//! The agent against an API server (the in-process double of proxy-userspace's source tests,
+//! speaking list/watch): while the server is away, refusing or resetting connections, the
+//! datapath keeps serving what was programmed, also when the agent is restarted meanwhile; what
+//! changed in the cluster during the outage is programmed soon after the server is back.
+
+mod common;
+#[path = "../../proxy-userspace/tests/support/mod.rs"]
+mod double;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use double::{ApiServer, Outage, Res};
+use tests::{Agent, Topology, harness::topology::Proto, poll_until};
+
+/// A kubeconfig naming the double, removed on drop.
+struct Kubeconfig(PathBuf);
+
+impl Kubeconfig {
+    fn new(id: &str, server: &str) -> Kubeconfig {
+        let path = std::env::temp_dir().join(format!("{id}-kubeconfig.yaml"));
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    \
+             user: u\ncurrent-context: x\n"
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        Kubeconfig(path)
+    }
+}
+
+impl Drop for Kubeconfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const VIP: &str = "10.96.0.10:80";
+
+/// Sends `count` requests to the Service from pod 0; returns the backends that answered and
+/// the failed requests.
+fn round(topo: &Topology, count: usize) -> (BTreeSet<String>, Vec<tests::Reply>) {
+    let vip: SocketAddr = VIP.parse().unwrap();
+    let replies = topo.request(0, Proto::Tcp, vip, count);
+    let failed = replies.iter().filter(|r| !r.ok).cloned().collect();
+    let seen = replies
+        .into_iter()
+        .filter(|r| r.ok)
+        .map(|r| r.backend)
+        .collect();
+    (seen, failed)
+}
+
+/// Polls until the Service is answered by `backend` alone; returns how long it took.
+fn wait_served_by(topo: &Topology, agent: &mut Agent, backend: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    poll_until(&format!("{VIP} served by {backend}"), limit, || {
+        agent.assert_running();
+        match round(topo, 4) {
+            (seen, failed) if failed.is_empty() && seen.len() == 1 && seen.contains(backend) => {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    });
+    started.elapsed()
+}
+
+/// semantics 12.8: a sync never aborts on the way the source fails; the proxy keeps its rules
+/// while the API server is away (kube-proxy's iptables/nftables rules stay in the kernel), and
+/// its informers relist or resume when it is back.
+#[test]
+fn outages_and_a_restart_meanwhile_keep_serving_and_converge_after() {
+    if !privileged() {
+        return;
+    }
+    let server = ApiServer::start();
+    let mut topo = Topology::new(4);
+    for i in 1..4 {
+        topo.serve(i, BACKEND_PORT);
+    }
+    let pod_ip = |i: usize| topo.pods[i].ip4.to_string();
+    server.apply(Res::Nodes, double::node(NODE, "zone-1"));
+    server.apply(
+        Res::Services,
+        double::service("default", "web", "10.96.0.10", 80),
+    );
+    server.apply(
+        Res::Slices,
+        double::slice("default", "web", "web-1", &[&pod_ip(1)]),
+    );
+    let kubeconfig = Kubeconfig::new(&topo.id, &server.url());
+    let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
+    agent.kubeconfig = Some(kubeconfig.0.clone());
+    agent.start();
+    wait_served_by(&topo, &mut agent, "pod-2", Duration::from_secs(20));
+
+    let mut serving = "pod-2";
+    for (mode, next_pod, next) in [(Outage::Refuse, 2, "pod-3"), (Outage::Reset, 3, "pod-4")] {
+        server.outage(Some(mode));
+        // Away: everything programmed keeps being served.
+        let (seen, failed) = round(&topo, 20);
+        assert!(failed.is_empty(), "{mode:?}: {failed:?}");
+        assert_eq!(seen, BTreeSet::from([serving.to_string()]), "{mode:?}");
+        // The agent is restarted during the outage: its programs take over the pinned links
+        // and maps, and it writes nothing before it has read the cluster.
+        agent.kill();
+        let pos = agent.log_position();
+        agent.start();
+        agent.wait_for_log(pos, "replaced in place", Duration::from_secs(15));
+        for _ in 0..3 {
+            let (seen, failed) = round(&topo, 10);
+            assert!(failed.is_empty(), "{mode:?}, restarted: {failed:?}");
+            assert_eq!(seen, BTreeSet::from([serving.to_string()]), "{mode:?}");
+        }
+        agent.assert_running();
+        assert_eq!(
+            agent.count_logs(pos, "synced:"),
+            0,
+            "synced without the cluster"
+        );
+        // The cluster changes while the agent cannot see it; then the server comes back.
+        server.apply(
+            Res::Slices,
+            double::slice("default", "web", "web-1", &[&pod_ip(next_pod)]),
+        );
+        server.outage(None);
+        let took = wait_served_by(&topo, &mut agent, next, Duration::from_secs(30));
+        eprintln!("{mode:?}: the change made during the outage served {took:?} after it ended");
+        serving = next;
+    }
+    let (_, failed) = round(&topo, 20);
+    assert!(failed.is_empty(), "{failed:?}");
+    agent.assert_running();
+}
