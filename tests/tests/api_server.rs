@@ -94,14 +94,32 @@ fn outages_and_a_restart_meanwhile_keep_serving_and_converge_after() {
         Res::Slices,
         double::slice("default", "web", "web-1", &[&pod_ip(1)]),
     );
+    // A second Service, whose slice goes away during the last outage.
+    server.apply(
+        Res::Services,
+        double::service("default", "other", "10.96.0.11", 80),
+    );
+    server.apply(
+        Res::Slices,
+        double::slice("default", "other", "other-1", &[&pod_ip(1)]),
+    );
     let kubeconfig = Kubeconfig::new(&topo.id, &server.url());
     let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
     agent.kubeconfig = Some(kubeconfig.0.clone());
     agent.start();
     wait_served_by(&topo, &mut agent, "pod-2", Duration::from_secs(20));
 
+    let other: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    assert!(topo.request(0, Proto::Tcp, other, 3).iter().all(|r| r.ok));
+
     let mut serving = "pod-2";
-    for (mode, next_pod, next) in [(Outage::Refuse, 2, "pod-3"), (Outage::Reset, 3, "pod-4")] {
+    // The last outage also loses the watch history (compacted): the agent's resumed watches
+    // get 410 Gone and relist, and so learn of a change and a deletion they never saw.
+    for (mode, compacted, next_pod, next) in [
+        (Outage::Refuse, false, 2, "pod-3"),
+        (Outage::Reset, false, 3, "pod-4"),
+        (Outage::Refuse, true, 1, "pod-2"),
+    ] {
         server.outage(Some(mode));
         // Away: everything programmed keeps being served.
         let (seen, failed) = round(&topo, 20);
@@ -125,15 +143,31 @@ fn outages_and_a_restart_meanwhile_keep_serving_and_converge_after() {
             "synced without the cluster"
         );
         // The cluster changes while the agent cannot see it; then the server comes back.
-        server.apply(
-            Res::Slices,
-            double::slice("default", "web", "web-1", &[&pod_ip(next_pod)]),
-        );
+        let moved = double::slice("default", "web", "web-1", &[&pod_ip(next_pod)]);
+        if compacted {
+            server.apply_unseen(Res::Slices, moved);
+            server.delete_unseen(Res::Slices, "default/other-1");
+            server.compact(Res::Slices);
+        } else {
+            server.apply(Res::Slices, moved);
+        }
         server.outage(None);
         let took = wait_served_by(&topo, &mut agent, next, Duration::from_secs(30));
         eprintln!("{mode:?}: the change made during the outage served {took:?} after it ended");
         serving = next;
     }
+    // The slice deleted unseen is gone after the relist: no endpoints, so connections to its
+    // Service are refused (semantics 3.7).
+    poll_until("10.96.0.11 refused", Duration::from_secs(10), || {
+        let r = topo.request(0, Proto::Tcp, other, 1);
+        if r.iter()
+            .all(|r| !r.ok && r.errno == Some(libc::ECONNREFUSED))
+        {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
     let (_, failed) = round(&topo, 20);
     assert!(failed.is_empty(), "{failed:?}");
     agent.assert_running();
