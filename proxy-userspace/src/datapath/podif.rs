@@ -191,7 +191,7 @@ pub enum External {
     /// The interfaces of the default routes, in every routing table (`Rtnl::
     /// default_route_interfaces`), and those holding the Node object's addresses, looked up
     /// again at every pass: a network interface that comes later (the AWS VPC CNI attaches one
-    /// when pods need more addresses) gets tc too.
+    /// when pods need more addresses) gets tc too. One stays external until it disappears.
     DefaultRoutes,
 }
 
@@ -458,7 +458,20 @@ impl Manager {
         let external = match &self.external {
             External::Named(names) => names.clone(),
             External::DefaultRoutes => match self.default_route_or_node_ip_interfaces() {
-                Ok(indexes) => default_route_names(&links, &indexes),
+                Ok(indexes) => {
+                    let mut names = default_route_names(&links, &indexes);
+                    // Once external, an interface stays so while it exists: a network restart
+                    // or a DHCP client takes the default route away for a moment, and without
+                    // tc meanwhile the replies of translated flows arriving there would not be
+                    // translated back.
+                    for name in &self.external_now {
+                        if !names.contains(name) && links.iter().any(|l| &l.name == name) {
+                            names.push(name.clone());
+                        }
+                    }
+                    names.sort();
+                    names
+                }
                 Err(e) => {
                     log::warn!("external interfaces: cannot read the default routes: {e}");
                     self.external_now.clone()
