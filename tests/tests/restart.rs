@@ -507,3 +507,72 @@ fn a_changed_config_file_stops_the_agent_and_the_datapath_keeps_serving() {
     );
     agent.assert_running();
 }
+
+/// Two agents on the same pins would undo each other's writes: a second one (run by hand, or
+/// a rolling update's new pod while the old one is still stopping) waits, changing nothing,
+/// until the first exits, then takes over the pinned datapath and follows the cluster.
+#[test]
+fn a_second_agent_on_the_same_pins_waits_for_the_first_to_exit() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let serve = |env: &Env, pod: usize| {
+        env.agent.write_manifest(
+            "web.yaml",
+            &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+        );
+        env.agent.write_manifest(
+            "slice.yaml",
+            &slice_yaml(
+                "web-1",
+                "web",
+                "IPv4",
+                &[HTTP],
+                &[ep(env.topo.pods[pod].ip4)],
+            ),
+        );
+    };
+    serve(&env, 1);
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    // Same test id: the same pin directory and manifests.
+    let mut second = tests::Agent::new(&env.topo.id, env.topo.cgroup_path(), NODE);
+    second.start();
+    second.wait_for_log(0, "another agent holds the pins", Duration::from_secs(10));
+    // The first one still does the work; the second one wrote nothing.
+    serve(&env, 2);
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-3"]);
+    second.assert_running();
+    assert_eq!(
+        second.count_logs(0, "synced"),
+        0,
+        "the waiting agent synced"
+    );
+    assert_eq!(
+        second.count_logs(0, "attached"),
+        0,
+        "the waiting agent attached"
+    );
+    // The first one goes: the second takes over the pinned links and maps.
+    env.agent.kill();
+    second.wait_for_log(0, "taking over", Duration::from_secs(5));
+    second.wait_for_log(0, "replaced in place", Duration::from_secs(15));
+    second.wait_for_log(0, "synced", Duration::from_secs(15));
+    let replies = env.request(Proto::Tcp, vip, 10);
+    assert!(
+        replies.iter().all(|r| r.ok && r.backend == "pod-3"),
+        "{replies:?}"
+    );
+    // And follows changes.
+    serve(&env, 3);
+    tests::poll_until("pod-4 serves", Duration::from_secs(10), || {
+        let r = env.request(Proto::Tcp, vip, 6);
+        if r.iter().all(|r| r.ok && r.backend == "pod-4") {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    second.assert_running();
+}

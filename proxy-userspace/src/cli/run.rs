@@ -728,6 +728,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let (Some(path), Some(loaded)) = (&args.config, args.config_loaded.clone()) {
         watch_config(path.clone(), loaded)?;
     }
+    // One agent per pin directory: a second one waits here until the first exits.
+    let Some(_pin_lock) = bpf::lock_pin_dir(&args.bpffs, &STOP)? else {
+        log::info!("stopped while waiting for the other agent");
+        return Ok(());
+    };
     let flows = bpf::flow_entries(bpf::node_memory(), args.map_memory_ratio);
     let sizes = MapSizes {
         services: args.max_services,

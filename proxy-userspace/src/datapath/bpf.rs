@@ -187,6 +187,59 @@ fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// An exclusive lock (flock) on the pin directory, held while the agent runs. Two agents
+/// writing the same maps would undo each other's changes: one run by hand beside the
+/// DaemonSet's, or a rolling update whose old pod is still stopping.
+pub struct PinLock {
+    _dir: File,
+}
+
+/// How often a waiting agent tries the pin directory's lock again.
+const PIN_LOCK_RETRY: Duration = Duration::from_millis(200);
+
+/// Takes the lock on `pin_dir` (mounting the bpffs and creating the directory if needed). While
+/// another agent holds it, waits (logged once) until that one exits; `None` when `stop` is set
+/// meanwhile.
+pub fn lock_pin_dir(
+    pin_dir: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Option<PinLock>> {
+    ensure_bpffs(pin_dir)?;
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("create pin directory {}", pin_dir.display()))?;
+    let dir = File::open(pin_dir).with_context(|| format!("open {}", pin_dir.display()))?;
+    let mut waiting: Option<std::time::Instant> = None;
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if let Some(since) = waiting {
+                log::info!(
+                    "the other agent on {} is gone (waited {:.1?}); taking over",
+                    pin_dir.display(),
+                    since.elapsed()
+                );
+            }
+            return Ok(Some(PinLock { _dir: dir }));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("lock {}", pin_dir.display()));
+        }
+        if waiting.is_none() {
+            log::warn!(
+                "another agent holds the pins in {} (a lock on the directory); waiting for it to \
+                 exit: two agents writing the same maps would undo each other's changes",
+                pin_dir.display()
+            );
+            waiting = Some(std::time::Instant::now());
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        std::thread::sleep(PIN_LOCK_RETRY);
+    }
+}
+
 /// Makes sure `pin_dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is there.
 fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     let mut probe = pin_dir.to_path_buf();

@@ -154,12 +154,15 @@ impl Agent {
     /// attached its programs: it logs that it serves (or cannot serve) health checks just after.
     /// The verifier alone can take seconds on a slow machine, and the tests' own waits (10 s for
     /// a first answer) are for the agent's work, not for its start. Returns early if the agent
-    /// exits (a test of a failing start sees that itself); a start that takes longer is left to
-    /// the test's waits, with a note.
+    /// exits (a test of a failing start sees that itself) or waits for another agent on its
+    /// pins; a start that takes longer is left to the test's waits, with a note.
     fn wait_started(&mut self, from: usize) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::time::Instant::now() < deadline {
-            if self.count_logs(from, " health checks on ") > 0 {
+            // Or it waits for another agent on its pins to exit (by design, without end).
+            if self.count_logs(from, " health checks on ") > 0
+                || self.count_logs(from, "another agent holds the pins") > 0
+            {
                 return;
             }
             let exited = self
