@@ -45,6 +45,9 @@ pub enum ShapeArg {
     Bridge,
     /// A routed veth per pod with proxy ARP and fe80::1 as the gateways (Calico).
     Calico,
+    /// Pods addressed from the node's subnet on routed `eni*` veths, policy rules and a second
+    /// network interface with its own routing table (the AWS VPC CNI).
+    AwsVpc,
 }
 
 impl From<ShapeArg> for Shape {
@@ -53,6 +56,7 @@ impl From<ShapeArg> for Shape {
             ShapeArg::Ptp => Shape::Ptp,
             ShapeArg::Bridge => Shape::Bridge,
             ShapeArg::Calico => Shape::Calico,
+            ShapeArg::AwsVpc => Shape::AwsVpc,
         }
     }
 }
@@ -199,6 +203,24 @@ fn summary(replies: &[Reply]) -> String {
     out.join("  ")
 }
 
+/// The example manifests name node-a's pods by the usual plan (10.244.0.<j+2>,
+/// fd00:244::<j+2>); in a shape whose pods are addressed otherwise (AWS VPC: the node's
+/// subnet) their addresses are put in.
+fn pod_addresses(tb: &Testbed, manifest: &str) -> String {
+    let mut out = manifest.to_string();
+    for (j, pod) in tb.nodes[0].pods.iter().enumerate() {
+        let plan4 = tests::harness::topology::pod_ip4(0, j);
+        let plan6 = tests::harness::topology::pod_ip6(0, j);
+        if pod.ip4 != plan4 {
+            out = out.replace(&plan4.to_string(), &pod.ip4.to_string());
+        }
+        if pod.ip6 != plan6 {
+            out = out.replace(&plan6.to_string(), &pod.ip6.to_string());
+        }
+    }
+    out
+}
+
 pub fn run(opts: Options) -> anyhow::Result<()> {
     setup::setup()?;
     exec::build(&exec::BuildOptions::default())?;
@@ -238,7 +260,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             .expect("file name")
             .to_string_lossy()
             .into_owned();
-        agent.write_manifest(&name, &fs::read_to_string(&path)?);
+        agent.write_manifest(&name, &pod_addresses(&tb, &fs::read_to_string(&path)?));
     }
     agent.start();
     let targets = targets(&tb);

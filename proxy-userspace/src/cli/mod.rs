@@ -321,6 +321,8 @@ impl SourceArgs {
 
 /// `cleanup`, and kube-proxy's `run --cleanup`: every pin removed.
 fn cleanup(bpffs: &std::path::Path) -> anyhow::Result<()> {
+    // Held while the pins go: an agent starting meanwhile waits, then makes them afresh.
+    let _lock = bpf::try_lock_pin_dir(bpffs)?;
     bpf::remove_pins(bpffs).map(|n| {
         println!(
             "removed {n} pins (hooks detached, maps freed) from {}",

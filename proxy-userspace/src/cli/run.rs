@@ -730,6 +730,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // One agent per pin directory: a second one waits here until the first exits.
     let Some(_pin_lock) = bpf::lock_pin_dir(&args.bpffs, &STOP)? else {
+        config_changed(args.config.as_deref())?;
         log::info!("stopped while waiting for the other agent");
         return Ok(());
     };
@@ -751,28 +752,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     datapath.set_dsr_budget(args.dsr_learn_budget)?;
     datapath.set_masquerade_ports(masquerade.first, masquerade.last)?;
     // Named external interfaces are attached whenever they exist; without names, those of the
-    // default routes are, as they are now and as they come and go.
-    let (external_spec, mut external) = match &args.external_interfaces {
+    // default routes are, as they are now and as they come and go. XDP goes on the named ones
+    // present now, or on those of the main table's default routes.
+    let (external_spec, external, xdp_on) = match &args.external_interfaces {
         Some(list) => {
             let names: Vec<String> = list.iter().filter(|i| !i.is_empty()).cloned().collect();
-            (podif::External::Named(names.clone()), names)
+            let mut here = names.clone();
+            here.retain(|i| {
+                let exists = netdev::exists(i);
+                if !exists {
+                    log::warn!(
+                        "external interface {i} does not exist yet; tc is attached when it \
+                         appears (XDP only on interfaces present at the start)"
+                    );
+                }
+                exists
+            });
+            (podif::External::Named(names), here.clone(), here)
         }
         None => (
             podif::External::DefaultRoutes,
-            netdev::default_route_interfaces(),
+            netdev::default_route_interfaces(false),
+            netdev::default_route_interfaces(true),
         ),
     };
-    external.retain(|i| {
-        let here = netdev::exists(i);
-        if !here {
-            log::warn!(
-                "external interface {i} does not exist yet; tc is attached when it appears \
-                 (XDP only on interfaces present at the start)"
-            );
-        }
-        here
-    });
-    let xdp = datapath.attach_xdp(&external, args.xdp)?;
+    let xdp = datapath.attach_xdp(&xdp_on, args.xdp)?;
     log::info!(
         "NodePort mode {:?}; external interfaces {:?}, XDP {:?}; masquerading ports \
          {masquerade} (ephemeral ports {ephemeral})",
@@ -783,11 +787,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let pod_spec = podif::PodInterfaces::parse(&args.pod_interfaces)
         .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
     datapath.pin_tc_program()?;
-    let no_external = match &external_spec {
-        podif::External::Named(names) => names.is_empty(),
-        podif::External::DefaultRoutes => external.is_empty(),
+    let (no_external, following) = match &external_spec {
+        podif::External::Named(names) => (names.is_empty(), false),
+        podif::External::DefaultRoutes => (external.is_empty(), true),
     };
-    let mut manager = if no_external && pod_spec.is_empty() {
+    // Per-packet translation needs tc on pods' interfaces (or at least somewhere).
+    let tc_nowhere = no_external && pod_spec.is_empty();
+    let mut manager = if tc_nowhere && !following {
         log::warn!(
             "tc is attached nowhere: NodePort, externalIP and load balancer traffic from outside \
              the node is not translated (see --external-interfaces and --pod-interfaces)"
@@ -802,12 +808,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .reconcile();
         None
     } else {
+        if tc_nowhere {
+            log::warn!(
+                "no external interface yet (no default route, no interface with the Node's \
+                 address): tc goes on one when it appears"
+            );
+        }
         let mut m = podif::Manager::new(
             &args.bpffs,
             pod_spec.clone(),
             external_spec,
             Some(Arc::clone(&metrics)),
         )?;
+        m.seed_external(&external);
         m.reconcile();
         log::info!(
             "tc at ingress of {:?} (pod interfaces: {:?}; followed as they come and go)",
@@ -855,7 +868,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Per-packet translation needs tc on pods' interfaces: with tc attached nowhere every pod
     // keeps the socket layer, else its Services would not be translated at all.
-    let per_packet = manager.is_some();
+    let per_packet = !tc_nowhere;
     if !per_packet && (args.masquerade_all || args.socket_lb_default == SocketLbFlag::Disabled) {
         log::warn!(
             "tc is attached nowhere, so no pod can be translated per packet: every pod keeps \
@@ -980,13 +993,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     log::info!(
         "stopping; the hooks and maps stay pinned for the next agent (`kube-bpf-proxy cleanup` removes them)"
     );
-    if CONFIG_CHANGED.load(Ordering::Relaxed) {
+    config_changed(args.config.as_deref())
+}
+
+/// Err when the agent stops because its `--config` file changed.
+fn config_changed(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if CONFIG_CHANGED.load(Ordering::SeqCst) {
         anyhow::bail!(
             "the configuration file {} changed; exiting so that it is read again",
-            args.config
-                .as_deref()
-                .unwrap_or(std::path::Path::new("?"))
-                .display()
+            config.unwrap_or(std::path::Path::new("?")).display()
         );
     }
     Ok(())
@@ -1013,8 +1028,12 @@ fn watch_config(path: PathBuf, loaded: Vec<u8>) -> anyhow::Result<()> {
                 log::warn!("config-watch thread: dropping capabilities failed: {e}");
             }
             let mut unreadable = false;
-            while !STOP.load(Ordering::Relaxed) {
+            loop {
                 thread::sleep(CONFIG_POLL);
+                // Stopping for another reason (SIGTERM) is no change of the file.
+                if STOP.load(Ordering::SeqCst) {
+                    return;
+                }
                 match std::fs::read(&path) {
                     Ok(now) if now != loaded => {
                         log::warn!(
@@ -1022,8 +1041,8 @@ fn watch_config(path: PathBuf, loaded: Vec<u8>) -> anyhow::Result<()> {
                              serving) to be restarted with it",
                             path.display()
                         );
-                        CONFIG_CHANGED.store(true, Ordering::Relaxed);
-                        STOP.store(true, Ordering::Relaxed);
+                        CONFIG_CHANGED.store(true, Ordering::SeqCst);
+                        STOP.store(true, Ordering::SeqCst);
                         return;
                     }
                     Ok(_) => unreadable = false,

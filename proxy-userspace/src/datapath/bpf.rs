@@ -205,13 +205,18 @@ pub fn lock_pin_dir(
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<Option<PinLock>> {
     ensure_bpffs(pin_dir)?;
-    fs::create_dir_all(pin_dir)
-        .with_context(|| format!("create pin directory {}", pin_dir.display()))?;
-    let dir = File::open(pin_dir).with_context(|| format!("open {}", pin_dir.display()))?;
     let mut waiting: Option<std::time::Instant> = None;
     loop {
+        fs::create_dir_all(pin_dir)
+            .with_context(|| format!("create pin directory {}", pin_dir.display()))?;
+        let dir = File::open(pin_dir).with_context(|| format!("open {}", pin_dir.display()))?;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // `cleanup` may have removed the directory while we waited: then the lock is on a
+            // directory nobody else will find; take the one at the path now.
+            if !same_inode(&dir, pin_dir) {
+                continue;
+            }
             if let Some(since) = waiting {
                 log::info!(
                     "the other agent on {} is gone (waited {:.1?}); taking over",
@@ -238,6 +243,37 @@ pub fn lock_pin_dir(
         }
         std::thread::sleep(PIN_LOCK_RETRY);
     }
+}
+
+/// Whether the open `dir` is what `path` names now.
+fn same_inode(dir: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (dir.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// The pin directory's lock without waiting, for `cleanup`: Err while an agent holds it;
+/// `None` when there is no directory.
+pub fn try_lock_pin_dir(pin_dir: &Path) -> anyhow::Result<Option<PinLock>> {
+    let dir = match File::open(pin_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("open {}", pin_dir.display())),
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "an agent is running on {} (it holds the directory's lock); stop it first",
+                pin_dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("lock {}", pin_dir.display()));
+    }
+    Ok(Some(PinLock { _dir: dir }))
 }
 
 /// Makes sure `pin_dir` lives on a bpffs, mounting one at /sys/fs/bpf if nothing is there.

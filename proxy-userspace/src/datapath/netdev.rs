@@ -7,11 +7,16 @@ pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
     super::netlink::Rtnl::new()?.local_addresses()
 }
 
-/// Interfaces that carry a default route (IPv4 or IPv6, any routing table; see
-/// `podif::default_route_names`): the node's external interfaces when none are configured.
-pub fn default_route_interfaces() -> Vec<String> {
+/// Interfaces that carry a default route (IPv4 or IPv6; any routing table, or the main one
+/// alone with `main_only`; see `podif::default_route_names`): the node's external interfaces
+/// when none are configured.
+pub fn default_route_interfaces(main_only: bool) -> Vec<String> {
     let names = super::netlink::Rtnl::new().and_then(|mut rtnl| {
-        let indexes = rtnl.default_route_interfaces()?;
+        let indexes = if main_only {
+            rtnl.main_default_route_interfaces()?
+        } else {
+            rtnl.default_route_interfaces()?
+        };
         Ok(super::podif::default_route_names(&rtnl.links()?, &indexes))
     });
     names.unwrap_or_else(|e| {

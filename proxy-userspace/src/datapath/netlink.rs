@@ -17,7 +17,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
@@ -48,6 +48,8 @@ pub struct Link {
     pub kind: Option<String>,
     pub up: bool,
     pub loopback: bool,
+    /// Its frames carry an Ethernet header (ARPHRD_ETHER), which the tc program reads.
+    pub ether: bool,
 }
 
 /// A request/response rtnetlink socket.
@@ -250,6 +252,17 @@ impl Rtnl {
     /// one and policy-routing tables (the AWS VPC CNI gives each secondary network interface a
     /// table of its own, whose default route is the only one through that interface).
     pub fn default_route_interfaces(&mut self) -> io::Result<Vec<u32>> {
+        self.default_routes(false)
+    }
+
+    /// Interfaces that carry a default route in the main table (where XDP goes at start: a
+    /// policy table's interface may lack a driver that runs XDP, and `--xdp driver` would
+    /// refuse to start).
+    pub fn main_default_route_interfaces(&mut self) -> io::Result<Vec<u32>> {
+        self.default_routes(true)
+    }
+
+    fn default_routes(&mut self, main_only: bool) -> io::Result<Vec<u32>> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
@@ -262,6 +275,7 @@ impl Rtnl {
                 if r.header.destination_prefix_length != 0
                     || r.header.kind != RouteType::Unicast
                     || r.header.table == RT_TABLE_LOCAL
+                    || (main_only && r.header.table != RouteHeader::RT_TABLE_MAIN)
                 {
                     continue;
                 }
@@ -325,6 +339,7 @@ fn link_of(l: &LinkMessage) -> Link {
         kind: None,
         up: l.header.flags.contains(LinkFlags::Up),
         loopback: l.header.flags.contains(LinkFlags::Loopback),
+        ether: l.header.link_layer_type == LinkLayerType::Ether,
     };
     for a in &l.attributes {
         match a {

@@ -196,12 +196,13 @@ pub enum External {
 }
 
 /// The names of the interfaces `indexes` (those of the default routes, or holding a node
-/// address) that can be external: not the loopback, not a device without an Ethernet header
-/// (a VPN's `tun` or WireGuard device, whose default route lives in a table of its own).
+/// address) that can be external: Ethernet devices (not the loopback, not a device without an
+/// Ethernet header, such as a VPN's `tun`, WireGuard or xfrm device, whose default route lives
+/// in a table of its own).
 pub fn default_route_names(links: &[Link], indexes: &[u32]) -> Vec<String> {
     links
         .iter()
-        .filter(|l| indexes.contains(&l.index) && !l.loopback && !l3_tunnel(l))
+        .filter(|l| indexes.contains(&l.index) && !l.loopback && l.ether)
         .map(|l| l.name.clone())
         .collect()
 }
@@ -439,6 +440,12 @@ impl Manager {
             have_inputs: false,
             waiting: BTreeSet::new(),
         })
+    }
+
+    /// The external interfaces found at start (the default routes' ones), kept until a pass
+    /// reads them again: a failed first read must not detach what an earlier agent attached.
+    pub fn seed_external(&mut self, names: &[String]) {
+        self.external_now = names.to_vec();
     }
 
     pub fn shared(&self) -> Arc<Shared> {

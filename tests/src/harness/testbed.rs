@@ -158,8 +158,8 @@ pub fn vpc_interface_ip4(node: usize, k: usize) -> Ipv4Addr {
 /// 192.168.77.(128 + 16 node + pod).
 pub fn vpc_pod_ip4(node: usize, pod: usize) -> Ipv4Addr {
     assert!(
-        node < 8 && pod < 16,
-        "the AwsVpc shape has at most 8 nodes of 16 pods"
+        node < 8 && pod < 16 && 128 + 16 * node + pod < 255,
+        "the AwsVpc shape has at most 8 nodes of 16 pods (the last one 15)"
     );
     Ipv4Addr::new(192, 168, 77, (128 + 16 * node + pod) as u8)
 }

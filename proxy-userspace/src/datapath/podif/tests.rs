@@ -10,6 +10,7 @@ fn link(index: u32, name: &str, master: Option<u32>, kind: Option<&str>) -> Link
         kind: kind.map(str::to_string),
         up: true,
         loopback: index == 1,
+        ether: index != 1 && !matches!(kind, Some("wireguard" | "tun" | "ipip")),
     }
 }
 
