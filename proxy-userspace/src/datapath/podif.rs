@@ -385,6 +385,9 @@ pub struct Shared {
     pub generation: AtomicU64,
 }
 
+/// The routing tables are dumped for their default routes at most this often.
+const DEFAULT_ROUTES_EVERY: Duration = Duration::from_secs(1);
+
 /// How often everything is looked at again even without a netlink event (a lost event, an
 /// attach that failed for a transient reason).
 const RESCAN: Duration = Duration::from_secs(5);
@@ -397,6 +400,10 @@ pub struct Manager {
     external: External,
     /// The external interfaces of the last pass (kept when the routes cannot be read).
     external_now: Vec<String>,
+    /// The default routes' interfaces as last read, and when (read at most once per
+    /// `DEFAULT_ROUTES_EVERY`: a burst of route events on a node with large routing tables
+    /// must not dump every table at each one).
+    default_routes: Option<(Instant, Vec<u32>)>,
     links: TcLinks,
     rtnl: Rtnl,
     /// What is attached: name → (index, why).
@@ -427,6 +434,7 @@ impl Manager {
             spec,
             external,
             external_now: Vec::new(),
+            default_routes: None,
             links: TcLinks::open(pin_dir)?,
             rtnl: Rtnl::new()?,
             state: BTreeMap::new(),
@@ -638,7 +646,14 @@ impl Manager {
     /// The interfaces of the default routes and those holding one of the Node object's
     /// addresses.
     fn default_route_or_node_ip_interfaces(&mut self) -> std::io::Result<Vec<u32>> {
-        let mut indexes = self.rtnl.default_route_interfaces()?;
+        let mut indexes = match &self.default_routes {
+            Some((at, indexes)) if at.elapsed() < DEFAULT_ROUTES_EVERY => indexes.clone(),
+            _ => {
+                let indexes = self.rtnl.default_route_interfaces()?;
+                self.default_routes = Some((Instant::now(), indexes.clone()));
+                indexes
+            }
+        };
         if !self.inputs.node_ips.is_empty() {
             indexes.extend(
                 self.rtnl
