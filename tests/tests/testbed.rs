@@ -264,11 +264,7 @@ fn assert_wired(bed: &Testbed, node: usize, pod: usize) {
         }
         Shape::AwsVpc => {
             assert!(named_like(dev, "eni", 11), "{what}");
-            assert!(!node_addrs.contains(" inet "), "{what}: {node_addrs}");
-            assert!(
-                node_addrs.contains(&format!(" {CALICO_GW6}/64 ")),
-                "{what}: {node_addrs}"
-            );
+            assert_link_local_gateways(&what, &node_addrs, &pod_routes);
             // The pod's gateway is a permanent neighbour entry for the veth's MAC.
             let neigh = p.ns.ip(&["neigh", "show", &CALICO_GW4.to_string()]);
             let mac = sys_net(node_ns, dev, "address");
@@ -276,16 +272,6 @@ fn assert_wired(bed: &Testbed, node: usize, pod: usize) {
                 neigh.contains(&format!("lladdr {mac} PERMANENT")),
                 "{what}: {neigh}"
             );
-            for want in [
-                "default via 169.254.1.1 dev eth0".to_string(),
-                "169.254.1.1 dev eth0 scope link".to_string(),
-                format!("default via {CALICO_GW6} dev eth0"),
-            ] {
-                assert!(
-                    pod_routes.contains(&want),
-                    "{what}: no {want} in {pod_routes}"
-                );
-            }
             // Addresses of the node's subnet, the CNI's policy rules, proxy NDP on eth0.
             assert_eq!(
                 (p.ip4, p.ip6),
@@ -330,22 +316,28 @@ fn assert_wired(bed: &Testbed, node: usize, pod: usize) {
                 &[&format!("/proc/sys/net/ipv4/conf/{dev}/proxy_arp")],
             );
             assert_eq!(proxy_arp.trim(), "1", "{what}");
-            assert!(!node_addrs.contains(" inet "), "{what}: {node_addrs}");
-            assert!(
-                node_addrs.contains(&format!(" {CALICO_GW6}/64 ")),
-                "{what}: {node_addrs}"
-            );
-            for want in [
-                "default via 169.254.1.1 dev eth0".to_string(),
-                "169.254.1.1 dev eth0 scope link".to_string(),
-                format!("default via {CALICO_GW6} dev eth0"),
-            ] {
-                assert!(
-                    pod_routes.contains(&want),
-                    "{what}: no {want} in {pod_routes}"
-                );
-            }
+            assert_link_local_gateways(&what, &node_addrs, &pod_routes);
         }
+    }
+}
+
+/// The link-local gateways of the Calico and AWS VPC shapes: no IPv4 address on the node-side
+/// veth, fe80::1/64 on it, and the pod's routes via 169.254.1.1 and fe80::1.
+fn assert_link_local_gateways(what: &str, node_addrs: &str, pod_routes: &str) {
+    assert!(!node_addrs.contains(" inet "), "{what}: {node_addrs}");
+    assert!(
+        node_addrs.contains(&format!(" {CALICO_GW6}/64 ")),
+        "{what}: {node_addrs}"
+    );
+    for want in [
+        "default via 169.254.1.1 dev eth0".to_string(),
+        "169.254.1.1 dev eth0 scope link".to_string(),
+        format!("default via {CALICO_GW6} dev eth0"),
+    ] {
+        assert!(
+            pod_routes.contains(&want),
+            "{what}: no {want} in {pod_routes}"
+        );
     }
 }
 

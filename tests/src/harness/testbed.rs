@@ -429,6 +429,55 @@ fn routes_to_pod(node_ns: &NetNs, pod: &Pod) {
     ]);
 }
 
+/// The routed shapes whose pods' gateways are link-local (Calico, AWS VPC): fe80::1/64 on the
+/// node-side veth, which comes up; the pod's addresses; in the pod, a link route to 169.254.1.1
+/// and default routes via it and fe80::1, with a permanent neighbour entry for the veth's MAC
+/// if `static_neighbour` (AWS VPC; else the node answers ARP by proxy); the node's routes to
+/// the pod.
+fn link_local_gateways(node_ns: &NetNs, pod: &Pod, static_neighbour: bool) {
+    let dev = pod.host_if.as_str();
+    node_ns.ip(&[
+        "addr",
+        "add",
+        &format!("{CALICO_GW6}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ]);
+    node_ns.ip(&["link", "set", dev, "up"]);
+    pod_addresses(pod);
+    let gw4 = CALICO_GW4.to_string();
+    pod.ns
+        .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
+    if static_neighbour {
+        let mac = node_ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")]);
+        pod.ns.ip(&[
+            "neigh",
+            "add",
+            &gw4,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    pod.ns
+        .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
+    pod.ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &CALICO_GW6.to_string(),
+        "dev",
+        "eth0",
+    ]);
+    routes_to_pod(node_ns, pod);
+}
+
 /// `AwsVpc` shape: plugs the next network interface `eth<k>` of node `i` into the LAN as
 /// the CNI attaches one: its address (`vpc_interface_ip4`), its routes in table k + 1 (the
 /// subnet's link route, a default route via ext), proxy neighbour answers without delay.
@@ -809,73 +858,9 @@ impl Testbed {
                 node_ns.ip(&["link", "set", dev, "address", CALICO_MAC]);
                 node_ns.sysctl(&format!("net.ipv4.conf.{dev}.proxy_arp"), "1");
                 node_ns.sysctl(&format!("net.ipv4.neigh.{dev}.proxy_delay"), "0");
-                node_ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{CALICO_GW6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ]);
-                node_ns.ip(&["link", "set", dev, "up"]);
-                pod_addresses(pod);
-                let gw4 = CALICO_GW4.to_string();
-                pod.ns
-                    .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
-                pod.ns
-                    .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
-                pod.ns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &CALICO_GW6.to_string(),
-                    "dev",
-                    "eth0",
-                ]);
-                routes_to_pod(node_ns, pod);
+                link_local_gateways(node_ns, pod, false);
             }
-            Shape::AwsVpc => {
-                node_ns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{CALICO_GW6}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ]);
-                node_ns.ip(&["link", "set", dev, "up"]);
-                pod_addresses(pod);
-                let mac = node_ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")]);
-                let gw4 = CALICO_GW4.to_string();
-                pod.ns
-                    .ip(&["route", "add", &gw4, "dev", "eth0", "scope", "link"]);
-                pod.ns.ip(&[
-                    "neigh",
-                    "add",
-                    &gw4,
-                    "lladdr",
-                    mac.trim(),
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "permanent",
-                ]);
-                pod.ns
-                    .ip(&["route", "add", "default", "via", &gw4, "dev", "eth0"]);
-                pod.ns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &CALICO_GW6.to_string(),
-                    "dev",
-                    "eth0",
-                ]);
-                routes_to_pod(node_ns, pod);
-            }
+            Shape::AwsVpc => link_local_gateways(node_ns, pod, true),
         }
         no_checksum_offload(&pod.ns, "eth0");
         no_checksum_offload(node_ns, dev);
