@@ -890,3 +890,286 @@ fn without_tc_on_its_interface_a_local_backend_waits_and_verify_says_why() {
     // The map part of verify agrees with the agent: only the interface is reported.
     assert!(!text.contains("DRIFT: 1 difference"), "{text}");
 }
+
+/// One address family, for the single-stack clusters below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stack {
+    V4,
+    V6,
+}
+
+impl Stack {
+    fn name(self) -> &'static str {
+        match self {
+            Stack::V4 => "IPv4",
+            Stack::V6 => "IPv6",
+        }
+    }
+
+    fn is(self, addr: &SocketAddr) -> bool {
+        addr.is_ipv4() == (self == Stack::V4)
+    }
+}
+
+/// Health check node port of a `Svc` with externalTrafficPolicy Local in the single-stack test.
+fn health_port(svc: &Svc) -> u16 {
+    32000 + u16::from(svc.n)
+}
+
+impl Svc {
+    /// The Service single-stack in `stack` (semantics 1.4, 10.3): ClusterIP, externalIP and load
+    /// balancer IP of that family only; with Local, a health check node port.
+    fn yaml_single(&self, stack: Stack) -> String {
+        let n = self.n;
+        let (cluster, external, lb) = match stack {
+            Stack::V4 => (
+                format!("10.96.0.{n}"),
+                format!("10.96.100.{n}"),
+                format!("10.96.200.{n}"),
+            ),
+            Stack::V6 => (
+                format!("\"fd00:96::{n}\""),
+                format!("\"fd00:96::1{n:02}\""),
+                format!("\"fd00:96::2{n:02}\""),
+            ),
+        };
+        let etp = if self.local_policy {
+            format!(
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: {}\n",
+                health_port(self)
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {cluster}
+  clusterIPs: [{cluster}]
+  ipFamilies: [{family}]
+  ipFamilyPolicy: SingleStack
+  externalIPs: [{external}]
+  ports:
+  - {{name: http, port: 80, nodePort: {tcp}, protocol: TCP}}
+  - {{name: dns, port: 53, nodePort: {udp}, protocol: UDP}}
+{etp}status:
+  loadBalancer: {{ingress: [{{ip: {lb}}}]}}
+",
+            name = self.name,
+            family = stack.name(),
+            tcp = self.node_port_tcp,
+            udp = self.node_port_udp,
+        )
+    }
+
+    /// `yaml_single` and one slice of `stack` with pod `pod` of node `node` as the endpoint.
+    fn program_single(&self, agent: &Agent, tb: &Testbed, stack: Stack, node: usize, pod: usize) {
+        agent.write_manifest(&format!("{}.yaml", self.name), &self.yaml_single(stack));
+        let p = &tb.nodes[node].pods[pod];
+        let addr = match stack {
+            Stack::V4 => p.ip4.to_string(),
+            Stack::V6 => p.ip6.to_string(),
+        };
+        let eps = [Ep {
+            addr,
+            node: if node == 0 { NODE } else { "node-b" },
+            conditions: "",
+        }];
+        let name = format!("{}-{}", self.name, stack.name());
+        agent.write_manifest(
+            &format!("{name}.yaml"),
+            &slice_yaml(&name, self.name, stack.name(), &[HTTP, DNS], &eps),
+        );
+    }
+
+    fn cluster_ip(&self, stack: Stack, proto: Proto) -> SocketAddr {
+        let port = if proto == Proto::Tcp { 80 } else { 53 };
+        match stack {
+            Stack::V4 => format!("10.96.0.{}:{port}", self.n),
+            Stack::V6 => format!("[fd00:96::{}]:{port}", self.n),
+        }
+        .parse()
+        .unwrap()
+    }
+}
+
+/// Makes every namespace of the testbed single-stack, as a node of a single-stack cluster is:
+/// IPv4 only by `disable_ipv6` (every IPv6 address goes, new interfaces get none), IPv6 only
+/// by removing every IPv4 address but the loopback's (the routes through them go with them).
+fn make_single_stack(tb: &Testbed, stack: Stack) {
+    for ns in tb.namespaces() {
+        match stack {
+            Stack::V4 => {
+                ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+                ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+            }
+            Stack::V6 => {
+                ns.ip(&["-4", "addr", "flush", "scope", "global"]);
+            }
+        }
+        let other = ns.ip(&[
+            match stack {
+                Stack::V4 => "-6",
+                Stack::V6 => "-4",
+            },
+            "addr",
+            "show",
+            "scope",
+            "global",
+        ]);
+        assert!(
+            other.trim().is_empty(),
+            "{}: addresses of the other family left: {other}",
+            ns.name
+        );
+    }
+}
+
+/// A single-stack cluster (most clusters are IPv4 only; some IPv6 only): the nodes, pods and
+/// the external client have addresses of one family; the Services and slices are of that
+/// family; node-a's agent runs with no interface named (its external interface is found by its
+/// Node object's address of that family). Everything the dual-stack tests check of that family
+/// works: NodePort, externalIP and load balancer IP from outside, TCP and UDP, Cluster
+/// (masqueraded, semantics 7.13) and Local (client kept, 4.7c) to node-a's pods, Cluster to
+/// node-b's pod; hairpin from node-a's pods (7.14); ClusterIP from a pod in the hooked cgroup;
+/// the health check node port of the Local Service (8.1) over that family; `verify` clean and
+/// no ERROR in the agent's log.
+fn single_stack(stack: Stack, shape: Shape) {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[2, 1], shape);
+    make_single_stack(&tb, stack);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    tb.serve(1, 0, BACKEND_PORT);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    agent.extra_args.clear();
+    let node_ip = match stack {
+        Stack::V4 => IpAddr::from(tb.nodes[0].ip4),
+        Stack::V6 => IpAddr::from(tb.nodes[0].ip6),
+    };
+    agent.write_manifest(
+        "node.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: \"{node_ip}\"}}\n"
+        ),
+    );
+    agent.start();
+    NEAR.program_single(&agent, &tb, stack, 0, 0);
+    NEAR_LOCAL.program_single(&agent, &tb, stack, 0, 1);
+    FAR.program_single(&agent, &tb, stack, 1, 0);
+    wait_external_interfaces(&tb, &agent, &["eth0"]);
+
+    for (svc, backend) in [
+        (&NEAR, "a-pod-1"),
+        (&NEAR_LOCAL, "a-pod-2"),
+        (&FAR, "b-pod-1"),
+    ] {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for to in svc.frontends(proto).into_iter().filter(|a| stack.is(a)) {
+                wait_from_ext(&tb, proto, to, backend);
+                for r in tb.request_ext(proto, to, 3) {
+                    assert!(r.ok && r.backend == backend, "{to} {proto:?}: {r:?}");
+                    let seen = seen_ip(&r.seen);
+                    if svc.local_policy {
+                        let client: IpAddr = match stack {
+                            Stack::V4 => EXT_IP4.into(),
+                            Stack::V6 => EXT_IP6.into(),
+                        };
+                        assert_eq!(seen, client, "{to} {proto:?}: {r:?}");
+                    } else {
+                        assert!(
+                            NODE_A.contains(&seen.to_string().as_str()),
+                            "{to} {proto:?} not masqueraded to node-a: {r:?}"
+                        );
+                    }
+                    assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: {r:?}");
+                }
+            }
+            // The ClusterIP from a pod of node-a inside the hooked cgroup (socket layer);
+            // node-b's pod through the pod network.
+            let pod = &tb.nodes[0].pods[1];
+            let to = svc.cluster_ip(stack, proto);
+            poll_until(
+                &format!("{to} {proto:?} from {}", pod.name),
+                Duration::from_secs(10),
+                || {
+                    let r = tb.request_from(&pod.ns, true, proto, to, 1);
+                    if r[0].ok && r[0].backend == backend {
+                        Ok(())
+                    } else {
+                        Err(format!("{r:?}"))
+                    }
+                },
+            );
+            for r in tb.request_from(&pod.ns, true, proto, to, 3) {
+                assert!(r.ok && r.backend == backend, "{to} {proto:?}: {r:?}");
+                assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: {r:?}");
+            }
+        }
+    }
+
+    // Hairpin: node-a's pods, outside the hooked cgroup, to node-a's NodePort.
+    let node_port = SocketAddr::new(node_ip, NEAR.node_port_tcp);
+    for client in 0..2 {
+        let ns = &tb.nodes[0].pods[client].ns;
+        poll_until(
+            &format!("hairpin {node_port} from a-pod-{}", client + 1),
+            Duration::from_secs(10),
+            || {
+                let r = tb.request_from(ns, false, Proto::Tcp, node_port, 1);
+                if r[0].ok {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+        for r in tb.request_from(ns, false, Proto::Tcp, node_port, 3) {
+            assert!(r.ok && r.backend == "a-pod-1", "{r:?}");
+            assert!(
+                NODE_A.contains(&seen_ip(&r.seen).to_string().as_str()),
+                "hairpin not masqueraded: {r:?}"
+            );
+        }
+    }
+
+    // The Local Service's health check node port answers a load balancer of this family with
+    // its one local endpoint (semantics 8.1).
+    let hc = SocketAddr::new(node_ip, health_port(&NEAR_LOCAL));
+    let ext = tb.ext.path();
+    poll_until(
+        &format!("health check {hc}"),
+        Duration::from_secs(10),
+        || match tests::harness::agent::try_http_get_in(Some(&ext), hc, "/") {
+            Ok(r)
+                if r.status == 200
+                    && serde_json::from_str::<serde_json::Value>(&r.body)
+                        .is_ok_and(|v| v["localEndpoints"] == 1) =>
+            {
+                Ok(())
+            }
+            Ok(r) => Err(format!("{r:?}")),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+
+    assert_verified(&tb, &agent, NODE, "single-stack");
+    assert_eq!(agent.count_logs(0, "ERROR"), 0, "{:?}", agent.logs_since(0));
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
+fn single_stack_ipv4_cluster_on_a_bridge() {
+    single_stack(Stack::V4, Shape::Bridge);
+}
+
+#[test]
+fn single_stack_ipv6_cluster_on_ptp() {
+    single_stack(Stack::V6, Shape::Ptp);
+}
