@@ -488,6 +488,8 @@ pub fn run(
     let mut last_synced: Option<Snapshot> = None;
     let mut last_end: Option<Instant> = None;
     let mut last_readback = Instant::now();
+    // Service and EndpointSlice changes taken in and not yet programmed (semantics 11.4).
+    let mut changes_pending = crate::snapshot::Changes::default();
     let tick = Duration::from_millis(20);
     while !stop.load(Ordering::Relaxed) {
         let wait = match &pending {
@@ -519,8 +521,10 @@ pub fn run(
                         h.set_node_eligible(eligible);
                     }
                 }
+                changes_pending.add(snapshot.changes);
                 if let Some(m) = &observers.metrics {
                     m.observe_queued(SystemTime::now());
+                    m.set_changes_pending(&changes_pending);
                 }
                 let now = Instant::now();
                 // A new change is programmed at once (a retry's wait does not hold it up).
@@ -594,6 +598,11 @@ pub fn run(
                 );
                 if let Some(h) = &observers.health {
                     h.synced(SystemTime::now());
+                }
+                // The sync took the newest snapshot, so every change taken in so far.
+                changes_pending = crate::snapshot::Changes::default();
+                if let Some(m) = &observers.metrics {
+                    m.set_changes_pending(&changes_pending);
                 }
                 last_synced = Some(snapshot.clone());
                 if let Some(counts) = &observers.map_counts {
@@ -1238,5 +1247,80 @@ mod tests {
             Some(Duration::from_secs(1_709_210_096))
         );
         assert_eq!(t("not a time"), None);
+    }
+
+    /// kube-proxy's `*_changes_pending` gauges (semantics 11.4): the changes a source took in
+    /// are pending until a sync programs them. A sync at once when idle leaves nothing pending;
+    /// changes arriving within `min_interval` of it wait and add up, then the next sync takes
+    /// them all.
+    #[test]
+    fn changes_are_pending_until_a_sync_takes_them() {
+        use crate::snapshot::Changes;
+        let metrics = Arc::new(Metrics::new("test", &[Family::V4, Family::V6]));
+        let observers = Observers {
+            metrics: Some(metrics.clone()),
+            ..Observers::default()
+        };
+        let pending = |family: &str| {
+            let l = [("ip_family", family)];
+            (
+                metrics.service_changes_pending.with(&l).get(),
+                metrics.endpoint_changes_pending.with(&l).get(),
+            )
+        };
+        let wait = |what: &str, want: [(u64, u64); 2]| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let now = [pending("IPv4"), pending("IPv6")];
+                if now == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}: {now:?}, want {want:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let with = |mut s: Snapshot, services, slices| {
+            s.changes = Changes { services, slices };
+            s
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = AtomicBool::new(false);
+        let timing = SyncTiming {
+            min_interval: Duration::from_secs(4),
+            ..SyncTiming::default()
+        };
+        let mut io = Faulty::failing(None);
+        std::thread::scope(|scope| {
+            let agent = scope.spawn(|| run(&mut io, rx, timing, &stop, &observers));
+            tx.send(with(services_a_b(&["10.244.0.2"], &[]), 2, [1, 0]))
+                .unwrap();
+            let last_sync = || {
+                metrics
+                    .last_sync_timestamp
+                    .with(&[("ip_family", "IPv4")])
+                    .get()
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while last_sync() == 0.0 {
+                assert!(Instant::now() < deadline, "no first sync");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            wait("after the first sync", [(0, 0), (0, 0)]);
+            // Within min_interval of that sync: held, and added up.
+            let synced = last_sync();
+            tx.send(with(services_a_b(&["10.244.0.3"], &[]), 0, [1, 0]))
+                .unwrap();
+            tx.send(with(
+                services_a_b(&["10.244.0.3"], &["10.244.0.4"]),
+                1,
+                [0, 1],
+            ))
+            .unwrap();
+            wait("two changes held", [(1, 1), (1, 1)]);
+            assert_eq!(last_sync(), synced, "held changes were synced early");
+            wait("after the next sync", [(0, 0), (0, 0)]);
+            stop.store(true, Ordering::Relaxed);
+            agent.join().unwrap().unwrap();
+        });
     }
 }

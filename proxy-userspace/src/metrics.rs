@@ -152,6 +152,10 @@ pub struct Metrics {
     pub endpoint_changes: Family<Labels, Counter>,
     /// kubeproxy_sync_proxy_rules_service_changes_total [ip_family] (11.6).
     pub service_changes: Family<Labels, Counter>,
+    /// kubeproxy_sync_proxy_rules_endpoint_changes_pending [ip_family] (11.4).
+    pub endpoint_changes_pending: Family<Labels, CountGauge>,
+    /// kubeproxy_sync_proxy_rules_service_changes_pending [ip_family] (11.4).
+    pub service_changes_pending: Family<Labels, CountGauge>,
     /// kubeproxy_sync_proxy_rules_no_local_endpoints_total [traffic_policy, ip_family], a gauge
     /// (11.5).
     pub no_local_endpoints: Family<Labels, CountGauge>,
@@ -301,6 +305,16 @@ impl Metrics {
                 &mut r,
                 "kubeproxy_sync_proxy_rules_service_changes_total",
                 "Cumulative proxy rules Service changes",
+            ),
+            endpoint_changes_pending: gauge(
+                &mut r,
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+            ),
+            service_changes_pending: gauge(
+                &mut r,
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
             ),
             no_local_endpoints: gauge(
                 &mut r,
@@ -502,6 +516,8 @@ impl Metrics {
             m.last_queued_timestamp.with(&fam);
             m.endpoint_changes.with(&fam);
             m.service_changes.with(&fam);
+            m.endpoint_changes_pending.with(&fam);
+            m.service_changes_pending.with(&fam);
             for policy in ["internal", "external"] {
                 m.no_local_endpoints
                     .with(&[("ip_family", ip_family_name(f)), ("traffic_policy", policy)]);
@@ -578,6 +594,23 @@ impl Metrics {
         self.each_family(|l| {
             self.service_changes.with(l).inc_by(n);
         });
+    }
+
+    /// The changes taken in and not programmed yet (every family sees every Service change;
+    /// EndpointSlice changes count in their address type's).
+    pub fn set_changes_pending(&self, pending: &crate::snapshot::Changes) {
+        self.each_family(|l| {
+            self.service_changes_pending.with(l).set(pending.services);
+        });
+        for &family in &self.families {
+            let n = match family {
+                IpFamily::V4 => pending.slices[0],
+                IpFamily::V6 => pending.slices[1],
+            };
+            self.endpoint_changes_pending
+                .with(&[("ip_family", ip_family_name(family))])
+                .set(n);
+        }
     }
 
     /// `n` EndpointSlice events of `family` (the slice's addressType) were received.
@@ -820,6 +853,16 @@ mod tests {
             &["ip_family"],
         ),
         (
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "gauge",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "gauge",
+            &["ip_family"],
+        ),
+        (
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "gauge",
             &["ip_family", "traffic_policy"],
@@ -959,6 +1002,8 @@ mod tests {
         "kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}",
         "kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
         "kubeproxy_sync_proxy_rules_duration_seconds_sum{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending{ip_family=\"IPv6\"}",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total{ip_family=\"IPv4\"}",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total{ip_family=\"IPv6\"}",
         "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}",
@@ -969,6 +1014,8 @@ mod tests {
         "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv4\",traffic_policy=\"internal\"}",
         "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"external\"}",
         "kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family=\"IPv6\",traffic_policy=\"internal\"}",
+        "kubeproxy_sync_proxy_rules_service_changes_pending{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_service_changes_pending{ip_family=\"IPv6\"}",
         "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv4\"}",
         "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv6\"}",
     ];

@@ -23,6 +23,50 @@ pub struct Snapshot {
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,
+    /// The Service and EndpointSlice changes the source took in since its previous snapshot.
+    pub changes: Changes,
+}
+
+/// Service and EndpointSlice changes (an object added, changed or deleted) a source took in,
+/// for kube-proxy's `*_changes_pending` gauges (semantics 11.4): counted as they arrive, and
+/// no longer pending once a sync has programmed them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub services: u64,
+    /// EndpointSlice changes by address type: IPv4, IPv6 (FQDN and others are never used).
+    pub slices: [u64; 2],
+}
+
+impl Changes {
+    /// One change of a Service.
+    pub const SERVICE: Changes = Changes {
+        services: 1,
+        slices: [0, 0],
+    };
+
+    /// One change of `slice` (nothing for an address type the proxy does not use).
+    pub fn slice(slice: &Slice) -> Changes {
+        let mut slices = [0, 0];
+        match slice.address_type.as_str() {
+            "IPv4" => slices[0] = 1,
+            "IPv6" => slices[1] = 1,
+            _ => {}
+        }
+        Changes {
+            services: 0,
+            slices,
+        }
+    }
+
+    pub fn add(&mut self, other: Changes) {
+        self.services += other.services;
+        self.slices[0] += other.slices[0];
+        self.slices[1] += other.slices[1];
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
 }
 
 /// Settings from the agent's command line that compile needs.

@@ -20,7 +20,7 @@ use proxy_userspace::{
     compile::Family as IpFamily,
     metrics::{CountGauge, Labels, Metrics, Series},
     objects::Address,
-    snapshot::Snapshot,
+    snapshot::{Changes, Snapshot},
     source::{Source, kube::KubeSource},
 };
 use serde_json::json;
@@ -147,6 +147,24 @@ fn wait_for(rx: &Receiver<Snapshot>, log: &mut Vec<Seen>, want: &Seen) -> Snapsh
             panic!("timed out waiting for {want:#?}; received {log:#?}")
         }
         Err(RecvTimeoutError::Disconnected) => panic!("source stopped; received {log:#?}"),
+    }
+}
+
+/// [`wait_for`], with the changes every snapshot received carried, added up.
+fn wait_for_changes(rx: &Receiver<Snapshot>, log: &mut Vec<Seen>, want: &Seen) -> Changes {
+    let mut changes = Changes::default();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|e| panic!("{e}: waiting for {want:#?}; received {log:#?}"));
+        changes.add(s.changes);
+        let view = seen(&s);
+        let done = &view == want;
+        log.push(view);
+        if done {
+            return changes;
+        }
     }
 }
 
@@ -319,7 +337,14 @@ fn watch_events_are_reflected() {
     populate(&server);
     let rx = start_source(&server);
     let mut log = Vec::new();
-    wait_for(&rx, &mut log, &baseline());
+    // Every object of the initial lists is a change (semantics 11.4: pending until synced).
+    assert_eq!(
+        wait_for_changes(&rx, &mut log, &baseline()),
+        Changes {
+            services: 2,
+            slices: [2, 0]
+        }
+    );
 
     // ADDED
     server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
@@ -335,7 +360,7 @@ fn watch_events_are_reflected() {
     server.delete(Res::Services, "kube-system/b");
     server.delete(Res::Slices, "kube-system/b-1");
 
-    wait_for(
+    let changes = wait_for_changes(
         &rx,
         &mut log,
         &Seen {
@@ -346,6 +371,14 @@ fn watch_events_are_reflected() {
             ]),
             zone: Some("zone-9".into()),
         },
+    );
+    // Three of each kind; the Node's change is none of them.
+    assert_eq!(
+        changes,
+        Changes {
+            services: 3,
+            slices: [3, 0]
+        }
     );
     // One snapshot per event after the first (the agent coalesces them), never an empty one.
     assert!(log.len() >= 2 && log.len() <= 8, "{log:#?}");
@@ -422,7 +455,14 @@ fn expired_watch_relists_and_drops_what_was_deleted_meanwhile() {
         ]),
         zone: Some("zone-1".into()),
     };
-    wait_for(&rx, &mut log, &want);
+    // The relist finds one deleted and one added of each kind.
+    assert_eq!(
+        wait_for_changes(&rx, &mut log, &want),
+        Changes {
+            services: 2,
+            slices: [2, 0]
+        }
+    );
     let requests = server.requests();
     assert_eq!(lists(&requests, Res::Services), 2);
     assert_eq!(lists(&requests, Res::Slices), 2);

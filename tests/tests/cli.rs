@@ -456,6 +456,9 @@ fn metrics_and_health_endpoints() {
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        // semantics 11.4: nothing pending once synced.
+        "kubeproxy_sync_proxy_rules_service_changes_pending{ip_family=\"IPv4\"} 0",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending{ip_family=\"IPv4\"} 0",
         "kube_bpf_proxy_map_entries{map=\"LB_BACKENDS\"} 1",
         "kube_bpf_proxy_socket_termination_active 1",
         "kube_bpf_proxy_map_max_entries{map=\"LB_BACKENDS\"}",

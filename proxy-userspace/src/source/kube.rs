@@ -64,7 +64,7 @@ use super::{NodeAddresses, Source, addresses_of};
 use crate::{
     metrics::{Metrics, Series},
     objects::{HIDING_LABELS, PodRef, Slice},
-    snapshot::{NodeInfo, Snapshot},
+    snapshot::{Changes, NodeInfo, Snapshot},
 };
 
 pub struct KubeSource {
@@ -638,6 +638,8 @@ struct Objects<K, S = K> {
     /// A relist in progress, swapped in at `InitDone`.
     relist: Option<Relist<S>>,
     metrics: Option<Arc<Metrics>>,
+    /// Changes taken in since the last snapshot (`Changes`).
+    changes: Changes,
     served: std::marker::PhantomData<fn(K)>,
 }
 
@@ -647,10 +649,25 @@ trait Kept {
     fn same_as(&self, _next: &Self) -> bool {
         false
     }
+
+    /// What adding, changing or deleting this object counts as (`Changes`): nothing but for
+    /// Services and EndpointSlices.
+    fn change(&self) -> Changes {
+        Changes::default()
+    }
 }
 
-impl Kept for Service {}
-impl Kept for Slice {}
+impl Kept for Service {
+    fn change(&self) -> Changes {
+        Changes::SERVICE
+    }
+}
+
+impl Kept for Slice {
+    fn change(&self) -> Changes {
+        Changes::slice(self)
+    }
+}
 impl Kept for Node {}
 
 impl Kept for Namespace {
@@ -680,6 +697,7 @@ where
             undecodable: BTreeMap::new(),
             relist: None,
             metrics,
+            changes: Changes::default(),
             served: std::marker::PhantomData,
         };
         objects.count_undecodable();
@@ -727,12 +745,23 @@ where
             }
             watcher::Event::InitDone => {
                 let (objects, undecodable) = self.relist.take().unwrap_or_default();
-                let same = objects.len() == self.objects.len()
-                    && objects.iter().all(|(key, new)| {
-                        self.objects
-                            .get(key)
-                            .is_some_and(|old| Arc::ptr_eq(old, new) || old.same_as(new))
-                    });
+                let mut same = objects.len() == self.objects.len();
+                for (key, new) in &objects {
+                    match self.objects.get(key) {
+                        Some(old) if Arc::ptr_eq(old, new) || old.same_as(new) => {}
+                        _ => {
+                            same = false;
+                            self.changes.add(new.change());
+                        }
+                    }
+                }
+                if !same {
+                    for (key, old) in &self.objects {
+                        if !objects.contains_key(key) {
+                            self.changes.add(old.change());
+                        }
+                    }
+                }
                 self.objects = objects;
                 self.undecodable = undecodable;
                 if same { Step::ListedSame } else { Step::Listed }
@@ -746,6 +775,7 @@ where
                         Step::Unchanged
                     }
                     _ => {
+                        self.changes.add(object.change());
                         self.objects.insert(key, object);
                         Step::Changed
                     }
@@ -756,14 +786,22 @@ where
                 match self.kept_for(&invalid) {
                     Some(_) => Step::Unchanged,
                     // A different object under the same name, or none: nothing to keep.
-                    None if self.objects.remove(&key).is_some() => Step::Changed,
-                    None => Step::Unchanged,
+                    None => match self.objects.remove(&key) {
+                        Some(old) => {
+                            self.changes.add(old.change());
+                            Step::Changed
+                        }
+                        None => Step::Unchanged,
+                    },
                 }
             }
             watcher::Event::Delete(object) => {
                 let key = key_of(object.meta());
                 self.undecodable.remove(&key);
-                self.objects.remove(&key);
+                // Deleting an object never seen changes nothing (semantics 2.9).
+                if let Some(old) = self.objects.remove(&key) {
+                    self.changes.add(old.change());
+                }
                 Step::Changed
             }
         };
@@ -828,7 +866,10 @@ struct Stores {
 }
 
 impl Stores {
-    fn snapshot(&self, node_name: &str) -> Snapshot {
+    /// The objects as they are now, with the changes taken in since the last snapshot.
+    fn snapshot(&mut self, node_name: &str) -> Snapshot {
+        let mut changes = std::mem::take(&mut self.services.changes);
+        changes.add(std::mem::take(&mut self.slices.changes));
         let node = self
             .nodes
             .values()
@@ -840,6 +881,7 @@ impl Stores {
             namespaces: self.namespaces.values().cloned().collect(),
             node: NodeInfo::with_node(node_name.to_string(), node.map(|n| &**n)),
             config: Default::default(),
+            changes,
         }
     }
 }

@@ -24,7 +24,7 @@ use serde::Deserialize as _;
 
 use super::{NodeAddresses, Source, addresses_of};
 use crate::objects::{PodRef, Slice, SliceEndpoint};
-use crate::snapshot::{NodeInfo, Snapshot};
+use crate::snapshot::{Changes, NodeInfo, Snapshot};
 
 /// Objects parsed from one file.
 #[derive(Clone, Debug, Default)]
@@ -344,6 +344,49 @@ pub fn snapshot_of(text: &str, node: NodeInfo) -> anyhow::Result<Snapshot> {
     })
 }
 
+/// The Service and EndpointSlice changes between a file's previous objects and its new ones
+/// (`None`: the file did not exist): every object, by namespace and name, added, removed or
+/// different.
+fn file_changes(old: Option<&FileObjects>, new: Option<&FileObjects>) -> Changes {
+    fn by_name<T: kube::Resource>(
+        objects: Option<&Vec<std::sync::Arc<T>>>,
+    ) -> BTreeMap<(Option<&str>, Option<&str>), &T> {
+        objects
+            .into_iter()
+            .flatten()
+            .map(|o| {
+                let meta = o.meta();
+                ((meta.namespace.as_deref(), meta.name.as_deref()), &**o)
+            })
+            .collect()
+    }
+    fn changed<'a, T: kube::Resource + PartialEq>(
+        old: Option<&'a Vec<std::sync::Arc<T>>>,
+        new: Option<&'a Vec<std::sync::Arc<T>>>,
+    ) -> Vec<&'a T> {
+        let (old, new) = (by_name(old), by_name(new));
+        let mut out: Vec<&T> = new
+            .iter()
+            .filter(|(key, o)| old.get(*key) != Some(*o))
+            .map(|(_, o)| *o)
+            .collect();
+        out.extend(
+            old.iter()
+                .filter(|(key, _)| !new.contains_key(*key))
+                .map(|(_, o)| *o),
+        );
+        out
+    }
+    let mut changes = Changes::default();
+    for _ in changed(old.map(|o| &o.services), new.map(|o| &o.services)) {
+        changes.add(Changes::SERVICE);
+    }
+    for slice in changed(old.map(|o| &o.slices), new.map(|o| &o.slices)) {
+        changes.add(Changes::slice(slice));
+    }
+    changes
+}
+
 /// Parses `paths`, on as many threads as there are CPUs (at most 4) when there are several:
 /// a start-up with many large files is bound by YAML parsing.
 fn parse_files<'p>(paths: &[&'p PathBuf]) -> Vec<(&'p PathBuf, anyhow::Result<FileObjects>)> {
@@ -441,7 +484,14 @@ impl Source for ManifestSource {
                 }
             };
             if last.as_ref() != Some(&now) {
-                cache.retain(|path, _| now.contains_key(path));
+                let mut changes = Changes::default();
+                cache.retain(|path, objects| {
+                    let kept = now.contains_key(path);
+                    if !kept {
+                        changes.add(file_changes(Some(objects), None));
+                    }
+                    kept
+                });
                 let changed: Vec<&PathBuf> = now
                     .keys()
                     .filter(|path| {
@@ -461,6 +511,7 @@ impl Source for ManifestSource {
                 for (path, parsed) in parsed_files {
                     match parsed {
                         Ok(objects) => {
+                            changes.add(file_changes(cache.get(path), Some(&objects)));
                             cache.insert(path.clone(), objects);
                         }
                         Err(e) => log::warn!(
@@ -470,7 +521,8 @@ impl Source for ManifestSource {
                     }
                 }
                 last = Some(now);
-                let snapshot = self.snapshot(&cache);
+                let mut snapshot = self.snapshot(&cache);
+                snapshot.changes = changes;
                 if tx.send(snapshot).is_err() {
                     return Ok(());
                 }
@@ -562,6 +614,60 @@ data: {a: b}
 
     fn summary(o: &FileObjects) -> String {
         format!("{:?} {:?} {:?}", o.services, o.slices, o.nodes)
+    }
+
+    /// Changes between two versions of a file, by name (semantics 11.4's pending changes): a
+    /// Service changed and one added, a slice removed (IPv6) and one unchanged; a file that
+    /// goes takes its objects with it.
+    #[test]
+    fn a_files_changes_are_counted_by_name() {
+        let svc = |name: &str, port: u16| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+                 spec: {{clusterIP: 10.96.0.10, ports: [{{port: {port}}}]}}\n"
+            )
+        };
+        let slice = |name: &str, family: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, \
+                 namespace: default, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: {family}\nendpoints: []\n"
+            )
+        };
+        let old = parse_text(
+            &[
+                svc("web", 80),
+                slice("web-4", "IPv4"),
+                slice("web-6", "IPv6"),
+            ]
+            .join("---\n"),
+        )
+        .unwrap();
+        let new =
+            parse_text(&[svc("web", 81), svc("api", 80), slice("web-4", "IPv4")].join("---\n"))
+                .unwrap();
+        assert_eq!(
+            file_changes(Some(&old), Some(&new)),
+            Changes {
+                services: 2,
+                slices: [0, 1]
+            }
+        );
+        assert!(file_changes(Some(&new), Some(&new)).is_empty());
+        assert_eq!(
+            file_changes(Some(&old), None),
+            Changes {
+                services: 1,
+                slices: [1, 1]
+            }
+        );
+        assert_eq!(
+            file_changes(None, Some(&new)),
+            Changes {
+                services: 2,
+                slices: [1, 0]
+            }
+        );
     }
 
     #[test]
