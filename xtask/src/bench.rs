@@ -28,6 +28,7 @@ mod podnet;
 mod pps;
 mod report;
 mod workload;
+mod xdpgen;
 
 use std::{
     fs,
@@ -91,6 +92,10 @@ pub struct Options {
     /// target/bench/pod-networks.{md,json} (a full run's bench.* are left alone).
     #[arg(long)]
     pub pod_networks: bool,
+    /// With --pod-networks: only its packets-per-second part (the sender's floods, then node-a
+    /// alone fed by the XDP frame generator).
+    #[arg(long, requires = "pod_networks")]
+    pub pps_only: bool,
     /// Only the agent's control plane at 10,000 Services x 10 and x 100 endpoints (maps sized
     /// for them with --max-backends/--max-slots): a full sync, single endpoint changes, the
     /// agent's memory and the maps' memory; writes target/bench/control-plane.md.
@@ -120,6 +125,9 @@ pub struct Settings {
     /// The control-plane part alone (`--control-plane`).
     #[serde(default)]
     pub only_control_plane: bool,
+    /// `--pps-only`: of the pod-network part, packets per second alone.
+    #[serde(default)]
+    pub only_pps: bool,
     /// Extra arguments of the bpf node's agent.
     #[serde(default)]
     pub agent_args: Vec<String>,
@@ -155,6 +163,7 @@ impl Settings {
             server_cpu: if cpus > 1 { 1 } else { 0 },
             only_pod_networks: opts.pod_networks,
             only_control_plane: opts.control_plane,
+            only_pps: opts.pps_only,
             agent_args: if opts.control_plane {
                 ["--max-backends", "2097152", "--max-slots", "2097152"]
                     .map(String::from)

@@ -74,6 +74,8 @@ struct Plan {
     veths: usize,
     client_cpu: usize,
     server_cpu: usize,
+    /// Packets per second alone (`--pps-only`).
+    pps_only: bool,
 }
 
 impl Plan {
@@ -85,6 +87,7 @@ impl Plan {
             veths: VETHS,
             client_cpu: settings.client_cpu,
             server_cpu: settings.server_cpu,
+            pps_only: settings.only_pps,
         }
     }
 }
@@ -119,9 +122,11 @@ fn run_parts(plan: &Plan, out: &mut PodNetReport) -> anyhow::Result<()> {
          --pod-interfaces auto, --xdp off (the tc path alone; the packets-per-second part also \
          with --xdp driver); BPF logging off"
     );
-    let ptp = external(plan, out)?;
-    attach_latency(ptp, plan, out)?;
-    many_veths(plan, out)?;
+    if !plan.pps_only {
+        let ptp = external(plan, out)?;
+        attach_latency(ptp, plan, out)?;
+        many_veths(plan, out)?;
+    }
     super::pps::run(
         plan.pairs,
         if plan.pairs > 3 { 2.0 } else { 1.0 },
@@ -927,6 +932,7 @@ mod unit {
             server_cpu: 1,
             only_pod_networks: only,
             only_control_plane: false,
+            only_pps: false,
             agent_args: Vec::new(),
         };
         let machine = super::super::report::Machine {
@@ -964,6 +970,21 @@ mod unit {
             samples: vec![10.0, 20.0],
             summary: Summary::of(&[10.0, 20.0]),
         });
+        for (config, xdp, rate) in [("tc", "off", 1.0e6), ("xdp", "driver", 2.5e6)] {
+            pods.pps_gen.push(super::super::report::PpsRow {
+                config: config.into(),
+                family: "IPv4".into(),
+                xdp: xdp.into(),
+                direct_sent: Some(1.2e6),
+                direct_delivered: Some(1.2e6),
+                sent: Some(rate),
+                delivered: Some(rate),
+                delivered_runs: vec![rate],
+                summary: Summary::of(&[rate / 1.2e6]),
+                counters: Vec::new(),
+                program_ns: Vec::new(),
+            });
+        }
         let mut alone = report(true);
         alone.pod_networks = Some(pods.clone());
         alone.finish();
@@ -976,6 +997,11 @@ mod unit {
         );
         assert!(md.contains("ptp vs bridge: 1.100"));
         assert!(md.contains("| veth -> attached | 15.0 | 20.0 | 20.0 | 2 |"));
+        assert!(md.contains("### Packets per second through node-a alone"));
+        assert!(
+            md.contains("IPv4: XDP / tc, delivered packets per second: 2.50 (target >= 2)."),
+            "{md}"
+        );
         assert!(!md.contains("### Targets"));
 
         let mut full = report(false);

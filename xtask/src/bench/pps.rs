@@ -21,20 +21,28 @@
 //!
 //! The sender and every hop run in softirq on the sender's CPU (veth has no queue of its own):
 //! the figure is the whole chain's cost per packet, of which node-a's program is one part.
+//!
+//! Then node-a alone: the same configurations fed by an XDP frame generator (`xdpgen`) that
+//! injects the frames into node-a's `eth0` from its LAN-side peer and an nftables drop on that
+//! peer that counts what node-a sends on to the backend, so the sender's socket, routing and
+//! queueing and the hops after node-a no longer make up most of each packet's cost.
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use tests::{
     Agent, ChildGuard, NetNs, Shape, Testbed,
-    harness::process::{Placement, command_in, workspace_binary},
+    harness::{
+        process::{Placement, command_in, workspace_binary},
+        testbed::{EXT_IP4, EXT_IP6},
+    },
 };
 
 use super::{
     check_stop,
     podnet::{BACKEND_PORT, NODE, NODE_IP, node_status, nonzero_counters},
     report::{PodNetReport, PpsRow, Summary},
-    run_bounded, wait_log,
+    run_bounded, wait_log, xdpgen,
 };
 
 const NODE_PORT: u16 = 30090;
@@ -51,16 +59,41 @@ pub fn run(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
         "    packets per second: ext floods node-a's UDP NodePort, backend on node-b; \
          {pairs} pairs of {secs} s per configuration"
     );
-    // The kernel's per-program run time and count (bpftool's run_time_ns, run_cnt), on for
-    // this part only.
+    // The kernel's per-program run time and count (bpftool's run_time_ns, run_cnt): off for
+    // the measured pairs (it reads the clock twice per program run, which the peers' rules
+    // would not pay), on for one extra NodePort run per configuration (`program_ns_over`).
     let stats_were = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
-    let _ = std::fs::write(BPF_STATS, "1");
+    let _ = std::fs::write(BPF_STATS, "0");
     let result = measure(pairs, secs, cpu, out);
     let _ = std::fs::write(BPF_STATS, stats_were.trim());
     result
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Nanoseconds per run of each of node-a's programs (XDP, tc ingress, tc egress); `None` for a
+/// program that did not run.
+type ProgramNs = Vec<(String, Option<f64>)>;
+
+/// `f`'s result and node-a's programs' nanoseconds per run over it, the kernel's run-time
+/// statistics switched on for it alone.
+fn program_ns_over<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, ProgramNs)> {
+    let _ = std::fs::write(BPF_STATS, "1");
+    let before = program_stats();
+    let r = f();
+    let after = program_stats();
+    let _ = std::fs::write(BPF_STATS, "0");
+    let ns = ["xdp_ingress", "tc_ingress", "tc_egress"]
+        .into_iter()
+        .map(|name| {
+            let (t, n) = after.get(name).copied().unwrap_or((0, 0));
+            let (t0, n0) = before.get(name).copied().unwrap_or((0, 0));
+            let (t, n) = (t.saturating_sub(t0), n.saturating_sub(n0));
+            (name.to_string(), (n > 0).then(|| t as f64 / n as f64))
+        })
+        .collect();
+    Ok((r?, ns))
+}
 
 /// Run time (ns) and run count of every loaded BPF program, summed by program name.
 fn program_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
@@ -134,26 +167,10 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             format!("[{}]:{BACKEND_PORT}", pod.ip6),
         ),
     ];
-    for (config, xdp) in [
-        ("tc", "off"),
-        ("xdp", "driver"),
-        ("nftables", "-"),
-        ("iptables-nft", "-"),
-    ] {
+    for (config, xdp) in CONFIGS {
         check_stop()?;
-        let peer = match config {
-            "nftables" | "iptables-nft" => match PeerRules::load(&tb, config, pod.ip4, pod.ip6) {
-                Ok(rules) => Some(rules),
-                Err(e) => {
-                    eprintln!("    {config}: skipped: {e:#}");
-                    continue;
-                }
-            },
-            _ => None,
-        };
-        let agent = match peer {
-            Some(_) => None,
-            None => Some(start_agent(&tb, xdp, pod.ip4, pod.ip6)?),
+        let Some((peer, agent)) = datapath(&tb, config, xdp)? else {
+            continue;
         };
         let ext = tb.ext.path();
         for (family, nodeport, direct) in &families {
@@ -193,28 +210,14 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             }
             let (mut sent_direct, mut got_direct, mut sent_bpf, mut got_bpf, mut ratios) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let mut run_stats = std::collections::BTreeMap::new();
+            let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
             for pair in 0..pairs {
                 check_stop()?;
-                let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
-                // The programs' run time is taken over the NodePort floods only.
-                let mut through = || -> anyhow::Result<(u64, u64)> {
-                    let before = program_stats();
-                    let r = once(nodeport)?;
-                    let after = program_stats();
-                    for (name, (t, n)) in after {
-                        let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
-                        let e = run_stats.entry(name).or_insert((0, 0));
-                        e.0 += t.saturating_sub(t0);
-                        e.1 += n.saturating_sub(n0);
-                    }
-                    Ok(r)
-                };
                 let ((ds, dg), (bs, bg)) = if pair % 2 == 0 {
                     let d = once(direct)?;
-                    (d, through()?)
+                    (d, once(nodeport)?)
                 } else {
-                    let b = through()?;
+                    let b = once(nodeport)?;
                     (once(direct)?, b)
                 };
                 let per_sec = |n: u64| n as f64 / secs;
@@ -226,15 +229,7 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
                     ratios.push(bg as f64 / dg as f64);
                 }
             }
-            let ns_per_run = |name: &str| {
-                let (t, n) = run_stats.get(name).copied().unwrap_or((0, 0));
-                (n > 0).then(|| t as f64 / n as f64)
-            };
-            let program_ns = vec![
-                ("xdp_ingress".to_string(), ns_per_run("xdp_ingress")),
-                ("tc_ingress".to_string(), ns_per_run("tc_ingress")),
-                ("tc_egress".to_string(), ns_per_run("tc_egress")),
-            ];
+            let (_, program_ns) = program_ns_over(|| once(nodeport))?;
             let counters = match &agent {
                 Some(a) => status_counters(&tb, a)?,
                 None => Vec::new(),
@@ -270,6 +265,205 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
     }
     tb.ext.ip(&["route", "del", POD_CIDR_B]);
     tb.ext.ip(&["-6", "route", "del", POD_CIDR6_B]);
+    generated(&tb, pairs, secs, cpu, out)
+}
+
+/// The configurations of `measure`, in one list.
+const CONFIGS: [(&str, &str); 4] = [
+    ("tc", "off"),
+    ("xdp", "driver"),
+    ("nftables", "-"),
+    ("iptables-nft", "-"),
+];
+
+/// kube-proxy's rules (`nftables`, `iptables-nft`) or the agent (`tc`, `xdp`) on node-a for
+/// `config`; `Ok(None)` when a peer's tools are missing (said on stderr).
+fn datapath(
+    tb: &Testbed,
+    config: &str,
+    xdp: &str,
+) -> anyhow::Result<Option<(Option<PeerRules>, Option<Agent>)>> {
+    let pod = &tb.nodes[1].pods[0];
+    Ok(Some(match config {
+        "nftables" | "iptables-nft" => match PeerRules::load(tb, config, pod.ip4, pod.ip6) {
+            Ok(rules) => (Some(rules), None),
+            Err(e) => {
+                eprintln!("    {config}: skipped: {e:#}");
+                return Ok(None);
+            }
+        },
+        _ => (None, Some(start_agent(tb, xdp, pod.ip4, pod.ip6)?)),
+    }))
+}
+
+/// Frames per generator run while calibrating, and the least a run may send.
+const GEN_CALIBRATE: u64 = 64 * 1024;
+
+/// Node-a alone: the configurations of `measure` fed by the XDP frame generator (`xdpgen`),
+/// `pairs` back-to-back direct/NodePort pairs of about `secs` seconds each, on `cpu`.
+fn generated(
+    tb: &Testbed,
+    pairs: usize,
+    secs: f64,
+    cpu: usize,
+    out: &mut PodNetReport,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "    packets per second, node-a alone: frames injected into node-a's eth0 by an XDP \
+         generator, counted and dropped where node-a sends them; {pairs} pairs of about {secs} \
+         s per configuration"
+    );
+    let lan_dev = format!("v-{NODE}");
+    // GRO on gives a veth without XDP program the NAPI instance that takes frames redirected
+    // to it: node-a's `eth0` the generator's (configurations without XDP), the LAN side
+    // node-a's skbs. Off first: adding an XDP program turned GRO on without asking for it, so
+    // asking now would change nothing, and NAPI would go with the program. The LAN side keeps
+    // its XDP_PASS program only while node-a runs XDP (its XDP_TX wakes the peer only if that
+    // has one): then node-a's frames become skbs on the LAN side, which the other
+    // configurations pay at node-a; otherwise node-a's skbs would each be copied into an XDP
+    // buffer there.
+    tb.lan
+        .ip(&["link", "set", "dev", &lan_dev, "xdpdrv", "off"]);
+    for (ns, dev) in [(&tb.lan, lan_dev.as_str()), (&tb.nodes[0].ns, "eth0")] {
+        ns.exec("ethtool", &["-K", dev, "gro", "off"]);
+        ns.exec("ethtool", &["-K", dev, "gro", "on"]);
+    }
+    let pod = &tb.nodes[1].pods[0];
+    let sink = xdpgen::Sink::install(
+        &tb.lan,
+        &lan_dev,
+        &[
+            (pod.ip4.into(), BACKEND_PORT),
+            (pod.ip6.into(), BACKEND_PORT),
+        ],
+    )?;
+    let node_mac = xdpgen::mac_of(&tb.nodes[0].ns, "eth0")?;
+    let lan_mac = xdpgen::mac_of(&tb.lan, &lan_dev)?;
+    let frame = |src: std::net::IpAddr, dst: std::net::IpAddr, port: u16| {
+        xdpgen::udp_frame(node_mac, lan_mac, src, dst, 40000, port, 18)
+    };
+    let node_ip6: std::net::Ipv6Addr = NODE_IP6.parse()?;
+    let families = [
+        (
+            "IPv4",
+            0,
+            frame(EXT_IP4.into(), NODE_IP.into(), NODE_PORT)?,
+            frame(EXT_IP4.into(), pod.ip4.into(), BACKEND_PORT)?,
+        ),
+        (
+            "IPv6",
+            1,
+            frame(EXT_IP6.into(), node_ip6.into(), NODE_PORT)?,
+            frame(EXT_IP6.into(), pod.ip6.into(), BACKEND_PORT)?,
+        ),
+    ];
+    // One run: (frames sent, frames counted at the sink, seconds).
+    let run = |frame: &[u8], counter: usize, count: u64| -> anyhow::Result<(u64, u64, f64)> {
+        let before = sink.count(counter)?;
+        let took = xdpgen::send(&tb.lan, &lan_dev, cpu, frame, count)?;
+        super::nap(Duration::from_millis(50))?;
+        let got = sink.count(counter)?.saturating_sub(before);
+        Ok((count.div_ceil(64) * 64, got, took.as_secs_f64()))
+    };
+    for (config, xdp) in CONFIGS {
+        check_stop()?;
+        let Some((peer, agent)) = datapath(tb, config, xdp)? else {
+            continue;
+        };
+        if xdp == "driver" {
+            xdp_pass_on(&tb.lan, &lan_dev, &tb.id)?;
+        } else {
+            tb.lan
+                .ip(&["link", "set", "dev", &lan_dev, "xdpdrv", "off"]);
+        }
+        for (family, counter, nodeport, direct) in &families {
+            // Both frames get through before anything is measured (and the neighbours are
+            // resolved); the runs are sized from the slower one's rate.
+            let mut count = u64::MAX;
+            for f in [nodeport, direct] {
+                let mut tries = 0;
+                loop {
+                    let (sent, got, took) = run(f, *counter, GEN_CALIBRATE)?;
+                    if got * 2 >= sent {
+                        count = count.min(((sent as f64 / took) * secs) as u64);
+                        break;
+                    }
+                    tries += 1;
+                    if tries == 50 {
+                        let stats = |ns: &NetNs, dev: &str| {
+                            ns.exec("ethtool", &["-S", dev])
+                                .split_whitespace()
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        };
+                        bail!(
+                            "{config} {family}: {got} of {sent} generated frames reached the \
+                             sink (the agent's counters: {:?}; node-a eth0: {}; lan side: {})",
+                            agent
+                                .as_ref()
+                                .map(|a| status_counters(tb, a).unwrap_or_default())
+                                .unwrap_or_default(),
+                            stats(&tb.nodes[0].ns, "eth0"),
+                            stats(&tb.lan, &lan_dev),
+                        );
+                    }
+                    super::nap(Duration::from_millis(200))?;
+                }
+            }
+            let count = count.max(GEN_CALIBRATE);
+            let (mut sent_direct, mut got_direct, mut sent_np, mut got_np, mut ratios) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for pair in 0..pairs {
+                check_stop()?;
+                let (d, b) = if pair % 2 == 0 {
+                    let d = run(direct, *counter, count)?;
+                    (d, run(nodeport, *counter, count)?)
+                } else {
+                    let b = run(nodeport, *counter, count)?;
+                    (run(direct, *counter, count)?, b)
+                };
+                sent_direct.push(d.0 as f64 / d.2);
+                got_direct.push(d.1 as f64 / d.2);
+                sent_np.push(b.0 as f64 / b.2);
+                got_np.push(b.1 as f64 / b.2);
+                if d.1 > 0 {
+                    ratios.push((b.1 as f64 / b.2) / (d.1 as f64 / d.2));
+                }
+            }
+            let (_, program_ns) = program_ns_over(|| run(nodeport, *counter, count))?;
+            let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
+            let row = PpsRow {
+                config: config.into(),
+                family: family.to_string(),
+                xdp: xdp.into(),
+                direct_sent: median(&sent_direct),
+                direct_delivered: median(&got_direct),
+                sent: median(&sent_np),
+                delivered: median(&got_np),
+                delivered_runs: got_np,
+                summary: Summary::of(&ratios),
+                counters: match &agent {
+                    Some(a) => status_counters(tb, a)?,
+                    None => Vec::new(),
+                },
+                program_ns,
+            };
+            eprintln!(
+                "    {config} {family}, generated: delivered {:.0}/s (sent {:.0}/s), direct \
+                 {:.0}/s; paired ratio {}",
+                row.delivered.unwrap_or(0.0),
+                row.sent.unwrap_or(0.0),
+                row.direct_delivered.unwrap_or(0.0),
+                row.summary.as_ref().map_or("-".into(), |s| format!(
+                    "{:.3} [{:.3}-{:.3}]",
+                    s.p50, s.min, s.max
+                ))
+            );
+            out.pps_gen.push(row);
+        }
+        drop(agent);
+        drop(peer);
+    }
     Ok(())
 }
 
