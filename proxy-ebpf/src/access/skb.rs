@@ -1,5 +1,6 @@
-//! Whole-packet writes of an skb at tc, for the packets the programs turn into answers in
-//! place (a reset, an ICMP error) and send back where they came from.
+//! Reads of an skb at tc (straight from its linear data where the bytes are there), and
+//! whole-packet writes, for the packets the programs turn into answers in place (a reset, an
+//! ICMP error) and send back where they came from.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -10,6 +11,28 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
+
+/// Reads a `T` at `off`: straight from the skb's linear data when it holds those bytes (the
+/// usual case: headers are pulled into it), else through `bpf_skb_load_bytes`, a helper call
+/// and a copy, which the per-packet path would otherwise pay for every header it reads.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
+    // SAFETY: the program's own context, valid while it runs; plain field loads, volatile so
+    // that a caller kept out of line reads them itself (see `access::xdp::bounds`).
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize,
+            core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize,
+        )
+    };
+    let at = start + off;
+    if at + core::mem::size_of::<T>() <= end {
+        // SAFETY: inside the linear data, checked just above; an unaligned read of plain
+        // bytes.
+        return Ok(unsafe { (at as *const T).read_unaligned() });
+    }
+    ctx.load::<T>(off)
+}
 
 /// Writes `bytes` at `off`.
 #[inline(always)]

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use proxy_common::{
-    backend::{FAMILY_V4, FAMILY_V6, SockConn},
+    backend::SockConn,
     ct::{Ct4Key, Ct6Key},
     proto::{ETH_P_IP, ETH_P_IPV6},
 };
@@ -24,7 +24,11 @@ use crate::{
         maps::{LB_CONNS, LB_CT4, LB_CT6, LB_SOCK},
         xdp,
     },
-    headers::{AF_INET, AF_INET6, ETH_HLEN, ip6_bytes},
+    headers::{
+        AF_INET, AF_INET6, ETH_HLEN,
+        family::{V4, V6},
+        ip6_bytes,
+    },
 };
 
 /// Adds `delta` (wrapping: u64::MAX is -1) to backend `id`'s count.
@@ -161,16 +165,8 @@ pub fn release(ctx: &SockContext) {
     }
     let port = u16::from_be(port as u16);
     match family as u8 {
-        AF_INET => {
-            let mut addr = [0u8; 16];
-            let b = v4.to_ne_bytes();
-            addr[0] = b[0];
-            addr[1] = b[1];
-            addr[2] = b[2];
-            addr[3] = b[3];
-            records::forget(cookie, FAMILY_V4, &addr, port);
-        }
-        AF_INET6 => records::forget(cookie, FAMILY_V6, &ip6_bytes(&v6), port),
+        AF_INET => records::forget_in::<V4>(cookie, &v4.to_ne_bytes(), port),
+        AF_INET6 => records::forget_in::<V6>(cookie, &ip6_bytes(&v6), port),
         _ => {}
     }
 }

@@ -123,13 +123,20 @@ pub trait Tracked: Ip {
 
 #[inline(always)]
 fn ct_key<A: Copy>(t: &Tuple<A>) -> CtKey<A> {
-    CtKey {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        _pad: [0; 3],
+    let mut k = core::mem::MaybeUninit::<CtKey<A>>::uninit();
+    let k_ptr = k.as_mut_ptr();
+    // SAFETY: every field written through the pointer before `assume_init`: the protocol and
+    // its three padding bytes as one 32-bit store (`proto` is followed by `_pad: [u8; 3]`, so
+    // the four bytes are the key's; zeroing the padding alone compiles to a `memset` call).
+    unsafe {
+        (&raw mut (*k_ptr).saddr).write(t.saddr);
+        (&raw mut (*k_ptr).daddr).write(t.daddr);
+        (&raw mut (*k_ptr).sport).write(t.sport);
+        (&raw mut (*k_ptr).dport).write(t.dport);
+        (&raw mut (*k_ptr).proto)
+            .cast::<[u8; 4]>()
+            .write_unaligned([t.proto, 0, 0, 0]);
+        k.assume_init()
     }
 }
 

@@ -55,7 +55,7 @@ use crate::{
             LB_CONFIG, LB_DSR_BUDGET, LB_DSR_BUDGET6, LB_DSR_PEERS, LB_DSR_PEERS6, LB4_SERVICES,
             LB6_SERVICES, TC_DSR_SCRATCH, TC_DSR_SCRATCH_WORDS, config_flag,
         },
-        skb::send_back,
+        skb::{self, send_back},
         stats,
         xdp::{read, write},
     },
@@ -359,7 +359,7 @@ fn add_option6_tc(
     node: &[u8; 16],
 ) -> Result<(), i64> {
     // Version to hop limit: payload length at 4, next header at 6.
-    let ip = ctx.load::<[u8; 8]>(ETH_HLEN)?;
+    let ip = skb::load::<[u8; 8]>(ctx, ETH_HLEN)?;
     // TCP or UDP, or a first fragment's fragment header (ours goes before it).
     if ip[0] >> 4 != 6 || (ip[6] != proto::TCP && ip[6] != proto::UDP && ip[6] != IPPROTO_FRAGMENT)
     {
@@ -424,13 +424,13 @@ struct Said<A> {
 /// module docs for when it is believed).
 #[inline(never)]
 pub fn learn4(ctx: &TcContext) {
-    let Ok(vihl) = ctx.load::<u8>(ETH_HLEN) else {
+    let Ok(vihl) = skb::load::<u8>(ctx, ETH_HLEN) else {
         return;
     };
     if vihl == 0x45 {
         return;
     }
-    let Ok(ip) = ctx.load::<[u8; HDR_LEN]>(ETH_HLEN) else {
+    let Ok(ip) = skb::load::<[u8; HDR_LEN]>(ctx, ETH_HLEN) else {
         return;
     };
     // Options other than ours (first) are none of our business.
@@ -450,7 +450,7 @@ fn parse4(ctx: &TcContext, ip: &[u8; HDR_LEN]) -> Result<Said<[u8; 4]>, Reason> 
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
         return Err(Reason::DsrRefused);
     }
-    let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + HDR_LEN) else {
+    let Ok(ports) = skb::load::<[u8; 4]>(ctx, ETH_HLEN + HDR_LEN) else {
         return Err(Reason::DsrRefused);
     };
     Ok(Said {
@@ -471,11 +471,11 @@ fn parse4(ctx: &TcContext, ip: &[u8; HDR_LEN]) -> Result<Said<[u8; 4]>, Reason> 
 /// Destination Options header starting with our option.
 #[inline(never)]
 pub fn learn6(ctx: &TcContext) {
-    if ctx.load::<u8>(ETH_HLEN + 6) != Ok(IPPROTO_DSTOPTS) {
+    if skb::load::<u8>(ctx, ETH_HLEN + 6) != Ok(IPPROTO_DSTOPTS) {
         return;
     }
     // Next header, length, option type and length, port.
-    let Ok(head) = ctx.load::<[u8; 6]>(ETH_HLEN + 40) else {
+    let Ok(head) = skb::load::<[u8; 6]>(ctx, ETH_HLEN + 40) else {
         return;
     };
     if head[2] != OPTION6_TYPE {
@@ -509,7 +509,7 @@ fn parse6(ctx: &TcContext, head: &[u8; 6], said: &mut Said<[u8; 16]>) -> Result<
     let mut l4 = at + HDR6_LEN;
     let mut next = head[0];
     if next == IPPROTO_FRAGMENT {
-        let f = ctx.load::<[u8; 4]>(l4).map_err(|_| Reason::DsrRefused)?;
+        let f = skb::load::<[u8; 4]>(ctx, l4).map_err(|_| Reason::DsrRefused)?;
         if u16::from_be_bytes([f[2], f[3]]) & FRAG6_OFFSET != 0 {
             return Err(Reason::DsrRefused);
         }
@@ -524,7 +524,7 @@ fn parse6(ctx: &TcContext, head: &[u8; 6], said: &mut Said<[u8; 16]>) -> Result<
     load_into(ctx, at + 22, &mut said.peer)?;
     load_into(ctx, ETH_HLEN + 8, &mut said.t.saddr)?;
     load_into(ctx, ETH_HLEN + 24, &mut said.t.daddr)?;
-    let ports = ctx.load::<[u8; 4]>(l4).map_err(|_| Reason::DsrRefused)?;
+    let ports = skb::load::<[u8; 4]>(ctx, l4).map_err(|_| Reason::DsrRefused)?;
     said.t.sport = u16::from_be_bytes([ports[0], ports[1]]);
     said.t.dport = u16::from_be_bytes([ports[2], ports[3]]);
     Ok(())
@@ -628,21 +628,21 @@ fn is_frontend<F: Dsr>(frontend: &F::Addr, port: u16, proto: u8, here: &F::Addr)
 /// buffer stays out of `learn`'s frame.
 #[inline(never)]
 fn from_peer<F: Dsr>(ctx: &TcContext, peer: &F::Addr, here: &mut F::Addr) -> bool {
-    let Ok(smac) = ctx.load::<[u8; 6]>(6) else {
+    let Ok(smac) = skb::load::<[u8; 6]>(ctx, 6) else {
         return false;
     };
     // SAFETY: reading the context's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain-old-data the helper fills in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut buf = core::mem::MaybeUninit::uninit();
+    let p = super::fib::zero(&mut buf);
     p.family = F::AF;
     p.ifindex = ifindex;
-    F::fib_dst(&mut p, peer);
+    F::fib_dst(p, peer);
     // SAFETY: valid context and buffer.
     let rc = unsafe {
         fib_lookup(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SRC,
         )
@@ -650,7 +650,7 @@ fn from_peer<F: Dsr>(ctx: &TcContext, peer: &F::Addr, here: &mut F::Addr) -> boo
     if rc != 0 || p.ifindex != ifindex || p.dmac != smac {
         return false;
     }
-    *here = F::fib_src(&p);
+    *here = F::fib_src(p);
     true
 }
 

@@ -26,7 +26,7 @@ use proxy_common::{
 use crate::{
     access::{
         maps::{LB_FRAG4, LB_FRAG6, XDP_SCRATCH, XDP_SCRATCH_WORDS},
-        stats,
+        skb, stats,
         xdp::{bounds, read_in},
     },
     flow::{
@@ -91,14 +91,14 @@ fn forward_or_pass<F: Tracked>(ctx: &TcContext, to: Option<Tuple<F::Addr>>) -> i
 /// Remembers the ports of a first fragment (more-fragments set, offset 0).
 #[inline(never)]
 pub fn remember_first4(ctx: &TcContext) {
-    let Ok(h) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+    let Ok(h) = skb::load::<[u8; 20]>(ctx, ETH_HLEN) else {
         return;
     };
     let Some(key) = key(&h) else {
         return;
     };
     let l4 = ETH_HLEN + ((h[0] & 0x0f) as usize) * 4;
-    let Ok(ports) = ctx.load::<[u8; 4]>(l4) else {
+    let Ok(ports) = skb::load::<[u8; 4]>(ctx, l4) else {
         return;
     };
     // Losing an entry (the LRU map full of other datagrams) loses this datagram only.
@@ -114,7 +114,7 @@ pub fn later4(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn translate4(ctx: &TcContext) -> Option<Tuple<[u8; 4]>> {
-    let h = ctx.load::<[u8; 20]>(ETH_HLEN).ok()?;
+    let h = skb::load::<[u8; 20]>(ctx, ETH_HLEN).ok()?;
     let key = key(&h)?;
     // SAFETY: a map lookup whose value is used at once.
     let ports = *unsafe { LB_FRAG4.get(&key) }?;
@@ -171,15 +171,15 @@ fn key6(h: &[u8; 40], f: &[u8; 8]) -> Option<Frag6Key> {
 #[inline(never)]
 pub fn remember_first6(ctx: &TcContext) {
     let (Ok(h), Ok(f)) = (
-        ctx.load::<[u8; 40]>(ETH_HLEN),
-        ctx.load::<[u8; 8]>(ETH_HLEN + 40),
+        skb::load::<[u8; 40]>(ctx, ETH_HLEN),
+        skb::load::<[u8; 8]>(ctx, ETH_HLEN + 40),
     ) else {
         return;
     };
     let Some(key) = key6(&h, &f) else {
         return;
     };
-    let Ok(ports) = ctx.load::<[u8; 4]>(ETH_HLEN + 48) else {
+    let Ok(ports) = skb::load::<[u8; 4]>(ctx, ETH_HLEN + 48) else {
         return;
     };
     let _ = LB_FRAG6.insert(&key, &ports_of(ports), 0);
@@ -194,8 +194,8 @@ pub fn later6(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn translate6(ctx: &TcContext) -> Option<Tuple<[u8; 16]>> {
-    let h = ctx.load::<[u8; 40]>(ETH_HLEN).ok()?;
-    let f = ctx.load::<[u8; 8]>(ETH_HLEN + 40).ok()?;
+    let h = skb::load::<[u8; 40]>(ctx, ETH_HLEN).ok()?;
+    let f = skb::load::<[u8; 8]>(ctx, ETH_HLEN + 40).ok()?;
     let key = key6(&h, &f)?;
     // SAFETY: a map lookup whose value is used at once.
     let ports = *unsafe { LB_FRAG6.get(&key) }?;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use proxy_common::{ct::CT_REPLY, proto, reason::Reason};
 
 use crate::{
-    access::stats,
+    access::{skb, stats},
     flow::{ct::Tracked, fib::forward},
     headers::{
         ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, Tuple,
@@ -73,22 +73,22 @@ pub fn icmp4(ctx: &TcContext) -> i32 {
 /// options), quoted ports at 62.
 fn translate4(ctx: &TcContext) -> Result<Option<Tuple<[u8; 4]>>, i64> {
     let l3 = ETH_HLEN;
-    let outer = ctx.load::<[u8; 20]>(l3)?;
+    let outer = skb::load::<[u8; 20]>(ctx, l3)?;
     if outer[0] != 0x45 {
         return Ok(None);
     }
     let icmp = l3 + 20;
-    let kind = ctx.load::<u8>(icmp)?;
+    let kind = skb::load::<u8>(ctx, icmp)?;
     // Destination unreachable, time exceeded, parameter problem.
     if kind != 3 && kind != 11 && kind != 12 {
         return Ok(None);
     }
     let q = icmp + 8;
-    let quoted = ctx.load::<[u8; 20]>(q)?;
+    let quoted = skb::load::<[u8; 20]>(ctx, q)?;
     if quoted[0] != 0x45 || (quoted[9] != proto::TCP && quoted[9] != proto::UDP) {
         return Ok(None);
     }
-    let ports = ctx.load::<[u8; 4]>(q + 20)?;
+    let ports = skb::load::<[u8; 4]>(ctx, q + 20)?;
     let inner = Tuple {
         saddr: [quoted[12], quoted[13], quoted[14], quoted[15]],
         daddr: [quoted[16], quoted[17], quoted[18], quoted[19]],
@@ -110,14 +110,14 @@ fn translate4(ctx: &TcContext) -> Result<Option<Tuple<[u8; 4]>>, i64> {
     ] {
         if old != new {
             // The quoted header's own checksum, then the ICMP checksum over both changes.
-            let before = ctx.load::<[u8; 2]>(qcsum)?;
+            let before = skb::load::<[u8; 2]>(ctx, qcsum)?;
             ctx.l3_csum_replace(
                 qcsum,
                 u32::from_ne_bytes(old) as u64,
                 u32::from_ne_bytes(new) as u64,
                 4,
             )?;
-            let after = ctx.load::<[u8; 2]>(qcsum)?;
+            let after = skb::load::<[u8; 2]>(ctx, qcsum)?;
             ctx.l4_csum_replace(
                 csum,
                 u16::from_ne_bytes(before) as u64,
@@ -180,19 +180,19 @@ pub fn icmp6(ctx: &TcContext) -> i32 {
 fn translate6(ctx: &TcContext) -> Result<Option<Tuple<[u8; 16]>>, i64> {
     let l3 = ETH_HLEN;
     let icmp = l3 + 40;
-    let kind = ctx.load::<u8>(icmp)?;
+    let kind = skb::load::<u8>(ctx, icmp)?;
     // Destination unreachable, packet too big, time exceeded, parameter problem.
     if !(1..=4).contains(&kind) {
         return Ok(None);
     }
     let q = icmp + 8;
-    let next = ctx.load::<u8>(q + 6)?;
+    let next = skb::load::<u8>(ctx, q + 6)?;
     if next != proto::TCP && next != proto::UDP {
         return Ok(None);
     }
-    let qsrc = ctx.load::<[u8; 16]>(q + 8)?;
-    let qdst = ctx.load::<[u8; 16]>(q + 24)?;
-    let ports = ctx.load::<[u8; 4]>(q + 40)?;
+    let qsrc = skb::load::<[u8; 16]>(ctx, q + 8)?;
+    let qdst = skb::load::<[u8; 16]>(ctx, q + 24)?;
+    let ports = skb::load::<[u8; 4]>(ctx, q + 40)?;
     let inner = Tuple {
         saddr: qsrc,
         daddr: qdst,
@@ -219,8 +219,8 @@ fn translate6(ctx: &TcContext) -> Result<Option<Tuple<[u8; 16]>>, i64> {
             field(ctx, q + 40 + 2 * i, csum, &old_ports[i], &new_ports[i])?;
         }
     }
-    let outer_src = ctx.load::<[u8; 16]>(l3 + 8)?;
-    let outer_dst = ctx.load::<[u8; 16]>(l3 + 24)?;
+    let outer_src = skb::load::<[u8; 16]>(ctx, l3 + 8)?;
+    let outer_dst = skb::load::<[u8; 16]>(ctx, l3 + 24)?;
     let mut to = Tuple {
         saddr: outer_src,
         daddr: new_src,

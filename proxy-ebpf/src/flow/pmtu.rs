@@ -34,7 +34,7 @@ use proxy_common::{
 
 use crate::{
     access::{
-        skb::{send_back, set_len, store, swap_macs},
+        skb::{self, send_back, set_len, store, swap_macs},
         stats,
     },
     flow::monitor,
@@ -110,7 +110,7 @@ impl Answer for V4 {
     #[inline(always)]
     fn answerable(ctx: &TcContext) -> bool {
         // Version and header length, flags and fragment offset, TTL.
-        matches!(ctx.load::<[u8; 9]>(ETH_HLEN), Ok(h) if h[0] == 0x45
+        matches!(skb::load::<[u8; 9]>(ctx, ETH_HLEN), Ok(h) if h[0] == 0x45
             && u16::from_be_bytes([h[6], h[7]]) & FRAG_DF != 0 && h[8] > 1)
     }
 }
@@ -132,7 +132,7 @@ impl Answer for V6 {
     #[inline(always)]
     fn answerable(ctx: &TcContext) -> bool {
         // Next header, hop limit.
-        matches!(ctx.load::<[u8; 2]>(ETH_HLEN + 6), Ok([next, hops]) if hops > 1
+        matches!(skb::load::<[u8; 2]>(ctx, ETH_HLEN + 6), Ok([next, hops]) if hops > 1
             && (next == proto::TCP || next == proto::UDP || next == IPPROTO_FRAGMENT))
     }
 }
@@ -161,7 +161,7 @@ fn frag_needed4(
     reason: Reason,
 ) -> Result<bool, i64> {
     let l3 = ETH_HLEN;
-    let Ok(ip) = ctx.load::<[u8; 28]>(l3) else {
+    let Ok(ip) = skb::load::<[u8; 28]>(ctx, l3) else {
         return Ok(false);
     };
     let frag = u16::from_be_bytes([ip[6], ip[7]]);

@@ -92,19 +92,19 @@ pub fn record<F: Records>(
 /// counting it.
 #[inline(always)]
 pub fn forget(cookie: u64, family: u8, addr: &[u8; 16], port: u16) {
-    let deleted = match family {
-        FAMILY_V4 => forget_in::<V4>(cookie, addr, port),
-        FAMILY_V6 => forget_in::<V6>(cookie, addr, port),
-        _ => None,
-    };
-    if let Some(reason) = deleted {
-        stats::count(reason);
+    match family {
+        FAMILY_V4 => forget_in::<V4>(cookie, &V4::from_bytes(addr), port),
+        FAMILY_V6 => forget_in::<V6>(cookie, &V6::from_bytes(addr), port),
+        _ => {}
     }
 }
 
+/// Deletes the record (`cookie`, `addr`, `port`) of family `F`, counting it.
 #[inline(always)]
-fn forget_in<F: Records>(cookie: u64, addr: &[u8; 16], port: u16) -> Option<Reason> {
-    F::delete(cookie, &F::from_bytes(addr), port).then_some(F::DELETED)
+pub fn forget_in<F: Records>(cookie: u64, addr: &F::Addr, port: u16) {
+    if F::delete(cookie, addr, port) {
+        stats::count(F::DELETED);
+    }
 }
 
 /// Inserts `value` under `key` as a new entry (true), else replaces the existing one (false).
@@ -176,6 +176,26 @@ impl Records for V4 {
     }
 }
 
+/// The IPv6 record key: its padding written as three volatile 16-bit stores (zeroing the six
+/// bytes alone compiles to a call of the byte-wise `memset`, on every socket's release).
+#[inline(always)]
+fn key6(cookie: u64, addr: &[u8; 16], port: u16) -> SockRevNat6Key {
+    let mut key = core::mem::MaybeUninit::<SockRevNat6Key>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every field written through the pointer before `assume_init`; `_pad` follows the
+    // 16-bit port at an even offset, so its 16-bit words are aligned.
+    unsafe {
+        (&raw mut (*k).cookie).write(cookie);
+        (&raw mut (*k).addr).write(*addr);
+        (&raw mut (*k).port).write(port);
+        let pad = (&raw mut (*k)._pad).cast::<u16>();
+        pad.write_volatile(0);
+        pad.add(1).write_volatile(0);
+        pad.add(2).write_volatile(0);
+        key.assume_init()
+    }
+}
+
 impl Records for V6 {
     const FAMILY: u8 = FAMILY_V6;
     const NEW: Reason = Reason::RevNatNew6;
@@ -190,12 +210,7 @@ impl Records for V6 {
         port: u16,
         svc_id: u32,
     ) -> Result<bool, ()> {
-        let key = SockRevNat6Key {
-            cookie,
-            addr: *backend,
-            port: backend_port,
-            _pad: [0; 6],
-        };
+        let key = key6(cookie, backend, backend_port);
         let value = SockRevNat6Value {
             addr: *frontend,
             port,
@@ -207,12 +222,7 @@ impl Records for V6 {
 
     #[inline(always)]
     fn read(cookie: u64, addr: &[u8; 16], port: u16) -> Option<([u8; 16], u16, u32)> {
-        let key = SockRevNat6Key {
-            cookie,
-            addr: *addr,
-            port,
-            _pad: [0; 6],
-        };
+        let key = key6(cookie, addr, port);
         // SAFETY: a map lookup whose value is copied at once; an update racing it gives either
         // version.
         unsafe { SOCK6_REVNAT.get(&key) }.map(|v| (v.addr, v.port, v.svc_id))
@@ -220,12 +230,7 @@ impl Records for V6 {
 
     #[inline(always)]
     fn delete(cookie: u64, addr: &[u8; 16], port: u16) -> bool {
-        let key = SockRevNat6Key {
-            cookie,
-            addr: *addr,
-            port,
-            _pad: [0; 6],
-        };
+        let key = key6(cookie, addr, port);
         SOCK6_REVNAT.remove(&key).is_ok()
     }
 

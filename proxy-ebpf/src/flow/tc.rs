@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     programs::TcContext,
 };
 use proxy_common::{
@@ -61,8 +61,11 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             return TC_ACT_OK as i32;
         }
     };
+    // The monotonic clock as of the last tick: a tracked flow's last-seen time only decides
+    // its expiry, seconds away, and the exact clock costs a read of the time-stamp counter on
+    // every packet. (The agent compares it with saturation.)
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(ptr) = F::ct_lookup(&pkt.t) {
         // SAFETY: `ptr` came from the lookup.
         let mut e = unsafe { F::ct_read(ptr) };
@@ -133,7 +136,7 @@ pub fn host_reply<F: Tracked>(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     // SAFETY: a helper without arguments; `ptr` came from the lookup.
-    unsafe { F::ct_touch(ptr, bpf_ktime_get_ns(), ct_flags_of(pkt.tcp_flags)) };
+    unsafe { F::ct_touch(ptr, bpf_ktime_get_coarse_ns(), ct_flags_of(pkt.tcp_flags)) };
     e.to.proto = pkt.t.proto;
     if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
         monitor::dropped::<F>(Hook::TcEgress, Reason::RewriteFailed, e.svc_id, &pkt.t);

@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup as fib_lookup},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use proxy_common::{
@@ -82,26 +82,19 @@ pub fn hop<F: Tracked>(
     want_src: bool,
     out: &mut Hop<F::Addr>,
 ) -> bool {
-    // SAFETY: a plain-old-data struct (all zeroes is a valid value) the helper fills in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib::params::<F>(&mut p, t, ctx.ingress_ifindex() as u32);
+    let mut buf = core::mem::MaybeUninit::uninit();
+    let p = fib::zero(&mut buf);
+    fib::params::<F>(p, t, ctx.ingress_ifindex() as u32);
     let flags = if want_src { BPF_FIB_LOOKUP_SRC } else { 0 };
     // SAFETY: valid context and buffer.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            flags,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, flags) };
     if rc != 0 {
         return false;
     }
     out.ifindex = p.ifindex;
     out.smac = p.smac;
     out.dmac = p.dmac;
-    out.src = F::fib_src(&p);
+    out.src = F::fib_src(p);
     true
 }
 
@@ -127,8 +120,9 @@ pub fn handle<F: XdpIp + Dsr>(ctx: &XdpContext) -> Option<u32> {
     let Some(pkt) = F::parse_xdp(ctx) else {
         return Some(XDP_PASS);
     };
+    // The clock as of the last tick, as at tc (`flow::tc::handle`).
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let here = ctx.ingress_ifindex() as u32;
     if let Some(ptr) = F::ct_lookup(&pkt.t) {
         // SAFETY: from the lookup.

@@ -8,6 +8,8 @@ use aya_ebpf::{
 };
 use proxy_common::{backend::BackendValue, proto, reason::Reason};
 
+use crate::access::skb;
+
 use super::{
     AF_INET, AF_INET6, ETH_HLEN, FRAG_OFFSET, FRAG6_OFFSET, IPPROTO_FRAGMENT, Packet, Tuple, csum,
     hash, ip6_bytes, ip6_words,
@@ -56,7 +58,7 @@ pub struct V6;
 #[inline(always)]
 fn ports(ctx: &TcContext, l4: usize, proto_: u8) -> Result<(u16, u16, u8), Option<Reason>> {
     if proto_ == proto::TCP {
-        let h = ctx.load::<[u8; 14]>(l4).map_err(|_| None)?;
+        let h = skb::load::<[u8; 14]>(ctx, l4).map_err(|_| None)?;
         return Ok((
             u16::from_be_bytes([h[0], h[1]]),
             u16::from_be_bytes([h[2], h[3]]),
@@ -66,7 +68,7 @@ fn ports(ctx: &TcContext, l4: usize, proto_: u8) -> Result<(u16, u16, u8), Optio
     if proto_ != proto::UDP {
         return Err(None);
     }
-    let h = ctx.load::<[u8; 4]>(l4).map_err(|_| None)?;
+    let h = skb::load::<[u8; 4]>(ctx, l4).map_err(|_| None)?;
     Ok((
         u16::from_be_bytes([h[0], h[1]]),
         u16::from_be_bytes([h[2], h[3]]),
@@ -87,7 +89,7 @@ impl Ip for V4 {
     fn parse(ctx: &TcContext) -> Result<Packet<[u8; 4]>, Option<Reason>> {
         let l3 = ETH_HLEN;
         // The fixed header in one load.
-        let h = ctx.load::<[u8; 20]>(l3).map_err(|_| None)?;
+        let h = skb::load::<[u8; 20]>(ctx, l3).map_err(|_| None)?;
         let ihl = ((h[0] & 0x0f) as usize) * 4;
         if h[0] >> 4 != 4 || ihl < 20 {
             return Err(None);
@@ -182,25 +184,25 @@ impl Ip for V6 {
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Result<Packet<[u8; 16]>, Option<Reason>> {
         let l3 = ETH_HLEN;
-        let version = ctx.load::<u8>(l3).map_err(|_| None)? >> 4;
+        let version = skb::load::<u8>(ctx, l3).map_err(|_| None)? >> 4;
         if version != 6 {
             return Err(None);
         }
         // Extension headers other than a fragment header are not followed: such packets pass.
-        let mut next = ctx.load::<u8>(l3 + 6).map_err(|_| None)?;
+        let mut next = skb::load::<u8>(ctx, l3 + 6).map_err(|_| None)?;
         let mut l4 = l3 + 40;
         if next == IPPROTO_FRAGMENT {
             // A later fragment (non-zero offset) carries no ports: `flow::frag` handles it. A
             // first one carries them after the fragment header, and is translated as any packet.
-            let frag = ctx.load::<[u8; 4]>(l4).map_err(|_| None)?;
+            let frag = skb::load::<[u8; 4]>(ctx, l4).map_err(|_| None)?;
             if u16::from_be_bytes([frag[2], frag[3]]) & FRAG6_OFFSET != 0 {
                 return Err(Some(Reason::Fragment));
             }
             next = frag[0];
             l4 += 8;
         }
-        let saddr = ctx.load::<[u8; 16]>(l3 + 8).map_err(|_| None)?;
-        let daddr = ctx.load::<[u8; 16]>(l3 + 24).map_err(|_| None)?;
+        let saddr = skb::load::<[u8; 16]>(ctx, l3 + 8).map_err(|_| None)?;
+        let daddr = skb::load::<[u8; 16]>(ctx, l3 + 24).map_err(|_| None)?;
         let (sport, dport, tcp_flags) = ports(ctx, l4, next)?;
         Ok(Packet {
             t: Tuple {

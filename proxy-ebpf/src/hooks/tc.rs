@@ -6,7 +6,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::proto::{ETH_P_IP, ETH_P_IPV6};
 
 use crate::{
-    access::maps::host_flows,
+    access::{maps::host_flows, skb},
     flow::{
         dsr,
         fib::too_big_mtu,
@@ -23,15 +23,15 @@ use crate::{
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
-    let Ok(ethertype) = ctx.load::<u16>(12) else {
+    let Ok(ethertype) = skb::load::<u16>(ctx, 12) else {
         return TC_ACT_OK as i32;
     };
     // Tracked flows first; a packet of none starts one (`start`).
     match u16::from_be(ethertype) {
-        ETH_P_IP if ctx.load::<u8>(ETH_HLEN + 9) == Ok(IPPROTO_ICMP) => icmp::icmp4(ctx),
-        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_ICMPV6) => icmp::icmp6(ctx),
+        ETH_P_IP if skb::load::<u8>(ctx, ETH_HLEN + 9) == Ok(IPPROTO_ICMP) => icmp::icmp4(ctx),
+        ETH_P_IPV6 if skb::load::<u8>(ctx, ETH_HLEN + 6) == Ok(IPPROTO_ICMPV6) => icmp::icmp6(ctx),
         ETH_P_IP => {
-            let frag = ctx.load::<u16>(ETH_HLEN + 6).map_or(0, u16::from_be);
+            let frag = skb::load::<u16>(ctx, ETH_HLEN + 6).map_or(0, u16::from_be);
             if frag & FRAG_OFFSET != 0 {
                 return frag::later4(ctx);
             }
@@ -49,8 +49,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 },
             }
         }
-        ETH_P_IPV6 if ctx.load::<u8>(ETH_HLEN + 6) == Ok(IPPROTO_FRAGMENT) => {
-            let frag = ctx.load::<u16>(ETH_HLEN + 42).map_or(0, u16::from_be);
+        ETH_P_IPV6 if skb::load::<u8>(ctx, ETH_HLEN + 6) == Ok(IPPROTO_FRAGMENT) => {
+            let frag = skb::load::<u16>(ctx, ETH_HLEN + 42).map_or(0, u16::from_be);
             if frag & FRAG6_OFFSET != 0 {
                 return frag::later6(ctx);
             }
@@ -75,7 +75,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
     if !host_flows() {
         return TC_ACT_OK as i32;
     }
-    match ctx.load::<u16>(12).map(u16::from_be) {
+    match skb::load::<u16>(ctx, 12).map(u16::from_be) {
         Ok(ETH_P_IP) => host_reply::<V4>(ctx),
         Ok(ETH_P_IPV6) => host_reply::<V6>(ctx),
         _ => TC_ACT_OK as i32,

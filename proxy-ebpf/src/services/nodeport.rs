@@ -261,8 +261,6 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         Err(_) => return TC_ACT_OK as i32,
     };
     let pkt = &pkt;
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let from_outside = scope == SCOPE_FROM_OUTSIDE;
     let internal = scope == SCOPE_INTERNAL;
     let svc = match newflow::admit::<F>(&pkt.t, lookup_scope(scope)) {
@@ -339,6 +337,10 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     } else {
         0
     };
+    // The clock only for a flow that is recorded: every packet of traffic that is no Service's
+    // comes through here too.
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // One entry on the stack, written first as the reply entry, then as the forward one.
     let mut entry = Entry {
         to,

@@ -13,7 +13,7 @@ use proxy_common::{
 
 use crate::{
     access::{
-        skb::{send_back, set_len, store, swap_macs},
+        skb::{self, send_back, set_len, store, swap_macs},
         stats,
     },
     flow::monitor,
@@ -115,8 +115,8 @@ fn tcp_reset_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
     if l4 != l3 + 20 {
         return Err(0); // IP options: not answered
     }
-    let ip = ctx.load::<[u8; 20]>(l3)?;
-    let tcp = ctx.load::<[u8; 20]>(l4)?;
+    let ip = skb::load::<[u8; 20]>(ctx, l3)?;
+    let tcp = skb::load::<[u8; 20]>(ctx, l4)?;
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
     let doff = ((tcp[12] >> 4) as u32) * 4;
     let payload = tot_len.saturating_sub(20 + doff);
@@ -150,8 +150,8 @@ fn tcp_reset_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
 fn tcp_reset_v6(ctx: &TcContext) -> Result<(), i64> {
     let l3 = ETH_HLEN;
     let l4 = l3 + 40;
-    let ip = ctx.load::<[u8; 40]>(l3)?;
-    let tcp = ctx.load::<[u8; 20]>(l4)?;
+    let ip = skb::load::<[u8; 40]>(ctx, l3)?;
+    let tcp = skb::load::<[u8; 20]>(ctx, l4)?;
     let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as u32;
     let doff = ((tcp[12] >> 4) as u32) * 4;
     let mut rst = reset_header(&tcp, payload_len.saturating_sub(doff));
@@ -184,7 +184,7 @@ fn unreachable_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
     let mut icmp = [0u8; 36];
     icmp[0] = 3;
     icmp[1] = 3;
-    let orig = ctx.load::<[u8; 28]>(l3)?;
+    let orig = skb::load::<[u8; 28]>(ctx, l3)?;
     let mut i = 0;
     while i < 28 {
         icmp[8 + i] = orig[i];
@@ -209,7 +209,7 @@ fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
     let mut icmp = [0u8; 56];
     icmp[0] = 1;
     icmp[1] = 4;
-    let orig = ctx.load::<[u8; 48]>(l3)?;
+    let orig = skb::load::<[u8; 48]>(ctx, l3)?;
     let mut i = 0;
     while i < 48 {
         icmp[8 + i] = orig[i];

@@ -223,17 +223,23 @@ pub fn verdict<F: SockFamily, const SEND: bool>(
 fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let mut client = [0u8; 16];
-    let bytes = cookie.to_ne_bytes();
-    let mut i = 0;
-    while i < 8 {
-        client[i] = bytes[i];
-        i += 1;
-    }
-    AffinityKey {
-        port_id,
-        client_kind: CLIENT_NETNS,
-        client,
+    let b = cookie.to_ne_bytes();
+    let mut key = core::mem::MaybeUninit::<AffinityKey>::uninit();
+    let k = key.as_mut_ptr();
+    // Written volatile: zeroing the second half of `client` would otherwise compile to a call
+    // of the byte-wise `memset` on every connect().
+    // SAFETY: every field written before `assume_init`; `client` sits at offset 8 of a 4-byte
+    // aligned struct, so its 32-bit words are aligned.
+    unsafe {
+        (&raw mut (*k).port_id).write(port_id);
+        (&raw mut (*k).client_kind).write(CLIENT_NETNS);
+        let w = (&raw mut (*k).client).cast::<u32>();
+        w.write_volatile(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        w.add(1)
+            .write_volatile(u32::from_ne_bytes([b[4], b[5], b[6], b[7]]));
+        w.add(2).write_volatile(0);
+        w.add(3).write_volatile(0);
+        key.assume_init()
     }
 }
 
