@@ -37,7 +37,9 @@ pub struct CtValue<A> {
     pub svc_id: u32,
     /// Backend id (`LB_BACKENDS`).
     pub backend_id: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet through this entry.
+    /// CLOCK_MONOTONIC of the last packet through this entry: exact when the flow is created,
+    /// then the coarse clock (`bpf_ktime_get_coarse_ns`, as of the last tick), so it may step
+    /// back by up to a tick; only expiry reads it, with saturation.
     pub last_seen_ns: u64,
     /// Non-zero while this forward entry holds one active-connection count of `backend_id`
     /// (least-connection frontends). Whoever swaps it to 0 — the datapath when the flow

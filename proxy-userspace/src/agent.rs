@@ -500,7 +500,7 @@ pub fn run(
             None => tick,
         };
         match rx.recv_timeout(wait) {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
                 if let Some(h) = &observers.health {
                     h.queued(SystemTime::now());
                     let eligible = snapshot.node.eligible;
@@ -521,7 +521,7 @@ pub fn run(
                         h.set_node_eligible(eligible);
                     }
                 }
-                changes_pending.add(snapshot.changes);
+                changes_pending.add(std::mem::take(&mut snapshot.changes));
                 if let Some(m) = &observers.metrics {
                     m.observe_queued(SystemTime::now());
                     m.set_changes_pending(&changes_pending);
@@ -1249,13 +1249,12 @@ mod tests {
         assert_eq!(t("not a time"), None);
     }
 
-    /// kube-proxy's `*_changes_pending` gauges (semantics 11.4): the changes a source took in
+    /// kube-proxy's `*_changes_pending` gauges (semantics 11.4): the objects a source saw change
     /// are pending until a sync programs them. A sync at once when idle leaves nothing pending;
-    /// changes arriving within `min_interval` of it wait and add up, then the next sync takes
-    /// them all.
+    /// changes arriving within `min_interval` of it wait and add up (an object changed twice
+    /// counts once, in each of its families), then the next sync takes them all.
     #[test]
     fn changes_are_pending_until_a_sync_takes_them() {
-        use crate::snapshot::Changes;
         let metrics = Arc::new(Metrics::new("test", &[Family::V4, Family::V6]));
         let observers = Observers {
             metrics: Some(metrics.clone()),
@@ -1279,8 +1278,14 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         };
-        let with = |mut s: Snapshot, services, slices| {
-            s.changes = Changes { services, slices };
+        // (name, family index) of the Services and slices noted as changed.
+        let with = |mut s: Snapshot, services: &[(&str, usize)], slices: &[(&str, usize)]| {
+            for (name, f) in services {
+                s.changes.services[*f].insert(("default".into(), name.to_string()));
+            }
+            for (name, f) in slices {
+                s.changes.slices[*f].insert(("default".into(), name.to_string()));
+            }
             s
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1292,8 +1297,12 @@ mod tests {
         let mut io = Faulty::failing(None);
         std::thread::scope(|scope| {
             let agent = scope.spawn(|| run(&mut io, rx, timing, &stop, &observers));
-            tx.send(with(services_a_b(&["10.244.0.2"], &[]), 2, [1, 0]))
-                .unwrap();
+            tx.send(with(
+                services_a_b(&["10.244.0.2"], &[]),
+                &[("a", 0), ("b", 0)],
+                &[("a-1", 0)],
+            ))
+            .unwrap();
             let last_sync = || {
                 metrics
                     .last_sync_timestamp
@@ -1308,12 +1317,16 @@ mod tests {
             wait("after the first sync", [(0, 0), (0, 0)]);
             // Within min_interval of that sync: held, and added up.
             let synced = last_sync();
-            tx.send(with(services_a_b(&["10.244.0.3"], &[]), 0, [1, 0]))
-                .unwrap();
+            tx.send(with(
+                services_a_b(&["10.244.0.3"], &[]),
+                &[("a", 0), ("a", 1)],
+                &[("a-1", 0)],
+            ))
+            .unwrap();
             tx.send(with(
                 services_a_b(&["10.244.0.3"], &["10.244.0.4"]),
-                1,
-                [0, 1],
+                &[("a", 0), ("a", 1)],
+                &[("b-6", 1)],
             ))
             .unwrap();
             wait("two changes held", [(1, 1), (1, 1)]);

@@ -596,20 +596,14 @@ impl Metrics {
         });
     }
 
-    /// The changes taken in and not programmed yet (every family sees every Service change;
-    /// EndpointSlice changes count in their address type's).
+    /// The Services and EndpointSlices changed and not programmed yet, per family (`Changes`).
     pub fn set_changes_pending(&self, pending: &crate::snapshot::Changes) {
-        self.each_family(|l| {
-            self.service_changes_pending.with(l).set(pending.services);
-        });
+        let (services, slices) = pending.counts();
         for &family in &self.families {
-            let n = match family {
-                IpFamily::V4 => pending.slices[0],
-                IpFamily::V6 => pending.slices[1],
-            };
-            self.endpoint_changes_pending
-                .with(&[("ip_family", ip_family_name(family))])
-                .set(n);
+            let i = usize::from(family == IpFamily::V6);
+            let l = [("ip_family", ip_family_name(family))];
+            self.service_changes_pending.with(&l).set(services[i]);
+            self.endpoint_changes_pending.with(&l).set(slices[i]);
         }
     }
 

@@ -1,8 +1,8 @@
 //! A consistent view of the cluster objects the proxy reads, as a source delivers them.
 
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 use crate::objects::{Address, Slice};
 
@@ -27,46 +27,104 @@ pub struct Snapshot {
     pub changes: Changes,
 }
 
-/// Service and EndpointSlice changes (an object added, changed or deleted) a source took in,
-/// for kube-proxy's `*_changes_pending` gauges (semantics 11.4): counted as they arrive, and
-/// no longer pending once a sync has programmed them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The Services and EndpointSlices a source saw change (added, changed in what the proxy
+/// reads, or deleted), by namespace and name, per IP family, for kube-proxy's
+/// `*_changes_pending` gauges (semantics 11.4): each object counts once however often it
+/// changed until a sync programs it; a Service counts in the families it has a cluster IP of,
+/// a slice in its address type's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    pub services: u64,
-    /// EndpointSlice changes by address type: IPv4, IPv6 (FQDN and others are never used).
-    pub slices: [u64; 2],
+    /// Indexed IPv4, IPv6.
+    pub services: [BTreeSet<(String, String)>; 2],
+    pub slices: [BTreeSet<(String, String)>; 2],
+}
+
+/// The family index (`Changes`) of an address or family name.
+fn family_index(family: &str) -> Option<usize> {
+    match family {
+        "IPv4" => Some(0),
+        "IPv6" => Some(1),
+        _ => None,
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 impl Changes {
-    /// One change of a Service.
-    pub const SERVICE: Changes = Changes {
-        services: 1,
-        slices: [0, 0],
-    };
-
-    /// One change of `slice` (nothing for an address type the proxy does not use).
-    pub fn slice(slice: &Slice) -> Changes {
-        let mut slices = [0, 0];
-        match slice.address_type.as_str() {
-            "IPv4" => slices[0] = 1,
-            "IPv6" => slices[1] = 1,
-            _ => {}
-        }
-        Changes {
-            services: 0,
-            slices,
+    /// Notes a change of `svc` (either version: a change of families counts in both).
+    pub fn service(&mut self, svc: &Service) {
+        let spec = svc.spec.as_ref();
+        let families: Vec<usize> = match spec.and_then(|s| s.ip_families.as_ref()) {
+            Some(f) if !f.is_empty() => f.iter().filter_map(|f| family_index(f)).collect(),
+            // Version skew: the cluster IP's own family (semantics 1.4).
+            _ => spec
+                .and_then(|s| s.cluster_ip.as_deref())
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                .map(|ip| vec![usize::from(ip.is_ipv6())])
+                .unwrap_or_default(),
+        };
+        for f in families {
+            self.services[f].insert(key_of(&svc.metadata));
         }
     }
 
+    /// Notes a change of `slice` (nothing for an address type the proxy does not use).
+    pub fn slice(&mut self, slice: &Slice) {
+        if let Some(f) = family_index(&slice.address_type) {
+            self.slices[f].insert(key_of(&slice.metadata));
+        }
+    }
+
+    /// Takes in `other`'s changes.
     pub fn add(&mut self, other: Changes) {
-        self.services += other.services;
-        self.slices[0] += other.slices[0];
-        self.slices[1] += other.slices[1];
+        for (mine, theirs) in self.services.iter_mut().zip(other.services) {
+            mine.extend(theirs);
+        }
+        for (mine, theirs) in self.slices.iter_mut().zip(other.slices) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// Services and slices changed, per family: ([IPv4, IPv6], [IPv4, IPv6]).
+    pub fn counts(&self) -> ([u64; 2], [u64; 2]) {
+        let n = |s: &[BTreeSet<(String, String)>; 2]| [s[0].len() as u64, s[1].len() as u64];
+        (n(&self.services), n(&self.slices))
     }
 
     pub fn is_empty(&self) -> bool {
-        *self == Changes::default()
+        self.services
+            .iter()
+            .chain(&self.slices)
+            .all(BTreeSet::is_empty)
     }
+}
+
+/// Whether two versions of a Service differ in what the proxy reads: its spec, its load
+/// balancer status, its labels and annotations (a change of resourceVersion or of another
+/// field alone is no change, semantics 1.6).
+pub fn service_differs(a: &Service, b: &Service) -> bool {
+    a.spec != b.spec
+        || a.status.as_ref().and_then(|s| s.load_balancer.as_ref())
+            != b.status.as_ref().and_then(|s| s.load_balancer.as_ref())
+        || a.metadata.labels != b.metadata.labels
+        || a.metadata.annotations != b.metadata.annotations
+}
+
+/// Whether two versions of a slice differ in what the proxy reads (its reduced fields, not
+/// its metadata: semantics 2.9).
+pub fn slice_differs(a: &Slice, b: &Slice) -> bool {
+    a.address_type != b.address_type
+        || a.ports != b.ports
+        || a.endpoints != b.endpoints
+        || a.service_name != b.service_name
+        || a.hidden != b.hidden
+        || a.metadata.namespace != b.metadata.namespace
+        || a.metadata.name != b.metadata.name
 }
 
 /// Settings from the agent's command line that compile needs.
@@ -392,5 +450,38 @@ status:
                 .primary
                 .is_empty()
         );
+    }
+}
+
+#[cfg(test)]
+mod changes_tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    /// semantics 11.4: a Service counts in the families it has a cluster IP of (its
+    /// `ipFamilies`, or its cluster IP's family without them), once however often it changes;
+    /// an edit of its metadata alone is no change (1.6).
+    #[test]
+    fn a_service_counts_once_in_each_of_its_families() {
+        let single = svc("metadata: {name: a, namespace: d}\nspec: {clusterIP: 10.96.0.1}");
+        let dual = svc(
+            "metadata: {name: b, namespace: d}\nspec: {clusterIP: 10.96.0.2, clusterIPs: \
+             [10.96.0.2, 'fd00::2'], ipFamilies: [IPv4, IPv6]}",
+        );
+        let v6 = svc("metadata: {name: c, namespace: d}\nspec: {clusterIP: 'fd00::3'}");
+        let headless = svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None}");
+        let mut c = Changes::default();
+        for s in [&single, &dual, &v6, &headless, &single, &dual] {
+            c.service(s);
+        }
+        assert_eq!(c.counts(), ([2, 2], [0, 0]));
+        let mut bumped = single.clone();
+        bumped.metadata.resource_version = Some("7".into());
+        assert!(!service_differs(&single, &bumped));
+        bumped.metadata.annotations = Some([("a".to_string(), "b".to_string())].into());
+        assert!(service_differs(&single, &bumped));
     }
 }

@@ -650,22 +650,33 @@ trait Kept {
         false
     }
 
-    /// What adding, changing or deleting this object counts as (`Changes`): nothing but for
-    /// Services and EndpointSlices.
-    fn change(&self) -> Changes {
-        Changes::default()
+    /// Notes this object as changed (`Changes`): nothing but for Services and EndpointSlices.
+    fn note(&self, _changes: &mut Changes) {}
+
+    /// Whether a new version differs from this one in what the proxy reads (counted as a
+    /// change, `Changes`).
+    fn differs(&self, _next: &Self) -> bool {
+        true
     }
 }
 
 impl Kept for Service {
-    fn change(&self) -> Changes {
-        Changes::SERVICE
+    fn note(&self, changes: &mut Changes) {
+        changes.service(self);
+    }
+
+    fn differs(&self, next: &Self) -> bool {
+        crate::snapshot::service_differs(self, next)
     }
 }
 
 impl Kept for Slice {
-    fn change(&self) -> Changes {
-        Changes::slice(self)
+    fn note(&self, changes: &mut Changes) {
+        changes.slice(self);
+    }
+
+    fn differs(&self, next: &Self) -> bool {
+        crate::snapshot::slice_differs(self, next)
     }
 }
 impl Kept for Node {}
@@ -749,16 +760,23 @@ where
                 for (key, new) in &objects {
                     match self.objects.get(key) {
                         Some(old) if Arc::ptr_eq(old, new) || old.same_as(new) => {}
-                        _ => {
+                        Some(old) => {
                             same = false;
-                            self.changes.add(new.change());
+                            if old.differs(new) {
+                                old.note(&mut self.changes);
+                                new.note(&mut self.changes);
+                            }
+                        }
+                        None => {
+                            same = false;
+                            new.note(&mut self.changes);
                         }
                     }
                 }
                 if !same {
                     for (key, old) in &self.objects {
                         if !objects.contains_key(key) {
-                            self.changes.add(old.change());
+                            old.note(&mut self.changes);
                         }
                     }
                 }
@@ -774,8 +792,15 @@ where
                     Some(old) if Arc::ptr_eq(old, &object) || old.same_as(&object) => {
                         Step::Unchanged
                     }
-                    _ => {
-                        self.changes.add(object.change());
+                    old => {
+                        match old {
+                            Some(old) if !old.differs(&object) => {}
+                            Some(old) => {
+                                old.note(&mut self.changes);
+                                object.note(&mut self.changes);
+                            }
+                            None => object.note(&mut self.changes),
+                        }
                         self.objects.insert(key, object);
                         Step::Changed
                     }
@@ -788,7 +813,7 @@ where
                     // A different object under the same name, or none: nothing to keep.
                     None => match self.objects.remove(&key) {
                         Some(old) => {
-                            self.changes.add(old.change());
+                            old.note(&mut self.changes);
                             Step::Changed
                         }
                         None => Step::Unchanged,
@@ -800,7 +825,7 @@ where
                 self.undecodable.remove(&key);
                 // Deleting an object never seen changes nothing (semantics 2.9).
                 if let Some(old) = self.objects.remove(&key) {
-                    self.changes.add(old.change());
+                    old.note(&mut self.changes);
                 }
                 Step::Changed
             }

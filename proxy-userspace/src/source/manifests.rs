@@ -344,10 +344,10 @@ pub fn snapshot_of(text: &str, node: NodeInfo) -> anyhow::Result<Snapshot> {
     })
 }
 
-/// The Service and EndpointSlice changes between a file's previous objects and its new ones
-/// (`None`: the file did not exist): every object, by namespace and name, added, removed or
-/// different.
-fn file_changes(old: Option<&FileObjects>, new: Option<&FileObjects>) -> Changes {
+/// Notes in `changes` the Services and EndpointSlices that differ between a file's previous
+/// objects and its new ones (`None`: the file did not exist): every object, by namespace and
+/// name, added, removed or changed in what the proxy reads.
+fn file_changes(old: Option<&FileObjects>, new: Option<&FileObjects>, changes: &mut Changes) {
     fn by_name<T: kube::Resource>(
         objects: Option<&Vec<std::sync::Arc<T>>>,
     ) -> BTreeMap<(Option<&str>, Option<&str>), &T> {
@@ -360,31 +360,41 @@ fn file_changes(old: Option<&FileObjects>, new: Option<&FileObjects>) -> Changes
             })
             .collect()
     }
-    fn changed<'a, T: kube::Resource + PartialEq>(
+    fn each_changed<'a, T: kube::Resource>(
         old: Option<&'a Vec<std::sync::Arc<T>>>,
         new: Option<&'a Vec<std::sync::Arc<T>>>,
-    ) -> Vec<&'a T> {
+        differs: impl Fn(&T, &T) -> bool,
+        mut note: impl FnMut(&T),
+    ) {
         let (old, new) = (by_name(old), by_name(new));
-        let mut out: Vec<&T> = new
-            .iter()
-            .filter(|(key, o)| old.get(*key) != Some(*o))
-            .map(|(_, o)| *o)
-            .collect();
-        out.extend(
-            old.iter()
-                .filter(|(key, _)| !new.contains_key(*key))
-                .map(|(_, o)| *o),
-        );
-        out
+        for (key, o) in &new {
+            match old.get(key) {
+                Some(prev) if !differs(prev, o) => {}
+                Some(prev) => {
+                    note(prev);
+                    note(o);
+                }
+                None => note(o),
+            }
+        }
+        for (key, o) in &old {
+            if !new.contains_key(key) {
+                note(o);
+            }
+        }
     }
-    let mut changes = Changes::default();
-    for _ in changed(old.map(|o| &o.services), new.map(|o| &o.services)) {
-        changes.add(Changes::SERVICE);
-    }
-    for slice in changed(old.map(|o| &o.slices), new.map(|o| &o.slices)) {
-        changes.add(Changes::slice(slice));
-    }
-    changes
+    each_changed(
+        old.map(|o| &o.services),
+        new.map(|o| &o.services),
+        crate::snapshot::service_differs,
+        |s| changes.service(s),
+    );
+    each_changed(
+        old.map(|o| &o.slices),
+        new.map(|o| &o.slices),
+        crate::snapshot::slice_differs,
+        |s| changes.slice(s),
+    );
 }
 
 /// Parses `paths`, on as many threads as there are CPUs (at most 4) when there are several:
@@ -488,7 +498,7 @@ impl Source for ManifestSource {
                 cache.retain(|path, objects| {
                     let kept = now.contains_key(path);
                     if !kept {
-                        changes.add(file_changes(Some(objects), None));
+                        file_changes(Some(objects), None, &mut changes);
                     }
                     kept
                 });
@@ -511,7 +521,7 @@ impl Source for ManifestSource {
                 for (path, parsed) in parsed_files {
                     match parsed {
                         Ok(objects) => {
-                            changes.add(file_changes(cache.get(path), Some(&objects)));
+                            file_changes(cache.get(path), Some(&objects), &mut changes);
                             cache.insert(path.clone(), objects);
                         }
                         Err(e) => log::warn!(
@@ -646,28 +656,31 @@ data: {a: b}
         let new =
             parse_text(&[svc("web", 81), svc("api", 80), slice("web-4", "IPv4")].join("---\n"))
                 .unwrap();
-        assert_eq!(
-            file_changes(Some(&old), Some(&new)),
-            Changes {
-                services: 2,
-                slices: [0, 1]
-            }
-        );
-        assert!(file_changes(Some(&new), Some(&new)).is_empty());
-        assert_eq!(
-            file_changes(Some(&old), None),
-            Changes {
-                services: 1,
-                slices: [1, 1]
-            }
-        );
-        assert_eq!(
-            file_changes(None, Some(&new)),
-            Changes {
-                services: 2,
-                slices: [1, 0]
-            }
-        );
+        let counts = |old: Option<&FileObjects>, new: Option<&FileObjects>| {
+            let mut c = Changes::default();
+            file_changes(old, new, &mut c);
+            c.counts()
+        };
+        assert_eq!(counts(Some(&old), Some(&new)), ([2, 0], [0, 1]));
+        assert_eq!(counts(Some(&new), Some(&new)), ([0, 0], [0, 0]));
+        assert_eq!(counts(Some(&old), None), ([1, 0], [1, 1]));
+        assert_eq!(counts(None, Some(&new)), ([2, 0], [1, 0]));
+        // A Service moved from one file to another (both changed in one pass) is one change
+        // (and none if it is the same); a metadata-only edit is none (semantics 1.6).
+        let mut c = Changes::default();
+        file_changes(Some(&old), None, &mut c);
+        file_changes(None, Some(&old), &mut c);
+        assert_eq!(c.counts(), ([1, 0], [1, 1]));
+        let relabelled = parse_text(
+            &[
+                svc("web", 80).replace("namespace: default}", "namespace: default, uid: x}"),
+                slice("web-4", "IPv4"),
+                slice("web-6", "IPv6"),
+            ]
+            .join("---\n"),
+        )
+        .unwrap();
+        assert_eq!(counts(Some(&old), Some(&relabelled)), ([0, 0], [0, 0]));
     }
 
     #[test]

@@ -62,11 +62,15 @@ pub fn run(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
     // The kernel's per-program run time and count (bpftool's run_time_ns, run_cnt): off for
     // the measured pairs (it reads the clock twice per program run, which the peers' rules
     // would not pay), on for one extra NodePort run per configuration (`program_ns_over`).
-    let stats_were = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(BPF_STATS, self.0.trim());
+        }
+    }
+    let _restore = Restore(std::fs::read_to_string(BPF_STATS).unwrap_or_default());
     let _ = std::fs::write(BPF_STATS, "0");
-    let result = measure(pairs, secs, cpu, out);
-    let _ = std::fs::write(BPF_STATS, stats_were.trim());
-    result
+    measure(pairs, secs, cpu, out)
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -363,7 +367,11 @@ fn generated(
         let took = xdpgen::send(&tb.lan, &lan_dev, cpu, frame, count)?;
         super::nap(Duration::from_millis(50))?;
         let got = sink.count(counter)?.saturating_sub(before);
-        Ok((count.div_ceil(64) * 64, got, took.as_secs_f64()))
+        Ok((
+            count.div_ceil(xdpgen::BATCH) * xdpgen::BATCH,
+            got,
+            took.as_secs_f64(),
+        ))
     };
     for (config, xdp) in CONFIGS {
         check_stop()?;

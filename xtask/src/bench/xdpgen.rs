@@ -29,7 +29,7 @@ const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
 const BPF_FUNC_REDIRECT: u8 = 23;
 /// Frames per batch: the generator flushes its redirects and lets softirqs run (node-a's NAPI
 /// and what follows) after each batch. The kernel's default, NAPI's budget.
-const BATCH: u64 = 64;
+pub const BATCH: u64 = 64;
 
 /// One BPF instruction: opcode, destination and source registers, offset, immediate.
 fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
@@ -104,7 +104,10 @@ impl Generator {
         attr[0] = self.prog.as_raw_fd() as u64;
         attr[1] = frame.len() as u64;
         attr[2] = frame.as_ptr() as u64;
-        attr[4] = count.div_ceil(BATCH) * BATCH;
+        // `repeat` is a 32-bit field (the next one is the run's duration).
+        attr[4] = u64::from(
+            u32::try_from(count.div_ceil(BATCH) * BATCH).context("too many frames for one run")?,
+        );
         attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES;
         attr[9] = BATCH;
         let start = Instant::now();
