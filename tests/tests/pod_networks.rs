@@ -275,6 +275,35 @@ fn wait_forgotten(tb: &Testbed, agent: &Agent, name: &str) {
     );
 }
 
+/// Hairpin (semantics 7.14): node-a's two pods, outside the hooked cgroup (so translated at
+/// tc on their own interface), reach `NEAR`'s NodePort `to` and land on a-pod-1, a-pod-1
+/// included, masqueraded to a node-a address.
+fn check_hairpin(tb: &Testbed, to: SocketAddr) {
+    for client in 0..2 {
+        let ns = &tb.nodes[0].pods[client].ns;
+        poll_until(
+            &format!("hairpin {to} from a-pod-{}", client + 1),
+            Duration::from_secs(10),
+            || {
+                let r = tb.request_from(ns, false, Proto::Tcp, to, 1);
+                if r[0].ok {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+        for r in tb.request_from(ns, false, Proto::Tcp, to, 3) {
+            assert!(r.ok, "{r:?}");
+            assert_eq!(r.backend, "a-pod-1", "{r:?}");
+            assert!(
+                NODE_A.contains(&seen_ip(&r.seen).to_string().as_str()),
+                "hairpin not masqueraded: {r:?}"
+            );
+        }
+    }
+}
+
 /// Echo servers in a-pod-1, a-pod-2 and b-pod-1, and node-a's agent (started, the default
 /// `--pod-interfaces auto`: nothing named) serving `NEAR`, `NEAR_LOCAL` and `FAR` from them.
 fn serve_near_and_far(tb: &mut Testbed) -> Agent {
@@ -342,34 +371,11 @@ fn pod_network(shape: Shape) {
 
     // Hairpin: node-a's pods, outside the hooked cgroup, to node-a's NodePort; answered by
     // a-pod-1, including a-pod-1 itself, masqueraded (semantics 7.14).
-    for client in 0..2 {
-        for to in [
-            format!("192.168.77.1:{}", NEAR.node_port_tcp),
-            format!("[fd00:77::1]:{}", NEAR.node_port_tcp),
-        ] {
-            let to: SocketAddr = to.parse().unwrap();
-            let ns = &tb.nodes[0].pods[client].ns;
-            poll_until(
-                &format!("hairpin {to} from a-pod-{}", client + 1),
-                Duration::from_secs(10),
-                || {
-                    let r = tb.request_from(ns, false, Proto::Tcp, to, 1);
-                    if r[0].ok {
-                        Ok(())
-                    } else {
-                        Err(format!("{r:?}"))
-                    }
-                },
-            );
-            for r in tb.request_from(ns, false, Proto::Tcp, to, 3) {
-                assert!(r.ok, "{r:?}");
-                assert_eq!(r.backend, "a-pod-1", "{r:?}");
-                assert!(
-                    NODE_A.contains(&seen_ip(&r.seen).to_string().as_str()),
-                    "hairpin not masqueraded: {r:?}"
-                );
-            }
-        }
+    for to in [
+        format!("192.168.77.1:{}", NEAR.node_port_tcp),
+        format!("[fd00:77::1]:{}", NEAR.node_port_tcp),
+    ] {
+        check_hairpin(&tb, to.parse().unwrap());
     }
 
     // A pod of node-a that is no endpoint, in the hooked cgroup (so translated at the socket
@@ -1114,29 +1120,7 @@ fn single_stack(stack: Stack, shape: Shape) {
     }
 
     // Hairpin: node-a's pods, outside the hooked cgroup, to node-a's NodePort.
-    let node_port = SocketAddr::new(node_ip, NEAR.node_port_tcp);
-    for client in 0..2 {
-        let ns = &tb.nodes[0].pods[client].ns;
-        poll_until(
-            &format!("hairpin {node_port} from a-pod-{}", client + 1),
-            Duration::from_secs(10),
-            || {
-                let r = tb.request_from(ns, false, Proto::Tcp, node_port, 1);
-                if r[0].ok {
-                    Ok(())
-                } else {
-                    Err(format!("{r:?}"))
-                }
-            },
-        );
-        for r in tb.request_from(ns, false, Proto::Tcp, node_port, 3) {
-            assert!(r.ok && r.backend == "a-pod-1", "{r:?}");
-            assert!(
-                NODE_A.contains(&seen_ip(&r.seen).to_string().as_str()),
-                "hairpin not masqueraded: {r:?}"
-            );
-        }
-    }
+    check_hairpin(&tb, SocketAddr::new(node_ip, NEAR.node_port_tcp));
 
     // The Local Service's health check node port answers a load balancer of this family with
     // its one local endpoint (semantics 8.1).

@@ -212,56 +212,17 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
                     super::nap(Duration::from_millis(200))?;
                 }
             }
-            let (mut sent_direct, mut got_direct, mut sent_bpf, mut got_bpf, mut ratios) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let once = |to: &str| flood(&ext, &pod.ns, to, secs, cpu);
-            for pair in 0..pairs {
-                check_stop()?;
-                let ((ds, dg), (bs, bg)) = if pair % 2 == 0 {
-                    let d = once(direct)?;
-                    (d, once(nodeport)?)
-                } else {
-                    let b = once(nodeport)?;
-                    (once(direct)?, b)
-                };
-                let per_sec = |n: u64| n as f64 / secs;
-                sent_direct.push(per_sec(ds));
-                got_direct.push(per_sec(dg));
-                sent_bpf.push(per_sec(bs));
-                got_bpf.push(per_sec(bg));
-                if dg > 0 {
-                    ratios.push(bg as f64 / dg as f64);
-                }
-            }
+            let once = |to: &str| {
+                flood(&ext, &pod.ns, to, secs, cpu).map(|(sent, got)| Run { sent, got, secs })
+            };
+            let rates = pairs_of(pairs, || once(direct), || once(nodeport))?;
             let (_, program_ns) = program_ns_over(|| once(nodeport))?;
             let counters = match &agent {
                 Some(a) => status_counters(&tb, a)?,
                 None => Vec::new(),
             };
-            let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
-            let row = PpsRow {
-                config: config.into(),
-                family: family.to_string(),
-                xdp: xdp.into(),
-                direct_sent: median(&sent_direct),
-                direct_delivered: median(&got_direct),
-                sent: median(&sent_bpf),
-                delivered: median(&got_bpf),
-                delivered_runs: got_bpf,
-                summary: Summary::of(&ratios),
-                counters,
-                program_ns,
-            };
-            eprintln!(
-                "    {config} {family}: delivered {:.0}/s (sent {:.0}/s), direct {:.0}/s; paired ratio {}",
-                row.delivered.unwrap_or(0.0),
-                row.sent.unwrap_or(0.0),
-                row.direct_delivered.unwrap_or(0.0),
-                row.summary.as_ref().map_or("-".into(), |s| format!(
-                    "{:.3} [{:.3}-{:.3}]",
-                    s.p50, s.min, s.max
-                ))
-            );
+            let row = rates.row(config, family, xdp, counters, program_ns);
+            print_row(&row, "");
             out.pps.push(row);
         }
         drop(agent);
@@ -270,6 +231,95 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
     tb.ext.ip(&["route", "del", POD_CIDR_B]);
     tb.ext.ip(&["-6", "route", "del", POD_CIDR6_B]);
     generated(&tb, pairs, secs, cpu, out)
+}
+
+/// One flood or generator run: packets sent, packets delivered, over `secs`.
+struct Run {
+    sent: u64,
+    got: u64,
+    secs: f64,
+}
+
+/// The per-second rates of back-to-back direct/NodePort pairs, and their paired ratios.
+#[derive(Default)]
+struct Rates {
+    sent_direct: Vec<f64>,
+    got_direct: Vec<f64>,
+    sent: Vec<f64>,
+    got: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+impl Rates {
+    /// The row of `config`'s NodePort runs against direct (medians over the pairs).
+    fn row(
+        self,
+        config: &str,
+        family: &str,
+        xdp: &str,
+        counters: Vec<(String, u64)>,
+        program_ns: ProgramNs,
+    ) -> PpsRow {
+        let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
+        PpsRow {
+            config: config.into(),
+            family: family.into(),
+            xdp: xdp.into(),
+            direct_sent: median(&self.sent_direct),
+            direct_delivered: median(&self.got_direct),
+            sent: median(&self.sent),
+            delivered: median(&self.got),
+            summary: Summary::of(&self.ratios),
+            delivered_runs: self.got,
+            counters,
+            program_ns,
+        }
+    }
+}
+
+/// `pairs` back-to-back pairs of a `direct` run and a `nodeport` run, which goes first
+/// alternating per pair.
+fn pairs_of(
+    pairs: usize,
+    mut direct: impl FnMut() -> anyhow::Result<Run>,
+    mut nodeport: impl FnMut() -> anyhow::Result<Run>,
+) -> anyhow::Result<Rates> {
+    let mut r = Rates::default();
+    for pair in 0..pairs {
+        check_stop()?;
+        let (d, b) = if pair % 2 == 0 {
+            let d = direct()?;
+            (d, nodeport()?)
+        } else {
+            let b = nodeport()?;
+            (direct()?, b)
+        };
+        let per_sec = |n: u64, run: &Run| n as f64 / run.secs;
+        r.sent_direct.push(per_sec(d.sent, &d));
+        r.got_direct.push(per_sec(d.got, &d));
+        r.sent.push(per_sec(b.sent, &b));
+        r.got.push(per_sec(b.got, &b));
+        if d.got > 0 {
+            r.ratios.push(per_sec(b.got, &b) / per_sec(d.got, &d));
+        }
+    }
+    Ok(r)
+}
+
+/// The progress line of a measured row (`what`: which part).
+fn print_row(row: &PpsRow, what: &str) {
+    eprintln!(
+        "    {} {}{what}: delivered {:.0}/s (sent {:.0}/s), direct {:.0}/s; paired ratio {}",
+        row.config,
+        row.family,
+        row.delivered.unwrap_or(0.0),
+        row.sent.unwrap_or(0.0),
+        row.direct_delivered.unwrap_or(0.0),
+        row.summary.as_ref().map_or("-".into(), |s| format!(
+            "{:.3} [{:.3}-{:.3}]",
+            s.p50, s.min, s.max
+        ))
+    );
 }
 
 /// The configurations of `measure`, in one list.
@@ -361,17 +411,16 @@ fn generated(
             frame(EXT_IP6.into(), pod.ip6.into(), BACKEND_PORT)?,
         ),
     ];
-    // One run: (frames sent, frames counted at the sink, seconds).
-    let run = |frame: &[u8], counter: usize, count: u64| -> anyhow::Result<(u64, u64, f64)> {
+    // One run of `count` frames, counted at the sink.
+    let run = |frame: &[u8], counter: usize, count: u64| -> anyhow::Result<Run> {
         let before = sink.count(counter)?;
         let took = xdpgen::send(&tb.lan, &lan_dev, cpu, frame, count)?;
         super::nap(Duration::from_millis(50))?;
-        let got = sink.count(counter)?.saturating_sub(before);
-        Ok((
-            count.div_ceil(xdpgen::BATCH) * xdpgen::BATCH,
-            got,
-            took.as_secs_f64(),
-        ))
+        Ok(Run {
+            sent: count.div_ceil(xdpgen::BATCH) * xdpgen::BATCH,
+            got: sink.count(counter)?.saturating_sub(before),
+            secs: took.as_secs_f64(),
+        })
     };
     for (config, xdp) in CONFIGS {
         check_stop()?;
@@ -391,7 +440,11 @@ fn generated(
             for f in [nodeport, direct] {
                 let mut tries = 0;
                 loop {
-                    let (sent, got, took) = run(f, *counter, GEN_CALIBRATE)?;
+                    let Run {
+                        sent,
+                        got,
+                        secs: took,
+                    } = run(f, *counter, GEN_CALIBRATE)?;
                     if got * 2 >= sent {
                         count = count.min(((sent as f64 / took) * secs) as u64);
                         break;
@@ -419,54 +472,18 @@ fn generated(
                 }
             }
             let count = count.max(GEN_CALIBRATE);
-            let (mut sent_direct, mut got_direct, mut sent_np, mut got_np, mut ratios) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for pair in 0..pairs {
-                check_stop()?;
-                let (d, b) = if pair % 2 == 0 {
-                    let d = run(direct, *counter, count)?;
-                    (d, run(nodeport, *counter, count)?)
-                } else {
-                    let b = run(nodeport, *counter, count)?;
-                    (run(direct, *counter, count)?, b)
-                };
-                sent_direct.push(d.0 as f64 / d.2);
-                got_direct.push(d.1 as f64 / d.2);
-                sent_np.push(b.0 as f64 / b.2);
-                got_np.push(b.1 as f64 / b.2);
-                if d.1 > 0 {
-                    ratios.push((b.1 as f64 / b.2) / (d.1 as f64 / d.2));
-                }
-            }
+            let rates = pairs_of(
+                pairs,
+                || run(direct, *counter, count),
+                || run(nodeport, *counter, count),
+            )?;
             let (_, program_ns) = program_ns_over(|| run(nodeport, *counter, count))?;
-            let median = |v: &[f64]| Summary::of(v).map(|s| s.p50);
-            let row = PpsRow {
-                config: config.into(),
-                family: family.to_string(),
-                xdp: xdp.into(),
-                direct_sent: median(&sent_direct),
-                direct_delivered: median(&got_direct),
-                sent: median(&sent_np),
-                delivered: median(&got_np),
-                delivered_runs: got_np,
-                summary: Summary::of(&ratios),
-                counters: match &agent {
-                    Some(a) => status_counters(tb, a)?,
-                    None => Vec::new(),
-                },
-                program_ns,
+            let counters = match &agent {
+                Some(a) => status_counters(tb, a)?,
+                None => Vec::new(),
             };
-            eprintln!(
-                "    {config} {family}, generated: delivered {:.0}/s (sent {:.0}/s), direct \
-                 {:.0}/s; paired ratio {}",
-                row.delivered.unwrap_or(0.0),
-                row.sent.unwrap_or(0.0),
-                row.direct_delivered.unwrap_or(0.0),
-                row.summary.as_ref().map_or("-".into(), |s| format!(
-                    "{:.3} [{:.3}-{:.3}]",
-                    s.p50, s.min, s.max
-                ))
-            );
+            let row = rates.row(config, family, xdp, counters, program_ns);
+            print_row(&row, ", generated");
             out.pps_gen.push(row);
         }
         drop(agent);
@@ -716,30 +733,14 @@ fn status_counters(tb: &Testbed, agent: &Agent) -> anyhow::Result<Vec<(String, u
 /// `ns`: loaded with BPF_PROG_LOAD, pinned for `ip link set ... xdpdrv pinned`, unpinned once
 /// attached (the attachment holds it; it goes with the interface).
 fn xdp_pass_on(ns: &NetNs, dev: &str, id: &str) -> anyhow::Result<()> {
-    use std::{
-        ffi::CString,
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    };
-    const BPF_PROG_LOAD: libc::c_long = 5;
+    use std::{ffi::CString, os::fd::AsRawFd as _};
     const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
     // r0 = XDP_PASS (2); exit.
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 2, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
-    let license = CString::new("GPL")?;
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32;
-    attr[1] = insns.as_ptr() as u64;
-    attr[2] = license.as_ptr() as u64;
-    // SAFETY: attr is a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), 128u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("load an XDP_PASS program");
-    }
-    // SAFETY: the kernel returned a fresh descriptor that we own.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let prog = xdpgen::load_xdp(&[
+        xdpgen::insn(0xb7, 0, 0, 0, 2),
+        xdpgen::insn(0x95, 0, 0, 0, 0),
+    ])
+    .context("an XDP_PASS program")?;
     let pin = format!("/sys/fs/bpf/{id}-xdp-pass");
     let path = CString::new(pin.clone())?;
     let mut attr = [0u64; 16];

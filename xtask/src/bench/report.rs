@@ -1282,10 +1282,11 @@ impl Report {
                  and dropped on that LAN side by an nftables `netdev` ingress rule matching the \
                  backend's address and port (a mistranslated packet is not counted), so node-b \
                  and the sender's own stack are no part of the figure. Both veth ends have GRO \
-                 on (NAPI without an XDP program on the LAN side; for XDP_TX this costs the \
-                 XDP configuration an skb built at the LAN side, which the others have \
-                 already). Sent: frames generated per second; delivered: counted at the sink \
-                 per second.\n",
+                 on, which gives a veth without an XDP program the NAPI instance redirected \
+                 frames need; the LAN side has an XDP_PASS program only while node-a runs XDP \
+                 (veth's XDP_TX wakes a peer only if it has one), so the XDP configuration \
+                 pays an skb build on the LAN side that the others pay inside node-a. Sent: \
+                 frames generated per second; delivered: counted at the sink per second.\n",
                 p.client_cpu
             );
             pps_table(&mut out, &p.pps_gen);

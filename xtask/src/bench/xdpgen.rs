@@ -32,7 +32,7 @@ const BPF_FUNC_REDIRECT: u8 = 23;
 pub const BATCH: u64 = 64;
 
 /// One BPF instruction: opcode, destination and source registers, offset, immediate.
-fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+pub fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let mut b = [0u8; 8];
     b[0] = op;
     b[1] = (src << 4) | dst;
@@ -72,6 +72,22 @@ fn program(ifindex: u32, frame: &[u8]) -> anyhow::Result<Vec<u64>> {
     Ok(p)
 }
 
+/// Loads the XDP program `insns` (BPF_PROG_LOAD, GPL).
+pub fn load_xdp(insns: &[u64]) -> anyhow::Result<OwnedFd> {
+    let license = CString::new("GPL")?;
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), 128u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("load an XDP program");
+    }
+    // SAFETY: a fresh descriptor the kernel gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// The generator's program, loaded in the namespace of the device it sends through.
 pub struct Generator {
     prog: OwnedFd,
@@ -80,21 +96,8 @@ pub struct Generator {
 impl Generator {
     /// Loads `program(ifindex, frame)`.
     fn load(ifindex: u32, frame: &[u8]) -> anyhow::Result<Generator> {
-        let insns = program(ifindex, frame)?;
-        let license = CString::new("GPL")?;
-        let mut attr = [0u64; 16];
-        attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32;
-        attr[1] = insns.as_ptr() as u64;
-        attr[2] = license.as_ptr() as u64;
-        // SAFETY: a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), 128u32) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("load the generator's program");
-        }
-        // SAFETY: a fresh descriptor the kernel gave us.
-        Ok(Generator {
-            prog: unsafe { OwnedFd::from_raw_fd(fd as i32) },
-        })
+        let prog = load_xdp(&program(ifindex, frame)?).context("the generator's program")?;
+        Ok(Generator { prog })
     }
 
     /// Sends `count` copies of `frame` (a multiple of the batch), from the calling thread
