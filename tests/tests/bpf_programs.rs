@@ -1051,6 +1051,53 @@ fn tc_gives_a_closed_flows_masquerading_port_to_a_new_connection() {
     assert_eq!(rig.count(Reason::SnatPortsExhausted), 3);
 }
 
+/// A client that connects straight to a backend from the port an earlier, translated flow to
+/// that backend used (a pod whose connections were translated per packet, once its socket
+/// layer translates again): the earlier flow's reply entry would turn the backend's answers
+/// into the frontend's, and the new connection would never be answered. A SYN that starts no
+/// flow forgets a closed flow's entries; an open flow keeps them (its replies cannot be told
+/// apart), and so does a half-closed one.
+#[test]
+fn tc_forgets_a_closed_flow_whose_tuple_a_direct_connection_reuses() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let pass = |rig: &mut Rig, frame: Vec<u8>, what: &str| {
+        let out = rig.tc(&frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+        assert_eq!(out.packet, frame, "{what}: changed");
+    };
+    // A flow to the node port, translated to the local endpoint, closed both ways.
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN));
+    assert_eq!(seen(&out.packet).dst, (LOCAL_POD, 8080));
+    rig.tc(&tcp4((CLIENT, 40000), (NODE, 30080), TCP_FIN | TCP_ACK));
+    let out = rig.tc(&tcp4((LOCAL_POD, 8080), (CLIENT, 40000), TCP_FIN | TCP_ACK));
+    assert_eq!(seen(&out.packet).src, (NODE, 30080));
+    // The same client port straight to the endpoint: nothing translated either way.
+    let direct = tcp4((CLIENT, 40000), (LOCAL_POD, 8080), TCP_SYN);
+    pass(&mut rig, direct, "the direct SYN");
+    pass(
+        &mut rig,
+        tcp4((LOCAL_POD, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK),
+        "the endpoint's answer to the direct connection",
+    );
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    assert!(ct.is_empty(), "the closed flow's entries are gone: {ct:?}");
+
+    // Open, and half-closed (the client's FIN only): the flow keeps its entries.
+    for (port, fin) in [(40001, false), (40002, true)] {
+        rig.tc(&tcp4((CLIENT, port), (NODE, 30080), TCP_SYN));
+        if fin {
+            rig.tc(&tcp4((CLIENT, port), (NODE, 30080), TCP_FIN | TCP_ACK));
+        }
+        rig.tc(&tcp4((CLIENT, port), (LOCAL_POD, 8080), TCP_SYN));
+        let out = rig.tc(&tcp4((LOCAL_POD, 8080), (CLIENT, port), TCP_ACK));
+        assert_eq!(seen(&out.packet).src, (NODE, 30080), "port {port}");
+    }
+    assert_eq!(rig.dp.maps.conntrack4().unwrap().len(), 4);
+}
+
 /// An ICMP error about a translated flow (semantics 7.13's masquerading, issue #6) quotes the
 /// packet as this node sent it; it is rewritten so the client recognises it: the outer
 /// destination becomes the client, the quoted packet becomes client -> node port, every

@@ -255,10 +255,40 @@ fn give_back_forward<F: Tracked>(to: &Tuple<F::Addr>) {
 /// new-flow paths' frames are near the verifier's limit.
 #[inline(never)]
 pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
+    close_reply::<F>(to, CT_SNAT) != HELD
+}
+
+/// A new TCP connection's first packet `t` that tc found no flow of: a reply entry keyed by
+/// `t` reversed belongs to an earlier flow that was translated *to* `t` (a pod's connection to
+/// a ClusterIP, translated per packet, from the port the pod now connects from straight to
+/// that backend, as it does once its socket layer translates again). The new connection's
+/// replies would be translated back to the old flow's frontend and never reach their socket.
+/// The entry is deleted when its flow is closed (as `take_over_closed` decides; the forward
+/// entry goes with it) or belongs to no flow; an open flow keeps it (its replies cannot be
+/// told from the new connection's). Out of line: `handle`'s frame is near the limit.
+#[inline(never)]
+pub fn forget_closed_reply<F: Tracked>(t: &Tuple<F::Addr>) {
+    if close_reply::<F>(t, 0) == TAKEN {
+        F::ct_del(&ct_key(&t.reversed()));
+    }
+}
+
+/// `close_reply`: no reply entry at the key.
+const FREE: u8 = 0;
+/// `close_reply`: the reply entry's flow is closed (its forward entry deleted) or gone.
+const TAKEN: u8 = 1;
+/// `close_reply`: the reply entry is another's, or its flow is open.
+const HELD: u8 = 2;
+
+/// Whether the reply entry keyed by `to` reversed may be taken over (`take_over_closed`):
+/// `FREE`, `TAKEN` (a closed flow's forward entry is deleted here) or `HELD`. `need`: flags
+/// the reply entry must carry besides `CT_REPLY`.
+#[inline(always)]
+fn close_reply<F: Tracked>(to: &Tuple<F::Addr>, need: u32) -> u8 {
     const { assert!(core::mem::size_of::<CtKey<F::Addr>>() <= CT_KEY_SCRATCH_WORDS * 8) };
     // The key in per-CPU scratch space: the reply entry's, then the forward entry's.
     let Some(key) = CT_KEY_SCRATCH.get_ptr_mut(0) else {
-        return false;
+        return HELD;
     };
     // SAFETY: the per-CPU value is at least a key's size (asserted above), 8-byte aligned, and
     // this program's alone while it runs (programs do not nest on a CPU at tc and XDP).
@@ -273,13 +303,13 @@ pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
     };
     let Some(r) = F::ct_get(key) else {
         // Collected since the insert failed: free now.
-        return true;
+        return FREE;
     };
     // SAFETY: from the lookup just above; read at once.
     let r = unsafe { &*r };
     let reply_flags = r.flags;
-    if reply_flags & CT_REPLY == 0 || reply_flags & CT_SNAT == 0 {
-        return false;
+    if reply_flags & (CT_REPLY | need) != CT_REPLY | need {
+        return HELD;
     }
     // The forward entry is keyed by the client's tuple, which the reply entry translates to
     // reversed.
@@ -288,7 +318,7 @@ pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
     key.sport = r.dport;
     key.dport = r.sport;
     let Some(f) = F::ct_get(key) else {
-        return false;
+        return HELD;
     };
     // SAFETY: from the lookup just above.
     let fv = unsafe { &*f };
@@ -301,11 +331,11 @@ pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
         let closed = (reply_flags | fv.flags) & CT_RST != 0
             || (reply_flags & CT_FIN != 0 && fv.flags & CT_FIN != 0);
         if !closed {
-            return false;
+            return HELD;
         }
         // SAFETY: from the lookup above.
         unsafe { F::ct_give_back(f) };
         F::ct_del(key);
     }
-    true
+    TAKEN
 }

@@ -14,7 +14,7 @@ use proxy_common::{
 use crate::{
     access::{maps::saw_host_flow, stats},
     flow::{
-        ct::{Tracked, ct_flags_of, keeps_entry},
+        ct::{Tracked, ct_flags_of, forget_closed_reply, keeps_entry},
         dsr::{self, Dsr},
         fib::{Unrouted, route, send, too_big_action},
         monitor,
@@ -115,6 +115,9 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             }
             return send::<F>(ctx, ifindex);
         }
+    }
+    if pkt.syn() {
+        forget_closed_reply::<F>(&pkt.t);
     }
     NEW
 }

@@ -302,11 +302,18 @@ fn request(proto: &str, to: SocketAddr, count: usize, mode: &str) {
         for _ in std::io::stdin().lines() {}
         return;
     }
-    for _ in 0..count {
-        let result = match proto {
-            "tcp" | "sctp" => stream_connect(proto, to).and_then(|mut s| ask(&mut s)),
-            "udp" => udp_once(to, mode == "connected"),
-            other => panic!("unknown protocol {other}"),
+    // $TESTHOST_SOURCE_PORT: TCP connection `i` from that port plus `i`.
+    let first_port: Option<u16> = std::env::var("TESTHOST_SOURCE_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    for i in 0..count {
+        let result = match (proto, first_port) {
+            ("tcp", Some(first)) => {
+                tcp_from_port(to, first.wrapping_add(i as u16)).and_then(|mut s| ask(&mut s))
+            }
+            ("tcp" | "sctp", _) => stream_connect(proto, to).and_then(|mut s| ask(&mut s)),
+            ("udp", _) => udp_once(to, mode == "connected"),
+            (other, _) => panic!("unknown protocol {other}"),
         };
         print_answer(result);
     }

@@ -271,6 +271,25 @@ pub fn udp_from_port(ns: &NetNs, to: SocketAddr, source_port: u16) -> Reply {
     replies.pop().expect("one reply")
 }
 
+/// `count` TCP requests from `ns` (in `cgroup`), connection `i` from source port `first + i`.
+pub fn tcp_from_ports(
+    ns: &NetNs,
+    cgroup: Option<&TestCgroup>,
+    to: SocketAddr,
+    first: u16,
+    count: usize,
+) -> Vec<Reply> {
+    let port = first.to_string();
+    request_with(
+        ns,
+        cgroup,
+        Proto::Tcp,
+        to,
+        count,
+        &[("TESTHOST_SOURCE_PORT", &port)],
+    )
+}
+
 /// One UDP request of `size` bytes from `ns` (outside the cgroup): past the path's MTU it
 /// leaves in fragments, and the server answers with as many bytes (fragmented too).
 pub fn udp_sized(ns: &NetNs, to: SocketAddr, size: usize) -> Reply {
