@@ -61,7 +61,7 @@ use crate::{
     },
     flow::{
         ct::{Entry, Tracked},
-        fib::{route, send},
+        fib::{route, send_routed},
         pmtu::{Answer, Outcome},
     },
     headers::{
@@ -788,7 +788,7 @@ fn add_remembered<F: Dsr>(ctx: &TcContext) -> i32 {
         stats::dropped(Hook::TcIngress, Reason::DsrFailed);
         return TC_ACT_SHOT as i32;
     }
-    send::<F>(ctx, r.ifindex)
+    send_routed::<F>(ctx, r.ifindex)
 }
 
 /// tc: a translated packet of a DSR flow that the option would make too big for the egress
@@ -818,7 +818,7 @@ fn too_big<F: Dsr>(ctx: &TcContext) -> i32 {
         Outcome::Answered => send_back(ctx),
         Outcome::Untouched => {
             stats::count(Reason::DsrTooBig);
-            send::<F>(ctx, r.ifindex)
+            send_routed::<F>(ctx, r.ifindex)
         }
         // Half rewritten: dropped (counted as such already).
         Outcome::Failed => {

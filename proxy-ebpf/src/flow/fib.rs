@@ -6,7 +6,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup,
+        BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -25,6 +26,9 @@ pub struct Route<A> {
     pub ifindex: u32,
     /// The source address the node would use on that route (for masquerading).
     pub src: A,
+    /// The next hop, for `send`: handed to `bpf_redirect_neigh`, the kernel resolves only its
+    /// neighbour instead of looking the route up a second time.
+    pub nh: bpf_redir_neigh,
 }
 
 /// Counts down the TTL (IPv4, with the header checksum) or the hop limit (IPv6) of a packet
@@ -159,7 +163,24 @@ pub fn route<F: Ip>(
     Ok(Route {
         ifindex: p.ifindex,
         src: F::fib_src(p),
+        nh: next_hop(p),
     })
+}
+
+/// The next hop a successful FIB lookup left in `p`: the gateway, or on a connected route the
+/// destination itself, of the family the lookup says (an IPv4 route through an IPv6 gateway
+/// answers AF_INET6). The same bytes for both families, with no branch (a branch on the family
+/// would split the verifier's states on every path that forwards): the IPv4 address is the
+/// first word of the IPv6 member, the other three zero as `zero` left them.
+#[inline(always)]
+fn next_hop(p: &bpf_fib_lookup) -> bpf_redir_neigh {
+    bpf_redir_neigh {
+        nh_family: u32::from(p.family),
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            // SAFETY: plain words of a union `zero` cleared and the helper filled.
+            ipv6_nh: unsafe { p.__bindgen_anon_4.ipv6_dst },
+        },
+    }
 }
 
 /// The length of the IP packet in `ctx` (its header's).
@@ -175,28 +196,58 @@ fn ip_len<F: Ip>(ctx: &TcContext) -> Option<u32> {
 }
 
 /// Sends a translated packet on its way: straight to the egress interface the FIB names
-/// (`ifindex`, or looked up when 0), or to the stack when the FIB has no forwarding route for
-/// it. An index rather than an `Option`: a `None`'s undefined payload made LLVM store an
-/// unset register, which the verifier refuses ("R1 !read_ok").
+/// (`ifindex` with its next hop `nh`, or looked up when `ifindex` is 0), or to the stack when
+/// the FIB has no forwarding route for it. An index rather than an `Option`: a `None`'s
+/// undefined payload made LLVM store an unset register, which the verifier refuses ("R1
+/// !read_ok").
 #[inline(always)]
-pub fn forward<F: Ip>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 {
-    let ifindex = match ifindex {
-        0 => match route::<F>(ctx, t, false) {
-            Ok(r) => r.ifindex,
-            Err(_) => {
-                stats::count(Reason::FibPass);
-                return TC_ACT_OK as i32;
-            }
-        },
-        i => i,
-    };
-    send::<F>(ctx, ifindex)
+pub fn forward<F: Ip>(
+    ctx: &TcContext,
+    t: &Tuple<F::Addr>,
+    ifindex: u32,
+    nh: &bpf_redir_neigh,
+) -> i32 {
+    if ifindex != 0 {
+        return send::<F>(ctx, ifindex, nh);
+    }
+    match route::<F>(ctx, t, false) {
+        Ok(r) => send::<F>(ctx, r.ifindex, &r.nh),
+        Err(_) => {
+            stats::count(Reason::FibPass);
+            TC_ACT_OK as i32
+        }
+    }
 }
 
-/// Sends a translated packet out of `ifindex` (nonzero), the TTL counted down.
+/// No next hop yet: the initial value of a `Route::nh` to be filled (never sent).
+pub const NO_NH: bpf_redir_neigh = bpf_redir_neigh {
+    nh_family: 0,
+    __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
+};
+
+/// Sends a translated packet out of `ifindex` (nonzero) to the next hop `nh` of its route,
+/// the TTL counted down.
 #[inline(always)]
-pub fn send<F: Ip>(ctx: &TcContext, ifindex: u32) -> i32 {
+pub fn send<F: Ip>(ctx: &TcContext, ifindex: u32, nh: &bpf_redir_neigh) -> i32 {
     // Forwarded here, not by the stack: the TTL is counted down here too.
+    if !count_down_ttl(ctx, F::AF == AF_INET) {
+        stats::count(Reason::TtlExpired);
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: plain helper call; the kernel only reads the struct (its whole size).
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            (nh as *const bpf_redir_neigh).cast_mut(),
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// `send` without a next hop: the kernel looks the route up again for it.
+#[inline(always)]
+pub fn send_routed<F: Ip>(ctx: &TcContext, ifindex: u32) -> i32 {
     if !count_down_ttl(ctx, F::AF == AF_INET) {
         stats::count(Reason::TtlExpired);
         return TC_ACT_OK as i32;

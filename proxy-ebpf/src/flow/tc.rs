@@ -16,7 +16,7 @@ use crate::{
     flow::{
         ct::{Tracked, ct_flags_of, forget_closed_reply, keeps_entry},
         dsr::{self, Dsr},
-        fib::{Unrouted, route, send, too_big_action},
+        fib::{NO_NH, Unrouted, route, send, too_big_action},
         monitor,
         nat::rewrite,
     },
@@ -78,9 +78,13 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             // The route before the rewrite: a packet too big for it is answered untouched
             // (`pmtu::too_big`, after this frame has returned). DSR finds its own (`dsr`).
             let mut ifindex = 0;
+            let mut nh = NO_NH;
             if !dsr {
                 match route::<F>(ctx, &e.to, false) {
-                    Ok(r) => ifindex = r.ifindex,
+                    Ok(r) => {
+                        ifindex = r.ifindex;
+                        nh = r.nh;
+                    }
                     Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => {
                         return too_big_action(mtu);
                     }
@@ -113,7 +117,7 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
                 stats::count(Reason::FibPass);
                 return TC_ACT_OK as i32;
             }
-            return send::<F>(ctx, ifindex);
+            return send::<F>(ctx, ifindex, &nh);
         }
     }
     if pkt.syn() {
