@@ -17,14 +17,7 @@ use aya_ebpf::{
 /// and a copy, which the per-packet path would otherwise pay for every header it reads.
 #[inline(always)]
 pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
-    // SAFETY: the program's own context, valid while it runs; plain field loads, volatile so
-    // that a caller kept out of line reads them itself (see `access::xdp::bounds`).
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize,
-            core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize,
-        )
-    };
+    let (start, end) = bounds(ctx);
     let at = start + off;
     if at + core::mem::size_of::<T>() <= end {
         // SAFETY: inside the linear data, checked just above; an unaligned read of plain
@@ -32,6 +25,57 @@ pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
         return Ok(unsafe { (at as *const T).read_unaligned() });
     }
     ctx.load::<T>(off)
+}
+
+/// Whether the skb's first `len` bytes are in its linear data, pulled there when they are
+/// not (a packet whose headers the driver left in page fragments: rare).
+#[inline(always)]
+pub fn linear(ctx: &TcContext, len: usize) -> bool {
+    let (start, end) = bounds(ctx);
+    start + len <= end || ctx.pull_data(len as u32).is_ok()
+}
+
+/// Reads a `T` at `off` from the skb's linear data only (after `linear`): no helper fallback,
+/// whose path the verifier would walk on to the program's end.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
+    let (start, end) = bounds(ctx);
+    let at = start + off;
+    if at + core::mem::size_of::<T>() > end {
+        return Err(-1);
+    }
+    // SAFETY: inside the linear data, checked just above; an unaligned read of plain bytes.
+    Ok(unsafe { (at as *const T).read_unaligned() })
+}
+
+/// Writes `bytes` at `off`, straight into the skb's linear data (the verifier then makes the
+/// program unclone a cloned skb before it runs); an error when they are not there (`linear`
+/// first). No fallback through `bpf_skb_store_bytes`: every path it added would be walked by
+/// the verifier to the program's end. The skb's checksum state is left alone: the caller
+/// updates the checksum fields the bytes are part of.
+#[inline(always)]
+pub fn write<const N: usize>(ctx: &TcContext, off: usize, bytes: &[u8; N]) -> Result<(), i64> {
+    let (start, end) = bounds(ctx);
+    let at = start + off;
+    if at + N > end {
+        return Err(-1);
+    }
+    // SAFETY: inside the linear data, checked just above; an unaligned write of plain bytes.
+    unsafe { (at as *mut [u8; N]).write_unaligned(*bytes) };
+    Ok(())
+}
+
+/// The linear data's start and end.
+#[inline(always)]
+fn bounds(ctx: &TcContext) -> (usize, usize) {
+    // SAFETY: the program's own context, valid while it runs; plain field loads, volatile so
+    // that a caller kept out of line reads them itself (see `access::xdp::bounds`).
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize,
+            core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize,
+        )
+    }
 }
 
 /// Writes `bytes` at `off`.

@@ -18,7 +18,7 @@ use proxy_common::reason::Reason;
 
 use crate::{
     access::{skb, stats},
-    headers::{AF_INET, ETH_HLEN, Tuple, family::Ip},
+    headers::{AF_INET, ETH_HLEN, Tuple, csum, family::Ip},
 };
 
 /// Where the FIB sends a packet.
@@ -38,23 +38,27 @@ pub struct Route<A> {
 #[inline(never)]
 pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
     if v4 {
-        // TTL and protocol: one 16-bit word of the header checksum.
-        let Ok(word) = skb::load::<[u8; 2]>(ctx, ETH_HLEN + 8) else {
-            return false;
-        };
-        if word[0] <= 1 {
+        // TTL, protocol and the header checksum: one read, one write.
+        if !skb::linear(ctx, ETH_HLEN + 12) {
             return false;
         }
-        let new = [word[0] - 1, word[1]];
-        let (old, new) = (u16::from_ne_bytes(word), u16::from_ne_bytes(new));
-        ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2)
-            .and_then(|()| ctx.store(ETH_HLEN + 8, &new, 0))
-            .is_ok()
-    } else {
-        let Ok(hops) = skb::load::<u8>(ctx, ETH_HLEN + 7) else {
+        let Ok(h) = skb::read::<[u8; 4]>(ctx, ETH_HLEN + 8) else {
             return false;
         };
-        hops > 1 && ctx.store(ETH_HLEN + 7, &(hops - 1), 0).is_ok()
+        if h[0] <= 1 {
+            return false;
+        }
+        let (old, new) = ([h[0], h[1]], [h[0] - 1, h[1]]);
+        let c = csum::apply([h[2], h[3]], csum::diff(&old, &new));
+        skb::write(ctx, ETH_HLEN + 8, &[new[0], new[1], c[0], c[1]]).is_ok()
+    } else {
+        if !skb::linear(ctx, ETH_HLEN + 8) {
+            return false;
+        }
+        let Ok(hops) = skb::read::<u8>(ctx, ETH_HLEN + 7) else {
+            return false;
+        };
+        hops > 1 && skb::write(ctx, ETH_HLEN + 7, &[hops - 1]).is_ok()
     }
 }
 
@@ -196,19 +200,14 @@ fn ip_len<F: Ip>(ctx: &TcContext) -> Option<u32> {
 }
 
 /// Sends a translated packet on its way: straight to the egress interface the FIB names
-/// (`ifindex` with its next hop `nh`, or looked up when `ifindex` is 0), or to the stack when
-/// the FIB has no forwarding route for it. An index rather than an `Option`: a `None`'s
-/// undefined payload made LLVM store an unset register, which the verifier refuses ("R1
-/// !read_ok").
+/// (`ifindex`, whose next hop the kernel finds, as for a flow's first packet; or looked up
+/// here when 0), or to the stack when the FIB has no forwarding route for it. An index rather
+/// than an `Option`: a `None`'s undefined payload made LLVM store an unset register, which the
+/// verifier refuses ("R1 !read_ok").
 #[inline(always)]
-pub fn forward<F: Ip>(
-    ctx: &TcContext,
-    t: &Tuple<F::Addr>,
-    ifindex: u32,
-    nh: &bpf_redir_neigh,
-) -> i32 {
+pub fn forward<F: Ip>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 {
     if ifindex != 0 {
-        return send::<F>(ctx, ifindex, nh);
+        return send_routed::<F>(ctx, ifindex);
     }
     match route::<F>(ctx, t, false) {
         Ok(r) => send::<F>(ctx, r.ifindex, &r.nh),
@@ -245,7 +244,8 @@ pub fn send<F: Ip>(ctx: &TcContext, ifindex: u32, nh: &bpf_redir_neigh) -> i32 {
     }
 }
 
-/// `send` without a next hop: the kernel looks the route up again for it.
+/// `send` without a next hop: the kernel looks the route up again for it (a flow's first
+/// packet, whose frame has no room for the next hop).
 #[inline(always)]
 pub fn send_routed<F: Ip>(ctx: &TcContext, ifindex: u32) -> i32 {
     if !count_down_ttl(ctx, F::AF == AF_INET) {

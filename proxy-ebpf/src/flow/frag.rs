@@ -31,7 +31,7 @@ use crate::{
     },
     flow::{
         ct::{Entry, Tracked},
-        fib::{NO_NH, forward},
+        fib::forward,
         xdp::{Hop, hop, transmit},
     },
     headers::{
@@ -79,7 +79,7 @@ fn forward_or_pass<F: Tracked>(ctx: &TcContext, to: Option<Tuple<F::Addr>>) -> i
     match to {
         Some(to) => {
             stats::count(Reason::FragmentTranslated);
-            forward::<F>(ctx, &to, 0, &NO_NH)
+            forward::<F>(ctx, &to, 0)
         }
         None => {
             stats::count(Reason::Fragment);

@@ -12,10 +12,7 @@ use proxy_common::{ct::CT_REPLY, proto, reason::Reason};
 
 use crate::{
     access::{skb, stats},
-    flow::{
-        ct::Tracked,
-        fib::{NO_NH, forward},
-    },
+    flow::{ct::Tracked, fib::forward},
     headers::{
         ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, Tuple,
         csum::diff16,
@@ -66,7 +63,7 @@ pub fn icmp4(ctx: &TcContext) -> i32 {
     match translate4(ctx) {
         Ok(Some(client)) => {
             stats::count(Reason::IcmpTranslated);
-            forward::<V4>(ctx, &client, 0, &NO_NH)
+            forward::<V4>(ctx, &client, 0)
         }
         _ => TC_ACT_OK as i32,
     }
@@ -172,7 +169,7 @@ pub fn icmp6(ctx: &TcContext) -> i32 {
     match translate6(ctx) {
         Ok(Some(client)) => {
             stats::count(Reason::IcmpTranslated);
-            forward::<V6>(ctx, &client, 0, &NO_NH)
+            forward::<V6>(ctx, &client, 0)
         }
         _ => TC_ACT_OK as i32,
     }

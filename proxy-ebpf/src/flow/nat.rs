@@ -3,7 +3,7 @@
 //! one of the node's own connections.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
@@ -18,8 +18,8 @@ use super::{
     ct::{self, Entry, Tracked},
 };
 use crate::{
-    access::{maps::LB_CONFIG, stats},
-    headers::{Packet, Tuple, family::Ip},
+    access::{maps::LB_CONFIG, skb, stats},
+    headers::{Packet, Tuple, csum, family::Ip},
 };
 
 /// Attempts at finding a free masquerading port before giving up on a flow. With 8, a range
@@ -57,9 +57,56 @@ pub fn port(i: u32, port: u16, (first, count): (u32, u32)) -> u16 {
     (first + unsafe { bpf_get_prandom_u32() } % count) as u16
 }
 
-/// Rewrites `pkt` in place so that its tuple becomes `to`, fixing every checksum.
+/// Rewrites `pkt` in place so that its tuple becomes `to`, fixing every checksum: the
+/// addresses and the ports each written at once (`skb::write`), the layer-4 checksum through
+/// the kernel's helper (by difference: once for the addresses, which are in the pseudo-header,
+/// once for the ports), which knows what the skb's checksum state asks (a checksum the device
+/// will finish, one the device verified). False when the packet could not be rewritten. Out of
+/// line, so that its values take no room in the callers' frames (returning a `bool`: a
+/// `Result` would come back through a pointer to the caller's stack, which the verifier
+/// refuses).
+#[inline(never)]
+pub fn rewrite<F: Ip>(ctx: &TcContext, pkt: &Packet<F::Addr>, to: &Tuple<F::Addr>) -> bool {
+    rewrite_in::<F>(ctx, pkt, to).is_ok()
+}
+
 #[inline(always)]
-pub fn rewrite<F: Ip>(
+fn rewrite_in<F: Ip>(
+    ctx: &TcContext,
+    pkt: &Packet<F::Addr>,
+    to: &Tuple<F::Addr>,
+) -> Result<(), i64> {
+    let (csum_off, mangled) = pkt.csum().ok_or(-1i64)?;
+    // The headers up to the ports in the linear data, for the writes.
+    if !skb::linear(ctx, pkt.l4 + 4) {
+        return Err(-1);
+    }
+    if to.saddr != pkt.t.saddr || to.daddr != pkt.t.daddr {
+        let diff = F::write_addrs(ctx, pkt, to)?;
+        ctx.l4_csum_replace(
+            csum_off,
+            0,
+            u64::from(diff),
+            BPF_F_PSEUDO_HDR as u64 | mangled,
+        )?;
+    }
+    if to.sport != pkt.t.sport || to.dport != pkt.t.dport {
+        let (o, n) = (pkt.t.sport.to_be_bytes(), pkt.t.dport.to_be_bytes());
+        let old = [o[0], o[1], n[0], n[1]];
+        let (o, n) = (to.sport.to_be_bytes(), to.dport.to_be_bytes());
+        let new = [o[0], o[1], n[0], n[1]];
+        skb::write(ctx, pkt.l4, &new)?;
+        ctx.l4_csum_replace(csum_off, 0, u64::from(csum::diff(&old, &new)), mangled)?;
+    }
+    Ok(())
+}
+
+/// `rewrite` for a flow's first packet: field by field through the kernel's helpers (a store
+/// and its checksum updates per changed address or port), which costs more calls but keeps
+/// the new-flow paths' frames, at the verifier's limit, as small as they are. The packets of
+/// a tracked flow, which are most of them, take `rewrite`.
+#[inline(always)]
+pub fn rewrite_first<F: Ip>(
     ctx: &TcContext,
     pkt: &Packet<F::Addr>,
     to: &Tuple<F::Addr>,

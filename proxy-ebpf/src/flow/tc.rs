@@ -91,7 +91,7 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
                     Err(_) => {}
                 }
             }
-            if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
+            if !rewrite::<F>(ctx, &pkt, &e.to) {
                 return REWRITE_FAILED;
             }
             stats::count(if reply {
@@ -145,7 +145,7 @@ pub fn host_reply<F: Tracked>(ctx: &TcContext) -> i32 {
     // SAFETY: a helper without arguments; `ptr` came from the lookup.
     unsafe { F::ct_touch(ptr, bpf_ktime_get_coarse_ns(), ct_flags_of(pkt.tcp_flags)) };
     e.to.proto = pkt.t.proto;
-    if rewrite::<F>(ctx, &pkt, &e.to).is_err() {
+    if !rewrite::<F>(ctx, &pkt, &e.to) {
         monitor::dropped::<F>(Hook::TcEgress, Reason::RewriteFailed, e.svc_id, &pkt.t);
         return TC_ACT_SHOT as i32;
     }

@@ -68,3 +68,29 @@ pub fn header_checksum<const N: usize>(h: &[u8; N]) -> [u8; 2] {
     s = (s & 0xffff) + (s >> 16);
     (!(s as u16)).to_be_bytes()
 }
+
+/// The one's complement difference `new - old` of a field of `N` bytes (even), as the kernel's
+/// checksum helpers take it ("by difference", size 0): its words as loaded from memory, the
+/// order the kernel sums in, not folded.
+#[inline(always)]
+pub fn diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+    let mut s: u32 = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        s += u32::from(!u16::from_ne_bytes([old[i], old[i + 1]]));
+        s += u32::from(u16::from_ne_bytes([new[i], new[i + 1]]));
+        i += 2;
+    }
+    s
+}
+
+/// A checksum field (as stored) updated by a difference `diff` (`diff`), as the kernel's
+/// `csum_replace_by_diff` does.
+#[inline(always)]
+pub fn apply(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let mut s = u64::from(diff) + u64::from(!u16::from_ne_bytes(check));
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    (!(s as u16)).to_ne_bytes()
+}

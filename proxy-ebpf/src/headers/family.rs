@@ -26,7 +26,17 @@ pub trait Ip {
     /// The address as affinity-key bytes.
     fn client_bytes(a: &Self::Addr) -> [u8; 16];
 
-    /// Rewrites one address at `off` (source or destination) with its checksums.
+    /// Writes `to`'s addresses over the packet's (`skb::write`), IPv4's header checksum with
+    /// them, and returns their difference (`csum::diff`) for the layer-4 checksum, which the
+    /// caller updates. An address that stays adds nothing (its difference is a negative zero).
+    fn write_addrs(
+        ctx: &TcContext,
+        pkt: &Packet<Self::Addr>,
+        to: &Tuple<Self::Addr>,
+    ) -> Result<u32, i64>;
+
+    /// Rewrites one address at `off` (source or destination) with its checksums, through the
+    /// kernel's helpers (`nat::rewrite_first`).
     fn set_addr(
         ctx: &TcContext,
         pkt: &Packet<Self::Addr>,
@@ -136,6 +146,24 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
+    fn write_addrs(
+        ctx: &TcContext,
+        pkt: &Packet<[u8; 4]>,
+        to: &Tuple<[u8; 4]>,
+    ) -> Result<u32, i64> {
+        let diff = csum::diff(&pkt.t.saddr, &to.saddr) + csum::diff(&pkt.t.daddr, &to.daddr);
+        // The header checksum and both addresses, bytes 10 to 19: one write.
+        let c = csum::apply(skb::read::<[u8; 2]>(ctx, pkt.l3 + 10)?, diff);
+        let (s, d) = (to.saddr, to.daddr);
+        skb::write(
+            ctx,
+            pkt.l3 + 10,
+            &[c[0], c[1], s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3]],
+        )?;
+        Ok(diff)
+    }
+
+    #[inline(always)]
     fn set_addr(
         ctx: &TcContext,
         pkt: &Packet<[u8; 4]>,
@@ -226,6 +254,17 @@ impl Ip for V6 {
     #[inline(always)]
     fn client_bytes(a: &[u8; 16]) -> [u8; 16] {
         *a
+    }
+
+    #[inline(always)]
+    fn write_addrs(
+        ctx: &TcContext,
+        pkt: &Packet<[u8; 16]>,
+        to: &Tuple<[u8; 16]>,
+    ) -> Result<u32, i64> {
+        skb::write(ctx, pkt.l3 + 8, &to.saddr)?;
+        skb::write(ctx, pkt.l3 + 24, &to.daddr)?;
+        Ok(csum::diff(&pkt.t.saddr, &to.saddr) + csum::diff(&pkt.t.daddr, &to.daddr))
     }
 
     #[inline(always)]

@@ -31,9 +31,9 @@ use crate::{
     flow::{
         ct::Entry,
         dsr,
-        fib::{NO_NH, Unrouted, forward, route, too_big_action, too_big_mtu},
+        fib::{Unrouted, forward, route, too_big_action, too_big_mtu},
         monitor,
-        nat::{self, rewrite},
+        nat::{self, rewrite_first},
         pmtu,
     },
     services::{frontend::Family, lb, newflow, reject},
@@ -293,11 +293,9 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let mut host = false;
     // This node's address on the way to the backend (with masquerading or DSR).
     let mut via = pkt.t.daddr;
-    let mut nh = NO_NH;
     let ifindex = match route::<F>(ctx, &to, snat || internal) {
         Ok(r) => {
             via = r.src;
-            nh = r.nh;
             // A pod's ClusterIP flow to a backend behind the interface it came in on (pods on
             // one bridge): the backend would answer the pod straight, past tc. Masqueraded, so
             // the reply comes back here.
@@ -360,7 +358,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     ) {
         return drop(reason);
     }
-    if rewrite::<F>(ctx, pkt, &to).is_err() {
+    if rewrite_first::<F>(ctx, pkt, &to).is_err() {
         return drop(Reason::RewriteFailed);
     }
     stats::count(Reason::NatNew);
@@ -378,5 +376,5 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         // Up the stack, to the backend on this node.
         return TC_ACT_OK as i32;
     }
-    forward::<F>(ctx, &to, ifindex, &nh)
+    forward::<F>(ctx, &to, ifindex)
 }
