@@ -264,8 +264,10 @@ pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
 /// that backend, as it does once its socket layer translates again). The new connection's
 /// replies would be translated back to the old flow's frontend and never reach their socket.
 /// The entry is deleted when its flow is closed (as `take_over_closed` decides; the forward
-/// entry goes with it) or belongs to no flow; an open flow keeps it (its replies cannot be
-/// told from the new connection's). Out of line: `handle`'s frame is near the limit.
+/// entry goes with it) or its forward entry translates elsewhere now; an open flow keeps it
+/// (its replies cannot be told from the new connection's, nor at the backend), and so does one
+/// whose forward entry is gone (evicted, or a flow being recorded on another CPU: the same
+/// window `take_over_closed` leaves). Out of line: `handle`'s frame is near the limit.
 #[inline(never)]
 pub fn forget_closed_reply<F: Tracked>(t: &Tuple<F::Addr>) {
     if close_reply::<F>(t, 0) == TAKEN {

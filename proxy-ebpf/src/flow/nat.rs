@@ -101,10 +101,11 @@ fn rewrite_in<F: Ip>(
     Ok(())
 }
 
-/// `rewrite` for a flow's first packet: field by field through the kernel's helpers (a store
-/// and its checksum updates per changed address or port), which costs more calls but keeps
-/// the new-flow paths' frames, at the verifier's limit, as small as they are. The packets of
-/// a tracked flow, which are most of them, take `rewrite`.
+/// `rewrite` for a flow's first packet, and at tc egress: field by field through the kernel's
+/// helpers (a store and its checksum updates per changed address or port), which costs more
+/// calls but keeps the new-flow paths' frames, at the verifier's limit, as small as they are,
+/// and keeps direct packet writes out of `tc_egress` (see `host_reply`). The packets of a
+/// tracked flow at ingress, which are most of them, take `rewrite`.
 #[inline(always)]
 pub fn rewrite_first<F: Ip>(
     ctx: &TcContext,

@@ -18,7 +18,7 @@ use crate::{
         dsr::{self, Dsr},
         fib::{NO_NH, Unrouted, route, send, too_big_action},
         monitor,
-        nat::rewrite,
+        nat::{rewrite, rewrite_first},
     },
 };
 
@@ -145,7 +145,10 @@ pub fn host_reply<F: Tracked>(ctx: &TcContext) -> i32 {
     // SAFETY: a helper without arguments; `ptr` came from the lookup.
     unsafe { F::ct_touch(ptr, bpf_ktime_get_coarse_ns(), ct_flags_of(pkt.tcp_flags)) };
     e.to.proto = pkt.t.proto;
-    if !rewrite::<F>(ctx, &pkt, &e.to) {
+    // Through the helpers (`rewrite_first`), not `rewrite`'s direct writes: a program that
+    // writes packet data straight is made to unclone every cloned skb it sees before it runs,
+    // and at egress every TCP segment the node sends is a clone.
+    if rewrite_first::<F>(ctx, &pkt, &e.to).is_err() {
         monitor::dropped::<F>(Hook::TcEgress, Reason::RewriteFailed, e.svc_id, &pkt.t);
         return TC_ACT_SHOT as i32;
     }

@@ -74,6 +74,7 @@ pub fn header_checksum<const N: usize>(h: &[u8; N]) -> [u8; 2] {
 /// order the kernel sums in, not folded.
 #[inline(always)]
 pub fn diff<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+    const { assert!(N % 2 == 0) };
     let mut s: u32 = 0;
     let mut i = 0;
     while i + 1 < N {
