@@ -7,7 +7,7 @@ mod common;
 use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
 
 use common::*;
-use proxy_common::reason::Reason;
+use proxy_common::{ct::CT_REPLY, reason::Reason};
 use tests::{
     Agent, ChildGuard, Shape, TestCgroup, Testbed,
     harness::{
@@ -48,6 +48,18 @@ fn per_packet_count(pins: &Path) -> u64 {
         .into_iter()
         .find(|(r, _)| *r == Reason::PerPacket)
         .map_or(0, |(_, n)| n)
+}
+
+/// How many reply entries the pinned IPv4 connection tracking holds for `client`'s ports in
+/// `ports` (replies to the client itself: not masqueraded).
+fn replies_to(pins: &Path, client: std::net::Ipv4Addr, ports: std::ops::Range<u16>) -> usize {
+    let maps = proxy_userspace::datapath::bpf::Maps::open_pinned(pins).expect("open pins");
+    let ct = maps.conntrack4().expect("conntrack");
+    ct.iter()
+        .filter(|(k, v)| {
+            v.flags & CT_REPLY != 0 && k.daddr == client.octets() && ports.contains(&k.dport)
+        })
+        .count()
 }
 
 /// A cgroup directory below the testbed's, named as kubelet (cgroupfs driver) names a pod's.
@@ -401,11 +413,6 @@ fn per_packet(shape: Shape, by_default: bool) {
         per_packet_count(&agent.pin_dir) >= before + 120,
         "connects of the meshed pod not left to tc"
     );
-    // Connections from fixed ports, closed again: the same ports connect once more when the
-    // socket layer translates (below).
-    for r in tcp_from_ports(client_ns, Some(&pod_cg), to(80), REUSED_PORTS, 30) {
-        assert!(r.ok && backends.contains(&r.backend), "{r:?}");
-    }
     // The operator's view: `services` lists the per-packet namespace, `explain` (with the
     // source, to know the client pod by its address) says which path the client takes.
     let cli = |args: &[&str]| -> serde_json::Value {
@@ -557,6 +564,15 @@ fn per_packet(shape: Shape, by_default: bool) {
     assert!(per_packet_count(&agent.pin_dir) >= before + 10);
     drop(late_cg);
 
+    // The mesh gone, connections from fixed ports, per packet and closed again: the same ports
+    // connect once more when the socket layer translates (below).
+    client_ns.exec("nft", &["delete", "table", "ip", "mesh"]);
+    let before = per_packet_count(&agent.pin_dir);
+    for r in tcp_from_ports(client_ns, Some(&pod_cg), to(80), REUSED_PORTS, 30) {
+        assert!(r.ok && backends.contains(&r.backend), "{r:?}");
+    }
+    assert!(per_packet_count(&agent.pin_dir) >= before + 30);
+
     // The label removed (or `enabled` over a disabled default): back at the socket layer.
     let from = agent.log_position();
     agent.write_manifest("ns.yaml", &namespace_yaml(label_back));
@@ -565,7 +581,10 @@ fn per_packet(shape: Shape, by_default: bool) {
         "socket-layer translation off for 0 pod(s)",
         Duration::from_secs(20),
     );
-    client_ns.exec("nft", &["delete", "table", "ip", "mesh"]);
+    // Those flows' entries are still tracked (closed flows keep theirs for 10 s after their
+    // last packet): without them the step below would test nothing.
+    let held = replies_to(&agent.pin_dir, client, REUSED_PORTS..REUSED_PORTS + 30);
+    assert!(held > 0, "no tracked reply entry of the fixed ports left");
     let before = per_packet_count(&agent.pin_dir);
     for r in meshed(Proto::Tcp, 80, 10) {
         assert!(r.ok && backends.contains(&r.backend), "{r:?}");
