@@ -23,8 +23,8 @@
 //! the figure is the whole chain's cost per packet, of which node-a's program is one part.
 //!
 //! Then node-a alone: the same configurations fed by an XDP frame generator (`xdpgen`) that
-//! injects the frames into node-a's `eth0` from its LAN-side peer and an nftables drop on that
-//! peer that counts what node-a sends on to the backend, so the sender's socket, routing and
+//! injects the frames into node-a's `eth0` from its LAN-side peer and BPF programs on that peer
+//! that count and drop what node-a sends on to the backend, so the sender's socket, routing and
 //! queueing and the hops after node-a no longer make up most of each packet's cost.
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -215,7 +215,7 @@ fn measure(pairs: usize, secs: f64, cpu: usize, out: &mut PodNetReport) -> anyho
             let once = |to: &str| {
                 flood(&ext, &pod.ns, to, secs, cpu).map(|(sent, got)| Run { sent, got, secs })
             };
-            let rates = pairs_of(pairs, || once(direct), || once(nodeport))?;
+            let rates = pairs_of(pairs, 0, || once(direct), || once(nodeport))?;
             let (_, program_ns) = program_ns_over(|| once(nodeport))?;
             let counters = match &agent {
                 Some(a) => status_counters(&tb, a)?,
@@ -251,6 +251,15 @@ struct Rates {
 }
 
 impl Rates {
+    /// Adds `other`'s pairs.
+    fn extend(&mut self, other: Rates) {
+        self.sent_direct.extend(other.sent_direct);
+        self.got_direct.extend(other.got_direct);
+        self.sent.extend(other.sent);
+        self.got.extend(other.got);
+        self.ratios.extend(other.ratios);
+    }
+
     /// The row of `config`'s NodePort runs against direct (medians over the pairs).
     fn row(
         self,
@@ -278,14 +287,16 @@ impl Rates {
 }
 
 /// `pairs` back-to-back pairs of a `direct` run and a `nodeport` run, which goes first
-/// alternating per pair.
+/// alternating per pair, counting pairs from `first` (a round's number when each round runs
+/// one pair).
 fn pairs_of(
     pairs: usize,
+    first: usize,
     mut direct: impl FnMut() -> anyhow::Result<Run>,
     mut nodeport: impl FnMut() -> anyhow::Result<Run>,
 ) -> anyhow::Result<Rates> {
     let mut r = Rates::default();
-    for pair in 0..pairs {
+    for pair in first..first + pairs {
         check_stop()?;
         let (d, b) = if pair % 2 == 0 {
             let d = direct()?;
@@ -354,7 +365,8 @@ fn datapath(
 const GEN_CALIBRATE: u64 = 64 * 1024;
 
 /// Node-a alone: the configurations of `measure` fed by the XDP frame generator (`xdpgen`),
-/// `pairs` back-to-back direct/NodePort pairs of about `secs` seconds each, on `cpu`.
+/// `pairs` rounds in which every configuration runs one back-to-back direct/NodePort pair of
+/// about `secs` seconds per family, on `cpu`.
 fn generated(
     tb: &Testbed,
     pairs: usize,
@@ -368,24 +380,25 @@ fn generated(
          s per configuration"
     );
     let lan_dev = format!("v-{NODE}");
-    // GRO on gives a veth without XDP program the NAPI instance that takes frames redirected
-    // to it: node-a's `eth0` the generator's (configurations without XDP), the LAN side
-    // node-a's skbs. Off first: adding an XDP program turned GRO on without asking for it, so
-    // asking now would change nothing, and NAPI would go with the program. The LAN side keeps
-    // its XDP_PASS program only while node-a runs XDP (its XDP_TX wakes the peer only if that
-    // has one): then node-a's frames become skbs on the LAN side, which the other
-    // configurations pay at node-a; otherwise node-a's skbs would each be copied into an XDP
-    // buffer there.
+    // GRO on gives node-a's `eth0` (a veth without XDP program in most configurations) the
+    // NAPI instance that takes the generator's frames. Off first: adding an XDP program turned
+    // GRO on without asking for it, so asking now would change nothing, and NAPI would go with
+    // the program. The LAN side keeps GRO off: what node-a sends on is counted and dropped
+    // there by the sink's programs before any stack processing (`xdpgen::Sink`: at tc for
+    // skbs, at XDP for the frames of node-a's XDP), so no configuration pays for aggregating
+    // packets nobody receives.
     tb.lan
         .ip(&["link", "set", "dev", &lan_dev, "xdpdrv", "off"]);
-    for (ns, dev) in [(&tb.lan, lan_dev.as_str()), (&tb.nodes[0].ns, "eth0")] {
-        ns.exec("ethtool", &["-K", dev, "gro", "off"]);
-        ns.exec("ethtool", &["-K", dev, "gro", "on"]);
-    }
+    tb.lan.exec("ethtool", &["-K", &lan_dev, "gro", "off"]);
+    let node_ns = &tb.nodes[0].ns;
+    node_ns.exec("ethtool", &["-K", "eth0", "gro", "off"]);
+    node_ns.exec("ethtool", &["-K", "eth0", "gro", "on"]);
     let pod = &tb.nodes[1].pods[0];
+    out.pps_gen_sink = "bpf".into();
     let sink = xdpgen::Sink::install(
         &tb.lan,
         &lan_dev,
+        &tb.id,
         &[
             (pod.ip4.into(), BACKEND_PORT),
             (pod.ip6.into(), BACKEND_PORT),
@@ -422,74 +435,141 @@ fn generated(
             secs: took.as_secs_f64(),
         })
     };
-    for (config, xdp) in CONFIGS {
-        check_stop()?;
-        let Some((peer, agent)) = datapath(tb, config, xdp)? else {
-            continue;
-        };
-        if xdp == "driver" {
-            xdp_pass_on(&tb.lan, &lan_dev, &tb.id)?;
-        } else {
-            tb.lan
-                .ip(&["link", "set", "dev", &lan_dev, "xdpdrv", "off"]);
-        }
-        for (family, counter, nodeport, direct) in &families {
-            // Both frames get through before anything is measured (and the neighbours are
-            // resolved); the runs are sized from the slower one's rate.
-            let mut count = u64::MAX;
-            for f in [nodeport, direct] {
-                let mut tries = 0;
-                loop {
-                    let Run {
-                        sent,
-                        got,
-                        secs: took,
-                    } = run(f, *counter, GEN_CALIBRATE)?;
-                    if got * 2 >= sent {
-                        count = count.min(((sent as f64 / took) * secs) as u64);
-                        break;
+    // The configurations take turns, one pair per family each per round (their order rotated
+    // per round): this VM's speed drifts by tens of percent over minutes, which would otherwise
+    // land between configurations and decide their comparison.
+    let mut configs: Vec<(&str, &str)> = CONFIGS.to_vec();
+    let mut counts: std::collections::HashMap<(&str, &str), u64> = Default::default();
+    let mut rates: std::collections::HashMap<(&str, &str), Rates> = Default::default();
+    // The agent's counters and the programs' nanoseconds per run, from the last round.
+    type Last = (Vec<(String, u64)>, ProgramNs);
+    let mut last: std::collections::HashMap<(&str, &str), Last> = Default::default();
+    // The rounds; what they measured is reported below even if one fails or is stopped.
+    let mut rounds = || -> anyhow::Result<()> {
+        for round in 0..pairs {
+            let mut order = configs.clone();
+            order.rotate_left(round % configs.len().max(1));
+            eprintln!(
+                "    round {} of {pairs}: {}",
+                round + 1,
+                order.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+            );
+            for (config, xdp) in order {
+                check_stop()?;
+                let Some((peer, agent)) = datapath(tb, config, xdp)? else {
+                    // A peer's tools are missing (said on stderr): not a transient state.
+                    configs.retain(|c| c.0 != config);
+                    continue;
+                };
+                // node-a's XDP sends frames back out with XDP_TX, and a veth's XDP_TX wakes
+                // its peer only if that has an XDP program too: the sink's.
+                sink.xdp(xdp == "driver")?;
+                // Attaching it turned the LAN side's GRO on.
+                tb.lan.exec("ethtool", &["-K", &lan_dev, "gro", "off"]);
+                for (family, counter, nodeport, direct) in &families {
+                    let key = (config, *family);
+                    if let std::collections::hash_map::Entry::Vacant(slot) = counts.entry(key) {
+                        let count = calibrate(
+                            tb,
+                            config,
+                            family,
+                            &agent,
+                            &lan_dev,
+                            |f, n| run(f, *counter, n),
+                            [nodeport, direct],
+                            secs,
+                        )?;
+                        slot.insert(count);
                     }
-                    tries += 1;
-                    if tries == 50 {
-                        let stats = |ns: &NetNs, dev: &str| {
-                            ns.exec("ethtool", &["-S", dev])
-                                .split_whitespace()
-                                .collect::<Vec<_>>()
-                                .join(" ")
+                    let count = counts[&key];
+                    let pair = pairs_of(
+                        1,
+                        round,
+                        || run(direct, *counter, count),
+                        || run(nodeport, *counter, count),
+                    )?;
+                    rates.entry(key).or_default().extend(pair);
+                    if round + 1 == pairs {
+                        let (_, program_ns) = program_ns_over(|| run(nodeport, *counter, count))?;
+                        let counters = match &agent {
+                            Some(a) => status_counters(tb, a)?,
+                            None => Vec::new(),
                         };
-                        bail!(
-                            "{config} {family}: {got} of {sent} generated frames reached the \
-                             sink (the agent's counters: {:?}; node-a eth0: {}; lan side: {})",
-                            agent
-                                .as_ref()
-                                .map(|a| status_counters(tb, a).unwrap_or_default())
-                                .unwrap_or_default(),
-                            stats(&tb.nodes[0].ns, "eth0"),
-                            stats(&tb.lan, &lan_dev),
-                        );
+                        last.insert(key, (counters, program_ns));
                     }
-                    super::nap(Duration::from_millis(200))?;
                 }
+                drop(agent);
+                drop(peer);
             }
-            let count = count.max(GEN_CALIBRATE);
-            let rates = pairs_of(
-                pairs,
-                || run(direct, *counter, count),
-                || run(nodeport, *counter, count),
-            )?;
-            let (_, program_ns) = program_ns_over(|| run(nodeport, *counter, count))?;
-            let counters = match &agent {
-                Some(a) => status_counters(tb, a)?,
-                None => Vec::new(),
+        }
+        Ok(())
+    };
+    let result = rounds();
+    for (config, xdp) in CONFIGS {
+        for (family, ..) in &families {
+            let key = (config, *family);
+            let Some(r) = rates.remove(&key) else {
+                continue;
             };
-            let row = rates.row(config, family, xdp, counters, program_ns);
+            let (counters, program_ns) = last.remove(&key).unwrap_or_default();
+            let row = r.row(config, family, xdp, counters, program_ns);
             print_row(&row, ", generated");
             out.pps_gen.push(row);
         }
-        drop(agent);
-        drop(peer);
     }
-    Ok(())
+    result
+}
+
+/// Runs `run(frame, count)` until both `frames` (NodePort, direct) get through (and their
+/// neighbours are resolved): the frames per run for about `secs` seconds at the slower one's
+/// rate.
+#[allow(clippy::too_many_arguments)]
+fn calibrate(
+    tb: &Testbed,
+    config: &str,
+    family: &str,
+    agent: &Option<Agent>,
+    lan_dev: &str,
+    mut run: impl FnMut(&[u8], u64) -> anyhow::Result<Run>,
+    frames: [&Vec<u8>; 2],
+    secs: f64,
+) -> anyhow::Result<u64> {
+    let mut count = u64::MAX;
+    for f in frames {
+        let mut tries = 0;
+        loop {
+            let Run {
+                sent,
+                got,
+                secs: took,
+            } = run(f, GEN_CALIBRATE)?;
+            if got * 2 >= sent {
+                count = count.min(((sent as f64 / took) * secs) as u64);
+                break;
+            }
+            tries += 1;
+            if tries == 50 {
+                let stats = |ns: &NetNs, dev: &str| {
+                    ns.exec("ethtool", &["-S", dev])
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                bail!(
+                    "{config} {family}: {got} of {sent} generated frames reached the sink (the \
+                     agent's counters: {:?}; node-a eth0: {}; lan side: {})",
+                    agent
+                        .as_ref()
+                        .map(|a| status_counters(tb, a).unwrap_or_default())
+                        .unwrap_or_default(),
+                    stats(&tb.nodes[0].ns, "eth0"),
+                    stats(&tb.lan, lan_dev),
+                );
+            }
+            super::nap(Duration::from_millis(200))?;
+        }
+    }
+    Ok(count.max(GEN_CALIBRATE))
 }
 
 /// kube-proxy's rules for the flood Service in node-a's namespace, removed on drop.

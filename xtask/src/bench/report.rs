@@ -204,6 +204,11 @@ pub struct PodNetReport {
     /// sends the packets.
     #[serde(default)]
     pub pps_gen: Vec<PpsRow>,
+    /// How `pps_gen`'s packets were counted where node-a sends them: `bpf` (tc and XDP
+    /// programs on the LAN side, GRO off there), or empty for reports written before, whose
+    /// sink was an nftables `netdev` rule behind GRO.
+    #[serde(default)]
+    pub pps_gen_sink: String,
 }
 
 /// One configuration of the packets-per-second part: a UDP flood to a NodePort whose backend is
@@ -1278,16 +1283,33 @@ impl Report {
                  kernel's XDP live-frame test mode (BPF_PROG_TEST_RUN with \
                  BPF_F_TEST_XDP_LIVE_FRAMES, batches of 64, pinned to CPU {}) redirects copies \
                  of one prepared frame (18-byte UDP datagram from `ext`'s address) from the LAN \
-                 side of node-a's veth into node-a's `eth0`. What node-a sends on is counted \
-                 and dropped on that LAN side by an nftables `netdev` ingress rule matching the \
-                 backend's address and port (a mistranslated packet is not counted), so node-b \
-                 and the sender's own stack are no part of the figure. Both veth ends have GRO \
-                 on, which gives a veth without an XDP program the NAPI instance redirected \
-                 frames need; the LAN side has an XDP_PASS program only while node-a runs XDP \
-                 (veth's XDP_TX wakes a peer only if it has one), so the XDP configuration \
-                 pays an skb build on the LAN side that the others pay inside node-a. Sent: \
-                 frames generated per second; delivered: counted at the sink per second.\n",
-                p.client_cpu
+                 side of node-a's veth into node-a's `eth0`. {} Sent: frames generated per \
+                 second; delivered: counted at the sink per second.\n",
+                p.client_cpu,
+                if p.pps_gen_sink == "bpf" {
+                    "What node-a sends on is counted and dropped on that LAN side, before any \
+                     stack processing, by BPF programs matching the backend's address and port \
+                     (a mistranslated packet is not counted): at tc ingress for the skbs \
+                     node-a sends, and at XDP while node-a runs XDP (veth's XDP_TX wakes a peer \
+                     only if it has an XDP program): for the frames node-a's XDP sends back \
+                     out before any skb exists, as a NIC would put them on the wire, and then \
+                     also for the skbs of the direct runs. The configurations take turns: \
+                     each round runs one direct/NodePort pair per family in every \
+                     configuration, their order rotated per round (this VM's speed drifts by \
+                     tens of percent within minutes). GRO is off on the LAN side, on on node-a's `eth0` (it \
+                     gives a veth without an XDP program the NAPI instance redirected frames \
+                     need). So node-b, the sender's own stack and the receiving side's stack \
+                     are no part of the figure."
+                } else {
+                    "What node-a sends on is counted and dropped on that LAN side by an \
+                     nftables `netdev` ingress rule matching the backend's address and port (a \
+                     mistranslated packet is not counted), so node-b and the sender's own stack \
+                     are no part of the figure. Both veth ends have GRO on, which gives a veth \
+                     without an XDP program the NAPI instance redirected frames need; the LAN \
+                     side has an XDP_PASS program only while node-a runs XDP (veth's XDP_TX \
+                     wakes a peer only if it has one), so the XDP configuration pays an skb \
+                     build on the LAN side that the others pay inside node-a."
+                }
             );
             pps_table(&mut out, &p.pps_gen);
         }

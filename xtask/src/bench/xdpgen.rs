@@ -6,10 +6,12 @@
 //! node-a's veth, whose transmit puts it on node-a's receive queue; no socket, no route lookup,
 //! no qdisc, no skb on the sending side.
 //!
-//! What node-a sends on is dropped by an nftables `netdev` ingress rule on that same LAN-side
-//! peer that matches the backend's address and port (a mistranslated packet is not counted),
-//! so the figure is node-a's work per packet plus a small, equal share for the generator and
-//! the drop. On veth everything runs in softirq on the generator's CPU, batch by batch.
+//! What node-a sends on is counted and dropped on that same LAN-side peer by BPF programs
+//! (`Sink`) that match the backend's address and port (a mistranslated packet is not counted):
+//! at tc ingress for the skbs node-a sends, at XDP for everything while node-a runs XDP (the
+//! frames its XDP sends back out before any skb exists, and the skbs of its direct runs). So the figure is node-a's work per packet plus a small share for the
+//! generator and the drop. On veth everything runs in softirq on the generator's CPU, batch by
+//! batch.
 
 use std::{
     ffi::CString,
@@ -21,9 +23,18 @@ use std::{
 use ::tests::NetNs;
 use anyhow::{Context as _, bail};
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// A `ld_imm64`'s source register naming a map by descriptor.
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+/// `bpf_map_lookup_elem`'s helper number.
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const BPF_F_TEST_XDP_LIVE_FRAMES: u64 = 1 << 1;
 /// `bpf_redirect`'s helper number.
 const BPF_FUNC_REDIRECT: u8 = 23;
@@ -74,15 +85,20 @@ fn program(ifindex: u32, frame: &[u8]) -> anyhow::Result<Vec<u64>> {
 
 /// Loads the XDP program `insns` (BPF_PROG_LOAD, GPL).
 pub fn load_xdp(insns: &[u64]) -> anyhow::Result<OwnedFd> {
+    load_program(BPF_PROG_TYPE_XDP, insns)
+}
+
+/// Loads the program `insns` of type `prog_type` (BPF_PROG_LOAD, GPL).
+fn load_program(prog_type: u32, insns: &[u64]) -> anyhow::Result<OwnedFd> {
     let license = CString::new("GPL")?;
     let mut attr = [0u64; 16];
-    attr[0] = u64::from(BPF_PROG_TYPE_XDP) | (insns.len() as u64) << 32;
+    attr[0] = u64::from(prog_type) | (insns.len() as u64) << 32;
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
     // SAFETY: a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), 128u32) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("load an XDP program");
+        return Err(std::io::Error::last_os_error()).context("load a BPF program");
     }
     // SAFETY: a fresh descriptor the kernel gave us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -269,90 +285,336 @@ pub fn mac_of(ns: &NetNs, dev: &str) -> anyhow::Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// The drop at the LAN side: an nftables `netdev` table on `dev` in `ns` counting and dropping
-/// UDP to each `(address, port)` (one named counter each, `c0`, `c1`, ...); removed on drop.
+/// Where a program type finds the packet in its context, and its verdicts.
+#[derive(Clone, Copy)]
+struct Hook {
+    prog_type: u32,
+    data: i16,
+    data_end: i16,
+    drop: i32,
+    pass: i32,
+}
+
+/// XDP: `xdp_md.data`, `.data_end`; XDP_DROP, XDP_PASS.
+const XDP_HOOK: Hook = Hook {
+    prog_type: BPF_PROG_TYPE_XDP,
+    data: 0,
+    data_end: 4,
+    drop: 1,
+    pass: 2,
+};
+/// tc (clsact, direct action): `__sk_buff.data`, `.data_end`; TC_ACT_SHOT, TC_ACT_OK.
+const TC_HOOK: Hook = Hook {
+    prog_type: BPF_PROG_TYPE_SCHED_CLS,
+    data: 76,
+    data_end: 80,
+    drop: 2,
+    pass: 0,
+};
+
+/// The byte checks that pick an Ethernet frame carrying UDP to `addr`:`port`: (offset, bytes
+/// that must be there, 1, 2 or 4 long), and the frame length they need. IPv4 without options
+/// (what node-a sends on), IPv6 with UDP as the first next header.
+fn matches(addr: IpAddr, port: u16) -> (usize, Vec<(usize, Vec<u8>)>) {
+    let port = port.to_be_bytes().to_vec();
+    match addr {
+        IpAddr::V4(a) => {
+            let mut checks = vec![
+                (12, vec![0x08, 0x00]),
+                (14, vec![0x45]),
+                (23, vec![17]),
+                (30, a.octets().to_vec()),
+            ];
+            checks.push((36, port));
+            (38, checks)
+        }
+        IpAddr::V6(a) => {
+            let mut checks = vec![(12, vec![0x86, 0xdd]), (20, vec![17])];
+            for (i, w) in a.octets().chunks(4).enumerate() {
+                checks.push((38 + 4 * i, w.to_vec()));
+            }
+            checks.push((56, port));
+            (58, checks)
+        }
+    }
+}
+
+/// The sink's instructions for `hook`: a frame that matches target `i` adds one to slot `i` of
+/// the array map `map_fd` and is dropped; anything else passes.
+fn sink_program(hook: Hook, map_fd: i32, targets: &[(IpAddr, u16)]) -> Vec<u64> {
+    // r6 = data, r7 = data_end (packet pointers for the verifier).
+    let mut p = vec![
+        insn(0x61, 6, 1, hook.data, 0),
+        insn(0x61, 7, 1, hook.data_end, 0),
+    ];
+    // Jumps to the counting tail, patched once its place is known.
+    let mut to_count = Vec::new();
+    for (i, (addr, port)) in targets.iter().enumerate() {
+        let (need, checks) = matches(*addr, *port);
+        // Each jump to the next target is patched with the block's length.
+        let start = p.len();
+        let mut to_next = Vec::new();
+        // r4 = r6 + need; if r4 > r7: next target
+        p.push(insn(0xbf, 4, 6, 0, 0));
+        p.push(insn(0x07, 4, 0, 0, need as i32));
+        to_next.push(p.len());
+        p.push(insn(0x2d, 4, 7, 0, 0));
+        for (off, bytes) in checks {
+            let (load, imm) = match bytes.len() {
+                1 => (0x71, i32::from(bytes[0])),
+                2 => (0x69, i32::from(u16::from_le_bytes([bytes[0], bytes[1]]))),
+                _ => (
+                    0x61,
+                    i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+                ),
+            };
+            // r5 = *(size *)(r6 + off); if w5 != imm: next target (32-bit compare)
+            p.push(insn(load, 5, 6, off as i16, 0));
+            to_next.push(p.len());
+            p.push(insn(0x56, 5, 0, 0, imm));
+        }
+        // r8 = i; goto count
+        p.push(insn(0xb7, 8, 0, 0, i as i32));
+        to_count.push(p.len());
+        p.push(insn(0x05, 0, 0, 0, 0));
+        let end = p.len();
+        debug_assert!(start < end);
+        for at in to_next {
+            p[at] = with_offset(p[at], (end - at - 1) as i16);
+        }
+    }
+    // No target: pass.
+    p.push(insn(0xb7, 0, 0, 0, hook.pass));
+    p.push(insn(0x95, 0, 0, 0, 0));
+    let count = p.len();
+    for at in to_count {
+        p[at] = with_offset(p[at], (count - at - 1) as i16);
+    }
+    p.extend([
+        // *(u32 *)(r10 - 4) = r8; r1 = map; r2 = r10 - 4; r0 = bpf_map_lookup_elem(r1, r2)
+        insn(0x63, 10, 8, -4, 0),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map_fd),
+        0,
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -4),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        // if r0 == 0: skip the add; r1 = 1; lock *(u64 *)(r0 + 0) += r1
+        insn(0x15, 0, 0, 2, 0),
+        insn(0xb7, 1, 0, 0, 1),
+        insn(0xdb, 0, 1, 0, 0),
+        // drop
+        insn(0xb7, 0, 0, 0, hook.drop),
+        insn(0x95, 0, 0, 0, 0),
+    ]);
+    p
+}
+
+/// `i` with its offset field set to `off`.
+fn with_offset(i: u64, off: i16) -> u64 {
+    let mut b = i.to_le_bytes();
+    b[2..4].copy_from_slice(&off.to_le_bytes());
+    u64::from_le_bytes(b)
+}
+
+/// Pins `prog` at `pin`, runs `args` in `ns` (which attach it by that path), unpins it (the
+/// attachment holds the program).
+fn attach_pinned(ns: &NetNs, prog: &OwnedFd, pin: &str, args: &[&str]) -> anyhow::Result<()> {
+    let path = CString::new(pin)?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = prog.as_raw_fd() as u64;
+    // SAFETY: a zero-padded bpf_attr for BPF_OBJ_PIN; the path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), 128u32) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pin {pin}"));
+    }
+    // nsenter, not `ip -n`: that remounts /sys, and the pin under /sys/fs/bpf with it.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path()))
+        .args(args)
+        .output();
+    let _ = std::fs::remove_file(pin);
+    match out {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => bail!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => bail!("run nsenter: {e}"),
+    }
+}
+
+/// The drop at the LAN side of node-a's veth: BPF programs that count (in an array map, one
+/// slot per target) and drop UDP to each `(address, port)`, and pass everything else. A tc
+/// ingress program takes the skbs node-a sends. An XDP program, attached while node-a runs
+/// XDP (`xdp`), takes the frames node-a's XDP sends back out with `XDP_TX` before any skb
+/// exists, as a real NIC would put them on the wire; while it is attached it also takes the
+/// skbs node-a forwards (veth then hands them to the peer's NAPI, as XDP strips node-a's
+/// `eth0` of TSO), so the XDP configuration's direct runs are counted there too. A
+/// mistranslated packet is not counted. Removed on drop.
 pub struct Sink<'a> {
     ns: &'a NetNs,
+    dev: String,
+    id: String,
+    map: OwnedFd,
+    xdp: OwnedFd,
     targets: usize,
 }
 
-const SINK_TABLE: &str = "kbp-bench-sink";
-
 impl<'a> Sink<'a> {
-    pub fn install(ns: &'a NetNs, dev: &str, targets: &[(IpAddr, u16)]) -> anyhow::Result<Self> {
-        let mut rules = format!(
-            "add table netdev {SINK_TABLE}\n\
-             add chain netdev {SINK_TABLE} in {{ type filter hook ingress device \"{dev}\" \
-             priority 0 ; policy accept ; }}\n"
-        );
-        for (i, (addr, port)) in targets.iter().enumerate() {
-            let family = if addr.is_ipv4() { "ip" } else { "ip6" };
-            rules.push_str(&format!(
-                "add counter netdev {SINK_TABLE} c{i}\n\
-                 add rule netdev {SINK_TABLE} in {family} daddr {addr} udp dport {port} \
-                 counter name \"c{i}\" drop\n"
-            ));
+    /// Loads the map and both programs and attaches the tc one to `dev` in `ns`; `id` names
+    /// the pins, briefly under /sys/fs/bpf.
+    pub fn install(
+        ns: &'a NetNs,
+        dev: &str,
+        id: &str,
+        targets: &[(IpAddr, u16)],
+    ) -> anyhow::Result<Self> {
+        let mut attr = [0u64; 16];
+        // BPF_MAP_TYPE_ARRAY, 4-byte keys, 8-byte values, a slot per target.
+        attr[0] = u64::from(BPF_MAP_TYPE_ARRAY) | 4 << 32;
+        attr[1] = 8 | (targets.len() as u64) << 32;
+        // SAFETY: a zero-padded bpf_attr for BPF_MAP_CREATE.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), 128u32) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("the sink's counters (a map)");
         }
-        let file = std::env::temp_dir().join(format!("{}-sink.nft", ns.name));
-        std::fs::write(&file, rules)?;
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", ns.path()))
-            .args(["nft", "-f"])
-            .arg(&file)
-            .output()
-            .context("run nft")?;
-        let _ = std::fs::remove_file(&file);
-        if !out.status.success() {
-            bail!(
-                "nft (the sink): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(Sink {
+        // SAFETY: a fresh descriptor the kernel gave us.
+        let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let load = |hook: Hook| {
+            load_program(
+                hook.prog_type,
+                &sink_program(hook, map.as_raw_fd(), targets),
+            )
+        };
+        let tc = load(TC_HOOK).context("the sink's tc program")?;
+        let xdp = load(XDP_HOOK).context("the sink's XDP program")?;
+        let sink = Sink {
             ns,
+            dev: dev.to_string(),
+            id: id.to_string(),
+            map,
+            xdp,
             targets: targets.len(),
-        })
+        };
+        ns.exec("tc", &["qdisc", "add", "dev", dev, "clsact"]);
+        let pin = format!("/sys/fs/bpf/{id}-sink-tc");
+        attach_pinned(
+            ns,
+            &tc,
+            &pin,
+            &[
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                dev,
+                "ingress",
+                "bpf",
+                "direct-action",
+                "object-pinned",
+                &pin,
+            ],
+        )?;
+        Ok(sink)
+    }
+
+    /// Attaches the XDP program (native mode), or detaches whatever XDP program `dev` has.
+    pub fn xdp(&self, on: bool) -> anyhow::Result<()> {
+        if !on {
+            self.ns
+                .ip(&["link", "set", "dev", &self.dev, "xdpdrv", "off"]);
+            return Ok(());
+        }
+        // Replacing a program takes `-force`; none should be there, but detaching first is
+        // the same for either.
+        self.ns
+            .ip(&["link", "set", "dev", &self.dev, "xdpdrv", "off"]);
+        let pin = format!("/sys/fs/bpf/{}-sink-xdp", self.id);
+        attach_pinned(
+            self.ns,
+            &self.xdp,
+            &pin,
+            &[
+                "ip", "link", "set", "dev", &self.dev, "xdpdrv", "pinned", &pin,
+            ],
+        )
     }
 
     /// Packets counted (and dropped) for target `i`.
     pub fn count(&self, i: usize) -> anyhow::Result<u64> {
         assert!(i < self.targets);
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.ns.path()))
-            .args([
-                "nft",
-                "-j",
-                "list",
-                "counter",
-                "netdev",
-                SINK_TABLE,
-                &format!("c{i}"),
-            ])
-            .output()
-            .context("run nft")?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).context("nft -j list counter")?;
-        v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find_map(|e| e["counter"]["packets"].as_u64())
-            .with_context(|| format!("no counter c{i}: {v}"))
+        let key = i as u32;
+        let mut value = 0u64;
+        let mut attr = [0u64; 16];
+        attr[0] = self.map.as_raw_fd() as u64;
+        attr[1] = &key as *const u32 as u64;
+        attr[2] = &mut value as *mut u64 as u64;
+        // SAFETY: a zero-padded bpf_attr for BPF_MAP_LOOKUP_ELEM whose key and value outlive
+        // the call.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, attr.as_ptr(), 128u32) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error()).context("read the sink's counter");
+        }
+        Ok(value)
     }
 }
 
 impl Drop for Sink<'_> {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.ns.path()))
-            .args(["nft", "delete", "table", "netdev", SINK_TABLE])
-            .output();
+        let dev = self.dev.as_str();
+        for args in [
+            &["ip", "link", "set", "dev", dev, "xdpdrv", "off"][..],
+            &["tc", "qdisc", "del", "dev", dev, "clsact"],
+        ] {
+            let _ = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", self.ns.path()))
+                .args(args)
+                .output();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sink's program for two targets: every jump lands inside the program, each target's
+    /// block checks its address, and both hooks' verdicts are where they belong.
+    #[test]
+    fn sink_program_jumps_and_checks() {
+        let targets = [
+            ("10.244.1.2".parse().unwrap(), 8080),
+            ("fd00:244:1::2".parse().unwrap(), 8080),
+        ];
+        for hook in [XDP_HOOK, TC_HOOK] {
+            let p = sink_program(hook, 7, &targets);
+            for (i, ins) in p.iter().enumerate() {
+                let b = ins.to_le_bytes();
+                let class = b[0] & 0x07;
+                // Jumps other than call and exit, 64- and 32-bit.
+                if (class == 0x05 || class == 0x06) && b[0] != 0x85 && b[0] != 0x95 {
+                    let off = i16::from_le_bytes([b[2], b[3]]) as isize;
+                    let to = i as isize + 1 + off;
+                    assert!(off > 0 && (to as usize) < p.len(), "jump at {i} to {to}");
+                }
+            }
+            // The IPv4 block compares the address's four bytes as one 32-bit word.
+            let addr = i32::from_le_bytes([10, 244, 1, 2]);
+            // (Jumps compared without their offsets.)
+            let has = |want: u64| p.iter().filter(|i| with_offset(**i, 0) == want).count();
+            assert_eq!(has(insn(0x56, 5, 0, 0, addr)), 1);
+            // The port, in network order, as a 16-bit load's value.
+            let port = i32::from(u16::from_le_bytes(8080u16.to_be_bytes()));
+            assert_eq!(has(insn(0x56, 5, 0, 0, port)), 2);
+            // Pass, then the counting tail ending in the drop.
+            assert!(p.contains(&insn(0xb7, 0, 0, 0, hook.pass)));
+            assert_eq!(p[p.len() - 2], insn(0xb7, 0, 0, 0, hook.drop));
+            assert_eq!(p[p.len() - 1], insn(0x95, 0, 0, 0, 0));
+        }
+    }
 
     /// The checksums of a datagram of each family check out: summed with the data they cover
     /// (the UDP one with the pseudo-header), they fold to zero.
