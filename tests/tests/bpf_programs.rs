@@ -224,6 +224,25 @@ impl Rig {
         self.dp.tc_ingress(frame).expect("run tc_ingress")
     }
 
+    /// `tc` on a CHECKSUM_COMPLETE skb (`Detached::tc_ingress_complete`); `None` when this
+    /// kernel cannot run one (before Linux 6.11). Panics when the program left the skb's
+    /// packet sum wrong.
+    fn tc_complete(&mut self, what: &str, frame: &[u8]) -> Option<RunResult> {
+        match self.dp.tc_ingress_complete(frame) {
+            Ok(out) => Some(out),
+            Err(e) => match e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|e| e.raw_os_error())
+            {
+                Some(libc::EINVAL) => None,
+                Some(libc::EBADMSG) => {
+                    panic!("{what}: skb->csum disagrees with the packet tc_ingress left (EBADMSG)")
+                }
+                _ => panic!("run tc_ingress on a CHECKSUM_COMPLETE skb: {e:#}"),
+            },
+        }
+    }
+
     fn count(&self, reason: Reason) -> u64 {
         self.dp
             .maps
@@ -959,6 +978,98 @@ fn tc_translates_an_ipv6_udp_node_port_flow_both_ways() {
     assert_eq!(payload, b"answer");
     assert_eq!(rig.count(Reason::NatNew), 1);
     assert_eq!(rig.count(Reason::NatReply), 1);
+}
+
+/// A NIC that sums every packet it receives (CHECKSUM_COMPLETE: mlx5, for one) hands tc the
+/// sum in `skb->csum`, which the stack of the pod a packet is delivered to checks the packet
+/// against; a rewrite that leaves it wrong makes that stack report a hardware checksum failure
+/// and verify every such packet again in software. Every rewrite at tc keeps it right: IPv6
+/// node port flows both ways (the new flow's field-by-field rewrite and the tracked flow's
+/// direct one, with the hop limit: no header checksum absorbs an IPv6 change), an ICMPv6 error
+/// about a translated flow, the fragments of an IPv6 datagram, and the IPv4 equivalents.
+#[test]
+fn tc_keeps_the_packet_sum_of_a_checksum_complete_skb_right() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "IPv6 node port, new flow",
+            udp6((CLIENT6, 40000), (NODE6, 30090), b"query"),
+        ),
+        (
+            "IPv6 node port, tracked flow",
+            udp6((CLIENT6, 40000), (NODE6, 30090), b"again"),
+        ),
+        (
+            "IPv6 node port, the endpoint's answer",
+            udp6((LOCAL_POD6, 5353), (CLIENT6, 40000), b"answer"),
+        ),
+        (
+            "IPv4 node port, new flow",
+            tcp4((CLIENT, 40000), (NODE, 30080), TCP_SYN),
+        ),
+        (
+            "IPv4 node port, the endpoint's answer",
+            tcp4((LOCAL_POD, 8080), (CLIENT, 40000), TCP_SYN | TCP_ACK),
+        ),
+        (
+            "IPv4 node port, tracked flow",
+            tcp4((CLIENT, 40000), (NODE, 30080), TCP_ACK),
+        ),
+    ];
+    // An ICMPv6 error from the endpoint about the flow above, for the client.
+    let quoted = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30090), b"q")).packet[14..].to_vec();
+    let mut icmp = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted);
+    let c = checksum(&icmp, pseudo_sum6(LOCAL_POD6, CLIENT6, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut error = vec![0u8; 14 + 40];
+    error[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    error[14] = 0x60;
+    error[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
+    error[20] = 58;
+    error[21] = 64;
+    error[22..38].copy_from_slice(&LOCAL_POD6.octets());
+    error[38..54].copy_from_slice(&CLIENT6.octets());
+    error.extend_from_slice(&icmp);
+    cases.push(("ICMPv6 error about a translated flow", error));
+    // The two fragments of an IPv6 datagram to the node port.
+    let len = 8 + 56;
+    let mut udp = vec![0u8; len];
+    udp[0..2].copy_from_slice(&40001u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&30090u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    udp[8..]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = i as u8);
+    let c = checksum(&udp, pseudo_sum6(CLIENT6, NODE6, 17, len));
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let (first, later) = fragments6(CLIENT6, NODE6, &udp, 32, 0x0042_4243);
+    cases.push(("IPv6 first fragment", first));
+    cases.push(("IPv6 later fragment", later));
+    for (what, frame) in cases {
+        let Some(out) = rig.tc_complete(what, &frame) else {
+            tests::skip("BPF_F_TEST_SKB_CHECKSUM_COMPLETE needs Linux 6.11");
+            return;
+        };
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what}: forwarded");
+        assert_ne!(out.packet, frame, "{what}: translated");
+    }
+    assert_eq!(rig.count(Reason::FragmentTranslated), 1);
+    assert_eq!(rig.count(Reason::IcmpTranslated), 1);
+    // `--nodeport-mode dsr`: the IPv6 Destination Options header added to a flow to another
+    // node's endpoint.
+    let mut rig = Rig::dsr();
+    here("ip -6 route add fd00:245::/64 dev lo");
+    let frame = udp6((CLIENT6, 40000), (NODE6, 30091), b"query");
+    let out = rig
+        .tc_complete("IPv6 node port with the DSR header", &frame)
+        .expect("ran above");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.packet[20], 60, "a Destination Options header follows");
 }
 
 /// With every masquerading port taken, a new masqueraded flow is dropped and counted

@@ -52,7 +52,8 @@ pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
 /// program unclone a cloned skb before it runs); an error when they are not there (`linear`
 /// first). No fallback through `bpf_skb_store_bytes`: every path it added would be walked by
 /// the verifier to the program's end. The skb's checksum state is left alone: the caller
-/// updates the checksum fields the bytes are part of.
+/// updates the checksum fields the bytes are part of, and a CHECKSUM_COMPLETE skb's packet sum
+/// where no checksum field absorbs the change (IPv6: `Ip::complete_addrs`).
 #[inline(always)]
 pub fn write<const N: usize>(ctx: &TcContext, off: usize, bytes: &[u8; N]) -> Result<(), i64> {
     let (start, end) = bounds(ctx);

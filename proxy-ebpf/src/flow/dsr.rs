@@ -26,8 +26,8 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_ANY, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
-        bpf_fib_lookup,
+        BPF_ANY, BPF_F_RECOMPUTE_CSUM, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET, bpf_fib_lookup,
     },
     helpers::{
         bpf_ktime_get_ns,
@@ -366,15 +366,19 @@ fn add_option6_tc(
         return Err(0);
     }
     ctx.adjust_room(HDR6_LEN as i32, BPF_ADJ_ROOM_NET, 0)?;
+    // Stored with a CHECKSUM_COMPLETE skb's packet sum recomputed (no header checksum
+    // absorbs them; see `Ip::complete_addrs`): the packet leaves the node, where the sum no
+    // longer counts, but it stays exact.
+    let sum = BPF_F_RECOMPUTE_CSUM as u64;
     let at = ETH_HLEN + 40;
-    ctx.store(at, &head6(ip[6], port), 0)?;
-    ctx.store(at + 6, frontend, 0)?;
-    ctx.store(at + 22, node, 0)?;
-    ctx.store(at + 38, &[PADN, 0u8], 0)?;
+    ctx.store(at, &head6(ip[6], port), sum)?;
+    ctx.store(at + 6, frontend, sum)?;
+    ctx.store(at + 22, node, sum)?;
+    ctx.store(at + 38, &[PADN, 0u8], sum)?;
     let len = u16::from_be_bytes([ip[4], ip[5]])
         .wrapping_add(HDR6_LEN as u16)
         .to_be_bytes();
-    ctx.store(ETH_HLEN + 4, &[len[0], len[1], IPPROTO_DSTOPTS], 0)?;
+    ctx.store(ETH_HLEN + 4, &[len[0], len[1], IPPROTO_DSTOPTS], sum)?;
     stats::count(Reason::DsrSent);
     Ok(())
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
         BPF_FIB_LOOKUP_SRC, TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh,
         bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    helpers::generated::{bpf_csum_update, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
 use core::mem::MaybeUninit;
@@ -55,10 +55,22 @@ pub fn count_down_ttl(ctx: &TcContext, v4: bool) -> bool {
         if !skb::linear(ctx, ETH_HLEN + 8) {
             return false;
         }
-        let Ok(hops) = skb::read::<u8>(ctx, ETH_HLEN + 7) else {
+        // The next header and the hop limit: one 16-bit word of the packet's sum.
+        let Ok(old) = skb::read::<[u8; 2]>(ctx, ETH_HLEN + 6) else {
             return false;
         };
-        hops > 1 && skb::write(ctx, ETH_HLEN + 7, &[hops - 1]).is_ok()
+        if old[1] <= 1 {
+            return false;
+        }
+        let new = [old[0], old[1] - 1];
+        if skb::write(ctx, ETH_HLEN + 6, &new).is_err() {
+            return false;
+        }
+        // No header checksum absorbs the change: a CHECKSUM_COMPLETE skb's packet sum takes
+        // it (see `Ip::complete_addrs`; the helper fails for other skbs, which need nothing).
+        // SAFETY: the program's own skb.
+        unsafe { bpf_csum_update(ctx.as_ptr().cast(), csum::diff(&old, &new)) };
+        true
     }
 }
 

@@ -13,7 +13,7 @@
 //! DSR flow, or routed elsewhere) passes to tc, which handles it as above.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
+    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, xdp_action::XDP_PASS},
     helpers::bpf_ktime_get_ns,
     programs::{TcContext, XdpContext},
 };
@@ -207,11 +207,15 @@ fn translate6(ctx: &TcContext) -> Option<Tuple<[u8; 16]>> {
         proto: key.proto,
     };
     let e = tracked::<V6>(&t)?;
+    // No header checksum absorbs the addresses' change (and a later fragment has no layer-4
+    // one): a CHECKSUM_COMPLETE skb's packet sum takes it, recomputed by the store.
     if t.saddr != e.to.saddr {
-        ctx.store(ETH_HLEN + 8, &e.to.saddr, 0).ok()?;
+        ctx.store(ETH_HLEN + 8, &e.to.saddr, BPF_F_RECOMPUTE_CSUM as u64)
+            .ok()?;
     }
     if t.daddr != e.to.daddr {
-        ctx.store(ETH_HLEN + 24, &e.to.daddr, 0).ok()?;
+        ctx.store(ETH_HLEN + 24, &e.to.daddr, BPF_F_RECOMPUTE_CSUM as u64)
+            .ok()?;
     }
     Some(Tuple {
         proto: key.proto,

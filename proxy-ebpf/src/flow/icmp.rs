@@ -5,7 +5,7 @@
 //! the error) are rewritten back, so the client's socket gets the error (e.g. ECONNREFUSED).
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK},
     programs::TcContext,
 };
 use proxy_common::{ct::CT_REPLY, proto, reason::Reason};
@@ -238,7 +238,9 @@ fn translate6(ctx: &TcContext) -> Result<Option<Tuple<[u8; 16]>>, i64> {
         if old != new {
             let diff = diff16(&mut { old }, &mut { new })?;
             ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)?;
-            ctx.store(off, &new, 0)?;
+            // Recomputed: the pseudo-header update took the change out of a
+            // CHECKSUM_COMPLETE skb's packet sum (see `Ip::complete_addrs`).
+            ctx.store(off, &new, BPF_F_RECOMPUTE_CSUM as u64)?;
         }
     }
     Ok(Some(to))

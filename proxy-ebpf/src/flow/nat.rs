@@ -61,7 +61,8 @@ pub fn port(i: u32, port: u16, (first, count): (u32, u32)) -> u16 {
 /// addresses and the ports each written at once (`skb::write`), the layer-4 checksum through
 /// the kernel's helper (by difference: once for the addresses, which are in the pseudo-header,
 /// once for the ports), which knows what the skb's checksum state asks (a checksum the device
-/// will finish, one the device verified). False when the packet could not be rewritten. Out of
+/// will finish, one the device verified); a packet sum the device computed takes an IPv6
+/// address change from `Ip::complete_addrs`. False when the packet could not be rewritten. Out of
 /// line, so that its values take no room in the callers' frames (returning a `bool`: a
 /// `Result` would come back through a pointer to the caller's stack, which the verifier
 /// refuses).
@@ -89,6 +90,7 @@ fn rewrite_in<F: Ip>(
             u64::from(diff),
             BPF_F_PSEUDO_HDR as u64 | mangled,
         )?;
+        F::complete_addrs(ctx, diff);
     }
     if to.sport != pkt.t.sport || to.dport != pkt.t.dport {
         let (o, n) = (pkt.t.sport.to_be_bytes(), pkt.t.dport.to_be_bytes());

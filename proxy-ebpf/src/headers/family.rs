@@ -3,7 +3,9 @@
 //! the services (`services::frontend::Frontends`) extend it with their maps.
 
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, bpf_fib_lookup},
+    EbpfContext as _,
+    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, bpf_fib_lookup},
+    helpers::generated::bpf_csum_update,
     programs::TcContext,
 };
 use proxy_common::{backend::BackendValue, proto, reason::Reason};
@@ -34,6 +36,15 @@ pub trait Ip {
         pkt: &Packet<Self::Addr>,
         to: &Tuple<Self::Addr>,
     ) -> Result<u32, i64>;
+
+    /// Brings a CHECKSUM_COMPLETE skb's packet sum (`skb->csum`, what the device summed) up to
+    /// date after `write_addrs` changed the addresses by `diff`: a direct write leaves the sum
+    /// alone, and the layer-4 checksum's pseudo-header update accounts only for the checksum
+    /// field's own change. IPv4's header checksum cancels the addresses' change; IPv6 has none,
+    /// so the sum takes `diff`. Otherwise the stack of a pod this packet is delivered to
+    /// reports a hardware checksum failure and verifies the packet again in software. Nothing
+    /// for other skbs.
+    fn complete_addrs(ctx: &TcContext, diff: u32);
 
     /// Rewrites one address at `off` (source or destination) with its checksums, through the
     /// kernel's helpers (`nat::rewrite_first`).
@@ -164,6 +175,9 @@ impl Ip for V4 {
     }
 
     #[inline(always)]
+    fn complete_addrs(_: &TcContext, _: u32) {}
+
+    #[inline(always)]
     fn set_addr(
         ctx: &TcContext,
         pkt: &Packet<[u8; 4]>,
@@ -268,6 +282,13 @@ impl Ip for V6 {
     }
 
     #[inline(always)]
+    fn complete_addrs(ctx: &TcContext, diff: u32) {
+        // SAFETY: the program's own skb; a helper that changes only `skb->csum`, and only of a
+        // CHECKSUM_COMPLETE skb (it fails for any other, which has nothing to update).
+        unsafe { bpf_csum_update(ctx.as_ptr().cast(), diff) };
+    }
+
+    #[inline(always)]
     fn set_addr(
         ctx: &TcContext,
         pkt: &Packet<[u8; 16]>,
@@ -279,7 +300,9 @@ impl Ip for V6 {
         let (mut from, mut to) = (*old, *new);
         let diff = csum::diff16(&mut from, &mut to)?;
         ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
-        ctx.store(off, new, 0)
+        // The pseudo-header update took `diff` out of a CHECKSUM_COMPLETE skb's packet sum;
+        // storing with the sum recomputed puts the address's change back (`complete_addrs`).
+        ctx.store(off, new, BPF_F_RECOMPUTE_CSUM as u64)
     }
 
     #[inline(always)]

@@ -2236,6 +2236,55 @@ impl Detached {
         run_packet(|opts| program.test_run(opts), frame, None)
     }
 
+    /// `tc_ingress` with the skb's checksum state CHECKSUM_COMPLETE, as a NIC that sums every
+    /// packet (mlx5, for one) hands it over: the kernel sums the packet into `skb->csum`
+    /// before the run and fails the run with EBADMSG when `skb->csum` disagrees with the
+    /// packet after it (BPF_F_TEST_SKB_CHECKSUM_COMPLETE, Linux 6.11). Errors carry the
+    /// kernel's errno (`std::io::Error`): EINVAL from a kernel without the flag.
+    pub fn tc_ingress_complete(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+        const BPF_PROG_TEST_RUN: libc::c_long = 10;
+        const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
+        }
+        let fd = program.fd()?.as_fd().as_raw_fd();
+        let mut out = vec![0u8; frame.len() + 256];
+        // bpf_attr.test as 64-bit words (little-endian halves): prog_fd | retval,
+        // data_size_in | data_size_out, data_in, data_out, repeat | duration, ctx sizes,
+        // ctx_in, ctx_out, flags | cpu, batch_size.
+        let mut attr = [0u64; 10];
+        attr[0] = fd as u32 as u64;
+        attr[1] = frame.len() as u64 | (out.len() as u64) << 32;
+        attr[2] = frame.as_ptr() as u64;
+        attr[3] = out.as_mut_ptr() as u64;
+        attr[4] = 1;
+        attr[8] = u64::from(BPF_F_TEST_SKB_CHECKSUM_COMPLETE);
+        // SAFETY: a zero-padded bpf_attr for BPF_PROG_TEST_RUN whose buffers outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr) as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        out.truncate((attr[1] >> 32) as usize);
+        Ok(RunResult {
+            verdict: (attr[0] >> 32) as u32,
+            packet: out,
+        })
+    }
+
     /// Runs the tc egress program on `frame` (an Ethernet frame) as leaving through the
     /// calling thread's network namespace's loopback device.
     pub fn tc_egress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
