@@ -1021,20 +1021,10 @@ fn tc_keeps_the_packet_sum_of_a_checksum_complete_skb_right() {
     ];
     // An ICMPv6 error from the endpoint about the flow above, for the client.
     let quoted = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30090), b"q")).packet[14..].to_vec();
-    let mut icmp = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted);
-    let c = checksum(&icmp, pseudo_sum6(LOCAL_POD6, CLIENT6, 58, icmp.len()));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut error = vec![0u8; 14 + 40];
-    error[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    error[14] = 0x60;
-    error[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
-    error[20] = 58;
-    error[21] = 64;
-    error[22..38].copy_from_slice(&LOCAL_POD6.octets());
-    error[38..54].copy_from_slice(&CLIENT6.octets());
-    error.extend_from_slice(&icmp);
-    cases.push(("ICMPv6 error about a translated flow", error));
+    cases.push((
+        "ICMPv6 error about a translated flow",
+        port_unreachable6(&quoted, LOCAL_POD6, CLIENT6),
+    ));
     // The two fragments of an IPv6 datagram to the node port.
     let len = 8 + 56;
     let mut udp = vec![0u8; len];
@@ -1484,6 +1474,25 @@ endpoints: [{{addresses: ["{pod}"], nodeName: n2, conditions: {{ready: true}}}}]
     assert_eq!(fresh.dst.0, new);
 }
 
+/// An ICMPv6 port unreachable from `from` to `to` quoting `quoted` (an IPv6 packet), in an
+/// Ethernet frame, checksum filled in.
+fn port_unreachable6(quoted: &[u8], from: Ipv6Addr, to: Ipv6Addr) -> Vec<u8> {
+    let mut icmp = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp, pseudo_sum6(from, to, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut error = vec![0u8; 14 + 40];
+    error[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    error[14] = 0x60;
+    error[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
+    error[20] = 58;
+    error[21] = 64;
+    error[22..38].copy_from_slice(&from.octets());
+    error[38..54].copy_from_slice(&to.octets());
+    error.extend_from_slice(&icmp);
+    error
+}
+
 /// ICMPv6 errors about translated flows too (v4's case above): the endpoint itself answers a
 /// translated datagram with "port unreachable"; the client gets it from the node port, the
 /// quoted datagram restored, the checksum (with its pseudo header) right.
@@ -1496,20 +1505,7 @@ fn tc_translates_an_icmpv6_error_from_the_endpoint_for_the_client() {
     let out = rig.tc(&udp6((CLIENT6, 40000), (NODE6, 30090), b"query"));
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     // Port unreachable from the endpoint, quoting the datagram as it arrived there.
-    let quoted = &out.packet[14..];
-    let mut icmp = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(quoted);
-    let c = checksum(&icmp, pseudo_sum6(LOCAL_POD6, CLIENT6, 58, icmp.len()));
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut error = vec![0u8; 14 + 40];
-    error[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    error[14] = 0x60;
-    error[18..20].copy_from_slice(&(icmp.len() as u16).to_be_bytes());
-    error[20] = 58;
-    error[21] = 64;
-    error[22..38].copy_from_slice(&LOCAL_POD6.octets());
-    error[38..54].copy_from_slice(&CLIENT6.octets());
-    error.extend_from_slice(&icmp);
+    let error = port_unreachable6(&out.packet[14..], LOCAL_POD6, CLIENT6);
     let out = rig.tc(&error);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to the client");
     let f = &out.packet;

@@ -238,8 +238,8 @@ fn translate6(ctx: &TcContext) -> Result<Option<Tuple<[u8; 16]>>, i64> {
         if old != new {
             let diff = diff16(&mut { old }, &mut { new })?;
             ctx.l4_csum_replace(csum, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)?;
-            // Recomputed: the pseudo-header update took the change out of a
-            // CHECKSUM_COMPLETE skb's packet sum (see `Ip::complete_addrs`).
+            // Stored with a CHECKSUM_COMPLETE skb's packet sum recomputed: the pseudo-header
+            // update accounts only for the checksum field's change (`Ip::complete_addrs`).
             ctx.store(off, &new, BPF_F_RECOMPUTE_CSUM as u64)?;
         }
     }

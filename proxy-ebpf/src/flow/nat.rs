@@ -62,8 +62,8 @@ pub fn port(i: u32, port: u16, (first, count): (u32, u32)) -> u16 {
 /// the kernel's helper (by difference: once for the addresses, which are in the pseudo-header,
 /// once for the ports), which knows what the skb's checksum state asks (a checksum the device
 /// will finish, one the device verified); a packet sum the device computed takes an IPv6
-/// address change from `Ip::complete_addrs`. False when the packet could not be rewritten. Out of
-/// line, so that its values take no room in the callers' frames (returning a `bool`: a
+/// address change from `Ip::complete_addrs`. False when the packet could not be rewritten.
+/// Out of line, so that its values take no room in the callers' frames (returning a `bool`: a
 /// `Result` would come back through a pointer to the caller's stack, which the verifier
 /// refuses).
 #[inline(never)]

@@ -300,8 +300,8 @@ impl Ip for V6 {
         let (mut from, mut to) = (*old, *new);
         let diff = csum::diff16(&mut from, &mut to)?;
         ctx.l4_csum_replace(csum_off, 0, diff as u64, BPF_F_PSEUDO_HDR as u64 | mangled)?;
-        // The pseudo-header update took `diff` out of a CHECKSUM_COMPLETE skb's packet sum;
-        // storing with the sum recomputed puts the address's change back (`complete_addrs`).
+        // Stored with a CHECKSUM_COMPLETE skb's packet sum recomputed: the pseudo-header
+        // update accounts only for the checksum field's change (`complete_addrs`).
         ctx.store(off, new, BPF_F_RECOMPUTE_CSUM as u64)
     }
 

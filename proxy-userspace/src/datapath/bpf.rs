@@ -2220,19 +2220,25 @@ impl Detached {
         RingBuf::try_from(map).context("LB_EVENTS: unexpected map type")
     }
 
-    /// Runs the tc ingress program on `frame` (an Ethernet frame), which it sees as arriving on
-    /// the calling thread's network namespace's loopback device.
-    pub fn tc_ingress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+    /// The tc program `name`, loaded (through the verifier) on first use.
+    fn classifier(&mut self, name: &str) -> anyhow::Result<&mut SchedClassifier> {
         let program: &mut SchedClassifier = self
             .ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
             .try_into()?;
         if program.fd().is_err() {
             program
                 .load()
-                .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
+        Ok(program)
+    }
+
+    /// Runs the tc ingress program on `frame` (an Ethernet frame), which it sees as arriving on
+    /// the calling thread's network namespace's loopback device.
+    pub fn tc_ingress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
+        let program = self.classifier(TC_PROGRAM)?;
         run_packet(|opts| program.test_run(opts), frame, None)
     }
 
@@ -2244,17 +2250,7 @@ impl Detached {
     pub fn tc_ingress_complete(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
         const BPF_PROG_TEST_RUN: libc::c_long = 10;
         const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_PROGRAM} missing from the BPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("verifier rejected {TC_PROGRAM}"))?;
-        }
-        let fd = program.fd()?.as_fd().as_raw_fd();
+        let fd = self.classifier(TC_PROGRAM)?.fd()?.as_fd().as_raw_fd();
         let mut out = vec![0u8; frame.len() + 256];
         // bpf_attr.test as 64-bit words (little-endian halves): prog_fd | retval,
         // data_size_in | data_size_out, data_in, data_out, repeat | duration, ctx sizes,
@@ -2288,16 +2284,7 @@ impl Detached {
     /// Runs the tc egress program on `frame` (an Ethernet frame) as leaving through the
     /// calling thread's network namespace's loopback device.
     pub fn tc_egress(&mut self, frame: &[u8]) -> anyhow::Result<RunResult> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_EGRESS_PROGRAM)
-            .ok_or_else(|| anyhow!("program {TC_EGRESS_PROGRAM} missing from the BPF object"))?
-            .try_into()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("verifier rejected {TC_EGRESS_PROGRAM}"))?;
-        }
+        let program = self.classifier(TC_EGRESS_PROGRAM)?;
         run_packet(|opts| program.test_run(opts), frame, None)
     }
 

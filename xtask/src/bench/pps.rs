@@ -813,8 +813,6 @@ fn status_counters(tb: &Testbed, agent: &Agent) -> anyhow::Result<Vec<(String, u
 /// `ns`: loaded with BPF_PROG_LOAD, pinned for `ip link set ... xdpdrv pinned`, unpinned once
 /// attached (the attachment holds it; it goes with the interface).
 fn xdp_pass_on(ns: &NetNs, dev: &str, id: &str) -> anyhow::Result<()> {
-    use std::{ffi::CString, os::fd::AsRawFd as _};
-    const BPF_OBJ_PIN: libc::c_long = 6;
     // r0 = XDP_PASS (2); exit.
     let prog = xdpgen::load_xdp(&[
         xdpgen::insn(0xb7, 0, 0, 0, 2),
@@ -822,27 +820,11 @@ fn xdp_pass_on(ns: &NetNs, dev: &str, id: &str) -> anyhow::Result<()> {
     ])
     .context("an XDP_PASS program")?;
     let pin = format!("/sys/fs/bpf/{id}-xdp-pass");
-    let path = CString::new(pin.clone())?;
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64;
-    attr[1] = prog.as_raw_fd() as u64;
-    // SAFETY: attr is a zero-padded bpf_attr for BPF_OBJ_PIN; the path outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), 128u32) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("pin {pin}"));
-    }
-    // nsenter, not `ip -n`: that remounts /sys, and the pin under /sys/fs/bpf with it.
-    let attached = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", ns.path()))
-        .args(["ip", "link", "set", "dev", dev, "xdpdrv", "pinned", &pin])
-        .output();
-    let _ = std::fs::remove_file(&pin);
-    match attached {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => bail!(
-            "attach an XDP_PASS program to {dev}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => bail!("run nsenter: {e}"),
-    }
+    xdpgen::attach_pinned(
+        ns,
+        &prog,
+        &pin,
+        &["ip", "link", "set", "dev", dev, "xdpdrv", "pinned", &pin],
+    )
+    .with_context(|| format!("attach an XDP_PASS program to {dev}"))
 }

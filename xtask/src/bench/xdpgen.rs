@@ -418,7 +418,7 @@ fn with_offset(i: u64, off: i16) -> u64 {
 
 /// Pins `prog` at `pin`, runs `args` in `ns` (which attach it by that path), unpins it (the
 /// attachment holds the program).
-fn attach_pinned(ns: &NetNs, prog: &OwnedFd, pin: &str, args: &[&str]) -> anyhow::Result<()> {
+pub fn attach_pinned(ns: &NetNs, prog: &OwnedFd, pin: &str, args: &[&str]) -> anyhow::Result<()> {
     let path = CString::new(pin)?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64;
