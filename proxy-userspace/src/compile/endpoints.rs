@@ -162,9 +162,10 @@ impl<'a> SliceIndex<'a> {
                     let key = endpoint.sort_key();
                     match merged.get(&key) {
                         Some((first, _)) if *first == endpoint => {}
-                        // semantics 2.6: keep the first unless a later copy is not terminating.
+                        // semantics 2.6: keep the first unless a later copy is not
+                        // terminating, which replaces it (whether or not the first is).
                         Some((first, from)) => {
-                            let replace = first.terminating && !endpoint.terminating;
+                            let replace = !endpoint.terminating;
                             let (used, unused) = if replace {
                                 ((&endpoint, *slice), (first, *from))
                             } else {

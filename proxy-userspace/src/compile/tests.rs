@@ -554,13 +554,28 @@ fn cases() -> Vec<Case> {
             ]),
             vec![Backends(FE, &["10.244.1.1:8080", "10.244.1.1:9090"])],
         ),
-        // semantics 2.6 (the copy on this node does not win, unlike pre-1.36 code)
+        // semantics 2.6: a later copy that is not terminating replaces the first, whichever
+        // node either names (not because it is this node's, as pre-1.36 code let it).
         case(
-            "duplicate IP:port: first copy kept over a later non-terminating one",
+            "duplicate IP:port: a later non-terminating copy replaces the first",
             docs(&[
                 &web("internalTrafficPolicy: Local"),
                 &slice("web-1", &["{addresses: [10.244.0.5], nodeName: node-b}"]),
                 &slice("web-2", &["{addresses: [10.244.0.5], nodeName: node-a}"]),
+            ]),
+            vec![
+                All(P, &["10.244.0.5:8080"]),
+                Local(P, &["10.244.0.5:8080"]),
+                Backends(FE, &["10.244.0.5:8080"]),
+            ],
+        ),
+        // semantics 2.6
+        case(
+            "duplicate IP:port: a later non-terminating copy replaces a local first one",
+            docs(&[
+                &web("internalTrafficPolicy: Local"),
+                &slice("web-1", &["{addresses: [10.244.0.5], nodeName: node-a}"]),
+                &slice("web-2", &["{addresses: [10.244.0.5], nodeName: node-b}"]),
             ]),
             vec![
                 All(P, &["10.244.0.5:8080"]),
