@@ -682,8 +682,51 @@ fn overridden(field: &str, flag: &str) -> Note {
     Note::debug(format!("{field}: --{flag} given on the command line wins"))
 }
 
+/// `run`'s flags that kube-proxy has too (clap ids). kube-proxy ignores its flags when a
+/// `--config` file is given, but for `--hostname-override` and the logging flags (semantics
+/// 11.13): next to the file, these lose to the file's field. `run`'s own flags (`--scheduler`,
+/// `--pod-interfaces`, `--sync-period`, `--max-conntrack`) win over the fields they stand for.
+const KUBE_PROXY_FLAGS: &[&str] = &[
+    "kubeconfig",
+    "bind_address",
+    "healthz_bind_address",
+    "metrics_bind_address",
+    "bind_address_hard_fail",
+    "masquerade_all",
+    "nodeport_addresses",
+    "oom_score_adj",
+    "conntrack_tcp_timeout_established",
+    "conntrack_udp_timeout",
+];
+
+/// Whether flag `id`, if `given`, keeps its value over the field of a configuration read
+/// `from_file` (`--config`) or from kube-proxy's flags; else `set` takes the field's value.
+/// Either way the choice is noted.
+fn flag_wins(
+    given: &dyn Fn(&str) -> bool,
+    from_file: bool,
+    field: &str,
+    id: &str,
+    notes: &mut Vec<Note>,
+) -> bool {
+    if !given(id) {
+        return false;
+    }
+    let flag = id.replace('_', "-");
+    if from_file && KUBE_PROXY_FLAGS.contains(&id) {
+        notes.push(Note::warn(format!(
+            "--{flag} ignored: the --config file sets {field}, and kube-proxy ignores its flags \
+             next to --config"
+        )));
+        return false;
+    }
+    notes.push(overridden(field, &flag));
+    true
+}
+
 /// Lays the file's settings under `args`: a setting whose flag was given on the command line
-/// (`given(id)` with clap's argument id) keeps the flag's value, as in kube-proxy. `cpus`
+/// (`given(id)` with clap's argument id) keeps the flag's value, unless it is one of
+/// kube-proxy's flags next to a `--config` file (`KUBE_PROXY_FLAGS`). `cpus`
 /// scales `conntrack.maxPerCore`. Returns what to log, the unused-fields line included.
 pub fn apply(
     config: &KubeProxyConfig,
@@ -693,12 +736,11 @@ pub fn apply(
     cpus: u32,
 ) -> Vec<Note> {
     let mut notes = Vec::new();
-    // Sets `$target` from the file unless flag `$id` was given.
+    let from_file = args.config.is_some();
+    // Sets `$target` from the file unless flag `$id` wins (`flag_wins`).
     macro_rules! set {
         ($field:expr, $id:literal, $target:expr, $value:expr) => {
-            if given($id) {
-                notes.push(overridden($field, &$id.replace('_', "-")));
-            } else {
+            if !flag_wins(given, from_file, $field, $id, &mut notes) {
                 $target = $value;
             }
         };
@@ -914,11 +956,10 @@ fn apply_conntrack(
     cpus: u32,
     notes: &mut Vec<Note>,
 ) {
+    let from_file = args.config.is_some();
     macro_rules! set {
         ($field:expr, $id:literal, $target:expr, $value:expr) => {
-            if given($id) {
-                notes.push(overridden($field, &$id.replace('_', "-")));
-            } else {
+            if !flag_wins(given, from_file, $field, $id, notes) {
                 $target = $value;
             }
         };

@@ -36,7 +36,9 @@ use crate::{
 pub struct RunArgs {
     /// kube-proxy's configuration file: a KubeProxyConfiguration
     /// (kubeproxy.config.k8s.io/v1alpha1) in YAML or JSON, such as kubeadm's config.conf. Its
-    /// fields set the flags not given on the command line (flags win); fields without a meaning
+    /// fields set the flags not given on the command line; kube-proxy's own flags given next to
+    /// it lose to the fields the file sets, as in kube-proxy (--hostname-override and logging
+    /// excepted), this proxy's own flags win; fields without a meaning
     /// here are listed in one warning; an invalid file stops the agent with an error naming the
     /// field. When the file's content changes the agent exits (status 2), leaving the datapath
     /// serving, to be restarted with it, as kube-proxy does. The README lists how each field

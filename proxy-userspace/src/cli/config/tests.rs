@@ -264,7 +264,9 @@ featureGates: {PreferSameTrafficDistribution: true}
 }
 
 #[test]
-fn config_flags_on_the_command_line_win_over_the_file() {
+/// semantics 11.13: next to `--config`, kube-proxy's own flags are ignored where the file sets
+/// the field, but for `--hostname-override` and the logging flags; this proxy's own flags win.
+fn config_file_wins_over_kube_proxy_flags_and_own_flags_win_over_the_file() {
     let text = doc("
 hostnameOverride: node-a
 clientConnection: {kubeconfig: /etc/kp.conf}
@@ -299,32 +301,36 @@ logging: {format: json, verbosity: 6}
     ];
     let out = run_with(&text, &flags);
     let args = out.args();
+    // kube-proxy's exception.
     assert_eq!(args.source.hostname_override.as_deref(), Some("node-b"));
+    // kube-proxy's flags: the file's fields.
     assert_eq!(
         args.source.kubeconfig.as_deref(),
-        Some(Path::new("/root/.kube/config"))
+        Some(Path::new("/etc/kp.conf"))
     );
-    assert_eq!(args.source.bind_address, Some("192.0.2.1".parse().unwrap()));
-    assert_eq!(args.healthz_bind_address.as_deref(), Some(""));
-    assert_eq!(args.metrics_bind_address.as_deref(), Some("127.0.0.1:3"));
-    assert_eq!(args.source.scheduler, SchedulerFlag::RoundRobin);
-    assert_eq!(args.pod_interfaces, ["none"]);
-    assert_eq!(args.source.nodeport_addresses, ["192.0.2.0/24"]);
-    assert_eq!(args.sync_period, Duration::from_secs(600));
-    assert_eq!(args.max_conntrack, Some(5));
+    assert_eq!(
+        args.source.bind_address,
+        Some("2001:db8::1".parse().unwrap())
+    );
+    assert_eq!(args.healthz_bind_address.as_deref(), Some("0.0.0.0:1"));
+    assert_eq!(args.metrics_bind_address.as_deref(), Some("0.0.0.0:2"));
+    assert_eq!(args.source.nodeport_addresses, ["10.0.0.0/8"]);
     assert_eq!(
         args.conntrack_tcp_timeout_established,
-        Duration::from_secs(7200)
+        Duration::from_secs(3600)
     );
-    assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(180));
-    assert_eq!(args.oom_score_adj, Some(-1000));
+    assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(60));
+    assert_eq!(args.oom_score_adj, Some(100));
+    // This proxy's own flags.
+    assert_eq!(args.source.scheduler, SchedulerFlag::RoundRobin);
+    assert_eq!(args.pod_interfaces, ["none"]);
+    assert_eq!(args.sync_period, Duration::from_secs(600));
+    assert_eq!(args.max_conntrack, Some(5));
     assert_eq!(out.cli.log_level, "warn");
     assert_eq!(out.cli.log_format, LogFormat::Text);
     let debug = out.at(log::Level::Debug);
     for field in [
         "hostnameOverride: --hostname-override",
-        "clientConnection.kubeconfig: --kubeconfig",
-        "bindAddress: --bind-address",
         "ipvs.scheduler: --scheduler",
         "detectLocalMode: --pod-interfaces",
         "conntrack.maxPerCore: --max-conntrack",
@@ -334,6 +340,20 @@ logging: {format: json, verbosity: 6}
             debug.contains(&format!("{field} given on the command line wins").as_str()),
             "{field}: {debug:?}"
         );
+    }
+    let warn = out.at(log::Level::Warn);
+    for (flag, field) in [
+        ("kubeconfig", "clientConnection.kubeconfig"),
+        ("bind-address", "bindAddress"),
+        ("healthz-bind-address", "healthzBindAddress"),
+        ("nodeport-addresses", "nodePortAddresses"),
+        ("oom-score-adj", "oomScoreAdj"),
+    ] {
+        let line = format!(
+            "--{flag} ignored: the --config file sets {field}, and kube-proxy ignores its flags \
+             next to --config"
+        );
+        assert!(warn.contains(&line.as_str()), "{line}: {warn:?}");
     }
 }
 
