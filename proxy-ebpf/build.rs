@@ -6,7 +6,7 @@
 //! path that calls it, a global one once (see `services::lb::kbp_least_conn`).
 
 /// Functions the programs call that the verifier is to check once, on their own.
-const GLOBAL_FUNCTIONS: &[&str] = &["kbp_least_conn"];
+const GLOBAL_FUNCTIONS: &[&str] = &["kbp_least_conn", "kbp_claim_port4", "kbp_claim_port6"];
 
 fn main() {
     println!(

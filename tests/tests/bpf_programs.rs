@@ -1152,6 +1152,44 @@ fn tc_gives_a_closed_flows_masquerading_port_to_a_new_connection() {
     assert_eq!(rig.count(Reason::SnatPortsExhausted), 3);
 }
 
+/// Every port a new connection tries may be taken over from a closed flow, not only the first
+/// (netfilter's NAT checks each tuple it tries): with two masquerading ports, one an open
+/// flow's and one a closed flow's, a new connection gets the closed flow's port whichever it
+/// tries first (tried first in half the rounds: the open flow's port once made it drop).
+#[test]
+fn tc_takes_a_closed_flows_port_over_at_any_try() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.dp
+        .maps
+        .set_masquerade_ports(MASQ_FIRST, MASQ_FIRST + 1)
+        .unwrap();
+    let port = |rig: &mut Rig, client: u16, flags: u8| {
+        let out = rig.tc(&tcp4((CLIENT, client), (NODE, 30081), flags));
+        (out.verdict, seen(&out.packet).src)
+    };
+    let (verdict, open) = port(&mut rig, 40000, TCP_SYN);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (verdict, closing) = port(&mut rig, 40001, TCP_SYN);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_ne!(open, closing, "two ports, two flows");
+    for client in 40001..40017 {
+        port(&mut rig, client, TCP_RST);
+        assert_eq!(
+            port(&mut rig, client + 1, TCP_SYN),
+            (TC_ACT_REDIRECT, closing),
+            "the connection from port {} takes the closed flow's port",
+            client + 1
+        );
+    }
+    assert_eq!(rig.count(Reason::SnatPortReused), 16);
+    assert_eq!(rig.count(Reason::SnatPortsExhausted), 0);
+    // The open flow still has its port.
+    assert_eq!(port(&mut rig, 40000, TCP_ACK), (TC_ACT_REDIRECT, open));
+}
+
 /// A client that connects straight to a backend from the port an earlier, translated flow to
 /// that backend used (a pod whose connections were translated per packet, once its socket
 /// layer translates again): the earlier flow's reply entry would turn the backend's answers

@@ -188,14 +188,23 @@ pub static TC_DSR_SCRATCH: PerCpuArray<[u64; TC_DSR_SCRATCH_WORDS], 1> = PerCpuA
 /// Size of a `TC_DSR_SCRATCH` value, in 8-byte words.
 pub const TC_DSR_SCRATCH_WORDS: usize = 5;
 
-/// Per-CPU scratch space for one conntrack key (`flow::ct::take_over_closed`), whose
+/// Per-CPU scratch space for two conntrack keys (`flow::ct::take_over_closed`), whose
 /// lookups run at the bottom of the new-flow call chains, where no stack is left. Not pinned:
 /// it holds nothing between packets.
 #[btf_map]
 pub static CT_KEY_SCRATCH: PerCpuArray<[u64; CT_KEY_SCRATCH_WORDS], 1> = PerCpuArray::new();
 
-/// Size of a `CT_KEY_SCRATCH` value, in 8-byte words: an IPv6 conntrack key.
-pub const CT_KEY_SCRATCH_WORDS: usize = 5;
+/// Size of a `CT_KEY_SCRATCH` value, in 8-byte words: two IPv6 conntrack keys.
+pub const CT_KEY_SCRATCH_WORDS: usize = 10;
+
+/// Per-CPU scratch space for a masquerading port claim (`flow::nat::claim_ports`): the
+/// translated tuple and the reply entry a global BPF function, whose arguments can only be
+/// scalars, works on. Not pinned: it holds nothing between packets.
+#[btf_map]
+pub static CLAIM_SCRATCH: PerCpuArray<[u64; CLAIM_SCRATCH_WORDS], 1> = PerCpuArray::new();
+
+/// Size of a `CLAIM_SCRATCH` value, in 8-byte words: an IPv6 tuple, conntrack key and value.
+pub const CLAIM_SCRATCH_WORDS: usize = 19;
 
 /// Flow events for `kube-bpf-proxy monitor`, written only while `LB_MONITOR`'s deadline runs.
 #[btf_map]

@@ -84,17 +84,7 @@ pub trait Tracked: Ip {
         map_flags: u64,
         counted: u64,
     ) -> Result<(), i64> {
-        let value = CtValue {
-            saddr: e.to.saddr,
-            daddr: e.to.daddr,
-            sport: e.to.sport,
-            dport: e.to.dport,
-            flags: e.flags,
-            svc_id: e.svc_id,
-            backend_id: e.backend_id,
-            last_seen_ns: now,
-            counted,
-        };
+        let value = ct_value(e, now, counted);
         let key = ct_key(t);
         if counted != 0 {
             // A counted forward entry is written as new. If another CPU recorded the same flow
@@ -121,8 +111,26 @@ pub trait Tracked: Ip {
     }
 }
 
+/// The conntrack value of entry `e` last seen at `now`, holding a least-connection count when
+/// `counted`.
 #[inline(always)]
-fn ct_key<A: Copy>(t: &Tuple<A>) -> CtKey<A> {
+pub fn ct_value<A: Copy>(e: &Entry<A>, now: u64, counted: u64) -> CtValue<A> {
+    CtValue {
+        saddr: e.to.saddr,
+        daddr: e.to.daddr,
+        sport: e.to.sport,
+        dport: e.to.dport,
+        flags: e.flags,
+        svc_id: e.svc_id,
+        backend_id: e.backend_id,
+        last_seen_ns: now,
+        counted,
+    }
+}
+
+/// The conntrack key of tuple `t`.
+#[inline(always)]
+pub fn ct_key<A: Copy>(t: &Tuple<A>) -> CtKey<A> {
     let mut k = core::mem::MaybeUninit::<CtKey<A>>::uninit();
     let k_ptr = k.as_mut_ptr();
     // SAFETY: every field written through the pointer before `assume_init`: the protocol and
@@ -243,19 +251,19 @@ fn give_back_forward<F: Tracked>(to: &Tuple<F::Addr>) {
     }
 }
 
-/// Whether the masqueraded flow whose reply entry is keyed by `to` reversed (`to`: a new
-/// flow's translated tuple with the port it tries) is closed, so that a new
-/// TCP connection may take its port over; if so, its forward entry is deleted (giving back any
-/// least-connection count) and the caller overwrites the reply entry. Closed: a reset either
-/// way, or a FIN both ways, the states in which netfilter's NAT lets a new SYN reuse a tuple
-/// (`nf_nat_used_tuple_harder`, Linux 6.4) instead of holding the port for the closing time.
-/// A reply entry whose forward entry now points elsewhere (its client reused the tuple for a
-/// new flow) belongs to no flow and is taken over as well; one without a forward entry is not
-/// (a flow being recorded on another CPU writes its reply entry first). Out of line: the
-/// new-flow paths' frames are near the verifier's limit.
+/// Whether the masqueraded flow whose reply entry is keyed by `reply` (a new flow's reply key,
+/// with the port it tries) is closed, so that a new TCP connection may take its port over; if
+/// so, its forward entry is deleted (giving back any least-connection count) and the caller
+/// overwrites the reply entry. Closed: a reset either way, or a FIN both ways, the states in
+/// which netfilter's NAT lets a new SYN reuse a tuple (`nf_nat_used_tuple_harder`, Linux 6.4)
+/// instead of holding the port for the closing time. A reply entry whose forward entry now
+/// points elsewhere (its client reused the tuple for a new flow) belongs to no flow and is
+/// taken over as well; one without a forward entry is not (a flow being recorded on another
+/// CPU writes its reply entry first). Out of line: it keeps its values out of the port
+/// claim's frame.
 #[inline(never)]
-pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
-    close_reply::<F>(to, CT_SNAT) != HELD
+pub fn take_over_closed<F: Tracked>(reply: &CtKey<F::Addr>) -> bool {
+    close_reply::<F>(reply, CT_SNAT) != HELD
 }
 
 /// A new TCP connection's first packet `t` that tc found no flow of: a reply entry keyed by
@@ -270,8 +278,16 @@ pub fn take_over_closed<F: Tracked>(to: &Tuple<F::Addr>) -> bool {
 /// window `take_over_closed` leaves). Out of line: `handle`'s frame is near the limit.
 #[inline(never)]
 pub fn forget_closed_reply<F: Tracked>(t: &Tuple<F::Addr>) {
-    if close_reply::<F>(t, 0) == TAKEN {
-        F::ct_del(&ct_key(&t.reversed()));
+    // The reply key in the first half of the scratch space (`close_reply` uses the second).
+    let Some(reply) = CT_KEY_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU value holds two keys (asserted at `close_reply`), 8-byte aligned,
+    // and is this program's alone while it runs (programs do not nest on a CPU at tc and XDP).
+    let reply = unsafe { &mut *reply.cast::<CtKey<F::Addr>>() };
+    *reply = ct_key(&t.reversed());
+    if close_reply::<F>(reply, 0) == TAKEN {
+        F::ct_del(reply);
     }
 }
 
@@ -282,28 +298,14 @@ const TAKEN: u8 = 1;
 /// `close_reply`: the reply entry is another's, or its flow is open.
 const HELD: u8 = 2;
 
-/// Whether the reply entry keyed by `to` reversed may be taken over (`take_over_closed`):
-/// `FREE`, `TAKEN` (a closed flow's forward entry is deleted here) or `HELD`. `need`: flags
-/// the reply entry must carry besides `CT_REPLY`.
+/// Whether the reply entry keyed by `reply` may be taken over (`take_over_closed`): `FREE`,
+/// `TAKEN` (a closed flow's forward entry is deleted here) or `HELD`. `need`: flags the reply
+/// entry must carry besides `CT_REPLY`. `reply` may be map memory (per-CPU scratch space): the
+/// forward key is built in the second half of `CT_KEY_SCRATCH`.
 #[inline(always)]
-fn close_reply<F: Tracked>(to: &Tuple<F::Addr>, need: u32) -> u8 {
-    const { assert!(core::mem::size_of::<CtKey<F::Addr>>() <= CT_KEY_SCRATCH_WORDS * 8) };
-    // The key in per-CPU scratch space: the reply entry's, then the forward entry's.
-    let Some(key) = CT_KEY_SCRATCH.get_ptr_mut(0) else {
-        return HELD;
-    };
-    // SAFETY: the per-CPU value is at least a key's size (asserted above), 8-byte aligned, and
-    // this program's alone while it runs (programs do not nest on a CPU at tc and XDP).
-    let key = unsafe { &mut *key.cast::<CtKey<F::Addr>>() };
-    *key = CtKey {
-        saddr: to.daddr,
-        daddr: to.saddr,
-        sport: to.dport,
-        dport: to.sport,
-        proto: to.proto,
-        _pad: [0; 3],
-    };
-    let Some(r) = F::ct_get(key) else {
+fn close_reply<F: Tracked>(reply: &CtKey<F::Addr>, need: u32) -> u8 {
+    const { assert!(2 * core::mem::size_of::<CtKey<F::Addr>>() <= CT_KEY_SCRATCH_WORDS * 8) };
+    let Some(r) = F::ct_get(reply) else {
         // Collected since the insert failed: free now.
         return FREE;
     };
@@ -313,22 +315,40 @@ fn close_reply<F: Tracked>(to: &Tuple<F::Addr>, need: u32) -> u8 {
     if reply_flags & (CT_REPLY | need) != CT_REPLY | need {
         return HELD;
     }
+    let Some(key) = CT_KEY_SCRATCH.get_ptr_mut(0) else {
+        return HELD;
+    };
+    // SAFETY: the second key of the per-CPU value (two fit, asserted above), 8-byte aligned
+    // (a key's size is a multiple of 4 and its fields are at most 4-byte aligned), and this
+    // program's alone while it runs.
+    let key = unsafe { &mut *key.cast::<CtKey<F::Addr>>().add(1) };
     // The forward entry is keyed by the client's tuple, which the reply entry translates to
     // reversed.
-    key.saddr = r.daddr;
-    key.daddr = r.saddr;
+    // SAFETY: addresses of a map value and of the scratch key, both 4-byte aligned.
+    unsafe {
+        copy_addr(&mut key.saddr, &r.daddr);
+        copy_addr(&mut key.daddr, &r.saddr);
+    }
     key.sport = r.dport;
     key.dport = r.sport;
+    // The protocol and its padding as one 32-bit store (see `ct_key`).
+    // SAFETY: `proto` and `_pad` are the four bytes at a 4-byte aligned offset.
+    unsafe {
+        (&raw mut key.proto)
+            .cast::<u32>()
+            .write(u32::from(reply.proto))
+    };
     let Some(f) = F::ct_get(key) else {
         return HELD;
     };
     // SAFETY: from the lookup just above.
     let fv = unsafe { &*f };
+    // Ours: the forward entry translates to the tuple the reply key is of, reversed.
     let ours = fv.flags & CT_REPLY == 0
-        && fv.sport == to.sport
-        && fv.dport == to.dport
-        && fv.saddr == to.saddr
-        && fv.daddr == to.daddr;
+        && fv.sport == reply.dport
+        && fv.dport == reply.sport
+        && fv.saddr == reply.daddr
+        && fv.daddr == reply.saddr;
     if ours {
         let closed = (reply_flags | fv.flags) & CT_RST != 0
             || (reply_flags & CT_FIN != 0 && fv.flags & CT_FIN != 0);
@@ -340,4 +360,18 @@ fn close_reply<F: Tracked>(to: &Tuple<F::Addr>, need: u32) -> u8 {
         F::ct_del(key);
     }
     TAKEN
+}
+
+/// Copies an address word by word: an assignment between two pointers the compiler cannot
+/// tell apart (map memory) compiles to a call of the byte-wise `memmove`.
+/// # Safety
+/// Both pointers valid and 4-byte aligned; the address's size a multiple of 4.
+#[inline(always)]
+unsafe fn copy_addr<A>(dst: *mut A, src: *const A) {
+    const { assert!(core::mem::size_of::<A>() % 4 == 0) };
+    let (d, s) = (dst.cast::<u32>(), src.cast::<u32>());
+    for i in 0..core::mem::size_of::<A>() / 4 {
+        // SAFETY: the caller's contract; `i` stays inside the address.
+        unsafe { d.add(i).write(s.add(i).read()) };
+    }
 }

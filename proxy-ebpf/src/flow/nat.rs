@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     config::{SNAT_PORT_MAX_DEFAULT, SNAT_PORT_MIN_DEFAULT},
-    ct::{CT_DSR, CT_REPLY, CT_SNAT},
+    ct::{CT_DSR, CT_REPLY, CT_SNAT, CtKey, CtValue},
     reason::Reason,
 };
 
@@ -18,8 +18,14 @@ use super::{
     ct::{self, Entry, Tracked},
 };
 use crate::{
-    access::{maps::LB_CONFIG, skb, stats},
-    headers::{Packet, Tuple, csum, family::Ip},
+    access::{
+        maps::{CLAIM_SCRATCH, CLAIM_SCRATCH_WORDS, LB_CONFIG},
+        skb, stats,
+    },
+    headers::{
+        AF_INET, Packet, Tuple, csum,
+        family::{Ip, V4, V6},
+    },
 };
 
 /// Attempts at finding a free masquerading port before giving up on a flow. With 8, a range
@@ -53,8 +59,8 @@ pub fn port(i: u32, port: u16, (first, count): (u32, u32)) -> u16 {
     if i == 0 && p >= first && p - first < count {
         return port;
     }
-    // SAFETY: plain helper call.
-    (first + unsafe { bpf_get_prandom_u32() } % count) as u16
+    // SAFETY: plain helper call. (`range` never gives 0 ports; `max` shows the compiler.)
+    (first + unsafe { bpf_get_prandom_u32() } % count.max(1)) as u16
 }
 
 /// Rewrites `pkt` in place so that its tuple becomes `to`, fixing every checksum: the
@@ -131,40 +137,108 @@ pub fn rewrite_first<F: Ip>(
     Ok(())
 }
 
-/// Writes the reply entry of a new flow whose translated tuple is `to` (through `insert`,
-/// given the reply key and the map flags), claiming its masquerading port when `snat`: the
-/// client's own port if it lies in the masquerading range, else (and after a collision) random
-/// ones of the range, `TRIES` at most; `to.sport` is the port claimed. False when none was.
-/// A new TCP connection (`syn`) may take over the first port it tries from a closed flow
-/// (`ct::take_over_closed`), as netfilter's NAT lets it (only the first: one more lookup per
-/// try would make the loop too much for the verifier). Without masquerading the entry is
-/// written once, over any stale one.
+/// Writes the reply entry `reply` of a new flow whose translated tuple is `to`, claiming its
+/// masquerading port when `snat` (`claim_ports`; `to.sport` is the port claimed). Without
+/// masquerading the entry is written once (`insert`, given the reply key and the map flags),
+/// over any stale one. False when it could not be written.
 #[inline(always)]
 pub fn claim_reply<F: Tracked>(
     to: &mut Tuple<F::Addr>,
+    reply: &Entry<F::Addr>,
     snat: bool,
     syn: bool,
+    now: u64,
     mut insert: impl FnMut(&Tuple<F::Addr>, u64) -> bool,
 ) -> bool {
     if !snat {
         return insert(&to.reversed(), BPF_ANY as u64);
     }
-    let ports = range();
-    to.sport = port(0, to.sport, ports);
-    if insert(&to.reversed(), BPF_NOEXIST as u64) {
-        return true;
+    let Some(c) = CLAIM_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the per-CPU value holds a `Claim` of either family (asserted at `claim_ports`),
+    // 8-byte aligned, and is this program's alone while it runs (programs do not nest on a CPU
+    // at tc and XDP); written in full before the claim reads it.
+    let c = unsafe { &mut *c.cast::<Claim<F::Addr>>() };
+    c.to = *to;
+    c.key = ct::ct_key(&to.reversed());
+    c.value = ct::ct_value(reply, now, 0);
+    let syn = u32::from(syn);
+    let got = if F::AF == AF_INET {
+        kbp_claim_port4(syn)
+    } else {
+        kbp_claim_port6(syn)
+    };
+    if got & CLAIMED == 0 {
+        return false;
     }
-    if syn && ct::take_over_closed::<F>(to) && insert(&to.reversed(), BPF_ANY as u64) {
-        stats::count(Reason::SnatPortReused);
-        return true;
-    }
-    for i in 1..TRIES {
-        to.sport = port(i, to.sport, ports);
-        if insert(&to.reversed(), BPF_NOEXIST as u64) {
-            return true;
+    to.sport = got as u16;
+    true
+}
+
+/// What a port claim works on (`claim_ports`), in `CLAIM_SCRATCH`: no room is left on the
+/// stack of the new-flow paths that call it.
+struct Claim<A> {
+    /// The flow's translated tuple; its source port is the one being tried.
+    to: Tuple<A>,
+    /// The reply entry's key (`to` reversed) and value, as `Tracked::ct_insert` writes them.
+    key: CtKey<A>,
+    value: CtValue<A>,
+    /// The masquerading range (`range`), kept here rather than in registers the loop's helper
+    /// calls would make the compiler spill to the stack.
+    first: u32,
+    count: u32,
+}
+
+/// In `kbp_claim_port4`'s and `kbp_claim_port6`'s answer: a port was claimed (the low 16 bits).
+const CLAIMED: u32 = 1 << 16;
+
+/// `claim_ports` for IPv4, as a global BPF function (exported by `build.rs`), like
+/// `services::lb::kbp_least_conn`: the verifier checks its 32 tries once, not again for every
+/// path of every new flow that reaches them. Scalars in and out, as a global function's
+/// interface must be; the tuple and entry are in `CLAIM_SCRATCH`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn kbp_claim_port4(syn: u32) -> u32 {
+    claim_ports::<V4>(syn != 0)
+}
+
+/// `claim_ports` for IPv6 (see `kbp_claim_port4`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn kbp_claim_port6(syn: u32) -> u32 {
+    claim_ports::<V6>(syn != 0)
+}
+
+/// Writes the reply entry in `CLAIM_SCRATCH` at the first free masquerading port for its
+/// translated tuple: the client's own port if it lies in the masquerading range, else (and
+/// after a collision) random ones of the range, `TRIES` at most. A new TCP connection (`syn`)
+/// may take over a port a closed flow holds (`ct::take_over_closed`) at every try, as
+/// netfilter's NAT lets it reuse a closed connection's tuple. `CLAIMED` and the port, or 0.
+#[inline(always)]
+fn claim_ports<F: Tracked>(syn: bool) -> u32 {
+    const { assert!(core::mem::size_of::<Claim<F::Addr>>() <= CLAIM_SCRATCH_WORDS * 8) };
+    let Some(c) = CLAIM_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: as in `claim_reply`, which wrote it in full for this family before the call.
+    let c = unsafe { &mut *c.cast::<Claim<F::Addr>>() };
+    (c.first, c.count) = range();
+    for i in 0..TRIES {
+        c.to.sport = port(i, c.to.sport, (c.first, c.count));
+        c.key.dport = c.to.sport;
+        if F::ct_put(&c.key, &c.value, BPF_NOEXIST as u64).is_ok() {
+            return CLAIMED | u32::from(c.to.sport);
+        }
+        if syn
+            && ct::take_over_closed::<F>(&c.key)
+            && F::ct_put(&c.key, &c.value, BPF_ANY as u64).is_ok()
+        {
+            stats::count(Reason::SnatPortReused);
+            return CLAIMED | u32::from(c.to.sport);
         }
     }
-    false
+    0
 }
 
 /// Why a new flow whose reply entry `claim_reply` could not write is dropped.
@@ -184,7 +258,8 @@ pub fn claim_failure(snat: bool) -> Reason {
 /// least-connection flow (`counted`) takes its count before its forward entry exists, so the
 /// count is never given back before it was taken; an entry its forward entry replaces gives
 /// its own count back first (`Tracked::ct_insert`). `insert` writes one entry (key, entry, map
-/// flags, counted). Err: why the flow could not be recorded.
+/// flags, counted); it and the port claim write entries as `Tracked::ct_insert` would at time
+/// `now`. Err: why the flow could not be recorded.
 #[inline(always)]
 pub fn record<F: Tracked>(
     t: &Tuple<F::Addr>,
@@ -192,6 +267,7 @@ pub fn record<F: Tracked>(
     entry: &mut Entry<F::Addr>,
     counted: bool,
     syn: bool,
+    now: u64,
     insert: impl Fn(&Tuple<F::Addr>, &Entry<F::Addr>, u64, u64) -> bool,
 ) -> Result<(), Reason> {
     let flags = entry.flags;
@@ -200,7 +276,7 @@ pub fn record<F: Tracked>(
         entry.to = t.reversed();
         entry.flags = flags | CT_REPLY;
         let reply = &*entry;
-        if !claim_reply::<F>(to, snat, syn, |key, map_flags| {
+        if !claim_reply::<F>(to, reply, snat, syn, now, |key, map_flags| {
             insert(key, reply, map_flags, 0)
         }) {
             return Err(claim_failure(snat));

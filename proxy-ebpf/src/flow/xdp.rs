@@ -206,6 +206,7 @@ pub fn commit<F: XdpIp + Dsr>(
         &mut c.entry,
         false,
         pkt.syn(),
+        now,
         |k, e, mf, _| insert::<F>(k, e, now, mf),
     ) {
         Ok(()) => {}

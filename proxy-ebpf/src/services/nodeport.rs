@@ -354,6 +354,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         &mut entry,
         counted,
         pkt.syn(),
+        now,
         |k, e, mf, c| F::ct_insert(k, e, now, mf, c).is_ok(),
     ) {
         return drop(reason);
