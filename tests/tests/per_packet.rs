@@ -248,6 +248,86 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
     assert_verified(&tb, &agent, &node_name, "masquerade-all");
 }
 
+/// semantics 4.7a, 3.9: a pod on this node that reaches an externalIP of a Service with
+/// externalTrafficPolicy Local is short-circuited to the cluster set, unmasqueraded, as the
+/// socket layer does for other pods: a pod translated per packet too reaches the endpoint on
+/// another node, not only this node's two (the external set), and the backends see the pod's
+/// own address.
+#[test]
+fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_external_ip() {
+    if !privileged() {
+        return;
+    }
+    let (tb, mut agent, (_kubepods, pod_cg)) = meshed_testbed(
+        Shape::Ptp,
+        3,
+        Some("disabled"),
+        &[],
+        "  externalIPs: [203.0.113.10]\n  externalTrafficPolicy: Local\n",
+    );
+    let node_name = tb.nodes[0].name.clone();
+    let remote_node = tb.nodes[1].name.clone();
+    let local = &tb.nodes[0].pods;
+    let on = |addr: std::net::Ipv4Addr, node: &'static str| Ep {
+        addr: addr.to_string(),
+        node,
+        conditions: "",
+    };
+    let remote_node: &'static str = remote_node.leak();
+    let pos = agent.log_position();
+    agent.write_manifest(
+        "web-slice.yaml",
+        &slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            &[HTTP, DNS],
+            &[
+                on(local[1].ip4, NODE),
+                on(local[2].ip4, NODE),
+                on(tb.nodes[1].pods[0].ip4, remote_node),
+            ],
+        ),
+    );
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    let client = local[0].ip4.to_string();
+    let client_ns = &local[0].ns;
+    let dest: SocketAddr = "203.0.113.10:80".parse().unwrap();
+    poll_until(
+        "the pod's externalIP answered",
+        Duration::from_secs(20),
+        || {
+            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    let before = per_packet_count(&agent.pin_dir);
+    let replies = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 30);
+    let mut seen = BTreeSet::new();
+    for r in &replies {
+        assert!(r.ok, "{r:?}");
+        assert_eq!(
+            r.seen.rsplit_once(':').map(|(ip, _)| ip),
+            Some(client.as_str()),
+            "the backend sees the pod: {r:?}"
+        );
+        assert_eq!(r.peer, dest.to_string(), "{r:?}");
+        seen.insert(r.backend.clone());
+    }
+    // Random over three backends: one missing from 30 has probability 3 (2/3)^30.
+    let cluster: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
+    assert_eq!(seen, cluster, "the cluster set: {replies:?}");
+    assert!(
+        per_packet_count(&agent.pin_dir) >= before + 30,
+        "the pod's connects were not left to tc"
+    );
+    assert_verified(&tb, &agent, &node_name, "etp-local-external-ip");
+}
+
 /// semantics 12.3: `default/kubernetes` has the apiserver's own address as its endpoint (a
 /// host-network process). A pod translated per packet reaches it: tc on the pod's interface
 /// hands the flow to the node's stack (only the destination translated) and translates the

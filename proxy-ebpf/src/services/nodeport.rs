@@ -19,7 +19,7 @@ use proxy_common::{
     ct::{CT_DSR, CT_HOST, CT_REPLY, CT_SNAT},
     info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
     reason::{Hook, Reason},
-    service::{FLAG_LEAST_CONN, SCOPE_EXTERNAL, SCOPE_INTERNAL},
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, SCOPE_EXTERNAL, SCOPE_INTERNAL},
 };
 
 use crate::{
@@ -156,28 +156,33 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
     }
 }
 
-/// Which frontends a new flow on a pod-facing interface is looked up in, while some pod has
-/// socket-layer translation off: the external ones when its destination is one, else the
-/// internal ones (ClusterIPs; the connections of pods whose socket layer translates never reach
-/// tc with a ClusterIP). The address of a ClusterIP on a port it does not serve is rejected.
+/// Which frontends a new flow is looked up in, while some pod has socket-layer translation
+/// off. From outside: the external ones, or a ClusterIP's (`cluster_ip_from_outside`). On a
+/// pod-facing interface (a pod translated per packet): the internal ones, as the socket layer
+/// would look up, for ClusterIPs (the connections of pods whose socket layer translates never
+/// reach tc with one) and for the external addresses of a Service with externalTrafficPolicy
+/// Local, whose pods are short-circuited to the cluster set, unmasqueraded (semantics 4.7a);
+/// the external ones for an external address whose internal frontend masquerades
+/// (externalTrafficPolicy Cluster: masqueraded, 7.13, which only tc does). The address of a
+/// ClusterIP on a port it does not serve is rejected.
 #[inline(never)]
 fn scope<F: Family>(ctx: &TcContext) -> u8 {
     let Ok(pkt) = F::parse(ctx) else {
         return SCOPE_EXTERNAL;
     };
-    if F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
-        return SCOPE_EXTERNAL;
-    }
+    let external = F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some();
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if arrived_outside(here) {
-        if F::cluster_ip(&pkt.t.daddr) {
+        if !external && F::cluster_ip(&pkt.t.daddr) {
             return cluster_ip_from_outside::<F>(&pkt.t);
         }
         return SCOPE_EXTERNAL;
     }
-    if F::frontend(&pkt.t, SCOPE_INTERNAL).is_some() {
-        return SCOPE_INTERNAL;
+    match F::frontend(&pkt.t, SCOPE_INTERNAL) {
+        Some(svc) if !external || !svc.has_flag(FLAG_SNAT) => return SCOPE_INTERNAL,
+        _ if external => return SCOPE_EXTERNAL,
+        _ => {}
     }
     if F::cluster_ip(&pkt.t.daddr) {
         return SCOPE_REJECT;
