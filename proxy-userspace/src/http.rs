@@ -386,13 +386,13 @@ fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
 }
 
 impl Handler for HttpState {
-    /// GET (and HEAD) of the paths of the server's [`Role`].
+    /// The paths of the server's [`Role`], whatever the method, as kube-proxy's handlers answer
+    /// any (semantics 8.7, 8.10); a HEAD's answer goes without its body.
     fn handle(&self, request: &Request<'_>) -> Response {
         let path = request.path;
-        if !matches!(request.method, "GET" | "HEAD") {
-            let mut r = Response::text(405, "method not allowed\n");
-            r.extra_headers.push(("Allow", "GET, HEAD".into()));
-            return r;
+        if request.method == "OPTIONS" && path == "*" {
+            // Answered by Go's server itself, before any handler.
+            return Response::text(200, "");
         }
         match (self.role, path) {
             (Role::Metrics, "/metrics") => Response {

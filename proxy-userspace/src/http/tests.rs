@@ -410,9 +410,17 @@ fn errors_and_methods() {
     let (addr, _) = start();
     assert_eq!(get(addr, "/nope").status, 404);
 
-    let r = raw(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
-    assert_eq!(r.status, 405);
-    assert_eq!(r.headers["allow"], "GET, HEAD");
+    // Any method, as kube-proxy's handlers (semantics 8.7, 8.10).
+    let (metrics, _) = start_as(Role::Metrics);
+    let r = raw(
+        metrics,
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    let r = raw(addr, b"POST /livez HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(raw(addr, b"DELETE /nope HTTP/1.1\r\n\r\n").status, 404);
 
     let r = raw(addr, b"HEAD /livez HTTP/1.1\r\n\r\n");
     assert_eq!(r.status, 200);
@@ -619,10 +627,10 @@ fn a_stalled_body_is_cut_at_the_connection_deadline() {
 #[test]
 fn oversized_requests_are_refused() {
     let (addr, _) = start();
-    // Within the limits: read, dropped, and the method refused.
-    let mut small = b"POST /metrics HTTP/1.1\r\nContent-Length: 1000\r\n\r\n".to_vec();
+    // Within the limits: read, dropped, and answered.
+    let mut small = b"POST /livez HTTP/1.1\r\nContent-Length: 1000\r\n\r\n".to_vec();
     small.resize(small.len() + 1000, b'x');
-    assert_eq!(raw(addr, &small).status, 405);
+    assert_eq!(raw(addr, &small).status, 200);
 
     // A declared body over the limit is refused without reading it.
     let r = raw(
@@ -689,8 +697,8 @@ fn malformed_requests_are_answered_or_dropped() {
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", None),
         // Blank lines only, then nothing: the header deadline.
         (b"\r\n\r\n\r\n", None),
-        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", Some(405)),
-        (b"OPTIONS * HTTP/1.1\r\n\r\n", Some(405)),
+        (b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", Some(404)),
+        (b"OPTIONS * HTTP/1.1\r\n\r\n", Some(200)),
         (
             b"GET http://example.com/livez?x HTTP/1.1\r\n\r\n",
             Some(200),
