@@ -1543,13 +1543,14 @@ metadata: {name: bad-2, namespace: default, labels: {kubernetes.io/service-name:
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.244.9.1], nodeName: node-a, conditions: {ready: false}}, {addresses: [10.244.9.2]}]",
-            "EndpointSlice default/bad-2",
-            "endpoint 10.244.9.1:8080 of port default/bad:http/TCP is also in EndpointSlice default/bad-1 \
-             with ready false here, true there, nodeName node-a here, node-b there; that copy is used",
+            "EndpointSlice default/bad-1",
+            "endpoint 10.244.9.1:8080 of port default/bad:http/TCP is also in EndpointSlice default/bad-2 \
+             with ready true here, false there, nodeName node-b here, node-a there; that copy is used",
         );
-        // The identical copy of 10.244.9.2 is no problem; the first copy of .1 is used.
-        assert_eq!(problems_of(&d, "EndpointSlice default/bad-2").len(), 1);
-        assert!(problems_of(&d, "EndpointSlice default/bad-1").is_empty());
+        // The identical copy of 10.244.9.2 is no problem; the later copy of .1, not
+        // terminating, replaces the first (semantics 2.6): not ready, it serves nothing.
+        assert_eq!(problems_of(&d, "EndpointSlice default/bad-1").len(), 1);
+        assert!(problems_of(&d, "EndpointSlice default/bad-2").is_empty());
         let fe = &frontends_of(&d, |p| p.name == "bad")
             .into_values()
             .next()
@@ -1559,18 +1560,15 @@ endpoints: [{addresses: [10.244.9.1], nodeName: node-a, conditions: {ready: fals
             .iter()
             .map(|b| (b.addr.to_string(), b.local))
             .collect();
-        assert_eq!(
-            backends,
-            [("10.244.9.1".into(), false), ("10.244.9.2".into(), false)]
-        );
+        assert_eq!(backends, [("10.244.9.2".into(), false)]);
     }
 
     // semantics 2.6: a non-terminating copy replaces a terminating one; the replaced copy is
     // the one reported.
     #[test]
     fn slices_disagree_and_the_later_copy_wins() {
-        // Two running copies that disagree (different nodes): the first is used and the other
-        // is reported.
+        // Two running copies that disagree (different nodes): the later one is used and the
+        // first is reported (semantics 2.6).
         check(
             "kind: Service
 metadata: {name: bad, namespace: default}
@@ -1587,8 +1585,8 @@ metadata: {name: bad-2, namespace: default, labels: {kubernetes.io/service-name:
 addressType: IPv4
 ports: [{name: http, port: 8080}]
 endpoints: [{addresses: [10.244.9.1], nodeName: node-b}]",
-            "EndpointSlice default/bad-2",
-            "is also in EndpointSlice default/bad-1",
+            "EndpointSlice default/bad-1",
+            "is also in EndpointSlice default/bad-2",
         );
         // semantics 2.6: a running copy replaces a terminating one (a reused pod IP); that is
         // normal and not reported.
