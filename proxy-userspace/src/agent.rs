@@ -521,7 +521,13 @@ pub fn run(
                         h.set_node_eligible(eligible);
                     }
                 }
-                changes_pending.add(std::mem::take(&mut snapshot.changes));
+                let changes = std::mem::take(&mut snapshot.changes);
+                if let Some(m) = &observers.metrics {
+                    // Counted as they arrive, as kube-proxy counts each event (semantics
+                    // 11.6), whether or not a sync programs them.
+                    m.add_change_events(&changes);
+                }
+                changes_pending.add(changes);
                 if let Some(m) = &observers.metrics {
                     m.observe_queued(SystemTime::now());
                     m.set_changes_pending(&changes_pending);
@@ -654,15 +660,6 @@ pub fn run(
                     }
                     for _ in 0..report.maglev_failures {
                         m.map_update_error(proxy_common::maps::LB_MAGLEV);
-                    }
-                    m.add_service_changes(report.update.services_changed);
-                    for (kind, n) in &report.update.slices_changed {
-                        let family = if kind == "IPv6" {
-                            Family::V6
-                        } else {
-                            Family::V4
-                        };
-                        m.add_endpoint_changes(family, *n);
                     }
                     for (family, latency) in triggers.new_latencies(&report.update, agent_started) {
                         m.observe_programming_latency(family, latency);

@@ -588,6 +588,21 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
+    /// The Service and EndpointSlice add/update/delete events `changes` took in (semantics
+    /// 11.6): Service events counted for every family, as kube-proxy's per-family proxiers
+    /// each see every Service event; slice events in their address type's.
+    pub fn add_change_events(&self, changes: &crate::snapshot::Changes) {
+        self.add_service_changes(changes.service_events);
+        for (family, n) in [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .zip(changes.slice_events)
+        {
+            if n > 0 {
+                self.add_endpoint_changes(family, n);
+            }
+        }
+    }
+
     /// `n` Service add/update/delete events were received (counted for every family, as
     /// kube-proxy's per-family proxiers each see every Service event).
     pub fn add_service_changes(&self, n: u64) {

@@ -32,11 +32,18 @@ pub struct Snapshot {
 /// `*_changes_pending` gauges (semantics 11.4): each object counts once however often it
 /// changed until a sync programs it; a Service counts in the families it has a cluster IP of,
 /// a slice in its address type's.
+///
+/// Also the events behind them, for the `*_changes_total` counters (semantics 11.6: every
+/// add, update and delete counts, however many times one object changes before a sync).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Indexed IPv4, IPv6.
     pub services: [BTreeSet<(String, String)>; 2],
     pub slices: [BTreeSet<(String, String)>; 2],
+    /// Service events (each proxier of kube-proxy sees every one).
+    pub service_events: u64,
+    /// EndpointSlice events, by the slice's address type (indexed IPv4, IPv6).
+    pub slice_events: [u64; 2],
 }
 
 /// The family index (`Changes`) of an address or family name.
@@ -80,8 +87,25 @@ impl Changes {
         }
     }
 
+    /// Counts an add, update or delete event of a Service.
+    pub fn service_event(&mut self) {
+        self.service_events += 1;
+    }
+
+    /// Counts an add, update or delete event of `slice` (nothing for an address type the
+    /// proxy does not use).
+    pub fn slice_event(&mut self, slice: &Slice) {
+        if let Some(f) = family_index(&slice.address_type) {
+            self.slice_events[f] += 1;
+        }
+    }
+
     /// Takes in `other`'s changes.
     pub fn add(&mut self, other: Changes) {
+        self.service_events += other.service_events;
+        for (mine, theirs) in self.slice_events.iter_mut().zip(other.slice_events) {
+            *mine += theirs;
+        }
         for (mine, theirs) in self.services.iter_mut().zip(other.services) {
             mine.extend(theirs);
         }

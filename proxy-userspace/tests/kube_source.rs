@@ -337,11 +337,11 @@ fn watch_events_are_reflected() {
     populate(&server);
     let rx = start_source(&server);
     let mut log = Vec::new();
-    // Every object of the initial lists is a change (semantics 11.4: pending until synced).
-    assert_eq!(
-        wait_for_changes(&rx, &mut log, &baseline()).counts(),
-        ([2, 0], [2, 0])
-    );
+    // Every object of the initial lists is a change (semantics 11.4: pending until synced),
+    // and an event (11.6).
+    let initial = wait_for_changes(&rx, &mut log, &baseline());
+    assert_eq!(initial.counts(), ([2, 0], [2, 0]));
+    assert_eq!((initial.service_events, initial.slice_events), (2, [2, 0]));
 
     // ADDED
     server.apply(Res::Services, service("default", "c", "10.96.0.30", 8080));
@@ -371,8 +371,33 @@ fn watch_events_are_reflected() {
     );
     // Three of each kind; the Node's change is none of them.
     assert_eq!(changes.counts(), ([3, 0], [3, 0]));
+    assert_eq!((changes.service_events, changes.slice_events), (3, [3, 0]));
+
+    // One Service changed twice, then updated with nothing the proxy reads changed: one
+    // change pending (11.4), three events counted (11.6: every event).
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 8082));
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 8083));
+    server.apply(Res::Services, service("default", "a", "10.96.0.10", 8083));
+    let want = Seen {
+        services: strings(&["default/a 10.96.0.10 8083", "default/c 10.96.0.30 8080"]),
+        slices: strings(&[
+            "default/a-1 10.244.0.5,10.244.0.9",
+            "default/c-1 10.244.1.2",
+        ]),
+        zone: Some("zone-9".into()),
+    };
+    let mut changes = wait_for_changes(&rx, &mut log, &want);
+    // The last, unchanged update may come after the snapshot with the port: wait for it.
+    let deadline = Instant::now() + WAIT;
+    while changes.service_events < 3 && Instant::now() < deadline {
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(100)) {
+            changes.add(s.changes);
+        }
+    }
+    assert_eq!(changes.counts(), ([1, 0], [0, 0]));
+    assert_eq!((changes.service_events, changes.slice_events), (3, [0, 0]));
     // One snapshot per event after the first (the agent coalesces them), never an empty one.
-    assert!(log.len() >= 2 && log.len() <= 8, "{log:#?}");
+    assert!(log.len() >= 3 && log.len() <= 11, "{log:#?}");
     assert!(log.iter().all(|s| !s.services.is_empty()));
     // Only the initial lists: events never cause a relist.
     let requests = server.requests();

@@ -653,6 +653,10 @@ trait Kept {
     /// Notes this object as changed (`Changes`): nothing but for Services and EndpointSlices.
     fn note(&self, _changes: &mut Changes) {}
 
+    /// Counts an event of this object (`Changes`): nothing but for Services and
+    /// EndpointSlices.
+    fn event(&self, _changes: &mut Changes) {}
+
     /// Whether a new version differs from this one in what the proxy reads (counted as a
     /// change, `Changes`).
     fn differs(&self, _next: &Self) -> bool {
@@ -665,6 +669,10 @@ impl Kept for Service {
         changes.service(self);
     }
 
+    fn event(&self, changes: &mut Changes) {
+        changes.service_event();
+    }
+
     fn differs(&self, next: &Self) -> bool {
         crate::snapshot::service_differs(self, next)
     }
@@ -673,6 +681,10 @@ impl Kept for Service {
 impl Kept for Slice {
     fn note(&self, changes: &mut Changes) {
         changes.slice(self);
+    }
+
+    fn event(&self, changes: &mut Changes) {
+        changes.slice_event(self);
     }
 
     fn differs(&self, next: &Self) -> bool {
@@ -762,6 +774,7 @@ where
                         Some(old) if Arc::ptr_eq(old, new) || old.same_as(new) => {}
                         Some(old) => {
                             same = false;
+                            new.event(&mut self.changes);
                             if old.differs(new) {
                                 old.note(&mut self.changes);
                                 new.note(&mut self.changes);
@@ -769,6 +782,7 @@ where
                         }
                         None => {
                             same = false;
+                            new.event(&mut self.changes);
                             new.note(&mut self.changes);
                         }
                     }
@@ -776,6 +790,7 @@ where
                 if !same {
                     for (key, old) in &self.objects {
                         if !objects.contains_key(key) {
+                            old.event(&mut self.changes);
                             old.note(&mut self.changes);
                         }
                     }
@@ -793,6 +808,7 @@ where
                         Step::Unchanged
                     }
                     old => {
+                        object.event(&mut self.changes);
                         match old {
                             Some(old) if !old.differs(&object) => {}
                             Some(old) => {
@@ -813,6 +829,7 @@ where
                     // A different object under the same name, or none: nothing to keep.
                     None => match self.objects.remove(&key) {
                         Some(old) => {
+                            old.event(&mut self.changes);
                             old.note(&mut self.changes);
                             Step::Changed
                         }
@@ -825,6 +842,7 @@ where
                 self.undecodable.remove(&key);
                 // Deleting an object never seen changes nothing (semantics 2.9).
                 if let Some(old) = self.objects.remove(&key) {
+                    old.event(&mut self.changes);
                     old.note(&mut self.changes);
                 }
                 Step::Changed

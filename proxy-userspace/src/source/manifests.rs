@@ -365,36 +365,47 @@ fn file_changes(old: Option<&FileObjects>, new: Option<&FileObjects>, changes: &
         new: Option<&'a Vec<std::sync::Arc<T>>>,
         differs: impl Fn(&T, &T) -> bool,
         mut note: impl FnMut(&T),
+        mut event: impl FnMut(&T),
     ) {
         let (old, new) = (by_name(old), by_name(new));
         for (key, o) in &new {
             match old.get(key) {
                 Some(prev) if !differs(prev, o) => {}
                 Some(prev) => {
+                    event(o);
                     note(prev);
                     note(o);
                 }
-                None => note(o),
+                None => {
+                    event(o);
+                    note(o);
+                }
             }
         }
         for (key, o) in &old {
             if !new.contains_key(key) {
+                event(o);
                 note(o);
             }
         }
     }
+    // Counted apart: the two closures cannot both borrow `changes`.
+    let mut events = Changes::default();
     each_changed(
         old.map(|o| &o.services),
         new.map(|o| &o.services),
         crate::snapshot::service_differs,
         |s| changes.service(s),
+        |_| events.service_event(),
     );
     each_changed(
         old.map(|o| &o.slices),
         new.map(|o| &o.slices),
         crate::snapshot::slice_differs,
         |s| changes.slice(s),
+        |s| events.slice_event(s),
     );
+    changes.add(events);
 }
 
 /// Parses `paths`, on as many threads as there are CPUs (at most 4) when there are several:
