@@ -57,14 +57,17 @@ pub struct HttpState {
     pub role: Role,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// What /configz answers on the metrics server: a JSON document of the settings the
+    /// agent runs with (semantics 8.10).
+    pub configz: String,
 }
 
 /// Which of kube-proxy's two servers a listener is (semantics 8.7, 8.10): each answers its own
 /// paths only, so the metrics stay on the (loopback) metrics address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// `--metrics-bind-address`: /metrics, /healthz (plain `ok` while the process serves) and
-    /// /proxyMode.
+    /// `--metrics-bind-address`: /metrics, /healthz (plain `ok` while the process serves),
+    /// /proxyMode and /configz.
     Metrics,
     /// `--healthz-bind-address`: /healthz and /livez, the proxy's health as JSON, 200 or 503.
     Health,
@@ -403,6 +406,12 @@ impl Handler for HttpState {
             },
             (Role::Metrics, "/healthz") => Response::text(200, "ok"),
             (Role::Metrics, "/proxyMode") => Response::text(200, PROXY_MODE),
+            (Role::Metrics, "/configz") => Response {
+                status: 200,
+                content_type: "application/json",
+                extra_headers: Vec::new(),
+                body: self.configz.clone().into_bytes(),
+            },
             (Role::Health, "/healthz" | "/livez") => {
                 let probe = if path == "/livez" {
                     Probe::Livez

@@ -469,6 +469,23 @@ fn metrics_and_health_endpoints() {
     // server answers its two paths only (the metrics stay on the loopback address).
     assert_eq!(http_get(port, "/healthz"), (200, "ok".to_string()));
     assert_eq!(http_get(port, "/proxyMode"), (200, "nftables".to_string()));
+    // /configz: the settings the agent runs with, under kube-proxy's key.
+    let (status, body) = http_get(port, "/configz");
+    assert_eq!(status, 200);
+    let configz: serde_json::Value = serde_json::from_str(&body).expect("/configz is JSON");
+    let config = &configz["kubeproxy.config.k8s.io"];
+    assert_eq!(config["mode"], "nftables", "{body}");
+    assert_eq!(config["hostnameOverride"], NODE, "{body}");
+    assert_eq!(
+        config["metricsBindAddress"],
+        format!("127.0.0.1:{port}"),
+        "{body}"
+    );
+    assert_eq!(
+        config["conntrack"]["tcpEstablishedTimeout"], "24h0m0s",
+        "{body}"
+    );
+    assert_eq!(http_get(env.agent.health_port, "/configz").0, 404);
     assert_eq!(http_get(env.agent.health_port, "/metrics").0, 404);
 }
 

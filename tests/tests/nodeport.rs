@@ -1080,3 +1080,48 @@ fn a_datagram_too_big_for_the_pod_network_is_answered_with_the_mtu_as_the_kernel
     assert!(datapath_events(&agent, "frag_needed") >= 2);
     tb.assert_no_checksum_errors();
 }
+
+/// semantics 9.6: at its start the agent sets the kernel's own (netfilter) connection tracking
+/// up as kube-proxy does, for the node's other traffic: TCP established and close-wait
+/// timeouts of 24 h and 1 h (in the node's namespace, here a testbed node's). The table's size
+/// is the machine's, read-only from such a namespace: that is a warning, not a failure.
+#[test]
+fn the_agent_sets_netfilter_conntrack_timeouts_as_kube_proxy_does() {
+    if !privileged() {
+        return;
+    }
+    // Loaded by kube-proxy's rules on a node; here, if nothing loaded it yet.
+    let _ = std::process::Command::new("modprobe")
+        .args(["-q", "nf_conntrack"])
+        .status();
+    let tb = Testbed::new(&[1]);
+    let ns = &tb.nodes[0].ns;
+    let read = |name: &str| {
+        ns.exec("cat", &[&format!("/proc/sys/net/netfilter/{name}")])
+            .trim()
+            .to_string()
+    };
+    if ns
+        .exec("ls", &["/proc/sys/net/netfilter"])
+        .lines()
+        .all(|l| l.trim() != "nf_conntrack_max")
+    {
+        tests::skip("netfilter connection tracking (nf_conntrack) is not available");
+        return;
+    }
+    ns.sysctl(
+        "net.netfilter.nf_conntrack_tcp_timeout_established",
+        "432000",
+    );
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_close_wait", "60");
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    let from = agent.log_position();
+    agent.start();
+    agent.wait_for_log(
+        from,
+        "nf_conntrack_tcp_timeout_established set to 86400 (was 432000)",
+        Duration::from_secs(20),
+    );
+    assert_eq!(read("nf_conntrack_tcp_timeout_established"), "86400");
+    assert_eq!(read("nf_conntrack_tcp_timeout_close_wait"), "3600");
+}

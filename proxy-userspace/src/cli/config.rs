@@ -32,11 +32,14 @@ use serde_json::{Map, Value};
 
 use super::{Cli, Command, LogFormat, run::RunArgs};
 use crate::{
-    datapath::podif::{PodInterfaces, Selector},
+    datapath::{
+        nfct::NetfilterSettings,
+        podif::{PodInterfaces, Selector},
+    },
     model::{Cidr, Scheduler},
 };
 
-pub use duration::parse_go_duration;
+pub use duration::{format_go_duration, parse_go_duration};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -168,9 +171,46 @@ pub struct Conntrack {
     pub max_per_core: Option<u32>,
     pub min: Option<u32>,
     pub tcp_established_timeout: Option<Duration>,
+    /// Only for the kernel's table (`netfilter_settings`): half-closed TCP flows keep the
+    /// established timeout in this proxy's maps.
+    pub tcp_close_wait_timeout: Option<Duration>,
     pub tcp_be_liberal: bool,
     pub udp_timeout: Option<Duration>,
     pub udp_stream_timeout: Option<Duration>,
+}
+
+/// kube-proxy's netfilter settings from its `conntrack` section on a node of `cpus` CPUs,
+/// with its defaults for what the section leaves out (v1alpha1: maxPerCore 32768, min
+/// 131072, tcpEstablishedTimeout 24h, tcpCloseWaitTimeout 1h); a zero maxPerCore or timeout
+/// leaves the kernel's value, and the UDP timeouts are written only when set.
+pub fn netfilter_settings(c: &Conntrack, cpus: u32) -> NetfilterSettings {
+    let secs = |d: Option<Duration>, default: u64| match d {
+        None => Some(default),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d.as_secs().max(1)),
+    };
+    let max = match c.max_per_core {
+        Some(0) => None,
+        per_core => {
+            let per_core = per_core.map_or(CONNTRACK_MAX_PER_CORE, u64::from);
+            let min = c.min.map_or(CONNTRACK_MIN, u64::from);
+            Some((per_core * u64::from(cpus.max(1))).max(min))
+        }
+    };
+    NetfilterSettings {
+        max,
+        tcp_established_secs: secs(c.tcp_established_timeout, 24 * 3600),
+        tcp_close_wait_secs: secs(c.tcp_close_wait_timeout, 3600),
+        tcp_be_liberal: c.tcp_be_liberal,
+        udp_secs: c
+            .udp_timeout
+            .filter(|d| !d.is_zero())
+            .map(|d| d.as_secs().max(1)),
+        udp_stream_secs: c
+            .udp_stream_timeout
+            .filter(|d| !d.is_zero())
+            .map(|d| d.as_secs().max(1)),
+    }
 }
 
 /// Feature gates whose behaviour this proxy always has (false is not honoured), with what
@@ -380,13 +420,12 @@ pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), Config
     config.conntrack = Conntrack {
         max_per_core: conntrack.unsigned("maxPerCore")?,
         min: conntrack.unsigned("min")?,
-        tcp_established_timeout: conntrack.duration("tcpEstablishedTimeout")?,
+        tcp_established_timeout: conntrack.duration_or_zero("tcpEstablishedTimeout")?,
+        tcp_close_wait_timeout: conntrack.duration_or_zero("tcpCloseWaitTimeout")?,
         tcp_be_liberal: conntrack.boolean("tcpBeLiberal")?,
         udp_timeout: conntrack.duration("udpTimeout")?,
         udp_stream_timeout: conntrack.duration("udpStreamTimeout")?,
     };
-    // Half-closed TCP flows (CLOSE_WAIT) keep the established timeout here.
-    conntrack.unused("tcpCloseWaitTimeout", Kind::Duration)?;
     top.absorb(conntrack);
 
     config.config_sync_period = top.duration("configSyncPeriod")?;
@@ -986,7 +1025,8 @@ fn apply_conntrack(
             );
         }
     }
-    if let Some(t) = c.tcp_established_timeout {
+    // 0 leaves the kernel's timeout alone (`netfilter_settings`); ours keeps its own.
+    if let Some(t) = c.tcp_established_timeout.filter(|t| !t.is_zero()) {
         set!(
             "conntrack.tcpEstablishedTimeout",
             "conntrack_tcp_timeout_established",
@@ -1122,11 +1162,17 @@ impl<'a> Fields<'a> {
 
     /// A Go duration string; null, "" and zero durations are `None` (kube-proxy's "unset").
     fn duration(&mut self, key: &'static str) -> Result<Option<Duration>, ConfigError> {
+        Ok(self.duration_or_zero(key)?.filter(|d| !d.is_zero()))
+    }
+
+    /// A duration where zero is a value of its own (kube-proxy's pointer fields whose 0 means
+    /// "leave the kernel's setting as it is"); `None` when null, empty or absent.
+    fn duration_or_zero(&mut self, key: &'static str) -> Result<Option<Duration>, ConfigError> {
         match self.take(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s)) => match parse_go_duration(s) {
-                Ok(d) => Ok((!d.is_zero()).then_some(d)),
+                Ok(d) => Ok(Some(d)),
                 Err(why) => Err(self.invalid(key, why)),
             },
             Some(v) => Err(self.wrong(key, "a duration such as \"15m0s\"", v)),

@@ -354,6 +354,8 @@ pub fn main() {
                 ));
                 if let Command::Run(args) = &mut cli.command {
                     args.config_loaded = loaded;
+                    args.netfilter =
+                        Some(config::netfilter_settings(&settings.config.conntrack, cpus));
                 }
             }
             Ok(None) => {}

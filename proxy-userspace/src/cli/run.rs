@@ -45,6 +45,16 @@ pub struct RunArgs {
     /// maps.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The kernel's own (netfilter) connection tracking, which the node's other traffic still
+    /// goes through: `kube-proxy` sets it up as kube-proxy does at its start (nf_conntrack_max,
+    /// its hash size and TCP timeouts, from --config or kube-proxy's --conntrack-* flags, else
+    /// kube-proxy's defaults); `leave` leaves it as it is.
+    #[arg(long, value_enum, default_value_t = NetfilterConntrack::KubeProxy)]
+    pub netfilter_conntrack: NetfilterConntrack,
+    /// kube-proxy's settings of the kernel's own connection tracking, from the `--config` file
+    /// or kube-proxy's flags (set by `main`, not a flag); kube-proxy's defaults without them.
+    #[arg(skip)]
+    pub netfilter: Option<crate::datapath::nfct::NetfilterSettings>,
     /// The `--config` file's content as it was read (set by `main`, not a flag): the agent
     /// exits when the file changes.
     #[arg(skip)]
@@ -157,13 +167,15 @@ pub struct RunArgs {
     /// without it).
     #[arg(long)]
     pub bind_address_hard_fail: bool,
-    /// Write this value to /proc/self/oom_score_adj at start (-1000 to 1000; kube-proxy's
-    /// default is -999). A failure is a warning. Default: left as it is.
+    /// Write this value to /proc/self/oom_score_adj at start (-1000 to 1000), as kube-proxy
+    /// does with its default, -999. A failure is a warning. [default: -999]
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     pub oom_score_adj: Option<i32>,
     /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
-    /// duration: 6h, 90m, 1h30m). kube-proxy's flag of the same name sets the kernel's (24h).
-    #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
+    /// duration: 24h, 90m, 1h30m), kube-proxy's default for the kernel's table, which its
+    /// flag of the same name sets (so does this one, through `--config` or kube-proxy's flags:
+    /// see the README).
+    #[arg(long, default_value = "24h", value_parser = super::config::parse_go_duration)]
     pub conntrack_tcp_timeout_established: Duration,
     /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not,
     /// and of an unconnected socket's datagrams to one Service address (kept on one backend
@@ -174,6 +186,59 @@ pub struct RunArgs {
     /// kube-proxy's flags that `run` has no flag of its own for (last in the help).
     #[command(flatten)]
     pub kube_proxy: super::config::flags::KubeProxyFlags,
+}
+
+/// `--netfilter-conntrack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetfilterConntrack {
+    KubeProxy,
+    Leave,
+}
+
+/// /configz's document (semantics 8.10): the settings the agent runs with, as the fields of
+/// kube-proxy's KubeProxyConfiguration they stand for, under kube-proxy's key. `node`: the
+/// node name; the health and metrics addresses as served.
+fn configz(args: &RunArgs, node: &str, healthz: &str, metrics: &str) -> String {
+    use super::config::format_go_duration as go;
+    let netfilter = args.netfilter.clone().unwrap_or_default();
+    let secs = |s: Option<u64>| s.map(|s| go(Duration::from_secs(s)));
+    serde_json::json!({
+        "kubeproxy.config.k8s.io": {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "bindAddress": args
+                .source
+                .bind_address
+                .map_or_else(|| "0.0.0.0".to_string(), |a| a.to_string()),
+            "bindAddressHardFail": args.bind_address_hard_fail,
+            "clientConnection": {
+                "kubeconfig": args
+                    .source
+                    .kubeconfig
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            },
+            "configSyncPeriod": go(args.sync_period),
+            "conntrack": {
+                "maxPerCore": args.max_conntrack,
+                "tcpEstablishedTimeout": go(args.conntrack_tcp_timeout_established),
+                "tcpCloseWaitTimeout": secs(netfilter.tcp_close_wait_secs),
+                "tcpBeLiberal": true,
+                "udpTimeout": go(args.conntrack_udp_timeout),
+            },
+            "enableProfiling": false,
+            "featureGates": {},
+            "healthzBindAddress": healthz,
+            "hostnameOverride": node,
+            "metricsBindAddress": metrics,
+            "mode": crate::http::PROXY_MODE,
+            "nftables": { "masqueradeAll": args.masquerade_all },
+            "nodePortAddresses": args.source.nodeport_addresses,
+            "oomScoreAdj": args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ),
+        }
+    })
+    .to_string()
 }
 
 /// kube-proxy's default addresses for /healthz and /metrics: IPv6 when --bind-address is an
@@ -706,10 +771,28 @@ fn limit_malloc_arenas() {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    if let Some(adj) = args.oom_score_adj {
-        set_oom_score_adj(adj);
+    set_oom_score_adj(args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ));
+    // semantics 9.6: the node's other traffic keeps the connection tracking kube-proxy gave it.
+    if args.netfilter_conntrack == NetfilterConntrack::KubeProxy {
+        let netfilter = args.netfilter.clone().unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            super::config::netfilter_settings(
+                &Default::default(),
+                u32::try_from(cpus).unwrap_or(u32::MAX),
+            )
+        });
+        crate::datapath::nfct::apply_on_node(&netfilter);
     }
     let node = args.source.node_name();
+    let configz = {
+        let (healthz, metrics) = default_http_addresses(args.source.bind_address);
+        configz(
+            &args,
+            &node,
+            args.healthz_bind_address.as_deref().unwrap_or(healthz),
+            args.metrics_bind_address.as_deref().unwrap_or(metrics),
+        )
+    };
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
     let dsr = args.nodeport_mode == NodePortMode::Dsr;
@@ -941,13 +1024,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         &families,
         SystemTime::now(),
     ));
-    let http_state = |role| {
-        Arc::new(HttpState {
-            role,
-            metrics: Arc::clone(&metrics),
-            health: Arc::clone(&health),
-        })
-    };
     let (healthz_default, metrics_default) = default_http_addresses(args.source.bind_address);
     let metrics_address = args
         .metrics_bind_address
@@ -957,6 +1033,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .healthz_bind_address
         .as_deref()
         .unwrap_or(healthz_default);
+    let http_state = |role| {
+        Arc::new(HttpState {
+            role,
+            metrics: Arc::clone(&metrics),
+            health: Arc::clone(&health),
+            configz: configz.clone(),
+        })
+    };
     serve(
         "metrics",
         metrics_address,

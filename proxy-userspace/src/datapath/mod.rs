@@ -7,6 +7,7 @@ pub mod layouts;
 pub mod netdev;
 pub mod netlink;
 pub mod netns;
+pub mod nfct;
 pub mod podif;
 pub mod sockdiag;
 pub mod socklb;

@@ -440,6 +440,7 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
             role: crate::http::Role::Health,
             metrics,
             health: proxy,
+            configz: String::new(),
         }),
     )
     .unwrap();

@@ -319,6 +319,7 @@ fn state_as(role: Role) -> Arc<HttpState> {
             &[Family::V4],
             SystemTime::now(),
         )),
+        configz: r#"{"kubeproxy.config.k8s.io":{"mode":"nftables"}}"#.into(),
     })
 }
 
@@ -403,6 +404,18 @@ fn health_endpoints() {
     assert!(text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2\n"));
     assert!(text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 2\n"));
     assert!(text.contains("kubeproxy_proxy_livez_total{code=\"503\"} 1\n"));
+}
+
+/// semantics 8.10: the metrics server's /configz, JSON; the health server has none.
+#[test]
+fn configz_on_the_metrics_server() {
+    let (metrics, _) = start_as(Role::Metrics);
+    let r = get(metrics, "/configz");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.body, r#"{"kubeproxy.config.k8s.io":{"mode":"nftables"}}"#);
+    let (health, _) = start();
+    assert_eq!(get(health, "/configz").status, 404);
 }
 
 #[test]
@@ -516,6 +529,7 @@ fn bind_failure_is_returned() {
         role: Role::Health,
         metrics: Arc::new(Metrics::new("v", &[])),
         health: Arc::new(Health::new(Duration::from_secs(1), &[], SystemTime::now())),
+        configz: String::new(),
     });
     assert!(serve(taken.local_addr().unwrap(), state).is_err());
 }

@@ -119,9 +119,13 @@ impl Agent {
             .arg(format!("127.0.0.1:{}", self.health_port))
             .args(&self.extra_args)
             // Outside a testbed node the agent shares the test's own namespace: tc stays off
-            // its interfaces.
+            // its interfaces, and the machine's netfilter settings stay as they are.
             .args(if self.netns.is_none() {
-                &["--external-interfaces=", "--pod-interfaces=none"][..]
+                &[
+                    "--external-interfaces=",
+                    "--pod-interfaces=none",
+                    "--netfilter-conntrack=leave",
+                ][..]
             } else {
                 &[][..]
             })

@@ -10,6 +10,31 @@ use std::time::Duration;
 /// Longest duration Go represents: `math.MaxInt64` nanoseconds (about 292 years).
 const MAX_NANOS: u128 = i64::MAX as u128;
 
+/// Formats a duration as Go's `time.Duration.String` does for whole seconds and longer
+/// ("24h0m0s", "2m0s", "30s"; "0s"), shorter ones in milliseconds ("300ms"): the form kube-proxy
+/// shows its durations in.
+pub fn format_go_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return match d.subsec_millis() {
+            0 => "0s".to_string(),
+            ms => format!("{ms}ms"),
+        };
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let frac = match d.subsec_nanos() {
+        0 => String::new(),
+        n => format!(".{:09}", n).trim_end_matches('0').to_string(),
+    };
+    if h > 0 {
+        format!("{h}h{m}m{s}{frac}s")
+    } else if m > 0 {
+        format!("{m}m{s}{frac}s")
+    } else {
+        format!("{s}{frac}s")
+    }
+}
+
 /// Parses a Go duration: an optional `+`, then one or more decimal numbers (with an optional
 /// fraction) each followed by a unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`); a lone `0`
 /// needs no unit. Negative durations are refused: no duration in the file may be negative.
@@ -87,6 +112,22 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_durations_format_as_go_prints_them() {
+        for (secs, text) in [
+            (0, "0s"),
+            (30, "30s"),
+            (120, "2m0s"),
+            (3600, "1h0m0s"),
+            (86400, "24h0m0s"),
+            (5430, "1h30m30s"),
+        ] {
+            assert_eq!(format_go_duration(Duration::from_secs(secs)), text);
+        }
+        assert_eq!(format_go_duration(Duration::from_millis(300)), "300ms");
+        assert_eq!(format_go_duration(Duration::from_millis(1500)), "1.5s");
+    }
 
     #[test]
     fn go_durations_parse_as_go_reads_them() {

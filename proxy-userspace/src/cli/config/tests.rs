@@ -554,7 +554,6 @@ conntrack2: {a: 1}
             "clientConnection.burst",
             "clientConnection.contentType",
             "clientConnection.qps",
-            "conntrack.tcpCloseWaitTimeout",
             "conntrack2",
             "enableProfiling",
             "featureGates.NFTablesProxyMode",
@@ -581,7 +580,7 @@ conntrack2: {a: 1}
     );
     assert!(warnings.contains(
         &"fields not used by kube-bpf-proxy: clientConnection.burst, clientConnection.contentType, \
-          clientConnection.qps, conntrack.tcpCloseWaitTimeout, conntrack2, enableProfiling, \
+          clientConnection.qps, conntrack2, enableProfiling, \
           featureGates.NFTablesProxyMode, featureGates.SomethingNew, iptables.localhostNodePorts, \
           iptables.masqueradeBit, iptables.syncPeriod, ipvs.excludeCIDRs, \
           logging.flushFrequency, udpIdleTimeout, unknownTopLevel, winkernel.networkName"
@@ -1068,4 +1067,43 @@ fn kube_proxy_cleanup_and_init_only_ask_for_something_else() {
         Ok(Some(Instead::Cleanup))
     );
     assert!(instead(&["--cleanup=later"]).is_err());
+}
+
+/// semantics 9.6: what kube-proxy writes to the kernel's connection tracking, from its
+/// `conntrack` section and its defaults.
+#[test]
+fn config_conntrack_settings_for_the_kernels_table() {
+    let settings =
+        |text: &str, cpus| netfilter_settings(&parse(&doc(text)).unwrap().0.conntrack, cpus);
+    assert_eq!(
+        settings("conntrack: {}", 8),
+        NetfilterSettings {
+            max: Some(262144),
+            tcp_established_secs: Some(86400),
+            tcp_close_wait_secs: Some(3600),
+            tcp_be_liberal: false,
+            udp_secs: None,
+            udp_stream_secs: None,
+        }
+    );
+    assert_eq!(settings("conntrack: {}", 2).max, Some(131072));
+    assert_eq!(
+        settings(
+            "conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 30m, \
+             tcpBeLiberal: true, udpTimeout: 30s, udpStreamTimeout: 5m}",
+            8
+        ),
+        NetfilterSettings {
+            max: None,
+            tcp_established_secs: None,
+            tcp_close_wait_secs: Some(1800),
+            tcp_be_liberal: true,
+            udp_secs: Some(30),
+            udp_stream_secs: Some(300),
+        }
+    );
+    assert_eq!(
+        settings("conntrack: {maxPerCore: 1000, min: 10}", 4).max,
+        Some(4000)
+    );
 }
