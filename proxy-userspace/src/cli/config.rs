@@ -117,6 +117,9 @@ pub struct KubeProxyConfig {
     pub conntrack: Conntrack,
     /// `configSyncPeriod`.
     pub config_sync_period: Option<Duration>,
+    /// `syncPeriod` of the mode's block (`iptables` for iptables and the empty mode, `ipvs`,
+    /// `nftables`): kube-proxy's health timeout is twice it (semantics 8.6).
+    pub sync_period: Option<Duration>,
 }
 
 /// `mode`: which of kube-proxy's data planes the file asked for.
@@ -359,7 +362,13 @@ pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), Config
     }
     iptables.unused_pointer("localhostNodePorts", Kind::Bool)?;
     iptables.unused_pointer("snatNodeInternalIP", Kind::Bool)?;
-    iptables.unused("syncPeriod", Kind::Duration)?;
+    // syncPeriod: the mode's block's (the others' are listed as not used).
+    let iptables_mode = matches!(config.mode, ProxyMode::IpTables | ProxyMode::Default);
+    if iptables_mode {
+        config.sync_period = iptables.duration("syncPeriod")?;
+    } else {
+        iptables.unused("syncPeriod", Kind::Duration)?;
+    }
     iptables.unused("minSyncPeriod", Kind::Duration)?;
     top.absorb(iptables);
 
@@ -371,7 +380,11 @@ pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), Config
         }
     };
     config.ipvs_strict_arp = ipvs.boolean("strictARP")?;
-    ipvs.unused("syncPeriod", Kind::Duration)?;
+    if config.mode == ProxyMode::Ipvs {
+        config.sync_period = ipvs.duration("syncPeriod")?;
+    } else {
+        ipvs.unused("syncPeriod", Kind::Duration)?;
+    }
     ipvs.unused("minSyncPeriod", Kind::Duration)?;
     ipvs.unused("excludeCIDRs", Kind::Strings)?;
     ipvs.unused("tcpTimeout", Kind::Duration)?;
@@ -386,7 +399,11 @@ pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), Config
     } else {
         nftables.unused("masqueradeAll", Kind::Bool)?;
     }
-    nftables.unused("syncPeriod", Kind::Duration)?;
+    if nft {
+        config.sync_period = nftables.duration("syncPeriod")?;
+    } else {
+        nftables.unused("syncPeriod", Kind::Duration)?;
+    }
     nftables.unused("minSyncPeriod", Kind::Duration)?;
     top.absorb(nftables);
 
@@ -908,6 +925,18 @@ pub fn apply(
         set!("configSyncPeriod", "sync_period", args.sync_period, p);
     }
     apply_conntrack(&config.conntrack, args, given, cpus, &mut notes);
+
+    // semantics 8.6: kube-proxy's health timeout is twice its sync period.
+    if let Some(p) = config.sync_period {
+        let timeout = p.saturating_mul(2);
+        args.health_timeout = Some(timeout);
+        notes.push(Note::info(format!(
+            "syncPeriod {}: /healthz answers 503 once a change has waited {} without a \
+             sync (kube-proxy's 2 x syncPeriod); syncs here follow every change",
+            format_go_duration(p),
+            format_go_duration(timeout)
+        )));
+    }
 
     let adj = config.oom_score_adj.unwrap_or(OOM_SCORE_ADJ);
     set!(

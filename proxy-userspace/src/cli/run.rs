@@ -51,6 +51,11 @@ pub struct RunArgs {
     /// kube-proxy's defaults); `leave` leaves it as it is.
     #[arg(long, value_enum, default_value_t = NetfilterConntrack::KubeProxy)]
     pub netfilter_conntrack: NetfilterConntrack,
+    /// How long a change may wait unsynced before /healthz answers 503: twice the sync period
+    /// of the `--config` file or kube-proxy's flags (set by `main`, not a flag); else
+    /// kube-proxy's default, 60 s.
+    #[arg(skip)]
+    pub health_timeout: Option<Duration>,
     /// kube-proxy's settings of the kernel's own connection tracking, from the `--config` file
     /// or kube-proxy's flags (set by `main`, not a flag); kube-proxy's defaults without them.
     #[arg(skip)]
@@ -1020,7 +1025,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     );
     let health = Arc::new(Health::new(
-        DEFAULT_HEALTH_TIMEOUT,
+        args.health_timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT),
         &families,
         SystemTime::now(),
     ));

@@ -560,7 +560,6 @@ conntrack2: {a: 1}
             "featureGates.SomethingNew",
             "iptables.localhostNodePorts",
             "iptables.masqueradeBit",
-            "iptables.syncPeriod",
             "ipvs.excludeCIDRs",
             "logging.flushFrequency",
             "udpIdleTimeout",
@@ -582,7 +581,7 @@ conntrack2: {a: 1}
         &"fields not used by kube-bpf-proxy: clientConnection.burst, clientConnection.contentType, \
           clientConnection.qps, conntrack2, enableProfiling, \
           featureGates.NFTablesProxyMode, featureGates.SomethingNew, iptables.localhostNodePorts, \
-          iptables.masqueradeBit, iptables.syncPeriod, ipvs.excludeCIDRs, \
+          iptables.masqueradeBit, ipvs.excludeCIDRs, \
           logging.flushFrequency, udpIdleTimeout, unknownTopLevel, winkernel.networkName"
     ));
     // JSON content is what this proxy speaks anyway.
@@ -1106,4 +1105,19 @@ fn config_conntrack_settings_for_the_kernels_table() {
         settings("conntrack: {maxPerCore: 1000, min: 10}", 4).max,
         Some(4000)
     );
+}
+
+/// semantics 8.6: /healthz's timeout is twice the sync period of the mode's block; the other
+/// blocks' sync periods are not used.
+#[test]
+fn config_sync_period_of_the_mode_sets_the_health_timeout() {
+    let text = doc("mode: nftables\nnftables: {syncPeriod: 10s}\niptables: {syncPeriod: 1m}");
+    let (_, unused) = parse(&text).unwrap();
+    assert_eq!(unused, ["iptables.syncPeriod"]);
+    let out = run_with(&text, &[]);
+    assert_eq!(out.args().health_timeout, Some(Duration::from_secs(20)));
+    let out = run_with(&doc("iptables: {syncPeriod: 45s}"), &[]);
+    assert_eq!(out.args().health_timeout, Some(Duration::from_secs(90)));
+    let out = run_with(&doc("mode: ipvs"), &[]);
+    assert_eq!(out.args().health_timeout, None);
 }
