@@ -77,9 +77,9 @@ pub const CT_HOST: u32 = 1 << 5;
 
 /// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of
 /// its two `last_seen_ns` is older than this; LRU eviction covers a full table. An open TCP
-/// flow: kube-proxy's established timeout for the kernel's table (24 h), so an idle connection
-/// through a NodePort lives as long as under kube-proxy.
-pub const CT_TIMEOUT_TCP_SECS: u64 = 24 * 3600;
+/// flow (one never answered counts as open too, holding its masquerading port: hence less than
+/// kube-proxy's 24 h for the kernel's established connections).
+pub const CT_TIMEOUT_TCP_SECS: u64 = 6 * 3600;
 /// TCP after a RST, or FINs in both directions.
 pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 10;
 /// UDP and SCTP.

@@ -482,7 +482,11 @@ fn metrics_and_health_endpoints() {
         "{body}"
     );
     assert_eq!(
-        config["conntrack"]["tcpEstablishedTimeout"], "24h0m0s",
+        config["conntrack"]["tcpEstablishedTimeout"], "6h0m0s",
+        "{body}"
+    );
+    assert_eq!(
+        config["conntrack"]["tcpCloseWaitTimeout"], "1h0m0s",
         "{body}"
     );
     assert_eq!(http_get(env.agent.health_port, "/configz").0, 404);

@@ -331,12 +331,13 @@ fn close_reply<F: Tracked>(reply: &CtKey<F::Addr>, need: u32) -> u8 {
     }
     key.sport = r.dport;
     key.dport = r.sport;
-    // The protocol and its padding as one 32-bit store (see `ct_key`).
+    // The protocol and its padding as one 32-bit store (see `ct_key`), in memory order
+    // whatever the byte order.
     // SAFETY: `proto` and `_pad` are the four bytes at a 4-byte aligned offset.
     unsafe {
         (&raw mut key.proto)
             .cast::<u32>()
-            .write(u32::from(reply.proto))
+            .write(u32::from_ne_bytes([reply.proto, 0, 0, 0]))
     };
     let Some(f) = F::ct_get(key) else {
         return HELD;

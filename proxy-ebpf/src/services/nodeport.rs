@@ -161,28 +161,30 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
 /// pod-facing interface (a pod translated per packet): the internal ones, as the socket layer
 /// would look up, for ClusterIPs (the connections of pods whose socket layer translates never
 /// reach tc with one) and for the external addresses of a Service with externalTrafficPolicy
-/// Local, whose pods are short-circuited to the cluster set, unmasqueraded (semantics 4.7a);
-/// the external ones for an external address whose internal frontend masquerades
-/// (externalTrafficPolicy Cluster: masqueraded, 7.13, which only tc does). The address of a
-/// ClusterIP on a port it does not serve is rejected.
+/// Local (its external frontend does not masquerade), whose pods are short-circuited to the
+/// cluster set, unmasqueraded (semantics 4.7a); the external ones for the external addresses
+/// of a Service with externalTrafficPolicy Cluster (masqueraded, 7.13, which only tc does).
+/// The address of a ClusterIP on a port it does not serve is rejected.
 #[inline(never)]
 fn scope<F: Family>(ctx: &TcContext) -> u8 {
     let Ok(pkt) = F::parse(ctx) else {
         return SCOPE_EXTERNAL;
     };
-    let external = F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some();
+    let external = F::frontend(&pkt.t, SCOPE_EXTERNAL);
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if arrived_outside(here) {
-        if !external && F::cluster_ip(&pkt.t.daddr) {
+        if external.is_none() && F::cluster_ip(&pkt.t.daddr) {
             return cluster_ip_from_outside::<F>(&pkt.t);
         }
         return SCOPE_EXTERNAL;
     }
-    match F::frontend(&pkt.t, SCOPE_INTERNAL) {
-        Some(svc) if !external || !svc.has_flag(FLAG_SNAT) => return SCOPE_INTERNAL,
-        _ if external => return SCOPE_EXTERNAL,
-        _ => {}
+    let internal = F::frontend(&pkt.t, SCOPE_INTERNAL).is_some();
+    match external {
+        Some(ext) if internal && !ext.has_flag(FLAG_SNAT) => return SCOPE_INTERNAL,
+        Some(_) => return SCOPE_EXTERNAL,
+        None if internal => return SCOPE_INTERNAL,
+        None => {}
     }
     if F::cluster_ip(&pkt.t.daddr) {
         return SCOPE_REJECT;

@@ -182,6 +182,35 @@ pub struct Conntrack {
     pub udp_stream_timeout: Option<Duration>,
 }
 
+/// The kernel-table settings `run` applies when neither a `--config` file nor kube-proxy's
+/// flags gave them: kube-proxy's defaults, with `run`'s --conntrack-tcp-timeout-established
+/// and --conntrack-udp-timeout where given on the command line without a `--config` file, as
+/// kube-proxy's flags of those names set the kernel's (next to a file, kube-proxy ignores them).
+pub fn kernel_timeouts_from_flags(args: &mut RunArgs, matches: &ArgMatches, cpus: u32) {
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let mut conntrack = Conntrack::default();
+    if args.config.is_none() {
+        if given("conntrack_tcp_timeout_established") {
+            conntrack.tcp_established_timeout = Some(args.conntrack_tcp_timeout_established);
+        }
+        if given("conntrack_udp_timeout") {
+            conntrack.udp_timeout = Some(args.conntrack_udp_timeout);
+        }
+    }
+    match &mut args.netfilter {
+        None => args.netfilter = Some(netfilter_settings(&conntrack, cpus)),
+        Some(n) => {
+            let from_flags = netfilter_settings(&conntrack, cpus);
+            if conntrack.tcp_established_timeout.is_some() {
+                n.tcp_established_secs = from_flags.tcp_established_secs;
+            }
+            if conntrack.udp_timeout.is_some() {
+                n.udp_secs = from_flags.udp_secs;
+            }
+        }
+    }
+}
+
 /// kube-proxy's netfilter settings from its `conntrack` section on a node of `cpus` CPUs,
 /// with its defaults for what the section leaves out (v1alpha1: maxPerCore 32768, min
 /// 131072, tcpEstablishedTimeout 24h, tcpCloseWaitTimeout 1h); a zero maxPerCore or timeout
@@ -938,13 +967,14 @@ pub fn apply(
         )));
     }
 
-    let adj = config.oom_score_adj.unwrap_or(OOM_SCORE_ADJ);
-    set!(
-        "oomScoreAdj",
-        "oom_score_adj",
-        args.oom_score_adj,
-        Some(adj)
-    );
+    if let Some(adj) = config.oom_score_adj {
+        set!(
+            "oomScoreAdj",
+            "oom_score_adj",
+            args.oom_score_adj,
+            Some(adj)
+        );
+    }
 
     for (name, on) in &config.feature_gates {
         if let Some((_, what)) = ALWAYS_ON_GATES.iter().find(|(g, _)| g == name)

@@ -338,12 +338,12 @@ pub fn main() {
     // and format. What it did is logged once logging runs.
     let mut notes = Vec::new();
     let mut config_error = None;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     if let Command::Run(args) = &cli.command {
         match config::kube_proxy_settings(args) {
             Ok(Some(settings)) => {
                 let loaded = settings.loaded;
-                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
                 notes = settings.notes;
                 notes.extend(config::lay_under(
                     &mut cli,
@@ -361,6 +361,11 @@ pub fn main() {
             Ok(None) => {}
             Err(e) => config_error = Some(e),
         }
+    }
+    if let Some(run_matches) = matches.subcommand_matches("run")
+        && let Command::Run(args) = &mut cli.command
+    {
+        config::kernel_timeouts_from_flags(args, run_matches, cpus);
     }
     init_logging(&cli.log_level, cli.log_format);
     for note in notes {

@@ -57,7 +57,7 @@ pub struct RunArgs {
     #[arg(skip)]
     pub health_timeout: Option<Duration>,
     /// kube-proxy's settings of the kernel's own connection tracking, from the `--config` file
-    /// or kube-proxy's flags (set by `main`, not a flag); kube-proxy's defaults without them.
+    /// or kube-proxy's flags, else kube-proxy's defaults (set by `main`, not a flag).
     #[arg(skip)]
     pub netfilter: Option<crate::datapath::nfct::NetfilterSettings>,
     /// The `--config` file's content as it was read (set by `main`, not a flag): the agent
@@ -177,10 +177,9 @@ pub struct RunArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     pub oom_score_adj: Option<i32>,
     /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
-    /// duration: 24h, 90m, 1h30m), kube-proxy's default for the kernel's table, which its
-    /// flag of the same name sets (so does this one, through `--config` or kube-proxy's flags:
-    /// see the README).
-    #[arg(long, default_value = "24h", value_parser = super::config::parse_go_duration)]
+    /// duration: 6h, 90m, 1h30m). Given on the command line without --config, it also sets
+    /// the kernel's own table's, as kube-proxy's flag of the same name does (24h by default).
+    #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
     pub conntrack_tcp_timeout_established: Duration,
     /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not,
     /// and of an unconnected socket's datagrams to one Service address (kept on one backend
@@ -226,7 +225,6 @@ fn configz(args: &RunArgs, node: &str, healthz: &str, metrics: &str) -> String {
             },
             "configSyncPeriod": go(args.sync_period),
             "conntrack": {
-                "maxPerCore": args.max_conntrack,
                 "tcpEstablishedTimeout": go(args.conntrack_tcp_timeout_established),
                 "tcpCloseWaitTimeout": secs(netfilter.tcp_close_wait_secs),
                 "tcpBeLiberal": true,
@@ -779,14 +777,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     set_oom_score_adj(args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ));
     // semantics 9.6: the node's other traffic keeps the connection tracking kube-proxy gave it.
     if args.netfilter_conntrack == NetfilterConntrack::KubeProxy {
-        let netfilter = args.netfilter.clone().unwrap_or_else(|| {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            super::config::netfilter_settings(
-                &Default::default(),
-                u32::try_from(cpus).unwrap_or(u32::MAX),
-            )
-        });
-        crate::datapath::nfct::apply_on_node(&netfilter);
+        crate::datapath::nfct::apply_on_node(&args.netfilter.clone().unwrap_or_default());
     }
     let node = args.source.node_name();
     let configz = {

@@ -166,7 +166,8 @@ fn config_kubeadm_default_is_all_defaults_and_draws_no_warning() {
     assert_eq!(args.sync_period, Duration::from_secs(300));
     assert_eq!(args.max_conntrack, None);
     assert_eq!(args.pod_interfaces, ["auto"]);
-    assert_eq!(args.oom_score_adj, Some(OOM_SCORE_ADJ));
+    // Not in the file: `run` writes kube-proxy's -999 itself.
+    assert_eq!(args.oom_score_adj, None);
     assert!(!args.bind_address_hard_fail);
     assert_eq!(out.cli.log_level, "info");
     assert_eq!(
@@ -936,7 +937,7 @@ fn kube_proxy_flags_read_as_the_configuration_they_describe() {
     assert_eq!(args.pod_interfaces, ["auto", "cali*"]);
     assert_eq!(args.source.hostname_override.as_deref(), Some("node-7"));
     assert_eq!(out.cli.log_level, "debug");
-    assert_eq!(args.oom_score_adj, Some(OOM_SCORE_ADJ));
+    assert_eq!(args.oom_score_adj, None);
     let warnings = out.warnings();
     assert!(
         warnings.contains(
@@ -1120,4 +1121,41 @@ fn config_sync_period_of_the_mode_sets_the_health_timeout() {
     assert_eq!(out.args().health_timeout, Some(Duration::from_secs(90)));
     let out = run_with(&doc("mode: ipvs"), &[]);
     assert_eq!(out.args().health_timeout, None);
+}
+
+/// semantics 9.6: without a `--config` file, `run`'s --conntrack-tcp-timeout-established and
+/// --conntrack-udp-timeout given on the command line set the kernel's table too, as
+/// kube-proxy's flags of those names do; next to a file they do not (kube-proxy ignores them).
+#[test]
+fn kernel_timeouts_follow_the_flags_without_a_config_file() {
+    let kernel = |argv: &[&str]| {
+        let matches = Cli::command()
+            .try_get_matches_from(["kube-bpf-proxy", "run"].iter().chain(argv))
+            .unwrap();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap();
+        let Command::Run(args) = &mut cli.command else {
+            unreachable!("run was parsed")
+        };
+        if let Some(settings) = kube_proxy_settings(args).unwrap() {
+            args.netfilter = Some(netfilter_settings(&settings.config.conntrack, 4));
+        }
+        kernel_timeouts_from_flags(args, matches.subcommand_matches("run").unwrap(), 4);
+        args.netfilter.clone().unwrap()
+    };
+    let defaults = kernel(&[]);
+    assert_eq!(defaults.max, Some(131072));
+    assert_eq!(defaults.tcp_established_secs, Some(86400));
+    assert_eq!(defaults.udp_secs, None);
+    let given = kernel(&[
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-udp-timeout=30s",
+    ]);
+    assert_eq!(given.tcp_established_secs, Some(7200));
+    assert_eq!(given.udp_secs, Some(30));
+    // With kube-proxy's flags too (read as a configuration, not a file).
+    let mixed = kernel(&[
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-max-per-core=0",
+    ]);
+    assert_eq!((mixed.max, mixed.tcp_established_secs), (None, Some(7200)));
 }
