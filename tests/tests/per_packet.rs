@@ -62,6 +62,25 @@ fn replies_to(pins: &Path, client: std::net::Ipv4Addr, ports: std::ops::Range<u1
         .count()
 }
 
+/// Waits (up to `timeout`) until a TCP request from the client pod (`ns`, cgroup `cg`) to
+/// `dest` is answered: `what` names the wait.
+fn wait_answered(
+    what: &str,
+    ns: &tests::harness::netns::NetNs,
+    cg: &TestCgroup,
+    dest: SocketAddr,
+    timeout: Duration,
+) {
+    poll_until(what, timeout, || {
+        let r = request_in(ns, Some(cg), Proto::Tcp, dest, 1);
+        if r[0].ok {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+}
+
 /// A cgroup directory below the testbed's, named as kubelet (cgroupfs driver) names a pod's.
 fn pod_cgroups(tb: &Testbed) -> (TestCgroup, TestCgroup) {
     let rel = tb
@@ -195,17 +214,12 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
         .filter_map(|a| a.split('/').next().map(str::to_string))
         .collect();
     let client_ns = &tb.nodes[0].pods[0].ns;
-    poll_until(
+    wait_answered(
         "the pod's ClusterIP answered",
+        client_ns,
+        &pod_cg,
+        to(80),
         Duration::from_secs(20),
-        || {
-            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, to(80), 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
     );
     let before = per_packet_count(&agent.pin_dir);
     let backends: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
@@ -293,17 +307,12 @@ fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_ex
     let client = local[0].ip4.to_string();
     let client_ns = &local[0].ns;
     let dest: SocketAddr = "203.0.113.10:80".parse().unwrap();
-    poll_until(
+    wait_answered(
         "the pod's externalIP answered",
+        client_ns,
+        &pod_cg,
+        dest,
         Duration::from_secs(20),
-        || {
-            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
     );
     let before = per_packet_count(&agent.pin_dir);
     let replies = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 30);
@@ -370,14 +379,13 @@ fn per_packet_host_backend(shape: Shape) {
         ("[fd00:96::1]:80", client6.to_string()),
     ] {
         let dest: SocketAddr = dest.parse().unwrap();
-        poll_until(&format!("{dest} answered"), Duration::from_secs(15), || {
-            let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        });
+        wait_answered(
+            &format!("{dest} answered"),
+            client_ns,
+            &pod_cg,
+            dest,
+            Duration::from_secs(15),
+        );
         let before = per_packet_count(&agent.pin_dir);
         for r in request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 5) {
             assert!(r.ok, "{dest}: {r:?}");
@@ -427,17 +435,12 @@ fn per_packet(shape: Shape, by_default: bool) {
     let meshed = |proto: Proto, port: u16, count: usize| {
         request_in(client_ns, Some(&pod_cg), proto, to(port), count)
     };
-    poll_until(
+    wait_answered(
         "the meshed pod's ClusterIP answered",
+        client_ns,
+        &pod_cg,
+        to(80),
         Duration::from_secs(20),
-        || {
-            let r = meshed(Proto::Tcp, 80, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
     );
 
     // Per packet: the connect() is left alone (counted as per_packet), tc on the pod's veth

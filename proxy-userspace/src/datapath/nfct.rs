@@ -198,6 +198,16 @@ mod tests {
         std::fs::read_to_string(dir.0.join(path)).unwrap()
     }
 
+    /// kube-proxy's settings on a 2-CPU node (`config::netfilter_settings`).
+    const DEFAULTS_2_CPUS: NetfilterSettings = NetfilterSettings {
+        max: Some(131072),
+        tcp_established_secs: Some(86400),
+        tcp_close_wait_secs: Some(3600),
+        tcp_be_liberal: false,
+        udp_secs: None,
+        udp_stream_secs: None,
+    };
+
     const MAX: &str = "proc/sys/net/netfilter/nf_conntrack_max";
     const ESTABLISHED: &str = "proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established";
     const CLOSE_WAIT: &str = "proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait";
@@ -214,14 +224,7 @@ mod tests {
             ("proc/sys/net/netfilter/nf_conntrack_udp_timeout", "30\n"),
         ]);
         assert!(k.loaded());
-        let s = NetfilterSettings {
-            max: Some(131072),
-            tcp_established_secs: Some(86400),
-            tcp_close_wait_secs: Some(3600),
-            tcp_be_liberal: false,
-            udp_secs: None,
-            udp_stream_secs: None,
-        };
+        let s = DEFAULTS_2_CPUS;
         let out = k.apply(&s);
         assert!(
             out.iter().all(|o| matches!(o, Outcome::Set { .. })),
@@ -246,14 +249,7 @@ mod tests {
             (HASHSIZE, "262144\n"),
             (CLOSE_WAIT, "x"),
         ]);
-        let s = NetfilterSettings {
-            max: Some(131072),
-            tcp_established_secs: Some(86400),
-            tcp_close_wait_secs: Some(3600),
-            tcp_be_liberal: false,
-            udp_secs: None,
-            udp_stream_secs: None,
-        };
+        let s = DEFAULTS_2_CPUS;
         let out = k.apply(&s);
         assert_eq!(
             out[..2],
