@@ -282,12 +282,6 @@ fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_ex
     let node_name = tb.nodes[0].name.clone();
     let remote_node = tb.nodes[1].name.clone();
     let local = &tb.nodes[0].pods;
-    let on = |addr: std::net::Ipv4Addr, node: &'static str| Ep {
-        addr: addr.to_string(),
-        node,
-        conditions: "",
-    };
-    let remote_node: &'static str = remote_node.leak();
     let pos = agent.log_position();
     agent.write_manifest(
         "web-slice.yaml",
@@ -297,9 +291,12 @@ fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_ex
             "IPv4",
             &[HTTP, DNS],
             &[
-                on(local[1].ip4, NODE),
-                on(local[2].ip4, NODE),
-                on(tb.nodes[1].pods[0].ip4, remote_node),
+                ep(local[1].ip4),
+                ep(local[2].ip4),
+                Ep {
+                    node: &remote_node,
+                    ..ep(tb.nodes[1].pods[0].ip4)
+                },
             ],
         ),
     );
