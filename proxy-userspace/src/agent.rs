@@ -615,7 +615,7 @@ pub fn run(
                     *counts.lock().expect("map counts") = pipeline.state().counts();
                 }
                 if let Some(hc) = &observers.health_checks {
-                    hc.update(&report.health_checks);
+                    hc.update(&report.health_checks, &snapshot.node.addresses);
                 }
                 let reconcile = Instant::now();
                 let forgotten = io.forget_flows(&report.removed);

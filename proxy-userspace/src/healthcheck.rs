@@ -7,11 +7,14 @@
 //! bound, ports no longer wanted are closed, and the endpoint counts of running ones are updated
 //! in place, without rebinding.
 //!
-//! Addresses: kube-proxy (without --nodeport-addresses, which this agent does not have)
-//! listens on the wildcard address, which Go turns into one dual-stack socket. Likewise, each
-//! port here is one `[::]:port` socket with IPV6_V6ONLY explicitly off, so it answers IPv4
-//! (as v4-mapped) and IPv6 whatever `net.ipv6.bindv6only` says; on a kernel without IPv6 it is
-//! `0.0.0.0:port`.
+//! Addresses (semantics 8.1): without `--nodeport-addresses`, kube-proxy listens on the
+//! wildcard address, which Go turns into one dual-stack socket. Likewise, each port here is then
+//! one `[::]:port` socket with IPV6_V6ONLY explicitly off, so it answers IPv4 (as v4-mapped)
+//! and IPv6 whatever `net.ipv6.bindv6only` says; on a kernel without IPv6 it is
+//! `0.0.0.0:port`. A family that `--nodeport-addresses` narrows (its own CIDRs, or `primary`)
+//! is served on the node's NodePort addresses of that family only, one socket each, and
+//! follows them as they change; a family it leaves alone keeps its wildcard socket
+//! ([`listens`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +28,7 @@ use std::{
 use serde_json::json;
 
 use crate::{
-    compile::{Desired, Problem, ProblemReason},
+    compile::{Desired, NodePortSelection, Problem, ProblemReason},
     health::Health,
     http::{Handler, Request, Response, Server},
     metrics::{Metrics, Series},
@@ -92,6 +95,79 @@ pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>)
     (out, problems)
 }
 
+/// Which families `--nodeport-addresses` narrows (semantics 8.1, 7.2, 7.3): a family with CIDRs
+/// of its own, or both with `primary`. A narrowed family's health checks listen on the node's
+/// NodePort addresses of that family only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Narrowed {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl Narrowed {
+    /// PURE: the families `selection` narrows.
+    pub fn of(selection: &NodePortSelection) -> Narrowed {
+        let has =
+            |v4: bool| selection.primary || selection.cidrs.iter().any(|c| c.addr.is_ipv4() == v4);
+        Narrowed {
+            v4: has(true),
+            v6: has(false),
+        }
+    }
+
+    fn covers(&self, addr: &IpAddr) -> bool {
+        if addr.is_ipv4() { self.v4 } else { self.v6 }
+    }
+}
+
+/// One listening socket of a health check port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Listen {
+    /// `[::]` with IPV6_V6ONLY off: every address of both families (`0.0.0.0` without IPv6).
+    Everywhere,
+    /// `0.0.0.0`: every IPv4 address.
+    AnyV4,
+    /// `[::]` with IPV6_V6ONLY on: every IPv6 address (nothing on a kernel without IPv6).
+    AnyV6,
+    /// One node address.
+    At(IpAddr),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Everywhere => f.write_str("every address"),
+            Listen::AnyV4 => f.write_str("0.0.0.0"),
+            Listen::AnyV6 => f.write_str("[::]"),
+            Listen::At(IpAddr::V4(a)) => write!(f, "{a}"),
+            Listen::At(IpAddr::V6(a)) => write!(f, "[{a}]"),
+        }
+    }
+}
+
+/// PURE: the sockets every health check port listens on, given the families `narrowed` and
+/// the node's NodePort addresses (already chosen by `--nodeport-addresses`). Sorted, no
+/// duplicates; empty when every family is narrowed and the node has no address in it.
+pub fn listens(narrowed: Narrowed, addresses: &[IpAddr]) -> Vec<Listen> {
+    if narrowed == Narrowed::default() {
+        return vec![Listen::Everywhere];
+    }
+    let mut out: Vec<Listen> = addresses
+        .iter()
+        .filter(|a| narrowed.covers(a))
+        .map(|a| Listen::At(*a))
+        .collect();
+    if !narrowed.v4 {
+        out.push(Listen::AnyV4);
+    }
+    if !narrowed.v6 {
+        out.push(Listen::AnyV6);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// PURE: kube-proxy's answer to any request on a health check port (semantics 8.2, 8.3).
 fn response(service: &ServiceHealth, proxy_healthy: bool) -> Response {
     let status = if service.local_endpoints > 0 && proxy_healthy {
@@ -136,38 +212,81 @@ impl Handler for PortHandler {
 
 struct Running {
     handler: Arc<PortHandler>,
-    server: Server,
+    /// The sockets bound so far (a port some of whose sockets fail is served on the others).
+    servers: BTreeMap<Listen, Server>,
 }
 
 #[derive(Default)]
 struct State {
     running: BTreeMap<u16, Running>,
-    /// Wanted ports whose last bind failed (logged once until they bind or stop being wanted).
+    /// Wanted ports not served on every socket after the last update (logged once until they
+    /// are, or stop being wanted).
     failing: BTreeSet<u16>,
+    /// The sockets of the last update ([`listens`]).
+    listens: Vec<Listen>,
 }
 
 /// The health check servers of the node.
 pub struct HealthChecks {
     health: Arc<Health>,
     metrics: Option<Arc<Metrics>>,
+    narrowed: Narrowed,
     state: Mutex<State>,
 }
 
 impl HealthChecks {
-    /// `health` is the proxy's own health (semantics 8.6), part of every answer.
+    /// `health` is the proxy's own health (semantics 8.6), part of every answer. Every family
+    /// listens on every address until [`HealthChecks::narrowed`] says otherwise.
     pub fn new(health: Arc<Health>, metrics: Option<Arc<Metrics>>) -> HealthChecks {
         HealthChecks {
             health,
             metrics,
+            narrowed: Narrowed::default(),
             state: Mutex::default(),
         }
     }
 
-    /// Makes the running servers match `wanted` (from [`wanted`]): stops the unwanted ones,
-    /// updates the others in place and binds the missing ones. A port that cannot be bound is
-    /// logged (once while it keeps failing) and counted, and tried again at the next update.
-    pub fn update(&self, wanted: &BTreeMap<u16, ServiceHealth>) {
+    /// The families `--nodeport-addresses` narrows to the node's NodePort addresses.
+    pub fn narrowed(mut self, narrowed: Narrowed) -> HealthChecks {
+        self.narrowed = narrowed;
+        self
+    }
+
+    /// Makes the running servers match `wanted` (from [`wanted`]) on the sockets `addresses`
+    /// (the node's NodePort addresses) call for ([`listens`]): stops the unwanted ones and
+    /// those on sockets no longer called for, updates the others in place and binds the
+    /// missing ones. A socket that cannot be bound is logged (once while its port keeps
+    /// failing) and counted, and tried again at the next update.
+    pub fn update(&self, wanted: &BTreeMap<u16, ServiceHealth>, addresses: &[IpAddr]) {
+        let listens = listens(self.narrowed, addresses);
         let mut state = lock(&self.state);
+        if state.listens != listens {
+            if self.narrowed != Narrowed::default() {
+                let shown: Vec<String> = listens.iter().map(|l| l.to_string()).collect();
+                log::info!(
+                    "health checks listen on: {} (--nodeport-addresses)",
+                    if shown.is_empty() {
+                        "nothing, no node address matches".to_string()
+                    } else {
+                        shown.join(", ")
+                    }
+                );
+            }
+            for r in state.running.values_mut() {
+                let stale: Vec<Listen> = r
+                    .servers
+                    .keys()
+                    .filter(|l| !listens.contains(l))
+                    .copied()
+                    .collect();
+                for l in stale {
+                    if let Some(server) = r.servers.remove(&l) {
+                        server.stop();
+                    }
+                }
+            }
+            state.listens = listens.clone();
+        }
         let gone: Vec<u16> = state
             .running
             .keys()
@@ -177,7 +296,9 @@ impl HealthChecks {
         for port in gone {
             if let Some(r) = state.running.remove(&port) {
                 let service = lock(&r.handler.service).clone();
-                r.server.stop();
+                for server in r.servers.into_values() {
+                    server.stop();
+                }
                 log::info!(
                     "health check of Service {}/{} on port {port} stopped",
                     service.namespace,
@@ -187,60 +308,107 @@ impl HealthChecks {
         }
         state.failing.retain(|p| wanted.contains_key(p));
         for (&port, service) in wanted {
-            if let Some(r) = state.running.get(&port) {
-                *lock(&r.handler.service) = service.clone();
+            let State {
+                running, failing, ..
+            } = &mut *state;
+            let r = running.entry(port).or_insert_with(|| Running {
+                handler: Arc::new(PortHandler {
+                    service: Mutex::new(service.clone()),
+                    health: Arc::clone(&self.health),
+                }),
+                servers: BTreeMap::new(),
+            });
+            *lock(&r.handler.service) = service.clone();
+            let mut started = Vec::new();
+            let mut errors = Vec::new();
+            if listens.is_empty() {
+                errors.push("no node address matches --nodeport-addresses".to_string());
+            }
+            for &l in &listens {
+                if r.servers.contains_key(&l) {
+                    continue;
+                }
+                let handler: Arc<dyn Handler> = r.handler.clone();
+                match bind(port, l).and_then(|b| b.map(|s| Server::start(s, handler)).transpose()) {
+                    Ok(Some(server)) => {
+                        r.servers.insert(l, server);
+                        started.push(l.to_string());
+                    }
+                    // A family the kernel does not have: nothing of it to serve.
+                    Ok(None) => {}
+                    Err(e) => errors.push(format!("{l}: {e}")),
+                }
+            }
+            if !started.is_empty() {
+                log::info!(
+                    "serving the health check of Service {}/{} on port {port} ({})",
+                    service.namespace,
+                    service.name,
+                    started.join(", ")
+                );
+            }
+            if errors.is_empty() {
+                failing.remove(&port);
                 continue;
             }
-            let handler = Arc::new(PortHandler {
-                service: Mutex::new(service.clone()),
-                health: Arc::clone(&self.health),
-            });
-            match bind(port).and_then(|l| Server::start(l, handler.clone())) {
-                Ok(server) => {
-                    state.failing.remove(&port);
-                    log::info!(
-                        "serving the health check of Service {}/{} on port {port}",
-                        service.namespace,
-                        service.name
-                    );
-                    state.running.insert(port, Running { handler, server });
-                }
-                Err(e) => {
-                    if let Some(m) = &self.metrics {
-                        m.healthcheck_bind_failures.with(&[]).inc();
-                    }
-                    if state.failing.insert(port) {
-                        log::error!(
-                            "cannot serve the health check of Service {}/{} on port {port}: {e}; retrying at every sync",
-                            service.namespace,
-                            service.name
-                        );
-                    } else {
-                        log::debug!("health check port {port} still cannot be bound: {e}");
-                    }
-                }
+            if let Some(m) = &self.metrics {
+                m.healthcheck_bind_failures.with(&[]).inc();
+            }
+            if failing.insert(port) {
+                log::error!(
+                    "cannot serve the health check of Service {}/{} on port {port}: {}; retrying at every sync",
+                    service.namespace,
+                    service.name,
+                    errors.join("; ")
+                );
+            } else {
+                log::debug!(
+                    "health check port {port} still cannot be served: {}",
+                    errors.join("; ")
+                );
             }
         }
         if let Some(m) = &self.metrics {
-            m.set_healthcheck_ports(state.running.len() as u64, state.failing.len() as u64);
+            let serving = state
+                .running
+                .values()
+                .filter(|r| !r.servers.is_empty())
+                .count();
+            m.set_healthcheck_ports(serving as u64, state.failing.len() as u64);
         }
     }
 
-    /// The ports served now.
+    /// The ports served now (on at least one socket).
     pub fn serving(&self) -> Vec<u16> {
-        lock(&self.state).running.keys().copied().collect()
+        lock(&self.state)
+            .running
+            .iter()
+            .filter(|(_, r)| !r.servers.is_empty())
+            .map(|(p, _)| *p)
+            .collect()
     }
 }
 
-/// A listening TCP socket on every address of both families, `[::]:port` dual-stack, or
-/// `0.0.0.0:port` when the kernel has no IPv6.
-fn bind(port: u16) -> io::Result<TcpListener> {
+/// A listening TCP socket for `port` where `at` says; None for a family the kernel does not
+/// have (IPv6 turned off: `Everywhere` is then `0.0.0.0:port`).
+fn bind(port: u16, at: Listen) -> io::Result<Option<TcpListener>> {
+    let v4_only = |ip: Ipv4Addr| TcpListener::bind(SocketAddr::from((ip, port))).map(Some);
+    let (v6, v6only) = match at {
+        Listen::AnyV4 => return v4_only(Ipv4Addr::UNSPECIFIED),
+        Listen::At(IpAddr::V4(ip)) => return v4_only(ip),
+        Listen::At(IpAddr::V6(ip)) => (ip, true),
+        Listen::AnyV6 => (std::net::Ipv6Addr::UNSPECIFIED, true),
+        Listen::Everywhere => (std::net::Ipv6Addr::UNSPECIFIED, false),
+    };
     // SAFETY: socket(2) with constant arguments; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
-            return TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
+            return match at {
+                Listen::Everywhere => v4_only(Ipv4Addr::UNSPECIFIED),
+                _ => Ok(None),
+            };
         }
         return Err(e);
     }
@@ -263,13 +431,18 @@ fn bind(port: u16) -> io::Result<TcpListener> {
             Err(io::Error::last_os_error())
         }
     };
-    set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    set(
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        libc::c_int::from(v6only),
+    )?;
     // As std's TcpListener::bind: a restarted agent can rebind while old connections linger.
     set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     // SAFETY: all-zero is a valid sockaddr_in6 (the unspecified address).
     let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
     addr.sin6_port = port.to_be();
+    addr.sin6_addr.s6_addr = v6.octets();
     // SAFETY: bind(2) and listen(2) on our socket with a sockaddr_in6 and its size.
     let rc = unsafe {
         libc::bind(
@@ -285,7 +458,7 @@ fn bind(port: u16) -> io::Result<TcpListener> {
     if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(TcpListener::from(fd))
+    Ok(Some(TcpListener::from(fd)))
 }
 
 #[cfg(test)]

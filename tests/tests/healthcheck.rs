@@ -21,9 +21,15 @@ const REMOTE: &str = "node-b";
 
 /// A topology with 3 pods (pod 0 asks) and an agent running in the node's namespace.
 fn setup() -> (Topology, Agent) {
+    setup_with(&[])
+}
+
+/// `setup`, the agent started with `args`.
+fn setup_with(args: &[&str]) -> (Topology, Agent) {
     let topo = Topology::new(3);
     let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
     agent.netns = Some(topo.node.path());
+    agent.extra_args = args.iter().map(|a| a.to_string()).collect();
     agent.write_manifest("node.yaml", &node_yaml(NODE, None));
     agent.start();
     (topo, agent)
@@ -269,4 +275,53 @@ fn port_conflicts_and_bind_failures_are_reported_and_retried() {
     let r = wait_for_answer(&topo, &mut agent, node_addr(HC_PORT), 200, 1);
     check_answer(&r, "web", 1, true);
     agent.assert_running();
+}
+
+/// semantics 8.1: with --nodeport-addresses the health check listens on the node addresses
+/// it selects (here one IPv4 address of two on the node's bridge); IPv6, which the flag does
+/// not narrow, is served on every address as before.
+#[test]
+fn health_check_listens_on_the_nodeport_addresses_only() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new(3);
+    // A second IPv4 address on the node, outside the selection, before the agent starts.
+    topo.node
+        .ip(&["addr", "add", "10.244.0.250/24", "dev", "br0"]);
+    let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
+    agent.netns = Some(topo.node.path());
+    agent.extra_args = vec!["--nodeport-addresses".into(), "10.244.0.1/32".into()];
+    agent.write_manifest("node.yaml", &node_yaml(NODE, None));
+    agent.start();
+    agent.write_manifest(
+        "web.yaml",
+        &lb_service("web", "10.96.0.20", "Local", HC_PORT),
+    );
+    let local = Ep {
+        addr: topo.pods[1].ip4.to_string(),
+        node: NODE,
+        conditions: "",
+    };
+    endpoints(&agent, "web", &[local]);
+    let r = wait_for_answer(&topo, &mut agent, node_addr(HC_PORT), 200, 1);
+    check_answer(&r, "web", 1, true);
+    let v6 = SocketAddr::from((
+        "fd00:244::1".parse::<std::net::Ipv6Addr>().unwrap(),
+        HC_PORT,
+    ));
+    wait_for_answer(&topo, &mut agent, v6, 200, 1);
+    // The node's other IPv4 address is not selected: nothing listens there.
+    let ns = topo.pods[0].ns.path();
+    let other = SocketAddr::from(([10, 244, 0, 250], HC_PORT));
+    match try_http_get_in(Some(&ns), other, "/") {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        r => panic!("{other}: {r:?}"),
+    }
+    // The agent's log names the sockets.
+    agent.wait_for_log(
+        0,
+        "health checks listen on: [::], 10.244.0.1",
+        Duration::from_secs(5),
+    );
 }

@@ -825,6 +825,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         conntrack: args.max_conntrack.unwrap_or(flows),
     };
     let nodeport_selection = args.source.nodeport_selection()?;
+    // semantics 8.1: the health checks of a narrowed family listen on its NodePort addresses.
+    let hc_narrowed = crate::healthcheck::Narrowed::of(&nodeport_selection);
     let config = args.source.config()?;
     let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes, args.conntrack_udp_timeout)?;
     datapath.set_maglev_size(config.maglev_size)?;
@@ -1060,7 +1062,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .with(&[])
         .set(u64::from(terminating));
     let health_checks =
-        crate::healthcheck::HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics)));
+        crate::healthcheck::HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics)))
+            .narrowed(hc_narrowed);
     let observers = Observers {
         metrics: Some(metrics),
         health: Some(health),

@@ -250,7 +250,12 @@ fn answer_is_200_only_with_local_endpoints_and_a_healthy_proxy() {
 
 /// A port that was free on both families a moment ago.
 fn free_port() -> u16 {
-    bind(0).unwrap().local_addr().unwrap().port()
+    bind(0, Listen::Everywhere)
+        .unwrap()
+        .expect("a socket")
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn ipv6_loopback() -> bool {
@@ -306,7 +311,7 @@ fn servers() -> (HealthChecks, Arc<Health>, Arc<Metrics>) {
 fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     let (hc, proxy, metrics) = servers();
     let port = free_port();
-    hc.update(&BTreeMap::from([(port, health("web", 2))]));
+    hc.update(&BTreeMap::from([(port, health("web", 2))]), &[]);
     assert_eq!(hc.serving(), vec![port]);
 
     let r = get(port, "/").unwrap();
@@ -345,14 +350,14 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     }
 
     // Counts change in place.
-    hc.update(&BTreeMap::from([(port, health("web", 0))]));
+    hc.update(&BTreeMap::from([(port, health("web", 0))]), &[]);
     let r = get(port, "/").unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["x-load-balancing-endpoint-weight"], "0");
     assert!(r.body.contains("\"localEndpoints\":0"), "{}", r.body);
 
     // An unhealthy proxy fails the check whatever the endpoints (semantics 8.2, 8.6).
-    hc.update(&BTreeMap::from([(port, health("web", 1))]));
+    hc.update(&BTreeMap::from([(port, health("web", 1))]), &[]);
     assert_eq!(get(port, "/").unwrap().status, 200);
     proxy.queued(SystemTime::now() - DEFAULT_HEALTH_TIMEOUT - Duration::from_secs(1));
     let r = get(port, "/").unwrap();
@@ -372,12 +377,12 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     );
 
     // Not wanted any more: the port is closed by the time update returns.
-    hc.update(&BTreeMap::new());
+    hc.update(&BTreeMap::new(), &[]);
     assert_eq!(hc.serving(), Vec::<u16>::new());
     let e = get(port, "/").err().expect("connection refused");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     // And can be bound again at once.
-    hc.update(&BTreeMap::from([(port, health("web", 1))]));
+    hc.update(&BTreeMap::from([(port, health("web", 1))]), &[]);
     assert_eq!(get(port, "/").unwrap().status, 200);
 }
 
@@ -388,8 +393,8 @@ fn bind_failure_is_counted_and_retried() {
     let taken = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).unwrap();
     let other = free_port();
     let wanted = BTreeMap::from([(port, health("web", 1)), (other, health("api", 1))]);
-    hc.update(&wanted);
-    hc.update(&wanted);
+    hc.update(&wanted, &[]);
+    hc.update(&wanted, &[]);
     // The other port is unaffected.
     assert_eq!(hc.serving(), vec![other]);
     assert_eq!(get(other, "/").unwrap().status, 200);
@@ -401,7 +406,7 @@ fn bind_failure_is_counted_and_retried() {
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1\n"));
 
     drop(taken);
-    hc.update(&wanted);
+    hc.update(&wanted, &[]);
     assert_eq!(hc.serving(), vec![port.min(other), port.max(other)]);
     let r = get(port, "/").unwrap();
     assert_eq!(r.status, 200);
@@ -446,7 +451,7 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
     .unwrap();
     let healthz_addr = healthz.local_addr();
     let port = free_port();
-    hc.update(&BTreeMap::from([(port, health("web", 2))]));
+    hc.update(&BTreeMap::from([(port, health("web", 2))]), &[]);
     let hc_addr = SocketAddr::from(([127, 0, 0, 1], port));
 
     let idle: Vec<Held> = [healthz_addr, hc_addr]
@@ -458,7 +463,13 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
         SlowLoris::start(hc_addr, SLOW),
     ];
     // Every connection is accepted and held by the servers before the probes.
-    let open = |port| lock(&hc.state).running[&port].server.open_connections();
+    let open = |port| {
+        lock(&hc.state).running[&port]
+            .servers
+            .values()
+            .map(Server::open_connections)
+            .sum::<usize>()
+    };
     wait_until(Duration::from_secs(10), || {
         let (a, b) = (healthz.open_connections(), open(port));
         (
@@ -486,7 +497,7 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
 
     // Stopping a health check server closes its port at once, connections held or not.
     let stop = Instant::now();
-    hc.update(&BTreeMap::new());
+    hc.update(&BTreeMap::new(), &[]);
     let stopped = stop.elapsed();
     eprintln!("health check server stopped in {stopped:?}");
     let e = get(port, "/").err().expect("connection refused");
@@ -509,4 +520,137 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
         let n = healthz.open_connections();
         (n == 0, format!("/healthz holds {n}"))
     });
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// semantics 8.1, 7.2, 7.3: `--nodeport-addresses` narrows the families it names (its own
+/// CIDRs, or both with `primary`); a narrowed family listens on its NodePort addresses, the
+/// others on every address.
+#[test]
+fn health_checks_listen_where_nodeport_addresses_say() {
+    let sel = |values: &[&str]| {
+        let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        Narrowed::of(&NodePortSelection::parse(&values, None).unwrap())
+    };
+    let (none, both) = (Narrowed::default(), Narrowed { v4: true, v6: true });
+    assert_eq!(sel(&[]), none);
+    assert_eq!(
+        sel(&["192.0.2.0/24"]),
+        Narrowed {
+            v4: true,
+            v6: false
+        }
+    );
+    assert_eq!(
+        sel(&["2001:db8::/64"]),
+        Narrowed {
+            v4: false,
+            v6: true
+        }
+    );
+    assert_eq!(sel(&["primary"]), both);
+    assert_eq!(sel(&["192.0.2.0/24", "2001:db8::/64"]), both);
+
+    let addrs = [ip("192.0.2.7"), ip("2001:db8::7"), ip("192.0.2.1")];
+    assert_eq!(listens(none, &addrs), [Listen::Everywhere]);
+    assert_eq!(
+        listens(
+            Narrowed {
+                v4: true,
+                v6: false
+            },
+            &addrs
+        ),
+        [
+            Listen::AnyV6,
+            Listen::At(ip("192.0.2.1")),
+            Listen::At(ip("192.0.2.7"))
+        ]
+    );
+    assert_eq!(
+        listens(
+            Narrowed {
+                v4: false,
+                v6: true
+            },
+            &addrs
+        ),
+        [Listen::AnyV4, Listen::At(ip("2001:db8::7"))]
+    );
+    assert_eq!(
+        listens(both, &addrs),
+        [
+            Listen::At(ip("192.0.2.1")),
+            Listen::At(ip("192.0.2.7")),
+            Listen::At(ip("2001:db8::7"))
+        ]
+    );
+    // Nothing matches: nothing to listen on.
+    assert_eq!(listens(both, &[]), []);
+}
+
+/// The servers follow the node's addresses of a narrowed family: bound on each, closed on the
+/// ones that went, while the other family keeps its wildcard socket. A port with nothing to
+/// listen on is failing, not served.
+#[test]
+fn narrowed_health_checks_follow_the_node_addresses() {
+    let (hc, _, metrics) = servers();
+    let hc = hc.narrowed(Narrowed {
+        v4: true,
+        v6: false,
+    });
+    let port = free_port();
+    let at = |a: &str| SocketAddr::from((ip(a), port));
+    let wanted = BTreeMap::from([(port, health("web", 1))]);
+    let refused = |a: &str| {
+        let e = request(at(a), "GET / HTTP/1.1\r\n\r\n")
+            .err()
+            .unwrap_or_else(|| panic!("{a} answered"));
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{a}: {e}");
+    };
+
+    hc.update(&wanted, &[ip("127.0.0.2"), ip("2001:db8::7")]);
+    assert_eq!(hc.serving(), vec![port]);
+    assert_eq!(
+        request(at("127.0.0.2"), "GET / HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .status,
+        200
+    );
+    refused("127.0.0.1");
+    if ipv6_loopback() {
+        assert_eq!(
+            request(at("::1"), "GET / HTTP/1.1\r\n\r\n").unwrap().status,
+            200
+        );
+    }
+
+    // The address moved: the old socket is closed, the new one serves.
+    hc.update(&wanted, &[ip("127.0.0.3")]);
+    refused("127.0.0.2");
+    assert_eq!(
+        request(at("127.0.0.3"), "GET / HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Both families narrowed, no address left: failing, nothing served.
+    let both = HealthChecks::new(
+        Arc::new(Health::new(DEFAULT_HEALTH_TIMEOUT, &[], SystemTime::now())),
+        Some(Arc::clone(&metrics)),
+    )
+    .narrowed(Narrowed { v4: true, v6: true });
+    let other = free_port();
+    both.update(&BTreeMap::from([(other, health("api", 1))]), &[]);
+    assert_eq!(both.serving(), Vec::<u16>::new());
+    let text = metrics.render();
+    assert!(
+        text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1\n"),
+        "{text}"
+    );
+    drop(hc);
 }
