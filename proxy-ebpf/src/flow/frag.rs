@@ -405,13 +405,13 @@ fn later_xdp<F: XdpIp + Tracked>(ctx: &XdpContext) -> u32 {
     if e.flags & CT_DSR != 0 {
         return XDP_PASS;
     }
-    let mut h = Hop {
-        ifindex: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
-        src: t.saddr,
-    };
-    if !hop::<F>(ctx, &e.to, false, &mut h) || h.ifindex != ctx.ingress_ifindex() as u32 {
+    let mut h = core::mem::MaybeUninit::uninit();
+    if !hop::<F>(ctx, &e.to, false, &mut h) {
+        return XDP_PASS;
+    }
+    // SAFETY: `hop` filled every field when it returned true.
+    let h: &Hop<F::Addr> = unsafe { h.assume_init_ref() };
+    if h.ifindex != ctx.ingress_ifindex() as u32 {
         return XDP_PASS;
     }
     let pkt = Packet {

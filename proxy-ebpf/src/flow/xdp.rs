@@ -2,7 +2,7 @@
 //! flow recorded, translated and transmitted once the services layer chose its backend
 //! (`commit`).
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -72,15 +72,17 @@ pub struct Hop<A> {
     pub src: A,
 }
 
-/// Fills `out` with the FIB's answer; false when the packet is not forwardable here or its
-/// neighbour is not resolved yet (tc and the stack deal with it). Not inlined, like `insert`:
-/// it keeps the lookup's buffer out of the callers' frames.
+/// Fills every field of `out` with the FIB's answer; false, `out` untouched, when the packet
+/// is not forwardable here or its neighbour is not resolved yet (tc and the stack deal with
+/// it). `out` may be uninitialised: the callers do not zero it (which compiles to calls of the
+/// byte-wise `memset` on every packet). Not inlined, like `insert`: it keeps the lookup's
+/// buffer out of the callers' frames.
 #[inline(never)]
 pub fn hop<F: Tracked>(
     ctx: &XdpContext,
     t: &Tuple<F::Addr>,
     want_src: bool,
-    out: &mut Hop<F::Addr>,
+    out: &mut MaybeUninit<Hop<F::Addr>>,
 ) -> bool {
     let mut buf = core::mem::MaybeUninit::uninit();
     let p = fib::zero(&mut buf);
@@ -91,10 +93,12 @@ pub fn hop<F: Tracked>(
     if rc != 0 {
         return false;
     }
-    out.ifindex = p.ifindex;
-    out.smac = p.smac;
-    out.dmac = p.dmac;
-    out.src = F::fib_src(p);
+    out.write(Hop {
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        src: F::fib_src(p),
+    });
     true
 }
 
@@ -129,15 +133,15 @@ pub fn handle<F: XdpIp + Dsr>(ctx: &XdpContext) -> Option<u32> {
         let mut e = unsafe { F::ct_read(ptr) };
         if keeps_entry::<F>(ptr, &e, &pkt) {
             e.to.proto = pkt.t.proto;
-            let mut h = Hop {
-                ifindex: 0,
-                smac: [0; 6],
-                dmac: [0; 6],
-                src: pkt.t.saddr,
-            };
+            let mut h = MaybeUninit::uninit();
             // DSR names this node in the option: its address on the way is needed.
             let dsr = e.flags & CT_DSR != 0;
-            if !hop::<F>(ctx, &e.to, dsr, &mut h) || h.ifindex != here {
+            if !hop::<F>(ctx, &e.to, dsr, &mut h) {
+                return Some(XDP_PASS);
+            }
+            // SAFETY: `hop` filled every field when it returned true.
+            let h = unsafe { h.assume_init_ref() };
+            if h.ifindex != here {
                 return Some(XDP_PASS);
             }
             // Too big with the option: tc answers it (`dsr::send_remembered`).
@@ -152,7 +156,7 @@ pub fn handle<F: XdpIp + Dsr>(ctx: &XdpContext) -> Option<u32> {
             }
             stats::count(Reason::XdpForwarded);
             if dsr {
-                return Some(dsr_out::<F>(ctx, &pkt.t, &h));
+                return Some(dsr_out::<F>(ctx, &pkt.t, h));
             }
             return Some(transmit(ctx, h.smac, h.dmac));
         }

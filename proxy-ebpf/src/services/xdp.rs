@@ -151,15 +151,12 @@ fn route<F: XdpIp + Family>(
     let (to, snat) = newflow::towards::<F>(t, &s.svc, &s.choice);
     let c = &mut s.c;
     c.to = to;
-    c.hop = Hop {
-        ifindex: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
-        src: t.saddr,
-    };
     // Not routable here, or a backend on this node (or behind another interface): tc's
     // business.
-    if !hop::<F>(ctx, &c.to, snat, &mut c.hop) || c.hop.ifindex != here {
+    // SAFETY: `MaybeUninit<Hop>` has `Hop`'s layout, and `hop` writes a whole `Hop` or nothing
+    // (an initialised one either way).
+    let h = unsafe { &mut *(&raw mut c.hop).cast::<core::mem::MaybeUninit<Hop<F::Addr>>>() };
+    if !hop::<F>(ctx, &c.to, snat, h) || c.hop.ifindex != here {
         return XDP_PASS;
     }
     let dsr = snat && dsr::enabled();

@@ -2309,6 +2309,63 @@ impl Detached {
         let ctx_in = (ifindex != 0).then_some(&md[..]);
         run_packet(|opts| program.test_run(opts), frame, ctx_in)
     }
+
+    /// The kernel's mean run time of the XDP program on `frame` (as `xdp_ingress`) over
+    /// `runs` BPF_PROG_TEST_RUNs of one repetition each: a repetition within one run would
+    /// see the packet the previous one rewrote.
+    pub fn xdp_ingress_cost(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        runs: u32,
+    ) -> anyhow::Result<std::time::Duration> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
+            .try_into()?;
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut total = std::time::Duration::ZERO;
+        for _ in 0..runs.max(1) {
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: (ifindex != 0).then_some(&md[..]),
+                ..TestRunOptions::new()
+            };
+            total += program
+                .test_run(opts)
+                .context("BPF_PROG_TEST_RUN")?
+                .duration;
+        }
+        Ok(total / runs.max(1))
+    }
+
+    /// `xdp_ingress_cost` for the tc ingress program (`tc_ingress`).
+    pub fn tc_ingress_cost(
+        &mut self,
+        frame: &[u8],
+        runs: u32,
+    ) -> anyhow::Result<std::time::Duration> {
+        let program = self.classifier(TC_PROGRAM)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut total = std::time::Duration::ZERO;
+        for _ in 0..runs.max(1) {
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            };
+            total += program
+                .test_run(opts)
+                .context("BPF_PROG_TEST_RUN")?
+                .duration;
+        }
+        Ok(total / runs.max(1))
+    }
 }
 
 /// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP
