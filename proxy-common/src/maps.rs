@@ -46,6 +46,11 @@ pub const LB_FRAG4: &str = "LB_FRAG4";
 /// `ct::FragPorts` (LRU). Written by the programs.
 pub const LB_FRAG6: &str = "LB_FRAG6";
 
+/// The node's route generation: one `u32` at key 0, bumped by the agent at every change of the
+/// node's links, addresses, routes or neighbours. XDP remembers the next hop of a tracked flow
+/// per CPU for at most a second, and only within the generation it looked it up in.
+pub const LB_ROUTE_GEN: &str = "LB_ROUTE_GEN";
+
 /// Per-CPU drop counters indexed by `reason::Hook::drop_index` (hook × reason).
 pub const LB_DROPS: &str = "LB_DROPS";
 /// Flow events for `monitor`: a ring buffer of `event::Event`.
@@ -102,7 +107,7 @@ pub const LB_VERSIONS: &str = "LB_VERSIONS";
 pub const VERSIONS_MAX: usize = 64;
 
 /// Every map the agent pins, in the order `cleanup` and `status` list them.
-pub const ALL: [&str; 34] = [
+pub const ALL: [&str; 35] = [
     LB4_SERVICES,
     LB6_SERVICES,
     LB_SLOTS,
@@ -137,6 +142,7 @@ pub const ALL: [&str; 34] = [
     LB_DSR_PEERS6,
     LB_DSR_BUDGET6,
     LB_DGRAM_FLOWS,
+    LB_ROUTE_GEN,
 ];
 
 /// Default capacities (entries), chosen so that a node with 100 Services takes well under

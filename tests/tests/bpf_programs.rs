@@ -2458,6 +2458,48 @@ fn xdp_leaves_a_dsr_flow_too_big_for_the_option_to_tc_uncounted() {
     assert_eq!(rig.count(Reason::XdpForwarded), 1, "the SYN only");
 }
 
+/// XDP remembers a tracked flow's next hop per CPU instead of asking the FIB at every packet:
+/// a neighbour's new link-layer address is used from the next packet on once the route
+/// generation moves (the agent moves it at every route or neighbour change), and within a
+/// second without (a change the agent did not see).
+#[test]
+fn xdp_follows_a_next_hop_change_at_the_next_generation_or_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let ifindex = external_interface();
+    let frame = udp6((CLIENT6, 40001), (NODE6, 30091), b"query");
+    let dmac = |rig: &mut Rig| {
+        let out = rig.dp.xdp_ingress(&frame, ifindex).unwrap();
+        assert_eq!(out.verdict, XDP_TX, "sent back out");
+        out.packet[0..6].to_vec()
+    };
+    // The first packet and the first tracked one (which remembers its next hop).
+    assert_eq!(dmac(&mut rig), [2, 0, 0, 0, 0, 9]);
+    assert_eq!(dmac(&mut rig), [2, 0, 0, 0, 0, 9]);
+    here("ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:0b dev kbpu0 nud permanent");
+    let started = std::time::Instant::now();
+    // Remembered: the FIB is not asked again within the generation (and the second).
+    let before = dmac(&mut rig);
+    if started.elapsed() < std::time::Duration::from_millis(500) {
+        assert_eq!(before, [2, 0, 0, 0, 0, 9], "the remembered next hop");
+    }
+    rig.dp.bump_route_generation().unwrap();
+    assert_eq!(dmac(&mut rig), [2, 0, 0, 0, 0, 0x0b], "looked up again");
+    // No new generation: the remembered hop is given up within a second.
+    here("ip -6 neigh replace fd00:245::9 lladdr 02:00:00:00:00:0c dev kbpu0 nud permanent");
+    tests::poll_until(
+        "the next hop looked up again without a new generation",
+        std::time::Duration::from_secs(3),
+        || match dmac(&mut rig) {
+            m if m == [2, 0, 0, 0, 0, 0x0c] => Ok(()),
+            m => Err(format!("{m:02x?}")),
+        },
+    );
+    assert!(rig.count(Reason::XdpForwarded) >= 5);
+}
+
 /// A measurement, not a check (run it by name with `--ignored --nocapture`, as root): the
 /// kernel's run time of `xdp_ingress` and `tc_ingress` on a packet of a tracked NodePort flow,
 /// IPv6 (UDP, masqueraded) and IPv4 (TCP), the least mean of 9 rounds of 100,000 runs each.

@@ -122,6 +122,54 @@ fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
     // Only IPv6 traffic was sent: XDP forwarded it.
     assert!(datapath_events(&agent, "xdp_forwarded") > 0);
     tb.assert_no_checksum_errors();
+
+    // XDP remembers next hops within a route generation: a neighbour change on node-a moves
+    // it on at once (the agent follows the node's netlink events).
+    let before = route_generation(&agent);
+    tb.nodes[0].ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "fd00:77::99",
+        "lladdr",
+        "02:00:00:00:99:99",
+        "dev",
+        "eth0",
+    ]);
+    tests::poll_until(
+        "LB_ROUTE_GEN moved on by a neighbour change",
+        std::time::Duration::from_secs(5),
+        || match route_generation(&agent) {
+            now if now != before => Ok(()),
+            now => Err(format!("still {now}")),
+        },
+    );
+    for (proto, to) in &frontends {
+        for r in tb.request_ext(*proto, *to, 3) {
+            assert!(r.ok, "{to}: {r:?}");
+        }
+    }
+}
+
+/// The route generation in `agent`'s `LB_ROUTE_GEN`, read with bpftool.
+fn route_generation(agent: &tests::Agent) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(agent.pin_dir.join("LB_ROUTE_GEN"))
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {out:?}");
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let entry = &all[0];
+    let value = entry["formatted"]["value"].as_u64().or_else(|| {
+        let bytes = entry["value"].as_array()?;
+        let b: Vec<u8> = bytes
+            .iter()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect();
+        Some(u64::from(u32::from_ne_bytes(b.get(0..4)?.try_into().ok()?)))
+    });
+    value.unwrap_or_else(|| panic!("LB_ROUTE_GEN: {all}"))
 }
 
 /// Both nodes in DSR mode (issue #6; IPv6: issue #23); node-a balances NodePort and load

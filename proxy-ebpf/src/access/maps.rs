@@ -266,3 +266,39 @@ pub static LB_SOCKLB_OFF: HashMap<u64, u32, SOCKLB_OFF_MAX, NO_PREALLOC> = HashM
 /// Written by the agent; no program reads it.
 #[btf_map]
 pub static LB_SOCKLB_NS: HashMap<u32, NamespaceInfo, SOCKLB_NS_MAX, NO_PREALLOC> = HashMap::new();
+
+/// The node's route generation (`maps::LB_ROUTE_GEN`), bumped by the agent at every change of
+/// its links, addresses, routes or neighbours.
+#[btf_map]
+pub static LB_ROUTE_GEN: Array<u32, 1> = Array::new();
+
+/// One remembered next hop of a tracked flow at XDP (`flow::xdp::cached_hop`): the translated
+/// tuple and the interface its packets arrived on, the route generation and clock of the FIB
+/// lookup, and its answer. All zero: empty.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct HopSlot<A> {
+    pub saddr: A,
+    pub daddr: A,
+    /// Source and destination ports, as `(sport << 16) | dport`.
+    pub ports: u32,
+    /// The protocol in the low byte, the arrival interface above it.
+    pub proto_in: u32,
+    pub generation: u32,
+    pub ifindex: u32,
+    pub looked_up_ns: u64,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Slots of each CPU's next-hop cache (a power of two: a flow's slot is its hash's low bits).
+pub const HOP_SLOTS: u32 = 256;
+
+/// Each CPU's remembered next hops of IPv4 flows at XDP, direct-mapped by the flow's hash. Not
+/// pinned: a cache, empty after a reload.
+#[btf_map]
+pub static HOP_CACHE4: PerCpuArray<HopSlot<[u8; 4]>, { HOP_SLOTS as usize }> = PerCpuArray::new();
+
+/// `HOP_CACHE4` for IPv6 flows.
+#[btf_map]
+pub static HOP_CACHE6: PerCpuArray<HopSlot<[u8; 16]>, { HOP_SLOTS as usize }> = PerCpuArray::new();

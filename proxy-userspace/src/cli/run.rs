@@ -443,6 +443,36 @@ fn resolve_peer_neighbours(addresses: &std::collections::BTreeSet<IpAddr>) {
     }
 }
 
+/// Moves `LB_ROUTE_GEN` on at every link, address, route or neighbour change of the node's
+/// network namespace (and once at start): XDP remembers a tracked flow's next hop per CPU, for
+/// at most a second, only within the generation it looked it up in, so a change is followed
+/// at once while the agent runs. A lost event (the socket's buffer overran) counts as a change.
+fn follow_route_changes(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut generation = bpf::RouteGeneration::open_pinned(pin_dir)?;
+    let mut events = crate::datapath::netlink::Events::subscribe_with_neighbours()
+        .context("subscribe to the node's route and neighbour changes")?;
+    generation.bump()?;
+    thread::Builder::new()
+        .name("route-changes".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                if !events.wait(Duration::from_secs(3600)) {
+                    continue;
+                }
+                match generation.bump() {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        log::warn!("route changes: {e:#}; XDP follows them within a second");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// Keeps `LB_DSR_PEERS`/`LB_DSR_PEERS6` equal to the addresses of the cluster's Node objects as the
 /// source reports them in `book`; with no book (not in DSR mode) empties it once.
 fn follow_dsr_peers(pin_dir: PathBuf, book: Option<Arc<NodeAddresses>>) -> anyhow::Result<()> {
@@ -975,6 +1005,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     datapath.forward_logs();
     follow_dsr_peers(args.bpffs.clone(), peers)?;
+    follow_route_changes(&args.bpffs)?;
     log::info!("node {node:?}, source {}", source.name());
     let (source_tx, source_rx) = mpsc::channel();
     thread::Builder::new()

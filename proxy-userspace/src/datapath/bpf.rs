@@ -660,6 +660,33 @@ impl Maps {
     }
 }
 
+/// `LB_ROUTE_GEN`: the node's route generation, which the XDP program's remembered next hops
+/// must match.
+pub struct RouteGeneration {
+    map: Array<MapData, u32>,
+}
+
+impl RouteGeneration {
+    /// Opens the pinned map under `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<RouteGeneration> {
+        Ok(RouteGeneration {
+            map: MapSource::Pins(pin_dir).take(names::LB_ROUTE_GEN)?,
+        })
+    }
+
+    /// The generation now.
+    pub fn get(&self) -> anyhow::Result<u32> {
+        self.map.get(&0, 0).context("read LB_ROUTE_GEN")
+    }
+
+    /// Moves to the next generation (wrapping); returns it.
+    pub fn bump(&mut self) -> anyhow::Result<u32> {
+        let next = self.get()?.wrapping_add(1);
+        self.map.set(0, next, 0).context("write LB_ROUTE_GEN")?;
+        Ok(next)
+    }
+}
+
 /// `LB_DSR_PEERS` and `LB_DSR_PEERS6`: the node addresses this node accepts the DSR option
 /// from.
 pub struct DsrPeers {
@@ -2308,6 +2335,19 @@ impl Detached {
         md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let ctx_in = (ifindex != 0).then_some(&md[..]);
         run_packet(|opts| program.test_run(opts), frame, ctx_in)
+    }
+
+    /// Moves `LB_ROUTE_GEN` on, as the agent does at a route or neighbour change; returns the
+    /// new generation.
+    pub fn bump_route_generation(&mut self) -> anyhow::Result<u32> {
+        let map = self
+            .ebpf
+            .map_mut(names::LB_ROUTE_GEN)
+            .ok_or_else(|| anyhow!("map {} missing from the BPF object", names::LB_ROUTE_GEN))?;
+        let mut map: Array<&mut MapData, u32> = Array::try_from(map)?;
+        let next = map.get(&0, 0)?.wrapping_add(1);
+        map.set(0, next, 0)?;
+        Ok(next)
     }
 
     /// The kernel's mean run time of the XDP program on `frame` (as `xdp_ingress`) over

@@ -399,23 +399,38 @@ pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result
     Ok(())
 }
 
-/// A subscription to link, address and route changes of this network namespace.
+/// A subscription to link, address and route (and, if asked for, neighbour) changes of this
+/// network namespace.
 pub struct Events {
     socket: Socket,
     buf: Vec<u8>,
 }
 
+/// The groups of `Events::subscribe`.
+const LINKS_ADDRESSES_ROUTES: [u32; 5] = [
+    libc::RTNLGRP_LINK,
+    libc::RTNLGRP_IPV4_IFADDR,
+    libc::RTNLGRP_IPV6_IFADDR,
+    libc::RTNLGRP_IPV4_ROUTE,
+    libc::RTNLGRP_IPV6_ROUTE,
+];
+
 impl Events {
     pub fn subscribe() -> io::Result<Events> {
+        Events::of(&LINKS_ADDRESSES_ROUTES)
+    }
+
+    /// `subscribe`, and neighbour changes too (a next hop's link-layer address or state).
+    pub fn subscribe_with_neighbours() -> io::Result<Events> {
+        let mut groups = LINKS_ADDRESSES_ROUTES.to_vec();
+        groups.push(libc::RTNLGRP_NEIGH);
+        Events::of(&groups)
+    }
+
+    fn of(groups: &[u32]) -> io::Result<Events> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind_auto()?;
-        for group in [
-            libc::RTNLGRP_LINK,
-            libc::RTNLGRP_IPV4_IFADDR,
-            libc::RTNLGRP_IPV6_IFADDR,
-            libc::RTNLGRP_IPV4_ROUTE,
-            libc::RTNLGRP_IPV6_ROUTE,
-        ] {
+        for &group in groups {
             socket.add_membership(group)?;
         }
         Ok(Events {
