@@ -47,8 +47,9 @@ pub const LB_FRAG4: &str = "LB_FRAG4";
 pub const LB_FRAG6: &str = "LB_FRAG6";
 
 /// The node's route generation: one `u32` at key 0, bumped by the agent at every change of the
-/// node's links, addresses, routes or neighbours. XDP remembers the next hop of a tracked flow
-/// per CPU for at most a second, and only within the generation it looked it up in.
+/// node's links, addresses, routes, neighbours, routing rules or forwarding settings. XDP and
+/// tc remember the route of a tracked flow per CPU for at most a second, and only within the
+/// generation they looked it up in.
 pub const LB_ROUTE_GEN: &str = "LB_ROUTE_GEN";
 
 /// Per-CPU drop counters indexed by `reason::Hook::drop_index` (hook × reason).

@@ -19,13 +19,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
 
 use serde_json::json;
+use socket2::{Domain, Socket, Type};
 
 use crate::{
     compile::{Desired, NodePortSelection, Problem, ProblemReason},
@@ -107,8 +107,12 @@ pub struct Narrowed {
 impl Narrowed {
     /// PURE: the families `selection` narrows.
     pub fn of(selection: &NodePortSelection) -> Narrowed {
-        let has =
-            |v4: bool| selection.primary || selection.cidrs.iter().any(|c| c.addr.is_ipv4() == v4);
+        // A zero-length prefix matches every address of its family: no narrowing, as in
+        // kube-proxy.
+        let has = |v4: bool| {
+            let mut mine = selection.cidrs.iter().filter(|c| c.addr.is_ipv4() == v4);
+            selection.primary || mine.clone().next().is_some() && mine.all(|c| c.len > 0)
+        };
         Narrowed {
             v4: has(true),
             v6: has(false),
@@ -321,7 +325,8 @@ impl HealthChecks {
             *lock(&r.handler.service) = service.clone();
             let mut started = Vec::new();
             let mut errors = Vec::new();
-            if listens.is_empty() {
+            let nowhere = listens.is_empty();
+            if nowhere {
                 errors.push("no node address matches --nodeport-addresses".to_string());
             }
             for &l in &listens {
@@ -351,7 +356,8 @@ impl HealthChecks {
                 failing.remove(&port);
                 continue;
             }
-            if let Some(m) = &self.metrics {
+            // Nothing to bind is no bind failure: `healthcheck_ports{state="failing"}` counts it.
+            if let Some(m) = self.metrics.as_ref().filter(|_| !nowhere) {
                 m.healthcheck_bind_failures.with(&[]).inc();
             }
             if failing.insert(port) {
@@ -390,75 +396,38 @@ impl HealthChecks {
 }
 
 /// A listening TCP socket for `port` where `at` says; None for a family the kernel does not
-/// have (IPv6 turned off: `Everywhere` is then `0.0.0.0:port`).
+/// have (IPv6 turned off: `Everywhere` is then `0.0.0.0:port`). A node address is bound with
+/// the FREEBIND option: an IPv6 address still in duplicate address detection (tentative)
+/// cannot be bound otherwise, and the agent sees no change when it stops being tentative.
 fn bind(port: u16, at: Listen) -> io::Result<Option<TcpListener>> {
-    let v4_only = |ip: Ipv4Addr| TcpListener::bind(SocketAddr::from((ip, port))).map(Some);
-    let (v6, v6only) = match at {
-        Listen::AnyV4 => return v4_only(Ipv4Addr::UNSPECIFIED),
-        Listen::At(IpAddr::V4(ip)) => return v4_only(ip),
-        Listen::At(IpAddr::V6(ip)) => (ip, true),
-        Listen::AnyV6 => (std::net::Ipv6Addr::UNSPECIFIED, true),
-        Listen::Everywhere => (std::net::Ipv6Addr::UNSPECIFIED, false),
+    let (addr, v6only) = match at {
+        Listen::Everywhere => (SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), Some(false)),
+        Listen::AnyV4 => (SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), None),
+        Listen::AnyV6 => (SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), Some(true)),
+        Listen::At(ip) => (SocketAddr::new(ip, port), ip.is_ipv6().then_some(true)),
     };
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EAFNOSUPPORT) {
+    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, None) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && addr.is_ipv6() => {
             return match at {
-                Listen::Everywhere => v4_only(Ipv4Addr::UNSPECIFIED),
+                Listen::Everywhere => bind(port, Listen::AnyV4),
                 _ => Ok(None),
             };
         }
-        return Err(e);
-    }
-    // SAFETY: `fd` is a new descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let set = |level, name, value: libc::c_int| {
-        // SAFETY: setsockopt(2) with a pointer to a c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        socket => socket?,
     };
-    set(
-        libc::IPPROTO_IPV6,
-        libc::IPV6_V6ONLY,
-        libc::c_int::from(v6only),
-    )?;
+    if let Some(only) = v6only {
+        socket.set_only_v6(only)?;
+    }
     // As std's TcpListener::bind: a restarted agent can rebind while old connections linger.
-    set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    // SAFETY: all-zero is a valid sockaddr_in6 (the unspecified address).
-    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-    addr.sin6_port = port.to_be();
-    addr.sin6_addr.s6_addr = v6.octets();
-    // SAFETY: bind(2) and listen(2) on our socket with a sockaddr_in6 and its size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_in6).cast(),
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    socket.set_reuse_address(true)?;
+    match at {
+        Listen::At(IpAddr::V4(_)) => socket.set_freebind_v4(true)?,
+        Listen::At(IpAddr::V6(_)) => socket.set_freebind_v6(true)?,
+        _ => {}
     }
-    // SAFETY: as above.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(Some(TcpListener::from(fd)))
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(Some(socket.into()))
 }
 
 #[cfg(test)]

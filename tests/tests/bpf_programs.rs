@@ -2458,6 +2458,29 @@ fn xdp_leaves_a_dsr_flow_too_big_for_the_option_to_tc_uncounted() {
     assert_eq!(rig.count(Reason::XdpForwarded), 1, "the SYN only");
 }
 
+/// Pins the calling thread to the CPU it runs on: the programs remember next hops per CPU, so
+/// a test of what is remembered runs its packets on one.
+fn stay_on_this_cpu() {
+    // SAFETY: plain calls with a zeroed, then filled CPU set of the right size.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// XDP remembers a tracked flow's next hop per CPU instead of asking the FIB at every packet:
 /// a neighbour's new link-layer address is used from the next packet on once the route
 /// generation moves (the agent moves it at every route or neighbour change), and within a
@@ -2469,6 +2492,7 @@ fn xdp_follows_a_next_hop_change_at_the_next_generation_or_within_a_second() {
     }
     let mut rig = Rig::new();
     let ifindex = external_interface();
+    stay_on_this_cpu();
     let frame = udp6((CLIENT6, 40001), (NODE6, 30091), b"query");
     let dmac = |rig: &mut Rig| {
         let out = rig.dp.xdp_ingress(&frame, ifindex).unwrap();
@@ -2498,6 +2522,58 @@ fn xdp_follows_a_next_hop_change_at_the_next_generation_or_within_a_second() {
         },
     );
     assert!(rig.count(Reason::XdpForwarded) >= 5);
+}
+
+/// tc remembers a tracked flow's route as XDP does: a route that goes away still carries the
+/// flow's packets until the route generation moves (the agent moves it at every route change),
+/// then they go to the stack (`fib_pass`); a packet bigger than the remembered interface's MTU
+/// asks the FIB, which answers it (too big), whatever is remembered.
+#[test]
+fn tc_follows_a_route_change_at_the_next_generation_and_checks_the_mtu() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    stay_on_this_cpu();
+    let first = rig.tc(&tcp4((CLIENT, 40002), (NODE, 30081), TCP_SYN));
+    assert_eq!(first.verdict, TC_ACT_REDIRECT);
+    let packet = tcp4((CLIENT, 40002), (NODE, 30081), TCP_ACK);
+    // The first tracked packet remembers its route.
+    assert_eq!(rig.tc(&packet).verdict, TC_ACT_REDIRECT);
+    here("ip route del 10.245.0.0/16 dev lo");
+    let started = std::time::Instant::now();
+    let remembered = rig.tc(&packet);
+    if started.elapsed() < std::time::Duration::from_millis(500) {
+        assert_eq!(remembered.verdict, TC_ACT_REDIRECT, "the remembered route");
+    }
+    let passed = rig.count(Reason::FibPass);
+    rig.dp.bump_route_generation().unwrap();
+    let out = rig.tc(&packet);
+    assert_eq!(out.verdict, TC_ACT_OK, "no route: to the stack");
+    assert_eq!(rig.count(Reason::FibPass), passed + 1);
+    here("ip route add 10.245.0.0/16 dev lo src 192.0.2.10");
+    rig.dp.bump_route_generation().unwrap();
+    assert_eq!(rig.tc(&packet).verdict, TC_ACT_REDIRECT);
+    assert_eq!(rig.tc(&packet).verdict, TC_ACT_REDIRECT, "remembered again");
+    // A packet too big for the remembered route's interface: the FIB's answer decides. (An
+    // MTU change is a link change: the agent moves the generation on.)
+    here("ip link set lo mtu 1280");
+    rig.dp.bump_route_generation().unwrap();
+    assert_eq!(
+        rig.tc(&packet).verdict,
+        TC_ACT_REDIRECT,
+        "remembered with its MTU"
+    );
+    let mut big = tcp4((CLIENT, 40002), (NODE, 30081), TCP_ACK);
+    big.extend_from_slice(&[0u8; 1400]);
+    let len = (big.len() - 14) as u16;
+    big[16..18].copy_from_slice(&len.to_be_bytes());
+    let out = rig.tc(&big);
+    assert_ne!(
+        out.verdict, TC_ACT_REDIRECT,
+        "not sent out of a too small interface"
+    );
+    here("ip link set lo mtu 65536");
 }
 
 /// A measurement, not a check (run it by name with `--ignored --nocapture`, as root): the

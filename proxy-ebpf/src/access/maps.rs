@@ -2,6 +2,7 @@
 //! LB_* maps, the programs write affinity and reverse-translation entries and counters.
 
 use aya_ebpf::{
+    bindings::bpf_redir_neigh,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     macros::btf_map,
 };
@@ -272,23 +273,42 @@ pub static LB_SOCKLB_NS: HashMap<u32, NamespaceInfo, SOCKLB_NS_MAX, NO_PREALLOC>
 #[btf_map]
 pub static LB_ROUTE_GEN: Array<u32, 1> = Array::new();
 
-/// One remembered next hop of a tracked flow at XDP (`flow::xdp::cached_hop`): the translated
-/// tuple and the interface its packets arrived on, the route generation and clock of the FIB
-/// lookup, and its answer. All zero: empty.
+/// What identifies a remembered next hop (`flow::hops`): the translated tuple and the interface
+/// its packets arrived on, with the route generation and clock of the FIB lookup. All zero:
+/// empty.
 #[repr(C)]
 #[derive(Copy, Clone)]
-pub struct HopSlot<A> {
+pub struct SlotHead<A> {
     pub saddr: A,
     pub daddr: A,
     /// Source and destination ports, as `(sport << 16) | dport`.
     pub ports: u32,
-    /// The protocol in the low byte, the arrival interface above it.
-    pub proto_in: u32,
+    pub proto: u32,
+    /// The interface the flow's packets arrive on.
+    pub here: u32,
     pub generation: u32,
-    pub ifindex: u32,
     pub looked_up_ns: u64,
+}
+
+/// A next hop remembered at XDP: the FIB's egress interface and MAC addresses.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct HopSlot<A> {
+    pub head: SlotHead<A>,
+    pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+}
+
+/// A next hop remembered at tc: the FIB's egress interface, its MTU, and the next hop's
+/// address for `bpf_redirect_neigh`.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct TcHopSlot<A> {
+    pub head: SlotHead<A>,
+    pub ifindex: u32,
+    pub mtu: u32,
+    pub nh: bpf_redir_neigh,
 }
 
 /// Slots of each CPU's next-hop cache (a power of two: a flow's slot is its hash's low bits).
@@ -302,3 +322,13 @@ pub static HOP_CACHE4: PerCpuArray<HopSlot<[u8; 4]>, { HOP_SLOTS as usize }> = P
 /// `HOP_CACHE4` for IPv6 flows.
 #[btf_map]
 pub static HOP_CACHE6: PerCpuArray<HopSlot<[u8; 16]>, { HOP_SLOTS as usize }> = PerCpuArray::new();
+
+/// Each CPU's remembered next hops of IPv4 flows at tc (`HOP_CACHE4` for tc).
+#[btf_map]
+pub static TC_HOP_CACHE4: PerCpuArray<TcHopSlot<[u8; 4]>, { HOP_SLOTS as usize }> =
+    PerCpuArray::new();
+
+/// `TC_HOP_CACHE4` for IPv6 flows.
+#[btf_map]
+pub static TC_HOP_CACHE6: PerCpuArray<TcHopSlot<[u8; 16]>, { HOP_SLOTS as usize }> =
+    PerCpuArray::new();

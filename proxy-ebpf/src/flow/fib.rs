@@ -18,6 +18,7 @@ use proxy_common::reason::Reason;
 
 use crate::{
     access::{skb, stats},
+    flow::hops::{self, Hops},
     headers::{AF_INET, ETH_HLEN, Tuple, csum, family::Ip},
 };
 
@@ -29,6 +30,8 @@ pub struct Route<A> {
     /// The next hop, for `send`: handed to `bpf_redirect_neigh`, the kernel resolves only its
     /// neighbour instead of looking the route up a second time.
     pub nh: bpf_redir_neigh,
+    /// The egress interface's MTU.
+    pub mtu: u32,
 }
 
 /// Counts down the TTL (IPv4, with the header checksum) or the hop limit (IPv6) of a packet
@@ -145,8 +148,7 @@ pub fn route<F: Ip>(
 ) -> Result<Route<F::Addr>, Unrouted> {
     let mut buf = MaybeUninit::uninit();
     let p = zero(&mut buf);
-    // SAFETY: reading the context's own skb.
-    params::<F>(p, t, unsafe { (*ctx.skb.skb).ifindex });
+    params::<F>(p, t, arrival(ctx));
     let mut flags = BPF_FIB_LOOKUP_SKIP_NEIGH;
     if want_src {
         flags |= BPF_FIB_LOOKUP_SRC;
@@ -160,9 +162,10 @@ pub fn route<F: Ip>(
             flags,
         )
     };
+    // SAFETY: the helper sets the union's MTU member (the egress interface's) on success and
+    // for a packet too big for it; read only then.
+    let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
-        // SAFETY: the helper set the union's MTU member for this answer.
-        let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
         // The kernel compares the frame, Ethernet header included, with the MTU plus the
         // egress device's own link header, which a tunnel or WireGuard device does not have:
         // the IP packet's length decides (the route is complete either way).
@@ -180,7 +183,59 @@ pub fn route<F: Ip>(
         ifindex: p.ifindex,
         src: F::fib_src(p),
         nh: next_hop(p),
+        // The member is 16 bits wide: an MTU of 65536 (loopback's) reads as 0.
+        mtu: if mtu == 0 { 1 << 16 } else { mtu },
     })
+}
+
+/// The route this CPU remembers (`flow::hops`) at `at` for a tracked flow's packet translated
+/// to `t`: its egress interface and next hop into `ifindex` and
+/// `nh` if there is one and the packet fits the interface's MTU (or is a GSO packet, which the
+/// kernel segments to fit); false otherwise, and the caller asks the FIB (`route`), which
+/// also answers a packet too big, and has `remember_route` keep a route. Out of line, and
+/// `route` is not called from here: the two frames never add up.
+#[inline(never)]
+pub fn recall_route<F: Hops>(
+    ctx: &TcContext,
+    t: &Tuple<F::Addr>,
+    at: &hops::Place,
+    ifindex: &mut u32,
+    nh: &mut bpf_redir_neigh,
+) -> bool {
+    let Some(s) = hops::tc_slot::<F>(at) else {
+        return false;
+    };
+    if !hops::holds(&s.head, t, at) {
+        return false;
+    }
+    // SAFETY: reading the context's own skb.
+    let gso = unsafe { (*ctx.skb.skb).gso_size };
+    if gso == 0 && !ip_len::<F>(ctx).is_some_and(|len| len <= s.mtu) {
+        return false;
+    }
+    *ifindex = s.ifindex;
+    *nh = s.nh;
+    true
+}
+
+/// Keeps `r`, the FIB's route for a tracked flow's packet translated to `t`, at `at` (placed
+/// before the lookup) for `recall_route`.
+#[inline(never)]
+pub fn remember_route<F: Hops>(t: &Tuple<F::Addr>, at: &hops::Place, r: &Route<F::Addr>) {
+    let Some(s) = hops::tc_slot::<F>(at) else {
+        return;
+    };
+    hops::claim(&mut s.head, t, at);
+    s.ifindex = r.ifindex;
+    s.mtu = r.mtu;
+    s.nh = r.nh;
+}
+
+/// The arrival interface of the packet in `ctx`, as the FIB lookup takes it.
+#[inline(always)]
+pub fn arrival(ctx: &TcContext) -> u32 {
+    // SAFETY: reading the context's own skb.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// The next hop a successful FIB lookup left in `p`: the gateway, or on a connected route the

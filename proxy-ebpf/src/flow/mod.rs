@@ -8,6 +8,7 @@ pub mod ct;
 pub mod dsr;
 pub mod fib;
 pub mod frag;
+pub mod hops;
 pub mod icmp;
 pub mod monitor;
 pub mod nat;

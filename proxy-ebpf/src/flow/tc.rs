@@ -16,7 +16,10 @@ use crate::{
     flow::{
         ct::{Tracked, ct_flags_of, forget_closed_reply, keeps_entry},
         dsr::{self, Dsr},
-        fib::{NO_NH, Unrouted, route, send, too_big_action},
+        fib::{
+            NO_NH, Unrouted, arrival, recall_route, remember_route, route, send, too_big_action,
+        },
+        hops::{self, Hops},
         monitor,
         nat::{rewrite, rewrite_first},
     },
@@ -51,7 +54,7 @@ pub fn rewrite_failed<F: Tracked>(ctx: &TcContext) -> i32 {
 }
 
 #[inline(never)]
-pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
+pub fn handle<F: Dsr + Hops>(ctx: &TcContext) -> i32 {
     let pkt = match F::parse(ctx) {
         Ok(p) => p,
         Err(reason) => {
@@ -79,11 +82,13 @@ pub fn handle<F: Dsr>(ctx: &TcContext) -> i32 {
             // (`pmtu::too_big`, after this frame has returned). DSR finds its own (`dsr`).
             let mut ifindex = 0;
             let mut nh = NO_NH;
-            if !dsr {
+            let at = hops::place::<F>(&e.to, arrival(ctx), now);
+            if !dsr && !recall_route::<F>(ctx, &e.to, &at, &mut ifindex, &mut nh) {
                 match route::<F>(ctx, &e.to, false) {
                     Ok(r) => {
                         ifindex = r.ifindex;
                         nh = r.nh;
+                        remember_route::<F>(&e.to, &at, &r);
                     }
                     Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => {
                         return too_big_action(mtu);

@@ -21,21 +21,17 @@ use proxy_common::{
 
 use crate::{
     access::{
-        maps::{HOP_CACHE4, HOP_CACHE6, HOP_SLOTS, HopSlot, LB_ROUTE_GEN},
         stats,
         xdp::{read, write},
     },
     flow::{
         ct::{Entry, Tracked, ct_flags_of, keeps_entry},
         dsr::{self, Dsr},
-        fib, monitor, nat,
+        fib,
+        hops::{self, Hops},
+        monitor, nat,
     },
-    headers::{
-        Packet, Tuple,
-        csum::csum_update,
-        family::{V4, V6},
-        xdp::XdpIp,
-    },
+    headers::{Packet, Tuple, csum::csum_update, xdp::XdpIp},
 };
 
 /// Rewrites the packet's tuple to `to` with every checksum.
@@ -108,94 +104,28 @@ pub fn hop<F: Tracked>(
     true
 }
 
-/// How long a remembered next hop is used without a FIB lookup, at most (within one route
-/// generation): a change the agent missed (while it restarts) shows within this time.
-const HOP_TTL_NS: u64 = 1_000_000_000;
+/// `recall`'s answer when it filled the next hop in.
+const RECALLED: u64 = u64::MAX;
 
-/// Each CPU's next-hop cache of a family (`maps::HOP_CACHE4`/`HOP_CACHE6`).
-pub trait Hops: Tracked {
-    fn slot(index: u32) -> Option<*mut HopSlot<Self::Addr>>;
-    /// The address's last four bytes, for the slot's index.
-    fn tail(a: &Self::Addr) -> u32;
-}
-
-impl Hops for V4 {
-    #[inline(always)]
-    fn slot(index: u32) -> Option<*mut HopSlot<[u8; 4]>> {
-        HOP_CACHE4.get_ptr_mut(index)
-    }
-
-    #[inline(always)]
-    fn tail(a: &[u8; 4]) -> u32 {
-        u32::from_ne_bytes(*a)
-    }
-}
-
-impl Hops for V6 {
-    #[inline(always)]
-    fn slot(index: u32) -> Option<*mut HopSlot<[u8; 16]>> {
-        HOP_CACHE6.get_ptr_mut(index)
-    }
-
-    #[inline(always)]
-    fn tail(a: &[u8; 16]) -> u32 {
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
-    }
-}
-
-/// A slot's key: the translated tuple's ports, and its protocol with the arrival interface.
-#[inline(always)]
-fn slot_key<A>(t: &Tuple<A>, here: u32) -> (u32, u32) {
-    (
-        (u32::from(t.sport) << 16) | u32::from(t.dport),
-        u32::from(t.proto) | (here << 8),
-    )
-}
-
-/// This CPU's slot for the flow translated to `t` arriving on `here`.
-#[inline(always)]
-fn slot_of<'a, F: Hops>(t: &Tuple<F::Addr>, here: u32) -> Option<&'a mut HopSlot<F::Addr>> {
-    let (ports, proto_in) = slot_key(t, here);
-    let index =
-        (F::tail(&t.daddr) ^ F::tail(&t.saddr) ^ ports ^ proto_in).wrapping_mul(0x9e37_79b1) >> 24;
-    let slot = F::slot(index & (HOP_SLOTS - 1))?;
-    // SAFETY: this CPU's value of a per-CPU array: XDP programs are not preempted on their
-    // CPU and no other program uses the map, so nothing else reads or writes it meanwhile.
-    Some(unsafe { &mut *slot })
-}
-
-/// The route generation the agent last recorded.
-#[inline(always)]
-fn route_generation() -> u32 {
-    LB_ROUTE_GEN.get(0).copied().unwrap_or(0)
-}
-
-/// The next hop this CPU remembers for a tracked flow's packet, translated to `t`, arriving on
-/// `here` at `now` (the coarse clock): filled into `out` if it was looked up less than
-/// `HOP_TTL_NS` ago in the current route generation; false otherwise (the caller looks it up
-/// with `hop` and has `remember` keep it). The FIB lookup is half of an IPv6 packet's cost at
-/// XDP (`bpf_ipv6_fib_lookup` walks the local and main tables' tries and the neighbour table);
-/// the slot is found by index, without a helper call. Out of line, and `hop` is not called
-/// from here: the two frames never add up.
+/// The next hop this CPU remembers (`flow::hops`) for a tracked flow's packet, translated to
+/// `t`, that arrived on `here` at `now` (the coarse clock): filled into `out` if there is one
+/// (`RECALLED`); otherwise the route generation as of now, for `remember` to keep the FIB's
+/// answer under (a change during the lookup moves the generation past it). Out of line, and
+/// `hop` is not called from here: the two frames never add up (the place is not kept in the
+/// caller's frame either, which is at the stack's limit).
 #[inline(never)]
 fn recall<F: Hops>(
     t: &Tuple<F::Addr>,
     here: u32,
     now: u64,
     out: &mut MaybeUninit<Hop<F::Addr>>,
-) -> bool {
-    let Some(s) = slot_of::<F>(t, here) else {
-        return false;
+) -> u64 {
+    let at = hops::place::<F>(t, here, now);
+    let Some(s) = hops::xdp_slot::<F>(&at) else {
+        return u64::from(at.generation());
     };
-    let (ports, proto_in) = slot_key(t, here);
-    if s.generation != route_generation()
-        || now.wrapping_sub(s.looked_up_ns) >= HOP_TTL_NS
-        || s.proto_in != proto_in
-        || s.ports != ports
-        || s.daddr != t.daddr
-        || s.saddr != t.saddr
-    {
-        return false;
+    if !hops::holds(&s.head, t, &at) {
+        return u64::from(at.generation());
     }
     out.write(Hop {
         ifindex: s.ifindex,
@@ -203,24 +133,19 @@ fn recall<F: Hops>(
         dmac: s.dmac,
         src: t.saddr,
     });
-    true
+    RECALLED
 }
 
-/// Keeps `h`, the FIB's answer for a tracked flow's packet translated to `t` arriving on
-/// `here` at `now`, for `recall`.
+/// Keeps `h`, the FIB's answer for a tracked flow's packet translated to `t` that arrived on
+/// `here` at `now`, in route generation `generation` (`recall`'s), for `recall`.
 #[inline(never)]
-fn remember<F: Hops>(t: &Tuple<F::Addr>, here: u32, now: u64, h: &Hop<F::Addr>) {
-    let Some(s) = slot_of::<F>(t, here) else {
+fn remember<F: Hops>(t: &Tuple<F::Addr>, here: u32, now: u64, generation: u64, h: &Hop<F::Addr>) {
+    let at = hops::place_in::<F>(t, here, now, generation as u32);
+    let Some(s) = hops::xdp_slot::<F>(&at) else {
         return;
     };
-    let (ports, proto_in) = slot_key(t, here);
-    s.saddr = t.saddr;
-    s.daddr = t.daddr;
-    s.ports = ports;
-    s.proto_in = proto_in;
-    s.generation = route_generation();
+    hops::claim(&mut s.head, t, &at);
     s.ifindex = h.ifindex;
-    s.looked_up_ns = now;
     s.smac = h.smac;
     s.dmac = h.dmac;
 }
@@ -260,14 +185,18 @@ pub fn handle<F: XdpIp + Dsr + Hops>(ctx: &XdpContext) -> Option<u32> {
             // DSR names this node in the option: its address on the way is needed (looked up
             // each time; the others' next hop is remembered).
             let dsr = e.flags & CT_DSR != 0;
-            let recalled = !dsr && recall::<F>(&e.to, here, now, &mut h);
-            if !recalled && !hop::<F>(ctx, &e.to, dsr, &mut h) {
+            let recalled = if dsr {
+                0
+            } else {
+                recall::<F>(&e.to, here, now, &mut h)
+            };
+            if recalled != RECALLED && !hop::<F>(ctx, &e.to, dsr, &mut h) {
                 return Some(XDP_PASS);
             }
-            // SAFETY: `recall` or `hop` filled every field when it returned true.
+            // SAFETY: `recall` or `hop` filled every field when it said so.
             let h = unsafe { h.assume_init_ref() };
-            if !recalled && !dsr {
-                remember::<F>(&e.to, here, now, h);
+            if recalled != RECALLED && !dsr {
+                remember::<F>(&e.to, here, now, recalled, h);
             }
             if h.ifindex != here {
                 return Some(XDP_PASS);

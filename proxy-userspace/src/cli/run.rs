@@ -443,10 +443,11 @@ fn resolve_peer_neighbours(addresses: &std::collections::BTreeSet<IpAddr>) {
     }
 }
 
-/// Moves `LB_ROUTE_GEN` on at every link, address, route or neighbour change of the node's
-/// network namespace (and once at start): XDP remembers a tracked flow's next hop per CPU, for
-/// at most a second, only within the generation it looked it up in, so a change is followed
-/// at once while the agent runs. A lost event (the socket's buffer overran) counts as a change.
+/// Moves `LB_ROUTE_GEN` on at every link, address, route, neighbour, routing-rule or
+/// forwarding-setting change of the node's network namespace (and once at start): XDP and tc
+/// remember a tracked flow's route per CPU, for at most a second, only within the generation
+/// they looked it up in, so a change is followed at once while the agent runs. A lost event
+/// (the socket's buffer overran) counts as a change.
 fn follow_route_changes(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let mut generation = bpf::RouteGeneration::open_pinned(pin_dir)?;
     let mut events = crate::datapath::netlink::Events::subscribe_with_neighbours()
@@ -464,7 +465,7 @@ fn follow_route_changes(pin_dir: &std::path::Path) -> anyhow::Result<()> {
                     Ok(_) => failing = false,
                     Err(e) if !failing => {
                         failing = true;
-                        log::warn!("route changes: {e:#}; XDP follows them within a second");
+                        log::warn!("route changes: {e:#}; followed within a second instead");
                     }
                     Err(_) => {}
                 }
@@ -1005,7 +1006,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     datapath.forward_logs();
     follow_dsr_peers(args.bpffs.clone(), peers)?;
-    follow_route_changes(&args.bpffs)?;
+    if let Err(e) = follow_route_changes(&args.bpffs) {
+        log::warn!(
+            "route changes: {e:#}; remembered next hops are followed within a second instead"
+        );
+    }
     log::info!("node {node:?}, source {}", source.name());
     let (source_tx, source_rx) = mpsc::channel();
     thread::Builder::new()

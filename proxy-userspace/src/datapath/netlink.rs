@@ -420,10 +420,18 @@ impl Events {
         Events::of(&LINKS_ADDRESSES_ROUTES)
     }
 
-    /// `subscribe`, and neighbour changes too (a next hop's link-layer address or state).
+    /// `subscribe`, and every other change a route lookup's answer depends on: neighbours (a
+    /// next hop's link-layer address or state), policy-routing rules, and the interfaces'
+    /// forwarding settings.
     pub fn subscribe_with_neighbours() -> io::Result<Events> {
         let mut groups = LINKS_ADDRESSES_ROUTES.to_vec();
-        groups.push(libc::RTNLGRP_NEIGH);
+        groups.extend([
+            libc::RTNLGRP_NEIGH,
+            libc::RTNLGRP_IPV4_RULE,
+            libc::RTNLGRP_IPV6_RULE,
+            libc::RTNLGRP_IPV4_NETCONF,
+            libc::RTNLGRP_IPV6_NETCONF,
+        ]);
         Events::of(&groups)
     }
 

@@ -553,6 +553,16 @@ fn health_checks_listen_where_nodeport_addresses_say() {
     );
     assert_eq!(sel(&["primary"]), both);
     assert_eq!(sel(&["192.0.2.0/24", "2001:db8::/64"]), both);
+    // A zero-length prefix matches the whole family, as kube-proxy's does.
+    assert_eq!(sel(&["0.0.0.0/0", "::/0"]), none);
+    assert_eq!(sel(&["0.0.0.0/0", "192.0.2.0/24"]), none);
+    assert_eq!(
+        sel(&["::/0", "192.0.2.0/24"]),
+        Narrowed {
+            v4: true,
+            v6: false
+        }
+    );
 
     let addrs = [ip("192.0.2.7"), ip("2001:db8::7"), ip("192.0.2.1")];
     assert_eq!(listens(none, &addrs), [Listen::Everywhere]);
