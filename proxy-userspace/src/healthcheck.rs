@@ -277,17 +277,12 @@ impl HealthChecks {
                 );
             }
             for r in state.running.values_mut() {
-                let stale: Vec<Listen> = r
-                    .servers
-                    .keys()
-                    .filter(|l| !listens.contains(l))
-                    .copied()
-                    .collect();
-                for l in stale {
-                    if let Some(server) = r.servers.remove(&l) {
-                        server.stop();
-                    }
-                }
+                let (keep, stale): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                    std::mem::take(&mut r.servers)
+                        .into_iter()
+                        .partition(|(l, _)| listens.contains(l));
+                r.servers = keep;
+                stale.into_values().for_each(Server::stop);
             }
             state.listens = listens.clone();
         }

@@ -162,9 +162,13 @@ pub fn route<F: Ip>(
             flags,
         )
     };
-    // SAFETY: the helper sets the union's MTU member (the egress interface's) on success and
-    // for a packet too big for it; read only then.
-    let mtu = u32::from(unsafe { p.__bindgen_anon_1.mtu_result });
+    // SAFETY: a plain member of the union `zero` cleared; the helper sets it to the egress
+    // interface's MTU on success and for a packet too big for it (used only then). It is 16
+    // bits wide: an MTU of 65536 (loopback's) reads as 0.
+    let mtu = match u32::from(unsafe { p.__bindgen_anon_1.mtu_result }) {
+        0 => 1 << 16,
+        mtu => mtu,
+    };
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // The kernel compares the frame, Ethernet header included, with the MTU plus the
         // egress device's own link header, which a tunnel or WireGuard device does not have:
@@ -183,8 +187,7 @@ pub fn route<F: Ip>(
         ifindex: p.ifindex,
         src: F::fib_src(p),
         nh: next_hop(p),
-        // The member is 16 bits wide: an MTU of 65536 (loopback's) reads as 0.
-        mtu: if mtu == 0 { 1 << 16 } else { mtu },
+        mtu,
     })
 }
 

@@ -82,18 +82,20 @@ pub fn handle<F: Dsr + Hops>(ctx: &TcContext) -> i32 {
             // (`pmtu::too_big`, after this frame has returned). DSR finds its own (`dsr`).
             let mut ifindex = 0;
             let mut nh = NO_NH;
-            let at = hops::place::<F>(&e.to, arrival(ctx), now);
-            if !dsr && !recall_route::<F>(ctx, &e.to, &at, &mut ifindex, &mut nh) {
-                match route::<F>(ctx, &e.to, false) {
-                    Ok(r) => {
-                        ifindex = r.ifindex;
-                        nh = r.nh;
-                        remember_route::<F>(&e.to, &at, &r);
+            if !dsr {
+                let at = hops::place::<F>(&e.to, arrival(ctx), now);
+                if !recall_route::<F>(ctx, &e.to, &at, &mut ifindex, &mut nh) {
+                    match route::<F>(ctx, &e.to, false) {
+                        Ok(r) => {
+                            ifindex = r.ifindex;
+                            nh = r.nh;
+                            remember_route::<F>(&e.to, &at, &r);
+                        }
+                        Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => {
+                            return too_big_action(mtu);
+                        }
+                        Err(_) => {}
                     }
-                    Err(Unrouted::TooBig(mtu)) if F::answerable(ctx) => {
-                        return too_big_action(mtu);
-                    }
-                    Err(_) => {}
                 }
             }
             if !rewrite::<F>(ctx, &pkt, &e.to) {

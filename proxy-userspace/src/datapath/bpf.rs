@@ -2315,9 +2315,8 @@ impl Detached {
         run_packet(|opts| program.test_run(opts), frame, None)
     }
 
-    /// Runs the XDP program on `frame` as received on interface `ifindex` of the calling
-    /// thread's network namespace (0: loopback).
-    pub fn xdp_ingress(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<RunResult> {
+    /// The XDP program, loaded (through the verifier) on first use.
+    fn xdp_program(&mut self) -> anyhow::Result<&mut Xdp> {
         let program: &mut Xdp = self
             .ebpf
             .program_mut(XDP_PROGRAM)
@@ -2328,13 +2327,19 @@ impl Detached {
                 .load()
                 .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
         }
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let mut md = [0u8; 24];
-        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let ctx_in = (ifindex != 0).then_some(&md[..]);
-        run_packet(|opts| program.test_run(opts), frame, ctx_in)
+        Ok(program)
+    }
+
+    /// Runs the XDP program on `frame` as received on interface `ifindex` of the calling
+    /// thread's network namespace (0: loopback).
+    pub fn xdp_ingress(&mut self, frame: &[u8], ifindex: u32) -> anyhow::Result<RunResult> {
+        let program = self.xdp_program()?;
+        let md = xdp_md(frame, ifindex);
+        run_packet(
+            |opts| program.test_run(opts),
+            frame,
+            (ifindex != 0).then_some(&md[..]),
+        )
     }
 
     /// Moves `LB_ROUTE_GEN` on, as the agent does at a route or neighbour change; returns the
@@ -2351,37 +2356,21 @@ impl Detached {
     }
 
     /// The kernel's mean run time of the XDP program on `frame` (as `xdp_ingress`) over
-    /// `runs` BPF_PROG_TEST_RUNs of one repetition each: a repetition within one run would
-    /// see the packet the previous one rewrote.
+    /// `runs` BPF_PROG_TEST_RUNs (`mean_run_time`).
     pub fn xdp_ingress_cost(
         &mut self,
         frame: &[u8],
         ifindex: u32,
         runs: u32,
     ) -> anyhow::Result<std::time::Duration> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
-            .try_into()?;
-        let mut md = [0u8; 24];
-        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut total = std::time::Duration::ZERO;
-        for _ in 0..runs.max(1) {
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: (ifindex != 0).then_some(&md[..]),
-                ..TestRunOptions::new()
-            };
-            total += program
-                .test_run(opts)
-                .context("BPF_PROG_TEST_RUN")?
-                .duration;
-        }
-        Ok(total / runs.max(1))
+        let program = self.xdp_program()?;
+        let md = xdp_md(frame, ifindex);
+        mean_run_time(
+            |opts| program.test_run(opts),
+            frame,
+            (ifindex != 0).then_some(&md[..]),
+            runs,
+        )
     }
 
     /// `xdp_ingress_cost` for the tc ingress program (`tc_ingress`).
@@ -2391,21 +2380,43 @@ impl Detached {
         runs: u32,
     ) -> anyhow::Result<std::time::Duration> {
         let program = self.classifier(TC_PROGRAM)?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut total = std::time::Duration::ZERO;
-        for _ in 0..runs.max(1) {
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            };
-            total += program
-                .test_run(opts)
-                .context("BPF_PROG_TEST_RUN")?
-                .duration;
-        }
-        Ok(total / runs.max(1))
+        mean_run_time(|opts| program.test_run(opts), frame, None, runs)
     }
+}
+
+/// The `struct xdp_md` context of a frame received on interface `ifindex`: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+fn xdp_md(frame: &[u8], ifindex: u32) -> [u8; 24] {
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    md
+}
+
+/// The kernel's mean run time of a packet program on `frame` over `runs` BPF_PROG_TEST_RUNs
+/// of one repetition each: a repetition within one run would see the packet the previous one
+/// rewrote.
+fn mean_run_time(
+    mut run: impl FnMut(
+        TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+    frame: &[u8],
+    ctx_in: Option<&[u8]>,
+    runs: u32,
+) -> anyhow::Result<std::time::Duration> {
+    let runs = runs.max(1);
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..runs {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in,
+            ..TestRunOptions::new()
+        };
+        total += run(opts).context("BPF_PROG_TEST_RUN")?.duration;
+    }
+    Ok(total / runs)
 }
 
 /// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP

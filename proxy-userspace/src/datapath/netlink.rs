@@ -421,8 +421,8 @@ impl Events {
     }
 
     /// `subscribe`, and every other change a route lookup's answer depends on: neighbours (a
-    /// next hop's link-layer address or state), policy-routing rules, and the interfaces'
-    /// forwarding settings.
+    /// next hop's link-layer address or state), policy-routing rules, next-hop objects, and
+    /// the interfaces' forwarding settings.
     pub fn subscribe_with_neighbours() -> io::Result<Events> {
         let mut groups = LINKS_ADDRESSES_ROUTES.to_vec();
         groups.extend([
@@ -431,6 +431,8 @@ impl Events {
             libc::RTNLGRP_IPV6_RULE,
             libc::RTNLGRP_IPV4_NETCONF,
             libc::RTNLGRP_IPV6_NETCONF,
+            // Next-hop objects, whose replacement no route notification reports.
+            libc::RTNLGRP_NEXTHOP,
         ]);
         Events::of(&groups)
     }

@@ -648,6 +648,17 @@ fn narrowed_health_checks_follow_the_node_addresses() {
         200
     );
 
+    // An address the node does not have (yet: an IPv6 one in duplicate address detection) is
+    // bound all the same (FREEBIND), and serves once it is there.
+    hc.update(&wanted, &[ip("192.0.2.123")]);
+    assert_eq!(hc.serving(), vec![port]);
+    let failures = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("kube_bpf_proxy_healthcheck_bind_failures_total "))
+            .map(str::to_string)
+    };
+    let before = failures(&metrics.render());
+
     // Both families narrowed, no address left: failing, nothing served.
     let both = HealthChecks::new(
         Arc::new(Health::new(DEFAULT_HEALTH_TIMEOUT, &[], SystemTime::now())),
@@ -662,5 +673,7 @@ fn narrowed_health_checks_follow_the_node_addresses() {
         text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1\n"),
         "{text}"
     );
+    // Nothing to bind is no bind failure.
+    assert_eq!(failures(&text), before, "{text}");
     drop(hc);
 }
