@@ -153,23 +153,10 @@ fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
 
 /// The route generation in `agent`'s `LB_ROUTE_GEN`, read with bpftool.
 fn route_generation(agent: &tests::Agent) -> u64 {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_dir.join("LB_ROUTE_GEN"))
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success(), "bpftool: {out:?}");
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    let entry = &all[0];
-    let value = entry["formatted"]["value"].as_u64().or_else(|| {
-        let bytes = entry["value"].as_array()?;
-        let b: Vec<u8> = bytes
-            .iter()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect();
-        Some(u64::from(u32::from_ne_bytes(b.get(0..4)?.try_into().ok()?)))
-    });
-    value.unwrap_or_else(|| panic!("LB_ROUTE_GEN: {all}"))
+    let all = pinned_entries(agent, "LB_ROUTE_GEN");
+    all.first()
+        .and_then(|e| e["value"].as_u64())
+        .unwrap_or_else(|| panic!("LB_ROUTE_GEN: {all:?}"))
 }
 
 /// Both nodes in DSR mode (issue #6; IPv6: issue #23); node-a balances NodePort and load

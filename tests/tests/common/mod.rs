@@ -313,12 +313,17 @@ pub fn frontend_name(f: &serde_json::Value) -> String {
     )
 }
 
-/// The entries of `agent`'s IPv4 connection tracking (`LB_CT4`) as bpftool prints them, each
-/// as its BTF-formatted `{key, value}` where bpftool gives one.
+/// The entries of `agent`'s IPv4 connection tracking (`LB_CT4`), as `pinned_entries`.
 pub fn ct4_entries(agent: &Agent) -> Vec<serde_json::Value> {
+    pinned_entries(agent, "LB_CT4")
+}
+
+/// The entries of `agent`'s pinned map `map` as bpftool prints them, each as its
+/// BTF-formatted `{key, value}` where bpftool gives one.
+pub fn pinned_entries(agent: &Agent, map: &str) -> Vec<serde_json::Value> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
-        .arg(agent.pin_dir.join("LB_CT4"))
+        .arg(agent.pin_dir.join(map))
         .output()
         .expect("run bpftool");
     assert!(out.status.success(), "bpftool: {out:?}");
