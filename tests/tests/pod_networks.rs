@@ -657,6 +657,98 @@ fn external_interfaces_follow_the_default_routes_of_every_table() {
     tb.assert_no_checksum_errors();
 }
 
+/// A node on a second network that has no default route (a storage or management network),
+/// and no `--external-interfaces`: kube-proxy answers a NodePort on every node address,
+/// whichever interface it arrives on (semantics 7.1), so the interface holding such an address
+/// gets tc. The ptp pod veths, which all hold the pods' gateway as a host prefix, stay
+/// pod-facing. Clients on the second network reach both Services' NodePorts on its address and
+/// on eth0's (routed through node-a); Cluster masquerades (7.13), Local keeps the client (4.7c).
+/// When the address goes, so does tc.
+#[test]
+fn a_second_network_without_a_default_route_serves_node_ports() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_shape(&[2], Shape::Ptp);
+    tb.serve(0, 0, BACKEND_PORT);
+    tb.serve(0, 1, BACKEND_PORT);
+    let node = &tb.nodes[0].ns;
+    let net2 = tests::NetNs::new(format!("{}-net2", tb.id));
+    node.ip(&[
+        "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &net2.name,
+    ]);
+    for (ns, dev, last) in [(node, "eth1", "1"), (&net2, "eth0", "100")] {
+        ns.exec("ethtool", &["-K", dev, "rx", "off", "tx", "off"]);
+        ns.ip(&["addr", "add", &format!("192.168.78.{last}/24"), "dev", dev]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:78::{last}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ]);
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    net2.ip(&["route", "add", "192.168.77.0/24", "via", "192.168.78.1"]);
+    net2.ip(&["-6", "route", "add", "fd00:77::/64", "via", "fd00:78::1"]);
+    let mut agent = node_agent(&tb, 0, &tb.id, tb.cgroup_path(), &[]);
+    // The default: no --external-interfaces; the Node object names no address either, and the
+    // testbed's nodes have no default route: eth0 is external by its address too.
+    agent.extra_args.clear();
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    NEAR_LOCAL.program(&agent, &tb, 0, 1);
+    wait_external_interfaces(&tb, &agent, &["eth0", "eth1"]);
+    for (svc, backend) in [(&NEAR, "a-pod-1"), (&NEAR_LOCAL, "a-pod-2")] {
+        for (proto, port) in [
+            (Proto::Tcp, svc.node_port_tcp),
+            (Proto::Udp, svc.node_port_udp),
+        ] {
+            for ip in ["192.168.78.1", "fd00:78::1", "192.168.77.1", "fd00:77::1"] {
+                let to = SocketAddr::new(ip.parse().unwrap(), port);
+                poll_until(
+                    &format!("{to} answered by {backend} from the second network"),
+                    Duration::from_secs(15),
+                    || {
+                        let r = tb.request_from(&net2, false, proto, to, 1);
+                        if r.iter().all(|r| r.ok && r.backend == backend) {
+                            Ok(())
+                        } else {
+                            Err(format!("{r:?}"))
+                        }
+                    },
+                );
+                for r in tb.request_from(&net2, false, proto, to, 3) {
+                    assert!(r.ok && r.backend == backend, "{to} {proto:?}: {r:?}");
+                    let seen = seen_ip(&r.seen).to_string();
+                    if svc.local_policy {
+                        let client = if to.is_ipv4() {
+                            "192.168.78.100"
+                        } else {
+                            "fd00:78::100"
+                        };
+                        assert_eq!(seen, client, "{to} {proto:?}: {r:?}");
+                    } else {
+                        assert!(
+                            NODE_A.contains(&seen.as_str()),
+                            "{to} {proto:?} not masqueraded to node-a: {r:?}"
+                        );
+                    }
+                    assert_eq!(seen_ip(&r.peer), to.ip(), "{to} {proto:?}: {r:?}");
+                }
+            }
+        }
+    }
+    // The second network's addresses go: no NodePort address there, no tc.
+    node.ip(&["addr", "flush", "dev", "eth1"]);
+    wait_external_interfaces(&tb, &agent, &["eth0"]);
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    assert_eq!(agent.count_logs(0, "ERROR"), 0);
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
 /// A metric of `agent` (polled; the agent refreshes gauges as it attaches).
 fn metric(agent: &Agent, name: &str) -> Option<f64> {
     let (_, body) = agent.get(agent.metrics_port, "/metrics");

@@ -111,9 +111,11 @@ pub struct RunArgs {
     pub max_conntrack: Option<u32>,
     /// Interfaces where traffic from outside the node arrives; tc translates NodePort,
     /// externalIP and load balancer traffic there. Default: the interfaces of the default
-    /// routes in every routing table and those holding the Node object's addresses, followed
-    /// as they change (XDP only on default-route interfaces present at the start). Named ones are attached whenever they exist. An empty value turns the tc
-    /// path off.
+    /// routes in every routing table, those holding the Node object's addresses, and those
+    /// holding a NodePort address (a second network without a default route; not one facing
+    /// pods), followed as they change (XDP only on default-route interfaces present at the
+    /// start). Named ones are attached whenever they exist. An empty value turns the tc path
+    /// off.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
     /// XDP on the external interfaces: auto (driver mode where possible, else tc alone),
@@ -594,6 +596,7 @@ impl PodInterfaceLink {
             pod_cidrs: snapshot.node.pod_cidrs.clone(),
             remote: self.local.remote_probes().clone(),
             node_ips: snapshot.node.primary.clone(),
+            nodeport_ips: snapshot.node.addresses.clone(),
         });
         let waiting = manager.waiting().clone();
         self.metrics

@@ -370,6 +370,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         pod_cidrs: snapshot.node.pod_cidrs.clone(),
         remote: snapshot.node.remote_probes(&snapshot.slices),
         node_ips: snapshot.node.primary.clone(),
+        // External interfaces are not checked here (`unattached`).
+        nodeport_ips: Vec::new(),
     };
     let interfaces_missing: Vec<(String, String)> =
         podif::unattached(&args.inspect.bpffs, &spec, &inputs)?

@@ -218,6 +218,15 @@ impl Rtnl {
     /// Every address of this network namespace, with its interface's index: the local end
     /// (IFA_LOCAL) where the kernel gives one, as on a point-to-point link, else IFA_ADDRESS.
     pub fn addresses(&mut self) -> io::Result<Vec<(u32, IpAddr)>> {
+        Ok(self
+            .prefixes()?
+            .into_iter()
+            .map(|(index, ip, _)| (index, ip))
+            .collect())
+    }
+
+    /// `addresses` with each address's prefix length.
+    pub fn prefixes(&mut self) -> io::Result<Vec<(u32, IpAddr, u8)>> {
         // AF_UNSPEC: both families.
         let answers = self.request(
             RouteNetlinkMessage::GetAddress(AddressMessage::default()),
@@ -226,7 +235,9 @@ impl Rtnl {
         Ok(answers
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewAddress(a) => address_of(&a).map(|ip| (a.header.index, ip)),
+                RouteNetlinkMessage::NewAddress(a) => {
+                    address_of(&a).map(|ip| (a.header.index, ip, a.header.prefix_len))
+                }
                 _ => None,
             })
             .collect())

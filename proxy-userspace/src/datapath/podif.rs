@@ -207,6 +207,47 @@ pub fn default_route_names(links: &[Link], indexes: &[u32]) -> Vec<String> {
         .collect()
 }
 
+/// Without `--external-interfaces`: the interfaces holding one of the node's NodePort
+/// addresses `nodeport`, such as a second network without a default route (kube-proxy serves a
+/// NodePort on every such address, whichever interface the packet arrives on: semantics 7.1,
+/// 7.2). `addresses` are (interface index, address, prefix length). Left out, as facing pods or
+/// tunnels rather than a network outside the node: an address inside a pod CIDR, a host
+/// prefix (/32, /128: the gateway a ptp CNI puts on every pod's veth, a VXLAN device's), an
+/// address more than one interface holds, a bridge with a veth port (a pod or container
+/// bridge), a bridge's port, and devices `default_route_names` would not take.
+pub fn nodeport_interfaces(
+    links: &[Link],
+    addresses: &[(u32, IpAddr, u8)],
+    nodeport: &[IpAddr],
+    pod_cidrs: &[Cidr],
+) -> Vec<String> {
+    let indexes: Vec<u32> = addresses
+        .iter()
+        .filter(|(_, ip, len)| {
+            let host = if ip.is_ipv4() { 32 } else { 128 };
+            nodeport.contains(ip)
+                && *len < host
+                && !pod_cidrs.iter().any(|c| c.contains(ip))
+                && addresses.iter().filter(|(_, other, _)| other == ip).count() == 1
+        })
+        .map(|(index, _, _)| *index)
+        .collect();
+    default_route_names(links, &indexes)
+        .into_iter()
+        .filter(|name| {
+            links.iter().any(|l| {
+                &l.name == name
+                    && !l3_tunnel(l)
+                    && l.master.is_none()
+                    && !(l.kind.as_deref() == Some("bridge")
+                        && links.iter().any(|port| {
+                            port.master == Some(l.index) && port.kind.as_deref() == Some("veth")
+                        }))
+            })
+        })
+        .collect()
+}
+
 fn l3_tunnel(link: &Link) -> bool {
     link.kind
         .as_deref()
@@ -240,6 +281,9 @@ pub struct ClusterInputs {
     /// `--external-interfaces`, the interfaces holding them are external too, as those of the
     /// default routes are (a node without a default route still gets its NodePorts).
     pub node_ips: Vec<IpAddr>,
+    /// The node's NodePort addresses (`--nodeport-addresses` applied to its addresses): without
+    /// `--external-interfaces`, the interfaces holding them get tc too (`nodeport_interfaces`).
+    pub nodeport_ips: Vec<IpAddr>,
 }
 
 /// A few addresses inside `cidr` to ask the routing table about (the network address itself
@@ -404,6 +448,8 @@ pub struct Manager {
     /// `DEFAULT_ROUTES_EVERY`: a burst of route events on a node with large routing tables
     /// must not dump every table at each one).
     default_routes: Option<(Instant, Vec<u32>)>,
+    /// The interfaces holding a NodePort address (`nodeport_interfaces`) as of the last pass.
+    by_address: Vec<String>,
     links: TcLinks,
     rtnl: Rtnl,
     /// What is attached: name → (index, why).
@@ -435,6 +481,7 @@ impl Manager {
             external,
             external_now: Vec::new(),
             default_routes: None,
+            by_address: Vec::new(),
             links: TcLinks::open(pin_dir)?,
             rtnl: Rtnl::new()?,
             state: BTreeMap::new(),
@@ -499,6 +546,22 @@ impl Manager {
             }
             self.external_now = external;
         }
+        // Interfaces holding a NodePort address (not sticky: they follow the addresses).
+        let by_address = match (&self.external, self.inputs.nodeport_ips.is_empty()) {
+            (External::DefaultRoutes, false) => match self.rtnl.prefixes() {
+                Ok(addresses) => nodeport_interfaces(
+                    &links,
+                    &addresses,
+                    &self.inputs.nodeport_ips,
+                    &self.inputs.pod_cidrs,
+                ),
+                Err(e) => {
+                    log::warn!("external interfaces: cannot read the node's addresses: {e}");
+                    self.by_address.clone()
+                }
+            },
+            _ => Vec::new(),
+        };
         let rtnl = &mut self.rtnl;
         // Each address's route is asked once per pass, for the discovery and for `waiting`.
         let mut routes: BTreeMap<IpAddr, RouteHit> = BTreeMap::new();
@@ -507,13 +570,13 @@ impl Manager {
                 .entry(a)
                 .or_insert_with(|| rtnl.route_get(a).unwrap_or(RouteHit::None))
         };
-        let mut found = discover(
-            &self.spec,
-            &links,
-            &self.external_now,
-            &self.inputs,
-            &mut route,
-        );
+        let mut external = self.external_now.clone();
+        external.extend(by_address.iter().cloned());
+        let mut found = discover(&self.spec, &links, &external, &self.inputs, &mut route);
+        if by_address != self.by_address {
+            log::info!("external interfaces (holding a NodePort address): {by_address:?}");
+            self.by_address = by_address;
+        }
         if !self.have_inputs && self.spec.auto() {
             // Until this node's endpoints are known, the links an earlier agent left on live
             // interfaces stay (with this agent's program swapped in): dropping them would cut

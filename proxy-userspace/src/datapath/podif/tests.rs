@@ -269,3 +269,53 @@ fn default_route_interfaces_leave_out_the_loopback_and_l3_devices() {
     );
     assert!(default_route_names(&all, &[]).is_empty());
 }
+
+#[test]
+fn interfaces_holding_a_node_port_address_are_external_unless_they_face_pods() {
+    // semantics 7.1, 7.2: a NodePort answers on every node address (of the selection), so
+    // the interface holding one gets tc, like a second network without a default route.
+    let mut all = links();
+    all.push(link(7, "eth1", None, Some("veth")));
+    all.push(link(8, "wg0", None, Some("wireguard")));
+    all.push(link(9, "bond0", None, Some("bond")));
+    all.push(link(10, "eth2", Some(9), Some("veth")));
+    all.push(link(11, "docker0", None, Some("bridge")));
+    all.push(link(12, "br-ex", None, Some("bridge")));
+    all.push(link(13, "enp1s0", Some(12), None));
+    let addresses = [
+        (1, ip("127.0.0.1"), 8),
+        (2, ip("192.168.77.1"), 24),
+        (2, ip("fd00:77::1"), 64),
+        // The pod bridge's gateway (inside the pod CIDR), a ptp CNI's gateway on each pod
+        // veth (a host prefix, held twice).
+        (3, ip("10.244.0.1"), 24),
+        (5, ip("10.244.1.1"), 32),
+        (6, ip("10.244.1.1"), 32),
+        (7, ip("192.168.78.1"), 24),
+        (7, ip("fd00:78::1"), 64),
+        (8, ip("10.9.0.1"), 24),
+        (9, ip("172.16.0.1"), 16),
+        (10, ip("172.17.0.9"), 16),
+        (11, ip("172.18.0.1"), 16),
+        (12, ip("192.168.79.1"), 24),
+    ];
+    let mut nodeport: Vec<IpAddr> = addresses
+        .iter()
+        .map(|(_, ip, _)| *ip)
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    let pod_cidrs = [Cidr::parse("10.244.0.0/24").unwrap()];
+    let found = nodeport_interfaces(&all, &addresses, &nodeport, &pod_cidrs);
+    // Not: lo, cni0 (pod CIDR, veth ports), calia1/calib2 (host prefix, shared), wg0 (no
+    // Ethernet header), eth2 (a bond's port). A bridge whose port is a NIC is taken.
+    assert_eq!(found, ["eth0", "eth1", "bond0", "docker0", "br-ex"]);
+    // A container bridge (a veth port) faces containers.
+    all.push(link(14, "vethc0", Some(11), Some("veth")));
+    let found = nodeport_interfaces(&all, &addresses, &nodeport, &pod_cidrs);
+    assert_eq!(found, ["eth0", "eth1", "bond0", "br-ex"]);
+    // --nodeport-addresses narrows it: only the selected addresses count.
+    nodeport.retain(|ip| ip.to_string().starts_with("192.168.78."));
+    let found = nodeport_interfaces(&all, &addresses, &nodeport, &pod_cidrs);
+    assert_eq!(found, ["eth1"]);
+    assert!(nodeport_interfaces(&all, &addresses, &[], &pod_cidrs).is_empty());
+}
