@@ -591,6 +591,9 @@ pub fn run(
         io.synced(result.is_ok());
         if let Some(m) = &observers.metrics {
             m.observe_sync(attempt.elapsed(), result.is_ok());
+            if let Ok(report) = &result {
+                m.observe_sync_kind(attempt.elapsed(), report.planned_all);
+            }
         }
         match result {
             Ok(report) => {

@@ -144,6 +144,18 @@ pub struct Metrics {
     pub sync_duration: Family<Labels, Histogram>,
     /// kubeproxy_network_programming_duration_seconds [ip_family] (11.2).
     pub network_programming_duration: Family<Labels, Histogram>,
+    /// kubeproxy_sync_full_proxy_rules_duration_seconds [ip_family]: the syncs that planned
+    /// every frontend, as the nftables proxier's full syncs.
+    pub sync_full_duration: Family<Labels, Histogram>,
+    /// kubeproxy_sync_partial_proxy_rules_duration_seconds [ip_family]: the syncs that planned
+    /// the changed frontends only.
+    pub sync_partial_duration: Family<Labels, Histogram>,
+    /// kubeproxy_sync_proxy_rules_nftables_sync_failures_total [ip_family] (11.7): failed
+    /// syncs, under the nftables proxier's name, so that its alerts keep working.
+    pub nftables_sync_failures: Family<Labels, Counter>,
+    /// kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total [ip_family] (11.7): stays 0
+    /// (stale entries go in the sync itself, whose failures count above).
+    pub nftables_cleanup_failures: Family<Labels, Counter>,
     /// kubeproxy_sync_proxy_rules_last_timestamp_seconds [ip_family] (11.4).
     pub last_sync_timestamp: Family<Labels, TimeGauge>,
     /// kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds [ip_family] (11.4).
@@ -285,6 +297,28 @@ impl Metrics {
                 "kubeproxy_network_programming_duration_seconds",
                 "In Cluster Network Programming Latency in seconds",
                 || Histogram::new(network_programming_buckets()),
+            ),
+            sync_full_duration: histogram(
+                &mut r,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds",
+                "Duration of syncs that planned every frontend, in seconds",
+                || Histogram::new(sync_duration_buckets()),
+            ),
+            sync_partial_duration: histogram(
+                &mut r,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                "Duration of syncs that planned the changed frontends only, in seconds",
+                || Histogram::new(sync_duration_buckets()),
+            ),
+            nftables_sync_failures: counter(
+                &mut r,
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+                "Syncs that failed to program the datapath (kube-proxy's nftables name)",
+            ),
+            nftables_cleanup_failures: counter(
+                &mut r,
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total",
+                "Failed cleanups of stale state outside a sync (none here: always 0)",
             ),
             last_sync_timestamp: time_gauge(
                 &mut r,
@@ -512,6 +546,10 @@ impl Metrics {
             let fam = [("ip_family", ip_family_name(f))];
             m.sync_duration.with(&fam);
             m.network_programming_duration.with(&fam);
+            m.sync_full_duration.with(&fam);
+            m.sync_partial_duration.with(&fam);
+            m.nftables_sync_failures.with(&fam);
+            m.nftables_cleanup_failures.with(&fam);
             m.last_sync_timestamp.with(&fam);
             m.last_queued_timestamp.with(&fam);
             m.endpoint_changes.with(&fam);
@@ -545,7 +583,7 @@ impl Metrics {
 
     /// A sync attempt finished after `duration`: observed in the duration histogram whether
     /// or not it succeeded (as kube-proxy does); success sets the last-sync timestamp to now,
-    /// failure counts in kube_bpf_proxy_sync_failures_total.
+    /// failure counts in kube_bpf_proxy_sync_failures_total and its nftables twin.
     pub fn observe_sync(&self, duration: Duration, ok: bool) {
         self.observe_sync_at(duration, ok, SystemTime::now());
     }
@@ -556,11 +594,24 @@ impl Metrics {
             self.sync_duration.with(l).observe(duration.as_secs_f64());
             if ok {
                 self.last_sync_timestamp.with(l).set(unix_seconds(now));
+            } else {
+                self.nftables_sync_failures.with(l).inc();
             }
         });
         if !ok {
             self.sync_failures.with(&[]).inc();
         }
+    }
+
+    /// A successful sync's `duration`, by how it was planned: over every frontend (`full`) or
+    /// over the changed ones.
+    pub fn observe_sync_kind(&self, duration: Duration, full: bool) {
+        let histogram = if full {
+            &self.sync_full_duration
+        } else {
+            &self.sync_partial_duration
+        };
+        self.each_family(|l| histogram.with(l).observe(duration.as_secs_f64()));
     }
 
     /// A change arrived and a sync was requested at `now`.
@@ -888,6 +939,26 @@ mod tests {
             "histogram",
             &["ip_family"],
         ),
+        (
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "histogram",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "histogram",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+            "counter",
+            &["ip_family"],
+        ),
+        (
+            "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total",
+            "counter",
+            &["ip_family"],
+        ),
         ("kube_bpf_proxy_sync_failures_total", "counter", &[]),
         ("kube_bpf_proxy_rejected_objects", "gauge", &["kind"]),
         (
@@ -1027,6 +1098,22 @@ mod tests {
         "kubeproxy_sync_proxy_rules_service_changes_pending{ip_family=\"IPv6\"}",
         "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv4\"}",
         "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_bucket{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_sum{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv6\"}",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv6\"}",
     ];
 
     /// The `le` values of the two histograms before the move to prometheus-client, as exposed.
@@ -1048,6 +1135,41 @@ mod tests {
                 format!("{name}{{{}}}", labels.join(","))
             })
             .collect()
+    }
+
+    #[test]
+    fn failed_syncs_count_under_the_nftables_name_and_syncs_by_kind() {
+        // semantics 11.7: kube-proxy's nftables proxier counts failed syncs per family.
+        let m = Metrics::new("0.1.0", &[IpFamily::V4, IpFamily::V6]);
+        m.observe_sync(Duration::from_millis(2), false);
+        m.observe_sync(Duration::from_millis(2), true);
+        m.observe_sync_kind(Duration::from_millis(2), true);
+        m.observe_sync_kind(Duration::from_millis(2), false);
+        m.observe_sync_kind(Duration::from_millis(2), false);
+        let text = m.render();
+        for family in ["IPv4", "IPv6"] {
+            for (series, value) in [
+                (
+                    "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+                    "1",
+                ),
+                (
+                    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total",
+                    "0",
+                ),
+                (
+                    "kubeproxy_sync_full_proxy_rules_duration_seconds_count",
+                    "1",
+                ),
+                (
+                    "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+                    "2",
+                ),
+            ] {
+                let line = format!("{series}{{ip_family=\"{family}\"}} {value}");
+                assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+            }
+        }
     }
 
     #[test]

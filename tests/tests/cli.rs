@@ -456,6 +456,11 @@ fn metrics_and_health_endpoints() {
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "kubeproxy_sync_proxy_rules_service_changes_total",
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        // semantics 11.7: the nftables proxier's failure counters; the first sync is full.
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family=\"IPv4\"} 0",
+        "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total{ip_family=\"IPv4\"} 0",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family=\"IPv4\"}",
+        "kubeproxy_sync_partial_proxy_rules_duration_seconds_bucket",
         // semantics 11.4: nothing pending once synced.
         "kubeproxy_sync_proxy_rules_service_changes_pending{ip_family=\"IPv4\"} 0",
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending{ip_family=\"IPv4\"} 0",
