@@ -235,6 +235,8 @@ pub struct HealthChecks {
     health: Arc<Health>,
     metrics: Option<Arc<Metrics>>,
     narrowed: Narrowed,
+    /// Where a port that cannot be served is reported (FailedToStartServiceHealthcheck).
+    events: Option<crate::events::Events>,
     state: Mutex<State>,
 }
 
@@ -246,8 +248,16 @@ impl HealthChecks {
             health,
             metrics,
             narrowed: Narrowed::default(),
+            events: None,
             state: Mutex::default(),
         }
+    }
+
+    /// Reports a port that cannot be served as kube-proxy's `FailedToStartServiceHealthcheck`
+    /// event on its Service (semantics 8.1), once until it is served again.
+    pub fn with_events(mut self, events: crate::events::Events) -> HealthChecks {
+        self.events = Some(events);
+        self
     }
 
     /// The families `--nodeport-addresses` narrows to the node's NodePort addresses.
@@ -356,6 +366,14 @@ impl HealthChecks {
                 m.healthcheck_bind_failures.with(&[]).inc();
             }
             if failing.insert(port) {
+                if !nowhere && let Some(events) = &self.events {
+                    events.health_check_failed(
+                        &service.namespace,
+                        &service.name,
+                        port,
+                        &errors.join("; "),
+                    );
+                }
                 log::error!(
                     "cannot serve the health check of Service {}/{} on port {port}: {}; retrying at every sync",
                     service.namespace,

@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod cli;
 pub mod compile;
 pub mod datapath;
+pub mod events;
 pub mod health;
 pub mod healthcheck;
 pub mod heap;

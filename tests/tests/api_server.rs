@@ -172,3 +172,67 @@ fn outages_and_a_restart_meanwhile_keep_serving_and_converge_after() {
     assert!(failed.is_empty(), "{failed:?}");
     agent.assert_running();
 }
+
+/// kube-proxy's Events, posted to the API server (events.k8s.io/v1, reporting controller
+/// kube-proxy, instance the node): `Starting` on the Node at start, and semantics 8.1's
+/// `FailedToStartServiceHealthcheck` on a Service whose healthCheckNodePort cannot be bound
+/// (here the test holds the port).
+#[test]
+fn events_tell_the_start_and_a_health_check_port_that_cannot_be_bound() {
+    if !privileged() {
+        return;
+    }
+    let server = ApiServer::start();
+    let mut topo = Topology::new(2);
+    topo.serve(1, BACKEND_PORT);
+    let held = std::net::TcpListener::bind("[::]:0").expect("a port to hold");
+    let port = held.local_addr().unwrap().port();
+    server.apply(Res::Nodes, double::node(NODE, "zone-1"));
+    let mut svc = double::service("default", "web", "10.96.0.10", 80);
+    svc["spec"]["type"] = serde_json::json!("LoadBalancer");
+    svc["spec"]["externalTrafficPolicy"] = serde_json::json!("Local");
+    svc["spec"]["healthCheckNodePort"] = serde_json::json!(port);
+    svc["spec"]["ports"][0]["nodePort"] = serde_json::json!(30080);
+    server.apply(Res::Services, svc);
+    server.apply(
+        Res::Slices,
+        double::slice("default", "web", "web-1", &[&topo.pods[1].ip4.to_string()]),
+    );
+    let kubeconfig = Kubeconfig::new(&topo.id, &server.url());
+    let mut agent = Agent::new(&topo.id, topo.cgroup_path(), NODE);
+    agent.kubeconfig = Some(kubeconfig.0.clone());
+    agent.start();
+    wait_served_by(&topo, &mut agent, "pod-2", Duration::from_secs(20));
+    let find = |reason: &str| {
+        server
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == reason)
+            .ok_or_else(|| format!("{:?}", server.events()))
+    };
+    poll_until("the agent's events", Duration::from_secs(15), || {
+        find("Starting").and(find("FailedToStartServiceHealthcheck").map(|_| ()))
+    });
+    let starting = find("Starting").unwrap();
+    assert_eq!(starting["type"], "Normal", "{starting}");
+    assert_eq!(starting["action"], "StartKubeProxy", "{starting}");
+    assert_eq!(starting["regarding"]["kind"], "Node", "{starting}");
+    assert_eq!(starting["regarding"]["name"], NODE, "{starting}");
+    assert_eq!(starting["reportingController"], "kube-proxy", "{starting}");
+    assert_eq!(starting["reportingInstance"], NODE, "{starting}");
+    assert_eq!(starting["metadata"]["namespace"], "default", "{starting}");
+    let failed = find("FailedToStartServiceHealthcheck").unwrap();
+    assert_eq!(failed["type"], "Warning", "{failed}");
+    assert_eq!(failed["regarding"]["kind"], "Service", "{failed}");
+    assert_eq!(failed["regarding"]["namespace"], "default", "{failed}");
+    assert_eq!(failed["regarding"]["name"], "web", "{failed}");
+    let note = failed["note"].as_str().unwrap_or_default();
+    assert!(
+        note.starts_with(&format!(
+            "node {NODE} failed to start healthcheck \"default/web\" on port {port}: "
+        )),
+        "{failed}"
+    );
+    agent.assert_running();
+    drop(held);
+}

@@ -810,9 +810,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     limit_malloc_arenas();
     set_oom_score_adj(args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ));
     // semantics 9.6: the node's other traffic keeps the connection tracking kube-proxy gave it.
-    if args.netfilter_conntrack == NetfilterConntrack::KubeProxy {
-        crate::datapath::nfct::apply_on_node(&args.netfilter.clone().unwrap_or_default());
-    }
+    let read_only_sysfs = args.netfilter_conntrack == NetfilterConntrack::KubeProxy
+        && crate::datapath::nfct::apply_on_node(&args.netfilter.clone().unwrap_or_default());
     let node = args.source.node_name();
     let configz = {
         let (healthz, metrics) = default_http_addresses(args.source.bind_address);
@@ -834,6 +833,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = args
         .source
         .source_with(Some(Arc::clone(&metrics)), peers.clone())?;
+    // kube-proxy's Events (crate::events), posted when the source has an API server.
+    let events = source.events(&node).unwrap_or_else(|e| {
+        log::warn!("no events are posted: {e:#}");
+        crate::events::Events::off(&node)
+    });
+    events.starting();
+    if read_only_sysfs {
+        events.read_only_sysfs();
+    }
     let cgroup = match args.cgroup {
         Some(c) => c,
         None => cgroup2_root()?,
@@ -1102,7 +1110,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .set(u64::from(terminating));
     let health_checks =
         crate::healthcheck::HealthChecks::new(Arc::clone(&health), Some(Arc::clone(&metrics)))
-            .narrowed(hc_narrowed);
+            .narrowed(hc_narrowed)
+            .with_events(events);
     let observers = Observers {
         metrics: Some(metrics),
         health: Some(health),

@@ -44,6 +44,10 @@ pub enum Outcome {
 
 const NETFILTER: &str = "proc/sys/net/netfilter";
 const HASHSIZE: &str = "sys/module/nf_conntrack/parameters/hashsize";
+/// The hash size's name in outcomes.
+const HASHSIZE_NAME: &str = "nf_conntrack hashsize";
+/// What a failed write's error says when the file is read-only.
+const READ_ONLY: &str = "is read-only here";
 
 impl Kernel {
     pub fn node() -> Self {
@@ -73,7 +77,7 @@ impl Kernel {
         if let Some(max) = s.max {
             out.push(self.raise(self.sysctl("nf_conntrack_max"), "nf_conntrack_max", max));
             // As kube-proxy: a table of `max` entries in a quarter as many buckets.
-            out.push(self.raise(self.root.join(HASHSIZE), "nf_conntrack hashsize", max / 4));
+            out.push(self.raise(self.root.join(HASHSIZE), HASHSIZE_NAME, max / 4));
         }
         let exact = [
             (
@@ -127,8 +131,8 @@ impl Kernel {
                     || e.raw_os_error() == Some(libc::EROFS) =>
             {
                 failed(format!(
-                    "{} is read-only here ({e}; a network namespace other than the node's, or \
-                     a read-only /sys)",
+                    "{} {READ_ONLY} ({e}; a network namespace other than the node's, or a \
+                     read-only /sys)",
                     path.display()
                 ))
             }
@@ -137,17 +141,20 @@ impl Kernel {
     }
 }
 
-/// Applies `s` on this node and logs what was done.
-pub fn apply_on_node(s: &NetfilterSettings) {
+/// Applies `s` on this node and logs what was done. Returns whether the hash size could not
+/// be set because /sys is read-only (kube-proxy's `readOnlySysFS` event).
+pub fn apply_on_node(s: &NetfilterSettings) -> bool {
     let kernel = Kernel::node();
     if !kernel.loaded() {
         log::info!(
             "netfilter connection tracking is not loaded: kube-proxy's settings of it \
              (nf_conntrack_max, TCP timeouts) have nothing to apply to"
         );
-        return;
+        return false;
     }
-    for outcome in kernel.apply(s) {
+    let outcomes = kernel.apply(s);
+    let read_only = read_only_sysfs(&outcomes);
+    for outcome in outcomes {
         match outcome {
             Outcome::Set { name, from, to } => {
                 log::info!(
@@ -162,6 +169,16 @@ pub fn apply_on_node(s: &NetfilterSettings) {
             }
         }
     }
+    read_only
+}
+
+/// Whether `outcomes` say the hash size (under /sys) could not be written for lack of write
+/// access.
+fn read_only_sysfs(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().any(|o| {
+        matches!(o, Outcome::Failed { name, error }
+            if name == HASHSIZE_NAME && error.contains(READ_ONLY))
+    })
 }
 
 #[cfg(test)]
@@ -271,6 +288,27 @@ mod tests {
             matches!(&out[3], Outcome::Failed { name, .. } if name == "nf_conntrack_tcp_timeout_close_wait")
         );
         assert_eq!(read(&dir, MAX), "1048576\n");
+    }
+
+    /// kube-proxy's `readOnlySysFS` event is for the hash size under a read-only /sys only.
+    #[test]
+    fn a_read_only_hash_size_is_told_apart() {
+        let failed = |name: &str, error: String| Outcome::Failed {
+            name: name.into(),
+            error,
+        };
+        assert!(read_only_sysfs(&[failed(
+            HASHSIZE_NAME,
+            format!("/sys/x {READ_ONLY} (Read-only file system)")
+        )]));
+        assert!(!read_only_sysfs(&[failed(
+            HASHSIZE_NAME,
+            "read /sys/x: No such file or directory".into()
+        )]));
+        assert!(!read_only_sysfs(&[failed(
+            "nf_conntrack_max",
+            format!("/proc/x {READ_ONLY}")
+        )]));
     }
 
     /// Without netfilter's connection tracking there is nothing to tune.

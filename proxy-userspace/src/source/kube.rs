@@ -1291,6 +1291,11 @@ impl Source for KubeSource {
         format!("kubernetes {}", self.config.cluster_url)
     }
 
+    fn events(&self, node: &str) -> anyhow::Result<crate::events::Events> {
+        let config = self.config.clone();
+        crate::events::Events::post(node, move || api_client(config))
+    }
+
     fn run(self: Box<Self>, tx: Sender<Snapshot>) -> anyhow::Result<()> {
         // The agent loop is synchronous; the watchers get a runtime of their own on this thread.
         let runtime = tokio::runtime::Builder::new_current_thread()

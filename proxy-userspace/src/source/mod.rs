@@ -15,6 +15,11 @@ pub trait Source: Send + 'static {
     /// Sends a snapshot whenever the objects change (and one at start). Returns when the
     /// receiver is dropped, or with an error the source cannot recover from.
     fn run(self: Box<Self>, tx: Sender<Snapshot>) -> anyhow::Result<()>;
+    /// Where the agent of node `node` posts its Kubernetes Events (`crate::events`): nowhere
+    /// unless the source has an API server.
+    fn events(&self, node: &str) -> anyhow::Result<crate::events::Events> {
+        Ok(crate::events::Events::off(node))
+    }
 }
 
 /// The addresses of every Node object of the cluster (`status.addresses` of type InternalIP

@@ -259,6 +259,8 @@ struct State {
     resets: usize,
     /// Watch connections `forget_watches` could not forget silently (no CAP_NET_ADMIN).
     unforgotten: Vec<String>,
+    /// Events (events.k8s.io/v1) created, in order, as last patched.
+    events: Vec<Value>,
 }
 
 impl State {
@@ -522,6 +524,11 @@ impl ApiServer {
         self.lock().collection(res).watches.len()
     }
 
+    /// The Events created so far (events.k8s.io/v1), as last patched (a series' count).
+    pub fn events(&self) -> Vec<Value> {
+        self.lock().events.clone()
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         self.lock().requests.clone()
     }
@@ -704,9 +711,84 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut body = head.split_off(end);
     let head = String::from_utf8_lossy(&head).to_string();
+    let method = head.split_whitespace().next().unwrap_or("GET").to_string();
     let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    if method != "GET" {
+        // Writes: Events only (POST creates, PATCH updates a series), as a real API server
+        // takes them from kube-proxy; any other write is refused.
+        let length: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        while body.len() < length {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+        let object: Option<Value> = serde_json::from_slice(&body).ok();
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let answer = match (method.as_str(), parts.as_slice(), object) {
+            (
+                "POST",
+                ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"],
+                Some(mut event),
+            ) => {
+                event["metadata"]["namespace"] = json!(ns);
+                event["kind"] = json!("Event");
+                event["apiVersion"] = json!("events.k8s.io/v1");
+                state.lock().unwrap().events.push(event.clone());
+                (201, event)
+            }
+            (
+                "PATCH",
+                [
+                    "apis",
+                    "events.k8s.io",
+                    "v1",
+                    "namespaces",
+                    ns,
+                    "events",
+                    name,
+                ],
+                Some(patch),
+            ) => {
+                let mut state = state.lock().unwrap();
+                let found = state.events.iter_mut().rev().find(|e| {
+                    e["metadata"]["name"] == json!(name) && e["metadata"]["namespace"] == json!(ns)
+                });
+                match found {
+                    Some(event) => {
+                        if let (Some(to), Some(from)) = (event.as_object_mut(), patch.as_object()) {
+                            for (k, v) in from {
+                                if k != "metadata" {
+                                    to.insert(k.clone(), v.clone());
+                                }
+                            }
+                        }
+                        (200, event.clone())
+                    }
+                    None => (404, status(404, "NotFound", "no such event")),
+                }
+            }
+            (_, _, None) => (400, status(400, "BadRequest", "the body is not JSON")),
+            _ => (
+                405,
+                status(
+                    405,
+                    "MethodNotAllowed",
+                    "this double takes writes of Events only",
+                ),
+            ),
+        };
+        return write_response(&mut socket, answer.0, &answer.1).await;
+    }
     let params = query_params(query);
     let res = Res::from_path(path);
     let watch = params.get("watch").is_some_and(|w| w == "true");
