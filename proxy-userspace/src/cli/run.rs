@@ -113,9 +113,9 @@ pub struct RunArgs {
     /// externalIP and load balancer traffic there. Default: the interfaces of the default
     /// routes in every routing table, those holding the Node object's addresses, and those
     /// holding a NodePort address (a second network without a default route; not one facing
-    /// pods), followed as they change (XDP only on default-route interfaces present at the
-    /// start). Named ones are attached whenever they exist. An empty value turns the tc path
-    /// off.
+    /// pods or an overlay), followed as they come (each stays external until it disappears; XDP
+    /// only on default-route interfaces present at the start). Named ones are attached
+    /// whenever they exist. An empty value turns the tc path off.
     #[arg(long, value_delimiter = ',')]
     pub external_interfaces: Option<Vec<String>>,
     /// XDP on the external interfaces: auto (driver mode where possible, else tc alone),
@@ -946,6 +946,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(Arc::clone(&metrics)),
         )?;
         m.seed_external(&external);
+        if let Ok(all) = netdev::local_addresses() {
+            m.seed_nodeport_ips(nodeport_addresses(&all, &nodeport_selection.prefixes(&[])));
+        }
         m.reconcile();
         log::info!(
             "tc at ingress of {:?} (pod interfaces: {:?}; followed as they come and go)",

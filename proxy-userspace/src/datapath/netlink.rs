@@ -381,12 +381,10 @@ fn address_of(a: &AddressMessage) -> Option<IpAddr> {
     address
 }
 
+/// The kernel's name of a device kind (IFLA_INFO_KIND): `veth`, `bridge`, `gre`,
+/// `openvswitch`, ...
 fn kind_name(k: &InfoKind) -> String {
-    match k {
-        InfoKind::Veth => "veth".into(),
-        InfoKind::Bridge => "bridge".into(),
-        other => format!("{other:?}").to_lowercase(),
-    }
+    k.to_string()
 }
 
 pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {

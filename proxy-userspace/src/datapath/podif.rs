@@ -213,39 +213,71 @@ pub fn default_route_names(links: &[Link], indexes: &[u32]) -> Vec<String> {
 /// 7.2). `addresses` are (interface index, address, prefix length). Left out, as facing pods or
 /// tunnels rather than a network outside the node: an address inside a pod CIDR, a host
 /// prefix (/32, /128: the gateway a ptp CNI puts on every pod's veth, a VXLAN device's), an
-/// address more than one interface holds, a bridge with a veth port (a pod or container
-/// bridge), a bridge's port, and devices `default_route_names` would not take.
+/// address more than one interface holds, and what `may_face_outside` refuses.
 pub fn nodeport_interfaces(
     links: &[Link],
     addresses: &[(u32, IpAddr, u8)],
     nodeport: &[IpAddr],
     pod_cidrs: &[Cidr],
 ) -> Vec<String> {
+    let mut holders: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for (_, ip, _) in addresses {
+        *holders.entry(*ip).or_default() += 1;
+    }
     let indexes: Vec<u32> = addresses
         .iter()
         .filter(|(_, ip, len)| {
             let host = if ip.is_ipv4() { 32 } else { 128 };
-            nodeport.contains(ip)
-                && *len < host
+            *len < host
+                && holders.get(ip) == Some(&1)
                 && !pod_cidrs.iter().any(|c| c.contains(ip))
-                && addresses.iter().filter(|(_, other, _)| other == ip).count() == 1
+                && nodeport.contains(ip)
         })
         .map(|(index, _, _)| *index)
         .collect();
     default_route_names(links, &indexes)
         .into_iter()
         .filter(|name| {
-            links.iter().any(|l| {
-                &l.name == name
-                    && !l3_tunnel(l)
-                    && l.master.is_none()
-                    && !(l.kind.as_deref() == Some("bridge")
-                        && links.iter().any(|port| {
-                            port.master == Some(l.index) && port.kind.as_deref() == Some("veth")
-                        }))
-            })
+            links
+                .iter()
+                .any(|l| &l.name == name && may_face_outside(l, links))
         })
         .collect()
+}
+
+/// Device kinds that face pods or carry an overlay, never a network outside the node: Open
+/// vSwitch internal ports (the pod gateways of OVN-Kubernetes `ovn-k8s-mp0`, OpenShift SDN
+/// `tun0`, Kube-OVN `ovn0`, Antrea `antrea-gw0`), overlay tunnels, and the ends of pods'
+/// links.
+const POD_OR_OVERLAY_KINDS: &[&str] = &[
+    "openvswitch",
+    "vxlan",
+    "geneve",
+    "gretap",
+    "ip6gretap",
+    "erspan",
+    "ip6erspan",
+    "bareudp",
+    "netkit",
+];
+
+/// Whether `link` may be an interface where traffic from outside the node arrives, as far as
+/// its kind and place say: not a device without an Ethernet header, not one of
+/// `POD_OR_OVERLAY_KINDS`, not enslaved (a bridge's or a bond's port: its master is the
+/// interface), not a bridge with a veth port (a pod or container bridge).
+fn may_face_outside(link: &Link, links: &[Link]) -> bool {
+    let kind = link.kind.as_deref();
+    let pod_bridge = kind == Some("bridge")
+        && links
+            .iter()
+            .any(|port| port.master == Some(link.index) && port.kind.as_deref() == Some("veth"));
+    let refused = link.loopback
+        || !link.ether
+        || l3_tunnel(link)
+        || kind.is_some_and(|k| POD_OR_OVERLAY_KINDS.contains(&k))
+        || link.master.is_some()
+        || pod_bridge;
+    !refused
 }
 
 fn l3_tunnel(link: &Link) -> bool {
@@ -308,14 +340,17 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
 /// Device kinds without an Ethernet header, which the program cannot read.
 const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
 
-/// Decides which interfaces carry the program: `external` ones, the named ones, those the
-/// kernel routes local endpoints and pod CIDRs through directly (`auto`; routes via a gateway
-/// lead elsewhere, local routes to the node itself), and those matching a pattern. A selected
-/// bridge port is replaced by its bridge. `route` answers `ip route get`.
+/// Decides which interfaces carry the program, first reason first: `external` ones (named, or
+/// those of the default routes and the Node's addresses), the named ones, `by_address` ones
+/// (external too: holding a NodePort address, `nodeport_interfaces`) unless a pattern names
+/// them, those the kernel routes local endpoints and pod CIDRs through directly (`auto`;
+/// routes via a gateway lead elsewhere, local routes to the node itself), and those matching a
+/// pattern. A selected bridge port is replaced by its bridge. `route` answers `ip route get`.
 pub fn discover(
     spec: &PodInterfaces,
     links: &[Link],
     external: &[String],
+    by_address: &[String],
     inputs: &ClusterInputs,
     route: &mut dyn FnMut(IpAddr) -> RouteHit,
 ) -> Discovery {
@@ -358,6 +393,16 @@ pub fn discover(
                 });
             }
             None => out.missing.push(name.to_string()),
+        }
+    }
+    for name in by_address {
+        if let Some(link) = by_name.get(name.as_str())
+            && !spec.patterns().any(|p| glob(p, name))
+        {
+            out.wanted.entry(name.clone()).or_insert(Wanted {
+                index: link.index,
+                why: Why::External,
+            });
         }
     }
     if spec.auto() {
@@ -503,6 +548,13 @@ impl Manager {
         self.external_now = names.to_vec();
     }
 
+    /// The node's NodePort addresses as read at start, until the first `set_inputs`: the
+    /// interfaces holding them are external from the first pass on (an earlier agent's links
+    /// there stay).
+    pub fn seed_nodeport_ips(&mut self, ips: Vec<IpAddr>) {
+        self.inputs.nodeport_ips = ips;
+    }
+
     pub fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)
     }
@@ -517,9 +569,14 @@ impl Manager {
                 return false;
             }
         };
+        // The node's addresses, once per pass (without `--external-interfaces` only).
+        let addresses = match &self.external {
+            External::Named(_) => Ok(Vec::new()),
+            External::DefaultRoutes => self.rtnl.prefixes(),
+        };
         let external = match &self.external {
             External::Named(names) => names.clone(),
-            External::DefaultRoutes => match self.default_route_or_node_ip_interfaces() {
+            External::DefaultRoutes => match self.default_route_or_node_ip_interfaces(&addresses) {
                 Ok(indexes) => {
                     let mut names = default_route_names(&links, &indexes);
                     // Once external, an interface stays so while it exists: a network restart
@@ -546,21 +603,31 @@ impl Manager {
             }
             self.external_now = external;
         }
-        // Interfaces holding a NodePort address (not sticky: they follow the addresses).
-        let by_address = match (&self.external, self.inputs.nodeport_ips.is_empty()) {
-            (External::DefaultRoutes, false) => match self.rtnl.prefixes() {
-                Ok(addresses) => nodeport_interfaces(
+        // Interfaces holding a NodePort address. Once external, one stays so while it exists
+        // and its kind and place allow (`may_face_outside`): an address that goes for a moment
+        // (a DHCP client, a network restart) must not cut the flows arriving there.
+        let by_address = match (&self.external, &addresses) {
+            (External::Named(_), _) => Vec::new(),
+            (External::DefaultRoutes, Ok(addresses)) => {
+                let mut names = nodeport_interfaces(
                     &links,
-                    &addresses,
+                    addresses,
                     &self.inputs.nodeport_ips,
                     &self.inputs.pod_cidrs,
-                ),
-                Err(e) => {
-                    log::warn!("external interfaces: cannot read the node's addresses: {e}");
-                    self.by_address.clone()
+                );
+                for name in &self.by_address {
+                    if !names.contains(name)
+                        && links
+                            .iter()
+                            .any(|l| &l.name == name && may_face_outside(l, &links))
+                    {
+                        names.push(name.clone());
+                    }
                 }
-            },
-            _ => Vec::new(),
+                names.sort();
+                names
+            }
+            (External::DefaultRoutes, Err(_)) => self.by_address.clone(),
         };
         let rtnl = &mut self.rtnl;
         // Each address's route is asked once per pass, for the discovery and for `waiting`.
@@ -570,9 +637,14 @@ impl Manager {
                 .entry(a)
                 .or_insert_with(|| rtnl.route_get(a).unwrap_or(RouteHit::None))
         };
-        let mut external = self.external_now.clone();
-        external.extend(by_address.iter().cloned());
-        let mut found = discover(&self.spec, &links, &external, &self.inputs, &mut route);
+        let mut found = discover(
+            &self.spec,
+            &links,
+            &self.external_now,
+            &by_address,
+            &self.inputs,
+            &mut route,
+        );
         if by_address != self.by_address {
             log::info!("external interfaces (holding a NodePort address): {by_address:?}");
             self.by_address = by_address;
@@ -707,8 +779,11 @@ impl Manager {
     }
 
     /// The interfaces of the default routes and those holding one of the Node object's
-    /// addresses.
-    fn default_route_or_node_ip_interfaces(&mut self) -> std::io::Result<Vec<u32>> {
+    /// addresses (`addresses`: the node's, with their interfaces and prefix lengths).
+    fn default_route_or_node_ip_interfaces(
+        &mut self,
+        addresses: &std::io::Result<Vec<(u32, IpAddr, u8)>>,
+    ) -> std::io::Result<Vec<u32>> {
         let mut indexes = match &self.default_routes {
             Some((at, indexes)) if at.elapsed() < DEFAULT_ROUTES_EVERY => indexes.clone(),
             _ => {
@@ -718,12 +793,14 @@ impl Manager {
             }
         };
         if !self.inputs.node_ips.is_empty() {
+            let addresses = addresses
+                .as_ref()
+                .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
             indexes.extend(
-                self.rtnl
-                    .addresses()?
-                    .into_iter()
-                    .filter(|(_, ip)| self.inputs.node_ips.contains(ip))
-                    .map(|(index, _)| index),
+                addresses
+                    .iter()
+                    .filter(|(_, ip, _)| self.inputs.node_ips.contains(ip))
+                    .map(|(index, _, _)| *index),
             );
         }
         Ok(indexes)
@@ -798,7 +875,7 @@ pub fn unattached(
 ) -> anyhow::Result<Vec<(String, Why)>> {
     let mut rtnl = Rtnl::new()?;
     let links = rtnl.links()?;
-    let found = discover(spec, &links, &[], inputs, &mut |a| {
+    let found = discover(spec, &links, &[], &[], inputs, &mut |a| {
         rtnl.route_get(a).unwrap_or(RouteHit::None)
     });
     let live = tclinks::live_links(pin_dir);

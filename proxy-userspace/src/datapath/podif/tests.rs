@@ -87,7 +87,7 @@ fn auto_follows_routes_to_local_endpoints() {
         pod_cidrs: Vec::new(),
         ..ClusterInputs::default()
     };
-    let found = discover(&spec, &links(), &["eth0".into()], &inputs, &mut route);
+    let found = discover(&spec, &links(), &["eth0".into()], &[], &inputs, &mut route);
     let got: Vec<(&str, String)> = found
         .wanted
         .iter()
@@ -134,7 +134,7 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
         "10.244.2.9" => RouteHit::Gateway { oif: 8 },
         _ => RouteHit::Gateway { oif: 2 },
     };
-    let found = discover(&spec, &all, &["eth0".into()], &inputs, &mut route);
+    let found = discover(&spec, &all, &["eth0".into()], &[], &inputs, &mut route);
     let got: Vec<(&str, String)> = found
         .wanted
         .iter()
@@ -159,7 +159,14 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
 #[test]
 fn bridge_ports_count_as_their_bridge() {
     let spec = PodInterfaces::parse(&["veth*".into()]).unwrap();
-    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    let found = discover(
+        &spec,
+        &links(),
+        &[],
+        &[],
+        &ClusterInputs::default(),
+        &mut route,
+    );
     assert_eq!(found.wanted.len(), 1);
     let w = &found.wanted["cni0"];
     assert_eq!(w.index, 3);
@@ -175,7 +182,14 @@ fn bridge_ports_count_as_their_bridge() {
 #[test]
 fn patterns_and_missing_names() {
     let spec = PodInterfaces::parse(&["cali*".into(), "cni9".into()]).unwrap();
-    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    let found = discover(
+        &spec,
+        &links(),
+        &[],
+        &[],
+        &ClusterInputs::default(),
+        &mut route,
+    );
     assert_eq!(
         found.wanted.keys().collect::<Vec<_>>(),
         vec!["calia1", "calib2"]
@@ -183,7 +197,14 @@ fn patterns_and_missing_names() {
     assert_eq!(found.missing, vec!["cni9".to_string()]);
     // A pattern matching nothing selects nothing, and is no error.
     let spec = PodInterfaces::parse(&["lxc*".into()]).unwrap();
-    let found = discover(&spec, &links(), &[], &ClusterInputs::default(), &mut route);
+    let found = discover(
+        &spec,
+        &links(),
+        &[],
+        &[],
+        &ClusterInputs::default(),
+        &mut route,
+    );
     assert!(found.wanted.is_empty() && found.missing.is_empty());
 }
 
@@ -202,7 +223,7 @@ fn pod_cidr_route_selects_its_interface() {
             RouteHit::None
         }
     };
-    let found = discover(&spec, &links(), &[], &inputs, &mut r);
+    let found = discover(&spec, &links(), &[], &[], &inputs, &mut r);
     assert_eq!(
         found.wanted["cni0"].why.to_string(),
         "pod: route to pod CIDR 10.244.1.0/24"
@@ -282,6 +303,8 @@ fn interfaces_holding_a_node_port_address_are_external_unless_they_face_pods() {
     all.push(link(11, "docker0", None, Some("bridge")));
     all.push(link(12, "br-ex", None, Some("bridge")));
     all.push(link(13, "enp1s0", Some(12), None));
+    all.push(link(15, "ovn-k8s-mp0", None, Some("openvswitch")));
+    all.push(link(16, "vxlan0", None, Some("vxlan")));
     let addresses = [
         (1, ip("127.0.0.1"), 8),
         (2, ip("192.168.77.1"), 24),
@@ -298,6 +321,9 @@ fn interfaces_holding_a_node_port_address_are_external_unless_they_face_pods() {
         (10, ip("172.17.0.9"), 16),
         (11, ip("172.18.0.1"), 16),
         (12, ip("192.168.79.1"), 24),
+        // Pod gateways and overlays without a pod CIDR to tell them by.
+        (15, ip("10.128.0.2"), 23),
+        (16, ip("10.10.0.1"), 24),
     ];
     let mut nodeport: Vec<IpAddr> = addresses
         .iter()
@@ -307,7 +333,8 @@ fn interfaces_holding_a_node_port_address_are_external_unless_they_face_pods() {
     let pod_cidrs = [Cidr::parse("10.244.0.0/24").unwrap()];
     let found = nodeport_interfaces(&all, &addresses, &nodeport, &pod_cidrs);
     // Not: lo, cni0 (pod CIDR, veth ports), calia1/calib2 (host prefix, shared), wg0 (no
-    // Ethernet header), eth2 (a bond's port). A bridge whose port is a NIC is taken.
+    // Ethernet header), eth2 (a bond's port), an Open vSwitch internal port (OVN-Kubernetes'
+    // pod gateway), a VXLAN device. A bridge whose port is a NIC is taken.
     assert_eq!(found, ["eth0", "eth1", "bond0", "docker0", "br-ex"]);
     // A container bridge (a veth port) faces containers.
     all.push(link(14, "vethc0", Some(11), Some("veth")));
@@ -318,4 +345,23 @@ fn interfaces_holding_a_node_port_address_are_external_unless_they_face_pods() {
     let found = nodeport_interfaces(&all, &addresses, &nodeport, &pod_cidrs);
     assert_eq!(found, ["eth1"]);
     assert!(nodeport_interfaces(&all, &addresses, &[], &pod_cidrs).is_empty());
+}
+
+#[test]
+fn interfaces_holding_a_node_port_address_come_after_named_ones_and_patterns() {
+    // A name or a pattern of --pod-interfaces says an interface faces pods: that wins. Over a
+    // route to a local endpoint, the NodePort address wins (the kinds and places that face
+    // pods are left out before: `nodeport_interfaces`).
+    let spec = PodInterfaces::parse(&["auto".into(), "calib*".into(), "cni0".into()]).unwrap();
+    let inputs = ClusterInputs {
+        endpoints: [ip("10.244.0.5")].into(),
+        ..ClusterInputs::default()
+    };
+    let by_address = ["calia1", "calib2", "cni0", "gone0"].map(String::from);
+    let found = discover(&spec, &links(), &[], &by_address, &inputs, &mut route);
+    let why = |n: &str| found.wanted.get(n).map(|w| w.why.clone());
+    assert_eq!(why("calia1"), Some(Why::External));
+    assert_eq!(why("calib2"), Some(Why::Pattern("calib*".into())));
+    assert_eq!(why("cni0"), Some(Why::Named));
+    assert_eq!(why("gone0"), None);
 }
