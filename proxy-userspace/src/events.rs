@@ -1,5 +1,5 @@
 //! Kubernetes Events, posted as kube-proxy posts them (events.k8s.io/v1, reporting controller
-//! `kube-proxy`, reporting instance the node's name), so that `kubectl get events` and
+//! `kube-proxy`, reporting instance `kube-proxy-<node>`), so that `kubectl get events` and
 //! `kubectl describe` show an operator what they would show with kube-proxy:
 //! - `Starting` (Normal) on the Node when the agent starts;
 //! - `readOnlySysFS` (Warning) on the Node when /sys is read-only and netfilter's connection
@@ -25,6 +25,28 @@ pub const CONTROLLER: &str = "kube-proxy";
 const QUEUE: usize = 64;
 /// Longest time one post may take.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The API server's limits: a note of at most 1 kB, a reporting instance of at most 128 bytes.
+const NOTE_MAX: usize = 1024;
+const INSTANCE_MAX: usize = 128;
+
+/// `text` cut to at most `max` bytes at a character boundary, ending in "..." when cut (as
+/// client-go cuts notes).
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// The reporting instance of node `node`'s agent: kube-proxy's, `kube-proxy-<host name>`
+/// (within the API server's 128 bytes).
+pub fn instance(node: &str) -> String {
+    truncated(&format!("{CONTROLLER}-{node}"), INSTANCE_MAX)
+}
 
 /// One event to post, on what.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +91,7 @@ impl Events {
         let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let reporter = Reporter {
             controller: CONTROLLER.into(),
-            instance: Some(node.to_string()),
+            instance: Some(instance(node)),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -140,7 +162,8 @@ impl Events {
         }
     }
 
-    fn queue(&self, p: Pending) {
+    fn queue(&self, mut p: Pending) {
+        p.note = p.note.map(|n| truncated(&n, NOTE_MAX));
         if let Some(tx) = &self.tx
             && let Err(e) = tx.try_send(p)
         {
@@ -166,8 +189,7 @@ impl Events {
             reason: "readOnlySysFS".into(),
             action: "StartKubeProxy".into(),
             note: Some(
-                "/sys is read-only: cannot set nf_conntrack's hash size, problems may arise \
-                 later"
+                "/sys is read-only: cannot modify conntrack limits, problems may arise later"
                     .into(),
             ),
             regarding: self.node_ref(),
@@ -230,6 +252,21 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().reason, "readOnlySysFS");
         // Nowhere to go: nothing happens.
         Events::off("node-a").starting();
+    }
+
+    #[test]
+    fn notes_and_instances_fit_the_api_servers_limits() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let events = Events::to("node-a", tx);
+        let errors = vec!["[fd00:77::1]:30999: Address already in use (os error 98)"; 40];
+        events.health_check_failed("default", "web", 30999, &errors.join("; "));
+        let note = rx.try_recv().unwrap().note.unwrap();
+        assert_eq!(note.len(), NOTE_MAX);
+        assert!(note.ends_with("..."));
+        assert_eq!(truncated("ééé", 5), "é...");
+        assert_eq!(truncated("short", 5), "short");
+        assert_eq!(instance("node-a"), "kube-proxy-node-a");
+        assert_eq!(instance(&"n".repeat(253)).len(), INSTANCE_MAX);
     }
 
     #[test]

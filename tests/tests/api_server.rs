@@ -219,7 +219,11 @@ fn events_tell_the_start_and_a_health_check_port_that_cannot_be_bound() {
     assert_eq!(starting["regarding"]["kind"], "Node", "{starting}");
     assert_eq!(starting["regarding"]["name"], NODE, "{starting}");
     assert_eq!(starting["reportingController"], "kube-proxy", "{starting}");
-    assert_eq!(starting["reportingInstance"], NODE, "{starting}");
+    assert_eq!(
+        starting["reportingInstance"],
+        format!("kube-proxy-{NODE}"),
+        "{starting}"
+    );
     assert_eq!(starting["metadata"]["namespace"], "default", "{starting}");
     let failed = find("FailedToStartServiceHealthcheck").unwrap();
     assert_eq!(failed["type"], "Warning", "{failed}");

@@ -245,6 +245,37 @@ pub fn nodeport_interfaces(
         .collect()
 }
 
+/// `nodeport_interfaces`, and those of `before` (the last pass's) that still exist and neither
+/// their kind and place (`may_face_outside`) nor their addresses (one inside a pod CIDR, or one
+/// another interface holds too) say face pods: an address that goes for a moment (a DHCP
+/// client, a network restart) must not cut the flows arriving there.
+pub fn nodeport_interfaces_kept(
+    links: &[Link],
+    addresses: &[(u32, IpAddr, u8)],
+    nodeport: &[IpAddr],
+    pod_cidrs: &[Cidr],
+    before: &[String],
+) -> Vec<String> {
+    let mut names = nodeport_interfaces(links, addresses, nodeport, pod_cidrs);
+    for name in before {
+        let Some(link) = links.iter().find(|l| &l.name == name) else {
+            continue;
+        };
+        let faces_pods = addresses.iter().any(|(index, ip, _)| {
+            *index == link.index
+                && (pod_cidrs.iter().any(|c| c.contains(ip))
+                    || addresses
+                        .iter()
+                        .any(|(other, same, _)| same == ip && *other != link.index))
+        });
+        if !names.contains(name) && may_face_outside(link, links) && !faces_pods {
+            names.push(name.clone());
+        }
+    }
+    names.sort();
+    names
+}
+
 /// Device kinds that face pods or carry an overlay, never a network outside the node: Open
 /// vSwitch internal ports (the pod gateways of OVN-Kubernetes `ovn-k8s-mp0`, OpenShift SDN
 /// `tun0`, Kube-OVN `ovn0`, Antrea `antrea-gw0`), overlay tunnels, and the ends of pods'
@@ -603,31 +634,21 @@ impl Manager {
             }
             self.external_now = external;
         }
-        // Interfaces holding a NodePort address. Once external, one stays so while it exists
-        // and its kind and place allow (`may_face_outside`): an address that goes for a moment
-        // (a DHCP client, a network restart) must not cut the flows arriving there.
+        // Interfaces holding a NodePort address, kept while their address is away a moment
+        // (`nodeport_interfaces_kept`).
         let by_address = match (&self.external, &addresses) {
             (External::Named(_), _) => Vec::new(),
-            (External::DefaultRoutes, Ok(addresses)) => {
-                let mut names = nodeport_interfaces(
-                    &links,
-                    addresses,
-                    &self.inputs.nodeport_ips,
-                    &self.inputs.pod_cidrs,
-                );
-                for name in &self.by_address {
-                    if !names.contains(name)
-                        && links
-                            .iter()
-                            .any(|l| &l.name == name && may_face_outside(l, &links))
-                    {
-                        names.push(name.clone());
-                    }
-                }
-                names.sort();
-                names
+            (External::DefaultRoutes, Ok(addresses)) => nodeport_interfaces_kept(
+                &links,
+                addresses,
+                &self.inputs.nodeport_ips,
+                &self.inputs.pod_cidrs,
+                &self.by_address,
+            ),
+            (External::DefaultRoutes, Err(e)) => {
+                log::warn!("external interfaces: cannot read the node's addresses: {e}");
+                self.by_address.clone()
             }
-            (External::DefaultRoutes, Err(_)) => self.by_address.clone(),
         };
         let rtnl = &mut self.rtnl;
         // Each address's route is asked once per pass, for the discovery and for `waiting`.

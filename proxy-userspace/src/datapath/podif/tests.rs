@@ -365,3 +365,28 @@ fn interfaces_holding_a_node_port_address_come_after_named_ones_and_patterns() {
     assert_eq!(why("cni0"), Some(Why::Named));
     assert_eq!(why("gone0"), None);
 }
+
+#[test]
+fn an_interface_stays_external_while_its_address_is_away_unless_it_turns_to_pods() {
+    let mut all = links();
+    all.push(link(7, "eth1", None, Some("veth")));
+    all.push(link(8, "br1", None, Some("bridge")));
+    let before = ["eth1", "br1", "gone0"].map(String::from);
+    let pod_cidrs = [Cidr::parse("10.244.0.0/24").unwrap()];
+    // Addresses flushed: both stay; a vanished interface goes.
+    let kept = nodeport_interfaces_kept(&all, &[], &[], &pod_cidrs, &before);
+    assert_eq!(kept, ["br1", "eth1"]);
+    // br1 gets the pods' gateway (the pod CIDR came later than the first pass), eth1 an
+    // address another interface holds too: neither stays.
+    let addresses = [
+        (8, ip("10.244.0.1"), 24),
+        (7, ip("10.9.9.1"), 24),
+        (2, ip("10.9.9.1"), 24),
+    ];
+    let kept = nodeport_interfaces_kept(&all, &addresses, &[], &pod_cidrs, &before);
+    assert!(kept.is_empty(), "{kept:?}");
+    // A veth port on br1: a pod bridge, not kept.
+    all.push(link(9, "vethp", Some(8), Some("veth")));
+    let kept = nodeport_interfaces_kept(&all, &[], &[], &pod_cidrs, &before);
+    assert_eq!(kept, ["eth1"]);
+}
