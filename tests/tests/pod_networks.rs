@@ -172,11 +172,17 @@ fn seen_ip(seen: &str) -> IpAddr {
 
 /// Polls until `to` answers the external client from `backend`.
 fn wait_from_ext(tb: &Testbed, proto: Proto, to: SocketAddr, backend: &str) {
+    wait_from(tb, &tb.ext, proto, to, backend);
+}
+
+/// Polls until a request from namespace `ns` (not in the hooked cgroup) to `to` is answered
+/// by `backend`.
+fn wait_from(tb: &Testbed, ns: &tests::NetNs, proto: Proto, to: SocketAddr, backend: &str) {
     poll_until(
-        &format!("{to} answered by {backend} from outside"),
+        &format!("{to} answered by {backend} from {}", ns.name),
         Duration::from_secs(15),
         || {
-            let r = tb.request_ext(proto, to, 1);
+            let r = tb.request_from(ns, false, proto, to, 1);
             if r.iter().all(|r| r.ok && r.backend == backend) {
                 Ok(())
             } else {
@@ -707,18 +713,7 @@ fn a_second_network_without_a_default_route_serves_node_ports() {
         ] {
             for ip in ["192.168.78.1", "fd00:78::1", "192.168.77.1", "fd00:77::1"] {
                 let to = SocketAddr::new(ip.parse().unwrap(), port);
-                poll_until(
-                    &format!("{to} answered by {backend} from the second network"),
-                    Duration::from_secs(15),
-                    || {
-                        let r = tb.request_from(&net2, false, proto, to, 1);
-                        if r.iter().all(|r| r.ok && r.backend == backend) {
-                            Ok(())
-                        } else {
-                            Err(format!("{r:?}"))
-                        }
-                    },
-                );
+                wait_from(&tb, &net2, proto, to, backend);
                 for r in tb.request_from(&net2, false, proto, to, 3) {
                     assert!(r.ok && r.backend == backend, "{to} {proto:?}: {r:?}");
                     let seen = seen_ip(&r.seen).to_string();
