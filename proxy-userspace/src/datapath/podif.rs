@@ -220,18 +220,13 @@ pub fn nodeport_interfaces(
     nodeport: &[IpAddr],
     pod_cidrs: &[Cidr],
 ) -> Vec<String> {
-    let mut holders: BTreeMap<IpAddr, usize> = BTreeMap::new();
-    for (_, ip, _) in addresses {
-        *holders.entry(*ip).or_default() += 1;
-    }
     let indexes: Vec<u32> = addresses
         .iter()
-        .filter(|(_, ip, len)| {
+        .filter(|(index, ip, len)| {
             let host = if ip.is_ipv4() { 32 } else { 128 };
             *len < host
-                && holders.get(ip) == Some(&1)
-                && !pod_cidrs.iter().any(|c| c.contains(ip))
                 && nodeport.contains(ip)
+                && !pod_facing_address(*index, ip, addresses, pod_cidrs)
         })
         .map(|(index, _, _)| *index)
         .collect();
@@ -262,11 +257,7 @@ pub fn nodeport_interfaces_kept(
             continue;
         };
         let faces_pods = addresses.iter().any(|(index, ip, _)| {
-            *index == link.index
-                && (pod_cidrs.iter().any(|c| c.contains(ip))
-                    || addresses
-                        .iter()
-                        .any(|(other, same, _)| same == ip && *other != link.index))
+            *index == link.index && pod_facing_address(*index, ip, addresses, pod_cidrs)
         });
         if !names.contains(name) && may_face_outside(link, links) && !faces_pods {
             names.push(name.clone());
@@ -274,6 +265,21 @@ pub fn nodeport_interfaces_kept(
     }
     names.sort();
     names
+}
+
+/// Whether address `ip` of interface `index` says the interface faces pods: it lies inside a
+/// pod CIDR (a pod bridge's gateway), or another interface holds it too (a gateway on every
+/// pod's link).
+fn pod_facing_address(
+    index: u32,
+    ip: &IpAddr,
+    addresses: &[(u32, IpAddr, u8)],
+    pod_cidrs: &[Cidr],
+) -> bool {
+    pod_cidrs.iter().any(|c| c.contains(ip))
+        || addresses
+            .iter()
+            .any(|(other, same, _)| same == ip && *other != index)
 }
 
 /// Device kinds that face pods or carry an overlay, never a network outside the node: Open
