@@ -48,6 +48,9 @@ const HASHSIZE: &str = "sys/module/nf_conntrack/parameters/hashsize";
 const HASHSIZE_NAME: &str = "nf_conntrack hashsize";
 /// What a failed write's error says when the file is read-only.
 const READ_ONLY: &str = "is read-only here";
+/// What it says when the file system is mounted read-only (EROFS): kube-proxy's
+/// `readOnlySysFS` case.
+const READ_ONLY_FS: &str = "is on a read-only file system";
 
 impl Kernel {
     pub fn node() -> Self {
@@ -126,16 +129,13 @@ impl Kernel {
                 from: now,
                 to: value,
             },
-            Err(e)
-                if e.kind() == ErrorKind::PermissionDenied
-                    || e.raw_os_error() == Some(libc::EROFS) =>
-            {
-                failed(format!(
-                    "{} {READ_ONLY} ({e}; a network namespace other than the node's, or a \
-                     read-only /sys)",
-                    path.display()
-                ))
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                failed(format!("{} {READ_ONLY_FS} ({e})", path.display()))
             }
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => failed(format!(
+                "{} {READ_ONLY} ({e}; a network namespace other than the node's)",
+                path.display()
+            )),
             Err(e) => failed(format!("write {}: {e}", path.display())),
         }
     }
@@ -172,12 +172,12 @@ pub fn apply_on_node(s: &NetfilterSettings) -> bool {
     read_only
 }
 
-/// Whether `outcomes` say the hash size (under /sys) could not be written for lack of write
-/// access.
+/// Whether `outcomes` say the hash size could not be written because /sys is mounted
+/// read-only (EROFS; a permission refused is not that).
 fn read_only_sysfs(outcomes: &[Outcome]) -> bool {
     outcomes.iter().any(|o| {
         matches!(o, Outcome::Failed { name, error }
-            if name == HASHSIZE_NAME && error.contains(READ_ONLY))
+            if name == HASHSIZE_NAME && error.contains(READ_ONLY_FS))
     })
 }
 
@@ -299,7 +299,12 @@ mod tests {
         };
         assert!(read_only_sysfs(&[failed(
             HASHSIZE_NAME,
-            format!("/sys/x {READ_ONLY} (Read-only file system)")
+            format!("/sys/x {READ_ONLY_FS} (Read-only file system (os error 30))")
+        )]));
+        // A permission refused (a network namespace other than the node's) is not it.
+        assert!(!read_only_sysfs(&[failed(
+            HASHSIZE_NAME,
+            format!("/sys/x {READ_ONLY} (Permission denied (os error 13))")
         )]));
         assert!(!read_only_sysfs(&[failed(
             HASHSIZE_NAME,
@@ -307,7 +312,7 @@ mod tests {
         )]));
         assert!(!read_only_sysfs(&[failed(
             "nf_conntrack_max",
-            format!("/proc/x {READ_ONLY}")
+            format!("/proc/x {READ_ONLY_FS}")
         )]));
     }
 
