@@ -39,9 +39,26 @@ use crate::{
 pub struct ServiceHealth {
     pub namespace: String,
     pub name: String,
-    /// Distinct IPs of this node's ready endpoints, over all ports and both families
-    /// (semantics 8.4).
-    pub local_endpoints: usize,
+    /// Distinct IPs of this node's ready endpoints over all ports (semantics 8.4), per family
+    /// the Service has (None: not of that family).
+    pub local_v4: Option<usize>,
+    pub local_v6: Option<usize>,
+}
+
+impl ServiceHealth {
+    /// The count a request to an address of the given family is answered with: its family's,
+    /// as kube-proxy's proxier of that family counts only its own addresses (semantics 8.4,
+    /// 10.3), so a dual-stack pod counts once; the Service's one family's for a single-stack
+    /// Service, whichever family the probe came over (kube-proxy's one server for the port
+    /// answers both).
+    pub fn local_endpoints(&self, v6: bool) -> usize {
+        let (own, other) = if v6 {
+            (self.local_v6, self.local_v4)
+        } else {
+            (self.local_v4, self.local_v6)
+        };
+        own.or(other).unwrap_or(0)
+    }
 }
 
 /// PURE: the health check servers `desired` asks for, by port, and the Services that cannot
@@ -50,15 +67,19 @@ pub struct ServiceHealth {
 /// Only Service ports whose `health_check_node_port` compile set count: type LoadBalancer
 /// with externalTrafficPolicy Local and a valid port (semantics 8.1).
 pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>) {
-    // Per Service, in namespace/name order: its port and the IPs of its local ready endpoints.
-    let mut services: BTreeMap<(&str, &str), (u16, BTreeSet<IpAddr>)> = BTreeMap::new();
+    // Per Service, in namespace/name order: its port and, per family it has, the IPs of its
+    // local ready endpoints.
+    type Ips = [Option<BTreeSet<IpAddr>>; 2];
+    let mut services: BTreeMap<(&str, &str), (u16, Ips)> = BTreeMap::new();
     for sp in desired.ports.values() {
         let Some(port) = sp.health_check_node_port else {
             continue;
         };
-        let (_, ips) = services
+        let (_, by_family) = services
             .entry((&sp.name.namespace, &sp.name.name))
-            .or_insert((port, BTreeSet::new()));
+            .or_insert((port, [None, None]));
+        let ips = by_family[usize::from(sp.name.family == crate::compile::Family::V6)]
+            .get_or_insert_with(BTreeSet::new);
         // semantics 8.4, 3.13: ready ones only; a terminating endpoint (ready false) does not
         // count even while the Local policy still sends traffic to it (3.4).
         ips.extend(
@@ -71,7 +92,7 @@ pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>)
     }
     let mut out: BTreeMap<u16, ServiceHealth> = BTreeMap::new();
     let mut problems = Vec::new();
-    for ((namespace, name), (port, ips)) in services {
+    for ((namespace, name), (port, [v4, v6])) in services {
         if let Some(first) = out.get(&port) {
             problems.push(Problem {
                 reason: ProblemReason::Conflict,
@@ -88,7 +109,8 @@ pub fn wanted(desired: &Desired) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>)
             ServiceHealth {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
-                local_endpoints: ips.len(),
+                local_v4: v4.map(|ips| ips.len()),
+                local_v6: v6.map(|ips| ips.len()),
             },
         );
     }
@@ -172,16 +194,18 @@ pub fn listens(narrowed: Narrowed, addresses: &[IpAddr]) -> Vec<Listen> {
     out
 }
 
-/// PURE: kube-proxy's answer to any request on a health check port (semantics 8.2, 8.3).
-fn response(service: &ServiceHealth, proxy_healthy: bool) -> Response {
-    let status = if service.local_endpoints > 0 && proxy_healthy {
+/// PURE: kube-proxy's answer to any request on a health check port (semantics 8.2, 8.3), for
+/// a request to an address of family `v6` (`ServiceHealth::local_endpoints`).
+fn response(service: &ServiceHealth, proxy_healthy: bool, v6: bool) -> Response {
+    let local_endpoints = service.local_endpoints(v6);
+    let status = if local_endpoints > 0 && proxy_healthy {
         200
     } else {
         503
     };
     let body = json!({
         "service": {"namespace": service.namespace, "name": service.name},
-        "localEndpoints": service.local_endpoints,
+        "localEndpoints": local_endpoints,
         "serviceProxyHealthy": proxy_healthy,
     });
     Response {
@@ -189,7 +213,7 @@ fn response(service: &ServiceHealth, proxy_healthy: bool) -> Response {
         content_type: "application/json",
         extra_headers: vec![(
             "X-Load-Balancing-Endpoint-Weight",
-            service.local_endpoints.to_string(),
+            local_endpoints.to_string(),
         )],
         body: format!("{body}\n").into_bytes(),
     }
@@ -208,9 +232,13 @@ struct PortHandler {
 
 impl Handler for PortHandler {
     /// Every path and method gets the same answer (semantics 8.2).
-    fn handle(&self, _: &Request<'_>) -> Response {
+    fn handle(&self, request: &Request<'_>) -> Response {
         let service = lock(&self.service).clone();
-        response(&service, self.health.is_healthy(SystemTime::now()))
+        // A v4-mapped address (an IPv4 client of a dual-stack socket) is IPv4.
+        let v6 = request
+            .local
+            .is_some_and(|a| a.ip().to_canonical().is_ipv6());
+        response(&service, self.health.is_healthy(SystemTime::now()), v6)
     }
 }
 

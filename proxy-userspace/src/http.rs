@@ -84,7 +84,40 @@ pub const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Binds `addr` and serves `state` on it for the life of the process. Bind errors are
 /// returned (the caller decides whether they are fatal); the address bound is returned.
 pub fn serve(addr: impl ToSocketAddrs, state: Arc<HttpState>) -> io::Result<SocketAddr> {
-    serve_listener(TcpListener::bind(addr)?, state)
+    serve_listener(bind_like_go(addr)?, state)
+}
+
+/// A listening socket on `addr` as Go's `net.Listen("tcp", addr)` (so kube-proxy) makes it:
+/// the IPv4 wildcard `0.0.0.0:port` becomes one dual-stack `[::]:port` socket (IPV6_V6ONLY
+/// off), so kube-proxy's default `0.0.0.0:10256` answers over IPv6 as well (semantics 8.7); a
+/// kernel without IPv6 gets `0.0.0.0:port`. Any other address is bound as given.
+pub fn bind_like_go(addr: impl ToSocketAddrs) -> io::Result<TcpListener> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        let bound = match a {
+            SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
+                dual_stack(v4.port()).or_else(|_| TcpListener::bind(a))
+            }
+            _ => TcpListener::bind(a),
+        };
+        match bound {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+}
+
+/// `[::]:port` with IPV6_V6ONLY off, whatever `net.ipv6.bindv6only` says.
+pub(crate) fn dual_stack(port: u16) -> io::Result<TcpListener> {
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    // As std's TcpListener::bind: a restarted agent can rebind while old connections linger.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// [`serve`] once `addr` can be bound: tries every `every` from a thread of its own, and calls
@@ -126,6 +159,8 @@ pub(crate) struct Request<'a> {
     pub method: &'a str,
     /// The request target's path, without query string.
     pub path: &'a str,
+    /// The address the client connected to (an IPv4 one as v4-mapped on a dual-stack socket).
+    pub local: Option<SocketAddr>,
 }
 
 /// Answers requests whose head parsed (and whose body, if any, was within the limit); HEAD
@@ -324,7 +359,8 @@ async fn accept_loop(
             }
         };
         let handler = Arc::clone(&handler);
-        let service = service_fn(move |request| answer(Arc::clone(&handler), request));
+        let local = stream.local_addr().ok();
+        let service = service_fn(move |request| answer(Arc::clone(&handler), request, local));
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let guard = OpenGuard::new(&open);
         tokio::spawn(async move {
@@ -349,6 +385,7 @@ async fn accept_loop(
 async fn answer(
     handler: Arc<dyn Handler>,
     request: hyper::Request<Incoming>,
+    local: Option<SocketAddr>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let (head, body) = request.into_parts();
     let too_large = || Response::text(413, "request body too large\n");
@@ -359,6 +396,7 @@ async fn answer(
             Ok(_) => handler.handle(&Request {
                 method: head.method.as_str(),
                 path: head.uri.path(),
+                local,
             }),
             Err(e) if e.is::<LengthLimitError>() => too_large(),
             // A broken body (bad chunk, client gone): nobody may be reading, but say why.

@@ -600,6 +600,9 @@ fn cluster_cidrs(list: &str) -> Result<Vec<Cidr>, String> {
 /// `nodePortAddresses` → values of `--nodeport-addresses`: CIDRs and `primary` as they are,
 /// `all` as 0.0.0.0/0 and ::/0, `localhost` as 127.0.0.0/8 and ::1/128.
 fn nodeport_addresses(list: &[String]) -> Result<Vec<String>, String> {
+    if list.len() > 1 && list.iter().any(|r| r.trim() == "primary") {
+        return Err("can't use both 'primary' and CIDRs".into());
+    }
     let mut out = Vec::new();
     for raw in list.iter().map(|r| r.trim()) {
         match raw {
@@ -946,6 +949,14 @@ pub fn apply(
             args.source.nodeport_addresses,
             list.clone()
         );
+    } else if config.mode == ProxyMode::NfTables && !given("nodeport_addresses") {
+        // kube-proxy's nftables mode defaults nodePortAddresses to [primary] (its
+        // platformApplyDefaults; semantics 7.3); the other modes serve every local address.
+        args.source.nodeport_addresses = vec!["primary".to_string()];
+        notes.push(Note::info(
+            "mode nftables without nodePortAddresses: NodePorts on the node's primary              addresses only, kube-proxy's nftables default (nodePortAddresses [primary])"
+                .into(),
+        ));
     }
     // kube-proxy's configSyncPeriod (default 15m) is how often its informers resync; ours is
     // how often the maps are read back and repaired. A zero or empty period keeps our own

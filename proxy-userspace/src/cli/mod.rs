@@ -192,8 +192,9 @@ pub struct SourceArgs {
     /// ~/.kube/config).
     #[arg(long, conflicts_with = "manifests")]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name, as in EndpointSlice nodeName (default: the hostname, lower-cased).
-    #[arg(long)]
+    /// This node's name, as in EndpointSlice nodeName (default: the hostname), trimmed and
+    /// lower-cased as kube-proxy takes it; empty means the hostname, blanks are refused.
+    #[arg(long, value_parser = parse_hostname_override)]
     pub hostname_override: Option<String>,
     /// CIDRs of the node addresses NodePorts are served on (kube-proxy's
     /// --nodeport-addresses); a family without any CIDR uses all its addresses. `primary`
@@ -216,10 +217,23 @@ pub struct SourceArgs {
     pub maglev_table_size: u32,
 }
 
+/// `--hostname-override` as kube-proxy reads it: trimmed and lower-cased; "" stands for no
+/// override (the hostname), while blanks alone are an error ("empty hostname-override is
+/// invalid").
+fn parse_hostname_override(raw: &str) -> Result<String, String> {
+    let name = raw.trim();
+    if name.is_empty() && !raw.is_empty() {
+        return Err("empty hostname-override is invalid".into());
+    }
+    Ok(name.to_lowercase())
+}
+
 impl SourceArgs {
     pub fn node_name(&self) -> String {
         self.hostname_override
             .clone()
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| h.trim().to_string())
             .unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|h| h.trim().to_string())

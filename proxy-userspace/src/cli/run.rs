@@ -1,7 +1,7 @@
 //! `kube-bpf-proxy run`: load and attach the datapath, then keep it equal to the source.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         Arc,
@@ -170,6 +170,14 @@ pub struct RunArgs {
     /// [::]:10256 with an IPv6 --bind-address.
     #[arg(long)]
     pub healthz_bind_address: Option<String>,
+    /// kube-proxy's deprecated --metrics-port: the port of a --metrics-bind-address given
+    /// without one (default 10249); 0 disables the metrics server. Not read next to --config.
+    #[arg(long, value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+    /// kube-proxy's deprecated --healthz-port: the port of a --healthz-bind-address given
+    /// without one (default 10256); 0 disables the health server. Not read next to --config.
+    #[arg(long, value_name = "PORT")]
+    pub healthz_port: Option<u16>,
     /// Exit when the metrics or health address cannot be bound (default: log and go on
     /// without it).
     #[arg(long)]
@@ -180,13 +188,14 @@ pub struct RunArgs {
     pub oom_score_adj: Option<i32>,
     /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
     /// duration: 6h, 90m, 1h30m). Given on the command line without --config, it also sets
-    /// the kernel's own table's, as kube-proxy's flag of the same name does (24h by default).
+    /// the kernel's own table's, as kube-proxy's flag of the same name does (24h by default);
+    /// 0 leaves the kernel's alone and keeps 6h here.
     #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
     pub conntrack_tcp_timeout_established: Duration,
     /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not,
     /// and of an unconnected socket's datagrams to one Service address (kept on one backend
     /// until idle this long) (Go duration). kube-proxy's --conntrack-udp-timeout and
-    /// --conntrack-udp-timeout-stream both map here.
+    /// --conntrack-udp-timeout-stream both map here; 0 keeps 120s.
     #[arg(long, default_value = "120s", value_parser = super::config::parse_go_duration)]
     pub conntrack_udp_timeout: Duration,
     /// kube-proxy's flags that `run` has no flag of its own for (last in the help).
@@ -227,10 +236,10 @@ fn configz(args: &RunArgs, node: &str, healthz: &str, metrics: &str) -> String {
             },
             "configSyncPeriod": go(args.sync_period),
             "conntrack": {
-                "tcpEstablishedTimeout": go(args.conntrack_tcp_timeout_established),
+                "tcpEstablishedTimeout": go(flow_timeouts(args).0),
                 "tcpCloseWaitTimeout": secs(netfilter.tcp_close_wait_secs),
                 "tcpBeLiberal": true,
-                "udpTimeout": go(args.conntrack_udp_timeout),
+                "udpTimeout": go(flow_timeouts(args).1),
             },
             "enableProfiling": false,
             "featureGates": {},
@@ -254,6 +263,80 @@ pub fn default_http_addresses(bind_address: Option<IpAddr>) -> (&'static str, &'
         _ => ("0.0.0.0:10256", "127.0.0.1:10249"),
     }
 }
+
+/// kube-proxy's default ports of the health and metrics servers.
+const HEALTHZ_PORT: u16 = 10256;
+const METRICS_PORT: u16 = 10249;
+
+/// The addresses the health and metrics servers listen on ("" when off), as kube-proxy
+/// completes its flags (semantics 8.7, 8.10, 11.10): the address given, else the default; an
+/// address given as an IP alone gets the port, kube-proxy's AppendPortIfNeeded; without
+/// `--config`, the deprecated `--healthz-port`/`--metrics-port` give that port, and 0 turns
+/// the server off.
+pub fn http_addresses(args: &RunArgs) -> (String, String) {
+    let (healthz, metrics) = default_http_addresses(args.source.bind_address);
+    let complete = |given: &Option<String>, default: &str, port: Option<u16>, fallback: u16| {
+        let port = if args.config.is_none() {
+            port.unwrap_or(fallback)
+        } else {
+            fallback
+        };
+        if port == 0 {
+            return String::new();
+        }
+        append_port_if_needed(given.as_deref().unwrap_or(default), port)
+    };
+    (
+        complete(
+            &args.healthz_bind_address,
+            healthz,
+            args.healthz_port,
+            HEALTHZ_PORT,
+        ),
+        complete(
+            &args.metrics_bind_address,
+            metrics,
+            args.metrics_port,
+            METRICS_PORT,
+        ),
+    )
+}
+
+/// `addr` with `port` when it is an IP address alone (`0.0.0.0`, `::`, `[::1]`); anything
+/// else as it is (an address with a port; "" turns the server off; anything else fails to
+/// bind, with its own error).
+fn append_port_if_needed(addr: &str, port: u16) -> String {
+    let addr = addr.trim();
+    if addr.parse::<SocketAddr>().is_ok() {
+        return addr.to_string();
+    }
+    let bare = addr
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(addr);
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => addr.to_string(),
+    }
+}
+
+/// The tc path's idle timeouts (TCP established, UDP): 0, which to kube-proxy's flags means
+/// "leave the kernel's value alone" (semantics 11.12), keeps this proxy's defaults for its
+/// own maps.
+pub fn flow_timeouts(args: &RunArgs) -> (Duration, Duration) {
+    let or = |d: Duration, default: Duration| if d.is_zero() { default } else { d };
+    (
+        or(
+            args.conntrack_tcp_timeout_established,
+            TCP_ESTABLISHED_DEFAULT,
+        ),
+        or(args.conntrack_udp_timeout, UDP_TIMEOUT_DEFAULT),
+    )
+}
+
+/// The defaults of --conntrack-tcp-timeout-established and --conntrack-udp-timeout.
+pub const TCP_ESTABLISHED_DEFAULT: Duration = Duration::from_secs(6 * 3600);
+pub const UDP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
 
 /// The collector's timeouts from the flags, in whole seconds (at least 1).
 fn ct_timeouts(tcp: Duration, udp: Duration) -> CtTimeouts {
@@ -813,15 +896,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let read_only_sysfs = args.netfilter_conntrack == NetfilterConntrack::KubeProxy
         && crate::datapath::nfct::apply_on_node(&args.netfilter.clone().unwrap_or_default());
     let node = args.source.node_name();
-    let configz = {
-        let (healthz, metrics) = default_http_addresses(args.source.bind_address);
-        configz(
-            &args,
-            &node,
-            args.healthz_bind_address.as_deref().unwrap_or(healthz),
-            args.metrics_bind_address.as_deref().unwrap_or(metrics),
-        )
-    };
+    let (healthz_address, metrics_address) = http_addresses(&args);
+    let configz = configz(&args, &node, &healthz_address, &metrics_address);
+    let (tcp_timeout, udp_timeout) = flow_timeouts(&args);
     let families = [Family::V4, Family::V6];
     let metrics = Arc::new(Metrics::new(env!("CARGO_PKG_VERSION"), &families));
     let dsr = args.nodeport_mode == NodePortMode::Dsr;
@@ -870,7 +947,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // semantics 8.1: the health checks of a narrowed family listen on its NodePort addresses.
     let hc_narrowed = crate::healthcheck::Narrowed::of(&nodeport_selection);
     let config = args.source.config()?;
-    let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes, args.conntrack_udp_timeout)?;
+    let mut datapath = Datapath::load(&args.bpffs, &cgroup, &sizes, udp_timeout)?;
     datapath.set_maglev_size(config.maglev_size)?;
     datapath.set_dsr(dsr)?;
     datapath.set_masquerade_all(args.masquerade_all)?;
@@ -1060,27 +1137,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ranged,
         socklb,
     )?;
-    collect_conntrack(
-        args.bpffs.clone(),
-        ct_timeouts(
-            args.conntrack_tcp_timeout_established,
-            args.conntrack_udp_timeout,
-        ),
-    );
+    collect_conntrack(args.bpffs.clone(), ct_timeouts(tcp_timeout, udp_timeout));
     let health = Arc::new(Health::new(
         args.health_timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT),
         &families,
         SystemTime::now(),
     ));
-    let (healthz_default, metrics_default) = default_http_addresses(args.source.bind_address);
-    let metrics_address = args
-        .metrics_bind_address
-        .as_deref()
-        .unwrap_or(metrics_default);
-    let healthz_address = args
-        .healthz_bind_address
-        .as_deref()
-        .unwrap_or(healthz_default);
     let http_state = |role| {
         Arc::new(HttpState {
             role,
@@ -1091,13 +1153,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     serve(
         "metrics",
-        metrics_address,
+        &metrics_address,
         &http_state(Role::Metrics),
         args.bind_address_hard_fail,
     )?;
     serve(
         "health checks",
-        healthz_address,
+        &healthz_address,
         &http_state(Role::Health),
         args.bind_address_hard_fail,
     )?;

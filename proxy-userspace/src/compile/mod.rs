@@ -227,6 +227,10 @@ impl NodePortSelection {
                     .push(Cidr::parse(raw).ok_or_else(|| format!("{raw:?} is not a CIDR"))?);
             }
         }
+        // kube-proxy's validation refuses the mix (semantics 7.3).
+        if out.primary && !out.cidrs.is_empty() {
+            return Err("can't use both 'primary' and CIDRs".into());
+        }
         Ok(out)
     }
 

@@ -1787,15 +1787,15 @@ fn nodeport_addresses_primary_is_the_primary_address_of_each_family() {
     );
     // Nothing known: nothing served.
     assert_eq!(nodeport_addresses(&all, &primary.prefixes(&[])), ips(&[]));
-    let bound = NodePortSelection::parse(
-        &values(&["primary", "fd00:77::1/128"]),
-        Some("192.168.77.1".parse().unwrap()),
-    )
-    .unwrap();
+    let bound =
+        NodePortSelection::parse(&values(&["primary"]), Some("192.168.77.1".parse().unwrap()))
+            .unwrap();
     assert_eq!(
-        nodeport_addresses(&all, &bound.prefixes(&ips(&["10.244.0.1"]))),
+        nodeport_addresses(&all, &bound.prefixes(&ips(&["10.244.0.1", "fd00:77::1"]))),
         ips(&["192.168.77.1", "fd00:77::1"])
     );
+    // kube-proxy's validation refuses `primary` next to CIDRs.
+    assert!(NodePortSelection::parse(&values(&["primary", "fd00:77::1/128"]), None).is_err());
     // An unspecified --bind-address names no address.
     let unspecified =
         NodePortSelection::parse(&values(&["primary"]), Some("0.0.0.0".parse().unwrap())).unwrap();

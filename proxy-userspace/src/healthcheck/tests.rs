@@ -53,11 +53,13 @@ fn wanted_of(docs: &[String]) -> (BTreeMap<u16, ServiceHealth>, Vec<Problem>) {
     wanted(&compile(&snapshot(docs)))
 }
 
+/// An IPv4 Service's health with `n` local endpoints.
 fn health(name: &str, n: usize) -> ServiceHealth {
     ServiceHealth {
         namespace: "default".into(),
         name: name.into(),
-        local_endpoints: n,
+        local_v4: Some(n),
+        local_v6: None,
     }
 }
 
@@ -158,7 +160,40 @@ fn both_families_count() {
             ],
         ),
     ]);
-    assert_eq!(w, BTreeMap::from([(32001, health("web", 2))]));
+    // semantics 8.4, 10.3: each family's proxier counts its own family's addresses, so the
+    // dual-stack pod counts once, whichever family the probe comes over.
+    let want = ServiceHealth {
+        local_v6: Some(1),
+        ..health("web", 1)
+    };
+    assert_eq!(w, BTreeMap::from([(32001, want.clone())]));
+    assert_eq!(
+        (want.local_endpoints(false), want.local_endpoints(true)),
+        (1, 1)
+    );
+    // Families that differ answer each probe with its own family's count; a single-stack
+    // Service answers every probe with its one family's.
+    let uneven = ServiceHealth {
+        local_v6: Some(2),
+        ..health("web", 1)
+    };
+    assert_eq!(
+        (uneven.local_endpoints(false), uneven.local_endpoints(true)),
+        (1, 2)
+    );
+    let v6_only = ServiceHealth {
+        local_v4: None,
+        local_v6: Some(3),
+        ..health("web", 0)
+    };
+    assert_eq!(
+        (
+            v6_only.local_endpoints(false),
+            v6_only.local_endpoints(true)
+        ),
+        (3, 3)
+    );
+    assert_eq!(health("web", 2).local_endpoints(true), 2);
 }
 
 #[test]
@@ -227,7 +262,7 @@ fn answer_is_200_only_with_local_endpoints_and_a_healthy_proxy() {
         (2, false, 503),
         (0, false, 503),
     ] {
-        let r = response(&health("web", n), healthy);
+        let r = response(&health("web", n), healthy, false);
         assert_eq!(r.status, status, "{n} {healthy}");
         assert_eq!(r.content_type, "application/json");
         assert_eq!(
@@ -347,6 +382,26 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
         )
         .unwrap();
         assert_eq!(r.status, 200);
+    }
+
+    // semantics 8.4, 10.3: a dual-stack Service answers each probe with the count of the
+    // family it came over (each kube-proxy proxier counts its own family).
+    if ipv6_loopback() {
+        let dual = ServiceHealth {
+            local_v6: Some(3),
+            ..health("web", 2)
+        };
+        hc.update(&BTreeMap::from([(port, dual)]), &[]);
+        let v6 = request(
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            "GET / HTTP/1.1\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(v6.headers["x-load-balancing-endpoint-weight"], "3");
+        assert_eq!(
+            get(port, "/").unwrap().headers["x-load-balancing-endpoint-weight"],
+            "2"
+        );
     }
 
     // Counts change in place.

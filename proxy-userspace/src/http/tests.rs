@@ -341,6 +341,21 @@ fn start_with(limits: Limits) -> Server {
     Server::start_with(listener, state(), limits).unwrap()
 }
 
+/// semantics 8.7: kube-proxy's default 0.0.0.0:10256 is Go's one dual-stack socket, which
+/// answers IPv6 clients too; so is ours. A specific address is bound as given.
+#[test]
+fn the_ipv4_wildcard_listens_on_both_families_as_in_go() {
+    let state = state();
+    let addr = serve("0.0.0.0:0", state.clone()).unwrap();
+    assert!(addr.is_ipv6() && addr.ip().is_unspecified(), "{addr}");
+    for ip in ["127.0.0.1", "::1"] {
+        let to = SocketAddr::new(ip.parse().unwrap(), addr.port());
+        assert_eq!(get(to, "/livez").status, 200, "{to}");
+    }
+    let specific = serve("127.0.0.1:0", state).unwrap();
+    assert_eq!(specific.ip(), std::net::Ipv4Addr::LOCALHOST);
+}
+
 #[test]
 fn metrics_endpoint() {
     let (addr, state) = start_as(Role::Metrics);

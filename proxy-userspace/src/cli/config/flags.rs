@@ -227,7 +227,36 @@ impl KubeProxyFlags {
                 at = next.as_object_mut().expect("only mappings on the way");
             }
         }
+        move_sync_periods_to_nftables(&mut top);
         Ok(Some(Value::Object(top)))
+    }
+}
+
+/// kube-proxy applies `--iptables-sync-period` and `--iptables-min-sync-period` in every mode
+/// but ipvs (its processV1Alpha1Flags); nftables mode has no flags of its own, so in that mode
+/// they set the `nftables` block's periods.
+fn move_sync_periods_to_nftables(top: &mut Map<String, Value>) {
+    if top.get("mode").and_then(Value::as_str).map(str::trim) != Some("nftables") {
+        return;
+    }
+    let Some(Value::Object(iptables)) = top.get_mut("iptables") else {
+        return;
+    };
+    let moved: Vec<(String, Value)> = ["syncPeriod", "minSyncPeriod"]
+        .iter()
+        .filter_map(|k| iptables.remove(*k).map(|v| (k.to_string(), v)))
+        .collect();
+    if iptables.is_empty() {
+        top.remove("iptables");
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let nftables = top
+        .entry("nftables".to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(n) = nftables {
+        n.extend(moved);
     }
 }
 
@@ -265,9 +294,15 @@ pub fn over_file(
 
 /// `--name` for a field path (the path itself when no flag sets it).
 fn flag_of(field: &str) -> String {
+    // The nftables periods came from the iptables flags (`move_sync_periods_to_nftables`).
+    let from = match field {
+        "nftables.syncPeriod" => "iptables.syncPeriod",
+        "nftables.minSyncPeriod" => "iptables.minSyncPeriod",
+        other => other,
+    };
     FLAGS
         .iter()
-        .find(|f| f.field == field)
+        .find(|f| f.field == from)
         .map_or_else(|| field.to_string(), |f| format!("--{}", f.name))
 }
 

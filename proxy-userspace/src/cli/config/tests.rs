@@ -203,7 +203,7 @@ ipvs: {scheduler: wrr, strictARP: true}
 detectLocalMode: BridgeInterface
 detectLocal: {bridgeInterface: cni0}
 clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
-nodePortAddresses: [primary, 192.0.2.0/24]
+nodePortAddresses: [primary]
 configSyncPeriod: 15m0s
 conntrack: {maxPerCore: 1000, min: 1, tcpEstablishedTimeout: 2h30m, udpTimeout: 30s, udpStreamTimeout: 300s, tcpBeLiberal: true}
 oomScoreAdj: -500
@@ -230,7 +230,7 @@ featureGates: {PreferSameTrafficDistribution: true}
     assert!(args.bind_address_hard_fail);
     assert_eq!(args.source.scheduler, SchedulerFlag::WeightedRoundRobin);
     assert_eq!(args.pod_interfaces, ["auto", "cni0"]);
-    assert_eq!(args.source.nodeport_addresses, ["primary", "192.0.2.0/24"]);
+    assert_eq!(args.source.nodeport_addresses, ["primary"]);
     let selection = args.source.nodeport_selection().unwrap();
     assert!(selection.primary);
     assert_eq!(selection.bind_address, args.source.bind_address);
@@ -1158,4 +1158,206 @@ fn kernel_timeouts_follow_the_flags_without_a_config_file() {
         "--conntrack-max-per-core=0",
     ]);
     assert_eq!((mixed.max, mixed.tcp_established_secs), (None, Some(7200)));
+}
+
+/// kube-proxy's nftables mode defaults nodePortAddresses to [primary] (its
+/// platformApplyDefaults; semantics 7.3); iptables and ipvs serve every local address; and
+/// kube-proxy's validation refuses `primary` next to CIDRs.
+#[test]
+fn config_nftables_mode_serves_node_ports_on_the_primary_addresses_by_default() {
+    let list = |body: &str| {
+        run_with(&doc(body), &[])
+            .args()
+            .source
+            .nodeport_addresses
+            .clone()
+    };
+    assert_eq!(list("mode: nftables"), ["primary"]);
+    assert_eq!(
+        list("mode: nftables\nnodePortAddresses: [10.0.0.0/8]"),
+        ["10.0.0.0/8"]
+    );
+    assert!(list("mode: iptables").is_empty());
+    assert!(list("mode: ipvs").is_empty());
+    assert!(list("clusterCIDR: 10.244.0.0/16").is_empty());
+    let flags = |argv: &[&str]| {
+        run_argv(argv)
+            .unwrap()
+            .args()
+            .source
+            .nodeport_addresses
+            .clone()
+    };
+    assert_eq!(flags(&["--proxy-mode=nftables"]), ["primary"]);
+    assert_eq!(
+        flags(&["--proxy-mode=nftables", "--nodeport-addresses=192.0.2.0/24"]),
+        ["192.0.2.0/24"]
+    );
+    assert!(flags(&["--proxy-mode=iptables"]).is_empty());
+
+    let e = err(&doc("nodePortAddresses: [primary, 10.0.0.0/8]"));
+    assert!(e.contains("can't use both 'primary' and CIDRs"), "{e}");
+    let mixed = ["10.0.0.0/8".to_string(), "primary".to_string()];
+    assert!(
+        crate::compile::NodePortSelection::parse(&mixed, None)
+            .unwrap_err()
+            .contains("can't use both 'primary' and CIDRs")
+    );
+}
+
+/// semantics 8.6, 11.11: kube-proxy applies --iptables-sync-period in every mode but ipvs, so
+/// in nftables mode it sets the health timeout too.
+#[test]
+fn kube_proxy_iptables_sync_period_counts_in_nftables_mode() {
+    for argv in [
+        &["--proxy-mode=nftables", "--iptables-sync-period=10s"][..],
+        &["--iptables-sync-period=10s"],
+        &["--proxy-mode=iptables", "--iptables-sync-period=10s"],
+    ] {
+        let out = run_argv(argv).unwrap();
+        assert_eq!(
+            out.args().health_timeout,
+            Some(Duration::from_secs(20)),
+            "{argv:?}"
+        );
+        assert!(
+            !out.warnings()
+                .iter()
+                .any(|w| w.contains("--iptables-sync-period")),
+            "{argv:?}: {:#?}",
+            out.warnings()
+        );
+    }
+    let out = run_argv(&["--proxy-mode=ipvs", "--iptables-sync-period=10s"]).unwrap();
+    assert_eq!(out.args().health_timeout, None);
+    // An invalid value is named by its flag.
+    let e = run_argv(&["--proxy-mode=nftables", "--iptables-sync-period=soon"])
+        .err()
+        .unwrap();
+    assert!(e.contains("--iptables-sync-period"), "{e}");
+}
+
+/// semantics 8.7, 8.10, 11.10: the health and metrics addresses as kube-proxy completes its
+/// flags: an IP alone gets the default port (or the deprecated --healthz-port/--metrics-port),
+/// a port of 0 or an empty address turns the server off.
+#[test]
+fn http_addresses_complete_as_kube_proxy_completes_its_flags() {
+    use super::super::run::http_addresses;
+    let addrs = |argv: &[&str]| {
+        let (h, m) = http_addresses(run_argv(argv).unwrap().args());
+        (h, m)
+    };
+    let pair = |h: &str, m: &str| (h.to_string(), m.to_string());
+    assert_eq!(addrs(&[]), pair("0.0.0.0:10256", "127.0.0.1:10249"));
+    assert_eq!(
+        addrs(&[
+            "--healthz-bind-address=0.0.0.0",
+            "--metrics-bind-address=127.0.0.1"
+        ]),
+        pair("0.0.0.0:10256", "127.0.0.1:10249")
+    );
+    assert_eq!(
+        addrs(&["--healthz-bind-address=::", "--metrics-bind-address=[::1]"]),
+        pair("[::]:10256", "[::1]:10249")
+    );
+    assert_eq!(
+        addrs(&[
+            "--healthz-bind-address=192.0.2.1",
+            "--healthz-port=12345",
+            "--metrics-port=9090",
+            "--metrics-bind-address=0.0.0.0"
+        ]),
+        pair("192.0.2.1:12345", "0.0.0.0:9090")
+    );
+    // A port in the address wins; the default address has one.
+    assert_eq!(
+        addrs(&[
+            "--healthz-bind-address=0.0.0.0:9999",
+            "--healthz-port=12345"
+        ])
+        .0,
+        "0.0.0.0:9999"
+    );
+    assert_eq!(addrs(&["--healthz-port=12345"]).0, "0.0.0.0:10256");
+    assert_eq!(
+        addrs(&["--bind-address=::", "--metrics-port=1"]),
+        pair("[::]:10256", "[::1]:10249")
+    );
+    // Off: port 0 (whatever the address), or an empty address.
+    assert_eq!(
+        addrs(&[
+            "--healthz-port=0",
+            "--metrics-port=0",
+            "--healthz-bind-address=0.0.0.0:9999"
+        ]),
+        pair("", "")
+    );
+    assert_eq!(
+        addrs(&["--healthz-bind-address=", "--metrics-bind-address="]),
+        pair("", "")
+    );
+    // Next to --config the port flags are not read (kube-proxy reads them only without one).
+    let mut out = run_argv(&["--healthz-port=0", "--healthz-bind-address=10.0.0.1"]).unwrap();
+    let Command::Run(args) = &mut out.cli.command else {
+        unreachable!("run was parsed")
+    };
+    args.config = Some("/etc/kube-proxy/config.conf".into());
+    assert_eq!(http_addresses(args).0, "10.0.0.1:10256");
+}
+
+/// semantics 11.12: 0 in kube-proxy's conntrack timeout flags leaves the kernel's value alone;
+/// this proxy's own flow maps keep their defaults then (not a timeout of 0 or 1 s).
+#[test]
+fn zero_conntrack_timeouts_keep_the_flow_maps_defaults() {
+    use super::super::run::{TCP_ESTABLISHED_DEFAULT, UDP_TIMEOUT_DEFAULT, flow_timeouts};
+    let defaults = run_argv(&[]).unwrap();
+    assert_eq!(
+        (
+            defaults.args().conntrack_tcp_timeout_established,
+            defaults.args().conntrack_udp_timeout
+        ),
+        (TCP_ESTABLISHED_DEFAULT, UDP_TIMEOUT_DEFAULT)
+    );
+    let zero = run_argv(&[
+        "--conntrack-tcp-timeout-established=0",
+        "--conntrack-udp-timeout=0s",
+    ])
+    .unwrap();
+    assert_eq!(
+        flow_timeouts(zero.args()),
+        (TCP_ESTABLISHED_DEFAULT, UDP_TIMEOUT_DEFAULT)
+    );
+    let given = run_argv(&[
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-udp-timeout=30s",
+    ])
+    .unwrap();
+    assert_eq!(
+        flow_timeouts(given.args()),
+        (Duration::from_secs(7200), Duration::from_secs(30))
+    );
+    // The same from a file: zeros are kube-proxy's "not set".
+    let out = run_with(
+        &doc("conntrack: {tcpEstablishedTimeout: 0s, udpTimeout: 0s, udpStreamTimeout: 0s}"),
+        &[],
+    );
+    assert_eq!(
+        flow_timeouts(out.args()),
+        (TCP_ESTABLISHED_DEFAULT, UDP_TIMEOUT_DEFAULT)
+    );
+}
+
+/// semantics 11.10: --hostname-override is trimmed and lower-cased; empty means the hostname;
+/// blanks alone are refused ("empty hostname-override is invalid").
+#[test]
+fn hostname_override_is_trimmed_and_blanks_refused() {
+    let name = |argv: &[&str]| run_argv(argv).map(|o| o.args().source.node_name());
+    assert_eq!(name(&["--hostname-override= Node-A "]).unwrap(), "node-a");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_lowercase();
+    assert_eq!(name(&["--hostname-override="]).unwrap(), host);
+    let e = name(&["--hostname-override=  "]).unwrap_err();
+    assert!(e.contains("empty hostname-override is invalid"), "{e}");
 }
