@@ -82,6 +82,10 @@ pub struct SyncReport {
     /// Planned over every frontend (first sync, node-level change, capacity refusals, a retry
     /// after a failed write) rather than the changed ones only.
     pub planned_all: bool,
+    /// (Service-port id, backend id) whose ClientIP affinity state is to be forgotten: the
+    /// backend left every set new connections of that port may choose from, or the port's
+    /// affinity was turned off (`retired_affinity`, semantics 6.6).
+    pub retired_affinity: Vec<(u32, u32)>,
 }
 
 /// The control plane between syncs: the compile cache (every Service's last compiled share)
@@ -265,7 +269,9 @@ pub fn sync_once(
         failed,
         maglev_failures,
         writes,
+        affinity,
     } = written;
+    let retired_affinity = retired_affinity(&affinity, &pipeline.mirror);
     for (id, why) in &failed {
         log::warn!("frontend {id}: {MAGLEV_WRITE_FAILED}: {why}");
         let name = pipeline
@@ -303,6 +309,7 @@ pub fn sync_once(
         health_checks,
         update,
         planned_all,
+        retired_affinity,
     })
 }
 
@@ -315,6 +322,8 @@ struct Written {
     failed: BTreeMap<u32, String>,
     maglev_failures: u64,
     writes: usize,
+    /// Affinity state that may have to go (`affinity_candidates`).
+    affinity: Vec<(u32, u32)>,
 }
 
 /// One plan's writes on their way to the kernel, each with the frontend it belongs to (read
@@ -341,6 +350,7 @@ fn plan_and_write(
     let mut stage = |mirror: &mut Mirror, i: usize, written: &mut Written| {
         let ops = plan(mirror, i);
         written.removed.extend(removed_members(&ops, mirror));
+        written.affinity.extend(affinity_candidates(&ops, mirror));
         written.writes += ops.len();
         let mut svcs = Vec::with_capacity(ops.len());
         for op in &ops {
@@ -639,6 +649,14 @@ pub fn run(
                     }
                     Err(e) => log::warn!("conntrack cleanup of removed backends: {e:#}"),
                 }
+                match io.forget_affinity(&report.retired_affinity) {
+                    Ok(0) => {}
+                    Ok(n) => log::info!(
+                        "session affinity: forgot {n} client(s) of endpoints that left their \
+                         Service port"
+                    ),
+                    Err(e) => log::warn!("session affinity cleanup: {e:#}"),
+                }
                 if let Some(t) = io.terminate(&report.removed) {
                     for (proto, n) in &t.destroyed {
                         let proto = Proto::from_number(*proto).map_or("?", Proto::as_str);
@@ -743,6 +761,80 @@ fn removed_members(ops: &[Op], mirror: &Mirror) -> Vec<Removed> {
         }
     }
     out
+}
+
+/// PURE: (Service-port id, backend id) pairs whose ClientIP affinity state `ops` may make
+/// stale, read from the mirror before they are applied: a choosable member (slots) of a
+/// frontend with affinity deleted or left without slots, and every choosable member of a
+/// frontend whose affinity is turned off or whose port id changes. `retired_affinity` keeps
+/// those no frontend of the port still offers once every write is made.
+fn affinity_candidates(ops: &[Op], mirror: &Mirror) -> Vec<(u32, u32)> {
+    let state = mirror.state();
+    let choosable =
+        |k: &proxy_common::service::MemberKey| state.members.get(k).is_some_and(|m| m.slots > 0);
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            Op::DelMember(k)
+            | Op::PutMember(k, proxy_common::service::MemberValue { slots: 0 }) => {
+                if let Some(svc) = mirror.service_of(k.svc_id)
+                    && svc.has_affinity()
+                    && choosable(k)
+                {
+                    out.push((svc.port_id, k.backend_id));
+                }
+            }
+            Op::PutService(key, new) => {
+                let Some(old) = state.services.get(key) else {
+                    continue;
+                };
+                if old.has_affinity() && (!new.has_affinity() || new.port_id != old.port_id) {
+                    out.extend(
+                        state
+                            .members
+                            .range(crate::plan::member_range(old.id))
+                            .filter(|(_, m)| m.slots > 0)
+                            .map(|(k, _)| (old.port_id, k.backend_id)),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// PURE: of `candidates` (`affinity_candidates`), the pairs no frontend with affinity of that
+/// Service port offers any more in `mirror` (every write made): kube-proxy deletes the
+/// affinity set of an endpoint that left the port's chains (semantics 6.6), so a client
+/// whose endpoint left gets a fresh pick, even when the endpoint comes back or its id is
+/// reused for another endpoint. Sorted, no duplicates.
+fn retired_affinity(candidates: &[(u32, u32)], mirror: &Mirror) -> Vec<(u32, u32)> {
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let ports: BTreeSet<u32> = candidates.iter().map(|(p, _)| *p).collect();
+    let state = mirror.state();
+    let mut offered: BTreeSet<(u32, u32)> = BTreeSet::new();
+    for svc in state
+        .services
+        .values()
+        .filter(|v| v.has_affinity() && ports.contains(&v.port_id))
+    {
+        offered.extend(
+            state
+                .members
+                .range(crate::plan::member_range(svc.id))
+                .filter(|(_, m)| m.slots > 0)
+                .map(|(k, _)| (svc.port_id, k.backend_id)),
+        );
+    }
+    let retired: BTreeSet<(u32, u32)> = candidates
+        .iter()
+        .copied()
+        .filter(|c| !offered.contains(c))
+        .collect();
+    retired.into_iter().collect()
 }
 
 /// The map a failed sync's write went to (context of the error `sync_once` returns).
@@ -1123,6 +1215,111 @@ mod tests {
         let report = sync_once(&mut io, &mut pipeline, &first, &mut logged).unwrap();
         assert!(!report.planned_all, "{report:?}");
         programmed(&io, &pipeline, &first);
+    }
+
+    /// One ClientIP Service (ClusterIP 10.96.0.1 and externalIP 192.0.2.1, port 80) with
+    /// `spec` added and endpoints `eps` (address, node).
+    fn affinity_service(spec: &str, eps: &[(&str, &str)]) -> Snapshot {
+        let eps = eps
+            .iter()
+            .map(|(a, n)| format!("{{addresses: [{a}], nodeName: {n}}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        snapshot(&format!(
+            "kind: Service\nmetadata: {{name: a, namespace: default}}\nspec: {{clusterIP: \
+             10.96.0.1, externalIPs: [192.0.2.1], ports: [{{name: http, port: 80, protocol: \
+             TCP}}]{spec}}}\n---\nkind: EndpointSlice\nmetadata: {{name: a-1, namespace: \
+             default, labels: {{kubernetes.io/service-name: a}}}}\naddressType: IPv4\nports: \
+             [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: [{eps}]"
+        ))
+    }
+
+    /// semantics 6.6: an endpoint that leaves every set of a ClientIP Service port loses its
+    /// affinity state (kube-proxy deletes its endpoint chain's set with the chain), even if it
+    /// comes back or its id goes to another endpoint; one still offered by another frontend
+    /// of the port keeps it (the frontends share the sets, 6.2, 6.7); turning affinity off
+    /// drops the port's state.
+    #[test]
+    fn affinity_state_is_retired_with_the_endpoints_that_leave() {
+        let (l, r, x) = (
+            ("10.244.0.5", "node-a"),
+            ("10.244.1.5", "node-b"),
+            ("10.244.1.6", "node-b"),
+        );
+        let aff = ", sessionAffinity: ClientIP";
+        let mut io = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
+        let mut logged = BTreeSet::new();
+        let first = sync_once(
+            &mut io,
+            &mut pipeline,
+            &affinity_service(aff, &[l, r, x]),
+            &mut logged,
+        )
+        .unwrap();
+        assert_eq!(first.retired_affinity, vec![]);
+        let state = pipeline.state().clone();
+        let mut sync = |snap: &Snapshot| {
+            sync_once(&mut io, &mut pipeline, snap, &mut logged)
+                .unwrap()
+                .retired_affinity
+        };
+        let port = state
+            .services
+            .get(&crate::plan::ServiceKey::of(
+                &crate::compile::FrontendAddr {
+                    addr: "10.96.0.1".parse().unwrap(),
+                    port: 80,
+                    proto: crate::compile::Proto::Tcp,
+                    scope: crate::compile::Scope::Internal,
+                },
+            ))
+            .unwrap()
+            .port_id;
+        let id = |ip: &str| {
+            let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+            *state
+                .backends
+                .iter()
+                .find(|(_, b)| std::net::Ipv4Addr::from(b.addr4()) == ip)
+                .unwrap()
+                .0
+        };
+        let (id_l, id_r, id_x) = (id(l.0), id(r.0), id(x.0));
+        // x leaves: its state goes.
+        assert_eq!(sync(&affinity_service(aff, &[l, r])), vec![(port, id_x)]);
+        // Back again (its state was dropped when it left): nothing more to drop.
+        assert_eq!(sync(&affinity_service(aff, &[l, r, x])), vec![]);
+        // Not ready: out of every set, so its state goes, as when deleted.
+        let mut snap = affinity_service(aff, &[l, r, x]);
+        let yaml_unready = "kind: EndpointSlice\nmetadata: {name: a-1, namespace: default, \
+             labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nports: [{name: http, \
+             port: 8080, protocol: TCP}]\nendpoints: [{addresses: [10.244.0.5], nodeName: \
+             node-a}, {addresses: [10.244.1.5], nodeName: node-b}, {addresses: [10.244.1.6], \
+             nodeName: node-b, conditions: {ready: false}}]";
+        snap.slices = vec![std::sync::Arc::new(
+            serde_norway::from_str(yaml_unready).unwrap(),
+        )];
+        let retired = sync(&snap);
+        assert_eq!(retired.len(), 1, "{retired:?}");
+        assert_eq!(retired[0].0, port);
+        // internalTrafficPolicy Local: the ClusterIP no longer offers the remote r, the
+        // externalIP still does: its state stays.
+        assert_eq!(
+            sync(&affinity_service(
+                &format!("{aff}, internalTrafficPolicy: Local"),
+                &[l, r]
+            )),
+            vec![]
+        );
+        // Affinity turned off: the port's state goes, for every endpoint.
+        let retired = sync(&affinity_service("", &[l, r]));
+        assert!(
+            retired.contains(&(port, id_l)) && retired.contains(&(port, id_r)),
+            "{retired:?} ({id_l}, {id_r})"
+        );
+        // Without affinity nothing is ever retired.
+        assert_eq!(sync(&affinity_service("", &[l])), vec![]);
     }
 
     #[test]

@@ -575,6 +575,70 @@ fn session_affinity_pins_a_client_until_the_timeout() {
     assert!(moved, "affinity never expired");
 }
 
+/// semantics 6.6: an endpoint that leaves its Service port's sets loses its affinity state with
+/// it (kube-proxy deletes the endpoint chain and its set): back again, its clients are balanced
+/// afresh instead of being sent to it by a remembered entry.
+#[test]
+fn affinity_state_goes_with_an_endpoint_that_leaves() {
+    if !privileged() {
+        return;
+    }
+    let mut env = dual_stack_env(3, &[HTTP], "  sessionAffinity: ClientIP\n");
+    let vip = addr(VIP4, 80);
+    // Programmed once a backend answers (the client sticks to it).
+    tests::poll_until(
+        "affinity Service programmed",
+        Duration::from_secs(10),
+        || {
+            let r = env.request(Proto::Tcp, vip, 1);
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    let all: Vec<Ep> = (1..=3).map(|i| ep(env.topo.pods[i].ip4)).collect();
+    // Each round, the pinned endpoint leaves and comes back while the client makes no
+    // connection; its next one is a fresh pick, another backend with probability 2/3.
+    // P(the same backend 8 rounds running) = (1/3)^8 < 2e-4.
+    let mut moved = false;
+    for _ in 0..8 {
+        let pinned = tally(&env.request(Proto::Tcp, vip, 10));
+        assert_eq!(pinned.len(), 1, "one client, one backend: {pinned:?}");
+        let old = pinned.keys().next().unwrap().clone();
+        let victim = old.trim_start_matches("pod-").parse::<usize>().unwrap() - 1;
+        let keep: Vec<Ep> = (1..=3)
+            .filter(|i| *i != victim)
+            .map(|i| ep(env.topo.pods[i].ip4))
+            .collect();
+        let pos = env.agent.log_position();
+        env.agent.write_manifest(
+            "web-v4.yaml",
+            &slice_yaml("web-v4", "web", "IPv4", &[HTTP], &keep),
+        );
+        env.agent.wait_for_log(
+            pos,
+            "session affinity: forgot 1 client(s) of endpoints that left",
+            Duration::from_secs(10),
+        );
+        let pos = env.agent.log_position();
+        env.agent.write_manifest(
+            "web-v4.yaml",
+            &slice_yaml("web-v4", "web", "IPv4", &[HTTP], &all),
+        );
+        env.agent
+            .wait_for_log(pos, "synced", Duration::from_secs(10));
+        let r = env.request(Proto::Tcp, vip, 1);
+        assert!(r[0].ok, "{r:?}");
+        if r[0].backend != old {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "a returning endpoint kept its old clients");
+}
+
 /// Removing a backend stops new connections to it, while a connection established before keeps
 /// working (kube-proxy never cuts TCP flows, semantics 9.1).
 #[test]

@@ -2547,6 +2547,25 @@ impl MapIo for Datapath {
         )?;
         Ok(vec![(4, v4), (6, v6)])
     }
+    fn forget_affinity(&mut self, retired: &[(u32, u32)]) -> anyhow::Result<u64> {
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let retired: BTreeSet<(u32, u32)> = retired.iter().copied().collect();
+        let map = &mut self.maps.affinity;
+        let doomed: Vec<AffinityKey> = dump_map(map, names::LB_AFFINITY)?
+            .into_iter()
+            .filter(|(k, v)| retired.contains(&(k.port_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        let mut deleted = 0;
+        for k in &doomed {
+            ignore_missing(map.remove(k))
+                .with_context(|| format!("delete from {}", names::LB_AFFINITY))?;
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
     fn apply(&mut self, op: &Op) -> anyhow::Result<()> {
         self.maps.apply(op)
     }

@@ -53,6 +53,11 @@ pub trait MapIo: Send {
     fn forget_flows(&mut self, _removed: &[Removed]) -> anyhow::Result<Vec<(u8, u64)>> {
         Ok(Vec::new())
     }
+    /// Deletes the ClientIP affinity entries of `retired` (Service-port id, backend id) pairs
+    /// (`SyncReport::retired_affinity`). Returns how many were deleted.
+    fn forget_affinity(&mut self, _retired: &[(u32, u32)]) -> anyhow::Result<u64> {
+        Ok(0)
+    }
     /// The maps' capacities; `None` means unlimited (in-memory tests).
     fn capacity(&self) -> Option<Capacity> {
         None

@@ -179,6 +179,11 @@ impl Mirror {
         &self.state
     }
 
+    /// The frontend entry of frontend `id`, if it has one.
+    pub fn service_of(&self, id: u32) -> Option<&proxy_common::service::ServiceValue> {
+        self.keys.get(&id).and_then(|k| self.state.services.get(k))
+    }
+
     pub fn ids(&self) -> &Ids {
         &self.ids
     }
