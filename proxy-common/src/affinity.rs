@@ -10,9 +10,10 @@ pub struct AffinityKey {
     pub port_id: u32,
     /// `CLIENT_*`: how `client` identifies the client.
     pub client_kind: u32,
-    /// `CLIENT_NETNS`: the network namespace cookie in the first 8 bytes (native order); at
-    /// the socket layer a pod is its network namespace, which stands for its IP.
-    /// `CLIENT_ADDR`: the source address, network byte order (IPv4 in the first 4 bytes).
+    /// `CLIENT_ADDR`: the source address, network byte order (IPv4 in the first 4 bytes); at
+    /// the socket layer, the caller's pod address where the agent knows its namespace's.
+    /// `CLIENT_NETNS`: the network namespace cookie in the first 8 bytes (native order): at the
+    /// socket layer, a namespace whose address is not known (yet).
     pub client: [u8; 16],
 }
 

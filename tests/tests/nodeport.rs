@@ -726,6 +726,73 @@ fn client_ip_affinity_holds_on_the_packet_path() {
 }
 
 #[test]
+fn a_pods_affinity_is_shared_by_its_cluster_ip_and_the_frontends_tc_serves() {
+    // semantics 6.2: affinity is by the client's address, one per Service port and family,
+    // shared by all of its frontends. A pod's connections to the ClusterIP are translated at
+    // the socket layer; those to the port's NodePort, externalIP and LB IP are left to tc on
+    // its interface, which masquerades them (7.13): they reach one backend all the same.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest(
+        "web.yaml",
+        &web_yaml(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n",
+        ),
+    );
+    // Three backends, the client pod among them (hairpin).
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    let pod = &tb.nodes[0].pods[0];
+    let cluster_ips = [addr("10.96.0.10", 80), addr("fd00:96::10", 80)];
+    let external = frontends(false);
+    // The pod is left to tc once its interface carries it (within seconds).
+    for to in [external[0], external[1]] {
+        poll_until(
+            &format!("{to} from the pod masqueraded"),
+            Duration::from_secs(15),
+            || {
+                let r = tb.request_from(&pod.ns, true, Proto::Tcp, to, 1);
+                if r[0].ok && NODE_A.contains(&seen_ip(&r[0]).to_string().as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!("{r:?}"))
+                }
+            },
+        );
+    }
+    // Each round starts after the entries expired (a fresh pick), alternately at the ClusterIP
+    // and at tc. Unshared entries would agree by chance with probability 1/3 per family and
+    // round: (1/3)^8 over the 4 rounds.
+    for round in 0..4 {
+        // The timeout itself (2 s) is what is waited for, not a condition to poll.
+        std::thread::sleep(Duration::from_millis(2600));
+        for (v6, cluster_ip) in cluster_ips.iter().enumerate() {
+            let mut order: Vec<SocketAddr> = external
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv6() == (v6 == 1))
+                .collect();
+            if round % 2 == 0 {
+                order.insert(0, *cluster_ip);
+            } else {
+                order.push(*cluster_ip);
+            }
+            let mut chosen = BTreeSet::new();
+            for to in &order {
+                for r in tb.request_from(&pod.ns, true, Proto::Tcp, *to, 3) {
+                    assert!(r.ok, "{to}: {r:?}");
+                    chosen.insert(r.backend);
+                }
+            }
+            assert_eq!(chosen.len(), 1, "round {round}, {order:?}: {chosen:?}");
+        }
+    }
+    assert!(datapath_events(&agent, "per_packet") > 0);
+    assert!(datapath_events(&agent, "affinity_hit") > 0);
+}
+
+#[test]
 fn closed_connections_leave_the_conntrack_table() {
     // Issue #5: entries expire on TCP close (10 s after FINs both ways), collected by the
     // agent (every 10 s); the table's fill is in the metrics.

@@ -11,14 +11,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    affinity::{AffinityKey, CLIENT_NETNS},
+    affinity::{AffinityKey, CLIENT_ADDR, CLIENT_NETNS},
     backend::{BackendValue, FAMILY_V4, FAMILY_V6},
     event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
     proto,
     reason::{Hook, Reason},
     service::{
-        FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_RANGES, NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4,
-        NETNS_POD_TC6, NetnsSource, SCOPE_INTERNAL, ServiceValue,
+        FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES,
+        NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4, NETNS_POD_TC6, NetnsSource, SCOPE_INTERNAL,
+        ServiceValue,
     },
 };
 
@@ -219,8 +220,57 @@ pub fn verdict<F: SockFamily, const SEND: bool>(
     0
 }
 
+/// The client as affinity and source hashing know it: the caller's pod address where the agent
+/// knows its network namespace's (`LB_NETNS_SRC`), the key tc uses for the same pod
+/// (`CLIENT_ADDR`), so that a pod's connections to a Service port's ClusterIP here and to its
+/// externalIPs, load balancer IPs and NodePorts at tc share one entry (semantics 6.2); else
+/// the network namespace. Only a frontend with affinity or source hashing pays the lookup.
 #[inline(always)]
-fn client_of(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
+fn client_of<F: SockFamily>(
+    ctx: &SockAddrContext,
+    svc: &ServiceValue,
+    mapped: bool,
+) -> AffinityKey {
+    let mut key = netns_client(ctx, svc.port_id);
+    if svc.has_flag(FLAG_AFFINITY | FLAG_SOURCE_HASH) {
+        by_address(ctx, F::V4 || mapped, &mut key);
+    }
+    key
+}
+
+/// Rewrites `key` to the caller's address of the family (`v4`), if its namespace's is known.
+/// A function of its own: its frame does not add to the hook's.
+#[inline(never)]
+fn by_address(ctx: &SockAddrContext, v4: bool, key: &mut AffinityKey) {
+    let Some(ns) = netns_source(ctx) else {
+        return;
+    };
+    let words = if v4 {
+        if ns.flags & NETNS_HAS_V4 == 0 {
+            return;
+        }
+        [u32::from_ne_bytes(ns.v4), 0, 0, 0]
+    } else {
+        if ns.flags & NETNS_HAS_V6 == 0 {
+            return;
+        }
+        ip6_words(&ns.v6)
+    };
+    let k: *mut AffinityKey = key;
+    // Written volatile, a 32-bit word at a time, as in `netns_client` (no byte-wise `memset`).
+    // SAFETY: `k` is the caller's key; `client` sits at offset 8 of a 4-byte aligned struct.
+    unsafe {
+        (&raw mut (*k).client_kind).write(CLIENT_ADDR);
+        let w = (&raw mut (*k).client).cast::<u32>();
+        w.write_volatile(words[0]);
+        w.add(1).write_volatile(words[1]);
+        w.add(2).write_volatile(words[2]);
+        w.add(3).write_volatile(words[3]);
+    }
+}
+
+#[inline(always)]
+fn netns_client(ctx: &SockAddrContext, port_id: u32) -> AffinityKey {
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let b = cookie.to_ne_bytes();
@@ -423,7 +473,7 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     check_source::<F, SEND>(ctx, &svc, mapped)?;
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let client = client_of(ctx, svc.port_id);
+    let client = client_of::<F>(ctx, &svc, mapped);
     let Choice {
         backend,
         reason,

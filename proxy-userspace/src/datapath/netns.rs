@@ -130,6 +130,26 @@ fn pod_address(ip: &IpAddr) -> bool {
     }
 }
 
+/// PURE: a pod namespace's address of each family its route to a target did not give
+/// (no Service has loadBalancerSourceRanges): its own (the first, sorted). The socket hooks key
+/// a pod's session affinity by it, as tc keys the pod's packets (semantics 6.2), and name the
+/// pod in monitor events.
+fn own_address_source(source: &mut NetnsSource, addresses: &[IpAddr]) {
+    for ip in addresses {
+        match ip {
+            IpAddr::V4(a) if source.flags & NETNS_HAS_V4 == 0 => {
+                source.v4 = a.octets();
+                source.flags |= NETNS_HAS_V4;
+            }
+            IpAddr::V6(a) if source.flags & NETNS_HAS_V6 == 0 => {
+                source.v6 = a.octets();
+                source.flags |= NETNS_HAS_V6;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Whether an interface carrying tc for reason `why` (`IFACE_*`) faces pods (not where traffic
 /// from outside the node arrives).
 fn faces_pods(why: u8) -> bool {
@@ -393,6 +413,8 @@ pub fn follow(
                         Ok(mut probe) => {
                             if probe.cookie == home_cookie {
                                 probe.addresses.clear();
+                            } else {
+                                own_address_source(&mut probe.source, &probe.addresses);
                             }
                             known.insert(
                                 *ino,
@@ -609,6 +631,27 @@ mod tests {
         assert_eq!(p.get(), (1, one));
         p.set(BTreeSet::new());
         assert_eq!(p.get().0, 2);
+    }
+
+    #[test]
+    fn a_pods_own_addresses_fill_the_families_no_route_gave() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut source = NetnsSource::default();
+        own_address_source(
+            &mut source,
+            &[ip("10.244.0.5"), ip("10.244.0.6"), ip("fd00:244::5")],
+        );
+        assert_eq!(source.flags, NETNS_HAS_V4 | NETNS_HAS_V6);
+        assert_eq!(source.v4, [10, 244, 0, 5]);
+        assert_eq!(IpAddr::from(source.v6), ip("fd00:244::5"));
+        // A family the route to a target gave keeps that source.
+        let mut routed = NetnsSource {
+            v4: [10, 244, 0, 9],
+            flags: NETNS_HAS_V4,
+            ..NetnsSource::default()
+        };
+        own_address_source(&mut routed, &[ip("10.244.0.5")]);
+        assert_eq!((routed.v4, routed.flags), ([10, 244, 0, 9], NETNS_HAS_V4));
     }
 
     #[test]
