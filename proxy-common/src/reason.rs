@@ -106,10 +106,14 @@ pub enum Reason {
     /// that MTU, quoting the packet as its sender sent it, and dropped, as the kernel's
     /// forwarding does for kube-proxy's flows.
     FragNeeded = 38,
+    /// A new connection to an address inside a ServiceCIDR that no Service has (nftables
+    /// mode's drop, semantics 3.12): refused with EPERM at the socket layer (a drop there fails
+    /// the call at once), dropped at tc.
+    ServiceIpUnallocated = 39,
 }
 
 /// Number of `Reason` values: the size of `LB_STATS`.
-pub const REASON_COUNT: u32 = 39;
+pub const REASON_COUNT: u32 = 40;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -152,6 +156,7 @@ impl Reason {
         Reason::DsrTooBig,
         Reason::SnatPortReused,
         Reason::FragNeeded,
+        Reason::ServiceIpUnallocated,
     ];
 
     /// Stable snake_case name, used as a metric label.
@@ -196,6 +201,7 @@ impl Reason {
             Reason::DsrTooBig => "dsr_too_big",
             Reason::SnatPortReused => "snat_port_reused",
             Reason::FragNeeded => "frag_needed",
+            Reason::ServiceIpUnallocated => "service_ip_unallocated",
         }
     }
 

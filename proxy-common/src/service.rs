@@ -176,6 +176,11 @@ pub struct MemberValue {
     pub slots: u32,
 }
 
+/// The frontend id under which `LB4_SRC_RANGES`/`LB6_SRC_RANGES` hold the ServiceCIDRs' ranges
+/// (no frontend has id 0): a connection to an address inside one that is no ClusterIP is
+/// dropped (nftables mode, semantics 3.12).
+pub const SERVICE_CIDRS: u32 = 0;
+
 /// Data of an `LB4_SRC_RANGES` LPM key: the frontend id (always matched in full: prefix
 /// lengths count its 32 bits first) then the allowed source prefix.
 #[repr(C)]

@@ -254,7 +254,18 @@ pub fn sync_once(
         None => mirror.plan_changed(&desired, &update.changed),
     };
     let count = groups.as_ref().map_or(1, Vec::len);
-    let result = plan_and_write(io, &mut pipeline.mirror, count, planner, &mut written);
+    let mut result = plan_and_write(io, &mut pipeline.mirror, count, planner, &mut written);
+    // The Service CIDRs (semantics 3.12) belong to no frontend: written after them.
+    if result.is_ok() {
+        let ops = crate::plan::service_cidr_ops(&desired, pipeline.mirror.state());
+        written.writes += ops.len();
+        for op in &ops {
+            pipeline.mirror.apply(op);
+        }
+        result = ops
+            .iter()
+            .try_for_each(|op| io.apply(op).map_err(|e| e.context(FailedMap(op.map()))));
+    }
     if result.is_err() || !written.failed.is_empty() {
         // The mirror took every planned write before the kernel did: after a failure it is
         // read back from the maps (or, if that fails too, kept and fully re-planned).
@@ -1320,6 +1331,53 @@ mod tests {
         );
         // Without affinity nothing is ever retired.
         assert_eq!(sync(&affinity_service("", &[l])), vec![]);
+    }
+
+    /// semantics 3.12: the ServiceCIDRs' ranges go to the source-range maps under id 0 (no
+    /// frontend's), whatever the sync plans (incremental, full), and leave with their objects;
+    /// a range that does not parse is left out, the others kept.
+    #[test]
+    fn service_cidrs_are_written_under_their_own_id() {
+        use crate::plan::{SERVICE_CIDRS, SourceRange};
+        let cidr = |s: &str| SourceRange {
+            svc_id: SERVICE_CIDRS,
+            cidr: crate::compile::Cidr::parse(s).unwrap(),
+        };
+        let ranges = |io: &MapState| -> Vec<SourceRange> {
+            io.source_ranges
+                .iter()
+                .filter(|r| r.svc_id == SERVICE_CIDRS)
+                .copied()
+                .collect()
+        };
+        let mut io = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
+        let mut logged = BTreeSet::new();
+        let mut snap = services_a_b(&["10.244.0.1"], &["10.244.0.2"]);
+        snap.service_cidrs = vec![
+            "10.96.0.0/16".into(),
+            "fd00:96::/112".into(),
+            "bogus".into(),
+        ];
+        sync_once(&mut io, &mut pipeline, &snap, &mut logged).unwrap();
+        let both = vec![cidr("10.96.0.0/16"), cidr("fd00:96::/112")];
+        assert_eq!(ranges(&io), both);
+        // An endpoint change (an incremental plan) and a full plan keep them.
+        let mut changed = services_a_b(&["10.244.0.1", "10.244.0.3"], &["10.244.0.2"]);
+        changed.service_cidrs = snap.service_cidrs.clone();
+        let report = sync_once(&mut io, &mut pipeline, &changed, &mut logged).unwrap();
+        assert!(!report.planned_all);
+        assert_eq!(ranges(&io), both);
+        let mut full = Pipeline::new(io.clone());
+        full.full_next = true;
+        sync_once(&mut io, &mut full, &changed, &mut logged).unwrap();
+        assert_eq!(ranges(&io), both);
+        assert_eq!(&io, full.state());
+        // One range gone with its object.
+        changed.service_cidrs = vec!["10.96.0.0/16".into()];
+        sync_once(&mut io, &mut full, &changed, &mut logged).unwrap();
+        assert_eq!(ranges(&io), vec![cidr("10.96.0.0/16")]);
+        assert_eq!(&io, full.state());
     }
 
     #[test]

@@ -635,7 +635,9 @@ pub const MAX_SLOTS: usize = u16::MAX as usize;
 
 /// Computes the writes that turn `current` into `desired`.
 pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
-    plan_with(desired, current, &mut Ids::of(current))
+    let mut ops = plan_with(desired, current, &mut Ids::of(current));
+    ops.extend(service_cidr_ops(desired, current));
+    ops
 }
 
 /// As `plan`, allocating new ids from `ids` (which must hold at least every id `current` uses).
@@ -969,9 +971,11 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         .map(|id| Op::DelBackend(*id));
 
     // Prefixes no frontend allows any more go last: until then they only allow a little more.
+    // The Service CIDRs (id 0) are no frontend's: `service_cidr_ops` keeps them.
     let range_removes = current
         .source_ranges
         .difference(&wanted_ranges)
+        .filter(|r| r.svc_id != SERVICE_CIDRS)
         .map(|r| Op::DelSourceRange(*r));
 
     adds.into_iter()
@@ -1017,6 +1021,31 @@ pub(crate) fn maglev_range(id: u32) -> std::ops::RangeInclusive<MaglevKey> {
         generation: u16::MAX,
         chunk: u16::MAX,
     }
+}
+
+pub use proxy_common::service::SERVICE_CIDRS;
+
+/// PURE: the writes that make the Service CIDR entries (`SERVICE_CIDRS`) of `current` those of
+/// `desired`: new ones first, then the ones gone.
+pub fn service_cidr_ops(desired: &Desired, current: &MapState) -> Vec<Op> {
+    let wanted: BTreeSet<SourceRange> = desired
+        .service_cidrs
+        .iter()
+        .map(|cidr| SourceRange {
+            svc_id: SERVICE_CIDRS,
+            cidr: *cidr,
+        })
+        .collect();
+    let have: BTreeSet<SourceRange> = current
+        .source_ranges
+        .range(range_range(SERVICE_CIDRS))
+        .copied()
+        .collect();
+    wanted
+        .difference(&have)
+        .map(|r| Op::PutSourceRange(*r))
+        .chain(have.difference(&wanted).map(|r| Op::DelSourceRange(*r)))
+        .collect()
 }
 
 /// Every source range of frontend `id`.

@@ -20,11 +20,31 @@ pub struct Snapshot {
     /// (`socklb`). Compile does not read them.
     pub pods: Vec<Arc<crate::objects::PodRef>>,
     pub namespaces: Vec<Arc<k8s_openapi::api::core::v1::Namespace>>,
+    /// The CIDRs of every ServiceCIDR object, as written, sorted without duplicates: the
+    /// address ranges whose unallocated addresses are dropped (semantics 3.12).
+    pub service_cidrs: Vec<String>,
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,
     /// The Service and EndpointSlice changes the source took in since its previous snapshot.
     pub changes: Changes,
+}
+
+/// `Snapshot::service_cidrs` of these ServiceCIDR objects: their `spec.cidrs`, trimmed, sorted,
+/// without duplicates (an object being deleted still counts, as for kube-proxy's informer).
+pub fn service_cidrs_of<'a>(
+    objects: impl IntoIterator<Item = &'a k8s_openapi::api::networking::v1::ServiceCIDR>,
+) -> Vec<String> {
+    let mut out: Vec<String> = objects
+        .into_iter()
+        .filter_map(|o| o.spec.as_ref()?.cidrs.clone())
+        .flatten()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The Services and EndpointSlices a source saw change (added, changed in what the proxy

@@ -1277,3 +1277,34 @@ fn namespaces_and_this_nodes_pods_reach_the_snapshot() {
     );
     assert!(decision.pods.is_empty());
 }
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> serde_json::Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+        "metadata": {"name": name, "uid": format!("uid-cidr-{name}")},
+        "spec": {"cidrs": cidrs}})
+}
+
+/// semantics 3.12: the ServiceCIDRs' ranges reach the snapshot (all objects', sorted, without
+/// duplicates) and follow their objects; they do not hold the first snapshot back.
+#[test]
+fn service_cidrs_reach_the_snapshot() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.apply(
+        Res::ServiceCidrs,
+        service_cidr("kubernetes", &["10.96.0.0/16", "fd00:96::/112"]),
+    );
+    server.apply(
+        Res::ServiceCidrs,
+        service_cidr("extra", &["10.100.0.0/24", "10.96.0.0/16"]),
+    );
+    let rx = start_source(&server);
+    let s = snapshot_where(&rx, "the ServiceCIDRs", |s| s.service_cidrs.len() == 3);
+    assert_eq!(
+        s.service_cidrs,
+        ["10.100.0.0/24", "10.96.0.0/16", "fd00:96::/112"]
+    );
+    server.delete(Res::ServiceCidrs, "extra");
+    let s = snapshot_where(&rx, "one ServiceCIDR gone", |s| s.service_cidrs.len() == 2);
+    assert_eq!(s.service_cidrs, ["10.96.0.0/16", "fd00:96::/112"]);
+}

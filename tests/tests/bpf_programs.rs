@@ -2621,3 +2621,36 @@ fn cost_per_packet_of_a_tracked_node_port_flow() {
         eprintln!("{what}: {b:?} per run");
     }
 }
+
+/// semantics 3.12 (nftables mode): a new connection from outside to an address inside a
+/// ServiceCIDR that no Service has is dropped; TCP is checked at its SYN (other segments of
+/// flows this path does not know pass, as before), UDP at every datagram; an address outside
+/// every ServiceCIDR passes untouched.
+#[test]
+fn tc_drops_new_connections_to_unallocated_service_addresses() {
+    if !privileged() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.program(&format!(
+        "{}---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {{name: kubernetes}}\n\
+         spec: {{cidrs: [10.96.0.0/16, 'fd00:96::/112']}}\n",
+        manifests()
+    ));
+    let unallocated = Ipv4Addr::new(10, 96, 99, 99);
+    let out = rig.tc(&tcp4((CLIENT, 40000), (unallocated, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "SYN");
+    let out = rig.tc(&tcp4((CLIENT, 40000), (unallocated, 80), TCP_ACK));
+    assert_eq!(out.verdict, TC_ACT_OK, "a segment of an established flow");
+    let six: Ipv6Addr = "fd00:96::99".parse().unwrap();
+    let out = rig.tc(&udp6((CLIENT6, 40000), (six, 53), b"query"));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "UDP over IPv6");
+    let elsewhere = Ipv4Addr::new(10, 97, 0, 1);
+    let out = rig.tc(&tcp4((CLIENT, 40000), (elsewhere, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_OK, "outside the ServiceCIDRs");
+    assert_eq!(rig.count(Reason::ServiceIpUnallocated), 2);
+    // The ServiceCIDRs gone: nothing is dropped.
+    rig.program(&manifests());
+    let out = rig.tc(&tcp4((CLIENT, 40001), (unallocated, 80), TCP_SYN));
+    assert_eq!(out.verdict, TC_ACT_OK);
+}

@@ -459,6 +459,53 @@ fn clusterip_undefined_port_is_rejected() {
     }
 }
 
+/// semantics 3.12 (nftables mode): an address inside a ServiceCIDR that no Service has is
+/// dropped; at the socket layer connect() and sendto() fail with EPERM at once (a drop there
+/// does not leave the client waiting). The ClusterIPs keep working, an undefined port of one is
+/// still rejected, and once the ServiceCIDR is gone the address is left alone again.
+#[test]
+fn unallocated_addresses_of_a_service_cidr_are_dropped() {
+    if !privileged() {
+        return;
+    }
+    let mut env = dual_stack_env(1, &[HTTP], "");
+    env.wait_for_backends(Proto::Tcp, addr(VIP4, 80), &["pod-2"]);
+    env.agent.write_manifest(
+        "cidrs.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n\
+         spec: {cidrs: [10.96.0.0/16, 'fd00:96::/112']}\n",
+    );
+    let unallocated = [addr("10.96.99.99", 80), addr("fd00:96::99", 80)];
+    for to in unallocated {
+        poll_until(&format!("{to} dropped"), Duration::from_secs(10), || {
+            let r = env.request(Proto::Tcp, to, 1);
+            if r[0].errno == Some(libc::EPERM) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        });
+        let r = env.request(Proto::Udp, to, 1);
+        assert_eq!(r[0].errno, Some(libc::EPERM), "UDP {to}: {r:?}");
+    }
+    env.wait_for_backends(Proto::Tcp, addr(VIP6, 80), &["pod-2"]);
+    let r = env.request(Proto::Tcp, addr(VIP4, 81), 1);
+    assert_eq!(r[0].errno, Some(libc::ECONNREFUSED), "{r:?}");
+    assert!(datapath_events(&env.agent, "service_ip_unallocated") >= 4);
+    // The ServiceCIDR deleted: no longer dropped here.
+    env.agent.remove_manifest("cidrs.yaml");
+    for to in unallocated {
+        poll_until(&format!("{to} left alone"), Duration::from_secs(10), || {
+            let r = env.request(Proto::Udp, to, 1);
+            if r[0].errno != Some(libc::EPERM) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        });
+    }
+}
+
 /// Traffic to addresses that are not Services is left alone: straight to a pod, the client
 /// sees the pod as its peer and the pod sees the client.
 #[test]

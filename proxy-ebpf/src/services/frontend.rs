@@ -4,7 +4,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key as LpmKey;
 use proxy_common::service::{
-    SCOPE_INTERNAL, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
+    SCOPE_INTERNAL, SERVICE_CIDRS, Service4Key, Service6Key, ServiceValue, SrcRange4, SrcRange6,
 };
 
 use crate::{
@@ -32,6 +32,13 @@ pub trait Frontends: Ip {
     fn cluster_ip(addr: &Self::Addr) -> bool;
 
     fn source_allowed(svc_id: u32, saddr: &Self::Addr) -> bool;
+
+    /// Whether `addr` lies inside a ServiceCIDR (semantics 3.12): the agent keeps their ranges
+    /// in the source-range maps under `SERVICE_CIDRS`, the id no frontend has.
+    #[inline(always)]
+    fn in_service_cidr(addr: &Self::Addr) -> bool {
+        Self::source_allowed(SERVICE_CIDRS, addr)
+    }
 }
 
 impl Frontends for V4 {

@@ -18,6 +18,7 @@ use proxy_common::{
     config::CONFIG_MASQUERADE_ALL,
     ct::{CT_DSR, CT_HOST, CT_REPLY, CT_SNAT},
     info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
+    proto,
     reason::{Hook, Reason},
     service::{FLAG_LEAST_CONN, FLAG_SNAT, SCOPE_EXTERNAL, SCOPE_INTERNAL},
 };
@@ -36,6 +37,7 @@ use crate::{
         nat::{self, rewrite_first},
         pmtu,
     },
+    headers::{Packet, TCP_ACK, TCP_SYN},
     services::{frontend::Family, lb, newflow, reject},
 };
 
@@ -62,6 +64,9 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     if scope == SCOPE_REJECT {
         return reject::reject::<F>(ctx);
     }
+    if scope == SCOPE_UNALLOCATED {
+        return dropped::<F>(ctx, Reason::ServiceIpUnallocated as u32, SCOPE_EXTERNAL);
+    }
     let mut action = new_flow::<F>(ctx, 0, scope);
     if action == LEAST_CONN {
         action = new_flow::<F>(ctx, least_conn::<F>(ctx, scope), scope);
@@ -87,6 +92,20 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
 /// Returned by `scope` for a new flow to a ClusterIP on a port it does not serve: rejected
 /// (semantics 3.12). Not a scope.
 const SCOPE_REJECT: u8 = 0xff;
+
+/// Returned by `scope` for a new connection to an address inside a ServiceCIDR that no Service
+/// has: dropped (semantics 3.12). Not a scope.
+const SCOPE_UNALLOCATED: u8 = 0xfd;
+
+/// Whether the packet opens a connection to an address inside a ServiceCIDR that is no
+/// frontend (the caller knows it is no ClusterIP): nftables mode drops it (semantics 3.12). A
+/// TCP flow is checked at its SYN only, so the established traffic of other flows (which
+/// reaches this path at every packet) pays nothing for it.
+#[inline(always)]
+fn unallocated<F: Family>(pkt: &Packet<F::Addr>) -> bool {
+    let opening = pkt.t.proto != proto::TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    opening && F::in_service_cidr(&pkt.t.daddr) && F::frontend(&pkt.t, SCOPE_EXTERNAL).is_none()
+}
 
 /// Returned by `scope` for a new flow from outside the node (an external interface) to a
 /// ClusterIP: translated with the ClusterIP's (internal) frontend and masqueraded (semantics
@@ -144,7 +163,14 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
     let Ok(pkt) = F::parse(ctx) else {
         return SCOPE_EXTERNAL;
     };
-    if !F::cluster_ip(&pkt.t.daddr) || F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
+    if !F::cluster_ip(&pkt.t.daddr) {
+        return if unallocated::<F>(&pkt) {
+            SCOPE_UNALLOCATED
+        } else {
+            SCOPE_EXTERNAL
+        };
+    }
+    if F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
         return SCOPE_EXTERNAL;
     }
     // SAFETY: reading the context's own skb.
@@ -177,6 +203,9 @@ fn scope<F: Family>(ctx: &TcContext) -> u8 {
         if external.is_none() && F::cluster_ip(&pkt.t.daddr) {
             return cluster_ip_from_outside::<F>(&pkt.t);
         }
+        if external.is_none() && unallocated::<F>(&pkt) {
+            return SCOPE_UNALLOCATED;
+        }
         return SCOPE_EXTERNAL;
     }
     let internal = F::frontend(&pkt.t, SCOPE_INTERNAL).is_some();
@@ -188,6 +217,9 @@ fn scope<F: Family>(ctx: &TcContext) -> u8 {
     }
     if F::cluster_ip(&pkt.t.daddr) {
         return SCOPE_REJECT;
+    }
+    if unallocated::<F>(&pkt) {
+        return SCOPE_UNALLOCATED;
     }
     SCOPE_EXTERNAL
 }

@@ -184,8 +184,9 @@ const EPERM: i32 = 1;
 /// Turns the outcome of a forward translation into the program's return value, in one place.
 ///
 /// Only the Service's own rules fail the syscall: no backends rejects with ECONNREFUSED
-/// (kube-proxy's REJECT, semantics 3.7), a policy drop fails with EPERM (semantics 3.8: the
-/// socket layer cannot silently lose a connect, so it fails fast instead of hanging). Every other
+/// (kube-proxy's REJECT, semantics 3.7), a policy drop fails with EPERM (semantics 3.8, and an
+/// unallocated address of a ServiceCIDR, 3.12: the socket layer cannot silently lose a
+/// connect, so it fails fast instead of hanging). Every other
 /// reason leaves the socket as the application wrote it.
 /// `SEND`: the sendmsg hook (else connect), for the drop counters and events.
 #[inline(always)]
@@ -198,7 +199,7 @@ pub fn verdict<F: SockFamily, const SEND: bool>(
     };
     let errno = match reason {
         Reason::NoBackends => ECONNREFUSED,
-        Reason::NoLocalBackends | Reason::SourceRefused => EPERM,
+        Reason::NoLocalBackends | Reason::SourceRefused | Reason::ServiceIpUnallocated => EPERM,
         _ => {
             stats::count(reason);
             return 1;
@@ -338,7 +339,8 @@ fn pod_at_tc<F: SockFamily>(ctx: &SockAddrContext, mapped: bool) -> bool {
 
 /// The frontend (`addr`, `port`, `proto`) at the socket hooks. A miss on an address that is a
 /// ClusterIP (it has the port-0, protocol-0 entry) is rejected like a Service without
-/// endpoints (nftables mode, semantics 3.12); any other miss leaves the socket alone.
+/// endpoints, and one on any other address inside a ServiceCIDR is dropped (nftables mode,
+/// semantics 3.12); any other miss leaves the socket alone.
 #[inline(always)]
 fn lookup<F: Frontends>(addr: &F::Addr, port: u16, proto: u8) -> Result<ServiceValue, Reason> {
     if let Some(svc) = F::lookup(addr, port, proto, SCOPE_INTERNAL) {
@@ -346,6 +348,8 @@ fn lookup<F: Frontends>(addr: &F::Addr, port: u16, proto: u8) -> Result<ServiceV
     }
     if F::cluster_ip(addr) {
         Err(Reason::NoBackends)
+    } else if F::in_service_cidr(addr) {
+        Err(Reason::ServiceIpUnallocated)
     } else {
         Err(Reason::NotService)
     }

@@ -146,6 +146,8 @@ impl Totals {
 pub struct Compiler {
     totals: Totals,
     inputs: Option<(NodeInfo, ProxyConfig)>,
+    /// `Snapshot::service_cidrs` as last taken in (`Desired::service_cidrs` holds them parsed).
+    service_cidrs: Vec<String>,
     services: BTreeMap<Key, Cached>,
     /// Who claims each frontend, in name order: the first owns it.
     claims: BTreeMap<FrontendAddr, Vec<Key>>,
@@ -324,6 +326,10 @@ impl Compiler {
             self.desired.maglev_size = snapshot.config.maglev_size;
         }
         let (node, config) = self.inputs.clone().expect("set above");
+        if snapshot.service_cidrs != self.service_cidrs {
+            self.service_cidrs = snapshot.service_cidrs.clone();
+            self.desired.service_cidrs = super::service_cidrs(&self.service_cidrs);
+        }
         self.round += 1;
         let mut touched_services = diff(
             &snapshot.services,

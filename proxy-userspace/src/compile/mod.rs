@@ -439,6 +439,24 @@ pub struct Desired {
     pub problems: Vec<Problem>,
     /// Entries of every Maglev table.
     pub maglev_size: u32,
+    /// The ServiceCIDRs' ranges: an address inside one that is no ClusterIP is dropped
+    /// (nftables mode, semantics 3.12).
+    pub service_cidrs: Vec<Cidr>,
+}
+
+/// PURE: the ranges of `Snapshot::service_cidrs`; a CIDR that does not parse is logged and left
+/// out (the others still count), as kube-proxy skips what it cannot parse (semantics 12.8).
+pub fn service_cidrs(raw: &[String]) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for text in raw {
+        match Cidr::parse(text) {
+            Some(c) if text.contains('/') => out.push(c),
+            _ => log::warn!("ServiceCIDR range {text:?} is not a CIDR; left out"),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// One Service's share of the desired state (`compile_one`).

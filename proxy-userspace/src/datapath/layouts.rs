@@ -98,8 +98,13 @@ const REASONS_V2: u32 = 36;
 const REASONS_V3: u32 = 37;
 /// `Reason` values before `frag_needed` (version 4 of the counters).
 const REASONS_V4: u32 = 38;
+/// `Reason` values before `service_ip_unallocated` (version 5 of the counters, 6 of the drop
+/// counters).
+const REASONS_V5: u32 = 39;
 /// `Hook` values before `tc_egress` (versions 1 to 5 of the drop counters).
 const HOOKS_V5: u32 = 4;
+/// `Hook` values since (version 6 of the drop counters).
+const HOOKS_V6: u32 = 5;
 
 /// The layout history of the maps that changed since versions began, oldest first. A map not
 /// listed is at version 1. When a change to a map's layout is made, its old layout goes here
@@ -107,7 +112,8 @@ const HOOKS_V5: u32 = 4;
 pub fn history(map: &str) -> &'static [Older] {
     match map {
         // One counter per `Reason`; `per_packet` (35), `dsr_too_big` (36),
-        // `snat_port_reused` (37), then `frag_needed` (38) were appended.
+        // `snat_port_reused` (37), `frag_needed` (38), then `service_ip_unallocated` (39) were
+        // appended.
         names::LB_STATS => &[
             Older {
                 version: 1,
@@ -135,6 +141,13 @@ pub fn history(map: &str) -> &'static [Older] {
                 key: None,
                 value: None,
                 entries: Some(REASONS_V4),
+                to_next: Migration::Counters(same_index),
+            },
+            Older {
+                version: 5,
+                key: None,
+                value: None,
+                entries: Some(REASONS_V5),
                 to_next: Migration::Counters(same_index),
             },
         ],
@@ -174,8 +187,15 @@ pub fn history(map: &str) -> &'static [Older] {
                 version: 5,
                 key: None,
                 value: None,
-                entries: Some(HOOKS_V5 * proxy_common::reason::REASON_COUNT),
+                entries: Some(HOOKS_V5 * REASONS_V5),
                 to_next: Migration::Counters(same_index),
+            },
+            Older {
+                version: 6,
+                key: None,
+                value: None,
+                entries: Some(HOOKS_V6 * REASONS_V5),
+                to_next: Migration::Counters(drops_v6_to_v7),
             },
         ],
         // One entry per slot (value: a backend id), then one per `SLOT_CHUNK` slots.
@@ -213,7 +233,13 @@ fn drops_v3_to_v4(i: u32) -> Option<u32> {
 }
 
 fn drops_v4_to_v5(i: u32) -> Option<u32> {
-    drops_moved(i, REASONS_V4, proxy_common::reason::REASON_COUNT)
+    drops_moved(i, REASONS_V4, REASONS_V5)
+}
+
+fn drops_v6_to_v7(i: u32) -> Option<u32> {
+    let (from, to) = (REASONS_V5, proxy_common::reason::REASON_COUNT);
+    let (hook, reason) = (i / from, i % from);
+    (hook < HOOKS_V6).then_some(hook * to + reason)
 }
 
 /// This build's layout version of `map`.
@@ -370,7 +396,8 @@ mod tests {
             assert!(version_key(map).ends_with(&[0]), "{map}: name fits the key");
         }
         assert_eq!(current_version(names::LB_CT4), 1);
-        assert_eq!(current_version(names::LB_DROPS), 6);
+        assert_eq!(current_version(names::LB_DROPS), 7);
+        assert_eq!(current_version(names::LB_STATS), 6);
         assert_eq!(current_version(names::LB_SLOTS), 2);
     }
 
@@ -423,7 +450,7 @@ mod tests {
         let Plan::Migrate { from: 2, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 4);
+        assert_eq!(steps.len(), 5);
         for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 36) {
                 assert_eq!(
@@ -449,7 +476,7 @@ mod tests {
         let Plan::Migrate { from: 3, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 3);
+        assert_eq!(steps.len(), 4);
         for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 37) {
                 assert_eq!(
@@ -475,7 +502,7 @@ mod tests {
         let Plan::Migrate { from: 4, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 2);
+        assert_eq!(steps.len(), 3);
         for hook in Hook::ALL.into_iter().filter(|h| (*h as u32) < HOOKS_V5) {
             for reason in Reason::ALL.iter().filter(|r| (**r as u32) < 38) {
                 assert_eq!(
@@ -497,18 +524,18 @@ mod tests {
     #[test]
     fn drop_counters_of_the_fifth_version_gain_the_tc_egress_hook() {
         let now = counters(DROPS);
-        let before = counters(HOOKS_V5 * REASON_COUNT);
+        let before = counters(HOOKS_V5 * REASONS_V5);
         let plan = classify(names::LB_DROPS, &before, Some(5), &now);
         let Plan::Migrate { from: 5, steps } = plan else {
             panic!("{plan:?}")
         };
-        assert_eq!(steps.len(), 1);
-        // Every hook of version 5 keeps each counter where it was; tc_egress starts at 0.
+        assert_eq!(steps.len(), 2);
+        // Every hook of version 5 keeps each counter's reason; tc_egress starts at 0.
         for hook in Hook::ALL.into_iter().filter(|h| *h != Hook::TcEgress) {
-            for reason in Reason::ALL {
+            for reason in Reason::ALL.iter().filter(|r| (**r as u32) < REASONS_V5) {
                 assert_eq!(
-                    remap_counter(&steps, hook.drop_index(reason)),
-                    Some(hook.drop_index(reason)),
+                    remap_counter(&steps, hook as u32 * REASONS_V5 + *reason as u32),
+                    Some(hook.drop_index(*reason)),
                     "{hook:?} {reason:?}"
                 );
             }
@@ -518,6 +545,36 @@ mod tests {
             classify(names::LB_DROPS, &before, None, &now),
             Plan::Migrate { from: 5, .. }
         ));
+    }
+
+    #[test]
+    fn counters_of_the_version_before_service_ip_unallocated_are_migrated() {
+        let now = counters(DROPS);
+        let before = counters(HOOKS_V6 * REASONS_V5);
+        let plan = classify(names::LB_DROPS, &before, Some(6), &now);
+        let Plan::Migrate { from: 6, steps } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(steps.len(), 1);
+        for hook in Hook::ALL {
+            for reason in Reason::ALL.iter().filter(|r| (**r as u32) < REASONS_V5) {
+                assert_eq!(
+                    remap_counter(&steps, hook as u32 * REASONS_V5 + *reason as u32),
+                    Some(hook.drop_index(*reason)),
+                    "{hook:?} {reason:?}"
+                );
+            }
+        }
+        let stats = classify(
+            names::LB_STATS,
+            &counters(REASONS_V5),
+            Some(5),
+            &counters(REASON_COUNT),
+        );
+        let Plan::Migrate { from: 5, steps } = stats else {
+            panic!("{stats:?}")
+        };
+        assert_eq!(remap_counter(&steps, 38), Some(38));
     }
 
     const DROPS: u32 = proxy_common::reason::DROPS_COUNT;

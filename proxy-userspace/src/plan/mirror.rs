@@ -422,7 +422,9 @@ impl Mirror {
         }) && s.slots.keys().all(|k| known(&k.svc_id))
             && s.members.keys().all(|k| known(&k.svc_id))
             && s.infos.keys().all(known)
-            && s.source_ranges.iter().all(|r| known(&r.svc_id))
+            && s.source_ranges
+                .iter()
+                .all(|r| r.svc_id == super::SERVICE_CIDRS || known(&r.svc_id))
             && s.maglev.keys().all(|k| known(&k.svc_id))
             && s.backends.keys().all(|id| self.refs_of(*id) > 0)
     }

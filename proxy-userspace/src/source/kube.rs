@@ -1,12 +1,14 @@
 //! The Kubernetes API: Services and EndpointSlices in all namespaces, and this node's Node
 //! object, each followed by a kube-runtime watcher feeding a store of our own ([`Objects`]);
-//! also this node's Pods and every Namespace, for the socket-layer opt-out (`socklb`).
+//! also this node's Pods and every Namespace, for the socket-layer opt-out (`socklb`), and the
+//! ServiceCIDRs (semantics 3.12).
 //!
 //! Every snapshot is built from the stores, never accumulated from events, so it always
 //! equals what the API server last told us. The first one is sent once the initial lists of
 //! Services, EndpointSlices and the Node are complete; after that, one per change (the agent
-//! coalesces bursts). Pods and Namespaces do not hold the first sync back: an API server (or
-//! RBAC) that does not serve them leaves every pod with socket-layer translation, logged.
+//! coalesces bursts). Pods, Namespaces and ServiceCIDRs do not hold the first sync back: an API
+//! server (or RBAC) that does not serve them leaves every pod with socket-layer translation, or
+//! the Service CIDRs' unallocated addresses undropped, logged.
 //!
 //! Failures never reach the agent as data: a watcher that cannot list or watch keeps its store
 //! as it was and retries after a backoff of 0.4 s doubling to 3 s, with jitter; the first
@@ -49,6 +51,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -187,14 +190,16 @@ enum Kind {
     Node = 2,
     Pods = 3,
     Namespaces = 4,
+    ServiceCidrs = 5,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Services,
     Kind::Slices,
     Kind::Node,
     Kind::Pods,
     Kind::Namespaces,
+    Kind::ServiceCidrs,
 ];
 
 /// The kinds whose initial lists the first snapshot waits for.
@@ -208,6 +213,7 @@ impl fmt::Display for Kind {
             Kind::Node => "node",
             Kind::Pods => "pods",
             Kind::Namespaces => "namespaces",
+            Kind::ServiceCidrs => "servicecidrs",
         })
     }
 }
@@ -221,6 +227,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Pods => "pods",
             Kind::Namespaces => "namespaces",
+            Kind::ServiceCidrs => "servicecidrs",
         }
     }
 }
@@ -693,6 +700,12 @@ impl Kept for Slice {
 }
 impl Kept for Node {}
 
+impl Kept for ServiceCIDR {
+    fn same_as(&self, next: &Self) -> bool {
+        self.metadata.uid == next.metadata.uid && self.spec == next.spec
+    }
+}
+
 impl Kept for Namespace {
     fn same_as(&self, next: &Self) -> bool {
         self.metadata.uid == next.metadata.uid && self.metadata.labels == next.metadata.labels
@@ -906,6 +919,7 @@ struct Stores {
     nodes: Objects<Node>,
     pods: Objects<Pod, PodRef>,
     namespaces: Objects<Namespace>,
+    service_cidrs: Objects<ServiceCIDR>,
 }
 
 impl Stores {
@@ -922,6 +936,9 @@ impl Stores {
             slices: self.slices.values().cloned().collect(),
             pods: self.pods.values().cloned().collect(),
             namespaces: self.namespaces.values().cloned().collect(),
+            service_cidrs: crate::snapshot::service_cidrs_of(
+                self.service_cidrs.values().map(|c| &**c),
+            ),
             node: NodeInfo::with_node(node_name.to_string(), node.map(|n| &**n)),
             config: Default::default(),
             changes,
@@ -942,8 +959,8 @@ const FAILING_LOG_EVERY: Duration = Duration::from_secs(30);
 /// What the watchers have done so far, for readiness, logs and metrics.
 struct Progress {
     server: String,
-    listed: [bool; 5],
-    failing: [Option<Failing>; 5],
+    listed: [bool; 6],
+    failing: [Option<Failing>; 6],
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -971,6 +988,26 @@ impl Progress {
                 log::info!("kubernetes: {kind}: resourceVersion expired, relisting");
                 if let Some(m) = &self.metrics {
                     m.watch_expired.with(&[("resource", kind.resource())]).inc();
+                }
+                return false;
+            }
+            Step::Failed(e) if kind == Kind::ServiceCidrs && is_refused(&e) => {
+                self.count_failure(kind, &e);
+                if self.failing[k].is_none() {
+                    log::warn!(
+                        "kubernetes: {kind}: {} (API server {}): an API server before 1.33 (or \
+                         RBAC without list and watch of networking.k8s.io servicecidrs) leaves \
+                         unallocated addresses of the Service CIDRs routed as they are, not \
+                         dropped (semantics 3.12); asking again every {:?}",
+                        error_chain(&e),
+                        self.server,
+                        REFUSED_RETRY
+                    );
+                    self.failing[k] = Some(Failing {
+                        since: Instant::now(),
+                        errors: 1,
+                        logged: Instant::now(),
+                    });
                 }
                 return false;
             }
@@ -1081,6 +1118,7 @@ enum Item {
     Node(Box<WatcherItem<Node>>),
     Pod(Box<WatcherItem<Pod>>),
     Namespace(Box<WatcherItem<Namespace>>),
+    ServiceCidr(Box<WatcherItem<ServiceCIDR>>),
 }
 
 impl Stores {
@@ -1105,6 +1143,7 @@ impl Stores {
             Item::Node(i) => step(&mut self.nodes, *i),
             Item::Pod(i) => step(&mut self.pods, *i),
             Item::Namespace(i) => step(&mut self.namespaces, *i),
+            Item::ServiceCidr(i) => step(&mut self.service_cidrs, *i),
         }
     }
 }
@@ -1138,7 +1177,14 @@ impl KubeSource {
                 }
                 // Objects::new creates the undecodable gauges; the counters start at 0 too.
             }
-            for kind in ["Service", "EndpointSlice", "Node", "Pod", "Namespace"] {
+            for kind in [
+                "Service",
+                "EndpointSlice",
+                "Node",
+                "Pod",
+                "Namespace",
+                "ServiceCIDR",
+            ] {
                 m.undecodable_objects_total.with(&[("kind", kind)]);
             }
         }
@@ -1157,6 +1203,7 @@ impl KubeSource {
             nodes: Objects::new(Kind::Node, metrics.clone()),
             pods: Objects::new(Kind::Pods, metrics.clone()),
             namespaces: Objects::new(Kind::Namespaces, metrics.clone()),
+            service_cidrs: Objects::new(Kind::ServiceCidrs, metrics.clone()),
         };
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
@@ -1204,15 +1251,19 @@ impl KubeSource {
             )
             .map(|i| Item::Pod(Box::new(i)))
             .boxed(),
-            follow::<Namespace>(Api::all(client), every(), wake, true)
+            follow::<Namespace>(Api::all(client.clone()), every(), wake.clone(), true)
                 .map(|i| Item::Namespace(Box::new(i)))
+                .boxed(),
+            // semantics 3.12: the Service CIDRs, whose unallocated addresses are dropped.
+            follow::<ServiceCIDR>(Api::all(client), every(), wake, true)
+                .map(|i| Item::ServiceCidr(Box::new(i)))
                 .boxed(),
         ]);
 
         let mut progress = Progress {
             server: server.to_string(),
-            listed: [false; 5],
-            failing: [None, None, None, None, None],
+            listed: [false; 6],
+            failing: [None, None, None, None, None, None],
             metrics,
         };
         while let Some(item) = items.next().await {

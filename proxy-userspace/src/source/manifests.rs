@@ -17,6 +17,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::{EndpointPort, EndpointSlice},
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -35,6 +36,7 @@ struct FileObjects {
     nodes: Vec<Node>,
     pods: Vec<std::sync::Arc<PodRef>>,
     namespaces: Vec<std::sync::Arc<Namespace>>,
+    service_cidrs: Vec<ServiceCIDR>,
 }
 
 pub struct ManifestSource {
@@ -226,6 +228,7 @@ fn parse_document(value: serde_norway::Value, into: &mut FileObjects) -> anyhow:
         "Namespace" => into
             .namespaces
             .push(std::sync::Arc::new(Namespace::deserialize(value)?)),
+        "ServiceCIDR" => into.service_cidrs.push(ServiceCIDR::deserialize(value)?),
         "List" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.clone() {
@@ -320,6 +323,11 @@ impl Document {
                 spec: typed(self.spec)?,
                 status: typed(self.status)?,
             })),
+            "ServiceCIDR" => into.service_cidrs.push(ServiceCIDR {
+                metadata,
+                spec: typed(self.spec)?,
+                status: typed(self.status)?,
+            }),
             "List" => {
                 for item in self.items.unwrap_or_default() {
                     item.into_objects(into)?;
@@ -336,9 +344,12 @@ impl Document {
 /// would program from a directory holding that file (tests and tools).
 pub fn snapshot_of(text: &str, node: NodeInfo) -> anyhow::Result<Snapshot> {
     let objects = parse_text(text)?;
+    let mut service_cidrs = crate::snapshot::service_cidrs_of(&objects.service_cidrs);
+    service_cidrs.dedup();
     Ok(Snapshot {
         services: objects.services,
         slices: objects.slices,
+        service_cidrs,
         node,
         ..Snapshot::default()
     })
@@ -567,6 +578,9 @@ impl ManifestSource {
             snapshot
                 .namespaces
                 .extend(objects.namespaces.iter().cloned());
+            snapshot
+                .service_cidrs
+                .extend(crate::snapshot::service_cidrs_of(&objects.service_cidrs));
             if let Some(n) = objects
                 .nodes
                 .iter()
@@ -575,6 +589,8 @@ impl ManifestSource {
                 node = Some(n.clone());
             }
         }
+        snapshot.service_cidrs.sort();
+        snapshot.service_cidrs.dedup();
         snapshot.node = NodeInfo::with_node(self.node_name.clone(), node.as_ref());
         if let Some(book) = &self.node_addresses {
             book.set(

@@ -33,6 +33,7 @@ pub enum Res {
     Nodes,
     Pods,
     Namespaces,
+    ServiceCidrs,
 }
 
 impl Res {
@@ -46,6 +47,7 @@ impl Res {
             "/api/v1/nodes" => Some(Res::Nodes),
             "/api/v1/pods" => Some(Res::Pods),
             "/api/v1/namespaces" => Some(Res::Namespaces),
+            "/apis/networking.k8s.io/v1/servicecidrs" => Some(Res::ServiceCidrs),
             _ => None,
         }
     }
@@ -57,6 +59,7 @@ impl Res {
             Res::Nodes => ("NodeList", "v1"),
             Res::Pods => ("PodList", "v1"),
             Res::Namespaces => ("NamespaceList", "v1"),
+            Res::ServiceCidrs => ("ServiceCIDRList", "networking.k8s.io/v1"),
         }
     }
 
@@ -67,6 +70,7 @@ impl Res {
             Res::Nodes => ("Node", "v1"),
             Res::Pods => ("Pod", "v1"),
             Res::Namespaces => ("Namespace", "v1"),
+            Res::ServiceCidrs => ("ServiceCIDR", "networking.k8s.io/v1"),
         }
     }
 }
