@@ -48,7 +48,8 @@ pub enum Verdict {
     /// Refused: the Service has no endpoints, or the port is not one of the ClusterIP's
     /// (ECONNREFUSED at the socket layer).
     Rejected,
-    /// Dropped: endpoints exist, none this traffic may use (Local traffic policy).
+    /// Dropped: endpoints exist, none this traffic may use (Local traffic policy); or the
+    /// address is inside a ServiceCIDR and no Service has it (semantics 3.12).
     Dropped,
     /// The source is outside loadBalancerSourceRanges (EPERM at the socket layer, dropped
     /// from outside).
@@ -366,6 +367,19 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
                     frontend.addr,
                     frontend.port,
                     frontend.proto.as_str()
+                ),
+            )
+        } else if let Some(range) = state
+            .source_ranges
+            .range(crate::plan::range_range(crate::plan::SERVICE_CIDRS))
+            .find(|r| r.cidr.contains(&frontend.addr))
+        {
+            (
+                Verdict::Dropped,
+                format!(
+                    "{} is inside the ServiceCIDR {} but no Service has it: dropped (semantics \
+                     3.12; EPERM at the socket layer)",
+                    frontend.addr, range.cidr
                 ),
             )
         } else {

@@ -197,6 +197,7 @@ fn cluster() -> (Snapshot, Desired, MapState) {
     let mut snapshot = crate::compile::tests::snapshot(CLUSTER, "node-a", Some("zone-a"));
     snapshot.node.addresses = vec![NODE_V4.parse().unwrap(), "fd00::10".parse().unwrap()];
     snapshot.node.waiting.insert("10.244.0.7".parse().unwrap());
+    snapshot.service_cidrs = vec!["10.96.1.0/24".into()];
     let desired = compile(&snapshot);
     assert_eq!(desired.problems, Vec::new());
     let mut state = MapState::default();
@@ -438,7 +439,7 @@ fn explain_json_follows_its_schema_for_every_verdict() {
     };
     let (tcp, udp) = (Proto::Tcp, Proto::Udp);
     let (int, ext) = (Scope::Internal, Scope::External);
-    let cases: [(&str, Explanation, &str); 10] = [
+    let cases: [(&str, Explanation, &str); 11] = [
         (
             "affinity",
             explain_one("10.244.0.2", "10.96.0.10", 80, tcp, int, true, &live),
@@ -485,6 +486,11 @@ fn explain_json_follows_its_schema_for_every_verdict() {
             "untouched",
         ),
         (
+            "unallocated",
+            explain_one("10.244.0.2", "10.96.1.99", 80, tcp, int, false, &none),
+            "dropped",
+        ),
+        (
             "random",
             explain_one("10.244.0.2", "10.96.0.80", 80, tcp, int, false, &none),
             "translated",
@@ -498,6 +504,11 @@ fn explain_json_follows_its_schema_for_every_verdict() {
         assert_eq!(v["verdict"], *verdict, "{name}: {v}");
         docs.insert(*name, v);
     }
+    let unallocated = docs["unallocated"]["reason"].as_str().unwrap();
+    assert!(
+        unallocated.contains("inside the ServiceCIDR 10.96.1.0/24"),
+        "{unallocated}"
+    );
     let affinity = &docs["affinity"];
     assert_eq!(affinity["next"]["decidedBy"], "affinity");
     assert_eq!(affinity["next"]["backend"]["id"], backend_id);
