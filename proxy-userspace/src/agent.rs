@@ -99,6 +99,9 @@ pub struct Pipeline {
     /// A full sync is planned and written in groups of Service ports of about this many
     /// entries (`Mirror::full_groups`).
     group_entries: usize,
+    /// Affinity state still to be forgotten (`affinity_candidates`): left by a sync that
+    /// failed, or whose entries could not be deleted; checked again at the next sync.
+    affinity_pending: Vec<(u32, u32)>,
 }
 
 /// Entries (frontends and their backends) per group of a full sync: a few MiB of writes in
@@ -115,7 +118,14 @@ impl Pipeline {
             mirror: Mirror::new(state),
             full_next: true,
             group_entries: FULL_SYNC_GROUP,
+            affinity_pending: Vec::new(),
         }
+    }
+
+    /// Affinity state a sync named (`SyncReport::retired_affinity`) that could not be
+    /// forgotten: tried again after the next sync.
+    pub fn retry_affinity(&mut self, retired: Vec<(u32, u32)>) {
+        self.affinity_pending.extend(retired);
     }
 
     /// The same, planning full syncs in groups of about `entries` entries (tests use small
@@ -224,7 +234,10 @@ pub fn sync_once(
         now_logged.insert(line);
     }
     *logged = now_logged;
-    let mut written = Written::default();
+    let mut written = Written {
+        affinity: std::mem::take(&mut pipeline.affinity_pending),
+        ..Written::default()
+    };
     // A full plan of a large cluster is planned and written a group of Service ports at a
     // time, so that the writes in flight stay small (they were most of the agent's peak
     // memory); one plan over everything when the maps hold entries of no frontend (only
@@ -273,6 +286,11 @@ pub fn sync_once(
         if let Ok(truth) = io.dump() {
             pipeline.mirror = Mirror::new(truth);
         }
+    }
+    if result.is_err() {
+        // The writes made stay in the kernel (the mirror was read back from it): their
+        // affinity state is still to be forgotten.
+        pipeline.affinity_pending = std::mem::take(&mut written.affinity);
     }
     result?;
     let Written {
@@ -666,7 +684,12 @@ pub fn run(
                         "session affinity: forgot {n} client(s) of endpoints that left their \
                          Service port"
                     ),
-                    Err(e) => log::warn!("session affinity cleanup: {e:#}"),
+                    Err(e) => {
+                        log::warn!(
+                            "session affinity cleanup: {e:#}; tried again after the next sync"
+                        );
+                        pipeline.retry_affinity(report.retired_affinity.clone());
+                    }
                 }
                 if let Some(t) = io.terminate(&report.removed) {
                     for (proto, n) in &t.destroyed {
@@ -1331,6 +1354,53 @@ mod tests {
         );
         // Without affinity nothing is ever retired.
         assert_eq!(sync(&affinity_service("", &[l])), vec![]);
+    }
+
+    /// A sync that fails after an endpoint's member entries were deleted (its backend's
+    /// deletion failed) still has that endpoint's affinity state forgotten: by the next sync,
+    /// which finds nothing left to delete itself.
+    #[test]
+    fn affinity_state_of_a_failed_sync_is_retired_by_the_next() {
+        let (l, r, x) = (
+            ("10.244.0.5", "node-a"),
+            ("10.244.1.5", "node-b"),
+            ("10.244.1.6", "node-b"),
+        );
+        let aff = ", sessionAffinity: ClientIP";
+        let mut io = MapState::default();
+        let mut pipeline = Pipeline::new(MapState::default());
+        let mut logged = BTreeSet::new();
+        let all = affinity_service(aff, &[l, r, x]);
+        sync_once(&mut io, &mut pipeline, &all, &mut logged).unwrap();
+        let x_id = *io
+            .backends
+            .iter()
+            .find(|(_, b)| std::net::Ipv4Addr::from(b.addr4()).to_string() == x.0)
+            .unwrap()
+            .0;
+        let mut faulty = Faulty {
+            state: io.clone(),
+            ..Faulty::failing(Some(proxy_common::maps::LB_BACKENDS))
+        };
+        let without = affinity_service(aff, &[l, r]);
+        assert!(sync_once(&mut faulty, &mut pipeline, &without, &mut logged).is_err());
+        let mut io = faulty.state;
+        assert!(
+            io.members.keys().all(|k| k.backend_id != x_id),
+            "members gone"
+        );
+        let report = sync_once(&mut io, &mut pipeline, &without, &mut logged).unwrap();
+        assert_eq!(
+            report
+                .retired_affinity
+                .iter()
+                .map(|(_, b)| *b)
+                .collect::<Vec<_>>(),
+            vec![x_id]
+        );
+        // Once retired, it is not named again.
+        let report = sync_once(&mut io, &mut pipeline, &without, &mut logged).unwrap();
+        assert_eq!(report.retired_affinity, vec![]);
     }
 
     /// semantics 3.12: the ServiceCIDRs' ranges go to the source-range maps under id 0 (no

@@ -206,7 +206,8 @@ pub struct Metrics {
     /// tc-translated traffic until their interface carries the program.
     pub pod_endpoints_waiting: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_network_namespaces_with_source: network namespaces of the hooked cgroup
-    /// whose source address the socket hooks know (for loadBalancerSourceRanges).
+    /// whose source address the socket hooks know (for loadBalancerSourceRanges, and a pod's
+    /// session affinity and source hashing by its address).
     pub netns_sources: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_pod_namespaces_at_tc: pods' network namespaces whose connections to the
     /// external frontends kube-proxy masquerades are left to tc on their interface (7.13).
@@ -496,7 +497,7 @@ impl Metrics {
             netns_sources: gauge(
                 &mut r,
                 "kube_bpf_proxy_network_namespaces_with_source",
-                "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges",
+                "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges and for keying a pod's session affinity by its address",
             ),
             pod_namespaces_at_tc: gauge(
                 &mut r,

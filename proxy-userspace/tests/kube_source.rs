@@ -1308,3 +1308,22 @@ fn service_cidrs_reach_the_snapshot() {
     let s = snapshot_where(&rx, "one ServiceCIDR gone", |s| s.service_cidrs.len() == 2);
     assert_eq!(s.service_cidrs, ["10.96.0.0/16", "fd00:96::/112"]);
 }
+
+/// An API server without ServiceCIDRs (before 1.33) answers their list 404: the first snapshot
+/// comes all the same, without ranges, and the kind is not reported as failing (a normal state,
+/// not an outage).
+#[test]
+fn an_api_server_without_service_cidrs_is_no_outage() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.unserve(Res::ServiceCidrs);
+    let metrics = Arc::new(Metrics::new("t", &[]));
+    let rx = start_source_with_metrics(&server, Some(metrics.clone()));
+    let s = rx.recv_timeout(WAIT).expect("a first snapshot");
+    assert!(s.service_cidrs.is_empty());
+    assert_eq!(seen(&s), baseline());
+    assert_eq!(
+        gauge(&metrics.list_watch_failing, &[("resource", "servicecidrs")]),
+        0
+    );
+}

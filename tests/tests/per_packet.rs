@@ -680,3 +680,50 @@ fn per_packet(shape: Shape, by_default: bool) {
     agent.assert_running();
     tb.assert_no_checksum_errors();
 }
+
+/// semantics 3.12: a pod translated per packet that opens a connection to an address inside a
+/// ServiceCIDR that no Service has is dropped at tc on its interface (no answer: the connect
+/// times out, as under nftables mode), while its Services keep answering; `verify` sees no
+/// drift with the ServiceCIDR's ranges programmed.
+#[test]
+fn a_pod_translated_per_packet_is_dropped_at_an_unallocated_service_address() {
+    if !privileged() {
+        return;
+    }
+    let (tb, mut agent, (_kubepods, pod_cg)) =
+        meshed_testbed(Shape::Ptp, 3, Some("disabled"), &[], "");
+    let node_name = tb.nodes[0].name.clone();
+    let pos = agent.log_position();
+    agent.write_manifest(
+        "cidrs.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\n\
+         spec: {cidrs: [10.96.0.0/16, 'fd00:96::/112']}\n",
+    );
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    let client_ns = &tb.nodes[0].pods[0].ns;
+    let vip: SocketAddr = to(80);
+    wait_answered(
+        "the pod's Service",
+        client_ns,
+        &pod_cg,
+        vip,
+        Duration::from_secs(20),
+    );
+    let unallocated: SocketAddr = "10.96.99.99:80".parse().unwrap();
+    let r = request_in(client_ns, Some(&pod_cg), Proto::Tcp, unallocated, 1);
+    assert!(!r[0].ok, "{r:?}");
+    assert_ne!(
+        r[0].errno,
+        Some(libc::EPERM),
+        "left to tc, not refused at the socket: {r:?}"
+    );
+    assert!(datapath_events(&agent, "service_ip_unallocated") >= 1);
+    let (_, metrics) = agent.get(agent.metrics_port, "/metrics");
+    assert!(
+        metrics.contains(
+            "kube_bpf_proxy_drops_total{hook=\"tc_ingress\",reason=\"service_ip_unallocated\"}"
+        ),
+        "{metrics}"
+    );
+    assert_verified(&tb, &agent, &node_name, "service-cidrs");
+}

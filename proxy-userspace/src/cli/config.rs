@@ -935,7 +935,19 @@ pub fn apply(
 
     apply_detect_local(config, args, given, &mut notes);
 
-    if let Some(list) = &config.nodeport_addresses {
+    // kube-proxy's nftables mode defaults an empty nodePortAddresses to [primary] (its
+    // platformApplyDefaults; semantics 7.3); the other modes serve every local address.
+    let nft_primary = config.mode == ProxyMode::NfTables
+        && config.nodeport_addresses.as_ref().is_none_or(Vec::is_empty)
+        && !given("nodeport_addresses");
+    if nft_primary {
+        args.source.nodeport_addresses = vec!["primary".to_string()];
+        notes.push(Note::info(
+            "mode nftables without nodePortAddresses: NodePorts on the node's primary \
+             addresses only, kube-proxy's nftables default (nodePortAddresses [primary])"
+                .into(),
+        ));
+    } else if let Some(list) = &config.nodeport_addresses {
         if list.iter().any(|a| a == "127.0.0.0/8" || a == "::1/128") {
             notes.push(Note::warn(
                 "nodePortAddresses localhost: NodePorts are never served on loopback addresses \
@@ -949,14 +961,6 @@ pub fn apply(
             args.source.nodeport_addresses,
             list.clone()
         );
-    } else if config.mode == ProxyMode::NfTables && !given("nodeport_addresses") {
-        // kube-proxy's nftables mode defaults nodePortAddresses to [primary] (its
-        // platformApplyDefaults; semantics 7.3); the other modes serve every local address.
-        args.source.nodeport_addresses = vec!["primary".to_string()];
-        notes.push(Note::info(
-            "mode nftables without nodePortAddresses: NodePorts on the node's primary              addresses only, kube-proxy's nftables default (nodePortAddresses [primary])"
-                .into(),
-        ));
     }
     // kube-proxy's configSyncPeriod (default 15m) is how often its informers resync; ours is
     // how often the maps are read back and repaired. A zero or empty period keeps our own

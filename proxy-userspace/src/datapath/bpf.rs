@@ -2560,6 +2560,11 @@ impl MapIo for Datapath {
             .collect();
         let mut deleted = 0;
         for k in &doomed {
+            // Looked at again: a client that picked afresh since the dump keeps its new entry.
+            match map.get(k, 0) {
+                Ok(v) if retired.contains(&(k.port_id, v.backend_id)) => {}
+                _ => continue,
+            }
             ignore_missing(map.remove(k))
                 .with_context(|| format!("delete from {}", names::LB_AFFINITY))?;
             deleted += 1;

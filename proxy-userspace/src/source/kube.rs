@@ -6,9 +6,10 @@
 //! Every snapshot is built from the stores, never accumulated from events, so it always
 //! equals what the API server last told us. The first one is sent once the initial lists of
 //! Services, EndpointSlices and the Node are complete; after that, one per change (the agent
-//! coalesces bursts). Pods, Namespaces and ServiceCIDRs do not hold the first sync back: an API
-//! server (or RBAC) that does not serve them leaves every pod with socket-layer translation, or
-//! the Service CIDRs' unallocated addresses undropped, logged.
+//! coalesces bursts). Pods and Namespaces do not hold the first sync back: an API server (or
+//! RBAC) that does not serve them leaves every pod with socket-layer translation, logged.
+//! ServiceCIDRs do, unless the API server (or RBAC) does not serve them: then there are none,
+//! logged, and unallocated Service addresses are not dropped.
 //!
 //! Failures never reach the agent as data: a watcher that cannot list or watch keeps its store
 //! as it was and retries after a backoff of 0.4 s doubling to 3 s, with jitter; the first
@@ -202,8 +203,11 @@ const KINDS: [Kind; 6] = [
     Kind::ServiceCidrs,
 ];
 
-/// The kinds whose initial lists the first snapshot waits for.
-const GATING: [Kind; 3] = [Kind::Services, Kind::Slices, Kind::Node];
+/// The kinds whose initial lists the first snapshot waits for. ServiceCIDRs too (a first sync
+/// without them would delete the ranges an earlier agent wrote, and `verify` would report them
+/// as drift), but an API server that does not serve them (before 1.33) or RBAC without them
+/// counts as a list of none.
+const GATING: [Kind; 4] = [Kind::Services, Kind::Slices, Kind::Node, Kind::ServiceCidrs];
 
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -961,6 +965,8 @@ struct Progress {
     server: String,
     listed: [bool; 6],
     failing: [Option<Failing>; 6],
+    /// The ServiceCIDRs' refusal was logged.
+    refused_logged: bool,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -991,25 +997,25 @@ impl Progress {
                 }
                 return false;
             }
+            // Not served (an API server before 1.33) or not allowed: a normal state, not an
+            // outage, so not counted as failing; the first snapshot takes it as none.
             Step::Failed(e) if kind == Kind::ServiceCidrs && is_refused(&e) => {
-                self.count_failure(kind, &e);
-                if self.failing[k].is_none() {
-                    log::warn!(
-                        "kubernetes: {kind}: {} (API server {}): an API server before 1.33 (or \
-                         RBAC without list and watch of networking.k8s.io servicecidrs) leaves \
-                         unallocated addresses of the Service CIDRs routed as they are, not \
+                if !self.refused_logged {
+                    self.refused_logged = true;
+                    log::info!(
+                        "kubernetes: {kind}: {} (API server {}): without ServiceCIDRs (an API \
+                         server before 1.33, or RBAC without list and watch of \
+                         networking.k8s.io servicecidrs) unallocated Service addresses are not \
                          dropped (semantics 3.12); asking again every {:?}",
                         error_chain(&e),
                         self.server,
                         REFUSED_RETRY
                     );
-                    self.failing[k] = Some(Failing {
-                        since: Instant::now(),
-                        errors: 1,
-                        logged: Instant::now(),
-                    });
                 }
-                return false;
+                let first = !self.listed[k];
+                self.listed[k] = true;
+                // The first snapshot may have waited for this kind alone.
+                return first && self.all_listed();
             }
             Step::Failed(e) if matches!(kind, Kind::Pods | Kind::Namespaces) && is_refused(&e) => {
                 self.count_failure(kind, &e);
@@ -1264,6 +1270,7 @@ impl KubeSource {
             server: server.to_string(),
             listed: [false; 6],
             failing: [None, None, None, None, None, None],
+            refused_logged: false,
             metrics,
         };
         while let Some(item) = items.next().await {

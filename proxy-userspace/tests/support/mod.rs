@@ -258,6 +258,8 @@ struct State {
     /// whose stream holds a 410 ERROR event (both happen with real API servers).
     gone_as_http: bool,
     held: HashSet<Res>,
+    /// Kinds this server does not serve (404 NotFound, as an API server that predates them).
+    unserved: HashSet<Res>,
     requests: Vec<Request>,
     /// Connections reset during an `Outage::Reset`.
     resets: usize,
@@ -349,6 +351,11 @@ impl ApiServer {
     /// Creates or replaces an object; live watches see ADDED or MODIFIED.
     pub fn apply(&self, res: Res, object: Value) {
         self.change(res, object, true);
+    }
+
+    /// Stops serving `res` (404 NotFound), as an API server from before that kind existed.
+    pub fn unserve(&self, res: Res) {
+        self.lock().unserved.insert(res);
     }
 
     /// Deletes an object; live watches see DELETED.
@@ -812,10 +819,25 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
 
     let record = |request: Request| state.lock().unwrap().requests.push(request);
 
-    let (fail, retry_after) = {
+    let (fail, retry_after, unserved) = {
         let state = state.lock().unwrap();
-        (state.fail, state.retry_after)
+        let unserved = res.is_some_and(|r| state.unserved.contains(&r));
+        (state.fail, state.retry_after, unserved)
     };
+    if unserved {
+        request.status = 404;
+        record(request);
+        return write_response(
+            &mut socket,
+            404,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        )
+        .await;
+    }
     if let Some(code) = fail {
         request.status = code;
         record(request);

@@ -1173,6 +1173,7 @@ fn config_nftables_mode_serves_node_ports_on_the_primary_addresses_by_default() 
             .clone()
     };
     assert_eq!(list("mode: nftables"), ["primary"]);
+    assert_eq!(list("mode: nftables\nnodePortAddresses: []"), ["primary"]);
     assert_eq!(
         list("mode: nftables\nnodePortAddresses: [10.0.0.0/8]"),
         ["10.0.0.0/8"]
