@@ -1251,6 +1251,13 @@ mod tests {
         programmed(&io, &pipeline, &first);
     }
 
+    /// The endpoints of the affinity tests (address, node): one here, two on node-b.
+    const AFFINITY_ENDPOINTS: [(&str, &str); 3] = [
+        ("10.244.0.5", "node-a"),
+        ("10.244.1.5", "node-b"),
+        ("10.244.1.6", "node-b"),
+    ];
+
     /// One ClientIP Service (ClusterIP 10.96.0.1 and externalIP 192.0.2.1, port 80) with
     /// `spec` added and endpoints `eps` (address, node).
     fn affinity_service(spec: &str, eps: &[(&str, &str)]) -> Snapshot {
@@ -1275,11 +1282,7 @@ mod tests {
     /// drops the port's state.
     #[test]
     fn affinity_state_is_retired_with_the_endpoints_that_leave() {
-        let (l, r, x) = (
-            ("10.244.0.5", "node-a"),
-            ("10.244.1.5", "node-b"),
-            ("10.244.1.6", "node-b"),
-        );
+        let [l, r, x] = AFFINITY_ENDPOINTS;
         let aff = ", sessionAffinity: ClientIP";
         let mut io = MapState::default();
         let mut pipeline = Pipeline::new(MapState::default());
@@ -1361,11 +1364,7 @@ mod tests {
     /// which finds nothing left to delete itself.
     #[test]
     fn affinity_state_of_a_failed_sync_is_retired_by_the_next() {
-        let (l, r, x) = (
-            ("10.244.0.5", "node-a"),
-            ("10.244.1.5", "node-b"),
-            ("10.244.1.6", "node-b"),
-        );
+        let [l, r, x] = AFFINITY_ENDPOINTS;
         let aff = ", sessionAffinity: ClientIP";
         let mut io = MapState::default();
         let mut pipeline = Pipeline::new(MapState::default());

@@ -576,6 +576,19 @@ fn same_address_ports_and_protocols_stay_separate() {
     env.wait_for_backends(Proto::Tcp, addr(VIP4, 81), &["pod-4"]);
 }
 
+/// Waits until `vip` answers over TCP, whichever backend (an affinity Service keeps the client
+/// on one, so `wait_for_backends` cannot see them all).
+fn wait_any_backend(env: &Env, vip: SocketAddr) {
+    tests::poll_until("the Service programmed", Duration::from_secs(10), || {
+        let r = env.request(Proto::Tcp, vip, 1);
+        if r[0].ok {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+}
+
 /// semantics 6.1-6.5: ClientIP affinity keeps a client on one backend; after timeoutSeconds
 /// without a new connection, the next one is balanced afresh.
 #[test]
@@ -587,19 +600,8 @@ fn session_affinity_pins_a_client_until_the_timeout() {
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
     let mut env = dual_stack_env(3, &[HTTP], affinity);
     let vip = addr(VIP4, 80);
-    // Probe until programmed (any backend answers), then check stickiness.
-    tests::poll_until(
-        "affinity Service programmed",
-        Duration::from_secs(10),
-        || {
-            let r = env.request(Proto::Tcp, vip, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
+    // Probe until programmed, then check stickiness.
+    wait_any_backend(&env, vip);
     env.agent.assert_running();
     let pinned = tally(&env.request(Proto::Tcp, vip, 40));
     assert_eq!(pinned.len(), 1, "one client, one backend: {pinned:?}");
@@ -632,19 +634,7 @@ fn affinity_state_goes_with_an_endpoint_that_leaves() {
     }
     let mut env = dual_stack_env(3, &[HTTP], "  sessionAffinity: ClientIP\n");
     let vip = addr(VIP4, 80);
-    // Programmed once a backend answers (the client sticks to it).
-    tests::poll_until(
-        "affinity Service programmed",
-        Duration::from_secs(10),
-        || {
-            let r = env.request(Proto::Tcp, vip, 1);
-            if r[0].ok {
-                Ok(())
-            } else {
-                Err(format!("{r:?}"))
-            }
-        },
-    );
+    wait_any_backend(&env, vip);
     let all: Vec<Ep> = (1..=3).map(|i| ep(env.topo.pods[i].ip4)).collect();
     // Each round, the pinned endpoint leaves and comes back while the client makes no
     // connection; its next one is a fresh pick, another backend with probability 2/3.
