@@ -804,8 +804,6 @@ fn removed_members(ops: &[Op], mirror: &Mirror) -> Vec<Removed> {
 /// those no frontend of the port still offers once every write is made.
 fn affinity_candidates(ops: &[Op], mirror: &Mirror) -> Vec<(u32, u32)> {
     let state = mirror.state();
-    let choosable =
-        |k: &proxy_common::service::MemberKey| state.members.get(k).is_some_and(|m| m.slots > 0);
     let mut out = Vec::new();
     for op in ops {
         match op {
@@ -813,7 +811,7 @@ fn affinity_candidates(ops: &[Op], mirror: &Mirror) -> Vec<(u32, u32)> {
             | Op::PutMember(k, proxy_common::service::MemberValue { slots: 0 }) => {
                 if let Some(svc) = mirror.service_of(k.svc_id)
                     && svc.has_affinity()
-                    && choosable(k)
+                    && state.members.get(k).is_some_and(|m| m.slots > 0)
                 {
                     out.push((svc.port_id, k.backend_id));
                 }
@@ -823,19 +821,22 @@ fn affinity_candidates(ops: &[Op], mirror: &Mirror) -> Vec<(u32, u32)> {
                     continue;
                 };
                 if old.has_affinity() && (!new.has_affinity() || new.port_id != old.port_id) {
-                    out.extend(
-                        state
-                            .members
-                            .range(crate::plan::member_range(old.id))
-                            .filter(|(_, m)| m.slots > 0)
-                            .map(|(k, _)| (old.port_id, k.backend_id)),
-                    );
+                    out.extend(choosable(state, old.id).map(|b| (old.port_id, b)));
                 }
             }
             _ => {}
         }
     }
     out
+}
+
+/// The backend ids new connections to frontend `id` may choose (its members with slots).
+fn choosable(state: &MapState, id: u32) -> impl Iterator<Item = u32> + '_ {
+    state
+        .members
+        .range(crate::plan::member_range(id))
+        .filter(|(_, m)| m.slots > 0)
+        .map(|(k, _)| k.backend_id)
 }
 
 /// PURE: of `candidates` (`affinity_candidates`), the pairs no frontend with affinity of that
@@ -855,13 +856,7 @@ fn retired_affinity(candidates: &[(u32, u32)], mirror: &Mirror) -> Vec<(u32, u32
         .values()
         .filter(|v| v.has_affinity() && ports.contains(&v.port_id))
     {
-        offered.extend(
-            state
-                .members
-                .range(crate::plan::member_range(svc.id))
-                .filter(|(_, m)| m.slots > 0)
-                .map(|(k, _)| (svc.port_id, k.backend_id)),
-        );
+        offered.extend(choosable(state, svc.id).map(|b| (svc.port_id, b)));
     }
     let retired: BTreeSet<(u32, u32)> = candidates
         .iter()
