@@ -812,6 +812,73 @@ fn flag_wins(
     true
 }
 
+/// The field of a `--config` file that kube-proxy's flag `id` (in `KUBE_PROXY_FLAGS`) stands
+/// for, and whether `config` sets it (a zero TCP timeout counts as unset: it keeps the
+/// default here).
+fn file_field(config: &KubeProxyConfig, id: &str) -> (&'static str, bool) {
+    let c = &config.conntrack;
+    match id {
+        "kubeconfig" => ("clientConnection.kubeconfig", config.kubeconfig.is_some()),
+        "bind_address" => ("bindAddress", config.bind_address.is_some()),
+        "healthz_bind_address" => ("healthzBindAddress", config.healthz_bind_address.is_some()),
+        "metrics_bind_address" => ("metricsBindAddress", config.metrics_bind_address.is_some()),
+        "bind_address_hard_fail" => ("bindAddressHardFail", config.bind_address_hard_fail),
+        "masquerade_all" if config.mode == ProxyMode::NfTables => {
+            ("nftables.masqueradeAll", config.masquerade_all)
+        }
+        "masquerade_all" => ("iptables.masqueradeAll", config.masquerade_all),
+        "nodeport_addresses" => ("nodePortAddresses", config.nodeport_addresses.is_some()),
+        "oom_score_adj" => ("oomScoreAdj", config.oom_score_adj.is_some()),
+        "conntrack_tcp_timeout_established" => (
+            "conntrack.tcpEstablishedTimeout",
+            c.tcp_established_timeout.is_some_and(|t| !t.is_zero()),
+        ),
+        "conntrack_udp_timeout" => (
+            "conntrack.udpTimeout/udpStreamTimeout",
+            c.udp_timeout.max(c.udp_stream_timeout).is_some(),
+        ),
+        _ => ("", false),
+    }
+}
+
+/// Next to a `--config` file kube-proxy ignores its flags (semantics 11.13): where the file
+/// leaves a field unset, kube-proxy takes its default, not the flag. So a kube-proxy flag
+/// given with `run --config` whose field the file leaves unset goes back to its default here,
+/// with a warning; where the file sets the field, `flag_wins` says the same.
+fn ignore_flags_the_file_leaves_unset(
+    config: &KubeProxyConfig,
+    args: &mut RunArgs,
+    given: &dyn Fn(&str) -> bool,
+    notes: &mut Vec<Note>,
+) {
+    for &id in KUBE_PROXY_FLAGS {
+        let (field, set) = file_field(config, id);
+        if !given(id) || set {
+            continue;
+        }
+        match id {
+            "kubeconfig" => args.source.kubeconfig = None,
+            "bind_address" => args.source.bind_address = None,
+            "healthz_bind_address" => args.healthz_bind_address = None,
+            "metrics_bind_address" => args.metrics_bind_address = None,
+            "bind_address_hard_fail" => args.bind_address_hard_fail = false,
+            "masquerade_all" => args.masquerade_all = false,
+            "nodeport_addresses" => args.source.nodeport_addresses.clear(),
+            "oom_score_adj" => args.oom_score_adj = None,
+            "conntrack_tcp_timeout_established" => {
+                args.conntrack_tcp_timeout_established = super::run::TCP_ESTABLISHED_DEFAULT
+            }
+            "conntrack_udp_timeout" => args.conntrack_udp_timeout = super::run::UDP_TIMEOUT_DEFAULT,
+            _ => continue,
+        }
+        notes.push(Note::warn(format!(
+            "--{} ignored: kube-proxy ignores its flags next to --config, and the file leaves \
+             {field} unset, so the default applies",
+            id.replace('_', "-")
+        )));
+    }
+}
+
 /// Lays the file's settings under `args`: a setting whose flag was given on the command line
 /// (`given(id)` with clap's argument id) keeps the flag's value, unless it is one of
 /// kube-proxy's flags next to a `--config` file (`KUBE_PROXY_FLAGS`). `cpus`
@@ -825,6 +892,9 @@ pub fn apply(
 ) -> Vec<Note> {
     let mut notes = Vec::new();
     let from_file = args.config.is_some();
+    if from_file {
+        ignore_flags_the_file_leaves_unset(config, args, given, &mut notes);
+    }
     // Sets `$target` from the file unless flag `$id` wins (`flag_wins`).
     macro_rules! set {
         ($field:expr, $id:literal, $target:expr, $value:expr) => {
@@ -939,7 +1009,7 @@ pub fn apply(
     // platformApplyDefaults; semantics 7.3); the other modes serve every local address.
     let nft_primary = config.mode == ProxyMode::NfTables
         && config.nodeport_addresses.as_ref().is_none_or(Vec::is_empty)
-        && !given("nodeport_addresses");
+        && (from_file || !given("nodeport_addresses"));
     if nft_primary {
         args.source.nodeport_addresses = vec!["primary".to_string()];
         notes.push(Note::info(

@@ -358,6 +358,75 @@ logging: {format: json, verbosity: 6}
     }
 }
 
+/// semantics 11.13: next to `--config` kube-proxy ignores its flags also where the file leaves
+/// the field unset (its default applies then); `--hostname-override` still wins.
+#[test]
+fn kube_proxy_flags_next_to_a_config_file_that_leaves_their_fields_unset_are_ignored() {
+    let flags = [
+        "--hostname-override=Node-B",
+        "--kubeconfig=/root/.kube/config",
+        "--bind-address=192.0.2.1",
+        "--healthz-bind-address=0.0.0.0:1",
+        "--metrics-bind-address=127.0.0.1:3",
+        "--bind-address-hard-fail",
+        "--masquerade-all",
+        "--nodeport-addresses=192.0.2.0/24",
+        "--conntrack-tcp-timeout-established=2h",
+        "--conntrack-udp-timeout=3m",
+        "--oom-score-adj=-1000",
+        "--sync-period=10m",
+    ];
+    let out = run_with(
+        &doc("mode: iptables\nconntrack: {tcpEstablishedTimeout: 0s}\n"),
+        &flags,
+    );
+    let args = out.args();
+    assert_eq!(args.source.hostname_override.as_deref(), Some("node-b"));
+    assert_eq!(args.source.kubeconfig, None);
+    assert_eq!(args.source.bind_address, None);
+    assert_eq!(args.healthz_bind_address, None);
+    assert_eq!(args.metrics_bind_address, None);
+    assert!(!args.bind_address_hard_fail);
+    assert!(!args.masquerade_all);
+    assert!(args.source.nodeport_addresses.is_empty());
+    assert_eq!(
+        args.conntrack_tcp_timeout_established,
+        super::super::run::TCP_ESTABLISHED_DEFAULT
+    );
+    assert_eq!(
+        args.conntrack_udp_timeout,
+        super::super::run::UDP_TIMEOUT_DEFAULT
+    );
+    assert_eq!(args.oom_score_adj, None);
+    // This proxy's own flag.
+    assert_eq!(args.sync_period, Duration::from_secs(600));
+    let warn = out.at(log::Level::Warn);
+    for (flag, field) in [
+        ("kubeconfig", "clientConnection.kubeconfig"),
+        ("bind-address", "bindAddress"),
+        ("masquerade-all", "iptables.masqueradeAll"),
+        ("nodeport-addresses", "nodePortAddresses"),
+        (
+            "conntrack-tcp-timeout-established",
+            "conntrack.tcpEstablishedTimeout",
+        ),
+        ("oom-score-adj", "oomScoreAdj"),
+    ] {
+        let line = format!(
+            "--{flag} ignored: kube-proxy ignores its flags next to --config, and the file \
+             leaves {field} unset, so the default applies"
+        );
+        assert!(warn.contains(&line.as_str()), "{line}: {warn:?}");
+    }
+
+    // nftables mode: the ignored --nodeport-addresses leaves kube-proxy's [primary] default.
+    let out = run_with(
+        &doc("mode: nftables\n"),
+        &["--nodeport-addresses=192.0.2.0/24"],
+    );
+    assert_eq!(out.args().source.nodeport_addresses, ["primary"]);
+}
+
 #[test]
 fn config_global_logging_flags_count_as_given_after_run_too() {
     // `--log-level` is global: given before or after `run`, it wins over logging.verbosity.
