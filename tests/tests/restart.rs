@@ -433,12 +433,22 @@ impl Drop for ConfigMapDir {
     }
 }
 
-const KUBE_PROXY_CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+/// The file for `agent`: its HTTP addresses are in it, since next to `--config` the agent
+/// ignores the harness's `--healthz-bind-address` and `--metrics-bind-address` as kube-proxy
+/// would (semantics 11.13).
+fn kube_proxy_config(agent: &tests::Agent) -> String {
+    format!(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 mode: nftables
+healthzBindAddress: 127.0.0.1:{}
+metricsBindAddress: 127.0.0.1:{}
 conntrack:
   udpTimeout: 120s
-";
+",
+        agent.health_port, agent.metrics_port
+    )
+}
 
 /// kube-proxy exits when the file given by --config changes, to be restarted with it
 /// (semantics 11.13): so does the agent, leaving the datapath pinned and serving, when its
@@ -450,8 +460,9 @@ fn a_changed_config_file_stops_the_agent_and_the_datapath_keeps_serving() {
     }
     let mut topo = tests::Topology::new(2);
     topo.serve(1, BACKEND_PORT);
-    let mut config = ConfigMapDir::new(&topo.id, KUBE_PROXY_CONFIG);
     let mut agent = tests::Agent::new(&topo.id, topo.cgroup_path(), NODE);
+    let content = kube_proxy_config(&agent);
+    let mut config = ConfigMapDir::new(&topo.id, &content);
     agent.write_manifest("node.yaml", &node_yaml(NODE, None));
     agent.extra_args = vec!["--config".into(), config.path()];
     let pos = agent.log_position();
@@ -477,12 +488,12 @@ fn a_changed_config_file_stops_the_agent_and_the_datapath_keeps_serving() {
     agent.wait_for_log(pos, "synced", Duration::from_secs(10));
 
     // The same content again: the agent keeps running.
-    config.update(KUBE_PROXY_CONFIG);
+    config.update(&content);
     std::thread::sleep(Duration::from_secs(5));
     agent.assert_running();
 
     // A new content: the agent stops with an error naming the file.
-    config.update(&KUBE_PROXY_CONFIG.replace("120s", "90s"));
+    config.update(&content.replace("120s", "90s"));
     let status = agent.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(2), "{status:?}");
     agent.wait_for_log(
