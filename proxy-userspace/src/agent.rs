@@ -921,6 +921,12 @@ impl TriggerTimes {
             self.seen.remove(key);
         }
         for slice in &update.new_slices {
+            // FQDN and unknown address types program nothing (semantics 1.7): no latency.
+            let family = match slice.address_type.as_str() {
+                "IPv4" => Family::V4,
+                "IPv6" => Family::V6,
+                _ => continue,
+            };
             let Some(raw) = slice.trigger_time.as_deref() else {
                 continue;
             };
@@ -933,11 +939,6 @@ impl TriggerTimes {
                 && t >= started
                 && let Ok(latency) = now.duration_since(t)
             {
-                let family = if slice.address_type == "IPv6" {
-                    Family::V6
-                } else {
-                    Family::V4
-                };
                 out.push((family, latency));
             }
             self.seen.insert(key, raw.to_string());

@@ -1490,12 +1490,13 @@ spec: {clusterIP: 10.96.0.9, ports: [{name: http, port: 80}, {name: http, port: 
             "Service default/bad",
             "duplicate port name \"http\"/TCP",
         );
-        // The first TCP port and the UDP port (another key) are programmed.
+        // The last TCP port (kube-proxy fills its port map in spec order, so the later one
+        // replaces the earlier) and the UDP port (another key) are programmed.
         let ports: Vec<String> = frontends_of(&d, |p| p.name == "bad")
             .keys()
             .map(|k| k.to_string())
             .collect();
-        assert_eq!(ports, ["10.96.0.9:80/TCP", "10.96.0.9:82/UDP"]);
+        assert_eq!(ports, ["10.96.0.9:81/TCP", "10.96.0.9:82/UDP"]);
     }
 
     // semantics 12.1, 12.8

@@ -160,15 +160,35 @@ impl FrontendAddr {
     }
 }
 
-/// A load balancer IP's allowed sources: the Service's ranges and, when a node address of
-/// the VIP's family lies inside one of them, the VIP itself (semantics 7.9: a VIP assigned on
-/// the node makes host traffic loop back with the VIP as its source).
-fn with_node_exception(ranges: &[Cidr], vip: IpAddr, node_addresses: &[IpAddr]) -> Vec<Cidr> {
+/// A `loadBalancerSourceRanges` entry as kube-proxy's ParseCIDRSloppy reads it: trimmed, a
+/// prefix length required (a bare address is no CIDR and is dropped, semantics 7.8), leading
+/// zeros in IPv4 octets accepted; host bits cleared.
+pub fn source_range(raw: &str) -> Option<Cidr> {
+    let (addr, len) = raw.trim().split_once('/')?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let addr = crate::objects::parse_lenient(addr)?;
+    Cidr::parse(&format!("{addr}/{len}"))
+}
+
+/// A load balancer IP's allowed sources: the Service's ranges and, when kube-proxy's node IP
+/// of the VIP's family lies inside one of them, the VIP itself (semantics 7.9: a VIP assigned
+/// on the node makes host traffic loop back with the VIP as its source). That node IP is the
+/// Node object's primary address of the family (`node_primary`), or loopback without one, as
+/// kube-proxy assumes then (semantics 10.2); not the NodePort addresses.
+fn with_node_exception(ranges: &[Cidr], vip: IpAddr, node_primary: &[IpAddr]) -> Vec<Cidr> {
     let mut out = ranges.to_vec();
-    let node_inside = node_addresses
+    let family = Family::of(&vip);
+    let node_ip = node_primary
         .iter()
-        .any(|a| ranges.iter().any(|r| r.contains(a)));
-    if node_inside {
+        .copied()
+        .find(|a| Family::of(a) == family)
+        .unwrap_or(match family {
+            Family::V4 => IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            Family::V6 => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        });
+    if ranges.iter().any(|r| r.contains(&node_ip)) {
         let len = if vip.is_ipv4() { 32 } else { 128 };
         let own = Cidr { addr: vip, len };
         if !out.contains(&own) {
@@ -647,7 +667,8 @@ fn cluster_ip_of(svc: &Service, family: Family, problems: &mut Vec<Problem>) -> 
             }
         }
     };
-    match raw.parse::<IpAddr>() {
+    // Parsed as kube-proxy's ParseIPSloppy does (leading zeros accepted).
+    match crate::objects::parse_lenient(&raw).ok_or(()) {
         Ok(ip) if Family::of(&ip) == family => Some(ip),
         // A single-stack Service of the other family (empty ipFamilies): not ours.
         Ok(_) if families.is_empty() => None,
@@ -683,8 +704,10 @@ fn ips_of_family<'a>(
     problems: &mut Vec<Problem>,
 ) -> Vec<IpAddr> {
     let mut out = Vec::new();
-    for s in raw {
-        match s.trim().parse::<IpAddr>() {
+    // Empty entries are skipped without a word, as kube-proxy's MapIPsByIPFamily does; the
+    // others are parsed as its ParseIPSloppy does (leading zeros accepted).
+    for s in raw.filter(|s| !s.trim().is_empty()) {
+        match crate::objects::parse_lenient(s).ok_or(()) {
             Ok(ip) if Family::of(&ip) == family => {
                 if !out.contains(&ip) {
                     out.push(ip)
@@ -807,7 +830,8 @@ fn compile_service(
             &object,
             &mut desired.problems,
         );
-        // semantics 7.7: status IPs only, hostname-only entries ignored, ipMode Proxy skipped.
+        // semantics 7.7: status IPs only, hostname-only entries ignored; only ipMode nil or VIP
+        // is programmed (kube-proxy's IsVIPMode), so Proxy and unknown modes are skipped.
         let lb_ips = ips_of_family(
             svc.status
                 .as_ref()
@@ -815,7 +839,7 @@ fn compile_service(
                 .and_then(|lb| lb.ingress.as_ref())
                 .into_iter()
                 .flatten()
-                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter(|i| matches!(i.ip_mode.as_deref(), None | Some("VIP")))
                 .filter_map(|i| i.ip.as_deref()),
             family,
             "load balancer IP",
@@ -825,7 +849,7 @@ fn compile_service(
         // semantics 7.8: trimmed; invalid and other-family prefixes dropped.
         let mut source_ranges = Vec::new();
         for raw in spec.load_balancer_source_ranges.iter().flatten() {
-            match Cidr::parse(raw) {
+            match source_range(raw) {
                 Some(c) if Family::of(&c.addr) == family => source_ranges.push(c),
                 Some(_) => {}
                 None => desired.problems.push(Problem {
@@ -837,8 +861,22 @@ fn compile_service(
                 }),
             }
         }
-        let mut seen_ports = Vec::new();
-        for port in spec.ports.iter().flatten() {
+        // kube-proxy keys a Service's ports by (name, protocol) in a map filled in spec order,
+        // so of two ports with one key the later one is programmed (semantics 2.1).
+        let ports: &[k8s_openapi::api::core::v1::ServicePort] =
+            spec.ports.as_deref().unwrap_or(&[]);
+        let last_of_key: std::collections::HashMap<(&str, Option<Proto>), usize> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let key = (
+                    p.name.as_deref().unwrap_or(""),
+                    Proto::parse(p.protocol.as_deref()),
+                );
+                (key, i)
+            })
+            .collect();
+        for (i, port) in ports.iter().enumerate() {
             let Some(proto) = Proto::parse(port.protocol.as_deref()) else {
                 desired.problems.push(Problem {
                     reason: ProblemReason::InvalidPort,
@@ -863,18 +901,18 @@ fn compile_service(
                 continue;
             };
             let port_name = port.name.clone().unwrap_or_default();
-            if seen_ports.contains(&(port_name.clone(), proto)) {
+            if last_of_key.get(&(port_name.as_str(), Some(proto))) != Some(&i) {
                 desired.problems.push(Problem {
                     reason: ProblemReason::InvalidPort,
                     object: object.clone(),
                     message: format!(
-                        "duplicate port name {port_name:?}/{}; later one ignored",
+                        "duplicate port name {port_name:?}/{}: port {number} ignored, the later \
+                         one is used",
                         proto.as_str()
                     ),
                 });
                 continue;
             }
-            seen_ports.push((port_name.clone(), proto));
             let name = PortName {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
@@ -1084,7 +1122,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
                 // Both scopes: traffic from outside at tc, pods and the host at the socket
                 // layer (semantics 7.8, 7.9).
                 source_ranges: if kind == FrontendKind::LoadBalancer {
-                    with_node_exception(&sp.source_ranges, addr, node_addresses)
+                    with_node_exception(&sp.source_ranges, addr, &node.primary)
                 } else {
                     Vec::new()
                 },

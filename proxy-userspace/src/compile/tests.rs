@@ -1233,7 +1233,7 @@ fn cases() -> Vec<Case> {
         ),
         // semantics 2.1, 12.8
         case(
-            "duplicate port name and protocol: first kept, problem recorded",
+            "duplicate port name and protocol: the later one kept, problem recorded",
             docs(&[
                 &service(
                     "name: web, namespace: default",
@@ -1241,7 +1241,11 @@ fn cases() -> Vec<Case> {
                 ),
                 &slice("web-1", &[LOCAL_A]),
             ]),
-            vec![Problem("duplicate port name"), Ports(&[P]), Frontends(&[FE])],
+            vec![
+                Problem("duplicate port name \"http\"/TCP: port 80 ignored"),
+                Ports(&[P]),
+                Frontends(&["10.96.0.10:81/TCP"]),
+            ],
         ),
         // semantics 12.8
         case(
@@ -1551,6 +1555,10 @@ fn external_web(svc_type: &str, extra: &str) -> Snapshot {
         "10.244.0.1".parse().unwrap(),
         "fd00:77::1".parse().unwrap(),
     ];
+    s.node.primary = vec![
+        "192.168.77.1".parse().unwrap(),
+        "fd00:77::1".parse().unwrap(),
+    ];
     s
 }
 
@@ -1690,6 +1698,8 @@ fn the_vip_is_an_allowed_source_only_when_the_node_is() {
         ("[192.168.77.1/32]", true),
         ("[0.0.0.0/0]", true),
         ("['fd00:77::/64']", false),
+        // 10.244.0.1 serves NodePorts but is not kube-proxy's node IP (the primary address).
+        ("[10.244.0.0/16]", false),
     ] {
         let d = compile(&external_web(
             "LoadBalancer",
@@ -1739,6 +1749,72 @@ fn source_ranges_only_on_load_balancer_ips() {
             .iter()
             .any(|p| p.message.contains("\"nonsense\""))
     );
+}
+
+#[test]
+fn source_ranges_are_read_as_kube_proxy_reads_them() {
+    // semantics 7.8: ParseCIDRSloppy needs a prefix length (a bare address is dropped) and
+    // takes IPv4 octets with leading zeros; host bits are cleared.
+    for (raw, want) in [
+        ("10.0.0.0/8", Some("10.0.0.0/8")),
+        (" 010.001.0.0/16 ", Some("10.1.0.0/16")),
+        ("10.1.2.3/24", Some("10.1.2.0/24")),
+        ("fd00::1/64", Some("fd00::/64")),
+        ("10.1.2.3", None),
+        ("fd00::1", None),
+        ("10.0.0.0/33", None),
+        ("10.0.0.0/+8", None),
+        ("10.0.0.0/", None),
+        ("/8", None),
+    ] {
+        assert_eq!(
+            source_range(raw).map(|c| c.to_string()).as_deref(),
+            want,
+            "{raw:?}"
+        );
+    }
+    // A bare address alone: no valid range, so no firewall at all, as in kube-proxy.
+    let d = compile(&external_web(
+        "LoadBalancer",
+        ", loadBalancerSourceRanges: [10.1.2.3]",
+    ));
+    let lb = frontend_of(&d, "external 198.51.100.1:80/TCP").unwrap();
+    assert!(lb.source_ranges.is_empty(), "{:?}", lb.source_ranges);
+    assert!(
+        d.problems
+            .iter()
+            .any(|p| p.message.contains("\"10.1.2.3\" is not a CIDR"))
+    );
+}
+
+#[test]
+fn service_addresses_are_read_as_kube_proxy_reads_them() {
+    // semantics 7.6, 7.7: addresses parsed as ParseIPSloppy does (leading zeros accepted);
+    // empty externalIPs and ingress IPs skipped without a problem; only ipMode nil or VIP
+    // programmed.
+    let svc = "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: \
+               LoadBalancer, clusterIP: 010.096.000.010, externalIPs: ['', 203.0.113.007], \
+               ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP}]}\n\
+               status: {loadBalancer: {ingress: [{ip: ''}, {ip: 198.51.100.1, ipMode: Other}, \
+               {ip: 198.51.100.2, ipMode: VIP}]}}";
+    let yaml = docs(&[
+        svc,
+        &slice("web-1", &["{addresses: [10.244.0.2], nodeName: node-a}"]),
+    ]);
+    let d = compile(&snapshot(&yaml, "node-a", None));
+    let mut got: Vec<String> = d.frontends.keys().map(|k| k.to_string()).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "10.96.0.10:80/TCP",
+            "198.51.100.2:80/TCP",
+            "203.0.113.7:80/TCP",
+            "external 198.51.100.2:80/TCP",
+            "external 203.0.113.7:80/TCP",
+        ]
+    );
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
 }
 
 #[test]
