@@ -544,6 +544,72 @@ fn an_http_410_to_a_watch_request_relists() {
     resuming_from_a_compacted_version_relists(true);
 }
 
+/// An API server that comes back with a younger history (etcd restored from a backup, or a
+/// new cluster behind the same address) answers a watch from the old, higher resourceVersion
+/// with "Too large resource version" (a 504 ERROR event); resuming from it again would wait
+/// for ever for changes. The source lists afresh instead and drops what was deleted meanwhile.
+#[test]
+fn an_api_server_with_a_younger_history_is_listed_afresh() {
+    let server = ApiServer::start();
+    populate(&server);
+    let rx = start_source(&server);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, &baseline());
+    wait_watching(&server, Res::Services);
+    wait_watching(&server, Res::Slices);
+
+    server.delete_unseen(Res::Services, "kube-system/b");
+    server.delete_unseen(Res::Slices, "kube-system/b-1");
+    server.restart_with_versions_from(10);
+
+    let want = Seen {
+        services: strings(&["default/a 10.96.0.10 80"]),
+        slices: strings(&["default/a-1 10.244.0.5,10.244.0.6"]),
+        zone: Some("zone-1".into()),
+    };
+    wait_for(&rx, &mut log, &want);
+    let requests = server.requests();
+    assert!(lists(&requests, Res::Services) >= 2, "{requests:#?}");
+    assert!(lists(&requests, Res::Slices) >= 2, "{requests:#?}");
+
+    // And it follows the new history's events.
+    wait_watching(&server, Res::Services);
+    server.apply(Res::Services, service("default", "d", "10.96.0.40", 443));
+    let mut want = want;
+    want.services.push("default/d 10.96.0.40 443".into());
+    wait_for(&rx, &mut log, &want);
+}
+
+/// A watch event that cannot be read (malformed JSON, or a type the client does not know) may
+/// have carried a change: the source lists afresh rather than resume after it and miss that
+/// change until the next 410.
+#[test]
+fn an_unreadable_watch_event_is_followed_by_a_fresh_list() {
+    for line in [
+        // (A line cut short is dropped by kube's client without a word: not tested.)
+        r#"{"type":"MODIFIED","object":]"#,
+        r#"{"type":"REPLACED"}"#,
+    ] {
+        let server = ApiServer::start();
+        populate(&server);
+        let rx = start_source(&server);
+        let mut log = Vec::new();
+        wait_for(&rx, &mut log, &baseline());
+        wait_watching(&server, Res::Slices);
+
+        // The change the unreadable event stood for.
+        server.apply_unseen(
+            Res::Slices,
+            slice("default", "a", "a-1", &["10.244.0.5", "10.244.0.9"]),
+        );
+        server.send_raw(Res::Slices, line);
+        let mut want = baseline();
+        want.slices[0] = "default/a-1 10.244.0.5,10.244.0.9".into();
+        wait_for(&rx, &mut log, &want);
+        assert_eq!(lists(&server.requests(), Res::Slices), 2, "{line}");
+    }
+}
+
 /// 503s and 429s reach the source's own backoff (logged, counted, retried within seconds or
 /// after the server's Retry-After) instead of being retried unseen for minutes by the
 /// client: the errors are counted while they last, and the source converges soon after.

@@ -312,6 +312,11 @@ const LIST_STALL: Duration = Duration::from_secs(60);
 /// kube-runtime's 290 s timeout, and kube-runtime gives up on it after 295 s.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// A connection to the API server not set up within this long is given up and tried again
+/// after the backoff. kube's default (30 s) would leave a client whose SYNs went into a dark
+/// path waiting out the kernel's SYN retries after the path came back.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// TCP keepalive on every connection to the API server: after this long without a packet from
 /// it, probes go out every [`KEEPALIVE_INTERVAL`], and [`KEEPALIVE_PROBES`] unanswered ones
 /// (or an answer with a reset) fail the connection. A watch is silent while nothing changes, so
@@ -477,6 +482,14 @@ fn paced<T: Phase + Send + 'static>(
             }
             // kube-runtime relists after these itself.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => p.listing = true,
+            // kube-runtime would resume from the same place again, where no change can be
+            // trusted to arrive: a resourceVersion the server does not have (restored or
+            // replaced with a younger history), or a watch event that could not be read (a
+            // change lost with it). List afresh, as client-go does.
+            Err(e) if needs_relist(e) => {
+                p.stream = (p.start)();
+                p.listing = true;
+            }
             Err(watcher::Error::InitialListFailed(_)) => p.listing = true,
             Err(_) => {}
         }
@@ -516,6 +529,26 @@ fn paced<T: Phase + Send + 'static>(
         Some((item, p))
     })
     .boxed()
+}
+
+/// A watch failure after which resuming from the last resourceVersion would lose changes:
+/// the server's "Too large resource version" (a 504 whose cause is `ResourceVersionTooLarge`:
+/// its history no longer reaches the version, after an etcd restore or a new cluster behind
+/// the same address), or a watch event that is no watch event (malformed JSON, or an event
+/// type this client does not know, which kube decodes as a Status without a code).
+fn needs_relist(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchFailed(kube::Error::SerdeError(_)) => true,
+        watcher::Error::WatchFailed(kube::Error::Api(status)) if status.code == 0 => true,
+        _ => status_of(e).is_some_and(|s| {
+            s.code == 504
+                && (s.details.as_ref().is_some_and(|d| {
+                    d.causes
+                        .iter()
+                        .any(|c| c.reason == "ResourceVersionTooLarge")
+                }) || s.message.contains("Too large resource version"))
+        }),
+    }
 }
 
 /// The failure a stalled list is reported as.
@@ -1164,6 +1197,7 @@ impl KubeSource {
         // tens of seconds later.
         config.default_retry = false;
         config.read_timeout = Some(READ_TIMEOUT);
+        config.connect_timeout = Some(CONNECT_TIMEOUT);
         // The read timeout counts from the request, not from when its pooled connection
         // went idle.
         config.reset_reader_on_write = true;

@@ -275,6 +275,10 @@ impl State {
     }
 }
 
+/// How long a watch from a version the server has not reached waits for it (the real watch
+/// cache waits 3 s) before "Too large resource version".
+const TOO_LARGE_WAIT: Duration = Duration::from_millis(500);
+
 pub struct ApiServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
@@ -455,6 +459,34 @@ impl ApiServer {
         for w in state.collection(res).watches.drain(..) {
             let _ = w.tx.send(Msg::Line(line.clone()));
             let _ = w.tx.send(Msg::End);
+        }
+    }
+
+    /// Sends `line` (a newline is added) as it is to the live watches of `res`: a malformed
+    /// event, or one of a type the client does not know.
+    pub fn send_raw(&self, res: Res, line: &str) {
+        let mut state = self.lock();
+        for w in &state.collection(res).watches {
+            let _ = w.tx.send(Msg::Line(format!("{line}\n")));
+        }
+    }
+
+    /// Starts again with a younger history, as an API server whose etcd was restored from a
+    /// backup (or replaced) does: live watches are reset, the resourceVersion goes back to
+    /// `rv`, every object is stamped with it and the event history starts afresh. A watch
+    /// from a version above `rv` gets "Too large resource version".
+    pub fn restart_with_versions_from(&self, rv: u64) {
+        let mut state = self.lock();
+        state.rv = rv;
+        for c in state.collections.values_mut() {
+            for w in c.watches.drain(..) {
+                let _ = w.tx.send(Msg::Reset);
+            }
+            c.log.clear();
+            c.compacted = 0;
+            for o in c.objects.values_mut() {
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            }
         }
     }
 
@@ -916,6 +948,36 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             return write_response(&mut socket, 400, &body).await;
         }
     };
+    // A version the server has not reached: as the watch cache, wait a while for it, then end
+    // the watch with a 504 ERROR event whose cause is ResourceVersionTooLarge.
+    let deadline = tokio::time::Instant::now() + TOO_LARGE_WAIT;
+    loop {
+        let current = state.lock().unwrap().rv;
+        if from <= current {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            record(request);
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut error = status(
+                504,
+                "Timeout",
+                &format!("Too large resource version: {from}, current: {current}"),
+            );
+            error["details"] = json!({
+                "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                "retryAfterSeconds": 1,
+            });
+            let _ = write_chunk(&mut socket, &event_line("ERROR", &error)).await;
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let replay: Result<Vec<String>, u64> = {
         let mut state = state.lock().unwrap();
