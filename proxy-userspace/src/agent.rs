@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use proxy_common::backend::BackendValue;
 
 use crate::{
-    capacity::{Capacity, changes_fit, refusals, refuse, surely_fits},
+    capacity::{Capacity, changes_fit, kept_frontends, refusals, refuse, surely_fits},
     compile::{Compiler, Desired, Family, FrontendAddr, Problem, ProblemReason, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
@@ -172,24 +172,36 @@ pub fn fit_to<'a>(
     current: &MapState,
     capacity: Option<&Capacity>,
     changed: Option<&BTreeSet<FrontendAddr>>,
-) -> (Cow<'a, Desired>, bool) {
+) -> (Cow<'a, Desired>, Fit) {
     let compiled = compiler.desired();
     let Some(cap) = capacity else {
-        return (Cow::Borrowed(compiled), true);
+        return (Cow::Borrowed(compiled), Fit::All);
     };
     let backends_now = current.backends.len() as u64;
     if surely_fits(compiler.totals(), compiled.maglev_size, backends_now, cap)
         || changed.is_some_and(|changed| changes_fit(compiled, changed, current, cap))
     {
-        return (Cow::Borrowed(compiled), true);
+        return (Cow::Borrowed(compiled), Fit::All);
     }
     let refused = refusals(compiled, current, cap);
     if refused.is_empty() {
-        return (Cow::Borrowed(compiled), true);
+        return (Cow::Borrowed(compiled), Fit::All);
     }
+    let kept = kept_frontends(compiled, &refused, current);
     let mut fitted = compiled.clone();
     refuse(&mut fitted, &refused);
-    (Cow::Owned(fitted), false)
+    (Cow::Owned(fitted), Fit::Refused { kept })
+}
+
+/// Whether the compiled state fits the maps ([`fit_to`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fit {
+    All,
+    /// Some Service ports were refused; the frontends the maps hold of those that were
+    /// programmed are `kept` as they are.
+    Refused {
+        kept: BTreeSet<FrontendAddr>,
+    },
 }
 
 /// Applies one snapshot: compile what changed, plan it against the mirror, write. On a failed
@@ -214,12 +226,13 @@ pub fn sync_once(
     }
     let capacity = io.capacity();
     let incremental = !update.full && !pipeline.full_next;
-    let (desired, fits) = fit_to(
+    let (desired, fit) = fit_to(
         &pipeline.compiler,
         pipeline.mirror.state(),
         capacity.as_ref(),
         incremental.then_some(&update.changed),
     );
+    let fits = fit == Fit::All;
     let planned_all = !fits || update.full || pipeline.full_next;
     pipeline.full_next = !fits;
     let (health_checks, conflicts) = crate::healthcheck::wanted(&desired);
@@ -243,7 +256,13 @@ pub fn sync_once(
     // memory); one plan over everything when the maps hold entries of no frontend (only
     // `plan_full` finds those) or some Services are refused for capacity.
     // A large incremental change (many Services at once) is written in groups the same way.
-    let groups = if planned_all && fits {
+    let groups = if let Fit::Refused { kept } = &fit {
+        // Refused Service ports that were programmed keep their entries: planned frontend by
+        // frontend, leaving theirs out (a full plan would delete them).
+        pipeline
+            .mirror
+            .full_groups_keeping(&desired, pipeline.group_entries, kept)
+    } else if planned_all {
         pipeline
             .mirror
             .full_groups(&desired, pipeline.group_entries)
@@ -1237,6 +1256,17 @@ mod tests {
         assert!(!report.problems.is_empty(), "{report:?}");
         assert_eq!(&io.0, pipeline.state());
         assert!(io.0.backends.len() <= 7);
+        // `a` was programmed: refused, it keeps what it had (kube-proxy would serve the new
+        // endpoints; taking its entries away would be an outage), rather than losing them.
+        assert!(
+            report
+                .problems
+                .iter()
+                .all(|p| p.message.contains("it keeps its previous state")),
+            "{:?}",
+            report.problems
+        );
+        programmed(&io, &pipeline, &next);
         let report = sync_once(&mut io, &mut pipeline, &next, &mut logged).unwrap();
         assert!(report.planned_all, "{report:?}");
         assert!(report.problems.is_empty(), "{:?}", report.problems);

@@ -262,6 +262,13 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
                 usage.backends.extend(add.backends);
                 usage.reused = reused;
             }
+            Some((map, need, capacity)) if programmed(frontends) => refused.push((
+                name.clone(),
+                format!(
+                    "not updated: map {map} is full (would need {need} of {capacity} entries); \
+                     it keeps its previous state"
+                ),
+            )),
             Some((map, need, capacity)) => refused.push((
                 name.clone(),
                 format!(
@@ -271,6 +278,25 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
         }
     }
     refused
+}
+
+/// The frontends of `refused` Service ports that the maps hold now: a programmed port that no
+/// longer fits (it grew, or others grew first) keeps these as they are, so a full map never
+/// takes a working Service's entries away. `desired` is the state before `refuse`.
+pub fn kept_frontends(
+    desired: &Desired,
+    refused: &[(PortName, String)],
+    current: &MapState,
+) -> BTreeSet<FrontendAddr> {
+    let refused_names: BTreeSet<&PortName> = refused.iter().map(|(n, _)| n).collect();
+    desired
+        .frontends
+        .iter()
+        .filter(|(f, state)| {
+            refused_names.contains(&state.port) && current.services.contains_key(&ServiceKey::of(f))
+        })
+        .map(|(f, _)| *f)
+        .collect()
 }
 
 /// Removes the `refused` Service ports (`refusals`) from `desired`, each with its problem.
