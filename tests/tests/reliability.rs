@@ -48,6 +48,71 @@ fn full_maps_refuse_what_does_not_fit_and_recover() {
     env.wait_for_backends(Proto::Tcp, "10.96.0.11:80".parse().unwrap(), &["pod-3"]);
 }
 
+/// A programmed Service port that grows past a full map is not updated: it keeps the backends
+/// it had instead of losing its entries (an outage for a Service that worked), `verify` finds
+/// no drift, and once room frees it gets its new backends.
+#[test]
+fn a_programmed_service_that_no_longer_fits_keeps_its_backends() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(4);
+    env.agent.kill();
+    env.agent.extra_args = vec!["--max-backends".into(), "2".into()];
+    let _ = std::fs::remove_dir_all(&env.agent.pin_dir);
+    let from = env.agent.log_position();
+    env.agent.start();
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.96.0.10:80".parse().unwrap(),
+        "10.96.0.11:80".parse().unwrap(),
+    );
+    service_with_one_backend(&env, "a", "10.96.0.10", 1);
+    service_with_one_backend(&env, "b", "10.96.0.11", 2);
+    env.wait_for_backends(Proto::Tcp, a, &["pod-2"]);
+    env.wait_for_backends(Proto::Tcp, b, &["pod-3"]);
+    // `a` grows to two backends: with b's, three, and the map holds two.
+    let grown = |env: &Env| {
+        env.agent.write_manifest(
+            "a-slice.yaml",
+            &slice_yaml(
+                "a-1",
+                "a",
+                "IPv4",
+                &[HTTP],
+                &[ep(env.topo.pods[1].ip4), ep(env.topo.pods[3].ip4)],
+            ),
+        );
+    };
+    grown(&env);
+    let line = env
+        .agent
+        .wait_for_log(from, "map LB_BACKENDS is full", Duration::from_secs(10));
+    assert!(
+        line.contains("default/a") && line.contains("it keeps its previous state"),
+        "{line}"
+    );
+    env.wait_for_backends(Proto::Tcp, a, &["pod-2"]);
+    env.wait_for_backends(Proto::Tcp, b, &["pod-3"]);
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .arg("verify")
+            .arg("--manifests")
+            .arg(&env.agent.manifests)
+            .args(["--hostname-override", NODE, "--bpffs"])
+            .arg(&env.agent.pin_dir)
+            .output()
+            .expect("run verify");
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Room frees: `a` gets its two backends.
+    env.agent.remove_manifest("b.yaml");
+    env.wait_for_backends(Proto::Tcp, a, &["pod-2", "pod-4"]);
+}
+
 fn soak_secs() -> u64 {
     std::env::var("KBP_SOAK_SECS")
         .ok()
