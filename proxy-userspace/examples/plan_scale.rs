@@ -68,6 +68,10 @@ impl MapIo for Memory {
             backends: 1 << 21,
             infos: 65_536,
             maglev: 65_536,
+            src_ranges: [
+                proxy_common::maps::SRC_RANGES_MAX as u64,
+                proxy_common::maps::SRC_RANGES_MAX as u64,
+            ],
         })
     }
 }

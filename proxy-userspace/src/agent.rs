@@ -16,7 +16,9 @@ use std::borrow::Cow;
 use proxy_common::backend::BackendValue;
 
 use crate::{
-    capacity::{Capacity, changes_fit, kept_frontends, refusals, refuse, surely_fits},
+    capacity::{
+        Capacity, changes_fit, kept_frontends, ranges_surely_fit, refusals, refuse, surely_fits,
+    },
     compile::{Compiler, Desired, Family, FrontendAddr, Problem, ProblemReason, Proto, Update},
     datapath::{MapIo, Removed},
     health::Health,
@@ -178,7 +180,8 @@ pub fn fit_to<'a>(
         return (Cow::Borrowed(compiled), Fit::All);
     };
     let backends_now = current.backends.len() as u64;
-    if surely_fits(compiler.totals(), compiled.maglev_size, backends_now, cap)
+    if (surely_fits(compiler.totals(), compiled.maglev_size, backends_now, cap)
+        && ranges_surely_fit(compiler.totals(), compiled, current, cap))
         || changed.is_some_and(|changed| changes_fit(compiled, changed, current, cap))
     {
         return (Cow::Borrowed(compiled), Fit::All);
@@ -1217,6 +1220,7 @@ mod tests {
             backends: 7,
             infos: 100,
             maglev: 100,
+            src_ranges: [100, 100],
         };
         let mut io = Sized(MapState::default(), cap);
         let mut pipeline = Pipeline::new(MapState::default());

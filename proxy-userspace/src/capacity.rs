@@ -13,7 +13,7 @@ use crate::{
         Desired, FrontendAddr, FrontendKind, PortName, Problem, ProblemReason, Scheduler, Totals,
         slot_chunks,
     },
-    plan::{MapState, ServiceKey},
+    plan::{MapState, ServiceKey, SourceRange},
 };
 
 /// Capacity (max_entries) of each map the agent writes.
@@ -28,6 +28,42 @@ pub struct Capacity {
     pub infos: u64,
     /// `LB_MAGLEV` chunks (`MAGLEV_CHUNK` table entries each).
     pub maglev: u64,
+    /// `LB4_SRC_RANGES`, `LB6_SRC_RANGES`.
+    pub src_ranges: [u64; 2],
+}
+
+/// The source-range entries the maps hold now, [IPv4, IPv6].
+fn ranges_now(current: &MapState) -> [u64; 2] {
+    let v6 = current
+        .source_ranges
+        .iter()
+        .filter(|r| r.cidr.addr.is_ipv6())
+        .count() as u64;
+    [current.source_ranges.len() as u64 - v6, v6]
+}
+
+/// The ServiceCIDR ranges `desired` wants in the source-range maps, [IPv4, IPv6].
+fn service_cidr_entries(desired: &Desired) -> [u64; 2] {
+    let v6 = desired
+        .service_cidrs
+        .iter()
+        .filter(|c| c.addr.is_ipv6())
+        .count() as u64;
+    [desired.service_cidrs.len() as u64 - v6, v6]
+}
+
+/// Whether the source-range maps surely have room: every wanted entry counted as new beside
+/// every entry they hold now (a plan adds ranges before it deletes unwanted ones). O(entries
+/// held), which is small next to the frontends: ranges are per load balancer IP.
+pub fn ranges_surely_fit(
+    totals: &Totals,
+    desired: &Desired,
+    current: &MapState,
+    cap: &Capacity,
+) -> bool {
+    let now = ranges_now(current);
+    let cidrs = service_cidr_entries(desired);
+    (0..2).all(|f| totals.source_ranges[f] + cidrs[f] + now[f] <= cap.src_ranges[f])
 }
 
 /// Chunks of one Maglev table of `size` entries.
@@ -51,6 +87,9 @@ struct Usage {
     reused: u64,
     /// Maglev chunks.
     maglev: u64,
+    /// Source-range entries, [IPv4, IPv6], and those of them the maps hold already.
+    ranges: [u64; 2],
+    ranges_reused: [u64; 2],
 }
 
 /// What one Service port would add to `Usage`.
@@ -65,6 +104,8 @@ struct Addition {
     largest_members: u64,
     backends: BTreeSet<(IpAddr, u16, u8)>,
     maglev: u64,
+    ranges: [u64; 2],
+    ranges_reused: [u64; 2],
 }
 
 /// A cheap upper bound of every map's use (each frontend with its own marker, every backend
@@ -94,10 +135,14 @@ pub fn changes_fit(
     let table = maglev_chunks(desired.maglev_size);
     let (mut services4, mut services6, mut infos) = (0u64, 0u64, 0u64);
     let (mut chunks, mut members, mut maglev) = (0u64, 0u64, 0u64);
+    let mut ranges = service_cidr_entries(desired);
     for f in changed {
         let Some(state) = desired.frontends.get(f) else {
             continue;
         };
+        let r = crate::compile::source_range_entries(state);
+        ranges[0] += r[0];
+        ranges[1] += r[1];
         let keys = 1 + u64::from(state.kind == FrontendKind::ClusterIp);
         match ServiceKey::of(f) {
             ServiceKey::V4(_) => services4 += keys,
@@ -123,7 +168,9 @@ pub fn changes_fit(
         .count() as u64;
     let v6_now = current.services.len() as u64 - v4_now;
     let held = |n: usize| n as u64;
-    v4_now + services4 <= cap.services4
+    let ranges_held = ranges_now(current);
+    (0..2).all(|f| ranges_held[f] + ranges[f] <= cap.src_ranges[f])
+        && v4_now + services4 <= cap.services4
         && v6_now + services6 <= cap.services6
         && held(current.infos.len()) + infos <= cap.infos
         && held(current.slots.len()) + chunks <= cap.slot_chunks
@@ -165,6 +212,10 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
         })
         .collect();
     let current_count = current_backends.len() as u64;
+    // Source ranges the maps hold (ServiceCIDRs' among them), and the ServiceCIDRs' wanted:
+    // a plan adds ranges before it deletes unwanted ones.
+    let ranges_held = ranges_now(current);
+    let cidrs_wanted = service_cidr_entries(desired);
 
     let mut usage = Usage::default();
     let mut refused: Vec<(PortName, String)> = Vec::new();
@@ -203,6 +254,20 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
             let members = (state.backends.len() + state.keep_flows.len()) as u64;
             add.members += members;
             add.largest_members = add.largest_members.max(members);
+            // A programmed frontend keeps its id, so its ranges that stay are no new entries.
+            let id = current.services.get(&key).map(|v| v.id);
+            for cidr in &state.source_ranges {
+                let family = usize::from(cidr.addr.is_ipv6());
+                add.ranges[family] += 1;
+                if id.is_some_and(|svc_id| {
+                    current.source_ranges.contains(&SourceRange {
+                        svc_id,
+                        cidr: *cidr,
+                    })
+                }) {
+                    add.ranges_reused[family] += 1;
+                }
+            }
             for b in &state.backends {
                 let k = (b.addr, b.port, b.proto.number());
                 if !usage.backends.contains(&k) {
@@ -248,6 +313,17 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
                 admitted_backends + (current_count - reused),
                 cap.backends,
             ),
+            // So are ranges.
+            (
+                "LB4_SRC_RANGES",
+                range_need(&usage, &add, 0, ranges_held, cidrs_wanted),
+                cap.src_ranges[0],
+            ),
+            (
+                "LB6_SRC_RANGES",
+                range_need(&usage, &add, 1, ranges_held, cidrs_wanted),
+                cap.src_ranges[1],
+            ),
         ];
         match checks.into_iter().find(|(_, need, cap)| need > cap) {
             None => {
@@ -261,6 +337,10 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
                 usage.maglev += add.maglev;
                 usage.backends.extend(add.backends);
                 usage.reused = reused;
+                for f in 0..2 {
+                    usage.ranges[f] += add.ranges[f];
+                    usage.ranges_reused[f] += add.ranges_reused[f];
+                }
             }
             Some((map, need, capacity)) if programmed(frontends) => refused.push((
                 name.clone(),
@@ -278,6 +358,14 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
         }
     }
     refused
+}
+
+/// Source-range entries of family `f` with `add` admitted beside `usage`: the admitted
+/// ranges and ServiceCIDRs, plus the entries held now that they do not reuse (held until the
+/// plan's deletions). ServiceCIDR entries held are counted as not reused: a bound.
+fn range_need(usage: &Usage, add: &Addition, f: usize, held: [u64; 2], cidrs: [u64; 2]) -> u64 {
+    let reused = usage.ranges_reused[f] + add.ranges_reused[f];
+    usage.ranges[f] + add.ranges[f] + cidrs[f] + held[f].saturating_sub(reused)
 }
 
 /// The frontends of `refused` Service ports that the maps hold now: a programmed port that no
@@ -381,7 +469,69 @@ mod tests {
         backends: 1000,
         infos: 1000,
         maglev: 1000,
+        src_ranges: [1000, 1000],
     };
+
+    /// `desired(n, 1)` as load balancer frontends with `ranges` allowed prefixes each.
+    fn ranged(n: usize, ranges: usize) -> Desired {
+        let mut d = desired(n, 1);
+        for state in d.frontends.values_mut() {
+            state.kind = FrontendKind::LoadBalancer;
+            state.source_ranges = (0..ranges)
+                .map(|r| crate::model::Cidr::parse(&format!("192.0.{r}.0/24")).unwrap())
+                .collect();
+        }
+        d
+    }
+
+    #[test]
+    fn source_ranges_are_counted_and_a_programmed_port_keeps_its_place() {
+        // 3 ranges each, 10 entries: three ports fit, a fourth would need 12.
+        let cap = Capacity {
+            src_ranges: [10, 10],
+            ..ROOMY
+        };
+        let mut d = ranged(4, 3);
+        let refused = refusals(&d, &MapState::default(), &cap);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].1.contains("LB4_SRC_RANGES is full"),
+            "{refused:?}"
+        );
+        refuse(&mut d, &refused);
+        let mut state = MapState::default();
+        for op in plan(&d, &state) {
+            state.apply(&op);
+        }
+        assert_eq!(state.source_ranges.len(), 9);
+        // A programmed port's ranges that stay are no new entries: one more range for the
+        // first port fits (9 held + 1 new = 10), not one more for each.
+        let mut grown = ranged(3, 3);
+        let first = *grown.frontends.keys().next().unwrap();
+        grown
+            .frontends
+            .get_mut(&first)
+            .unwrap()
+            .source_ranges
+            .push(crate::model::Cidr::parse("198.51.100.0/24").unwrap());
+        assert!(refusals(&grown, &state, &cap).is_empty());
+        let wider = ranged(3, 4);
+        let refused = refusals(&wider, &state, &cap);
+        assert!(!refused.is_empty(), "{refused:?}");
+        assert!(
+            refused
+                .iter()
+                .all(|(_, why)| why.contains("keeps its previous state")),
+            "{refused:?}"
+        );
+        // The cheap checks count ranges too.
+        assert!(!changes_fit(
+            &wider,
+            &wider.frontends.keys().copied().collect(),
+            &state,
+            &cap
+        ));
+    }
 
     #[test]
     fn everything_fits_in_roomy_maps() {

@@ -85,9 +85,22 @@ pub struct Totals {
     pub members: u64,
     /// Frontends with a Maglev table (Maglev scheduler, at least one backend).
     pub maglev_frontends: u64,
+    /// Source-range entries (`LB4_SRC_RANGES`, `LB6_SRC_RANGES`): a load balancer frontend's
+    /// allowed prefixes, by family.
+    pub source_ranges: [u64; 2],
     /// How many frontends have each slot count / member count, for the largest.
     slot_sizes: BTreeMap<u64, u64>,
     member_sizes: BTreeMap<u64, u64>,
+}
+
+/// A frontend's entries in the source-range maps, [IPv4, IPv6].
+pub fn source_range_entries(state: &FrontendState) -> [u64; 2] {
+    let v6 = state
+        .source_ranges
+        .iter()
+        .filter(|c| c.addr.is_ipv6())
+        .count() as u64;
+    [state.source_ranges.len() as u64 - v6, v6]
 }
 
 /// `LB_SLOTS` entries of a frontend of `slots` slots.
@@ -117,16 +130,21 @@ impl Totals {
         };
         bump(&mut self.slot_sizes, slots);
         bump(&mut self.member_sizes, members);
+        let ranges = source_range_entries(state);
         if add {
             self.frontends += 1;
             self.slot_chunks += slot_chunks(slots);
             self.members += members;
             self.maglev_frontends += maglev;
+            self.source_ranges[0] += ranges[0];
+            self.source_ranges[1] += ranges[1];
         } else {
             self.frontends -= 1;
             self.slot_chunks -= slot_chunks(slots);
             self.members -= members;
             self.maglev_frontends -= maglev;
+            self.source_ranges[0] -= ranges[0];
+            self.source_ranges[1] -= ranges[1];
         }
     }
 

@@ -526,6 +526,7 @@ impl Maps {
             backends: max(self.backends.map())?,
             infos: max(self.infos.map())?,
             maglev: max(self.maglev.map())?,
+            src_ranges: [max(self.src_ranges4.map())?, max(self.src_ranges6.map())?],
         })
     }
 
