@@ -633,6 +633,25 @@ fn maglev_chunks(
 /// Largest number of slots one frontend may have (the slot index is 16 bits).
 pub const MAX_SLOTS: usize = u16::MAX as usize;
 
+/// Each backend's turns (slots), from `wanted`: as wanted when they fit `MAX_SLOTS`; else
+/// every backend keeps one and the turns above one are scaled down in proportion, so weights
+/// still count and no backend is left without a slot (unless there are more backends than
+/// slots).
+fn scaled_turns(wanted: impl Iterator<Item = u64> + Clone) -> impl Iterator<Item = u64> {
+    let (n, total) = wanted
+        .clone()
+        .fold((0u64, 0u64), |(n, t), w| (n + 1, t + w));
+    let max = MAX_SLOTS as u64;
+    let scale = total > max && n < max;
+    wanted.map(move |w| {
+        if scale {
+            1 + (w - 1) * (max - n) / (total - n)
+        } else {
+            w
+        }
+    })
+}
+
 /// Computes the writes that turn `current` into `desired`.
 pub fn plan(desired: &Desired, current: &MapState) -> Vec<Op> {
     let mut ops = plan_with(desired, current, &mut Ids::of(current));
@@ -789,13 +808,21 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
         // compares every backend once (weights count in the comparison, not in slots).
         let weighted =
             !(state.scheduler == Scheduler::RoundRobin || state.scheduler.counts_connections());
-        for b in &state.backends {
+        let turns_of = |b: &crate::compile::Backend| {
+            if weighted {
+                u64::from(b.weight.max(1))
+            } else {
+                1
+            }
+        };
+        let turns = scaled_turns(state.backends.iter().map(turns_of));
+        for (b, turns) in state.backends.iter().zip(turns) {
             let id = backend_ids[&identity_of(&backend_value(b))];
-            let turns = if weighted { b.weight.max(1) } else { 1 };
             for _ in 0..turns {
                 slots.push(id);
             }
         }
+        // More backends than slots (the compiler reports it): the first ones.
         slots.truncate(MAX_SLOTS);
         let mut flags = 0;
         if state.affinity_secs.is_some() {

@@ -1074,6 +1074,22 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
         .filter(|e| !(e.local && node.waiting.contains(&e.addr)))
         .collect();
     let cluster: Vec<&Endpoint> = sp.endpoints.cluster().iter().collect();
+    // A frontend has at most 65,535 slots (a 16-bit index): beyond that many endpoints, the
+    // first ones (by address) are used.
+    let most = internal.len().max(external.len()).max(cluster.len());
+    if most > usize::from(u16::MAX) {
+        desired.problems.push(Problem {
+            reason: ProblemReason::Capacity,
+            object: object.to_string(),
+            message: format!(
+                "port {:?}: {most} endpoints, more than the {} a frontend can choose from; \
+                 the first {} by address are used",
+                sp.name.port,
+                u16::MAX,
+                u16::MAX
+            ),
+        });
+    }
     // A backend on this node's own address (a host-network pod): tc cannot hand a pod's
     // masqueraded flow to it (its replies would leave past tc), so pods keep the socket layer.
     let host_backend = cluster

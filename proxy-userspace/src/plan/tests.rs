@@ -418,3 +418,19 @@ fn connection_counting_schedulers_give_each_backend_one_slot_and_name_their_rule
         assert_eq!(scheduler_of(svc, &[]), scheduler);
     }
 }
+
+#[test]
+fn weights_beyond_the_slots_are_scaled_and_every_backend_keeps_a_slot() {
+    // 700 backends at weight 100 want 70,000 slots of 65,535: scaled, every one keeps one
+    // and the proportions stay.
+    let turns: Vec<u64> = scaled_turns(std::iter::repeat_n(100, 700)).collect();
+    assert!(turns.iter().sum::<u64>() <= MAX_SLOTS as u64);
+    assert!(turns.iter().all(|t| *t == turns[0] && *t > 90));
+    let mixed: Vec<u64> = scaled_turns([1u64, 1000, 65_000].into_iter()).collect();
+    assert!(mixed.iter().sum::<u64>() <= MAX_SLOTS as u64, "{mixed:?}");
+    assert_eq!(mixed[0], 1);
+    assert!(mixed[2] > 60 * mixed[1], "{mixed:?}");
+    // What fits is left alone.
+    let small: Vec<u64> = scaled_turns([3u64, 1, 2].into_iter()).collect();
+    assert_eq!(small, [3, 1, 2]);
+}
