@@ -926,6 +926,46 @@ fn watching_with_metrics() -> (ApiServer, Arc<Metrics>, Receiver<Snapshot>, Vec<
     (server, metrics, rx, log)
 }
 
+/// After an outage in which nothing changed, the resumed watches see no event at all: the
+/// failing gauge of every kind still goes back to 0 once its watch is answered again, so an
+/// operator's alert ends with the outage, and nothing is relisted.
+#[test]
+fn a_quiet_outage_ends_the_failing_gauges_when_the_watches_are_answered() {
+    const KINDS: [&str; 6] = [
+        "services",
+        "endpointslices",
+        "nodes",
+        "pods",
+        "namespaces",
+        "servicecidrs",
+    ];
+    let (server, metrics, rx, mut log) = watching_with_metrics();
+    server.outage(Some(Outage::Refuse));
+    wait_until("every kind failing", || {
+        KINDS
+            .iter()
+            .all(|r| gauge(&metrics.list_watch_failing, &[("resource", r)]) == 1)
+    });
+    for resource in KINDS {
+        assert_eq!(
+            gauge(&metrics.list_watch_failing, &[("resource", resource)]),
+            1,
+            "{resource}: {}",
+            metrics.render()
+        );
+    }
+    server.outage(None);
+    wait_until("every kind answered again", || {
+        KINDS
+            .iter()
+            .all(|r| gauge(&metrics.list_watch_failing, &[("resource", r)]) == 0)
+    });
+    assert_eq!(drain(&rx, &mut log), 0, "nothing changed: {log:#?}");
+    for res in Res::ALL {
+        assert_eq!(lists(&server.requests(), res), 1, "{res:?} relisted");
+    }
+}
+
 /// An outage of [`OUTAGE`] with changes made during it and the history compacted, so resumed
 /// watches get 410 Gone; then the server returns.
 fn outage_then_return(mode: Outage) {

@@ -333,11 +333,75 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// of retransmissions. It also bounds the probes above.
 const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Watch requests of each kind the API server answered with a 2xx status. kube-runtime reports
+/// nothing when a watch starts, nor for bookmarks: after an outage in which nothing changed,
+/// a resumed watch yields no item, and only this tells that the kind is answered again.
+#[derive(Default)]
+struct Answered {
+    watches: [std::sync::atomic::AtomicU64; 6],
+}
+
+impl Answered {
+    fn get(&self, kind: Kind) -> u64 {
+        self.watches[kind as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a watch of the collection `uri` names, if it is one of `KINDS`.
+    fn count(&self, uri: &http::Uri) {
+        let watch = uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let resource = uri.path().rsplit('/').next().unwrap_or("");
+        if let Some(kind) = KINDS.iter().find(|k| watch && k.resource() == resource) {
+            self.watches[*kind as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts the answered watch requests in [`Answered`].
+#[derive(Clone)]
+struct CountAnswers<S> {
+    inner: S,
+    answered: Option<Arc<Answered>>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for CountAnswers<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let uri = request.uri().clone();
+        let answered = self.answered.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            if let Some(answered) = answered
+                && response.status().is_success()
+            {
+                answered.count(&uri);
+            }
+            Ok(response)
+        })
+    }
+}
+
 /// The API client: kube's own stack (base URI, authentication, extra headers, TLS, timeouts)
 /// over a connector that sets TCP keepalive ([`KEEPALIVE_IDLE`]) and [`UNACKED_TIMEOUT`] on
 /// its sockets, which kube's `Client::try_from` does not. Through a proxy (`proxy-url` in the
 /// kubeconfig) kube's default client is used, without them.
-fn api_client(config: Config) -> anyhow::Result<Client> {
+fn api_client(config: Config, answered: Option<Arc<Answered>>) -> anyhow::Result<Client> {
     use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioExecutor};
     use kube::client::ConfigExt as _;
     use tower::{BoxError, ServiceBuilder};
@@ -366,6 +430,10 @@ fn api_client(config: Config) -> anyhow::Result<Client> {
     timed.set_reset_reader_on_write(config.reset_reader_on_write);
     let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(timed);
     let service = ServiceBuilder::new()
+        .layer_fn(move |inner| CountAnswers {
+            inner,
+            answered: answered.clone(),
+        })
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer().context("API client authentication")?)
         .layer(config.extra_headers_layer().context("API client headers")?)
@@ -988,7 +1056,12 @@ struct Failing {
     since: Instant,
     errors: u64,
     logged: Instant,
+    /// `Answered::get` at the last failure: a watch answered since then ends the run.
+    answers: u64,
 }
+
+/// How often kinds marked failing are checked for a watch answered since (see [`Answered`]).
+const ANSWERED_CHECK: Duration = Duration::from_secs(1);
 
 /// While a kind keeps failing, a reminder this often (each failure is logged at debug level).
 const FAILING_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -1001,6 +1074,7 @@ struct Progress {
     /// The ServiceCIDRs' refusal was logged.
     refused_logged: bool,
     metrics: Option<Arc<Metrics>>,
+    answered: Arc<Answered>,
 }
 
 impl Progress {
@@ -1012,6 +1086,36 @@ impl Progress {
                 .with(&[resource[0], ("operation", operation(e))])
                 .inc();
             m.list_watch_failing.with(&resource).set(1);
+        }
+    }
+
+    /// `kind` is answered again: the end of its run of failures, if it had one.
+    fn answering(&mut self, kind: Kind) {
+        if let Some(f) = self.failing[kind as usize].take() {
+            if let Some(m) = &self.metrics {
+                m.list_watch_failing
+                    .with(&[("resource", kind.resource())])
+                    .set(0);
+            }
+            log::info!(
+                "kubernetes: {kind}: API server answering again after {:.1?} ({} failed \
+                 attempts)",
+                f.since.elapsed(),
+                f.errors
+            );
+        }
+    }
+
+    /// Ends the runs of failures of the kinds whose watch the API server has answered since
+    /// their last failure (a resumed watch on which nothing happens yields no item).
+    fn check_answered(&mut self) {
+        for kind in KINDS {
+            if self.failing[kind as usize]
+                .as_ref()
+                .is_some_and(|f| self.answered.get(kind) > f.answers)
+            {
+                self.answering(kind);
+            }
         }
     }
 
@@ -1066,6 +1170,7 @@ impl Progress {
                         since: Instant::now(),
                         errors: 1,
                         logged: Instant::now(),
+                        answers: self.answered.get(kind),
                     });
                 }
                 return false;
@@ -1086,10 +1191,12 @@ impl Progress {
                             since: now,
                             errors: 1,
                             logged: now,
+                            answers: self.answered.get(kind),
                         });
                     }
                     Some(f) => {
                         f.errors += 1;
+                        f.answers = self.answered.get(kind);
                         if now.duration_since(f.logged) >= FAILING_LOG_EVERY {
                             f.logged = now;
                             log::warn!(
@@ -1109,19 +1216,7 @@ impl Progress {
             Step::Nothing => return false,
             Step::Changed | Step::Listed | Step::ListedSame | Step::Unchanged => {}
         }
-        if let Some(f) = self.failing[k].take() {
-            if let Some(m) = &self.metrics {
-                m.list_watch_failing
-                    .with(&[("resource", kind.resource())])
-                    .set(0);
-            }
-            log::info!(
-                "kubernetes: {kind}: API server answering again after {:.1?} ({} failed \
-                 attempts)",
-                f.since.elapsed(),
-                f.errors
-            );
-        }
+        self.answering(kind);
         let first_list = matches!(step, Step::Listed | Step::ListedSame) && !self.listed[k];
         if first_list {
             self.listed[k] = true;
@@ -1201,7 +1296,8 @@ impl KubeSource {
         // The read timeout counts from the request, not from when its pooled connection
         // went idle.
         config.reset_reader_on_write = true;
-        let client = api_client(config)?;
+        let answered = Arc::new(Answered::default());
+        let client = api_client(config, Some(answered.clone()))?;
         log::info!(
             "kubernetes: watching API server {server} for node {:?}",
             self.node_name
@@ -1306,8 +1402,19 @@ impl KubeSource {
             failing: [None, None, None, None, None, None],
             refused_logged: false,
             metrics,
+            answered,
         };
-        while let Some(item) = items.next().await {
+        let mut check = tokio::time::interval(ANSWERED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let item = tokio::select! {
+                item = items.next() => item,
+                _ = check.tick() => {
+                    progress.check_answered();
+                    continue;
+                }
+            };
+            let Some(item) = item else { break };
             let mut changed = progress.absorb(stores.apply(item));
             // Take whatever else is already there (a burst, a relist), then send once.
             while let Some(Some(item)) = items.next().now_or_never() {
@@ -1385,7 +1492,7 @@ impl Source for KubeSource {
 
     fn events(&self, node: &str) -> anyhow::Result<crate::events::Events> {
         let config = self.config.clone();
-        crate::events::Events::post(node, move || api_client(config))
+        crate::events::Events::post(node, move || api_client(config, None))
     }
 
     fn run(self: Box<Self>, tx: Sender<Snapshot>) -> anyhow::Result<()> {
