@@ -1153,11 +1153,14 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
         Scope::Internal,
     );
     for scope in [Scope::Internal, Scope::External] {
-        for ip in &sp.external_ips {
-            add(*ip, sp.port, FrontendKind::ExternalIp, scope);
-        }
         for ip in &sp.lb_ips {
             add(*ip, sp.port, FrontendKind::LoadBalancer, scope);
+        }
+        // An address that is both an externalIP and a load balancer IP of this Service is one
+        // frontend, the load balancer's: kube-proxy puts it in its Service map once and still
+        // checks the source ranges on it (7.6, 7.8).
+        for ip in sp.external_ips.iter().filter(|ip| !sp.lb_ips.contains(ip)) {
+            add(*ip, sp.port, FrontendKind::ExternalIp, scope);
         }
         if let Some(node_port) = sp.node_port {
             for ip in node_addresses.iter().filter(|ip| Family::of(ip) == family) {

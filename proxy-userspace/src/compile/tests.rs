@@ -1752,6 +1752,35 @@ fn source_ranges_only_on_load_balancer_ips() {
 }
 
 #[test]
+fn an_address_both_external_ip_and_load_balancer_ip_is_one_frontend_with_the_ranges() {
+    // semantics 7.6, 7.8: no conflict of the Service with itself; the ranges are checked.
+    let svc = "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {type: \
+               LoadBalancer, clusterIP: 10.96.0.10, externalIPs: [198.51.100.1], \
+               loadBalancerSourceRanges: [10.1.0.0/16], \
+               ports: [{name: http, port: 80, nodePort: 30080, protocol: TCP}]}\n\
+               status: {loadBalancer: {ingress: [{ip: 198.51.100.1}]}}";
+    let yaml = docs(&[
+        svc,
+        &slice("web-1", &["{addresses: [10.244.0.2], nodeName: node-a}"]),
+    ]);
+    let d = compile(&snapshot(&yaml, "node-a", None));
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    for fe in ["198.51.100.1:80/TCP", "external 198.51.100.1:80/TCP"] {
+        let state = frontend_of(&d, fe).unwrap();
+        assert_eq!(state.kind, FrontendKind::LoadBalancer, "{fe}");
+        assert_eq!(
+            state
+                .source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.1.0.0/16"],
+            "{fe}"
+        );
+    }
+}
+
+#[test]
 fn source_ranges_are_read_as_kube_proxy_reads_them() {
     // semantics 7.8: ParseCIDRSloppy needs a prefix length (a bare address is dropped) and
     // takes IPv4 octets with leading zeros; host bits are cleared.
