@@ -263,6 +263,10 @@ struct State {
     requests: Vec<Request>,
     /// Connections reset during an `Outage::Reset`.
     resets: usize,
+    /// The outage under way: a connection accepted just before the listener went away (or
+    /// while it resets) is reset before its request is answered, so no watch outlives the
+    /// start of an outage.
+    outage: Option<Outage>,
     /// Watch connections `forget_watches` could not forget silently (no CAP_NET_ADMIN).
     unforgotten: Vec<String>,
     /// Events (events.k8s.io/v1) created, in order, as last patched.
@@ -502,6 +506,7 @@ impl ApiServer {
     /// or reset as `mode` says, until `outage(None)`. Objects can still be changed meanwhile;
     /// the port stays the same.
     pub fn outage(&self, mode: Option<Outage>) {
+        self.lock().outage = mode;
         if mode.is_some() {
             let mut state = self.lock();
             for c in state.collections.values_mut() {
@@ -754,6 +759,9 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
+    if state.lock().unwrap().outage.is_some() {
+        return reset(socket);
+    }
     let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     let mut body = head.split_off(end);
     let head = String::from_utf8_lossy(&head).to_string();
@@ -981,6 +989,11 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let replay: Result<Vec<String>, u64> = {
         let mut state = state.lock().unwrap();
+        // An outage began since the request was read: no watch outlives its start.
+        if state.outage.is_some() {
+            drop(state);
+            return reset(socket);
+        }
         let c = state.collection(res);
         let replay = if from < c.compacted {
             Err(c.compacted)
