@@ -3,8 +3,11 @@
 //! hyper on one small tokio runtime owned by this module, so the thread-based rest of the agent
 //! only hands it bound listeners.
 //!
-//! Each listener has an accept task and each connection a task of its own; there is no cap on
-//! connections, so idle, slow or broken clients cost memory, never another client's answer.
+//! Each listener has an accept task and each connection a task of its own, up to
+//! [`MAX_OPEN_PER_LISTENER`] open at once per listener: beyond, the oldest connection that has
+//! sent no request is closed for the new one. So a flood of connections to one port (/healthz
+//! on every address, say) neither holds off a load balancer's probes there nor uses up the
+//! process's file descriptors for the other ports (the health check ports).
 //! Per connection: the request head must arrive within [`HEADER_DEADLINE`] of the accept and
 //! fit in [`MAX_REQUEST_HEAD`] bytes (else 431); a request body is read and dropped, up to
 //! [`MAX_REQUEST_BODY`] bytes (else 413); the whole exchange must be over within
@@ -47,6 +50,11 @@ pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 pub const HEADER_DEADLINE: Duration = Duration::from_secs(10);
 /// Time a connection may live, from the accept to the end of the response.
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// Connections one listener keeps open at once (see the module's documentation). A load
+/// balancer's probes need a handful.
+pub const MAX_OPEN_PER_LISTENER: usize = 1024;
+/// Least time between two warnings of failed accepts on one listener.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Pause after a failed accept (e.g. EMFILE), so the accept task does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Worker threads of the runtime: two, so rendering /metrics never holds up /healthz.
@@ -344,11 +352,24 @@ async fn accept_loop(
         .half_close(true)
         // Header names as Go's net/http (kube-proxy) writes them.
         .title_case_headers(true);
+    // Failed accepts (out of file descriptors, say) and a full listener are warned about once
+    // a minute at most.
+    let mut warned: Option<tokio::time::Instant> = None;
+    let mut crowded: Option<tokio::time::Instant> = None;
+    let mut tracked: std::collections::VecDeque<Tracked> = std::collections::VecDeque::new();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                log::debug!("http accept: {e}");
+                if warned.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    warned = Some(tokio::time::Instant::now());
+                    log::warn!(
+                        "http: accept on {:?} failed: {e}",
+                        listener.local_addr().ok()
+                    );
+                } else {
+                    log::debug!("http accept: {e}");
+                }
                 if !matches!(
                     e.kind(),
                     io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
@@ -358,12 +379,48 @@ async fn accept_loop(
                 continue;
             }
         };
+        // At the cap, the oldest connection that has not sent its request yet makes room: a
+        // probe sends its request at once and is answered within milliseconds, so the
+        // connections a flood holds open go first. With none such (every one being answered),
+        // the new one is closed.
+        tracked.retain(|t| !t.task.is_finished());
+        if tracked.len() >= MAX_OPEN_PER_LISTENER {
+            match tracked
+                .iter()
+                .position(|t| !t.asked.load(Ordering::Acquire))
+            {
+                Some(i) => {
+                    if let Some(t) = tracked.remove(i) {
+                        t.task.abort();
+                    }
+                }
+                None => {
+                    drop(stream);
+                    continue;
+                }
+            }
+            if crowded.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                crowded = Some(tokio::time::Instant::now());
+                log::warn!(
+                    "http: {MAX_OPEN_PER_LISTENER} connections open on {:?}; closing the oldest \
+                     that sent no request to take new ones",
+                    listener.local_addr().ok()
+                );
+            }
+        }
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handler = Arc::clone(&handler);
         let local = stream.local_addr().ok();
-        let service = service_fn(move |request| answer(Arc::clone(&handler), request, local));
+        let service = {
+            let asked = Arc::clone(&asked);
+            service_fn(move |request| {
+                asked.store(true, Ordering::Release);
+                answer(Arc::clone(&handler), request, local)
+            })
+        };
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let guard = OpenGuard::new(&open);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _guard = guard;
             match tokio::time::timeout(limits.connection, connection).await {
                 Ok(Ok(())) => {}
@@ -377,7 +434,42 @@ async fn accept_loop(
             }
             // Dropping the connection closes the socket.
         });
+        tracked.push_back(Tracked {
+            task: task.abort_handle(),
+            asked,
+        });
     }
+}
+
+/// Raises the soft limit of open files to the hard one, as Go's runtime does for kube-proxy:
+/// the health check servers, the API connections, netlink sockets and map file descriptors
+/// all count against it, and a container's usual soft limit (1,024) is soon reached by a flood
+/// of connections. Returns the soft limit before and after.
+pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) and setrlimit(2) with a pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok((before, limit.rlim_cur))
+    }
+}
+
+/// A connection's task, and whether its request has arrived.
+struct Tracked {
+    task: tokio::task::AbortHandle,
+    asked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Reads and drops the request body (closing a socket with unread input sends a reset, which

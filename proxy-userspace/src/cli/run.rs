@@ -348,6 +348,17 @@ fn ct_timeouts(tcp: Duration, udp: Duration) -> CtTimeouts {
     }
 }
 
+/// `http::raise_open_files_limit`, logged.
+fn raise_nofile_limit() {
+    match crate::http::raise_open_files_limit() {
+        Ok((before, after)) if before < after => {
+            log::debug!("open files: soft limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("open files: cannot raise the soft limit: {e}"),
+    }
+}
+
 /// Writes `adj` to /proc/self/oom_score_adj; a failure (no CAP_SYS_RESOURCE to lower it) is a
 /// warning, as in kube-proxy.
 fn set_oom_score_adj(adj: i32) {
@@ -892,6 +903,7 @@ fn limit_malloc_arenas() {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     limit_malloc_arenas();
     set_oom_score_adj(args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ));
+    raise_nofile_limit();
     // semantics 9.6: the node's other traffic keeps the connection tracking kube-proxy gave it.
     let read_only_sysfs = args.netfilter_conntrack == NetfilterConntrack::KubeProxy
         && crate::datapath::nfct::apply_on_node(&args.netfilter.clone().unwrap_or_default());

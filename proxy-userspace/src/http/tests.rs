@@ -280,27 +280,10 @@ pub(crate) fn wait_until(within: Duration, mut check: impl FnMut() -> (bool, Str
 /// Raises this process's RLIMIT_NOFILE soft limit to the hard limit; panics if that is still
 /// below `needed`.
 pub(crate) fn raise_nofile_limit(needed: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit(2) and setrlimit(2) with a pointer to an rlimit.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            assert_eq!(
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit),
-                0,
-                "setrlimit: {}",
-                io::Error::last_os_error()
-            );
-        }
-    }
+    let (_, now) = super::raise_open_files_limit().expect("RLIMIT_NOFILE");
     assert!(
-        limit.rlim_cur >= needed,
-        "this test needs {needed} file descriptors; RLIMIT_NOFILE allows {}",
-        limit.rlim_cur
+        now >= needed,
+        "this test needs {needed} file descriptors; RLIMIT_NOFILE allows {now}"
     );
 }
 
@@ -755,4 +738,30 @@ fn a_response_hyper_cannot_send_becomes_a_500() {
     for r in [bad_header, Response::text(1000, "x")] {
         assert_eq!(into_hyper(r).status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
+}
+
+/// A flood of connections that send nothing, more than one listener keeps: the oldest are
+/// closed to take new ones, so the listener never holds more than its cap and a probe is
+/// still answered at once.
+#[test]
+fn beyond_the_cap_the_oldest_silent_connections_make_room() {
+    const EXTRA: usize = 50;
+    raise_nofile_limit(4 * (MAX_OPEN_PER_LISTENER + EXTRA) as u64 + 1000);
+    let server = start_with(Limits::DEFAULT);
+    let addr = server.local_addr();
+    let idle = hold_idle(addr, MAX_OPEN_PER_LISTENER + EXTRA);
+    wait_until(Duration::from_secs(10), || {
+        let open = server.open_connections();
+        (
+            open == MAX_OPEN_PER_LISTENER,
+            format!("{open} open of {}", idle.len()),
+        )
+    });
+    let (status, took) = timed_get(addr, "/healthz");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // The first ones went (closed by the server), the last ones are still held.
+    let first: Vec<&Held> = idle.iter().take(EXTRA).collect();
+    wait_closed(&first, Duration::from_secs(5));
+    assert!(server.open_connections() <= MAX_OPEN_PER_LISTENER);
 }
