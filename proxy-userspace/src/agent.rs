@@ -560,6 +560,9 @@ pub fn run(
                 .min(tick),
             None => tick,
         };
+        if let Some(hc) = &observers.health_checks {
+            hc.retry_failing();
+        }
         match rx.recv_timeout(wait) {
             Ok(mut snapshot) => {
                 if let Some(h) = &observers.health {

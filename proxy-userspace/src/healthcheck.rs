@@ -24,7 +24,6 @@ use std::{
     time::SystemTime,
 };
 
-use serde_json::json;
 use socket2::{Domain, Socket, Type};
 
 use crate::{
@@ -203,11 +202,15 @@ fn response(service: &ServiceHealth, proxy_healthy: bool, v6: bool) -> Response 
     } else {
         503
     };
-    let body = json!({
-        "service": {"namespace": service.namespace, "name": service.name},
-        "localEndpoints": local_endpoints,
-        "serviceProxyHealthy": proxy_healthy,
-    });
+    // Byte for byte as kube-proxy writes it (a dedented template: tabs, this key order, no
+    // final newline), for checks that compare the text.
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    let body = format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\
+         \"localEndpoints\": {local_endpoints},\n\t\"serviceProxyHealthy\": {proxy_healthy}\n}}",
+        quoted(&service.namespace),
+        quoted(&service.name)
+    );
     Response {
         status,
         content_type: "application/json",
@@ -215,7 +218,7 @@ fn response(service: &ServiceHealth, proxy_healthy: bool, v6: bool) -> Response 
             "X-Load-Balancing-Endpoint-Weight",
             local_endpoints.to_string(),
         )],
-        body: format!("{body}\n").into_bytes(),
+        body: body.into_bytes(),
     }
 }
 
@@ -256,7 +259,18 @@ struct State {
     failing: BTreeSet<u16>,
     /// The sockets of the last update ([`listens`]).
     listens: Vec<Listen>,
+    /// What the last update was asked for, and when: ports still failing are tried again
+    /// every [`BIND_RETRY`] ([`HealthChecks::retry_failing`]), whether or not a sync happens.
+    last: Option<(
+        BTreeMap<u16, ServiceHealth>,
+        Vec<IpAddr>,
+        std::time::Instant,
+    )>,
 }
+
+/// How often a health check port that could not be bound (taken by another process, say) is
+/// tried again while nothing else changes.
+pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The health check servers of the node.
 pub struct HealthChecks {
@@ -294,6 +308,26 @@ impl HealthChecks {
         self
     }
 
+    /// Tries the ports that could not be served again, once [`BIND_RETRY`] has passed since the
+    /// last update: a port another process held at the first try is served once it is free,
+    /// without waiting for a change of the cluster. Cheap to call often.
+    pub fn retry_failing(&self) {
+        let last = {
+            let state = lock(&self.state);
+            match &state.last {
+                Some((wanted, addresses, at))
+                    if !state.failing.is_empty() && at.elapsed() >= BIND_RETRY =>
+                {
+                    Some((wanted.clone(), addresses.clone()))
+                }
+                _ => None,
+            }
+        };
+        if let Some((wanted, addresses)) = last {
+            self.update(&wanted, &addresses);
+        }
+    }
+
     /// Makes the running servers match `wanted` (from [`wanted`]) on the sockets `addresses`
     /// (the node's NodePort addresses) call for ([`listens`]): stops the unwanted ones and
     /// those on sockets no longer called for, updates the others in place and binds the
@@ -302,6 +336,11 @@ impl HealthChecks {
     pub fn update(&self, wanted: &BTreeMap<u16, ServiceHealth>, addresses: &[IpAddr]) {
         let listens = listens(self.narrowed, addresses);
         let mut state = lock(&self.state);
+        state.last = Some((
+            wanted.clone(),
+            addresses.to_vec(),
+            std::time::Instant::now(),
+        ));
         if state.listens != listens {
             if self.narrowed != Narrowed::default() {
                 let shown: Vec<String> = listens.iter().map(|l| l.to_string()).collect();
@@ -403,7 +442,8 @@ impl HealthChecks {
                     );
                 }
                 log::error!(
-                    "cannot serve the health check of Service {}/{} on port {port}: {}; retrying at every sync",
+                    "cannot serve the health check of Service {}/{} on port {port}: {}; retrying \
+                     every {BIND_RETRY:?}",
                     service.namespace,
                     service.name,
                     errors.join("; ")

@@ -9,6 +9,7 @@ use std::{
 
 use super::*;
 use crate::{compile::compile, health::DEFAULT_HEALTH_TIMEOUT, snapshot::Snapshot};
+use serde_json::json;
 
 // ---- wanted: pure ---------------------------------------------------------------------------
 
@@ -279,6 +280,12 @@ fn answer_is_200_only_with_local_endpoints_and_a_healthy_proxy() {
             })
         );
     }
+    // The text itself, as kube-proxy's template writes it.
+    assert_eq!(
+        String::from_utf8(response(&health("web", 2), true, false).body).unwrap(),
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"web\"\n\t},\n\t\
+         \"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+    );
 }
 
 // ---- servers: loopback sockets --------------------------------------------------------------
@@ -367,7 +374,7 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     )
     .unwrap();
     assert_eq!(post.status, 200);
-    assert!(post.body.contains("\"localEndpoints\":2"), "{}", post.body);
+    assert!(post.body.contains("\"localEndpoints\": 2"), "{}", post.body);
     let head = request(
         SocketAddr::from(([127, 0, 0, 1], port)),
         "HEAD / HTTP/1.1\r\n\r\n",
@@ -409,7 +416,7 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     let r = get(port, "/").unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["x-load-balancing-endpoint-weight"], "0");
-    assert!(r.body.contains("\"localEndpoints\":0"), "{}", r.body);
+    assert!(r.body.contains("\"localEndpoints\": 0"), "{}", r.body);
 
     // An unhealthy proxy fails the check whatever the endpoints (semantics 8.2, 8.6).
     hc.update(&BTreeMap::from([(port, health("web", 1))]), &[]);
@@ -418,7 +425,7 @@ fn serves_any_path_and_method_on_both_families_and_updates_in_place() {
     let r = get(port, "/").unwrap();
     assert_eq!(r.status, 503);
     assert!(
-        r.body.contains("\"serviceProxyHealthy\":false"),
+        r.body.contains("\"serviceProxyHealthy\": false"),
         "{}",
         r.body
     );
@@ -460,12 +467,26 @@ fn bind_failure_is_counted_and_retried() {
     );
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 1\n"));
 
+    // Freed: tried again by `retry_failing` once BIND_RETRY has passed, with no update
+    // (a quiet cluster has no sync to retry at); not before.
     drop(taken);
-    hc.update(&wanted, &[]);
+    hc.retry_failing();
+    assert_eq!(hc.serving(), vec![other]);
+    let freed = std::time::Instant::now();
+    while hc.serving().len() < 2 {
+        assert!(
+            freed.elapsed() < BIND_RETRY * 3,
+            "port {port} not retried: {:?}",
+            hc.serving()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        hc.retry_failing();
+    }
+    assert!(freed.elapsed() >= BIND_RETRY / 2, "retried too soon");
     assert_eq!(hc.serving(), vec![port.min(other), port.max(other)]);
     let r = get(port, "/").unwrap();
     assert_eq!(r.status, 200);
-    assert!(r.body.contains("\"name\":\"web\""), "{}", r.body);
+    assert!(r.body.contains("\"name\": \"web\""), "{}", r.body);
     let text = metrics.render();
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"failing\"} 0\n"));
     assert!(text.contains("kube_bpf_proxy_healthcheck_ports{state=\"serving\"} 2\n"));
