@@ -1942,6 +1942,8 @@ fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>
     let object = aya_obj::Object::parse(OBJECT).context("parse the BPF object")?;
     let recorded = read_versions(pin_dir);
     let mut pending = Vec::new();
+    // Maps a newer release laid out: this is a downgrade over its pins.
+    let mut newer = Vec::new();
     for name in names::ALL {
         let pin = pin_dir.join(name);
         let (Ok(info), Some(def)) = (MapInfo::from_pin(&pin), object.maps.get(name)) else {
@@ -1961,6 +1963,9 @@ fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>
             entries: fixed.then(|| info.max_entries()),
         };
         let recorded = recorded.get(&layouts::version_key(name)).copied();
+        if let Some(v) = recorded.filter(|v| *v > layouts::current_version(name)) {
+            newer.push(format!("{name} (version {v})"));
+        }
         match layouts::classify(name, &pinned, recorded, &current) {
             layouts::Plan::Reuse => continue,
             layouts::Plan::Migrate { from, steps } => {
@@ -1984,6 +1989,16 @@ fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>
             ),
         }
         fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+    }
+    if !newer.is_empty() {
+        log::warn!(
+            "the pins in {} were written by a newer kube-bpf-proxy (map layouts this version \
+             does not know: {}); running an older version over them is not supported: hooks \
+             the newer one attached may stay attached. To go back, run `kube-bpf-proxy \
+             cleanup` with the newer version first",
+            pin_dir.display(),
+            newer.join(", ")
+        );
     }
     Ok(pending)
 }
@@ -2445,20 +2460,17 @@ fn run_packet<'a>(
 }
 
 /// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the
-/// hooks once no process holds them), then the maps (freed once no program uses them).
+/// hooks once no process holds them), then the maps (freed once no program uses them). Every
+/// pin in the links directory goes, whatever its name: one a newer or older release pinned
+/// there would keep its program attached.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     let links_dir = pin_dir.join(LINKS_DIR);
     let links: Vec<String> = fs::read_dir(&links_dir)
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| {
-            SOCK_PROGRAMS.contains(&n.as_str())
-                || n.starts_with("tc-")
-                || n.starts_with("tce-")
-                || n.starts_with("xdp-")
-        })
         .collect();
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
