@@ -34,22 +34,12 @@ pub struct Capacity {
 
 /// The source-range entries the maps hold now, [IPv4, IPv6].
 fn ranges_now(current: &MapState) -> [u64; 2] {
-    let v6 = current
-        .source_ranges
-        .iter()
-        .filter(|r| r.cidr.addr.is_ipv6())
-        .count() as u64;
-    [current.source_ranges.len() as u64 - v6, v6]
+    crate::compile::count_by_family(current.source_ranges.iter().map(|r| &r.cidr))
 }
 
 /// The ServiceCIDR ranges `desired` wants in the source-range maps, [IPv4, IPv6].
 fn service_cidr_entries(desired: &Desired) -> [u64; 2] {
-    let v6 = desired
-        .service_cidrs
-        .iter()
-        .filter(|c| c.addr.is_ipv6())
-        .count() as u64;
-    [desired.service_cidrs.len() as u64 - v6, v6]
+    crate::compile::count_by_family(&desired.service_cidrs)
 }
 
 /// Whether the source-range maps surely have room: every wanted entry counted as new beside

@@ -93,21 +93,8 @@ fn a_programmed_service_that_no_longer_fits_keeps_its_backends() {
     );
     env.wait_for_backends(Proto::Tcp, a, &["pod-2"]);
     env.wait_for_backends(Proto::Tcp, b, &["pod-3"]);
-    let out =
-        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
-            .arg("verify")
-            .arg("--manifests")
-            .arg(&env.agent.manifests)
-            .args(["--hostname-override", NODE, "--bpffs"])
-            .arg(&env.agent.pin_dir)
-            .output()
-            .expect("run verify");
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out) = verify(&env);
+    assert_eq!(code, 0, "verify: {out}");
     // Room frees: `a` gets its two backends.
     env.agent.remove_manifest("b.yaml");
     env.wait_for_backends(Proto::Tcp, a, &["pod-2", "pod-4"]);

@@ -267,27 +267,6 @@ fn upgrade_over_maps_of_an_older_layout_replaces_them() {
     );
 }
 
-/// `verify` against the agent's manifests: (exit code, output).
-fn verify(env: &Env) -> (i32, String) {
-    let out =
-        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
-            .arg("verify")
-            .arg("--manifests")
-            .arg(&env.agent.manifests)
-            .args(["--hostname-override", NODE, "--bpffs"])
-            .arg(&env.agent.pin_dir)
-            .output()
-            .expect("run verify");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// An agent killed with SIGKILL in the middle of a burst of changes (200 Services whose
 /// endpoints move every round, rounds written back to back): a Service the burst does not
 /// touch fails no connection, before, during and after; the burst goes on while no agent runs,

@@ -95,12 +95,16 @@ pub struct Totals {
 
 /// A frontend's entries in the source-range maps, [IPv4, IPv6].
 pub fn source_range_entries(state: &FrontendState) -> [u64; 2] {
-    let v6 = state
-        .source_ranges
-        .iter()
-        .filter(|c| c.addr.is_ipv6())
-        .count() as u64;
-    [state.source_ranges.len() as u64 - v6, v6]
+    count_by_family(&state.source_ranges)
+}
+
+/// How many of `cidrs` are IPv4 and IPv6 prefixes, [IPv4, IPv6].
+pub fn count_by_family<'a>(cidrs: impl IntoIterator<Item = &'a super::Cidr>) -> [u64; 2] {
+    let mut counts = [0u64; 2];
+    for c in cidrs {
+        counts[usize::from(c.addr.is_ipv6())] += 1;
+    }
+    counts
 }
 
 /// `LB_SLOTS` entries of a frontend of `slots` slots.

@@ -13,7 +13,9 @@ use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::Obj
 
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
-pub use self::incremental::{Compiler, Totals, Update, slot_chunks, source_range_entries};
+pub use self::incremental::{
+    Compiler, Totals, Update, count_by_family, slot_chunks, source_range_entries,
+};
 pub use crate::model::{Cidr, Scheduler};
 use crate::objects::Slice;
 use crate::snapshot::{NodeInfo, ProxyConfig, Snapshot};

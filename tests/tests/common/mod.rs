@@ -430,3 +430,24 @@ pub fn verify_in_node(tb: &tests::Testbed, agent: &Agent, node: &str) -> std::pr
         ],
     )
 }
+
+/// `verify` against the agent's manifests and pins, as its node: (exit code, output).
+pub fn verify(env: &Env) -> (i32, String) {
+    let out =
+        std::process::Command::new(tests::harness::process::workspace_binary("kube-bpf-proxy"))
+            .arg("verify")
+            .arg("--manifests")
+            .arg(&env.agent.manifests)
+            .args(["--hostname-override", NODE, "--bpffs"])
+            .arg(&env.agent.pin_dir)
+            .output()
+            .expect("run verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
