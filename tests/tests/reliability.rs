@@ -23,14 +23,8 @@ fn full_maps_refuse_what_does_not_fit_and_recover() {
     if !privileged() {
         return;
     }
-    let mut topo_env = Env::new(4);
     // Each ClusterIP Service takes two LB4_SERVICES entries (its frontend and the port marker).
-    topo_env.agent.kill();
-    topo_env.agent.extra_args = vec!["--max-services".into(), "4".into()];
-    let _ = std::fs::remove_dir_all(&topo_env.agent.pin_dir);
-    let from = topo_env.agent.log_position();
-    topo_env.agent.start();
-    let mut env = topo_env;
+    let (mut env, from) = Env::with_agent_args(4, &["--max-services", "4"]);
     service_with_one_backend(&env, "a", "10.96.0.10", 1);
     service_with_one_backend(&env, "b", "10.96.0.11", 2);
     env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
@@ -56,12 +50,7 @@ fn a_programmed_service_that_no_longer_fits_keeps_its_backends() {
     if !privileged() {
         return;
     }
-    let mut env = Env::new(4);
-    env.agent.kill();
-    env.agent.extra_args = vec!["--max-backends".into(), "2".into()];
-    let _ = std::fs::remove_dir_all(&env.agent.pin_dir);
-    let from = env.agent.log_position();
-    env.agent.start();
+    let (mut env, from) = Env::with_agent_args(4, &["--max-backends", "2"]);
     let (a, b): (SocketAddr, SocketAddr) = (
         "10.96.0.10:80".parse().unwrap(),
         "10.96.0.11:80".parse().unwrap(),

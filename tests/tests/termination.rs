@@ -259,13 +259,8 @@ fn socket_records_go_with_their_sockets_and_real_pressure_is_reported() {
     if !privileged() {
         return;
     }
-    let mut env = Env::new(3);
-    env.agent.kill();
-    env.agent.extra_args = vec!["--max-sock-revnat".into(), "256".into()];
-    // A pinned map keeps its size: the first agent's pins go, so the map is made with 256.
-    let _ = std::fs::remove_dir_all(&env.agent.pin_dir);
-    let pos = env.agent.log_position();
-    env.agent.start();
+    // A pinned map keeps its size: the map is made with 256 on fresh pins.
+    let (mut env, pos) = Env::with_agent_args(3, &["--max-sock-revnat", "256"]);
     service_with_one_backend(&env, "web", "10.96.0.10", 1);
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
     env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);

@@ -42,6 +42,19 @@ impl Env {
         Env { agent, topo }
     }
 
+    /// [`Env::new`] whose agent runs with `args` on fresh pins (a pinned map keeps its size, so
+    /// the first agent's pins go and the maps are made with the sizes `args` ask for); with the
+    /// log position from before that agent started.
+    pub fn with_agent_args(pods: usize, args: &[&str]) -> (Env, usize) {
+        let mut env = Env::new(pods);
+        env.agent.kill();
+        env.agent.extra_args = args.iter().map(|a| a.to_string()).collect();
+        let _ = std::fs::remove_dir_all(&env.agent.pin_dir);
+        let from = env.agent.log_position();
+        env.agent.start();
+        (env, from)
+    }
+
     pub fn request(&self, proto: Proto, to: SocketAddr, count: usize) -> Vec<Reply> {
         self.topo.request(0, proto, to, count)
     }
