@@ -259,13 +259,7 @@ pub fn sync_once(
     // memory); one plan over everything when the maps hold entries of no frontend (only
     // `plan_full` finds those) or some Services are refused for capacity.
     // A large incremental change (many Services at once) is written in groups the same way.
-    let groups = if let Fit::Refused { kept } = &fit {
-        // Refused Service ports that were programmed keep their entries: planned frontend by
-        // frontend, leaving theirs out (a full plan would delete them).
-        pipeline
-            .mirror
-            .full_groups_keeping(&desired, pipeline.group_entries, kept)
-    } else if planned_all {
+    let groups = if planned_all && fits {
         pipeline
             .mirror
             .full_groups(&desired, pipeline.group_entries)
@@ -283,10 +277,15 @@ pub fn sync_once(
         None
     };
     let grouped = groups.is_some();
-    let planner = |mirror: &mut Mirror, i: usize| match &groups {
-        Some(groups) => mirror.plan_changed(&desired, &groups[i]),
-        None if planned_all => mirror.plan_full(&desired),
-        None => mirror.plan_changed(&desired, &update.changed),
+    let planner = |mirror: &mut Mirror, i: usize| match (&groups, &fit) {
+        (Some(groups), _) => mirror.plan_changed(&desired, &groups[i]),
+        // Refused Service ports that were programmed keep their entries.
+        (None, Fit::Refused { kept }) => {
+            let ops = mirror.plan_full(&desired);
+            crate::plan::keeping(ops, mirror.state(), kept)
+        }
+        (None, Fit::All) if planned_all => mirror.plan_full(&desired),
+        (None, Fit::All) => mirror.plan_changed(&desired, &update.changed),
     };
     let count = groups.as_ref().map_or(1, Vec::len);
     let mut result = plan_and_write(io, &mut pipeline.mirror, count, planner, &mut written);

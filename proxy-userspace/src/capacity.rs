@@ -139,13 +139,7 @@ pub fn changes_fit(
             ServiceKey::V6(_) => services6 += keys,
         }
         infos += 1;
-        chunks += slot_chunks(
-            state
-                .backends
-                .iter()
-                .map(|b| u64::from(b.weight.max(1)))
-                .sum(),
-        );
+        chunks += slot_chunks(crate::compile::slot_count(state));
         members += (state.backends.len() + state.keep_flows.len()) as u64;
         if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {
             maglev += table;
@@ -230,12 +224,7 @@ pub fn refusals(desired: &Desired, current: &MapState, cap: &Capacity) -> Vec<(P
                 }
             }
             add.frontends += 1;
-            let slots: u64 = state
-                .backends
-                .iter()
-                .map(|b| u64::from(b.weight.max(1)))
-                .sum();
-            let chunks = slot_chunks(slots);
+            let chunks = slot_chunks(crate::compile::slot_count(state));
             add.chunks += chunks;
             add.largest = add.largest.max(chunks);
             if state.scheduler == Scheduler::Maglev && !state.backends.is_empty() {

@@ -630,26 +630,42 @@ fn maglev_chunks(
         .collect()
 }
 
-/// Largest number of slots one frontend may have (the slot index is 16 bits).
-pub const MAX_SLOTS: usize = u16::MAX as usize;
+pub use crate::compile::MAX_SLOTS;
 
-/// Each backend's turns (slots), from `wanted`: as wanted when they fit `MAX_SLOTS`; else
-/// every backend keeps one and the turns above one are scaled down in proportion, so weights
-/// still count and no backend is left without a slot (unless there are more backends than
-/// slots).
-fn scaled_turns(wanted: impl Iterator<Item = u64> + Clone) -> impl Iterator<Item = u64> {
-    let (n, total) = wanted
-        .clone()
-        .fold((0u64, 0u64), |(n, t), w| (n + 1, t + w));
-    let max = MAX_SLOTS as u64;
-    let scale = total > max && n < max;
-    wanted.map(move |w| {
-        if scale {
-            1 + (w - 1) * (max - n) / (total - n)
-        } else {
-            w
-        }
-    })
+/// `ops` (a plan of a `desired` without the frontends in `keep`) without the writes that would
+/// take away those frontends' entries: refused Service ports that were programmed
+/// (`capacity::kept_frontends`) keep their entries, the backends their members point at and the
+/// ClusterIP marker of their address.
+pub fn keeping(ops: Vec<Op>, current: &MapState, keep: &BTreeSet<FrontendAddr>) -> Vec<Op> {
+    if keep.is_empty() {
+        return ops;
+    }
+    let ids: BTreeSet<u32> = keep
+        .iter()
+        .filter_map(|f| current.services.get(&ServiceKey::of(f)))
+        .map(|v| v.id)
+        .collect();
+    let backends: BTreeSet<u32> = ids
+        .iter()
+        .flat_map(|id| {
+            current
+                .members
+                .range(member_range(*id))
+                .map(|(k, _)| k.backend_id)
+        })
+        .collect();
+    let markers: BTreeSet<IpAddr> = keep
+        .iter()
+        .filter(|f| f.scope == Scope::Internal)
+        .map(|f| f.addr)
+        .collect();
+    ops.into_iter()
+        .filter(|op| match op {
+            Op::DelBackend(id) => !backends.contains(id),
+            Op::DelService(k) if k.is_any_port() => !markers.contains(&k.addr()),
+            _ => !op.svc_id(current).is_some_and(|id| ids.contains(&id)),
+        })
+        .collect()
 }
 
 /// Computes the writes that turn `current` into `desired`.
@@ -804,19 +820,7 @@ pub fn plan_with(desired: &Desired, current: &MapState, ids: &mut Ids) -> Vec<Op
             .entry(&state.port)
             .or_insert_with(|| ids.port.allocate());
         let mut slots: Vec<u32> = Vec::new();
-        // Round-robin gives every backend one turn, whatever its weight; least-connection
-        // compares every backend once (weights count in the comparison, not in slots).
-        let weighted =
-            !(state.scheduler == Scheduler::RoundRobin || state.scheduler.counts_connections());
-        let turns_of = |b: &crate::compile::Backend| {
-            if weighted {
-                u64::from(b.weight.max(1))
-            } else {
-                1
-            }
-        };
-        let turns = scaled_turns(state.backends.iter().map(turns_of));
-        for (b, turns) in state.backends.iter().zip(turns) {
+        for (b, turns) in state.backends.iter().zip(crate::compile::slot_turns(state)) {
             let id = backend_ids[&identity_of(&backend_value(b))];
             for _ in 0..turns {
                 slots.push(id);

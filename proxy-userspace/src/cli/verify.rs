@@ -27,7 +27,7 @@ use crate::{
         bpf::Maps,
         podif::{self, PodInterfaces},
     },
-    plan::{Mirror, Op, ServiceKey, plan, service_cidr_ops},
+    plan::{Op, ServiceKey, keeping, plan},
 };
 
 #[derive(clap::Args)]
@@ -351,29 +351,6 @@ pub fn verification(
     }
 }
 
-/// The writes that repair `current` into `desired` but for the frontends in `keep`, whose
-/// entries stay as they are (as the agent plans a sync that refused programmed ports).
-fn plan_keeping(
-    desired: &crate::compile::Desired,
-    current: &crate::plan::MapState,
-    keep: &std::collections::BTreeSet<crate::compile::FrontendAddr>,
-) -> Vec<Op> {
-    let mut mirror = Mirror::new(current.clone());
-    let Some(groups) = mirror.full_groups_keeping(desired, usize::MAX, keep) else {
-        return plan(desired, current);
-    };
-    let mut ops = Vec::new();
-    for group in &groups {
-        let planned = mirror.plan_changed(desired, group);
-        for op in &planned {
-            mirror.apply(op);
-        }
-        ops.extend(planned);
-    }
-    ops.extend(service_cidr_ops(desired, mirror.state()));
-    ops
-}
-
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let spec = PodInterfaces::parse(&args.pod_interfaces)
         .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
@@ -389,8 +366,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let (desired, fit) = fit_to(&compiler, &current, maps.capacity().as_ref(), None);
     let ops = match &fit {
         // Refused ports that were programmed keep their entries in the agent too.
-        Fit::Refused { kept } if !kept.is_empty() => plan_keeping(&desired, &current, kept),
-        _ => plan(&desired, &current),
+        Fit::Refused { kept } => keeping(plan(&desired, &current), &current, kept),
+        Fit::All => plan(&desired, &current),
     };
     let inputs = podif::ClusterInputs {
         endpoints,

@@ -93,6 +93,47 @@ pub struct Totals {
     member_sizes: BTreeMap<u64, u64>,
 }
 
+/// Largest number of slots one frontend may have (the slot index is 16 bits).
+pub const MAX_SLOTS: usize = u16::MAX as usize;
+
+/// The slots (turns) each backend of `state` gets, in order. Round-robin gives every backend
+/// one turn, whatever its weight, and least-connection compares every backend once (weights
+/// count in the comparison, not in slots); the other schedulers give a backend its weight.
+/// When those exceed [`MAX_SLOTS`], every backend keeps one and the turns above one are
+/// scaled down in proportion; with more backends than slots, each gets one and those past
+/// the last slot none (the compiler reports it).
+pub fn slot_turns(state: &FrontendState) -> impl Iterator<Item = u64> + '_ {
+    let weighted =
+        !(state.scheduler == super::Scheduler::RoundRobin || state.scheduler.counts_connections());
+    let wanted = move |b: &super::Backend| {
+        if weighted {
+            u64::from(b.weight.max(1))
+        } else {
+            1
+        }
+    };
+    let (n, total) = state
+        .backends
+        .iter()
+        .fold((0u64, 0u64), |(n, t), b| (n + 1, t + wanted(b)));
+    let max = MAX_SLOTS as u64;
+    state.backends.iter().enumerate().map(move |(i, b)| {
+        let w = wanted(b);
+        if total <= max {
+            w
+        } else if n < max {
+            1 + (w - 1) * (max - n) / (total - n)
+        } else {
+            u64::from((i as u64) < max)
+        }
+    })
+}
+
+/// The slots `state` takes ([`slot_turns`], at most [`MAX_SLOTS`]).
+pub fn slot_count(state: &FrontendState) -> u64 {
+    slot_turns(state).sum()
+}
+
 /// A frontend's entries in the source-range maps, [IPv4, IPv6].
 pub fn source_range_entries(state: &FrontendState) -> [u64; 2] {
     count_by_family(&state.source_ranges)
@@ -114,11 +155,7 @@ pub fn slot_chunks(slots: u64) -> u64 {
 
 impl Totals {
     fn count(&mut self, state: &FrontendState, add: bool) {
-        let slots: u64 = state
-            .backends
-            .iter()
-            .map(|b| u64::from(b.weight.max(1)))
-            .sum();
+        let slots = slot_count(state);
         let members = (state.backends.len() + state.keep_flows.len()) as u64;
         let maglev =
             u64::from(state.scheduler == super::Scheduler::Maglev && !state.backends.is_empty());

@@ -14,7 +14,8 @@ use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::Obj
 pub use self::eligibility::{Categorized, categorize};
 pub use self::endpoints::Endpoint;
 pub use self::incremental::{
-    Compiler, Totals, Update, count_by_family, slot_chunks, source_range_entries,
+    Compiler, MAX_SLOTS, Totals, Update, count_by_family, slot_chunks, slot_count, slot_turns,
+    source_range_entries,
 };
 pub use crate::model::{Cidr, Scheduler};
 use crate::objects::Slice;
@@ -1079,16 +1080,14 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
     // A frontend has at most 65,535 slots (a 16-bit index): beyond that many endpoints, the
     // first ones (by address) are used.
     let most = internal.len().max(external.len()).max(cluster.len());
-    if most > usize::from(u16::MAX) {
+    if most > MAX_SLOTS {
         desired.problems.push(Problem {
             reason: ProblemReason::Capacity,
             object: object.to_string(),
             message: format!(
                 "port {:?}: {most} endpoints, more than the {} a frontend can choose from; \
                  the first {} by address are used",
-                sp.name.port,
-                u16::MAX,
-                u16::MAX
+                sp.name.port, MAX_SLOTS, MAX_SLOTS
             ),
         });
     }

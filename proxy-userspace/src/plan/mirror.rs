@@ -299,17 +299,6 @@ impl Mirror {
         desired: &Desired,
         entries: usize,
     ) -> Option<Vec<BTreeSet<FrontendAddr>>> {
-        self.full_groups_keeping(desired, entries, &BTreeSet::new())
-    }
-
-    /// `full_groups`, leaving out the frontends in `keep` (not in `desired`): their entries
-    /// stay as the maps hold them.
-    pub fn full_groups_keeping(
-        &self,
-        desired: &Desired,
-        entries: usize,
-        keep: &BTreeSet<FrontendAddr>,
-    ) -> Option<Vec<BTreeSet<FrontendAddr>>> {
         if !self.tidy(desired) {
             return None;
         }
@@ -317,18 +306,12 @@ impl Mirror {
             .keys
             .values()
             .filter_map(ServiceKey::frontend)
-            .filter(|f| !desired.frontends.contains_key(f) && !keep.contains(f));
-        let mut groups = self.groups(
+            .filter(|f| !desired.frontends.contains_key(f));
+        Some(self.groups(
             desired,
             desired.frontends.keys().copied().chain(gone),
             entries,
-        );
-        // With Service ports refused for room, the maps are full: the groups of frontends
-        // going away are written first, so their entries are freed before others are added.
-        if !keep.is_empty() {
-            groups.sort_by_key(|g| g.iter().any(|f| desired.frontends.contains_key(f)));
-        }
-        Some(groups)
+        ))
     }
 
     /// `changed` (the frontends an incremental sync plans) in groups as `full_groups` makes

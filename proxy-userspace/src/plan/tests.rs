@@ -421,16 +421,39 @@ fn connection_counting_schedulers_give_each_backend_one_slot_and_name_their_rule
 
 #[test]
 fn weights_beyond_the_slots_are_scaled_and_every_backend_keeps_a_slot() {
+    use crate::compile::{Scheduler, slot_turns};
+    let weighted = |weights: &[u16], scheduler| {
+        let mut d = desired(&[("10.96.0.1", &[])]);
+        let state = d.frontends.values_mut().next().unwrap();
+        state.scheduler = scheduler;
+        state.backends = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| Backend {
+                addr: std::net::IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1)),
+                weight: *w,
+                ..backend("10.244.0.1")
+            })
+            .collect();
+        slot_turns(state).collect::<Vec<u64>>()
+    };
     // 700 backends at weight 100 want 70,000 slots of 65,535: scaled, every one keeps one
     // and the proportions stay.
-    let turns: Vec<u64> = scaled_turns(std::iter::repeat_n(100, 700)).collect();
+    let turns = weighted(&[100; 700], Scheduler::WeightedRoundRobin);
     assert!(turns.iter().sum::<u64>() <= MAX_SLOTS as u64);
     assert!(turns.iter().all(|t| *t == turns[0] && *t > 90));
-    let mixed: Vec<u64> = scaled_turns([1u64, 1000, 65_000].into_iter()).collect();
+    let mixed = weighted(&[1, 1000, 65_000], Scheduler::WeightedRoundRobin);
     assert!(mixed.iter().sum::<u64>() <= MAX_SLOTS as u64, "{mixed:?}");
     assert_eq!(mixed[0], 1);
     assert!(mixed[2] > 60 * mixed[1], "{mixed:?}");
-    // What fits is left alone.
-    let small: Vec<u64> = scaled_turns([3u64, 1, 2].into_iter()).collect();
-    assert_eq!(small, [3, 1, 2]);
+    // What fits is left alone; round-robin gives one turn whatever the weight.
+    assert_eq!(
+        weighted(&[3, 1, 2], Scheduler::WeightedRoundRobin),
+        [3, 1, 2]
+    );
+    assert_eq!(weighted(&[3, 1, 2], Scheduler::RoundRobin), [1, 1, 1]);
+    // More backends than slots: one each for the first 65,535.
+    let many = weighted(&vec![5; MAX_SLOTS + 10], Scheduler::WeightedRoundRobin);
+    assert_eq!(many.iter().sum::<u64>(), MAX_SLOTS as u64);
+    assert!(many[..MAX_SLOTS].iter().all(|t| *t == 1));
 }
