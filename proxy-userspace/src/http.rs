@@ -383,29 +383,33 @@ async fn accept_loop(
         // probe sends its request at once and is answered within milliseconds, so the
         // connections a flood holds open go first. With none such (every one being answered),
         // the new one is closed.
-        tracked.retain(|t| !t.task.is_finished());
-        if tracked.len() >= MAX_OPEN_PER_LISTENER {
-            match tracked
+        if open.load(Ordering::Acquire) >= MAX_OPEN_PER_LISTENER {
+            tracked.retain(|t| !t.task.is_finished());
+            let oldest_silent = tracked
                 .iter()
-                .position(|t| !t.asked.load(Ordering::Acquire))
-            {
-                Some(i) => {
-                    if let Some(t) = tracked.remove(i) {
-                        t.task.abort();
-                    }
+                .position(|t| !t.asked.load(Ordering::Acquire));
+            let taken = match oldest_silent.and_then(|i| tracked.remove(i)) {
+                Some(t) => {
+                    t.task.abort();
+                    true
                 }
-                None => {
-                    drop(stream);
-                    continue;
-                }
-            }
+                None => false,
+            };
             if crowded.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
                 crowded = Some(tokio::time::Instant::now());
                 log::warn!(
-                    "http: {MAX_OPEN_PER_LISTENER} connections open on {:?}; closing the oldest \
-                     that sent no request to take new ones",
-                    listener.local_addr().ok()
+                    "http: {MAX_OPEN_PER_LISTENER} connections open on {:?}; {}",
+                    listener.local_addr().ok(),
+                    if taken {
+                        "closing the oldest that sent no request to take new ones"
+                    } else {
+                        "every one is being answered: new ones are closed"
+                    }
                 );
+            }
+            if !taken {
+                drop(stream);
+                continue;
             }
         }
         let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -414,8 +418,7 @@ async fn accept_loop(
         let service = {
             let asked = Arc::clone(&asked);
             service_fn(move |request| {
-                asked.store(true, Ordering::Release);
-                answer(Arc::clone(&handler), request, local)
+                answer(Arc::clone(&handler), request, local, Arc::clone(&asked))
             })
         };
         let connection = http.serve_connection(TokioIo::new(stream), service);
@@ -478,13 +481,18 @@ async fn answer(
     handler: Arc<dyn Handler>,
     request: hyper::Request<Incoming>,
     local: Option<SocketAddr>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let (head, body) = request.into_parts();
     let too_large = || Response::text(413, "request body too large\n");
     let response = if body.size_hint().lower() > MAX_REQUEST_BODY as u64 {
         too_large()
     } else {
-        match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        let body = Limited::new(body, MAX_REQUEST_BODY).collect().await;
+        // The whole request is in: from here the answer is immediate, so this connection is
+        // not one to close for room (a body trickled in slowly leaves it closable till now).
+        asked.store(true, Ordering::Release);
+        match body {
             Ok(_) => handler.handle(&Request {
                 method: head.method.as_str(),
                 path: head.uri.path(),

@@ -338,7 +338,7 @@ const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
 /// a resumed watch yields no item, and only this tells that the kind is answered again.
 #[derive(Default)]
 struct Answered {
-    watches: [std::sync::atomic::AtomicU64; 6],
+    watches: [std::sync::atomic::AtomicU64; KINDS.len()],
 }
 
 impl Answered {
@@ -1056,9 +1056,16 @@ struct Failing {
     since: Instant,
     errors: u64,
     logged: Instant,
-    /// `Answered::get` at the last failure: a watch answered since then ends the run.
+    /// `Answered::get` at the last failure: a watch answered since then ends the run, once
+    /// [`ANSWERED_QUIET`] has passed without a failure (a watch answered and then broken at
+    /// once keeps the run going).
     answers: u64,
+    last: Instant,
 }
+
+/// How long after its last failure a kind whose watch was answered meanwhile counts as
+/// answering again ([`Progress::check_answered`]).
+const ANSWERED_QUIET: Duration = Duration::from_secs(5);
 
 /// How often kinds marked failing are checked for a watch answered since (see [`Answered`]).
 const ANSWERED_CHECK: Duration = Duration::from_secs(1);
@@ -1110,10 +1117,9 @@ impl Progress {
     /// their last failure (a resumed watch on which nothing happens yields no item).
     fn check_answered(&mut self) {
         for kind in KINDS {
-            if self.failing[kind as usize]
-                .as_ref()
-                .is_some_and(|f| self.answered.get(kind) > f.answers)
-            {
+            if self.failing[kind as usize].as_ref().is_some_and(|f| {
+                self.answered.get(kind) > f.answers && f.last.elapsed() >= ANSWERED_QUIET
+            }) {
                 self.answering(kind);
             }
         }
@@ -1171,6 +1177,7 @@ impl Progress {
                         errors: 1,
                         logged: Instant::now(),
                         answers: self.answered.get(kind),
+                        last: Instant::now(),
                     });
                 }
                 return false;
@@ -1192,11 +1199,13 @@ impl Progress {
                             errors: 1,
                             logged: now,
                             answers: self.answered.get(kind),
+                            last: now,
                         });
                     }
                     Some(f) => {
                         f.errors += 1;
                         f.answers = self.answered.get(kind);
+                        f.last = now;
                         if now.duration_since(f.logged) >= FAILING_LOG_EVERY {
                             f.logged = now;
                             log::warn!(
