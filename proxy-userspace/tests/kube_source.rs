@@ -445,13 +445,7 @@ fn bookmarks_are_harmless_and_advance_the_resume_point() {
 
 #[test]
 fn expired_watch_relists_and_drops_what_was_deleted_meanwhile() {
-    let server = ApiServer::start();
-    populate(&server);
-    let rx = start_source(&server);
-    let mut log = Vec::new();
-    wait_for(&rx, &mut log, &baseline());
-    wait_watching(&server, Res::Services);
-    wait_watching(&server, Res::Slices);
+    let (server, rx, mut log) = watching_with(None);
 
     // Changes whose events are lost to compaction, then the live watches end with 410.
     server.delete_unseen(Res::Services, "kube-system/b");
@@ -550,13 +544,7 @@ fn an_http_410_to_a_watch_request_relists() {
 /// for ever for changes. The source lists afresh instead and drops what was deleted meanwhile.
 #[test]
 fn an_api_server_with_a_younger_history_is_listed_afresh() {
-    let server = ApiServer::start();
-    populate(&server);
-    let rx = start_source(&server);
-    let mut log = Vec::new();
-    wait_for(&rx, &mut log, &baseline());
-    wait_watching(&server, Res::Services);
-    wait_watching(&server, Res::Slices);
+    let (server, rx, mut log) = watching_with(None);
 
     server.delete_unseen(Res::Services, "kube-system/b");
     server.delete_unseen(Res::Slices, "kube-system/b-1");
@@ -914,16 +902,23 @@ const CONVERGE: Duration = Duration::from_secs(15);
 /// A populated API double and a source with metrics that has sent the baseline and is watching
 /// every kind; the snapshots received so far are in the returned log.
 fn watching_with_metrics() -> (ApiServer, Arc<Metrics>, Receiver<Snapshot>, Vec<Seen>) {
+    let metrics = Arc::new(Metrics::new("test", &[IpFamily::V4]));
+    let (server, rx, log) = watching_with(Some(metrics.clone()));
+    (server, metrics, rx, log)
+}
+
+/// The baseline cluster served, a source (with `metrics`) that has sent it, and a live watch
+/// of each of `Res::ALL`.
+fn watching_with(metrics: Option<Arc<Metrics>>) -> (ApiServer, Receiver<Snapshot>, Vec<Seen>) {
     let server = ApiServer::start();
     populate(&server);
-    let metrics = Arc::new(Metrics::new("test", &[IpFamily::V4]));
-    let rx = start_source_with_metrics(&server, Some(metrics.clone()));
+    let rx = start_source_with_metrics(&server, metrics);
     let mut log = Vec::new();
     wait_for(&rx, &mut log, &baseline());
     for res in Res::ALL {
         wait_watching(&server, res);
     }
-    (server, metrics, rx, log)
+    (server, rx, log)
 }
 
 /// After an outage in which nothing changed, the resumed watches see no event at all: the
