@@ -578,12 +578,7 @@ fn an_unreadable_watch_event_is_followed_by_a_fresh_list() {
         r#"{"type":"MODIFIED","object":]"#,
         r#"{"type":"REPLACED"}"#,
     ] {
-        let server = ApiServer::start();
-        populate(&server);
-        let rx = start_source(&server);
-        let mut log = Vec::new();
-        wait_for(&rx, &mut log, &baseline());
-        wait_watching(&server, Res::Slices);
+        let (server, rx, mut log) = watching_with(None);
 
         // The change the unreadable event stood for.
         server.apply_unseen(
