@@ -21,7 +21,7 @@ use std::{
     os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime},
 };
@@ -356,7 +356,7 @@ async fn accept_loop(
     // a minute at most.
     let mut warned: Option<tokio::time::Instant> = None;
     let mut crowded: Option<tokio::time::Instant> = None;
-    let mut tracked: std::collections::VecDeque<Tracked> = std::collections::VecDeque::new();
+    let mut tracked = Tracked::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -384,17 +384,7 @@ async fn accept_loop(
         // connections a flood holds open go first. With none such (every one being answered),
         // the new one is closed.
         if open.load(Ordering::Acquire) >= MAX_OPEN_PER_LISTENER {
-            tracked.retain(|t| !t.task.is_finished());
-            let oldest_silent = tracked
-                .iter()
-                .position(|t| !t.asked.load(Ordering::Acquire));
-            let taken = match oldest_silent.and_then(|i| tracked.remove(i)) {
-                Some(t) => {
-                    t.task.abort();
-                    true
-                }
-                None => false,
-            };
+            let taken = tracked.close_oldest_silent().await;
             if crowded.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
                 crowded = Some(tokio::time::Instant::now());
                 log::warn!(
@@ -412,7 +402,7 @@ async fn accept_loop(
                 continue;
             }
         }
-        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asked = Arc::new(AtomicBool::new(false));
         let handler = Arc::clone(&handler);
         let local = stream.local_addr().ok();
         let service = {
@@ -437,10 +427,7 @@ async fn accept_loop(
             }
             // Dropping the connection closes the socket.
         });
-        tracked.push_back(Tracked {
-            task: task.abort_handle(),
-            asked,
-        });
+        tracked.push(task, asked);
     }
 }
 
@@ -470,9 +457,48 @@ pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
 }
 
 /// A connection's task, and whether its request has arrived.
-struct Tracked {
-    task: tokio::task::AbortHandle,
-    asked: Arc<std::sync::atomic::AtomicBool>,
+/// The connection tasks of one listener, oldest first, each with whether its request has
+/// come in. Finished tasks are dropped as new ones come, so a listener probed every second for
+/// months holds no more than its open connections and as many finished ones.
+#[derive(Default)]
+struct Tracked(std::collections::VecDeque<(tokio::task::JoinHandle<()>, Arc<AtomicBool>)>);
+
+impl Tracked {
+    fn push(&mut self, task: tokio::task::JoinHandle<()>, asked: Arc<AtomicBool>) {
+        while self.0.front().is_some_and(|(t, _)| t.is_finished()) {
+            self.0.pop_front();
+        }
+        // A long-lived connection at the front keeps finished ones behind it; sweeping them
+        // all when the queue has doubled past the cap costs O(1) per connection.
+        if self.0.len() >= 2 * MAX_OPEN_PER_LISTENER {
+            self.0.retain(|(t, _)| !t.is_finished());
+        }
+        self.0.push_back((task, asked));
+    }
+
+    /// Closes the oldest connection that has not sent its request yet and returns once it is
+    /// gone; false when every open one has sent its request.
+    async fn close_oldest_silent(&mut self) -> bool {
+        self.0.retain(|(t, _)| !t.is_finished());
+        let oldest = self
+            .0
+            .iter()
+            .position(|(_, asked)| !asked.load(Ordering::Acquire));
+        let Some((task, _)) = oldest.and_then(|i| self.0.remove(i)) else {
+            return false;
+        };
+        // Aborting only asks: the task (its socket and its count) goes at its next poll.
+        // Waiting for that keeps the count, and the descriptors, within the cap at every
+        // moment, not just a moment later.
+        task.abort();
+        let _ = task.await;
+        true
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Reads and drops the request body (closing a socket with unread input sends a reset, which
@@ -481,7 +507,7 @@ async fn answer(
     handler: Arc<dyn Handler>,
     request: hyper::Request<Incoming>,
     local: Option<SocketAddr>,
-    asked: Arc<std::sync::atomic::AtomicBool>,
+    asked: Arc<AtomicBool>,
 ) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
     let (head, body) = request.into_parts();
     let too_large = || Response::text(413, "request body too large\n");

@@ -765,3 +765,58 @@ fn beyond_the_cap_the_oldest_silent_connections_make_room() {
     wait_closed(&first, Duration::from_secs(5));
     assert!(server.open_connections() <= MAX_OPEN_PER_LISTENER);
 }
+
+/// Probes every second for months leave no more tasks behind than the cap allows: finished
+/// connections are dropped as new ones come, also behind a long-lived one.
+#[test]
+fn finished_connections_are_not_kept() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut tracked = Tracked::default();
+        let long_lived = tokio::spawn(std::future::pending::<()>());
+        tracked.push(long_lived, Arc::new(AtomicBool::new(true)));
+        for _ in 0..5 * MAX_OPEN_PER_LISTENER {
+            let task = tokio::spawn(async {});
+            while !task.is_finished() {
+                tokio::task::yield_now().await;
+            }
+            tracked.push(task, Arc::new(AtomicBool::new(true)));
+            assert!(
+                tracked.len() <= 2 * MAX_OPEN_PER_LISTENER,
+                "{}",
+                tracked.len()
+            );
+        }
+    });
+}
+
+/// At the cap the oldest connection still silent is closed, and gone (its count with it) when
+/// the call returns; connections whose request came in are left alone.
+#[test]
+fn the_oldest_silent_connection_is_gone_when_room_is_made() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut tracked = Tracked::default();
+        for answering in [true, false, false] {
+            let guard = OpenGuard::new(&open);
+            let task = tokio::spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            });
+            tracked.push(task, Arc::new(AtomicBool::new(answering)));
+        }
+        assert!(tracked.close_oldest_silent().await);
+        assert_eq!(open.load(Ordering::Acquire), 2);
+        assert!(tracked.close_oldest_silent().await);
+        assert_eq!(open.load(Ordering::Acquire), 1);
+        // Only the one being answered is left.
+        assert!(!tracked.close_oldest_silent().await);
+        assert_eq!(open.load(Ordering::Acquire), 1);
+        assert_eq!(tracked.len(), 1);
+    });
+}
