@@ -1647,7 +1647,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = AtomicBool::new(false);
         let timing = SyncTiming {
-            min_interval: Duration::from_secs(4),
+            min_interval: Duration::from_secs(10),
             ..SyncTiming::default()
         };
         let mut io = Faulty::failing(None);

@@ -1265,11 +1265,11 @@ fn ten_thousand_endpoints_in_one_slice() {
     // Debug build on a shared 2-core machine: generous bounds, still catching quadratic
     // behaviour (which takes minutes at this size).
     assert!(
-        compiled < Duration::from_secs(5),
+        compiled < Duration::from_secs(15),
         "compile took {compiled:?}"
     );
     assert!(
-        total < Duration::from_secs(20),
+        total < Duration::from_secs(60),
         "compile+plan took {total:?}"
     );
 }

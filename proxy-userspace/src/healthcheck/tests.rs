@@ -503,14 +503,18 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
     use crate::http::{
         HEADER_DEADLINE, HttpState,
         tests::{
-            Held, SlowLoris, hold_idle, raise_nofile_limit, timed_get, wait_closed, wait_until,
+            Held, SlowLoris, flood_alone, hold_idle, raise_nofile_limit, timed_get, wait_closed,
+            wait_until,
         },
     };
 
     const IDLE: usize = 1000;
     const SLOW: usize = 20;
     const PROBES: usize = 5;
-    const BOUND: Duration = Duration::from_millis(100);
+    // Far below the 1 s of a SYN retry or the header deadline a held-up probe would show, and
+    // far above a busy machine's scheduling delays.
+    const BOUND: Duration = Duration::from_millis(800);
+    let _flood = flood_alone();
     // Both ends of every connection, in this process, plus room for the other tests.
     raise_nofile_limit(4 * (IDLE + SLOW) as u64 + 1000);
 
@@ -578,7 +582,7 @@ fn idle_and_slow_loris_connections_delay_no_probe() {
     eprintln!("health check server stopped in {stopped:?}");
     let e = get(port, "/").err().expect("connection refused");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
-    assert!(stopped < Duration::from_secs(1), "{stopped:?}");
+    assert!(stopped < Duration::from_secs(5), "{stopped:?}");
 
     // Every held connection is closed by the server at the header deadline, not before.
     let held: Vec<&Held> = idle

@@ -1630,7 +1630,7 @@ mod tests {
         assert!(gaps[1] <= RETRY_MAX && gaps[2] <= RETRY_MAX, "{gaps:?}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_410_relists_at_once_but_a_second_one_soon_after_waits() {
         let gaps = gaps(vec![Err(expired()), Ok(1), Err(expired()), Ok(2)]).await;
         let quick = Duration::from_millis(100);
@@ -1645,7 +1645,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failures_back_off_and_an_answer_resets_the_backoff() {
         let gaps = gaps(vec![
             Err(unavailable()),
