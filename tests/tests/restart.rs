@@ -267,6 +267,168 @@ fn upgrade_over_maps_of_an_older_layout_replaces_them() {
     );
 }
 
+/// The operator changes the flags that size maps (`--max-services`, `--max-sock-revnat`,
+/// `--max-conntrack`) and restarts the agent: the new sizes take effect at once, without
+/// `cleanup`, and what the old maps held is carried over, so no connection fails while the
+/// maps are replaced, a connection opened before still shows the Service as its peer (its
+/// socket record went over), and `verify` finds the maps equal to the objects.
+#[test]
+fn changed_map_sizes_take_effect_on_restart_and_keep_connections() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(3);
+    service_with_one_backend(&env, "web", "10.96.0.10", 1);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    env.wait_for_backends(Proto::Tcp, vip, &["pod-2"]);
+    let pins = env.agent.pin_dir.clone();
+    let size = |name: &str| {
+        pinned_map(&pins.join(name))["max_entries"]
+            .as_u64()
+            .unwrap()
+    };
+    // New sizes, each unlike the one pinned: smaller for the Services, larger for the records
+    // and the connection tracking.
+    let services = 2048;
+    let records = size("SOCK4_REVNAT") + 4096;
+    let conntrack = size("LB_CT4") + 4096;
+    let services_before = size("LB4_SERVICES");
+    assert_ne!(services_before, services);
+    let (mut held, first) = env.topo.hold(0, vip);
+    assert!(first.ok, "{first:?}");
+    assert_eq!(first.peer, vip.to_string());
+
+    let (attempted, failed) = under_load(
+        &mut env,
+        vip,
+        Duration::from_secs(120),
+        |agent, wait_batches| {
+            wait_batches(2);
+            agent.kill();
+            agent.extra_args = [
+                "--max-services".to_string(),
+                services.to_string(),
+                "--max-sock-revnat".into(),
+                records.to_string(),
+                "--max-conntrack".into(),
+                conntrack.to_string(),
+            ]
+            .into();
+            let from = agent.log_position();
+            agent.start();
+            agent.wait_for_log(
+                from,
+                &format!(
+                    "LB4_SERVICES: pinned with {services_before} entries, {services} asked for"
+                ),
+                Duration::from_secs(10),
+            );
+            // The held connection's record at least went over.
+            let carried = agent.wait_for_log(
+                from,
+                "SOCK4_REVNAT: entries carried over into the new map",
+                Duration::from_secs(20),
+            );
+            let n: u64 = carried
+                .split("entries): ")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no count in {carried:?}"));
+            assert!(n >= 1, "{carried}");
+            agent.wait_for_log(from, "SOCK4_REVNAT: resized; ", Duration::from_secs(20));
+            agent.wait_for_log(from, "synced:", Duration::from_secs(20));
+            for needle in ["did not fit", "not carried", "not removed", "not read"] {
+                assert_eq!(agent.count_logs(from, needle), 0, "{needle}");
+            }
+            wait_batches(3);
+        },
+    );
+    assert!(
+        attempted >= 50,
+        "too few connections to mean anything: {attempted}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {attempted} failed: {failed:?}",
+        failed.len()
+    );
+    // Closed connections left no record behind: the held one (and one in flight at most when
+    // the hooks were swapped). The old and new programs run side by side for a moment only,
+    // so a record is written and deleted by one build.
+    let records_left = pinned_entries(&env.agent, "SOCK4_REVNAT").len();
+    assert!(records_left <= 5, "{records_left} records left");
+    assert_eq!(size("LB4_SERVICES"), services);
+    assert_eq!(size("LB6_SERVICES"), services);
+    assert_eq!(size("SOCK4_REVNAT"), records);
+    assert_eq!(size("LB_CT4"), conntrack);
+    // The connection opened before the restart: its record was carried into the new map.
+    let again = held.again();
+    assert!(again.ok, "{again:?}");
+    assert_eq!(
+        (again.backend.as_str(), again.peer.as_str()),
+        ("pod-2", "10.96.0.10:80")
+    );
+    let (code, out) = verify(&env);
+    assert_eq!(code, 0, "{out}");
+    // The metrics show the sizes in effect.
+    let (_, body) = env.agent.get(env.agent.metrics_port, "/metrics");
+    assert!(
+        body.contains(&format!(
+            "kube_bpf_proxy_map_max_entries{{map=\"LB4_SERVICES\"}} {services}"
+        )),
+        "{body}"
+    );
+
+    // An agent stopped in the middle of a resize leaves the old map pinned aside. With the
+    // new map pinned (here an empty one made by hand), the next start carries what the old
+    // one holds over; without it, the old one goes back in its place.
+    let aside = pins.join("resizing");
+    for new_pinned in [true, false] {
+        env.agent.kill();
+        std::fs::create_dir_all(&aside).expect("mkdir resizing");
+        let revnat = pinned_map(&pins.join("SOCK4_REVNAT"));
+        std::fs::rename(pins.join("SOCK4_REVNAT"), aside.join("SOCK4_REVNAT")).expect("move aside");
+        if new_pinned {
+            let status = std::process::Command::new("bpftool")
+                .args(["map", "create"])
+                .arg(pins.join("SOCK4_REVNAT"))
+                .args(["type", "lru_hash", "key"])
+                .arg(revnat["bytes_key"].to_string())
+                .arg("value")
+                .arg(revnat["bytes_value"].to_string())
+                .arg("entries")
+                .arg(records.to_string())
+                .args(["name", "SOCK4_REVNAT"])
+                .status()
+                .expect("run bpftool");
+            assert!(status.success(), "bpftool map create");
+        }
+        let from = env.agent.log_position();
+        env.agent.start();
+        let line = env.agent.wait_for_log(
+            from,
+            "SOCK4_REVNAT: an earlier start stopped while resizing it; ",
+            Duration::from_secs(10),
+        );
+        let expected = if new_pinned {
+            "entries of the old map carried over now"
+        } else {
+            "the old map is pinned back in its place"
+        };
+        assert!(line.contains(expected), "{line}");
+        env.agent
+            .wait_for_log(from, "synced:", Duration::from_secs(20));
+        assert!(!aside.exists(), "{} left", aside.display());
+        let again = held.again();
+        assert_eq!(
+            (again.backend.as_str(), again.peer.as_str()),
+            ("pod-2", "10.96.0.10:80"),
+            "new map pinned: {new_pinned}"
+        );
+    }
+}
+
 /// An agent killed with SIGKILL in the middle of a burst of changes (200 Services whose
 /// endpoints move every round, rounds written back to back): a Service the burst does not
 /// touch fails no connection, before, during and after; the burst goes on while no agent runs,
@@ -576,4 +738,167 @@ fn a_second_agent_on_the_same_pins_waits_for_the_first_to_exit() {
         }
     });
     second.assert_running();
+}
+
+/// `resize::copy_entries` on maps made here: every entry of a hash map (more than one batch)
+/// goes into an LRU map of another size with its value; into a smaller hash map what fits goes
+/// and the rest is counted as refused; a second pass that leaves present keys alone writes
+/// nothing again; an array's zero counts are skipped and its changes added.
+#[test]
+fn map_entries_are_copied_into_a_map_of_another_size() {
+    use proxy_userspace::datapath::resize::{
+        Copied, Mode, add_to_array_u64, copy_entries, read_array_u64, remove_gone,
+    };
+    use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+    if !privileged() {
+        return;
+    }
+    const HASH: u32 = 1;
+    const ARRAY: u32 = 2;
+    const LRU_HASH: u32 = 9;
+    const ENTRIES: u64 = 10_000;
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<libc::c_long> {
+        // SAFETY: a zero-filled 128-byte bpf_attr the caller filled for `cmd`.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+    fn create(map_type: u32, key: u32, value: u32, entries: u32) -> OwnedFd {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(map_type) | (u64::from(key) << 32);
+        attr[1] = u64::from(value) | (u64::from(entries) << 32);
+        let fd = bpf(0, &mut attr).expect("BPF_MAP_CREATE");
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+    fn update(map: &OwnedFd, key: &[u8], value: &[u8]) {
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_ptr() as u64;
+        bpf(2, &mut attr).expect("BPF_MAP_UPDATE_ELEM");
+    }
+    fn lookup(map: &OwnedFd, key: &[u8], value_size: usize) -> Option<Vec<u8>> {
+        let mut value = vec![0u8; value_size];
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_mut_ptr() as u64;
+        bpf(1, &mut attr).ok().map(|_| value)
+    }
+    let key_of = |i: u64| (i * 7919).to_le_bytes();
+    let value_of = |i: u64| [i.to_le_bytes(), (!i).to_le_bytes()].concat();
+    // 10,000 entries (three batches of reads), 8-byte keys, 16-byte values.
+    let old = create(HASH, 8, 16, 12_000);
+    for i in 0..ENTRIES {
+        update(&old, &key_of(i), &value_of(i));
+    }
+    let copy = |to: &OwnedFd, only_new| {
+        let mode = Mode {
+            only_new,
+            skip_zero: false,
+        };
+        copy_entries(old.as_fd(), to.as_fd(), 8, 16, mode, None).expect("copy")
+    };
+    let larger = create(LRU_HASH, 8, 16, 20_000);
+    let mut written = Vec::new();
+    let mode = Mode {
+        only_new: false,
+        skip_zero: false,
+    };
+    assert_eq!(
+        copy_entries(old.as_fd(), larger.as_fd(), 8, 16, mode, Some(&mut written)).expect("copy"),
+        Copied {
+            read: ENTRIES,
+            written: ENTRIES,
+            ..Copied::default()
+        }
+    );
+    for i in 0..ENTRIES {
+        assert_eq!(
+            lookup(&larger, &key_of(i), 16),
+            Some(value_of(i)),
+            "entry {i}"
+        );
+    }
+    assert_eq!(written.len() as u64, ENTRIES * 8);
+    // Ten entries deleted from the old map after the copy go from the new one too; a key the
+    // new map got from elsewhere stays.
+    for i in 0..10 {
+        let key = key_of(i);
+        let mut attr = [0u64; 16];
+        attr[0] = old.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        bpf(3, &mut attr).expect("BPF_MAP_DELETE_ELEM");
+    }
+    update(&larger, &key_of(ENTRIES + 1), &value_of(1));
+    assert_eq!(
+        remove_gone(old.as_fd(), larger.as_fd(), &written, 8, 16).expect("remove"),
+        10
+    );
+    assert_eq!(lookup(&larger, &key_of(3), 16), None);
+    assert_eq!(lookup(&larger, &key_of(10), 16), Some(value_of(10)));
+    assert_eq!(lookup(&larger, &key_of(ENTRIES + 1), 16), Some(value_of(1)));
+    // Put back for what follows.
+    for i in 0..10 {
+        update(&old, &key_of(i), &value_of(i));
+    }
+    let smaller = create(HASH, 8, 16, 32);
+    assert_eq!(
+        copy(&smaller, false),
+        Copied {
+            read: ENTRIES,
+            written: 32,
+            present: 0,
+            refused: ENTRIES - 32
+        }
+    );
+    assert_eq!(
+        copy(&smaller, true),
+        Copied {
+            read: ENTRIES,
+            written: 0,
+            present: 32,
+            refused: ENTRIES - 32
+        }
+    );
+    // An empty map copies nothing.
+    let empty = create(HASH, 8, 16, 8);
+    assert_eq!(
+        copy_entries(empty.as_fd(), larger.as_fd(), 8, 16, Mode::default(), None).expect("copy"),
+        Copied::default()
+    );
+    // An array of 10 counts (index 7 at zero) into one of 5: the first five indices go, the
+    // zero is no loss.
+    let counts = create(ARRAY, 4, 8, 10);
+    for i in (0..10u32).filter(|i| *i != 7) {
+        update(&counts, &i.to_le_bytes(), &u64::from(i + 100).to_le_bytes());
+    }
+    let fewer = create(ARRAY, 4, 8, 5);
+    let mode = Mode {
+        only_new: false,
+        skip_zero: true,
+    };
+    assert_eq!(
+        copy_entries(counts.as_fd(), fewer.as_fd(), 4, 8, mode, None).expect("copy"),
+        Copied {
+            read: 10,
+            written: 5,
+            present: 0,
+            refused: 4
+        }
+    );
+    assert_eq!(
+        read_array_u64(fewer.as_fd(), 5).expect("read"),
+        [100, 101, 102, 103, 104]
+    );
+    // Changes counted meanwhile are added: +5 to index 2, -1 to index 3.
+    add_to_array_u64(fewer.as_fd(), &[(2, 5), (3, u64::MAX)]).expect("add");
+    assert_eq!(
+        read_array_u64(fewer.as_fd(), 5).expect("read"),
+        [100, 101, 107, 102, 104]
+    );
 }

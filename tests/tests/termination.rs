@@ -259,7 +259,7 @@ fn socket_records_go_with_their_sockets_and_real_pressure_is_reported() {
     if !privileged() {
         return;
     }
-    // A pinned map keeps its size: the map is made with 256 on fresh pins.
+    // Fresh pins: the map is made with 256 entries and holds no earlier records.
     let (mut env, pos) = Env::with_agent_args(3, &["--max-sock-revnat", "256"]);
     service_with_one_backend(&env, "web", "10.96.0.10", 1);
     let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();

@@ -149,6 +149,44 @@ fn ipv6_flows_to_a_remote_backend_are_translated_at_xdp() {
             assert!(r.ok, "{to}: {r:?}");
         }
     }
+
+    // `--xdp` changed between two runs of the agent: the program pinned in generic mode (the
+    // default on a veth) is attached again in driver mode, and back, tc serving meanwhile.
+    for (mode, was) in [("driver", "generic"), ("generic", "driver")] {
+        agent.kill();
+        let args = &mut agent.extra_args;
+        if let Some(i) = args.iter().position(|a| a == "--xdp") {
+            args.drain(i..i + 2);
+        }
+        args.extend(["--xdp".to_string(), mode.to_string()]);
+        let from = agent.log_position();
+        agent.start();
+        agent.wait_for_log(
+            from,
+            &format!("XDP on eth0: attached in {was} mode, {mode} asked for"),
+            Duration::from_secs(20),
+        );
+        agent.wait_for_log(
+            from,
+            &format!("XDP attached to eth0 in {mode} mode"),
+            Duration::from_secs(10),
+        );
+    }
+    let forwarded = datapath_events(&agent, "xdp_forwarded");
+    for (proto, to) in &frontends {
+        wait_answered(&tb, *proto, *to);
+        for r in tb.request_ext(*proto, *to, 3) {
+            assert!(r.ok, "{to}: {r:?}");
+        }
+    }
+    poll_until(
+        "XDP forwards again",
+        Duration::from_secs(10),
+        || match datapath_events(&agent, "xdp_forwarded") {
+            n if n > forwarded => Ok(()),
+            n => Err(format!("{n} forwarded, {forwarded} before")),
+        },
+    );
 }
 
 /// The route generation in `agent`'s `LB_ROUTE_GEN`, read with bpftool.

@@ -73,7 +73,9 @@ pub struct RunArgs {
     /// Pin directory on a bpffs.
     #[arg(long, default_value = bpf::DEFAULT_PIN_DIR)]
     pub bpffs: PathBuf,
-    /// Capacity of the frontend maps (per family) when they are created.
+    /// Capacity of the frontend maps (per family). For this and the other --max-* flags: a map
+    /// pinned with another size is replaced on start by one of this size, its entries carried
+    /// over.
     #[arg(long, default_value_t = MapSizes::default().services)]
     pub max_services: u32,
     /// Capacity of the backend map.
@@ -954,6 +956,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         affinity: args.max_affinity.unwrap_or(flows),
         sock_revnat: args.max_sock_revnat.unwrap_or(flows),
         conntrack: args.max_conntrack.unwrap_or(flows),
+        flows_from_memory: [
+            args.max_affinity.is_none(),
+            args.max_sock_revnat.is_none(),
+            args.max_conntrack.is_none(),
+        ],
     };
     let nodeport_selection = args.source.nodeport_selection()?;
     // semantics 8.1: the health checks of a narrowed family listen on its NodePort addresses.
@@ -990,6 +997,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             netdev::default_route_interfaces(true),
         ),
     };
+    // The tc programs are verified before XDP's is swapped, so that this build's XDP and tc
+    // programs replace the earlier ones within moments of each other (with resized maps, the
+    // two builds write connection tracking to different maps meanwhile).
+    datapath.pin_tc_program()?;
     let xdp = datapath.attach_xdp(&xdp_on, args.xdp)?;
     log::info!(
         "NodePort mode {:?}; external interfaces {:?}, XDP {:?}; masquerading ports \
@@ -1000,7 +1011,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let pod_spec = podif::PodInterfaces::parse(&args.pod_interfaces)
         .map_err(|e| anyhow::anyhow!("--pod-interfaces: {e}"))?;
-    datapath.pin_tc_program()?;
     let (no_external, following) = match &external_spec {
         podif::External::Named(names) => (names.is_empty(), false),
         podif::External::DefaultRoutes => (external.is_empty(), true),

@@ -167,14 +167,38 @@ pub struct Datapath {
     migrations: Vec<Pending>,
 }
 
-/// A pinned map of an older layout version, unpinned and held open until its entries are
-/// carried over into the map of the current layout pinned in its place.
+/// A pinned map of an older layout version, or of another size than the flags ask for
+/// (`resized`: its size), unpinned and held open until its entries are carried over into the
+/// map pinned in its place.
 struct Pending {
     map: &'static str,
     old: MapData,
     from: u32,
     steps: Vec<layouts::Step>,
+    resized: Option<Resized>,
 }
+
+/// A map being resized: its old size, and for the counts of `LB_CONNS` (an array: a second
+/// copy cannot tell a changed count from an unchanged one) their values when they were first
+/// copied, so what the old programs counted since is added.
+struct Resized {
+    was: u32,
+    counts: Option<Vec<u64>>,
+    /// The keys the first copy wrote (of a hash map): those the old programs deleted before
+    /// they were replaced (a socket released, a flow closed) are deleted from the new map too.
+    copied: Option<Vec<u8>>,
+}
+
+/// Where a map being resized is pinned until its entries are all over (under the pin
+/// directory): an agent stopped in between finds it there on its next start.
+const RESIZING_DIR: &str = "resizing";
+
+/// Maps only the socket programs write (tc and XDP neither read nor write them).
+const SOCKET_ONLY_MAPS: [&str; 3] = [
+    names::SOCK4_REVNAT,
+    names::SOCK6_REVNAT,
+    names::LB_DGRAM_FLOWS,
+];
 
 fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
@@ -977,8 +1001,8 @@ fn count_entries(map: BorrowedFd<'_>, key_size: u32, max: u32) -> anyhow::Result
     Ok(count)
 }
 
-/// Capacities of the maps, set when they are created (a pinned map keeps its size: resizing
-/// needs `cleanup` and a restart).
+/// Capacities of the maps. A pinned map of another size is replaced on start by one of this
+/// size, its entries carried over (`resize`).
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     pub services: u32,
@@ -987,6 +1011,11 @@ pub struct MapSizes {
     pub affinity: u32,
     pub sock_revnat: u32,
     pub conntrack: u32,
+    /// The per-flow sizes (`affinity`, `sock_revnat`, `conntrack`) come from the node's memory,
+    /// no flag: a pinned map within half and twice that size keeps its size (no resize, which
+    /// for the connection tracking of busy NodePorts is not free) when a release's formula or
+    /// the node's memory moved a little.
+    pub flows_from_memory: [bool; 3],
 }
 
 impl Default for MapSizes {
@@ -998,6 +1027,7 @@ impl Default for MapSizes {
             affinity: names::AFFINITY_MAX as u32,
             sock_revnat: names::SOCK_REVNAT_MAX as u32,
             conntrack: names::CT_MAX as u32,
+            flows_from_memory: [false; 3],
         }
     }
 }
@@ -1034,6 +1064,23 @@ pub fn node_memory() -> u64 {
 }
 
 impl MapSizes {
+    /// Whether a map pinned with `pinned` entries is replaced by one of the size asked for.
+    fn resizes(&self, map: &str, pinned: u32) -> bool {
+        let Some(size) = self.of(map) else {
+            return false;
+        };
+        let from_memory = match map {
+            names::LB_AFFINITY => self.flows_from_memory[0],
+            names::SOCK4_REVNAT | names::SOCK6_REVNAT | names::LB_DGRAM_FLOWS => {
+                self.flows_from_memory[1]
+            }
+            names::LB_CT4 | names::LB_CT6 => self.flows_from_memory[2],
+            _ => false,
+        };
+        let (pinned, size) = (u64::from(pinned), u64::from(size));
+        pinned != size && !(from_memory && pinned * 2 >= size && pinned <= size * 2)
+    }
+
     fn of(&self, map: &str) -> Option<u32> {
         Some(match map {
             names::LB4_SERVICES | names::LB6_SERVICES | names::LB_SVC_INFO => self.services,
@@ -1075,15 +1122,6 @@ impl Datapath {
             let pin = pin_dir.join(name);
             if let Some(size) = sizes.of(name) {
                 loader.map_max_entries(name, size);
-                if let Ok(info) = MapInfo::from_pin(&pin)
-                    && info.max_entries() != size
-                {
-                    log::warn!(
-                        "{name} is pinned with {} entries, not the {size} asked for; it keeps its \
-                         size until `kube-bpf-proxy cleanup`",
-                        info.max_entries()
-                    );
-                }
             }
             loader.map_pin_path(name, pin);
         }
@@ -1092,7 +1130,7 @@ impl Datapath {
             .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
         release_object_pages();
         // Slots move over before the programs that read the new layout are attached.
-        let migrations = carry_before_attach(&mut ebpf, migrations);
+        let migrations = carry_before_attach(&mut ebpf, pin_dir, migrations);
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
         let links_dir = pin_dir.join(LINKS_DIR);
@@ -1100,15 +1138,27 @@ impl Datapath {
             .with_context(|| format!("create {}", links_dir.display()))?;
         let (mut attached, mut replaced) = (0, 0);
         let verifying = std::time::Instant::now();
+        // Every socket program is verified before any link changes; then the links are swapped
+        // in a row, the release hook first and connect last (readers of the socket records
+        // before their writers). So the old and new programs run side by side for
+        // microseconds, not for the verifier's time: with maps resized, a record written by
+        // one build's connect() and deleted by the other's release would stay behind.
         for name in SOCK_PROGRAMS {
+            match ebpf.program_mut(name) {
+                Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
+                Some(aya::programs::Program::CgroupSock(p)) => p.load(),
+                Some(_) => bail!("program {name} is not a cgroup socket program"),
+                None => bail!("program {name} missing from the BPF object"),
+            }
+            .with_context(|| format!("verifier rejected {name}"))?;
+        }
+        for name in SOCK_PROGRAMS.iter().rev() {
             let pin = links_dir.join(name);
             let program = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?;
             let was_replaced = match program {
                 aya::programs::Program::CgroupSockAddr(p) => {
-                    p.load()
-                        .with_context(|| format!("verifier rejected {name}"))?;
                     let fd = p.fd()?.try_clone()?;
                     pin_or_replace(&pin, fd.as_fd(), || {
                         let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
@@ -1116,8 +1166,6 @@ impl Datapath {
                     })
                 }
                 aya::programs::Program::CgroupSock(p) => {
-                    p.load()
-                        .with_context(|| format!("verifier rejected {name}"))?;
                     let fd = p.fd()?.try_clone()?;
                     pin_or_replace(&pin, fd.as_fd(), || {
                         let id = p.attach(&cgroup_dir, CgroupAttachMode::Single)?;
@@ -1139,6 +1187,19 @@ impl Datapath {
             cgroup.display(),
             verifying.elapsed().as_millis()
         );
+        // The socket programs are this build's now, and the socket records are written by
+        // them alone: a resized record map gets what the old ones wrote meanwhile at once, so
+        // getpeername() finds every record from here.
+        let migrations: Vec<Pending> = migrations
+            .into_iter()
+            .filter_map(|p| match p.resized {
+                Some(resized) if SOCKET_ONLY_MAPS.contains(&p.map) => {
+                    top_up_resized(pin_dir, p.map, &p.old, resized);
+                    None
+                }
+                resized => Some(Pending { resized, ..p }),
+            })
+            .collect();
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -1192,7 +1253,12 @@ impl Datapath {
                 old,
                 from,
                 steps,
+                resized,
             } = pending;
+            if let Some(resized) = resized {
+                top_up_resized(&self.pin_dir, map, &old, resized);
+                continue;
+            }
             let new = match map {
                 names::LB_STATS => &mut self.maps.stats,
                 names::LB_DROPS => &mut self.maps.drops,
@@ -1275,11 +1341,6 @@ impl Datapath {
         let mut attached = Vec::new();
         for interface in interfaces {
             let pin = links_dir.join(super::tclinks::link_pin_name("xdp-", interface));
-            if replace_pinned(&pin, program.fd()?.as_fd()) {
-                log::info!("XDP on {interface}: program replaced in place");
-                attached.push((interface.clone(), "kept"));
-                continue;
-            }
             // A veth forwards XDP_TX frames in driver mode only into a peer that runs NAPI,
             // which we cannot know from here; generic mode always works there.
             let veth = super::netdev::driver(interface).as_deref() == Some("veth");
@@ -1289,6 +1350,27 @@ impl Datapath {
                 XdpChoice::Generic => &[(XdpMode::Skb, "generic")],
                 XdpChoice::Off => &[],
             };
+            // An earlier agent's program attached in another mode than this one's flags ask
+            // for (`--xdp` changed): detached and attached again, tc serving meanwhile.
+            if pin.exists() {
+                let now = super::netlink::Rtnl::new().and_then(|mut r| r.xdp_mode(interface));
+                if let Ok(Some(mode)) = now
+                    && !modes.iter().any(|(_, label)| *label == mode)
+                {
+                    log::info!(
+                        "XDP on {interface}: attached in {mode} mode, {} asked for; attaching \
+                         it again (tc handles the interface meanwhile)",
+                        modes.first().map_or("none", |(_, l)| *l)
+                    );
+                    let _ = fs::remove_file(&pin);
+                    wait_xdp_detached(interface);
+                }
+            }
+            if replace_pinned(&pin, program.fd()?.as_fd()) {
+                log::info!("XDP on {interface}: program replaced in place");
+                attached.push((interface.clone(), "kept"));
+                continue;
+            }
             let mut done = false;
             for (mode, label) in modes {
                 match program.attach(interface, *mode) {
@@ -1426,6 +1508,20 @@ pub(super) fn replace_pinned(pin: &Path, prog: BorrowedFd<'_>) -> bool {
             false
         }
     }
+}
+
+/// Waits (at most 2 s) until no XDP program is attached to `interface`: a link whose last pin
+/// went is released by the kernel a moment later, and a program in the other mode cannot be
+/// attached before.
+fn wait_xdp_detached(interface: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match super::netlink::Rtnl::new().and_then(|mut r| r.xdp_mode(interface)) {
+            Ok(Some(_)) => std::thread::sleep(Duration::from_millis(20)),
+            _ => return,
+        }
+    }
+    log::warn!("XDP on {interface}: the earlier program is still attached after 2 s");
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`, which the programs'
@@ -1940,6 +2036,7 @@ fn lpm_key(r: &SourceRange) -> LpmRange {
 /// the log says. Either way the programs are never loaded against a map they do not fit.
 fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>> {
     let object = aya_obj::Object::parse(OBJECT).context("parse the BPF object")?;
+    recover_resizes(pin_dir);
     let recorded = read_versions(pin_dir);
     let mut pending = Vec::new();
     // Maps a newer release laid out: this is a downgrade over its pins.
@@ -1967,7 +2064,37 @@ fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>
             newer.push(format!("{name} (version {v})"));
         }
         match layouts::classify(name, &pinned, recorded, &current) {
-            layouts::Plan::Reuse => continue,
+            layouts::Plan::Reuse => match sizes.of(name) {
+                Some(size) if sizes.resizes(name, info.max_entries()) => {
+                    let old = MapData::from_pin(&pin)
+                        .with_context(|| format!("open {} to resize it", pin.display()))?;
+                    log::info!(
+                        "{name}: pinned with {} entries, {size} asked for; a map of the new size \
+                         takes its place and its entries are carried over",
+                        info.max_entries()
+                    );
+                    // Kept pinned aside, not removed, until its entries are all over: an
+                    // agent stopped before that (a failed load, a crash) finds them again.
+                    let aside = pin_dir.join(RESIZING_DIR);
+                    fs::create_dir_all(&aside)
+                        .with_context(|| format!("create {}", aside.display()))?;
+                    fs::rename(&pin, aside.join(name))
+                        .with_context(|| format!("move {} aside", pin.display()))?;
+                    pending.push(Pending {
+                        map: name,
+                        old,
+                        from: layouts::current_version(name),
+                        steps: Vec::new(),
+                        resized: Some(Resized {
+                            was: info.max_entries(),
+                            counts: None,
+                            copied: None,
+                        }),
+                    });
+                    continue;
+                }
+                _ => continue,
+            },
             layouts::Plan::Migrate { from, steps } => {
                 let old = MapData::from_pin(&pin)
                     .with_context(|| format!("open {} to migrate it", pin.display()))?;
@@ -1981,6 +2108,7 @@ fn prepare_pins(pin_dir: &Path, sizes: &MapSizes) -> anyhow::Result<Vec<Pending>
                     old,
                     from,
                     steps,
+                    resized: None,
                 });
             }
             layouts::Plan::Replace { why } => log::warn!(
@@ -2068,9 +2196,40 @@ fn write_versions(pin_dir: &Path) -> anyhow::Result<()> {
 /// without them a new connection finds no backend) from their older layout, before this
 /// build's programs are attached; returns the migrations left for `finish_upgrade`. A map
 /// that fails is logged: its entries are written again by the first sync.
-fn carry_before_attach(ebpf: &mut Ebpf, migrations: Vec<Pending>) -> Vec<Pending> {
+fn carry_before_attach(ebpf: &mut Ebpf, pin_dir: &Path, migrations: Vec<Pending>) -> Vec<Pending> {
     let mut later = Vec::new();
-    for pending in migrations {
+    for mut pending in migrations {
+        if let Some(resized) = &mut pending.resized {
+            // All of it now, while the old programs still serve from the old map; what they
+            // write until this build's programs replace them follows (`top_up_resized`).
+            if pending.map == names::LB_CONNS {
+                resized.counts = read_counts(&pending.old)
+                    .inspect_err(|e| log::warn!("{}: counts not read: {e:#}", names::LB_CONNS))
+                    .ok();
+            }
+            let mut copied = Vec::new();
+            let carried =
+                carry_resized(&pending.old, pin_dir, pending.map, false, Some(&mut copied));
+            if resized.counts.is_none() {
+                resized.copied = Some(copied);
+            }
+            match carried {
+                Ok(c) => log::info!(
+                    "{}: entries carried over into the new map ({} -> {} entries): {}{}",
+                    pending.map,
+                    resized.was,
+                    resized_to(pin_dir, pending.map),
+                    c.written,
+                    refused_note(&c)
+                ),
+                Err(e) => log::warn!(
+                    "{}: entries not carried over into the resized map: {e:#}",
+                    pending.map
+                ),
+            }
+            later.push(pending);
+            continue;
+        }
         let is_slots = pending.map == names::LB_SLOTS
             && pending.from == 1
             && matches!(
@@ -2099,6 +2258,175 @@ fn carry_before_attach(ebpf: &mut Ebpf, migrations: Vec<Pending>) -> Vec<Pending
         }
     }
     later
+}
+
+/// Copies the entries of `old` into the map pinned as `name` under `pin_dir` (`only_new`:
+/// leaving the keys it holds alone).
+fn carry_resized(
+    old: &MapData,
+    pin_dir: &Path,
+    name: &str,
+    only_new: bool,
+    written_keys: Option<&mut Vec<u8>>,
+) -> anyhow::Result<super::resize::Copied> {
+    let info = old.info().context("read the old map's info")?;
+    let new = MapData::from_pin(pin_dir.join(name)).context("open the new map")?;
+    let map_type = info.map_type().ok();
+    let mut copied = super::resize::copy_entries(
+        old.fd().as_fd(),
+        new.fd().as_fd(),
+        info.key_size(),
+        info.value_size(),
+        super::resize::Mode {
+            only_new,
+            skip_zero: matches!(map_type, Some(MapType::Array)),
+        },
+        written_keys,
+    )
+    .context("copy the entries")?;
+    // An LRU map takes every write and evicts to make room: what is past its size is gone.
+    let room = u64::from(new.info()?.max_entries());
+    if matches!(map_type, Some(MapType::LruHash)) && !only_new && copied.written > room {
+        copied.refused += copied.written - room;
+        copied.written = room;
+    }
+    Ok(copied)
+}
+
+/// Second copy of a resized map, once the old programs no longer write it: what they wrote
+/// since the first (keys the new map lacks; for `LB_CONNS`, the counts' changes). Then the old
+/// map's pin aside goes, and the map with it.
+fn top_up_resized(pin_dir: &Path, map: &str, old: &MapData, resized: Resized) {
+    let done = match resized.counts {
+        Some(before) => add_count_changes(old, pin_dir, map, &before).map(|n| {
+            log::info!("{map}: resized; {n} counts changed meanwhile carried over");
+        }),
+        None => remove_gone(old, pin_dir, map, resized.copied.as_deref().unwrap_or(&[])).and_then(
+            |removed| {
+                let c = carry_resized(old, pin_dir, map, true, None)?;
+                log::info!(
+                    "{map}: resized; {} entries the old programs wrote meanwhile carried over, \
+                     {removed} they deleted meanwhile deleted{}",
+                    c.written,
+                    refused_note(&c)
+                );
+                Ok(())
+            },
+        ),
+    };
+    if let Err(e) = done {
+        log::warn!("{map}: last entries of the old map not carried: {e:#}");
+    }
+    let aside = pin_dir.join(RESIZING_DIR);
+    if let Err(e) = fs::remove_file(aside.join(map)) {
+        log::warn!("{map}: old map's pin aside not removed: {e}");
+    }
+    let _ = fs::remove_dir(aside);
+}
+
+/// Deletes from the map pinned as `name` the `copied` keys the old map no longer holds.
+fn remove_gone(old: &MapData, pin_dir: &Path, name: &str, copied: &[u8]) -> anyhow::Result<u64> {
+    if copied.is_empty() {
+        return Ok(0);
+    }
+    let info = old.info()?;
+    let new = MapData::from_pin(pin_dir.join(name)).context("open the new map")?;
+    super::resize::remove_gone(
+        old.fd().as_fd(),
+        new.fd().as_fd(),
+        copied,
+        info.key_size(),
+        info.value_size(),
+    )
+    .context("delete what the old programs deleted")
+}
+
+/// Old maps found pinned aside by an agent stopped in the middle of a resize: one whose new map
+/// was never pinned goes back to its place (and is resized again, or not, as the flags say now);
+/// otherwise what it holds and the new map lacks is carried over, and it goes.
+fn recover_resizes(pin_dir: &Path) {
+    let aside = pin_dir.join(RESIZING_DIR);
+    if !aside.exists() {
+        return;
+    }
+    for name in names::ALL {
+        let old_pin = aside.join(name);
+        if !old_pin.exists() {
+            continue;
+        }
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            match fs::rename(&old_pin, &pin) {
+                Ok(()) => log::warn!(
+                    "{name}: an earlier start stopped while resizing it; the old map is pinned \
+                     back in its place"
+                ),
+                Err(e) => log::warn!("{name}: could not pin the old map back: {e}"),
+            }
+            continue;
+        }
+        let carried = MapData::from_pin(&old_pin)
+            .context("open the old map")
+            .and_then(|old| carry_resized(&old, pin_dir, name, true, None));
+        match carried {
+            Ok(c) => log::warn!(
+                "{name}: an earlier start stopped while resizing it; {} entries of the old map \
+                 carried over now{}",
+                c.written,
+                refused_note(&c)
+            ),
+            Err(e) => log::warn!("{name}: an earlier start stopped while resizing it: {e:#}"),
+        }
+        let _ = fs::remove_file(&old_pin);
+    }
+    let _ = fs::remove_dir(&aside);
+}
+
+/// Every count of a `LB_CONNS` map, by index.
+fn read_counts(map: &MapData) -> anyhow::Result<Vec<u64>> {
+    let info = map.info()?;
+    let counts = super::resize::read_array_u64(map.fd().as_fd(), info.max_entries())?;
+    Ok(counts)
+}
+
+/// Adds to the new `LB_CONNS` what each count of the old one changed by since `before`.
+/// Returns how many counts changed.
+fn add_count_changes(
+    old: &MapData,
+    pin_dir: &Path,
+    map: &str,
+    before: &[u64],
+) -> anyhow::Result<usize> {
+    let now = read_counts(old)?;
+    let new = MapData::from_pin(pin_dir.join(map)).context("open the new map")?;
+    let changes: Vec<(u32, u64)> = now
+        .iter()
+        .zip(before)
+        .enumerate()
+        .filter(|(_, (n, b))| n != b)
+        .map(|(i, (n, b))| (i as u32, n.wrapping_sub(*b)))
+        .collect();
+    super::resize::add_to_array_u64(new.fd().as_fd(), &changes)?;
+    Ok(changes.len())
+}
+
+/// The size of the map pinned as `name`, for a log line.
+fn resized_to(pin_dir: &Path, name: &str) -> String {
+    MapInfo::from_pin(pin_dir.join(name))
+        .map_or_else(|_| "?".into(), |i| i.max_entries().to_string())
+}
+
+/// ", N did not fit" when a smaller map refused entries.
+fn refused_note(c: &super::resize::Copied) -> String {
+    if c.refused == 0 {
+        String::new()
+    } else {
+        format!(
+            "; {} did not fit in the smaller map and are lost (connections tracked by them may \
+             be balanced afresh)",
+            c.refused
+        )
+    }
 }
 
 /// Writes the slots of `old` (one entry per slot) into this build's `LB_SLOTS` (chunks).
@@ -2474,6 +2802,8 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
         .collect();
     let links: Vec<&str> = links.iter().map(String::as_str).collect();
     let mut removed = remove_files_and_dir(&links_dir, &links)?;
+    // Old maps of a resize a stopped agent did not finish.
+    removed += remove_files_and_dir(&pin_dir.join(RESIZING_DIR), &names::ALL)?;
     let mut files = names::ALL.to_vec();
     files.push(names::LB_VERSIONS);
     files.push(RELEASE_PIN);
@@ -2647,4 +2977,39 @@ pub fn hooks(pin_dir: &Path) -> Vec<HookInfo> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flag's size is followed exactly; a size from the node's memory only when the pinned
+    /// one is off by more than a factor of two.
+    #[test]
+    fn which_pinned_sizes_are_resized() {
+        let sizes = MapSizes {
+            conntrack: 16_384,
+            sock_revnat: 16_384,
+            affinity: 16_384,
+            flows_from_memory: [true, true, false],
+            ..MapSizes::default()
+        };
+        // Flags: any difference.
+        assert!(sizes.resizes(names::LB4_SERVICES, 65_535));
+        assert!(!sizes.resizes(names::LB4_SERVICES, names::SERVICES_MAX as u32));
+        assert!(sizes.resizes(names::LB_CT4, 16_787));
+        assert!(!sizes.resizes(names::LB_CT4, 16_384));
+        // From memory: within half and twice, kept.
+        for (map, pinned, resized) in [
+            (names::LB_AFFINITY, 16_787, false),
+            (names::SOCK4_REVNAT, 8_192, false),
+            (names::LB_DGRAM_FLOWS, 32_768, false),
+            (names::SOCK6_REVNAT, 8_191, true),
+            (names::LB_AFFINITY, 32_769, true),
+        ] {
+            assert_eq!(sizes.resizes(map, pinned), resized, "{map} {pinned}");
+        }
+        // Maps no flag sizes are never resized.
+        assert!(!sizes.resizes(names::LB_STATS, 1));
+    }
 }

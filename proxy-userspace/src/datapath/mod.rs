@@ -9,6 +9,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nfct;
 pub mod podif;
+pub mod resize;
 pub mod sockdiag;
 pub mod socklb;
 pub mod tclinks;

@@ -17,7 +17,10 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage},
+    link::{
+        InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkLayerType, LinkMessage, LinkXdp,
+        XdpAttached,
+    },
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType},
 };
@@ -213,6 +216,34 @@ impl Rtnl {
                 _ => None,
             })
             .collect())
+    }
+
+    /// The mode an XDP program is attached to interface `name` in (`driver`, `generic`,
+    /// `offload`, `multiple`), or None when none is (or there is no such interface).
+    pub fn xdp_mode(&mut self, name: &str) -> io::Result<Option<&'static str>> {
+        let answers = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), true)?;
+        Ok(answers
+            .iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l)
+                    if l.attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)) =>
+                {
+                    Some(l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                            LinkXdp::Attached(XdpAttached::Driver) => Some("driver"),
+                            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
+                            LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
+                            LinkXdp::Attached(XdpAttached::Multiple) => Some("multiple"),
+                            _ => None,
+                        }),
+                        _ => None,
+                    }))
+                }
+                _ => None,
+            })
+            .flatten())
     }
 
     /// Every address of this network namespace, with its interface's index: the local end

@@ -42,9 +42,9 @@ impl Env {
         Env { agent, topo }
     }
 
-    /// [`Env::new`] whose agent runs with `args` on fresh pins (a pinned map keeps its size, so
-    /// the first agent's pins go and the maps are made with the sizes `args` ask for); with the
-    /// log position from before that agent started.
+    /// [`Env::new`] whose agent runs with `args` on fresh pins (the first agent's pins go, so
+    /// the maps start empty with the sizes `args` ask for); with the log position from before
+    /// that agent started.
     pub fn with_agent_args(pods: usize, args: &[&str]) -> (Env, usize) {
         let mut env = Env::new(pods);
         env.agent.kill();
