@@ -1354,7 +1354,15 @@ impl Datapath {
             // for (`--xdp` changed): detached and attached again, tc serving meanwhile.
             if pin.exists() {
                 let now = super::netlink::Rtnl::new().and_then(|mut r| r.xdp_mode(interface));
-                if let Ok(Some(mode)) = now
+                if let Err(e) = &now {
+                    log::warn!(
+                        "XDP on {interface}: its mode not read ({e}); the program is swapped in \
+                         place, in whatever mode it is"
+                    );
+                }
+                // Only our two modes are changed; anything else (offload, programs in several
+                // modes) is left as it is.
+                if let Ok(Some(mode @ ("driver" | "generic"))) = now
                     && !modes.iter().any(|(_, label)| *label == mode)
                 {
                     log::info!(
@@ -2202,17 +2210,18 @@ fn carry_before_attach(ebpf: &mut Ebpf, pin_dir: &Path, migrations: Vec<Pending>
         if let Some(resized) = &mut pending.resized {
             // All of it now, while the old programs still serve from the old map; what they
             // write until this build's programs replace them follows (`top_up_resized`).
-            if pending.map == names::LB_CONNS {
-                resized.counts = read_counts(&pending.old)
-                    .inspect_err(|e| log::warn!("{}: counts not read: {e:#}", names::LB_CONNS))
-                    .ok();
-            }
-            let mut copied = Vec::new();
-            let carried =
-                carry_resized(&pending.old, pin_dir, pending.map, false, Some(&mut copied));
-            if resized.counts.is_none() {
+            let carried = if pending.map == names::LB_CONNS {
+                // The counts read once: what is written is what later changes are taken from.
+                carry_counts(&pending.old, pin_dir).map(|(counts, c)| {
+                    resized.counts = Some(counts);
+                    c
+                })
+            } else {
+                let mut copied = Vec::new();
+                let c = carry_resized(&pending.old, pin_dir, pending.map, false, Some(&mut copied));
                 resized.copied = Some(copied);
-            }
+                c
+            };
             match carried {
                 Ok(c) => log::info!(
                     "{}: entries carried over into the new map ({} -> {} entries): {}{}",
@@ -2301,18 +2310,20 @@ fn top_up_resized(pin_dir: &Path, map: &str, old: &MapData, resized: Resized) {
         Some(before) => add_count_changes(old, pin_dir, map, &before).map(|n| {
             log::info!("{map}: resized; {n} counts changed meanwhile carried over");
         }),
-        None => remove_gone(old, pin_dir, map, resized.copied.as_deref().unwrap_or(&[])).and_then(
-            |removed| {
+        None => {
+            reconcile(old, pin_dir, map, resized.copied.as_deref().unwrap_or(&[])).and_then(|r| {
                 let c = carry_resized(old, pin_dir, map, true, None)?;
                 log::info!(
-                    "{map}: resized; {} entries the old programs wrote meanwhile carried over, \
-                     {removed} they deleted meanwhile deleted{}",
+                    "{map}: resized; the old programs' changes since the first copy carried \
+                     over: {} new entries, {} deleted, {} changed{}",
                     c.written,
+                    r.deleted,
+                    r.updated,
                     refused_note(&c)
                 );
                 Ok(())
-            },
-        ),
+            })
+        }
     };
     if let Err(e) = done {
         log::warn!("{map}: last entries of the old map not carried: {e:#}");
@@ -2324,21 +2335,27 @@ fn top_up_resized(pin_dir: &Path, map: &str, old: &MapData, resized: Resized) {
     let _ = fs::remove_dir(aside);
 }
 
-/// Deletes from the map pinned as `name` the `copied` keys the old map no longer holds.
-fn remove_gone(old: &MapData, pin_dir: &Path, name: &str, copied: &[u8]) -> anyhow::Result<u64> {
+/// Brings the entries the first copy wrote (`copied`) into the map pinned as `name` up to date
+/// with the old map (`resize::reconcile`).
+fn reconcile(
+    old: &MapData,
+    pin_dir: &Path,
+    name: &str,
+    copied: &[u8],
+) -> anyhow::Result<super::resize::Reconciled> {
     if copied.is_empty() {
-        return Ok(0);
+        return Ok(super::resize::Reconciled::default());
     }
     let info = old.info()?;
     let new = MapData::from_pin(pin_dir.join(name)).context("open the new map")?;
-    super::resize::remove_gone(
+    super::resize::reconcile(
         old.fd().as_fd(),
         new.fd().as_fd(),
         copied,
         info.key_size(),
         info.value_size(),
     )
-    .context("delete what the old programs deleted")
+    .context("bring the copied entries up to date")
 }
 
 /// Old maps found pinned aside by an agent stopped in the middle of a resize: one whose new map
@@ -2365,6 +2382,19 @@ fn recover_resizes(pin_dir: &Path) {
             }
             continue;
         }
+        // No program uses the new map yet (the earlier start stopped before attaching any):
+        // it goes, the old one goes back, and the resize starts over, whole.
+        if !in_use(&pin) {
+            let back = fs::remove_file(&pin).and_then(|()| fs::rename(&old_pin, &pin));
+            match back {
+                Ok(()) => log::warn!(
+                    "{name}: an earlier start stopped while resizing it, before any program \
+                     used the new map; the old map is pinned back in its place"
+                ),
+                Err(e) => log::warn!("{name}: could not pin the old map back: {e}"),
+            }
+            continue;
+        }
         let carried = MapData::from_pin(&old_pin)
             .context("open the old map")
             .and_then(|old| carry_resized(&old, pin_dir, name, true, None));
@@ -2380,6 +2410,39 @@ fn recover_resizes(pin_dir: &Path) {
         let _ = fs::remove_file(&old_pin);
     }
     let _ = fs::remove_dir(&aside);
+}
+
+/// First copy of `LB_CONNS`: its counts, read once, written into the new map. Returns them
+/// (what the second copy takes changes from) with what was written.
+fn carry_counts(
+    old: &MapData,
+    pin_dir: &Path,
+) -> anyhow::Result<(Vec<u64>, super::resize::Copied)> {
+    let counts = read_counts(old)?;
+    let new = MapData::from_pin(pin_dir.join(names::LB_CONNS)).context("open the new map")?;
+    let room = new.info()?.max_entries();
+    let refused = super::resize::write_array_u64(new.fd().as_fd(), room, &counts)?;
+    let nonzero = counts.iter().filter(|c| **c != 0).count() as u64;
+    let copied = super::resize::Copied {
+        read: counts.len() as u64,
+        written: nonzero - refused,
+        present: 0,
+        refused,
+    };
+    Ok((counts, copied))
+}
+
+/// Whether a loaded program uses the map pinned at `pin`.
+fn in_use(pin: &Path) -> bool {
+    let Ok(id) = MapInfo::from_pin(pin).map(|i| i.id()) else {
+        return false;
+    };
+    aya::programs::loaded_programs().flatten().any(|p| {
+        p.map_ids()
+            .ok()
+            .flatten()
+            .is_some_and(|ids| ids.contains(&id))
+    })
 }
 
 /// Every count of a `LB_CONNS` map, by index.
@@ -2406,7 +2469,8 @@ fn add_count_changes(
         .filter(|(_, (n, b))| n != b)
         .map(|(i, (n, b))| (i as u32, n.wrapping_sub(*b)))
         .collect();
-    super::resize::add_to_array_u64(new.fd().as_fd(), &changes)?;
+    let room = new.info()?.max_entries();
+    super::resize::add_to_array_u64(new.fd().as_fd(), room, &changes)?;
     Ok(changes.len())
 }
 

@@ -46,15 +46,15 @@ pub struct Mode {
 }
 
 /// Copies every entry of `from` into `to`, maps of `key_size`-byte keys and `value_size`-byte
-/// values, as `mode` says. `written_keys`: the keys written are appended there, one after the
-/// other (for `remove_gone`).
+/// values, as `mode` says. `written`: each entry written is appended there, its key then its
+/// value (for `reconcile`).
 pub fn copy_entries(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
     key_size: u32,
     value_size: u32,
     mode: Mode,
-    mut written_keys: Option<&mut Vec<u8>>,
+    mut written: Option<&mut Vec<u8>>,
 ) -> io::Result<Copied> {
     let (key_size, value_size) = (key_size as usize, value_size as usize);
     if key_size == 0 || key_size > POSITION_BYTES || value_size == 0 {
@@ -104,8 +104,9 @@ pub fn copy_entries(
             match update(to, key, value, flags) {
                 Ok(()) => {
                     copied.written += 1;
-                    if let Some(keys) = written_keys.as_deref_mut() {
-                        keys.extend_from_slice(key);
+                    if let Some(written) = written.as_deref_mut() {
+                        written.extend_from_slice(key);
+                        written.extend_from_slice(value);
                     }
                 }
                 // Written meanwhile by the new programs.
@@ -123,33 +124,55 @@ pub fn copy_entries(
     }
 }
 
-/// Deletes from `to` each of `keys` (`key_size` bytes each, one after the other: the keys an
-/// earlier copy wrote) that `from` no longer holds: the old programs deleted it after that
-/// copy (a socket released, a flow closed). Returns how many were deleted.
-pub fn remove_gone(
+/// What `reconcile` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Entries the old programs deleted after the first copy, deleted from the new map too.
+    pub deleted: u64,
+    /// Entries they changed, written again where the new map still held the copy.
+    pub updated: u64,
+}
+
+/// Brings the entries an earlier copy wrote (`written`: key then value, one after the other)
+/// up to date with `from`, where the old programs went on writing after that copy: one `from`
+/// no longer holds is deleted from `to` (a socket released, a flow closed); one `from` holds
+/// with another value is written again, unless the new programs changed it in `to` already.
+/// (A conntrack entry whose count was given back meanwhile must not give it back twice.)
+pub fn reconcile(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
-    keys: &[u8],
+    written: &[u8],
     key_size: u32,
     value_size: u32,
-) -> io::Result<u64> {
-    let mut value = vec![0u8; value_size as usize];
-    let mut removed = 0;
-    for key in keys.chunks_exact(key_size as usize) {
-        match lookup(from, key, &mut value) {
-            Ok(()) => {}
+) -> io::Result<Reconciled> {
+    let (key_size, value_size) = (key_size as usize, value_size as usize);
+    let mut now = vec![0u8; value_size];
+    let mut theirs = vec![0u8; value_size];
+    let mut done = Reconciled::default();
+    for entry in written.chunks_exact(key_size + value_size) {
+        let (key, copied) = entry.split_at(key_size);
+        match lookup(from, key, &mut now) {
+            Ok(()) if now == copied => {}
+            Ok(()) => {
+                if lookup(to, key, &mut theirs).is_ok()
+                    && theirs == copied
+                    && update(to, key, &now, BPF_ANY).is_ok()
+                {
+                    done.updated += 1;
+                }
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 let mut attr = [0u64; 16];
                 attr[0] = to.as_raw_fd() as u32 as u64;
                 attr[1] = key.as_ptr() as u64;
                 if bpf_syscall(BPF_MAP_DELETE_ELEM, &mut attr).is_ok() {
-                    removed += 1;
+                    done.deleted += 1;
                 }
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(removed)
+    Ok(done)
 }
 
 /// The `u64` values of an array map of `entries` entries, by index.
@@ -163,10 +186,29 @@ pub fn read_array_u64(map: BorrowedFd<'_>, entries: u32) -> io::Result<Vec<u64>>
     Ok(out)
 }
 
-/// Adds each `(index, delta)` (wrapping: `u64::MAX` is -1) to the `u64` array `map`. Not
-/// atomic against programs adding at the same moment: a count could miss one change then.
-pub fn add_to_array_u64(map: BorrowedFd<'_>, changes: &[(u32, u64)]) -> io::Result<()> {
-    for (i, delta) in changes {
+/// Writes `values` into the `u64` array `map` by index, the non-zero ones that fit in its
+/// `entries`. Returns how many did not fit.
+pub fn write_array_u64(map: BorrowedFd<'_>, entries: u32, values: &[u64]) -> io::Result<u64> {
+    let mut lost = 0;
+    for (i, v) in values.iter().enumerate().filter(|(_, v)| **v != 0) {
+        if i >= entries as usize {
+            lost += 1;
+            continue;
+        }
+        update(map, &(i as u32).to_ne_bytes(), &v.to_ne_bytes(), BPF_ANY)?;
+    }
+    Ok(lost)
+}
+
+/// Adds each `(index, delta)` (wrapping: `u64::MAX` is -1) to the `u64` array `map` of
+/// `entries` entries (indices past its end are skipped). Not atomic against programs adding
+/// at the same moment: a count could miss one change then.
+pub fn add_to_array_u64(
+    map: BorrowedFd<'_>,
+    entries: u32,
+    changes: &[(u32, u64)],
+) -> io::Result<()> {
+    for (i, delta) in changes.iter().filter(|(i, _)| *i < entries) {
         let key = i.to_ne_bytes();
         let mut value = [0u8; 8];
         lookup(map, &key, &mut value)?;
