@@ -637,6 +637,49 @@ fn throttling_and_unavailability_are_counted_and_end_soon() {
     }
 }
 
+/// A 429 whose wait only its `Retry-After` header tells (a plain-text answer, as a proxy or
+/// load balancer in front of the API server sends: no Status, so no `retryAfterSeconds`) is
+/// waited out: the next request comes no sooner, where the backoff alone would retry within
+/// 0.5 s; the source converges once the answers are good again.
+#[test]
+fn a_plain_text_429_waits_as_long_as_its_retry_after_header_asks() {
+    let (server, rx, mut log) = watching_with(None);
+    server.plain_failures(true);
+    server.retry_after(Some(3));
+    server.fail_with(Some(429));
+    let from = server.requests().len();
+    server.cut_watches(Res::Services);
+    let refused = |r: &[Request]| -> Vec<Instant> {
+        r.iter()
+            .filter(|q| q.res == Some(Res::Services) && q.status == 429)
+            .map(|q| q.at)
+            .collect()
+    };
+    server.wait_for_requests("three refused Services requests", WAIT, |r| {
+        refused(&r[from..]).len() >= 3
+    });
+    let at = refused(&server.requests()[from..]);
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(2900),
+            "a retry {gap:?} after a 429 asking for 3 s: {at:?}"
+        );
+    }
+    server.fail_with(None);
+    server.retry_after(None);
+    server.plain_failures(false);
+    server.apply(
+        Res::Services,
+        service("default", "after-429", "10.96.0.31", 8080),
+    );
+    let mut want = baseline();
+    want.services
+        .push("default/after-429 10.96.0.31 8080".into());
+    want.services.sort();
+    wait_for(&rx, &mut log, &want);
+}
+
 #[test]
 fn cut_connections_resume_and_converge() {
     let server = ApiServer::start();

@@ -336,14 +336,51 @@ const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
 /// Watch requests of each kind the API server answered with a 2xx status. kube-runtime reports
 /// nothing when a watch starts, nor for bookmarks: after an outage in which nothing changed,
 /// a resumed watch yields no item, and only this tells that the kind is answered again.
+///
+/// Also the latest `Retry-After` header of a 429 or 503: the wait a proxy or load balancer in
+/// front of the API server asks for with a plain-text answer carries no Status, so kube's error
+/// has no `retryAfterSeconds` and only the header tells it.
 #[derive(Default)]
 struct Answered {
     watches: [std::sync::atomic::AtomicU64; KINDS.len()],
+    retry_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Answered {
     fn get(&self, kind: Kind) -> u64 {
         self.watches[kind as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes the `Retry-After` header of a 429 or 503 answer, if it has one that can be read
+    /// (seconds, or an HTTP date).
+    fn note_retry_after(&self, status: http::StatusCode, headers: &http::HeaderMap) {
+        if status != http::StatusCode::TOO_MANY_REQUESTS
+            && status != http::StatusCode::SERVICE_UNAVAILABLE
+        {
+            return;
+        }
+        let Some(value) = headers.get(http::header::RETRY_AFTER) else {
+            return;
+        };
+        let Some(wait) = value.to_str().ok().and_then(parse_retry_after) else {
+            log::warn!(
+                "kubernetes: a {status} answer's Retry-After {value:?} cannot be read; ignored"
+            );
+            return;
+        };
+        let until = tokio::time::Instant::now() + wait.min(RETRY_AFTER_MAX);
+        let mut held = self.retry_until.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none_or(|h| h < until) {
+            *held = Some(until);
+        }
+    }
+
+    /// What is left of the wait the latest `Retry-After` header asked for.
+    fn asked_wait(&self) -> Duration {
+        let held = *self.retry_until.lock().unwrap_or_else(|e| e.into_inner());
+        held.map_or(Duration::ZERO, |until| {
+            until.saturating_duration_since(tokio::time::Instant::now())
+        })
     }
 
     /// Counts a watch of the collection `uri` names, if it is one of `KINDS`.
@@ -358,7 +395,29 @@ impl Answered {
     }
 }
 
-/// Counts the answered watch requests in [`Answered`].
+/// A `Retry-After` value (RFC 9110 10.2.3): delay seconds, or an HTTP date (a wait until then;
+/// none when it has passed).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// What the watchers' pacing shares: `wake`, bumped when the API server answers a watcher
+/// again after failures (the others then retry at once), and what it answered (`Answered`: the
+/// wait a `Retry-After` header asked for).
+struct Pacing {
+    wake: tokio::sync::watch::Sender<u64>,
+    answered: Arc<Answered>,
+}
+
+/// Counts the answered watch requests in [`Answered`], and notes `Retry-After` headers.
 #[derive(Clone)]
 struct CountAnswers<S> {
     inner: S,
@@ -387,10 +446,12 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            if let Some(answered) = answered
-                && response.status().is_success()
-            {
-                answered.count(&uri);
+            if let Some(answered) = answered {
+                if response.status().is_success() {
+                    answered.count(&uri);
+                } else {
+                    answered.note_retry_after(response.status(), response.headers());
+                }
             }
             Ok(response)
         })
@@ -484,7 +545,7 @@ type Restart<T> = Box<dyn Fn() -> BoxStream<'static, Result<T, watcher::Error>> 
 /// [`REFUSED_RETRY`] and is not cut short by other watchers' recovery.
 fn paced<T: Phase + Send + 'static>(
     start: Restart<T>,
-    wake: Arc<tokio::sync::watch::Sender<u64>>,
+    wake: Arc<Pacing>,
     optional: bool,
 ) -> BoxStream<'static, Result<T, watcher::Error>> {
     struct Pace<T> {
@@ -496,10 +557,10 @@ fn paced<T: Phase + Send + 'static>(
         last_expired: Option<tokio::time::Instant>,
         wait: Option<Duration>,
         failing: bool,
-        wake: Arc<tokio::sync::watch::Sender<u64>>,
+        wake: Arc<Pacing>,
         woken: tokio::sync::watch::Receiver<u64>,
     }
-    let woken = wake.subscribe();
+    let woken = wake.wake.subscribe();
     let pace = Pace {
         stream: start(),
         start,
@@ -574,7 +635,10 @@ fn paced<T: Phase + Send + 'static>(
                 // Wake-ups from before this failure must not cut its backoff.
                 p.woken.borrow_and_update();
                 p.failing = true;
-                let asked = retry_after(e).map_or(Duration::ZERO, |d| d.min(RETRY_AFTER_MAX));
+                let asked = retry_after(e)
+                    .unwrap_or_default()
+                    .max(p.wake.answered.asked_wait())
+                    .min(RETRY_AFTER_MAX);
                 p.wait = Some(p.backoff.next_delay().max(asked));
                 return Some((item, p));
             }
@@ -583,7 +647,7 @@ fn paced<T: Phase + Send + 'static>(
         };
         p.backoff.reset();
         if std::mem::take(&mut p.failing) {
-            p.wake.send_modify(|n| *n += 1);
+            p.wake.wake.send_modify(|n| *n += 1);
         }
         if expired {
             let now = tokio::time::Instant::now();
@@ -638,7 +702,7 @@ fn retry_after(e: &watcher::Error) -> Option<Duration> {
 fn follow<K>(
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
-    wake: Arc<tokio::sync::watch::Sender<u64>>,
+    wake: Arc<Pacing>,
     optional: bool,
 ) -> BoxStream<'static, WatcherItem<K>>
 where
@@ -1334,7 +1398,10 @@ impl KubeSource {
             }
         }
 
-        let wake = Arc::new(tokio::sync::watch::channel(0).0);
+        let wake = Arc::new(Pacing {
+            wake: tokio::sync::watch::channel(0).0,
+            answered: answered.clone(),
+        });
         if let Some(book) = self.node_addresses.clone() {
             tokio::spawn(follow_node_addresses(
                 Api::all(client.clone()),
@@ -1448,7 +1515,7 @@ impl KubeSource {
 async fn follow_node_addresses(
     api: Api<DeserializeGuard<Node>>,
     book: std::sync::Arc<NodeAddresses>,
-    wake: Arc<tokio::sync::watch::Sender<u64>>,
+    wake: Arc<Pacing>,
 ) {
     type Book = std::collections::BTreeMap<String, Vec<std::net::IpAddr>>;
     let entry = |o: &DeserializeGuard<Node>| -> Option<(String, Vec<std::net::IpAddr>)> {
@@ -1578,7 +1645,20 @@ mod tests {
         restarts: Restarts<T>,
         optional: bool,
     ) -> BoxStream<'static, Result<T, watcher::Error>> {
-        let wake = Arc::new(tokio::sync::watch::channel(0).0);
+        paced_answered(items, restarts, optional, Arc::default())
+    }
+
+    /// `paced_over`, the API client's answers noted in `answered`.
+    fn paced_answered<T: Phase + Send + 'static>(
+        items: Vec<Result<T, watcher::Error>>,
+        restarts: Restarts<T>,
+        optional: bool,
+        answered: Arc<Answered>,
+    ) -> BoxStream<'static, Result<T, watcher::Error>> {
+        let wake = Arc::new(Pacing {
+            wake: tokio::sync::watch::channel(0).0,
+            answered,
+        });
         let first = std::sync::Mutex::new(Some(items));
         let start = move || {
             if let Some(items) = first.lock().unwrap().take() {
@@ -1747,5 +1827,80 @@ mod tests {
             gaps[3] >= RETRY_AFTER_MAX && gaps[3] < RETRY_AFTER_MAX * 2,
             "{gaps:?}"
         );
+    }
+
+    /// A 429 or 503 whose wait only its `Retry-After` header tells (a plain-text answer from a
+    /// proxy in front of the API server: kube's error has no `retryAfterSeconds`) waits that
+    /// long, up to `RETRY_AFTER_MAX`; other statuses' headers, and unreadable ones, change
+    /// nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_header_is_honoured() {
+        use tower::{Service as _, ServiceExt as _};
+
+        let answered = Arc::new(Answered::default());
+        let answer = |status: u16, retry_after: &'static str| {
+            let answered = answered.clone();
+            async move {
+                let inner = tower::service_fn(move |_: http::Request<()>| async move {
+                    let mut r = http::Response::new(());
+                    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    r.headers_mut()
+                        .insert(http::header::RETRY_AFTER, retry_after.parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let mut layer = CountAnswers {
+                    inner,
+                    answered: Some(answered),
+                };
+                let request = http::Request::get("/api/v1/services").body(()).unwrap();
+                layer.ready().await.unwrap().call(request).await.unwrap();
+            }
+        };
+        answer(500, "20").await;
+        answer(429, "soon").await;
+        assert_eq!(answered.asked_wait(), Duration::ZERO);
+        answer(429, "12").await;
+        assert_eq!(answered.asked_wait(), Duration::from_secs(12));
+        // A shorter wait asked later does not cut the longer one.
+        answer(503, "1").await;
+        assert_eq!(answered.asked_wait(), Duration::from_secs(12));
+
+        let plain = || {
+            watcher::Error::WatchFailed(kube::Error::Api(Box::new(
+                Status::failure("Too Many Requests", "Failed to parse error data").with_code(429),
+            )))
+        };
+        let items = vec![Err(plain()), Ok(1u32)];
+        let mut paced = paced_answered(items, Arc::default(), false, answered.clone()).take(2);
+        let start = tokio::time::Instant::now();
+        paced.next().await.expect("an item").expect_err("the 429");
+        paced.next().await.expect("an item").expect("the retry");
+        assert!(
+            start.elapsed() >= Duration::from_secs(12),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // Past the maximum: RETRY_AFTER_MAX.
+        answer(429, "3600").await;
+        assert_eq!(answered.asked_wait(), RETRY_AFTER_MAX);
+    }
+
+    #[test]
+    fn retry_after_values_are_read_as_seconds_or_dates() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = parse_retry_after(&httpdate::fmt_http_date(later)).expect("a date");
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-5"), None);
+        assert_eq!(parse_retry_after("in a while"), None);
     }
 }

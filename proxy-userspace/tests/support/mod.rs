@@ -89,6 +89,8 @@ pub struct Request {
     pub status: u16,
     /// For watches: the stream began with a 410 ERROR event.
     pub expired: bool,
+    /// When the request's head was read.
+    pub at: std::time::Instant,
 }
 
 enum Msg {
@@ -254,6 +256,9 @@ struct State {
     fail: Option<u16>,
     /// `retryAfterSeconds` (and a `Retry-After` header) with the failures of `fail`.
     retry_after: Option<u32>,
+    /// The failures of `fail` as a proxy in front of the API server sends them: a plain-text
+    /// body, the wait in the `Retry-After` header only.
+    plain_failures: bool,
     /// Watches from a compacted resourceVersion are answered with HTTP 410 instead of a 200
     /// whose stream holds a 410 ERROR event (both happen with real API servers).
     gone_as_http: bool,
@@ -553,6 +558,12 @@ impl ApiServer {
         self.lock().retry_after = seconds;
     }
 
+    /// Sends the failures of `fail_with` as a proxy or load balancer in front of the API server
+    /// does: a plain-text body (no Status), `retry_after` in the `Retry-After` header alone.
+    pub fn plain_failures(&self, on: bool) {
+        self.lock().plain_failures = on;
+    }
+
     /// Answers watches from a compacted resourceVersion with HTTP 410 (`true`) or, as by
     /// default, with a 410 ERROR event in a 200 stream.
     pub fn gone_as_http(&self, on: bool) {
@@ -743,6 +754,18 @@ async fn write_response_with(socket: &mut TcpStream, code: u16, body: &Value, he
     let _ = socket.shutdown().await;
 }
 
+/// A plain-text answer (no Status), as a proxy in front of the API server sends.
+async fn write_text(socket: &mut TcpStream, code: u16, body: &str, headers: &str) {
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         {headers}Connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(head.as_bytes()).await;
+    let _ = socket.write_all(body.as_bytes()).await;
+    let _ = socket.shutdown().await;
+}
+
 async fn write_chunk(socket: &mut TcpStream, data: &str) -> std::io::Result<()> {
     let chunk = format!("{:x}\r\n{data}\r\n", data.len());
     socket.write_all(chunk.as_bytes()).await?;
@@ -855,14 +878,20 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
         label_selector: params.get("labelSelector").cloned(),
         status: 200,
         expired: false,
+        at: std::time::Instant::now(),
     };
 
     let record = |request: Request| state.lock().unwrap().requests.push(request);
 
-    let (fail, retry_after, unserved) = {
+    let (fail, retry_after, plain, unserved) = {
         let state = state.lock().unwrap();
         let unserved = res.is_some_and(|r| state.unserved.contains(&r));
-        (state.fail, state.retry_after, unserved)
+        (
+            state.fail,
+            state.retry_after,
+            state.plain_failures,
+            unserved,
+        )
     };
     if unserved {
         request.status = 404;
@@ -881,6 +910,16 @@ async fn handle(mut socket: TcpStream, state: Arc<Mutex<State>>) {
     if let Some(code) = fail {
         request.status = code;
         record(request);
+        if plain {
+            let header = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
+            return write_text(
+                &mut socket,
+                code,
+                "Too many requests, try again later.\n",
+                &header,
+            )
+            .await;
+        }
         let mut body = status(code, "InternalError", "etcdserver: request timed out");
         if let Some(seconds) = retry_after {
             body["reason"] = json!("TooManyRequests");
