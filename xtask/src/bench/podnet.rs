@@ -925,6 +925,7 @@ mod unit {
             secs: 1.0,
             reps: 3,
             pairs: 8,
+            close_pairs: 32,
             pair_secs: 0.5,
             full_sync_reps: 3,
             change_samples: 40,
