@@ -17,8 +17,9 @@
 //! resourceVersion has expired (410 Gone, as after a long outage) relists at once, and the store
 //! is swapped only when the relist is complete. After an outage the source has the new state
 //! about as soon as the API server answers (at most one backoff, 3 s, plus the lists). 429s and
-//! 503s take the same backoff (kube's own retry layer is off), or the `retryAfterSeconds` the
-//! server asks for, up to 30 s. A list that gets no answer for 60 s is started again, and a watch
+//! 503s take the same backoff (kube's own retry layer is off), or the wait the server asks for,
+//! up to 30 s: its Status' `retryAfterSeconds`, or the `Retry-After` header of an answer without
+//! one (plain text from a proxy in front of it). A list that gets no answer for 60 s is started again, and a watch
 //! request the server answers with HTTP 410 relists.
 //!
 //! An object version this build cannot decode does not stop the watch and does not replace the
@@ -337,13 +338,17 @@ const UNACKED_TIMEOUT: Duration = Duration::from_secs(30);
 /// nothing when a watch starts, nor for bookmarks: after an outage in which nothing changed,
 /// a resumed watch yields no item, and only this tells that the kind is answered again.
 ///
-/// Also the latest `Retry-After` header of a 429 or 503: the wait a proxy or load balancer in
-/// front of the API server asks for with a plain-text answer carries no Status, so kube's error
-/// has no `retryAfterSeconds` and only the header tells it.
+/// Also the furthest deadline a `Retry-After` header of a 429 or 503 asked for: the wait a proxy
+/// or load balancer in front of the API server asks for with a plain-text answer carries no
+/// Status, so kube's error has no `retryAfterSeconds` and only the header tells it. Every
+/// watcher's next failure waits for what is left of it (the API server is one for all of
+/// them); it expires by itself.
 #[derive(Default)]
 struct Answered {
     watches: [std::sync::atomic::AtomicU64; KINDS.len()],
     retry_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// An unreadable `Retry-After` was logged (once: every watcher's retry would bring it).
+    unreadable_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Answered {
@@ -363,11 +368,18 @@ impl Answered {
             return;
         };
         let Some(wait) = value.to_str().ok().and_then(parse_retry_after) else {
-            log::warn!(
-                "kubernetes: a {status} answer's Retry-After {value:?} cannot be read; ignored"
-            );
+            if !self
+                .unreadable_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                log::warn!(
+                    "kubernetes: a {status} answer's Retry-After {value:?} cannot be read; \
+                     ignored (logged once)"
+                );
+            }
             return;
         };
+        // Capped here too, so that a huge value cannot overflow the deadline.
         let until = tokio::time::Instant::now() + wait.min(RETRY_AFTER_MAX);
         let mut held = self.retry_until.lock().unwrap_or_else(|e| e.into_inner());
         if held.is_none_or(|h| h < until) {
@@ -375,7 +387,7 @@ impl Answered {
         }
     }
 
-    /// What is left of the wait the latest `Retry-After` header asked for.
+    /// What is left of the furthest wait a `Retry-After` header asked for.
     fn asked_wait(&self) -> Duration {
         let held = *self.retry_until.lock().unwrap_or_else(|e| e.into_inner());
         held.map_or(Duration::ZERO, |until| {
@@ -528,9 +540,10 @@ impl<K> Phase for watcher::Event<K> {
 type Restart<T> = Box<dyn Fn() -> BoxStream<'static, Result<T, watcher::Error>> + Send>;
 
 /// Paces the stream `start` gives, a watcher's: after a failure, the next item is asked for
-/// only after the backoff (or the `retryAfterSeconds` the API server asked for, if longer, up
-/// to [`RETRY_AFTER_MAX`]), which ends early when another watcher finds the API server
-/// answering again (`wake`).
+/// only after the backoff, which ends early when another watcher finds the API server
+/// answering again (`pacing.wake`); or, when it is longer, after the wait the API server asked
+/// for (its Status' `retryAfterSeconds`, or a `Retry-After` header: [`Answered`]), up to
+/// [`RETRY_AFTER_MAX`], which no other watcher's answer cuts short.
 /// A 410 Gone is an answer, not a failure: the watcher relists at once, unless the previous 410
 /// came less than [`RELIST_AGAIN_WITHIN`] before (a server whose watches expire as soon as they
 /// start would otherwise be relisted in a loop); such relists wait a backoff of their own. Any
@@ -545,7 +558,7 @@ type Restart<T> = Box<dyn Fn() -> BoxStream<'static, Result<T, watcher::Error>> 
 /// [`REFUSED_RETRY`] and is not cut short by other watchers' recovery.
 fn paced<T: Phase + Send + 'static>(
     start: Restart<T>,
-    wake: Arc<Pacing>,
+    pacing: Arc<Pacing>,
     optional: bool,
 ) -> BoxStream<'static, Result<T, watcher::Error>> {
     struct Pace<T> {
@@ -556,11 +569,13 @@ fn paced<T: Phase + Send + 'static>(
         relist_backoff: Backoff,
         last_expired: Option<tokio::time::Instant>,
         wait: Option<Duration>,
+        /// `wait` is what the server asked for: no wake-up cuts it short.
+        asked: bool,
         failing: bool,
-        wake: Arc<Pacing>,
+        pacing: Arc<Pacing>,
         woken: tokio::sync::watch::Receiver<u64>,
     }
-    let woken = wake.wake.subscribe();
+    let woken = pacing.wake.subscribe();
     let pace = Pace {
         stream: start(),
         start,
@@ -569,13 +584,14 @@ fn paced<T: Phase + Send + 'static>(
         relist_backoff: Backoff::new(),
         last_expired: None,
         wait: None,
+        asked: false,
         failing: false,
-        wake,
+        pacing,
         woken,
     };
     futures::stream::unfold(pace, move |mut p| async move {
         if let Some(wait) = p.wait.take() {
-            if wait >= REFUSED_RETRY {
+            if wait >= REFUSED_RETRY || std::mem::take(&mut p.asked) {
                 tokio::time::sleep(wait).await;
             } else {
                 tokio::select! {
@@ -635,11 +651,10 @@ fn paced<T: Phase + Send + 'static>(
                 // Wake-ups from before this failure must not cut its backoff.
                 p.woken.borrow_and_update();
                 p.failing = true;
-                let asked = retry_after(e)
-                    .unwrap_or_default()
-                    .max(p.wake.answered.asked_wait())
-                    .min(RETRY_AFTER_MAX);
-                p.wait = Some(p.backoff.next_delay().max(asked));
+                let asked = asked_wait(e, &p.pacing.answered);
+                let backoff = p.backoff.next_delay();
+                p.asked = asked > backoff;
+                p.wait = Some(backoff.max(asked));
                 return Some((item, p));
             }
             Err(_) => true,
@@ -647,7 +662,7 @@ fn paced<T: Phase + Send + 'static>(
         };
         p.backoff.reset();
         if std::mem::take(&mut p.failing) {
-            p.wake.wake.send_modify(|n| *n += 1);
+            p.pacing.wake.send_modify(|n| *n += 1);
         }
         if expired {
             let now = tokio::time::Instant::now();
@@ -691,6 +706,15 @@ fn stalled() -> watcher::Error {
     ))))
 }
 
+/// The wait the API server asked for with failure `e`, up to [`RETRY_AFTER_MAX`]: its Status'
+/// `retryAfterSeconds`, or what is left of the furthest wait a `Retry-After` header asked for.
+fn asked_wait(e: &watcher::Error, answered: &Answered) -> Duration {
+    retry_after(e)
+        .unwrap_or_default()
+        .max(answered.asked_wait())
+        .min(RETRY_AFTER_MAX)
+}
+
 /// The wait the API server asked for with a failure (`retryAfterSeconds` of its Status).
 fn retry_after(e: &watcher::Error) -> Option<Duration> {
     let seconds = status_of(e)?.details.as_ref()?.retry_after_seconds;
@@ -702,7 +726,7 @@ fn retry_after(e: &watcher::Error) -> Option<Duration> {
 fn follow<K>(
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
-    wake: Arc<Pacing>,
+    pacing: Arc<Pacing>,
     optional: bool,
 ) -> BoxStream<'static, WatcherItem<K>>
 where
@@ -714,7 +738,7 @@ where
             .modify(|o: &mut DeserializeGuard<K>| o.meta_mut().managed_fields = None)
             .boxed()
     };
-    paced(Box::new(start), wake, optional)
+    paced(Box::new(start), pacing, optional)
 }
 
 type WatcherItem<K> = Result<watcher::Event<DeserializeGuard<K>>, watcher::Error>;
@@ -1251,9 +1275,15 @@ impl Progress {
                 let now = Instant::now();
                 match &mut self.failing[k] {
                     None => {
+                        let asked = asked_wait(&e, &self.answered);
+                        let asked = if asked.is_zero() {
+                            String::new()
+                        } else {
+                            format!(" after the {asked:.0?} the server asked for, then")
+                        };
                         log::warn!(
                             "kubernetes: {kind}: {} (API server {}); keeping the last state, \
-                             retrying every {:?} at most",
+                             retrying{asked} every {:?} at most",
                             error_chain(&e),
                             self.server,
                             RETRY_MAX
@@ -1398,7 +1428,7 @@ impl KubeSource {
             }
         }
 
-        let wake = Arc::new(Pacing {
+        let pacing = Arc::new(Pacing {
             wake: tokio::sync::watch::channel(0).0,
             answered: answered.clone(),
         });
@@ -1406,7 +1436,7 @@ impl KubeSource {
             tokio::spawn(follow_node_addresses(
                 Api::all(client.clone()),
                 book,
-                wake.clone(),
+                pacing.clone(),
             ));
         }
         let mut stores = Stores {
@@ -1434,7 +1464,7 @@ impl KubeSource {
             follow::<Service>(
                 Api::all(client.clone()),
                 every().labels(&proxied),
-                wake.clone(),
+                pacing.clone(),
                 false,
             )
             .map(|i| Item::Service(Box::new(i)))
@@ -1442,7 +1472,7 @@ impl KubeSource {
             follow::<EndpointSlice>(
                 Api::all(client.clone()),
                 every().labels(&proxied),
-                wake.clone(),
+                pacing.clone(),
                 false,
             )
             .map(|i| Item::Slice(Box::new(i)))
@@ -1450,7 +1480,7 @@ impl KubeSource {
             follow::<Node>(
                 Api::all(client.clone()),
                 every().fields(&format!("metadata.name={}", self.node_name)),
-                wake.clone(),
+                pacing.clone(),
                 false,
             )
             .map(|i| Item::Node(Box::new(i)))
@@ -1458,16 +1488,16 @@ impl KubeSource {
             follow::<Pod>(
                 Api::all(client.clone()),
                 every().fields(&format!("spec.nodeName={}", self.node_name)),
-                wake.clone(),
+                pacing.clone(),
                 true,
             )
             .map(|i| Item::Pod(Box::new(i)))
             .boxed(),
-            follow::<Namespace>(Api::all(client.clone()), every(), wake.clone(), true)
+            follow::<Namespace>(Api::all(client.clone()), every(), pacing.clone(), true)
                 .map(|i| Item::Namespace(Box::new(i)))
                 .boxed(),
             // semantics 3.12: the Service CIDRs, whose unallocated addresses are dropped.
-            follow::<ServiceCIDR>(Api::all(client), every(), wake, true)
+            follow::<ServiceCIDR>(Api::all(client), every(), pacing, true)
                 .map(|i| Item::ServiceCidr(Box::new(i)))
                 .boxed(),
         ]);
@@ -1510,12 +1540,12 @@ impl KubeSource {
 /// Keeps `book` equal to the addresses of every Node object (DSR peers). Apart from the
 /// snapshot's watchers on purpose: Node status changes often and must not cause syncs, and only
 /// names and addresses are kept, not the (large) objects. A failing watch keeps the last
-/// addresses and retries with the snapshot watchers' pacing (woken with them by `wake`); a
+/// addresses and retries with the snapshot watchers' pacing (woken with them by `pacing`); a
 /// relist replaces them only once it is complete.
 async fn follow_node_addresses(
     api: Api<DeserializeGuard<Node>>,
     book: std::sync::Arc<NodeAddresses>,
-    wake: Arc<Pacing>,
+    pacing: Arc<Pacing>,
 ) {
     type Book = std::collections::BTreeMap<String, Vec<std::net::IpAddr>>;
     let entry = |o: &DeserializeGuard<Node>| -> Option<(String, Vec<std::net::IpAddr>)> {
@@ -1526,7 +1556,7 @@ async fn follow_node_addresses(
     let mut relist = Book::new();
     let mut failing = false;
     let start = move || watcher(api.clone(), watcher::Config::default()).boxed();
-    let mut events = paced(Box::new(start), wake, false);
+    let mut events = paced(Box::new(start), pacing, false);
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Init) => relist.clear(),
@@ -1645,20 +1675,24 @@ mod tests {
         restarts: Restarts<T>,
         optional: bool,
     ) -> BoxStream<'static, Result<T, watcher::Error>> {
-        paced_answered(items, restarts, optional, Arc::default())
+        paced_with(items, restarts, optional, pacing(Arc::default()))
     }
 
-    /// `paced_over`, the API client's answers noted in `answered`.
-    fn paced_answered<T: Phase + Send + 'static>(
+    /// The pacing of watchers whose API client notes its answers in `answered`.
+    fn pacing(answered: Arc<Answered>) -> Arc<Pacing> {
+        Arc::new(Pacing {
+            wake: tokio::sync::watch::channel(0).0,
+            answered,
+        })
+    }
+
+    /// `paced_over`, with `pacing` shared.
+    fn paced_with<T: Phase + Send + 'static>(
         items: Vec<Result<T, watcher::Error>>,
         restarts: Restarts<T>,
         optional: bool,
-        answered: Arc<Answered>,
+        pacing: Arc<Pacing>,
     ) -> BoxStream<'static, Result<T, watcher::Error>> {
-        let wake = Arc::new(Pacing {
-            wake: tokio::sync::watch::channel(0).0,
-            answered,
-        });
         let first = std::sync::Mutex::new(Some(items));
         let start = move || {
             if let Some(items) = first.lock().unwrap().take() {
@@ -1673,7 +1707,7 @@ mod tests {
             };
             stream::iter(next).chain(stream::pending()).boxed()
         };
-        paced(Box::new(start), wake, optional)
+        paced(Box::new(start), pacing, optional)
     }
 
     /// As `gaps`, for an optional kind (`optional`) or not.
@@ -1870,16 +1904,23 @@ mod tests {
                 Status::failure("Too Many Requests", "Failed to parse error data").with_code(429),
             )))
         };
+        // Another watcher answered meanwhile (a wake-up) does not cut the asked wait short.
         let items = vec![Err(plain()), Ok(1u32)];
-        let mut paced = paced_answered(items, Arc::default(), false, answered.clone()).take(2);
+        let shared = pacing(answered.clone());
+        let mut paced = paced_with(items, Arc::default(), false, shared.clone()).take(2);
         let start = tokio::time::Instant::now();
         paced.next().await.expect("an item").expect_err("the 429");
+        let waker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            shared.wake.send_modify(|n| *n += 1);
+        });
         paced.next().await.expect("an item").expect("the retry");
         assert!(
             start.elapsed() >= Duration::from_secs(12),
             "{:?}",
             start.elapsed()
         );
+        waker.await.unwrap();
 
         // Past the maximum: RETRY_AFTER_MAX.
         answer(429, "3600").await;
