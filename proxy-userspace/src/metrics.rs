@@ -209,6 +209,9 @@ pub struct Metrics {
     /// whose source address the socket hooks know (for loadBalancerSourceRanges, and a pod's
     /// session affinity and source hashing by its address).
     pub netns_sources: Family<Labels, CountGauge>,
+    /// kube_bpf_proxy_foreign_programs: programs of others found at start where this agent's
+    /// run (`datapath::foreign`).
+    pub foreign_programs: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_pod_namespaces_at_tc: pods' network namespaces whose connections to the
     /// external frontends kube-proxy masquerades are left to tc on their interface (7.13).
     pub pod_namespaces_at_tc: Family<Labels, CountGauge>,
@@ -499,6 +502,11 @@ impl Metrics {
                 "kube_bpf_proxy_network_namespaces_with_source",
                 "Network namespaces whose source address the socket hooks know, for loadBalancerSourceRanges and for keying a pod's session affinity by its address",
             ),
+            foreign_programs: gauge(
+                &mut r,
+                "kube_bpf_proxy_foreign_programs",
+                "Programs that are not this agent's found at start at its socket hooks (its cgroup's and those above), or beside its tc programs under its programs' names (another kube-bpf-proxy with pins elsewhere)",
+            ),
             pod_namespaces_at_tc: gauge(
                 &mut r,
                 "kube_bpf_proxy_pod_namespaces_at_tc",
@@ -529,6 +537,7 @@ impl Metrics {
         m.pod_endpoints_waiting.with(&[]);
         m.netns_sources.with(&[]);
         m.pod_namespaces_at_tc.with(&[]);
+        m.foreign_programs.with(&[]);
         m.socket_lb_off_pods.with(&[("state", "programmed")]);
         m.socket_lb_off_pods.with(&[("state", "waiting")]);
         m.socket_lb_label_errors.with(&[]);
@@ -999,6 +1008,7 @@ mod tests {
         ),
         ("kube_bpf_proxy_pod_namespaces_at_tc", "gauge", &[]),
         ("kube_bpf_proxy_drift_repairs_total", "counter", &[]),
+        ("kube_bpf_proxy_foreign_programs", "gauge", &[]),
         ("kube_bpf_proxy_socket_lb_off_pods", "gauge", &["state"]),
         ("kube_bpf_proxy_socket_lb_label_errors", "gauge", &[]),
         ("kube_bpf_proxy_build_info", "gauge", &["version"]),
@@ -1043,6 +1053,7 @@ mod tests {
     const EXPOSED_AT_START: &[&str] = &[
         "kube_bpf_proxy_build_info{version=\"0.1.0\"}",
         "kube_bpf_proxy_drift_repairs_total",
+        "kube_bpf_proxy_foreign_programs",
         "kube_bpf_proxy_healthcheck_bind_failures_total",
         "kube_bpf_proxy_healthcheck_ports{state=\"failing\"}",
         "kube_bpf_proxy_healthcheck_ports{state=\"serving\"}",

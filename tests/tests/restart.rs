@@ -739,6 +739,79 @@ fn a_second_agent_on_the_same_pins_waits_for_the_first_to_exit() {
     second.assert_running();
 }
 
+/// Another agent on the same cgroup with its pins in another directory (a pin path changed
+/// between two DaemonSet versions, leaving the old links on a persistent bpffs; or a second
+/// agent run by hand with another `--bpffs`) is not held back by the pin directory's lock: the
+/// agent that starts second finds the first one's nine socket programs beside its own, says so
+/// in an error naming them and what to do, and counts them in
+/// `kube_bpf_proxy_foreign_programs`. The first found none of its own at its start, and
+/// neither does a restart of it (its own programs, replaced in place, are not foreign).
+#[test]
+fn an_agent_with_pins_elsewhere_on_the_same_cgroup_is_reported() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new(2);
+    let foreign = |agent: &tests::Agent| -> Option<f64> {
+        let (_, body) = agent.get(agent.metrics_port, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("kube_bpf_proxy_foreign_programs "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let counted = |agent: &tests::Agent, want: f64| match foreign(agent) {
+        Some(n) if n == want => Ok(()),
+        other => Err(format!("{other:?}, not {want}")),
+    };
+    tests::poll_until("the first agent's metrics", Duration::from_secs(10), || {
+        counted(&env.agent, 0.0)
+    });
+    let mut second = tests::Agent::new(
+        &format!("{}-elsewhere", env.topo.id),
+        env.topo.cgroup_path(),
+        NODE,
+    );
+    second.start();
+    second.wait_for_log(
+        0,
+        "another kube-bpf-proxy's program sock4_connect",
+        Duration::from_secs(15),
+    );
+    assert!(
+        second.count_logs(0, "remove its pins with `kube-bpf-proxy cleanup --bpffs") >= 9,
+        "one error per socket hook"
+    );
+    tests::poll_until(
+        "the foreign programs counted",
+        Duration::from_secs(10),
+        || counted(&second, 9.0),
+    );
+    // `verify` of either says so (it finds the cgroup from the pinned links) and exits 1.
+    let (code, out) = verify(&env);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("DRIFT: sock4_connect: another kube-bpf-proxy's program sock4_connect"),
+        "{out}"
+    );
+    // Gone with its pins (the harness removes them): a restart of the first finds nothing.
+    drop(second);
+    let (code, out) = verify(&env);
+    assert_eq!(code, 0, "{out}");
+    let pos = env.agent.log_position();
+    env.agent.kill();
+    env.agent.start();
+    env.agent
+        .wait_for_log(pos, "synced", Duration::from_secs(15));
+    assert_eq!(
+        env.agent
+            .count_logs(pos, "another kube-bpf-proxy's program"),
+        0,
+        "its own programs counted as foreign"
+    );
+    tests::poll_until("no foreign programs", Duration::from_secs(10), || {
+        counted(&env.agent, 0.0)
+    });
+}
+
 /// `resize::copy_entries` on maps made here: every entry of a hash map (more than one batch)
 /// goes into an LRU map of another size with its value; into a smaller hash map what fits goes
 /// and the rest is counted as refused; a second pass that leaves present keys alone writes

@@ -22,7 +22,7 @@ use crate::{
     compile::{Family, NodePortSelection, nodeport_addresses},
     datapath::{
         bpf::{self, Datapath, MapSizes},
-        caps, netdev, netlink, netns, podif,
+        caps, foreign, netdev, netlink, netns, podif,
     },
     health::{DEFAULT_HEALTH_TIMEOUT, Health},
     http::{self, HttpState, Role},
@@ -1056,6 +1056,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Some(m)
     };
+    // Programs of others where ours run (another kube-bpf-proxy with pins elsewhere, another
+    // service proxy's socket programs): found while the capabilities to name them are held.
+    let foreign = foreign::find(&args.bpffs, &cgroup);
+    let count = foreign::report(&foreign, &args.bpffs, &cgroup);
+    metrics.foreign_programs.with(&[]).set(count as u64);
     // Every program of this build is attached (socket hooks, XDP, tc): the entries of maps
     // pinned in an older layout move over, and the layout versions are recorded.
     if let Err(e) = datapath.finish_upgrade() {

@@ -719,7 +719,7 @@ fn verify_json_follows_its_schema() {
         "veth9".to_string(),
         "pod: route to endpoint 10.244.0.9".to_string(),
     )];
-    let v = doc(&verification(desired.frontends.len(), &puts, missing));
+    let v = doc(&verification(desired.frontends.len(), &puts, missing, &[]));
     assert_valid(VERIFICATION, &v);
     assert_eq!(v["kind"], "Verification");
     assert_eq!(v["inSync"], false);
@@ -753,7 +753,7 @@ fn verify_json_follows_its_schema() {
     assert!(backend["text"].as_str().unwrap().starts_with("PutBackend"));
     assert_eq!(v["interfacesMissing"][0]["interface"], "veth9");
 
-    let v = doc(&verification(0, &deletes, Vec::new()));
+    let v = doc(&verification(0, &deletes, Vec::new(), &[]));
     assert_valid(VERIFICATION, &v);
     assert!(
         v["differences"]
@@ -762,9 +762,42 @@ fn verify_json_follows_its_schema() {
             .iter()
             .all(|d| d["operation"] == "delete" && d.get("value").is_none())
     );
-    let v = doc(&verification(desired.frontends.len(), &[], Vec::new()));
+    let v = doc(&verification(desired.frontends.len(), &[], Vec::new(), &[]));
     assert_valid(VERIFICATION, &v);
     assert_eq!(v["inSync"], true);
+
+    // Another program at a socket hook is listed and is no drift; another kube-bpf-proxy's is.
+    use crate::datapath::foreign::Foreign;
+    let other = Foreign {
+        hook: "sock4_connect".into(),
+        program_id: 7,
+        name: Some("cil_sock4_conne".into()),
+    };
+    let v = doc(&verification(
+        0,
+        &[],
+        Vec::new(),
+        std::slice::from_ref(&other),
+    ));
+    assert_valid(VERIFICATION, &v);
+    assert_eq!(v["inSync"], true);
+    assert_eq!(v["foreignPrograms"][0]["anotherKubeBpfProxy"], false);
+    let ours = Foreign {
+        hook: "tc-eth0".into(),
+        program_id: 8,
+        name: Some("tc_ingress".into()),
+    };
+    let unnamed = Foreign {
+        hook: "sock_release".into(),
+        program_id: 9,
+        name: None,
+    };
+    let v = doc(&verification(0, &[], Vec::new(), &[other, ours, unnamed]));
+    assert_valid(VERIFICATION, &v);
+    assert_eq!(v["inSync"], false);
+    assert_eq!(v["foreignPrograms"][1]["programId"], 8);
+    assert_eq!(v["foreignPrograms"][1]["anotherKubeBpfProxy"], true);
+    assert!(v["foreignPrograms"][2].get("name").is_none());
 }
 
 /// The schemas catch drift: unknown fields, misspelt enums, missing fields and a key of the
@@ -802,6 +835,7 @@ fn schemas_reject_what_the_commands_do_not_write() {
         1,
         &plan(&desired, &MapState::default()),
         Vec::new(),
+        &[],
     ));
     let mut bad = good.clone();
     let slot = bad["differences"]

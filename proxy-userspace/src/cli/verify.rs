@@ -1,5 +1,6 @@
 //! `verify`: the kernel's maps against the state computed from the source. Prints every
-//! difference as the write that would repair it; exits 1 on drift.
+//! difference as the write that would repair it; exits 1 on drift. Another kube-bpf-proxy's
+//! programs beside this one's (pins elsewhere: `datapath::foreign`) are drift too.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -25,6 +26,7 @@ use crate::{
     datapath::{
         MapIo as _,
         bpf::Maps,
+        foreign::{self, Foreign},
         podif::{self, PodInterfaces},
     },
     plan::{Op, ServiceKey, keeping, plan},
@@ -58,6 +60,22 @@ pub struct Verification {
     differences: Vec<Difference>,
     /// Pod-facing interfaces that should carry the tc program but do not.
     interfaces_missing: Vec<MissingInterface>,
+    /// Programs that are not this agent's at its socket hooks, or beside its tc programs
+    /// under its programs' names. Another kube-bpf-proxy's are drift.
+    foreign_programs: Vec<ForeignProgram>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ForeignProgram {
+    /// The socket hook (this build's program name for it), or `tc-IFNAME`/`tce-IFNAME`.
+    hook: String,
+    program_id: u32,
+    /// The kernel's name of the program, if it could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    /// Its name is one of this build's programs': another kube-bpf-proxy, pins elsewhere.
+    another_kube_bpf_proxy: bool,
 }
 
 impl Kind for Verification {
@@ -334,19 +352,32 @@ fn difference(op: &Op) -> Difference {
 }
 
 /// PURE: the `Verification` of a plan (`ops`, the writes from the maps to the source's state
-/// of `frontends` frontends) and of the interfaces missing the tc program (name, why).
+/// of `frontends` frontends), of the interfaces missing the tc program (name, why) and of the
+/// programs of others where this agent's run.
 pub fn verification(
     frontends: usize,
     ops: &[Op],
     interfaces_missing: Vec<(String, String)>,
+    foreign: &[Foreign],
 ) -> Verification {
     Verification {
-        in_sync: ops.is_empty() && interfaces_missing.is_empty(),
+        in_sync: ops.is_empty()
+            && interfaces_missing.is_empty()
+            && !foreign.iter().any(Foreign::is_ours_elsewhere),
         frontends,
         differences: ops.iter().map(difference).collect(),
         interfaces_missing: interfaces_missing
             .into_iter()
             .map(|(interface, reason)| MissingInterface { interface, reason })
+            .collect(),
+        foreign_programs: foreign
+            .iter()
+            .map(|f| ForeignProgram {
+                hook: f.hook.clone(),
+                program_id: f.program_id,
+                name: f.name.clone(),
+                another_kube_bpf_proxy: f.is_ours_elsewhere(),
+            })
             .collect(),
     }
 }
@@ -382,8 +413,17 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|(name, why)| (name, why.to_string()))
             .collect();
-    let view = verification(desired.frontends.len(), &ops, interfaces_missing);
-    let drift = view.differences.len() + view.interfaces_missing.len();
+    let foreign = foreign::cgroup_of(&args.inspect.bpffs)
+        .map(|cgroup| foreign::find(&args.inspect.bpffs, &cgroup))
+        .unwrap_or_default();
+    let view = verification(desired.frontends.len(), &ops, interfaces_missing, &foreign);
+    let drift = view.differences.len()
+        + view.interfaces_missing.len()
+        + view
+            .foreign_programs
+            .iter()
+            .filter(|f| f.another_kube_bpf_proxy)
+            .count();
     if args.inspect.output == Format::Json {
         json(&Document::of(&view))?;
     } else if view.in_sync {
@@ -403,6 +443,24 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
                 "DRIFT: interface {}: should carry the tc program ({}) but does not",
                 m.interface, m.reason
             );
+        }
+    }
+    if args.inspect.output != Format::Json {
+        for f in &view.foreign_programs {
+            let name = f.name.as_deref().unwrap_or("(name not readable)");
+            if f.another_kube_bpf_proxy {
+                println!(
+                    "DRIFT: {}: another kube-bpf-proxy's program {name} (id {}) runs beside this \
+                     one's, with pins elsewhere (stop that agent, or `cleanup --bpffs` its \
+                     directory)",
+                    f.hook, f.program_id
+                );
+            } else {
+                println!(
+                    "NOTE: {}: another program, {name} (id {}), runs for the same sockets",
+                    f.hook, f.program_id
+                );
+            }
         }
     }
     if drift == 0 {

@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod caps;
+pub mod foreign;
 pub mod layouts;
 pub mod netdev;
 pub mod netlink;

@@ -1,0 +1,265 @@
+//! Programs of others where this agent's programs run: at the socket hooks of its cgroup (and
+//! of the cgroups above it, whose programs run for the same sockets), and beside its tc programs
+//! on an interface under one of this build's names. Another kube-bpf-proxy whose pins are in
+//! another directory (a pin path changed between two DaemonSet versions, the old links left on
+//! a persistent bpffs; a second agent started by hand with another `--bpffs`) is not stopped by
+//! the pin directory's lock: its programs keep translating from maps nobody updates. Another
+//! service proxy's socket programs (Cilium's, Calico's) translate the same connections. Either
+//! way the operator must know; the agent cannot tell which one is meant to stay, so it says
+//! what it found and goes on.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use super::bpf::{SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+/// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup's sockets, its ancestors'
+/// included.
+const BPF_F_QUERY_EFFECTIVE: u64 = 1;
+/// `BPF_TCX_INGRESS`, `BPF_TCX_EGRESS` (enum bpf_attach_type, Linux 6.6).
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// The attach type (enum bpf_attach_type) of each of `SOCK_PROGRAMS`, in its order.
+const SOCK_ATTACH_TYPES: [u32; 9] = [
+    10, // BPF_CGROUP_INET4_CONNECT
+    14, // BPF_CGROUP_UDP4_SENDMSG
+    19, // BPF_CGROUP_UDP4_RECVMSG
+    29, // BPF_CGROUP_INET4_GETPEERNAME
+    11, // BPF_CGROUP_INET6_CONNECT
+    15, // BPF_CGROUP_UDP6_SENDMSG
+    20, // BPF_CGROUP_UDP6_RECVMSG
+    30, // BPF_CGROUP_INET6_GETPEERNAME
+    34, // BPF_CGROUP_INET_SOCK_RELEASE
+];
+
+/// Program ids a query reads at most per hook.
+const MAX_PROGRAMS: usize = 64;
+
+/// A program that is not this agent's, where this agent's run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Foreign {
+    /// Where: the socket hook (this build's program name for it) or `tc-IFNAME`/`tce-IFNAME`.
+    pub hook: String,
+    pub program_id: u32,
+    /// The kernel's name of the program (15 bytes at most), when it could be read.
+    pub name: Option<String>,
+}
+
+impl Foreign {
+    /// Whether its name is one of this build's programs': another kube-bpf-proxy's.
+    pub fn is_ours_elsewhere(&self) -> bool {
+        self.name.as_deref().is_some_and(|n| {
+            SOCK_PROGRAMS
+                .iter()
+                .chain(&[TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM])
+                .any(|ours| kernel_name(ours) == n)
+        })
+    }
+}
+
+/// A program name as the kernel keeps it (`BPF_OBJ_NAME_LEN` 16 with its NUL).
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+/// The programs of others at the socket hooks of `cgroup` (and above) and, under this build's
+/// names, beside its tc programs on the interfaces its links are on. Needs CAP_NET_ADMIN for
+/// the queries; names need CAP_SYS_ADMIN (without it, every program at a socket hook that is
+/// not this agent's is listed unnamed, and tc's are not listed). A failed query is logged at
+/// debug and skipped.
+pub fn find(pin_dir: &Path, cgroup: &Path) -> Vec<Foreign> {
+    let hooked = hooks(pin_dir);
+    let ours: Vec<u32> = hooked.iter().filter_map(|h| h.program_id).collect();
+    let mut found = Vec::new();
+    match File::open(cgroup) {
+        Ok(dir) => {
+            for (name, attach_type) in SOCK_PROGRAMS.iter().zip(SOCK_ATTACH_TYPES) {
+                let ids = match query(dir.as_raw_fd() as u32, attach_type, BPF_F_QUERY_EFFECTIVE) {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        log::debug!("programs at {name} on {}: {e}", cgroup.display());
+                        continue;
+                    }
+                };
+                found.extend(
+                    ids.into_iter()
+                        .filter(|id| !ours.contains(id))
+                        .map(|id| Foreign {
+                            hook: (*name).to_string(),
+                            program_id: id,
+                            name: program_name(id),
+                        }),
+                );
+            }
+        }
+        Err(e) => log::debug!("open {}: {e}", cgroup.display()),
+    }
+    for hook in &hooked {
+        let (prefix, attach_type) = if hook.hook.starts_with("tc-") {
+            ("tc-", BPF_TCX_INGRESS)
+        } else if hook.hook.starts_with("tce-") {
+            ("tce-", BPF_TCX_EGRESS)
+        } else {
+            continue;
+        };
+        let Some(ifindex) = hook
+            .hook
+            .strip_prefix(prefix)
+            .and_then(super::tclinks::ifindex)
+        else {
+            continue;
+        };
+        let ids = match query(ifindex, attach_type, 0) {
+            Ok(ids) => ids,
+            Err(e) => {
+                log::debug!("programs at {}: {e}", hook.hook);
+                continue;
+            }
+        };
+        // Other tools' programs beside tc are normal (a CNI's); only this build's names are
+        // another kube-bpf-proxy's.
+        found.extend(
+            ids.into_iter()
+                .filter(|id| !ours.contains(id))
+                .map(|id| Foreign {
+                    hook: hook.hook.clone(),
+                    program_id: id,
+                    name: program_name(id),
+                })
+                .filter(Foreign::is_ours_elsewhere),
+        );
+    }
+    found
+}
+
+/// BPF_PROG_QUERY: the ids of the programs attached at `attach_type` of `target` (a cgroup's
+/// descriptor, or an interface index for TCX).
+fn query(target: u32, attach_type: u32, flags: u64) -> std::io::Result<Vec<u32>> {
+    let mut ids = [0u32; MAX_PROGRAMS];
+    let mut attr = [0u64; 16];
+    // bpf_attr.query: target_fd/target_ifindex (u32), attach_type (u32), query_flags (u32),
+    // attach_flags (u32, out), prog_ids (u64 pointer), prog_cnt (u32, in and out).
+    attr[0] = u64::from(target) | (u64::from(attach_type) << 32);
+    attr[1] = flags;
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = MAX_PROGRAMS as u64;
+    bpf_syscall(BPF_PROG_QUERY, &mut attr)?;
+    let count = (attr[3] & 0xffff_ffff) as usize;
+    Ok(ids[..count.min(MAX_PROGRAMS)].to_vec())
+}
+
+/// The kernel's name of program `id` (BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN).
+fn program_name(id: u32) -> Option<String> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id); // bpf_attr.prog_id
+    let fd = bpf_syscall(BPF_PROG_GET_FD_BY_ID, &mut attr).ok()?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_prog_info: name[16] at byte offset 64. Larger than the part read: the kernel
+    // fills what fits and wants the tail it does not know zeroed.
+    let mut info = [0u8; 256];
+    let mut attr = [0u64; 16];
+    // bpf_attr.info: bpf_fd (u32), info_len (u32), info (u64 pointer).
+    attr[0] = (prog.as_raw_fd() as u32 as u64) | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
+    let name = &info[64..80];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// Logs what `find` found, once each, and returns how many.
+pub fn report(found: &[Foreign], pin_dir: &Path, cgroup: &Path) -> usize {
+    for f in found {
+        let name = f.name.as_deref().unwrap_or("(name not readable)");
+        if f.is_ours_elsewhere() {
+            log::error!(
+                "another kube-bpf-proxy's program {name} (id {}) runs at {} beside this agent's \
+                 (cgroup {}): its pins are not in {}, so its maps are not kept up to date and \
+                 it translates with what they held when its agent stopped; stop that agent, or \
+                 remove its pins with `kube-bpf-proxy cleanup --bpffs <its directory>`",
+                f.program_id,
+                f.hook,
+                cgroup.display(),
+                pin_dir.display()
+            );
+        } else {
+            log::warn!(
+                "another program, {name} (id {}), runs at the socket hook {} for the sockets of \
+                 cgroup {} beside this agent's: if it translates Service addresses (another \
+                 service proxy's socket load balancing), the two translate the same connections",
+                f.program_id,
+                f.hook,
+                cgroup.display()
+            );
+        }
+    }
+    found.len()
+}
+
+/// Cgroup directories `cgroup_of` looks at, at most.
+const MAX_CGROUPS: usize = 100_000;
+
+/// The cgroup directory the socket hooks pinned under `pin_dir` are attached to (for `verify`,
+/// which is not told it): the link's cgroup id is the directory's inode number on the cgroup2
+/// filesystem. None when there is no such link, or no cgroup2 mount holds it.
+pub fn cgroup_of(pin_dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let pin = pin_dir.join(super::bpf::LINKS_DIR).join(SOCK_PROGRAMS[0]);
+    let id = link_cgroup_id(&pin)?;
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let roots = mounts.lines().filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    });
+    let mut seen = 0;
+    for root in roots {
+        let mut todo = vec![root];
+        while let Some(dir) = todo.pop() {
+            seen += 1;
+            if seen > MAX_CGROUPS {
+                return None;
+            }
+            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+                return Some(dir);
+            }
+            todo.extend(
+                std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
+/// The cgroup id of the pinned cgroup link at `pin` (bpf_link_info: type at 0, then at byte
+/// offset 16 the cgroup member's `cgroup_id`).
+fn link_cgroup_id(pin: &Path) -> Option<u64> {
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    let path = CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64; // bpf_attr.pathname
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr).ok()?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u64; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = (link.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
+    ((info[0] & 0xffff_ffff) as u32 == BPF_LINK_TYPE_CGROUP).then_some(info[2])
+}
