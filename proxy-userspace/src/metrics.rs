@@ -505,7 +505,7 @@ impl Metrics {
             foreign_programs: gauge(
                 &mut r,
                 "kube_bpf_proxy_foreign_programs",
-                "Programs that are not this agent's found at start at its socket hooks (its cgroup's and those above), or beside its tc programs under its programs' names (another kube-bpf-proxy with pins elsewhere)",
+                "Attachments of programs that are not this agent's, found once at start: at its socket hooks (its cgroup's and those above), or another kube-bpf-proxy's beside its tc programs; set until the agent restarts",
             ),
             pod_namespaces_at_tc: gauge(
                 &mut r,

@@ -1058,7 +1058,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Programs of others where ours run (another kube-bpf-proxy with pins elsewhere, another
     // service proxy's socket programs): found while the capabilities to name them are held.
-    let foreign = foreign::find(&args.bpffs, &cgroup);
+    let foreign = foreign::find(&args.bpffs, Some(&cgroup));
     let count = foreign::report(&foreign, &args.bpffs, &cgroup);
     metrics.foreign_programs.with(&[]).set(count as u64);
     // Every program of this build is attached (socket hooks, XDP, tc): the entries of maps

@@ -772,6 +772,7 @@ fn verify_json_follows_its_schema() {
         hook: "sock4_connect".into(),
         program_id: 7,
         name: Some("cil_sock4_conne".into()),
+        kube_bpf_proxy: false,
     };
     let v = doc(&verification(
         0,
@@ -786,11 +787,13 @@ fn verify_json_follows_its_schema() {
         hook: "tc-eth0".into(),
         program_id: 8,
         name: Some("tc_ingress".into()),
+        kube_bpf_proxy: true,
     };
     let unnamed = Foreign {
         hook: "sock_release".into(),
         program_id: 9,
         name: None,
+        kube_bpf_proxy: false,
     };
     let v = doc(&verification(0, &[], Vec::new(), &[other, ours, unnamed]));
     assert_valid(VERIFICATION, &v);

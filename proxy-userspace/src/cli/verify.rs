@@ -413,9 +413,15 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|(name, why)| (name, why.to_string()))
             .collect();
-    let foreign = foreign::cgroup_of(&args.inspect.bpffs)
-        .map(|cgroup| foreign::find(&args.inspect.bpffs, &cgroup))
-        .unwrap_or_default();
+    let cgroup = foreign::cgroup_of(&args.inspect.bpffs);
+    if cgroup.is_none() && args.inspect.output != Format::Json {
+        println!(
+            "NOTE: the cgroup of the socket hooks pinned under {} was not found: programs of \
+             others at them are not checked",
+            args.inspect.bpffs.display()
+        );
+    }
+    let foreign = foreign::find(&args.inspect.bpffs, cgroup.as_deref());
     let view = verification(desired.frontends.len(), &ops, interfaces_missing, &foreign);
     let drift = view.differences.len()
         + view.interfaces_missing.len()

@@ -1569,7 +1569,7 @@ pub(super) fn bpf_syscall(
     cmd: libc::c_long,
     attr: &mut [u64; 16],
 ) -> std::io::Result<libc::c_long> {
-    // SAFETY: attr is a valid, large-enough bpf_attr buffer for both commands used here.
+    // SAFETY: attr is a zero-filled 128-byte bpf_attr the caller filled for `cmd`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

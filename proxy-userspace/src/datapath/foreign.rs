@@ -19,6 +19,7 @@ use super::bpf::{SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 /// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup's sockets, its ancestors'
@@ -52,18 +53,31 @@ pub struct Foreign {
     pub program_id: u32,
     /// The kernel's name of the program (15 bytes at most), when it could be read.
     pub name: Option<String>,
+    /// Its name is one of this build's programs' and it uses a map named as this project's
+    /// are (`LB_*`, `LB4_*`, `LB6_*`, `SOCK4_*`, `SOCK6_*`): another kube-bpf-proxy's.
+    pub kube_bpf_proxy: bool,
 }
 
 impl Foreign {
-    /// Whether its name is one of this build's programs': another kube-bpf-proxy's.
+    /// Whether it is another kube-bpf-proxy's program.
     pub fn is_ours_elsewhere(&self) -> bool {
-        self.name.as_deref().is_some_and(|n| {
-            SOCK_PROGRAMS
-                .iter()
-                .chain(&[TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM])
-                .any(|ours| kernel_name(ours) == n)
-        })
+        self.kube_bpf_proxy
     }
+}
+
+/// Whether `name` (as the kernel keeps it) is one of this build's programs'.
+fn our_program_name(name: &str) -> bool {
+    SOCK_PROGRAMS
+        .iter()
+        .chain(&[TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM])
+        .any(|ours| kernel_name(ours) == name)
+}
+
+/// Whether `name` is named as this project's maps are.
+fn our_map_name(name: &str) -> bool {
+    ["LB_", "LB4_", "LB6_", "SOCK4_", "SOCK6_"]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// A program name as the kernel keeps it (`BPF_OBJ_NAME_LEN` 16 with its NUL).
@@ -71,37 +85,35 @@ fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
-/// The programs of others at the socket hooks of `cgroup` (and above) and, under this build's
-/// names, beside its tc programs on the interfaces its links are on. Needs CAP_NET_ADMIN for
-/// the queries; names need CAP_SYS_ADMIN (without it, every program at a socket hook that is
-/// not this agent's is listed unnamed, and tc's are not listed). A failed query is logged at
-/// debug and skipped.
-pub fn find(pin_dir: &Path, cgroup: &Path) -> Vec<Foreign> {
+/// The programs of others at the socket hooks of `cgroup` (its own and its ancestors': an
+/// effective query; programs of cgroups below it are not seen) and another kube-bpf-proxy's
+/// beside this agent's tc programs on the interfaces its links are on (TCX, Linux 6.6). Needs
+/// CAP_NET_ADMIN for the queries; names need CAP_SYS_ADMIN (without it, every program at a
+/// socket hook that is not this agent's is listed unnamed, and tc's are not listed). A failed
+/// query is logged at debug and skipped.
+pub fn find(pin_dir: &Path, cgroup: Option<&Path>) -> Vec<Foreign> {
     let hooked = hooks(pin_dir);
     let ours: Vec<u32> = hooked.iter().filter_map(|h| h.program_id).collect();
     let mut found = Vec::new();
-    match File::open(cgroup) {
-        Ok(dir) => {
+    match cgroup.map(File::open) {
+        None => {}
+        Some(Ok(dir)) => {
             for (name, attach_type) in SOCK_PROGRAMS.iter().zip(SOCK_ATTACH_TYPES) {
                 let ids = match query(dir.as_raw_fd() as u32, attach_type, BPF_F_QUERY_EFFECTIVE) {
                     Ok(ids) => ids,
                     Err(e) => {
-                        log::debug!("programs at {name} on {}: {e}", cgroup.display());
+                        log::debug!("programs at {name} of the hooked cgroup: {e}");
                         continue;
                     }
                 };
                 found.extend(
                     ids.into_iter()
                         .filter(|id| !ours.contains(id))
-                        .map(|id| Foreign {
-                            hook: (*name).to_string(),
-                            program_id: id,
-                            name: program_name(id),
-                        }),
+                        .map(|id| foreign(name, id)),
                 );
             }
         }
-        Err(e) => log::debug!("open {}: {e}", cgroup.display()),
+        Some(Err(e)) => log::debug!("open the hooked cgroup: {e}"),
     }
     for hook in &hooked {
         let (prefix, attach_type) = if hook.hook.starts_with("tc-") {
@@ -130,15 +142,26 @@ pub fn find(pin_dir: &Path, cgroup: &Path) -> Vec<Foreign> {
         found.extend(
             ids.into_iter()
                 .filter(|id| !ours.contains(id))
-                .map(|id| Foreign {
-                    hook: hook.hook.clone(),
-                    program_id: id,
-                    name: program_name(id),
-                })
+                .map(|id| foreign(&hook.hook, id))
                 .filter(Foreign::is_ours_elsewhere),
         );
     }
     found
+}
+
+/// What can be read of program `id` found at `hook`.
+fn foreign(hook: &str, id: u32) -> Foreign {
+    let info = program_info(id);
+    let name = info.as_ref().map(|(name, _)| name.clone());
+    let kube_bpf_proxy = info.is_some_and(|(name, maps)| {
+        our_program_name(&name) && maps.iter().any(|m| our_map_name(m))
+    });
+    Foreign {
+        hook: hook.to_string(),
+        program_id: id,
+        name,
+        kube_bpf_proxy,
+    }
 }
 
 /// BPF_PROG_QUERY: the ids of the programs attached at `attach_type` of `target` (a cgroup's
@@ -152,54 +175,93 @@ fn query(target: u32, attach_type: u32, flags: u64) -> std::io::Result<Vec<u32>>
     attr[1] = flags;
     attr[2] = ids.as_mut_ptr() as u64;
     attr[3] = MAX_PROGRAMS as u64;
-    bpf_syscall(BPF_PROG_QUERY, &mut attr)?;
+    match bpf_syscall(BPF_PROG_QUERY, &mut attr) {
+        Ok(_) => {}
+        // More than fit: the kernel copied the first `MAX_PROGRAMS`.
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+        Err(e) => return Err(e),
+    }
     let count = (attr[3] & 0xffff_ffff) as usize;
     Ok(ids[..count.min(MAX_PROGRAMS)].to_vec())
 }
 
-/// The kernel's name of program `id` (BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN).
-fn program_name(id: u32) -> Option<String> {
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(id); // bpf_attr.prog_id
-    let fd = bpf_syscall(BPF_PROG_GET_FD_BY_ID, &mut attr).ok()?;
-    // SAFETY: the kernel returned a fresh fd we now own.
-    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_prog_info: name[16] at byte offset 64. Larger than the part read: the kernel
-    // fills what fits and wants the tail it does not know zeroed.
+/// The kernel's name of program `id` and the names of the maps it uses (BPF_PROG_GET_FD_BY_ID
+/// and BPF_MAP_GET_FD_BY_ID, which need CAP_SYS_ADMIN).
+fn program_info(id: u32) -> Option<(String, Vec<String>)> {
+    let prog = fd_by_id(BPF_PROG_GET_FD_BY_ID, id)?;
+    // struct bpf_prog_info: nr_map_ids (u32) at byte offset 52, map_ids (u64 pointer) at 56,
+    // name[16] at 64. Larger than the part read: the kernel fills what fits and wants the
+    // tail it does not know zeroed.
+    let mut map_ids = [0u32; 64];
     let mut info = [0u8; 256];
+    info[52..56].copy_from_slice(&(map_ids.len() as u32).to_ne_bytes());
+    info[56..64].copy_from_slice(&(map_ids.as_mut_ptr() as u64).to_ne_bytes());
+    object_info(&prog, &mut info)?;
+    let name = c_string(&info[64..80]);
+    let count = u32::from_ne_bytes(info[52..56].try_into().ok()?) as usize;
+    let maps = map_ids[..count.min(map_ids.len())]
+        .iter()
+        .filter_map(|&id| {
+            let map = fd_by_id(BPF_MAP_GET_FD_BY_ID, id)?;
+            // struct bpf_map_info: name[16] at byte offset 24.
+            let mut info = [0u8; 128];
+            object_info(&map, &mut info)?;
+            Some(c_string(&info[24..40]))
+        })
+        .collect();
+    Some((name, maps))
+}
+
+/// A descriptor of the program or map `id` (`cmd`: BPF_PROG_GET_FD_BY_ID or
+/// BPF_MAP_GET_FD_BY_ID; bpf_attr's id at offset 0 for both).
+fn fd_by_id(cmd: libc::c_long, id: u32) -> Option<OwnedFd> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    let fd = bpf_syscall(cmd, &mut attr).ok()?;
+    // SAFETY: the kernel returned a fresh fd we now own.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD of `fd` into `info`.
+fn object_info(fd: &OwnedFd, info: &mut [u8]) -> Option<()> {
     let mut attr = [0u64; 16];
     // bpf_attr.info: bpf_fd (u32), info_len (u32), info (u64 pointer).
-    attr[0] = (prog.as_raw_fd() as u32 as u64) | ((info.len() as u64) << 32);
+    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((info.len() as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
     bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    let name = &info[64..80];
-    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-    Some(String::from_utf8_lossy(&name[..end]).into_owned())
+    Some(())
+}
+
+/// The NUL-terminated string in `bytes`.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 /// Logs what `find` found, once each, and returns how many.
 pub fn report(found: &[Foreign], pin_dir: &Path, cgroup: &Path) -> usize {
+    let cgroup = cgroup.display();
     for f in found {
         let name = f.name.as_deref().unwrap_or("(name not readable)");
         if f.is_ours_elsewhere() {
             log::error!(
                 "another kube-bpf-proxy's program {name} (id {}) runs at {} beside this agent's \
-                 (cgroup {}): its pins are not in {}, so its maps are not kept up to date and \
-                 it translates with what they held when its agent stopped; stop that agent, or \
+                 (for the sockets of cgroup {cgroup}, or on that interface) with pins \
+                 elsewhere than {}: two proxies translate the same traffic, and once its agent \
+                 has stopped its maps are kept up to date by nobody; stop that agent, or \
                  remove its pins with `kube-bpf-proxy cleanup --bpffs <its directory>`",
                 f.program_id,
                 f.hook,
-                cgroup.display(),
                 pin_dir.display()
             );
         } else {
             log::warn!(
                 "another program, {name} (id {}), runs at the socket hook {} for the sockets of \
-                 cgroup {} beside this agent's: if it translates Service addresses (another \
-                 service proxy's socket load balancing), the two translate the same connections",
+                 cgroup {cgroup} (attached to it or to a cgroup above) beside this agent's: if \
+                 it translates Service addresses (another service proxy's socket load \
+                 balancing), the two translate the same connections",
                 f.program_id,
-                f.hook,
-                cgroup.display()
+                f.hook
             );
         }
     }
@@ -210,12 +272,13 @@ pub fn report(found: &[Foreign], pin_dir: &Path, cgroup: &Path) -> usize {
 const MAX_CGROUPS: usize = 100_000;
 
 /// The cgroup directory the socket hooks pinned under `pin_dir` are attached to (for `verify`,
-/// which is not told it): the link's cgroup id is the directory's inode number on the cgroup2
-/// filesystem. None when there is no such link, or no cgroup2 mount holds it.
+/// which is not told it): on a 64-bit kernel the link's cgroup id is the directory's inode
+/// number on the cgroup2 filesystem. None when there is no such link, or no cgroup2 mount
+/// holds it.
 pub fn cgroup_of(pin_dir: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let pin = pin_dir.join(super::bpf::LINKS_DIR).join(SOCK_PROGRAMS[0]);
-    let id = link_cgroup_id(&pin)?;
+    let id = link_cgroup_id(&pin).filter(|id| *id != 0)?;
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
     let roots = mounts.lines().filter_map(|l| {
         let mut f = l.split_whitespace();
@@ -224,13 +287,16 @@ pub fn cgroup_of(pin_dir: &Path) -> Option<PathBuf> {
     });
     let mut seen = 0;
     for root in roots {
+        let Ok(dev) = std::fs::metadata(&root).map(|m| m.dev()) else {
+            continue;
+        };
         let mut todo = vec![root];
         while let Some(dir) = todo.pop() {
             seen += 1;
             if seen > MAX_CGROUPS {
                 return None;
             }
-            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id && m.dev() == dev) {
                 return Some(dir);
             }
             todo.extend(
