@@ -1637,10 +1637,10 @@ mod tests {
         // (name, family index) of the Services and slices noted as changed.
         let with = |mut s: Snapshot, services: &[(&str, usize)], slices: &[(&str, usize)]| {
             for (name, f) in services {
-                s.changes.services[*f].insert(("default".into(), name.to_string()));
+                s.changes.services[*f].insert(crate::snapshot::change_key("default", name));
             }
             for (name, f) in slices {
-                s.changes.slices[*f].insert(("default".into(), name.to_string()));
+                s.changes.slices[*f].insert(crate::snapshot::change_key("default", name));
             }
             s
         };
