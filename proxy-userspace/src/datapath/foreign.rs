@@ -9,7 +9,6 @@
 //! what it found and goes on.
 
 use std::{
-    ffi::CString,
     fs::File,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -17,7 +16,6 @@ use std::{
 
 use super::bpf::{SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks};
 
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -312,20 +310,11 @@ pub fn cgroup_of(pin_dir: &Path) -> Option<PathBuf> {
     None
 }
 
-/// The cgroup id of the pinned cgroup link at `pin` (bpf_link_info: type at 0, then at byte
-/// offset 16 the cgroup member's `cgroup_id`).
+/// The cgroup id of the pinned cgroup link at `pin` (`tclinks::link_info`: the type in word 0,
+/// the cgroup member's 64-bit `cgroup_id` in words 4 and 5, low half first on the
+/// little-endian machines this runs on).
 fn link_cgroup_id(pin: &Path) -> Option<u64> {
     const BPF_LINK_TYPE_CGROUP: u32 = 3;
-    let path = CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
-    let mut attr = [0u64; 16];
-    attr[0] = path.as_ptr() as u64; // bpf_attr.pathname
-    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr).ok()?;
-    // SAFETY: the kernel returned a fresh fd we now own.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = [0u64; 32];
-    let mut attr = [0u64; 16];
-    attr[0] = (link.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
-    attr[1] = info.as_mut_ptr() as u64;
-    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    ((info[0] & 0xffff_ffff) as u32 == BPF_LINK_TYPE_CGROUP).then_some(info[2])
+    let info = super::tclinks::link_info(pin)?;
+    (info[0] == BPF_LINK_TYPE_CGROUP).then(|| u64::from(info[4]) | (u64::from(info[5]) << 32))
 }

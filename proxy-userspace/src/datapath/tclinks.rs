@@ -58,26 +58,32 @@ pub struct LinkState {
 /// Reads a pinned link's id, program and interface (BPF_OBJ_GET_INFO_BY_FD on the link; aya
 /// 0.14's `LinkInfo` does not expose the interface).
 pub fn link_state(pin: &Path) -> Option<LinkState> {
+    let info = link_info(pin)?;
+    Some(LinkState {
+        link_id: info[1],
+        program_id: info[2],
+        ifindex: info[4],
+    })
+}
+
+/// The kernel's `struct bpf_link_info` of the link pinned at `pin`, as 32-bit words: type, id,
+/// prog_id, then at word 4 (byte offset 16) the per-type union, whose tcx and xdp members
+/// start with the ifindex and whose cgroup member is the 64-bit cgroup id. Larger than any
+/// kernel's struct: the kernel only requires the tail it does not know to be zero.
+pub fn link_info(pin: &Path) -> Option<[u32; 64]> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
     let mut attr = [0u64; 16];
     attr[0] = path.as_ptr() as u64; // bpf_attr.pathname
     let fd = bpf_syscall(BPF_OBJ_GET, &mut attr).ok()?;
     // SAFETY: the kernel returned a fresh fd we now own.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id (u32 each), then at offset 16 the per-type
-    // union whose tcx and xdp members both start with the ifindex. Larger than any kernel's
-    // struct: the kernel only requires the tail it does not know to be zero.
     let mut info = [0u32; 64];
     let mut attr = [0u64; 16];
     // bpf_attr.info: bpf_fd (u32), info_len (u32), info (u64 pointer).
     attr[0] = (link.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
     bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    Some(LinkState {
-        link_id: info[1],
-        program_id: info[2],
-        ifindex: info[4],
-    })
+    Some(info)
 }
 
 /// Index of the interface named `name` now, if there is one.
