@@ -975,8 +975,6 @@ pub fn map_memlock(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
     Ok(out)
 }
 
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
 /// Counts the keys of a hash map by walking BPF_MAP_GET_NEXT_KEY (bounded by `max`).
 fn count_entries(map: BorrowedFd<'_>, key_size: u32, max: u32) -> anyhow::Result<u32> {
     let mut key = vec![0u8; key_size as usize];
@@ -1561,8 +1559,21 @@ fn pin_or_replace(
     Ok(false)
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
+// The bpf(2) commands the datapath's modules make themselves (enum bpf_cmd), for
+// `bpf_syscall`.
+pub(super) const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+pub(super) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub(super) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+pub(super) const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+pub(super) const BPF_OBJ_GET: libc::c_long = 7;
+pub(super) const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+pub(super) const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+pub(super) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+pub(super) const BPF_PROG_QUERY: libc::c_long = 16;
+pub(super) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+pub(super) const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub(super) const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+pub(super) const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `bpf(cmd, attr)` with a zeroed, 128-byte attribute buffer the caller has filled.
 pub(super) fn bpf_syscall(
@@ -1859,9 +1870,6 @@ impl MapIo for Maps {
         self.apply_batch(ops)
     }
 }
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries of a batch from which it is written by two threads at once, each half in its own
 /// syscalls: the kernel's hash-map updates (bucket locks, no map-wide lock) are most of a

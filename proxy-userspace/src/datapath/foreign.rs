@@ -14,12 +14,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::bpf::{SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks};
+use super::bpf::{
+    BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, BPF_PROG_QUERY,
+    SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks,
+};
 
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_PROG_QUERY: libc::c_long = 16;
 /// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup's sockets, its ancestors'
 /// included.
 const BPF_F_QUERY_EFFECTIVE: u64 = 1;

@@ -7,12 +7,11 @@
 
 use std::{io, os::fd::AsRawFd as _, os::fd::BorrowedFd};
 
-use super::bpf::bpf_syscall;
+use super::bpf::{
+    BPF_MAP_DELETE_ELEM, BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM,
+    bpf_syscall,
+};
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 /// Entries read per BPF_MAP_LOOKUP_BATCH call.

@@ -17,7 +17,7 @@ use aya::{
 };
 use proxy_common::{info::IfaceInfo, maps as names};
 
-use super::bpf::{LINKS_DIR, bpf_syscall, replace_pinned};
+use super::bpf::{BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, LINKS_DIR, bpf_syscall, replace_pinned};
 
 /// Pin of the loaded tc program under the pin directory, from which every attach is made.
 pub const TC_PROGRAM_PIN: &str = "tc_ingress";
@@ -42,9 +42,6 @@ pub fn link_pin_name(prefix: &str, iface: &str) -> String {
 pub fn iface_of_pin(prefix: &str, file: &str) -> Option<String> {
     file.strip_prefix(prefix).map(|i| i.replace(':', "."))
 }
-
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// What the kernel says about a pinned link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
