@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::{Map, Value, json};
+use serde::{Serialize, Serializer, ser::SerializeMap};
 
 use crate::{compile::Family, metrics::ip_family_name};
 
@@ -208,28 +208,65 @@ impl Health {
         let report = self.report(now);
         let ok = report.healthy && (probe == Probe::Livez || report.node_eligible);
         let last_updated = if ok { now } else { report.last_updated };
-        let mut body = Map::new();
-        body.insert("lastUpdated".into(), rfc3339(last_updated).into());
-        body.insert("currentTime".into(), rfc3339(now).into());
-        if probe == Probe::Healthz {
-            body.insert("nodeEligible".into(), report.node_eligible.into());
-        }
-        body.insert("healthy".into(), report.healthy.into());
-        if !report.status.is_empty() {
-            let status: Map<String, Value> = report
-                .status
-                .iter()
-                .map(|f| {
-                    (
-                        ip_family_name(f.family).to_string(),
-                        json!({"lastUpdated": rfc3339(f.last_updated), "healthy": f.healthy}),
-                    )
-                })
-                .collect();
-            body.insert("status".into(), status.into());
-        }
-        (if ok { 200 } else { 503 }, Value::Object(body).to_string())
+        let mut status: Vec<(&str, FamilyBody)> = report
+            .status
+            .iter()
+            .map(|f| {
+                let body = FamilyBody {
+                    last_updated: rfc3339(f.last_updated),
+                    healthy: f.healthy,
+                };
+                (ip_family_name(f.family), body)
+            })
+            .collect();
+        status.sort_by_key(|(name, _)| *name);
+        let body = Body {
+            last_updated: rfc3339(last_updated),
+            current_time: rfc3339(now),
+            node_eligible: (probe == Probe::Healthz).then_some(report.node_eligible),
+            healthy: report.healthy,
+            status: (!status.is_empty()).then_some(Status(status)),
+        };
+        // A struct of strings, booleans and a list of pairs: serialising it cannot fail.
+        let body = serde_json::to_string(&body).unwrap_or_default();
+        (if ok { 200 } else { 503 }, body)
     }
+}
+
+/// The JSON body of /healthz and /livez, its keys in kube-proxy's order (its ProxyHealth
+/// struct's: `lastUpdated`, `currentTime`, `nodeEligible`, `healthy`, `status`), so that an
+/// answer reads byte for byte like kube-proxy's.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body {
+    last_updated: String,
+    current_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Status>,
+}
+
+/// `status`: one object per family, keyed `IPv4`/`IPv6` in that order (Go writes a map's
+/// keys sorted).
+struct Status(Vec<(&'static str, FamilyBody)>);
+
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, body) in &self.0 {
+            map.serialize_entry(name, body)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FamilyBody {
+    last_updated: String,
+    healthy: bool,
 }
 
 /// `t` in RFC 3339, UTC, with nanoseconds when non-zero and trailing zeros trimmed (what Go's
@@ -281,6 +318,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
     fn at(secs: u64) -> SystemTime {
@@ -446,6 +485,28 @@ mod tests {
         assert_eq!(v["healthy"], true);
         assert_eq!(v["lastUpdated"], "2023-11-14T22:14:23Z");
         assert_eq!(h.probe(Probe::Livez, at(T0 + 64)).0, 200);
+    }
+
+    /// The keys come in kube-proxy's order (its ProxyHealth struct's; semantics 8.9), so that
+    /// a body compared as text reads as kube-proxy's does.
+    #[test]
+    fn probe_body_keys_are_in_kube_proxys_order() {
+        let h = Health::new(DEFAULT_HEALTH_TIMEOUT, &[Family::V6, Family::V4], at(T0));
+        let (_, body) = h.probe(Probe::Healthz, at(T0));
+        assert_eq!(
+            body,
+            "{\"lastUpdated\":\"2023-11-14T22:13:20Z\",\"currentTime\":\"2023-11-14T22:13:20Z\",\
+             \"nodeEligible\":true,\"healthy\":true,\"status\":{\"IPv4\":{\"lastUpdated\":\
+             \"2023-11-14T22:13:20Z\",\"healthy\":true},\"IPv6\":{\"lastUpdated\":\
+             \"2023-11-14T22:13:20Z\",\"healthy\":true}}}"
+        );
+        let (_, body) =
+            Health::new(DEFAULT_HEALTH_TIMEOUT, &[], at(T0)).probe(Probe::Livez, at(T0));
+        assert_eq!(
+            body,
+            "{\"lastUpdated\":\"2023-11-14T22:13:20Z\",\"currentTime\":\"2023-11-14T22:13:20Z\",\
+             \"healthy\":true}"
+        );
     }
 
     #[test]
