@@ -702,11 +702,10 @@ fn tc_translates_a_cluster_ip_reached_from_outside() {
             flags: TCP_SYN | TCP_ACK
         }
     );
-    // Port 81 is no port of the Service: rejected with a reset.
-    let out = rig.tc(&tcp4((CLIENT, 40001), (cluster_ip, 81), TCP_SYN));
-    let s = seen(&out.packet);
-    assert_eq!((s.src, s.dst), ((cluster_ip, 81), (CLIENT, 40001)));
-    assert!(s.flags & TCP_RST != 0, "a reset: {:#x}", s.flags);
+    // Port 81 is no port of the Service: rejected with ICMP port unreachable.
+    let syn = tcp4((CLIENT, 40001), (cluster_ip, 81), TCP_SYN);
+    let out = rig.tc(&syn);
+    assert_port_unreachable(&out, cluster_ip, &syn);
     // Not a ClusterIP: untouched.
     let other = tcp4((CLIENT, 40002), (Ipv4Addr::new(10, 96, 0, 99), 80), TCP_SYN);
     let out = rig.tc(&other);
@@ -714,22 +713,43 @@ fn tc_translates_a_cluster_ip_reached_from_outside() {
     assert_eq!(out.packet, other);
 }
 
-/// A node port of a Service without endpoints is answered with a reset built in place and
-/// sent back (semantics 3.7); nothing is tracked.
+/// A TCP node port of a Service without endpoints is answered with ICMP port unreachable
+/// built in place and sent back, as kube-proxy's REJECT answers (semantics 3.7); nothing is
+/// tracked. A lone reset to it is dropped unanswered (conntrack calls it INVALID, 3.10).
 #[test]
-fn tc_rejects_a_node_port_without_endpoints_with_a_reset() {
+fn tc_rejects_a_node_port_without_endpoints_with_port_unreachable() {
     if !privileged() {
         return;
     }
     let mut rig = Rig::new();
-    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30082), TCP_SYN));
-    assert_ne!(out.verdict, TC_ACT_OK, "answered here");
-    assert_ne!(out.verdict, TC_ACT_SHOT, "answered, not dropped");
-    let s = seen(&out.packet);
-    assert_eq!((s.src, s.dst), ((NODE, 30082), (CLIENT, 40000)));
-    assert!(s.flags & TCP_RST != 0, "a reset: {:#x}", s.flags);
+    let syn = tcp4((CLIENT, 40000), (NODE, 30082), TCP_SYN);
+    let out = rig.tc(&syn);
+    assert_port_unreachable(&out, NODE, &syn);
     assert_eq!(rig.count(Reason::Rejected), 1);
     assert!(rig.dp.maps.conntrack4().unwrap().is_empty());
+    let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30082), TCP_RST));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "a reset is not answered");
+    assert_eq!(rig.count(Reason::Rejected), 1);
+}
+
+/// `out` is an ICMP port unreachable from `from` to the sender of `sent` (an IPv4 frame),
+/// quoting its IP header and first 8 bytes, sent back rather than passed or dropped.
+fn assert_port_unreachable(out: &RunResult, from: Ipv4Addr, sent: &[u8]) {
+    assert_ne!(out.verdict, TC_ACT_OK, "answered here");
+    assert_ne!(out.verdict, TC_ACT_SHOT, "answered, not dropped");
+    let f = &out.packet;
+    let ip = &f[14..34];
+    assert_eq!(checksum(ip, 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&from.octets()[..], &sent[26..30])
+    );
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &f[34..14 + total];
+    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
+    assert_eq!(&icmp[8..36], &sent[14..42], "quotes the header and 8 bytes");
 }
 
 /// loadBalancerSourceRanges (semantics 7.8): a source outside the ranges is dropped at the
@@ -1388,26 +1408,9 @@ fn tc_answers_udp_without_endpoints_with_port_unreachable() {
         return;
     }
     let mut rig = Rig::new();
-    let out = rig.tc(&udp4((CLIENT, 40000), (NODE, 30086), b"query"));
-    assert_ne!(out.verdict, TC_ACT_OK);
-    assert_ne!(out.verdict, TC_ACT_SHOT);
-    let f = &out.packet;
-    let ip = &f[14..34];
-    assert_eq!(checksum(ip, 0), 0, "IP checksum");
-    assert_eq!(ip[9], 1, "ICMP");
-    assert_eq!(
-        (&ip[12..16], &ip[16..20]),
-        (&NODE.octets()[..], &CLIENT.octets()[..])
-    );
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let icmp = &f[34..14 + total];
-    assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
-    assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
-    assert_eq!(
-        &icmp[8 + 12..8 + 16],
-        &CLIENT.octets(),
-        "quotes the datagram"
-    );
+    let query = udp4((CLIENT, 40000), (NODE, 30086), b"query");
+    let out = rig.tc(&query);
+    assert_port_unreachable(&out, NODE, &query);
     assert_eq!(rig.count(Reason::Rejected), 1);
 }
 

@@ -205,9 +205,9 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
 }
 
 #[test]
-fn no_backends_gets_a_reset_or_port_unreachable() {
-    // semantics 3.7: TCP gets a reset, UDP an ICMP port unreachable, from every frontend in
-    // both families; the client sees ECONNREFUSED at once.
+fn no_backends_gets_port_unreachable() {
+    // semantics 3.7: TCP and UDP get an ICMP port unreachable (kube-proxy's REJECT), from
+    // every frontend in both families; the client sees ECONNREFUSED at once.
     if !privileged() {
         return;
     }

@@ -1,5 +1,7 @@
 //! Answers for new flows to a frontend without any usable backend (semantics 3.7: kube-proxy
-//! rejects them): a TCP segment gets a reset, a UDP datagram an ICMP port unreachable. The
+//! rejects them), or to a port a ClusterIP does not serve (3.12): ICMP port unreachable (ICMPv6
+//! port unreachable), as kube-proxy's REJECT and nftables' `reject` answer by default, for TCP
+//! segments and UDP datagrams alike; a client's connect() fails with ECONNREFUSED at once. The
 //! packet is turned into the answer in place and sent back out of the interface it came in on.
 
 use aya_ebpf::{
@@ -18,15 +20,15 @@ use crate::{
     },
     flow::monitor,
     headers::{
-        AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-        answer::{TTL, ipv4_header, ipv6_header, pseudo6_sum},
+        AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_RST,
+        answer::{ipv4_header, ipv6_header, pseudo6_sum},
         csum::{fold, sum},
         family::Ip,
     },
 };
 
-/// Rejects the packet; a packet that cannot be answered (a RST, IP options, a helper failure)
-/// is dropped. Counted either way.
+/// Rejects the packet; a packet that cannot be answered (a TCP reset, IP options, a helper
+/// failure) is dropped. Counted either way.
 #[inline(never)]
 pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     let Ok(pkt) = F::parse(ctx) else {
@@ -37,15 +39,11 @@ pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     // of its own, which reads the addresses again: this one has room for the answer only).
     monitor::dropped_packet::<F>(ctx, Hook::TcIngress, Reason::NoBackends);
     let v4 = F::AF == AF_INET;
+    // A lone TCP reset is not answered: conntrack sees it as INVALID, not NEW, so
+    // kube-proxy's reject rule does not match it (3.10).
     let answered = match pkt.t.proto {
-        proto::TCP if pkt.tcp_flags & TCP_RST == 0 => {
-            if v4 {
-                tcp_reset_v4(ctx, pkt.l4)
-            } else {
-                tcp_reset_v6(ctx)
-            }
-        }
-        proto::UDP => {
+        proto::TCP if pkt.tcp_flags & TCP_RST != 0 => Err(0),
+        proto::TCP | proto::UDP => {
             if v4 {
                 unreachable_v4(ctx, pkt.l4)
             } else {
@@ -62,116 +60,6 @@ pub fn reject<F: Ip>(ctx: &TcContext) -> i32 {
     }
     stats::count(Reason::Rejected);
     send_back(ctx)
-}
-
-/// The reset answering a TCP segment with sequence `seq`, acknowledgment `ack`, `flags` and
-/// `payload` bytes (RFC 9293 3.10.7.1): source and destination ports swapped.
-#[inline(always)]
-fn reset_header(hdr: &[u8; 20], payload: u32) -> [u8; 20] {
-    let flags = hdr[13];
-    let seq = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-    let ack = u32::from_be_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-    let (new_seq, new_ack, new_flags) = if flags & TCP_ACK != 0 {
-        (ack, 0, TCP_RST)
-    } else {
-        let mut len = payload;
-        if flags & TCP_SYN != 0 {
-            len += 1;
-        }
-        if flags & TCP_FIN != 0 {
-            len += 1;
-        }
-        (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
-    };
-    let s = new_seq.to_be_bytes();
-    let a = new_ack.to_be_bytes();
-    [
-        hdr[2],
-        hdr[3],
-        hdr[0],
-        hdr[1],
-        s[0],
-        s[1],
-        s[2],
-        s[3],
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        5 << 4,
-        new_flags,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]
-}
-
-#[inline(never)]
-fn tcp_reset_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
-    let l3 = ETH_HLEN;
-    if l4 != l3 + 20 {
-        return Err(0); // IP options: not answered
-    }
-    let ip = skb::load::<[u8; 20]>(ctx, l3)?;
-    let tcp = skb::load::<[u8; 20]>(ctx, l4)?;
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
-    let doff = ((tcp[12] >> 4) as u32) * 4;
-    let payload = tot_len.saturating_sub(20 + doff);
-    let saddr = [ip[16], ip[17], ip[18], ip[19]];
-    let daddr = [ip[12], ip[13], ip[14], ip[15]];
-    let mut rst = reset_header(&tcp, payload);
-    // Pseudo header: source, destination, zero, protocol, TCP length.
-    let mut pseudo = [
-        saddr[0],
-        saddr[1],
-        saddr[2],
-        saddr[3],
-        daddr[0],
-        daddr[1],
-        daddr[2],
-        daddr[3],
-        0,
-        proto::TCP,
-        0,
-        20,
-    ];
-    let c = fold(sum(&mut rst, sum(&mut pseudo, 0)?)?).to_ne_bytes();
-    rst[16] = c[0];
-    rst[17] = c[1];
-    set_len(ctx, l4 + 20)?;
-    store(ctx, l3, &ipv4_header(40, proto::TCP, saddr, daddr)?)?;
-    store(ctx, l4, &rst)
-}
-
-#[inline(never)]
-fn tcp_reset_v6(ctx: &TcContext) -> Result<(), i64> {
-    let l3 = ETH_HLEN;
-    let l4 = l3 + 40;
-    let ip = skb::load::<[u8; 40]>(ctx, l3)?;
-    let tcp = skb::load::<[u8; 20]>(ctx, l4)?;
-    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as u32;
-    let doff = ((tcp[12] >> 4) as u32) * 4;
-    let mut rst = reset_header(&tcp, payload_len.saturating_sub(doff));
-    let mut hdr = ip;
-    // Swap the addresses, 20 bytes of payload, hop limit.
-    let mut i = 0;
-    while i < 16 {
-        hdr[8 + i] = ip[24 + i];
-        hdr[24 + i] = ip[8 + i];
-        i += 1;
-    }
-    hdr[4] = 0;
-    hdr[5] = 20;
-    hdr[7] = TTL;
-    let c = fold(sum(&mut rst, pseudo6_sum(&hdr, 20, proto::TCP)?)?).to_ne_bytes();
-    rst[16] = c[0];
-    rst[17] = c[1];
-    set_len(ctx, l4 + 20)?;
-    store(ctx, l3, &hdr)?;
-    store(ctx, l4, &rst)
 }
 
 #[inline(never)]
