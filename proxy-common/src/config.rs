@@ -49,3 +49,8 @@ pub const CONFIG_DSR: u32 = 1 << 2;
 /// which then reach tc untranslated) is masqueraded to the node address on the way to the
 /// backend (semantics 7.12).
 pub const CONFIG_MASQUERADE_ALL: u32 = 1 << 3;
+
+/// Set by an agent that does not read endpoints' node hints (`featureGates:
+/// {PreferSameTrafficDistribution: false}`), so that `verify`, `explain` and `services`
+/// compile as it does. The programs ignore it.
+pub const CONFIG_NO_NODE_HINTS: u32 = 1 << 4;

@@ -191,6 +191,10 @@ pub struct ProxyConfig {
     pub scheduler: crate::model::Scheduler,
     /// Entries of every Maglev table (`--maglev-table-size`, a prime).
     pub maglev_size: u32,
+    /// Whether endpoints' `hints.forNodes` are read (semantics 5.5: kube-proxy reads them only
+    /// with feature gate PreferSameTrafficDistribution, on by default since 1.34); false
+    /// with `featureGates: {PreferSameTrafficDistribution: false}`.
+    pub node_hints: bool,
 }
 
 impl Default for ProxyConfig {
@@ -198,6 +202,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             scheduler: crate::model::Scheduler::Random,
             maglev_size: crate::model::DEFAULT_MAGLEV_SIZE,
+            node_hints: true,
         }
     }
 }

@@ -277,6 +277,71 @@ fn verify_reports_injected_drift_and_nothing_otherwise() {
     assert_eq!(put["value"]["port"], BACKEND_PORT);
 }
 
+/// semantics 5.5: an agent run with kube-proxy's `--feature-gates
+/// PreferSameTrafficDistribution=false` does not read node hints: a PreferSameNode Service is
+/// served over its zone hints; it records that in its pins, so `verify` (run without the
+/// flag) finds no drift and `explain` gives the zone as the reason.
+#[test]
+fn without_the_prefer_same_node_gate_node_hints_are_not_read() {
+    if !privileged() {
+        return;
+    }
+    let (mut env, _) =
+        Env::with_agent_args(4, &["--feature-gates=PreferSameTrafficDistribution=false"]);
+    env.agent
+        .write_manifest("node.yaml", &node_yaml(NODE, Some("zone-a")));
+    env.agent.write_manifest(
+        "web.yaml",
+        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
+    );
+    let ip = |i: usize| env.topo.pods[i].ip4.to_string();
+    // pod-2 is hinted for this node, pod-3 for another node of this zone, pod-4 for a node
+    // of zone-b: node hints would pick pod-2 alone, zone hints pick pod-2 and pod-3.
+    let slice = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: {NODE}}}], forZones: [{{name: zone-a}}]}}}}\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: node-b}}], forZones: [{{name: zone-a}}]}}}}\n\
+- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: node-c}}], forZones: [{{name: zone-b}}]}}}}\n",
+        ip(1),
+        ip(2),
+        ip(3),
+    );
+    env.agent.write_manifest("slice.yaml", &slice);
+    env.wait_for_backends(
+        Proto::Tcp,
+        "10.96.0.10:80".parse().unwrap(),
+        &["pod-2", "pod-3"],
+    );
+    let (code, out) = verify(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    let manifests = env.agent.manifests.display().to_string();
+    let client = env.topo.pods[0].ip4.to_string();
+    let (code, out) = cli(
+        &env,
+        &[
+            "explain",
+            &client,
+            "10.96.0.10:80/TCP",
+            "--manifests",
+            &manifests,
+            "--hostname-override",
+            NODE,
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v = json(&out);
+    assert_eq!(v["eligible"].as_array().unwrap().len(), 2, "{v}");
+    let causes: Vec<&str> = v["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes, ["zoneHint"], "{v}");
+}
+
 /// A change large enough that the agent writes its members and backends in batches of
 /// thousands, each batch by two threads at once (and its slots, 16 to an entry, in hundreds): read back, the maps hold exactly what the
 /// manifests ask for, and removing it all leaves no entry of it.

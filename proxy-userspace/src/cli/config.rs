@@ -249,10 +249,6 @@ pub fn netfilter_settings(c: &Conntrack, cpus: u32) -> NetfilterSettings {
 /// the behaviour is. Every other gate is listed among the fields not used.
 const ALWAYS_ON_GATES: &[(&str, &str)] = &[
     (
-        "PreferSameTrafficDistribution",
-        "reads forNodes hints (PreferSameNode, semantics 5.5)",
-    ),
-    (
         "ServiceTrafficDistribution",
         "follows topology hints whatever the Service's annotations (semantics 5.1)",
     ),
@@ -266,6 +262,10 @@ const ALWAYS_ON_GATES: &[(&str, &str)] = &[
         "answers /healthz with 503 on a deleted or to-be-deleted node (semantics 8.8)",
     ),
 ];
+
+/// The feature gate without which kube-proxy does not read endpoints' `forNodes` hints
+/// (semantics 5.5: alpha in 1.33, on by default since 1.34). Honoured: false turns them off.
+const NODE_HINTS_GATE: &str = "PreferSameTrafficDistribution";
 
 /// Reads and parses the file given to `--config`; returns its content too.
 pub fn load(path: &Path) -> anyhow::Result<(KubeProxyConfig, Vec<String>, String)> {
@@ -306,7 +306,7 @@ pub fn parse_tree(tree: &Value) -> Result<(KubeProxyConfig, Vec<String>), Config
         ..Default::default()
     };
     for name in config.feature_gates.keys() {
-        if !ALWAYS_ON_GATES.iter().any(|(gate, _)| gate == name) {
+        if name != NODE_HINTS_GATE && !ALWAYS_ON_GATES.iter().any(|(gate, _)| gate == name) {
             top.listed.push(format!("featureGates.{name}"));
         }
     }
@@ -1061,6 +1061,13 @@ pub fn apply(
         );
     }
 
+    if config.feature_gates.get(NODE_HINTS_GATE) == Some(&false) {
+        args.source.ignore_node_hints = true;
+        notes.push(Note::info(format!(
+            "featureGates.{NODE_HINTS_GATE}=false: endpoints' forNodes hints are not read \
+             (trafficDistribution PreferSameNode falls back to zone hints)"
+        )));
+    }
     for (name, on) in &config.feature_gates {
         if let Some((_, what)) = ALWAYS_ON_GATES.iter().find(|(g, _)| g == name)
             && !on

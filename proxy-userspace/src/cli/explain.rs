@@ -278,6 +278,7 @@ pub fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
         let mut snapshot = args
             .source
             .first_snapshot(std::time::Duration::from_secs(30))?;
+        maps.agent_compile_settings(&mut snapshot.config)?;
         per_packet = per_packet_client(
             args.client,
             &snapshot.pods,

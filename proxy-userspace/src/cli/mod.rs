@@ -215,6 +215,10 @@ pub struct SourceArgs {
     /// Entries of each Maglev table: a prime, well above 100 x the backends of a Service.
     #[arg(long, default_value_t = crate::maglev::DEFAULT_SIZE)]
     pub maglev_table_size: u32,
+    /// Set by `--config`/`--feature-gates` with PreferSameTrafficDistribution=false:
+    /// endpoints' node hints are not read (semantics 5.5).
+    #[arg(skip)]
+    pub ignore_node_hints: bool,
 }
 
 /// `--hostname-override` as kube-proxy reads it: trimmed and lower-cased; "" stands for no
@@ -299,6 +303,7 @@ impl SourceArgs {
         Ok(crate::snapshot::ProxyConfig {
             scheduler,
             maglev_size: self.maglev_table_size,
+            node_hints: !self.ignore_node_hints,
         })
     }
 

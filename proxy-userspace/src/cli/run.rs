@@ -970,6 +970,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     datapath.set_maglev_size(config.maglev_size)?;
     datapath.set_dsr(dsr)?;
     datapath.set_masquerade_all(args.masquerade_all)?;
+    datapath.set_node_hints(config.node_hints)?;
     datapath.set_dsr_budget(args.dsr_learn_budget)?;
     datapath.set_masquerade_ports(masquerade.first, masquerade.last)?;
     // Named external interfaces are attached whenever they exist; without names, those of the

@@ -388,9 +388,10 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let mut snapshot = args.source.first_snapshot(Duration::from_secs(30))?;
     let endpoints = snapshot.node.local_endpoints(&snapshot.slices);
     snapshot.node.waiting = podif::waiting_now(&args.inspect.bpffs, &endpoints)?;
+    let maps = Maps::open_pinned(&args.inspect.bpffs)?;
+    maps.agent_compile_settings(&mut snapshot.config)?;
     let mut compiler = Compiler::default();
     compiler.update(&snapshot);
-    let maps = Maps::open_pinned(&args.inspect.bpffs)?;
     let current = maps.dump()?;
     // What the agent programs: Service ports that do not fit the maps are refused alike, so
     // they are no drift.

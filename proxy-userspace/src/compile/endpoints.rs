@@ -43,6 +43,22 @@ impl Endpoint {
     }
 }
 
+/// Drops the endpoints' node hints, keeping their zone hints: kube-proxy without feature gate
+/// PreferSameTrafficDistribution does not read `forNodes` (semantics 5.5).
+pub fn without_node_hints(endpoints: &mut [Endpoint]) {
+    for e in endpoints {
+        let Some(hints) = e.hints.take_if(|h| h.nodes.is_some()) else {
+            continue;
+        };
+        e.hints = hints.zones.clone().map(|zones| {
+            Arc::new(Hints {
+                zones: Some(zones),
+                nodes: None,
+            })
+        });
+    }
+}
+
 /// Whose slice this is, as `SliceIndex::build` decides it.
 pub enum Owner<'a> {
     /// Hidden from the proxy by a label (semantics 1.1, 1.2).

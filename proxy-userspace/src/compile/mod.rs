@@ -942,7 +942,10 @@ fn compile_service(
             };
             let externally_accessible =
                 node_port.is_some() || !lb_ips.is_empty() || !external_ips.is_empty();
-            let endpoints = index.endpoints_for(&name, &mut desired.problems);
+            let mut endpoints = index.endpoints_for(&name, &mut desired.problems);
+            if !config.node_hints {
+                endpoints::without_node_hints(&mut endpoints);
+            }
             let categorized = categorize(
                 endpoints,
                 node,

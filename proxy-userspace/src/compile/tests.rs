@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::snapshot::{NodeInfo, Snapshot};
+use explain::{EndpointVerdict, ExclusionCause};
 
 /// A snapshot of YAML documents (Services and EndpointSlices, separated by `---`) on node
 /// `node` in zone `zone`; also used by the agent's tests.
@@ -1915,6 +1916,40 @@ fn nodeport_addresses_primary_is_the_primary_address_of_each_family() {
         [Cidr::parse("192.168.77.0/24").unwrap()]
     );
     assert!(NodePortSelection::parse(&values(&["primary", "nonsense"]), None).is_err());
+}
+
+/// semantics 5.5: without feature gate PreferSameTrafficDistribution kube-proxy does not read
+/// forNodes hints, so a PreferSameNode Service is served over its zone hints; `explain` says
+/// so too.
+#[test]
+fn node_hints_are_not_read_without_their_feature_gate() {
+    let yaml = docs(&[
+        &web(""),
+        &slice(
+            "web-1",
+            &[
+                "{addresses: [10.244.1.1], hints: {forNodes: [{name: node-a}], forZones: [{name: zone-a}]}}",
+                "{addresses: [10.244.1.2], hints: {forNodes: [{name: node-b}], forZones: [{name: zone-a}]}}",
+                "{addresses: [10.244.2.1], hints: {forNodes: [{name: node-c}], forZones: [{name: zone-b}]}}",
+            ],
+        ),
+    ]);
+    let mut s = snapshot(&yaml, "node-a", Some("zone-a"));
+    assert_eq!(backends_of(&compile(&s), FE), ["10.244.1.1:8080"]);
+    s.config.node_hints = false;
+    let d = compile(&s);
+    assert_eq!(backends_of(&d, FE), ["10.244.1.1:8080", "10.244.1.2:8080"]);
+    let sp = d.ports.values().next().unwrap();
+    let far = sp
+        .endpoints
+        .all()
+        .iter()
+        .find(|e| e.port == 8080 && e.addr.to_string() == "10.244.2.1");
+    let verdict = explain::judge(sp, far.unwrap(), false);
+    let EndpointVerdict::Excluded(why) = verdict else {
+        panic!("{verdict:?}");
+    };
+    assert_eq!(why.cause, ExclusionCause::ZoneHint, "{why:?}");
 }
 
 #[test]

@@ -28,7 +28,8 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::BackendValue,
     config::{
-        CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_MASQUERADE_ALL, CONFIG_SOCKET_TERMINATION, ConfigValue,
+        CONFIG_DEBUG_LOG, CONFIG_DSR, CONFIG_MASQUERADE_ALL, CONFIG_NO_NODE_HINTS,
+        CONFIG_SOCKET_TERMINATION, ConfigValue,
     },
     ct::{Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtTimeouts},
     info::{AgentState, NamespaceInfo, ServiceInfo},
@@ -49,6 +50,7 @@ use super::{
 use crate::capacity::Capacity;
 use crate::compile::Cidr;
 use crate::plan::{MapState, Op, ServiceKey, SourceRange};
+use crate::snapshot::ProxyConfig;
 
 /// The BPF object built by build.rs (aya-build), embedded so the binary is self-contained.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
@@ -663,6 +665,19 @@ impl Maps {
 
     pub fn socket_termination(&self) -> anyhow::Result<bool> {
         self.config_flag(CONFIG_SOCKET_TERMINATION)
+    }
+
+    /// The compile settings the agent recorded in the pins (the Maglev table size, whether
+    /// node hints are read) put into `config`, so that a command compiling the cluster beside
+    /// the agent compiles it as the agent does whatever its own flags say. Pins of an agent
+    /// that recorded none leave `config` as it is.
+    pub fn agent_compile_settings(&self, config: &mut ProxyConfig) -> anyhow::Result<()> {
+        let value = self.config()?;
+        if value.maglev_size != 0 {
+            config.maglev_size = value.maglev_size;
+        }
+        config.node_hints = value.flags & CONFIG_NO_NODE_HINTS == 0;
+        Ok(())
     }
 
     pub fn set_config_flag(&mut self, flag: u32, on: bool) -> anyhow::Result<()> {
@@ -1289,6 +1304,11 @@ impl Datapath {
     /// `--masquerade-all`: tc masquerades every new flow to a ClusterIP it translates.
     pub fn set_masquerade_all(&mut self, on: bool) -> anyhow::Result<()> {
         self.maps.set_config_flag(CONFIG_MASQUERADE_ALL, on)
+    }
+
+    /// Records whether the agent reads endpoints' node hints (for the other commands).
+    pub fn set_node_hints(&mut self, on: bool) -> anyhow::Result<()> {
+        self.maps.set_config_flag(CONFIG_NO_NODE_HINTS, !on)
     }
 
     /// Sets the masquerading source ports (inclusive).

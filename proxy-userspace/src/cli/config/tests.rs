@@ -690,16 +690,53 @@ fn config_masquerade_all_follows_the_mode() {
 #[test]
 fn config_feature_gates_always_on_here_warn_when_turned_off() {
     let out = run_with(
-        &doc("featureGates: {PreferSameTrafficDistribution: false, LoadBalancerIPMode: true}"),
+        &doc("featureGates: {TopologyAwareHints: false, LoadBalancerIPMode: true}"),
         &[],
     );
     assert_eq!(
         out.warnings(),
         [
-            "featureGates.PreferSameTrafficDistribution=false: not honoured, this proxy always \
-          reads forNodes hints (PreferSameNode, semantics 5.5)"
+            "featureGates.TopologyAwareHints=false: not honoured, this proxy always follows zone \
+          hints (semantics 5.11)"
         ]
     );
+}
+
+/// semantics 5.5: PreferSameTrafficDistribution=false turns the reading of node hints off,
+/// from the file or from kube-proxy's flag; true (or absent) leaves it on. Never listed as
+/// unused.
+#[test]
+fn config_prefer_same_traffic_distribution_false_stops_reading_node_hints() {
+    for (text, flags, ignored) in [
+        (
+            "featureGates: {PreferSameTrafficDistribution: false}",
+            &[][..],
+            true,
+        ),
+        (
+            "featureGates: {PreferSameTrafficDistribution: true}",
+            &[],
+            false,
+        ),
+        ("", &[], false),
+    ] {
+        let out = run_with(&doc(text), flags);
+        assert_eq!(out.args().source.ignore_node_hints, ignored, "{text}");
+        assert_eq!(out.args().source.config().unwrap().node_hints, !ignored);
+        assert!(out.warnings().is_empty(), "{:?}", out.warnings());
+        let infos = out.at(log::Level::Info);
+        assert_eq!(
+            infos
+                .iter()
+                .any(|n| n.contains("forNodes hints are not read")),
+            ignored,
+            "{infos:?}"
+        );
+    }
+    let (_, unused) = parse(&doc("featureGates: {PreferSameTrafficDistribution: false}")).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    let out = run_argv(&["--feature-gates=PreferSameTrafficDistribution=false"]).unwrap();
+    assert!(out.args().source.ignore_node_hints);
 }
 
 #[test]
