@@ -167,6 +167,8 @@ pub(crate) struct Request<'a> {
     pub method: &'a str,
     /// The request target's path, without query string.
     pub path: &'a str,
+    /// The query string (after `?`), if any.
+    pub query: Option<&'a str>,
     /// The address the client connected to (an IPv4 one as v4-mapped on a dual-stack socket).
     pub local: Option<SocketAddr>,
 }
@@ -522,6 +524,7 @@ async fn answer(
             Ok(_) => handler.handle(&Request {
                 method: head.method.as_str(),
                 path: head.uri.path(),
+                query: head.uri.query(),
                 local,
             }),
             Err(e) if e.is::<LengthLimitError>() => too_large(),
@@ -552,6 +555,44 @@ fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
         })
 }
 
+/// The metrics server's /healthz, as kube-proxy's (component-base's healthz handler with its
+/// one check, `ping`, which always passes; semantics 8.10): `ok`, or with `verbose` in the
+/// query each check's line and the verdict; `exclude=NAME` (once per name) marks a check
+/// excluded and warns about names that match none.
+fn metrics_healthz(query: Option<&str>) -> String {
+    let mut verbose = false;
+    let mut excluded: Vec<String> = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "verbose" => verbose = true,
+            "exclude" => excluded.push(value.into_owned()),
+            _ => {}
+        }
+    }
+    if !verbose {
+        return "ok".into();
+    }
+    let mut out = String::new();
+    let ping_excluded = excluded.iter().any(|e| e == "ping");
+    excluded.retain(|e| e != "ping");
+    excluded.sort();
+    excluded.dedup();
+    if ping_excluded {
+        out.push_str("[+]ping excluded: ok\n");
+    } else {
+        out.push_str("[+]ping ok\n");
+    }
+    if !excluded.is_empty() {
+        let names: Vec<String> = excluded.iter().map(|e| format!("{e:?}")).collect();
+        out.push_str(&format!(
+            "warn: some health checks cannot be excluded: no matches for {}\n",
+            names.join(",")
+        ));
+    }
+    out.push_str("healthz check passed\n");
+    out
+}
+
 impl Handler for HttpState {
     /// The paths of the server's [`Role`], whatever the method, as kube-proxy's handlers answer
     /// any (semantics 8.7, 8.10); a HEAD's answer goes without its body.
@@ -568,7 +609,8 @@ impl Handler for HttpState {
                 extra_headers: Vec::new(),
                 body: self.metrics.render().into_bytes(),
             },
-            (Role::Metrics, "/healthz") => Response::text(200, "ok"),
+            (Role::Metrics, "/healthz") => Response::text(200, &metrics_healthz(request.query)),
+            (Role::Metrics, "/healthz/ping") => Response::text(200, "ok"),
             (Role::Metrics, "/proxyMode") => Response::text(200, PROXY_MODE),
             (Role::Metrics, "/configz") => Response {
                 status: 200,

@@ -340,6 +340,14 @@ fn without_the_prefer_same_node_gate_node_hints_are_not_read() {
         .map(|e| e["cause"].as_str().unwrap())
         .collect();
     assert_eq!(causes, ["zoneHint"], "{v}");
+    // /configz shows the gate as set.
+    let (_, body) = tests::harness::agent::http_get(env.agent.metrics_port, "/configz");
+    let configz: serde_json::Value = serde_json::from_str(&body).expect("/configz is JSON");
+    assert_eq!(
+        configz["kubeproxy.config.k8s.io"]["featureGates"],
+        serde_json::json!({"PreferSameTrafficDistribution": false}),
+        "{body}"
+    );
 }
 
 /// A change large enough that the agent writes its members and backends in batches of

@@ -244,7 +244,12 @@ fn configz(args: &RunArgs, node: &str, healthz: &str, metrics: &str) -> String {
                 "udpTimeout": go(flow_timeouts(args).1),
             },
             "enableProfiling": false,
-            "featureGates": {},
+            // The gates this proxy honours, as set (the others are warned about or listed).
+            "featureGates": if args.source.ignore_node_hints {
+                serde_json::json!({"PreferSameTrafficDistribution": false})
+            } else {
+                serde_json::json!({})
+            },
             "healthzBindAddress": healthz,
             "hostnameOverride": node,
             "metricsBindAddress": metrics,

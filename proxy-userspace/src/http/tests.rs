@@ -515,6 +515,25 @@ fn each_server_answers_its_own_paths() {
     let r = get(metrics, "/proxyMode");
     assert_eq!((r.status, r.body.as_str()), (200, PROXY_MODE));
     assert_eq!(get(metrics, "/livez").status, 404);
+    // component-base's healthz handler: its one check, `ping`, by name and verbosely.
+    let r = get(metrics, "/healthz/ping");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    let r = get(metrics, "/healthz?verbose");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "[+]ping ok\nhealthz check passed\n")
+    );
+    let r = get(
+        metrics,
+        "/healthz?verbose=1&exclude=ping&exclude=etcd&exclude=a%20b",
+    );
+    assert_eq!(
+        r.body,
+        "[+]ping excluded: ok\nwarn: some health checks cannot be excluded: no matches for \
+         \"a b\",\"etcd\"\nhealthz check passed\n"
+    );
+    assert_eq!(get(metrics, "/healthz?exclude=ping").body, "ok");
+    assert_eq!(get(metrics, "/healthz/log").status, 404);
     // The metrics server's /healthz says the process serves, not the proxy's health.
     state
         .health
