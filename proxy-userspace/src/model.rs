@@ -110,6 +110,33 @@ impl Cidr {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(*ip, self.len) == self.addr
     }
+
+    /// This prefix without address `ip`: itself when it does not hold `ip`, else the
+    /// prefixes that cover the rest of it, one per bit below its length (the sibling of each
+    /// half that holds `ip`), longest last.
+    pub fn without(&self, ip: &IpAddr) -> Vec<Cidr> {
+        if !self.contains(ip) {
+            return vec![*self];
+        }
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        (self.len + 1..=max)
+            .map(|len| {
+                // The prefix of `len` bits that shares `ip`'s first len - 1 bits only.
+                let flipped = match ip {
+                    IpAddr::V4(a) => {
+                        IpAddr::from((u32::from(*a) ^ (1u32 << (32 - len))).to_be_bytes())
+                    }
+                    IpAddr::V6(a) => {
+                        IpAddr::from((u128::from(*a) ^ (1u128 << (128 - len))).to_be_bytes())
+                    }
+                };
+                Cidr {
+                    addr: mask(flipped, len),
+                    len,
+                }
+            })
+            .collect()
+    }
 }
 
 impl fmt::Display for Cidr {

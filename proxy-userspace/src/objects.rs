@@ -29,6 +29,15 @@ pub const HIDING_LABELS: [&str; 2] = [
     "service.kubernetes.io/headless",
 ];
 
+/// Whether another service proxy serves `svc` (it carries label
+/// `service.kubernetes.io/service-proxy-name`, semantics 1.1).
+pub fn served_elsewhere(svc: &k8s_openapi::api::core::v1::Service) -> bool {
+    svc.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(HIDING_LABELS[0]))
+}
+
 /// The annotation of an EndpointSlice the proxy reads (the network programming latency, fact
 /// 11.3); others are dropped.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";

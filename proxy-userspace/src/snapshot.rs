@@ -23,11 +23,25 @@ pub struct Snapshot {
     /// The CIDRs of every ServiceCIDR object, as written, sorted without duplicates: the
     /// address ranges whose unallocated addresses are dropped (semantics 3.12).
     pub service_cidrs: Vec<String>,
+    /// Services another service proxy serves (label `service.kubernetes.io/service-proxy-name`,
+    /// semantics 1.1), never proxied here: their ClusterIPs are cut out of the ServiceCIDRs'
+    /// ranges, left to that proxy rather than dropped as unallocated (3.12).
+    pub foreign_services: Vec<Arc<Service>>,
     pub node: NodeInfo,
     /// The agent's own settings that shape the desired state.
     pub config: ProxyConfig,
     /// The Service and EndpointSlice changes the source took in since its previous snapshot.
     pub changes: Changes,
+}
+
+/// `Snapshot::foreign_services` of a source without selectors (manifests): those of
+/// `services` that carry label `service.kubernetes.io/service-proxy-name`.
+pub fn foreign_services_of(services: &[Arc<Service>]) -> Vec<Arc<Service>> {
+    services
+        .iter()
+        .filter(|s| crate::objects::served_elsewhere(s))
+        .cloned()
+        .collect()
 }
 
 /// `Snapshot::service_cidrs` of these ServiceCIDR objects: their `spec.cidrs`, trimmed, sorted,

@@ -492,6 +492,73 @@ fn unallocated_addresses_of_a_service_cidr_are_dropped() {
     let r = env.request(Proto::Tcp, addr(VIP4, 81), 1);
     assert_eq!(r[0].errno, Some(libc::ECONNREFUSED), "{r:?}");
     assert!(datapath_events(&env.agent, "service_ip_unallocated") >= 4);
+
+    // semantics 1.1 with 3.12: a Service another service proxy serves is not proxied here, and
+    // its ClusterIP is not dropped as unallocated either: kube-proxy drops after DNAT, so the
+    // other proxy's translation (here nftables in the client pod, DNAT to pod-2) wins.
+    let other = "10.96.7.7";
+    env.agent.write_manifest(
+        "other.yaml",
+        &service_yaml("other", &[other], &[HTTP], "").replace(
+            "metadata: {name: other, namespace: default}",
+            "metadata: {name: other, namespace: default, labels: \
+             {service.kubernetes.io/service-proxy-name: other-proxy}}",
+        ),
+    );
+    let client = &env.topo.pods[0].ns;
+    client.exec("nft", &["add", "table", "ip", "other"]);
+    client.exec(
+        "nft",
+        &[
+            "add", "chain", "ip", "other", "out", "{", "type", "nat", "hook", "output", "priority",
+            "-100", ";", "}",
+        ],
+    );
+    let pod2 = format!("{}:{BACKEND_PORT}", env.topo.pods[1].ip4);
+    client.exec(
+        "nft",
+        &[
+            "add", "rule", "ip", "other", "out", "ip", "daddr", other, "tcp", "dport", "80",
+            "dnat", "to", &pod2,
+        ],
+    );
+    poll_until(
+        "the other proxy's ClusterIP served",
+        Duration::from_secs(10),
+        || {
+            let r = env.request(Proto::Tcp, addr(other, 80), 1);
+            if r[0].ok && r[0].backend == "pod-2" {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    // Its label removed: a Service of this proxy without endpoints, rejected at connect().
+    env.agent
+        .write_manifest("other.yaml", &service_yaml("other", &[other], &[HTTP], ""));
+    poll_until(
+        "the ClusterIP rejected here",
+        Duration::from_secs(10),
+        || {
+            let r = env.request(Proto::Tcp, addr(other, 80), 1);
+            if r[0].errno == Some(libc::ECONNREFUSED) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    env.agent.remove_manifest("other.yaml");
+    // Gone: unallocated again, dropped before the pod's own rules see it.
+    poll_until("unallocated again", Duration::from_secs(10), || {
+        let r = env.request(Proto::Tcp, addr(other, 80), 1);
+        if r[0].errno == Some(libc::EPERM) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
     // The ServiceCIDR deleted: no longer dropped here.
     env.agent.remove_manifest("cidrs.yaml");
     for to in unallocated {

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -207,6 +208,9 @@ pub struct Compiler {
     inputs: Option<(NodeInfo, ProxyConfig)>,
     /// `Snapshot::service_cidrs` as last taken in (`Desired::service_cidrs` holds them parsed).
     service_cidrs: Vec<String>,
+    /// ClusterIPs of the Services another service proxy serves (cut out of the ServiceCIDRs'
+    /// ranges), as last taken in.
+    foreign_ips: BTreeSet<IpAddr>,
     services: BTreeMap<Key, Cached>,
     /// Who claims each frontend, in name order: the first owns it.
     claims: BTreeMap<FrontendAddr, Vec<Key>>,
@@ -385,9 +389,16 @@ impl Compiler {
             self.desired.maglev_size = snapshot.config.maglev_size;
         }
         let (node, config) = self.inputs.clone().expect("set above");
-        if snapshot.service_cidrs != self.service_cidrs {
+        let foreign: BTreeSet<IpAddr> = snapshot
+            .foreign_services
+            .iter()
+            .flat_map(|s| super::foreign_cluster_ips(s))
+            .collect();
+        if snapshot.service_cidrs != self.service_cidrs || foreign != self.foreign_ips {
             self.service_cidrs = snapshot.service_cidrs.clone();
-            self.desired.service_cidrs = super::service_cidrs(&self.service_cidrs);
+            self.foreign_ips = foreign;
+            self.desired.service_cidrs =
+                super::service_cidrs(&self.service_cidrs, &self.foreign_ips);
         }
         self.round += 1;
         let mut touched_services = diff(

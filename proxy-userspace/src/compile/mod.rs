@@ -7,7 +7,12 @@ pub mod explain;
 
 mod incremental;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
@@ -467,9 +472,10 @@ pub struct Desired {
     pub service_cidrs: Vec<Cidr>,
 }
 
-/// PURE: the ranges of `Snapshot::service_cidrs`; a CIDR that does not parse is logged and left
+/// PURE: the ranges of `Snapshot::service_cidrs` without the addresses in `foreign`; a CIDR
+/// that does not parse is logged and left
 /// out (the others still count), as kube-proxy skips what it cannot parse (semantics 12.8).
-pub fn service_cidrs(raw: &[String]) -> Vec<Cidr> {
+pub fn service_cidrs(raw: &[String], foreign: &BTreeSet<IpAddr>) -> Vec<Cidr> {
     let mut out = Vec::new();
     for text in raw {
         match Cidr::parse(text) {
@@ -479,7 +485,57 @@ pub fn service_cidrs(raw: &[String]) -> Vec<Cidr> {
     }
     out.sort();
     out.dedup();
-    out
+    // Another service proxy's ClusterIPs are cut out: kube-proxy drops unallocated addresses
+    // only after DNAT, so the other proxy's rules have translated its own ones by then.
+    let mut cut = Vec::new();
+    for family in [true, false] {
+        let mut ranges: Vec<Cidr> = out
+            .iter()
+            .filter(|c| c.addr.is_ipv4() == family)
+            .copied()
+            .collect();
+        for ip in foreign.iter().filter(|ip| ip.is_ipv4() == family) {
+            ranges = ranges.iter().flat_map(|c| c.without(ip)).collect();
+        }
+        if ranges.len() > MAX_SERVICE_CIDR_RANGES {
+            log::warn!(
+                "ServiceCIDRs of IPv{}: {} ClusterIPs of other service proxies would need {} \
+                 ranges (at most {MAX_SERVICE_CIDR_RANGES}); unallocated addresses of this family \
+                 are not dropped",
+                if family { 4 } else { 6 },
+                foreign.iter().filter(|ip| ip.is_ipv4() == family).count(),
+                ranges.len()
+            );
+            continue;
+        }
+        cut.extend(ranges);
+    }
+    cut.sort();
+    cut
+}
+
+/// The most ServiceCIDR ranges of one family, ClusterIPs of other proxies cut out (each cut
+/// adds up to 32 or 128).
+const MAX_SERVICE_CIDR_RANGES: usize = 8192;
+
+/// The ClusterIPs of `svc` if another service proxy serves it (label
+/// `service.kubernetes.io/service-proxy-name`, semantics 1.1): their traffic is left to that
+/// proxy, not dropped as unallocated (3.12).
+pub fn foreign_cluster_ips(svc: &Service) -> Vec<IpAddr> {
+    let elsewhere = crate::objects::served_elsewhere(svc);
+    let Some(spec) = svc.spec.as_ref().filter(|_| elsewhere) else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| crate::objects::parse_lenient(ip))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// One Service's share of the desired state (`compile_one`).

@@ -1847,6 +1847,83 @@ fn service_addresses_are_read_as_kube_proxy_reads_them() {
     assert!(d.problems.is_empty(), "{:?}", d.problems);
 }
 
+/// A prefix without one of its addresses is covered by one prefix per bit below its length,
+/// which together hold every other address of it and not that one.
+#[test]
+fn a_prefix_without_an_address() {
+    let c = |s: &str| Cidr::parse(s).unwrap();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        c("10.96.0.0/16").without(&ip("10.97.0.1")),
+        [c("10.96.0.0/16")]
+    );
+    assert_eq!(
+        c("10.96.0.0/16").without(&ip("fd00::1")),
+        [c("10.96.0.0/16")]
+    );
+    assert_eq!(
+        c("10.0.0.0/30").without(&ip("10.0.0.2")),
+        [c("10.0.0.0/31"), c("10.0.0.3/32")]
+    );
+    assert!(c("10.0.0.7/32").without(&ip("10.0.0.7")).is_empty());
+    let parts = c("10.96.0.0/12").without(&ip("10.96.7.7"));
+    assert_eq!(parts.len(), 20);
+    for probe in [
+        "10.96.0.0",
+        "10.96.7.6",
+        "10.96.7.8",
+        "10.111.255.255",
+        "10.100.1.1",
+    ] {
+        let n = parts.iter().filter(|p| p.contains(&ip(probe))).count();
+        assert_eq!(n, 1, "{probe} in exactly one of {parts:?}");
+    }
+    assert!(!parts.iter().any(|p| p.contains(&ip("10.96.7.7"))));
+    let parts = c("fd00:96::/112").without(&ip("fd00:96::7"));
+    assert_eq!(parts.len(), 16);
+    assert!(!parts.iter().any(|p| p.contains(&ip("fd00:96::7"))));
+    assert!(parts.iter().any(|p| p.contains(&ip("fd00:96::ffff"))));
+}
+
+/// semantics 1.1 with 3.12: the ClusterIPs of Services another service proxy serves are cut
+/// out of the ServiceCIDRs' ranges (kube-proxy drops unallocated addresses only after DNAT,
+/// which the other proxy does), in each family; taken back when the Service goes or loses its
+/// label.
+#[test]
+fn cluster_ips_of_other_proxies_are_not_unallocated() {
+    let other = "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default, \
+                 labels: {service.kubernetes.io/service-proxy-name: x}}\nspec: {clusterIP: 10.96.7.7, \
+                 clusterIPs: [10.96.7.7, 'fd00:96::7'], ports: [{port: 80}]}";
+    let cidrs = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: k}\n\
+                 spec: {cidrs: [10.96.0.0/16, 'fd00:96::/112']}";
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut compiler = Compiler::default();
+    let snap =
+        |yaml: &str| crate::source::manifests::snapshot_of(yaml, NodeInfo::default()).unwrap();
+    let covered = |d: &Desired, s: &str| d.service_cidrs.iter().any(|c| c.contains(&ip(s)));
+    compiler.update(&snap(&docs(&[cidrs, other])));
+    let d = compiler.desired();
+    assert!(
+        !covered(d, "10.96.7.7") && !covered(d, "fd00:96::7"),
+        "{:?}",
+        d.service_cidrs
+    );
+    assert!(covered(d, "10.96.7.6") && covered(d, "fd00:96::8"));
+    assert_eq!(d.service_cidrs.len(), 16 + 16);
+    // Not proxied here.
+    assert!(d.frontends.is_empty(), "{:?}", d.frontends);
+    compiler.update(&snap(&docs(&[
+        cidrs,
+        &other.replace("service-proxy-name", "other"),
+    ])));
+    let d = compiler.desired();
+    assert!(covered(d, "10.96.7.7") && covered(d, "fd00:96::7"));
+    assert_eq!(d.service_cidrs.len(), 2);
+    compiler.update(&snap(&docs(&[cidrs, other])));
+    compiler.update(&snap(cidrs));
+    assert_eq!(compiler.desired().service_cidrs.len(), 2);
+}
+
 #[test]
 fn nodeport_addresses_follow_the_cidrs_per_family() {
     // semantics 7.1, 7.2

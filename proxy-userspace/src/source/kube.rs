@@ -864,13 +864,19 @@ trait Kept {
     }
 }
 
+/// A Service another service proxy serves is kept for its ClusterIPs, but makes no change
+/// kube-proxy would count (its watch never sees it).
 impl Kept for Service {
     fn note(&self, changes: &mut Changes) {
-        changes.service(self);
+        if !crate::objects::served_elsewhere(self) {
+            changes.service(self);
+        }
     }
 
     fn event(&self, changes: &mut Changes) {
-        changes.service_event();
+        if !crate::objects::served_elsewhere(self) {
+            changes.service_event();
+        }
     }
 
     fn differs(&self, next: &Self) -> bool {
@@ -1124,8 +1130,14 @@ impl Stores {
             .nodes
             .values()
             .find(|n| n.metadata.name.as_deref() == Some(node_name));
+        let (foreign_services, services) = self
+            .services
+            .values()
+            .cloned()
+            .partition(|s| crate::objects::served_elsewhere(s));
         Snapshot {
-            services: self.services.values().cloned().collect(),
+            services,
+            foreign_services,
             slices: self.slices.values().cloned().collect(),
             pods: self.pods.values().cloned().collect(),
             namespaces: self.namespaces.values().cloned().collect(),
@@ -1450,20 +1462,23 @@ impl KubeSource {
         // Bookmarks are on by default: watches resume from a recent resourceVersion instead of
         // relisting. Lists are consistent reads, so a relist after 410 never goes back in time.
         let every = watcher::Config::default;
-        // kube-proxy's selector (semantics 1.1): Services and EndpointSlices of another
-        // service proxy, and headless ones, are never sent by the API server. One that gains
-        // such a label leaves the watch as a deletion, one that loses it arrives as an
-        // addition. The compiler still ignores such objects (a source without selectors:
+        // kube-proxy's selector (semantics 1.1): EndpointSlices of another service proxy, and
+        // headless objects, are never sent by the API server. One that gains such a label
+        // leaves the watch as a deletion, one that loses it arrives as an addition. Services of
+        // another proxy are sent, for their ClusterIPs alone: those are left to that proxy,
+        // not dropped as unallocated (3.12); the snapshot keeps them apart and nothing else
+        // reads them. The compiler ignores such objects anyway (a source without selectors:
         // manifests).
         let proxied = HIDING_LABELS
             .iter()
             .map(|l| format!("!{l}"))
             .collect::<Vec<_>>()
             .join(",");
+        let not_headless = format!("!{}", HIDING_LABELS[1]);
         let mut items = futures::stream::select_all([
             follow::<Service>(
                 Api::all(client.clone()),
-                every().labels(&proxied),
+                every().labels(&not_headless),
                 pacing.clone(),
                 false,
             )

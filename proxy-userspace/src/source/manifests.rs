@@ -347,6 +347,7 @@ pub fn snapshot_of(text: &str, node: NodeInfo) -> anyhow::Result<Snapshot> {
     let mut service_cidrs = crate::snapshot::service_cidrs_of(&objects.service_cidrs);
     service_cidrs.dedup();
     Ok(Snapshot {
+        foreign_services: crate::snapshot::foreign_services_of(&objects.services),
         services: objects.services,
         slices: objects.slices,
         service_cidrs,
@@ -591,6 +592,7 @@ impl ManifestSource {
         }
         snapshot.service_cidrs.sort();
         snapshot.service_cidrs.dedup();
+        snapshot.foreign_services = crate::snapshot::foreign_services_of(&snapshot.services);
         snapshot.node = NodeInfo::with_node(self.node_name.clone(), node.as_ref());
         if let Some(book) = &self.node_addresses {
             book.set(
