@@ -74,12 +74,22 @@ pub const CT_DSR: u32 = 1 << 4;
 /// where `tc_egress` translates them back. Never masqueraded (a masqueraded client would be
 /// answered on the loopback device, past every program).
 pub const CT_HOST: u32 = 1 << 5;
+/// Set on a reply entry by the first packet through it: the flow was answered.
+pub const CT_ANSWERED: u32 = 1 << 6;
+/// Set on every entry the datapath writes since `CT_ANSWERED` exists: without it (an entry of
+/// an older release's programs) whether the flow was answered is unknown, so it counts as
+/// answered.
+pub const CT_TRACKS_ANSWER: u32 = 1 << 7;
+/// `CT_ANSWERED` is `CT_REPLY` moved by this many bits (the datapath sets it without a branch).
+pub const CT_ANSWERED_SHIFT: u32 = 6;
 
 /// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of
-/// its two `last_seen_ns` is older than this; LRU eviction covers a full table. An open TCP
-/// flow (one never answered counts as open too, holding its masquerading port: hence less than
-/// kube-proxy's 24 h for the kernel's established connections).
-pub const CT_TIMEOUT_TCP_SECS: u64 = 6 * 3600;
+/// its two `last_seen_ns` is older than this; LRU eviction covers a full table. An answered,
+/// open TCP flow: kube-proxy's 24 h for the kernel's established connections (semantics 9.6).
+pub const CT_TIMEOUT_TCP_SECS: u64 = 24 * 3600;
+/// A TCP flow never answered (netfilter's SYN_SENT timeout): it holds its masquerading port
+/// no longer than that.
+pub const CT_TIMEOUT_TCP_UNANSWERED_SECS: u64 = 120;
 /// TCP after a RST, or FINs in both directions.
 pub const CT_TIMEOUT_TCP_CLOSING_SECS: u64 = 10;
 /// UDP and SCTP.
@@ -89,8 +99,10 @@ pub const CT_TIMEOUT_OTHER_SECS: u64 = 120;
 /// set by `run --conntrack-tcp-timeout-established` and `--conntrack-udp-timeout`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct CtTimeouts {
-    /// An open TCP flow.
+    /// An open TCP flow, answered.
     pub tcp_secs: u64,
+    /// A TCP flow never answered.
+    pub tcp_unanswered_secs: u64,
     /// TCP after a RST, or FINs in both directions.
     pub tcp_closing_secs: u64,
     /// UDP and SCTP.
@@ -100,6 +112,7 @@ pub struct CtTimeouts {
 impl CtTimeouts {
     pub const DEFAULT: CtTimeouts = CtTimeouts {
         tcp_secs: CT_TIMEOUT_TCP_SECS,
+        tcp_unanswered_secs: CT_TIMEOUT_TCP_UNANSWERED_SECS,
         tcp_closing_secs: CT_TIMEOUT_TCP_CLOSING_SECS,
         other_secs: CT_TIMEOUT_OTHER_SECS,
     };
@@ -117,8 +130,19 @@ impl CtTimeouts {
         } else {
             forward_flags & reply_flags & CT_FIN != 0
         };
+        // Answered: its reply entry saw a packet; a DSR entry (one direction) or one whose
+        // programs did not track it counts as answered.
+        let tracked = (forward_flags | reply_flags) & CT_TRACKS_ANSWER != 0;
+        let answered = dsr || !tracked || reply_flags & CT_ANSWERED != 0;
         if rst || fins {
             self.tcp_closing_secs
+        } else if !answered {
+            // Never longer than the answered timeout (set lower by a flag).
+            if self.tcp_unanswered_secs < self.tcp_secs {
+                self.tcp_unanswered_secs
+            } else {
+                self.tcp_secs
+            }
         } else {
             self.tcp_secs
         }
@@ -201,3 +225,31 @@ pub struct Frag6Key {
 pod!(
     Ct4Key, Ct4Value, Ct6Key, Ct6Value, Frag4Key, Frag6Key, FragPorts
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{TCP, UDP};
+
+    /// semantics 9.6: an answered TCP flow idles 24 h, as kube-proxy's established timeout; one
+    /// never answered 120 s; one an older release's programs wrote (no `CT_TRACKS_ANSWER`), a
+    /// DSR one (one direction seen), 24 h; closing ones 10 s; UDP 120 s.
+    #[test]
+    fn timeouts_follow_what_the_flow_saw() {
+        let t = CtTimeouts::DEFAULT;
+        let fwd = CT_TRACKS_ANSWER;
+        let rev = CT_TRACKS_ANSWER | CT_REPLY;
+        assert_eq!(t.secs(TCP, fwd, rev | CT_ANSWERED), 24 * 3600);
+        assert_eq!(t.secs(TCP, fwd, rev), 120);
+        assert_eq!(t.secs(TCP, 0, CT_REPLY), 24 * 3600);
+        assert_eq!(t.secs(TCP, fwd | CT_DSR, fwd | CT_DSR), 24 * 3600);
+        assert_eq!(t.secs(TCP, fwd | CT_RST, rev), 10);
+        assert_eq!(t.secs(TCP, fwd | CT_FIN, rev | CT_FIN | CT_ANSWERED), 10);
+        assert_eq!(t.secs(UDP, fwd, rev), 120);
+        // A timeout set below 120 s bounds the unanswered one too.
+        let short = CtTimeouts { tcp_secs: 60, ..t };
+        assert_eq!(short.secs(TCP, fwd, rev), 60);
+        // The datapath's branch-free mark lands on the answered bit.
+        assert_eq!(CT_REPLY << CT_ANSWERED_SHIFT, CT_ANSWERED);
+    }
+}

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::privileged;
 use proxy_common::{
-    ct::{CT_HOST, CT_REPLY, CT_SNAT},
+    ct::{CT_ANSWERED, CT_HOST, CT_REPLY, CT_SNAT, CT_TRACKS_ANSWER},
     event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
     reason::{Hook, Reason},
 };
@@ -655,6 +655,13 @@ fn tc_masquerades_a_cluster_node_port_flow() {
         .expect("a reply entry");
     assert_eq!(reply.0.dport, s.src.1, "keyed by the claimed port");
     assert!(reply.1.flags & CT_SNAT != 0);
+    // Both entries say their answer is tracked; none is answered yet (semantics 9.6: an
+    // unanswered flow idles 120 s, an answered one 24 h).
+    assert!(
+        ct.iter().all(|(_, v)| v.flags & CT_TRACKS_ANSWER != 0),
+        "{ct:?}"
+    );
+    assert!(ct.iter().all(|(_, v)| v.flags & CT_ANSWERED == 0), "{ct:?}");
     let out = rig.tc(&tcp4(
         (REMOTE_POD, 8080),
         (NODE, s.src.1),
@@ -668,6 +675,14 @@ fn tc_masquerades_a_cluster_node_port_flow() {
             flags: TCP_SYN | TCP_ACK
         }
     );
+    let ct = rig.dp.maps.conntrack4().unwrap();
+    let answered = |reply: bool| {
+        ct.iter()
+            .filter(|(_, v)| (v.flags & CT_REPLY != 0) == reply)
+            .all(|(_, v)| v.flags & CT_ANSWERED != 0)
+    };
+    assert!(answered(true), "the reply entry saw the answer: {ct:?}");
+    assert!(!answered(false), "the forward entry is not marked: {ct:?}");
     // A FIN is tracked on the entry; the flow keeps translating until it expires.
     let out = rig.tc(&tcp4((CLIENT, 40000), (NODE, 30081), TCP_FIN | TCP_ACK));
     assert_eq!(seen(&out.packet).dst, (REMOTE_POD, 8080));

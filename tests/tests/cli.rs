@@ -560,7 +560,7 @@ fn metrics_and_health_endpoints() {
         "{body}"
     );
     assert_eq!(
-        config["conntrack"]["tcpEstablishedTimeout"], "6h0m0s",
+        config["conntrack"]["tcpEstablishedTimeout"], "24h0m0s",
         "{body}"
     );
     assert_eq!(

@@ -5,7 +5,10 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::{
-    ct::{CT_FIN, CT_REPLY, CT_RST, CT_SNAT, Ct4Key, Ct4Value, Ct6Key, Ct6Value, CtKey, CtValue},
+    ct::{
+        CT_ANSWERED_SHIFT, CT_FIN, CT_REPLY, CT_RST, CT_SNAT, CT_TRACKS_ANSWER, Ct4Key, Ct4Value,
+        Ct6Key, Ct6Value, CtKey, CtValue,
+    },
     proto,
     service::MemberKey,
 };
@@ -62,7 +65,8 @@ pub trait Tracked: Ip {
         }
     }
 
-    /// Refreshes the entry's timestamp and adds `flags`.
+    /// Refreshes the entry's timestamp and adds `flags`; a reply entry is marked answered
+    /// (`CT_ANSWERED`, from its `CT_REPLY` bit: no branch).
     /// # Safety
     /// `v` must come from `ct_lookup` during this program run.
     #[inline(always)]
@@ -70,9 +74,8 @@ pub trait Tracked: Ip {
         // SAFETY: the caller's contract: `v` came from a lookup in this run.
         unsafe {
             (*v).last_seen_ns = now;
-            if flags != 0 {
-                (*v).flags |= flags;
-            }
+            let old = (*v).flags;
+            (*v).flags = old | flags | ((old & CT_REPLY) << CT_ANSWERED_SHIFT);
         }
     }
 
@@ -120,7 +123,7 @@ pub fn ct_value<A: Copy>(e: &Entry<A>, now: u64, counted: u64) -> CtValue<A> {
         daddr: e.to.daddr,
         sport: e.to.sport,
         dport: e.to.dport,
-        flags: e.flags,
+        flags: e.flags | CT_TRACKS_ANSWER,
         svc_id: e.svc_id,
         backend_id: e.backend_id,
         last_seen_ns: now,

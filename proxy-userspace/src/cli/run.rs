@@ -188,11 +188,12 @@ pub struct RunArgs {
     /// does with its default, -999. A failure is a warning. [default: -999]
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
     pub oom_score_adj: Option<i32>,
-    /// Idle timeout of an open TCP flow in the connection-tracking maps of the tc path (Go
-    /// duration: 6h, 90m, 1h30m). Given on the command line without --config, it also sets
-    /// the kernel's own table's, as kube-proxy's flag of the same name does (24h by default);
-    /// 0 leaves the kernel's alone and keeps 6h here.
-    #[arg(long, default_value = "6h", value_parser = super::config::parse_go_duration)]
+    /// Idle timeout of an open, answered TCP flow in the connection-tracking maps of the tc
+    /// path (Go duration: 24h, 90m, 1h30m), kube-proxy's default; a flow never answered is
+    /// kept 2 minutes (netfilter's SYN_SENT timeout). Given on the command line without
+    /// --config, it also sets the kernel's own table's, as kube-proxy's flag of the same name
+    /// does; 0 leaves the kernel's alone and keeps 24h here.
+    #[arg(long, default_value = "24h", value_parser = super::config::parse_go_duration)]
     pub conntrack_tcp_timeout_established: Duration,
     /// Idle timeout of a UDP or SCTP flow in the connection-tracking maps, answered or not,
     /// and of an unconnected socket's datagrams to one Service address (kept on one backend
@@ -342,7 +343,7 @@ pub fn flow_timeouts(args: &RunArgs) -> (Duration, Duration) {
 }
 
 /// The defaults of --conntrack-tcp-timeout-established and --conntrack-udp-timeout.
-pub const TCP_ESTABLISHED_DEFAULT: Duration = Duration::from_secs(6 * 3600);
+pub const TCP_ESTABLISHED_DEFAULT: Duration = Duration::from_secs(24 * 3600);
 pub const UDP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
 
 /// The collector's timeouts from the flags, in whole seconds (at least 1).
