@@ -269,6 +269,18 @@ fn masquerade_all_masquerades_pods_connections_to_cluster_ips() {
 /// own address.
 #[test]
 fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_external_ip() {
+    etp_local_external_ip_per_packet(&[]);
+}
+
+/// The same with `--masquerade-all` (semantics 7.12): it masquerades ClusterIP traffic only
+/// (kube-proxy's rule matches the ClusterIP as destination), so the short-circuited pod still
+/// reaches the backends with its own address.
+#[test]
+fn masquerade_all_leaves_a_pods_etp_local_external_ip_unmasqueraded() {
+    etp_local_external_ip_per_packet(&["--masquerade-all"]);
+}
+
+fn etp_local_external_ip_per_packet(agent_args: &[&str]) {
     if !privileged() {
         return;
     }
@@ -276,7 +288,7 @@ fn a_pod_translated_per_packet_reaches_the_whole_cluster_through_an_etp_local_ex
         Shape::Ptp,
         3,
         Some("disabled"),
-        &[],
+        agent_args,
         "  externalIPs: [203.0.113.10]\n  externalTrafficPolicy: Local\n",
     );
     let node_name = tb.nodes[0].name.clone();

@@ -324,7 +324,10 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         }
     };
     let (mut to, mut snat) = newflow::towards::<F>(&pkt.t, &svc, &choice);
-    snat |= from_outside || (internal && masquerade_all());
+    // `--masquerade-all` masquerades ClusterIP flows only (kube-proxy's rule matches the
+    // ClusterIP as destination, semantics 7.12): not a pod's short-circuited flow to an
+    // externalTrafficPolicy Local external address (4.7a), also looked up as internal.
+    snat |= from_outside || (internal && masquerade_all() && F::cluster_ip(&pkt.t.daddr));
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     let mut dsr = false;
