@@ -765,6 +765,12 @@ pub fn run(
                     m.map_update_error(map_of_error(&e));
                 }
                 log::error!("sync failed: {e:#}; keeping the programmed state, retrying");
+                // kube-proxy's trackers hand their changes to a sync when it starts, so its
+                // pending gauges read 0 whether or not the sync then fails (semantics 11.4).
+                changes_pending = crate::snapshot::Changes::default();
+                if let Some(m) = &observers.metrics {
+                    m.set_changes_pending(&changes_pending);
+                }
                 pending = Some(Pending {
                     snapshot,
                     first,
@@ -909,8 +915,11 @@ fn map_of_error(e: &anyhow::Error) -> &'static str {
 }
 
 /// Service ports hit by the drop cases of a Local traffic policy (semantics 11.5): internal
-/// with internalTrafficPolicy Local, external with externalTrafficPolicy Local on an externally
-/// reachable port; each when no local endpoint exists but endpoints exist elsewhere.
+/// with internalTrafficPolicy Local, external with externalTrafficPolicy Local (4.2: by the
+/// Service's type, whether or not a NodePort, externalIP or load balancer IP exists yet, as
+/// kube-proxy counts); each when no local endpoint is known but endpoints exist. As in
+/// kube-proxy, a port with no external address has no local set (4.4), so it counts whenever
+/// it has endpoints.
 pub fn no_local_endpoints(desired: &crate::compile::Desired) -> Vec<(Family, u64, u64)> {
     [Family::V4, Family::V6]
         .into_iter()
@@ -919,10 +928,8 @@ pub fn no_local_endpoints(desired: &crate::compile::Desired) -> Vec<(Family, u64
             let (mut internal, mut external) = (0, 0);
             for p in ports {
                 let none_here = p.endpoints.local().is_empty() && p.endpoints.has_any;
-                let reachable =
-                    p.node_port.is_some() || !p.external_ips.is_empty() || !p.lb_ips.is_empty();
                 internal += u64::from(p.itp_local && none_here);
-                external += u64::from(p.etp_local && reachable && none_here);
+                external += u64::from(p.etp_local && none_here);
             }
             (family, internal, external)
         })
@@ -1578,11 +1585,18 @@ mod tests {
             slice("etp-here", "node-a"),
             // internal Local without any endpoint: rejected, not dropped: not counted.
             svc("itp-none", "10.96.0.4", ", internalTrafficPolicy: Local"),
+            // external Local on a load balancer without node ports whose address is pending:
+            // counted external all the same (kube-proxy's ExternalPolicyLocal goes by type).
+            "kind: Service\nmetadata: {name: lb-pending, namespace: default}\nspec: {clusterIP: \
+             10.96.0.5, type: LoadBalancer, externalTrafficPolicy: Local, \
+             allocateLoadBalancerNodePorts: false, ports: [{name: http, port: 80, protocol: TCP}]}"
+                .to_string(),
+            slice("lb-pending", "node-b"),
         ];
         let d = crate::compile::compile(&snapshot(&docs.join("\n---\n")));
         assert_eq!(
             no_local_endpoints(&d),
-            vec![(Family::V4, 1, 1), (Family::V6, 0, 0)]
+            vec![(Family::V4, 1, 2), (Family::V6, 0, 0)]
         );
     }
 
