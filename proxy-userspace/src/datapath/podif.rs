@@ -336,6 +336,10 @@ pub struct Wanted {
 pub struct Discovery {
     pub wanted: BTreeMap<String, Wanted>,
     pub missing: Vec<String>,
+    /// Devices without an Ethernet header (`L3_TUNNELS`) that routes to backends on other
+    /// nodes leave through, with one such backend: a flow masqueraded to the device's
+    /// address gets its replies there, where the program cannot read them.
+    pub unreadable: BTreeMap<String, IpAddr>,
 }
 
 /// Inputs of the discovery that come from the cluster: this node's endpoint addresses and pod
@@ -467,9 +471,12 @@ pub fn discover(
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
-                && !l3_tunnel(link)
             {
-                add(&mut out, link, Why::RemoteRoute(*ep));
+                if l3_tunnel(link) {
+                    out.unreadable.entry(link.name.clone()).or_insert(*ep);
+                } else {
+                    add(&mut out, link, Why::RemoteRoute(*ep));
+                }
             }
         }
     }
@@ -543,6 +550,8 @@ pub struct Manager {
     logged: BTreeSet<(String, String)>,
     /// Named interfaces already reported missing.
     missing_logged: BTreeSet<String>,
+    /// Devices of `Discovery::unreadable` already warned about.
+    unreadable_logged: BTreeSet<String>,
     /// Named interfaces recorded as missing in `LB_IFACES`.
     missing_recorded: Vec<String>,
     /// Whether the cluster inputs have been set once (until then, earlier links are kept).
@@ -572,6 +581,7 @@ impl Manager {
             metrics,
             logged: BTreeSet::new(),
             missing_logged: BTreeSet::new(),
+            unreadable_logged: BTreeSet::new(),
             // Not a name: the first pass replaces whatever an earlier agent recorded.
             missing_recorded: vec!["/".into()],
             have_inputs: false,
@@ -705,6 +715,25 @@ impl Manager {
             self.missing_recorded = found.missing.clone();
         }
         self.missing_logged.retain(|n| found.missing.contains(n));
+        for (name, backend) in &found.unreadable {
+            if self.unreadable_logged.insert(name.clone()) {
+                log::warn!(
+                    "backends on other nodes (e.g. {backend}) are reached through {name}, a \
+                     device without an Ethernet header (ipip, WireGuard) that tc cannot read: \
+                     NodePort, externalIP and load balancer traffic masqueraded to them \
+                     (externalTrafficPolicy Cluster) gets its replies there untranslated and \
+                     fails; an overlay with an Ethernet header (VXLAN) or \
+                     externalTrafficPolicy Local avoids it"
+                );
+            }
+        }
+        self.unreadable_logged
+            .retain(|n| found.unreadable.contains_key(n));
+        if let Some(m) = &self.metrics {
+            m.unreadable_overlays
+                .with(&[])
+                .set(found.unreadable.len() as u64);
+        }
         let before: BTreeSet<u32> = self.state.values().map(|(i, _)| *i).collect();
         // Links of earlier agents or of interfaces that are gone or no longer wanted.
         for (name, link) in self.links.pinned() {

@@ -112,7 +112,8 @@ fn auto_follows_routes_to_local_endpoints() {
 /// Overlays (flannel's vxlan, Calico's VXLAN): the route to pods on other nodes leaves through
 /// a tunnel device, which carries the program (replies of masqueraded flows arrive there);
 /// one through an external interface adds nothing, nor one through a device without an
-/// Ethernet header.
+/// Ethernet header, which is reported instead (with a backend behind it) for a warning and a
+/// metric.
 #[test]
 fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
     let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
@@ -153,6 +154,10 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
     assert_eq!(
         found.wanted["flannel.1"].why.info("flannel.1", 7).why,
         proxy_common::info::IFACE_REMOTE_ROUTE
+    );
+    assert_eq!(
+        found.unreadable,
+        [("tunl0".to_string(), ip("10.244.2.9"))].into()
     );
 }
 
