@@ -319,8 +319,10 @@ impl SourceArgs {
         let mut snapshot = self.source_snapshot(timeout)?;
         snapshot.config = self.config()?;
         let all = crate::datapath::netdev::local_addresses().unwrap_or_default();
-        let prefixes = self.nodeport_selection()?.prefixes(&snapshot.node.primary);
+        let selection = self.nodeport_selection()?;
+        let prefixes = selection.prefixes(&snapshot.node.primary);
         snapshot.node.addresses = crate::compile::nodeport_addresses(&all, &prefixes);
+        snapshot.node.primary = selection.node_ips(&snapshot.node.primary);
         Ok(snapshot)
     }
 

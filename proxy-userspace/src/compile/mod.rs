@@ -262,6 +262,21 @@ impl NodePortSelection {
         Ok(out)
     }
 
+    /// kube-proxy's node IPs (semantics 7.9, 10.2): a specific `--bind-address` stands for
+    /// its family's, else the Node object's primary address (`node_primary`) of the family.
+    pub fn node_ips(&self, node_primary: &[IpAddr]) -> Vec<IpAddr> {
+        let Some(bind) = self.bind_address.filter(|a| !a.is_unspecified()) else {
+            return node_primary.to_vec();
+        };
+        let mut out = vec![bind];
+        out.extend(
+            node_primary
+                .iter()
+                .filter(|a| Family::of(a) != Family::of(&bind)),
+        );
+        out
+    }
+
     /// The prefixes node addresses are filtered by ([`nodeport_addresses`]). With `primary`,
     /// each family adds its primary address as a host prefix: `--bind-address` when specific,
     /// else the Node object's (`node_primary`, [`NodeInfo::primary`]); a family with neither

@@ -1977,6 +1977,17 @@ fn nodeport_addresses_primary_is_the_primary_address_of_each_family() {
         nodeport_addresses(&all, &bound.prefixes(&ips(&["10.244.0.1", "fd00:77::1"]))),
         ips(&["192.168.77.1", "fd00:77::1"])
     );
+    // The node IPs (semantics 7.9's node exception, 10.2): the bind address stands for its
+    // family's; the other family keeps the Node object's; unspecified or none changes nothing.
+    assert_eq!(
+        bound.node_ips(&ips(&["10.244.0.1", "fd00:77::1"])),
+        ips(&["192.168.77.1", "fd00:77::1"])
+    );
+    assert_eq!(bound.node_ips(&[]), ips(&["192.168.77.1"]));
+    assert_eq!(
+        primary.node_ips(&ips(&["10.244.0.1"])),
+        ips(&["10.244.0.1"])
+    );
     // kube-proxy's validation refuses `primary` next to CIDRs.
     assert!(NodePortSelection::parse(&values(&["primary", "fd00:77::1/128"]), None).is_err());
     // An unspecified --bind-address names no address.
