@@ -51,6 +51,6 @@ pub const CONFIG_DSR: u32 = 1 << 2;
 pub const CONFIG_MASQUERADE_ALL: u32 = 1 << 3;
 
 /// Set by an agent that does not read endpoints' node hints (`featureGates:
-/// {PreferSameTrafficDistribution: false}`), so that `verify`, `explain` and `services`
-/// compile as it does. The programs ignore it.
+/// {PreferSameTrafficDistribution: false}`), so that `verify` and `explain` compile as it
+/// does. The programs ignore it.
 pub const CONFIG_NO_NODE_HINTS: u32 = 1 << 4;

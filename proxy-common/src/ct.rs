@@ -80,7 +80,7 @@ pub const CT_ANSWERED: u32 = 1 << 6;
 /// an older release's programs) whether the flow was answered is unknown, so it counts as
 /// answered.
 pub const CT_TRACKS_ANSWER: u32 = 1 << 7;
-/// `CT_ANSWERED` is `CT_REPLY` moved by this many bits (the datapath sets it without a branch).
+/// `CT_ANSWERED` is `CT_REPLY` moved by this many bits (the datapath derives it by a shift).
 pub const CT_ANSWERED_SHIFT: u32 = 6;
 
 /// Idle timeouts, seconds. An entry pair is removed by the agent's collector once the newer of

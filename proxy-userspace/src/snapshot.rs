@@ -238,6 +238,10 @@ pub struct NodeInfo {
     /// GetNodeHostIPs: InternalIP addresses before ExternalIP ones, the first of each family),
     /// for `--nodeport-addresses primary` (semantics 7.3, 10.2).
     pub primary: Vec<std::net::IpAddr>,
+    /// kube-proxy's node IPs (semantics 7.9's node exception, 10.2): a specific
+    /// `--bind-address` for its family, else `primary`'s (`NodePortSelection::node_ips`); empty
+    /// until the agent completes the snapshot, then `primary` stands in.
+    pub node_ips: Vec<std::net::IpAddr>,
     /// Local endpoints whose pod-facing interface does not carry the tc program yet, found by
     /// the agent: they serve the socket layer only until it does (a packet translated at tc for
     /// them would get no translated reply).
@@ -428,6 +432,7 @@ impl NodeInfo {
             addresses: Vec::new(),
             pod_cidrs,
             primary: node.map(primary_addresses).unwrap_or_default(),
+            node_ips: Vec::new(),
             waiting: Default::default(),
             eligible: node.is_some_and(node_eligible),
         }

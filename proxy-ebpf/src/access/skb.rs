@@ -1,6 +1,6 @@
 //! Reads of an skb at tc (straight from its linear data where the bytes are there), and
-//! whole-packet writes, for the packets the programs turn into answers in place (a reset, an
-//! ICMP error) and send back where they came from.
+//! whole-packet writes, for the packets the programs turn into answers in place (ICMP errors)
+//! and send back where they came from.
 
 use aya_ebpf::{
     EbpfContext as _,

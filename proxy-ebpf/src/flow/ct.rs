@@ -66,7 +66,7 @@ pub trait Tracked: Ip {
     }
 
     /// Refreshes the entry's timestamp and adds `flags`; a reply entry is marked answered
-    /// (`CT_ANSWERED`, from its `CT_REPLY` bit: no branch).
+    /// (`CT_ANSWERED`, from its `CT_REPLY` bit).
     /// # Safety
     /// `v` must come from `ct_lookup` during this program run.
     #[inline(always)]
@@ -75,7 +75,12 @@ pub trait Tracked: Ip {
         unsafe {
             (*v).last_seen_ns = now;
             let old = (*v).flags;
-            (*v).flags = old | flags | ((old & CT_REPLY) << CT_ANSWERED_SHIFT);
+            let new = old | flags | ((old & CT_REPLY) << CT_ANSWERED_SHIFT);
+            // Written only when it changes (a reply entry's first packet, a FIN, a RST): a
+            // write of a value read before another CPU's mark would undo that mark.
+            if new != old {
+                (*v).flags = new;
+            }
         }
     }
 

@@ -1,5 +1,5 @@
-//! Headers of the packets the programs answer with (resets, ICMP errors): an IPv4 header with
-//! its checksum, the IPv6 pseudo header's sum for an ICMPv6 or TCP checksum.
+//! Headers of the packets the programs answer with (ICMP errors): an IPv4 header with its
+//! checksum, the IPv6 pseudo header's sum for an ICMPv6 checksum.
 
 use super::csum::{fold, sum};
 

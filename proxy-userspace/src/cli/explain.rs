@@ -378,8 +378,9 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
             (
                 Verdict::Dropped,
                 format!(
-                    "{} is inside the ServiceCIDR {} but no Service has it: dropped (semantics \
-                     3.12; EPERM at the socket layer)",
+                    "{} is inside a ServiceCIDR ({} of its ranges, other proxies' ClusterIPs cut \
+                     out) but no Service has it: dropped (semantics 3.12; EPERM at the socket \
+                     layer)",
                     frontend.addr, range.cidr
                 ),
             )

@@ -322,7 +322,7 @@ impl SourceArgs {
         let selection = self.nodeport_selection()?;
         let prefixes = selection.prefixes(&snapshot.node.primary);
         snapshot.node.addresses = crate::compile::nodeport_addresses(&all, &prefixes);
-        snapshot.node.primary = selection.node_ips(&snapshot.node.primary);
+        snapshot.node.node_ips = selection.node_ips(&snapshot.node.primary);
         Ok(snapshot)
     }
 

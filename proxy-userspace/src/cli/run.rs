@@ -770,7 +770,7 @@ fn add_node_state(
                 if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
                     let mut snapshot = snapshot.clone();
                     snapshot.node.addresses = addresses.clone();
-                    snapshot.node.primary = selection.node_ips(&snapshot.node.primary);
+                    snapshot.node.node_ips = selection.node_ips(&snapshot.node.primary);
                     snapshot.config = config.clone();
                     let per_packet = socklb.update(&snapshot);
                     if let Some(p) = &mut pods {

@@ -506,7 +506,7 @@ fn explain_json_follows_its_schema_for_every_verdict() {
     }
     let unallocated = docs["unallocated"]["reason"].as_str().unwrap();
     assert!(
-        unallocated.contains("inside the ServiceCIDR 10.96.1.0/24"),
+        unallocated.contains("inside a ServiceCIDR (10.96.1.0/24 of its ranges"),
         "{unallocated}"
     );
     let affinity = &docs["affinity"];

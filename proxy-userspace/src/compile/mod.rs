@@ -182,9 +182,10 @@ pub fn source_range(raw: &str) -> Option<Cidr> {
 
 /// A load balancer IP's allowed sources: the Service's ranges and, when kube-proxy's node IP
 /// of the VIP's family lies inside one of them, the VIP itself (semantics 7.9: a VIP assigned
-/// on the node makes host traffic loop back with the VIP as its source). That node IP is the
-/// Node object's primary address of the family (`node_primary`), or loopback without one, as
-/// kube-proxy assumes then (semantics 10.2); not the NodePort addresses.
+/// on the node makes host traffic loop back with the VIP as its source). That node IP is
+/// `node_primary`'s of the family (`NodeInfo::node_ips`: a specific `--bind-address`, else the
+/// Node object's primary address), or loopback without one, as kube-proxy assumes then
+/// (semantics 10.2); not the NodePort addresses.
 fn with_node_exception(ranges: &[Cidr], vip: IpAddr, node_primary: &[IpAddr]) -> Vec<Cidr> {
     let mut out = ranges.to_vec();
     let family = Family::of(&vip);
@@ -509,17 +510,20 @@ pub fn service_cidrs(raw: &[String], foreign: &BTreeSet<IpAddr>) -> Vec<Cidr> {
             .filter(|c| c.addr.is_ipv4() == family)
             .copied()
             .collect();
+        ranges.dedup_by(|b, a| a.len <= b.len && a.contains(&b.addr));
         for ip in foreign.iter().filter(|ip| ip.is_ipv4() == family) {
             ranges = ranges.iter().flat_map(|c| c.without(ip)).collect();
+            if ranges.len() > MAX_SERVICE_CIDR_RANGES {
+                break;
+            }
         }
         if ranges.len() > MAX_SERVICE_CIDR_RANGES {
             log::warn!(
-                "ServiceCIDRs of IPv{}: {} ClusterIPs of other service proxies would need {} \
-                 ranges (at most {MAX_SERVICE_CIDR_RANGES}); unallocated addresses of this family \
+                "ServiceCIDRs of IPv{}: {} ClusterIPs of other service proxies would need more \
+                 than {MAX_SERVICE_CIDR_RANGES} ranges; unallocated addresses of this family \
                  are not dropped",
                 if family { 4 } else { 6 },
                 foreign.iter().filter(|ip| ip.is_ipv4() == family).count(),
-                ranges.len()
             );
             continue;
         }
@@ -1213,7 +1217,12 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
                 // Both scopes: traffic from outside at tc, pods and the host at the socket
                 // layer (semantics 7.8, 7.9).
                 source_ranges: if kind == FrontendKind::LoadBalancer {
-                    with_node_exception(&sp.source_ranges, addr, &node.primary)
+                    let node_ips = if node.node_ips.is_empty() {
+                        &node.primary
+                    } else {
+                        &node.node_ips
+                    };
+                    with_node_exception(&sp.source_ranges, addr, node_ips)
                 } else {
                     Vec::new()
                 },

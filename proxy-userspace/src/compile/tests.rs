@@ -1713,6 +1713,22 @@ fn the_vip_is_an_allowed_source_only_when_the_node_is() {
             .any(|c| c.to_string() == "198.51.100.1/32");
         assert_eq!(own, vip_allowed, "{ranges}: {:?}", lb.source_ranges);
     }
+    // A specific --bind-address is kube-proxy's node IP of its family (10.2): the node IPs
+    // the agent completes the snapshot with win over the Node object's primary address.
+    let mut s = external_web(
+        "LoadBalancer",
+        ", loadBalancerSourceRanges: [10.244.0.0/16]",
+    );
+    s.node.node_ips = vec!["10.244.0.1".parse().unwrap()];
+    let d = compile(&s);
+    let lb = frontend_of(&d, "external 198.51.100.1:80/TCP").unwrap();
+    assert!(
+        lb.source_ranges
+            .iter()
+            .any(|c| c.to_string() == "198.51.100.1/32"),
+        "{:?}",
+        lb.source_ranges
+    );
 }
 
 #[test]

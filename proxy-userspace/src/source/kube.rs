@@ -857,6 +857,11 @@ trait Kept {
     /// EndpointSlices.
     fn event(&self, _changes: &mut Changes) {}
 
+    /// Counts the event that made this object of `old` (none: an addition).
+    fn event_from(&self, _old: Option<&Self>, changes: &mut Changes) {
+        self.event(changes);
+    }
+
     /// Whether a new version differs from this one in what the proxy reads (counted as a
     /// change, `Changes`).
     fn differs(&self, _next: &Self) -> bool {
@@ -875,6 +880,15 @@ impl Kept for Service {
 
     fn event(&self, changes: &mut Changes) {
         if !crate::objects::served_elsewhere(self) {
+            changes.service_event();
+        }
+    }
+
+    /// A Service that gains the other proxy's label left kube-proxy's watch: a deletion
+    /// there, counted.
+    fn event_from(&self, old: Option<&Self>, changes: &mut Changes) {
+        let left = old.is_some_and(|o| !crate::objects::served_elsewhere(o));
+        if left || !crate::objects::served_elsewhere(self) {
             changes.service_event();
         }
     }
@@ -986,7 +1000,7 @@ where
                         Some(old) if Arc::ptr_eq(old, new) || old.same_as(new) => {}
                         Some(old) => {
                             same = false;
-                            new.event(&mut self.changes);
+                            new.event_from(Some(old), &mut self.changes);
                             if old.differs(new) {
                                 old.note(&mut self.changes);
                                 new.note(&mut self.changes);
@@ -1020,7 +1034,7 @@ where
                         Step::Unchanged
                     }
                     old => {
-                        object.event(&mut self.changes);
+                        object.event_from(old.map(|o| &**o), &mut self.changes);
                         match old {
                             Some(old) if !old.differs(&object) => {}
                             Some(old) => {
