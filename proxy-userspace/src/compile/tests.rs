@@ -1938,6 +1938,10 @@ fn cluster_ips_of_other_proxies_are_not_unallocated() {
     compiler.update(&snap(&docs(&[cidrs, other])));
     compiler.update(&snap(cidrs));
     assert_eq!(compiler.desired().service_cidrs.len(), 2);
+    // Overlapping ServiceCIDRs (a /16 inside a /12): the cut is made once.
+    let foreign: std::collections::BTreeSet<IpAddr> = [ip("10.96.7.7")].into();
+    let raw = ["10.96.0.0/12".to_string(), "10.96.0.0/16".to_string()];
+    assert_eq!(service_cidrs(&raw, &foreign).len(), 20);
 }
 
 #[test]
