@@ -39,26 +39,41 @@ fn json(stdout: &str) -> serde_json::Value {
 /// Service `web` whose endpoints cover every reason an endpoint can be passed over:
 /// pod-2 ready in zone-a, pod-3 terminating, pod-4 not ready, pod-5 ready but hinted to zone-b.
 fn web(env: &mut Env) {
+    write_web(
+        env,
+        &[
+            (1, "hints: {forZones: [{name: zone-a}]}"),
+            (
+                2,
+                "conditions: {ready: false, serving: true, terminating: true}",
+            ),
+            (3, "conditions: {ready: false}"),
+            (4, "hints: {forZones: [{name: zone-b}]}"),
+        ],
+    );
+    env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
+}
+
+/// Writes this node (in zone-a), Service `web` (10.96.0.10:80) and its slice `web-1`: one
+/// endpoint on this node per `(pod, fields)`, `fields` the rest of its YAML mapping.
+fn write_web(env: &mut Env, endpoints: &[(usize, &str)]) {
     env.agent
         .write_manifest("node.yaml", &node_yaml(NODE, Some("zone-a")));
     env.agent.write_manifest(
         "web.yaml",
         &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
     );
-    let ip = |i: usize| env.topo.pods[i].ip4.to_string();
+    let lines: String = endpoints
+        .iter()
+        .map(|(pod, fields)| {
+            let ip = env.topo.pods[*pod].ip4;
+            format!("- {{addresses: [\"{ip}\"], nodeName: {NODE}, {fields}}}\n")
+        })
+        .collect();
     let slice = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forZones: [{{name: zone-a}}]}}}}\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, conditions: {{ready: false, serving: true, terminating: true}}}}\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, conditions: {{ready: false}}}}\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forZones: [{{name: zone-b}}]}}}}\n",
-        ip(1),
-        ip(2),
-        ip(3),
-        ip(4)
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n{lines}"
     );
     env.agent.write_manifest("slice.yaml", &slice);
-    env.wait_for_backends(Proto::Tcp, "10.96.0.10:80".parse().unwrap(), &["pod-2"]);
 }
 
 #[test]
@@ -288,25 +303,19 @@ fn without_the_prefer_same_node_gate_node_hints_are_not_read() {
     }
     let (mut env, _) =
         Env::with_agent_args(4, &["--feature-gates=PreferSameTrafficDistribution=false"]);
-    env.agent
-        .write_manifest("node.yaml", &node_yaml(NODE, Some("zone-a")));
-    env.agent.write_manifest(
-        "web.yaml",
-        &service_yaml("web", &["10.96.0.10"], &[HTTP], ""),
-    );
-    let ip = |i: usize| env.topo.pods[i].ip4.to_string();
     // pod-2 is hinted for this node, pod-3 for another node of this zone, pod-4 for a node
     // of zone-b: node hints would pick pod-2 alone, zone hints pick pod-2 and pod-3.
-    let slice = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: http, port: {BACKEND_PORT}, protocol: TCP}}]\nendpoints:\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: {NODE}}}], forZones: [{{name: zone-a}}]}}}}\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: node-b}}], forZones: [{{name: zone-a}}]}}}}\n\
-- {{addresses: [\"{}\"], nodeName: {NODE}, hints: {{forNodes: [{{name: node-c}}], forZones: [{{name: zone-b}}]}}}}\n",
-        ip(1),
-        ip(2),
-        ip(3),
+    let hints = |node: &str, zone: &str| {
+        format!("hints: {{forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]}}")
+    };
+    write_web(
+        &mut env,
+        &[
+            (1, &hints(NODE, "zone-a")),
+            (2, &hints("node-b", "zone-a")),
+            (3, &hints("node-c", "zone-b")),
+        ],
     );
-    env.agent.write_manifest("slice.yaml", &slice);
     env.wait_for_backends(
         Proto::Tcp,
         "10.96.0.10:80".parse().unwrap(),

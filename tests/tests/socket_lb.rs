@@ -534,31 +534,23 @@ fn unallocated_addresses_of_a_service_cidr_are_dropped() {
             }
         },
     );
-    // Its label removed: a Service of this proxy without endpoints, rejected at connect().
-    env.agent
-        .write_manifest("other.yaml", &service_yaml("other", &[other], &[HTTP], ""));
-    poll_until(
-        "the ClusterIP rejected here",
-        Duration::from_secs(10),
-        || {
+    let refused_with = |what: &str, errno: i32| {
+        poll_until(what, Duration::from_secs(10), || {
             let r = env.request(Proto::Tcp, addr(other, 80), 1);
-            if r[0].errno == Some(libc::ECONNREFUSED) {
+            if r[0].errno == Some(errno) {
                 Ok(())
             } else {
                 Err(format!("{r:?}"))
             }
-        },
-    );
+        })
+    };
+    // Its label removed: a Service of this proxy without endpoints, rejected at connect().
+    env.agent
+        .write_manifest("other.yaml", &service_yaml("other", &[other], &[HTTP], ""));
+    refused_with("the ClusterIP rejected here", libc::ECONNREFUSED);
     env.agent.remove_manifest("other.yaml");
     // Gone: unallocated again, dropped before the pod's own rules see it.
-    poll_until("unallocated again", Duration::from_secs(10), || {
-        let r = env.request(Proto::Tcp, addr(other, 80), 1);
-        if r[0].errno == Some(libc::EPERM) {
-            Ok(())
-        } else {
-            Err(format!("{r:?}"))
-        }
-    });
+    refused_with("unallocated again", libc::EPERM);
     // The ServiceCIDR deleted: no longer dropped here.
     env.agent.remove_manifest("cidrs.yaml");
     for to in unallocated {
