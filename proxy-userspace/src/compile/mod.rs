@@ -286,20 +286,16 @@ impl NodePortSelection {
     pub fn prefixes(&self, node_primary: &[IpAddr]) -> Vec<Cidr> {
         let mut out = self.cidrs.clone();
         if self.primary {
-            let bind = self.bind_address.filter(|a| !a.is_unspecified());
+            let node_ips = self.node_ips(node_primary);
             for loopback in [
                 IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
                 IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             ] {
                 let family = Family::of(&loopback);
-                let primary = bind
-                    .filter(|a| Family::of(a) == family)
-                    .or_else(|| {
-                        node_primary
-                            .iter()
-                            .copied()
-                            .find(|a| Family::of(a) == family)
-                    })
+                let primary = node_ips
+                    .iter()
+                    .copied()
+                    .find(|a| Family::of(a) == family)
                     .unwrap_or(loopback);
                 let len = if primary.is_ipv4() { 32 } else { 128 };
                 out.push(Cidr { addr: primary, len });
@@ -489,8 +485,8 @@ pub struct Desired {
 }
 
 /// PURE: the ranges of `Snapshot::service_cidrs` without the addresses in `foreign`; a CIDR
-/// that does not parse is logged and left
-/// out (the others still count), as kube-proxy skips what it cannot parse (semantics 12.8).
+/// that does not parse is logged and left out (the others still count), as kube-proxy skips
+/// what it cannot parse (semantics 12.8).
 pub fn service_cidrs(raw: &[String], foreign: &BTreeSet<IpAddr>) -> Vec<Cidr> {
     let mut out = Vec::new();
     for text in raw {
