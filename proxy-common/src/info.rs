@@ -99,6 +99,23 @@ pub const IFACE_KEPT: u8 = 7;
 /// overlay's tunnel, such as flannel's `flannel.1`): masqueraded flows to them leave, and their
 /// replies come back, here. Traffic arriving here is treated as coming from outside.
 pub const IFACE_REMOTE_ROUTE: u8 = 8;
+/// A flag on `IfaceInfo::why`, beside the reason: the device has no link-layer header (ipip,
+/// sit, GRE, WireGuard, tun): it carries `tc_ingress_l3`, and packets forwarded to it are
+/// sent through the kernel's route (`bpf_redirect_neigh` without a next hop), which a tunnel
+/// without a fixed remote end (Calico's `tunl0`) reads its destination from.
+pub const IFACE_NO_LINK_HEADER: u8 = 0x80;
+
+impl IfaceInfo {
+    /// The `IFACE_*` reason, without the `IFACE_NO_LINK_HEADER` flag.
+    pub fn reason(&self) -> u8 {
+        self.why & !IFACE_NO_LINK_HEADER
+    }
+
+    /// Whether the device has no link-layer header (`IFACE_NO_LINK_HEADER`).
+    pub fn no_link_header(&self) -> bool {
+        self.why & IFACE_NO_LINK_HEADER != 0
+    }
+}
 
 /// Value of `LB_SOCKLB_NS`, keyed by a running index from 0: a namespace whose pods are
 /// translated per packet (socket-layer translation off), and how many of its pods on this node

@@ -98,6 +98,14 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     hooks::tc::ingress(&ctx)
 }
 
+/// tc ingress on devices without a link-layer header (an ipip, GRE or WireGuard overlay's
+/// device): what `tc_ingress` does, mostly replies of flows masqueraded to backends on other
+/// nodes. Returns a tc action.
+#[classifier]
+pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
+    hooks::tc::ingress_l3(&ctx)
+}
+
 /// tc egress on the same interfaces as `tc_ingress`: replies of backends on the node's own
 /// address (host-network pods) to flows `tc_ingress` translated. Returns a tc action.
 #[classifier]

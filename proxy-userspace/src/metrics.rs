@@ -200,9 +200,6 @@ pub struct Metrics {
     pub drops: Family<Labels, Counter>,
     /// kube_bpf_proxy_pod_interfaces: pod-facing interfaces carrying the tc program.
     pub pod_interfaces: Family<Labels, CountGauge>,
-    /// kube_bpf_proxy_unreadable_overlay_interfaces: devices without an Ethernet header that
-    /// routes to backends on other nodes leave through.
-    pub unreadable_overlays: Family<Labels, CountGauge>,
     /// kube_bpf_proxy_interface_attach_failures_total [reason].
     pub interface_attach_failures: Family<Labels, Counter>,
     /// kube_bpf_proxy_local_endpoints_waiting_for_interface: local endpoints left out of
@@ -485,13 +482,6 @@ impl Metrics {
                 "kube_bpf_proxy_pod_interfaces",
                 "Pod-facing interfaces carrying the tc program",
             ),
-            unreadable_overlays: gauge(
-                &mut r,
-                "kube_bpf_proxy_unreadable_overlay_interfaces",
-                "Devices without an Ethernet header (ipip, WireGuard) that routes to backends on \
-                 other nodes leave through: tc cannot read them, so masqueraded external traffic \
-                 to those backends gets no translated reply",
-            ),
             interface_attach_failures: counter(
                 &mut r,
                 "kube_bpf_proxy_interface_attach_failures_total",
@@ -544,7 +534,6 @@ impl Metrics {
         m.build_info.with(&[("version", version)]).set(1);
         m.sync_failures.with(&[]);
         m.pod_interfaces.with(&[]);
-        m.unreadable_overlays.with(&[]);
         m.pod_endpoints_waiting.with(&[]);
         m.netns_sources.with(&[]);
         m.pod_namespaces_at_tc.with(&[]);
@@ -1002,7 +991,6 @@ mod tests {
             &["reason"],
         ),
         ("kube_bpf_proxy_pod_interfaces", "gauge", &[]),
-        ("kube_bpf_proxy_unreadable_overlay_interfaces", "gauge", &[]),
         (
             "kube_bpf_proxy_interface_attach_failures_total",
             "counter",
@@ -1094,7 +1082,6 @@ mod tests {
         "kube_bpf_proxy_socket_lb_off_pods{state=\"programmed\"}",
         "kube_bpf_proxy_socket_lb_off_pods{state=\"waiting\"}",
         "kube_bpf_proxy_sync_failures_total",
-        "kube_bpf_proxy_unreadable_overlay_interfaces",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv4\"}",
         "kubeproxy_network_programming_duration_seconds_bucket{ip_family=\"IPv6\"}",
         "kubeproxy_network_programming_duration_seconds_count{ip_family=\"IPv4\"}",

@@ -310,6 +310,7 @@ fn every_program_verifies_with_half_the_budget_to_spare() {
         "sock4_sendmsg",
         "sock6_sendmsg",
         "tc_ingress",
+        "tc_ingress_l3",
         "xdp_ingress",
     ];
     for name in heaviest {

@@ -31,7 +31,7 @@ use common::*;
 use tests::{
     Agent, Shape, Testbed,
     harness::{
-        testbed::{EXT_IP4, EXT_IP6, VXLAN_DEVICE, vpc_interface_ip4},
+        testbed::{EXT_IP4, EXT_IP6, L3_OVERLAY_DEVICE, VXLAN_DEVICE, vpc_interface_ip4},
         topology::Proto,
     },
     poll_until,
@@ -525,6 +525,75 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
         NODE,
         "with every pod-facing interface attached",
     );
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
+/// Calico's ipip mode, WireGuard (Calico's, Cilium's, flannel's `wireguard` backend): node-a
+/// reaches node-b's pods through a device without a link-layer header, so a masqueraded flow
+/// to b-pod-1 leaves with that device's address and b-pod-1's replies come back through it,
+/// as IP packets with no Ethernet header. The agent puts `tc_ingress_l3` there, which
+/// translates them back and sends them on to the external client (semantics 7.13).
+#[test]
+fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_l3_overlay(&[2, 1], Shape::Bridge);
+    let mut agent = serve_near_and_far(&mut tb);
+    check_from_outside(&tb, &FAR, "b-pod-1");
+    check_from_outside(&tb, &NEAR, "a-pod-1");
+    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    let s = status(&tb, &agent);
+    let tc = tc_interfaces(&s);
+    // Selected by a route (to a remote endpoint; in this testbed node-b's namespace, holding
+    // an address of its pod CIDR, can pass for a pod of this node, one routed there too).
+    assert!(
+        tc.iter().any(|(i, why)| i == L3_OVERLAY_DEVICE
+            && why.contains("route to")
+            && why.contains("no link-layer header")),
+        "{tc:?}"
+    );
+    // No egress program there: it reads Ethernet frames.
+    let hooked = hooks(&s);
+    assert!(
+        hooked.contains(&format!("tc-{L3_OVERLAY_DEVICE}"))
+            && !hooked.contains(&format!("tce-{L3_OVERLAY_DEVICE}")),
+        "{s}"
+    );
+    assert_verified(
+        &tb,
+        &agent,
+        NODE,
+        "with every pod-facing interface attached",
+    );
+    // A restart keeps the device's link, its program replaced in place (the one for devices
+    // without a link-layer header again), and an open connection through it.
+    let link_id = |s: &serde_json::Value| {
+        s["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["interface"] == L3_OVERLAY_DEVICE)
+            .map(|i| i["linkId"].clone())
+    };
+    let link_before = link_id(&s).expect("overlay device listed");
+    let to: SocketAddr = format!("192.168.77.1:{}", FAR.node_port_tcp)
+        .parse()
+        .unwrap();
+    let (mut held, first) = tb.hold_from(&tb.ext, false, to);
+    assert!(first.ok && first.backend == "b-pod-1", "{first:?}");
+    agent.kill();
+    let pos = agent.log_position();
+    agent.start();
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    for _ in 0..5 {
+        let r = held.again();
+        assert!(r.ok && r.backend == "b-pod-1", "after the restart: {r:?}");
+    }
+    let s = status(&tb, &agent);
+    assert_eq!(link_id(&s), Some(link_before), "link kept: {s}");
+    check_from_outside(&tb, &FAR, "b-pod-1");
     agent.assert_running();
     tb.assert_no_checksum_errors();
 }

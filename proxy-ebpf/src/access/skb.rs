@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::BPF_F_RECOMPUTE_CSUM,
     helpers::{
         bpf_redirect,
-        generated::{bpf_skb_change_tail, bpf_skb_store_bytes},
+        generated::{bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_store_bytes},
     },
     programs::TcContext,
 };
@@ -101,6 +101,20 @@ pub fn set_len(ctx: &TcContext, len: usize) -> Result<(), i64> {
     // SAFETY: plain helper call on this context.
     let rc = unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), len as u32, 0) };
     if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
+/// Puts a link-layer header of `len` bytes in front of a packet that has none (one from a
+/// device without a link-layer header): zeroes, ending in `ethertype` (an Ethernet header's
+/// shape). The helper grows the head (and makes the bytes the skb's own) and sets the skb's
+/// MAC header there.
+#[inline(always)]
+pub fn push_link_header(ctx: &TcContext, len: usize, ethertype: u16) -> Result<(), i64> {
+    // SAFETY: plain helper call on this context; no flags.
+    let rc = unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), len as u32, 0) };
+    if rc < 0 {
+        return Err(rc);
+    }
+    write(ctx, len - 2, &ethertype.to_be_bytes())
 }
 
 /// Swaps the Ethernet source and destination: the frame goes back to the hop it came from.

@@ -17,7 +17,7 @@ use core::mem::MaybeUninit;
 use proxy_common::reason::Reason;
 
 use crate::{
-    access::{skb, stats},
+    access::{maps::LB_IFACES, skb, stats},
     flow::hops::{self, Hops},
     headers::{AF_INET, ETH_HLEN, Tuple, csum, family::Ip},
 };
@@ -186,9 +186,24 @@ pub fn route<F: Ip>(
     Ok(Route {
         ifindex: p.ifindex,
         src: F::fib_src(p),
-        nh: next_hop(p),
+        nh: if no_link_header(p.ifindex) {
+            NO_NH
+        } else {
+            next_hop(p)
+        },
         mtu,
     })
+}
+
+/// Whether the agent recorded interface `ifindex` as a device without a link-layer header
+/// (`IFACE_NO_LINK_HEADER`): a packet to it goes without a next hop (`send`), so that the
+/// kernel routes it and a tunnel without a fixed remote end (ipip's `tunl0`, where Calico's
+/// routes lead) finds its destination on the route; with a next hop it has none and drops the
+/// packet.
+#[inline(always)]
+fn no_link_header(ifindex: u32) -> bool {
+    // SAFETY: a map lookup whose value is read at once.
+    unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.no_link_header())
 }
 
 /// The route this CPU remembers (`flow::hops`) at `at` for a tracked flow's packet translated
@@ -288,16 +303,20 @@ pub fn forward<F: Ip>(ctx: &TcContext, t: &Tuple<F::Addr>, ifindex: u32) -> i32 
     }
 }
 
-/// No next hop yet: the initial value of a `Route::nh` to be filled (never sent).
+/// No next hop: the initial value of a `Route::nh` to be filled, and the one of a route to a
+/// device without a link-layer header (`send` has the kernel route it).
 pub const NO_NH: bpf_redir_neigh = bpf_redir_neigh {
     nh_family: 0,
     __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv6_nh: [0; 4] },
 };
 
 /// Sends a translated packet out of `ifindex` (nonzero) to the next hop `nh` of its route,
-/// the TTL counted down.
+/// the TTL counted down; without a next hop (`NO_NH`) as `send_routed`.
 #[inline(always)]
 pub fn send<F: Ip>(ctx: &TcContext, ifindex: u32, nh: &bpf_redir_neigh) -> i32 {
+    if nh.nh_family == 0 {
+        return send_routed::<F>(ctx, ifindex);
+    }
     // Forwarded here, not by the stack: the TTL is counted down here too.
     if !count_down_ttl(ctx, F::AF == AF_INET) {
         stats::count(Reason::TtlExpired);

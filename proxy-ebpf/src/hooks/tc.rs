@@ -67,6 +67,25 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     }
 }
 
+/// tc ingress on a device without a link-layer header (ipip, sit, GRE, WireGuard, tun): the
+/// packet starts with its IP header. An Ethernet header is put in front of it (zeroed, with
+/// the ethertype of the skb's protocol) and `ingress` reads it as on any other interface: the
+/// replies of flows masqueraded to the device's address, to backends the overlay reaches, are
+/// translated back and sent on towards their clients (`bpf_redirect_neigh`, which needs a
+/// link-layer header to take off). A packet passed on keeps the header outside its data: the
+/// kernel takes the link-layer length the helper set off again after the program.
+#[inline(always)]
+pub fn ingress_l3(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the context's own skb.
+    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    if (protocol != ETH_P_IP && protocol != ETH_P_IPV6)
+        || skb::push_link_header(ctx, ETH_HLEN, protocol).is_err()
+    {
+        return TC_ACT_OK as i32;
+    }
+    ingress(ctx)
+}
+
 /// tc egress on the same interfaces: replies the node's own stack sends for flows tc handed to
 /// a backend on the node's address (a host-network pod) are translated back to the frontend.
 /// Nothing else is looked at; until such a flow exists, nothing at all.

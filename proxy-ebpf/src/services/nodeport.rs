@@ -140,7 +140,7 @@ fn outside(why: u8) -> bool {
 #[inline(never)]
 fn arrived_outside(ifindex: u32) -> bool {
     // SAFETY: a map lookup whose value is copied at once.
-    outside(unsafe { LB_IFACES.get(&ifindex) }.map_or(IFACE_EXTERNAL, |i| i.why))
+    outside(unsafe { LB_IFACES.get(&ifindex) }.map_or(IFACE_EXTERNAL, |i| i.reason()))
 }
 
 /// The scope of a new flow to a ClusterIP arriving from outside (the interface says so): its

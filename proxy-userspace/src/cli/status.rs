@@ -99,7 +99,7 @@ enum InterfaceCause {
 
 fn cause_of(info: Option<&IfaceInfo>) -> InterfaceCause {
     use proxy_common::info::*;
-    match info.map(|i| i.why) {
+    match info.map(|i| i.reason()) {
         Some(IFACE_EXTERNAL) => InterfaceCause::External,
         Some(IFACE_POD_ROUTE) => InterfaceCause::PodRoute,
         Some(IFACE_POD_CIDR) => InterfaceCause::PodCidr,

@@ -97,6 +97,8 @@ pub const SOCK_PROGRAMS: [&str; 9] = [
 
 /// The tc program, attached at ingress of the node's external and pod-facing interfaces.
 pub const TC_PROGRAM: &str = "tc_ingress";
+/// `TC_PROGRAM` for devices without a link-layer header (an ipip or WireGuard overlay's).
+pub const TC_L3_PROGRAM: &str = "tc_ingress_l3";
 /// The tc egress program: replies of host-network backends to flows tc translated.
 pub const TC_EGRESS_PROGRAM: &str = "tc_egress";
 
@@ -1430,6 +1432,7 @@ impl Datapath {
     pub fn pin_tc_program(&mut self) -> anyhow::Result<()> {
         for (name, file) in [
             (TC_PROGRAM, super::tclinks::TC_PROGRAM_PIN),
+            (TC_L3_PROGRAM, super::tclinks::TC_L3_PROGRAM_PIN),
             (TC_EGRESS_PROGRAM, super::tclinks::TC_EGRESS_PROGRAM_PIN),
         ] {
             let program: &mut SchedClassifier = self
@@ -2900,6 +2903,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<usize> {
     files.push(names::LB_VERSIONS);
     files.push(RELEASE_PIN);
     files.push(super::tclinks::TC_PROGRAM_PIN);
+    files.push(super::tclinks::TC_L3_PROGRAM_PIN);
     files.push(super::tclinks::TC_EGRESS_PROGRAM_PIN);
     removed += remove_files_and_dir(pin_dir, &files)?;
     Ok(removed)

@@ -16,7 +16,7 @@ use std::{
 
 use super::bpf::{
     BPF_MAP_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, BPF_PROG_QUERY,
-    SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks,
+    SOCK_PROGRAMS, TC_EGRESS_PROGRAM, TC_L3_PROGRAM, TC_PROGRAM, XDP_PROGRAM, bpf_syscall, hooks,
 };
 
 /// `BPF_F_QUERY_EFFECTIVE`: the programs that run for the cgroup's sockets, its ancestors'
@@ -66,7 +66,7 @@ impl Foreign {
 fn our_program_name(name: &str) -> bool {
     SOCK_PROGRAMS
         .iter()
-        .chain(&[TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM])
+        .chain(&[TC_PROGRAM, TC_L3_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM])
         .any(|ours| kernel_name(ours) == name)
 }
 

@@ -203,7 +203,7 @@ fn pod_facing(pin_dir: &Path, rtnl: &mut netlink::Rtnl) -> (BTreeSet<u32>, BTree
     let facing = match tclinks::recorded(pin_dir) {
         Ok(m) => m
             .into_iter()
-            .filter(|(_, info)| faces_pods(info.why))
+            .filter(|(_, info)| faces_pods(info.reason()))
             .map(|(index, _)| index)
             .collect(),
         Err(e) => {

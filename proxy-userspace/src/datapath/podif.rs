@@ -14,8 +14,8 @@ use std::{
 };
 
 use proxy_common::info::{
-    IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_KEPT, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_CIDR,
-    IFACE_POD_ROUTE, IFACE_REMOTE_ROUTE,
+    IFACE_BRIDGE, IFACE_EXTERNAL, IFACE_KEPT, IFACE_NAMED, IFACE_NO_LINK_HEADER, IFACE_PATTERN,
+    IFACE_POD_CIDR, IFACE_POD_ROUTE, IFACE_REMOTE_ROUTE,
 };
 
 use super::{
@@ -141,8 +141,9 @@ pub enum Why {
 }
 
 impl Why {
-    /// The `LB_IFACES` record of interface `name` (index `index`).
-    pub fn info(&self, name: &str, index: u32) -> proxy_common::info::IfaceInfo {
+    /// The `LB_IFACES` record of interface `name` (index `index`), flagged when the device has
+    /// no link-layer header (`l3`).
+    pub fn info(&self, name: &str, index: u32, l3: bool) -> proxy_common::info::IfaceInfo {
         let (why, addr, via) = match self {
             Why::External => (IFACE_EXTERNAL, None, None),
             Why::Named => (IFACE_NAMED, None, None),
@@ -159,6 +160,7 @@ impl Why {
                 (IFACE_BRIDGE, addr, Some(port.as_str()))
             }
         };
+        let why = if l3 { why | IFACE_NO_LINK_HEADER } else { why };
         tclinks::iface_info(name, index, why, addr, via)
     }
 }
@@ -336,10 +338,6 @@ pub struct Wanted {
 pub struct Discovery {
     pub wanted: BTreeMap<String, Wanted>,
     pub missing: Vec<String>,
-    /// Devices without an Ethernet header (`L3_TUNNELS`) that routes to backends on other
-    /// nodes leave through, with one such backend: a flow masqueraded to the device's
-    /// address gets its replies there, where the program cannot read them.
-    pub unreadable: BTreeMap<String, IpAddr>,
 }
 
 /// Inputs of the discovery that come from the cluster: this node's endpoint addresses and pod
@@ -378,7 +376,7 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Device kinds without an Ethernet header, which the program cannot read.
+/// Device kinds without an Ethernet header: never external interfaces.
 const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
 
 /// Decides which interfaces carry the program, first reason first: `external` ones (named, or
@@ -465,18 +463,14 @@ pub fn discover(
             }
         }
         // Overlays: the masquerading address of a flow to a remote backend is the tunnel
-        // device's, so the replies arrive there. Devices without an Ethernet header (ipip,
-        // WireGuard) are left out: the program reads Ethernet frames.
+        // device's, so the replies arrive there. A device without an Ethernet header (ipip,
+        // WireGuard) gets `tc_ingress_l3` (`TcLinks::attach`).
         for ep in &inputs.remote {
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
             {
-                if l3_tunnel(link) {
-                    out.unreadable.entry(link.name.clone()).or_insert(*ep);
-                } else {
-                    add(&mut out, link, Why::RemoteRoute(*ep));
-                }
+                add(&mut out, link, Why::RemoteRoute(*ep));
             }
         }
     }
@@ -550,8 +544,6 @@ pub struct Manager {
     logged: BTreeSet<(String, String)>,
     /// Named interfaces already reported missing.
     missing_logged: BTreeSet<String>,
-    /// Devices of `Discovery::unreadable` already warned about.
-    unreadable_logged: BTreeSet<String>,
     /// Named interfaces recorded as missing in `LB_IFACES`.
     missing_recorded: Vec<String>,
     /// Whether the cluster inputs have been set once (until then, earlier links are kept).
@@ -581,7 +573,6 @@ impl Manager {
             metrics,
             logged: BTreeSet::new(),
             missing_logged: BTreeSet::new(),
-            unreadable_logged: BTreeSet::new(),
             // Not a name: the first pass replaces whatever an earlier agent recorded.
             missing_recorded: vec!["/".into()],
             have_inputs: false,
@@ -715,25 +706,6 @@ impl Manager {
             self.missing_recorded = found.missing.clone();
         }
         self.missing_logged.retain(|n| found.missing.contains(n));
-        for (name, backend) in &found.unreadable {
-            if self.unreadable_logged.insert(name.clone()) {
-                log::warn!(
-                    "backends on other nodes (e.g. {backend}) are reached through {name}, a \
-                     device without an Ethernet header (ipip, WireGuard) that tc cannot read: \
-                     NodePort, externalIP and load balancer traffic masqueraded to them \
-                     (externalTrafficPolicy Cluster) gets its replies there untranslated and \
-                     fails; an overlay with an Ethernet header (VXLAN) or \
-                     externalTrafficPolicy Local avoids it"
-                );
-            }
-        }
-        self.unreadable_logged
-            .retain(|n| found.unreadable.contains_key(n));
-        if let Some(m) = &self.metrics {
-            m.unreadable_overlays
-                .with(&[])
-                .set(found.unreadable.len() as u64);
-        }
         let before: BTreeSet<u32> = self.state.values().map(|(i, _)| *i).collect();
         // Links of earlier agents or of interfaces that are gone or no longer wanted.
         for (name, link) in self.links.pinned() {
@@ -742,13 +714,16 @@ impl Manager {
                 self.links.detach(&name, link.map(|s| s.ifindex));
             }
         }
+        // Devices without an Ethernet header, by index.
+        let l3: BTreeSet<u32> = links.iter().filter(|l| !l.ether).map(|l| l.index).collect();
         let attached: Vec<(String, (u32, Why))> =
             std::mem::take(&mut self.state).into_iter().collect();
         for (name, (index, why)) in attached {
             match found.wanted.get(&name) {
                 Some(w) if w.index == index => {
                     if w.why != why {
-                        self.links.record(w.why.info(&name, index));
+                        self.links
+                            .record(w.why.info(&name, index, l3.contains(&index)));
                     }
                     self.state.insert(name, (index, w.why.clone()));
                 }
@@ -774,7 +749,9 @@ impl Manager {
                 continue;
             }
             let started = Instant::now();
-            match self.links.attach(name, w.index, w.why.info(name, w.index)) {
+            let no_link_header = l3.contains(&w.index);
+            let info = w.why.info(name, w.index, no_link_header);
+            match self.links.attach(name, w.index, info, no_link_header) {
                 Ok(kept) => {
                     log::info!(
                         "tc {} {name} ({}) in {:?}",

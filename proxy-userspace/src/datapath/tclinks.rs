@@ -22,6 +22,10 @@ use super::bpf::{BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, LINKS_DIR, bpf_syscall, re
 /// Pin of the loaded tc program under the pin directory, from which every attach is made.
 pub const TC_PROGRAM_PIN: &str = "tc_ingress";
 
+/// Pin of the loaded tc program for devices without a link-layer header (`tc_ingress_l3`),
+/// attached at their ingress instead of `tc_ingress`.
+pub const TC_L3_PROGRAM_PIN: &str = "tc_ingress_l3";
+
 /// Pin of the loaded tc egress program (`tc_egress`), attached beside every ingress link.
 pub const TC_EGRESS_PROGRAM_PIN: &str = "tc_egress";
 
@@ -157,6 +161,7 @@ impl AttachError {
 /// thread (it holds its own handles, opened from the pins).
 pub struct TcLinks {
     program: SchedClassifier,
+    program_l3: SchedClassifier,
     egress: SchedClassifier,
     links_dir: PathBuf,
     ifaces: HashMap<MapData, u32, IfaceInfo>,
@@ -171,12 +176,14 @@ impl TcLinks {
                 .with_context(|| format!("open the tc program pinned at {}", pin.display()))
         };
         let program = open(TC_PROGRAM_PIN)?;
+        let program_l3 = open(TC_L3_PROGRAM_PIN)?;
         let egress = open(TC_EGRESS_PROGRAM_PIN)?;
         let links_dir = pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("create {}", links_dir.display()))?;
         Ok(TcLinks {
             program,
+            program_l3,
             egress,
             links_dir,
             ifaces: ifaces_map(pin_dir)?,
@@ -209,24 +216,35 @@ impl TcLinks {
     /// Puts the program on interface `name`, whose index is `index`, at ingress and the egress
     /// program at egress: swaps each into a live link an earlier agent pinned there, else
     /// attaches afresh (TCX) and pins the link. Returns true when the ingress link was kept
-    /// from an earlier agent. Records `info` in `LB_IFACES`.
-    pub fn attach(&mut self, name: &str, index: u32, info: IfaceInfo) -> Result<bool, AttachError> {
+    /// from an earlier agent. Records `info` in `LB_IFACES`. A device without a link-layer
+    /// header (`l3`) gets `tc_ingress_l3` at ingress and nothing at egress (the egress program
+    /// reads Ethernet frames; the node's own replies to translated flows do not leave there).
+    pub fn attach(
+        &mut self,
+        name: &str,
+        index: u32,
+        info: IfaceInfo,
+        l3: bool,
+    ) -> Result<bool, AttachError> {
         let ingress_pin = self.pin(name);
-        let kept = attach_one(
-            &mut self.program,
-            &ingress_pin,
-            name,
-            index,
-            TcAttachType::Ingress,
-        )?;
+        let program = if l3 {
+            &mut self.program_l3
+        } else {
+            &mut self.program
+        };
+        let kept = attach_one(program, &ingress_pin, name, index, TcAttachType::Ingress)?;
         let egress_pin = self.egress_pin(name);
-        attach_one(
-            &mut self.egress,
-            &egress_pin,
-            name,
-            index,
-            TcAttachType::Egress,
-        )?;
+        if l3 {
+            let _ = fs::remove_file(&egress_pin);
+        } else {
+            attach_one(
+                &mut self.egress,
+                &egress_pin,
+                name,
+                index,
+                TcAttachType::Egress,
+            )?;
+        }
         self.ifaces
             .insert(index, info, 0)
             .map_err(|e| AttachError::Pin(format!("record in LB_IFACES: {e}")))?;
@@ -408,7 +426,7 @@ pub fn describe(info: &IfaceInfo) -> String {
     if info.ifindex == 0 {
         return "named in --pod-interfaces, does not exist (attached when it appears)".into();
     }
-    match info.why {
+    let why = match info.reason() {
         IFACE_EXTERNAL => "external".into(),
         IFACE_POD_ROUTE => format!("pod: route to endpoint {addr}"),
         IFACE_POD_CIDR => format!("pod: route to pod CIDR {addr}/{}", info.prefix_len),
@@ -422,6 +440,11 @@ pub fn describe(info: &IfaceInfo) -> String {
         IFACE_KEPT => "kept from the previous agent until this node's endpoints are read".into(),
         IFACE_REMOTE_ROUTE => format!("route to remote endpoint {addr}"),
         other => format!("unknown reason {other}"),
+    };
+    if info.no_link_header() {
+        format!("{why}; no link-layer header (tc_ingress_l3)")
+    } else {
+        why
     }
 }
 

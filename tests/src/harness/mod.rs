@@ -8,6 +8,7 @@ pub mod skip;
 pub mod sweep;
 pub mod testbed;
 pub mod topology;
+pub mod tunnel;
 pub mod wait;
 
 use std::process::Command;

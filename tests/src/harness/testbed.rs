@@ -51,7 +51,7 @@
 //! veth otherwise hands packets over as CHECKSUM_PARTIAL and a bad checksum written by the
 //! datapath would go unnoticed); `checksum_errors` reads the kernel's error counters.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{
     cgroup::TestCgroup,
@@ -62,6 +62,7 @@ use super::{
         Held, Pod, Proto, add_bridge, add_veth, attach_to_bridge, bridge_ip4, bridge_ip6, hold_in,
         no_dad, pod_ip4, pod_ip6, request_in, spawn_echo,
     },
+    tunnel::TunOverlay,
 };
 
 /// The external client's LAN addresses.
@@ -220,8 +221,9 @@ pub struct Node {
 }
 
 pub struct Testbed {
-    // Fields drop in declaration order: nodes (their servers, pods, namespaces), then ext, then
-    // the LAN; the cgroup last.
+    // Fields drop in declaration order: the overlay's devices, nodes (their servers, pods,
+    // namespaces), then ext, then the LAN; the cgroup last.
+    l3_overlay: Option<TunOverlay>,
     pub nodes: Vec<Node>,
     pub ext: NetNs,
     pub lan: NetNs,
@@ -379,6 +381,54 @@ fn add_vxlan(ns: &NetNs, i: usize, count: usize) {
             VXLAN_DEVICE,
             "onlink",
         ]);
+    }
+}
+
+/// How the nodes reach each other's pods.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overlay {
+    /// Routes via the other node's LAN address.
+    None,
+    Vxlan,
+    /// Devices without a link-layer header (`Testbed::with_l3_overlay`).
+    L3,
+}
+
+/// The overlay device of every node in `Testbed::with_l3_overlay`.
+pub const L3_OVERLAY_DEVICE: &str = "wg0";
+
+/// The node whose pod CIDR holds `ip` (10.244.i.0/24, fd00:244:i::/64).
+fn node_of_pod_address(ip: IpAddr) -> Option<usize> {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            (o[0] == 10 && o[1] == 244).then_some(usize::from(o[2]))
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            (s[0] == 0xfd00 && s[1] == 0x244 && s[3] == 0).then_some(usize::from(s[2]))
+        }
+    }
+}
+
+/// Node `i`'s `L3_OVERLAY_DEVICE` up, its addresses, and its routes to the pods of the other
+/// `count - 1` nodes.
+fn add_l3_overlay(ns: &NetNs, i: usize, count: usize) {
+    let dev = L3_OVERLAY_DEVICE;
+    ns.ip(&["link", "set", dev, "mtu", "1420", "up"]);
+    ns.ip(&["addr", "add", &format!("{}/32", vxlan_ip4(i)), "dev", dev]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/128", vxlan_ip6(i)),
+        "dev",
+        dev,
+        "nodad",
+    ]);
+    for k in (0..count).filter(|k| *k != i) {
+        let (cidr4, cidr6) = pod_cidrs(k);
+        ns.ip(&["route", "add", &cidr4, "dev", dev]);
+        ns.ip(&["-6", "route", "add", &cidr6, "dev", dev]);
     }
 }
 
@@ -618,7 +668,7 @@ impl Testbed {
 
     /// Like `new`, with the pods connected to their nodes as `shape` says.
     pub fn with_shape(pods_per_node: &[usize], shape: Shape) -> Testbed {
-        Testbed::build(pods_per_node, shape, false)
+        Testbed::build(pods_per_node, shape, Overlay::None)
     }
 
     /// Like `with_shape`, with the nodes reaching each other's pods through a VXLAN overlay as
@@ -629,10 +679,27 @@ impl Testbed {
     /// forwarding entry sending that MAC to k's LAN address, and routes to k's pod CIDRs via
     /// 10.244.k.0 / fd00:244:k:: `onlink` through `flannel.1`.
     pub fn with_vxlan(pods_per_node: &[usize], shape: Shape) -> Testbed {
-        Testbed::build(pods_per_node, shape, true)
+        Testbed::build(pods_per_node, shape, Overlay::Vxlan)
     }
 
-    fn build(pods_per_node: &[usize], shape: Shape, vxlan: bool) -> Testbed {
+    /// Like `with_vxlan`, through devices without a link-layer header instead, as an ipip,
+    /// GRE or WireGuard overlay's: on each node a `tun` device `L3_OVERLAY_DEVICE` (MTU 1420)
+    /// holding 10.244.i.0/32 and fd00:244:i::/128, routes to every other node's pod CIDRs
+    /// through it, and a thread of the test carrying each packet to the node whose pod CIDR
+    /// holds its destination (`tunnel::TunOverlay`).
+    pub fn with_l3_overlay(pods_per_node: &[usize], shape: Shape) -> Testbed {
+        let mut bed = Testbed::build(pods_per_node, shape, Overlay::L3);
+        let nodes: Vec<&NetNs> = bed.nodes.iter().map(|n| &n.ns).collect();
+        let overlay = TunOverlay::new(&nodes, L3_OVERLAY_DEVICE, node_of_pod_address);
+        let count = bed.nodes.len();
+        for (i, node) in bed.nodes.iter().enumerate() {
+            add_l3_overlay(&node.ns, i, count);
+        }
+        bed.l3_overlay = Some(overlay);
+        bed
+    }
+
+    fn build(pods_per_node: &[usize], shape: Shape, overlay: Overlay) -> Testbed {
         assert!(
             (1..=26).contains(&pods_per_node.len()),
             "a testbed has 1 to 26 nodes"
@@ -665,6 +732,7 @@ impl Testbed {
         ]);
 
         let mut bed = Testbed {
+            l3_overlay: None,
             nodes: Vec::new(),
             ext,
             lan,
@@ -682,9 +750,14 @@ impl Testbed {
         }
         let count = bed.nodes.len();
         for (i, node) in bed.nodes.iter().enumerate() {
-            if vxlan {
-                add_vxlan(&node.ns, i, count);
-                continue;
+            match overlay {
+                Overlay::Vxlan => {
+                    add_vxlan(&node.ns, i, count);
+                    continue;
+                }
+                // Routes added with the devices (`with_l3_overlay`).
+                Overlay::L3 => continue,
+                Overlay::None => {}
             }
             if shape == Shape::AwsVpc {
                 // Pods are on the LAN's subnet: no pod CIDRs to route.

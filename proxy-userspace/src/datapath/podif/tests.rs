@@ -110,10 +110,9 @@ fn auto_follows_routes_to_local_endpoints() {
 }
 
 /// Overlays (flannel's vxlan, Calico's VXLAN): the route to pods on other nodes leaves through
-/// a tunnel device, which carries the program (replies of masqueraded flows arrive there);
-/// one through an external interface adds nothing, nor one through a device without an
-/// Ethernet header, which is reported instead (with a backend behind it) for a warning and a
-/// metric.
+/// a tunnel device, which carries the program (replies of masqueraded flows arrive there),
+/// also one without an Ethernet header (Calico's ipip `tunl0`, flagged in its record); one
+/// through an external interface adds nothing.
 #[test]
 fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
     let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
@@ -149,16 +148,15 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
                 "flannel.1",
                 "route to remote endpoint 10.244.1.9".to_string()
             ),
+            ("tunl0", "route to remote endpoint 10.244.2.9".to_string()),
         ]
     );
-    assert_eq!(
-        found.wanted["flannel.1"].why.info("flannel.1", 7).why,
-        proxy_common::info::IFACE_REMOTE_ROUTE
-    );
-    assert_eq!(
-        found.unreadable,
-        [("tunl0".to_string(), ip("10.244.2.9"))].into()
-    );
+    let vxlan = found.wanted["flannel.1"].why.info("flannel.1", 7, false);
+    assert_eq!(vxlan.why, proxy_common::info::IFACE_REMOTE_ROUTE);
+    assert!(!vxlan.no_link_header());
+    let ipip = found.wanted["tunl0"].why.info("tunl0", 8, true);
+    assert_eq!(ipip.reason(), proxy_common::info::IFACE_REMOTE_ROUTE);
+    assert!(ipip.no_link_header());
 }
 
 #[test]
@@ -257,7 +255,7 @@ fn waiting_until_the_interface_carries_the_program() {
 
 #[test]
 fn why_records_round_trip_to_words() {
-    let info = Why::Route(ip("10.244.0.5")).info("calia1", 5);
+    let info = Why::Route(ip("10.244.0.5")).info("calia1", 5, false);
     assert_eq!(
         tclinks::describe(&info),
         "pod: route to endpoint 10.244.0.5"
@@ -266,17 +264,21 @@ fn why_records_round_trip_to_words() {
         port: "veth1".into(),
         because: Box::new(Why::Route(ip("fd00:244::1"))),
     }
-    .info("cni0", 3);
+    .info("cni0", 3, false);
     assert_eq!(
         tclinks::describe(&info),
         "bridge: its port veth1 carries the route to endpoint fd00:244::1"
     );
     assert_eq!(
-        tclinks::describe(&Why::External.info("eth0", 2)),
+        tclinks::describe(&Why::External.info("eth0", 2, false)),
         "external"
     );
     assert_eq!(
-        tclinks::describe(&Why::Pattern("cali*".into()).info("calia1", 5)),
+        tclinks::describe(&Why::RemoteRoute(ip("10.244.2.9")).info("tunl0", 8, true)),
+        "route to remote endpoint 10.244.2.9; no link-layer header (tc_ingress_l3)"
+    );
+    assert_eq!(
+        tclinks::describe(&Why::Pattern("cali*".into()).info("calia1", 5, false)),
         "pod: name matches pattern cali*"
     );
 }
