@@ -546,11 +546,9 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
     check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
     let s = status(&tb, &agent);
     let tc = tc_interfaces(&s);
-    // Selected by a route (to a remote endpoint; in this testbed node-b's namespace, holding
-    // an address of its pod CIDR, can pass for a pod of this node, one routed there too).
     assert!(
         tc.iter().any(|(i, why)| i == L3_OVERLAY_DEVICE
-            && why.contains("route to")
+            && why.contains("route to remote endpoint")
             && why.contains("no link-layer header")),
         "{tc:?}"
     );

@@ -7,10 +7,14 @@ use aya_ebpf::{
     bindings::BPF_F_RECOMPUTE_CSUM,
     helpers::{
         bpf_redirect,
-        generated::{bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_store_bytes},
+        generated::{
+            bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_store_bytes,
+        },
     },
     programs::TcContext,
 };
+
+use super::maps::LB_IFACES;
 
 /// Reads a `T` at `off`: straight from the skb's linear data when it holds those bytes (the
 /// usual case: headers are pulled into it), else through `bpf_skb_load_bytes`, a helper call
@@ -130,9 +134,18 @@ pub fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
 }
 
 /// Sends the packet, turned into an answer with its MACs swapped, back out of the interface it
-/// came in on.
+/// came in on. A device without a link-layer header (`tc_ingress_l3`'s) gets it through the
+/// kernel's route out of that device: an ipip device without a fixed remote end (Calico's
+/// `tunl0`) reads the remote end from the route and drops a packet that has none.
 #[inline(always)]
 pub fn send_back(ctx: &TcContext) -> i32 {
-    // SAFETY: reading the context's own skb; plain helper call.
-    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+    // SAFETY: reading the context's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map lookup whose value is read at once.
+    if unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.no_link_header()) {
+        // SAFETY: plain helper call; NULL params make the kernel route the packet.
+        return unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 };
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
 }

@@ -376,6 +376,10 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
         .collect()
 }
 
+/// GRE devices: one without a fixed remote end keeps its outer headers in front of the packet
+/// as its link-layer header, which `tc_ingress_l3` does not expect. Not selected as overlays.
+const GRE_KINDS: &[&str] = &["gre", "ip6gre"];
+
 /// Device kinds without an Ethernet header: never external interfaces.
 const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
 
@@ -464,11 +468,12 @@ pub fn discover(
         }
         // Overlays: the masquerading address of a flow to a remote backend is the tunnel
         // device's, so the replies arrive there. A device without an Ethernet header (ipip,
-        // WireGuard) gets `tc_ingress_l3` (`TcLinks::attach`).
+        // WireGuard) gets `tc_ingress_l3` (`TcLinks::attach`); GRE is left out (below).
         for ep in &inputs.remote {
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
+                && !link.kind.as_deref().is_some_and(|k| GRE_KINDS.contains(&k))
             {
                 add(&mut out, link, Why::RemoteRoute(*ep));
             }

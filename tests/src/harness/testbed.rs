@@ -427,8 +427,11 @@ fn add_l3_overlay(ns: &NetNs, i: usize, count: usize) {
     ]);
     for k in (0..count).filter(|k| *k != i) {
         let (cidr4, cidr6) = pod_cidrs(k);
-        ns.ip(&["route", "add", &cidr4, "dev", dev]);
-        ns.ip(&["-6", "route", "add", &cidr6, "dev", dev]);
+        let (gw4, gw6) = (vxlan_ip4(k).to_string(), vxlan_ip6(k).to_string());
+        ns.ip(&["route", "add", &cidr4, "via", &gw4, "dev", dev, "onlink"]);
+        ns.ip(&[
+            "-6", "route", "add", &cidr6, "via", &gw6, "dev", dev, "onlink",
+        ]);
     }
 }
 
@@ -682,11 +685,12 @@ impl Testbed {
         Testbed::build(pods_per_node, shape, Overlay::Vxlan)
     }
 
-    /// Like `with_vxlan`, through devices without a link-layer header instead, as an ipip,
-    /// GRE or WireGuard overlay's: on each node a `tun` device `L3_OVERLAY_DEVICE` (MTU 1420)
-    /// holding 10.244.i.0/32 and fd00:244:i::/128, routes to every other node's pod CIDRs
-    /// through it, and a thread of the test carrying each packet to the node whose pod CIDR
-    /// holds its destination (`tunnel::TunOverlay`).
+    /// Like `with_vxlan`, through devices without a link-layer header instead, as an ipip or
+    /// WireGuard overlay's: on each node a `tun` device `L3_OVERLAY_DEVICE` (MTU 1420)
+    /// holding 10.244.i.0/32 and fd00:244:i::/128, routes to every other node k's pod CIDRs via
+    /// 10.244.k.0 / fd00:244:k:: `onlink` through it (as Calico's ipip routes are), and a
+    /// thread of the test carrying each packet to the node whose pod CIDR holds its
+    /// destination (`tunnel::TunOverlay`).
     pub fn with_l3_overlay(pods_per_node: &[usize], shape: Shape) -> Testbed {
         let mut bed = Testbed::build(pods_per_node, shape, Overlay::L3);
         let nodes: Vec<&NetNs> = bed.nodes.iter().map(|n| &n.ns).collect();

@@ -76,24 +76,31 @@ impl TunOverlay {
 }
 
 /// Carries packets between the devices of `files` until `stop`; polls at most 50 ms at a time.
+/// A device that fails (deleted under the test) is not polled again.
 fn carry(mut files: Vec<File>, stop: &AtomicBool, node_of: fn(IpAddr) -> Option<usize>) {
     let mut buf = vec![0u8; 65536];
+    let mut fds: Vec<libc::pollfd> = files
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     while !stop.load(Ordering::Relaxed) {
-        let mut fds: Vec<libc::pollfd> = files
-            .iter()
-            .map(|f| libc::pollfd {
-                fd: f.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
         // SAFETY: `fds` is a valid array of its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
         if n <= 0 {
             continue;
         }
-        for (from, fd) in fds.iter().enumerate() {
-            if fd.revents & libc::POLLIN == 0 {
+        for from in 0..fds.len() {
+            let revents = fds[from].revents;
+            if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // A negative descriptor is left out by poll(2).
+                fds[from].fd = -1;
+                continue;
+            }
+            if revents & libc::POLLIN == 0 {
                 continue;
             }
             let Ok(len) = files[from].read(&mut buf) else {
