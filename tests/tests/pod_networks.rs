@@ -552,6 +552,14 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
             && why.contains("no link-layer header")),
         "{tc:?}"
     );
+    let flagged: Vec<&str> = s["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["noLinkHeader"] == true)
+        .filter_map(|i| i["interface"].as_str())
+        .collect();
+    assert_eq!(flagged, [L3_OVERLAY_DEVICE], "{s}");
     // No egress program there: it reads Ethernet frames.
     let hooked = hooks(&s);
     assert!(

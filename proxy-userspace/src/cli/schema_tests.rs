@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue, CLIENT_ADDR, CLIENT_NETNS},
-    info::{AgentState, IFACE_EXTERNAL, IFACE_NAMED, IFACE_PATTERN, IFACE_POD_ROUTE},
+    info::{
+        AgentState, IFACE_EXTERNAL, IFACE_NAMED, IFACE_NO_LINK_HEADER, IFACE_PATTERN,
+        IFACE_POD_ROUTE, IFACE_REMOTE_ROUTE,
+    },
     reason::Reason,
 };
 use serde_json::{Value, json};
@@ -603,6 +606,14 @@ fn status_json_follows_its_schema() {
                 ifindex: 4,
             },
         ),
+        (
+            "tunl0".to_string(),
+            tclinks::LinkState {
+                link_id: 10,
+                program_id: 71,
+                ifindex: 5,
+            },
+        ),
     ]);
     let pod: IpAddr = "10.244.0.5".parse().unwrap();
     let recorded = BTreeMap::from([
@@ -613,6 +624,16 @@ fn status_json_follows_its_schema() {
         (
             3,
             tclinks::iface_info("veth1", 3, IFACE_POD_ROUTE, Some((pod, 32)), None),
+        ),
+        (
+            5,
+            tclinks::iface_info(
+                "tunl0",
+                5,
+                IFACE_REMOTE_ROUTE | IFACE_NO_LINK_HEADER,
+                Some(("10.244.1.9".parse().unwrap(), 32)),
+                None,
+            ),
         ),
         (0, tclinks::iface_info("late0", 0, IFACE_NAMED, None, None)),
         (
@@ -664,7 +685,7 @@ fn status_json_follows_its_schema() {
     assert_eq!(v["maps"][0]["layoutVersion"], 1);
     assert_eq!(v["maps"][1]["layoutVersion"], serde_json::Value::Null);
     assert_eq!(v["interfacesMissing"], json!(["late0"]));
-    let causes: Vec<(&str, &str)> = v["interfaces"]
+    let causes: Vec<(&str, &str, bool)> = v["interfaces"]
         .as_array()
         .unwrap()
         .iter()
@@ -672,15 +693,17 @@ fn status_json_follows_its_schema() {
             (
                 i["interface"].as_str().unwrap(),
                 i["cause"].as_str().unwrap(),
+                i["noLinkHeader"].as_bool().unwrap(),
             )
         })
         .collect();
     assert_eq!(
         causes,
         [
-            ("cali9", "unknown"),
-            ("eth0", "external"),
-            ("veth1", "podRoute")
+            ("cali9", "unknown", false),
+            ("eth0", "external", false),
+            ("tunl0", "remoteRoute", true),
+            ("veth1", "podRoute", false)
         ]
     );
     assert_eq!(

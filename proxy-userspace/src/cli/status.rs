@@ -120,6 +120,8 @@ struct InterfaceView {
     ifindex: u32,
     link_id: u32,
     cause: InterfaceCause,
+    /// A device without a link-layer header, carrying `tc_ingress_l3`.
+    no_link_header: bool,
     /// `external`, `pod: route to endpoint 10.244.0.5`, `pod: name matches pattern cali*`, ...
     reason: String,
 }
@@ -213,6 +215,7 @@ pub fn status_view(inputs: StatusInputs) -> StatusView {
                     ifindex: link.ifindex,
                     link_id: link.link_id,
                     cause: cause_of(info),
+                    no_link_header: info.is_some_and(IfaceInfo::no_link_header),
                     reason: info.map_or("(no reason recorded)".to_string(), tclinks::describe),
                 }
             })
