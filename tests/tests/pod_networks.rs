@@ -573,8 +573,9 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
         NODE,
         "with every pod-facing interface attached",
     );
-    // A restart keeps the device's link, its program replaced in place (the one for devices
-    // without a link-layer header again), and an open connection through it.
+    // A restart keeps the device's link and puts the program for devices without a link-layer
+    // header back into it in place (below, after the wrong one went in), and an open
+    // connection through it lives on.
     let link_id = |s: &serde_json::Value| {
         s["interfaces"]
             .as_array()
@@ -589,6 +590,20 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
         .unwrap();
     let (mut held, first) = tb.hold_from(&tb.ext, false, to);
     assert!(first.ok && first.backend == "b-pod-1", "{first:?}");
+    // The Ethernet program swapped into the device's link (by hand): verify says so.
+    let links = agent.pin_dir.join("links");
+    swap_link_program(
+        &links.join(format!("tc-{L3_OVERLAY_DEVICE}")),
+        &agent.pin_dir.join("tc_ingress"),
+    );
+    let out = verify_in_node(&tb, &agent, NODE);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && text.contains(&format!("interface {L3_OVERLAY_DEVICE}"))
+            && text.contains("instead of tc_ingress_l3"),
+        "{text}"
+    );
     agent.kill();
     let pos = agent.log_position();
     agent.start();
@@ -599,9 +614,48 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
     }
     let s = status(&tb, &agent);
     assert_eq!(link_id(&s), Some(link_before), "link kept: {s}");
+    assert_verified(
+        &tb,
+        &agent,
+        NODE,
+        "after the restart put the right program back",
+    );
     check_from_outside(&tb, &FAR, "b-pod-1");
     agent.assert_running();
     tb.assert_no_checksum_errors();
+}
+
+/// Swaps the program pinned at `program` into the link pinned at `link` (BPF_LINK_UPDATE), as
+/// a mistaken hand or an older agent would.
+fn swap_link_program(link: &std::path::Path, program: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let get = |p: &std::path::Path| {
+        let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // BPF_OBJ_GET's attribute: pathname, bpf_fd, file_flags, path_fd.
+        let mut attr = [0u64; 3];
+        attr[0] = path.as_ptr() as u64;
+        // SAFETY: BPF_OBJ_GET (7) reads the attribute (24 bytes) and the string it points to.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), 24) };
+        assert!(
+            fd >= 0,
+            "BPF_OBJ_GET {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        fd as i32
+    };
+    let (link_fd, program_fd) = (get(link), get(program));
+    // BPF_LINK_UPDATE's attribute: link_fd, new_prog_fd, flags, old_prog_fd.
+    let mut attr = [link_fd as u32, program_fd as u32, 0, 0];
+    // SAFETY: BPF_LINK_UPDATE (29) reads the attribute (16 bytes).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 29, attr.as_mut_ptr(), 16) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: descriptors this function opened.
+    unsafe {
+        libc::close(link_fd);
+        libc::close(program_fd);
+    }
+    assert_eq!(rc, 0, "BPF_LINK_UPDATE {}: {error}", link.display());
 }
 
 /// Waits until the interfaces `status` lists as external are exactly `want`.

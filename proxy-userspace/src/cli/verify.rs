@@ -410,10 +410,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         nodeport_ips: Vec::new(),
     };
     let interfaces_missing: Vec<(String, String)> =
-        podif::unattached(&args.inspect.bpffs, &spec, &inputs)?
-            .into_iter()
-            .map(|(name, why)| (name, why.to_string()))
-            .collect();
+        podif::unattached(&args.inspect.bpffs, &spec, &inputs)?;
     let cgroup = foreign::cgroup_of(&args.inspect.bpffs);
     if cgroup.is_none() && args.inspect.output != Format::Json {
         println!(

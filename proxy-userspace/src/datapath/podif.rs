@@ -905,23 +905,51 @@ pub fn waiting_now(
 }
 
 /// A node-side view for `verify`: interfaces that should carry the program (by `spec`) but
-/// do not.
+/// do not, with why they should; also those whose link carries the program for the other
+/// kind of device (`tc_ingress` on a device without a link-layer header, or
+/// `tc_ingress_l3` on an Ethernet one), which misreads every packet there.
 pub fn unattached(
     pin_dir: &std::path::Path,
     spec: &PodInterfaces,
     inputs: &ClusterInputs,
-) -> anyhow::Result<Vec<(String, Why)>> {
+) -> anyhow::Result<Vec<(String, String)>> {
     let mut rtnl = Rtnl::new()?;
     let links = rtnl.links()?;
     let found = discover(spec, &links, &[], &[], inputs, &mut |a| {
         rtnl.route_get(a).unwrap_or(RouteHit::None)
     });
     let live = tclinks::live_links(pin_dir);
+    let program = |file: &str| {
+        aya::programs::ProgramInfo::from_pin(pin_dir.join(file))
+            .ok()
+            .map(|i| i.id())
+    };
+    let (ether, l3) = (
+        program(tclinks::TC_PROGRAM_PIN),
+        program(tclinks::TC_L3_PROGRAM_PIN),
+    );
+    let no_link_header: BTreeSet<u32> =
+        links.iter().filter(|l| !l.ether).map(|l| l.index).collect();
     Ok(found
         .wanted
         .into_iter()
-        .filter(|(name, w)| live.get(name).is_none_or(|s| s.ifindex != w.index))
-        .map(|(name, w)| (name, w.why))
+        .filter_map(|(name, w)| match live.get(&name) {
+            Some(s) if s.ifindex == w.index => {
+                let (want, file) = if no_link_header.contains(&w.index) {
+                    (l3, tclinks::TC_L3_PROGRAM_PIN)
+                } else {
+                    (ether, tclinks::TC_PROGRAM_PIN)
+                };
+                want.is_some_and(|id| id != s.program_id).then(|| {
+                    let why = format!(
+                        "{}; its link runs program {} instead of {file}",
+                        w.why, s.program_id
+                    );
+                    (name, why)
+                })
+            }
+            _ => Some((name, w.why.to_string())),
+        })
         .collect())
 }
 
