@@ -376,9 +376,11 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
         .collect()
 }
 
-/// GRE devices: one without a fixed remote end keeps its outer headers in front of the packet
-/// as its link-layer header, which `tc_ingress_l3` does not expect. Not selected as overlays.
-const GRE_KINDS: &[&str] = &["gre", "ip6gre"];
+/// Kinds of devices without an Ethernet header whose packets start with their IP header at tc
+/// ingress, which `tc_ingress_l3` reads: ipip, IPv6 tunnels, WireGuard, tun. Not GRE: one
+/// without a fixed remote end keeps its outer headers in front of the packet as its link-layer
+/// header; nor others of unknown shape (IPoIB's 20-byte header).
+const L3_READABLE: &[&str] = &["ipip", "ip6tnl", "sit", "wireguard", "tun"];
 
 /// Device kinds without an Ethernet header: never external interfaces.
 const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
@@ -467,13 +469,18 @@ pub fn discover(
             }
         }
         // Overlays: the masquerading address of a flow to a remote backend is the tunnel
-        // device's, so the replies arrive there. A device without an Ethernet header (ipip,
-        // WireGuard) gets `tc_ingress_l3` (`TcLinks::attach`); GRE is left out (below).
+        // device's, so the replies arrive there. A device without an Ethernet header gets
+        // `tc_ingress_l3` (`TcLinks::attach`) if it is of a kind whose packets start with their
+        // IP header at tc (`L3_READABLE`).
         for ep in &inputs.remote {
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
-                && !link.kind.as_deref().is_some_and(|k| GRE_KINDS.contains(&k))
+                && (link.ether
+                    || link
+                        .kind
+                        .as_deref()
+                        .is_some_and(|k| L3_READABLE.contains(&k)))
             {
                 add(&mut out, link, Why::RemoteRoute(*ep));
             }

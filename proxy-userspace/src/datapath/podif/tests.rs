@@ -10,7 +10,7 @@ fn link(index: u32, name: &str, master: Option<u32>, kind: Option<&str>) -> Link
         kind: kind.map(str::to_string),
         up: true,
         loopback: index == 1,
-        ether: index != 1 && !matches!(kind, Some("wireguard" | "tun" | "ipip" | "gre")),
+        ether: index != 1 && !matches!(kind, Some("wireguard" | "tun" | "ipip" | "gre" | "ipoib")),
     }
 }
 
@@ -112,7 +112,8 @@ fn auto_follows_routes_to_local_endpoints() {
 /// Overlays (flannel's vxlan, Calico's VXLAN): the route to pods on other nodes leaves through
 /// a tunnel device, which carries the program (replies of masqueraded flows arrive there),
 /// also one without an Ethernet header (Calico's ipip `tunl0`, flagged in its record); one
-/// through an external interface or a GRE device adds nothing.
+/// through an external interface, a GRE device or another device of unknown shape (IPoIB) adds
+/// nothing.
 #[test]
 fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
     let spec = PodInterfaces::parse(&["auto".into()]).unwrap();
@@ -120,12 +121,14 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
     all.push(link(7, "flannel.1", None, Some("vxlan")));
     all.push(link(8, "tunl0", None, Some("ipip")));
     all.push(link(9, "gre0", None, Some("gre")));
+    all.push(link(10, "ib0", None, Some("ipoib")));
     let inputs = ClusterInputs {
         remote: [
             ip("10.244.1.9"),
             ip("10.244.2.9"),
             ip("10.244.3.9"),
             ip("10.244.4.9"),
+            ip("10.244.5.9"),
             ip("fd00:244:1::9"),
         ]
         .into(),
@@ -135,6 +138,7 @@ fn routes_to_remote_endpoints_through_a_tunnel_select_it() {
         "10.244.1.9" | "fd00:244:1::9" => RouteHit::Gateway { oif: 7 },
         "10.244.2.9" => RouteHit::Gateway { oif: 8 },
         "10.244.4.9" => RouteHit::Gateway { oif: 9 },
+        "10.244.5.9" => RouteHit::Direct { oif: 10 },
         _ => RouteHit::Gateway { oif: 2 },
     };
     let found = discover(&spec, &all, &["eth0".into()], &[], &inputs, &mut route);
