@@ -499,6 +499,16 @@ fn pod_network_aws_vpc_external_traffic_reaches_local_backends() {
     pod_network(Shape::AwsVpc);
 }
 
+/// `serve_near_and_far`, then every frontend of the three Services checked from outside: the
+/// remote backend's first.
+fn served_across_nodes(tb: &mut Testbed) -> Agent {
+    let agent = serve_near_and_far(tb);
+    check_from_outside(tb, &FAR, "b-pod-1");
+    check_from_outside(tb, &NEAR, "a-pod-1");
+    check_from_outside(tb, &NEAR_LOCAL, "a-pod-2");
+    agent
+}
+
 /// flannel's `vxlan` backend (Calico's VXLAN alike): node-a reaches node-b's pods through its
 /// VXLAN device `flannel.1`, so a masqueraded flow to b-pod-1 leaves with `flannel.1`'s
 /// address and b-pod-1's replies come back through `flannel.1`. The agent finds that device
@@ -509,10 +519,7 @@ fn pod_network_vxlan_overlay_external_traffic_reaches_remote_backends() {
         return;
     }
     let mut tb = Testbed::with_vxlan(&[2, 1], Shape::Bridge);
-    let mut agent = serve_near_and_far(&mut tb);
-    check_from_outside(&tb, &FAR, "b-pod-1");
-    check_from_outside(&tb, &NEAR, "a-pod-1");
-    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    let mut agent = served_across_nodes(&mut tb);
     let tc = tc_interfaces(&status(&tb, &agent));
     assert!(
         tc.iter()
@@ -540,10 +547,7 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
         return;
     }
     let mut tb = Testbed::with_l3_overlay(&[2, 1], Shape::Bridge);
-    let mut agent = serve_near_and_far(&mut tb);
-    check_from_outside(&tb, &FAR, "b-pod-1");
-    check_from_outside(&tb, &NEAR, "a-pod-1");
-    check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
+    let mut agent = served_across_nodes(&mut tb);
     let s = status(&tb, &agent);
     let tc = tc_interfaces(&s);
     assert!(
