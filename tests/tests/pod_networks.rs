@@ -580,15 +580,7 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
     // A restart keeps the device's link and puts the program for devices without a link-layer
     // header back into it in place (below, after the wrong one went in), and an open
     // connection through it lives on.
-    let link_id = |s: &serde_json::Value| {
-        s["interfaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["interface"] == L3_OVERLAY_DEVICE)
-            .map(|i| i["linkId"].clone())
-    };
-    let link_before = link_id(&s).expect("overlay device listed");
+    let link_before = link_id(&s, L3_OVERLAY_DEVICE).expect("overlay device listed");
     let to: SocketAddr = format!("192.168.77.1:{}", FAR.node_port_tcp)
         .parse()
         .unwrap();
@@ -608,16 +600,13 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
             && text.contains("instead of tc_ingress_l3"),
         "{text}"
     );
-    agent.kill();
-    let pos = agent.log_position();
-    agent.start();
-    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
-    for _ in 0..5 {
-        let r = held.again();
-        assert!(r.ok && r.backend == "b-pod-1", "after the restart: {r:?}");
-    }
+    restart_holding(&mut agent, &mut held, "b-pod-1");
     let s = status(&tb, &agent);
-    assert_eq!(link_id(&s), Some(link_before), "link kept: {s}");
+    assert_eq!(
+        link_id(&s, L3_OVERLAY_DEVICE),
+        Some(link_before),
+        "link kept: {s}"
+    );
     assert_verified(
         &tb,
         &agent,
@@ -627,6 +616,28 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
     check_from_outside(&tb, &FAR, "b-pod-1");
     agent.assert_running();
     tb.assert_no_checksum_errors();
+}
+
+/// The link id `status` (its JSON, `s`) gives the tc link on `interface`.
+fn link_id(s: &serde_json::Value, interface: &str) -> Option<serde_json::Value> {
+    s["interfaces"]
+        .as_array()?
+        .iter()
+        .find(|i| i["interface"] == interface)
+        .map(|i| i["linkId"].clone())
+}
+
+/// Kills the agent and starts it again; once it has synced, the connection `held` asks five
+/// more times, each answered by `backend`.
+fn restart_holding(agent: &mut Agent, held: &mut tests::harness::topology::Held, backend: &str) {
+    agent.kill();
+    let pos = agent.log_position();
+    agent.start();
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    for _ in 0..5 {
+        let r = held.again();
+        assert!(r.ok && r.backend == backend, "after the restart: {r:?}");
+    }
 }
 
 /// Swaps the program pinned at `program` into the link pinned at `link` (BPF_LINK_UPDATE), as
@@ -995,28 +1006,10 @@ fn restart_keeps_pod_interface_links_and_connections() {
     let veth = tb.nodes[0].pods[0].host_if.clone();
     let (mut held, first) = tb.hold_from(&tb.ext, false, to);
     assert!(first.ok && first.backend == "a-pod-1", "{first:?}");
-    let link_before = status(&tb, &agent)["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["interface"] == veth.as_str())
-        .map(|i| i["linkId"].clone())
-        .expect("pod veth listed");
-    agent.kill();
-    let pos = agent.log_position();
-    agent.start();
-    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
-    for _ in 0..5 {
-        let r = held.again();
-        assert!(r.ok && r.backend == "a-pod-1", "after the restart: {r:?}");
-    }
+    let link_before = link_id(&status(&tb, &agent), &veth).expect("pod veth listed");
+    restart_holding(&mut agent, &mut held, "a-pod-1");
     let s = status(&tb, &agent);
-    let link_after = s["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["interface"] == veth.as_str())
-        .map(|i| i["linkId"].clone());
+    let link_after = link_id(&s, &veth);
     assert_eq!(
         link_after,
         Some(link_before),
