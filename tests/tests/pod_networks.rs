@@ -31,7 +31,10 @@ use common::*;
 use tests::{
     Agent, Shape, Testbed,
     harness::{
-        testbed::{EXT_IP4, EXT_IP6, L3_OVERLAY_DEVICE, VXLAN_DEVICE, vpc_interface_ip4},
+        testbed::{
+            EXT_IP4, EXT_IP6, L3_OVERLAY_DEVICE, VXLAN_DEVICE, vpc_interface_ip4, vxlan_ip4,
+            vxlan_ip6,
+        },
         topology::Proto,
     },
     poll_until,
@@ -614,6 +617,73 @@ fn pod_network_l3_overlay_external_traffic_reaches_remote_backends() {
         "after the restart put the right program back",
     );
     check_from_outside(&tb, &FAR, "b-pod-1");
+    agent.assert_running();
+    tb.assert_no_checksum_errors();
+}
+
+/// A device without a link-layer header named an external interface (NodePort traffic arrives
+/// through a WireGuard or ipip device): it gets `tc_ingress_l3` and no XDP, a new flow arriving
+/// there is translated, and its replies are sent back into the device through the kernel's
+/// route. node-b reaches node-a's NodePort address through the overlay here.
+#[test]
+fn an_external_interface_without_a_link_layer_header_gets_tc_and_no_xdp() {
+    if !privileged() {
+        return;
+    }
+    let mut tb = Testbed::with_l3_overlay(&[1, 0], Shape::Bridge);
+    tb.serve(0, 0, BACKEND_PORT);
+    let mut agent = node_agent(
+        &tb,
+        0,
+        &tb.id,
+        tb.cgroup_path(),
+        &["--external-interfaces", L3_OVERLAY_DEVICE],
+    );
+    agent.start();
+    NEAR.program(&agent, &tb, 0, 0);
+    let node_b = &tb.nodes[1].ns;
+    for (family, node_port, via) in [
+        ("-4", "192.168.77.1/32", vxlan_ip4(0).to_string()),
+        ("-6", "fd00:77::1/128", vxlan_ip6(0).to_string()),
+    ] {
+        node_b.ip(&[
+            family,
+            "route",
+            "replace",
+            node_port,
+            "via",
+            &via,
+            "dev",
+            L3_OVERLAY_DEVICE,
+            "onlink",
+        ]);
+    }
+    for to in [
+        format!("192.168.77.1:{}", NEAR.node_port_tcp),
+        format!("[fd00:77::1]:{}", NEAR.node_port_tcp),
+    ] {
+        let to: SocketAddr = to.parse().unwrap();
+        wait_from(&tb, node_b, Proto::Tcp, to, "a-pod-1");
+        for r in tb.request_from(node_b, false, Proto::Tcp, to, 3) {
+            assert!(r.ok && r.backend == "a-pod-1", "{to}: {r:?}");
+            assert_eq!(seen_ip(&r.peer), to.ip(), "{to}: reply source {r:?}");
+        }
+    }
+    let s = status(&tb, &agent);
+    let hooked = hooks(&s);
+    assert!(
+        hooked.contains(&format!("tc-{L3_OVERLAY_DEVICE}"))
+            && !hooked.contains(&format!("xdp-{L3_OVERLAY_DEVICE}"))
+            && hooked.contains("xdp-eth0"),
+        "{s}"
+    );
+    let tc = tc_interfaces(&s);
+    assert!(
+        tc.iter().any(|(i, why)| i == L3_OVERLAY_DEVICE
+            && why.starts_with("external")
+            && why.contains("no link-layer header")),
+        "{tc:?}"
+    );
     agent.assert_running();
     tb.assert_no_checksum_errors();
 }

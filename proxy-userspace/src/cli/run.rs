@@ -997,7 +997,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 exists
             });
-            (podif::External::Named(names), here.clone(), here)
+            // XDP reads Ethernet frames: a named device without that header (a WireGuard
+            // or ipip device where external traffic arrives) gets tc only (`tc_ingress_l3`).
+            let xdp_on = here
+                .iter()
+                .filter(|i| {
+                    let ethernet = netdev::ethernet(i);
+                    if !ethernet {
+                        log::info!(
+                            "no XDP on {i}: it has no Ethernet header; tc handles its NodePort \
+                             traffic"
+                        );
+                    }
+                    ethernet
+                })
+                .cloned()
+                .collect();
+            (podif::External::Named(names), here, xdp_on)
         }
         None => (
             podif::External::DefaultRoutes,

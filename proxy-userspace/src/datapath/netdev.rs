@@ -25,6 +25,16 @@ pub fn default_route_interfaces(main_only: bool) -> Vec<String> {
     })
 }
 
+/// Whether interface `name` frames its packets with an Ethernet header (ARPHRD_ETHER), which the
+/// XDP program reads; true when the links cannot be listed (the caller's choice stands).
+pub fn ethernet(name: &str) -> bool {
+    super::netlink::Rtnl::new()
+        .and_then(|mut rtnl| rtnl.links())
+        .map_or(true, |links| {
+            links.iter().any(|l| l.name == name && l.ether)
+        })
+}
+
 /// Whether an interface of this name exists here.
 pub fn exists(interface: &str) -> bool {
     let Ok(name) = std::ffi::CString::new(interface) else {

@@ -397,15 +397,22 @@ enum Overlay {
 /// The overlay device of every node in `Testbed::with_l3_overlay`.
 pub const L3_OVERLAY_DEVICE: &str = "wg0";
 
-/// The node whose pod CIDR holds `ip` (10.244.i.0/24, fd00:244:i::/64).
-fn node_of_pod_address(ip: IpAddr) -> Option<usize> {
+/// The node whose pod CIDR holds `ip` (10.244.i.0/24, fd00:244:i::/64), or whose LAN address
+/// it is (192.168.77.(i+1), fd00:77::(i+1): a test may route one through the overlay).
+fn node_of_overlay_address(ip: IpAddr) -> Option<usize> {
     match ip {
         IpAddr::V4(a) => {
             let o = a.octets();
+            if o[..3] == [192, 168, 77] {
+                return usize::from(o[3]).checked_sub(1);
+            }
             (o[0] == 10 && o[1] == 244).then_some(usize::from(o[2]))
         }
         IpAddr::V6(a) => {
             let s = a.segments();
+            if s[..7] == [0xfd00, 0x77, 0, 0, 0, 0, 0] {
+                return usize::from(s[7]).checked_sub(1);
+            }
             (s[0] == 0xfd00 && s[1] == 0x244 && s[3] == 0).then_some(usize::from(s[2]))
         }
     }
@@ -690,11 +697,11 @@ impl Testbed {
     /// holding 10.244.i.0/32 and fd00:244:i::/128, routes to every other node k's pod CIDRs via
     /// 10.244.k.0 / fd00:244:k:: `onlink` through it (as Calico's ipip routes are), and a
     /// thread of the test carrying each packet to the node whose pod CIDR holds its
-    /// destination (`tunnel::TunOverlay`).
+    /// destination, or whose LAN address it is (`tunnel::TunOverlay`).
     pub fn with_l3_overlay(pods_per_node: &[usize], shape: Shape) -> Testbed {
         let mut bed = Testbed::build(pods_per_node, shape, Overlay::L3);
         let nodes: Vec<&NetNs> = bed.nodes.iter().map(|n| &n.ns).collect();
-        let overlay = TunOverlay::new(&nodes, L3_OVERLAY_DEVICE, node_of_pod_address);
+        let overlay = TunOverlay::new(&nodes, L3_OVERLAY_DEVICE, node_of_overlay_address);
         let count = bed.nodes.len();
         for (i, node) in bed.nodes.iter().enumerate() {
             add_l3_overlay(&node.ns, i, count);
