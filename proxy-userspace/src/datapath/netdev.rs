@@ -26,13 +26,12 @@ pub fn default_route_interfaces(main_only: bool) -> Vec<String> {
 }
 
 /// Whether interface `name` frames its packets with an Ethernet header (ARPHRD_ETHER), which the
-/// XDP program reads; true when the links cannot be listed (the caller's choice stands).
+/// XDP program reads; false when the links cannot be listed (no XDP rather than XDP misreading
+/// every packet).
 pub fn ethernet(name: &str) -> bool {
     super::netlink::Rtnl::new()
         .and_then(|mut rtnl| rtnl.links())
-        .map_or(true, |links| {
-            links.iter().any(|l| l.name == name && l.ether)
-        })
+        .is_ok_and(|links| links.iter().any(|l| l.name == name && l.ether))
 }
 
 /// Whether an interface of this name exists here.

@@ -382,6 +382,14 @@ fn probes(cidr: &Cidr) -> Vec<IpAddr> {
 /// header; nor others of unknown shape (IPoIB's 20-byte header).
 const L3_READABLE: &[&str] = &["ipip", "ip6tnl", "sit", "wireguard", "tun"];
 
+/// Whether `link`, a device without an Ethernet header, is of a kind `tc_ingress_l3` reads
+/// (`L3_READABLE`).
+fn readable_l3(link: &Link) -> bool {
+    link.kind
+        .as_deref()
+        .is_some_and(|k| L3_READABLE.contains(&k))
+}
+
 /// Device kinds without an Ethernet header: never external interfaces.
 const L3_TUNNELS: &[&str] = &["ipip", "ip6tnl", "sit", "gre", "ip6gre", "wireguard", "tun"];
 
@@ -476,11 +484,7 @@ pub fn discover(
             if let RouteHit::Direct { oif } | RouteHit::Gateway { oif } = route(*ep)
                 && let Some(link) = by_index.get(&oif)
                 && !out.wanted.contains_key(&link.name)
-                && (link.ether
-                    || link
-                        .kind
-                        .as_deref()
-                        .is_some_and(|k| L3_READABLE.contains(&k)))
+                && (link.ether || readable_l3(link))
             {
                 add(&mut out, link, Why::RemoteRoute(*ep));
             }
@@ -726,8 +730,16 @@ impl Manager {
                 self.links.detach(&name, link.map(|s| s.ifindex));
             }
         }
-        // Devices without an Ethernet header, by index.
-        let l3: BTreeSet<u32> = links.iter().filter(|l| !l.ether).map(|l| l.index).collect();
+        // Devices without an Ethernet header, by index: those `tc_ingress_l3` reads, and the
+        // others (GRE, IPoIB), which get no program (a name or pattern may select them).
+        let (l3, unreadable): (BTreeSet<u32>, BTreeSet<u32>) = {
+            let no_header = links.iter().filter(|l| !l.ether && !l.loopback);
+            let (l3, other): (Vec<&Link>, Vec<&Link>) = no_header.partition(|l| readable_l3(l));
+            (
+                l3.iter().map(|l| l.index).collect(),
+                other.iter().map(|l| l.index).collect(),
+            )
+        };
         let attached: Vec<(String, (u32, Why))> =
             std::mem::take(&mut self.state).into_iter().collect();
         for (name, (index, why)) in attached {
@@ -758,6 +770,23 @@ impl Manager {
         }
         for (name, w) in &found.wanted {
             if self.state.contains_key(name) {
+                continue;
+            }
+            if unreadable.contains(&w.index) {
+                if let Some(m) = &self.metrics {
+                    m.interface_attach_failures
+                        .with(&[("reason", "unreadable")])
+                        .inc();
+                }
+                if self.logged.insert((name.clone(), "unreadable".to_string())) {
+                    log::warn!(
+                        "not attaching tc to {name} ({}): a device without an Ethernet header \
+                         whose packets the programs cannot read (only ipip, ip6tnl, sit, \
+                         WireGuard and tun are); NodePort, externalIP and load balancer traffic \
+                         through it is not translated",
+                        w.why
+                    );
+                }
                 continue;
             }
             let started = Instant::now();
@@ -912,8 +941,8 @@ pub fn waiting_now(
 }
 
 /// A node-side view for `verify`: interfaces that should carry the program (by `spec`) but
-/// do not, with why they should; also those whose link carries the program for the other
-/// kind of device (`tc_ingress` on a device without a link-layer header, or
+/// do not, with why they should; also those whose link carries this agent's program for the
+/// other kind of device (`tc_ingress` on a device without a link-layer header, or
 /// `tc_ingress_l3` on an Ethernet one), which misreads every packet there.
 pub fn unattached(
     pin_dir: &std::path::Path,
@@ -941,17 +970,16 @@ pub fn unattached(
         .wanted
         .into_iter()
         .filter_map(|(name, w)| match live.get(&name) {
+            // Only this agent's program of the other kind counts: right after a start or an
+            // upgrade, links still run the earlier agent's programs for a moment.
             Some(s) if s.ifindex == w.index => {
-                let (want, file) = if no_link_header.contains(&w.index) {
-                    (l3, tclinks::TC_L3_PROGRAM_PIN)
+                let (other, runs, needs) = if no_link_header.contains(&w.index) {
+                    (ether, tclinks::TC_PROGRAM_PIN, tclinks::TC_L3_PROGRAM_PIN)
                 } else {
-                    (ether, tclinks::TC_PROGRAM_PIN)
+                    (l3, tclinks::TC_L3_PROGRAM_PIN, tclinks::TC_PROGRAM_PIN)
                 };
-                want.is_some_and(|id| id != s.program_id).then(|| {
-                    let why = format!(
-                        "{}; its link runs program {} instead of {file}",
-                        w.why, s.program_id
-                    );
+                other.is_some_and(|id| id == s.program_id).then(|| {
+                    let why = format!("{}; its link runs {runs} instead of {needs}", w.why);
                     (name, why)
                 })
             }
