@@ -100,7 +100,7 @@ pub const IFACE_KEPT: u8 = 7;
 /// replies come back, here. Traffic arriving here is treated as coming from outside.
 pub const IFACE_REMOTE_ROUTE: u8 = 8;
 /// A flag on `IfaceInfo::why`, beside the reason: the device has no link-layer header (ipip,
-/// sit, GRE, WireGuard, tun): it carries `tc_ingress_l3`, and packets forwarded to it are
+/// sit, ip6tnl, WireGuard, tun): it carries `tc_ingress_l3`, and packets forwarded to it are
 /// sent through the kernel's route (`bpf_redirect_neigh` without a next hop), which a tunnel
 /// without a fixed remote end (Calico's `tunl0`) reads its destination from.
 pub const IFACE_NO_LINK_HEADER: u8 = 0x80;

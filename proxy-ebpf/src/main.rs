@@ -98,8 +98,7 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
     hooks::tc::ingress(&ctx)
 }
 
-/// tc ingress on devices without a link-layer header (an ipip, GRE or WireGuard overlay's
-/// device): what `tc_ingress` does, mostly replies of flows masqueraded to backends on other
+/// tc ingress on devices without a link-layer header (an ipip or WireGuard overlay's device): what `tc_ingress` does, mostly replies of flows masqueraded to backends on other
 /// nodes. Returns a tc action.
 #[classifier]
 pub fn tc_ingress_l3(ctx: TcContext) -> i32 {

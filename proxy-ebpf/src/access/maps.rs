@@ -84,6 +84,17 @@ pub fn config_flag(flag: u32) -> bool {
     LB_CONFIG.get(0).is_some_and(|c| c.flags & flag != 0)
 }
 
+/// Whether the agent recorded interface `ifindex` as a device without a link-layer header
+/// (`IFACE_NO_LINK_HEADER` in `LB_IFACES`): a packet sent into it goes through the kernel's
+/// route rather than to a next hop (`bpf_redirect_neigh` without parameters), as a tunnel
+/// without a fixed remote end (Calico's ipip `tunl0`) reads the remote end from the route and
+/// drops a packet that has none.
+#[inline(always)]
+pub fn no_link_header(ifindex: u32) -> bool {
+    // SAFETY: a map lookup whose value is read at once.
+    unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.no_link_header())
+}
+
 /// Idle time after which an unconnected socket's datagrams to a frontend are balanced afresh,
 /// in nanoseconds: the agent sets it at load from `--conntrack-udp-timeout` (a read-only
 /// global; this default is that flag's).

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use super::maps::LB_IFACES;
+use super::maps::no_link_header;
 
 /// Reads a `T` at `off`: straight from the skb's linear data when it holds those bytes (the
 /// usual case: headers are pulled into it), else through `bpf_skb_load_bytes`, a helper call
@@ -134,15 +134,13 @@ pub fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
 }
 
 /// Sends the packet, turned into an answer with its MACs swapped, back out of the interface it
-/// came in on. A device without a link-layer header (`tc_ingress_l3`'s) gets it through the
-/// kernel's route out of that device: an ipip device without a fixed remote end (Calico's
-/// `tunl0`) reads the remote end from the route and drops a packet that has none.
+/// came in on; through the kernel's route out of it when it has no link-layer header
+/// (`maps::no_link_header`).
 #[inline(always)]
 pub fn send_back(ctx: &TcContext) -> i32 {
     // SAFETY: reading the context's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: a map lookup whose value is read at once.
-    if unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.no_link_header()) {
+    if no_link_header(ifindex) {
         // SAFETY: plain helper call; NULL params make the kernel route the packet.
         return unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 };
     }

@@ -17,7 +17,7 @@ use core::mem::MaybeUninit;
 use proxy_common::reason::Reason;
 
 use crate::{
-    access::{maps::LB_IFACES, skb, stats},
+    access::{maps::no_link_header, skb, stats},
     flow::hops::{self, Hops},
     headers::{AF_INET, ETH_HLEN, Tuple, csum, family::Ip},
 };
@@ -193,17 +193,6 @@ pub fn route<F: Ip>(
         },
         mtu,
     })
-}
-
-/// Whether the agent recorded interface `ifindex` as a device without a link-layer header
-/// (`IFACE_NO_LINK_HEADER`): a packet to it goes without a next hop (`send`), so that the
-/// kernel routes it and a tunnel without a fixed remote end (ipip's `tunl0`, where Calico's
-/// routes lead) finds its destination on the route; with a next hop it has none and drops the
-/// packet.
-#[inline(always)]
-fn no_link_header(ifindex: u32) -> bool {
-    // SAFETY: a map lookup whose value is read at once.
-    unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.no_link_header())
 }
 
 /// The route this CPU remembers (`flow::hops`) at `at` for a tracked flow's packet translated

@@ -67,7 +67,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     }
 }
 
-/// tc ingress on a device without a link-layer header (ipip, sit, GRE, WireGuard, tun): the
+/// tc ingress on a device without a link-layer header (ipip, sit, ip6tnl, WireGuard, tun): the
 /// packet starts with its IP header. An Ethernet header is put in front of it (zeroed, with
 /// the ethertype of the skb's protocol) and `ingress` reads it as on any other interface: the
 /// replies of flows masqueraded to the device's address, to backends the overlay reaches, are

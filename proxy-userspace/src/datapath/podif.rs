@@ -732,14 +732,14 @@ impl Manager {
         }
         // Devices without an Ethernet header, by index: those `tc_ingress_l3` reads, and the
         // others (GRE, IPoIB), which get no program (a name or pattern may select them).
-        let (l3, unreadable): (BTreeSet<u32>, BTreeSet<u32>) = {
-            let no_header = links.iter().filter(|l| !l.ether && !l.loopback);
-            let (l3, other): (Vec<&Link>, Vec<&Link>) = no_header.partition(|l| readable_l3(l));
-            (
-                l3.iter().map(|l| l.index).collect(),
-                other.iter().map(|l| l.index).collect(),
-            )
+        let without_header = |readable: bool| -> BTreeSet<u32> {
+            links
+                .iter()
+                .filter(|l| !l.ether && !l.loopback && readable_l3(l) == readable)
+                .map(|l| l.index)
+                .collect()
         };
+        let (l3, unreadable) = (without_header(true), without_header(false));
         let attached: Vec<(String, (u32, Why))> =
             std::mem::take(&mut self.state).into_iter().collect();
         for (name, (index, why)) in attached {
