@@ -107,7 +107,21 @@ fn meshed_testbed(
     flags: &[&str],
     web_extra: &str,
 ) -> (Testbed, Agent, (TestCgroup, TestCgroup)) {
-    let mut tb = Testbed::with_shape(&[pods, 1], shape);
+    meshed_testbed_on(
+        Testbed::with_shape(&[pods, 1], shape),
+        label,
+        flags,
+        web_extra,
+    )
+}
+
+/// `meshed_testbed` on testbed `tb` (at least three pods on node a, one on node b).
+fn meshed_testbed_on(
+    mut tb: Testbed,
+    label: Option<&str>,
+    flags: &[&str],
+    web_extra: &str,
+) -> (Testbed, Agent, (TestCgroup, TestCgroup)) {
     tb.serve(0, 1, BACKEND_PORT);
     tb.serve(0, 2, BACKEND_PORT);
     tb.serve(1, 0, BACKEND_PORT);
@@ -344,6 +358,99 @@ fn etp_local_external_ip_per_packet(agent_args: &[&str]) {
         "the pod's connects were not left to tc"
     );
     assert_verified(&tb, &agent, &node_name, "etp-local-external-ip");
+}
+
+/// Over an overlay whose devices have no link-layer header (Calico's ipip, WireGuard): the
+/// pod's flows translated per packet to b-pod-1 leave through the overlay device with the
+/// pod's own address, and b-pod-1's replies come back there, where `tc_ingress_l3` translates
+/// them back to the ClusterIP before they reach the pod.
+#[test]
+fn l3_overlay_a_pod_translated_per_packet_reaches_a_remote_backend() {
+    if !privileged() {
+        return;
+    }
+    let (tb, mut agent, (_kubepods, pod_cg)) = meshed_testbed_on(
+        Testbed::with_l3_overlay(&[3, 1], Shape::Ptp),
+        Some("disabled"),
+        &[],
+        "",
+    );
+    let local = &tb.nodes[0].pods;
+    let remote = &tb.nodes[1];
+    // b-pod-1 on node b, as its slice says in a cluster: the agent learns the overlay device
+    // from the route to it.
+    let pos = agent.log_position();
+    for (name, service, family, addrs) in [
+        (
+            "web-1",
+            "web",
+            "IPv4",
+            [
+                local[1].ip4.to_string(),
+                local[2].ip4.to_string(),
+                remote.pods[0].ip4.to_string(),
+            ],
+        ),
+        (
+            "web6-1",
+            "web6",
+            "IPv6",
+            [
+                local[1].ip6.to_string(),
+                local[2].ip6.to_string(),
+                remote.pods[0].ip6.to_string(),
+            ],
+        ),
+    ] {
+        let eps = [
+            ep(&addrs[0]),
+            ep(&addrs[1]),
+            Ep {
+                node: &remote.name,
+                ..ep(&addrs[2])
+            },
+        ];
+        agent.write_manifest(
+            &format!("{service}-slice.yaml"),
+            &slice_yaml(name, service, family, &[HTTP, DNS], &eps),
+        );
+    }
+    agent.wait_for_log(pos, "synced", Duration::from_secs(20));
+    let client_ns = &local[0].ns;
+    for (dest, client) in [
+        (to(80), local[0].ip4.to_string()),
+        (to6(80), local[0].ip6.to_string()),
+    ] {
+        wait_answered(
+            "the pod's ClusterIP answered",
+            client_ns,
+            &pod_cg,
+            dest,
+            Duration::from_secs(20),
+        );
+        let replies = request_in(client_ns, Some(&pod_cg), Proto::Tcp, dest, 30);
+        let mut seen = BTreeSet::new();
+        for r in &replies {
+            assert!(r.ok, "{dest}: {r:?}");
+            let ip = r
+                .seen
+                .rsplit_once(':')
+                .map(|(ip, _)| ip.trim_matches(['[', ']']));
+            assert_eq!(ip, Some(client.as_str()), "the backend sees the pod: {r:?}");
+            assert_eq!(r.peer, dest.to_string(), "{r:?}");
+            seen.insert(r.backend.clone());
+        }
+        // Random over three backends: one missing from 30 has probability 3 (2/3)^30.
+        let all: BTreeSet<String> = ["a-pod-2", "a-pod-3", "b-pod-1"].map(String::from).into();
+        assert_eq!(seen, all, "{dest}: {replies:?}");
+    }
+    assert_verified(
+        &tb,
+        &agent,
+        &tb.nodes[0].name,
+        "per packet over an L3 overlay",
+    );
+    tb.assert_no_checksum_errors();
 }
 
 /// semantics 12.3: `default/kubernetes` has the apiserver's own address as its endpoint (a
