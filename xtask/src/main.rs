@@ -3,6 +3,7 @@
 mod bench;
 mod exec;
 mod image;
+mod kernels;
 mod layers;
 mod run;
 mod setup;
@@ -28,6 +29,11 @@ enum Command {
     Run(run::Options),
     /// Run every check and test: fmt, clippy, unit tests, end-to-end tests.
     Test(test::Options),
+    /// Only the BPF program tests on other kernels than this machine's (qemu guests).
+    Kernels {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
     /// The endpoint-churn soak for longer than CI runs it (default 5 minutes).
     Soak {
         /// Duration in seconds.
@@ -47,7 +53,7 @@ fn main() {
     let result = match cli.command {
         None => {
             eprintln!(
-                "usage: cargo xtask <setup|build|run|test|image|bench>  (cargo xtask --help)"
+                "usage: cargo xtask <setup|build|run|test|kernels|image|bench>  (cargo xtask --help)"
             );
             std::process::exit(2);
         }
@@ -56,6 +62,7 @@ fn main() {
         Some(Command::Run(opts)) => run::run(opts),
         Some(Command::Test(opts)) => test::test(opts),
         Some(Command::Soak { secs }) => test::soak(secs),
+        Some(Command::Kernels { filter }) => test::kernels_only(filter),
         Some(Command::Image(opts)) => setup::setup().and_then(|()| image::image(opts)),
         Some(Command::Bench(opts)) => bench::bench(opts),
     };

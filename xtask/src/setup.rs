@@ -94,6 +94,7 @@ fn bpf_linker() -> anyhow::Result<bool> {
 fn apt_packages() -> anyhow::Result<bool> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(crate::kernels::APT_PACKAGES)
         .copied()
         .filter(|p| {
             probe("dpkg-query", &["-W", "-f=${Status}", p])
@@ -101,7 +102,11 @@ fn apt_packages() -> anyhow::Result<bool> {
         })
         .collect();
     if missing.is_empty() {
-        return ok(&format!("Debian packages ({})", APT_PACKAGES.join(", ")));
+        return ok(&format!(
+            "Debian packages ({}, {})",
+            APT_PACKAGES.join(", "),
+            crate::kernels::APT_PACKAGES.join(", ")
+        ));
     }
     step(
         "setup: apt-get update",

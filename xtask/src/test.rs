@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     exec::{BuildOptions, build, cargo, step, target_dir},
+    kernels,
     setup::setup,
 };
 
@@ -18,6 +19,10 @@ use crate::{
 pub struct Options {
     /// Only run tests whose name contains this (passed to the test binaries).
     pub filter: Option<String>,
+    /// Leave out the BPF program tests on other kernels (qemu guests, about 6 minutes); they
+    /// are then listed as skipped.
+    #[arg(long)]
+    pub skip_kernels: bool,
 }
 
 pub fn test(opts: Options) -> anyhow::Result<()> {
@@ -71,8 +76,19 @@ pub fn test(opts: Options) -> anyhow::Result<()> {
             .args(&filter),
         &mut totals,
     );
+    let kernels = if opts.skip_kernels {
+        ::tests::harness::skip::append_skip(
+            &skip_log,
+            "bpf_programs on other kernels",
+            "--skip-kernels",
+        )
+        .context("record a skip")?;
+        Ok(())
+    } else {
+        other_kernels(&filter, &skip_log, &mut totals)
+    };
     failures.extend(
-        [unit, e2e]
+        [unit, e2e, kernels]
             .into_iter()
             .filter_map(|r| r.err().map(|e| format!("{e:#}"))),
     );
@@ -89,6 +105,96 @@ pub fn test(opts: Options) -> anyhow::Result<()> {
             failures.join("\n")
         )
     }
+}
+
+/// The `bpf_programs` tests (every program through the verifier, the packet cases through
+/// `BPF_PROG_TEST_RUN`) on each kernel of [`kernels::KERNELS`], in a qemu guest; their results
+/// are added to `totals`, their skips recorded in `skip_log` with the kernel's name.
+fn other_kernels(filter: &[String], skip_log: &Path, totals: &mut Totals) -> anyhow::Result<()> {
+    let binary = test_binary("bpf_programs")?;
+    let mut failed = Vec::new();
+    for kernel in kernels::KERNELS {
+        let what = format!("bpf_programs on Linux {} (qemu guest)", kernel.series);
+        eprintln!("\n==> {what}");
+        let result = kernels::prepare(kernel).and_then(|k| {
+            eprintln!("kernel: {}", k.package);
+            let guest_skips = k.dir().join("skipped.log");
+            let _ = std::fs::remove_file(&guest_skips);
+            let mut script = format!(
+                "export CI=true {SKIP_LOG_ENV}={}\n\
+                 modprobe -a tun veth 2>/dev/null\n\
+                 {} --test-threads=1",
+                guest_skips.display(),
+                binary.display()
+            );
+            for f in filter {
+                script.push(' ');
+                script.push_str(&shell_word(f));
+            }
+            let (rc, output) = k.run(&script)?;
+            for line in output.lines() {
+                println!("{line}");
+                if line.starts_with("test result:") {
+                    totals.passed += count_of(line, "passed");
+                    totals.failed += count_of(line, "failed");
+                    totals.ignored += count_of(line, "ignored");
+                }
+            }
+            for (name, reason) in read_skips(&guest_skips)? {
+                let name = format!("{name} on Linux {}", kernel.series);
+                ::tests::harness::skip::append_skip(skip_log, &name, &reason)?;
+            }
+            if rc != 0 {
+                bail!("exit code {rc}");
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            failed.push(format!("{what} failed: {e:#}"));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failed.join("\n"))
+    }
+}
+
+/// `cargo xtask kernels`: only the tests on other kernels, after a build.
+pub fn kernels_only(filter: Option<String>) -> anyhow::Result<()> {
+    setup()?;
+    build(&BuildOptions::default())?;
+    let skip_log = fresh_skip_log()?;
+    let mut totals = Totals::default();
+    let filter: Vec<String> = filter.into_iter().collect();
+    let result = other_kernels(&filter, &skip_log, &mut totals);
+    let skips = read_skips(&skip_log)?;
+    print!("{}", summary(&mut totals, &skips));
+    result
+}
+
+/// `word` quoted for bash.
+fn shell_word(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// The path of test binary `name` of the tests crate, built if it is not.
+fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["test", "-p", "tests", "--test", name, "--no-run"])
+        .args(["--message-format=json", "-q"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building test binary {name} failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo named no executable for test {name}"))
 }
 
 /// Runs the churn soak test for `secs` seconds; a skipped soak is a failure.

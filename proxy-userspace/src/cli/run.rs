@@ -911,6 +911,12 @@ fn limit_malloc_arenas() {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     limit_malloc_arenas();
+    if let Some(why) = crate::datapath::kernel::release()
+        .as_deref()
+        .and_then(crate::datapath::kernel::too_old)
+    {
+        log::warn!("{why}; starting anyway");
+    }
     set_oom_score_adj(args.oom_score_adj.unwrap_or(super::config::OOM_SCORE_ADJ));
     raise_nofile_limit();
     // semantics 9.6: the node's other traffic keeps the connection tracking kube-proxy gave it.

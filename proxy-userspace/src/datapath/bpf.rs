@@ -1165,7 +1165,7 @@ impl Datapath {
                 Some(_) => bail!("program {name} is not a cgroup socket program"),
                 None => bail!("program {name} missing from the BPF object"),
             }
-            .with_context(|| format!("verifier rejected {name}"))?;
+            .with_context(|| super::kernel::rejected(name))?;
         }
         for name in SOCK_PROGRAMS.iter().rev() {
             let pin = links_dir.join(name);
@@ -1353,7 +1353,7 @@ impl Datapath {
         let verifying = std::time::Instant::now();
         program
             .load()
-            .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
+            .with_context(|| super::kernel::rejected(XDP_PROGRAM))?;
         log::info!(
             "XDP program loaded and verified in {} ms",
             verifying.elapsed().as_millis()
@@ -1444,7 +1444,7 @@ impl Datapath {
             let verifying = std::time::Instant::now();
             program
                 .load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+                .with_context(|| super::kernel::rejected(name))?;
             log::info!(
                 "{name} loaded and verified in {} ms",
                 verifying.elapsed().as_millis()
@@ -2592,7 +2592,7 @@ fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
         .try_into()?;
     program
         .load()
-        .with_context(|| format!("verifier rejected {RELEASE_PROGRAM}"))?;
+        .with_context(|| super::kernel::rejected(RELEASE_PROGRAM))?;
     let pin = pin_dir.join(RELEASE_PIN);
     unpin(&pin)?;
     program
@@ -2650,15 +2650,28 @@ impl Detached {
     pub fn verify_all(&mut self) -> anyhow::Result<Vec<VerifierCost>> {
         use aya::programs::Program;
         let mut costs = Vec::new();
+        let mut rejected = Vec::new();
         for (name, program) in self.ebpf.programs_mut() {
             let started = std::time::Instant::now();
             let loaded = match program {
-                Program::CgroupSockAddr(p) => p.fd().is_ok() || p.load().map(|()| true)?,
-                Program::CgroupSock(p) => p.fd().is_ok() || p.load().map(|()| true)?,
-                Program::SchedClassifier(p) => p.fd().is_ok() || p.load().map(|()| true)?,
-                Program::Xdp(p) => p.fd().is_ok() || p.load().map(|()| true)?,
+                Program::CgroupSockAddr(p) => load_once(p.fd().is_ok(), || p.load()),
+                Program::CgroupSock(p) => load_once(p.fd().is_ok(), || p.load()),
+                Program::SchedClassifier(p) => load_once(p.fd().is_ok(), || p.load()),
+                Program::Xdp(p) => load_once(p.fd().is_ok(), || p.load()),
                 // Never loaded by the agent (`maps_anchor`).
-                _ => false,
+                _ => Ok(false),
+            };
+            let loaded = match loaded {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    // Every program is tried: a kernel's verifier may reject several.
+                    rejected.push(format!(
+                        "{}: {}",
+                        super::kernel::rejected(name),
+                        last_lines(&e)
+                    ));
+                    continue;
+                }
             };
             if !loaded {
                 continue;
@@ -2672,6 +2685,9 @@ impl Detached {
                 instructions: info.verified_instruction_count().unwrap_or(0),
                 took,
             });
+        }
+        if !rejected.is_empty() {
+            bail!("{}", rejected.join("\n"));
         }
         costs.sort_by(|a, b| a.program.cmp(&b.program));
         Ok(costs)
@@ -2696,7 +2712,7 @@ impl Detached {
         if program.fd().is_err() {
             program
                 .load()
-                .with_context(|| format!("verifier rejected {name}"))?;
+                .with_context(|| super::kernel::rejected(name))?;
         }
         Ok(program)
     }
@@ -2764,7 +2780,7 @@ impl Detached {
         if program.fd().is_err() {
             program
                 .load()
-                .with_context(|| format!("verifier rejected {XDP_PROGRAM}"))?;
+                .with_context(|| super::kernel::rejected(XDP_PROGRAM))?;
         }
         Ok(program)
     }
@@ -2860,6 +2876,32 @@ fn mean_run_time(
 
 /// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP
 /// options, encapsulation, a reply built in place).
+/// Loads a program unless it is `loaded` already; true when it is loaded afterwards.
+fn load_once(
+    loaded: bool,
+    load: impl FnOnce() -> Result<(), aya::programs::ProgramError>,
+) -> Result<bool, aya::programs::ProgramError> {
+    if !loaded {
+        load()?;
+    }
+    Ok(true)
+}
+
+/// The verifier's verdict out of a load error: the last lines of its log (the reason, and the
+/// instruction count), on one line.
+fn last_lines(e: &aya::programs::ProgramError) -> String {
+    let text = format!("{e:#}");
+    let mut lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(4)
+        .collect();
+    lines.reverse();
+    lines.join(" | ")
+}
+
 fn run_packet<'a>(
     run: impl FnOnce(
         TestRunOptions<'_>,

@@ -4,6 +4,7 @@
 pub mod bpf;
 pub mod caps;
 pub mod foreign;
+pub mod kernel;
 pub mod layouts;
 pub mod netdev;
 pub mod netlink;

@@ -1,0 +1,67 @@
+//! The running kernel's release, against the oldest this agent supports.
+
+/// The oldest kernel the agent supports: its tc programs attach through TCX (Linux 6.6). The
+/// programs are checked on Debian's 6.12 in a guest (`cargo xtask kernels`) and on the
+/// development machine's kernel; Linux 6.1's verifier rejects them.
+pub const OLDEST: (u32, u32) = (6, 6);
+
+/// The running kernel's release (`uname -r`).
+pub fn release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Major and minor version of a release string such as `6.1.0-50-amd64`.
+pub fn version_of(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Why kernel `release` may not run the agent, when it is older than [`OLDEST`].
+pub fn too_old(release: &str) -> Option<String> {
+    let version = version_of(release)?;
+    (version < OLDEST).then(|| {
+        format!(
+            "Linux {release} is older than {}.{}, the oldest kernel this agent supports: its tc \
+             programs attach through TCX (Linux 6.6), and Linux 6.1's verifier rejects its \
+             programs (combined stack over 512 bytes, over a million instructions). A kernel \
+             with those backported may still serve",
+            OLDEST.0, OLDEST.1
+        )
+    })
+}
+
+/// The error context of a program the verifier rejected, naming the kernel when it is older
+/// than the agent supports.
+pub fn rejected(program: &str) -> String {
+    match release().as_deref().and_then(too_old) {
+        Some(why) => format!("verifier rejected {program} ({why})"),
+        None => format!("verifier rejected {program}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_older_than_6_6_are_named() {
+        assert_eq!(version_of("6.1.0-50-amd64"), Some((6, 1)));
+        assert_eq!(version_of("6.12.118+deb12-amd64"), Some((6, 12)));
+        assert_eq!(version_of("5.14.0-503.el9.x86_64"), Some((5, 14)));
+        assert_eq!(version_of("garbage"), None);
+        assert!(
+            too_old("6.1.0-50-amd64")
+                .unwrap()
+                .contains("older than 6.6")
+        );
+        assert!(too_old("5.15.0-91-generic").is_some());
+        assert!(too_old("6.6.0").is_none());
+        assert!(too_old("6.18.44-fc-v1300").is_none());
+        assert!(too_old("7.0.1").is_none());
+        assert!(too_old("unknown").is_none());
+    }
+}

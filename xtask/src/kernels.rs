@@ -1,0 +1,365 @@
+//! The BPF programs on other kernels than the machine's own: each kernel of [`KERNELS`], a
+//! Debian package, boots in a qemu guest whose root is this machine's file system (9p), and
+//! runs the `bpf_programs` test binary there: every program through the kernel's verifier,
+//! and the packet cases through `BPF_PROG_TEST_RUN`. A newer development machine would
+//! otherwise hide a program an older supported kernel rejects (a verifier of another
+//! generation, a helper it lacks).
+//!
+//! The guest is emulated (TCG): no nested virtualisation is needed, and the verifier and the
+//! test runs are CPU work the emulator does well enough.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::exec::{probe, step, target_dir};
+
+/// A kernel the programs are checked on: the newest Debian package whose name starts with
+/// `prefix` and ends with `suffix`.
+pub struct Kernel {
+    /// Kernel series, as the summary names it.
+    pub series: &'static str,
+    prefix: &'static str,
+    suffix: &'static str,
+}
+
+/// The kernels checked besides the machine's own. Linux 6.6 is the oldest the agent supports
+/// (TCX); Debian carries 6.1 and 6.12 only, and 6.1 is older than that.
+pub const KERNELS: &[Kernel] = &[Kernel {
+    series: "6.12",
+    prefix: "linux-image-6.12.",
+    suffix: "+deb12-amd64-unsigned",
+}];
+
+/// Debian packages the guests need: the emulator, a static shell for the initramfs, cpio to
+/// pack it, depmod and xz for the kernel's modules.
+pub const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+];
+
+/// Modules the initramfs loads, in order, to mount the host's root over 9p (those built into
+/// a kernel are not in its tree and are passed over).
+const ROOT_MODULES: &[&str] = &[
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+];
+
+/// How long one guest may run before it is stopped and counted as failed.
+const GUEST_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// A kernel unpacked under `target/kernels/<package>`, with its initramfs.
+pub struct Prepared {
+    pub series: &'static str,
+    pub package: String,
+    dir: PathBuf,
+    vmlinuz: PathBuf,
+    release: String,
+}
+
+/// The newest package of `kernel` the machine's package lists know.
+fn newest_package(kernel: &Kernel) -> anyhow::Result<String> {
+    let pattern = format!(
+        "^{}.*{}$",
+        kernel.prefix.replace('.', "\\."),
+        kernel.suffix.replace('.', "\\.").replace('+', "\\+")
+    );
+    let list =
+        probe("apt-cache", &["search", "--names-only", &pattern]).context("apt-cache search")?;
+    let mut names: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(kernel.prefix) && n.ends_with(kernel.suffix))
+        .map(str::to_string)
+        .collect();
+    names.sort_by_key(|a| version_key(a));
+    names.pop().with_context(|| {
+        format!(
+            "no Debian package {}*{} in the package lists (apt-get update?)",
+            kernel.prefix, kernel.suffix
+        )
+    })
+}
+
+/// The numbers in a package name, for ordering `6.12.9` before `6.12.10`.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// Downloads and unpacks `kernel` and builds its initramfs, unless an earlier run did.
+pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
+    let package = newest_package(kernel)?;
+    let dir = std::path::absolute(target_dir().join("kernels").join(&package))?;
+    let root = dir.join("root");
+    let initrd = dir.join("initrd.gz");
+    if !initrd.exists() {
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let download = || {
+            step(
+                &format!("kernels: downloading {package}"),
+                Command::new("apt-get")
+                    .args(["download", "-q", "-o", "APT::Sandbox::User=root", &package])
+                    .current_dir(&dir),
+            )
+        };
+        if download().is_err() {
+            // Package lists older than the mirror name a version it no longer has.
+            step(
+                "kernels: apt-get update",
+                Command::new("apt-get").args(["update", "-q"]),
+            )?;
+            download()?;
+        }
+        let deb = fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .context("apt-get download left no .deb")?;
+        step(
+            &format!("kernels: unpacking {}", deb.display()),
+            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+        )?;
+        let _ = fs::remove_file(&deb);
+    }
+    let release = only_entry(&root.join("lib/modules"))?;
+    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        bail!("{} is missing", vmlinuz.display());
+    }
+    let prepared = Prepared {
+        series: kernel.series,
+        package,
+        dir,
+        vmlinuz,
+        release,
+    };
+    if !initrd.exists() {
+        prepared.build_initrd()?;
+    }
+    Ok(prepared)
+}
+
+/// The one entry of directory `dir`.
+fn only_entry(dir: &Path) -> anyhow::Result<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.len() != 1 {
+        bail!("{} holds {names:?}, not one kernel", dir.display());
+    }
+    Ok(names.remove(0))
+}
+
+impl Prepared {
+    /// Where the kernel, its initramfs and each run's files are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn modules(&self) -> PathBuf {
+        self.dir.join("root/lib/modules").join(&self.release)
+    }
+
+    /// The initramfs: busybox, the modules that mount the host's root over 9p, and an init
+    /// that mounts it and hands over to the guest script (`guest.sh` beside it).
+    fn build_initrd(&self) -> anyhow::Result<()> {
+        let root = self.dir.join("root");
+        step(
+            &format!("kernels: depmod {}", self.release),
+            Command::new("depmod")
+                .arg("-b")
+                .arg(&root)
+                .arg(&self.release),
+        )?;
+        let tree = self.dir.join("initrd");
+        let _ = fs::remove_dir_all(&tree);
+        for d in ["bin", "dev", "proc", "sys", "newroot", "mods"] {
+            fs::create_dir_all(tree.join(d))?;
+        }
+        fs::copy("/bin/busybox", tree.join("bin/busybox"))
+            .context("copy /bin/busybox (Debian's busybox-static)")?;
+        let mut loaded = Vec::new();
+        for m in ROOT_MODULES {
+            let Some(path) = find_module(&self.modules(), m) else {
+                continue; // built in
+            };
+            let out = tree.join("mods").join(format!("{m}.ko"));
+            if path.extension().is_some_and(|e| e == "xz") {
+                let data = Command::new("xz")
+                    .arg("-dc")
+                    .arg(&path)
+                    .output()
+                    .context("xz")?;
+                if !data.status.success() {
+                    bail!("xz -dc {} failed", path.display());
+                }
+                fs::write(&out, data.stdout)?;
+            } else {
+                fs::copy(&path, &out)?;
+            }
+            loaded.push(*m);
+        }
+        let guest = self.dir.join("guest.sh");
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             for m in {mods}; do insmod /mods/$m.ko || echo \"insmod $m failed\"; done\n\
+             mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /newroot \
+             || {{ echo 'guest: cannot mount the host root'; poweroff -f; }}\n\
+             umount /proc /sys /dev\n\
+             exec switch_root /newroot {guest}\n",
+            mods = loaded.join(" "),
+            guest = guest.display(),
+        );
+        let init_path = tree.join("init");
+        fs::write(&init_path, init)?;
+        make_executable(&init_path)?;
+        let modules = self.dir.join("root/lib/modules");
+        let script = format!(
+            "#!/bin/bash\n\
+             # Runs in the guest, on the host's root: mounts what the tests need and runs\n\
+             # $KBP_GUEST_DIR/run.sh, its output and exit code written beside it.\n\
+             export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sys /sys\n\
+             mount -t devtmpfs dev /dev 2>/dev/null\n\
+             mkdir -p /dev/pts && mount -t devpts devpts /dev/pts\n\
+             mount -t tmpfs tmpfs /run\n\
+             mount -t cgroup2 none /sys/fs/cgroup\n\
+             mount -t bpf bpf /sys/fs/bpf\n\
+             mkdir -p /lib/modules && mount --bind {modules} /lib/modules\n\
+             ip link set lo up\n\
+             dir={dir}\n\
+             bash $dir/run.sh > $dir/run.out 2>&1\n\
+             echo $? > $dir/run.rc\n\
+             sync\n\
+             echo o > /proc/sysrq-trigger\n\
+             sleep 10\n",
+            modules = modules.display(),
+            dir = self.dir.display(),
+        );
+        fs::write(&guest, script)?;
+        make_executable(&guest)?;
+        let out = fs::File::create(self.dir.join("initrd.gz.part"))?;
+        let files = Command::new("sh")
+            .arg("-c")
+            .arg("find . | cpio -o -H newc --quiet | gzip -1")
+            .current_dir(&tree)
+            .stdout(out)
+            .status()
+            .context("cpio")?;
+        if !files.success() {
+            bail!("packing the initramfs failed");
+        }
+        fs::rename(self.dir.join("initrd.gz.part"), self.dir.join("initrd.gz"))?;
+        Ok(())
+    }
+
+    /// Boots the guest, which runs `script` (bash, from the workspace root) and powers off.
+    /// Returns its exit code and output.
+    pub fn run(&self, script: &str) -> anyhow::Result<(i32, String)> {
+        let workspace = std::path::absolute(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
+        fs::write(
+            self.dir.join("run.sh"),
+            format!("cd {}\n{script}", workspace.display()),
+        )?;
+        let _ = fs::remove_file(self.dir.join("run.out"));
+        let _ = fs::remove_file(self.dir.join("run.rc"));
+        let console = self.dir.join("console.log");
+        let started = Instant::now();
+        let status = Command::new("timeout")
+            .arg(GUEST_LIMIT.as_secs().to_string())
+            .args(["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"])
+            .args(["-m", "4096", "-smp", "2", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&self.vmlinuz)
+            .arg("-initrd")
+            .arg(self.dir.join("initrd.gz"))
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
+            .args([
+                "-fsdev",
+                "local,id=r,path=/,security_model=passthrough,multidevs=remap",
+            ])
+            .args(["-device", "virtio-9p-pci,fsdev=r,mount_tag=hostroot"])
+            .stdin(std::process::Stdio::null())
+            .stdout(fs::File::create(&console)?)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("start qemu-system-x86_64")?;
+        let output = fs::read_to_string(self.dir.join("run.out")).unwrap_or_default();
+        let rc = fs::read_to_string(self.dir.join("run.rc"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        match rc {
+            Some(rc) => Ok((rc, output)),
+            None => bail!(
+                "the Linux {} guest ended ({status}) after {:?} without finishing; its console is in {}",
+                self.series,
+                started.elapsed(),
+                console.display()
+            ),
+        }
+    }
+}
+
+/// `name`'s module file under `dir` (`name.ko` or `name.ko.xz`), if it is a module there.
+fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
+    let wanted = [format!("{name}.ko"), format!("{name}.ko.xz")];
+    let mut stack = vec![dir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).ok()?.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if wanted.iter().any(|w| e.file_name().to_string_lossy() == *w) {
+                return Some(path);
+            }
+        }
+    }
+    None
+}
+
+fn make_executable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_key;
+
+    #[test]
+    fn newer_point_releases_sort_last() {
+        let mut names = [
+            "linux-image-6.12.9+deb12-amd64-unsigned",
+            "linux-image-6.12.118+deb12-amd64-unsigned",
+            "linux-image-6.12.41+deb12-amd64-unsigned",
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names[2], "linux-image-6.12.118+deb12-amd64-unsigned");
+    }
+}
