@@ -28,8 +28,9 @@ pub struct Kernel {
     suffix: &'static str,
 }
 
-/// The kernels checked besides the machine's own. Linux 6.6 is the oldest the agent supports
-/// (TCX); Debian carries 6.1 and 6.12 only, and 6.1 is older than that.
+/// The kernels checked besides the machine's own. Linux 6.9 is the oldest the agent supports
+/// (TCX, and the verifier's stack count; `proxy_userspace::datapath::kernel::OLDEST`); of the
+/// kernels Debian carries, 6.12 is the only one as new.
 pub const KERNELS: &[Kernel] = &[Kernel {
     series: "6.12",
     prefix: "linux-image-6.12.",

@@ -1,9 +1,11 @@
 //! The running kernel's release, against the oldest this agent supports.
 
-/// The oldest kernel the agent supports: its tc programs attach through TCX (Linux 6.6). The
-/// programs are checked on Debian's 6.12 in a guest (`cargo xtask kernels`) and on the
-/// development machine's kernel; Linux 6.1's verifier rejects them.
-pub const OLDEST: (u32, u32) = (6, 6);
+/// The oldest kernel the agent supports. Its tc programs attach through TCX (Linux 6.6), and
+/// its deepest call chains use the 512 bytes of stack the verifier allows when it rounds each
+/// frame up to 16 bytes (Linux 6.9); older verifiers round to 32 and reject them. The programs
+/// are checked on Debian's 6.12 in a guest (`cargo xtask kernels`) and on the development
+/// machine's kernel.
+pub const OLDEST: (u32, u32) = (6, 9);
 
 /// The running kernel's release (`uname -r`).
 pub fn release() -> Option<String> {
@@ -26,9 +28,10 @@ pub fn too_old(release: &str) -> Option<String> {
     (version < OLDEST).then(|| {
         format!(
             "Linux {release} is older than {}.{}, the oldest kernel this agent supports: its tc \
-             programs attach through TCX (Linux 6.6), and Linux 6.1's verifier rejects its \
-             programs (combined stack over 512 bytes, over a million instructions). A kernel \
-             with those backported may still serve",
+             programs attach through TCX (Linux 6.6), and a verifier before 6.9 counts more \
+             than 512 bytes of stack in their deepest call chains (each frame rounded up to 32 \
+             bytes, not 16); Linux 6.1's also stops tc_ingress at a million instructions. A \
+             kernel with those backported may still serve",
             OLDEST.0, OLDEST.1
         )
     })
@@ -48,7 +51,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn releases_older_than_6_6_are_named() {
+    fn releases_older_than_6_9_are_named() {
         assert_eq!(version_of("6.1.0-50-amd64"), Some((6, 1)));
         assert_eq!(version_of("6.12.118+deb12-amd64"), Some((6, 12)));
         assert_eq!(version_of("5.14.0-503.el9.x86_64"), Some((5, 14)));
@@ -56,10 +59,12 @@ mod tests {
         assert!(
             too_old("6.1.0-50-amd64")
                 .unwrap()
-                .contains("older than 6.6")
+                .contains("older than 6.9")
         );
         assert!(too_old("5.15.0-91-generic").is_some());
-        assert!(too_old("6.6.0").is_none());
+        assert!(too_old("6.8.0-49-generic").is_some());
+        assert!(too_old("6.9.0").is_none());
+        assert!(too_old("6.12.118+deb12-amd64").is_none());
         assert!(too_old("6.18.44-fc-v1300").is_none());
         assert!(too_old("7.0.1").is_none());
         assert!(too_old("unknown").is_none());
