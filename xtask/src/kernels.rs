@@ -157,6 +157,7 @@ pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
     if !initrd.exists() {
         prepared.build_initrd()?;
     }
+    prepared.write_guest_script()?;
     Ok(prepared)
 }
 
@@ -181,6 +182,40 @@ impl Prepared {
 
     fn modules(&self) -> PathBuf {
         self.dir.join("root/lib/modules").join(&self.release)
+    }
+
+    /// The script the guest's init hands over to (`guest.sh`), written at every run so that a
+    /// changed script is not left behind by an earlier run's cache.
+    fn write_guest_script(&self) -> anyhow::Result<()> {
+        let guest = self.dir.join("guest.sh");
+        let modules = self.dir.join("root/lib/modules");
+        let script = format!(
+            "#!/bin/bash\n\
+             # Runs in the guest, on the host's root: mounts what the tests need (the kernel's\n\
+             # modules over /lib/modules, made empty on the host if it has none) and runs\n\
+             # run.sh beside it, its output and exit code written there too.\n\
+             export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sys /sys\n\
+             mount -t devtmpfs dev /dev 2>/dev/null\n\
+             mkdir -p /dev/pts && mount -t devpts devpts /dev/pts\n\
+             mount -t tmpfs tmpfs /run\n\
+             mount -t cgroup2 none /sys/fs/cgroup\n\
+             mount -t bpf bpf /sys/fs/bpf\n\
+             mkdir -p /lib/modules && mount --bind {modules} /lib/modules\n\
+             ip link set lo up\n\
+             dir={dir}\n\
+             bash $dir/run.sh > $dir/run.out 2>&1\n\
+             echo $? > $dir/run.rc\n\
+             sync\n\
+             echo o > /proc/sysrq-trigger\n\
+             sleep 10\n",
+            modules = modules.display(),
+            dir = self.dir.display(),
+        );
+        fs::write(&guest, script)?;
+        make_executable(&guest)?;
+        Ok(())
     }
 
     /// The initramfs: busybox, the modules that mount the host's root over 9p, and an init
@@ -238,32 +273,6 @@ impl Prepared {
         let init_path = tree.join("init");
         fs::write(&init_path, init)?;
         make_executable(&init_path)?;
-        let modules = self.dir.join("root/lib/modules");
-        let script = format!(
-            "#!/bin/bash\n\
-             # Runs in the guest, on the host's root: mounts what the tests need and runs\n\
-             # $KBP_GUEST_DIR/run.sh, its output and exit code written beside it.\n\
-             export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-             mount -t proc proc /proc\n\
-             mount -t sysfs sys /sys\n\
-             mount -t devtmpfs dev /dev 2>/dev/null\n\
-             mkdir -p /dev/pts && mount -t devpts devpts /dev/pts\n\
-             mount -t tmpfs tmpfs /run\n\
-             mount -t cgroup2 none /sys/fs/cgroup\n\
-             mount -t bpf bpf /sys/fs/bpf\n\
-             mkdir -p /lib/modules && mount --bind {modules} /lib/modules\n\
-             ip link set lo up\n\
-             dir={dir}\n\
-             bash $dir/run.sh > $dir/run.out 2>&1\n\
-             echo $? > $dir/run.rc\n\
-             sync\n\
-             echo o > /proc/sysrq-trigger\n\
-             sleep 10\n",
-            modules = modules.display(),
-            dir = self.dir.display(),
-        );
-        fs::write(&guest, script)?;
-        make_executable(&guest)?;
         let out = fs::File::create(self.dir.join("initrd.gz.part"))?;
         let files = Command::new("sh")
             .arg("-c")
