@@ -62,8 +62,9 @@ const ROOT_MODULES: &[&str] = &[
     "9p",
 ];
 
-/// How long one guest may run before it is stopped and counted as failed.
-const GUEST_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// How long one guest may run before it is stopped and counted as failed (a run takes about
+/// six minutes).
+const GUEST_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// A kernel unpacked under `target/kernels/<package>`, with its initramfs.
 pub struct Prepared {
@@ -108,40 +109,22 @@ fn version_key(name: &str) -> Vec<u64> {
 
 /// Downloads and unpacks `kernel` and builds its initramfs, unless an earlier run did.
 pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
-    let package = newest_package(kernel)?;
-    let dir = std::path::absolute(target_dir().join("kernels").join(&package))?;
+    let mut package = newest_package(kernel)?;
+    if !unpacked(&package)?.join("initrd.gz").exists() && download(&package).is_err() {
+        // Package lists older than the mirror name a version it no longer carries: the lists
+        // are updated and the newest package named again.
+        step(
+            "kernels: apt-get update",
+            Command::new("apt-get").args(["update", "-q"]),
+        )?;
+        package = newest_package(kernel)?;
+        if !unpacked(&package)?.join("initrd.gz").exists() {
+            download(&package)?;
+        }
+    }
+    let dir = unpacked(&package)?;
     let root = dir.join("root");
     let initrd = dir.join("initrd.gz");
-    if !initrd.exists() {
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let download = || {
-            step(
-                &format!("kernels: downloading {package}"),
-                Command::new("apt-get")
-                    .args(["download", "-q", "-o", "APT::Sandbox::User=root", &package])
-                    .current_dir(&dir),
-            )
-        };
-        if download().is_err() {
-            // Package lists older than the mirror name a version it no longer has.
-            step(
-                "kernels: apt-get update",
-                Command::new("apt-get").args(["update", "-q"]),
-            )?;
-            download()?;
-        }
-        let deb = fs::read_dir(&dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download left no .deb")?;
-        step(
-            &format!("kernels: unpacking {}", deb.display()),
-            Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
-        )?;
-        let _ = fs::remove_file(&deb);
-    }
     let release = only_entry(&root.join("lib/modules"))?;
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
     if !vmlinuz.exists() {
@@ -159,6 +142,40 @@ pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
     }
     prepared.write_guest_script()?;
     Ok(prepared)
+}
+
+/// Where `package` is unpacked: `target/kernels/<package>`.
+fn unpacked(package: &str) -> anyhow::Result<PathBuf> {
+    Ok(std::path::absolute(
+        target_dir().join("kernels").join(package),
+    )?)
+}
+
+/// Downloads and unpacks `package` afresh into its directory.
+fn download(package: &str) -> anyhow::Result<()> {
+    let dir = unpacked(package)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    step(
+        &format!("kernels: downloading {package}"),
+        Command::new("apt-get")
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root", package])
+            .current_dir(&dir),
+    )?;
+    let deb = fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    step(
+        &format!("kernels: unpacking {}", deb.display()),
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("root")),
+    )?;
+    let _ = fs::remove_file(&deb);
+    Ok(())
 }
 
 /// The one entry of directory `dir`.
@@ -191,27 +208,31 @@ impl Prepared {
         let modules = self.dir.join("root/lib/modules");
         let script = format!(
             "#!/bin/bash\n\
-             # Runs in the guest, on the host's root: mounts what the tests need (the kernel's\n\
-             # modules over /lib/modules, made empty on the host if it has none) and runs\n\
-             # run.sh beside it, its output and exit code written there too.\n\
+             # Runs in the guest, on the host's root over 9p: until the guest's own /proc, /sys,\n\
+             # /dev and /run are mounted, those paths are the host's, so nothing is written\n\
+             # there before, a failed mount stops the guest, and the guest powers off by the\n\
+             # reboot system call (busybox), never through /proc. Then it mounts the kernel's\n\
+             # modules over /lib/modules (made empty on the host if it has none) and runs run.sh\n\
+             # beside this script, its output and exit code written there too.\n\
              export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-             mount -t proc proc /proc\n\
-             mount -t sysfs sys /sys\n\
-             mount -t devtmpfs dev /dev 2>/dev/null\n\
-             mkdir -p /dev/pts && mount -t devpts devpts /dev/pts\n\
-             mount -t tmpfs tmpfs /run\n\
-             mount -t cgroup2 none /sys/fs/cgroup\n\
-             mount -t bpf bpf /sys/fs/bpf\n\
-             mkdir -p /lib/modules && mount --bind {modules} /lib/modules\n\
-             ip link set lo up\n\
              dir={dir}\n\
-             bash $dir/run.sh > $dir/run.out 2>&1\n\
-             echo $? > $dir/run.rc\n\
-             sync\n\
-             echo o > /proc/sysrq-trigger\n\
-             sleep 10\n",
-            modules = modules.display(),
-            dir = self.dir.display(),
+             stop() {{ sync; /bin/busybox poweroff -f; sleep 10; }}\n\
+             fail() {{ echo \"guest: $1\" > \"$dir/run.out\"; echo 99 > \"$dir/run.rc\"; stop; }}\n\
+             mount -t proc proc /proc || fail 'cannot mount /proc'\n\
+             mount -t sysfs sys /sys || fail 'cannot mount /sys'\n\
+             mount -t devtmpfs dev /dev || fail 'cannot mount /dev'\n\
+             mkdir -p /dev/pts && mount -t devpts devpts /dev/pts || fail 'cannot mount /dev/pts'\n\
+             mount -t tmpfs tmpfs /run || fail 'cannot mount /run'\n\
+             mount -t cgroup2 none /sys/fs/cgroup || fail 'cannot mount cgroup2'\n\
+             mount -t bpf bpf /sys/fs/bpf || fail 'cannot mount bpffs'\n\
+             mkdir -p /lib/modules && mount --bind {modules} /lib/modules \
+             || fail 'cannot mount the modules'\n\
+             ip link set lo up\n\
+             bash \"$dir/run.sh\" > \"$dir/run.out\" 2>&1\n\
+             echo $? > \"$dir/run.rc\"\n\
+             stop\n",
+            modules = shell_word(&modules.display().to_string()),
+            dir = shell_word(&self.dir.display().to_string()),
         );
         fs::write(&guest, script)?;
         make_executable(&guest)?;
@@ -268,7 +289,7 @@ impl Prepared {
              umount /proc /sys /dev\n\
              exec switch_root /newroot {guest}\n",
             mods = loaded.join(" "),
-            guest = guest.display(),
+            guest = shell_word(&guest.display().to_string()),
         );
         let init_path = tree.join("init");
         fs::write(&init_path, init)?;
@@ -292,17 +313,31 @@ impl Prepared {
     /// Returns its exit code and output.
     pub fn run(&self, script: &str) -> anyhow::Result<(i32, String)> {
         let workspace = std::path::absolute(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))?;
+        if probe("qemu-system-x86_64", &["--version"]).is_none() {
+            bail!("qemu-system-x86_64 is not installed (`cargo xtask setup` installs it)");
+        }
         fs::write(
             self.dir.join("run.sh"),
-            format!("cd {}\n{script}", workspace.display()),
+            format!(
+                "cd {}\n{script}",
+                shell_word(&workspace.display().to_string())
+            ),
         )?;
         let _ = fs::remove_file(self.dir.join("run.out"));
         let _ = fs::remove_file(self.dir.join("run.rc"));
         let console = self.dir.join("console.log");
         let started = Instant::now();
         let status = Command::new("timeout")
-            .arg(GUEST_LIMIT.as_secs().to_string())
-            .args(["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"])
+            .args(["--kill-after=30", &GUEST_LIMIT.as_secs().to_string()])
+            .args([
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-nic",
+                "none",
+            ])
             .args(["-m", "4096", "-smp", "2", "-nographic", "-no-reboot"])
             .arg("-kernel")
             .arg(&self.vmlinuz)
@@ -326,13 +361,27 @@ impl Prepared {
         match rc {
             Some(rc) => Ok((rc, output)),
             None => bail!(
-                "the Linux {} guest ended ({status}) after {:?} without finishing; its console is in {}",
+                "the Linux {} guest ended ({status}) after {:?} without finishing.\n\
+                 Its output so far:\n{}\nThe end of its console ({}):\n{}",
                 self.series,
                 started.elapsed(),
-                console.display()
+                last_lines(&output, 30),
+                console.display(),
+                last_lines(&fs::read_to_string(&console).unwrap_or_default(), 30),
             ),
         }
     }
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `word` quoted for a POSIX shell.
+pub fn shell_word(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
 }
 
 /// `name`'s module file under `dir` (`name.ko` or `name.ko.xz`), if it is a module there.

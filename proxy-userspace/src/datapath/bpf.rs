@@ -2874,8 +2874,6 @@ fn mean_run_time(
     Ok(total / runs)
 }
 
-/// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP
-/// options, encapsulation, a reply built in place).
 /// Loads a program unless it is `loaded` already; true when it is loaded afterwards.
 fn load_once(
     loaded: bool,
@@ -2902,6 +2900,8 @@ fn last_lines(e: &aya::programs::ProgramError) -> String {
     lines.join(" | ")
 }
 
+/// One BPF_PROG_TEST_RUN of a packet program; room is left for the packet to grow (IP
+/// options, encapsulation, a reply built in place).
 fn run_packet<'a>(
     run: impl FnOnce(
         TestRunOptions<'_>,

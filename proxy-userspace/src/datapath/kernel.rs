@@ -37,12 +37,13 @@ pub fn too_old(release: &str) -> Option<String> {
     })
 }
 
-/// The error context of a program the verifier rejected, naming the kernel when it is older
-/// than the agent supports.
+/// The error context of a program the verifier rejected: the kernel's release, and why it may
+/// not run the agent when it is older than that supports.
 pub fn rejected(program: &str) -> String {
-    match release().as_deref().and_then(too_old) {
+    let release = release().unwrap_or_else(|| "of unknown release".to_string());
+    match too_old(&release) {
         Some(why) => format!("verifier rejected {program} ({why})"),
-        None => format!("verifier rejected {program}"),
+        None => format!("verifier of Linux {release} rejected {program}"),
     }
 }
 
