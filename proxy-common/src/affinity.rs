@@ -19,6 +19,11 @@ pub struct AffinityKey {
 
 pub const CLIENT_NETNS: u32 = 1;
 pub const CLIENT_ADDR: u32 = 2;
+/// Not an affinity entry: the backend the socket layer chose for a pod's connection that
+/// landed on the pod itself (`client`: the pod's address, as with `CLIENT_ADDR`). The socket
+/// layer leaves such a connection to tc, which masquerades it (hairpin, semantics 7.14) and
+/// takes this choice for it instead of drawing again. `last_used_ns`: when it was chosen.
+pub const CLIENT_HAIRPIN: u32 = 3;
 
 /// Value of `LB_AFFINITY`.
 #[repr(C)]

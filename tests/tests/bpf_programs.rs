@@ -729,6 +729,123 @@ fn tc_translates_a_cluster_ip_reached_from_outside() {
     assert_eq!(out.packet, other);
 }
 
+/// A pod's connection to a ClusterIP that reaches tc on the pod's own interface (the agent
+/// records loopback as pod-facing here) is translated there. The socket layer leaves a pod's
+/// connection that lands on the pod itself to tc, with its choice in `LB_AFFINITY` under
+/// `CLIENT_HAIRPIN`: tc takes that choice while it is fresh and masquerades the flow (semantics
+/// 7.14); without it (or once it is older than 5 s) tc draws a backend itself.
+#[test]
+fn tc_takes_the_socket_layers_hairpin_choice_and_masquerades_it() {
+    if !privileged() {
+        return;
+    }
+    use proxy_common::{
+        affinity::{AffinityKey, AffinityValue, CLIENT_HAIRPIN},
+        backend::BackendValue,
+        info::{IFACE_POD_ROUTE, IfaceInfo},
+        service::SCOPE_INTERNAL,
+    };
+    use proxy_userspace::plan::ServiceKey;
+    let mut rig = Rig::new();
+    rig.program(&format!(
+        r#"{}
+---
+kind: Service
+metadata: {{name: trio}}
+spec: {{clusterIP: 10.96.0.17, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}
+---
+kind: EndpointSlice
+metadata: {{name: trio-1, labels: {{kubernetes.io/service-name: trio}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{LOCAL_POD}"], nodeName: n1, conditions: {{ready: true}}}}
+- {{addresses: ["10.245.3.1"], nodeName: n2, conditions: {{ready: true}}}}
+- {{addresses: ["10.245.3.2"], nodeName: n2, conditions: {{ready: true}}}}
+"#,
+        manifests()
+    ));
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 17);
+    let state = rig.pipeline.mirror().state();
+    let port_id = state
+        .services
+        .iter()
+        .find_map(|(k, v)| match k {
+            ServiceKey::V4(k)
+                if k.addr == cluster_ip.octets() && k.port == 80 && k.scope == SCOPE_INTERNAL =>
+            {
+                Some(v.port_id)
+            }
+            _ => None,
+        })
+        .expect("trio's frontend");
+    let own_id = state
+        .backends
+        .iter()
+        .find_map(|(id, b): (&u32, &BackendValue)| {
+            (b.addr[..4] == LOCAL_POD.octets() && b.port == 8080).then_some(*id)
+        })
+        .expect("the pod's backend");
+    // Loopback, where the test's packets arrive, is a pod's interface.
+    let mut name = [0u8; 16];
+    name[..2].copy_from_slice(b"lo");
+    let lo = IfaceInfo {
+        ifindex: 1,
+        why: IFACE_POD_ROUTE,
+        family: 4,
+        prefix_len: 32,
+        name_len: 2,
+        name,
+        addr: [0; 16],
+        via: [0; 16],
+    };
+    let mut ifaces: aya::maps::HashMap<_, u32, IfaceInfo> =
+        aya::maps::HashMap::try_from(rig.dp.map_mut("LB_IFACES").unwrap()).unwrap();
+    ifaces.insert(1, lo, 0).unwrap();
+    let mut client = [0u8; 16];
+    client[..4].copy_from_slice(&LOCAL_POD.octets());
+    let key = AffinityKey {
+        port_id,
+        client_kind: CLIENT_HAIRPIN,
+        client,
+    };
+    let hint = |rig: &mut Rig, age_ns: u64| {
+        let value = AffinityValue {
+            backend_id: own_id,
+            _pad: 0,
+            last_used_ns: monotonic_ns() - age_ns,
+        };
+        rig.dp.maps.affinity_map().insert(key, value, 0).unwrap();
+    };
+    // Checks one new flow from the pod's port `port`; returns its backend.
+    let flow = |rig: &mut Rig, port: u16| {
+        let out = rig.tc(&tcp4((LOCAL_POD, port), (cluster_ip, 80), TCP_SYN));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "port {port}");
+        let s = seen(&out.packet);
+        assert_eq!(s.dst.1, 8080, "port {port}: {s:?}");
+        // (Every route of this rig leaves through loopback, where the flow came in: tc
+        // masquerades such flows as on a bridge, so only the hairpin's source says something.)
+        if s.dst.0 == LOCAL_POD {
+            assert_eq!(s.src.0, NODE, "port {port}: the hairpin masqueraded");
+        }
+        s.dst.0
+    };
+    // No choice written: tc draws among the three.
+    let drawn: std::collections::BTreeSet<Ipv4Addr> =
+        (41000..41060).map(|port| flow(&mut rig, port)).collect();
+    assert_eq!(drawn.len(), 3, "{drawn:?}");
+    // The socket layer's choice, fresh: every new flow takes it.
+    hint(&mut rig, 0);
+    for port in 42000..42020 {
+        assert_eq!(flow(&mut rig, port), LOCAL_POD, "port {port}");
+    }
+    // Older than 5 s: tc draws again.
+    hint(&mut rig, 6_000_000_000);
+    let drawn: std::collections::BTreeSet<Ipv4Addr> =
+        (43000..43060).map(|port| flow(&mut rig, port)).collect();
+    assert_eq!(drawn.len(), 3, "{drawn:?}");
+}
+
 /// A TCP node port of a Service without endpoints is answered with ICMP port unreachable
 /// built in place and sent back, as kube-proxy's REJECT answers (semantics 3.7); nothing is
 /// tracked. A lone reset to it is dropped unanswered (conntrack calls it INVALID, 3.10).

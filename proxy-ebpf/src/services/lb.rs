@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{AffinityKey, AffinityValue, CLIENT_HAIRPIN},
     backend::BackendValue,
     maglev::{MAGLEV_CHUNK, MaglevKey},
     reason::Reason,
@@ -171,7 +171,9 @@ pub struct Choice {
 ///
 /// Least-connection frontends: with `SCAN` the counts are compared here (the socket hooks);
 /// without, `least` is the caller's earlier `least_conn` answer (the tc path runs it in a
-/// frame of its own: its frames are near the verifier's limit), `NO_PICK` for none.
+/// frame of its own: its frames are near the verifier's limit), `NO_PICK` for none. Without
+/// `SCAN`, a `least` that names a backend (not 0, not `NO_PICK`) is taken for any frontend:
+/// tc passes the socket layer's hairpin choice that way (`hairpin_choice`).
 pub fn select<const SCAN: bool>(
     svc: &ServiceValue,
     client: &AffinityKey,
@@ -193,11 +195,14 @@ pub fn select<const SCAN: bool>(
     {
         return Ok(choice);
     }
-    let picked = if svc.has_flag(FLAG_MAGLEV) {
+    let picked = if !SCAN && least != 0 && least != NO_PICK {
+        // Chosen before: a least-connection answer, or the socket layer's choice for a
+        // hairpin (`hairpin_choice`).
+        Some(least)
+    } else if svc.has_flag(FLAG_MAGLEV) {
         maglev_pick(svc, hash)
-    } else if svc.has_flag(FLAG_LEAST_CONN) {
-        let id = if SCAN { least_conn(svc) } else { least };
-        Some(id).filter(|id| *id != 0 && *id != NO_PICK)
+    } else if SCAN && svc.has_flag(FLAG_LEAST_CONN) {
+        Some(least_conn(svc)).filter(|id| *id != 0)
     } else {
         None
     };
@@ -344,4 +349,58 @@ fn remember_dgram_flow(cookie: u64, svc_id: u32, backend_id: u32, now: u64) {
         last_used_ns: now,
     };
     let _ = LB_DGRAM_FLOWS.insert(&key, &value, 0);
+}
+
+/// How long the socket layer's hairpin choice waits for the connection's first packet at tc.
+const HAIRPIN_WAIT_NS: u64 = 5_000_000_000;
+
+/// Writes the socket layer's choice of `backend_id` for a connection of the pod at `client` (its
+/// address, `AffinityKey::client` form) to Service port `port_id` that lands on the pod itself:
+/// the connection is left to tc, which masquerades it (semantics 7.14) and finds the choice
+/// with `hairpin_choice`. Losing the entry (evicted) only costs the connection a choice of its
+/// own at tc.
+#[inline(always)]
+pub fn remember_hairpin(port_id: u32, client: &[u8; 16], backend_id: u32) {
+    let key = AffinityKey {
+        port_id,
+        client_kind: CLIENT_HAIRPIN,
+        client: *client,
+    };
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        // SAFETY: a helper without arguments.
+        last_used_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = LB_AFFINITY.insert(&key, &value, 0);
+}
+
+/// The backend the socket layer chose for a new flow from `client` to Service port `port_id`
+/// of frontend `svc_id`, when it left the flow to tc as a hairpin (`remember_hairpin`) within
+/// the last `HAIRPIN_WAIT_NS` and the backend is still a member of the frontend; 0 for none.
+#[inline(always)]
+pub fn hairpin_choice(port_id: u32, svc_id: u32, client: &[u8; 16]) -> u32 {
+    let key = AffinityKey {
+        port_id,
+        client_kind: CLIENT_HAIRPIN,
+        client: *client,
+    };
+    // SAFETY: a map lookup whose value is copied at once.
+    let Some(hint) = (unsafe { LB_AFFINITY.get(&key) }).copied() else {
+        return 0;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(hint.last_used_ns) > HAIRPIN_WAIT_NS {
+        return 0;
+    }
+    let member = MemberKey {
+        svc_id,
+        backend_id: hint.backend_id,
+    };
+    // SAFETY: a map lookup whose value is not kept.
+    if unsafe { LB_MEMBERS.get(&member) }.is_none() {
+        return 0;
+    }
+    hint.backend_id
 }

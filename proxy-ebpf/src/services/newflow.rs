@@ -44,6 +44,16 @@ pub fn choose<F: Family>(
     lb::select::<false>(svc, &client, hash, least)
 }
 
+/// The backend the socket layer chose for the pod flow `t` to frontend `svc_id` (Service port
+/// `port_id`) when it landed on the pod itself and was left to tc to be masqueraded (hairpin,
+/// semantics 7.14; `lb::remember_hairpin`): 0 for none. Taken instead of a new draw, so that
+/// the pod reaches itself as often as under kube-proxy. A BPF function of its own: the key's
+/// frame does not add to the caller's.
+#[inline(never)]
+pub fn hairpin_choice<F: Family>(t: &Tuple<F::Addr>, port_id: u32, svc_id: u32) -> u32 {
+    lb::hairpin_choice(port_id, svc_id, &F::client_bytes(&t.saddr))
+}
+
 /// The flow `t` translated to the chosen backend, and whether it is masqueraded: for
 /// externalTrafficPolicy Cluster (semantics 7.13) and when a client lands on itself (hairpin,
 /// semantics 7.14), so that the reply comes back through this node.

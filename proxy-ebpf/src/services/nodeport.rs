@@ -3,9 +3,9 @@
 //! connection tracking, masqueraded where kube-proxy would (semantics 7.13, 7.14), and their
 //! replies translated back. A ClusterIP reached from outside (its Service CIDR routed to the
 //! node) is translated with its own frontend and masqueraded (semantics 12.5, 7.12). On
-//! pod-facing interfaces, while some pod has socket-layer translation off (`LB_SOCKLB_OFF`),
-//! ClusterIPs too: those pods' connections reach tc with the Service address, as under
-//! kube-proxy. Translated packets are routed here (FIB lookup, then
+//! pod-facing interfaces ClusterIPs too: the connections of pods with socket-layer translation
+//! off (`LB_SOCKLB_OFF`) reach tc with the Service address, as under kube-proxy, and so do
+//! those the socket layer leaves to tc because they land on their own pod (hairpin, 7.14). Translated packets are routed here (FIB lookup, then
 //! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
 //! stack's input path would refuse as a martian.
 
@@ -20,7 +20,7 @@ use proxy_common::{
     info::{IFACE_EXTERNAL, IFACE_KEPT, IFACE_REMOTE_ROUTE},
     proto,
     reason::{Hook, Reason},
-    service::{FLAG_LEAST_CONN, FLAG_SNAT, SCOPE_EXTERNAL, SCOPE_INTERNAL},
+    service::{FLAG_LEAST_CONN, FLAG_SNAT, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceValue},
 };
 
 use crate::{
@@ -56,18 +56,21 @@ const DSR: i32 = i32::MIN + 4;
 /// 512 bytes for a whole call chain).
 #[inline(always)]
 pub fn start<F: Family>(ctx: &TcContext) -> i32 {
-    let scope = if socklb::any() {
+    // The scope, and for a pod's internal flow the socket layer left here as a hairpin its
+    // choice (`Scoped`).
+    let scoped = if socklb::any() {
         scope::<F>(ctx)
     } else {
         outside_scope::<F>(ctx)
     };
+    let (scope, hinted) = (scoped as u8, (scoped >> 32) as u32);
     if scope == SCOPE_REJECT {
         return reject::reject::<F>(ctx);
     }
     if scope == SCOPE_UNALLOCATED {
         return dropped::<F>(ctx, Reason::ServiceIpUnallocated as u32, SCOPE_EXTERNAL);
     }
-    let mut action = new_flow::<F>(ctx, 0, scope);
+    let mut action = new_flow::<F>(ctx, hinted, scope);
     if action == LEAST_CONN {
         action = new_flow::<F>(ctx, least_conn::<F>(ctx, scope), scope);
     }
@@ -157,29 +160,58 @@ fn cluster_ip_from_outside<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> u8 
 }
 
 /// `scope` while no pod has socket-layer translation off: external, except a ClusterIP
-/// reached from outside (one lookup for any other packet: is its destination a ClusterIP).
+/// reached from outside or from a pod (`pod_cluster_ip`); one lookup for any other packet: is
+/// its destination a ClusterIP.
 #[inline(never)]
-fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
+fn outside_scope<F: Family>(ctx: &TcContext) -> Scoped {
     let Ok(pkt) = F::parse(ctx) else {
-        return SCOPE_EXTERNAL;
+        return SCOPE_EXTERNAL.into();
     };
     if !F::cluster_ip(&pkt.t.daddr) {
         return if unallocated::<F>(&pkt) {
             SCOPE_UNALLOCATED
         } else {
             SCOPE_EXTERNAL
-        };
+        }
+        .into();
     }
     if F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
-        return SCOPE_EXTERNAL;
+        return SCOPE_EXTERNAL.into();
     }
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if arrived_outside(here) {
-        cluster_ip_from_outside::<F>(&pkt.t)
+        cluster_ip_from_outside::<F>(&pkt.t).into()
     } else {
-        SCOPE_EXTERNAL
+        pod_cluster_ip::<F>(&pkt.t)
     }
+}
+
+/// The scope of a pod's new flow to a ClusterIP on a pod-facing interface while no pod has
+/// socket-layer translation off. The socket layer translates the pods' other connections, so
+/// this is one it left here as a hairpin (its choice was the pod itself, which it cannot
+/// masquerade, semantics 7.14; `start` finds the choice, `hairpin`) or could not translate (a
+/// frontend mid-update, a pod outside the hooked cgroup, a hairpin's first datagram sent after
+/// the choice expired): translated here with the ClusterIP's frontend, internal.
+#[inline(always)]
+fn pod_cluster_ip<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> Scoped {
+    match F::frontend(t, SCOPE_INTERNAL) {
+        Some(svc) => internal::<F>(t, &svc),
+        None => SCOPE_EXTERNAL.into(),
+    }
+}
+
+/// What `scope` and `outside_scope` answer: the scope in the low byte; for an internal flow,
+/// the socket layer's choice in the high half when it left the flow here as a hairpin
+/// (`newflow::hairpin_choice`), else 0.
+type Scoped = u64;
+
+/// `SCOPE_INTERNAL` for the pod flow `t` to the internal frontend `svc`, with the socket
+/// layer's hairpin choice (`Scoped`).
+#[inline(always)]
+fn internal<F: Family>(t: &crate::headers::Tuple<F::Addr>, svc: &ServiceValue) -> Scoped {
+    let hint = newflow::hairpin_choice::<F>(t, svc.port_id, svc.id);
+    (u64::from(hint) << 32) | u64::from(SCOPE_INTERNAL)
 }
 
 /// Which frontends a new flow is looked up in, while some pod has socket-layer translation
@@ -192,36 +224,36 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> u8 {
 /// of a Service with externalTrafficPolicy Cluster (masqueraded, 7.13, which only tc does).
 /// The address of a ClusterIP on a port it does not serve is rejected.
 #[inline(never)]
-fn scope<F: Family>(ctx: &TcContext) -> u8 {
+fn scope<F: Family>(ctx: &TcContext) -> Scoped {
     let Ok(pkt) = F::parse(ctx) else {
-        return SCOPE_EXTERNAL;
+        return SCOPE_EXTERNAL.into();
     };
     let external = F::frontend(&pkt.t, SCOPE_EXTERNAL);
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if arrived_outside(here) {
         if external.is_none() && F::cluster_ip(&pkt.t.daddr) {
-            return cluster_ip_from_outside::<F>(&pkt.t);
+            return cluster_ip_from_outside::<F>(&pkt.t).into();
         }
         if external.is_none() && unallocated::<F>(&pkt) {
-            return SCOPE_UNALLOCATED;
+            return SCOPE_UNALLOCATED.into();
         }
-        return SCOPE_EXTERNAL;
+        return SCOPE_EXTERNAL.into();
     }
-    let internal = F::frontend(&pkt.t, SCOPE_INTERNAL).is_some();
-    match external {
-        Some(ext) if internal && !ext.has_flag(FLAG_SNAT) => return SCOPE_INTERNAL,
-        Some(_) => return SCOPE_EXTERNAL,
-        None if internal => return SCOPE_INTERNAL,
-        None => {}
+    let internal_svc = F::frontend(&pkt.t, SCOPE_INTERNAL);
+    match (external, internal_svc) {
+        (Some(ext), Some(svc)) if !ext.has_flag(FLAG_SNAT) => return internal::<F>(&pkt.t, &svc),
+        (Some(_), _) => return SCOPE_EXTERNAL.into(),
+        (None, Some(svc)) => return internal::<F>(&pkt.t, &svc),
+        (None, None) => {}
     }
     if F::cluster_ip(&pkt.t.daddr) {
-        return SCOPE_REJECT;
+        return SCOPE_REJECT.into();
     }
     if unallocated::<F>(&pkt) {
-        return SCOPE_UNALLOCATED;
+        return SCOPE_UNALLOCATED.into();
     }
-    SCOPE_EXTERNAL
+    SCOPE_EXTERNAL.into()
 }
 
 /// Returned by `new_flow` for a packet to drop, with the `Reason` in the low byte: not a tc
@@ -292,7 +324,8 @@ fn least_conn<F: Family>(ctx: &TcContext, scope: u8) -> u32 {
 }
 
 /// A new flow: `least` is 0 until a least-connection frontend's counts were compared (then
-/// `LEAST_CONN` is returned), afterwards their answer. `scope`: which frontends (`scope`).
+/// `LEAST_CONN` is returned), afterwards their answer; or, for a hairpin the socket layer left
+/// here, its choice (`hairpin`). `scope`: which frontends (`scope`).
 #[inline(never)]
 fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let pkt = match F::parse(ctx) {

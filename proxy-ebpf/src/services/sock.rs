@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::{AffinityKey, CLIENT_ADDR, CLIENT_NETNS},
-    backend::{BackendValue, FAMILY_V4, FAMILY_V6},
+    backend::{BACKEND_LOCAL, BackendValue, FAMILY_V4, FAMILY_V6},
     event::{EVENT_DROPPED, EVENT_TRANSLATED, Event},
     proto,
     reason::{Hook, Reason},
@@ -487,6 +487,17 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     } else {
         lb::select::<true>(&svc, &client, socket_hash(cookie), 0)?
     };
+    if backend.flags & BACKEND_LOCAL != 0
+        && hairpin::<F>(
+            ctx,
+            &frontend,
+            mapped,
+            (u64::from(svc.port_id) << 32) | u64::from(backend_id),
+            &backend,
+        )
+    {
+        return Err(Reason::PerPacket);
+    }
     if svc.has_flag(FLAG_LEAST_CONN) && proto_ == proto::TCP {
         conns::count(ctx, backend_id);
     }
@@ -512,6 +523,55 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
         );
     }
     Ok(reason)
+}
+
+/// Whether the connection lands on its own pod (the chosen `backend` is the caller's pod
+/// address) to a ClusterIP, from a pod whose interface carries tc: kube-proxy masquerades it so
+/// that the reply comes back through the node (hairpin, semantics 7.14), which the socket layer
+/// cannot do. It is left untranslated for tc, with the choice written for tc to take
+/// (`lb::remember_hairpin`), so the pod reaches itself exactly as often as it would have here.
+/// Other frontends (an externalTrafficPolicy Local external address, short-circuited here,
+/// 4.7a) and callers whose interface has no tc keep the translation here. A BPF function of its
+/// own: only a local backend pays for its lookups, and its frame does not add to the hook's.
+/// `ids`: the Service port's id (`ServiceValue::port_id`) in the high half, the backend's in
+/// the low one (a BPF function takes five arguments at most).
+#[inline(never)]
+fn hairpin<F: SockFamily>(
+    ctx: &SockAddrContext,
+    frontend: &F::Addr,
+    mapped: bool,
+    ids: u64,
+    backend: &BackendValue,
+) -> bool {
+    let Some(ns) = netns_source(ctx) else {
+        return false;
+    };
+    let v4 = F::V4 || mapped;
+    let words = if v4 {
+        let wanted = NETNS_HAS_V4 | NETNS_POD_TC4;
+        if ns.flags & wanted != wanted || ns.v4 != backend.addr4() {
+            return false;
+        }
+        [u32::from_ne_bytes(ns.v4), 0, 0, 0]
+    } else {
+        let wanted = NETNS_HAS_V6 | NETNS_POD_TC6;
+        let own = ip6_words(&ns.v6);
+        if ns.flags & wanted != wanted || own != ip6_words(&backend.addr) {
+            return false;
+        }
+        own
+    };
+    let cluster_ip = if mapped {
+        let a = F::client_bytes(frontend);
+        V4::cluster_ip(&[a[12], a[13], a[14], a[15]])
+    } else {
+        F::cluster_ip(frontend)
+    };
+    if !cluster_ip {
+        return false;
+    }
+    lb::remember_hairpin((ids >> 32) as u32, &ip6_bytes(&words), ids as u32);
+    true
 }
 
 /// The end of a forward translation, in a BPF function of its own (the hooks' stacks are near

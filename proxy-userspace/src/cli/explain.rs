@@ -4,7 +4,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, anyhow};
-use proxy_common::affinity::{AffinityKey, AffinityValue, CLIENT_ADDR, CLIENT_NETNS};
+use proxy_common::affinity::{
+    AffinityKey, AffinityValue, CLIENT_ADDR, CLIENT_HAIRPIN, CLIENT_NETNS,
+};
 use serde::Serialize;
 
 use super::{
@@ -478,7 +480,8 @@ pub fn explanation(inputs: ExplainInputs<'_>) -> anyhow::Result<Explanation> {
     let mut client_entry = None;
     if let Some(timeout) = f.affinity.timeout_seconds {
         for (key, value) in live.affinity()? {
-            if key.port_id != f.port_id {
+            // A hairpin's choice handed from the socket layer to tc is no affinity entry.
+            if key.port_id != f.port_id || key.client_kind == CLIENT_HAIRPIN {
                 continue;
             }
             let age = now_ns.saturating_sub(value.last_used_ns) as f64 / 1e9;

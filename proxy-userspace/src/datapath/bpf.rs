@@ -495,6 +495,11 @@ impl Maps {
         dump_map(&self.affinity, names::LB_AFFINITY)
     }
 
+    /// `LB_AFFINITY` itself, for a test to write what a socket hook would.
+    pub fn affinity_map(&mut self) -> &mut HashMap<MapData, AffinityKey, AffinityValue> {
+        &mut self.affinity
+    }
+
     /// Termination targets: for each removed (frontend, backend), the cookies of the sockets
     /// the hooks translated to that backend through that frontend.
     pub fn termination_targets(&self, removed: &[Removed]) -> anyhow::Result<Vec<Target>> {
@@ -1142,7 +1147,7 @@ impl Datapath {
         }
         let mut ebpf = loader
             .load(OBJECT)
-            .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
+            .context("load the BPF object (is this kernel >= 6.9 with BTF, and are we root?)")?;
         release_object_pages();
         // Slots move over before the programs that read the new layout are attached.
         let migrations = carry_before_attach(&mut ebpf, pin_dir, migrations);
@@ -2640,7 +2645,7 @@ impl Detached {
         }
         let mut ebpf = loader
             .load(OBJECT)
-            .context("load the BPF object (is this kernel >= 6.1 with BTF, and are we root?)")?;
+            .context("load the BPF object (is this kernel >= 6.9 with BTF, and are we root?)")?;
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         Ok(Detached { ebpf, maps })
     }
@@ -2715,6 +2720,14 @@ impl Detached {
                 .with_context(|| super::kernel::rejected(name))?;
         }
         Ok(program)
+    }
+
+    /// The object's map `name`, for a test to write what the agent's other parts would (an
+    /// interface's record in `LB_IFACES`, a socket hook's entry in `LB_AFFINITY`).
+    pub fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))
     }
 
     /// Runs the tc ingress program on `frame` (an Ethernet frame), which it sees as arriving on
