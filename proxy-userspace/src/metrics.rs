@@ -1077,6 +1077,7 @@ mod tests {
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"invalid_source_range\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"missing_health_check\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"unsupported_address_type\"}",
+        "kube_bpf_proxy_rejected_objects_by_reason{reason=\"unsupported_protocol\"}",
         "kube_bpf_proxy_rejected_objects_by_reason{reason=\"write_failed\"}",
         "kube_bpf_proxy_socket_lb_label_errors",
         "kube_bpf_proxy_socket_lb_off_pods{state=\"programmed\"}",

@@ -733,9 +733,10 @@ fn tc_translates_a_cluster_ip_reached_from_outside() {
 /// records loopback as pod-facing here) is translated there. The socket layer leaves a pod's
 /// connection that lands on the pod itself to tc, with its choice in `LB_AFFINITY` under
 /// `CLIENT_HAIRPIN`: tc takes that choice while it is fresh and masquerades the flow (semantics
-/// 7.14); without it (or once it is older than 5 s) tc draws a backend itself.
+/// 7.14; the end-to-end tests in `nodeport.rs` and `pod_networks.rs` show what the pod sees);
+/// without it (or once it is older than 5 s) tc draws a backend itself.
 #[test]
-fn tc_takes_the_socket_layers_hairpin_choice_and_masquerades_it() {
+fn tc_takes_the_socket_layers_hairpin_choice_while_it_is_fresh() {
     if !privileged() {
         return;
     }
@@ -844,6 +845,10 @@ endpoints:
     let drawn: std::collections::BTreeSet<Ipv4Addr> =
         (43000..43060).map(|port| flow(&mut rig, port)).collect();
     assert_eq!(drawn.len(), 3, "{drawn:?}");
+    // A port the ClusterIP does not serve: rejected, as at the socket layer (semantics 3.12).
+    let syn = tcp4((LOCAL_POD, 44000), (cluster_ip, 81), TCP_SYN);
+    let out = rig.tc(&syn);
+    assert_port_unreachable(&out, cluster_ip, &syn);
 }
 
 /// A TCP node port of a Service without endpoints is answered with ICMP port unreachable

@@ -55,8 +55,10 @@ pub static LB_MEMBERS: HashMap<MemberKey, MemberValue, MEMBERS_MAX, NO_PREALLOC>
 #[btf_map]
 pub static LB_BACKENDS: HashMap<u32, BackendValue, BACKENDS_MAX, NO_PREALLOC> = HashMap::new();
 
-/// Session affinity, written by the programs on each new connection of an affinity Service.
-/// LRU: an entry past its timeout is dead anyway, so evicting the oldest is always safe.
+/// Session affinity, written by the programs on each new connection of an affinity Service;
+/// and, under `CLIENT_HAIRPIN`, the socket layer's choice for a pod's connection to itself,
+/// which it leaves to tc (`lb::remember_hairpin`). LRU: an entry past its timeout is dead
+/// anyway, so evicting the oldest is always safe.
 #[btf_map]
 pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, AFFINITY_MAX> = LruHashMap::new();
 

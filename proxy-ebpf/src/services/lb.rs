@@ -377,7 +377,8 @@ pub fn remember_hairpin(port_id: u32, client: &[u8; 16], backend_id: u32) {
 
 /// The backend the socket layer chose for a new flow from `client` to Service port `port_id`
 /// of frontend `svc_id`, when it left the flow to tc as a hairpin (`remember_hairpin`) within
-/// the last `HAIRPIN_WAIT_NS` and the backend is still a member of the frontend; 0 for none.
+/// the last `HAIRPIN_WAIT_NS` and the backend is still one new flows of the frontend may take
+/// (a member with slots); 0 for none.
 #[inline(always)]
 pub fn hairpin_choice(port_id: u32, svc_id: u32, client: &[u8; 16]) -> u32 {
     let key = AffinityKey {
@@ -398,8 +399,10 @@ pub fn hairpin_choice(port_id: u32, svc_id: u32, client: &[u8; 16]) -> u32 {
         svc_id,
         backend_id: hint.backend_id,
     };
-    // SAFETY: a map lookup whose value is not kept.
-    if unsafe { LB_MEMBERS.get(&member) }.is_none() {
+    // A member without slots takes no new flows (semantics 9.3); the hairpin's own later
+    // packets follow its conntrack entry.
+    // SAFETY: a map lookup whose value is copied at once.
+    if unsafe { LB_MEMBERS.get(&member) }.is_none_or(|m| m.slots == 0) {
         return 0;
     }
     hint.backend_id

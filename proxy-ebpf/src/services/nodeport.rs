@@ -192,12 +192,14 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> Scoped {
 /// this is one it left here as a hairpin (its choice was the pod itself, which it cannot
 /// masquerade, semantics 7.14; `start` finds the choice, `hairpin`) or could not translate (a
 /// frontend mid-update, a pod outside the hooked cgroup, a hairpin's first datagram sent after
-/// the choice expired): translated here with the ClusterIP's frontend, internal.
+/// the choice expired): translated here with the ClusterIP's frontend, internal; rejected on a
+/// port the ClusterIP does not serve.
 #[inline(always)]
 fn pod_cluster_ip<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> Scoped {
     match F::frontend(t, SCOPE_INTERNAL) {
         Some(svc) => internal::<F>(t, &svc),
-        None => SCOPE_EXTERNAL.into(),
+        // A port the ClusterIP does not serve: rejected (semantics 3.12), as `scope` does.
+        None => SCOPE_REJECT.into(),
     }
 }
 

@@ -202,7 +202,14 @@ fn cluster() -> (Snapshot, Desired, MapState) {
     snapshot.node.waiting.insert("10.244.0.7".parse().unwrap());
     snapshot.service_cidrs = vec!["10.96.1.0/24".into()];
     let desired = compile(&snapshot);
-    assert_eq!(desired.problems, Vec::new());
+    // Only the SCTP port's: programmed, not served (semantics 12.1, README).
+    let reasons: Vec<_> = desired.problems.iter().map(|p| p.reason).collect();
+    assert_eq!(
+        reasons,
+        vec![crate::compile::ProblemReason::UnsupportedProtocol],
+        "{:?}",
+        desired.problems
+    );
     let mut state = MapState::default();
     for op in plan(&desired, &state) {
         state.apply(&op);

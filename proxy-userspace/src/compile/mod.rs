@@ -422,10 +422,12 @@ pub enum ProblemReason {
     Capacity,
     /// The maps refused a write for this Service (it keeps its previous state).
     WriteFailed,
+    /// A port of a protocol the data path does not translate (SCTP): programmed, not served.
+    UnsupportedProtocol,
 }
 
 impl ProblemReason {
-    pub const ALL: [ProblemReason; 15] = [
+    pub const ALL: [ProblemReason; 16] = [
         ProblemReason::InvalidObject,
         ProblemReason::DuplicateObject,
         ProblemReason::InvalidClusterIp,
@@ -441,6 +443,7 @@ impl ProblemReason {
         ProblemReason::Conflict,
         ProblemReason::Capacity,
         ProblemReason::WriteFailed,
+        ProblemReason::UnsupportedProtocol,
     ];
 
     /// The stable name.
@@ -461,6 +464,7 @@ impl ProblemReason {
             ProblemReason::Conflict => "conflict",
             ProblemReason::Capacity => "capacity",
             ProblemReason::WriteFailed => "write_failed",
+            ProblemReason::UnsupportedProtocol => "unsupported_protocol",
         }
     }
 }
@@ -975,6 +979,18 @@ fn compile_service(
                 continue;
             };
             let port_name = port.name.clone().unwrap_or_default();
+            if proto == Proto::Sctp {
+                // semantics 12.1: kube-proxy serves SCTP; this data path cannot (README).
+                desired.problems.push(Problem {
+                    reason: ProblemReason::UnsupportedProtocol,
+                    object: object.clone(),
+                    message: format!(
+                        "port {port_name:?} ({number}/SCTP) is not served: the kernel runs no \
+                         socket hooks for SCTP sockets and tc does not translate SCTP; its \
+                         frontends are programmed, but connections to them leave untranslated"
+                    ),
+                });
+            }
             if last_of_key.get(&(port_name.as_str(), Some(proto))) != Some(&i) {
                 desired.problems.push(Problem {
                     reason: ProblemReason::InvalidPort,

@@ -483,7 +483,7 @@ fn cases() -> Vec<Case> {
         ),
         // semantics 12.1
         case(
-            "SCTP ports are proxied like TCP and UDP",
+            "SCTP ports are programmed like TCP and UDP (and reported as not served)",
             docs(&[
                 &service(
                     "name: web, namespace: default",
@@ -2221,6 +2221,12 @@ fn problems_carry_a_typed_reason() {
             docs(&[&web(""), &slice("w-1", &["{addresses: [\"ten.one\"]}"])]),
             "EndpointSlice default/w-1",
             R::InvalidEndpoint,
+        ),
+        // semantics 12.1: programmed, but not served by this data path (README).
+        (
+            web("").replace("protocol: TCP", "protocol: SCTP"),
+            "Service default/web",
+            R::UnsupportedProtocol,
         ),
     ] {
         let d = compile(&snapshot(&yaml, "n1", None));
