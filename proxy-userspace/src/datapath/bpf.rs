@@ -1165,8 +1165,8 @@ impl Datapath {
         // one build's connect() and deleted by the other's release would stay behind.
         for name in SOCK_PROGRAMS {
             match ebpf.program_mut(name) {
-                Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
-                Some(aya::programs::Program::CgroupSock(p)) => p.load(),
+                Some(aya::programs::Program::CgroupSockAddr(p)) => load_retrying(|| p.load()),
+                Some(aya::programs::Program::CgroupSock(p)) => load_retrying(|| p.load()),
                 Some(_) => bail!("program {name} is not a cgroup socket program"),
                 None => bail!("program {name} missing from the BPF object"),
             }
@@ -1356,9 +1356,7 @@ impl Datapath {
             .try_into()
             .with_context(|| format!("program {XDP_PROGRAM} is not an XDP program"))?;
         let verifying = std::time::Instant::now();
-        program
-            .load()
-            .with_context(|| super::kernel::rejected(XDP_PROGRAM))?;
+        load_retrying(|| program.load()).with_context(|| super::kernel::rejected(XDP_PROGRAM))?;
         log::info!(
             "XDP program loaded and verified in {} ms",
             verifying.elapsed().as_millis()
@@ -1447,9 +1445,7 @@ impl Datapath {
                 .try_into()
                 .with_context(|| format!("program {name} is not a tc classifier"))?;
             let verifying = std::time::Instant::now();
-            program
-                .load()
-                .with_context(|| super::kernel::rejected(name))?;
+            load_retrying(|| program.load()).with_context(|| super::kernel::rejected(name))?;
             log::info!(
                 "{name} loaded and verified in {} ms",
                 verifying.elapsed().as_millis()
@@ -2595,9 +2591,7 @@ fn pin_release(ebpf: &mut Ebpf, pin_dir: &Path) -> anyhow::Result<Xdp> {
         .program_mut(RELEASE_PROGRAM)
         .ok_or_else(|| anyhow!("program {RELEASE_PROGRAM} missing from the BPF object"))?
         .try_into()?;
-    program
-        .load()
-        .with_context(|| super::kernel::rejected(RELEASE_PROGRAM))?;
+    load_retrying(|| program.load()).with_context(|| super::kernel::rejected(RELEASE_PROGRAM))?;
     let pin = pin_dir.join(RELEASE_PIN);
     unpin(&pin)?;
     program
@@ -2659,10 +2653,14 @@ impl Detached {
         for (name, program) in self.ebpf.programs_mut() {
             let started = std::time::Instant::now();
             let loaded = match program {
-                Program::CgroupSockAddr(p) => load_once(p.fd().is_ok(), || p.load()),
-                Program::CgroupSock(p) => load_once(p.fd().is_ok(), || p.load()),
-                Program::SchedClassifier(p) => load_once(p.fd().is_ok(), || p.load()),
-                Program::Xdp(p) => load_once(p.fd().is_ok(), || p.load()),
+                Program::CgroupSockAddr(p) => {
+                    load_once(p.fd().is_ok(), || load_retrying(|| p.load()))
+                }
+                Program::CgroupSock(p) => load_once(p.fd().is_ok(), || load_retrying(|| p.load())),
+                Program::SchedClassifier(p) => {
+                    load_once(p.fd().is_ok(), || load_retrying(|| p.load()))
+                }
+                Program::Xdp(p) => load_once(p.fd().is_ok(), || load_retrying(|| p.load())),
                 // Never loaded by the agent (`maps_anchor`).
                 _ => Ok(false),
             };
@@ -2715,9 +2713,7 @@ impl Detached {
             .ok_or_else(|| anyhow!("program {name} missing from the BPF object"))?
             .try_into()?;
         if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| super::kernel::rejected(name))?;
+            load_retrying(|| program.load()).with_context(|| super::kernel::rejected(name))?;
         }
         Ok(program)
     }
@@ -2791,8 +2787,7 @@ impl Detached {
             .ok_or_else(|| anyhow!("program {XDP_PROGRAM} missing from the BPF object"))?
             .try_into()?;
         if program.fd().is_err() {
-            program
-                .load()
+            load_retrying(|| program.load())
                 .with_context(|| super::kernel::rejected(XDP_PROGRAM))?;
         }
         Ok(program)
@@ -2935,6 +2930,26 @@ fn run_packet<'a>(
         verdict: r.return_value,
         packet: out,
     })
+}
+
+/// Runs a program's `load` again while the kernel answers EAGAIN, up to 10 times: the verifier
+/// gives up with EAGAIN when a signal is pending for the loading thread, and a SIGCHLD of
+/// another thread's child lands on any thread while the child's parent thread blocks it (as
+/// `posix_spawn` does). libbpf retries the same way.
+fn load_retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 10 =>
+            {
+                tries += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Removes every pin the agent created under `pin_dir`: link pins first (which detaches the
