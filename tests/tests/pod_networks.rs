@@ -284,6 +284,33 @@ fn wait_forgotten(tb: &Testbed, agent: &Agent, name: &str) {
     );
 }
 
+/// Requests from `pod`, inside the hooked cgroup, to `to` until one is answered as `expected`
+/// says (within 15 s: until then the pod's interface may not carry tc, or the pod not be
+/// marked), then 3 more that must all be.
+fn answered_as(
+    tb: &Testbed,
+    pod: &tests::harness::topology::Pod,
+    proto: Proto,
+    to: SocketAddr,
+    expected: impl Fn(&tests::Reply) -> bool,
+) {
+    poll_until(
+        &format!("{to} {proto:?} from {}", pod.name),
+        Duration::from_secs(15),
+        || {
+            let r = tb.request_from(&pod.ns, true, proto, to, 1);
+            if expected(&r[0]) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    );
+    for r in tb.request_from(&pod.ns, true, proto, to, 3) {
+        assert!(expected(&r), "{to} {proto:?} from {}: {r:?}", pod.name);
+    }
+}
+
 /// Hairpin (semantics 7.14): node-a's two pods, outside the hooked cgroup (so translated at
 /// tc on their own interface), reach `NEAR`'s NodePort `to` and land on a-pod-1, a-pod-1
 /// included, masqueraded to a node-a address.
@@ -398,21 +425,7 @@ fn pod_network(shape: Shape) {
                     && seen_ip(&r.peer) == to.ip()
                     && NODE_A.contains(&seen_ip(&r.seen).to_string().as_str())
             };
-            poll_until(
-                &format!("{to} {proto:?} from {} to itself", pod.name),
-                Duration::from_secs(15),
-                || {
-                    let r = tb.request_from(&pod.ns, true, proto, to, 1);
-                    if expected(&r[0]) {
-                        Ok(())
-                    } else {
-                        Err(format!("{r:?}"))
-                    }
-                },
-            );
-            for r in tb.request_from(&pod.ns, true, proto, to, 3) {
-                assert!(expected(&r), "{to} {proto:?} from {}: {r:?}", pod.name);
-            }
+            answered_as(&tb, pod, proto, to, expected);
         }
     }
 
@@ -446,22 +459,7 @@ fn pod_network(shape: Shape) {
                                 NODE_A.contains(&seen.to_string().as_str())
                             }
                     };
-                    // Until the pod's interface carries tc and the pod is marked.
-                    poll_until(
-                        &format!("{to} {proto:?} from {}", pod.name),
-                        Duration::from_secs(15),
-                        || {
-                            let r = tb.request_from(&pod.ns, true, proto, to, 1);
-                            if expected(&r[0]) {
-                                Ok(())
-                            } else {
-                                Err(format!("{r:?}"))
-                            }
-                        },
-                    );
-                    for r in tb.request_from(&pod.ns, true, proto, to, 3) {
-                        assert!(expected(&r), "{to} {proto:?} from {}: {r:?}", pod.name);
-                    }
+                    answered_as(&tb, pod, proto, to, expected);
                 }
             }
         }
@@ -1432,21 +1430,7 @@ fn single_stack(stack: Stack, shape: Shape) {
                         seen_ip(&r.seen) == own
                     }
             };
-            poll_until(
-                &format!("{to} {proto:?} from {}", pod.name),
-                Duration::from_secs(15),
-                || {
-                    let r = tb.request_from(&pod.ns, true, proto, to, 1);
-                    if expected(&r[0]) {
-                        Ok(())
-                    } else {
-                        Err(format!("{r:?}"))
-                    }
-                },
-            );
-            for r in tb.request_from(&pod.ns, true, proto, to, 3) {
-                assert!(expected(&r), "{to} {proto:?}: {r:?}");
-            }
+            answered_as(&tb, pod, proto, to, expected);
         }
     }
 
