@@ -5,9 +5,10 @@
 //! node) is translated with its own frontend and masqueraded (semantics 12.5, 7.12). On
 //! pod-facing interfaces ClusterIPs too: the connections of pods with socket-layer translation
 //! off (`LB_SOCKLB_OFF`) reach tc with the Service address, as under kube-proxy, and so do
-//! those the socket layer leaves to tc because they land on their own pod (hairpin, 7.14). Translated packets are routed here (FIB lookup, then
-//! `bpf_redirect_neigh`): a masqueraded packet carries a node address as its source, which the
-//! stack's input path would refuse as a martian.
+//! those the socket layer leaves to tc because they land on their own pod (hairpin, 7.14).
+//! Translated packets are routed here (FIB lookup, then `bpf_redirect_neigh`): a masqueraded
+//! packet carries a node address as its source, which the stack's input path would refuse as a
+//! martian.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -190,7 +191,7 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> Scoped {
 /// The scope of a pod's new flow to a ClusterIP on a pod-facing interface while no pod has
 /// socket-layer translation off. The socket layer translates the pods' other connections, so
 /// this is one it left here as a hairpin (its choice was the pod itself, which it cannot
-/// masquerade, semantics 7.14; `start` finds the choice, `hairpin`) or could not translate (a
+/// masquerade, semantics 7.14; `internal` looks its choice up) or could not translate (a
 /// frontend mid-update, a pod outside the hooked cgroup, a hairpin's first datagram sent after
 /// the choice expired): translated here with the ClusterIP's frontend, internal; rejected on a
 /// port the ClusterIP does not serve.
@@ -327,7 +328,7 @@ fn least_conn<F: Family>(ctx: &TcContext, scope: u8) -> u32 {
 
 /// A new flow: `least` is 0 until a least-connection frontend's counts were compared (then
 /// `LEAST_CONN` is returned), afterwards their answer; or, for a hairpin the socket layer left
-/// here, its choice (`hairpin`). `scope`: which frontends (`scope`).
+/// here, its choice (`Scoped`). `scope`: which frontends (`scope`).
 #[inline(never)]
 fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let pkt = match F::parse(ctx) {

@@ -529,7 +529,7 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
 /// address) to a ClusterIP, from a pod whose interface carries tc: kube-proxy masquerades it so
 /// that the reply comes back through the node (hairpin, semantics 7.14), which the socket layer
 /// cannot do. It is left untranslated for tc, with the choice written for tc to take
-/// (`lb::remember_hairpin`), so the pod reaches itself exactly as often as it would have here.
+/// (`lb::remember_hairpin`), so the pod reaches itself as often as it would have here.
 /// Other frontends (an externalTrafficPolicy Local external address, short-circuited here,
 /// 4.7a) and callers whose interface has no tc keep the translation here. A BPF function of its
 /// own: only a local backend pays for its lookups, and its frame does not add to the hook's.
