@@ -418,6 +418,23 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_oft
             }
         }
     }
+    // An IPv6 socket reaching the IPv4 ClusterIP through its IPv4-mapped address: the same.
+    let mapped: SocketAddr = "[::ffff:10.96.0.10]:80".parse().unwrap();
+    let own = IpAddr::from(pod.ip4);
+    let right = |r: &Reply| {
+        r.ok && r.peer == "10.96.0.10:80"
+            && if r.backend == pod.name {
+                NODE_A.contains(&seen_ip(r).to_string().as_str())
+            } else {
+                seen_ip(r) == own
+            }
+    };
+    let mut answered = BTreeSet::new();
+    for r in tb.request_from(&pod.ns, true, Proto::Tcp, mapped, 30) {
+        assert!(right(&r), "{mapped}: {r:?}");
+        answered.insert(r.backend);
+    }
+    assert_eq!(answered.len(), 3, "{mapped}: {answered:?}");
     assert!(datapath_events(&agent, "per_packet") > 0);
     tb.assert_no_checksum_errors();
 }
