@@ -360,7 +360,6 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
 }
 
 #[test]
-#[ignore = "flaky: in some runs the socket layer never sees the pod marked for tc after the first poll, so its connections to itself stay unmasqueraded (the pre-hairpin behaviour); under investigation"]
 fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_often_as_any() {
     // semantics 7.14: a pod whose connection to a ClusterIP lands on itself is masqueraded, so
     // the reply comes back through the node; its connections to other backends keep its
@@ -390,13 +389,16 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_oft
                     }
             };
             // Until the pod's interface carries tc and the pod is marked (within seconds),
-            // its connections to itself are translated at the socket layer, unmasqueraded.
+            // its connections to itself are translated at the socket layer, unmasqueraded;
+            // one may already come back masqueraded before (a connection the socket layer
+            // could not translate while the maps were written, translated by tc), so the
+            // condition is a batch answered all right, the pod among the backends.
             poll_until(
                 &format!("{to} {proto:?} from {} to itself, masqueraded", pod.name),
                 Duration::from_secs(15),
                 || {
                     let rs = tb.request_from(&pod.ns, true, proto, to, 9);
-                    if rs.iter().any(|r| r.ok && r.backend == pod.name && right(r)) {
+                    if rs.iter().all(right) && rs.iter().any(|r| r.backend == pod.name) {
                         Ok(())
                     } else {
                         Err(format!("{rs:?}"))
