@@ -1,5 +1,5 @@
-//! The BPF programs on other kernels than the machine's own: each kernel of [`KERNELS`], a
-//! Debian package, boots in a qemu guest whose root is this machine's file system (9p), and
+//! The BPF programs on other kernels than the machine's own: each kernel of [`KERNELS`], from
+//! Debian's or Ubuntu's archive, boots in a qemu guest whose root is this machine's file system (9p), and
 //! runs the `bpf_programs` test binary there: every program through the kernel's verifier,
 //! and the packet cases through `BPF_PROG_TEST_RUN`. A newer development machine would
 //! otherwise hide a program an older supported kernel rejects (a verifier of another
@@ -16,35 +16,71 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use sha2::Digest as _;
 
 use crate::exec::{probe, step, target_dir};
 
-/// A kernel the programs are checked on: the newest Debian package whose name starts with
-/// `prefix` and ends with `suffix`.
+/// A kernel the programs are checked on.
 pub struct Kernel {
     /// Kernel series, as the summary names it.
     pub series: &'static str,
-    prefix: &'static str,
-    suffix: &'static str,
+    source: Source,
 }
 
-/// The kernels checked besides the machine's own. Linux 6.9 is the oldest the agent supports
-/// (TCX, and the verifier's stack count; `proxy_userspace::datapath::kernel::OLDEST`); of the
-/// kernels Debian carries, 6.12 is the only one as new.
-pub const KERNELS: &[Kernel] = &[Kernel {
-    series: "6.12",
-    prefix: "linux-image-6.12.",
-    suffix: "+deb12-amd64-unsigned",
-}];
+/// Where a kernel's packages come from.
+enum Source {
+    /// Debian's archive, through the machine's apt sources: the newest package whose name
+    /// starts with `prefix` and ends with `suffix`, the kernel and its modules in one.
+    Debian {
+        prefix: &'static str,
+        suffix: &'static str,
+    },
+    /// Ubuntu's archive over HTTP (not among a Debian machine's apt sources): the newest ABI
+    /// of kernel `version` in the package index `dist` (`<ARCHIVE>/dists/<dist>/main`), whose
+    /// kernel (`linux-image-unsigned-<version>-<abi>-generic`) and modules
+    /// (`linux-modules-<version>-<abi>-generic`) are two packages, checked against the index's
+    /// SHA-256 sums.
+    Ubuntu {
+        dist: &'static str,
+        version: &'static str,
+    },
+}
+
+/// Ubuntu's archive.
+const UBUNTU_ARCHIVE: &str = "http://archive.ubuntu.com/ubuntu";
+
+/// The kernels checked besides the machine's own. Ubuntu 24.04's 6.8 is the oldest the agent
+/// is checked on (`proxy_userspace::datapath::kernel::OLDEST`: TCX came with 6.6, and its
+/// verifier rounds each stack frame up to 32 bytes, as verifiers before 6.9 do, so it guards
+/// the call chains' stack), Debian's 6.12 the newest long-term kernel before the machine's.
+pub const KERNELS: &[Kernel] = &[
+    Kernel {
+        series: "6.8",
+        source: Source::Ubuntu {
+            dist: "noble-updates",
+            version: "6.8.0",
+        },
+    },
+    Kernel {
+        series: "6.12",
+        source: Source::Debian {
+            prefix: "linux-image-6.12.",
+            suffix: "+deb12-amd64-unsigned",
+        },
+    },
+];
 
 /// Debian packages the guests need: the emulator, a static shell for the initramfs, cpio to
-/// pack it, depmod and xz for the kernel's modules.
+/// pack it, depmod, xz and zstd for the kernel's modules (and the package index), curl for
+/// Ubuntu's archive.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
     "kmod",
     "xz-utils",
+    "zstd",
+    "curl",
 ];
 
 /// Modules the initramfs loads, in order, to mount the host's root over 9p (those built into
@@ -75,27 +111,24 @@ pub struct Prepared {
     release: String,
 }
 
-/// The newest package of `kernel` the machine's package lists know.
-fn newest_package(kernel: &Kernel) -> anyhow::Result<String> {
+/// The newest Debian package named `prefix`…`suffix` the machine's package lists know.
+fn newest_package(prefix: &str, suffix: &str) -> anyhow::Result<String> {
     let pattern = format!(
         "^{}.*{}$",
-        kernel.prefix.replace('.', "\\."),
-        kernel.suffix.replace('.', "\\.").replace('+', "\\+")
+        prefix.replace('.', "\\."),
+        suffix.replace('.', "\\.").replace('+', "\\+")
     );
     let list =
         probe("apt-cache", &["search", "--names-only", &pattern]).context("apt-cache search")?;
     let mut names: Vec<String> = list
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(kernel.prefix) && n.ends_with(kernel.suffix))
+        .filter(|n| n.starts_with(prefix) && n.ends_with(suffix))
         .map(str::to_string)
         .collect();
     names.sort_by_key(|a| version_key(a));
     names.pop().with_context(|| {
-        format!(
-            "no Debian package {}*{} in the package lists (apt-get update?)",
-            kernel.prefix, kernel.suffix
-        )
+        format!("no Debian package {prefix}*{suffix} in the package lists (apt-get update?)")
     })
 }
 
@@ -109,19 +142,10 @@ fn version_key(name: &str) -> Vec<u64> {
 
 /// Downloads and unpacks `kernel` and builds its initramfs, unless an earlier run did.
 pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
-    let mut package = newest_package(kernel)?;
-    if !unpacked(&package)?.join("initrd.gz").exists() && download(&package).is_err() {
-        // Package lists older than the mirror name a version it no longer carries: the lists
-        // are updated and the newest package named again.
-        step(
-            "kernels: apt-get update",
-            Command::new("apt-get").args(["update", "-q"]),
-        )?;
-        package = newest_package(kernel)?;
-        if !unpacked(&package)?.join("initrd.gz").exists() {
-            download(&package)?;
-        }
-    }
+    let package = match kernel.source {
+        Source::Debian { prefix, suffix } => prepare_debian(prefix, suffix)?,
+        Source::Ubuntu { dist, version } => prepare_ubuntu(dist, version)?,
+    };
     let dir = unpacked(&package)?;
     let root = dir.join("root");
     let initrd = dir.join("initrd.gz");
@@ -142,6 +166,178 @@ pub fn prepare(kernel: &'static Kernel) -> anyhow::Result<Prepared> {
     }
     prepared.write_guest_script()?;
     Ok(prepared)
+}
+
+/// The newest Debian kernel package named `prefix`…`suffix`, unpacked.
+fn prepare_debian(prefix: &str, suffix: &str) -> anyhow::Result<String> {
+    let mut package = newest_package(prefix, suffix)?;
+    if !unpacked(&package)?.join("initrd.gz").exists() && download(&package).is_err() {
+        // Package lists older than the mirror name a version it no longer carries: the lists
+        // are updated and the newest package named again.
+        step(
+            "kernels: apt-get update",
+            Command::new("apt-get").args(["update", "-q"]),
+        )?;
+        package = newest_package(prefix, suffix)?;
+        if !unpacked(&package)?.join("initrd.gz").exists() {
+            download(&package)?;
+        }
+    }
+    Ok(package)
+}
+
+/// A package of an archive's index: where it is and its SHA-256 sum.
+#[derive(Debug, PartialEq)]
+struct Indexed {
+    filename: String,
+    sha256: String,
+}
+
+/// The newest Ubuntu kernel `version` of index `dist` with its modules, unpacked (named by
+/// its image package). When the index cannot be fetched, an earlier run's kernel serves.
+fn prepare_ubuntu(dist: &str, version: &str) -> anyhow::Result<String> {
+    let index_url = format!("{UBUNTU_ARCHIVE}/dists/{dist}/main/binary-amd64/Packages.xz");
+    let index = match fetch(&index_url).and_then(|xz| unpack_xz(&xz)) {
+        Ok(index) => index,
+        Err(e) => {
+            return earlier_ubuntu(version)
+                .with_context(|| format!("fetch {index_url}: {e:#}; no earlier kernel {version}"));
+        }
+    };
+    let (image, modules) = newest_ubuntu(&index, version).with_context(|| {
+        format!("no linux-image-unsigned-{version}-*-generic with its modules in {index_url}")
+    })?;
+    let package = package_name(&image.filename);
+    let dir = unpacked(&package)?;
+    if dir.join("initrd.gz").exists() {
+        return Ok(package);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    for p in [&image, &modules] {
+        let url = format!("{UBUNTU_ARCHIVE}/{}", p.filename);
+        eprintln!(
+            "
+==> kernels: downloading {url}"
+        );
+        let deb = fetch(&url)?;
+        let sum = sha2::Sha256::digest(&deb)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        if sum != p.sha256 {
+            bail!("{url}: SHA-256 {sum}, the index says {}", p.sha256);
+        }
+        let path = dir.join(package_name(&p.filename) + ".deb");
+        fs::write(&path, &deb)?;
+        step(
+            &format!("kernels: unpacking {}", path.display()),
+            Command::new("dpkg")
+                .arg("-x")
+                .arg(&path)
+                .arg(dir.join("root")),
+        )?;
+        let _ = fs::remove_file(&path);
+    }
+    Ok(package)
+}
+
+/// The newest kernel `version` an earlier run unpacked from Ubuntu's archive, if any.
+fn earlier_ubuntu(version: &str) -> anyhow::Result<String> {
+    let prefix = format!("linux-image-unsigned-{version}-");
+    let mut names: Vec<String> = fs::read_dir(target_dir().join("kernels"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| unpacked(n).is_ok_and(|d| d.join("initrd.gz").exists()))
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    names.pop().context("none unpacked")
+}
+
+/// A package's name from its file name in the archive (`pool/…/<name>_<version>_<arch>.deb`).
+fn package_name(filename: &str) -> String {
+    let file = filename.rsplit('/').next().unwrap_or(filename);
+    file.split('_').next().unwrap_or(file).to_string()
+}
+
+/// The newest ABI of kernel `version` in a package index (`Packages`) that has both its
+/// image and its modules: (image, modules).
+fn newest_ubuntu(index: &str, version: &str) -> Option<(Indexed, Indexed)> {
+    let mut images = Vec::new();
+    let mut modules = std::collections::HashMap::new();
+    for stanza in index.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                .map(str::trim)
+        };
+        let (Some(package), Some(filename), Some(sha256)) =
+            (field("Package"), field("Filename"), field("SHA256"))
+        else {
+            continue;
+        };
+        let indexed = Indexed {
+            filename: filename.to_string(),
+            sha256: sha256.to_string(),
+        };
+        let abi = |kind: &str| {
+            let abi = package
+                .strip_prefix(&format!("linux-{kind}-{version}-"))?
+                .strip_suffix("-generic")?;
+            abi.parse::<u64>().ok()
+        };
+        if let Some(n) = abi("image-unsigned") {
+            images.push((n, indexed));
+        } else if let Some(n) = abi("modules") {
+            modules.insert(n, indexed);
+        }
+    }
+    images.sort_by_key(|(n, _)| *n);
+    while let Some((n, image)) = images.pop() {
+        if let Some(m) = modules.remove(&n) {
+            return Some((image, m));
+        }
+    }
+    None
+}
+
+/// The body of `url` (curl: the machine's only HTTP client the set-up installs).
+fn fetch(url: &str) -> anyhow::Result<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-fsSL", "--retry", "3", "--max-time", "600", url])
+        .output()
+        .context("run curl (`cargo xtask setup` installs it)")?;
+    if !out.status.success() {
+        bail!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+/// `data` (xz) unpacked, as text.
+fn unpack_xz(data: &[u8]) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("xz")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("run xz")?;
+    let mut stdin = child.stdin.take().context("xz's stdin")?;
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().context("xz")?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writing to xz panicked"))??;
+    if !out.status.success() {
+        bail!("xz -dc failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Where `package` is unpacked: `target/kernels/<package>`.
@@ -263,14 +459,19 @@ impl Prepared {
                 continue; // built in
             };
             let out = tree.join("mods").join(format!("{m}.ko"));
-            if path.extension().is_some_and(|e| e == "xz") {
-                let data = Command::new("xz")
+            let unpacker = match path.extension().and_then(|e| e.to_str()) {
+                Some("xz") => Some("xz"),
+                Some("zst") => Some("zstd"),
+                _ => None,
+            };
+            if let Some(unpacker) = unpacker {
+                let data = Command::new(unpacker)
                     .arg("-dc")
                     .arg(&path)
                     .output()
-                    .context("xz")?;
+                    .with_context(|| format!("run {unpacker}"))?;
                 if !data.status.success() {
-                    bail!("xz -dc {} failed", path.display());
+                    bail!("{unpacker} -dc {} failed", path.display());
                 }
                 fs::write(&out, data.stdout)?;
             } else {
@@ -384,9 +585,14 @@ pub fn shell_word(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
 }
 
-/// `name`'s module file under `dir` (`name.ko` or `name.ko.xz`), if it is a module there.
+/// `name`'s module file under `dir` (`name.ko`, `name.ko.xz` or `name.ko.zst`), if it is a
+/// module there.
 fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
-    let wanted = [format!("{name}.ko"), format!("{name}.ko.xz")];
+    let wanted = [
+        format!("{name}.ko"),
+        format!("{name}.ko.xz"),
+        format!("{name}.ko.zst"),
+    ];
     let mut stack = vec![dir.join("kernel")];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).ok()?.flatten() {
@@ -409,7 +615,44 @@ fn make_executable(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::version_key;
+    use super::{Indexed, newest_ubuntu, package_name, version_key};
+
+    #[test]
+    fn the_newest_ubuntu_kernel_with_its_modules_is_taken() {
+        let stanza = |package: &str, sum: &str| {
+            format!(
+                "Package: {package}\nVersion: 1\nFilename: pool/main/l/linux/{package}_1_amd64.deb\n\
+                 SHA256: {sum}\n"
+            )
+        };
+        let index = [
+            stanza("linux-image-unsigned-6.8.0-150-generic", "a"),
+            stanza("linux-modules-6.8.0-150-generic", "b"),
+            stanza("linux-image-unsigned-6.8.0-155-generic", "c"),
+            stanza("linux-modules-6.8.0-155-generic", "d"),
+            // No modules: passed over.
+            stanza("linux-image-unsigned-6.8.0-160-generic", "e"),
+            stanza("linux-image-unsigned-6.8.0-155-lowlatency", "f"),
+            stanza("linux-image-unsigned-6.11.0-9-generic", "g"),
+            stanza("linux-modules-extra-6.8.0-160-generic", "h"),
+        ]
+        .join("\n");
+        let (image, modules) = newest_ubuntu(&index, "6.8.0").unwrap();
+        assert_eq!(
+            image,
+            Indexed {
+                filename: "pool/main/l/linux/linux-image-unsigned-6.8.0-155-generic_1_amd64.deb"
+                    .into(),
+                sha256: "c".into(),
+            }
+        );
+        assert_eq!(modules.sha256, "d");
+        assert_eq!(
+            package_name(&image.filename),
+            "linux-image-unsigned-6.8.0-155-generic"
+        );
+        assert!(newest_ubuntu(&index, "6.9.0").is_none());
+    }
 
     #[test]
     fn newer_point_releases_sort_last() {

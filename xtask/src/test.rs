@@ -141,7 +141,7 @@ fn other_kernels(filter: &[String], skip_log: &Path, totals: &mut Totals) -> any
             let mut script = format!(
                 "export CI=true {SKIP_LOG_ENV}={}\n\
                  modprobe -a tun veth 2>/dev/null\n\
-                 {} --test-threads=1",
+                 {} --test-threads=2",
                 shell_word(&guest_skips.display().to_string()),
                 shell_word(&binary.display().to_string()),
             );

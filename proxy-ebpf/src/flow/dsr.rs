@@ -582,23 +582,21 @@ fn learn<F: Dsr>(ctx: &TcContext, said: &Said<F::Addr>) -> Result<bool, Reason> 
     }
     // Replies: backend:dport → client:sport, shown as frontend:fport → client:sport.
     let reply_key = t.reversed();
-    let to = Tuple {
-        saddr: said.frontend,
-        daddr: t.saddr,
-        sport: said.fport,
-        dport: t.sport,
-        proto: t.proto,
-    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(ptr) = F::ct_lookup(&reply_key) {
-        // SAFETY: from the lookup.
-        let e = unsafe { F::ct_read(ptr) };
+        // SAFETY: from the lookup; plain reads of the map value.
+        let (flags, same) = unsafe {
+            (
+                (*ptr).flags,
+                (*ptr).saddr == said.frontend && (*ptr).sport == said.fport,
+            )
+        };
         // Never replace what this node tracks itself.
-        if e.flags & CT_DSR == 0 {
+        if flags & CT_DSR == 0 {
             return Err(Reason::DsrRefused);
         }
-        if e.to.saddr == to.saddr && e.to.sport == to.sport {
+        if same {
             // SAFETY: from the lookup.
             unsafe { F::ct_touch(ptr, now, 0) };
             return Ok(false);
@@ -607,14 +605,33 @@ fn learn<F: Dsr>(ctx: &TcContext, said: &Said<F::Addr>) -> Result<bool, Reason> 
     if !within_budget::<F>(&t.saddr, now) {
         return Err(Reason::DsrBudgetExceeded);
     }
+    insert_learnt::<F>(&reply_key, said, now)?;
+    Ok(true)
+}
+
+/// Writes the reply entry `learn` learnt for the flow `said` describes, under `reply_key`.
+/// Out of line: the entry and its map key and value stay out of `learn`'s frame, whose chain
+/// is near the stack limit of verifiers before 6.9 (frames rounded up to 32 bytes).
+#[inline(never)]
+fn insert_learnt<F: Dsr>(
+    reply_key: &Tuple<F::Addr>,
+    said: &Said<F::Addr>,
+    now: u64,
+) -> Result<(), Reason> {
+    let t = &said.t;
     let entry = Entry {
-        to,
+        to: Tuple {
+            saddr: said.frontend,
+            daddr: t.saddr,
+            sport: said.fport,
+            dport: t.sport,
+            proto: t.proto,
+        },
         flags: CT_REPLY | CT_DSR,
         svc_id: 0,
         backend_id: 0,
     };
-    F::ct_insert(&reply_key, &entry, now, BPF_ANY as u64, 0).map_err(|_| Reason::CtFailed)?;
-    Ok(true)
+    F::ct_insert(reply_key, &entry, now, BPF_ANY as u64, 0).map_err(|_| Reason::CtFailed)
 }
 
 /// Whether (`frontend`, `port`, `proto`) is a Service frontend for traffic from outside here:

@@ -1,6 +1,8 @@
 //! Headers of the packets the programs answer with (ICMP errors): an IPv4 header with its
 //! checksum, the IPv6 pseudo header's sum for an ICMPv6 checksum.
 
+use aya_ebpf::helpers::generated::bpf_csum_diff;
+
 use super::csum::{fold, sum};
 
 /// The TTL or hop limit of an answer.
@@ -25,39 +27,25 @@ pub fn ipv4_header(
     Ok(h)
 }
 
-/// An IPv6 header of an answer from `saddr` to `daddr` with `len` bytes of payload `next`.
-#[inline(always)]
-pub fn ipv6_header(len: u16, next: u8, saddr: &[u8; 16], daddr: &[u8; 16]) -> [u8; 40] {
-    let mut h = [0u8; 40];
-    let l = len.to_be_bytes();
-    h[0] = 0x60;
-    h[4] = l[0];
-    h[5] = l[1];
-    h[6] = next;
-    h[7] = TTL;
-    let mut i = 0;
-    while i < 16 {
-        h[8 + i] = saddr[i];
-        h[24 + i] = daddr[i];
-        i += 1;
-    }
-    h
-}
-
-/// Sum of the pseudo header of a packet with IPv6 header `hdr`, `len` bytes of payload `next`.
+/// Sum of the pseudo header of a packet with IPv6 header `hdr`, `len` bytes of payload `next`:
+/// the addresses summed where they are (no copy of the pseudo header on the stack, whose
+/// frames are near the verifier's limit), then the length and next header.
 #[inline(always)]
 pub fn pseudo6_sum(hdr: &[u8; 40], len: u32, next: u8) -> Result<i64, i64> {
-    let mut p = [0u8; 40];
-    let mut i = 0;
-    while i < 32 {
-        p[i] = hdr[8 + i];
-        i += 1;
+    // SAFETY: 32 bytes of a stack buffer of 40 from offset 8; the helper only reads them.
+    let s = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            hdr.as_ptr().add(8).cast_mut().cast(),
+            32,
+            0,
+        )
+    };
+    if s < 0 {
+        return Err(s);
     }
     let l = len.to_be_bytes();
-    p[32] = l[0];
-    p[33] = l[1];
-    p[34] = l[2];
-    p[35] = l[3];
-    p[39] = next;
-    sum(&mut p, 0)
+    let mut tail = [l[0], l[1], l[2], l[3], 0, 0, 0, next];
+    sum(&mut tail, s)
 }

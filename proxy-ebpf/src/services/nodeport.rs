@@ -369,11 +369,8 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     let mut dsr = false;
     // A backend on this node's own address (a host-network pod): handed to the stack.
     let mut host = false;
-    // This node's address on the way to the backend (with masquerading or DSR).
-    let mut via = pkt.t.daddr;
     let ifindex = match route::<F>(ctx, &to, snat || internal) {
         Ok(r) => {
-            via = r.src;
             // A pod's ClusterIP flow to a backend behind the interface it came in on (pods on
             // one bridge): the backend would answer the pod straight, past tc. Masqueraded, so
             // the reply comes back here.
@@ -382,6 +379,11 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
             // from outside (a pod's flow, to a ClusterIP or an external frontend, is
             // masqueraded, never DSR).
             dsr = snat && !internal && r.ifindex == here && dsr::enabled() && arrived_outside(here);
+            // The option is added after this frame has returned (`start`), with this node's
+            // address on the way to the backend, remembered while it is at hand.
+            if dsr && !dsr::remember::<F>(&pkt.t, &r.src, r.ifindex) {
+                return drop(Reason::DsrFailed);
+            }
             if snat && !dsr {
                 to.saddr = r.src;
             }
@@ -445,10 +447,6 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
         stats::count(Reason::AffinityHit);
     }
     if dsr {
-        // The option is added after this frame has returned (`start`).
-        if !dsr::remember::<F>(&pkt.t, &via, ifindex) {
-            return drop(Reason::DsrFailed);
-        }
         return DSR;
     }
     if host {

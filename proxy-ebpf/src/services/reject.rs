@@ -5,7 +5,9 @@
 //! packet is turned into the answer in place and sent back out of the interface it came in on.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::generated::bpf_skb_load_bytes,
     programs::TcContext,
 };
 use proxy_common::{
@@ -21,7 +23,7 @@ use crate::{
     flow::monitor,
     headers::{
         AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_RST,
-        answer::{ipv4_header, ipv6_header, pseudo6_sum},
+        answer::{TTL, ipv4_header, pseudo6_sum},
         csum::{fold, sum},
         family::Ip,
     },
@@ -93,17 +95,29 @@ fn unreachable_v4(ctx: &TcContext, l4: usize) -> Result<(), i64> {
 fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
     let l3 = ETH_HLEN;
     // ICMPv6 header (type 1 destination unreachable, code 4 port unreachable) and the
-    // offending IPv6 header + 8 bytes.
+    // offending IPv6 header + 8 bytes, loaded in place (no copy: this frame ends call chains
+    // near the verifier's stack limit).
     let mut icmp = [0u8; 56];
+    // SAFETY: plain helper call on this context; the buffer has 48 bytes from offset 8.
+    let rc =
+        unsafe { bpf_skb_load_bytes(ctx.as_ptr(), l3 as u32, icmp.as_mut_ptr().add(8).cast(), 48) };
+    if rc < 0 {
+        return Err(rc);
+    }
     icmp[0] = 1;
     icmp[1] = 4;
-    let orig = skb::load::<[u8; 48]>(ctx, l3)?;
+    // From the offending packet's destination to its source.
+    let mut hdr = [0u8; 40];
+    hdr[0] = 0x60;
+    hdr[5] = 56;
+    hdr[6] = IPPROTO_ICMPV6;
+    hdr[7] = TTL;
     let mut i = 0;
-    while i < 48 {
-        icmp[8 + i] = orig[i];
+    while i < 16 {
+        hdr[8 + i] = icmp[8 + 24 + i];
+        hdr[24 + i] = icmp[8 + 8 + i];
         i += 1;
     }
-    let hdr = ipv6_header(56, IPPROTO_ICMPV6, &addr16(&orig, 24), &addr16(&orig, 8));
     let c = fold(sum(&mut icmp, pseudo6_sum(&hdr, 56, IPPROTO_ICMPV6)?)?).to_ne_bytes();
     icmp[2] = c[0];
     icmp[3] = c[1];
@@ -111,16 +125,4 @@ fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
     ctx.adjust_room(48, BPF_ADJ_ROOM_MAC, 0)?;
     store(ctx, l3, &hdr)?;
     store(ctx, l3 + 40, &icmp)
-}
-
-/// The 16 bytes of `buf` at `off`.
-#[inline(always)]
-fn addr16<const N: usize>(buf: &[u8; N], off: usize) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        a[i] = buf[off + i];
-        i += 1;
-    }
-    a
 }

@@ -1147,7 +1147,7 @@ impl Datapath {
         }
         let mut ebpf = loader
             .load(OBJECT)
-            .context("load the BPF object (is this kernel >= 6.9 with BTF, and are we root?)")?;
+            .context("load the BPF object (is this kernel >= 6.8 with BTF, and are we root?)")?;
         release_object_pages();
         // Slots move over before the programs that read the new layout are attached.
         let migrations = carry_before_attach(&mut ebpf, pin_dir, migrations);
@@ -2639,7 +2639,7 @@ impl Detached {
         }
         let mut ebpf = loader
             .load(OBJECT)
-            .context("load the BPF object (is this kernel >= 6.9 with BTF, and are we root?)")?;
+            .context("load the BPF object (is this kernel >= 6.8 with BTF, and are we root?)")?;
         let maps = Maps::from_source(MapSource::Object(&mut ebpf))?;
         Ok(Detached { ebpf, maps })
     }
