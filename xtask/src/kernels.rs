@@ -49,6 +49,25 @@ enum Source {
 /// Ubuntu's archive.
 const UBUNTU_ARCHIVE: &str = "http://archive.ubuntu.com/ubuntu";
 
+/// A kernel's archive could not be reached (no name resolution, no connection, a time-out)
+/// and no earlier run left the kernel: the network this runs in does not reach it, which the
+/// test command reports as a skip by name rather than a failure. Any other error (a missing
+/// package, a wrong checksum, a failed unpack) fails.
+#[derive(Debug)]
+pub struct Unreachable(pub String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// curl's exit codes for an address it could not resolve (6), a host it could not connect to
+/// (7) and a time-out (28).
+const CURL_UNREACHABLE: &[i32] = &[6, 7, 28];
+
 /// The kernels checked besides the machine's own. Ubuntu 24.04's 6.8 is the oldest the agent
 /// is checked on (`proxy_userspace::datapath::kernel::OLDEST`: TCX came with 6.6, and its
 /// verifier rounds each stack frame up to 32 bytes, as verifiers before 6.9 do, so it guards
@@ -200,8 +219,14 @@ fn prepare_ubuntu(dist: &str, version: &str) -> anyhow::Result<String> {
     let index = match fetch(&index_url).and_then(|xz| unpack_xz(&xz)) {
         Ok(index) => index,
         Err(e) => {
-            return earlier_ubuntu(version)
-                .with_context(|| format!("fetch {index_url}: {e:#}; no earlier kernel {version}"));
+            if let Ok(earlier) = earlier_ubuntu(version) {
+                eprintln!("kernels: {e:#}; the kernel an earlier run unpacked serves");
+                return Ok(earlier);
+            }
+            if e.is::<Unreachable>() {
+                return Err(e);
+            }
+            return Err(e.context(format!("no earlier kernel {version} unpacked")));
         }
     };
     let (image, modules) = newest_ubuntu(&index, version).with_context(|| {
@@ -310,10 +335,18 @@ fn fetch(url: &str) -> anyhow::Result<Vec<u8>> {
         .output()
         .context("run curl (`cargo xtask setup` installs it)")?;
     if !out.status.success() {
-        bail!(
+        let why = format!(
             "curl {url}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
+        if out
+            .status
+            .code()
+            .is_some_and(|c| CURL_UNREACHABLE.contains(&c))
+        {
+            return Err(Unreachable(why).into());
+        }
+        bail!(why);
     }
     Ok(out.stdout)
 }
@@ -615,7 +648,14 @@ fn make_executable(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Indexed, newest_ubuntu, package_name, version_key};
+    use super::{Indexed, Unreachable, fetch, newest_ubuntu, package_name, version_key};
+
+    #[test]
+    fn an_archive_that_cannot_be_resolved_is_unreachable_not_failed() {
+        // `.invalid` never resolves (RFC 6761).
+        let e = fetch("http://archive.invalid/ubuntu/dists/x/Packages.xz").unwrap_err();
+        assert!(e.is::<Unreachable>(), "{e:#}");
+    }
 
     #[test]
     fn the_newest_ubuntu_kernel_with_its_modules_is_taken() {
