@@ -38,8 +38,9 @@ enum Source {
     /// Ubuntu's archive over HTTP (not among a Debian machine's apt sources): the newest ABI
     /// of kernel `version` in the package index `dist` (`<ARCHIVE>/dists/<dist>/main`), whose
     /// kernel (`linux-image-unsigned-<version>-<abi>-generic`) and modules
-    /// (`linux-modules-<version>-<abi>-generic`) are two packages, checked against the index's
-    /// SHA-256 sums.
+    /// (`linux-modules-<version>-<abi>-generic`) are two packages. Checked as apt checks
+    /// them: the release file's signature with Ubuntu's keyring (`UBUNTU_KEYRING`), the
+    /// index's sum with the release file, the packages' sums with the index.
     Ubuntu {
         dist: &'static str,
         version: &'static str,
@@ -49,10 +50,11 @@ enum Source {
 /// Ubuntu's archive.
 const UBUNTU_ARCHIVE: &str = "http://archive.ubuntu.com/ubuntu";
 
-/// A kernel's archive could not be reached (no name resolution, no connection, a time-out)
-/// and no earlier run left the kernel: the network this runs in does not reach it, which the
-/// test command reports as a skip by name rather than a failure. Any other error (a missing
-/// package, a wrong checksum, a failed unpack) fails.
+/// A kernel's archive could not be reached for its keyring, release file or index (no name
+/// resolution, no connection, nothing in time) and no earlier run left the kernel: the
+/// network this runs in does not reach it, which the test command reports as a skip by name
+/// rather than a failure. Anything else (a package missing from the index, a signature or
+/// sum that does not match, a package download that fails, an HTTP error) fails.
 #[derive(Debug)]
 pub struct Unreachable(pub String);
 
@@ -64,9 +66,13 @@ impl std::fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
-/// curl's exit codes for an address it could not resolve (6), a host it could not connect to
-/// (7) and a time-out (28).
-const CURL_UNREACHABLE: &[i32] = &[6, 7, 28];
+/// Ubuntu's archive keyring package in noble's release pocket (which never changes), pinned by
+/// its SHA-256 sum: the trust anchor for the archive's signed release files, as an Ubuntu
+/// machine's apt has it.
+const UBUNTU_KEYRING: (&str, &str) = (
+    "pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb",
+    "36de43b15853ccae0028e9a767613770c704833f82586f28eb262f0311adb8a8",
+);
 
 /// The kernels checked besides the machine's own. Ubuntu 24.04's 6.8 is the oldest the agent
 /// is checked on (`proxy_userspace::datapath::kernel::OLDEST`: TCX came with 6.6, and its
@@ -90,8 +96,8 @@ pub const KERNELS: &[Kernel] = &[
 ];
 
 /// Debian packages the guests need: the emulator, a static shell for the initramfs, cpio to
-/// pack it, depmod, xz and zstd for the kernel's modules (and the package index), curl for
-/// Ubuntu's archive.
+/// pack it, depmod, xz and zstd for the kernel's modules (and the package index), curl and
+/// gpgv for Ubuntu's archive.
 pub const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -100,6 +106,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "curl",
+    "gpgv",
 ];
 
 /// Modules the initramfs loads, in order, to mount the host's root over 9p (those built into
@@ -213,10 +220,10 @@ struct Indexed {
 }
 
 /// The newest Ubuntu kernel `version` of index `dist` with its modules, unpacked (named by
-/// its image package). When the index cannot be fetched, an earlier run's kernel serves.
+/// its image package). When the index cannot be had, or the kernel's packages cannot be
+/// downloaded, a kernel an earlier run unpacked serves.
 fn prepare_ubuntu(dist: &str, version: &str) -> anyhow::Result<String> {
-    let index_url = format!("{UBUNTU_ARCHIVE}/dists/{dist}/main/binary-amd64/Packages.xz");
-    let index = match fetch(&index_url).and_then(|xz| unpack_xz(&xz)) {
+    let index = match ubuntu_index(dist) {
         Ok(index) => index,
         Err(e) => {
             if let Ok(earlier) = earlier_ubuntu(version) {
@@ -230,29 +237,35 @@ fn prepare_ubuntu(dist: &str, version: &str) -> anyhow::Result<String> {
         }
     };
     let (image, modules) = newest_ubuntu(&index, version).with_context(|| {
-        format!("no linux-image-unsigned-{version}-*-generic with its modules in {index_url}")
+        format!("no linux-image-unsigned-{version}-*-generic with its modules in Ubuntu's {dist}")
     })?;
     let package = package_name(&image.filename);
     let dir = unpacked(&package)?;
     if dir.join("initrd.gz").exists() {
         return Ok(package);
     }
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    for p in [&image, &modules] {
+    match unpack_ubuntu(&dir, &[&image, &modules]) {
+        Ok(()) => Ok(package),
+        Err(e) => match earlier_ubuntu(version) {
+            Ok(earlier) => {
+                eprintln!("kernels: {e:#}; the kernel an earlier run unpacked serves");
+                Ok(earlier)
+            }
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Downloads `packages` (their sums checked against the signed index's) and unpacks them into
+/// `dir/root`, made afresh.
+fn unpack_ubuntu(dir: &Path, packages: &[&Indexed]) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    for p in packages {
         let url = format!("{UBUNTU_ARCHIVE}/{}", p.filename);
-        eprintln!(
-            "
-==> kernels: downloading {url}"
-        );
-        let deb = fetch(&url)?;
-        let sum = sha2::Sha256::digest(&deb)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
-        if sum != p.sha256 {
-            bail!("{url}: SHA-256 {sum}, the index says {}", p.sha256);
-        }
+        eprintln!("\n==> kernels: downloading {url}");
+        let deb = fetch(&url, DEB_TIME).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        check_sum(&url, &deb, &p.sha256)?;
         let path = dir.join(package_name(&p.filename) + ".deb");
         fs::write(&path, &deb)?;
         step(
@@ -264,7 +277,98 @@ fn prepare_ubuntu(dist: &str, version: &str) -> anyhow::Result<String> {
         )?;
         let _ = fs::remove_file(&path);
     }
-    Ok(package)
+    Ok(())
+}
+
+/// The package index (`Packages`) of `dist`'s main component, as text: its release file
+/// (`InRelease`) verified with Ubuntu's archive keyring, the index checked against the sum the
+/// release file gives it. An archive out of reach is `Unreachable`.
+fn ubuntu_index(dist: &str) -> anyhow::Result<String> {
+    let keyring = ubuntu_keyring()?;
+    let release_url = format!("{UBUNTU_ARCHIVE}/dists/{dist}/InRelease");
+    let signed = fetch(&release_url, INDEX_TIME)?;
+    let release_path = target_dir()
+        .join("kernels")
+        .join(format!("{dist}.InRelease"));
+    fs::write(&release_path, &signed)?;
+    let verified = Command::new("gpgv")
+        .arg("--keyring")
+        .arg(&keyring)
+        .args(["--output", "-"])
+        .arg(&release_path)
+        .output()
+        .context("run gpgv (`cargo xtask setup` installs it)")?;
+    if !verified.status.success() {
+        bail!(
+            "{release_url}: the signature does not verify with {}: {}",
+            keyring.display(),
+            String::from_utf8_lossy(&verified.stderr).trim()
+        );
+    }
+    let release = String::from_utf8_lossy(&verified.stdout);
+    const INDEX: &str = "main/binary-amd64/Packages.xz";
+    let sum = release_sum(&release, INDEX)
+        .with_context(|| format!("{release_url} gives no SHA-256 sum of {INDEX}"))?;
+    let index_url = format!("{UBUNTU_ARCHIVE}/dists/{dist}/{INDEX}");
+    let xz = fetch(&index_url, INDEX_TIME)?;
+    check_sum(&index_url, &xz, &sum)?;
+    unpack_xz(&xz)
+}
+
+/// Ubuntu's archive keyring, from the `ubuntu-keyring` package pinned by its sum
+/// ([`UBUNTU_KEYRING`]), unpacked under `target/kernels/ubuntu-keyring` by the first run.
+fn ubuntu_keyring() -> anyhow::Result<PathBuf> {
+    let dir = std::path::absolute(target_dir().join("kernels/ubuntu-keyring"))?;
+    let keyring = dir.join("root/usr/share/keyrings/ubuntu-archive-keyring.gpg");
+    if keyring.exists() {
+        return Ok(keyring);
+    }
+    let (file, sha256) = UBUNTU_KEYRING;
+    let url = format!("{UBUNTU_ARCHIVE}/{file}");
+    let deb = fetch(&url, INDEX_TIME)?;
+    check_sum(&url, &deb, sha256)?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("ubuntu-keyring.deb");
+    fs::write(&path, &deb)?;
+    step(
+        "kernels: unpacking Ubuntu's archive keyring",
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&path)
+            .arg(dir.join("root")),
+    )?;
+    let _ = fs::remove_file(&path);
+    if !keyring.exists() {
+        bail!("{url} holds no {}", keyring.display());
+    }
+    Ok(keyring)
+}
+
+/// The SHA-256 sum a release file (`InRelease`, verified) gives the index file `path`.
+fn release_sum(release: &str, path: &str) -> Option<String> {
+    release
+        .lines()
+        .skip_while(|l| l.trim_end() != "SHA256:")
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            let (sum, _size, file) = (words.next()?, words.next()?, words.next()?);
+            (file == path).then(|| sum.to_string())
+        })
+}
+
+/// Fails unless `data` (from `url`) has the SHA-256 sum `expected` (hex).
+fn check_sum(url: &str, data: &[u8], expected: &str) -> anyhow::Result<()> {
+    let sum = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    if sum != expected {
+        bail!("{url}: SHA-256 {sum}, expected {expected}");
+    }
+    Ok(())
 }
 
 /// The newest kernel `version` an earlier run unpacked from Ubuntu's archive, if any.
@@ -328,27 +432,41 @@ fn newest_ubuntu(index: &str, version: &str) -> Option<(Indexed, Indexed)> {
     None
 }
 
-/// The body of `url` (curl: the machine's only HTTP client the set-up installs).
-fn fetch(url: &str) -> anyhow::Result<Vec<u8>> {
+/// How long curl may take for a release file, an index or the keyring (a few MB), and for a
+/// kernel package (up to 40 MB). Either waits at most `CONNECT_TIME` for a connection.
+const INDEX_TIME: u32 = 120;
+const DEB_TIME: u32 = 900;
+const CONNECT_TIME: u32 = 15;
+
+/// The body of `url`, in at most `seconds` (curl, which the set-up installs). An address that
+/// does not resolve, a connection refused or not made in time is `Unreachable`.
+fn fetch(url: &str, seconds: u32) -> anyhow::Result<Vec<u8>> {
     let out = Command::new("curl")
-        .args(["-fsSL", "--retry", "3", "--max-time", "600", url])
+        .args(["-fsSL", "--retry", "2", "--connect-timeout"])
+        .arg(CONNECT_TIME.to_string())
+        .arg("--max-time")
+        .arg(seconds.to_string())
+        .arg(url)
         .output()
         .context("run curl (`cargo xtask setup` installs it)")?;
-    if !out.status.success() {
-        let why = format!(
-            "curl {url}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        if out
-            .status
-            .code()
-            .is_some_and(|c| CURL_UNREACHABLE.contains(&c))
-        {
-            return Err(Unreachable(why).into());
-        }
-        bail!(why);
+    if out.status.success() {
+        return Ok(out.stdout);
     }
-    Ok(out.stdout)
+    let why = format!(
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    if unreachable(out.status.code()) {
+        Err(Unreachable(why).into())
+    } else {
+        bail!(why)
+    }
+}
+
+/// Whether curl's exit code says the host was out of reach: no name resolution (6), no
+/// connection (7), or nothing in time (28; with `CONNECT_TIME` for the connection).
+fn unreachable(code: Option<i32>) -> bool {
+    matches!(code, Some(6 | 7 | 28))
 }
 
 /// `data` (xz) unpacked, as text.
@@ -648,13 +766,27 @@ fn make_executable(path: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Indexed, Unreachable, fetch, newest_ubuntu, package_name, version_key};
+    use super::{Indexed, newest_ubuntu, package_name, release_sum, unreachable, version_key};
 
     #[test]
-    fn an_archive_that_cannot_be_resolved_is_unreachable_not_failed() {
-        // `.invalid` never resolves (RFC 6761).
-        let e = fetch("http://archive.invalid/ubuntu/dists/x/Packages.xz").unwrap_err();
-        assert!(e.is::<Unreachable>(), "{e:#}");
+    fn only_an_archive_out_of_reach_is_unreachable() {
+        // No name resolution, no connection, nothing in time.
+        assert!(unreachable(Some(6)) && unreachable(Some(7)) && unreachable(Some(28)));
+        // An HTTP error (22), a TLS or protocol error, a signal: failures.
+        assert!(!unreachable(Some(22)) && !unreachable(Some(35)) && !unreachable(None));
+    }
+
+    #[test]
+    fn a_release_file_gives_the_sum_of_the_index() {
+        let release = "Origin: Ubuntu\nMD5Sum:\n 0123 10 main/binary-amd64/Packages.xz\n\
+                       SHA256:\n aaaa 5 main/binary-amd64/Packages\n \
+                       bbbb 1540156 main/binary-amd64/Packages.xz\n \
+                       cccc 7 main/binary-i386/Packages.xz\nAcquire-By-Hash: yes\n";
+        assert_eq!(
+            release_sum(release, "main/binary-amd64/Packages.xz").as_deref(),
+            Some("bbbb")
+        );
+        assert_eq!(release_sum(release, "main/binary-arm64/Packages.xz"), None);
     }
 
     #[test]

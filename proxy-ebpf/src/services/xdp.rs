@@ -51,8 +51,8 @@ fn flow_hash<F: Family>(t: &Tuple<F::Addr>) -> u32 {
 }
 
 /// A new flow's state between its three steps (`choose`, `route`, `commit`), in
-/// `XDP_SCRATCH`: the steps run one after the other from the hook, so their frames never add
-/// up, and none of them holds this on its stack (the parsed packet stays on the hook's).
+/// `XDP_SCRATCH`: the steps run one after the other from `new_flow`, so their frames never
+/// add up, and none of them holds this on its stack (the parsed packet stays on `new_flow`'s).
 pub struct Scratch<A> {
     svc: ServiceValue,
     choice: lb::Choice,
@@ -87,9 +87,9 @@ where
     let Some(s) = scratch::<F::Addr>() else {
         return XDP_PASS;
     };
-    // Parsed here, where the context is the program's own, and kept on this frame: the
-    // verifier knows the bounds of its offsets there (not in a map value), and a step given
-    // only what parsing reads would get the packet's bounds as plain values, which it refuses.
+    // Parsed here and kept on this frame: the verifier knows the bounds of its offsets there
+    // (not in a map value), and a step given only what parsing reads would get the packet's
+    // bounds as plain values, which it refuses.
     let Some(pkt) = F::parse_xdp(ctx) else {
         return XDP_PASS;
     };

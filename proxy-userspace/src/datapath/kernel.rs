@@ -29,9 +29,8 @@ pub fn too_old(release: &str) -> Option<String> {
         format!(
             "Linux {release} is older than {}.{}, the oldest kernel this agent is checked on: \
              its tc programs attach through TCX (Linux 6.6), 6.6 and 6.7 were not run, and \
-             Linux 6.1's verifier counts more than 512 bytes of stack in some call chains and \
-             stops tc_ingress at a million instructions. A kernel with TCX and a newer \
-             verifier backported may still serve",
+             Linux 6.1's verifier stops tc_ingress at a million instructions. A kernel with \
+             TCX and a newer verifier backported may still serve",
             OLDEST.0, OLDEST.1
         )
     })
