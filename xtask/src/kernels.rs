@@ -125,7 +125,7 @@ const ROOT_MODULES: &[&str] = &[
 ];
 
 /// How long one guest may run before it is stopped and counted as failed (a run takes about
-/// six minutes).
+/// four minutes with two test threads).
 const GUEST_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// A kernel unpacked under `target/kernels/<package>`, with its initramfs.

@@ -19,7 +19,7 @@ use crate::{
 pub struct Options {
     /// Only run tests whose name contains this (passed to the test binaries).
     pub filter: Option<String>,
-    /// Leave out the BPF program tests on other kernels (qemu guests, about 6 minutes); they
+    /// Leave out the BPF program tests on other kernels (qemu guests, about 4 minutes each); they
     /// are then listed as skipped.
     #[arg(long)]
     pub skip_kernels: bool,
