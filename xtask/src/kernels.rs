@@ -268,14 +268,7 @@ fn unpack_ubuntu(dir: &Path, packages: &[&Indexed]) -> anyhow::Result<()> {
         check_sum(&url, &deb, &p.sha256)?;
         let path = dir.join(package_name(&p.filename) + ".deb");
         fs::write(&path, &deb)?;
-        step(
-            &format!("kernels: unpacking {}", path.display()),
-            Command::new("dpkg")
-                .arg("-x")
-                .arg(&path)
-                .arg(dir.join("root")),
-        )?;
-        let _ = fs::remove_file(&path);
+        unpack_deb(&path, &dir.join("root"))?;
     }
     Ok(())
 }
@@ -331,14 +324,7 @@ fn ubuntu_keyring() -> anyhow::Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     let path = dir.join("ubuntu-keyring.deb");
     fs::write(&path, &deb)?;
-    step(
-        "kernels: unpacking Ubuntu's archive keyring",
-        Command::new("dpkg")
-            .arg("-x")
-            .arg(&path)
-            .arg(dir.join("root")),
-    )?;
-    let _ = fs::remove_file(&path);
+    unpack_deb(&path, &dir.join("root"))?;
     if !keyring.exists() {
         bail!("{url} holds no {}", keyring.display());
     }
@@ -514,14 +500,16 @@ fn download(package: &str) -> anyhow::Result<()> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
+    unpack_deb(&deb, &dir.join("root"))
+}
+
+/// Unpacks the package file `deb` into `root` (`dpkg -x`) and removes it.
+fn unpack_deb(deb: &Path, root: &Path) -> anyhow::Result<()> {
     step(
         &format!("kernels: unpacking {}", deb.display()),
-        Command::new("dpkg")
-            .arg("-x")
-            .arg(&deb)
-            .arg(dir.join("root")),
+        Command::new("dpkg").arg("-x").arg(deb).arg(root),
     )?;
-    let _ = fs::remove_file(&deb);
+    let _ = fs::remove_file(deb);
     Ok(())
 }
 
