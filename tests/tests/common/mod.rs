@@ -282,6 +282,34 @@ pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
     })
 }
 
+/// The counter `kube_bpf_proxy_datapath_events_total` for `reason` as `agent` reports it now
+/// (0 while it has none).
+pub fn datapath_count(agent: &Agent, reason: &str) -> u64 {
+    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
+    let (_, body) = agent.get(agent.metrics_port, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Polls `agent`'s counter for `reason` until it reaches `n` (the agent samples the datapath's
+/// counters every few seconds, later on a slow or emulated machine); its value then.
+pub fn datapath_events_reach(agent: &Agent, reason: &str, n: u64) -> u64 {
+    poll_until(
+        &format!("datapath counter {reason} at {n} or more"),
+        Duration::from_secs(30),
+        || {
+            let v = datapath_count(agent, reason);
+            if v >= n {
+                Ok(v)
+            } else {
+                Err(format!("{reason} at {v}"))
+            }
+        },
+    )
+}
+
 /// `kube-bpf-proxy services -o json` of `agent`: the frontends (`items` of the ServiceList).
 pub fn services_json(agent: &Agent) -> Vec<serde_json::Value> {
     let out =
