@@ -270,23 +270,19 @@ pub fn peer_nodes_yaml(tb: &tests::Testbed, except: usize) -> String {
 /// A datapath counter of `agent` (polled: the agent refreshes them every 5 s); the first
 /// nonzero value.
 pub fn datapath_events(agent: &Agent, reason: &str) -> u64 {
-    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
-    poll_until(&format!("metric {needle}"), Duration::from_secs(15), || {
-        let (_, body) = agent.get(agent.metrics_port, "/metrics");
-        body.lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .map(|v| v as u64)
-            .ok_or(body)
-    })
+    datapath_events_reach(agent, reason, 1)
 }
 
 /// The counter `kube_bpf_proxy_datapath_events_total` for `reason` as `agent` reports it now
 /// (0 while it has none).
 pub fn datapath_count(agent: &Agent, reason: &str) -> u64 {
-    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
     let (_, body) = agent.get(agent.metrics_port, "/metrics");
+    count_in(&body, reason)
+}
+
+/// `reason`'s datapath counter in a metrics page (0 when absent).
+fn count_in(body: &str, reason: &str) -> u64 {
+    let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(&needle))
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -294,17 +290,22 @@ pub fn datapath_count(agent: &Agent, reason: &str) -> u64 {
 }
 
 /// Polls `agent`'s counter for `reason` until it reaches `n` (the agent samples the datapath's
-/// counters every few seconds, later on a slow or emulated machine); its value then.
+/// counters every 5 s); its value then. On a time-out, every datapath counter is shown.
 pub fn datapath_events_reach(agent: &Agent, reason: &str, n: u64) -> u64 {
     poll_until(
         &format!("datapath counter {reason} at {n} or more"),
-        Duration::from_secs(30),
+        Duration::from_secs(15),
         || {
-            let v = datapath_count(agent, reason);
+            let (_, body) = agent.get(agent.metrics_port, "/metrics");
+            let v = count_in(&body, reason);
             if v >= n {
                 Ok(v)
             } else {
-                Err(format!("{reason} at {v}"))
+                Err(body
+                    .lines()
+                    .filter(|l| l.starts_with("kube_bpf_proxy_datapath_events_total"))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
             }
         },
     )
