@@ -8,7 +8,8 @@ use aya_ebpf::{
     helpers::{
         bpf_redirect,
         generated::{
-            bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_store_bytes,
+            bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail, bpf_skb_load_bytes,
+            bpf_skb_store_bytes,
         },
     },
     programs::TcContext,
@@ -29,6 +30,25 @@ pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
         return Ok(unsafe { (at as *const T).read_unaligned() });
     }
     ctx.load::<T>(off)
+}
+
+/// Loads the bytes at `off` straight into `out` (a whole buffer, or the part of one an answer
+/// is built in): one helper call and no copy, where `load` goes through a `T` on the stack.
+/// For frames at the end of call chains near the verifier's stack limit. Inlined, so that
+/// `out`'s length is a constant the verifier sees (aya's `load_bytes` clamps the length to
+/// the packet, which the verifier cannot bound away from zero).
+#[inline(always)]
+pub fn load_into(ctx: &TcContext, off: usize, out: &mut [u8]) -> Result<(), i64> {
+    // SAFETY: a helper call writing exactly `out.len()` bytes into `out`.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            off as u32,
+            out.as_mut_ptr().cast(),
+            out.len() as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(rc) }
 }
 
 /// Whether the skb's first `len` bytes are in its linear data, pulled there when they are

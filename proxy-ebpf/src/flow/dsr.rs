@@ -31,9 +31,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_ktime_get_ns,
-        generated::{
-            bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_adjust_head,
-        },
+        generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
     },
     programs::{TcContext, XdpContext},
 };
@@ -293,19 +291,7 @@ fn add_option4_tc(ctx: &TcContext, frontend: [u8; 4], port: u16, node: [u8; 4]) 
     // The header is read straight into the new one's first 20 bytes (one buffer: this frame
     // sits at the end of new_flow's call chain).
     let mut whole = [0u8; HDR_LEN];
-    // SAFETY: a helper call writing 20 bytes into `whole` (aya's `load_bytes` clamps the
-    // length to the packet, which the verifier cannot bound away from zero).
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            ETH_HLEN as u32,
-            whole.as_mut_ptr().cast(),
-            20,
-        )
-    };
-    if rc != 0 {
-        return Err(rc);
-    }
+    skb::load_into(ctx, ETH_HLEN, &mut whole[..20])?;
     if whole[0] != 0x45 {
         return Err(0);
     }
@@ -524,34 +510,14 @@ fn parse6(ctx: &TcContext, head: &[u8; 6], said: &mut Said<[u8; 16]>) -> Result<
         return Err(Reason::DsrRefused);
     }
     said.t.proto = next;
-    load_into(ctx, at + 6, &mut said.frontend)?;
-    load_into(ctx, at + 22, &mut said.peer)?;
-    load_into(ctx, ETH_HLEN + 8, &mut said.t.saddr)?;
-    load_into(ctx, ETH_HLEN + 24, &mut said.t.daddr)?;
+    skb::load_into(ctx, at + 6, &mut said.frontend).map_err(|_| Reason::DsrRefused)?;
+    skb::load_into(ctx, at + 22, &mut said.peer).map_err(|_| Reason::DsrRefused)?;
+    skb::load_into(ctx, ETH_HLEN + 8, &mut said.t.saddr).map_err(|_| Reason::DsrRefused)?;
+    skb::load_into(ctx, ETH_HLEN + 24, &mut said.t.daddr).map_err(|_| Reason::DsrRefused)?;
     let ports = skb::load::<[u8; 4]>(ctx, l4).map_err(|_| Reason::DsrRefused)?;
     said.t.sport = u16::from_be_bytes([ports[0], ports[1]]);
     said.t.dport = u16::from_be_bytes([ports[2], ports[3]]);
     Ok(())
-}
-
-/// Loads the bytes at `off` straight into `out` (aya's `load` goes through a copy on the
-/// stack).
-#[inline(always)]
-fn load_into<const N: usize>(ctx: &TcContext, off: usize, out: &mut [u8; N]) -> Result<(), Reason> {
-    // SAFETY: a helper writing exactly N bytes into `out`.
-    let rc = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            off as u32,
-            out.as_mut_ptr().cast(),
-            N as u32,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Reason::DsrRefused)
-    }
 }
 
 /// Counts what learning gave.

@@ -22,9 +22,7 @@
 //! DSR packet goes without the option, another is dropped, counted.
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::generated::bpf_skb_load_bytes,
     programs::TcContext,
 };
 use proxy_common::{
@@ -40,7 +38,7 @@ use crate::{
     flow::monitor,
     headers::{
         ETH_HLEN, FRAG_OFFSET, FRAG6_OFFSET, IPPROTO_FRAGMENT, IPPROTO_ICMP, IPPROTO_ICMPV6, Tuple,
-        answer::{TTL, ipv4_header, pseudo6_sum},
+        answer::{ipv4_header, ipv6_error_header, pseudo6_sum},
         csum::{fold, header_checksum, sum},
         family::{Ip, V4, V6},
     },
@@ -257,10 +255,7 @@ fn too_big6(
     // (`Q`: where the quoted IPv6 header starts).
     const Q: usize = 8;
     let mut icmp = [0u8; 64];
-    // SAFETY: plain helper call on this context; the buffer has 56 bytes from offset `Q`.
-    let rc =
-        unsafe { bpf_skb_load_bytes(ctx.as_ptr(), l3 as u32, icmp.as_mut_ptr().add(Q).cast(), 56) };
-    if rc < 0 {
+    if skb::load_into(ctx, l3, &mut icmp[Q..]).is_err() {
         return Ok(false);
     }
     // Expiring here: the stack answers "time exceeded".
@@ -288,12 +283,6 @@ fn too_big6(
     icmp[5] = m[1];
     icmp[6] = m[2];
     icmp[7] = m[3];
-    // The answer's header: from the frontend to the client (the quote's source).
-    let mut hdr = [0u8; 40];
-    hdr[0] = 0x60;
-    hdr[5] = 64;
-    hdr[6] = IPPROTO_ICMPV6;
-    hdr[7] = TTL;
     let mut i = 0;
     if let Some(f) = frontend {
         while i < 16 {
@@ -309,12 +298,9 @@ fn too_big6(
             icmp[Q + 51] = p[1];
         }
     }
-    i = 0;
-    while i < 16 {
-        hdr[8 + i] = icmp[Q + 24 + i];
-        hdr[24 + i] = icmp[Q + 8 + i];
-        i += 1;
-    }
+    // The answer's header: from the frontend to the client (the quote's source).
+    let mut hdr = [0u8; 40];
+    ipv6_error_header(&mut hdr, &icmp[Q..], 64);
     let Ok(s) = pseudo6_sum(&hdr, 64, IPPROTO_ICMPV6).and_then(|s| sum(&mut icmp, s)) else {
         return Ok(false);
     };

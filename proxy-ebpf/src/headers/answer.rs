@@ -1,9 +1,13 @@
 //! Headers of the packets the programs answer with (ICMP errors): an IPv4 header with its
-//! checksum, the IPv6 pseudo header's sum for an ICMPv6 checksum.
+//! checksum, an ICMPv6 error's IPv6 header, the IPv6 pseudo header's sum for an ICMPv6
+//! checksum.
 
 use aya_ebpf::helpers::generated::bpf_csum_diff;
 
-use super::csum::{fold, sum};
+use super::{
+    IPPROTO_ICMPV6,
+    csum::{fold, sum},
+};
 
 /// The TTL or hop limit of an answer.
 pub const TTL: u8 = 64;
@@ -25,6 +29,27 @@ pub fn ipv4_header(
     h[10] = c[0];
     h[11] = c[1];
     Ok(h)
+}
+
+/// Writes into `hdr` the IPv6 header of an ICMPv6 error with `len` bytes of payload, from the
+/// quoted packet's destination to its source; `quote` starts at the quoted IPv6 header. The
+/// addresses go from buffer to buffer, with no copy on the stack (these frames end call chains
+/// near the verifier's stack limit).
+#[inline(always)]
+pub fn ipv6_error_header(hdr: &mut [u8; 40], quote: &[u8], len: u16) {
+    *hdr = [0u8; 40];
+    hdr[0] = 0x60;
+    let l = len.to_be_bytes();
+    hdr[4] = l[0];
+    hdr[5] = l[1];
+    hdr[6] = IPPROTO_ICMPV6;
+    hdr[7] = TTL;
+    let mut i = 0;
+    while i < 16 {
+        hdr[8 + i] = quote[24 + i];
+        hdr[24 + i] = quote[8 + i];
+        i += 1;
+    }
 }
 
 /// Sum of the pseudo header of a packet with IPv6 header `hdr`, `len` bytes of payload `next`:

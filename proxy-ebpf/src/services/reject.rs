@@ -5,9 +5,7 @@
 //! packet is turned into the answer in place and sent back out of the interface it came in on.
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
-    helpers::generated::bpf_skb_load_bytes,
     programs::TcContext,
 };
 use proxy_common::{
@@ -23,7 +21,7 @@ use crate::{
     flow::monitor,
     headers::{
         AF_INET, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_RST,
-        answer::{TTL, ipv4_header, pseudo6_sum},
+        answer::{ipv4_header, ipv6_error_header, pseudo6_sum},
         csum::{fold, sum},
         family::Ip,
     },
@@ -98,26 +96,11 @@ fn unreachable_v6(ctx: &TcContext) -> Result<(), i64> {
     // offending IPv6 header + 8 bytes, loaded in place (no copy: this frame ends call chains
     // near the verifier's stack limit).
     let mut icmp = [0u8; 56];
-    // SAFETY: plain helper call on this context; the buffer has 48 bytes from offset 8.
-    let rc =
-        unsafe { bpf_skb_load_bytes(ctx.as_ptr(), l3 as u32, icmp.as_mut_ptr().add(8).cast(), 48) };
-    if rc < 0 {
-        return Err(rc);
-    }
+    skb::load_into(ctx, l3, &mut icmp[8..])?;
     icmp[0] = 1;
     icmp[1] = 4;
-    // From the offending packet's destination to its source.
     let mut hdr = [0u8; 40];
-    hdr[0] = 0x60;
-    hdr[5] = 56;
-    hdr[6] = IPPROTO_ICMPV6;
-    hdr[7] = TTL;
-    let mut i = 0;
-    while i < 16 {
-        hdr[8 + i] = icmp[8 + 24 + i];
-        hdr[24 + i] = icmp[8 + 8 + i];
-        i += 1;
-    }
+    ipv6_error_header(&mut hdr, &icmp[8..], 56);
     let c = fold(sum(&mut icmp, pseudo6_sum(&hdr, 56, IPPROTO_ICMPV6)?)?).to_ne_bytes();
     icmp[2] = c[0];
     icmp[3] = c[1];
