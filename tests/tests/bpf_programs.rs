@@ -243,6 +243,18 @@ impl Rig {
         }
     }
 
+    /// Expires every conntrack entry (the agent's collector, run an hour ahead of the
+    /// unanswered flows' timeout), which gives back the masquerading ports they hold: for a
+    /// test whose flows would run the rig's 100 dry.
+    fn forget_flows(&mut self) {
+        let later = monotonic_ns() + 3_600_000_000_000;
+        self.dp
+            .maps
+            .collect_conntrack(later, &proxy_common::ct::CtTimeouts::DEFAULT)
+            .expect("collect conntrack");
+        assert!(self.dp.maps.conntrack4().unwrap().is_empty());
+    }
+
     fn count(&self, reason: Reason) -> u64 {
         self.dp
             .maps
@@ -734,7 +746,9 @@ fn tc_translates_a_cluster_ip_reached_from_outside() {
 /// connection that lands on the pod itself to tc, with its choice in `LB_AFFINITY` under
 /// `CLIENT_HAIRPIN`: tc takes that choice while it is fresh and masquerades the flow (semantics
 /// 7.14; the end-to-end tests in `nodeport.rs` and `pod_networks.rs` show what the pod sees);
-/// without it (or once it is older than 5 s) tc draws a backend itself.
+/// without it (or once it is older than 5 s) tc draws a backend itself. The same for the
+/// pod's connection to an externalTrafficPolicy Local external address: its internal frontend
+/// (the cluster set, semantics 4.7a), the hairpin choice taken alike.
 #[test]
 fn tc_takes_the_socket_layers_hairpin_choice_while_it_is_fresh() {
     if !privileged() {
@@ -753,7 +767,11 @@ fn tc_takes_the_socket_layers_hairpin_choice_while_it_is_fresh() {
 ---
 kind: Service
 metadata: {{name: trio}}
-spec: {{clusterIP: 10.96.0.17, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}
+spec:
+  clusterIP: 10.96.0.17
+  externalIPs: [10.96.100.17]
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
 ---
 kind: EndpointSlice
 metadata: {{name: trio-1, labels: {{kubernetes.io/service-name: trio}}}}
@@ -768,18 +786,24 @@ endpoints:
     ));
     let cluster_ip = Ipv4Addr::new(10, 96, 0, 17);
     let state = rig.pipeline.mirror().state();
-    let port_id = state
-        .services
-        .iter()
-        .find_map(|(k, v)| match k {
-            ServiceKey::V4(k)
-                if k.addr == cluster_ip.octets() && k.port == 80 && k.scope == SCOPE_INTERNAL =>
-            {
-                Some(v.port_id)
-            }
-            _ => None,
-        })
-        .expect("trio's frontend");
+    let external_ip = Ipv4Addr::new(10, 96, 100, 17);
+    // The Service port's id, as the socket layer finds it in the frontend it looks up.
+    let port_id_of = |addr: Ipv4Addr| {
+        state
+            .services
+            .iter()
+            .find_map(|(k, v)| match k {
+                ServiceKey::V4(k)
+                    if k.addr == addr.octets() && k.port == 80 && k.scope == SCOPE_INTERNAL =>
+                {
+                    Some(v.port_id)
+                }
+                _ => None,
+            })
+            .expect("trio's frontend")
+    };
+    let port_id = port_id_of(cluster_ip);
+    assert_eq!(port_id_of(external_ip), port_id, "one Service port, one id");
     let own_id = state
         .backends
         .iter()
@@ -818,9 +842,9 @@ endpoints:
         };
         rig.dp.maps.affinity_map().insert(key, value, 0).unwrap();
     };
-    // Checks one new flow from the pod's port `port`; returns its backend.
-    let flow = |rig: &mut Rig, port: u16| {
-        let out = rig.tc(&tcp4((LOCAL_POD, port), (cluster_ip, 80), TCP_SYN));
+    // Checks one new flow from the pod's port `port` to `to`; returns its backend.
+    let flow_to = |rig: &mut Rig, port: u16, to: Ipv4Addr| {
+        let out = rig.tc(&tcp4((LOCAL_POD, port), (to, 80), TCP_SYN));
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "port {port}");
         let s = seen(&out.packet);
         assert_eq!(s.dst.1, 8080, "port {port}: {s:?}");
@@ -831,6 +855,7 @@ endpoints:
         }
         s.dst.0
     };
+    let flow = |rig: &mut Rig, port: u16| flow_to(rig, port, cluster_ip);
     // No choice written: tc draws among the three.
     let drawn: std::collections::BTreeSet<Ipv4Addr> =
         (41000..41060).map(|port| flow(&mut rig, port)).collect();
@@ -845,6 +870,21 @@ endpoints:
     let drawn: std::collections::BTreeSet<Ipv4Addr> =
         (43000..43060).map(|port| flow(&mut rig, port)).collect();
     assert_eq!(drawn.len(), 3, "{drawn:?}");
+    // The external address: the cluster set (two of the three are on n2), then the choice.
+    // (Every flow to the pod took a masquerading port: given back first.)
+    rig.forget_flows();
+    let drawn: std::collections::BTreeSet<Ipv4Addr> = (45000..45060)
+        .map(|port| flow_to(&mut rig, port, external_ip))
+        .collect();
+    assert_eq!(drawn.len(), 3, "{drawn:?}");
+    hint(&mut rig, 0);
+    for port in 46000..46020 {
+        assert_eq!(
+            flow_to(&mut rig, port, external_ip),
+            LOCAL_POD,
+            "port {port}"
+        );
+    }
     // A port the ClusterIP does not serve: rejected, as at the socket layer (semantics 3.12).
     let syn = tcp4((LOCAL_POD, 44000), (cluster_ip, 81), TCP_SYN);
     let out = rig.tc(&syn);

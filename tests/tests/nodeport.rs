@@ -443,6 +443,72 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_oft
 }
 
 #[test]
+fn a_pod_reaching_itself_through_a_local_policy_external_address_is_masqueraded() {
+    // semantics 4.7a: a pod reaching an externalTrafficPolicy Local NodePort, externalIP or LB
+    // IP is short-circuited to the cluster set (b-pod-1 on node-b too), unmasqueraded (7.13);
+    // 7.14: when it lands on itself it is masqueraded, so the reply comes back through the node;
+    // 4.11: every backend as likely as the others. The pod is in the hooked cgroup: the socket
+    // layer, which cannot masquerade, leaves a connection to itself to tc on its interface
+    // with its choice.
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    let pod = &tb.nodes[0].pods[0];
+    for (proto, udp) in [(Proto::Tcp, false), (Proto::Udp, true)] {
+        for to in frontends(udp) {
+            let own: IpAddr = if to.is_ipv4() {
+                pod.ip4.into()
+            } else {
+                pod.ip6.into()
+            };
+            let right = |r: &Reply| {
+                r.ok && seen_ip_of(&r.peer) == Some(to.ip())
+                    && if r.backend == pod.name {
+                        NODE_A.contains(&seen_ip(r).to_string().as_str())
+                    } else {
+                        seen_ip(r) == own
+                    }
+            };
+            // Until the pod is marked (its interface carries tc: within seconds), its
+            // connections to itself are translated at the socket layer, unmasqueraded.
+            poll_until(
+                &format!("{to} {proto:?} from {} to itself, masqueraded", pod.name),
+                Duration::from_secs(15),
+                || {
+                    let rs = tb.request_from(&pod.ns, true, proto, to, 9);
+                    if rs.iter().all(right) && rs.iter().any(|r| r.backend == pod.name) {
+                        Ok(())
+                    } else {
+                        Err(format!("{rs:?}"))
+                    }
+                },
+            );
+            let count = if udp { 30 } else { 150 };
+            let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+            for r in tb.request_from(&pod.ns, true, proto, to, count) {
+                assert!(right(&r), "{to} {proto:?}: {r:?}");
+                *answered.entry(r.backend).or_default() += 1;
+            }
+            // The cluster set, node-b's backend included (4.7a), not the local one.
+            assert_eq!(answered.len(), 3, "{to} {proto:?}: {answered:?}");
+            if !udp {
+                // 150 connections over 3 backends: 50 each, standard deviation 5.8. A pod
+                // that drew itself twice (at the socket layer, again at tc) would get 1/9 of
+                // them, a draw from the local set at tc none to b-pod-1.
+                for (backend, n) in &answered {
+                    assert!((28..=72).contains(n), "{to}: {backend} {n} of {answered:?}");
+                }
+            }
+        }
+    }
+    assert!(datapath_events(&agent, "per_packet") > 0);
+    tb.assert_no_checksum_errors();
+}
+
+#[test]
 fn pods_reaching_their_nodes_external_frontends_are_masqueraded_with_cluster_policy() {
     // semantics 7.13: kube-proxy masquerades every connection to a NodePort, externalIP or LB
     // IP with externalTrafficPolicy Cluster, a pod's too (4.7 a/b: over the cluster set). A pod
@@ -632,6 +698,75 @@ fn host_network_backends_of_this_node_answer_from_outside() {
     for _ in 0..3 {
         let r = held.again();
         assert!(r.ok && r.backend == "node-a", "{r:?}");
+    }
+    // The pod itself beside node-a's address, policy Cluster: the pod keeps the socket layer
+    // for this Service, its connections to itself too (unmasqueraded: tc, which would
+    // masquerade them, takes the external frontend and could draw node-a, whose replies it
+    // could not translate for the pod), and every one is answered.
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    let pod = &tb.nodes[0].pods[0];
+    let eps = [
+        Ep {
+            addr: "192.168.77.1".to_string(),
+            node: NODE,
+            conditions: "",
+        },
+        Ep {
+            addr: pod.ip4.to_string(),
+            node: NODE,
+            conditions: "",
+        },
+    ];
+    agent.write_manifest(
+        "web-IPv4.yaml",
+        &slice_yaml("web-IPv4", "web", "IPv4", &[HTTP, DNS], &eps),
+    );
+    let own = IpAddr::from(pod.ip4);
+    // Once the pod is marked for tc: its connection to itself through the ClusterIP comes back
+    // masqueraded (7.14).
+    let cluster_ip = addr("10.96.0.10", 80);
+    poll_until(
+        &format!("{cluster_ip} from {} to itself, masqueraded", pod.name),
+        Duration::from_secs(15),
+        || {
+            let rs = tb.request_from(&pod.ns, true, Proto::Tcp, cluster_ip, 6);
+            if rs
+                .iter()
+                .any(|r| r.backend == pod.name && NODE_A.contains(&seen_ip(r).to_string().as_str()))
+            {
+                Ok(())
+            } else {
+                Err(format!("{rs:?}"))
+            }
+        },
+    );
+    for to in [
+        addr(EXTERNAL_IP4, 80),
+        addr(LB_IP4, 80),
+        addr("192.168.77.1", NODE_PORT_HTTP),
+    ] {
+        let right = |r: &Reply| {
+            r.ok && r.peer == to.to_string()
+                && (r.backend == "node-a" || r.backend == pod.name && seen_ip(r) == own)
+        };
+        // Until the agent has the new endpoints.
+        poll_until(
+            &format!("{to} from {} reaches both backends", pod.name),
+            Duration::from_secs(10),
+            || {
+                let rs = tb.request_from(&pod.ns, true, Proto::Tcp, to, 10);
+                let both = rs.iter().any(|r| r.backend == pod.name)
+                    && rs.iter().any(|r| r.backend == "node-a");
+                if rs.iter().all(right) && both {
+                    Ok(())
+                } else {
+                    Err(format!("{rs:?}"))
+                }
+            },
+        );
+        for r in tb.request_from(&pod.ns, true, Proto::Tcp, to, 20) {
+            assert!(right(&r), "{to}: {r:?}");
+        }
     }
     tb.assert_no_checksum_errors();
 }

@@ -71,6 +71,9 @@ pub fn start<F: Family>(ctx: &TcContext) -> i32 {
     if scope == SCOPE_UNALLOCATED {
         return dropped::<F>(ctx, Reason::ServiceIpUnallocated as u32, SCOPE_EXTERNAL);
     }
+    if scope == SCOPE_NONE {
+        return TC_ACT_OK as i32;
+    }
     let mut action = new_flow::<F>(ctx, hinted, scope);
     if action == LEAST_CONN {
         action = new_flow::<F>(ctx, least_conn::<F>(ctx, scope), scope);
@@ -101,14 +104,18 @@ const SCOPE_REJECT: u8 = 0xff;
 /// has: dropped (semantics 3.12). Not a scope.
 const SCOPE_UNALLOCATED: u8 = 0xfd;
 
-/// Whether the packet opens a connection to an address inside a ServiceCIDR that is no
-/// frontend (the caller knows it is no ClusterIP): nftables mode drops it (semantics 3.12). A
-/// TCP flow is checked at its SYN only, so the established traffic of other flows (which
-/// reaches this path at every packet) pays nothing for it.
+/// Returned by `scope` for a packet to no frontend: not Service traffic, passed on.
+/// Not a scope.
+const SCOPE_NONE: u8 = 0xfc;
+
+/// Whether the packet opens a connection to an address inside a ServiceCIDR (the caller knows
+/// it is no frontend: nftables mode drops it, semantics 3.12). A TCP flow is checked at its
+/// SYN only, so the established traffic of other flows (which reaches this path at every
+/// packet) pays nothing for it.
 #[inline(always)]
-fn unallocated<F: Family>(pkt: &Packet<F::Addr>) -> bool {
+fn opening_in_service_cidr<F: Family>(pkt: &Packet<F::Addr>) -> bool {
     let opening = pkt.t.proto != proto::TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    opening && F::in_service_cidr(&pkt.t.daddr) && F::frontend(&pkt.t, SCOPE_EXTERNAL).is_none()
+    opening && F::in_service_cidr(&pkt.t.daddr)
 }
 
 /// Returned by `scope` for a new flow from outside the node (an external interface) to a
@@ -161,23 +168,29 @@ fn cluster_ip_from_outside<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> u8 
 }
 
 /// `scope` while no pod has socket-layer translation off: external, except a ClusterIP
-/// reached from outside or from a pod (`pod_cluster_ip`); one lookup for any other packet: is
-/// its destination a ClusterIP.
+/// reached from outside or from a pod (`pod_cluster_ip`) and a pod's flow to an
+/// externalTrafficPolicy Local external address (`pod_external`); `SCOPE_NONE` for a packet to
+/// no frontend. Two lookups for a packet that is no Service's: an external frontend, a
+/// ClusterIP (then `new_flow` is not called, which would look the frontend up again). The
+/// socket layer leaves a pod's flow that lands on the pod itself here exactly when this takes
+/// the internal frontend (`sock::tc_takes_internal`).
 #[inline(never)]
 fn outside_scope<F: Family>(ctx: &TcContext) -> Scoped {
     let Ok(pkt) = F::parse(ctx) else {
         return SCOPE_EXTERNAL.into();
     };
+    match F::frontend(&pkt.t, SCOPE_EXTERNAL) {
+        Some(ext) if !ext.has_flag(FLAG_SNAT) => return pod_external::<F>(ctx, &pkt.t),
+        Some(_) => return SCOPE_EXTERNAL.into(),
+        None => {}
+    }
     if !F::cluster_ip(&pkt.t.daddr) {
-        return if unallocated::<F>(&pkt) {
+        return if opening_in_service_cidr::<F>(&pkt) {
             SCOPE_UNALLOCATED
         } else {
-            SCOPE_EXTERNAL
+            SCOPE_NONE
         }
         .into();
-    }
-    if F::frontend(&pkt.t, SCOPE_EXTERNAL).is_some() {
-        return SCOPE_EXTERNAL.into();
     }
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
@@ -201,6 +214,26 @@ fn pod_cluster_ip<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> Scoped {
         Some(svc) => internal::<F>(t, &svc),
         // A port the ClusterIP does not serve: rejected (semantics 3.12), as `scope` does.
         None => SCOPE_REJECT.into(),
+    }
+}
+
+/// The scope of a new flow to an externalTrafficPolicy Local external address while no pod has
+/// socket-layer translation off: from outside, external (local endpoints only, unmasqueraded,
+/// semantics 4.7c); on a pod-facing interface, its internal frontend, as the socket layer looks
+/// it up: the pod is short-circuited to the cluster set, unmasqueraded (4.7a), unless it lands
+/// on itself (7.14). Such a flow is one the socket layer left here as a hairpin (its choice is
+/// taken, `internal`) or could not translate (a pod outside the hooked cgroup, a frontend
+/// mid-update).
+#[inline(always)]
+fn pod_external<F: Family>(ctx: &TcContext, t: &crate::headers::Tuple<F::Addr>) -> Scoped {
+    // SAFETY: reading the context's own skb.
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    if arrived_outside(here) {
+        return SCOPE_EXTERNAL.into();
+    }
+    match F::frontend(t, SCOPE_INTERNAL) {
+        Some(svc) => internal::<F>(t, &svc),
+        None => SCOPE_EXTERNAL.into(),
     }
 }
 
@@ -235,13 +268,16 @@ fn scope<F: Family>(ctx: &TcContext) -> Scoped {
     // SAFETY: reading the context's own skb.
     let here = unsafe { (*ctx.skb.skb).ifindex };
     if arrived_outside(here) {
-        if external.is_none() && F::cluster_ip(&pkt.t.daddr) {
+        if external.is_some() {
+            return SCOPE_EXTERNAL.into();
+        }
+        if F::cluster_ip(&pkt.t.daddr) {
             return cluster_ip_from_outside::<F>(&pkt.t).into();
         }
-        if external.is_none() && unallocated::<F>(&pkt) {
+        if opening_in_service_cidr::<F>(&pkt) {
             return SCOPE_UNALLOCATED.into();
         }
-        return SCOPE_EXTERNAL.into();
+        return SCOPE_NONE.into();
     }
     let internal_svc = F::frontend(&pkt.t, SCOPE_INTERNAL);
     match (external, internal_svc) {
@@ -253,10 +289,10 @@ fn scope<F: Family>(ctx: &TcContext) -> Scoped {
     if F::cluster_ip(&pkt.t.daddr) {
         return SCOPE_REJECT.into();
     }
-    if unallocated::<F>(&pkt) {
+    if opening_in_service_cidr::<F>(&pkt) {
         return SCOPE_UNALLOCATED.into();
     }
-    SCOPE_EXTERNAL.into()
+    SCOPE_NONE.into()
 }
 
 /// Returned by `new_flow` for a packet to drop, with the `Reason` in the low byte: not a tc

@@ -18,8 +18,8 @@ use proxy_common::{
     reason::{Hook, Reason},
     service::{
         FLAG_AFFINITY, FLAG_LEAST_CONN, FLAG_SNAT, FLAG_SOURCE_HASH, FLAG_SOURCE_RANGES,
-        NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4, NETNS_POD_TC6, NetnsSource, SCOPE_INTERNAL,
-        ServiceValue,
+        NETNS_HAS_V4, NETNS_HAS_V6, NETNS_POD_TC4, NETNS_POD_TC6, NetnsSource, SCOPE_EXTERNAL,
+        SCOPE_INTERNAL, ServiceValue,
     },
 };
 
@@ -466,17 +466,29 @@ fn source_code<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext, svc_id: u
 pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Reason, Reason> {
     // SAFETY: the kernel's bpf_sock_addr of this call, valid while the program runs.
     let sa = unsafe { &*ctx.sock_addr };
-    let frontend = F::user_addr(sa);
-    let port = port_from_ctx(sa.user_port);
-    let proto_ = sa.protocol as u8;
-    let (found, mapped) = F::service(&frontend, port, proto_);
+    // Built at once, and the frontend read from it: the translation is passed by reference to
+    // BPF functions, so it stays in one place on the stack (a frontend held apart would be
+    // split into its bytes, each spilled to a slot of its own).
+    let mut t = Translation {
+        frontend: F::user_addr(sa),
+        port: port_from_ctx(sa.user_port),
+        proto: sa.protocol as u8,
+        mapped: false,
+        svc_id: 0,
+        cookie: 0,
+    };
+    let (port, proto_) = (t.port, t.proto);
+    let (found, mapped) = F::service(&t.frontend, port, proto_);
+    t.mapped = mapped;
     let svc = unless_per_packet(found)?;
+    t.svc_id = svc.id;
     if svc.has_flag(FLAG_SNAT) && pod_at_tc::<F>(ctx, mapped) {
         return Err(Reason::PerPacket);
     }
     check_source::<F, SEND>(ctx, &svc, mapped)?;
     // SAFETY: the helper reads the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    t.cookie = cookie;
     let client = client_of::<F>(ctx, &svc, mapped);
     let Choice {
         backend,
@@ -490,8 +502,7 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     if backend.flags & BACKEND_LOCAL != 0
         && hairpin::<F>(
             ctx,
-            &frontend,
-            mapped,
+            &t,
             (u64::from(svc.port_id) << 32) | u64::from(backend_id),
             &backend,
         )
@@ -501,14 +512,6 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
     if svc.has_flag(FLAG_LEAST_CONN) && proto_ == proto::TCP {
         conns::count(ctx, backend_id);
     }
-    let t = Translation {
-        frontend,
-        port,
-        proto: proto_,
-        mapped,
-        svc_id: svc.id,
-        cookie,
-    };
     // A datagram flow's later datagrams find their record written (checked from here: the
     // check's frame would not fit below `commit`'s).
     let recorded = SEND && already_recorded::<F>(&t, &backend);
@@ -526,27 +529,26 @@ pub fn fwd<F: SockFamily, const SEND: bool>(ctx: &SockAddrContext) -> Result<Rea
 }
 
 /// Whether the connection lands on its own pod (the chosen `backend` is the caller's pod
-/// address) to a ClusterIP, from a pod whose interface carries tc: kube-proxy masquerades it so
-/// that the reply comes back through the node (hairpin, semantics 7.14), which the socket layer
-/// cannot do. It is left untranslated for tc, with the choice written for tc to take
-/// (`lb::remember_hairpin`), so the pod reaches itself as often as it would have here.
-/// Other frontends (an externalTrafficPolicy Local external address, short-circuited here,
-/// 4.7a) and callers whose interface has no tc keep the translation here. A BPF function of its
-/// own: only a local backend pays for its lookups, and its frame does not add to the hook's.
-/// `ids`: the Service port's id (`ServiceValue::port_id`) in the high half, the backend's in
-/// the low one (a BPF function takes five arguments at most).
+/// address), from a pod whose interface carries tc: kube-proxy masquerades it so that the reply
+/// comes back through the node (hairpin, semantics 7.14), which the socket layer cannot do. It
+/// is left untranslated for tc, with the choice written for tc to take
+/// (`lb::remember_hairpin`), so the pod reaches itself as often as it would have here: for a
+/// frontend tc looks up as this layer did (`tc_takes_internal`), a ClusterIP or an
+/// externalTrafficPolicy Local external address (short-circuited to the cluster set, 4.7a).
+/// Callers whose interface has no tc keep the translation here. A BPF function of its own: only
+/// a local backend pays for its lookups, and its frame does not add to the hook's. `ids`: the
+/// Service port's id (`ServiceValue::port_id`) in the high half, the backend's in the low one.
 #[inline(never)]
 fn hairpin<F: SockFamily>(
     ctx: &SockAddrContext,
-    frontend: &F::Addr,
-    mapped: bool,
+    t: &Translation<F::Addr>,
     ids: u64,
     backend: &BackendValue,
 ) -> bool {
     let Some(ns) = netns_source(ctx) else {
         return false;
     };
-    let v4 = F::V4 || mapped;
+    let v4 = F::V4 || t.mapped;
     let words = if v4 {
         let wanted = NETNS_HAS_V4 | NETNS_POD_TC4;
         if ns.flags & wanted != wanted || ns.v4 != backend.addr4() {
@@ -561,17 +563,32 @@ fn hairpin<F: SockFamily>(
         }
         own
     };
-    let cluster_ip = if mapped {
-        let a = F::client_bytes(frontend);
-        V4::cluster_ip(&[a[12], a[13], a[14], a[15]])
+    let takes = if t.mapped {
+        let a = F::client_bytes(&t.frontend);
+        tc_takes_internal::<V4>(&[a[12], a[13], a[14], a[15]], t.port, t.proto)
     } else {
-        F::cluster_ip(frontend)
+        tc_takes_internal::<F>(&t.frontend, t.port, t.proto)
     };
-    if !cluster_ip {
+    if !takes {
         return false;
     }
     lb::remember_hairpin((ids >> 32) as u32, &ip6_bytes(&words), ids as u32);
     true
+}
+
+/// Whether tc on a pod's interface translates a pod's new flow to `addr`:`port` with the
+/// internal frontend this layer found, taking its hairpin choice (`nodeport::outside_scope`
+/// decides so): a ClusterIP's (no external frontend at that address and port), or an external
+/// address's whose external frontend does not masquerade (externalTrafficPolicy Local). Not
+/// the external addresses of a Service with policy Cluster that has a backend on the node's
+/// own address: their internal frontends do not masquerade (pods keep the socket layer, as tc
+/// could not translate the host backend's replies), but tc would take the external one.
+#[inline(always)]
+fn tc_takes_internal<F: Frontends>(addr: &F::Addr, port: u16, proto: u8) -> bool {
+    match F::lookup(addr, port, proto, SCOPE_EXTERNAL) {
+        Some(ext) => !ext.has_flag(FLAG_SNAT),
+        None => F::cluster_ip(addr),
+    }
 }
 
 /// The end of a forward translation, in a BPF function of its own (the hooks' stacks are near
