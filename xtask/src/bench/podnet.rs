@@ -1016,6 +1016,29 @@ mod unit {
         assert!(md.contains("Measured in the same run"));
     }
 
+    /// A kernel that refuses the generator's live-frame mode: its part says so, the rest of the
+    /// report stands.
+    #[test]
+    fn a_refused_frame_generator_is_reported_as_not_measured() {
+        let pods = PodNetReport {
+            pairs: 2,
+            pair_secs: 0.5,
+            pps_gen_skipped: Some("this kernel refuses it (EPERM)".into()),
+            ..PodNetReport::default()
+        };
+        let mut alone = report(true);
+        alone.pod_networks = Some(pods);
+        alone.finish();
+        let md = alone.markdown();
+        assert!(
+            md.contains(
+                "### Packets per second through node-a alone: an XDP frame generator\n\n\
+                 Not measured: this kernel refuses it (EPERM)."
+            ),
+            "{md}"
+        );
+    }
+
     #[test]
     fn reports_written_before_the_pod_networks_render() {
         let mut v = serde_json::to_value(report(false)).unwrap();

@@ -209,6 +209,9 @@ pub struct PodNetReport {
     /// sink was an nftables `netdev` rule behind GRO.
     #[serde(default)]
     pub pps_gen_sink: String,
+    /// Why `pps_gen` was not measured (`xdpgen::live_frames_refused`), if it was not.
+    #[serde(default)]
+    pub pps_gen_skipped: Option<String>,
 }
 
 /// One configuration of the packets-per-second part: a UDP flood to a NodePort whose backend is
@@ -1275,6 +1278,13 @@ impl Report {
             pps_table(&mut out, &p.pps);
         }
 
+        if let Some(why) = &p.pps_gen_skipped {
+            let _ = writeln!(
+                out,
+                "\n### Packets per second through node-a alone: an XDP frame generator\n\n\
+                 Not measured: {why}.\n"
+            );
+        }
         if !p.pps_gen.is_empty() {
             let _ = writeln!(
                 out,

@@ -141,6 +141,38 @@ impl Generator {
     }
 }
 
+/// Whether this kernel runs XDP programs in live-frame test mode for this process: one batch of
+/// a program that drops every frame, in the calling thread's namespace. `Err` with the kernel's
+/// answer when it does not (an older kernel: EINVAL; a kernel built or configured to refuse it,
+/// as some VM images are: EPERM, even for root), so the caller can report the generator's part
+/// as not measured, and why.
+pub fn live_frames_refused() -> Option<String> {
+    // r0 = XDP_DROP; exit
+    let drop = [insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)];
+    let prog = match load_xdp(&drop) {
+        Ok(p) => p,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    let frame = [0u8; 60];
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u64;
+    attr[1] = frame.len() as u64;
+    attr[2] = frame.as_ptr() as u64;
+    attr[4] = BATCH;
+    attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES;
+    attr[9] = BATCH;
+    // SAFETY: a zero-padded bpf_attr for BPF_PROG_TEST_RUN whose frame outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_ptr(), 128u32) };
+    if rc < 0 {
+        Some(format!(
+            "this kernel refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ({})",
+            std::io::Error::last_os_error()
+        ))
+    } else {
+        None
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> anyhow::Result<()> {
     // SAFETY: a zeroed cpu_set_t, filled by the libc macros, for this thread (pid 0).
