@@ -359,6 +359,57 @@ fn hairpin_a_pod_reaching_itself_through_an_external_ip() {
     tb.assert_no_checksum_errors();
 }
 
+/// a-pod-1 (node-a's first pod, in the hooked cgroup) reaching `to`, whose backends are itself,
+/// a-pod-2 and b-pod-1: each connection is answered with `to` as the peer, masqueraded to a
+/// node-a address when it lands on the pod itself (semantics 7.14), else from the pod's own
+/// address (7.12, 7.13); all three backends answer, TCP as often as each other (4.11; 150
+/// connections, 50 each, standard deviation 5.8: a pod that drew itself twice, at the socket
+/// layer and again at tc, would get 1/9 of them). Polled first: until the pod's interface
+/// carries tc and the pod is marked (within seconds) its connections to itself are translated
+/// at the socket layer, unmasqueraded; one may come back masqueraded before (a connection the
+/// socket layer could not translate while the maps were written, translated by tc), so the
+/// condition is a batch answered all right, the pod among the backends.
+fn check_self_masqueraded_among_three(tb: &Testbed, proto: Proto, to: SocketAddr) {
+    let pod = &tb.nodes[0].pods[0];
+    let own: IpAddr = if to.is_ipv4() {
+        pod.ip4.into()
+    } else {
+        pod.ip6.into()
+    };
+    let right = |r: &Reply| {
+        r.ok && seen_ip_of(&r.peer) == Some(to.ip())
+            && if r.backend == pod.name {
+                NODE_A.contains(&seen_ip(r).to_string().as_str())
+            } else {
+                seen_ip(r) == own
+            }
+    };
+    poll_until(
+        &format!("{to} {proto:?} from {} to itself, masqueraded", pod.name),
+        Duration::from_secs(15),
+        || {
+            let rs = tb.request_from(&pod.ns, true, proto, to, 9);
+            if rs.iter().all(right) && rs.iter().any(|r| r.backend == pod.name) {
+                Ok(())
+            } else {
+                Err(format!("{rs:?}"))
+            }
+        },
+    );
+    let count = if proto == Proto::Tcp { 150 } else { 30 };
+    let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+    for r in tb.request_from(&pod.ns, true, proto, to, count) {
+        assert!(right(&r), "{to} {proto:?}: {r:?}");
+        *answered.entry(r.backend).or_default() += 1;
+    }
+    assert_eq!(answered.len(), 3, "{to} {proto:?}: {answered:?}");
+    if proto == Proto::Tcp {
+        for (backend, n) in &answered {
+            assert!((28..=72).contains(n), "{to}: {backend} {n} of {answered:?}");
+        }
+    }
+}
+
 #[test]
 fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_often_as_any() {
     // semantics 7.14: a pod whose connection to a ClusterIP lands on itself is masqueraded, so
@@ -375,50 +426,7 @@ fn a_pod_reaching_itself_through_its_cluster_ip_is_masqueraded_and_chosen_as_oft
     let pod = &tb.nodes[0].pods[0];
     for (proto, port) in [(Proto::Tcp, 80), (Proto::Udp, 53)] {
         for to in [addr("10.96.0.10", port), addr("fd00:96::10", port)] {
-            let own: IpAddr = if to.is_ipv4() {
-                pod.ip4.into()
-            } else {
-                pod.ip6.into()
-            };
-            let right = |r: &Reply| {
-                r.ok && seen_ip_of(&r.peer) == Some(to.ip())
-                    && if r.backend == pod.name {
-                        NODE_A.contains(&seen_ip(r).to_string().as_str())
-                    } else {
-                        seen_ip(r) == own
-                    }
-            };
-            // Until the pod's interface carries tc and the pod is marked (within seconds),
-            // its connections to itself are translated at the socket layer, unmasqueraded;
-            // one may already come back masqueraded before (a connection the socket layer
-            // could not translate while the maps were written, translated by tc), so the
-            // condition is a batch answered all right, the pod among the backends.
-            poll_until(
-                &format!("{to} {proto:?} from {} to itself, masqueraded", pod.name),
-                Duration::from_secs(15),
-                || {
-                    let rs = tb.request_from(&pod.ns, true, proto, to, 9);
-                    if rs.iter().all(right) && rs.iter().any(|r| r.backend == pod.name) {
-                        Ok(())
-                    } else {
-                        Err(format!("{rs:?}"))
-                    }
-                },
-            );
-            let count = if proto == Proto::Tcp { 150 } else { 30 };
-            let mut answered: BTreeMap<String, usize> = BTreeMap::new();
-            for r in tb.request_from(&pod.ns, true, proto, to, count) {
-                assert!(right(&r), "{to} {proto:?}: {r:?}");
-                *answered.entry(r.backend).or_default() += 1;
-            }
-            assert_eq!(answered.len(), 3, "{to} {proto:?}: {answered:?}");
-            if proto == Proto::Tcp {
-                // 150 connections over 3 backends: 50 each, standard deviation 5.8. A pod that
-                // drew itself twice (at the socket layer, again at tc) would get 1/9 of them.
-                for (backend, n) in &answered {
-                    assert!((28..=72).contains(n), "{to}: {backend} {n} of {answered:?}");
-                }
-            }
+            check_self_masqueraded_among_three(&tb, proto, to);
         }
     }
     // An IPv6 socket reaching the IPv4 ClusterIP through its IPv4-mapped address: the same.
@@ -456,52 +464,11 @@ fn a_pod_reaching_itself_through_a_local_policy_external_address_is_masqueraded(
     let (tb, agent) = setup();
     agent.write_manifest("web.yaml", &web_yaml("  externalTrafficPolicy: Local\n"));
     web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
-    let pod = &tb.nodes[0].pods[0];
+    // All three answer: the cluster set, node-b's backend included (4.7a), not the local one
+    // (which a draw at tc from the external frontend would give).
     for (proto, udp) in [(Proto::Tcp, false), (Proto::Udp, true)] {
         for to in frontends(udp) {
-            let own: IpAddr = if to.is_ipv4() {
-                pod.ip4.into()
-            } else {
-                pod.ip6.into()
-            };
-            let right = |r: &Reply| {
-                r.ok && seen_ip_of(&r.peer) == Some(to.ip())
-                    && if r.backend == pod.name {
-                        NODE_A.contains(&seen_ip(r).to_string().as_str())
-                    } else {
-                        seen_ip(r) == own
-                    }
-            };
-            // Until the pod is marked (its interface carries tc: within seconds), its
-            // connections to itself are translated at the socket layer, unmasqueraded.
-            poll_until(
-                &format!("{to} {proto:?} from {} to itself, masqueraded", pod.name),
-                Duration::from_secs(15),
-                || {
-                    let rs = tb.request_from(&pod.ns, true, proto, to, 9);
-                    if rs.iter().all(right) && rs.iter().any(|r| r.backend == pod.name) {
-                        Ok(())
-                    } else {
-                        Err(format!("{rs:?}"))
-                    }
-                },
-            );
-            let count = if udp { 30 } else { 150 };
-            let mut answered: BTreeMap<String, usize> = BTreeMap::new();
-            for r in tb.request_from(&pod.ns, true, proto, to, count) {
-                assert!(right(&r), "{to} {proto:?}: {r:?}");
-                *answered.entry(r.backend).or_default() += 1;
-            }
-            // The cluster set, node-b's backend included (4.7a), not the local one.
-            assert_eq!(answered.len(), 3, "{to} {proto:?}: {answered:?}");
-            if !udp {
-                // 150 connections over 3 backends: 50 each, standard deviation 5.8. A pod
-                // that drew itself twice (at the socket layer, again at tc) would get 1/9 of
-                // them, a draw from the local set at tc none to b-pod-1.
-                for (backend, n) in &answered {
-                    assert!((28..=72).contains(n), "{to}: {backend} {n} of {answered:?}");
-                }
-            }
+            check_self_masqueraded_among_three(&tb, proto, to);
         }
     }
     assert!(datapath_events(&agent, "per_packet") > 0);
