@@ -119,25 +119,32 @@ impl Generator {
     /// Sends `count` copies of `frame` (a multiple of the batch), from the calling thread
     /// (which must be in the namespace the program was loaded for); how long it took.
     fn send(&self, frame: &[u8], count: u64) -> anyhow::Result<Duration> {
-        let mut attr = [0u64; 16];
-        attr[0] = self.prog.as_raw_fd() as u64;
-        attr[1] = frame.len() as u64;
-        attr[2] = frame.as_ptr() as u64;
         // `repeat` is a 32-bit field (the next one is the run's duration).
-        attr[4] = u64::from(
-            u32::try_from(count.div_ceil(BATCH) * BATCH).context("too many frames for one run")?,
-        );
-        attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES;
-        attr[9] = BATCH;
+        let repeat =
+            u32::try_from(count.div_ceil(BATCH) * BATCH).context("too many frames for one run")?;
         let start = Instant::now();
-        // SAFETY: a zero-padded bpf_attr for BPF_PROG_TEST_RUN whose frame outlives the call.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_ptr(), 128u32) };
-        let took = start.elapsed();
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES");
-        }
-        Ok(took)
+        run_live(&self.prog, frame, repeat)
+            .context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES")?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Runs XDP program `prog` in live-frame test mode on `repeat` copies of `frame`, in batches of
+/// `BATCH`.
+fn run_live(prog: &OwnedFd, frame: &[u8], repeat: u32) -> std::io::Result<()> {
+    let mut attr = [0u64; 16];
+    attr[0] = prog.as_raw_fd() as u64;
+    attr[1] = frame.len() as u64;
+    attr[2] = frame.as_ptr() as u64;
+    attr[4] = u64::from(repeat);
+    attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES;
+    attr[9] = BATCH;
+    // SAFETY: a zero-padded bpf_attr for BPF_PROG_TEST_RUN whose frame outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_ptr(), 128u32) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -153,24 +160,9 @@ pub fn live_frames_refused() -> Option<String> {
         Ok(p) => p,
         Err(e) => return Some(format!("{e:#}")),
     };
-    let frame = [0u8; 60];
-    let mut attr = [0u64; 16];
-    attr[0] = prog.as_raw_fd() as u64;
-    attr[1] = frame.len() as u64;
-    attr[2] = frame.as_ptr() as u64;
-    attr[4] = BATCH;
-    attr[8] = BPF_F_TEST_XDP_LIVE_FRAMES;
-    attr[9] = BATCH;
-    // SAFETY: a zero-padded bpf_attr for BPF_PROG_TEST_RUN whose frame outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_ptr(), 128u32) };
-    if rc < 0 {
-        Some(format!(
-            "this kernel refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ({})",
-            std::io::Error::last_os_error()
-        ))
-    } else {
-        None
-    }
+    run_live(&prog, &[0u8; 60], BATCH as u32).err().map(|e| {
+        format!("this kernel refuses BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES ({e})")
+    })
 }
 
 /// Pins the calling thread to `cpu`.
