@@ -618,8 +618,7 @@ fn from_peer<F: Dsr>(ctx: &TcContext, peer: &F::Addr, here: &mut F::Addr) -> boo
     let Ok(smac) = skb::load::<[u8; 6]>(ctx, 6) else {
         return false;
     };
-    // SAFETY: reading the context's own skb.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = super::fib::arrival(ctx);
     let mut buf = core::mem::MaybeUninit::uninit();
     let p = super::fib::zero(&mut buf);
     p.family = F::AF;

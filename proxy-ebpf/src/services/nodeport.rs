@@ -33,7 +33,7 @@ use crate::{
     flow::{
         ct::Entry,
         dsr,
-        fib::{Unrouted, forward, route, too_big_action, too_big_mtu},
+        fib::{Unrouted, arrival, forward, route, too_big_action, too_big_mtu},
         monitor,
         nat::{self, rewrite_first},
         pmtu,
@@ -192,8 +192,7 @@ fn outside_scope<F: Family>(ctx: &TcContext) -> Scoped {
         }
         .into();
     }
-    // SAFETY: reading the context's own skb.
-    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let here = arrival(ctx);
     if arrived_outside(here) {
         cluster_ip_from_outside::<F>(&pkt.t).into()
     } else {
@@ -226,8 +225,7 @@ fn pod_cluster_ip<F: Family>(t: &crate::headers::Tuple<F::Addr>) -> Scoped {
 /// mid-update).
 #[inline(always)]
 fn pod_external<F: Family>(ctx: &TcContext, t: &crate::headers::Tuple<F::Addr>) -> Scoped {
-    // SAFETY: reading the context's own skb.
-    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let here = arrival(ctx);
     if arrived_outside(here) {
         return SCOPE_EXTERNAL.into();
     }
@@ -265,8 +263,7 @@ fn scope<F: Family>(ctx: &TcContext) -> Scoped {
         return SCOPE_EXTERNAL.into();
     };
     let external = F::frontend(&pkt.t, SCOPE_EXTERNAL);
-    // SAFETY: reading the context's own skb.
-    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let here = arrival(ctx);
     if arrived_outside(here) {
         if external.is_some() {
             return SCOPE_EXTERNAL.into();
@@ -400,8 +397,7 @@ fn new_flow<F: Family>(ctx: &TcContext, least: u32, scope: u8) -> i32 {
     // ClusterIP as destination, semantics 7.12): not a pod's short-circuited flow to an
     // externalTrafficPolicy Local external address (4.7a), also looked up as internal.
     snat |= from_outside || (internal && masquerade_all() && F::cluster_ip(&pkt.t.daddr));
-    // SAFETY: reading the context's own skb.
-    let here = unsafe { (*ctx.skb.skb).ifindex };
+    let here = arrival(ctx);
     let mut dsr = false;
     // A backend on this node's own address (a host-network pod): handed to the stack.
     let mut host = false;
