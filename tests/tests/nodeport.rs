@@ -609,7 +609,8 @@ fn host_network_backends_of_this_node_answer_from_outside() {
     // proxy's masquerading applies to packets leaving the node; these never do), and
     // translates node-a's replies back at egress: the client sees the frontend answer, the
     // backend sees the client. Cluster and Local alike, TCP and UDP, both families. node-a's
-    // pods, in the hooked cgroup, keep the socket layer for such a Service and are answered too.
+    // pods are answered too: with policy Cluster through tc on their interface, unmasqueraded
+    // to node-a's address (below).
     if !privileged() {
         return;
     }
@@ -666,12 +667,14 @@ fn host_network_backends_of_this_node_answer_from_outside() {
         let r = held.again();
         assert!(r.ok && r.backend == "node-a", "{r:?}");
     }
-    // The pod itself beside node-a's address, policy Cluster: the pod keeps the socket layer
-    // for this Service, its connections to itself too (unmasqueraded: tc, which would
-    // masquerade them, takes the external frontend and could draw node-a, whose replies it
-    // could not translate for the pod), and every one is answered.
+    // The pod itself and node-b's pod beside node-a's address, policy Cluster (semantics
+    // 7.13, 7.14): the pod's connections are left to tc on its interface, which masquerades
+    // those to the other pods (the pod itself included, so its reply comes back through the
+    // node) and hands those to node-a's address to the stack unmasqueraded, as kube-proxy's
+    // masquerading applies only to packets leaving the node: node-a sees the pod.
     agent.write_manifest("web.yaml", &web_yaml(""));
     let pod = &tb.nodes[0].pods[0];
+    let far = &tb.nodes[1].pods[0];
     let eps = [
         Ep {
             addr: "192.168.77.1".to_string(),
@@ -683,30 +686,18 @@ fn host_network_backends_of_this_node_answer_from_outside() {
             node: NODE,
             conditions: "",
         },
+        Ep {
+            addr: far.ip4.to_string(),
+            node: "node-b",
+            conditions: "",
+        },
     ];
     agent.write_manifest(
         "web-IPv4.yaml",
         &slice_yaml("web-IPv4", "web", "IPv4", &[HTTP, DNS], &eps),
     );
     let own = IpAddr::from(pod.ip4);
-    // Once the pod is marked for tc: its connection to itself through the ClusterIP comes back
-    // masqueraded (7.14).
-    let cluster_ip = addr("10.96.0.10", 80);
-    poll_until(
-        &format!("{cluster_ip} from {} to itself, masqueraded", pod.name),
-        Duration::from_secs(15),
-        || {
-            let rs = tb.request_from(&pod.ns, true, Proto::Tcp, cluster_ip, 6);
-            if rs
-                .iter()
-                .any(|r| r.backend == pod.name && NODE_A.contains(&seen_ip(r).to_string().as_str()))
-            {
-                Ok(())
-            } else {
-                Err(format!("{rs:?}"))
-            }
-        },
-    );
+    let masqueraded = |r: &Reply| NODE_A.contains(&seen_ip(r).to_string().as_str());
     for to in [
         addr(EXTERNAL_IP4, 80),
         addr(LB_IP4, 80),
@@ -714,25 +705,36 @@ fn host_network_backends_of_this_node_answer_from_outside() {
     ] {
         let right = |r: &Reply| {
             r.ok && r.peer == to.to_string()
-                && (r.backend == "node-a" || r.backend == pod.name && seen_ip(r) == own)
+                && if r.backend == "node-a" {
+                    seen_ip(r) == own
+                } else {
+                    (r.backend == pod.name || r.backend == far.name) && masqueraded(r)
+                }
         };
-        // Until the agent has the new endpoints.
+        // Until the agent has the new endpoints and has marked the pod for tc.
         poll_until(
-            &format!("{to} from {} reaches both backends", pod.name),
-            Duration::from_secs(10),
+            &format!("{to} from {} reaches all three backends", pod.name),
+            Duration::from_secs(15),
             || {
-                let rs = tb.request_from(&pod.ns, true, Proto::Tcp, to, 10);
-                let both = rs.iter().any(|r| r.backend == pod.name)
-                    && rs.iter().any(|r| r.backend == "node-a");
-                if rs.iter().all(right) && both {
+                let rs = tb.request_from(&pod.ns, true, Proto::Tcp, to, 15);
+                let all = [pod.name.as_str(), far.name.as_str(), "node-a"]
+                    .iter()
+                    .all(|b| rs.iter().any(|r| r.backend == *b));
+                if rs.iter().all(right) && all {
                     Ok(())
                 } else {
                     Err(format!("{rs:?}"))
                 }
             },
         );
-        for r in tb.request_from(&pod.ns, true, Proto::Tcp, to, 20) {
+        let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+        for r in tb.request_from(&pod.ns, true, Proto::Tcp, to, 60) {
             assert!(right(&r), "{to}: {r:?}");
+            *answered.entry(r.backend).or_default() += 1;
+        }
+        // semantics 4.11: uniform over the three.
+        for (backend, n) in &answered {
+            assert!((7..=35).contains(n), "{to}: {backend} {n} of {answered:?}");
         }
     }
     tb.assert_no_checksum_errors();

@@ -579,10 +579,9 @@ fn hairpin<F: SockFamily>(
 /// Whether tc on a pod's interface translates a pod's new flow to `addr`:`port` with the
 /// internal frontend this layer found, taking its hairpin choice (`nodeport::outside_scope`
 /// decides so): a ClusterIP's (no external frontend at that address and port), or an external
-/// address's whose external frontend does not masquerade (externalTrafficPolicy Local). Not
-/// the external addresses of a Service with policy Cluster that has a backend on the node's
-/// own address: their internal frontends do not masquerade (pods keep the socket layer, as tc
-/// could not translate the host backend's replies), but tc would take the external one.
+/// address's whose external frontend does not masquerade (externalTrafficPolicy Local). The
+/// external addresses of a Service with policy Cluster never get here: their internal
+/// frontends masquerade, so `fwd` left the pod's connection to tc before drawing.
 #[inline(always)]
 fn tc_takes_internal<F: Frontends>(addr: &F::Addr, port: u16, proto: u8) -> bool {
     match F::lookup(addr, port, proto, SCOPE_EXTERNAL) {

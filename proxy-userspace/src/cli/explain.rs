@@ -687,8 +687,9 @@ fn text(out: &Explanation) -> String {
         let _ = writeln!(
             s,
             "path:       per packet at tc on the pod's interface, masqueraded to a node address \
-             (externalTrafficPolicy Cluster, semantics 7.13), once the agent has found the pod; \
-             same backends and scheduler"
+             (externalTrafficPolicy Cluster, semantics 7.13), once the agent has found the pod, \
+             but not towards a backend on this node's own address, which sees the pod (kube-proxy \
+             masquerades only what leaves the node); same backends and scheduler"
         );
     }
     if out.unmasqueraded_pod {

@@ -1181,11 +1181,6 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
             ),
         });
     }
-    // A backend on this node's own address (a host-network pod): tc cannot hand a pod's
-    // masqueraded flow to it (its replies would leave past tc), so pods keep the socket layer.
-    let host_backend = cluster
-        .iter()
-        .any(|e| node.addresses.contains(&e.addr) || node.primary.contains(&e.addr));
     let external_no_local = sp.etp_local && external.is_empty() && sp.endpoints.has_any;
     let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, scope: Scope| {
         let key = FrontendAddr {
@@ -1224,8 +1219,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
                 // From outside at tc; at the socket layer, pods whose interface carries tc
                 // are left to it for an external frontend (the socket layer cannot
                 // masquerade); the ClusterIP is never masqueraded (7.12).
-                snat: !sp.etp_local
-                    && (external_scope || (kind != FrontendKind::ClusterIp && !host_backend)),
+                snat: !sp.etp_local && (external_scope || kind != FrontendKind::ClusterIp),
                 // Both scopes: traffic from outside at tc, pods and the host at the socket
                 // layer (semantics 7.8, 7.9).
                 source_ranges: if kind == FrontendKind::LoadBalancer {

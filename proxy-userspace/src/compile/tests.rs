@@ -1604,10 +1604,10 @@ fn external_frontends_for_nodeports_external_ips_and_lb_ips() {
 }
 
 #[test]
-fn pods_keep_the_socket_layer_for_a_service_with_a_host_network_backend_here() {
-    // tc could not hand a pod's masqueraded flow to a backend on the node's own address (its
-    // replies leave past tc): the socket-layer frontends are not marked (7.13 left unmatched
-    // rather than the connection lost); from outside nothing changes.
+fn pods_are_left_to_tc_for_a_service_with_a_host_network_backend_here() {
+    // semantics 7.13: a backend on the node's own address changes nothing here. tc hands a
+    // pod's flow to it to the stack unmasqueraded (kube-proxy's masquerading applies only to
+    // packets leaving the node) and masquerades its flows to the other backends.
     let mut s = external_web("LoadBalancer", "");
     // The local endpoint's address is the node's own (primary, say: from its Node object).
     s.node.primary = vec!["10.244.0.2".parse().unwrap()];
@@ -1616,10 +1616,11 @@ fn pods_keep_the_socket_layer_for_a_service_with_a_host_network_backend_here() {
         "192.168.77.1:30080/TCP",
         "203.0.113.7:80/TCP",
         "198.51.100.1:80/TCP",
+        "external 203.0.113.7:80/TCP",
     ] {
-        assert!(!frontend_of(&d, fe).unwrap().snat, "{fe}");
+        assert!(frontend_of(&d, fe).unwrap().snat, "{fe}");
     }
-    assert!(frontend_of(&d, "external 203.0.113.7:80/TCP").unwrap().snat);
+    assert!(!frontend_of(&d, "10.96.0.10:80/TCP").unwrap().snat);
 }
 
 #[test]
