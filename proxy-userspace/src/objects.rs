@@ -11,7 +11,7 @@
 use std::{
     borrow::Cow,
     collections::HashSet,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, LazyLock, Mutex},
 };
 
@@ -341,24 +341,54 @@ impl<'de> serde::Deserialize<'de> for FirstAddress {
     }
 }
 
-/// Parses an IP address, accepting IPv4 octets with leading zeros ("010.0.0.1" is 10.0.0.1).
+/// Parses an IP address as kube-proxy's ParseIPSloppy reads one (semantics 2.7): leading zeros
+/// in IPv4 octets accepted ("010.0.0.1" is 10.0.0.1, also as the tail of an IPv6 address), and
+/// an IPv4-mapped IPv6 address ("::ffff:10.0.0.1") is the IPv4 address, which is how kube-proxy
+/// files it (Go keeps both in one 16-byte form): an endpoint of an IPv4 slice, an IPv4
+/// externalIP or clusterIP.
 pub fn parse_lenient(raw: &str) -> Option<IpAddr> {
+    parse_sloppy(raw).map(|ip| ip.to_canonical())
+}
+
+/// `parse_lenient` without the IPv4-mapped form's mapping (a CIDR's prefix length counts in
+/// the family it is written in).
+pub fn parse_sloppy(raw: &str) -> Option<IpAddr> {
     let raw = raw.trim();
     if let Ok(ip) = raw.parse::<IpAddr>() {
         return Some(ip);
     }
-    let octets: Vec<&str> = raw.split('.').collect();
-    if octets.len() != 4 {
-        return None;
+    match raw.rsplit_once(':') {
+        Some((head, tail)) if tail.contains('.') => {
+            let v4 = sloppy_v4(tail)?;
+            format!("{head}:{v4}")
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        }
+        Some(_) => None,
+        None => sloppy_v4(raw).map(IpAddr::V4),
     }
+}
+
+/// A dotted quad whose octets may carry leading zeros (any number of them).
+fn sloppy_v4(raw: &str) -> Option<Ipv4Addr> {
     let mut out = [0u8; 4];
-    for (o, s) in out.iter_mut().zip(octets) {
-        if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+    let mut parts = raw.split('.');
+    for o in &mut out {
+        let s = parts.next()?;
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        *o = s.parse().ok()?;
+        let digits = s.trim_start_matches('0');
+        *o = if digits.is_empty() {
+            0
+        } else if digits.len() > 3 {
+            return None;
+        } else {
+            digits.parse().ok()?
+        };
     }
-    Some(IpAddr::from(out))
+    parts.next().is_none().then_some(Ipv4Addr::from(out))
 }
 
 /// Names shared by every object that carries them (node and zone names repeat across
@@ -493,6 +523,39 @@ mod tests {
 
     fn slice(yaml: &str) -> Slice {
         Slice::from(serde_norway::from_str::<EndpointSlice>(yaml).unwrap())
+    }
+
+    #[test]
+    fn addresses_are_read_as_parse_ip_sloppy_reads_them() {
+        // semantics 2.7: leading zeros in IPv4 octets, also after an IPv6 prefix; an
+        // IPv4-mapped IPv6 address is its IPv4 address (kube-proxy files it as IPv4).
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (raw, want) in [
+            ("10.0.0.1", "10.0.0.1"),
+            (" 010.000.0.01 ", "10.0.0.1"),
+            ("0010.0.0.1", "10.0.0.1"),
+            ("::ffff:10.244.1.5", "10.244.1.5"),
+            ("::FFFF:010.244.1.5", "10.244.1.5"),
+            ("::ffff:a00:1", "10.0.0.1"),
+            ("fd00::1", "fd00::1"),
+            ("64:ff9b::010.0.0.1", "64:ff9b::a00:1"),
+        ] {
+            assert_eq!(parse_lenient(raw), Some(ip(want)), "{raw}");
+        }
+        for raw in [
+            "256.0.0.1",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1..2.3",
+            "0x1.0.0.1",
+            "10.0.0.1/8",
+            "",
+            "fd00::1::2",
+        ] {
+            assert_eq!(parse_lenient(raw), None, "{raw}");
+        }
+        // The mapped form kept as written where a prefix length counts in its family.
+        assert_eq!(parse_sloppy("::ffff:10.0.0.0"), Some(ip("::ffff:10.0.0.0")));
     }
 
     #[test]

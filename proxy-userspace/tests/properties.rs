@@ -732,23 +732,46 @@ fn arcs<T, U: From<T>>(objects: Vec<T>) -> Vec<Arc<U>> {
 
 /// An endpoint address as kube-proxy reads it: leading zeros allowed (semantics 2.7).
 fn parse_endpoint_addr(raw: &str) -> Option<IpAddr> {
+    // Go's sloppy parse: each IPv4 octet's digits summed up while the value stays <= 255
+    // (leading zeros, any number of them, add nothing), also as an IPv6 address's tail; then
+    // To4: an IPv4-mapped address is IPv4.
+    fn quad(s: &str) -> Option<[u8; 4]> {
+        let parts: Vec<&str> = s.split('.').collect();
+        if parts.len() != 4 {
+            return None;
+        }
+        let mut octets = [0u8; 4];
+        for (o, p) in octets.iter_mut().zip(parts) {
+            if p.is_empty() {
+                return None;
+            }
+            let mut n: u32 = 0;
+            for b in p.bytes() {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                n = n * 10 + u32::from(b - b'0');
+                if n > 255 {
+                    return None;
+                }
+            }
+            *o = n as u8;
+        }
+        Some(octets)
+    }
     let raw = raw.trim();
-    if let Ok(ip) = raw.parse() {
-        return Some(ip);
-    }
-    let parts: Vec<&str> = raw.split('.').collect();
-    if parts.len() != 4
-        || parts
-            .iter()
-            .any(|p| p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return None;
-    }
-    let mut octets = [0u8; 4];
-    for (o, p) in octets.iter_mut().zip(parts) {
-        *o = p.parse().ok()?;
-    }
-    Some(IpAddr::from(octets))
+    let ip: IpAddr = if let Ok(ip) = raw.parse() {
+        ip
+    } else if let Some(i) = raw.rfind(':') {
+        let [a, b, c, d] = quad(&raw[i + 1..])?;
+        format!("{}:{a}.{b}.{c}.{d}", &raw[..i]).parse().ok()?
+    } else {
+        IpAddr::from(quad(raw)?)
+    };
+    Some(match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    })
 }
 
 /// Conditions of a raw endpoint as kube-proxy reads them (semantics 3.1, 2.8):

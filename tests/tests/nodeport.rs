@@ -155,7 +155,7 @@ fn external_clients_reach_every_frontend_with_cluster_policy() {
             }
             // 45 random picks over 3 backends miss one with probability 3 * (2/3)^45 < 4e-8,
             // under 5e-7 for the 12 frontends of a run (30 picks: 2e-5 each, 2e-4 a run).
-            assert_eq!(backends, all, "{to}");
+            assert_eq!(backends, all, "{to}\n{}", datapath_counters(&agent));
         }
     }
     assert!(datapath_events(&agent, "nat_new") > 0);

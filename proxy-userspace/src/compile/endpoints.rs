@@ -76,8 +76,9 @@ pub fn owner(slice: &Slice) -> Owner<'_> {
     let service = slice.service_name.as_deref().filter(|s| !s.is_empty());
     match (
         service,
-        slice.metadata.namespace.as_ref(),
-        slice.metadata.name.as_ref(),
+        // semantics 1.8: a slice without a name or namespace is ignored.
+        slice.metadata.namespace.as_ref().filter(|n| !n.is_empty()),
+        slice.metadata.name.as_ref().filter(|n| !n.is_empty()),
     ) {
         (Some(service), Some(namespace), Some(_)) => Owner::Service(namespace, service),
         _ => Owner::Nobody,

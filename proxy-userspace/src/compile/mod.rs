@@ -176,7 +176,7 @@ pub fn source_range(raw: &str) -> Option<Cidr> {
     if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let addr = crate::objects::parse_lenient(addr)?;
+    let addr = crate::objects::parse_sloppy(addr)?;
     Cidr::parse(&format!("{addr}/{len}"))
 }
 
@@ -1162,6 +1162,7 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
     } else {
         sp.endpoints.cluster()
     };
+    let external_all = external.len();
     let external: Vec<&Endpoint> = external
         .iter()
         .filter(|e| !(e.local && node.waiting.contains(&e.addr)))
@@ -1181,7 +1182,11 @@ fn add_frontends(sp: &ServicePort, object: &str, node: &NodeInfo, desired: &mut 
             ),
         });
     }
-    let external_no_local = sp.etp_local && external.is_empty() && sp.endpoints.has_any;
+    // Dropped, not rejected, while endpoints exist elsewhere (3.9), and while every endpoint
+    // of the external set is a local one waiting for tc on its interface: kube-proxy would
+    // send the client there, so its retransmission finds the endpoint once tc is attached.
+    let external_no_local =
+        external.is_empty() && sp.endpoints.has_any && (sp.etp_local || external_all > 0);
     let mut add = |addr: IpAddr, port: u16, kind: FrontendKind, scope: Scope| {
         let key = FrontendAddr {
             addr,

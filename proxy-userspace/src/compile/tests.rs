@@ -632,6 +632,15 @@ fn cases() -> Vec<Case> {
             docs(&[&web(""), &slice("web-1", &["{addresses: ['010.244.001.007']}"])]),
             vec![Backends(FE, &["10.244.1.7:8080"])],
         ),
+        // semantics 2.7: ParseIPSloppy files an IPv4-mapped IPv6 address as IPv4.
+        case(
+            "an IPv4-mapped IPv6 address in an IPv4 slice is its IPv4 address",
+            docs(&[
+                &web(""),
+                &slice("web-1", &["{addresses: ['::ffff:10.244.1.7']}"]),
+            ]),
+            vec![Backends(FE, &["10.244.1.7:8080"])],
+        ),
         // semantics 2.8
         case(
             "local iff nodeName equals the lower-cased node name",
@@ -1678,6 +1687,37 @@ fn local_endpoint_waiting_for_its_interface_serves_the_socket_layer_only() {
     let d = compile(&s);
     assert_eq!(
         backends_of(&d, "external 203.0.113.7:80/TCP"),
+        ["10.244.0.2:8080"]
+    );
+    // externalTrafficPolicy Cluster whose only endpoint is the waiting local one: dropped too,
+    // not rejected (kube-proxy would send the client there; its retransmission finds the
+    // endpoint once the interface carries the program).
+    let mut s = external_web("NodePort", "");
+    s.slices
+        .retain(|sl| sl.metadata.name.as_deref() != Some("web-1"));
+    let only_local = snapshot(
+        &docs(&[&slice(
+            "web-1",
+            &["{addresses: [10.244.0.2], nodeName: node-a}"],
+        )]),
+        "node-a",
+        None,
+    );
+    s.slices.extend(only_local.slices);
+    s.node.waiting = ["10.244.0.2".parse().unwrap()].into();
+    let d = compile(&s);
+    let ext = frontend_of(&d, "external 192.168.77.1:30080/TCP").unwrap();
+    assert!(ext.backends.is_empty() && ext.no_local);
+    assert_eq!(
+        backends_of(&d, "192.168.77.1:30080/TCP"),
+        ["10.244.0.2:8080"]
+    );
+    s.node.waiting.clear();
+    let d = compile(&s);
+    let ext = frontend_of(&d, "external 192.168.77.1:30080/TCP").unwrap();
+    assert!(!ext.no_local);
+    assert_eq!(
+        backends_of(&d, "external 192.168.77.1:30080/TCP"),
         ["10.244.0.2:8080"]
     );
 }

@@ -280,6 +280,20 @@ pub fn datapath_count(agent: &Agent, reason: &str) -> u64 {
     count_in(&body, reason)
 }
 
+/// Every datapath event and drop counter `agent` reports now that is not zero, one per line:
+/// for a failure message.
+pub fn datapath_counters(agent: &Agent) -> String {
+    let (_, body) = agent.get(agent.metrics_port, "/metrics");
+    body.lines()
+        .filter(|l| {
+            (l.starts_with("kube_bpf_proxy_datapath_events_total")
+                || l.starts_with("kube_bpf_proxy_drops_total"))
+                && !l.ends_with(" 0")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `reason`'s datapath counter in a metrics page (0 when absent).
 fn count_in(body: &str, reason: &str) -> u64 {
     let needle = format!("kube_bpf_proxy_datapath_events_total{{reason=\"{reason}\"}} ");
