@@ -20,6 +20,10 @@ pub struct Snapshot {
     /// (`socklb`). Compile does not read them.
     pub pods: Vec<Arc<crate::objects::PodRef>>,
     pub namespaces: Vec<Arc<k8s_openapi::api::core::v1::Namespace>>,
+    /// The source has not listed the Pods and the Namespaces yet (their lists fail, or have
+    /// not come back): `pods` and `namespaces` say nothing, so the socket-layer opt-out a
+    /// previous agent wrote is left as it is rather than cleared.
+    pub pods_unknown: bool,
     /// The CIDRs of every ServiceCIDR object, as written, sorted without duplicates: the
     /// address ranges whose unallocated addresses are dropped (semantics 3.12).
     pub service_cidrs: Vec<String>,

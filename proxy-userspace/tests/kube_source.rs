@@ -1452,6 +1452,24 @@ fn namespaces_and_this_nodes_pods_reach_the_snapshot() {
     assert!(decision.pods.is_empty());
 }
 
+/// The first snapshot does not wait for the Pods and the Namespaces, but says it has not got
+/// them (`pods_unknown`): an agent started while their lists fail leaves the socket-layer
+/// opt-out a previous agent wrote as it is. Their first lists, empty ones too, send a snapshot
+/// that knows them.
+#[test]
+fn snapshots_say_whether_the_pods_and_namespaces_are_known() {
+    let server = ApiServer::start();
+    populate(&server);
+    server.hold_lists(Res::Pods);
+    let rx = start_source(&server);
+    let s = snapshot_where(&rx, "a first snapshot", |_| true);
+    assert!(s.pods_unknown);
+    assert!(!s.services.is_empty());
+    server.release_lists(Res::Pods);
+    let s = snapshot_where(&rx, "the Pods known", |s| !s.pods_unknown);
+    assert!(s.pods.is_empty());
+}
+
 fn service_cidr(name: &str, cidrs: &[&str]) -> serde_json::Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
         "metadata": {"name": name, "uid": format!("uid-cidr-{name}")},

@@ -552,6 +552,15 @@ fn metrics_and_health_endpoints() {
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
+    // semantics 11.6: one Service and one EndpointSlice, each written once: one event each,
+    // however often the node's state (its addresses, the pods' interfaces) made the agent
+    // look at the same objects again.
+    for counter in [
+        "kubeproxy_sync_proxy_rules_service_changes_total{ip_family=\"IPv4\"} 1\n",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total{ip_family=\"IPv4\"} 1\n",
+    ] {
+        assert!(body.contains(counter), "/metrics lacks {counter}:\n{body}");
+    }
     // semantics 8.10: the metrics server's own /healthz and /proxyMode; 8.7: the health
     // server answers its two paths only (the metrics stay on the loopback address).
     assert_eq!(http_get(port, "/healthz"), (200, "ok".to_string()));

@@ -364,6 +364,22 @@ fn pod_network(shape: Shape) {
     check_from_outside(&tb, &NEAR, "a-pod-1");
     check_from_outside(&tb, &NEAR_LOCAL, "a-pod-2");
     check_from_outside(&tb, &FAR, "b-pod-1");
+    // semantics 11.6: three dual-stack Services and a slice per family each, every object
+    // written once: three events per family, however often the node's state made the agent
+    // look at the same objects again (here one more NodePort address).
+    let pos = agent.log_position();
+    tb.nodes[0]
+        .ns
+        .ip(&["addr", "add", "192.168.77.120/24", "dev", "eth0"]);
+    agent.wait_for_log(pos, "192.168.77.120", Duration::from_secs(10));
+    for family in ["IPv4", "IPv6"] {
+        for name in ["service", "endpoint"] {
+            let counter = format!(
+                "kubeproxy_sync_proxy_rules_{name}_changes_total{{ip_family=\"{family}\"}}"
+            );
+            assert_eq!(metric(&agent, &counter), Some(3.0), "{counter}");
+        }
+    }
 
     // What carries tc, and why: the external interface, and where the routes to the local
     // endpoints leave (the bridge, or each pod's own veth).

@@ -767,8 +767,12 @@ fn add_node_state(
                         .as_ref()
                         .is_some_and(|a| a.generation.load(Ordering::Acquire) != p.pods_generation);
                 }
-                if let Some(snapshot) = latest.as_ref().filter(|_| fresh || changed) {
-                    let mut snapshot = snapshot.clone();
+                if let Some(kept) = latest.as_mut().filter(|_| fresh || changed) {
+                    let mut snapshot = kept.clone();
+                    // The source's changes go on once: passed again for the node's sake, the
+                    // snapshot carries none (the agent counts every change it receives,
+                    // semantics 11.6).
+                    kept.changes = Default::default();
                     snapshot.node.addresses = addresses.clone();
                     snapshot.node.node_ips = selection.node_ips(&snapshot.node.primary);
                     snapshot.config = config.clone();
@@ -856,7 +860,15 @@ impl SocketLbLink {
     /// Decides from `snapshot` and tells the socklb thread if that changed; returns the
     /// addresses of the pods translated per packet (their interfaces must carry tc).
     fn update(&mut self, snapshot: &Snapshot) -> Vec<IpAddr> {
-        let decision = if !self.per_packet {
+        let decision = if self.per_packet && snapshot.pods_unknown {
+            // Nothing known yet (an agent started while the API server does not answer the
+            // Pods' or the Namespaces' lists): what a previous agent wrote stays, and so do
+            // the pods the last decision translated per packet.
+            match &self.last {
+                Some(last) => last.clone(),
+                None => return Vec::new(),
+            }
+        } else if !self.per_packet {
             crate::socklb::Decision::default()
         } else if self.masquerade_all {
             crate::socklb::decide_every_pod(

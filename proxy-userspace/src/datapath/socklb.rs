@@ -141,7 +141,11 @@ pub fn follow(
     thread::Builder::new()
         .name("socklb".into())
         .spawn(move || {
-            let mut decision = Decision::default();
+            // Nothing is written before the first decision: the map keeps what a previous
+            // agent wrote until the Pods and the Namespaces are known.
+            let Ok(mut decision) = rx.recv() else {
+                return;
+            };
             let mut written: Option<Wanted> = None;
             let mut reported: BTreeSet<(String, String)> = BTreeSet::new();
             let mut missing_before: Vec<String> = Vec::new();

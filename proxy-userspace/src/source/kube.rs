@@ -1137,7 +1137,7 @@ struct Stores {
 
 impl Stores {
     /// The objects as they are now, with the changes taken in since the last snapshot.
-    fn snapshot(&mut self, node_name: &str) -> Snapshot {
+    fn snapshot(&mut self, node_name: &str, pods_unknown: bool) -> Snapshot {
         let mut changes = std::mem::take(&mut self.services.changes);
         changes.add(std::mem::take(&mut self.slices.changes));
         let node = self
@@ -1155,6 +1155,7 @@ impl Stores {
             slices: self.slices.values().cloned().collect(),
             pods: self.pods.values().cloned().collect(),
             namespaces: self.namespaces.values().cloned().collect(),
+            pods_unknown,
             service_cidrs: crate::snapshot::service_cidrs_of(
                 self.service_cidrs.values().map(|c| &**c),
             ),
@@ -1241,6 +1242,11 @@ impl Progress {
 
     fn all_listed(&self) -> bool {
         GATING.iter().all(|k| self.listed[*k as usize])
+    }
+
+    /// Whether the Pods and the Namespaces have been listed (`Snapshot::pods_unknown`).
+    fn pods_listed(&self) -> bool {
+        self.listed[Kind::Pods as usize] && self.listed[Kind::Namespaces as usize]
     }
 
     /// Logs and counts what `update` means; true if it changed a store.
@@ -1365,9 +1371,10 @@ impl Progress {
         }
         match step {
             Step::Unchanged => false,
-            // Nothing new: a snapshot only if this list completes what the first one waits
-            // for (an optional kind's first, empty, list sends nothing).
-            Step::ListedSame => first_list && GATING.contains(&kind),
+            // Nothing new: a snapshot only for a kind's first list, which may complete what
+            // the first snapshot waits for, or make the Pods and the Namespaces known (the
+            // socket-layer opt-out is decided only then, `Snapshot::pods_unknown`).
+            Step::ListedSame => first_list,
             _ => true,
         }
     }
@@ -1557,7 +1564,9 @@ impl KubeSource {
             }
             if changed
                 && progress.all_listed()
-                && tx.send(stores.snapshot(&self.node_name)).is_err()
+                && tx
+                    .send(stores.snapshot(&self.node_name, !progress.pods_listed()))
+                    .is_err()
             {
                 return Ok(());
             }
