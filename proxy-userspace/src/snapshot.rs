@@ -122,7 +122,7 @@ impl Changes {
             // Version skew: the cluster IP's own family (semantics 1.4).
             _ => spec
                 .and_then(|s| s.cluster_ip.as_deref())
-                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                .and_then(crate::objects::parse_lenient)
                 .map(|ip| vec![usize::from(ip.is_ipv6())])
                 .unwrap_or_default(),
         };

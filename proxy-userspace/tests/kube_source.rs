@@ -1468,6 +1468,15 @@ fn snapshots_say_whether_the_pods_and_namespaces_are_known() {
     server.release_lists(Res::Pods);
     let s = snapshot_where(&rx, "the Pods known", |s| !s.pods_unknown);
     assert!(s.pods.is_empty());
+
+    // Refused (not served, as without RBAC): known to be none, so every pod keeps the socket
+    // layer, as the agent logs.
+    let server = ApiServer::start();
+    populate(&server);
+    server.unserve(Res::Namespaces);
+    let rx = start_source(&server);
+    let s = snapshot_where(&rx, "the Namespaces refused", |s| !s.pods_unknown);
+    assert!(s.namespaces.is_empty());
 }
 
 fn service_cidr(name: &str, cidrs: &[&str]) -> serde_json::Value {

@@ -367,11 +367,21 @@ fn pod_network(shape: Shape) {
     // semantics 11.6: three dual-stack Services and a slice per family each, every object
     // written once: three events per family, however often the node's state made the agent
     // look at the same objects again (here one more NodePort address).
-    let pos = agent.log_position();
+    let queued = "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family=\"IPv4\"}";
+    let before = metric(&agent, queued).unwrap_or(0.0);
     tb.nodes[0]
         .ns
         .ip(&["addr", "add", "192.168.77.120/24", "dev", "eth0"]);
-    agent.wait_for_log(pos, "192.168.77.120", Duration::from_secs(10));
+    // Once the agent has taken the snapshot passed again with the new address (the time a
+    // change was last queued moves on).
+    poll_until(
+        "the snapshot with the new address taken",
+        Duration::from_secs(10),
+        || match metric(&agent, queued) {
+            Some(t) if t > before => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
     for family in ["IPv4", "IPv6"] {
         for name in ["service", "endpoint"] {
             let counter = format!(

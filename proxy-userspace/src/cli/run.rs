@@ -1152,7 +1152,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Pods with socket-layer translation off: their cgroups in LB_SOCKLB_OFF. Its thread
     // needs no more than the kept capabilities (map writes, reading cgroupfs).
-    let socklb = SocketLbLink {
+    let mut socklb = SocketLbLink {
         tx: crate::datapath::socklb::follow(
             &args.bpffs,
             cgroup.clone(),
@@ -1164,6 +1164,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         per_packet,
         last: None,
     };
+    if !per_packet {
+        // No pod can be translated per packet here, whatever the cluster says: what a
+        // previous agent opted out is cleared at once, not after the first snapshot.
+        socklb.update(&Snapshot::default());
+    }
     datapath.forward_logs();
     follow_dsr_peers(args.bpffs.clone(), peers)?;
     if let Err(e) = follow_route_changes(&args.bpffs) {
@@ -1331,7 +1336,72 @@ fn watch_config(path: PathBuf, loaded: Vec<u8>) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::evicted_at_least;
+    use super::{SocketLbLink, evicted_at_least};
+    use crate::snapshot::Snapshot;
+    use std::sync::{Arc, mpsc};
+
+    fn opted_out_pod() -> Snapshot {
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mesh", "labels": {"kube-bpf-proxy.io/socket-lb": "disabled"}}
+        }))
+        .unwrap();
+        let pod = crate::objects::PodRef {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("client".into()),
+                namespace: Some("mesh".into()),
+                uid: Some("uid-client".into()),
+                ..Default::default()
+            },
+            node_name: "node-a".into(),
+            host_network: false,
+            ips: vec!["10.244.0.9".parse().unwrap()],
+        };
+        let mut s = Snapshot::default();
+        s.namespaces.push(Arc::new(ns));
+        s.pods.push(Arc::new(pod));
+        s.node.name = "node-a".into();
+        s
+    }
+
+    #[test]
+    fn the_socket_layer_opt_out_is_decided_only_once_pods_and_namespaces_are_known() {
+        let (tx, rx) = mpsc::channel();
+        let mut link = SocketLbLink {
+            tx,
+            default: crate::model::SocketLb::Enabled,
+            masquerade_all: false,
+            per_packet: true,
+            last: None,
+        };
+        // Started while the API server does not answer: nothing decided, nothing cleared.
+        let unknown = Snapshot {
+            pods_unknown: true,
+            ..Snapshot::default()
+        };
+        assert!(link.update(&unknown).is_empty());
+        assert!(rx.try_recv().is_err());
+        // Known: the opted-out pod is translated per packet.
+        let known = opted_out_pod();
+        assert_eq!(
+            link.update(&known),
+            ["10.244.0.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(rx.try_recv().unwrap().pods.len(), 1);
+        // Unknown again (a snapshot passed on without them): the last decision holds.
+        assert_eq!(link.update(&unknown).len(), 1);
+        assert!(rx.try_recv().is_err());
+        // Where no pod can be translated per packet, the decision is none, known or not.
+        let (tx, rx) = mpsc::channel();
+        let mut link = SocketLbLink {
+            tx,
+            default: crate::model::SocketLb::Enabled,
+            masquerade_all: false,
+            per_packet: false,
+            last: None,
+        };
+        assert!(link.update(&unknown).is_empty());
+        assert!(rx.try_recv().unwrap().pods.is_empty());
+    }
 
     #[test]
     fn evictions_are_never_overestimated() {

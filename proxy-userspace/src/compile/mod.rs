@@ -1092,7 +1092,7 @@ fn weights_of(svc: &Service, object: &str, problems: &mut Vec<Problem>) -> BTree
     };
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let parsed = entry.split_once('=').and_then(|(ip, w)| {
-            let ip = ip.trim().parse::<IpAddr>().ok()?;
+            let ip = crate::objects::parse_lenient(ip)?;
             let w = w
                 .trim()
                 .parse::<u16>()

@@ -72,11 +72,7 @@ impl Targets {
                 if i.ip_mode.as_deref() == Some("Proxy") {
                     continue;
                 }
-                match i
-                    .ip
-                    .as_deref()
-                    .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
-                {
+                match i.ip.as_deref().and_then(crate::objects::parse_lenient) {
                     Some(IpAddr::V4(a)) => out.v4 = Some(out.v4.map_or(a, |b| b.min(a))),
                     Some(IpAddr::V6(a)) => out.v6 = Some(out.v6.map_or(a, |b| b.min(a))),
                     None => {}

@@ -1192,6 +1192,8 @@ const FAILING_LOG_EVERY: Duration = Duration::from_secs(30);
 struct Progress {
     server: String,
     listed: [bool; 6],
+    /// The Pods' or the Namespaces' lists are refused (403, 404): known to be unavailable.
+    refused: [bool; 6],
     failing: [Option<Failing>; 6],
     /// The ServiceCIDRs' refusal was logged.
     refused_logged: bool,
@@ -1244,9 +1246,12 @@ impl Progress {
         GATING.iter().all(|k| self.listed[*k as usize])
     }
 
-    /// Whether the Pods and the Namespaces have been listed (`Snapshot::pods_unknown`).
+    /// Whether the Pods and the Namespaces have been listed, or refused (then none are
+    /// known: every pod keeps socket-layer translation): `Snapshot::pods_unknown`.
     fn pods_listed(&self) -> bool {
-        self.listed[Kind::Pods as usize] && self.listed[Kind::Namespaces as usize]
+        [Kind::Pods, Kind::Namespaces]
+            .iter()
+            .all(|k| self.listed[*k as usize] || self.refused[*k as usize])
     }
 
     /// Logs and counts what `update` means; true if it changed a store.
@@ -1282,6 +1287,9 @@ impl Progress {
             }
             Step::Failed(e) if matches!(kind, Kind::Pods | Kind::Namespaces) && is_refused(&e) => {
                 self.count_failure(kind, &e);
+                // The first refusal may make the opt-out decidable (as none).
+                let first = !self.refused[k];
+                self.refused[k] = true;
                 if self.failing[k].is_none() {
                     log::warn!(
                         "kubernetes: {kind}: {} (API server {}): the socket-layer opt-out \
@@ -1300,7 +1308,7 @@ impl Progress {
                         last: Instant::now(),
                     });
                 }
-                return false;
+                return first && self.all_listed();
             }
             Step::Failed(e) => {
                 self.count_failure(kind, &e);
@@ -1541,6 +1549,7 @@ impl KubeSource {
         let mut progress = Progress {
             server: server.to_string(),
             listed: [false; 6],
+            refused: [false; 6],
             failing: [None, None, None, None, None, None],
             refused_logged: false,
             metrics,
