@@ -1363,16 +1363,21 @@ mod tests {
         s
     }
 
-    #[test]
-    fn the_socket_layer_opt_out_is_decided_only_once_pods_and_namespaces_are_known() {
+    fn new_link(per_packet: bool) -> (SocketLbLink, mpsc::Receiver<crate::socklb::Decision>) {
         let (tx, rx) = mpsc::channel();
-        let mut link = SocketLbLink {
+        let link = SocketLbLink {
             tx,
             default: crate::model::SocketLb::Enabled,
             masquerade_all: false,
-            per_packet: true,
+            per_packet,
             last: None,
         };
+        (link, rx)
+    }
+
+    #[test]
+    fn the_socket_layer_opt_out_is_decided_only_once_pods_and_namespaces_are_known() {
+        let (mut link, rx) = new_link(true);
         // Started while the API server does not answer: nothing decided, nothing cleared.
         let unknown = Snapshot {
             pods_unknown: true,
@@ -1391,14 +1396,7 @@ mod tests {
         assert_eq!(link.update(&unknown).len(), 1);
         assert!(rx.try_recv().is_err());
         // Where no pod can be translated per packet, the decision is none, known or not.
-        let (tx, rx) = mpsc::channel();
-        let mut link = SocketLbLink {
-            tx,
-            default: crate::model::SocketLb::Enabled,
-            masquerade_all: false,
-            per_packet: false,
-            last: None,
-        };
+        let (mut link, rx) = new_link(false);
         assert!(link.update(&unknown).is_empty());
         assert!(rx.try_recv().unwrap().pods.is_empty());
     }
