@@ -743,6 +743,41 @@ fn host_network_backends_of_this_node_answer_from_outside() {
 }
 
 #[test]
+fn external_clients_spread_evenly_over_local_and_remote_backends() {
+    // semantics 4.11: each new connection picks uniformly among the endpoints, local or not.
+    // XDP on eth0 forwards the flows it gives to node-b's backend and hands those to node-a's
+    // backends to tc: the two must make one draw, not one each (a second draw at tc would
+    // send 5/9 of the connections to node-b's single backend).
+    if !privileged() {
+        return;
+    }
+    let (tb, agent) = setup();
+    agent.write_manifest("web.yaml", &web_yaml(""));
+    web_endpoints(&agent, &tb, &[(0, 0), (0, 1), (1, 0)]);
+    for to in [
+        addr("192.168.77.1", NODE_PORT_HTTP),
+        addr("fd00:77::1", NODE_PORT_HTTP),
+    ] {
+        wait_answered(&tb, Proto::Tcp, to);
+        let mut answered: BTreeMap<String, usize> = BTreeMap::new();
+        for r in tb.request_ext(Proto::Tcp, to, 300) {
+            assert!(r.ok, "{to}: {r:?}");
+            *answered.entry(r.backend).or_default() += 1;
+        }
+        // 100 expected each, standard deviation 8.2: 5 of them either way.
+        assert_eq!(answered.len(), 3, "{to}: {answered:?}");
+        for (backend, n) in &answered {
+            assert!(
+                (59..=141).contains(n),
+                "{to}: {backend} {n} of {answered:?}\n{}",
+                datapath_counters(&agent)
+            );
+        }
+    }
+    assert!(datapath_events(&agent, "xdp_forwarded") > 0);
+}
+
+#[test]
 fn cluster_ips_reached_from_outside_are_translated_and_masqueraded() {
     // semantics 12.5: traffic to a Service address is handled for every source, forwarded
     // packets too (ext routes the Service CIDR via node-a); 7.12: a source that is no local

@@ -162,7 +162,8 @@ pub struct Choice {
 }
 
 /// Picks the backend for a new connection (or datagram) of `client` to the frontend `svc`;
-/// `hash` identifies the flow (the Maglev scheduler's input).
+/// `hash` identifies the flow (the Maglev scheduler's input, and without `SCAN` the random
+/// scheduler's draw).
 ///
 /// Errors: `NoBackends` / `NoLocalBackends` when the frontend has no slot (the caller rejects or
 /// drops), `SlotMissing` / `BackendMissing` when userspace is mid-update (the caller leaves the
@@ -214,9 +215,15 @@ pub fn select<const SCAN: bool>(
                 next_turn(svc.id)
             } else if svc.has_flag(FLAG_SOURCE_HASH) {
                 client_hash(client)
-            } else {
+            } else if SCAN {
                 // SAFETY: a helper without arguments.
                 unsafe { bpf_get_prandom_u32() }
+            } else {
+                // A packet's new flow (tc, XDP): the flow's hash, as random as its ports, and
+                // the same at XDP and at tc, which both draw for a packet whose backend XDP
+                // leaves to tc (one on this node): one draw per connection (semantics 4.11),
+                // not a second one at tc that would favour the backends XDP forwards.
+                hash
             };
             slot_backend(svc, (draw % svc.count as u32) as u16).ok_or(Reason::SlotMissing)?
         }
